@@ -1,0 +1,6 @@
+//! The agent's library: everything `lb` does, usable from the integration tests and benchmarks.
+
+pub mod bpffs;
+pub mod counter;
+pub mod object;
+pub mod testrun;

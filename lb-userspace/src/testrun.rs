@@ -1,0 +1,116 @@
+//! A safe wrapper over `BPF_PROG_TEST_RUN` for XDP and tc programs: run a loaded program on a packet
+//! of our choosing and get back its verdict and the packet as the program left it. aya 0.16 has no
+//! public API for it. Datapath tests, benchmarks and `lb explain` are built on this.
+//!
+//! The kernel side is `bpf_prog_test_run_xdp` / `bpf_prog_test_run_skb` in net/bpf/test_run.c.
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd as _},
+    time::Duration,
+};
+
+/// `BPF_PROG_TEST_RUN` command number (include/uapi/linux/bpf.h, enum bpf_cmd).
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// Room left for the program to grow the packet (bpf_xdp_adjust_head / encapsulation). The kernel
+/// fails with ENOSPC rather than overflow when the output does not fit.
+const OUTPUT_HEADROOM: usize = 512;
+
+/// The kernel's `bpf_attr.test` (include/uapi/linux/bpf.h), laid out as the kernel reads it. The
+/// fields after `ctx_out` are zero: no context, current CPU, no batching.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    // The kernel checks that every byte past the last field it knows is zero.
+    _pad: u32,
+}
+
+const _: () = assert!(size_of::<TestRunAttr>() == 80);
+
+/// What one run produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestRunOutput {
+    /// The program's return value: an `xdp_action` for XDP, a `TC_ACT_*` for tc.
+    pub verdict: u32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    /// Mean run time per repetition as the kernel measured it (nanosecond resolution).
+    pub duration: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestRunError {
+    #[error("repeat must be at least 1")]
+    ZeroRepeat,
+    /// EINVAL for a packet shorter than an Ethernet header or longer than a page allows.
+    #[error("BPF_PROG_TEST_RUN on a {len}-byte packet")]
+    Syscall { len: usize, source: io::Error },
+}
+
+/// Runs `program` once on `packet` and returns what it did. See [`test_run_repeat`].
+pub fn test_run(program: impl AsFd, packet: &[u8]) -> Result<TestRunOutput, TestRunError> {
+    test_run_repeat(program, packet, 1)
+}
+
+/// Runs `program` `repeat` times on `packet`.
+///
+/// Every repetition after the first sees the packet as the previous one left it, so a program
+/// that rewrites the packet must be measured with `repeat = 1` in a loop (../shared/toolchain.md).
+/// Side effects on maps are real: run against test maps, never a live agent's.
+pub fn test_run_repeat(
+    program: impl AsFd,
+    packet: &[u8],
+    repeat: u32,
+) -> Result<TestRunOutput, TestRunError> {
+    if repeat == 0 {
+        return Err(TestRunError::ZeroRepeat);
+    }
+    let mut output = vec![0u8; packet.len() + OUTPUT_HEADROOM];
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_fd().as_raw_fd() as u32,
+        data_size_in: packet.len() as u32,
+        data_size_out: output.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        data_out: output.as_mut_ptr() as u64,
+        repeat,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: attr is a valid bpf_attr prefix of the size passed; data_in and data_out point to
+    // buffers of the sizes given in data_size_in / data_size_out, both alive for the whole call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            size_of::<TestRunAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(TestRunError::Syscall {
+            len: packet.len(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    output.truncate(attr.data_size_out as usize);
+    Ok(TestRunOutput {
+        verdict: attr.retval,
+        packet: output,
+        duration: Duration::from_nanos(u64::from(attr.duration)),
+    })
+}

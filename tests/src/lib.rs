@@ -1,0 +1,12 @@
+//! The lab and the helpers of the integration tests (tests/tests/*.rs) and the demo.
+//!
+//! - [`lab`]: network namespaces, veth pairs, bridges, processes and cgroups, all removed by guards;
+//! - [`topology`]: the client / fabric / nodes / pods layout of ../shared/design.md;
+//! - [`peer`]: the `lab-peer` TCP/UDP servers and clients and their reports;
+//! - [`packet`] and [`table`]: crafted frames and table-driven `BPF_PROG_TEST_RUN` tests.
+
+pub mod lab;
+pub mod packet;
+pub mod peer;
+pub mod table;
+pub mod topology;

@@ -1,0 +1,161 @@
+//! Packets for `BPF_PROG_TEST_RUN` tables, built with etherparse so the expected checksums come
+//! from an implementation independent of the datapath's incremental updates.
+
+use std::net::SocketAddrV4;
+
+use etherparse::{Ipv4HeaderSlice, PacketBuilder};
+
+/// MAC addresses of the crafted frames (locally administered).
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+pub const ETH_HDR_LEN: usize = 14;
+const TTL: u8 = 64;
+
+/// TCP flags of a crafted segment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpFlags {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+    pub psh: bool,
+}
+
+impl TcpFlags {
+    pub const SYN: Self = Self {
+        syn: true,
+        ack: false,
+        fin: false,
+        rst: false,
+        psh: false,
+    };
+    pub const ACK: Self = Self {
+        syn: false,
+        ack: true,
+        fin: false,
+        rst: false,
+        psh: false,
+    };
+    pub const SYN_ACK: Self = Self {
+        syn: true,
+        ack: true,
+        fin: false,
+        rst: false,
+        psh: false,
+    };
+    pub const FIN_ACK: Self = Self {
+        syn: false,
+        ack: true,
+        fin: true,
+        rst: false,
+        psh: false,
+    };
+    pub const RST: Self = Self {
+        syn: false,
+        ack: false,
+        fin: false,
+        rst: true,
+        psh: false,
+    };
+}
+
+/// An Ethernet/IPv4/TCP frame with correct checksums.
+pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: TcpFlags, payload: &[u8]) -> Vec<u8> {
+    let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.ip().octets(), dst.ip().octets(), TTL)
+        .tcp(src.port(), dst.port(), 1000, 64240);
+    if flags.syn {
+        builder = builder.syn();
+    }
+    if flags.ack {
+        builder = builder.ack(1);
+    }
+    if flags.fin {
+        builder = builder.fin();
+    }
+    if flags.rst {
+        builder = builder.rst();
+    }
+    if flags.psh {
+        builder = builder.psh();
+    }
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut frame, payload)
+        .expect("writing to a Vec cannot fail");
+    frame
+}
+
+/// An Ethernet/IPv4/UDP frame with correct checksums.
+pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.ip().octets(), dst.ip().octets(), TTL)
+        .udp(src.port(), dst.port());
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut frame, payload)
+        .expect("writing to a Vec cannot fail");
+    frame
+}
+
+/// An Ethernet/IPv4/ICMP echo request.
+pub fn icmp_echo(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.octets(), dst.octets(), TTL)
+        .icmpv4_echo_request(7, 1);
+    let mut frame = Vec::with_capacity(builder.size(8));
+    builder
+        .write(&mut frame, &[0u8; 8])
+        .expect("writing to a Vec cannot fail");
+    frame
+}
+
+/// A frame of another EtherType with `len` bytes of payload.
+pub fn non_ip(ethertype: u16, len: usize) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(ETH_HDR_LEN + len);
+    frame.extend_from_slice(&NODE_MAC);
+    frame.extend_from_slice(&CLIENT_MAC);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.resize(ETH_HDR_LEN + len, 0);
+    frame
+}
+
+/// `frame` with IPv4 options inserted after the fixed header (a multiple of 4 bytes, at most 40);
+/// IHL, total length and the header checksum are updated. Transport checksums do not cover IP
+/// options, so they stay valid.
+pub fn with_ip_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
+    assert!(
+        options.len().is_multiple_of(4) && options.len() <= 40,
+        "IPv4 options are 0..=40 bytes in 4s"
+    );
+    let ip = ETH_HDR_LEN;
+    let header_len = usize::from(frame[ip] & 0x0f) * 4;
+    let mut out = frame[..ip + header_len].to_vec();
+    out.extend_from_slice(options);
+    out.extend_from_slice(&frame[ip + header_len..]);
+    out[ip] = 0x40 | u8::try_from((header_len + options.len()) / 4).expect("IHL fits");
+    let total = u16::from_be_bytes([out[ip + 2], out[ip + 3]]) + options.len() as u16;
+    out[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
+    fix_ip_checksum(&mut out);
+    out
+}
+
+/// `frame` marked as an IPv4 fragment (offset in 8-byte units, and the More Fragments flag).
+pub fn as_fragment(frame: &[u8], offset_units: u16, more_fragments: bool) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let ip = ETH_HDR_LEN;
+    let flags = if more_fragments { 0x2000 } else { 0 };
+    out[ip + 6..ip + 8].copy_from_slice(&(flags | (offset_units & 0x1fff)).to_be_bytes());
+    fix_ip_checksum(&mut out);
+    out
+}
+
+/// Recomputes the IPv4 header checksum of an Ethernet frame (etherparse's implementation).
+pub fn fix_ip_checksum(frame: &mut [u8]) {
+    let header = Ipv4HeaderSlice::from_slice(&frame[ETH_HDR_LEN..])
+        .expect("a well-formed IPv4 header")
+        .to_header();
+    let checksum = header.calc_header_checksum();
+    frame[ETH_HDR_LEN + 10..ETH_HDR_LEN + 12].copy_from_slice(&checksum.to_be_bytes());
+}

@@ -1,0 +1,128 @@
+//! Real TCP and UDP peers for the lab: the `lab-peer` binary (servers in pod namespaces, clients
+//! in the client or a pod namespace) and the report its clients print.
+//!
+//! Every reply names the server that sent it and the client address the server saw, so a test can
+//! tell both which endpoint a connection reached and whether the source address survived the trip.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::lab::{Cgroup, Host, Proc};
+
+/// What a `lab-peer tcp|udp` client run saw, printed as one JSON line.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientReport {
+    /// Connections (TCP) or requests (UDP) tried.
+    pub attempts: u64,
+    /// Those answered with a well-formed reply.
+    pub ok: u64,
+    /// Those that failed: refused, reset, timed out, malformed reply.
+    pub errors: u64,
+    /// Replies per server name.
+    pub by_server: BTreeMap<String, u64>,
+    /// Replies per client IP address as the server saw it.
+    pub peers_seen: BTreeMap<String, u64>,
+    /// The first few error messages.
+    pub error_samples: Vec<String>,
+}
+
+/// A server's reply to one request: `<server name> <client ip>:<client port>\n`.
+pub fn reply(server: &str, peer: std::net::SocketAddr) -> String {
+    format!("{server} {peer}\n")
+}
+
+/// Parses a [`reply`] into (server name, client ip).
+pub fn parse_reply(reply: &str) -> Option<(&str, &str)> {
+    let (server, peer) = reply.trim_end().split_once(' ')?;
+    let (ip, _port) = peer.rsplit_once(':')?;
+    Some((server, ip))
+}
+
+/// The `lab-peer` executable next to the running one (tests run from target/<profile>/deps).
+pub fn binary() -> anyhow::Result<PathBuf> {
+    sibling_binary("lab-peer")
+}
+
+/// A binary of the workspace built into the same target directory as the running executable.
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("executable has a directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps has a parent")?;
+    }
+    let path = dir.join(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} not built (cargo builds it with the tests and the demo)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Starts a TCP and UDP server named `name` on `port` (all addresses) in `host`.
+pub fn serve(host: &Host, name: &str, port: u16) -> anyhow::Result<Proc> {
+    let addr = format!("0.0.0.0:{port}");
+    host.spawn(
+        binary()?,
+        &["serve", "--name", name, "--tcp", &addr, "--udp", &addr],
+        None,
+    )
+}
+
+/// Parameters of one client run.
+#[derive(Clone, Debug)]
+pub struct ClientRun<'a> {
+    /// `tcp` (one connection per request) or `udp` (one datagram per request).
+    pub protocol: &'a str,
+    /// Destination `ip:port`.
+    pub to: &'a str,
+    pub requests: u64,
+    /// UDP only: send every request from one socket (one flow) instead of a new one each time.
+    pub one_flow: bool,
+    pub timeout_ms: u64,
+}
+
+impl<'a> ClientRun<'a> {
+    pub fn tcp(to: &'a str, requests: u64) -> Self {
+        Self {
+            protocol: "tcp",
+            to,
+            requests,
+            one_flow: false,
+            timeout_ms: 2000,
+        }
+    }
+
+    pub fn udp(to: &'a str, requests: u64) -> Self {
+        Self {
+            protocol: "udp",
+            ..Self::tcp(to, requests)
+        }
+    }
+
+    /// Runs the client in `host` (inside `cgroup` when given) and returns its report.
+    pub fn run(&self, host: &Host, cgroup: Option<&Cgroup>) -> anyhow::Result<ClientReport> {
+        let requests = self.requests.to_string();
+        let timeout = self.timeout_ms.to_string();
+        let mut args = vec![
+            self.protocol,
+            "--to",
+            self.to,
+            "--requests",
+            &requests,
+            "--timeout-ms",
+            &timeout,
+        ];
+        if self.one_flow {
+            args.push("--one-flow");
+        }
+        let stdout = match cgroup {
+            Some(cgroup) => host.run_in_cgroup(cgroup, binary()?, &args)?,
+            None => host.run(binary()?, &args)?,
+        };
+        serde_json::from_str(stdout.trim())
+            .with_context(|| format!("parsing lab-peer report: {stdout}"))
+    }
+}

@@ -1,0 +1,101 @@
+//! Table-driven datapath tests through `BPF_PROG_TEST_RUN`: each case is an input packet, the
+//! verdict the program must return and the bytes it must leave. All cases run; the failures are
+//! reported together with a byte-level diff.
+
+use std::{fmt::Write as _, os::fd::AsFd};
+
+use lb_userspace::testrun::test_run;
+
+/// What the program must leave in the packet.
+#[derive(Clone, Debug)]
+pub enum Expect {
+    /// Not one byte changed.
+    Unchanged,
+    /// Exactly these bytes.
+    Bytes(Vec<u8>),
+}
+
+/// One row of a table.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub name: &'static str,
+    pub input: Vec<u8>,
+    pub verdict: u32,
+    pub output: Expect,
+}
+
+/// Runs every case through `program`; panics listing every failing case.
+pub fn run_table(program: impl AsFd, cases: &[Case]) {
+    let program = program.as_fd();
+    let mut failures = String::new();
+    for case in cases {
+        if let Err(failure) = check(program, case) {
+            let _ = writeln!(failures, "- {}: {failure}", case.name);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{failures}",
+        failures.lines().filter(|l| l.starts_with("- ")).count(),
+        cases.len()
+    );
+}
+
+fn check(program: std::os::fd::BorrowedFd<'_>, case: &Case) -> Result<(), String> {
+    let run = test_run(program, &case.input).map_err(|err| format!("{err:#}"))?;
+    let expected = match &case.output {
+        Expect::Unchanged => &case.input,
+        Expect::Bytes(bytes) => bytes,
+    };
+    let mut problems = Vec::new();
+    if run.verdict != case.verdict {
+        problems.push(format!(
+            "verdict {} (expected {})",
+            run.verdict, case.verdict
+        ));
+    }
+    if &run.packet != expected {
+        problems.push(format!("packet differs:\n{}", diff(expected, &run.packet)));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// A hex dump of the 16-byte rows where `expected` and `actual` differ.
+pub fn diff(expected: &[u8], actual: &[u8]) -> String {
+    let mut out = String::new();
+    if expected.len() != actual.len() {
+        let _ = writeln!(
+            out,
+            "    length {} (expected {})",
+            actual.len(),
+            expected.len()
+        );
+    }
+    let rows = expected.len().max(actual.len()).div_ceil(16);
+    for row in 0..rows {
+        let range = row * 16..(row + 1) * 16;
+        let want = expected
+            .get(range.start..range.end.min(expected.len()))
+            .unwrap_or(&[]);
+        let got = actual
+            .get(range.start..range.end.min(actual.len()))
+            .unwrap_or(&[]);
+        if want != got {
+            let _ = writeln!(out, "    {:04x} expected {}", range.start, hex(want));
+            let _ = writeln!(out, "    {:04x} actual   {}", range.start, hex(got));
+        }
+    }
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}

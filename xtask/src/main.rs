@@ -1,0 +1,275 @@
+//! `cargo xtask <command>`: the developer commands. Each one installs what it needs first, so the
+//! README's two commands work on a fresh machine.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Developer commands of the lb workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks: the pinned toolchains, bpf-linker (built against the
+    /// pinned nightly's libLLVM) and iproute2. Idempotent: a second run changes nothing.
+    Setup,
+    /// Build the eBPF object on its own and print its path and size.
+    BuildEbpf,
+    /// The main job: build a lab of network namespaces, load the datapath and show it at work.
+    Demo,
+    /// The whole test suite: formatting, clippy (stable, and nightly for the eBPF crate), and every
+    /// test including the ones against the real kernel (needs root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    // The failing command line says all there is to say; no backtrace of xtask itself.
+    match run_task(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> anyhow::Result<()> {
+    let root = workspace_root();
+    match task {
+        Task::Setup => setup::ensure(&root).map(drop),
+        Task::BuildEbpf => build_ebpf(&root),
+        Task::Demo => demo(&root),
+        Task::Test { args } => test(&root, &args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// The target directory cargo uses for this workspace (honours CARGO_TARGET_DIR).
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn build_ebpf(root: &Path) -> anyhow::Result<()> {
+    let toolchains = setup::ensure(root)?;
+    let target = "bpfel-unknown-none";
+    // The same flags aya-build passes when lb-userspace's build.rs builds the object.
+    let rustflags = [
+        format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+        "-Cdebuginfo=2".into(),
+        "-Clink-arg=--btf".into(),
+    ]
+    .join("\x1f");
+    run(Command::new("cargo")
+        .arg(format!("+{}", toolchains.nightly))
+        .args(["build", "--package", "lb-ebpf", "--bins", "--release"])
+        .args(["--target", target, "-Z", "build-std=core"])
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        .current_dir(root))?;
+    let object = target_dir(root)
+        .join(target)
+        .join("release")
+        .join("lb-ebpf");
+    let size = std::fs::metadata(&object)
+        .with_context(|| format!("the build succeeded but left no {}", object.display()))?
+        .len();
+    println!("{} ({size} bytes)", object.display());
+    Ok(())
+}
+
+fn demo(root: &Path) -> anyhow::Result<()> {
+    setup::ensure(root)?;
+    ensure_root("the demo builds network namespaces and loads eBPF programs")?;
+    run(Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "lb-userspace",
+            "--package",
+            "lb-tests",
+            "--bins",
+        ])
+        .current_dir(root))?;
+    run(&mut Command::new(
+        target_dir(root).join("release").join("lab-demo"),
+    ))
+}
+
+fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    let toolchains = setup::ensure(root)?;
+    ensure_root("the kernel tests build network namespaces and load eBPF programs")?;
+    run(Command::new("cargo")
+        .args(["fmt", "--all", "--check"])
+        .current_dir(root))?;
+    run(Command::new("cargo")
+        .args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "lb-ebpf",
+            "--all-targets",
+            "--",
+        ])
+        .args(["-D", "warnings"])
+        .current_dir(root))?;
+    // The eBPF crate only type-checks for the BPF target, with the nightly that builds it.
+    run(Command::new("cargo")
+        .arg(format!("+{}", toolchains.nightly))
+        .args(["clippy", "--package", "lb-ebpf", "--bins", "--release"])
+        .args([
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+        ])
+        .args(["-D", "warnings"])
+        .current_dir(root))?;
+    // Integration tests start `lb` and the lab binaries from the target directory.
+    run(Command::new("cargo")
+        .args(["build", "--workspace", "--exclude", "lb-ebpf", "--bins"])
+        .current_dir(root))?;
+    // --all-targets: unit, integration and bin tests, without doc-tests (there are none, and their
+    // empty "0 passed" would be the last line of the run).
+    let summary = run_tests(
+        Command::new("cargo")
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--all-targets",
+                "--no-fail-fast",
+            ])
+            .args(extra)
+            .current_dir(root),
+    )?;
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        summary.passed, summary.failed, summary.ignored
+    );
+    if summary.failed > 0 || !summary.success {
+        bail!("tests failed");
+    }
+    if summary.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct TestSummary {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    success: bool,
+}
+
+/// Runs `cargo test`, passing its output through, and adds up the `test result:` lines of every
+/// test binary into one closing line.
+fn run_tests(command: &mut Command) -> anyhow::Result<TestSummary> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    let mut summary = TestSummary::default();
+    let stdout = child.stdout.take().context("stdout is piped")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            summary.passed += count_before(result, "passed");
+            summary.failed += count_before(result, "failed");
+            summary.ignored += count_before(result, "ignored");
+        }
+    }
+    summary.success = child.wait()?.success();
+    Ok(summary)
+}
+
+/// The number before `label` in the rest of a line like `ok. 4 passed; 0 failed; 1 ignored; ...`.
+fn count_before(result: &str, label: &str) -> u64 {
+    let counts = result.split_once(". ").map_or(result, |(_, counts)| counts);
+    counts
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(label))
+        .and_then(|number| number.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn ensure_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { geteuid() } != 0 {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// Runs a command with inherited stdio and fails with the command line if it fails.
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, failing with its stderr if it fails.
+pub(crate) fn output(command: &mut Command) -> anyhow::Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_before;
+
+    #[test]
+    fn reads_counts_from_cargo_test_result_lines() {
+        let ok = "ok. 4 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.26s";
+        assert_eq!(count_before(ok, "passed"), 4);
+        assert_eq!(count_before(ok, "failed"), 0);
+        assert_eq!(count_before(ok, "ignored"), 1);
+        let failed = "FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(count_before(failed, "passed"), 2);
+        assert_eq!(count_before(failed, "failed"), 3);
+    }
+}
