@@ -11,9 +11,79 @@
 pub mod map_names {
     /// Per-CPU packet and byte counters by [`crate::PacketClass`].
     pub const PACKET_COUNTERS: &str = "lb_pktcnt_v1";
+    /// [`crate::Frontend4Key`] -> [`crate::ServiceValue`]: every address:port:protocol a Service
+    /// answers on (ClusterIP, each node address:nodePort, externalIPs, LoadBalancer IPs).
+    pub const FRONTENDS4: &str = "lb4_fe_v1";
+    /// [`crate::SlotKey`] -> backend id: the backends a service selects from, one table per revision.
+    pub const SLOTS4: &str = "lb4_slot_v1";
+    /// backend id -> [`crate::Backend4`].
+    pub const BACKENDS4: &str = "lb4_be_v1";
+    /// LRU [`crate::Ct4Key`] -> [`crate::Ct4Value`]: connection tracking of the XDP/tc path.
+    pub const CONNTRACK4: &str = "lb4_ct_v1";
+    /// LRU [`crate::SockNat4Key`] -> [`crate::SockNat4Value`]: what a socket connected to through
+    /// a socket hook, so recvmsg/getpeername show the Service address again.
+    pub const SOCK_NAT4: &str = "lb4_sknat_v1";
+    /// Per-CPU [`crate::ServiceCounter`] by service id.
+    pub const SERVICE_COUNTERS: &str = "lb_svc_cnt_v1";
+    /// Per-CPU u64 by [`crate::Event`]: every drop (and notable pass) with its reason.
+    pub const EVENTS: &str = "lb_event_v1";
 
     /// Every map name, for the length check below and for tools that list them.
-    pub const ALL: &[&str] = &[PACKET_COUNTERS];
+    pub const ALL: &[&str] = &[
+        PACKET_COUNTERS,
+        FRONTENDS4,
+        SLOTS4,
+        BACKENDS4,
+        CONNTRACK4,
+        SOCK_NAT4,
+        SERVICE_COUNTERS,
+        EVENTS,
+    ];
+    /// The maps that hold the agent's state and are pinned under the pin directory, so the
+    /// datapath and its connections survive an agent restart.
+    pub const PINNED: &[&str] = &[
+        FRONTENDS4,
+        SLOTS4,
+        BACKENDS4,
+        CONNTRACK4,
+        SOCK_NAT4,
+        SERVICE_COUNTERS,
+        EVENTS,
+    ];
+}
+
+/// Capacities of the maps. Every limit is a constant here; the agent refuses (with an error, never
+/// a crash) what would not fit.
+pub mod limits {
+    /// Entries of the frontends map: all address:port:protocol triples of all Services.
+    pub const MAX_FRONTENDS: u32 = 262_144;
+    /// Service ids (one per Service port): the size of the per-CPU service counters.
+    pub const MAX_SERVICES: u32 = 65_536;
+    /// Backends (endpoint address:port:protocol) across all services.
+    pub const MAX_BACKENDS: u32 = 262_144;
+    /// Backends one service can select from.
+    pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
+    /// Entries of the slot map; two revisions of every service's table must fit during a swap.
+    pub const MAX_SLOTS: u32 = 1_048_576;
+    /// Connection-tracking entries (two per flow: original and reply direction).
+    pub const MAX_CONNTRACK: u32 = 524_288;
+    /// Socket reverse-NAT entries (one per connected socket to a Service).
+    pub const MAX_SOCK_NAT: u32 = 262_144;
+}
+
+/// Connection-tracking timeouts (nanoseconds of CLOCK_MONOTONIC, as bpf_ktime_get_ns counts).
+pub mod ct_timeouts {
+    const SECOND: u64 = 1_000_000_000;
+    /// A TCP flow that has not completed its handshake.
+    pub const TCP_SYN: u64 = 60 * SECOND;
+    /// An established TCP flow, idle.
+    pub const TCP_ESTABLISHED: u64 = 6 * 3600 * SECOND;
+    /// A TCP flow after FIN or RST: long enough for the last ACKs.
+    pub const TCP_CLOSING: u64 = 10 * SECOND;
+    /// A UDP flow, idle.
+    pub const UDP: u64 = 60 * SECOND;
+    /// last_seen is rewritten at most this often, to keep the established path free of writes.
+    pub const REFRESH: u64 = SECOND;
 }
 
 const _: () = {
@@ -31,6 +101,18 @@ const _: () = {
 pub mod program_names {
     /// XDP program on the node NICs that counts packets by [`crate::PacketClass`].
     pub const XDP_COUNTER: &str = "lb_xdp_count";
+    /// XDP on the node NICs: DNAT of NodePort / externalIP / LoadBalancer traffic.
+    pub const XDP_LB: &str = "lb_xdp";
+    /// tc egress on the node NICs: reverse NAT of replies from local backends.
+    pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// cgroup/connect4: connect() to a Service goes straight to a backend.
+    pub const CONNECT4: &str = "lb_connect4";
+    /// cgroup/sendmsg4: unconnected UDP sendto() a Service goes to a backend.
+    pub const SENDMSG4: &str = "lb_sendmsg4";
+    /// cgroup/recvmsg4: recvfrom() shows the Service address as the sender.
+    pub const RECVMSG4: &str = "lb_recvmsg4";
+    /// cgroup/getpeername4: getpeername() shows the Service address.
+    pub const GETPEERNAME4: &str = "lb_getpeername4";
 }
 
 /// What the XDP counter saw, used as the index into [`map_names::PACKET_COUNTERS`].
@@ -93,6 +175,279 @@ const _: () = assert!(size_of::<PacketCounter>() == 16);
 // SAFETY: repr(C), two u64 fields, no padding (size asserted above), every bit pattern valid.
 unsafe impl aya::Pod for PacketCounter {}
 
+/// Incremental Internet checksum updates (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')), for a header
+/// field rewritten in place. Values are taken as the 16-bit big-endian words the packet holds,
+/// read with `u16::from_be_bytes`.
+pub mod checksum {
+    /// The checksum after the 16-bit word `old` became `new`.
+    #[inline(always)]
+    pub fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
+        let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+        !fold(sum)
+    }
+
+    /// The checksum after the 32-bit field `old` became `new` (both as the packet holds them,
+    /// i.e. `u32::from_be_bytes`).
+    #[inline(always)]
+    pub fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
+        let sum = u32::from(!check)
+            + u32::from(!(old >> 16) as u16)
+            + u32::from(!(old as u16))
+            + (new >> 16)
+            + (new & 0xffff);
+        !fold(sum)
+    }
+
+    /// Folds a 32-bit one's complement sum to 16 bits. Two rounds suffice for the at most five
+    /// 16-bit terms above (the first leaves at most 0x1_fffe, the second at most 0xffff), and a
+    /// fixed count keeps the verifier happy.
+    #[inline(always)]
+    fn fold(sum: u32) -> u16 {
+        let sum = (sum & 0xffff) + (sum >> 16);
+        let sum = (sum & 0xffff) + (sum >> 16);
+        sum as u16
+    }
+}
+
+/// IP protocol numbers as they appear in the IPv4 header and in the keys below.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Key of the frontends map: an address, port and protocol a Service answers on.
+///
+/// The v4 maps have v4-sized keys; the IPv6 twin (`lb6_fe_v1`) will have the same fields in the
+/// same order with a 16-byte address, so neither reshapes the other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct Frontend4Key {
+    /// IPv4 address, network byte order (as in the packet).
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// Which traffic the entry serves; [`scope::ANY`] until traffic policies split a service
+    /// into an external and an internal entry.
+    pub scope: u8,
+}
+const _: () = assert!(size_of::<Frontend4Key>() == 8);
+
+pub mod scope {
+    /// The entry serves every client.
+    pub const ANY: u8 = 0;
+}
+
+/// Value of the frontends map: which service, and the backend table to select from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct ServiceValue {
+    /// Index of the service's counters; part of every slot key.
+    pub service_id: u32,
+    /// Number of slots (0..count) in the table of `revision`; 0 = no usable backend.
+    pub backend_count: u16,
+    /// The slot table in force. The agent writes a new table under another revision, then flips
+    /// this field in one map update, so a packet never sees half a table.
+    pub revision: u16,
+    /// [`service_flags`] bits.
+    pub flags: u32,
+    /// sessionAffinity ClientIP timeout in seconds (0 = no affinity).
+    pub affinity_timeout_s: u32,
+}
+const _: () = assert!(size_of::<ServiceValue>() == 16);
+
+/// What kind of frontend an entry is (for counters, `lb services` and policy decisions).
+pub mod service_flags {
+    pub const CLUSTER_IP: u32 = 1 << 0;
+    pub const NODE_PORT: u32 = 1 << 1;
+    pub const EXTERNAL_IP: u32 = 1 << 2;
+    pub const LOAD_BALANCER: u32 = 1 << 3;
+}
+
+/// Key of the slot map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub revision: u16,
+    /// 0..backend_count.
+    pub slot: u16,
+}
+const _: () = assert!(size_of::<SlotKey>() == 8);
+
+/// A backend (one endpoint address, port and protocol).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct Backend4 {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// [`backend_flags`] bits.
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<Backend4>() == 8);
+
+pub mod backend_flags {
+    /// The endpoint runs on this node.
+    pub const LOCAL: u8 = 1 << 0;
+    /// The endpoint is terminating: existing flows keep it, new ones avoid it.
+    pub const TERMINATING: u8 = 1 << 1;
+}
+
+/// Key of the connection-tracking map: a flow's 5-tuple as the packet carries it, plus direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct Ct4Key {
+    /// Network byte order, as in the packet.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// [`ct_direction`].
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Ct4Key>() == 16);
+
+pub mod ct_direction {
+    /// Client to service, keyed as the client sent it (daddr = frontend address).
+    pub const ORIGINAL: u8 = 0;
+    /// Backend to client, keyed as the backend sends it (saddr = backend address).
+    pub const REPLY: u8 = 1;
+}
+
+/// Value of the connection-tracking map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct Ct4Value {
+    /// bpf_ktime_get_ns() of the last packet that refreshed the entry.
+    pub last_seen_ns: u64,
+    /// The backend the flow was sent to (ORIGINAL entries).
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// REPLY entries: the frontend address the client used, to restore as the reply's source.
+    pub nat_addr: u32,
+    /// REPLY entries: the frontend port, network byte order.
+    pub nat_port: u16,
+    /// [`tcp_state`] for TCP; 0 for UDP.
+    pub state: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Ct4Value>() == 24);
+
+pub mod tcp_state {
+    pub const NONE: u8 = 0;
+    pub const SYN_SENT: u8 = 1;
+    pub const ESTABLISHED: u8 = 2;
+    pub const CLOSING: u8 = 3;
+}
+
+/// Key of the socket reverse-NAT map: a socket and the backend it was connected to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct SockNat4Key {
+    /// bpf_get_socket_cookie().
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<SockNat4Key>() == 16);
+
+/// The Service address the application asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct SockNat4Value {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<SockNat4Value>() == 12);
+
+/// Per-CPU counters of one service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct ServiceCounter {
+    /// Packets DNATed by XDP (the socket path rewrites connections, not packets).
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+    /// New flows: XDP flows created plus connections / datagram destinations rewritten by the
+    /// socket hooks.
+    pub new_flows: u64,
+}
+const _: () = assert!(size_of::<ServiceCounter>() == 24);
+
+/// Why the datapath dropped (or notably passed) a packet or refused a connection: the index into
+/// the events map. Every drop has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct Event(pub u32);
+
+impl Event {
+    /// Drop: the service has no usable backend.
+    pub const DROP_NO_BACKEND: Self = Self(0);
+    /// Drop: the slot or backend map lacks an entry the service entry points to (agent mid-update
+    /// or inconsistent state).
+    pub const DROP_BACKEND_MISSING: Self = Self(1);
+    /// Drop: a connection-tracking entry could not be created.
+    pub const DROP_CT_FULL: Self = Self(2);
+    /// Drop: an IPv4 header or a TCP/UDP header shorter than it must be, or inconsistent lengths.
+    pub const DROP_MALFORMED: Self = Self(3);
+    /// Drop: rewriting the packet failed (tc helpers returned an error).
+    pub const DROP_NAT_FAILED: Self = Self(4);
+    /// Pass: an IPv4 fragment (no ports to look up) went on untouched.
+    pub const PASS_FRAGMENT: Self = Self(5);
+    /// Refused: a socket connect/sendmsg to a service with no usable backend.
+    pub const SOCK_NO_BACKEND: Self = Self(6);
+
+    pub const COUNT: u32 = 7;
+
+    /// Every event in index order with its label (the `reason` label of the metrics).
+    pub const ALL: [(Self, &'static str); Self::COUNT as usize] = [
+        (Self::DROP_NO_BACKEND, "drop_no_backend"),
+        (Self::DROP_BACKEND_MISSING, "drop_backend_missing"),
+        (Self::DROP_CT_FULL, "drop_ct_full"),
+        (Self::DROP_MALFORMED, "drop_malformed"),
+        (Self::DROP_NAT_FAILED, "drop_nat_failed"),
+        (Self::PASS_FRAGMENT, "pass_fragment"),
+        (Self::SOCK_NO_BACKEND, "sock_no_backend"),
+    ];
+
+    pub fn label(self) -> Option<&'static str> {
+        Self::ALL.get(self.0 as usize).map(|(_, label)| *label)
+    }
+}
+
+/// `aya::Pod` for the map types, so userspace can read and write them.
+#[cfg(feature = "user")]
+macro_rules! impl_pod {
+    ($($type:ty),*) => {$(
+        // SAFETY: repr(C), fields are integers or byte arrays, explicit padding fields leave no
+        // implicit padding (sizes asserted next to each type), and every bit pattern is valid.
+        unsafe impl aya::Pod for $type {}
+    )*};
+}
+
+#[cfg(feature = "user")]
+impl_pod!(
+    Frontend4Key,
+    ServiceValue,
+    SlotKey,
+    Backend4,
+    Ct4Key,
+    Ct4Value,
+    SockNat4Key,
+    SockNat4Value,
+    ServiceCounter
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +459,55 @@ mod tests {
             assert_eq!(class.label(), Some(*label));
         }
         assert_eq!(PacketClass(PacketClass::COUNT).label(), None);
+    }
+
+    /// The one's complement sum of a buffer, computed from scratch (RFC 1071).
+    fn full_checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        for pair in bytes.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    #[test]
+    fn incremental_updates_match_a_full_recomputation() {
+        // An IPv4 header with its checksum field zeroed, then filled in.
+        let mut header: [u8; 20] = [
+            0x45, 0, 0, 0x3c, 0x1c, 0x46, 0x40, 0, 0x40, 0x06, 0, 0, 203, 0, 113, 10, 203, 0, 113,
+            1,
+        ];
+        let check = full_checksum(&header);
+        header[10..12].copy_from_slice(&check.to_be_bytes());
+        for new_daddr in [
+            [10, 244, 1, 10],
+            [255, 255, 255, 255],
+            [0, 0, 0, 0],
+            [10, 0, 0, 1],
+        ] {
+            let old = u32::from_be_bytes([header[16], header[17], header[18], header[19]]);
+            let new = u32::from_be_bytes(new_daddr);
+            let mut rewritten = header;
+            rewritten[16..20].copy_from_slice(&new_daddr);
+            let incremental = checksum::replace_u32(check, old, new);
+            rewritten[10..12].copy_from_slice(&incremental.to_be_bytes());
+            // A correct header sums to zero (its checksum verifies).
+            assert_eq!(full_checksum(&rewritten), 0, "daddr {new_daddr:?}");
+        }
+        let port_check = checksum::replace_u16(0x1234, 80, 8080);
+        let back = checksum::replace_u16(port_check, 8080, 80);
+        assert_eq!(back, 0x1234);
+    }
+
+    #[test]
+    fn event_labels_follow_index_order() {
+        for (index, (event, label)) in Event::ALL.iter().enumerate() {
+            assert_eq!(event.0 as usize, index);
+            assert_eq!(event.label(), Some(*label));
+        }
     }
 }

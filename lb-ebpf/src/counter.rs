@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use lb_common::{PacketClass, PacketCounter};
 
-use crate::packet::{
+use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
     IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN, TCP_MIN_HDR_LEN, UDP_HDR_LEN, bytes_at, frame_len,
 };

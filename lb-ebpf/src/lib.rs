@@ -1,3 +1,6 @@
-//! Empty on purpose: the programs live in the `lb-ebpf` binary (src/main.rs). This library target
-//! lets lb-userspace depend on the crate so that cargo tracks changes to it.
+//! Code shared by the eBPF objects (the `lb-ebpf` datapath and the `lb-counter` binaries). The
+//! library also lets lb-userspace name this crate as a build-dependency, so cargo rebuilds the
+//! agent when the programs change.
 #![no_std]
+
+pub mod packet;

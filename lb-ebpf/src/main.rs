@@ -1,9 +1,13 @@
-//! Kernel programs of the load balancer. One object, so every program shares the same maps.
+//! The service datapath: XDP, tc and socket-hook programs in one object, so they share their maps.
 #![no_std]
 #![no_main]
 
-mod counter;
-mod packet;
+mod flow;
+mod helpers;
+mod maps;
+mod sock;
+mod tc;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

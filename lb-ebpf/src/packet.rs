@@ -34,3 +34,74 @@ pub fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8;
 pub fn frame_len(ctx: &XdpContext) -> usize {
     ctx.data_end() - ctx.data()
 }
+
+/// Mutable `N` bytes of the packet at `offset`, or `None` when the packet is shorter.
+#[inline(always)]
+#[expect(
+    clippy::mut_from_ref,
+    reason = "packet memory is not owned by the context struct; exclusive use is the caller's rule"
+)]
+pub fn bytes_at_mut<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&mut [u8; N]> {
+    let start = ctx.data() + offset;
+    if start + N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: as in bytes_at; XDP packet memory is writable, and no other reference to these
+    // bytes is alive while the caller holds this one (callers take one header at a time).
+    Some(unsafe { &mut *(start as *mut [u8; N]) })
+}
+
+/// What the IPv4 parser found, for the lookups of the datapath.
+#[derive(Clone, Copy)]
+pub struct Ipv4Info {
+    /// As the packet holds them (`u32::from_be_bytes` of the header bytes, i.e. host order).
+    pub saddr: u32,
+    pub daddr: u32,
+    pub proto: u8,
+    /// Offset of the transport header from the start of the frame.
+    pub l4_offset: usize,
+    /// Whether the packet is a fragment (first or later).
+    pub fragment: bool,
+}
+
+/// Parses an IPv4 header at `ETH_HDR_LEN`. `None` for a header that is shorter than it must be,
+/// not version 4, with IHL < 5, or whose total length is below its header length.
+#[inline(always)]
+pub fn parse_ipv4(ctx: &XdpContext) -> Option<Ipv4Info> {
+    let ip = bytes_at::<IPV4_MIN_HDR_LEN>(ctx, ETH_HDR_LEN)?;
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if ip[0] >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN || total_len < header_len {
+        return None;
+    }
+    let l4_offset = ETH_HDR_LEN + header_len;
+    // Options must be present in full.
+    if ctx.data() + l4_offset > ctx.data_end() {
+        return None;
+    }
+    let flags_fragment = u16::from_be_bytes([ip[6], ip[7]]);
+    Some(Ipv4Info {
+        saddr: u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        daddr: u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        proto: ip[9],
+        l4_offset,
+        fragment: flags_fragment & (IPV4_FRAG_OFFSET_MASK | IPV4_MORE_FRAGMENTS) != 0,
+    })
+}
+
+/// The More Fragments flag of the IPv4 flags/fragment-offset field.
+pub const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+/// Offset of the checksum field inside a TCP header.
+pub const TCP_CSUM_OFFSET: usize = 16;
+/// Offset of the checksum field inside a UDP header.
+pub const UDP_CSUM_OFFSET: usize = 6;
+/// Offset of the flags byte inside a TCP header.
+pub const TCP_FLAGS_OFFSET: usize = 13;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+/// Offsets inside the IPv4 header.
+pub const IPV4_CSUM_OFFSET: usize = 10;
+pub const IPV4_SADDR_OFFSET: usize = 12;
+pub const IPV4_DADDR_OFFSET: usize = 16;

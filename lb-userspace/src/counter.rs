@@ -9,7 +9,7 @@ use aya::{
 };
 use lb_common::{PacketClass, PacketCounter, map_names, program_names};
 
-use crate::object::EBPF_OBJECT;
+use crate::object::COUNTER_OBJECT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CounterError {
@@ -49,7 +49,7 @@ pub struct ClassCount {
 impl XdpCounter {
     /// Loads the object and the counter program into the kernel (not attached anywhere yet).
     pub fn load() -> Result<Self, CounterError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new().load(COUNTER_OBJECT)?;
         let program = xdp_program(&mut ebpf)?;
         program.load().map_err(|source| CounterError::Program {
             program: program_names::XDP_COUNTER,

@@ -2,5 +2,6 @@
 
 pub mod bpffs;
 pub mod counter;
+pub mod datapath;
 pub mod object;
 pub mod testrun;

@@ -442,6 +442,33 @@ impl Drop for Cgroup {
     }
 }
 
+/// A private bpffs directory for one test's pinned maps and programs: `/sys/fs/bpf/<prefix>-<name>`,
+/// removed with everything in it on drop. Tests never use the agent's own pin directory.
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(lab: &Lab, name: &str) -> anyhow::Result<Self> {
+        let path =
+            Path::new(lb_userspace::bpffs::DEFAULT_MOUNT).join(format!("{}-{name}", lab.prefix()));
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::remove_dir_all(&self.path) {
+            eprintln!("lab: removing {}: {err}", self.path.display());
+        }
+    }
+}
+
 /// Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid
 /// systems like ours).
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
@@ -506,6 +533,16 @@ fn sweep_dead_labs() {
             && !process_alive(pid)
         {
             let _ = Lab::remove_namespace(&name);
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(lb_userspace::bpffs::DEFAULT_MOUNT) {
+        for entry in entries.filter_map(Result::ok) {
+            if let Some(name) = entry.file_name().to_str()
+                && let Some(pid) = lab_owner(name)
+                && !process_alive(pid)
+            {
+                drop(PinDir { path: entry.path() });
+            }
         }
     }
     if let Ok(mount) = cgroup2_mount()

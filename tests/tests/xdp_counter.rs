@@ -195,7 +195,19 @@ fn counts_real_tcp_and_udp_on_a_node_nic_in_native_mode() {
         "no native XDP program on {FABRIC_IFACE}: {link}"
     );
 
-    let before = node.link_stats(FABRIC_IFACE).expect("stats");
+    // Counters and the NIC's own count read at one instant: nothing arrived in between.
+    let stable_read = || {
+        (0..50)
+            .find_map(|_| {
+                let first = counts(&counter);
+                let stats = node.link_stats(FABRIC_IFACE).expect("stats");
+                let second = counts(&counter);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                (first == second).then_some((first, stats))
+            })
+            .expect("traffic on the NIC settles")
+    };
+    let (counted_before, before) = stable_read();
     let target = format!("{}:8080", node_addr(1));
     const REQUESTS: u64 = 50;
     let tcp = ClientRun::tcp(&target, REQUESTS)
@@ -209,10 +221,15 @@ fn counts_real_tcp_and_udp_on_a_node_nic_in_native_mode() {
     // No NAT anywhere: the server saw the client's own address.
     assert_eq!(tcp.peers_seen.keys().collect::<Vec<_>>(), ["203.0.113.10"]);
 
-    // Let the last FIN/ACKs land before reading.
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let after = node.link_stats(FABRIC_IFACE).expect("stats");
-    let counted = counts(&counter);
+    // Late FIN/ACKs or a neighbour probe may still arrive: read once things are still.
+    let (counted_after, after) = stable_read();
+    let counted: BTreeMap<&str, (u64, u64)> = counted_after
+        .iter()
+        .map(|(label, (packets, bytes))| {
+            let (packets_before, bytes_before) = counted_before[label];
+            (*label, (packets - packets_before, bytes - bytes_before))
+        })
+        .collect();
     // Every UDP request is exactly one datagram into the node.
     assert_eq!(counted["ipv4_udp"].0, REQUESTS, "{counted:?}");
     // A connect/request/close exchange sends at least SYN, ACK, data and FIN to the server.

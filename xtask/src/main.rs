@@ -87,14 +87,14 @@ fn build_ebpf(root: &Path) -> anyhow::Result<()> {
         .args(["--target", target, "-Z", "build-std=core"])
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
         .current_dir(root))?;
-    let object = target_dir(root)
-        .join(target)
-        .join("release")
-        .join("lb-ebpf");
-    let size = std::fs::metadata(&object)
-        .with_context(|| format!("the build succeeded but left no {}", object.display()))?
-        .len();
-    println!("{} ({size} bytes)", object.display());
+    // One object per program family: the datapath, and the standalone packet counter.
+    for name in ["lb-ebpf", "lb-counter"] {
+        let object = target_dir(root).join(target).join("release").join(name);
+        let size = std::fs::metadata(&object)
+            .with_context(|| format!("the build succeeded but left no {}", object.display()))?
+            .len();
+        println!("{} ({size} bytes)", object.display());
+    }
     Ok(())
 }
 

@@ -1,0 +1,62 @@
+//! Every map of the service datapath. Names are the versioned ones in lb_common::map_names (the
+//! macro needs literals); state maps are pinned by name so they outlive the agent.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend4, Ct4Key, Ct4Value, Event, Frontend4Key, ServiceCounter, ServiceValue, SlotKey,
+    SockNat4Key, SockNat4Value, limits,
+};
+
+/// Every address:port:protocol a Service answers on -> the service and its current table.
+#[map(name = "lb4_fe_v1")]
+pub static FRONTENDS4: HashMap<Frontend4Key, ServiceValue> =
+    HashMap::pinned(limits::MAX_FRONTENDS, 0);
+
+/// (service, revision, slot) -> backend id.
+#[map(name = "lb4_slot_v1")]
+pub static SLOTS4: HashMap<SlotKey, u32> = HashMap::pinned(limits::MAX_SLOTS, 0);
+
+/// backend id -> endpoint address, port, protocol, flags.
+#[map(name = "lb4_be_v1")]
+pub static BACKENDS4: HashMap<u32, Backend4> = HashMap::pinned(limits::MAX_BACKENDS, 0);
+
+/// Connection tracking of the XDP/tc path; LRU so a full table evicts the oldest flows instead
+/// of refusing new ones.
+#[map(name = "lb4_ct_v1")]
+pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(limits::MAX_CONNTRACK, 0);
+
+/// (socket cookie, backend) -> the Service address the socket asked for.
+#[map(name = "lb4_sknat_v1")]
+pub static SOCK_NAT4: LruHashMap<SockNat4Key, SockNat4Value> =
+    LruHashMap::pinned(limits::MAX_SOCK_NAT, 0);
+
+#[map(name = "lb_svc_cnt_v1")]
+pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =
+    PerCpuArray::pinned(limits::MAX_SERVICES, 0);
+
+#[map(name = "lb_event_v1")]
+pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
+
+#[inline(always)]
+pub fn count_event(event: Event) {
+    if let Some(slot) = EVENTS.get_ptr_mut(event.0) {
+        // SAFETY: a per-CPU slot, touched only by programs running on this CPU, one at a time.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Adds a packet (or, with `len == 0` and `packets == 0`, just a new flow) to a service.
+#[inline(always)]
+pub fn count_service(service_id: u32, packets: u64, bytes: u64, new_flows: u64) {
+    if let Some(counter) = SERVICE_COUNTERS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU slot, as above.
+        unsafe {
+            (*counter).packets += packets;
+            (*counter).bytes += bytes;
+            (*counter).new_flows += new_flows;
+        }
+    }
+}

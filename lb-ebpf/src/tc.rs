@@ -1,0 +1,133 @@
+//! `lb_tc_egress`: on the egress of the node NICs, replies of flows that `lb_xdp` DNATed get
+//! their source rewritten back to the frontend the client used. Everything else leaves untouched.
+//!
+//! The skb may carry a partial checksum (CHECKSUM_PARTIAL from a local or veth sender), so
+//! checksums are updated with the kernel's helpers, which handle that case
+//! (BPF_F_PSEUDO_HDR for the address, which is part of the pseudo-header).
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use lb_common::{Event, proto, tcp_state};
+
+use lb_ebpf::packet::{
+    ETH_HDR_LEN, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN,
+    IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET, TCP_FLAGS_OFFSET, UDP_CSUM_OFFSET,
+};
+
+use crate::{
+    flow::{Tuple, close_original, next_state, reply_key},
+    helpers::now_ns,
+    maps::{CONNTRACK4, count_event},
+};
+
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    match try_lb_tc_egress(&ctx) {
+        Ok(()) => TC_ACT_OK,
+        Err(event) => {
+            count_event(event);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
+    let Some(tuple_and_offset) = parse(ctx) else {
+        return Ok(());
+    };
+    let (tuple, l4_offset) = tuple_and_offset;
+    let Some(entry) = CONNTRACK4.get_ptr_mut(&reply_key(&tuple)) else {
+        return Ok(());
+    };
+    // SAFETY: the entry stays valid for this run (RCU); see flow::destination for races.
+    let entry = unsafe { &mut *entry };
+    if tuple.proto == proto::TCP {
+        let state = next_state(entry.state, tuple.tcp_flags);
+        if state == tcp_state::CLOSING && entry.state != tcp_state::CLOSING {
+            let now = now_ns();
+            entry.state = state;
+            entry.last_seen_ns = now;
+            close_original(entry, &tuple, now);
+        }
+    }
+    snat(ctx, &tuple, l4_offset, entry.nat_addr, entry.nat_port).map_err(|_| Event::DROP_NAT_FAILED)
+}
+
+/// The reply's 5-tuple and transport offset; `None` for anything that is not an unfragmented
+/// IPv4 TCP/UDP packet with a complete header (it passes untouched).
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<(Tuple, usize)> {
+    let ethertype: u16 = u16::from_be(ctx.load(12).ok()?);
+    if ethertype != ETH_P_IP {
+        return None;
+    }
+    let ip: [u8; IPV4_MIN_HDR_LEN] = ctx.load(ETH_HDR_LEN).ok()?;
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN {
+        return None;
+    }
+    let protocol = ip[9];
+    if protocol != proto::TCP && protocol != proto::UDP {
+        return None;
+    }
+    if u16::from_be_bytes([ip[6], ip[7]]) & (IPV4_FRAG_OFFSET_MASK | IPV4_MORE_FRAGMENTS) != 0 {
+        return None;
+    }
+    let l4_offset = ETH_HDR_LEN + header_len;
+    let ports: [u8; 4] = ctx.load(l4_offset).ok()?;
+    let tcp_flags = if protocol == proto::TCP {
+        ctx.load::<u8>(l4_offset + TCP_FLAGS_OFFSET).ok()?
+    } else {
+        0
+    };
+    Some((
+        Tuple {
+            saddr: u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
+            daddr: u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
+            sport: u16::from_be_bytes([ports[0], ports[1]]),
+            dport: u16::from_be_bytes([ports[2], ports[3]]),
+            proto: protocol,
+            tcp_flags,
+        },
+        l4_offset,
+    ))
+}
+
+/// Rewrites the source address and port to the frontend's, fixing the IPv4 and TCP/UDP checksums.
+#[inline(always)]
+fn snat(ctx: &TcContext, tuple: &Tuple, l4_offset: usize, addr: u32, port: u16) -> Result<(), i64> {
+    let old_addr = tuple.saddr.to_be();
+    let new_addr = addr.to_be();
+    let old_port = tuple.sport.to_be();
+    let new_port = port.to_be();
+    let (csum_offset, flags) = if tuple.proto == proto::TCP {
+        (l4_offset + TCP_CSUM_OFFSET, 0)
+    } else {
+        (l4_offset + UDP_CSUM_OFFSET, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    ctx.l4_csum_replace(
+        csum_offset,
+        u64::from(old_addr),
+        u64::from(new_addr),
+        flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
+    )?;
+    ctx.l4_csum_replace(
+        csum_offset,
+        u64::from(old_port),
+        u64::from(new_port),
+        flags | 2,
+    )?;
+    ctx.l3_csum_replace(
+        ETH_HDR_LEN + IPV4_CSUM_OFFSET,
+        u64::from(old_addr),
+        u64::from(new_addr),
+        4,
+    )?;
+    ctx.store(ETH_HDR_LEN + IPV4_SADDR_OFFSET, &new_addr, 0)?;
+    ctx.store(l4_offset, &new_port, 0)?;
+    Ok(())
+}

@@ -1,0 +1,631 @@
+//! The service datapath: loads the programs, pins their maps, attaches them to NICs and a cgroup,
+//! and puts and removes services and backends in the maps.
+//!
+//! Maps are pinned by name under the pin directory (`/sys/fs/bpf/lb` for the agent, a private
+//! directory per test), so a restarted agent finds the state the datapath kept using meanwhile.
+//! Programs are pinned there too. Attachments belong to this process for now: they go away with it.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io,
+    net::Ipv4Addr,
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, NetworkInterface, ProgramError, SchedClassifier,
+        TcAttachType, Xdp, XdpMode,
+    },
+};
+use lb_common::{
+    Backend4, Ct4Key, Ct4Value, Event, Frontend4Key, ServiceCounter, ServiceValue, SlotKey, limits,
+    map_names, program_names,
+};
+
+use crate::object::DATAPATH_OBJECT;
+
+/// Where the agent pins its maps and programs.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+const SOCKET_HOOKS: [&str; 4] = [
+    program_names::CONNECT4,
+    program_names::SENDMSG4,
+    program_names::RECVMSG4,
+    program_names::GETPEERNAME4,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("creating pin directory {path}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Bpffs(#[from] crate::bpffs::BpffsError),
+    #[error("loading the eBPF object (maps pinned under {pin_dir})")]
+    Load {
+        pin_dir: PathBuf,
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {0} missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("program {program}: {operation}")]
+    Program {
+        program: &'static str,
+        operation: String,
+        source: Box<ProgramError>,
+    },
+    #[error("pinning program {program} at {path}")]
+    PinProgram {
+        program: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("opening cgroup {path}")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("map {map}: {operation}")]
+    Map {
+        map: &'static str,
+        operation: String,
+        source: MapError,
+    },
+    #[error("map {map} is full ({capacity} entries): {operation}")]
+    MapFull {
+        map: &'static str,
+        capacity: u32,
+        operation: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// A frontend of a service: an address, port and protocol clients use, and what kind it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// [`lb_common::proto`] number.
+    pub proto: u8,
+    /// [`lb_common::service_flags`] bits.
+    pub kind: u32,
+}
+
+impl Frontend {
+    pub fn key(&self) -> Frontend4Key {
+        Frontend4Key {
+            addr: u32::from(self.addr).to_be(),
+            port: self.port.to_be(),
+            proto: self.proto,
+            scope: lb_common::scope::ANY,
+        }
+    }
+}
+
+/// A backend as the API takes it: an endpoint address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    /// [`lb_common::backend_flags`] bits.
+    pub flags: u8,
+}
+
+impl Backend {
+    fn value(&self) -> Backend4 {
+        Backend4 {
+            addr: u32::from(self.addr).to_be(),
+            port: self.port.to_be(),
+            proto: self.proto,
+            flags: self.flags,
+        }
+    }
+
+    fn from_value(value: &Backend4) -> Self {
+        Self {
+            addr: Ipv4Addr::from(u32::from_be(value.addr)),
+            port: u16::from_be(value.port),
+            proto: value.proto,
+            flags: value.flags,
+        }
+    }
+}
+
+/// One service (one Service port) as the datapath sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// 0..[`limits::MAX_SERVICES`]; the caller allocates ids and keeps them stable.
+    pub id: u32,
+    pub frontends: Vec<Frontend>,
+    /// Backend ids (put with [`Datapath::put_backend`] first) that new flows may select.
+    pub backends: Vec<u32>,
+    pub affinity_timeout_s: u32,
+}
+
+/// The loaded datapath. Dropping it detaches what it attached; pinned maps stay.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    frontends: HashMap<MapData, Frontend4Key, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend4>,
+    conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
+    service_counters: PerCpuArray<MapData, ServiceCounter>,
+    events: PerCpuArray<MapData, u64>,
+    /// What the frontends map holds, by service id: read once at load (the maps may hold an
+    /// earlier run's state), then kept in step by every update, so an update costs O(its size).
+    installed: BTreeMap<u32, Installed>,
+}
+
+/// A service as installed in the maps.
+#[derive(Clone, Debug, Default)]
+struct Installed {
+    revision: u16,
+    backend_count: u16,
+    frontends: Vec<Frontend4Key>,
+}
+
+impl Datapath {
+    /// Loads every program of the datapath, reusing the maps pinned under `pin_dir` or creating
+    /// and pinning them there. bpffs is mounted at its usual place when missing.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        crate::bpffs::ensure_mounted(Path::new(crate::bpffs::DEFAULT_MOUNT))?;
+        std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(DATAPATH_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                pin_dir: pin_dir.to_owned(),
+                source: Box::new(source),
+            })?;
+        load_and_pin::<Xdp>(&mut ebpf, program_names::XDP_LB, pin_dir)?;
+        load_and_pin::<SchedClassifier>(&mut ebpf, program_names::TC_EGRESS, pin_dir)?;
+        for hook in SOCKET_HOOKS {
+            load_and_pin::<CgroupSockAddr>(&mut ebpf, hook, pin_dir)?;
+        }
+        let frontends: HashMap<MapData, Frontend4Key, ServiceValue> =
+            take_map(&mut ebpf, map_names::FRONTENDS4)?;
+        let mut installed: BTreeMap<u32, Installed> = BTreeMap::new();
+        for entry in frontends.iter() {
+            let (key, value) =
+                entry.map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))?;
+            let service = installed.entry(value.service_id).or_default();
+            service.revision = value.revision;
+            service.backend_count = value.backend_count;
+            service.frontends.push(key);
+        }
+        Ok(Self {
+            frontends,
+            installed,
+            slots: take_map(&mut ebpf, map_names::SLOTS4)?,
+            backends: take_map(&mut ebpf, map_names::BACKENDS4)?,
+            conntrack: take_map(&mut ebpf, map_names::CONNTRACK4)?,
+            service_counters: take_map(&mut ebpf, map_names::SERVICE_COUNTERS)?,
+            events: take_map(&mut ebpf, map_names::EVENTS)?,
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches the XDP program to a NIC of the calling thread's network namespace.
+    pub fn attach_xdp<'a>(
+        &mut self,
+        interface: impl Into<NetworkInterface<'a>> + std::fmt::Debug + Copy,
+        mode: XdpMode,
+    ) -> Result<()> {
+        program_mut::<Xdp>(&mut self.ebpf, program_names::XDP_LB)?
+            .attach(interface, mode)
+            .map_err(|source| DatapathError::Program {
+                program: program_names::XDP_LB,
+                operation: format!("attach to {interface:?} ({mode:?})"),
+                source: Box::new(source),
+            })?;
+        Ok(())
+    }
+
+    /// Attaches the reverse-NAT program to the egress of a NIC of the calling thread's namespace
+    /// (TCX on kernels >= 6.6, a clsact filter before).
+    pub fn attach_tc_egress<'a>(
+        &mut self,
+        interface: impl Into<NetworkInterface<'a>> + std::fmt::Debug + Copy,
+    ) -> Result<()> {
+        program_mut::<SchedClassifier>(&mut self.ebpf, program_names::TC_EGRESS)?
+            .attach(interface, TcAttachType::Egress)
+            .map_err(|source| DatapathError::Program {
+                program: program_names::TC_EGRESS,
+                operation: format!("attach to {interface:?} egress"),
+                source: Box::new(source),
+            })?;
+        Ok(())
+    }
+
+    /// Attaches the socket hooks to a cgroup v2 directory: every process in it (and below) that
+    /// connects or sends to a Service is sent to a backend instead.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for hook in SOCKET_HOOKS {
+            // AllowMultiple: other programs on the same cgroup (systemd, a CNI) keep working.
+            program_mut::<CgroupSockAddr>(&mut self.ebpf, hook)?
+                .attach(&file, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| DatapathError::Program {
+                    program: hook,
+                    operation: format!("attach to cgroup {}", cgroup.display()),
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// A program's file descriptor, for `BPF_PROG_TEST_RUN`.
+    pub fn program_fd(&self, name: &'static str) -> Result<BorrowedFd<'_>> {
+        let program = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram(name))?;
+        let fd = program.fd().map_err(|source| DatapathError::Program {
+            program: name,
+            operation: "fd".into(),
+            source: Box::new(source),
+        })?;
+        Ok(fd.as_fd())
+    }
+
+    /// Adds or replaces a backend. Put backends before the services that reference them.
+    pub fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        let operation = || format!("put backend {id} = {backend:?}");
+        if id >= limits::MAX_BACKENDS {
+            return Err(DatapathError::Invalid(format!(
+                "backend id {id} out of range (max {})",
+                limits::MAX_BACKENDS - 1
+            )));
+        }
+        insert(
+            &mut self.backends,
+            map_names::BACKENDS4,
+            limits::MAX_BACKENDS,
+            &id,
+            &backend.value(),
+            operation,
+        )
+    }
+
+    /// Removes a backend. Flows pinned to it select again at their next packet; the caller removes
+    /// it from every service first.
+    pub fn remove_backend(&mut self, id: u32) -> Result<()> {
+        remove(&mut self.backends, map_names::BACKENDS4, &id, || {
+            format!("remove backend {id}")
+        })
+    }
+
+    /// Installs or updates a service so that no packet ever sees a half-written state: the new
+    /// selection table is written under a fresh revision, then every frontend is flipped to it in
+    /// one update each, then the old table is deleted. Frontends of the service that are not in
+    /// `service.frontends` any more are removed last.
+    pub fn put_service(&mut self, service: &Service) -> Result<()> {
+        self.validate(service)?;
+        let previous = self
+            .installed
+            .get(&service.id)
+            .map(|installed| (installed.revision, installed.backend_count));
+        let revision = previous.map_or(0, |(revision, _)| revision.wrapping_add(1));
+        for (slot, &backend) in service.backends.iter().enumerate() {
+            let key = SlotKey {
+                service_id: service.id,
+                revision,
+                slot: slot as u16,
+            };
+            insert(
+                &mut self.slots,
+                map_names::SLOTS4,
+                limits::MAX_SLOTS,
+                &key,
+                &backend,
+                || format!("service {} slot {slot}", service.id),
+            )?;
+        }
+        let mut flags_by_key = BTreeMap::new();
+        for frontend in &service.frontends {
+            *flags_by_key.entry(frontend.key()).or_insert(0) |= frontend.kind;
+        }
+        for (key, flags) in &flags_by_key {
+            let value = ServiceValue {
+                service_id: service.id,
+                backend_count: service.backends.len() as u16,
+                revision,
+                flags: *flags,
+                affinity_timeout_s: service.affinity_timeout_s,
+            };
+            insert(
+                &mut self.frontends,
+                map_names::FRONTENDS4,
+                limits::MAX_FRONTENDS,
+                key,
+                &value,
+                || format!("service {} frontend {key:?}", service.id),
+            )?;
+        }
+        let old_frontends = self
+            .installed
+            .insert(
+                service.id,
+                Installed {
+                    revision,
+                    backend_count: service.backends.len() as u16,
+                    frontends: flags_by_key.keys().copied().collect(),
+                },
+            )
+            .map(|installed| installed.frontends)
+            .unwrap_or_default();
+        for key in old_frontends
+            .iter()
+            .filter(|key| !flags_by_key.contains_key(key))
+        {
+            remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
+                format!("stale frontend {key:?}")
+            })?;
+        }
+        if let Some((old_revision, old_count)) = previous
+            && old_revision != revision
+        {
+            self.remove_slots(service.id, old_revision, old_count)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a service: its frontends first (new packets stop matching), then its table.
+    pub fn remove_service(&mut self, id: u32) -> Result<()> {
+        let Some(installed) = self.installed.remove(&id) else {
+            return Ok(());
+        };
+        for key in &installed.frontends {
+            remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
+                format!("service {id} frontend {key:?}")
+            })?;
+        }
+        self.remove_slots(id, installed.revision, installed.backend_count)
+    }
+
+    /// Every frontend with its service entry.
+    pub fn frontends(&self) -> Result<Vec<(Frontend4Key, ServiceValue)>> {
+        self.frontends
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))
+    }
+
+    /// Every backend by id.
+    pub fn backends(&self) -> Result<BTreeMap<u32, Backend>> {
+        self.backends
+            .iter()
+            .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))
+    }
+
+    /// Every connection-tracking entry.
+    pub fn conntrack(&self) -> Result<Vec<(Ct4Key, Ct4Value)>> {
+        self.conntrack
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))
+    }
+
+    /// A service's counters summed over CPUs.
+    pub fn service_counter(&self, id: u32) -> Result<ServiceCounter> {
+        let per_cpu = self
+            .service_counters
+            .get(&id, 0)
+            .map_err(|source| map_error(map_names::SERVICE_COUNTERS, "read", source))?;
+        Ok(per_cpu
+            .iter()
+            .fold(ServiceCounter::default(), |sum, cpu| ServiceCounter {
+                packets: sum.packets + cpu.packets,
+                bytes: sum.bytes + cpu.bytes,
+                new_flows: sum.new_flows + cpu.new_flows,
+            }))
+    }
+
+    /// How often each event (drop reason) happened, summed over CPUs.
+    pub fn events(&self) -> Result<BTreeMap<&'static str, u64>> {
+        Event::ALL
+            .iter()
+            .map(|&(event, label)| {
+                let per_cpu = self
+                    .events
+                    .get(&event.0, 0)
+                    .map_err(|source| map_error(map_names::EVENTS, "read", source))?;
+                Ok((label, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    fn validate(&self, service: &Service) -> Result<()> {
+        let invalid = |why: String| {
+            Err(DatapathError::Invalid(format!(
+                "service {}: {why}",
+                service.id
+            )))
+        };
+        if service.id >= limits::MAX_SERVICES {
+            return invalid(format!(
+                "id out of range (max {})",
+                limits::MAX_SERVICES - 1
+            ));
+        }
+        if service.backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
+            return invalid(format!(
+                "{} backends, more than the {} a service can select from",
+                service.backends.len(),
+                limits::MAX_BACKENDS_PER_SERVICE
+            ));
+        }
+        if service.frontends.is_empty() {
+            return invalid("no frontend".into());
+        }
+        for frontend in &service.frontends {
+            if frontend.port == 0 {
+                return invalid(format!("frontend {frontend:?} has port 0"));
+            }
+            if ![lb_common::proto::TCP, lb_common::proto::UDP].contains(&frontend.proto) {
+                return invalid(format!("frontend {frontend:?}: protocol not TCP or UDP"));
+            }
+        }
+        for id in &service.backends {
+            if self.backends.get(id, 0).is_err() {
+                return invalid(format!("backend {id} is not in the backends map"));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_slots(&mut self, service_id: u32, revision: u16, count: u16) -> Result<()> {
+        for slot in 0..count {
+            let key = SlotKey {
+                service_id,
+                revision,
+                slot,
+            };
+            remove(&mut self.slots, map_names::SLOTS4, &key, || {
+                format!("service {service_id} revision {revision} slot {slot}")
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn program_mut<'e, P>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut P>
+where
+    &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            operation: "type check".into(),
+            source: Box::new(source),
+        })
+}
+
+/// Loads a program and pins it as `<pin_dir>/<name>`, replacing what an earlier run pinned.
+fn load_and_pin<P>(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path) -> Result<()>
+where
+    P: LoadAndPin,
+    for<'e> &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
+{
+    let program: &mut P = program_mut(ebpf, name)?;
+    program
+        .load_program()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            operation: "load (verifier)".into(),
+            source: Box::new(source),
+        })?;
+    let path = pin_dir.join(name);
+    // A program pinned by an earlier run: the new one takes its place.
+    let _ = std::fs::remove_file(&path);
+    program
+        .pin_program(&path)
+        .map_err(|source| DatapathError::PinProgram {
+            program: name,
+            path,
+            source,
+        })
+}
+
+/// The load and pin calls every program type has, under one name.
+trait LoadAndPin {
+    fn load_program(&mut self) -> std::result::Result<(), ProgramError>;
+    fn pin_program(&mut self, path: &Path) -> std::result::Result<(), aya::pin::PinError>;
+}
+
+macro_rules! impl_load_and_pin {
+    ($($program:ty),*) => {$(
+        impl LoadAndPin for $program {
+            fn load_program(&mut self) -> std::result::Result<(), ProgramError> {
+                self.load()
+            }
+            fn pin_program(&mut self, path: &Path) -> std::result::Result<(), aya::pin::PinError> {
+                self.pin(path)
+            }
+        }
+    )*};
+}
+impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr);
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| map_error(name, "open", source))
+}
+
+fn map_error(map: &'static str, operation: &str, source: MapError) -> DatapathError {
+    DatapathError::Map {
+        map,
+        operation: operation.to_owned(),
+        source,
+    }
+}
+
+/// E2BIG from BPF_MAP_UPDATE_ELEM: the map holds max_entries already.
+fn is_full(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(syscall) if syscall.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
+fn insert<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    capacity: u32,
+    key: &K,
+    value: &V,
+    operation: impl Fn() -> String,
+) -> Result<()> {
+    map.insert(key, value, 0).map_err(|source| {
+        if is_full(&source) {
+            DatapathError::MapFull {
+                map: name,
+                capacity,
+                operation: operation(),
+            }
+        } else {
+            map_error(name, &operation(), source)
+        }
+    })
+}
+
+/// Removes a key; a key that is already gone is not an error (removal is idempotent).
+fn remove<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    key: &K,
+    operation: impl Fn() -> String,
+) -> Result<()> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(syscall))
+            if syscall.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(map_error(name, &operation(), source)),
+    }
+}

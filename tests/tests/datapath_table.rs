@@ -1,0 +1,424 @@
+//! The service datapath through BPF_PROG_TEST_RUN, table-driven: input packet, expected verdict,
+//! expected output bytes (checksums included, computed from scratch by etherparse).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lab::{
+    lab::{Lab, PinDir},
+    packet::{self, TcpFlags},
+    table::{Case, Expect, run_table},
+};
+use lb_common::{proto, service_flags};
+use lb_userspace::datapath::{Backend, Datapath, Frontend, Service};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+
+const NODE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const NODE_PORT: u16 = 30080;
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 40000);
+const FRONTEND: SocketAddrV4 = SocketAddrV4::new(NODE, NODE_PORT);
+const POD_A: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 10), 8080);
+const POD_B: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 11), 8080);
+/// A frontend whose service has no backend.
+const EMPTY_FRONTEND: SocketAddrV4 = SocketAddrV4::new(NODE, 30090);
+/// IPv4 options: NOP NOP NOP EOL, then a router alert, then NOP NOP NOP EOL.
+const IP_OPTIONS: [u8; 12] = [1, 1, 1, 0, 0x94, 4, 0, 0, 1, 1, 1, 0];
+
+fn backend(addr: SocketAddrV4, protocol: u8) -> Backend {
+    Backend {
+        addr: *addr.ip(),
+        port: addr.port(),
+        proto: protocol,
+        flags: lb_common::backend_flags::LOCAL,
+    }
+}
+
+fn node_port(protocol: u8) -> Frontend {
+    Frontend {
+        addr: NODE,
+        port: NODE_PORT,
+        proto: protocol,
+        kind: service_flags::NODE_PORT,
+    }
+}
+
+/// A datapath with: TCP and UDP NodePort services on 203.0.113.1:30080 whose backends are given,
+/// and a TCP service on :30090 with no backend. Backends: 1 = pod A TCP, 2 = pod B TCP,
+/// 3 = pod A UDP.
+fn datapath(pins: &PinDir, tcp_backends: Vec<u32>) -> Datapath {
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    datapath
+        .put_backend(1, &backend(POD_A, proto::TCP))
+        .expect("backend");
+    datapath
+        .put_backend(2, &backend(POD_B, proto::TCP))
+        .expect("backend");
+    datapath
+        .put_backend(3, &backend(POD_A, proto::UDP))
+        .expect("backend");
+    let tcp = Service {
+        id: 1,
+        frontends: vec![node_port(proto::TCP)],
+        backends: tcp_backends,
+        affinity_timeout_s: 0,
+    };
+    let udp = Service {
+        id: 2,
+        frontends: vec![node_port(proto::UDP)],
+        backends: vec![3],
+        affinity_timeout_s: 0,
+    };
+    let empty = Service {
+        id: 3,
+        frontends: vec![Frontend {
+            port: EMPTY_FRONTEND.port(),
+            ..node_port(proto::TCP)
+        }],
+        backends: vec![],
+        affinity_timeout_s: 0,
+    };
+    for service in [&tcp, &udp, &empty] {
+        datapath.put_service(service).expect("service");
+    }
+    datapath
+}
+
+fn case(name: &'static str, input: Vec<u8>, verdict: u32, output: Expect) -> Case {
+    Case {
+        name,
+        input,
+        verdict,
+        output,
+    }
+}
+
+fn with_zero_udp_checksum(frame: &[u8]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let udp = packet::ETH_HDR_LEN + 20;
+    out[udp + 6..udp + 8].copy_from_slice(&[0, 0]);
+    out
+}
+
+#[test]
+fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "xdp").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let to_pod_a = |flags, payload: &[u8]| packet::tcp(CLIENT, POD_A, flags, payload);
+    let syn = packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b"");
+    let udp = packet::udp(CLIENT, FRONTEND, b"query");
+    let cases = vec![
+        case(
+            "tcp syn, new flow",
+            syn.clone(),
+            XDP_PASS,
+            Expect::Bytes(to_pod_a(TcpFlags::SYN, b"")),
+        ),
+        case(
+            "tcp ack, established",
+            packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"GET / HTTP/1.1\r\n"),
+            XDP_PASS,
+            Expect::Bytes(to_pod_a(TcpFlags::ACK, b"GET / HTTP/1.1\r\n")),
+        ),
+        case(
+            "tcp fin, established",
+            packet::tcp(CLIENT, FRONTEND, TcpFlags::FIN_ACK, b""),
+            XDP_PASS,
+            Expect::Bytes(to_pod_a(TcpFlags::FIN_ACK, b"")),
+        ),
+        case(
+            "udp, new flow",
+            udp.clone(),
+            XDP_PASS,
+            Expect::Bytes(packet::udp(CLIENT, POD_A, b"query")),
+        ),
+        case(
+            "udp without checksum keeps none",
+            with_zero_udp_checksum(&udp),
+            XDP_PASS,
+            Expect::Bytes(with_zero_udp_checksum(&packet::udp(
+                CLIENT, POD_A, b"query",
+            ))),
+        ),
+        case(
+            "tcp syn with ip options",
+            packet::with_ip_options(
+                &packet::tcp(
+                    SocketAddrV4::new(*CLIENT.ip(), 40001),
+                    FRONTEND,
+                    TcpFlags::SYN,
+                    b"",
+                ),
+                &IP_OPTIONS,
+            ),
+            XDP_PASS,
+            Expect::Bytes(packet::with_ip_options(
+                &packet::tcp(
+                    SocketAddrV4::new(*CLIENT.ip(), 40001),
+                    POD_A,
+                    TcpFlags::SYN,
+                    b"",
+                ),
+                &IP_OPTIONS,
+            )),
+        ),
+        case(
+            "miss: other port",
+            packet::tcp(CLIENT, SocketAddrV4::new(NODE, 22), TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "miss: other address",
+            packet::tcp(
+                CLIENT,
+                SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), NODE_PORT),
+                TcpFlags::SYN,
+                b"",
+            ),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "non-ip: arp",
+            packet::non_ip(0x0806, 28),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "non-ip: ipv6",
+            packet::non_ip(0x86dd, 60),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "icmp to the frontend address",
+            packet::icmp_echo(*CLIENT.ip(), NODE),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "first fragment to a frontend",
+            packet::as_fragment(&udp, 0, true),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "later fragment to a frontend",
+            packet::as_fragment(&udp, 100, false),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "truncated tcp header",
+            syn[..packet::ETH_HDR_LEN + 20 + 12].to_vec(),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "truncated ip header",
+            syn[..packet::ETH_HDR_LEN + 16].to_vec(),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "ip options cut short",
+            packet::with_ip_options(&syn, &[1; 40])[..packet::ETH_HDR_LEN + 44].to_vec(),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "no backend",
+            packet::tcp(CLIENT, EMPTY_FRONTEND, TcpFlags::SYN, b""),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+    ];
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &cases,
+    );
+
+    let events = datapath.events().expect("events");
+    assert_eq!(events["drop_malformed"], 3, "{events:?}");
+    assert_eq!(events["drop_no_backend"], 1, "{events:?}");
+    assert_eq!(events["pass_fragment"], 2, "{events:?}");
+    let tcp = datapath.service_counter(1).expect("counter");
+    // syn, ack, fin and the syn with options; two flows (port 40000 and 40001).
+    assert_eq!((tcp.packets, tcp.new_flows), (4, 2), "{tcp:?}");
+    let udp_counter = datapath.service_counter(2).expect("counter");
+    assert_eq!(
+        (udp_counter.packets, udp_counter.new_flows),
+        (2, 1),
+        "{udp_counter:?}"
+    );
+}
+
+#[test]
+fn established_flows_keep_their_backend_while_new_flows_follow_the_table() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "ct").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let first_client = CLIENT;
+    let second_client = SocketAddrV4::new(*CLIENT.ip(), 40002);
+    let program = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    run_table(
+        program(),
+        &[case(
+            "first flow picks pod A",
+            packet::tcp(first_client, FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(first_client, POD_A, TcpFlags::SYN, b"")),
+        )],
+    );
+
+    // Pod A leaves the selection table but still exists: its flow stays, new flows go to pod B.
+    datapath
+        .put_service(&Service {
+            id: 1,
+            frontends: vec![node_port(proto::TCP)],
+            backends: vec![2],
+            affinity_timeout_s: 0,
+        })
+        .expect("service");
+    let program = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    run_table(
+        program,
+        &[
+            case(
+                "established flow stays on pod A",
+                packet::tcp(first_client, FRONTEND, TcpFlags::ACK, b"more"),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(first_client, POD_A, TcpFlags::ACK, b"more")),
+            ),
+            case(
+                "new flow goes to pod B",
+                packet::tcp(second_client, FRONTEND, TcpFlags::SYN, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(second_client, POD_B, TcpFlags::SYN, b"")),
+            ),
+        ],
+    );
+
+    // Pod A is removed altogether: its flow selects again, from what the table offers now.
+    datapath.remove_backend(1).expect("remove backend");
+    let program = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    run_table(
+        program,
+        &[case(
+            "flow of a removed backend moves",
+            packet::tcp(first_client, FRONTEND, TcpFlags::ACK, b"again"),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(first_client, POD_B, TcpFlags::ACK, b"again")),
+        )],
+    );
+}
+
+#[test]
+fn tc_egress_reverse_nats_replies_of_tracked_flows_only() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "tc").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    // Create the flows through XDP first.
+    let xdp = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    run_table(
+        xdp,
+        &[
+            case(
+                "tcp syn",
+                packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
+            ),
+            case(
+                "udp",
+                packet::udp(CLIENT, FRONTEND, b"q"),
+                XDP_PASS,
+                Expect::Bytes(packet::udp(CLIENT, POD_A, b"q")),
+            ),
+        ],
+    );
+    let reply_tcp = packet::tcp(POD_A, CLIENT, TcpFlags::SYN_ACK, b"");
+    let reply_udp = packet::udp(POD_A, CLIENT, b"answer");
+    let cases = vec![
+        case(
+            "tcp reply",
+            reply_tcp.clone(),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::SYN_ACK, b"")),
+        ),
+        case(
+            "udp reply",
+            reply_udp.clone(),
+            TC_ACT_OK,
+            Expect::Bytes(packet::udp(FRONTEND, CLIENT, b"answer")),
+        ),
+        case(
+            "udp reply without checksum",
+            with_zero_udp_checksum(&reply_udp),
+            TC_ACT_OK,
+            Expect::Bytes(with_zero_udp_checksum(&packet::udp(
+                FRONTEND, CLIENT, b"answer",
+            ))),
+        ),
+        case(
+            "tcp reply with ip options",
+            packet::with_ip_options(&reply_tcp, &IP_OPTIONS),
+            TC_ACT_OK,
+            Expect::Bytes(packet::with_ip_options(
+                &packet::tcp(FRONTEND, CLIENT, TcpFlags::SYN_ACK, b""),
+                &IP_OPTIONS,
+            )),
+        ),
+        case(
+            "untracked egress",
+            packet::tcp(POD_B, CLIENT, TcpFlags::SYN_ACK, b""),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+        case(
+            "non-ip",
+            packet::non_ip(0x0806, 28),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+        case(
+            "icmp",
+            packet::icmp_echo(*POD_A.ip(), *CLIENT.ip()),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+        case(
+            "fragment of a tracked flow",
+            packet::as_fragment(&reply_udp, 0, true),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+        case(
+            "truncated",
+            reply_tcp[..packet::ETH_HDR_LEN + 20 + 2].to_vec(),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+    ];
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd"),
+        &cases,
+    );
+}
