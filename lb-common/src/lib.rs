@@ -329,9 +329,12 @@ pub struct Ct4Value {
     /// The backend the flow was sent to (ORIGINAL entries).
     pub backend_id: u32,
     pub service_id: u32,
-    /// REPLY entries: the frontend address the client used, to restore as the reply's source.
+    /// ORIGINAL entries: the backend address the flow was sent to (a TCP flow keeps it even
+    /// when the backend leaves the maps, like kube-proxy's conntrack). REPLY entries: the
+    /// frontend address the client used, restored as the reply's source. Host order of the
+    /// wire bytes (`u32::from_be_bytes`).
     pub nat_addr: u32,
-    /// REPLY entries: the frontend port, network byte order.
+    /// The port that goes with `nat_addr`, same convention.
     pub nat_port: u16,
     /// [`tcp_state`] for TCP; 0 for UDP.
     pub state: u8,

@@ -25,9 +25,10 @@ pub struct Tuple {
     pub tcp_flags: u8,
 }
 
-/// Where a packet of a service flow goes, and on behalf of which service.
+/// Where a packet of a service flow goes (host order of the wire bytes), for which service.
 pub struct Destination {
-    pub backend: Backend4,
+    pub addr: u32,
+    pub port: u16,
     pub service_id: u32,
 }
 
@@ -44,9 +45,10 @@ pub fn lookup_frontend(tuple: &Tuple) -> Option<&'static ServiceValue> {
     unsafe { FRONTENDS4.get(&key) }
 }
 
-/// The backend for a packet addressed to `service`: the flow's tracked backend while it is alive
-/// and still exists, else a fresh random choice among the service's backends (tracked from now
-/// on, in both directions).
+/// The backend for a packet addressed to `service`: the flow's tracked backend while the entry is
+/// alive (for UDP: and the backend still exists), else a fresh random choice among the service's
+/// backends, tracked from now on in both directions. A TCP flow keeps its backend until it ends,
+/// also when the backend leaves the service: kube-proxy users rely on that during rollouts.
 #[inline(always)]
 pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination, Event> {
     let now = now_ns();
@@ -55,32 +57,34 @@ pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination,
         // SAFETY: the entry stays valid for the program's run (RCU); racing writers on other CPUs
         // can only make last_seen/state slightly stale, which the timeouts tolerate.
         let entry = unsafe { &mut *entry };
-        if now.saturating_sub(entry.last_seen_ns) <= timeout(tuple.proto, entry.state) {
-            // SAFETY: read-only use of the backend entry, replaced whole by the agent.
-            if let Some(backend) = unsafe { BACKENDS4.get(&entry.backend_id) } {
-                refresh(entry, tuple, now);
-                return Ok(Destination {
-                    backend: *backend,
-                    service_id: entry.service_id,
-                });
-            }
+        if now.saturating_sub(entry.last_seen_ns) <= timeout(tuple.proto, entry.state)
+            && (tuple.proto == proto::TCP || backend_still_there(entry))
+        {
+            refresh(entry, tuple, now);
+            return Ok(Destination {
+                addr: entry.nat_addr,
+                port: entry.nat_port,
+                service_id: entry.service_id,
+            });
         }
     }
     let (backend_id, backend) = select(service)?;
     let state = initial_state(tuple);
+    let backend_addr = u32::from_be(backend.addr);
+    let backend_port = u16::from_be(backend.port);
     let original = Ct4Value {
         last_seen_ns: now,
         backend_id,
         service_id: service.service_id,
-        nat_addr: 0,
-        nat_port: 0,
+        nat_addr: backend_addr,
+        nat_port: backend_port,
         state,
         _pad: 0,
     };
     let reply_key = Ct4Key {
-        saddr: u32::from_be(backend.addr),
+        saddr: backend_addr,
         daddr: tuple.saddr,
-        sport: u16::from_be(backend.port),
+        sport: backend_port,
         dport: tuple.sport,
         proto: tuple.proto,
         direction: ct_direction::REPLY,
@@ -100,9 +104,24 @@ pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination,
         .map_err(|_| Event::DROP_CT_FULL)?;
     count_service(service.service_id, 0, 0, 1);
     Ok(Destination {
-        backend,
+        addr: backend_addr,
+        port: backend_port,
         service_id: service.service_id,
     })
+}
+
+/// Whether the backend a flow was sent to is still in the backends map, unchanged. A UDP flow
+/// whose backend is gone selects again (kube-proxy's stale-UDP-conntrack bug, avoided).
+#[inline(always)]
+fn backend_still_there(entry: &Ct4Value) -> bool {
+    // SAFETY: read-only use of an entry the agent writes whole.
+    match unsafe { BACKENDS4.get(&entry.backend_id) } {
+        Some(backend) => {
+            u32::from_be(backend.addr) == entry.nat_addr
+                && u16::from_be(backend.port) == entry.nat_port
+        }
+        None => false,
+    }
 }
 
 /// A random backend of the service's current table (kube-proxy's default selection).

@@ -54,8 +54,8 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
         ctx,
         &tuple,
         ip.l4_offset,
-        u32::from_be(destination.backend.addr),
-        u16::from_be(destination.backend.port),
+        destination.addr,
+        destination.port,
     )?;
     count_service(destination.service_id, 1, frame_len(ctx) as u64, 0);
     Ok(xdp_action::XDP_PASS)

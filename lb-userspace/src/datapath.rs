@@ -261,9 +261,11 @@ impl Datapath {
             source,
         })?;
         for hook in SOCKET_HOOKS {
-            // AllowMultiple: other programs on the same cgroup (systemd, a CNI) keep working.
+            // aya attaches with a bpf_link (kernel >= 5.7), which refuses attach flags (EINVAL;
+            // kernel/bpf/cgroup.c, cgroup_bpf_link_attach) and always behaves as
+            // BPF_F_ALLOW_MULTI: other programs on the cgroup (systemd, a CNI) keep working.
             program_mut::<CgroupSockAddr>(&mut self.ebpf, hook)?
-                .attach(&file, CgroupAttachMode::AllowMultiple)
+                .attach(&file, CgroupAttachMode::Single)
                 .map_err(|source| DatapathError::Program {
                     program: hook,
                     operation: format!("attach to cgroup {}", cgroup.display()),

@@ -6,6 +6,7 @@
 //! - [`packet`] and [`table`]: crafted frames and table-driven `BPF_PROG_TEST_RUN` tests.
 
 pub mod lab;
+pub mod node;
 pub mod packet;
 pub mod peer;
 pub mod table;

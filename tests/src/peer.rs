@@ -24,6 +24,12 @@ pub struct ClientReport {
     pub by_server: BTreeMap<String, u64>,
     /// Replies per client IP address as the server saw it.
     pub peers_seen: BTreeMap<String, u64>,
+    /// Replies per peer `ip:port` as the client's own socket API reported it: getpeername() for
+    /// TCP and connected UDP, the recvfrom() source for unconnected UDP. Socket hooks must show
+    /// the Service address here, never a backend's.
+    pub peer_names: BTreeMap<String, u64>,
+    /// The server that sent the last good reply.
+    pub last_server: Option<String>,
     /// The first few error messages.
     pub error_samples: Vec<String>,
 }
@@ -79,8 +85,13 @@ pub struct ClientRun<'a> {
     /// Destination `ip:port`.
     pub to: &'a str,
     pub requests: u64,
-    /// UDP only: send every request from one socket (one flow) instead of a new one each time.
+    /// UDP: send every request from one socket (one flow) instead of a new one each time.
+    /// TCP: send every request over one connection instead of one connection each.
     pub one_flow: bool,
+    /// UDP: sendto()/recvfrom() on an unconnected socket instead of connect() + send()/recv().
+    pub unconnected: bool,
+    /// Pause between requests.
+    pub interval_ms: u64,
     pub timeout_ms: u64,
 }
 
@@ -91,6 +102,8 @@ impl<'a> ClientRun<'a> {
             to,
             requests,
             one_flow: false,
+            unconnected: false,
+            interval_ms: 0,
             timeout_ms: 2000,
         }
     }
@@ -106,6 +119,7 @@ impl<'a> ClientRun<'a> {
     pub fn run(&self, host: &Host, cgroup: Option<&Cgroup>) -> anyhow::Result<ClientReport> {
         let requests = self.requests.to_string();
         let timeout = self.timeout_ms.to_string();
+        let interval = self.interval_ms.to_string();
         let mut args = vec![
             self.protocol,
             "--to",
@@ -114,9 +128,14 @@ impl<'a> ClientRun<'a> {
             &requests,
             "--timeout-ms",
             &timeout,
+            "--interval-ms",
+            &interval,
         ];
         if self.one_flow {
             args.push("--one-flow");
+        }
+        if self.unconnected {
+            args.push("--unconnected");
         }
         let stdout = match cgroup {
             Some(cgroup) => host.run_in_cgroup(cgroup, binary()?, &args)?,

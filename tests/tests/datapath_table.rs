@@ -310,7 +310,8 @@ fn established_flows_keep_their_backend_while_new_flows_follow_the_table() {
         ],
     );
 
-    // Pod A is removed altogether: its flow selects again, from what the table offers now.
+    // Pod A is removed altogether. Its TCP flow keeps going to it until it ends (as with
+    // kube-proxy's conntrack); new flows cannot reach it.
     datapath.remove_backend(1).expect("remove backend");
     let program = datapath
         .program_fd(lb_common::program_names::XDP_LB)
@@ -318,10 +319,69 @@ fn established_flows_keep_their_backend_while_new_flows_follow_the_table() {
     run_table(
         program,
         &[case(
-            "flow of a removed backend moves",
+            "tcp flow of a removed backend stays",
             packet::tcp(first_client, FRONTEND, TcpFlags::ACK, b"again"),
             XDP_PASS,
-            Expect::Bytes(packet::tcp(first_client, POD_B, TcpFlags::ACK, b"again")),
+            Expect::Bytes(packet::tcp(first_client, POD_A, TcpFlags::ACK, b"again")),
+        )],
+    );
+}
+
+#[test]
+fn udp_flows_move_off_a_removed_backend() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "udp").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let udp = packet::udp(CLIENT, FRONTEND, b"q");
+    let program = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    run_table(
+        program(),
+        &[case(
+            "udp flow picks pod A",
+            udp.clone(),
+            XDP_PASS,
+            Expect::Bytes(packet::udp(CLIENT, POD_A, b"q")),
+        )],
+    );
+    datapath
+        .put_backend(4, &backend(POD_B, proto::UDP))
+        .expect("backend");
+    let service = Service {
+        id: 2,
+        frontends: vec![node_port(proto::UDP)],
+        backends: vec![4],
+        affinity_timeout_s: 0,
+    };
+    datapath.put_service(&service).expect("service");
+    let program = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    run_table(
+        program(),
+        &[case(
+            "udp flow stays while pod A exists",
+            udp.clone(),
+            XDP_PASS,
+            Expect::Bytes(packet::udp(CLIENT, POD_A, b"q")),
+        )],
+    );
+    datapath.remove_backend(3).expect("remove backend");
+    let program = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    run_table(
+        program,
+        &[case(
+            "udp flow moves to pod B",
+            udp,
+            XDP_PASS,
+            Expect::Bytes(packet::udp(CLIENT, POD_B, b"q")),
         )],
     );
 }

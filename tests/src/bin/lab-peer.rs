@@ -29,7 +29,8 @@ enum Mode {
         #[arg(long)]
         udp: Option<SocketAddr>,
     },
-    /// One TCP connection per request: connect, send a line, read the reply, close.
+    /// One TCP connection per request (connect, send a line, read the reply, close), or all
+    /// requests over one connection with --one-flow.
     Tcp(ClientArgs),
     /// One datagram per request, each from a new socket unless --one-flow.
     Udp(ClientArgs),
@@ -43,9 +44,15 @@ struct ClientArgs {
     requests: u64,
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
-    /// UDP: use one socket (one flow, one source port) for every request.
+    /// One socket (UDP: one source port; TCP: one connection) for every request.
     #[arg(long)]
     one_flow: bool,
+    /// UDP: sendto()/recvfrom() on an unconnected socket.
+    #[arg(long)]
+    unconnected: bool,
+    /// Pause between requests.
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
 }
 
 const MAX_ERROR_SAMPLES: usize = 5;
@@ -109,17 +116,25 @@ fn serve_udp(name: &str, socket: &UdpSocket) {
     }
 }
 
-fn record(report: &mut ClientReport, result: Result<String, String>) {
+/// One exchange's outcome: the reply text and the peer the client's socket API named.
+type Exchange = std::io::Result<(String, SocketAddr)>;
+
+fn record(report: &mut ClientReport, result: Exchange) {
     report.attempts += 1;
-    match result.and_then(|text| {
-        parse_reply(&text)
-            .map(|(server, ip)| (server.to_owned(), ip.to_owned()))
-            .ok_or_else(|| format!("malformed reply {text:?}"))
-    }) {
-        Ok((server, ip)) => {
+    let parsed = result
+        .map_err(|err| err.to_string())
+        .and_then(|(text, peer)| {
+            parse_reply(&text)
+                .map(|(server, ip)| (server.to_owned(), ip.to_owned(), peer))
+                .ok_or_else(|| format!("malformed reply {text:?}"))
+        });
+    match parsed {
+        Ok((server, ip, peer)) => {
             report.ok += 1;
-            *report.by_server.entry(server).or_default() += 1;
+            *report.by_server.entry(server.clone()).or_default() += 1;
             *report.peers_seen.entry(ip).or_default() += 1;
+            *report.peer_names.entry(peer.to_string()).or_default() += 1;
+            report.last_server = Some(server);
         }
         Err(err) => {
             report.errors += 1;
@@ -130,55 +145,100 @@ fn record(report: &mut ClientReport, result: Result<String, String>) {
     }
 }
 
+fn pause(args: &ClientArgs) {
+    if args.interval_ms > 0 {
+        std::thread::sleep(Duration::from_millis(args.interval_ms));
+    }
+}
+
 fn tcp_client(args: &ClientArgs) -> ClientReport {
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut report = ClientReport::default();
+    if args.one_flow {
+        match tcp_connect(args.to, timeout) {
+            Ok(stream) => {
+                let mut reader = BufReader::new(stream.try_clone().expect("clone a TcpStream"));
+                for _ in 0..args.requests {
+                    record(&mut report, tcp_exchange(&stream, &mut reader));
+                    pause(args);
+                }
+            }
+            Err(err) => {
+                for _ in 0..args.requests {
+                    record(
+                        &mut report,
+                        Err(std::io::Error::new(err.kind(), err.to_string())),
+                    );
+                }
+            }
+        }
+        return report;
+    }
     for _ in 0..args.requests {
-        record(
-            &mut report,
-            tcp_request(args.to, timeout).map_err(|err| err.to_string()),
-        );
+        let result = tcp_connect(args.to, timeout).and_then(|stream| {
+            let mut reader = BufReader::new(stream.try_clone()?);
+            tcp_exchange(&stream, &mut reader)
+        });
+        record(&mut report, result);
+        pause(args);
     }
     report
 }
 
-fn tcp_request(to: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+fn tcp_connect(to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&to, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+fn tcp_exchange(mut stream: &TcpStream, reader: &mut BufReader<TcpStream>) -> Exchange {
     stream.write_all(b"hello\n")?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    Ok(line)
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
+    }
+    Ok((line, stream.peer_addr()?))
 }
 
 fn udp_client(args: &ClientArgs) -> anyhow::Result<ClientReport> {
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut report = ClientReport::default();
     let shared = if args.one_flow {
-        Some(udp_socket(args.to, timeout)?)
+        Some(udp_socket(args, timeout)?)
     } else {
         None
     };
     for _ in 0..args.requests {
         let result = match &shared {
-            Some(socket) => udp_request(socket),
-            None => udp_socket(args.to, timeout).and_then(|socket| udp_request(&socket)),
+            Some(socket) => udp_exchange(socket, args),
+            None => udp_socket(args, timeout).and_then(|socket| udp_exchange(&socket, args)),
         };
-        record(&mut report, result.map_err(|err| err.to_string()));
+        record(&mut report, result);
+        pause(args);
     }
     Ok(report)
 }
 
-fn udp_socket(to: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocket> {
+fn udp_socket(args: &ClientArgs, timeout: Duration) -> std::io::Result<UdpSocket> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
-    socket.connect(to)?;
+    if !args.unconnected {
+        socket.connect(args.to)?;
+    }
     socket.set_read_timeout(Some(timeout))?;
     Ok(socket)
 }
 
-fn udp_request(socket: &UdpSocket) -> std::io::Result<String> {
-    socket.send(b"hello")?;
+fn udp_exchange(socket: &UdpSocket, args: &ClientArgs) -> Exchange {
     let mut buf = [0u8; 2048];
-    let len = socket.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+    let (len, peer) = if args.unconnected {
+        socket.send_to(b"hello", args.to)?;
+        socket.recv_from(&mut buf)?
+    } else {
+        socket.send(b"hello")?;
+        (socket.recv(&mut buf)?, socket.peer_addr()?)
+    };
+    Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), peer))
 }

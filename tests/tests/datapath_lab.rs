@@ -1,0 +1,380 @@
+//! The service datapath with real TCP and UDP servers and clients in the lab: ClusterIP through
+//! the socket hooks (from a pod and from the node itself), NodePort, externalIP and LoadBalancer
+//! IP through XDP and tc, spread over endpoints, and endpoint changes under traffic.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+
+use lab::{
+    lab::{Lab, Proc},
+    node::NodeDatapath,
+    peer::{self, ClientReport, ClientRun},
+    topology::{CLIENT_ADDR, Cluster, ClusterSpec, node_addr},
+};
+use lb_common::{backend_flags, proto, service_flags};
+use lb_userspace::datapath::{Backend, Frontend, Service};
+
+const POD_PORT: u16 = 8080;
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NODE_PORT: u16 = 30080;
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+const SERVICE_PORT: u16 = 80;
+
+struct Setup {
+    // Drop order: servers, then the datapath, then the lab.
+    _servers: Vec<Proc>,
+    node: NodeDatapath,
+    cluster: Cluster,
+    _lab: Lab,
+}
+
+/// A cluster with a server in every pod, the datapath on node1, and the client routed to the
+/// external and LoadBalancer IPs through node1.
+fn setup(spec: &ClusterSpec) -> Setup {
+    let mut lab = Lab::new().expect("lab");
+    let cluster = Cluster::build(&mut lab, spec).expect("cluster");
+    let servers = cluster
+        .pods()
+        .map(|pod| peer::serve(&pod.host, pod.host.name(), POD_PORT).expect("server"))
+        .collect();
+    cluster
+        .client
+        .route(&["198.51.100.0/24", "via", &node_addr(1).to_string()])
+        .expect("route");
+    let node = NodeDatapath::attach(&lab, &cluster.node(1).host).expect("datapath");
+    Setup {
+        _servers: servers,
+        node,
+        cluster,
+        _lab: lab,
+    }
+}
+
+/// Puts one backend per pod (ids from 1 in pod order) for `protocol`, returning (id, pod name).
+fn backends(setup: &mut Setup, protocol: u8, first_id: u32) -> Vec<(u32, String)> {
+    let pods: Vec<_> = setup
+        .cluster
+        .pods()
+        .map(|pod| (pod.addr, pod.node, pod.host.name().to_owned()))
+        .collect();
+    pods.into_iter()
+        .enumerate()
+        .map(|(index, (addr, node, name))| {
+            let id = first_id + index as u32;
+            let flags = if node == 1 { backend_flags::LOCAL } else { 0 };
+            let backend = Backend {
+                addr,
+                port: POD_PORT,
+                proto: protocol,
+                flags,
+            };
+            setup
+                .node
+                .datapath
+                .put_backend(id, &backend)
+                .expect("backend");
+            (id, name)
+        })
+        .collect()
+}
+
+/// Every frontend kind for one protocol: ClusterIP, NodePort on node1, an externalIP and a
+/// LoadBalancer IP.
+fn frontends(protocol: u8) -> Vec<Frontend> {
+    vec![
+        Frontend {
+            addr: CLUSTER_IP,
+            port: SERVICE_PORT,
+            proto: protocol,
+            kind: service_flags::CLUSTER_IP,
+        },
+        Frontend {
+            addr: node_addr(1),
+            port: NODE_PORT,
+            proto: protocol,
+            kind: service_flags::NODE_PORT,
+        },
+        Frontend {
+            addr: EXTERNAL_IP,
+            port: SERVICE_PORT,
+            proto: protocol,
+            kind: service_flags::EXTERNAL_IP,
+        },
+        Frontend {
+            addr: LB_IP,
+            port: SERVICE_PORT,
+            proto: protocol,
+            kind: service_flags::LOAD_BALANCER,
+        },
+    ]
+}
+
+fn servers(report: &ClientReport) -> BTreeSet<&str> {
+    report.by_server.keys().map(String::as_str).collect()
+}
+
+fn assert_all_ok(what: &str, report: &ClientReport) {
+    assert!(
+        report.attempts > 0 && report.ok == report.attempts && report.errors == 0,
+        "{what}: {report:?}"
+    );
+}
+
+#[test]
+fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
+    let mut setup = setup(&ClusterSpec::default());
+    // Endpoints: n1p1 (same node as the client pod) and n2p0 (the other node).
+    let tcp = backends(&mut setup, proto::TCP, 1);
+    let udp = backends(&mut setup, proto::UDP, 11);
+    for (id, protocol, ids) in [
+        (1, proto::TCP, [tcp[1].0, tcp[2].0]),
+        (2, proto::UDP, [udp[1].0, udp[2].0]),
+    ] {
+        let service = Service {
+            id,
+            frontends: frontends(protocol),
+            backends: ids.to_vec(),
+            affinity_timeout_s: 0,
+        };
+        setup.node.datapath.put_service(&service).expect("service");
+    }
+    let endpoints: BTreeSet<&str> = ["n1p1", "n2p0"].into();
+    let cluster_ip = format!("{CLUSTER_IP}:{SERVICE_PORT}");
+    let client_pod = &setup.cluster.node(1).pods[0];
+    let node_host = &setup.cluster.node(1).host;
+    let cgroup = Some(&setup.node.cgroup);
+
+    let runs = [
+        ("tcp", ClientRun::tcp(&cluster_ip, 40)),
+        ("udp connected", ClientRun::udp(&cluster_ip, 40)),
+        (
+            "udp unconnected",
+            ClientRun {
+                unconnected: true,
+                ..ClientRun::udp(&cluster_ip, 40)
+            },
+        ),
+        (
+            "udp unconnected, one socket",
+            ClientRun {
+                unconnected: true,
+                one_flow: true,
+                ..ClientRun::udp(&cluster_ip, 40)
+            },
+        ),
+    ];
+    for (what, run) in &runs {
+        let report = run.run(&client_pod.host, cgroup).expect("client in a pod");
+        assert_all_ok(what, &report);
+        assert!(servers(&report).is_subset(&endpoints), "{what}: {report:?}");
+        // No SNAT: the endpoint saw the pod's own address...
+        assert_eq!(
+            report.peers_seen.keys().collect::<Vec<_>>(),
+            [&client_pod.addr.to_string()],
+            "{what}"
+        );
+        // ...and the application saw the Service as its peer (getpeername / recvfrom).
+        assert_eq!(
+            report.peer_names.keys().collect::<Vec<_>>(),
+            [&cluster_ip],
+            "{what}"
+        );
+
+        let report = run
+            .run(node_host, cgroup)
+            .expect("client in the node's own namespace");
+        assert_all_ok(what, &report);
+        assert!(servers(&report).is_subset(&endpoints), "{what}: {report:?}");
+        let node_addresses: BTreeSet<String> =
+            ["10.244.1.1".into(), node_addr(1).to_string()].into();
+        let seen: BTreeSet<String> = report.peers_seen.keys().cloned().collect();
+        assert!(seen.is_subset(&node_addresses), "{what}: {report:?}");
+        assert_eq!(
+            report.peer_names.keys().collect::<Vec<_>>(),
+            [&cluster_ip],
+            "{what}"
+        );
+    }
+    // 40 connections over two endpoints reach both (a miss has probability 2^-39).
+    let report = runs[0].1.run(&client_pod.host, cgroup).expect("client");
+    assert_eq!(servers(&report), endpoints, "{report:?}");
+    // Each connection and each datagram destination counted as a new flow of its service.
+    let tcp_flows = setup
+        .node
+        .datapath
+        .service_counter(1)
+        .expect("counter")
+        .new_flows;
+    assert_eq!(tcp_flows, 40 * 3, "tcp new flows");
+
+    // A process outside the cgroup is not redirected: the ClusterIP is just an unrouted address.
+    let outside = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp(&cluster_ip, 1)
+    }
+    .run(&client_pod.host, None)
+    .expect("client");
+    assert_eq!(outside.errors, 1, "{outside:?}");
+}
+
+#[test]
+fn node_port_external_ip_and_load_balancer_ip_from_outside() {
+    let mut setup = setup(&ClusterSpec::default());
+    // XDP serves node-local endpoints in this version: n1p0 and n1p1.
+    let tcp = backends(&mut setup, proto::TCP, 1);
+    let udp = backends(&mut setup, proto::UDP, 11);
+    for (id, protocol, ids) in [
+        (1, proto::TCP, [tcp[0].0, tcp[1].0]),
+        (2, proto::UDP, [udp[0].0, udp[1].0]),
+    ] {
+        let service = Service {
+            id,
+            frontends: frontends(protocol),
+            backends: ids.to_vec(),
+            affinity_timeout_s: 0,
+        };
+        setup.node.datapath.put_service(&service).expect("service");
+    }
+    let endpoints: BTreeSet<&str> = ["n1p0", "n1p1"].into();
+    let targets = [
+        format!("{}:{NODE_PORT}", node_addr(1)),
+        format!("{EXTERNAL_IP}:{SERVICE_PORT}"),
+        format!("{LB_IP}:{SERVICE_PORT}"),
+    ];
+    for target in &targets {
+        for (what, run) in [
+            ("tcp", ClientRun::tcp(target, 30)),
+            ("udp", ClientRun::udp(target, 30)),
+            (
+                "udp unconnected",
+                ClientRun {
+                    unconnected: true,
+                    ..ClientRun::udp(target, 30)
+                },
+            ),
+        ] {
+            let report = run.run(&setup.cluster.client, None).expect("client");
+            let what = format!("{what} to {target}");
+            assert_all_ok(&what, &report);
+            assert!(servers(&report).is_subset(&endpoints), "{what}: {report:?}");
+            // The endpoint saw the real client address (no SNAT for local endpoints)...
+            assert_eq!(
+                report.peers_seen.keys().collect::<Vec<_>>(),
+                [&CLIENT_ADDR.to_string()],
+                "{what}"
+            );
+            // ...and replies came back from the address the client used (tc reverse NAT).
+            assert_eq!(
+                report.peer_names.keys().collect::<Vec<_>>(),
+                [target],
+                "{what}"
+            );
+        }
+    }
+    let counter = setup.node.datapath.service_counter(1).expect("counter");
+    assert_eq!(counter.new_flows, 90, "{counter:?}");
+    assert!(counter.packets >= 90 * 4, "{counter:?}");
+    let events = setup.node.datapath.events().expect("events");
+    assert!(events.values().all(|&count| count == 0), "{events:?}");
+}
+
+#[test]
+fn a_thousand_connections_spread_evenly_over_three_endpoints() {
+    let mut setup = setup(&ClusterSpec {
+        pods_per_node: vec![3, 0],
+    });
+    let tcp = backends(&mut setup, proto::TCP, 1);
+    let ids = tcp.iter().map(|(id, _)| *id).collect();
+    let service = Service {
+        id: 1,
+        frontends: frontends(proto::TCP),
+        backends: ids,
+        affinity_timeout_s: 0,
+    };
+    setup.node.datapath.put_service(&service).expect("service");
+    let target = format!("{}:{NODE_PORT}", node_addr(1));
+    let report = ClientRun::tcp(&target, 1000)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    assert_all_ok("1000 connections", &report);
+    assert_eq!(report.by_server.len(), 3, "{report:?}");
+    // Uniform: 333 each, standard deviation ~15; +-85 is beyond 5.5 sigma.
+    for (server, count) in &report.by_server {
+        assert!(
+            (248..=418).contains(count),
+            "{server} got {count} of 1000: {report:?}"
+        );
+    }
+}
+
+#[test]
+fn endpoint_changes_under_traffic_move_new_tcp_connections_and_udp_flows_only() {
+    let mut setup = setup(&ClusterSpec {
+        pods_per_node: vec![2, 0],
+    });
+    let tcp = backends(&mut setup, proto::TCP, 1);
+    let udp = backends(&mut setup, proto::UDP, 11);
+    let (tcp_a, tcp_b) = (tcp[0].0, tcp[1].0);
+    let (udp_a, udp_b) = (udp[0].0, udp[1].0);
+    let put = |setup: &mut Setup, id, protocol, backends: Vec<u32>| {
+        let service = Service {
+            id,
+            frontends: frontends(protocol),
+            backends,
+            affinity_timeout_s: 0,
+        };
+        setup.node.datapath.put_service(&service).expect("service");
+    };
+    put(&mut setup, 1, proto::TCP, vec![tcp_a]);
+    put(&mut setup, 2, proto::UDP, vec![udp_a]);
+    let target = format!("{}:{NODE_PORT}", node_addr(1));
+
+    // One long TCP connection and one UDP flow, 60 requests each over ~1.2 s...
+    let client = setup.cluster.client.clone();
+    let (tcp_target, udp_target) = (target.clone(), target.clone());
+    let long_tcp = std::thread::spawn({
+        let client = client.clone();
+        move || {
+            ClientRun {
+                one_flow: true,
+                interval_ms: 20,
+                ..ClientRun::tcp(&tcp_target, 60)
+            }
+            .run(&client, None)
+        }
+    });
+    let udp_flow = std::thread::spawn(move || {
+        ClientRun {
+            one_flow: true,
+            interval_ms: 20,
+            ..ClientRun::udp(&udp_target, 60)
+        }
+        .run(&client, None)
+    });
+    // ...while endpoint A is replaced by B: B added, A out of the tables, A's backend removed.
+    std::thread::sleep(Duration::from_millis(400));
+    put(&mut setup, 1, proto::TCP, vec![tcp_b]);
+    put(&mut setup, 2, proto::UDP, vec![udp_b]);
+    setup.node.datapath.remove_backend(tcp_a).expect("remove");
+    setup.node.datapath.remove_backend(udp_a).expect("remove");
+
+    let long_tcp = long_tcp.join().expect("thread").expect("tcp client");
+    let udp_flow = udp_flow.join().expect("thread").expect("udp client");
+    // The established TCP connection stayed on A from start to end, without an error.
+    assert_all_ok("long tcp connection", &long_tcp);
+    assert_eq!(servers(&long_tcp), ["n1p0"].into(), "{long_tcp:?}");
+    // The UDP flow moved to B at its next packet, without losing a request.
+    assert_all_ok("udp flow", &udp_flow);
+    assert_eq!(servers(&udp_flow), ["n1p0", "n1p1"].into(), "{udp_flow:?}");
+    assert_eq!(
+        udp_flow.last_server.as_deref(),
+        Some("n1p1"),
+        "{udp_flow:?}"
+    );
+    // New connections go to B only.
+    let fresh = ClientRun::tcp(&target, 20)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    assert_all_ok("new connections", &fresh);
+    assert_eq!(servers(&fresh), ["n1p1"].into(), "{fresh:?}");
+}
