@@ -301,7 +301,9 @@ pub mod backend_flags {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
 pub struct Ct4Key {
-    /// Network byte order, as in the packet.
+    /// Addresses and ports as numbers (`u32::from(Ipv4Addr)`, `u16` port): the datapath reads
+    /// them from the packet with `from_be_bytes` and never converts back for lookups. (Frontend
+    /// and backend entries, written by the agent, hold network byte order instead.)
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,

@@ -482,3 +482,86 @@ fn tc_egress_reverse_nats_replies_of_tracked_flows_only() {
         &cases,
     );
 }
+
+/// The connection-tracking entries (original, reply) of the flow CLIENT -> FRONTEND over TCP.
+fn tcp_flow_entries(datapath: &Datapath) -> (lb_common::Ct4Value, lb_common::Ct4Value) {
+    let entries = datapath.conntrack().expect("conntrack");
+    let find = |direction, saddr: Ipv4Addr, sport: u16| {
+        entries
+            .iter()
+            .find(|(key, _)| {
+                key.direction == direction
+                    && key.saddr == u32::from(saddr)
+                    && key.sport == sport
+                    && key.proto == proto::TCP
+            })
+            .map(|(_, value)| *value)
+            .unwrap_or_else(|| panic!("no entry {direction} from {saddr}:{sport} in {entries:?}"))
+    };
+    (
+        find(
+            lb_common::ct_direction::ORIGINAL,
+            *CLIENT.ip(),
+            CLIENT.port(),
+        ),
+        find(lb_common::ct_direction::REPLY, *POD_A.ip(), POD_A.port()),
+    )
+}
+
+#[test]
+fn conntrack_follows_the_tcp_handshake_and_close() {
+    use lb_common::tcp_state::{CLOSING, ESTABLISHED, SYN_SENT};
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "state").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let step = |program, name, input: Vec<u8>, verdict, output| {
+        run_table(program, &[case(name, input, verdict, output)])
+    };
+
+    step(
+        xdp(),
+        "syn",
+        packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+        XDP_PASS,
+        Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
+    );
+    let (original, reply) = tcp_flow_entries(&datapath);
+    assert_eq!((original.state, reply.state), (SYN_SENT, SYN_SENT));
+    // The original entry holds the backend, the reply entry the frontend to restore.
+    assert_eq!(
+        (original.nat_addr, original.nat_port),
+        (u32::from(*POD_A.ip()), POD_A.port())
+    );
+    assert_eq!(
+        (reply.nat_addr, reply.nat_port),
+        (u32::from(NODE), NODE_PORT)
+    );
+
+    step(
+        xdp(),
+        "ack",
+        packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b""),
+        XDP_PASS,
+        Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::ACK, b"")),
+    );
+    assert_eq!(tcp_flow_entries(&datapath).0.state, ESTABLISHED);
+
+    // The backend closes: the reply path moves both directions to CLOSING (short timeout).
+    let tc = datapath
+        .program_fd(lb_common::program_names::TC_EGRESS)
+        .expect("fd");
+    step(
+        tc,
+        "fin from the backend",
+        packet::tcp(POD_A, CLIENT, TcpFlags::FIN_ACK, b""),
+        0,
+        Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::FIN_ACK, b"")),
+    );
+    let (original, reply) = tcp_flow_entries(&datapath);
+    assert_eq!((original.state, reply.state), (CLOSING, CLOSING));
+}
