@@ -4,4 +4,5 @@ pub mod bpffs;
 pub mod counter;
 pub mod datapath;
 pub mod object;
+pub mod source;
 pub mod testrun;

@@ -1,0 +1,1 @@
+//! YAML files as a source (to come).
