@@ -159,17 +159,24 @@ pub struct Datapath {
     conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
     service_counters: PerCpuArray<MapData, ServiceCounter>,
     events: PerCpuArray<MapData, u64>,
-    /// What the frontends map holds, by service id: read once at load (the maps may hold an
-    /// earlier run's state), then kept in step by every update, so an update costs O(its size).
-    installed: BTreeMap<u32, Installed>,
+    /// What the maps hold, read once at load (they may hold an earlier run's state), then kept in
+    /// step by every update: an update costs O(its own size), and reconcile diffs against it.
+    installed: BTreeMap<u32, InstalledService>,
+    /// Which service owns each frontend (a frontend belongs to one service).
+    owners: BTreeMap<Frontend4Key, u32>,
+    installed_backends: BTreeMap<u32, Backend>,
 }
 
-/// A service as installed in the maps.
-#[derive(Clone, Debug, Default)]
-struct Installed {
-    revision: u16,
-    backend_count: u16,
-    frontends: Vec<Frontend4Key>,
+/// A service as the maps hold it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstalledService {
+    /// The revision of the slot table in force.
+    pub revision: u16,
+    /// Backend ids in slot order.
+    pub backends: Vec<u32>,
+    /// Frontend keys with their [`lb_common::service_flags`].
+    pub frontends: BTreeMap<Frontend4Key, u32>,
+    pub affinity_timeout_s: u32,
 }
 
 impl Datapath {
@@ -195,20 +202,21 @@ impl Datapath {
         }
         let frontends: HashMap<MapData, Frontend4Key, ServiceValue> =
             take_map(&mut ebpf, map_names::FRONTENDS4)?;
-        let mut installed: BTreeMap<u32, Installed> = BTreeMap::new();
-        for entry in frontends.iter() {
-            let (key, value) =
-                entry.map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))?;
-            let service = installed.entry(value.service_id).or_default();
-            service.revision = value.revision;
-            service.backend_count = value.backend_count;
-            service.frontends.push(key);
-        }
+        let slots: HashMap<MapData, SlotKey, u32> = take_map(&mut ebpf, map_names::SLOTS4)?;
+        let backends: HashMap<MapData, u32, Backend4> = take_map(&mut ebpf, map_names::BACKENDS4)?;
+        let (installed, owners) = read_installed(&frontends, &slots)?;
+        let installed_backends = backends
+            .iter()
+            .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?;
         Ok(Self {
             frontends,
             installed,
-            slots: take_map(&mut ebpf, map_names::SLOTS4)?,
-            backends: take_map(&mut ebpf, map_names::BACKENDS4)?,
+            owners,
+            installed_backends,
+            slots,
+            backends,
             conntrack: take_map(&mut ebpf, map_names::CONNTRACK4)?,
             service_counters: take_map(&mut ebpf, map_names::SERVICE_COUNTERS)?,
             events: take_map(&mut ebpf, map_names::EVENTS)?,
@@ -305,7 +313,9 @@ impl Datapath {
             &id,
             &backend.value(),
             operation,
-        )
+        )?;
+        self.installed_backends.insert(id, *backend);
+        Ok(())
     }
 
     /// Removes a backend. Flows pinned to it select again at their next packet; the caller removes
@@ -313,7 +323,19 @@ impl Datapath {
     pub fn remove_backend(&mut self, id: u32) -> Result<()> {
         remove(&mut self.backends, map_names::BACKENDS4, &id, || {
             format!("remove backend {id}")
-        })
+        })?;
+        self.installed_backends.remove(&id);
+        Ok(())
+    }
+
+    /// The services the maps hold, by service id.
+    pub fn installed_services(&self) -> &BTreeMap<u32, InstalledService> {
+        &self.installed
+    }
+
+    /// The backends the maps hold, by id.
+    pub fn installed_backends(&self) -> &BTreeMap<u32, Backend> {
+        &self.installed_backends
     }
 
     /// Installs or updates a service so that no packet ever sees a half-written state: the new
@@ -325,7 +347,7 @@ impl Datapath {
         let previous = self
             .installed
             .get(&service.id)
-            .map(|installed| (installed.revision, installed.backend_count));
+            .map(|installed| (installed.revision, installed.backends.len() as u16));
         let revision = previous.map_or(0, |(revision, _)| revision.wrapping_add(1));
         for (slot, &backend) in service.backends.iter().enumerate() {
             let key = SlotKey {
@@ -363,25 +385,30 @@ impl Datapath {
                 || format!("service {} frontend {key:?}", service.id),
             )?;
         }
+        for key in flags_by_key.keys() {
+            self.owners.insert(*key, service.id);
+        }
         let old_frontends = self
             .installed
             .insert(
                 service.id,
-                Installed {
+                InstalledService {
                     revision,
-                    backend_count: service.backends.len() as u16,
-                    frontends: flags_by_key.keys().copied().collect(),
+                    backends: service.backends.clone(),
+                    frontends: flags_by_key.clone(),
+                    affinity_timeout_s: service.affinity_timeout_s,
                 },
             )
             .map(|installed| installed.frontends)
             .unwrap_or_default();
         for key in old_frontends
-            .iter()
+            .keys()
             .filter(|key| !flags_by_key.contains_key(key))
         {
             remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
                 format!("stale frontend {key:?}")
             })?;
+            self.owners.remove(key);
         }
         if let Some((old_revision, old_count)) = previous
             && old_revision != revision
@@ -396,12 +423,13 @@ impl Datapath {
         let Some(installed) = self.installed.remove(&id) else {
             return Ok(());
         };
-        for key in &installed.frontends {
+        for key in installed.frontends.keys() {
             remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
                 format!("service {id} frontend {key:?}")
             })?;
+            self.owners.remove(key);
         }
-        self.remove_slots(id, installed.revision, installed.backend_count)
+        self.remove_slots(id, installed.revision, installed.backends.len() as u16)
     }
 
     /// Every frontend with its service entry.
@@ -490,8 +518,15 @@ impl Datapath {
             }
         }
         for id in &service.backends {
-            if self.backends.get(id, 0).is_err() {
+            if !self.installed_backends.contains_key(id) {
                 return invalid(format!("backend {id} is not in the backends map"));
+            }
+        }
+        for frontend in &service.frontends {
+            if let Some(owner) = self.owners.get(&frontend.key())
+                && *owner != service.id
+            {
+                return invalid(format!("frontend {frontend:?} belongs to service {owner}"));
             }
         }
         Ok(())
@@ -510,6 +545,47 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// The services the maps hold (from the frontends and the slot tables in force) and the owner
+/// of each frontend.
+type InstalledState = (BTreeMap<u32, InstalledService>, BTreeMap<Frontend4Key, u32>);
+
+fn read_installed(
+    frontends: &HashMap<MapData, Frontend4Key, ServiceValue>,
+    slots: &HashMap<MapData, SlotKey, u32>,
+) -> Result<InstalledState> {
+    let mut installed: BTreeMap<u32, InstalledService> = BTreeMap::new();
+    let mut owners = BTreeMap::new();
+    let mut counts = BTreeMap::new();
+    for entry in frontends.iter() {
+        let (key, value) =
+            entry.map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))?;
+        let service = installed.entry(value.service_id).or_default();
+        service.revision = value.revision;
+        service.affinity_timeout_s = value.affinity_timeout_s;
+        service.frontends.insert(key, value.flags);
+        owners.insert(key, value.service_id);
+        counts.insert(value.service_id, value.backend_count);
+    }
+    let mut by_slot: BTreeMap<(u32, u16), u32> = BTreeMap::new();
+    for entry in slots.iter() {
+        let (key, backend) =
+            entry.map_err(|source| map_error(map_names::SLOTS4, "iterate", source))?;
+        if installed
+            .get(&key.service_id)
+            .is_some_and(|service| service.revision == key.revision)
+        {
+            by_slot.insert((key.service_id, key.slot), backend);
+        }
+    }
+    for (id, service) in &mut installed {
+        let count = counts.get(id).copied().unwrap_or(0);
+        service.backends = (0..count)
+            .filter_map(|slot| by_slot.get(&(*id, slot)).copied())
+            .collect();
+    }
+    Ok((installed, owners))
 }
 
 fn program_mut<'e, P>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut P>

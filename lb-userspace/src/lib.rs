@@ -1,8 +1,10 @@
 //! The agent's library: everything `lb` does, usable from the integration tests and benchmarks.
 
 pub mod bpffs;
+pub mod compile;
 pub mod counter;
 pub mod datapath;
 pub mod object;
+pub mod reconcile;
 pub mod source;
 pub mod testrun;

@@ -1,0 +1,705 @@
+//! compile(snapshot, node): Kubernetes objects in, the datapath's desired contents out. A pure
+//! function (no I/O, no clock), so every row of the Service contract is a table test.
+//!
+//! What it implements (kube-proxy's behaviour, ../shared/design.md):
+//! - one desired service per Service port (multi-port Services give several), with frontends for
+//!   the ClusterIP(s), every node address:nodePort (NodePort and LoadBalancer types), every
+//!   externalIP, every LoadBalancer ingress IP;
+//! - backends from every EndpointSlice labelled `kubernetes.io/service-name`, the port resolved
+//!   per slice by port name (named target ports may differ per endpoint), endpoints deduplicated
+//!   by address, flagged LOCAL when their nodeName is this node;
+//! - ready endpoints; when none is ready, the serving and terminating ones (KEP-1669);
+//! - headless and ExternalName Services ignored; IPv6 addresses reported as not yet supported;
+//! - sessionAffinity ClientIP with its timeout (default 10800 s).
+//!
+//! Bad input never takes down anything else: an invalid Service is skipped as a whole with a
+//! [`Problem`] (and stays "held": the agent keeps what it installed for it before), an invalid
+//! endpoint or slice is skipped alone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    ops::RangeInclusive,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::Endpoint,
+};
+use lb_common::{backend_flags, limits, proto, service_flags};
+
+use crate::{
+    datapath::{Backend, Frontend},
+    source::Snapshot,
+};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// sessionAffinityConfig.clientIP.timeoutSeconds when unset (the API's default).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API server's default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
+
+/// What compile needs to know about the node it compiles for.
+#[derive(Clone, Debug)]
+pub struct NodeContext {
+    /// This node's name (endpoints with this nodeName are local).
+    pub node_name: String,
+    /// `--nodeport-addresses`: which node addresses serve NodePorts (empty: all of them).
+    pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// Node addresses to use when the snapshot has no Node object (file source without one).
+    pub fallback_addresses: Vec<Ipv4Addr>,
+    /// nodePorts outside this range are refused.
+    pub node_port_range: RangeInclusive<u16>,
+}
+
+impl NodeContext {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+            nodeport_cidrs: Vec::new(),
+            fallback_addresses: Vec::new(),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+        }
+    }
+}
+
+/// An IPv4 prefix, e.g. `203.0.113.0/24`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0);
+        u32::from(addr) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix_len) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not a CIDR (address/prefix)"))?;
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("{text:?}: {addr:?} is not an IPv4 address"))?;
+        let prefix_len: u8 = prefix_len
+            .parse()
+            .ok()
+            .filter(|len| *len <= 32)
+            .ok_or_else(|| format!("{text:?}: prefix length must be 0..=32"))?;
+        Ok(Self { addr, prefix_len })
+    }
+}
+
+/// A Service port: the unit of load balancing (one service id, one slot table).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortKey {
+    pub namespace: String,
+    pub name: String,
+    /// The port's name ("" for the single unnamed port).
+    pub port_name: String,
+    pub proto: u8,
+}
+
+impl std::fmt::Display for ServicePortKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let protocol = if self.proto == proto::UDP {
+            "UDP"
+        } else {
+            "TCP"
+        };
+        write!(
+            f,
+            "{}/{}:{}/{protocol}",
+            self.namespace, self.name, self.port_name
+        )
+    }
+}
+
+/// What the datapath should hold for one Service port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredService {
+    pub frontends: BTreeSet<Frontend>,
+    /// The backends new flows select from.
+    pub backends: BTreeSet<Backend>,
+    /// sessionAffinity ClientIP timeout, 0 without affinity.
+    pub affinity_timeout_s: u32,
+}
+
+/// The whole desired state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub services: BTreeMap<ServicePortKey, DesiredService>,
+    /// Services (namespace, name) skipped for bad input: what was installed for them before
+    /// stays in force rather than being removed.
+    pub held: BTreeSet<(String, String)>,
+}
+
+/// How bad a problem is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// The object (or part of it) is invalid and was skipped: logged, counted and reported as a
+    /// Kubernetes Warning Event.
+    Invalid,
+    /// Valid, but asks for something this version does not do yet (IPv6, SCTP): logged once.
+    Unsupported,
+}
+
+/// Something compile could not use, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    pub severity: Severity,
+    /// "Service" or "EndpointSlice".
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    /// A short CamelCase reason (the Event's reason and the metric label).
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Compiles a snapshot into the desired state for one node.
+pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> (Desired, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let node_addresses = node_addresses(snapshot, node);
+    let endpoints = EndpointIndex::build(snapshot, &mut problems);
+    let mut desired = Desired::default();
+    let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), ServicePortKey> = BTreeMap::new();
+
+    let mut services: Vec<&Service> = snapshot.services.iter().collect();
+    services.sort_by_key(|service| object_key(&service.metadata));
+    for service in services {
+        let (namespace, name) = object_key(&service.metadata);
+        match compile_service(service, node, &node_addresses, &endpoints, &mut problems) {
+            Ok(ports) => {
+                if let Some((frontend, owner)) = ports
+                    .values()
+                    .flat_map(|desired| desired.frontends.iter())
+                    .find_map(|f| {
+                        claimed
+                            .get(&(f.addr, f.port, f.proto))
+                            .map(|owner| (f, owner))
+                    })
+                {
+                    problems.push(invalid_service(
+                        service,
+                        "FrontendConflict",
+                        format!(
+                            "{}:{} is already served by {owner}",
+                            frontend.addr, frontend.port
+                        ),
+                    ));
+                    desired.held.insert((namespace, name));
+                    continue;
+                }
+                for (key, port) in ports {
+                    for frontend in &port.frontends {
+                        claimed.insert((frontend.addr, frontend.port, frontend.proto), key.clone());
+                    }
+                    desired.services.insert(key, port);
+                }
+            }
+            Err(Skip::Ignored) => {}
+            Err(Skip::Invalid(problem)) => {
+                problems.push(problem);
+                desired.held.insert((namespace, name));
+            }
+        }
+    }
+    endpoints.report_orphans(snapshot, &mut problems);
+    problems.sort();
+    problems.dedup();
+    (desired, problems)
+}
+
+enum Skip {
+    /// Headless or ExternalName: nothing to program, nothing wrong.
+    Ignored,
+    Invalid(Problem),
+}
+
+fn object_key(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+fn invalid_service(service: &Service, reason: &'static str, message: String) -> Problem {
+    let (namespace, name) = object_key(&service.metadata);
+    Problem {
+        severity: Severity::Invalid,
+        kind: "Service",
+        namespace,
+        name,
+        reason,
+        message,
+    }
+}
+
+fn unsupported(
+    kind: &'static str,
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    reason: &'static str,
+    message: String,
+) -> Problem {
+    let (namespace, name) = object_key(metadata);
+    Problem {
+        severity: Severity::Unsupported,
+        kind,
+        namespace,
+        name,
+        reason,
+        message,
+    }
+}
+
+/// The node's IPv4 addresses that serve NodePorts.
+fn node_addresses(snapshot: &Snapshot, node: &NodeContext) -> Vec<Ipv4Addr> {
+    let from_node: Vec<Ipv4Addr> = snapshot
+        .node
+        .iter()
+        .filter_map(|node| node.status.as_ref()?.addresses.as_ref())
+        .flatten()
+        .filter(|address| address.type_ == "InternalIP" || address.type_ == "ExternalIP")
+        .filter_map(|address| address.address.parse().ok())
+        .collect();
+    let all = if from_node.is_empty() {
+        node.fallback_addresses.clone()
+    } else {
+        from_node
+    };
+    let mut selected: Vec<Ipv4Addr> = all
+        .into_iter()
+        .filter(|addr| {
+            node.nodeport_cidrs.is_empty()
+                || node.nodeport_cidrs.iter().any(|cidr| cidr.contains(*addr))
+        })
+        .collect();
+    selected.sort();
+    selected.dedup();
+    selected
+}
+
+fn compile_service(
+    service: &Service,
+    node: &NodeContext,
+    node_addresses: &[Ipv4Addr],
+    endpoints: &EndpointIndex,
+    problems: &mut Vec<Problem>,
+) -> Result<BTreeMap<ServicePortKey, DesiredService>, Skip> {
+    let (namespace, name) = object_key(&service.metadata);
+    let Some(spec) = &service.spec else {
+        return Err(Skip::Ignored);
+    };
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if service_type == "ExternalName" {
+        return Err(Skip::Ignored);
+    }
+    let invalid = |reason, message| Skip::Invalid(invalid_service(service, reason, message));
+
+    // ClusterIPs: clusterIPs (dual-stack) or clusterIP; "None" is headless.
+    let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) if !ip.is_empty() => vec![ip.as_str()],
+        _ => vec![],
+    };
+    if cluster_ips.first() == Some(&"None") {
+        return Err(Skip::Ignored);
+    }
+    let cluster_ips = parse_ips(&cluster_ips, "clusterIP")
+        .map_err(|message| invalid("InvalidClusterIP", message))?;
+    let external_ips = parse_ips(
+        &spec
+            .external_ips
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        "externalIP",
+    )
+    .map_err(|message| invalid("InvalidExternalIP", message))?;
+    let ingress_ips: Vec<&str> = service
+        .status
+        .iter()
+        .filter_map(|status| status.load_balancer.as_ref()?.ingress.as_ref())
+        .flatten()
+        .filter_map(|ingress| ingress.ip.as_deref())
+        .collect();
+    let ingress_ips = parse_ips(&ingress_ips, "loadBalancer ingress IP")
+        .map_err(|message| invalid("InvalidLoadBalancerIP", message))?;
+    let v6 = cluster_ips
+        .iter()
+        .chain(&external_ips)
+        .chain(&ingress_ips)
+        .filter(|ip| ip.is_ipv6())
+        .count();
+    if v6 > 0 {
+        problems.push(unsupported(
+            "Service",
+            &service.metadata,
+            "IPv6NotSupported",
+            format!("{v6} IPv6 address(es) not programmed (IPv4 only in this version)"),
+        ));
+    }
+    let v4 = |ips: &[IpAddr]| -> Vec<Ipv4Addr> {
+        ips.iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    };
+    let (cluster_ips, external_ips, ingress_ips) =
+        (v4(&cluster_ips), v4(&external_ips), v4(&ingress_ips));
+    let node_ports_wanted = service_type == "NodePort" || service_type == "LoadBalancer";
+    let affinity_timeout_s = affinity_timeout(service);
+
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    let mut desired = BTreeMap::new();
+    for port in ports {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => proto::TCP,
+            "UDP" => proto::UDP,
+            "SCTP" => {
+                problems.push(unsupported(
+                    "Service",
+                    &service.metadata,
+                    "SCTPNotSupported",
+                    format!("port {} is SCTP, not programmed", port.port),
+                ));
+                continue;
+            }
+            other => {
+                return Err(invalid(
+                    "InvalidProtocol",
+                    format!("port {}: unknown protocol {other:?}", port.port),
+                ));
+            }
+        };
+        let number = valid_port(port.port).ok_or_else(|| {
+            invalid(
+                "InvalidPort",
+                format!("port {} is outside 1..=65535", port.port),
+            )
+        })?;
+        if !seen.insert((number, protocol)) {
+            return Err(invalid(
+                "DuplicatePort",
+                format!(
+                    "port {number}/{} appears twice",
+                    port.protocol.as_deref().unwrap_or("TCP")
+                ),
+            ));
+        }
+        let port_name = port.name.clone().unwrap_or_default();
+        let mut frontends = BTreeSet::new();
+        let mut add = |addr, port, kind| {
+            frontends.insert(Frontend {
+                addr,
+                port,
+                proto: protocol,
+                kind,
+            });
+        };
+        for &ip in &cluster_ips {
+            add(ip, number, service_flags::CLUSTER_IP);
+        }
+        for &ip in &external_ips {
+            add(ip, number, service_flags::EXTERNAL_IP);
+        }
+        for &ip in &ingress_ips {
+            add(ip, number, service_flags::LOAD_BALANCER);
+        }
+        if node_ports_wanted
+            && let Some(node_port) =
+                node_port(port, node).map_err(|message| invalid("InvalidNodePort", message))?
+        {
+            for &addr in node_addresses {
+                add(addr, node_port, service_flags::NODE_PORT);
+            }
+        }
+        let key = ServicePortKey {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port_name: port_name.clone(),
+            proto: protocol,
+        };
+        let backends = endpoints.backends(&namespace, &name, &port_name, protocol, &node.node_name);
+        if backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
+            return Err(invalid(
+                "TooManyEndpoints",
+                format!(
+                    "port {port_name:?} has {} endpoints, more than the {} a service can hold",
+                    backends.len(),
+                    limits::MAX_BACKENDS_PER_SERVICE
+                ),
+            ));
+        }
+        if frontends.is_empty() {
+            continue;
+        }
+        desired.insert(
+            key,
+            DesiredService {
+                frontends,
+                backends,
+                affinity_timeout_s,
+            },
+        );
+    }
+    Ok(desired)
+}
+
+/// The port's nodePort when it has one; an error for one outside the range.
+fn node_port(port: &ServicePort, node: &NodeContext) -> Result<Option<u16>, String> {
+    let Some(node_port) = port.node_port.filter(|&p| p != 0) else {
+        return Ok(None);
+    };
+    match u16::try_from(node_port) {
+        Ok(p) if node.node_port_range.contains(&p) => Ok(Some(p)),
+        _ => Err(format!(
+            "nodePort {node_port} is outside {}-{}",
+            node.node_port_range.start(),
+            node.node_port_range.end()
+        )),
+    }
+}
+
+fn valid_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|&port| port != 0)
+}
+
+fn parse_ips(texts: &[&str], what: &str) -> Result<Vec<IpAddr>, String> {
+    texts
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|_| format!("{what} {text:?} is not an IP address"))
+        })
+        .collect()
+}
+
+fn affinity_timeout(service: &Service) -> u32 {
+    let spec = service.spec.as_ref();
+    if spec.and_then(|spec| spec.session_affinity.as_deref()) != Some("ClientIP") {
+        return 0;
+    }
+    spec.and_then(|spec| spec.session_affinity_config.as_ref())
+        .and_then(|config| config.client_ip.as_ref())
+        .and_then(|client_ip| client_ip.timeout_seconds)
+        .and_then(|timeout| u32::try_from(timeout).ok())
+        .filter(|&timeout| timeout > 0)
+        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+}
+
+/// One endpoint of one port of a Service, as the slices describe it.
+#[derive(Clone, Debug)]
+struct SliceEndpoint {
+    addr: Ipv4Addr,
+    port: u16,
+    proto: u8,
+    port_name: String,
+    node_name: Option<String>,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+/// Endpoints of every Service, from all its EndpointSlices.
+struct EndpointIndex {
+    by_service: BTreeMap<(String, String), Vec<SliceEndpoint>>,
+}
+
+impl EndpointIndex {
+    fn build(snapshot: &Snapshot, problems: &mut Vec<Problem>) -> Self {
+        let mut by_service: BTreeMap<(String, String), Vec<SliceEndpoint>> = BTreeMap::new();
+        for slice in &snapshot.endpoint_slices {
+            let (namespace, name) = object_key(&slice.metadata);
+            let Some(service) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+            else {
+                continue;
+            };
+            if slice.address_type != "IPv4" {
+                if slice.address_type == "IPv6" {
+                    problems.push(unsupported(
+                        "EndpointSlice",
+                        &slice.metadata,
+                        "IPv6NotSupported",
+                        "IPv6 endpoints are not programmed (IPv4 only in this version)".into(),
+                    ));
+                }
+                continue;
+            }
+            let entry = by_service
+                .entry((namespace.clone(), service.clone()))
+                .or_default();
+            for port in slice.ports.iter().flatten() {
+                let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                    "TCP" => proto::TCP,
+                    "UDP" => proto::UDP,
+                    _ => continue,
+                };
+                let Some(number) = port.port.and_then(valid_port) else {
+                    problems.push(Problem {
+                        severity: Severity::Invalid,
+                        kind: "EndpointSlice",
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        reason: "InvalidPort",
+                        message: format!(
+                            "port {:?} of {:?} is outside 1..=65535",
+                            port.port, port.name
+                        ),
+                    });
+                    continue;
+                };
+                for endpoint in &slice.endpoints {
+                    match slice_endpoint(
+                        endpoint,
+                        number,
+                        protocol,
+                        port.name.clone().unwrap_or_default(),
+                    ) {
+                        Ok(endpoint) => entry.push(endpoint),
+                        Err(message) => problems.push(Problem {
+                            severity: Severity::Invalid,
+                            kind: "EndpointSlice",
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                            reason: "InvalidEndpoint",
+                            message,
+                        }),
+                    }
+                }
+            }
+        }
+        Self { by_service }
+    }
+
+    /// The backends new flows of one Service port select from.
+    fn backends(
+        &self,
+        namespace: &str,
+        service: &str,
+        port_name: &str,
+        protocol: u8,
+        node_name: &str,
+    ) -> BTreeSet<Backend> {
+        let candidates: Vec<&SliceEndpoint> = self
+            .by_service
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .into_iter()
+            .flatten()
+            .filter(|endpoint| endpoint.port_name == port_name && endpoint.proto == protocol)
+            .collect();
+        let ready: Vec<&&SliceEndpoint> = candidates
+            .iter()
+            .filter(|endpoint| endpoint.ready)
+            .collect();
+        // KEP-1669: with no ready endpoint, fall back to those still serving while terminating.
+        let chosen: Vec<&&SliceEndpoint> = if ready.is_empty() {
+            candidates
+                .iter()
+                .filter(|endpoint| endpoint.serving && endpoint.terminating)
+                .collect()
+        } else {
+            ready
+        };
+        let mut by_address: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
+        for endpoint in chosen {
+            let mut flags = 0;
+            if endpoint.node_name.as_deref() == Some(node_name) {
+                flags |= backend_flags::LOCAL;
+            }
+            if endpoint.terminating {
+                flags |= backend_flags::TERMINATING;
+            }
+            // The same endpoint in two slices (during a slice rebalance) counts once.
+            by_address
+                .entry((endpoint.addr, endpoint.port))
+                .or_insert(Backend {
+                    addr: endpoint.addr,
+                    port: endpoint.port,
+                    proto: protocol,
+                    flags,
+                });
+        }
+        by_address.into_values().collect()
+    }
+
+    /// Slices whose Service does not exist: reported, not used.
+    fn report_orphans(&self, snapshot: &Snapshot, problems: &mut Vec<Problem>) {
+        let services: BTreeSet<(String, String)> = snapshot
+            .services
+            .iter()
+            .map(|service| object_key(&service.metadata))
+            .collect();
+        for slice in &snapshot.endpoint_slices {
+            let (namespace, name) = object_key(&slice.metadata);
+            if let Some(service) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+                && !services.contains(&(namespace.clone(), service.clone()))
+            {
+                problems.push(Problem {
+                    severity: Severity::Invalid,
+                    kind: "EndpointSlice",
+                    namespace,
+                    name,
+                    reason: "ServiceNotFound",
+                    message: format!("service {service:?} does not exist; endpoints ignored"),
+                });
+            }
+        }
+    }
+}
+
+fn slice_endpoint(
+    endpoint: &Endpoint,
+    port: u16,
+    protocol: u8,
+    port_name: String,
+) -> Result<SliceEndpoint, String> {
+    // The first address is the canonical one (discovery/v1 API); kube-proxy uses it alone.
+    let text = endpoint
+        .addresses
+        .first()
+        .ok_or("endpoint without an address")?;
+    let addr: Ipv4Addr = text
+        .parse()
+        .map_err(|_| format!("endpoint address {text:?} is not an IPv4 address"))?;
+    let conditions = endpoint.conditions.as_ref();
+    // Unset ready means ready; unset serving means as ready; unset terminating means not.
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    Ok(SliceEndpoint {
+        addr,
+        port,
+        proto: protocol,
+        port_name,
+        node_name: endpoint.node_name.clone(),
+        ready,
+        serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+    })
+}

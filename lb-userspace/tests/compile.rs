@@ -1,0 +1,617 @@
+//! compile(), table-driven: Kubernetes objects (as the YAML a user would write) in, the
+//! datapath's desired contents out, one row per part of the Service contract, and one per kind of
+//! bad input. No kernel needed: compile is a pure function.
+
+use lb_userspace::{
+    compile::{Desired, NodeContext, Problem, Severity, compile},
+    source::{
+        Snapshot,
+        file::{Object, parse_documents},
+    },
+};
+
+struct Row {
+    name: &'static str,
+    yaml: String,
+    /// Rendered desired services, sorted (see `render`).
+    expected: &'static [&'static str],
+    /// (severity, kind/namespace/name, reason) of every problem, sorted.
+    problems: &'static [(Severity, &'static str, &'static str)],
+    /// Services kept as installed before (skipped for bad input).
+    held: &'static [&'static str],
+}
+
+fn node() -> NodeContext {
+    NodeContext::new("node1")
+}
+
+fn snapshot(yaml: &str, node_name: &str) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    for object in parse_documents(yaml).expect("test YAML parses") {
+        match object {
+            Object::Service(service) => snapshot.services.push(*service),
+            Object::EndpointSlice(slice) => snapshot.endpoint_slices.push(*slice),
+            Object::Node(node) if node.metadata.name.as_deref() == Some(node_name) => {
+                snapshot.node = Some(*node)
+            }
+            Object::Node(_) => {}
+        }
+    }
+    snapshot
+}
+
+/// `ns/name:port/PROTO fe=[addr:port kind,...] be=[addr:port flags,...] affinity=N`
+fn render(desired: &Desired) -> Vec<String> {
+    desired
+        .services
+        .iter()
+        .map(|(key, service)| {
+            let kinds = |kind: u32| match kind {
+                1 => "cluster",
+                2 => "nodeport",
+                4 => "external",
+                8 => "lb",
+                _ => "?",
+            };
+            let frontends: Vec<String> = service
+                .frontends
+                .iter()
+                .map(|f| format!("{}:{} {}", f.addr, f.port, kinds(f.kind)))
+                .collect();
+            let backends: Vec<String> = service
+                .backends
+                .iter()
+                .map(|b| {
+                    let mut flags = String::new();
+                    if b.flags & lb_common::backend_flags::LOCAL != 0 {
+                        flags.push('L');
+                    }
+                    if b.flags & lb_common::backend_flags::TERMINATING != 0 {
+                        flags.push('T');
+                    }
+                    format!(
+                        "{}:{}{}{flags}",
+                        b.addr,
+                        b.port,
+                        if flags.is_empty() { "" } else { " " }
+                    )
+                })
+                .collect();
+            format!(
+                "{key} fe=[{}] be=[{}] affinity={}",
+                frontends.join(", "),
+                backends.join(", "),
+                service.affinity_timeout_s
+            )
+        })
+        .collect()
+}
+
+fn problem_summary(problems: &[Problem]) -> Vec<(Severity, String, &'static str)> {
+    problems
+        .iter()
+        .map(|p| {
+            (
+                p.severity,
+                format!("{}/{}/{}", p.kind, p.namespace, p.name),
+                p.reason,
+            )
+        })
+        .collect()
+}
+
+fn service(name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n{spec}\n"
+    )
+}
+
+/// An EndpointSlice for `service` with (address, node, ready) endpoints and (name, port, protocol) ports.
+fn slice(
+    name: &str,
+    service: &str,
+    endpoints: &[(&str, &str, &str)],
+    ports: &[(&str, i64, &str)],
+) -> String {
+    let mut yaml = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nendpoints:\n"
+    );
+    for (address, node, conditions) in endpoints {
+        yaml.push_str(&format!(
+            "- addresses: [\"{address}\"]\n  nodeName: {node}\n  conditions: {conditions}\n"
+        ));
+    }
+    yaml.push_str("ports:\n");
+    for (port_name, port, protocol) in ports {
+        yaml.push_str(&format!(
+            "- name: \"{port_name}\"\n  port: {port}\n  protocol: {protocol}\n"
+        ));
+    }
+    yaml
+}
+
+const READY: &str = "{ready: true}";
+const NODE1: &str = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node1\nstatus:\n  addresses:\n  - {type: InternalIP, address: 203.0.113.1}\n  - {type: ExternalIP, address: 198.18.0.1}\n  - {type: InternalIP, address: \"fd00::1\"}\n  - {type: Hostname, address: node1}\n";
+const NODE2: &str = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node2\nstatus:\n  addresses:\n  - {type: InternalIP, address: 203.0.113.2}\n";
+
+fn web_slice() -> String {
+    slice(
+        "web-1",
+        "web",
+        &[
+            ("10.244.1.10", "node1", READY),
+            ("10.244.2.10", "node2", READY),
+        ],
+        &[("http", 8080, "TCP")],
+    )
+}
+
+fn rows() -> Vec<Row> {
+    let cluster_ip =
+        "  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: http}\n";
+    vec![
+        Row {
+            name: "ClusterIP: one frontend, ready endpoints, local flag from nodeName",
+            yaml: service("web", cluster_ip) + &web_slice(),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "named target port resolved per slice",
+            yaml: service("web", cluster_ip)
+                + &slice(
+                    "web-1",
+                    "web",
+                    &[("10.244.1.10", "node1", READY)],
+                    &[("http", 8080, "TCP")],
+                )
+                + &slice(
+                    "web-2",
+                    "web",
+                    &[("10.244.2.10", "node2", READY)],
+                    &[("http", 9090, "TCP")],
+                ),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.2.10:9090] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "multi-port service: one entry per port, UDP included",
+            yaml: service(
+                "dns",
+                "  clusterIP: 10.96.0.53\n  ports:\n  - {name: dns, port: 53, protocol: UDP}\n  - {name: dns-tcp, port: 53, protocol: TCP}\n",
+            ) + &slice(
+                "dns-1",
+                "dns",
+                &[("10.244.1.20", "node1", READY)],
+                &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+            ),
+            expected: &[
+                "default/dns:dns/UDP fe=[10.96.0.53:53 cluster] be=[10.244.1.20:53 L] affinity=0",
+                "default/dns:dns-tcp/TCP fe=[10.96.0.53:53 cluster] be=[10.244.1.20:53 L] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "selector-less service with a hand-made slice, unnamed port",
+            yaml: service(
+                "external-db",
+                "  clusterIP: 10.96.0.30\n  ports:\n  - {port: 5432}\n",
+            ) + &slice(
+                "external-db-manual",
+                "external-db",
+                &[("192.0.2.50", "", READY)],
+                &[("", 5432, "TCP")],
+            ),
+            expected: &[
+                "default/external-db:/TCP fe=[10.96.0.30:5432 cluster] be=[192.0.2.50:5432] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "several slices, an endpoint listed twice counts once",
+            yaml: service("web", cluster_ip)
+                + &web_slice()
+                + &slice(
+                    "web-2",
+                    "web",
+                    &[
+                        ("10.244.2.10", "node2", READY),
+                        ("10.244.2.11", "node2", READY),
+                    ],
+                    &[("http", 8080, "TCP")],
+                ),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.2.10:8080, 10.244.2.11:8080] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "headless and ExternalName services are ignored",
+            yaml: service("headless", "  clusterIP: None\n  ports:\n  - {port: 80}\n")
+                + &service(
+                    "ext",
+                    "  type: ExternalName\n  externalName: db.example.com\n",
+                ),
+            expected: &[],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "dual-stack: IPv4 programmed, IPv6 reported",
+            yaml: service(
+                "dual",
+                "  clusterIP: 10.96.0.40\n  clusterIPs: [10.96.0.40, \"fd00::40\"]\n  ipFamilies: [IPv4, IPv6]\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &slice(
+                "dual-4",
+                "dual",
+                &[("10.244.1.10", "node1", READY)],
+                &[("http", 80, "TCP")],
+            ) + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dual-6\n  namespace: default\n  labels: {kubernetes.io/service-name: dual}\naddressType: IPv6\nendpoints:\n- addresses: [\"fd00::10\"]\nports:\n- {name: http, port: 80}\n",
+            expected: &[
+                "default/dual:http/TCP fe=[10.96.0.40:80 cluster] be=[10.244.1.10:80 L] affinity=0",
+            ],
+            problems: &[
+                (
+                    Severity::Unsupported,
+                    "EndpointSlice/default/dual-6",
+                    "IPv6NotSupported",
+                ),
+                (
+                    Severity::Unsupported,
+                    "Service/default/dual",
+                    "IPv6NotSupported",
+                ),
+            ],
+            held: &[],
+        },
+        Row {
+            name: "NodePort: every IPv4 InternalIP/ExternalIP of this node",
+            yaml: NODE1.to_owned()
+                + NODE2
+                + &service(
+                    "web",
+                    "  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n",
+                )
+                + &web_slice(),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "LoadBalancer chains NodePort and adds the ingress IPs; externalIPs",
+            yaml: NODE1.to_owned()
+                + &service(
+                    "web",
+                    "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  externalIPs: [198.51.100.10]\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.20\n    - hostname: lb.example.com\n",
+                )
+                + &web_slice(),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport, 198.51.100.10:80 external, 198.51.100.20:80 lb, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "not-ready endpoints are left out",
+            yaml: service("web", cluster_ip)
+                + &slice(
+                    "web-1",
+                    "web",
+                    &[
+                        ("10.244.1.10", "node1", READY),
+                        (
+                            "10.244.1.11",
+                            "node1",
+                            "{ready: false, serving: false, terminating: false}",
+                        ),
+                    ],
+                    &[("http", 8080, "TCP")],
+                ),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "no ready endpoint: serving terminating ones take new flows (KEP-1669)",
+            yaml: service("web", cluster_ip)
+                + &slice(
+                    "web-1",
+                    "web",
+                    &[
+                        (
+                            "10.244.1.10",
+                            "node1",
+                            "{ready: false, serving: true, terminating: true}",
+                        ),
+                        (
+                            "10.244.1.11",
+                            "node1",
+                            "{ready: false, serving: false, terminating: true}",
+                        ),
+                    ],
+                    &[("http", 8080, "TCP")],
+                ),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 LT] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "a service without endpoints keeps its frontends (and no backend)",
+            yaml: service("web", cluster_ip),
+            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "sessionAffinity ClientIP: default and explicit timeouts",
+            yaml: service(
+                "sticky",
+                "  clusterIP: 10.96.0.50\n  sessionAffinity: ClientIP\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &service(
+                "sticky-short",
+                "  clusterIP: 10.96.0.51\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP: {timeoutSeconds: 60}\n  ports:\n  - {name: http, port: 80}\n",
+            ),
+            expected: &[
+                "default/sticky:http/TCP fe=[10.96.0.50:80 cluster] be=[] affinity=10800",
+                "default/sticky-short:http/TCP fe=[10.96.0.51:80 cluster] be=[] affinity=60",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        // Bad input: the offending object is skipped with a problem; the others are untouched.
+        Row {
+            name: "invalid clusterIP string",
+            yaml: service(
+                "bad",
+                "  clusterIP: 10.96.0.300\n  ports:\n  - {port: 80}\n",
+            ) + &service("web", cluster_ip),
+            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidClusterIP")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "invalid externalIP string",
+            yaml: service(
+                "bad",
+                "  clusterIP: 10.96.0.20\n  externalIPs: [not-an-ip]\n  ports:\n  - {port: 80}\n",
+            ) + &service("web", cluster_ip),
+            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[(
+                Severity::Invalid,
+                "Service/default/bad",
+                "InvalidExternalIP",
+            )],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "port 0 and port above 65535",
+            yaml: service("zero", "  clusterIP: 10.96.0.20\n  ports:\n  - {port: 0}\n")
+                + &service(
+                    "big",
+                    "  clusterIP: 10.96.0.21\n  ports:\n  - {port: 70000}\n",
+                )
+                + &service("web", cluster_ip),
+            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[
+                (Severity::Invalid, "Service/default/big", "InvalidPort"),
+                (Severity::Invalid, "Service/default/zero", "InvalidPort"),
+            ],
+            held: &["default/big", "default/zero"],
+        },
+        Row {
+            name: "unknown protocol; SCTP is valid but not supported yet",
+            yaml: service(
+                "weird",
+                "  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, protocol: XTP}\n",
+            ) + &service(
+                "sctp",
+                "  clusterIP: 10.96.0.21\n  ports:\n  - {name: a, port: 80, protocol: SCTP}\n  - {name: b, port: 81}\n",
+            ),
+            expected: &["default/sctp:b/TCP fe=[10.96.0.21:81 cluster] be=[] affinity=0"],
+            problems: &[
+                (
+                    Severity::Invalid,
+                    "Service/default/weird",
+                    "InvalidProtocol",
+                ),
+                (
+                    Severity::Unsupported,
+                    "Service/default/sctp",
+                    "SCTPNotSupported",
+                ),
+            ],
+            held: &["default/weird"],
+        },
+        Row {
+            name: "nodePort outside the range",
+            yaml: NODE1.to_owned()
+                + &service(
+                    "bad",
+                    "  type: NodePort\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: 8080}\n",
+                ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidNodePort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "duplicate ports",
+            yaml: service(
+                "dup",
+                "  clusterIP: 10.96.0.20\n  ports:\n  - {name: a, port: 80}\n  - {name: b, port: 80}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/dup", "DuplicatePort")],
+            held: &["default/dup"],
+        },
+        Row {
+            name: "an EndpointSlice for a missing Service",
+            yaml: slice(
+                "ghost-1",
+                "ghost",
+                &[("10.244.1.10", "node1", READY)],
+                &[("", 80, "TCP")],
+            ) + &service("web", cluster_ip),
+            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[(
+                Severity::Invalid,
+                "EndpointSlice/default/ghost-1",
+                "ServiceNotFound",
+            )],
+            held: &[],
+        },
+        Row {
+            name: "an invalid endpoint address is skipped alone",
+            yaml: service("web", cluster_ip)
+                + &slice(
+                    "web-1",
+                    "web",
+                    &[
+                        ("10.244.1.10", "node1", READY),
+                        ("10.244.1.999", "node1", READY),
+                    ],
+                    &[("http", 8080, "TCP")],
+                ),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L] affinity=0",
+            ],
+            problems: &[(
+                Severity::Invalid,
+                "EndpointSlice/default/web-1",
+                "InvalidEndpoint",
+            )],
+            held: &[],
+        },
+        Row {
+            name: "two services claiming one frontend: the second is refused",
+            yaml: service("a", "  clusterIP: 10.96.0.10\n  ports:\n  - {port: 80}\n")
+                + &service("b", "  clusterIP: 10.96.0.10\n  ports:\n  - {port: 80}\n"),
+            expected: &["default/a:/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[(Severity::Invalid, "Service/default/b", "FrontendConflict")],
+            held: &["default/b"],
+        },
+    ]
+}
+
+#[test]
+fn compile_implements_the_service_contract_row_by_row() {
+    let mut failures = Vec::new();
+    for row in rows() {
+        let (desired, problems) = compile(&snapshot(&row.yaml, "node1"), &node());
+        let rendered = render(&desired);
+        let expected: Vec<String> = row.expected.iter().map(|line| line.to_string()).collect();
+        let mut problem_rows = problem_summary(&problems);
+        problem_rows.sort();
+        let mut expected_problems: Vec<(Severity, String, &str)> = row
+            .problems
+            .iter()
+            .map(|(s, o, r)| (*s, o.to_string(), *r))
+            .collect();
+        expected_problems.sort();
+        let held: Vec<String> = desired
+            .held
+            .iter()
+            .map(|(ns, name)| format!("{ns}/{name}"))
+            .collect();
+        if rendered != expected || problem_rows != expected_problems || held != row.held {
+            failures.push(format!(
+                "{}:\n  desired  {rendered:#?}\n  expected {expected:#?}\n  problems {problem_rows:?}\n  expected {expected_problems:?}\n  held {held:?} expected {:?}",
+                row.name, row.held
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} rows failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn more_endpoints_than_a_slot_table_holds_skips_the_service() {
+    let endpoints: Vec<String> = (0..=lb_common::limits::MAX_BACKENDS_PER_SERVICE)
+        .map(|i| format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256))
+        .collect();
+    let endpoint_rows: Vec<(&str, &str, &str)> = endpoints
+        .iter()
+        .map(|addr| (addr.as_str(), "node2", READY))
+        .collect();
+    let yaml = service(
+        "huge",
+        "  clusterIP: 10.96.0.60\n  ports:\n  - {name: http, port: 80}\n",
+    ) + &slice("huge-1", "huge", &endpoint_rows, &[("http", 8080, "TCP")])
+        + &service(
+            "web",
+            "  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80}\n",
+        );
+    let (desired, problems) = compile(&snapshot(&yaml, "node1"), &node());
+    assert_eq!(desired.services.len(), 1, "only web remains");
+    assert!(desired.held.contains(&("default".into(), "huge".into())));
+    assert_eq!(
+        problem_summary(&problems),
+        vec![(
+            Severity::Invalid,
+            "Service/default/huge".into(),
+            "TooManyEndpoints"
+        )]
+    );
+}
+
+#[test]
+fn nodeport_addresses_limit_which_node_addresses_serve_node_ports() {
+    let yaml = NODE1.to_owned()
+        + &service(
+            "web",
+            "  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n",
+        );
+    let mut context = node();
+    context.nodeport_cidrs = vec!["203.0.113.0/24".parse().expect("cidr")];
+    let (desired, _) = compile(&snapshot(&yaml, "node1"), &context);
+    assert_eq!(
+        render(&desired),
+        [
+            "default/web:http/TCP fe=[10.96.0.10:80 cluster, 203.0.113.1:30080 nodeport] be=[] affinity=0"
+        ]
+    );
+    // Without a Node object, the configured fallback addresses serve.
+    let mut context = node();
+    context.fallback_addresses = vec!["192.0.2.7".parse().expect("ip")];
+    let yaml = service(
+        "web",
+        "  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n",
+    );
+    let (desired, _) = compile(&snapshot(&yaml, "node1"), &context);
+    assert_eq!(
+        render(&desired),
+        [
+            "default/web:http/TCP fe=[10.96.0.10:80 cluster, 192.0.2.7:30080 nodeport] be=[] affinity=0"
+        ]
+    );
+}
+
+#[test]
+fn malformed_yaml_is_reported_with_its_line() {
+    let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: ok\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: [unclosed\n";
+    let (line, message) = parse_documents(text).expect_err("malformed");
+    // The parser gives up at the end of the second document (line 10), never in the first.
+    assert_eq!(line, Some(10), "{message}");
+    let wrong_type = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: 80\n";
+    let (line, message) = parse_documents(wrong_type).expect_err("ports must be a list");
+    assert_eq!(line, Some(1), "{message}");
+    assert!(message.contains("Service \"web\""), "{message}");
+}
