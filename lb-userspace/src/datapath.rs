@@ -18,8 +18,12 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, NetworkInterface, ProgramError, SchedClassifier,
-        TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
+        cgroup_sock_addr::CgroupSockAddrLink,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use lb_common::{
@@ -31,6 +35,9 @@ use crate::object::DATAPATH_OBJECT;
 
 /// Where the agent pins its maps and programs.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+/// Subdirectory of the pin directory holding the pinned attachments (bpf_links).
+pub const LINKS_DIR: &str = "links";
 
 const SOCKET_HOOKS: [&str; 4] = [
     program_names::CONNECT4,
@@ -66,6 +73,20 @@ pub enum DatapathError {
         path: PathBuf,
         source: aya::pin::PinError,
     },
+    #[error("link of {program} pinned at {path}")]
+    Link {
+        program: &'static str,
+        path: PathBuf,
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("pinning the link of {program} at {path}")]
+    PinLink {
+        program: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("interface name {0:?} contains a NUL byte")]
+    InterfaceName(String),
     #[error("opening cgroup {path}")]
     Cgroup { path: PathBuf, source: io::Error },
     #[error("map {map}: {operation}")]
@@ -230,57 +251,99 @@ impl Datapath {
     }
 
     /// Attaches the XDP program to a NIC of the calling thread's network namespace.
-    pub fn attach_xdp<'a>(
-        &mut self,
-        interface: impl Into<NetworkInterface<'a>> + std::fmt::Debug + Copy,
-        mode: XdpMode,
-    ) -> Result<()> {
-        program_mut::<Xdp>(&mut self.ebpf, program_names::XDP_LB)?
-            .attach(interface, mode)
-            .map_err(|source| DatapathError::Program {
-                program: program_names::XDP_LB,
-                operation: format!("attach to {interface:?} ({mode:?})"),
-                source: Box::new(source),
-            })?;
-        Ok(())
+    ///
+    /// Attachments are bpf_links pinned under `<pin_dir>/links/`, so they outlive the agent: a
+    /// restarted (or upgraded) agent finds the pinned link and swaps its own program in
+    /// atomically (BPF_LINK_UPDATE); traffic never runs without the datapath.
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
+        let name = program_names::XDP_LB;
+        let pin = self.link_pin(&format!("xdp-{iface}"))?;
+        let program = program_mut::<Xdp>(&mut self.ebpf, name)?;
+        let operation = || format!("attach to {iface} ({mode:?})");
+        if let Some(link) = take_pinned_link(&pin, name)? {
+            let link = XdpLink::try_from(link).map_err(|source| link_error(name, &pin, source))?;
+            program
+                .attach_to_link(link)
+                .map_err(|source| program_error(name, operation(), source))?;
+            return Ok(());
+        }
+        let ifname = interface_name(iface)?;
+        let id = program
+            .attach(ifname.as_c_str(), mode)
+            .map_err(|source| program_error(name, operation(), source))?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| program_error(name, operation(), source))?;
+        pin_link(FdLink::try_from(link), &pin, name)
     }
 
     /// Attaches the reverse-NAT program to the egress of a NIC of the calling thread's namespace
-    /// (TCX on kernels >= 6.6, a clsact filter before).
-    pub fn attach_tc_egress<'a>(
-        &mut self,
-        interface: impl Into<NetworkInterface<'a>> + std::fmt::Debug + Copy,
-    ) -> Result<()> {
-        program_mut::<SchedClassifier>(&mut self.ebpf, program_names::TC_EGRESS)?
-            .attach(interface, TcAttachType::Egress)
-            .map_err(|source| DatapathError::Program {
-                program: program_names::TC_EGRESS,
-                operation: format!("attach to {interface:?} egress"),
-                source: Box::new(source),
-            })?;
-        Ok(())
+    /// (TCX on kernels >= 6.6), pinned like [`Datapath::attach_xdp`].
+    pub fn attach_tc_egress(&mut self, iface: &str) -> Result<()> {
+        let name = program_names::TC_EGRESS;
+        let pin = self.link_pin(&format!("tc-egress-{iface}"))?;
+        let program = program_mut::<SchedClassifier>(&mut self.ebpf, name)?;
+        let operation = || format!("attach to {iface} egress");
+        if let Some(link) = take_pinned_link(&pin, name)? {
+            let link = SchedClassifierLink::try_from(link)
+                .map_err(|source| link_error(name, &pin, source))?;
+            program
+                .attach_to_link(link)
+                .map_err(|source| program_error(name, operation(), source))?;
+            return Ok(());
+        }
+        let ifname = interface_name(iface)?;
+        let id = program
+            .attach(ifname.as_c_str(), TcAttachType::Egress)
+            .map_err(|source| program_error(name, operation(), source))?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| program_error(name, operation(), source))?;
+        pin_link(FdLink::try_from(link), &pin, name)
     }
 
     /// Attaches the socket hooks to a cgroup v2 directory: every process in it (and below) that
-    /// connects or sends to a Service is sent to a backend instead.
+    /// connects or sends to a Service is sent to a backend instead. Pinned like
+    /// [`Datapath::attach_xdp`].
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
         let file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.to_owned(),
             source,
         })?;
         for hook in SOCKET_HOOKS {
+            let pin = self.link_pin(hook)?;
+            let program = program_mut::<CgroupSockAddr>(&mut self.ebpf, hook)?;
+            let operation = || format!("attach to cgroup {}", cgroup.display());
+            if let Some(link) = take_pinned_link(&pin, hook)? {
+                let link = CgroupSockAddrLink::try_from(link)
+                    .map_err(|source| link_error(hook, &pin, source))?;
+                program
+                    .attach_to_link(link)
+                    .map_err(|source| program_error(hook, operation(), source))?;
+                continue;
+            }
             // aya attaches with a bpf_link (kernel >= 5.7), which refuses attach flags (EINVAL;
             // kernel/bpf/cgroup.c, cgroup_bpf_link_attach) and always behaves as
             // BPF_F_ALLOW_MULTI: other programs on the cgroup (systemd, a CNI) keep working.
-            program_mut::<CgroupSockAddr>(&mut self.ebpf, hook)?
+            let id = program
                 .attach(&file, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program {
-                    program: hook,
-                    operation: format!("attach to cgroup {}", cgroup.display()),
-                    source: Box::new(source),
-                })?;
+                .map_err(|source| program_error(hook, operation(), source))?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| program_error(hook, operation(), source))?;
+            pin_link(FdLink::try_from(link), &pin, hook)?;
         }
         Ok(())
+    }
+
+    /// Where the link of one attachment is pinned.
+    fn link_pin(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.pin_dir.join(LINKS_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(dir.join(name))
     }
 
     /// A program's file descriptor, for `BPF_PROG_TEST_RUN`.
@@ -586,6 +649,55 @@ fn read_installed(
             .collect();
     }
     Ok((installed, owners))
+}
+
+fn program_error(program: &'static str, operation: String, source: ProgramError) -> DatapathError {
+    DatapathError::Program {
+        program,
+        operation,
+        source: Box::new(source),
+    }
+}
+
+fn link_error(
+    program: &'static str,
+    path: &Path,
+    source: aya::programs::links::LinkError,
+) -> DatapathError {
+    DatapathError::Link {
+        program,
+        path: path.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+fn interface_name(iface: &str) -> Result<std::ffi::CString> {
+    std::ffi::CString::new(iface).map_err(|_| DatapathError::InterfaceName(iface.to_owned()))
+}
+
+/// The link pinned at `path` by an earlier run, if any.
+fn take_pinned_link(path: &Path, program: &'static str) -> Result<Option<FdLink>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let pinned = PinnedLink::from_pin(path).map_err(|source| link_error(program, path, source))?;
+    Ok(Some(FdLink::from(pinned)))
+}
+
+fn pin_link(
+    link: std::result::Result<FdLink, aya::programs::links::LinkError>,
+    path: &Path,
+    program: &'static str,
+) -> Result<()> {
+    let link = link.map_err(|source| link_error(program, path, source))?;
+    // The pin keeps the attachment alive after this process; the returned handle only closes
+    // this process's file descriptor when dropped.
+    link.pin(path).map_err(|source| DatapathError::PinLink {
+        program,
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(())
 }
 
 fn program_mut<'e, P>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut P>

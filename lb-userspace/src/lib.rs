@@ -1,5 +1,6 @@
 //! The agent's library: everything `lb` does, usable from the integration tests and benchmarks.
 
+pub mod agent;
 pub mod bpffs;
 pub mod compile;
 pub mod counter;

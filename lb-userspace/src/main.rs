@@ -1,11 +1,16 @@
 //! `lb`: the load balancer's agent and CLI.
 
-use std::{ffi::CString, time::Duration};
+use std::{net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
-use clap::{Parser, Subcommand, ValueEnum};
-use lb_userspace::counter::XdpCounter;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    agent::{self, AgentConfig, SourceConfig},
+    compile::Ipv4Cidr,
+    counter::XdpCounter,
+    datapath::DEFAULT_PIN_DIR,
+};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: load the datapath, attach it, and keep it in step with the Services and
+    /// EndpointSlices of the source (the DaemonSet's entry point).
+    Run(Box<RunArgs>),
     /// Attach the XDP packet counter to a NIC and print what it counts, once per interval.
     Count {
         /// Interface name in this process's network namespace.
@@ -37,6 +45,72 @@ enum Command {
     },
 }
 
+/// Flags named like kube-proxy's where kube-proxy has one.
+#[derive(Args)]
+struct RunArgs {
+    /// This node's name, as in the Node object and the endpoints' nodeName [default: $NODE_NAME,
+    /// else the hostname].
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// Comma-separated CIDRs: only node addresses inside them serve NodePorts (empty: all).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<Ipv4Cidr>,
+    /// Node addresses serving NodePorts when the source has no Node object for this node
+    /// (e.g. manifests without one).
+    #[arg(long = "node-address", value_delimiter = ',')]
+    node_addresses: Vec<Ipv4Addr>,
+    /// The cluster's NodePort range; nodePorts outside it are refused.
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    node_port_range: RangeInclusive<u16>,
+    /// Address of the Prometheus endpoint (served by the operability work; accepted now so
+    /// configurations do not have to change).
+    #[arg(long, default_value = "0.0.0.0:10249")]
+    metrics_bind_address: String,
+    /// Address of /healthz and /livez (served by the operability work; accepted now).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+    /// Remove everything the agent installed (pinned links, programs, maps) and exit.
+    #[arg(long)]
+    cleanup: bool,
+    /// Path to a kubeconfig file (source kube).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The API server's address, overriding the kubeconfig's (source kube). The agent serves
+    /// the `kubernetes` Service itself, so it must reach the API server directly.
+    #[arg(long)]
+    master: Option<String>,
+    /// Comma-separated NICs that carry external traffic: XDP (ingress) and tc (egress) attach there.
+    #[arg(long, value_delimiter = ',')]
+    interfaces: Vec<String>,
+    /// XDP attach mode on the NICs.
+    #[arg(long, value_enum, default_value_t = Mode::Native)]
+    xdp_mode: Mode,
+    /// cgroup v2 directory for the socket hooks (ClusterIP from pods and host processes);
+    /// normally the cgroup v2 root.
+    #[arg(long)]
+    cgroup_path: Option<PathBuf>,
+    /// bpffs directory holding the pinned maps, programs and links.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Where Services and EndpointSlices come from.
+    #[arg(long, value_enum, default_value_t = Source::Kube)]
+    source: Source,
+    /// Manifests for `--source file`: YAML files or directories (repeatable).
+    #[arg(long = "manifests")]
+    manifests: Vec<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Source {
+    /// The Kubernetes API server (in-cluster config, --kubeconfig or --master).
+    Kube,
+    /// YAML manifests (--manifests), reloaded on change and on SIGHUP.
+    File,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     /// In the driver (fails if the driver has no XDP support).
@@ -45,8 +119,32 @@ enum Mode {
     Generic,
 }
 
+impl From<Mode> for XdpMode {
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::Native => XdpMode::Driver,
+            Mode::Generic => XdpMode::Skb,
+        }
+    }
+}
+
+fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let (start, end) = text
+        .split_once('-')
+        .ok_or("expected FIRST-LAST, e.g. 30000-32767")?;
+    let start: u16 = start
+        .parse()
+        .map_err(|_| format!("{start:?} is not a port"))?;
+    let end: u16 = end.parse().map_err(|_| format!("{end:?} is not a port"))?;
+    if start == 0 || start > end {
+        return Err(format!("{text:?} is not a range of ports"));
+    }
+    Ok(start..=end)
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Run(args) => run(*args),
         Command::Count {
             iface,
             mode,
@@ -56,15 +154,76 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_json);
+    if args.cleanup {
+        return agent::cleanup(&args.pin_dir);
+    }
+    let node_name = match args
+        .hostname_override
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+    {
+        Some(name) => name,
+        None => hostname()?,
+    };
+    let source = match args.source {
+        Source::File => {
+            anyhow::ensure!(
+                !args.manifests.is_empty(),
+                "--source file needs --manifests PATH"
+            );
+            SourceConfig::Files(args.manifests)
+        }
+        Source::Kube => SourceConfig::Kube {
+            master: args.master,
+            kubeconfig: args.kubeconfig,
+        },
+    };
+    let config = AgentConfig {
+        node_name,
+        nodeport_cidrs: args.nodeport_addresses,
+        node_addresses: args.node_addresses,
+        node_port_range: args.node_port_range,
+        interfaces: args.interfaces,
+        xdp_mode: args.xdp_mode.into(),
+        cgroup: args.cgroup_path,
+        pin_dir: args.pin_dir,
+        source,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(agent::run(config))
+}
+
+fn init_logging(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn hostname() -> anyhow::Result<String> {
+    let name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?;
+    Ok(name.trim().to_owned())
+}
+
 fn count(iface: &str, mode: Mode, interval: Duration, reports: u64) -> anyhow::Result<()> {
     let mut counter = XdpCounter::load()?;
-    let name = CString::new(iface).context("interface name contains a NUL byte")?;
-    let mode = match mode {
-        Mode::Native => XdpMode::Driver,
-        Mode::Generic => XdpMode::Skb,
-    };
+    let name = std::ffi::CString::new(iface).context("interface name contains a NUL byte")?;
     counter
-        .attach(name.as_c_str(), mode)
+        .attach(name.as_c_str(), mode.into())
         .with_context(|| format!("attaching to {iface}"))?;
     let mut report = 0;
     while reports == 0 || report < reports {

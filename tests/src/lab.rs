@@ -256,6 +256,30 @@ impl Host {
         Ok(proc)
     }
 
+    /// Starts a long-running program in this namespace (and `cgroup`, if any) with stdout and
+    /// stderr appended to `log`, without waiting for anything. Killed when the guard drops.
+    pub fn spawn_logged(
+        &self,
+        program: impl AsRef<Path>,
+        args: &[&str],
+        cgroup: Option<&Cgroup>,
+        log: &Path,
+    ) -> anyhow::Result<Proc> {
+        let out = OpenOptions::new().create(true).append(true).open(log)?;
+        let err = out.try_clone()?;
+        let mut command = Command::new(program.as_ref());
+        command.args(args).stdout(out).stderr(err);
+        let child = self
+            .prepare(&mut command, cgroup)?
+            .spawn()
+            .with_context(|| format!("starting {command:?} in {}", self.netns))?;
+        Ok(Proc {
+            child,
+            stdout: None,
+            description: format!("{command:?} in {}", self.netns),
+        })
+    }
+
     /// Like [`Host::run`], but inside `cgroup` (where socket hooks under test are attached).
     pub fn run_in_cgroup(
         &self,
@@ -400,6 +424,15 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         // Already exited (e.g. after stop) is fine: kill on a reaped child is a no-op error.
@@ -439,6 +472,59 @@ impl Drop for Cgroup {
             std::thread::sleep(Duration::from_millis(10));
         }
         eprintln!("lab: could not remove cgroup {}", self.path.display());
+    }
+}
+
+/// A scratch directory for one test's files (manifests, logs): `<tmp>/<prefix>-<name>`, removed
+/// on drop.
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    pub fn new(lab: &Lab, name: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{}-{name}", lab.prefix()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Waits until `log` holds at least `count` lines containing `needle`; returns those lines.
+pub fn wait_for_log(
+    log: &Path,
+    needle: &str,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= count {
+            return Ok(lines);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} has {} of {count} lines with {needle:?} after {timeout:?}:\n{text}",
+                log.display(),
+                lines.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

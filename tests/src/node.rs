@@ -2,8 +2,6 @@
 //! on a private cgroup (clients that should go through them are started inside it), and maps
 //! pinned in a private bpffs directory. Everything is detached and removed on drop.
 
-use std::ffi::CString;
-
 use aya::programs::XdpMode;
 use lb_userspace::datapath::Datapath;
 
@@ -13,10 +11,11 @@ use crate::{
 };
 
 pub struct NodeDatapath {
-    // Field order is drop order: detach the programs, then remove the cgroup and the pins.
+    // Field order is drop order: close the datapath, unpin its links (which detaches them), then
+    // remove the cgroup.
     pub datapath: Datapath,
+    pins: PinDir,
     pub cgroup: Cgroup,
-    _pins: PinDir,
 }
 
 impl NodeDatapath {
@@ -28,15 +27,19 @@ impl NodeDatapath {
         let mut datapath = Datapath::load(pins.path())?;
         {
             let _inside = node.enter()?;
-            let iface = CString::new(FABRIC_IFACE)?;
-            datapath.attach_xdp(iface.as_c_str(), XdpMode::Driver)?;
-            datapath.attach_tc_egress(iface.as_c_str())?;
+            datapath.attach_xdp(FABRIC_IFACE, XdpMode::Driver)?;
+            datapath.attach_tc_egress(FABRIC_IFACE)?;
         }
         datapath.attach_cgroup(cgroup.path())?;
         Ok(Self {
             datapath,
+            pins,
             cgroup,
-            _pins: pins,
         })
+    }
+
+    /// The private pin directory (maps, programs, links).
+    pub fn pin_dir(&self) -> &std::path::Path {
+        self.pins.path()
     }
 }

@@ -1,0 +1,181 @@
+//! The agent: a source of objects -> compile -> reconcile -> the pinned maps, for as long as it
+//! runs. Killed at any moment, it leaves the datapath working (pinned maps, programs and links);
+//! restarted, it adopts what the maps hold and converges without touching connection tracking.
+
+use std::{
+    collections::BTreeSet, net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, time::Instant,
+};
+
+use anyhow::Context as _;
+use aya::programs::XdpMode;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    compile::{Ipv4Cidr, NodeContext, Problem, Severity, compile},
+    datapath::Datapath,
+    reconcile::Reconciler,
+    source::{Snapshot, file::FileSource},
+};
+
+/// Where the objects come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// YAML manifests (files or directories), reloaded on change and on SIGHUP.
+    Files(Vec<PathBuf>),
+    /// The Kubernetes API server.
+    Kube {
+        master: Option<String>,
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+/// Everything `lb run` is told.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    pub node_addresses: Vec<Ipv4Addr>,
+    pub node_port_range: RangeInclusive<u16>,
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub cgroup: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    pub source: SourceConfig,
+}
+
+impl AgentConfig {
+    fn node_context(&self) -> NodeContext {
+        NodeContext {
+            node_name: self.node_name.clone(),
+            nodeport_cidrs: self.nodeport_cidrs.clone(),
+            fallback_addresses: self.node_addresses.clone(),
+            node_port_range: self.node_port_range.clone(),
+        }
+    }
+}
+
+/// Loads and attaches the datapath, then keeps the maps in step with the source until SIGTERM
+/// or SIGINT.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let mut datapath = Datapath::load(&config.pin_dir).context("loading the datapath")?;
+    for iface in &config.interfaces {
+        datapath
+            .attach_xdp(iface, config.xdp_mode)
+            .with_context(|| format!("attaching XDP to {iface}"))?;
+        datapath
+            .attach_tc_egress(iface)
+            .with_context(|| format!("attaching tc egress to {iface}"))?;
+    }
+    if let Some(cgroup) = &config.cgroup {
+        datapath
+            .attach_cgroup(cgroup)
+            .with_context(|| format!("attaching socket hooks to {}", cgroup.display()))?;
+    }
+    info!(
+        pin_dir = %config.pin_dir.display(),
+        interfaces = ?config.interfaces,
+        cgroup = ?config.cgroup,
+        services = datapath.installed_services().len(),
+        "datapath loaded and attached"
+    );
+
+    let (updates, snapshots) = watch::channel(Snapshot::default());
+    let source = tokio::spawn(run_source(config.clone(), updates));
+    let result = sync_until_stopped(&config, &mut datapath, snapshots).await;
+    source.abort();
+    result
+}
+
+async fn run_source(config: AgentConfig, updates: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+    match &config.source {
+        SourceConfig::Files(paths) => FileSource::new(paths.clone(), config.node_name.clone())
+            .run(
+                updates,
+                |error| warn!(%error, "manifest not loaded; its last good objects stay in force"),
+            )
+            .await,
+        SourceConfig::Kube { .. } => {
+            // Wired to source::kube in the next commit.
+            drop(updates);
+            anyhow::bail!("the Kubernetes source is not wired into the agent yet")
+        }
+    }
+}
+
+async fn sync_until_stopped(
+    config: &AgentConfig,
+    datapath: &mut Datapath,
+    mut snapshots: watch::Receiver<Snapshot>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let node = config.node_context();
+    let mut reconciler = Reconciler::new();
+    let mut reported: BTreeSet<Problem> = BTreeSet::new();
+    loop {
+        // The channel's initial value is an empty placeholder: syncing it would remove every
+        // installed service after a restart. Only what the source publishes is synced.
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the source stopped");
+                }
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+        let snapshot = snapshots.borrow_and_update().clone();
+        let started = Instant::now();
+        let (desired, problems) = compile(&snapshot, &node);
+        report_new_problems(&problems, &mut reported);
+        let report = reconciler.reconcile(datapath, &desired);
+        for (key, error) in &report.errors {
+            warn!(service = %key, error = %error, "service not programmed; the others are");
+        }
+        info!(
+            services = desired.services.len(),
+            changes = report.changes(),
+            services_put = report.services_put,
+            services_removed = report.services_removed,
+            backends_put = report.backends_put,
+            backends_removed = report.backends_removed,
+            errors = report.errors.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "synced"
+        );
+    }
+    info!("stopping; the datapath stays attached and keeps its state");
+    Ok(())
+}
+
+/// Logs each problem once, when it first appears.
+fn report_new_problems(problems: &[Problem], reported: &mut BTreeSet<Problem>) {
+    let current: BTreeSet<Problem> = problems.iter().cloned().collect();
+    for problem in current.difference(reported) {
+        let object = format!("{} {}/{}", problem.kind, problem.namespace, problem.name);
+        match problem.severity {
+            Severity::Invalid => {
+                warn!(%object, reason = problem.reason, message = %problem.message, "skipped")
+            }
+            Severity::Unsupported => {
+                info!(%object, reason = problem.reason, message = %problem.message, "not supported yet")
+            }
+        }
+    }
+    *reported = current;
+}
+
+/// `lb run --cleanup`: removes everything the agent installed (links, programs, maps), which
+/// detaches the datapath. Missing state is not an error.
+pub fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Ok(()) => {
+            info!(pin_dir = %pin_dir.display(), "removed");
+            Ok(())
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("removing {}", pin_dir.display())),
+    }
+}

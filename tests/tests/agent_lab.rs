@@ -1,0 +1,289 @@
+//! The `lb` agent with the file source, in the lab: Services created, scaled, changed and deleted
+//! in YAML reach real traffic; a malformed file changes nothing; the agent killed with SIGKILL and
+//! restarted under load loses no connection and no request.
+
+use std::{collections::BTreeSet, path::Path, time::Duration};
+
+use lab::{
+    lab::{Cgroup, Lab, PinDir, Proc, ScratchDir, wait_for_log},
+    peer::{self, ClientReport, ClientRun},
+    topology::{Cluster, ClusterSpec, FABRIC_IFACE, node_addr, pod_addr},
+};
+
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Setup {
+    _servers: Vec<Proc>,
+    agent: Option<Proc>,
+    pins: PinDir,
+    cgroup: Cgroup,
+    scratch: ScratchDir,
+    cluster: Cluster,
+    _lab: Lab,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let mut lab = Lab::new().expect("lab");
+        let cluster = Cluster::build(&mut lab, &ClusterSpec::default()).expect("cluster");
+        let servers = cluster
+            .pods()
+            .map(|pod| peer::serve(&pod.host, pod.host.name(), 8080).expect("server"))
+            .collect();
+        let pins = PinDir::new(&lab, "agent").expect("pins");
+        let cgroup = Cgroup::new(&lab, "node1").expect("cgroup");
+        let scratch = ScratchDir::new(&lab, "agent").expect("scratch");
+        std::fs::create_dir_all(scratch.path().join("manifests")).expect("manifests dir");
+        Self {
+            _servers: servers,
+            agent: None,
+            pins,
+            cgroup,
+            scratch,
+            cluster,
+            _lab: lab,
+        }
+    }
+
+    fn manifests(&self) -> std::path::PathBuf {
+        self.scratch.path().join("manifests")
+    }
+
+    fn log(&self) -> std::path::PathBuf {
+        self.scratch.path().join("agent.log")
+    }
+
+    fn start_agent(&mut self) {
+        let lb = peer::sibling_binary("lb").expect("the lb binary (cargo xtask test builds it)");
+        let manifests = self.manifests();
+        let args = [
+            "run",
+            "--source",
+            "file",
+            "--manifests",
+            manifests.to_str().expect("utf-8"),
+            "--hostname-override",
+            "node1",
+            "--node-address",
+            "203.0.113.1",
+            "--interfaces",
+            FABRIC_IFACE,
+            "--cgroup-path",
+            self.cgroup.path().to_str().expect("utf-8"),
+            "--pin-dir",
+            self.pins.path().to_str().expect("utf-8"),
+        ];
+        let log = self.log();
+        self.agent = Some(
+            self.cluster
+                .node(1)
+                .host
+                .spawn_logged(lb, &args, None, &log)
+                .expect("agent"),
+        );
+    }
+
+    /// Writes a manifest file and waits for the agent's next sync.
+    fn apply(&self, file: &str, yaml: &str) {
+        let before = synced_lines(&self.log());
+        std::fs::write(self.manifests().join(file), yaml).expect("write manifest");
+        wait_for_log(&self.log(), "synced", before + 1, SYNC_TIMEOUT).expect("agent synced");
+    }
+
+    fn delete(&self, file: &str) {
+        let before = synced_lines(&self.log());
+        std::fs::remove_file(self.manifests().join(file)).expect("remove manifest");
+        wait_for_log(&self.log(), "synced", before + 1, SYNC_TIMEOUT).expect("agent synced");
+    }
+
+    fn client_pod(&self) -> &lab::lab::Host {
+        &self.cluster.node(1).pods[1].host
+    }
+}
+
+fn synced_lines(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("synced"))
+        .count()
+}
+
+fn service(port: u16, node_port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {{name: http, port: {port}, targetPort: 8080, nodePort: {node_port}}}\n"
+    )
+}
+
+/// The web EndpointSlice with the given node1 pods (by index).
+fn endpoints(pods: &[u8]) -> String {
+    let mut yaml = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nports:\n- {name: http, port: 8080, protocol: TCP}\nendpoints:\n".to_owned();
+    for &pod in pods {
+        yaml.push_str(&format!(
+            "- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
+            pod_addr(1, pod)
+        ));
+    }
+    yaml
+}
+
+fn servers(report: &ClientReport) -> BTreeSet<&str> {
+    report.by_server.keys().map(String::as_str).collect()
+}
+
+fn assert_all_ok(what: &str, report: &ClientReport) {
+    assert!(
+        report.attempts > 0 && report.ok == report.attempts,
+        "{what}: {report:?}"
+    );
+}
+
+#[test]
+fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
+    let mut setup = Setup::new();
+    setup.start_agent();
+    wait_for_log(&setup.log(), "synced", 1, SYNC_TIMEOUT).expect("first sync");
+
+    // Created: one endpoint.
+    setup.apply(
+        "web.yaml",
+        &(service(80, 30080) + "---\n" + &endpoints(&[0])),
+    );
+    let node_port = format!("{}:30080", node_addr(1));
+    let from_outside = ClientRun::tcp(&node_port, 20)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    assert_all_ok("created, NodePort", &from_outside);
+    assert_eq!(servers(&from_outside), ["n1p0"].into());
+    let from_pod = ClientRun::tcp("10.96.0.10:80", 20)
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("client");
+    assert_all_ok("created, ClusterIP", &from_pod);
+
+    // Scaled: two endpoints.
+    setup.apply(
+        "web.yaml",
+        &(service(80, 30080) + "---\n" + &endpoints(&[0, 1])),
+    );
+    let report = ClientRun::tcp(&node_port, 40)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    assert_all_ok("scaled", &report);
+    assert_eq!(servers(&report), ["n1p0", "n1p1"].into());
+
+    // A malformed edit: reported with file and line, the last good state stays in force.
+    let before = std::fs::read_to_string(setup.log())
+        .unwrap_or_default()
+        .len();
+    std::fs::write(
+        setup.manifests().join("web.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: [web\n",
+    )
+    .expect("write");
+    wait_for_log(&setup.log(), "web.yaml:", 1, SYNC_TIMEOUT)
+        .expect("the error names the file and line");
+    let log = std::fs::read_to_string(setup.log()).unwrap_or_default();
+    assert!(log[before..].contains("web.yaml:5"), "{}", &log[before..]);
+    let report = ClientRun::tcp(&node_port, 20)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    assert_all_ok("after a malformed edit", &report);
+
+    // Changed: new port and nodePort; the old ones stop answering.
+    setup.apply(
+        "web.yaml",
+        &(service(81, 30081) + "---\n" + &endpoints(&[0, 1])),
+    );
+    let report = ClientRun::tcp(&format!("{}:30081", node_addr(1)), 20)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    assert_all_ok("changed, new nodePort", &report);
+    let report = ClientRun::tcp("10.96.0.10:81", 20)
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("client");
+    assert_all_ok("changed, new port", &report);
+    let old = ClientRun {
+        timeout_ms: 500,
+        ..ClientRun::tcp(&node_port, 1)
+    }
+    .run(&setup.cluster.client, None)
+    .expect("client");
+    assert_eq!(old.errors, 1, "old nodePort still answers: {old:?}");
+
+    // Deleted: nothing answers.
+    setup.delete("web.yaml");
+    let gone = ClientRun {
+        timeout_ms: 500,
+        ..ClientRun::tcp(&format!("{}:30081", node_addr(1)), 1)
+    }
+    .run(&setup.cluster.client, None)
+    .expect("client");
+    assert_eq!(gone.errors, 1, "deleted service still answers: {gone:?}");
+    let gone = ClientRun {
+        timeout_ms: 500,
+        ..ClientRun::tcp("10.96.0.10:81", 1)
+    }
+    .run(setup.client_pod(), Some(&setup.cgroup))
+    .expect("client");
+    assert_eq!(gone.errors, 1, "deleted ClusterIP still answers: {gone:?}");
+}
+
+#[test]
+fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request() {
+    let mut setup = Setup::new();
+    std::fs::write(
+        setup.manifests().join("web.yaml"),
+        service(80, 30080) + "---\n" + &endpoints(&[0, 1]),
+    )
+    .expect("manifest");
+    setup.start_agent();
+    wait_for_log(&setup.log(), "synced", 1, SYNC_TIMEOUT).expect("first sync");
+
+    let node_port = format!("{}:30080", node_addr(1));
+    let client = setup.cluster.client.clone();
+    let pod = setup.client_pod().clone();
+    // Load for ~2 s: one long connection, and connect/request/close in a loop.
+    let long = std::thread::spawn({
+        let (client, target) = (client.clone(), node_port.clone());
+        move || {
+            ClientRun {
+                one_flow: true,
+                interval_ms: 10,
+                ..ClientRun::tcp(&target, 200)
+            }
+            .run(&client, None)
+        }
+    });
+    let short = std::thread::spawn({
+        let (client, target) = (client.clone(), node_port.clone());
+        move || {
+            ClientRun {
+                interval_ms: 5,
+                ..ClientRun::tcp(&target, 300)
+            }
+            .run(&client, None)
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    setup.agent.take().expect("agent").kill().expect("SIGKILL");
+    std::thread::sleep(Duration::from_millis(300));
+    // While no agent runs, the pinned datapath still serves the ClusterIP to pods too.
+    let meanwhile = ClientRun::tcp("10.96.0.10:80", 20)
+        .run(&pod, Some(&setup.cgroup))
+        .expect("client");
+    setup.start_agent();
+    wait_for_log(&setup.log(), "synced", 2, SYNC_TIMEOUT).expect("sync after restart");
+
+    let long = long.join().expect("thread").expect("long client");
+    let short = short.join().expect("thread").expect("short client");
+    assert_all_ok("long connection across the restart", &long);
+    assert_all_ok("connect/request/close across the restart", &short);
+    assert_all_ok("ClusterIP while the agent was down", &meanwhile);
+    // The restarted agent found everything in place: nothing to change, conntrack untouched.
+    let syncs = wait_for_log(&setup.log(), "synced", 2, SYNC_TIMEOUT).expect("syncs");
+    assert!(
+        syncs[1].contains("changes=0"),
+        "restart rewrote state: {}",
+        syncs[1]
+    );
+}
