@@ -186,6 +186,8 @@ pub struct Datapath {
     /// Which service owns each frontend (a frontend belongs to one service).
     owners: BTreeMap<Frontend4Key, u32>,
     installed_backends: BTreeMap<u32, Backend>,
+    /// Slot entries of the installed tables.
+    slot_count: usize,
 }
 
 /// A service as the maps hold it.
@@ -231,10 +233,15 @@ impl Datapath {
             .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
             .collect::<std::result::Result<_, _>>()
             .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?;
+        let slot_count = installed
+            .values()
+            .map(|service| service.backends.len())
+            .sum();
         Ok(Self {
             frontends,
             installed,
             owners,
+            slot_count,
             installed_backends,
             slots,
             backends,
@@ -407,14 +414,109 @@ impl Datapath {
     /// `service.frontends` any more are removed last.
     pub fn put_service(&mut self, service: &Service) -> Result<()> {
         self.validate(service)?;
-        let previous = self
-            .installed
-            .get(&service.id)
-            .map(|installed| (installed.revision, installed.backends.len() as u16));
-        let revision = previous.map_or(0, |(revision, _)| revision.wrapping_add(1));
-        for (slot, &backend) in service.backends.iter().enumerate() {
+        let mut flags_by_key = BTreeMap::new();
+        for frontend in &service.frontends {
+            *flags_by_key.entry(frontend.key()).or_insert(0) |= frontend.kind;
+        }
+        self.check_room(service, &flags_by_key)?;
+        let previous = self.installed.get(&service.id).cloned();
+        let revision = previous
+            .as_ref()
+            .map_or(0, |installed| installed.revision.wrapping_add(1));
+        let backend_count = service.backends.len() as u16;
+
+        // All or nothing: on a failure, what this call wrote is undone before it returns.
+        if let Err(error) = self.write_slots(service.id, revision, &service.backends) {
+            self.remove_slots(service.id, revision, backend_count).ok();
+            return Err(error);
+        }
+        let value = |flags: u32| ServiceValue {
+            service_id: service.id,
+            backend_count,
+            revision,
+            flags,
+            affinity_timeout_s: service.affinity_timeout_s,
+        };
+        let mut written = Vec::new();
+        for (key, flags) in &flags_by_key {
+            let result = insert(
+                &mut self.frontends,
+                map_names::FRONTENDS4,
+                limits::MAX_FRONTENDS,
+                key,
+                &value(*flags),
+                || format!("service {} frontend {key:?}", service.id),
+            );
+            if let Err(error) = result {
+                self.undo_frontends(&written, previous.as_ref());
+                self.remove_slots(service.id, revision, backend_count).ok();
+                return Err(error);
+            }
+            written.push(*key);
+        }
+
+        for key in flags_by_key.keys() {
+            self.owners.insert(*key, service.id);
+        }
+        self.slot_count += service.backends.len();
+        self.installed.insert(
+            service.id,
+            InstalledService {
+                revision,
+                backends: service.backends.clone(),
+                frontends: flags_by_key.clone(),
+                affinity_timeout_s: service.affinity_timeout_s,
+            },
+        );
+        if let Some(previous) = previous {
+            for key in previous
+                .frontends
+                .keys()
+                .filter(|key| !flags_by_key.contains_key(key))
+            {
+                remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
+                    format!("stale frontend {key:?}")
+                })?;
+                self.owners.remove(key);
+            }
+            self.slot_count -= previous.backends.len();
+            self.remove_slots(
+                service.id,
+                previous.revision,
+                previous.backends.len() as u16,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// MapFull before anything is written when the service's new entries would not fit.
+    fn check_room(&self, service: &Service, frontends: &BTreeMap<Frontend4Key, u32>) -> Result<()> {
+        let new_frontends = frontends
+            .keys()
+            .filter(|key| !self.owners.contains_key(key))
+            .count();
+        if self.owners.len() + new_frontends > limits::MAX_FRONTENDS as usize {
+            return Err(DatapathError::MapFull {
+                map: map_names::FRONTENDS4,
+                capacity: limits::MAX_FRONTENDS,
+                operation: format!("service {}: {new_frontends} new frontends", service.id),
+            });
+        }
+        // The new table is written before the old one is deleted: both must fit for a moment.
+        if self.slot_count + service.backends.len() > limits::MAX_SLOTS as usize {
+            return Err(DatapathError::MapFull {
+                map: map_names::SLOTS4,
+                capacity: limits::MAX_SLOTS,
+                operation: format!("service {}: {} slots", service.id, service.backends.len()),
+            });
+        }
+        Ok(())
+    }
+
+    fn write_slots(&mut self, service_id: u32, revision: u16, backends: &[u32]) -> Result<()> {
+        for (slot, backend) in backends.iter().enumerate() {
             let key = SlotKey {
-                service_id: service.id,
+                service_id,
                 revision,
                 slot: slot as u16,
             };
@@ -423,62 +525,38 @@ impl Datapath {
                 map_names::SLOTS4,
                 limits::MAX_SLOTS,
                 &key,
-                &backend,
-                || format!("service {} slot {slot}", service.id),
+                backend,
+                || format!("service {service_id} slot {slot}"),
             )?;
-        }
-        let mut flags_by_key = BTreeMap::new();
-        for frontend in &service.frontends {
-            *flags_by_key.entry(frontend.key()).or_insert(0) |= frontend.kind;
-        }
-        for (key, flags) in &flags_by_key {
-            let value = ServiceValue {
-                service_id: service.id,
-                backend_count: service.backends.len() as u16,
-                revision,
-                flags: *flags,
-                affinity_timeout_s: service.affinity_timeout_s,
-            };
-            insert(
-                &mut self.frontends,
-                map_names::FRONTENDS4,
-                limits::MAX_FRONTENDS,
-                key,
-                &value,
-                || format!("service {} frontend {key:?}", service.id),
-            )?;
-        }
-        for key in flags_by_key.keys() {
-            self.owners.insert(*key, service.id);
-        }
-        let old_frontends = self
-            .installed
-            .insert(
-                service.id,
-                InstalledService {
-                    revision,
-                    backends: service.backends.clone(),
-                    frontends: flags_by_key.clone(),
-                    affinity_timeout_s: service.affinity_timeout_s,
-                },
-            )
-            .map(|installed| installed.frontends)
-            .unwrap_or_default();
-        for key in old_frontends
-            .keys()
-            .filter(|key| !flags_by_key.contains_key(key))
-        {
-            remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
-                format!("stale frontend {key:?}")
-            })?;
-            self.owners.remove(key);
-        }
-        if let Some((old_revision, old_count)) = previous
-            && old_revision != revision
-        {
-            self.remove_slots(service.id, old_revision, old_count)?;
         }
         Ok(())
+    }
+
+    /// Puts back what a failed put_service changed among `written` frontends: new ones are
+    /// removed, existing ones get their previous entry again.
+    fn undo_frontends(&mut self, written: &[Frontend4Key], previous: Option<&InstalledService>) {
+        for key in written {
+            match previous.and_then(|installed| {
+                installed
+                    .frontends
+                    .get(key)
+                    .map(|flags| (installed, *flags))
+            }) {
+                Some((installed, flags)) => {
+                    let value = ServiceValue {
+                        service_id: self.owners[key],
+                        backend_count: installed.backends.len() as u16,
+                        revision: installed.revision,
+                        flags,
+                        affinity_timeout_s: installed.affinity_timeout_s,
+                    };
+                    let _ = self.frontends.insert(key, &value, 0);
+                }
+                None => {
+                    let _ = self.frontends.remove(key);
+                }
+            }
+        }
     }
 
     /// Removes a service: its frontends first (new packets stop matching), then its table.
@@ -486,6 +564,7 @@ impl Datapath {
         let Some(installed) = self.installed.remove(&id) else {
             return Ok(());
         };
+        self.slot_count -= installed.backends.len();
         for key in installed.frontends.keys() {
             remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
                 format!("service {id} frontend {key:?}")

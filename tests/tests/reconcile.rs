@@ -1,0 +1,239 @@
+//! reconcile() against real (test-private) pinned maps: minimal updates, idempotence,
+//! convergence after a restart without touching connection tracking, held services, and a
+//! full map that fails one service while the others are programmed.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use lab::{
+    lab::{Lab, PinDir},
+    packet::{self, TcpFlags},
+};
+use lb_common::{backend_flags, proto, service_flags};
+use lb_userspace::{
+    compile::{Desired, DesiredService, ServicePortKey},
+    datapath::{Backend, Datapath, DatapathError, Frontend},
+    reconcile::Reconciler,
+    testrun::test_run,
+};
+
+fn key(name: &str) -> ServicePortKey {
+    ServicePortKey {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: "http".into(),
+        proto: proto::TCP,
+    }
+}
+
+fn backend(last_octet: u8) -> Backend {
+    Backend {
+        addr: Ipv4Addr::new(10, 244, 1, last_octet),
+        port: 8080,
+        proto: proto::TCP,
+        flags: backend_flags::LOCAL,
+    }
+}
+
+fn desired_service(cluster_ip_octet: u8, backends: &[u8]) -> DesiredService {
+    DesiredService {
+        frontends: [
+            Frontend {
+                addr: Ipv4Addr::new(10, 96, 0, cluster_ip_octet),
+                port: 80,
+                proto: proto::TCP,
+                kind: service_flags::CLUSTER_IP,
+            },
+            Frontend {
+                addr: Ipv4Addr::new(203, 0, 113, 1),
+                port: 30000 + u16::from(cluster_ip_octet),
+                proto: proto::TCP,
+                kind: service_flags::NODE_PORT,
+            },
+        ]
+        .into(),
+        backends: backends.iter().map(|&octet| backend(octet)).collect(),
+        affinity_timeout_s: 0,
+    }
+}
+
+fn desired(services: &[(&str, u8, &[u8])]) -> Desired {
+    Desired {
+        services: services
+            .iter()
+            .map(|(name, ip, backends)| (key(name), desired_service(*ip, backends)))
+            .collect(),
+        held: BTreeSet::new(),
+    }
+}
+
+#[test]
+fn minimal_updates_and_idempotence() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "rec").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    let mut reconciler = Reconciler::new();
+
+    let first = desired(&[("web", 10, &[10, 11]), ("api", 20, &[11, 12])]);
+    let report = reconciler.reconcile(&mut datapath, &first);
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(
+        (report.backends_put, report.services_put),
+        (3, 2),
+        "{report:?}"
+    );
+    assert_eq!(datapath.frontends().expect("frontends").len(), 4);
+
+    let again = reconciler.reconcile(&mut datapath, &first);
+    assert_eq!(
+        again.changes(),
+        0,
+        "a second run changes nothing: {again:?}"
+    );
+
+    // One endpoint of web replaced: one backend written, one service rewritten, one backend gone.
+    let second = desired(&[("web", 10, &[10, 13]), ("api", 20, &[11, 12])]);
+    let report = reconciler.reconcile(&mut datapath, &second);
+    assert_eq!(
+        (
+            report.backends_put,
+            report.services_put,
+            report.services_removed,
+            report.backends_removed
+        ),
+        (1, 1, 0, 0),
+        "{report:?}"
+    );
+    // 10.244.1.11 is still api's, so it stays. Now drop api: its service goes, and the backends
+    // nothing references any more (11, 12) go too.
+    let third = desired(&[("web", 10, &[10, 13])]);
+    let report = reconciler.reconcile(&mut datapath, &third);
+    assert_eq!(
+        (report.services_removed, report.backends_removed),
+        (1, 2),
+        "{report:?}"
+    );
+    let backends: BTreeSet<Ipv4Addr> = datapath
+        .backends()
+        .expect("backends")
+        .values()
+        .map(|b| b.addr)
+        .collect();
+    assert_eq!(
+        backends,
+        [Ipv4Addr::new(10, 244, 1, 10), Ipv4Addr::new(10, 244, 1, 13)].into()
+    );
+}
+
+#[test]
+fn a_restarted_agent_converges_without_touching_conntrack() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "restart").expect("pins");
+    let state = desired(&[("web", 10, &[10]), ("api", 20, &[11])]);
+    let ids_before;
+    {
+        let mut datapath = Datapath::load(pins.path()).expect("load");
+        let mut reconciler = Reconciler::new();
+        assert!(
+            reconciler
+                .reconcile(&mut datapath, &state)
+                .errors
+                .is_empty()
+        );
+        ids_before = reconciler.service_ids().clone();
+        // A flow through the web NodePort, tracked in conntrack.
+        let client = "203.0.113.10:40000".parse().expect("addr");
+        let frontend = "203.0.113.1:30010".parse().expect("addr");
+        let xdp = datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd");
+        let run =
+            test_run(xdp, &packet::tcp(client, frontend, TcpFlags::SYN, b"")).expect("test run");
+        assert_eq!(
+            run.packet,
+            packet::tcp(
+                client,
+                "10.244.1.10:8080".parse().expect("addr"),
+                TcpFlags::SYN,
+                b""
+            )
+        );
+    }
+    // "Restart": a new Datapath on the same pinned maps, a Reconciler that knows nothing.
+    let mut datapath = Datapath::load(pins.path()).expect("reload");
+    let conntrack_before = datapath.conntrack().expect("conntrack");
+    assert_eq!(
+        conntrack_before.len(),
+        2,
+        "original and reply entries survive the restart"
+    );
+    let mut reconciler = Reconciler::new();
+    let report = reconciler.reconcile(&mut datapath, &state);
+    assert_eq!(report.changes(), 0, "{report:?}");
+    assert_eq!(
+        reconciler.service_ids(),
+        &ids_before,
+        "service ids adopted from the maps"
+    );
+    assert_eq!(datapath.conntrack().expect("conntrack"), conntrack_before);
+}
+
+#[test]
+fn held_services_keep_what_they_had_and_a_full_map_fails_one_service_only() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "held").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    let mut reconciler = Reconciler::new();
+    assert!(
+        reconciler
+            .reconcile(
+                &mut datapath,
+                &desired(&[("web", 10, &[10]), ("api", 20, &[11])])
+            )
+            .errors
+            .is_empty()
+    );
+
+    // api became invalid in its source: compile leaves it out and marks it held.
+    let mut next = desired(&[("web", 10, &[10])]);
+    next.held.insert(("default".into(), "api".into()));
+    let report = reconciler.reconcile(&mut datapath, &next);
+    assert_eq!(report.changes(), 0, "{report:?}");
+    assert_eq!(
+        datapath.installed_services().len(),
+        2,
+        "api is still installed"
+    );
+
+    // A service with more frontends than the map has room for fails alone.
+    let mut huge = desired(&[("web", 10, &[10])]);
+    let too_many: BTreeSet<Frontend> = (0..lb_common::limits::MAX_FRONTENDS)
+        .map(|i| Frontend {
+            addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i),
+            port: 80,
+            proto: proto::TCP,
+            kind: service_flags::EXTERNAL_IP,
+        })
+        .collect();
+    huge.services.insert(
+        key("huge"),
+        DesiredService {
+            frontends: too_many,
+            backends: BTreeSet::new(),
+            affinity_timeout_s: 0,
+        },
+    );
+    huge.services
+        .insert(key("zzz-after"), desired_service(30, &[12]));
+    let report = reconciler.reconcile(&mut datapath, &huge);
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert_eq!(report.errors[0].0, key("huge"));
+    assert!(
+        matches!(report.errors[0].1, DatapathError::MapFull { .. }),
+        "{report:?}"
+    );
+    // The service after it in order was still programmed.
+    assert!(
+        reconciler.service_id(&key("zzz-after")).is_some(),
+        "{report:?}"
+    );
+}
