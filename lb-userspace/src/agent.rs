@@ -142,7 +142,7 @@ async fn sync_until_stopped(
             backends_put = report.backends_put,
             backends_removed = report.backends_removed,
             errors = report.errors.len(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            elapsed_us = started.elapsed().as_micros(),
             "synced"
         );
     }

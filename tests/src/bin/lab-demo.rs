@@ -1,106 +1,201 @@
-//! `cargo xtask demo`: builds the lab of ../shared/design.md, attaches the datapath to node1's NIC,
-//! drives real TCP and UDP traffic through it and shows what the datapath counted. Removes the lab
-//! at the end (also on failure: the lab's guards do it).
+//! `cargo xtask demo`: DockerCoins on two lab nodes, served by the real `lb` agent.
+//!
+//! Builds the lab (client, fabric, two nodes, four pods each), starts the application's servers
+//! in their pods, runs one `lb run --source file` agent per node on tests/manifests/
+//! dockercoins.yaml (XDP and tc on the node's NIC, socket hooks on the node's pod cgroup), drives
+//! traffic (workers calling rng, hasher and redis through their ClusterIPs; a client outside
+//! calling webui through its NodePort), prints a per-service table of connections and endpoint
+//! spread, and tears everything down (also on failure: the lab's guards do it).
 
-use std::{ffi::CString, time::Duration};
+use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
-use aya::programs::XdpMode;
 use lab::{
-    lab::Lab,
-    peer::{self, ClientRun},
-    topology::{Cluster, ClusterSpec, FABRIC_IFACE, node_addr, pod_addr},
+    lab::{Cgroup, Host, Lab, PinDir, Proc, ScratchDir, wait_for_log},
+    peer::{self, ClientReport, ClientRun},
+    topology::{Cluster, ClusterSpec, FABRIC_IFACE, node_addr},
 };
-use lb_userspace::counter::XdpCounter;
 
-const PORT: u16 = 8080;
+const MANIFEST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/dockercoins.yaml");
 const REQUESTS: u64 = 200;
+
+/// Which application runs in which pod (node, pod index) and on which port; the worker pods
+/// (index 3 on each node) run the clients.
+const APPS: [(&str, u8, u8, u16); 6] = [
+    ("rng-1", 1, 0, 8080),
+    ("hasher-1", 1, 1, 8080),
+    ("webui-1", 1, 2, 8080),
+    ("rng-2", 2, 0, 8080),
+    ("hasher-2", 2, 1, 8080),
+    ("redis-1", 2, 2, 6379),
+];
+
+struct NodeAgent {
+    _agent: Proc,
+    _pins: PinDir,
+    cgroup: Cgroup,
+}
 
 fn main() -> anyhow::Result<()> {
     let mut lab = Lab::new()?;
-    let cluster = Cluster::build(&mut lab, &ClusterSpec::default())?;
+    let cluster = Cluster::build(
+        &mut lab,
+        &ClusterSpec {
+            pods_per_node: vec![4, 4],
+        },
+    )?;
+    let scratch = ScratchDir::new(&lab, "demo")?;
     println!(
-        "lab {}: namespaces {}",
-        lab.prefix(),
-        lab.namespaces().join(", ")
+        "lab {}: client, fabric, node1 and node2 with 4 pods each",
+        lab.prefix()
     );
 
-    let node1 = &cluster.node(1).host;
-    let mut servers = vec![peer::serve(node1, "node1", PORT)?];
-    for pod in cluster.pods() {
-        servers.push(peer::serve(&pod.host, pod.host.name(), PORT)?);
+    let mut servers = Vec::new();
+    for (name, node, pod, port) in APPS {
+        let host = &cluster.node(node).pods[usize::from(pod)].host;
+        servers.push(peer::serve(host, name, port)?);
     }
+    println!(
+        "servers: {}",
+        APPS.map(|(name, node, pod, _)| format!("{name} (node{node}/pod{pod})"))
+            .join(", ")
+    );
 
-    let mut counter = XdpCounter::load().context("loading the eBPF object")?;
-    {
-        let _inside = node1.enter()?;
-        let iface = CString::new(FABRIC_IFACE)?;
-        counter
-            .attach(iface.as_c_str(), XdpMode::Driver)
-            .context("attaching XDP in native mode")?;
-    }
-    println!("lb_xdp_count attached in native (driver) mode to node1/{FABRIC_IFACE}\n");
-    let before = node1.link_stats(FABRIC_IFACE)?;
+    let agents = [1u8, 2]
+        .map(|node| start_agent(&lab, &cluster.node(node).host, &scratch))
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    println!("lb agents running on node1 and node2 with {MANIFEST}\n");
 
-    let to_node1 = format!("{}:{PORT}", node_addr(1));
-    let to_remote_pod = format!("{}:{PORT}", pod_addr(2, 0));
-    let runs = [
+    let worker = |node: u8| -> &Host { &cluster.node(node).pods[3].host };
+    let node_port = format!("{}:30080", node_addr(1));
+    let runs: Vec<(&str, &str, &Host, Option<&Cgroup>, ClientRun)> = vec![
         (
-            "client -> node1",
-            &cluster.client,
-            ClientRun::tcp(&to_node1, REQUESTS),
+            "rng",
+            "worker-1 (node1)",
+            worker(1),
+            Some(&agents[0].cgroup),
+            ClientRun::tcp("10.96.0.11:80", REQUESTS),
         ),
         (
-            "client -> node1",
-            &cluster.client,
-            ClientRun::udp(&to_node1, REQUESTS),
+            "rng",
+            "worker-2 (node2)",
+            worker(2),
+            Some(&agents[1].cgroup),
+            ClientRun::tcp("10.96.0.11:80", REQUESTS),
         ),
         (
-            "pod n1p0 -> pod n2p0",
-            &cluster.node(1).pods[0].host,
-            ClientRun::tcp(&to_remote_pod, REQUESTS),
+            "hasher",
+            "worker-1 (node1)",
+            worker(1),
+            Some(&agents[0].cgroup),
+            ClientRun::tcp("10.96.0.12:80", REQUESTS),
+        ),
+        (
+            "hasher",
+            "worker-2 (node2)",
+            worker(2),
+            Some(&agents[1].cgroup),
+            ClientRun::tcp("10.96.0.12:80", REQUESTS),
+        ),
+        (
+            "redis",
+            "worker-1 (node1)",
+            worker(1),
+            Some(&agents[0].cgroup),
+            ClientRun {
+                one_flow: true,
+                ..ClientRun::tcp("10.96.0.13:6379", REQUESTS)
+            },
+        ),
+        (
+            "webui",
+            "client (outside)",
+            &cluster.client,
+            None,
+            ClientRun::tcp(&node_port, REQUESTS),
         ),
     ];
     println!(
-        "{:<22} {:<5} {:>8} {:>6} {:>7}  seen by server as",
-        "traffic", "proto", "requests", "ok", "errors"
+        "{:<8} {:<20} {:<20} {:>6} {:>5} {:>6}  endpoint spread",
+        "service", "from", "to", "conns", "ok", "errors"
     );
-    for (label, host, run) in &runs {
-        let report = run.run(host, None)?;
-        let peers: Vec<&String> = report.peers_seen.keys().collect();
+    let mut failures = 0;
+    for (service, from, host, cgroup, run) in &runs {
+        let report = run.run(host, *cgroup)?;
+        failures += report.errors;
+        let connections = if run.one_flow { 1 } else { report.attempts };
         println!(
-            "{label:<22} {:<5} {:>8} {:>6} {:>7}  {peers:?}",
-            run.protocol, report.attempts, report.ok, report.errors
+            "{service:<8} {from:<20} {:<20} {connections:>6} {:>5} {:>6}  {}",
+            run.to,
+            report.ok,
+            report.errors,
+            spread(&report)
         );
     }
-
-    std::thread::sleep(Duration::from_millis(200));
-    let after = node1.link_stats(FABRIC_IFACE)?;
-    println!("\nwhat XDP counted on node1/{FABRIC_IFACE} (per-CPU map, summed):");
-    println!("{:<12} {:>9} {:>10}", "class", "packets", "bytes");
-    let mut total = 0;
-    for count in counter.read()? {
-        total += count.counter.packets;
-        println!(
-            "{:<12} {:>9} {:>10}",
-            count.label, count.counter.packets, count.counter.bytes
-        );
-    }
-    let received = after.rx_packets - before.rx_packets;
-    println!(
-        "{:<12} {:>9}   (the NIC's own rx counter: {received}{})",
-        "total",
-        total,
-        if received == total {
-            ", equal"
-        } else {
-            ", DIFFERENT"
-        }
-    );
+    drop(agents);
     drop(servers);
-    drop(counter);
     let prefix = lab.prefix().to_owned();
+    drop(scratch);
     drop(lab);
     println!("\nlab {prefix} removed");
+    anyhow::ensure!(failures == 0, "{failures} requests failed");
     Ok(())
+}
+
+/// `name count (percent)` per endpoint.
+fn spread(report: &ClientReport) -> String {
+    report
+        .by_server
+        .iter()
+        .map(|(server, count)| {
+            format!(
+                "{server} {count} ({:.0}%)",
+                *count as f64 * 100.0 / report.ok.max(1) as f64
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn start_agent(lab: &Lab, node: &Host, scratch: &ScratchDir) -> anyhow::Result<NodeAgent> {
+    let pins = PinDir::new(lab, node.name())?;
+    let cgroup = Cgroup::new(lab, node.name())?;
+    let log = scratch.path().join(format!("{}.log", node.name()));
+    let lb = peer::sibling_binary("lb")?;
+    let args = [
+        "run",
+        "--source",
+        "file",
+        "--manifests",
+        MANIFEST,
+        "--hostname-override",
+        node.name(),
+        "--interfaces",
+        FABRIC_IFACE,
+        "--cgroup-path",
+        cgroup.path().to_str().context("cgroup path is UTF-8")?,
+        "--pin-dir",
+        pins.path().to_str().context("pin path is UTF-8")?,
+    ];
+    let agent = node.spawn_logged(lb, &args, None, &log)?;
+    wait_for_log(&log, "synced", 1, Duration::from_secs(10))
+        .with_context(|| format!("agent on {}", node.name()))?;
+    print_sync_line(&log, node.name());
+    Ok(NodeAgent {
+        _agent: agent,
+        _pins: pins,
+        cgroup,
+    })
+}
+
+fn print_sync_line(log: &Path, node: &str) {
+    if let Some(line) = std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .find(|line| line.contains("synced"))
+    {
+        let fields = line.split("synced").nth(1).unwrap_or_default().trim();
+        println!("{node}: first sync: {fields}");
+    }
 }
