@@ -27,6 +27,13 @@ enum Task {
     BuildEbpf,
     /// The main job: build a lab of network namespaces, load the datapath and show it at work.
     Demo,
+    /// The per-packet datapath benchmark: every path through BPF_PROG_TEST_RUN at 1, 10k and 100k
+    /// services (needs root). Prints a table and writes target/bench/datapath.json.
+    Bench {
+        /// Extra arguments for lb-bench, e.g. `--iterations 5000` or `--services 1,1000`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// The whole test suite: formatting, clippy (stable, and nightly for the eBPF crate), and every
     /// test including the ones against the real kernel (needs root).
     Test {
@@ -53,6 +60,7 @@ fn run_task(task: Task) -> anyhow::Result<()> {
         Task::Setup => setup::ensure(&root).map(drop),
         Task::BuildEbpf => build_ebpf(&root),
         Task::Demo => demo(&root),
+        Task::Bench { args } => bench(&root, &args),
         Task::Test { args } => test(&root, &args),
     }
 }
@@ -114,6 +122,25 @@ fn demo(root: &Path) -> anyhow::Result<()> {
         .current_dir(root))?;
     run(&mut Command::new(
         target_dir(root).join("release").join("lab-demo"),
+    ))
+}
+
+fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    setup::ensure(root)?;
+    ensure_root("the benchmark loads eBPF programs and pins their maps in bpffs")?;
+    run(Command::new("cargo")
+        .args(["build", "--release", "--package", "lb-tests"])
+        .args(["--bin", "lb-bench", "--bin", "lb-bench-control"])
+        .current_dir(root))?;
+    let target = target_dir(root);
+    // The datapath: per-packet cost of every XDP and tc path at several table sizes.
+    run(Command::new(target.join("release").join("lb-bench"))
+        .arg("--out")
+        .arg(target.join("bench").join("datapath.json"))
+        .args(extra))?;
+    // The control plane: programming 10k services x 10 endpoints, and one change at that size.
+    run(&mut Command::new(
+        target.join("release").join("lb-bench-control"),
     ))
 }
 

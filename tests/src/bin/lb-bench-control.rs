@@ -1,0 +1,212 @@
+//! Control-plane benchmark: time and peak memory to program N services x M endpoints from
+//! nothing (compile + reconcile into fresh, private pinned maps), and the latency of one
+//! endpoint change at that size (compile + reconcile until the map holds it).
+//!
+//! In-process, so the figures are the agent's own work; a source adds its delivery time on top
+//! (the file source polls every 250 ms, the Kubernetes source coalesces bursts over 50 ms).
+//! Run by `cargo xtask bench`; prints a table and writes target/bench/control.json.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use lab::lab::{Lab, PinDir};
+use lb_userspace::{
+    compile::{NodeContext, compile},
+    datapath::Datapath,
+    reconcile::Reconciler,
+    source::Snapshot,
+};
+
+const SERVICES: usize = 10_000;
+const ENDPOINTS: usize = 10;
+const CHANGES: usize = 21;
+
+fn main() -> anyhow::Result<()> {
+    let lab = Lab::new()?;
+    let pins = PinDir::new(&lab, "bench-control")?;
+    let rss_start = peak_rss_kib();
+    let mut snapshot = snapshot(SERVICES, ENDPOINTS);
+    let rss_objects = peak_rss_kib();
+    let node = NodeContext::new("node1");
+
+    let mut datapath = Datapath::load(pins.path())?;
+    let mut reconciler = Reconciler::new();
+    let started = Instant::now();
+    let (desired, problems) = compile(&snapshot, &node);
+    let compiled = started.elapsed();
+    let report = reconciler.reconcile(&mut datapath, &desired);
+    let from_nothing = started.elapsed();
+    anyhow::ensure!(
+        problems.is_empty() && report.errors.is_empty(),
+        "{problems:?} {:?}",
+        report.errors
+    );
+    anyhow::ensure!(report.services_put == SERVICES, "{report:?}");
+    let rss_programmed = peak_rss_kib();
+
+    // One endpoint changes in one slice; the datapath must hold the new backend afterwards.
+    let mut latencies = Vec::new();
+    for change in 0..CHANGES {
+        let slice = &mut snapshot.endpoint_slices[change * 97 % SERVICES];
+        let new_addr = format!("10.250.{}.{}", change / 250, change % 250 + 1);
+        slice.endpoints[0].addresses = vec![new_addr.clone()];
+        let started = Instant::now();
+        let (desired, _) = compile(&snapshot, &node);
+        let report = reconciler.reconcile(&mut datapath, &desired);
+        let latency = started.elapsed();
+        anyhow::ensure!(
+            report.services_put == 1 && report.backends_put == 1,
+            "{report:?}"
+        );
+        let present = datapath
+            .installed_backends()
+            .values()
+            .any(|backend| backend.addr.to_string() == new_addr);
+        anyhow::ensure!(present, "the change did not reach the maps");
+        latencies.push(latency);
+    }
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    let p90 = latencies[latencies.len() * 9 / 10];
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "control plane: {SERVICES} services x {ENDPOINTS} endpoints (one Service port each), in-process"
+    );
+    println!(
+        "  from nothing: {:>8.1} ms (compile {:.1} ms, reconcile {:.1} ms)  target <= 2000 ms",
+        ms(from_nothing),
+        ms(compiled),
+        ms(from_nothing - compiled)
+    );
+    println!(
+        "  peak RSS:     {:>8.1} MiB (objects alone {:.1} MiB, process start {:.1} MiB)  target <= 150 MiB",
+        mib(rss_programmed),
+        mib(rss_objects),
+        mib(rss_start)
+    );
+    println!(
+        "  one endpoint change: median {:.2} ms, p90 {:.2} ms over {CHANGES} changes  target <= 10 ms",
+        ms(median),
+        ms(p90)
+    );
+
+    let json = serde_json::json!({
+        "services": SERVICES,
+        "endpoints_per_service": ENDPOINTS,
+        "from_nothing_ms": ms(from_nothing),
+        "compile_ms": ms(compiled),
+        "reconcile_ms": ms(from_nothing - compiled),
+        "peak_rss_mib": mib(rss_programmed),
+        "objects_rss_mib": mib(rss_objects),
+        "change_median_ms": ms(median),
+        "change_p90_ms": ms(p90),
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("control.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    drop(datapath);
+    Ok(())
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// VmHWM (peak resident set) of this process, in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// N ClusterIP Services with one port each and one EndpointSlice of M ready endpoints each,
+/// spread over two nodes.
+fn snapshot(services: usize, endpoints: usize) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    for index in 0..services {
+        let name = format!("svc-{index}");
+        let meta = |name: String, labels: Option<BTreeMap<String, String>>| ObjectMeta {
+            name: Some(name),
+            namespace: Some("bench".into()),
+            labels,
+            ..ObjectMeta::default()
+        };
+        let cluster_ip = format!("10.96.{}.{}", index / 250, index % 250 + 1);
+        snapshot.services.push(Service {
+            metadata: meta(name.clone(), None),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(cluster_ip),
+                ports: Some(vec![ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        });
+        let labels = BTreeMap::from([("kubernetes.io/service-name".to_owned(), name.clone())]);
+        snapshot.endpoint_slices.push(EndpointSlice {
+            metadata: meta(format!("{name}-abcde"), Some(labels)),
+            address_type: "IPv4".into(),
+            endpoints: (0..endpoints)
+                .map(|endpoint| {
+                    let pod = index * endpoints + endpoint;
+                    Endpoint {
+                        addresses: vec![format!(
+                            "10.{}.{}.{}",
+                            100 + pod / 65536,
+                            (pod / 256) % 256,
+                            pod % 256
+                        )],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(true),
+                            serving: Some(true),
+                            terminating: Some(false),
+                        }),
+                        node_name: Some(format!("node{}", 1 + pod % 2)),
+                        ..Endpoint::default()
+                    }
+                })
+                .collect(),
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                protocol: Some("TCP".into()),
+                ..EndpointPort::default()
+            }]),
+        });
+    }
+    snapshot.node = Some(Node {
+        metadata: ObjectMeta {
+            name: Some("node1".into()),
+            ..ObjectMeta::default()
+        },
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".into(),
+                address: "203.0.113.1".into(),
+            }]),
+            ..NodeStatus::default()
+        }),
+        ..Node::default()
+    });
+    snapshot
+}
