@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    compile::{Ipv4Cidr, NodeContext, Problem, Severity, compile},
+    compile::{Compiler, Ipv4Cidr, NodeContext, Problem, Severity},
     datapath::Datapath,
     reconcile::Reconciler,
     source::{Snapshot, file::FileSource},
@@ -111,7 +111,7 @@ async fn sync_until_stopped(
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let node = config.node_context();
+    let mut compiler = Compiler::new(config.node_context());
     let mut reconciler = Reconciler::new();
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
     loop {
@@ -126,16 +126,18 @@ async fn sync_until_stopped(
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
-        let snapshot = snapshots.borrow_and_update().clone();
         let started = Instant::now();
-        let (desired, problems) = compile(&snapshot, &node);
-        report_new_problems(&problems, &mut reported);
-        let report = reconciler.reconcile(datapath, &desired);
+        // Compiled under the channel's read lock: no copy of the whole snapshot.
+        let update = compiler.update(&snapshots.borrow_and_update());
+        report_new_problems(&update.problems, &mut reported);
+        let desired = compiler.desired();
+        let report = reconciler.reconcile_changed(datapath, desired, &update.changed);
         for (key, error) in &report.errors {
             warn!(service = %key, error = %error, "service not programmed; the others are");
         }
         info!(
             services = desired.services.len(),
+            changed = update.changed.len(),
             changes = report.changes(),
             services_put = report.services_put,
             services_removed = report.services_removed,

@@ -17,14 +17,14 @@
 //! endpoint or slice is skipped alone.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
     ops::RangeInclusive,
 };
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
-    discovery::v1::Endpoint,
+    discovery::v1::{Endpoint, EndpointSlice},
 };
 use lb_common::{backend_flags, limits, proto, service_flags};
 
@@ -166,30 +166,258 @@ pub struct Problem {
     pub message: String,
 }
 
-/// Compiles a snapshot into the desired state for one node.
+/// Compiles a snapshot into the desired state for one node, from scratch.
 pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> (Desired, Vec<Problem>) {
-    let mut problems = Vec::new();
-    let node_addresses = node_addresses(snapshot, node);
-    let endpoints = EndpointIndex::build(snapshot, &mut problems);
-    let mut desired = Desired::default();
-    let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), ServicePortKey> = BTreeMap::new();
+    let mut compiler = Compiler::new(node.clone());
+    let problems = compiler.update(snapshot).problems;
+    (compiler.desired, problems)
+}
 
-    let mut services: Vec<&Service> = snapshot.services.iter().collect();
-    services.sort_by_key(|service| object_key(&service.metadata));
-    for service in services {
+/// compile() kept up to date across snapshots: a Service whose object and slices carry the same
+/// resourceVersions as last time is not compiled again, and the desired state is patched in
+/// place, so a change costs O(its size) plus a cheap pass over the snapshot, not a full compile.
+/// Objects without a resourceVersion (hand-written manifests) are compiled every time. A change of
+/// this node's addresses, or any frontend conflict, falls back to a full compile, so the result is
+/// always exactly what [`compile`] gives (tested).
+pub struct Compiler {
+    node: NodeContext,
+    node_addresses: Vec<Ipv4Addr>,
+    desired: Desired,
+    /// By namespace, then name (nested so lookups need no owned key).
+    services: HashMap<String, HashMap<String, CompiledService>>,
+    /// Counts updates; a Service not seen in the current one is gone.
+    generation: u64,
+    /// Which Service port serves each frontend.
+    claimed: HashMap<(Ipv4Addr, u16, u8), ServicePortKey>,
+    /// A full compile is needed (first run, node changed, conflicts present).
+    full: bool,
+}
+
+/// What one Service compiled to, and from what.
+struct CompiledService {
+    /// resourceVersions of the Service and its slices; None: compile again every time.
+    fingerprint: Option<Fingerprint>,
+    /// The update that last saw the Service.
+    seen: u64,
+    keys: Vec<ServicePortKey>,
+    problems: Vec<Problem>,
+    held: bool,
+    conflict: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    service: String,
+    /// (slice name, resourceVersion), sorted.
+    slices: Vec<(String, String)>,
+}
+
+/// The result of one [`Compiler::update`].
+pub struct Update {
+    /// Service ports added, changed or removed since the previous update.
+    pub changed: BTreeSet<ServicePortKey>,
+    /// Every problem of the current snapshot.
+    pub problems: Vec<Problem>,
+}
+
+type SlicesByService<'a> = HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>;
+
+impl Compiler {
+    pub fn new(node: NodeContext) -> Self {
+        Self {
+            node,
+            node_addresses: Vec::new(),
+            desired: Desired::default(),
+            services: HashMap::new(),
+            claimed: HashMap::new(),
+            generation: 0,
+            full: true,
+        }
+    }
+
+    /// The desired state as of the last update.
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    pub fn update(&mut self, snapshot: &Snapshot) -> Update {
+        let node_addresses = node_addresses(snapshot, &self.node);
+        if node_addresses != self.node_addresses {
+            self.node_addresses = node_addresses;
+            self.full = true;
+        }
+        let slices = slices_by_service(snapshot);
+        self.generation += 1;
+        let mut changed = BTreeSet::new();
+        if !self.full && !self.update_changed(snapshot, &slices, &mut changed) {
+            self.full = true;
+        }
+        if self.full {
+            changed.extend(self.desired.services.keys().cloned());
+            self.desired = Desired::default();
+            self.services.clear();
+            self.claimed.clear();
+            let mut services: Vec<&Service> = snapshot.services.iter().collect();
+            services.sort_by_key(|service| object_key(&service.metadata));
+            for service in services {
+                let compiled = self.compile_one(service, &slices, &mut changed);
+                self.insert(service, compiled);
+            }
+            let conflicts = self.compiled().any(|service| service.conflict);
+            self.full = conflicts;
+        }
+        let mut problems: Vec<Problem> = self
+            .compiled()
+            .flat_map(|service| service.problems.iter().cloned())
+            .collect();
+        self.report_orphans(&slices, &mut problems);
+        problems.sort();
+        problems.dedup();
+        Update { changed, problems }
+    }
+
+    /// Recompiles only the Services whose fingerprint changed. Returns false when a full compile
+    /// is needed instead (a conflict appeared).
+    fn update_changed(
+        &mut self,
+        snapshot: &Snapshot,
+        slices: &SlicesByService<'_>,
+        changed: &mut BTreeSet<ServicePortKey>,
+    ) -> bool {
+        for service in &snapshot.services {
+            let (namespace, name) = names(&service.metadata);
+            let known = self
+                .services
+                .get_mut(namespace)
+                .and_then(|by_name| by_name.get_mut(name));
+            if let Some(known) = known
+                && fingerprint_matches(known.fingerprint.as_ref(), service, slices)
+            {
+                known.seen = self.generation;
+                continue;
+            }
+            self.forget(namespace, name, changed);
+            let compiled = self.compile_one(service, slices, changed);
+            if compiled.conflict {
+                return false;
+            }
+            self.insert(service, compiled);
+        }
+        let gone: Vec<(String, String)> = self
+            .services
+            .iter()
+            .flat_map(|(namespace, by_name)| {
+                by_name
+                    .iter()
+                    .filter(|(_, compiled)| compiled.seen != self.generation)
+                    .map(move |(name, _)| (namespace.clone(), name.clone()))
+            })
+            .collect();
+        for (namespace, name) in gone {
+            self.forget(&namespace, &name, changed);
+        }
+        true
+    }
+
+    /// Slices whose Service does not exist: reported, not used.
+    fn report_orphans(&self, slices: &SlicesByService<'_>, problems: &mut Vec<Problem>) {
+        for ((namespace, service), slices) in slices {
+            if self
+                .services
+                .get(*namespace)
+                .is_some_and(|by_name| by_name.contains_key(*service))
+            {
+                continue;
+            }
+            for slice in slices {
+                let (namespace, name) = object_key(&slice.metadata);
+                problems.push(Problem {
+                    severity: Severity::Invalid,
+                    kind: "EndpointSlice",
+                    namespace,
+                    name,
+                    reason: "ServiceNotFound",
+                    message: format!("service {service:?} does not exist; endpoints ignored"),
+                });
+            }
+        }
+    }
+
+    fn compiled(&self) -> impl Iterator<Item = &CompiledService> {
+        self.services.values().flat_map(HashMap::values)
+    }
+
+    fn insert(&mut self, service: &Service, mut compiled: CompiledService) {
+        let (namespace, name) = names(&service.metadata);
+        compiled.seen = self.generation;
+        self.services
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(name.to_owned(), compiled);
+    }
+
+    /// Removes what a Service contributed to the desired state.
+    fn forget(&mut self, namespace: &str, name: &str, changed: &mut BTreeSet<ServicePortKey>) {
+        let Some(compiled) = self
+            .services
+            .get_mut(namespace)
+            .and_then(|by_name| by_name.remove(name))
+        else {
+            return;
+        };
+        for key in compiled.keys {
+            if let Some(service) = self.desired.services.remove(&key) {
+                for frontend in &service.frontends {
+                    self.claimed
+                        .remove(&(frontend.addr, frontend.port, frontend.proto));
+                }
+            }
+            changed.insert(key);
+        }
+        self.desired
+            .held
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Compiles one Service into the desired state (which must not hold it yet).
+    fn compile_one(
+        &mut self,
+        service: &Service,
+        slices: &SlicesByService<'_>,
+        changed: &mut BTreeSet<ServicePortKey>,
+    ) -> CompiledService {
         let (namespace, name) = object_key(&service.metadata);
-        match compile_service(service, node, &node_addresses, &endpoints, &mut problems) {
+        let mut compiled = CompiledService {
+            fingerprint: fingerprint(service, slices),
+            seen: self.generation,
+            keys: Vec::new(),
+            problems: Vec::new(),
+            held: false,
+            conflict: false,
+        };
+        let service_slices = slices
+            .get(&(namespace.as_str(), name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let endpoints = ServiceEndpoints::build(service_slices, &mut compiled.problems);
+        match compile_service(
+            service,
+            &self.node,
+            &self.node_addresses,
+            &endpoints,
+            &mut compiled.problems,
+        ) {
             Ok(ports) => {
-                if let Some((frontend, owner)) = ports
+                let conflict = ports
                     .values()
                     .flat_map(|desired| desired.frontends.iter())
                     .find_map(|f| {
-                        claimed
+                        self.claimed
                             .get(&(f.addr, f.port, f.proto))
-                            .map(|owner| (f, owner))
-                    })
-                {
-                    problems.push(invalid_service(
+                            .map(|owner| (*f, owner.clone()))
+                    });
+                if let Some((frontend, owner)) = conflict {
+                    compiled.problems.push(invalid_service(
                         service,
                         "FrontendConflict",
                         format!(
@@ -197,27 +425,105 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> (Desired, Vec<Problem
                             frontend.addr, frontend.port
                         ),
                     ));
-                    desired.held.insert((namespace, name));
-                    continue;
-                }
-                for (key, port) in ports {
-                    for frontend in &port.frontends {
-                        claimed.insert((frontend.addr, frontend.port, frontend.proto), key.clone());
+                    compiled.held = true;
+                    compiled.conflict = true;
+                } else {
+                    for (key, port) in ports {
+                        for frontend in &port.frontends {
+                            self.claimed.insert(
+                                (frontend.addr, frontend.port, frontend.proto),
+                                key.clone(),
+                            );
+                        }
+                        compiled.keys.push(key.clone());
+                        changed.insert(key.clone());
+                        self.desired.services.insert(key, port);
                     }
-                    desired.services.insert(key, port);
                 }
             }
             Err(Skip::Ignored) => {}
             Err(Skip::Invalid(problem)) => {
-                problems.push(problem);
-                desired.held.insert((namespace, name));
+                compiled.problems.push(problem);
+                compiled.held = true;
             }
         }
+        if compiled.held {
+            self.desired.held.insert((namespace, name));
+        }
+        compiled
     }
-    endpoints.report_orphans(snapshot, &mut problems);
-    problems.sort();
-    problems.dedup();
-    (desired, problems)
+}
+
+/// The EndpointSlices of each Service, by (namespace, service name).
+fn slices_by_service(snapshot: &Snapshot) -> SlicesByService<'_> {
+    let mut by_service: SlicesByService<'_> =
+        HashMap::with_capacity(snapshot.endpoint_slices.len());
+    for slice in &snapshot.endpoint_slices {
+        if let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        {
+            let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+            by_service
+                .entry((namespace, service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    by_service
+}
+
+fn fingerprint(service: &Service, slices: &SlicesByService<'_>) -> Option<Fingerprint> {
+    let (namespace, name) = names(&service.metadata);
+    let mut slice_versions = Vec::new();
+    for slice in slices.get(&(namespace, name)).into_iter().flatten() {
+        slice_versions.push((
+            slice.metadata.name.clone()?,
+            slice.metadata.resource_version.clone()?,
+        ));
+    }
+    slice_versions.sort();
+    Some(Fingerprint {
+        service: service.metadata.resource_version.clone()?,
+        slices: slice_versions,
+    })
+}
+
+/// Whether the Service and its slices carry the resourceVersions of `known`, without building a
+/// new fingerprint (this runs for every Service on every update).
+fn fingerprint_matches(
+    known: Option<&Fingerprint>,
+    service: &Service,
+    slices: &SlicesByService<'_>,
+) -> bool {
+    let Some(known) = known else {
+        return false;
+    };
+    if service.metadata.resource_version.as_deref() != Some(known.service.as_str()) {
+        return false;
+    }
+    let (namespace, name) = names(&service.metadata);
+    let current = slices
+        .get(&(namespace, name))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    current.len() == known.slices.len()
+        && current.iter().all(|slice| {
+            known.slices.iter().any(|(known_name, known_version)| {
+                slice.metadata.name.as_deref() == Some(known_name.as_str())
+                    && slice.metadata.resource_version.as_deref() == Some(known_version.as_str())
+            })
+        })
+}
+
+/// (namespace, name) of an object, borrowed.
+fn names(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (&str, &str) {
+    (
+        metadata.namespace.as_deref().unwrap_or("default"),
+        metadata.name.as_deref().unwrap_or_default(),
+    )
 }
 
 enum Skip {
@@ -298,7 +604,7 @@ fn compile_service(
     service: &Service,
     node: &NodeContext,
     node_addresses: &[Ipv4Addr],
-    endpoints: &EndpointIndex,
+    endpoints: &ServiceEndpoints,
     problems: &mut Vec<Problem>,
 ) -> Result<BTreeMap<ServicePortKey, DesiredService>, Skip> {
     let (namespace, name) = object_key(&service.metadata);
@@ -439,7 +745,7 @@ fn compile_service(
             port_name: port_name.clone(),
             proto: protocol,
         };
-        let backends = endpoints.backends(&namespace, &name, &port_name, protocol, &node.node_name);
+        let backends = endpoints.backends(&port_name, protocol, &node.node_name);
         if backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
             return Err(invalid(
                 "TooManyEndpoints",
@@ -520,24 +826,16 @@ struct SliceEndpoint {
     terminating: bool,
 }
 
-/// Endpoints of every Service, from all its EndpointSlices.
-struct EndpointIndex {
-    by_service: BTreeMap<(String, String), Vec<SliceEndpoint>>,
+/// The endpoints of one Service, from all its EndpointSlices.
+struct ServiceEndpoints {
+    endpoints: Vec<SliceEndpoint>,
 }
 
-impl EndpointIndex {
-    fn build(snapshot: &Snapshot, problems: &mut Vec<Problem>) -> Self {
-        let mut by_service: BTreeMap<(String, String), Vec<SliceEndpoint>> = BTreeMap::new();
-        for slice in &snapshot.endpoint_slices {
+impl ServiceEndpoints {
+    fn build(slices: &[&EndpointSlice], problems: &mut Vec<Problem>) -> Self {
+        let mut endpoints = Vec::new();
+        for slice in slices {
             let (namespace, name) = object_key(&slice.metadata);
-            let Some(service) = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-            else {
-                continue;
-            };
             if slice.address_type != "IPv4" {
                 if slice.address_type == "IPv6" {
                     problems.push(unsupported(
@@ -549,9 +847,6 @@ impl EndpointIndex {
                 }
                 continue;
             }
-            let entry = by_service
-                .entry((namespace.clone(), service.clone()))
-                .or_default();
             for port in slice.ports.iter().flatten() {
                 let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
                     "TCP" => proto::TCP,
@@ -579,7 +874,7 @@ impl EndpointIndex {
                         protocol,
                         port.name.clone().unwrap_or_default(),
                     ) {
-                        Ok(endpoint) => entry.push(endpoint),
+                        Ok(endpoint) => endpoints.push(endpoint),
                         Err(message) => problems.push(Problem {
                             severity: Severity::Invalid,
                             kind: "EndpointSlice",
@@ -592,23 +887,14 @@ impl EndpointIndex {
                 }
             }
         }
-        Self { by_service }
+        Self { endpoints }
     }
 
     /// The backends new flows of one Service port select from.
-    fn backends(
-        &self,
-        namespace: &str,
-        service: &str,
-        port_name: &str,
-        protocol: u8,
-        node_name: &str,
-    ) -> BTreeSet<Backend> {
+    fn backends(&self, port_name: &str, protocol: u8, node_name: &str) -> BTreeSet<Backend> {
         let candidates: Vec<&SliceEndpoint> = self
-            .by_service
-            .get(&(namespace.to_owned(), service.to_owned()))
-            .into_iter()
-            .flatten()
+            .endpoints
+            .iter()
             .filter(|endpoint| endpoint.port_name == port_name && endpoint.proto == protocol)
             .collect();
         let ready: Vec<&&SliceEndpoint> = candidates
@@ -644,34 +930,6 @@ impl EndpointIndex {
                 });
         }
         by_address.into_values().collect()
-    }
-
-    /// Slices whose Service does not exist: reported, not used.
-    fn report_orphans(&self, snapshot: &Snapshot, problems: &mut Vec<Problem>) {
-        let services: BTreeSet<(String, String)> = snapshot
-            .services
-            .iter()
-            .map(|service| object_key(&service.metadata))
-            .collect();
-        for slice in &snapshot.endpoint_slices {
-            let (namespace, name) = object_key(&slice.metadata);
-            if let Some(service) = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-                && !services.contains(&(namespace.clone(), service.clone()))
-            {
-                problems.push(Problem {
-                    severity: Severity::Invalid,
-                    kind: "EndpointSlice",
-                    namespace,
-                    name,
-                    reason: "ServiceNotFound",
-                    message: format!("service {service:?} does not exist; endpoints ignored"),
-                });
-            }
-        }
     }
 }
 

@@ -1,17 +1,19 @@
 //! reconcile(desired, datapath): brings the maps to the desired state with the fewest updates,
 //! in an order that never drops a packet:
 //!
-//! 1. backends that are new or changed are written (nothing references them yet);
-//! 2. services that are new or changed are written (each one's new slot table, then its
-//!    frontends flipped to it: see `Datapath::put_service`);
-//! 3. services no longer desired are removed (frontends first);
-//! 4. backends nothing references any more are removed.
+//! 1. for each new or changed service: its backends that are new or changed are written (nothing
+//!    references them yet), then the service (its new slot table, then its frontends flipped to
+//!    it: see `Datapath::put_service`);
+//! 2. services no longer desired are removed (frontends first);
+//! 3. backends nothing references any more are removed.
 //!
-//! It is idempotent (a second run changes nothing) and restart-safe: it reads what the pinned
-//! maps hold through the datapath's index, keeps the ids of services and backends that are
-//! already there, and never touches connection tracking, so flows survive an agent restart.
+//! It is idempotent (a second run changes nothing) and restart-safe: the first run after a start
+//! reads what the pinned maps hold through the datapath's index, adopts the ids of services and
+//! backends already there, and never touches connection tracking, so flows survive a restart.
+//! Later runs only look at the Service ports whose desired state differs from what the previous
+//! run applied, so one endpoint change costs O(that service), not O(all services).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{Frontend4Key, limits};
 
@@ -20,11 +22,21 @@ use crate::{
     datapath::{Backend, Datapath, DatapathError, Service},
 };
 
-/// Remembers which service id belongs to which Service port between syncs. After a restart it
-/// starts empty and adopts the ids the maps hold by matching frontends.
+/// Remembers what it applied between runs: the service id of each Service port, the id and
+/// reference count of each backend.
 #[derive(Debug, Default)]
 pub struct Reconciler {
     ids: BTreeMap<ServicePortKey, u32>,
+    applied: HashMap<ServicePortKey, DesiredService>,
+    backend_ids: HashMap<BackendIdentity, u32>,
+    backend_refs: HashMap<u32, usize>,
+    /// Backends whose reference count dropped to zero in this run.
+    released: Vec<u32>,
+    /// Service ports whose last put failed: tried again on every run until they succeed.
+    failed: BTreeSet<ServicePortKey>,
+    next_service_id: u32,
+    next_backend_id: u32,
+    initialized: bool,
 }
 
 /// What one reconcile did.
@@ -68,198 +80,165 @@ impl Reconciler {
         &self.ids
     }
 
+    /// Reconciles every Service port (comparing each with what the previous run applied).
     pub fn reconcile(&mut self, datapath: &mut Datapath, desired: &Desired) -> ReconcileReport {
-        let mut report = ReconcileReport::default();
-        self.forget_vanished(datapath);
-        self.adopt_installed(datapath, desired);
+        let changed: BTreeSet<ServicePortKey> = if self.initialized {
+            desired
+                .services
+                .iter()
+                .filter(|(key, service)| self.applied.get(*key) != Some(*service))
+                .map(|(key, _)| key.clone())
+                .chain(
+                    self.ids
+                        .keys()
+                        .filter(|key| !desired.services.contains_key(*key))
+                        .cloned(),
+                )
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        self.reconcile_changed(datapath, desired, &changed)
+    }
 
-        // 1. Backends.
-        let mut backend_ids: BTreeMap<BackendIdentity, u32> = datapath
+    /// Reconciles the Service ports in `changed` (added, changed or removed since the previous
+    /// run, as `Compiler::update` reports them): O(the change), not O(all services). The first
+    /// run after a start looks at everything regardless.
+    pub fn reconcile_changed(
+        &mut self,
+        datapath: &mut Datapath,
+        desired: &Desired,
+        changed: &BTreeSet<ServicePortKey>,
+    ) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        let first_run = !self.initialized;
+        if first_run {
+            self.adopt_installed(datapath, desired);
+        }
+        let retry = std::mem::take(&mut self.failed);
+        let changed: BTreeSet<&ServicePortKey> = changed.iter().chain(retry.iter()).collect();
+
+        // 1. New or changed services, with their backends.
+        let to_put: Vec<&ServicePortKey> = if first_run {
+            desired.services.keys().collect()
+        } else {
+            changed
+                .iter()
+                .copied()
+                .filter(|key| desired.services.contains_key(*key))
+                .collect()
+        };
+        for key in to_put {
+            let service = &desired.services[key];
+            match self.put_service(datapath, key, service, &mut report) {
+                Ok(()) => {
+                    self.applied.insert(key.clone(), service.clone());
+                }
+                Err(error) => {
+                    self.applied.remove(key);
+                    self.failed.insert(key.clone());
+                    report.errors.push((key.clone(), error));
+                }
+            }
+        }
+
+        // 2. Services no longer desired (a held Service keeps what it had).
+        let held = |key: &ServicePortKey| {
+            desired
+                .held
+                .contains(&(key.namespace.clone(), key.name.clone()))
+        };
+        let candidates: Box<dyn Iterator<Item = &ServicePortKey>> = if first_run {
+            Box::new(self.ids.keys())
+        } else {
+            Box::new(changed.iter().copied())
+        };
+        let mut stale: Vec<(Option<ServicePortKey>, u32)> = candidates
+            .filter(|key| !desired.services.contains_key(*key) && !held(key))
+            .filter_map(|key| self.ids.get(key).map(|id| (Some(key.clone()), *id)))
+            .collect();
+        if first_run {
+            // Whatever the maps hold that no Service port claims (an earlier run's leftovers).
+            let known: BTreeSet<u32> = self.ids.values().copied().collect();
+            stale.extend(
+                datapath
+                    .installed_services()
+                    .keys()
+                    .filter(|id| !known.contains(id))
+                    .map(|id| (None, *id)),
+            );
+        }
+        for (key, id) in stale {
+            let backends = datapath
+                .installed_services()
+                .get(&id)
+                .map(|service| service.backends.clone())
+                .unwrap_or_default();
+            match datapath.remove_service(id) {
+                Ok(()) => {
+                    report.services_removed += 1;
+                    self.release(&backends);
+                    if let Some(key) = key {
+                        self.ids.remove(&key);
+                        self.applied.remove(&key);
+                    }
+                }
+                Err(error) => report
+                    .errors
+                    .push((key.unwrap_or_else(|| unknown_key(id)), error)),
+            }
+        }
+
+        // 3. Backends nothing references (the first run checks them all).
+        let candidates: Vec<u32> = if first_run {
+            self.backend_refs.keys().copied().collect()
+        } else {
+            std::mem::take(&mut self.released)
+        };
+        for id in candidates {
+            if self.backend_refs.get(&id) != Some(&0) {
+                continue;
+            }
+            let identity = datapath.installed_backends().get(&id).map(identity);
+            if datapath.remove_backend(id).is_ok() {
+                report.backends_removed += 1;
+                self.backend_refs.remove(&id);
+                if let Some(identity) = identity {
+                    self.backend_ids.remove(&identity);
+                }
+            }
+        }
+        self.released.clear();
+        self.initialized = true;
+        report
+    }
+
+    /// After a (re)start: ids, backends and reference counts from what the maps hold; a desired
+    /// Service port whose frontends are installed under some id takes that id, so nothing is
+    /// rewritten and counters keep counting.
+    fn adopt_installed(&mut self, datapath: &Datapath, desired: &Desired) {
+        self.backend_ids = datapath
             .installed_backends()
             .iter()
             .map(|(id, backend)| (identity(backend), *id))
             .collect();
-        let wanted: BTreeMap<BackendIdentity, Backend> = desired
-            .services
-            .values()
-            .flat_map(|service| service.backends.iter())
-            .map(|backend| (identity(backend), *backend))
-            .collect();
-        let mut failed_backends = BTreeSet::new();
-        let mut free_backend_ids =
-            IdAllocator::new(backend_ids.values().copied(), limits::MAX_BACKENDS);
-        for (identity, backend) in &wanted {
-            let id = match backend_ids.get(identity) {
-                Some(id) => *id,
-                None => match free_backend_ids.next() {
-                    Some(id) => id,
-                    None => {
-                        failed_backends.insert(*identity);
-                        continue;
-                    }
-                },
-            };
-            if datapath.installed_backends().get(&id) == Some(backend) {
-                backend_ids.insert(*identity, id);
-                continue;
-            }
-            match datapath.put_backend(id, backend) {
-                Ok(()) => {
-                    backend_ids.insert(*identity, id);
-                    report.backends_put += 1;
-                }
-                Err(_) => {
-                    failed_backends.insert(*identity);
-                }
-            }
-        }
-
-        // 2. Services new or changed.
-        let mut free_service_ids = IdAllocator::new(
-            self.ids
-                .values()
-                .copied()
-                .chain(datapath.installed_services().keys().copied()),
-            limits::MAX_SERVICES,
-        );
-        for (key, service) in &desired.services {
-            let result = self.put_service(
-                datapath,
-                key,
-                service,
-                &backend_ids,
-                &failed_backends,
-                &mut free_service_ids,
-            );
-            match result {
-                Ok(true) => report.services_put += 1,
-                Ok(false) => {}
-                Err(error) => report.errors.push((key.clone(), error)),
-            }
-        }
-
-        // 3. Services no longer desired (a held Service keeps what it had).
-        let held_ids: BTreeSet<u32> = self
-            .ids
-            .iter()
-            .filter(|(key, _)| {
-                desired
-                    .held
-                    .contains(&(key.namespace.clone(), key.name.clone()))
-            })
-            .map(|(_, id)| *id)
-            .collect();
-        let wanted_ids: BTreeSet<u32> = desired
-            .services
-            .keys()
-            .filter_map(|key| self.ids.get(key).copied())
-            .chain(held_ids)
-            .collect();
-        let stale: Vec<u32> = datapath
-            .installed_services()
-            .keys()
-            .filter(|id| !wanted_ids.contains(id))
-            .copied()
-            .collect();
-        for id in stale {
-            match datapath.remove_service(id) {
-                Ok(()) => {
-                    report.services_removed += 1;
-                    self.ids.retain(|_, known| *known != id);
-                }
-                Err(error) => {
-                    let key = self.key_of(id);
-                    report.errors.push((key, error));
-                }
-            }
-        }
-
-        // 4. Backends nothing references.
-        let referenced: BTreeSet<u32> = datapath
-            .installed_services()
-            .values()
-            .flat_map(|service| service.backends.iter().copied())
-            .collect();
-        let unreferenced: Vec<u32> = datapath
+        self.backend_refs = datapath
             .installed_backends()
             .keys()
-            .filter(|id| !referenced.contains(id))
-            .copied()
+            .map(|id| (*id, 0))
             .collect();
-        for id in unreferenced {
-            if datapath.remove_backend(id).is_ok() {
-                report.backends_removed += 1;
+        for service in datapath.installed_services().values() {
+            for id in &service.backends {
+                *self.backend_refs.entry(*id).or_default() += 1;
             }
         }
-        report
-    }
-
-    /// Writes one service if the maps do not hold it exactly; Ok(true) when it wrote.
-    fn put_service(
-        &mut self,
-        datapath: &mut Datapath,
-        key: &ServicePortKey,
-        service: &DesiredService,
-        backend_ids: &BTreeMap<BackendIdentity, u32>,
-        failed_backends: &BTreeSet<BackendIdentity>,
-        free_ids: &mut IdAllocator,
-    ) -> Result<bool, DatapathError> {
-        let id = match self.ids.get(key) {
-            Some(id) => *id,
-            None => free_ids.next().ok_or_else(|| DatapathError::MapFull {
-                map: lb_common::map_names::SERVICE_COUNTERS,
-                capacity: limits::MAX_SERVICES,
-                operation: format!("allocate a service id for {key}"),
-            })?,
-        };
-        if let Some(missing) = service
-            .backends
-            .iter()
-            .find(|b| failed_backends.contains(&identity(b)))
-        {
-            return Err(DatapathError::Invalid(format!(
-                "backend {missing:?} could not be written"
-            )));
-        }
-        let backends: Vec<u32> = service
-            .backends
-            .iter()
-            .filter_map(|b| backend_ids.get(&identity(b)).copied())
-            .collect();
-        let wanted = Service {
-            id,
-            frontends: service.frontends.iter().copied().collect(),
-            backends,
-            affinity_timeout_s: service.affinity_timeout_s,
-        };
-        if let Some(installed) = datapath.installed_services().get(&id)
-            && installed.backends == wanted.backends
-            && installed.affinity_timeout_s == wanted.affinity_timeout_s
-            && installed.frontends == frontend_flags(&wanted)
-        {
-            self.ids.insert(key.clone(), id);
-            return Ok(false);
-        }
-        datapath.put_service(&wanted)?;
-        self.ids.insert(key.clone(), id);
-        Ok(true)
-    }
-
-    /// Drops ids whose service is gone from the maps (removed by someone else, or never written).
-    fn forget_vanished(&mut self, datapath: &Datapath) {
-        let installed = datapath.installed_services();
-        self.ids.retain(|_, id| installed.contains_key(id));
-    }
-
-    /// After a restart: a desired Service port whose frontends are installed under some id takes
-    /// that id, so nothing is rewritten and counters keep counting.
-    fn adopt_installed(&mut self, datapath: &Datapath, desired: &Desired) {
         let owners: BTreeMap<Frontend4Key, u32> = datapath
             .installed_services()
             .iter()
             .flat_map(|(id, service)| service.frontends.keys().map(move |key| (*key, *id)))
             .collect();
-        let taken: BTreeSet<u32> = self.ids.values().copied().collect();
+        self.ids
+            .retain(|_, id| datapath.installed_services().contains_key(id));
         for (key, service) in &desired.services {
             if self.ids.contains_key(key) {
                 continue;
@@ -268,7 +247,6 @@ impl Reconciler {
                 .frontends
                 .iter()
                 .find_map(|frontend| owners.get(&frontend.key()))
-                && !taken.contains(id)
                 && !self.ids.values().any(|known| known == id)
             {
                 self.ids.insert(key.clone(), *id);
@@ -276,17 +254,119 @@ impl Reconciler {
         }
     }
 
-    fn key_of(&self, id: u32) -> ServicePortKey {
-        self.ids
-            .iter()
-            .find(|(_, known)| **known == id)
-            .map(|(key, _)| key.clone())
-            .unwrap_or_else(|| ServicePortKey {
-                namespace: String::new(),
-                name: format!("service-id-{id}"),
-                port_name: String::new(),
-                proto: 0,
-            })
+    /// Writes one service (and its new or changed backends) unless the maps hold it exactly.
+    fn put_service(
+        &mut self,
+        datapath: &mut Datapath,
+        key: &ServicePortKey,
+        service: &DesiredService,
+        report: &mut ReconcileReport,
+    ) -> Result<(), DatapathError> {
+        let id = match self.ids.get(key) {
+            Some(id) => *id,
+            None => self
+                .allocate_service_id(datapath)
+                .ok_or_else(|| DatapathError::MapFull {
+                    map: lb_common::map_names::SERVICE_COUNTERS,
+                    capacity: limits::MAX_SERVICES,
+                    operation: format!("allocate a service id for {key}"),
+                })?,
+        };
+        let mut backends = Vec::with_capacity(service.backends.len());
+        for backend in &service.backends {
+            backends.push(self.put_backend(datapath, backend, report)?);
+        }
+        let wanted = Service {
+            id,
+            frontends: service.frontends.iter().copied().collect(),
+            backends,
+            affinity_timeout_s: service.affinity_timeout_s,
+        };
+        let previous = datapath.installed_services().get(&id).cloned();
+        if let Some(installed) = &previous
+            && installed.backends == wanted.backends
+            && installed.affinity_timeout_s == wanted.affinity_timeout_s
+            && installed.frontends == frontend_flags(&wanted)
+        {
+            self.ids.insert(key.clone(), id);
+            return Ok(());
+        }
+        datapath.put_service(&wanted)?;
+        for backend in &wanted.backends {
+            *self.backend_refs.entry(*backend).or_default() += 1;
+        }
+        if let Some(previous) = previous {
+            self.release(&previous.backends);
+        }
+        self.ids.insert(key.clone(), id);
+        report.services_put += 1;
+        Ok(())
+    }
+
+    /// The id of a backend, written to the map first if it is new or its flags changed.
+    fn put_backend(
+        &mut self,
+        datapath: &mut Datapath,
+        backend: &Backend,
+        report: &mut ReconcileReport,
+    ) -> Result<u32, DatapathError> {
+        let id = match self.backend_ids.get(&identity(backend)) {
+            Some(id) => *id,
+            None => self
+                .allocate_backend_id(datapath)
+                .ok_or_else(|| DatapathError::MapFull {
+                    map: lb_common::map_names::BACKENDS4,
+                    capacity: limits::MAX_BACKENDS,
+                    operation: format!("allocate a backend id for {backend:?}"),
+                })?,
+        };
+        if datapath.installed_backends().get(&id) != Some(backend) {
+            datapath.put_backend(id, backend)?;
+            report.backends_put += 1;
+            self.backend_ids.insert(identity(backend), id);
+            if let std::collections::hash_map::Entry::Vacant(entry) = self.backend_refs.entry(id) {
+                entry.insert(0);
+                // Removed again at the end of the run if the service using it fails.
+                self.released.push(id);
+            }
+        }
+        Ok(id)
+    }
+
+    /// One reference less for each backend; those at zero are removed at the end of the run.
+    fn release(&mut self, backends: &[u32]) {
+        for id in backends {
+            if let Some(refs) = self.backend_refs.get_mut(id) {
+                *refs = refs.saturating_sub(1);
+                if *refs == 0 {
+                    self.released.push(*id);
+                }
+            }
+        }
+    }
+
+    /// Every id in `ids` is installed (adopted ones are, new ones are only recorded once written),
+    /// so the installed services are exactly the ids in use.
+    fn allocate_service_id(&mut self, datapath: &Datapath) -> Option<u32> {
+        next_free(&mut self.next_service_id, limits::MAX_SERVICES, |id| {
+            datapath.installed_services().contains_key(&id)
+        })
+    }
+
+    fn allocate_backend_id(&mut self, datapath: &Datapath) -> Option<u32> {
+        let refs = &self.backend_refs;
+        next_free(&mut self.next_backend_id, limits::MAX_BACKENDS, |id| {
+            datapath.installed_backends().contains_key(&id) || refs.contains_key(&id)
+        })
+    }
+}
+
+fn unknown_key(id: u32) -> ServicePortKey {
+    ServicePortKey {
+        namespace: String::new(),
+        name: format!("service-id-{id}"),
+        port_name: String::new(),
+        proto: 0,
     }
 }
 
@@ -298,30 +378,15 @@ fn frontend_flags(service: &Service) -> BTreeMap<Frontend4Key, u32> {
     flags
 }
 
-/// Hands out the ids below a limit that are not in use, smallest first, in O(1) amortized.
-struct IdAllocator {
-    used: BTreeSet<u32>,
-    cursor: u32,
-    limit: u32,
-}
-
-impl IdAllocator {
-    fn new(in_use: impl Iterator<Item = u32>, limit: u32) -> Self {
-        Self {
-            used: in_use.collect(),
-            cursor: 0,
-            limit,
+/// The next id below `limit` for which `in_use` is false, scanning on from `cursor` and wrapping
+/// around once: O(1) amortized while ids are handed out in order.
+fn next_free(cursor: &mut u32, limit: u32, in_use: impl Fn(u32) -> bool) -> Option<u32> {
+    for _ in 0..limit {
+        let id = *cursor % limit;
+        *cursor = (id + 1) % limit;
+        if !in_use(id) {
+            return Some(id);
         }
     }
-
-    fn next(&mut self) -> Option<u32> {
-        while self.cursor < self.limit {
-            let id = self.cursor;
-            self.cursor += 1;
-            if self.used.insert(id) {
-                return Some(id);
-            }
-        }
-        None
-    }
+    None
 }

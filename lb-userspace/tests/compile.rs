@@ -615,3 +615,158 @@ fn malformed_yaml_is_reported_with_its_line() {
     assert_eq!(line, Some(1), "{message}");
     assert!(message.contains("Service \"web\""), "{message}");
 }
+
+/// A tiny deterministic PRNG (xorshift), so the sequence below is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Bumps an object's resourceVersion, as the API server does on every change.
+fn bump(
+    metadata: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    version: &mut u64,
+) {
+    *version += 1;
+    metadata.resource_version = Some(version.to_string());
+}
+
+#[test]
+fn the_incremental_compiler_always_agrees_with_a_full_compile() {
+    use lb_userspace::compile::Compiler;
+    let mut yaml = NODE1.to_owned();
+    for i in 0..20 {
+        let node_port = if i % 3 == 0 {
+            format!(", nodePort: {}", 30000 + i)
+        } else {
+            String::new()
+        };
+        let kind = if i % 3 == 0 { "NodePort" } else { "ClusterIP" };
+        yaml += &service(
+            &format!("s{i}"),
+            &format!(
+                "  type: {kind}\n  clusterIP: 10.96.1.{i}\n  ports:\n  - {{name: http, port: 80{node_port}}}\n"
+            ),
+        );
+        yaml += &slice(
+            &format!("s{i}-a"),
+            &format!("s{i}"),
+            &[(&format!("10.244.1.{i}"), "node1", READY)],
+            &[("http", 8080, "TCP")],
+        );
+    }
+    let mut snapshot = snapshot(&yaml, "node1");
+    let mut version = 0;
+    for service in &mut snapshot.services {
+        bump(&mut service.metadata, &mut version);
+    }
+    for slice in &mut snapshot.endpoint_slices {
+        bump(&mut slice.metadata, &mut version);
+    }
+    let mut compiler = Compiler::new(node());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for step in 0..300 {
+        match rng.below(7) {
+            // An endpoint added to a slice.
+            0 => {
+                let index = rng.below(snapshot.endpoint_slices.len() as u64) as usize;
+                let slice = &mut snapshot.endpoint_slices[index];
+                let mut endpoint = slice.endpoints.first().cloned().unwrap_or_default();
+                endpoint.addresses = vec![format!("10.245.{}.{}", step / 200, step % 200 + 1)];
+                slice.endpoints.push(endpoint);
+                bump(&mut slice.metadata, &mut version);
+            }
+            // An endpoint removed.
+            1 => {
+                let index = rng.below(snapshot.endpoint_slices.len() as u64) as usize;
+                let slice = &mut snapshot.endpoint_slices[index];
+                slice.endpoints.pop();
+                bump(&mut slice.metadata, &mut version);
+            }
+            // A Service's port changed.
+            2 => {
+                let index = rng.below(snapshot.services.len() as u64) as usize;
+                let service = &mut snapshot.services[index];
+                if let Some(port) = service
+                    .spec
+                    .as_mut()
+                    .and_then(|spec| spec.ports.as_mut())
+                    .and_then(|ports| ports.first_mut())
+                {
+                    port.port = 80 + rng.below(3) as i32;
+                }
+                bump(&mut service.metadata, &mut version);
+            }
+            // A Service takes another's ClusterIP (a conflict), or gets its own back.
+            3 => {
+                let index = rng.below(snapshot.services.len() as u64) as usize;
+                let ip = format!("10.96.1.{}", rng.below(25));
+                let service = &mut snapshot.services[index];
+                if let Some(spec) = service.spec.as_mut() {
+                    spec.cluster_ip = Some(ip);
+                }
+                bump(&mut service.metadata, &mut version);
+            }
+            // A Service deleted (its slices stay: orphans).
+            4 if snapshot.services.len() > 5 => {
+                let index = rng.below(snapshot.services.len() as u64) as usize;
+                snapshot.services.remove(index);
+            }
+            // A Service added, or one without a resourceVersion (hand-written).
+            5 => {
+                let added = service(
+                    &format!("n{step}"),
+                    &format!(
+                        "  clusterIP: 10.96.2.{}\n  ports:\n  - {{name: http, port: 80}}\n",
+                        step % 250
+                    ),
+                );
+                let mut parsed = self::snapshot(&added, "node1").services.remove(0);
+                if rng.below(2) == 0 {
+                    bump(&mut parsed.metadata, &mut version);
+                }
+                snapshot.services.push(parsed);
+            }
+            // The node's addresses change.
+            _ => {
+                if let Some(addresses) = snapshot
+                    .node
+                    .as_mut()
+                    .and_then(|node| node.status.as_mut())
+                    .and_then(|status| status.addresses.as_mut())
+                {
+                    addresses[0].address = format!("203.0.113.{}", 1 + rng.below(3));
+                }
+            }
+        }
+        let before = compiler.desired().clone();
+        let update = compiler.update(&snapshot);
+        let (fresh, fresh_problems) = compile(&snapshot, &node());
+        assert_eq!(compiler.desired(), &fresh, "step {step}");
+        assert_eq!(
+            problem_summary(&update.problems),
+            problem_summary(&fresh_problems),
+            "step {step}"
+        );
+        // Every Service port that differs from before is reported as changed.
+        let keys: std::collections::BTreeSet<_> = before
+            .services
+            .keys()
+            .chain(fresh.services.keys())
+            .collect();
+        for key in keys {
+            if before.services.get(key) != fresh.services.get(key) {
+                assert!(
+                    update.changed.contains(key),
+                    "step {step}: {key} changed unreported"
+                );
+            }
+        }
+    }
+}
