@@ -27,6 +27,12 @@ pub mod map_names {
     pub const SERVICE_COUNTERS: &str = "lb_svc_cnt_v1";
     /// Per-CPU u64 by [`crate::Event`]: every drop (and notable pass) with its reason.
     pub const EVENTS: &str = "lb_event_v1";
+    /// Array of one [`crate::DatapathConfig`].
+    pub const CONFIG: &str = "lb_cfg_v1";
+    /// LPM trie of [`crate::SourceRange4`] -> u8: loadBalancerSourceRanges per service.
+    pub const SOURCE_RANGES4: &str = "lb4_srcrng_v1";
+    /// LRU [`crate::Affinity4Key`] -> [`crate::AffinityValue`]: sessionAffinity ClientIP.
+    pub const AFFINITY4: &str = "lb4_affin_v1";
 
     /// Every map name, for the length check below and for tools that list them.
     pub const ALL: &[&str] = &[
@@ -38,6 +44,9 @@ pub mod map_names {
         SOCK_NAT4,
         SERVICE_COUNTERS,
         EVENTS,
+        CONFIG,
+        SOURCE_RANGES4,
+        AFFINITY4,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -49,6 +58,9 @@ pub mod map_names {
         SOCK_NAT4,
         SERVICE_COUNTERS,
         EVENTS,
+        CONFIG,
+        SOURCE_RANGES4,
+        AFFINITY4,
     ];
 }
 
@@ -69,6 +81,10 @@ pub mod limits {
     pub const MAX_CONNTRACK: u32 = 524_288;
     /// Socket reverse-NAT entries (one per connected socket to a Service).
     pub const MAX_SOCK_NAT: u32 = 262_144;
+    /// loadBalancerSourceRanges entries across all services.
+    pub const MAX_SOURCE_RANGES: u32 = 16_384;
+    /// Session-affinity entries (client, service).
+    pub const MAX_AFFINITY: u32 = 131_072;
 }
 
 /// Connection-tracking timeouts (nanoseconds of CLOCK_MONOTONIC, as bpf_ktime_get_ns counts).
@@ -198,6 +214,31 @@ pub mod checksum {
         !fold(sum)
     }
 
+    /// The one's complement sum (not yet complemented) of `bytes` as big-endian 16-bit words,
+    /// added to `sum`; an odd last byte is padded with zero (RFC 1071). `N` is a constant, so the
+    /// loop has a bound the verifier sees.
+    #[inline(always)]
+    pub fn sum_words<const N: usize>(sum: u32, bytes: &[u8; N]) -> u32 {
+        let mut sum = sum;
+        let mut i = 0;
+        while i + 1 < N {
+            sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+            i += 2;
+        }
+        if N % 2 == 1 {
+            sum += u32::from(bytes[N - 1]) << 8;
+        }
+        sum
+    }
+
+    /// The checksum field value for a sum of words (fold, complement).
+    #[inline(always)]
+    pub fn finish(sum: u32) -> u16 {
+        let sum = (sum & 0xffff) + (sum >> 16);
+        let sum = (sum & 0xffff) + (sum >> 16);
+        !(sum as u16)
+    }
+
     /// Folds a 32-bit one's complement sum to 16 bits. Two rounds suffice for the at most five
     /// 16-bit terms above (the first leaves at most 0x1_fffe, the second at most 0xffff), and a
     /// fixed count keeps the verifier happy.
@@ -263,7 +304,72 @@ pub mod service_flags {
     pub const NODE_PORT: u32 = 1 << 1;
     pub const EXTERNAL_IP: u32 = 1 << 2;
     pub const LOAD_BALANCER: u32 = 1 << 3;
+    /// The frontend kinds above, for masking.
+    pub const KINDS: u32 = CLUSTER_IP | NODE_PORT | EXTERNAL_IP | LOAD_BALANCER;
+    /// The table holds node-local backends only (a Local traffic policy): an empty table drops
+    /// (`drop_no_local_backend`, as kube-proxy does) instead of rejecting, and the client
+    /// address is always preserved.
+    pub const LOCAL_ONLY: u32 = 1 << 8;
+    /// Clients must match the service's loadBalancerSourceRanges (`lb4_srcrng_v1`).
+    pub const SOURCE_RANGES: u32 = 1 << 9;
 }
+
+/// Datapath-wide settings the agent writes once at start: index 0 of `lb_cfg_v1`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct DatapathConfig {
+    /// The node address that replaces the client's as source when a flow goes to a backend on
+    /// another node (externalTrafficPolicy Cluster), as a number (`u32::from(Ipv4Addr)`); 0
+    /// disables SNAT (remote backends are then reached without it, as in v1).
+    pub snat_addr: u32,
+    /// The source ports SNAT allocates from (inclusive). Kept out of the NodePort range and of
+    /// the kernel's default ephemeral range (32768-60999), so replies cannot be confused with
+    /// the node's own connections.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+const _: () = assert!(size_of::<DatapathConfig>() == 8);
+
+/// Default SNAT port range: above the kernel's default ip_local_port_range.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
+
+/// The data of a source-range LPM trie key (the trie adds the prefix length in front): a
+/// client prefix allowed for one service. The prefix length of an entry is 32 (the service id,
+/// matched in full) + the CIDR's prefix length.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct SourceRange4 {
+    /// Big-endian, so the trie matches it before the address.
+    pub service_id_be: u32,
+    /// The CIDR's address (the client's, in a lookup), network byte order.
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<SourceRange4>() == 8);
+
+/// Key of the session-affinity map: a client of a service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct Affinity4Key {
+    /// XDP: the client address as a number; socket hooks: the client's network namespace cookie
+    /// (a pod is one namespace), with [`AFFINITY_NETNS`] set in `kind`.
+    pub client: u64,
+    pub service_id: u32,
+    pub kind: u32,
+}
+const _: () = assert!(size_of::<Affinity4Key>() == 16);
+
+/// `Affinity4Key::kind` of socket-hook entries.
+pub const AFFINITY_NETNS: u32 = 1;
+
+/// The backend a client sticks to, and when it last used it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<AffinityValue>() == 16);
 
 /// Key of the slot map.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -340,9 +446,22 @@ pub struct Ct4Value {
     pub nat_port: u16,
     /// [`tcp_state`] for TCP; 0 for UDP.
     pub state: u8,
-    pub _pad: u8,
+    /// [`ct_flags`] bits.
+    pub flags: u8,
+    /// With [`ct_flags::SNAT`]: ORIGINAL entries hold the node address and port that replace the
+    /// client's as source; REPLY entries hold the client address and port to restore as the
+    /// reply's destination. Same number convention as `nat_addr`.
+    pub snat_addr: u32,
+    pub snat_port: u16,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<Ct4Value>() == 24);
+const _: () = assert!(size_of::<Ct4Value>() == 32);
+
+pub mod ct_flags {
+    /// The flow goes to a backend on another node through SNAT (externalTrafficPolicy Cluster):
+    /// XDP rewrites both directions and forwards them itself.
+    pub const SNAT: u8 = 1 << 0;
+}
 
 pub mod tcp_state {
     pub const NONE: u8 = 0;
@@ -411,8 +530,18 @@ impl Event {
     pub const PASS_FRAGMENT: Self = Self(5);
     /// Refused: a socket connect/sendmsg to a service with no usable backend.
     pub const SOCK_NO_BACKEND: Self = Self(6);
+    /// Drop: a Local traffic policy and no backend on this node (kube-proxy drops these too).
+    pub const DROP_NO_LOCAL_BACKEND: Self = Self(7);
+    /// Drop: the client is outside the service's loadBalancerSourceRanges.
+    pub const DROP_SOURCE_RANGE: Self = Self(8);
+    /// Reject: a TCP RST sent for a service with no endpoint (kube-proxy's REJECT).
+    pub const REJECT_TCP_RST: Self = Self(9);
+    /// Reject: an ICMP port unreachable sent for a service with no endpoint.
+    pub const REJECT_ICMP: Self = Self(10);
+    /// Drop: no free SNAT port for a flow to a remote backend.
+    pub const DROP_SNAT_EXHAUSTED: Self = Self(11);
 
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 12;
 
     /// Every event in index order with its label (the `reason` label of the metrics).
     pub const ALL: [(Self, &'static str); Self::COUNT as usize] = [
@@ -423,6 +552,11 @@ impl Event {
         (Self::DROP_NAT_FAILED, "drop_nat_failed"),
         (Self::PASS_FRAGMENT, "pass_fragment"),
         (Self::SOCK_NO_BACKEND, "sock_no_backend"),
+        (Self::DROP_NO_LOCAL_BACKEND, "drop_no_local_backend"),
+        (Self::DROP_SOURCE_RANGE, "drop_source_range"),
+        (Self::REJECT_TCP_RST, "reject_tcp_rst"),
+        (Self::REJECT_ICMP, "reject_icmp"),
+        (Self::DROP_SNAT_EXHAUSTED, "drop_snat_exhausted"),
     ];
 
     pub fn label(self) -> Option<&'static str> {
@@ -442,6 +576,10 @@ macro_rules! impl_pod {
 
 #[cfg(feature = "user")]
 impl_pod!(
+    DatapathConfig,
+    SourceRange4,
+    Affinity4Key,
+    AffinityValue,
     Frontend4Key,
     ServiceValue,
     SlotKey,

@@ -1,16 +1,21 @@
-//! Connection tracking and backend selection, shared by the XDP and tc programs.
+//! Connection tracking, backend selection (random or sticky by client) and SNAT port allocation,
+//! shared by the XDP, tc and socket programs.
 
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, Event, Frontend4Key, ServiceValue, SlotKey, ct_direction,
-    ct_timeouts, proto, scope, tcp_state,
+    AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig,
+    Event, Frontend4Key, ServiceValue, SlotKey, backend_flags, ct_direction, ct_flags,
+    ct_timeouts, proto, scope, service_flags, tcp_state,
 };
-
 use lb_ebpf::packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     helpers::{now_ns, random_u32},
-    maps::{BACKENDS4, CONNTRACK4, FRONTENDS4, SLOTS4, count_service},
+    maps::{AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTENDS4, SLOTS4, count_service},
 };
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
+/// Tries at finding a free SNAT port before giving up on the flow.
+const SNAT_PORT_TRIES: u32 = 8;
 
 /// A flow as the parser saw it: addresses and ports as the packet holds them (big-endian values
 /// read with `from_be_bytes`, so host-order integers of the wire bytes).
@@ -30,6 +35,8 @@ pub struct Destination {
     pub addr: u32,
     pub port: u16,
     pub service_id: u32,
+    /// The source that replaces the client's, for a backend on another node.
+    pub snat: Option<(u32, u16)>,
 }
 
 /// The frontend this packet is addressed to, if any. Map keys hold network byte order.
@@ -45,10 +52,28 @@ pub fn lookup_frontend(tuple: &Tuple) -> Option<&'static ServiceValue> {
     unsafe { FRONTENDS4.get(&key) }
 }
 
+/// The datapath-wide settings (SNAT address and ports).
+#[inline(always)]
+pub fn config() -> Option<&'static DatapathConfig> {
+    CONFIG.get(0)
+}
+
+/// Why no backend: a Local policy with nothing local drops; anything else rejects.
+#[inline(always)]
+pub fn no_backend(service: &ServiceValue) -> Event {
+    if service.flags & service_flags::LOCAL_ONLY != 0 {
+        Event::DROP_NO_LOCAL_BACKEND
+    } else {
+        Event::DROP_NO_BACKEND
+    }
+}
+
 /// The backend for a packet addressed to `service`: the flow's tracked backend while the entry is
-/// alive (for UDP: and the backend still exists), else a fresh random choice among the service's
-/// backends, tracked from now on in both directions. A TCP flow keeps its backend until it ends,
-/// also when the backend leaves the service: kube-proxy users rely on that during rollouts.
+/// alive (for UDP: and the backend still exists), else a fresh choice (sticky for the client when
+/// the service has session affinity, random otherwise), tracked from now on in both directions.
+/// A TCP flow keeps its backend until it ends, also when the backend leaves the service:
+/// kube-proxy users rely on that during rollouts. A backend on another node is reached through
+/// SNAT unless the service's policy is Local.
 #[inline(always)]
 pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination, Event> {
     let now = now_ns();
@@ -61,31 +86,45 @@ pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination,
             && (tuple.proto == proto::TCP || backend_still_there(entry))
         {
             refresh(entry, tuple, now);
+            let snat = (entry.flags & ct_flags::SNAT != 0).then_some((entry.snat_addr, entry.snat_port));
             return Ok(Destination {
                 addr: entry.nat_addr,
                 port: entry.nat_port,
                 service_id: entry.service_id,
+                snat,
             });
         }
     }
-    let (backend_id, backend) = select(service)?;
-    let state = initial_state(tuple);
+    let (backend_id, backend) = select_for_client(service, u64::from(tuple.saddr), 0, now)?;
     let backend_addr = u32::from_be(backend.addr);
     let backend_port = u16::from_be(backend.port);
+    let snat = if needs_snat(service, &backend) {
+        let config = config().ok_or(Event::DROP_SNAT_EXHAUSTED)?;
+        let port = free_snat_port(config, backend_addr, backend_port, tuple.proto)
+            .ok_or(Event::DROP_SNAT_EXHAUSTED)?;
+        Some((config.snat_addr, port))
+    } else {
+        None
+    };
     let original = Ct4Value {
         last_seen_ns: now,
         backend_id,
         service_id: service.service_id,
         nat_addr: backend_addr,
         nat_port: backend_port,
-        state,
-        _pad: 0,
+        state: initial_state(tuple),
+        flags: if snat.is_some() { ct_flags::SNAT } else { 0 },
+        snat_addr: snat.map_or(0, |(addr, _)| addr),
+        snat_port: snat.map_or(0, |(_, port)| port),
+        _pad: [0; 2],
     };
+    // The reply comes from the backend to the client, or to the SNAT address when there is one.
+    let (reply_daddr, reply_dport) = snat.unwrap_or((tuple.saddr, tuple.sport));
     let reply_key = Ct4Key {
         saddr: backend_addr,
-        daddr: tuple.saddr,
+        daddr: reply_daddr,
         sport: backend_port,
-        dport: tuple.sport,
+        dport: reply_dport,
         proto: tuple.proto,
         direction: ct_direction::REPLY,
         _pad: [0; 2],
@@ -93,6 +132,8 @@ pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination,
     let reply = Ct4Value {
         nat_addr: tuple.daddr,
         nat_port: tuple.dport,
+        snat_addr: tuple.saddr,
+        snat_port: tuple.sport,
         ..original
     };
     // Reply first: once the original entry exists, the flow's next packets depend on both.
@@ -107,7 +148,40 @@ pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination,
         addr: backend_addr,
         port: backend_port,
         service_id: service.service_id,
+        snat,
     })
+}
+
+/// SNAT for a backend on another node, unless the policy is Local (which keeps the client's
+/// address and only ever has local backends) or the agent configured no SNAT address.
+#[inline(always)]
+fn needs_snat(service: &ServiceValue, backend: &Backend4) -> bool {
+    backend.flags & backend_flags::LOCAL == 0
+        && service.flags & service_flags::LOCAL_ONLY == 0
+        && config().is_some_and(|config| config.snat_addr != 0)
+}
+
+/// A SNAT port nobody uses towards this backend: random tries in the configured range, checked
+/// against the reply entries that would collide.
+#[inline(always)]
+fn free_snat_port(config: &DatapathConfig, backend_addr: u32, backend_port: u16, protocol: u8) -> Option<u16> {
+    let span = u32::from(config.snat_port_max.saturating_sub(config.snat_port_min)) + 1;
+    for _ in 0..SNAT_PORT_TRIES {
+        let port = config.snat_port_min.wrapping_add((random_u32() % span) as u16);
+        let key = Ct4Key {
+            saddr: backend_addr,
+            daddr: config.snat_addr,
+            sport: backend_port,
+            dport: port,
+            proto: protocol,
+            direction: ct_direction::REPLY,
+            _pad: [0; 2],
+        };
+        if CONNTRACK4.get_ptr(&key).is_none() {
+            return Some(port);
+        }
+    }
+    None
 }
 
 /// Whether the backend a flow was sent to is still in the backends map, unchanged. A UDP flow
@@ -124,11 +198,54 @@ fn backend_still_there(entry: &Ct4Value) -> bool {
     }
 }
 
+/// A backend for a new flow (or connection) of `client`: with session affinity, the backend the
+/// client used last if that was within the timeout and the backend still exists; otherwise a
+/// random one, remembered for next time when the service has affinity. `kind` tells client
+/// addresses from socket-hook netns cookies apart.
+#[inline(always)]
+pub fn select_for_client(
+    service: &ServiceValue,
+    client: u64,
+    kind: u32,
+    now: u64,
+) -> Result<(u32, Backend4), Event> {
+    if service.affinity_timeout_s == 0 {
+        return select(service);
+    }
+    let key = Affinity4Key {
+        client,
+        service_id: service.service_id,
+        kind,
+    };
+    let timeout = u64::from(service.affinity_timeout_s) * NANOS_PER_SECOND;
+    if let Some(entry) = AFFINITY4.get_ptr_mut(&key) {
+        // SAFETY: valid for this run (RCU); a racing update only changes which recent backend wins.
+        let entry = unsafe { &mut *entry };
+        if now.saturating_sub(entry.last_used_ns) <= timeout
+            // SAFETY: read-only use of an entry the agent writes whole.
+            && let Some(backend) = unsafe { BACKENDS4.get(&entry.backend_id) }
+            && backend.flags & backend_flags::TERMINATING == 0
+        {
+            entry.last_used_ns = now;
+            return Ok((entry.backend_id, *backend));
+        }
+    }
+    let (backend_id, backend) = select(service)?;
+    let value = AffinityValue {
+        last_used_ns: now,
+        backend_id,
+        _pad: 0,
+    };
+    // A full LRU evicts the oldest client; affinity is best effort, the flow goes on regardless.
+    let _ = AFFINITY4.insert(&key, &value, 0);
+    Ok((backend_id, backend))
+}
+
 /// A random backend of the service's current table (kube-proxy's default selection).
 #[inline(always)]
 pub fn select(service: &ServiceValue) -> Result<(u32, Backend4), Event> {
     if service.backend_count == 0 {
-        return Err(Event::DROP_NO_BACKEND);
+        return Err(no_backend(service));
     }
     let slot = random_u32() % u32::from(service.backend_count);
     let key = SlotKey {
@@ -142,6 +259,9 @@ pub fn select(service: &ServiceValue) -> Result<(u32, Backend4), Event> {
     let backend = *unsafe { BACKENDS4.get(&backend_id) }.ok_or(Event::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
 }
+
+/// The socket hooks' client identity for affinity: the netns cookie (one pod, one namespace).
+pub const SOCKET_CLIENT: u32 = AFFINITY_NETNS;
 
 /// The key of a flow's ORIGINAL entry (as the client sends it).
 #[inline(always)]
@@ -185,7 +305,8 @@ fn initial_state(tuple: &Tuple) -> u8 {
 pub fn next_state(state: u8, tcp_flags: u8) -> u8 {
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         tcp_state::CLOSING
-    } else if state == tcp_state::SYN_SENT && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
+    } else if state == tcp_state::SYN_SENT && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0
+    {
         tcp_state::ESTABLISHED
     } else {
         state
@@ -226,10 +347,16 @@ pub fn timeout(protocol: u8, state: u8) -> u64 {
 /// the reply path), so both directions expire quickly.
 #[inline(always)]
 pub fn close_original(reply: &Ct4Value, tuple: &Tuple, now: u64) {
+    // The client's address is the reply's destination, or the one SNAT replaced.
+    let (client_addr, client_port) = if reply.flags & ct_flags::SNAT != 0 {
+        (reply.snat_addr, reply.snat_port)
+    } else {
+        (tuple.daddr, tuple.dport)
+    };
     let key = Ct4Key {
-        saddr: tuple.daddr,
+        saddr: client_addr,
         daddr: reply.nat_addr,
-        sport: tuple.dport,
+        sport: client_port,
         dport: reply.nat_port,
         proto: tuple.proto,
         direction: ct_direction::ORIGINAL,

@@ -26,3 +26,78 @@ pub fn socket_cookie(ctx: &impl EbpfContext) -> u64 {
     // SAFETY: ctx.as_ptr() is the program's own context, which the helper takes as is.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
+
+/// Where the FIB says a packet goes.
+pub enum Forward {
+    /// Out of the interface it came in on, with these MACs: XDP can send it itself (XDP_TX).
+    SameInterface { smac: [u8; 6], dmac: [u8; 6] },
+    /// Another interface, no neighbour entry yet, or no route: the stack should forward it.
+    Stack,
+}
+
+/// `AF_INET` for bpf_fib_lookup.
+const AF_INET: u8 = 2;
+
+/// Looks up the route from `saddr` to `daddr` (numbers) for a packet that came in on this XDP
+/// program's interface.
+#[inline(always)]
+pub fn fib_forward(ctx: &aya_ebpf::programs::XdpContext, protocol: u8, saddr: u32, daddr: u32) -> Forward {
+    use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
+    // SAFETY: ctx.ctx is the program's own xdp_md, valid for the whole run.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: an all-zero bpf_fib_lookup is a valid "no options" request (include/uapi/linux/bpf.h).
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = protocol;
+    params.ifindex = ingress;
+    params.__bindgen_anon_3.ipv4_src = saddr.to_be();
+    params.__bindgen_anon_4.ipv4_dst = daddr.to_be();
+    // SAFETY: params is a properly sized, initialized bpf_fib_lookup on this program's stack,
+    // and ctx is the program's context, as the helper requires.
+    let result = unsafe {
+        aya_ebpf::helpers::bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut params,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if result != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || params.ifindex != ingress {
+        return Forward::Stack;
+    }
+    // SAFETY: on success the kernel filled the smac/dmac member of this union.
+    let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
+    Forward::SameInterface {
+        smac: macs.smac,
+        dmac: macs.dmac,
+    }
+}
+
+/// Moves the start of the packet by `delta` bytes (negative: more room in front).
+#[inline(always)]
+pub fn xdp_adjust_head(ctx: &aya_ebpf::programs::XdpContext, delta: i32) -> bool {
+    // SAFETY: ctx.ctx is the program's own xdp_md; the helper checks the bounds itself.
+    unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, delta) == 0 }
+}
+
+/// Moves the end of the packet by `delta` bytes (negative: shorter).
+#[inline(always)]
+pub fn xdp_adjust_tail(ctx: &aya_ebpf::programs::XdpContext, delta: i32) -> bool {
+    // SAFETY: as above.
+    unsafe { aya_ebpf::helpers::bpf_xdp_adjust_tail(ctx.ctx, delta) == 0 }
+}
+
+/// The cookie of the network namespace a sock_addr program runs for (one pod, one namespace).
+#[inline(always)]
+pub fn netns_cookie(ctx: &impl EbpfContext) -> u64 {
+    // SAFETY: ctx.as_ptr() is the program's own context, which the helper takes as is.
+    unsafe { aya_ebpf::helpers::bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// Sets the error the syscall under a cgroup program returns when the program rejects it.
+#[inline(always)]
+pub fn set_syscall_error(errno: i32) {
+    // SAFETY: no pointers; only sets this run's return value (kernel >= 5.18,
+    // b44123b4a3dc "bpf: Add cgroup helpers bpf_{get,set}_retval").
+    unsafe { aya_ebpf::helpers::bpf_set_retval(-errno) };
+}

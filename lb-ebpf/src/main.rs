@@ -5,6 +5,7 @@
 mod flow;
 mod helpers;
 mod maps;
+mod reject;
 mod sock;
 mod tc;
 mod xdp;

@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, Event, Frontend4Key, ServiceCounter, ServiceValue, SlotKey,
-    SockNat4Key, SockNat4Value, limits,
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
+    ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4, limits,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -39,6 +39,21 @@ pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =
 
 #[map(name = "lb_event_v1")]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
+
+/// Datapath-wide settings (index 0), written by the agent at start.
+#[map(name = "lb_cfg_v1")]
+pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+
+/// loadBalancerSourceRanges: (service id, client prefix) -> allowed.
+#[map(name = "lb4_srcrng_v1")]
+pub static SOURCE_RANGES4: LpmTrie<SourceRange4, u8> =
+    LpmTrie::pinned(limits::MAX_SOURCE_RANGES, 0);
+
+/// sessionAffinity ClientIP: (client, service) -> backend and last use; LRU so a full table
+/// forgets the least recent clients.
+#[map(name = "lb4_affin_v1")]
+pub static AFFINITY4: LruHashMap<Affinity4Key, AffinityValue> =
+    LruHashMap::pinned(limits::MAX_AFFINITY, 0);
 
 #[inline(always)]
 pub fn count_event(event: Event) {

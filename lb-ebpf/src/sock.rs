@@ -8,15 +8,17 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use lb_common::{Event, SockNat4Key, SockNat4Value};
 
 use crate::{
-    flow::{Tuple, lookup_frontend, select},
-    helpers::socket_cookie,
+    flow::{SOCKET_CLIENT, Tuple, lookup_frontend, select_for_client},
+    helpers::{netns_cookie, now_ns, set_syscall_error, socket_cookie},
     maps::{SOCK_NAT4, count_event, count_service},
 };
 
 /// Return value of a cgroup sock_addr program: let the call proceed.
 const ALLOW: i32 = 1;
-/// Return value: fail the call with EPERM.
+/// Return value: fail the call (EPERM unless an error was set with set_syscall_error).
 const REJECT: i32 = 0;
+/// errno for a refused connection.
+const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
@@ -60,10 +62,16 @@ fn redirect_to_backend(ctx: &SockAddrContext) -> i32 {
     let Some(service) = lookup_frontend(&tuple) else {
         return ALLOW;
     };
-    let (_, backend) = match select(service) {
+    let client = netns_cookie(ctx);
+    let (_, backend) = match select_for_client(service, client, SOCKET_CLIENT, now_ns()) {
         Ok(choice) => choice,
-        Err(_) => {
+        Err(event) => {
             count_event(Event::SOCK_NO_BACKEND);
+            // No endpoint at all: refused at once, like kube-proxy's REJECT. A Local policy with
+            // nothing local: kube-proxy drops; a socket call cannot hang, so it fails with EPERM.
+            if event == Event::DROP_NO_BACKEND {
+                set_syscall_error(ECONNREFUSED);
+            }
             return REJECT;
         }
     };

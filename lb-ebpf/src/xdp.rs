@@ -1,19 +1,23 @@
 //! `lb_xdp`: on the node NICs, every packet addressed to a Service frontend (node address:
 //! nodePort, externalIP:port, LoadBalancer IP:port, or a ClusterIP routed to the node) is DNATed
-//! to a backend and handed to the stack, which routes it to the pod. Everything else passes
-//! untouched.
+//! to a backend. A node-local backend gets the packet through the stack (XDP_PASS); a backend on
+//! another node gets it SNATed to this node and forwarded straight from XDP, and its replies are
+//! translated back here too. A service with no endpoint answers like kube-proxy's REJECT (TCP RST,
+//! ICMP port unreachable). Everything else passes untouched.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{Event, checksum, proto};
-
+use lb_common::{Event, SourceRange4, checksum, ct_flags, proto, service_flags};
 use lb_ebpf::packet::{
-    ETH_HDR_LEN, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, TCP_CSUM_OFFSET, TCP_FLAGS_OFFSET,
-    TCP_MIN_HDR_LEN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at, bytes_at_mut, frame_len, parse_ipv4,
+    ETH_HDR_LEN, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET,
+    TCP_CSUM_OFFSET, TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
+    bytes_at_mut, frame_len, parse_ipv4,
 };
 
 use crate::{
-    flow::{Tuple, destination, lookup_frontend},
-    maps::{count_event, count_service},
+    flow::{Tuple, close_original, config, destination, lookup_frontend, next_state, reply_key},
+    helpers::{Forward, fib_forward, now_ns},
+    maps::{CONNTRACK4, SOURCE_RANGES4, count_event, count_service},
+    reject,
 };
 
 #[xdp]
@@ -46,19 +50,118 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
         return Ok(xdp_action::XDP_PASS);
     }
     let tuple = transport_tuple(ctx, ip.saddr, ip.daddr, ip.proto, ip.l4_offset)?;
+    if let Some(action) = snat_reply(ctx, &tuple, ip.l4_offset)? {
+        return Ok(action);
+    }
     let Some(service) = lookup_frontend(&tuple) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    let destination = destination(&tuple, service)?;
-    dnat(
-        ctx,
-        &tuple,
-        ip.l4_offset,
-        destination.addr,
-        destination.port,
-    )?;
+    if service.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(service.service_id, tuple.saddr) {
+        return Err(Event::DROP_SOURCE_RANGE);
+    }
+    let destination = match destination(&tuple, service) {
+        Ok(destination) => destination,
+        Err(Event::DROP_NO_BACKEND) => return reject::reply(ctx, &tuple, ip.l4_offset),
+        Err(event) => return Err(event),
+    };
+    let (saddr, sport) = destination.snat.unwrap_or((tuple.saddr, tuple.sport));
+    rewrite(ctx, &tuple, ip.l4_offset, saddr, sport, destination.addr, destination.port)?;
     count_service(destination.service_id, 1, frame_len(ctx) as u64, 0);
+    if destination.snat.is_some() {
+        return Ok(forward(ctx, &tuple, saddr, destination.addr));
+    }
     Ok(xdp_action::XDP_PASS)
+}
+
+/// A reply from a remote backend to one of this node's SNAT ports: back to the client, from the
+/// frontend it used, forwarded from here. None for any other packet.
+#[inline(always)]
+fn snat_reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<Option<u32>, Event> {
+    let Some(config) = config() else {
+        return Ok(None);
+    };
+    if config.snat_addr == 0
+        || tuple.daddr != config.snat_addr
+        || tuple.dport < config.snat_port_min
+        || tuple.dport > config.snat_port_max
+    {
+        return Ok(None);
+    }
+    let Some(entry) = CONNTRACK4.get_ptr_mut(&reply_key(tuple)) else {
+        return Ok(None);
+    };
+    // SAFETY: valid for this run (RCU); see flow::destination for races.
+    let entry = unsafe { &mut *entry };
+    if entry.flags & ct_flags::SNAT == 0 {
+        return Ok(None);
+    }
+    if tuple.proto == proto::TCP {
+        let state = next_state(entry.state, tuple.tcp_flags);
+        if state != entry.state {
+            let now = now_ns();
+            entry.state = state;
+            entry.last_seen_ns = now;
+            close_original(entry, tuple, now);
+        }
+    }
+    let (client_addr, client_port) = (entry.snat_addr, entry.snat_port);
+    let (frontend_addr, frontend_port) = (entry.nat_addr, entry.nat_port);
+    let service_id = entry.service_id;
+    rewrite(ctx, tuple, l4_offset, frontend_addr, frontend_port, client_addr, client_port)?;
+    count_service(service_id, 1, frame_len(ctx) as u64, 0);
+    Ok(Some(forward(ctx, tuple, frontend_addr, client_addr)))
+}
+
+/// Whether the client is inside one of the service's loadBalancerSourceRanges.
+#[inline(always)]
+fn source_allowed(service_id: u32, client: u32) -> bool {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        64,
+        SourceRange4 {
+            service_id_be: service_id.to_be(),
+            addr: client.to_be(),
+        },
+    );
+    SOURCE_RANGES4.get(&key).is_some()
+}
+
+/// Sends a rewritten packet on from XDP: out of the NIC it came in on (XDP_TX) with the MACs the
+/// FIB gives and the TTL decremented, as a router would. Anything else (another NIC, no neighbour
+/// entry yet, TTL running out) goes to the stack, which forwards the already translated packet.
+#[inline(always)]
+fn forward(ctx: &XdpContext, tuple: &Tuple, saddr: u32, daddr: u32) -> u32 {
+    match fib_forward(ctx, tuple.proto, saddr, daddr) {
+        Forward::SameInterface { smac, dmac } => {
+            if !decrement_ttl(ctx) {
+                return xdp_action::XDP_PASS;
+            }
+            let Some(eth) = bytes_at_mut::<ETH_HDR_LEN>(ctx, 0) else {
+                return xdp_action::XDP_PASS;
+            };
+            eth[0..6].copy_from_slice(&dmac);
+            eth[6..12].copy_from_slice(&smac);
+            xdp_action::XDP_TX
+        }
+        Forward::Stack => xdp_action::XDP_PASS,
+    }
+}
+
+/// TTL - 1 with the checksum fixed; false (untouched) when it would reach 0.
+#[inline(always)]
+fn decrement_ttl(ctx: &XdpContext) -> bool {
+    let Some(ip) = bytes_at_mut::<20>(ctx, ETH_HDR_LEN) else {
+        return false;
+    };
+    if ip[8] <= 1 {
+        return false;
+    }
+    let old = u16::from_be_bytes([ip[8], ip[9]]);
+    ip[8] -= 1;
+    let new = u16::from_be_bytes([ip[8], ip[9]]);
+    let check = u16::from_be_bytes([ip[IPV4_CSUM_OFFSET], ip[IPV4_CSUM_OFFSET + 1]]);
+    let check = checksum::replace_u16(check, old, new);
+    ip[IPV4_CSUM_OFFSET..IPV4_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
+    true
 }
 
 /// Ports (and TCP flags) of a TCP or UDP packet whose transport header must be there in full.
@@ -87,36 +190,46 @@ fn transport_tuple(
     })
 }
 
-/// Rewrites the destination address and port, with incremental IPv4 and TCP/UDP checksums.
-/// A UDP checksum of 0 (none) stays 0; a computed 0 is sent as 0xffff (RFC 768).
+/// Rewrites source and destination address and port (unchanged ones cost nothing), with
+/// incremental IPv4 and TCP/UDP checksums. A UDP checksum of 0 (none) stays 0; a computed 0 is
+/// sent as 0xffff (RFC 768).
 #[inline(always)]
-fn dnat(
+fn rewrite(
     ctx: &XdpContext,
     tuple: &Tuple,
     l4_offset: usize,
-    new_addr: u32,
-    new_port: u16,
+    saddr: u32,
+    sport: u16,
+    daddr: u32,
+    dport: u16,
 ) -> Result<(), Event> {
     let ip = bytes_at_mut::<20>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
-    ip[IPV4_DADDR_OFFSET..IPV4_DADDR_OFFSET + 4].copy_from_slice(&new_addr.to_be_bytes());
-    let ip_check = u16::from_be_bytes([ip[IPV4_CSUM_OFFSET], ip[IPV4_CSUM_OFFSET + 1]]);
-    let ip_check = checksum::replace_u32(ip_check, tuple.daddr, new_addr);
-    ip[IPV4_CSUM_OFFSET..IPV4_CSUM_OFFSET + 2].copy_from_slice(&ip_check.to_be_bytes());
+    ip[IPV4_SADDR_OFFSET..IPV4_SADDR_OFFSET + 4].copy_from_slice(&saddr.to_be_bytes());
+    ip[IPV4_DADDR_OFFSET..IPV4_DADDR_OFFSET + 4].copy_from_slice(&daddr.to_be_bytes());
+    let check = u16::from_be_bytes([ip[IPV4_CSUM_OFFSET], ip[IPV4_CSUM_OFFSET + 1]]);
+    let check = checksum::replace_u32(check, tuple.saddr, saddr);
+    let check = checksum::replace_u32(check, tuple.daddr, daddr);
+    ip[IPV4_CSUM_OFFSET..IPV4_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
 
+    let update = |check: u16| {
+        let check = checksum::replace_u32(check, tuple.saddr, saddr);
+        let check = checksum::replace_u32(check, tuple.daddr, daddr);
+        let check = checksum::replace_u16(check, tuple.sport, sport);
+        checksum::replace_u16(check, tuple.dport, dport)
+    };
     if tuple.proto == proto::TCP {
         let tcp = bytes_at_mut::<TCP_MIN_HDR_LEN>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
-        tcp[2..4].copy_from_slice(&new_port.to_be_bytes());
+        tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+        tcp[2..4].copy_from_slice(&dport.to_be_bytes());
         let check = u16::from_be_bytes([tcp[TCP_CSUM_OFFSET], tcp[TCP_CSUM_OFFSET + 1]]);
-        let check = checksum::replace_u32(check, tuple.daddr, new_addr);
-        let check = checksum::replace_u16(check, tuple.dport, new_port);
-        tcp[TCP_CSUM_OFFSET..TCP_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
+        tcp[TCP_CSUM_OFFSET..TCP_CSUM_OFFSET + 2].copy_from_slice(&update(check).to_be_bytes());
     } else {
         let udp = bytes_at_mut::<UDP_HDR_LEN>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
-        udp[2..4].copy_from_slice(&new_port.to_be_bytes());
+        udp[0..2].copy_from_slice(&sport.to_be_bytes());
+        udp[2..4].copy_from_slice(&dport.to_be_bytes());
         let check = u16::from_be_bytes([udp[UDP_CSUM_OFFSET], udp[UDP_CSUM_OFFSET + 1]]);
         if check != 0 {
-            let check = checksum::replace_u32(check, tuple.daddr, new_addr);
-            let check = checksum::replace_u16(check, tuple.dport, new_port);
+            let check = update(check);
             let check = if check == 0 { 0xffff } else { check };
             udp[UDP_CSUM_OFFSET..UDP_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
         }

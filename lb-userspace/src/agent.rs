@@ -129,6 +129,9 @@ async fn sync_until_stopped(
         let started = Instant::now();
         // Compiled under the channel's read lock: no copy of the whole snapshot.
         let update = compiler.update(&snapshots.borrow_and_update());
+        if let Err(error) = sync_snat_address(datapath, compiler.snat_address()) {
+            warn!(%error, "SNAT address not set; flows to backends on other nodes go unSNATed");
+        }
         report_new_problems(&update.problems, &mut reported);
         let desired = compiler.desired();
         let report = reconciler.reconcile_changed(datapath, desired, &update.changed);
@@ -149,6 +152,22 @@ async fn sync_until_stopped(
         );
     }
     info!("stopping; the datapath stays attached and keeps its state");
+    Ok(())
+}
+
+/// Keeps the datapath's SNAT address (for flows to backends on other nodes) equal to this node's
+/// address; SNAT ports come from [`lb_common::DEFAULT_SNAT_PORTS`].
+fn sync_snat_address(datapath: &mut Datapath, address: Option<Ipv4Addr>) -> anyhow::Result<()> {
+    let (snat_port_min, snat_port_max) = lb_common::DEFAULT_SNAT_PORTS;
+    let wanted = lb_common::DatapathConfig {
+        snat_addr: address.map_or(0, u32::from),
+        snat_port_min,
+        snat_port_max,
+    };
+    if datapath.config()? != wanted {
+        datapath.set_config(&wanted)?;
+        info!(snat_address = ?address, "SNAT address set");
+    }
     Ok(())
 }
 

@@ -107,6 +107,24 @@ pub struct ServicePortKey {
     /// The port's name ("" for the single unnamed port).
     pub port_name: String,
     pub proto: u8,
+    /// Which of the port's frontends this entry serves: all of them, unless a traffic policy
+    /// or source ranges give some of them other backends or checks.
+    pub scope: Scope,
+}
+
+/// The frontends of a Service port that share one selection table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Every frontend (both traffic policies Cluster, no source ranges).
+    #[default]
+    All,
+    /// The ClusterIPs (internalTrafficPolicy).
+    Internal,
+    /// NodePorts, externalIPs and, without source ranges, LoadBalancer IPs
+    /// (externalTrafficPolicy).
+    External,
+    /// LoadBalancer IPs with loadBalancerSourceRanges (externalTrafficPolicy too).
+    LoadBalancer,
 }
 
 impl std::fmt::Display for ServicePortKey {
@@ -120,7 +138,13 @@ impl std::fmt::Display for ServicePortKey {
             f,
             "{}/{}:{}/{protocol}",
             self.namespace, self.name, self.port_name
-        )
+        )?;
+        match self.scope {
+            Scope::All => Ok(()),
+            Scope::Internal => write!(f, "[internal]"),
+            Scope::External => write!(f, "[external]"),
+            Scope::LoadBalancer => write!(f, "[loadbalancer]"),
+        }
     }
 }
 
@@ -132,6 +156,10 @@ pub struct DesiredService {
     pub backends: BTreeSet<Backend>,
     /// sessionAffinity ClientIP timeout, 0 without affinity.
     pub affinity_timeout_s: u32,
+    /// [`lb_common::service_flags`] policy bits: LOCAL_ONLY, SOURCE_RANGES.
+    pub flags: u32,
+    /// loadBalancerSourceRanges (address, prefix length), with SOURCE_RANGES.
+    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
 }
 
 /// The whole desired state.
@@ -191,6 +219,7 @@ pub struct Compiler {
     claimed: HashMap<(Ipv4Addr, u16, u8), ServicePortKey>,
     /// A full compile is needed (first run, node changed, conflicts present).
     full: bool,
+    snat_address: Option<Ipv4Addr>,
 }
 
 /// What one Service compiled to, and from what.
@@ -232,6 +261,7 @@ impl Compiler {
             claimed: HashMap::new(),
             generation: 0,
             full: true,
+            snat_address: None,
         }
     }
 
@@ -240,7 +270,14 @@ impl Compiler {
         &self.desired
     }
 
+    /// The node address that flows to backends on other nodes are SNATed to: the Node's first
+    /// IPv4 InternalIP, else the first configured fallback address.
+    pub fn snat_address(&self) -> Option<Ipv4Addr> {
+        self.snat_address
+    }
+
     pub fn update(&mut self, snapshot: &Snapshot) -> Update {
+        self.snat_address = snat_address(snapshot, &self.node);
         let node_addresses = node_addresses(snapshot, &self.node);
         if node_addresses != self.node_addresses {
             self.node_addresses = node_addresses;
@@ -573,6 +610,17 @@ fn unsupported(
     }
 }
 
+fn snat_address(snapshot: &Snapshot, node: &NodeContext) -> Option<Ipv4Addr> {
+    snapshot
+        .node
+        .iter()
+        .filter_map(|node| node.status.as_ref()?.addresses.as_ref())
+        .flatten()
+        .filter(|address| address.type_ == "InternalIP")
+        .find_map(|address| address.address.parse().ok())
+        .or_else(|| node.fallback_addresses.first().copied())
+}
+
 /// The node's IPv4 addresses that serve NodePorts.
 fn node_addresses(snapshot: &Snapshot, node: &NodeContext) -> Vec<Ipv4Addr> {
     let from_node: Vec<Ipv4Addr> = snapshot
@@ -673,6 +721,12 @@ fn compile_service(
         (v4(&cluster_ips), v4(&external_ips), v4(&ingress_ips));
     let node_ports_wanted = service_type == "NodePort" || service_type == "LoadBalancer";
     let affinity_timeout_s = affinity_timeout(service);
+    let policy = Policy {
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        source_ranges: source_ranges(spec)
+            .map_err(|message| invalid("InvalidSourceRange", message))?,
+    };
 
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut seen = BTreeSet::new();
@@ -739,12 +793,6 @@ fn compile_service(
                 add(addr, node_port, service_flags::NODE_PORT);
             }
         }
-        let key = ServicePortKey {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            port_name: port_name.clone(),
-            proto: protocol,
-        };
         let backends = endpoints.backends(&port_name, protocol, &node.node_name);
         if backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
             return Err(invalid(
@@ -756,19 +804,119 @@ fn compile_service(
                 ),
             ));
         }
-        if frontends.is_empty() {
-            continue;
+        for (scope, frontends, flags) in policy.split(frontends) {
+            let backends = if flags & service_flags::LOCAL_ONLY != 0 {
+                backends
+                    .iter()
+                    .filter(|b| b.flags & backend_flags::LOCAL != 0)
+                    .copied()
+                    .collect()
+            } else {
+                backends.clone()
+            };
+            let source_ranges = if flags & service_flags::SOURCE_RANGES != 0 {
+                policy.source_ranges.clone()
+            } else {
+                BTreeSet::new()
+            };
+            let key = ServicePortKey {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port_name: port_name.clone(),
+                proto: protocol,
+                scope,
+            };
+            desired.insert(
+                key,
+                DesiredService {
+                    frontends,
+                    backends,
+                    affinity_timeout_s,
+                    flags,
+                    source_ranges,
+                },
+            );
         }
-        desired.insert(
-            key,
-            DesiredService {
-                frontends,
-                backends,
-                affinity_timeout_s,
-            },
-        );
     }
     Ok(desired)
+}
+
+/// What decides which frontends of a Service port share a selection table.
+struct Policy {
+    /// externalTrafficPolicy Local: NodePorts, externalIPs and LoadBalancer IPs reach node-local
+    /// endpoints only, keep the client address, and drop when there is none.
+    external_local: bool,
+    /// internalTrafficPolicy Local: the same for the ClusterIPs.
+    internal_local: bool,
+    /// loadBalancerSourceRanges: only these clients may use the LoadBalancer IPs.
+    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+}
+
+impl Policy {
+    /// The port's frontends grouped by table, each group with its policy flags; empty groups left
+    /// out. One group (scope All) when nothing sets the frontends apart.
+    fn split(&self, frontends: BTreeSet<Frontend>) -> Vec<(Scope, BTreeSet<Frontend>, u32)> {
+        if !self.external_local && !self.internal_local && self.source_ranges.is_empty() {
+            return if frontends.is_empty() {
+                vec![]
+            } else {
+                vec![(Scope::All, frontends, 0)]
+            };
+        }
+        let local = |yes: bool| if yes { service_flags::LOCAL_ONLY } else { 0 };
+        let of_kind = |kinds: u32| -> BTreeSet<Frontend> {
+            frontends
+                .iter()
+                .filter(|f| f.kind & kinds != 0)
+                .copied()
+                .collect()
+        };
+        let ranged = !self.source_ranges.is_empty();
+        let external_kinds = service_flags::NODE_PORT
+            | service_flags::EXTERNAL_IP
+            | if ranged {
+                0
+            } else {
+                service_flags::LOAD_BALANCER
+            };
+        let mut groups = vec![
+            (
+                Scope::Internal,
+                of_kind(service_flags::CLUSTER_IP),
+                local(self.internal_local),
+            ),
+            (
+                Scope::External,
+                of_kind(external_kinds),
+                local(self.external_local),
+            ),
+        ];
+        if ranged {
+            groups.push((
+                Scope::LoadBalancer,
+                of_kind(service_flags::LOAD_BALANCER),
+                local(self.external_local) | service_flags::SOURCE_RANGES,
+            ));
+        }
+        groups.retain(|(_, frontends, _)| !frontends.is_empty());
+        groups
+    }
+}
+
+/// loadBalancerSourceRanges as (address, prefix length); IPv6 ranges are left out (IPv4 only).
+fn source_ranges(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Result<BTreeSet<(Ipv4Addr, u8)>, String> {
+    let mut ranges = BTreeSet::new();
+    for text in spec.load_balancer_source_ranges.iter().flatten() {
+        let text = text.trim();
+        if text.contains(':') {
+            continue;
+        }
+        let cidr: Ipv4Cidr = text.parse()?;
+        ranges.insert((cidr.addr, cidr.prefix_len));
+    }
+    Ok(ranges)
 }
 
 /// The port's nodePort when it has one; an error for one outside the range.

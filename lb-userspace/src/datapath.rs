@@ -6,7 +6,7 @@
 //! Programs are pinned there too. Attachments belong to this process for now: they go away with it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     io,
     net::Ipv4Addr,
@@ -16,7 +16,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
         XdpMode,
@@ -27,8 +30,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, Event, Frontend4Key, ServiceCounter, ServiceValue, SlotKey, limits,
-    map_names, program_names,
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
+    ServiceCounter, ServiceValue, SlotKey, SourceRange4, limits, map_names, program_names,
+    service_flags,
 };
 
 use crate::object::DATAPATH_OBJECT;
@@ -160,7 +164,7 @@ impl Backend {
 }
 
 /// One service (one Service port) as the datapath sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Service {
     /// 0..[`limits::MAX_SERVICES`]; the caller allocates ids and keeps them stable.
     pub id: u32,
@@ -168,6 +172,10 @@ pub struct Service {
     /// Backend ids (put with [`Datapath::put_backend`] first) that new flows may select.
     pub backends: Vec<u32>,
     pub affinity_timeout_s: u32,
+    /// [`lb_common::service_flags`] policy bits (LOCAL_ONLY, SOURCE_RANGES) for every frontend.
+    pub flags: u32,
+    /// loadBalancerSourceRanges (address, prefix length); enforced with SOURCE_RANGES.
+    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
 }
 
 /// The loaded datapath. Dropping it detaches what it attached; pinned maps stay.
@@ -180,6 +188,9 @@ pub struct Datapath {
     conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
     service_counters: PerCpuArray<MapData, ServiceCounter>,
     events: PerCpuArray<MapData, u64>,
+    config: Array<MapData, DatapathConfig>,
+    source_ranges: LpmTrie<MapData, SourceRange4, u8>,
+    affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
     /// What the maps hold, read once at load (they may hold an earlier run's state), then kept in
     /// step by every update: an update costs O(its own size), and reconcile diffs against it.
     installed: BTreeMap<u32, InstalledService>,
@@ -197,9 +208,10 @@ pub struct InstalledService {
     pub revision: u16,
     /// Backend ids in slot order.
     pub backends: Vec<u32>,
-    /// Frontend keys with their [`lb_common::service_flags`].
+    /// Frontend keys with their [`lb_common::service_flags`] (kind and policy bits).
     pub frontends: BTreeMap<Frontend4Key, u32>,
     pub affinity_timeout_s: u32,
+    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
 }
 
 impl Datapath {
@@ -226,8 +238,21 @@ impl Datapath {
         let frontends: HashMap<MapData, Frontend4Key, ServiceValue> =
             take_map(&mut ebpf, map_names::FRONTENDS4)?;
         let slots: HashMap<MapData, SlotKey, u32> = take_map(&mut ebpf, map_names::SLOTS4)?;
+        let source_ranges: LpmTrie<MapData, SourceRange4, u8> =
+            take_map(&mut ebpf, map_names::SOURCE_RANGES4)?;
         let backends: HashMap<MapData, u32, Backend4> = take_map(&mut ebpf, map_names::BACKENDS4)?;
-        let (installed, owners) = read_installed(&frontends, &slots)?;
+        let (mut installed, owners) = read_installed(&frontends, &slots)?;
+        for key in source_ranges.keys() {
+            let key =
+                key.map_err(|source| map_error(map_names::SOURCE_RANGES4, "iterate", source))?;
+            let data = key.data();
+            if let Some(service) = installed.get_mut(&u32::from_be(data.service_id_be)) {
+                let addr = Ipv4Addr::from(u32::from_be(data.addr));
+                service
+                    .source_ranges
+                    .insert((addr, (key.prefix_len() - 32) as u8));
+            }
+        }
         let installed_backends = backends
             .iter()
             .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
@@ -248,6 +273,9 @@ impl Datapath {
             conntrack: take_map(&mut ebpf, map_names::CONNTRACK4)?,
             service_counters: take_map(&mut ebpf, map_names::SERVICE_COUNTERS)?,
             events: take_map(&mut ebpf, map_names::EVENTS)?,
+            config: take_map(&mut ebpf, map_names::CONFIG)?,
+            affinity: take_map(&mut ebpf, map_names::AFFINITY4)?,
+            source_ranges,
             ebpf,
             pin_dir: pin_dir.to_owned(),
         })
@@ -414,16 +442,20 @@ impl Datapath {
     /// `service.frontends` any more are removed last.
     pub fn put_service(&mut self, service: &Service) -> Result<()> {
         self.validate(service)?;
-        let mut flags_by_key = BTreeMap::new();
-        for frontend in &service.frontends {
-            *flags_by_key.entry(frontend.key()).or_insert(0) |= frontend.kind;
-        }
+        let flags_by_key = frontend_flags(service);
         self.check_room(service, &flags_by_key)?;
         let previous = self.installed.get(&service.id).cloned();
         let revision = previous
             .as_ref()
             .map_or(0, |installed| installed.revision.wrapping_add(1));
         let backend_count = service.backends.len() as u16;
+
+        // Ranges first: a frontend that starts checking them must find them.
+        let old_ranges = previous
+            .as_ref()
+            .map(|installed| installed.source_ranges.clone())
+            .unwrap_or_default();
+        self.write_source_ranges(service.id, service.source_ranges.difference(&old_ranges))?;
 
         // All or nothing: on a failure, what this call wrote is undone before it returns.
         if let Err(error) = self.write_slots(service.id, revision, &service.backends) {
@@ -466,8 +498,21 @@ impl Datapath {
                 backends: service.backends.clone(),
                 frontends: flags_by_key.clone(),
                 affinity_timeout_s: service.affinity_timeout_s,
+                source_ranges: service.source_ranges.clone(),
             },
         );
+        self.remove_source_ranges(service.id, old_ranges.difference(&service.source_ranges))?;
+        if let Some(previous) = &previous {
+            let left: BTreeSet<u32> = previous
+                .backends
+                .iter()
+                .filter(|id| !service.backends.contains(id))
+                .copied()
+                .collect();
+            if !left.is_empty() && previous.affinity_timeout_s != 0 {
+                self.release_affinity(service.id, &left)?;
+            }
+        }
         if let Some(previous) = previous {
             for key in previous
                 .frontends
@@ -487,6 +532,88 @@ impl Datapath {
             )?;
         }
         Ok(())
+    }
+
+    /// Writes the datapath-wide settings (SNAT address and ports).
+    pub fn set_config(&mut self, config: &DatapathConfig) -> Result<()> {
+        self.config
+            .set(0, config, 0)
+            .map_err(|source| map_error(map_names::CONFIG, "write", source))
+    }
+
+    /// The datapath-wide settings in force.
+    pub fn config(&self) -> Result<DatapathConfig> {
+        self.config
+            .get(&0, 0)
+            .map_err(|source| map_error(map_names::CONFIG, "read", source))
+    }
+
+    fn write_source_ranges<'r>(
+        &mut self,
+        service_id: u32,
+        ranges: impl Iterator<Item = &'r (Ipv4Addr, u8)>,
+    ) -> Result<()> {
+        for range in ranges {
+            let key = source_range_key(service_id, range);
+            self.source_ranges.insert(&key, &1, 0).map_err(|source| {
+                if is_full(&source) {
+                    DatapathError::MapFull {
+                        map: map_names::SOURCE_RANGES4,
+                        capacity: limits::MAX_SOURCE_RANGES,
+                        operation: format!("service {service_id} source range {range:?}"),
+                    }
+                } else {
+                    map_error(map_names::SOURCE_RANGES4, "insert", source)
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn remove_source_ranges<'r>(
+        &mut self,
+        service_id: u32,
+        ranges: impl Iterator<Item = &'r (Ipv4Addr, u8)>,
+    ) -> Result<()> {
+        for range in ranges {
+            match self
+                .source_ranges
+                .remove(&source_range_key(service_id, range))
+            {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(syscall))
+                    if syscall.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => return Err(map_error(map_names::SOURCE_RANGES4, "remove", source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Session affinity entries of a service that point at backends it no longer has: removed,
+    /// so those clients choose again (an endpoint leaving releases its clients).
+    fn release_affinity(&mut self, service_id: u32, backends: &BTreeSet<u32>) -> Result<()> {
+        let stale: Vec<Affinity4Key> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| {
+                key.service_id == service_id && backends.contains(&value.backend_id)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            let _ = self.affinity.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Affinity entries of a service: (client, backend id), for tests and inspection.
+    pub fn affinity(&self, service_id: u32) -> Vec<(Affinity4Key, AffinityValue)> {
+        self.affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, _)| key.service_id == service_id)
+            .collect()
     }
 
     /// MapFull before anything is written when the service's new entries would not fit.
@@ -565,6 +692,10 @@ impl Datapath {
             return Ok(());
         };
         self.slot_count -= installed.backends.len();
+        self.remove_source_ranges(id, installed.source_ranges.iter())?;
+        if installed.affinity_timeout_s != 0 {
+            self.release_affinity(id, &installed.backends.iter().copied().collect())?;
+        }
         for key in installed.frontends.keys() {
             remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
                 format!("service {id} frontend {key:?}")
@@ -659,6 +790,9 @@ impl Datapath {
                 return invalid(format!("frontend {frontend:?}: protocol not TCP or UDP"));
             }
         }
+        if let Some(range) = service.source_ranges.iter().find(|(_, len)| *len > 32) {
+            return invalid(format!("source range {range:?}: prefix length above 32"));
+        }
         for id in &service.backends {
             if !self.installed_backends.contains_key(id) {
                 return invalid(format!("backend {id} is not in the backends map"));
@@ -728,6 +862,27 @@ fn read_installed(
             .collect();
     }
     Ok((installed, owners))
+}
+
+/// Frontend keys with the flags their entries carry: the frontends' kinds (a key used by several
+/// kinds of one service gets all of them) plus the service's policy bits.
+pub fn frontend_flags(service: &Service) -> BTreeMap<Frontend4Key, u32> {
+    let policy = service.flags & !service_flags::KINDS;
+    let mut flags = BTreeMap::new();
+    for frontend in &service.frontends {
+        *flags.entry(frontend.key()).or_insert(policy) |= frontend.kind & service_flags::KINDS;
+    }
+    flags
+}
+
+fn source_range_key(service_id: u32, (addr, prefix_len): &(Ipv4Addr, u8)) -> LpmKey<SourceRange4> {
+    LpmKey::new(
+        32 + u32::from(*prefix_len),
+        SourceRange4 {
+            service_id_be: service_id.to_be(),
+            addr: u32::from(*addr).to_be(),
+        },
+    )
 }
 
 fn program_error(program: &'static str, operation: String, source: ProgramError) -> DatapathError {

@@ -19,7 +19,7 @@ use lb_common::{Frontend4Key, limits};
 
 use crate::{
     compile::{Desired, DesiredService, ServicePortKey},
-    datapath::{Backend, Datapath, DatapathError, Service},
+    datapath::{Backend, Datapath, DatapathError, Service, frontend_flags},
 };
 
 /// Remembers what it applied between runs: the service id of each Service port, the id and
@@ -281,12 +281,15 @@ impl Reconciler {
             frontends: service.frontends.iter().copied().collect(),
             backends,
             affinity_timeout_s: service.affinity_timeout_s,
+            flags: service.flags,
+            source_ranges: service.source_ranges.clone(),
         };
         let previous = datapath.installed_services().get(&id).cloned();
         if let Some(installed) = &previous
             && installed.backends == wanted.backends
             && installed.affinity_timeout_s == wanted.affinity_timeout_s
             && installed.frontends == frontend_flags(&wanted)
+            && installed.source_ranges == wanted.source_ranges
         {
             self.ids.insert(key.clone(), id);
             return Ok(());
@@ -367,15 +370,8 @@ fn unknown_key(id: u32) -> ServicePortKey {
         name: format!("service-id-{id}"),
         port_name: String::new(),
         proto: 0,
+        scope: Default::default(),
     }
-}
-
-fn frontend_flags(service: &Service) -> BTreeMap<Frontend4Key, u32> {
-    let mut flags = BTreeMap::new();
-    for frontend in &service.frontends {
-        *flags.entry(frontend.key()).or_insert(0) |= frontend.kind;
-    }
-    flags
 }
 
 /// The next id below `limit` for which `in_use` is false, scanning on from `cursor` and wrapping

@@ -1,10 +1,12 @@
 //! The lab and the helpers of the integration tests (tests/tests/*.rs) and the demo.
 //!
+//! - [`agent`]: the real `lb` agent on a lab node, fed by manifests the test writes;
 //! - [`lab`]: network namespaces, veth pairs, bridges, processes and cgroups, all removed by guards;
 //! - [`topology`]: the client / fabric / nodes / pods layout of ../shared/design.md;
 //! - [`peer`]: the `lab-peer` TCP/UDP servers and clients and their reports;
 //! - [`packet`] and [`table`]: crafted frames and table-driven `BPF_PROG_TEST_RUN` tests.
 
+pub mod agent;
 pub mod lab;
 pub mod node;
 pub mod packet;

@@ -2,112 +2,14 @@
 //! in YAML reach real traffic; a malformed file changes nothing; the agent killed with SIGKILL and
 //! restarted under load loses no connection and no request.
 
-use std::{collections::BTreeSet, path::Path, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
 use lab::{
-    lab::{Cgroup, Lab, PinDir, Proc, ScratchDir, wait_for_log},
-    peer::{self, ClientReport, ClientRun},
-    topology::{Cluster, ClusterSpec, FABRIC_IFACE, node_addr, pod_addr},
+    agent::{AgentLab, SYNC_TIMEOUT},
+    lab::wait_for_log,
+    peer::{ClientReport, ClientRun},
+    topology::{node_addr, pod_addr},
 };
-
-const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
-
-struct Setup {
-    _servers: Vec<Proc>,
-    agent: Option<Proc>,
-    pins: PinDir,
-    cgroup: Cgroup,
-    scratch: ScratchDir,
-    cluster: Cluster,
-    _lab: Lab,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let mut lab = Lab::new().expect("lab");
-        let cluster = Cluster::build(&mut lab, &ClusterSpec::default()).expect("cluster");
-        let servers = cluster
-            .pods()
-            .map(|pod| peer::serve(&pod.host, pod.host.name(), 8080).expect("server"))
-            .collect();
-        let pins = PinDir::new(&lab, "agent").expect("pins");
-        let cgroup = Cgroup::new(&lab, "node1").expect("cgroup");
-        let scratch = ScratchDir::new(&lab, "agent").expect("scratch");
-        std::fs::create_dir_all(scratch.path().join("manifests")).expect("manifests dir");
-        Self {
-            _servers: servers,
-            agent: None,
-            pins,
-            cgroup,
-            scratch,
-            cluster,
-            _lab: lab,
-        }
-    }
-
-    fn manifests(&self) -> std::path::PathBuf {
-        self.scratch.path().join("manifests")
-    }
-
-    fn log(&self) -> std::path::PathBuf {
-        self.scratch.path().join("agent.log")
-    }
-
-    fn start_agent(&mut self) {
-        let lb = peer::sibling_binary("lb").expect("the lb binary (cargo xtask test builds it)");
-        let manifests = self.manifests();
-        let args = [
-            "run",
-            "--source",
-            "file",
-            "--manifests",
-            manifests.to_str().expect("utf-8"),
-            "--hostname-override",
-            "node1",
-            "--node-address",
-            "203.0.113.1",
-            "--interfaces",
-            FABRIC_IFACE,
-            "--cgroup-path",
-            self.cgroup.path().to_str().expect("utf-8"),
-            "--pin-dir",
-            self.pins.path().to_str().expect("utf-8"),
-        ];
-        let log = self.log();
-        self.agent = Some(
-            self.cluster
-                .node(1)
-                .host
-                .spawn_logged(lb, &args, None, &log)
-                .expect("agent"),
-        );
-    }
-
-    /// Writes a manifest file and waits for the agent's next sync.
-    fn apply(&self, file: &str, yaml: &str) {
-        let before = synced_lines(&self.log());
-        std::fs::write(self.manifests().join(file), yaml).expect("write manifest");
-        wait_for_log(&self.log(), "synced", before + 1, SYNC_TIMEOUT).expect("agent synced");
-    }
-
-    fn delete(&self, file: &str) {
-        let before = synced_lines(&self.log());
-        std::fs::remove_file(self.manifests().join(file)).expect("remove manifest");
-        wait_for_log(&self.log(), "synced", before + 1, SYNC_TIMEOUT).expect("agent synced");
-    }
-
-    fn client_pod(&self) -> &lab::lab::Host {
-        &self.cluster.node(1).pods[1].host
-    }
-}
-
-fn synced_lines(log: &Path) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|line| line.contains("synced"))
-        .count()
-}
 
 fn service(port: u16, node_port: u16) -> String {
     format!(
@@ -140,15 +42,16 @@ fn assert_all_ok(what: &str, report: &ClientReport) {
 
 #[test]
 fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
-    let mut setup = Setup::new();
-    setup.start_agent();
-    wait_for_log(&setup.log(), "synced", 1, SYNC_TIMEOUT).expect("first sync");
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
 
     // Created: one endpoint.
-    setup.apply(
-        "web.yaml",
-        &(service(80, 30080) + "---\n" + &endpoints(&[0])),
-    );
+    setup
+        .apply(
+            "web.yaml",
+            &(service(80, 30080) + "---\n" + &endpoints(&[0])),
+        )
+        .expect("apply");
     let node_port = format!("{}:30080", node_addr(1));
     let from_outside = ClientRun::tcp(&node_port, 20)
         .run(&setup.cluster.client, None)
@@ -161,10 +64,12 @@ fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
     assert_all_ok("created, ClusterIP", &from_pod);
 
     // Scaled: two endpoints.
-    setup.apply(
-        "web.yaml",
-        &(service(80, 30080) + "---\n" + &endpoints(&[0, 1])),
-    );
+    setup
+        .apply(
+            "web.yaml",
+            &(service(80, 30080) + "---\n" + &endpoints(&[0, 1])),
+        )
+        .expect("apply");
     let report = ClientRun::tcp(&node_port, 40)
         .run(&setup.cluster.client, None)
         .expect("client");
@@ -190,10 +95,12 @@ fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
     assert_all_ok("after a malformed edit", &report);
 
     // Changed: new port and nodePort; the old ones stop answering.
-    setup.apply(
-        "web.yaml",
-        &(service(81, 30081) + "---\n" + &endpoints(&[0, 1])),
-    );
+    setup
+        .apply(
+            "web.yaml",
+            &(service(81, 30081) + "---\n" + &endpoints(&[0, 1])),
+        )
+        .expect("apply");
     let report = ClientRun::tcp(&format!("{}:30081", node_addr(1)), 20)
         .run(&setup.cluster.client, None)
         .expect("client");
@@ -211,7 +118,7 @@ fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
     assert_eq!(old.errors, 1, "old nodePort still answers: {old:?}");
 
     // Deleted: nothing answers.
-    setup.delete("web.yaml");
+    setup.delete("web.yaml").expect("delete");
     let gone = ClientRun {
         timeout_ms: 500,
         ..ClientRun::tcp(&format!("{}:30081", node_addr(1)), 1)
@@ -230,14 +137,13 @@ fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
 
 #[test]
 fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request() {
-    let mut setup = Setup::new();
+    let mut setup = AgentLab::new().expect("lab");
     std::fs::write(
         setup.manifests().join("web.yaml"),
         service(80, 30080) + "---\n" + &endpoints(&[0, 1]),
     )
     .expect("manifest");
-    setup.start_agent();
-    wait_for_log(&setup.log(), "synced", 1, SYNC_TIMEOUT).expect("first sync");
+    setup.start_agent(&[]).expect("agent");
 
     let node_port = format!("{}:30080", node_addr(1));
     let client = setup.cluster.client.clone();
@@ -265,14 +171,13 @@ fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request(
         }
     });
     std::thread::sleep(Duration::from_millis(500));
-    setup.agent.take().expect("agent").kill().expect("SIGKILL");
+    setup.kill_agent().expect("SIGKILL");
     std::thread::sleep(Duration::from_millis(300));
     // While no agent runs, the pinned datapath still serves the ClusterIP to pods too.
     let meanwhile = ClientRun::tcp("10.96.0.10:80", 20)
         .run(&pod, Some(&setup.cgroup))
         .expect("client");
-    setup.start_agent();
-    wait_for_log(&setup.log(), "synced", 2, SYNC_TIMEOUT).expect("sync after restart");
+    setup.start_agent(&[]).expect("restart");
 
     let long = long.join().expect("thread").expect("long client");
     let short = short.join().expect("thread").expect("short client");

@@ -23,6 +23,7 @@ fn service(id: u32, frontends: Vec<Frontend>, backends: Vec<u32>) -> Service {
         frontends,
         backends,
         affinity_timeout_s: 0,
+        ..Default::default()
     }
 }
 

@@ -135,6 +135,7 @@ fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
             frontends: frontends(protocol),
             backends: ids.to_vec(),
             affinity_timeout_s: 0,
+            ..Default::default()
         };
         setup.node.datapath.put_service(&service).expect("service");
     }
@@ -232,6 +233,7 @@ fn node_port_external_ip_and_load_balancer_ip_from_outside() {
             frontends: frontends(protocol),
             backends: ids.to_vec(),
             affinity_timeout_s: 0,
+            ..Default::default()
         };
         setup.node.datapath.put_service(&service).expect("service");
     }
@@ -290,6 +292,7 @@ fn a_thousand_connections_spread_evenly_over_three_endpoints() {
         frontends: frontends(proto::TCP),
         backends: ids,
         affinity_timeout_s: 0,
+        ..Default::default()
     };
     setup.node.datapath.put_service(&service).expect("service");
     let target = format!("{}:{NODE_PORT}", node_addr(1));
@@ -322,6 +325,7 @@ fn endpoint_changes_under_traffic_move_new_tcp_connections_and_udp_flows_only() 
             frontends: frontends(protocol),
             backends,
             affinity_timeout_s: 0,
+            ..Default::default()
         };
         setup.node.datapath.put_service(&service).expect("service");
     };

@@ -13,6 +13,7 @@ use lb_userspace::datapath::{Backend, Datapath, Frontend, Service};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -63,12 +64,14 @@ fn datapath(pins: &PinDir, tcp_backends: Vec<u32>) -> Datapath {
         frontends: vec![node_port(proto::TCP)],
         backends: tcp_backends,
         affinity_timeout_s: 0,
+        ..Default::default()
     };
     let udp = Service {
         id: 2,
         frontends: vec![node_port(proto::UDP)],
         backends: vec![3],
         affinity_timeout_s: 0,
+        ..Default::default()
     };
     let empty = Service {
         id: 3,
@@ -78,8 +81,19 @@ fn datapath(pins: &PinDir, tcp_backends: Vec<u32>) -> Datapath {
         }],
         backends: vec![],
         affinity_timeout_s: 0,
+        ..Default::default()
     };
-    for service in [&tcp, &udp, &empty] {
+    let empty_udp = Service {
+        id: 4,
+        frontends: vec![Frontend {
+            port: EMPTY_FRONTEND.port(),
+            ..node_port(proto::UDP)
+        }],
+        backends: vec![],
+        affinity_timeout_s: 0,
+        ..Default::default()
+    };
+    for service in [&tcp, &udp, &empty, &empty_udp] {
         datapath.put_service(service).expect("service");
     }
     datapath
@@ -229,9 +243,46 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
             XDP_DROP,
             Expect::Unchanged,
         ),
+        // No endpoint: rejected like kube-proxy's REJECT, straight back out of the NIC.
         case(
-            "no backend",
+            "no backend: syn gets rst+ack",
             packet::tcp(CLIENT, EMPTY_FRONTEND, TcpFlags::SYN, b""),
+            XDP_TX,
+            Expect::Bytes(packet::tcp_reset_reply(
+                EMPTY_FRONTEND,
+                CLIENT,
+                0,
+                Some(1001),
+            )),
+        ),
+        case(
+            "no backend: data with ack gets rst",
+            packet::tcp(CLIENT, EMPTY_FRONTEND, TcpFlags::ACK, b"GET / HTTP/1.1\r\n"),
+            XDP_TX,
+            Expect::Bytes(packet::tcp_reset_reply(EMPTY_FRONTEND, CLIENT, 1, None)),
+        ),
+        case(
+            "no backend: a rst is never answered",
+            packet::tcp(CLIENT, EMPTY_FRONTEND, TcpFlags::RST, b""),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "no backend: udp gets icmp port unreachable",
+            packet::udp(CLIENT, EMPTY_FRONTEND, b"query"),
+            XDP_TX,
+            Expect::Bytes(packet::icmp_port_unreachable_reply(
+                *EMPTY_FRONTEND.ip(),
+                *CLIENT.ip(),
+                &packet::udp(CLIENT, EMPTY_FRONTEND, b"query"),
+            )),
+        ),
+        case(
+            "no backend: ip options are dropped, not answered",
+            packet::with_ip_options(
+                &packet::tcp(CLIENT, EMPTY_FRONTEND, TcpFlags::SYN, b""),
+                &IP_OPTIONS,
+            ),
             XDP_DROP,
             Expect::Unchanged,
         ),
@@ -245,7 +296,9 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
 
     let events = datapath.events().expect("events");
     assert_eq!(events["drop_malformed"], 3, "{events:?}");
-    assert_eq!(events["drop_no_backend"], 1, "{events:?}");
+    assert_eq!(events["drop_no_backend"], 2, "{events:?}");
+    assert_eq!(events["reject_tcp_rst"], 2, "{events:?}");
+    assert_eq!(events["reject_icmp"], 1, "{events:?}");
     assert_eq!(events["pass_fragment"], 2, "{events:?}");
     let tcp = datapath.service_counter(1).expect("counter");
     // syn, ack, fin and the syn with options; two flows (port 40000 and 40001).
@@ -287,6 +340,7 @@ fn established_flows_keep_their_backend_while_new_flows_follow_the_table() {
             frontends: vec![node_port(proto::TCP)],
             backends: vec![2],
             affinity_timeout_s: 0,
+            ..Default::default()
         })
         .expect("service");
     let program = datapath
@@ -355,6 +409,7 @@ fn udp_flows_move_off_a_removed_backend() {
         frontends: vec![node_port(proto::UDP)],
         backends: vec![4],
         affinity_timeout_s: 0,
+        ..Default::default()
     };
     datapath.put_service(&service).expect("service");
     let program = || {

@@ -22,6 +22,7 @@ fn key(name: &str) -> ServicePortKey {
         name: name.into(),
         port_name: "http".into(),
         proto: proto::TCP,
+        scope: Default::default(),
     }
 }
 
@@ -53,6 +54,7 @@ fn desired_service(cluster_ip_octet: u8, backends: &[u8]) -> DesiredService {
         .into(),
         backends: backends.iter().map(|&octet| backend(octet)).collect(),
         affinity_timeout_s: 0,
+        ..Default::default()
     }
 }
 
@@ -220,6 +222,7 @@ fn held_services_keep_what_they_had_and_a_full_map_fails_one_service_only() {
             frontends: too_many,
             backends: BTreeSet::new(),
             affinity_timeout_s: 0,
+            ..Default::default()
         },
     );
     huge.services

@@ -589,6 +589,7 @@ fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
             frontends,
             backends: (1..=id % 3 + 1).collect(),
             affinity_timeout_s: 0,
+            ..Default::default()
         })?;
     }
     Ok(ids)

@@ -1,0 +1,143 @@
+//! Answers for a service with no endpoint, like kube-proxy's REJECT rules: a TCP RST for TCP, an
+//! ICMP port unreachable for UDP, sent back out of the NIC from XDP, so the client fails at once
+//! instead of timing out. Packets with IP options are dropped instead (the answer would have to
+//! drop the options; kube-proxy's REJECT is rarely hit by such traffic), counted as
+//! `drop_no_backend`, and a RST is never answered.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{Event, checksum, proto};
+use lb_ebpf::packet::{ETH_HDR_LEN, IPPROTO_ICMP, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, bytes_at, bytes_at_mut, frame_len};
+
+use crate::{
+    flow::Tuple,
+    helpers::{xdp_adjust_head, xdp_adjust_tail},
+    maps::count_event,
+};
+
+const IP_HDR_LEN: usize = 20;
+const TCP_HDR_LEN: usize = 20;
+/// Ethernet + IPv4 + TCP, no options: the whole RST.
+const RST_LEN: usize = ETH_HDR_LEN + IP_HDR_LEN + TCP_HDR_LEN;
+const ICMP_HDR_LEN: usize = 8;
+/// What an ICMP error quotes: the offending IP header and the first 8 bytes after it (RFC 792).
+const ICMP_QUOTE_LEN: usize = IP_HDR_LEN + 8;
+/// Ethernet + IPv4 + ICMP + quote: the whole port unreachable.
+const ICMP_LEN: usize = ETH_HDR_LEN + IP_HDR_LEN + ICMP_HDR_LEN + ICMP_QUOTE_LEN;
+const TTL: u8 = 64;
+
+/// Turns the packet into the rejection and sends it back (XDP_TX), or drops it.
+#[inline(always)]
+pub fn reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<u32, Event> {
+    if l4_offset != ETH_HDR_LEN + IP_HDR_LEN {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    if tuple.proto == proto::TCP {
+        tcp_reset(ctx, tuple)
+    } else {
+        icmp_port_unreachable(ctx, tuple)
+    }
+}
+
+/// RFC 9293 3.10.7.1: a segment with ACK gets a RST with seq = its ACK number; one without gets
+/// RST+ACK with seq 0 and ack = its seq + its length (SYN and FIN count one each).
+#[inline(always)]
+fn tcp_reset(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> {
+    if tuple.tcp_flags & TCP_RST != 0 {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    let ip = bytes_at::<IP_HDR_LEN>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
+    let total_len = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let tcp = bytes_at::<TCP_HDR_LEN>(ctx, ETH_HDR_LEN + IP_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    let header_len = u32::from(tcp[12] >> 4) * 4;
+    let payload = total_len.saturating_sub(IP_HDR_LEN as u32 + header_len);
+    let (rst_seq, rst_ack, flags) = if tuple.tcp_flags & TCP_ACK != 0 {
+        (ack, 0, TCP_RST)
+    } else {
+        let consumed = payload
+            + u32::from(tuple.tcp_flags & TCP_SYN != 0)
+            + u32::from(tuple.tcp_flags & TCP_FIN != 0);
+        (0, seq.wrapping_add(consumed), TCP_RST | TCP_ACK)
+    };
+    let excess = frame_len(ctx).saturating_sub(RST_LEN);
+    if excess > 0 && !xdp_adjust_tail(ctx, -(excess as i32)) {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    let packet = bytes_at_mut::<RST_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    swap_macs(packet);
+    write_ip_header(packet, IPPROTO_TCP, (IP_HDR_LEN + TCP_HDR_LEN) as u16, tuple.daddr, tuple.saddr);
+    let mut segment = [0u8; TCP_HDR_LEN];
+    segment[0..2].copy_from_slice(&tuple.dport.to_be_bytes());
+    segment[2..4].copy_from_slice(&tuple.sport.to_be_bytes());
+    segment[4..8].copy_from_slice(&rst_seq.to_be_bytes());
+    segment[8..12].copy_from_slice(&rst_ack.to_be_bytes());
+    segment[12] = (TCP_HDR_LEN as u8 / 4) << 4;
+    segment[13] = flags;
+    let pseudo = pseudo_header_sum(tuple.daddr, tuple.saddr, IPPROTO_TCP, TCP_HDR_LEN as u16);
+    let check = checksum::finish(checksum::sum_words(pseudo, &segment));
+    segment[16..18].copy_from_slice(&check.to_be_bytes());
+    packet[ETH_HDR_LEN + IP_HDR_LEN..].copy_from_slice(&segment);
+    count_event(Event::REJECT_TCP_RST);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// ICMP destination unreachable, port unreachable (type 3, code 3), quoting the datagram's IP
+/// header and UDP header as the client sent them (to the frontend), so its socket gets the error.
+#[inline(always)]
+fn icmp_port_unreachable(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> {
+    // Room in front for the new IP and ICMP headers; the old Ethernet header moves up.
+    let grow = (IP_HDR_LEN + ICMP_HDR_LEN) as i32;
+    if !xdp_adjust_head(ctx, -grow) {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    let excess = frame_len(ctx).saturating_sub(ICMP_LEN);
+    if excess > 0 && !xdp_adjust_tail(ctx, -(excess as i32)) {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    let packet = bytes_at_mut::<ICMP_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    let mut eth = [0u8; ETH_HDR_LEN];
+    eth.copy_from_slice(&packet[grow as usize..grow as usize + ETH_HDR_LEN]);
+    packet[..ETH_HDR_LEN].copy_from_slice(&eth);
+    swap_macs(packet);
+    let icmp_len = ICMP_HDR_LEN + ICMP_QUOTE_LEN;
+    write_ip_header(packet, IPPROTO_ICMP, (IP_HDR_LEN + icmp_len) as u16, tuple.daddr, tuple.saddr);
+    let mut message = [0u8; ICMP_HDR_LEN + ICMP_QUOTE_LEN];
+    message[0] = 3;
+    message[1] = 3;
+    message[ICMP_HDR_LEN..].copy_from_slice(&packet[ETH_HDR_LEN + IP_HDR_LEN + ICMP_HDR_LEN..]);
+    let check = checksum::finish(checksum::sum_words(0, &message));
+    message[2..4].copy_from_slice(&check.to_be_bytes());
+    packet[ETH_HDR_LEN + IP_HDR_LEN..].copy_from_slice(&message);
+    count_event(Event::REJECT_ICMP);
+    Ok(xdp_action::XDP_TX)
+}
+
+#[inline(always)]
+fn swap_macs<const N: usize>(packet: &mut [u8; N]) {
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&packet[0..6]);
+    packet.copy_within(6..12, 0);
+    packet[6..12].copy_from_slice(&mac);
+}
+
+/// A fresh 20-byte IPv4 header (no options, DF clear, checksum computed) after the Ethernet one.
+#[inline(always)]
+fn write_ip_header<const N: usize>(packet: &mut [u8; N], protocol: u8, total_len: u16, saddr: u32, daddr: u32) {
+    let mut header = [0u8; IP_HDR_LEN];
+    header[0] = 0x45;
+    header[2..4].copy_from_slice(&total_len.to_be_bytes());
+    header[8] = TTL;
+    header[9] = protocol;
+    header[12..16].copy_from_slice(&saddr.to_be_bytes());
+    header[16..20].copy_from_slice(&daddr.to_be_bytes());
+    let check = checksum::finish(checksum::sum_words(0, &header));
+    header[10..12].copy_from_slice(&check.to_be_bytes());
+    packet[ETH_HDR_LEN..ETH_HDR_LEN + IP_HDR_LEN].copy_from_slice(&header);
+}
+
+/// The TCP/UDP pseudo-header's contribution to a checksum (RFC 793).
+#[inline(always)]
+fn pseudo_header_sum(saddr: u32, daddr: u32, protocol: u8, length: u16) -> u32 {
+    (saddr >> 16) + (saddr & 0xffff) + (daddr >> 16) + (daddr & 0xffff) + u32::from(protocol) + u32::from(length)
+}

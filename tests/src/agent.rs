@@ -1,0 +1,176 @@
+//! The real `lb` agent in the lab: node1 runs `lb run --source file` on manifests the test writes,
+//! with XDP and tc on its fabric NIC and socket hooks on a test cgroup; every pod runs a lab-peer
+//! server on port 8080. Everything is removed on drop, also when a test fails.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::{
+    lab::{Cgroup, Host, Lab, PinDir, Proc, ScratchDir, wait_for_log},
+    peer,
+    topology::{Cluster, ClusterSpec, FABRIC_IFACE},
+};
+
+/// How long a manifest change may take to reach the agent's next sync.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// The port every pod's server listens on.
+pub const POD_PORT: u16 = 8080;
+
+pub struct AgentLab {
+    // Field order is drop order: servers and agent first, then the datapath's pins, cgroup,
+    // scratch files, the namespaces last.
+    _servers: Vec<Proc>,
+    agent: Option<Proc>,
+    pins: PinDir,
+    pub cgroup: Cgroup,
+    scratch: ScratchDir,
+    pub cluster: Cluster,
+    _lab: Lab,
+}
+
+impl AgentLab {
+    /// The default cluster (two pods on node1, one on node2), servers in every pod, no agent yet.
+    pub fn new() -> anyhow::Result<Self> {
+        Self::with_spec(&ClusterSpec::default())
+    }
+
+    pub fn with_spec(spec: &ClusterSpec) -> anyhow::Result<Self> {
+        let mut lab = Lab::new()?;
+        let cluster = Cluster::build(&mut lab, spec)?;
+        let servers = cluster
+            .pods()
+            .map(|pod| peer::serve(&pod.host, pod.host.name(), POD_PORT))
+            .collect::<anyhow::Result<_>>()?;
+        let pins = PinDir::new(&lab, "agent")?;
+        let cgroup = Cgroup::new(&lab, "node1")?;
+        let scratch = ScratchDir::new(&lab, "agent")?;
+        std::fs::create_dir_all(scratch.path().join("manifests"))?;
+        Ok(Self {
+            _servers: servers,
+            agent: None,
+            pins,
+            cgroup,
+            scratch,
+            cluster,
+            _lab: lab,
+        })
+    }
+
+    /// The directory the agent reads manifests from.
+    pub fn manifests(&self) -> PathBuf {
+        self.scratch.path().join("manifests")
+    }
+
+    /// The agent's log (stdout and stderr).
+    pub fn log(&self) -> PathBuf {
+        self.scratch.path().join("agent.log")
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        self.pins.path()
+    }
+
+    /// Starts `lb run` on node1 (again, after a kill) with `extra` flags, and waits for its
+    /// first sync.
+    pub fn start_agent(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let before = self.synced_lines();
+        let lb = peer::sibling_binary("lb")?;
+        let manifests = self.manifests();
+        let mut args = vec![
+            "run",
+            "--source",
+            "file",
+            "--manifests",
+            manifests.to_str().unwrap_or_default(),
+            "--hostname-override",
+            "node1",
+            "--node-address",
+            "203.0.113.1",
+            "--interfaces",
+            FABRIC_IFACE,
+            "--cgroup-path",
+            self.cgroup.path().to_str().unwrap_or_default(),
+            "--pin-dir",
+            self.pins.path().to_str().unwrap_or_default(),
+        ];
+        args.extend_from_slice(extra);
+        let log = self.log();
+        self.agent = Some(
+            self.cluster
+                .node(1)
+                .host
+                .spawn_logged(lb, &args, None, &log)?,
+        );
+        wait_for_log(&log, "synced", before + 1, SYNC_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Kills the agent with SIGKILL (the datapath stays, pinned).
+    pub fn kill_agent(&mut self) -> anyhow::Result<()> {
+        match self.agent.take() {
+            Some(agent) => agent.kill(),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes a manifest file and waits for the agent's next sync.
+    pub fn apply(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let before = self.synced_lines();
+        std::fs::write(self.manifests().join(file), yaml)?;
+        wait_for_log(&self.log(), "synced", before + 1, SYNC_TIMEOUT).map(drop)
+    }
+
+    /// Removes a manifest file and waits for the agent's next sync.
+    pub fn delete(&self, file: &str) -> anyhow::Result<()> {
+        let before = self.synced_lines();
+        std::fs::remove_file(self.manifests().join(file))?;
+        wait_for_log(&self.log(), "synced", before + 1, SYNC_TIMEOUT).map(drop)
+    }
+
+    /// Another client on the fabric (a namespace with its own address, no default route).
+    pub fn add_client(&mut self, name: &str, addr: std::net::Ipv4Addr) -> anyhow::Result<Host> {
+        let host = self._lab.host(name)?;
+        let port = format!("p-{name}");
+        self._lab
+            .veth(&host, FABRIC_IFACE, &self.cluster.fabric, &port)?;
+        self.cluster.fabric.enslave(&port, "br0")?;
+        host.addr(FABRIC_IFACE, &format!("{addr}/24"))?;
+        Ok(host)
+    }
+
+    /// The pod on node1 that acts as a client (n1p1).
+    pub fn client_pod(&self) -> &Host {
+        &self.cluster.node(1).pods[1].host
+    }
+
+    fn synced_lines(&self) -> usize {
+        std::fs::read_to_string(self.log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("synced"))
+            .count()
+    }
+}
+
+/// A NodePort Service manifest: `name` on ClusterIP `cluster_ip`:80 and nodePort `node_port`,
+/// with `extra_spec` lines (indented two spaces) added to its spec.
+pub fn node_port_service(name: &str, cluster_ip: &str, node_port: u16, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {cluster_ip}\n{extra_spec}  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: {node_port}}}\n"
+    )
+}
+
+/// An EndpointSlice for Service `service` with ready endpoints (address, node name).
+pub fn endpoint_slice(service: &str, endpoints: &[(std::net::Ipv4Addr, &str)]) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports:\n- {{name: http, port: {POD_PORT}, protocol: TCP}}\nendpoints:\n"
+    );
+    for (addr, node) in endpoints {
+        yaml.push_str(&format!(
+            "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n"
+        ));
+    }
+    yaml
+}
