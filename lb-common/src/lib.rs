@@ -453,9 +453,14 @@ pub struct Ct4Value {
     /// reply's destination. Same number convention as `nat_addr`.
     pub snat_addr: u32,
     pub snat_port: u16,
+    /// With SNAT, REPLY entries: the Ethernet addresses of the client's first packet (its
+    /// source: the client or the router before it; its destination: this node's NIC). Replies go
+    /// back the way the flow came, so XDP needs no neighbour lookup for them.
+    pub client_mac: [u8; 6],
+    pub node_mac: [u8; 6],
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<Ct4Value>() == 32);
+const _: () = assert!(size_of::<Ct4Value>() == 48);
 
 pub mod ct_flags {
     /// The flow goes to a backend on another node through SNAT (externalTrafficPolicy Cluster):

@@ -2,9 +2,9 @@
 //! shared by the XDP, tc and socket programs.
 
 use lb_common::{
-    AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig,
-    Event, Frontend4Key, ServiceValue, SlotKey, backend_flags, ct_direction, ct_flags,
-    ct_timeouts, proto, scope, service_flags, tcp_state,
+    AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event,
+    Frontend4Key, ServiceValue, SlotKey, backend_flags, ct_direction, ct_flags, ct_timeouts, proto,
+    scope, service_flags, tcp_state,
 };
 use lb_ebpf::packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -75,7 +75,11 @@ pub fn no_backend(service: &ServiceValue) -> Event {
 /// kube-proxy users rely on that during rollouts. A backend on another node is reached through
 /// SNAT unless the service's policy is Local.
 #[inline(always)]
-pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination, Event> {
+pub fn destination(
+    tuple: &Tuple,
+    service: &ServiceValue,
+    macs: &[u8; 12],
+) -> Result<Destination, Event> {
     let now = now_ns();
     let key = original_key(tuple);
     if let Some(entry) = CONNTRACK4.get_ptr_mut(&key) {
@@ -86,7 +90,8 @@ pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination,
             && (tuple.proto == proto::TCP || backend_still_there(entry))
         {
             refresh(entry, tuple, now);
-            let snat = (entry.flags & ct_flags::SNAT != 0).then_some((entry.snat_addr, entry.snat_port));
+            let snat =
+                (entry.flags & ct_flags::SNAT != 0).then_some((entry.snat_addr, entry.snat_port));
             return Ok(Destination {
                 addr: entry.nat_addr,
                 port: entry.nat_port,
@@ -116,6 +121,8 @@ pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination,
         flags: if snat.is_some() { ct_flags::SNAT } else { 0 },
         snat_addr: snat.map_or(0, |(addr, _)| addr),
         snat_port: snat.map_or(0, |(_, port)| port),
+        client_mac: [0; 6],
+        node_mac: [0; 6],
         _pad: [0; 2],
     };
     // The reply comes from the backend to the client, or to the SNAT address when there is one.
@@ -129,13 +136,16 @@ pub fn destination(tuple: &Tuple, service: &ServiceValue) -> Result<Destination,
         direction: ct_direction::REPLY,
         _pad: [0; 2],
     };
-    let reply = Ct4Value {
+    let mut reply = Ct4Value {
         nat_addr: tuple.daddr,
         nat_port: tuple.dport,
         snat_addr: tuple.saddr,
         snat_port: tuple.sport,
         ..original
     };
+    // The ingress frame's destination MAC is this node's, its source the client's next hop.
+    reply.node_mac.copy_from_slice(&macs[0..6]);
+    reply.client_mac.copy_from_slice(&macs[6..12]);
     // Reply first: once the original entry exists, the flow's next packets depend on both.
     CONNTRACK4
         .insert(&reply_key, &reply, 0)
@@ -164,10 +174,17 @@ fn needs_snat(service: &ServiceValue, backend: &Backend4) -> bool {
 /// A SNAT port nobody uses towards this backend: random tries in the configured range, checked
 /// against the reply entries that would collide.
 #[inline(always)]
-fn free_snat_port(config: &DatapathConfig, backend_addr: u32, backend_port: u16, protocol: u8) -> Option<u16> {
+fn free_snat_port(
+    config: &DatapathConfig,
+    backend_addr: u32,
+    backend_port: u16,
+    protocol: u8,
+) -> Option<u16> {
     let span = u32::from(config.snat_port_max.saturating_sub(config.snat_port_min)) + 1;
     for _ in 0..SNAT_PORT_TRIES {
-        let port = config.snat_port_min.wrapping_add((random_u32() % span) as u16);
+        let port = config
+            .snat_port_min
+            .wrapping_add((random_u32() % span) as u16);
         let key = Ct4Key {
             saddr: backend_addr,
             daddr: config.snat_addr,
@@ -305,8 +322,7 @@ fn initial_state(tuple: &Tuple) -> u8 {
 pub fn next_state(state: u8, tcp_flags: u8) -> u8 {
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         tcp_state::CLOSING
-    } else if state == tcp_state::SYN_SENT && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0
-    {
+    } else if state == tcp_state::SYN_SENT && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
         tcp_state::ESTABLISHED
     } else {
         state

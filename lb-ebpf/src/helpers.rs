@@ -41,7 +41,12 @@ const AF_INET: u8 = 2;
 /// Looks up the route from `saddr` to `daddr` (numbers) for a packet that came in on this XDP
 /// program's interface.
 #[inline(always)]
-pub fn fib_forward(ctx: &aya_ebpf::programs::XdpContext, protocol: u8, saddr: u32, daddr: u32) -> Forward {
+pub fn fib_forward(
+    ctx: &aya_ebpf::programs::XdpContext,
+    protocol: u8,
+    saddr: u32,
+    daddr: u32,
+) -> Forward {
     use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
     // SAFETY: ctx.ctx is the program's own xdp_md, valid for the whole run.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };

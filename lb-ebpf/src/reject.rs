@@ -6,7 +6,10 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Event, checksum, proto};
-use lb_ebpf::packet::{ETH_HDR_LEN, IPPROTO_ICMP, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, bytes_at, bytes_at_mut, frame_len};
+use lb_ebpf::packet::{
+    ETH_HDR_LEN, IPPROTO_ICMP, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, bytes_at,
+    bytes_at_mut, frame_len,
+};
 
 use crate::{
     flow::Tuple,
@@ -47,7 +50,8 @@ fn tcp_reset(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> {
     }
     let ip = bytes_at::<IP_HDR_LEN>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
     let total_len = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let tcp = bytes_at::<TCP_HDR_LEN>(ctx, ETH_HDR_LEN + IP_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
+    let tcp =
+        bytes_at::<TCP_HDR_LEN>(ctx, ETH_HDR_LEN + IP_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
     let header_len = u32::from(tcp[12] >> 4) * 4;
@@ -66,7 +70,13 @@ fn tcp_reset(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> {
     }
     let packet = bytes_at_mut::<RST_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
     swap_macs(packet);
-    write_ip_header(packet, IPPROTO_TCP, (IP_HDR_LEN + TCP_HDR_LEN) as u16, tuple.daddr, tuple.saddr);
+    write_ip_header(
+        packet,
+        IPPROTO_TCP,
+        (IP_HDR_LEN + TCP_HDR_LEN) as u16,
+        tuple.daddr,
+        tuple.saddr,
+    );
     let mut segment = [0u8; TCP_HDR_LEN];
     segment[0..2].copy_from_slice(&tuple.dport.to_be_bytes());
     segment[2..4].copy_from_slice(&tuple.sport.to_be_bytes());
@@ -101,7 +111,13 @@ fn icmp_port_unreachable(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> 
     packet[..ETH_HDR_LEN].copy_from_slice(&eth);
     swap_macs(packet);
     let icmp_len = ICMP_HDR_LEN + ICMP_QUOTE_LEN;
-    write_ip_header(packet, IPPROTO_ICMP, (IP_HDR_LEN + icmp_len) as u16, tuple.daddr, tuple.saddr);
+    write_ip_header(
+        packet,
+        IPPROTO_ICMP,
+        (IP_HDR_LEN + icmp_len) as u16,
+        tuple.daddr,
+        tuple.saddr,
+    );
     let mut message = [0u8; ICMP_HDR_LEN + ICMP_QUOTE_LEN];
     message[0] = 3;
     message[1] = 3;
@@ -123,7 +139,13 @@ fn swap_macs<const N: usize>(packet: &mut [u8; N]) {
 
 /// A fresh 20-byte IPv4 header (no options, DF clear, checksum computed) after the Ethernet one.
 #[inline(always)]
-fn write_ip_header<const N: usize>(packet: &mut [u8; N], protocol: u8, total_len: u16, saddr: u32, daddr: u32) {
+fn write_ip_header<const N: usize>(
+    packet: &mut [u8; N],
+    protocol: u8,
+    total_len: u16,
+    saddr: u32,
+    daddr: u32,
+) {
     let mut header = [0u8; IP_HDR_LEN];
     header[0] = 0x45;
     header[2..4].copy_from_slice(&total_len.to_be_bytes());
@@ -139,5 +161,10 @@ fn write_ip_header<const N: usize>(packet: &mut [u8; N], protocol: u8, total_len
 /// The TCP/UDP pseudo-header's contribution to a checksum (RFC 793).
 #[inline(always)]
 fn pseudo_header_sum(saddr: u32, daddr: u32, protocol: u8, length: u16) -> u32 {
-    (saddr >> 16) + (saddr & 0xffff) + (daddr >> 16) + (daddr & 0xffff) + u32::from(protocol) + u32::from(length)
+    (saddr >> 16)
+        + (saddr & 0xffff)
+        + (daddr >> 16)
+        + (daddr & 0xffff)
+        + u32::from(protocol)
+        + u32::from(length)
 }

@@ -8,9 +8,9 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{Event, SourceRange4, checksum, ct_flags, proto, service_flags};
 use lb_ebpf::packet::{
-    ETH_HDR_LEN, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET,
-    TCP_CSUM_OFFSET, TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
-    bytes_at_mut, frame_len, parse_ipv4,
+    ETH_HDR_LEN, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET,
+    TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at, bytes_at_mut,
+    frame_len, parse_ipv4,
 };
 
 use crate::{
@@ -56,16 +56,28 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     let Some(service) = lookup_frontend(&tuple) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    if service.flags & service_flags::SOURCE_RANGES != 0 && !source_allowed(service.service_id, tuple.saddr) {
+    if service.flags & service_flags::SOURCE_RANGES != 0
+        && !source_allowed(service.service_id, tuple.saddr)
+    {
         return Err(Event::DROP_SOURCE_RANGE);
     }
-    let destination = match destination(&tuple, service) {
+    let mut macs = [0u8; 12];
+    macs.copy_from_slice(&eth[0..12]);
+    let destination = match destination(&tuple, service, &macs) {
         Ok(destination) => destination,
         Err(Event::DROP_NO_BACKEND) => return reject::reply(ctx, &tuple, ip.l4_offset),
         Err(event) => return Err(event),
     };
     let (saddr, sport) = destination.snat.unwrap_or((tuple.saddr, tuple.sport));
-    rewrite(ctx, &tuple, ip.l4_offset, saddr, sport, destination.addr, destination.port)?;
+    rewrite(
+        ctx,
+        &tuple,
+        ip.l4_offset,
+        saddr,
+        sport,
+        destination.addr,
+        destination.port,
+    )?;
     count_service(destination.service_id, 1, frame_len(ctx) as u64, 0);
     if destination.snat.is_some() {
         return Ok(forward(ctx, &tuple, saddr, destination.addr));
@@ -106,10 +118,20 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<Optio
     }
     let (client_addr, client_port) = (entry.snat_addr, entry.snat_port);
     let (frontend_addr, frontend_port) = (entry.nat_addr, entry.nat_port);
+    let (client_mac, node_mac) = (entry.client_mac, entry.node_mac);
     let service_id = entry.service_id;
-    rewrite(ctx, tuple, l4_offset, frontend_addr, frontend_port, client_addr, client_port)?;
+    rewrite(
+        ctx,
+        tuple,
+        l4_offset,
+        frontend_addr,
+        frontend_port,
+        client_addr,
+        client_port,
+    )?;
     count_service(service_id, 1, frame_len(ctx) as u64, 0);
-    Ok(Some(forward(ctx, tuple, frontend_addr, client_addr)))
+    // Back the way the flow came in: no route or neighbour lookup needed.
+    Ok(Some(transmit(ctx, node_mac, client_mac)))
 }
 
 /// Whether the client is inside one of the service's loadBalancerSourceRanges.
@@ -127,23 +149,31 @@ fn source_allowed(service_id: u32, client: u32) -> bool {
 
 /// Sends a rewritten packet on from XDP: out of the NIC it came in on (XDP_TX) with the MACs the
 /// FIB gives and the TTL decremented, as a router would. Anything else (another NIC, no neighbour
-/// entry yet, TTL running out) goes to the stack, which forwards the already translated packet.
+/// entry yet, TTL running out) goes to the stack, which forwards the already translated packet
+/// (and resolves the neighbour for the next one). Its source is now this node's own address,
+/// which the stack only accepts on a NIC with accept_local=1 (net/ipv4/fib_frontend.c,
+/// __fib_validate_source): the agent sets that on the NICs it attaches to.
 #[inline(always)]
 fn forward(ctx: &XdpContext, tuple: &Tuple, saddr: u32, daddr: u32) -> u32 {
     match fib_forward(ctx, tuple.proto, saddr, daddr) {
-        Forward::SameInterface { smac, dmac } => {
-            if !decrement_ttl(ctx) {
-                return xdp_action::XDP_PASS;
-            }
-            let Some(eth) = bytes_at_mut::<ETH_HDR_LEN>(ctx, 0) else {
-                return xdp_action::XDP_PASS;
-            };
-            eth[0..6].copy_from_slice(&dmac);
-            eth[6..12].copy_from_slice(&smac);
-            xdp_action::XDP_TX
-        }
+        Forward::SameInterface { smac, dmac } => transmit(ctx, smac, dmac),
         Forward::Stack => xdp_action::XDP_PASS,
     }
+}
+
+/// Sends the packet back out of its interface (XDP_TX) with these MACs and the TTL decremented;
+/// to the stack instead when the TTL runs out (it answers with ICMP time exceeded).
+#[inline(always)]
+fn transmit(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    if !decrement_ttl(ctx) {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(eth) = bytes_at_mut::<ETH_HDR_LEN>(ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    eth[0..6].copy_from_slice(&dmac);
+    eth[6..12].copy_from_slice(&smac);
+    xdp_action::XDP_TX
 }
 
 /// TTL - 1 with the checksum fixed; false (untouched) when it would reach 0.

@@ -15,7 +15,7 @@ use crate::{
     compile::{Compiler, Ipv4Cidr, NodeContext, Problem, Severity},
     datapath::Datapath,
     reconcile::Reconciler,
-    source::{Snapshot, file::FileSource},
+    source::{Snapshot, file::FileSource, kube as kube_source},
 };
 
 /// Where the objects come from.
@@ -60,6 +60,7 @@ impl AgentConfig {
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&config.pin_dir).context("loading the datapath")?;
     for iface in &config.interfaces {
+        accept_local(iface)?;
         datapath
             .attach_xdp(iface, config.xdp_mode)
             .with_context(|| format!("attaching XDP to {iface}"))?;
@@ -81,32 +82,32 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
 
     let (updates, snapshots) = watch::channel(Snapshot::default());
-    let source = tokio::spawn(run_source(config.clone(), updates));
-    let result = sync_until_stopped(&config, &mut datapath, snapshots).await;
-    source.abort();
-    result
-}
-
-async fn run_source(config: AgentConfig, updates: watch::Sender<Snapshot>) -> anyhow::Result<()> {
-    match &config.source {
-        SourceConfig::Files(paths) => FileSource::new(paths.clone(), config.node_name.clone())
-            .run(
+    let (source, events) = match &config.source {
+        SourceConfig::Files(paths) => {
+            let files = FileSource::new(paths.clone(), config.node_name.clone());
+            let task = files.run(
                 updates,
                 |error| warn!(%error, "manifest not loaded; its last good objects stay in force"),
-            )
-            .await,
-        SourceConfig::Kube { .. } => {
-            // Wired to source::kube in the next commit.
-            drop(updates);
-            anyhow::bail!("the Kubernetes source is not wired into the agent yet")
+            );
+            (tokio::spawn(task), None)
         }
-    }
+        SourceConfig::Kube { master, kubeconfig } => {
+            let client = kube_source::client(master.as_deref(), kubeconfig.as_deref()).await?;
+            let events = kube_source::EventRecorder::new(client.clone(), "lb", &config.node_name);
+            let task = kube_source::KubeSource::new(client, config.node_name.clone()).run(updates);
+            (tokio::spawn(task), Some(std::sync::Arc::new(events)))
+        }
+    };
+    let result = sync_until_stopped(&config, &mut datapath, snapshots, events).await;
+    source.abort();
+    result
 }
 
 async fn sync_until_stopped(
     config: &AgentConfig,
     datapath: &mut Datapath,
     mut snapshots: watch::Receiver<Snapshot>,
+    events: Option<std::sync::Arc<kube_source::EventRecorder>>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
@@ -132,7 +133,11 @@ async fn sync_until_stopped(
         if let Err(error) = sync_snat_address(datapath, compiler.snat_address()) {
             warn!(%error, "SNAT address not set; flows to backends on other nodes go unSNATed");
         }
-        report_new_problems(&update.problems, &mut reported);
+        for problem in report_new_problems(&update.problems, &mut reported) {
+            if let Some(events) = &events {
+                publish_event(events.clone(), problem);
+            }
+        }
         let desired = compiler.desired();
         let report = reconciler.reconcile_changed(datapath, desired, &update.changed);
         for (key, error) in &report.errors {
@@ -155,6 +160,13 @@ async fn sync_until_stopped(
     Ok(())
 }
 
+/// Lets the stack take packets arriving with one of this node's addresses as source: XDP hands
+/// it SNATed packets to forward when it cannot send them itself yet (no neighbour entry).
+fn accept_local(iface: &str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+    std::fs::write(&path, "1").with_context(|| format!("setting {path}"))
+}
+
 /// Keeps the datapath's SNAT address (for flows to backends on other nodes) equal to this node's
 /// address; SNAT ports come from [`lb_common::DEFAULT_SNAT_PORTS`].
 fn sync_snat_address(datapath: &mut Datapath, address: Option<Ipv4Addr>) -> anyhow::Result<()> {
@@ -171,14 +183,17 @@ fn sync_snat_address(datapath: &mut Datapath, address: Option<Ipv4Addr>) -> anyh
     Ok(())
 }
 
-/// Logs each problem once, when it first appears.
-fn report_new_problems(problems: &[Problem], reported: &mut BTreeSet<Problem>) {
+/// Logs each problem once, when it first appears; returns the new invalid-input problems (the
+/// ones worth a Kubernetes Event).
+fn report_new_problems(problems: &[Problem], reported: &mut BTreeSet<Problem>) -> Vec<Problem> {
     let current: BTreeSet<Problem> = problems.iter().cloned().collect();
+    let mut new_invalid = Vec::new();
     for problem in current.difference(reported) {
         let object = format!("{} {}/{}", problem.kind, problem.namespace, problem.name);
         match problem.severity {
             Severity::Invalid => {
-                warn!(%object, reason = problem.reason, message = %problem.message, "skipped")
+                warn!(%object, reason = problem.reason, message = %problem.message, "skipped");
+                new_invalid.push(problem.clone());
             }
             Severity::Unsupported => {
                 info!(%object, reason = problem.reason, message = %problem.message, "not supported yet")
@@ -186,6 +201,28 @@ fn report_new_problems(problems: &[Problem], reported: &mut BTreeSet<Problem>) {
         }
     }
     *reported = current;
+    new_invalid
+}
+
+/// A Warning Event on the object, in the background: the sync loop never waits for the API.
+fn publish_event(events: std::sync::Arc<kube_source::EventRecorder>, problem: Problem) {
+    tokio::spawn(async move {
+        let api_version = if problem.kind == "EndpointSlice" {
+            "discovery.k8s.io/v1"
+        } else {
+            "v1"
+        };
+        let object = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(api_version.into()),
+            kind: Some(problem.kind.into()),
+            namespace: Some(problem.namespace.clone()),
+            name: Some(problem.name.clone()),
+            ..Default::default()
+        };
+        if let Err(error) = events.warn(&object, problem.reason, &problem.message).await {
+            warn!(%error, object = %problem.name, "could not publish an Event");
+        }
+    });
 }
 
 /// `lb run --cleanup`: removes everything the agent installed (links, programs, maps), which

@@ -480,15 +480,23 @@ impl Datapath {
                 || format!("service {} frontend {key:?}", service.id),
             );
             if let Err(error) = result {
-                self.undo_frontends(&written, previous.as_ref());
+                self.undo_frontends(&written);
                 self.remove_slots(service.id, revision, backend_count).ok();
                 return Err(error);
             }
             written.push(*key);
         }
 
+        // A frontend can move here from another service (e.g. a traffic policy split a Service
+        // port into two tables): its entry was flipped in one update above; the other service
+        // just no longer has it.
         for key in flags_by_key.keys() {
-            self.owners.insert(*key, service.id);
+            if let Some(owner) = self.owners.insert(*key, service.id)
+                && owner != service.id
+                && let Some(other) = self.installed.get_mut(&owner)
+            {
+                other.frontends.remove(key);
+            }
         }
         self.slot_count += service.backends.len();
         self.installed.insert(
@@ -661,28 +669,24 @@ impl Datapath {
 
     /// Puts back what a failed put_service changed among `written` frontends: new ones are
     /// removed, existing ones get their previous entry again.
-    fn undo_frontends(&mut self, written: &[Frontend4Key], previous: Option<&InstalledService>) {
+    fn undo_frontends(&mut self, written: &[Frontend4Key]) {
         for key in written {
-            match previous.and_then(|installed| {
-                installed
-                    .frontends
-                    .get(key)
-                    .map(|flags| (installed, *flags))
-            }) {
-                Some((installed, flags)) => {
-                    let value = ServiceValue {
-                        service_id: self.owners[key],
-                        backend_count: installed.backends.len() as u16,
-                        revision: installed.revision,
-                        flags,
-                        affinity_timeout_s: installed.affinity_timeout_s,
-                    };
-                    let _ = self.frontends.insert(key, &value, 0);
-                }
-                None => {
-                    let _ = self.frontends.remove(key);
-                }
-            }
+            // The entry the key had before this call: its owner's (this service's previous
+            // version, or the service it was taken from), or none.
+            let before = self.owners.get(key).and_then(|owner| {
+                let installed = self.installed.get(owner)?;
+                Some(ServiceValue {
+                    service_id: *owner,
+                    backend_count: installed.backends.len() as u16,
+                    revision: installed.revision,
+                    flags: *installed.frontends.get(key)?,
+                    affinity_timeout_s: installed.affinity_timeout_s,
+                })
+            });
+            let _ = match before {
+                Some(value) => self.frontends.insert(key, &value, 0),
+                None => self.frontends.remove(key),
+            };
         }
     }
 
@@ -796,13 +800,6 @@ impl Datapath {
         for id in &service.backends {
             if !self.installed_backends.contains_key(id) {
                 return invalid(format!("backend {id} is not in the backends map"));
-            }
-        }
-        for frontend in &service.frontends {
-            if let Some(owner) = self.owners.get(&frontend.key())
-                && *owner != service.id
-            {
-                return invalid(format!("frontend {frontend:?} belongs to service {owner}"));
             }
         }
         Ok(())

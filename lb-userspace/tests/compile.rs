@@ -87,7 +87,11 @@ fn render(desired: &Desired) -> Vec<String> {
                 line.push_str(" local-only");
             }
             if service.flags & lb_common::service_flags::SOURCE_RANGES != 0 {
-                let ranges: Vec<String> = service.source_ranges.iter().map(|(a, l)| format!("{a}/{l}")).collect();
+                let ranges: Vec<String> = service
+                    .source_ranges
+                    .iter()
+                    .map(|(a, l)| format!("{a}/{l}"))
+                    .collect();
                 line.push_str(&format!(" ranges=[{}]", ranges.join(", ")));
             }
             line
@@ -384,7 +388,10 @@ fn rows() -> Vec<Row> {
         Row {
             name: "externalTrafficPolicy Local: external frontends get node-local endpoints only",
             yaml: NODE1.to_owned()
-                + &service("web", "  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n")
+                + &service(
+                    "web",
+                    "  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n",
+                )
                 + &web_slice(),
             expected: &[
                 "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
@@ -395,16 +402,28 @@ fn rows() -> Vec<Row> {
         },
         Row {
             name: "internalTrafficPolicy Local: the ClusterIP gets node-local endpoints only",
-            yaml: service("web", "  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80}\n")
-                + &slice("web-1", "web", &[("10.244.2.10", "node2", READY)], &[("http", 80, "TCP")]),
-            expected: &["default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[] affinity=0 local-only"],
+            yaml: service(
+                "web",
+                "  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &slice(
+                "web-1",
+                "web",
+                &[("10.244.2.10", "node2", READY)],
+                &[("http", 80, "TCP")],
+            ),
+            expected: &[
+                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[] affinity=0 local-only",
+            ],
             problems: &[],
             held: &[],
         },
         Row {
             name: "loadBalancerSourceRanges: the LoadBalancer IPs get their own checked entry",
             yaml: NODE1.to_owned()
-                + &service("web", "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  loadBalancerSourceRanges: [203.0.113.0/24, \"192.0.2.7/32\", \"2001:db8::/32\"]\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.20\n")
+                + &service(
+                    "web",
+                    "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  loadBalancerSourceRanges: [203.0.113.0/24, \"192.0.2.7/32\", \"2001:db8::/32\"]\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.20\n",
+                )
                 + &web_slice(),
             expected: &[
                 "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
@@ -417,9 +436,16 @@ fn rows() -> Vec<Row> {
         // Bad input: the offending object is skipped with a problem; the others are untouched.
         Row {
             name: "invalid loadBalancerSourceRanges",
-            yaml: service("bad", "  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  loadBalancerSourceRanges: [10.0.0.0/33]\n  ports:\n  - {port: 80}\n"),
+            yaml: service(
+                "bad",
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  loadBalancerSourceRanges: [10.0.0.0/33]\n  ports:\n  - {port: 80}\n",
+            ),
             expected: &[],
-            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidSourceRange")],
+            problems: &[(
+                Severity::Invalid,
+                "Service/default/bad",
+                "InvalidSourceRange",
+            )],
             held: &["default/bad"],
         },
         Row {

@@ -95,6 +95,12 @@ impl Lab {
         ])?;
         a.ip(&["link", "set", a_if, "up"])?;
         b.ip(&["link", "set", b_if, "up"])?;
+        // Like a wire: a veth passes a sender's CHECKSUM_PARTIAL on to the receiver, which then
+        // never checks it, and an XDP program that rewrites such a packet and sends it on with
+        // XDP_TX loses the "partial" mark, so the next hop drops it as corrupt. Real NICs finish
+        // the checksum before the wire, so frames arrive with full checksums: same here.
+        a.run("ethtool", &["-K", a_if, "tx", "off"])?;
+        b.run("ethtool", &["-K", b_if, "tx", "off"])?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 //! - [`packet`] and [`table`]: crafted frames and table-driven `BPF_PROG_TEST_RUN` tests.
 
 pub mod agent;
+pub mod fake_apiserver;
 pub mod lab;
 pub mod node;
 pub mod packet;

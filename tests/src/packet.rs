@@ -163,22 +163,37 @@ pub fn fix_ip_checksum(frame: &mut [u8]) {
 /// The RST (or RST+ACK) a node sends back for a TCP segment to a service with no endpoint, as an
 /// independent reference: from `from` (the frontend) to `to` (the client), MACs swapped, TTL 64,
 /// IP id 0 and DF clear, window 0, checksums from etherparse.
-pub fn tcp_reset_reply(from: SocketAddrV4, to: SocketAddrV4, seq: u32, ack: Option<u32>) -> Vec<u8> {
+pub fn tcp_reset_reply(
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    seq: u32,
+    ack: Option<u32>,
+) -> Vec<u8> {
     let mut tcp = etherparse::TcpHeader::new(from.port(), to.port(), seq, 0);
     tcp.rst = true;
     if let Some(ack) = ack {
         tcp.ack = true;
         tcp.acknowledgment_number = ack;
     }
-    let mut ip = etherparse::Ipv4Header::new(20, TTL, etherparse::IpNumber::TCP, from.ip().octets(), to.ip().octets())
-        .expect("valid header");
+    let mut ip = etherparse::Ipv4Header::new(
+        20,
+        TTL,
+        etherparse::IpNumber::TCP,
+        from.ip().octets(),
+        to.ip().octets(),
+    )
+    .expect("valid header");
     ip.dont_fragment = false;
     tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("checksum");
     ip.header_checksum = ip.calc_header_checksum();
     let mut frame = Vec::new();
-    etherparse::Ethernet2Header { source: NODE_MAC, destination: CLIENT_MAC, ether_type: etherparse::EtherType::IPV4 }
-        .write(&mut frame)
-        .expect("write");
+    etherparse::Ethernet2Header {
+        source: NODE_MAC,
+        destination: CLIENT_MAC,
+        ether_type: etherparse::EtherType::IPV4,
+    }
+    .write(&mut frame)
+    .expect("write");
     ip.write(&mut frame).expect("write");
     tcp.write(&mut frame).expect("write");
     frame
@@ -187,9 +202,15 @@ pub fn tcp_reset_reply(from: SocketAddrV4, to: SocketAddrV4, seq: u32, ack: Opti
 /// The ICMP port unreachable a node sends back for a UDP datagram (`original`, a whole frame) to a
 /// service with no endpoint: from `from` (the frontend) to `to` (the client), quoting the
 /// original IP header and the first 8 bytes after it.
-pub fn icmp_port_unreachable_reply(from: std::net::Ipv4Addr, to: std::net::Ipv4Addr, original: &[u8]) -> Vec<u8> {
+pub fn icmp_port_unreachable_reply(
+    from: std::net::Ipv4Addr,
+    to: std::net::Ipv4Addr,
+    original: &[u8],
+) -> Vec<u8> {
     let quote = &original[ETH_HDR_LEN..ETH_HDR_LEN + 28];
-    let icmp_type = etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port);
+    let icmp_type = etherparse::Icmpv4Type::DestinationUnreachable(
+        etherparse::icmpv4::DestUnreachableHeader::Port,
+    );
     let icmp = etherparse::Icmpv4Header::with_checksum(icmp_type, quote);
     let mut ip = etherparse::Ipv4Header::new(
         (icmp.header_len() + quote.len()) as u16,
@@ -202,9 +223,13 @@ pub fn icmp_port_unreachable_reply(from: std::net::Ipv4Addr, to: std::net::Ipv4A
     ip.dont_fragment = false;
     ip.header_checksum = ip.calc_header_checksum();
     let mut frame = Vec::new();
-    etherparse::Ethernet2Header { source: NODE_MAC, destination: CLIENT_MAC, ether_type: etherparse::EtherType::IPV4 }
-        .write(&mut frame)
-        .expect("write");
+    etherparse::Ethernet2Header {
+        source: NODE_MAC,
+        destination: CLIENT_MAC,
+        ether_type: etherparse::EtherType::IPV4,
+    }
+    .write(&mut frame)
+    .expect("write");
     ip.write(&mut frame).expect("write");
     icmp.write(&mut frame).expect("write");
     frame.extend_from_slice(quote);

@@ -14,6 +14,9 @@
 
 use std::net::Ipv4Addr;
 
+use aya::programs::XdpMode;
+use lb_userspace::counter::XdpCounter;
+
 use crate::lab::{Host, Lab};
 
 /// The fabric network all nodes and the client sit on.
@@ -68,6 +71,8 @@ pub struct Cluster {
     pub fabric: Host,
     pub client: Host,
     pub nodes: Vec<Node>,
+    /// An XDP_PASS program on the fabric side of every node's link; see [`Cluster::build`].
+    _fabric_xdp: XdpCounter,
 }
 
 impl Cluster {
@@ -91,10 +96,23 @@ impl Cluster {
                 ])?;
             }
         }
+        // A veth hands frames a node sends with XDP_TX (replies and forwarded packets of the
+        // datapath) to its peer only when the peer runs NAPI, which an XDP program turns on
+        // (drivers/net/veth.c, veth_xdp_xmit: -ENXIO otherwise). A physical NIC needs nothing of
+        // the sort; the fabric ports get a counting XDP_PASS program to behave like one.
+        let mut fabric_xdp = XdpCounter::load()?;
+        {
+            let _inside = fabric.enter()?;
+            for node in &nodes {
+                let port = std::ffi::CString::new(format!("p-{}", node.host.name()))?;
+                fabric_xdp.attach(port.as_c_str(), XdpMode::Driver)?;
+            }
+        }
         Ok(Self {
             fabric,
             client,
             nodes,
+            _fabric_xdp: fabric_xdp,
         })
     }
 

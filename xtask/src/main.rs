@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what a fresh machine lacks: the pinned toolchains, bpf-linker (built against the
-    /// pinned nightly's libLLVM) and iproute2. Idempotent: a second run changes nothing.
+    /// pinned nightly's libLLVM), iproute2 and ethtool. Idempotent: a second run changes nothing.
     Setup,
     /// Build the eBPF object on its own and print its path and size.
     BuildEbpf,

@@ -28,6 +28,8 @@ pub fn ensure(root: &Path) -> anyhow::Result<Toolchains> {
     ensure_toolchain(&nightly, &["rust-src", "clippy", "rustfmt"])?;
     ensure_bpf_linker(&stable, &nightly)?;
     ensure_command("ip", "iproute2")?;
+    // The lab turns checksum offload off on its veths (docs/lab.md).
+    ensure_command("ethtool", "ethtool")?;
     Ok(Toolchains { nightly })
 }
 

@@ -1,1 +1,420 @@
-//! The Kubernetes API server as a source (to come).
+//! The Kubernetes API server as a source: kube-runtime watchers and reflectors on v1 Service and
+//! discovery.k8s.io/v1 EndpointSlice (all namespaces) and on this agent's own v1 Node.
+//!
+//! - [`client`] builds the client from kube-proxy's flags (`--master`, `--kubeconfig`).
+//! - [`KubeSource`] publishes a [`Snapshot`] once all three reflectors hold a complete list, then
+//!   after each burst of changes, coalesced ([`QUIET`], [`MAX_DELAY`]). Errors never end it: the
+//!   watchers retry with kube's default backoff, resume a dropped watch from the last resource
+//!   version, and relist after `410 Gone`. A relist replaces a store only once it is complete,
+//!   so no snapshot ever holds half a list.
+//! - [`EventRecorder`] reports objects the agent has to skip as Kubernetes Events.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context as _;
+use futures::{Stream, StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::{
+    core::v1::{Node, ObjectReference, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource, ResourceExt as _,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::watch, time::Instant};
+use tracing::{debug, info, warn};
+
+use super::Snapshot;
+
+/// A burst of changes ends when no event arrived for this long; then a snapshot is published.
+pub const QUIET: Duration = Duration::from_millis(50);
+/// Under a continuous stream of changes, a snapshot is still published at least this often.
+pub const MAX_DELAY: Duration = Duration::from_millis(500);
+
+/// A client for the API server, from kube-proxy's flags.
+///
+/// - `kubeconfig`: the kubeconfig file to load (its current context);
+/// - without it, the in-cluster configuration (service-account token and CA), else the default
+///   kubeconfig (`$KUBECONFIG`, `~/.kube/config`);
+/// - `master` overrides the server address of whichever configuration was loaded. The agent
+///   serves the `kubernetes` Service VIP itself, so in a cluster it must be given the API
+///   server's real address. Unlike kube-proxy, `--master` alone keeps the in-cluster credentials
+///   (they are what a DaemonSet has); it stands alone (no credentials, plain URL) only where no
+///   other configuration exists, e.g. `--master http://127.0.0.1:8080`. A URL without a scheme
+///   gets `https://`.
+pub async fn client(master: Option<&str>, kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let master = master.map(master_url).transpose()?;
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => inferred_config(master.as_ref()).await?,
+    };
+    if let Some(master) = master {
+        config.cluster_url = master;
+    }
+    info!(server = %config.cluster_url, "Kubernetes API server");
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// `--master` as the client's URL type (`https://` added when no scheme is given).
+fn master_url(master: &str) -> anyhow::Result<http::Uri> {
+    let url = if master.contains("://") {
+        master.to_owned()
+    } else {
+        format!("https://{master}")
+    };
+    url.parse()
+        .with_context(|| format!("--master {master:?} is not a URL"))
+}
+
+/// In-cluster, else the default kubeconfig, else (with `--master` only) a bare URL.
+async fn inferred_config(master: Option<&http::Uri>) -> anyhow::Result<Config> {
+    // With --master the KUBERNETES_SERVICE_* variables are not needed (and name the VIP this
+    // agent serves): only the service account's files are.
+    let in_cluster = match master {
+        Some(_) => Config::incluster_dns(),
+        None => Config::incluster(),
+    };
+    let in_cluster_error = match in_cluster {
+        Ok(config) => return Ok(config),
+        Err(error) => error,
+    };
+    debug!(error = %in_cluster_error, "no in-cluster configuration");
+    match Config::from_kubeconfig(&KubeConfigOptions::default()).await {
+        Ok(config) => Ok(config),
+        Err(kubeconfig_error) => match master {
+            Some(master) => {
+                info!("neither in-cluster nor kubeconfig credentials: using --master alone");
+                Ok(Config::new(master.clone()))
+            }
+            None => Err(anyhow::anyhow!(
+                "no Kubernetes configuration: not in a cluster ({in_cluster_error}) and no \
+                 kubeconfig ({kubeconfig_error}); give --kubeconfig or --master"
+            )),
+        },
+    }
+}
+
+/// What the agent watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Services = 0,
+    EndpointSlices = 1,
+    Node = 2,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Services => "services",
+            Self::EndpointSlices => "endpointslices",
+            Self::Node => "node",
+        })
+    }
+}
+
+/// A watcher event without its object (the object is in the store by then).
+#[derive(Debug)]
+enum Notice {
+    /// A (re)list started.
+    Init,
+    /// An object of a list in progress (not in the store until the list is done).
+    InitApply,
+    /// A list completed and replaced the store.
+    InitDone,
+    /// An object was added, changed or deleted in the store.
+    Changed,
+    Error(watcher::Error),
+}
+
+/// One kind's reflector: the store and the stream that fills it (polled by [`KubeSource::run`]).
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+) -> (
+    Store<K>,
+    impl Stream<Item = (Kind, Notice)> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync,
+    K: 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|object| object.managed_fields_mut().clear())
+        .reflect(writer)
+        .map(move |result| {
+            let notice = match result {
+                Ok(watcher::Event::Init) => Notice::Init,
+                Ok(watcher::Event::InitApply(_)) => Notice::InitApply,
+                Ok(watcher::Event::InitDone) => Notice::InitDone,
+                Ok(watcher::Event::Apply(object)) => {
+                    debug!(%kind, name = %object.name_any(), namespace = ?object.namespace(), "applied");
+                    Notice::Changed
+                }
+                Ok(watcher::Event::Delete(object)) => {
+                    debug!(%kind, name = %object.name_any(), namespace = ?object.namespace(), "deleted");
+                    Notice::Changed
+                }
+                Err(error) => Notice::Error(error),
+            };
+            (kind, notice)
+        });
+    (store, stream)
+}
+
+/// Whether a watcher error is the API server's `410 Gone` (the watcher relists next).
+fn is_gone(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 410,
+        _ => false,
+    }
+}
+
+/// The Kubernetes source. See the module documentation.
+pub struct KubeSource {
+    client: Client,
+    node_name: String,
+}
+
+impl KubeSource {
+    /// `node_name` selects this agent's Node (`metadata.name`).
+    pub fn new(client: Client, node_name: String) -> Self {
+        Self { client, node_name }
+    }
+
+    /// Watches until `updates` has no receiver left, publishing snapshots as described in the
+    /// module documentation. Errors of the API server are logged and retried, never returned.
+    pub async fn run(self, updates: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+        let (services, services_stream) = reflect(
+            Api::<Service>::all(self.client.clone()),
+            watcher::Config::default(),
+            Kind::Services,
+        );
+        let (slices, slices_stream) = reflect(
+            Api::<EndpointSlice>::all(self.client.clone()),
+            watcher::Config::default(),
+            Kind::EndpointSlices,
+        );
+        let (nodes, nodes_stream) = reflect(
+            Api::<Node>::all(self.client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
+            Kind::Node,
+        );
+        let mut notices = futures::stream::select_all([
+            services_stream.boxed(),
+            slices_stream.boxed(),
+            nodes_stream.boxed(),
+        ]
+            as [BoxStream<'static, (Kind, Notice)>; 3]);
+
+        let stores = Stores {
+            services,
+            slices,
+            nodes,
+            node_name: self.node_name,
+        };
+        // Per kind: whether its store holds a complete list, and whether it ever did.
+        let mut listed = [false; 3];
+        // (first, last) unpublished change.
+        let mut pending: Option<(Instant, Instant)> = None;
+        let mut published = false;
+        loop {
+            let deadline = pending
+                .filter(|_| listed.iter().all(|listed| *listed))
+                .map(|(first, last)| (last + QUIET).min(first + MAX_DELAY));
+            tokio::select! {
+                biased;
+                () = updates.closed() => return Ok(()),
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    pending = None;
+                    let snapshot = stores.snapshot();
+                    let first = !published;
+                    published = true;
+                    let sent = updates.send_if_modified(|current| {
+                        if !first && same(current, &snapshot) {
+                            return false;
+                        }
+                        *current = snapshot;
+                        true
+                    });
+                    if sent {
+                        debug!("published a snapshot");
+                    }
+                }
+                notice = notices.next() => {
+                    let Some((kind, notice)) = notice else {
+                        anyhow::bail!("the Kubernetes watch streams ended");
+                    };
+                    let changed = match notice {
+                        Notice::Init => {
+                            if listed[kind as usize] {
+                                info!(%kind, "relisting");
+                            } else {
+                                info!(%kind, "listing");
+                            }
+                            false
+                        }
+                        Notice::InitApply => false,
+                        Notice::InitDone => {
+                            listed[kind as usize] = true;
+                            info!(%kind, objects = stores.len(kind), "listed");
+                            true
+                        }
+                        Notice::Changed => true,
+                        Notice::Error(error) if is_gone(&error) => {
+                            info!(%kind, %error, "resource version expired (410 Gone): relisting");
+                            false
+                        }
+                        Notice::Error(error) => {
+                            warn!(%kind, %error, "watch failed: retrying with backoff");
+                            false
+                        }
+                    };
+                    if changed {
+                        let now = Instant::now();
+                        pending = Some((pending.map_or(now, |(first, _)| first), now));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn same(a: &Snapshot, b: &Snapshot) -> bool {
+    a.services == b.services && a.endpoint_slices == b.endpoint_slices && a.node == b.node
+}
+
+/// The three reflectors' stores.
+struct Stores {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    node_name: String,
+}
+
+impl Stores {
+    fn len(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Services => self.services.len(),
+            Kind::EndpointSlices => self.slices.len(),
+            Kind::Node => self.nodes.len(),
+        }
+    }
+
+    /// Everything the stores hold, sorted by namespace and name.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            services: sorted(&self.services),
+            endpoint_slices: sorted(&self.slices),
+            node: self
+                .nodes
+                .state()
+                .into_iter()
+                .find(|node| node.metadata.name.as_deref() == Some(self.node_name.as_str()))
+                .map(|node| (*node).clone()),
+        }
+    }
+}
+
+fn sorted<K>(store: &Store<K>) -> Vec<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut objects: Vec<K> = store
+        .state()
+        .into_iter()
+        .map(|object| (*object).clone())
+        .collect();
+    objects.sort_by(|a, b| {
+        (a.meta().namespace.as_deref(), a.meta().name.as_deref())
+            .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
+    });
+    objects
+}
+
+/// The `action` of the agent's Events: what it was doing when it had to skip the object.
+pub const EVENT_ACTION: &str = "Program";
+/// events.k8s.io/v1 rejects a `note` longer than this (bytes).
+const MAX_NOTE: usize = 1024;
+
+/// Records Kubernetes Events (events.k8s.io/v1, through kube's [`Recorder`]) about objects the
+/// agent has to skip. Repeats of the same reason for the same object within kube's cache window
+/// (6 minutes) update one Event's `series.count` rather than creating new Events.
+#[derive(Clone)]
+pub struct EventRecorder {
+    recorder: Recorder,
+}
+
+impl EventRecorder {
+    /// `component` is the reporting controller (e.g. `lb`); `node_name` the reporting instance.
+    pub fn new(client: Client, component: &str, node_name: &str) -> Self {
+        let reporter = Reporter {
+            controller: component.to_owned(),
+            instance: Some(node_name.to_owned()),
+        };
+        Self {
+            recorder: Recorder::new(client, reporter),
+        }
+    }
+
+    /// A Warning Event about `object`, in its namespace (`default` for cluster-scoped objects).
+    /// `message` longer than the API allows is truncated.
+    pub async fn warn(
+        &self,
+        object: &ObjectReference,
+        reason: &str,
+        message: &str,
+    ) -> anyhow::Result<()> {
+        let mut note = message.to_owned();
+        if note.len() > MAX_NOTE {
+            let mut end = MAX_NOTE - '…'.len_utf8();
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note.push('…');
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: EVENT_ACTION.to_owned(),
+            secondary: None,
+        };
+        self.recorder
+            .publish(&event, object)
+            .await
+            .with_context(|| {
+                format!(
+                    "recording event {reason} for {} {}/{}",
+                    object.kind.as_deref().unwrap_or("object"),
+                    object.namespace.as_deref().unwrap_or(""),
+                    object.name.as_deref().unwrap_or("")
+                )
+            })
+    }
+}

@@ -1,0 +1,338 @@
+//! Service policies with the real agent and real TCP/UDP traffic in the lab: NodePort to an
+//! endpoint on another node (externalTrafficPolicy Cluster: SNAT; Local: dropped, then the client
+//! address preserved), a service without endpoints refusing at once, loadBalancerSourceRanges,
+//! session affinity, and a rolling replacement of endpoints under load.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use lab::{
+    agent::{AgentLab, endpoint_slice, node_port_service},
+    peer::{ClientReport, ClientRun},
+    topology::{CLIENT_ADDR, ClusterSpec, node_addr, pod_addr},
+};
+
+fn servers(report: &ClientReport) -> BTreeSet<&str> {
+    report.by_server.keys().map(String::as_str).collect()
+}
+
+fn assert_all_ok(what: &str, report: &ClientReport) {
+    assert!(
+        report.attempts > 0 && report.ok == report.attempts,
+        "{what}: {report:?}"
+    );
+}
+
+fn events(lab: &AgentLab) -> std::collections::BTreeMap<&'static str, u64> {
+    lab.events().expect("the agent's pinned event counters")
+}
+
+#[test]
+fn node_port_to_a_remote_endpoint_snat_under_cluster_drop_under_local() {
+    let mut lab = AgentLab::new().expect("lab");
+    lab.start_agent(&[]).expect("agent");
+    let remote_only = endpoint_slice("web", &[(pod_addr(2, 0), "node2")]);
+    lab.apply(
+        "web.yaml",
+        &(node_port_service("web", "10.96.0.10", 30080, "") + "---\n" + &remote_only),
+    )
+    .expect("apply");
+    let node_port = format!("{}:30080", node_addr(1));
+
+    // Cluster: node1 forwards to node2's pod, SNATed to node1, and the replies come back.
+    for run in [
+        ClientRun::tcp(&node_port, 30),
+        ClientRun {
+            one_flow: true,
+            ..ClientRun::tcp(&node_port, 30)
+        },
+    ] {
+        let report = run.run(&lab.cluster.client, None).expect("client");
+        assert_all_ok("Cluster policy, remote endpoint", &report);
+        assert_eq!(servers(&report), ["n2p0"].into());
+        assert_eq!(
+            report.peers_seen.keys().collect::<Vec<_>>(),
+            [&node_addr(1).to_string()],
+            "SNAT to node1"
+        );
+        assert_eq!(
+            report.peer_names.keys().collect::<Vec<_>>(),
+            [&node_port],
+            "replies from the NodePort"
+        );
+    }
+
+    // Local: node1 has no endpoint of its own, so NodePort traffic is dropped (counted).
+    let local = "  externalTrafficPolicy: Local\n";
+    lab.apply(
+        "web.yaml",
+        &(node_port_service("web", "10.96.0.10", 30080, local) + "---\n" + &remote_only),
+    )
+    .expect("apply");
+    let before = events(&lab)["drop_no_local_backend"];
+    let dropped = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp(&node_port, 2)
+    }
+    .run(&lab.cluster.client, None)
+    .expect("client");
+    assert_eq!(dropped.errors, 2, "{dropped:?}");
+    assert!(
+        events(&lab)["drop_no_local_backend"] > before,
+        "drops are counted"
+    );
+
+    // Local with a local endpoint: served, and the server sees the real client address.
+    let both = endpoint_slice(
+        "web",
+        &[(pod_addr(2, 0), "node2"), (pod_addr(1, 0), "node1")],
+    );
+    lab.apply(
+        "web.yaml",
+        &(node_port_service("web", "10.96.0.10", 30080, local) + "---\n" + &both),
+    )
+    .expect("apply");
+    let report = ClientRun::tcp(&node_port, 30)
+        .run(&lab.cluster.client, None)
+        .expect("client");
+    assert_all_ok("Local policy, local endpoint", &report);
+    assert_eq!(servers(&report), ["n1p0"].into());
+    assert_eq!(
+        report.peers_seen.keys().collect::<Vec<_>>(),
+        [&CLIENT_ADDR.to_string()],
+        "no SNAT under Local"
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_at_once() {
+    let mut lab = AgentLab::new().expect("lab");
+    lab.start_agent(&[]).expect("agent");
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.20\n  ports:\n  - {name: tcp, port: 80, nodePort: 30090}\n  - {name: udp, port: 53, protocol: UDP, nodePort: 30091}\n";
+    lab.apply("empty.yaml", service).expect("apply");
+    let (tcp_node_port, udp_node_port) = (
+        format!("{}:30090", node_addr(1)),
+        format!("{}:30091", node_addr(1)),
+    );
+    let runs = [
+        (
+            "tcp via XDP",
+            &lab.cluster.client,
+            None,
+            ClientRun::tcp(&tcp_node_port, 3),
+        ),
+        (
+            "udp via XDP",
+            &lab.cluster.client,
+            None,
+            ClientRun::udp(&udp_node_port, 3),
+        ),
+        (
+            "tcp via the socket hook",
+            lab.client_pod(),
+            Some(&lab.cgroup),
+            ClientRun::tcp("10.96.0.20:80", 3),
+        ),
+        (
+            "udp via the socket hook",
+            lab.client_pod(),
+            Some(&lab.cgroup),
+            ClientRun::udp("10.96.0.20:53", 3),
+        ),
+    ];
+    for (what, host, cgroup, run) in runs {
+        // A timeout would take the client's 2 s each; a refusal takes well under 100 ms.
+        let started = Instant::now();
+        let report = run.run(host, cgroup).expect("client");
+        let elapsed = started.elapsed();
+        assert_eq!(report.errors, 3, "{what}: {report:?}");
+        assert!(
+            report
+                .error_samples
+                .iter()
+                .all(|error| error.contains("refused")),
+            "{what}: not refused: {report:?}"
+        );
+        // Three attempts plus starting the client process, far below one 2 s timeout.
+        assert!(
+            elapsed < Duration::from_millis(1500),
+            "{what}: took {elapsed:?}"
+        );
+    }
+    let events = events(&lab);
+    assert!(
+        events["reject_tcp_rst"] >= 3 && events["reject_icmp"] >= 3,
+        "{events:?}"
+    );
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
+    let mut lab = AgentLab::new().expect("lab");
+    let refused_client = lab
+        .add_client("client2", "203.0.113.11".parse().expect("ip"))
+        .expect("client2");
+    for client in [&lab.cluster.client, &refused_client] {
+        client
+            .route(&["198.51.100.0/24", "via", &node_addr(1).to_string()])
+            .expect("route");
+    }
+    lab.start_agent(&[]).expect("agent");
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  loadBalancerSourceRanges: [203.0.113.10/32]\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.20}]\n";
+    lab.apply(
+        "web.yaml",
+        &(service.to_owned() + "---\n" + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+    )
+    .expect("apply");
+    let allowed = ClientRun::tcp("198.51.100.20:80", 20)
+        .run(&lab.cluster.client, None)
+        .expect("client");
+    assert_all_ok("client inside the range", &allowed);
+    let before = events(&lab)["drop_source_range"];
+    let refused = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp("198.51.100.20:80", 2)
+    }
+    .run(&refused_client, None)
+    .expect("client");
+    assert_eq!(refused.errors, 2, "{refused:?}");
+    assert!(
+        events(&lab)["drop_source_range"] > before,
+        "refused traffic is counted"
+    );
+    // The ranges guard the LoadBalancer IP only: the NodePort still serves everyone.
+    let node_port = ClientRun::tcp(&format!("{}:30080", node_addr(1)), 5)
+        .run(&refused_client, None)
+        .expect("client");
+    assert_all_ok("NodePort from outside the range", &node_port);
+}
+
+#[test]
+fn session_affinity_pins_a_client_until_the_timeout() {
+    let mut lab = AgentLab::with_spec(&ClusterSpec {
+        pods_per_node: vec![2, 0],
+    })
+    .expect("lab");
+    let second_client = lab
+        .add_client("client2", "203.0.113.11".parse().expect("ip"))
+        .expect("client2");
+    lab.start_agent(&[]).expect("agent");
+    let sticky =
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n";
+    let endpoints = endpoint_slice(
+        "web",
+        &[(pod_addr(1, 0), "node1"), (pod_addr(1, 1), "node1")],
+    );
+    lab.apply(
+        "web.yaml",
+        &(node_port_service("web", "10.96.0.10", 30080, sticky) + "---\n" + &endpoints),
+    )
+    .expect("apply");
+    let node_port = format!("{}:30080", node_addr(1));
+
+    // 200 connections from one client, through XDP and through the socket hook: one endpoint each.
+    let first = ClientRun::tcp(&node_port, 200)
+        .run(&lab.cluster.client, None)
+        .expect("client");
+    assert_all_ok("200 connections", &first);
+    assert_eq!(first.by_server.len(), 1, "{first:?}");
+    let from_pod = ClientRun::tcp("10.96.0.10:80", 200)
+        .run(lab.client_pod(), Some(&lab.cgroup))
+        .expect("client");
+    assert_all_ok("200 connections from a pod", &from_pod);
+    assert_eq!(from_pod.by_server.len(), 1, "{from_pod:?}");
+    // Another client sticks too (to whichever endpoint it got).
+    let other = ClientRun::tcp(&node_port, 50)
+        .run(&second_client, None)
+        .expect("client");
+    assert_eq!(other.by_server.len(), 1, "{other:?}");
+
+    // After the timeout passes without traffic, a new choice is made: with two endpoints, some
+    // wait gives the other one (each try has an even chance; 12 misses in a row: 1 in 4096).
+    let pinned = first.by_server.keys().next().expect("one").clone();
+    let moved = (0..12).any(|_| {
+        std::thread::sleep(Duration::from_millis(1100));
+        let again = ClientRun::tcp(&node_port, 1)
+            .run(&lab.cluster.client, None)
+            .expect("client");
+        again.by_server.keys().next() != Some(&pinned)
+    });
+    assert!(moved, "affinity never expired");
+}
+
+#[test]
+fn a_rolling_replacement_of_three_endpoints_under_load_loses_no_request() {
+    let mut lab = AgentLab::with_spec(&ClusterSpec {
+        pods_per_node: vec![6, 0],
+    })
+    .expect("lab");
+    lab.start_agent(&[]).expect("agent");
+    let pod = |index: u8| pod_addr(1, index);
+    // Endpoints as (address, ready, terminating).
+    let slice = |endpoints: &[(u8, bool, bool)]| {
+        let mut yaml = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nports:\n- {name: http, port: 8080, protocol: TCP}\nendpoints:\n".to_owned();
+        for (index, ready, terminating) in endpoints {
+            yaml.push_str(&format!(
+                "- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: {ready}, serving: true, terminating: {terminating}}}\n",
+                pod(*index)
+            ));
+        }
+        yaml
+    };
+    let service = node_port_service("web", "10.96.0.10", 30080, "");
+    let apply = |endpoints: &[(u8, bool, bool)]| {
+        lab.apply("web.yaml", &(service.clone() + "---\n" + &slice(endpoints)))
+            .expect("apply")
+    };
+    apply(&[(0, true, false), (1, true, false), (2, true, false)]);
+
+    let node_port = format!("{}:30080", node_addr(1));
+    let client = lab.cluster.client.clone();
+    // Continuous load until the replacement is over: batches of connect/request/close.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = std::thread::spawn({
+        let done = done.clone();
+        move || {
+            let mut total = ClientReport::default();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch = ClientRun {
+                    interval_ms: 2,
+                    ..ClientRun::tcp(&node_port, 50)
+                }
+                .run(&client, None)
+                .expect("load client");
+                total.attempts += batch.attempts;
+                total.ok += batch.ok;
+                total.errors += batch.errors;
+                total.error_samples.extend(batch.error_samples);
+                for (server, count) in batch.by_server {
+                    *total.by_server.entry(server).or_default() += count;
+                }
+            }
+            total
+        }
+    });
+    // Old endpoints 0, 1, 2 replaced one by one by 3, 4, 5: new ready, old terminating, old gone.
+    let mut current = vec![(0, true, false), (1, true, false), (2, true, false)];
+    for (old, new) in [(0u8, 3u8), (1, 4), (2, 5)] {
+        current.push((new, true, false));
+        apply(&current);
+        for endpoint in current.iter_mut().filter(|(index, _, _)| *index == old) {
+            *endpoint = (old, false, true);
+        }
+        apply(&current);
+        current.retain(|(index, _, _)| *index != old);
+        apply(&current);
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let report = load.join().expect("thread");
+    assert_all_ok("load during the rolling replacement", &report);
+    assert_eq!(report.errors, 0);
+    // The load saw both generations.
+    assert!(
+        report.by_server.contains_key("n1p0") && report.by_server.contains_key("n1p5"),
+        "{report:?}"
+    );
+}
