@@ -33,6 +33,9 @@ pub mod map_names {
     pub const SOURCE_RANGES4: &str = "lb4_srcrng_v1";
     /// LRU [`crate::Affinity4Key`] -> [`crate::AffinityValue`]: sessionAffinity ClientIP.
     pub const AFFINITY4: &str = "lb4_affin_v1";
+    /// Array of backend ids: [`crate::maglev::MAX_TABLES`] Maglev lookup tables of
+    /// [`crate::maglev::TABLE_SIZE`] slots each.
+    pub const MAGLEV4: &str = "lb4_maglev_v1";
 
     /// Every map name, for the length check below and for tools that list them.
     pub const ALL: &[&str] = &[
@@ -47,6 +50,7 @@ pub mod map_names {
         CONFIG,
         SOURCE_RANGES4,
         AFFINITY4,
+        MAGLEV4,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -61,6 +65,7 @@ pub mod map_names {
         CONFIG,
         SOURCE_RANGES4,
         AFFINITY4,
+        MAGLEV4,
     ];
 }
 
@@ -250,6 +255,79 @@ pub mod checksum {
     }
 }
 
+/// Maglev consistent hashing, the part the datapath runs: the flow hash that picks a slot of a
+/// service's lookup table (lb-userspace builds the tables). Shared so both sides agree bit for bit.
+pub mod maglev {
+    /// Slots of every Maglev lookup table (a prime, Cilium's default).
+    pub const TABLE_SIZE: u32 = 16_381;
+    /// Lookup tables the datapath holds; a service being updated uses two for a moment.
+    pub const MAX_TABLES: u32 = 128;
+
+    /// Seed of [`flow_hash`]: the ASCII bytes "lbfh" read as a little-endian u32.
+    pub const FLOW_HASH_SEED: u32 = u32::from_le_bytes(*b"lbfh");
+
+    /// The hash of a flow that picks its slot: `slot = flow_hash(..) % table_size`.
+    ///
+    /// Fields are numbers as the datapath's parser reads them: `saddr` and `daddr` are
+    /// `u32::from_be_bytes(header bytes)` (= `u32::from(Ipv4Addr)`), ports are
+    /// `u16::from_be_bytes(header bytes)`, `proto` is the IP protocol number.
+    ///
+    /// It is MurmurHash3 x86_32 with seed [`FLOW_HASH_SEED`] over four 32-bit words, `saddr`,
+    /// `daddr`, `(sport << 16) | dport`, `proto` (the same as MurmurHash3_x86_32 of those words'
+    /// 16 little-endian bytes). For the eBPF side, bit for bit (all arithmetic wrapping mod 2^32):
+    ///
+    /// ```text
+    /// h = 0x6866_626c                       // FLOW_HASH_SEED
+    /// for k in [saddr, daddr, sport << 16 | dport, proto]:
+    ///     k = k * 0xcc9e2d51; k = rotl(k, 15); k = k * 0x1b873593
+    ///     h = h ^ k; h = rotl(h, 13); h = h * 5 + 0xe6546b64
+    /// h = h ^ 16                            // length in bytes
+    /// h ^= h >> 16; h *= 0x85ebca6b; h ^= h >> 13; h *= 0xc2b2ae35; h ^= h >> 16
+    /// ```
+    ///
+    /// No loops, no division: the only division of the selection is the final `% table_size`.
+    /// No std either: this function can be moved to lb-common and shared with the eBPF code as is.
+    #[inline]
+    pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+        let mut h = FLOW_HASH_SEED;
+        h = murmur3_round(h, saddr);
+        h = murmur3_round(h, daddr);
+        h = murmur3_round(h, ((sport as u32) << 16) | dport as u32);
+        h = murmur3_round(h, proto as u32);
+        murmur3_fmix32(h ^ 16)
+    }
+
+    /// The slot of a flow with hash `hash` in a table of `size` slots.
+    #[inline]
+    pub const fn flow_slot(hash: u32, size: u32) -> u32 {
+        hash % size
+    }
+
+    /// One 4-byte block of MurmurHash3 x86_32.
+    #[inline]
+    pub const fn murmur3_round(h: u32, k: u32) -> u32 {
+        let k = k
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64)
+    }
+
+    /// MurmurHash3's 32-bit finalizer.
+    #[inline]
+    pub const fn murmur3_fmix32(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+        h
+    }
+}
+
 /// IP protocol numbers as they appear in the IPv4 header and in the keys below.
 pub mod proto {
     pub const TCP: u8 = 6;
@@ -295,8 +373,12 @@ pub struct ServiceValue {
     pub flags: u32,
     /// sessionAffinity ClientIP timeout in seconds (0 = no affinity).
     pub affinity_timeout_s: u32,
+    /// With [`service_flags::MAGLEV`]: which lookup table of `lb4_maglev_v1` the service uses
+    /// (its slots start at `maglev_table * maglev::TABLE_SIZE`).
+    pub maglev_table: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<ServiceValue>() == 16);
+const _: () = assert!(size_of::<ServiceValue>() == 24);
 
 /// What kind of frontend an entry is (for counters, `lb services` and policy decisions).
 pub mod service_flags {
@@ -312,6 +394,10 @@ pub mod service_flags {
     pub const LOCAL_ONLY: u32 = 1 << 8;
     /// Clients must match the service's loadBalancerSourceRanges (`lb4_srcrng_v1`).
     pub const SOURCE_RANGES: u32 = 1 << 9;
+    /// XDP picks new flows' backends with Maglev consistent hashing (`lb4_maglev_v1`) instead of
+    /// at random, so every node sends a flow to the same backend and a backend change moves few
+    /// flows. The socket hooks keep choosing at random (no source port yet at connect time).
+    pub const MAGLEV: u32 = 1 << 10;
 }
 
 /// Datapath-wide settings the agent writes once at start: index 0 of `lb_cfg_v1`.

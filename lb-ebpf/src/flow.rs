@@ -3,14 +3,14 @@
 
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event,
-    Frontend4Key, ServiceValue, SlotKey, backend_flags, ct_direction, ct_flags, ct_timeouts, proto,
-    scope, service_flags, tcp_state,
+    Frontend4Key, ServiceValue, SlotKey, backend_flags, ct_direction, ct_flags, ct_timeouts,
+    maglev, proto, scope, service_flags, tcp_state,
 };
 use lb_ebpf::packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     helpers::{now_ns, random_u32},
-    maps::{AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTENDS4, SLOTS4, count_service},
+    maps::{AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTENDS4, MAGLEV4, SLOTS4, count_service},
 };
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -100,7 +100,12 @@ pub fn destination(
             });
         }
     }
-    let (backend_id, backend) = select_for_client(service, u64::from(tuple.saddr), 0, now)?;
+    let (backend_id, backend) =
+        if service.flags & service_flags::MAGLEV != 0 && service.affinity_timeout_s == 0 {
+            select_maglev(service, tuple)?
+        } else {
+            select_for_client(service, u64::from(tuple.saddr), 0, now)?
+        };
     let backend_addr = u32::from_be(backend.addr);
     let backend_port = u16::from_be(backend.port);
     let snat = if needs_snat(service, &backend) {
@@ -255,6 +260,28 @@ pub fn select_for_client(
     };
     // A full LRU evicts the oldest client; affinity is best effort, the flow goes on regardless.
     let _ = AFFINITY4.insert(&key, &value, 0);
+    Ok((backend_id, backend))
+}
+
+/// The backend Maglev consistent hashing gives the flow: slot flow_hash % TABLE_SIZE of the
+/// service's lookup table. Every node computes the same table for the same endpoints, so a flow
+/// reaches the same backend through any node.
+#[inline(always)]
+fn select_maglev(service: &ServiceValue, tuple: &Tuple) -> Result<(u32, Backend4), Event> {
+    if service.backend_count == 0 {
+        return Err(no_backend(service));
+    }
+    let hash = maglev::flow_hash(
+        tuple.saddr,
+        tuple.daddr,
+        tuple.sport,
+        tuple.dport,
+        tuple.proto,
+    );
+    let slot = service.maglev_table * maglev::TABLE_SIZE + hash % maglev::TABLE_SIZE;
+    let backend_id = *MAGLEV4.get(slot).ok_or(Event::DROP_BACKEND_MISSING)?;
+    // SAFETY: read-only use of an entry the agent writes whole.
+    let backend = *unsafe { BACKENDS4.get(&backend_id) }.ok_or(Event::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
 }
 

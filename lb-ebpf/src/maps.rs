@@ -8,6 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
     ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4, limits,
+    maglev,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -54,6 +55,10 @@ pub static SOURCE_RANGES4: LpmTrie<SourceRange4, u8> =
 #[map(name = "lb4_affin_v1")]
 pub static AFFINITY4: LruHashMap<Affinity4Key, AffinityValue> =
     LruHashMap::pinned(limits::MAX_AFFINITY, 0);
+
+/// Maglev lookup tables: slot -> backend id, one table per Maglev service (two while it changes).
+#[map(name = "lb4_maglev_v1")]
+pub static MAGLEV4: Array<u32> = Array::pinned(maglev::MAX_TABLES * maglev::TABLE_SIZE, 0);
 
 #[inline(always)]
 pub fn count_event(event: Event) {

@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub source: SourceConfig,
+    /// Maglev for Services without the load-balancing annotation.
+    pub default_maglev: bool,
 }
 
 impl AgentConfig {
@@ -51,6 +53,7 @@ impl AgentConfig {
             nodeport_cidrs: self.nodeport_cidrs.clone(),
             fallback_addresses: self.node_addresses.clone(),
             node_port_range: self.node_port_range.clone(),
+            default_maglev: self.default_maglev,
         }
     }
 }

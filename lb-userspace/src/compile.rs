@@ -51,7 +51,13 @@ pub struct NodeContext {
     pub fallback_addresses: Vec<Ipv4Addr>,
     /// nodePorts outside this range are refused.
     pub node_port_range: RangeInclusive<u16>,
+    /// Maglev for Services that do not choose with the [`LOAD_BALANCING_ANNOTATION`].
+    pub default_maglev: bool,
 }
+
+/// The annotation with which a Service chooses how XDP picks backends for new flows: `random`
+/// (kube-proxy's way, the default) or `maglev` (consistent hashing).
+pub const LOAD_BALANCING_ANNOTATION: &str = "lb.io/load-balancing";
 
 impl NodeContext {
     pub fn new(node_name: impl Into<String>) -> Self {
@@ -60,6 +66,7 @@ impl NodeContext {
             nodeport_cidrs: Vec::new(),
             fallback_addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
+            default_maglev: false,
         }
     }
 }
@@ -721,6 +728,24 @@ fn compile_service(
         (v4(&cluster_ips), v4(&external_ips), v4(&ingress_ips));
     let node_ports_wanted = service_type == "NodePort" || service_type == "LoadBalancer";
     let affinity_timeout_s = affinity_timeout(service);
+    let maglev = match service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(LOAD_BALANCING_ANNOTATION))
+        .map(String::as_str)
+    {
+        None => node.default_maglev,
+        Some("maglev") => true,
+        Some("random") => false,
+        Some(other) => {
+            return Err(invalid(
+                "InvalidLoadBalancing",
+                format!("{LOAD_BALANCING_ANNOTATION}: {other:?} is neither random nor maglev"),
+            ));
+        }
+    };
+    let algorithm_flags = if maglev { service_flags::MAGLEV } else { 0 };
     let policy = Policy {
         external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
@@ -832,7 +857,7 @@ fn compile_service(
                     frontends,
                     backends,
                     affinity_timeout_s,
-                    flags,
+                    flags: flags | algorithm_flags,
                     source_ranges,
                 },
             );

@@ -31,7 +31,7 @@ use aya::{
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
-    ServiceCounter, ServiceValue, SlotKey, SourceRange4, limits, map_names, program_names,
+    ServiceCounter, ServiceValue, SlotKey, SourceRange4, limits, maglev, map_names, program_names,
     service_flags,
 };
 
@@ -189,6 +189,7 @@ pub struct Datapath {
     service_counters: PerCpuArray<MapData, ServiceCounter>,
     events: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
+    maglev: Array<MapData, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
     /// What the maps hold, read once at load (they may hold an earlier run's state), then kept in
@@ -212,6 +213,8 @@ pub struct InstalledService {
     pub frontends: BTreeMap<Frontend4Key, u32>,
     pub affinity_timeout_s: u32,
     pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    /// The Maglev lookup table in use, for a service with MAGLEV.
+    pub maglev_table: Option<u32>,
 }
 
 impl Datapath {
@@ -274,6 +277,7 @@ impl Datapath {
             service_counters: take_map(&mut ebpf, map_names::SERVICE_COUNTERS)?,
             events: take_map(&mut ebpf, map_names::EVENTS)?,
             config: take_map(&mut ebpf, map_names::CONFIG)?,
+            maglev: take_map(&mut ebpf, map_names::MAGLEV4)?,
             affinity: take_map(&mut ebpf, map_names::AFFINITY4)?,
             source_ranges,
             ebpf,
@@ -462,12 +466,21 @@ impl Datapath {
             self.remove_slots(service.id, revision, backend_count).ok();
             return Err(error);
         }
+        let maglev_table = match self.write_maglev_table(service) {
+            Ok(table) => table,
+            Err(error) => {
+                self.remove_slots(service.id, revision, backend_count).ok();
+                return Err(error);
+            }
+        };
         let value = |flags: u32| ServiceValue {
             service_id: service.id,
             backend_count,
             revision,
             flags,
             affinity_timeout_s: service.affinity_timeout_s,
+            maglev_table: maglev_table.unwrap_or(0),
+            _pad: 0,
         };
         let mut written = Vec::new();
         for (key, flags) in &flags_by_key {
@@ -507,6 +520,7 @@ impl Datapath {
                 frontends: flags_by_key.clone(),
                 affinity_timeout_s: service.affinity_timeout_s,
                 source_ranges: service.source_ranges.clone(),
+                maglev_table,
             },
         );
         self.remove_source_ranges(service.id, old_ranges.difference(&service.source_ranges))?;
@@ -624,6 +638,46 @@ impl Datapath {
             .collect()
     }
 
+    /// For a Maglev service with backends: builds its lookup table over the backends' identities
+    /// (address:port/protocol, the same on every node) and writes it to a free table of
+    /// `lb4_maglev_v1`; the frontends switch to it afterwards, and the old table is free once they
+    /// have. None for other services.
+    fn write_maglev_table(&mut self, service: &Service) -> Result<Option<u32>> {
+        if service.flags & service_flags::MAGLEV == 0 || service.backends.is_empty() {
+            return Ok(None);
+        }
+        let in_use: BTreeSet<u32> = self
+            .installed
+            .values()
+            .filter_map(|installed| installed.maglev_table)
+            .collect();
+        let table = (0..maglev::MAX_TABLES)
+            .find(|index| !in_use.contains(index))
+            .ok_or(DatapathError::MapFull {
+                map: map_names::MAGLEV4,
+                capacity: maglev::MAX_TABLES,
+                operation: format!("a Maglev table for service {}", service.id),
+            })?;
+        let identities: Vec<String> = service
+            .backends
+            .iter()
+            .map(|id| {
+                let backend = &self.installed_backends[id];
+                format!("{}:{}/{}", backend.addr, backend.port, backend.proto)
+            })
+            .collect();
+        let slots = crate::maglev::table(&identities, maglev::TABLE_SIZE).map_err(|error| {
+            DatapathError::Invalid(format!("service {}: Maglev table: {error}", service.id))
+        })?;
+        let base = table * maglev::TABLE_SIZE;
+        for (slot, index) in slots.iter().enumerate() {
+            self.maglev
+                .set(base + slot as u32, &service.backends[*index as usize], 0)
+                .map_err(|source| map_error(map_names::MAGLEV4, "write", source))?;
+        }
+        Ok(Some(table))
+    }
+
     /// MapFull before anything is written when the service's new entries would not fit.
     fn check_room(&self, service: &Service, frontends: &BTreeMap<Frontend4Key, u32>) -> Result<()> {
         let new_frontends = frontends
@@ -681,6 +735,8 @@ impl Datapath {
                     revision: installed.revision,
                     flags: *installed.frontends.get(key)?,
                     affinity_timeout_s: installed.affinity_timeout_s,
+                    maglev_table: installed.maglev_table.unwrap_or(0),
+                    _pad: 0,
                 })
             });
             let _ = match before {
@@ -838,6 +894,9 @@ fn read_installed(
         service.revision = value.revision;
         service.affinity_timeout_s = value.affinity_timeout_s;
         service.frontends.insert(key, value.flags);
+        if value.flags & service_flags::MAGLEV != 0 {
+            service.maglev_table = Some(value.maglev_table);
+        }
         owners.insert(key, value.service_id);
         counts.insert(value.service_id, value.backend_count);
     }

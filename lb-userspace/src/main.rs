@@ -98,9 +98,20 @@ struct RunArgs {
     /// Manifests for `--source file`: YAML files or directories (repeatable).
     #[arg(long = "manifests")]
     manifests: Vec<PathBuf>,
+    /// How XDP picks backends for new flows of Services without the `lb.io/load-balancing`
+    /// annotation: `random` (kube-proxy's way) or `maglev` (consistent hashing: the same backend
+    /// through every node, few flows moved when endpoints change).
+    #[arg(long, value_enum, default_value_t = LoadBalancing::Random)]
+    load_balancing: LoadBalancing,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LoadBalancing {
+    Random,
+    Maglev,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -190,6 +201,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup: args.cgroup_path,
         pin_dir: args.pin_dir,
         source,
+        default_maglev: args.load_balancing == LoadBalancing::Maglev,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -86,6 +86,9 @@ fn render(desired: &Desired) -> Vec<String> {
             if service.flags & lb_common::service_flags::LOCAL_ONLY != 0 {
                 line.push_str(" local-only");
             }
+            if service.flags & lb_common::service_flags::MAGLEV != 0 {
+                line.push_str(" maglev");
+            }
             if service.flags & lb_common::service_flags::SOURCE_RANGES != 0 {
                 let ranges: Vec<String> = service
                     .source_ranges
@@ -432,6 +435,20 @@ fn rows() -> Vec<Row> {
             ],
             problems: &[],
             held: &[],
+        },
+        Row {
+            name: "the load-balancing annotation picks Maglev",
+            yaml: "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  annotations: {lb.io/load-balancing: maglev}\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80}\n".to_owned(),
+            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0 maglev"],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "an unknown load-balancing algorithm",
+            yaml: "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: bad\n  namespace: default\n  annotations: {lb.io/load-balancing: round-robin}\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80}\n".to_owned(),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidLoadBalancing")],
+            held: &["default/bad"],
         },
         // Bad input: the offending object is skipped with a problem; the others are untouched.
         Row {

@@ -620,3 +620,55 @@ fn conntrack_follows_the_tcp_handshake_and_close() {
     let (original, reply) = tcp_flow_entries(&datapath);
     assert_eq!((original.state, reply.state), (CLOSING, CLOSING));
 }
+
+#[test]
+fn maglev_services_pick_the_backend_the_lookup_table_gives() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "maglev").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let pod_c = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10), 8080);
+    datapath
+        .put_backend(5, &backend(pod_c, proto::TCP))
+        .expect("backend");
+    let pods = [POD_A, POD_B, pod_c];
+    let service = Service {
+        id: 1,
+        frontends: vec![node_port(proto::TCP)],
+        backends: vec![1, 2, 5],
+        flags: lb_common::service_flags::MAGLEV,
+        ..Default::default()
+    };
+    datapath.put_service(&service).expect("maglev service");
+    // The same table, built independently from the backends' identities.
+    let identities: Vec<String> = pods
+        .iter()
+        .map(|pod| format!("{}:{}/{}", pod.ip(), pod.port(), proto::TCP))
+        .collect();
+    let table =
+        lb_userspace::maglev::table(&identities, lb_common::maglev::TABLE_SIZE).expect("table");
+    let program = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    let mut cases = Vec::new();
+    let mut reached = std::collections::BTreeSet::new();
+    for port in 41000..41030u16 {
+        let client = SocketAddrV4::new(*CLIENT.ip(), port);
+        let hash = lb_common::maglev::flow_hash(
+            u32::from(*client.ip()),
+            u32::from(NODE),
+            port,
+            NODE_PORT,
+            proto::TCP,
+        );
+        let pod = pods[table[(hash % lb_common::maglev::TABLE_SIZE) as usize] as usize];
+        reached.insert(pod);
+        cases.push(Case {
+            name: "maglev new flow",
+            input: packet::tcp(client, FRONTEND, TcpFlags::SYN, b""),
+            verdict: XDP_PASS,
+            output: Expect::Bytes(packet::tcp(client, pod, TcpFlags::SYN, b"")),
+        });
+    }
+    run_table(program, &cases);
+    assert_eq!(reached.len(), 3, "30 flows reach all three backends");
+}
