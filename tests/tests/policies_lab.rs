@@ -336,3 +336,47 @@ fn a_rolling_replacement_of_three_endpoints_under_load_loses_no_request() {
         "{report:?}"
     );
 }
+
+#[test]
+fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
+    let mut lab = AgentLab::new().expect("lab");
+    lab.start_agent(&[]).expect("agent");
+    let local = "  internalTrafficPolicy: Local\n";
+    let remote_only = endpoint_slice("web", &[(pod_addr(2, 0), "node2")]);
+    lab.apply(
+        "web.yaml",
+        &(node_port_service("web", "10.96.0.10", 30080, local) + "---\n" + &remote_only),
+    )
+    .expect("apply");
+    // From a pod on node1, whose node has no endpoint: refused (kube-proxy drops).
+    let refused = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp("10.96.0.10:80", 2)
+    }
+    .run(lab.client_pod(), Some(&lab.cgroup))
+    .expect("client");
+    assert_eq!(refused.errors, 2, "{refused:?}");
+    // The NodePort (external traffic, policy Cluster) still reaches node2's endpoint.
+    let external = ClientRun::tcp(&format!("{}:30080", node_addr(1)), 10)
+        .run(&lab.cluster.client, None)
+        .expect("client");
+    assert_all_ok(
+        "external traffic under internalTrafficPolicy Local",
+        &external,
+    );
+    // With an endpoint on node1 too, pods of node1 use only that one.
+    let both = endpoint_slice(
+        "web",
+        &[(pod_addr(2, 0), "node2"), (pod_addr(1, 0), "node1")],
+    );
+    lab.apply(
+        "web.yaml",
+        &(node_port_service("web", "10.96.0.10", 30080, local) + "---\n" + &both),
+    )
+    .expect("apply");
+    let report = ClientRun::tcp("10.96.0.10:80", 40)
+        .run(lab.client_pod(), Some(&lab.cgroup))
+        .expect("client");
+    assert_all_ok("ClusterIP with a local endpoint", &report);
+    assert_eq!(servers(&report), ["n1p0"].into());
+}
