@@ -10,7 +10,10 @@ use lb_ebpf::packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     helpers::{now_ns, random_u32},
-    maps::{AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTENDS4, MAGLEV4, SLOTS4, count_service},
+    maps::{
+        AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTENDS4, MAGLEV4, SLOTS4, count_service,
+        dry_run,
+    },
 };
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -89,7 +92,9 @@ pub fn destination(
         if now.saturating_sub(entry.last_seen_ns) <= timeout(tuple.proto, entry.state)
             && (tuple.proto == proto::TCP || backend_still_there(entry))
         {
-            refresh(entry, tuple, now);
+            if !dry_run() {
+                refresh(entry, tuple, now);
+            }
             let snat =
                 (entry.flags & ct_flags::SNAT != 0).then_some((entry.snat_addr, entry.snat_port));
             return Ok(Destination {
@@ -151,6 +156,14 @@ pub fn destination(
     // The ingress frame's destination MAC is this node's, its source the client's next hop.
     reply.node_mac.copy_from_slice(&macs[0..6]);
     reply.client_mac.copy_from_slice(&macs[6..12]);
+    if dry_run() {
+        return Ok(Destination {
+            addr: backend_addr,
+            port: backend_port,
+            service_id: service.service_id,
+            snat,
+        });
+    }
     // Reply first: once the original entry exists, the flow's next packets depend on both.
     CONNTRACK4
         .insert(&reply_key, &reply, 0)
@@ -248,7 +261,9 @@ pub fn select_for_client(
             && let Some(backend) = unsafe { BACKENDS4.get(&entry.backend_id) }
             && backend.flags & backend_flags::TERMINATING == 0
         {
-            entry.last_used_ns = now;
+            if !dry_run() {
+                entry.last_used_ns = now;
+            }
             return Ok((entry.backend_id, *backend));
         }
     }
@@ -259,7 +274,9 @@ pub fn select_for_client(
         _pad: 0,
     };
     // A full LRU evicts the oldest client; affinity is best effort, the flow goes on regardless.
-    let _ = AFFINITY4.insert(&key, &value, 0);
+    if !dry_run() {
+        let _ = AFFINITY4.insert(&key, &value, 0);
+    }
     Ok((backend_id, backend))
 }
 

@@ -60,8 +60,25 @@ pub static AFFINITY4: LruHashMap<Affinity4Key, AffinityValue> =
 #[map(name = "lb4_maglev_v1")]
 pub static MAGLEV4: Array<u32> = Array::pinned(maglev::MAX_TABLES * maglev::TABLE_SIZE, 0);
 
+/// Set to 1 by `lb explain`'s private copy of the programs (EbpfLoader::set_global): the program
+/// decides as usual but writes nothing (no conntrack, affinity or counter update), so running it
+/// on the live maps with BPF_PROG_TEST_RUN changes no state.
+#[unsafe(no_mangle)]
+static DRY_RUN: u8 = 0;
+
+/// Whether this copy of the programs must not write to any map.
+#[inline(always)]
+pub fn dry_run() -> bool {
+    // SAFETY: a plain read of a global the loader may have patched; volatile so the compiler
+    // does not fold the default value in.
+    unsafe { core::ptr::read_volatile(&DRY_RUN) != 0 }
+}
+
 #[inline(always)]
 pub fn count_event(event: Event) {
+    if dry_run() {
+        return;
+    }
     if let Some(slot) = EVENTS.get_ptr_mut(event.0) {
         // SAFETY: a per-CPU slot, touched only by programs running on this CPU, one at a time.
         unsafe { *slot += 1 };
@@ -71,6 +88,9 @@ pub fn count_event(event: Event) {
 /// Adds a packet (or, with `len == 0` and `packets == 0`, just a new flow) to a service.
 #[inline(always)]
 pub fn count_service(service_id: u32, packets: u64, bytes: u64, new_flows: u64) {
+    if dry_run() {
+        return;
+    }
     if let Some(counter) = SERVICE_COUNTERS.get_ptr_mut(service_id) {
         // SAFETY: per-CPU slot, as above.
         unsafe {

@@ -16,7 +16,7 @@ use lb_ebpf::packet::{
 use crate::{
     flow::{Tuple, close_original, config, destination, lookup_frontend, next_state, reply_key},
     helpers::{Forward, fib_forward, now_ns},
-    maps::{CONNTRACK4, SOURCE_RANGES4, count_event, count_service},
+    maps::{CONNTRACK4, SOURCE_RANGES4, count_event, count_service, dry_run},
     reject,
 };
 
@@ -107,7 +107,7 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<Optio
     if entry.flags & ct_flags::SNAT == 0 {
         return Ok(None);
     }
-    if tuple.proto == proto::TCP {
+    if tuple.proto == proto::TCP && !dry_run() {
         let state = next_state(entry.state, tuple.tcp_flags);
         if state != entry.state {
             let now = now_ns();

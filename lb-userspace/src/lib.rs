@@ -5,6 +5,7 @@ pub mod bpffs;
 pub mod compile;
 pub mod counter;
 pub mod datapath;
+pub mod explain;
 pub mod maglev;
 pub mod object;
 pub mod reconcile;

@@ -28,6 +28,21 @@ enum Command {
     /// Run the agent: load the datapath, attach it, and keep it in step with the Services and
     /// EndpointSlices of the source (the DaemonSet's entry point).
     Run(Box<RunArgs>),
+    /// Say which service and endpoint a packet would reach, and why: runs the loaded datapath's
+    /// real XDP program on a synthesized packet against the live pinned maps, in a dry-run copy
+    /// that changes no map entry.
+    Explain {
+        /// The client, `ip` or `ip:port` (port 40000 when left out).
+        source: String,
+        /// The destination, `ip:port/tcp` or `ip:port/udp` (tcp when left out).
+        destination: String,
+        /// bpffs directory of the running agent's pinned state.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Attach the XDP packet counter to a NIC and print what it counts, once per interval.
     Count {
         /// Interface name in this process's network namespace.
@@ -109,6 +124,12 @@ struct RunArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LoadBalancing {
     Random,
     Maglev,
@@ -156,6 +177,12 @@ fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(*args),
+        Command::Explain {
+            source,
+            destination,
+            pin_dir,
+            output,
+        } => explain(&source, &destination, &pin_dir, output),
         Command::Count {
             iface,
             mode,
@@ -208,6 +235,52 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(agent::run(config))
+}
+
+fn explain(
+    source: &str,
+    destination: &str,
+    pin_dir: &std::path::Path,
+    output: Output,
+) -> anyhow::Result<()> {
+    use std::net::SocketAddrV4;
+    let client: SocketAddrV4 = match source.parse() {
+        Ok(addr) => addr,
+        Err(_) => SocketAddrV4::new(
+            source
+                .parse()
+                .with_context(|| format!("{source:?} is not ip or ip:port"))?,
+            40000,
+        ),
+    };
+    let (target, protocol) = match destination.rsplit_once('/') {
+        Some((target, "tcp")) => (target, lb_common::proto::TCP),
+        Some((target, "udp")) => (target, lb_common::proto::UDP),
+        Some((_, other)) => anyhow::bail!("protocol {other:?}: tcp or udp"),
+        None => (destination, lb_common::proto::TCP),
+    };
+    let target: SocketAddrV4 = target
+        .parse()
+        .with_context(|| format!("{target:?} is not ip:port"))?;
+    let explanation = lb_userspace::explain::explain(pin_dir, client, target, protocol)?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+        Output::Text => {
+            println!("{}: {}", explanation.packet, explanation.verdict);
+            if let Some(service) = &explanation.service {
+                println!(
+                    "service {} ({}), {} backends",
+                    service.id,
+                    service.kinds.join(", "),
+                    service.backends
+                );
+            }
+            for reason in &explanation.reasons {
+                println!("  - {reason}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn init_logging(json: bool) {

@@ -635,7 +635,7 @@ fn maglev_services_pick_the_backend_the_lookup_table_gives() {
         id: 1,
         frontends: vec![node_port(proto::TCP)],
         backends: vec![1, 2, 5],
-        flags: lb_common::service_flags::MAGLEV,
+        flags: service_flags::MAGLEV,
         ..Default::default()
     };
     datapath.put_service(&service).expect("maglev service");

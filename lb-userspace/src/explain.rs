@@ -1,0 +1,392 @@
+//! `lb explain`: which service and endpoint a packet would reach, and why, asked of the running
+//! datapath itself. The pinned maps of the agent are read (never written) to tell the reasons,
+//! and a private copy of the real XDP program, loaded on the same maps with DRY_RUN set (it
+//! decides as usual but writes no conntrack, affinity or counter entry), runs on a synthesized
+//! packet through BPF_PROG_TEST_RUN: its verdict and output packet are what the datapath does.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use anyhow::Context as _;
+use aya::{
+    EbpfLoader,
+    maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key as LpmKey},
+    programs::Xdp,
+};
+use lb_common::{
+    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, Frontend4Key, ServiceValue, SourceRange4,
+    ct_direction, ct_flags, map_names, program_names, proto, scope, service_flags,
+};
+use serde::Serialize;
+
+use crate::{object::DATAPATH_OBJECT, testrun::test_run};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+/// What the datapath does with one packet, and why.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub packet: String,
+    /// "pass", "drop", "tx" (sent back out of the NIC) as the program returned it.
+    pub verdict: &'static str,
+    /// The service the destination belongs to: id, frontend kinds and policy flags.
+    pub service: Option<ServiceSummary>,
+    /// Where the packet went, as rewritten by the program (source and destination).
+    pub rewritten: Option<(String, String)>,
+    /// The decisions, in the order the datapath takes them.
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceSummary {
+    pub id: u32,
+    pub kinds: Vec<&'static str>,
+    pub backends: u16,
+    pub local_only: bool,
+    pub source_ranges: bool,
+    pub maglev: bool,
+    pub affinity_timeout_s: u32,
+}
+
+/// Explains a TCP SYN (or a UDP datagram) from `client` to `destination` arriving on a node NIC.
+pub fn explain(
+    pin_dir: &Path,
+    client: SocketAddrV4,
+    destination: SocketAddrV4,
+    protocol: u8,
+) -> anyhow::Result<Explanation> {
+    let mut reasons = Vec::new();
+    let service = frontend(pin_dir, destination, protocol)?;
+    let summary = service.map(|value| summarize(&value));
+    match &service {
+        None => reasons.push(format!(
+            "{destination}/{} is no service frontend: the packet passes untouched",
+            protocol_name(protocol)
+        )),
+        Some(value) => {
+            explain_service(pin_dir, client, destination, protocol, value, &mut reasons)?
+        }
+    }
+
+    let packet = build_packet(client, destination, protocol);
+    let program_output = run_dry(pin_dir, &packet)?;
+    let verdict = match program_output.verdict {
+        XDP_DROP => "drop",
+        XDP_PASS => "pass",
+        XDP_TX => "tx",
+        _ => "other",
+    };
+    let rewritten = parse_addresses(&program_output.packet)
+        .filter(|(source, target)| *source != client || *target != destination)
+        .map(|(source, target)| (source.to_string(), target.to_string()));
+    if let Some((source, target)) = &rewritten {
+        reasons.push(format!(
+            "the program rewrote the packet to {source} -> {target} ({verdict})"
+        ));
+    } else {
+        reasons.push(format!(
+            "the program returned {verdict} without rewriting the addresses"
+        ));
+    }
+    Ok(Explanation {
+        packet: format!("{client} -> {destination}/{}", protocol_name(protocol)),
+        verdict,
+        service: summary,
+        rewritten,
+        reasons,
+    })
+}
+
+fn explain_service(
+    pin_dir: &Path,
+    client: SocketAddrV4,
+    destination: SocketAddrV4,
+    protocol: u8,
+    service: &ServiceValue,
+    reasons: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    reasons.push(format!(
+        "{destination}/{} is a frontend of service {}",
+        protocol_name(protocol),
+        service.service_id
+    ));
+    if service.flags & service_flags::SOURCE_RANGES != 0 {
+        if source_allowed(pin_dir, service.service_id, *client.ip())? {
+            reasons.push(format!(
+                "{} is inside the service's loadBalancerSourceRanges",
+                client.ip()
+            ));
+        } else {
+            reasons.push(format!(
+                "{} is outside the service's loadBalancerSourceRanges: dropped (drop_source_range)",
+                client.ip()
+            ));
+            return Ok(());
+        }
+    }
+    if let Some(entry) = established(pin_dir, client, destination, protocol)? {
+        let backend = SocketAddrV4::new(Ipv4Addr::from(entry.nat_addr), entry.nat_port);
+        let snat = if entry.flags & ct_flags::SNAT != 0 {
+            ", through SNAT"
+        } else {
+            ""
+        };
+        reasons.push(format!(
+            "an established flow (conntrack entry) goes to backend {} at {backend}{snat}",
+            entry.backend_id
+        ));
+        return Ok(());
+    }
+    if service.backend_count == 0 {
+        if service.flags & service_flags::LOCAL_ONLY != 0 {
+            reasons.push("Local traffic policy and no endpoint on this node: dropped (drop_no_local_backend)".into());
+        } else {
+            reasons.push(
+                "no endpoint: rejected like kube-proxy's REJECT (TCP RST / ICMP port unreachable)"
+                    .into(),
+            );
+        }
+        return Ok(());
+    }
+    if service.affinity_timeout_s != 0 {
+        match affinity(pin_dir, *client.ip(), service.service_id)? {
+            Some(entry) => reasons.push(format!(
+                "session affinity: {} used backend {} last; it sticks while that was within {} s",
+                client.ip(),
+                entry.backend_id,
+                service.affinity_timeout_s
+            )),
+            None => reasons.push(format!(
+                "session affinity: {} has no backend yet; a new one is chosen and remembered",
+                client.ip()
+            )),
+        }
+    } else if service.flags & service_flags::MAGLEV != 0 {
+        let hash = lb_common::maglev::flow_hash(
+            u32::from(*client.ip()),
+            u32::from(*destination.ip()),
+            client.port(),
+            destination.port(),
+            protocol,
+        );
+        reasons.push(format!(
+            "a new flow: Maglev slot {} of table {}",
+            hash % lb_common::maglev::TABLE_SIZE,
+            service.maglev_table
+        ));
+    } else {
+        reasons.push(format!(
+            "a new flow: one of {} backends at random",
+            service.backend_count
+        ));
+    }
+    if service.flags & service_flags::LOCAL_ONLY != 0 {
+        reasons.push("Local traffic policy: node-local endpoints only, client address kept".into());
+    }
+    Ok(())
+}
+
+fn summarize(value: &ServiceValue) -> ServiceSummary {
+    let kinds = [
+        (service_flags::CLUSTER_IP, "ClusterIP"),
+        (service_flags::NODE_PORT, "NodePort"),
+        (service_flags::EXTERNAL_IP, "externalIP"),
+        (service_flags::LOAD_BALANCER, "LoadBalancer"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| value.flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect();
+    ServiceSummary {
+        id: value.service_id,
+        kinds,
+        backends: value.backend_count,
+        local_only: value.flags & service_flags::LOCAL_ONLY != 0,
+        source_ranges: value.flags & service_flags::SOURCE_RANGES != 0,
+        maglev: value.flags & service_flags::MAGLEV != 0,
+        affinity_timeout_s: value.affinity_timeout_s,
+    }
+}
+
+fn pinned(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is the agent running with this --pin-dir?)",
+            path.display()
+        )
+    })
+}
+
+fn frontend(
+    pin_dir: &Path,
+    destination: SocketAddrV4,
+    protocol: u8,
+) -> anyhow::Result<Option<ServiceValue>> {
+    let map = HashMap::<_, Frontend4Key, ServiceValue>::try_from(Map::HashMap(pinned(
+        pin_dir,
+        map_names::FRONTENDS4,
+    )?))?;
+    let key = Frontend4Key {
+        addr: u32::from(*destination.ip()).to_be(),
+        port: destination.port().to_be(),
+        proto: protocol,
+        scope: scope::ANY,
+    };
+    Ok(map.get(&key, 0).ok())
+}
+
+fn source_allowed(pin_dir: &Path, service_id: u32, client: Ipv4Addr) -> anyhow::Result<bool> {
+    let map = LpmTrie::<_, SourceRange4, u8>::try_from(Map::LpmTrie(pinned(
+        pin_dir,
+        map_names::SOURCE_RANGES4,
+    )?))?;
+    let key = LpmKey::new(
+        64,
+        SourceRange4 {
+            service_id_be: service_id.to_be(),
+            addr: u32::from(client).to_be(),
+        },
+    );
+    Ok(map.get(&key, 0).is_ok())
+}
+
+fn established(
+    pin_dir: &Path,
+    client: SocketAddrV4,
+    destination: SocketAddrV4,
+    protocol: u8,
+) -> anyhow::Result<Option<Ct4Value>> {
+    let map = HashMap::<_, Ct4Key, Ct4Value>::try_from(Map::LruHashMap(pinned(
+        pin_dir,
+        map_names::CONNTRACK4,
+    )?))?;
+    let key = Ct4Key {
+        saddr: u32::from(*client.ip()),
+        daddr: u32::from(*destination.ip()),
+        sport: client.port(),
+        dport: destination.port(),
+        proto: protocol,
+        direction: ct_direction::ORIGINAL,
+        _pad: [0; 2],
+    };
+    // An entry past its timeout counts as absent for the program; its own verdict, reported
+    // next to this, settles such a case.
+    Ok(map.get(&key, 0).ok())
+}
+
+fn affinity(
+    pin_dir: &Path,
+    client: Ipv4Addr,
+    service_id: u32,
+) -> anyhow::Result<Option<AffinityValue>> {
+    let map = HashMap::<_, Affinity4Key, AffinityValue>::try_from(Map::LruHashMap(pinned(
+        pin_dir,
+        map_names::AFFINITY4,
+    )?))?;
+    let key = Affinity4Key {
+        client: u64::from(u32::from(client)),
+        service_id,
+        kind: 0,
+    };
+    Ok(map.get(&key, 0).ok())
+}
+
+/// Runs a private copy of the XDP program, on the agent's pinned maps, in dry-run mode.
+fn run_dry(pin_dir: &Path, packet: &[u8]) -> anyhow::Result<crate::testrun::TestRunOutput> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .override_global("DRY_RUN", &1u8, true)
+        .load(DATAPATH_OBJECT)
+        .context("loading a dry-run copy of the datapath on the pinned maps")?;
+    let program: &mut Xdp = ebpf
+        .program_mut(program_names::XDP_LB)
+        .context("the XDP program")?
+        .try_into()?;
+    program.load().context("loading the dry-run XDP program")?;
+    Ok(test_run(program.fd()?, packet)?)
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    if protocol == proto::UDP { "udp" } else { "tcp" }
+}
+
+/// An Ethernet/IPv4 frame: a TCP SYN or a UDP datagram with a few bytes, checksums computed.
+fn build_packet(client: SocketAddrV4, destination: SocketAddrV4, protocol: u8) -> Vec<u8> {
+    let l4: Vec<u8> = if protocol == proto::UDP {
+        let payload = b"explain";
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&client.port().to_be_bytes());
+        udp.extend_from_slice(&destination.port().to_be_bytes());
+        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        udp
+    } else {
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&client.port().to_be_bytes());
+        tcp[2..4].copy_from_slice(&destination.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02; // SYN
+        tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        tcp
+    };
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = protocol;
+    ip[12..16].copy_from_slice(&client.ip().octets());
+    ip[16..20].copy_from_slice(&destination.ip().octets());
+    let ip_check = internet_checksum(0, &ip);
+    ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    let mut l4 = l4;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&client.ip().octets());
+    pseudo.extend_from_slice(&destination.ip().octets());
+    pseudo.extend_from_slice(&[0, protocol]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    let check_at = if protocol == proto::UDP { 6 } else { 16 };
+    let check = internet_checksum(sum(0, &pseudo), &l4);
+    l4[check_at..check_at + 2].copy_from_slice(&check.to_be_bytes());
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&l4);
+    frame
+}
+
+fn sum(mut total: u32, bytes: &[u8]) -> u32 {
+    for pair in bytes.chunks(2) {
+        total += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    total
+}
+
+fn internet_checksum(initial: u32, bytes: &[u8]) -> u16 {
+    let mut total = sum(initial, bytes);
+    while total >> 16 != 0 {
+        total = (total & 0xffff) + (total >> 16);
+    }
+    !(total as u16)
+}
+
+/// Source and destination (address, port) of an Ethernet/IPv4/TCP-or-UDP frame.
+fn parse_addresses(frame: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4)> {
+    let ip = frame.get(14..34)?;
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let ports = frame.get(14 + header_len..14 + header_len + 4)?;
+    let source = SocketAddrV4::new(
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        u16::from_be_bytes([ports[0], ports[1]]),
+    );
+    let target = SocketAddrV4::new(
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        u16::from_be_bytes([ports[2], ports[3]]),
+    );
+    Some((source, target))
+}
