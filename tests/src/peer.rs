@@ -34,6 +34,22 @@ pub struct ClientReport {
     pub error_samples: Vec<String>,
 }
 
+impl ClientReport {
+    /// The names of the servers that answered.
+    pub fn servers(&self) -> std::collections::BTreeSet<&str> {
+        self.by_server.keys().map(String::as_str).collect()
+    }
+
+    /// Panics, naming `what`, unless at least one request was made and every one succeeded.
+    #[track_caller]
+    pub fn assert_all_ok(&self, what: &str) {
+        assert!(
+            self.attempts > 0 && self.ok == self.attempts && self.errors == 0,
+            "{what}: {self:?}"
+        );
+    }
+}
+
 /// A server's reply to one request: `<server name> <client ip>:<client port>\n`.
 pub fn reply(server: &str, peer: std::net::SocketAddr) -> String {
     format!("{server} {peer}\n")

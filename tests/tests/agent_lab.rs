@@ -2,12 +2,12 @@
 //! in YAML reach real traffic; a malformed file changes nothing; the agent killed with SIGKILL and
 //! restarted under load loses no connection and no request.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::time::Duration;
 
 use lab::{
     agent::{AgentLab, SYNC_TIMEOUT},
     lab::wait_for_log,
-    peer::{ClientReport, ClientRun},
+    peer::ClientRun,
     topology::{node_addr, pod_addr},
 };
 
@@ -29,17 +29,6 @@ fn endpoints(pods: &[u8]) -> String {
     yaml
 }
 
-fn servers(report: &ClientReport) -> BTreeSet<&str> {
-    report.by_server.keys().map(String::as_str).collect()
-}
-
-fn assert_all_ok(what: &str, report: &ClientReport) {
-    assert!(
-        report.attempts > 0 && report.ok == report.attempts,
-        "{what}: {report:?}"
-    );
-}
-
 #[test]
 fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
     let mut setup = AgentLab::new().expect("lab");
@@ -56,12 +45,12 @@ fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
     let from_outside = ClientRun::tcp(&node_port, 20)
         .run(&setup.cluster.client, None)
         .expect("client");
-    assert_all_ok("created, NodePort", &from_outside);
-    assert_eq!(servers(&from_outside), ["n1p0"].into());
+    from_outside.assert_all_ok("created, NodePort");
+    assert_eq!(from_outside.servers(), ["n1p0"].into());
     let from_pod = ClientRun::tcp("10.96.0.10:80", 20)
         .run(setup.client_pod(), Some(&setup.cgroup))
         .expect("client");
-    assert_all_ok("created, ClusterIP", &from_pod);
+    from_pod.assert_all_ok("created, ClusterIP");
 
     // Scaled: two endpoints.
     setup
@@ -73,8 +62,8 @@ fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
     let report = ClientRun::tcp(&node_port, 40)
         .run(&setup.cluster.client, None)
         .expect("client");
-    assert_all_ok("scaled", &report);
-    assert_eq!(servers(&report), ["n1p0", "n1p1"].into());
+    report.assert_all_ok("scaled");
+    assert_eq!(report.servers(), ["n1p0", "n1p1"].into());
 
     // A malformed edit: reported with file and line, the last good state stays in force.
     let before = std::fs::read_to_string(setup.log())
@@ -92,7 +81,7 @@ fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
     let report = ClientRun::tcp(&node_port, 20)
         .run(&setup.cluster.client, None)
         .expect("client");
-    assert_all_ok("after a malformed edit", &report);
+    report.assert_all_ok("after a malformed edit");
 
     // Changed: new port and nodePort; the old ones stop answering.
     setup
@@ -104,11 +93,11 @@ fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
     let report = ClientRun::tcp(&format!("{}:30081", node_addr(1)), 20)
         .run(&setup.cluster.client, None)
         .expect("client");
-    assert_all_ok("changed, new nodePort", &report);
+    report.assert_all_ok("changed, new nodePort");
     let report = ClientRun::tcp("10.96.0.10:81", 20)
         .run(setup.client_pod(), Some(&setup.cgroup))
         .expect("client");
-    assert_all_ok("changed, new port", &report);
+    report.assert_all_ok("changed, new port");
     let old = ClientRun {
         timeout_ms: 500,
         ..ClientRun::tcp(&node_port, 1)
@@ -181,9 +170,9 @@ fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request(
 
     let long = long.join().expect("thread").expect("long client");
     let short = short.join().expect("thread").expect("short client");
-    assert_all_ok("long connection across the restart", &long);
-    assert_all_ok("connect/request/close across the restart", &short);
-    assert_all_ok("ClusterIP while the agent was down", &meanwhile);
+    long.assert_all_ok("long connection across the restart");
+    short.assert_all_ok("connect/request/close across the restart");
+    meanwhile.assert_all_ok("ClusterIP while the agent was down");
     // The restarted agent found everything in place: nothing to change, conntrack untouched.
     let syncs = wait_for_log(&setup.log(), "synced", 2, SYNC_TIMEOUT).expect("syncs");
     assert!(

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 use lab::{
     lab::{Lab, Proc},
     node::NodeDatapath,
-    peer::{self, ClientReport, ClientRun},
+    peer::{self, ClientRun},
     topology::{CLIENT_ADDR, Cluster, ClusterSpec, node_addr},
 };
 use lb_common::{backend_flags, proto, service_flags};
@@ -109,17 +109,6 @@ fn frontends(protocol: u8) -> Vec<Frontend> {
     ]
 }
 
-fn servers(report: &ClientReport) -> BTreeSet<&str> {
-    report.by_server.keys().map(String::as_str).collect()
-}
-
-fn assert_all_ok(what: &str, report: &ClientReport) {
-    assert!(
-        report.attempts > 0 && report.ok == report.attempts && report.errors == 0,
-        "{what}: {report:?}"
-    );
-}
-
 #[test]
 fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
     let mut setup = setup(&ClusterSpec::default());
@@ -166,8 +155,8 @@ fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
     ];
     for (what, run) in &runs {
         let report = run.run(&client_pod.host, cgroup).expect("client in a pod");
-        assert_all_ok(what, &report);
-        assert!(servers(&report).is_subset(&endpoints), "{what}: {report:?}");
+        report.assert_all_ok(what);
+        assert!(report.servers().is_subset(&endpoints), "{what}: {report:?}");
         // No SNAT: the endpoint saw the pod's own address...
         assert_eq!(
             report.peers_seen.keys().collect::<Vec<_>>(),
@@ -184,8 +173,8 @@ fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
         let report = run
             .run(node_host, cgroup)
             .expect("client in the node's own namespace");
-        assert_all_ok(what, &report);
-        assert!(servers(&report).is_subset(&endpoints), "{what}: {report:?}");
+        report.assert_all_ok(what);
+        assert!(report.servers().is_subset(&endpoints), "{what}: {report:?}");
         let node_addresses: BTreeSet<String> =
             ["10.244.1.1".into(), node_addr(1).to_string()].into();
         let seen: BTreeSet<String> = report.peers_seen.keys().cloned().collect();
@@ -198,7 +187,7 @@ fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
     }
     // 40 connections over two endpoints reach both (a miss has probability 2^-39).
     let report = runs[0].1.run(&client_pod.host, cgroup).expect("client");
-    assert_eq!(servers(&report), endpoints, "{report:?}");
+    assert_eq!(report.servers(), endpoints, "{report:?}");
     // Each connection and each datagram destination counted as a new flow of its service.
     let tcp_flows = setup
         .node
@@ -257,8 +246,8 @@ fn node_port_external_ip_and_load_balancer_ip_from_outside() {
         ] {
             let report = run.run(&setup.cluster.client, None).expect("client");
             let what = format!("{what} to {target}");
-            assert_all_ok(&what, &report);
-            assert!(servers(&report).is_subset(&endpoints), "{what}: {report:?}");
+            report.assert_all_ok(&what);
+            assert!(report.servers().is_subset(&endpoints), "{what}: {report:?}");
             // The endpoint saw the real client address (no SNAT for local endpoints)...
             assert_eq!(
                 report.peers_seen.keys().collect::<Vec<_>>(),
@@ -299,7 +288,7 @@ fn a_thousand_connections_spread_evenly_over_three_endpoints() {
     let report = ClientRun::tcp(&target, 1000)
         .run(&setup.cluster.client, None)
         .expect("client");
-    assert_all_ok("1000 connections", &report);
+    report.assert_all_ok("1000 connections");
     assert_eq!(report.by_server.len(), 3, "{report:?}");
     // Uniform: 333 each, standard deviation ~15; +-85 is beyond 5.5 sigma.
     for (server, count) in &report.by_server {
@@ -365,11 +354,11 @@ fn endpoint_changes_under_traffic_move_new_tcp_connections_and_udp_flows_only() 
     let long_tcp = long_tcp.join().expect("thread").expect("tcp client");
     let udp_flow = udp_flow.join().expect("thread").expect("udp client");
     // The established TCP connection stayed on A from start to end, without an error.
-    assert_all_ok("long tcp connection", &long_tcp);
-    assert_eq!(servers(&long_tcp), ["n1p0"].into(), "{long_tcp:?}");
+    long_tcp.assert_all_ok("long tcp connection");
+    assert_eq!(long_tcp.servers(), ["n1p0"].into(), "{long_tcp:?}");
     // The UDP flow moved to B at its next packet, without losing a request.
-    assert_all_ok("udp flow", &udp_flow);
-    assert_eq!(servers(&udp_flow), ["n1p0", "n1p1"].into(), "{udp_flow:?}");
+    udp_flow.assert_all_ok("udp flow");
+    assert_eq!(udp_flow.servers(), ["n1p0", "n1p1"].into(), "{udp_flow:?}");
     assert_eq!(
         udp_flow.last_server.as_deref(),
         Some("n1p1"),
@@ -379,6 +368,6 @@ fn endpoint_changes_under_traffic_move_new_tcp_connections_and_udp_flows_only() 
     let fresh = ClientRun::tcp(&target, 20)
         .run(&setup.cluster.client, None)
         .expect("client");
-    assert_all_ok("new connections", &fresh);
-    assert_eq!(servers(&fresh), ["n1p1"].into(), "{fresh:?}");
+    fresh.assert_all_ok("new connections");
+    assert_eq!(fresh.servers(), ["n1p1"].into(), "{fresh:?}");
 }

@@ -3,27 +3,13 @@
 //! address preserved), a service without endpoints refusing at once, loadBalancerSourceRanges,
 //! session affinity, and a rolling replacement of endpoints under load.
 
-use std::{
-    collections::BTreeSet,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use lab::{
     agent::{AgentLab, endpoint_slice, node_port_service},
     peer::{ClientReport, ClientRun},
     topology::{CLIENT_ADDR, ClusterSpec, node_addr, pod_addr},
 };
-
-fn servers(report: &ClientReport) -> BTreeSet<&str> {
-    report.by_server.keys().map(String::as_str).collect()
-}
-
-fn assert_all_ok(what: &str, report: &ClientReport) {
-    assert!(
-        report.attempts > 0 && report.ok == report.attempts,
-        "{what}: {report:?}"
-    );
-}
 
 fn events(lab: &AgentLab) -> std::collections::BTreeMap<&'static str, u64> {
     lab.events().expect("the agent's pinned event counters")
@@ -50,8 +36,8 @@ fn node_port_to_a_remote_endpoint_snat_under_cluster_drop_under_local() {
         },
     ] {
         let report = run.run(&lab.cluster.client, None).expect("client");
-        assert_all_ok("Cluster policy, remote endpoint", &report);
-        assert_eq!(servers(&report), ["n2p0"].into());
+        report.assert_all_ok("Cluster policy, remote endpoint");
+        assert_eq!(report.servers(), ["n2p0"].into());
         assert_eq!(
             report.peers_seen.keys().collect::<Vec<_>>(),
             [&node_addr(1).to_string()],
@@ -97,8 +83,8 @@ fn node_port_to_a_remote_endpoint_snat_under_cluster_drop_under_local() {
     let report = ClientRun::tcp(&node_port, 30)
         .run(&lab.cluster.client, None)
         .expect("client");
-    assert_all_ok("Local policy, local endpoint", &report);
-    assert_eq!(servers(&report), ["n1p0"].into());
+    report.assert_all_ok("Local policy, local endpoint");
+    assert_eq!(report.servers(), ["n1p0"].into());
     assert_eq!(
         report.peers_seen.keys().collect::<Vec<_>>(),
         [&CLIENT_ADDR.to_string()],
@@ -189,7 +175,7 @@ fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
     let allowed = ClientRun::tcp("198.51.100.20:80", 20)
         .run(&lab.cluster.client, None)
         .expect("client");
-    assert_all_ok("client inside the range", &allowed);
+    allowed.assert_all_ok("client inside the range");
     let before = events(&lab)["drop_source_range"];
     let refused = ClientRun {
         timeout_ms: 300,
@@ -206,7 +192,7 @@ fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
     let node_port = ClientRun::tcp(&format!("{}:30080", node_addr(1)), 5)
         .run(&refused_client, None)
         .expect("client");
-    assert_all_ok("NodePort from outside the range", &node_port);
+    node_port.assert_all_ok("NodePort from outside the range");
 }
 
 #[test]
@@ -236,12 +222,12 @@ fn session_affinity_pins_a_client_until_the_timeout() {
     let first = ClientRun::tcp(&node_port, 200)
         .run(&lab.cluster.client, None)
         .expect("client");
-    assert_all_ok("200 connections", &first);
+    first.assert_all_ok("200 connections");
     assert_eq!(first.by_server.len(), 1, "{first:?}");
     let from_pod = ClientRun::tcp("10.96.0.10:80", 200)
         .run(lab.client_pod(), Some(&lab.cgroup))
         .expect("client");
-    assert_all_ok("200 connections from a pod", &from_pod);
+    from_pod.assert_all_ok("200 connections from a pod");
     assert_eq!(from_pod.by_server.len(), 1, "{from_pod:?}");
     // Another client sticks too (to whichever endpoint it got).
     let other = ClientRun::tcp(&node_port, 50)
@@ -328,7 +314,7 @@ fn a_rolling_replacement_of_three_endpoints_under_load_loses_no_request() {
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let report = load.join().expect("thread");
-    assert_all_ok("load during the rolling replacement", &report);
+    report.assert_all_ok("load during the rolling replacement");
     assert_eq!(report.errors, 0);
     // The load saw both generations.
     assert!(
@@ -360,10 +346,7 @@ fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
     let external = ClientRun::tcp(&format!("{}:30080", node_addr(1)), 10)
         .run(&lab.cluster.client, None)
         .expect("client");
-    assert_all_ok(
-        "external traffic under internalTrafficPolicy Local",
-        &external,
-    );
+    external.assert_all_ok("external traffic under internalTrafficPolicy Local");
     // With an endpoint on node1 too, pods of node1 use only that one.
     let both = endpoint_slice(
         "web",
@@ -377,6 +360,6 @@ fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
     let report = ClientRun::tcp("10.96.0.10:80", 40)
         .run(lab.client_pod(), Some(&lab.cgroup))
         .expect("client");
-    assert_all_ok("ClusterIP with a local endpoint", &report);
-    assert_eq!(servers(&report), ["n1p0"].into());
+    report.assert_all_ok("ClusterIP with a local endpoint");
+    assert_eq!(report.servers(), ["n1p0"].into());
 }
