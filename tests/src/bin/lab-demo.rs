@@ -4,7 +4,8 @@
 //! in their pods, runs one `lb run --source file` agent per node on tests/manifests/
 //! dockercoins.yaml (XDP and tc on the node's NIC, socket hooks on the node's pod cgroup), drives
 //! traffic (workers calling rng, hasher and redis through their ClusterIPs; a client outside
-//! calling webui through its NodePort), prints a per-service table of connections and endpoint
+//! calling webui through its NodePort on both nodes: node2 has no webui pod and reaches node1's
+//! through SNAT), prints a per-service table of connections and endpoint
 //! spread, and tears everything down (also on failure: the lab's guards do it).
 
 use std::{path::Path, time::Duration};
@@ -69,6 +70,8 @@ fn main() -> anyhow::Result<()> {
 
     let worker = |node: u8| -> &Host { &cluster.node(node).pods[3].host };
     let node_port = format!("{}:30080", node_addr(1));
+    // node2 has no webui pod: its XDP SNATs the flows to node1's pod and back.
+    let remote_node_port = format!("{}:30080", node_addr(2));
     let runs: Vec<(&str, &str, &Host, Option<&Cgroup>, ClientRun)> = vec![
         (
             "rng",
@@ -110,10 +113,17 @@ fn main() -> anyhow::Result<()> {
         ),
         (
             "webui",
-            "client (outside)",
+            "client via node1",
             &cluster.client,
             None,
             ClientRun::tcp(&node_port, REQUESTS),
+        ),
+        (
+            "webui",
+            "client via node2",
+            &cluster.client,
+            None,
+            ClientRun::tcp(&remote_node_port, REQUESTS),
         ),
     ];
     println!(
