@@ -147,6 +147,42 @@ fn a_service_without_endpoints_refuses_at_once() {
             "{what}: took {elapsed:?}"
         );
     }
+    // The behaviour, "refused within 100 ms, not a timeout" (the timeout is 2 s, so this
+    // tells the two apart with a wide margin; it is no speed measurement). Timed for the XDP
+    // paths by the test thread itself from inside the client's namespace: no process start.
+    {
+        let _inside = lab
+            .cluster
+            .client
+            .enter()
+            .expect("enter the client namespace");
+        let started = Instant::now();
+        let target = tcp_node_port.parse().expect("addr");
+        let refused = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2));
+        let tcp_elapsed = started.elapsed();
+        assert_eq!(
+            refused.expect_err("refused").kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket.connect(&udp_node_port).expect("connect");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let started = Instant::now();
+        socket.send(b"query").expect("send");
+        let error = socket.recv(&mut [0u8; 64]).expect_err("ICMP error");
+        let udp_elapsed = started.elapsed();
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert!(
+            tcp_elapsed < Duration::from_millis(100),
+            "TCP refused after {tcp_elapsed:?}"
+        );
+        assert!(
+            udp_elapsed < Duration::from_millis(100),
+            "UDP ICMP error after {udp_elapsed:?}"
+        );
+    }
     let events = events(&lab);
     assert!(
         events["reject_tcp_rst"] >= 3 && events["reject_icmp"] >= 3,
