@@ -555,7 +555,10 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        if let Err(err) = std::fs::remove_dir_all(&self.path) {
+        // Gone already is fine: `lb run --cleanup` under test removes it.
+        if let Err(err) = std::fs::remove_dir_all(&self.path)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
             eprintln!("lab: removing {}: {err}", self.path.display());
         }
     }

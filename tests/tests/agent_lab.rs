@@ -181,3 +181,53 @@ fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request(
         syncs[1]
     );
 }
+
+#[test]
+fn cleanup_removes_everything_the_agent_installed() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &(service(80, 30080) + "---\n" + &endpoints(&[0])),
+        )
+        .expect("apply");
+    let node_port = format!("{}:30080", node_addr(1));
+    ClientRun::tcp(&node_port, 5)
+        .run(&setup.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("before cleanup");
+    setup.kill_agent().expect("stop the agent");
+
+    let lb = lab::peer::sibling_binary("lb").expect("lb");
+    let pin_dir = setup.pin_dir().to_owned();
+    let status = std::process::Command::new(lb)
+        .args(["run", "--cleanup", "--pin-dir"])
+        .arg(&pin_dir)
+        .status()
+        .expect("lb run --cleanup");
+    assert!(status.success());
+    assert!(!pin_dir.exists(), "{} still there", pin_dir.display());
+    // XDP is gone from the NIC, and neither the NodePort nor the ClusterIP answers any more.
+    let link = setup
+        .cluster
+        .node(1)
+        .host
+        .ip(&["-d", "link", "show", "dev", "eth0"])
+        .expect("link");
+    assert!(!link.contains("xdp"), "{link}");
+    let gone = ClientRun {
+        timeout_ms: 500,
+        ..ClientRun::tcp(&node_port, 1)
+    }
+    .run(&setup.cluster.client, None)
+    .expect("client");
+    assert_eq!(gone.errors, 1, "{gone:?}");
+    let gone = ClientRun {
+        timeout_ms: 500,
+        ..ClientRun::tcp("10.96.0.10:80", 1)
+    }
+    .run(setup.client_pod(), Some(&setup.cgroup))
+    .expect("client");
+    assert_eq!(gone.errors, 1, "the socket hooks still redirect: {gone:?}");
+}
