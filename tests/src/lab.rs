@@ -615,7 +615,8 @@ fn kill_processes_in(netns: &str) {
     eprintln!("lab: processes still inside {netns} after SIGKILL");
 }
 
-/// Deletes namespaces left by labs whose process is gone (killed without unwinding).
+/// Deletes namespaces, scratch directories, pin directories and cgroups left by labs whose
+/// process is gone (killed without unwinding).
 fn sweep_dead_labs() {
     let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
         return;
@@ -628,6 +629,16 @@ fn sweep_dead_labs() {
             && !process_alive(pid)
         {
             let _ = Lab::remove_namespace(&name);
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.filter_map(Result::ok) {
+            if let Some(name) = entry.file_name().to_str()
+                && let Some(pid) = lab_owner(name)
+                && !process_alive(pid)
+            {
+                drop(ScratchDir { path: entry.path() });
+            }
         }
     }
     if let Ok(entries) = std::fs::read_dir(lb_userspace::bpffs::DEFAULT_MOUNT) {
