@@ -18,7 +18,7 @@ use crate::{
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 /// Tries at finding a free SNAT port before giving up on the flow.
-const SNAT_PORT_TRIES: u32 = 8;
+const SNAT_PORT_TRIES: u32 = 16;
 
 /// A flow as the parser saw it: addresses and ports as the packet holds them (big-endian values
 /// read with `from_be_bytes`, so host-order integers of the wire bytes).
@@ -115,7 +115,7 @@ pub fn destination(
     let backend_port = u16::from_be(backend.port);
     let snat = if needs_snat(service, &backend) {
         let config = config().ok_or(Event::DROP_SNAT_EXHAUSTED)?;
-        let port = free_snat_port(config, backend_addr, backend_port, tuple.proto)
+        let port = free_snat_port(config, backend_addr, backend_port, tuple.proto, now)
             .ok_or(Event::DROP_SNAT_EXHAUSTED)?;
         Some((config.snat_addr, port))
     } else {
@@ -190,13 +190,16 @@ fn needs_snat(service: &ServiceValue, backend: &Backend4) -> bool {
 }
 
 /// A SNAT port nobody uses towards this backend: random tries in the configured range, checked
-/// against the reply entries that would collide.
+/// against the reply entries that would collide. An entry past its timeout frees its port: the
+/// LRU map never deletes entries by itself, so counting those as used exhausted the range after
+/// a few thousand connections per backend.
 #[inline(always)]
 fn free_snat_port(
     config: &DatapathConfig,
     backend_addr: u32,
     backend_port: u16,
     protocol: u8,
+    now: u64,
 ) -> Option<u16> {
     let span = u32::from(config.snat_port_max.saturating_sub(config.snat_port_min)) + 1;
     for _ in 0..SNAT_PORT_TRIES {
@@ -212,8 +215,15 @@ fn free_snat_port(
             direction: ct_direction::REPLY,
             _pad: [0; 2],
         };
-        if CONNTRACK4.get_ptr(&key).is_none() {
-            return Some(port);
+        match CONNTRACK4.get_ptr(&key) {
+            None => return Some(port),
+            Some(entry) => {
+                // SAFETY: read-only use of an entry that stays valid for this run (RCU).
+                let entry = unsafe { &*entry };
+                if now.saturating_sub(entry.last_seen_ns) > timeout(protocol, entry.state) {
+                    return Some(port);
+                }
+            }
         }
     }
     None

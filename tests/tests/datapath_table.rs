@@ -672,3 +672,85 @@ fn maglev_services_pick_the_backend_the_lookup_table_gives() {
     run_table(program, &cases);
     assert_eq!(reached.len(), 3, "30 flows reach all three backends");
 }
+
+#[test]
+fn snat_ports_of_expired_flows_are_reused() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "snat").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![]);
+    let (port_min, port_max) = (61000u16, 61099u16);
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            snat_addr: u32::from(NODE),
+            snat_port_min: port_min,
+            snat_port_max: port_max,
+        })
+        .expect("config");
+    // A backend on another node (no LOCAL flag): flows to it are SNATed.
+    let remote = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10), 8080);
+    datapath
+        .put_backend(
+            6,
+            &Backend {
+                addr: *remote.ip(),
+                port: remote.port(),
+                proto: proto::TCP,
+                flags: 0,
+            },
+        )
+        .expect("backend");
+    let service = Service {
+        id: 1,
+        frontends: vec![node_port(proto::TCP)],
+        backends: vec![6],
+        ..Default::default()
+    };
+    datapath.put_service(&service).expect("service");
+    // Every SNAT port towards that backend holds a reply entry of a flow long gone (last seen at
+    // boot): the LRU map keeps such entries until it needs the room.
+    let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK4))
+        .expect("ct");
+    let mut conntrack = aya::maps::HashMap::<_, lb_common::Ct4Key, lb_common::Ct4Value>::try_from(
+        aya::maps::Map::LruHashMap(map),
+    )
+    .expect("map");
+    for port in port_min..=port_max {
+        let key = lb_common::Ct4Key {
+            saddr: u32::from(*remote.ip()),
+            daddr: u32::from(NODE),
+            sport: remote.port(),
+            dport: port,
+            proto: proto::TCP,
+            direction: lb_common::ct_direction::REPLY,
+            _pad: [0; 2],
+        };
+        let stale = lb_common::Ct4Value {
+            last_seen_ns: 0,
+            state: lb_common::tcp_state::CLOSING,
+            flags: lb_common::ct_flags::SNAT,
+            ..Default::default()
+        };
+        conntrack.insert(&key, &stale, 0).expect("stale entry");
+    }
+    let program = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    let run = lb_userspace::testrun::test_run(
+        program,
+        &packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+    )
+    .expect("run");
+    assert_ne!(
+        run.verdict,
+        XDP_DROP,
+        "a new flow found no SNAT port: {:?}",
+        datapath.events()
+    );
+    let parsed = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else {
+        panic!("ipv4")
+    };
+    assert_eq!(ip.header().source_addr(), NODE, "SNATed to the node");
+    assert_eq!(ip.header().destination_addr(), *remote.ip());
+    assert_eq!(datapath.events().expect("events")["drop_snat_exhausted"], 0);
+}
