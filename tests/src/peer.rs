@@ -32,6 +32,25 @@ pub struct ClientReport {
     pub last_server: Option<String>,
     /// The first few error messages.
     pub error_samples: Vec<String>,
+    /// `lab-peer load` only: the rate and the latency of every successful request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<LatencySummary>,
+}
+
+/// Rate and latency percentiles of a `lab-peer load` run (nanoseconds; nearest rank).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LatencySummary {
+    /// Parallel clients (threads, each with its own connections).
+    pub clients: u64,
+    /// Wall time from the clients' start to the last one's end.
+    pub elapsed_ns: u64,
+    /// Successful requests per second over `elapsed_ns`, all clients together.
+    pub rate_per_s: u64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
+    pub mean_ns: u64,
 }
 
 impl ClientReport {

@@ -131,6 +131,8 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     run(Command::new("cargo")
         .args(["build", "--release", "--package", "lb-tests"])
         .args(["--bin", "lb-bench", "--bin", "lb-bench-control"])
+        .args(["--bin", "lb-bench-e2e", "--bin", "lab-peer"])
+        .args(["--package", "lb-userspace", "--bin", "lb"])
         .current_dir(root))?;
     let target = target_dir(root);
     // The datapath: per-packet cost of every XDP and tc path at several table sizes.
@@ -141,7 +143,14 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     // The control plane: programming 10k services x 10 endpoints, and one change at that size.
     run(&mut Command::new(
         target.join("release").join("lb-bench-control"),
-    ))
+    ))?;
+    // End to end in the lab: lb, kube-proxy-shaped iptables and nftables rules, straight to a
+    // pod; reads control.json for the rule-loading comparison.
+    run(Command::new(target.join("release").join("lb-bench-e2e"))
+        .arg("--out")
+        .arg(target.join("bench").join("e2e.json"))
+        .arg("--control")
+        .arg(target.join("bench").join("control.json")))
 }
 
 fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {

@@ -30,6 +30,9 @@ pub fn ensure(root: &Path) -> anyhow::Result<Toolchains> {
     ensure_command("ip", "iproute2")?;
     // The lab turns checksum offload off on its veths (docs/lab.md).
     ensure_command("ethtool", "ethtool")?;
+    // The end-to-end bench compares lb with kube-proxy-shaped rule sets (lb-bench-e2e).
+    ensure_command("iptables", "iptables")?;
+    ensure_command("nft", "nftables")?;
     Ok(Toolchains { nightly })
 }
 

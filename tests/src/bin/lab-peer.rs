@@ -5,11 +5,12 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    time::Duration,
+    sync::Barrier,
+    time::{Duration, Instant},
 };
 
 use clap::{Parser, Subcommand};
-use lab::peer::{ClientReport, parse_reply, reply};
+use lab::peer::{ClientReport, LatencySummary, parse_reply, reply};
 
 #[derive(Parser)]
 #[command(about = "TCP/UDP peers for the lab (run inside lab namespaces)")]
@@ -34,6 +35,26 @@ enum Mode {
     Tcp(ClientArgs),
     /// One datagram per request, each from a new socket unless --one-flow.
     Udp(ClientArgs),
+    /// Benchmark load over TCP: --clients threads for --duration-ms, each doing
+    /// connect/request/close per request, or request/response over one connection with
+    /// --one-flow. The report adds the rate and per-request latency percentiles (`latency`).
+    Load(LoadArgs),
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    #[arg(long)]
+    to: SocketAddr,
+    /// Parallel clients, one thread each.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    #[arg(long, default_value_t = 2000)]
+    duration_ms: u64,
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+    /// Request/response over one connection per client instead of connect/request/close.
+    #[arg(long)]
+    one_flow: bool,
 }
 
 #[derive(clap::Args)]
@@ -62,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         Mode::Serve { name, tcp, udp } => serve(name, tcp, udp),
         Mode::Tcp(args) => print_report(&tcp_client(&args)),
         Mode::Udp(args) => print_report(&udp_client(&args)?),
+        Mode::Load(args) => print_report(&load(&args)),
     }
 }
 
@@ -241,4 +263,133 @@ fn udp_exchange(socket: &UdpSocket, args: &ClientArgs) -> Exchange {
         (socket.recv(&mut buf)?, socket.peer_addr()?)
     };
     Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), peer))
+}
+
+/// `lab-peer load`: every client connects (--one-flow) and waits for the others, then all run
+/// until the deadline; a request's latency is connect + request line + reply + close, or request
+/// line + reply on the client's one connection.
+fn load(args: &LoadArgs) -> ClientReport {
+    let clients = args.clients.max(1);
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let duration = Duration::from_millis(args.duration_ms);
+    let barrier = Barrier::new(clients + 1);
+    let (results, elapsed) = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..clients)
+            .map(|_| scope.spawn(|| load_client(args, timeout, duration, &barrier)))
+            .collect();
+        barrier.wait();
+        let started = Instant::now();
+        let results: Vec<_> = threads
+            .into_iter()
+            .map(|thread| thread.join().expect("load client thread"))
+            .collect();
+        (results, started.elapsed())
+    });
+    let mut report = ClientReport::default();
+    let mut latencies = Vec::new();
+    for (part, part_latencies) in results {
+        merge(&mut report, part);
+        latencies.extend(part_latencies);
+    }
+    latencies.sort_unstable();
+    let rank = |q: f64| -> u64 {
+        if latencies.is_empty() {
+            return 0;
+        }
+        let index = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
+        latencies[index - 1]
+    };
+    let elapsed_ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX).max(1);
+    report.latency = Some(LatencySummary {
+        clients: clients as u64,
+        elapsed_ns,
+        rate_per_s: (report.ok as f64 * 1e9 / elapsed_ns as f64).round() as u64,
+        p50_ns: rank(0.50),
+        p90_ns: rank(0.90),
+        p99_ns: rank(0.99),
+        max_ns: latencies.last().copied().unwrap_or(0),
+        mean_ns: if latencies.is_empty() {
+            0
+        } else {
+            latencies.iter().sum::<u64>() / latencies.len() as u64
+        },
+    });
+    report
+}
+
+/// One client of [`load`]: its report and the latency (ns) of each successful request.
+fn load_client(
+    args: &LoadArgs,
+    timeout: Duration,
+    duration: Duration,
+    barrier: &Barrier,
+) -> (ClientReport, Vec<u64>) {
+    let mut report = ClientReport::default();
+    let mut latencies = Vec::new();
+    let connection = if args.one_flow {
+        let connected = tcp_connect(args.to, timeout).and_then(|stream| {
+            stream.set_nodelay(true)?;
+            let reader = BufReader::new(stream.try_clone()?);
+            Ok((stream, reader))
+        });
+        match connected {
+            Ok(connection) => Some(connection),
+            Err(err) => {
+                record(&mut report, Err(err));
+                barrier.wait();
+                return (report, latencies);
+            }
+        }
+    } else {
+        None
+    };
+    let mut connection = connection;
+    barrier.wait();
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        let result = match &mut connection {
+            Some((stream, reader)) => tcp_exchange(stream, reader),
+            None => tcp_connect(args.to, timeout).and_then(|stream| {
+                stream.set_nodelay(true)?;
+                let mut reader = BufReader::new(stream.try_clone()?);
+                tcp_exchange(&stream, &mut reader)
+                // Both handles drop here: the close is part of the request's time.
+            }),
+        };
+        let latency = started.elapsed();
+        let ok = result.is_ok();
+        let errors_before = report.errors;
+        record(&mut report, result);
+        if ok && report.errors == errors_before {
+            latencies.push(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
+        } else if connection.is_some() {
+            // A broken connection stays broken: stop this client rather than spin on errors.
+            break;
+        }
+    }
+    (report, latencies)
+}
+
+fn merge(into: &mut ClientReport, part: ClientReport) {
+    into.attempts += part.attempts;
+    into.ok += part.ok;
+    into.errors += part.errors;
+    for (key, count) in part.by_server {
+        *into.by_server.entry(key).or_default() += count;
+    }
+    for (key, count) in part.peers_seen {
+        *into.peers_seen.entry(key).or_default() += count;
+    }
+    for (key, count) in part.peer_names {
+        *into.peer_names.entry(key).or_default() += count;
+    }
+    if part.last_server.is_some() {
+        into.last_server = part.last_server;
+    }
+    for sample in part.error_samples {
+        if into.error_samples.len() < MAX_ERROR_SAMPLES {
+            into.error_samples.push(sample);
+        }
+    }
 }
