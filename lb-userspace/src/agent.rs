@@ -118,6 +118,8 @@ async fn sync_until_stopped(
     let mut compiler = Compiler::new(config.node_context());
     let mut reconciler = Reconciler::new();
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
+    // Objects skipped for bad input since the start (each counted once, when it first appears).
+    let mut skipped_total: u64 = 0;
     loop {
         // The channel's initial value is an empty placeholder: syncing it would remove every
         // installed service after a restart. Only what the source publishes is synced.
@@ -136,7 +138,9 @@ async fn sync_until_stopped(
         if let Err(error) = sync_snat_address(datapath, compiler.snat_address()) {
             warn!(%error, "SNAT address not set; flows to backends on other nodes go unSNATed");
         }
-        for problem in report_new_problems(&update.problems, &mut reported) {
+        let new_problems = report_new_problems(&update.problems, &mut reported);
+        skipped_total += new_problems.len() as u64;
+        for problem in new_problems {
             if let Some(events) = &events {
                 publish_event(events.clone(), problem);
             }
@@ -155,6 +159,12 @@ async fn sync_until_stopped(
             backends_put = report.backends_put,
             backends_removed = report.backends_removed,
             errors = report.errors.len(),
+            invalid_objects = update
+                .problems
+                .iter()
+                .filter(|p| p.severity == Severity::Invalid)
+                .count(),
+            skipped_total,
             elapsed_us = started.elapsed().as_micros(),
             "synced"
         );

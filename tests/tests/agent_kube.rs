@@ -114,6 +114,12 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
     };
     assert_eq!(event["regarding"]["name"], "broken", "{event}");
     assert_eq!(event["type"], "Warning", "{event}");
+    // And counted: the sync reports one invalid object, one skipped since the start.
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.contains("invalid_objects=1") && text.contains("skipped_total=1"),
+        "{text}"
+    );
 
     // A change in the API server reaches the maps: another Service, and web deleted.
     server.apply(service("api", "10.96.0.20"));
