@@ -109,25 +109,27 @@ fn frontends(protocol: u8) -> Vec<Frontend> {
     ]
 }
 
-#[test]
-fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
-    let mut setup = setup(&ClusterSpec::default());
-    // Endpoints: n1p1 (same node as the client pod) and n2p0 (the other node).
-    let tcp = backends(&mut setup, proto::TCP, 1);
-    let udp = backends(&mut setup, proto::UDP, 11);
-    for (id, protocol, ids) in [
-        (1, proto::TCP, [tcp[1].0, tcp[2].0]),
-        (2, proto::UDP, [udp[1].0, udp[2].0]),
-    ] {
+/// Service 1 (TCP) and service 2 (UDP) on every frontend kind, each with the backends of the pods
+/// at these positions (pod order of the cluster).
+fn put_tcp_and_udp_services(setup: &mut Setup, pods: [usize; 2]) {
+    let tcp = backends(setup, proto::TCP, 1);
+    let udp = backends(setup, proto::UDP, 11);
+    for (id, protocol, ids) in [(1, proto::TCP, &tcp), (2, proto::UDP, &udp)] {
         let service = Service {
             id,
             frontends: frontends(protocol),
-            backends: ids.to_vec(),
-            affinity_timeout_s: 0,
+            backends: pods.iter().map(|&pod| ids[pod].0).collect(),
             ..Default::default()
         };
         setup.node.datapath.put_service(&service).expect("service");
     }
+}
+
+#[test]
+fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
+    let mut setup = setup(&ClusterSpec::default());
+    // Endpoints: n1p1 (same node as the client pod) and n2p0 (the other node).
+    put_tcp_and_udp_services(&mut setup, [1, 2]);
     let endpoints: BTreeSet<&str> = ["n1p1", "n2p0"].into();
     let cluster_ip = format!("{CLUSTER_IP}:{SERVICE_PORT}");
     let client_pod = &setup.cluster.node(1).pods[0];
@@ -210,22 +212,8 @@ fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
 #[test]
 fn node_port_external_ip_and_load_balancer_ip_from_outside() {
     let mut setup = setup(&ClusterSpec::default());
-    // XDP serves node-local endpoints in this version: n1p0 and n1p1.
-    let tcp = backends(&mut setup, proto::TCP, 1);
-    let udp = backends(&mut setup, proto::UDP, 11);
-    for (id, protocol, ids) in [
-        (1, proto::TCP, [tcp[0].0, tcp[1].0]),
-        (2, proto::UDP, [udp[0].0, udp[1].0]),
-    ] {
-        let service = Service {
-            id,
-            frontends: frontends(protocol),
-            backends: ids.to_vec(),
-            affinity_timeout_s: 0,
-            ..Default::default()
-        };
-        setup.node.datapath.put_service(&service).expect("service");
-    }
+    // Endpoints n1p0 and n1p1, both on the node whose XDP serves the traffic.
+    put_tcp_and_udp_services(&mut setup, [0, 1]);
     let endpoints: BTreeSet<&str> = ["n1p0", "n1p1"].into();
     let targets = [
         format!("{}:{NODE_PORT}", node_addr(1)),
