@@ -6,6 +6,7 @@ pub mod compile;
 pub mod counter;
 pub mod datapath;
 pub mod explain;
+pub mod logging;
 pub mod maglev;
 pub mod object;
 pub mod reconcile;

@@ -65,62 +65,69 @@ enum Command {
 struct RunArgs {
     /// This node's name, as in the Node object and the endpoints' nodeName [default: $NODE_NAME,
     /// else the hostname].
-    #[arg(long)]
+    #[arg(long, env = "LB_HOSTNAME_OVERRIDE")]
     hostname_override: Option<String>,
     /// Comma-separated CIDRs: only node addresses inside them serve NodePorts (empty: all).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "LB_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<Ipv4Cidr>,
     /// Node addresses serving NodePorts when the source has no Node object for this node
     /// (e.g. manifests without one).
-    #[arg(long = "node-address", value_delimiter = ',')]
+    #[arg(long = "node-address", env = "LB_NODE_ADDRESS", value_delimiter = ',')]
     node_addresses: Vec<Ipv4Addr>,
     /// The cluster's NodePort range; nodePorts outside it are refused.
-    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    #[arg(long, env = "LB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: RangeInclusive<u16>,
-    /// Address of the Prometheus endpoint (served by the operability work; accepted now so
-    /// configurations do not have to change).
-    #[arg(long, default_value = "0.0.0.0:10249")]
+    /// Address of /metrics (Prometheus, OpenMetrics text) and /debug/log-level; empty: off.
+    #[arg(long, env = "LB_METRICS_BIND_ADDRESS", default_value = "0.0.0.0:10249")]
     metrics_bind_address: String,
-    /// Address of /healthz and /livez (served by the operability work; accepted now).
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    /// Address of /healthz and /livez; empty: off.
+    #[arg(long, env = "LB_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
+    /// Seconds a change from the source may wait for its sync before /healthz says 503.
+    #[arg(long, env = "LB_HEALTHZ_TIMEOUT", default_value_t = 60)]
+    healthz_timeout: u64,
     /// Remove everything the agent installed (pinned links, programs, maps) and exit.
     #[arg(long)]
     cleanup: bool,
     /// Path to a kubeconfig file (source kube).
-    #[arg(long)]
+    #[arg(long, env = "LB_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// The API server's address, overriding the kubeconfig's (source kube). The agent serves
     /// the `kubernetes` Service itself, so it must reach the API server directly.
-    #[arg(long)]
+    #[arg(long, env = "LB_MASTER")]
     master: Option<String>,
     /// Comma-separated NICs that carry external traffic: XDP (ingress) and tc (egress) attach there.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "LB_INTERFACES", value_delimiter = ',')]
     interfaces: Vec<String>,
     /// XDP attach mode on the NICs.
-    #[arg(long, value_enum, default_value_t = Mode::Native)]
+    #[arg(long, env = "LB_XDP_MODE", value_enum, default_value_t = Mode::Native)]
     xdp_mode: Mode,
     /// cgroup v2 directory for the socket hooks (ClusterIP from pods and host processes);
     /// normally the cgroup v2 root.
-    #[arg(long)]
+    #[arg(long, env = "LB_CGROUP_PATH")]
     cgroup_path: Option<PathBuf>,
     /// bpffs directory holding the pinned maps, programs and links.
-    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    #[arg(long, env = "LB_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Where Services and EndpointSlices come from.
-    #[arg(long, value_enum, default_value_t = Source::Kube)]
+    #[arg(long, env = "LB_SOURCE", value_enum, default_value_t = Source::Kube)]
     source: Source,
     /// Manifests for `--source file`: YAML files or directories (repeatable).
-    #[arg(long = "manifests")]
+    #[arg(long = "manifests", env = "LB_MANIFESTS", value_delimiter = ',')]
     manifests: Vec<PathBuf>,
     /// How XDP picks backends for new flows of Services without the `lb.io/load-balancing`
     /// annotation: `random` (kube-proxy's way) or `maglev` (consistent hashing: the same backend
     /// through every node, few flows moved when endpoints change).
-    #[arg(long, value_enum, default_value_t = LoadBalancing::Random)]
+    #[arg(long, env = "LB_LOAD_BALANCING", value_enum, default_value_t = LoadBalancing::Random)]
     load_balancing: LoadBalancing,
     /// Log as JSON lines.
-    #[arg(long)]
+    #[arg(long, env = "LB_LOG_JSON")]
     log_json: bool,
+    /// Log filter (tracing directives, e.g. `info` or `info,lb_userspace::reconcile=debug`);
+    /// `RUST_LOG` wins when set. Changeable at run time: `PUT /debug/log-level` on the metrics
+    /// address.
+    #[arg(long, env = "LB_LOG_LEVEL", default_value = "info")]
+    log_level: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -193,7 +200,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_logging(args.log_json);
+    let _log_level = lb_userspace::logging::init(args.log_json, &args.log_level)?;
     if args.cleanup {
         return agent::cleanup(&args.pin_dir);
     }
@@ -281,21 +288,6 @@ fn explain(
         }
     }
     Ok(())
-}
-
-fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 fn hostname() -> anyhow::Result<String> {
