@@ -36,6 +36,10 @@ pub mod map_names {
     /// Array of backend ids: [`crate::maglev::MAX_TABLES`] Maglev lookup tables of
     /// [`crate::maglev::TABLE_SIZE`] slots each.
     pub const MAGLEV4: &str = "lb4_maglev_v1";
+    /// service id -> the Service port's name (`namespace/name:port/PROTO`, NUL-padded to
+    /// [`crate::SERVICE_NAME_LEN`] bytes). Created and pinned by the agent, read by `lb services`
+    /// and the metrics; no kernel program uses it.
+    pub const SERVICE_NAMES: &str = "lb_svc_name_v1";
 
     /// Every map name, for the length check below and for tools that list them.
     pub const ALL: &[&str] = &[
@@ -51,6 +55,7 @@ pub mod map_names {
         SOURCE_RANGES4,
         AFFINITY4,
         MAGLEV4,
+        SERVICE_NAMES,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -415,6 +420,10 @@ pub struct DatapathConfig {
     pub snat_port_max: u16,
 }
 const _: () = assert!(size_of::<DatapathConfig>() == 8);
+
+/// Bytes of a service name in [`map_names::SERVICE_NAMES`]: a namespace and a name of up to 63
+/// characters each, a port name of up to 15, the protocol and a scope fit.
+pub const SERVICE_NAME_LEN: usize = 192;
 
 /// Default SNAT port range: above the kernel's default ip_local_port_range.
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);

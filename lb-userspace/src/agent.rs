@@ -3,18 +3,26 @@
 //! restarted, it adopts what the maps hold and converges without touching connection tracking.
 
 use std::{
-    collections::BTreeSet, net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, time::Instant,
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    ops::RangeInclusive,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
-    compile::{Compiler, Ipv4Cidr, NodeContext, Problem, Severity},
+    compile::{Compiler, Desired, Ipv4Cidr, NodeContext, Problem, Scope, ServicePortKey, Severity},
     datapath::Datapath,
+    logging::LogLevel,
+    metrics::{AgentMetrics, Metrics},
     reconcile::Reconciler,
+    serve::{Health, HealthCheckPorts, HealthCheckTarget},
     source::{Snapshot, file::FileSource, kube as kube_source},
 };
 
@@ -44,6 +52,14 @@ pub struct AgentConfig {
     pub source: SourceConfig,
     /// Maglev for Services without the load-balancing annotation.
     pub default_maglev: bool,
+    /// `/metrics` and `/debug/log-level` ("" for none).
+    pub metrics_bind_address: String,
+    /// `/healthz` and `/livez` ("" for none).
+    pub healthz_bind_address: String,
+    /// How long changes may wait for a sync before /healthz says 503.
+    pub healthz_timeout: Duration,
+    /// The live log filter, for `/debug/log-level`.
+    pub log_level: Option<LogLevel>,
 }
 
 impl AgentConfig {
@@ -84,6 +100,34 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "datapath loaded and attached"
     );
 
+    let metrics = Arc::new(Metrics::new(config.pin_dir.clone()));
+    let health = Arc::new(Health::new(config.healthz_timeout));
+    let mut servers = Vec::new();
+    match crate::serve::bind(&config.metrics_bind_address, "metrics").await {
+        Ok(Some(listener)) => servers.push(crate::serve::serve_metrics(
+            listener,
+            metrics.clone(),
+            config.log_level.clone(),
+        )),
+        Ok(None) => {}
+        Err(error) => warn!(%error, "no /metrics; the datapath is not affected"),
+    }
+    match crate::serve::bind(&config.healthz_bind_address, "healthz").await {
+        Ok(Some(listener)) => servers.push(crate::serve::serve_health(
+            listener,
+            health.clone(),
+            metrics.agent(),
+        )),
+        Ok(None) => {}
+        Err(error) => warn!(%error, "no /healthz; the datapath is not affected"),
+    }
+    let observers = Observers {
+        metrics: metrics.agent(),
+        health,
+        health_checks: HealthCheckPorts::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        local_policy: BTreeMap::new(),
+    };
+
     let (updates, snapshots) = watch::channel(Snapshot::default());
     let (source, events) = match &config.source {
         SourceConfig::Files(paths) => {
@@ -98,11 +142,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             let client = kube_source::client(master.as_deref(), kubeconfig.as_deref()).await?;
             let events = kube_source::EventRecorder::new(client.clone(), "lb", &config.node_name);
             let task = kube_source::KubeSource::new(client, config.node_name.clone()).run(updates);
-            (tokio::spawn(task), Some(std::sync::Arc::new(events)))
+            (tokio::spawn(task), Some(Arc::new(events)))
         }
     };
-    let result = sync_until_stopped(&config, &mut datapath, snapshots, events).await;
+    let result = sync_until_stopped(&config, &mut datapath, snapshots, events, observers).await;
     source.abort();
+    for server in servers {
+        server.abort();
+    }
     result
 }
 
@@ -110,7 +157,8 @@ async fn sync_until_stopped(
     config: &AgentConfig,
     datapath: &mut Datapath,
     mut snapshots: watch::Receiver<Snapshot>,
-    events: Option<std::sync::Arc<kube_source::EventRecorder>>,
+    events: Option<Arc<kube_source::EventRecorder>>,
+    mut observers: Observers,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
@@ -132,24 +180,55 @@ async fn sync_until_stopped(
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
+        observers.queued();
         let started = Instant::now();
         // Compiled under the channel's read lock: no copy of the whole snapshot.
-        let update = compiler.update(&snapshots.borrow_and_update());
+        let (update, health_check_ports) = {
+            let snapshot = snapshots.borrow_and_update();
+            let update = compiler.update(&snapshot);
+            let ports = health_check_node_ports(&snapshot);
+            (update, ports)
+        };
         if let Err(error) = sync_snat_address(datapath, compiler.snat_address()) {
             warn!(%error, "SNAT address not set; flows to backends on other nodes go unSNATed");
         }
         let new_problems = report_new_problems(&update.problems, &mut reported);
-        skipped_total += new_problems.len() as u64;
+        let new_invalid_count = new_problems.len() as u64;
+        skipped_total += new_invalid_count;
         for problem in new_problems {
             if let Some(events) = &events {
                 publish_event(events.clone(), problem);
             }
         }
         let desired = compiler.desired();
+        debug!(
+            changed = ?update.changed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            service_changes = update.changes.services,
+            endpoint_changes = update.changes.endpoint_slices,
+            "compiled"
+        );
         let report = reconciler.reconcile_changed(datapath, desired, &update.changed);
         for (key, error) in &report.errors {
             warn!(service = %key, error = %error, "service not programmed; the others are");
         }
+        let invalid_objects = update
+            .problems
+            .iter()
+            .filter(|p| p.severity == Severity::Invalid)
+            .count();
+        observers
+            .synced(
+                desired,
+                &update,
+                &report,
+                &health_check_ports,
+                SyncCounts {
+                    took: started.elapsed(),
+                    invalid_objects,
+                    new_invalid: new_invalid_count,
+                },
+            )
+            .await;
         info!(
             services = desired.services.len(),
             changed = update.changed.len(),
@@ -159,11 +238,7 @@ async fn sync_until_stopped(
             backends_put = report.backends_put,
             backends_removed = report.backends_removed,
             errors = report.errors.len(),
-            invalid_objects = update
-                .problems
-                .iter()
-                .filter(|p| p.severity == Severity::Invalid)
-                .count(),
+            invalid_objects,
             skipped_total,
             elapsed_us = started.elapsed().as_micros(),
             "synced"
@@ -171,6 +246,131 @@ async fn sync_until_stopped(
     }
     info!("stopping; the datapath stays attached and keeps its state");
     Ok(())
+}
+
+/// What watches the syncs: metrics, health, healthCheckNodePort servers.
+struct Observers {
+    metrics: Arc<AgentMetrics>,
+    health: Arc<Health>,
+    health_checks: HealthCheckPorts,
+    /// Service ports with a Local traffic policy, with their backend count (kept for the changed
+    /// ports only, so a sync stays O(the change)).
+    local_policy: BTreeMap<ServicePortKey, usize>,
+}
+
+struct SyncCounts {
+    took: Duration,
+    invalid_objects: usize,
+    new_invalid: u64,
+}
+
+impl Observers {
+    fn queued(&self) {
+        self.health.queued();
+        self.metrics.queued();
+    }
+
+    async fn synced(
+        &mut self,
+        desired: &Desired,
+        update: &crate::compile::Update,
+        report: &crate::reconcile::ReconcileReport,
+        health_check_ports: &BTreeMap<u16, (String, String)>,
+        counts: SyncCounts,
+    ) {
+        let metrics = &self.metrics;
+        metrics.synced(
+            counts.took,
+            update.changes.services,
+            update.changes.endpoint_slices,
+        );
+        metrics.programmed(&update.changes.trigger_times, SystemTime::now());
+        metrics.invalid_objects.set(counts.invalid_objects as i64);
+        metrics.skipped_objects.inc_by(counts.new_invalid);
+        metrics.sync_errors.inc_by(report.errors.len() as u64);
+        metrics.service_ports.set(desired.services.len() as i64);
+        for key in &update.changed {
+            match desired.services.get(key) {
+                Some(service) if service.flags & lb_common::service_flags::LOCAL_ONLY != 0 => {
+                    self.local_policy
+                        .insert(key.clone(), service.backends.len());
+                }
+                _ => {
+                    self.local_policy.remove(key);
+                }
+            }
+        }
+        for policy in ["internal", "external"] {
+            let empty = self
+                .local_policy
+                .iter()
+                .filter(|(key, backends)| **backends == 0 && traffic_policy(key) == policy)
+                .count();
+            metrics
+                .no_local_endpoints
+                .get_or_create(&[("traffic_policy", policy)])
+                .set(empty as i64);
+        }
+        let wanted = health_check_ports
+            .iter()
+            .map(|(port, (namespace, name))| {
+                let target = HealthCheckTarget {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    local_endpoints: self.local_endpoints(namespace, name),
+                };
+                (*port, target)
+            })
+            .collect();
+        self.health_checks.sync(&wanted).await;
+        self.health.updated();
+    }
+
+    /// A Service's endpoints on this node: the most any of its externally-scoped ports has
+    /// (ETP Local programs only local endpoints there).
+    fn local_endpoints(&self, namespace: &str, name: &str) -> usize {
+        self.local_policy
+            .iter()
+            .filter(|(key, _)| {
+                key.namespace == namespace
+                    && key.name == name
+                    && matches!(key.scope, Scope::External | Scope::LoadBalancer)
+            })
+            .map(|(_, backends)| *backends)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// kube-proxy's `traffic_policy` label for a Local-policy service port.
+fn traffic_policy(key: &ServicePortKey) -> &'static str {
+    match key.scope {
+        Scope::Internal => "internal",
+        _ => "external",
+    }
+}
+
+/// healthCheckNodePort -> (namespace, name) of every externalTrafficPolicy Local Service that
+/// has one.
+fn health_check_node_ports(snapshot: &Snapshot) -> BTreeMap<u16, (String, String)> {
+    snapshot
+        .services
+        .iter()
+        .filter_map(|service| {
+            let spec = service.spec.as_ref()?;
+            if spec.external_traffic_policy.as_deref() != Some("Local") {
+                return None;
+            }
+            let port = u16::try_from(spec.health_check_node_port?).ok()?;
+            let namespace = service
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            Some((port, (namespace, service.metadata.name.clone()?)))
+        })
+        .filter(|(port, _)| *port != 0)
+        .collect()
 }
 
 /// Lets the stack take packets arriving with one of this node's addresses as source: XDP hands
@@ -218,7 +418,7 @@ fn report_new_problems(problems: &[Problem], reported: &mut BTreeSet<Problem>) -
 }
 
 /// A Warning Event on the object, in the background: the sync loop never waits for the API.
-fn publish_event(events: std::sync::Arc<kube_source::EventRecorder>, problem: Problem) {
+fn publish_event(events: Arc<kube_source::EventRecorder>, problem: Problem) {
     tokio::spawn(async move {
         let api_version = if problem.kind == "EndpointSlice" {
             "discovery.k8s.io/v1"

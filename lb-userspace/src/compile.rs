@@ -254,6 +254,71 @@ pub struct Update {
     pub changed: BTreeSet<ServicePortKey>,
     /// Every problem of the current snapshot.
     pub problems: Vec<Problem>,
+    /// Objects added, changed or removed since the previous update (kube-proxy's change
+    /// counters), by resourceVersion; an object without one counts as changed whenever its
+    /// Service is compiled.
+    pub changes: Changes,
+}
+
+/// Object changes seen by one update.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub services: u64,
+    pub endpoint_slices: u64,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of each added or changed slice that
+    /// carries it: when the change that led to it happened (for the network programming latency).
+    pub trigger_times: Vec<String>,
+}
+
+/// The annotation the EndpointSlice controller sets to when the change behind a slice happened.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+impl Changes {
+    /// Counts what differs between a Service's fingerprint before and its objects now.
+    fn count(
+        &mut self,
+        before: Option<&Fingerprint>,
+        service: &Service,
+        slices: &[&EndpointSlice],
+    ) {
+        let service_version = service.metadata.resource_version.as_deref();
+        if before.is_none_or(|before| service_version != Some(before.service.as_str())) {
+            self.services += 1;
+        }
+        let known = |slice: &EndpointSlice| {
+            before.is_some_and(|before| {
+                before.slices.iter().any(|(name, version)| {
+                    slice.metadata.name.as_deref() == Some(name.as_str())
+                        && slice.metadata.resource_version.as_deref() == Some(version.as_str())
+                })
+            })
+        };
+        for slice in slices.iter().filter(|slice| !known(slice)) {
+            self.endpoint_slices += 1;
+            if let Some(time) = slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(TRIGGER_TIME_ANNOTATION))
+            {
+                self.trigger_times.push(time.clone());
+            }
+        }
+        if let Some(before) = before {
+            let removed = before.slices.iter().filter(|(name, _)| {
+                !slices
+                    .iter()
+                    .any(|slice| slice.metadata.name.as_deref() == Some(name.as_str()))
+            });
+            self.endpoint_slices += removed.count() as u64;
+        }
+    }
+
+    /// Counts a Service that is gone, with its slices.
+    fn count_gone(&mut self, before: Option<&Fingerprint>) {
+        self.services += 1;
+        self.endpoint_slices += before.map_or(0, |before| before.slices.len() as u64);
+    }
 }
 
 type SlicesByService<'a> = HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>;
@@ -293,10 +358,26 @@ impl Compiler {
         let slices = slices_by_service(snapshot);
         self.generation += 1;
         let mut changed = BTreeSet::new();
-        if !self.full && !self.update_changed(snapshot, &slices, &mut changed) {
+        let mut changes = Changes::default();
+        if !self.full && !self.update_changed(snapshot, &slices, &mut changed, &mut changes) {
             self.full = true;
         }
         if self.full {
+            // Counted against the fingerprints the previous update left, as a full compile starts
+            // from nothing.
+            changes = Changes::default();
+            let mut before: HashMap<(String, String), Option<Fingerprint>> = self
+                .services
+                .iter()
+                .flat_map(|(namespace, by_name)| {
+                    by_name.iter().map(move |(name, compiled)| {
+                        (
+                            (namespace.clone(), name.clone()),
+                            compiled.fingerprint.clone(),
+                        )
+                    })
+                })
+                .collect();
             changed.extend(self.desired.services.keys().cloned());
             self.desired = Desired::default();
             self.services.clear();
@@ -304,8 +385,14 @@ impl Compiler {
             let mut services: Vec<&Service> = snapshot.services.iter().collect();
             services.sort_by_key(|service| object_key(&service.metadata));
             for service in services {
+                let (namespace, name) = object_key(&service.metadata);
+                let previous = before.remove(&(namespace, name)).flatten();
+                changes.count(previous.as_ref(), service, service_slices(&slices, service));
                 let compiled = self.compile_one(service, &slices, &mut changed);
                 self.insert(service, compiled);
+            }
+            for gone in before.values() {
+                changes.count_gone(gone.as_ref());
             }
             let conflicts = self.compiled().any(|service| service.conflict);
             self.full = conflicts;
@@ -317,7 +404,11 @@ impl Compiler {
         self.report_orphans(&slices, &mut problems);
         problems.sort();
         problems.dedup();
-        Update { changed, problems }
+        Update {
+            changed,
+            problems,
+            changes,
+        }
     }
 
     /// Recompiles only the Services whose fingerprint changed. Returns false when a full compile
@@ -327,6 +418,7 @@ impl Compiler {
         snapshot: &Snapshot,
         slices: &SlicesByService<'_>,
         changed: &mut BTreeSet<ServicePortKey>,
+        changes: &mut Changes,
     ) -> bool {
         for service in &snapshot.services {
             let (namespace, name) = names(&service.metadata);
@@ -340,6 +432,12 @@ impl Compiler {
                 known.seen = self.generation;
                 continue;
             }
+            let known = self
+                .services
+                .get_mut(namespace)
+                .and_then(|by_name| by_name.get_mut(name));
+            let before = known.and_then(|known| known.fingerprint.take());
+            changes.count(before.as_ref(), service, service_slices(slices, service));
             self.forget(namespace, name, changed);
             let compiled = self.compile_one(service, slices, changed);
             if compiled.conflict {
@@ -358,6 +456,12 @@ impl Compiler {
             })
             .collect();
         for (namespace, name) in gone {
+            let before = self
+                .services
+                .get(&namespace)
+                .and_then(|by_name| by_name.get(&name))
+                .and_then(|compiled| compiled.fingerprint.as_ref());
+            changes.count_gone(before);
             self.forget(&namespace, &name, changed);
         }
         true
@@ -517,6 +621,17 @@ fn slices_by_service(snapshot: &Snapshot) -> SlicesByService<'_> {
         }
     }
     by_service
+}
+
+/// The slices of a Service.
+fn service_slices<'m, 'a>(
+    slices: &'m SlicesByService<'a>,
+    service: &'a Service,
+) -> &'m [&'a EndpointSlice] {
+    slices
+        .get(&names(&service.metadata))
+        .map(Vec::as_slice)
+        .unwrap_or_default()
 }
 
 fn fingerprint(service: &Service, slices: &SlicesByService<'_>) -> Option<Fingerprint> {

@@ -31,8 +31,8 @@ use aya::{
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
-    ServiceCounter, ServiceValue, SlotKey, SourceRange4, limits, maglev, map_names, program_names,
-    service_flags,
+    SERVICE_NAME_LEN, ServiceCounter, ServiceValue, SlotKey, SourceRange4, limits, maglev,
+    map_names, program_names, service_flags,
 };
 
 use crate::object::DATAPATH_OBJECT;
@@ -153,7 +153,7 @@ impl Backend {
         }
     }
 
-    fn from_value(value: &Backend4) -> Self {
+    pub fn from_value(value: &Backend4) -> Self {
         Self {
             addr: Ipv4Addr::from(u32::from_be(value.addr)),
             port: u16::from_be(value.port),
@@ -192,6 +192,9 @@ pub struct Datapath {
     maglev: Array<MapData, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
+    service_names: HashMap<MapData, u32, ServiceName>,
+    /// The names the service-names map holds (mirrors it, so an unchanged name costs no syscall).
+    names: BTreeMap<u32, String>,
     /// What the maps hold, read once at load (they may hold an earlier run's state), then kept in
     /// step by every update: an update costs O(its own size), and reconcile diffs against it.
     installed: BTreeMap<u32, InstalledService>,
@@ -265,6 +268,8 @@ impl Datapath {
             .values()
             .map(|service| service.backends.len())
             .sum();
+        let service_names = open_service_names(pin_dir)?;
+        let names = read_service_names(&service_names)?;
         Ok(Self {
             frontends,
             installed,
@@ -280,6 +285,8 @@ impl Datapath {
             maglev: take_map(&mut ebpf, map_names::MAGLEV4)?,
             affinity: take_map(&mut ebpf, map_names::AFFINITY4)?,
             source_ranges,
+            service_names,
+            names,
             ebpf,
             pin_dir: pin_dir.to_owned(),
         })
@@ -746,8 +753,38 @@ impl Datapath {
         }
     }
 
+    /// Records the name of a service id (for `lb services` and the metrics' labels). Longer
+    /// names are cut at [`lb_common::SERVICE_NAME_LEN`] bytes.
+    pub fn set_service_name(&mut self, id: u32, name: &str) -> Result<()> {
+        if self.names.get(&id).map(String::as_str) == Some(name) {
+            return Ok(());
+        }
+        let mut value = [0u8; SERVICE_NAME_LEN];
+        let bytes = name.as_bytes();
+        let len = bytes.len().min(SERVICE_NAME_LEN);
+        value[..len].copy_from_slice(&bytes[..len]);
+        self.service_names
+            .insert(&id, &value, 0)
+            .map_err(|source| map_error(map_names::SERVICE_NAMES, "update", source))?;
+        self.names.insert(id, name.to_owned());
+        Ok(())
+    }
+
+    /// The recorded name of every service id.
+    pub fn service_names(&self) -> &BTreeMap<u32, String> {
+        &self.names
+    }
+
     /// Removes a service: its frontends first (new packets stop matching), then its table.
     pub fn remove_service(&mut self, id: u32) -> Result<()> {
+        if self.names.remove(&id).is_some() {
+            remove(
+                &mut self.service_names,
+                map_names::SERVICE_NAMES,
+                &id,
+                || format!("service {id} name"),
+            )?;
+        }
         let Some(installed) = self.installed.remove(&id) else {
             return Ok(());
         };
@@ -878,9 +915,9 @@ impl Datapath {
 
 /// The services the maps hold (from the frontends and the slot tables in force) and the owner
 /// of each frontend.
-type InstalledState = (BTreeMap<u32, InstalledService>, BTreeMap<Frontend4Key, u32>);
+pub(crate) type InstalledState = (BTreeMap<u32, InstalledService>, BTreeMap<Frontend4Key, u32>);
 
-fn read_installed(
+pub(crate) fn read_installed(
     frontends: &HashMap<MapData, Frontend4Key, ServiceValue>,
     slots: &HashMap<MapData, SlotKey, u32>,
 ) -> Result<InstalledState> {
@@ -1049,6 +1086,49 @@ macro_rules! impl_load_and_pin {
     )*};
 }
 impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr);
+
+/// A service name as the service-names map stores it.
+pub type ServiceName = [u8; SERVICE_NAME_LEN];
+
+/// The service-names map, pinned under the pin directory: opened when it is there, else
+/// created. Only userspace uses it, so it is not part of the object file.
+fn open_service_names(pin_dir: &Path) -> Result<HashMap<MapData, u32, ServiceName>> {
+    let name = map_names::SERVICE_NAMES;
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        HashMap::<MapData, u32, ServiceName>::create(limits::MAX_SERVICES, BPF_F_NO_PREALLOC)
+            .map_err(|source| map_error(name, "create", source))?
+            .pin(&path)
+            .map_err(|source| DatapathError::PinDir {
+                path: path.clone(),
+                source: io::Error::other(source),
+            })?;
+    }
+    let data = MapData::from_pin(&path).map_err(|source| map_error(name, "open", source))?;
+    HashMap::try_from(aya::maps::Map::HashMap(data))
+        .map_err(|source| map_error(name, "open", source))
+}
+
+/// BPF_F_NO_PREALLOC (include/uapi/linux/bpf.h): names take memory only for services that exist.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+pub(crate) fn read_service_names(
+    map: &HashMap<MapData, u32, ServiceName>,
+) -> Result<BTreeMap<u32, String>> {
+    map.iter()
+        .map(|entry| entry.map(|(id, value)| (id, service_name(&value))))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|source| map_error(map_names::SERVICE_NAMES, "iterate", source))
+}
+
+/// The text of a stored service name (NUL padding removed).
+pub fn service_name(value: &ServiceName) -> String {
+    let len = value
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(value.len());
+    String::from_utf8_lossy(&value[..len]).into_owned()
+}
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>
 where

@@ -15,6 +15,12 @@ pub struct LogLevel {
     current: Arc<std::sync::Mutex<String>>,
 }
 
+impl std::fmt::Debug for LogLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LogLevel").field(&self.get()).finish()
+    }
+}
+
 impl LogLevel {
     /// The filter in force, as it was given.
     pub fn get(&self) -> String {

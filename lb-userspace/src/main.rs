@@ -10,7 +10,10 @@ use lb_userspace::{
     compile::Ipv4Cidr,
     counter::XdpCounter,
     datapath::DEFAULT_PIN_DIR,
+    inspect::ConntrackFilter,
 };
+
+mod cli;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +46,29 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// List the services the running agent programmed: frontends, backends, counters.
+    Services(InspectArgs),
+    /// List the backends (endpoints) in the datapath and the services using each.
+    Backends(InspectArgs),
+    /// List connection-tracking entries of the XDP/tc path, optionally filtered.
+    Conntrack {
+        #[command(flatten)]
+        inspect: InspectArgs,
+        /// Only entries with this address (source, destination or translated).
+        #[arg(long)]
+        address: Option<Ipv4Addr>,
+        /// Only entries with this port anywhere.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only tcp or udp entries.
+        #[arg(long, value_parser = ["tcp", "udp"])]
+        protocol: Option<String>,
+        /// Only entries of this service id (see `lb services`).
+        #[arg(long)]
+        service: Option<u32>,
+    },
+    /// Datapath events (drops by reason) and how full each map is.
+    Stats(InspectArgs),
     /// Attach the XDP packet counter to a NIC and print what it counts, once per interval.
     Count {
         /// Interface name in this process's network namespace.
@@ -58,6 +84,17 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         reports: u64,
     },
+}
+
+/// Where to read and how to print, for the commands that read a running agent's pinned maps.
+#[derive(Args)]
+struct InspectArgs {
+    /// bpffs directory of the running agent's pinned state.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+    output: Output,
 }
 
 /// Flags named like kube-proxy's where kube-proxy has one.
@@ -190,6 +227,30 @@ fn main() -> anyhow::Result<()> {
             pin_dir,
             output,
         } => explain(&source, &destination, &pin_dir, output),
+        Command::Services(args) => cli::services(&args.pin_dir, args.output == Output::Json),
+        Command::Backends(args) => cli::backends(&args.pin_dir, args.output == Output::Json),
+        Command::Conntrack {
+            inspect: args,
+            address,
+            port,
+            protocol,
+            service,
+        } => {
+            let filter = ConntrackFilter {
+                address,
+                port,
+                protocol: protocol.map(|name| {
+                    if name == "udp" {
+                        lb_common::proto::UDP
+                    } else {
+                        lb_common::proto::TCP
+                    }
+                }),
+                service_id: service,
+            };
+            cli::conntrack(&args.pin_dir, &filter, args.output == Output::Json)
+        }
+        Command::Stats(args) => cli::stats(&args.pin_dir, args.output == Output::Json),
         Command::Count {
             iface,
             mode,
@@ -200,7 +261,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let _log_level = lb_userspace::logging::init(args.log_json, &args.log_level)?;
+    let log_level = lb_userspace::logging::init(args.log_json, &args.log_level)?;
     if args.cleanup {
         return agent::cleanup(&args.pin_dir);
     }
@@ -236,6 +297,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         pin_dir: args.pin_dir,
         source,
         default_maglev: args.load_balancing == LoadBalancing::Maglev,
+        metrics_bind_address: args.metrics_bind_address,
+        healthz_bind_address: args.healthz_bind_address,
+        healthz_timeout: Duration::from_secs(args.healthz_timeout),
+        log_level: Some(log_level),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

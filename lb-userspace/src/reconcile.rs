@@ -292,7 +292,7 @@ impl Reconciler {
             && installed.source_ranges == wanted.source_ranges
         {
             self.ids.insert(key.clone(), id);
-            return Ok(());
+            return datapath.set_service_name(id, &key.to_string());
         }
         datapath.put_service(&wanted)?;
         for backend in &wanted.backends {
@@ -303,7 +303,7 @@ impl Reconciler {
         }
         self.ids.insert(key.clone(), id);
         report.services_put += 1;
-        Ok(())
+        datapath.set_service_name(id, &key.to_string())
     }
 
     /// The id of a backend, written to the map first if it is new or its flags changed.

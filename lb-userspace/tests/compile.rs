@@ -861,3 +861,37 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
         }
     }
 }
+
+#[test]
+fn changes_are_counted_per_object_by_resource_version() {
+    use lb_userspace::compile::{Changes, Compiler, TRIGGER_TIME_ANNOTATION};
+    let yaml = NODE1.to_owned()
+        + &service(
+            "web",
+            "  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80}\n",
+        )
+        + &web_slice();
+    let mut snapshot = snapshot(&yaml, "node1");
+    let mut compiler = Compiler::new(node());
+    let counts = |changes: &Changes| (changes.services, changes.endpoint_slices);
+    assert_eq!(counts(&compiler.update(&snapshot).changes), (1, 1));
+    assert_eq!(counts(&compiler.update(&snapshot).changes), (0, 0));
+
+    let slice = &mut snapshot.endpoint_slices[0];
+    slice.endpoints.pop();
+    slice.metadata.resource_version = Some("slice-2".into());
+    slice.metadata.annotations = Some(
+        [(
+            TRIGGER_TIME_ANNOTATION.to_owned(),
+            "2026-11-22T10:00:00Z".to_owned(),
+        )]
+        .into(),
+    );
+    let changes = compiler.update(&snapshot).changes;
+    assert_eq!(counts(&changes), (0, 1));
+    assert_eq!(changes.trigger_times, ["2026-11-22T10:00:00Z"]);
+
+    snapshot.services.clear();
+    snapshot.endpoint_slices.clear();
+    assert_eq!(counts(&compiler.update(&snapshot).changes), (1, 1));
+}

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod fake_apiserver;
+pub mod http;
 pub mod lab;
 pub mod node;
 pub mod packet;

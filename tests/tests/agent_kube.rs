@@ -81,6 +81,10 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
             .arg(&kubeconfig)
             .args(["--hostname-override", "node1", "--pin-dir"])
             .arg(pins.path())
+            // This agent runs in the machine's own namespace: its HTTP endpoints take free
+            // loopback ports, never the well-known ones other agents (or tests) may hold.
+            .args(["--metrics-bind-address", "127.0.0.1:0"])
+            .args(["--healthz-bind-address", "127.0.0.1:0"])
             .stdout(output.try_clone().expect("log"))
             .stderr(output)
             .spawn()

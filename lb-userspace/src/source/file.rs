@@ -67,6 +67,29 @@ pub fn parse_documents(text: &str) -> Result<Vec<Object>, (Option<usize>, String
     Ok(objects)
 }
 
+/// Gives an object without a resourceVersion (hand-written manifests have none) one derived from
+/// its content, as the API server would give a new version on every change: the compiler then
+/// skips unchanged Services and the change counters count real changes only.
+fn stamp_resource_version(value: &mut serde_yaml::Value) {
+    use std::hash::{Hash as _, Hasher as _};
+    let has_version = value
+        .get("metadata")
+        .and_then(serde_yaml::Value::as_mapping)
+        .is_none_or(|metadata| metadata.contains_key("resourceVersion"));
+    if has_version {
+        return;
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    value.hash(&mut hasher);
+    let version = format!("file-{:016x}", hasher.finish());
+    if let Some(metadata) = value
+        .get_mut("metadata")
+        .and_then(serde_yaml::Value::as_mapping_mut)
+    {
+        metadata.insert("resourceVersion".into(), version.into());
+    }
+}
+
 /// Splits on `---` lines; each document with the 1-based line it starts on.
 fn split_documents(text: &str) -> Vec<(usize, String)> {
     let mut documents = vec![(1, String::new())];
@@ -94,7 +117,8 @@ fn collect(
         .and_then(serde_yaml::Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    let typed = |value: serde_yaml::Value| -> Result<_, (Option<usize>, String)> {
+    let typed = |mut value: serde_yaml::Value| -> Result<_, (Option<usize>, String)> {
+        stamp_resource_version(&mut value);
         let name = value
             .get("metadata")
             .and_then(|metadata| metadata.get("name"))

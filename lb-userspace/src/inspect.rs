@@ -1,0 +1,471 @@
+//! A read-only view of a running agent's pinned maps: what `lb services`, `lb backends`,
+//! `lb conntrack` and `lb stats` print and what `/metrics` reports. Opening a pin never changes
+//! the datapath, and nothing here writes to a map.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key as LpmKey};
+use lb_common::{
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
+    ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4, backend_flags,
+    ct_direction, ct_flags, limits, maglev, map_names, proto, service_flags, tcp_state,
+};
+use serde::Serialize;
+
+use crate::datapath::{Backend, ServiceName, read_installed, read_service_names};
+
+/// The pinned maps of one agent (its `--pin-dir`).
+pub struct PinnedMaps {
+    frontends: HashMap<MapData, Frontend4Key, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend4>,
+    conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
+    sock_nat: HashMap<MapData, SockNat4Key, SockNat4Value>,
+    counters: PerCpuArray<MapData, ServiceCounter>,
+    events: PerCpuArray<MapData, u64>,
+    config: Array<MapData, DatapathConfig>,
+    source_ranges: LpmTrie<MapData, SourceRange4, u8>,
+    affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
+    names: HashMap<MapData, u32, ServiceName>,
+}
+
+/// One service (a Service port, or the part of it one traffic policy splits off).
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceInfo {
+    pub id: u32,
+    /// `namespace/name:port/PROTO`, with `[internal]`/`[external]`/`[loadbalancer]` when a
+    /// traffic policy or source ranges split the port; empty when the agent recorded none.
+    pub name: String,
+    /// `address:port/proto kind[,kind]`.
+    pub frontends: Vec<String>,
+    /// `address:port` of the backends new flows choose from, in slot order.
+    pub backends: Vec<String>,
+    pub local_only: bool,
+    pub source_ranges: Vec<String>,
+    pub maglev: bool,
+    pub affinity_timeout_s: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl ServiceInfo {
+    /// The name split into (namespace, name, port name, protocol, scope), for metric labels.
+    pub fn labels(&self) -> ServiceLabels {
+        ServiceLabels::parse(&self.name, self.id)
+    }
+}
+
+/// A service name taken apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+    pub protocol: String,
+    pub scope: String,
+}
+
+impl ServiceLabels {
+    fn parse(text: &str, id: u32) -> Self {
+        let parsed = text.split_once('/').and_then(|(namespace, rest)| {
+            let (name, rest) = rest.split_once(':')?;
+            let (port, rest) = rest.rsplit_once('/')?;
+            let (protocol, scope) = match rest.split_once('[') {
+                Some((protocol, scope)) => (protocol, scope.trim_end_matches(']')),
+                None => (rest, "all"),
+            };
+            Some(Self {
+                namespace: namespace.into(),
+                name: name.into(),
+                port: port.into(),
+                protocol: protocol.into(),
+                scope: scope.into(),
+            })
+        });
+        parsed.unwrap_or_else(|| Self {
+            namespace: String::new(),
+            name: format!("service-{id}"),
+            port: String::new(),
+            protocol: String::new(),
+            scope: "all".into(),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendInfo {
+    pub id: u32,
+    pub address: String,
+    pub protocol: &'static str,
+    pub local: bool,
+    pub terminating: bool,
+    /// Services (by name, or id) whose current table holds this backend.
+    pub services: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConntrackEntry {
+    pub direction: &'static str,
+    pub protocol: &'static str,
+    pub source: String,
+    pub destination: String,
+    /// ORIGINAL: the backend the flow goes to; REPLY: the frontend the client used.
+    pub nat: String,
+    /// With SNAT: the node address:port standing in for the client (ORIGINAL), or the client
+    /// the reply goes back to (REPLY).
+    pub snat: Option<String>,
+    pub state: &'static str,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// Seconds since the entry was last refreshed (CLOCK_MONOTONIC, as bpf_ktime_get_ns).
+    pub idle_s: f64,
+}
+
+/// Which conntrack entries `lb conntrack` shows.
+#[derive(Clone, Debug, Default)]
+pub struct ConntrackFilter {
+    /// Entries with this address as source, destination or NAT address.
+    pub address: Option<Ipv4Addr>,
+    /// Entries with this port anywhere.
+    pub port: Option<u16>,
+    pub protocol: Option<u8>,
+    pub service_id: Option<u32>,
+}
+
+impl ConntrackFilter {
+    fn matches(&self, key: &Ct4Key, value: &Ct4Value) -> bool {
+        let addresses = [key.saddr, key.daddr, value.nat_addr, value.snat_addr];
+        let ports = [key.sport, key.dport, value.nat_port, value.snat_port];
+        self.address
+            .is_none_or(|address| addresses.contains(&u32::from(address)))
+            && self.port.is_none_or(|port| ports.contains(&port))
+            && self.protocol.is_none_or(|protocol| protocol == key.proto)
+            && self.service_id.is_none_or(|id| id == value.service_id)
+    }
+}
+
+/// How full one map is.
+#[derive(Clone, Debug, Serialize)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// `lb stats`: datapath events (drops by reason and the rest) and the fill of every map.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub events: BTreeMap<&'static str, u64>,
+    pub maps: Vec<MapFill>,
+    pub snat_address: Option<Ipv4Addr>,
+}
+
+impl PinnedMaps {
+    /// Opens the maps pinned under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        let open = |name: &str| -> anyhow::Result<MapData> {
+            let path = pin_dir.join(name);
+            MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "opening {} (is the agent running with --pin-dir {}?)",
+                    path.display(),
+                    pin_dir.display()
+                )
+            })
+        };
+        Ok(Self {
+            frontends: HashMap::try_from(Map::HashMap(open(map_names::FRONTENDS4)?))?,
+            slots: HashMap::try_from(Map::HashMap(open(map_names::SLOTS4)?))?,
+            backends: HashMap::try_from(Map::HashMap(open(map_names::BACKENDS4)?))?,
+            conntrack: HashMap::try_from(Map::LruHashMap(open(map_names::CONNTRACK4)?))?,
+            sock_nat: HashMap::try_from(Map::LruHashMap(open(map_names::SOCK_NAT4)?))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(open(map_names::SERVICE_COUNTERS)?))?,
+            events: PerCpuArray::try_from(Map::PerCpuArray(open(map_names::EVENTS)?))?,
+            config: Array::try_from(Map::Array(open(map_names::CONFIG)?))?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(open(map_names::SOURCE_RANGES4)?))?,
+            affinity: HashMap::try_from(Map::LruHashMap(open(map_names::AFFINITY4)?))?,
+            names: HashMap::try_from(Map::HashMap(open(map_names::SERVICE_NAMES)?))?,
+        })
+    }
+
+    /// Every installed service with its frontends, current backends and counters.
+    pub fn services(&self) -> anyhow::Result<Vec<ServiceInfo>> {
+        let (installed, _) = read_installed(&self.frontends, &self.slots)?;
+        let names = read_service_names(&self.names)?;
+        let backends = self.backend_map()?;
+        let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for key in self.source_ranges.keys() {
+            let key: LpmKey<SourceRange4> = key?;
+            let data = key.data();
+            ranges
+                .entry(u32::from_be(data.service_id_be))
+                .or_default()
+                .push(format!(
+                    "{}/{}",
+                    Ipv4Addr::from(u32::from_be(data.addr)),
+                    key.prefix_len() - 32
+                ));
+        }
+        let policy_flags: BTreeMap<u32, u32> = self
+            .frontends
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, value)| (value.service_id, value.flags))
+            .collect();
+        installed
+            .into_iter()
+            .map(|(id, service)| {
+                let counter = self.service_counter(id)?;
+                let flags = policy_flags.get(&id).copied().unwrap_or(0);
+                Ok(ServiceInfo {
+                    id,
+                    name: names.get(&id).cloned().unwrap_or_default(),
+                    frontends: service
+                        .frontends
+                        .iter()
+                        .map(|(key, flags)| describe_frontend(key, *flags))
+                        .collect(),
+                    backends: service
+                        .backends
+                        .iter()
+                        .map(|backend| match backends.get(backend) {
+                            Some(backend) => format!("{}:{}", backend.addr, backend.port),
+                            None => format!("missing backend {backend}"),
+                        })
+                        .collect(),
+                    local_only: flags & service_flags::LOCAL_ONLY != 0,
+                    source_ranges: ranges.remove(&id).unwrap_or_default(),
+                    maglev: flags & service_flags::MAGLEV != 0,
+                    affinity_timeout_s: service.affinity_timeout_s,
+                    packets: counter.packets,
+                    bytes: counter.bytes,
+                    new_flows: counter.new_flows,
+                })
+            })
+            .collect()
+    }
+
+    /// Every backend with the services whose tables hold it.
+    pub fn backends(&self) -> anyhow::Result<Vec<BackendInfo>> {
+        let (installed, _) = read_installed(&self.frontends, &self.slots)?;
+        let names = read_service_names(&self.names)?;
+        let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for (id, service) in &installed {
+            let name = names
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| format!("service {id}"));
+            for backend in &service.backends {
+                let services = users.entry(*backend).or_default();
+                if !services.contains(&name) {
+                    services.push(name.clone());
+                }
+            }
+        }
+        Ok(self
+            .backend_map()?
+            .into_iter()
+            .map(|(id, backend)| BackendInfo {
+                id,
+                address: format!("{}:{}", backend.addr, backend.port),
+                protocol: protocol_name(backend.proto),
+                local: backend.flags & backend_flags::LOCAL != 0,
+                terminating: backend.flags & backend_flags::TERMINATING != 0,
+                services: users.remove(&id).unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// The connection-tracking entries `filter` selects.
+    pub fn conntrack(&self, filter: &ConntrackFilter) -> anyhow::Result<Vec<ConntrackEntry>> {
+        let now = monotonic_ns();
+        let mut entries = Vec::new();
+        for entry in self.conntrack.iter() {
+            let (key, value) = match entry {
+                Ok(entry) => entry,
+                // An LRU entry evicted between listing its key and reading it: skip it.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(error) => return Err(error.into()),
+            };
+            if filter.matches(&key, &value) {
+                entries.push(describe_flow(&key, &value, now));
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Events by label, summed over CPUs.
+    pub fn events(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+        Event::ALL
+            .iter()
+            .map(|&(event, label)| Ok((label, self.events.get(&event.0, 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// Events, map fill and the SNAT address.
+    pub fn stats(&self) -> anyhow::Result<Stats> {
+        let snat = self.config.get(&0, 0)?.snat_addr;
+        Ok(Stats {
+            events: self.events()?,
+            maps: self.fill()?,
+            snat_address: (snat != 0).then(|| Ipv4Addr::from(snat)),
+        })
+    }
+
+    /// Entries against capacity for every map that fills up. Counting walks the keys (one
+    /// syscall each): a full conntrack map takes some 100 ms.
+    pub fn fill(&self) -> anyhow::Result<Vec<MapFill>> {
+        let (installed, _) = read_installed(&self.frontends, &self.slots)?;
+        let maglev_tables = installed
+            .values()
+            .filter(|service| service.maglev_table.is_some())
+            .count();
+        Ok(vec![
+            fill(
+                map_names::FRONTENDS4,
+                self.frontends.keys(),
+                limits::MAX_FRONTENDS,
+            ),
+            fill(map_names::SLOTS4, self.slots.keys(), limits::MAX_SLOTS),
+            fill(
+                map_names::BACKENDS4,
+                self.backends.keys(),
+                limits::MAX_BACKENDS,
+            ),
+            fill(
+                map_names::CONNTRACK4,
+                self.conntrack.keys(),
+                limits::MAX_CONNTRACK,
+            ),
+            fill(
+                map_names::SOCK_NAT4,
+                self.sock_nat.keys(),
+                limits::MAX_SOCK_NAT,
+            ),
+            fill(
+                map_names::SOURCE_RANGES4,
+                self.source_ranges.keys(),
+                limits::MAX_SOURCE_RANGES,
+            ),
+            fill(
+                map_names::AFFINITY4,
+                self.affinity.keys(),
+                limits::MAX_AFFINITY,
+            ),
+            MapFill {
+                map: map_names::SERVICE_COUNTERS,
+                entries: installed.len() as u64,
+                capacity: u64::from(limits::MAX_SERVICES),
+            },
+            MapFill {
+                map: map_names::MAGLEV4,
+                entries: maglev_tables as u64,
+                capacity: u64::from(maglev::MAX_TABLES),
+            },
+        ])
+    }
+
+    fn backend_map(&self) -> anyhow::Result<BTreeMap<u32, Backend>> {
+        Ok(self
+            .backends
+            .iter()
+            .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
+            .collect::<Result<_, _>>()?)
+    }
+
+    fn service_counter(&self, id: u32) -> anyhow::Result<ServiceCounter> {
+        Ok(self
+            .counters
+            .get(&id, 0)?
+            .iter()
+            .fold(ServiceCounter::default(), |sum, cpu| ServiceCounter {
+                packets: sum.packets + cpu.packets,
+                bytes: sum.bytes + cpu.bytes,
+                new_flows: sum.new_flows + cpu.new_flows,
+            }))
+    }
+}
+
+fn fill<K>(
+    map: &'static str,
+    keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
+    capacity: u32,
+) -> MapFill {
+    MapFill {
+        map,
+        entries: keys.filter(Result::is_ok).count() as u64,
+        capacity: u64::from(capacity),
+    }
+}
+
+fn describe_frontend(key: &Frontend4Key, flags: u32) -> String {
+    let kinds: Vec<&str> = [
+        (service_flags::CLUSTER_IP, "ClusterIP"),
+        (service_flags::NODE_PORT, "NodePort"),
+        (service_flags::EXTERNAL_IP, "externalIP"),
+        (service_flags::LOAD_BALANCER, "LoadBalancer"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, kind)| kind)
+    .collect();
+    format!(
+        "{}:{}/{} {}",
+        Ipv4Addr::from(u32::from_be(key.addr)),
+        u16::from_be(key.port),
+        protocol_name(key.proto),
+        kinds.join(",")
+    )
+}
+
+fn describe_flow(key: &Ct4Key, value: &Ct4Value, now_ns: u64) -> ConntrackEntry {
+    let endpoint = |addr: u32, port: u16| SocketAddrV4::new(Ipv4Addr::from(addr), port).to_string();
+    ConntrackEntry {
+        direction: if key.direction == ct_direction::REPLY {
+            "reply"
+        } else {
+            "original"
+        },
+        protocol: protocol_name(key.proto),
+        source: endpoint(key.saddr, key.sport),
+        destination: endpoint(key.daddr, key.dport),
+        nat: endpoint(value.nat_addr, value.nat_port),
+        snat: (value.flags & ct_flags::SNAT != 0)
+            .then(|| endpoint(value.snat_addr, value.snat_port)),
+        state: match (key.proto, value.state) {
+            (proto::UDP, _) => "udp",
+            (_, tcp_state::SYN_SENT) => "syn_sent",
+            (_, tcp_state::ESTABLISHED) => "established",
+            (_, tcp_state::CLOSING) => "closing",
+            _ => "none",
+        },
+        service_id: value.service_id,
+        backend_id: value.backend_id,
+        idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
+    }
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        proto::TCP => "tcp",
+        proto::UDP => "udp",
+        _ => "other",
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns() reads.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}

@@ -1,0 +1,343 @@
+//! The agent's Prometheus metrics (OpenMetrics text on `/metrics`).
+//!
+//! - kube-proxy's own names and meanings where they apply (`kubeproxy_*`), so dashboards and
+//!   alerts built for kube-proxy keep working;
+//! - the agent's (`lb_*`): objects skipped for bad input, services that failed to program;
+//! - the datapath's, read from the pinned per-CPU maps at scrape time ([`DatapathCollector`]):
+//!   per-service packets, bytes and new flows, events (drops by reason), map fill.
+//!
+//! Every name and label is listed in docs/metrics.md.
+
+use std::{
+    path::PathBuf,
+    sync::atomic::AtomicU64,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::inspect::PinnedMaps;
+
+/// The metrics the agent updates as it works.
+pub struct AgentMetrics {
+    pub sync_duration: Histogram,
+    pub network_programming: Histogram,
+    pub last_sync: Gauge<f64, AtomicU64>,
+    pub last_queued: Gauge<f64, AtomicU64>,
+    pub service_changes: Counter,
+    pub endpoint_changes: Counter,
+    /// By `traffic_policy` ("internal", "external").
+    pub no_local_endpoints: Family<[(&'static str, &'static str); 1], Gauge>,
+    /// By HTTP `code`.
+    pub healthz: Family<[(&'static str, u16); 1], Counter>,
+    pub livez: Family<[(&'static str, u16); 1], Counter>,
+    pub invalid_objects: Gauge,
+    pub skipped_objects: Counter,
+    pub sync_errors: Counter,
+    pub service_ports: Gauge,
+}
+
+impl AgentMetrics {
+    fn new() -> Self {
+        Self {
+            // kube-proxy's buckets: 1 ms to 16 s.
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            network_programming: Histogram::new(network_programming_buckets()),
+            last_sync: Gauge::default(),
+            last_queued: Gauge::default(),
+            service_changes: Counter::default(),
+            endpoint_changes: Counter::default(),
+            no_local_endpoints: Family::default(),
+            healthz: Family::default(),
+            livez: Family::default(),
+            invalid_objects: Gauge::default(),
+            skipped_objects: Counter::default(),
+            sync_errors: Counter::default(),
+            service_ports: Gauge::default(),
+        }
+    }
+
+    /// Records a finished sync: its duration, its time, and the changes it applied.
+    pub fn synced(&self, took: Duration, service_changes: u64, endpoint_changes: u64) {
+        self.sync_duration.observe(took.as_secs_f64());
+        self.last_sync.set(unix_seconds(SystemTime::now()));
+        self.service_changes.inc_by(service_changes);
+        self.endpoint_changes.inc_by(endpoint_changes);
+    }
+
+    /// Records that the source has delivered changes that wait for a sync.
+    pub fn queued(&self) {
+        self.last_queued.set(unix_seconds(SystemTime::now()));
+    }
+
+    /// Records how long ago the changes behind a programmed EndpointSlice happened (from its
+    /// `endpoints.kubernetes.io/last-change-trigger-time`); unparsable or future times are
+    /// skipped, as kube-proxy does.
+    pub fn programmed(&self, trigger_times: &[String], now: SystemTime) {
+        for time in trigger_times {
+            let Ok(trigger) = time.parse::<jiff::Timestamp>() else {
+                continue;
+            };
+            if let Ok(latency) = now.duration_since(SystemTime::from(trigger)) {
+                self.network_programming.observe(latency.as_secs_f64());
+            }
+        }
+    }
+}
+
+/// kube-proxy's network-programming buckets: every 0.25 s to 0.5 s, every second to a minute,
+/// then coarser to five minutes.
+fn network_programming_buckets() -> Vec<f64> {
+    let mut buckets = vec![0.25, 0.5];
+    buckets.extend((1..=59).map(f64::from));
+    buckets.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    buckets.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    buckets
+}
+
+fn unix_seconds(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
+}
+
+/// The registry with every metric, and the agent's handle to its own.
+pub struct Metrics {
+    registry: Registry,
+    agent: std::sync::Arc<AgentMetrics>,
+}
+
+impl Metrics {
+    /// Registers everything; the datapath's metrics are read from the maps under `pin_dir`.
+    pub fn new(pin_dir: PathBuf) -> Self {
+        let agent = std::sync::Arc::new(AgentMetrics::new());
+        let mut registry = Registry::default();
+        // Units are in the names rather than `# UNIT` lines, as kube-proxy names them (and some
+        // OpenMetrics parsers refuse units on histograms).
+        let kube = registry.sub_registry_with_prefix("kubeproxy");
+        kube.register(
+            "sync_proxy_rules_duration_seconds",
+            "How long one sync of the datapath's maps with the Services and EndpointSlices took",
+            agent.sync_duration.clone(),
+        );
+        kube.register(
+            "network_programming_duration_seconds",
+            "From the change behind an EndpointSlice (its last-change-trigger-time) to the \
+             datapath programmed with it",
+            agent.network_programming.clone(),
+        );
+        kube.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "When the last sync finished (Unix time)",
+            agent.last_sync.clone(),
+        );
+        kube.register(
+            "sync_proxy_rules_last_queued_timestamp_seconds",
+            "When the source last delivered changes to sync (Unix time)",
+            agent.last_queued.clone(),
+        );
+        kube.register(
+            "sync_proxy_rules_service_changes",
+            "Service objects added, changed or removed, as the syncs saw them",
+            agent.service_changes.clone(),
+        );
+        kube.register(
+            "sync_proxy_rules_endpoint_changes",
+            "EndpointSlice objects added, changed or removed, as the syncs saw them",
+            agent.endpoint_changes.clone(),
+        );
+        kube.register(
+            // kube-proxy's name: a gauge despite the suffix.
+            "sync_proxy_rules_no_local_endpoints_total",
+            "Service ports with a Local traffic policy and no endpoint on this node",
+            agent.no_local_endpoints.clone(),
+        );
+        kube.register(
+            "proxy_healthz",
+            "/healthz answers by HTTP code",
+            agent.healthz.clone(),
+        );
+        kube.register(
+            "proxy_livez",
+            "/livez answers by HTTP code",
+            agent.livez.clone(),
+        );
+        let lb = registry.sub_registry_with_prefix("lb");
+        lb.register(
+            "invalid_objects",
+            "Objects of the current state skipped for bad input (held at their last good state)",
+            agent.invalid_objects.clone(),
+        );
+        lb.register(
+            "skipped_objects",
+            "Objects skipped for bad input, each counted when it first appears",
+            agent.skipped_objects.clone(),
+        );
+        lb.register(
+            "sync_errors",
+            "Service ports that could not be programmed (map full, invalid), per attempt",
+            agent.sync_errors.clone(),
+        );
+        lb.register(
+            "service_ports",
+            "Service ports (and the parts traffic policies split off) in the desired state",
+            agent.service_ports.clone(),
+        );
+        registry.register_collector(Box::new(DatapathCollector { pin_dir }));
+        Self { registry, agent }
+    }
+
+    pub fn agent(&self) -> std::sync::Arc<AgentMetrics> {
+        self.agent.clone()
+    }
+
+    /// The page `/metrics` serves.
+    pub fn encode(&self) -> String {
+        let mut page = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut page, &self.registry);
+        page
+    }
+}
+
+/// Reads the datapath's counters from the pinned maps on every scrape.
+#[derive(Debug)]
+struct DatapathCollector {
+    pin_dir: PathBuf,
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let maps = PinnedMaps::open(&self.pin_dir);
+        let up = i64::from(maps.is_ok());
+        ConstGauge::new(up).encode(encoder.encode_descriptor(
+            "lb_datapath_up",
+            "1 when the pinned maps could be read for this scrape",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let Ok(maps) = maps else {
+            return Ok(());
+        };
+        match maps.services() {
+            Ok(services) => encode_services(&mut encoder, &services)?,
+            Err(error) => tracing::warn!(%error, "reading the services for /metrics"),
+        }
+        match maps.events() {
+            Ok(events) => encode_events(&mut encoder, &events)?,
+            Err(error) => tracing::warn!(%error, "reading the events for /metrics"),
+        }
+        match maps.fill() {
+            Ok(fill) => encode_fill(&mut encoder, &fill)?,
+            Err(error) => tracing::warn!(%error, "reading map fill for /metrics"),
+        }
+        Ok(())
+    }
+}
+
+type ServiceLabelSet = [(&'static str, String); 5];
+
+fn encode_services(
+    encoder: &mut DescriptorEncoder,
+    services: &[crate::inspect::ServiceInfo],
+) -> Result<(), std::fmt::Error> {
+    let labels: Vec<(ServiceLabelSet, &crate::inspect::ServiceInfo)> = services
+        .iter()
+        .map(|service| {
+            let parts = service.labels();
+            let set = [
+                ("namespace", parts.namespace),
+                ("service", parts.name),
+                ("port", parts.port),
+                ("protocol", parts.protocol),
+                ("scope", parts.scope),
+            ];
+            (set, service)
+        })
+        .collect();
+    type Field = fn(&crate::inspect::ServiceInfo) -> u64;
+    let families: [(&str, &str, Field); 3] = [
+        (
+            "lb_service_packets",
+            "Packets XDP translated for the service (client to backend, and replies through SNAT)",
+            |service| service.packets,
+        ),
+        (
+            "lb_service_bytes",
+            "Bytes of those packets (Ethernet frames)",
+            |service| service.bytes,
+        ),
+        (
+            "lb_service_new_flows",
+            "New flows: XDP connections created plus socket connects and datagram destinations \
+             the socket hooks rewrote",
+            |service| service.new_flows,
+        ),
+    ];
+    for (name, help, field) in families {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, service) in &labels {
+            ConstCounter::new(field(service)).encode(family.encode_family(labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn encode_events(
+    encoder: &mut DescriptorEncoder,
+    events: &std::collections::BTreeMap<&'static str, u64>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "lb_datapath_events",
+        "What the datapath did with packets and connects outside the usual path: every drop \
+         (action=drop) and reject (action=reject) by reason, and fragments passed untouched",
+        None,
+        MetricType::Counter,
+    )?;
+    for (event, count) in events {
+        let action = event.split('_').next().unwrap_or_default();
+        let action = match action {
+            "sock" => "reject",
+            other => other,
+        };
+        let labels = [("event", *event), ("action", action)];
+        ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn encode_fill(
+    encoder: &mut DescriptorEncoder,
+    fill: &[crate::inspect::MapFill],
+) -> Result<(), std::fmt::Error> {
+    let mut entries = encoder.encode_descriptor(
+        "lb_map_entries",
+        "Entries in a datapath map (services and Maglev tables in use for the arrays)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for map in fill {
+        ConstGauge::new(map.entries as i64).encode(entries.encode_family(&[("map", map.map)])?)?;
+    }
+    let mut capacity = encoder.encode_descriptor(
+        "lb_map_capacity",
+        "The most entries a datapath map holds",
+        None,
+        MetricType::Gauge,
+    )?;
+    for map in fill {
+        ConstGauge::new(map.capacity as i64)
+            .encode(capacity.encode_family(&[("map", map.map)])?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,378 @@
+//! The agent's HTTP endpoints:
+//!
+//! - `--metrics-bind-address`: `/metrics` (OpenMetrics text) and `/debug/log-level` (GET the
+//!   log filter, PUT a new one);
+//! - `--healthz-bind-address`: `/healthz` and `/livez` with kube-proxy's semantics (see
+//!   [`Health`]);
+//! - one server per healthCheckNodePort of an externalTrafficPolicy Local Service
+//!   ([`HealthCheckPorts`]): 200 while the node has endpoints of the Service, 503 when it has
+//!   none, so external load balancers send traffic only to nodes that keep it.
+//!
+//! Every request is answered; a server that cannot bind is logged and the agent goes on (a
+//! port taken by something else must not take the datapath down).
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use crate::{logging::LogLevel, metrics::Metrics};
+
+type Reply = Response<Full<Bytes>>;
+
+/// Serves `handle` on `listener` until the task is aborted.
+fn spawn_server<F, Fut>(listener: TcpListener, handle: F) -> JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    warn!(%error, "accepting an HTTP connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let reply = handle(request);
+                    async move { Ok::<_, Infallible>(reply.await) }
+                });
+                if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!(%error, "HTTP connection ended with an error");
+                }
+            });
+        }
+    })
+}
+
+/// Binds an address given as a flag ("" turns the server off).
+pub async fn bind(address: &str, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    if address.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|error| anyhow::anyhow!("binding the {what} address {address}: {error}"))?;
+    info!(address = %listener.local_addr()?, "serving {what}");
+    Ok(Some(listener))
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn not_found() -> Reply {
+    reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")
+}
+
+/// `/metrics` and `/debug/log-level`.
+pub fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    log_level: Option<LogLevel>,
+) -> JoinHandle<()> {
+    spawn_server(listener, move |request: Request<Incoming>| {
+        let metrics = metrics.clone();
+        let log_level = log_level.clone();
+        async move {
+            match (request.method(), request.uri().path()) {
+                (&Method::GET, "/metrics") => {
+                    // Reading the maps makes syscalls: off the async workers.
+                    match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                        Ok(page) => reply(
+                            StatusCode::OK,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            page,
+                        ),
+                        Err(error) => reply(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "text/plain",
+                            format!("{error}\n"),
+                        ),
+                    }
+                }
+                (_, "/debug/log-level") => log_level_endpoint(request, log_level).await,
+                _ => not_found(),
+            }
+        }
+    })
+}
+
+async fn log_level_endpoint(request: Request<Incoming>, log_level: Option<LogLevel>) -> Reply {
+    let Some(log_level) = log_level else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "log level not settable\n",
+        );
+    };
+    match *request.method() {
+        Method::GET => reply(
+            StatusCode::OK,
+            "text/plain",
+            format!("{}\n", log_level.get()),
+        ),
+        Method::PUT | Method::POST => {
+            let body = match request.into_body().collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(error) => {
+                    return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{error}\n"));
+                }
+            };
+            match log_level.set(&String::from_utf8_lossy(&body)) {
+                Ok(()) => reply(
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("{}\n", log_level.get()),
+                ),
+                Err(error) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{error}\n")),
+            }
+        }
+        _ => reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET or PUT\n"),
+    }
+}
+
+/// kube-proxy's proxier health: healthy unless changes from the source have waited longer than
+/// the timeout for a sync. The agent marks changes queued at start, so an agent that never
+/// completes its first sync turns unhealthy too.
+pub struct Health {
+    timeout: Duration,
+    state: Mutex<HealthState>,
+}
+
+struct HealthState {
+    last_updated: Option<SystemTime>,
+    /// The oldest change not synced yet.
+    oldest_pending: Option<Instant>,
+}
+
+impl Health {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            state: Mutex::new(HealthState {
+                last_updated: None,
+                oldest_pending: Some(Instant::now()),
+            }),
+        }
+    }
+
+    /// The source delivered changes (the oldest pending one keeps its time).
+    pub fn queued(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.oldest_pending.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// A sync finished: every change delivered before it is applied.
+    pub fn updated(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.oldest_pending = None;
+            state.last_updated = Some(SystemTime::now());
+        }
+    }
+
+    /// Whether healthy, with the body kube-proxy answers.
+    fn check(&self) -> (bool, String) {
+        let Ok(state) = self.state.lock() else {
+            return (false, "{}".into());
+        };
+        let healthy = state
+            .oldest_pending
+            .is_none_or(|since| since.elapsed() < self.timeout);
+        let format = |time: SystemTime| jiff::Timestamp::try_from(time).map(|t| t.to_string());
+        let body = serde_json::json!({
+            "lastUpdated": state.last_updated.and_then(|time| format(time).ok()).unwrap_or_default(),
+            "currentTime": format(SystemTime::now()).unwrap_or_default(),
+            "nodeEligible": true,
+        });
+        (healthy, body.to_string())
+    }
+}
+
+/// `/healthz` and `/livez`.
+pub fn serve_health(
+    listener: TcpListener,
+    health: Arc<Health>,
+    metrics: Arc<crate::metrics::AgentMetrics>,
+) -> JoinHandle<()> {
+    spawn_server(listener, move |request: Request<Incoming>| {
+        let health = health.clone();
+        let metrics = metrics.clone();
+        async move {
+            let path = request.uri().path();
+            if path != "/healthz" && path != "/livez" {
+                return not_found();
+            }
+            let (healthy, body) = health.check();
+            let status = if healthy {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let counter = if path == "/healthz" {
+                &metrics.healthz
+            } else {
+                &metrics.livez
+            };
+            counter.get_or_create(&[("code", status.as_u16())]).inc();
+            reply(status, "application/json", body)
+        }
+    })
+}
+
+/// What a healthCheckNodePort answers for: the Service and its endpoints on this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthCheckTarget {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
+}
+
+/// One HTTP server per healthCheckNodePort, started and stopped as Services come and go, with
+/// the local endpoint counts kept current.
+pub struct HealthCheckPorts {
+    bind_address: std::net::IpAddr,
+    servers: BTreeMap<u16, HealthCheckServer>,
+}
+
+struct HealthCheckServer {
+    target: Arc<Mutex<HealthCheckTarget>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for HealthCheckServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl HealthCheckPorts {
+    /// Servers listen on `bind_address` (kube-proxy listens on every address).
+    pub fn new(bind_address: std::net::IpAddr) -> Self {
+        Self {
+            bind_address,
+            servers: BTreeMap::new(),
+        }
+    }
+
+    /// The ports served now.
+    pub fn ports(&self) -> Vec<u16> {
+        self.servers.keys().copied().collect()
+    }
+
+    /// Makes the set of servers equal to `wanted` (port -> target).
+    pub async fn sync(&mut self, wanted: &BTreeMap<u16, HealthCheckTarget>) {
+        self.servers.retain(|port, _| wanted.contains_key(port));
+        for (port, target) in wanted {
+            if let Some(server) = self.servers.get(port) {
+                if let Ok(mut current) = server.target.lock() {
+                    *current = target.clone();
+                }
+                continue;
+            }
+            let address = SocketAddr::new(self.bind_address, *port);
+            match TcpListener::bind(address).await {
+                Ok(listener) => {
+                    info!(port, service = %format!("{}/{}", target.namespace, target.name), "serving a healthCheckNodePort");
+                    let shared = Arc::new(Mutex::new(target.clone()));
+                    let task = serve_health_check(listener, shared.clone());
+                    self.servers.insert(
+                        *port,
+                        HealthCheckServer {
+                            target: shared,
+                            task,
+                        },
+                    );
+                }
+                // Tried again on the next sync.
+                Err(error) => warn!(%error, port, "cannot serve a healthCheckNodePort"),
+            }
+        }
+    }
+}
+
+fn serve_health_check(
+    listener: TcpListener,
+    target: Arc<Mutex<HealthCheckTarget>>,
+) -> JoinHandle<()> {
+    spawn_server(listener, move |_request: Request<Incoming>| {
+        let target = target.lock().map(|t| t.clone()).unwrap_or_default();
+        async move {
+            let body = serde_json::json!({
+                "service": {"namespace": target.namespace, "name": target.name},
+                "localEndpoints": target.local_endpoints,
+                "serviceProxyHealthy": true,
+            });
+            let status = if target.local_endpoints > 0 {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let mut response = reply(status, "application/json", body.to_string());
+            let headers = response.headers_mut();
+            headers.insert(
+                "X-Content-Type-Options",
+                hyper::header::HeaderValue::from_static("nosniff"),
+            );
+            if let Ok(weight) = target.local_endpoints.to_string().parse() {
+                headers.insert("X-Load-Balancing-Endpoint-Weight", weight);
+            }
+            response
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_turns_503_when_changes_wait_longer_than_the_timeout() {
+        let health = Health::new(Duration::from_millis(50));
+        // Queued at start: healthy until the timeout passes without a sync.
+        assert!(health.check().0);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!health.check().0, "never synced");
+        health.updated();
+        assert!(health.check().0);
+        // Synced long ago and nothing pending: still healthy.
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(health.check().0, "idle is healthy");
+        health.queued();
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!health.check().0, "a change waits too long");
+        let (_, body) = health.check();
+        let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert!(
+            body["lastUpdated"]
+                .as_str()
+                .is_some_and(|time| time.ends_with('Z'))
+        );
+    }
+}

@@ -1,0 +1,324 @@
+//! The agent's operability surface in the lab, against real traffic: /metrics parsed whole with
+//! an OpenMetrics parser and its per-service counters equal to what the clients sent; the
+//! inspection CLI agreeing with it; /healthz and /livez; a healthCheckNodePort flipping
+//! 200 -> 503 as the node's endpoints go away; the log level changed at run time.
+//!
+//! Every request goes from inside node1's namespace to the agent there, over that namespace's
+//! loopback.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use lab::{
+    agent::{AgentLab, endpoint_slice, node_port_service},
+    http,
+    lab::Host,
+    peer::{ClientRun, sibling_binary},
+    topology::{CLIENT_ADDR, node_addr, pod_addr},
+};
+use openmetrics_parser::{MetricNumber, OpenMetricsValue, openmetrics::parse_openmetrics};
+
+const METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10249);
+const HEALTHZ: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);
+/// The UDP payload lab-peer sends ("hello") in its Ethernet frame: 14 + 20 + 8 + 5 bytes.
+const UDP_HELLO_FRAME: u64 = 47;
+
+fn udp_service() -> String {
+    "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports:\n  - {name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30053}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {kubernetes.io/service-name: dns}\naddressType: IPv4\nports:\n- {name: dns, port: 8080, protocol: UDP}\nendpoints:\n- addresses: [\"10.244.1.10\"]\n  nodeName: node1\n  conditions: {ready: true}\n".into()
+}
+
+/// Scrapes /metrics and parses the whole page; fails on any OpenMetrics error.
+fn scrape(
+    node: &Host,
+) -> openmetrics_parser::MetricsExposition<openmetrics_parser::OpenMetricsType, OpenMetricsValue> {
+    let response = http::get(node, METRICS, "/metrics").expect("GET /metrics");
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(
+        response
+            .header("content-type")
+            .is_some_and(|value| value.starts_with("application/openmetrics-text")),
+        "{:?}",
+        response.headers
+    );
+    parse_openmetrics(&response.body)
+        .unwrap_or_else(|error| panic!("not OpenMetrics: {error:?}\n{}", response.body))
+}
+
+/// The value of the sample of `family` with these labels (counters, gauges; a histogram's count).
+fn value(
+    page: &openmetrics_parser::MetricsExposition<
+        openmetrics_parser::OpenMetricsType,
+        OpenMetricsValue,
+    >,
+    family: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    let family = page
+        .families
+        .get(family)
+        .unwrap_or_else(|| panic!("no family {family}"));
+    let sample = family
+        .iter_samples()
+        .find(|sample| {
+            sample.get_labelset().is_ok_and(|set| {
+                labels
+                    .iter()
+                    .all(|(name, value)| set.get_label_value(name) == Some(*value))
+            })
+        })
+        .unwrap_or_else(|| panic!("no sample of {} with {labels:?}", family.family_name));
+    match &sample.value {
+        OpenMetricsValue::Counter(counter) => number(&counter.value),
+        OpenMetricsValue::Gauge(gauge) | OpenMetricsValue::Unknown(gauge) => number(gauge),
+        OpenMetricsValue::Histogram(histogram) => histogram.count.unwrap_or(0) as f64,
+        other => panic!("unexpected value {other:?}"),
+    }
+}
+
+fn number(number: &MetricNumber) -> f64 {
+    number.as_f64()
+}
+
+fn service_labels<'a>(name: &'a str, port: &'a str, protocol: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("namespace", "default"),
+        ("service", name),
+        ("port", port),
+        ("protocol", protocol),
+    ]
+}
+
+fn lb_json(pin_dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new(sibling_binary("lb").expect("lb binary"))
+        .args(args)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(["-o", "json"])
+        .output()
+        .expect("run lb");
+    assert!(
+        output.status.success(),
+        "lb {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("lb prints JSON")
+}
+
+#[test]
+fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &(node_port_service("web", "10.96.0.10", 30080, "")
+                + "---\n"
+                + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+        )
+        .expect("web");
+    setup.apply("dns.yaml", &udp_service()).expect("dns");
+    let node = setup.cluster.node(1).host.clone();
+    let before = scrape(&node);
+    assert_eq!(value(&before, "lb_datapath_up", &[]), 1.0);
+
+    // From outside, through XDP: 40 datagrams from 40 sockets, 20 TCP connections.
+    let udp_target = format!("{}:30053", node_addr(1));
+    let udp = ClientRun::udp(&udp_target, 40)
+        .run(&setup.cluster.client, None)
+        .expect("udp client");
+    udp.assert_all_ok("UDP NodePort");
+    let tcp_target = format!("{}:30080", node_addr(1));
+    let tcp = ClientRun::tcp(&tcp_target, 20)
+        .run(&setup.cluster.client, None)
+        .expect("tcp client");
+    tcp.assert_all_ok("TCP NodePort");
+    // From a pod, through the socket hook: 10 connections to the ClusterIP.
+    let pod = ClientRun::tcp("10.96.0.10:80", 10)
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("pod client");
+    pod.assert_all_ok("ClusterIP from a pod");
+
+    let page = scrape(&node);
+    let dns = service_labels("dns", "dns", "UDP");
+    let drops: f64 = [
+        "drop_no_backend",
+        "drop_backend_missing",
+        "drop_ct_full",
+        "drop_malformed",
+    ]
+    .iter()
+    .map(|event| value(&page, "lb_datapath_events", &[("event", event)]))
+    .sum();
+    assert_eq!(drops, 0.0, "no packet of these clients may be dropped");
+    assert_eq!(value(&page, "lb_service_packets", &dns), 40.0);
+    assert_eq!(
+        value(&page, "lb_service_bytes", &dns),
+        (40 * UDP_HELLO_FRAME) as f64
+    );
+    assert_eq!(value(&page, "lb_service_new_flows", &dns), 40.0);
+    let web = service_labels("web", "http", "TCP");
+    // 20 connections through XDP and 10 through the socket hook; TCP packets per connection
+    // vary (delayed ACKs), so only a lower bound: SYN, ACK, request, FIN, last ACK at least.
+    assert_eq!(value(&page, "lb_service_new_flows", &web), 30.0);
+    assert!(value(&page, "lb_service_packets", &web) >= 20.0 * 4.0);
+
+    // kube-proxy's metrics: two syncs with changes, their objects counted.
+    assert!(value(&page, "kubeproxy_sync_proxy_rules_duration_seconds", &[]) >= 3.0);
+    assert!(
+        value(
+            &page,
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            &[]
+        ) > 1.7e9
+    );
+    assert_eq!(
+        value(&page, "kubeproxy_sync_proxy_rules_service_changes", &[]),
+        2.0
+    );
+    assert_eq!(
+        value(&page, "kubeproxy_sync_proxy_rules_endpoint_changes", &[]),
+        2.0
+    );
+    assert_eq!(value(&page, "lb_invalid_objects", &[]), 0.0);
+    assert_eq!(
+        value(&page, "lb_map_entries", &[("map", "lb4_fe_v1")]),
+        4.0,
+        "two ClusterIPs and two NodePorts on one node address"
+    );
+    assert_eq!(
+        value(&page, "lb_map_capacity", &[("map", "lb4_ct_v1")]),
+        f64::from(lb_common::limits::MAX_CONNTRACK)
+    );
+    // Every new XDP flow has two conntrack entries (original and reply), all still there.
+    assert!(value(&page, "lb_map_entries", &[("map", "lb4_ct_v1")]) >= 2.0 * 60.0);
+
+    // The CLI reads the same maps.
+    let services = lb_json(setup.pin_dir(), &["services"]);
+    let dns_row = services
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|service| service["name"] == "default/dns:dns/UDP")
+        .unwrap_or_else(|| panic!("no dns in {services:#}"));
+    assert_eq!(dns_row["packets"], 40);
+    assert_eq!(dns_row["backends"], serde_json::json!(["10.244.1.10:8080"]));
+    let backends = lb_json(setup.pin_dir(), &["backends"]);
+    assert!(
+        backends
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|backend| backend["address"] == "10.244.1.10:8080"
+                && backend["protocol"] == "udp"
+                && backend["local"] == true),
+        "{backends:#}"
+    );
+    let flows = lb_json(
+        setup.pin_dir(),
+        &["conntrack", "--protocol", "udp", "--port", "30053"],
+    );
+    let client = CLIENT_ADDR.to_string();
+    let originals: Vec<&serde_json::Value> = flows
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|flow| flow["direction"] == "original")
+        .collect();
+    assert_eq!(originals.len(), 40, "{flows:#}");
+    assert!(originals.iter().all(|flow| {
+        flow["source"]
+            .as_str()
+            .is_some_and(|source| source.starts_with(&client))
+            && flow["nat"] == "10.244.1.10:8080"
+    }));
+    let stats = lb_json(setup.pin_dir(), &["stats"]);
+    assert_eq!(stats["events"]["drop_no_backend"], 0);
+    assert_eq!(stats["snat_address"], node_addr(1).to_string());
+}
+
+#[test]
+fn healthz_livez_health_check_node_port_and_log_level() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    let node = setup.cluster.node(1).host.clone();
+
+    for path in ["/healthz", "/livez"] {
+        let response = http::get(&node, HEALTHZ, path).expect(path);
+        assert_eq!(response.status, 200, "{path}: {}", response.body);
+        let body: serde_json::Value = serde_json::from_str(&response.body).expect("JSON");
+        assert!(
+            body["lastUpdated"].as_str().is_some_and(|t| !t.is_empty()),
+            "{body}"
+        );
+        assert!(body["currentTime"].is_string(), "{body}");
+    }
+    assert_eq!(
+        http::get(&node, HEALTHZ, "/other").expect("404").status,
+        404
+    );
+
+    // An ETP Local LoadBalancer with its healthCheckNodePort, its endpoint on node1.
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: shop, namespace: store}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.80\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30090}\n";
+    let slice = |node: u8| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: shop-1\n  namespace: store\n  labels: {{kubernetes.io/service-name: shop}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node{node}\n  conditions: {{ready: true}}\n",
+            pod_addr(node, 0)
+        )
+    };
+    setup
+        .apply("shop.yaml", &format!("{service}---\n{}", slice(1)))
+        .expect("shop");
+    let check = SocketAddr::new(std::net::IpAddr::V4(node_addr(1)), 32100);
+    let local = http::get(&node, check, "/").expect("health check");
+    assert_eq!(local.status, 200, "{}", local.body);
+    let body: serde_json::Value = serde_json::from_str(&local.body).expect("JSON");
+    assert_eq!(body["service"]["namespace"], "store");
+    assert_eq!(body["service"]["name"], "shop");
+    assert_eq!(body["localEndpoints"], 1);
+    assert_eq!(local.header("x-load-balancing-endpoint-weight"), Some("1"));
+
+    // The endpoint moves to node2: node1 has none left.
+    setup
+        .apply("shop.yaml", &format!("{service}---\n{}", slice(2)))
+        .expect("shop moved");
+    let remote = http::get(&node, check, "/").expect("health check");
+    assert_eq!(remote.status, 503, "{}", remote.body);
+    let body: serde_json::Value = serde_json::from_str(&remote.body).expect("JSON");
+    assert_eq!(body["localEndpoints"], 0);
+    let page = scrape(&node);
+    assert_eq!(
+        value(
+            &page,
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            &[("traffic_policy", "external")]
+        ),
+        1.0
+    );
+    assert!(value(&page, "kubeproxy_proxy_healthz", &[("code", "200")]) >= 1.0);
+
+    // The Service goes: so does its server.
+    setup.delete("shop.yaml").expect("shop deleted");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while http::get(&node, check, "/").is_ok() {
+        // The server task is aborted in the sync; its listener closes when the task is dropped.
+        assert!(std::time::Instant::now() < deadline, "port still served");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // The log level, changed at run time; a bad filter changes nothing.
+    let set = http::request(&node, "PUT", METRICS, "/debug/log-level", "debug").expect("PUT");
+    assert_eq!(set.status, 200, "{}", set.body);
+    let bad = http::request(&node, "PUT", METRICS, "/debug/log-level", "info,[=").expect("PUT");
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let now = http::get(&node, METRICS, "/debug/log-level").expect("GET");
+    assert_eq!(now.body.trim(), "debug");
+    // At debug, the agent logs what it used to leave out.
+    setup
+        .apply("shop.yaml", &format!("{service}---\n{}", slice(1)))
+        .expect("shop again");
+    let log = std::fs::read_to_string(setup.log()).expect("log");
+    assert!(log.contains("log level changed"), "{log}");
+    assert!(
+        log.contains("DEBUG"),
+        "no debug line after the change:\n{log}"
+    );
+}
