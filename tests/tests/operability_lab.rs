@@ -74,6 +74,37 @@ fn value(
     }
 }
 
+fn workspace_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+/// The metric families a dashboard's queries use (`lb_*`, `kubeproxy_*`), as family names:
+/// without the `_total`, `_bucket`, `_sum` and `_count` suffixes of their samples.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let is_name = |byte: u8| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_';
+    let mut start = 0;
+    while start < bytes.len() {
+        let rest = &text[start..];
+        let at_boundary = start == 0 || !is_name(bytes[start - 1]);
+        if at_boundary && (rest.starts_with("lb_") || rest.starts_with("kubeproxy_")) {
+            let len = rest.bytes().take_while(|byte| is_name(*byte)).count();
+            let mut name = &rest[..len];
+            for suffix in ["_total", "_bucket", "_sum", "_count"] {
+                name = name.strip_suffix(suffix).unwrap_or(name);
+            }
+            names.insert(name.to_owned());
+            start += len;
+        } else {
+            start += rest.chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    names
+}
+
 fn number(number: &MetricNumber) -> f64 {
     number.as_f64()
 }
@@ -137,6 +168,13 @@ fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
         .expect("pod client");
     pod.assert_all_ok("ClusterIP from a pod");
 
+    // As the kubelet's probe would (the healthz counters appear with their first answer).
+    assert_eq!(
+        http::get(&node, HEALTHZ, "/healthz")
+            .expect("healthz")
+            .status,
+        200
+    );
     let page = scrape(&node);
     let dns = service_labels("dns", "dns", "UDP");
     let drops: f64 = [
@@ -190,6 +228,25 @@ fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
     );
     // Every new XDP flow has two conntrack entries (original and reply), all still there.
     assert!(value(&page, "lb_map_entries", &[("map", "lb4_ct_v1")]) >= 2.0 * 60.0);
+
+    // Every family on the page is documented, and the dashboard asks only for families that exist.
+    let docs = std::fs::read_to_string(workspace_file("docs/metrics.md")).expect("docs");
+    for family in page.families.keys() {
+        assert!(
+            docs.contains(&format!("`{family}")),
+            "{family} is not in docs/metrics.md"
+        );
+    }
+    let dashboard = std::fs::read_to_string(workspace_file("deploy/grafana/lb-dashboard.json"))
+        .expect("dashboard");
+    let queried = metric_names(&dashboard);
+    assert!(queried.len() >= 10, "{queried:?}");
+    for name in queried {
+        assert!(
+            page.families.contains_key(&name),
+            "the dashboard queries {name}, which /metrics lacks"
+        );
+    }
 
     // The CLI reads the same maps.
     let services = lb_json(setup.pin_dir(), &["services"]);
