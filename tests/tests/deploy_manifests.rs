@@ -1,0 +1,776 @@
+//! deploy/ against the agent it deploys, without a cluster: every file of
+//! deploy/kustomization.yaml parses into its k8s-openapi type with no field left over, the
+//! objects refer to each other, the probes, the scrape port and the host mounts match the agent's
+//! settings, the ClusterRole grants exactly the API calls the agent makes, and `lb run --help`,
+//! the ConfigMap and docs/deploy.md list the same settings, each value accepted by the agent.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use k8s_openapi::{
+    Resource,
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, Container, Node, PodSpec, Probe, Service, ServiceAccount},
+        discovery::v1::EndpointSlice,
+        events::v1::Event,
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use lab::peer::sibling_binary;
+use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+/// The optional Prometheus Operator file: in deploy/, deliberately not in the kustomization.
+const POD_MONITOR: &str = "podmonitor.yaml";
+
+/// One (API group, resource, verb) the ClusterRole grants or the agent needs.
+type Grant = (String, String, String);
+
+/// Every API call the agent makes, and so exactly what its ClusterRole must grant:
+/// - lb-userspace/src/source/kube.rs reflects v1 Services and discovery.k8s.io/v1 EndpointSlices
+///   in all namespaces and its own v1 Node; kube-runtime's `watcher` lists, then watches (it never
+///   gets one object). The Node watch has a field selector, which RBAC cannot narrow;
+/// - its `EventRecorder` is kube-runtime's `Recorder`, whose `publish` creates an events.k8s.io/v1
+///   Event and patches it when the same event repeats (kube-runtime src/events.rs).
+fn agent_api_calls() -> BTreeSet<Grant> {
+    let mut calls = BTreeSet::new();
+    calls.extend(grants::<Service>(&["list", "watch"]));
+    calls.extend(grants::<EndpointSlice>(&["list", "watch"]));
+    calls.extend(grants::<Node>(&["list", "watch"]));
+    calls.extend(grants::<Event>(&["create", "patch"]));
+    calls
+}
+
+fn grants<K: Resource>(verbs: &[&str]) -> Vec<Grant> {
+    verbs
+        .iter()
+        .map(|verb| {
+            (
+                K::GROUP.to_owned(),
+                K::URL_PATH_SEGMENT.to_owned(),
+                (*verb).to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is in the workspace")
+        .to_owned()
+}
+
+fn deploy_dir() -> PathBuf {
+    repo().join("deploy")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
+
+/// The documents of a YAML file as JSON values (empty documents left out).
+fn yaml_documents(path: &Path) -> Vec<Value> {
+    let text = read(path);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|document| {
+            Value::deserialize(document)
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+        })
+        .filter(|document| !document.is_null())
+        .collect()
+}
+
+/// The files deploy/kustomization.yaml lists, after checking that it does nothing but list them
+/// (a transformer would make the applied objects differ from the files this test reads).
+fn kustomization_resources() -> Vec<PathBuf> {
+    let path = deploy_dir().join("kustomization.yaml");
+    let [kustomization] = yaml_documents(&path)
+        .try_into()
+        .expect("kustomization.yaml is one document");
+    let fields: BTreeSet<&str> = kustomization
+        .as_object()
+        .expect("kustomization is a mapping")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        fields,
+        BTreeSet::from(["apiVersion", "kind", "resources"]),
+        "kustomization.yaml should only list resources"
+    );
+    assert_eq!(kustomization["kind"], "Kustomization");
+    assert_eq!(
+        kustomization["apiVersion"],
+        "kustomize.config.k8s.io/v1beta1"
+    );
+    let resources: Vec<PathBuf> = kustomization["resources"]
+        .as_array()
+        .expect("resources is a list")
+        .iter()
+        .map(|resource| deploy_dir().join(resource.as_str().expect("resource is a file name")))
+        .collect();
+    assert!(!resources.is_empty(), "the kustomization lists nothing");
+    resources
+}
+
+/// Deserializes `document` into `T`, then requires every field of the document to survive the
+/// way back: k8s-openapi (like serde) ignores unknown fields, and a misspelt or misplaced field
+/// would be silently dropped by the API server the same way.
+fn strict<T: DeserializeOwned + Serialize>(document: &Value, origin: &str) -> T {
+    let typed: T = serde_json::from_value(document.clone())
+        .unwrap_or_else(|error| panic!("{origin}: {error}"));
+    let kept = serde_json::to_value(&typed).expect("k8s-openapi objects serialize");
+    let mut lost = Vec::new();
+    fields_lost(document, &kept, String::new(), &mut lost);
+    assert!(
+        lost.is_empty(),
+        "{origin}: not fields of {}: {lost:?}",
+        std::any::type_name::<T>()
+    );
+    typed
+}
+
+fn fields_lost(original: &Value, kept: &Value, path: String, lost: &mut Vec<String>) {
+    match (original, kept) {
+        (Value::Object(original), Value::Object(kept)) => {
+            for (name, value) in original {
+                let field = format!("{path}.{name}");
+                match kept.get(name) {
+                    Some(kept) => fields_lost(value, kept, field, lost),
+                    None => lost.push(field),
+                }
+            }
+        }
+        (Value::Array(original), Value::Array(kept)) if original.len() == kept.len() => {
+            for (index, (value, kept)) in original.iter().zip(kept).enumerate() {
+                fields_lost(value, kept, format!("{path}[{index}]"), lost);
+            }
+        }
+        (original, kept) if original != kept => {
+            lost.push(format!("{path}: {original} read as {kept}"));
+        }
+        _ => {}
+    }
+}
+
+/// Everything the kustomization applies, typed.
+struct Manifests {
+    service_account: ServiceAccount,
+    cluster_role: ClusterRole,
+    binding: ClusterRoleBinding,
+    config_map: ConfigMap,
+    /// The ConfigMap's file, for the settings that are commented out.
+    config_map_file: PathBuf,
+    daemon_set: DaemonSet,
+}
+
+fn is<K: Resource>(document: &Value) -> bool {
+    document["apiVersion"] == K::API_VERSION && document["kind"] == K::KIND
+}
+
+fn manifests() -> Manifests {
+    let mut service_accounts = Vec::new();
+    let mut cluster_roles = Vec::new();
+    let mut bindings = Vec::new();
+    let mut config_maps = Vec::new();
+    let mut daemon_sets = Vec::new();
+    for file in kustomization_resources() {
+        for (index, document) in yaml_documents(&file).iter().enumerate() {
+            let origin = format!("{} document {index}", file.display());
+            if is::<ServiceAccount>(document) {
+                service_accounts.push(strict::<ServiceAccount>(document, &origin));
+            } else if is::<ClusterRole>(document) {
+                cluster_roles.push(strict::<ClusterRole>(document, &origin));
+            } else if is::<ClusterRoleBinding>(document) {
+                bindings.push(strict::<ClusterRoleBinding>(document, &origin));
+            } else if is::<ConfigMap>(document) {
+                config_maps.push((strict::<ConfigMap>(document, &origin), file.clone()));
+            } else if is::<DaemonSet>(document) {
+                daemon_sets.push(strict::<DaemonSet>(document, &origin));
+            } else {
+                panic!(
+                    "{origin}: unexpected {} {}",
+                    document["apiVersion"], document["kind"]
+                );
+            }
+        }
+    }
+    let (config_map, config_map_file) = only(config_maps, "ConfigMap");
+    Manifests {
+        service_account: only(service_accounts, "ServiceAccount"),
+        cluster_role: only(cluster_roles, "ClusterRole"),
+        binding: only(bindings, "ClusterRoleBinding"),
+        config_map,
+        config_map_file,
+        daemon_set: only(daemon_sets, "DaemonSet"),
+    }
+}
+
+fn only<T>(objects: Vec<T>, kind: &str) -> T {
+    let count = objects.len();
+    let [object] = objects
+        .try_into()
+        .unwrap_or_else(|_| panic!("the kustomization should hold one {kind}, not {count}"));
+    object
+}
+
+impl Manifests {
+    fn pod(&self) -> &PodSpec {
+        self.daemon_set
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.template.spec.as_ref())
+            .expect("the DaemonSet has a pod template")
+    }
+
+    /// The agent's container: the only one.
+    fn agent(&self) -> &Container {
+        let [agent] = self.pod().containers.as_slice() else {
+            panic!("the pod should run the agent alone");
+        };
+        agent
+    }
+
+    fn settings(&self) -> &BTreeMap<String, String> {
+        self.config_map
+            .data
+            .as_ref()
+            .expect("the ConfigMap has data")
+    }
+
+    fn setting(&self, name: &str) -> &str {
+        self.settings()
+            .get(name)
+            .unwrap_or_else(|| panic!("the ConfigMap sets {name}"))
+    }
+
+    fn bind_port(&self, name: &str) -> u16 {
+        let address: SocketAddr = self
+            .setting(name)
+            .parse()
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        // The kubelet probes and Prometheus scrapes the pod's IP, which is the node's.
+        assert!(
+            address.ip().is_unspecified(),
+            "{name} should listen on every address of the node, not {address}"
+        );
+        address.port()
+    }
+
+    fn container_port(&self, port: &IntOrString) -> u16 {
+        let number = match port {
+            IntOrString::Int(number) => *number,
+            IntOrString::String(name) => {
+                self.agent()
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|port| port.name.as_deref() == Some(name))
+                    .unwrap_or_else(|| panic!("no container port named {name}"))
+                    .container_port
+            }
+        };
+        u16::try_from(number).expect("a port number")
+    }
+
+    /// The settings that are commented out in the ConfigMap's file (unset on purpose), with
+    /// their example values: lines `# LB_NAME: "value"`.
+    fn commented_settings(&self) -> BTreeMap<String, String> {
+        read(&self.config_map_file)
+            .lines()
+            .filter_map(|line| {
+                let (name, value) = line.trim().strip_prefix("# ")?.split_once(": ")?;
+                let is_setting = name.starts_with("LB_")
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                let value = value.strip_prefix('"')?.strip_suffix('"')?;
+                is_setting.then(|| (name.to_owned(), value.to_owned()))
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn every_manifest_parses_into_its_kubernetes_type_with_no_field_left_over() {
+    let manifests = manifests();
+    assert!(!manifests.settings().is_empty());
+    // The optional file is checked by its own test, and everything else in deploy/ is applied.
+    let listed: BTreeSet<PathBuf> = kustomization_resources().into_iter().collect();
+    assert!(!listed.contains(&deploy_dir().join(POD_MONITOR)));
+    for entry in std::fs::read_dir(deploy_dir()).expect("deploy/") {
+        let path = entry.expect("entry").path();
+        let is_yaml = path.extension().is_some_and(|ext| ext == "yaml");
+        let name = path.file_name().expect("a file name");
+        if is_yaml && name != "kustomization.yaml" && name != POD_MONITOR {
+            assert!(listed.contains(&path), "{} is not applied", path.display());
+        }
+    }
+}
+
+#[test]
+fn the_strict_parse_reports_a_misplaced_field() {
+    let document = serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "lb", "namespaces": "kube-system"}
+    });
+    let result = std::panic::catch_unwind(|| strict::<ServiceAccount>(&document, "test"));
+    let message = *result
+        .expect_err("a misspelt field is an error")
+        .downcast::<String>()
+        .expect("a message");
+    assert!(message.contains(".metadata.namespaces"), "{message}");
+}
+
+#[test]
+fn the_objects_refer_to_each_other() {
+    let manifests = manifests();
+    let account = &manifests.service_account.metadata;
+    let daemon_set = &manifests.daemon_set;
+    assert_eq!(account.namespace, daemon_set.metadata.namespace);
+    assert_eq!(manifests.pod().service_account_name, account.name);
+
+    let binding = &manifests.binding;
+    assert_eq!(binding.role_ref.api_group, "rbac.authorization.k8s.io");
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(
+        Some(&binding.role_ref.name),
+        manifests.cluster_role.metadata.name.as_ref()
+    );
+    let [subject] = binding.subjects.as_deref().unwrap_or_default() else {
+        panic!("the binding should name the agent's ServiceAccount alone");
+    };
+    assert_eq!(subject.kind, "ServiceAccount");
+    assert_eq!(Some(&subject.name), account.name.as_ref());
+    assert_eq!(subject.namespace, account.namespace);
+
+    let agent = manifests.agent();
+    let [source] = agent.env_from.as_deref().unwrap_or_default() else {
+        panic!("the agent's environment should come from the ConfigMap alone");
+    };
+    let config_map = source.config_map_ref.as_ref().expect("a ConfigMap source");
+    assert_eq!(
+        Some(&config_map.name),
+        manifests.config_map.metadata.name.as_ref()
+    );
+    assert_eq!(
+        manifests.config_map.metadata.namespace,
+        daemon_set.metadata.namespace
+    );
+    assert_ne!(config_map.optional, Some(true));
+    assert_eq!(source.prefix, None, "a prefix would rename every setting");
+
+    let spec = daemon_set.spec.as_ref().expect("spec");
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref());
+    for (key, value) in spec.selector.match_labels.iter().flatten() {
+        assert_eq!(
+            labels.and_then(|labels| labels.get(key)),
+            Some(value),
+            "the selector should match the pod template"
+        );
+    }
+}
+
+#[test]
+fn the_cluster_role_grants_exactly_the_api_calls_the_agent_makes() {
+    let manifests = manifests();
+    let mut granted = BTreeSet::new();
+    for rule in manifests.cluster_role.rules.iter().flatten() {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    assert!(manifests.cluster_role.aggregation_rule.is_none());
+    assert_eq!(granted, agent_api_calls());
+}
+
+#[test]
+fn probes_scrape_port_and_host_mounts_match_the_agent_settings() {
+    let manifests = manifests();
+    let agent = manifests.agent();
+
+    let healthz = manifests.bind_port("LB_HEALTHZ_BIND_ADDRESS");
+    let probe_target = |probe: Option<&Probe>, what: &str| {
+        let get = probe
+            .and_then(|probe| probe.http_get.as_ref())
+            .unwrap_or_else(|| panic!("the agent should have an HTTP {what} probe"));
+        (get.path.clone(), manifests.container_port(&get.port))
+    };
+    assert_eq!(
+        probe_target(agent.liveness_probe.as_ref(), "liveness"),
+        (Some("/livez".into()), healthz)
+    );
+    assert_eq!(
+        probe_target(agent.readiness_probe.as_ref(), "readiness"),
+        (Some("/healthz".into()), healthz)
+    );
+
+    let metrics = manifests.bind_port("LB_METRICS_BIND_ADDRESS");
+    assert_eq!(
+        manifests.container_port(&IntOrString::String("metrics".into())),
+        metrics
+    );
+    let annotations = manifests
+        .daemon_set
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.template.metadata.as_ref())
+        .and_then(|metadata| metadata.annotations.clone())
+        .unwrap_or_default();
+    let annotation = |key: &str| annotations.get(key).map(String::as_str);
+    assert_eq!(annotation("prometheus.io/scrape"), Some("true"));
+    assert_eq!(
+        annotation("prometheus.io/port"),
+        Some(metrics.to_string().as_str())
+    );
+    assert_eq!(annotation("prometheus.io/path"), Some("/metrics"));
+
+    // Each host directory is mounted where the agent's settings look for it.
+    let host_paths: BTreeMap<&str, &str> = manifests
+        .pod()
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|volume| {
+            let host_path = volume.host_path.as_ref()?;
+            Some((volume.name.as_str(), host_path.path.as_str()))
+        })
+        .collect();
+    let mounts = agent.volume_mounts.as_deref().unwrap_or_default();
+    let mount_of = |host_path: &str| {
+        let (name, _) = host_paths
+            .iter()
+            .find(|(_, path)| **path == host_path)
+            .unwrap_or_else(|| panic!("no hostPath volume of {host_path}"));
+        mounts
+            .iter()
+            .find(|mount| mount.name == *name)
+            .unwrap_or_else(|| panic!("volume {name} is not mounted"))
+    };
+
+    // The agent mounts bpffs at bpffs::DEFAULT_MOUNT when it finds none there, so the host's
+    // must be at that same path in the pod, and that mount must reach the host.
+    let bpffs_mount = lb_userspace::bpffs::DEFAULT_MOUNT;
+    let bpffs = mount_of(bpffs_mount);
+    assert_eq!(bpffs.mount_path, bpffs_mount);
+    assert_eq!(bpffs.mount_propagation.as_deref(), Some("Bidirectional"));
+    let pin_dir = Path::new(manifests.setting("LB_PIN_DIR"));
+    // Strictly below: `lb run --cleanup` removes the pin directory with everything in it.
+    assert!(
+        pin_dir.starts_with(bpffs_mount) && pin_dir != Path::new(bpffs_mount),
+        "LB_PIN_DIR {} should be a directory of the host's bpffs",
+        pin_dir.display()
+    );
+
+    let cgroup = mount_of("/sys/fs/cgroup");
+    assert_eq!(manifests.setting("LB_CGROUP_PATH"), cgroup.mount_path);
+
+    assert_eq!(
+        host_paths.len(),
+        2,
+        "a host directory the agent does not use: {host_paths:?}"
+    );
+    assert_eq!(mounts.len(), 2, "a mount the agent does not use");
+}
+
+#[test]
+fn the_pod_runs_in_the_nodes_network_with_the_privileges_the_agent_needs() {
+    let manifests = manifests();
+    let pod = manifests.pod();
+    assert_eq!(pod.host_network, Some(true));
+    // Cluster DNS is a Service this agent serves; the agent must not depend on it.
+    assert_eq!(pod.dns_policy.as_deref(), Some("Default"));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert!(
+        pod.tolerations.iter().flatten().any(|toleration| {
+            toleration.operator.as_deref() == Some("Exists")
+                && toleration.key.is_none()
+                && toleration.effect.is_none()
+        }),
+        "the agent should run on every node, whatever its taints"
+    );
+    let strategy = manifests
+        .daemon_set
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.update_strategy.as_ref())
+        .expect("an update strategy");
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    assert_eq!(
+        strategy
+            .rolling_update
+            .as_ref()
+            .and_then(|update| update.max_unavailable.as_ref()),
+        Some(&IntOrString::Int(1))
+    );
+
+    let agent = manifests.agent();
+    let security = agent.security_context.as_ref().expect("a security context");
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    // The agent writes /proc/sys/net/ipv4/conf/<iface>/accept_local (agent.rs), read-only in
+    // containers that are not privileged; the API server refuses Bidirectional propagation to
+    // them too.
+    assert_eq!(security.privileged, Some(true));
+    let resources = agent.resources.as_ref().expect("resources");
+    for bounds in [&resources.requests, &resources.limits] {
+        let bounds = bounds.as_ref().expect("requests and limits");
+        assert!(bounds.contains_key("cpu") && bounds.contains_key("memory"));
+    }
+
+    // No args: the ConfigMap is the one place for settings (a flag would override it silently).
+    assert_eq!(agent.args, None);
+    let command = agent.command.as_deref().expect("a command");
+    assert_eq!(command.last().map(String::as_str), Some("run"));
+    assert_eq!(
+        Some(command),
+        containerfile_entrypoint().as_deref(),
+        "the DaemonSet should run what the image runs"
+    );
+    let env = agent.env.as_deref().unwrap_or_default();
+    assert!(
+        env.iter().all(|var| !var.name.starts_with("LB_")),
+        "LB_* settings belong in the ConfigMap"
+    );
+    let node_name = env
+        .iter()
+        .find(|var| var.name == "NODE_NAME")
+        .and_then(|var| var.value_from.as_ref())
+        .and_then(|from| from.field_ref.as_ref())
+        .expect("NODE_NAME from the downward API");
+    assert_eq!(node_name.field_path, "spec.nodeName");
+}
+
+/// The Containerfile's exec-form ENTRYPOINT.
+fn containerfile_entrypoint() -> Option<Vec<String>> {
+    read(&repo().join("Containerfile"))
+        .lines()
+        .find_map(|line| line.strip_prefix("ENTRYPOINT "))
+        .map(|json| serde_json::from_str(json).expect("ENTRYPOINT in exec form"))
+}
+
+#[test]
+fn the_pod_monitor_scrapes_the_metrics_port() {
+    let manifests = manifests();
+    let [monitor] = yaml_documents(&deploy_dir().join(POD_MONITOR))
+        .try_into()
+        .expect("one PodMonitor");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["kind"], "PodMonitor");
+    assert_eq!(
+        monitor["metadata"]["namespace"].as_str(),
+        manifests.daemon_set.metadata.namespace.as_deref()
+    );
+    let labels = manifests
+        .daemon_set
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.template.metadata.as_ref())
+        .and_then(|metadata| metadata.labels.clone())
+        .unwrap_or_default();
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("a label selector");
+    assert!(!selector.is_empty());
+    for (key, value) in selector {
+        assert_eq!(labels.get(key).map(String::as_str), value.as_str());
+    }
+    let [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .expect("endpoints")
+        .as_slice()
+    else {
+        panic!("one metrics endpoint");
+    };
+    let port = endpoint["port"].as_str().expect("a named port");
+    assert_eq!(
+        manifests.container_port(&IntOrString::String(port.into())),
+        manifests.bind_port("LB_METRICS_BIND_ADDRESS")
+    );
+    assert_eq!(endpoint["path"], "/metrics");
+}
+
+/// `lb run`'s options from its `--help`: long flag -> its environment variable, if any.
+fn run_options() -> BTreeMap<String, Option<String>> {
+    let output = Command::new(sibling_binary("lb").expect("lb binary"))
+        .args(["run", "--help"])
+        // With an LB_* variable set, clap would show its value; the names are what is compared.
+        .env_clear()
+        .output()
+        .expect("lb run --help");
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).expect("UTF-8 help");
+    let mut options = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        // `      --flag <VALUE>` or `  -h, --help`; not a `- value:` of a list of possible values.
+        let is_option = trimmed.starts_with("--") || trimmed.get(2..5) == Some(", -");
+        if is_option {
+            let flag = trimmed
+                .split([' ', ','])
+                .find(|word| word.starts_with("--"))
+                .expect("a long flag");
+            current = Some(flag.to_owned());
+            options.insert(flag.to_owned(), None);
+        } else if let (Some(flag), Some((_, rest))) = (&current, line.split_once("[env: ")) {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            options.insert(flag.clone(), Some(name));
+        }
+    }
+    options
+}
+
+/// `--node-port-range` -> `LB_NODE_PORT_RANGE`.
+fn env_name(flag: &str) -> String {
+    format!(
+        "LB_{}",
+        flag.trim_start_matches("--")
+            .replace('-', "_")
+            .to_uppercase()
+    )
+}
+
+/// The settings of `lb run`: environment variable -> flag.
+fn agent_settings() -> BTreeMap<String, String> {
+    let mut settings = BTreeMap::new();
+    for (flag, env) in run_options() {
+        match flag.as_str() {
+            "--help" => {}
+            // Deliberately no variable: a ConfigMap key must not turn the agent into a cleaner.
+            "--cleanup" => assert_eq!(env, None),
+            _ => {
+                assert_eq!(env, Some(env_name(&flag)), "{flag}'s variable");
+                settings.insert(env_name(&flag), flag);
+            }
+        }
+    }
+    settings
+}
+
+/// docs/deploy.md's settings table: environment variable -> flag.
+fn documented_settings() -> BTreeMap<String, String> {
+    let docs = read(&repo().join("docs").join("deploy.md"));
+    docs.lines()
+        .filter(|line| line.starts_with('|'))
+        .filter_map(|row| {
+            let code = |prefix: &str| {
+                row.split('`')
+                    .find(|span| span.starts_with(prefix))
+                    .map(str::to_owned)
+            };
+            Some((code("LB_")?, code("--")?))
+        })
+        .collect()
+}
+
+#[test]
+fn help_configmap_and_docs_list_the_same_settings() {
+    let manifests = manifests();
+    let settings = agent_settings();
+    assert!(settings.contains_key("LB_MASTER") && settings.len() > 10);
+    let names = |map: &BTreeMap<String, String>| map.keys().cloned().collect::<BTreeSet<_>>();
+
+    // The agent ignores variables it does not know, so a misspelt key would do nothing.
+    let set = names(manifests.settings());
+    let unset = names(&manifests.commented_settings());
+    assert!(
+        set.is_disjoint(&unset),
+        "set and commented out: {set:?} {unset:?}"
+    );
+    let in_config_map: BTreeSet<String> = set.union(&unset).cloned().collect();
+    assert_eq!(
+        in_config_map,
+        names(&settings),
+        "ConfigMap vs lb run --help"
+    );
+
+    assert_eq!(
+        documented_settings(),
+        settings,
+        "docs/deploy.md's table vs lb run --help"
+    );
+
+    // In a cluster the agent reads the API server, whose `kubernetes` Service it serves itself.
+    assert_eq!(manifests.setting("LB_SOURCE"), "kube");
+    let master = manifests.setting("LB_MASTER");
+    assert!(master.starts_with("https://") && !master.contains("kubernetes.default"));
+    for iface in manifests.setting("LB_INTERFACES").split(',') {
+        assert!(
+            !iface.is_empty() && iface.len() < 16 && !iface.contains('/'),
+            "{iface:?} is not an interface name"
+        );
+    }
+}
+
+/// A directory for one test's files under the temporary directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "lb-deploy-manifests-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("scratch directory");
+        Self(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn the_agent_accepts_every_configmap_value() {
+    let manifests = manifests();
+    let scratch = Scratch::new();
+    // `lb run --cleanup` parses every flag and variable, sets up logging with LB_LOG_LEVEL, then
+    // only removes the pin directory: here a private one (the flag wins over LB_PIN_DIR), whose
+    // removal shows that the run got that far.
+    let pin_dir = scratch.0.join("pins");
+    std::fs::create_dir_all(&pin_dir).expect("pin directory");
+    std::fs::write(pin_dir.join("pinned"), "").expect("a pinned file");
+    let output = Command::new(sibling_binary("lb").expect("lb binary"))
+        .args(["run", "--cleanup", "--pin-dir"])
+        .arg(&pin_dir)
+        .env_clear()
+        .envs(manifests.settings())
+        // The values that are commented out must work too once uncommented.
+        .envs(manifests.commented_settings())
+        .env("NODE_NAME", "node-1")
+        .output()
+        .expect("lb run --cleanup");
+    assert!(
+        output.status.success(),
+        "the agent refuses the ConfigMap: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!pin_dir.exists(), "the agent stopped before its cleanup");
+}
