@@ -219,6 +219,7 @@ fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    unset_empty_settings();
     match Cli::parse().command {
         Command::Run(args) => run(*args),
         Command::Explain {
@@ -257,6 +258,21 @@ fn main() -> anyhow::Result<()> {
             interval,
             reports,
         } => count(&iface, mode, Duration::from_secs(interval), reports),
+    }
+}
+
+/// An `LB_*` variable set to "" means "not set" (a ConfigMap key left empty), not an empty value:
+/// clap would otherwise take "" as a node name, an interface or a path.
+fn unset_empty_settings() {
+    let empty: Vec<_> = std::env::vars_os()
+        .filter(|(name, value)| {
+            value.is_empty() && name.to_str().is_some_and(|name| name.starts_with("LB_"))
+        })
+        .map(|(name, _)| name)
+        .collect();
+    for name in empty {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::remove_var(name) };
     }
 }
 

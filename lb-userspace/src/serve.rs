@@ -30,15 +30,16 @@ use crate::{logging::LogLevel, metrics::Metrics};
 
 type Reply = Response<Full<Bytes>>;
 
-/// Serves `handle` on `listener` until the task is aborted.
+/// Serves `handle` on `listener` until the task is aborted; the handler also gets the peer's
+/// address.
 fn spawn_server<F, Fut>(listener: TcpListener, handle: F) -> JoinHandle<()>
 where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send + 'static,
 {
     tokio::spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(connection) => connection,
                 Err(error) => {
                     warn!(%error, "accepting an HTTP connection");
@@ -49,7 +50,7 @@ where
             let handle = handle.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request| {
-                    let reply = handle(request);
+                    let reply = handle(request, peer);
                     async move { Ok::<_, Infallible>(reply.await) }
                 });
                 if let Err(error) = hyper::server::conn::http1::Builder::new()
@@ -96,34 +97,43 @@ pub fn serve_metrics(
     metrics: Arc<Metrics>,
     log_level: Option<LogLevel>,
 ) -> JoinHandle<()> {
-    spawn_server(listener, move |request: Request<Incoming>| {
-        let metrics = metrics.clone();
-        let log_level = log_level.clone();
-        async move {
-            match (request.method(), request.uri().path()) {
-                (&Method::GET, "/metrics") => {
-                    // Reading the maps makes syscalls: off the async workers.
-                    match tokio::task::spawn_blocking(move || metrics.encode()).await {
-                        Ok(page) => reply(
-                            StatusCode::OK,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            page,
-                        ),
-                        Err(error) => reply(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "text/plain",
-                            format!("{error}\n"),
-                        ),
+    spawn_server(
+        listener,
+        move |request: Request<Incoming>, peer: SocketAddr| {
+            let metrics = metrics.clone();
+            let log_level = log_level.clone();
+            async move {
+                match (request.method(), request.uri().path()) {
+                    (&Method::GET, "/metrics") => {
+                        // Reading the maps makes syscalls: off the async workers.
+                        match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                            Ok(page) => reply(
+                                StatusCode::OK,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                page,
+                            ),
+                            Err(error) => reply(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "text/plain",
+                                format!("{error}\n"),
+                            ),
+                        }
                     }
+                    (_, "/debug/log-level") => log_level_endpoint(request, peer, log_level).await,
+                    _ => not_found(),
                 }
-                (_, "/debug/log-level") => log_level_endpoint(request, log_level).await,
-                _ => not_found(),
             }
-        }
-    })
+        },
+    )
 }
 
-async fn log_level_endpoint(request: Request<Incoming>, log_level: Option<LogLevel>) -> Reply {
+/// GET from anywhere the metrics are served; PUT only from this host (the metrics address is
+/// usually every address, so Prometheus can scrape it, and the endpoint has no authentication).
+async fn log_level_endpoint(
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    log_level: Option<LogLevel>,
+) -> Reply {
     let Some(log_level) = log_level else {
         return reply(
             StatusCode::NOT_FOUND,
@@ -136,6 +146,11 @@ async fn log_level_endpoint(request: Request<Incoming>, log_level: Option<LogLev
             StatusCode::OK,
             "text/plain",
             format!("{}\n", log_level.get()),
+        ),
+        Method::PUT | Method::POST if !peer.ip().is_loopback() => reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "the log level is set from the node itself (127.0.0.1)\n",
         ),
         Method::PUT | Method::POST => {
             let body = match request.into_body().collect().await {
@@ -221,7 +236,7 @@ pub fn serve_health(
     health: Arc<Health>,
     metrics: Arc<crate::metrics::AgentMetrics>,
 ) -> JoinHandle<()> {
-    spawn_server(listener, move |request: Request<Incoming>| {
+    spawn_server(listener, move |request: Request<Incoming>, _peer| {
         let health = health.clone();
         let metrics = metrics.clone();
         async move {
@@ -321,7 +336,7 @@ fn serve_health_check(
     listener: TcpListener,
     target: Arc<Mutex<HealthCheckTarget>>,
 ) -> JoinHandle<()> {
-    spawn_server(listener, move |_request: Request<Incoming>| {
+    spawn_server(listener, move |_request: Request<Incoming>, _peer| {
         let target = target.lock().map(|t| t.clone()).unwrap_or_default();
         async move {
             let body = serde_json::json!({
