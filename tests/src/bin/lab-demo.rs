@@ -33,7 +33,7 @@ const APPS: [(&str, u8, u8, u16); 6] = [
 
 struct NodeAgent {
     _agent: Proc,
-    _pins: PinDir,
+    pins: PinDir,
     cgroup: Cgroup,
 }
 
@@ -143,6 +143,7 @@ fn main() -> anyhow::Result<()> {
             spread(&report)
         );
     }
+    show_operator_view(&cluster.node(2).host, &agents[1])?;
     drop(agents);
     drop(servers);
     let prefix = lab.prefix().to_owned();
@@ -166,6 +167,34 @@ fn spread(report: &ClientReport) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// What an operator of node2 sees: `lb services` on its pinned maps, and the datapath's lines
+/// of its /metrics page (scraped inside node2's namespace).
+fn show_operator_view(node: &Host, agent: &NodeAgent) -> anyhow::Result<()> {
+    println!("\n{}: lb services", node.name());
+    let services = std::process::Command::new(peer::sibling_binary("lb")?)
+        .args(["services", "--pin-dir"])
+        .arg(agent.pins.path())
+        .output()?;
+    anyhow::ensure!(
+        services.status.success(),
+        "lb services: {}",
+        String::from_utf8_lossy(&services.stderr)
+    );
+    print!("{}", String::from_utf8_lossy(&services.stdout));
+    let metrics_address = std::net::SocketAddr::from(([127, 0, 0, 1], 10249));
+    let page = lab::http::get(node, metrics_address, "/metrics")?;
+    println!("\n{}: /metrics (datapath lines with a value)", node.name());
+    for line in page.body.lines().filter(|line| {
+        (line.starts_with("lb_service_new_flows_total")
+            || line.starts_with("lb_datapath_events_total")
+            || line.starts_with("kubeproxy_sync_proxy_rules_service_changes_total"))
+            && !line.ends_with(" 0")
+    }) {
+        println!("  {line}");
+    }
+    Ok(())
 }
 
 fn start_agent(lab: &Lab, node: &Host, scratch: &ScratchDir) -> anyhow::Result<NodeAgent> {
@@ -194,7 +223,7 @@ fn start_agent(lab: &Lab, node: &Host, scratch: &ScratchDir) -> anyhow::Result<N
     print_sync_line(&log, node.name());
     Ok(NodeAgent {
         _agent: agent,
-        _pins: pins,
+        pins,
         cgroup,
     })
 }
