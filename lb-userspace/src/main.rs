@@ -114,10 +114,10 @@ struct RunArgs {
     /// The cluster's NodePort range; nodePorts outside it are refused.
     #[arg(long, env = "LB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: RangeInclusive<u16>,
-    /// Address of /metrics (Prometheus, OpenMetrics text) and /debug/log-level; empty: off.
+    /// Address of /metrics (Prometheus, OpenMetrics text) and /debug/log-level; `off`: none.
     #[arg(long, env = "LB_METRICS_BIND_ADDRESS", default_value = "0.0.0.0:10249")]
     metrics_bind_address: String,
-    /// Address of /healthz and /livez; empty: off.
+    /// Address of /healthz and /livez; `off`: none.
     #[arg(long, env = "LB_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
     /// Seconds a change from the source may wait for its sync before /healthz says 503.

@@ -64,9 +64,9 @@ where
     })
 }
 
-/// Binds an address given as a flag ("" turns the server off).
+/// Binds an address given as a flag ("off", or "" on the command line, turns the server off).
 pub async fn bind(address: &str, what: &str) -> anyhow::Result<Option<TcpListener>> {
-    if address.is_empty() {
+    if address.is_empty() || address == "off" {
         return Ok(None);
     }
     let listener = TcpListener::bind(address)
