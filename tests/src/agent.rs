@@ -186,3 +186,20 @@ pub fn endpoint_slice(service: &str, endpoints: &[(std::net::Ipv4Addr, &str)]) -
     }
     yaml
 }
+
+/// Runs an `lb` inspection command (`services`, `explain ...`) with `-o json` on the pinned
+/// maps under `pin_dir`, and parses what it prints.
+pub fn lb_json(pin_dir: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let output = std::process::Command::new(peer::sibling_binary("lb")?)
+        .args(args)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(["-o", "json"])
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "lb {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}

@@ -2,27 +2,17 @@
 //! source-range drop, each explained by the real XDP program on the live maps, and a check that
 //! explaining changed no map entry.
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use lab::{
     agent::{AgentLab, endpoint_slice},
-    peer::{ClientRun, sibling_binary},
+    peer::ClientRun,
     topology::{node_addr, pod_addr},
 };
 use serde_json::Value;
 
 fn explain(pin_dir: &Path, source: &str, destination: &str) -> Value {
-    let output = Command::new(sibling_binary("lb").expect("lb"))
-        .args(["explain", source, destination, "-o", "json", "--pin-dir"])
-        .arg(pin_dir)
-        .output()
-        .expect("lb explain");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("json")
+    lab::agent::lb_json(pin_dir, &["explain", source, destination]).expect("lb explain")
 }
 
 /// Every entry of every map the datapath writes, as bytes: a fingerprint of the live state.

@@ -12,7 +12,7 @@ use lab::{
     agent::{AgentLab, endpoint_slice, node_port_service},
     http,
     lab::Host,
-    peer::{ClientRun, sibling_binary},
+    peer::ClientRun,
     topology::{CLIENT_ADDR, node_addr, pod_addr},
 };
 use openmetrics_parser::{MetricNumber, OpenMetricsValue, openmetrics::parse_openmetrics};
@@ -114,19 +114,7 @@ fn service_labels<'a>(name: &'a str, port: &'a str, protocol: &'a str) -> Vec<(&
 }
 
 fn lb_json(pin_dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
-    let output = std::process::Command::new(sibling_binary("lb").expect("lb binary"))
-        .args(args)
-        .arg("--pin-dir")
-        .arg(pin_dir)
-        .args(["-o", "json"])
-        .output()
-        .expect("run lb");
-    assert!(
-        output.status.success(),
-        "lb {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("lb prints JSON")
+    lab::agent::lb_json(pin_dir, args).unwrap_or_else(|error| panic!("{error:#}"))
 }
 
 #[test]
