@@ -823,8 +823,8 @@ struct Axis {
     min: f64,
     max: f64,
     label: String,
-    /// Vertical marks: (value, label, dash).
-    marks: Vec<(f64, String, &'static str)>,
+    /// Vertical marks: (value, label, dash, label anchor: start, middle or end).
+    marks: Vec<(f64, String, &'static str, &'static str)>,
 }
 
 fn bar_chart(title: &str, panels: &[Panel], axis: &Axis) -> String {
@@ -932,7 +932,7 @@ fn bar_chart(title: &str, panels: &[Panel], axis: &Axis) -> String {
                 &row.note,
             );
         }
-        for (value, label, dash) in &axis.marks {
+        for (value, label, dash, anchor) in &axis.marks {
             svg.line(
                 (scale(*value), plot_top - 4.0),
                 (scale(*value), plot_bottom),
@@ -940,13 +940,7 @@ fn bar_chart(title: &str, panels: &[Panel], axis: &Axis) -> String {
                 1.0,
                 dash,
             );
-            svg.text(
-                (scale(*value), plot_top - 6.0),
-                9.0,
-                "middle",
-                "#333",
-                label,
-            );
+            svg.text((scale(*value), plot_top - 6.0), 9.0, anchor, "#333", label);
         }
         svg.line((left, plot_bottom), (right, plot_bottom), "#333", 1.0, "");
         top += panel_height;
@@ -1021,7 +1015,10 @@ fn e2e_ratio_plot(e2e: &Value) -> String {
         max: (highest * 10.0).ceil() / 10.0,
         label: "median rate / median rate straight to a pod (bar); lowest-highest round (whisker)"
             .to_owned(),
-        marks: vec![(0.9, "0.9".to_owned(), "4 3"), (1.0, "1.0".to_owned(), "")],
+        marks: vec![
+            (0.9, "0.9 ".to_owned(), "4 3", "end"),
+            (1.0, " 1.0".to_owned(), "", "start"),
+        ],
     };
     let title = format!(
         "End to end: rate relative to straight to a pod ({} interleaved rounds of {} ms)",
