@@ -1,11 +1,13 @@
 //! `cargo xtask <command>`: the developer commands. Each one installs what it needs first, so the
 //! README's two commands work on a fresh machine.
 
+mod report;
 mod setup;
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Instant,
 };
 
 use anyhow::{Context as _, bail};
@@ -27,13 +29,16 @@ enum Task {
     BuildEbpf,
     /// The main job: build a lab of network namespaces, load the datapath and show it at work.
     Demo,
-    /// The per-packet datapath benchmark: every path through BPF_PROG_TEST_RUN at 1, 10k and 100k
-    /// services (needs root). Prints a table and writes target/bench/datapath.json.
+    /// The benchmarks (needs root): per packet, every datapath path through BPF_PROG_TEST_RUN at
+    /// 1, 1k, 10k and 100k services; the control plane; end to end in the lab against iptables and
+    /// nftables. Prints tables and writes target/bench/*.json.
     Bench {
         /// Extra arguments for lb-bench, e.g. `--iterations 5000` or `--services 1,1000`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Plots and summary (target/bench/*.svg, summary.md) again from the JSON a bench left.
+    BenchReport,
     /// The whole test suite: formatting, clippy (stable, and nightly for the eBPF crate), and every
     /// test including the ones against the real kernel (needs root).
     Test {
@@ -61,6 +66,7 @@ fn run_task(task: Task) -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(&root),
         Task::Demo => demo(&root),
         Task::Bench { args } => bench(&root, &args),
+        Task::BenchReport => bench_report(&root, None),
         Task::Test { args } => test(&root, &args),
     }
 }
@@ -126,6 +132,7 @@ fn demo(root: &Path) -> anyhow::Result<()> {
 }
 
 fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    let started = Instant::now();
     setup::ensure(root)?;
     ensure_root("the benchmark loads eBPF programs and pins their maps in bpffs")?;
     run(Command::new("cargo")
@@ -134,23 +141,58 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .args(["--bin", "lb-bench-e2e", "--bin", "lab-peer"])
         .args(["--package", "lb-userspace", "--bin", "lb"])
         .current_dir(root))?;
+    let build = started.elapsed();
     let target = target_dir(root);
+    let dir = target.join("bench");
     // The datapath: per-packet cost of every XDP and tc path at several table sizes.
+    let step = Instant::now();
     run(Command::new(target.join("release").join("lb-bench"))
         .arg("--out")
-        .arg(target.join("bench").join("datapath.json"))
+        .arg(dir.join("datapath.json"))
         .args(extra))?;
+    let datapath = step.elapsed();
     // The control plane: programming 10k services x 10 endpoints, and one change at that size.
-    run(&mut Command::new(
-        target.join("release").join("lb-bench-control"),
-    ))?;
+    let step = Instant::now();
+    run(
+        Command::new(target.join("release").join("lb-bench-control"))
+            .arg("--out")
+            .arg(dir.join("control.json")),
+    )?;
+    let control = step.elapsed();
     // End to end in the lab: lb, kube-proxy-shaped iptables and nftables rules, straight to a
     // pod; reads control.json for the rule-loading comparison.
+    let step = Instant::now();
     run(Command::new(target.join("release").join("lb-bench-e2e"))
         .arg("--out")
-        .arg(target.join("bench").join("e2e.json"))
+        .arg(dir.join("e2e.json"))
         .arg("--control")
-        .arg(target.join("bench").join("control.json")))
+        .arg(dir.join("control.json")))?;
+    let e2e = step.elapsed();
+    // Plots and the summary of where the targets stand.
+    let timings = report::Timings {
+        build,
+        datapath,
+        control,
+        e2e,
+        total: started.elapsed(),
+    };
+    bench_report(root, Some(&timings))
+}
+
+/// Writes the plots and the summary from target/bench/*.json and prints the summary.
+fn bench_report(root: &Path, timings: Option<&report::Timings>) -> anyhow::Result<()> {
+    let dir = target_dir(root).join("bench");
+    let commit = output(
+        Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .current_dir(root),
+    )
+    .map(|commit| commit.trim().to_owned())
+    .unwrap_or_else(|_| "unknown".to_owned());
+    let summary = report::write(&dir, &commit, timings)?;
+    println!("\n{summary}");
+    println!("written to {}: summary.md, *.json, *.svg", dir.display());
+    Ok(())
 }
 
 fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {

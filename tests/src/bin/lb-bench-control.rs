@@ -5,7 +5,7 @@
 //! Objects carry resourceVersions, as the API server's do, so the incremental compiler only
 //! recompiles what changed. In-process, so the figures are the agent's own work; a source adds its delivery time on top
 //! (the file source polls every 250 ms, the Kubernetes source coalesces bursts over 50 ms).
-//! Run by `cargo xtask bench`; prints a table and writes target/bench/control.json.
+//! Run by `cargo xtask bench`; prints a table and writes target/bench/control.json (`--out`).
 
 use std::{
     collections::BTreeMap,
@@ -31,7 +31,16 @@ const SERVICES: usize = 10_000;
 const ENDPOINTS: usize = 10;
 const CHANGES: usize = 21;
 
+#[derive(clap::Parser)]
+#[command(about = "Control plane: 10k services x 10 endpoints from nothing, and one change")]
+struct Args {
+    /// Where the JSON report goes (`cargo xtask bench` passes its target directory's).
+    #[arg(long, default_value = "target/bench/control.json")]
+    out: std::path::PathBuf,
+}
+
 fn main() -> anyhow::Result<()> {
+    let args = <Args as clap::Parser>::parse();
     let lab = Lab::new()?;
     let pins = PinDir::new(&lab, "bench-control")?;
     let rss_start = peak_rss_kib();
@@ -123,12 +132,10 @@ fn main() -> anyhow::Result<()> {
         "change_p90_ms": ms(p90),
         "change_compile_median_ms": ms(compile_median),
     });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("control.json"),
-        serde_json::to_string_pretty(&json)?,
-    )?;
+    if let Some(dir) = args.out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&json)? + "\n")?;
     drop(datapath);
     Ok(())
 }

@@ -10,6 +10,13 @@
 //! take to load 10k services x 10 endpoints, next to lb's in-process figure (target/bench/
 //! control.json, from lb-bench-control). Prints a table and writes target/bench/e2e.json.
 //!
+//! Every configuration (the baseline, each rule set at each size, the agent at each size) has a
+//! lab of its own, all built and loaded first and kept up together, so the runs can be
+//! interleaved: each of `--rounds` rounds runs every configuration once per mode and client count,
+//! in a rotated order, and the figures are medians over the rounds with their spread. Single
+//! runs on a shared 2-CPU machine move by +-15%; runs of different configurations minutes or
+//! hours apart move more.
+//!
 //! The measured Service (10.96.0.10:80, nodePort 30080) has two endpoints on node2 (n2p0, n2p1);
 //! the client pod is n1p1 on node1, so every path crosses node1 and node2 (pod -> node1 -> node2
 //! -> pod), and pod -> ClusterIP traffic goes through node1's PREROUTING, where iptables and
@@ -41,8 +48,17 @@ use serde::Serialize;
 )]
 struct Args {
     /// Length of every measured run.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 1000)]
     duration_ms: u64,
+    /// Interleaved rounds: each one runs every configuration once per mode and client count;
+    /// the figures are the medians over the rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Also measure straight to a pod inside every configuration (not only in the baseline's
+    /// lab): shows what a rule set costs traffic that is not for a Service, at the price of
+    /// twice the runs.
+    #[arg(long)]
+    direct_everywhere: bool,
     /// Parallel client counts.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     clients: Vec<usize>,
@@ -353,24 +369,29 @@ struct PathSpec {
     peer_seen: Option<Ipv4Addr>,
 }
 
-fn paths(with_services: bool) -> Vec<PathSpec> {
+/// The paths of one configuration: straight to a pod when `direct`, the measured Service's
+/// ClusterIP and NodePort when `with_services`.
+fn paths(direct: bool, with_services: bool) -> Vec<PathSpec> {
     let pod = pod_addr(1, 1);
-    let mut all = vec![
-        PathSpec {
-            name: "pod -> pod",
-            from: From::Pod,
-            to: format!("{}:{POD_PORT}", pod_addr(2, 0)),
-            servers: &["n2p0"],
-            peer_seen: Some(pod),
-        },
-        PathSpec {
-            name: "client -> pod",
-            from: From::Client,
-            to: format!("{}:{POD_PORT}", pod_addr(2, 0)),
-            servers: &["n2p0"],
-            peer_seen: Some(CLIENT_ADDR),
-        },
-    ];
+    let mut all = Vec::new();
+    if direct {
+        all.extend([
+            PathSpec {
+                name: "pod -> pod",
+                from: From::Pod,
+                to: format!("{}:{POD_PORT}", pod_addr(2, 0)),
+                servers: &["n2p0"],
+                peer_seen: Some(pod),
+            },
+            PathSpec {
+                name: "client -> pod",
+                from: From::Client,
+                to: format!("{}:{POD_PORT}", pod_addr(2, 0)),
+                servers: &["n2p0"],
+                peer_seen: Some(CLIENT_ADDR),
+            },
+        ]);
+    }
     if with_services {
         all.push(PathSpec {
             name: "pod -> ClusterIP",
@@ -409,6 +430,7 @@ impl Mode {
     }
 }
 
+/// One measured run: one path, mode and client count of one configuration, in one round.
 #[derive(Serialize, Clone)]
 struct Run {
     system: String,
@@ -417,6 +439,8 @@ struct Run {
     path: String,
     mode: String,
     clients: usize,
+    /// Which of the interleaved rounds it belongs to (from 0).
+    round: u32,
     rate_per_s: u64,
     p50_us: f64,
     p90_us: f64,
@@ -428,9 +452,38 @@ struct Run {
     error_samples: Vec<String>,
     by_server: BTreeMap<String, u64>,
     peers_seen: BTreeMap<String, u64>,
-    /// rate / the baseline's rate for the same client namespace, mode and client count.
+}
+
+/// Every round's run of one system, size, path, mode and client count, summed up.
+#[derive(Serialize, Clone)]
+struct Cell {
+    system: String,
+    services: usize,
+    path: String,
+    mode: String,
+    clients: usize,
+    runs: usize,
+    /// Median of the per-run rates (requests/s over all clients), and their range.
+    rate_median_per_s: f64,
+    rate_min_per_s: u64,
+    rate_max_per_s: u64,
+    /// (max - min) / median of the per-run rates.
+    rate_spread: f64,
+    /// Medians over the runs of each run's own p50, p99 and max latency.
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    /// Errors over all runs.
+    errors: u64,
+    /// Median rate / the baseline's median rate for the same client namespace, mode and client
+    /// count.
     ratio_to_baseline: Option<f64>,
-    /// rate / the straight-to-pod rate measured in the same configuration (same lab, same rules).
+    /// The same ratio round by round (each run against the baseline's run of its round): the
+    /// lowest and highest.
+    round_ratio_min: Option<f64>,
+    round_ratio_max: Option<f64>,
+    /// Median rate / the median straight-to-pod rate of the same configuration, when that was
+    /// measured (--direct-everywhere).
     ratio_to_same_config_direct: Option<f64>,
 }
 
@@ -475,68 +528,136 @@ impl Clients<'_> {
     }
 }
 
-struct Bench {
-    args: Args,
-    runs: Vec<Run>,
+/// One system at one size, in a lab of its own. Every configuration's lab stays up for the whole
+/// bench, so that the rounds can visit all of them in turn.
+struct Config<'a> {
+    system: &'static str,
+    services: usize,
+    clients: Clients<'a>,
+    paths: Vec<PathSpec>,
 }
 
-impl Bench {
-    /// Measures every path of one configuration in every mode and client count.
-    fn measure(
-        &mut self,
-        system: &str,
-        services: usize,
-        clients: &Clients,
-        with_services: bool,
-    ) -> anyhow::Result<()> {
-        for path in paths(with_services) {
-            // Warm-up (ARP, conntrack, caches), and the check that the path works at all.
-            let warm = clients.load(&path, Mode::Crr, 1, 200)?;
-            check(system, &path, &warm)?;
-            for mode in [Mode::Rr, Mode::Crr] {
-                for &count in &self.args.clients {
-                    let report = clients.load(&path, mode, count, self.args.duration_ms)?;
-                    check(system, &path, &report)?;
-                    let latency = report.latency.clone().unwrap_or_default();
-                    let us = |ns: u64| ns as f64 / 1000.0;
-                    let run = Run {
-                        system: system.to_owned(),
-                        services,
-                        path: path.name.to_owned(),
-                        mode: mode.label().to_owned(),
-                        clients: count,
-                        rate_per_s: latency.rate_per_s,
-                        p50_us: us(latency.p50_ns),
-                        p90_us: us(latency.p90_ns),
-                        p99_us: us(latency.p99_ns),
-                        max_us: us(latency.max_ns),
-                        attempts: report.attempts,
-                        ok: report.ok,
-                        errors: report.errors,
-                        error_samples: report.error_samples.clone(),
-                        by_server: report.by_server.clone(),
-                        peers_seen: report.peers_seen.clone(),
-                        ratio_to_baseline: None,
-                        ratio_to_same_config_direct: None,
-                    };
-                    eprintln!(
-                        "  {system:<8} {services:>5} {:<18} {:<21} x{count}: {:>7}/s p50 {:>7.1} us p99 {:>8.1} us{}",
-                        path.name,
-                        mode.label(),
-                        run.rate_per_s,
-                        run.p50_us,
-                        run.p99_us,
-                        if run.errors > 0 {
-                            format!(" ({} errors)", run.errors)
-                        } else {
-                            String::new()
-                        }
-                    );
-                    self.runs.push(run);
-                }
-            }
+impl Config<'_> {
+    /// Runs one path once and checks who answered.
+    fn run(
+        &self,
+        path: &PathSpec,
+        mode: Mode,
+        clients: usize,
+        duration_ms: u64,
+        round: u32,
+    ) -> anyhow::Result<Run> {
+        let report = self.clients.load(path, mode, clients, duration_ms)?;
+        check(self.system, path, &report)?;
+        let latency = report.latency.clone().unwrap_or_default();
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Ok(Run {
+            system: self.system.to_owned(),
+            services: self.services,
+            path: path.name.to_owned(),
+            mode: mode.label().to_owned(),
+            clients,
+            round,
+            rate_per_s: latency.rate_per_s,
+            p50_us: us(latency.p50_ns),
+            p90_us: us(latency.p90_ns),
+            p99_us: us(latency.p99_ns),
+            max_us: us(latency.max_ns),
+            attempts: report.attempts,
+            ok: report.ok,
+            errors: report.errors,
+            error_samples: report.error_samples,
+            by_server: report.by_server,
+            peers_seen: report.peers_seen,
+        })
+    }
+}
+
+/// Lab B: a cluster with a server in every pod and nothing on node1 but what the bench loads into
+/// its namespace: a rule set, or nothing at all for the baseline. Fields drop in order.
+struct RuleLab {
+    _servers: Vec<Proc>,
+    scratch: ScratchDir,
+    cluster: Cluster,
+    _lab: Lab,
+}
+
+impl RuleLab {
+    fn new(spec: &ClusterSpec) -> anyhow::Result<Self> {
+        let mut lab = Lab::new()?;
+        let cluster = Cluster::build(&mut lab, spec)?;
+        let servers = cluster
+            .pods()
+            .map(|pod| peer::serve(&pod.host, pod.host.name(), POD_PORT))
+            .collect::<anyhow::Result<_>>()?;
+        route_client_via_node1(&cluster.client)?;
+        refuse_redirects_on_node1(&cluster.node(1).host)?;
+        let scratch = ScratchDir::new(&lab, "e2e")?;
+        Ok(Self {
+            _servers: servers,
+            scratch,
+            cluster,
+            _lab: lab,
+        })
+    }
+
+    fn clients(&self) -> Clients<'_> {
+        Clients {
+            pod: &self.cluster.node(1).pods[1].host,
+            client: &self.cluster.client,
+            cgroup: None,
         }
-        Ok(())
+    }
+
+    /// Loads `system`'s rule set for `size` background services into node1's namespace, from
+    /// nothing, and times it.
+    fn load_rules(
+        &self,
+        system: &str,
+        size: usize,
+        endpoints: usize,
+        timeout_s: u64,
+    ) -> anyhow::Result<RuleLoad> {
+        let node1 = &self.cluster.node(1).host;
+        let services = services(size, endpoints);
+        let (input, file) = match system {
+            "iptables" => (iptables_rules(&services), "rules.iptables"),
+            _ => (nft_rules(&services), "rules.nft"),
+        };
+        let path = self.scratch.path().join(file);
+        std::fs::write(&path, &input)?;
+        // From nothing: the namespace's ruleset (iptables-nft's tables too) is emptied.
+        node1.run("nft", &["flush", "ruleset"])?;
+        let path_arg = path.to_str().context("scratch path")?;
+        let limit = timeout_s.to_string();
+        let started = Instant::now();
+        let loaded = match system {
+            "iptables" => node1.run("timeout", &[&limit, "iptables-restore", path_arg]),
+            _ => node1.run("timeout", &[&limit, "nft", "-f", path_arg]),
+        };
+        let load = started.elapsed();
+        let timed_out = loaded.is_err() && load.as_secs() >= timeout_s;
+        if !timed_out {
+            loaded?;
+        }
+        eprintln!(
+            "{system}: {size} services x {endpoints} endpoints (+ the measured one) {} {:.0} ms",
+            if timed_out {
+                "NOT loaded (killed) after"
+            } else {
+                "loaded in"
+            },
+            load.as_secs_f64() * 1000.0
+        );
+        Ok(RuleLoad {
+            system: system.to_owned(),
+            services: size,
+            endpoints_per_service: endpoints,
+            input_lines: input.lines().count(),
+            input_bytes: input.len(),
+            load_ms: (!timed_out).then_some(load.as_secs_f64() * 1000.0),
+            timed_out,
+        })
     }
 }
 
@@ -583,6 +704,15 @@ struct RuleLoad {
     timed_out: bool,
 }
 
+/// The agent from a running start with no Service to `services` (+ the measured one) synced.
+#[derive(Serialize)]
+struct LbSync {
+    services: usize,
+    endpoints_per_service: usize,
+    /// From the manifest file's arrival to the agent's "synced" line (YAML parse included).
+    sync_ms: f64,
+}
+
 #[derive(Serialize)]
 struct Target {
     target: String,
@@ -595,30 +725,33 @@ struct Target {
 struct Report {
     machine: BTreeMap<String, String>,
     duration_ms: u64,
+    rounds: u32,
     clients: Vec<usize>,
     services: Vec<usize>,
     endpoints_per_service: usize,
+    /// Every run, in the order they ran.
     runs: Vec<Run>,
+    /// The runs summed up per system, size, path, mode and client count.
+    cells: Vec<Cell>,
     rule_loads: Vec<RuleLoad>,
-    /// The agent's drop and reject counters (cumulative) after the runs at each size.
+    lb_syncs: Vec<LbSync>,
+    /// The agent's drop and reject counters (cumulative) after all rounds, per size.
     lb_events: BTreeMap<String, BTreeMap<String, u64>>,
     /// target/bench/control.json as lb-bench-control wrote it, when present.
     lb_control: Option<serde_json::Value>,
     targets: Vec<Target>,
+    /// Building the labs and loading the rule sets; measuring (warm-up and rounds); everything.
+    setup_s: f64,
+    measure_s: f64,
     wall_s: f64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    ensure!(args.rounds > 0, "--rounds must be at least 1");
     let started = Instant::now();
     let mut machine = BTreeMap::new();
-    machine.insert(
-        "loadavg_before".to_owned(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-    );
+    machine.insert("loadavg_before".to_owned(), loadavg());
     for (key, program, program_args) in [
         ("nproc", "nproc", &[][..]),
         ("kernel", "uname", &["-r"][..]),
@@ -634,172 +767,198 @@ fn main() -> anyhow::Result<()> {
             String::from_utf8_lossy(&output.stdout).trim().to_owned(),
         );
     }
-    let mut bench = Bench {
-        runs: Vec::new(),
-        args,
-    };
-    let mut rule_loads = Vec::new();
-    let mut lb_events = BTreeMap::new();
     let spec = ClusterSpec {
         pods_per_node: vec![2, 2],
     };
+    let wanted = |system: &str| args.systems.iter().any(|wanted| wanted == system);
 
-    // Lab B first: the baseline with nothing in the way, then the rule sets.
-    {
-        let mut lab = Lab::new()?;
-        let cluster = Cluster::build(&mut lab, &spec)?;
-        let _servers: Vec<Proc> = cluster
-            .pods()
-            .map(|pod| peer::serve(&pod.host, pod.host.name(), POD_PORT))
-            .collect::<anyhow::Result<_>>()?;
-        route_client_via_node1(&cluster.client)?;
-        cluster
-            .node(1)
-            .host
-            .sysctl("net.ipv4.conf.all.send_redirects", "0")?;
-        cluster
-            .node(1)
-            .host
-            .sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
-        let scratch = ScratchDir::new(&lab, "e2e")?;
-        let node1 = &cluster.node(1).host;
-        let clients = Clients {
-            pod: &cluster.node(1).pods[1].host,
-            client: &cluster.client,
-            cgroup: None,
-        };
-        eprintln!("baseline: straight to a pod, no agent, no rules");
-        bench.measure("baseline", 0, &clients, false)?;
-        let sizes = bench.args.services.clone();
-        let endpoints = bench.args.endpoints;
-        for system in ["iptables", "nftables"] {
-            if !bench.args.systems.iter().any(|wanted| wanted == system) {
-                continue;
+    // Every configuration gets a lab of its own, built and loaded before anything is measured.
+    eprintln!("setting up: one lab per configuration");
+    let baseline = RuleLab::new(&spec)?;
+    let mut rule_loads = Vec::new();
+    let mut rule_labs = Vec::new();
+    for system in ["iptables", "nftables"] {
+        if !wanted(system) {
+            continue;
+        }
+        for &size in &args.services {
+            let lab = RuleLab::new(&spec)?;
+            let load = lab.load_rules(system, size, args.endpoints, args.load_timeout_s)?;
+            let timed_out = load.timed_out;
+            rule_loads.push(load);
+            if !timed_out {
+                rule_labs.push((system, size, lab));
             }
-            for &size in &sizes {
-                let services = services(size, endpoints);
-                let (input, file) = match system {
-                    "iptables" => (iptables_rules(&services), "rules.iptables"),
-                    _ => (nft_rules(&services), "rules.nft"),
-                };
-                let path = scratch.path().join(file);
-                std::fs::write(&path, &input)?;
-                // From nothing: the namespace's ruleset (iptables-nft's tables too) is emptied.
-                node1.run("nft", &["flush", "ruleset"])?;
-                let path_arg = path.to_str().context("scratch path")?;
-                let limit = bench.args.load_timeout_s.to_string();
-                let load_started = Instant::now();
-                let loaded = match system {
-                    "iptables" => node1.run("timeout", &[&limit, "iptables-restore", path_arg]),
-                    _ => node1.run("timeout", &[&limit, "nft", "-f", path_arg]),
-                };
-                let load = load_started.elapsed();
-                let timed_out = loaded.is_err() && load.as_secs() >= bench.args.load_timeout_s;
-                if !timed_out {
-                    loaded?;
-                }
-                eprintln!(
-                    "{system}: {size} services x {endpoints} endpoints (+ the measured one) {} {:.0} ms",
-                    if timed_out {
-                        "NOT loaded (killed) after"
-                    } else {
-                        "loaded in"
-                    },
-                    load.as_secs_f64() * 1000.0
-                );
-                rule_loads.push(RuleLoad {
-                    system: system.to_owned(),
-                    services: size,
-                    endpoints_per_service: endpoints,
-                    input_lines: input.lines().count(),
-                    input_bytes: input.len(),
-                    load_ms: (!timed_out).then_some(load.as_secs_f64() * 1000.0),
-                    timed_out,
-                });
-                if !timed_out {
-                    bench.measure(system, size, &clients, true)?;
-                }
-            }
-            node1.run("nft", &["flush", "ruleset"])?;
         }
     }
-
-    // Lab A: the real agent on node1.
-    if bench.args.systems.iter().any(|wanted| wanted == "lb") {
-        let mut setup = AgentLab::with_spec(&spec)?;
-        route_client_via_node1(&setup.cluster.client)?;
-        let node1 = &setup.cluster.node(1).host;
-        node1.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
-        node1.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
-        let sizes = bench.args.services.clone();
-        let endpoints = bench.args.endpoints;
-        let manifests = setup.manifests();
-        for (index, &size) in sizes.iter().enumerate() {
-            let yaml = manifests_file(&setup, &services(size, endpoints))?;
+    let mut lb_syncs = Vec::new();
+    let mut agent_labs = Vec::new();
+    if wanted("lb") {
+        for &size in &args.services {
+            let mut setup = AgentLab::with_spec(&spec)?;
+            route_client_via_node1(&setup.cluster.client)?;
+            refuse_redirects_on_node1(&setup.cluster.node(1).host)?;
+            // Started on an empty manifest directory, so the sync below is the Services' alone,
+            // not the programs' loading.
+            setup.start_agent(&[])?;
+            let yaml = manifests_file(&setup, &services(size, args.endpoints))?;
+            let before = synced_lines(&setup.log());
             let sync_started = Instant::now();
-            if index == 0 {
-                std::fs::rename(&yaml, manifests.join("services.yaml"))?;
-                setup.start_agent(&[])?;
-            } else {
-                let before = synced_lines(&setup.log());
-                std::fs::rename(&yaml, manifests.join("services.yaml"))?;
-                wait_for_log(&setup.log(), "synced", before + 1, Duration::from_secs(120))?;
-            }
+            std::fs::rename(&yaml, setup.manifests().join("services.yaml"))?;
+            wait_for_log(&setup.log(), "synced", before + 1, Duration::from_secs(120))?;
+            let sync_ms = sync_started.elapsed().as_secs_f64() * 1000.0;
             eprintln!(
-                "lb: {size} services x {endpoints} endpoints (+ the measured one) synced from the file source in {:.0} ms",
-                sync_started.elapsed().as_secs_f64() * 1000.0
+                "lb: {size} services x {} endpoints (+ the measured one) synced from the file source in {sync_ms:.0} ms",
+                args.endpoints
             );
-            let clients = Clients {
+            lb_syncs.push(LbSync {
+                services: size,
+                endpoints_per_service: args.endpoints,
+                sync_ms,
+            });
+            agent_labs.push((size, setup));
+        }
+    }
+    let setup_s = started.elapsed().as_secs_f64();
+
+    let mut configs = vec![Config {
+        system: "baseline",
+        services: 0,
+        clients: baseline.clients(),
+        paths: paths(true, false),
+    }];
+    for (system, size, lab) in &rule_labs {
+        configs.push(Config {
+            system,
+            services: *size,
+            clients: lab.clients(),
+            paths: paths(args.direct_everywhere, true),
+        });
+    }
+    for (size, setup) in &agent_labs {
+        configs.push(Config {
+            system: "lb",
+            services: *size,
+            clients: Clients {
                 pod: setup.client_pod(),
                 client: &setup.cluster.client,
                 cgroup: Some(&setup.cgroup),
-            };
-            bench.measure("lb", size, &clients, true)?;
-            let events = setup.events()?;
-            eprintln!("lb: drop and reject counters after {size} services: {events:?}");
-            lb_events.insert(
-                size.to_string(),
-                events
-                    .into_iter()
-                    .map(|(label, count)| (label.to_owned(), count))
-                    .collect(),
-            );
-        }
+            },
+            paths: paths(args.direct_everywhere, true),
+        });
     }
 
-    let Bench { args, mut runs } = bench;
-    fill_ratios(&mut runs);
-    let targets = targets(&runs, &args);
+    let measure_started = Instant::now();
+    // Warm-up (ARP, conntrack, caches), and the check that every path works at all.
+    for config in &configs {
+        for path in &config.paths {
+            config.run(path, Mode::Crr, 1, 200, 0)?;
+        }
+    }
+    // Rounds: each one visits every configuration for every mode and client count, in an order
+    // rotated from one mode and round to the next, so runs meant to be compared are minutes apart
+    // at most and whatever else loads the machine spreads over all of them.
+    let combos: Vec<(Mode, usize)> = [Mode::Rr, Mode::Crr]
+        .into_iter()
+        .flat_map(|mode| args.clients.iter().map(move |&clients| (mode, clients)))
+        .collect();
+    let mut runs = Vec::new();
+    for round in 0..args.rounds {
+        let round_started = Instant::now();
+        eprintln!("round {} of {}", round + 1, args.rounds);
+        for (index, &(mode, clients)) in combos.iter().enumerate() {
+            for step in 0..configs.len() {
+                let config = &configs[(step + index + round as usize) % configs.len()];
+                for path in &config.paths {
+                    let run = config.run(path, mode, clients, args.duration_ms, round)?;
+                    eprintln!(
+                        "  {:<8} {:>5} {:<18} {:<21} x{clients}: {:>7}/s p50 {:>7.1} us p99 {:>8.1} us{}",
+                        run.system,
+                        run.services,
+                        run.path,
+                        run.mode,
+                        run.rate_per_s,
+                        run.p50_us,
+                        run.p99_us,
+                        if run.errors > 0 {
+                            format!(" ({} errors)", run.errors)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    runs.push(run);
+                }
+            }
+        }
+        eprintln!(
+            "round {} took {:.0} s; load average {}",
+            round + 1,
+            round_started.elapsed().as_secs_f64(),
+            loadavg()
+        );
+    }
+    let measure_s = measure_started.elapsed().as_secs_f64();
+    let mut lb_events = BTreeMap::new();
+    for (size, setup) in &agent_labs {
+        let events = setup.events()?;
+        eprintln!("lb: drop and reject counters after every round at {size} services: {events:?}");
+        lb_events.insert(
+            size.to_string(),
+            events
+                .into_iter()
+                .map(|(label, count)| (label.to_owned(), count))
+                .collect(),
+        );
+    }
+    drop(configs);
+    drop(agent_labs);
+    drop(rule_labs);
+    drop(baseline);
+
+    let cells = cells(&runs);
+    let targets = targets(&cells, &args);
     let lb_control = std::fs::read_to_string(&args.control)
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok());
-    machine.insert(
-        "loadavg_after".to_owned(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-    );
+    machine.insert("loadavg_after".to_owned(), loadavg());
     let report = Report {
         machine,
         duration_ms: args.duration_ms,
+        rounds: args.rounds,
         clients: args.clients.clone(),
         services: args.services.clone(),
         endpoints_per_service: args.endpoints,
         runs,
+        cells,
         rule_loads,
+        lb_syncs,
         lb_events,
         lb_control,
         targets,
+        setup_s,
+        measure_s,
         wall_s: started.elapsed().as_secs_f64(),
     };
     print_tables(&report);
-    if let Some(dir) = args.out.parent() {
+    if let Some(dir) = args.out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
-    println!("\nwrote {} ({:.0} s)", args.out.display(), report.wall_s);
+    println!(
+        "\nwrote {} ({:.0} s: {:.0} s setting up, {:.0} s measuring)",
+        args.out.display(),
+        report.wall_s,
+        report.setup_s,
+        report.measure_s
+    );
     Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 /// The client namespace has no route to the pods; NodePort traffic goes through node1, so the
@@ -811,6 +970,11 @@ fn route_client_via_node1(client: &Host) -> anyhow::Result<()> {
         client.sysctl(&format!("net.ipv4.conf.{scope}.accept_redirects"), "0")?;
     }
     client.route(&["10.244.0.0/16", "via", &node_addr(1).to_string()])
+}
+
+fn refuse_redirects_on_node1(node1: &Host) -> anyhow::Result<()> {
+    node1.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
+    node1.sysctl("net.ipv4.conf.eth0.send_redirects", "0")
 }
 
 /// Writes the manifests next to the agent's manifest directory, to be renamed into it: the file
@@ -841,52 +1005,151 @@ fn from_of(path: &str) -> &'static str {
     }
 }
 
-fn fill_ratios(runs: &mut [Run]) {
-    let snapshot = runs.to_vec();
-    for run in runs.iter_mut() {
-        let base = |system: &str, services: usize| {
-            snapshot
-                .iter()
-                .find(|other| {
-                    other.system == system
-                        && other.services == services
-                        && other.mode == run.mode
-                        && other.clients == run.clients
-                        && other.path == format!("{} -> pod", from_of(&run.path))
-                })
-                .map(|other| other.rate_per_s)
-                .filter(|&rate| rate > 0)
-        };
-        run.ratio_to_baseline = base("baseline", 0).map(|rate| run.rate_per_s as f64 / rate as f64);
-        run.ratio_to_same_config_direct =
-            base(&run.system, run.services).map(|rate| run.rate_per_s as f64 / rate as f64);
+/// Nearest-rank median (the lower middle of an even count, so always a measured value).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[(values.len() - 1) / 2]
+}
+
+/// Sums up the runs per system, size, path, mode and client count, with ratios to the baseline.
+fn cells(runs: &[Run]) -> Vec<Cell> {
+    let same = |a: &Run, b: &Run| {
+        a.system == b.system
+            && a.services == b.services
+            && a.path == b.path
+            && a.mode == b.mode
+            && a.clients == b.clients
+    };
+    let mut groups: Vec<Vec<&Run>> = Vec::new();
+    for run in runs {
+        match groups.iter_mut().find(|group| same(group[0], run)) {
+            Some(group) => group.push(run),
+            None => groups.push(vec![run]),
+        }
     }
+    let median_of = |group: &[&Run], value: fn(&Run) -> f64| {
+        median(&mut group.iter().map(|run| value(run)).collect::<Vec<_>>())
+    };
+    let cells: Vec<Cell> = groups
+        .iter()
+        .map(|group| {
+            let first = group[0];
+            let rate = median_of(group, |run| run.rate_per_s as f64);
+            let min = group.iter().map(|run| run.rate_per_s).min().unwrap_or(0);
+            let max = group.iter().map(|run| run.rate_per_s).max().unwrap_or(0);
+            Cell {
+                system: first.system.clone(),
+                services: first.services,
+                path: first.path.clone(),
+                mode: first.mode.clone(),
+                clients: first.clients,
+                runs: group.len(),
+                rate_median_per_s: rate,
+                rate_min_per_s: min,
+                rate_max_per_s: max,
+                rate_spread: if rate > 0.0 {
+                    (max - min) as f64 / rate
+                } else {
+                    0.0
+                },
+                p50_us: median_of(group, |run| run.p50_us),
+                p99_us: median_of(group, |run| run.p99_us),
+                max_us: median_of(group, |run| run.max_us),
+                errors: group.iter().map(|run| run.errors).sum(),
+                ratio_to_baseline: None,
+                round_ratio_min: None,
+                round_ratio_max: None,
+                ratio_to_same_config_direct: None,
+            }
+        })
+        .collect();
+    // Reading order: mode, client count, system, size, path.
+    let rank = |cell: &Cell| {
+        let system = ["baseline", "iptables", "nftables", "lb"]
+            .iter()
+            .position(|system| *system == cell.system);
+        let path = [
+            "pod -> pod",
+            "client -> pod",
+            "pod -> ClusterIP",
+            "client -> NodePort",
+        ]
+        .iter()
+        .position(|path| *path == cell.path);
+        (
+            cell.mode != Mode::Rr.label(),
+            cell.clients,
+            system,
+            cell.services,
+            path,
+        )
+    };
+    let mut order: Vec<usize> = (0..cells.len()).collect();
+    order.sort_by_key(|&index| rank(&cells[index]));
+    let mut cells: Vec<Cell> = order.iter().map(|&index| cells[index].clone()).collect();
+    let groups: Vec<Vec<&Run>> = order.iter().map(|&index| groups[index].clone()).collect();
+    let snapshot = cells.clone();
+    for (cell, group) in cells.iter_mut().zip(&groups) {
+        let direct = format!("{} -> pod", from_of(&cell.path));
+        let reference = |system: &str, services: usize| {
+            snapshot.iter().position(|other| {
+                other.system == system
+                    && other.services == services
+                    && other.mode == cell.mode
+                    && other.clients == cell.clients
+                    && other.path == direct
+            })
+        };
+        if let Some(index) = reference("baseline", 0)
+            && snapshot[index].rate_median_per_s > 0.0
+        {
+            cell.ratio_to_baseline =
+                Some(cell.rate_median_per_s / snapshot[index].rate_median_per_s);
+            let base = &groups[index];
+            let ratios: Vec<f64> = group
+                .iter()
+                .filter_map(|run| {
+                    let other = base.iter().find(|other| other.round == run.round)?;
+                    (other.rate_per_s > 0).then(|| run.rate_per_s as f64 / other.rate_per_s as f64)
+                })
+                .collect();
+            cell.round_ratio_min = ratios.iter().copied().reduce(f64::min);
+            cell.round_ratio_max = ratios.iter().copied().reduce(f64::max);
+        }
+        if let Some(index) = reference(&cell.system, cell.services)
+            && snapshot[index].rate_median_per_s > 0.0
+        {
+            cell.ratio_to_same_config_direct =
+                Some(cell.rate_median_per_s / snapshot[index].rate_median_per_s);
+        }
+    }
+    cells
 }
 
 fn find<'a>(
-    runs: &'a [Run],
+    cells: &'a [Cell],
     system: &str,
     services: usize,
     path: &str,
     mode: Mode,
     clients: usize,
-) -> Option<&'a Run> {
-    runs.iter().find(|run| {
-        run.system == system
-            && run.services == services
-            && run.path == path
-            && run.mode == mode.label()
-            && run.clients == clients
+) -> Option<&'a Cell> {
+    cells.iter().find(|cell| {
+        cell.system == system
+            && cell.services == services
+            && cell.path == path
+            && cell.mode == mode.label()
+            && cell.clients == clients
     })
 }
 
-/// The issue's end-to-end targets, for every size and client count measured.
-fn targets(runs: &[Run], args: &Args) -> Vec<Target> {
+/// The issue's end-to-end targets, for every size and client count measured, on the medians.
+fn targets(cells: &[Cell], args: &Args) -> Vec<Target> {
     let mut targets = Vec::new();
     for &size in &args.services {
         for &clients in &args.clients {
-            if let Some(ratio) = find(runs, "lb", size, "pod -> ClusterIP", Mode::Rr, clients)
-                .and_then(|run| run.ratio_to_baseline)
+            if let Some(ratio) = find(cells, "lb", size, "pod -> ClusterIP", Mode::Rr, clients)
+                .and_then(|cell| cell.ratio_to_baseline)
             {
                 targets.push(Target {
                     target: format!(
@@ -897,8 +1160,8 @@ fn targets(runs: &[Run], args: &Args) -> Vec<Target> {
                     met: ratio >= 0.97,
                 });
             }
-            if let Some(ratio) = find(runs, "lb", size, "client -> NodePort", Mode::Crr, clients)
-                .and_then(|run| run.ratio_to_baseline)
+            if let Some(ratio) = find(cells, "lb", size, "client -> NodePort", Mode::Crr, clients)
+                .and_then(|cell| cell.ratio_to_baseline)
             {
                 targets.push(Target {
                     target: format!(
@@ -914,12 +1177,12 @@ fn targets(runs: &[Run], args: &Args) -> Vec<Target> {
     let largest = args.services.iter().copied().max().unwrap_or(0);
     for path in ["pod -> ClusterIP", "client -> NodePort"] {
         for &clients in &args.clients {
-            let lb = find(runs, "lb", largest, path, Mode::Crr, clients);
-            let iptables = find(runs, "iptables", largest, path, Mode::Crr, clients);
+            let lb = find(cells, "lb", largest, path, Mode::Crr, clients);
+            let iptables = find(cells, "iptables", largest, path, Mode::Crr, clients);
             if let (Some(lb), Some(iptables)) = (lb, iptables)
-                && iptables.rate_per_s > 0
+                && iptables.rate_median_per_s > 0.0
             {
-                let ratio = lb.rate_per_s as f64 / iptables.rate_per_s as f64;
+                let ratio = lb.rate_median_per_s / iptables.rate_median_per_s;
                 targets.push(Target {
                     target: format!(
                         "lb / iptables connect/request/close, {path} [{largest} services, {clients} clients]"
@@ -936,8 +1199,10 @@ fn targets(runs: &[Run], args: &Args) -> Vec<Target> {
 
 fn print_tables(report: &Report) {
     println!(
-        "\nend to end in the lab: rate (requests/s, all clients) x ratio to straight-to-pod, p50 / p99 latency in us; {} ms per run\n",
-        report.duration_ms
+        "\nend to end in the lab, {} interleaved rounds of {} ms runs: median rate (requests/s, all \
+         clients) +-half the range of the runs' rates, median ratio to straight-to-pod [lowest-highest \
+         round by round], median p50 / p99 latency in us\n",
+        report.rounds, report.duration_ms
     );
     let mut header = String::from("| system | services | path | mode |");
     let mut rule = String::from("|---|---:|---|---|");
@@ -947,29 +1212,36 @@ fn print_tables(report: &Report) {
     }
     println!("{header}\n{rule}");
     let mut seen = Vec::new();
-    for run in &report.runs {
-        let key = (&run.system, run.services, &run.path, &run.mode);
+    for cell in &report.cells {
+        let key = (&cell.system, cell.services, &cell.path, &cell.mode);
         if seen.contains(&key) {
             continue;
         }
         seen.push(key);
         let mut row = format!(
             "| {} | {} | {} | {} |",
-            run.system, run.services, run.path, run.mode
+            cell.system, cell.services, cell.path, cell.mode
         );
         for &clients in &report.clients {
-            match report.runs.iter().find(|other| {
-                other.system == run.system
-                    && other.services == run.services
-                    && other.path == run.path
-                    && other.mode == run.mode
+            match report.cells.iter().find(|other| {
+                other.system == cell.system
+                    && other.services == cell.services
+                    && other.path == cell.path
+                    && other.mode == cell.mode
                     && other.clients == clients
             }) {
                 Some(other) => {
-                    let ratio = other
-                        .ratio_to_baseline
-                        .map(|ratio| format!(" {ratio:.2}x"))
-                        .unwrap_or_default();
+                    let ratio = match (
+                        other.ratio_to_baseline,
+                        other.round_ratio_min,
+                        other.round_ratio_max,
+                    ) {
+                        (Some(ratio), Some(low), Some(high)) if other.system != "baseline" => {
+                            format!(" {ratio:.2}x [{low:.2}-{high:.2}]")
+                        }
+                        (Some(ratio), _, _) => format!(" {ratio:.2}x"),
+                        _ => String::new(),
+                    };
                     let errors = if other.errors > 0 {
                         format!(" ({} err)", other.errors)
                     } else {
@@ -977,8 +1249,11 @@ fn print_tables(report: &Report) {
                     };
                     let _ = write!(
                         row,
-                        " {}{ratio}, {:.0} / {:.0}{errors} |",
-                        other.rate_per_s, other.p50_us, other.p99_us
+                        " {:.0} +-{:.0}%{ratio}, {:.0} / {:.0}{errors} |",
+                        other.rate_median_per_s,
+                        other.rate_spread * 50.0,
+                        other.p50_us,
+                        other.p99_us
                     );
                 }
                 None => row.push_str(" |"),
@@ -1005,9 +1280,15 @@ fn print_tables(report: &Report) {
             control["endpoints_per_service"],
             control["from_nothing_ms"].as_f64().unwrap_or(f64::NAN)
         ),
-        None => println!("| lb, in-process | (no target/bench/control.json) | | |"),
+        None => println!("| lb, in-process | (no control.json) | | |"),
     }
-    println!("\ntargets from the issue:");
+    for sync in &report.lb_syncs {
+        println!(
+            "| lb run, file source, running agent until synced | {} x {} (+1) | | {:.0} ms |",
+            sync.services, sync.endpoints_per_service, sync.sync_ms
+        );
+    }
+    println!("\ntargets from the issue (on the medians):");
     for target in &report.targets {
         println!(
             "  {:<96} {:>5.2}x  {}",

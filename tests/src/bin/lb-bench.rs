@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: what one packet costs on each path of the datapath, as the kernel measures
-//! it through `BPF_PROG_TEST_RUN`, at 1, 10k and 100k services. Prints a table and writes JSON
+//! it through `BPF_PROG_TEST_RUN`, at 1, 1k, 10k and 100k services. Prints a table and writes JSON
 //! (target/bench/datapath.json); docs/benchmarks.md explains the method.
 //!
 //! Every sample is one run with `repeat = 1`: with `repeat > 1` the kernel reruns the buffer the
@@ -96,7 +96,7 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     rounds: u32,
     /// Service (frontend) counts to measure at, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 10_000, 100_000])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 1_000, 10_000, 100_000])]
     services: Vec<u32>,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench/datapath.json")]
