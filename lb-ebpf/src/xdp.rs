@@ -9,12 +9,15 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{Event, SourceRange4, checksum, ct_flags, proto, service_flags};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET,
-    TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at, bytes_at_mut,
-    frame_len, parse_ipv4,
+    TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_RST, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
+    bytes_at_mut, frame_len, parse_ipv4,
 };
 
 use crate::{
-    flow::{Tuple, close_original, config, destination, lookup_frontend, next_state, reply_key},
+    flow::{
+        Tuple, close_original, config, destination, lookup_frontend, next_state, note_close,
+        reply_key,
+    },
     helpers::{Forward, fib_forward, now_ns},
     maps::{CONNTRACK4, SOURCE_RANGES4, count_event, count_service, dry_run},
     reject,
@@ -109,11 +112,14 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<Optio
     }
     if tuple.proto == proto::TCP && !dry_run() {
         let state = next_state(entry.state, tuple.tcp_flags);
+        let now = now_ns();
         if state != entry.state {
-            let now = now_ns();
             entry.state = state;
             entry.last_seen_ns = now;
             close_original(entry, tuple, now);
+        }
+        if tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            note_close(entry, tuple.tcp_flags, true, now);
         }
     }
     let (client_addr, client_port) = (entry.snat_addr, entry.snat_port);

@@ -673,84 +673,222 @@ fn maglev_services_pick_the_backend_the_lookup_table_gives() {
     assert_eq!(reached.len(), 3, "30 flows reach all three backends");
 }
 
-#[test]
-fn snat_ports_of_expired_flows_are_reused() {
-    let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "snat").expect("pin dir");
-    let mut datapath = datapath(&pins, vec![]);
-    let (port_min, port_max) = (61000u16, 61099u16);
-    datapath
-        .set_config(&lb_common::DatapathConfig {
-            snat_addr: u32::from(NODE),
-            snat_port_min: port_min,
-            snat_port_max: port_max,
-        })
-        .expect("config");
-    // A backend on another node (no LOCAL flag): flows to it are SNATed.
-    let remote = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10), 8080);
-    datapath
-        .put_backend(
-            6,
-            &Backend {
-                addr: *remote.ip(),
-                port: remote.port(),
-                proto: proto::TCP,
-                flags: 0,
-            },
-        )
-        .expect("backend");
-    let service = Service {
-        id: 1,
-        frontends: vec![node_port(proto::TCP)],
-        backends: vec![6],
-        ..Default::default()
-    };
-    datapath.put_service(&service).expect("service");
-    // Every SNAT port towards that backend holds a reply entry of a flow long gone (last seen at
-    // boot): the LRU map keeps such entries until it needs the room.
-    let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK4))
-        .expect("ct");
-    let mut conntrack = aya::maps::HashMap::<_, lb_common::Ct4Key, lb_common::Ct4Value>::try_from(
-        aya::maps::Map::LruHashMap(map),
-    )
-    .expect("map");
-    for port in port_min..=port_max {
-        let key = lb_common::Ct4Key {
-            saddr: u32::from(*remote.ip()),
+/// A datapath whose NodePort service's only backend is on another node, with a SNAT range of
+/// 100 ports, and a handle on its conntrack map.
+struct SnatFixture {
+    datapath: Datapath,
+    conntrack: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
+}
+
+const SNAT_PORTS: (u16, u16) = (61000, 61099);
+const REMOTE_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10), 8080);
+
+impl SnatFixture {
+    fn new(pins: &PinDir) -> Self {
+        let mut datapath = datapath(pins, vec![]);
+        datapath
+            .set_config(&lb_common::DatapathConfig {
+                snat_addr: u32::from(NODE),
+                snat_port_min: SNAT_PORTS.0,
+                snat_port_max: SNAT_PORTS.1,
+            })
+            .expect("config");
+        // No LOCAL flag: flows to it are SNATed.
+        let remote = Backend {
+            flags: 0,
+            ..backend(REMOTE_POD, proto::TCP)
+        };
+        datapath.put_backend(6, &remote).expect("backend");
+        let service = Service {
+            id: 1,
+            frontends: vec![node_port(proto::TCP)],
+            backends: vec![6],
+            ..Default::default()
+        };
+        datapath.put_service(&service).expect("service");
+        let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK4))
+            .expect("ct");
+        let conntrack = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("map");
+        Self {
+            datapath,
+            conntrack,
+        }
+    }
+
+    fn reply_key(port: u16) -> lb_common::Ct4Key {
+        lb_common::Ct4Key {
+            saddr: u32::from(*REMOTE_POD.ip()),
             daddr: u32::from(NODE),
-            sport: remote.port(),
+            sport: REMOTE_POD.port(),
             dport: port,
             proto: proto::TCP,
             direction: lb_common::ct_direction::REPLY,
             _pad: [0; 2],
-        };
-        let stale = lb_common::Ct4Value {
-            last_seen_ns: 0,
+        }
+    }
+
+    /// Every SNAT port towards the backend held by a reply entry with these flags, last seen
+    /// `age` ago.
+    fn occupy_every_port(&mut self, flags: u8, age: std::time::Duration) {
+        let old = lb_common::Ct4Value {
+            last_seen_ns: monotonic_ns().saturating_sub(age.as_nanos() as u64),
             state: lb_common::tcp_state::CLOSING,
-            flags: lb_common::ct_flags::SNAT,
+            flags: lb_common::ct_flags::SNAT | flags,
             ..Default::default()
         };
-        conntrack.insert(&key, &stale, 0).expect("stale entry");
+        for port in SNAT_PORTS.0..=SNAT_PORTS.1 {
+            self.conntrack
+                .insert(&Self::reply_key(port), &old, 0)
+                .expect("old entry");
+        }
     }
-    let program = datapath
-        .program_fd(lb_common::program_names::XDP_LB)
-        .expect("fd");
-    let run = lb_userspace::testrun::test_run(
-        program,
-        &packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
-    )
-    .expect("run");
-    assert_ne!(
-        run.verdict,
-        XDP_DROP,
-        "a new flow found no SNAT port: {:?}",
-        datapath.events()
-    );
-    let parsed = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
-    let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else {
-        panic!("ipv4")
+
+    fn xdp(&self, frame: &[u8]) -> lb_userspace::testrun::TestRunOutput {
+        let program = self
+            .datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd");
+        lb_userspace::testrun::test_run(program, frame).expect("run")
+    }
+
+    /// Sends a new flow's SYN; the SNAT port it got, or None when it was dropped.
+    fn connect(&self, client: SocketAddrV4) -> Option<u16> {
+        let run = self.xdp(&packet::tcp(client, FRONTEND, TcpFlags::SYN, b""));
+        if run.verdict == XDP_DROP {
+            return None;
+        }
+        let parsed = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
+        let Some(etherparse::NetSlice::Ipv4(ip)) = parsed.net else {
+            panic!("ipv4")
+        };
+        assert_eq!(ip.header().source_addr(), NODE, "SNATed to the node");
+        assert_eq!(ip.header().destination_addr(), *REMOTE_POD.ip());
+        let Some(etherparse::TransportSlice::Tcp(tcp)) = parsed.transport else {
+            panic!("tcp")
+        };
+        Some(tcp.source_port())
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns().
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    assert_eq!(ip.header().source_addr(), NODE, "SNATed to the node");
-    assert_eq!(ip.header().destination_addr(), *remote.ip());
-    assert_eq!(datapath.events().expect("events")["drop_snat_exhausted"], 0);
+    // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[test]
+fn snat_ports_of_expired_flows_are_reused() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "snat").expect("pin dir");
+    let mut fixture = SnatFixture::new(&pins);
+    // Flows long gone (last seen at boot): the LRU map keeps such entries until it needs room.
+    fixture.occupy_every_port(0, std::time::Duration::from_secs(3600 * 24 * 365));
+    assert!(
+        fixture.connect(CLIENT).is_some(),
+        "a new flow found no SNAT port: {:?}",
+        fixture.datapath.events()
+    );
+    assert_eq!(
+        fixture.datapath.events().expect("events")["drop_snat_exhausted"],
+        0
+    );
+}
+
+#[test]
+fn snat_ports_of_cleanly_closed_flows_are_reused_after_a_short_grace() {
+    use lb_common::ct_flags::{BACKEND_CLOSED_FIRST, BACKEND_FIN, CLIENT_FIN, RESET};
+    use std::time::Duration;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "snat").expect("pin dir");
+    let mut fixture = SnatFixture::new(&pins);
+    let grace = Duration::from_nanos(lb_common::ct_timeouts::SNAT_PORT_REUSE);
+    let after_grace = grace + Duration::from_secs(1);
+    // (what ended the old flows, how long ago, whether a new flow finds a port)
+    let cases = [
+        ("FINs seen, still closing", 0, after_grace, false),
+        ("client FIN only", CLIENT_FIN, after_grace, false),
+        (
+            "both FINs, client first",
+            CLIENT_FIN | BACKEND_FIN,
+            after_grace,
+            true,
+        ),
+        (
+            "both FINs, within the grace",
+            CLIENT_FIN | BACKEND_FIN,
+            grace / 4,
+            false,
+        ),
+        (
+            "both FINs, backend first (its TIME_WAIT)",
+            CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST,
+            after_grace,
+            false,
+        ),
+        ("reset", RESET, after_grace, true),
+        ("reset, within the grace", RESET, grace / 4, false),
+    ];
+    let mut failures = Vec::new();
+    for (index, (name, flags, age, reusable)) in cases.into_iter().enumerate() {
+        fixture.occupy_every_port(flags, age);
+        let client = SocketAddrV4::new(*CLIENT.ip(), 41000 + index as u16);
+        let port = fixture.connect(client);
+        if port.is_some() != reusable {
+            failures.push(format!(
+                "{name}: new flow got {port:?}, expected a port: {reusable}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn the_fins_and_resets_of_snat_flows_are_recorded_on_their_reply_entry() {
+    use lb_common::ct_flags::{BACKEND_CLOSED_FIRST, BACKEND_FIN, CLIENT_FIN, RESET, SNAT};
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "snat").expect("pin dir");
+    let fixture = SnatFixture::new(&pins);
+    let flags_after = |client_port: u16, closes: &[(bool, TcpFlags)]| -> u8 {
+        let client = SocketAddrV4::new(*CLIENT.ip(), client_port);
+        let port = fixture.connect(client).expect("a SNAT port");
+        let snat = SocketAddrV4::new(NODE, port);
+        let handshake = fixture.xdp(&packet::tcp(REMOTE_POD, snat, TcpFlags::SYN_ACK, b""));
+        assert_eq!(
+            handshake.verdict, XDP_TX,
+            "the SYN-ACK goes back to the client"
+        );
+        for (from_backend, flags) in closes {
+            let frame = if *from_backend {
+                packet::tcp(REMOTE_POD, snat, *flags, b"")
+            } else {
+                packet::tcp(client, FRONTEND, *flags, b"")
+            };
+            assert_ne!(fixture.xdp(&frame).verdict, XDP_DROP);
+        }
+        fixture
+            .conntrack
+            .get(&SnatFixture::reply_key(port), 0)
+            .expect("reply entry")
+            .flags
+    };
+    let client_first = flags_after(
+        42000,
+        &[(false, TcpFlags::FIN_ACK), (true, TcpFlags::FIN_ACK)],
+    );
+    assert_eq!(client_first, SNAT | CLIENT_FIN | BACKEND_FIN);
+    let backend_first = flags_after(
+        42001,
+        &[(true, TcpFlags::FIN_ACK), (false, TcpFlags::FIN_ACK)],
+    );
+    assert_eq!(
+        backend_first,
+        SNAT | CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST
+    );
+    let reset = flags_after(42002, &[(false, TcpFlags::RST)]);
+    assert_eq!(reset, SNAT | RESET);
 }
