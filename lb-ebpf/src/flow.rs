@@ -93,6 +93,7 @@ pub fn destination(
         let entry = unsafe { &mut *entry };
         if now.saturating_sub(entry.last_seen_ns) <= timeout(tuple.proto, entry.state)
             && (tuple.proto == proto::TCP || backend_still_there(entry))
+            && !reopens(entry, tuple)
         {
             if !dry_run() {
                 refresh(entry, tuple, now);
@@ -209,6 +210,10 @@ fn free_snat_port(
 ) -> Option<u16> {
     let span = u32::from(config.snat_port_max.saturating_sub(config.snat_port_min)) + 1;
     let start = random_u32() % span;
+    // A port whose backend may still hold TIME_WAIT, taken only when no clean one is left:
+    // the backend then answers the SYN with an ACK, the client resets and retries, which costs
+    // less than a dropped SYN (Linux's NAT reuses such ports too).
+    let mut last_resort = None;
     for offset in 0..SNAT_PORT_TRIES {
         let port = config
             .snat_port_min
@@ -227,30 +232,56 @@ fn free_snat_port(
             Some(entry) => {
                 // SAFETY: read-only use of an entry that stays valid for this run (RCU).
                 let entry = unsafe { &*entry };
-                if snat_port_reusable(entry, protocol, now) {
-                    return Some(port);
+                match snat_port_state(entry, protocol, now) {
+                    SnatPort::Free => return Some(port),
+                    SnatPort::BackendTimeWait if last_resort.is_none() => last_resort = Some(port),
+                    _ => {}
                 }
             }
         }
     }
-    None
+    last_resort
 }
 
-/// Whether the SNAT flow a REPLY entry belongs to no longer needs its port: idle past its
-/// timeout, or ended by a RST, or closed by both sides with the client first, some time ago. A
-/// backend that closed first holds the ports in TIME_WAIT and would answer a new SYN on them
-/// with a challenge ACK, so those wait for the timeout.
+enum SnatPort {
+    Free,
+    /// Closed, but the backend closed first and may hold TIME_WAIT on the ports.
+    BackendTimeWait,
+    InUse,
+}
+
+/// A SYN on a closed flow's tuple is a new connection (the client reused its port): it selects
+/// again and takes a fresh SNAT port, as the old one may serve another flow by now.
 #[inline(always)]
-fn snat_port_reusable(entry: &Ct4Value, protocol: u8, now: u64) -> bool {
+fn reopens(entry: &Ct4Value, tuple: &Tuple) -> bool {
+    tuple.proto == proto::TCP
+        && entry.state == tcp_state::CLOSING
+        && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Whether the SNAT flow a REPLY entry belongs to still needs its port: not when idle past its
+/// timeout, nor some time after a RST or after both sides closed with the client first. A
+/// backend that closed first holds the ports in TIME_WAIT and may answer a new SYN on them with
+/// an ACK of the old connection, so those are a last resort until the timeout.
+#[inline(always)]
+fn snat_port_state(entry: &Ct4Value, protocol: u8, now: u64) -> SnatPort {
     let idle = now.saturating_sub(entry.last_seen_ns);
     if idle > timeout(protocol, entry.state) {
-        return true;
+        return SnatPort::Free;
+    }
+    if idle <= ct_timeouts::SNAT_PORT_REUSE {
+        return SnatPort::InUse;
     }
     let both_fins = ct_flags::CLIENT_FIN | ct_flags::BACKEND_FIN;
-    let ended = entry.flags & ct_flags::RESET != 0
-        || (entry.flags & both_fins == both_fins
-            && entry.flags & ct_flags::BACKEND_CLOSED_FIRST == 0);
-    ended && idle > ct_timeouts::SNAT_PORT_REUSE
+    if entry.flags & ct_flags::RESET != 0 {
+        SnatPort::Free
+    } else if entry.flags & both_fins != both_fins {
+        SnatPort::InUse
+    } else if entry.flags & ct_flags::BACKEND_CLOSED_FIRST != 0 {
+        SnatPort::BackendTimeWait
+    } else {
+        SnatPort::Free
+    }
 }
 
 /// Records a FIN or RST of a SNAT flow on its REPLY entry, which decides when its port is free.

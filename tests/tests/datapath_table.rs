@@ -674,13 +674,13 @@ fn maglev_services_pick_the_backend_the_lookup_table_gives() {
 }
 
 /// A datapath whose NodePort service's only backend is on another node, with a SNAT range of
-/// 100 ports, and a handle on its conntrack map.
+/// 32 ports (one scan covers them all), and a handle on its conntrack map.
 struct SnatFixture {
     datapath: Datapath,
     conntrack: aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value>,
 }
 
-const SNAT_PORTS: (u16, u16) = (61000, 61099);
+const SNAT_PORTS: (u16, u16) = (61000, 61031);
 const REMOTE_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10), 8080);
 
 impl SnatFixture {
@@ -825,10 +825,10 @@ fn snat_ports_of_cleanly_closed_flows_are_reused_after_a_short_grace() {
             false,
         ),
         (
-            "both FINs, backend first (its TIME_WAIT)",
+            "both FINs, backend first (its TIME_WAIT): a last resort",
             CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST,
             after_grace,
-            false,
+            true,
         ),
         ("reset", RESET, after_grace, true),
         ("reset, within the grace", RESET, grace / 4, false),
@@ -845,6 +845,46 @@ fn snat_ports_of_cleanly_closed_flows_are_reused_after_a_short_grace() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+
+    // Among ports whose backends may hold TIME_WAIT, the one clean port is taken.
+    fixture.occupy_every_port(CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST, after_grace);
+    let clean = SNAT_PORTS.0 + 17;
+    let old = lb_common::Ct4Value {
+        last_seen_ns: monotonic_ns() - after_grace.as_nanos() as u64,
+        state: lb_common::tcp_state::CLOSING,
+        flags: lb_common::ct_flags::SNAT | CLIENT_FIN | BACKEND_FIN,
+        ..Default::default()
+    };
+    fixture
+        .conntrack
+        .insert(&SnatFixture::reply_key(clean), &old, 0)
+        .expect("clean entry");
+    let client = SocketAddrV4::new(*CLIENT.ip(), 41900);
+    assert_eq!(fixture.connect(client), Some(clean));
+}
+
+#[test]
+fn a_syn_on_a_closed_flows_tuple_is_a_new_flow_with_a_fresh_snat_port() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "snat").expect("pin dir");
+    let mut fixture = SnatFixture::new(&pins);
+    fixture.connect(CLIENT).expect("a port");
+    // The client closes; then every other port is taken and the first flow's port is handed
+    // to someone else (its reply entry now belongs to another flow).
+    assert_ne!(
+        fixture
+            .xdp(&packet::tcp(CLIENT, FRONTEND, TcpFlags::FIN_ACK, b""))
+            .verdict,
+        XDP_DROP
+    );
+    fixture.occupy_every_port(0, std::time::Duration::ZERO);
+    // The client reuses its port for a new connection: a new flow, which finds no port now,
+    // instead of riding the closed flow's SNAT port into another connection.
+    assert_eq!(fixture.connect(CLIENT), None);
+    assert_eq!(
+        fixture.datapath.events().expect("events")["drop_snat_exhausted"],
+        1
+    );
 }
 
 #[test]
