@@ -382,7 +382,7 @@ impl Compiler {
             self.desired = Desired::default();
             self.services.clear();
             self.claimed.clear();
-            let mut services: Vec<&Service> = snapshot.services.iter().collect();
+            let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
             services.sort_by_key(|service| object_key(&service.metadata));
             for service in services {
                 let (namespace, name) = object_key(&service.metadata);

@@ -9,6 +9,7 @@ use lb_userspace::{
         file::{Object, parse_documents},
     },
 };
+use std::sync::Arc;
 
 struct Row {
     name: &'static str,
@@ -29,8 +30,8 @@ fn snapshot(yaml: &str, node_name: &str) -> Snapshot {
     let mut snapshot = Snapshot::default();
     for object in parse_documents(yaml).expect("test YAML parses") {
         match object {
-            Object::Service(service) => snapshot.services.push(*service),
-            Object::EndpointSlice(slice) => snapshot.endpoint_slices.push(*slice),
+            Object::Service(service) => snapshot.services.push(service),
+            Object::EndpointSlice(slice) => snapshot.endpoint_slices.push(slice),
             Object::Node(node) if node.metadata.name.as_deref() == Some(node_name) => {
                 snapshot.node = Some(*node)
             }
@@ -755,10 +756,10 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
     let mut snapshot = snapshot(&yaml, "node1");
     let mut version = 0;
     for service in &mut snapshot.services {
-        bump(&mut service.metadata, &mut version);
+        bump(&mut Arc::make_mut(service).metadata, &mut version);
     }
     for slice in &mut snapshot.endpoint_slices {
-        bump(&mut slice.metadata, &mut version);
+        bump(&mut Arc::make_mut(slice).metadata, &mut version);
     }
     let mut compiler = Compiler::new(node());
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -767,7 +768,7 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
             // An endpoint added to a slice.
             0 => {
                 let index = rng.below(snapshot.endpoint_slices.len() as u64) as usize;
-                let slice = &mut snapshot.endpoint_slices[index];
+                let slice = Arc::make_mut(&mut snapshot.endpoint_slices[index]);
                 let mut endpoint = slice.endpoints.first().cloned().unwrap_or_default();
                 endpoint.addresses = vec![format!("10.245.{}.{}", step / 200, step % 200 + 1)];
                 slice.endpoints.push(endpoint);
@@ -776,14 +777,14 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
             // An endpoint removed.
             1 => {
                 let index = rng.below(snapshot.endpoint_slices.len() as u64) as usize;
-                let slice = &mut snapshot.endpoint_slices[index];
+                let slice = Arc::make_mut(&mut snapshot.endpoint_slices[index]);
                 slice.endpoints.pop();
                 bump(&mut slice.metadata, &mut version);
             }
             // A Service's port changed.
             2 => {
                 let index = rng.below(snapshot.services.len() as u64) as usize;
-                let service = &mut snapshot.services[index];
+                let service = Arc::make_mut(&mut snapshot.services[index]);
                 if let Some(port) = service
                     .spec
                     .as_mut()
@@ -798,7 +799,7 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
             3 => {
                 let index = rng.below(snapshot.services.len() as u64) as usize;
                 let ip = format!("10.96.1.{}", rng.below(25));
-                let service = &mut snapshot.services[index];
+                let service = Arc::make_mut(&mut snapshot.services[index]);
                 if let Some(spec) = service.spec.as_mut() {
                     spec.cluster_ip = Some(ip);
                 }
@@ -819,8 +820,12 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
                     ),
                 );
                 let mut parsed = self::snapshot(&added, "node1").services.remove(0);
+                let metadata = &mut Arc::make_mut(&mut parsed).metadata;
                 if rng.below(2) == 0 {
-                    bump(&mut parsed.metadata, &mut version);
+                    bump(metadata, &mut version);
+                } else {
+                    // The file source stamps a content version; an object can still lack one.
+                    metadata.resource_version = None;
                 }
                 snapshot.services.push(parsed);
             }
@@ -877,7 +882,7 @@ fn changes_are_counted_per_object_by_resource_version() {
     assert_eq!(counts(&compiler.update(&snapshot).changes), (1, 1));
     assert_eq!(counts(&compiler.update(&snapshot).changes), (0, 0));
 
-    let slice = &mut snapshot.endpoint_slices[0];
+    let slice = Arc::make_mut(&mut snapshot.endpoint_slices[0]);
     slice.endpoints.pop();
     slice.metadata.resource_version = Some("slice-2".into());
     slice.metadata.annotations = Some(

@@ -130,7 +130,7 @@ fn seed(server: &FakeApiServer) {
     server.apply(node("node-b", "192.168.1.11"));
 }
 
-fn names<T: kube::Resource>(objects: &[T]) -> Vec<String> {
+fn names<T: kube::Resource>(objects: &[Arc<T>]) -> Vec<String> {
     objects
         .iter()
         .map(|object| {

@@ -9,6 +9,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -26,8 +27,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// One object of a manifest.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
     Node(Box<Node>),
 }
 
@@ -135,13 +136,13 @@ fn collect(
             let (value, name) = typed(value)?;
             let service = serde_yaml::from_value(value)
                 .map_err(|err| convert_error("Service", &name, err))?;
-            objects.push(Object::Service(Box::new(service)));
+            objects.push(Object::Service(Arc::new(service)));
         }
         "EndpointSlice" => {
             let (value, name) = typed(value)?;
             let slice = serde_yaml::from_value(value)
                 .map_err(|err| convert_error("EndpointSlice", &name, err))?;
-            objects.push(Object::EndpointSlice(Box::new(slice)));
+            objects.push(Object::EndpointSlice(Arc::new(slice)));
         }
         "Node" => {
             let (value, name) = typed(value)?;
@@ -275,10 +276,8 @@ impl FileSource {
         for (_, objects) in self.files.values() {
             for object in objects {
                 match object {
-                    Object::Service(service) => snapshot.services.push((**service).clone()),
-                    Object::EndpointSlice(slice) => {
-                        snapshot.endpoint_slices.push((**slice).clone())
-                    }
+                    Object::Service(service) => snapshot.services.push(service.clone()),
+                    Object::EndpointSlice(slice) => snapshot.endpoint_slices.push(slice.clone()),
                     Object::Node(node) => {
                         if node.metadata.name.as_deref() == Some(self.node_name.as_str()) {
                             snapshot.node = Some((**node).clone());

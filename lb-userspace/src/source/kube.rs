@@ -9,7 +9,7 @@
 //!   so no snapshot ever holds half a list.
 //! - [`EventRecorder`] reports objects the agent has to skip as Kubernetes Events.
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _, stream::BoxStream};
@@ -304,8 +304,15 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Whether two snapshots hold the same objects: the same shared object is the same without a
+/// look inside (a store keeps an unchanged object's Arc), else they are compared.
 fn same(a: &Snapshot, b: &Snapshot) -> bool {
-    a.services == b.services && a.endpoint_slices == b.endpoint_slices && a.node == b.node
+    fn same_objects<K: PartialEq>(a: &[Arc<K>], b: &[Arc<K>]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+    }
+    same_objects(&a.services, &b.services)
+        && same_objects(&a.endpoint_slices, &b.endpoint_slices)
+        && a.node == b.node
 }
 
 /// The three reflectors' stores.
@@ -340,15 +347,11 @@ impl Stores {
     }
 }
 
-fn sorted<K>(store: &Store<K>) -> Vec<K>
+fn sorted<K>(store: &Store<K>) -> Vec<Arc<K>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    let mut objects: Vec<K> = store
-        .state()
-        .into_iter()
-        .map(|object| (*object).clone())
-        .collect();
+    let mut objects = store.state();
     objects.sort_by(|a, b| {
         (a.meta().namespace.as_deref(), a.meta().name.as_deref())
             .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))

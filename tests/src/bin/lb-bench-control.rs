@@ -7,6 +7,7 @@
 //! (the file source polls every 250 ms, the Kubernetes source coalesces bursts over 50 ms).
 //! Run by `cargo xtask bench`; prints a table and writes target/bench/control.json (`--out`).
 
+use std::sync::Arc;
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
@@ -68,7 +69,7 @@ fn main() -> anyhow::Result<()> {
     let mut latencies = Vec::new();
     let mut change_compile = Vec::new();
     for change in 0..CHANGES {
-        let slice = &mut snapshot.endpoint_slices[change * 97 % SERVICES];
+        let slice = Arc::make_mut(&mut snapshot.endpoint_slices[change * 97 % SERVICES]);
         let new_addr = format!("10.250.{}.{}", change / 250, change % 250 + 1);
         slice.endpoints[0].addresses = vec![new_addr.clone()];
         // As the API server does on every change.
@@ -168,7 +169,7 @@ fn snapshot(services: usize, endpoints: usize) -> Snapshot {
             ..ObjectMeta::default()
         };
         let cluster_ip = format!("10.96.{}.{}", index / 250, index % 250 + 1);
-        snapshot.services.push(Service {
+        snapshot.services.push(Arc::new(Service {
             metadata: meta(name.clone(), None),
             spec: Some(ServiceSpec {
                 cluster_ip: Some(cluster_ip),
@@ -181,9 +182,9 @@ fn snapshot(services: usize, endpoints: usize) -> Snapshot {
                 ..ServiceSpec::default()
             }),
             status: None,
-        });
+        }));
         let labels = BTreeMap::from([("kubernetes.io/service-name".to_owned(), name.clone())]);
-        snapshot.endpoint_slices.push(EndpointSlice {
+        snapshot.endpoint_slices.push(Arc::new(EndpointSlice {
             metadata: meta(format!("{name}-abcde"), Some(labels)),
             address_type: "IPv4".into(),
             endpoints: (0..endpoints)
@@ -212,7 +213,7 @@ fn snapshot(services: usize, endpoints: usize) -> Snapshot {
                 protocol: Some("TCP".into()),
                 ..EndpointPort::default()
             }]),
-        });
+        }));
     }
     snapshot.node = Some(Node {
         metadata: ObjectMeta {
