@@ -187,6 +187,9 @@ async fn sync_until_stopped(
             let snapshot = snapshots.borrow_and_update();
             let update = compiler.update(&snapshot);
             let ports = health_check_node_ports(&snapshot);
+            observers
+                .health
+                .set_node_eligible(node_eligible(snapshot.node.as_ref()));
             (update, ports)
         };
         if let Err(error) = sync_snat_address(datapath, compiler.snat_address()) {
@@ -340,6 +343,24 @@ impl Observers {
             .max()
             .unwrap_or(0)
     }
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether load balancers should keep sending new traffic to this node: not while it is being
+/// deleted or the autoscaler is about to remove it (kube-proxy's /healthz since KEP-3836).
+pub fn node_eligible(node: Option<&k8s_openapi::api::core::v1::Node>) -> bool {
+    let Some(node) = node else {
+        return true;
+    };
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let leaving = node
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|taint| taint.key == TO_BE_DELETED_TAINT));
+    !deleting && !leaving
 }
 
 /// kube-proxy's `traffic_policy` label for a Local-policy service port.

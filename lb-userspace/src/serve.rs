@@ -184,6 +184,9 @@ struct HealthState {
     last_updated: Option<SystemTime>,
     /// The oldest change not synced yet.
     oldest_pending: Option<Instant>,
+    /// False while this node is being deleted (KEP-3836): /healthz says 503 so load balancers
+    /// drain it, /livez stays 200 so the kubelet does not restart the agent.
+    node_eligible: bool,
 }
 
 impl Health {
@@ -193,6 +196,7 @@ impl Health {
             state: Mutex::new(HealthState {
                 last_updated: None,
                 oldest_pending: Some(Instant::now()),
+                node_eligible: true,
             }),
         }
     }
@@ -212,19 +216,28 @@ impl Health {
         }
     }
 
-    /// Whether healthy, with the body kube-proxy answers.
-    fn check(&self) -> (bool, String) {
+    /// Whether this node should get new traffic from load balancers.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        if let Ok(mut state) = self.state.lock() {
+            state.node_eligible = eligible;
+        }
+    }
+
+    /// Whether healthy, with the body kube-proxy answers. /healthz (`for_traffic`) is also 503
+    /// while the node is not eligible; /livez is not.
+    fn check(&self, for_traffic: bool) -> (bool, String) {
         let Ok(state) = self.state.lock() else {
             return (false, "{}".into());
         };
-        let healthy = state
+        let synced = state
             .oldest_pending
             .is_none_or(|since| since.elapsed() < self.timeout);
+        let healthy = synced && (state.node_eligible || !for_traffic);
         let format = |time: SystemTime| jiff::Timestamp::try_from(time).map(|t| t.to_string());
         let body = serde_json::json!({
             "lastUpdated": state.last_updated.and_then(|time| format(time).ok()).unwrap_or_default(),
             "currentTime": format(SystemTime::now()).unwrap_or_default(),
-            "nodeEligible": true,
+            "nodeEligible": state.node_eligible,
         });
         (healthy, body.to_string())
     }
@@ -244,7 +257,7 @@ pub fn serve_health(
             if path != "/healthz" && path != "/livez" {
                 return not_found();
             }
-            let (healthy, body) = health.check();
+            let (healthy, body) = health.check(path == "/healthz");
             let status = if healthy {
                 StatusCode::OK
             } else {
@@ -371,23 +384,36 @@ mod tests {
     fn health_turns_503_when_changes_wait_longer_than_the_timeout() {
         let health = Health::new(Duration::from_millis(50));
         // Queued at start: healthy until the timeout passes without a sync.
-        assert!(health.check().0);
+        assert!(health.check(true).0);
         std::thread::sleep(Duration::from_millis(80));
-        assert!(!health.check().0, "never synced");
+        assert!(!health.check(true).0, "never synced");
         health.updated();
-        assert!(health.check().0);
+        assert!(health.check(true).0);
         // Synced long ago and nothing pending: still healthy.
         std::thread::sleep(Duration::from_millis(80));
-        assert!(health.check().0, "idle is healthy");
+        assert!(health.check(true).0, "idle is healthy");
         health.queued();
         std::thread::sleep(Duration::from_millis(80));
-        assert!(!health.check().0, "a change waits too long");
-        let (_, body) = health.check();
+        assert!(!health.check(true).0, "a change waits too long");
+        let (_, body) = health.check(true);
         let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         assert!(
             body["lastUpdated"]
                 .as_str()
                 .is_some_and(|time| time.ends_with('Z'))
         );
+    }
+
+    #[test]
+    fn a_node_being_deleted_fails_healthz_but_not_livez() {
+        let health = Health::new(Duration::from_secs(60));
+        health.updated();
+        health.set_node_eligible(false);
+        assert!(!health.check(true).0, "/healthz");
+        assert!(health.check(false).0, "/livez");
+        let (_, body) = health.check(true);
+        assert!(body.contains("\"nodeEligible\":false"), "{body}");
+        health.set_node_eligible(true);
+        assert!(health.check(true).0);
     }
 }

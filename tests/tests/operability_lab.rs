@@ -283,10 +283,10 @@ fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
 fn healthz_livez_health_check_node_port_and_log_level() {
     let mut setup = AgentLab::new().expect("lab");
     setup.start_agent(&[]).expect("agent");
-    let node = setup.cluster.node(1).host.clone();
+    let node_host = setup.cluster.node(1).host.clone();
 
     for path in ["/healthz", "/livez"] {
-        let response = http::get(&node, HEALTHZ, path).expect(path);
+        let response = http::get(&node_host, HEALTHZ, path).expect(path);
         assert_eq!(response.status, 200, "{path}: {}", response.body);
         let body: serde_json::Value = serde_json::from_str(&response.body).expect("JSON");
         assert!(
@@ -296,7 +296,9 @@ fn healthz_livez_health_check_node_port_and_log_level() {
         assert!(body["currentTime"].is_string(), "{body}");
     }
     assert_eq!(
-        http::get(&node, HEALTHZ, "/other").expect("404").status,
+        http::get(&node_host, HEALTHZ, "/other")
+            .expect("404")
+            .status,
         404
     );
 
@@ -312,7 +314,7 @@ fn healthz_livez_health_check_node_port_and_log_level() {
         .apply("shop.yaml", &format!("{service}---\n{}", slice(1)))
         .expect("shop");
     let check = SocketAddr::new(std::net::IpAddr::V4(node_addr(1)), 32100);
-    let local = http::get(&node, check, "/").expect("health check");
+    let local = http::get(&node_host, check, "/").expect("health check");
     assert_eq!(local.status, 200, "{}", local.body);
     let body: serde_json::Value = serde_json::from_str(&local.body).expect("JSON");
     assert_eq!(body["service"]["namespace"], "store");
@@ -324,11 +326,11 @@ fn healthz_livez_health_check_node_port_and_log_level() {
     setup
         .apply("shop.yaml", &format!("{service}---\n{}", slice(2)))
         .expect("shop moved");
-    let remote = http::get(&node, check, "/").expect("health check");
+    let remote = http::get(&node_host, check, "/").expect("health check");
     assert_eq!(remote.status, 503, "{}", remote.body);
     let body: serde_json::Value = serde_json::from_str(&remote.body).expect("JSON");
     assert_eq!(body["localEndpoints"], 0);
-    let page = scrape(&node);
+    let page = scrape(&node_host);
     assert_eq!(
         value(
             &page,
@@ -342,16 +344,55 @@ fn healthz_livez_health_check_node_port_and_log_level() {
     // The Service goes: so does its server.
     setup.delete("shop.yaml").expect("shop deleted");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while http::get(&node, check, "/").is_ok() {
+    while http::get(&node_host, check, "/").is_ok() {
         // The server task is aborted in the sync; its listener closes when the task is dropped.
         assert!(std::time::Instant::now() < deadline, "port still served");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 
+    // The autoscaler is about to remove node1: /healthz drains it, /livez keeps the agent.
+    let node = |taints: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nspec: {{taints: [{taints}]}}\nstatus:\n  addresses: [{{type: InternalIP, address: {}}}]\n",
+            node_addr(1)
+        )
+    };
+    setup
+        .apply(
+            "node1.yaml",
+            &node(
+                "{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}",
+            ),
+        )
+        .expect("tainted node");
+    let draining = http::get(&node_host, HEALTHZ, "/healthz").expect("healthz");
+    assert_eq!(draining.status, 503, "{}", draining.body);
+    assert!(
+        draining.body.contains("\"nodeEligible\":false"),
+        "{}",
+        draining.body
+    );
+    assert_eq!(
+        http::get(&node_host, HEALTHZ, "/livez")
+            .expect("livez")
+            .status,
+        200
+    );
+    setup
+        .apply("node1.yaml", &node(""))
+        .expect("untainted node");
+    assert_eq!(
+        http::get(&node_host, HEALTHZ, "/healthz")
+            .expect("healthz")
+            .status,
+        200
+    );
+
     // The log level, changed at run time; a bad filter changes nothing.
-    let set = http::request(&node, "PUT", METRICS, "/debug/log-level", "debug").expect("PUT");
+    let set = http::request(&node_host, "PUT", METRICS, "/debug/log-level", "debug").expect("PUT");
     assert_eq!(set.status, 200, "{}", set.body);
-    let bad = http::request(&node, "PUT", METRICS, "/debug/log-level", "info,[=").expect("PUT");
+    let bad =
+        http::request(&node_host, "PUT", METRICS, "/debug/log-level", "info,[=").expect("PUT");
     assert_eq!(bad.status, 400, "{}", bad.body);
     // From another host: refused (the endpoint has no authentication).
     let metrics_from_outside = SocketAddr::new(std::net::IpAddr::V4(node_addr(1)), 10249);
@@ -364,7 +405,7 @@ fn healthz_livez_health_check_node_port_and_log_level() {
     )
     .expect("PUT from the client");
     assert_eq!(remote.status, 403, "{}", remote.body);
-    let now = http::get(&node, METRICS, "/debug/log-level").expect("GET");
+    let now = http::get(&node_host, METRICS, "/debug/log-level").expect("GET");
     assert_eq!(now.body.trim(), "debug");
     // At debug, the agent logs what it used to leave out.
     setup
