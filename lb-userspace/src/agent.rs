@@ -124,7 +124,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let observers = Observers {
         metrics: metrics.agent(),
         health,
-        health_checks: HealthCheckPorts::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        health_checks: HealthCheckPorts::default(),
         local_policy: BTreeMap::new(),
     };
 
@@ -213,6 +213,12 @@ async fn sync_until_stopped(
         let report = reconciler.reconcile_changed(datapath, desired, &update.changed);
         for (key, error) in &report.errors {
             warn!(service = %key, error = %error, "service not programmed; the others are");
+        }
+        if !config.nodeport_cidrs.is_empty() {
+            let addresses = compiler.node_port_addresses().iter().copied();
+            observers
+                .health_checks
+                .bind_to(addresses.map(std::net::IpAddr::V4).collect());
         }
         let invalid_objects = update
             .problems

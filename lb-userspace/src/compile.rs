@@ -471,6 +471,11 @@ impl Compiler {
         &self.desired
     }
 
+    /// This node's addresses that serve NodePorts (inside `--nodeport-addresses` when given).
+    pub fn node_port_addresses(&self) -> &[Ipv4Addr] {
+        &self.node_addresses
+    }
+
     /// The node address that flows to backends on other nodes are SNATed to: the Node's first
     /// IPv4 InternalIP, else the first configured fallback address.
     pub fn snat_address(&self) -> Option<Ipv4Addr> {

@@ -285,27 +285,41 @@ pub struct HealthCheckTarget {
 /// One HTTP server per healthCheckNodePort, started and stopped as Services come and go, with
 /// the local endpoint counts kept current.
 pub struct HealthCheckPorts {
-    bind_address: std::net::IpAddr,
+    bind_addresses: Vec<std::net::IpAddr>,
     servers: BTreeMap<u16, HealthCheckServer>,
 }
 
+/// A healthCheckNodePort's listeners (one per bind address) and what they answer.
 struct HealthCheckServer {
     target: Arc<Mutex<HealthCheckTarget>>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for HealthCheckServer {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Servers listen on every address, like kube-proxy's without `--nodeport-addresses`.
+impl Default for HealthCheckPorts {
+    fn default() -> Self {
+        Self {
+            bind_addresses: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)],
+            servers: BTreeMap::new(),
+        }
     }
 }
 
 impl HealthCheckPorts {
-    /// Servers listen on `bind_address` (kube-proxy listens on every address).
-    pub fn new(bind_address: std::net::IpAddr) -> Self {
-        Self {
-            bind_address,
-            servers: BTreeMap::new(),
+    /// Listens on these addresses from now on (kube-proxy's with `--nodeport-addresses`: the
+    /// node addresses that serve NodePorts); servers are restarted when they change.
+    pub fn bind_to(&mut self, addresses: Vec<std::net::IpAddr>) {
+        if addresses != self.bind_addresses {
+            self.bind_addresses = addresses;
+            self.servers.clear();
         }
     }
 
@@ -324,22 +338,28 @@ impl HealthCheckPorts {
                 }
                 continue;
             }
-            let address = SocketAddr::new(self.bind_address, *port);
-            match TcpListener::bind(address).await {
-                Ok(listener) => {
-                    info!(port, service = %format!("{}/{}", target.namespace, target.name), "serving a healthCheckNodePort");
-                    let shared = Arc::new(Mutex::new(target.clone()));
-                    let task = serve_health_check(listener, shared.clone());
-                    self.servers.insert(
-                        *port,
-                        HealthCheckServer {
-                            target: shared,
-                            task,
-                        },
-                    );
+            let shared = Arc::new(Mutex::new(target.clone()));
+            let mut tasks = Vec::new();
+            for address in &self.bind_addresses {
+                match TcpListener::bind(SocketAddr::new(*address, *port)).await {
+                    Ok(listener) => tasks.push(serve_health_check(listener, shared.clone())),
+                    // Tried again on the next sync.
+                    Err(error) => {
+                        warn!(%error, %address, port, "cannot serve a healthCheckNodePort")
+                    }
                 }
-                // Tried again on the next sync.
-                Err(error) => warn!(%error, port, "cannot serve a healthCheckNodePort"),
+            }
+            if tasks.len() == self.bind_addresses.len() {
+                info!(port, service = %format!("{}/{}", target.namespace, target.name), "serving a healthCheckNodePort");
+            }
+            if !tasks.is_empty() {
+                self.servers.insert(
+                    *port,
+                    HealthCheckServer {
+                        target: shared,
+                        tasks,
+                    },
+                );
             }
         }
     }

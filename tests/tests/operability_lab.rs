@@ -22,6 +22,17 @@ const HEALTHZ: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCAL
 /// The UDP payload lab-peer sends ("hello") in its Ethernet frame: 14 + 20 + 8 + 5 bytes.
 const UDP_HELLO_FRAME: u64 = 47;
 
+/// An externalTrafficPolicy Local LoadBalancer Service with healthCheckNodePort 32100.
+const SHOP_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: shop, namespace: store}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.80\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30090}\n";
+
+/// The shop Service's slice: one endpoint, pod 0 of `node`.
+fn shop_slice(node: u8) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: shop-1\n  namespace: store\n  labels: {{kubernetes.io/service-name: shop}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node{node}\n  conditions: {{ready: true}}\n",
+        pod_addr(node, 0)
+    )
+}
+
 fn udp_service() -> String {
     "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports:\n  - {name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30053}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {kubernetes.io/service-name: dns}\naddressType: IPv4\nports:\n- {name: dns, port: 8080, protocol: UDP}\nendpoints:\n- addresses: [\"10.244.1.10\"]\n  nodeName: node1\n  conditions: {ready: true}\n".into()
 }
@@ -303,13 +314,8 @@ fn healthz_livez_health_check_node_port_and_log_level() {
     );
 
     // An ETP Local LoadBalancer with its healthCheckNodePort, its endpoint on node1.
-    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: shop, namespace: store}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.80\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30090}\n";
-    let slice = |node: u8| {
-        format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: shop-1\n  namespace: store\n  labels: {{kubernetes.io/service-name: shop}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node{node}\n  conditions: {{ready: true}}\n",
-            pod_addr(node, 0)
-        )
-    };
+    let service = SHOP_SERVICE;
+    let slice = shop_slice;
     setup
         .apply("shop.yaml", &format!("{service}---\n{}", slice(1)))
         .expect("shop");
@@ -416,5 +422,28 @@ fn healthz_livez_health_check_node_port_and_log_level() {
     assert!(
         log.contains("DEBUG"),
         "no debug line after the change:\n{log}"
+    );
+}
+
+#[test]
+fn with_nodeport_addresses_health_check_node_ports_listen_on_those_addresses_only() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup
+        .start_agent(&["--nodeport-addresses", "203.0.113.0/24"])
+        .expect("agent");
+    setup
+        .apply(
+            "shop.yaml",
+            &format!("{SHOP_SERVICE}---\n{}", shop_slice(1)),
+        )
+        .expect("shop");
+    let node = setup.cluster.node(1).host.clone();
+    let on_node_address = SocketAddr::new(std::net::IpAddr::V4(node_addr(1)), 32100);
+    let response = http::get(&node, on_node_address, "/").expect("health check");
+    assert_eq!(response.status, 200, "{}", response.body);
+    let on_loopback = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 32100);
+    assert!(
+        http::get(&node, on_loopback, "/").is_err(),
+        "served outside --nodeport-addresses"
     );
 }
