@@ -459,8 +459,8 @@ fn protocol_name(protocol: u8) -> &'static str {
     }
 }
 
-/// CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns() reads.
-fn monotonic_ns() -> u64 {
+/// CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns() reads (conntrack's last_seen).
+pub fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -731,7 +731,8 @@ impl SnatFixture {
     /// `age` ago.
     fn occupy_every_port(&mut self, flags: u8, age: std::time::Duration) {
         let old = lb_common::Ct4Value {
-            last_seen_ns: monotonic_ns().saturating_sub(age.as_nanos() as u64),
+            last_seen_ns: lb_userspace::inspect::monotonic_ns()
+                .saturating_sub(age.as_nanos() as u64),
             state: lb_common::tcp_state::CLOSING,
             flags: lb_common::ct_flags::SNAT | flags,
             ..Default::default()
@@ -768,17 +769,6 @@ impl SnatFixture {
         };
         Some(tcp.source_port())
     }
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns().
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 #[test]
@@ -850,7 +840,7 @@ fn snat_ports_of_cleanly_closed_flows_are_reused_after_a_short_grace() {
     fixture.occupy_every_port(CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST, after_grace);
     let clean = SNAT_PORTS.0 + 17;
     let old = lb_common::Ct4Value {
-        last_seen_ns: monotonic_ns() - after_grace.as_nanos() as u64,
+        last_seen_ns: lb_userspace::inspect::monotonic_ns() - after_grace.as_nanos() as u64,
         state: lb_common::tcp_state::CLOSING,
         flags: lb_common::ct_flags::SNAT | CLIENT_FIN | BACKEND_FIN,
         ..Default::default()
