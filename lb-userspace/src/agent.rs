@@ -60,6 +60,12 @@ pub struct AgentConfig {
     pub healthz_timeout: Duration,
     /// The live log filter, for `/debug/log-level`.
     pub log_level: Option<LogLevel>,
+    /// Where the network sysctls are (`/proc/sys/net`, or the host's mounted elsewhere in a
+    /// container whose own /proc/sys is read-only).
+    pub proc_sys_net: PathBuf,
+    /// Mount bpffs at /sys/fs/bpf when none is there. Off in a container: a mount made there
+    /// stays in the container and takes the pins with it when it ends.
+    pub mount_bpffs: bool,
 }
 
 impl AgentConfig {
@@ -77,9 +83,17 @@ impl AgentConfig {
 /// Loads and attaches the datapath, then keeps the maps in step with the source until SIGTERM
 /// or SIGINT.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let bpffs = std::path::Path::new(crate::bpffs::DEFAULT_MOUNT);
+    if !config.mount_bpffs && !crate::bpffs::is_mounted(bpffs)? {
+        anyhow::bail!(
+            "no bpffs at {}: mount the host's (`lb mount-bpffs`, or mount -t bpf bpf {0}) and \
+             give it to the agent, or allow the agent to mount one (--mount-bpffs true)",
+            bpffs.display()
+        );
+    }
     let mut datapath = Datapath::load(&config.pin_dir).context("loading the datapath")?;
     for iface in &config.interfaces {
-        accept_local(iface)?;
+        accept_local(&config.proc_sys_net, iface)?;
         datapath
             .attach_xdp(iface, config.xdp_mode)
             .with_context(|| format!("attaching XDP to {iface}"))?;
@@ -402,9 +416,12 @@ fn health_check_node_ports(snapshot: &Snapshot) -> BTreeMap<u16, (String, String
 
 /// Lets the stack take packets arriving with one of this node's addresses as source: XDP hands
 /// it SNATed packets to forward when it cannot send them itself yet (no neighbour entry).
-fn accept_local(iface: &str) -> anyhow::Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
-    std::fs::write(&path, "1").with_context(|| format!("setting {path}"))
+fn accept_local(proc_sys_net: &std::path::Path, iface: &str) -> anyhow::Result<()> {
+    let path = proc_sys_net
+        .join("ipv4/conf")
+        .join(iface)
+        .join("accept_local");
+    std::fs::write(&path, "1").with_context(|| format!("setting {}", path.display()))
 }
 
 /// Keeps the datapath's SNAT address (for flows to backends on other nodes) equal to this node's

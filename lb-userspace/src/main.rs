@@ -69,6 +69,9 @@ enum Command {
     },
     /// Datapath events (drops by reason) and how full each map is.
     Stats(InspectArgs),
+    /// Mount bpffs at /sys/fs/bpf unless one is there, and exit: for an init container that
+    /// gives the agent the host's bpffs (the agent itself then runs without that privilege).
+    MountBpffs,
     /// Attach the XDP packet counter to a NIC and print what it counts, once per interval.
     Count {
         /// Interface name in this process's network namespace.
@@ -160,6 +163,14 @@ struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "LB_LOG_JSON")]
     log_json: bool,
+    /// Where the network sysctls are: `/proc/sys/net`, or the host's mounted elsewhere when the
+    /// agent's own /proc/sys is read-only (an unprivileged container).
+    #[arg(long, env = "LB_PROC_SYS_NET", default_value = "/proc/sys/net")]
+    proc_sys_net: PathBuf,
+    /// Mount bpffs at /sys/fs/bpf when none is there. `false` in a container: the agent then
+    /// refuses to start without the host's bpffs instead of pinning to one that dies with it.
+    #[arg(long, env = "LB_MOUNT_BPFFS", default_value_t = true, action = clap::ArgAction::Set)]
+    mount_bpffs: bool,
     /// Log filter (tracing directives, e.g. `info` or `info,lb_userspace::reconcile=debug`);
     /// `RUST_LOG` wins when set. Changeable at run time: `PUT /debug/log-level` on the metrics
     /// address.
@@ -252,6 +263,17 @@ fn main() -> anyhow::Result<()> {
             cli::conntrack(&args.pin_dir, &filter, args.output == Output::Json)
         }
         Command::Stats(args) => cli::stats(&args.pin_dir, args.output == Output::Json),
+        Command::MountBpffs => {
+            let path = std::path::Path::new(lb_userspace::bpffs::DEFAULT_MOUNT);
+            let was_there = lb_userspace::bpffs::is_mounted(path)?;
+            lb_userspace::bpffs::ensure_mounted(path)?;
+            if was_there {
+                println!("bpffs already mounted at {}", path.display());
+            } else {
+                println!("mounted bpffs at {}", path.display());
+            }
+            Ok(())
+        }
         Command::Count {
             iface,
             mode,
@@ -317,6 +339,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         healthz_bind_address: args.healthz_bind_address,
         healthz_timeout: Duration::from_secs(args.healthz_timeout),
         log_level: Some(log_level),
+        proc_sys_net: args.proc_sys_net,
+        mount_bpffs: args.mount_bpffs,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -75,6 +75,12 @@ impl AgentLab {
     /// Starts `lb run` on node1 (again, after a kill) with `extra` flags, and waits for its
     /// first sync.
     pub fn start_agent(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.start_agent_through(&[], extra)
+    }
+
+    /// As [`Self::start_agent`], through a wrapper command that execs `lb` (its program and
+    /// arguments, `lb run ...` appended), e.g. `setpriv` to limit its capabilities.
+    pub fn start_agent_through(&mut self, wrapper: &[&str], extra: &[&str]) -> anyhow::Result<()> {
         let before = self.synced_lines();
         let lb = peer::sibling_binary("lb")?;
         let manifests = self.manifests();
@@ -97,14 +103,32 @@ impl AgentLab {
         ];
         args.extend_from_slice(extra);
         let log = self.log();
+        let lb = lb.to_str().unwrap_or_default();
+        let (program, wrapped): (&str, Vec<&str>) = match wrapper {
+            [] => (lb, args),
+            [program, wrapper_args @ ..] => (
+                program,
+                wrapper_args
+                    .iter()
+                    .copied()
+                    .chain([lb])
+                    .chain(args)
+                    .collect(),
+            ),
+        };
         self.agent = Some(
             self.cluster
                 .node(1)
                 .host
-                .spawn_logged(lb, &args, None, &log)?,
+                .spawn_logged(program, &wrapped, None, &log)?,
         );
         wait_for_log(&log, "synced", before + 1, SYNC_TIMEOUT)?;
         Ok(())
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Proc::pid)
     }
 
     /// Kills the agent with SIGKILL (the datapath stays, pinned).

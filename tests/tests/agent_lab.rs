@@ -231,3 +231,71 @@ fn cleanup_removes_everything_the_agent_installed() {
     .expect("client");
     assert_eq!(gone.errors, 1, "the socket hooks still redirect: {gone:?}");
 }
+
+/// CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39): what deploy/daemonset.yaml gives the agent.
+const DAEMONSET_CAPABILITIES: u64 = 1 << 12 | 1 << 38 | 1 << 39;
+
+#[test]
+fn the_agent_works_with_the_three_capabilities_the_daemonset_gives_it() {
+    let mut setup = AgentLab::new().expect("lab");
+    // As root with a bounding set of exactly these, the agent's effective set is exactly these.
+    setup
+        .start_agent_through(
+            &[
+                "setpriv",
+                "--bounding-set=-all,+bpf,+net_admin,+perfmon",
+                "--inh-caps=-all",
+            ],
+            &["--mount-bpffs", "false"],
+        )
+        .expect("agent with three capabilities");
+    let pid = setup.agent_pid().expect("agent running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .expect("CapEff");
+    assert_eq!(effective, DAEMONSET_CAPABILITIES, "{status}");
+
+    setup
+        .apply(
+            "web.yaml",
+            &(service(80, 30080) + "---\n" + &endpoints(&[0, 1])),
+        )
+        .expect("apply");
+    ClientRun::tcp(&format!("{}:30080", node_addr(1)), 20)
+        .run(&setup.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("NodePort through XDP");
+    ClientRun::tcp("10.96.0.10:80", 20)
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("client")
+        .assert_all_ok("ClusterIP through the socket hook");
+    let accept_local = setup
+        .cluster
+        .node(1)
+        .host
+        .run("cat", &["/proc/sys/net/ipv4/conf/eth0/accept_local"])
+        .expect("sysctl");
+    assert_eq!(accept_local.trim(), "1", "the agent set accept_local");
+}
+
+#[test]
+fn without_mount_permission_the_agent_refuses_to_start_when_the_host_has_no_bpffs() {
+    // A private mount namespace whose /sys/fs/bpf mounts are gone (the machine's stay as they
+    // are): what a container sees on a host without bpffs.
+    let lb = lab::peer::sibling_binary("lb").expect("lb");
+    let script = format!(
+        "while mountpoint -q /sys/fs/bpf; do umount /sys/fs/bpf || exit 99; done; \
+         exec {} run --source file --manifests /nonexistent --mount-bpffs false",
+        lb.display()
+    );
+    let output = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no bpffs at /sys/fs/bpf"), "{stderr}");
+}

@@ -239,6 +239,14 @@ impl Manifests {
         agent
     }
 
+    /// The one init container: it mounts bpffs on the host when the host has none.
+    fn bpffs_init_container(&self) -> &Container {
+        let [init] = self.pod().init_containers.as_deref().unwrap_or_default() else {
+            panic!("the pod should have one init container, mount-bpffs");
+        };
+        init
+    }
+
     fn settings(&self) -> &BTreeMap<String, String> {
         self.config_map
             .data
@@ -465,12 +473,26 @@ fn probes_scrape_port_and_host_mounts_match_the_agent_settings() {
             .unwrap_or_else(|| panic!("volume {name} is not mounted"))
     };
 
-    // The agent mounts bpffs at bpffs::DEFAULT_MOUNT when it finds none there, so the host's
-    // must be at that same path in the pod, and that mount must reach the host.
+    // The agent looks for bpffs at bpffs::DEFAULT_MOUNT, so the host's must be at that same
+    // path in the pod. The init container mounts it on the host when missing; the agent must
+    // not mount one of its own (it would stay in the container with every pin).
     let bpffs_mount = lb_userspace::bpffs::DEFAULT_MOUNT;
     let bpffs = mount_of(bpffs_mount);
     assert_eq!(bpffs.mount_path, bpffs_mount);
-    assert_eq!(bpffs.mount_propagation.as_deref(), Some("Bidirectional"));
+    assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
+    assert_eq!(manifests.setting("LB_MOUNT_BPFFS"), "false");
+    let init = manifests.bpffs_init_container();
+    let init_mount = init
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|mount| mount.name == bpffs.name)
+        .expect("the init container mounts the bpffs volume");
+    assert_eq!(init_mount.mount_path, bpffs_mount);
+    assert_eq!(
+        init_mount.mount_propagation.as_deref(),
+        Some("Bidirectional")
+    );
     let pin_dir = Path::new(manifests.setting("LB_PIN_DIR"));
     // Strictly below: `lb run --cleanup` removes the pin directory with everything in it.
     assert!(
@@ -482,12 +504,17 @@ fn probes_scrape_port_and_host_mounts_match_the_agent_settings() {
     let cgroup = mount_of("/sys/fs/cgroup");
     assert_eq!(manifests.setting("LB_CGROUP_PATH"), cgroup.mount_path);
 
+    // The host's network sysctls, writable: the container's own /proc/sys is read-only.
+    let sysctls = mount_of("/proc/sys/net");
+    assert_eq!(manifests.setting("LB_PROC_SYS_NET"), sysctls.mount_path);
+    assert_ne!(sysctls.read_only, Some(true));
+
     assert_eq!(
         host_paths.len(),
-        2,
+        3,
         "a host directory the agent does not use: {host_paths:?}"
     );
-    assert_eq!(mounts.len(), 2, "a mount the agent does not use");
+    assert_eq!(mounts.len(), 3, "a mount the agent does not use");
 }
 
 #[test]
@@ -527,10 +554,31 @@ fn the_pod_runs_in_the_nodes_network_with_the_privileges_the_agent_needs() {
     let agent = manifests.agent();
     let security = agent.security_context.as_ref().expect("a security context");
     assert_eq!(security.read_only_root_filesystem, Some(true));
-    // The agent writes /proc/sys/net/ipv4/conf/<iface>/accept_local (agent.rs), read-only in
-    // containers that are not privileged; the API server refuses Bidirectional propagation to
-    // them too.
-    assert_eq!(security.privileged, Some(true));
+    // Three capabilities, nothing else (docs/deploy.md, "Privileges"); the privileged part,
+    // mounting bpffs on the host, is the init container's.
+    assert_ne!(security.privileged, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    let capabilities = security.capabilities.as_ref().expect("capabilities");
+    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    let added: BTreeSet<&str> = capabilities
+        .add
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(added, ["BPF", "NET_ADMIN", "PERFMON"].into());
+    let init = manifests.bpffs_init_container();
+    assert_eq!(
+        init.command.as_deref(),
+        Some(&["/usr/local/bin/lb".to_owned(), "mount-bpffs".to_owned()][..])
+    );
+    assert_eq!(
+        init.security_context
+            .as_ref()
+            .and_then(|security| security.privileged),
+        Some(true),
+        "mounting bpffs so that the host sees it takes a privileged container"
+    );
     let resources = agent.resources.as_ref().expect("resources");
     for bounds in [&resources.requests, &resources.limits] {
         let bounds = bounds.as_ref().expect("requests and limits");
