@@ -30,6 +30,9 @@ use crate::{logging::LogLevel, metrics::Metrics};
 
 type Reply = Response<Full<Bytes>>;
 
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `handle` on `listener` until the task is aborted; the handler also gets the peer's
 /// address.
 fn spawn_server<F, Fut>(listener: TcpListener, handle: F) -> JoinHandle<()>
@@ -54,6 +57,10 @@ where
                     async move { Ok::<_, Infallible>(reply.await) }
                 });
                 if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    // A client that never finishes its request headers is dropped instead of
+                    // holding a connection (and its task) for ever.
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
