@@ -143,15 +143,11 @@ pub fn destination(
     };
     // The reply comes from the backend to the client, or to the SNAT address when there is one.
     let (reply_daddr, reply_dport) = snat.unwrap_or((tuple.saddr, tuple.sport));
-    let reply_key = Ct4Key {
-        saddr: backend_addr,
-        daddr: reply_daddr,
-        sport: backend_port,
-        dport: reply_dport,
-        proto: tuple.proto,
-        direction: ct_direction::REPLY,
-        _pad: [0; 2],
-    };
+    let reply_key = backend_reply_key(
+        (backend_addr, backend_port),
+        (reply_daddr, reply_dport),
+        tuple.proto,
+    );
     let mut reply = Ct4Value {
         nat_addr: tuple.daddr,
         nat_port: tuple.dport,
@@ -218,15 +214,11 @@ fn free_snat_port(
         let port = config
             .snat_port_min
             .wrapping_add(((start + offset) % span) as u16);
-        let key = Ct4Key {
-            saddr: backend_addr,
-            daddr: config.snat_addr,
-            sport: backend_port,
-            dport: port,
-            proto: protocol,
-            direction: ct_direction::REPLY,
-            _pad: [0; 2],
-        };
+        let key = backend_reply_key(
+            (backend_addr, backend_port),
+            (config.snat_addr, port),
+            protocol,
+        );
         match CONNTRACK4.get_ptr(&key) {
             None => return Some(port),
             Some(entry) => {
@@ -311,15 +303,11 @@ pub fn note_close(reply: &mut Ct4Value, tcp_flags: u8, from_backend: bool, now: 
 /// A client's FIN or RST on a SNAT flow, recorded on the flow's REPLY entry.
 #[inline(always)]
 fn note_client_close(original: &Ct4Value, tuple: &Tuple, now: u64) {
-    let key = Ct4Key {
-        saddr: original.nat_addr,
-        daddr: original.snat_addr,
-        sport: original.nat_port,
-        dport: original.snat_port,
-        proto: tuple.proto,
-        direction: ct_direction::REPLY,
-        _pad: [0; 2],
-    };
+    let key = backend_reply_key(
+        (original.nat_addr, original.nat_port),
+        (original.snat_addr, original.snat_port),
+        tuple.proto,
+    );
     if let Some(reply) = CONNTRACK4.get_ptr_mut(&key) {
         // SAFETY: as in destination().
         note_close(unsafe { &mut *reply }, tuple.tcp_flags, false, now);
@@ -441,6 +429,20 @@ pub fn original_key(tuple: &Tuple) -> Ct4Key {
         dport: tuple.dport,
         proto: tuple.proto,
         direction: ct_direction::ORIGINAL,
+        _pad: [0; 2],
+    }
+}
+
+/// The REPLY key of the packets a backend sends to `to` (the client, or a SNAT address:port).
+#[inline(always)]
+fn backend_reply_key(backend: (u32, u16), to: (u32, u16), protocol: u8) -> Ct4Key {
+    Ct4Key {
+        saddr: backend.0,
+        daddr: to.0,
+        sport: backend.1,
+        dport: to.1,
+        proto: protocol,
+        direction: ct_direction::REPLY,
         _pad: [0; 2],
     }
 }

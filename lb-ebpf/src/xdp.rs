@@ -112,14 +112,18 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<Optio
     }
     if tuple.proto == proto::TCP && !dry_run() {
         let state = next_state(entry.state, tuple.tcp_flags);
-        let now = now_ns();
-        if state != entry.state {
-            entry.state = state;
-            entry.last_seen_ns = now;
-            close_original(entry, tuple, now);
-        }
-        if tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            note_close(entry, tuple.tcp_flags, true, now);
+        let closing = tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+        // Most replies change nothing here: no clock read for them.
+        if state != entry.state || closing {
+            let now = now_ns();
+            if state != entry.state {
+                entry.state = state;
+                entry.last_seen_ns = now;
+                close_original(entry, tuple, now);
+            }
+            if closing {
+                note_close(entry, tuple.tcp_flags, true, now);
+            }
         }
     }
     let (client_addr, client_port) = (entry.snat_addr, entry.snat_port);
