@@ -197,14 +197,12 @@ async fn sync_until_stopped(
         observers.queued();
         let started = Instant::now();
         // Compiled under the channel's read lock: no copy of the whole snapshot.
-        let (update, health_check_ports) = {
+        let update = {
             let snapshot = snapshots.borrow_and_update();
-            let update = compiler.update(&snapshot);
-            let ports = health_check_node_ports(&snapshot);
             observers
                 .health
                 .set_node_eligible(node_eligible(snapshot.node.as_ref()));
-            (update, ports)
+            compiler.update(&snapshot)
         };
         if let Err(error) = sync_snat_address(datapath, compiler.snat_address()) {
             warn!(%error, "SNAT address not set; flows to backends on other nodes go unSNATed");
@@ -244,7 +242,7 @@ async fn sync_until_stopped(
                 desired,
                 &update,
                 &report,
-                &health_check_ports,
+                compiler.health_check_node_ports(),
                 SyncCounts {
                     took: started.elapsed(),
                     invalid_objects,
@@ -298,7 +296,7 @@ impl Observers {
         desired: &Desired,
         update: &crate::compile::Update,
         report: &crate::reconcile::ReconcileReport,
-        health_check_ports: &BTreeMap<u16, (String, String)>,
+        health_check_ports: &BTreeMap<(String, String), u16>,
         counts: SyncCounts,
     ) {
         let metrics = &self.metrics;
@@ -336,7 +334,7 @@ impl Observers {
         }
         let wanted = health_check_ports
             .iter()
-            .map(|(port, (namespace, name))| {
+            .map(|((namespace, name), port)| {
                 let target = HealthCheckTarget {
                     namespace: namespace.clone(),
                     name: name.clone(),
@@ -389,29 +387,6 @@ fn traffic_policy(key: &ServicePortKey) -> &'static str {
         Scope::Internal => "internal",
         _ => "external",
     }
-}
-
-/// healthCheckNodePort -> (namespace, name) of every externalTrafficPolicy Local Service that
-/// has one.
-fn health_check_node_ports(snapshot: &Snapshot) -> BTreeMap<u16, (String, String)> {
-    snapshot
-        .services
-        .iter()
-        .filter_map(|service| {
-            let spec = service.spec.as_ref()?;
-            if spec.external_traffic_policy.as_deref() != Some("Local") {
-                return None;
-            }
-            let port = u16::try_from(spec.health_check_node_port?).ok()?;
-            let namespace = service
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            Some((port, (namespace, service.metadata.name.clone()?)))
-        })
-        .filter(|(port, _)| *port != 0)
-        .collect()
 }
 
 /// Lets the stack take packets arriving with one of this node's addresses as source: XDP hands

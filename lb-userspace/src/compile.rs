@@ -221,8 +221,6 @@ pub struct Compiler {
     desired: Desired,
     /// By namespace, then name (nested so lookups need no owned key).
     services: HashMap<String, HashMap<String, CompiledService>>,
-    /// Counts updates; a Service not seen in the current one is gone.
-    generation: u64,
     /// Which Service port serves each frontend.
     claimed: HashMap<(Ipv4Addr, u16, u8), ServicePortKey>,
     /// A full compile is needed (first run, node changed, conflicts present).
@@ -232,6 +230,8 @@ pub struct Compiler {
     previous: Option<Previous>,
     /// Problems of EndpointSlices whose Service does not exist, by (namespace, service).
     orphans: BTreeMap<(String, String), Vec<Problem>>,
+    /// The healthCheckNodePort of every externalTrafficPolicy Local Service that has one.
+    health_check_ports: BTreeMap<(String, String), u16>,
 }
 
 /// The previous update's objects. Sources share unchanged objects between snapshots (`Arc`), so
@@ -360,8 +360,8 @@ fn slice_service(slice: &EndpointSlice) -> Option<(String, String)> {
 struct CompiledService {
     /// resourceVersions of the Service and its slices; None: compile again every time.
     fingerprint: Option<Fingerprint>,
-    /// The update that last saw the Service.
-    seen: u64,
+    /// healthCheckNodePort of an externalTrafficPolicy Local Service.
+    health_check_node_port: Option<u16>,
     keys: Vec<ServicePortKey>,
     problems: Vec<Problem>,
     held: bool,
@@ -458,17 +458,23 @@ impl Compiler {
             desired: Desired::default(),
             services: HashMap::new(),
             claimed: HashMap::new(),
-            generation: 0,
             full: true,
             snat_address: None,
             previous: None,
             orphans: BTreeMap::new(),
+            health_check_ports: BTreeMap::new(),
         }
     }
 
     /// The desired state as of the last update.
     pub fn desired(&self) -> &Desired {
         &self.desired
+    }
+
+    /// (namespace, name) -> healthCheckNodePort of every externalTrafficPolicy Local Service
+    /// that has one, as of the last update.
+    pub fn health_check_node_ports(&self) -> &BTreeMap<(String, String), u16> {
+        &self.health_check_ports
     }
 
     /// This node's addresses that serve NodePorts (inside `--nodeport-addresses` when given).
@@ -489,7 +495,6 @@ impl Compiler {
             self.node_addresses = node_addresses;
             self.full = true;
         }
-        self.generation += 1;
         let mut changed = BTreeSet::new();
         let mut changes = Changes::default();
         if !self.full && !self.update_changed(snapshot, &mut changed, &mut changes) {
@@ -515,6 +520,7 @@ impl Compiler {
             changed.extend(self.desired.services.keys().cloned());
             self.desired = Desired::default();
             self.services.clear();
+            self.health_check_ports.clear();
             self.claimed.clear();
             let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
             services.sort_by_key(|service| object_key(&service.metadata));
@@ -616,12 +622,11 @@ impl Compiler {
         let (namespace, name) = names(&service.metadata);
         let known = self
             .services
-            .get_mut(namespace)
-            .and_then(|by_name| by_name.get_mut(name));
+            .get(namespace)
+            .and_then(|by_name| by_name.get(name));
         if let Some(known) = known
             && fingerprint_matches(known.fingerprint.as_ref(), service, slices)
         {
-            known.seen = self.generation;
             return true;
         }
         let before = self
@@ -677,9 +682,12 @@ impl Compiler {
         self.services.values().flat_map(HashMap::values)
     }
 
-    fn insert(&mut self, service: &Service, mut compiled: CompiledService) {
+    fn insert(&mut self, service: &Service, compiled: CompiledService) {
         let (namespace, name) = names(&service.metadata);
-        compiled.seen = self.generation;
+        if let Some(port) = compiled.health_check_node_port {
+            self.health_check_ports
+                .insert((namespace.to_owned(), name.to_owned()), port);
+        }
         self.services
             .entry(namespace.to_owned())
             .or_default()
@@ -695,6 +703,8 @@ impl Compiler {
         else {
             return;
         };
+        self.health_check_ports
+            .remove(&(namespace.to_owned(), name.to_owned()));
         for key in compiled.keys {
             if let Some(service) = self.desired.services.remove(&key) {
                 for frontend in &service.frontends {
@@ -719,7 +729,7 @@ impl Compiler {
         let (namespace, name) = object_key(&service.metadata);
         let mut compiled = CompiledService {
             fingerprint: fingerprint(service, slices),
-            seen: self.generation,
+            health_check_node_port: health_check_node_port(service),
             keys: Vec::new(),
             problems: Vec::new(),
             held: false,
@@ -803,6 +813,17 @@ fn slices_by_service(snapshot: &Snapshot) -> SlicesByService<'_> {
         }
     }
     by_service
+}
+
+/// The healthCheckNodePort an externalTrafficPolicy Local Service has (0 or none: none).
+fn health_check_node_port(service: &Service) -> Option<u16> {
+    let spec = service.spec.as_ref()?;
+    if spec.external_traffic_policy.as_deref() != Some("Local") {
+        return None;
+    }
+    u16::try_from(spec.health_check_node_port?)
+        .ok()
+        .filter(|port| *port != 0)
 }
 
 /// The slices of a Service.

@@ -153,7 +153,7 @@ impl Backend {
         }
     }
 
-    pub fn from_value(value: &Backend4) -> Self {
+    fn from_value(value: &Backend4) -> Self {
         Self {
             addr: Ipv4Addr::from(u32::from_be(value.addr)),
             port: u16::from_be(value.port),
@@ -259,11 +259,7 @@ impl Datapath {
                     .insert((addr, (key.prefix_len() - 32) as u8));
             }
         }
-        let installed_backends = backends
-            .iter()
-            .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?;
+        let installed_backends = read_backends(&backends)?;
         let slot_count = installed
             .values()
             .map(|service| service.backends.len())
@@ -770,11 +766,6 @@ impl Datapath {
         Ok(())
     }
 
-    /// The recorded name of every service id.
-    pub fn service_names(&self) -> &BTreeMap<u32, String> {
-        &self.names
-    }
-
     /// Removes a service: its frontends first (new packets stop matching), then its table.
     pub fn remove_service(&mut self, id: u32) -> Result<()> {
         if self.names.remove(&id).is_some() {
@@ -812,11 +803,7 @@ impl Datapath {
 
     /// Every backend by id.
     pub fn backends(&self) -> Result<BTreeMap<u32, Backend>> {
-        self.backends
-            .iter()
-            .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))
+        read_backends(&self.backends)
     }
 
     /// Every connection-tracking entry.
@@ -829,31 +816,12 @@ impl Datapath {
 
     /// A service's counters summed over CPUs.
     pub fn service_counter(&self, id: u32) -> Result<ServiceCounter> {
-        let per_cpu = self
-            .service_counters
-            .get(&id, 0)
-            .map_err(|source| map_error(map_names::SERVICE_COUNTERS, "read", source))?;
-        Ok(per_cpu
-            .iter()
-            .fold(ServiceCounter::default(), |sum, cpu| ServiceCounter {
-                packets: sum.packets + cpu.packets,
-                bytes: sum.bytes + cpu.bytes,
-                new_flows: sum.new_flows + cpu.new_flows,
-            }))
+        read_service_counter(&self.service_counters, id)
     }
 
     /// How often each event (drop reason) happened, summed over CPUs.
     pub fn events(&self) -> Result<BTreeMap<&'static str, u64>> {
-        Event::ALL
-            .iter()
-            .map(|&(event, label)| {
-                let per_cpu = self
-                    .events
-                    .get(&event.0, 0)
-                    .map_err(|source| map_error(map_names::EVENTS, "read", source))?;
-                Ok((label, per_cpu.iter().sum()))
-            })
-            .collect()
+        read_events(&self.events)
     }
 
     fn validate(&self, service: &Service) -> Result<()> {
@@ -1122,12 +1090,52 @@ pub(crate) fn read_service_names(
 }
 
 /// The text of a stored service name (NUL padding removed).
-pub fn service_name(value: &ServiceName) -> String {
+fn service_name(value: &ServiceName) -> String {
     let len = value
         .iter()
         .position(|&byte| byte == 0)
         .unwrap_or(value.len());
     String::from_utf8_lossy(&value[..len]).into_owned()
+}
+
+/// Every backend by id. The agent's datapath and the read-only inspection share these readers.
+pub(crate) fn read_backends(
+    map: &HashMap<MapData, u32, Backend4>,
+) -> Result<BTreeMap<u32, Backend>> {
+    map.iter()
+        .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))
+}
+
+/// A service's counters summed over CPUs.
+pub(crate) fn read_service_counter(
+    map: &PerCpuArray<MapData, ServiceCounter>,
+    id: u32,
+) -> Result<ServiceCounter> {
+    let per_cpu = map
+        .get(&id, 0)
+        .map_err(|source| map_error(map_names::SERVICE_COUNTERS, "read", source))?;
+    Ok(per_cpu
+        .iter()
+        .fold(ServiceCounter::default(), |sum, cpu| ServiceCounter {
+            packets: sum.packets + cpu.packets,
+            bytes: sum.bytes + cpu.bytes,
+            new_flows: sum.new_flows + cpu.new_flows,
+        }))
+}
+
+/// How often each event happened, summed over CPUs, by label.
+pub(crate) fn read_events(map: &PerCpuArray<MapData, u64>) -> Result<BTreeMap<&'static str, u64>> {
+    Event::ALL
+        .iter()
+        .map(|&(event, label)| {
+            let per_cpu = map
+                .get(&event.0, 0)
+                .map_err(|source| map_error(map_names::EVENTS, "read", source))?;
+            Ok((label, per_cpu.iter().sum()))
+        })
+        .collect()
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>

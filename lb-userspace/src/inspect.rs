@@ -11,13 +11,16 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key as LpmKey};
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Frontend4Key,
     ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4, backend_flags,
     ct_direction, ct_flags, limits, maglev, map_names, proto, service_flags, tcp_state,
 };
 use serde::Serialize;
 
-use crate::datapath::{Backend, ServiceName, read_installed, read_service_names};
+use crate::datapath::{
+    ServiceName, read_backends, read_events, read_installed, read_service_counter,
+    read_service_names,
+};
 
 /// The pinned maps of one agent (its `--pin-dir`).
 pub struct PinnedMaps {
@@ -198,7 +201,7 @@ impl PinnedMaps {
     pub fn services(&self) -> anyhow::Result<Vec<ServiceInfo>> {
         let (installed, _) = read_installed(&self.frontends, &self.slots)?;
         let names = read_service_names(&self.names)?;
-        let backends = self.backend_map()?;
+        let backends = read_backends(&self.backends)?;
         let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for key in self.source_ranges.keys() {
             let key: LpmKey<SourceRange4> = key?;
@@ -221,7 +224,7 @@ impl PinnedMaps {
         installed
             .into_iter()
             .map(|(id, service)| {
-                let counter = self.service_counter(id)?;
+                let counter = read_service_counter(&self.counters, id)?;
                 let flags = policy_flags.get(&id).copied().unwrap_or(0);
                 Ok(ServiceInfo {
                     id,
@@ -268,8 +271,7 @@ impl PinnedMaps {
                 }
             }
         }
-        Ok(self
-            .backend_map()?
+        Ok(read_backends(&self.backends)?
             .into_iter()
             .map(|(id, backend)| BackendInfo {
                 id,
@@ -302,10 +304,7 @@ impl PinnedMaps {
 
     /// Events by label, summed over CPUs.
     pub fn events(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
-        Event::ALL
-            .iter()
-            .map(|&(event, label)| Ok((label, self.events.get(&event.0, 0)?.iter().sum())))
-            .collect()
+        Ok(read_events(&self.events)?)
     }
 
     /// Events, map fill and the SNAT address.
@@ -369,26 +368,6 @@ impl PinnedMaps {
                 capacity: u64::from(maglev::MAX_TABLES),
             },
         ])
-    }
-
-    fn backend_map(&self) -> anyhow::Result<BTreeMap<u32, Backend>> {
-        Ok(self
-            .backends
-            .iter()
-            .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
-            .collect::<Result<_, _>>()?)
-    }
-
-    fn service_counter(&self, id: u32) -> anyhow::Result<ServiceCounter> {
-        Ok(self
-            .counters
-            .get(&id, 0)?
-            .iter()
-            .fold(ServiceCounter::default(), |sum, cpu| ServiceCounter {
-                packets: sum.packets + cpu.packets,
-                bytes: sum.bytes + cpu.bytes,
-                new_flows: sum.new_flows + cpu.new_flows,
-            }))
     }
 }
 

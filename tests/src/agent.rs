@@ -167,13 +167,7 @@ impl AgentLab {
     /// The agent's drop and reject counters (`lb_event_v1`), read from its pinned map without
     /// touching anything else of the running datapath.
     pub fn events(&self) -> anyhow::Result<std::collections::BTreeMap<&'static str, u64>> {
-        let map =
-            aya::maps::MapData::from_pin(self.pins.path().join(lb_common::map_names::EVENTS))?;
-        let events = aya::maps::PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(map))?;
-        lb_common::Event::ALL
-            .iter()
-            .map(|(event, label)| Ok((*label, events.get(&event.0, 0)?.iter().sum())))
-            .collect()
+        lb_userspace::inspect::PinnedMaps::open(self.pins.path())?.events()
     }
 
     /// The pod on node1 that acts as a client (n1p1).
