@@ -501,46 +501,7 @@ impl Compiler {
             self.full = true;
         }
         if self.full {
-            let slices = slices_by_service(snapshot);
-            // Counted against the fingerprints the previous update left, as a full compile starts
-            // from nothing.
-            changes = Changes::default();
-            let mut before: HashMap<(String, String), Option<Fingerprint>> = self
-                .services
-                .iter()
-                .flat_map(|(namespace, by_name)| {
-                    by_name.iter().map(move |(name, compiled)| {
-                        (
-                            (namespace.clone(), name.clone()),
-                            compiled.fingerprint.clone(),
-                        )
-                    })
-                })
-                .collect();
-            changed.extend(self.desired.services.keys().cloned());
-            self.desired = Desired::default();
-            self.services.clear();
-            self.health_check_ports.clear();
-            self.claimed.clear();
-            let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
-            services.sort_by_key(|service| object_key(&service.metadata));
-            for service in services {
-                let (namespace, name) = object_key(&service.metadata);
-                let previous = before.remove(&(namespace, name)).flatten();
-                changes.count(previous.as_ref(), service, service_slices(&slices, service));
-                let compiled = self.compile_one(service, &slices, &mut changed);
-                self.insert(service, compiled);
-            }
-            for gone in before.values() {
-                changes.count_gone(gone.as_ref());
-            }
-            let conflicts = self.compiled().any(|service| service.conflict);
-            self.full = conflicts;
-            let previous = Previous::of(snapshot);
-            self.orphans.clear();
-            let keys: Vec<(String, String)> = previous.slices_of.keys().cloned().collect();
-            self.update_orphans(&previous, keys);
-            self.previous = Some(previous);
+            changes = self.compile_all(snapshot, &mut changed);
         }
         let mut problems: Vec<Problem> = self
             .compiled()
@@ -554,6 +515,54 @@ impl Compiler {
             problems,
             changes,
         }
+    }
+
+    /// Compiles every Service from nothing; the changes are counted against the fingerprints
+    /// the previous update left.
+    fn compile_all(
+        &mut self,
+        snapshot: &Snapshot,
+        changed: &mut BTreeSet<ServicePortKey>,
+    ) -> Changes {
+        let slices = slices_by_service(snapshot);
+        let mut changes = Changes::default();
+        let mut before: HashMap<(String, String), Option<Fingerprint>> = self
+            .services
+            .iter()
+            .flat_map(|(namespace, by_name)| {
+                by_name.iter().map(move |(name, compiled)| {
+                    (
+                        (namespace.clone(), name.clone()),
+                        compiled.fingerprint.clone(),
+                    )
+                })
+            })
+            .collect();
+        changed.extend(self.desired.services.keys().cloned());
+        self.desired = Desired::default();
+        self.services.clear();
+        self.health_check_ports.clear();
+        self.claimed.clear();
+        let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
+        services.sort_by_key(|service| object_key(&service.metadata));
+        for service in services {
+            let (namespace, name) = object_key(&service.metadata);
+            let previous = before.remove(&(namespace, name)).flatten();
+            changes.count(previous.as_ref(), service, service_slices(&slices, service));
+            let compiled = self.compile_one(service, &slices, changed);
+            self.insert(service, compiled);
+        }
+        for gone in before.values() {
+            changes.count_gone(gone.as_ref());
+        }
+        let conflicts = self.compiled().any(|service| service.conflict);
+        self.full = conflicts;
+        let previous = Previous::of(snapshot);
+        self.orphans.clear();
+        let keys: Vec<(String, String)> = previous.slices_of.keys().cloned().collect();
+        self.update_orphans(&previous, keys);
+        self.previous = Some(previous);
+        changes
     }
 
     /// Recompiles only the Services whose object or slices changed since the previous update

@@ -215,17 +215,12 @@ impl PinnedMaps {
                     key.prefix_len() - 32
                 ));
         }
-        let policy_flags: BTreeMap<u32, u32> = self
-            .frontends
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, value)| (value.service_id, value.flags))
-            .collect();
         installed
             .into_iter()
             .map(|(id, service)| {
                 let counter = read_service_counter(&self.counters, id)?;
-                let flags = policy_flags.get(&id).copied().unwrap_or(0);
+                // Every frontend of a service carries its policy bits.
+                let flags = service.frontends.values().fold(0, |all, flags| all | flags);
                 Ok(ServiceInfo {
                     id,
                     name: names.get(&id).cloned().unwrap_or_default(),

@@ -39,10 +39,7 @@ impl AgentLab {
     pub fn with_spec(spec: &ClusterSpec) -> anyhow::Result<Self> {
         let mut lab = Lab::new()?;
         let cluster = Cluster::build(&mut lab, spec)?;
-        let servers = cluster
-            .pods()
-            .map(|pod| peer::serve(&pod.host, pod.host.name(), POD_PORT))
-            .collect::<anyhow::Result<_>>()?;
+        let servers = serve_in_every_pod(&cluster)?;
         let pins = PinDir::new(&lab, "agent")?;
         let cgroup = Cgroup::new(&lab, "node1")?;
         let scratch = ScratchDir::new(&lab, "agent")?;
@@ -182,6 +179,14 @@ impl AgentLab {
             .filter(|line| line.contains("synced"))
             .count()
     }
+}
+
+/// A lab-peer server named after its pod on [`POD_PORT`] in every pod of the cluster.
+pub fn serve_in_every_pod(cluster: &Cluster) -> anyhow::Result<Vec<Proc>> {
+    cluster
+        .pods()
+        .map(|pod| peer::serve(&pod.host, pod.host.name(), POD_PORT))
+        .collect()
 }
 
 /// A NodePort Service manifest: `name` on ClusterIP `cluster_ip`:80 and nodePort `node_port`,

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 use lab::{
     lab::{Lab, Proc},
     node::NodeDatapath,
-    peer::{self, ClientRun},
+    peer::ClientRun,
     topology::{CLIENT_ADDR, Cluster, ClusterSpec, node_addr},
 };
 use lb_common::{backend_flags, proto, service_flags};
@@ -33,10 +33,7 @@ struct Setup {
 fn setup(spec: &ClusterSpec) -> Setup {
     let mut lab = Lab::new().expect("lab");
     let cluster = Cluster::build(&mut lab, spec).expect("cluster");
-    let servers = cluster
-        .pods()
-        .map(|pod| peer::serve(&pod.host, pod.host.name(), POD_PORT).expect("server"))
-        .collect();
+    let servers = lab::agent::serve_in_every_pod(&cluster).expect("servers");
     cluster
         .client
         .route(&["198.51.100.0/24", "via", &node_addr(1).to_string()])

@@ -586,10 +586,7 @@ impl RuleLab {
     fn new(spec: &ClusterSpec) -> anyhow::Result<Self> {
         let mut lab = Lab::new()?;
         let cluster = Cluster::build(&mut lab, spec)?;
-        let servers = cluster
-            .pods()
-            .map(|pod| peer::serve(&pod.host, pod.host.name(), POD_PORT))
-            .collect::<anyhow::Result<_>>()?;
+        let servers = lab::agent::serve_in_every_pod(&cluster)?;
         route_client_via_node1(&cluster.client)?;
         refuse_redirects_on_node1(&cluster.node(1).host)?;
         let scratch = ScratchDir::new(&lab, "e2e")?;
