@@ -299,3 +299,22 @@ fn without_mount_permission_the_agent_refuses_to_start_when_the_host_has_no_bpff
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no bpffs at /sys/fs/bpf"), "{stderr}");
 }
+
+#[test]
+fn an_empty_setting_in_the_environment_counts_as_not_set() {
+    // A ConfigMap key left empty: as a value, "" is no CIDR and would be refused.
+    let lb = lab::peer::sibling_binary("lb").expect("lb");
+    let pins = std::env::temp_dir().join(format!("lbt{}-empty-setting", std::process::id()));
+    let output = std::process::Command::new(lb)
+        .args(["run", "--cleanup", "--pin-dir"])
+        .arg(&pins)
+        .env("LB_NODEPORT_ADDRESSES", "")
+        .env("LB_HOSTNAME_OVERRIDE", "")
+        .output()
+        .expect("lb run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
