@@ -26,9 +26,9 @@ pub mod map_names {
     /// Per-CPU [`crate::ServiceCounter`] by service id.
     pub const SERVICE_COUNTERS: &str = "lb_svc_cnt_v1";
     /// Per-CPU u64 by [`crate::Event`]: every drop (and notable pass) with its reason.
-    pub const EVENTS: &str = "lb_event_v1";
+    pub const EVENTS: &str = "lb_event_v2";
     /// Array of one [`crate::DatapathConfig`].
-    pub const CONFIG: &str = "lb_cfg_v1";
+    pub const CONFIG: &str = "lb_cfg_v2";
     /// LPM trie of [`crate::SourceRange4`] -> u8: loadBalancerSourceRanges per service.
     pub const SOURCE_RANGES4: &str = "lb4_srcrng_v1";
     /// LRU [`crate::Affinity4Key`] -> [`crate::AffinityValue`]: sessionAffinity ClientIP.
@@ -40,6 +40,8 @@ pub mod map_names {
     /// [`crate::SERVICE_NAME_LEN`] bytes). Created and pinned by the agent, read by `lb services`
     /// and the metrics; no kernel program uses it.
     pub const SERVICE_NAMES: &str = "lb_svc_name_v1";
+    /// Per-CPU [`crate::RejectBudget`]: the REJECT answers' rate limit. Not pinned.
+    pub const REJECT_BUDGET: &str = "lb_rejbudget";
 
     /// Every map name, for the length check below and for tools that list them.
     pub const ALL: &[&str] = &[
@@ -56,6 +58,7 @@ pub mod map_names {
         AFFINITY4,
         MAGLEV4,
         SERVICE_NAMES,
+        REJECT_BUDGET,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -97,7 +100,9 @@ pub mod limits {
     pub const MAX_AFFINITY: u32 = 131_072;
 }
 
-/// Connection-tracking timeouts (nanoseconds of CLOCK_MONOTONIC, as bpf_ktime_get_ns counts).
+/// Default connection-tracking timeouts (nanoseconds of CLOCK_MONOTONIC, as bpf_ktime_get_ns
+/// counts). The datapath uses the ones of [`CtTimeouts`] in its config map; these are their
+/// defaults.
 pub mod ct_timeouts {
     const SECOND: u64 = 1_000_000_000;
     /// A TCP flow that has not completed its handshake.
@@ -412,7 +417,60 @@ pub mod service_flags {
     pub const MAGLEV: u32 = 1 << 10;
 }
 
-/// Datapath-wide settings the agent writes once at start: index 0 of `lb_cfg_v1`.
+/// How long flows live without traffic, in nanoseconds; 0 stands for the default of
+/// [`ct_timeouts`], so a config map nobody wrote yet still tracks flows sensibly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct CtTimeouts {
+    pub tcp_syn: u64,
+    pub tcp_established: u64,
+    pub tcp_closing: u64,
+    pub udp: u64,
+    /// How long after a clean close or a reset a SNAT port may serve another flow.
+    pub snat_port_reuse: u64,
+}
+const _: () = assert!(size_of::<CtTimeouts>() == 40);
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn: ct_timeouts::TCP_SYN,
+            tcp_established: ct_timeouts::TCP_ESTABLISHED,
+            tcp_closing: ct_timeouts::TCP_CLOSING,
+            udp: ct_timeouts::UDP,
+            snat_port_reuse: ct_timeouts::SNAT_PORT_REUSE,
+        }
+    }
+}
+
+impl CtTimeouts {
+    /// How long an entry of this protocol and [`tcp_state`] lives without traffic.
+    #[inline(always)]
+    pub fn for_state(&self, protocol: u8, state: u8) -> u64 {
+        if protocol != proto::TCP {
+            return or_default(self.udp, ct_timeouts::UDP);
+        }
+        match state {
+            tcp_state::ESTABLISHED => {
+                or_default(self.tcp_established, ct_timeouts::TCP_ESTABLISHED)
+            }
+            tcp_state::CLOSING => or_default(self.tcp_closing, ct_timeouts::TCP_CLOSING),
+            _ => or_default(self.tcp_syn, ct_timeouts::TCP_SYN),
+        }
+    }
+
+    #[inline(always)]
+    pub fn snat_port_reuse(&self) -> u64 {
+        or_default(self.snat_port_reuse, ct_timeouts::SNAT_PORT_REUSE)
+    }
+}
+
+#[inline(always)]
+const fn or_default(value: u64, default: u64) -> u64 {
+    if value == 0 { default } else { value }
+}
+
+/// Datapath-wide settings the agent writes once at start: index 0 of `lb_cfg_v2`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct DatapathConfig {
@@ -425,12 +483,22 @@ pub struct DatapathConfig {
     /// the node's own connections.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    pub timeouts: CtTimeouts,
 }
-const _: () = assert!(size_of::<DatapathConfig>() == 8);
+const _: () = assert!(size_of::<DatapathConfig>() == 48);
 
 /// Bytes of a service name in [`map_names::SERVICE_NAMES`]: a namespace and a name of up to 63
 /// characters each, a port name of up to 15, the protocol and a scope fit.
 pub const SERVICE_NAME_LEN: usize = 192;
+
+/// A per-CPU token bucket of the datapath's REJECT answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct RejectBudget {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<RejectBudget>() == 16);
 
 /// Default SNAT port range: above the kernel's default ip_local_port_range.
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
@@ -577,6 +645,10 @@ pub mod ct_flags {
     pub const BACKEND_CLOSED_FIRST: u8 = 1 << 3;
     /// SNAT flows, REPLY entry: a RST ended the connection.
     pub const RESET: u8 = 1 << 4;
+    /// The client's source port is replaced (its address kept) because its reply tuple would
+    /// clash with another flow's: ORIGINAL entries hold the new port in `snat_port`, REPLY
+    /// entries are keyed by it and restore the client's own port (tc egress).
+    pub const PORT_REMAP: u8 = 1 << 5;
 }
 
 pub mod tcp_state {
@@ -656,8 +728,26 @@ impl Event {
     pub const REJECT_ICMP: Self = Self(10);
     /// Drop: no free SNAT port for a flow to a remote backend.
     pub const DROP_SNAT_EXHAUSTED: Self = Self(11);
+    /// A tracked flow's REPLY entry was gone (evicted on its own) and was written again.
+    pub const CT_REPLY_RESTORED: Self = Self(12);
+    /// A tracked flow's reply tuple had been taken by another flow: it started over as new.
+    pub const CT_FLOW_RESTARTED: Self = Self(13);
+    /// A new flow's reply tuple would have clashed with another flow's (one client port to two
+    /// frontends of one endpoint): its source port was remapped.
+    pub const NAT_PORT_REMAP: Self = Self(14);
+    /// Pass: a new flow to a remote backend whose TTL would run out went to the stack untranslated.
+    pub const PASS_TTL_EXCEEDED: Self = Self(15);
+    /// Pass: a VLAN-tagged frame went on untouched (tagged traffic is not served).
+    pub const PASS_VLAN: Self = Self(16);
+    /// Drop: a packet to a frontend or SNAT port with a wrong IPv4 header checksum.
+    pub const DROP_IP_CHECKSUM: Self = Self(17);
+    /// Drop: no REJECT answer for a source that is not unicast (broadcast, multicast, 0.0.0.0,
+    /// loopback, or a link-layer broadcast frame).
+    pub const DROP_REJECT_NOT_UNICAST: Self = Self(18);
+    /// Drop: REJECT answers past this CPU's rate.
+    pub const DROP_REJECT_RATE_LIMITED: Self = Self(19);
 
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 20;
 
     /// Every event in index order with its label (the `reason` label of the metrics).
     pub const ALL: [(Self, &'static str); Self::COUNT as usize] = [
@@ -673,6 +763,14 @@ impl Event {
         (Self::REJECT_TCP_RST, "reject_tcp_rst"),
         (Self::REJECT_ICMP, "reject_icmp"),
         (Self::DROP_SNAT_EXHAUSTED, "drop_snat_exhausted"),
+        (Self::CT_REPLY_RESTORED, "ct_reply_restored"),
+        (Self::CT_FLOW_RESTARTED, "ct_flow_restarted"),
+        (Self::NAT_PORT_REMAP, "nat_port_remap"),
+        (Self::PASS_TTL_EXCEEDED, "pass_ttl_exceeded"),
+        (Self::PASS_VLAN, "pass_vlan"),
+        (Self::DROP_IP_CHECKSUM, "drop_ip_checksum"),
+        (Self::DROP_REJECT_NOT_UNICAST, "drop_reject_not_unicast"),
+        (Self::DROP_REJECT_RATE_LIMITED, "drop_reject_rate_limited"),
     ];
 
     pub fn label(self) -> Option<&'static str> {
@@ -693,6 +791,8 @@ macro_rules! impl_pod {
 #[cfg(feature = "user")]
 impl_pod!(
     DatapathConfig,
+    CtTimeouts,
+    RejectBudget,
     SourceRange4,
     Affinity4Key,
     AffinityValue,

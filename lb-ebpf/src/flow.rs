@@ -2,25 +2,25 @@
 //! shared by the XDP, tc and socket programs.
 
 use lb_common::{
-    AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event,
-    Frontend4Key, ServiceValue, SlotKey, backend_flags, ct_direction, ct_flags, ct_timeouts,
-    maglev, proto, scope, service_flags, tcp_state,
+    AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
+    DatapathConfig, Event, Frontend4Key, ServiceValue, SlotKey, backend_flags, ct_direction,
+    ct_flags, ct_timeouts, maglev, proto, scope, service_flags, tcp_state,
 };
 use lb_ebpf::packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     helpers::{now_ns, random_u32},
     maps::{
-        AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTENDS4, MAGLEV4, SLOTS4, count_service,
-        dry_run,
+        AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTENDS4, MAGLEV4, SLOTS4, count_event,
+        count_service, dry_run,
     },
 };
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
-/// SNAT ports looked at, one after the other from a random start, before giving up on the flow.
-/// A scan finds the free ports a nearly full range has left, where independent random tries
-/// would miss them (16 tries at 95% use miss 44% of the time).
-const SNAT_PORT_TRIES: u32 = 32;
+/// SNAT ports tried, each at random, before giving up on the flow.
+const SNAT_PORT_TRIES: u32 = 128;
+/// Insert only if the key is new (include/uapi/linux/bpf.h).
+const BPF_NOEXIST: u64 = 1;
 
 /// A flow as the parser saw it: addresses and ports as the packet holds them (big-endian values
 /// read with `from_be_bytes`, so host-order integers of the wire bytes).
@@ -40,10 +40,13 @@ pub struct Destination {
     pub addr: u32,
     pub port: u16,
     pub service_id: u32,
-    /// The source that replaces the client's, for a backend on another node.
-    pub snat: Option<(u32, u16)>,
+    /// The source that replaces the client's: this node's SNAT address and port for a backend on
+    /// another node, or the client's own address with another port when its reply tuple would
+    /// clash with another flow's (see [`ct_flags::PORT_REMAP`]).
+    pub source: Option<(u32, u16)>,
+    /// XDP sends the packet on itself (a backend on another node) instead of to the stack.
+    pub forward: bool,
 }
-
 /// The frontend this packet is addressed to, if any. Map keys hold network byte order.
 #[inline(always)]
 pub fn lookup_frontend(tuple: &Tuple) -> Option<&'static ServiceValue> {
@@ -78,12 +81,19 @@ pub fn no_backend(service: &ServiceValue) -> Event {
 /// the service has session affinity, random otherwise), tracked from now on in both directions.
 /// A TCP flow keeps its backend until it ends, also when the backend leaves the service:
 /// kube-proxy users rely on that during rollouts. A backend on another node is reached through
-/// SNAT unless the service's policy is Local.
+/// SNAT unless the service's policy is Local; `may_forward` is false when the packet could not
+/// be forwarded (its TTL runs out), and such a packet creates no flow to a remote backend.
+///
+/// A flow is two entries (ORIGINAL, keyed as the client sends; REPLY, keyed as the backend
+/// answers) that the LRU map may evict one at a time. Every packet of a tracked flow checks that
+/// its REPLY half is there and still its own: a lost half is recreated, and a flow whose reply
+/// tuple now serves another flow starts over instead of mixing the two.
 #[inline(always)]
 pub fn destination(
     tuple: &Tuple,
     service: &ServiceValue,
     macs: &[u8; 12],
+    may_forward: bool,
 ) -> Result<Destination, Event> {
     let now = now_ns();
     let key = original_key(tuple);
@@ -91,95 +101,204 @@ pub fn destination(
         // SAFETY: the entry stays valid for the program's run (RCU); racing writers on other CPUs
         // can only make last_seen/state slightly stale, which the timeouts tolerate.
         let entry = unsafe { &mut *entry };
-        if now.saturating_sub(entry.last_seen_ns) <= timeout(tuple.proto, entry.state)
-            && (tuple.proto == proto::TCP || backend_still_there(entry))
-            && !reopens(entry, tuple)
-        {
-            if !dry_run() {
-                refresh(entry, tuple, now);
-                if entry.flags & ct_flags::SNAT != 0 && tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                    note_client_close(entry, tuple, now);
+        if continues(entry, tuple, now) {
+            match reply_half(entry, tuple, macs, now) {
+                ReplyHalf::Ours(reply) => {
+                    if !dry_run() {
+                        // SAFETY: as above.
+                        refresh_flow(entry, unsafe { &mut *reply }, tuple, now);
+                    }
+                    return Ok(tracked(entry));
                 }
+                ReplyHalf::Restored => return Ok(tracked(entry)),
+                ReplyHalf::Taken => count_event(Event::CT_FLOW_RESTARTED),
             }
-            let snat =
-                (entry.flags & ct_flags::SNAT != 0).then_some((entry.snat_addr, entry.snat_port));
-            return Ok(Destination {
-                addr: entry.nat_addr,
-                port: entry.nat_port,
-                service_id: entry.service_id,
-                snat,
-            });
         }
     }
+    new_flow(tuple, service, macs, may_forward, now)
+}
+
+/// Where a tracked flow's packets go.
+#[inline(always)]
+fn tracked(entry: &Ct4Value) -> Destination {
+    let rewrites_source = entry.flags & (ct_flags::SNAT | ct_flags::PORT_REMAP) != 0;
+    Destination {
+        addr: entry.nat_addr,
+        port: entry.nat_port,
+        service_id: entry.service_id,
+        source: rewrites_source.then_some((entry.snat_addr, entry.snat_port)),
+        forward: entry.flags & ct_flags::SNAT != 0,
+    }
+}
+
+/// Whether a packet belongs to the flow its ORIGINAL entry tracks.
+#[inline(always)]
+fn continues(entry: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
+    now.saturating_sub(entry.last_seen_ns) <= timeout(tuple.proto, entry.state)
+        && (tuple.proto == proto::TCP || backend_still_there(entry))
+        && !reopens(entry, tuple)
+}
+
+enum ReplyHalf {
+    /// The flow's REPLY entry, as it should be.
+    Ours(*mut Ct4Value),
+    /// It was missing (evicted) and has been written again.
+    Restored,
+    /// The reply tuple belongs to another flow now.
+    Taken,
+}
+
+/// The REPLY half of the flow whose ORIGINAL entry is `original`, recreated when it is gone.
+#[inline(always)]
+fn reply_half(original: &Ct4Value, tuple: &Tuple, macs: &[u8; 12], now: u64) -> ReplyHalf {
+    let key = reply_key_of(original, tuple);
+    if let Some(reply) = CONNTRACK4.get_ptr_mut(&key) {
+        // SAFETY: read-only here; valid for this run (RCU).
+        return if belongs_to(unsafe { &*reply }, tuple) {
+            ReplyHalf::Ours(reply)
+        } else {
+            ReplyHalf::Taken
+        };
+    }
+    if dry_run() {
+        return ReplyHalf::Restored;
+    }
+    let reply = reply_value(original, tuple, macs, now);
+    if CONNTRACK4.insert(&key, &reply, BPF_NOEXIST).is_ok() {
+        count_event(Event::CT_REPLY_RESTORED);
+        return ReplyHalf::Restored;
+    }
+    // Another CPU wrote it first, for this flow or another one.
+    match CONNTRACK4.get_ptr_mut(&key) {
+        // SAFETY: as above.
+        Some(reply) if belongs_to(unsafe { &*reply }, tuple) => ReplyHalf::Ours(reply),
+        _ => ReplyHalf::Taken,
+    }
+}
+
+/// The key of the REPLY entry of a flow: from its backend to the source the backend sees.
+#[inline(always)]
+fn reply_key_of(original: &Ct4Value, tuple: &Tuple) -> Ct4Key {
+    let to = if original.flags & (ct_flags::SNAT | ct_flags::PORT_REMAP) != 0 {
+        (original.snat_addr, original.snat_port)
+    } else {
+        (tuple.saddr, tuple.sport)
+    };
+    backend_reply_key((original.nat_addr, original.nat_port), to, tuple.proto)
+}
+
+/// Whether a REPLY entry translates back to this client and frontend.
+#[inline(always)]
+fn belongs_to(reply: &Ct4Value, tuple: &Tuple) -> bool {
+    reply.snat_addr == tuple.saddr
+        && reply.snat_port == tuple.sport
+        && reply.nat_addr == tuple.daddr
+        && reply.nat_port == tuple.dport
+}
+
+/// The REPLY entry of a flow: the frontend to restore as the source, the client to restore as
+/// the destination, and the Ethernet addresses the client's packets came with.
+#[inline(always)]
+fn reply_value(original: &Ct4Value, tuple: &Tuple, macs: &[u8; 12], now: u64) -> Ct4Value {
+    let mut reply = Ct4Value {
+        last_seen_ns: now,
+        nat_addr: tuple.daddr,
+        nat_port: tuple.dport,
+        snat_addr: tuple.saddr,
+        snat_port: tuple.sport,
+        flags: original.flags & (ct_flags::SNAT | ct_flags::PORT_REMAP),
+        ..*original
+    };
+    // The ingress frame's destination MAC is this node's, its source the client's next hop.
+    reply.node_mac.copy_from_slice(&macs[0..6]);
+    reply.client_mac.copy_from_slice(&macs[6..12]);
+    reply
+}
+
+/// A new flow: a backend, the source its packets get (SNAT port, or a remapped client port on a
+/// clash), and both conntrack entries, REPLY first (once ORIGINAL exists, the next packets
+/// depend on both).
+#[inline(always)]
+fn new_flow(
+    tuple: &Tuple,
+    service: &ServiceValue,
+    macs: &[u8; 12],
+    may_forward: bool,
+    now: u64,
+) -> Result<Destination, Event> {
     let (backend_id, backend) =
         if service.flags & service_flags::MAGLEV != 0 && service.affinity_timeout_s == 0 {
             select_maglev(service, tuple)?
         } else {
             select_for_client(service, u64::from(tuple.saddr), 0, now)?
         };
-    let backend_addr = u32::from_be(backend.addr);
-    let backend_port = u16::from_be(backend.port);
-    let snat = if needs_snat(service, &backend) {
-        let config = config().ok_or(Event::DROP_SNAT_EXHAUSTED)?;
-        let port = free_snat_port(config, backend_addr, backend_port, tuple.proto, now)
-            .ok_or(Event::DROP_SNAT_EXHAUSTED)?;
-        Some((config.snat_addr, port))
-    } else {
-        None
-    };
-    let original = Ct4Value {
+    let remote = needs_snat(service, &backend);
+    if remote && !may_forward {
+        return Err(Event::PASS_TTL_EXCEEDED);
+    }
+    let mut original = Ct4Value {
         last_seen_ns: now,
         backend_id,
         service_id: service.service_id,
-        nat_addr: backend_addr,
-        nat_port: backend_port,
+        nat_addr: u32::from_be(backend.addr),
+        nat_port: u16::from_be(backend.port),
         state: initial_state(tuple),
-        flags: if snat.is_some() { ct_flags::SNAT } else { 0 },
-        snat_addr: snat.map_or(0, |(addr, _)| addr),
-        snat_port: snat.map_or(0, |(_, port)| port),
-        client_mac: [0; 6],
-        node_mac: [0; 6],
-        _pad: [0; 2],
+        flags: if remote { ct_flags::SNAT } else { 0 },
+        ..Default::default()
     };
-    // The reply comes from the backend to the client, or to the SNAT address when there is one.
-    let (reply_daddr, reply_dport) = snat.unwrap_or((tuple.saddr, tuple.sport));
-    let reply_key = backend_reply_key(
-        (backend_addr, backend_port),
-        (reply_daddr, reply_dport),
-        tuple.proto,
-    );
-    let mut reply = Ct4Value {
-        nat_addr: tuple.daddr,
-        nat_port: tuple.dport,
-        snat_addr: tuple.saddr,
-        snat_port: tuple.sport,
-        ..original
-    };
-    // The ingress frame's destination MAC is this node's, its source the client's next hop.
-    reply.node_mac.copy_from_slice(&macs[0..6]);
-    reply.client_mac.copy_from_slice(&macs[6..12]);
     if dry_run() {
         return Ok(Destination {
-            addr: backend_addr,
-            port: backend_port,
-            service_id: service.service_id,
-            snat,
+            source: remote.then(|| config().map_or((0, 0), |config| (config.snat_addr, 0))),
+            ..tracked(&original)
         });
     }
-    // Reply first: once the original entry exists, the flow's next packets depend on both.
-    CONNTRACK4
-        .insert(&reply_key, &reply, 0)
-        .map_err(|_| Event::DROP_CT_FULL)?;
-    CONNTRACK4
-        .insert(&key, &original, 0)
-        .map_err(|_| Event::DROP_CT_FULL)?;
+    let reply = reply_value(&original, tuple, macs, now);
+    let client_key = backend_reply_key(
+        (original.nat_addr, original.nat_port),
+        (tuple.saddr, tuple.sport),
+        tuple.proto,
+    );
+    // The source the backend sees, when it is not the client's own: this node's SNAT address
+    // for a remote backend; for a local one, the client's address with another port when
+    // another flow of this client port reaches the same backend port (two frontends of one
+    // endpoint), as Linux NAT does on a clash.
+    let new_source = if remote {
+        Some((
+            config().ok_or(Event::DROP_SNAT_EXHAUSTED)?.snat_addr,
+            ct_flags::SNAT,
+        ))
+    } else if claim(&client_key, &reply, tuple, now) != Claim::Claimed {
+        Some((tuple.saddr, ct_flags::PORT_REMAP))
+    } else {
+        None
+    };
+    let reply_key = match new_source {
+        None => client_key,
+        Some((addr, flag)) => {
+            let reply = Ct4Value {
+                flags: flag,
+                ..reply
+            };
+            let port = claim_port(&original, tuple.proto, addr, &reply, now)
+                .ok_or(Event::DROP_SNAT_EXHAUSTED)?;
+            if flag == ct_flags::PORT_REMAP {
+                count_event(Event::NAT_PORT_REMAP);
+            }
+            original.flags = flag;
+            original.snat_addr = addr;
+            original.snat_port = port;
+            port_key(&original, tuple.proto, addr, port)
+        }
+    };
+    if CONNTRACK4
+        .insert(&original_key(tuple), &original, 0)
+        .is_err()
+    {
+        let _ = CONNTRACK4.remove(&reply_key);
+        return Err(Event::DROP_CT_FULL);
+    }
     count_service(service.service_id, 0, 0, 1);
-    Ok(Destination {
-        addr: backend_addr,
-        port: backend_port,
-        service_id: service.service_id,
-        snat,
-    })
+    Ok(tracked(&original))
 }
 
 /// SNAT for a backend on another node, unless the policy is Local (which keeps the client's
@@ -191,55 +310,122 @@ fn needs_snat(service: &ServiceValue, backend: &Backend4) -> bool {
         && config().is_some_and(|config| config.snat_addr != 0)
 }
 
-/// A SNAT port nobody uses towards this backend: a scan of the configured range from a random
-/// port, checked against the reply entries that would collide. An entry past its timeout frees
-/// its port (the LRU map never deletes entries by itself), and so does a connection that ended
-/// cleanly, [`ct_timeouts::SNAT_PORT_REUSE`] after it ended: waiting the whole CLOSING timeout
-/// held every port 10 s and capped a backend at about 450 new connections a second per node.
+/// Claims a port of the SNAT range for the reply tuple (backend -> `addr`:port) of a new flow by
+/// writing its REPLY entry. Ports are tried in a random order (double hashing: a random start
+/// and a random stride coprime to the range), so used ports never cluster, every port of a
+/// range up to SNAT_PORT_TRIES long is tried, and a nearly full one still has its free ports
+/// found (at 95% use, 128 tries all miss 0.14% of the time). Each claim is an insert that fails
+/// if another CPU got there first, so no two flows share a port. A port whose backend may still
+/// hold TIME_WAIT is taken only when no clean one is left: the backend then answers the SYN
+/// with an ACK, the client resets and retries, which costs less than a dropped SYN (Linux's NAT
+/// reuses such ports too).
 #[inline(always)]
-fn free_snat_port(
-    config: &DatapathConfig,
-    backend_addr: u32,
-    backend_port: u16,
+fn claim_port(
+    original: &Ct4Value,
     protocol: u8,
+    addr: u32,
+    reply: &Ct4Value,
     now: u64,
 ) -> Option<u16> {
+    let config = config()?;
     let span = u32::from(config.snat_port_max.saturating_sub(config.snat_port_min)) + 1;
-    let start = random_u32() % span;
-    // A port whose backend may still hold TIME_WAIT, taken only when no clean one is left:
-    // the backend then answers the SYN with an ACK, the client resets and retries, which costs
-    // less than a dropped SYN (Linux's NAT reuses such ports too).
-    let mut last_resort = None;
-    for offset in 0..SNAT_PORT_TRIES {
-        let port = config
-            .snat_port_min
-            .wrapping_add(((start + offset) % span) as u16);
-        let key = backend_reply_key(
-            (backend_addr, backend_port),
-            (config.snat_addr, port),
-            protocol,
-        );
-        match CONNTRACK4.get_ptr(&key) {
-            None => return Some(port),
-            Some(entry) => {
-                // SAFETY: read-only use of an entry that stays valid for this run (RCU).
-                let entry = unsafe { &*entry };
-                match snat_port_state(entry, protocol, now) {
-                    SnatPort::Free => return Some(port),
-                    SnatPort::BackendTimeWait if last_resort.is_none() => last_resort = Some(port),
-                    _ => {}
-                }
+    let random = random_u32();
+    let mut offset = random % span;
+    let stride = STRIDES[(random >> 29) as usize & (STRIDES.len() - 1)] % span;
+    let mut found = 0u32;
+    let mut last_resort = 0u32;
+    for _ in 0..SNAT_PORT_TRIES {
+        let port = config.snat_port_min.wrapping_add(offset as u16);
+        match port_holder(&port_key(original, protocol, addr, port), now) {
+            Claim::Claimed => {
+                found = u32::from(port);
+                break;
             }
+            Claim::BackendTimeWait if last_resort == 0 => last_resort = u32::from(port),
+            _ => {}
         }
+        offset = (offset + stride) % span;
     }
-    last_resort
+    let port = if found != 0 { found } else { last_resort } as u16;
+    if port == 0 {
+        return None;
+    }
+    // The claim itself: an insert that fails if another CPU took the port meanwhile (the flow's
+    // next packet tries again), so no two flows ever share a port.
+    let key = port_key(original, protocol, addr, port);
+    let _ = CONNTRACK4.remove(&key);
+    CONNTRACK4
+        .insert(&key, reply, BPF_NOEXIST)
+        .ok()
+        .map(|()| port)
 }
 
-enum SnatPort {
-    Free,
+/// Whether a reply tuple is free for a new flow (`Claimed`: nobody holds it, or its holder is
+/// past its time).
+#[inline(always)]
+fn port_holder(key: &Ct4Key, now: u64) -> Claim {
+    match CONNTRACK4.get_ptr(key) {
+        None => Claim::Claimed,
+        // SAFETY: read-only use of an entry that stays valid for this run (RCU).
+        Some(existing) => port_state(unsafe { &*existing }, key.proto, now),
+    }
+}
+
+/// Primes above 65,536, so each is coprime to any port range's length: a stride of one of them
+/// visits every port of the range before it repeats one.
+const STRIDES: [u32; 8] = [
+    65_537, 65_539, 65_543, 65_551, 65_557, 65_563, 65_579, 65_581,
+];
+
+#[inline(always)]
+fn port_key(original: &Ct4Value, protocol: u8, addr: u32, port: u16) -> Ct4Key {
+    backend_reply_key(
+        (original.nat_addr, original.nat_port),
+        (addr, port),
+        protocol,
+    )
+}
+
+#[derive(PartialEq, Eq)]
+enum Claim {
+    Claimed,
     /// Closed, but the backend closed first and may hold TIME_WAIT on the ports.
     BackendTimeWait,
     InUse,
+}
+
+/// Writes a new flow's REPLY entry under `key` unless a live flow of another client or frontend
+/// holds it; a flow of this very client and frontend (an earlier connection on the same ports)
+/// gives way.
+#[inline(always)]
+fn claim(key: &Ct4Key, reply: &Ct4Value, tuple: &Tuple, now: u64) -> Claim {
+    if let Some(existing) = CONNTRACK4.get_ptr(key) {
+        // SAFETY: read-only use of an entry that stays valid for this run (RCU).
+        if belongs_to(unsafe { &*existing }, tuple) {
+            return if CONNTRACK4.insert(key, reply, 0).is_ok() {
+                Claim::Claimed
+            } else {
+                Claim::InUse
+            };
+        }
+    }
+    claim_unowned(key, reply, now)
+}
+
+/// Writes a REPLY entry under `key` if nobody holds it, or its holder is past its time.
+#[inline(always)]
+fn claim_unowned(key: &Ct4Key, reply: &Ct4Value, now: u64) -> Claim {
+    let holder = port_holder(key, now);
+    if holder != Claim::Claimed {
+        return holder;
+    }
+    // A holder past its time, if any, goes; the insert fails if another CPU claimed it first.
+    let _ = CONNTRACK4.remove(key);
+    if CONNTRACK4.insert(key, reply, BPF_NOEXIST).is_ok() {
+        Claim::Claimed
+    } else {
+        Claim::InUse
+    }
 }
 
 /// A SYN on a closed flow's tuple is a new connection (the client reused its port): it selects
@@ -251,35 +437,36 @@ fn reopens(entry: &Ct4Value, tuple: &Tuple) -> bool {
         && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// Whether the SNAT flow a REPLY entry belongs to still needs its port: not when idle past its
-/// timeout, nor some time after a RST or after both sides closed with the client first. A
-/// backend that closed first holds the ports in TIME_WAIT and may answer a new SYN on them with
-/// an ACK of the old connection, so those are a last resort until the timeout.
+/// Whether the flow a REPLY entry belongs to still needs its reply tuple (`Claimed` when not):
+/// not when idle past its timeout, nor some time after a RST or after both sides closed with
+/// the client first. A backend that closed first holds the ports in TIME_WAIT and may answer a
+/// new SYN on them with an ACK of the old connection, so those are a last resort until the
+/// timeout. Traffic in either direction keeps the entry fresh ([`refresh_flow`], [`track_reply`]).
 #[inline(always)]
-fn snat_port_state(entry: &Ct4Value, protocol: u8, now: u64) -> SnatPort {
+fn port_state(entry: &Ct4Value, protocol: u8, now: u64) -> Claim {
     let idle = now.saturating_sub(entry.last_seen_ns);
     if idle > timeout(protocol, entry.state) {
-        return SnatPort::Free;
+        return Claim::Claimed;
     }
-    if idle <= ct_timeouts::SNAT_PORT_REUSE {
-        return SnatPort::InUse;
+    if protocol != proto::TCP || idle <= timeouts().snat_port_reuse() {
+        return Claim::InUse;
     }
     let both_fins = ct_flags::CLIENT_FIN | ct_flags::BACKEND_FIN;
     if entry.flags & ct_flags::RESET != 0 {
-        SnatPort::Free
+        Claim::Claimed
     } else if entry.flags & both_fins != both_fins {
-        SnatPort::InUse
+        Claim::InUse
     } else if entry.flags & ct_flags::BACKEND_CLOSED_FIRST != 0 {
-        SnatPort::BackendTimeWait
+        Claim::BackendTimeWait
     } else {
-        SnatPort::Free
+        Claim::Claimed
     }
 }
 
 /// Records a FIN or RST of a SNAT flow on its REPLY entry, which decides when its port is free.
 /// Racing updates from two CPUs can lose a bit: the port then waits for the timeout instead.
 #[inline(always)]
-pub fn note_close(reply: &mut Ct4Value, tcp_flags: u8, from_backend: bool, now: u64) {
+fn note_close(reply: &mut Ct4Value, tcp_flags: u8, from_backend: bool, now: u64) {
     let mut flags = reply.flags;
     if tcp_flags & TCP_RST != 0 {
         flags |= ct_flags::RESET;
@@ -300,17 +487,66 @@ pub fn note_close(reply: &mut Ct4Value, tcp_flags: u8, from_backend: bool, now: 
     }
 }
 
-/// A client's FIN or RST on a SNAT flow, recorded on the flow's REPLY entry.
+/// A client's packet of a tracked flow: the flow's state moves on (one state for both halves),
+/// and both halves' last_seen are rewritten at most once per REFRESH, so that the established
+/// path stays free of map writes for most packets while traffic in one direction alone keeps
+/// the whole flow, and the reply tuple it holds, alive.
 #[inline(always)]
-fn note_client_close(original: &Ct4Value, tuple: &Tuple, now: u64) {
-    let key = backend_reply_key(
-        (original.nat_addr, original.nat_port),
-        (original.snat_addr, original.snat_port),
-        tuple.proto,
-    );
-    if let Some(reply) = CONNTRACK4.get_ptr_mut(&key) {
-        // SAFETY: as in destination().
-        note_close(unsafe { &mut *reply }, tuple.tcp_flags, false, now);
+fn refresh_flow(original: &mut Ct4Value, reply: &mut Ct4Value, tuple: &Tuple, now: u64) {
+    let state = if tuple.proto == proto::TCP {
+        next_state(original.state, tuple.tcp_flags)
+    } else {
+        original.state
+    };
+    if state != original.state || now.saturating_sub(original.last_seen_ns) > ct_timeouts::REFRESH {
+        original.state = state;
+        original.last_seen_ns = now;
+        reply.state = state;
+        reply.last_seen_ns = now;
+    }
+    if tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        note_close(reply, tuple.tcp_flags, false, now);
+    }
+}
+
+/// A backend's packet of a tracked flow (its REPLY entry): as [`refresh_flow`] the other way.
+/// Only a FIN or RST closes the flow; the handshake completing on this side changes its state
+/// but never ends it.
+#[inline(always)]
+pub fn track_reply(reply: &mut Ct4Value, tuple: &Tuple) {
+    let now = now_ns();
+    let state = if tuple.proto == proto::TCP {
+        next_state(reply.state, tuple.tcp_flags)
+    } else {
+        reply.state
+    };
+    if state != reply.state || now.saturating_sub(reply.last_seen_ns) > ct_timeouts::REFRESH {
+        reply.state = state;
+        reply.last_seen_ns = now;
+        if let Some(original) = CONNTRACK4.get_ptr_mut(&original_key_of(reply, tuple)) {
+            // SAFETY: as in destination().
+            let original = unsafe { &mut *original };
+            original.state = state;
+            original.last_seen_ns = now;
+        }
+    }
+    if tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        note_close(reply, tuple.tcp_flags, true, now);
+    }
+}
+
+/// The key of the ORIGINAL entry of the flow a REPLY entry belongs to: from the client (which
+/// the REPLY entry holds in all cases) to the frontend.
+#[inline(always)]
+fn original_key_of(reply: &Ct4Value, tuple: &Tuple) -> Ct4Key {
+    Ct4Key {
+        saddr: reply.snat_addr,
+        daddr: reply.nat_addr,
+        sport: reply.snat_port,
+        dport: reply.nat_port,
+        proto: tuple.proto,
+        direction: ct_direction::ORIGINAL,
+        _pad: [0; 2],
     }
 }
 
@@ -482,59 +718,21 @@ pub fn next_state(state: u8, tcp_flags: u8) -> u8 {
     }
 }
 
-/// Updates an entry's state and, at most once per REFRESH, its last_seen: the established path
-/// stays free of map writes for most packets.
-#[inline(always)]
-pub fn refresh(entry: &mut Ct4Value, tuple: &Tuple, now: u64) {
-    let state = if tuple.proto == proto::TCP {
-        next_state(entry.state, tuple.tcp_flags)
-    } else {
-        entry.state
-    };
-    if state != entry.state {
-        entry.state = state;
-        entry.last_seen_ns = now;
-    } else if now.saturating_sub(entry.last_seen_ns) > ct_timeouts::REFRESH {
-        entry.last_seen_ns = now;
-    }
-}
-
 /// How long an entry in `state` lives without traffic.
 #[inline(always)]
 pub fn timeout(protocol: u8, state: u8) -> u64 {
-    if protocol != proto::TCP {
-        return ct_timeouts::UDP;
-    }
-    match state {
-        tcp_state::ESTABLISHED => ct_timeouts::TCP_ESTABLISHED,
-        tcp_state::CLOSING => ct_timeouts::TCP_CLOSING,
-        _ => ct_timeouts::TCP_SYN,
-    }
+    timeouts().for_state(protocol, state)
 }
 
-/// Moves the ORIGINAL entry of a flow to CLOSING when the backend ends it (FIN/RST seen on
-/// the reply path), so both directions expire quickly.
+/// The configured timeouts (zero fields mean the defaults).
 #[inline(always)]
-pub fn close_original(reply: &Ct4Value, tuple: &Tuple, now: u64) {
-    // The client's address is the reply's destination, or the one SNAT replaced.
-    let (client_addr, client_port) = if reply.flags & ct_flags::SNAT != 0 {
-        (reply.snat_addr, reply.snat_port)
-    } else {
-        (tuple.daddr, tuple.dport)
+fn timeouts() -> &'static CtTimeouts {
+    const UNSET: CtTimeouts = CtTimeouts {
+        tcp_syn: 0,
+        tcp_established: 0,
+        tcp_closing: 0,
+        udp: 0,
+        snat_port_reuse: 0,
     };
-    let key = Ct4Key {
-        saddr: client_addr,
-        daddr: reply.nat_addr,
-        sport: client_port,
-        dport: reply.nat_port,
-        proto: tuple.proto,
-        direction: ct_direction::ORIGINAL,
-        _pad: [0; 2],
-    };
-    if let Some(entry) = CONNTRACK4.get_ptr_mut(&key) {
-        // SAFETY: as in destination().
-        let entry = unsafe { &mut *entry };
-        entry.state = tcp_state::CLOSING;
-        entry.last_seen_ns = now;
-    }
+    config().map_or(&UNSET, |config| &config.timeouts)
 }

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
-    ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4, limits,
-    maglev,
+    RejectBudget, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4,
+    limits, maglev,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -38,11 +38,11 @@ pub static SOCK_NAT4: LruHashMap<SockNat4Key, SockNat4Value> =
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =
     PerCpuArray::pinned(limits::MAX_SERVICES, 0);
 
-#[map(name = "lb_event_v1")]
+#[map(name = "lb_event_v2")]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
 
 /// Datapath-wide settings (index 0), written by the agent at start.
-#[map(name = "lb_cfg_v1")]
+#[map(name = "lb_cfg_v2")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
 /// loadBalancerSourceRanges: (service id, client prefix) -> allowed.
@@ -59,6 +59,11 @@ pub static AFFINITY4: LruHashMap<Affinity4Key, AffinityValue> =
 /// Maglev lookup tables: slot -> backend id, one table per Maglev service (two while it changes).
 #[map(name = "lb4_maglev_v1")]
 pub static MAGLEV4: Array<u32> = Array::pinned(maglev::MAX_TABLES * maglev::TABLE_SIZE, 0);
+
+/// Per-CPU token bucket of REJECT answers (index 0). Private to the object: a new agent starts
+/// with a fresh bucket.
+#[map(name = "lb_rejbudget")]
+pub static REJECT_BUDGET: PerCpuArray<RejectBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Set to 1 by `lb explain`'s private copy of the programs (EbpfLoader::set_global): the program
 /// decides as usual but writes nothing (no conntrack, affinity or counter update), so running it

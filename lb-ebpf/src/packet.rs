@@ -6,6 +6,9 @@ use aya_ebpf::programs::XdpContext;
 pub const ETH_HDR_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+/// 802.1Q and 802.1ad VLAN tags.
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const IPV4_MIN_HDR_LEN: usize = 20;
 pub const TCP_MIN_HDR_LEN: usize = 20;
 pub const UDP_HDR_LEN: usize = 8;
@@ -58,8 +61,11 @@ pub struct Ipv4Info {
     pub saddr: u32,
     pub daddr: u32,
     pub proto: u8,
+    pub ttl: u8,
     /// Offset of the transport header from the start of the frame.
     pub l4_offset: usize,
+    /// Offset of the end of the IP packet (Ethernet padding may follow).
+    pub end: usize,
     /// Whether the packet is a fragment (first or later).
     pub fragment: bool,
 }
@@ -74,6 +80,10 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Option<Ipv4Info> {
     if ip[0] >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN || total_len < header_len {
         return None;
     }
+    // Longer than the frame: the stack would drop it (net/ipv4/ip_input.c, ip_rcv_core).
+    if ctx.data() + ETH_HDR_LEN + total_len > ctx.data_end() {
+        return None;
+    }
     let l4_offset = ETH_HDR_LEN + header_len;
     // Options must be present in full.
     if ctx.data() + l4_offset > ctx.data_end() {
@@ -84,10 +94,46 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Option<Ipv4Info> {
         saddr: u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
         daddr: u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
         proto: ip[9],
+        ttl: ip[8],
         l4_offset,
+        end: ETH_HDR_LEN + total_len,
         fragment: flags_fragment & (IPV4_FRAG_OFFSET_MASK | IPV4_MORE_FRAGMENTS) != 0,
     })
 }
+
+/// Whether the IPv4 header checksum (over the header and its options) is right, as the stack
+/// checks it before taking the packet (ip_rcv_core): a packet with a wrong one must not create
+/// state or be translated.
+#[inline(always)]
+pub fn ipv4_checksum_ok(ctx: &XdpContext, l4_offset: usize) -> bool {
+    let Some(header) = bytes_at::<IPV4_MIN_HDR_LEN>(ctx, ETH_HDR_LEN) else {
+        return false;
+    };
+    let mut sum = 0u32;
+    for pair in header.as_chunks::<2>().0 {
+        sum += u32::from(u16::from_be_bytes(*pair));
+    }
+    // Options, 4 bytes at a time: every word is read (the verifier then sees one path, not one
+    // per header length) and counted only inside the header.
+    let mut offset = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
+    for _ in 0..MAX_OPTION_WORDS {
+        let inside = offset < l4_offset;
+        if inside {
+            let Some(word) = bytes_at::<4>(ctx, offset) else {
+                return false;
+            };
+            sum += u32::from(u16::from_be_bytes([word[0], word[1]]))
+                + u32::from(u16::from_be_bytes([word[2], word[3]]));
+        }
+        offset += 4;
+    }
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
+}
+
+/// IPv4 options take 40 bytes at most.
+const MAX_OPTION_WORDS: usize = 10;
 
 /// The More Fragments flag of the IPv4 flags/fragment-offset field.
 pub const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
@@ -95,6 +141,8 @@ pub const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 pub const TCP_CSUM_OFFSET: usize = 16;
 /// Offset of the checksum field inside a UDP header.
 pub const UDP_CSUM_OFFSET: usize = 6;
+/// Offset of the data offset (header length in words, high nibble) inside a TCP header.
+pub const TCP_DATA_OFFSET_OFFSET: usize = 12;
 /// Offset of the flags byte inside a TCP header.
 pub const TCP_FLAGS_OFFSET: usize = 13;
 pub const TCP_FIN: u8 = 0x01;

@@ -13,8 +13,8 @@ use lb_ebpf::packet::{
 
 use crate::{
     flow::Tuple,
-    helpers::{xdp_adjust_head, xdp_adjust_tail},
-    maps::count_event,
+    helpers::{now_ns, xdp_adjust_head, xdp_adjust_tail},
+    maps::{REJECT_BUDGET, count_event, dry_run},
 };
 
 const IP_HDR_LEN: usize = 20;
@@ -28,11 +28,26 @@ const ICMP_QUOTE_LEN: usize = IP_HDR_LEN + 8;
 const ICMP_LEN: usize = ETH_HDR_LEN + IP_HDR_LEN + ICMP_HDR_LEN + ICMP_QUOTE_LEN;
 const TTL: u8 = 64;
 
-/// Turns the packet into the rejection and sends it back (XDP_TX), or drops it.
+/// REJECT answers each CPU may send per second (and in one burst), like the stack's own limit
+/// on ICMP errors (net.ipv4.icmp_msgs_per_sec, 1000): a flood at a service without endpoints
+/// must not turn the node into a reflector.
+const REJECTS_PER_SECOND: u64 = 1000;
+const NANOS_PER_REJECT: u64 = 1_000_000_000 / REJECTS_PER_SECOND;
+
+/// Turns the packet into the rejection and sends it back (XDP_TX), or drops it. Only unicast
+/// sources get an answer (RFC 1812 4.3.2.7 for ICMP errors; a RST to a broadcast would hit
+/// every host), and only within this CPU's rate.
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<u32, Event> {
     if l4_offset != ETH_HDR_LEN + IP_HDR_LEN {
         return Err(Event::DROP_NO_BACKEND);
+    }
+    let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    if !unicast(tuple.saddr, eth) {
+        return Err(Event::DROP_REJECT_NOT_UNICAST);
+    }
+    if !within_rate() {
+        return Err(Event::DROP_REJECT_RATE_LIMITED);
     }
     if tuple.proto == proto::TCP {
         tcp_reset(ctx, tuple)
@@ -127,6 +142,44 @@ fn icmp_port_unreachable(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> 
     packet[ETH_HDR_LEN + IP_HDR_LEN..].copy_from_slice(&message);
     count_event(Event::REJECT_ICMP);
     Ok(xdp_action::XDP_TX)
+}
+
+/// Whether the sender is one host that can take an answer: a unicast address (not 0.0.0.0/8,
+/// loopback, multicast, the reserved 240/4 or broadcast) in a frame from a unicast MAC, sent
+/// to a unicast MAC (a frame to the broadcast MAC may have reached every host of the link).
+#[inline(always)]
+fn unicast(saddr: u32, eth: &[u8; ETH_HDR_LEN]) -> bool {
+    let first_octet = saddr >> 24;
+    let group_mac = |mac_first_byte: u8| mac_first_byte & 1 != 0;
+    first_octet != 0
+        && first_octet != 127
+        && first_octet < 224
+        && !group_mac(eth[0])
+        && !group_mac(eth[6])
+}
+
+/// A token bucket per CPU: REJECTS_PER_SECOND tokens a second, as many at most.
+#[inline(always)]
+fn within_rate() -> bool {
+    if dry_run() {
+        return true;
+    }
+    let Some(bucket) = REJECT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU slot, used by one program at a time on this CPU.
+    let bucket = unsafe { &mut *bucket };
+    let now = now_ns();
+    let earned = now.saturating_sub(bucket.last_ns) / NANOS_PER_REJECT;
+    if earned > 0 {
+        bucket.tokens = (bucket.tokens + earned).min(REJECTS_PER_SECOND);
+        bucket.last_ns = now;
+    }
+    if bucket.tokens == 0 {
+        return false;
+    }
+    bucket.tokens -= 1;
+    true
 }
 
 #[inline(always)]

@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{Event, proto, tcp_state};
+use lb_common::{Event, ct_flags, proto};
 
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN,
@@ -18,8 +18,7 @@ use lb_ebpf::packet::{
 };
 
 use crate::{
-    flow::{Tuple, close_original, next_state, reply_key},
-    helpers::now_ns,
+    flow::{Tuple, reply_key, track_reply},
     maps::{CONNTRACK4, count_event},
 };
 
@@ -45,16 +44,14 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
     };
     // SAFETY: the entry stays valid for this run (RCU); see flow::destination for races.
     let entry = unsafe { &mut *entry };
-    if tuple.proto == proto::TCP {
-        let state = next_state(entry.state, tuple.tcp_flags);
-        if state == tcp_state::CLOSING && entry.state != tcp_state::CLOSING {
-            let now = now_ns();
-            entry.state = state;
-            entry.last_seen_ns = now;
-            close_original(entry, &tuple, now);
-        }
+    track_reply(entry, &tuple);
+    snat(ctx, &tuple, l4_offset, entry.nat_addr, entry.nat_port)
+        .map_err(|_| Event::DROP_NAT_FAILED)?;
+    if entry.flags & ct_flags::PORT_REMAP != 0 {
+        restore_client_port(ctx, &tuple, l4_offset, entry.snat_port)
+            .map_err(|_| Event::DROP_NAT_FAILED)?;
     }
-    snat(ctx, &tuple, l4_offset, entry.nat_addr, entry.nat_port).map_err(|_| Event::DROP_NAT_FAILED)
+    Ok(())
 }
 
 /// The reply's 5-tuple and transport offset; `None` for anything that is not an unfragmented
@@ -97,6 +94,36 @@ fn parse(ctx: &TcContext) -> Option<(Tuple, usize)> {
     ))
 }
 
+/// The client's own port back as the destination, for a flow whose source port XDP remapped.
+#[inline(always)]
+fn restore_client_port(
+    ctx: &TcContext,
+    tuple: &Tuple,
+    l4_offset: usize,
+    port: u16,
+) -> Result<(), i64> {
+    let (csum_offset, flags) = l4_checksum(tuple, l4_offset);
+    ctx.l4_csum_replace(
+        csum_offset,
+        u64::from(tuple.dport.to_be()),
+        u64::from(port.to_be()),
+        flags | 2,
+    )?;
+    ctx.store(l4_offset + 2, &port.to_be(), 0)?;
+    Ok(())
+}
+
+/// Where the TCP or UDP checksum is, and the l4_csum_replace flags it needs (a UDP checksum of
+/// 0 means none and stays 0: BPF_F_MARK_MANGLED_0).
+#[inline(always)]
+fn l4_checksum(tuple: &Tuple, l4_offset: usize) -> (usize, u64) {
+    if tuple.proto == proto::TCP {
+        (l4_offset + TCP_CSUM_OFFSET, 0)
+    } else {
+        (l4_offset + UDP_CSUM_OFFSET, u64::from(BPF_F_MARK_MANGLED_0))
+    }
+}
+
 /// Rewrites the source address and port to the frontend's, fixing the IPv4 and TCP/UDP checksums.
 #[inline(always)]
 fn snat(ctx: &TcContext, tuple: &Tuple, l4_offset: usize, addr: u32, port: u16) -> Result<(), i64> {
@@ -104,11 +131,7 @@ fn snat(ctx: &TcContext, tuple: &Tuple, l4_offset: usize, addr: u32, port: u16) 
     let new_addr = addr.to_be();
     let old_port = tuple.sport.to_be();
     let new_port = port.to_be();
-    let (csum_offset, flags) = if tuple.proto == proto::TCP {
-        (l4_offset + TCP_CSUM_OFFSET, 0)
-    } else {
-        (l4_offset + UDP_CSUM_OFFSET, u64::from(BPF_F_MARK_MANGLED_0))
-    };
+    let (csum_offset, flags) = l4_checksum(tuple, l4_offset);
     ctx.l4_csum_replace(
         csum_offset,
         u64::from(old_addr),

@@ -8,17 +8,15 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{Event, SourceRange4, checksum, ct_flags, proto, service_flags};
 use lb_ebpf::packet::{
-    ETH_HDR_LEN, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET,
-    TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_RST, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
-    bytes_at_mut, frame_len, parse_ipv4,
+    ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET,
+    IPV4_SADDR_OFFSET, Ipv4Info, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FLAGS_OFFSET,
+    TCP_MIN_HDR_LEN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at, bytes_at_mut, frame_len,
+    ipv4_checksum_ok, parse_ipv4,
 };
 
 use crate::{
-    flow::{
-        Tuple, close_original, config, destination, lookup_frontend, next_state, note_close,
-        reply_key,
-    },
-    helpers::{Forward, fib_forward, now_ns},
+    flow::{Tuple, config, destination, lookup_frontend, reply_key, track_reply},
+    helpers::{Forward, fib_forward},
     maps::{CONNTRACK4, SOURCE_RANGES4, count_event, count_service, dry_run},
     reject,
 };
@@ -39,7 +37,12 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     let Some(eth) = bytes_at::<ETH_HDR_LEN>(ctx, 0) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
+    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    if ethertype != ETH_P_IP {
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            // Tagged frames go to the stack as they came; VLAN interfaces are not served.
+            count_event(Event::PASS_VLAN);
+        }
         return Ok(xdp_action::XDP_PASS);
     }
     let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
@@ -52,13 +55,16 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
         count_event(Event::PASS_FRAGMENT);
         return Ok(xdp_action::XDP_PASS);
     }
-    let tuple = transport_tuple(ctx, ip.saddr, ip.daddr, ip.proto, ip.l4_offset)?;
+    let tuple = transport_tuple(ctx, &ip)?;
     if let Some(action) = snat_reply(ctx, &tuple, ip.l4_offset)? {
         return Ok(action);
     }
     let Some(service) = lookup_frontend(&tuple) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    if !ipv4_checksum_ok(ctx, ip.l4_offset) {
+        return Err(Event::DROP_IP_CHECKSUM);
+    }
     if service.flags & service_flags::SOURCE_RANGES != 0
         && !source_allowed(service.service_id, tuple.saddr)
     {
@@ -66,12 +72,17 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     }
     let mut macs = [0u8; 12];
     macs.copy_from_slice(&eth[0..12]);
-    let destination = match destination(&tuple, service, &macs) {
+    let destination = match destination(&tuple, service, &macs, ip.ttl > 1) {
         Ok(destination) => destination,
         Err(Event::DROP_NO_BACKEND) => return reject::reply(ctx, &tuple, ip.l4_offset),
+        Err(Event::PASS_TTL_EXCEEDED) => {
+            // The stack answers it (time exceeded), untranslated and without taking a port.
+            count_event(Event::PASS_TTL_EXCEEDED);
+            return Ok(xdp_action::XDP_PASS);
+        }
         Err(event) => return Err(event),
     };
-    let (saddr, sport) = destination.snat.unwrap_or((tuple.saddr, tuple.sport));
+    let (saddr, sport) = destination.source.unwrap_or((tuple.saddr, tuple.sport));
     rewrite(
         ctx,
         &tuple,
@@ -82,7 +93,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
         destination.port,
     )?;
     count_service(destination.service_id, 1, frame_len(ctx) as u64, 0);
-    if destination.snat.is_some() {
+    if destination.forward {
         return Ok(forward(ctx, &tuple, saddr, destination.addr));
     }
     Ok(xdp_action::XDP_PASS)
@@ -110,21 +121,11 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<Optio
     if entry.flags & ct_flags::SNAT == 0 {
         return Ok(None);
     }
-    if tuple.proto == proto::TCP && !dry_run() {
-        let state = next_state(entry.state, tuple.tcp_flags);
-        let closing = tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-        // Most replies change nothing here: no clock read for them.
-        if state != entry.state || closing {
-            let now = now_ns();
-            if state != entry.state {
-                entry.state = state;
-                entry.last_seen_ns = now;
-                close_original(entry, tuple, now);
-            }
-            if closing {
-                note_close(entry, tuple.tcp_flags, true, now);
-            }
-        }
+    if !ipv4_checksum_ok(ctx, l4_offset) {
+        return Err(Event::DROP_IP_CHECKSUM);
+    }
+    if !dry_run() {
+        track_reply(entry, tuple);
     }
     let (client_addr, client_port) = (entry.snat_addr, entry.snat_port);
     let (frontend_addr, frontend_port) = (entry.nat_addr, entry.nat_port);
@@ -204,28 +205,33 @@ fn decrement_ttl(ctx: &XdpContext) -> bool {
     true
 }
 
-/// Ports (and TCP flags) of a TCP or UDP packet whose transport header must be there in full.
+/// Ports (and TCP flags) of a TCP or UDP packet whose transport header must be there in full,
+/// with lengths the stack would accept (tcp_v4_rcv: a data offset of 5 words at least, inside
+/// the packet; __udp4_lib_rcv: a UDP length from 8 bytes to the end of the packet).
 #[inline(always)]
-fn transport_tuple(
-    ctx: &XdpContext,
-    saddr: u32,
-    daddr: u32,
-    protocol: u8,
-    l4_offset: usize,
-) -> Result<Tuple, Event> {
-    let (ports, tcp_flags) = if protocol == proto::TCP {
-        let tcp = bytes_at::<TCP_MIN_HDR_LEN>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
+fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
+    let l4_len = ip.end.saturating_sub(ip.l4_offset);
+    let (ports, tcp_flags) = if ip.proto == proto::TCP {
+        let tcp = bytes_at::<TCP_MIN_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
+        let header_len = usize::from(tcp[TCP_DATA_OFFSET_OFFSET] >> 4) * 4;
+        if header_len < TCP_MIN_HDR_LEN || header_len > l4_len {
+            return Err(Event::DROP_MALFORMED);
+        }
         ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS_OFFSET])
     } else {
-        let udp = bytes_at::<UDP_HDR_LEN>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
+        let udp = bytes_at::<UDP_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
+        let length = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+        if length < UDP_HDR_LEN || length > l4_len {
+            return Err(Event::DROP_MALFORMED);
+        }
         ([udp[0], udp[1], udp[2], udp[3]], 0)
     };
     Ok(Tuple {
-        saddr,
-        daddr,
+        saddr: ip.saddr,
+        daddr: ip.daddr,
         sport: u16::from_be_bytes([ports[0], ports[1]]),
         dport: u16::from_be_bytes([ports[2], ports[3]]),
-        proto: protocol,
+        proto: ip.proto,
         tcp_flags,
     })
 }

@@ -66,6 +66,8 @@ pub struct AgentConfig {
     /// Mount bpffs at /sys/fs/bpf when none is there. Off in a container: a mount made there
     /// stays in the container and takes the pins with it when it ends.
     pub mount_bpffs: bool,
+    /// How long the datapath keeps idle flows, by state, and holds a closed flow's SNAT port.
+    pub conntrack_timeouts: lb_common::CtTimeouts,
 }
 
 impl AgentConfig {
@@ -204,7 +206,9 @@ async fn sync_until_stopped(
                 .set_node_eligible(node_eligible(snapshot.node.as_ref()));
             compiler.update(&snapshot)
         };
-        if let Err(error) = sync_snat_address(datapath, compiler.snat_address()) {
+        if let Err(error) =
+            sync_datapath_config(datapath, compiler.snat_address(), config.conntrack_timeouts)
+        {
             warn!(%error, "SNAT address not set; flows to backends on other nodes go unSNATed");
         }
         let new_problems = report_new_problems(&update.problems, &mut reported);
@@ -400,17 +404,23 @@ fn accept_local(proc_sys_net: &std::path::Path, iface: &str) -> anyhow::Result<(
 }
 
 /// Keeps the datapath's SNAT address (for flows to backends on other nodes) equal to this node's
-/// address; SNAT ports come from [`lb_common::DEFAULT_SNAT_PORTS`].
-fn sync_snat_address(datapath: &mut Datapath, address: Option<Ipv4Addr>) -> anyhow::Result<()> {
+/// address, and its conntrack timeouts as configured; SNAT ports come from
+/// [`lb_common::DEFAULT_SNAT_PORTS`].
+fn sync_datapath_config(
+    datapath: &mut Datapath,
+    address: Option<Ipv4Addr>,
+    timeouts: lb_common::CtTimeouts,
+) -> anyhow::Result<()> {
     let (snat_port_min, snat_port_max) = lb_common::DEFAULT_SNAT_PORTS;
     let wanted = lb_common::DatapathConfig {
         snat_addr: address.map_or(0, u32::from),
         snat_port_min,
         snat_port_max,
+        timeouts,
     };
     if datapath.config()? != wanted {
         datapath.set_config(&wanted)?;
-        info!(snat_address = ?address, "SNAT address set");
+        info!(snat_address = ?address, ?timeouts, "datapath settings written");
     }
     Ok(())
 }

@@ -171,6 +171,22 @@ struct RunArgs {
     /// refuses to start without the host's bpffs instead of pinning to one that dies with it.
     #[arg(long, env = "LB_MOUNT_BPFFS", default_value_t = true, action = clap::ArgAction::Set)]
     mount_bpffs: bool,
+    /// How long a TCP flow may wait for its handshake to complete (e.g. `60s`, `1m30s`).
+    #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_SYN", default_value = "60s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_syn: Duration,
+    /// How long an established TCP flow may stay idle.
+    #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_ESTABLISHED", default_value = "6h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// How long a TCP flow is kept after a FIN or RST, for the last segments of its close.
+    #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_CLOSING", default_value = "10s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_closing: Duration,
+    /// How long a UDP flow may stay idle.
+    #[arg(long, env = "LB_CONNTRACK_UDP_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// How long after a clean close or a reset a SNAT port may serve another flow to the same
+    /// backend.
+    #[arg(long, env = "LB_SNAT_PORT_REUSE_DELAY", default_value = "500ms", value_parser = parse_duration)]
+    snat_port_reuse_delay: Duration,
     /// Log filter (tracing directives, e.g. `info` or `info,lb_userspace::reconcile=debug`);
     /// `RUST_LOG` wins when set. Changeable at run time: `PUT /debug/log-level` on the metrics
     /// address.
@@ -213,6 +229,45 @@ impl From<Mode> for XdpMode {
             Mode::Generic => XdpMode::Skb,
         }
     }
+}
+
+/// A duration as Kubernetes components write them: numbers with units `ms`, `s`, `m` or `h`,
+/// e.g. `500ms`, `30s`, `1h30m`. Zero is refused (the datapath would read it as "default").
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let mut total = Duration::ZERO;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err("expected a duration such as 30s, 5m or 1h30m".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{text:?}: expected a number before each unit"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            other => return Err(format!("{text:?}: unknown unit {other:?} (ms, s, m or h)")),
+        };
+        total += unit * u32::try_from(number).map_err(|_| format!("{text:?}: too large"))?;
+        rest = &rest[unit_len..];
+    }
+    if total.is_zero() {
+        return Err(format!("{text:?}: must be longer than zero"));
+    }
+    Ok(total)
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
@@ -341,6 +396,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         log_level: Some(log_level),
         proc_sys_net: args.proc_sys_net,
         mount_bpffs: args.mount_bpffs,
+        conntrack_timeouts: lb_common::CtTimeouts {
+            tcp_syn: nanos(args.conntrack_tcp_timeout_syn),
+            tcp_established: nanos(args.conntrack_tcp_timeout_established),
+            tcp_closing: nanos(args.conntrack_tcp_timeout_closing),
+            udp: nanos(args.conntrack_udp_timeout),
+            snat_port_reuse: nanos(args.snat_port_reuse_delay),
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -432,4 +494,20 @@ fn count(iface: &str, mode: Mode, interval: Duration, reports: u64) -> anyhow::R
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_kubernetes_flags() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(6 * 3600)));
+        for bad in ["", "10", "s", "5d", "0s", "1.5s", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

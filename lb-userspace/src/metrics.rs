@@ -300,7 +300,8 @@ fn encode_events(
     let mut family = encoder.encode_descriptor(
         "lb_datapath_events",
         "What the datapath did with packets and connects outside the usual path: every drop \
-         (action=drop) and reject (action=reject) by reason, and fragments passed untouched",
+         (action=drop) and reject (action=reject) by reason, packets passed untouched \
+         (action=pass), and conntrack repairs (action=track)",
         None,
         MetricType::Counter,
     )?;
@@ -308,6 +309,7 @@ fn encode_events(
         let action = event.split('_').next().unwrap_or_default();
         let action = match action {
             "sock" => "reject",
+            "ct" | "nat" => "track",
             other => other,
         };
         let labels = [("event", *event), ("action", action)];

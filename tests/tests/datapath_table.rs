@@ -691,6 +691,7 @@ impl SnatFixture {
                 snat_addr: u32::from(NODE),
                 snat_port_min: SNAT_PORTS.0,
                 snat_port_max: SNAT_PORTS.1,
+                ..Default::default()
             })
             .expect("config");
         // No LOCAL flag: flows to it are SNATed.
