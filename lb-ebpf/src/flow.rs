@@ -3,8 +3,8 @@
 
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
-    DatapathConfig, Event, Frontend4Key, ServiceValue, SlotKey, backend_flags, ct_direction,
-    ct_flags, ct_timeouts, maglev, proto, scope, service_flags, tcp_state,
+    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SlotKey, backend_flags,
+    ct_direction, ct_flags, ct_timeouts, maglev, proto, scope, service_flags, tcp_state,
 };
 use lb_ebpf::packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -327,15 +327,18 @@ fn claim_port(
     reply: &Ct4Value,
     now: u64,
 ) -> Option<u16> {
-    let config = config()?;
-    let span = u32::from(config.snat_port_max.saturating_sub(config.snat_port_min)) + 1;
+    let (port_min, port_max) = match config() {
+        Some(config) if config.snat_port_min != 0 => (config.snat_port_min, config.snat_port_max),
+        _ => DEFAULT_SNAT_PORTS,
+    };
+    let span = u32::from(port_max.saturating_sub(port_min)) + 1;
     let random = random_u32();
     let mut offset = random % span;
     let stride = STRIDES[(random >> 29) as usize & (STRIDES.len() - 1)] % span;
     let mut found = 0u32;
     let mut last_resort = 0u32;
     for _ in 0..SNAT_PORT_TRIES {
-        let port = config.snat_port_min.wrapping_add(offset as u16);
+        let port = port_min.wrapping_add(offset as u16);
         match port_holder(&port_key(original, protocol, addr, port), now) {
             Claim::Claimed => {
                 found = u32::from(port);

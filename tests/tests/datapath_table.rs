@@ -755,7 +755,12 @@ impl SnatFixture {
 
     /// Sends a new flow's SYN; the SNAT port it got, or None when it was dropped.
     fn connect(&self, client: SocketAddrV4) -> Option<u16> {
-        let run = self.xdp(&packet::tcp(client, FRONTEND, TcpFlags::SYN, b""));
+        self.snat_port_of(&packet::tcp(client, FRONTEND, TcpFlags::SYN, b""))
+    }
+
+    /// Sends a client's packet; the SNAT port it left with, or None when it was dropped.
+    fn snat_port_of(&self, frame: &[u8]) -> Option<u16> {
+        let run = self.xdp(frame);
         if run.verdict == XDP_DROP {
             return None;
         }
@@ -922,4 +927,402 @@ fn the_fins_and_resets_of_snat_flows_are_recorded_on_their_reply_entry() {
     );
     let reset = flags_after(42002, &[(false, TcpFlags::RST)]);
     assert_eq!(reset, SNAT | RESET);
+}
+
+/// Timeouts short enough for a test to outlive them.
+fn short_timeouts() -> lb_common::CtTimeouts {
+    use std::time::Duration;
+    let nanos = |duration: Duration| duration.as_nanos() as u64;
+    lb_common::CtTimeouts {
+        tcp_syn: nanos(Duration::from_millis(800)),
+        tcp_established: nanos(Duration::from_secs(3600)),
+        tcp_closing: nanos(Duration::from_millis(300)),
+        udp: nanos(Duration::from_millis(800)),
+        snat_port_reuse: nanos(Duration::from_millis(100)),
+    }
+}
+
+impl SnatFixture {
+    fn with_short_timeouts(pins: &PinDir) -> Self {
+        let mut fixture = Self::new(pins);
+        let config = lb_common::DatapathConfig {
+            timeouts: short_timeouts(),
+            ..fixture.datapath.config().expect("config")
+        };
+        fixture.datapath.set_config(&config).expect("config");
+        fixture
+    }
+
+    fn event(&self, label: &str) -> u64 {
+        self.datapath.events().expect("events")[label]
+    }
+
+    /// A SNAT flow of `client` through its handshake; its SNAT port.
+    fn established(&self, client: SocketAddrV4) -> u16 {
+        let port = self.connect(client).expect("a SNAT port");
+        let snat = SocketAddrV4::new(NODE, port);
+        let syn_ack = self.xdp(&packet::tcp(REMOTE_POD, snat, TcpFlags::SYN_ACK, b""));
+        assert_eq!(
+            syn_ack.verdict, XDP_TX,
+            "the SYN-ACK goes back to the client"
+        );
+        let ack = packet::tcp(client, FRONTEND, TcpFlags::ACK, b"");
+        assert_eq!(self.snat_port_of(&ack), Some(port));
+        port
+    }
+}
+
+#[test]
+fn an_idle_snat_flow_outlives_the_closing_and_syn_timeouts() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "idle").expect("pin dir");
+    let fixture = SnatFixture::with_short_timeouts(&pins);
+    let port = fixture.established(CLIENT);
+    // The backend's first data segment completes the handshake on its side: the flow is
+    // established, not closing (it used to be closed here, then broken after the CLOSING timeout).
+    let snat = SocketAddrV4::new(NODE, port);
+    let data = fixture.xdp(&packet::tcp(REMOTE_POD, snat, TcpFlags::ACK, b"hello"));
+    assert_eq!(data.verdict, XDP_TX);
+    let original = fixture
+        .datapath
+        .conntrack()
+        .expect("conntrack")
+        .into_iter()
+        .find(|(key, _)| key.direction == lb_common::ct_direction::ORIGINAL)
+        .expect("original entry")
+        .1;
+    assert_eq!(original.state, lb_common::tcp_state::ESTABLISHED);
+    // Idle for more than twice the CLOSING and the SYN timeouts: the flow keeps its port.
+    std::thread::sleep(std::time::Duration::from_millis(1800));
+    let next = packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"more");
+    assert_eq!(fixture.snat_port_of(&next), Some(port));
+    assert_eq!(fixture.event("ct_flow_restarted"), 0);
+}
+
+#[test]
+fn a_live_flows_snat_port_is_never_handed_to_another_client() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "owner").expect("pin dir");
+    let fixture = SnatFixture::with_short_timeouts(&pins);
+    let port = fixture.established(CLIENT);
+    // Past the SYN timeout the backend has sent nothing since its SYN-ACK; the client's traffic
+    // alone keeps the flow, and the port it owns, alive.
+    for _ in 0..4 {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let keepalive = packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"k");
+        assert_eq!(fixture.snat_port_of(&keepalive), Some(port));
+    }
+    // Every other client takes what is left of the 32-port range, and never the live one.
+    let mut taken = Vec::new();
+    for client_port in 50000..50040u16 {
+        if let Some(other) = fixture.connect(SocketAddrV4::new(
+            Ipv4Addr::new(203, 0, 113, 20),
+            client_port,
+        )) {
+            taken.push(other);
+        }
+    }
+    assert!(
+        !taken.contains(&port),
+        "port {port} of a live flow was handed out: {taken:?}"
+    );
+    assert_eq!(
+        taken.len(),
+        usize::from(SNAT_PORTS.1 - SNAT_PORTS.0),
+        "every free port is used"
+    );
+}
+
+#[test]
+fn a_flow_whose_reply_half_was_evicted_is_repaired_or_restarted_never_half_translated() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "halves").expect("pin dir");
+    let mut fixture = SnatFixture::new(&pins);
+    let port = fixture.established(CLIENT);
+    // The LRU map evicts the REPLY half alone: the next packet writes it again.
+    fixture
+        .conntrack
+        .remove(&SnatFixture::reply_key(port))
+        .expect("evict");
+    let next = packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"a");
+    assert_eq!(fixture.snat_port_of(&next), Some(port));
+    assert_eq!(fixture.event("ct_reply_restored"), 1);
+    let snat = SocketAddrV4::new(NODE, port);
+    let answer = fixture.xdp(&packet::tcp(REMOTE_POD, snat, TcpFlags::ACK, b"b"));
+    assert_eq!(answer.verdict, XDP_TX);
+    let mut expected = packet::tcp(FRONTEND, CLIENT, TcpFlags::ACK, b"b");
+    // Back the way the client came: to its MAC, from the node's.
+    expected[0..6].copy_from_slice(&packet::CLIENT_MAC);
+    expected[6..12].copy_from_slice(&packet::NODE_MAC);
+    expected[packet::ETH_HDR_LEN + 8] -= 1;
+    packet::fix_ip_checksum(&mut expected);
+    assert_eq!(
+        answer.packet,
+        expected,
+        "the answer is translated back to the client:\n{}",
+        lab::table::diff(&expected, &answer.packet)
+    );
+
+    // Meanwhile another flow took the reply tuple: this one starts over on another port.
+    let foreign = lb_common::Ct4Value {
+        last_seen_ns: lb_userspace::inspect::monotonic_ns(),
+        state: lb_common::tcp_state::ESTABLISHED,
+        flags: lb_common::ct_flags::SNAT,
+        snat_addr: u32::from(Ipv4Addr::new(203, 0, 113, 99)),
+        snat_port: 1234,
+        nat_addr: u32::from(NODE),
+        nat_port: NODE_PORT,
+        ..Default::default()
+    };
+    fixture
+        .conntrack
+        .insert(&SnatFixture::reply_key(port), &foreign, 0)
+        .expect("foreign entry");
+    let next = packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"c");
+    let new_port = fixture.snat_port_of(&next).expect("a new port");
+    assert_ne!(new_port, port);
+    assert_eq!(fixture.event("ct_flow_restarted"), 1);
+    let still_foreign = fixture
+        .conntrack
+        .get(&SnatFixture::reply_key(port), 0)
+        .expect("entry");
+    assert_eq!(
+        still_foreign.snat_port, 1234,
+        "the other flow keeps its tuple"
+    );
+}
+
+#[test]
+fn one_client_port_to_two_frontends_of_one_endpoint_gets_its_source_port_remapped() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "clash").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 80);
+    let service = Service {
+        id: 1,
+        frontends: vec![
+            node_port(proto::TCP),
+            Frontend {
+                addr: *external.ip(),
+                port: external.port(),
+                proto: proto::TCP,
+                kind: service_flags::EXTERNAL_IP,
+            },
+        ],
+        backends: vec![1],
+        ..Default::default()
+    };
+    datapath.put_service(&service).expect("service");
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    run_table(
+        xdp(),
+        &[case(
+            "first flow",
+            packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
+        )],
+    );
+    let second =
+        lb_userspace::testrun::test_run(xdp(), &packet::tcp(CLIENT, external, TcpFlags::SYN, b""))
+            .expect("run");
+    assert_eq!(second.verdict, XDP_PASS);
+    let parsed = etherparse::SlicedPacket::from_ethernet(&second.packet).expect("parse");
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = parsed.transport else {
+        panic!("tcp")
+    };
+    let remapped = SocketAddrV4::new(*CLIENT.ip(), tcp.source_port());
+    assert_ne!(
+        remapped.port(),
+        CLIENT.port(),
+        "the clashing flow's port moved"
+    );
+    assert_eq!(
+        second.packet,
+        packet::tcp(remapped, POD_A, TcpFlags::SYN, b""),
+        "only the source port changed"
+    );
+    assert_eq!(datapath.events().expect("events")["nat_port_remap"], 1);
+    // Each flow's answers go back to the client's own port, from the frontend it used.
+    run_table(
+        tc(),
+        &[
+            case(
+                "answer of the first flow",
+                packet::tcp(POD_A, CLIENT, TcpFlags::SYN_ACK, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::SYN_ACK, b"")),
+            ),
+            case(
+                "answer of the remapped flow",
+                packet::tcp(POD_A, remapped, TcpFlags::SYN_ACK, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp(external, CLIENT, TcpFlags::SYN_ACK, b"")),
+            ),
+        ],
+    );
+}
+
+/// A frame with its IPv4 header changed by `edit`, then its header checksum made right again
+/// (etherparse), so only the edited field is wrong.
+fn with_ip_header(frame: &[u8], edit: impl Fn(&mut [u8])) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    edit(&mut out[packet::ETH_HDR_LEN..]);
+    packet::fix_ip_checksum(&mut out);
+    out
+}
+
+#[test]
+fn packets_the_stack_would_drop_create_no_state_and_rejects_answer_unicast_only() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "hostile").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let syn = packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b"");
+    let udp = packet::udp(CLIENT, FRONTEND, b"query");
+    let l4 = packet::ETH_HDR_LEN + 20;
+    let mut bad_checksum = syn.clone();
+    bad_checksum[packet::ETH_HDR_LEN + 10] ^= 0xff;
+    let longer_than_frame = with_ip_header(&syn, |ip| {
+        let total = u16::from_be_bytes([ip[2], ip[3]]) + 100;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+    });
+    let mut short_data_offset = syn.clone();
+    short_data_offset[l4 + 12] = 4 << 4;
+    let mut data_offset_past_packet = syn.clone();
+    data_offset_past_packet[l4 + 12] = 15 << 4;
+    let mut udp_length_past_packet = udp.clone();
+    udp_length_past_packet[l4 + 4..l4 + 6].copy_from_slice(&200u16.to_be_bytes());
+    let reject_from = |source: Ipv4Addr| {
+        with_ip_header(
+            &packet::tcp(
+                SocketAddrV4::new(source, 40000),
+                EMPTY_FRONTEND,
+                TcpFlags::SYN,
+                b"",
+            ),
+            |_| {},
+        )
+    };
+    let mut to_broadcast_mac = packet::tcp(CLIENT, EMPTY_FRONTEND, TcpFlags::SYN, b"");
+    to_broadcast_mac[0..6].copy_from_slice(&[0xff; 6]);
+    let cases = vec![
+        case(
+            "bad ip header checksum",
+            bad_checksum,
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "ip total length past the frame",
+            longer_than_frame,
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "tcp data offset below 5",
+            short_data_offset,
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "tcp data offset past the packet",
+            data_offset_past_packet,
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "udp length past the packet",
+            udp_length_past_packet,
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "802.1q tagged frame",
+            packet::non_ip(0x8100, 60),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "no reject to a broadcast source",
+            reject_from(Ipv4Addr::BROADCAST),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "no reject to a multicast source",
+            reject_from(Ipv4Addr::new(224, 0, 0, 1)),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "no reject to 0.0.0.0",
+            reject_from(Ipv4Addr::UNSPECIFIED),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "no reject to loopback",
+            reject_from(Ipv4Addr::LOCALHOST),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "no reject of a link-layer broadcast",
+            to_broadcast_mac,
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+    ];
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &cases,
+    );
+    assert!(
+        datapath.conntrack().expect("conntrack").is_empty(),
+        "no state created"
+    );
+    let events = datapath.events().expect("events");
+    assert_eq!(events["drop_ip_checksum"], 1);
+    assert_eq!(events["drop_malformed"], 4);
+    assert_eq!(events["pass_vlan"], 1);
+    assert_eq!(events["drop_reject_not_unicast"], 5);
+    assert_eq!(events["reject_tcp_rst"], 0);
+}
+
+#[test]
+fn a_new_flow_to_a_remote_backend_whose_ttl_runs_out_goes_to_the_stack_untranslated() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "ttl").expect("pin dir");
+    let fixture = SnatFixture::new(&pins);
+    let last_hop = with_ip_header(&packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""), |ip| {
+        ip[8] = 1
+    });
+    run_table(
+        fixture
+            .datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &[case(
+            "ttl 1 towards a remote backend",
+            last_hop,
+            XDP_PASS,
+            Expect::Unchanged,
+        )],
+    );
+    assert!(
+        fixture.datapath.conntrack().expect("conntrack").is_empty(),
+        "no port taken"
+    );
+    assert_eq!(fixture.event("pass_ttl_exceeded"), 1);
 }
