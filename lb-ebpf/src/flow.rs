@@ -501,7 +501,7 @@ fn refresh_flow(original: &mut Ct4Value, reply: &mut Ct4Value, tuple: &Tuple, no
     } else {
         original.state
     };
-    if state != original.state || now.saturating_sub(original.last_seen_ns) > ct_timeouts::REFRESH {
+    if state != original.state || stale(original, tuple.proto, now) {
         original.state = state;
         original.last_seen_ns = now;
         reply.state = state;
@@ -523,7 +523,7 @@ pub fn track_reply(reply: &mut Ct4Value, tuple: &Tuple) {
     } else {
         reply.state
     };
-    if state != reply.state || now.saturating_sub(reply.last_seen_ns) > ct_timeouts::REFRESH {
+    if state != reply.state || stale(reply, tuple.proto, now) {
         reply.state = state;
         reply.last_seen_ns = now;
         if let Some(original) = CONNTRACK4.get_ptr_mut(&original_key_of(reply, tuple)) {
@@ -536,6 +536,15 @@ pub fn track_reply(reply: &mut Ct4Value, tuple: &Tuple) {
     if tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         note_close(reply, tuple.tcp_flags, true, now);
     }
+}
+
+/// Whether an entry's last_seen is due to be rewritten: after REFRESH, or a quarter of its
+/// timeout when that is shorter (timeouts of a second in tests), so that a flow with traffic
+/// never looks idle past its timeout.
+#[inline(always)]
+fn stale(entry: &Ct4Value, protocol: u8, now: u64) -> bool {
+    let refresh = ct_timeouts::REFRESH.min(timeout(protocol, entry.state) / 4);
+    now.saturating_sub(entry.last_seen_ns) > refresh
 }
 
 /// The key of the ORIGINAL entry of the flow a REPLY entry belongs to: from the client (which

@@ -66,6 +66,8 @@ pub struct AgentConfig {
     /// Mount bpffs at /sys/fs/bpf when none is there. Off in a container: a mount made there
     /// stays in the container and takes the pins with it when it ends.
     pub mount_bpffs: bool,
+    /// Source ports of SNATed flows.
+    pub snat_ports: RangeInclusive<u16>,
     /// How long the datapath keeps idle flows, by state, and holds a closed flow's SNAT port.
     pub conntrack_timeouts: lb_common::CtTimeouts,
 }
@@ -206,10 +208,13 @@ async fn sync_until_stopped(
                 .set_node_eligible(node_eligible(snapshot.node.as_ref()));
             compiler.update(&snapshot)
         };
-        if let Err(error) =
-            sync_datapath_config(datapath, compiler.snat_address(), config.conntrack_timeouts)
-        {
-            warn!(%error, "SNAT address not set; flows to backends on other nodes go unSNATed");
+        if let Err(error) = sync_datapath_config(
+            datapath,
+            compiler.snat_address(),
+            &config.snat_ports,
+            config.conntrack_timeouts,
+        ) {
+            warn!(%error, "datapath settings not written; flows to backends on other nodes go unSNATed");
         }
         let new_problems = report_new_problems(&update.problems, &mut reported);
         let new_invalid_count = new_problems.len() as u64;
@@ -404,18 +409,17 @@ fn accept_local(proc_sys_net: &std::path::Path, iface: &str) -> anyhow::Result<(
 }
 
 /// Keeps the datapath's SNAT address (for flows to backends on other nodes) equal to this node's
-/// address, and its conntrack timeouts as configured; SNAT ports come from
-/// [`lb_common::DEFAULT_SNAT_PORTS`].
+/// address, and its SNAT ports and conntrack timeouts as configured.
 fn sync_datapath_config(
     datapath: &mut Datapath,
     address: Option<Ipv4Addr>,
+    snat_ports: &RangeInclusive<u16>,
     timeouts: lb_common::CtTimeouts,
 ) -> anyhow::Result<()> {
-    let (snat_port_min, snat_port_max) = lb_common::DEFAULT_SNAT_PORTS;
     let wanted = lb_common::DatapathConfig {
         snat_addr: address.map_or(0, u32::from),
-        snat_port_min,
-        snat_port_max,
+        snat_port_min: *snat_ports.start(),
+        snat_port_max: *snat_ports.end(),
         timeouts,
     };
     if datapath.config()? != wanted {

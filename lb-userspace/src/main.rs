@@ -183,6 +183,10 @@ struct RunArgs {
     /// How long a UDP flow may stay idle.
     #[arg(long, env = "LB_CONNTRACK_UDP_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     conntrack_udp_timeout: Duration,
+    /// Source ports for flows SNATed to endpoints on other nodes (and for remapped clashing
+    /// ports); keep it out of the NodePort range and the node's ephemeral ports.
+    #[arg(long, env = "LB_SNAT_PORT_RANGE", default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_port_range: RangeInclusive<u16>,
     /// How long after a clean close or a reset a SNAT port may serve another flow to the same
     /// backend.
     #[arg(long, env = "LB_SNAT_PORT_REUSE_DELAY", default_value = "500ms", value_parser = parse_duration)]
@@ -396,6 +400,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         log_level: Some(log_level),
         proc_sys_net: args.proc_sys_net,
         mount_bpffs: args.mount_bpffs,
+        snat_ports: args.snat_port_range,
         conntrack_timeouts: lb_common::CtTimeouts {
             tcp_syn: nanos(args.conntrack_tcp_timeout_syn),
             tcp_established: nanos(args.conntrack_tcp_timeout_established),

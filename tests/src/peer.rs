@@ -24,6 +24,10 @@ pub struct ClientReport {
     pub by_server: BTreeMap<String, u64>,
     /// Replies per client IP address as the server saw it.
     pub peers_seen: BTreeMap<String, u64>,
+    /// Replies per client `ip:port` as the server saw it (through SNAT: the node's address and
+    /// the flow's SNAT port), so a reply meant for another flow shows.
+    #[serde(default)]
+    pub seen_as: BTreeMap<String, u64>,
     /// Replies per peer `ip:port` as the client's own socket API reported it: getpeername() for
     /// TCP and connected UDP, the recvfrom() source for unconnected UDP. Socket hooks must show
     /// the Service address here, never a backend's.
@@ -74,11 +78,11 @@ pub fn reply(server: &str, peer: std::net::SocketAddr) -> String {
     format!("{server} {peer}\n")
 }
 
-/// Parses a [`reply`] into (server name, client ip).
-pub fn parse_reply(reply: &str) -> Option<(&str, &str)> {
+/// Parses a [`reply`] into (server name, client ip, client ip:port).
+pub fn parse_reply(reply: &str) -> Option<(&str, &str, &str)> {
     let (server, peer) = reply.trim_end().split_once(' ')?;
     let (ip, _port) = peer.rsplit_once(':')?;
-    Some((server, ip))
+    Some((server, ip, peer))
 }
 
 /// The `lab-peer` executable next to the running one (tests run from target/<profile>/deps).

@@ -147,14 +147,17 @@ fn record(report: &mut ClientReport, result: Exchange) {
         .map_err(|err| err.to_string())
         .and_then(|(text, peer)| {
             parse_reply(&text)
-                .map(|(server, ip)| (server.to_owned(), ip.to_owned(), peer))
+                .map(|(server, ip, seen_as)| {
+                    (server.to_owned(), ip.to_owned(), seen_as.to_owned(), peer)
+                })
                 .ok_or_else(|| format!("malformed reply {text:?}"))
         });
     match parsed {
-        Ok((server, ip, peer)) => {
+        Ok((server, ip, seen_as, peer)) => {
             report.ok += 1;
             *report.by_server.entry(server.clone()).or_default() += 1;
             *report.peers_seen.entry(ip).or_default() += 1;
+            *report.seen_as.entry(seen_as).or_default() += 1;
             *report.peer_names.entry(peer.to_string()).or_default() += 1;
             report.last_server = Some(server);
         }

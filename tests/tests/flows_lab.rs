@@ -1,0 +1,106 @@
+//! Flows that outlive the datapath's timeouts, through the real agent in the lab: the agent runs
+//! with timeouts of about a second (flags), so idle gaps longer than twice each of them take
+//! seconds. The endpoints are on node2 and the agent runs on node1, so every flow is SNATed to
+//! node2's pod and its replies come back to one of node1's SNAT ports.
+
+use std::time::Duration;
+
+use lab::{
+    agent::{AgentLab, POD_PORT, endpoint_slice, node_port_service},
+    peer::ClientRun,
+    topology::{node_addr, pod_addr},
+};
+
+const SHORT_TIMEOUTS: &[&str] = &[
+    "--conntrack-tcp-timeout-syn",
+    "1s",
+    "--conntrack-tcp-timeout-closing",
+    "500ms",
+    "--conntrack-udp-timeout",
+    "1s",
+];
+
+#[test]
+fn idle_tcp_connections_to_a_remote_endpoint_outlive_the_syn_and_closing_timeouts() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(SHORT_TIMEOUTS).expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &(node_port_service("web", "10.96.0.20", 30081, "")
+                + "---\n"
+                + &endpoint_slice("web", &[(pod_addr(2, 0), "node2")])),
+        )
+        .expect("apply");
+    let node_port = format!("{}:30081", node_addr(1));
+    // One connection, idle 2.5 s between requests: more than twice the SYN (1 s) and the
+    // CLOSING (0.5 s) timeouts.
+    let report = ClientRun {
+        one_flow: true,
+        interval_ms: 2500,
+        ..ClientRun::tcp(&node_port, 4)
+    }
+    .run(&setup.cluster.client, None)
+    .expect("client");
+    report.assert_all_ok("an idle connection through a NodePort to node2");
+    assert_eq!(report.servers(), ["n2p0"].into());
+    assert_eq!(
+        report.seen_as.len(),
+        1,
+        "one SNAT port for the whole connection: {:?}",
+        report.seen_as
+    );
+    let events = setup.events().expect("events");
+    assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
+}
+
+/// A UDP NodePort Service on port 30053 whose one endpoint is on node2.
+fn udp_service() -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports:\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {POD_PORT}, nodePort: 30053}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\nports:\n- {{name: dns, port: {POD_PORT}, protocol: UDP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node2\n  conditions: {{ready: true}}\n",
+        pod_addr(2, 0)
+    )
+}
+
+#[test]
+fn two_udp_clients_sharing_a_tiny_snat_range_never_get_each_others_answers() {
+    let mut setup = AgentLab::new().expect("lab");
+    // Two SNAT ports: the second client's flow can only be placed on a port the first one
+    // does not own, however long the first one has been talking.
+    let mut flags = SHORT_TIMEOUTS.to_vec();
+    flags.extend(["--snat-port-range", "61000-61001"]);
+    setup.start_agent(&flags).expect("agent");
+    setup.apply("dns.yaml", &udp_service()).expect("apply");
+    let second_client = setup
+        .add_client("c2", std::net::Ipv4Addr::new(203, 0, 113, 21))
+        .expect("second client");
+    let node_port = format!("{}:30053", node_addr(1));
+    // Each client: one socket, a datagram every 300 ms for 4.5 s, i.e. over four UDP timeouts;
+    // the second starts 1.5 s later, when the first flow is older than the UDP timeout.
+    let one_flow = ClientRun {
+        one_flow: true,
+        interval_ms: 300,
+        ..ClientRun::udp(&node_port, 15)
+    };
+    let (first, second) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| one_flow.run(&setup.cluster.client, None));
+        std::thread::sleep(Duration::from_millis(1500));
+        let second = one_flow.run(&second_client, None);
+        (first.join().expect("first client"), second)
+    });
+    let (first, second) = (first.expect("first client"), second.expect("second client"));
+    first.assert_all_ok("first client");
+    second.assert_all_ok("second client");
+    assert_eq!(first.seen_as.len(), 1, "first client: {:?}", first.seen_as);
+    assert_eq!(
+        second.seen_as.len(),
+        1,
+        "second client: {:?}",
+        second.seen_as
+    );
+    assert_ne!(
+        first.seen_as.keys().next(),
+        second.seen_as.keys().next(),
+        "the two flows share a SNAT port"
+    );
+}
