@@ -22,6 +22,7 @@ use crate::{
     logging::LogLevel,
     metrics::{AgentMetrics, Metrics},
     reconcile::Reconciler,
+    route::RouteLocator,
     serve::{Health, HealthCheckPorts, HealthCheckTarget},
     source::{Snapshot, file::FileSource, kube as kube_source},
 };
@@ -72,6 +73,7 @@ impl AgentConfig {
     fn node_context(&self) -> NodeContext {
         NodeContext {
             node_name: self.node_name.clone(),
+            routed_local: BTreeSet::new(),
             nodeport_cidrs: self.nodeport_cidrs.clone(),
             fallback_addresses: self.node_addresses.clone(),
             node_port_range: self.node_port_range.clone(),
@@ -178,6 +180,7 @@ async fn sync_until_stopped(
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut compiler = Compiler::new(config.node_context());
+    let locator = RouteLocator::new(config.interfaces.clone());
     let mut reconciler = Reconciler::new();
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
     // Objects skipped for bad input since the start (each counted once, when it first appears).
@@ -202,7 +205,13 @@ async fn sync_until_stopped(
             observers
                 .health
                 .set_node_eligible(node_eligible(snapshot.node.as_ref()));
-            compiler.update(&snapshot)
+            let mut update = compiler.update(&snapshot);
+            // Routes change without the objects changing: endpoints without a nodeName are
+            // placed again on every sync, and their Services compiled again when one moved.
+            if place_unplaced_endpoints(&locator, &mut compiler) {
+                update.absorb(compiler.update(&snapshot));
+            }
+            update
         };
         if let Err(error) = sync_snat_address(datapath, compiler.snat_address()) {
             warn!(%error, "SNAT address not set; flows to backends on other nodes go unSNATed");
@@ -386,6 +395,27 @@ fn traffic_policy(key: &ServicePortKey) -> &'static str {
     match key.scope {
         Scope::Internal => "internal",
         _ => "external",
+    }
+}
+
+/// Tells the compiler which endpoints without a nodeName the node's routes put on this node.
+/// Returns whether any moved (their Services need compiling again).
+fn place_unplaced_endpoints(locator: &RouteLocator, compiler: &mut Compiler) -> bool {
+    if !locator.enabled() {
+        return false;
+    }
+    let addresses: Vec<Ipv4Addr> = compiler.unplaced_endpoints().collect();
+    match locator.local_among(addresses) {
+        Ok(local) => {
+            if !local.is_empty() {
+                debug!(?local, "endpoints without nodeName on this node, by route");
+            }
+            compiler.set_routed_local(local)
+        }
+        Err(error) => {
+            warn!(%error, "no route lookup; endpoints without nodeName keep their last placement");
+            false
+        }
     }
 }
 

@@ -137,6 +137,8 @@ struct RunArgs {
     #[arg(long, env = "LB_MASTER")]
     master: Option<String>,
     /// Comma-separated NICs that carry external traffic: XDP (ingress) and tc (egress) attach there.
+    /// Endpoints without a nodeName that the node's routes reach through another interface (a
+    /// pod interface) directly are local.
     #[arg(long, env = "LB_INTERFACES", value_delimiter = ',')]
     interfaces: Vec<String>,
     /// XDP attach mode on the NICs.
