@@ -455,3 +455,67 @@ fn with_nodeport_addresses_health_check_node_ports_listen_on_those_addresses_onl
         "served outside --nodeport-addresses"
     );
 }
+
+/// The `lb services` row of a service, by name.
+fn service_row(pin_dir: &std::path::Path, name: &str) -> serde_json::Value {
+    let services = lb_json(pin_dir, &["services"]);
+    services
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|service| service["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} in {services:#}"))
+}
+
+#[test]
+fn a_service_id_handed_out_again_counts_from_zero() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup.apply("dns.yaml", &udp_service()).expect("dns");
+    let target = format!("{}:30053", node_addr(1));
+    ClientRun::udp(&target, 20)
+        .run(&setup.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("dns");
+    let dns = service_row(setup.pin_dir(), "default/dns:dns/UDP");
+    assert_eq!(dns["packets"], 20);
+
+    // dns goes; a restarted agent hands its id, free again, to the next new Service.
+    setup.delete("dns.yaml").expect("delete");
+    setup.kill_agent().expect("kill");
+    setup.start_agent(&[]).expect("agent again");
+    let resolver = udp_service()
+        .replace("name: dns, namespace", "name: resolver, namespace")
+        .replace("name: dns-1", "name: resolver-1")
+        .replace("service-name: dns}", "service-name: resolver}");
+    setup.apply("resolver.yaml", &resolver).expect("resolver");
+    let row = service_row(setup.pin_dir(), "default/resolver:dns/UDP");
+    assert_eq!(
+        row["id"], dns["id"],
+        "the id is reused (else this test proves nothing)"
+    );
+    for counter in ["packets", "bytes", "new_flows"] {
+        assert_eq!(row[counter], 0, "{counter} inherited from dns: {row:#}");
+    }
+    let node = setup.cluster.node(1).host.clone();
+    let labels = service_labels("resolver", "dns", "UDP");
+    for family in [
+        "lb_service_packets",
+        "lb_service_bytes",
+        "lb_service_new_flows",
+    ] {
+        assert_eq!(value(&scrape(&node), family, &labels), 0.0, "{family}");
+    }
+
+    // And it counts its own traffic from there.
+    ClientRun::udp(&target, 10)
+        .run(&setup.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("resolver");
+    assert_eq!(value(&scrape(&node), "lb_service_packets", &labels), 10.0);
+    assert_eq!(
+        service_row(setup.pin_dir(), "default/resolver:dns/UDP")["packets"],
+        10
+    );
+}
