@@ -66,6 +66,10 @@ enum Command {
         /// Only entries of this service id (see `lb services`).
         #[arg(long)]
         service: Option<u32>,
+        /// Entries idle past their timeout too, marked expired (the datapath no longer uses
+        /// them; the LRU map keeps them until it needs the room). Without it, live ones only.
+        #[arg(long)]
+        all: bool,
     },
     /// Datapath events (drops by reason) and how full each map is.
     Stats(InspectArgs),
@@ -249,6 +253,7 @@ fn main() -> anyhow::Result<()> {
             port,
             protocol,
             service,
+            all,
         } => {
             let filter = ConntrackFilter {
                 address,
@@ -261,6 +266,7 @@ fn main() -> anyhow::Result<()> {
                     }
                 }),
                 service_id: service,
+                include_expired: all,
             };
             cli::conntrack(&args.pin_dir, &filter, args.output == Output::Json)
         }

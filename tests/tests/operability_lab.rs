@@ -519,3 +519,131 @@ fn a_service_id_handed_out_again_counts_from_zero() {
         10
     );
 }
+
+/// Writes conntrack entries straight into the agent's pinned map: flows of addresses no client
+/// has (198.51.100.0/24), idle for as long as each row says.
+fn plant_conntrack_entries(pin_dir: &std::path::Path, rows: &[(u8, u8, u8, u64)]) {
+    use lb_common::{Ct4Key, Ct4Value, ct_direction};
+    let map = aya::maps::MapData::from_pin(pin_dir.join(lb_common::map_names::CONNTRACK4))
+        .expect("pinned conntrack map");
+    let mut conntrack: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("conntrack map");
+    let now = lb_userspace::inspect::monotonic_ns();
+    for &(host, protocol, state, idle_s) in rows {
+        let idle_ns = idle_s * 1_000_000_000;
+        assert!(
+            now > idle_ns,
+            "the machine has been up for less than {idle_s} s"
+        );
+        let key = Ct4Key {
+            saddr: u32::from(Ipv4Addr::new(198, 51, 100, host)),
+            daddr: u32::from(node_addr(1)),
+            sport: 40_000,
+            dport: 30053,
+            proto: protocol,
+            direction: ct_direction::ORIGINAL,
+            _pad: [0; 2],
+        };
+        let value = Ct4Value {
+            last_seen_ns: now - idle_ns,
+            state,
+            nat_addr: u32::from(pod_addr(1, 0)),
+            nat_port: 8080,
+            ..Default::default()
+        };
+        conntrack.insert(&key, &value, 0).expect("insert");
+    }
+}
+
+#[test]
+fn expired_conntrack_entries_are_neither_counted_nor_listed_by_default() {
+    use lb_common::{ct_timeouts, proto, tcp_state};
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup.apply("dns.yaml", &udp_service()).expect("dns");
+    ClientRun::udp(&format!("{}:30053", node_addr(1)), 10)
+        .run(&setup.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("dns");
+    let seconds = |ns: u64| ns / 1_000_000_000;
+    // (host, protocol, state, idle seconds): each timeout by its protocol and state.
+    let expired = [
+        (1, proto::UDP, 0, seconds(ct_timeouts::UDP) + 30),
+        (
+            2,
+            proto::TCP,
+            tcp_state::SYN_SENT,
+            seconds(ct_timeouts::TCP_SYN) + 30,
+        ),
+        (
+            3,
+            proto::TCP,
+            tcp_state::CLOSING,
+            seconds(ct_timeouts::TCP_CLOSING) + 30,
+        ),
+    ];
+    let live = [(
+        4,
+        proto::TCP,
+        tcp_state::ESTABLISHED,
+        2 * seconds(ct_timeouts::UDP),
+    )];
+    plant_conntrack_entries(setup.pin_dir(), &expired);
+    plant_conntrack_entries(setup.pin_dir(), &live);
+
+    let planted = |flows: &serde_json::Value| -> Vec<(String, bool)> {
+        flows
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|flow| {
+                flow["source"]
+                    .as_str()
+                    .is_some_and(|source| source.starts_with("198.51.100."))
+            })
+            .map(|flow| {
+                (
+                    flow["source"].as_str().unwrap_or_default().to_owned(),
+                    flow["expired"].as_bool().expect("expired is a bool"),
+                )
+            })
+            .collect()
+    };
+    let listed = lb_json(setup.pin_dir(), &["conntrack"]);
+    assert_eq!(
+        planted(&listed),
+        [("198.51.100.4:40000".to_owned(), false)],
+        "only the live one by default"
+    );
+    let mut everything = planted(&lb_json(setup.pin_dir(), &["conntrack", "--all"]));
+    everything.sort();
+    assert_eq!(
+        everything,
+        [
+            ("198.51.100.1:40000".to_owned(), true),
+            ("198.51.100.2:40000".to_owned(), true),
+            ("198.51.100.3:40000".to_owned(), true),
+            ("198.51.100.4:40000".to_owned(), false),
+        ],
+        "--all lists the expired ones, marked"
+    );
+
+    // The fill counts what `lb conntrack` lists: the clients' flows (live for a minute) and
+    // the live planted one.
+    let live_count = listed.as_array().expect("a list").len();
+    assert!(live_count > 10, "{listed:#}");
+    let node = setup.cluster.node(1).host.clone();
+    assert_eq!(
+        value(&scrape(&node), "lb_map_entries", &[("map", "lb4_ct_v1")]),
+        live_count as f64
+    );
+    let stats = lb_json(setup.pin_dir(), &["stats"]);
+    let conntrack_fill = stats["maps"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|map| map["map"] == "lb4_ct_v1")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(conntrack_fill["entries"], live_count, "{stats:#}");
+}
