@@ -22,7 +22,7 @@ use crate::{
     logging::LogLevel,
     metrics::{AgentMetrics, Metrics},
     reconcile::Reconciler,
-    route::RouteLocator,
+    route::{RouteChanges, RouteLocator},
     serve::{Health, HealthCheckPorts, HealthCheckTarget},
     source::{Snapshot, file::FileSource, kube as kube_source},
 };
@@ -181,6 +181,15 @@ async fn sync_until_stopped(
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut compiler = Compiler::new(config.node_context());
     let locator = RouteLocator::new(config.interfaces.clone());
+    let mut route_changes = if locator.enabled() {
+        RouteChanges::subscribe()
+            .inspect_err(|error| {
+                warn!(%error, "no route notifications; endpoints without nodeName are placed again on syncs only")
+            })
+            .ok()
+    } else {
+        None
+    };
     let mut reconciler = Reconciler::new();
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
     // Objects skipped for bad input since the start (each counted once, when it first appears).
@@ -188,14 +197,28 @@ async fn sync_until_stopped(
     loop {
         // The channel's initial value is an empty placeholder: syncing it would remove every
         // installed service after a restart. Only what the source publishes is synced.
-        tokio::select! {
+        let routes_changed = tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() {
                     anyhow::bail!("the source stopped");
                 }
+                None
             }
+            changed = next_route_change(&mut route_changes) => Some(changed),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+        };
+        if let Some(changed) = routes_changed {
+            if let Err(error) = changed {
+                warn!(%error, "route notifications stopped; endpoints without nodeName are placed again on syncs only");
+                route_changes = None;
+                continue;
+            }
+            // Synced only when an endpoint moved: no object changed.
+            if !place_unplaced_endpoints(&locator, &mut compiler) {
+                continue;
+            }
+            info!("endpoints without nodeName moved with the routes");
         }
         observers.queued();
         let started = Instant::now();
@@ -395,6 +418,14 @@ fn traffic_policy(key: &ServicePortKey) -> &'static str {
     match key.scope {
         Scope::Internal => "internal",
         _ => "external",
+    }
+}
+
+/// The next route change, or never without a subscription.
+async fn next_route_change(changes: &mut Option<RouteChanges>) -> std::io::Result<()> {
+    match changes {
+        Some(changes) => changes.changed().await,
+        None => std::future::pending().await,
     }
 }
 

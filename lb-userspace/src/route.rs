@@ -78,6 +78,90 @@ impl RouteLocator {
     }
 }
 
+/// Notifications of IPv4 route changes in the agent's network namespace (RTNLGRP_IPV4_ROUTE),
+/// so endpoints without a nodeName are placed again when the routes move, not only when the
+/// objects change. (The kernel sends none for IPv4 routes a link going down takes with it; the
+/// next sync looks again.)
+pub struct RouteChanges {
+    socket: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl RouteChanges {
+    pub fn subscribe() -> io::Result<Self> {
+        // SAFETY: socket() takes no pointers; the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new descriptor this function owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is plain data; all zeroes is a valid value.
+        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        address.nl_groups = libc::RTMGRP_IPV4_ROUTE as u32;
+        // SAFETY: bind reads size_of::<sockaddr_nl>() bytes from a valid sockaddr_nl.
+        let result = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&raw const address).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if result < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: an OwnedFd holds one open descriptor for as long as it lives and always
+        // returns it from as_raw_fd; the AsyncFd owns it from here on.
+        let socket =
+            unsafe { tokio::io::unix::AsyncFd::register(socket) }.map_err(io::Error::from)?;
+        Ok(Self { socket })
+    }
+
+    /// Waits until routes changed; every notification queued by then counts as one change.
+    pub async fn changed(&mut self) -> io::Result<()> {
+        let mut buffer = [0u8; 8192];
+        loop {
+            let mut ready = self.socket.readable().await?;
+            let mut any = false;
+            loop {
+                // SAFETY: recv writes at most buffer.len() bytes into the buffer.
+                let received = unsafe {
+                    libc::recv(
+                        self.socket.get_ref().as_raw_fd(),
+                        buffer.as_mut_ptr().cast(),
+                        buffer.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if received >= 0 {
+                    any = true;
+                    continue;
+                }
+                let error = io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::EAGAIN) => {
+                        ready.clear_ready();
+                        break;
+                    }
+                    // Notifications were lost to a full socket buffer: routes did change.
+                    Some(libc::ENOBUFS) => any = true,
+                    Some(libc::EINTR) => {}
+                    _ => return Err(error),
+                }
+            }
+            if any {
+                return Ok(());
+            }
+        }
+    }
+}
+
 fn interface_index(name: &str) -> io::Result<u32> {
     let name = std::ffi::CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name with NUL"))?;

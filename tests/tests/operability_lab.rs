@@ -1,7 +1,8 @@
 //! The agent's operability surface in the lab, against real traffic: /metrics parsed whole with
 //! an OpenMetrics parser and its per-service counters equal to what the clients sent; the
 //! inspection CLI agreeing with it; /healthz and /livez; a healthCheckNodePort flipping
-//! 200 -> 503 as the node's endpoints go away; the log level changed at run time.
+//! 200 -> 503 as the node's endpoints go away; the log level changed at run time; a service id
+//! handed out again counting from zero; expired conntrack entries neither counted nor listed.
 //!
 //! Every request goes from inside node1's namespace to the agent there, over that namespace's
 //! loopback.
