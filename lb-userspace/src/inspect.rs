@@ -381,7 +381,8 @@ impl PinnedMaps {
 
     /// Entries against capacity for every map that fills up; for conntrack, the live entries
     /// only (the LRU map keeps expired ones until it needs their room). Counting walks the keys
-    /// (one syscall each, two for conntrack): a full conntrack map takes some 100 ms.
+    /// (one syscall each, two for conntrack): a full conntrack map takes about twice as long as
+    /// walking its keys alone (docs/metrics.md).
     pub fn fill(&self) -> anyhow::Result<Vec<MapFill>> {
         let (installed, _) = read_installed(&self.frontends, &self.slots)?;
         let maglev_tables = installed
