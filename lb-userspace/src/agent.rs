@@ -22,6 +22,7 @@ use crate::{
     logging::LogLevel,
     metrics::{AgentMetrics, Metrics},
     reconcile::Reconciler,
+    route::{RouteChanges, RouteLocator},
     serve::{Health, HealthCheckPorts, HealthCheckTarget},
     source::{Snapshot, file::FileSource, kube as kube_source},
 };
@@ -76,6 +77,7 @@ impl AgentConfig {
     fn node_context(&self) -> NodeContext {
         NodeContext {
             node_name: self.node_name.clone(),
+            routed_local: BTreeSet::new(),
             nodeport_cidrs: self.nodeport_cidrs.clone(),
             fallback_addresses: self.node_addresses.clone(),
             node_port_range: self.node_port_range.clone(),
@@ -182,6 +184,16 @@ async fn sync_until_stopped(
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut compiler = Compiler::new(config.node_context());
+    let locator = RouteLocator::new(config.interfaces.clone());
+    let mut route_changes = if locator.enabled() {
+        RouteChanges::subscribe()
+            .inspect_err(|error| {
+                warn!(%error, "no route notifications; endpoints without nodeName are placed again on syncs only")
+            })
+            .ok()
+    } else {
+        None
+    };
     let mut reconciler = Reconciler::new();
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
     // Objects skipped for bad input since the start (each counted once, when it first appears).
@@ -189,14 +201,28 @@ async fn sync_until_stopped(
     loop {
         // The channel's initial value is an empty placeholder: syncing it would remove every
         // installed service after a restart. Only what the source publishes is synced.
-        tokio::select! {
+        let routes_changed = tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() {
                     anyhow::bail!("the source stopped");
                 }
+                None
             }
+            changed = next_route_change(&mut route_changes) => Some(changed),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+        };
+        if let Some(changed) = routes_changed {
+            if let Err(error) = changed {
+                warn!(%error, "route notifications stopped; endpoints without nodeName are placed again on syncs only");
+                route_changes = None;
+                continue;
+            }
+            // Synced only when an endpoint moved: no object changed.
+            if !place_unplaced_endpoints(&locator, &mut compiler) {
+                continue;
+            }
+            info!("endpoints without nodeName moved with the routes");
         }
         observers.queued();
         let started = Instant::now();
@@ -206,7 +232,13 @@ async fn sync_until_stopped(
             observers
                 .health
                 .set_node_eligible(node_eligible(snapshot.node.as_ref()));
-            compiler.update(&snapshot)
+            let mut update = compiler.update(&snapshot);
+            // Routes change without the objects changing: endpoints without a nodeName are
+            // placed again on every sync, and their Services compiled again when one moved.
+            if place_unplaced_endpoints(&locator, &mut compiler) {
+                update.absorb(compiler.update(&snapshot));
+            }
+            update
         };
         if let Err(error) = sync_datapath_config(
             datapath,
@@ -395,6 +427,35 @@ fn traffic_policy(key: &ServicePortKey) -> &'static str {
     match key.scope {
         Scope::Internal => "internal",
         _ => "external",
+    }
+}
+
+/// The next route change, or never without a subscription.
+async fn next_route_change(changes: &mut Option<RouteChanges>) -> std::io::Result<()> {
+    match changes {
+        Some(changes) => changes.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Tells the compiler which endpoints without a nodeName the node's routes put on this node.
+/// Returns whether any moved (their Services need compiling again).
+fn place_unplaced_endpoints(locator: &RouteLocator, compiler: &mut Compiler) -> bool {
+    if !locator.enabled() {
+        return false;
+    }
+    let addresses: Vec<Ipv4Addr> = compiler.unplaced_endpoints().collect();
+    match locator.local_among(addresses) {
+        Ok(local) => {
+            if !local.is_empty() {
+                debug!(?local, "endpoints without nodeName on this node, by route");
+            }
+            compiler.set_routed_local(local)
+        }
+        Err(error) => {
+            warn!(%error, "no route lookup; endpoints without nodeName keep their last placement");
+            false
+        }
     }
 }
 

@@ -101,7 +101,11 @@ pub fn conntrack(pin_dir: &Path, filter: &ConntrackFilter, json: bool) -> anyhow
             entry.destination.clone(),
             entry.nat.clone(),
             entry.snat.clone().unwrap_or_else(|| "-".into()),
-            entry.state.to_owned(),
+            if entry.expired {
+                format!("{} (expired)", entry.state)
+            } else {
+                entry.state.to_owned()
+            },
             entry.service_id.to_string(),
             entry.backend_id.to_string(),
             format!("{:.0}s", entry.idle_s),

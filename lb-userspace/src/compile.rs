@@ -7,7 +7,8 @@
 //!   externalIP, every LoadBalancer ingress IP;
 //! - backends from every EndpointSlice labelled `kubernetes.io/service-name`, the port resolved
 //!   per slice by port name (named target ports may differ per endpoint), endpoints deduplicated
-//!   by address, flagged LOCAL when their nodeName is this node;
+//!   by address, flagged LOCAL when their nodeName is this node, or, without a nodeName, when
+//!   the node's routes put their address on this node ([`NodeContext::routed_local`]);
 //! - ready endpoints; when none is ready, the serving and terminating ones (KEP-1669);
 //! - headless and ExternalName Services ignored; IPv6 addresses reported as not yet supported;
 //! - sessionAffinity ClientIP with its timeout (default 10800 s).
@@ -46,6 +47,11 @@ pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 pub struct NodeContext {
     /// This node's name (endpoints with this nodeName are local).
     pub node_name: String,
+    /// Endpoint addresses without a nodeName that this node's routes reach through one of its
+    /// pod interfaces (the agent asks the kernel's FIB, `crate::route`): those endpoints are
+    /// local too. Hand-made EndpointSlices often leave nodeName out; an endpoint with one is
+    /// placed by its nodeName alone.
+    pub routed_local: BTreeSet<Ipv4Addr>,
     /// `--nodeport-addresses`: which node addresses serve NodePorts (empty: all of them).
     pub nodeport_cidrs: Vec<Ipv4Cidr>,
     /// Node addresses to use when the snapshot has no Node object (file source without one).
@@ -64,6 +70,7 @@ impl NodeContext {
     pub fn new(node_name: impl Into<String>) -> Self {
         Self {
             node_name: node_name.into(),
+            routed_local: BTreeSet::new(),
             nodeport_cidrs: Vec::new(),
             fallback_addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
@@ -232,6 +239,11 @@ pub struct Compiler {
     orphans: BTreeMap<(String, String), Vec<Problem>>,
     /// The healthCheckNodePort of every externalTrafficPolicy Local Service that has one.
     health_check_ports: BTreeMap<(String, String), u16>,
+    /// Endpoint addresses without a nodeName, with how many compiled Services have them.
+    unplaced: BTreeMap<Ipv4Addr, usize>,
+    /// Services to compile again on the next update although their objects did not change
+    /// (the placement of one of their endpoints did).
+    stale: BTreeSet<(String, String)>,
 }
 
 /// The previous update's objects. Sources share unchanged objects between snapshots (`Arc`), so
@@ -362,6 +374,8 @@ struct CompiledService {
     fingerprint: Option<Fingerprint>,
     /// healthCheckNodePort of an externalTrafficPolicy Local Service.
     health_check_node_port: Option<u16>,
+    /// Its endpoint addresses without a nodeName.
+    unplaced: BTreeSet<Ipv4Addr>,
     keys: Vec<ServicePortKey>,
     problems: Vec<Problem>,
     held: bool,
@@ -385,6 +399,20 @@ pub struct Update {
     /// counters), by resourceVersion; an object without one counts as changed whenever its
     /// Service is compiled.
     pub changes: Changes,
+}
+
+impl Update {
+    /// Folds a later update of the same sync into this one: the Service ports either changed,
+    /// the later problems, the changes of both.
+    pub fn absorb(&mut self, later: Update) {
+        self.changed.extend(later.changed);
+        self.problems = later.problems;
+        self.changes.services += later.changes.services;
+        self.changes.endpoint_slices += later.changes.endpoint_slices;
+        self.changes
+            .trigger_times
+            .extend(later.changes.trigger_times);
+    }
 }
 
 /// Object changes seen by one update.
@@ -463,7 +491,44 @@ impl Compiler {
             previous: None,
             orphans: BTreeMap::new(),
             health_check_ports: BTreeMap::new(),
+            unplaced: BTreeMap::new(),
+            stale: BTreeSet::new(),
         }
+    }
+
+    /// The addresses of the endpoints without a nodeName, as of the last update: the ones whose
+    /// place the caller finds out (from the node's routes) for [`Self::set_routed_local`].
+    pub fn unplaced_endpoints(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.unplaced.keys().copied()
+    }
+
+    /// Sets which endpoint addresses without a nodeName are on this node
+    /// ([`NodeContext::routed_local`]). The Services with an endpoint whose place changed are
+    /// compiled again on the next update; returns whether there are any.
+    pub fn set_routed_local(&mut self, local: BTreeSet<Ipv4Addr>) -> bool {
+        let moved: BTreeSet<Ipv4Addr> = self
+            .node
+            .routed_local
+            .symmetric_difference(&local)
+            .copied()
+            .collect();
+        self.node.routed_local = local;
+        if moved.is_empty() {
+            return false;
+        }
+        let affected: Vec<(String, String)> = self
+            .services
+            .iter()
+            .flat_map(|(namespace, by_name)| {
+                by_name
+                    .iter()
+                    .filter(|(_, compiled)| !compiled.unplaced.is_disjoint(&moved))
+                    .map(move |(name, _)| (namespace.clone(), name.clone()))
+            })
+            .collect();
+        let any = !affected.is_empty();
+        self.stale.extend(affected);
+        any
     }
 
     /// The desired state as of the last update.
@@ -542,6 +607,8 @@ impl Compiler {
         self.desired = Desired::default();
         self.services.clear();
         self.health_check_ports.clear();
+        self.unplaced.clear();
+        self.stale.clear();
         self.claimed.clear();
         let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
         services.sort_by_key(|service| object_key(&service.metadata));
@@ -577,7 +644,9 @@ impl Compiler {
         let Some(mut previous) = self.previous.take() else {
             return false;
         };
-        let dirty = previous.advance(snapshot);
+        let stale = std::mem::take(&mut self.stale);
+        let mut dirty = previous.advance(snapshot);
+        dirty.extend(stale.iter().cloned());
         let slices: SlicesByService<'_> = dirty
             .iter()
             .filter_map(|key| {
@@ -607,7 +676,8 @@ impl Compiler {
                     }
                 }
                 [service] => {
-                    if !self.recompile(service, &slices, changed, changes) {
+                    let forced = stale.contains(&(namespace.clone(), name.clone()));
+                    if !self.recompile(service, &slices, forced, changed, changes) {
                         return false;
                     }
                 }
@@ -619,12 +689,13 @@ impl Compiler {
         true
     }
 
-    /// Compiles one Service again unless its fingerprint shows nothing changed. False on a
-    /// frontend conflict.
+    /// Compiles one Service again unless its fingerprint shows nothing changed and it is not
+    /// `forced`. False on a frontend conflict.
     fn recompile(
         &mut self,
         service: &Service,
         slices: &SlicesByService<'_>,
+        forced: bool,
         changed: &mut BTreeSet<ServicePortKey>,
         changes: &mut Changes,
     ) -> bool {
@@ -633,7 +704,8 @@ impl Compiler {
             .services
             .get(namespace)
             .and_then(|by_name| by_name.get(name));
-        if let Some(known) = known
+        if !forced
+            && let Some(known) = known
             && fingerprint_matches(known.fingerprint.as_ref(), service, slices)
         {
             return true;
@@ -697,6 +769,9 @@ impl Compiler {
             self.health_check_ports
                 .insert((namespace.to_owned(), name.to_owned()), port);
         }
+        for addr in &compiled.unplaced {
+            *self.unplaced.entry(*addr).or_default() += 1;
+        }
         self.services
             .entry(namespace.to_owned())
             .or_default()
@@ -714,6 +789,14 @@ impl Compiler {
         };
         self.health_check_ports
             .remove(&(namespace.to_owned(), name.to_owned()));
+        for addr in &compiled.unplaced {
+            if let Some(count) = self.unplaced.get_mut(addr) {
+                *count -= 1;
+                if *count == 0 {
+                    self.unplaced.remove(addr);
+                }
+            }
+        }
         for key in compiled.keys {
             if let Some(service) = self.desired.services.remove(&key) {
                 for frontend in &service.frontends {
@@ -739,6 +822,7 @@ impl Compiler {
         let mut compiled = CompiledService {
             fingerprint: fingerprint(service, slices),
             health_check_node_port: health_check_node_port(service),
+            unplaced: BTreeSet::new(),
             keys: Vec::new(),
             problems: Vec::new(),
             held: false,
@@ -749,6 +833,7 @@ impl Compiler {
             .map(Vec::as_slice)
             .unwrap_or_default();
         let endpoints = ServiceEndpoints::build(service_slices, &mut compiled.problems);
+        compiled.unplaced = endpoints.unplaced().collect();
         match compile_service(
             service,
             &self.node,
@@ -1145,7 +1230,7 @@ fn compile_service(
                 add(addr, node_port, service_flags::NODE_PORT);
             }
         }
-        let backends = endpoints.backends(&port_name, protocol, &node.node_name);
+        let backends = endpoints.backends(&port_name, protocol, node);
         if backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
             return Err(invalid(
                 "TooManyEndpoints",
@@ -1326,6 +1411,17 @@ struct SliceEndpoint {
     terminating: bool,
 }
 
+impl SliceEndpoint {
+    /// Whether the endpoint runs on `node`: its nodeName says so, or, without one, the node's
+    /// routes do.
+    fn is_on(&self, node: &NodeContext) -> bool {
+        match &self.node_name {
+            Some(name) => *name == node.node_name,
+            None => node.routed_local.contains(&self.addr),
+        }
+    }
+}
+
 /// The endpoints of one Service, from all its EndpointSlices.
 struct ServiceEndpoints {
     endpoints: Vec<SliceEndpoint>,
@@ -1390,8 +1486,16 @@ impl ServiceEndpoints {
         Self { endpoints }
     }
 
+    /// The addresses of the endpoints without a nodeName.
+    fn unplaced(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.endpoints
+            .iter()
+            .filter(|endpoint| endpoint.node_name.is_none())
+            .map(|endpoint| endpoint.addr)
+    }
+
     /// The backends new flows of one Service port select from.
-    fn backends(&self, port_name: &str, protocol: u8, node_name: &str) -> BTreeSet<Backend> {
+    fn backends(&self, port_name: &str, protocol: u8, node: &NodeContext) -> BTreeSet<Backend> {
         let candidates: Vec<&SliceEndpoint> = self
             .endpoints
             .iter()
@@ -1413,7 +1517,7 @@ impl ServiceEndpoints {
         let mut by_address: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
         for endpoint in chosen {
             let mut flags = 0;
-            if endpoint.node_name.as_deref() == Some(node_name) {
+            if endpoint.is_on(node) {
                 flags |= backend_flags::LOCAL;
             }
             if endpoint.terminating {

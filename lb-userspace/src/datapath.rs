@@ -17,7 +17,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray,
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
@@ -104,6 +104,12 @@ pub enum DatapathError {
         map: &'static str,
         capacity: u32,
         operation: String,
+    },
+    #[error("map {map}: {operation}")]
+    PerCpu {
+        map: &'static str,
+        operation: String,
+        source: io::Error,
     },
     #[error("{0}")]
     Invalid(String),
@@ -452,6 +458,11 @@ impl Datapath {
         let flags_by_key = frontend_flags(service);
         self.check_room(service, &flags_by_key)?;
         let previous = self.installed.get(&service.id).cloned();
+        if previous.is_none() {
+            // An id new to the maps (a new Service, or one freed and handed out again) counts
+            // from zero: its slot is cleared before any frontend points at it.
+            self.reset_service_counter(service.id)?;
+        }
         let revision = previous
             .as_ref()
             .map_or(0, |installed| installed.revision.wrapping_add(1));
@@ -817,6 +828,25 @@ impl Datapath {
     /// A service's counters summed over CPUs.
     pub fn service_counter(&self, id: u32) -> Result<ServiceCounter> {
         read_service_counter(&self.service_counters, id)
+    }
+
+    /// Zeroes a service id's counters on every CPU.
+    fn reset_service_counter(&mut self, id: u32) -> Result<()> {
+        let operation = || format!("zero the counters of service {id}");
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::PerCpu {
+            map: map_names::SERVICE_COUNTERS,
+            operation: operation(),
+            source,
+        })?;
+        let zeros = PerCpuValues::try_from(vec![ServiceCounter::default(); cpus.get() as usize])
+            .map_err(|source| DatapathError::PerCpu {
+                map: map_names::SERVICE_COUNTERS,
+                operation: operation(),
+                source,
+            })?;
+        self.service_counters
+            .set(id, zeros, 0)
+            .map_err(|source| map_error(map_names::SERVICE_COUNTERS, &operation(), source))
     }
 
     /// How often each event (drop reason) happened, summed over CPUs.

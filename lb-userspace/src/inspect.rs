@@ -13,7 +13,8 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Ke
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Frontend4Key,
     ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4, backend_flags,
-    ct_direction, ct_flags, limits, maglev, map_names, proto, service_flags, tcp_state,
+    ct_direction, ct_flags, ct_timeouts, limits, maglev, map_names, proto, service_flags,
+    tcp_state,
 };
 use serde::Serialize;
 
@@ -128,6 +129,51 @@ pub struct ConntrackEntry {
     pub backend_id: u32,
     /// Seconds since the entry was last refreshed (CLOCK_MONOTONIC, as bpf_ktime_get_ns).
     pub idle_s: f64,
+    /// Idle past its timeout: the datapath no longer uses it (the LRU map keeps it until it
+    /// needs the room).
+    pub expired: bool,
+}
+
+/// The connection-tracking timeouts the datapath applies, in nanoseconds of CLOCK_MONOTONIC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    pub tcp_syn: u64,
+    pub tcp_established: u64,
+    pub tcp_closing: u64,
+    pub udp: u64,
+}
+
+impl Default for ConntrackTimeouts {
+    /// [`lb_common::ct_timeouts`].
+    fn default() -> Self {
+        Self {
+            tcp_syn: ct_timeouts::TCP_SYN,
+            tcp_established: ct_timeouts::TCP_ESTABLISHED,
+            tcp_closing: ct_timeouts::TCP_CLOSING,
+            udp: ct_timeouts::UDP,
+        }
+    }
+}
+
+impl ConntrackTimeouts {
+    /// How long an entry of `protocol` in `state` lives without traffic (as lb-ebpf's
+    /// `flow::timeout`).
+    pub fn of(&self, protocol: u8, state: u8) -> u64 {
+        if protocol != proto::TCP {
+            return self.udp;
+        }
+        match state {
+            tcp_state::ESTABLISHED => self.tcp_established,
+            tcp_state::CLOSING => self.tcp_closing,
+            _ => self.tcp_syn,
+        }
+    }
+
+    /// Whether the datapath would still use a conntrack entry at `now_ns` (CLOCK_MONOTONIC, see
+    /// [`monotonic_ns`]): idle no longer than its timeout, the datapath's own test.
+    pub fn is_live(&self, key: &Ct4Key, value: &Ct4Value, now_ns: u64) -> bool {
+        now_ns.saturating_sub(value.last_seen_ns) <= self.of(key.proto, value.state)
+    }
 }
 
 /// Which conntrack entries `lb conntrack` shows.
@@ -139,6 +185,8 @@ pub struct ConntrackFilter {
     pub port: Option<u16>,
     pub protocol: Option<u8>,
     pub service_id: Option<u32>,
+    /// Entries past their timeout too (marked expired); without it, live entries only.
+    pub include_expired: bool,
 }
 
 impl ConntrackFilter {
@@ -279,8 +327,26 @@ impl PinnedMaps {
             .collect())
     }
 
+    /// The timeouts the datapath applies to connection tracking: [`lb_common::ct_timeouts`].
+    pub fn conntrack_timeouts(&self) -> ConntrackTimeouts {
+        ConntrackTimeouts::default()
+    }
+
+    /// Conntrack entries the datapath still uses (an entry evicted or changed while the walk
+    /// runs may be counted or not).
+    fn live_conntrack_entries(&self) -> u64 {
+        let timeouts = self.conntrack_timeouts();
+        let now = monotonic_ns();
+        self.conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| timeouts.is_live(key, value, now))
+            .count() as u64
+    }
+
     /// The connection-tracking entries `filter` selects.
     pub fn conntrack(&self, filter: &ConntrackFilter) -> anyhow::Result<Vec<ConntrackEntry>> {
+        let timeouts = self.conntrack_timeouts();
         let now = monotonic_ns();
         let mut entries = Vec::new();
         for entry in self.conntrack.iter() {
@@ -290,8 +356,9 @@ impl PinnedMaps {
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(error) => return Err(error.into()),
             };
-            if filter.matches(&key, &value) {
-                entries.push(describe_flow(&key, &value, now));
+            let live = timeouts.is_live(&key, &value, now);
+            if (live || filter.include_expired) && filter.matches(&key, &value) {
+                entries.push(describe_flow(&key, &value, now, !live));
             }
         }
         Ok(entries)
@@ -312,8 +379,10 @@ impl PinnedMaps {
         })
     }
 
-    /// Entries against capacity for every map that fills up. Counting walks the keys (one
-    /// syscall each): a full conntrack map takes some 100 ms.
+    /// Entries against capacity for every map that fills up; for conntrack, the live entries
+    /// only (the LRU map keeps expired ones until it needs their room). Counting walks the keys
+    /// (one syscall each, two for conntrack): a full conntrack map takes about twice as long as
+    /// walking its keys alone (docs/metrics.md).
     pub fn fill(&self) -> anyhow::Result<Vec<MapFill>> {
         let (installed, _) = read_installed(&self.frontends, &self.slots)?;
         let maglev_tables = installed
@@ -332,11 +401,11 @@ impl PinnedMaps {
                 self.backends.keys(),
                 limits::MAX_BACKENDS,
             ),
-            fill(
-                map_names::CONNTRACK4,
-                self.conntrack.keys(),
-                limits::MAX_CONNTRACK,
-            ),
+            MapFill {
+                map: map_names::CONNTRACK4,
+                entries: self.live_conntrack_entries(),
+                capacity: u64::from(limits::MAX_CONNTRACK),
+            },
             fill(
                 map_names::SOCK_NAT4,
                 self.sock_nat.keys(),
@@ -398,7 +467,7 @@ fn describe_frontend(key: &Frontend4Key, flags: u32) -> String {
     )
 }
 
-fn describe_flow(key: &Ct4Key, value: &Ct4Value, now_ns: u64) -> ConntrackEntry {
+fn describe_flow(key: &Ct4Key, value: &Ct4Value, now_ns: u64, expired: bool) -> ConntrackEntry {
     let endpoint = |addr: u32, port: u16| SocketAddrV4::new(Ipv4Addr::from(addr), port).to_string();
     ConntrackEntry {
         direction: if key.direction == ct_direction::REPLY {
@@ -422,6 +491,7 @@ fn describe_flow(key: &Ct4Key, value: &Ct4Value, now_ns: u64) -> ConntrackEntry 
         service_id: value.service_id,
         backend_id: value.backend_id,
         idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
+        expired,
     }
 }
 
@@ -442,4 +512,95 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn entry(protocol: u8, state: u8, last_seen_ns: u64) -> (Ct4Key, Ct4Value) {
+        let key = Ct4Key {
+            proto: protocol,
+            ..Default::default()
+        };
+        let value = Ct4Value {
+            last_seen_ns,
+            state,
+            ..Default::default()
+        };
+        (key, value)
+    }
+
+    #[test]
+    fn an_entry_is_live_until_the_timeout_of_its_protocol_and_state_has_passed() {
+        let timeouts = ConntrackTimeouts {
+            tcp_syn: 3 * SECOND,
+            tcp_established: 100 * SECOND,
+            tcp_closing: SECOND,
+            udp: 5 * SECOND,
+        };
+        let now = 1_000 * SECOND;
+        let rows = [
+            ("udp, idle 5 s", proto::UDP, 0, 5, true),
+            ("udp, idle 6 s", proto::UDP, 0, 6, false),
+            ("syn, idle 3 s", proto::TCP, tcp_state::SYN_SENT, 3, true),
+            ("syn, idle 4 s", proto::TCP, tcp_state::SYN_SENT, 4, false),
+            (
+                "established, idle 99 s",
+                proto::TCP,
+                tcp_state::ESTABLISHED,
+                99,
+                true,
+            ),
+            (
+                "established, idle 101 s",
+                proto::TCP,
+                tcp_state::ESTABLISHED,
+                101,
+                false,
+            ),
+            ("closing, idle 1 s", proto::TCP, tcp_state::CLOSING, 1, true),
+            (
+                "closing, idle 2 s",
+                proto::TCP,
+                tcp_state::CLOSING,
+                2,
+                false,
+            ),
+            (
+                "no state yet: as syn",
+                proto::TCP,
+                tcp_state::NONE,
+                4,
+                false,
+            ),
+        ];
+        for (name, protocol, state, idle_s, live) in rows {
+            let (key, value) = entry(protocol, state, now - idle_s * SECOND);
+            assert_eq!(timeouts.is_live(&key, &value, now), live, "{name}");
+        }
+        // Seen after `now` was read (another CPU refreshed it meanwhile): live.
+        let (key, value) = entry(proto::UDP, 0, now + SECOND);
+        assert!(timeouts.is_live(&key, &value, now));
+    }
+
+    #[test]
+    fn the_default_timeouts_are_the_datapath_constants() {
+        let timeouts = ConntrackTimeouts::default();
+        assert_eq!(timeouts.of(proto::UDP, 0), ct_timeouts::UDP);
+        assert_eq!(
+            timeouts.of(proto::TCP, tcp_state::ESTABLISHED),
+            ct_timeouts::TCP_ESTABLISHED
+        );
+        assert_eq!(
+            timeouts.of(proto::TCP, tcp_state::CLOSING),
+            ct_timeouts::TCP_CLOSING
+        );
+        assert_eq!(
+            timeouts.of(proto::TCP, tcp_state::SYN_SENT),
+            ct_timeouts::TCP_SYN
+        );
+    }
 }

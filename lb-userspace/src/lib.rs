@@ -12,6 +12,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod object;
 pub mod reconcile;
+pub mod route;
 pub mod serve;
 pub mod source;
 pub mod testrun;

@@ -66,6 +66,10 @@ enum Command {
         /// Only entries of this service id (see `lb services`).
         #[arg(long)]
         service: Option<u32>,
+        /// Entries idle past their timeout too, marked expired (the datapath no longer uses
+        /// them; the LRU map keeps them until it needs the room). Without it, live ones only.
+        #[arg(long)]
+        all: bool,
     },
     /// Datapath events (drops by reason) and how full each map is.
     Stats(InspectArgs),
@@ -137,6 +141,8 @@ struct RunArgs {
     #[arg(long, env = "LB_MASTER")]
     master: Option<String>,
     /// Comma-separated NICs that carry external traffic: XDP (ingress) and tc (egress) attach there.
+    /// Endpoints without a nodeName that the node's routes reach through another interface (a
+    /// pod interface) directly are local.
     #[arg(long, env = "LB_INTERFACES", value_delimiter = ',')]
     interfaces: Vec<String>,
     /// XDP attach mode on the NICs.
@@ -306,6 +312,7 @@ fn main() -> anyhow::Result<()> {
             port,
             protocol,
             service,
+            all,
         } => {
             let filter = ConntrackFilter {
                 address,
@@ -318,6 +325,7 @@ fn main() -> anyhow::Result<()> {
                     }
                 }),
                 service_id: service,
+                include_expired: all,
             };
             cli::conntrack(&args.pin_dir, &filter, args.output == Output::Json)
         }

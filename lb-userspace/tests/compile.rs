@@ -900,3 +900,119 @@ fn changes_are_counted_per_object_by_resource_version() {
     snapshot.endpoint_slices.clear();
     assert_eq!(counts(&compiler.update(&snapshot).changes), (1, 1));
 }
+
+/// A NodePort Service whose hand-made slice names no node for two endpoints, and node2 for a
+/// third whose address the routes would put here.
+fn unplaced_yaml(external_policy: &str) -> String {
+    NODE1.to_owned()
+        + &service(
+            "web",
+            &format!(
+                "  type: NodePort\n  externalTrafficPolicy: {external_policy}\n  clusterIP: 10.96.0.10\n  ports:\n  - {{name: http, port: 80, nodePort: 30080}}\n"
+            ),
+        )
+        + &slice(
+            "web-1",
+            "web",
+            &[
+                ("10.244.1.10", "", READY),
+                ("10.244.2.10", "", READY),
+                ("10.244.1.11", "node2", READY),
+            ],
+            &[("http", 8080, "TCP")],
+        )
+        + &service(
+            "other",
+            "  clusterIP: 10.96.0.11\n  ports:\n  - {name: http, port: 80}\n",
+        )
+        + &slice(
+            "other-1",
+            "other",
+            &[("10.244.1.20", "node1", READY)],
+            &[("http", 8080, "TCP")],
+        )
+}
+
+fn routed_here(addresses: &[&str]) -> NodeContext {
+    let mut context = node();
+    context.routed_local = addresses
+        .iter()
+        .map(|addr| addr.parse().expect("ip"))
+        .collect();
+    context
+}
+
+#[test]
+fn endpoints_without_node_name_are_local_when_the_routes_put_them_here() {
+    let snapshot = snapshot(&unplaced_yaml("Cluster"), "node1");
+    let web = |desired: &Desired| -> String {
+        render(desired)
+            .into_iter()
+            .find(|line| line.starts_with("default/web"))
+            .expect("web compiled")
+    };
+    // No route information: a missing nodeName is another node (as before).
+    let (desired, _) = compile(&snapshot, &node());
+    assert_eq!(
+        web(&desired),
+        "default/web:http/TCP fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080, 10.244.1.11:8080, 10.244.2.10:8080] affinity=0"
+    );
+    // The routes put 10.244.1.10 here; 10.244.1.11 names node2, which its route cannot undo.
+    let context = routed_here(&["10.244.1.10", "10.244.1.11"]);
+    let (desired, _) = compile(&snapshot, &context);
+    assert_eq!(
+        web(&desired),
+        "default/web:http/TCP fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L, 10.244.1.11:8080, 10.244.2.10:8080] affinity=0"
+    );
+    // externalTrafficPolicy Local: the endpoint placed here by route serves the NodePort.
+    let snapshot = self::snapshot(&unplaced_yaml("Local"), "node1");
+    let (desired, _) = compile(&snapshot, &context);
+    let external: Vec<String> = render(&desired)
+        .into_iter()
+        .filter(|line| line.starts_with("default/web") && line.contains("[external]"))
+        .collect();
+    assert_eq!(
+        external,
+        [
+            "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only"
+        ]
+    );
+}
+
+#[test]
+fn the_incremental_compiler_recompiles_the_services_whose_endpoints_moved() {
+    use lb_userspace::compile::Compiler;
+    let snapshot = snapshot(&unplaced_yaml("Cluster"), "node1");
+    let mut compiler = Compiler::new(node());
+    compiler.update(&snapshot);
+    let unplaced: Vec<String> = compiler
+        .unplaced_endpoints()
+        .map(|addr| addr.to_string())
+        .collect();
+    assert_eq!(unplaced, ["10.244.1.10", "10.244.2.10"]);
+
+    let moved = routed_here(&["10.244.1.10"]);
+    assert!(compiler.set_routed_local(moved.routed_local.clone()));
+    let update = compiler.update(&snapshot);
+    assert_eq!(compiler.desired(), &compile(&snapshot, &moved).0);
+    let changed: Vec<String> = update.changed.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        changed,
+        ["default/web:http/TCP"],
+        "only web is compiled again"
+    );
+    assert_eq!(update.changes.services, 0, "no object changed");
+    assert_eq!(update.changes.endpoint_slices, 0, "no object changed");
+
+    // The same placement again, or an address no endpoint has: nothing to compile.
+    assert!(!compiler.set_routed_local(moved.routed_local.clone()));
+    let mut elsewhere = moved.routed_local.clone();
+    elsewhere.insert("192.0.2.1".parse().expect("ip"));
+    assert!(!compiler.set_routed_local(elsewhere));
+    assert!(compiler.update(&snapshot).changed.is_empty());
+
+    // Moved back: remote again.
+    assert!(compiler.set_routed_local(Default::default()));
+    compiler.update(&snapshot);
+    assert_eq!(compiler.desired(), &compile(&snapshot, &node()).0);
+}

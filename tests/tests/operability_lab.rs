@@ -1,7 +1,8 @@
 //! The agent's operability surface in the lab, against real traffic: /metrics parsed whole with
 //! an OpenMetrics parser and its per-service counters equal to what the clients sent; the
 //! inspection CLI agreeing with it; /healthz and /livez; a healthCheckNodePort flipping
-//! 200 -> 503 as the node's endpoints go away; the log level changed at run time.
+//! 200 -> 503 as the node's endpoints go away; the log level changed at run time; a service id
+//! handed out again counting from zero; expired conntrack entries neither counted nor listed.
 //!
 //! Every request goes from inside node1's namespace to the agent there, over that namespace's
 //! loopback.
@@ -454,4 +455,196 @@ fn with_nodeport_addresses_health_check_node_ports_listen_on_those_addresses_onl
         http::get(&node, on_loopback, "/").is_err(),
         "served outside --nodeport-addresses"
     );
+}
+
+/// The `lb services` row of a service, by name.
+fn service_row(pin_dir: &std::path::Path, name: &str) -> serde_json::Value {
+    let services = lb_json(pin_dir, &["services"]);
+    services
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|service| service["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} in {services:#}"))
+}
+
+#[test]
+fn a_service_id_handed_out_again_counts_from_zero() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup.apply("dns.yaml", &udp_service()).expect("dns");
+    let target = format!("{}:30053", node_addr(1));
+    ClientRun::udp(&target, 20)
+        .run(&setup.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("dns");
+    let dns = service_row(setup.pin_dir(), "default/dns:dns/UDP");
+    assert_eq!(dns["packets"], 20);
+
+    // dns goes; a restarted agent hands its id, free again, to the next new Service.
+    setup.delete("dns.yaml").expect("delete");
+    setup.kill_agent().expect("kill");
+    setup.start_agent(&[]).expect("agent again");
+    let resolver = udp_service()
+        .replace("name: dns, namespace", "name: resolver, namespace")
+        .replace("name: dns-1", "name: resolver-1")
+        .replace("service-name: dns}", "service-name: resolver}");
+    setup.apply("resolver.yaml", &resolver).expect("resolver");
+    let row = service_row(setup.pin_dir(), "default/resolver:dns/UDP");
+    assert_eq!(
+        row["id"], dns["id"],
+        "the id is reused (else this test proves nothing)"
+    );
+    for counter in ["packets", "bytes", "new_flows"] {
+        assert_eq!(row[counter], 0, "{counter} inherited from dns: {row:#}");
+    }
+    let node = setup.cluster.node(1).host.clone();
+    let labels = service_labels("resolver", "dns", "UDP");
+    for family in [
+        "lb_service_packets",
+        "lb_service_bytes",
+        "lb_service_new_flows",
+    ] {
+        assert_eq!(value(&scrape(&node), family, &labels), 0.0, "{family}");
+    }
+
+    // And it counts its own traffic from there.
+    ClientRun::udp(&target, 10)
+        .run(&setup.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("resolver");
+    assert_eq!(value(&scrape(&node), "lb_service_packets", &labels), 10.0);
+    assert_eq!(
+        service_row(setup.pin_dir(), "default/resolver:dns/UDP")["packets"],
+        10
+    );
+}
+
+/// Writes conntrack entries straight into the agent's pinned map: flows of addresses no client
+/// has (198.51.100.0/24), idle for as long as each row says.
+fn plant_conntrack_entries(pin_dir: &std::path::Path, rows: &[(u8, u8, u8, u64)]) {
+    use lb_common::{Ct4Key, Ct4Value, ct_direction};
+    let map = aya::maps::MapData::from_pin(pin_dir.join(lb_common::map_names::CONNTRACK4))
+        .expect("pinned conntrack map");
+    let mut conntrack: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("conntrack map");
+    let now = lb_userspace::inspect::monotonic_ns();
+    for &(host, protocol, state, idle_s) in rows {
+        let idle_ns = idle_s * 1_000_000_000;
+        assert!(
+            now > idle_ns,
+            "the machine has been up for less than {idle_s} s"
+        );
+        let key = Ct4Key {
+            saddr: u32::from(Ipv4Addr::new(198, 51, 100, host)),
+            daddr: u32::from(node_addr(1)),
+            sport: 40_000,
+            dport: 30053,
+            proto: protocol,
+            direction: ct_direction::ORIGINAL,
+            _pad: [0; 2],
+        };
+        let value = Ct4Value {
+            last_seen_ns: now - idle_ns,
+            state,
+            nat_addr: u32::from(pod_addr(1, 0)),
+            nat_port: 8080,
+            ..Default::default()
+        };
+        conntrack.insert(&key, &value, 0).expect("insert");
+    }
+}
+
+#[test]
+fn expired_conntrack_entries_are_neither_counted_nor_listed_by_default() {
+    use lb_common::{ct_timeouts, proto, tcp_state};
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup.apply("dns.yaml", &udp_service()).expect("dns");
+    ClientRun::udp(&format!("{}:30053", node_addr(1)), 10)
+        .run(&setup.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("dns");
+    let seconds = |ns: u64| ns / 1_000_000_000;
+    // (host, protocol, state, idle seconds): each timeout by its protocol and state.
+    let expired = [
+        (1, proto::UDP, 0, seconds(ct_timeouts::UDP) + 30),
+        (
+            2,
+            proto::TCP,
+            tcp_state::SYN_SENT,
+            seconds(ct_timeouts::TCP_SYN) + 30,
+        ),
+        (
+            3,
+            proto::TCP,
+            tcp_state::CLOSING,
+            seconds(ct_timeouts::TCP_CLOSING) + 30,
+        ),
+    ];
+    let live = [(
+        4,
+        proto::TCP,
+        tcp_state::ESTABLISHED,
+        2 * seconds(ct_timeouts::UDP),
+    )];
+    plant_conntrack_entries(setup.pin_dir(), &expired);
+    plant_conntrack_entries(setup.pin_dir(), &live);
+
+    let planted = |flows: &serde_json::Value| -> Vec<(String, bool)> {
+        flows
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|flow| {
+                flow["source"]
+                    .as_str()
+                    .is_some_and(|source| source.starts_with("198.51.100."))
+            })
+            .map(|flow| {
+                (
+                    flow["source"].as_str().unwrap_or_default().to_owned(),
+                    flow["expired"].as_bool().expect("expired is a bool"),
+                )
+            })
+            .collect()
+    };
+    let listed = lb_json(setup.pin_dir(), &["conntrack"]);
+    assert_eq!(
+        planted(&listed),
+        [("198.51.100.4:40000".to_owned(), false)],
+        "only the live one by default"
+    );
+    let mut everything = planted(&lb_json(setup.pin_dir(), &["conntrack", "--all"]));
+    everything.sort();
+    assert_eq!(
+        everything,
+        [
+            ("198.51.100.1:40000".to_owned(), true),
+            ("198.51.100.2:40000".to_owned(), true),
+            ("198.51.100.3:40000".to_owned(), true),
+            ("198.51.100.4:40000".to_owned(), false),
+        ],
+        "--all lists the expired ones, marked"
+    );
+
+    // The fill counts what `lb conntrack` lists: the clients' flows (live for a minute) and
+    // the live planted one.
+    let live_count = listed.as_array().expect("a list").len();
+    assert!(live_count > 10, "{listed:#}");
+    let node = setup.cluster.node(1).host.clone();
+    assert_eq!(
+        value(&scrape(&node), "lb_map_entries", &[("map", "lb4_ct_v1")]),
+        live_count as f64
+    );
+    let stats = lb_json(setup.pin_dir(), &["stats"]);
+    let conntrack_fill = stats["maps"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|map| map["map"] == "lb4_ct_v1")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(conntrack_fill["entries"], live_count, "{stats:#}");
 }
