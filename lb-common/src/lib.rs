@@ -459,6 +459,13 @@ impl CtTimeouts {
         }
     }
 
+    /// Whether an entry of this protocol and state, last seen at `last_seen_ns`, is still in
+    /// use at `now_ns` (CLOCK_MONOTONIC): idle no longer than its timeout.
+    #[inline(always)]
+    pub fn is_live(&self, protocol: u8, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+        now_ns.saturating_sub(last_seen_ns) <= self.for_state(protocol, state)
+    }
+
     #[inline(always)]
     pub fn snat_port_reuse(&self) -> u64 {
         or_default(self.snat_port_reuse, ct_timeouts::SNAT_PORT_REUSE)

@@ -134,7 +134,7 @@ fn tracked(entry: &Ct4Value) -> Destination {
 /// Whether a packet belongs to the flow its ORIGINAL entry tracks.
 #[inline(always)]
 fn continues(entry: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
-    now.saturating_sub(entry.last_seen_ns) <= timeout(tuple.proto, entry.state)
+    timeouts().is_live(tuple.proto, entry.state, entry.last_seen_ns, now)
         && (tuple.proto == proto::TCP || backend_still_there(entry))
         && !reopens(entry, tuple)
 }

@@ -11,9 +11,9 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key as LpmKey};
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Frontend4Key,
-    ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4, backend_flags,
-    ct_direction, ct_flags, ct_timeouts, limits, maglev, map_names, proto, service_flags,
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts, DatapathConfig,
+    Frontend4Key, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4,
+    backend_flags, ct_direction, ct_flags, limits, maglev, map_names, proto, service_flags,
     tcp_state,
 };
 use serde::Serialize;
@@ -132,48 +132,6 @@ pub struct ConntrackEntry {
     /// Idle past its timeout: the datapath no longer uses it (the LRU map keeps it until it
     /// needs the room).
     pub expired: bool,
-}
-
-/// The connection-tracking timeouts the datapath applies, in nanoseconds of CLOCK_MONOTONIC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConntrackTimeouts {
-    pub tcp_syn: u64,
-    pub tcp_established: u64,
-    pub tcp_closing: u64,
-    pub udp: u64,
-}
-
-impl Default for ConntrackTimeouts {
-    /// [`lb_common::ct_timeouts`].
-    fn default() -> Self {
-        Self {
-            tcp_syn: ct_timeouts::TCP_SYN,
-            tcp_established: ct_timeouts::TCP_ESTABLISHED,
-            tcp_closing: ct_timeouts::TCP_CLOSING,
-            udp: ct_timeouts::UDP,
-        }
-    }
-}
-
-impl ConntrackTimeouts {
-    /// How long an entry of `protocol` in `state` lives without traffic (as lb-ebpf's
-    /// `flow::timeout`).
-    pub fn of(&self, protocol: u8, state: u8) -> u64 {
-        if protocol != proto::TCP {
-            return self.udp;
-        }
-        match state {
-            tcp_state::ESTABLISHED => self.tcp_established,
-            tcp_state::CLOSING => self.tcp_closing,
-            _ => self.tcp_syn,
-        }
-    }
-
-    /// Whether the datapath would still use a conntrack entry at `now_ns` (CLOCK_MONOTONIC, see
-    /// [`monotonic_ns`]): idle no longer than its timeout, the datapath's own test.
-    pub fn is_live(&self, key: &Ct4Key, value: &Ct4Value, now_ns: u64) -> bool {
-        now_ns.saturating_sub(value.last_seen_ns) <= self.of(key.proto, value.state)
-    }
 }
 
 /// Which conntrack entries `lb conntrack` shows.
@@ -327,9 +285,13 @@ impl PinnedMaps {
             .collect())
     }
 
-    /// The timeouts the datapath applies to connection tracking: [`lb_common::ct_timeouts`].
-    pub fn conntrack_timeouts(&self) -> ConntrackTimeouts {
-        ConntrackTimeouts::default()
+    /// The timeouts the datapath applies to connection tracking: the agent's settings in the
+    /// config map (zero fields, as in a map nobody wrote yet, are the defaults).
+    pub fn conntrack_timeouts(&self) -> CtTimeouts {
+        self.config
+            .get(&0, 0)
+            .map(|config| config.timeouts)
+            .unwrap_or_default()
     }
 
     /// Conntrack entries the datapath still uses (an entry evicted or changed while the walk
@@ -340,7 +302,9 @@ impl PinnedMaps {
         self.conntrack
             .iter()
             .filter_map(Result::ok)
-            .filter(|(key, value)| timeouts.is_live(key, value, now))
+            .filter(|(key, value)| {
+                timeouts.is_live(key.proto, value.state, value.last_seen_ns, now)
+            })
             .count() as u64
     }
 
@@ -356,7 +320,7 @@ impl PinnedMaps {
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(error) => return Err(error.into()),
             };
-            let live = timeouts.is_live(&key, &value, now);
+            let live = timeouts.is_live(key.proto, value.state, value.last_seen_ns, now);
             if (live || filter.include_expired) && filter.matches(&key, &value) {
                 entries.push(describe_flow(&key, &value, now, !live));
             }
@@ -517,6 +481,7 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::ct_timeouts;
 
     const SECOND: u64 = 1_000_000_000;
 
@@ -535,11 +500,12 @@ mod tests {
 
     #[test]
     fn an_entry_is_live_until_the_timeout_of_its_protocol_and_state_has_passed() {
-        let timeouts = ConntrackTimeouts {
+        let timeouts = CtTimeouts {
             tcp_syn: 3 * SECOND,
             tcp_established: 100 * SECOND,
             tcp_closing: SECOND,
             udp: 5 * SECOND,
+            snat_port_reuse: SECOND,
         };
         let now = 1_000 * SECOND;
         let rows = [
@@ -579,27 +545,38 @@ mod tests {
         ];
         for (name, protocol, state, idle_s, live) in rows {
             let (key, value) = entry(protocol, state, now - idle_s * SECOND);
-            assert_eq!(timeouts.is_live(&key, &value, now), live, "{name}");
+            assert_eq!(
+                timeouts.is_live(key.proto, value.state, value.last_seen_ns, now),
+                live,
+                "{name}"
+            );
         }
         // Seen after `now` was read (another CPU refreshed it meanwhile): live.
         let (key, value) = entry(proto::UDP, 0, now + SECOND);
-        assert!(timeouts.is_live(&key, &value, now));
+        assert!(timeouts.is_live(key.proto, value.state, value.last_seen_ns, now));
     }
 
     #[test]
-    fn the_default_timeouts_are_the_datapath_constants() {
-        let timeouts = ConntrackTimeouts::default();
-        assert_eq!(timeouts.of(proto::UDP, 0), ct_timeouts::UDP);
+    fn unset_timeouts_are_the_datapath_defaults() {
+        // All zero: what a config map nobody wrote yet holds.
+        let timeouts = CtTimeouts {
+            tcp_syn: 0,
+            tcp_established: 0,
+            tcp_closing: 0,
+            udp: 0,
+            snat_port_reuse: 0,
+        };
+        assert_eq!(timeouts.for_state(proto::UDP, 0), ct_timeouts::UDP);
         assert_eq!(
-            timeouts.of(proto::TCP, tcp_state::ESTABLISHED),
+            timeouts.for_state(proto::TCP, tcp_state::ESTABLISHED),
             ct_timeouts::TCP_ESTABLISHED
         );
         assert_eq!(
-            timeouts.of(proto::TCP, tcp_state::CLOSING),
+            timeouts.for_state(proto::TCP, tcp_state::CLOSING),
             ct_timeouts::TCP_CLOSING
         );
         assert_eq!(
-            timeouts.of(proto::TCP, tcp_state::SYN_SENT),
+            timeouts.for_state(proto::TCP, tcp_state::SYN_SENT),
             ct_timeouts::TCP_SYN
         );
     }
