@@ -9,7 +9,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
 };
@@ -31,8 +31,8 @@ use aya::{
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
-    SERVICE_NAME_LEN, ServiceCounter, ServiceValue, SlotKey, SourceRange4, limits, maglev,
-    map_names, program_names, service_flags,
+    SERVICE_NAME_LEN, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value,
+    SourceRange4, limits, maglev, map_names, program_names, service_flags,
 };
 
 use crate::object::DATAPATH_OBJECT;
@@ -192,7 +192,12 @@ pub struct Datapath {
     maglev: Array<MapData, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
+    sock_nat: HashMap<MapData, SockNat4Key, SockNat4Value>,
     service_names: HashMap<MapData, u32, ServiceName>,
+    /// UDP backends that left a service since the last
+    /// [`Datapath::abort_udp_sockets_of_departed_backends`]: sockets connected to them through
+    /// the service are aborted then.
+    departed_udp: BTreeSet<DepartedBackend>,
     /// The names the service-names map holds (mirrors it, so an unchanged name costs no syscall).
     names: BTreeMap<u32, String>,
     /// What the maps hold, read once at load (they may hold an earlier run's state), then kept in
@@ -203,6 +208,13 @@ pub struct Datapath {
     installed_backends: BTreeMap<u32, Backend>,
     /// Slot entries of the installed tables.
     slot_count: usize,
+}
+
+/// A UDP backend that left a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct DepartedBackend {
+    service_id: u32,
+    backend: SocketAddrV4,
 }
 
 /// A service as the maps hold it.
@@ -280,6 +292,8 @@ impl Datapath {
             config: take_map(&mut ebpf, map_names::CONFIG)?,
             maglev: take_map(&mut ebpf, map_names::MAGLEV4)?,
             affinity: take_map(&mut ebpf, map_names::AFFINITY4)?,
+            sock_nat: take_map(&mut ebpf, map_names::SOCK_NAT4)?,
+            departed_udp: BTreeSet::new(),
             source_ranges,
             service_names,
             names,
@@ -534,6 +548,7 @@ impl Datapath {
                 .filter(|id| !service.backends.contains(id))
                 .copied()
                 .collect();
+            self.record_departed_udp(service.id, &left);
             if !left.is_empty() && previous.affinity_timeout_s != 0 {
                 self.release_affinity(service.id, &left)?;
             }
@@ -630,6 +645,66 @@ impl Datapath {
             let _ = self.affinity.remove(&key);
         }
         Ok(())
+    }
+
+    /// Remembers the UDP backends among `backends` that just left service `service_id`, for
+    /// [`Datapath::abort_udp_sockets_of_departed_backends`].
+    fn record_departed_udp(&mut self, service_id: u32, backends: &BTreeSet<u32>) {
+        for id in backends {
+            if let Some(backend) = self.installed_backends.get(id)
+                && backend.proto == lb_common::proto::UDP
+            {
+                self.departed_udp.insert(DepartedBackend {
+                    service_id,
+                    backend: SocketAddrV4::new(backend.addr, backend.port),
+                });
+            }
+        }
+    }
+
+    /// Aborts the connected UDP sockets that the socket hooks sent, through a service, to a
+    /// backend that has left that service since the last call (`put_service` without it,
+    /// `remove_service`): a connected socket keeps its backend address, so without this it would
+    /// send to the departed endpoint forever. The application's next call fails and it
+    /// reconnects to a live endpoint. Only sockets the hooks recorded in `lb4_sknat_v1` for that
+    /// service and backend, and still connected to it, are touched; TCP is left alone (like
+    /// kube-proxy, established connections to a removed endpoint stay). The agent calls this
+    /// once per sync.
+    pub fn abort_udp_sockets_of_departed_backends(&mut self) -> crate::sock_diag::DestroyReport {
+        let departed = std::mem::take(&mut self.departed_udp);
+        if departed.is_empty() {
+            return Default::default();
+        }
+        let mut targets = BTreeMap::new();
+        let mut report = crate::sock_diag::DestroyReport::default();
+        for entry in self.sock_nat.iter() {
+            let (key, value) = match entry {
+                Ok(entry) => entry,
+                Err(error) => {
+                    report.failed += 1;
+                    report
+                        .errors
+                        .push(format!("reading {}: {error}", map_names::SOCK_NAT4));
+                    break;
+                }
+            };
+            let backend = SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(key.addr)),
+                u16::from_be(key.port),
+            );
+            let departed_backend = DepartedBackend {
+                service_id: value.service_id,
+                backend,
+            };
+            if departed.contains(&departed_backend) {
+                targets.insert(key.cookie, backend);
+            }
+        }
+        let aborted = crate::sock_diag::destroy_connected_udp(&targets);
+        report.destroyed += aborted.destroyed;
+        report.failed += aborted.failed;
+        report.errors.extend(aborted.errors);
+        report
     }
 
     /// Affinity entries of a service: (client, backend id), for tests and inspection.
@@ -780,6 +855,7 @@ impl Datapath {
             return Ok(());
         };
         self.slot_count -= installed.backends.len();
+        self.record_departed_udp(id, &installed.backends.iter().copied().collect());
         self.remove_source_ranges(id, installed.source_ranges.iter())?;
         if installed.affinity_timeout_s != 0 {
             self.release_affinity(id, &installed.backends.iter().copied().collect())?;

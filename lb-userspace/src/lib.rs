@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod object;
 pub mod reconcile;
 pub mod serve;
+pub mod sock_diag;
 pub mod source;
 pub mod testrun;
