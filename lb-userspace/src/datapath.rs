@@ -21,8 +21,8 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
-        XdpMode,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
         cgroup_sock_addr::CgroupSockAddrLink,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
@@ -253,6 +253,8 @@ impl Datapath {
         for hook in SOCKET_HOOKS {
             load_and_pin::<CgroupSockAddr>(&mut ebpf, hook, pin_dir)?;
         }
+        load_and_pin::<CgroupSkb>(&mut ebpf, program_names::SOCK_EGRESS4, pin_dir)?;
+        load_and_pin::<CgroupSock>(&mut ebpf, program_names::SOCK_RELEASE, pin_dir)?;
         let frontends: HashMap<MapData, Frontend4Key, ServiceValue> =
             take_map(&mut ebpf, map_names::FRONTENDS4)?;
         let slots: HashMap<MapData, SlotKey, u32> = take_map(&mut ebpf, map_names::SLOTS4)?;
@@ -359,7 +361,8 @@ impl Datapath {
     }
 
     /// Attaches the socket hooks to a cgroup v2 directory: every process in it (and below) that
-    /// connects or sends to a Service is sent to a backend instead. Pinned like
+    /// connects or sends to a Service is sent to a backend instead; the egress check of source
+    /// ranges and the cleanup at socket release come with them. Pinned like
     /// [`Datapath::attach_xdp`].
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
         let file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
@@ -389,7 +392,44 @@ impl Datapath {
                 .map_err(|source| program_error(hook, operation(), source))?;
             pin_link(FdLink::try_from(link), &pin, hook)?;
         }
-        Ok(())
+        self.attach_sock_egress(cgroup, &file)?;
+        self.attach_sock_release(cgroup, &file)
+    }
+
+    /// `lb_sock_egress4` on the cgroup's egress, pinned like the other hooks.
+    fn attach_sock_egress(&mut self, cgroup: &Path, file: &File) -> Result<()> {
+        let name = program_names::SOCK_EGRESS4;
+        let pin = self.link_pin(name)?;
+        let program = program_mut::<CgroupSkb>(&mut self.ebpf, name)?;
+        let operation = || format!("attach to cgroup {}", cgroup.display());
+        if pin.exists() {
+            return update_pinned_link(&pin, program.fd(), name);
+        }
+        let id = program
+            .attach(file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+            .map_err(|source| program_error(name, operation(), source))?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| program_error(name, operation(), source))?;
+        pin_link(FdLink::try_from(link), &pin, name)
+    }
+
+    /// `lb_sock_release` on the cgroup's socket release, pinned like the other hooks.
+    fn attach_sock_release(&mut self, cgroup: &Path, file: &File) -> Result<()> {
+        let name = program_names::SOCK_RELEASE;
+        let pin = self.link_pin(name)?;
+        let program = program_mut::<CgroupSock>(&mut self.ebpf, name)?;
+        let operation = || format!("attach to cgroup {}", cgroup.display());
+        if pin.exists() {
+            return update_pinned_link(&pin, program.fd(), name);
+        }
+        let id = program
+            .attach(file, CgroupAttachMode::Single)
+            .map_err(|source| program_error(name, operation(), source))?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| program_error(name, operation(), source))?;
+        pin_link(FdLink::try_from(link), &pin, name)
     }
 
     /// Where the link of one attachment is pinned.
@@ -1055,6 +1095,28 @@ fn take_pinned_link(path: &Path, program: &'static str) -> Result<Option<FdLink>
     Ok(Some(FdLink::from(pinned)))
 }
 
+/// Swaps `program` into the bpf_link pinned at `path` (BPF_LINK_UPDATE), for the program types
+/// whose aya 0.16 links offer no `attach_to_link` (cgroup skb and sock): the attachment never
+/// goes away while the agent restarts.
+fn update_pinned_link(
+    path: &Path,
+    program: std::result::Result<&aya::programs::ProgramFd, ProgramError>,
+    name: &'static str,
+) -> Result<()> {
+    let operation = || format!("update the link pinned at {}", path.display());
+    let program = program.map_err(|source| program_error(name, operation(), source))?;
+    crate::bpf_link::update_pinned(path, program.as_fd()).map_err(|source| {
+        program_error(
+            name,
+            operation(),
+            ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_update",
+                io_error: source,
+            }),
+        )
+    })
+}
+
 fn pin_link(
     link: std::result::Result<FdLink, aya::programs::links::LinkError>,
     path: &Path,
@@ -1129,7 +1191,7 @@ macro_rules! impl_load_and_pin {
         }
     )*};
 }
-impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr);
+impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr, CgroupSkb, CgroupSock);
 
 /// A service name as the service-names map stores it.
 pub type ServiceName = [u8; SERVICE_NAME_LEN];

@@ -1,6 +1,7 @@
 //! The agent's library: everything `lb` does, usable from the integration tests and benchmarks.
 
 pub mod agent;
+pub mod bpf_link;
 pub mod bpffs;
 pub mod compile;
 pub mod counter;

@@ -1,7 +1,8 @@
 //! The socket hooks over the life of a socket, with the real agent in the lab: a pod's connected
 //! UDP socket to a ClusterIP is aborted when its endpoint leaves the Service (so the application
 //! reconnects to a live one instead of sending into the void, kubernetes#19029), and nothing else
-//! is.
+//! is; a pod outside a LoadBalancer's loadBalancerSourceRanges cannot reach it through the socket
+//! hooks either.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -9,7 +10,7 @@ use std::{
 };
 
 use lab::{
-    agent::{AgentLab, POD_PORT},
+    agent::{AgentLab, POD_PORT, endpoint_slice},
     http,
     peer::{ClientReport, ClientRun},
     topology::pod_addr,
@@ -138,4 +139,124 @@ fn a_connected_udp_socket_is_aborted_when_its_endpoint_leaves_and_reconnects_to_
         metric(&setup, "lb_udp_socket_abort_failures_total"),
         Some(0.0)
     );
+}
+
+#[test]
+fn a_pod_outside_the_load_balancer_source_ranges_is_refused_one_inside_gets_through() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    // n1p1 is inside the ranges, n1p0 is not; the endpoint is on node2.
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  loadBalancerSourceRanges: [{}/32]\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 198.51.100.20}}]\n",
+        pod_addr(1, 1)
+    );
+    setup
+        .apply(
+            "web.yaml",
+            &(service + "---\n" + &endpoint_slice("web", &[(pod_addr(2, 0), "node2")])),
+        )
+        .expect("apply");
+    let (inside, outside) = (
+        &setup.cluster.node(1).pods[1].host,
+        &setup.cluster.node(1).pods[0].host,
+    );
+
+    let allowed = ClientRun::tcp("198.51.100.20:80", 10)
+        .run(inside, Some(&setup.cgroup))
+        .expect("client");
+    allowed.assert_all_ok("pod inside the ranges");
+    assert_eq!(allowed.servers(), ["n2p0"].into(), "{allowed:?}");
+    assert_eq!(
+        allowed.peers_seen.keys().collect::<Vec<_>>(),
+        [&pod_addr(1, 1).to_string()],
+        "the backend saw the pod's own address: {allowed:?}"
+    );
+
+    let before = setup.events().expect("events")["drop_source_range"];
+    let refused = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp("198.51.100.20:80", 2)
+    }
+    .run(outside, Some(&setup.cgroup))
+    .expect("client");
+    assert_eq!(refused.errors, 2, "{refused:?}");
+    assert!(
+        setup.events().expect("events")["drop_source_range"] > before,
+        "the refused pod's packets are counted"
+    );
+
+    // The ranges guard the LoadBalancer IP only, as for clients outside: the ClusterIP serves
+    // the same pod.
+    ClientRun::tcp("10.96.0.10:80", 5)
+        .run(outside, Some(&setup.cgroup))
+        .expect("client")
+        .assert_all_ok("ClusterIP from a pod outside the ranges");
+}
+
+/// Entries of the agent's socket NAT map (its pins are private to the test: all of them come
+/// from this test's sockets).
+fn socket_nat_entries(setup: &AgentLab) -> u64 {
+    lb_userspace::inspect::PinnedMaps::open(setup.pin_dir())
+        .expect("pinned maps")
+        .fill()
+        .expect("fill")
+        .into_iter()
+        .find(|fill| fill.map == lb_common::map_names::SOCK_NAT4)
+        .expect("the socket NAT map")
+        .entries
+}
+
+#[test]
+fn closed_sockets_leave_no_entry_in_the_socket_nat_map() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &(lab::agent::node_port_service("web", "10.96.0.10", 30080, "")
+                + "---\n"
+                + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+        )
+        .expect("apply");
+    setup
+        .apply("dns.yaml", &udp_service(&[(1, 0)]))
+        .expect("apply");
+    assert_eq!(socket_nat_entries(&setup), 0);
+
+    // 30 TCP connections and 30 connected UDP sockets, each opened, used and closed.
+    ClientRun::tcp("10.96.0.10:80", 30)
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("client")
+        .assert_all_ok("TCP connect/request/close");
+    ClientRun::udp("10.96.0.53:53", 30)
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("client")
+        .assert_all_ok("UDP socket/connect/request/close");
+    assert_eq!(
+        socket_nat_entries(&setup),
+        0,
+        "every socket took its entry with it when it closed"
+    );
+
+    // A socket still open keeps its entry (getpeername needs it).
+    let open = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            ClientRun {
+                one_flow: true,
+                interval_ms: 100,
+                ..ClientRun::udp("10.96.0.53:53", 10)
+            }
+            .run(setup.client_pod(), Some(&setup.cgroup))
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let while_open = socket_nat_entries(&setup);
+        client
+            .join()
+            .expect("thread")
+            .expect("client")
+            .assert_all_ok("one UDP socket");
+        while_open
+    });
+    assert_eq!(open, 1);
+    assert_eq!(socket_nat_entries(&setup), 0);
 }
