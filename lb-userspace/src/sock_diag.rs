@@ -27,7 +27,6 @@ use std::{
         unix::fs::MetadataExt,
     },
     path::PathBuf,
-    time::Duration,
 };
 
 /// linux/sock_diag.h
@@ -35,8 +34,6 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 /// A connected UDP socket's `sk_state` (include/net/tcp_states.h).
 const TCP_ESTABLISHED: u32 = 1;
-/// How long to wait for the kernel's answer (it answers at once; this only bounds a bug).
-const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many error messages a report keeps.
 const MAX_ERRORS: usize = 5;
 
@@ -263,23 +260,6 @@ impl SockDiag {
         }
         // SAFETY: fd is a freshly created descriptor nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval {
-            tv_sec: RECEIVE_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt reads size_of::<timeval>() bytes from a live timeval.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Self { fd })
     }
 
@@ -371,6 +351,10 @@ impl SockDiag {
         Ok(())
     }
 
+    /// Never waits: the kernel queues its answer before send() returns (sock_diag requests run
+    /// in the sender's context, net/netlink/af_netlink.c `netlink_unicast_kernel`), and the next
+    /// part of a dump before recv() returns the previous one (`netlink_recvmsg` calls
+    /// `netlink_dump`). Nothing queued is an error, not a reason to hang the sync.
     fn receive(&self, buffer: &mut [u8]) -> io::Result<usize> {
         // SAFETY: recv(2) writes at most buffer.len() bytes into the buffer.
         let len = unsafe {
@@ -378,7 +362,7 @@ impl SockDiag {
                 self.fd.as_raw_fd(),
                 buffer.as_mut_ptr().cast(),
                 buffer.len(),
-                0,
+                libc::MSG_DONTWAIT,
             )
         };
         if len < 0 {
