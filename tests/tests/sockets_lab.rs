@@ -191,6 +191,35 @@ fn a_pod_outside_the_load_balancer_source_ranges_is_refused_one_inside_gets_thro
         .run(outside, Some(&setup.cgroup))
         .expect("client")
         .assert_all_ok("ClusterIP from a pod outside the ranges");
+
+    // UDP, connected and unconnected: the send itself fails for the pod outside.
+    setup
+        .apply("dns.yaml", &udp_load_balancer(pod_addr(1, 1)))
+        .expect("apply");
+    for unconnected in [false, true] {
+        let run = ClientRun {
+            unconnected,
+            timeout_ms: 300,
+            ..ClientRun::udp("198.51.100.53:53", 5)
+        };
+        let allowed = run.run(inside, Some(&setup.cgroup)).expect("client");
+        allowed.assert_all_ok("UDP from the pod inside the ranges");
+        assert_eq!(allowed.servers(), ["n2p0"].into(), "{allowed:?}");
+        let refused = run.run(outside, Some(&setup.cgroup)).expect("client");
+        assert_eq!(refused.errors, 5, "{refused:?}");
+        assert!(
+            refused.error_samples[0].contains("Operation not permitted"),
+            "{refused:?}"
+        );
+    }
+}
+
+/// A UDP LoadBalancer Service on 198.51.100.53:53 that only `allowed` may use, its endpoint n2p0.
+fn udp_load_balancer(allowed: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.53\n  loadBalancerSourceRanges: [{allowed}/32]\n  ports:\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {POD_PORT}, nodePort: 30053}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 198.51.100.53}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\nports:\n- {{name: dns, port: {POD_PORT}, protocol: UDP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node2\n  conditions: {{ready: true}}\n",
+        pod_addr(2, 0)
+    )
 }
 
 /// Entries of the agent's socket NAT map (its pins are private to the test: all of them come
