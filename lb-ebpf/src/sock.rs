@@ -160,9 +160,9 @@ const PASS_PACKET: i32 = 1;
 /// cgroup_skb egress return value: drop it (the sender gets EPERM).
 const DROP_PACKET: i32 = 0;
 /// Offsets in an IPv4 header (a cgroup_skb packet starts at the network header).
-const IPV4_SADDR: u32 = 12;
-const IPV4_DADDR: u32 = 16;
-const IPV4_PROTOCOL: u32 = 9;
+const IPV4_SADDR: usize = 12;
+const IPV4_DADDR: usize = 16;
+const IPV4_PROTOCOL: usize = 9;
 
 /// A packet of a socket that the hooks sent to a Service with loadBalancerSourceRanges, to that
 /// backend, must come from inside the ranges (kube-proxy applies them to pods' traffic too): the
@@ -222,23 +222,24 @@ fn socket_state(sk: *mut bpf_sock) -> Option<SockState4> {
     Some(unsafe { *value })
 }
 
-/// Source address, destination address and destination port (network byte order) of an
-/// unfragmented IPv4 TCP/UDP packet.
+/// Source address, destination address and destination port (network byte order) of an IPv4
+/// TCP/UDP packet. In a later fragment the "port" is payload; its source is its first
+/// fragment's, so a fragment that is looked at gets the same verdict.
 #[inline(always)]
 fn addresses(ctx: &SkBuffContext) -> Option<(u32, u32, u16)> {
     let first: u8 = ctx.load(0).ok()?;
     if first >> 4 != 4 {
         return None;
     }
-    let protocol: u8 = ctx.load(IPV4_PROTOCOL as usize).ok()?;
+    let protocol: u8 = ctx.load(IPV4_PROTOCOL).ok()?;
     if protocol != proto::TCP && protocol != proto::UDP {
         return None;
     }
-    let header_len = u32::from(first & 0x0f) * 4;
-    let saddr: u32 = ctx.load(IPV4_SADDR as usize).ok()?;
-    let daddr: u32 = ctx.load(IPV4_DADDR as usize).ok()?;
+    let header_len = usize::from(first & 0x0f) * 4;
+    let saddr: u32 = ctx.load(IPV4_SADDR).ok()?;
+    let daddr: u32 = ctx.load(IPV4_DADDR).ok()?;
     // TCP and UDP both start with source port, destination port.
-    let dport: u16 = ctx.load(header_len as usize + 2).ok()?;
+    let dport: u16 = ctx.load(header_len + 2).ok()?;
     Some((saddr, daddr, dport))
 }
 
