@@ -42,6 +42,9 @@ pub mod map_names {
     pub const SERVICE_NAMES: &str = "lb_svc_name_v1";
     /// Per-CPU [`crate::RejectBudget`]: the REJECT answers' rate limit. Not pinned.
     pub const REJECT_BUDGET: &str = "lb_rejbudget";
+    /// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE) of [`crate::SockState4`]: what the socket
+    /// hooks last did for a socket, for its packets (source ranges) and its close.
+    pub const SOCK_STATE4: &str = "lb4_sockst_v1";
 
     /// Every map name, for the length check below and for tools that list them.
     pub const ALL: &[&str] = &[
@@ -59,6 +62,7 @@ pub mod map_names {
         MAGLEV4,
         SERVICE_NAMES,
         REJECT_BUDGET,
+        SOCK_STATE4,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -74,6 +78,7 @@ pub mod map_names {
         SOURCE_RANGES4,
         AFFINITY4,
         MAGLEV4,
+        SOCK_STATE4,
     ];
 }
 
@@ -151,6 +156,11 @@ pub mod program_names {
     pub const RECVMSG4: &str = "lb_recvmsg4";
     /// cgroup/getpeername4: getpeername() shows the Service address.
     pub const GETPEERNAME4: &str = "lb_getpeername4";
+    /// cgroup_skb/egress: packets of sockets sent to a Service with loadBalancerSourceRanges must
+    /// come from inside them.
+    pub const SOCK_EGRESS4: &str = "lb_sock_egress4";
+    /// cgroup/sock_release: a closing socket's entry in the socket NAT map goes with it.
+    pub const SOCK_RELEASE: &str = "lb_sock_release";
 }
 
 /// What the XDP counter saw, used as the index into [`map_names::PACKET_COUNTERS`].
@@ -688,6 +698,26 @@ pub struct SockNat4Value {
     pub service_id: u32,
 }
 const _: () = assert!(size_of::<SockNat4Value>() == 12);
+
+/// What the socket hooks last did for one socket (socket-local storage, freed with the socket).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct SockState4 {
+    /// The backend connect()/sendmsg() was last sent to (network byte order): the key, with the
+    /// socket's cookie, of its [`SockNat4Key`] entry.
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad: [u8; 2],
+    /// The service whose loadBalancerSourceRanges the socket's packets to that backend must
+    /// pass, or [`SockState4::NO_SOURCE_CHECK`].
+    pub source_check_service: u32,
+}
+const _: () = assert!(size_of::<SockState4>() == 12);
+
+impl SockState4 {
+    /// No source check for this socket's packets.
+    pub const NO_SOURCE_CHECK: u32 = u32::MAX;
+}
 
 /// Per-CPU counters of one service.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -3,16 +3,17 @@
 
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
-    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SlotKey, backend_flags,
-    ct_direction, ct_flags, ct_timeouts, maglev, proto, scope, service_flags, tcp_state,
+    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SlotKey, SourceRange4,
+    backend_flags, ct_direction, ct_flags, ct_timeouts, maglev, proto, scope, service_flags,
+    tcp_state,
 };
 use lb_ebpf::packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     helpers::{now_ns, random_u32},
     maps::{
-        AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTENDS4, MAGLEV4, SLOTS4, count_event,
-        count_service, dry_run,
+        AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTENDS4, MAGLEV4, SLOTS4, SOURCE_RANGES4,
+        count_event, count_service, dry_run,
     },
 };
 
@@ -58,6 +59,19 @@ pub fn lookup_frontend(tuple: &Tuple) -> Option<&'static ServiceValue> {
     };
     // SAFETY: the value is only read, and the agent replaces entries whole (a single update).
     unsafe { FRONTENDS4.get(&key) }
+}
+
+/// Whether the client is inside one of the service's loadBalancerSourceRanges.
+#[inline(always)]
+pub fn source_allowed(service_id: u32, client: u32) -> bool {
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        64,
+        SourceRange4 {
+            service_id_be: service_id.to_be(),
+            addr: client.to_be(),
+        },
+    );
+    SOURCE_RANGES4.get(&key).is_some()
 }
 
 /// The datapath-wide settings (SNAT address and ports).

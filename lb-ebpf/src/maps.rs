@@ -2,13 +2,14 @@
 //! macro needs literals); state maps are pinned by name so they outlive the agent.
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
-    RejectBudget, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4,
-    limits, maglev,
+    RejectBudget, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SockState4,
+    SourceRange4, limits, maglev,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -33,6 +34,11 @@ pub static CONNTRACK4: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(limits:
 #[map(name = "lb4_sknat_v1")]
 pub static SOCK_NAT4: LruHashMap<SockNat4Key, SockNat4Value> =
     LruHashMap::pinned(limits::MAX_SOCK_NAT, 0);
+
+/// Socket-local storage: the backend and source check of each socket the hooks translated;
+/// the kernel frees an entry with its socket. A BTF map (the kernel requires BTF for this type).
+#[btf_map(name = "lb4_sockst_v1", pin_by_name)]
+pub static SOCK_STATE4: SkStorage<SockState4> = SkStorage::new();
 
 #[map(name = "lb_svc_cnt_v1")]
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =

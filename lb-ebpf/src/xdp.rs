@@ -6,7 +6,7 @@
 //! ICMP port unreachable). Everything else passes untouched.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{Event, SourceRange4, checksum, ct_flags, proto, service_flags};
+use lb_common::{Event, checksum, ct_flags, proto, service_flags};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET,
     IPV4_SADDR_OFFSET, Ipv4Info, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FLAGS_OFFSET,
@@ -15,9 +15,9 @@ use lb_ebpf::packet::{
 };
 
 use crate::{
-    flow::{Tuple, config, destination, lookup_frontend, reply_key, track_reply},
+    flow::{Tuple, config, destination, lookup_frontend, reply_key, source_allowed, track_reply},
     helpers::{Forward, fib_forward},
-    maps::{CONNTRACK4, SOURCE_RANGES4, count_event, count_service, dry_run},
+    maps::{CONNTRACK4, count_event, count_service, dry_run},
     reject,
 };
 
@@ -143,19 +143,6 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<Optio
     count_service(service_id, 1, frame_len(ctx) as u64, 0);
     // Back the way the flow came in: no route or neighbour lookup needed.
     Ok(Some(transmit(ctx, node_mac, client_mac)))
-}
-
-/// Whether the client is inside one of the service's loadBalancerSourceRanges.
-#[inline(always)]
-fn source_allowed(service_id: u32, client: u32) -> bool {
-    let key = aya_ebpf::maps::lpm_trie::Key::new(
-        64,
-        SourceRange4 {
-            service_id_be: service_id.to_be(),
-            addr: client.to_be(),
-        },
-    );
-    SOURCE_RANGES4.get(&key).is_some()
 }
 
 /// Sends a rewritten packet on from XDP: out of the NIC it came in on (XDP_TX) with the MACs the

@@ -267,6 +267,9 @@ async fn sync_until_stopped(
         for (key, error) in &report.errors {
             warn!(service = %key, error = %error, "service not programmed; the others are");
         }
+        for error in &report.udp_sockets.errors {
+            warn!(%error, "a UDP socket connected to a departed endpoint was not aborted");
+        }
         if !config.nodeport_cidrs.is_empty() {
             let addresses = compiler.node_port_addresses().iter().copied();
             observers
@@ -300,6 +303,7 @@ async fn sync_until_stopped(
             backends_put = report.backends_put,
             backends_removed = report.backends_removed,
             errors = report.errors.len(),
+            udp_sockets_aborted = report.udp_sockets.destroyed,
             invalid_objects,
             skipped_total,
             elapsed_us = started.elapsed().as_micros(),
@@ -350,6 +354,12 @@ impl Observers {
         metrics.invalid_objects.set(counts.invalid_objects as i64);
         metrics.skipped_objects.inc_by(counts.new_invalid);
         metrics.sync_errors.inc_by(report.errors.len() as u64);
+        metrics
+            .udp_sockets_aborted
+            .inc_by(report.udp_sockets.destroyed);
+        metrics
+            .udp_socket_abort_failures
+            .inc_by(report.udp_sockets.failed);
         metrics.service_ports.set(desired.services.len() as i64);
         for key in &update.changed {
             match desired.services.get(key) {

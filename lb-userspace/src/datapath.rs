@@ -9,7 +9,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
 };
@@ -21,8 +21,8 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
-        XdpMode,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
         cgroup_sock_addr::CgroupSockAddrLink,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
@@ -31,8 +31,8 @@ use aya::{
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
-    SERVICE_NAME_LEN, ServiceCounter, ServiceValue, SlotKey, SourceRange4, limits, maglev,
-    map_names, program_names, service_flags,
+    SERVICE_NAME_LEN, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value,
+    SourceRange4, limits, maglev, map_names, program_names, service_flags,
 };
 
 use crate::object::DATAPATH_OBJECT;
@@ -198,7 +198,12 @@ pub struct Datapath {
     maglev: Array<MapData, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
+    sock_nat: HashMap<MapData, SockNat4Key, SockNat4Value>,
     service_names: HashMap<MapData, u32, ServiceName>,
+    /// UDP backends that left a service since the last
+    /// [`Datapath::abort_udp_sockets_of_departed_backends`]: sockets connected to them through
+    /// the service are aborted then.
+    departed_udp: BTreeSet<DepartedBackend>,
     /// The names the service-names map holds (mirrors it, so an unchanged name costs no syscall).
     names: BTreeMap<u32, String>,
     /// What the maps hold, read once at load (they may hold an earlier run's state), then kept in
@@ -209,6 +214,13 @@ pub struct Datapath {
     installed_backends: BTreeMap<u32, Backend>,
     /// Slot entries of the installed tables.
     slot_count: usize,
+}
+
+/// A UDP backend that left a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct DepartedBackend {
+    service_id: u32,
+    backend: SocketAddrV4,
 }
 
 /// A service as the maps hold it.
@@ -247,6 +259,8 @@ impl Datapath {
         for hook in SOCKET_HOOKS {
             load_and_pin::<CgroupSockAddr>(&mut ebpf, hook, pin_dir)?;
         }
+        load_and_pin::<CgroupSkb>(&mut ebpf, program_names::SOCK_EGRESS4, pin_dir)?;
+        load_and_pin::<CgroupSock>(&mut ebpf, program_names::SOCK_RELEASE, pin_dir)?;
         let frontends: HashMap<MapData, Frontend4Key, ServiceValue> =
             take_map(&mut ebpf, map_names::FRONTENDS4)?;
         let slots: HashMap<MapData, SlotKey, u32> = take_map(&mut ebpf, map_names::SLOTS4)?;
@@ -286,6 +300,8 @@ impl Datapath {
             config: take_map(&mut ebpf, map_names::CONFIG)?,
             maglev: take_map(&mut ebpf, map_names::MAGLEV4)?,
             affinity: take_map(&mut ebpf, map_names::AFFINITY4)?,
+            sock_nat: take_map(&mut ebpf, map_names::SOCK_NAT4)?,
+            departed_udp: BTreeSet::new(),
             source_ranges,
             service_names,
             names,
@@ -351,7 +367,8 @@ impl Datapath {
     }
 
     /// Attaches the socket hooks to a cgroup v2 directory: every process in it (and below) that
-    /// connects or sends to a Service is sent to a backend instead. Pinned like
+    /// connects or sends to a Service is sent to a backend instead; the egress check of source
+    /// ranges and the cleanup at socket release come with them. Pinned like
     /// [`Datapath::attach_xdp`].
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
         let file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
@@ -381,7 +398,44 @@ impl Datapath {
                 .map_err(|source| program_error(hook, operation(), source))?;
             pin_link(FdLink::try_from(link), &pin, hook)?;
         }
-        Ok(())
+        self.attach_sock_egress(cgroup, &file)?;
+        self.attach_sock_release(cgroup, &file)
+    }
+
+    /// `lb_sock_egress4` on the cgroup's egress, pinned like the other hooks.
+    fn attach_sock_egress(&mut self, cgroup: &Path, file: &File) -> Result<()> {
+        let name = program_names::SOCK_EGRESS4;
+        let pin = self.link_pin(name)?;
+        let program = program_mut::<CgroupSkb>(&mut self.ebpf, name)?;
+        let operation = || format!("attach to cgroup {}", cgroup.display());
+        if pin.exists() {
+            return update_pinned_link(&pin, program.fd(), name);
+        }
+        let id = program
+            .attach(file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+            .map_err(|source| program_error(name, operation(), source))?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| program_error(name, operation(), source))?;
+        pin_link(FdLink::try_from(link), &pin, name)
+    }
+
+    /// `lb_sock_release` on the cgroup's socket release, pinned like the other hooks.
+    fn attach_sock_release(&mut self, cgroup: &Path, file: &File) -> Result<()> {
+        let name = program_names::SOCK_RELEASE;
+        let pin = self.link_pin(name)?;
+        let program = program_mut::<CgroupSock>(&mut self.ebpf, name)?;
+        let operation = || format!("attach to cgroup {}", cgroup.display());
+        if pin.exists() {
+            return update_pinned_link(&pin, program.fd(), name);
+        }
+        let id = program
+            .attach(file, CgroupAttachMode::Single)
+            .map_err(|source| program_error(name, operation(), source))?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| program_error(name, operation(), source))?;
+        pin_link(FdLink::try_from(link), &pin, name)
     }
 
     /// Where the link of one attachment is pinned.
@@ -545,6 +599,7 @@ impl Datapath {
                 .filter(|id| !service.backends.contains(id))
                 .copied()
                 .collect();
+            self.record_departed_udp(service.id, &left);
             if !left.is_empty() && previous.affinity_timeout_s != 0 {
                 self.release_affinity(service.id, &left)?;
             }
@@ -641,6 +696,66 @@ impl Datapath {
             let _ = self.affinity.remove(&key);
         }
         Ok(())
+    }
+
+    /// Remembers the UDP backends among `backends` that just left service `service_id`, for
+    /// [`Datapath::abort_udp_sockets_of_departed_backends`].
+    fn record_departed_udp(&mut self, service_id: u32, backends: &BTreeSet<u32>) {
+        for id in backends {
+            if let Some(backend) = self.installed_backends.get(id)
+                && backend.proto == lb_common::proto::UDP
+            {
+                self.departed_udp.insert(DepartedBackend {
+                    service_id,
+                    backend: SocketAddrV4::new(backend.addr, backend.port),
+                });
+            }
+        }
+    }
+
+    /// Aborts the connected UDP sockets that the socket hooks sent, through a service, to a
+    /// backend that has left that service since the last call (`put_service` without it,
+    /// `remove_service`): a connected socket keeps its backend address, so without this it would
+    /// send to the departed endpoint forever. The application's next call fails and it
+    /// reconnects to a live endpoint. Only sockets the hooks recorded in `lb4_sknat_v1` for that
+    /// service and backend, and still connected to it, are touched; TCP is left alone (like
+    /// kube-proxy, established connections to a removed endpoint stay). The agent calls this
+    /// once per sync.
+    pub fn abort_udp_sockets_of_departed_backends(&mut self) -> crate::sock_diag::DestroyReport {
+        let departed = std::mem::take(&mut self.departed_udp);
+        if departed.is_empty() {
+            return Default::default();
+        }
+        let mut targets = BTreeMap::new();
+        let mut report = crate::sock_diag::DestroyReport::default();
+        for entry in self.sock_nat.iter() {
+            let (key, value) = match entry {
+                Ok(entry) => entry,
+                Err(error) => {
+                    report.failed += 1;
+                    report
+                        .errors
+                        .push(format!("reading {}: {error}", map_names::SOCK_NAT4));
+                    break;
+                }
+            };
+            let backend = SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(key.addr)),
+                u16::from_be(key.port),
+            );
+            let departed_backend = DepartedBackend {
+                service_id: value.service_id,
+                backend,
+            };
+            if departed.contains(&departed_backend) {
+                targets.insert(key.cookie, backend);
+            }
+        }
+        let aborted = crate::sock_diag::destroy_connected_udp(&targets);
+        report.destroyed += aborted.destroyed;
+        report.failed += aborted.failed;
+        report.errors.extend(aborted.errors);
+        report
     }
 
     /// Affinity entries of a service: (client, backend id), for tests and inspection.
@@ -791,6 +906,7 @@ impl Datapath {
             return Ok(());
         };
         self.slot_count -= installed.backends.len();
+        self.record_departed_udp(id, &installed.backends.iter().copied().collect());
         self.remove_source_ranges(id, installed.source_ranges.iter())?;
         if installed.affinity_timeout_s != 0 {
             self.release_affinity(id, &installed.backends.iter().copied().collect())?;
@@ -1009,6 +1125,28 @@ fn take_pinned_link(path: &Path, program: &'static str) -> Result<Option<FdLink>
     Ok(Some(FdLink::from(pinned)))
 }
 
+/// Swaps `program` into the bpf_link pinned at `path` (BPF_LINK_UPDATE), for the program types
+/// whose aya 0.16 links offer no `attach_to_link` (cgroup skb and sock): the attachment never
+/// goes away while the agent restarts.
+fn update_pinned_link(
+    path: &Path,
+    program: std::result::Result<&aya::programs::ProgramFd, ProgramError>,
+    name: &'static str,
+) -> Result<()> {
+    let operation = || format!("update the link pinned at {}", path.display());
+    let program = program.map_err(|source| program_error(name, operation(), source))?;
+    crate::bpf_link::update_pinned(path, program.as_fd()).map_err(|source| {
+        program_error(
+            name,
+            operation(),
+            ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_update",
+                io_error: source,
+            }),
+        )
+    })
+}
+
 fn pin_link(
     link: std::result::Result<FdLink, aya::programs::links::LinkError>,
     path: &Path,
@@ -1083,7 +1221,7 @@ macro_rules! impl_load_and_pin {
         }
     )*};
 }
-impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr);
+impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr, CgroupSkb, CgroupSock);
 
 /// A service name as the service-names map stores it.
 pub type ServiceName = [u8; SERVICE_NAME_LEN];

@@ -1,6 +1,7 @@
 //! The agent's library: everything `lb` does, usable from the integration tests and benchmarks.
 
 pub mod agent;
+pub mod bpf_link;
 pub mod bpffs;
 pub mod compile;
 pub mod counter;
@@ -14,5 +15,6 @@ pub mod object;
 pub mod reconcile;
 pub mod route;
 pub mod serve;
+pub mod sock_diag;
 pub mod source;
 pub mod testrun;

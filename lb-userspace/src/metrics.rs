@@ -46,6 +46,8 @@ pub struct AgentMetrics {
     pub skipped_objects: Counter,
     pub sync_errors: Counter,
     pub service_ports: Gauge,
+    pub udp_sockets_aborted: Counter,
+    pub udp_socket_abort_failures: Counter,
 }
 
 impl AgentMetrics {
@@ -65,6 +67,8 @@ impl AgentMetrics {
             skipped_objects: Counter::default(),
             sync_errors: Counter::default(),
             service_ports: Gauge::default(),
+            udp_sockets_aborted: Counter::default(),
+            udp_socket_abort_failures: Counter::default(),
         }
     }
 
@@ -192,6 +196,18 @@ impl Metrics {
             "service_ports",
             "Service ports (and the parts traffic policies split off) in the desired state",
             agent.service_ports.clone(),
+        );
+        lb.register(
+            "udp_sockets_aborted",
+            "Connected UDP sockets of pods and host processes aborted because the endpoint the \
+             socket hooks sent them to left the Service (the application reconnects)",
+            agent.udp_sockets_aborted.clone(),
+        );
+        lb.register(
+            "udp_socket_abort_failures",
+            "Such sockets that could not be aborted, and network namespaces that could not be \
+             searched for them",
+            agent.udp_socket_abort_failures.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector { pin_dir }));
         Self { registry, agent }

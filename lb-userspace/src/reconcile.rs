@@ -5,7 +5,10 @@
 //!    references them yet), then the service (its new slot table, then its frontends flipped to
 //!    it: see `Datapath::put_service`);
 //! 2. services no longer desired are removed (frontends first);
-//! 3. backends nothing references any more are removed.
+//! 3. backends nothing references any more are removed;
+//! 4. connected UDP sockets that the socket hooks sent to a backend that left its service are
+//!    aborted, so their applications reconnect to a live endpoint
+//!    (`Datapath::abort_udp_sockets_of_departed_backends`).
 //!
 //! It is idempotent (a second run changes nothing) and restart-safe: the first run after a start
 //! reads what the pinned maps hold through the datapath's index, adopts the ids of services and
@@ -49,6 +52,8 @@ pub struct ReconcileReport {
     /// Service ports that could not be programmed (map full, invalid), with the reason. Every
     /// other service was still reconciled.
     pub errors: Vec<(ServicePortKey, DatapathError)>,
+    /// Connected UDP sockets aborted because their backend left the service (step 4).
+    pub udp_sockets: crate::sock_diag::DestroyReport,
 }
 
 impl ReconcileReport {
@@ -210,6 +215,9 @@ impl Reconciler {
         }
         self.released.clear();
         self.initialized = true;
+
+        // 4. Connected UDP sockets still sending to a backend that left.
+        report.udp_sockets = datapath.abort_udp_sockets_of_departed_backends();
         report
     }
 

@@ -39,6 +39,20 @@ pub struct ClientReport {
     /// `lab-peer load` only: the rate and the latency of every successful request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<LatencySummary>,
+    /// `--reconnect` only: every request in order, with when it started, so a test can tell what
+    /// happened after a given moment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// One request of a [`ClientReport::timeline`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TimelineEntry {
+    /// When the request started: milliseconds since the Unix epoch (the machine's one clock, the
+    /// same in every namespace).
+    pub started_ms: u64,
+    /// The server that answered, or None for an error.
+    pub server: Option<String>,
 }
 
 /// Rate and latency percentiles of a `lab-peer load` run (nanoseconds; nearest rank).
@@ -132,6 +146,9 @@ pub struct ClientRun<'a> {
     /// Pause between requests.
     pub interval_ms: u64,
     pub timeout_ms: u64,
+    /// UDP with `one_flow`: after an error, replace the socket by a newly connected one (what an
+    /// application does when its socket is aborted), and report a timeline.
+    pub reconnect: bool,
 }
 
 impl<'a> ClientRun<'a> {
@@ -144,6 +161,7 @@ impl<'a> ClientRun<'a> {
             unconnected: false,
             interval_ms: 0,
             timeout_ms: 2000,
+            reconnect: false,
         }
     }
 
@@ -175,6 +193,9 @@ impl<'a> ClientRun<'a> {
         }
         if self.unconnected {
             args.push("--unconnected");
+        }
+        if self.reconnect {
+            args.push("--reconnect");
         }
         let stdout = match cgroup {
             Some(cgroup) => host.run_in_cgroup(cgroup, binary()?, &args)?,

@@ -1326,3 +1326,68 @@ fn a_new_flow_to_a_remote_backend_whose_ttl_runs_out_goes_to_the_stack_untransla
     );
     assert_eq!(fixture.event("pass_ttl_exceeded"), 1);
 }
+
+/// The cgroup_skb egress check of loadBalancerSourceRanges (`lb_sock_egress4`) applies only to
+/// sockets the hooks translated for such a service, which they mark in socket-local storage.
+/// BPF_PROG_TEST_RUN runs the program on a fresh dummy socket (net/bpf/test_run.c,
+/// `bpf_prog_test_run_skb`) that no hook ever saw, so these rows are every other socket's path:
+/// passed, nothing counted, whatever the addresses. The drops themselves are tested with real
+/// sockets in sockets_lab.rs. The kernel hands a cgroup_skb program the packet from its network
+/// header and zeroes the Ethernet header of the output.
+#[test]
+fn socket_egress_passes_the_packets_of_sockets_the_hooks_did_not_translate() {
+    const PASS_PACKET: u32 = 1;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "sock-egress").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let load_balancer = Service {
+        id: 5,
+        frontends: vec![Frontend {
+            addr: Ipv4Addr::new(198, 51, 100, 20),
+            port: 80,
+            proto: proto::TCP,
+            kind: service_flags::LOAD_BALANCER,
+        }],
+        backends: vec![1],
+        flags: service_flags::SOURCE_RANGES,
+        source_ranges: [(Ipv4Addr::new(10, 244, 2, 0), 24)].into(),
+        ..Default::default()
+    };
+    datapath.put_service(&load_balancer).expect("service");
+    let outside_ranges = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 99), 40000);
+    let egress = |frame: Vec<u8>| {
+        let mut output = frame.clone();
+        output[..14].fill(0);
+        (frame, Expect::Bytes(output))
+    };
+    let rows = [
+        (
+            "TCP SYN to the backend, from outside the ranges",
+            egress(packet::tcp(outside_ranges, POD_A, TcpFlags::SYN, b"")),
+        ),
+        (
+            "UDP to a backend, from outside the ranges",
+            egress(packet::udp(outside_ranges, POD_A, b"hello")),
+        ),
+        (
+            "TCP to the LoadBalancer IP itself",
+            egress(packet::tcp(
+                outside_ranges,
+                SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 20), 80),
+                TcpFlags::SYN,
+                b"",
+            )),
+        ),
+    ];
+    let cases: Vec<Case> = rows
+        .into_iter()
+        .map(|(name, (input, output))| case(name, input, PASS_PACKET, output))
+        .collect();
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::SOCK_EGRESS4)
+            .expect("fd"),
+        &cases,
+    );
+    assert_eq!(datapath.events().expect("events")["drop_source_range"], 0);
+}

@@ -10,7 +10,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use lab::peer::{ClientReport, LatencySummary, parse_reply, reply};
+use lab::peer::{ClientReport, LatencySummary, TimelineEntry, parse_reply, reply};
 
 #[derive(Parser)]
 #[command(about = "TCP/UDP peers for the lab (run inside lab namespaces)")]
@@ -74,6 +74,10 @@ struct ClientArgs {
     /// Pause between requests.
     #[arg(long, default_value_t = 0)]
     interval_ms: u64,
+    /// UDP with --one-flow: after a failed request, replace the socket by a newly connected one
+    /// (as an application does when its socket is aborted); the report gets a timeline.
+    #[arg(long, requires = "one_flow")]
+    reconnect: bool,
 }
 
 const MAX_ERROR_SAMPLES: usize = 5;
@@ -231,20 +235,42 @@ fn tcp_exchange(mut stream: &TcpStream, reader: &mut BufReader<TcpStream>) -> Ex
 fn udp_client(args: &ClientArgs) -> anyhow::Result<ClientReport> {
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut report = ClientReport::default();
-    let shared = if args.one_flow {
+    let mut shared = if args.one_flow {
         Some(udp_socket(args, timeout)?)
     } else {
         None
     };
     for _ in 0..args.requests {
+        let started_ms = unix_ms();
         let result = match &shared {
             Some(socket) => udp_exchange(socket, args),
             None => udp_socket(args, timeout).and_then(|socket| udp_exchange(&socket, args)),
         };
+        let failed = result.is_err();
+        if args.reconnect {
+            let server = result
+                .as_ref()
+                .ok()
+                .and_then(|(text, _)| parse_reply(text))
+                .map(|(server, _, _)| server.to_owned());
+            report.timeline.push(TimelineEntry { started_ms, server });
+        }
         record(&mut report, result);
+        if failed
+            && args.reconnect
+            && let Some(socket) = &mut shared
+        {
+            *socket = udp_socket(args, timeout)?;
+        }
         pause(args);
     }
     Ok(report)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }
 
 fn udp_socket(args: &ClientArgs, timeout: Duration) -> std::io::Result<UdpSocket> {

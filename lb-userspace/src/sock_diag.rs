@@ -1,0 +1,449 @@
+//! Aborting connected UDP sockets of other processes: netlink sock_diag, in every network
+//! namespace of the machine.
+//!
+//! The socket hooks translate a connected UDP socket once, at connect(); when its endpoint leaves
+//! the Service, every later datagram still goes to the old address (kubernetes#19029). Aborting
+//! the socket makes the application's next call fail, so it reconnects through the hook to a live
+//! endpoint. Listing uses `SOCK_DIAG_BY_FAMILY` (a dump of the connected UDP sockets), aborting
+//! uses `SOCK_DESTROY` with the listed identity and cookie (kernel >= 4.5 with
+//! CONFIG_INET_DIAG_DESTROY and CONFIG_INET_UDP_DIAG): the kernel finds the socket by its 4-tuple,
+//! refuses when the cookie differs, and calls `udp_abort`, which sets ECONNABORTED as the
+//! socket's error and disconnects it (net/ipv4/udp.c, `udp_abort`; net/ipv4/udp_diag.c,
+//! `__udp_diag_destroy`).
+//!
+//! sock_diag answers only for the network namespace of the netlink socket, so a dedicated thread
+//! enters each namespace in turn (found through `/proc/<pid>/ns/net`, one per inode). Aborting
+//! needs CAP_NET_ADMIN; entering another namespace needs CAP_SYS_ADMIN (setns) and seeing its
+//! processes (the host's PID namespace, CAP_SYS_PTRACE for other users' processes). Namespaces
+//! whose processes are not visible are not searched.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs::File,
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    path::PathBuf,
+};
+
+/// linux/sock_diag.h
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+/// A connected UDP socket's `sk_state` (include/net/tcp_states.h).
+const TCP_ESTABLISHED: u32 = 1;
+/// How many error messages a report keeps.
+const MAX_ERRORS: usize = 5;
+
+/// `struct inet_diag_sockid` (linux/inet_diag.h): addresses and ports in network byte order, the
+/// cookie as two native-endian halves, low first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+struct InetDiagSockId {
+    sport: u16,
+    dport: u16,
+    src: [u32; 4],
+    dst: [u32; 4],
+    interface: u32,
+    cookie: [u32; 2],
+}
+const _: () = assert!(size_of::<InetDiagSockId>() == 48);
+
+impl InetDiagSockId {
+    fn cookie(&self) -> u64 {
+        u64::from(self.cookie[0]) | u64::from(self.cookie[1]) << 32
+    }
+
+    fn remote(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(self.dst[0])),
+            u16::from_be(self.dport),
+        )
+    }
+}
+
+/// `struct inet_diag_req_v2`.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+struct InetDiagReqV2 {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: InetDiagSockId,
+}
+const _: () = assert!(size_of::<InetDiagReqV2>() == 56);
+
+/// `struct inet_diag_msg`: one socket of a dump.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+struct InetDiagMsg {
+    family: u8,
+    state: u8,
+    timer: u8,
+    retrans: u8,
+    id: InetDiagSockId,
+    expires: u32,
+    rqueue: u32,
+    wqueue: u32,
+    uid: u32,
+    inode: u32,
+}
+const _: () = assert!(size_of::<InetDiagMsg>() == 72);
+
+/// A request: the netlink header and the inet_diag request, as the kernel reads them.
+#[repr(C)]
+struct Request {
+    header: libc::nlmsghdr,
+    body: InetDiagReqV2,
+}
+
+/// What one round of aborting did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DestroyReport {
+    /// Sockets aborted.
+    pub destroyed: u64,
+    /// Sockets that could not be aborted and namespaces that could not be searched.
+    pub failed: u64,
+    /// The first few reasons of those failures.
+    pub errors: Vec<String>,
+}
+
+impl DestroyReport {
+    fn fail(&mut self, error: String) {
+        self.failed += 1;
+        if self.errors.len() < MAX_ERRORS {
+            self.errors.push(error);
+        }
+    }
+}
+
+/// Aborts every connected UDP socket, in any network namespace, whose cookie is a key of
+/// `targets` and whose peer is that key's address. Nothing else is touched: a socket with another
+/// cookie, or one since connected elsewhere, stays as it is.
+pub fn destroy_connected_udp(targets: &BTreeMap<u64, SocketAddrV4>) -> DestroyReport {
+    if targets.is_empty() {
+        return DestroyReport::default();
+    }
+    let targets = targets.clone();
+    // setns changes the calling thread's namespace: a thread of its own, which ends with it.
+    let worker = std::thread::Builder::new()
+        .name("udp-sock-destroy".into())
+        .spawn(move || destroy_in_every_namespace(&targets));
+    match worker.map(std::thread::JoinHandle::join) {
+        Ok(Ok(report)) => report,
+        Ok(Err(_)) => {
+            let mut report = DestroyReport::default();
+            report.fail("the socket-destroy thread panicked".into());
+            report
+        }
+        Err(error) => {
+            let mut report = DestroyReport::default();
+            report.fail(format!("starting the socket-destroy thread: {error}"));
+            report
+        }
+    }
+}
+
+fn destroy_in_every_namespace(targets: &BTreeMap<u64, SocketAddrV4>) -> DestroyReport {
+    let mut report = DestroyReport::default();
+    let namespaces = match network_namespaces() {
+        Ok(namespaces) => namespaces,
+        Err(error) => {
+            report.fail(format!("listing network namespaces in /proc: {error}"));
+            return report;
+        }
+    };
+    for path in namespaces {
+        if let Err(error) = destroy_in_namespace(&path, targets, &mut report) {
+            // A process that exited took its namespace reference with it: nothing to search.
+            if error.kind() != io::ErrorKind::NotFound {
+                report.fail(format!("{}: {error}", path.display()));
+            }
+        }
+    }
+    report
+}
+
+/// One `/proc/<pid>/ns/net` per network namespace (by device and inode).
+fn network_namespaces() -> io::Result<Vec<PathBuf>> {
+    let mut seen = HashSet::new();
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let is_pid = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.bytes().all(|byte| byte.is_ascii_digit()));
+        if !is_pid {
+            continue;
+        }
+        let path = entry.path().join("ns/net");
+        // Gone meanwhile, or not ours to look at: its namespace is found through another
+        // process or reported when entered.
+        let Ok(metadata) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if seen.insert((metadata.dev(), metadata.ino())) {
+            paths.push(path);
+        }
+    }
+    Ok(paths)
+}
+
+fn destroy_in_namespace(
+    path: &std::path::Path,
+    targets: &BTreeMap<u64, SocketAddrV4>,
+    report: &mut DestroyReport,
+) -> io::Result<()> {
+    let namespace = File::open(path)?;
+    // The agent's own namespace needs no setns (nor CAP_SYS_ADMIN): SOCK_DESTROY itself asks
+    // for CAP_NET_ADMIN only (net/core/sock_diag.c, sock_diag_destroy).
+    if !is_current_namespace(&namespace)? {
+        // SAFETY: a valid namespace file descriptor; setns changes only this thread's
+        // namespace.
+        if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let diag = SockDiag::open()?;
+    for socket in diag.connected_udp4()? {
+        if targets.get(&socket.cookie()) != Some(&socket.remote()) {
+            continue;
+        }
+        match diag.destroy_udp4(&socket) {
+            Ok(()) => report.destroyed += 1,
+            // Closed (or reconnected elsewhere) since the dump: nothing left to abort.
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(error) => report.fail(format!(
+                "aborting the UDP socket {} -> {} (cookie {}) in {}: {error}",
+                SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(socket.src[0])),
+                    u16::from_be(socket.sport)
+                ),
+                socket.remote(),
+                socket.cookie(),
+                path.display()
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// Whether `namespace` is the calling thread's network namespace.
+fn is_current_namespace(namespace: &File) -> io::Result<bool> {
+    let current = std::fs::metadata("/proc/thread-self/ns/net")?;
+    let other = namespace.metadata()?;
+    Ok((current.dev(), current.ino()) == (other.dev(), other.ino()))
+}
+
+/// A NETLINK_SOCK_DIAG socket of the calling thread's network namespace.
+struct SockDiag {
+    fd: OwnedFd,
+}
+
+impl SockDiag {
+    fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a freshly created descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
+    }
+
+    /// Every connected IPv4 UDP socket of this namespace.
+    fn connected_udp4(&self) -> io::Result<Vec<InetDiagSockId>> {
+        self.send(
+            SOCK_DIAG_BY_FAMILY,
+            (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+            InetDiagReqV2 {
+                family: libc::AF_INET as u8,
+                protocol: libc::IPPROTO_UDP as u8,
+                states: 1 << TCP_ESTABLISHED,
+                ..Default::default()
+            },
+        )?;
+        let mut sockets = Vec::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let len = self.receive(&mut buffer)?;
+            for (header, payload) in messages(&buffer[..len]) {
+                match header.nlmsg_type as i32 {
+                    libc::NLMSG_DONE => return Ok(sockets),
+                    libc::NLMSG_ERROR => return Err(netlink_error(payload)),
+                    _ if header.nlmsg_type == SOCK_DIAG_BY_FAMILY => {
+                        if let Some(message) = read_struct::<InetDiagMsg>(payload) {
+                            sockets.push(message.id);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Aborts the IPv4 UDP socket with this identity (4-tuple, interface and cookie).
+    fn destroy_udp4(&self, id: &InetDiagSockId) -> io::Result<()> {
+        self.send(
+            SOCK_DESTROY,
+            (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+            InetDiagReqV2 {
+                family: libc::AF_INET as u8,
+                protocol: libc::IPPROTO_UDP as u8,
+                states: u32::MAX,
+                id: *id,
+                ..Default::default()
+            },
+        )?;
+        let mut buffer = vec![0u8; 4096];
+        let len = self.receive(&mut buffer)?;
+        match messages(&buffer[..len]).next() {
+            Some((header, payload)) if header.nlmsg_type as i32 == libc::NLMSG_ERROR => {
+                match netlink_error(payload) {
+                    error if error.raw_os_error() == Some(0) => Ok(()),
+                    error => Err(error),
+                }
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "SOCK_DESTROY: no acknowledgement",
+            )),
+        }
+    }
+
+    fn send(&self, kind: u16, flags: u16, body: InetDiagReqV2) -> io::Result<()> {
+        let request = Request {
+            header: libc::nlmsghdr {
+                nlmsg_len: size_of::<Request>() as u32,
+                nlmsg_type: kind,
+                nlmsg_flags: flags,
+                nlmsg_seq: 1,
+                nlmsg_pid: 0,
+            },
+            body,
+        };
+        // SAFETY: send(2) reads size_of::<Request>() bytes of a live, fully initialised repr(C)
+        // value (no implicit padding: 16 + 56 bytes). An unconnected netlink socket sends to
+        // the kernel.
+        let sent = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                (&raw const request).cast(),
+                size_of::<Request>(),
+                0,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Never waits: the kernel queues its answer before send() returns (sock_diag requests run
+    /// in the sender's context, net/netlink/af_netlink.c `netlink_unicast_kernel`), and the next
+    /// part of a dump before recv() returns the previous one (`netlink_recvmsg` calls
+    /// `netlink_dump`). Nothing queued is an error, not a reason to hang the sync.
+    fn receive(&self, buffer: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: recv(2) writes at most buffer.len() bytes into the buffer.
+        let len = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if len < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(len as usize)
+    }
+}
+
+/// The netlink messages of one datagram: (header, payload), each payload cut to its length.
+fn messages(mut data: &[u8]) -> impl Iterator<Item = (libc::nlmsghdr, &[u8])> {
+    const HEADER: usize = size_of::<libc::nlmsghdr>();
+    std::iter::from_fn(move || {
+        let header = read_struct::<libc::nlmsghdr>(data)?;
+        let len = header.nlmsg_len as usize;
+        if len < HEADER || len > data.len() {
+            return None;
+        }
+        let payload = &data[HEADER..len];
+        // Messages are aligned to 4 bytes (NLMSG_ALIGN).
+        data = &data[len.next_multiple_of(4).min(data.len())..];
+        Some((header, payload))
+    })
+}
+
+/// The errno of an NLMSG_ERROR payload (`struct nlmsgerr`: a negative errno, 0 for an ack).
+fn netlink_error(payload: &[u8]) -> io::Error {
+    match payload.first_chunk::<4>() {
+        Some(bytes) => io::Error::from_raw_os_error(-i32::from_ne_bytes(*bytes)),
+        None => io::Error::new(io::ErrorKind::InvalidData, "truncated netlink error"),
+    }
+}
+
+/// A plain-integer repr(C) struct read from the start of `data`, if it is long enough.
+fn read_struct<T: Copy + PlainData>(data: &[u8]) -> Option<T> {
+    if data.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: T is a repr(C) struct of integers (PlainData), for which every bit pattern is
+    // valid, and data holds at least size_of::<T>() bytes; read_unaligned needs no alignment.
+    Some(unsafe { data.as_ptr().cast::<T>().read_unaligned() })
+}
+
+/// Structs made of integers only: any bytes are a valid value.
+trait PlainData {}
+impl PlainData for libc::nlmsghdr {}
+impl PlainData for InetDiagMsg {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_splits_a_datagram_and_stops_at_a_bad_length() {
+        let mut data = Vec::new();
+        for (kind, payload) in [(20u16, &[1u8, 2, 3][..]), (3, &[0, 0, 0, 0][..])] {
+            let len = (16 + payload.len()) as u32;
+            data.extend_from_slice(&len.to_ne_bytes());
+            data.extend_from_slice(&kind.to_ne_bytes());
+            data.extend_from_slice(&[0; 10]);
+            data.extend_from_slice(payload);
+            data.resize(data.len().next_multiple_of(4), 0);
+        }
+        let parsed: Vec<(u16, Vec<u8>)> = messages(&data)
+            .map(|(header, payload)| (header.nlmsg_type, payload.to_vec()))
+            .collect();
+        assert_eq!(parsed, [(20, vec![1, 2, 3]), (3, vec![0, 0, 0, 0])]);
+        let mut bad = data.clone();
+        bad[..4].copy_from_slice(&1000u32.to_ne_bytes());
+        assert_eq!(messages(&bad).count(), 0);
+    }
+
+    #[test]
+    fn a_socket_id_gives_its_cookie_and_peer() {
+        let id = InetDiagSockId {
+            dport: 8080u16.to_be(),
+            dst: [u32::from(Ipv4Addr::new(10, 244, 1, 10)).to_be(), 0, 0, 0],
+            cookie: [0x89ab_cdef, 0x0123_4567],
+            ..Default::default()
+        };
+        assert_eq!(id.cookie(), 0x0123_4567_89ab_cdef);
+        assert_eq!(id.remote(), "10.244.1.10:8080".parse().unwrap());
+    }
+}

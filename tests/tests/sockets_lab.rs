@@ -1,0 +1,291 @@
+//! The socket hooks over the life of a socket, with the real agent in the lab: a pod's connected
+//! UDP socket to a ClusterIP is aborted when its endpoint leaves the Service (so the application
+//! reconnects to a live one instead of sending into the void, kubernetes#19029), and nothing else
+//! is; a pod outside a LoadBalancer's loadBalancerSourceRanges cannot reach it through the socket
+//! hooks either.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use lab::{
+    agent::{AgentLab, POD_PORT, endpoint_slice},
+    http,
+    peer::{ClientReport, ClientRun},
+    topology::pod_addr,
+};
+
+const METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10249);
+
+/// A UDP ClusterIP Service `dns` on 10.96.0.53:53 with the given endpoints (node, pod).
+fn udp_service(endpoints: &[(u8, u8)]) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  clusterIP: 10.96.0.53\n  ports:\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {POD_PORT}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\nports:\n- {{name: dns, port: {POD_PORT}, protocol: UDP}}\nendpoints:\n"
+    );
+    for (node, pod) in endpoints {
+        yaml.push_str(&format!(
+            "- addresses: [\"{}\"]\n  nodeName: node{node}\n  conditions: {{ready: true}}\n",
+            pod_addr(*node, *pod)
+        ));
+    }
+    yaml
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
+/// A value of the agent's /metrics, by its sample name (no labels).
+fn metric(setup: &AgentLab, sample: &str) -> Option<f64> {
+    let page = http::get(&setup.cluster.node(1).host, METRICS, "/metrics")
+        .expect("GET /metrics")
+        .body;
+    page.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// One connected UDP socket, a request every 100 ms for ~4 s, a new socket after an error.
+fn long_udp_client(to: &str) -> ClientRun<'_> {
+    ClientRun {
+        one_flow: true,
+        reconnect: true,
+        interval_ms: 100,
+        timeout_ms: 1000,
+        ..ClientRun::udp(to, 40)
+    }
+}
+
+#[test]
+fn a_connected_udp_socket_is_aborted_when_its_endpoint_leaves_and_reconnects_to_a_live_one() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup
+        .apply("dns.yaml", &udp_service(&[(1, 0)]))
+        .expect("apply");
+
+    // Both clients run in the pod, inside the hooks' cgroup: one connected to the ClusterIP (the
+    // hook sends it to n1p0), one connected to n1p0 itself, not through any Service.
+    let direct_target = format!("{}:{POD_PORT}", pod_addr(1, 0));
+    let (through_service, direct, synced_ms) = std::thread::scope(|scope| {
+        let (pod, cgroup) = (setup.client_pod(), &setup.cgroup);
+        let through_service =
+            scope.spawn(|| long_udp_client("10.96.0.53:53").run(pod, Some(cgroup)));
+        let direct = scope.spawn(|| long_udp_client(&direct_target).run(pod, Some(cgroup)));
+        std::thread::sleep(Duration::from_millis(1200));
+
+        // n1p0 leaves the Service (its server keeps answering, as a pod that is still running
+        // but no longer an endpoint does); n2p0 is the live endpoint now.
+        setup
+            .apply("dns.yaml", &udp_service(&[(2, 0)]))
+            .expect("apply");
+        let synced_ms = unix_ms();
+        (
+            through_service.join().expect("thread"),
+            direct.join().expect("thread"),
+            synced_ms,
+        )
+    });
+    let through_service: ClientReport = through_service.expect("client through the Service");
+    let direct: ClientReport = direct.expect("direct client");
+
+    // The socket was aborted once, within the sync: every request that started after the sync
+    // went to the live endpoint; the one error is the aborted socket, and the client's new
+    // socket reached n2p0.
+    assert_eq!(through_service.errors, 1, "{through_service:?}");
+    assert!(
+        through_service.error_samples[0].contains("Destination address required")
+            || through_service.error_samples[0].contains("abort"),
+        "the socket was aborted, not timed out: {through_service:?}"
+    );
+    assert!(
+        through_service.by_server.get("n1p0").copied().unwrap_or(0) > 0,
+        "{through_service:?}"
+    );
+    let after_sync: Vec<_> = through_service
+        .timeline
+        .iter()
+        .filter(|entry| entry.started_ms > synced_ms)
+        .collect();
+    assert!(!after_sync.is_empty(), "{through_service:?}");
+    assert!(
+        after_sync
+            .iter()
+            .all(|entry| entry.server.as_deref() != Some("n1p0")),
+        "the departed endpoint answered after the sync: {through_service:?}"
+    );
+    assert_eq!(
+        through_service.last_server.as_deref(),
+        Some("n2p0"),
+        "{through_service:?}"
+    );
+    assert!(
+        after_sync
+            .iter()
+            .filter(|entry| entry.server.is_none())
+            .count()
+            <= 1,
+        "{through_service:?}"
+    );
+
+    // The socket connected to the same address without a Service was not touched.
+    direct.assert_all_ok("connected UDP socket to n1p0, not through a Service");
+    assert_eq!(direct.servers(), ["n1p0"].into(), "{direct:?}");
+
+    assert_eq!(metric(&setup, "lb_udp_sockets_aborted_total"), Some(1.0));
+    assert_eq!(
+        metric(&setup, "lb_udp_socket_abort_failures_total"),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn a_pod_outside_the_load_balancer_source_ranges_is_refused_one_inside_gets_through() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    // n1p1 is inside the ranges, n1p0 is not; the endpoint is on node2.
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  loadBalancerSourceRanges: [{}/32]\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 198.51.100.20}}]\n",
+        pod_addr(1, 1)
+    );
+    setup
+        .apply(
+            "web.yaml",
+            &(service + "---\n" + &endpoint_slice("web", &[(pod_addr(2, 0), "node2")])),
+        )
+        .expect("apply");
+    let (inside, outside) = (
+        &setup.cluster.node(1).pods[1].host,
+        &setup.cluster.node(1).pods[0].host,
+    );
+
+    let allowed = ClientRun::tcp("198.51.100.20:80", 10)
+        .run(inside, Some(&setup.cgroup))
+        .expect("client");
+    allowed.assert_all_ok("pod inside the ranges");
+    assert_eq!(allowed.servers(), ["n2p0"].into(), "{allowed:?}");
+    assert_eq!(
+        allowed.peers_seen.keys().collect::<Vec<_>>(),
+        [&pod_addr(1, 1).to_string()],
+        "the backend saw the pod's own address: {allowed:?}"
+    );
+
+    let before = setup.events().expect("events")["drop_source_range"];
+    let refused = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp("198.51.100.20:80", 2)
+    }
+    .run(outside, Some(&setup.cgroup))
+    .expect("client");
+    assert_eq!(refused.errors, 2, "{refused:?}");
+    assert!(
+        setup.events().expect("events")["drop_source_range"] > before,
+        "the refused pod's packets are counted"
+    );
+
+    // The ranges guard the LoadBalancer IP only, as for clients outside: the ClusterIP serves
+    // the same pod.
+    ClientRun::tcp("10.96.0.10:80", 5)
+        .run(outside, Some(&setup.cgroup))
+        .expect("client")
+        .assert_all_ok("ClusterIP from a pod outside the ranges");
+
+    // UDP, connected and unconnected: the send itself fails for the pod outside.
+    setup
+        .apply("dns.yaml", &udp_load_balancer(pod_addr(1, 1)))
+        .expect("apply");
+    for unconnected in [false, true] {
+        let run = ClientRun {
+            unconnected,
+            timeout_ms: 300,
+            ..ClientRun::udp("198.51.100.53:53", 5)
+        };
+        let allowed = run.run(inside, Some(&setup.cgroup)).expect("client");
+        allowed.assert_all_ok("UDP from the pod inside the ranges");
+        assert_eq!(allowed.servers(), ["n2p0"].into(), "{allowed:?}");
+        let refused = run.run(outside, Some(&setup.cgroup)).expect("client");
+        assert_eq!(refused.errors, 5, "{refused:?}");
+        assert!(
+            refused.error_samples[0].contains("Operation not permitted"),
+            "{refused:?}"
+        );
+    }
+}
+
+/// A UDP LoadBalancer Service on 198.51.100.53:53 that only `allowed` may use, its endpoint n2p0.
+fn udp_load_balancer(allowed: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.53\n  loadBalancerSourceRanges: [{allowed}/32]\n  ports:\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {POD_PORT}, nodePort: 30053}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 198.51.100.53}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\nports:\n- {{name: dns, port: {POD_PORT}, protocol: UDP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node2\n  conditions: {{ready: true}}\n",
+        pod_addr(2, 0)
+    )
+}
+
+/// Entries of the agent's socket NAT map (its pins are private to the test: all of them come
+/// from this test's sockets).
+fn socket_nat_entries(setup: &AgentLab) -> u64 {
+    lb_userspace::inspect::PinnedMaps::open(setup.pin_dir())
+        .expect("pinned maps")
+        .fill()
+        .expect("fill")
+        .into_iter()
+        .find(|fill| fill.map == lb_common::map_names::SOCK_NAT4)
+        .expect("the socket NAT map")
+        .entries
+}
+
+#[test]
+fn closed_sockets_leave_no_entry_in_the_socket_nat_map() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &(lab::agent::node_port_service("web", "10.96.0.10", 30080, "")
+                + "---\n"
+                + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+        )
+        .expect("apply");
+    setup
+        .apply("dns.yaml", &udp_service(&[(1, 0)]))
+        .expect("apply");
+    assert_eq!(socket_nat_entries(&setup), 0);
+
+    // 30 TCP connections and 30 connected UDP sockets, each opened, used and closed.
+    ClientRun::tcp("10.96.0.10:80", 30)
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("client")
+        .assert_all_ok("TCP connect/request/close");
+    ClientRun::udp("10.96.0.53:53", 30)
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("client")
+        .assert_all_ok("UDP socket/connect/request/close");
+    assert_eq!(
+        socket_nat_entries(&setup),
+        0,
+        "every socket took its entry with it when it closed"
+    );
+
+    // A socket still open keeps its entry (getpeername needs it).
+    let open = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            ClientRun {
+                one_flow: true,
+                interval_ms: 100,
+                ..ClientRun::udp("10.96.0.53:53", 10)
+            }
+            .run(setup.client_pod(), Some(&setup.cgroup))
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let while_open = socket_nat_entries(&setup);
+        client
+            .join()
+            .expect("thread")
+            .expect("client")
+            .assert_all_ok("one UDP socket");
+        while_open
+    });
+    assert_eq!(open, 1);
+    assert_eq!(socket_nat_entries(&setup), 0);
+}
