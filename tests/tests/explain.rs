@@ -32,6 +32,20 @@ fn state(pin_dir: &Path) -> Vec<(String, Vec<Vec<u8>>)> {
         .collect()
 }
 
+/// The maps' state once two reads 300 ms apart agree (at most 5 s).
+fn settled_state(pin_dir: &Path) -> Vec<(String, Vec<Vec<u8>>)> {
+    let mut last = state(pin_dir);
+    for _ in 0..16 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let now = state(pin_dir);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the maps kept changing without traffic")
+}
+
 /// All (key, value) pairs of a map through the raw syscalls, per-CPU values included.
 fn dump(path: &Path) -> Vec<Vec<u8>> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
@@ -110,7 +124,9 @@ fn explain_tells_hit_miss_affinity_and_source_range_and_changes_nothing() {
         pod_addr(1, 1)
     };
 
-    let before = state(lab.pin_dir());
+    // The real connections' last segments (FINs, final ACKs) may still be on their way and
+    // refresh their conntrack entries: the state is taken once it has stopped changing.
+    let before = settled_state(lab.pin_dir());
 
     let hit = explain(lab.pin_dir(), "203.0.113.10:45000", "203.0.113.1:30080/tcp");
     assert_eq!(hit["verdict"], "pass", "{hit:#}");
