@@ -40,6 +40,9 @@ pub mod map_names {
     /// [`crate::SERVICE_NAME_LEN`] bytes). Created and pinned by the agent, read by `lb services`
     /// and the metrics; no kernel program uses it.
     pub const SERVICE_NAMES: &str = "lb_svc_name_v1";
+    /// LRU [`crate::Frag4Key`] -> [`crate::Frag4Value`]: how the first fragment of a datagram
+    /// was translated, for its later fragments (which carry no ports). Not pinned.
+    pub const FRAGMENTS4: &str = "lb4_frag_v1";
     /// Per-CPU [`crate::RejectBudget`]: the REJECT answers' rate limit. Not pinned.
     pub const REJECT_BUDGET: &str = "lb_rejbudget";
     /// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE) of [`crate::SockState4`]: what the socket
@@ -103,6 +106,8 @@ pub mod limits {
     pub const MAX_SOURCE_RANGES: u32 = 16_384;
     /// Session-affinity entries (client, service).
     pub const MAX_AFFINITY: u32 = 131_072;
+    /// Datagrams in fragments being translated at once.
+    pub const MAX_FRAGMENTED: u32 = 8_192;
 }
 
 /// Default connection-tracking timeouts (nanoseconds of CLOCK_MONOTONIC, as bpf_ktime_get_ns
@@ -508,6 +513,45 @@ const _: () = assert!(size_of::<DatapathConfig>() == 48);
 /// characters each, a port name of up to 15, the protocol and a scope fit.
 pub const SERVICE_NAME_LEN: usize = 192;
 
+/// A fragmented datagram as its fragments arrive: addresses as in the IP header (host order of
+/// the wire bytes), its IP identification and protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct Frag4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Frag4Key>() == 12);
+
+/// What the datapath did with a datagram's first fragment, for the later ones: the addresses
+/// they get and where they go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Frag4Value {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// With [`frag_action::TRANSMIT`]: the frame's new source and destination MACs.
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// [`frag_action`].
+    pub action: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<Frag4Value>() == 24);
+
+/// Where the later fragments of a translated datagram go.
+pub mod frag_action {
+    /// To the stack (a local endpoint; tc egress).
+    pub const PASS: u8 = 0;
+    /// Back out of the NIC with the recorded MACs (an answer to a SNAT port).
+    pub const TRANSMIT: u8 = 1;
+    /// Where the FIB says (a remote endpoint, as its first fragment).
+    pub const FORWARD: u8 = 2;
+}
+
 /// A per-CPU token bucket of the datapath's REJECT answers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -827,6 +871,8 @@ macro_rules! impl_pod {
 
 #[cfg(feature = "user")]
 impl_pod!(
+    Frag4Key,
+    Frag4Value,
     DatapathConfig,
     CtTimeouts,
     RejectBudget,

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
-    RejectBudget, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SockState4,
-    SourceRange4, limits, maglev,
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frag4Key,
+    Frag4Value, Frontend4Key, RejectBudget, ServiceCounter, ServiceValue, SlotKey, SockNat4Key,
+    SockNat4Value, SockState4, SourceRange4, limits, maglev,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -66,6 +66,12 @@ pub static AFFINITY4: LruHashMap<Affinity4Key, AffinityValue> =
 #[map(name = "lb4_maglev_v1")]
 pub static MAGLEV4: Array<u32> = Array::pinned(maglev::MAX_TABLES * maglev::TABLE_SIZE, 0);
 
+/// The translation of fragmented datagrams, from their first fragment; LRU, as a datagram whose
+/// last fragment never came leaves its entry behind.
+#[map(name = "lb4_frag_v1")]
+pub static FRAGMENTS4: LruHashMap<Frag4Key, Frag4Value> =
+    LruHashMap::with_max_entries(limits::MAX_FRAGMENTED, 0);
+
 /// Per-CPU token bucket of REJECT answers (index 0). Private to the object: a new agent starts
 /// with a fresh bucket.
 #[map(name = "lb_rejbudget")]
@@ -109,5 +115,14 @@ pub fn count_service(service_id: u32, packets: u64, bytes: u64, new_flows: u64) 
             (*counter).bytes += bytes;
             (*counter).new_flows += new_flows;
         }
+    }
+}
+
+/// Remembers how a first fragment was translated, for the later fragments of its datagram.
+#[inline(always)]
+pub fn remember_fragment(key: &Frag4Key, value: &Frag4Value) {
+    if !dry_run() {
+        // A full LRU forgets the oldest datagram; its later fragments then pass as they are.
+        let _ = FRAGMENTS4.insert(key, value, 0);
     }
 }

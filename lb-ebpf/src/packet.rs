@@ -66,8 +66,23 @@ pub struct Ipv4Info {
     pub l4_offset: usize,
     /// Offset of the end of the IP packet (Ethernet padding may follow).
     pub end: usize,
-    /// Whether the packet is a fragment (first or later).
-    pub fragment: bool,
+    pub id: u16,
+    /// The IPv4 flags and fragment offset field.
+    pub flags_fragment: u16,
+}
+
+impl Ipv4Info {
+    /// A fragment with the transport header: offset 0, more to come.
+    #[inline(always)]
+    pub fn first_fragment(&self) -> bool {
+        self.flags_fragment & (IPV4_FRAG_OFFSET_MASK | IPV4_MORE_FRAGMENTS) == IPV4_MORE_FRAGMENTS
+    }
+
+    /// A fragment after the first: no transport header.
+    #[inline(always)]
+    pub fn later_fragment(&self) -> bool {
+        self.flags_fragment & IPV4_FRAG_OFFSET_MASK != 0
+    }
 }
 
 /// Parses an IPv4 header at `ETH_HDR_LEN`. `None` for a header that is shorter than it must be,
@@ -89,7 +104,6 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Option<Ipv4Info> {
     if ctx.data() + l4_offset > ctx.data_end() {
         return None;
     }
-    let flags_fragment = u16::from_be_bytes([ip[6], ip[7]]);
     Some(Ipv4Info {
         saddr: u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
         daddr: u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
@@ -97,7 +111,8 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Option<Ipv4Info> {
         ttl: ip[8],
         l4_offset,
         end: ETH_HDR_LEN + total_len,
-        fragment: flags_fragment & (IPV4_FRAG_OFFSET_MASK | IPV4_MORE_FRAGMENTS) != 0,
+        id: u16::from_be_bytes([ip[4], ip[5]]),
+        flags_fragment: u16::from_be_bytes([ip[6], ip[7]]),
     })
 }
 

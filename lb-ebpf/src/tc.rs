@@ -1,5 +1,6 @@
 //! `lb_tc_egress`: on the egress of the node NICs, replies of flows that `lb_xdp` DNATed get
-//! their source rewritten back to the frontend the client used. Everything else leaves untouched.
+//! their source rewritten back to the frontend the client used (later fragments of a datagram
+//! as their first one). Everything else leaves untouched.
 //!
 //! The skb may carry a partial checksum (CHECKSUM_PARTIAL from a local or veth sender), so
 //! checksums are updated with the kernel's helpers, which handle that case
@@ -10,7 +11,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{Event, ct_flags, proto};
+use lb_common::{Event, Frag4Key, Frag4Value, ct_flags, proto};
 
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN,
@@ -19,7 +20,7 @@ use lb_ebpf::packet::{
 
 use crate::{
     flow::{Tuple, reply_key, track_reply},
-    maps::{CONNTRACK4, count_event},
+    maps::{CONNTRACK4, FRAGMENTS4, count_event, remember_fragment},
 };
 
 #[classifier]
@@ -35,10 +36,17 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
-    let Some(tuple_and_offset) = parse(ctx) else {
+    let Some(packet) = parse(ctx) else {
         return Ok(());
     };
-    let (tuple, l4_offset) = tuple_and_offset;
+    let (tuple, l4_offset, fragment) = match packet {
+        Packet::LaterFragment(key) => return later_fragment(ctx, &key),
+        Packet::Segment {
+            tuple,
+            l4_offset,
+            first_fragment,
+        } => (tuple, l4_offset, first_fragment),
+    };
     let Some(entry) = CONNTRACK4.get_ptr_mut(&reply_key(&tuple)) else {
         return Ok(());
     };
@@ -51,13 +59,53 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
         restore_client_port(ctx, &tuple, l4_offset, entry.snat_port)
             .map_err(|_| Event::DROP_NAT_FAILED)?;
     }
+    if let Some(key) = fragment {
+        let later = Frag4Value {
+            saddr: entry.nat_addr,
+            daddr: tuple.daddr,
+            ..Default::default()
+        };
+        remember_fragment(&key, &later);
+    }
     Ok(())
 }
 
-/// The reply's 5-tuple and transport offset; `None` for anything that is not an unfragmented
-/// IPv4 TCP/UDP packet with a complete header (it passes untouched).
+/// A fragment after the first of a reply: the source its first fragment got, if it got one.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<(Tuple, usize)> {
+fn later_fragment(ctx: &TcContext, key: &Frag4Key) -> Result<(), Event> {
+    // SAFETY: a read-only copy of an entry written whole.
+    let Some(first) = (unsafe { FRAGMENTS4.get(key) }).copied() else {
+        return Ok(());
+    };
+    let old = key.saddr.to_be();
+    let new = first.saddr.to_be();
+    ctx.l3_csum_replace(
+        ETH_HDR_LEN + IPV4_CSUM_OFFSET,
+        u64::from(old),
+        u64::from(new),
+        4,
+    )
+    .and_then(|()| ctx.store(ETH_HDR_LEN + IPV4_SADDR_OFFSET, &new, 0))
+    .map_err(|_| Event::DROP_NAT_FAILED)
+}
+
+/// What tc egress looks at.
+enum Packet {
+    /// A TCP/UDP packet with its transport header: a whole one, or the first fragment of a
+    /// datagram (then with the key its later fragments will have).
+    Segment {
+        tuple: Tuple,
+        l4_offset: usize,
+        first_fragment: Option<Frag4Key>,
+    },
+    /// A later fragment of a TCP/UDP datagram: no transport header.
+    LaterFragment(Frag4Key),
+}
+
+/// The reply's 5-tuple and transport offset, or the key of a later fragment; `None` for anything
+/// that is not an IPv4 TCP/UDP packet with a complete header (it passes untouched).
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Packet> {
     let ethertype: u16 = u16::from_be(ctx.load(12).ok()?);
     if ethertype != ETH_P_IP {
         return None;
@@ -71,9 +119,20 @@ fn parse(ctx: &TcContext) -> Option<(Tuple, usize)> {
     if protocol != proto::TCP && protocol != proto::UDP {
         return None;
     }
-    if u16::from_be_bytes([ip[6], ip[7]]) & (IPV4_FRAG_OFFSET_MASK | IPV4_MORE_FRAGMENTS) != 0 {
-        return None;
+    let saddr = u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    let daddr = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    let flags_fragment = u16::from_be_bytes([ip[6], ip[7]]);
+    let fragment_key = Frag4Key {
+        saddr,
+        daddr,
+        id: u16::from_be_bytes([ip[4], ip[5]]),
+        proto: protocol,
+        _pad: 0,
+    };
+    if flags_fragment & IPV4_FRAG_OFFSET_MASK != 0 {
+        return Some(Packet::LaterFragment(fragment_key));
     }
+    let first_fragment = (flags_fragment & IPV4_MORE_FRAGMENTS != 0).then_some(fragment_key);
     let l4_offset = ETH_HDR_LEN + header_len;
     let ports: [u8; 4] = ctx.load(l4_offset).ok()?;
     let tcp_flags = if protocol == proto::TCP {
@@ -81,17 +140,18 @@ fn parse(ctx: &TcContext) -> Option<(Tuple, usize)> {
     } else {
         0
     };
-    Some((
-        Tuple {
-            saddr: u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
-            daddr: u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
+    Some(Packet::Segment {
+        tuple: Tuple {
+            saddr,
+            daddr,
             sport: u16::from_be_bytes([ports[0], ports[1]]),
             dport: u16::from_be_bytes([ports[2], ports[3]]),
             proto: protocol,
             tcp_flags,
         },
         l4_offset,
-    ))
+        first_fragment,
+    })
 }
 
 /// The client's own port back as the destination, for a flow whose source port XDP remapped.

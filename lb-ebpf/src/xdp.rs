@@ -6,7 +6,9 @@
 //! ICMP port unreachable). Everything else passes untouched.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{Event, checksum, ct_flags, proto, service_flags};
+use lb_common::{
+    Event, Frag4Key, Frag4Value, checksum, ct_flags, frag_action, proto, service_flags,
+};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET,
     IPV4_SADDR_OFFSET, Ipv4Info, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FLAGS_OFFSET,
@@ -17,7 +19,7 @@ use lb_ebpf::packet::{
 use crate::{
     flow::{Tuple, config, destination, lookup_frontend, reply_key, source_allowed, track_reply},
     helpers::{Forward, fib_forward},
-    maps::{CONNTRACK4, count_event, count_service, dry_run},
+    maps::{CONNTRACK4, FRAGMENTS4, count_event, count_service, dry_run, remember_fragment},
     reject,
 };
 
@@ -49,14 +51,11 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     if ip.proto != proto::TCP && ip.proto != proto::UDP {
         return Ok(xdp_action::XDP_PASS);
     }
-    if ip.fragment {
-        // No ports in later fragments, so no consistent choice for the whole datagram: the stack
-        // gets it as it came.
-        count_event(Event::PASS_FRAGMENT);
-        return Ok(xdp_action::XDP_PASS);
+    if ip.later_fragment() {
+        return later_fragment(ctx, &ip);
     }
     let tuple = transport_tuple(ctx, &ip)?;
-    if let Some(action) = snat_reply(ctx, &tuple, ip.l4_offset)? {
+    if let Some(action) = snat_reply(ctx, &tuple, &ip)? {
         return Ok(action);
     }
     let Some(service) = lookup_frontend(&tuple) else {
@@ -93,16 +92,62 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
         destination.port,
     )?;
     count_service(destination.service_id, 1, frame_len(ctx) as u64, 0);
+    if ip.first_fragment() {
+        let later = Frag4Value {
+            saddr,
+            daddr: destination.addr,
+            action: if destination.forward {
+                frag_action::FORWARD
+            } else {
+                frag_action::PASS
+            },
+            ..Default::default()
+        };
+        remember_fragment(&fragment_key(&ip), &later);
+    }
     if destination.forward {
-        return Ok(forward(ctx, &tuple, saddr, destination.addr));
+        return Ok(forward(ctx, tuple.proto, saddr, destination.addr));
     }
     Ok(xdp_action::XDP_PASS)
+}
+
+/// A fragment after the first of its datagram: no ports, so it follows what its first fragment
+/// got (same addresses, same way out). Without a record of it (it came first, or it was no
+/// service traffic) it goes to the stack as it came.
+#[inline(always)]
+fn later_fragment(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
+    // SAFETY: a read-only copy of an entry written whole.
+    let Some(first) = (unsafe { FRAGMENTS4.get(&fragment_key(ip)) }).copied() else {
+        count_event(Event::PASS_FRAGMENT);
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if !ipv4_checksum_ok(ctx, ip.l4_offset) {
+        return Err(Event::DROP_IP_CHECKSUM);
+    }
+    rewrite_addresses(ctx, (ip.saddr, ip.daddr), (first.saddr, first.daddr))?;
+    Ok(match first.action {
+        frag_action::TRANSMIT => transmit(ctx, first.smac, first.dmac),
+        frag_action::FORWARD => forward(ctx, ip.proto, first.saddr, first.daddr),
+        _ => xdp_action::XDP_PASS,
+    })
+}
+
+#[inline(always)]
+fn fragment_key(ip: &Ipv4Info) -> Frag4Key {
+    Frag4Key {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        id: ip.id,
+        proto: ip.proto,
+        _pad: 0,
+    }
 }
 
 /// A reply from a remote backend to one of this node's SNAT ports: back to the client, from the
 /// frontend it used, forwarded from here. None for any other packet.
 #[inline(always)]
-fn snat_reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<Option<u32>, Event> {
+fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u32>, Event> {
+    let l4_offset = ip.l4_offset;
     let Some(config) = config() else {
         return Ok(None);
     };
@@ -141,6 +186,17 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<Optio
         client_port,
     )?;
     count_service(service_id, 1, frame_len(ctx) as u64, 0);
+    if ip.first_fragment() {
+        let later = Frag4Value {
+            saddr: frontend_addr,
+            daddr: client_addr,
+            smac: node_mac,
+            dmac: client_mac,
+            action: frag_action::TRANSMIT,
+            _pad: [0; 3],
+        };
+        remember_fragment(&fragment_key(ip), &later);
+    }
     // Back the way the flow came in: no route or neighbour lookup needed.
     Ok(Some(transmit(ctx, node_mac, client_mac)))
 }
@@ -152,8 +208,8 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, l4_offset: usize) -> Result<Optio
 /// which the stack only accepts on a NIC with accept_local=1 (net/ipv4/fib_frontend.c,
 /// __fib_validate_source): the agent sets that on the NICs it attaches to.
 #[inline(always)]
-fn forward(ctx: &XdpContext, tuple: &Tuple, saddr: u32, daddr: u32) -> u32 {
-    match fib_forward(ctx, tuple.proto, saddr, daddr) {
+fn forward(ctx: &XdpContext, protocol: u8, saddr: u32, daddr: u32) -> u32 {
+    match fib_forward(ctx, protocol, saddr, daddr) {
         Forward::SameInterface { smac, dmac } => transmit(ctx, smac, dmac),
         Forward::Stack => xdp_action::XDP_PASS,
     }
@@ -207,8 +263,9 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
         ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS_OFFSET])
     } else {
         let udp = bytes_at::<UDP_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
+        // A first fragment holds the start of a datagram its length covers in full.
         let length = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
-        if length < UDP_HDR_LEN || length > l4_len {
+        if length < UDP_HDR_LEN || (length > l4_len && !ip.first_fragment()) {
             return Err(Event::DROP_MALFORMED);
         }
         ([udp[0], udp[1], udp[2], udp[3]], 0)
@@ -221,6 +278,20 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
         proto: ip.proto,
         tcp_flags,
     })
+}
+
+/// Rewrites the IPv4 source and destination addresses (old and new as (source, destination)),
+/// with an incremental header checksum.
+#[inline(always)]
+fn rewrite_addresses(ctx: &XdpContext, old: (u32, u32), new: (u32, u32)) -> Result<(), Event> {
+    let ip = bytes_at_mut::<20>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
+    ip[IPV4_SADDR_OFFSET..IPV4_SADDR_OFFSET + 4].copy_from_slice(&new.0.to_be_bytes());
+    ip[IPV4_DADDR_OFFSET..IPV4_DADDR_OFFSET + 4].copy_from_slice(&new.1.to_be_bytes());
+    let check = u16::from_be_bytes([ip[IPV4_CSUM_OFFSET], ip[IPV4_CSUM_OFFSET + 1]]);
+    let check = checksum::replace_u32(check, old.0, new.0);
+    let check = checksum::replace_u32(check, old.1, new.1);
+    ip[IPV4_CSUM_OFFSET..IPV4_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
+    Ok(())
 }
 
 /// Rewrites source and destination address and port (unchanged ones cost nothing), with
@@ -236,13 +307,7 @@ fn rewrite(
     daddr: u32,
     dport: u16,
 ) -> Result<(), Event> {
-    let ip = bytes_at_mut::<20>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
-    ip[IPV4_SADDR_OFFSET..IPV4_SADDR_OFFSET + 4].copy_from_slice(&saddr.to_be_bytes());
-    ip[IPV4_DADDR_OFFSET..IPV4_DADDR_OFFSET + 4].copy_from_slice(&daddr.to_be_bytes());
-    let check = u16::from_be_bytes([ip[IPV4_CSUM_OFFSET], ip[IPV4_CSUM_OFFSET + 1]]);
-    let check = checksum::replace_u32(check, tuple.saddr, saddr);
-    let check = checksum::replace_u32(check, tuple.daddr, daddr);
-    ip[IPV4_CSUM_OFFSET..IPV4_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
+    rewrite_addresses(ctx, (tuple.saddr, tuple.daddr), (saddr, daddr))?;
 
     let update = |check: u16| {
         let check = checksum::replace_u32(check, tuple.saddr, saddr);

@@ -151,6 +151,25 @@ pub fn as_fragment(frame: &[u8], offset_units: u16, more_fragments: bool) -> Vec
     out
 }
 
+/// An Ethernet/IPv4 frame without IP options cut into two IP fragments, the first carrying
+/// `first_len` bytes of the IP payload (a multiple of 8), each with its own header checksum.
+pub fn fragments(frame: &[u8], first_len: usize) -> [Vec<u8>; 2] {
+    assert_eq!(first_len % 8, 0, "fragment offsets count 8-byte units");
+    let header_end = ETH_HDR_LEN + 20;
+    let (payload_a, payload_b) = frame[header_end..].split_at(first_len);
+    let piece = |payload: &[u8], offset_units: u16, more: bool| {
+        let mut out = frame[..header_end].to_vec();
+        out.extend_from_slice(payload);
+        let total = (20 + payload.len()) as u16;
+        out[ETH_HDR_LEN + 2..ETH_HDR_LEN + 4].copy_from_slice(&total.to_be_bytes());
+        as_fragment(&out, offset_units, more)
+    };
+    [
+        piece(payload_a, 0, true),
+        piece(payload_b, (first_len / 8) as u16, false),
+    ]
+}
+
 /// Recomputes the IPv4 header checksum of an Ethernet frame (etherparse's implementation).
 pub fn fix_ip_checksum(frame: &mut [u8]) {
     let header = Ipv4HeaderSlice::from_slice(&frame[ETH_HDR_LEN..])

@@ -1391,3 +1391,117 @@ fn socket_egress_passes_the_packets_of_sockets_the_hooks_did_not_translate() {
     );
     assert_eq!(datapath.events().expect("events")["drop_source_range"], 0);
 }
+
+#[test]
+fn later_fragments_follow_their_first_fragment_to_a_local_endpoint_and_back() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "frag").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let payload = [0x5a; 600];
+    // Expected fragments: the translated datagram (UDP checksum over all of it, by etherparse)
+    // cut where the input was.
+    let to_service = packet::fragments(&packet::udp(CLIENT, FRONTEND, &payload), 304);
+    let to_pod = packet::fragments(&packet::udp(CLIENT, POD_A, &payload), 304);
+    let mut unknown = packet::fragments(&packet::udp(CLIENT, FRONTEND, &payload), 304)[1].clone();
+    unknown[packet::ETH_HDR_LEN + 4] = 0x77;
+    packet::fix_ip_checksum(&mut unknown);
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &[
+            case(
+                "first fragment",
+                to_service[0].clone(),
+                XDP_PASS,
+                Expect::Bytes(to_pod[0].clone()),
+            ),
+            case(
+                "later fragment",
+                to_service[1].clone(),
+                XDP_PASS,
+                Expect::Bytes(to_pod[1].clone()),
+            ),
+            case(
+                "later fragment of an unknown datagram",
+                unknown,
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    assert_eq!(datapath.events().expect("events")["pass_fragment"], 1);
+    let answer = packet::fragments(&packet::udp(POD_A, CLIENT, &payload), 304);
+    let translated = packet::fragments(&packet::udp(FRONTEND, CLIENT, &payload), 304);
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd"),
+        &[
+            case(
+                "first fragment of the answer",
+                answer[0].clone(),
+                TC_ACT_OK,
+                Expect::Bytes(translated[0].clone()),
+            ),
+            case(
+                "later fragment of the answer",
+                answer[1].clone(),
+                TC_ACT_OK,
+                Expect::Bytes(translated[1].clone()),
+            ),
+        ],
+    );
+}
+
+/// `expected` with the Ethernet addresses and TTL the datapath gave `actual` (which depend on
+/// whether it sent the frame on itself), its IP checksum recomputed.
+fn as_sent(expected: &[u8], actual: &[u8]) -> Vec<u8> {
+    let mut out = expected.to_vec();
+    out[..12].copy_from_slice(&actual[..12]);
+    out[packet::ETH_HDR_LEN + 8] = actual[packet::ETH_HDR_LEN + 8];
+    packet::fix_ip_checksum(&mut out);
+    out
+}
+
+#[test]
+fn later_fragments_follow_their_first_fragment_through_snat_both_ways() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fragsnat").expect("pin dir");
+    let fixture = SnatFixture::new(&pins);
+    let port = fixture.established(CLIENT);
+    let snat = SocketAddrV4::new(NODE, port);
+    let payload = [0xa5; 600];
+    let request = packet::fragments(&packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, &payload), 304);
+    let expected = packet::fragments(&packet::tcp(snat, REMOTE_POD, TcpFlags::ACK, &payload), 304);
+    for (index, fragment) in request.iter().enumerate() {
+        let run = fixture.xdp(fragment);
+        assert_ne!(run.verdict, XDP_DROP, "request fragment {index}");
+        let want = as_sent(&expected[index], &run.packet);
+        assert_eq!(
+            run.packet,
+            want,
+            "request fragment {index}:\n{}",
+            lab::table::diff(&want, &run.packet)
+        );
+    }
+    let answer = packet::fragments(&packet::tcp(REMOTE_POD, snat, TcpFlags::ACK, &payload), 304);
+    let mut expected =
+        packet::fragments(&packet::tcp(FRONTEND, CLIENT, TcpFlags::ACK, &payload), 304);
+    for (index, fragment) in answer.iter().enumerate() {
+        let run = fixture.xdp(fragment);
+        assert_eq!(run.verdict, XDP_TX, "answer fragment {index}");
+        // Back the way the client came (its MAC, from the node's), one hop less to live.
+        let want = &mut expected[index];
+        want[0..6].copy_from_slice(&packet::CLIENT_MAC);
+        want[6..12].copy_from_slice(&packet::NODE_MAC);
+        want[packet::ETH_HDR_LEN + 8] -= 1;
+        packet::fix_ip_checksum(want);
+        assert_eq!(
+            run.packet,
+            *want,
+            "answer fragment {index}:\n{}",
+            lab::table::diff(want, &run.packet)
+        );
+    }
+}
