@@ -94,7 +94,8 @@ pub fn reply(server: &str, peer: std::net::SocketAddr) -> String {
 
 /// Parses a [`reply`] into (server name, client ip, client ip:port).
 pub fn parse_reply(reply: &str) -> Option<(&str, &str, &str)> {
-    let (server, peer) = reply.trim_end().split_once(' ')?;
+    // The first line; padding may follow it.
+    let (server, peer) = reply.lines().next()?.split_once(' ')?;
     let (ip, _port) = peer.rsplit_once(':')?;
     Some((server, ip, peer))
 }
@@ -149,6 +150,9 @@ pub struct ClientRun<'a> {
     /// UDP with `one_flow`: after an error, replace the socket by a newly connected one (what an
     /// application does when its socket is aborted), and report a timeline.
     pub reconnect: bool,
+    /// UDP: each request this many bytes (0: a short one); the server answers with as many, so
+    /// both directions are IP-fragmented when it exceeds the MTU.
+    pub payload_bytes: usize,
 }
 
 impl<'a> ClientRun<'a> {
@@ -162,6 +166,7 @@ impl<'a> ClientRun<'a> {
             interval_ms: 0,
             timeout_ms: 2000,
             reconnect: false,
+            payload_bytes: 0,
         }
     }
 
@@ -177,8 +182,11 @@ impl<'a> ClientRun<'a> {
         let requests = self.requests.to_string();
         let timeout = self.timeout_ms.to_string();
         let interval = self.interval_ms.to_string();
+        let payload = self.payload_bytes.to_string();
         let mut args = vec![
             self.protocol,
+            "--payload-bytes",
+            &payload,
             "--to",
             self.to,
             "--requests",

@@ -54,12 +54,57 @@ fn idle_tcp_connections_to_a_remote_endpoint_outlive_the_syn_and_closing_timeout
     assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
 }
 
-/// A UDP NodePort Service on port 30053 whose one endpoint is on node2.
-fn udp_service() -> String {
+/// A UDP NodePort Service `name` on `cluster_ip`:53 and `node_port`, whose one endpoint is
+/// `endpoint` on `node`.
+fn udp_service(
+    name: &str,
+    cluster_ip: &str,
+    node_port: u16,
+    endpoint: std::net::Ipv4Addr,
+    node: &str,
+) -> String {
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports:\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {POD_PORT}, nodePort: 30053}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\nports:\n- {{name: dns, port: {POD_PORT}, protocol: UDP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node2\n  conditions: {{ready: true}}\n",
-        pod_addr(2, 0)
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: {cluster_ip}\n  ports:\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {POD_PORT}, nodePort: {node_port}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n- {{name: dns, port: {POD_PORT}, protocol: UDP}}\nendpoints:\n- addresses: [\"{endpoint}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n"
     )
+}
+
+#[test]
+fn eight_kilobyte_udp_exchanges_cross_node_ports_to_local_and_remote_endpoints_and_a_cluster_ip() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    let local = udp_service("big-local", "10.96.0.54", 30054, pod_addr(1, 0), "node1");
+    let remote = udp_service("big-remote", "10.96.0.55", 30055, pod_addr(2, 0), "node2");
+    setup
+        .apply("big.yaml", &(local + "---\n" + &remote))
+        .expect("apply");
+    // 8 KB each way: six fragments at the lab's MTU of 1500, in both directions.
+    fn exchange(to: &str) -> ClientRun<'_> {
+        ClientRun {
+            payload_bytes: 8192,
+            ..ClientRun::udp(to, 5)
+        }
+    }
+    let local_port = format!("{}:30054", node_addr(1));
+    let report = exchange(&local_port)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    report.assert_all_ok("8 KB through a NodePort to a local endpoint");
+    assert_eq!(report.servers(), ["n1p0"].into());
+    let remote_port = format!("{}:30055", node_addr(1));
+    let report = exchange(&remote_port)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    report.assert_all_ok("8 KB through a NodePort to node2 (SNAT)");
+    assert_eq!(report.servers(), ["n2p0"].into());
+    let report = exchange("10.96.0.54:53")
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("client");
+    report.assert_all_ok("8 KB to a ClusterIP from a pod");
+    let events = setup.events().expect("events");
+    assert_eq!(
+        events["pass_fragment"], 0,
+        "every later fragment had its first: {events:?}"
+    );
 }
 
 #[test]
@@ -70,7 +115,12 @@ fn two_udp_clients_sharing_a_tiny_snat_range_never_get_each_others_answers() {
     let mut flags = SHORT_TIMEOUTS.to_vec();
     flags.extend(["--snat-port-range", "61000-61001"]);
     setup.start_agent(&flags).expect("agent");
-    setup.apply("dns.yaml", &udp_service()).expect("apply");
+    setup
+        .apply(
+            "dns.yaml",
+            &udp_service("dns", "10.96.0.53", 30053, pod_addr(2, 0), "node2"),
+        )
+        .expect("apply");
     let second_client = setup
         .add_client("c2", std::net::Ipv4Addr::new(203, 0, 113, 21))
         .expect("second client");

@@ -78,6 +78,9 @@ struct ClientArgs {
     /// (as an application does when its socket is aborted); the report gets a timeline.
     #[arg(long, requires = "one_flow")]
     reconnect: bool,
+    /// UDP: request size in bytes (0: a short request); the server answers with as many.
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
 }
 
 const MAX_ERROR_SAMPLES: usize = 5;
@@ -135,11 +138,23 @@ fn answer_tcp(name: &str, stream: TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Answers each datagram with the reply line, padded to the request's size when that is larger
+/// (a large request gets an equally large, IP-fragmented, answer).
 fn serve_udp(name: &str, socket: &UdpSocket) {
-    let mut buf = [0u8; 2048];
-    while let Ok((_, peer)) = socket.recv_from(&mut buf) {
-        let _ = socket.send_to(reply(name, peer).as_bytes(), peer);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    while let Ok((len, peer)) = socket.recv_from(&mut buf) {
+        let _ = socket.send_to(&padded(reply(name, peer).into_bytes(), len), peer);
     }
+}
+
+const MAX_DATAGRAM: usize = 65_536;
+
+/// `message` followed by filler up to `len` bytes (as it is when already that long).
+fn padded(mut message: Vec<u8>, len: usize) -> Vec<u8> {
+    if message.len() < len {
+        message.resize(len, b'.');
+    }
+    message
 }
 
 /// One exchange's outcome: the reply text and the peer the client's socket API named.
@@ -283,14 +298,24 @@ fn udp_socket(args: &ClientArgs, timeout: Duration) -> std::io::Result<UdpSocket
 }
 
 fn udp_exchange(socket: &UdpSocket, args: &ClientArgs) -> Exchange {
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let request = padded(b"hello\n".to_vec(), args.payload_bytes);
     let (len, peer) = if args.unconnected {
-        socket.send_to(b"hello", args.to)?;
+        socket.send_to(&request, args.to)?;
         socket.recv_from(&mut buf)?
     } else {
-        socket.send(b"hello")?;
+        socket.send(&request)?;
         (socket.recv(&mut buf)?, socket.peer_addr()?)
     };
+    if args.payload_bytes > 0 && len != args.payload_bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "an answer of {len} bytes to a request of {}",
+                args.payload_bytes
+            ),
+        ));
+    }
     Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), peer))
 }
 
