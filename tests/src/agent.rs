@@ -161,7 +161,7 @@ impl AgentLab {
         Ok(host)
     }
 
-    /// The agent's drop and reject counters (`lb_event_v1`), read from its pinned map without
+    /// The agent's drop and reject counters (`lb_event_v2`), read from its pinned map without
     /// touching anything else of the running datapath.
     pub fn events(&self) -> anyhow::Result<std::collections::BTreeMap<&'static str, u64>> {
         lb_userspace::inspect::PinnedMaps::open(self.pins.path())?.events()
