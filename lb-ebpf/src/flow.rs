@@ -1,13 +1,14 @@
 //! Connection tracking, backend selection (random or sticky by client) and SNAT port allocation,
 //! shared by the XDP, tc and socket programs.
 
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
     DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SlotKey, SourceRange4,
     backend_flags, ct_direction, ct_flags, ct_timeouts, maglev, proto, scope, service_flags,
     tcp_state,
 };
-use lb_ebpf::packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use lb_ebpf::packet::{Ipv4Info, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ipv4_checksum_ok};
 
 use crate::{
     helpers::{now_ns, random_u32},
@@ -103,12 +104,17 @@ pub fn no_backend(service: &ServiceValue) -> Event {
 /// its REPLY half is there and still its own: a lost half is recreated, and a flow whose reply
 /// tuple now serves another flow starts over instead of mixing the two.
 #[inline(always)]
+/// The IPv4 header checksum is checked only for a packet that creates or ends a flow: the stack
+/// drops one with a bad checksum, so it must not change state, and any other packet with a bad
+/// one is translated as it is and dropped where it arrives.
 pub fn destination(
+    ctx: &XdpContext,
+    ip: &Ipv4Info,
     tuple: &Tuple,
     service: &ServiceValue,
     macs: &[u8; 12],
-    may_forward: bool,
 ) -> Result<Destination, Event> {
+    let header_ok = || ipv4_checksum_ok(ctx, ip.l4_offset);
     let now = now_ns();
     let key = original_key(tuple);
     if let Some(entry) = CONNTRACK4.get_ptr_mut(&key) {
@@ -116,6 +122,9 @@ pub fn destination(
         // can only make last_seen/state slightly stale, which the timeouts tolerate.
         let entry = unsafe { &mut *entry };
         if continues(entry, tuple, now) {
+            if closes(tuple) && !header_ok() {
+                return Err(Event::DROP_IP_CHECKSUM);
+            }
             match reply_half(entry, tuple, macs, now) {
                 ReplyHalf::Ours(reply) => {
                     if !dry_run() {
@@ -129,7 +138,16 @@ pub fn destination(
             }
         }
     }
-    new_flow(tuple, service, macs, may_forward, now)
+    if !header_ok() {
+        return Err(Event::DROP_IP_CHECKSUM);
+    }
+    new_flow(tuple, service, macs, ip.ttl > 1, now)
+}
+
+/// A TCP FIN or RST: the packet ends its flow.
+#[inline(always)]
+pub fn closes(tuple: &Tuple) -> bool {
+    tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
 /// Where a tracked flow's packets go.
@@ -510,18 +528,10 @@ fn note_close(reply: &mut Ct4Value, tcp_flags: u8, from_backend: bool, now: u64)
 /// the whole flow, and the reply tuple it holds, alive.
 #[inline(always)]
 fn refresh_flow(original: &mut Ct4Value, reply: &mut Ct4Value, tuple: &Tuple, now: u64) {
-    let state = if tuple.proto == proto::TCP {
-        next_state(original.state, tuple.tcp_flags)
-    } else {
-        original.state
-    };
-    if state != original.state || stale(original, tuple.proto, now) {
-        original.state = state;
-        original.last_seen_ns = now;
-        reply.state = state;
-        reply.last_seen_ns = now;
+    if let Some(state) = advance(original, tuple, now) {
+        touch(reply, state, now);
     }
-    if tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    if closes(tuple) {
         note_close(reply, tuple.tcp_flags, false, now);
     }
 }
@@ -530,26 +540,47 @@ fn refresh_flow(original: &mut Ct4Value, reply: &mut Ct4Value, tuple: &Tuple, no
 /// Only a FIN or RST closes the flow; the handshake completing on this side changes its state
 /// but never ends it.
 #[inline(always)]
-pub fn track_reply(reply: &mut Ct4Value, tuple: &Tuple) {
-    let now = now_ns();
-    let state = if tuple.proto == proto::TCP {
-        next_state(reply.state, tuple.tcp_flags)
-    } else {
-        reply.state
-    };
-    if state != reply.state || stale(reply, tuple.proto, now) {
-        reply.state = state;
-        reply.last_seen_ns = now;
-        if let Some(original) = CONNTRACK4.get_ptr_mut(&original_key_of(reply, tuple)) {
-            // SAFETY: as in destination().
-            let original = unsafe { &mut *original };
-            original.state = state;
-            original.last_seen_ns = now;
-        }
+///
+/// `keep_alive`: whether the answers alone keep the flow alive (a SNAT flow, whose port must not
+/// go to another client while its backend still sends to it), which costs a clock read per
+/// packet; otherwise only state changes are written.
+pub fn track_reply(reply: &mut Ct4Value, tuple: &Tuple, keep_alive: bool) {
+    if !keep_alive && !closes(tuple) {
+        return;
     }
-    if tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    let now = now_ns();
+    if let Some(state) = advance(reply, tuple, now)
+        && let Some(original) = CONNTRACK4.get_ptr_mut(&original_key_of(reply, tuple))
+    {
+        // SAFETY: as in destination().
+        touch(unsafe { &mut *original }, state, now);
+    }
+    if closes(tuple) {
         note_close(reply, tuple.tcp_flags, true, now);
     }
+}
+
+/// The flow's state after this packet, written to the entry of its direction with the time
+/// when it changed or the entry is due for a refresh; then the other half wants the same
+/// (Some), else nothing was written (None).
+#[inline(always)]
+fn advance(entry: &mut Ct4Value, tuple: &Tuple, now: u64) -> Option<u8> {
+    let state = if tuple.proto == proto::TCP {
+        next_state(entry.state, tuple.tcp_flags)
+    } else {
+        entry.state
+    };
+    if state == entry.state && !stale(entry, tuple.proto, now) {
+        return None;
+    }
+    touch(entry, state, now);
+    Some(state)
+}
+
+#[inline(always)]
+fn touch(entry: &mut Ct4Value, state: u8, now: u64) {
+    entry.state = state;
+    entry.last_seen_ns = now;
 }
 
 /// Whether an entry's last_seen is due to be rewritten: after REFRESH, or a quarter of its

@@ -52,7 +52,8 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
     };
     // SAFETY: the entry stays valid for this run (RCU); see flow::destination for races.
     let entry = unsafe { &mut *entry };
-    track_reply(entry, &tuple);
+    // Answers of a local endpoint keep no SNAT port: the client's packets keep the flow alive.
+    track_reply(entry, &tuple, false);
     snat(ctx, &tuple, l4_offset, entry.nat_addr, entry.nat_port)
         .map_err(|_| Event::DROP_NAT_FAILED)?;
     if entry.flags & ct_flags::PORT_REMAP != 0 {

@@ -17,7 +17,9 @@ use lb_ebpf::packet::{
 };
 
 use crate::{
-    flow::{Tuple, config, destination, lookup_frontend, reply_key, source_allowed, track_reply},
+    flow::{
+        Tuple, closes, config, destination, lookup_frontend, reply_key, source_allowed, track_reply,
+    },
     helpers::{Forward, fib_forward},
     maps::{CONNTRACK4, FRAGMENTS4, count_event, count_service, dry_run, remember_fragment},
     reject,
@@ -61,9 +63,6 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     let Some(service) = lookup_frontend(&tuple) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    if !ipv4_checksum_ok(ctx, ip.l4_offset) {
-        return Err(Event::DROP_IP_CHECKSUM);
-    }
     if service.flags & service_flags::SOURCE_RANGES != 0
         && !source_allowed(service.service_id, tuple.saddr)
     {
@@ -71,7 +70,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     }
     let mut macs = [0u8; 12];
     macs.copy_from_slice(&eth[0..12]);
-    let destination = match destination(&tuple, service, &macs, ip.ttl > 1) {
+    let destination = match destination(ctx, &ip, &tuple, service, &macs) {
         Ok(destination) => destination,
         Err(Event::DROP_NO_BACKEND) => return reject::reply(ctx, &tuple, ip.l4_offset),
         Err(Event::PASS_TTL_EXCEEDED) => {
@@ -121,9 +120,6 @@ fn later_fragment(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         count_event(Event::PASS_FRAGMENT);
         return Ok(xdp_action::XDP_PASS);
     };
-    if !ipv4_checksum_ok(ctx, ip.l4_offset) {
-        return Err(Event::DROP_IP_CHECKSUM);
-    }
     rewrite_addresses(ctx, (ip.saddr, ip.daddr), (first.saddr, first.daddr))?;
     Ok(match first.action {
         frag_action::TRANSMIT => transmit(ctx, first.smac, first.dmac),
@@ -166,11 +162,13 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     if entry.flags & ct_flags::SNAT == 0 {
         return Ok(None);
     }
-    if !ipv4_checksum_ok(ctx, l4_offset) {
+    // A FIN or RST the stack would drop for its header checksum must not end the flow; other
+    // packets with a bad one are translated as they are and dropped by the client's stack.
+    if closes(tuple) && !ipv4_checksum_ok(ctx, l4_offset) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
     if !dry_run() {
-        track_reply(entry, tuple);
+        track_reply(entry, tuple, true);
     }
     let (client_addr, client_port) = (entry.snat_addr, entry.snat_port);
     let (frontend_addr, frontend_port) = (entry.nat_addr, entry.nat_port);

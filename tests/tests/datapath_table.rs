@@ -217,13 +217,20 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
             "first fragment to a frontend",
             packet::as_fragment(&udp, 0, true),
             XDP_PASS,
-            Expect::Unchanged,
+            Expect::Bytes(packet::as_fragment(
+                &packet::udp(CLIENT, POD_A, b"query"),
+                0,
+                true,
+            )),
         ),
         case(
-            "later fragment to a frontend",
+            "later fragment to a frontend: the first one's addresses",
             packet::as_fragment(&udp, 100, false),
             XDP_PASS,
-            Expect::Unchanged,
+            Expect::Bytes(with_ip_header(
+                &packet::as_fragment(&udp, 100, false),
+                |ip| ip[16..20].copy_from_slice(&POD_A.ip().octets()),
+            )),
         ),
         case(
             "truncated tcp header",
@@ -299,14 +306,16 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
     assert_eq!(events["drop_no_backend"], 2, "{events:?}");
     assert_eq!(events["reject_tcp_rst"], 2, "{events:?}");
     assert_eq!(events["reject_icmp"], 1, "{events:?}");
-    assert_eq!(events["pass_fragment"], 2, "{events:?}");
+    assert_eq!(events["pass_fragment"], 0, "{events:?}");
     let tcp = datapath.service_counter(1).expect("counter");
     // syn, ack, fin and the syn with options; two flows (port 40000 and 40001).
     assert_eq!((tcp.packets, tcp.new_flows), (4, 2), "{tcp:?}");
     let udp_counter = datapath.service_counter(2).expect("counter");
+    // The datagram, the one without a checksum and the first fragment, all of one flow (later
+    // fragments are not counted per service).
     assert_eq!(
         (udp_counter.packets, udp_counter.new_flows),
-        (2, 1),
+        (3, 1),
         "{udp_counter:?}"
     );
 }
@@ -518,10 +527,14 @@ fn tc_egress_reverse_nats_replies_of_tracked_flows_only() {
             Expect::Unchanged,
         ),
         case(
-            "fragment of a tracked flow",
+            "first fragment of a tracked flow",
             packet::as_fragment(&reply_udp, 0, true),
             TC_ACT_OK,
-            Expect::Unchanged,
+            Expect::Bytes(packet::as_fragment(
+                &packet::udp(FRONTEND, CLIENT, b"answer"),
+                0,
+                true,
+            )),
         ),
         case(
             "truncated",
@@ -1405,30 +1418,23 @@ fn later_fragments_follow_their_first_fragment_to_a_local_endpoint_and_back() {
     let mut unknown = packet::fragments(&packet::udp(CLIENT, FRONTEND, &payload), 304)[1].clone();
     unknown[packet::ETH_HDR_LEN + 4] = 0x77;
     packet::fix_ip_checksum(&mut unknown);
+    let mut rows = fragment_rows(
+        ["first fragment", "later fragment"],
+        &to_service,
+        XDP_PASS,
+        &to_pod,
+    );
+    rows.push(case(
+        "later fragment of an unknown datagram",
+        unknown,
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
     run_table(
         datapath
             .program_fd(lb_common::program_names::XDP_LB)
             .expect("fd"),
-        &[
-            case(
-                "first fragment",
-                to_service[0].clone(),
-                XDP_PASS,
-                Expect::Bytes(to_pod[0].clone()),
-            ),
-            case(
-                "later fragment",
-                to_service[1].clone(),
-                XDP_PASS,
-                Expect::Bytes(to_pod[1].clone()),
-            ),
-            case(
-                "later fragment of an unknown datagram",
-                unknown,
-                XDP_PASS,
-                Expect::Unchanged,
-            ),
-        ],
+        &rows,
     );
     assert_eq!(datapath.events().expect("events")["pass_fragment"], 1);
     let answer = packet::fragments(&packet::udp(POD_A, CLIENT, &payload), 304);
@@ -1437,21 +1443,35 @@ fn later_fragments_follow_their_first_fragment_to_a_local_endpoint_and_back() {
         datapath
             .program_fd(lb_common::program_names::TC_EGRESS)
             .expect("fd"),
-        &[
-            case(
+        &fragment_rows(
+            [
                 "first fragment of the answer",
-                answer[0].clone(),
-                TC_ACT_OK,
-                Expect::Bytes(translated[0].clone()),
-            ),
-            case(
                 "later fragment of the answer",
-                answer[1].clone(),
-                TC_ACT_OK,
-                Expect::Bytes(translated[1].clone()),
-            ),
-        ],
+            ],
+            &answer,
+            TC_ACT_OK,
+            &translated,
+        ),
     );
+}
+
+/// Rows for the two fragments of a datagram and what each must become.
+fn fragment_rows(
+    names: [&'static str; 2],
+    input: &[Vec<u8>; 2],
+    verdict: u32,
+    output: &[Vec<u8>; 2],
+) -> Vec<Case> {
+    (0..2)
+        .map(|index| {
+            case(
+                names[index],
+                input[index].clone(),
+                verdict,
+                Expect::Bytes(output[index].clone()),
+            )
+        })
+        .collect()
 }
 
 /// `expected` with the Ethernet addresses and TTL the datapath gave `actual` (which depend on
