@@ -299,7 +299,7 @@ fn udp_socket(args: &ClientArgs, timeout: Duration) -> std::io::Result<UdpSocket
 
 fn udp_exchange(socket: &UdpSocket, args: &ClientArgs) -> Exchange {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let request = padded(b"hello\n".to_vec(), args.payload_bytes);
+    let request = padded(b"hello".to_vec(), args.payload_bytes);
     let (len, peer) = if args.unconnected {
         socket.send_to(&request, args.to)?;
         socket.recv_from(&mut buf)?
