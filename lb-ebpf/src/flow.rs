@@ -299,7 +299,7 @@ fn new_flow(
             config().ok_or(Event::DROP_SNAT_EXHAUSTED)?.snat_addr,
             ct_flags::SNAT,
         ))
-    } else if claim(&client_key, &reply, tuple, now) != Claim::Claimed {
+    } else if !claim_client_tuple(&client_key, &reply, tuple, now) {
         Some((tuple.saddr, ct_flags::PORT_REMAP))
     } else {
         None
@@ -367,43 +367,57 @@ fn claim_port(
     let random = random_u32();
     let mut offset = random % span;
     let stride = STRIDES[(random >> 29) as usize & (STRIDES.len() - 1)] % span;
-    let mut found = 0u32;
+    let mut found = (0u32, Holder::Alive);
     let mut last_resort = 0u32;
     for _ in 0..SNAT_PORT_TRIES {
         let port = port_min.wrapping_add(offset as u16);
-        match port_holder(&port_key(original, protocol, addr, port), now) {
-            Claim::Claimed => {
-                found = u32::from(port);
+        match holder(&port_key(original, protocol, addr, port), now) {
+            free @ (Holder::Vacant | Holder::Gone) => {
+                found = (u32::from(port), free);
                 break;
             }
-            Claim::BackendTimeWait if last_resort == 0 => last_resort = u32::from(port),
+            Holder::BackendTimeWait if last_resort == 0 => last_resort = u32::from(port),
             _ => {}
         }
         offset = (offset + stride) % span;
     }
-    let port = if found != 0 { found } else { last_resort } as u16;
-    if port == 0 {
-        return None;
-    }
-    // The claim itself: an insert that fails if another CPU took the port meanwhile (the flow's
-    // next packet tries again), so no two flows ever share a port.
-    let key = port_key(original, protocol, addr, port);
-    let _ = CONNTRACK4.remove(&key);
-    CONNTRACK4
-        .insert(&key, reply, BPF_NOEXIST)
-        .ok()
-        .map(|()| port)
+    let (port, holder) = match found {
+        (0, _) if last_resort != 0 => (last_resort as u16, Holder::Gone),
+        (0, _) => return None,
+        (port, holder) => (port as u16, holder),
+    };
+    // The flow's next packet tries again when another CPU took the port meanwhile.
+    take(&port_key(original, protocol, addr, port), reply, holder).then_some(port)
 }
 
-/// Whether a reply tuple is free for a new flow (`Claimed`: nobody holds it, or its holder is
-/// past its time).
+/// Who holds a reply tuple.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    Vacant,
+    /// A flow past its time, or closed long enough ago: the tuple is free.
+    Gone,
+    /// A closed flow whose backend closed first and may hold TIME_WAIT on the ports.
+    BackendTimeWait,
+    Alive,
+}
+
 #[inline(always)]
-fn port_holder(key: &Ct4Key, now: u64) -> Claim {
+fn holder(key: &Ct4Key, now: u64) -> Holder {
     match CONNTRACK4.get_ptr(key) {
-        None => Claim::Claimed,
+        None => Holder::Vacant,
         // SAFETY: read-only use of an entry that stays valid for this run (RCU).
         Some(existing) => port_state(unsafe { &*existing }, key.proto, now),
     }
+}
+
+/// Writes a new flow's REPLY entry under a free `key` (its old holder removed first): an insert
+/// that fails if another CPU claimed the key meanwhile, so no two flows ever share a tuple.
+#[inline(always)]
+fn take(key: &Ct4Key, reply: &Ct4Value, holder: Holder) -> bool {
+    if holder != Holder::Vacant {
+        let _ = CONNTRACK4.remove(key);
+    }
+    CONNTRACK4.insert(key, reply, BPF_NOEXIST).is_ok()
 }
 
 /// Primes above 65,536, so each is coprime to any port range's length: a stride of one of them
@@ -421,45 +435,20 @@ fn port_key(original: &Ct4Value, protocol: u8, addr: u32, port: u16) -> Ct4Key {
     )
 }
 
-#[derive(PartialEq, Eq)]
-enum Claim {
-    Claimed,
-    /// Closed, but the backend closed first and may hold TIME_WAIT on the ports.
-    BackendTimeWait,
-    InUse,
-}
-
-/// Writes a new flow's REPLY entry under `key` unless a live flow of another client or frontend
-/// holds it; a flow of this very client and frontend (an earlier connection on the same ports)
-/// gives way.
+/// Writes a new flow's REPLY entry for its client's own tuple (a local endpoint): false when a
+/// live flow of another client port or frontend holds it (a clash). A flow of this very client
+/// and frontend (an earlier connection on the same ports) gives way.
 #[inline(always)]
-fn claim(key: &Ct4Key, reply: &Ct4Value, tuple: &Tuple, now: u64) -> Claim {
+fn claim_client_tuple(key: &Ct4Key, reply: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
     if let Some(existing) = CONNTRACK4.get_ptr(key) {
         // SAFETY: read-only use of an entry that stays valid for this run (RCU).
         if belongs_to(unsafe { &*existing }, tuple) {
-            return if CONNTRACK4.insert(key, reply, 0).is_ok() {
-                Claim::Claimed
-            } else {
-                Claim::InUse
-            };
+            return CONNTRACK4.insert(key, reply, 0).is_ok();
         }
     }
-    claim_unowned(key, reply, now)
-}
-
-/// Writes a REPLY entry under `key` if nobody holds it, or its holder is past its time.
-#[inline(always)]
-fn claim_unowned(key: &Ct4Key, reply: &Ct4Value, now: u64) -> Claim {
-    let holder = port_holder(key, now);
-    if holder != Claim::Claimed {
-        return holder;
-    }
-    // A holder past its time, if any, goes; the insert fails if another CPU claimed it first.
-    let _ = CONNTRACK4.remove(key);
-    if CONNTRACK4.insert(key, reply, BPF_NOEXIST).is_ok() {
-        Claim::Claimed
-    } else {
-        Claim::InUse
+    match holder(key, now) {
+        free @ (Holder::Vacant | Holder::Gone) => take(key, reply, free),
+        _ => false,
     }
 }
 
@@ -472,29 +461,29 @@ fn reopens(entry: &Ct4Value, tuple: &Tuple) -> bool {
         && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// Whether the flow a REPLY entry belongs to still needs its reply tuple (`Claimed` when not):
+/// Whether the flow a REPLY entry belongs to still needs its reply tuple (`Gone` when not):
 /// not when idle past its timeout, nor some time after a RST or after both sides closed with
 /// the client first. A backend that closed first holds the ports in TIME_WAIT and may answer a
 /// new SYN on them with an ACK of the old connection, so those are a last resort until the
 /// timeout. Traffic in either direction keeps the entry fresh ([`refresh_flow`], [`track_reply`]).
 #[inline(always)]
-fn port_state(entry: &Ct4Value, protocol: u8, now: u64) -> Claim {
+fn port_state(entry: &Ct4Value, protocol: u8, now: u64) -> Holder {
     let idle = now.saturating_sub(entry.last_seen_ns);
     if idle > timeout(protocol, entry.state) {
-        return Claim::Claimed;
+        return Holder::Gone;
     }
     if protocol != proto::TCP || idle <= timeouts().snat_port_reuse() {
-        return Claim::InUse;
+        return Holder::Alive;
     }
     let both_fins = ct_flags::CLIENT_FIN | ct_flags::BACKEND_FIN;
     if entry.flags & ct_flags::RESET != 0 {
-        Claim::Claimed
+        Holder::Gone
     } else if entry.flags & both_fins != both_fins {
-        Claim::InUse
+        Holder::Alive
     } else if entry.flags & ct_flags::BACKEND_CLOSED_FIRST != 0 {
-        Claim::BackendTimeWait
+        Holder::BackendTimeWait
     } else {
-        Claim::Claimed
+        Holder::Gone
     }
 }
 
