@@ -43,6 +43,9 @@ pub mod map_names {
     /// LRU [`crate::Frag4Key`] -> [`crate::Frag4Value`]: how the first fragment of a datagram
     /// was translated, for its later fragments (which carry no ports). Not pinned.
     pub const FRAGMENTS4: &str = "lb4_frag_v1";
+    /// Array of [`crate::NicMac`] by ifindex % [`limits::NIC_SLOTS`]: the MAC of each NIC the
+    /// XDP program is attached to, written by the agent at attach. Not pinned.
+    pub const NIC_MACS: &str = "lb_nicmac_v1";
     /// Per-CPU [`crate::RejectBudget`]: the REJECT answers' rate limit. Not pinned.
     pub const REJECT_BUDGET: &str = "lb_rejbudget";
     /// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE) of [`crate::SockState4`]: what the socket
@@ -66,6 +69,8 @@ pub mod map_names {
         SERVICE_NAMES,
         REJECT_BUDGET,
         SOCK_STATE4,
+        FRAGMENTS4,
+        NIC_MACS,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -106,6 +111,8 @@ pub mod limits {
     pub const MAX_SOURCE_RANGES: u32 = 16_384;
     /// Session-affinity entries (client, service).
     pub const MAX_AFFINITY: u32 = 131_072;
+    /// Slots of the NIC MAC table (by ifindex modulo this).
+    pub const NIC_SLOTS: u32 = 256;
     /// Datagrams in fragments being translated at once.
     pub const MAX_FRAGMENTED: u32 = 8_192;
 }
@@ -552,6 +559,18 @@ pub mod frag_action {
     pub const FORWARD: u8 = 2;
 }
 
+/// A NIC the XDP program serves and its MAC: frames to another unicast MAC (a NIC in
+/// promiscuous mode sees them) are not this node's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct NicMac {
+    /// 0: a free slot.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<NicMac>() == 12);
+
 /// A per-CPU token bucket of the datapath's REJECT answers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -827,8 +846,11 @@ impl Event {
     pub const DROP_REJECT_NOT_UNICAST: Self = Self(18);
     /// Drop: REJECT answers past this CPU's rate.
     pub const DROP_REJECT_RATE_LIMITED: Self = Self(19);
+    /// Pass: a frame to a service or SNAT port but to another host's MAC (seen in promiscuous
+    /// mode) went on untouched; the stack drops it.
+    pub const PASS_OTHER_HOST: Self = Self(20);
 
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Every event in index order with its label (the `reason` label of the metrics).
     pub const ALL: [(Self, &'static str); Self::COUNT as usize] = [
@@ -852,6 +874,7 @@ impl Event {
         (Self::DROP_IP_CHECKSUM, "drop_ip_checksum"),
         (Self::DROP_REJECT_NOT_UNICAST, "drop_reject_not_unicast"),
         (Self::DROP_REJECT_RATE_LIMITED, "drop_reject_rate_limited"),
+        (Self::PASS_OTHER_HOST, "pass_other_host"),
     ];
 
     pub fn label(self) -> Option<&'static str> {
@@ -871,6 +894,7 @@ macro_rules! impl_pod {
 
 #[cfg(feature = "user")]
 impl_pod!(
+    NicMac,
     Frag4Key,
     Frag4Value,
     DatapathConfig,

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frag4Key,
-    Frag4Value, Frontend4Key, RejectBudget, ServiceCounter, ServiceValue, SlotKey, SockNat4Key,
-    SockNat4Value, SockState4, SourceRange4, limits, maglev,
+    Frag4Value, Frontend4Key, NicMac, RejectBudget, ServiceCounter, ServiceValue, SlotKey,
+    SockNat4Key, SockNat4Value, SockState4, SourceRange4, limits, maglev,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -71,6 +71,10 @@ pub static MAGLEV4: Array<u32> = Array::pinned(maglev::MAX_TABLES * maglev::TABL
 #[map(name = "lb4_frag_v1")]
 pub static FRAGMENTS4: LruHashMap<Frag4Key, Frag4Value> =
     LruHashMap::with_max_entries(limits::MAX_FRAGMENTED, 0);
+
+/// The MAC of each NIC XDP serves, by ifindex % NIC_SLOTS (see `xdp::for_another_host`).
+#[map(name = "lb_nicmac_v1")]
+pub static NIC_MACS: Array<NicMac> = Array::with_max_entries(limits::NIC_SLOTS, 0);
 
 /// Per-CPU token bucket of REJECT answers (index 0). Private to the object: a new agent starts
 /// with a fresh bucket.

@@ -7,7 +7,7 @@
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    Event, Frag4Key, Frag4Value, checksum, ct_flags, frag_action, proto, service_flags,
+    Event, Frag4Key, Frag4Value, checksum, ct_flags, frag_action, limits, proto, service_flags,
 };
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET,
@@ -21,7 +21,9 @@ use crate::{
         Tuple, closes, config, destination, lookup_frontend, reply_key, source_allowed, track_reply,
     },
     helpers::{Forward, fib_forward},
-    maps::{CONNTRACK4, FRAGMENTS4, count_event, count_service, dry_run, remember_fragment},
+    maps::{
+        CONNTRACK4, FRAGMENTS4, NIC_MACS, count_event, count_service, dry_run, remember_fragment,
+    },
     reject,
 };
 
@@ -63,6 +65,10 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     let Some(service) = lookup_frontend(&tuple) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    if for_another_host(ctx, eth) {
+        count_event(Event::PASS_OTHER_HOST);
+        return Ok(xdp_action::XDP_PASS);
+    }
     if service.flags & service_flags::SOURCE_RANGES != 0
         && !source_allowed(service.service_id, tuple.saddr)
     {
@@ -162,6 +168,11 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     if entry.flags & ct_flags::SNAT == 0 {
         return Ok(None);
     }
+    let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    if for_another_host(ctx, eth) {
+        count_event(Event::PASS_OTHER_HOST);
+        return Ok(Some(xdp_action::XDP_PASS));
+    }
     // A FIN or RST the stack would drop for its header checksum must not end the flow; other
     // packets with a bad one are translated as they are and dropped by the client's stack.
     if closes(tuple) && !ipv4_checksum_ok(ctx, l4_offset) {
@@ -197,6 +208,23 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     }
     // Back the way the flow came in: no route or neighbour lookup needed.
     Ok(Some(transmit(ctx, node_mac, client_mac)))
+}
+
+/// A unicast frame to another MAC than the NIC's (the NIC is in promiscuous mode, e.g. on a
+/// bridge or a mirror port): not this node's to translate, and the stack drops it
+/// (PACKET_OTHERHOST, net/ipv4/ip_input.c ip_rcv_core). Group frames are the stack's as usual. A
+/// NIC the agent recorded no MAC for (or whose slot another NIC took) is not checked.
+#[inline(always)]
+fn for_another_host(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN]) -> bool {
+    if eth[0] & 1 != 0 {
+        return false;
+    }
+    // SAFETY: ctx.ctx is the program's own xdp_md, valid for the whole run.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    match NIC_MACS.get(ifindex % limits::NIC_SLOTS) {
+        Some(nic) if nic.ifindex == ifindex => nic.mac != eth[0..6],
+        _ => false,
+    }
 }
 
 /// Sends a rewritten packet on from XDP: out of the NIC it came in on (XDP_TX) with the MACs the

@@ -31,7 +31,7 @@ use aya::{
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
-    SERVICE_NAME_LEN, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value,
+    NicMac, SERVICE_NAME_LEN, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value,
     SourceRange4, limits, maglev, map_names, program_names, service_flags,
 };
 
@@ -195,6 +195,7 @@ pub struct Datapath {
     service_counters: PerCpuArray<MapData, ServiceCounter>,
     events: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
+    nic_macs: Array<MapData, NicMac>,
     maglev: Array<MapData, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
@@ -298,6 +299,7 @@ impl Datapath {
             service_counters: take_map(&mut ebpf, map_names::SERVICE_COUNTERS)?,
             events: take_map(&mut ebpf, map_names::EVENTS)?,
             config: take_map(&mut ebpf, map_names::CONFIG)?,
+            nic_macs: take_map(&mut ebpf, map_names::NIC_MACS)?,
             maglev: take_map(&mut ebpf, map_names::MAGLEV4)?,
             affinity: take_map(&mut ebpf, map_names::AFFINITY4)?,
             sock_nat: take_map(&mut ebpf, map_names::SOCK_NAT4)?,
@@ -320,6 +322,8 @@ impl Datapath {
     /// restarted (or upgraded) agent finds the pinned link and swaps its own program in
     /// atomically (BPF_LINK_UPDATE); traffic never runs without the datapath.
     pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
+        let (ifindex, mac) = nic_address(iface)?;
+        self.record_nic_mac(ifindex, mac)?;
         let name = program_names::XDP_LB;
         let pin = self.link_pin(&format!("xdp-{iface}"))?;
         let program = program_mut::<Xdp>(&mut self.ebpf, name)?;
@@ -626,6 +630,20 @@ impl Datapath {
     }
 
     /// Writes the datapath-wide settings (SNAT address and ports).
+    /// Tells XDP the MAC of the NIC with this ifindex, so that frames it sees for other hosts
+    /// (promiscuous mode) are left alone. Two NICs whose ifindexes share a slot
+    /// (ifindex % NIC_SLOTS) leave the first unchecked.
+    pub fn record_nic_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        let nic = NicMac {
+            ifindex,
+            mac,
+            _pad: [0; 2],
+        };
+        self.nic_macs
+            .set(ifindex % limits::NIC_SLOTS, &nic, 0)
+            .map_err(|source| map_error(map_names::NIC_MACS, "write", source))
+    }
+
     pub fn set_config(&mut self, config: &DatapathConfig) -> Result<()> {
         self.config
             .set(0, config, 0)
@@ -1110,6 +1128,52 @@ fn link_error(
         path: path.to_owned(),
         source: Box::new(source),
     }
+}
+
+/// The ifindex and MAC of a NIC of the calling thread's network namespace (through the kernel,
+/// not /sys, which shows the namespace it was mounted in).
+fn nic_address(iface: &str) -> Result<(u32, [u8; 6])> {
+    let name = interface_name(iface)?;
+    let not_found = || DatapathError::InterfaceName(iface.to_owned());
+    // SAFETY: name is a NUL-terminated string that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(not_found());
+    }
+    // SAFETY: a plain socket call; the descriptor is owned (and closed) right away.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return Err(not_found());
+    }
+    // SAFETY: socket is a descriptor we just opened and own.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(socket) };
+    // SAFETY: an all-zero ifreq is valid; the name is copied in below, NUL-terminated.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= request.ifr_name.len() {
+        return Err(not_found());
+    }
+    for (slot, byte) in request.ifr_name.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr of this ifreq.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SIOCGIFHWADDR,
+            &mut request,
+        )
+    };
+    if rc != 0 {
+        return Err(not_found());
+    }
+    // SAFETY: on success the kernel filled the hardware-address member of the union.
+    let hwaddr = unsafe { request.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (byte, value) in mac.iter_mut().zip(hwaddr.sa_data) {
+        *byte = value as u8;
+    }
+    Ok((ifindex, mac))
 }
 
 fn interface_name(iface: &str) -> Result<std::ffi::CString> {

@@ -1525,3 +1525,47 @@ fn later_fragments_follow_their_first_fragment_through_snat_both_ways() {
         );
     }
 }
+
+#[test]
+fn frames_to_another_hosts_mac_pass_untouched() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "otherhost").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    // BPF_PROG_TEST_RUN runs XDP as if the frame came in on the namespace's loopback (ifindex 1).
+    datapath
+        .record_nic_mac(1, packet::NODE_MAC)
+        .expect("nic mac");
+    let syn = packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b"");
+    let mut to_another_host = syn.clone();
+    to_another_host[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    let mut to_broadcast = packet::udp(CLIENT, FRONTEND, b"query");
+    to_broadcast[0..6].copy_from_slice(&[0xff; 6]);
+    let mut udp_translated = packet::udp(CLIENT, POD_A, b"query");
+    udp_translated[0..6].copy_from_slice(&[0xff; 6]);
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &[
+            case(
+                "unicast to another host's mac",
+                to_another_host,
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+            case(
+                "link-layer broadcast: the stack's, translated",
+                to_broadcast,
+                XDP_PASS,
+                Expect::Bytes(udp_translated),
+            ),
+            case(
+                "to this nic's mac",
+                syn,
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
+            ),
+        ],
+    );
+    assert_eq!(datapath.events().expect("events")["pass_other_host"], 1);
+}
