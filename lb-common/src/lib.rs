@@ -52,6 +52,10 @@ pub mod map_names {
     /// hooks last did for a socket, for its packets (source ranges) and its close.
     pub const SOCK_STATE4: &str = "lb4_sockst_v1";
 
+    /// Maps earlier releases pinned under names whose layout has changed since: a new agent
+    /// removes these pins (the maps themselves go when the old programs are swapped out).
+    pub const RETIRED: &[&str] = &["lb_cfg_v1", "lb_event_v1"];
+
     /// Every map name, for the length check below and for tools that list them.
     pub const ALL: &[&str] = &[
         PACKET_COUNTERS,

@@ -262,6 +262,7 @@ impl Datapath {
         }
         load_and_pin::<CgroupSkb>(&mut ebpf, program_names::SOCK_EGRESS4, pin_dir)?;
         load_and_pin::<CgroupSock>(&mut ebpf, program_names::SOCK_RELEASE, pin_dir)?;
+        remove_retired_pins(pin_dir)?;
         let frontends: HashMap<MapData, Frontend4Key, ServiceValue> =
             take_map(&mut ebpf, map_names::FRONTENDS4)?;
         let slots: HashMap<MapData, SlotKey, u32> = take_map(&mut ebpf, map_names::SLOTS4)?;
@@ -1292,6 +1293,20 @@ pub type ServiceName = [u8; SERVICE_NAME_LEN];
 
 /// The service-names map, pinned under the pin directory: opened when it is there, else
 /// created. Only userspace uses it, so it is not part of the object file.
+/// Removes the pins of maps an earlier release left under names this one no longer uses.
+fn remove_retired_pins(pin_dir: &Path) -> Result<()> {
+    for name in map_names::RETIRED {
+        let path = pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(source) if source.kind() != io::ErrorKind::NotFound => {
+                return Err(DatapathError::PinDir { path, source });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn open_service_names(pin_dir: &Path) -> Result<HashMap<MapData, u32, ServiceName>> {
     let name = map_names::SERVICE_NAMES;
     let path = pin_dir.join(name);

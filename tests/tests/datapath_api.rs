@@ -157,3 +157,19 @@ fn a_full_frontends_map_is_an_error_and_keeps_what_is_installed() {
         .put_service(&overflow)
         .expect("fits after a removal");
 }
+
+#[test]
+fn loading_removes_the_pins_of_maps_an_earlier_release_retired() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "retired").expect("pins");
+    std::fs::create_dir_all(pins.path()).expect("pin dir");
+    // What an earlier release left: its config map under its old name.
+    let retired = pins.path().join(map_names::RETIRED[0]);
+    aya::maps::HashMap::<aya::maps::MapData, u32, u32>::create(1, 0)
+        .expect("map")
+        .pin(&retired)
+        .expect("pin");
+    let _datapath = Datapath::load(pins.path()).expect("load");
+    assert!(!retired.exists(), "{} is still pinned", retired.display());
+    assert!(pins.path().join(map_names::CONFIG).exists());
+}
