@@ -250,8 +250,17 @@ fn node_port_external_ip_and_load_balancer_ip_from_outside() {
     let counter = setup.node.datapath.service_counter(1).expect("counter");
     assert_eq!(counter.new_flows, 90, "{counter:?}");
     assert!(counter.packets >= 90 * 4, "{counter:?}");
+    // No drop, reject or untouched pass. A client port the kernel reused for another of the
+    // three frontends while the earlier flow (UDP: 60 s) still held the reply tuple is remapped
+    // (`nat_port_remap`), which the replies above show to be invisible to the client.
     let events = setup.node.datapath.events().expect("events");
-    assert!(events.values().all(|&count| count == 0), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .filter(|(event, _)| *event != &"nat_port_remap")
+            .all(|(_, &count)| count == 0),
+        "{events:?}"
+    );
 }
 
 #[test]
