@@ -1,7 +1,7 @@
 //! compile(snapshot, node): Kubernetes objects in, the datapath's desired contents out. A pure
 //! function (no I/O, no clock), so every row of the Service contract is a table test.
 //!
-//! What it implements (kube-proxy's behaviour, ../shared/design.md):
+//! What it implements (kube-proxy's behaviour):
 //! - one desired service per Service port (multi-port Services give several), with frontends for
 //!   the ClusterIP(s), every node address:nodePort (NodePort and LoadBalancer types), every
 //!   externalIP, every LoadBalancer ingress IP;

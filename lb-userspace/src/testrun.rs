@@ -71,7 +71,7 @@ pub fn test_run(program: impl AsFd, packet: &[u8]) -> Result<TestRunOutput, Test
 /// Runs `program` `repeat` times on `packet`.
 ///
 /// Every repetition after the first sees the packet as the previous one left it, so a program
-/// that rewrites the packet must be measured with `repeat = 1` in a loop (../shared/toolchain.md).
+/// that rewrites the packet must be measured with `repeat = 1` in a loop (docs/development.md).
 /// Side effects on maps are real: run against test maps, never a live agent's.
 pub fn test_run_repeat(
     program: impl AsFd,
