@@ -2,7 +2,7 @@
 //!
 //! - [`agent`]: the real `lb` agent on a lab node, fed by manifests the test writes;
 //! - [`lab`]: network namespaces, veth pairs, bridges, processes and cgroups, all removed by guards;
-//! - [`topology`]: the client / fabric / nodes / pods layout of ../shared/design.md;
+//! - [`topology`]: the client / fabric / nodes / pods layout of docs/lab.md;
 //! - [`peer`]: the `lab-peer` TCP/UDP servers and clients and their reports;
 //! - [`packet`] and [`table`]: crafted frames and table-driven `BPF_PROG_TEST_RUN` tests.
 

@@ -1,4 +1,4 @@
-//! The lab topology of ../shared/design.md: a client and two nodes on a fabric bridge, pods
+//! The lab topology (docs/lab.md): a client and two nodes on a fabric bridge, pods
 //! behind each node.
 //!
 //! ```text

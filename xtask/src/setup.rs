@@ -1,5 +1,5 @@
 //! `cargo xtask setup`: everything a fresh machine lacks, installed idempotently. The recipe and
-//! its traps are in ../shared/toolchain.md; the short version:
+//! its traps are in docs/development.md; the short version:
 //! - RUSTUP_AUTO_INSTALL=0, so pinned toolchains are installed explicitly;
 //! - bpf-linker has no prebuilt binary here and must link the SAME LLVM major as the nightly that
 //!   emits the bitcode, so it is built against that nightly's own libLLVM.
