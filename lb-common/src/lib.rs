@@ -853,8 +853,10 @@ impl Event {
     /// Pass: a frame to a service or SNAT port but to another host's MAC (seen in promiscuous
     /// mode) went on untouched; the stack drops it.
     pub const PASS_OTHER_HOST: Self = Self(20);
+    /// An ICMP error about a local endpoint's flow was translated and passed to the endpoint.
+    pub const ICMP_ERROR_TRANSLATED: Self = Self(21);
 
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Every event in index order with its label (the `reason` label of the metrics).
     pub const ALL: [(Self, &'static str); Self::COUNT as usize] = [
@@ -879,6 +881,7 @@ impl Event {
         (Self::DROP_REJECT_NOT_UNICAST, "drop_reject_not_unicast"),
         (Self::DROP_REJECT_RATE_LIMITED, "drop_reject_rate_limited"),
         (Self::PASS_OTHER_HOST, "pass_other_host"),
+        (Self::ICMP_ERROR_TRANSLATED, "icmp_error_translated"),
     ];
 
     pub fn label(self) -> Option<&'static str> {

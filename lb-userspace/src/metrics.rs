@@ -325,7 +325,7 @@ fn encode_events(
         let action = event.split('_').next().unwrap_or_default();
         let action = match action {
             "sock" => "reject",
-            "ct" | "nat" => "track",
+            "ct" | "nat" | "icmp" => "track",
             other => other,
         };
         let labels = [("event", *event), ("action", action)];

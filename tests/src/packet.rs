@@ -170,6 +170,24 @@ pub fn fragments(frame: &[u8], first_len: usize) -> [Vec<u8>; 2] {
     ]
 }
 
+/// An ICMP error (`icmp_type`, `code`, the header's second word `rest`) from `src` to `dst`
+/// quoting the IPv4 header and the first 8 transport bytes of the frame `about`, as a router
+/// sends it (RFC 792); checksums by etherparse.
+pub fn icmp_error(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    (icmp_type, code, rest): (u8, u8, [u8; 4]),
+    about: &[u8],
+) -> Vec<u8> {
+    let quote = &about[ETH_HDR_LEN..ETH_HDR_LEN + 28];
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.octets(), dst.octets(), TTL)
+        .icmpv4_raw(icmp_type, code, rest);
+    let mut out = Vec::with_capacity(builder.size(quote.len()));
+    builder.write(&mut out, quote).expect("build icmp");
+    out
+}
+
 /// Recomputes the IPv4 header checksum of an Ethernet frame (etherparse's implementation).
 pub fn fix_ip_checksum(frame: &mut [u8]) {
     let header = Ipv4HeaderSlice::from_slice(&frame[ETH_HDR_LEN..])

@@ -1569,3 +1569,84 @@ fn frames_to_another_hosts_mac_pass_untouched() {
     );
     assert_eq!(datapath.events().expect("events")["pass_other_host"], 1);
 }
+
+#[test]
+fn icmp_errors_about_a_local_endpoints_flow_reach_the_endpoint_translated() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "icmp").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    run_table(
+        xdp(),
+        &[
+            case(
+                "tcp flow",
+                packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
+            ),
+            case(
+                "udp flow",
+                packet::udp(CLIENT, FRONTEND, b"query"),
+                XDP_PASS,
+                Expect::Bytes(packet::udp(CLIENT, POD_A, b"query")),
+            ),
+        ],
+    );
+    let router = Ipv4Addr::new(198, 51, 100, 254);
+    let fragmentation_needed = (3, 4, [0, 0, 0x05, 0x78]);
+    let time_exceeded = (11, 0, [0; 4]);
+    // What tc sent for the endpoint (from the frontend), and what the endpoint itself sent.
+    let tcp_sent = packet::tcp(FRONTEND, CLIENT, TcpFlags::ACK, &[7; 1400]);
+    let tcp_own = packet::tcp(POD_A, CLIENT, TcpFlags::ACK, &[7; 1400]);
+    let udp_sent = packet::udp(FRONTEND, CLIENT, b"answer");
+    let udp_own = packet::udp(POD_A, CLIENT, b"answer");
+    let unknown = packet::udp(FRONTEND, SocketAddrV4::new(*CLIENT.ip(), 40999), b"answer");
+    run_table(
+        xdp(),
+        &[
+            case(
+                "fragmentation needed about a tcp segment",
+                packet::icmp_error(router, NODE, fragmentation_needed, &tcp_sent),
+                XDP_PASS,
+                Expect::Bytes(packet::icmp_error(
+                    router,
+                    *POD_A.ip(),
+                    fragmentation_needed,
+                    &tcp_own,
+                )),
+            ),
+            case(
+                "time exceeded about a udp datagram (its checksum quoted)",
+                packet::icmp_error(router, NODE, time_exceeded, &udp_sent),
+                XDP_PASS,
+                Expect::Bytes(packet::icmp_error(
+                    router,
+                    *POD_A.ip(),
+                    time_exceeded,
+                    &udp_own,
+                )),
+            ),
+            case(
+                "about no tracked flow",
+                packet::icmp_error(router, NODE, time_exceeded, &unknown),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+            case(
+                "not an error (echo request)",
+                packet::icmp_echo(router, NODE),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    assert_eq!(
+        datapath.events().expect("events")["icmp_error_translated"],
+        2
+    );
+}
