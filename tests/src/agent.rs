@@ -161,6 +161,11 @@ impl AgentLab {
         Ok(host)
     }
 
+    /// The lab, to add hosts and links of a test's own.
+    pub fn lab(&mut self) -> &mut Lab {
+        &mut self._lab
+    }
+
     /// The agent's drop and reject counters (`lb_event_v2`), read from its pinned map without
     /// touching anything else of the running datapath.
     pub fn events(&self) -> anyhow::Result<std::collections::BTreeMap<&'static str, u64>> {

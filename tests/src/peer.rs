@@ -153,6 +153,8 @@ pub struct ClientRun<'a> {
     /// UDP: each request this many bytes (0: a short one); the server answers with as many, so
     /// both directions are IP-fragmented when it exceeds the MTU.
     pub payload_bytes: usize,
+    /// TCP: the server follows each reply with this many more bytes (0: none).
+    pub answer_bytes: usize,
 }
 
 impl<'a> ClientRun<'a> {
@@ -167,6 +169,7 @@ impl<'a> ClientRun<'a> {
             timeout_ms: 2000,
             reconnect: false,
             payload_bytes: 0,
+            answer_bytes: 0,
         }
     }
 
@@ -183,10 +186,13 @@ impl<'a> ClientRun<'a> {
         let timeout = self.timeout_ms.to_string();
         let interval = self.interval_ms.to_string();
         let payload = self.payload_bytes.to_string();
+        let answer = self.answer_bytes.to_string();
         let mut args = vec![
             self.protocol,
             "--payload-bytes",
             &payload,
+            "--answer-bytes",
+            &answer,
             "--to",
             self.to,
             "--requests",

@@ -3,7 +3,7 @@
 //! seconds. The endpoints are on node2 and the agent runs on node1, so every flow is SNATed to
 //! node2's pod and its replies come back to one of node1's SNAT ports.
 
-use std::time::Duration;
+use std::{net::Ipv4Addr, time::Duration};
 
 use lab::{
     agent::{AgentLab, POD_PORT, endpoint_slice, node_port_service},
@@ -60,7 +60,7 @@ fn udp_service(
     name: &str,
     cluster_ip: &str,
     node_port: u16,
-    endpoint: std::net::Ipv4Addr,
+    endpoint: Ipv4Addr,
     node: &str,
 ) -> String {
     format!(
@@ -122,7 +122,7 @@ fn two_udp_clients_sharing_a_tiny_snat_range_never_get_each_others_answers() {
         )
         .expect("apply");
     let second_client = setup
-        .add_client("c2", std::net::Ipv4Addr::new(203, 0, 113, 21))
+        .add_client("c2", Ipv4Addr::new(203, 0, 113, 21))
         .expect("second client");
     let node_port = format!("{}:30053", node_addr(1));
     // Each client: one socket, a datagram every 300 ms for 4.5 s, i.e. over four UDP timeouts;
@@ -153,4 +153,57 @@ fn two_udp_clients_sharing_a_tiny_snat_range_never_get_each_others_answers() {
         second.seen_as.keys().next(),
         "the two flows share a SNAT port"
     );
+}
+
+/// A client behind a router whose link to it has a smaller MTU than the client's own, so the
+/// client's SYN promises segments that hop cannot carry: only ICMP fragmentation needed from the
+/// router tells the sender.
+#[test]
+fn path_mtu_discovery_through_a_node_port_reaches_a_local_endpoint() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &(node_port_service("web", "10.96.0.22", 30082, "")
+                + "---\n"
+                + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+        )
+        .expect("apply");
+    let router = setup
+        .add_client("rtr", Ipv4Addr::new(203, 0, 113, 30))
+        .expect("router");
+    let far = setup.lab().host("far").expect("far client");
+    setup
+        .lab()
+        .veth(&far, "eth0", &router, "far0")
+        .expect("far link");
+    far.addr("eth0", "192.0.2.2/24").expect("addr");
+    router.addr("far0", "192.0.2.1/24").expect("addr");
+    router
+        .ip(&["link", "set", "far0", "mtu", "1400"])
+        .expect("narrow hop");
+    router
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding");
+    far.route(&["203.0.113.0/24", "via", "192.0.2.1"])
+        .expect("route");
+    setup
+        .cluster
+        .node(1)
+        .host
+        .route(&["192.0.2.0/24", "via", "203.0.113.30"])
+        .expect("route back");
+    // Answers of 20 KB: full-sized segments from the pod, with DF set.
+    let report = ClientRun {
+        one_flow: true,
+        answer_bytes: 20_000,
+        timeout_ms: 5000,
+        ..ClientRun::tcp(&format!("{}:30082", node_addr(1)), 3)
+    }
+    .run(&far, None)
+    .expect("client");
+    report.assert_all_ok("20 KB answers over a 1400-byte hop");
+    let events = setup.events().expect("events");
+    assert!(events["icmp_error_translated"] >= 1, "{events:?}");
 }

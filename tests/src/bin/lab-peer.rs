@@ -81,6 +81,10 @@ struct ClientArgs {
     /// UDP: request size in bytes (0: a short request); the server answers with as many.
     #[arg(long, default_value_t = 0)]
     payload_bytes: usize,
+    /// TCP: ask the server to follow each reply line with a line of this many bytes (0: none),
+    /// so that it sends full-sized segments while the requests stay small.
+    #[arg(long, default_value_t = 0)]
+    answer_bytes: usize,
 }
 
 const MAX_ERROR_SAMPLES: usize = 5;
@@ -132,8 +136,14 @@ fn answer_tcp(name: &str, stream: TcpStream) -> std::io::Result<()> {
     let peer = stream.peer_addr()?;
     let mut writer = stream.try_clone()?;
     for line in BufReader::new(stream).lines() {
-        line?;
+        let line = line?;
         writer.write_all(reply(name, peer).as_bytes())?;
+        // "hello N": N more bytes, as a line of their own.
+        if let Some(bytes) = line.strip_prefix("hello ").and_then(|n| n.parse().ok()) {
+            let mut filler = padded(Vec::new(), bytes);
+            filler.push(b'\n');
+            writer.write_all(&filler)?;
+        }
     }
     Ok(())
 }
@@ -203,7 +213,10 @@ fn tcp_client(args: &ClientArgs) -> ClientReport {
             Ok(stream) => {
                 let mut reader = BufReader::new(stream.try_clone().expect("clone a TcpStream"));
                 for _ in 0..args.requests {
-                    record(&mut report, tcp_exchange(&stream, &mut reader));
+                    record(
+                        &mut report,
+                        tcp_exchange(&stream, &mut reader, args.answer_bytes),
+                    );
                     pause(args);
                 }
             }
@@ -221,7 +234,7 @@ fn tcp_client(args: &ClientArgs) -> ClientReport {
     for _ in 0..args.requests {
         let result = tcp_connect(args.to, timeout).and_then(|stream| {
             let mut reader = BufReader::new(stream.try_clone()?);
-            tcp_exchange(&stream, &mut reader)
+            tcp_exchange(&stream, &mut reader, args.answer_bytes)
         });
         record(&mut report, result);
         pause(args);
@@ -235,8 +248,27 @@ fn tcp_connect(to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> 
     Ok(stream)
 }
 
-fn tcp_exchange(mut stream: &TcpStream, reader: &mut BufReader<TcpStream>) -> Exchange {
-    stream.write_all(b"hello\n")?;
+fn tcp_exchange(
+    mut stream: &TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    answer_bytes: usize,
+) -> Exchange {
+    if answer_bytes == 0 {
+        stream.write_all(b"hello\n")?;
+    } else {
+        stream.write_all(format!("hello {answer_bytes}\n").as_bytes())?;
+    }
+    let line = read_line(reader)?;
+    if answer_bytes > 0 && read_line(reader)?.trim_end().len() != answer_bytes {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a short answer",
+        ));
+    }
+    Ok((line, stream.peer_addr()?))
+}
+
+fn read_line(reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Err(std::io::Error::new(
@@ -244,7 +276,7 @@ fn tcp_exchange(mut stream: &TcpStream, reader: &mut BufReader<TcpStream>) -> Ex
             "connection closed",
         ));
     }
-    Ok((line, stream.peer_addr()?))
+    Ok(line)
 }
 
 fn udp_client(args: &ClientArgs) -> anyhow::Result<ClientReport> {
@@ -403,11 +435,11 @@ fn load_client(
     while Instant::now() < deadline {
         let started = Instant::now();
         let result = match &mut connection {
-            Some((stream, reader)) => tcp_exchange(stream, reader),
+            Some((stream, reader)) => tcp_exchange(stream, reader, 0),
             None => tcp_connect(args.to, timeout).and_then(|stream| {
                 stream.set_nodelay(true)?;
                 let mut reader = BufReader::new(stream.try_clone()?);
-                tcp_exchange(&stream, &mut reader)
+                tcp_exchange(&stream, &mut reader, 0)
                 // Both handles drop here: the close is part of the request's time.
             }),
         };
