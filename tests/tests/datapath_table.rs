@@ -1650,3 +1650,75 @@ fn icmp_errors_about_a_local_endpoints_flow_reach_the_endpoint_translated() {
         2
     );
 }
+
+#[test]
+fn icmp_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "icmptc").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &[
+            case(
+                "udp flow",
+                packet::udp(CLIENT, FRONTEND, b"query"),
+                XDP_PASS,
+                Expect::Bytes(packet::udp(CLIENT, POD_A, b"query")),
+            ),
+            case(
+                "tcp flow",
+                packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
+            ),
+        ],
+    );
+    let port_unreachable = (3, 3, [0; 4]);
+    // What the endpoint got (addressed to it) and what the client sent (to the frontend).
+    let udp_received = packet::udp(CLIENT, POD_A, b"query");
+    let udp_sent = packet::udp(CLIENT, FRONTEND, b"query");
+    let tcp_received = packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"");
+    let tcp_sent = packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b"");
+    let untracked = packet::udp(SocketAddrV4::new(*CLIENT.ip(), 40999), POD_A, b"query");
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd"),
+        &[
+            case(
+                "port unreachable about a udp datagram (its checksum quoted)",
+                packet::icmp_error(*POD_A.ip(), *CLIENT.ip(), port_unreachable, &udp_received),
+                TC_ACT_OK,
+                Expect::Bytes(packet::icmp_error(
+                    NODE,
+                    *CLIENT.ip(),
+                    port_unreachable,
+                    &udp_sent,
+                )),
+            ),
+            case(
+                "an error about a tcp segment",
+                packet::icmp_error(*POD_A.ip(), *CLIENT.ip(), port_unreachable, &tcp_received),
+                TC_ACT_OK,
+                Expect::Bytes(packet::icmp_error(
+                    NODE,
+                    *CLIENT.ip(),
+                    port_unreachable,
+                    &tcp_sent,
+                )),
+            ),
+            case(
+                "about no tracked flow",
+                packet::icmp_error(*POD_A.ip(), *CLIENT.ip(), port_unreachable, &untracked),
+                TC_ACT_OK,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    assert_eq!(
+        datapath.events().expect("events")["icmp_error_translated"],
+        2
+    );
+}
