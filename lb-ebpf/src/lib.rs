@@ -3,4 +3,5 @@
 //! agent when the programs change.
 #![no_std]
 
+pub mod icmp;
 pub mod packet;

@@ -11,8 +11,9 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{Event, Frag4Key, Frag4Value, checksum, ct_flags, proto};
+use lb_common::{Event, Frag4Key, Frag4Value, ct_flags, proto};
 
+use lb_ebpf::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN,
     IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET, TCP_FLAGS_OFFSET, UDP_CSUM_OFFSET,
@@ -113,35 +114,21 @@ enum Packet {
 /// source and the ICMP checksum are rewritten. Anything else leaves untouched.
 #[inline(always)]
 fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
-    let Ok(icmp) = ctx.load::<[u8; ICMP_ERROR_LEN]>(ICMP_AT) else {
+    let Ok(mut error) = ctx.load::<[u8; ICMP_ERROR_LEN]>(ICMP_AT) else {
         return Ok(());
     };
-    let inner = &icmp[ICMP_HDR_LEN..];
-    if !matches!(icmp[0], 3 | 11 | 12)
-        || inner[0] != 0x45
-        || (inner[9] != proto::TCP && inner[9] != proto::UDP)
-    {
+    let Some(quote) = icmp::quoted(&error) else {
         return Ok(());
-    }
-    let word = |offset: usize| u16::from_be_bytes([inner[offset], inner[offset + 1]]);
-    let address = |offset: usize| {
-        u32::from_be_bytes([
-            inner[offset],
-            inner[offset + 1],
-            inner[offset + 2],
-            inner[offset + 3],
-        ])
     };
     // The quoted packet went from the client to the endpoint: the flow's REPLY entry is keyed
     // from the endpoint to the client.
-    let (client, client_port) = (address(12), word(20));
-    let (endpoint, endpoint_port) = (address(16), word(22));
+    let ((client, client_port), (endpoint, endpoint_port)) = (quote.source, quote.destination);
     let answer = Tuple {
         saddr: endpoint,
         daddr: client,
         sport: endpoint_port,
         dport: client_port,
-        proto: inner[9],
+        proto: quote.proto,
         tcp_flags: 0,
     };
     // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
@@ -151,55 +138,30 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
     if entry.flags & ct_flags::SNAT != 0 || source != endpoint {
         return Ok(());
     }
-    let (frontend, frontend_port) = (entry.nat_addr, entry.nat_port);
     let from_port = if entry.flags & ct_flags::PORT_REMAP != 0 {
         entry.snat_port
     } else {
         client_port
     };
-    let inner_check = checksum::replace_u32(word(10), endpoint, frontend);
-    let mut icmp_check = u16::from_be_bytes([icmp[2], icmp[3]]);
-    icmp_check = checksum::replace_u16(icmp_check, word(10), inner_check);
-    icmp_check = checksum::replace_u32(icmp_check, endpoint, frontend);
-    icmp_check = checksum::replace_u16(icmp_check, endpoint_port, frontend_port);
-    icmp_check = checksum::replace_u16(icmp_check, client_port, from_port);
-    let mut patch = [0u8; ICMP_ERROR_LEN];
-    patch.copy_from_slice(&icmp);
-    patch[ICMP_HDR_LEN + 10..ICMP_HDR_LEN + 12].copy_from_slice(&inner_check.to_be_bytes());
-    patch[ICMP_HDR_LEN + 16..ICMP_HDR_LEN + 20].copy_from_slice(&frontend.to_be_bytes());
-    patch[ICMP_HDR_LEN + 20..ICMP_HDR_LEN + 22].copy_from_slice(&from_port.to_be_bytes());
-    patch[ICMP_HDR_LEN + 22..ICMP_HDR_LEN + 24].copy_from_slice(&frontend_port.to_be_bytes());
-    // The quoted UDP checksum (TCP's lies past the 8 quoted bytes) is kept right too.
-    let udp_check = word(20 + UDP_CSUM_OFFSET);
-    if answer.proto == proto::UDP && udp_check != 0 {
-        let new = checksum::replace_u32(udp_check, endpoint, frontend);
-        let new = checksum::replace_u16(new, endpoint_port, frontend_port);
-        let new = checksum::replace_u16(new, client_port, from_port);
-        let new = if new == 0 { 0xffff } else { new };
-        patch[ICMP_HDR_LEN + 26..ICMP_HDR_LEN + 28].copy_from_slice(&new.to_be_bytes());
-        icmp_check = checksum::replace_u16(icmp_check, udp_check, new);
-    }
-    patch[2..4].copy_from_slice(&icmp_check.to_be_bytes());
+    let frontend = (entry.nat_addr, entry.nat_port);
+    icmp::rewrite_quoted(&mut error, &quote, (client, from_port), frontend);
     let nat_failed = |_| Event::DROP_NAT_FAILED;
-    ctx.store(ICMP_AT, &patch, 0).map_err(nat_failed)?;
+    ctx.store(ICMP_AT, &error, 0).map_err(nat_failed)?;
     ctx.l3_csum_replace(
         ETH_HDR_LEN + IPV4_CSUM_OFFSET,
         u64::from(source.to_be()),
-        u64::from(frontend.to_be()),
+        u64::from(frontend.0.to_be()),
         4,
     )
     .map_err(nat_failed)?;
-    ctx.store(ETH_HDR_LEN + IPV4_SADDR_OFFSET, &frontend.to_be(), 0)
+    ctx.store(ETH_HDR_LEN + IPV4_SADDR_OFFSET, &frontend.0.to_be(), 0)
         .map_err(nat_failed)?;
     count_event(Event::ICMP_ERROR_TRANSLATED);
     Ok(())
 }
 
-/// Where an ICMP message starts (no IP options) and what an error quotes: its 8-byte header, the
-/// offending IPv4 header without options and 8 bytes of its transport header.
+/// Where an ICMP message starts (an IPv4 header without options).
 const ICMP_AT: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
-const ICMP_HDR_LEN: usize = 8;
-const ICMP_ERROR_LEN: usize = ICMP_HDR_LEN + IPV4_MIN_HDR_LEN + 8;
 
 /// The reply's 5-tuple and transport offset, or the key of a later fragment; `None` for anything
 /// that is not an IPv4 TCP/UDP packet with a complete header (it passes untouched).

@@ -9,6 +9,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     Event, Frag4Key, Frag4Value, checksum, ct_flags, frag_action, limits, proto, service_flags,
 };
+use lb_ebpf::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPPROTO_ICMP, IPV4_CSUM_OFFSET,
     IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, Ipv4Info, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET,
@@ -128,37 +129,21 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
 /// destination are translated, with every checksum updated. Anything else passes untouched.
 #[inline(always)]
 fn icmp_error_to_local_endpoint(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
-    let Some(icmp) = bytes_at::<ICMP_ERROR_LEN>(ctx, ip.l4_offset) else {
+    let Some(error) = bytes_at_mut::<ICMP_ERROR_LEN>(ctx, ip.l4_offset) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    let inner = &icmp[ICMP_HDR_LEN..];
-    if !matches!(
-        icmp[0],
-        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-    ) || inner[0] != 0x45
-        || (inner[9] != proto::TCP && inner[9] != proto::UDP)
-    {
+    let Some(quote) = icmp::quoted(error) else {
         return Ok(xdp_action::XDP_PASS);
-    }
-    let quoted = |offset: usize| u16::from_be_bytes([inner[offset], inner[offset + 1]]);
-    let quoted_u32 = |offset: usize| {
-        u32::from_be_bytes([
-            inner[offset],
-            inner[offset + 1],
-            inner[offset + 2],
-            inner[offset + 3],
-        ])
     };
     // The quoted packet went from the frontend to the client: its flow's ORIGINAL entry is
     // keyed the other way round.
-    let (frontend, frontend_port) = (quoted_u32(12), quoted(20));
-    let (client, client_port) = (quoted_u32(16), quoted(22));
+    let ((frontend, frontend_port), (client, client_port)) = (quote.source, quote.destination);
     let flow = Tuple {
         saddr: client,
         daddr: frontend,
         sport: client_port,
         dport: frontend_port,
-        proto: inner[9],
+        proto: quote.proto,
         tcp_flags: 0,
     };
     // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
@@ -173,44 +158,12 @@ fn icmp_error_to_local_endpoint(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, 
     } else {
         client_port
     };
-    let (backend, backend_port) = (entry.nat_addr, entry.nat_port);
-    let packet = bytes_at_mut::<ICMP_ERROR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
-    let old_inner_check =
-        u16::from_be_bytes([packet[ICMP_HDR_LEN + 10], packet[ICMP_HDR_LEN + 11]]);
-    let inner_check = checksum::replace_u32(old_inner_check, frontend, backend);
-    packet[ICMP_HDR_LEN + 10..ICMP_HDR_LEN + 12].copy_from_slice(&inner_check.to_be_bytes());
-    packet[ICMP_HDR_LEN + 12..ICMP_HDR_LEN + 16].copy_from_slice(&backend.to_be_bytes());
-    packet[ICMP_HDR_LEN + 20..ICMP_HDR_LEN + 22].copy_from_slice(&backend_port.to_be_bytes());
-    packet[ICMP_HDR_LEN + 22..ICMP_HDR_LEN + 24].copy_from_slice(&to_port.to_be_bytes());
-    let mut icmp_check = u16::from_be_bytes([packet[2], packet[3]]);
-    icmp_check = checksum::replace_u16(icmp_check, old_inner_check, inner_check);
-    icmp_check = checksum::replace_u32(icmp_check, frontend, backend);
-    icmp_check = checksum::replace_u16(icmp_check, frontend_port, backend_port);
-    icmp_check = checksum::replace_u16(icmp_check, client_port, to_port);
-    // The quoted UDP checksum (TCP's lies past the 8 quoted bytes) is kept right too.
-    let udp_check_at = ICMP_HDR_LEN + 20 + UDP_CSUM_OFFSET;
-    let old_udp_check = u16::from_be_bytes([packet[udp_check_at], packet[udp_check_at + 1]]);
-    if flow.proto == proto::UDP && old_udp_check != 0 {
-        let udp_check = checksum::replace_u32(old_udp_check, frontend, backend);
-        let udp_check = checksum::replace_u16(udp_check, frontend_port, backend_port);
-        let udp_check = checksum::replace_u16(udp_check, client_port, to_port);
-        let udp_check = if udp_check == 0 { 0xffff } else { udp_check };
-        packet[udp_check_at..udp_check_at + 2].copy_from_slice(&udp_check.to_be_bytes());
-        icmp_check = checksum::replace_u16(icmp_check, old_udp_check, udp_check);
-    }
-    packet[2..4].copy_from_slice(&icmp_check.to_be_bytes());
-    rewrite_addresses(ctx, (ip.saddr, ip.daddr), (ip.saddr, backend))?;
+    let backend = (entry.nat_addr, entry.nat_port);
+    icmp::rewrite_quoted(error, &quote, backend, (client, to_port));
+    rewrite_addresses(ctx, (ip.saddr, ip.daddr), (ip.saddr, backend.0))?;
     count_event(Event::ICMP_ERROR_TRANSLATED);
     Ok(xdp_action::XDP_PASS)
 }
-
-/// ICMP error header (8 bytes), the quoted IPv4 header without options and the quoted 8 bytes
-/// of its transport header.
-const ICMP_HDR_LEN: usize = 8;
-const ICMP_ERROR_LEN: usize = ICMP_HDR_LEN + 20 + 8;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
 /// A fragment after the first of its datagram: no ports, so it follows what its first fragment
 /// got (same addresses, same way out). Without a record of it (it came first, or it was no
