@@ -1722,3 +1722,75 @@ fn icmp_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
         2
     );
 }
+
+#[test]
+fn idle_flows_end_at_their_established_and_udp_timeouts() {
+    use std::time::Duration;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "ends").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let nanos = |duration: Duration| duration.as_nanos() as u64;
+    let timeouts = lb_common::CtTimeouts {
+        tcp_established: nanos(Duration::from_millis(600)),
+        udp: nanos(Duration::from_millis(600)),
+        ..short_timeouts()
+    };
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            timeouts,
+            ..Default::default()
+        })
+        .expect("config");
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let send = |frame: Vec<u8>, output: Vec<u8>| {
+        run_table(
+            xdp(),
+            &[case("packet", frame, XDP_PASS, Expect::Bytes(output))],
+        );
+    };
+    let new_flows = |service| {
+        datapath
+            .service_counter(service)
+            .expect("counter")
+            .new_flows
+    };
+    let ack = || {
+        (
+            packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"x"),
+            packet::tcp(CLIENT, POD_A, TcpFlags::ACK, b"x"),
+        )
+    };
+    let datagram = || {
+        (
+            packet::udp(CLIENT, FRONTEND, b"q"),
+            packet::udp(CLIENT, POD_A, b"q"),
+        )
+    };
+    send(
+        packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+        packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b""),
+    );
+    let (frame, output) = ack();
+    send(frame, output);
+    let (frame, output) = datagram();
+    send(frame, output);
+    assert_eq!((new_flows(1), new_flows(2)), (1, 1));
+    // Idle for half the timeouts: the same flows.
+    std::thread::sleep(Duration::from_millis(300));
+    let (frame, output) = ack();
+    send(frame, output);
+    let (frame, output) = datagram();
+    send(frame, output);
+    assert_eq!((new_flows(1), new_flows(2)), (1, 1), "within the timeouts");
+    // Idle past them: each flow has ended, and the next packet starts a new one.
+    std::thread::sleep(Duration::from_millis(900));
+    let (frame, output) = ack();
+    send(frame, output);
+    let (frame, output) = datagram();
+    send(frame, output);
+    assert_eq!((new_flows(1), new_flows(2)), (2, 2), "past the timeouts");
+}
