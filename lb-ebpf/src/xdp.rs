@@ -7,7 +7,8 @@
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    Event, Frag4Key, Frag4Value, checksum, ct_flags, frag_action, limits, proto, service_flags,
+    Ct4Value, Event, Frag4Key, Frag4Value, checksum, ct_flags, frag_action, limits, proto,
+    service_flags,
 };
 use lb_ebpf::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
@@ -55,7 +56,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     }
     let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
     if ip.proto == IPPROTO_ICMP && !ip.later_fragment() && !ip.first_fragment() {
-        return icmp_error_to_local_endpoint(ctx, &ip);
+        return icmp_error(ctx, &ip);
     }
     if ip.proto != proto::TCP && ip.proto != proto::UDP {
         return Ok(xdp_action::XDP_PASS);
@@ -122,21 +123,32 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
 }
 
 /// An ICMP error (destination unreachable, including fragmentation needed; time exceeded;
-/// parameter problem) from the path about a packet a local endpoint sent to its client through
-/// a frontend (tc gave it the frontend's address): the error goes to the endpoint, about the
-/// packet as the endpoint sent it, so that its socket learns of it (path-MTU discovery through a
-/// NodePort depends on it). The quoted header and ports, the quoted UDP checksum, and the outer
-/// destination are translated, with every checksum updated. Anything else passes untouched.
+/// parameter problem) about a packet of a translated flow goes to the host that sent that packet
+/// as it sent it, so that its socket learns of it (path-MTU discovery through a NodePort depends
+/// on it): the quoted header and ports, the quoted UDP checksum and the outer addresses are
+/// translated, with every checksum updated. Anything else passes untouched.
 #[inline(always)]
-fn icmp_error_to_local_endpoint(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
+fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
     let Some(error) = bytes_at_mut::<ICMP_ERROR_LEN>(ctx, ip.l4_offset) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let Some(quote) = icmp::quoted(error) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    // The quoted packet went from the frontend to the client: its flow's ORIGINAL entry is
-    // keyed the other way round.
+    if let Some(flow) = snat_flow_of_quote(ip, &quote) {
+        // About a packet this node sent from a SNAT port to a remote backend: to the client,
+        // about its packet to the frontend, from the frontend (as Linux NAT translates the outer
+        // header of a related error, net/netfilter/nf_nat_proto.c nf_nat_icmp_reply_translation).
+        let client = (flow.snat_addr, flow.snat_port);
+        let frontend = (flow.nat_addr, flow.nat_port);
+        let (node_mac, client_mac) = (flow.node_mac, flow.client_mac);
+        icmp::rewrite_quoted(error, &quote, client, frontend);
+        rewrite_addresses(ctx, (ip.saddr, ip.daddr), (frontend.0, client.0))?;
+        count_event(Event::ICMP_ERROR_TRANSLATED);
+        return Ok(transmit(ctx, node_mac, client_mac));
+    }
+    // Otherwise it may be about a packet that left from a frontend to a client: its flow's
+    // ORIGINAL entry is keyed the other way round.
     let ((frontend, frontend_port), (client, client_port)) = (quote.source, quote.destination);
     let flow = Tuple {
         saddr: client,
@@ -150,19 +162,57 @@ fn icmp_error_to_local_endpoint(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, 
     let Some(entry) = (unsafe { CONNTRACK4.get(&original_key(&flow)) }).copied() else {
         return Ok(xdp_action::XDP_PASS);
     };
-    if entry.flags & ct_flags::SNAT != 0 || ip.daddr != frontend {
+    if ip.daddr != frontend {
         return Ok(xdp_action::XDP_PASS);
     }
+    let backend = (entry.nat_addr, entry.nat_port);
+    if entry.flags & ct_flags::SNAT != 0 {
+        // The packet came from a remote backend through a SNAT port: the error goes to the
+        // backend, about its packet to that port, from this node's SNAT address.
+        let snat = (entry.snat_addr, entry.snat_port);
+        icmp::rewrite_quoted(error, &quote, backend, snat);
+        rewrite_addresses(ctx, (ip.saddr, ip.daddr), (snat.0, backend.0))?;
+        count_event(Event::ICMP_ERROR_TRANSLATED);
+        return Ok(forward(ctx, IPPROTO_ICMP, snat.0, backend.0));
+    }
+    // The packet came from a local endpoint (tc gave it the frontend's address).
     let to_port = if entry.flags & ct_flags::PORT_REMAP != 0 {
         entry.snat_port
     } else {
         client_port
     };
-    let backend = (entry.nat_addr, entry.nat_port);
     icmp::rewrite_quoted(error, &quote, backend, (client, to_port));
     rewrite_addresses(ctx, (ip.saddr, ip.daddr), (ip.saddr, backend.0))?;
     count_event(Event::ICMP_ERROR_TRANSLATED);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// The REPLY entry of the SNAT flow whose packet from one of this node's SNAT ports an ICMP error
+/// to this node quotes.
+#[inline(always)]
+fn snat_flow_of_quote(ip: &Ipv4Info, quote: &icmp::Quoted) -> Option<Ct4Value> {
+    let config = config()?;
+    let (snat_addr, snat_port) = quote.source;
+    if config.snat_addr == 0
+        || ip.daddr != config.snat_addr
+        || snat_addr != config.snat_addr
+        || snat_port < config.snat_port_min
+        || snat_port > config.snat_port_max
+    {
+        return None;
+    }
+    let (backend, backend_port) = quote.destination;
+    let answer = Tuple {
+        saddr: backend,
+        daddr: snat_addr,
+        sport: backend_port,
+        dport: snat_port,
+        proto: quote.proto,
+        tcp_flags: 0,
+    };
+    // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
+    let entry = (unsafe { CONNTRACK4.get(&reply_key(&answer)) }).copied()?;
+    (entry.flags & ct_flags::SNAT != 0).then_some(entry)
 }
 
 /// A fragment after the first of its datagram: no ports, so it follows what its first fragment

@@ -1724,6 +1724,110 @@ fn icmp_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
 }
 
 #[test]
+fn icmp_errors_about_snat_flows_reach_the_client_and_the_remote_backend_translated() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "icmpsnat").expect("pin dir");
+    let fixture = SnatFixture::new(&pins);
+    let port = fixture.established(CLIENT);
+    let snat = SocketAddrV4::new(NODE, port);
+    let router = Ipv4Addr::new(198, 51, 100, 254);
+    let fragmentation_needed = (3, 4, [0, 0, 0x05, 0x78]);
+    let time_exceeded = (11, 0, [0; 4]);
+    let port_unreachable = (3, 3, [0; 4]);
+
+    // Towards the backend, the client's segment left from the SNAT port; an error about it goes
+    // back to the client, about the segment as the client sent it, from the frontend, out of the
+    // NIC it came in on with the client's MAC and one hop less to live.
+    let request_sent = packet::tcp(snat, REMOTE_POD, TcpFlags::ACK, &[7; 1400]);
+    let request = packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, &[7; 1400]);
+    let to_client = |kind, from| {
+        let mut want = packet::icmp_error(*FRONTEND.ip(), *CLIENT.ip(), kind, &request);
+        want[0..6].copy_from_slice(&packet::CLIENT_MAC);
+        want[6..12].copy_from_slice(&packet::NODE_MAC);
+        want[packet::ETH_HDR_LEN + 8] -= 1;
+        packet::fix_ip_checksum(&mut want);
+        (packet::icmp_error(from, NODE, kind, &request_sent), want)
+    };
+    for (name, kind, from) in [
+        (
+            "fragmentation needed from a router on the way to the backend",
+            fragmentation_needed,
+            router,
+        ),
+        (
+            "port unreachable from the backend's node",
+            port_unreachable,
+            *REMOTE_POD.ip(),
+        ),
+    ] {
+        let (error, want) = to_client(kind, from);
+        let run = fixture.xdp(&error);
+        assert_eq!(run.verdict, XDP_TX, "{name}");
+        assert_eq!(
+            run.packet,
+            want,
+            "{name}:\n{}",
+            lab::table::diff(&want, &run.packet)
+        );
+    }
+
+    // Towards the client, the backend's answer left from the frontend; an error about it goes
+    // to the backend, about its answer to the SNAT port, from this node's SNAT address.
+    let answer_sent = packet::tcp(FRONTEND, CLIENT, TcpFlags::ACK, &[9; 1400]);
+    let answer = packet::tcp(REMOTE_POD, snat, TcpFlags::ACK, &[9; 1400]);
+    for (name, kind) in [
+        (
+            "fragmentation needed on the way to the client",
+            fragmentation_needed,
+        ),
+        ("time exceeded on the way to the client", time_exceeded),
+    ] {
+        let run = fixture.xdp(&packet::icmp_error(router, NODE, kind, &answer_sent));
+        assert_ne!(run.verdict, XDP_DROP, "{name}");
+        let want = as_sent(
+            &packet::icmp_error(NODE, *REMOTE_POD.ip(), kind, &answer),
+            &run.packet,
+        );
+        assert_eq!(
+            run.packet,
+            want,
+            "{name}:\n{}",
+            lab::table::diff(&want, &run.packet)
+        );
+    }
+
+    // Errors about ports and flows this node does not track pass untouched.
+    let idle_port = SocketAddrV4::new(
+        NODE,
+        if port == SNAT_PORTS.0 {
+            port + 1
+        } else {
+            port - 1
+        },
+    );
+    let other_client = SocketAddrV4::new(*CLIENT.ip(), 40999);
+    for (name, about) in [
+        (
+            "about a SNAT port no flow holds",
+            packet::tcp(idle_port, REMOTE_POD, TcpFlags::ACK, b""),
+        ),
+        (
+            "about another client of the frontend",
+            packet::tcp(FRONTEND, other_client, TcpFlags::ACK, b""),
+        ),
+    ] {
+        let error = packet::icmp_error(router, NODE, time_exceeded, &about);
+        let run = fixture.xdp(&error);
+        assert_eq!(run.verdict, XDP_PASS, "{name}");
+        assert_eq!(run.packet, error, "{name}: untouched");
+    }
+    assert_eq!(
+        fixture.datapath.events().expect("events")["icmp_error_translated"],
+        4
+    );
+}
+
+#[test]
 fn idle_flows_end_at_their_established_and_udp_timeouts() {
     use std::time::Duration;
     let lab = Lab::new().expect("lab");

@@ -160,14 +160,26 @@ fn two_udp_clients_sharing_a_tiny_snat_range_never_get_each_others_answers() {
 /// router tells the sender.
 #[test]
 fn path_mtu_discovery_through_a_node_port_reaches_a_local_endpoint() {
+    path_mtu_discovery_through_a_node_port_reaches(1);
+}
+
+/// The same over a NodePort of node1 whose endpoint is on node2: the router's error reaches
+/// node1's frontend and goes on to node2's pod, about its answer to node1's SNAT port.
+#[test]
+fn path_mtu_discovery_through_a_node_port_reaches_a_remote_endpoint() {
+    path_mtu_discovery_through_a_node_port_reaches(2);
+}
+
+fn path_mtu_discovery_through_a_node_port_reaches(endpoint_node: u8) {
     let mut setup = AgentLab::new().expect("lab");
     setup.start_agent(&[]).expect("agent");
+    let endpoint = (pod_addr(endpoint_node, 0), format!("node{endpoint_node}"));
     setup
         .apply(
             "web.yaml",
             &(node_port_service("web", "10.96.0.22", 30082, "")
                 + "---\n"
-                + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+                + &endpoint_slice("web", &[(endpoint.0, endpoint.1.as_str())])),
         )
         .expect("apply");
     let router = setup
@@ -204,6 +216,8 @@ fn path_mtu_discovery_through_a_node_port_reaches_a_local_endpoint() {
     .run(&far, None)
     .expect("client");
     report.assert_all_ok("20 KB answers over a 1400-byte hop");
+    let server = format!("n{endpoint_node}p0");
+    assert_eq!(report.servers(), [server.as_str()].into());
     let events = setup.events().expect("events");
     assert!(events["icmp_error_translated"] >= 1, "{events:?}");
 }
