@@ -8,19 +8,19 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     Ct4Value, Event, Frag4Key, Frag4Value, checksum, ct_flags, frag_action, limits, proto,
-    service_flags,
+    service_flags, tcp_seq,
 };
 use lb_ebpf::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPPROTO_ICMP, IPV4_CSUM_OFFSET,
     IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, Ipv4Info, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET,
-    TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at, bytes_at_mut,
-    frame_len, ipv4_checksum_ok, parse_ipv4,
+    TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
+    bytes_at_mut, frame_len, ipv4_checksum_ok, parse_ipv4,
 };
 
 use crate::{
     flow::{
-        Tuple, closes, config, destination, lookup_frontend, original_key, reply_key,
+        Tuple, blind_rst, closes, config, destination, lookup_frontend, original_key, reply_key,
         source_allowed, track_reply,
     },
     helpers::{Forward, fib_forward},
@@ -157,6 +157,8 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         dport: frontend_port,
         proto: quote.proto,
         tcp_flags: 0,
+        seq: 0,
+        seq_end: 0,
     };
     // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
     let Some(entry) = (unsafe { CONNTRACK4.get(&original_key(&flow)) }).copied() else {
@@ -209,6 +211,8 @@ fn snat_flow_of_quote(ip: &Ipv4Info, quote: &icmp::Quoted) -> Option<Ct4Value> {
         dport: snat_port,
         proto: quote.proto,
         tcp_flags: 0,
+        seq: 0,
+        seq_end: 0,
     };
     // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
     let entry = (unsafe { CONNTRACK4.get(&reply_key(&answer)) }).copied()?;
@@ -276,6 +280,9 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     // packets with a bad one are translated as they are and dropped by the client's stack.
     if closes(tuple) && !ipv4_checksum_ok(ctx, l4_offset) {
         return Err(Event::DROP_IP_CHECKSUM);
+    }
+    if blind_rst(entry, tuple) {
+        return Err(Event::DROP_RST_OUT_OF_WINDOW);
     }
     if !dry_run() {
         track_reply(entry, tuple, true);
@@ -379,13 +386,21 @@ fn decrement_ttl(ctx: &XdpContext) -> bool {
 #[inline(always)]
 fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
     let l4_len = ip.end.saturating_sub(ip.l4_offset);
-    let (ports, tcp_flags) = if ip.proto == proto::TCP {
+    let (ports, tcp_flags, seq, seq_end) = if ip.proto == proto::TCP {
         let tcp = bytes_at::<TCP_MIN_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
         let header_len = usize::from(tcp[TCP_DATA_OFFSET_OFFSET] >> 4) * 4;
         if header_len < TCP_MIN_HDR_LEN || header_len > l4_len {
             return Err(Event::DROP_MALFORMED);
         }
-        ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS_OFFSET])
+        let flags = tcp[TCP_FLAGS_OFFSET];
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let seq_end = tcp_seq::segment_end(
+            seq,
+            (l4_len - header_len) as u32,
+            flags & TCP_SYN != 0,
+            flags & TCP_FIN != 0,
+        );
+        ([tcp[0], tcp[1], tcp[2], tcp[3]], flags, seq, seq_end)
     } else {
         let udp = bytes_at::<UDP_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
         // A first fragment holds the start of a datagram its length covers in full.
@@ -393,7 +408,7 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
         if length < UDP_HDR_LEN || (length > l4_len && !ip.first_fragment()) {
             return Err(Event::DROP_MALFORMED);
         }
-        ([udp[0], udp[1], udp[2], udp[3]], 0)
+        ([udp[0], udp[1], udp[2], udp[3]], 0, 0, 0)
     };
     Ok(Tuple {
         saddr: ip.saddr,
@@ -402,6 +417,8 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
         dport: u16::from_be_bytes([ports[2], ports[3]]),
         proto: ip.proto,
         tcp_flags,
+        seq,
+        seq_end,
     })
 }
 

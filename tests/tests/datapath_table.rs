@@ -1827,6 +1827,228 @@ fn icmp_errors_about_snat_flows_reach_the_client_and_the_remote_backend_translat
     );
 }
 
+/// The state of the client's flow to the frontend (its ORIGINAL entry).
+fn flow_state(datapath: &Datapath, client: SocketAddrV4) -> Option<u8> {
+    datapath
+        .conntrack()
+        .expect("conntrack")
+        .into_iter()
+        .find(|(key, _)| {
+            key.direction == lb_common::ct_direction::ORIGINAL
+                && key.saddr == u32::from(*client.ip())
+                && key.sport == client.port()
+        })
+        .map(|(_, value)| value.state)
+}
+
+#[test]
+fn a_rst_ends_a_flow_only_near_what_its_sender_has_sent() {
+    use lb_common::tcp_seq::{RST_AHEAD, RST_BEHIND};
+    const TC_ACT_SHOT: u32 = 2;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "rstwin").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    let (client_isn, pod_isn) = (5000u32, 0xffff_ff00u32);
+    // The client has sent up to client_isn + 1 + 100; the pod, across the wrap, pod_isn + 1.
+    let client_next = client_isn + 101;
+    let pod_next = pod_isn.wrapping_add(1);
+    run_table(
+        xdp(),
+        &[
+            case(
+                "syn",
+                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::SYN, client_isn, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp_at(
+                    CLIENT,
+                    POD_A,
+                    TcpFlags::SYN,
+                    client_isn,
+                    b"",
+                )),
+            ),
+            case(
+                "data",
+                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::ACK, client_isn + 1, &[1; 100]),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp_at(
+                    CLIENT,
+                    POD_A,
+                    TcpFlags::ACK,
+                    client_isn + 1,
+                    &[1; 100],
+                )),
+            ),
+        ],
+    );
+    run_table(
+        tc(),
+        &[case(
+            "the pod's syn-ack",
+            packet::tcp_at(POD_A, CLIENT, TcpFlags::SYN_ACK, pod_isn, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp_at(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::SYN_ACK,
+                pod_isn,
+                b"",
+            )),
+        )],
+    );
+    let client_rst = |seq: u32| packet::tcp_at(CLIENT, FRONTEND, TcpFlags::RST, seq, b"");
+    run_table(
+        xdp(),
+        &[
+            case(
+                "a blind rst half the sequence space away",
+                client_rst(client_next.wrapping_add(1 << 31)),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+            case(
+                "a rst just past how far ahead it may be",
+                client_rst(client_next + RST_AHEAD + 1),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+            case(
+                "a rst just past how far behind it may be",
+                client_rst(client_next.wrapping_sub(RST_BEHIND + 1)),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    run_table(
+        tc(),
+        &[case(
+            "a rst from the pod far from what it sent",
+            packet::tcp_at(
+                POD_A,
+                CLIENT,
+                TcpFlags::RST,
+                pod_next.wrapping_add(1 << 30),
+                b"",
+            ),
+            TC_ACT_SHOT,
+            Expect::Unchanged,
+        )],
+    );
+    assert_eq!(
+        datapath.events().expect("events")["drop_rst_out_of_window"],
+        4
+    );
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::ESTABLISHED),
+        "the flow goes on"
+    );
+    run_table(
+        xdp(),
+        &[case(
+            "the client's own rst, an ack number of the pod's behind",
+            client_rst(client_next - 60),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp_at(
+                CLIENT,
+                POD_A,
+                TcpFlags::RST,
+                client_next - 60,
+                b"",
+            )),
+        )],
+    );
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::CLOSING),
+        "the flow ends"
+    );
+    // The pod's RST of a flow of another client port, at its own sequence number, goes out.
+    let second = SocketAddrV4::new(*CLIENT.ip(), 40010);
+    run_table(
+        xdp(),
+        &[case(
+            "second flow",
+            packet::tcp_at(second, FRONTEND, TcpFlags::SYN, 1, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp_at(second, POD_A, TcpFlags::SYN, 1, b"")),
+        )],
+    );
+    run_table(
+        tc(),
+        &[
+            case(
+                "the pod's syn-ack",
+                packet::tcp_at(POD_A, second, TcpFlags::SYN_ACK, pod_isn, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp_at(
+                    FRONTEND,
+                    second,
+                    TcpFlags::SYN_ACK,
+                    pod_isn,
+                    b"",
+                )),
+            ),
+            case(
+                "the pod's rst",
+                packet::tcp_at(POD_A, second, TcpFlags::RST, pod_next, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp_at(
+                    FRONTEND,
+                    second,
+                    TcpFlags::RST,
+                    pod_next,
+                    b"",
+                )),
+            ),
+        ],
+    );
+    assert_eq!(
+        flow_state(&datapath, second),
+        Some(lb_common::tcp_state::CLOSING)
+    );
+}
+
+#[test]
+fn a_blind_rst_to_a_snat_port_neither_ends_the_flow_nor_frees_the_port() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "rstsnat").expect("pin dir");
+    let fixture = SnatFixture::new(&pins);
+    // The backend's SYN-ACK (sequence 1000) went back to the client.
+    let port = fixture.established(CLIENT);
+    let snat = SocketAddrV4::new(NODE, port);
+    let reply_flags = || {
+        fixture
+            .conntrack
+            .get(&SnatFixture::reply_key(port), 0)
+            .expect("reply entry")
+            .flags
+    };
+    let blind = packet::tcp_at(REMOTE_POD, snat, TcpFlags::RST, 1001 + (1 << 31), b"");
+    assert_eq!(fixture.xdp(&blind).verdict, XDP_DROP);
+    assert_eq!(reply_flags() & lb_common::ct_flags::RESET, 0, "not reset");
+    assert_eq!(
+        fixture.datapath.events().expect("events")["drop_rst_out_of_window"],
+        1
+    );
+    let next = packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"more");
+    assert_eq!(fixture.snat_port_of(&next), Some(port), "the flow goes on");
+    let own = packet::tcp_at(REMOTE_POD, snat, TcpFlags::RST, 1001, b"");
+    assert_eq!(fixture.xdp(&own).verdict, XDP_TX, "the backend's own RST");
+    assert_ne!(reply_flags() & lb_common::ct_flags::RESET, 0, "reset");
+}
+
 #[test]
 fn idle_flows_end_at_their_established_and_udp_timeouts() {
     use std::time::Duration;
