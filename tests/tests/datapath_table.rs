@@ -698,12 +698,16 @@ const REMOTE_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10)
 
 impl SnatFixture {
     fn new(pins: &PinDir) -> Self {
+        Self::with_ports(pins, SNAT_PORTS)
+    }
+
+    fn with_ports(pins: &PinDir, ports: (u16, u16)) -> Self {
         let mut datapath = datapath(pins, vec![]);
         datapath
             .set_config(&lb_common::DatapathConfig {
                 snat_addr: u32::from(NODE),
-                snat_port_min: SNAT_PORTS.0,
-                snat_port_max: SNAT_PORTS.1,
+                snat_port_min: ports.0,
+                snat_port_max: ports.1,
                 ..Default::default()
             })
             .expect("config");
@@ -1103,6 +1107,181 @@ fn a_flow_whose_reply_half_was_evicted_is_repaired_or_restarted_never_half_trans
         still_foreign.snat_port, 1234,
         "the other flow keeps its tuple"
     );
+}
+
+/// SNAT ports are spread over the whole range, so new flows find one until the range is nearly
+/// full. A flow is refused only when all of its 128 distinct probes hit ports in use: at 95% of
+/// 256 ports that happens once in about 8,000 flows, so this test's chance of a refusal below
+/// 95% is about 2 in 10,000.
+#[test]
+fn snat_ports_are_refused_only_when_the_range_is_nearly_full() {
+    const RANGE: (u16, u16) = (50000, 50255);
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "snatfill").expect("pin dir");
+    let fixture = SnatFixture::with_ports(&pins, RANGE);
+    let size = usize::from(RANGE.1 - RANGE.0) + 1;
+    let mut taken = std::collections::BTreeSet::new();
+    let mut first_refusal = None;
+    for client in 0..size + 16 {
+        let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 20000 + client as u16);
+        match fixture.connect(client) {
+            Some(port) => {
+                assert!((RANGE.0..=RANGE.1).contains(&port), "port {port}");
+                assert!(taken.insert(port), "port {port} handed out twice");
+            }
+            None => {
+                first_refusal.get_or_insert(taken.len());
+            }
+        }
+    }
+    let first_refusal = first_refusal.expect("a full range refuses");
+    assert!(
+        first_refusal * 100 >= size * 95,
+        "first refusal with {first_refusal} of {size} ports in use"
+    );
+    assert!(
+        taken.len() * 100 >= size * 99,
+        "{} of {size} ports handed out",
+        taken.len()
+    );
+    let refused = (size + 16 - taken.len()) as u64;
+    assert_eq!(
+        fixture.datapath.events().expect("events")["drop_snat_exhausted"],
+        refused
+    );
+    println!(
+        "first refusal at {first_refusal} of {size} ports; {} handed out",
+        taken.len()
+    );
+}
+
+/// 600,000 spoofed clients through a conntrack map of 524,288 entries, with the pod answering
+/// every tenth (tc looks up only the REPLY half, so the LRU keeps those halves longer than
+/// their ORIGINAL ones): the LRU evicts single halves of many flows. Whatever a flow lost, its
+/// next packet goes to its backend and the backend's answer goes back translated: no flow is
+/// ever half-translated.
+#[test]
+fn after_a_flood_that_evicts_halves_every_flow_is_whole_again_on_its_next_packet() {
+    const FLOOD: u32 = 600_000;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "flood").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    let tc = datapath
+        .program_fd(lb_common::program_names::TC_EGRESS)
+        .expect("fd");
+    let client = |index: u32| {
+        let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + index / 60_000);
+        SocketAddrV4::new(addr, 1024 + (index % 60_000) as u16)
+    };
+    let mut syn = packet::tcp(client(0), FRONTEND, TcpFlags::SYN, b"");
+    let mut syn_ack = packet::tcp(POD_A, client(0), TcpFlags::SYN_ACK, b"");
+    let started = std::time::Instant::now();
+    for index in 0..FLOOD {
+        set_source(&mut syn, client(index));
+        let run = lb_userspace::testrun::test_run(xdp, &syn).expect("run");
+        assert_eq!(run.verdict, XDP_PASS, "flood syn {index}");
+        if index % 10 == 0 {
+            set_destination(&mut syn_ack, client(index));
+            let run = lb_userspace::testrun::test_run(tc, &syn_ack).expect("run");
+            assert_eq!(run.verdict, TC_ACT_OK, "syn-ack {index}");
+        }
+    }
+    let entries = datapath.conntrack().expect("conntrack");
+    let originals: std::collections::HashSet<(u32, u16)> = entries
+        .iter()
+        .filter(|(key, _)| key.direction == lb_common::ct_direction::ORIGINAL)
+        .map(|(key, _)| (key.saddr, key.sport))
+        .collect();
+    let replies: std::collections::HashSet<(u32, u16)> = entries
+        .iter()
+        .filter(|(key, _)| key.direction == lb_common::ct_direction::REPLY)
+        .map(|(key, _)| (key.daddr, key.dport))
+        .collect();
+    let half = originals.symmetric_difference(&replies).count();
+    println!(
+        "flood of {FLOOD} in {:?}: {} entries, {half} flows with one half",
+        started.elapsed(),
+        entries.len()
+    );
+    // Every flow with one half left, and a sample of the rest, gets its next packet through
+    // and its answer back.
+    let mut checked = 0;
+    for (saddr, sport) in originals
+        .symmetric_difference(&replies)
+        .copied()
+        .take(5_000)
+        .chain((0..FLOOD).step_by(997).map(|index| {
+            let client = client(index);
+            (u32::from(*client.ip()), client.port())
+        }))
+    {
+        let client = SocketAddrV4::new(Ipv4Addr::from(saddr), sport);
+        let run = lb_userspace::testrun::test_run(
+            xdp,
+            &packet::tcp(client, FRONTEND, TcpFlags::ACK, b"next"),
+        )
+        .expect("run");
+        assert_eq!(run.verdict, XDP_PASS, "{client}");
+        assert_eq!(
+            run.packet,
+            packet::tcp(client, POD_A, TcpFlags::ACK, b"next"),
+            "{client}: to the pod"
+        );
+        let answer = lb_userspace::testrun::test_run(
+            tc,
+            &packet::tcp(POD_A, client, TcpFlags::ACK, b"answer"),
+        )
+        .expect("run");
+        assert_eq!(answer.verdict, TC_ACT_OK, "{client}");
+        assert_eq!(
+            answer.packet,
+            packet::tcp(FRONTEND, client, TcpFlags::ACK, b"answer"),
+            "{client}: its answer from the frontend"
+        );
+        checked += 1;
+    }
+    assert!(half > 0, "the flood evicted single halves");
+    println!("{checked} flows checked whole");
+}
+
+/// Rewrites a frame's IPv4 source and TCP source port, with both checksums recomputed in full
+/// by etherparse.
+fn set_source(frame: &mut Vec<u8>, source: SocketAddrV4) {
+    rewrite_tcp_frame(frame, |ip, tcp| {
+        ip.source = source.ip().octets();
+        tcp.source_port = source.port();
+    });
+}
+
+/// As [`set_source`], for the destination.
+fn set_destination(frame: &mut Vec<u8>, destination: SocketAddrV4) {
+    rewrite_tcp_frame(frame, |ip, tcp| {
+        ip.destination = destination.ip().octets();
+        tcp.destination_port = destination.port();
+    });
+}
+
+fn rewrite_tcp_frame(
+    frame: &mut Vec<u8>,
+    change: impl FnOnce(&mut etherparse::Ipv4Header, &mut etherparse::TcpHeader),
+) {
+    let parsed = etherparse::PacketHeaders::from_ethernet_slice(frame).expect("parse");
+    let Some(etherparse::NetHeaders::Ipv4(mut ip, _)) = parsed.net else {
+        panic!("ipv4")
+    };
+    let Some(etherparse::TransportHeader::Tcp(mut tcp)) = parsed.transport else {
+        panic!("tcp")
+    };
+    change(&mut ip, &mut tcp);
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("checksum");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = frame[..packet::ETH_HDR_LEN].to_vec();
+    ip.write(&mut out).expect("ip");
+    tcp.write(&mut out).expect("tcp");
+    *frame = out;
 }
 
 #[test]
