@@ -550,8 +550,10 @@ pub struct Frag4Value {
     /// [`frag_action`].
     pub action: u8,
     pub _pad: [u8; 3],
+    /// The service the datagram belongs to, whose counters the later fragments add to (XDP).
+    pub service_id: u32,
 }
-const _: () = assert!(size_of::<Frag4Value>() == 24);
+const _: () = assert!(size_of::<Frag4Value>() == 28);
 
 /// Where the later fragments of a translated datagram go.
 pub mod frag_action {

@@ -112,6 +112,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
             } else {
                 frag_action::PASS
             },
+            service_id: destination.service_id,
             ..Default::default()
         };
         remember_fragment(&fragment_key(&ip), &later);
@@ -230,6 +231,7 @@ fn later_fragment(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         return Ok(xdp_action::XDP_PASS);
     };
     rewrite_addresses(ctx, (ip.saddr, ip.daddr), (first.saddr, first.daddr))?;
+    count_service(first.service_id, 1, frame_len(ctx) as u64, 0);
     Ok(match first.action {
         frag_action::TRANSMIT => transmit(ctx, first.smac, first.dmac),
         frag_action::FORWARD => forward(ctx, ip.proto, first.saddr, first.daddr),
@@ -309,6 +311,7 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
             dmac: client_mac,
             action: frag_action::TRANSMIT,
             _pad: [0; 3],
+            service_id,
         };
         remember_fragment(&fragment_key(ip), &later);
     }

@@ -311,11 +311,11 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
     // syn, ack, fin and the syn with options; two flows (port 40000 and 40001).
     assert_eq!((tcp.packets, tcp.new_flows), (4, 2), "{tcp:?}");
     let udp_counter = datapath.service_counter(2).expect("counter");
-    // The datagram, the one without a checksum and the first fragment, all of one flow (later
-    // fragments are not counted per service).
+    // The datagram, the one without a checksum, the first fragment and the later one, all of
+    // one flow.
     assert_eq!(
         (udp_counter.packets, udp_counter.new_flows),
-        (3, 1),
+        (4, 1),
         "{udp_counter:?}"
     );
 }
@@ -1616,6 +1616,13 @@ fn later_fragments_follow_their_first_fragment_to_a_local_endpoint_and_back() {
         &rows,
     );
     assert_eq!(datapath.events().expect("events")["pass_fragment"], 1);
+    let udp = datapath.service_counter(2).expect("counter");
+    let frame_bytes = (to_service[0].len() + to_service[1].len()) as u64;
+    assert_eq!(
+        (udp.packets, udp.bytes, udp.new_flows),
+        (2, frame_bytes, 1),
+        "both fragments counted for the service, the unknown one for none: {udp:?}"
+    );
     let answer = packet::fragments(&packet::udp(POD_A, CLIENT, &payload), 304);
     let translated = packet::fragments(&packet::udp(FRONTEND, CLIENT, &payload), 304);
     run_table(
