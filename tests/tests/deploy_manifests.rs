@@ -925,3 +925,97 @@ fn the_agent_accepts_every_configmap_value() {
         assert!(!pin_dir.exists(), "the agent stopped before its cleanup");
     });
 }
+
+/// The base image of each stage of the Containerfile (`FROM image [AS name]`), but the stages'
+/// own names and `scratch`.
+fn containerfile_base_images(containerfile: &str) -> Vec<String> {
+    let mut stages = BTreeSet::from(["scratch".to_owned()]);
+    let mut images = Vec::new();
+    for line in containerfile.lines() {
+        let mut words = line.split_whitespace();
+        if !words
+            .next()
+            .is_some_and(|word| word.eq_ignore_ascii_case("FROM"))
+        {
+            continue;
+        }
+        let mut words = words.filter(|word| !word.starts_with("--"));
+        let image = words.next().expect("FROM names an image").to_owned();
+        if words
+            .next()
+            .is_some_and(|word| word.eq_ignore_ascii_case("AS"))
+        {
+            stages.insert(words.next().expect("a stage name").to_owned());
+        }
+        if !stages.contains(&image) {
+            images.push(image);
+        }
+    }
+    images
+}
+
+/// Why `image` is not pinned to an explicit version, if it is not: a digest pins it; a tag
+/// pins it when it starts with a version of at least two numbers (`1.99.1-bookworm`,
+/// `12.12-slim`). `latest`, no tag, and floating tags such as `1-bookworm` or `bookworm` move.
+fn unpinned(image: &str) -> Option<&'static str> {
+    if image.contains("@sha256:") {
+        return None;
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    let starts_with_version = |tag: &str| {
+        let mut numbers = tag.split(['.', '-']);
+        let mut number = || {
+            numbers
+                .next()
+                .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+        };
+        number() && number()
+    };
+    match last.split_once(':') {
+        None => Some("untagged (latest)"),
+        Some((_, "latest")) => Some("latest"),
+        Some((_, tag)) if !starts_with_version(tag) => Some("a floating tag"),
+        Some(_) => None,
+    }
+}
+
+#[test]
+fn the_containerfile_pins_every_base_image_to_a_version() {
+    for (image, expected) in [
+        ("docker.io/library/rust:1.99.1-bookworm", None),
+        ("gcr.io/distroless/cc-debian12@sha256:0123", None),
+        ("localhost:5000/base:2.1", None),
+        ("gcr.io/distroless/cc-debian12", Some("untagged (latest)")),
+        ("localhost:5000/base", Some("untagged (latest)")),
+        ("debian:latest", Some("latest")),
+        ("rust:bookworm", Some("a floating tag")),
+        ("docker.io/library/rust:1-bookworm", Some("a floating tag")),
+        ("debian:12-slim", Some("a floating tag")),
+        ("debian:12.12-slim", None),
+    ] {
+        assert_eq!(unpinned(image), expected, "{image}");
+    }
+    let example =
+        "FROM rust:1.2 AS build\nFROM --platform=$BUILDPLATFORM build AS again\nFROM scratch\n";
+    assert_eq!(containerfile_base_images(example), ["rust:1.2"]);
+
+    let containerfile = read(&repo().join("Containerfile"));
+    let images = containerfile_base_images(&containerfile);
+    assert!(!images.is_empty());
+    for image in &images {
+        assert_eq!(unpinned(image), None, "{image}");
+    }
+    // The build stage's Rust is the one rust-toolchain.toml pins.
+    let toolchain = read(&repo().join("rust-toolchain.toml"));
+    let channel = toolchain
+        .lines()
+        .find_map(|line| line.strip_prefix("channel = "))
+        .expect("a channel")
+        .trim_matches('"');
+    assert!(
+        images
+            .iter()
+            .any(|image| image.starts_with(&format!("docker.io/library/rust:{channel}-"))),
+        "no build stage on Rust {channel}: {images:?}"
+    );
+}
