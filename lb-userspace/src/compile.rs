@@ -480,8 +480,8 @@ struct CompiledService {
     /// Its endpoint addresses without a nodeName.
     unplaced: BTreeSet<Ipv4Addr>,
     keys: Vec<ServicePortKey>,
-    /// The frontends its ports claim.
-    claimed: BTreeSet<FrontendId>,
+    /// The frontends its ports claim (sorted, each once).
+    claimed: Vec<FrontendId>,
     problems: Vec<Problem>,
     held: bool,
 }
@@ -1055,7 +1055,7 @@ impl Compiler {
             health_check_node_port: health_check_node_port(service),
             unplaced: BTreeSet::new(),
             keys: Vec::new(),
-            claimed: BTreeSet::new(),
+            claimed: Vec::new(),
             problems: Vec::new(),
             held: false,
         };
@@ -1078,7 +1078,7 @@ impl Compiler {
                 for (key, mut port) in ports {
                     for frontend in std::mem::take(&mut port.frontends) {
                         let id = frontend_id(&frontend);
-                        compiled.claimed.insert(id);
+                        compiled.claimed.push(id);
                         let claim = Claim {
                             precedence: Precedence::of(frontend.kind),
                             age: age.clone(),
@@ -1104,6 +1104,9 @@ impl Compiler {
                         self.desired.services.insert(key, port);
                     }
                 }
+                compiled.claimed.sort_unstable();
+                compiled.claimed.dedup();
+                compiled.claimed.shrink_to_fit();
                 for id in contested {
                     self.settle(id, changed);
                 }
