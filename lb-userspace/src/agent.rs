@@ -44,6 +44,8 @@ pub enum SourceConfig {
 pub struct AgentConfig {
     pub node_name: String,
     pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// `--external-ip-cidrs`: the externalIPs that may be served (empty: all).
+    pub external_ip_cidrs: Vec<Ipv4Cidr>,
     pub node_addresses: Vec<Ipv4Addr>,
     pub node_port_range: RangeInclusive<u16>,
     pub interfaces: Vec<String>,
@@ -76,6 +78,7 @@ impl AgentConfig {
             node_name: self.node_name.clone(),
             routed_local: BTreeSet::new(),
             nodeport_cidrs: self.nodeport_cidrs.clone(),
+            external_ip_cidrs: self.external_ip_cidrs.clone(),
             fallback_addresses: self.node_addresses.clone(),
             node_port_range: self.node_port_range.clone(),
             default_maglev: self.default_maglev,

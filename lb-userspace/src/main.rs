@@ -123,6 +123,11 @@ struct RunArgs {
     /// Comma-separated CIDRs: only node addresses inside them serve NodePorts (empty: all).
     #[arg(long, env = "LB_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<Ipv4Cidr>,
+    /// Comma-separated CIDRs: only externalIPs inside them are served; the others are skipped
+    /// with a Warning Event (empty: all, as kube-proxy does). Pair it with the API server's
+    /// DenyServiceExternalIPs admission plugin or a policy that allows only these.
+    #[arg(long, env = "LB_EXTERNAL_IP_CIDRS", value_delimiter = ',')]
+    external_ip_cidrs: Vec<Ipv4Cidr>,
     /// Node addresses serving NodePorts when the source has no Node object for this node
     /// (e.g. manifests without one).
     #[arg(long = "node-address", env = "LB_NODE_ADDRESS", value_delimiter = ',')]
@@ -397,6 +402,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
         node_name,
         nodeport_cidrs: args.nodeport_addresses,
+        external_ip_cidrs: args.external_ip_cidrs,
         node_addresses: args.node_addresses,
         node_port_range: args.node_port_range,
         interfaces: args.interfaces,
