@@ -225,12 +225,13 @@ fn summary(
 
 fn datapath_targets(out: &mut String, datapath: &Value) {
     let targets = list(datapath, "targets");
-    let rows: [(&str, &[&str]); 2] = [
-        ("established XDP path <= 60 ns net", &["xdp_established"]),
+    let rows: [(&str, &[&str]); 3] = [
+        ("established XDP path <= 45 ns net", &["xdp_established"]),
         (
-            "new flow <= 150 ns net",
+            "new flow <= 300 ns net",
             &["xdp_new_flow", "xdp_new_flow_spread"],
         ),
+        ("not a service <= 15 ns net", &["xdp_miss"]),
     ];
     for (label, paths) in rows {
         let chosen: Vec<&Value> = targets
