@@ -30,8 +30,9 @@ use crate::{
 /// Where the objects come from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
-    /// YAML manifests (files or directories), reloaded on change and on SIGHUP.
-    Files(Vec<PathBuf>),
+    /// YAML manifests (files or directories), reloaded on change and on SIGHUP; files larger
+    /// than `max_bytes` are refused unread.
+    Files { paths: Vec<PathBuf>, max_bytes: u64 },
     /// The Kubernetes API server.
     Kube {
         master: Option<String>,
@@ -150,12 +151,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     let (updates, snapshots) = watch::channel(Snapshot::default());
     let (source, events) = match &config.source {
-        SourceConfig::Files(paths) => {
-            let files = FileSource::new(paths.clone(), config.node_name.clone());
-            let task = files.run(
-                updates,
-                |error| warn!(%error, "manifest not loaded; its last good objects stay in force"),
-            );
+        SourceConfig::Files { paths, max_bytes } => {
+            let files =
+                FileSource::new(paths.clone(), config.node_name.clone()).with_max_bytes(*max_bytes);
+            let agent_metrics = observers.metrics.clone();
+            let task = files.run(updates, move |error| {
+                agent_metrics.manifest_errors.inc();
+                warn!(%error, "manifest not loaded; its last good objects stay in force");
+            });
             (tokio::spawn(task), None)
         }
         SourceConfig::Kube { master, kubeconfig } => {

@@ -44,6 +44,8 @@ pub struct AgentMetrics {
     pub livez: Family<[(&'static str, u16); 1], Counter>,
     pub invalid_objects: Gauge,
     pub skipped_objects: Counter,
+    /// Manifest files not (re)loaded for bad input, each version counted once.
+    pub manifest_errors: Counter,
     pub sync_errors: Counter,
     pub service_ports: Gauge,
     pub udp_sockets_aborted: Counter,
@@ -65,6 +67,7 @@ impl AgentMetrics {
             livez: Family::default(),
             invalid_objects: Gauge::default(),
             skipped_objects: Counter::default(),
+            manifest_errors: Counter::default(),
             sync_errors: Counter::default(),
             service_ports: Gauge::default(),
             udp_sockets_aborted: Counter::default(),
@@ -186,6 +189,12 @@ impl Metrics {
             "skipped_objects",
             "Objects skipped for bad input, each counted when it first appears",
             agent.skipped_objects.clone(),
+        );
+        lb.register(
+            "manifest_errors",
+            "Manifest files (--source file) not loaded for bad input (unreadable, too large, not \
+             YAML, bad objects), each version counted once; their last good objects stay in force",
+            agent.manifest_errors.clone(),
         );
         lb.register(
             "sync_errors",

@@ -700,8 +700,8 @@ fn nodeport_addresses_limit_which_node_addresses_serve_node_ports() {
 fn malformed_yaml_is_reported_with_its_line() {
     let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: ok\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: [unclosed\n";
     let (line, message) = parse_documents(text).expect_err("malformed");
-    // The parser gives up at the end of the second document (line 10), never in the first.
-    assert_eq!(line, Some(10), "{message}");
+    // The unclosed bracket of the second document (line 9), never the first document.
+    assert_eq!(line, Some(9), "{message}");
     let wrong_type = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: 80\n";
     let (line, message) = parse_documents(wrong_type).expect_err("ports must be a list");
     assert_eq!(line, Some(1), "{message}");
