@@ -145,7 +145,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let observers = Observers {
         metrics: metrics.agent(),
         health,
-        health_checks: HealthCheckPorts::default(),
+        health_checks: HealthCheckPorts::default()
+            .counting_refused(metrics.agent().http_refused.clone()),
         local_policy: BTreeMap::new(),
     };
 

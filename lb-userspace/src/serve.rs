@@ -33,7 +33,10 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::{logging::LogLevel, metrics::Metrics};
+use crate::{
+    logging::LogLevel,
+    metrics::{HttpRefused, Metrics},
+};
 
 type Reply = Response<Full<Bytes>>;
 
@@ -67,8 +70,13 @@ const BUSY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
 /// Serves `handle` on `listener` until the task is aborted; the handler also gets the peer's
-/// address.
-fn spawn_server<F, Fut>(listener: TcpListener, limits: ServerLimits, handle: F) -> JoinHandle<()>
+/// address. Clients cut off by `limits` are counted in `refused`.
+fn spawn_server<F, Fut>(
+    listener: TcpListener,
+    limits: ServerLimits,
+    refused: HttpRefused,
+    handle: F,
+) -> JoinHandle<()>
 where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send + 'static,
@@ -88,9 +96,13 @@ where
                 // Never waits for the client: what the socket buffer takes now, or nothing.
                 let _ = stream.try_write(BUSY);
                 debug!(%peer, "HTTP connection refused: too many connections");
+                refused
+                    .get_or_create(&[("reason", "too_many_connections")])
+                    .inc();
                 continue;
             };
             let handle = handle.clone();
+            let refused = refused.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let service = service_fn(move |request| {
@@ -105,6 +117,9 @@ where
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
+                    if error.is_timeout() {
+                        refused.get_or_create(&[("reason", "header_timeout")]).inc();
+                    }
                     debug!(%error, "HTTP connection ended with an error");
                 }
             });
@@ -182,12 +197,15 @@ pub fn serve_metrics_with_limits(
     log_level: Option<LogLevel>,
     limits: ServerLimits,
 ) -> JoinHandle<()> {
+    let refused = metrics.agent().http_refused.clone();
     spawn_server(
         listener,
         limits,
+        refused.clone(),
         move |request: Request<Incoming>, peer: SocketAddr| {
             let metrics = metrics.clone();
             let log_level = log_level.clone();
+            let refused = refused.clone();
             async move {
                 match (request.method(), request.uri().path()) {
                     (&Method::GET, "/metrics") => {
@@ -206,13 +224,27 @@ pub fn serve_metrics_with_limits(
                         }
                     }
                     (_, "/debug/log-level") => {
-                        log_level_endpoint(request, peer, log_level, limits.body_read_timeout).await
+                        let reply =
+                            log_level_endpoint(request, peer, log_level, limits.body_read_timeout)
+                                .await;
+                        count_refused_body(&refused, reply.status());
+                        reply
                     }
                     _ => not_found(),
                 }
             }
         },
     )
+}
+
+/// Counts a request whose body the limits refused.
+fn count_refused_body(refused: &HttpRefused, status: StatusCode) {
+    let reason = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::REQUEST_TIMEOUT => "body_timeout",
+        _ => return,
+    };
+    refused.get_or_create(&[("reason", reason)]).inc();
 }
 
 /// GET from anywhere the metrics are served; PUT only from this host (the metrics address is
@@ -336,9 +368,11 @@ pub fn serve_health(
     health: Arc<Health>,
     metrics: Arc<crate::metrics::AgentMetrics>,
 ) -> JoinHandle<()> {
+    let refused = metrics.http_refused.clone();
     spawn_server(
         listener,
         ServerLimits::default(),
+        refused,
         move |request: Request<Incoming>, _peer| {
             let health = health.clone();
             let metrics = metrics.clone();
@@ -378,6 +412,7 @@ pub struct HealthCheckTarget {
 pub struct HealthCheckPorts {
     bind_addresses: Vec<std::net::IpAddr>,
     servers: BTreeMap<u16, HealthCheckServer>,
+    refused: HttpRefused,
 }
 
 /// A healthCheckNodePort's listeners (one per bind address) and what they answer.
@@ -400,11 +435,18 @@ impl Default for HealthCheckPorts {
         Self {
             bind_addresses: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)],
             servers: BTreeMap::new(),
+            refused: HttpRefused::default(),
         }
     }
 }
 
 impl HealthCheckPorts {
+    /// Counts the clients its servers cut off in `refused` (the agent's metric).
+    pub fn counting_refused(mut self, refused: HttpRefused) -> Self {
+        self.refused = refused;
+        self
+    }
+
     /// Listens on these addresses from now on (kube-proxy's with `--nodeport-addresses`: the
     /// node addresses that serve NodePorts); servers are restarted when they change.
     pub fn bind_to(&mut self, addresses: Vec<std::net::IpAddr>) {
@@ -433,7 +475,11 @@ impl HealthCheckPorts {
             let mut tasks = Vec::new();
             for address in &self.bind_addresses {
                 match TcpListener::bind(SocketAddr::new(*address, *port)).await {
-                    Ok(listener) => tasks.push(serve_health_check(listener, shared.clone())),
+                    Ok(listener) => tasks.push(serve_health_check(
+                        listener,
+                        shared.clone(),
+                        self.refused.clone(),
+                    )),
                     // Tried again on the next sync.
                     Err(error) => {
                         warn!(%error, %address, port, "cannot serve a healthCheckNodePort")
@@ -459,10 +505,12 @@ impl HealthCheckPorts {
 fn serve_health_check(
     listener: TcpListener,
     target: Arc<Mutex<HealthCheckTarget>>,
+    refused: HttpRefused,
 ) -> JoinHandle<()> {
     spawn_server(
         listener,
         ServerLimits::default(),
+        refused,
         move |_request: Request<Incoming>, _peer| {
             let target = target.lock().map(|t| t.clone()).unwrap_or_default();
             async move {

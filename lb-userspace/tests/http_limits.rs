@@ -1,7 +1,7 @@
 //! The agent's HTTP servers against greedy and slow clients, on loopback: a log-level body over
 //! 4 KiB is refused without being read, a client that stalls in its headers or its body is cut
 //! at the deadline (shortened here so the test takes seconds), and connections over the cap are
-//! refused while the established ones are still answered.
+//! refused while the established ones are still answered; each cut-off counted by reason.
 
 use std::{
     sync::{Arc, OnceLock},
@@ -31,6 +31,7 @@ fn log_level() -> LogLevel {
 /// A metrics server on a loopback port of its own with these limits; aborted on drop.
 struct Server {
     address: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -40,8 +41,21 @@ impl Server {
         let address = listener.local_addr().expect("address");
         // No pinned maps: /metrics would say so; these tests use /debug/log-level.
         let metrics = Arc::new(Metrics::new("/nonexistent/lb-http-limits".into()));
-        let task = serve_metrics_with_limits(listener, metrics, Some(log_level()), limits);
-        Self { address, task }
+        let task = serve_metrics_with_limits(listener, metrics.clone(), Some(log_level()), limits);
+        Self {
+            address,
+            metrics,
+            task,
+        }
+    }
+
+    /// `lb_http_refused_total{reason}`.
+    fn refused(&self, reason: &'static str) -> u64 {
+        self.metrics
+            .agent()
+            .http_refused
+            .get_or_create(&[("reason", reason)])
+            .get()
     }
 
     async fn connect(&self) -> TcpStream {
@@ -162,6 +176,7 @@ async fn a_log_level_body_over_4_kib_is_refused_without_being_read() {
         .await
         .expect("write");
     assert_eq!(read_status(&mut stream).await, Some(200));
+    assert_eq!(server.refused("body_too_large"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,6 +192,7 @@ async fn a_client_that_stalls_in_its_body_gets_408_at_the_deadline() {
     assert_eq!(read_status(&mut stream).await, Some(408));
     println!("stalled body answered 408 after {:?}", started.elapsed());
     assert!(started.elapsed() >= deadline, "not before the deadline");
+    assert_eq!(server.refused("body_timeout"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,6 +221,7 @@ async fn a_client_that_sends_its_headers_slowly_and_stalls_is_disconnected_at_th
     // The server still answers others.
     let mut stream = server.connect().await;
     assert_eq!(get_log_level(&mut stream).await, Some(200));
+    assert_eq!(server.refused("header_timeout"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,6 +239,7 @@ async fn connections_over_the_cap_are_refused_while_established_ones_are_answere
     let mut extra = server.connect().await;
     assert_eq!(read_status(&mut extra).await, Some(503));
     assert!(closed(&mut extra).await);
+    assert_eq!(server.refused("too_many_connections"), 1);
 
     // The established ones are still served (keep-alive).
     for stream in &mut established {
