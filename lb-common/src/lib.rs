@@ -26,7 +26,7 @@ pub mod map_names {
     /// Per-CPU [`crate::ServiceCounter`] by service id.
     pub const SERVICE_COUNTERS: &str = "lb_svc_cnt_v1";
     /// Per-CPU u64 by [`crate::Event`]: every drop (and notable pass) with its reason.
-    pub const EVENTS: &str = "lb_event_v2";
+    pub const EVENTS: &str = "lb_event_v3";
     /// Array of one [`crate::DatapathConfig`].
     pub const CONFIG: &str = "lb_cfg_v2";
     /// LPM trie of [`crate::SourceRange4`] -> u8: loadBalancerSourceRanges per service.
@@ -54,7 +54,7 @@ pub mod map_names {
 
     /// Maps earlier releases pinned under names whose layout has changed since: a new agent
     /// removes these pins (the maps themselves go when the old programs are swapped out).
-    pub const RETIRED: &[&str] = &["lb_cfg_v1", "lb_event_v1"];
+    pub const RETIRED: &[&str] = &["lb_cfg_v1", "lb_event_v1", "lb_event_v2"];
 
     /// Every map name, for the length check below and for tools that list them.
     pub const ALL: &[&str] = &[
@@ -550,8 +550,10 @@ pub struct Frag4Value {
     /// [`frag_action`].
     pub action: u8,
     pub _pad: [u8; 3],
+    /// The service the datagram belongs to, whose counters the later fragments add to (XDP).
+    pub service_id: u32,
 }
-const _: () = assert!(size_of::<Frag4Value>() == 24);
+const _: () = assert!(size_of::<Frag4Value>() == 28);
 
 /// Where the later fragments of a translated datagram go.
 pub mod frag_action {
@@ -713,6 +715,9 @@ pub struct Ct4Value {
     pub client_mac: [u8; 6],
     pub node_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// TCP: the sequence number after the furthest segment this entry's side has sent
+    /// (ORIGINAL: the client; REPLY: the backend), see [`tcp_seq`]; 0 until it has sent one.
+    pub seq_next: u32,
 }
 const _: () = assert!(size_of::<Ct4Value>() == 48);
 
@@ -733,6 +738,43 @@ pub mod ct_flags {
     /// clash with another flow's: ORIGINAL entries hold the new port in `snat_port`, REPLY
     /// entries are keyed by it and restore the client's own port (tc egress).
     pub const PORT_REMAP: u8 = 1 << 5;
+}
+
+/// Where a TCP side is in its sequence space, and which RSTs can be its own: a RST ends a
+/// tracked flow only when its sequence number lies near what its sender has sent, in the spirit
+/// of RFC 5961 section 3 (a blind RST must guess the window), so that a spoofed RST with any
+/// number cannot end a flow, free its SNAT port for another client, or reach the endpoint.
+pub mod tcp_seq {
+    /// How far behind the furthest sequence number its sender has sent a RST may lie: a stack
+    /// without a socket answers with the acknowledgment number of the segment it got (RFC 793
+    /// section 3.4), which trails by the data in flight, up to the receiver's window. Linux
+    /// windows reach 6 MiB by default (net.ipv4.tcp_rmem); 8 MiB covers them, and a blind RST
+    /// then hits one time in 512.
+    pub const RST_BEHIND: u32 = 8 << 20;
+    /// How far ahead of it: a segment of its sender's that a racing CPU has not recorded yet.
+    pub const RST_AHEAD: u32 = 64 << 10;
+
+    /// The sequence number after a segment: its data, and one each for SYN and FIN.
+    #[inline(always)]
+    pub const fn segment_end(seq: u32, payload_len: u32, syn: bool, fin: bool) -> u32 {
+        seq.wrapping_add(payload_len)
+            .wrapping_add(syn as u32)
+            .wrapping_add(fin as u32)
+    }
+
+    /// Whether `end` lies past `seq_next` (modulo 2^32, as TCP compares sequence numbers).
+    #[inline(always)]
+    pub const fn after(end: u32, seq_next: u32) -> bool {
+        (end.wrapping_sub(seq_next) as i32) > 0
+    }
+
+    /// Whether a RST with sequence number `seq` may come from the side whose furthest sent
+    /// sequence is `seq_next` (0: nothing recorded yet, so any RST is taken).
+    #[inline(always)]
+    pub const fn rst_in_window(seq_next: u32, seq: u32) -> bool {
+        seq_next == 0
+            || seq_next.wrapping_sub(seq).wrapping_add(RST_AHEAD) <= RST_BEHIND + RST_AHEAD
+    }
 }
 
 pub mod tcp_state {
@@ -853,10 +895,14 @@ impl Event {
     /// Pass: a frame to a service or SNAT port but to another host's MAC (seen in promiscuous
     /// mode) went on untouched; the stack drops it.
     pub const PASS_OTHER_HOST: Self = Self(20);
-    /// An ICMP error about a local endpoint's flow was translated and passed to the endpoint.
+    /// An ICMP error about a translated flow was translated and sent to the host that sent the
+    /// packet it quotes.
     pub const ICMP_ERROR_TRANSLATED: Self = Self(21);
+    /// Drop: a TCP RST of a tracked flow whose sequence number lies far from what its sender
+    /// has sent (a blind or stale RST, see [`tcp_seq`]): the flow goes on.
+    pub const DROP_RST_OUT_OF_WINDOW: Self = Self(22);
 
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     /// Every event in index order with its label (the `reason` label of the metrics).
     pub const ALL: [(Self, &'static str); Self::COUNT as usize] = [
@@ -882,6 +928,7 @@ impl Event {
         (Self::DROP_REJECT_RATE_LIMITED, "drop_reject_rate_limited"),
         (Self::PASS_OTHER_HOST, "pass_other_host"),
         (Self::ICMP_ERROR_TRANSLATED, "icmp_error_translated"),
+        (Self::DROP_RST_OUT_OF_WINDOW, "drop_rst_out_of_window"),
     ];
 
     pub fn label(self) -> Option<&'static str> {
@@ -974,6 +1021,47 @@ mod tests {
         let port_check = checksum::replace_u16(0x1234, 80, 8080);
         let back = checksum::replace_u16(port_check, 8080, 80);
         assert_eq!(back, 0x1234);
+    }
+
+    #[test]
+    fn rsts_are_taken_near_what_their_sender_sent_across_the_wrap() {
+        use tcp_seq::{RST_AHEAD, RST_BEHIND, rst_in_window};
+        for seq_next in [1u32, 5_000, 0x8000_0000, u32::MAX - 10, 3] {
+            let at = |offset: i64| (i64::from(seq_next) + offset).rem_euclid(1 << 32) as u32;
+            assert!(rst_in_window(seq_next, seq_next), "{seq_next}: at it");
+            assert!(
+                rst_in_window(seq_next, at(-i64::from(RST_BEHIND))),
+                "{seq_next}"
+            );
+            assert!(
+                rst_in_window(seq_next, at(i64::from(RST_AHEAD))),
+                "{seq_next}"
+            );
+            assert!(
+                !rst_in_window(seq_next, at(-i64::from(RST_BEHIND) - 1)),
+                "{seq_next}"
+            );
+            assert!(
+                !rst_in_window(seq_next, at(i64::from(RST_AHEAD) + 1)),
+                "{seq_next}"
+            );
+            assert!(
+                !rst_in_window(seq_next, at(1 << 31)),
+                "{seq_next}: opposite"
+            );
+        }
+        assert!(rst_in_window(0, 12_345), "nothing recorded: taken");
+    }
+
+    #[test]
+    fn segment_ends_count_data_syn_and_fin_modulo_2_32() {
+        use tcp_seq::{after, segment_end};
+        assert_eq!(segment_end(100, 0, true, false), 101);
+        assert_eq!(segment_end(100, 1400, false, true), 1501);
+        assert_eq!(segment_end(u32::MAX, 2, false, false), 1);
+        assert!(after(1, u32::MAX), "past the wrap");
+        assert!(!after(u32::MAX, 1));
+        assert!(!after(7, 7));
     }
 
     #[test]

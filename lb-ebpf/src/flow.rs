@@ -6,7 +6,7 @@ use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
     DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SlotKey, SourceRange4,
     backend_flags, ct_direction, ct_flags, ct_timeouts, maglev, proto, scope, service_flags,
-    tcp_state,
+    tcp_seq, tcp_state,
 };
 use lb_ebpf::packet::{Ipv4Info, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ipv4_checksum_ok};
 
@@ -35,6 +35,10 @@ pub struct Tuple {
     pub proto: u8,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// TCP: the segment's sequence number and the one after it ([`tcp_seq::segment_end`]); 0
+    /// for UDP and for tuples that do not come from a segment.
+    pub seq: u32,
+    pub seq_end: u32,
 }
 
 /// Where a packet of a service flow goes (host order of the wire bytes), for which service.
@@ -125,6 +129,9 @@ pub fn destination(
             if closes(tuple) && !header_ok() {
                 return Err(Event::DROP_IP_CHECKSUM);
             }
+            if blind_rst(entry, tuple) {
+                return Err(Event::DROP_RST_OUT_OF_WINDOW);
+            }
             match reply_half(entry, tuple, macs, now) {
                 ReplyHalf::Ours(reply) => {
                     if !dry_run() {
@@ -142,6 +149,26 @@ pub fn destination(
         return Err(Event::DROP_IP_CHECKSUM);
     }
     new_flow(tuple, service, macs, ip.ttl > 1, now)
+}
+
+/// A RST far from what its sender has sent on this flow (the sender's entry: ORIGINAL for the
+/// client, REPLY for the backend): not the sender's, so it must neither end the flow nor reach
+/// the other side.
+#[inline(always)]
+pub fn blind_rst(sender: &Ct4Value, tuple: &Tuple) -> bool {
+    tuple.tcp_flags & TCP_RST != 0 && !tcp_seq::rst_in_window(sender.seq_next, tuple.seq)
+}
+
+/// Records how far a side's segment reaches in its sequence space (a write only when it reaches
+/// further: data, SYN or FIN, not a bare ACK).
+#[inline(always)]
+fn note_seq(sender: &mut Ct4Value, tuple: &Tuple) {
+    if tuple.proto == proto::TCP
+        && tuple.tcp_flags & TCP_RST == 0
+        && (sender.seq_next == 0 || tcp_seq::after(tuple.seq_end, sender.seq_next))
+    {
+        sender.seq_next = tuple.seq_end;
+    }
 }
 
 /// A TCP FIN or RST: the packet ends its flow.
@@ -239,6 +266,8 @@ fn reply_value(original: &Ct4Value, tuple: &Tuple, macs: &[u8; 12], now: u64) ->
         snat_addr: tuple.saddr,
         snat_port: tuple.sport,
         flags: original.flags & (ct_flags::SNAT | ct_flags::PORT_REMAP),
+        // The backend's side: nothing seen of it yet.
+        seq_next: 0,
         ..*original
     };
     // The ingress frame's destination MAC is this node's, its source the client's next hop.
@@ -276,6 +305,7 @@ fn new_flow(
         nat_port: u16::from_be(backend.port),
         state: initial_state(tuple),
         flags: if remote { ct_flags::SNAT } else { 0 },
+        seq_next: tuple.seq_end,
         ..Default::default()
     };
     if dry_run() {
@@ -517,6 +547,7 @@ fn note_close(reply: &mut Ct4Value, tcp_flags: u8, from_backend: bool, now: u64)
 /// the whole flow, and the reply tuple it holds, alive.
 #[inline(always)]
 fn refresh_flow(original: &mut Ct4Value, reply: &mut Ct4Value, tuple: &Tuple, now: u64) {
+    note_seq(original, tuple);
     if let Some(state) = advance(original, tuple, now) {
         touch(reply, state, now);
     }
@@ -534,6 +565,7 @@ fn refresh_flow(original: &mut Ct4Value, reply: &mut Ct4Value, tuple: &Tuple, no
 /// go to another client while its backend still sends to it), which costs a clock read per
 /// packet; otherwise only state changes are written.
 pub fn track_reply(reply: &mut Ct4Value, tuple: &Tuple, keep_alive: bool) {
+    note_seq(reply, tuple);
     if !keep_alive && !closes(tuple) {
         return;
     }

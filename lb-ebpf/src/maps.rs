@@ -44,7 +44,7 @@ pub static SOCK_STATE4: SkStorage<SockState4> = SkStorage::new();
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =
     PerCpuArray::pinned(limits::MAX_SERVICES, 0);
 
-#[map(name = "lb_event_v2")]
+#[map(name = "lb_event_v3")]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
 
 /// Datapath-wide settings (index 0), written by the agent at start.

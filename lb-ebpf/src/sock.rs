@@ -69,6 +69,8 @@ fn redirect_to_backend(ctx: &SockAddrContext) -> i32 {
         dport: u16::from_be(addr.user_port as u16),
         proto: protocol,
         tcp_flags: 0,
+        seq: 0,
+        seq_end: 0,
     };
     let Some(service) = lookup_frontend(&tuple) else {
         return ALLOW;

@@ -11,16 +11,17 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{Event, Frag4Key, Frag4Value, ct_flags, proto};
+use lb_common::{Event, Frag4Key, Frag4Value, ct_flags, proto, tcp_seq};
 
 use lb_ebpf::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN,
-    IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET, TCP_FLAGS_OFFSET, UDP_CSUM_OFFSET,
+    IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
+    TCP_FLAGS_OFFSET, TCP_SYN, UDP_CSUM_OFFSET,
 };
 
 use crate::{
-    flow::{Tuple, reply_key, track_reply},
+    flow::{Tuple, blind_rst, reply_key, track_reply},
     maps::{CONNTRACK4, FRAGMENTS4, count_event, remember_fragment},
 };
 
@@ -54,6 +55,9 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
     };
     // SAFETY: the entry stays valid for this run (RCU); see flow::destination for races.
     let entry = unsafe { &mut *entry };
+    if blind_rst(entry, &tuple) {
+        return Err(Event::DROP_RST_OUT_OF_WINDOW);
+    }
     // Answers of a local endpoint keep no SNAT port: the client's packets keep the flow alive.
     track_reply(entry, &tuple, false);
     snat(ctx, &tuple, l4_offset, entry.nat_addr, entry.nat_port)
@@ -130,6 +134,8 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
         dport: client_port,
         proto: quote.proto,
         tcp_flags: 0,
+        seq: 0,
+        seq_end: 0,
     };
     // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
     let Some(entry) = (unsafe { CONNTRACK4.get(&reply_key(&answer)) }).copied() else {
@@ -200,10 +206,10 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     let first_fragment = (flags_fragment & IPV4_MORE_FRAGMENTS != 0).then_some(fragment_key);
     let l4_offset = ETH_HDR_LEN + header_len;
     let ports: [u8; 4] = ctx.load(l4_offset).ok()?;
-    let tcp_flags = if protocol == proto::TCP {
-        ctx.load::<u8>(l4_offset + TCP_FLAGS_OFFSET).ok()?
+    let (tcp_flags, seq, seq_end) = if protocol == proto::TCP {
+        segment(ctx, l4_offset)?
     } else {
-        0
+        (0, 0, 0)
     };
     Some(Packet::Segment {
         tuple: Tuple {
@@ -213,10 +219,31 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
             dport: u16::from_be_bytes([ports[2], ports[3]]),
             proto: protocol,
             tcp_flags,
+            seq,
+            seq_end,
         },
         l4_offset,
         first_fragment,
     })
+}
+
+/// A TCP segment's flags, sequence number and the sequence number after it. Its length comes
+/// from the skb, not the IP total length, which a GSO packet of more than 64 KiB leaves 0
+/// (BIG TCP, net/ipv4/ip_output.c __ip_local_out with iph_set_totlen).
+#[inline(always)]
+fn segment(ctx: &TcContext, l4_offset: usize) -> Option<(u8, u32, u32)> {
+    let header: [u8; 14] = ctx.load(l4_offset).ok()?;
+    let header_len = usize::from(header[TCP_DATA_OFFSET_OFFSET] >> 4) * 4;
+    let flags = header[TCP_FLAGS_OFFSET];
+    let seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let payload_len = (ctx.len() as usize).saturating_sub(l4_offset + header_len);
+    let seq_end = tcp_seq::segment_end(
+        seq,
+        payload_len as u32,
+        flags & TCP_SYN != 0,
+        flags & TCP_FIN != 0,
+    );
+    Some((flags, seq, seq_end))
 }
 
 /// The client's own port back as the destination, for a flow whose source port XDP remapped.

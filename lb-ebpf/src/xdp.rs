@@ -7,19 +7,20 @@
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    Event, Frag4Key, Frag4Value, checksum, ct_flags, frag_action, limits, proto, service_flags,
+    Ct4Value, Event, Frag4Key, Frag4Value, checksum, ct_flags, frag_action, limits, proto,
+    service_flags, tcp_seq,
 };
 use lb_ebpf::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPPROTO_ICMP, IPV4_CSUM_OFFSET,
     IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, Ipv4Info, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET,
-    TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at, bytes_at_mut,
-    frame_len, ipv4_checksum_ok, parse_ipv4,
+    TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
+    bytes_at_mut, frame_len, ipv4_checksum_ok, parse_ipv4,
 };
 
 use crate::{
     flow::{
-        Tuple, closes, config, destination, lookup_frontend, original_key, reply_key,
+        Tuple, blind_rst, closes, config, destination, lookup_frontend, original_key, reply_key,
         source_allowed, track_reply,
     },
     helpers::{Forward, fib_forward},
@@ -55,7 +56,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     }
     let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
     if ip.proto == IPPROTO_ICMP && !ip.later_fragment() && !ip.first_fragment() {
-        return icmp_error_to_local_endpoint(ctx, &ip);
+        return icmp_error(ctx, &ip);
     }
     if ip.proto != proto::TCP && ip.proto != proto::UDP {
         return Ok(xdp_action::XDP_PASS);
@@ -111,6 +112,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
             } else {
                 frag_action::PASS
             },
+            service_id: destination.service_id,
             ..Default::default()
         };
         remember_fragment(&fragment_key(&ip), &later);
@@ -122,21 +124,32 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
 }
 
 /// An ICMP error (destination unreachable, including fragmentation needed; time exceeded;
-/// parameter problem) from the path about a packet a local endpoint sent to its client through
-/// a frontend (tc gave it the frontend's address): the error goes to the endpoint, about the
-/// packet as the endpoint sent it, so that its socket learns of it (path-MTU discovery through a
-/// NodePort depends on it). The quoted header and ports, the quoted UDP checksum, and the outer
-/// destination are translated, with every checksum updated. Anything else passes untouched.
+/// parameter problem) about a packet of a translated flow goes to the host that sent that packet
+/// as it sent it, so that its socket learns of it (path-MTU discovery through a NodePort depends
+/// on it): the quoted header and ports, the quoted UDP checksum and the outer addresses are
+/// translated, with every checksum updated. Anything else passes untouched.
 #[inline(always)]
-fn icmp_error_to_local_endpoint(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
+fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
     let Some(error) = bytes_at_mut::<ICMP_ERROR_LEN>(ctx, ip.l4_offset) else {
         return Ok(xdp_action::XDP_PASS);
     };
     let Some(quote) = icmp::quoted(error) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    // The quoted packet went from the frontend to the client: its flow's ORIGINAL entry is
-    // keyed the other way round.
+    if let Some(flow) = snat_flow_of_quote(ip, &quote) {
+        // About a packet this node sent from a SNAT port to a remote backend: to the client,
+        // about its packet to the frontend, from the frontend (as Linux NAT translates the outer
+        // header of a related error, net/netfilter/nf_nat_proto.c nf_nat_icmp_reply_translation).
+        let client = (flow.snat_addr, flow.snat_port);
+        let frontend = (flow.nat_addr, flow.nat_port);
+        let (node_mac, client_mac) = (flow.node_mac, flow.client_mac);
+        icmp::rewrite_quoted(error, &quote, client, frontend);
+        rewrite_addresses(ctx, (ip.saddr, ip.daddr), (frontend.0, client.0))?;
+        count_event(Event::ICMP_ERROR_TRANSLATED);
+        return Ok(transmit(ctx, node_mac, client_mac));
+    }
+    // Otherwise it may be about a packet that left from a frontend to a client: its flow's
+    // ORIGINAL entry is keyed the other way round.
     let ((frontend, frontend_port), (client, client_port)) = (quote.source, quote.destination);
     let flow = Tuple {
         saddr: client,
@@ -145,24 +158,66 @@ fn icmp_error_to_local_endpoint(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, 
         dport: frontend_port,
         proto: quote.proto,
         tcp_flags: 0,
+        seq: 0,
+        seq_end: 0,
     };
     // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
     let Some(entry) = (unsafe { CONNTRACK4.get(&original_key(&flow)) }).copied() else {
         return Ok(xdp_action::XDP_PASS);
     };
-    if entry.flags & ct_flags::SNAT != 0 || ip.daddr != frontend {
+    if ip.daddr != frontend {
         return Ok(xdp_action::XDP_PASS);
     }
+    let backend = (entry.nat_addr, entry.nat_port);
+    if entry.flags & ct_flags::SNAT != 0 {
+        // The packet came from a remote backend through a SNAT port: the error goes to the
+        // backend, about its packet to that port, from this node's SNAT address.
+        let snat = (entry.snat_addr, entry.snat_port);
+        icmp::rewrite_quoted(error, &quote, backend, snat);
+        rewrite_addresses(ctx, (ip.saddr, ip.daddr), (snat.0, backend.0))?;
+        count_event(Event::ICMP_ERROR_TRANSLATED);
+        return Ok(forward(ctx, IPPROTO_ICMP, snat.0, backend.0));
+    }
+    // The packet came from a local endpoint (tc gave it the frontend's address).
     let to_port = if entry.flags & ct_flags::PORT_REMAP != 0 {
         entry.snat_port
     } else {
         client_port
     };
-    let backend = (entry.nat_addr, entry.nat_port);
     icmp::rewrite_quoted(error, &quote, backend, (client, to_port));
     rewrite_addresses(ctx, (ip.saddr, ip.daddr), (ip.saddr, backend.0))?;
     count_event(Event::ICMP_ERROR_TRANSLATED);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// The REPLY entry of the SNAT flow whose packet from one of this node's SNAT ports an ICMP error
+/// to this node quotes.
+#[inline(always)]
+fn snat_flow_of_quote(ip: &Ipv4Info, quote: &icmp::Quoted) -> Option<Ct4Value> {
+    let config = config()?;
+    let (snat_addr, snat_port) = quote.source;
+    if config.snat_addr == 0
+        || ip.daddr != config.snat_addr
+        || snat_addr != config.snat_addr
+        || snat_port < config.snat_port_min
+        || snat_port > config.snat_port_max
+    {
+        return None;
+    }
+    let (backend, backend_port) = quote.destination;
+    let answer = Tuple {
+        saddr: backend,
+        daddr: snat_addr,
+        sport: backend_port,
+        dport: snat_port,
+        proto: quote.proto,
+        tcp_flags: 0,
+        seq: 0,
+        seq_end: 0,
+    };
+    // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
+    let entry = (unsafe { CONNTRACK4.get(&reply_key(&answer)) }).copied()?;
+    (entry.flags & ct_flags::SNAT != 0).then_some(entry)
 }
 
 /// A fragment after the first of its datagram: no ports, so it follows what its first fragment
@@ -176,6 +231,7 @@ fn later_fragment(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         return Ok(xdp_action::XDP_PASS);
     };
     rewrite_addresses(ctx, (ip.saddr, ip.daddr), (first.saddr, first.daddr))?;
+    count_service(first.service_id, 1, frame_len(ctx) as u64, 0);
     Ok(match first.action {
         frag_action::TRANSMIT => transmit(ctx, first.smac, first.dmac),
         frag_action::FORWARD => forward(ctx, ip.proto, first.saddr, first.daddr),
@@ -227,6 +283,9 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     if closes(tuple) && !ipv4_checksum_ok(ctx, l4_offset) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
+    if blind_rst(entry, tuple) {
+        return Err(Event::DROP_RST_OUT_OF_WINDOW);
+    }
     if !dry_run() {
         track_reply(entry, tuple, true);
     }
@@ -252,6 +311,7 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
             dmac: client_mac,
             action: frag_action::TRANSMIT,
             _pad: [0; 3],
+            service_id,
         };
         remember_fragment(&fragment_key(ip), &later);
     }
@@ -329,13 +389,21 @@ fn decrement_ttl(ctx: &XdpContext) -> bool {
 #[inline(always)]
 fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
     let l4_len = ip.end.saturating_sub(ip.l4_offset);
-    let (ports, tcp_flags) = if ip.proto == proto::TCP {
+    let (ports, tcp_flags, seq, seq_end) = if ip.proto == proto::TCP {
         let tcp = bytes_at::<TCP_MIN_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
         let header_len = usize::from(tcp[TCP_DATA_OFFSET_OFFSET] >> 4) * 4;
         if header_len < TCP_MIN_HDR_LEN || header_len > l4_len {
             return Err(Event::DROP_MALFORMED);
         }
-        ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS_OFFSET])
+        let flags = tcp[TCP_FLAGS_OFFSET];
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let seq_end = tcp_seq::segment_end(
+            seq,
+            (l4_len - header_len) as u32,
+            flags & TCP_SYN != 0,
+            flags & TCP_FIN != 0,
+        );
+        ([tcp[0], tcp[1], tcp[2], tcp[3]], flags, seq, seq_end)
     } else {
         let udp = bytes_at::<UDP_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
         // A first fragment holds the start of a datagram its length covers in full.
@@ -343,7 +411,7 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
         if length < UDP_HDR_LEN || (length > l4_len && !ip.first_fragment()) {
             return Err(Event::DROP_MALFORMED);
         }
-        ([udp[0], udp[1], udp[2], udp[3]], 0)
+        ([udp[0], udp[1], udp[2], udp[3]], 0, 0, 0)
     };
     Ok(Tuple {
         saddr: ip.saddr,
@@ -352,6 +420,8 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
         dport: u16::from_be_bytes([ports[2], ports[3]]),
         proto: ip.proto,
         tcp_flags,
+        seq,
+        seq_end,
     })
 }
 

@@ -45,6 +45,8 @@ pub enum SourceConfig {
 pub struct AgentConfig {
     pub node_name: String,
     pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// `--external-ip-cidrs`: the externalIPs that may be served (empty: all).
+    pub external_ip_cidrs: Vec<Ipv4Cidr>,
     pub node_addresses: Vec<Ipv4Addr>,
     pub node_port_range: RangeInclusive<u16>,
     pub interfaces: Vec<String>,
@@ -62,9 +64,6 @@ pub struct AgentConfig {
     pub healthz_timeout: Duration,
     /// The live log filter, for `/debug/log-level`.
     pub log_level: Option<LogLevel>,
-    /// Where the network sysctls are (`/proc/sys/net`, or the host's mounted elsewhere in a
-    /// container whose own /proc/sys is read-only).
-    pub proc_sys_net: PathBuf,
     /// Mount bpffs at /sys/fs/bpf when none is there. Off in a container: a mount made there
     /// stays in the container and takes the pins with it when it ends.
     pub mount_bpffs: bool,
@@ -80,6 +79,7 @@ impl AgentConfig {
             node_name: self.node_name.clone(),
             routed_local: BTreeSet::new(),
             nodeport_cidrs: self.nodeport_cidrs.clone(),
+            external_ip_cidrs: self.external_ip_cidrs.clone(),
             fallback_addresses: self.node_addresses.clone(),
             node_port_range: self.node_port_range.clone(),
             default_maglev: self.default_maglev,
@@ -93,14 +93,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let bpffs = std::path::Path::new(crate::bpffs::DEFAULT_MOUNT);
     if !config.mount_bpffs && !crate::bpffs::is_mounted(bpffs)? {
         anyhow::bail!(
-            "no bpffs at {}: mount the host's (`lb mount-bpffs`, or mount -t bpf bpf {0}) and \
+            "no bpffs at {}: mount the host's (`lb init-node`, or mount -t bpf bpf {0}) and \
              give it to the agent, or allow the agent to mount one (--mount-bpffs true)",
             bpffs.display()
         );
     }
+    for iface in &config.interfaces {
+        crate::node::require_accept_local(iface)?;
+    }
     let mut datapath = Datapath::load(&config.pin_dir).context("loading the datapath")?;
     for iface in &config.interfaces {
-        accept_local(&config.proc_sys_net, iface)?;
         datapath
             .attach_xdp(iface, config.xdp_mode)
             .with_context(|| format!("attaching XDP to {iface}"))?;
@@ -476,16 +478,6 @@ fn place_unplaced_endpoints(locator: &RouteLocator, compiler: &mut Compiler) -> 
     }
 }
 
-/// Lets the stack take packets arriving with one of this node's addresses as source: XDP hands
-/// it SNATed packets to forward when it cannot send them itself yet (no neighbour entry).
-fn accept_local(proc_sys_net: &std::path::Path, iface: &str) -> anyhow::Result<()> {
-    let path = proc_sys_net
-        .join("ipv4/conf")
-        .join(iface)
-        .join("accept_local");
-    std::fs::write(&path, "1").with_context(|| format!("setting {}", path.display()))
-}
-
 /// Keeps the datapath's SNAT address (for flows to backends on other nodes) equal to this node's
 /// address, and its SNAT ports and conntrack timeouts as configured.
 fn sync_datapath_config(
@@ -553,15 +545,17 @@ fn publish_event(events: Arc<kube_source::EventRecorder>, problem: Problem) {
     });
 }
 
-/// `lb run --cleanup`: removes everything the agent installed (links, programs, maps), which
-/// detaches the datapath. Missing state is not an error.
+/// `lb run --cleanup`: removes the pins the agent created (links, programs, maps), which
+/// detaches the datapath, and the pin directory; refuses any path that is not a pin directory
+/// ([`crate::pins::remove`]). Missing state is not an error.
 pub fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    match std::fs::remove_dir_all(pin_dir) {
-        Ok(()) => {
-            info!(pin_dir = %pin_dir.display(), "removed");
-            Ok(())
+    match crate::pins::remove(pin_dir)? {
+        crate::pins::Cleanup::Absent => {
+            info!(pin_dir = %pin_dir.display(), "nothing to remove");
         }
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(err).with_context(|| format!("removing {}", pin_dir.display())),
+        crate::pins::Cleanup::Removed(pins) => {
+            info!(pin_dir = %pin_dir.display(), pins, "removed");
+        }
     }
+    Ok(())
 }

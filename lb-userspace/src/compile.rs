@@ -11,7 +11,11 @@
 //!   the node's routes put their address on this node ([`NodeContext::routed_local`]);
 //! - ready endpoints; when none is ready, the serving and terminating ones (KEP-1669);
 //! - headless and ExternalName Services ignored; IPv6 addresses reported as not yet supported;
-//! - sessionAffinity ClientIP with its timeout (default 10800 s).
+//! - sessionAffinity ClientIP with its timeout (default 10800 s);
+//! - externalIPs only inside `--external-ip-cidrs` when it is given (the others skipped with a
+//!   problem);
+//! - one owner per frontend (address, port, protocol) when several Services claim it: see
+//!   [`Claim`]. The others are skipped for that frontend only, with a problem naming the owner.
 //!
 //! Bad input never takes down anything else: an invalid Service is skipped as a whole with a
 //! [`Problem`] (and stays "held": the agent keeps what it installed for it before), an invalid
@@ -54,6 +58,9 @@ pub struct NodeContext {
     pub routed_local: BTreeSet<Ipv4Addr>,
     /// `--nodeport-addresses`: which node addresses serve NodePorts (empty: all of them).
     pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// `--external-ip-cidrs`: the externalIPs that may be served (empty: all of them, as
+    /// kube-proxy does).
+    pub external_ip_cidrs: Vec<Ipv4Cidr>,
     /// Node addresses to use when the snapshot has no Node object (file source without one).
     pub fallback_addresses: Vec<Ipv4Addr>,
     /// nodePorts outside this range are refused.
@@ -72,6 +79,7 @@ impl NodeContext {
             node_name: node_name.into(),
             routed_local: BTreeSet::new(),
             nodeport_cidrs: Vec::new(),
+            external_ip_cidrs: Vec::new(),
             fallback_addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             default_maglev: false,
@@ -156,15 +164,13 @@ pub enum Scope {
 
 impl std::fmt::Display for ServicePortKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let protocol = if self.proto == proto::UDP {
-            "UDP"
-        } else {
-            "TCP"
-        };
         write!(
             f,
-            "{}/{}:{}/{protocol}",
-            self.namespace, self.name, self.port_name
+            "{}/{}:{}/{}",
+            self.namespace,
+            self.name,
+            self.port_name,
+            protocol_name(self.proto)
         )?;
         match self.scope {
             Scope::All => Ok(()),
@@ -173,6 +179,10 @@ impl std::fmt::Display for ServicePortKey {
             Scope::LoadBalancer => write!(f, "[loadbalancer]"),
         }
     }
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    if protocol == proto::UDP { "UDP" } else { "TCP" }
 }
 
 /// What the datapath should hold for one Service port.
@@ -224,6 +234,91 @@ pub struct Problem {
     pub message: String,
 }
 
+/// A frontend as the datapath keys it: (address, port, protocol).
+type FrontendId = (Ipv4Addr, u16, u8);
+
+fn frontend_id(frontend: &Frontend) -> FrontendId {
+    (frontend.addr, frontend.port, frontend.proto)
+}
+
+/// One Service port's claim on a frontend. When several Service ports claim one, the least claim
+/// owns it, by the derived order (field by field):
+/// 1. the kind of address: a ClusterIP first (the API server allocates it and keeps it unique),
+///    then a nodePort (allocated and unique too), then externalIPs and LoadBalancer ingress IPs
+///    alike (whoever may write a Service or its status writes them: the CVE-2020-8554 class);
+/// 2. the Service's age: the earlier creationTimestamp, then the lesser uid; a Service without
+///    one counts as younger than every Service with one (hand-written manifests have neither);
+/// 3. the Service port's key (namespace, name, port, scope) and the kind, so that the order is
+///    total and never depends on which object arrived first.
+///
+/// The claims of the owning Service port are all served (an externalIP also listed as an ingress
+/// IP is one entry with both kinds).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    precedence: Precedence,
+    age: Age,
+    key: ServicePortKey,
+    kind: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Precedence {
+    ClusterIp,
+    NodePort,
+    External,
+}
+
+impl Precedence {
+    fn of(kind: u32) -> Self {
+        if kind & service_flags::CLUSTER_IP != 0 {
+            Self::ClusterIp
+        } else if kind & service_flags::NODE_PORT != 0 {
+            Self::NodePort
+        } else {
+            Self::External
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "a ClusterIP",
+            Self::NodePort => "a nodePort",
+            Self::External => "an externalIP or LoadBalancer IP",
+        }
+    }
+}
+
+/// How old a Service is (older is less); what is missing sorts after every known value.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Age {
+    created: Known<jiff::Timestamp>,
+    uid: Known<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Known<T> {
+    Value(T),
+    Missing,
+}
+
+impl<T> From<Option<T>> for Known<T> {
+    fn from(value: Option<T>) -> Self {
+        value.map_or(Self::Missing, Self::Value)
+    }
+}
+
+fn age(service: &Service) -> Age {
+    Age {
+        created: service
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|time| time.0)
+            .into(),
+        uid: service.metadata.uid.clone().into(),
+    }
+}
+
 /// Compiles a snapshot into the desired state for one node, from scratch.
 pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> (Desired, Vec<Problem>) {
     let mut compiler = Compiler::new(node.clone());
@@ -234,18 +329,26 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> (Desired, Vec<Problem
 /// compile() kept up to date across snapshots: only the Services whose object or slices are not
 /// the ones of the previous snapshot (by address, see [`Previous`]) are looked at, and of those
 /// only the ones whose resourceVersions changed are compiled again; the desired state is patched
-/// in place, so a change costs O(its size) plus a pass over the snapshot's pointers. A change of
-/// this node's addresses, or any frontend conflict, falls back to a full compile, so the result
-/// is always exactly what [`compile`] gives (tested).
+/// in place, so a change costs O(its size) plus a pass over the snapshot's pointers. Frontend
+/// conflicts are settled in place too (every claim is kept, see [`Claim`], so when an owner
+/// goes the next claim takes over). A change of this node's addresses falls back to a full
+/// compile; the result is always exactly what [`compile`] gives (tested).
 pub struct Compiler {
     node: NodeContext,
     node_addresses: Vec<Ipv4Addr>,
     desired: Desired,
     /// By namespace, then name (nested so lookups need no owned key).
     services: HashMap<String, HashMap<String, CompiledService>>,
-    /// Which Service port serves each frontend.
-    claimed: HashMap<(Ipv4Addr, u16, u8), ServicePortKey>,
-    /// A full compile is needed (first run, node changed, conflicts present).
+    /// Every claim on each frontend, least (the owner's) first.
+    claims: HashMap<FrontendId, Vec<Claim>>,
+    /// Which Service port serves each frontend (the first claim's).
+    owners: HashMap<FrontendId, ServicePortKey>,
+    /// Frontends claimed by more than one Service.
+    contested: BTreeSet<FrontendId>,
+    /// Service ports that own none of the frontends they claim: out of the desired state until
+    /// they own one.
+    parked: HashMap<ServicePortKey, DesiredService>,
+    /// A full compile is needed (first run, node changed, a key with two Services).
     full: bool,
     snat_address: Option<Ipv4Addr>,
     /// The objects of the previous update, indexed, to find what changed by pointer.
@@ -392,9 +495,10 @@ struct CompiledService {
     /// Its endpoint addresses without a nodeName.
     unplaced: BTreeSet<Ipv4Addr>,
     keys: Vec<ServicePortKey>,
+    /// The frontends its ports claim (sorted, each once).
+    claimed: Vec<FrontendId>,
     problems: Vec<Problem>,
     held: bool,
-    conflict: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -500,7 +604,10 @@ impl Compiler {
             node_addresses: Vec::new(),
             desired: Desired::default(),
             services: HashMap::new(),
-            claimed: HashMap::new(),
+            claims: HashMap::new(),
+            owners: HashMap::new(),
+            contested: BTreeSet::new(),
+            parked: HashMap::new(),
             full: true,
             snat_address: None,
             previous: None,
@@ -587,6 +694,7 @@ impl Compiler {
             .compiled()
             .flat_map(|service| service.problems.iter().cloned())
             .chain(self.orphans.values().flatten().cloned())
+            .chain(self.conflict_problems())
             .collect();
         problems.sort();
         problems.dedup();
@@ -624,7 +732,10 @@ impl Compiler {
         self.health_check_ports.clear();
         self.unplaced.clear();
         self.stale.clear();
-        self.claimed.clear();
+        self.claims.clear();
+        self.owners.clear();
+        self.contested.clear();
+        self.parked.clear();
         let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
         services.sort_by_key(|service| object_key(&service.metadata));
         for service in services {
@@ -637,8 +748,7 @@ impl Compiler {
         for gone in before.values() {
             changes.count_gone(gone.as_ref());
         }
-        let conflicts = self.compiled().any(|service| service.conflict);
-        self.full = conflicts;
+        self.full = false;
         let previous = Previous::of(snapshot);
         self.orphans.clear();
         let keys: Vec<(String, String)> = previous.slices_of.keys().cloned().collect();
@@ -649,7 +759,7 @@ impl Compiler {
 
     /// Recompiles only the Services whose object or slices changed since the previous update
     /// (by pointer), and of those only the ones whose fingerprint changed. Returns false when a
-    /// full compile is needed instead (a conflict appeared, or a key has two Services).
+    /// full compile is needed instead (a key has two Services).
     fn update_changed(
         &mut self,
         snapshot: &Snapshot,
@@ -692,9 +802,7 @@ impl Compiler {
                 }
                 [service] => {
                     let forced = stale.contains(&(namespace.clone(), name.clone()));
-                    if !self.recompile(service, &slices, forced, changed, changes) {
-                        return false;
-                    }
+                    self.recompile(service, &slices, forced, changed, changes);
                 }
                 _ => return false,
             }
@@ -705,7 +813,7 @@ impl Compiler {
     }
 
     /// Compiles one Service again unless its fingerprint shows nothing changed and it is not
-    /// `forced`. False on a frontend conflict.
+    /// `forced`.
     fn recompile(
         &mut self,
         service: &Service,
@@ -713,7 +821,7 @@ impl Compiler {
         forced: bool,
         changed: &mut BTreeSet<ServicePortKey>,
         changes: &mut Changes,
-    ) -> bool {
+    ) {
         let (namespace, name) = names(&service.metadata);
         let known = self
             .services
@@ -723,7 +831,7 @@ impl Compiler {
             && let Some(known) = known
             && fingerprint_matches(known.fingerprint.as_ref(), service, slices)
         {
-            return true;
+            return;
         }
         let before = self
             .services
@@ -733,11 +841,7 @@ impl Compiler {
         changes.count(before.as_ref(), service, service_slices(slices, service));
         self.forget(namespace, name, changed);
         let compiled = self.compile_one(service, slices, changed);
-        if compiled.conflict {
-            return false;
-        }
         self.insert(service, compiled);
-        true
     }
 
     /// Reports, for each of `keys`, the slices that name a Service that does not exist.
@@ -813,17 +917,144 @@ impl Compiler {
             }
         }
         for key in compiled.keys {
-            if let Some(service) = self.desired.services.remove(&key) {
-                for frontend in &service.frontends {
-                    self.claimed
-                        .remove(&(frontend.addr, frontend.port, frontend.proto));
-                }
-            }
+            self.desired.services.remove(&key);
+            self.parked.remove(&key);
             changed.insert(key);
+        }
+        for id in compiled.claimed {
+            if let Some(claims) = self.claims.get_mut(&id) {
+                claims.retain(|claim| claim.key.namespace != namespace || claim.key.name != name);
+            }
+            self.settle(id, changed);
         }
         self.desired
             .held
             .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Gives a frontend to its first claim's Service port (taking it from the one that had it),
+    /// after its claims changed.
+    fn settle(&mut self, id: FrontendId, changed: &mut BTreeSet<ServicePortKey>) {
+        let claims = self.claims.get(&id).map(Vec::as_slice).unwrap_or_default();
+        let owner = claims.first().map(|claim| claim.key.clone());
+        let owned: Vec<Frontend> = claims
+            .iter()
+            .filter(|claim| Some(&claim.key) == owner.as_ref())
+            .map(|claim| Frontend {
+                addr: id.0,
+                port: id.1,
+                proto: id.2,
+                kind: claim.kind,
+            })
+            .collect();
+        let services = claims
+            .iter()
+            .map(|claim| (&claim.key.namespace, &claim.key.name))
+            .collect::<BTreeSet<_>>()
+            .len();
+        if services > 1 {
+            self.contested.insert(id);
+        } else {
+            self.contested.remove(&id);
+        }
+        if claims.is_empty() {
+            self.claims.remove(&id);
+        }
+        let previous = match &owner {
+            Some(owner) => self.owners.insert(id, owner.clone()),
+            None => self.owners.remove(&id),
+        };
+        if let Some(previous) = previous {
+            if let Some(port) = self.port_mut(&previous) {
+                port.frontends
+                    .retain(|frontend| frontend_id(frontend) != id);
+            }
+            self.place(&previous);
+            changed.insert(previous);
+        }
+        if let Some(owner) = owner {
+            if let Some(port) = self.port_mut(&owner) {
+                port.frontends.extend(owned);
+            }
+            self.place(&owner);
+            changed.insert(owner);
+        }
+    }
+
+    /// A compiled Service port, in the desired state or parked.
+    fn port_mut(&mut self, key: &ServicePortKey) -> Option<&mut DesiredService> {
+        match self.desired.services.get_mut(key) {
+            Some(port) => Some(port),
+            None => self.parked.get_mut(key),
+        }
+    }
+
+    /// Parks a Service port that owns no frontend, and brings back one that owns one again.
+    fn place(&mut self, key: &ServicePortKey) {
+        if self
+            .desired
+            .services
+            .get(key)
+            .is_some_and(|port| port.frontends.is_empty())
+        {
+            if let Some(port) = self.desired.services.remove(key) {
+                self.parked.insert(key.clone(), port);
+            }
+        } else if self
+            .parked
+            .get(key)
+            .is_some_and(|port| !port.frontends.is_empty())
+            && let Some(port) = self.parked.remove(key)
+        {
+            self.desired.services.insert(key.clone(), port);
+        }
+    }
+
+    /// A problem for each Service skipped on a frontend another Service owns.
+    fn conflict_problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for id in &self.contested {
+            let Some((owner, others)) = self.claims.get(id).and_then(|claims| claims.split_first())
+            else {
+                continue;
+            };
+            let mut losers = BTreeSet::new();
+            for claim in others {
+                let same_service =
+                    claim.key.namespace == owner.key.namespace && claim.key.name == owner.key.name;
+                if same_service || !losers.insert((&claim.key.namespace, &claim.key.name)) {
+                    continue;
+                }
+                let why = if owner.precedence < claim.precedence {
+                    format!(
+                        "{} comes before {}",
+                        owner.precedence.describe(),
+                        claim.precedence.describe()
+                    )
+                } else if owner.age < claim.age {
+                    "it is the older Service (creationTimestamp, then uid)".to_owned()
+                } else {
+                    "neither Service has a creationTimestamp or uid; the first by namespace/name \
+                     keeps it"
+                        .to_owned()
+                };
+                problems.push(Problem {
+                    severity: Severity::Invalid,
+                    kind: "Service",
+                    namespace: claim.key.namespace.clone(),
+                    name: claim.key.name.clone(),
+                    reason: "FrontendConflict",
+                    message: format!(
+                        "{}:{}/{} not served for this Service: {} serves it ({why})",
+                        id.0,
+                        id.1,
+                        protocol_name(id.2),
+                        owner.key
+                    ),
+                });
+            }
+        }
+        problems
     }
 
     /// Compiles one Service into the desired state (which must not hold it yet).
@@ -839,9 +1070,9 @@ impl Compiler {
             health_check_node_port: health_check_node_port(service, &self.node),
             unplaced: BTreeSet::new(),
             keys: Vec::new(),
+            claimed: Vec::new(),
             problems: Vec::new(),
             held: false,
-            conflict: false,
         };
         let service_slices = slices
             .get(&(namespace.as_str(), name.as_str()))
@@ -857,37 +1088,42 @@ impl Compiler {
             &mut compiled.problems,
         ) {
             Ok(ports) => {
-                let conflict = ports
-                    .values()
-                    .flat_map(|desired| desired.frontends.iter())
-                    .find_map(|f| {
-                        self.claimed
-                            .get(&(f.addr, f.port, f.proto))
-                            .map(|owner| (*f, owner.clone()))
-                    });
-                if let Some((frontend, owner)) = conflict {
-                    compiled.problems.push(invalid_service(
-                        service,
-                        "FrontendConflict",
-                        format!(
-                            "{}:{} is already served by {owner}",
-                            frontend.addr, frontend.port
-                        ),
-                    ));
-                    compiled.held = true;
-                    compiled.conflict = true;
-                } else {
-                    for (key, port) in ports {
-                        for frontend in &port.frontends {
-                            self.claimed.insert(
-                                (frontend.addr, frontend.port, frontend.proto),
-                                key.clone(),
-                            );
+                let age = age(service);
+                let mut contested = Vec::new();
+                for (key, mut port) in ports {
+                    for frontend in std::mem::take(&mut port.frontends) {
+                        let id = frontend_id(&frontend);
+                        compiled.claimed.push(id);
+                        let claim = Claim {
+                            precedence: Precedence::of(frontend.kind),
+                            age: age.clone(),
+                            key: key.clone(),
+                            kind: frontend.kind,
+                        };
+                        let claims = self.claims.entry(id).or_default();
+                        let at = claims.binary_search(&claim).unwrap_or_else(|at| at);
+                        claims.insert(at, claim);
+                        // The common case, a frontend nobody else claims, needs no settling.
+                        if claims.len() == 1 {
+                            self.owners.insert(id, key.clone());
+                            port.frontends.insert(frontend);
+                        } else {
+                            contested.push(id);
                         }
-                        compiled.keys.push(key.clone());
-                        changed.insert(key.clone());
+                    }
+                    compiled.keys.push(key.clone());
+                    changed.insert(key.clone());
+                    if port.frontends.is_empty() {
+                        self.parked.insert(key, port);
+                    } else {
                         self.desired.services.insert(key, port);
                     }
+                }
+                compiled.claimed.sort_unstable();
+                compiled.claimed.dedup();
+                compiled.claimed.shrink_to_fit();
+                for id in contested {
+                    self.settle(id, changed);
                 }
             }
             Err(Skip::Ignored) => {}
@@ -1160,6 +1396,7 @@ fn compile_service(
     };
     let (cluster_ips, external_ips, ingress_ips) =
         (v4(&cluster_ips), v4(&external_ips), v4(&ingress_ips));
+    let external_ips = allowed_external_ips(service, external_ips, node, problems);
     let node_ports_wanted = service_type == "NodePort" || service_type == "LoadBalancer";
     let affinity_timeout_s = affinity_timeout(service);
     let maglev = match service
@@ -1301,6 +1538,29 @@ fn compile_service(
         }
     }
     Ok(desired)
+}
+
+/// The externalIPs inside `--external-ip-cidrs` (all without it); a problem for each other one.
+fn allowed_external_ips(
+    service: &Service,
+    external_ips: Vec<Ipv4Addr>,
+    node: &NodeContext,
+    problems: &mut Vec<Problem>,
+) -> Vec<Ipv4Addr> {
+    if node.external_ip_cidrs.is_empty() {
+        return external_ips;
+    }
+    let (allowed, refused): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = external_ips
+        .into_iter()
+        .partition(|ip| node.external_ip_cidrs.iter().any(|cidr| cidr.contains(*ip)));
+    for ip in refused {
+        problems.push(invalid_service(
+            service,
+            "ExternalIPNotAllowed",
+            format!("externalIP {ip} is outside --external-ip-cidrs; not served"),
+        ));
+    }
+    allowed
 }
 
 /// What decides which frontends of a Service port share a selection table.

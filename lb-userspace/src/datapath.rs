@@ -241,13 +241,11 @@ pub struct InstalledService {
 
 impl Datapath {
     /// Loads every program of the datapath, reusing the maps pinned under `pin_dir` or creating
-    /// and pinning them there. bpffs is mounted at its usual place when missing.
+    /// and pinning them there. bpffs is mounted at its usual place when missing; the pin
+    /// directory is created 0700 and refused when it is not on bpffs or not this user's.
     pub fn load(pin_dir: &Path) -> Result<Self> {
         crate::bpffs::ensure_mounted(Path::new(crate::bpffs::DEFAULT_MOUNT))?;
-        std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
-            path: pin_dir.to_owned(),
-            source,
-        })?;
+        crate::bpffs::create_pin_dir(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(DATAPATH_OBJECT)
@@ -326,7 +324,7 @@ impl Datapath {
         let (ifindex, mac) = nic_address(iface)?;
         self.record_nic_mac(ifindex, mac)?;
         let name = program_names::XDP_LB;
-        let pin = self.link_pin(&format!("xdp-{iface}"))?;
+        let pin = self.link_pin(&crate::pins::xdp_link_name(iface))?;
         let program = program_mut::<Xdp>(&mut self.ebpf, name)?;
         let operation = || format!("attach to {iface} ({mode:?})");
         if let Some(link) = take_pinned_link(&pin, name)? {
@@ -350,7 +348,7 @@ impl Datapath {
     /// (TCX on kernels >= 6.6), pinned like [`Datapath::attach_xdp`].
     pub fn attach_tc_egress(&mut self, iface: &str) -> Result<()> {
         let name = program_names::TC_EGRESS;
-        let pin = self.link_pin(&format!("tc-egress-{iface}"))?;
+        let pin = self.link_pin(&crate::pins::tc_egress_link_name(iface))?;
         let program = program_mut::<SchedClassifier>(&mut self.ebpf, name)?;
         let operation = || format!("attach to {iface} egress");
         if let Some(link) = take_pinned_link(&pin, name)? {
@@ -446,10 +444,7 @@ impl Datapath {
     /// Where the link of one attachment is pinned.
     fn link_pin(&self, name: &str) -> Result<PathBuf> {
         let dir = self.pin_dir.join(LINKS_DIR);
-        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir {
-            path: dir.clone(),
-            source,
-        })?;
+        crate::bpffs::create_pin_dir(&dir)?;
         Ok(dir.join(name))
     }
 

@@ -212,9 +212,10 @@ fn summarize(value: &ServiceValue) -> ServiceSummary {
     }
 }
 
+/// A map of the agent, through a read-only descriptor (BPF_F_RDONLY).
 fn pinned(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir.join(name);
-    MapData::from_pin(&path).with_context(|| {
+    crate::bpf_obj::open_map_read_only(&path).with_context(|| {
         format!(
             "opening {} (is the agent running with this --pin-dir?)",
             path.display()
@@ -297,6 +298,11 @@ fn affinity(
 }
 
 /// Runs a private copy of the XDP program, on the agent's pinned maps, in dry-run mode.
+///
+/// The loader opens the pins read-write, and a read-only descriptor would change nothing here:
+/// a program may use any map it was loaded with whatever the descriptor's mode (the verifier's
+/// `add_used_map` in kernel/bpf/verifier.c takes the map with `__bpf_map_get`, which checks no
+/// mode). What keeps this copy from writing is DRY_RUN, checked by the program before each write.
 fn run_dry(pin_dir: &Path, packet: &[u8]) -> anyhow::Result<crate::testrun::TestRunOutput> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)

@@ -1,6 +1,7 @@
 //! A read-only view of a running agent's pinned maps: what `lb services`, `lb backends`,
 //! `lb conntrack` and `lb stats` print and what `/metrics` reports. Opening a pin never changes
-//! the datapath, and nothing here writes to a map.
+//! the datapath, and nothing here can write to a map: every map is opened read-only
+//! (BPF_F_RDONLY), so the kernel refuses a write even if one were attempted.
 
 use std::{
     collections::BTreeMap,
@@ -176,11 +177,12 @@ pub struct Stats {
 }
 
 impl PinnedMaps {
-    /// Opens the maps pinned under `pin_dir`.
+    /// Opens the maps pinned under `pin_dir`, each through a read-only descriptor: nothing
+    /// done with a `PinnedMaps` can change the datapath.
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         let open = |name: &str| -> anyhow::Result<MapData> {
             let path = pin_dir.join(name);
-            MapData::from_pin(&path).with_context(|| {
+            crate::bpf_obj::open_map_read_only(&path).with_context(|| {
                 format!(
                     "opening {} (is the agent running with --pin-dir {}?)",
                     path.display(),
@@ -579,5 +581,83 @@ mod tests {
             timeouts.for_state(proto::TCP, tcp_state::SYN_SENT),
             ct_timeouts::TCP_SYN
         );
+    }
+
+    /// What a write through one of the inspection's descriptors gets.
+    fn refused<T: std::fmt::Debug>(what: &str, result: Result<T, aya::maps::MapError>) {
+        match result {
+            Err(aya::maps::MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(libc::EPERM) => {}
+            other => panic!("{what}: {other:?}, not EPERM"),
+        }
+    }
+
+    #[test]
+    fn inspection_opens_every_map_read_only_and_the_kernel_refuses_its_writes() {
+        crate::bpffs::with_private_bpffs(|bpffs| {
+            let pin_dir = bpffs.join("lb");
+            let mut datapath = crate::datapath::Datapath::load(&pin_dir).expect("datapath");
+            let backend = crate::datapath::Backend {
+                addr: Ipv4Addr::new(10, 244, 1, 10),
+                port: 8080,
+                proto: proto::TCP,
+                flags: 0,
+            };
+            datapath.put_backend(7, &backend).expect("the agent writes");
+
+            let mut maps = PinnedMaps::open(&pin_dir).expect("open read-only");
+            // Reading works as before.
+            let backends = maps.backends().expect("backends");
+            assert_eq!(backends.len(), 1);
+            assert_eq!(backends[0].address, "10.244.1.10:8080");
+            maps.services().expect("services");
+            maps.stats().expect("stats");
+            maps.conntrack(&ConntrackFilter::default())
+                .expect("conntrack");
+
+            // Writing does not, whatever the map type.
+            let value = maps.backends.get(&7, 0).expect("backend 7");
+            refused("update a backend", maps.backends.insert(&8, &value, 0));
+            refused("delete a backend", maps.backends.remove(&7));
+            let frontend = Frontend4Key {
+                addr: u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
+                port: 80u16.to_be(),
+                proto: proto::TCP,
+                scope: 0,
+            };
+            refused(
+                "add a frontend",
+                maps.frontends
+                    .insert(&frontend, &ServiceValue::default(), 0),
+            );
+            refused(
+                "rename a service",
+                maps.names
+                    .insert(&0, &[b'x'; lb_common::SERVICE_NAME_LEN], 0),
+            );
+            let config = maps.config.get(&0, 0).expect("config");
+            refused("change the config", maps.config.set(0, &config, 0));
+            let zero = maps.events.get(&0, 0).expect("events");
+            refused("reset an event counter", maps.events.set(0, zero, 0));
+            refused(
+                "allow a source range",
+                maps.source_ranges.insert(
+                    &LpmKey::new(
+                        64,
+                        SourceRange4 {
+                            service_id_be: 0,
+                            addr: 0,
+                        },
+                    ),
+                    &1,
+                    0,
+                ),
+            );
+            assert_eq!(
+                maps.backends().expect("backends").len(),
+                1,
+                "nothing changed"
+            );
+        });
     }
 }

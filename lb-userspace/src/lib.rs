@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bpf_link;
+pub mod bpf_obj;
 pub mod bpffs;
 pub mod compile;
 pub mod counter;
@@ -11,7 +12,9 @@ pub mod inspect;
 pub mod logging;
 pub mod maglev;
 pub mod metrics;
+pub mod node;
 pub mod object;
+pub mod pins;
 pub mod reconcile;
 pub mod route;
 pub mod serve;

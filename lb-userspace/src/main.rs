@@ -73,9 +73,18 @@ enum Command {
     },
     /// Datapath events (drops by reason) and how full each map is.
     Stats(InspectArgs),
-    /// Mount bpffs at /sys/fs/bpf unless one is there, and exit: for an init container that
-    /// gives the agent the host's bpffs (the agent itself then runs without that privilege).
-    MountBpffs,
+    /// Prepare the node for an agent without the privileges to do it itself, and exit: for the
+    /// DaemonSet's privileged init container. Mounts bpffs at /sys/fs/bpf (mode 0700) unless
+    /// one is there, creates the pin directory (0700), and sets
+    /// net.ipv4.conf.<iface>.accept_local=1 on every interface.
+    InitNode {
+        /// Comma-separated NICs the agent attaches XDP to (its --interfaces).
+        #[arg(long, env = "LB_INTERFACES", value_delimiter = ',')]
+        interfaces: Vec<String>,
+        /// The agent's pin directory, on the bpffs at /sys/fs/bpf.
+        #[arg(long, env = "LB_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Attach the XDP packet counter to a NIC and print what it counts, once per interval.
     Count {
         /// Interface name in this process's network namespace.
@@ -114,6 +123,11 @@ struct RunArgs {
     /// Comma-separated CIDRs: only node addresses inside them serve NodePorts (empty: all).
     #[arg(long, env = "LB_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<Ipv4Cidr>,
+    /// Comma-separated CIDRs: only externalIPs inside them are served; the others are skipped
+    /// with a Warning Event (empty: all, as kube-proxy does). Pair it with the API server's
+    /// DenyServiceExternalIPs admission plugin or a policy that allows only these.
+    #[arg(long, env = "LB_EXTERNAL_IP_CIDRS", value_delimiter = ',')]
+    external_ip_cidrs: Vec<Ipv4Cidr>,
     /// Node addresses serving NodePorts when the source has no Node object for this node
     /// (e.g. manifests without one).
     #[arg(long = "node-address", env = "LB_NODE_ADDRESS", value_delimiter = ',')]
@@ -122,7 +136,12 @@ struct RunArgs {
     #[arg(long, env = "LB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: RangeInclusive<u16>,
     /// Address of /metrics (Prometheus, OpenMetrics text) and /debug/log-level; `off`: none.
-    #[arg(long, env = "LB_METRICS_BIND_ADDRESS", default_value = "0.0.0.0:10249")]
+    /// Loopback by default, as kube-proxy's: set a node address for Prometheus to scrape.
+    #[arg(
+        long,
+        env = "LB_METRICS_BIND_ADDRESS",
+        default_value = "127.0.0.1:10249"
+    )]
     metrics_bind_address: String,
     /// Address of /healthz and /livez; `off`: none.
     #[arg(long, env = "LB_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
@@ -173,10 +192,6 @@ struct RunArgs {
     /// Log as JSON lines.
     #[arg(long, env = "LB_LOG_JSON")]
     log_json: bool,
-    /// Where the network sysctls are: `/proc/sys/net`, or the host's mounted elsewhere when the
-    /// agent's own /proc/sys is read-only (an unprivileged container).
-    #[arg(long, env = "LB_PROC_SYS_NET", default_value = "/proc/sys/net")]
-    proc_sys_net: PathBuf,
     /// Mount bpffs at /sys/fs/bpf when none is there. `false` in a container: the agent then
     /// refuses to start without the host's bpffs instead of pinning to one that dies with it.
     #[arg(long, env = "LB_MOUNT_BPFFS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -334,17 +349,10 @@ fn main() -> anyhow::Result<()> {
             cli::conntrack(&args.pin_dir, &filter, args.output == Output::Json)
         }
         Command::Stats(args) => cli::stats(&args.pin_dir, args.output == Output::Json),
-        Command::MountBpffs => {
-            let path = std::path::Path::new(lb_userspace::bpffs::DEFAULT_MOUNT);
-            let was_there = lb_userspace::bpffs::is_mounted(path)?;
-            lb_userspace::bpffs::ensure_mounted(path)?;
-            if was_there {
-                println!("bpffs already mounted at {}", path.display());
-            } else {
-                println!("mounted bpffs at {}", path.display());
-            }
-            Ok(())
-        }
+        Command::InitNode {
+            interfaces,
+            pin_dir,
+        } => init_node(&interfaces, &pin_dir),
         Command::Count {
             iface,
             mode,
@@ -401,6 +409,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
         node_name,
         nodeport_cidrs: args.nodeport_addresses,
+        external_ip_cidrs: args.external_ip_cidrs,
         node_addresses: args.node_addresses,
         node_port_range: args.node_port_range,
         interfaces: args.interfaces,
@@ -413,7 +422,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         healthz_bind_address: args.healthz_bind_address,
         healthz_timeout: Duration::from_secs(args.healthz_timeout),
         log_level: Some(log_level),
-        proc_sys_net: args.proc_sys_net,
         mount_bpffs: args.mount_bpffs,
         snat_ports: args.snat_port_range,
         conntrack_timeouts: lb_common::CtTimeouts {
@@ -429,6 +437,31 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(agent::run(config))
+}
+
+/// `lb init-node`: what the agent in the DaemonSet needs done with privileges it does not have.
+fn init_node(interfaces: &[String], pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    use lb_userspace::bpffs;
+    let mount = std::path::Path::new(bpffs::DEFAULT_MOUNT);
+    if bpffs::is_mounted(mount)? {
+        println!("bpffs already mounted at {}", mount.display());
+    } else {
+        bpffs::ensure_mounted(mount)?;
+        println!("mounted bpffs at {} (mode 0700)", mount.display());
+    }
+    anyhow::ensure!(
+        pin_dir.starts_with(mount) && pin_dir != mount,
+        "--pin-dir {} is not a directory of the bpffs at {}",
+        pin_dir.display(),
+        mount.display()
+    );
+    bpffs::create_pin_dir(pin_dir)?;
+    println!("pin directory {} (mode 0700)", pin_dir.display());
+    for iface in interfaces {
+        lb_userspace::node::set_accept_local(iface)?;
+        println!("net.ipv4.conf.{iface}.accept_local = 1");
+    }
+    Ok(())
 }
 
 fn explain(

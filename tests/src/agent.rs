@@ -166,10 +166,20 @@ impl AgentLab {
         &mut self._lab
     }
 
-    /// The agent's drop and reject counters (`lb_event_v2`), read from its pinned map without
+    /// The agent's drop and reject counters (`lb_event_v3`), read from its pinned map without
     /// touching anything else of the running datapath.
     pub fn events(&self) -> anyhow::Result<std::collections::BTreeMap<&'static str, u64>> {
         lb_userspace::inspect::PinnedMaps::open(self.pins.path())?.events()
+    }
+
+    /// Every entry of the agent's conntrack map, read from its pin.
+    pub fn conntrack(&self) -> anyhow::Result<Vec<(lb_common::Ct4Key, lb_common::Ct4Value)>> {
+        let map =
+            aya::maps::MapData::from_pin(self.pins.path().join(lb_common::map_names::CONNTRACK4))?;
+        let map = aya::maps::HashMap::<_, lb_common::Ct4Key, lb_common::Ct4Value>::try_from(
+            aya::maps::Map::LruHashMap(map),
+        )?;
+        Ok(map.iter().collect::<Result<_, _>>()?)
     }
 
     /// The pod on node1 that acts as a client (n1p1).

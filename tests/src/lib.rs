@@ -4,7 +4,8 @@
 //! - [`lab`]: network namespaces, veth pairs, bridges, processes and cgroups, all removed by guards;
 //! - [`topology`]: the client / fabric / nodes / pods layout of docs/lab.md;
 //! - [`peer`]: the `lab-peer` TCP/UDP servers and clients and their reports;
-//! - [`packet`] and [`table`]: crafted frames and table-driven `BPF_PROG_TEST_RUN` tests.
+//! - [`packet`] and [`table`]: crafted frames and table-driven `BPF_PROG_TEST_RUN` tests;
+//! - [`private_bpffs`]: a bpffs mount no one else sees, for tests of the pin directory's checks.
 
 pub mod agent;
 pub mod fake_apiserver;
@@ -13,5 +14,6 @@ pub mod lab;
 pub mod node;
 pub mod packet;
 pub mod peer;
+pub mod private_bpffs;
 pub mod table;
 pub mod topology;

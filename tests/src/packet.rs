@@ -62,9 +62,20 @@ impl TcpFlags {
 
 /// An Ethernet/IPv4/TCP frame with correct checksums.
 pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: TcpFlags, payload: &[u8]) -> Vec<u8> {
+    tcp_at(src, dst, flags, 1000, payload)
+}
+
+/// As [`tcp`], with sequence number `seq`.
+pub fn tcp_at(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    flags: TcpFlags,
+    seq: u32,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
         .ipv4(src.ip().octets(), dst.ip().octets(), TTL)
-        .tcp(src.port(), dst.port(), 1000, 64240);
+        .tcp(src.port(), dst.port(), seq, 64240);
     if flags.syn {
         builder = builder.syn();
     }

@@ -355,6 +355,75 @@ fn the_agent_works_with_the_three_capabilities_the_daemonset_gives_it() {
 }
 
 #[test]
+fn init_node_sets_accept_local_which_the_agent_under_a_read_only_proc_sys_only_checks() {
+    let setup = AgentLab::new().expect("lab");
+    let node = &setup.cluster.node(1).host;
+    let lb = lab::peer::sibling_binary("lb").expect("lb");
+    let sysctl = "/proc/sys/net/ipv4/conf/eth0/accept_local";
+    node.run("sh", &["-c", &format!("echo 0 > {sysctl}")])
+        .expect("accept_local off");
+
+    // The agent as the DaemonSet runs it: its /proc/sys read-only, as the container runtime
+    // mounts it (here in a private mount namespace of its own), and accept_local still off.
+    let agent = format!(
+        "mount -o bind,ro /proc/sys /proc/sys && exec {} run --source file \
+         --manifests /nonexistent --interfaces eth0 --pin-dir {} --mount-bpffs false",
+        lb.display(),
+        setup.pin_dir().display()
+    );
+    let refused = node
+        .run(
+            "unshare",
+            &["--mount", "--propagation", "private", "sh", "-c", &agent],
+        )
+        .expect_err("the agent started without accept_local");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("net.ipv4.conf.eth0.accept_local is 0")
+            && message.contains("lb init-node"),
+        "{message}"
+    );
+    assert_eq!(node.run("cat", &[sysctl]).expect("sysctl").trim(), "0");
+    let pinned = std::fs::read_dir(setup.pin_dir()).expect("pins").count();
+    assert_eq!(pinned, 0, "the agent loaded before checking");
+
+    // The init container's command sets it, and makes the pin directory (0700).
+    let pin_dir = setup.pin_dir().join("lb");
+    let pin_dir_arg = pin_dir.to_str().expect("UTF-8 path");
+    node.run(
+        &lb,
+        &[
+            "init-node",
+            "--interfaces",
+            "eth0",
+            "--pin-dir",
+            pin_dir_arg,
+        ],
+    )
+    .expect("lb init-node");
+    assert_eq!(node.run("cat", &[sysctl]).expect("sysctl").trim(), "1");
+    let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&pin_dir).expect("pins"));
+    assert_eq!(mode & 0o7777, 0o700);
+    // A name that would leave /proc/sys/net/ipv4/conf is no interface.
+    let escape = node
+        .run(
+            &lb,
+            &[
+                "init-node",
+                "--interfaces",
+                "../../../kernel",
+                "--pin-dir",
+                pin_dir_arg,
+            ],
+        )
+        .expect_err("a path as an interface name");
+    assert!(
+        format!("{escape:#}").contains("is not an interface name"),
+        "{escape:#}"
+    );
+}
+
+#[test]
 fn without_mount_permission_the_agent_refuses_to_start_when_the_host_has_no_bpffs() {
     // A private mount namespace whose /sys/fs/bpf mounts are gone (the machine's stay as they
     // are): what a container sees on a host without bpffs.

@@ -311,11 +311,11 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
     // syn, ack, fin and the syn with options; two flows (port 40000 and 40001).
     assert_eq!((tcp.packets, tcp.new_flows), (4, 2), "{tcp:?}");
     let udp_counter = datapath.service_counter(2).expect("counter");
-    // The datagram, the one without a checksum and the first fragment, all of one flow (later
-    // fragments are not counted per service).
+    // The datagram, the one without a checksum, the first fragment and the later one, all of
+    // one flow.
     assert_eq!(
         (udp_counter.packets, udp_counter.new_flows),
-        (3, 1),
+        (4, 1),
         "{udp_counter:?}"
     );
 }
@@ -698,12 +698,16 @@ const REMOTE_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10)
 
 impl SnatFixture {
     fn new(pins: &PinDir) -> Self {
+        Self::with_ports(pins, SNAT_PORTS)
+    }
+
+    fn with_ports(pins: &PinDir, ports: (u16, u16)) -> Self {
         let mut datapath = datapath(pins, vec![]);
         datapath
             .set_config(&lb_common::DatapathConfig {
                 snat_addr: u32::from(NODE),
-                snat_port_min: SNAT_PORTS.0,
-                snat_port_max: SNAT_PORTS.1,
+                snat_port_min: ports.0,
+                snat_port_max: ports.1,
                 ..Default::default()
             })
             .expect("config");
@@ -1105,6 +1109,181 @@ fn a_flow_whose_reply_half_was_evicted_is_repaired_or_restarted_never_half_trans
     );
 }
 
+/// SNAT ports are spread over the whole range, so new flows find one until the range is nearly
+/// full. A flow is refused only when all of its 128 distinct probes hit ports in use: at 95% of
+/// 256 ports that happens once in about 8,000 flows, so this test's chance of a refusal below
+/// 95% is about 2 in 10,000.
+#[test]
+fn snat_ports_are_refused_only_when_the_range_is_nearly_full() {
+    const RANGE: (u16, u16) = (50000, 50255);
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "snatfill").expect("pin dir");
+    let fixture = SnatFixture::with_ports(&pins, RANGE);
+    let size = usize::from(RANGE.1 - RANGE.0) + 1;
+    let mut taken = std::collections::BTreeSet::new();
+    let mut first_refusal = None;
+    for client in 0..size + 16 {
+        let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 20000 + client as u16);
+        match fixture.connect(client) {
+            Some(port) => {
+                assert!((RANGE.0..=RANGE.1).contains(&port), "port {port}");
+                assert!(taken.insert(port), "port {port} handed out twice");
+            }
+            None => {
+                first_refusal.get_or_insert(taken.len());
+            }
+        }
+    }
+    let first_refusal = first_refusal.expect("a full range refuses");
+    assert!(
+        first_refusal * 100 >= size * 95,
+        "first refusal with {first_refusal} of {size} ports in use"
+    );
+    assert!(
+        taken.len() * 100 >= size * 99,
+        "{} of {size} ports handed out",
+        taken.len()
+    );
+    let refused = (size + 16 - taken.len()) as u64;
+    assert_eq!(
+        fixture.datapath.events().expect("events")["drop_snat_exhausted"],
+        refused
+    );
+    println!(
+        "first refusal at {first_refusal} of {size} ports; {} handed out",
+        taken.len()
+    );
+}
+
+/// 600,000 spoofed clients through a conntrack map of 524,288 entries, with the pod answering
+/// every tenth (tc looks up only the REPLY half, so the LRU keeps those halves longer than
+/// their ORIGINAL ones): the LRU evicts single halves of many flows. Whatever a flow lost, its
+/// next packet goes to its backend and the backend's answer goes back translated: no flow is
+/// ever half-translated.
+#[test]
+fn after_a_flood_that_evicts_halves_every_flow_is_whole_again_on_its_next_packet() {
+    const FLOOD: u32 = 600_000;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "flood").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    let tc = datapath
+        .program_fd(lb_common::program_names::TC_EGRESS)
+        .expect("fd");
+    let client = |index: u32| {
+        let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + index / 60_000);
+        SocketAddrV4::new(addr, 1024 + (index % 60_000) as u16)
+    };
+    let mut syn = packet::tcp(client(0), FRONTEND, TcpFlags::SYN, b"");
+    let mut syn_ack = packet::tcp(POD_A, client(0), TcpFlags::SYN_ACK, b"");
+    let started = std::time::Instant::now();
+    for index in 0..FLOOD {
+        set_source(&mut syn, client(index));
+        let run = lb_userspace::testrun::test_run(xdp, &syn).expect("run");
+        assert_eq!(run.verdict, XDP_PASS, "flood syn {index}");
+        if index % 10 == 0 {
+            set_destination(&mut syn_ack, client(index));
+            let run = lb_userspace::testrun::test_run(tc, &syn_ack).expect("run");
+            assert_eq!(run.verdict, TC_ACT_OK, "syn-ack {index}");
+        }
+    }
+    let entries = datapath.conntrack().expect("conntrack");
+    let originals: std::collections::HashSet<(u32, u16)> = entries
+        .iter()
+        .filter(|(key, _)| key.direction == lb_common::ct_direction::ORIGINAL)
+        .map(|(key, _)| (key.saddr, key.sport))
+        .collect();
+    let replies: std::collections::HashSet<(u32, u16)> = entries
+        .iter()
+        .filter(|(key, _)| key.direction == lb_common::ct_direction::REPLY)
+        .map(|(key, _)| (key.daddr, key.dport))
+        .collect();
+    let half = originals.symmetric_difference(&replies).count();
+    println!(
+        "flood of {FLOOD} in {:?}: {} entries, {half} flows with one half",
+        started.elapsed(),
+        entries.len()
+    );
+    // Every flow with one half left, and a sample of the rest, gets its next packet through
+    // and its answer back.
+    let mut checked = 0;
+    for (saddr, sport) in originals
+        .symmetric_difference(&replies)
+        .copied()
+        .take(5_000)
+        .chain((0..FLOOD).step_by(997).map(|index| {
+            let client = client(index);
+            (u32::from(*client.ip()), client.port())
+        }))
+    {
+        let client = SocketAddrV4::new(Ipv4Addr::from(saddr), sport);
+        let run = lb_userspace::testrun::test_run(
+            xdp,
+            &packet::tcp(client, FRONTEND, TcpFlags::ACK, b"next"),
+        )
+        .expect("run");
+        assert_eq!(run.verdict, XDP_PASS, "{client}");
+        assert_eq!(
+            run.packet,
+            packet::tcp(client, POD_A, TcpFlags::ACK, b"next"),
+            "{client}: to the pod"
+        );
+        let answer = lb_userspace::testrun::test_run(
+            tc,
+            &packet::tcp(POD_A, client, TcpFlags::ACK, b"answer"),
+        )
+        .expect("run");
+        assert_eq!(answer.verdict, TC_ACT_OK, "{client}");
+        assert_eq!(
+            answer.packet,
+            packet::tcp(FRONTEND, client, TcpFlags::ACK, b"answer"),
+            "{client}: its answer from the frontend"
+        );
+        checked += 1;
+    }
+    assert!(half > 0, "the flood evicted single halves");
+    println!("{checked} flows checked whole");
+}
+
+/// Rewrites a frame's IPv4 source and TCP source port, with both checksums recomputed in full
+/// by etherparse.
+fn set_source(frame: &mut Vec<u8>, source: SocketAddrV4) {
+    rewrite_tcp_frame(frame, |ip, tcp| {
+        ip.source = source.ip().octets();
+        tcp.source_port = source.port();
+    });
+}
+
+/// As [`set_source`], for the destination.
+fn set_destination(frame: &mut Vec<u8>, destination: SocketAddrV4) {
+    rewrite_tcp_frame(frame, |ip, tcp| {
+        ip.destination = destination.ip().octets();
+        tcp.destination_port = destination.port();
+    });
+}
+
+fn rewrite_tcp_frame(
+    frame: &mut Vec<u8>,
+    change: impl FnOnce(&mut etherparse::Ipv4Header, &mut etherparse::TcpHeader),
+) {
+    let parsed = etherparse::PacketHeaders::from_ethernet_slice(frame).expect("parse");
+    let Some(etherparse::NetHeaders::Ipv4(mut ip, _)) = parsed.net else {
+        panic!("ipv4")
+    };
+    let Some(etherparse::TransportHeader::Tcp(mut tcp)) = parsed.transport else {
+        panic!("tcp")
+    };
+    change(&mut ip, &mut tcp);
+    tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).expect("checksum");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = frame[..packet::ETH_HDR_LEN].to_vec();
+    ip.write(&mut out).expect("ip");
+    tcp.write(&mut out).expect("tcp");
+    *frame = out;
+}
+
 #[test]
 fn one_client_port_to_two_frontends_of_one_endpoint_gets_its_source_port_remapped() {
     let lab = Lab::new().expect("lab");
@@ -1437,6 +1616,13 @@ fn later_fragments_follow_their_first_fragment_to_a_local_endpoint_and_back() {
         &rows,
     );
     assert_eq!(datapath.events().expect("events")["pass_fragment"], 1);
+    let udp = datapath.service_counter(2).expect("counter");
+    let frame_bytes = (to_service[0].len() + to_service[1].len()) as u64;
+    assert_eq!(
+        (udp.packets, udp.bytes, udp.new_flows),
+        (2, frame_bytes, 1),
+        "both fragments counted for the service, the unknown one for none: {udp:?}"
+    );
     let answer = packet::fragments(&packet::udp(POD_A, CLIENT, &payload), 304);
     let translated = packet::fragments(&packet::udp(FRONTEND, CLIENT, &payload), 304);
     run_table(
@@ -1721,6 +1907,332 @@ fn icmp_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
         datapath.events().expect("events")["icmp_error_translated"],
         2
     );
+}
+
+#[test]
+fn icmp_errors_about_snat_flows_reach_the_client_and_the_remote_backend_translated() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "icmpsnat").expect("pin dir");
+    let fixture = SnatFixture::new(&pins);
+    let port = fixture.established(CLIENT);
+    let snat = SocketAddrV4::new(NODE, port);
+    let router = Ipv4Addr::new(198, 51, 100, 254);
+    let fragmentation_needed = (3, 4, [0, 0, 0x05, 0x78]);
+    let time_exceeded = (11, 0, [0; 4]);
+    let port_unreachable = (3, 3, [0; 4]);
+
+    // Towards the backend, the client's segment left from the SNAT port; an error about it goes
+    // back to the client, about the segment as the client sent it, from the frontend, out of the
+    // NIC it came in on with the client's MAC and one hop less to live.
+    let request_sent = packet::tcp(snat, REMOTE_POD, TcpFlags::ACK, &[7; 1400]);
+    let request = packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, &[7; 1400]);
+    let to_client = |kind, from| {
+        let mut want = packet::icmp_error(*FRONTEND.ip(), *CLIENT.ip(), kind, &request);
+        want[0..6].copy_from_slice(&packet::CLIENT_MAC);
+        want[6..12].copy_from_slice(&packet::NODE_MAC);
+        want[packet::ETH_HDR_LEN + 8] -= 1;
+        packet::fix_ip_checksum(&mut want);
+        (packet::icmp_error(from, NODE, kind, &request_sent), want)
+    };
+    for (name, kind, from) in [
+        (
+            "fragmentation needed from a router on the way to the backend",
+            fragmentation_needed,
+            router,
+        ),
+        (
+            "port unreachable from the backend's node",
+            port_unreachable,
+            *REMOTE_POD.ip(),
+        ),
+    ] {
+        let (error, want) = to_client(kind, from);
+        let run = fixture.xdp(&error);
+        assert_eq!(run.verdict, XDP_TX, "{name}");
+        assert_eq!(
+            run.packet,
+            want,
+            "{name}:\n{}",
+            lab::table::diff(&want, &run.packet)
+        );
+    }
+
+    // Towards the client, the backend's answer left from the frontend; an error about it goes
+    // to the backend, about its answer to the SNAT port, from this node's SNAT address.
+    let answer_sent = packet::tcp(FRONTEND, CLIENT, TcpFlags::ACK, &[9; 1400]);
+    let answer = packet::tcp(REMOTE_POD, snat, TcpFlags::ACK, &[9; 1400]);
+    for (name, kind) in [
+        (
+            "fragmentation needed on the way to the client",
+            fragmentation_needed,
+        ),
+        ("time exceeded on the way to the client", time_exceeded),
+    ] {
+        let run = fixture.xdp(&packet::icmp_error(router, NODE, kind, &answer_sent));
+        assert_ne!(run.verdict, XDP_DROP, "{name}");
+        let want = as_sent(
+            &packet::icmp_error(NODE, *REMOTE_POD.ip(), kind, &answer),
+            &run.packet,
+        );
+        assert_eq!(
+            run.packet,
+            want,
+            "{name}:\n{}",
+            lab::table::diff(&want, &run.packet)
+        );
+    }
+
+    // Errors about ports and flows this node does not track pass untouched.
+    let idle_port = SocketAddrV4::new(
+        NODE,
+        if port == SNAT_PORTS.0 {
+            port + 1
+        } else {
+            port - 1
+        },
+    );
+    let other_client = SocketAddrV4::new(*CLIENT.ip(), 40999);
+    for (name, about) in [
+        (
+            "about a SNAT port no flow holds",
+            packet::tcp(idle_port, REMOTE_POD, TcpFlags::ACK, b""),
+        ),
+        (
+            "about another client of the frontend",
+            packet::tcp(FRONTEND, other_client, TcpFlags::ACK, b""),
+        ),
+    ] {
+        let error = packet::icmp_error(router, NODE, time_exceeded, &about);
+        let run = fixture.xdp(&error);
+        assert_eq!(run.verdict, XDP_PASS, "{name}");
+        assert_eq!(run.packet, error, "{name}: untouched");
+    }
+    assert_eq!(
+        fixture.datapath.events().expect("events")["icmp_error_translated"],
+        4
+    );
+}
+
+/// The state of the client's flow to the frontend (its ORIGINAL entry).
+fn flow_state(datapath: &Datapath, client: SocketAddrV4) -> Option<u8> {
+    datapath
+        .conntrack()
+        .expect("conntrack")
+        .into_iter()
+        .find(|(key, _)| {
+            key.direction == lb_common::ct_direction::ORIGINAL
+                && key.saddr == u32::from(*client.ip())
+                && key.sport == client.port()
+        })
+        .map(|(_, value)| value.state)
+}
+
+#[test]
+fn a_rst_ends_a_flow_only_near_what_its_sender_has_sent() {
+    use lb_common::tcp_seq::{RST_AHEAD, RST_BEHIND};
+    const TC_ACT_SHOT: u32 = 2;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "rstwin").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    let (client_isn, pod_isn) = (5000u32, 0xffff_ff00u32);
+    // The client has sent up to client_isn + 1 + 100; the pod, across the wrap, pod_isn + 1.
+    let client_next = client_isn + 101;
+    let pod_next = pod_isn.wrapping_add(1);
+    run_table(
+        xdp(),
+        &[
+            case(
+                "syn",
+                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::SYN, client_isn, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp_at(
+                    CLIENT,
+                    POD_A,
+                    TcpFlags::SYN,
+                    client_isn,
+                    b"",
+                )),
+            ),
+            case(
+                "data",
+                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::ACK, client_isn + 1, &[1; 100]),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp_at(
+                    CLIENT,
+                    POD_A,
+                    TcpFlags::ACK,
+                    client_isn + 1,
+                    &[1; 100],
+                )),
+            ),
+        ],
+    );
+    run_table(
+        tc(),
+        &[case(
+            "the pod's syn-ack",
+            packet::tcp_at(POD_A, CLIENT, TcpFlags::SYN_ACK, pod_isn, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp_at(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::SYN_ACK,
+                pod_isn,
+                b"",
+            )),
+        )],
+    );
+    let client_rst = |seq: u32| packet::tcp_at(CLIENT, FRONTEND, TcpFlags::RST, seq, b"");
+    run_table(
+        xdp(),
+        &[
+            case(
+                "a blind rst half the sequence space away",
+                client_rst(client_next.wrapping_add(1 << 31)),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+            case(
+                "a rst just past how far ahead it may be",
+                client_rst(client_next + RST_AHEAD + 1),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+            case(
+                "a rst just past how far behind it may be",
+                client_rst(client_next.wrapping_sub(RST_BEHIND + 1)),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    run_table(
+        tc(),
+        &[case(
+            "a rst from the pod far from what it sent",
+            packet::tcp_at(
+                POD_A,
+                CLIENT,
+                TcpFlags::RST,
+                pod_next.wrapping_add(1 << 30),
+                b"",
+            ),
+            TC_ACT_SHOT,
+            Expect::Unchanged,
+        )],
+    );
+    assert_eq!(
+        datapath.events().expect("events")["drop_rst_out_of_window"],
+        4
+    );
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::ESTABLISHED),
+        "the flow goes on"
+    );
+    run_table(
+        xdp(),
+        &[case(
+            "the client's own rst, an ack number of the pod's behind",
+            client_rst(client_next - 60),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp_at(
+                CLIENT,
+                POD_A,
+                TcpFlags::RST,
+                client_next - 60,
+                b"",
+            )),
+        )],
+    );
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::CLOSING),
+        "the flow ends"
+    );
+    // The pod's RST of a flow of another client port, at its own sequence number, goes out.
+    let second = SocketAddrV4::new(*CLIENT.ip(), 40010);
+    run_table(
+        xdp(),
+        &[case(
+            "second flow",
+            packet::tcp_at(second, FRONTEND, TcpFlags::SYN, 1, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp_at(second, POD_A, TcpFlags::SYN, 1, b"")),
+        )],
+    );
+    run_table(
+        tc(),
+        &[
+            case(
+                "the pod's syn-ack",
+                packet::tcp_at(POD_A, second, TcpFlags::SYN_ACK, pod_isn, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp_at(
+                    FRONTEND,
+                    second,
+                    TcpFlags::SYN_ACK,
+                    pod_isn,
+                    b"",
+                )),
+            ),
+            case(
+                "the pod's rst",
+                packet::tcp_at(POD_A, second, TcpFlags::RST, pod_next, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp_at(
+                    FRONTEND,
+                    second,
+                    TcpFlags::RST,
+                    pod_next,
+                    b"",
+                )),
+            ),
+        ],
+    );
+    assert_eq!(
+        flow_state(&datapath, second),
+        Some(lb_common::tcp_state::CLOSING)
+    );
+}
+
+#[test]
+fn a_blind_rst_to_a_snat_port_neither_ends_the_flow_nor_frees_the_port() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "rstsnat").expect("pin dir");
+    let fixture = SnatFixture::new(&pins);
+    // The backend's SYN-ACK (sequence 1000) went back to the client.
+    let port = fixture.established(CLIENT);
+    let snat = SocketAddrV4::new(NODE, port);
+    let reply_flags = || {
+        fixture
+            .conntrack
+            .get(&SnatFixture::reply_key(port), 0)
+            .expect("reply entry")
+            .flags
+    };
+    let blind = packet::tcp_at(REMOTE_POD, snat, TcpFlags::RST, 1001 + (1 << 31), b"");
+    assert_eq!(fixture.xdp(&blind).verdict, XDP_DROP);
+    assert_eq!(reply_flags() & lb_common::ct_flags::RESET, 0, "not reset");
+    assert_eq!(
+        fixture.datapath.events().expect("events")["drop_rst_out_of_window"],
+        1
+    );
+    let next = packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"more");
+    assert_eq!(fixture.snat_port_of(&next), Some(port), "the flow goes on");
+    let own = packet::tcp_at(REMOTE_POD, snat, TcpFlags::RST, 1001, b"");
+    assert_eq!(fixture.xdp(&own).verdict, XDP_TX, "the backend's own RST");
+    assert_ne!(reply_flags() & lb_common::ct_flags::RESET, 0, "reset");
 }
 
 #[test]

@@ -9,7 +9,6 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use k8s_openapi::{
@@ -239,10 +238,11 @@ impl Manifests {
         agent
     }
 
-    /// The one init container: it mounts bpffs on the host when the host has none.
+    /// The one init container, `lb init-node`: it mounts bpffs on the host when the host has
+    /// none, creates the pin directory and sets the sysctls.
     fn bpffs_init_container(&self) -> &Container {
         let [init] = self.pod().init_containers.as_deref().unwrap_or_default() else {
-            panic!("the pod should have one init container, mount-bpffs");
+            panic!("the pod should have one init container, init-node");
         };
         init
     }
@@ -258,6 +258,33 @@ impl Manifests {
         self.settings()
             .get(name)
             .unwrap_or_else(|| panic!("the ConfigMap sets {name}"))
+    }
+
+    /// The port of /metrics: the DaemonSet sets LB_METRICS_BIND_ADDRESS to the node's address
+    /// (downward API status.hostIP, which is the pod's with hostNetwork), the one setting that
+    /// is not the same on every node; the ConfigMap leaves it unset.
+    fn metrics_port(&self) -> u16 {
+        let env = self.agent().env.as_deref().unwrap_or_default();
+        let position = |name: &str| env.iter().position(|var| var.name == name);
+        let node_ip = position("NODE_IP").expect("NODE_IP in the agent's environment");
+        let field = env[node_ip]
+            .value_from
+            .as_ref()
+            .and_then(|from| from.field_ref.as_ref())
+            .expect("NODE_IP from the downward API");
+        assert_eq!(field.field_path, "status.hostIP");
+        let bind = position("LB_METRICS_BIND_ADDRESS").expect("LB_METRICS_BIND_ADDRESS set");
+        // Kubernetes expands $(NAME) only for variables defined earlier in the list.
+        assert!(node_ip < bind, "NODE_IP must come before its use");
+        let value = env[bind].value.as_deref().expect("a value");
+        let port = value
+            .strip_prefix("$(NODE_IP):")
+            .unwrap_or_else(|| panic!("{value:?} should be $(NODE_IP):PORT"));
+        assert!(
+            !self.settings().contains_key("LB_METRICS_BIND_ADDRESS"),
+            "the ConfigMap would be overridden by the DaemonSet's value"
+        );
+        port.parse().expect("a port")
     }
 
     fn bind_port(&self, name: &str) -> u16 {
@@ -430,7 +457,7 @@ fn probes_scrape_port_and_host_mounts_match_the_agent_settings() {
         (Some("/healthz".into()), healthz)
     );
 
-    let metrics = manifests.bind_port("LB_METRICS_BIND_ADDRESS");
+    let metrics = manifests.metrics_port();
     assert_eq!(
         manifests.container_port(&IntOrString::String("metrics".into())),
         metrics
@@ -504,17 +531,110 @@ fn probes_scrape_port_and_host_mounts_match_the_agent_settings() {
     let cgroup = mount_of("/sys/fs/cgroup");
     assert_eq!(manifests.setting("LB_CGROUP_PATH"), cgroup.mount_path);
 
-    // The host's network sysctls, writable: the container's own /proc/sys is read-only.
-    let sysctls = mount_of("/proc/sys/net");
-    assert_eq!(manifests.setting("LB_PROC_SYS_NET"), sysctls.mount_path);
-    assert_ne!(sysctls.read_only, Some(true));
-
     assert_eq!(
         host_paths.len(),
-        3,
+        2,
         "a host directory the agent does not use: {host_paths:?}"
     );
-    assert_eq!(mounts.len(), 3, "a mount the agent does not use");
+    assert_eq!(mounts.len(), 2, "a mount the agent does not use");
+}
+
+#[test]
+fn the_agent_writes_no_sysctl_the_init_container_sets_them() {
+    let manifests = manifests();
+    // Nothing of the host's /proc reaches the agent: its own /proc/sys, which the runtime mounts
+    // read-only in an unprivileged container, is all it reads (the node's, with hostNetwork).
+    for volume in manifests.pod().volumes.iter().flatten() {
+        if let Some(host_path) = &volume.host_path {
+            assert!(
+                !Path::new(&host_path.path).starts_with("/proc"),
+                "volume {} mounts the host's {}",
+                volume.name,
+                host_path.path
+            );
+        }
+    }
+    for mount in manifests.agent().volume_mounts.iter().flatten() {
+        assert!(
+            !Path::new(&mount.mount_path).starts_with("/proc") || mount.read_only == Some(true),
+            "{} is writable",
+            mount.mount_path
+        );
+    }
+    // The privileged init container sets them, on the interfaces the agent attaches to: it gets
+    // the agent's settings from the same ConfigMap.
+    let init = manifests.bpffs_init_container();
+    assert_eq!(
+        init.command.as_deref(),
+        Some(&["/usr/local/bin/lb".to_owned(), "init-node".to_owned()][..])
+    );
+    let [source] = init.env_from.as_deref().unwrap_or_default() else {
+        panic!("the init container's environment should be the ConfigMap");
+    };
+    assert_eq!(
+        source.config_map_ref.as_ref().map(|map| &map.name),
+        manifests.config_map.metadata.name.as_ref()
+    );
+    assert_eq!(init.args, None);
+    let help = lb_help(&["init-node", "--help"]);
+    for variable in ["LB_INTERFACES", "LB_PIN_DIR"] {
+        assert!(help.contains(&format!("[env: {variable}")), "{help}");
+        manifests.setting(variable);
+    }
+}
+
+#[test]
+fn the_pod_runs_under_the_runtimes_default_seccomp_profile() {
+    let manifests = manifests();
+    let profile = manifests
+        .pod()
+        .security_context
+        .as_ref()
+        .and_then(|security| security.seccomp_profile.as_ref())
+        .expect("a pod-level seccompProfile");
+    assert_eq!(profile.type_, "RuntimeDefault");
+    assert_eq!(profile.localhost_profile, None);
+    // No container opts out (privileged ones run unfiltered anyway, whatever they say).
+    let init = manifests.bpffs_init_container();
+    for container in [manifests.agent(), init] {
+        let own = container
+            .security_context
+            .as_ref()
+            .and_then(|security| security.seccomp_profile.as_ref());
+        assert_eq!(own, None, "{} sets its own seccompProfile", container.name);
+    }
+    // docs/deploy.md describes the profile that is set, and no other.
+    let docs = read(&repo().join("docs").join("deploy.md"));
+    assert!(docs.contains("`seccompProfile: RuntimeDefault`"));
+    for claim in ["type: Localhost", "localhostProfile", "Localhost profile"] {
+        assert!(
+            !docs.contains(claim),
+            "docs/deploy.md claims a Localhost profile: {claim}"
+        );
+    }
+    assert!(
+        !std::fs::read_dir(deploy_dir())
+            .expect("deploy/")
+            .any(|entry| entry
+                .expect("entry")
+                .path()
+                .extension()
+                .is_some_and(|ext| ext == "json")),
+        "a seccomp profile file in deploy/ that nothing uses"
+    );
+}
+
+#[test]
+fn metrics_listen_on_loopback_unless_told_otherwise_like_kube_proxy() {
+    // kube-proxy's --metrics-bind-address defaults to 127.0.0.1:10249: /metrics and the
+    // unauthenticated PUT /debug/log-level stay on the node unless an address is given.
+    let help = lb_help(&["run", "--help"]);
+    let option = help
+        .split("--metrics-bind-address")
+        .nth(1)
+        .and_then(|rest| rest.split("\n      --").next())
+        .expect("--metrics-bind-address in lb run --help");
+    assert!(option.contains("[default: 127.0.0.1:10249]"), "{option}");
 }
 
 #[test]
@@ -569,15 +689,11 @@ fn the_pod_runs_in_the_nodes_network_with_the_privileges_the_agent_needs() {
     assert_eq!(added, ["BPF", "NET_ADMIN", "PERFMON"].into());
     let init = manifests.bpffs_init_container();
     assert_eq!(
-        init.command.as_deref(),
-        Some(&["/usr/local/bin/lb".to_owned(), "mount-bpffs".to_owned()][..])
-    );
-    assert_eq!(
         init.security_context
             .as_ref()
             .and_then(|security| security.privileged),
         Some(true),
-        "mounting bpffs so that the host sees it takes a privileged container"
+        "mounting bpffs so that the host sees it and writing sysctls take a privileged container"
     );
     let resources = agent.resources.as_ref().expect("resources");
     for bounds in [&resources.requests, &resources.limits] {
@@ -595,8 +711,10 @@ fn the_pod_runs_in_the_nodes_network_with_the_privileges_the_agent_needs() {
         "the DaemonSet should run what the image runs"
     );
     let env = agent.env.as_deref().unwrap_or_default();
+    // The metrics address alone differs from node to node (Manifests::metrics_port).
     assert!(
-        env.iter().all(|var| !var.name.starts_with("LB_")),
+        env.iter()
+            .all(|var| !var.name.starts_with("LB_") || var.name == "LB_METRICS_BIND_ADDRESS"),
         "LB_* settings belong in the ConfigMap"
     );
     let node_name = env
@@ -652,21 +770,26 @@ fn the_pod_monitor_scrapes_the_metrics_port() {
     let port = endpoint["port"].as_str().expect("a named port");
     assert_eq!(
         manifests.container_port(&IntOrString::String(port.into())),
-        manifests.bind_port("LB_METRICS_BIND_ADDRESS")
+        manifests.metrics_port()
     );
     assert_eq!(endpoint["path"], "/metrics");
 }
 
-/// `lb run`'s options from its `--help`: long flag -> its environment variable, if any.
-fn run_options() -> BTreeMap<String, Option<String>> {
+/// `lb <args>`'s output, for `--help`.
+fn lb_help(args: &[&str]) -> String {
     let output = Command::new(sibling_binary("lb").expect("lb binary"))
-        .args(["run", "--help"])
+        .args(args)
         // With an LB_* variable set, clap would show its value; the names are what is compared.
         .env_clear()
         .output()
-        .expect("lb run --help");
+        .expect("lb --help");
     assert!(output.status.success());
-    let help = String::from_utf8(output.stdout).expect("UTF-8 help");
+    String::from_utf8(output.stdout).expect("UTF-8 help")
+}
+
+/// `lb run`'s options from its `--help`: long flag -> its environment variable, if any.
+fn run_options() -> BTreeMap<String, Option<String>> {
+    let help = lb_help(&["run", "--help"]);
     let mut options = BTreeMap::new();
     let mut current: Option<String> = None;
     for line in help.lines() {
@@ -773,52 +896,128 @@ fn help_configmap_and_docs_list_the_same_settings() {
     }
 }
 
-/// A directory for one test's files under the temporary directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "lb-deploy-manifests-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("scratch directory");
-        Self(path)
-    }
+#[test]
+fn the_agent_accepts_every_configmap_value() {
+    let manifests = manifests();
+    // The DaemonSet's own LB_* value, as the kubelet expands it on a node.
+    let metrics = format!("192.0.2.10:{}", manifests.metrics_port());
+    lab::private_bpffs::with_private_bpffs(|bpffs| {
+        // `lb run --cleanup` parses every flag and variable, sets up logging with LB_LOG_LEVEL,
+        // then only removes the agent's pins: here of a pin directory on a private bpffs (the
+        // flag wins over LB_PIN_DIR), whose removal shows that the run got that far.
+        let pin_dir = bpffs.join("lb");
+        std::fs::create_dir_all(pin_dir.join(lb_userspace::datapath::LINKS_DIR))
+            .expect("pin directory");
+        let output = Command::new(sibling_binary("lb").expect("lb binary"))
+            .args(["run", "--cleanup", "--pin-dir"])
+            .arg(&pin_dir)
+            .env_clear()
+            .envs(manifests.settings())
+            // The values that are commented out must work too once uncommented.
+            .envs(manifests.commented_settings())
+            .env("LB_METRICS_BIND_ADDRESS", &metrics)
+            .env("NODE_NAME", "node-1")
+            .output()
+            .expect("lb run --cleanup");
+        assert!(
+            output.status.success(),
+            "the agent refuses the ConfigMap: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!pin_dir.exists(), "the agent stopped before its cleanup");
+    });
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// The base image of each stage of the Containerfile (`FROM image [AS name]`), but the stages'
+/// own names and `scratch`.
+fn containerfile_base_images(containerfile: &str) -> Vec<String> {
+    let mut stages = BTreeSet::from(["scratch".to_owned()]);
+    let mut images = Vec::new();
+    for line in containerfile.lines() {
+        let mut words = line.split_whitespace();
+        if !words
+            .next()
+            .is_some_and(|word| word.eq_ignore_ascii_case("FROM"))
+        {
+            continue;
+        }
+        let mut words = words.filter(|word| !word.starts_with("--"));
+        let image = words.next().expect("FROM names an image").to_owned();
+        if words
+            .next()
+            .is_some_and(|word| word.eq_ignore_ascii_case("AS"))
+        {
+            stages.insert(words.next().expect("a stage name").to_owned());
+        }
+        if !stages.contains(&image) {
+            images.push(image);
+        }
+    }
+    images
+}
+
+/// Why `image` is not pinned to an explicit version, if it is not: a digest pins it; a tag
+/// pins it when it starts with a version of at least two numbers (`1.99.1-bookworm`,
+/// `12.12-slim`). `latest`, no tag, and floating tags such as `1-bookworm` or `bookworm` move.
+fn unpinned(image: &str) -> Option<&'static str> {
+    if image.contains("@sha256:") {
+        return None;
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    let starts_with_version = |tag: &str| {
+        let mut numbers = tag.split(['.', '-']);
+        let mut number = || {
+            numbers
+                .next()
+                .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+        };
+        number() && number()
+    };
+    match last.split_once(':') {
+        None => Some("untagged (latest)"),
+        Some((_, "latest")) => Some("latest"),
+        Some((_, tag)) if !starts_with_version(tag) => Some("a floating tag"),
+        Some(_) => None,
     }
 }
 
 #[test]
-fn the_agent_accepts_every_configmap_value() {
-    let manifests = manifests();
-    let scratch = Scratch::new();
-    // `lb run --cleanup` parses every flag and variable, sets up logging with LB_LOG_LEVEL, then
-    // only removes the pin directory: here a private one (the flag wins over LB_PIN_DIR), whose
-    // removal shows that the run got that far.
-    let pin_dir = scratch.0.join("pins");
-    std::fs::create_dir_all(&pin_dir).expect("pin directory");
-    std::fs::write(pin_dir.join("pinned"), "").expect("a pinned file");
-    let output = Command::new(sibling_binary("lb").expect("lb binary"))
-        .args(["run", "--cleanup", "--pin-dir"])
-        .arg(&pin_dir)
-        .env_clear()
-        .envs(manifests.settings())
-        // The values that are commented out must work too once uncommented.
-        .envs(manifests.commented_settings())
-        .env("NODE_NAME", "node-1")
-        .output()
-        .expect("lb run --cleanup");
+fn the_containerfile_pins_every_base_image_to_a_version() {
+    for (image, expected) in [
+        ("docker.io/library/rust:1.99.1-bookworm", None),
+        ("gcr.io/distroless/cc-debian12@sha256:0123", None),
+        ("localhost:5000/base:2.1", None),
+        ("gcr.io/distroless/cc-debian12", Some("untagged (latest)")),
+        ("localhost:5000/base", Some("untagged (latest)")),
+        ("debian:latest", Some("latest")),
+        ("rust:bookworm", Some("a floating tag")),
+        ("docker.io/library/rust:1-bookworm", Some("a floating tag")),
+        ("debian:12-slim", Some("a floating tag")),
+        ("debian:12.12-slim", None),
+    ] {
+        assert_eq!(unpinned(image), expected, "{image}");
+    }
+    let example =
+        "FROM rust:1.2 AS build\nFROM --platform=$BUILDPLATFORM build AS again\nFROM scratch\n";
+    assert_eq!(containerfile_base_images(example), ["rust:1.2"]);
+
+    let containerfile = read(&repo().join("Containerfile"));
+    let images = containerfile_base_images(&containerfile);
+    assert!(!images.is_empty());
+    for image in &images {
+        assert_eq!(unpinned(image), None, "{image}");
+    }
+    // The build stage's Rust is the one rust-toolchain.toml pins.
+    let toolchain = read(&repo().join("rust-toolchain.toml"));
+    let channel = toolchain
+        .lines()
+        .find_map(|line| line.strip_prefix("channel = "))
+        .expect("a channel")
+        .trim_matches('"');
     assert!(
-        output.status.success(),
-        "the agent refuses the ConfigMap: {}",
-        String::from_utf8_lossy(&output.stderr)
+        images
+            .iter()
+            .any(|image| image.starts_with(&format!("docker.io/library/rust:{channel}-"))),
+        "no build stage on Rust {channel}: {images:?}"
     );
-    assert!(!pin_dir.exists(), "the agent stopped before its cleanup");
 }

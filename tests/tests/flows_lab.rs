@@ -160,14 +160,26 @@ fn two_udp_clients_sharing_a_tiny_snat_range_never_get_each_others_answers() {
 /// router tells the sender.
 #[test]
 fn path_mtu_discovery_through_a_node_port_reaches_a_local_endpoint() {
+    path_mtu_discovery_through_a_node_port_reaches(1);
+}
+
+/// The same over a NodePort of node1 whose endpoint is on node2: the router's error reaches
+/// node1's frontend and goes on to node2's pod, about its answer to node1's SNAT port.
+#[test]
+fn path_mtu_discovery_through_a_node_port_reaches_a_remote_endpoint() {
+    path_mtu_discovery_through_a_node_port_reaches(2);
+}
+
+fn path_mtu_discovery_through_a_node_port_reaches(endpoint_node: u8) {
     let mut setup = AgentLab::new().expect("lab");
     setup.start_agent(&[]).expect("agent");
+    let endpoint = (pod_addr(endpoint_node, 0), format!("node{endpoint_node}"));
     setup
         .apply(
             "web.yaml",
             &(node_port_service("web", "10.96.0.22", 30082, "")
                 + "---\n"
-                + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+                + &endpoint_slice("web", &[(endpoint.0, endpoint.1.as_str())])),
         )
         .expect("apply");
     let router = setup
@@ -204,6 +216,94 @@ fn path_mtu_discovery_through_a_node_port_reaches_a_local_endpoint() {
     .run(&far, None)
     .expect("client");
     report.assert_all_ok("20 KB answers over a 1400-byte hop");
+    let server = format!("n{endpoint_node}p0");
+    assert_eq!(report.servers(), [server.as_str()].into());
     let events = setup.events().expect("events");
     assert!(events["icmp_error_translated"] >= 1, "{events:?}");
+}
+
+/// An attacker off the path sends RSTs for an idle connection through a NodePort to node2's
+/// pod, with sequence numbers half the sequence space away from what each side has sent: one
+/// spoofed from the pod to node1's SNAT port, one spoofed from the client to the NodePort.
+/// Neither may end the flow, whose CLOSING state would otherwise expire (500 ms) before the next
+/// request, 2.5 s later, and take its SNAT port away.
+#[test]
+fn blind_rsts_end_no_connection_through_a_node_port() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(SHORT_TIMEOUTS).expect("agent");
+    let pod = std::net::SocketAddrV4::new(pod_addr(2, 0), POD_PORT);
+    setup
+        .apply(
+            "web.yaml",
+            &(node_port_service("web", "10.96.0.23", 30083, "")
+                + "---\n"
+                + &endpoint_slice("web", &[(*pod.ip(), "node2")])),
+        )
+        .expect("apply");
+    let attacker = setup
+        .add_client("atk", Ipv4Addr::new(203, 0, 113, 31))
+        .expect("attacker");
+    let node_port = format!("{}:30083", node_addr(1));
+    let client = &setup.cluster.client;
+    let report = std::thread::scope(|scope| {
+        let run = scope.spawn(|| {
+            ClientRun {
+                one_flow: true,
+                interval_ms: 2500,
+                ..ClientRun::tcp(&node_port, 3)
+            }
+            .run(client, None)
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+        let entries = setup.conntrack().expect("conntrack");
+        let (original_key, original) = entries
+            .iter()
+            .find(|(key, value)| {
+                key.direction == lb_common::ct_direction::ORIGINAL
+                    && key.dport == 30083
+                    && value.flags & lb_common::ct_flags::SNAT != 0
+            })
+            .expect("the connection's flow");
+        let (_, reply) = entries
+            .iter()
+            .find(|(key, _)| {
+                key.direction == lb_common::ct_direction::REPLY
+                    && key.dport == original.snat_port
+                    && key.saddr == u32::from(*pod.ip())
+            })
+            .expect("its reply half");
+        let snat =
+            std::net::SocketAddrV4::new(Ipv4Addr::from(original.snat_addr), original.snat_port);
+        let client_port =
+            std::net::SocketAddrV4::new(Ipv4Addr::from(original_key.saddr), original_key.sport);
+        let frontend = std::net::SocketAddrV4::new(node_addr(1), 30083);
+        for (from, to, seq) in [
+            (pod, snat, reply.seq_next.wrapping_add(1 << 31)),
+            (
+                client_port,
+                frontend,
+                original.seq_next.wrapping_add(1 << 31),
+            ),
+        ] {
+            let (from, to, seq) = (from.to_string(), to.to_string(), seq.to_string());
+            attacker
+                .run(
+                    lab::peer::binary().expect("lab-peer"),
+                    &["rst", "--from", &from, "--to", &to, "--seq", &seq],
+                )
+                .expect("spoofed rst");
+        }
+        run.join().expect("client thread")
+    })
+    .expect("client");
+    report.assert_all_ok("requests 2.5 s apart around blind RSTs");
+    assert_eq!(
+        report.seen_as.len(),
+        1,
+        "one SNAT port: {:?}",
+        report.seen_as
+    );
+    let events = setup.events().expect("events");
+    assert_eq!(events["drop_rst_out_of_window"], 2, "{events:?}");
+    assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
 }

@@ -145,6 +145,13 @@ fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
     let node = setup.cluster.node(1).host.clone();
     let before = scrape(&node);
     assert_eq!(value(&before, "lb_datapath_up", &[]), 1.0);
+    // By default /metrics (and PUT /debug/log-level) answer the node alone, like kube-proxy's.
+    let from_outside = SocketAddr::new(std::net::IpAddr::V4(node_addr(1)), METRICS.port());
+    let outside = http::get(&setup.cluster.client, from_outside, "/metrics");
+    assert!(
+        outside.is_err(),
+        "/metrics answered another host: {outside:?}"
+    );
 
     // From outside, through XDP: 40 datagrams from 40 sockets, 20 TCP connections.
     let udp_target = format!("{}:30053", node_addr(1));
@@ -302,7 +309,10 @@ fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
 #[test]
 fn healthz_livez_health_check_node_port_and_log_level() {
     let mut setup = AgentLab::new().expect("lab");
-    setup.start_agent(&[]).expect("agent");
+    // On every address, as a node that Prometheus scrapes is set up (the default is loopback).
+    setup
+        .start_agent(&["--metrics-bind-address", "0.0.0.0:10249"])
+        .expect("agent");
     let node_host = setup.cluster.node(1).host.clone();
 
     for path in ["/healthz", "/livez"] {

@@ -366,6 +366,14 @@ fn control_targets(out: &mut String, control: &Value) {
             f(control, "change_p90_ms").unwrap_or(f64::NAN),
         );
     }
+    if let Some(ms) = f(control, "change_with_conflict_median_ms") {
+        let _ = writeln!(
+            out,
+            "| the same with a frontend conflict present <= 10 ms | {} | median {ms:.1} ms, p90 {:.1} ms |",
+            standing(&[ms <= 10.0]),
+            f(control, "change_with_conflict_p90_ms").unwrap_or(f64::NAN),
+        );
+    }
 }
 
 fn datapath_table(out: &mut String, datapath: &Value) {

