@@ -96,10 +96,22 @@ pub struct Ipv4Cidr {
 
 impl Ipv4Cidr {
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix_len))
-            .unwrap_or(0);
+        let mask = self.mask();
         u32::from(addr) & mask == u32::from(self.addr) & mask
+    }
+
+    /// The prefix with its host bits cleared: `10.1.2.3/8` is `10.0.0.0/8`.
+    pub fn network(&self) -> Self {
+        Self {
+            addr: Ipv4Addr::from(u32::from(self.addr) & self.mask()),
+            prefix_len: self.prefix_len,
+        }
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0)
     }
 }
 
@@ -204,6 +216,9 @@ pub enum Severity {
     Invalid,
     /// Valid, but asks for something this version does not do yet (IPv6, SCTP): logged once.
     Unsupported,
+    /// Used, but not as written (a source range with host bits set is masked): logged and
+    /// reported as a Kubernetes Warning Event, not counted as skipped.
+    Warning,
 }
 
 /// Something compile could not use, and why.
@@ -1052,7 +1067,7 @@ impl Compiler {
         let (namespace, name) = object_key(&service.metadata);
         let mut compiled = CompiledService {
             fingerprint: fingerprint(service, slices),
-            health_check_node_port: health_check_node_port(service),
+            health_check_node_port: health_check_node_port(service, &self.node),
             unplaced: BTreeSet::new(),
             keys: Vec::new(),
             claimed: Vec::new(),
@@ -1145,15 +1160,16 @@ fn slices_by_service(snapshot: &Snapshot) -> SlicesByService<'_> {
     by_service
 }
 
-/// The healthCheckNodePort an externalTrafficPolicy Local Service has (0 or none: none).
-fn health_check_node_port(service: &Service) -> Option<u16> {
+/// The healthCheckNodePort an externalTrafficPolicy Local Service has (0, none or outside the
+/// NodePort range: none; compile refuses the Service then).
+fn health_check_node_port(service: &Service, node: &NodeContext) -> Option<u16> {
     let spec = service.spec.as_ref()?;
     if spec.external_traffic_policy.as_deref() != Some("Local") {
         return None;
     }
     u16::try_from(spec.health_check_node_port?)
         .ok()
-        .filter(|port| *port != 0)
+        .filter(|port| node.node_port_range.contains(port))
 }
 
 /// The slices of a Service.
@@ -1311,6 +1327,13 @@ fn compile_service(
     problems: &mut Vec<Problem>,
 ) -> Result<BTreeMap<ServicePortKey, DesiredService>, Skip> {
     let (namespace, name) = object_key(&service.metadata);
+    let invalid = |reason, message| Skip::Invalid(invalid_service(service, reason, message));
+    if name.is_empty() {
+        return Err(invalid(
+            "MissingName",
+            "a Service needs metadata.name; skipped".into(),
+        ));
+    }
     let Some(spec) = &service.spec else {
         return Err(Skip::Ignored);
     };
@@ -1318,7 +1341,6 @@ fn compile_service(
     if service_type == "ExternalName" {
         return Err(Skip::Ignored);
     }
-    let invalid = |reason, message| Skip::Invalid(invalid_service(service, reason, message));
 
     // ClusterIPs: clusterIPs (dual-stack) or clusterIP; "None" is headless.
     let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
@@ -1398,9 +1420,11 @@ fn compile_service(
     let policy = Policy {
         external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        source_ranges: source_ranges(spec)
+        source_ranges: source_ranges(service, problems)
             .map_err(|message| invalid("InvalidSourceRange", message))?,
     };
+    check_health_check_node_port(spec, node)
+        .map_err(|message| invalid("InvalidHealthCheckNodePort", message))?;
 
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut seen = BTreeSet::new();
@@ -1431,6 +1455,7 @@ fn compile_service(
                 format!("port {} is outside 1..=65535", port.port),
             )
         })?;
+        check_target_port(port).map_err(|message| invalid("InvalidTargetPort", message))?;
         if !seen.insert((number, protocol)) {
             return Err(invalid(
                 "DuplicatePort",
@@ -1489,7 +1514,7 @@ fn compile_service(
                 backends.clone()
             };
             let source_ranges = if flags & service_flags::SOURCE_RANGES != 0 {
-                policy.source_ranges.clone()
+                policy.source_ranges.clone().unwrap_or_default()
             } else {
                 BTreeSet::new()
             };
@@ -1545,15 +1570,16 @@ struct Policy {
     external_local: bool,
     /// internalTrafficPolicy Local: the same for the ClusterIPs.
     internal_local: bool,
-    /// loadBalancerSourceRanges: only these clients may use the LoadBalancer IPs.
-    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    /// loadBalancerSourceRanges: only these clients may use the LoadBalancer IPs. Some(empty)
+    /// when the spec lists only ranges this version does not program (IPv6): then no client may.
+    source_ranges: Option<BTreeSet<(Ipv4Addr, u8)>>,
 }
 
 impl Policy {
     /// The port's frontends grouped by table, each group with its policy flags; empty groups left
     /// out. One group (scope All) when nothing sets the frontends apart.
     fn split(&self, frontends: BTreeSet<Frontend>) -> Vec<(Scope, BTreeSet<Frontend>, u32)> {
-        if !self.external_local && !self.internal_local && self.source_ranges.is_empty() {
+        if !self.external_local && !self.internal_local && self.source_ranges.is_none() {
             return if frontends.is_empty() {
                 vec![]
             } else {
@@ -1568,7 +1594,7 @@ impl Policy {
                 .copied()
                 .collect()
         };
-        let ranged = !self.source_ranges.is_empty();
+        let ranged = self.source_ranges.is_some();
         let external_kinds = service_flags::NODE_PORT
             | service_flags::EXTERNAL_IP
             | if ranged {
@@ -1600,20 +1626,127 @@ impl Policy {
     }
 }
 
-/// loadBalancerSourceRanges as (address, prefix length); IPv6 ranges are left out (IPv4 only).
+/// loadBalancerSourceRanges as (network address, prefix length); None when the spec has none.
+///
+/// Any range restricts: IPv6 ranges are not programmed (IPv4 only in this version), so a list of
+/// IPv6 ranges alone lets no IPv4 client in, rather than every client. A range with host bits set
+/// is masked (as kube-proxy does), with a Warning: the datapath's LPM trie keeps one entry per
+/// (service, prefix), so `10.1.2.3/8` and `10.0.0.0/8` must be one member of the set, or removing
+/// one of them would remove the entry the other still needs.
 fn source_ranges(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-) -> Result<BTreeSet<(Ipv4Addr, u8)>, String> {
+    service: &Service,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<BTreeSet<(Ipv4Addr, u8)>>, String> {
+    let texts = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.load_balancer_source_ranges.as_deref())
+        .unwrap_or_default();
+    if texts.is_empty() {
+        return Ok(None);
+    }
     let mut ranges = BTreeSet::new();
-    for text in spec.load_balancer_source_ranges.iter().flatten() {
+    let mut v6 = 0;
+    for text in texts {
         let text = text.trim();
         if text.contains(':') {
+            check_ipv6_cidr(text)?;
+            v6 += 1;
             continue;
         }
         let cidr: Ipv4Cidr = text.parse()?;
-        ranges.insert((cidr.addr, cidr.prefix_len));
+        let network = cidr.network();
+        if network != cidr {
+            problems.push(Problem {
+                severity: Severity::Warning,
+                ..invalid_service(
+                    service,
+                    "SourceRangeHostBits",
+                    format!(
+                        "loadBalancerSourceRanges {text:?} has host bits set; used as {}/{}",
+                        network.addr, network.prefix_len
+                    ),
+                )
+            });
+        }
+        ranges.insert((network.addr, network.prefix_len));
     }
-    Ok(ranges)
+    if v6 > 0 {
+        let consequence = if ranges.is_empty() {
+            "no IPv4 client may use the LoadBalancer IPs"
+        } else {
+            "IPv4 clients must be inside the IPv4 ranges"
+        };
+        problems.push(unsupported(
+            "Service",
+            &service.metadata,
+            "IPv6SourceRangesNotSupported",
+            format!(
+                "{v6} IPv6 loadBalancerSourceRange(s) not programmed (IPv4 only in this version); {consequence}"
+            ),
+        ));
+    }
+    Ok(Some(ranges))
+}
+
+fn check_ipv6_cidr(text: &str) -> Result<(), String> {
+    let valid = text.split_once('/').is_some_and(|(addr, len)| {
+        addr.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|len| len <= 128)
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{text:?} is not an IPv6 CIDR (address/prefix)"))
+    }
+}
+
+/// An externalTrafficPolicy Local Service's healthCheckNodePort, when set, must be in the
+/// NodePort range: the agent serves HTTP on it on every node address.
+fn check_health_check_node_port(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    node: &NodeContext,
+) -> Result<(), String> {
+    let Some(port) = spec.health_check_node_port.filter(|&port| port != 0) else {
+        return Ok(());
+    };
+    match u16::try_from(port) {
+        Ok(port) if node.node_port_range.contains(&port) => Ok(()),
+        _ => Err(format!(
+            "healthCheckNodePort {port} is outside {}-{}",
+            node.node_port_range.start(),
+            node.node_port_range.end()
+        )),
+    }
+}
+
+/// A targetPort is a port number (1-65535) or the name of a container port (IANA_SVC_NAME:
+/// 1-15 lowercase letters, digits and inner single hyphens, with a letter).
+fn check_target_port(port: &ServicePort) -> Result<(), String> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match &port.target_port {
+        None => Ok(()),
+        Some(IntOrString::Int(number)) if valid_port(*number).is_some() => Ok(()),
+        Some(IntOrString::Int(number)) => Err(format!(
+            "port {}: targetPort {number} is outside 1-65535",
+            port.port
+        )),
+        Some(IntOrString::String(name)) if is_port_name(name) => Ok(()),
+        Some(IntOrString::String(name)) => Err(format!(
+            "port {}: targetPort {name:?} is neither a port number nor a port name",
+            port.port
+        )),
+    }
+}
+
+fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+        && name.bytes().any(|byte| byte.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
 }
 
 /// The port's nodePort when it has one; an error for one outside the range.

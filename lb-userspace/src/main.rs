@@ -180,6 +180,10 @@ struct RunArgs {
     /// Manifests for `--source file`: YAML files or directories (repeatable).
     #[arg(long = "manifests", env = "LB_MANIFESTS", value_delimiter = ',')]
     manifests: Vec<PathBuf>,
+    /// Manifest files larger than this many bytes are refused unread (`--source file`); the
+    /// objects they held before stay in force.
+    #[arg(long, env = "LB_MANIFEST_MAX_BYTES", default_value_t = lb_userspace::source::file::DEFAULT_MAX_MANIFEST_BYTES)]
+    manifest_max_bytes: u64,
     /// How XDP picks backends for new flows of Services without the `lb.io/load-balancing`
     /// annotation: `random` (kube-proxy's way) or `maglev` (consistent hashing: the same backend
     /// through every node, few flows moved when endpoints change).
@@ -392,7 +396,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 !args.manifests.is_empty(),
                 "--source file needs --manifests PATH"
             );
-            SourceConfig::Files(args.manifests)
+            SourceConfig::Files {
+                paths: args.manifests,
+                max_bytes: args.manifest_max_bytes,
+            }
         }
         Source::Kube => SourceConfig::Kube {
             master: args.master,

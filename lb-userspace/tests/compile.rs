@@ -434,7 +434,11 @@ fn rows() -> Vec<Row> {
                 "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
                 "default/web:http/TCP[loadbalancer] fe=[198.51.100.20:80 lb] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0 ranges=[192.0.2.7/32, 203.0.113.0/24]",
             ],
-            problems: &[],
+            problems: &[(
+                Severity::Unsupported,
+                "Service/default/web",
+                "IPv6SourceRangesNotSupported",
+            )],
             held: &[],
         },
         Row {
@@ -465,6 +469,148 @@ fn rows() -> Vec<Row> {
                 "InvalidSourceRange",
             )],
             held: &["default/bad"],
+        },
+        Row {
+            name: "loadBalancerSourceRanges all IPv6: no IPv4 client may use the LoadBalancer IPs",
+            yaml: service(
+                "v6only",
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.21\n  loadBalancerSourceRanges: [\"2001:db8::/32\"]\n  ports:\n  - {name: http, port: 80, nodePort: 30081}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.21\n",
+            ),
+            expected: &[
+                "default/v6only:http/TCP[internal] fe=[10.96.0.21:80 cluster] be=[] affinity=0",
+                "default/v6only:http/TCP[loadbalancer] fe=[198.51.100.21:80 lb] be=[] affinity=0 ranges=[]",
+            ],
+            problems: &[(
+                Severity::Unsupported,
+                "Service/default/v6only",
+                "IPv6SourceRangesNotSupported",
+            )],
+            held: &[],
+        },
+        Row {
+            name: "source ranges with host bits set are masked, with a Warning, and merge with their network",
+            yaml: service(
+                "hostbits",
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.22\n  loadBalancerSourceRanges: [10.1.2.3/8, 10.0.0.0/8, 192.0.2.7/24]\n  ports:\n  - {name: http, port: 80}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.22\n",
+            ),
+            expected: &[
+                "default/hostbits:http/TCP[internal] fe=[10.96.0.22:80 cluster] be=[] affinity=0",
+                "default/hostbits:http/TCP[loadbalancer] fe=[198.51.100.22:80 lb] be=[] affinity=0 ranges=[10.0.0.0/8, 192.0.2.0/24]",
+            ],
+            problems: &[
+                (Severity::Warning, "Service/default/hostbits", "SourceRangeHostBits"),
+                (Severity::Warning, "Service/default/hostbits", "SourceRangeHostBits"),
+            ],
+            held: &[],
+        },
+        Row {
+            name: "an IPv6 source range that is not a CIDR",
+            yaml: service(
+                "bad",
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  loadBalancerSourceRanges: [\"2001:db8::/129\"]\n  ports:\n  - {port: 80}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidSourceRange")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "healthCheckNodePort outside the NodePort range (an HTTP server on port 22)",
+            yaml: service(
+                "bad",
+                "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 22\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: 30082}\n",
+            ) + &service("web", cluster_ip),
+            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[(
+                Severity::Invalid,
+                "Service/default/bad",
+                "InvalidHealthCheckNodePort",
+            )],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "healthCheckNodePort above 65535",
+            yaml: service(
+                "bad",
+                "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 70000\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: 30082}\n",
+            ),
+            expected: &[],
+            problems: &[(
+                Severity::Invalid,
+                "Service/default/bad",
+                "InvalidHealthCheckNodePort",
+            )],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "nodePort above 65535",
+            yaml: service(
+                "bad",
+                "  type: NodePort\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: 70000}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidNodePort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "nodePort negative",
+            yaml: service(
+                "bad",
+                "  type: NodePort\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: -1}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidNodePort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "targetPort 0",
+            yaml: service(
+                "bad",
+                "  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, targetPort: 0}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidTargetPort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "targetPort above 65535",
+            yaml: service(
+                "bad",
+                "  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, targetPort: 65536}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidTargetPort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "targetPort neither a number nor a port name",
+            yaml: service(
+                "bad",
+                "  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, targetPort: HTTP_PORT}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidTargetPort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "targetPort by name and by number in range",
+            yaml: service(
+                "web",
+                "  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: http-alt}\n  - {name: https, port: 443, targetPort: 65535}\n",
+            ),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0",
+                "default/web:https/TCP fe=[10.96.0.10:443 cluster] be=[] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "a Service without a name",
+            yaml: "---\napiVersion: v1\nkind: Service\nmetadata:\n  namespace: default\nspec:\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80}\n".to_owned()
+                + &service("web", cluster_ip),
+            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[(Severity::Invalid, "Service/default/", "MissingName")],
+            held: &["default/"],
         },
         Row {
             name: "invalid clusterIP string",
@@ -925,8 +1071,8 @@ fn nodeport_addresses_limit_which_node_addresses_serve_node_ports() {
 fn malformed_yaml_is_reported_with_its_line() {
     let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: ok\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: [unclosed\n";
     let (line, message) = parse_documents(text).expect_err("malformed");
-    // The parser gives up at the end of the second document (line 10), never in the first.
-    assert_eq!(line, Some(10), "{message}");
+    // The unclosed bracket of the second document (line 9), never the first document.
+    assert_eq!(line, Some(9), "{message}");
     let wrong_type = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: 80\n";
     let (line, message) = parse_documents(wrong_type).expect_err("ports must be a list");
     assert_eq!(line, Some(1), "{message}");
