@@ -160,7 +160,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             let agent_metrics = observers.metrics.clone();
             let task = files.run(updates, move |error| {
                 agent_metrics.manifest_errors.inc();
-                warn!(%error, "manifest not loaded; its last good objects stay in force");
+                warn!(%error, "{}", error.kept.describe());
             });
             (tokio::spawn(task), None)
         }

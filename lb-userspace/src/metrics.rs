@@ -205,7 +205,8 @@ impl Metrics {
         lb.register(
             "manifest_errors",
             "Manifest files (--source file) not loaded for bad input (unreadable, too large, not \
-             YAML, bad objects), each version counted once; their last good objects stay in force",
+             YAML), and documents of loaded files skipped (a type error, no kind), each version \
+             counted once; the last good version stays in force",
             agent.manifest_errors.clone(),
         );
         lb.register(

@@ -190,3 +190,78 @@ fn anchors_used_as_intended_json_and_lists_still_load() {
     let json = r#"{"apiVersion": "v1", "kind": "List", "items": [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "j"}, "spec": {"clusterIP": "10.96.0.13", "ports": [{"port": 80}]}}]}"#;
     assert_eq!(parse_documents(json).expect("JSON").len(), 1);
 }
+
+/// A Service document with `port` given as `port_value` (a number, or a word that is a type
+/// error), named `name`.
+fn service_doc(name: &str, cluster_ip: &str, port_value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {cluster_ip}\n  ports:\n  - {{name: http, port: {port_value}}}\n"
+    )
+}
+
+#[test]
+fn a_bad_document_costs_only_itself_and_keeps_its_objects_last_good_version() {
+    use lb_userspace::source::file::Kept;
+    let dir = TempDir::new("by-document");
+    let good_api = service_doc("api", "10.96.0.11", "80");
+    let bad_api = service_doc("api", "10.96.0.11", "eighty");
+    // web (lines 1-9), then api (its document starts on line 11, after the separator).
+    let path = dir.write("two.yaml", &format!("{WEB}---\n{bad_api}"));
+    let mut source = FileSource::new(vec![path.clone()], "node1");
+    let (_, errors) = source.reload(true);
+    assert_eq!(loaded(&source), ["web"], "the good document loads");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        errors[0].line,
+        Some(11),
+        "the bad document's own line: {}",
+        errors[0]
+    );
+    assert!(errors[0].message.contains("\"api\""), "{}", errors[0]);
+    assert_eq!(errors[0].kept, Kept::NothingOfDocument, "api never loaded");
+
+    dir.write("two.yaml", &format!("{WEB}---\n{good_api}"));
+    let (_, errors) = source.reload(true);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(loaded(&source), ["web", "api"]);
+
+    // api breaks again while web changes: web's new version and api's last good one are served.
+    let web_changed = WEB.replace("10.96.0.10", "10.96.0.12");
+    dir.write("two.yaml", &format!("{web_changed}---\n{bad_api}"));
+    let (_, errors) = source.reload(true);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].kept, Kept::LastGoodObject);
+    let snapshot = source.snapshot();
+    let cluster_ip = |name: &str| {
+        snapshot
+            .services
+            .iter()
+            .find(|service| service.metadata.name.as_deref() == Some(name))
+            .and_then(|service| service.spec.as_ref()?.cluster_ip.clone())
+    };
+    assert_eq!(cluster_ip("web").as_deref(), Some("10.96.0.12"));
+    assert_eq!(
+        cluster_ip("api").as_deref(),
+        Some("10.96.0.11"),
+        "last good api"
+    );
+}
+
+#[test]
+fn a_new_file_that_does_not_parse_claims_to_keep_nothing() {
+    use lb_userspace::source::file::Kept;
+    let dir = TempDir::new("new-broken");
+    let path = dir.write("broken.yaml", "kind: Service\nmetadata: [unclosed\n");
+    let mut source = FileSource::new(vec![path.clone()], "node1");
+    let (_, errors) = source.reload(true);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].kept, Kept::NothingOfFile);
+    assert!(loaded(&source).is_empty());
+    // Once it loaded, a broken version keeps the last good file.
+    dir.write("broken.yaml", WEB);
+    assert!(source.reload(true).1.is_empty());
+    dir.write("broken.yaml", "kind: Service\nmetadata: [unclosed\n");
+    let (_, errors) = source.reload(true);
+    assert_eq!(errors[0].kept, Kept::LastGoodFile);
+    assert_eq!(loaded(&source), ["web"]);
+}

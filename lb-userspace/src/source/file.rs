@@ -3,8 +3,10 @@
 //! reloaded when a file changes and on SIGHUP.
 //!
 //! A file that does not parse is reported with its path and line, and the objects it held
-//! before stay in force: a typo never removes a Service. Documents of other kinds (Deployments in
-//! the same manifest) are ignored.
+//! before stay in force: a typo never removes a Service. A file that parses but has a bad
+//! document (a type error, no kind) loses only that document, reported with its own line: the
+//! other documents load, and the bad one's object keeps its last good version, if it had one.
+//! Documents of other kinds (Deployments in the same manifest) are ignored.
 //!
 //! Manifests are untrusted input: a file over the size limit is refused unread, and the parser
 //! bounds nesting and what aliases may expand to, so a small "billion laughs" file is refused in
@@ -36,14 +38,68 @@ pub enum Object {
     Node(Box<Node>),
 }
 
-/// Why a file was not (re)loaded.
+/// Why a file, or one document of it, was not (re)loaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileError {
     pub path: PathBuf,
     /// 1-based line of the problem, when known.
     pub line: Option<usize>,
     pub message: String,
+    /// What is served instead.
+    pub kept: Kept,
 }
+
+/// What stays in force when a file or a document does not load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kept {
+    /// The whole file was refused; its objects of the last good version stay.
+    LastGoodFile,
+    /// The whole file was refused and it had no good version: nothing of it is served.
+    NothingOfFile,
+    /// One document was skipped (the rest of the file loaded); its object's last good version
+    /// stays.
+    LastGoodObject,
+    /// One document was skipped (the rest of the file loaded); it had no good version.
+    NothingOfDocument,
+}
+
+impl Kept {
+    /// For the log line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::LastGoodFile => "manifest not loaded; its last good objects stay in force",
+            Self::NothingOfFile => {
+                "manifest not loaded; it never loaded before, so nothing of it is served"
+            }
+            Self::LastGoodObject => {
+                "document skipped, the rest of the manifest loaded; its object's last good version stays in force"
+            }
+            Self::NothingOfDocument => {
+                "document skipped, the rest of the manifest loaded; nothing of it is served"
+            }
+        }
+    }
+}
+
+/// A parsed manifest: the objects of its good documents, and the documents it skipped.
+#[derive(Debug, Default)]
+pub struct Manifest {
+    pub objects: Vec<Object>,
+    pub skipped: Vec<SkippedDocument>,
+}
+
+/// A document that was not loaded: where, why, and which object it meant when that is known.
+#[derive(Clone, Debug)]
+pub struct SkippedDocument {
+    /// 1-based line where the document (or the list item's list) starts.
+    pub line: usize,
+    pub message: String,
+    /// Kind, namespace and name, when the document has them.
+    pub identity: Option<Identity>,
+}
+
+/// Kind, namespace (empty for Nodes) and name of an object.
+pub type Identity = (String, String, String);
 
 impl std::fmt::Display for FileError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -88,20 +144,63 @@ fn yaml_options() -> serde_saphyr::Options {
 
 /// Parses every document of a YAML (or JSON) text. Err: (1-based line, message).
 pub fn parse_documents(text: &str) -> Result<Vec<Object>, (Option<usize>, String)> {
+    let manifest = parse_manifest(text)?;
+    match manifest.skipped.into_iter().next() {
+        Some(skipped) => Err((Some(skipped.line), skipped.message)),
+        None => Ok(manifest.objects),
+    }
+}
+
+/// Parses a manifest document by document: a YAML syntax error (or a limit) refuses the whole
+/// text; a document that does not make an object is skipped on its own.
+pub fn parse_manifest(text: &str) -> Result<Manifest, (Option<usize>, String)> {
     let documents: Vec<serde_saphyr::Spanned<serde_json::Value>> =
         serde_saphyr::from_multiple_with_options(text, yaml_options()).map_err(|err| {
             let line = err.location().map(|location| line_number(location.line()));
             (line, err.to_string())
         })?;
-    let mut objects = Vec::new();
+    let mut manifest = Manifest::default();
     for document in documents {
         collect(
             document.value,
             line_number(document.referenced.line()),
-            &mut objects,
-        )?;
+            &mut manifest,
+        );
     }
-    Ok(objects)
+    Ok(manifest)
+}
+
+/// The identity an object's document claims, read without typing it.
+fn identity(kind: &str, value: &serde_json::Value) -> Option<Identity> {
+    let metadata = value.get("metadata")?;
+    let name = metadata.get("name")?.as_str()?;
+    let namespace = if kind == "Node" {
+        ""
+    } else {
+        metadata
+            .get("namespace")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("default")
+    };
+    Some((kind.to_owned(), namespace.to_owned(), name.to_owned()))
+}
+
+/// The identity of an object as [`identity`] gives it for its document.
+fn identity_of(object: &Object) -> Option<Identity> {
+    let (kind, metadata) = match object {
+        Object::Service(service) => ("Service", &service.metadata),
+        Object::EndpointSlice(slice) => ("EndpointSlice", &slice.metadata),
+        Object::Node(node) => ("Node", &node.metadata),
+    };
+    let namespace = if kind == "Node" {
+        String::new()
+    } else {
+        metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into())
+    };
+    Some((kind.to_owned(), namespace, metadata.name.clone()?))
 }
 
 fn line_number(line: u64) -> usize {
@@ -131,20 +230,16 @@ fn stamp_resource_version(value: &mut serde_json::Value) {
     }
 }
 
-fn collect(
-    value: serde_json::Value,
-    line: usize,
-    objects: &mut Vec<Object>,
-) -> Result<(), (Option<usize>, String)> {
+fn collect(value: serde_json::Value, line: usize, manifest: &mut Manifest) {
     if value.is_null() {
-        return Ok(());
+        return;
     }
     let kind = value
         .get("kind")
         .and_then(serde_json::Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    let typed = |mut value: serde_json::Value| -> Result<_, (Option<usize>, String)> {
+    let typed = |mut value: serde_json::Value| {
         stamp_resource_version(&mut value);
         let name = value
             .get("metadata")
@@ -152,43 +247,73 @@ fn collect(
             .and_then(serde_json::Value::as_str)
             .unwrap_or("<unnamed>")
             .to_owned();
-        Ok((value, name))
+        (identity(&kind, &value), value, name)
     };
-    let convert_error = |kind: &str, name: &str, err: serde_json::Error| {
-        (Some(line), format!("{kind} {name:?}: {err}"))
-    };
-    match kind.as_str() {
-        "Service" => {
-            let (value, name) = typed(value)?;
-            let service = serde_json::from_value(value)
-                .map_err(|err| convert_error("Service", &name, err))?;
-            objects.push(Object::Service(Arc::new(service)));
+    let result = match kind.as_str() {
+        "Service" | "EndpointSlice" | "Node" => {
+            let (identity, value, name) = typed(value);
+            let object = match kind.as_str() {
+                "Service" => serde_json::from_value(value).map(|s| Object::Service(Arc::new(s))),
+                "EndpointSlice" => {
+                    serde_json::from_value(value).map(|s| Object::EndpointSlice(Arc::new(s)))
+                }
+                _ => serde_json::from_value(value).map(|n| Object::Node(Box::new(n))),
+            };
+            object.map_err(|err| (format!("{kind} {name:?}: {err}"), identity))
         }
-        "EndpointSlice" => {
-            let (value, name) = typed(value)?;
-            let slice = serde_json::from_value(value)
-                .map_err(|err| convert_error("EndpointSlice", &name, err))?;
-            objects.push(Object::EndpointSlice(Arc::new(slice)));
-        }
-        "Node" => {
-            let (value, name) = typed(value)?;
-            let node =
-                serde_json::from_value(value).map_err(|err| convert_error("Node", &name, err))?;
-            objects.push(Object::Node(Box::new(node)));
-        }
-        kind if kind == "List" || kind.ends_with("List") => {
+        list if list == "List" || list.ends_with("List") => {
             if let serde_json::Value::Object(mut list) = value
                 && let Some(serde_json::Value::Array(items)) = list.remove("items")
             {
                 for item in items {
-                    collect(item, line, objects)?;
+                    collect(item, line, manifest);
                 }
             }
+            return;
         }
-        "" => return Err((Some(line), "document without a kind".into())),
-        _ => {}
+        "" => Err(("document without a kind".to_owned(), None)),
+        _ => return,
+    };
+    match result {
+        Ok(object) => manifest.objects.push(object),
+        Err((message, identity)) => manifest.skipped.push(SkippedDocument {
+            line,
+            message,
+            identity,
+        }),
     }
-    Ok(())
+}
+
+/// A manifest's good objects, plus, for each skipped document that names an object the file's
+/// last version held, that object as it was; and the skipped documents with what stays of each.
+fn keep_last_good(
+    manifest: Manifest,
+    before: &[Object],
+) -> (Vec<Object>, Vec<(SkippedDocument, Kept)>) {
+    let mut objects = manifest.objects;
+    let loaded: std::collections::BTreeSet<Identity> =
+        objects.iter().filter_map(identity_of).collect();
+    let mut skipped = Vec::new();
+    for document in manifest.skipped {
+        let last_good = document
+            .identity
+            .as_ref()
+            .filter(|identity| !loaded.contains(*identity))
+            .and_then(|identity| {
+                before
+                    .iter()
+                    .find(|object| identity_of(object).as_ref() == Some(identity))
+            });
+        let kept = match last_good {
+            Some(object) => {
+                objects.push(object.clone());
+                Kept::LastGoodObject
+            }
+            None => Kept::NothingOfDocument,
+        };
+        skipped.push((document, kept));
+    }
+    (objects, skipped)
 }
 
 /// The files a path stands for: itself, or the manifests directly inside a directory.
@@ -200,6 +325,7 @@ fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, FileError> {
         path: path.to_owned(),
         line: None,
         message: err.to_string(),
+        kept: Kept::NothingOfFile,
     })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
@@ -307,23 +433,34 @@ impl FileSource {
             }
             let result = read_manifest(&path, self.max_bytes)
                 .map_err(|message| (None, message))
-                .and_then(|text| parse_documents(&text));
+                .and_then(|text| parse_manifest(&text));
             match result {
-                Ok(objects) => {
+                Ok(manifest) => {
+                    let before = self.files.get(&path).map(|(_, objects)| objects.as_slice());
+                    let (objects, skipped) = keep_last_good(manifest, before.unwrap_or_default());
+                    errors.extend(skipped.into_iter().map(|(skipped, kept)| FileError {
+                        path: path.clone(),
+                        line: Some(skipped.line),
+                        message: skipped.message,
+                        kept,
+                    }));
                     self.files.insert(path, (current, objects));
                     changed = true;
                 }
                 Err((line, message)) => {
                     // Remember the stamp so the same broken content is reported once, not every poll.
-                    if let Some((seen, _)) = self.files.get_mut(&path) {
+                    let kept = if let Some((seen, _)) = self.files.get_mut(&path) {
                         *seen = current;
+                        Kept::LastGoodFile
                     } else {
                         self.files.insert(path.clone(), (current, Vec::new()));
-                    }
+                        Kept::NothingOfFile
+                    };
                     errors.push(FileError {
                         path,
                         line,
                         message,
+                        kept,
                     });
                 }
             }
