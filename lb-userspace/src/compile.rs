@@ -1484,12 +1484,21 @@ fn compile_service(
         for &ip in &ingress_ips {
             add(ip, number, service_flags::LOAD_BALANCER);
         }
-        if node_ports_wanted
-            && let Some(node_port) =
-                node_port(port, node).map_err(|message| invalid("InvalidNodePort", message))?
-        {
-            for &addr in node_addresses {
-                add(addr, node_port, service_flags::NODE_PORT);
+        if node_ports_wanted {
+            // A nodePort outside the range costs only the NodePort frontends of this port: the
+            // ClusterIP and the other frontends keep working.
+            match node_port(port, node) {
+                Ok(Some(node_port)) => {
+                    for &addr in node_addresses {
+                        add(addr, node_port, service_flags::NODE_PORT);
+                    }
+                }
+                Ok(None) => {}
+                Err(message) => problems.push(invalid_service(
+                    service,
+                    "InvalidNodePort",
+                    format!("{message}; its NodePort frontends are skipped"),
+                )),
             }
         }
         let backends = endpoints.backends(&port_name, protocol, node);

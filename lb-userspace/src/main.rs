@@ -132,7 +132,7 @@ struct RunArgs {
     /// (e.g. manifests without one).
     #[arg(long = "node-address", env = "LB_NODE_ADDRESS", value_delimiter = ',')]
     node_addresses: Vec<Ipv4Addr>,
-    /// The cluster's NodePort range; nodePorts outside it are refused.
+    /// The cluster's NodePort range; a nodePort outside it is skipped (that NodePort only).
     #[arg(long, env = "LB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: RangeInclusive<u16>,
     /// Address of /metrics (Prometheus, OpenMetrics text) and /debug/log-level; `off`: none.

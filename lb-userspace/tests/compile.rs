@@ -547,9 +547,9 @@ fn rows() -> Vec<Row> {
                 "bad",
                 "  type: NodePort\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: 70000}\n",
             ),
-            expected: &[],
+            expected: &["default/bad:/TCP fe=[10.96.0.20:80 cluster] be=[] affinity=0"],
             problems: &[(Severity::Invalid, "Service/default/bad", "InvalidNodePort")],
-            held: &["default/bad"],
+            held: &[],
         },
         Row {
             name: "nodePort negative",
@@ -557,9 +557,9 @@ fn rows() -> Vec<Row> {
                 "bad",
                 "  type: NodePort\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: -1}\n",
             ),
-            expected: &[],
+            expected: &["default/bad:/TCP fe=[10.96.0.20:80 cluster] be=[] affinity=0"],
             problems: &[(Severity::Invalid, "Service/default/bad", "InvalidNodePort")],
-            held: &["default/bad"],
+            held: &[],
         },
         Row {
             name: "targetPort 0",
@@ -676,15 +676,18 @@ fn rows() -> Vec<Row> {
             held: &["default/weird"],
         },
         Row {
-            name: "nodePort outside the range",
+            name: "nodePort outside the range: only its NodePort frontends are skipped",
             yaml: NODE1.to_owned()
                 + &service(
                     "bad",
-                    "  type: NodePort\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: 8080}\n",
+                    "  type: NodePort\n  clusterIP: 10.96.0.20\n  ports:\n  - {name: a, port: 80, nodePort: 8080}\n  - {name: b, port: 81, nodePort: 30081}\n",
                 ),
-            expected: &[],
+            expected: &[
+                "default/bad:a/TCP fe=[10.96.0.20:80 cluster] be=[] affinity=0",
+                "default/bad:b/TCP fe=[10.96.0.20:81 cluster, 198.18.0.1:30081 nodeport, 203.0.113.1:30081 nodeport] be=[] affinity=0",
+            ],
             problems: &[(Severity::Invalid, "Service/default/bad", "InvalidNodePort")],
-            held: &["default/bad"],
+            held: &[],
         },
         Row {
             name: "duplicate ports",
