@@ -17,7 +17,10 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
-    compile::{Compiler, Desired, Ipv4Cidr, NodeContext, Problem, Scope, ServicePortKey, Severity},
+    compile::{
+        Compiler, Desired, Ipv4Cidr, NodeContext, Problem, Scope, ServicePortKey, Severity,
+        held_cluster_ips,
+    },
     datapath::Datapath,
     logging::LogLevel,
     metrics::{AgentMetrics, Metrics},
@@ -243,6 +246,9 @@ async fn sync_until_stopped(
             // placed again on every sync, and their Services compiled again when one moved.
             if place_unplaced_endpoints(&locator, &mut compiler) {
                 update.absorb(compiler.update(&snapshot));
+            }
+            if !reconciler.is_initialized() {
+                reconciler.recover_held(held_cluster_ips(&snapshot, compiler.desired()));
             }
             update
         };

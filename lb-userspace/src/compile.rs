@@ -208,6 +208,34 @@ pub struct Desired {
     pub held: BTreeSet<(String, String)>,
 }
 
+/// The IPv4 ClusterIPs of every Service the desired state holds (skipped for bad input), as far
+/// as its spec gives them: what identifies its installed state after a restart
+/// ([`crate::reconcile::Reconciler::recover_held`]).
+pub fn held_cluster_ips(
+    snapshot: &Snapshot,
+    desired: &Desired,
+) -> BTreeMap<(String, String), BTreeSet<Ipv4Addr>> {
+    snapshot
+        .services
+        .iter()
+        .filter_map(|service| {
+            let owner = object_key(&service.metadata);
+            if !desired.held.contains(&owner) {
+                return None;
+            }
+            let spec = service.spec.as_ref()?;
+            let addresses: BTreeSet<Ipv4Addr> = spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .chain(&spec.cluster_ip)
+                .filter_map(|text| text.parse().ok())
+                .collect();
+            (!addresses.is_empty()).then_some((owner, addresses))
+        })
+        .collect()
+}
+
 /// How bad a problem is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {

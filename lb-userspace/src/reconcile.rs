@@ -16,7 +16,10 @@
 //! Later runs only look at the Service ports whose desired state differs from what the previous
 //! run applied, so one endpoint change costs O(that service), not O(all services).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
 use lb_common::{Frontend4Key, limits};
 
@@ -24,6 +27,17 @@ use crate::{
     compile::{Desired, DesiredService, ServicePortKey},
     datapath::{Backend, Datapath, DatapathError, Service, frontend_flags},
 };
+
+/// The key a recovered service of a held Service is reported under (its ports are unknown).
+fn recovered_key(owner: &(String, String), id: u32) -> ServicePortKey {
+    ServicePortKey {
+        namespace: owner.0.clone(),
+        name: owner.1.clone(),
+        port_name: format!("(recovered service {id})"),
+        proto: 0,
+        scope: Default::default(),
+    }
+}
 
 /// Remembers what it applied between runs: the service id of each Service port, the id and
 /// reference count of each backend.
@@ -40,6 +54,12 @@ pub struct Reconciler {
     next_service_id: u32,
     next_backend_id: u32,
     initialized: bool,
+    /// Before the first run: the ClusterIPs of each held Service, which identify what an earlier
+    /// run installed for it (see [`Reconciler::recover_held`]).
+    held_addresses: BTreeMap<(String, String), BTreeSet<Ipv4Addr>>,
+    /// Installed services of held Services found that way, kept until their Service is no
+    /// longer held (fixed or deleted).
+    held_installed: BTreeMap<(String, String), Vec<u32>>,
 }
 
 /// What one reconcile did.
@@ -64,7 +84,7 @@ impl ReconcileReport {
 }
 
 /// A backend's identity: what an endpoint is, apart from its flags.
-type BackendIdentity = (std::net::Ipv4Addr, u16, u8);
+type BackendIdentity = (Ipv4Addr, u16, u8);
 
 fn identity(backend: &Backend) -> BackendIdentity {
     (backend.addr, backend.port, backend.proto)
@@ -106,6 +126,20 @@ impl Reconciler {
         self.reconcile_changed(datapath, desired, &changed)
     }
 
+    /// Whether the first run (which adopts what the maps hold) is done.
+    pub fn is_initialized(&self) -> bool {
+        self.initialized
+    }
+
+    /// Before the first run after a start: the IPv4 ClusterIPs of every held Service (skipped
+    /// for bad input, so the compiler gives no ports for it). What the maps hold under those
+    /// addresses and no valid Service claims is that Service's last good state: the first run
+    /// keeps it instead of removing it as a leftover, until the Service is fixed or deleted.
+    /// ClusterIPs identify it because the API server allocates them uniquely.
+    pub fn recover_held(&mut self, addresses: BTreeMap<(String, String), BTreeSet<Ipv4Addr>>) {
+        self.held_addresses = addresses;
+    }
+
     /// Reconciles the Service ports in `changed` (added, changed or removed since the previous
     /// run, as `Compiler::update` reports them): O(the change), not O(all services). The first
     /// run after a start looks at everything regardless.
@@ -120,6 +154,9 @@ impl Reconciler {
         if first_run {
             self.adopt_installed(datapath, desired);
         }
+        // Before any put: a held Service fixed in this run gets its ports under new ids, whose
+        // frontends are the ones its recovered state still holds.
+        self.release_recovered_held(datapath, desired, &mut report);
         let retry = std::mem::take(&mut self.failed);
         let changed: BTreeSet<&ServicePortKey> = changed.iter().chain(retry.iter()).collect();
 
@@ -164,7 +201,12 @@ impl Reconciler {
             .collect();
         if first_run {
             // Whatever the maps hold that no Service port claims (an earlier run's leftovers).
-            let known: BTreeSet<u32> = self.ids.values().copied().collect();
+            let known: BTreeSet<u32> = self
+                .ids
+                .values()
+                .chain(self.held_installed.values().flatten())
+                .copied()
+                .collect();
             stale.extend(
                 datapath
                     .installed_services()
@@ -221,6 +263,40 @@ impl Reconciler {
         report
     }
 
+    /// Removes the recovered state of held Services that are no longer held.
+    fn release_recovered_held(
+        &mut self,
+        datapath: &mut Datapath,
+        desired: &Desired,
+        report: &mut ReconcileReport,
+    ) {
+        let released: Vec<(String, String)> = self
+            .held_installed
+            .keys()
+            .filter(|owner| !desired.held.contains(*owner))
+            .cloned()
+            .collect();
+        for owner in released {
+            let Some(ids) = self.held_installed.remove(&owner) else {
+                continue;
+            };
+            for id in ids {
+                let backends = datapath
+                    .installed_services()
+                    .get(&id)
+                    .map(|service| service.backends.clone())
+                    .unwrap_or_default();
+                match datapath.remove_service(id) {
+                    Ok(()) => {
+                        report.services_removed += 1;
+                        self.release(&backends);
+                    }
+                    Err(error) => report.errors.push((recovered_key(&owner, id), error)),
+                }
+            }
+        }
+    }
+
     /// After a (re)start: ids, backends and reference counts from what the maps hold; a desired
     /// Service port whose frontends are installed under some id takes that id, so nothing is
     /// rewritten and counters keep counting.
@@ -258,6 +334,27 @@ impl Reconciler {
                 && !self.ids.values().any(|known| known == id)
             {
                 self.ids.insert(key.clone(), *id);
+            }
+        }
+        let claimed: BTreeSet<u32> = self.ids.values().copied().collect();
+        for (owner, addresses) in std::mem::take(&mut self.held_addresses) {
+            if !desired.held.contains(&owner) {
+                continue;
+            }
+            let ids: Vec<u32> = datapath
+                .installed_services()
+                .iter()
+                .filter(|(id, service)| {
+                    !claimed.contains(id)
+                        && service
+                            .frontends
+                            .keys()
+                            .any(|key| addresses.contains(&Ipv4Addr::from(u32::from_be(key.addr))))
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            if !ids.is_empty() {
+                self.held_installed.insert(owner, ids);
             }
         }
     }
