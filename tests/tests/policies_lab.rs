@@ -399,3 +399,86 @@ fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
     report.assert_all_ok("ClusterIP with a local endpoint");
     assert_eq!(report.servers(), ["n1p0"].into());
 }
+
+/// One connection of three requests 1.5 s apart from `client` to `to`, with `change` made
+/// 0.7 s in (after the first request, while the connection is open).
+fn connection_across(client: &lab::lab::Host, to: &str, change: impl FnOnce()) -> ClientReport {
+    std::thread::scope(|scope| {
+        let run = scope.spawn(|| {
+            ClientRun {
+                one_flow: true,
+                interval_ms: 1500,
+                timeout_ms: 800,
+                ..ClientRun::tcp(to, 3)
+            }
+            .run(client, None)
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        change();
+        run.join().expect("client thread")
+    })
+    .expect("client")
+}
+
+/// Established TCP connections keep their backend when their Service leaves, as kube-proxy's
+/// conntrack keeps them (the datapath follows conntrack for them, not the frontends); new
+/// connections find nothing.
+#[test]
+fn an_established_connection_outlives_its_service_and_new_ones_find_nothing() {
+    let mut lab = AgentLab::new().expect("lab");
+    lab.start_agent(&[]).expect("agent");
+    lab.apply(
+        "web.yaml",
+        &(node_port_service("web", "10.96.0.10", 30080, "")
+            + "---\n"
+            + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+    )
+    .expect("apply");
+    let node_port = format!("{}:30080", node_addr(1));
+    let report = connection_across(&lab.cluster.client, &node_port, || {
+        lab.delete("web.yaml").expect("delete");
+    });
+    report.assert_all_ok("one connection across its Service's removal");
+    let after = ClientRun {
+        timeout_ms: 500,
+        ..ClientRun::tcp(&node_port, 1)
+    }
+    .run(&lab.cluster.client, None)
+    .expect("client");
+    assert_eq!(
+        after.errors, 1,
+        "a new connection after the removal: {after:?}"
+    );
+}
+
+/// A connection that loadBalancerSourceRanges admitted stops once its client's range goes.
+#[test]
+fn an_established_connection_stops_when_its_source_range_goes() {
+    let mut lab = AgentLab::new().expect("lab");
+    lab.cluster
+        .client
+        .route(&["198.51.100.0/24", "via", &node_addr(1).to_string()])
+        .expect("route");
+    lab.start_agent(&[]).expect("agent");
+    let service = |range: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  loadBalancerSourceRanges: [{range}]\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 198.51.100.20}}]\n---\n"
+        ) + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])
+    };
+    lab.apply("web.yaml", &service("203.0.113.10/32"))
+        .expect("apply");
+    let before = events(&lab)["drop_source_range"];
+    let report = connection_across(&lab.cluster.client, "198.51.100.20:80", || {
+        lab.apply("web.yaml", &service("203.0.113.99/32"))
+            .expect("range changed");
+    });
+    assert_eq!(
+        report.ok, 1,
+        "only the request before the change: {report:?}"
+    );
+    assert!(report.errors >= 1, "{report:?}");
+    assert!(
+        events(&lab)["drop_source_range"] > before,
+        "dropped and counted"
+    );
+}
