@@ -38,6 +38,17 @@ pub const QUIET: Duration = Duration::from_millis(50);
 /// Under a continuous stream of changes, a snapshot is still published at least this often.
 pub const MAX_DELAY: Duration = Duration::from_millis(500);
 
+/// What the agent calls itself in every request (the API server's audit log and metrics).
+pub const USER_AGENT: &str = concat!("lb/", env!("CARGO_PKG_VERSION"));
+
+/// kube-proxy's label selector for Services and EndpointSlices, applied by the API server:
+/// Services labelled `service.kubernetes.io/service-proxy-name` belong to another proxy, and
+/// the EndpointSlice controller labels a headless Service's slices
+/// `service.kubernetes.io/headless` (it copies a Service's labels to its slices, so another
+/// proxy's slices carry its label too). None of them is programmed, so none is sent.
+pub const PROXIED_SELECTOR: &str =
+    "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
+
 /// A client for the API server, from kube-proxy's flags.
 ///
 /// - `kubeconfig`: the kubeconfig file to load (its current context);
@@ -64,7 +75,11 @@ pub async fn client(master: Option<&str>, kubeconfig: Option<&Path>) -> anyhow::
     if let Some(master) = master {
         config.cluster_url = master;
     }
-    info!(server = %config.cluster_url, "Kubernetes API server");
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
+    info!(server = %config.cluster_url, user_agent = USER_AGENT, "Kubernetes API server");
     Client::try_from(config).context("building the Kubernetes client")
 }
 
@@ -177,6 +192,17 @@ where
     (store, stream)
 }
 
+/// Lists served from the API server's watch cache (`resourceVersion=0`), then a watch from the
+/// list's version, as kube-proxy's informers do: no quorum read of etcd per list and per page
+/// on every start and relist of every node. The list is not paged: kube sends no
+/// `resourceVersion=0` with a `limit` (the watch cache long ignored `limit` for it), and the
+/// cache holds the whole collection anyway.
+fn from_watch_cache() -> watcher::Config {
+    let mut config = watcher::Config::default().any_semantic();
+    config.page_size = None;
+    config
+}
+
 /// Whether a watcher error is the API server's `410 Gone` (the watcher relists next).
 fn is_gone(error: &watcher::Error) -> bool {
     match error {
@@ -204,17 +230,17 @@ impl KubeSource {
     pub async fn run(self, updates: watch::Sender<Snapshot>) -> anyhow::Result<()> {
         let (services, services_stream) = reflect(
             Api::<Service>::all(self.client.clone()),
-            watcher::Config::default(),
+            from_watch_cache().labels(PROXIED_SELECTOR),
             Kind::Services,
         );
         let (slices, slices_stream) = reflect(
             Api::<EndpointSlice>::all(self.client.clone()),
-            watcher::Config::default(),
+            from_watch_cache().labels(PROXIED_SELECTOR),
             Kind::EndpointSlices,
         );
         let (nodes, nodes_stream) = reflect(
             Api::<Node>::all(self.client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
+            from_watch_cache().fields(&format!("metadata.name={}", self.node_name)),
             Kind::Node,
         );
         let mut notices = futures::stream::select_all([
