@@ -28,7 +28,10 @@ use k8s_openapi::{
 use lab::fake_apiserver::{FakeApiServer, Resource, kubeconfig};
 use lb_userspace::source::{
     Snapshot,
-    kube::{EventRecorder, KubeSource, PROXIED_SELECTOR, USER_AGENT, client},
+    kube::{
+        EventRecorder, EventRetry, KubeSource, PROXIED_SELECTOR, USER_AGENT, client,
+        object_reference,
+    },
 };
 use tokio::{sync::watch, task::JoinHandle, time::timeout};
 
@@ -882,14 +885,14 @@ async fn event_recorder_creates_warning_events() {
         let kubeconfig = TempKubeconfig::new(|path| server.write_kubeconfig(path).unwrap());
         let client = client(None, Some(&kubeconfig.0)).await.unwrap();
         let recorder = EventRecorder::new(client, "lb", NODE);
-        let object = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Service".into()),
-            namespace: Some("shop".into()),
-            name: Some("cart".into()),
-            uid: Some("00000000-0000-4000-8000-000000000002".into()),
-            ..ObjectReference::default()
-        };
+        server.apply(service("shop", "cart", "10.96.0.11", 8080));
+        let stored: Service = serde_json::from_value(
+            server
+                .object(Resource::Services, "shop", "cart")
+                .expect("stored"),
+        )
+        .expect("a Service");
+        let object = object_reference("v1", "Service", &stored.metadata);
         recorder
             .warn(
                 &object,
@@ -909,12 +912,19 @@ async fn event_recorder_creates_warning_events() {
             event["note"],
             "spec.clusterIP \"10.96.0.300\" is not an IPv4 address"
         );
+        // The full reference: kubectl describe finds Events by the object's uid.
+        let stored = server
+            .object(Resource::Services, "shop", "cart")
+            .expect("stored");
+        assert_eq!(event["regarding"]["apiVersion"], "v1");
         assert_eq!(event["regarding"]["kind"], "Service");
         assert_eq!(event["regarding"]["namespace"], "shop");
         assert_eq!(event["regarding"]["name"], "cart");
+        assert_eq!(event["regarding"]["uid"], stored["metadata"]["uid"]);
+        assert!(event["regarding"]["uid"].is_string());
         assert_eq!(
-            event["regarding"]["uid"],
-            "00000000-0000-4000-8000-000000000002"
+            event["regarding"]["resourceVersion"],
+            stored["metadata"]["resourceVersion"]
         );
         assert_eq!(event["reportingController"], "lb");
         assert_eq!(event["reportingInstance"], NODE);
@@ -1210,6 +1220,71 @@ async fn services_of_another_proxy_and_headless_slices_are_not_sent() {
         source
             .until("web back", |s| cluster_ip(s, "web") == Some("10.96.0.10"))
             .await;
+    })
+    .await;
+}
+
+/// What a DaemonSet without the RBAC rule for Events gets from a real API server.
+const FORBIDDEN: &str = "events.events.k8s.io is forbidden: User \"system:serviceaccount:kube-system:lb\" \
+     cannot create resource \"events\" in API group \"events.k8s.io\" in the namespace \"shop\"";
+
+fn cart_reference() -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some("shop".into()),
+        name: Some("cart".into()),
+        ..ObjectReference::default()
+    }
+}
+
+/// A refused Event is tried again a bounded number of times, then given up on: counted once,
+/// and the error carries the API server's answer (its code and message), which the agent logs.
+#[tokio::test]
+async fn a_refused_event_is_retried_then_counted_with_the_api_servers_answer() {
+    bounded(async {
+        let server = FakeApiServer::start().await.unwrap();
+        let kubeconfig = TempKubeconfig::new(|path| server.write_kubeconfig(path).unwrap());
+        let client = client(None, Some(&kubeconfig.0)).await.unwrap();
+        let recorder = EventRecorder::new(client, "lb", NODE).with_retry(EventRetry {
+            attempts: 3,
+            first_delay: Duration::from_millis(20),
+        });
+        server.fail_events(usize::MAX, 403, "Forbidden", FORBIDDEN);
+        let error = recorder
+            .warn(&cart_reference(), "InvalidClusterIP", "bad")
+            .await
+            .expect_err("the API server refuses every Event");
+        let text = format!("{error}");
+        assert!(text.contains("403 Forbidden"), "{text}");
+        assert!(text.contains(FORBIDDEN), "{text}");
+        assert!(text.contains("Service shop/cart"), "{text}");
+        assert_eq!(server.event_writes(), 3, "{:#?}", server.requests());
+        assert_eq!(recorder.failures(), 1);
+        assert!(server.events().is_empty());
+    })
+    .await;
+}
+
+/// An API server that fails for a moment (overloaded, restarting) loses no Event.
+#[tokio::test]
+async fn an_event_refused_for_a_moment_is_recorded_by_a_retry() {
+    bounded(async {
+        let server = FakeApiServer::start().await.unwrap();
+        let kubeconfig = TempKubeconfig::new(|path| server.write_kubeconfig(path).unwrap());
+        let client = client(None, Some(&kubeconfig.0)).await.unwrap();
+        let recorder = EventRecorder::new(client, "lb", NODE).with_retry(EventRetry {
+            attempts: 5,
+            first_delay: Duration::from_millis(20),
+        });
+        server.fail_events(2, 500, "InternalError", "etcdserver: request timed out");
+        recorder
+            .warn(&cart_reference(), "InvalidClusterIP", "bad")
+            .await
+            .expect("recorded on the third attempt");
+        assert_eq!(server.event_writes(), 3, "{:#?}", server.requests());
+        assert_eq!(server.events().len(), 1);
+        assert_eq!(recorder.failures(), 0);
     })
     .await;
 }

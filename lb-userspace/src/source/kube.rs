@@ -13,9 +13,12 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _, stream::BoxStream};
-use k8s_openapi::api::{
-    core::v1::{Node, ObjectReference, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, ObjectReference, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt as _,
@@ -27,6 +30,7 @@ use kube::{
         watcher,
     },
 };
+use prometheus_client::metrics::counter::Counter;
 use serde::de::DeserializeOwned;
 use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, warn};
@@ -390,12 +394,46 @@ pub const EVENT_ACTION: &str = "Program";
 /// events.k8s.io/v1 rejects a `note` longer than this (bytes).
 const MAX_NOTE: usize = 1024;
 
+/// How a failed Event write is tried again: `attempts` in all, the first retry after
+/// `first_delay`, each later one after twice the previous delay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventRetry {
+    pub attempts: u32,
+    pub first_delay: Duration,
+}
+
+/// Five attempts over about 4 s: enough to ride out an API server restart or a brief overload
+/// (and an RBAC rule created just after the agent), short enough not to pile up Events.
+pub const EVENT_RETRY: EventRetry = EventRetry {
+    attempts: 5,
+    first_delay: Duration::from_millis(250),
+};
+
+/// The full reference to an object, as `kubectl describe` matches an Event's `regarding` to it:
+/// by uid (with apiVersion, kind, namespace, name and the resourceVersion the agent saw).
+pub fn object_reference(api_version: &str, kind: &str, metadata: &ObjectMeta) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(api_version.to_owned()),
+        kind: Some(kind.to_owned()),
+        namespace: metadata.namespace.clone(),
+        name: metadata.name.clone(),
+        uid: metadata.uid.clone(),
+        resource_version: metadata.resource_version.clone(),
+        field_path: None,
+    }
+}
+
 /// Records Kubernetes Events (events.k8s.io/v1, through kube's [`Recorder`]) about objects the
 /// agent has to skip. Repeats of the same reason for the same object within kube's cache window
-/// (6 minutes) update one Event's `series.count` rather than creating new Events.
+/// (6 minutes) update one Event's `series.count` rather than creating new Events. A write the
+/// API server refuses is tried again ([`EventRetry`]); one that never succeeds is counted in
+/// the failure counter ([`Self::with_failure_counter`]) and returned as an error that carries
+/// the API server's answer (status code, reason and message).
 #[derive(Clone)]
 pub struct EventRecorder {
     recorder: Recorder,
+    retry: EventRetry,
+    failures: Counter,
 }
 
 impl EventRecorder {
@@ -407,43 +445,108 @@ impl EventRecorder {
         };
         Self {
             recorder: Recorder::new(client, reporter),
+            retry: EVENT_RETRY,
+            failures: Counter::default(),
         }
     }
 
-    /// A Warning Event about `object`, in its namespace (`default` for cluster-scoped objects).
-    /// `message` longer than the API allows is truncated.
+    /// Retries as given instead of [`EVENT_RETRY`].
+    #[must_use]
+    pub fn with_retry(mut self, retry: EventRetry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Counts each Event given up on in `failures` (e.g. a metric's counter).
+    #[must_use]
+    pub fn with_failure_counter(mut self, failures: Counter) -> Self {
+        self.failures = failures;
+        self
+    }
+
+    /// How many Events were given up on so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.get()
+    }
+
+    /// A Warning Event about `object` (see [`object_reference`]), in its namespace (`default`
+    /// for cluster-scoped objects). `message` longer than the API allows is truncated.
     pub async fn warn(
         &self,
         object: &ObjectReference,
         reason: &str,
         message: &str,
     ) -> anyhow::Result<()> {
-        let mut note = message.to_owned();
-        if note.len() > MAX_NOTE {
-            let mut end = MAX_NOTE - '…'.len_utf8();
-            while !note.is_char_boundary(end) {
-                end -= 1;
-            }
-            note.truncate(end);
-            note.push('…');
-        }
         let event = Event {
             type_: EventType::Warning,
             reason: reason.to_owned(),
-            note: Some(note),
+            note: Some(truncated_note(message)),
             action: EVENT_ACTION.to_owned(),
             secondary: None,
         };
-        self.recorder
-            .publish(&event, object)
-            .await
-            .with_context(|| {
-                format!(
-                    "recording event {reason} for {} {}/{}",
+        let mut delay = self.retry.first_delay;
+        let mut attempt = 1;
+        loop {
+            let error = match self.recorder.publish(&event, object).await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            if attempt >= self.retry.attempts.max(1) {
+                self.failures.inc();
+                anyhow::bail!(
+                    "recording event {reason} for {} {}/{} failed {attempt} times; the API \
+                     server answered: {}",
                     object.kind.as_deref().unwrap_or("object"),
                     object.namespace.as_deref().unwrap_or(""),
-                    object.name.as_deref().unwrap_or("")
-                )
-            })
+                    object.name.as_deref().unwrap_or(""),
+                    api_error(&error)
+                );
+            }
+            debug!(
+                reason,
+                object = ?object.name,
+                attempt,
+                error = %api_error(&error),
+                retry_in = ?delay,
+                "Event not recorded: retrying"
+            );
+            tokio::time::sleep(delay).await;
+            delay = delay.saturating_mul(2);
+            attempt += 1;
+        }
+    }
+}
+
+/// `message` cut to what events.k8s.io/v1 accepts as a note.
+fn truncated_note(message: &str) -> String {
+    let mut note = message.to_owned();
+    if note.len() > MAX_NOTE {
+        let mut end = MAX_NOTE - '…'.len_utf8();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push('…');
+    }
+    note
+}
+
+/// What the API server said: `403 Forbidden: events.events.k8s.io is forbidden: ...`, or the
+/// transport error with its causes.
+fn api_error(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            format!("{} {}: {}", status.code, status.reason, status.message)
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
     }
 }
