@@ -1,13 +1,18 @@
 //! The Kubernetes API server as a source: kube-runtime watchers and reflectors on v1 Service and
 //! discovery.k8s.io/v1 EndpointSlice (all namespaces) and on this agent's own v1 Node.
 //!
-//! - [`client`] builds the client from kube-proxy's flags (`--master`, `--kubeconfig`).
+//! - [`client`] builds the client from kube-proxy's flags (`--master`, `--kubeconfig`); every
+//!   request carries the User-Agent [`USER_AGENT`].
+//! - Services and EndpointSlices are watched with kube-proxy's label selector
+//!   ([`PROXIED_SELECTOR`]); every list is served from the API server's watch cache
+//!   (`resourceVersion=0`), as kube-proxy's informers list.
 //! - [`KubeSource`] publishes a [`Snapshot`] once all three reflectors hold a complete list, then
 //!   after each burst of changes, coalesced ([`QUIET`], [`MAX_DELAY`]). Errors never end it: the
 //!   watchers retry with kube's default backoff, resume a dropped watch from the last resource
 //!   version, and relist after `410 Gone`. A relist replaces a store only once it is complete,
 //!   so no snapshot ever holds half a list.
-//! - [`EventRecorder`] reports objects the agent has to skip as Kubernetes Events.
+//! - [`EventRecorder`] reports objects the agent has to skip as Kubernetes Events, about the
+//!   object's full reference ([`object_reference`]), retrying refused writes.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
