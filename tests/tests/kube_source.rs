@@ -1,7 +1,8 @@
 //! The Kubernetes source through the real kube client against the fake API server
 //! (`lab::fake_apiserver`, a mock: no API server can run here): initial snapshot, changes,
 //! this node only, 410 Gone, dropped connections, bookmarks, coalescing, managed fields,
-//! Events, and the flags that build the client.
+//! kube-proxy's label selector, lists from the watch cache, the User-Agent, Events (full
+//! reference, retries, failures counted), and the flags that build the client.
 //!
 //! Every wait has a deadline, so a broken source fails a test within seconds instead of hanging.
 
