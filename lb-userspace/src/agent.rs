@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
+use k8s_openapi::{api::core::v1::ObjectReference, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -24,6 +25,7 @@ use crate::{
     datapath::Datapath,
     logging::LogLevel,
     metrics::{AgentMetrics, Metrics},
+    orphans::OrphanSlices,
     reconcile::Reconciler,
     route::{RouteChanges, RouteLocator},
     serve::{Health, HealthCheckPorts, HealthCheckTarget},
@@ -72,6 +74,9 @@ pub struct AgentConfig {
     pub mount_bpffs: bool,
     /// Source ports of SNATed flows.
     pub snat_ports: RangeInclusive<u16>,
+    /// How long an EndpointSlice's Service may be missing before the slice is reported
+    /// ([`crate::orphans`]).
+    pub missing_service_grace: Duration,
     /// How long the datapath keeps idle flows, by state, and holds a closed flow's SNAT port.
     pub conntrack_timeouts: lb_common::CtTimeouts,
 }
@@ -169,7 +174,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
         SourceConfig::Kube { master, kubeconfig } => {
             let client = kube_source::client(master.as_deref(), kubeconfig.as_deref()).await?;
-            let events = kube_source::EventRecorder::new(client.clone(), "lb", &config.node_name);
+            let events = kube_source::EventRecorder::new(client.clone(), "lb", &config.node_name)
+                .with_failure_counter(metrics.agent().event_publish_failures.clone());
             let task = kube_source::KubeSource::new(client, config.node_name.clone()).run(updates);
             (tokio::spawn(task), Some(Arc::new(events)))
         }
@@ -205,6 +211,7 @@ async fn sync_until_stopped(
     };
     let mut reconciler = Reconciler::new();
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
+    let mut orphans = OrphanSlices::new(config.missing_service_grace);
     // Objects skipped for bad input since the start (each counted once, when it first appears).
     let mut skipped_total: u64 = 0;
     loop {
@@ -218,6 +225,8 @@ async fn sync_until_stopped(
                 None
             }
             changed = next_route_change(&mut route_changes) => Some(changed),
+            // A slice without its Service for the grace period: reported by this sync.
+            () = sleep_until(orphans.next_due()) => None,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         };
@@ -250,6 +259,7 @@ async fn sync_until_stopped(
             if !reconciler.is_initialized() {
                 reconciler.recover_held(held_cluster_ips(&snapshot, compiler.desired()));
             }
+            update.problems = orphans.filter(&update.problems, &snapshot, Instant::now());
             update
         };
         if let Err(error) = sync_datapath_config(
@@ -266,9 +276,10 @@ async fn sync_until_stopped(
             .filter(|problem| problem.severity == Severity::Invalid)
             .count() as u64;
         skipped_total += new_invalid_count;
-        for problem in new_problems {
-            if let Some(events) = &events {
-                publish_event(events.clone(), problem);
+        if let Some(events) = &events {
+            for problem in new_problems {
+                let object = reference(&snapshots.borrow(), &problem);
+                publish_event(events.clone(), object, problem);
             }
         }
         let desired = compiler.desired();
@@ -455,6 +466,13 @@ fn traffic_policy(key: &ServicePortKey) -> &'static str {
     }
 }
 
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next route change, or never without a subscription.
 async fn next_route_change(changes: &mut Option<RouteChanges>) -> std::io::Result<()> {
     match changes {
@@ -530,23 +548,59 @@ fn report_new_problems(problems: &[Problem], reported: &mut BTreeSet<Problem>) -
     for_events
 }
 
+/// The full reference to a problem's object (with the uid and resourceVersion of the object the
+/// source holds, which `kubectl describe` needs to show the Event), or namespace and name alone
+/// if the object just left the source.
+fn reference(snapshot: &Snapshot, problem: &Problem) -> ObjectReference {
+    let is_it = |metadata: &ObjectMeta| {
+        metadata.name.as_deref() == Some(problem.name.as_str())
+            && metadata.namespace.as_deref().unwrap_or("default") == problem.namespace
+    };
+    let (api_version, metadata) = match problem.kind {
+        "EndpointSlice" => (
+            "discovery.k8s.io/v1",
+            snapshot
+                .endpoint_slices
+                .iter()
+                .map(|slice| &slice.metadata)
+                .find(|metadata| is_it(metadata)),
+        ),
+        "Node" => (
+            "v1",
+            snapshot
+                .node
+                .as_ref()
+                .map(|node| &node.metadata)
+                .filter(|metadata| metadata.name.as_deref() == Some(problem.name.as_str())),
+        ),
+        _ => (
+            "v1",
+            snapshot
+                .services
+                .iter()
+                .map(|service| &service.metadata)
+                .find(|metadata| is_it(metadata)),
+        ),
+    };
+    let gone = ObjectMeta {
+        name: Some(problem.name.clone()),
+        namespace: (problem.kind != "Node").then(|| problem.namespace.clone()),
+        ..ObjectMeta::default()
+    };
+    kube_source::object_reference(api_version, problem.kind, metadata.unwrap_or(&gone))
+}
+
 /// A Warning Event on the object, in the background: the sync loop never waits for the API.
-fn publish_event(events: Arc<kube_source::EventRecorder>, problem: Problem) {
+/// The recorder retries; what it gives up on is logged with the API server's answer (and
+/// counted in `lb_event_publish_failures_total`).
+fn publish_event(
+    events: Arc<kube_source::EventRecorder>,
+    object: ObjectReference,
+    problem: Problem,
+) {
     tokio::spawn(async move {
-        let api_version = if problem.kind == "EndpointSlice" {
-            "discovery.k8s.io/v1"
-        } else {
-            "v1"
-        };
-        let object = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some(api_version.into()),
-            kind: Some(problem.kind.into()),
-            namespace: Some(problem.namespace.clone()),
-            name: Some(problem.name.clone()),
-            ..Default::default()
-        };
         if let Err(error) = events.warn(&object, problem.reason, &problem.message).await {
-            warn!(%error, object = %problem.name, "could not publish an Event");
+            warn!(%error, "could not publish an Event");
         }
     });
 }

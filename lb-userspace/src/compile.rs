@@ -7,7 +7,8 @@
 //!   externalIP, every LoadBalancer ingress IP;
 //! - backends from every EndpointSlice labelled `kubernetes.io/service-name`, the port resolved
 //!   per slice by port name (named target ports may differ per endpoint), endpoints deduplicated
-//!   by address, flagged LOCAL when their nodeName is this node, or, without a nodeName, when
+//!   by address (a duplicate is LOCAL if any copy is, TERMINATING only if all are), flagged
+//!   LOCAL when their nodeName is this node, or, without a nodeName, when
 //!   the node's routes put their address on this node ([`NodeContext::routed_local`]);
 //! - ready endpoints; when none is ready, the serving and terminating ones (KEP-1669);
 //! - headless and ExternalName Services ignored; IPv6 addresses reported as not yet supported;
@@ -1953,9 +1954,11 @@ impl ServiceEndpoints {
             if endpoint.terminating {
                 flags |= backend_flags::TERMINATING;
             }
-            // The same endpoint in two slices (during a slice rebalance) counts once.
+            // The same endpoint in two slices (during a slice rebalance) counts once, with flags
+            // that do not depend on the order of the slices.
             by_address
                 .entry((endpoint.addr, endpoint.port))
+                .and_modify(|backend| backend.flags = merged_flags(backend.flags, flags))
                 .or_insert(Backend {
                     addr: endpoint.addr,
                     port: endpoint.port,
@@ -1965,6 +1968,13 @@ impl ServiceEndpoints {
         }
         by_address.into_values().collect()
     }
+}
+
+/// The flags of an endpoint that two slices list: LOCAL if either puts it on this node (as
+/// kube-proxy favours the local copy), TERMINATING only if both say so (it stays a candidate
+/// for new flows while any slice says it serves normally).
+fn merged_flags(a: u8, b: u8) -> u8 {
+    ((a | b) & backend_flags::LOCAL) | (a & b & backend_flags::TERMINATING)
 }
 
 fn slice_endpoint(

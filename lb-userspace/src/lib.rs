@@ -14,6 +14,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod node;
 pub mod object;
+pub mod orphans;
 pub mod pins;
 pub mod reconcile;
 pub mod route;

@@ -216,6 +216,11 @@ struct RunArgs {
     /// backend.
     #[arg(long, env = "LB_SNAT_PORT_REUSE_DELAY", default_value = "500ms", value_parser = parse_duration)]
     snat_port_reuse_delay: Duration,
+    /// How long an EndpointSlice's Service may be missing before the slice is reported
+    /// (ServiceNotFound): Services and slices arrive on separate watches. The slices of a
+    /// Service seen deleted are never reported (the garbage collector removes them).
+    #[arg(long, env = "LB_MISSING_SERVICE_GRACE", default_value = "5s", value_parser = parse_duration)]
+    missing_service_grace: Duration,
     /// Log filter (tracing directives, e.g. `info` or `info,lb_userspace::reconcile=debug`);
     /// `RUST_LOG` wins when set. Changeable at run time: `PUT /debug/log-level` on the metrics
     /// address.
@@ -424,6 +429,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         log_level: Some(log_level),
         mount_bpffs: args.mount_bpffs,
         snat_ports: args.snat_port_range,
+        missing_service_grace: args.missing_service_grace,
         conntrack_timeouts: lb_common::CtTimeouts {
             tcp_syn: nanos(args.conntrack_tcp_timeout_syn),
             tcp_established: nanos(args.conntrack_tcp_timeout_established),

@@ -52,6 +52,7 @@ pub struct AgentMetrics {
     pub service_ports: Gauge,
     pub udp_sockets_aborted: Counter,
     pub udp_socket_abort_failures: Counter,
+    pub event_publish_failures: Counter,
 }
 
 /// HTTP clients cut off by the servers' limits, by `reason`.
@@ -78,6 +79,7 @@ impl AgentMetrics {
             service_ports: Gauge::default(),
             udp_sockets_aborted: Counter::default(),
             udp_socket_abort_failures: Counter::default(),
+            event_publish_failures: Counter::default(),
         }
     }
 
@@ -230,6 +232,12 @@ impl Metrics {
             "Such sockets that could not be aborted, and network namespaces that could not be \
              searched for them",
             agent.udp_socket_abort_failures.clone(),
+        );
+        lb.register(
+            "event_publish_failures",
+            "Kubernetes Events the agent gave up publishing after its retries (each logged \
+             with the API server's answer)",
+            agent.event_publish_failures.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector { pin_dir }));
         Self { registry, agent }

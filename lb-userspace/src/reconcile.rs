@@ -83,11 +83,22 @@ impl ReconcileReport {
     }
 }
 
-/// A backend's identity: what an endpoint is, apart from its flags.
-type BackendIdentity = (Ipv4Addr, u16, u8);
+/// A backend's identity: the endpoint (address, port, protocol) and where it runs (its LOCAL
+/// flag). Service ports share a backend entry when their slices agree on the endpoint's node,
+/// and get one each when they do not (a stale or hand-made slice): the flag is then each
+/// Service's own, as kube-proxy's per-Service endpoint maps have it, and stable, where one
+/// shared entry would be rewritten by every sync that puts both (backends_put=2 each time).
+/// The TERMINATING flag is not part of it: an endpoint that starts terminating is rewritten in
+/// place, so flows (and session affinity) that hold its id keep it.
+type BackendIdentity = (Ipv4Addr, u16, u8, bool);
 
 fn identity(backend: &Backend) -> BackendIdentity {
-    (backend.addr, backend.port, backend.proto)
+    (
+        backend.addr,
+        backend.port,
+        backend.proto,
+        backend.flags & lb_common::backend_flags::LOCAL != 0,
+    )
 }
 
 impl Reconciler {

@@ -8,7 +8,8 @@
 //!   the namespaced forms of the first two): lists (`kind: ServiceList`, ...,
 //!   `metadata.resourceVersion`, items without `kind`/`apiVersion` like a real server), paged
 //!   with `limit`/`continue` over a snapshot taken at the first page; `fieldSelector` on
-//!   `metadata.name` and `metadata.namespace` (`=`, `==`, `!=`);
+//!   `metadata.name` and `metadata.namespace` (`=`, `==`, `!=`); equality-based
+//!   `labelSelector` terms (`key`, `!key`, `key=value`, `key==value`, `key!=value`);
 //! - the same paths with `watch=true`: newline-delimited watch events (`ADDED`, `MODIFIED`,
 //!   `DELETED`, `BOOKMARK` when `allowWatchBookmarks=true`, `ERROR` with a 410 `Expired` Status),
 //!   replaying every change after `resourceVersion` (or, without one or with `0`, the current
@@ -16,10 +17,15 @@
 //! - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events` and `/api/v1/namespaces/{ns}/events`,
 //!   and `PATCH .../events/{name}` (JSON merge patch): Events, kept for [`FakeApiServer::events`].
 //!
-//! What it does not do: authentication, validation beyond what the source relies on, label
-//! selectors, `sendInitialEvents` streaming lists (answered 400), any other resource (404).
+//! What it does not do: authentication, validation beyond what the source relies on, set-based
+//! label selectors (`in`, `notin`: answered 400), `sendInitialEvents` streaming lists (answered
+//! 400), any other resource (404).
 //! List `resourceVersion`/`resourceVersionMatch` parameters are accepted and the most recent
 //! state is served, which satisfies every match rule.
+//!
+//! A test can make Event writes fail ([`FakeApiServer::fail_events`]) as a missing RBAC rule
+//! or an overloaded server would, and read each request's `User-Agent`
+//! ([`FakeApiServer::user_agents`]).
 //!
 //! Objects are put in place by the test ([`FakeApiServer::apply`], [`FakeApiServer::delete`]),
 //! each change bumping one global resourceVersion and stamping `resourceVersion`, `uid`,
@@ -146,6 +152,65 @@ impl Selector {
     }
 }
 
+/// An equality-based label selector: every term must hold.
+#[derive(Clone, Debug, Default)]
+struct LabelSelector(Vec<LabelTerm>);
+
+#[derive(Clone, Debug)]
+enum LabelTerm {
+    Exists(String),
+    Absent(String),
+    Equals(String, String),
+    Differs(String, String),
+}
+
+impl LabelSelector {
+    fn parse(text: Option<&str>) -> Result<Self, String> {
+        let mut terms = Vec::new();
+        for term in text
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            if term.contains(['(', ')', ' ']) {
+                return Err(format!(
+                    "set-based label selector {term:?} is not supported by the fake API server"
+                ));
+            }
+            let parsed = if let Some(key) = term.strip_prefix('!') {
+                LabelTerm::Absent(key.to_owned())
+            } else if let Some((key, value)) = term.split_once("!=") {
+                LabelTerm::Differs(key.to_owned(), value.to_owned())
+            } else if let Some((key, value)) = term.split_once("==") {
+                LabelTerm::Equals(key.to_owned(), value.to_owned())
+            } else if let Some((key, value)) = term.split_once('=') {
+                LabelTerm::Equals(key.to_owned(), value.to_owned())
+            } else {
+                LabelTerm::Exists(term.to_owned())
+            };
+            terms.push(parsed);
+        }
+        Ok(Self(terms))
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let label = |key: &str| {
+            object
+                .get("metadata")
+                .and_then(|metadata| metadata.get("labels"))
+                .and_then(|labels| labels.get(key))
+                .and_then(Value::as_str)
+        };
+        self.0.iter().all(|term| match term {
+            LabelTerm::Exists(key) => label(key).is_some(),
+            LabelTerm::Absent(key) => label(key).is_none(),
+            LabelTerm::Equals(key, value) => label(key) == Some(value.as_str()),
+            LabelTerm::Differs(key, value) => label(key) != Some(value.as_str()),
+        })
+    }
+}
+
 fn meta_str<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
     object.get("metadata")?.get(field)?.as_str()
 }
@@ -163,6 +228,7 @@ struct Watch {
     resource: Resource,
     namespace: Option<String>,
     selector: Selector,
+    labels: LabelSelector,
     bookmarks: bool,
     tx: mpsc::UnboundedSender<WatchMessage>,
 }
@@ -175,6 +241,27 @@ impl Watch {
                 .as_deref()
                 .is_none_or(|namespace| meta_str(object, "namespace") == Some(namespace))
             && self.selector.matches(object)
+            && self.labels.matches(object)
+    }
+
+    /// The event this watch sees for a change, as a real server's watch cache sends it: an
+    /// object that starts to match the selectors is `ADDED`, one that stops matching is
+    /// `DELETED` (with its new state).
+    fn sees(&self, change: &Change) -> Option<&'static str> {
+        let now = self.wants(change.resource, &change.object);
+        let before = change
+            .before
+            .as_ref()
+            .is_some_and(|before| self.wants(change.resource, before));
+        match change.kind {
+            "MODIFIED" => match (before, now) {
+                (true, true) => Some("MODIFIED"),
+                (false, true) => Some("ADDED"),
+                (true, false) => Some("DELETED"),
+                (false, false) => None,
+            },
+            kind => now.then_some(kind),
+        }
     }
 }
 
@@ -184,6 +271,8 @@ struct Change {
     resource: Resource,
     kind: &'static str,
     object: Value,
+    /// The object before a `MODIFIED` change.
+    before: Option<Value>,
 }
 
 /// The remaining items of a paged list.
@@ -207,7 +296,18 @@ struct State {
     next_page: u64,
     /// (API version, object), in creation order.
     events: Vec<(&'static str, Value)>,
-    requests: Vec<String>,
+    /// Event writes still to fail, and how.
+    event_failures: Option<EventFailure>,
+    /// (`METHOD /path?query`, User-Agent), in arrival order.
+    requests: Vec<(String, Option<String>)>,
+}
+
+/// How the next Event writes fail.
+struct EventFailure {
+    remaining: usize,
+    code: StatusCode,
+    reason: String,
+    message: String,
 }
 
 impl State {
@@ -216,22 +316,31 @@ impl State {
         self.resource_version
     }
 
-    /// Records a change and sends it to the open watches that want it.
-    fn publish(&mut self, resource: Resource, kind: &'static str, object: Value) {
-        let line = watch_line(kind, &object);
-        self.watches.retain(|watch| !watch.tx.is_closed());
-        for watch in &self.watches {
-            if watch.wants(resource, &object) {
-                // A watch whose connection just went away: nothing to do.
-                let _ = watch.tx.send(WatchMessage::Line(line.clone()));
-            }
-        }
-        self.history.push(Change {
+    /// Records a change and sends it to the open watches that see it.
+    fn publish(
+        &mut self,
+        resource: Resource,
+        kind: &'static str,
+        object: Value,
+        before: Option<Value>,
+    ) {
+        let change = Change {
             resource_version: self.resource_version,
             resource,
             kind,
             object,
-        });
+            before,
+        };
+        self.watches.retain(|watch| !watch.tx.is_closed());
+        for watch in &self.watches {
+            if let Some(kind) = watch.sees(&change) {
+                // A watch whose connection just went away: nothing to do.
+                let _ = watch
+                    .tx
+                    .send(WatchMessage::Line(watch_line(kind, &change.object)));
+            }
+        }
+        self.history.push(change);
     }
 }
 
@@ -320,6 +429,7 @@ impl FakeApiServer {
         let version = state.next_version();
         let key = (resource, namespace.clone(), name);
         let existing = state.objects.get(&key);
+        let before = existing.cloned();
         let (uid, created) = match existing {
             Some(existing) => (
                 existing["metadata"]["uid"].clone(),
@@ -352,7 +462,7 @@ impl FakeApiServer {
             "fieldsV1": {"f:metadata": {}},
         }]);
         state.objects.insert(key, object.clone());
-        state.publish(resource, kind, object);
+        state.publish(resource, kind, object, before);
         version
     }
 
@@ -367,7 +477,7 @@ impl FakeApiServer {
                 .remove(&(resource, namespace.to_owned(), name.to_owned()))?;
         let version = state.next_version();
         object["metadata"]["resourceVersion"] = json!(version.to_string());
-        state.publish(resource, "DELETED", object);
+        state.publish(resource, "DELETED", object, None);
         Some(version)
     }
 
@@ -488,7 +598,39 @@ impl FakeApiServer {
 
     /// Every request so far, as `METHOD /path?query`, in arrival order.
     pub fn requests(&self) -> Vec<String> {
+        self.state()
+            .requests
+            .iter()
+            .map(|(request, _)| request.clone())
+            .collect()
+    }
+
+    /// Every request so far with its `User-Agent` header, in arrival order.
+    pub fn user_agents(&self) -> Vec<(String, Option<String>)> {
         self.state().requests.clone()
+    }
+
+    /// The next `count` Event creates and patches are answered with a Status of `code`, e.g.
+    /// 403 `Forbidden` as a missing RBAC rule gives (`usize::MAX`: all of them).
+    pub fn fail_events(&self, count: usize, code: u16, reason: &str, message: &str) {
+        self.state().event_failures = Some(EventFailure {
+            remaining: count,
+            code: StatusCode::from_u16(code).expect("an HTTP status code"),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+        });
+    }
+
+    /// How many Event writes (creates and patches) arrived, failed or not.
+    pub fn event_writes(&self) -> usize {
+        self.state()
+            .requests
+            .iter()
+            .filter(|(request, _)| {
+                (request.starts_with("POST ") || request.starts_with("PATCH "))
+                    && request.contains("/events")
+            })
+            .count()
     }
 }
 
@@ -607,7 +749,14 @@ async fn handle(
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    lock(&state).requests.push(format!("{method} {uri}"));
+    let user_agent = request
+        .headers()
+        .get(hyper::header::USER_AGENT)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    lock(&state)
+        .requests
+        .push((format!("{method} {uri}"), user_agent));
     let body = match request.into_body().collect().await {
         Ok(body) => body.to_bytes(),
         Err(error) => {
@@ -657,6 +806,9 @@ async fn handle(
         .into_iter()
         .find(|version| *version == target.api_version && target.plural == "events")
     {
+        if let Some(response) = injected_event_failure(&state) {
+            return Ok(response);
+        }
         match (&method, target.namespace, target.name) {
             (&Method::POST, Some(namespace), None) => {
                 create_event(&state, api_version, &namespace, &body)
@@ -680,15 +832,19 @@ async fn handle(
     Ok(response)
 }
 
+/// The failure [`FakeApiServer::fail_events`] asked for, if any is left.
+fn injected_event_failure(state: &Mutex<State>) -> Option<Response<Body>> {
+    let mut state = lock(state);
+    let failing = state.event_failures.as_mut()?;
+    if failing.remaining == 0 {
+        return None;
+    }
+    failing.remaining -= 1;
+    Some(failure(failing.code, &failing.reason, &failing.message))
+}
+
 /// Rejects what the fake does not implement rather than silently ignoring it.
 fn unsupported(query: &HashMap<String, String>) -> Option<Response<Body>> {
-    if query.get("labelSelector").is_some_and(|s| !s.is_empty()) {
-        return Some(failure(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "label selectors are not supported by the fake API server",
-        ));
-    }
     if query.get("sendInitialEvents").is_some_and(|s| s == "true") {
         return Some(failure(
             StatusCode::BAD_REQUEST,
@@ -710,6 +866,10 @@ fn list(
     }
     let selector = match Selector::parse(query.get("fieldSelector").map(String::as_str)) {
         Ok(selector) => selector,
+        Err(message) => return failure(StatusCode::BAD_REQUEST, "BadRequest", &message),
+    };
+    let labels = match LabelSelector::parse(query.get("labelSelector").map(String::as_str)) {
+        Ok(labels) => labels,
         Err(message) => return failure(StatusCode::BAD_REQUEST, "BadRequest", &message),
     };
     let limit = match query.get("limit").map(|limit| limit.parse::<usize>()) {
@@ -749,6 +909,7 @@ fn list(
                         *kind == resource
                             && namespace.is_none_or(|namespace| namespace == object_namespace)
                             && selector.matches(object)
+                            && labels.matches(object)
                     })
                     .map(|(_, object)| {
                         let mut item = object.clone();
@@ -801,6 +962,10 @@ fn watch(
         Ok(selector) => selector,
         Err(message) => return failure(StatusCode::BAD_REQUEST, "BadRequest", &message),
     };
+    let labels = match LabelSelector::parse(query.get("labelSelector").map(String::as_str)) {
+        Ok(labels) => labels,
+        Err(message) => return failure(StatusCode::BAD_REQUEST, "BadRequest", &message),
+    };
     let timeout = match query.get("timeoutSeconds").map(|t| t.parse::<u64>()) {
         None => Duration::from_secs(1800),
         Some(Ok(seconds)) => Duration::from_secs(seconds),
@@ -833,6 +998,7 @@ fn watch(
         resource,
         namespace,
         selector,
+        labels,
         bookmarks: query
             .get("allowWatchBookmarks")
             .is_some_and(|b| b == "true"),
@@ -859,8 +1025,10 @@ fn watch(
             send(WatchMessage::End);
         } else {
             for change in &state.history {
-                if change.resource_version > from && watch.wants(change.resource, &change.object) {
-                    send(WatchMessage::Line(watch_line(change.kind, &change.object)));
+                if change.resource_version > from
+                    && let Some(kind) = watch.sees(change)
+                {
+                    send(WatchMessage::Line(watch_line(kind, &change.object)));
                 }
             }
             state.watches.push(watch);

@@ -118,6 +118,21 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
     };
     assert_eq!(event["regarding"]["name"], "broken", "{event}");
     assert_eq!(event["type"], "Warning", "{event}");
+    // The full reference, by which kubectl describe finds the Event.
+    let stored = server
+        .object(Resource::Services, "default", "broken")
+        .expect("stored");
+    assert_eq!(
+        event["regarding"]["uid"], stored["metadata"]["uid"],
+        "{event}"
+    );
+    assert_eq!(
+        event["regarding"]["resourceVersion"], stored["metadata"]["resourceVersion"],
+        "{event}"
+    );
+    assert_eq!(event["regarding"]["apiVersion"], "v1", "{event}");
+    assert_eq!(event["regarding"]["kind"], "Service", "{event}");
+    assert_eq!(event["regarding"]["namespace"], "default", "{event}");
     // And counted: the sync reports one invalid object, one skipped since the start.
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(
@@ -139,4 +154,200 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A running agent against the fake API server, with its log.
+struct Running {
+    _agent: Agent,
+    log: std::path::PathBuf,
+}
+
+impl Running {
+    fn start(pins: &PinDir, scratch: &ScratchDir, server: &FakeApiServer, extra: &[&str]) -> Self {
+        let kubeconfig = scratch.path().join("kubeconfig");
+        server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        let log = scratch.path().join("agent.log");
+        let output = std::fs::File::create(&log).expect("log");
+        let agent = Agent(
+            Command::new(sibling_binary("lb").expect("lb binary"))
+                .args(["run", "--source", "kube", "--kubeconfig"])
+                .arg(&kubeconfig)
+                .args(["--hostname-override", "node1", "--pin-dir"])
+                .arg(pins.path())
+                .args(["--metrics-bind-address", "127.0.0.1:0"])
+                .args(["--healthz-bind-address", "127.0.0.1:0"])
+                .args(extra)
+                .stdout(output.try_clone().expect("log"))
+                .stderr(output)
+                .spawn()
+                .expect("start lb run"),
+        );
+        Self { _agent: agent, log }
+    }
+
+    async fn wait_for(&self, needle: &'static str, count: usize) -> Vec<String> {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || wait_for_log(&log, needle, count, WAIT))
+            .await
+            .expect("join")
+            .expect(needle)
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).expect("log")
+    }
+
+    /// A sample of the agent's /metrics (on loopback, where the agent logged it listens).
+    fn metric(&self, sample: &str) -> Option<f64> {
+        use std::io::{Read as _, Write as _};
+        let text = self.text();
+        let address = text
+            .lines()
+            .find(|line| line.contains("serving metrics"))?
+            .split("address=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .to_owned();
+        let mut stream = std::net::TcpStream::connect(address).expect("connect to /metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .expect("request");
+        let mut page = String::new();
+        stream.read_to_string(&mut page).expect("response");
+        page.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
+}
+
+fn slice(name: &str, service: &str, address: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [address], "nodeName": "node1", "conditions": {"ready": true}}]
+    })
+}
+
+fn service_not_found_events(server: &FakeApiServer) -> Vec<serde_json::Value> {
+    server
+        .events()
+        .into_iter()
+        .filter(|event| event["reason"] == "ServiceNotFound")
+        .collect()
+}
+
+/// Services and EndpointSlices arrive on separate watches: a slice created before its Service,
+/// or left for the garbage collector after its Service's deletion, is no mistake and gets no
+/// warning. A slice whose Service stays missing past the grace period gets exactly one. A
+/// Service of another proxy (and its slice) is never sent to the agent, so never programmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_slice_whose_service_stays_missing_is_reported() {
+    const GRACE: Duration = Duration::from_secs(2);
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "kubegrace").expect("pins");
+    let scratch = ScratchDir::new(&lab, "kubegrace").expect("scratch");
+    let server = FakeApiServer::start().await.expect("fake API server");
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]}
+    }));
+    let mut other = service("other", "10.96.1.99");
+    other["metadata"]["labels"] =
+        json!({"service.kubernetes.io/service-proxy-name": "other-proxy"});
+    server.apply(other);
+    let mut other_slice = slice("other-1", "other", "10.244.9.9");
+    other_slice["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] =
+        json!("other-proxy");
+    server.apply(other_slice);
+    let agent = Running::start(&pins, &scratch, &server, &["--missing-service-grace", "2s"]);
+    agent.wait_for("synced", 1).await;
+
+    // Pairs in both orders, each half seen by a sync of its own (the source publishes after
+    // 50 ms without changes).
+    for i in 0..4 {
+        let name = format!("pair{i}");
+        let cluster_ip = format!("10.96.1.{}", 10 + i);
+        let slice = slice(&format!("{name}-1"), &name, &format!("10.244.1.{}", 10 + i));
+        if i % 2 == 0 {
+            server.apply(slice);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            server.apply(service(&name, &cluster_ip));
+        } else {
+            server.apply(service(&name, &cluster_ip));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            server.apply(slice);
+        }
+    }
+    // A Service deleted, its slice collected well after the grace period.
+    server.delete(Resource::Services, "default", "pair0");
+    tokio::time::sleep(GRACE * 2).await;
+    server.delete(Resource::EndpointSlices, "default", "pair0-1");
+    // A slice whose Service never comes.
+    server.apply(slice("lonely-1", "lonely", "10.244.2.2"));
+
+    let deadline = std::time::Instant::now() + WAIT;
+    while service_not_found_events(&server).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ServiceNotFound Event for lonely-1: {:#?}\n{}",
+            server.events(),
+            agent.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And nothing more, however long it lasts.
+    tokio::time::sleep(GRACE * 2).await;
+    let events = service_not_found_events(&server);
+    assert_eq!(events.len(), 1, "{events:#?}\n{}", agent.text());
+    assert_eq!(events[0]["regarding"]["name"], "lonely-1");
+    assert_eq!(events[0]["regarding"]["kind"], "EndpointSlice");
+    assert_eq!(events[0]["regarding"]["apiVersion"], "discovery.k8s.io/v1");
+    let stored = server
+        .object(Resource::EndpointSlices, "default", "lonely-1")
+        .expect("stored");
+    assert_eq!(events[0]["regarding"]["uid"], stored["metadata"]["uid"]);
+    let text = agent.text();
+    let skipped: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("skipped") && line.contains("ServiceNotFound"))
+        .collect();
+    assert_eq!(skipped.len(), 1, "{text}");
+    assert!(skipped[0].contains("lonely-1"), "{text}");
+
+    // pair1..3 are programmed; pair0 is gone; the other proxy's Service never came.
+    let expected: Vec<std::net::Ipv4Addr> = ["10.96.1.11", "10.96.1.12", "10.96.1.13"]
+        .iter()
+        .map(|ip| ip.parse().expect("ip"))
+        .collect();
+    assert_eq!(frontend_addresses(pins.path()), expected, "{text}");
+}
+
+/// An Event the API server refuses (403 without the RBAC rule) is retried, then given up on:
+/// the log says what the API server answered, and lb_event_publish_failures_total counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_is_logged_with_the_api_servers_answer_and_counted() {
+    const FORBIDDEN: &str = "events.events.k8s.io is forbidden: User \"system:serviceaccount:kube-system:lb\" cannot create resource \"events\" in API group \"events.k8s.io\" in the namespace \"default\"";
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "kube403").expect("pins");
+    let scratch = ScratchDir::new(&lab, "kube403").expect("scratch");
+    let server = FakeApiServer::start().await.expect("fake API server");
+    server.fail_events(usize::MAX, 403, "Forbidden", FORBIDDEN);
+    server.apply(service("broken", "10.96.0.300"));
+    let agent = Running::start(&pins, &scratch, &server, &[]);
+    agent.wait_for("synced", 1).await;
+    let lines = agent.wait_for("could not publish an Event", 1).await;
+    assert!(
+        lines[0].contains("403 Forbidden") && lines[0].contains("cannot create resource"),
+        "{}",
+        agent.text()
+    );
+    assert!(lines[0].contains("failed 5 times"), "{}", agent.text());
+    assert_eq!(server.event_writes(), 5, "{:#?}", server.requests());
+    assert_eq!(
+        agent.metric("lb_event_publish_failures_total"),
+        Some(1.0),
+        "{}",
+        agent.text()
+    );
 }

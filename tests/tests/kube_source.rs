@@ -1,7 +1,8 @@
 //! The Kubernetes source through the real kube client against the fake API server
 //! (`lab::fake_apiserver`, a mock: no API server can run here): initial snapshot, changes,
 //! this node only, 410 Gone, dropped connections, bookmarks, coalescing, managed fields,
-//! Events, and the flags that build the client.
+//! kube-proxy's label selector, lists from the watch cache, the User-Agent, Events (full
+//! reference, retries, failures counted), and the flags that build the client.
 //!
 //! Every wait has a deadline, so a broken source fails a test within seconds instead of hanging.
 
@@ -28,7 +29,10 @@ use k8s_openapi::{
 use lab::fake_apiserver::{FakeApiServer, Resource, kubeconfig};
 use lb_userspace::source::{
     Snapshot,
-    kube::{EventRecorder, KubeSource, client},
+    kube::{
+        EventRecorder, EventRetry, KubeSource, PROXIED_SELECTOR, USER_AGENT, client,
+        object_reference,
+    },
 };
 use tokio::{sync::watch, task::JoinHandle, time::timeout};
 
@@ -882,14 +886,14 @@ async fn event_recorder_creates_warning_events() {
         let kubeconfig = TempKubeconfig::new(|path| server.write_kubeconfig(path).unwrap());
         let client = client(None, Some(&kubeconfig.0)).await.unwrap();
         let recorder = EventRecorder::new(client, "lb", NODE);
-        let object = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Service".into()),
-            namespace: Some("shop".into()),
-            name: Some("cart".into()),
-            uid: Some("00000000-0000-4000-8000-000000000002".into()),
-            ..ObjectReference::default()
-        };
+        server.apply(service("shop", "cart", "10.96.0.11", 8080));
+        let stored: Service = serde_json::from_value(
+            server
+                .object(Resource::Services, "shop", "cart")
+                .expect("stored"),
+        )
+        .expect("a Service");
+        let object = object_reference("v1", "Service", &stored.metadata);
         recorder
             .warn(
                 &object,
@@ -909,12 +913,19 @@ async fn event_recorder_creates_warning_events() {
             event["note"],
             "spec.clusterIP \"10.96.0.300\" is not an IPv4 address"
         );
+        // The full reference: kubectl describe finds Events by the object's uid.
+        let stored = server
+            .object(Resource::Services, "shop", "cart")
+            .expect("stored");
+        assert_eq!(event["regarding"]["apiVersion"], "v1");
         assert_eq!(event["regarding"]["kind"], "Service");
         assert_eq!(event["regarding"]["namespace"], "shop");
         assert_eq!(event["regarding"]["name"], "cart");
+        assert_eq!(event["regarding"]["uid"], stored["metadata"]["uid"]);
+        assert!(event["regarding"]["uid"].is_string());
         assert_eq!(
-            event["regarding"]["uid"],
-            "00000000-0000-4000-8000-000000000002"
+            event["regarding"]["resourceVersion"],
+            stored["metadata"]["resourceVersion"]
         );
         assert_eq!(event["reportingController"], "lb");
         assert_eq!(event["reportingInstance"], NODE);
@@ -980,11 +991,11 @@ async fn master_overrides_the_kubeconfig_server() {
 }
 
 #[tokio::test]
-async fn paged_initial_lists_are_complete() {
+async fn large_initial_lists_are_complete_in_one_request_from_the_watch_cache() {
     bounded(async {
         let server = FakeApiServer::start().await.unwrap();
         seed(&server);
-        // More than two pages of kube's default page size (500).
+        // More than two pages of kube's default page size (500): no paging from the cache.
         for i in 0..1100 {
             server.apply(service(
                 "many",
@@ -997,10 +1008,13 @@ async fn paged_initial_lists_are_complete() {
         let snapshot = source.initial().await;
         assert_eq!(snapshot.services.len(), 1102);
         let requests = server.requests();
+        let service_lists: Vec<_> = requests
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/services?") && !r.contains("watch=true"))
+            .collect();
+        assert_eq!(service_lists.len(), 1, "{requests:#?}");
         assert!(
-            requests
-                .iter()
-                .any(|r| r.starts_with("GET /api/v1/services?") && r.contains("continue=")),
+            service_lists[0].contains("resourceVersion=0") && !service_lists[0].contains("limit="),
             "{requests:#?}"
         );
     })
@@ -1023,11 +1037,13 @@ fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// What kube's default watcher asks for, so the fake's coverage is checked against it: a paged
-/// list (`limit=500`, no resourceVersion: a consistent read), then a watch from the list's
-/// resourceVersion with bookmarks and kube's 290 s timeout; no streaming list.
+/// What the source asks for, so the fake's coverage is checked against it: a list from the
+/// watch cache (`resourceVersion=0`, not paged) as kube-proxy's informers do, then a watch from
+/// the list's resourceVersion with bookmarks and kube's 290 s timeout; no streaming list.
+/// Services and EndpointSlices carry kube-proxy's label selector; every request carries the
+/// agent's User-Agent.
 #[tokio::test]
-async fn the_default_watcher_lists_with_a_limit_then_watches_with_bookmarks() {
+async fn the_source_lists_from_the_watch_cache_then_watches_with_bookmarks() {
     bounded(async {
         let server = FakeApiServer::start().await.unwrap();
         seed(&server);
@@ -1037,7 +1053,15 @@ async fn the_default_watcher_lists_with_a_limit_then_watches_with_bookmarks() {
         let version = server.resource_version().to_string();
         let requests: Vec<_> = server.requests().iter().map(|r| parse_request(r)).collect();
         let node = ("fieldSelector", "metadata.name=node-a");
-        let list = [("limit", "500")];
+        let proxied = ("labelSelector", PROXIED_SELECTOR);
+        assert_eq!(
+            PROXIED_SELECTOR,
+            "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"
+        );
+        let list = [
+            ("resourceVersion", "0"),
+            ("resourceVersionMatch", "NotOlderThan"),
+        ];
         let watch = [
             ("watch", "true"),
             ("timeoutSeconds", "290"),
@@ -1045,16 +1069,19 @@ async fn the_default_watcher_lists_with_a_limit_then_watches_with_bookmarks() {
             ("resourceVersion", version.as_str()),
         ];
         let expected = [
-            ("GET /api/v1/services", params(&list)),
+            ("GET /api/v1/services", params(&[list[0], list[1], proxied])),
             (
                 "GET /apis/discovery.k8s.io/v1/endpointslices",
-                params(&list),
+                params(&[list[0], list[1], proxied]),
             ),
-            ("GET /api/v1/nodes", params(&[list[0], node])),
-            ("GET /api/v1/services", params(&watch)),
+            ("GET /api/v1/nodes", params(&[list[0], list[1], node])),
+            (
+                "GET /api/v1/services",
+                params(&[watch[0], watch[1], watch[2], watch[3], proxied]),
+            ),
             (
                 "GET /apis/discovery.k8s.io/v1/endpointslices",
-                params(&watch),
+                params(&[watch[0], watch[1], watch[2], watch[3], proxied]),
             ),
             (
                 "GET /api/v1/nodes",
@@ -1068,6 +1095,197 @@ async fn the_default_watcher_lists_with_a_limit_then_watches_with_bookmarks() {
             );
         }
         assert_eq!(requests.len(), expected.len(), "{requests:#?}");
+        let agents = server.user_agents();
+        assert!(
+            agents
+                .iter()
+                .all(|(_, agent)| agent.as_deref() == Some(USER_AGENT)),
+            "{agents:#?}"
+        );
+        assert_eq!(USER_AGENT, format!("lb/{}", env!("CARGO_PKG_VERSION")));
+    })
+    .await;
+}
+
+/// The first snapshot of a large cluster: 10k Services with a slice each. Prints how long the
+/// source took from start to its first snapshot (a figure for docs, never asserted).
+#[tokio::test]
+async fn the_first_snapshot_of_ten_thousand_services_is_complete() {
+    bounded(async {
+        const SERVICES: usize = 10_000;
+        let server = FakeApiServer::start().await.unwrap();
+        server.apply(node(NODE, "192.0.2.1"));
+        for i in 0..SERVICES {
+            let name = format!("svc-{i:05}");
+            let (high, low) = (i / 250, i % 250);
+            server.apply(service("many", &name, &format!("10.97.{high}.{low}"), 80));
+            server.apply(slice(
+                "many",
+                &format!("{name}-1"),
+                &name,
+                &[&format!("10.244.{high}.{low}")],
+            ));
+        }
+        let started = std::time::Instant::now();
+        let mut source = start(&server).await;
+        let snapshot = source.initial().await;
+        let took = started.elapsed();
+        assert_eq!(snapshot.services.len(), SERVICES);
+        assert_eq!(snapshot.endpoint_slices.len(), SERVICES);
+        let lists = server
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET ") && !r.contains("watch=true"))
+            .count();
+        println!(
+            "first snapshot of {SERVICES} Services and slices: {took:?}, {lists} list requests"
+        );
+    })
+    .await;
+}
+
+fn labelled<T: kube::Resource>(mut object: T, key: &str, value: &str) -> T {
+    object
+        .meta_mut()
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(key.to_owned(), value.to_owned());
+    object
+}
+
+/// As kube-proxy: a Service another proxy serves (`service.kubernetes.io/service-proxy-name`)
+/// and a headless Service's slices (`service.kubernetes.io/headless`) are filtered out by the
+/// API server through the label selector, never sent; a Service that gains the label leaves
+/// the snapshot (the server's watch sends it as deleted), and one that loses it comes back.
+#[tokio::test]
+async fn services_of_another_proxy_and_headless_slices_are_not_sent() {
+    bounded(async {
+        const PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+        const HEADLESS: &str = "service.kubernetes.io/headless";
+        let server = FakeApiServer::start().await.unwrap();
+        seed(&server);
+        server.apply(labelled(
+            service("default", "other", "10.96.0.50", 80),
+            PROXY_NAME,
+            "other-proxy",
+        ));
+        server.apply(labelled(
+            slice("default", "other-1", "other", &["10.244.5.5"]),
+            PROXY_NAME,
+            "other-proxy",
+        ));
+        server.apply(labelled(
+            slice("default", "db-1", "db", &["10.244.6.6"]),
+            HEADLESS,
+            "",
+        ));
+        let mut source = start(&server).await;
+        let snapshot = source.initial().await;
+        assert_eq!(names(&snapshot.services), ["default/web", "shop/cart"]);
+        assert_eq!(
+            names(&snapshot.endpoint_slices),
+            ["default/web-abc", "shop/cart-xyz"]
+        );
+        let requests = server.requests();
+        for path in [
+            "GET /api/v1/services?",
+            "GET /apis/discovery.k8s.io/v1/endpointslices?",
+        ] {
+            let sent: Vec<_> = requests
+                .iter()
+                .filter(|r| r.starts_with(path))
+                .map(|r| parse_request(r).1)
+                .collect();
+            assert!(!sent.is_empty(), "{requests:#?}");
+            for params in sent {
+                assert_eq!(
+                    params.get("labelSelector").map(String::as_str),
+                    Some(PROXIED_SELECTOR),
+                    "{requests:#?}"
+                );
+            }
+        }
+
+        // web passes to another proxy, then comes back.
+        server.apply(labelled(
+            service("default", "web", "10.96.0.10", 80),
+            PROXY_NAME,
+            "other-proxy",
+        ));
+        source
+            .until("web gone to another proxy", |s| {
+                cluster_ip(s, "web").is_none() && cluster_ip(s, "cart").is_some()
+            })
+            .await;
+        server.apply(service("default", "web", "10.96.0.10", 80));
+        source
+            .until("web back", |s| cluster_ip(s, "web") == Some("10.96.0.10"))
+            .await;
+    })
+    .await;
+}
+
+/// What a DaemonSet without the RBAC rule for Events gets from a real API server.
+const FORBIDDEN: &str = "events.events.k8s.io is forbidden: User \"system:serviceaccount:kube-system:lb\" \
+     cannot create resource \"events\" in API group \"events.k8s.io\" in the namespace \"shop\"";
+
+fn cart_reference() -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some("shop".into()),
+        name: Some("cart".into()),
+        ..ObjectReference::default()
+    }
+}
+
+/// A refused Event is tried again a bounded number of times, then given up on: counted once,
+/// and the error carries the API server's answer (its code and message), which the agent logs.
+#[tokio::test]
+async fn a_refused_event_is_retried_then_counted_with_the_api_servers_answer() {
+    bounded(async {
+        let server = FakeApiServer::start().await.unwrap();
+        let kubeconfig = TempKubeconfig::new(|path| server.write_kubeconfig(path).unwrap());
+        let client = client(None, Some(&kubeconfig.0)).await.unwrap();
+        let recorder = EventRecorder::new(client, "lb", NODE).with_retry(EventRetry {
+            attempts: 3,
+            first_delay: Duration::from_millis(20),
+        });
+        server.fail_events(usize::MAX, 403, "Forbidden", FORBIDDEN);
+        let error = recorder
+            .warn(&cart_reference(), "InvalidClusterIP", "bad")
+            .await
+            .expect_err("the API server refuses every Event");
+        let text = format!("{error}");
+        assert!(text.contains("403 Forbidden"), "{text}");
+        assert!(text.contains(FORBIDDEN), "{text}");
+        assert!(text.contains("Service shop/cart"), "{text}");
+        assert_eq!(server.event_writes(), 3, "{:#?}", server.requests());
+        assert_eq!(recorder.failures(), 1);
+        assert!(server.events().is_empty());
+    })
+    .await;
+}
+
+/// An API server that fails for a moment (overloaded, restarting) loses no Event.
+#[tokio::test]
+async fn an_event_refused_for_a_moment_is_recorded_by_a_retry() {
+    bounded(async {
+        let server = FakeApiServer::start().await.unwrap();
+        let kubeconfig = TempKubeconfig::new(|path| server.write_kubeconfig(path).unwrap());
+        let client = client(None, Some(&kubeconfig.0)).await.unwrap();
+        let recorder = EventRecorder::new(client, "lb", NODE).with_retry(EventRetry {
+            attempts: 5,
+            first_delay: Duration::from_millis(20),
+        });
+        server.fail_events(2, 500, "InternalError", "etcdserver: request timed out");
+        recorder
+            .warn(&cart_reference(), "InvalidClusterIP", "bad")
+            .await
+            .expect("recorded on the third attempt");
+        assert_eq!(server.event_writes(), 3, "{:#?}", server.requests());
+        assert_eq!(server.events().len(), 1);
+        assert_eq!(recorder.failures(), 0);
     })
     .await;
 }

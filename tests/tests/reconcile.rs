@@ -375,3 +375,116 @@ fn the_datapath_refuses_a_source_range_with_host_bits() {
         "{report:?}"
     );
 }
+
+/// One endpoint (10.244.1.10:8080) listed by slices that disagree on its node: web's two slices
+/// put it on this node and on another, api's slice on another. Whatever the order of the slices,
+/// web's copy is LOCAL (kube-proxy favours the local copy) and api's is not; each keeps a backend
+/// entry of its own with stable flags, so syncs that change nothing write nothing, even when
+/// every Service port is put again (as a full compile reports them all changed).
+#[test]
+fn backend_flags_are_stable_when_slices_disagree_on_an_endpoints_node() {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use k8s_openapi::{
+        api::{
+            core::v1::{Service, ServicePort, ServiceSpec},
+            discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        },
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+    use lb_userspace::{
+        compile::{NodeContext, compile},
+        source::Snapshot,
+    };
+
+    fn service(name: &str, cluster_ip: &str) -> Arc<Service> {
+        Arc::new(Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                resource_version: Some("1".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(cluster_ip.into()),
+                ports: Some(vec![ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        })
+    }
+    fn slice(name: &str, service: &str, node: &str) -> Arc<EndpointSlice> {
+        Arc::new(EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                resource_version: Some("1".into()),
+                labels: Some(BTreeMap::from([(
+                    "kubernetes.io/service-name".to_owned(),
+                    service.to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: vec![Endpoint {
+                addresses: vec!["10.244.1.10".into()],
+                node_name: Some(node.into()),
+                ..Endpoint::default()
+            }],
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                protocol: Some("TCP".into()),
+                ..EndpointPort::default()
+            }]),
+        })
+    }
+
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "recflags").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    let mut reconciler = Reconciler::new();
+    let node = NodeContext::new("node-a");
+    let snapshot = Snapshot {
+        services: vec![service("api", "10.96.0.20"), service("web", "10.96.0.10")],
+        endpoint_slices: vec![
+            slice("api-1", "api", "node-b"),
+            slice("web-a", "web", "node-a"),
+            slice("web-b", "web", "node-b"),
+        ],
+        node: None,
+    };
+    let mut reversed = snapshot.clone();
+    reversed.endpoint_slices.reverse();
+    for (sync, snapshot) in [&snapshot, &reversed, &snapshot, &reversed]
+        .into_iter()
+        .enumerate()
+    {
+        let (desired, problems) = compile(snapshot, &node);
+        assert!(problems.is_empty(), "{problems:?}");
+        let every_port: BTreeSet<ServicePortKey> = desired.services.keys().cloned().collect();
+        let report = reconciler.reconcile_changed(&mut datapath, &desired, &every_port);
+        assert!(report.errors.is_empty(), "{report:?}");
+        if sync == 0 {
+            assert_eq!(report.backends_put, 2, "{report:?}");
+        } else {
+            assert_eq!(report.changes(), 0, "sync {sync} wrote: {report:?}");
+        }
+    }
+    let mut flags: Vec<u8> = datapath
+        .backends()
+        .expect("backends")
+        .values()
+        .map(|backend| {
+            assert_eq!(backend.addr, Ipv4Addr::new(10, 244, 1, 10));
+            backend.flags
+        })
+        .collect();
+    flags.sort_unstable();
+    assert_eq!(flags, [0, backend_flags::LOCAL]);
+}

@@ -1,21 +1,29 @@
 //! The Kubernetes API server as a source: kube-runtime watchers and reflectors on v1 Service and
 //! discovery.k8s.io/v1 EndpointSlice (all namespaces) and on this agent's own v1 Node.
 //!
-//! - [`client`] builds the client from kube-proxy's flags (`--master`, `--kubeconfig`).
+//! - [`client`] builds the client from kube-proxy's flags (`--master`, `--kubeconfig`); every
+//!   request carries the User-Agent [`USER_AGENT`].
+//! - Services and EndpointSlices are watched with kube-proxy's label selector
+//!   ([`PROXIED_SELECTOR`]); every list is served from the API server's watch cache
+//!   (`resourceVersion=0`), as kube-proxy's informers list.
 //! - [`KubeSource`] publishes a [`Snapshot`] once all three reflectors hold a complete list, then
 //!   after each burst of changes, coalesced ([`QUIET`], [`MAX_DELAY`]). Errors never end it: the
 //!   watchers retry with kube's default backoff, resume a dropped watch from the last resource
 //!   version, and relist after `410 Gone`. A relist replaces a store only once it is complete,
 //!   so no snapshot ever holds half a list.
-//! - [`EventRecorder`] reports objects the agent has to skip as Kubernetes Events.
+//! - [`EventRecorder`] reports objects the agent has to skip as Kubernetes Events, about the
+//!   object's full reference ([`object_reference`]), retrying refused writes.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _, stream::BoxStream};
-use k8s_openapi::api::{
-    core::v1::{Node, ObjectReference, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, ObjectReference, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt as _,
@@ -27,6 +35,7 @@ use kube::{
         watcher,
     },
 };
+use prometheus_client::metrics::counter::Counter;
 use serde::de::DeserializeOwned;
 use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, warn};
@@ -37,6 +46,17 @@ use super::Snapshot;
 pub const QUIET: Duration = Duration::from_millis(50);
 /// Under a continuous stream of changes, a snapshot is still published at least this often.
 pub const MAX_DELAY: Duration = Duration::from_millis(500);
+
+/// What the agent calls itself in every request (the API server's audit log and metrics).
+pub const USER_AGENT: &str = concat!("lb/", env!("CARGO_PKG_VERSION"));
+
+/// kube-proxy's label selector for Services and EndpointSlices, applied by the API server:
+/// Services labelled `service.kubernetes.io/service-proxy-name` belong to another proxy, and
+/// the EndpointSlice controller labels a headless Service's slices
+/// `service.kubernetes.io/headless` (it copies a Service's labels to its slices, so another
+/// proxy's slices carry its label too). None of them is programmed, so none is sent.
+pub const PROXIED_SELECTOR: &str =
+    "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
 
 /// A client for the API server, from kube-proxy's flags.
 ///
@@ -64,7 +84,11 @@ pub async fn client(master: Option<&str>, kubeconfig: Option<&Path>) -> anyhow::
     if let Some(master) = master {
         config.cluster_url = master;
     }
-    info!(server = %config.cluster_url, "Kubernetes API server");
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
+    info!(server = %config.cluster_url, user_agent = USER_AGENT, "Kubernetes API server");
     Client::try_from(config).context("building the Kubernetes client")
 }
 
@@ -177,6 +201,17 @@ where
     (store, stream)
 }
 
+/// Lists served from the API server's watch cache (`resourceVersion=0`), then a watch from the
+/// list's version, as kube-proxy's informers do: no quorum read of etcd per list and per page
+/// on every start and relist of every node. The list is not paged: kube sends no
+/// `resourceVersion=0` with a `limit` (the watch cache long ignored `limit` for it), and the
+/// cache holds the whole collection anyway.
+fn from_watch_cache() -> watcher::Config {
+    let mut config = watcher::Config::default().any_semantic();
+    config.page_size = None;
+    config
+}
+
 /// Whether a watcher error is the API server's `410 Gone` (the watcher relists next).
 fn is_gone(error: &watcher::Error) -> bool {
     match error {
@@ -204,17 +239,17 @@ impl KubeSource {
     pub async fn run(self, updates: watch::Sender<Snapshot>) -> anyhow::Result<()> {
         let (services, services_stream) = reflect(
             Api::<Service>::all(self.client.clone()),
-            watcher::Config::default(),
+            from_watch_cache().labels(PROXIED_SELECTOR),
             Kind::Services,
         );
         let (slices, slices_stream) = reflect(
             Api::<EndpointSlice>::all(self.client.clone()),
-            watcher::Config::default(),
+            from_watch_cache().labels(PROXIED_SELECTOR),
             Kind::EndpointSlices,
         );
         let (nodes, nodes_stream) = reflect(
             Api::<Node>::all(self.client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
+            from_watch_cache().fields(&format!("metadata.name={}", self.node_name)),
             Kind::Node,
         );
         let mut notices = futures::stream::select_all([
@@ -364,12 +399,46 @@ pub const EVENT_ACTION: &str = "Program";
 /// events.k8s.io/v1 rejects a `note` longer than this (bytes).
 const MAX_NOTE: usize = 1024;
 
+/// How a failed Event write is tried again: `attempts` in all, the first retry after
+/// `first_delay`, each later one after twice the previous delay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventRetry {
+    pub attempts: u32,
+    pub first_delay: Duration,
+}
+
+/// Five attempts over about 4 s: enough to ride out an API server restart or a brief overload
+/// (and an RBAC rule created just after the agent), short enough not to pile up Events.
+pub const EVENT_RETRY: EventRetry = EventRetry {
+    attempts: 5,
+    first_delay: Duration::from_millis(250),
+};
+
+/// The full reference to an object, as `kubectl describe` matches an Event's `regarding` to it:
+/// by uid (with apiVersion, kind, namespace, name and the resourceVersion the agent saw).
+pub fn object_reference(api_version: &str, kind: &str, metadata: &ObjectMeta) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(api_version.to_owned()),
+        kind: Some(kind.to_owned()),
+        namespace: metadata.namespace.clone(),
+        name: metadata.name.clone(),
+        uid: metadata.uid.clone(),
+        resource_version: metadata.resource_version.clone(),
+        field_path: None,
+    }
+}
+
 /// Records Kubernetes Events (events.k8s.io/v1, through kube's [`Recorder`]) about objects the
 /// agent has to skip. Repeats of the same reason for the same object within kube's cache window
-/// (6 minutes) update one Event's `series.count` rather than creating new Events.
+/// (6 minutes) update one Event's `series.count` rather than creating new Events. A write the
+/// API server refuses is tried again ([`EventRetry`]); one that never succeeds is counted in
+/// the failure counter ([`Self::with_failure_counter`]) and returned as an error that carries
+/// the API server's answer (status code, reason and message).
 #[derive(Clone)]
 pub struct EventRecorder {
     recorder: Recorder,
+    retry: EventRetry,
+    failures: Counter,
 }
 
 impl EventRecorder {
@@ -381,43 +450,108 @@ impl EventRecorder {
         };
         Self {
             recorder: Recorder::new(client, reporter),
+            retry: EVENT_RETRY,
+            failures: Counter::default(),
         }
     }
 
-    /// A Warning Event about `object`, in its namespace (`default` for cluster-scoped objects).
-    /// `message` longer than the API allows is truncated.
+    /// Retries as given instead of [`EVENT_RETRY`].
+    #[must_use]
+    pub fn with_retry(mut self, retry: EventRetry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Counts each Event given up on in `failures` (e.g. a metric's counter).
+    #[must_use]
+    pub fn with_failure_counter(mut self, failures: Counter) -> Self {
+        self.failures = failures;
+        self
+    }
+
+    /// How many Events were given up on so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.get()
+    }
+
+    /// A Warning Event about `object` (see [`object_reference`]), in its namespace (`default`
+    /// for cluster-scoped objects). `message` longer than the API allows is truncated.
     pub async fn warn(
         &self,
         object: &ObjectReference,
         reason: &str,
         message: &str,
     ) -> anyhow::Result<()> {
-        let mut note = message.to_owned();
-        if note.len() > MAX_NOTE {
-            let mut end = MAX_NOTE - '…'.len_utf8();
-            while !note.is_char_boundary(end) {
-                end -= 1;
-            }
-            note.truncate(end);
-            note.push('…');
-        }
         let event = Event {
             type_: EventType::Warning,
             reason: reason.to_owned(),
-            note: Some(note),
+            note: Some(truncated_note(message)),
             action: EVENT_ACTION.to_owned(),
             secondary: None,
         };
-        self.recorder
-            .publish(&event, object)
-            .await
-            .with_context(|| {
-                format!(
-                    "recording event {reason} for {} {}/{}",
+        let mut delay = self.retry.first_delay;
+        let mut attempt = 1;
+        loop {
+            let error = match self.recorder.publish(&event, object).await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            if attempt >= self.retry.attempts.max(1) {
+                self.failures.inc();
+                anyhow::bail!(
+                    "recording event {reason} for {} {}/{} failed {attempt} times; the API \
+                     server answered: {}",
                     object.kind.as_deref().unwrap_or("object"),
                     object.namespace.as_deref().unwrap_or(""),
-                    object.name.as_deref().unwrap_or("")
-                )
-            })
+                    object.name.as_deref().unwrap_or(""),
+                    api_error(&error)
+                );
+            }
+            debug!(
+                reason,
+                object = ?object.name,
+                attempt,
+                error = %api_error(&error),
+                retry_in = ?delay,
+                "Event not recorded: retrying"
+            );
+            tokio::time::sleep(delay).await;
+            delay = delay.saturating_mul(2);
+            attempt += 1;
+        }
+    }
+}
+
+/// `message` cut to what events.k8s.io/v1 accepts as a note.
+fn truncated_note(message: &str) -> String {
+    let mut note = message.to_owned();
+    if note.len() > MAX_NOTE {
+        let mut end = MAX_NOTE - '…'.len_utf8();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push('…');
+    }
+    note
+}
+
+/// What the API server said: `403 Forbidden: events.events.k8s.io is forbidden: ...`, or the
+/// transport error with its causes.
+fn api_error(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            format!("{} {}: {}", status.code, status.reason, status.message)
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
     }
 }
