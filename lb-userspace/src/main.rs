@@ -39,8 +39,8 @@ enum Command {
         source: String,
         /// The destination, `ip:port/tcp` or `ip:port/udp` (tcp when left out).
         destination: String,
-        /// bpffs directory of the running agent's pinned state.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        /// bpffs directory of the running agent's pinned state (its --pin-dir).
+        #[arg(long, env = "LB_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
@@ -105,8 +105,8 @@ enum Command {
 /// Where to read and how to print, for the commands that read a running agent's pinned maps.
 #[derive(Args)]
 struct InspectArgs {
-    /// bpffs directory of the running agent's pinned state.
-    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    /// bpffs directory of the running agent's pinned state (its --pin-dir).
+    #[arg(long, env = "LB_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
@@ -304,9 +304,32 @@ fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
     Ok(start..=end)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     unset_empty_settings();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        die_quietly_on_closed_stdout();
+    }
+    match dispatch(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line: the error and its causes, outermost first.
+            eprintln!("lb: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A command whose output goes to a pipe that closed (`lb conntrack | head`) ends there, without
+/// a word, as `cat` does: SIGPIPE back at its default action. Rust ignores SIGPIPE, so `println!`
+/// would panic on EPIPE instead. Not for `lb run`, whose sockets must get EPIPE as an error.
+fn die_quietly_on_closed_stdout() {
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run(args) => run(*args),
         Command::Explain {
             source,
@@ -381,12 +404,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(name) => name,
         None => hostname()?,
     };
+    anyhow::ensure!(
+        !args.interfaces.is_empty() || args.cgroup_path.is_some(),
+        "nothing to attach the datapath to: give --interfaces (NICs for XDP and tc) and/or \
+         --cgroup-path (the cgroup v2 directory of the socket hooks)"
+    );
     let source = match args.source {
         Source::File => {
             anyhow::ensure!(
                 !args.manifests.is_empty(),
                 "--source file needs --manifests PATH"
             );
+            for path in &args.manifests {
+                check_readable(path)?;
+            }
             SourceConfig::Files(args.manifests)
         }
         Source::Kube => SourceConfig::Kube {
@@ -394,6 +425,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             kubeconfig: args.kubeconfig,
         },
     };
+    lb_userspace::node::check_mounts(args.cgroup_path.as_deref(), &args.pin_dir, args.mount_bpffs)?;
     let config = AgentConfig {
         node_name,
         nodeport_cidrs: args.nodeport_addresses,
@@ -424,6 +456,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(agent::run(config))
+}
+
+/// A manifest path the file source can read: a file, or a directory it can list.
+fn check_readable(path: &std::path::Path) -> anyhow::Result<()> {
+    let readable = if path.is_dir() {
+        std::fs::read_dir(path).map(drop)
+    } else {
+        std::fs::File::open(path).map(drop)
+    };
+    readable.with_context(|| format!("--manifests {}: not readable", path.display()))
 }
 
 /// `lb init-node`: what the agent in the DaemonSet needs done with privileges it does not have.
