@@ -10,6 +10,7 @@ use lb_userspace::{
     compile::Ipv4Cidr,
     counter::XdpCounter,
     datapath::DEFAULT_PIN_DIR,
+    explain::Hook,
     inspect::ConntrackFilter,
 };
 
@@ -39,6 +40,12 @@ enum Command {
         source: String,
         /// The destination, `ip:port/tcp` or `ip:port/udp` (tcp when left out).
         destination: String,
+        /// Where the client is: `pod` (a pod or host process of this node: the socket hooks
+        /// translate its connect() or sendto()), `nic` (a packet arriving on a node NIC: XDP),
+        /// or `auto`: `pod` when the socket hooks are attached and this network namespace's
+        /// routes put the client on this node.
+        #[arg(long, value_enum, default_value_t = ClientAt::Auto)]
+        from: ClientAt,
         /// bpffs directory of the running agent's pinned state (its --pin-dir).
         #[arg(long, env = "LB_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -221,6 +228,13 @@ enum Output {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ClientAt {
+    Auto,
+    Pod,
+    Nic,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LoadBalancing {
     Random,
     Maglev,
@@ -334,9 +348,17 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Explain {
             source,
             destination,
+            from,
             pin_dir,
             output,
-        } => explain(&source, &destination, &pin_dir, output),
+        } => {
+            let hook = match from {
+                ClientAt::Auto => Hook::Auto,
+                ClientAt::Pod => Hook::Socket,
+                ClientAt::Nic => Hook::Xdp,
+            };
+            explain(&source, &destination, hook, &pin_dir, output)
+        }
         Command::Services(args) => cli::services(&args.pin_dir, args.output == Output::Json),
         Command::Backends(args) => cli::backends(&args.pin_dir, args.output == Output::Json),
         Command::Conntrack {
@@ -496,6 +518,7 @@ fn init_node(interfaces: &[String], pin_dir: &std::path::Path) -> anyhow::Result
 fn explain(
     source: &str,
     destination: &str,
+    hook: Hook,
     pin_dir: &std::path::Path,
     output: Output,
 ) -> anyhow::Result<()> {
@@ -518,11 +541,15 @@ fn explain(
     let target: SocketAddrV4 = target
         .parse()
         .with_context(|| format!("{target:?} is not ip:port"))?;
-    let explanation = lb_userspace::explain::explain(pin_dir, client, target, protocol)?;
+    let explanation = lb_userspace::explain::explain(pin_dir, client, target, protocol, hook)?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
         Output::Text => {
-            println!("{}: {}", explanation.packet, explanation.verdict);
+            let hook = match explanation.hook {
+                Hook::Socket => "socket hooks",
+                _ => "XDP",
+            };
+            println!("{} ({hook}): {}", explanation.packet, explanation.verdict);
             if let Some(service) = &explanation.service {
                 println!(
                     "service {} ({}), {} backends",
