@@ -194,6 +194,7 @@ async fn sync_until_stopped(
         None
     };
     let mut reconciler = Reconciler::new();
+    let mut node_requirements = crate::node::RequirementWatch::default();
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
     // Objects skipped for bad input since the start (each counted once, when it first appears).
     let mut skipped_total: u64 = 0;
@@ -226,7 +227,7 @@ async fn sync_until_stopped(
         observers.queued();
         let started = Instant::now();
         // Compiled under the channel's read lock: no copy of the whole snapshot.
-        let update = {
+        let (update, this_node) = {
             let snapshot = snapshots.borrow_and_update();
             observers
                 .health
@@ -237,7 +238,7 @@ async fn sync_until_stopped(
             if place_unplaced_endpoints(&locator, &mut compiler) {
                 update.absorb(compiler.update(&snapshot));
             }
-            update
+            (update, node_reference(snapshot.node.as_ref()))
         };
         if let Err(error) = sync_datapath_config(
             datapath,
@@ -269,6 +270,13 @@ async fn sync_until_stopped(
         for error in &report.udp_sockets.errors {
             warn!(%error, "a UDP socket connected to a departed endpoint was not aborted");
         }
+        check_node_requirements(
+            &config.interfaces,
+            desired,
+            &mut node_requirements,
+            &observers.metrics,
+            events.as_ref().zip(this_node),
+        );
         if !config.nodeport_cidrs.is_empty() {
             let addresses = compiler.node_port_addresses().iter().copied();
             observers
@@ -508,6 +516,93 @@ fn report_new_problems(problems: &[Problem], reported: &mut BTreeSet<Problem>) -
     }
     *reported = current;
     new_invalid
+}
+
+/// The reason of the Warning Event on the Node about a missing requirement.
+pub const NODE_REQUIREMENT_EVENT_REASON: &str = "NodeRequirementMissing";
+
+/// Checks what the datapath needs from the node ([`crate::node::missing_requirements`]): each
+/// missing requirement is logged and evented on the Node when it goes missing (and logged when
+/// it is back), and the metric shows the current state of each.
+fn check_node_requirements(
+    interfaces: &[String],
+    desired: &Desired,
+    watch: &mut crate::node::RequirementWatch,
+    metrics: &AgentMetrics,
+    events: Option<(
+        &Arc<kube_source::EventRecorder>,
+        k8s_openapi::api::core::v1::ObjectReference,
+    )>,
+) {
+    if interfaces.is_empty() {
+        return;
+    }
+    // Stops at the first remote backend: cheap where most are remote.
+    let remote_endpoints = desired.services.values().any(|service| {
+        service
+            .backends
+            .iter()
+            .any(|backend| backend.flags & lb_common::backend_flags::LOCAL == 0)
+    });
+    let missing = crate::node::missing_requirements(interfaces, remote_endpoints);
+    for interface in interfaces {
+        for requirement in crate::node::REQUIREMENTS {
+            let is_missing = missing.iter().any(|missing| {
+                missing.requirement == requirement && &missing.interface == interface
+            });
+            metrics
+                .node_requirement_missing
+                .get_or_create(&[
+                    ("requirement", requirement.to_owned()),
+                    ("interface", interface.clone()),
+                ])
+                .set(i64::from(is_missing));
+        }
+    }
+    let changes = watch.update(&missing);
+    for missing in changes.newly_missing {
+        warn!(requirement = missing.requirement, interface = %missing.interface, "{missing}");
+        if let Some((events, node)) = &events {
+            publish_node_event(Arc::clone(events), node.clone(), missing.to_string());
+        }
+    }
+    for (requirement, interface) in changes.back {
+        info!(requirement, %interface, "node requirement met again");
+    }
+}
+
+/// The Node object of this agent, for Events about it (the uid makes `kubectl describe node`
+/// show them).
+fn node_reference(
+    node: Option<&k8s_openapi::api::core::v1::Node>,
+) -> Option<k8s_openapi::api::core::v1::ObjectReference> {
+    let node = node?;
+    Some(k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: node.metadata.name.clone(),
+        uid: node.metadata.uid.clone(),
+        ..Default::default()
+    })
+}
+
+/// A Warning Event on this node about a missing requirement, in the background.
+fn publish_node_event(
+    events: Arc<kube_source::EventRecorder>,
+    node: k8s_openapi::api::core::v1::ObjectReference,
+    message: String,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = events
+            .warn(&node, NODE_REQUIREMENT_EVENT_REASON, &message)
+            .await
+        {
+            warn!(
+                error = format!("{error:#}"),
+                "could not publish an Event on the Node"
+            );
+        }
+    });
 }
 
 /// A Warning Event on the object, in the background: the sync loop never waits for the API.

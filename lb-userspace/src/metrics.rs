@@ -48,6 +48,8 @@ pub struct AgentMetrics {
     pub service_ports: Gauge,
     pub udp_sockets_aborted: Counter,
     pub udp_socket_abort_failures: Counter,
+    /// By `requirement` and `interface`: 1 while the node lacks it.
+    pub node_requirement_missing: Family<[(&'static str, String); 2], Gauge>,
 }
 
 impl AgentMetrics {
@@ -69,6 +71,7 @@ impl AgentMetrics {
             service_ports: Gauge::default(),
             udp_sockets_aborted: Counter::default(),
             udp_socket_abort_failures: Counter::default(),
+            node_requirement_missing: Family::default(),
         }
     }
 
@@ -208,6 +211,12 @@ impl Metrics {
             "Such sockets that could not be aborted, and network namespaces that could not be \
              searched for them",
             agent.udp_socket_abort_failures.clone(),
+        );
+        lb.register(
+            "node_requirement_missing",
+            "1 while a setting of the node the datapath relies on is missing on an interface \
+             (requirement ip_forward: forwarding, with endpoints on other nodes; accept_local)",
+            agent.node_requirement_missing.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector { pin_dir }));
         Self { registry, agent }

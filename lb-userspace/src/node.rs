@@ -144,6 +144,44 @@ pub fn missing_requirements(
     missing
 }
 
+/// The requirements missing at the last check, so that each one is reported (log, Event) when
+/// it goes missing and when it is back, not on every sync.
+#[derive(Debug, Default)]
+pub struct RequirementWatch {
+    missing: std::collections::BTreeSet<(&'static str, String)>,
+}
+
+/// What changed since the last check.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RequirementChanges {
+    pub newly_missing: Vec<MissingRequirement>,
+    /// (requirement, interface) met again.
+    pub back: Vec<(&'static str, String)>,
+}
+
+impl RequirementWatch {
+    pub fn update(&mut self, current: &[MissingRequirement]) -> RequirementChanges {
+        let now: std::collections::BTreeSet<(&'static str, String)> = current
+            .iter()
+            .map(|missing| (missing.requirement, missing.interface.clone()))
+            .collect();
+        let changes = RequirementChanges {
+            newly_missing: current
+                .iter()
+                .filter(|missing| {
+                    !self
+                        .missing
+                        .contains(&(missing.requirement, missing.interface.clone()))
+                })
+                .cloned()
+                .collect(),
+            back: self.missing.difference(&now).cloned().collect(),
+        };
+        self.missing = now;
+        changes
+    }
+}
+
 /// Why `lb run` would start broken in this mount namespace, checked before anything is loaded:
 /// the cgroup of the socket hooks must be a cgroup v2 directory, and the pins must go to a bpffs
 /// that outlives the agent.
@@ -326,6 +364,29 @@ mod tests {
             assert!(!is_interface_name(name), "{name}");
         }
         assert!(accept_local_path("../../kernel").is_err());
+    }
+
+    #[test]
+    fn a_missing_requirement_is_reported_when_it_goes_missing_and_when_it_is_back() {
+        let forwarding_off = MissingRequirement {
+            requirement: "ip_forward",
+            interface: "eth0".into(),
+            sysctl: "net.ipv4.conf.eth0.forwarding".into(),
+            value: "0".into(),
+            effect: "",
+        };
+        let mut watch = RequirementWatch::default();
+        let first = watch.update(std::slice::from_ref(&forwarding_off));
+        assert_eq!(first.newly_missing, [forwarding_off.clone()]);
+        assert!(first.back.is_empty());
+        assert_eq!(
+            watch.update(std::slice::from_ref(&forwarding_off)),
+            RequirementChanges::default(),
+            "still missing: nothing new to say"
+        );
+        let fixed = watch.update(&[]);
+        assert_eq!(fixed.back, [("ip_forward", "eth0".to_owned())]);
+        assert!(fixed.newly_missing.is_empty());
     }
 
     const HOST_MOUNTS: &str = "\
