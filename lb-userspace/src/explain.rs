@@ -143,6 +143,14 @@ pub fn explain(
         reasons.push(format!(
             "the program rewrote the packet to {source} -> {target} ({verdict})"
         ));
+        if source.ends_with(":0") {
+            // DRY_RUN takes no SNAT port: a real flow gets one of --snat-port-range.
+            reasons.push(
+                "SNAT to this node's address, to an endpoint on another node: a real flow gets \
+                 a source port of the SNAT range (this dry run takes none, hence port 0)"
+                    .into(),
+            );
+        }
     } else {
         reasons.push(format!(
             "the program returned {verdict} without rewriting the addresses"

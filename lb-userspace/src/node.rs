@@ -377,7 +377,7 @@ mod tests {
         };
         let mut watch = RequirementWatch::default();
         let first = watch.update(std::slice::from_ref(&forwarding_off));
-        assert_eq!(first.newly_missing, [forwarding_off.clone()]);
+        assert_eq!(first.newly_missing, std::slice::from_ref(&forwarding_off));
         assert!(first.back.is_empty());
         assert_eq!(
             watch.update(std::slice::from_ref(&forwarding_off)),
