@@ -3,14 +3,18 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
 };
 
-/// CLOCK_MONOTONIC in nanoseconds.
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: CLOCK_MONOTONIC as of the last timer tick (1-4 ms
+/// behind), which is all that idle timeouts, refresh intervals and the REJECT rate need, without
+/// reading the clock source (bpf_ktime_get_coarse_ns, kernel 5.11, d055126180564 "bpf: Add
+/// bpf_ktime_get_coarse_ns helper"). The agent compares entries with CLOCK_MONOTONIC, of the
+/// same base.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: no arguments, no side effects.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// A pseudo-random number (per-CPU PRNG; fine for load spreading, not for secrets).

@@ -30,8 +30,9 @@ use crate::{
 /// Where the objects come from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
-    /// YAML manifests (files or directories), reloaded on change and on SIGHUP.
-    Files(Vec<PathBuf>),
+    /// YAML manifests (files or directories), reloaded on change and on SIGHUP; files larger
+    /// than `max_bytes` are refused unread.
+    Files { paths: Vec<PathBuf>, max_bytes: u64 },
     /// The Kubernetes API server.
     Kube {
         master: Option<String>,
@@ -44,6 +45,8 @@ pub enum SourceConfig {
 pub struct AgentConfig {
     pub node_name: String,
     pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// `--external-ip-cidrs`: the externalIPs that may be served (empty: all).
+    pub external_ip_cidrs: Vec<Ipv4Cidr>,
     pub node_addresses: Vec<Ipv4Addr>,
     pub node_port_range: RangeInclusive<u16>,
     pub interfaces: Vec<String>,
@@ -76,6 +79,7 @@ impl AgentConfig {
             node_name: self.node_name.clone(),
             routed_local: BTreeSet::new(),
             nodeport_cidrs: self.nodeport_cidrs.clone(),
+            external_ip_cidrs: self.external_ip_cidrs.clone(),
             fallback_addresses: self.node_addresses.clone(),
             node_port_range: self.node_port_range.clone(),
             default_maglev: self.default_maglev,
@@ -143,18 +147,21 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let observers = Observers {
         metrics: metrics.agent(),
         health,
-        health_checks: HealthCheckPorts::default(),
+        health_checks: HealthCheckPorts::default()
+            .counting_refused(metrics.agent().http_refused.clone()),
         local_policy: BTreeMap::new(),
     };
 
     let (updates, snapshots) = watch::channel(Snapshot::default());
     let (source, events) = match &config.source {
-        SourceConfig::Files(paths) => {
-            let files = FileSource::new(paths.clone(), config.node_name.clone());
-            let task = files.run(
-                updates,
-                |error| warn!(%error, "manifest not loaded; its last good objects stay in force"),
-            );
+        SourceConfig::Files { paths, max_bytes } => {
+            let files =
+                FileSource::new(paths.clone(), config.node_name.clone()).with_max_bytes(*max_bytes);
+            let agent_metrics = observers.metrics.clone();
+            let task = files.run(updates, move |error| {
+                agent_metrics.manifest_errors.inc();
+                warn!(%error, "manifest not loaded; its last good objects stay in force");
+            });
             (tokio::spawn(task), None)
         }
         SourceConfig::Kube { master, kubeconfig } => {
@@ -249,7 +256,10 @@ async fn sync_until_stopped(
             warn!(%error, "datapath settings not written; flows to backends on other nodes go unSNATed");
         }
         let new_problems = report_new_problems(&update.problems, &mut reported);
-        let new_invalid_count = new_problems.len() as u64;
+        let new_invalid_count = new_problems
+            .iter()
+            .filter(|problem| problem.severity == Severity::Invalid)
+            .count() as u64;
         skipped_total += new_invalid_count;
         for problem in new_problems {
             if let Some(events) = &events {
@@ -497,25 +507,29 @@ fn sync_datapath_config(
     Ok(())
 }
 
-/// Logs each problem once, when it first appears; returns the new invalid-input problems (the
-/// ones worth a Kubernetes Event).
+/// Logs each problem once, when it first appears; returns the new invalid-input problems and
+/// warnings (the ones worth a Kubernetes Event).
 fn report_new_problems(problems: &[Problem], reported: &mut BTreeSet<Problem>) -> Vec<Problem> {
     let current: BTreeSet<Problem> = problems.iter().cloned().collect();
-    let mut new_invalid = Vec::new();
+    let mut for_events = Vec::new();
     for problem in current.difference(reported) {
         let object = format!("{} {}/{}", problem.kind, problem.namespace, problem.name);
         match problem.severity {
             Severity::Invalid => {
                 warn!(%object, reason = problem.reason, message = %problem.message, "skipped");
-                new_invalid.push(problem.clone());
+                for_events.push(problem.clone());
             }
             Severity::Unsupported => {
                 info!(%object, reason = problem.reason, message = %problem.message, "not supported yet")
             }
+            Severity::Warning => {
+                warn!(%object, reason = problem.reason, message = %problem.message, "used as corrected");
+                for_events.push(problem.clone());
+            }
         }
     }
     *reported = current;
-    new_invalid
+    for_events
 }
 
 /// The reason of the Warning Event on the Node about a missing requirement.

@@ -11,7 +11,11 @@
 //!   the node's routes put their address on this node ([`NodeContext::routed_local`]);
 //! - ready endpoints; when none is ready, the serving and terminating ones (KEP-1669);
 //! - headless and ExternalName Services ignored; IPv6 addresses reported as not yet supported;
-//! - sessionAffinity ClientIP with its timeout (default 10800 s).
+//! - sessionAffinity ClientIP with its timeout (default 10800 s);
+//! - externalIPs only inside `--external-ip-cidrs` when it is given (the others skipped with a
+//!   problem);
+//! - one owner per frontend (address, port, protocol) when several Services claim it: see
+//!   [`Claim`]. The others are skipped for that frontend only, with a problem naming the owner.
 //!
 //! Bad input never takes down anything else: an invalid Service is skipped as a whole with a
 //! [`Problem`] (and stays "held": the agent keeps what it installed for it before), an invalid
@@ -54,6 +58,9 @@ pub struct NodeContext {
     pub routed_local: BTreeSet<Ipv4Addr>,
     /// `--nodeport-addresses`: which node addresses serve NodePorts (empty: all of them).
     pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// `--external-ip-cidrs`: the externalIPs that may be served (empty: all of them, as
+    /// kube-proxy does).
+    pub external_ip_cidrs: Vec<Ipv4Cidr>,
     /// Node addresses to use when the snapshot has no Node object (file source without one).
     pub fallback_addresses: Vec<Ipv4Addr>,
     /// nodePorts outside this range are refused.
@@ -72,6 +79,7 @@ impl NodeContext {
             node_name: node_name.into(),
             routed_local: BTreeSet::new(),
             nodeport_cidrs: Vec::new(),
+            external_ip_cidrs: Vec::new(),
             fallback_addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             default_maglev: false,
@@ -88,10 +96,22 @@ pub struct Ipv4Cidr {
 
 impl Ipv4Cidr {
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix_len))
-            .unwrap_or(0);
+        let mask = self.mask();
         u32::from(addr) & mask == u32::from(self.addr) & mask
+    }
+
+    /// The prefix with its host bits cleared: `10.1.2.3/8` is `10.0.0.0/8`.
+    pub fn network(&self) -> Self {
+        Self {
+            addr: Ipv4Addr::from(u32::from(self.addr) & self.mask()),
+            prefix_len: self.prefix_len,
+        }
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0)
     }
 }
 
@@ -144,15 +164,13 @@ pub enum Scope {
 
 impl std::fmt::Display for ServicePortKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let protocol = if self.proto == proto::UDP {
-            "UDP"
-        } else {
-            "TCP"
-        };
         write!(
             f,
-            "{}/{}:{}/{protocol}",
-            self.namespace, self.name, self.port_name
+            "{}/{}:{}/{}",
+            self.namespace,
+            self.name,
+            self.port_name,
+            protocol_name(self.proto)
         )?;
         match self.scope {
             Scope::All => Ok(()),
@@ -161,6 +179,10 @@ impl std::fmt::Display for ServicePortKey {
             Scope::LoadBalancer => write!(f, "[loadbalancer]"),
         }
     }
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    if protocol == proto::UDP { "UDP" } else { "TCP" }
 }
 
 /// What the datapath should hold for one Service port.
@@ -194,6 +216,9 @@ pub enum Severity {
     Invalid,
     /// Valid, but asks for something this version does not do yet (IPv6, SCTP): logged once.
     Unsupported,
+    /// Used, but not as written (a source range with host bits set is masked): logged and
+    /// reported as a Kubernetes Warning Event, not counted as skipped.
+    Warning,
 }
 
 /// Something compile could not use, and why.
@@ -209,6 +234,91 @@ pub struct Problem {
     pub message: String,
 }
 
+/// A frontend as the datapath keys it: (address, port, protocol).
+type FrontendId = (Ipv4Addr, u16, u8);
+
+fn frontend_id(frontend: &Frontend) -> FrontendId {
+    (frontend.addr, frontend.port, frontend.proto)
+}
+
+/// One Service port's claim on a frontend. When several Service ports claim one, the least claim
+/// owns it, by the derived order (field by field):
+/// 1. the kind of address: a ClusterIP first (the API server allocates it and keeps it unique),
+///    then a nodePort (allocated and unique too), then externalIPs and LoadBalancer ingress IPs
+///    alike (whoever may write a Service or its status writes them: the CVE-2020-8554 class);
+/// 2. the Service's age: the earlier creationTimestamp, then the lesser uid; a Service without
+///    one counts as younger than every Service with one (hand-written manifests have neither);
+/// 3. the Service port's key (namespace, name, port, scope) and the kind, so that the order is
+///    total and never depends on which object arrived first.
+///
+/// The claims of the owning Service port are all served (an externalIP also listed as an ingress
+/// IP is one entry with both kinds).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Claim {
+    precedence: Precedence,
+    age: Age,
+    key: ServicePortKey,
+    kind: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Precedence {
+    ClusterIp,
+    NodePort,
+    External,
+}
+
+impl Precedence {
+    fn of(kind: u32) -> Self {
+        if kind & service_flags::CLUSTER_IP != 0 {
+            Self::ClusterIp
+        } else if kind & service_flags::NODE_PORT != 0 {
+            Self::NodePort
+        } else {
+            Self::External
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "a ClusterIP",
+            Self::NodePort => "a nodePort",
+            Self::External => "an externalIP or LoadBalancer IP",
+        }
+    }
+}
+
+/// How old a Service is (older is less); what is missing sorts after every known value.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Age {
+    created: Known<jiff::Timestamp>,
+    uid: Known<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Known<T> {
+    Value(T),
+    Missing,
+}
+
+impl<T> From<Option<T>> for Known<T> {
+    fn from(value: Option<T>) -> Self {
+        value.map_or(Self::Missing, Self::Value)
+    }
+}
+
+fn age(service: &Service) -> Age {
+    Age {
+        created: service
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|time| time.0)
+            .into(),
+        uid: service.metadata.uid.clone().into(),
+    }
+}
+
 /// Compiles a snapshot into the desired state for one node, from scratch.
 pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> (Desired, Vec<Problem>) {
     let mut compiler = Compiler::new(node.clone());
@@ -219,18 +329,26 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> (Desired, Vec<Problem
 /// compile() kept up to date across snapshots: only the Services whose object or slices are not
 /// the ones of the previous snapshot (by address, see [`Previous`]) are looked at, and of those
 /// only the ones whose resourceVersions changed are compiled again; the desired state is patched
-/// in place, so a change costs O(its size) plus a pass over the snapshot's pointers. A change of
-/// this node's addresses, or any frontend conflict, falls back to a full compile, so the result
-/// is always exactly what [`compile`] gives (tested).
+/// in place, so a change costs O(its size) plus a pass over the snapshot's pointers. Frontend
+/// conflicts are settled in place too (every claim is kept, see [`Claim`], so when an owner
+/// goes the next claim takes over). A change of this node's addresses falls back to a full
+/// compile; the result is always exactly what [`compile`] gives (tested).
 pub struct Compiler {
     node: NodeContext,
     node_addresses: Vec<Ipv4Addr>,
     desired: Desired,
     /// By namespace, then name (nested so lookups need no owned key).
     services: HashMap<String, HashMap<String, CompiledService>>,
-    /// Which Service port serves each frontend.
-    claimed: HashMap<(Ipv4Addr, u16, u8), ServicePortKey>,
-    /// A full compile is needed (first run, node changed, conflicts present).
+    /// Every claim on each frontend, least (the owner's) first.
+    claims: HashMap<FrontendId, Vec<Claim>>,
+    /// Which Service port serves each frontend (the first claim's).
+    owners: HashMap<FrontendId, ServicePortKey>,
+    /// Frontends claimed by more than one Service.
+    contested: BTreeSet<FrontendId>,
+    /// Service ports that own none of the frontends they claim: out of the desired state until
+    /// they own one.
+    parked: HashMap<ServicePortKey, DesiredService>,
+    /// A full compile is needed (first run, node changed, a key with two Services).
     full: bool,
     snat_address: Option<Ipv4Addr>,
     /// The objects of the previous update, indexed, to find what changed by pointer.
@@ -377,9 +495,10 @@ struct CompiledService {
     /// Its endpoint addresses without a nodeName.
     unplaced: BTreeSet<Ipv4Addr>,
     keys: Vec<ServicePortKey>,
+    /// The frontends its ports claim (sorted, each once).
+    claimed: Vec<FrontendId>,
     problems: Vec<Problem>,
     held: bool,
-    conflict: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -485,7 +604,10 @@ impl Compiler {
             node_addresses: Vec::new(),
             desired: Desired::default(),
             services: HashMap::new(),
-            claimed: HashMap::new(),
+            claims: HashMap::new(),
+            owners: HashMap::new(),
+            contested: BTreeSet::new(),
+            parked: HashMap::new(),
             full: true,
             snat_address: None,
             previous: None,
@@ -572,6 +694,7 @@ impl Compiler {
             .compiled()
             .flat_map(|service| service.problems.iter().cloned())
             .chain(self.orphans.values().flatten().cloned())
+            .chain(self.conflict_problems())
             .collect();
         problems.sort();
         problems.dedup();
@@ -609,7 +732,10 @@ impl Compiler {
         self.health_check_ports.clear();
         self.unplaced.clear();
         self.stale.clear();
-        self.claimed.clear();
+        self.claims.clear();
+        self.owners.clear();
+        self.contested.clear();
+        self.parked.clear();
         let mut services: Vec<&Service> = snapshot.services.iter().map(|s| &**s).collect();
         services.sort_by_key(|service| object_key(&service.metadata));
         for service in services {
@@ -622,8 +748,7 @@ impl Compiler {
         for gone in before.values() {
             changes.count_gone(gone.as_ref());
         }
-        let conflicts = self.compiled().any(|service| service.conflict);
-        self.full = conflicts;
+        self.full = false;
         let previous = Previous::of(snapshot);
         self.orphans.clear();
         let keys: Vec<(String, String)> = previous.slices_of.keys().cloned().collect();
@@ -634,7 +759,7 @@ impl Compiler {
 
     /// Recompiles only the Services whose object or slices changed since the previous update
     /// (by pointer), and of those only the ones whose fingerprint changed. Returns false when a
-    /// full compile is needed instead (a conflict appeared, or a key has two Services).
+    /// full compile is needed instead (a key has two Services).
     fn update_changed(
         &mut self,
         snapshot: &Snapshot,
@@ -677,9 +802,7 @@ impl Compiler {
                 }
                 [service] => {
                     let forced = stale.contains(&(namespace.clone(), name.clone()));
-                    if !self.recompile(service, &slices, forced, changed, changes) {
-                        return false;
-                    }
+                    self.recompile(service, &slices, forced, changed, changes);
                 }
                 _ => return false,
             }
@@ -690,7 +813,7 @@ impl Compiler {
     }
 
     /// Compiles one Service again unless its fingerprint shows nothing changed and it is not
-    /// `forced`. False on a frontend conflict.
+    /// `forced`.
     fn recompile(
         &mut self,
         service: &Service,
@@ -698,7 +821,7 @@ impl Compiler {
         forced: bool,
         changed: &mut BTreeSet<ServicePortKey>,
         changes: &mut Changes,
-    ) -> bool {
+    ) {
         let (namespace, name) = names(&service.metadata);
         let known = self
             .services
@@ -708,7 +831,7 @@ impl Compiler {
             && let Some(known) = known
             && fingerprint_matches(known.fingerprint.as_ref(), service, slices)
         {
-            return true;
+            return;
         }
         let before = self
             .services
@@ -718,11 +841,7 @@ impl Compiler {
         changes.count(before.as_ref(), service, service_slices(slices, service));
         self.forget(namespace, name, changed);
         let compiled = self.compile_one(service, slices, changed);
-        if compiled.conflict {
-            return false;
-        }
         self.insert(service, compiled);
-        true
     }
 
     /// Reports, for each of `keys`, the slices that name a Service that does not exist.
@@ -798,17 +917,144 @@ impl Compiler {
             }
         }
         for key in compiled.keys {
-            if let Some(service) = self.desired.services.remove(&key) {
-                for frontend in &service.frontends {
-                    self.claimed
-                        .remove(&(frontend.addr, frontend.port, frontend.proto));
-                }
-            }
+            self.desired.services.remove(&key);
+            self.parked.remove(&key);
             changed.insert(key);
+        }
+        for id in compiled.claimed {
+            if let Some(claims) = self.claims.get_mut(&id) {
+                claims.retain(|claim| claim.key.namespace != namespace || claim.key.name != name);
+            }
+            self.settle(id, changed);
         }
         self.desired
             .held
             .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Gives a frontend to its first claim's Service port (taking it from the one that had it),
+    /// after its claims changed.
+    fn settle(&mut self, id: FrontendId, changed: &mut BTreeSet<ServicePortKey>) {
+        let claims = self.claims.get(&id).map(Vec::as_slice).unwrap_or_default();
+        let owner = claims.first().map(|claim| claim.key.clone());
+        let owned: Vec<Frontend> = claims
+            .iter()
+            .filter(|claim| Some(&claim.key) == owner.as_ref())
+            .map(|claim| Frontend {
+                addr: id.0,
+                port: id.1,
+                proto: id.2,
+                kind: claim.kind,
+            })
+            .collect();
+        let services = claims
+            .iter()
+            .map(|claim| (&claim.key.namespace, &claim.key.name))
+            .collect::<BTreeSet<_>>()
+            .len();
+        if services > 1 {
+            self.contested.insert(id);
+        } else {
+            self.contested.remove(&id);
+        }
+        if claims.is_empty() {
+            self.claims.remove(&id);
+        }
+        let previous = match &owner {
+            Some(owner) => self.owners.insert(id, owner.clone()),
+            None => self.owners.remove(&id),
+        };
+        if let Some(previous) = previous {
+            if let Some(port) = self.port_mut(&previous) {
+                port.frontends
+                    .retain(|frontend| frontend_id(frontend) != id);
+            }
+            self.place(&previous);
+            changed.insert(previous);
+        }
+        if let Some(owner) = owner {
+            if let Some(port) = self.port_mut(&owner) {
+                port.frontends.extend(owned);
+            }
+            self.place(&owner);
+            changed.insert(owner);
+        }
+    }
+
+    /// A compiled Service port, in the desired state or parked.
+    fn port_mut(&mut self, key: &ServicePortKey) -> Option<&mut DesiredService> {
+        match self.desired.services.get_mut(key) {
+            Some(port) => Some(port),
+            None => self.parked.get_mut(key),
+        }
+    }
+
+    /// Parks a Service port that owns no frontend, and brings back one that owns one again.
+    fn place(&mut self, key: &ServicePortKey) {
+        if self
+            .desired
+            .services
+            .get(key)
+            .is_some_and(|port| port.frontends.is_empty())
+        {
+            if let Some(port) = self.desired.services.remove(key) {
+                self.parked.insert(key.clone(), port);
+            }
+        } else if self
+            .parked
+            .get(key)
+            .is_some_and(|port| !port.frontends.is_empty())
+            && let Some(port) = self.parked.remove(key)
+        {
+            self.desired.services.insert(key.clone(), port);
+        }
+    }
+
+    /// A problem for each Service skipped on a frontend another Service owns.
+    fn conflict_problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for id in &self.contested {
+            let Some((owner, others)) = self.claims.get(id).and_then(|claims| claims.split_first())
+            else {
+                continue;
+            };
+            let mut losers = BTreeSet::new();
+            for claim in others {
+                let same_service =
+                    claim.key.namespace == owner.key.namespace && claim.key.name == owner.key.name;
+                if same_service || !losers.insert((&claim.key.namespace, &claim.key.name)) {
+                    continue;
+                }
+                let why = if owner.precedence < claim.precedence {
+                    format!(
+                        "{} comes before {}",
+                        owner.precedence.describe(),
+                        claim.precedence.describe()
+                    )
+                } else if owner.age < claim.age {
+                    "it is the older Service (creationTimestamp, then uid)".to_owned()
+                } else {
+                    "neither Service has a creationTimestamp or uid; the first by namespace/name \
+                     keeps it"
+                        .to_owned()
+                };
+                problems.push(Problem {
+                    severity: Severity::Invalid,
+                    kind: "Service",
+                    namespace: claim.key.namespace.clone(),
+                    name: claim.key.name.clone(),
+                    reason: "FrontendConflict",
+                    message: format!(
+                        "{}:{}/{} not served for this Service: {} serves it ({why})",
+                        id.0,
+                        id.1,
+                        protocol_name(id.2),
+                        owner.key
+                    ),
+                });
+            }
+        }
+        problems
     }
 
     /// Compiles one Service into the desired state (which must not hold it yet).
@@ -821,12 +1067,12 @@ impl Compiler {
         let (namespace, name) = object_key(&service.metadata);
         let mut compiled = CompiledService {
             fingerprint: fingerprint(service, slices),
-            health_check_node_port: health_check_node_port(service),
+            health_check_node_port: health_check_node_port(service, &self.node),
             unplaced: BTreeSet::new(),
             keys: Vec::new(),
+            claimed: Vec::new(),
             problems: Vec::new(),
             held: false,
-            conflict: false,
         };
         let service_slices = slices
             .get(&(namespace.as_str(), name.as_str()))
@@ -842,37 +1088,42 @@ impl Compiler {
             &mut compiled.problems,
         ) {
             Ok(ports) => {
-                let conflict = ports
-                    .values()
-                    .flat_map(|desired| desired.frontends.iter())
-                    .find_map(|f| {
-                        self.claimed
-                            .get(&(f.addr, f.port, f.proto))
-                            .map(|owner| (*f, owner.clone()))
-                    });
-                if let Some((frontend, owner)) = conflict {
-                    compiled.problems.push(invalid_service(
-                        service,
-                        "FrontendConflict",
-                        format!(
-                            "{}:{} is already served by {owner}",
-                            frontend.addr, frontend.port
-                        ),
-                    ));
-                    compiled.held = true;
-                    compiled.conflict = true;
-                } else {
-                    for (key, port) in ports {
-                        for frontend in &port.frontends {
-                            self.claimed.insert(
-                                (frontend.addr, frontend.port, frontend.proto),
-                                key.clone(),
-                            );
+                let age = age(service);
+                let mut contested = Vec::new();
+                for (key, mut port) in ports {
+                    for frontend in std::mem::take(&mut port.frontends) {
+                        let id = frontend_id(&frontend);
+                        compiled.claimed.push(id);
+                        let claim = Claim {
+                            precedence: Precedence::of(frontend.kind),
+                            age: age.clone(),
+                            key: key.clone(),
+                            kind: frontend.kind,
+                        };
+                        let claims = self.claims.entry(id).or_default();
+                        let at = claims.binary_search(&claim).unwrap_or_else(|at| at);
+                        claims.insert(at, claim);
+                        // The common case, a frontend nobody else claims, needs no settling.
+                        if claims.len() == 1 {
+                            self.owners.insert(id, key.clone());
+                            port.frontends.insert(frontend);
+                        } else {
+                            contested.push(id);
                         }
-                        compiled.keys.push(key.clone());
-                        changed.insert(key.clone());
+                    }
+                    compiled.keys.push(key.clone());
+                    changed.insert(key.clone());
+                    if port.frontends.is_empty() {
+                        self.parked.insert(key, port);
+                    } else {
                         self.desired.services.insert(key, port);
                     }
+                }
+                compiled.claimed.sort_unstable();
+                compiled.claimed.dedup();
+                compiled.claimed.shrink_to_fit();
+                for id in contested {
+                    self.settle(id, changed);
                 }
             }
             Err(Skip::Ignored) => {}
@@ -909,15 +1160,16 @@ fn slices_by_service(snapshot: &Snapshot) -> SlicesByService<'_> {
     by_service
 }
 
-/// The healthCheckNodePort an externalTrafficPolicy Local Service has (0 or none: none).
-fn health_check_node_port(service: &Service) -> Option<u16> {
+/// The healthCheckNodePort an externalTrafficPolicy Local Service has (0, none or outside the
+/// NodePort range: none; compile refuses the Service then).
+fn health_check_node_port(service: &Service, node: &NodeContext) -> Option<u16> {
     let spec = service.spec.as_ref()?;
     if spec.external_traffic_policy.as_deref() != Some("Local") {
         return None;
     }
     u16::try_from(spec.health_check_node_port?)
         .ok()
-        .filter(|port| *port != 0)
+        .filter(|port| node.node_port_range.contains(port))
 }
 
 /// The slices of a Service.
@@ -1075,6 +1327,13 @@ fn compile_service(
     problems: &mut Vec<Problem>,
 ) -> Result<BTreeMap<ServicePortKey, DesiredService>, Skip> {
     let (namespace, name) = object_key(&service.metadata);
+    let invalid = |reason, message| Skip::Invalid(invalid_service(service, reason, message));
+    if name.is_empty() {
+        return Err(invalid(
+            "MissingName",
+            "a Service needs metadata.name; skipped".into(),
+        ));
+    }
     let Some(spec) = &service.spec else {
         return Err(Skip::Ignored);
     };
@@ -1082,7 +1341,6 @@ fn compile_service(
     if service_type == "ExternalName" {
         return Err(Skip::Ignored);
     }
-    let invalid = |reason, message| Skip::Invalid(invalid_service(service, reason, message));
 
     // ClusterIPs: clusterIPs (dual-stack) or clusterIP; "None" is headless.
     let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
@@ -1138,6 +1396,7 @@ fn compile_service(
     };
     let (cluster_ips, external_ips, ingress_ips) =
         (v4(&cluster_ips), v4(&external_ips), v4(&ingress_ips));
+    let external_ips = allowed_external_ips(service, external_ips, node, problems);
     let node_ports_wanted = service_type == "NodePort" || service_type == "LoadBalancer";
     let affinity_timeout_s = affinity_timeout(service);
     let maglev = match service
@@ -1161,9 +1420,11 @@ fn compile_service(
     let policy = Policy {
         external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        source_ranges: source_ranges(spec)
+        source_ranges: source_ranges(service, problems)
             .map_err(|message| invalid("InvalidSourceRange", message))?,
     };
+    check_health_check_node_port(spec, node)
+        .map_err(|message| invalid("InvalidHealthCheckNodePort", message))?;
 
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut seen = BTreeSet::new();
@@ -1194,6 +1455,7 @@ fn compile_service(
                 format!("port {} is outside 1..=65535", port.port),
             )
         })?;
+        check_target_port(port).map_err(|message| invalid("InvalidTargetPort", message))?;
         if !seen.insert((number, protocol)) {
             return Err(invalid(
                 "DuplicatePort",
@@ -1252,7 +1514,7 @@ fn compile_service(
                 backends.clone()
             };
             let source_ranges = if flags & service_flags::SOURCE_RANGES != 0 {
-                policy.source_ranges.clone()
+                policy.source_ranges.clone().unwrap_or_default()
             } else {
                 BTreeSet::new()
             };
@@ -1278,6 +1540,29 @@ fn compile_service(
     Ok(desired)
 }
 
+/// The externalIPs inside `--external-ip-cidrs` (all without it); a problem for each other one.
+fn allowed_external_ips(
+    service: &Service,
+    external_ips: Vec<Ipv4Addr>,
+    node: &NodeContext,
+    problems: &mut Vec<Problem>,
+) -> Vec<Ipv4Addr> {
+    if node.external_ip_cidrs.is_empty() {
+        return external_ips;
+    }
+    let (allowed, refused): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = external_ips
+        .into_iter()
+        .partition(|ip| node.external_ip_cidrs.iter().any(|cidr| cidr.contains(*ip)));
+    for ip in refused {
+        problems.push(invalid_service(
+            service,
+            "ExternalIPNotAllowed",
+            format!("externalIP {ip} is outside --external-ip-cidrs; not served"),
+        ));
+    }
+    allowed
+}
+
 /// What decides which frontends of a Service port share a selection table.
 struct Policy {
     /// externalTrafficPolicy Local: NodePorts, externalIPs and LoadBalancer IPs reach node-local
@@ -1285,15 +1570,16 @@ struct Policy {
     external_local: bool,
     /// internalTrafficPolicy Local: the same for the ClusterIPs.
     internal_local: bool,
-    /// loadBalancerSourceRanges: only these clients may use the LoadBalancer IPs.
-    source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    /// loadBalancerSourceRanges: only these clients may use the LoadBalancer IPs. Some(empty)
+    /// when the spec lists only ranges this version does not program (IPv6): then no client may.
+    source_ranges: Option<BTreeSet<(Ipv4Addr, u8)>>,
 }
 
 impl Policy {
     /// The port's frontends grouped by table, each group with its policy flags; empty groups left
     /// out. One group (scope All) when nothing sets the frontends apart.
     fn split(&self, frontends: BTreeSet<Frontend>) -> Vec<(Scope, BTreeSet<Frontend>, u32)> {
-        if !self.external_local && !self.internal_local && self.source_ranges.is_empty() {
+        if !self.external_local && !self.internal_local && self.source_ranges.is_none() {
             return if frontends.is_empty() {
                 vec![]
             } else {
@@ -1308,7 +1594,7 @@ impl Policy {
                 .copied()
                 .collect()
         };
-        let ranged = !self.source_ranges.is_empty();
+        let ranged = self.source_ranges.is_some();
         let external_kinds = service_flags::NODE_PORT
             | service_flags::EXTERNAL_IP
             | if ranged {
@@ -1340,20 +1626,127 @@ impl Policy {
     }
 }
 
-/// loadBalancerSourceRanges as (address, prefix length); IPv6 ranges are left out (IPv4 only).
+/// loadBalancerSourceRanges as (network address, prefix length); None when the spec has none.
+///
+/// Any range restricts: IPv6 ranges are not programmed (IPv4 only in this version), so a list of
+/// IPv6 ranges alone lets no IPv4 client in, rather than every client. A range with host bits set
+/// is masked (as kube-proxy does), with a Warning: the datapath's LPM trie keeps one entry per
+/// (service, prefix), so `10.1.2.3/8` and `10.0.0.0/8` must be one member of the set, or removing
+/// one of them would remove the entry the other still needs.
 fn source_ranges(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-) -> Result<BTreeSet<(Ipv4Addr, u8)>, String> {
+    service: &Service,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<BTreeSet<(Ipv4Addr, u8)>>, String> {
+    let texts = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.load_balancer_source_ranges.as_deref())
+        .unwrap_or_default();
+    if texts.is_empty() {
+        return Ok(None);
+    }
     let mut ranges = BTreeSet::new();
-    for text in spec.load_balancer_source_ranges.iter().flatten() {
+    let mut v6 = 0;
+    for text in texts {
         let text = text.trim();
         if text.contains(':') {
+            check_ipv6_cidr(text)?;
+            v6 += 1;
             continue;
         }
         let cidr: Ipv4Cidr = text.parse()?;
-        ranges.insert((cidr.addr, cidr.prefix_len));
+        let network = cidr.network();
+        if network != cidr {
+            problems.push(Problem {
+                severity: Severity::Warning,
+                ..invalid_service(
+                    service,
+                    "SourceRangeHostBits",
+                    format!(
+                        "loadBalancerSourceRanges {text:?} has host bits set; used as {}/{}",
+                        network.addr, network.prefix_len
+                    ),
+                )
+            });
+        }
+        ranges.insert((network.addr, network.prefix_len));
     }
-    Ok(ranges)
+    if v6 > 0 {
+        let consequence = if ranges.is_empty() {
+            "no IPv4 client may use the LoadBalancer IPs"
+        } else {
+            "IPv4 clients must be inside the IPv4 ranges"
+        };
+        problems.push(unsupported(
+            "Service",
+            &service.metadata,
+            "IPv6SourceRangesNotSupported",
+            format!(
+                "{v6} IPv6 loadBalancerSourceRange(s) not programmed (IPv4 only in this version); {consequence}"
+            ),
+        ));
+    }
+    Ok(Some(ranges))
+}
+
+fn check_ipv6_cidr(text: &str) -> Result<(), String> {
+    let valid = text.split_once('/').is_some_and(|(addr, len)| {
+        addr.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|len| len <= 128)
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{text:?} is not an IPv6 CIDR (address/prefix)"))
+    }
+}
+
+/// An externalTrafficPolicy Local Service's healthCheckNodePort, when set, must be in the
+/// NodePort range: the agent serves HTTP on it on every node address.
+fn check_health_check_node_port(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    node: &NodeContext,
+) -> Result<(), String> {
+    let Some(port) = spec.health_check_node_port.filter(|&port| port != 0) else {
+        return Ok(());
+    };
+    match u16::try_from(port) {
+        Ok(port) if node.node_port_range.contains(&port) => Ok(()),
+        _ => Err(format!(
+            "healthCheckNodePort {port} is outside {}-{}",
+            node.node_port_range.start(),
+            node.node_port_range.end()
+        )),
+    }
+}
+
+/// A targetPort is a port number (1-65535) or the name of a container port (IANA_SVC_NAME:
+/// 1-15 lowercase letters, digits and inner single hyphens, with a letter).
+fn check_target_port(port: &ServicePort) -> Result<(), String> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match &port.target_port {
+        None => Ok(()),
+        Some(IntOrString::Int(number)) if valid_port(*number).is_some() => Ok(()),
+        Some(IntOrString::Int(number)) => Err(format!(
+            "port {}: targetPort {number} is outside 1-65535",
+            port.port
+        )),
+        Some(IntOrString::String(name)) if is_port_name(name) => Ok(()),
+        Some(IntOrString::String(name)) => Err(format!(
+            "port {}: targetPort {name:?} is neither a port number nor a port name",
+            port.port
+        )),
+    }
+}
+
+fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+        && name.bytes().any(|byte| byte.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
 }
 
 /// The port's nodePort when it has one; an error for one outside the range.

@@ -1018,6 +1018,19 @@ impl Datapath {
         if let Some(range) = service.source_ranges.iter().find(|(_, len)| *len > 32) {
             return invalid(format!("source range {range:?}: prefix length above 32"));
         }
+        // The LPM trie holds one entry per (service, prefix): 10.1.2.3/8 would be the entry of
+        // 10.0.0.0/8, and removing either from the set would remove the entry both need.
+        if let Some(range) = service.source_ranges.iter().find(|(addr, len)| {
+            let cidr = crate::compile::Ipv4Cidr {
+                addr: *addr,
+                prefix_len: *len,
+            };
+            cidr.network() != cidr
+        }) {
+            return invalid(format!(
+                "source range {range:?}: host bits set (compile masks them)"
+            ));
+        }
         for id in &service.backends {
             if !self.installed_backends.contains_key(id) {
                 return invalid(format!("backend {id} is not in the backends map"));

@@ -130,6 +130,11 @@ struct RunArgs {
     /// Comma-separated CIDRs: only node addresses inside them serve NodePorts (empty: all).
     #[arg(long, env = "LB_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<Ipv4Cidr>,
+    /// Comma-separated CIDRs: only externalIPs inside them are served; the others are skipped
+    /// with a Warning Event (empty: all, as kube-proxy does). Pair it with the API server's
+    /// DenyServiceExternalIPs admission plugin or a policy that allows only these.
+    #[arg(long, env = "LB_EXTERNAL_IP_CIDRS", value_delimiter = ',')]
+    external_ip_cidrs: Vec<Ipv4Cidr>,
     /// Node addresses serving NodePorts when the source has no Node object for this node
     /// (e.g. manifests without one).
     #[arg(long = "node-address", env = "LB_NODE_ADDRESS", value_delimiter = ',')]
@@ -182,6 +187,10 @@ struct RunArgs {
     /// Manifests for `--source file`: YAML files or directories (repeatable).
     #[arg(long = "manifests", env = "LB_MANIFESTS", value_delimiter = ',')]
     manifests: Vec<PathBuf>,
+    /// Manifest files larger than this many bytes are refused unread (`--source file`); the
+    /// objects they held before stay in force.
+    #[arg(long, env = "LB_MANIFEST_MAX_BYTES", default_value_t = lb_userspace::source::file::DEFAULT_MAX_MANIFEST_BYTES)]
+    manifest_max_bytes: u64,
     /// How XDP picks backends for new flows of Services without the `lb.io/load-balancing`
     /// annotation: `random` (kube-proxy's way) or `maglev` (consistent hashing: the same backend
     /// through every node, few flows moved when endpoints change).
@@ -440,7 +449,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             for path in &args.manifests {
                 check_readable(path)?;
             }
-            SourceConfig::Files(args.manifests)
+            SourceConfig::Files {
+                paths: args.manifests,
+                max_bytes: args.manifest_max_bytes,
+            }
         }
         Source::Kube => SourceConfig::Kube {
             master: args.master,
@@ -451,6 +463,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
         node_name,
         nodeport_cidrs: args.nodeport_addresses,
+        external_ip_cidrs: args.external_ip_cidrs,
         node_addresses: args.node_addresses,
         node_port_range: args.node_port_range,
         interfaces: args.interfaces,

@@ -42,8 +42,12 @@ pub struct AgentMetrics {
     /// By HTTP `code`.
     pub healthz: Family<[(&'static str, u16); 1], Counter>,
     pub livez: Family<[(&'static str, u16); 1], Counter>,
+    /// HTTP clients cut off by the servers' limits, by `reason`.
+    pub http_refused: HttpRefused,
     pub invalid_objects: Gauge,
     pub skipped_objects: Counter,
+    /// Manifest files not (re)loaded for bad input, each version counted once.
+    pub manifest_errors: Counter,
     pub sync_errors: Counter,
     pub service_ports: Gauge,
     pub udp_sockets_aborted: Counter,
@@ -51,6 +55,9 @@ pub struct AgentMetrics {
     /// By `requirement` and `interface`: 1 while the node lacks it.
     pub node_requirement_missing: Family<[(&'static str, String); 2], Gauge>,
 }
+
+/// HTTP clients cut off by the servers' limits, by `reason`.
+pub type HttpRefused = Family<[(&'static str, &'static str); 1], Counter>;
 
 impl AgentMetrics {
     fn new() -> Self {
@@ -65,8 +72,10 @@ impl AgentMetrics {
             no_local_endpoints: Family::default(),
             healthz: Family::default(),
             livez: Family::default(),
+            http_refused: HttpRefused::default(),
             invalid_objects: Gauge::default(),
             skipped_objects: Counter::default(),
+            manifest_errors: Counter::default(),
             sync_errors: Counter::default(),
             service_ports: Gauge::default(),
             udp_sockets_aborted: Counter::default(),
@@ -189,6 +198,18 @@ impl Metrics {
             "skipped_objects",
             "Objects skipped for bad input, each counted when it first appears",
             agent.skipped_objects.clone(),
+        );
+        lb.register(
+            "http_refused",
+            "HTTP connections and requests cut off by the servers' limits, by reason \
+             (too_many_connections, header_timeout, body_too_large, body_timeout)",
+            agent.http_refused.clone(),
+        );
+        lb.register(
+            "manifest_errors",
+            "Manifest files (--source file) not loaded for bad input (unreadable, too large, not \
+             YAML, bad objects), each version counted once; their last good objects stay in force",
+            agent.manifest_errors.clone(),
         );
         lb.register(
             "sync_errors",

@@ -9,7 +9,10 @@
 //!   none, so external load balancers send traffic only to nodes that keep it.
 //!
 //! Every request is answered; a server that cannot bind is logged and the agent goes on (a
-//! port taken by something else must not take the datapath down).
+//! port taken by something else must not take the datapath down). Clients are held to
+//! [`ServerLimits`]: a few connections at a time, headers (and the one body read, the log level's,
+//! at most [`MAX_BODY_BYTES`]) within a deadline, so a slow or greedy client cannot pin the
+//! agent's memory or tasks.
 
 use std::{
     collections::BTreeMap,
@@ -20,26 +23,65 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Body as _, Incoming},
+    service::service_fn,
+};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::{logging::LogLevel, metrics::Metrics};
+use crate::{
+    logging::LogLevel,
+    metrics::{HttpRefused, Metrics},
+};
 
 type Reply = Response<Full<Bytes>>;
 
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request body read (`PUT /debug/log-level`); a larger one is refused with 413.
+pub const MAX_BODY_BYTES: usize = 4096;
+
+/// What every server allows one client.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// How long a client may take to send its request headers (or stay silent before them).
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a body the server reads.
+    pub body_read_timeout: Duration,
+    /// Connections served at once; one more is answered 503 and closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            // Prometheus, a probe or two and an operator's curl need a handful.
+            max_connections: 64,
+        }
+    }
+}
+
+/// What a server over its connection limit answers before it closes the connection.
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
 /// Serves `handle` on `listener` until the task is aborted; the handler also gets the peer's
-/// address.
-fn spawn_server<F, Fut>(listener: TcpListener, handle: F) -> JoinHandle<()>
+/// address. Clients cut off by `limits` are counted in `refused`.
+fn spawn_server<F, Fut>(
+    listener: TcpListener,
+    limits: ServerLimits,
+    refused: HttpRefused,
+    handle: F,
+) -> JoinHandle<()>
 where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send + 'static,
 {
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
     tokio::spawn(async move {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -50,8 +92,19 @@ where
                     continue;
                 }
             };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                // Never waits for the client: what the socket buffer takes now, or nothing.
+                let _ = stream.try_write(BUSY);
+                debug!(%peer, "HTTP connection refused: too many connections");
+                refused
+                    .get_or_create(&[("reason", "too_many_connections")])
+                    .inc();
+                continue;
+            };
             let handle = handle.clone();
+            let refused = refused.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = service_fn(move |request| {
                     let reply = handle(request, peer);
                     async move { Ok::<_, Infallible>(reply.await) }
@@ -60,15 +113,45 @@ where
                     // A client that never finishes its request headers is dropped instead of
                     // holding a connection (and its task) for ever.
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .header_read_timeout(limits.header_read_timeout)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
+                    if error.is_timeout() {
+                        refused.get_or_create(&[("reason", "header_timeout")]).inc();
+                    }
                     debug!(%error, "HTTP connection ended with an error");
                 }
             });
         }
     })
+}
+
+/// Reads a request body of at most [`MAX_BODY_BYTES`] within `deadline`; a larger one is refused
+/// unread when its Content-Length says so, else as soon as it passes the limit. Err: the status
+/// and message to answer.
+async fn read_small_body(
+    body: Incoming,
+    deadline: Duration,
+) -> Result<Bytes, (StatusCode, String)> {
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_BODY_BYTES} bytes\n"),
+        )
+    };
+    if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(deadline, Limited::new(body, MAX_BODY_BYTES).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(error)) => Err((StatusCode::BAD_REQUEST, format!("{error}\n"))),
+        Err(_) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            "the body did not arrive in time\n".into(),
+        )),
+    }
 }
 
 /// Binds an address given as a flag ("off", or "" on the command line, turns the server off).
@@ -104,11 +187,25 @@ pub fn serve_metrics(
     metrics: Arc<Metrics>,
     log_level: Option<LogLevel>,
 ) -> JoinHandle<()> {
+    serve_metrics_with_limits(listener, metrics, log_level, ServerLimits::default())
+}
+
+/// [`serve_metrics`] with other limits (tests shorten the deadlines).
+pub fn serve_metrics_with_limits(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    log_level: Option<LogLevel>,
+    limits: ServerLimits,
+) -> JoinHandle<()> {
+    let refused = metrics.agent().http_refused.clone();
     spawn_server(
         listener,
+        limits,
+        refused.clone(),
         move |request: Request<Incoming>, peer: SocketAddr| {
             let metrics = metrics.clone();
             let log_level = log_level.clone();
+            let refused = refused.clone();
             async move {
                 match (request.method(), request.uri().path()) {
                     (&Method::GET, "/metrics") => {
@@ -126,12 +223,28 @@ pub fn serve_metrics(
                             ),
                         }
                     }
-                    (_, "/debug/log-level") => log_level_endpoint(request, peer, log_level).await,
+                    (_, "/debug/log-level") => {
+                        let reply =
+                            log_level_endpoint(request, peer, log_level, limits.body_read_timeout)
+                                .await;
+                        count_refused_body(&refused, reply.status());
+                        reply
+                    }
                     _ => not_found(),
                 }
             }
         },
     )
+}
+
+/// Counts a request whose body the limits refused.
+fn count_refused_body(refused: &HttpRefused, status: StatusCode) {
+    let reason = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::REQUEST_TIMEOUT => "body_timeout",
+        _ => return,
+    };
+    refused.get_or_create(&[("reason", reason)]).inc();
 }
 
 /// GET from anywhere the metrics are served; PUT only from this host (the metrics address is
@@ -140,6 +253,7 @@ async fn log_level_endpoint(
     request: Request<Incoming>,
     peer: SocketAddr,
     log_level: Option<LogLevel>,
+    body_read_timeout: Duration,
 ) -> Reply {
     let Some(log_level) = log_level else {
         return reply(
@@ -160,11 +274,9 @@ async fn log_level_endpoint(
             "the log level is set from the node itself (127.0.0.1)\n",
         ),
         Method::PUT | Method::POST => {
-            let body = match request.into_body().collect().await {
-                Ok(body) => body.to_bytes(),
-                Err(error) => {
-                    return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{error}\n"));
-                }
+            let body = match read_small_body(request.into_body(), body_read_timeout).await {
+                Ok(body) => body,
+                Err((status, message)) => return reply(status, "text/plain", message),
             };
             match log_level.set(&String::from_utf8_lossy(&body)) {
                 Ok(()) => reply(
@@ -256,29 +368,35 @@ pub fn serve_health(
     health: Arc<Health>,
     metrics: Arc<crate::metrics::AgentMetrics>,
 ) -> JoinHandle<()> {
-    spawn_server(listener, move |request: Request<Incoming>, _peer| {
-        let health = health.clone();
-        let metrics = metrics.clone();
-        async move {
-            let path = request.uri().path();
-            if path != "/healthz" && path != "/livez" {
-                return not_found();
+    let refused = metrics.http_refused.clone();
+    spawn_server(
+        listener,
+        ServerLimits::default(),
+        refused,
+        move |request: Request<Incoming>, _peer| {
+            let health = health.clone();
+            let metrics = metrics.clone();
+            async move {
+                let path = request.uri().path();
+                if path != "/healthz" && path != "/livez" {
+                    return not_found();
+                }
+                let (healthy, body) = health.check(path == "/healthz");
+                let status = if healthy {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let counter = if path == "/healthz" {
+                    &metrics.healthz
+                } else {
+                    &metrics.livez
+                };
+                counter.get_or_create(&[("code", status.as_u16())]).inc();
+                reply(status, "application/json", body)
             }
-            let (healthy, body) = health.check(path == "/healthz");
-            let status = if healthy {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            let counter = if path == "/healthz" {
-                &metrics.healthz
-            } else {
-                &metrics.livez
-            };
-            counter.get_or_create(&[("code", status.as_u16())]).inc();
-            reply(status, "application/json", body)
-        }
-    })
+        },
+    )
 }
 
 /// What a healthCheckNodePort answers for: the Service and its endpoints on this node.
@@ -294,6 +412,7 @@ pub struct HealthCheckTarget {
 pub struct HealthCheckPorts {
     bind_addresses: Vec<std::net::IpAddr>,
     servers: BTreeMap<u16, HealthCheckServer>,
+    refused: HttpRefused,
 }
 
 /// A healthCheckNodePort's listeners (one per bind address) and what they answer.
@@ -316,11 +435,18 @@ impl Default for HealthCheckPorts {
         Self {
             bind_addresses: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)],
             servers: BTreeMap::new(),
+            refused: HttpRefused::default(),
         }
     }
 }
 
 impl HealthCheckPorts {
+    /// Counts the clients its servers cut off in `refused` (the agent's metric).
+    pub fn counting_refused(mut self, refused: HttpRefused) -> Self {
+        self.refused = refused;
+        self
+    }
+
     /// Listens on these addresses from now on (kube-proxy's with `--nodeport-addresses`: the
     /// node addresses that serve NodePorts); servers are restarted when they change.
     pub fn bind_to(&mut self, addresses: Vec<std::net::IpAddr>) {
@@ -349,7 +475,11 @@ impl HealthCheckPorts {
             let mut tasks = Vec::new();
             for address in &self.bind_addresses {
                 match TcpListener::bind(SocketAddr::new(*address, *port)).await {
-                    Ok(listener) => tasks.push(serve_health_check(listener, shared.clone())),
+                    Ok(listener) => tasks.push(serve_health_check(
+                        listener,
+                        shared.clone(),
+                        self.refused.clone(),
+                    )),
                     // Tried again on the next sync.
                     Err(error) => {
                         warn!(%error, %address, port, "cannot serve a healthCheckNodePort")
@@ -375,32 +505,38 @@ impl HealthCheckPorts {
 fn serve_health_check(
     listener: TcpListener,
     target: Arc<Mutex<HealthCheckTarget>>,
+    refused: HttpRefused,
 ) -> JoinHandle<()> {
-    spawn_server(listener, move |_request: Request<Incoming>, _peer| {
-        let target = target.lock().map(|t| t.clone()).unwrap_or_default();
-        async move {
-            let body = serde_json::json!({
-                "service": {"namespace": target.namespace, "name": target.name},
-                "localEndpoints": target.local_endpoints,
-                "serviceProxyHealthy": true,
-            });
-            let status = if target.local_endpoints > 0 {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            let mut response = reply(status, "application/json", body.to_string());
-            let headers = response.headers_mut();
-            headers.insert(
-                "X-Content-Type-Options",
-                hyper::header::HeaderValue::from_static("nosniff"),
-            );
-            if let Ok(weight) = target.local_endpoints.to_string().parse() {
-                headers.insert("X-Load-Balancing-Endpoint-Weight", weight);
+    spawn_server(
+        listener,
+        ServerLimits::default(),
+        refused,
+        move |_request: Request<Incoming>, _peer| {
+            let target = target.lock().map(|t| t.clone()).unwrap_or_default();
+            async move {
+                let body = serde_json::json!({
+                    "service": {"namespace": target.namespace, "name": target.name},
+                    "localEndpoints": target.local_endpoints,
+                    "serviceProxyHealthy": true,
+                });
+                let status = if target.local_endpoints > 0 {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let mut response = reply(status, "application/json", body.to_string());
+                let headers = response.headers_mut();
+                headers.insert(
+                    "X-Content-Type-Options",
+                    hyper::header::HeaderValue::from_static("nosniff"),
+                );
+                if let Ok(weight) = target.local_endpoints.to_string().parse() {
+                    headers.insert("X-Load-Balancing-Endpoint-Weight", weight);
+                }
+                response
             }
-            response
-        }
-    })
+        },
+    )
 }
 
 #[cfg(test)]

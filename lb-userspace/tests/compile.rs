@@ -434,7 +434,11 @@ fn rows() -> Vec<Row> {
                 "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
                 "default/web:http/TCP[loadbalancer] fe=[198.51.100.20:80 lb] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0 ranges=[192.0.2.7/32, 203.0.113.0/24]",
             ],
-            problems: &[],
+            problems: &[(
+                Severity::Unsupported,
+                "Service/default/web",
+                "IPv6SourceRangesNotSupported",
+            )],
             held: &[],
         },
         Row {
@@ -465,6 +469,148 @@ fn rows() -> Vec<Row> {
                 "InvalidSourceRange",
             )],
             held: &["default/bad"],
+        },
+        Row {
+            name: "loadBalancerSourceRanges all IPv6: no IPv4 client may use the LoadBalancer IPs",
+            yaml: service(
+                "v6only",
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.21\n  loadBalancerSourceRanges: [\"2001:db8::/32\"]\n  ports:\n  - {name: http, port: 80, nodePort: 30081}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.21\n",
+            ),
+            expected: &[
+                "default/v6only:http/TCP[internal] fe=[10.96.0.21:80 cluster] be=[] affinity=0",
+                "default/v6only:http/TCP[loadbalancer] fe=[198.51.100.21:80 lb] be=[] affinity=0 ranges=[]",
+            ],
+            problems: &[(
+                Severity::Unsupported,
+                "Service/default/v6only",
+                "IPv6SourceRangesNotSupported",
+            )],
+            held: &[],
+        },
+        Row {
+            name: "source ranges with host bits set are masked, with a Warning, and merge with their network",
+            yaml: service(
+                "hostbits",
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.22\n  loadBalancerSourceRanges: [10.1.2.3/8, 10.0.0.0/8, 192.0.2.7/24]\n  ports:\n  - {name: http, port: 80}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.22\n",
+            ),
+            expected: &[
+                "default/hostbits:http/TCP[internal] fe=[10.96.0.22:80 cluster] be=[] affinity=0",
+                "default/hostbits:http/TCP[loadbalancer] fe=[198.51.100.22:80 lb] be=[] affinity=0 ranges=[10.0.0.0/8, 192.0.2.0/24]",
+            ],
+            problems: &[
+                (Severity::Warning, "Service/default/hostbits", "SourceRangeHostBits"),
+                (Severity::Warning, "Service/default/hostbits", "SourceRangeHostBits"),
+            ],
+            held: &[],
+        },
+        Row {
+            name: "an IPv6 source range that is not a CIDR",
+            yaml: service(
+                "bad",
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  loadBalancerSourceRanges: [\"2001:db8::/129\"]\n  ports:\n  - {port: 80}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidSourceRange")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "healthCheckNodePort outside the NodePort range (an HTTP server on port 22)",
+            yaml: service(
+                "bad",
+                "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 22\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: 30082}\n",
+            ) + &service("web", cluster_ip),
+            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[(
+                Severity::Invalid,
+                "Service/default/bad",
+                "InvalidHealthCheckNodePort",
+            )],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "healthCheckNodePort above 65535",
+            yaml: service(
+                "bad",
+                "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 70000\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: 30082}\n",
+            ),
+            expected: &[],
+            problems: &[(
+                Severity::Invalid,
+                "Service/default/bad",
+                "InvalidHealthCheckNodePort",
+            )],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "nodePort above 65535",
+            yaml: service(
+                "bad",
+                "  type: NodePort\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: 70000}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidNodePort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "nodePort negative",
+            yaml: service(
+                "bad",
+                "  type: NodePort\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: -1}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidNodePort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "targetPort 0",
+            yaml: service(
+                "bad",
+                "  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, targetPort: 0}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidTargetPort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "targetPort above 65535",
+            yaml: service(
+                "bad",
+                "  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, targetPort: 65536}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidTargetPort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "targetPort neither a number nor a port name",
+            yaml: service(
+                "bad",
+                "  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, targetPort: HTTP_PORT}\n",
+            ),
+            expected: &[],
+            problems: &[(Severity::Invalid, "Service/default/bad", "InvalidTargetPort")],
+            held: &["default/bad"],
+        },
+        Row {
+            name: "targetPort by name and by number in range",
+            yaml: service(
+                "web",
+                "  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: http-alt}\n  - {name: https, port: 443, targetPort: 65535}\n",
+            ),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0",
+                "default/web:https/TCP fe=[10.96.0.10:443 cluster] be=[] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "a Service without a name",
+            yaml: "---\napiVersion: v1\nkind: Service\nmetadata:\n  namespace: default\nspec:\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80}\n".to_owned()
+                + &service("web", cluster_ip),
+            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[(Severity::Invalid, "Service/default/", "MissingName")],
+            held: &["default/"],
         },
         Row {
             name: "invalid clusterIP string",
@@ -594,7 +740,232 @@ fn rows() -> Vec<Row> {
                 + &service("b", "  clusterIP: 10.96.0.10\n  ports:\n  - {port: 80}\n"),
             expected: &["default/a:/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
             problems: &[(Severity::Invalid, "Service/default/b", "FrontendConflict")],
-            held: &["default/b"],
+            held: &[],
+        },
+    ]
+    .into_iter()
+    .chain(ownership_rows())
+    .collect()
+}
+
+/// A Service with a creationTimestamp ("" for none) and a uid ("" for none).
+fn aged_service(namespace: &str, name: &str, created: &str, uid: &str, spec: &str) -> String {
+    let mut metadata = format!("  name: {name}\n  namespace: {namespace}\n");
+    if !created.is_empty() {
+        metadata += &format!("  creationTimestamp: \"{created}\"\n");
+    }
+    if !uid.is_empty() {
+        metadata += &format!("  uid: {uid}\n");
+    }
+    format!("---\napiVersion: v1\nkind: Service\nmetadata:\n{metadata}spec:\n{spec}\n")
+}
+
+const OLD: &str = "2026-01-01T00:00:00Z";
+const NEW: &str = "2026-06-01T00:00:00Z";
+
+/// Several Services claiming one frontend (address, port, protocol): one serves it, whatever
+/// the names (the hijackers below sort first) and the order; the others lose that frontend only.
+fn ownership_rows() -> Vec<Row> {
+    let frontend = |created| {
+        aged_service(
+            "default",
+            "frontend",
+            created,
+            "uid-frontend",
+            "  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80}\n",
+        )
+    };
+    vec![
+        Row {
+            name: "an older Service's externalIP equal to another's ClusterIP: the ClusterIP wins",
+            yaml: aged_service(
+                "default",
+                "aa-dup",
+                OLD,
+                "uid-dup",
+                "  clusterIP: 10.96.0.99\n  externalIPs: [10.96.0.10]\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &frontend(NEW),
+            expected: &[
+                "default/aa-dup:http/TCP fe=[10.96.0.99:80 cluster] be=[] affinity=0",
+                "default/frontend:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0",
+            ],
+            problems: &[(
+                Severity::Invalid,
+                "Service/default/aa-dup",
+                "FrontendConflict",
+            )],
+            held: &[],
+        },
+        Row {
+            name: "a LoadBalancer ingress IP equal to another's ClusterIP: the ClusterIP wins",
+            yaml: NODE1.to_owned()
+                + &aged_service(
+                    "a",
+                    "lb",
+                    OLD,
+                    "uid-lb",
+                    "  type: LoadBalancer\n  clusterIP: 10.96.0.99\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 10.96.0.10\n",
+                )
+                + &frontend(NEW),
+            expected: &[
+                "a/lb:http/TCP fe=[10.96.0.99:80 cluster, 198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[] affinity=0",
+                "default/frontend:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0",
+            ],
+            problems: &[(Severity::Invalid, "Service/a/lb", "FrontendConflict")],
+            held: &[],
+        },
+        Row {
+            name: "kube-dns's ClusterIP port 53 stays kube-dns's against a Service in namespace a",
+            yaml: aged_service(
+                "kube-system",
+                "kube-dns",
+                NEW,
+                "uid-dns",
+                "  clusterIP: 10.96.0.10\n  ports:\n  - {name: dns, port: 53, protocol: UDP}\n  - {name: dns-tcp, port: 53, protocol: TCP}\n",
+            ) + &aged_service(
+                "a",
+                "a",
+                OLD,
+                "uid-a",
+                "  clusterIP: 10.96.0.99\n  externalIPs: [10.96.0.10]\n  ports:\n  - {name: dns, port: 53, protocol: UDP}\n",
+            ),
+            expected: &[
+                "a/a:dns/UDP fe=[10.96.0.99:53 cluster] be=[] affinity=0",
+                "kube-system/kube-dns:dns/UDP fe=[10.96.0.10:53 cluster] be=[] affinity=0",
+                "kube-system/kube-dns:dns-tcp/TCP fe=[10.96.0.10:53 cluster] be=[] affinity=0",
+            ],
+            problems: &[(Severity::Invalid, "Service/a/a", "FrontendConflict")],
+            held: &[],
+        },
+        Row {
+            name: "two externalIP claims: the older Service keeps it, the newer keeps its others",
+            yaml: aged_service(
+                "default",
+                "a-new",
+                NEW,
+                "uid-1",
+                "  clusterIP: 10.96.0.11\n  externalIPs: [192.0.2.10, 192.0.2.11]\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &aged_service(
+                "default",
+                "b-old",
+                OLD,
+                "uid-2",
+                "  clusterIP: 10.96.0.12\n  externalIPs: [192.0.2.10]\n  ports:\n  - {name: http, port: 80}\n",
+            ),
+            expected: &[
+                "default/a-new:http/TCP fe=[10.96.0.11:80 cluster, 192.0.2.11:80 external] be=[] affinity=0",
+                "default/b-old:http/TCP fe=[10.96.0.12:80 cluster, 192.0.2.10:80 external] be=[] affinity=0",
+            ],
+            problems: &[(
+                Severity::Invalid,
+                "Service/default/a-new",
+                "FrontendConflict",
+            )],
+            held: &[],
+        },
+        Row {
+            name: "an externalIP against a LoadBalancer IP: the same kind, the older keeps it",
+            yaml: aged_service(
+                "default",
+                "a-new",
+                NEW,
+                "uid-1",
+                "  clusterIP: 10.96.0.11\n  externalIPs: [192.0.2.10]\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &aged_service(
+                "default",
+                "b-old",
+                OLD,
+                "uid-2",
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.12\n  ports:\n  - {name: http, port: 80}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 192.0.2.10\n",
+            ),
+            expected: &[
+                "default/a-new:http/TCP fe=[10.96.0.11:80 cluster] be=[] affinity=0",
+                "default/b-old:http/TCP fe=[10.96.0.12:80 cluster, 192.0.2.10:80 lb] be=[] affinity=0",
+            ],
+            problems: &[(
+                Severity::Invalid,
+                "Service/default/a-new",
+                "FrontendConflict",
+            )],
+            held: &[],
+        },
+        Row {
+            name: "created in the same second: the lesser uid keeps it",
+            yaml: aged_service(
+                "default",
+                "a",
+                OLD,
+                "uid-2",
+                "  clusterIP: 10.96.0.11\n  externalIPs: [192.0.2.10]\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &aged_service(
+                "default",
+                "b",
+                OLD,
+                "uid-1",
+                "  clusterIP: 10.96.0.12\n  externalIPs: [192.0.2.10]\n  ports:\n  - {name: http, port: 80}\n",
+            ),
+            expected: &[
+                "default/a:http/TCP fe=[10.96.0.11:80 cluster] be=[] affinity=0",
+                "default/b:http/TCP fe=[10.96.0.12:80 cluster, 192.0.2.10:80 external] be=[] affinity=0",
+            ],
+            problems: &[(Severity::Invalid, "Service/default/a", "FrontendConflict")],
+            held: &[],
+        },
+        Row {
+            name: "without a creationTimestamp a Service counts as the newest (hand-written manifests)",
+            yaml: aged_service(
+                "default",
+                "a",
+                "",
+                "",
+                "  clusterIP: 10.96.0.11\n  externalIPs: [192.0.2.10]\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &aged_service(
+                "default",
+                "b",
+                NEW,
+                "",
+                "  clusterIP: 10.96.0.12\n  externalIPs: [192.0.2.10]\n  ports:\n  - {name: http, port: 80}\n",
+            ),
+            expected: &[
+                "default/a:http/TCP fe=[10.96.0.11:80 cluster] be=[] affinity=0",
+                "default/b:http/TCP fe=[10.96.0.12:80 cluster, 192.0.2.10:80 external] be=[] affinity=0",
+            ],
+            problems: &[(Severity::Invalid, "Service/default/a", "FrontendConflict")],
+            held: &[],
+        },
+        Row {
+            name: "two ClusterIP claims (only a hand-made snapshot has them): the older keeps it, the newer has nothing left",
+            yaml: aged_service(
+                "default",
+                "a",
+                NEW,
+                "",
+                "  clusterIP: 10.96.0.10\n  ports:\n  - {port: 80}\n",
+            ) + &aged_service(
+                "default",
+                "b",
+                OLD,
+                "",
+                "  clusterIP: 10.96.0.10\n  ports:\n  - {port: 80}\n",
+            ),
+            expected: &["default/b:/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[(Severity::Invalid, "Service/default/a", "FrontendConflict")],
+            held: &[],
+        },
+        Row {
+            name: "a Service's externalIP equal to its own ClusterIP is no conflict",
+            yaml: aged_service(
+                "default",
+                "self",
+                OLD,
+                "",
+                "  clusterIP: 10.96.0.10\n  externalIPs: [10.96.0.10]\n  ports:\n  - {port: 80}\n",
+            ),
+            expected: &[
+                "default/self:/TCP fe=[10.96.0.10:80 cluster, 10.96.0.10:80 external] be=[] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
         },
     ]
 }
@@ -700,8 +1071,8 @@ fn nodeport_addresses_limit_which_node_addresses_serve_node_ports() {
 fn malformed_yaml_is_reported_with_its_line() {
     let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: ok\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: [unclosed\n";
     let (line, message) = parse_documents(text).expect_err("malformed");
-    // The parser gives up at the end of the second document (line 10), never in the first.
-    assert_eq!(line, Some(10), "{message}");
+    // The unclosed bracket of the second document (line 9), never the first document.
+    assert_eq!(line, Some(9), "{message}");
     let wrong_type = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: 80\n";
     let (line, message) = parse_documents(wrong_type).expect_err("ports must be a list");
     assert_eq!(line, Some(1), "{message}");
@@ -795,14 +1166,26 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
                 }
                 bump(&mut service.metadata, &mut version);
             }
-            // A Service takes another's ClusterIP (a conflict), or gets its own back.
+            // A Service takes another's ClusterIP or claims it as an externalIP (a conflict), or
+            // gets its own back; its age changes (or it has none).
             3 => {
                 let index = rng.below(snapshot.services.len() as u64) as usize;
                 let ip = format!("10.96.1.{}", rng.below(25));
+                let as_external_ip = rng.below(2) == 0;
+                let created = [None, Some(OLD), Some(NEW)][rng.below(3) as usize];
                 let service = Arc::make_mut(&mut snapshot.services[index]);
                 if let Some(spec) = service.spec.as_mut() {
-                    spec.cluster_ip = Some(ip);
+                    if as_external_ip {
+                        spec.external_ips = Some(vec![ip]);
+                    } else {
+                        spec.cluster_ip = Some(ip);
+                    }
                 }
+                service.metadata.creation_timestamp = created.map(|time| {
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        time.parse().expect("timestamp"),
+                    )
+                });
                 bump(&mut service.metadata, &mut version);
             }
             // A Service deleted (its slices stay: orphans).
@@ -1015,4 +1398,253 @@ fn the_incremental_compiler_recompiles_the_services_whose_endpoints_moved() {
     assert!(compiler.set_routed_local(Default::default()));
     compiler.update(&snapshot);
     assert_eq!(compiler.desired(), &compile(&snapshot, &node()).0);
+}
+
+/// The Services of the ownership test: two claims on the ClusterIP 10.96.0.10:80 (the owner's
+/// and an older hijacker's externalIP), two externalIP claims on 192.0.2.10:80, and a bystander.
+fn contenders() -> Vec<(&'static str, String)> {
+    let http = "  ports:\n  - {name: http, port: 80}\n";
+    vec![
+        (
+            "frontend",
+            aged_service(
+                "default",
+                "frontend",
+                NEW,
+                "uid-f",
+                &format!("  clusterIP: 10.96.0.10\n{http}"),
+            ),
+        ),
+        (
+            "aa-dup",
+            aged_service(
+                "default",
+                "aa-dup",
+                OLD,
+                "uid-d",
+                &format!("  clusterIP: 10.96.0.99\n  externalIPs: [10.96.0.10]\n{http}"),
+            ),
+        ),
+        (
+            "ext-old",
+            aged_service(
+                "default",
+                "ext-old",
+                OLD,
+                "uid-o",
+                &format!("  clusterIP: 10.96.0.11\n  externalIPs: [192.0.2.10]\n{http}"),
+            ),
+        ),
+        (
+            "ext-new",
+            aged_service(
+                "default",
+                "ext-new",
+                NEW,
+                "uid-n",
+                &format!("  clusterIP: 10.96.0.12\n  externalIPs: [192.0.2.10]\n{http}"),
+            ),
+        ),
+    ]
+}
+
+/// All orders of `items`.
+fn permutations<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
+    if items.len() <= 1 {
+        return vec![items.to_vec()];
+    }
+    let mut all = Vec::new();
+    for (index, first) in items.iter().enumerate() {
+        let mut rest = items.to_vec();
+        rest.remove(index);
+        for mut tail in permutations(&rest) {
+            tail.insert(0, first.clone());
+            all.push(tail);
+        }
+    }
+    all
+}
+
+fn bystander() -> String {
+    aged_service(
+        "default",
+        "bystander",
+        OLD,
+        "uid-b",
+        "  clusterIP: 10.96.0.50\n  ports:\n  - {name: http, port: 80}\n",
+    )
+}
+
+fn bystander_key() -> lb_userspace::compile::ServicePortKey {
+    lb_userspace::compile::ServicePortKey {
+        namespace: "default".into(),
+        name: "bystander".into(),
+        port_name: "http".into(),
+        proto: lb_common::proto::TCP,
+        scope: Default::default(),
+    }
+}
+
+#[test]
+fn frontend_owners_do_not_depend_on_the_order_of_arrival_full_or_incremental() {
+    use lb_userspace::compile::Compiler;
+    let expected = [
+        "default/aa-dup:http/TCP fe=[10.96.0.99:80 cluster] be=[] affinity=0",
+        "default/bystander:http/TCP fe=[10.96.0.50:80 cluster] be=[] affinity=0",
+        "default/ext-new:http/TCP fe=[10.96.0.12:80 cluster] be=[] affinity=0",
+        "default/ext-old:http/TCP fe=[10.96.0.11:80 cluster, 192.0.2.10:80 external] be=[] affinity=0",
+        "default/frontend:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0",
+    ];
+    let expected_problems = vec![
+        (
+            Severity::Invalid,
+            "Service/default/aa-dup".to_owned(),
+            "FrontendConflict",
+        ),
+        (
+            Severity::Invalid,
+            "Service/default/ext-new".to_owned(),
+            "FrontendConflict",
+        ),
+    ];
+    for order in permutations(&contenders()) {
+        let names: Vec<&str> = order.iter().map(|(name, _)| *name).collect();
+        // All at once, listed in this order.
+        let yaml: String = bystander()
+            + &order
+                .iter()
+                .map(|(_, yaml)| yaml.as_str())
+                .collect::<String>();
+        let (desired, problems) = compile(&snapshot(&yaml, "node1"), &node());
+        assert_eq!(render(&desired), expected, "full compile, order {names:?}");
+        assert_eq!(problem_summary(&problems), expected_problems, "{names:?}");
+
+        // One at a time, in this order, after the bystander: the incremental compiler settles
+        // each conflict itself (a full compile would report the bystander as changed).
+        let mut compiler = Compiler::new(node());
+        let mut incremental = snapshot(&bystander(), "node1");
+        compiler.update(&incremental);
+        for (name, yaml) in &order {
+            incremental
+                .services
+                .extend(snapshot(yaml, "node1").services);
+            let update = compiler.update(&incremental);
+            assert!(
+                !update.changed.contains(&bystander_key()),
+                "{name} after {names:?}: a full compile"
+            );
+            assert_eq!(
+                compiler.desired(),
+                &compile(&incremental, &node()).0,
+                "{name} of {names:?}"
+            );
+        }
+        assert_eq!(
+            render(compiler.desired()),
+            expected,
+            "incremental, order {names:?}"
+        );
+        let update = compiler.update(&incremental);
+        assert_eq!(problem_summary(&update.problems), expected_problems);
+    }
+}
+
+#[test]
+fn when_a_frontend_owner_goes_the_next_claim_takes_the_frontend_over() {
+    use lb_userspace::compile::Compiler;
+    let yaml = bystander()
+        + &contenders()
+            .into_iter()
+            .map(|(_, yaml)| yaml)
+            .collect::<String>();
+    let mut snapshot = snapshot(&yaml, "node1");
+    let mut compiler = Compiler::new(node());
+    let update = compiler.update(&snapshot);
+    let message = |update: &lb_userspace::compile::Update, name: &str| {
+        update
+            .problems
+            .iter()
+            .find(|problem| problem.name == name)
+            .map(|problem| problem.message.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        message(&update, "aa-dup"),
+        "10.96.0.10:80/TCP not served for this Service: default/frontend:http/TCP serves it (a ClusterIP comes before an externalIP or LoadBalancer IP)"
+    );
+    assert_eq!(
+        message(&update, "ext-new"),
+        "192.0.2.10:80/TCP not served for this Service: default/ext-old:http/TCP serves it (it is the older Service (creationTimestamp, then uid))"
+    );
+
+    let remove = |snapshot: &mut Snapshot, name: &str| {
+        snapshot
+            .services
+            .retain(|service| service.metadata.name.as_deref() != Some(name));
+    };
+    let line = |compiler: &Compiler, name: &str| {
+        render(compiler.desired())
+            .into_iter()
+            .find(|line| line.starts_with(&format!("default/{name}:")))
+            .unwrap_or_default()
+    };
+    remove(&mut snapshot, "frontend");
+    let update = compiler.update(&snapshot);
+    assert_eq!(
+        line(&compiler, "aa-dup"),
+        "default/aa-dup:http/TCP fe=[10.96.0.10:80 external, 10.96.0.99:80 cluster] be=[] affinity=0"
+    );
+    assert!(!update.changed.contains(&bystander_key()), "a full compile");
+    assert_eq!(compiler.desired(), &compile(&snapshot, &node()).0);
+    assert_eq!(message(&update, "aa-dup"), "");
+
+    remove(&mut snapshot, "ext-old");
+    let update = compiler.update(&snapshot);
+    assert_eq!(
+        line(&compiler, "ext-new"),
+        "default/ext-new:http/TCP fe=[10.96.0.12:80 cluster, 192.0.2.10:80 external] be=[] affinity=0"
+    );
+    assert!(!update.changed.contains(&bystander_key()), "a full compile");
+    assert_eq!(compiler.desired(), &compile(&snapshot, &node()).0);
+    assert!(update.problems.is_empty(), "{:?}", update.problems);
+}
+
+#[test]
+fn external_ips_outside_the_allowed_cidrs_are_skipped_and_reported() {
+    let yaml = service(
+        "web",
+        "  clusterIP: 10.96.0.10\n  externalIPs: [192.0.2.10, 10.0.0.1]\n  ports:\n  - {name: http, port: 443}\n",
+    );
+    let (desired, problems) = compile(&snapshot(&yaml, "node1"), &node());
+    assert_eq!(
+        render(&desired),
+        [
+            "default/web:http/TCP fe=[10.0.0.1:443 external, 10.96.0.10:443 cluster, 192.0.2.10:443 external] be=[] affinity=0"
+        ],
+        "without --external-ip-cidrs every externalIP is served, as kube-proxy does"
+    );
+    assert!(problems.is_empty());
+
+    let mut context = node();
+    context.external_ip_cidrs = vec!["192.0.2.0/24".parse().expect("cidr")];
+    let (desired, problems) = compile(&snapshot(&yaml, "node1"), &context);
+    assert_eq!(
+        render(&desired),
+        [
+            "default/web:http/TCP fe=[10.96.0.10:443 cluster, 192.0.2.10:443 external] be=[] affinity=0"
+        ]
+    );
+    assert_eq!(
+        problem_summary(&problems),
+        [(
+            Severity::Invalid,
+            "Service/default/web".to_owned(),
+            "ExternalIPNotAllowed"
+        )]
+    );
+    assert_eq!(
+        problems[0].message,
+        "externalIP 10.0.0.1 is outside --external-ip-cidrs; not served"
+    );
+    assert!(desired.held.is_empty(), "the rest of the Service is served");
 }

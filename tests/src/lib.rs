@@ -5,9 +5,11 @@
 //! - [`topology`]: the client / fabric / nodes / pods layout of docs/lab.md;
 //! - [`peer`]: the `lab-peer` TCP/UDP servers and clients and their reports;
 //! - [`packet`] and [`table`]: crafted frames and table-driven `BPF_PROG_TEST_RUN` tests;
+//! - [`bare_xdp`]: a two-instruction XDP_PASS program, the per-packet bench's floor;
 //! - [`private_bpffs`]: a bpffs mount no one else sees, for tests of the pin directory's checks.
 
 pub mod agent;
+pub mod bare_xdp;
 pub mod fake_apiserver;
 pub mod http;
 pub mod lab;

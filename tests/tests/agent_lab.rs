@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use lab::{
     agent::{AgentLab, SYNC_TIMEOUT},
+    http,
     lab::wait_for_log,
     peer::ClientRun,
     topology::{node_addr, pod_addr},
@@ -77,7 +78,7 @@ fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
     wait_for_log(&setup.log(), "web.yaml:", 1, SYNC_TIMEOUT)
         .expect("the error names the file and line");
     let log = std::fs::read_to_string(setup.log()).unwrap_or_default();
-    assert!(log[before..].contains("web.yaml:5"), "{}", &log[before..]);
+    assert!(log[before..].contains("web.yaml:4"), "{}", &log[before..]);
     let report = ClientRun::tcp(&node_port, 20)
         .run(&setup.cluster.client, None)
         .expect("client");
@@ -122,6 +123,78 @@ fn services_created_scaled_changed_and_deleted_in_yaml_reach_real_traffic() {
     .run(setup.client_pod(), Some(&setup.cgroup))
     .expect("client");
     assert_eq!(gone.errors, 1, "deleted ClusterIP still answers: {gone:?}");
+}
+
+/// A Service whose annotations hold an alias bomb of about 15 KB (25 levels of 100 aliases each
+/// to the level before: 100^25 strings expanded).
+fn alias_bomb() -> String {
+    let mut yaml =
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: laughs\n  annotations:\n".to_owned();
+    yaml.push_str(&format!("    l0: &l0 [{}]\n", vec!["lol"; 100].join(", ")));
+    for level in 1..25 {
+        let alias = format!("*l{}", level - 1);
+        yaml.push_str(&format!(
+            "    l{level}: &l{level} [{}]\n",
+            vec![alias.as_str(); 100].join(", ")
+        ));
+    }
+    yaml
+}
+
+/// `lb_manifest_errors_total` from the agent's /metrics, read inside node1's namespace.
+fn manifest_errors(setup: &AgentLab) -> u64 {
+    let metrics = "127.0.0.1:10249".parse().expect("address");
+    let page = http::get(&setup.cluster.node(1).host, metrics, "/metrics")
+        .expect("GET /metrics")
+        .body;
+    page.lines()
+        .find_map(|line| line.strip_prefix("lb_manifest_errors_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lb_manifest_errors_total in {page}"))
+}
+
+#[test]
+fn hostile_manifests_are_refused_and_counted_and_change_nothing() {
+    let mut setup = AgentLab::new().expect("lab");
+    std::fs::write(
+        setup.manifests().join("web.yaml"),
+        service(80, 30080) + "---\n" + &endpoints(&[0]),
+    )
+    .expect("manifest");
+    setup
+        .start_agent(&["--manifest-max-bytes", "65536"])
+        .expect("agent");
+    let node_port = format!("{}:30080", node_addr(1));
+    assert_eq!(manifest_errors(&setup), 0);
+
+    let before = std::fs::read_to_string(setup.log())
+        .unwrap_or_default()
+        .len();
+    std::fs::write(setup.manifests().join("laughs.yaml"), alias_bomb()).expect("write");
+    wait_for_log(&setup.log(), "laughs.yaml", 1, SYNC_TIMEOUT).expect("the error names the file");
+    std::fs::write(
+        setup.manifests().join("big.yaml"),
+        format!("# {}\n", "x".repeat(70_000)),
+    )
+    .expect("write");
+    wait_for_log(&setup.log(), "big.yaml", 1, SYNC_TIMEOUT).expect("the error names the file");
+    let log = std::fs::read_to_string(setup.log()).unwrap_or_default();
+    let new = &log[before..];
+    assert!(new.contains("alias replay limit"), "{new}");
+    assert!(new.contains("--manifest-max-bytes"), "{new}");
+    assert_eq!(manifest_errors(&setup), 2, "each refused file counted once");
+
+    // The agent lives on and serves what it had.
+    assert!(
+        setup
+            .agent_pid()
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()),
+        "the agent is still running"
+    );
+    let report = ClientRun::tcp(&node_port, 20)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    report.assert_all_ok("after hostile manifests");
 }
 
 #[test]

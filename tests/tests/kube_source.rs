@@ -838,13 +838,15 @@ async fn managed_fields_are_stripped() {
             })
             .await;
         assert!(!snapshot.services.iter().any(|s| managed(&s.metadata)));
-        // The server-set fields the agent needs are kept.
+        // The server-set fields the agent needs are kept (resourceVersion for the incremental
+        // compile, creationTimestamp and uid for who owns a contested frontend).
         let web = snapshot
             .services
             .iter()
             .find(|s| s.metadata.name.as_deref() == Some("web"))
             .unwrap();
         assert!(web.metadata.resource_version.is_some() && web.metadata.uid.is_some());
+        assert!(web.metadata.creation_timestamp.is_some());
     })
     .await;
 }

@@ -240,3 +240,138 @@ fn held_services_keep_what_they_had_and_a_full_map_fails_one_service_only() {
         "{report:?}"
     );
 }
+
+/// The desired state compiled from YAML, for node1.
+fn compiled(yaml: &str) -> Desired {
+    let mut snapshot = lb_userspace::source::Snapshot::default();
+    for object in lb_userspace::source::file::parse_documents(yaml).expect("test YAML") {
+        match object {
+            lb_userspace::source::file::Object::Service(service) => snapshot.services.push(service),
+            lb_userspace::source::file::Object::EndpointSlice(slice) => {
+                snapshot.endpoint_slices.push(slice)
+            }
+            lb_userspace::source::file::Object::Node(_) => {}
+        }
+    }
+    let (desired, problems) = lb_userspace::compile::compile(
+        &snapshot,
+        &lb_userspace::compile::NodeContext::new("node1"),
+    );
+    assert!(
+        problems
+            .iter()
+            .all(|problem| problem.severity != lb_userspace::compile::Severity::Invalid),
+        "{problems:?}"
+    );
+    desired
+}
+
+/// A LoadBalancer Service on `lb_ip`:80 with these loadBalancerSourceRanges and one endpoint on
+/// node1.
+fn ranged_service(name: &str, octet: u8, ranges: &[&str]) -> String {
+    let ranges: Vec<String> = ranges.iter().map(|range| format!("\"{range}\"")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.{octet}\n  loadBalancerSourceRanges: [{}]\n  ports:\n  - {{name: http, port: 80}}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.{octet}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n- addresses: [\"10.244.1.{octet}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
+        ranges.join(", ")
+    )
+}
+
+const XDP_DROP: u32 = 1;
+
+/// Whether XDP lets `client` open a flow to the LoadBalancer IP 198.51.100.`octet`:80 (a SYN),
+/// or drops it as outside the source ranges (counted as drop_source_range).
+fn admitted(datapath: &Datapath, pins: &PinDir, client: &str, octet: u8) -> bool {
+    let events = |name| {
+        lb_userspace::inspect::PinnedMaps::open(pins.path())
+            .expect("pinned maps")
+            .events()
+            .expect("events")
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    };
+    let drops_before = events("drop_source_range");
+    let xdp = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    // A new source port each time: a tracked flow would not be checked again.
+    static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(40000);
+    let port = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let client = format!("{client}:{port}").parse().expect("addr");
+    let frontend = format!("198.51.100.{octet}:80").parse().expect("addr");
+    let run = test_run(xdp, &packet::tcp(client, frontend, TcpFlags::SYN, b"")).expect("run");
+    let dropped = run.verdict == XDP_DROP;
+    assert_eq!(
+        events("drop_source_range") - drops_before,
+        u64::from(dropped),
+        "a drop here is a source-range drop, counted"
+    );
+    !dropped
+}
+
+#[test]
+fn source_ranges_that_share_a_prefix_entry_are_honoured_until_both_are_gone() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "ranges").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    let mut reconciler = Reconciler::new();
+    let mut apply = |datapath: &mut Datapath, yaml: &str| {
+        let report = reconciler.reconcile(datapath, &compiled(yaml));
+        assert!(report.errors.is_empty(), "{report:?}");
+    };
+
+    // a lists 10.0.0.0/8 twice (once with host bits: the same LPM entry), b lists it too.
+    apply(
+        &mut datapath,
+        &(ranged_service("a", 31, &["10.1.2.3/8", "10.0.0.0/8"])
+            + &ranged_service("b", 32, &["10.0.0.0/8"])),
+    );
+    assert!(admitted(&datapath, &pins, "10.9.9.9", 31));
+    assert!(admitted(&datapath, &pins, "10.9.9.9", 32));
+    assert!(!admitted(&datapath, &pins, "192.0.2.1", 31));
+
+    // One of a's two spellings gone: the other still needs the entry.
+    apply(
+        &mut datapath,
+        &(ranged_service("a", 31, &["10.0.0.0/8"]) + &ranged_service("b", 32, &["10.0.0.0/8"])),
+    );
+    assert!(admitted(&datapath, &pins, "10.9.9.9", 31));
+    apply(
+        &mut datapath,
+        &(ranged_service("a", 31, &["10.1.2.3/8"]) + &ranged_service("b", 32, &["10.0.0.0/8"])),
+    );
+    assert!(admitted(&datapath, &pins, "10.9.9.9", 31));
+
+    // b gone: a's entry stays.
+    apply(&mut datapath, &ranged_service("a", 31, &["10.1.2.3/8"]));
+    assert!(admitted(&datapath, &pins, "10.9.9.9", 31));
+
+    // Both of a's spellings gone: the entry goes with them.
+    apply(&mut datapath, &ranged_service("a", 31, &["192.0.2.0/24"]));
+    assert!(!admitted(&datapath, &pins, "10.9.9.9", 31));
+    assert!(admitted(&datapath, &pins, "192.0.2.1", 31));
+
+    // IPv6 ranges only: no IPv4 client is admitted.
+    apply(&mut datapath, &ranged_service("a", 31, &["2001:db8::/32"]));
+    assert!(!admitted(&datapath, &pins, "192.0.2.1", 31));
+    assert!(!admitted(&datapath, &pins, "10.9.9.9", 31));
+}
+
+#[test]
+fn the_datapath_refuses_a_source_range_with_host_bits() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "hostbits").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    let mut reconciler = Reconciler::new();
+    let mut state = desired(&[("web", 10, &[10])]);
+    if let Some(service) = state.services.values_mut().next() {
+        service.flags |= service_flags::SOURCE_RANGES;
+        service.source_ranges = [(Ipv4Addr::new(10, 1, 2, 3), 8)].into();
+    }
+    let report = reconciler.reconcile(&mut datapath, &state);
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(
+        report.errors[0].1.to_string().contains("host bits"),
+        "{report:?}"
+    );
+}

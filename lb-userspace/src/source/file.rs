@@ -5,6 +5,10 @@
 //! A file that does not parse is reported with its path and line, and the objects it held
 //! before stay in force: a typo never removes a Service. Documents of other kinds (Deployments in
 //! the same manifest) are ignored.
+//!
+//! Manifests are untrusted input: a file over the size limit is refused unread, and the parser
+//! bounds nesting and what aliases may expand to, so a small "billion laughs" file is refused in
+//! milliseconds instead of taking seconds and hundreds of MB.
 
 use std::{
     collections::BTreeMap,
@@ -50,63 +54,85 @@ impl std::fmt::Display for FileError {
     }
 }
 
+/// The largest manifest file read, unless `--manifest-max-bytes` says otherwise: a few thousand
+/// Services. A larger file is refused before it is parsed.
+pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// Nesting of sequences and mappings a manifest may use (Kubernetes objects need about 10), and
+/// how deep aliases may refer to aliases.
+const MAX_NESTING: usize = 64;
+
+/// Parser events that aliases may replay across one file. Manifests rarely use aliases at all; an
+/// alias bomb (each level a list of aliases to the level before) asks for billions, and is
+/// refused once it has cost this many, in a few milliseconds and a few MB.
+const MAX_ALIAS_REPLAY_EVENTS: usize = 20_000;
+
+/// How a manifest is parsed (serde-saphyr): alias expansion, nesting and the number of aliases
+/// are bounded here; the size of the text, and with it everything else, by the file size limit.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = MAX_NESTING;
+    // Bounded by the file size: a file of a few thousand Services has more nodes and documents
+    // than the library's defaults for configuration files.
+    budget.max_documents = usize::MAX;
+    budget.max_nodes = usize::MAX;
+    budget.max_events = usize::MAX;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.alias_limits.max_total_replayed_events = MAX_ALIAS_REPLAY_EVENTS;
+    options.alias_limits.max_replay_stack_depth = MAX_NESTING;
+    // One-line errors for the log, not source excerpts.
+    options.with_snippet = false;
+    options
+}
+
 /// Parses every document of a YAML (or JSON) text. Err: (1-based line, message).
 pub fn parse_documents(text: &str) -> Result<Vec<Object>, (Option<usize>, String)> {
-    let mut objects = Vec::new();
-    for (start_line, document) in split_documents(text) {
-        if document.trim().is_empty() {
-            continue;
-        }
-        let value: serde_yaml::Value = serde_yaml::from_str(&document).map_err(|err| {
-            let line = err
-                .location()
-                .map(|location| start_line + location.line() - 1);
+    let documents: Vec<serde_saphyr::Spanned<serde_json::Value>> =
+        serde_saphyr::from_multiple_with_options(text, yaml_options()).map_err(|err| {
+            let line = err.location().map(|location| line_number(location.line()));
             (line, err.to_string())
         })?;
-        collect(value, start_line, &mut objects)?;
+    let mut objects = Vec::new();
+    for document in documents {
+        collect(
+            document.value,
+            line_number(document.referenced.line()),
+            &mut objects,
+        )?;
     }
     Ok(objects)
+}
+
+fn line_number(line: u64) -> usize {
+    usize::try_from(line).unwrap_or(usize::MAX)
 }
 
 /// Gives an object without a resourceVersion (hand-written manifests have none) one derived from
 /// its content, as the API server would give a new version on every change: the compiler then
 /// skips unchanged Services and the change counters count real changes only.
-fn stamp_resource_version(value: &mut serde_yaml::Value) {
+fn stamp_resource_version(value: &mut serde_json::Value) {
     use std::hash::{Hash as _, Hasher as _};
     let has_version = value
         .get("metadata")
-        .and_then(serde_yaml::Value::as_mapping)
+        .and_then(serde_json::Value::as_object)
         .is_none_or(|metadata| metadata.contains_key("resourceVersion"));
     if has_version {
         return;
     }
     let mut hasher = std::hash::DefaultHasher::new();
-    value.hash(&mut hasher);
+    value.to_string().hash(&mut hasher);
     let version = format!("file-{:016x}", hasher.finish());
     if let Some(metadata) = value
         .get_mut("metadata")
-        .and_then(serde_yaml::Value::as_mapping_mut)
+        .and_then(serde_json::Value::as_object_mut)
     {
         metadata.insert("resourceVersion".into(), version.into());
     }
 }
 
-/// Splits on `---` lines; each document with the 1-based line it starts on.
-fn split_documents(text: &str) -> Vec<(usize, String)> {
-    let mut documents = vec![(1, String::new())];
-    for (index, line) in text.lines().enumerate() {
-        if line.trim_end() == "---" || line.starts_with("--- ") {
-            documents.push((index + 2, String::new()));
-        } else if let Some((_, document)) = documents.last_mut() {
-            document.push_str(line);
-            document.push('\n');
-        }
-    }
-    documents
-}
-
 fn collect(
-    value: serde_yaml::Value,
+    value: serde_json::Value,
     line: usize,
     objects: &mut Vec<Object>,
 ) -> Result<(), (Option<usize>, String)> {
@@ -115,43 +141,45 @@ fn collect(
     }
     let kind = value
         .get("kind")
-        .and_then(serde_yaml::Value::as_str)
+        .and_then(serde_json::Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    let typed = |mut value: serde_yaml::Value| -> Result<_, (Option<usize>, String)> {
+    let typed = |mut value: serde_json::Value| -> Result<_, (Option<usize>, String)> {
         stamp_resource_version(&mut value);
         let name = value
             .get("metadata")
             .and_then(|metadata| metadata.get("name"))
-            .and_then(serde_yaml::Value::as_str)
+            .and_then(serde_json::Value::as_str)
             .unwrap_or("<unnamed>")
             .to_owned();
         Ok((value, name))
     };
-    let convert_error = |kind: &str, name: &str, err: serde_yaml::Error| {
+    let convert_error = |kind: &str, name: &str, err: serde_json::Error| {
         (Some(line), format!("{kind} {name:?}: {err}"))
     };
     match kind.as_str() {
         "Service" => {
             let (value, name) = typed(value)?;
-            let service = serde_yaml::from_value(value)
+            let service = serde_json::from_value(value)
                 .map_err(|err| convert_error("Service", &name, err))?;
             objects.push(Object::Service(Arc::new(service)));
         }
         "EndpointSlice" => {
             let (value, name) = typed(value)?;
-            let slice = serde_yaml::from_value(value)
+            let slice = serde_json::from_value(value)
                 .map_err(|err| convert_error("EndpointSlice", &name, err))?;
             objects.push(Object::EndpointSlice(Arc::new(slice)));
         }
         "Node" => {
             let (value, name) = typed(value)?;
             let node =
-                serde_yaml::from_value(value).map_err(|err| convert_error("Node", &name, err))?;
+                serde_json::from_value(value).map_err(|err| convert_error("Node", &name, err))?;
             objects.push(Object::Node(Box::new(node)));
         }
         kind if kind == "List" || kind.ends_with("List") => {
-            if let Some(serde_yaml::Value::Sequence(items)) = value.get("items").cloned() {
+            if let serde_json::Value::Object(mut list) = value
+                && let Some(serde_json::Value::Array(items)) = list.remove("items")
+            {
                 for item in items {
                     collect(item, line, objects)?;
                 }
@@ -201,10 +229,36 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+/// Reads a manifest, refusing one larger than `max_bytes` without reading it (or, if it grows
+/// while being read, without reading more than `max_bytes + 1`).
+fn read_manifest(path: &Path, max_bytes: u64) -> Result<String, String> {
+    use std::io::Read as _;
+    let too_large = |size: u64| {
+        format!(
+            "{size} bytes, more than the {max_bytes} a manifest may have (--manifest-max-bytes); not parsed"
+        )
+    };
+    let file = std::fs::File::open(path).map_err(|err| err.to_string())?;
+    let size = file.metadata().map_err(|err| err.to_string())?.len();
+    if size > max_bytes {
+        return Err(too_large(size));
+    }
+    let mut text = String::new();
+    file.take(max_bytes.saturating_add(1))
+        .read_to_string(&mut text)
+        .map_err(|err| err.to_string())?;
+    let read = u64::try_from(text.len()).unwrap_or(u64::MAX);
+    if read > max_bytes {
+        return Err(too_large(read));
+    }
+    Ok(text)
+}
+
 /// The file source: the configured paths and the last good objects of every file.
 pub struct FileSource {
     paths: Vec<PathBuf>,
     node_name: String,
+    max_bytes: u64,
     files: BTreeMap<PathBuf, (Option<Stamp>, Vec<Object>)>,
 }
 
@@ -214,8 +268,15 @@ impl FileSource {
         Self {
             paths,
             node_name: node_name.into(),
+            max_bytes: DEFAULT_MAX_MANIFEST_BYTES,
             files: BTreeMap::new(),
         }
+    }
+
+    /// Refuses files larger than `max_bytes` (default [`DEFAULT_MAX_MANIFEST_BYTES`]).
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// Re-reads files whose size or modification time changed (all of them with `force`), and
@@ -244,8 +305,8 @@ impl FileSource {
             {
                 continue;
             }
-            let result = std::fs::read_to_string(&path)
-                .map_err(|err| (None, err.to_string()))
+            let result = read_manifest(&path, self.max_bytes)
+                .map_err(|message| (None, message))
                 .and_then(|text| parse_documents(&text));
             match result {
                 Ok(objects) => {

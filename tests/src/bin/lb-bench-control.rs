@@ -1,6 +1,8 @@
 //! Control-plane benchmark: time and peak memory to program N services x M endpoints from
 //! nothing (compile + reconcile into fresh, private pinned maps), and the latency of one
-//! endpoint change at that size (compile + reconcile until the map holds it).
+//! endpoint change at that size (compile + reconcile until the map holds it), then again with a
+//! Service that claims another's ClusterIP as its externalIP (a frontend conflict, which the
+//! compiler settles incrementally: before, one conflict made every sync a full compile).
 //!
 //! Objects carry resourceVersions, as the API server's do, so the incremental compiler only
 //! recompiles what changed. In-process, so the figures are the agent's own work; a source adds its delivery time on top
@@ -98,6 +100,40 @@ fn main() -> anyhow::Result<()> {
     let median = latencies[latencies.len() / 2];
     let p90 = latencies[latencies.len() * 9 / 10];
 
+    // A hijacker: a new Service whose externalIP is svc-0's ClusterIP. It loses that frontend
+    // (a ClusterIP comes first); the same endpoint changes must cost what they did without it.
+    snapshot.services.push(Arc::new(hijacker()));
+    let update = compiler.update(&snapshot);
+    reconciler.reconcile_changed(&mut datapath, compiler.desired(), &update.changed);
+    anyhow::ensure!(
+        update
+            .problems
+            .iter()
+            .any(|problem| problem.reason == "FrontendConflict"),
+        "no conflict: {:?}",
+        update.problems
+    );
+    let mut conflict_latencies = Vec::new();
+    for change in 0..CHANGES {
+        let slice = Arc::make_mut(&mut snapshot.endpoint_slices[(change * 97 + 13) % SERVICES]);
+        let new_addr = format!("10.251.{}.{}", change / 250, change % 250 + 1);
+        slice.endpoints[0].addresses = vec![new_addr.clone()];
+        slice.metadata.resource_version = Some(format!("{}", 100 + change));
+        let started = Instant::now();
+        let update = compiler.update(&snapshot);
+        let report =
+            reconciler.reconcile_changed(&mut datapath, compiler.desired(), &update.changed);
+        conflict_latencies.push(started.elapsed());
+        anyhow::ensure!(
+            report.services_put == 1 && update.changed.len() == 1,
+            "{report:?} {:?}",
+            update.changed
+        );
+    }
+    conflict_latencies.sort();
+    let conflict_median = conflict_latencies[conflict_latencies.len() / 2];
+    let conflict_p90 = conflict_latencies[conflict_latencies.len() * 9 / 10];
+
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
         "control plane: {SERVICES} services x {ENDPOINTS} endpoints (one Service port each), in-process"
@@ -120,6 +156,11 @@ fn main() -> anyhow::Result<()> {
         ms(compile_median),
         ms(p90)
     );
+    println!(
+        "  the same with a conflicting Service: median {:.2} ms, p90 {:.2} ms over {CHANGES} changes",
+        ms(conflict_median),
+        ms(conflict_p90)
+    );
 
     let json = serde_json::json!({
         "services": SERVICES,
@@ -132,6 +173,8 @@ fn main() -> anyhow::Result<()> {
         "change_median_ms": ms(median),
         "change_p90_ms": ms(p90),
         "change_compile_median_ms": ms(compile_median),
+        "change_with_conflict_median_ms": ms(conflict_median),
+        "change_with_conflict_p90_ms": ms(conflict_p90),
     });
     if let Some(dir) = args.out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -153,6 +196,30 @@ fn peak_rss_kib() -> u64 {
         .find_map(|line| line.strip_prefix("VmHWM:"))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A Service created after the others whose externalIP is svc-0's ClusterIP, port 80.
+fn hijacker() -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some("aa-hijacker".into()),
+            namespace: Some("bench".into()),
+            resource_version: Some("1".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("10.97.0.1".into()),
+            external_ips: Some(vec!["10.96.0.1".into()]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
 }
 
 /// N ClusterIP Services with one port each and one EndpointSlice of M ready endpoints each,

@@ -796,8 +796,9 @@ fn main() -> anyhow::Result<()> {
             route_client_via_node1(&setup.cluster.client)?;
             refuse_redirects_on_node1(&setup.cluster.node(1).host)?;
             // Started on an empty manifest directory, so the sync below is the Services' alone,
-            // not the programs' loading.
-            setup.start_agent(&[])?;
+            // not the programs' loading. 10k Services with their slices in one file are more
+            // than the default manifest size limit.
+            setup.start_agent(&["--manifest-max-bytes", "1073741824"])?;
             let yaml = manifests_file(&setup, &services(size, args.endpoints))?;
             let before = synced_lines(&setup.log());
             let sync_started = Instant::now();
