@@ -210,6 +210,7 @@ async fn sync_until_stopped(
         None
     };
     let mut reconciler = Reconciler::new();
+    let mut node_requirements = crate::node::RequirementWatch::default();
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
     let mut orphans = OrphanSlices::new(config.missing_service_grace);
     // Objects skipped for bad input since the start (each counted once, when it first appears).
@@ -245,7 +246,7 @@ async fn sync_until_stopped(
         observers.queued();
         let started = Instant::now();
         // Compiled under the channel's read lock: no copy of the whole snapshot.
-        let update = {
+        let (update, this_node) = {
             let snapshot = snapshots.borrow_and_update();
             observers
                 .health
@@ -260,7 +261,7 @@ async fn sync_until_stopped(
                 reconciler.recover_held(held_cluster_ips(&snapshot, compiler.desired()));
             }
             update.problems = orphans.filter(&update.problems, &snapshot, Instant::now());
-            update
+            (update, node_reference(snapshot.node.as_ref()))
         };
         if let Err(error) = sync_datapath_config(
             datapath,
@@ -296,6 +297,13 @@ async fn sync_until_stopped(
         for error in &report.udp_sockets.errors {
             warn!(%error, "a UDP socket connected to a departed endpoint was not aborted");
         }
+        check_node_requirements(
+            &config.interfaces,
+            desired,
+            &mut node_requirements,
+            &observers.metrics,
+            events.as_ref().zip(this_node),
+        );
         if !config.nodeport_cidrs.is_empty() {
             let addresses = compiler.node_port_addresses().iter().copied();
             observers
@@ -588,6 +596,82 @@ fn reference(snapshot: &Snapshot, problem: &Problem) -> ObjectReference {
         ..ObjectMeta::default()
     };
     kube_source::object_reference(api_version, problem.kind, metadata.unwrap_or(&gone))
+}
+
+/// The reason of the Warning Event on the Node about a missing requirement.
+pub const NODE_REQUIREMENT_EVENT_REASON: &str = "NodeRequirementMissing";
+
+/// Checks what the datapath needs from the node ([`crate::node::missing_requirements`]): each
+/// missing requirement is logged and evented on the Node when it goes missing (and logged when
+/// it is back), and the metric shows the current state of each.
+fn check_node_requirements(
+    interfaces: &[String],
+    desired: &Desired,
+    watch: &mut crate::node::RequirementWatch,
+    metrics: &AgentMetrics,
+    events: Option<(&Arc<kube_source::EventRecorder>, ObjectReference)>,
+) {
+    if interfaces.is_empty() {
+        return;
+    }
+    // Stops at the first remote backend: cheap where most are remote.
+    let remote_endpoints = desired.services.values().any(|service| {
+        service
+            .backends
+            .iter()
+            .any(|backend| backend.flags & lb_common::backend_flags::LOCAL == 0)
+    });
+    let missing = crate::node::missing_requirements(interfaces, remote_endpoints);
+    for interface in interfaces {
+        for requirement in crate::node::REQUIREMENTS {
+            let is_missing = missing.iter().any(|missing| {
+                missing.requirement == requirement && &missing.interface == interface
+            });
+            metrics
+                .node_requirement_missing
+                .get_or_create(&[
+                    ("requirement", requirement.to_owned()),
+                    ("interface", interface.clone()),
+                ])
+                .set(i64::from(is_missing));
+        }
+    }
+    let changes = watch.update(&missing);
+    for missing in changes.newly_missing {
+        warn!(requirement = missing.requirement, interface = %missing.interface, "{missing}");
+        if let Some((events, node)) = &events {
+            publish_node_event(Arc::clone(events), node.clone(), missing.to_string());
+        }
+    }
+    for (requirement, interface) in changes.back {
+        info!(requirement, %interface, "node requirement met again");
+    }
+}
+
+/// The Node object of this agent, for Events about it (the uid makes `kubectl describe node`
+/// show them).
+fn node_reference(node: Option<&k8s_openapi::api::core::v1::Node>) -> Option<ObjectReference> {
+    let node = node?;
+    Some(kube_source::object_reference("v1", "Node", &node.metadata))
+}
+
+/// A Warning Event on this node about a missing requirement, in the background.
+fn publish_node_event(
+    events: Arc<kube_source::EventRecorder>,
+    node: ObjectReference,
+    message: String,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = events
+            .warn(&node, NODE_REQUIREMENT_EVENT_REASON, &message)
+            .await
+        {
+            warn!(
+                error = format!("{error:#}"),
+                "could not publish an Event on the Node"
+            );
+        }
+    });
 }
 
 /// A Warning Event on the object, in the background: the sync loop never waits for the API.

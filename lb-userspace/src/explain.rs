@@ -3,6 +3,11 @@
 //! and a private copy of the real XDP program, loaded on the same maps with DRY_RUN set (it
 //! decides as usual but writes no conntrack, affinity or counter entry), runs on a synthesized
 //! packet through BPF_PROG_TEST_RUN: its verdict and output packet are what the datapath does.
+//!
+//! A client on this node (a pod, or a host process) never meets XDP for a Service address: the
+//! socket hooks translate its connect() or sendto() before any packet exists. For such a client
+//! the explanation is the socket hooks', from the maps alone: the kernel cannot run a cgroup
+//! sock_addr program on a synthesized call (BPF_PROG_TEST_RUN has no runner for that type).
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -16,27 +21,47 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, Frontend4Key, ServiceValue, SourceRange4,
-    ct_direction, ct_flags, map_names, program_names, proto, scope, service_flags,
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, Frontend4Key, ServiceValue, SlotKey,
+    SourceRange4, ct_direction, ct_flags, map_names, program_names, proto, scope, service_flags,
 };
 use serde::Serialize;
 
 use crate::{object::DATAPATH_OBJECT, testrun::test_run};
 
+const IPPROTO_ICMP: u8 = 1;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+
+/// Which part of the datapath meets the client's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// Decided from where the client is: on this node (by route) with the socket hooks
+    /// attached, the socket hooks; otherwise XDP on the NIC.
+    Auto,
+    /// The socket hooks: a pod or host process of this node.
+    Socket,
+    /// XDP: a packet arriving on one of the node's NICs.
+    Xdp,
+}
 
 /// What the datapath does with one packet, and why.
 #[derive(Debug, Serialize)]
 pub struct Explanation {
     pub packet: String,
-    /// "pass", "drop", "tx" (sent back out of the NIC) as the program returned it.
+    /// Which hook decides: "xdp" or "socket".
+    pub hook: Hook,
+    /// XDP: "pass", "drop", "tx" (sent back out of the NIC) as the program returned it.
+    /// Socket hooks: "translated" (the call goes to a backend), "refused" (the call fails) or
+    /// "untouched".
     pub verdict: &'static str,
     /// The service the destination belongs to: id, frontend kinds and policy flags.
     pub service: Option<ServiceSummary>,
     /// Where the packet went, as rewritten by the program (source and destination).
     pub rewritten: Option<(String, String)>,
+    /// What XDP sent back to the client instead (a TCP RST, an ICMP error), described.
+    pub answer: Option<String>,
     /// The decisions, in the order the datapath takes them.
     pub reasons: Vec<String>,
 }
@@ -52,16 +77,41 @@ pub struct ServiceSummary {
     pub affinity_timeout_s: u32,
 }
 
-/// Explains a TCP SYN (or a UDP datagram) from `client` to `destination` arriving on a node NIC.
+/// Explains a TCP SYN (or a UDP datagram) from `client` to `destination`: arriving on a node
+/// NIC, or, from a pod or host process of this node, as the socket hooks see its call.
 pub fn explain(
     pin_dir: &Path,
     client: SocketAddrV4,
     destination: SocketAddrV4,
     protocol: u8,
+    path: Hook,
 ) -> anyhow::Result<Explanation> {
     let mut reasons = Vec::new();
     let service = frontend(pin_dir, destination, protocol)?;
     let summary = service.map(|value| summarize(&value));
+    let path = match path {
+        Hook::Auto => decide_path(pin_dir, *client.ip(), &mut reasons),
+        chosen => chosen,
+    };
+    if path == Hook::Socket {
+        let verdict = explain_socket(
+            pin_dir,
+            client,
+            destination,
+            protocol,
+            service.as_ref(),
+            &mut reasons,
+        )?;
+        return Ok(Explanation {
+            packet: format!("{client} -> {destination}/{}", protocol_name(protocol)),
+            hook: path,
+            verdict,
+            service: summary,
+            rewritten: None,
+            answer: None,
+            reasons,
+        });
+    }
     match &service {
         None => reasons.push(format!(
             "{destination}/{} is no service frontend: the packet passes untouched",
@@ -80,13 +130,27 @@ pub fn explain(
         XDP_TX => "tx",
         _ => "other",
     };
+    let answer = describe_answer(&program_output.packet, protocol);
     let rewritten = parse_addresses(&program_output.packet)
+        .filter(|_| answer.is_none())
         .filter(|(source, target)| *source != client || *target != destination)
         .map(|(source, target)| (source.to_string(), target.to_string()));
-    if let Some((source, target)) = &rewritten {
+    if let Some(answer) = &answer {
+        reasons.push(format!(
+            "the program answered the client: {answer} ({verdict})"
+        ));
+    } else if let Some((source, target)) = &rewritten {
         reasons.push(format!(
             "the program rewrote the packet to {source} -> {target} ({verdict})"
         ));
+        if source.ends_with(":0") {
+            // DRY_RUN takes no SNAT port: a real flow gets one of --snat-port-range.
+            reasons.push(
+                "SNAT to this node's address, to an endpoint on another node: a real flow gets \
+                 a source port of the SNAT range (this dry run takes none, hence port 0)"
+                    .into(),
+            );
+        }
     } else {
         reasons.push(format!(
             "the program returned {verdict} without rewriting the addresses"
@@ -94,11 +158,165 @@ pub fn explain(
     }
     Ok(Explanation {
         packet: format!("{client} -> {destination}/{}", protocol_name(protocol)),
+        hook: Hook::Xdp,
         verdict,
         service: summary,
         rewritten,
+        answer,
         reasons,
     })
+}
+
+/// The socket hooks when they are attached and the client is on this node (a local address,
+/// or reached directly through an interface that is not one of the agent's NICs, as the agent
+/// places endpoints); XDP otherwise. The route is this process's network namespace's: run in
+/// the node's (the DaemonSet's pod is).
+fn decide_path(pin_dir: &Path, client: Ipv4Addr, reasons: &mut Vec<String>) -> Hook {
+    let links: Vec<String> = std::fs::read_dir(pin_dir.join(crate::datapath::LINKS_DIR))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !links.iter().any(|name| name == program_names::CONNECT4) {
+        return Hook::Xdp;
+    }
+    let nics: Vec<String> = links
+        .iter()
+        .filter_map(|name| name.strip_prefix("xdp-"))
+        .map(str::to_owned)
+        .collect();
+    if nics.is_empty() {
+        reasons.push("the datapath has socket hooks only (no NIC): the socket hooks decide".into());
+        return Hook::Socket;
+    }
+    match crate::route::RouteLocator::new(nics).local_among([client]) {
+        Ok(local) if local.contains(&client) => {
+            reasons.push(format!(
+                "{client} is on this node (a pod or a host process, by route): the socket hooks \
+                 decide (--from nic for a packet arriving on a NIC)"
+            ));
+            Hook::Socket
+        }
+        Ok(_) => Hook::Xdp,
+        Err(error) => {
+            reasons.push(format!(
+                "could not tell by route whether {client} is on this node ({error}): taken as \
+                 arriving on a NIC (--from pod for a pod of this node)"
+            ));
+            Hook::Xdp
+        }
+    }
+}
+
+/// What the socket hooks do with a connect() (TCP, or connected UDP) or an unconnected sendto()
+/// (UDP) to `destination` (`lb_connect4`/`lb_sendmsg4`); returns the verdict.
+fn explain_socket(
+    pin_dir: &Path,
+    client: SocketAddrV4,
+    destination: SocketAddrV4,
+    protocol: u8,
+    service: Option<&ServiceValue>,
+    reasons: &mut Vec<String>,
+) -> anyhow::Result<&'static str> {
+    let call = if protocol == proto::UDP {
+        "connect() or sendto()"
+    } else {
+        "connect()"
+    };
+    let Some(service) = service else {
+        reasons.push(format!(
+            "{destination}/{} is no service frontend: the socket hooks let the {call} proceed \
+             untouched",
+            protocol_name(protocol)
+        ));
+        return Ok("untouched");
+    };
+    reasons.push(format!(
+        "{destination}/{} is a frontend of service {}: the socket hooks translate the {call} \
+         itself, before any packet exists; the packets go from {} straight to the backend, and \
+         no XDP or conntrack entry is involved",
+        protocol_name(protocol),
+        service.service_id,
+        client.ip()
+    ));
+    if service.backend_count == 0 {
+        if service.flags & service_flags::LOCAL_ONLY != 0 {
+            reasons.push(format!(
+                "Local traffic policy and no endpoint on this node: the {call} fails with EPERM \
+                 (sock_no_backend)"
+            ));
+        } else {
+            reasons.push(format!(
+                "no endpoint: the {call} fails at once with ECONNREFUSED, like kube-proxy's \
+                 REJECT (sock_no_backend)"
+            ));
+        }
+        return Ok("refused");
+    }
+    let backends = service_backends(pin_dir, service)?;
+    if service.affinity_timeout_s != 0 {
+        reasons.push(format!(
+            "session affinity per network namespace (the pod's, not the client address): the \
+             backend it used last, if within {} s, else one of {} at random, remembered",
+            service.affinity_timeout_s, service.backend_count
+        ));
+    } else {
+        let maglev = if service.flags & service_flags::MAGLEV != 0 {
+            " (Maglev is for XDP: a socket call has no flow to hash yet)"
+        } else {
+            ""
+        };
+        reasons.push(format!(
+            "one of {} backends at random{maglev}: {}",
+            service.backend_count,
+            backends.join(", ")
+        ));
+    }
+    if service.flags & service_flags::SOURCE_RANGES != 0 {
+        reasons.push(
+            "loadBalancerSourceRanges: once routed, packets from a source outside them are \
+             dropped (lb_sock_egress4, drop_source_range)"
+                .into(),
+        );
+    }
+    reasons.push(format!(
+        "the application sees {destination} as its peer (recvmsg and getpeername hooks)"
+    ));
+    Ok("translated")
+}
+
+/// The service's backends in slot order, as `address:port`.
+fn service_backends(pin_dir: &Path, service: &ServiceValue) -> anyhow::Result<Vec<String>> {
+    let slots =
+        HashMap::<_, SlotKey, u32>::try_from(Map::HashMap(pinned(pin_dir, map_names::SLOTS4)?))?;
+    let backends = HashMap::<_, u32, Backend4>::try_from(Map::HashMap(pinned(
+        pin_dir,
+        map_names::BACKENDS4,
+    )?))?;
+    let mut found = Vec::new();
+    for slot in 0..service.backend_count {
+        let key = SlotKey {
+            service_id: service.service_id,
+            revision: service.revision,
+            slot,
+        };
+        let Ok(id) = slots.get(&key, 0) else {
+            continue;
+        };
+        if let Ok(backend) = backends.get(&id, 0) {
+            let address = SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(backend.addr)),
+                u16::from_be(backend.port),
+            );
+            if !found.contains(&address.to_string()) {
+                found.push(address.to_string());
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn explain_service(
@@ -381,9 +599,43 @@ fn internet_checksum(initial: u32, bytes: &[u8]) -> u16 {
     !(total as u16)
 }
 
+/// A reject XDP sent back instead of the client's packet: a TCP RST, or an ICMP error (then
+/// the rest of the frame is no ports but the ICMP header and the quoted packet).
+fn describe_answer(frame: &[u8], sent_protocol: u8) -> Option<String> {
+    let ip = frame.get(14..34)?;
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let source = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let target = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let l4 = frame.get(14 + header_len..)?;
+    match ip[9] {
+        IPPROTO_ICMP => {
+            let (kind, code) = (*l4.first()?, *l4.get(1)?);
+            let name = match (kind, code) {
+                (3, 3) => "port unreachable",
+                (3, _) => "destination unreachable",
+                (11, _) => "time exceeded",
+                _ => "message",
+            };
+            Some(format!(
+                "ICMP {name} (type {kind}, code {code}) {source} -> {target}"
+            ))
+        }
+        proto::TCP if sent_protocol == proto::TCP => {
+            const RST: u8 = 0x04;
+            let flags = *l4.get(13)?;
+            let ports = parse_addresses(frame)?;
+            (flags & RST != 0).then(|| format!("TCP RST {} -> {}", ports.0, ports.1))
+        }
+        _ => None,
+    }
+}
+
 /// Source and destination (address, port) of an Ethernet/IPv4/TCP-or-UDP frame.
 fn parse_addresses(frame: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4)> {
     let ip = frame.get(14..34)?;
+    if ip[9] != proto::TCP && ip[9] != proto::UDP {
+        return None;
+    }
     let header_len = usize::from(ip[0] & 0x0f) * 4;
     let ports = frame.get(14 + header_len..14 + header_len + 4)?;
     let source = SocketAddrV4::new(

@@ -223,7 +223,7 @@ impl PinnedMaps {
                     key.prefix_len() - 32
                 ));
         }
-        installed
+        let mut services = installed
             .into_iter()
             .map(|(id, service)| {
                 let counter = read_service_counter(&self.counters, id)?;
@@ -232,11 +232,7 @@ impl PinnedMaps {
                 Ok(ServiceInfo {
                     id,
                     name: names.get(&id).cloned().unwrap_or_default(),
-                    frontends: service
-                        .frontends
-                        .iter()
-                        .map(|(key, flags)| describe_frontend(key, *flags))
-                        .collect(),
+                    frontends: frontends_in_address_order(&service.frontends),
                     backends: service
                         .backends
                         .iter()
@@ -254,7 +250,11 @@ impl PinnedMaps {
                     new_flows: counter.new_flows,
                 })
             })
-            .collect()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // By name, not by id: ids are handed out again as Services come and go, so an order by
+        // id changes from one agent (or one restart) to the next.
+        services.sort_by(|a, b| (&a.name, a.id).cmp(&(&b.name, b.id)));
+        Ok(services)
     }
 
     /// Every backend with the services whose tables hold it.
@@ -411,6 +411,24 @@ fn fill<K>(
         entries: keys.filter(Result::is_ok).count() as u64,
         capacity: u64::from(capacity),
     }
+}
+
+/// A service's frontends by address (as a number, not in the map's network byte order), port,
+/// protocol and scope.
+fn frontends_in_address_order(frontends: &BTreeMap<Frontend4Key, u32>) -> Vec<String> {
+    let mut sorted: Vec<(&Frontend4Key, &u32)> = frontends.iter().collect();
+    sorted.sort_by_key(|(key, _)| {
+        (
+            u32::from_be(key.addr),
+            u16::from_be(key.port),
+            key.proto,
+            key.scope,
+        )
+    });
+    sorted
+        .into_iter()
+        .map(|(key, flags)| describe_frontend(key, *flags))
+        .collect()
 }
 
 fn describe_frontend(key: &Frontend4Key, flags: u32) -> String {

@@ -10,6 +10,7 @@ use lb_userspace::{
     compile::Ipv4Cidr,
     counter::XdpCounter,
     datapath::DEFAULT_PIN_DIR,
+    explain::Hook,
     inspect::ConntrackFilter,
 };
 
@@ -39,8 +40,14 @@ enum Command {
         source: String,
         /// The destination, `ip:port/tcp` or `ip:port/udp` (tcp when left out).
         destination: String,
-        /// bpffs directory of the running agent's pinned state.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        /// Where the client is: `pod` (a pod or host process of this node: the socket hooks
+        /// translate its connect() or sendto()), `nic` (a packet arriving on a node NIC: XDP),
+        /// or `auto`: `pod` when the socket hooks are attached and this network namespace's
+        /// routes put the client on this node.
+        #[arg(long, value_enum, default_value_t = ClientAt::Auto)]
+        from: ClientAt,
+        /// bpffs directory of the running agent's pinned state (its --pin-dir).
+        #[arg(long, env = "LB_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
@@ -105,8 +112,8 @@ enum Command {
 /// Where to read and how to print, for the commands that read a running agent's pinned maps.
 #[derive(Args)]
 struct InspectArgs {
-    /// bpffs directory of the running agent's pinned state.
-    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    /// bpffs directory of the running agent's pinned state (its --pin-dir).
+    #[arg(long, env = "LB_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
@@ -235,6 +242,13 @@ enum Output {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ClientAt {
+    Auto,
+    Pod,
+    Nic,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LoadBalancing {
     Random,
     Maglev,
@@ -318,16 +332,47 @@ fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
     Ok(start..=end)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     unset_empty_settings();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        die_quietly_on_closed_stdout();
+    }
+    match dispatch(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line: the error and its causes, outermost first.
+            eprintln!("lb: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A command whose output goes to a pipe that closed (`lb conntrack | head`) ends there, without
+/// a word, as `cat` does: SIGPIPE back at its default action. Rust ignores SIGPIPE, so `println!`
+/// would panic on EPIPE instead. Not for `lb run`, whose sockets must get EPIPE as an error.
+fn die_quietly_on_closed_stdout() {
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run(args) => run(*args),
         Command::Explain {
             source,
             destination,
+            from,
             pin_dir,
             output,
-        } => explain(&source, &destination, &pin_dir, output),
+        } => {
+            let hook = match from {
+                ClientAt::Auto => Hook::Auto,
+                ClientAt::Pod => Hook::Socket,
+                ClientAt::Nic => Hook::Xdp,
+            };
+            explain(&source, &destination, hook, &pin_dir, output)
+        }
         Command::Services(args) => cli::services(&args.pin_dir, args.output == Output::Json),
         Command::Backends(args) => cli::backends(&args.pin_dir, args.output == Output::Json),
         Command::Conntrack {
@@ -395,12 +440,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(name) => name,
         None => hostname()?,
     };
+    anyhow::ensure!(
+        !args.interfaces.is_empty() || args.cgroup_path.is_some(),
+        "nothing to attach the datapath to: give --interfaces (NICs for XDP and tc) and/or \
+         --cgroup-path (the cgroup v2 directory of the socket hooks)"
+    );
     let source = match args.source {
         Source::File => {
             anyhow::ensure!(
                 !args.manifests.is_empty(),
                 "--source file needs --manifests PATH"
             );
+            for path in &args.manifests {
+                check_readable(path)?;
+            }
             SourceConfig::Files {
                 paths: args.manifests,
                 max_bytes: args.manifest_max_bytes,
@@ -411,6 +464,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             kubeconfig: args.kubeconfig,
         },
     };
+    lb_userspace::node::check_mounts(args.cgroup_path.as_deref(), &args.pin_dir, args.mount_bpffs)?;
     let config = AgentConfig {
         node_name,
         nodeport_cidrs: args.nodeport_addresses,
@@ -445,6 +499,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .block_on(agent::run(config))
 }
 
+/// A manifest path the file source can read: a file, or a directory it can list.
+fn check_readable(path: &std::path::Path) -> anyhow::Result<()> {
+    let readable = if path.is_dir() {
+        std::fs::read_dir(path).map(drop)
+    } else {
+        std::fs::File::open(path).map(drop)
+    };
+    readable.with_context(|| format!("--manifests {}: not readable", path.display()))
+}
+
 /// `lb init-node`: what the agent in the DaemonSet needs done with privileges it does not have.
 fn init_node(interfaces: &[String], pin_dir: &std::path::Path) -> anyhow::Result<()> {
     use lb_userspace::bpffs;
@@ -473,6 +537,7 @@ fn init_node(interfaces: &[String], pin_dir: &std::path::Path) -> anyhow::Result
 fn explain(
     source: &str,
     destination: &str,
+    hook: Hook,
     pin_dir: &std::path::Path,
     output: Output,
 ) -> anyhow::Result<()> {
@@ -495,11 +560,15 @@ fn explain(
     let target: SocketAddrV4 = target
         .parse()
         .with_context(|| format!("{target:?} is not ip:port"))?;
-    let explanation = lb_userspace::explain::explain(pin_dir, client, target, protocol)?;
+    let explanation = lb_userspace::explain::explain(pin_dir, client, target, protocol, hook)?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
         Output::Text => {
-            println!("{}: {}", explanation.packet, explanation.verdict);
+            let hook = match explanation.hook {
+                Hook::Socket => "socket hooks",
+                _ => "XDP",
+            };
+            println!("{} ({hook}): {}", explanation.packet, explanation.verdict);
             if let Some(service) = &explanation.service {
                 println!(
                     "service {} ({}), {} backends",

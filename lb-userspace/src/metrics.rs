@@ -53,6 +53,8 @@ pub struct AgentMetrics {
     pub udp_sockets_aborted: Counter,
     pub udp_socket_abort_failures: Counter,
     pub event_publish_failures: Counter,
+    /// By `requirement` and `interface`: 1 while the node lacks it.
+    pub node_requirement_missing: Family<[(&'static str, String); 2], Gauge>,
 }
 
 /// HTTP clients cut off by the servers' limits, by `reason`.
@@ -80,6 +82,7 @@ impl AgentMetrics {
             udp_sockets_aborted: Counter::default(),
             udp_socket_abort_failures: Counter::default(),
             event_publish_failures: Counter::default(),
+            node_requirement_missing: Family::default(),
         }
     }
 
@@ -238,6 +241,12 @@ impl Metrics {
             "Kubernetes Events the agent gave up publishing after its retries (each logged \
              with the API server's answer)",
             agent.event_publish_failures.clone(),
+        );
+        lb.register(
+            "node_requirement_missing",
+            "1 while a setting of the node the datapath relies on is missing on an interface \
+             (requirement ip_forward: forwarding, with endpoints on other nodes; accept_local)",
+            agent.node_requirement_missing.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector { pin_dir }));
         Self { registry, agent }

@@ -1,11 +1,16 @@
-//! What the node's kernel must be set to for the datapath, apart from the datapath itself:
-//! `net.ipv4.conf.<iface>.accept_local` on every interface XDP is attached to.
+//! What the node must provide for the datapath, apart from the datapath itself:
+//! `net.ipv4.conf.<iface>.accept_local` on every interface XDP is attached to, IPv4 forwarding
+//! there when endpoints live on other nodes ([`missing_requirements`]), and, before the agent
+//! starts, a cgroup v2 directory and a bpffs that outlives it ([`check_mounts`]).
 //!
 //! In the DaemonSet the agent cannot write sysctls (the runtime mounts /proc/sys read-only in an
 //! unprivileged container); the privileged init container (`lb init-node`) sets them, and the
 //! agent only checks. Run as root outside a container, the agent sets them itself.
 
-use std::{io, path::PathBuf};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 
@@ -65,6 +70,287 @@ pub fn require_accept_local(iface: &str) -> anyhow::Result<()> {
     }
 }
 
+/// A setting of the node's kernel the datapath relies on, checked at start and on every sync.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MissingRequirement {
+    /// The metric label: `ip_forward` or `accept_local`.
+    pub requirement: &'static str,
+    pub interface: String,
+    /// The sysctl as `sysctl` names it, and the value it has.
+    pub sysctl: String,
+    pub value: String,
+    /// What breaks without it.
+    pub effect: &'static str,
+}
+
+impl std::fmt::Display for MissingRequirement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} is {} (want 1): {}",
+            self.sysctl, self.value, self.effect
+        )
+    }
+}
+
+/// Every requirement, for the metric's label values.
+pub const REQUIREMENTS: [&str; 2] = ["ip_forward", "accept_local"];
+
+/// What this node lacks of what the datapath needs on `interfaces` (the NICs XDP is attached
+/// to): accept_local always; IPv4 forwarding when `remote_endpoints` (a packet XDP translated
+/// for another node's endpoint, and cannot send out of the NIC it came in on, is forwarded by
+/// the stack, which drops it when forwarding is off on the NIC it arrived on: `ip_forward`
+/// sets `forwarding` on every interface; `ip_route_input_slow` in net/ipv4/route.c checks the
+/// incoming one's).
+pub fn missing_requirements(
+    interfaces: &[String],
+    remote_endpoints: bool,
+) -> Vec<MissingRequirement> {
+    let mut missing = Vec::new();
+    for iface in interfaces.iter().filter(|name| is_interface_name(name)) {
+        let mut check = |requirement, setting: &str, effect| {
+            let sysctl = format!("net.ipv4.conf.{iface}.{setting}");
+            let path = PathBuf::from("/proc/sys/net/ipv4/conf")
+                .join(iface)
+                .join(setting);
+            let value = match std::fs::read_to_string(&path) {
+                Ok(value) => value.trim().to_owned(),
+                Err(error) => format!("unreadable ({error})"),
+            };
+            if value != "1" {
+                missing.push(MissingRequirement {
+                    requirement,
+                    interface: iface.clone(),
+                    sysctl,
+                    value,
+                    effect,
+                });
+            }
+        };
+        check(
+            "accept_local",
+            "accept_local",
+            "the stack drops the packets XDP SNATs to the node's address and hands it to send",
+        );
+        if remote_endpoints {
+            check(
+                "ip_forward",
+                "forwarding",
+                "packets to endpoints on other nodes that XDP hands to the stack are not \
+                 forwarded (set net.ipv4.ip_forward=1)",
+            );
+        }
+    }
+    missing
+}
+
+/// The requirements missing at the last check, so that each one is reported (log, Event) when
+/// it goes missing and when it is back, not on every sync.
+#[derive(Debug, Default)]
+pub struct RequirementWatch {
+    missing: std::collections::BTreeSet<(&'static str, String)>,
+}
+
+/// What changed since the last check.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RequirementChanges {
+    pub newly_missing: Vec<MissingRequirement>,
+    /// (requirement, interface) met again.
+    pub back: Vec<(&'static str, String)>,
+}
+
+impl RequirementWatch {
+    pub fn update(&mut self, current: &[MissingRequirement]) -> RequirementChanges {
+        let now: std::collections::BTreeSet<(&'static str, String)> = current
+            .iter()
+            .map(|missing| (missing.requirement, missing.interface.clone()))
+            .collect();
+        let changes = RequirementChanges {
+            newly_missing: current
+                .iter()
+                .filter(|missing| {
+                    !self
+                        .missing
+                        .contains(&(missing.requirement, missing.interface.clone()))
+                })
+                .cloned()
+                .collect(),
+            back: self.missing.difference(&now).cloned().collect(),
+        };
+        self.missing = now;
+        changes
+    }
+}
+
+/// Why `lb run` would start broken in this mount namespace, checked before anything is loaded:
+/// the cgroup of the socket hooks must be a cgroup v2 directory, and the pins must go to a bpffs
+/// that outlives the agent.
+pub fn check_mounts(
+    cgroup: Option<&Path>,
+    pin_dir: &Path,
+    mount_bpffs: bool,
+) -> anyhow::Result<()> {
+    let mounts = Mounts::read()?;
+    if let Some(cgroup) = cgroup {
+        let is_cgroup2 = statfs_type(cgroup).is_ok_and(|f_type| f_type == CGROUP2_SUPER_MAGIC);
+        if !is_cgroup2 {
+            anyhow::bail!(
+                "--cgroup-path {} is not a cgroup v2 directory{}",
+                cgroup.display(),
+                mounts.bare_sys_hint(cgroup)
+            );
+        }
+    }
+    let default_mount = Path::new(crate::bpffs::DEFAULT_MOUNT);
+    if !pin_dir.starts_with(default_mount) || crate::bpffs::is_mounted(default_mount)? {
+        return Ok(());
+    }
+    let hint = mounts.bare_sys_hint(pin_dir);
+    if !hint.is_empty() {
+        anyhow::bail!(
+            "no bpffs at {} for --pin-dir {}{hint}",
+            default_mount.display(),
+            pin_dir.display()
+        );
+    }
+    if mount_bpffs
+        && !mounts.new_mount_outlives_namespace(default_mount, in_initial_mount_namespace())
+    {
+        anyhow::bail!(
+            "no bpffs at {0}, and one mounted there now would belong to this process's private \
+             mount namespace and vanish with the agent, taking the pinned datapath with it: mount \
+             bpffs where the host sees it first (`lb init-node`, or `mount -t bpf bpf {0}` on the \
+             host), or run the agent in the host's mount namespace",
+            default_mount.display()
+        );
+    }
+    Ok(())
+}
+
+/// `f_type` of cgroup2 (include/uapi/linux/magic.h).
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// The inode number of the initial mount namespace's nsfs file, fixed since Linux 6.18
+/// (`MNT_NS_INIT_INO` in include/uapi/linux/nsfs.h); older kernels number it like any other.
+const MNT_NS_INIT_INO: u64 = 0xEFFF_FFF8;
+
+fn in_initial_mount_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self/ns/mnt").is_ok_and(|ns| ns.ino() == MNT_NS_INIT_INO)
+}
+
+fn statfs_type(path: &Path) -> io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: c_path is NUL-terminated and stat points to writable memory of the right type.
+    if unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs returned 0, so it filled the struct.
+    Ok(unsafe { stat.assume_init() }.f_type)
+}
+
+/// The mounts of this process's mount namespace (/proc/self/mountinfo).
+struct Mounts(Vec<MountEntry>);
+
+struct MountEntry {
+    mount_point: PathBuf,
+    fs_type: String,
+    /// The optional fields: `shared:N` when mounts below propagate to the peer group.
+    shared: bool,
+}
+
+impl Mounts {
+    fn read() -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo")
+            .context("reading /proc/self/mountinfo")?;
+        Ok(Self::parse(&text))
+    }
+
+    /// proc(5): `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE ...`,
+    /// octal escapes (`\040`) in paths.
+    fn parse(text: &str) -> Self {
+        let entries = text
+            .lines()
+            .filter_map(|line| {
+                let (before, after) = line.split_once(" - ")?;
+                let fields: Vec<&str> = before.split(' ').collect();
+                Some(MountEntry {
+                    mount_point: PathBuf::from(unescape(fields.get(4)?)),
+                    fs_type: after.split(' ').next()?.to_owned(),
+                    shared: fields.iter().skip(6).any(|tag| tag.starts_with("shared:")),
+                })
+            })
+            .collect();
+        Self(entries)
+    }
+
+    /// `/sys` is a sysfs with nothing mounted below it (no cgroup, no bpffs): what
+    /// `ip netns exec` leaves (it unshares the mount namespace and mounts a fresh sysfs on /sys,
+    /// for the network namespace's own /sys/class/net). A path under /sys is then not the
+    /// host's. Returns the hint to append to an error about `path`, or "".
+    fn bare_sys_hint(&self, path: &Path) -> String {
+        let sys = Path::new("/sys");
+        let sys_is_sysfs = self
+            .0
+            .iter()
+            .rev()
+            .find(|entry| entry.mount_point == sys)
+            .is_some_and(|entry| entry.fs_type == "sysfs");
+        let anything_below = self
+            .0
+            .iter()
+            .any(|entry| entry.mount_point.starts_with(sys) && entry.mount_point != sys);
+        if path.starts_with(sys) && sys_is_sysfs && !anything_below {
+            "; /sys here is a fresh sysfs with nothing mounted below it, as `ip netns exec` \
+             leaves it: enter the network namespace with `nsenter --net=/run/netns/NAME` instead, \
+             which keeps the host's /sys"
+                .into()
+        } else {
+            String::new()
+        }
+    }
+
+    /// Whether a filesystem mounted at `path` now would be seen outside this mount namespace
+    /// (and so outlive the agent): in the initial namespace, or when the mount it would go on
+    /// is shared with a peer group.
+    fn new_mount_outlives_namespace(&self, path: &Path, initial_namespace: bool) -> bool {
+        if initial_namespace {
+            return true;
+        }
+        self.0
+            .iter()
+            .filter(|entry| path.starts_with(&entry.mount_point))
+            .max_by_key(|entry| entry.mount_point.components().count())
+            .is_some_and(|entry| entry.shared)
+    }
+}
+
+fn unescape(field: &str) -> String {
+    let mut out = String::new();
+    let mut rest = field;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let code = rest
+            .get(at + 1..at + 4)
+            .and_then(|digits| u8::from_str_radix(digits, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[at + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +364,60 @@ mod tests {
             assert!(!is_interface_name(name), "{name}");
         }
         assert!(accept_local_path("../../kernel").is_err());
+    }
+
+    #[test]
+    fn a_missing_requirement_is_reported_when_it_goes_missing_and_when_it_is_back() {
+        let forwarding_off = MissingRequirement {
+            requirement: "ip_forward",
+            interface: "eth0".into(),
+            sysctl: "net.ipv4.conf.eth0.forwarding".into(),
+            value: "0".into(),
+            effect: "",
+        };
+        let mut watch = RequirementWatch::default();
+        let first = watch.update(std::slice::from_ref(&forwarding_off));
+        assert_eq!(first.newly_missing, std::slice::from_ref(&forwarding_off));
+        assert!(first.back.is_empty());
+        assert_eq!(
+            watch.update(std::slice::from_ref(&forwarding_off)),
+            RequirementChanges::default(),
+            "still missing: nothing new to say"
+        );
+        let fixed = watch.update(&[]);
+        assert_eq!(fixed.back, [("ip_forward", "eth0".to_owned())]);
+        assert!(fixed.newly_missing.is_empty());
+    }
+
+    const HOST_MOUNTS: &str = "\
+22 27 0:21 / /proc rw,relatime shared:5 - proc proc rw
+23 27 0:22 / /sys rw,relatime shared:6 - sysfs sysfs rw
+31 23 0:28 / /sys/fs/cgroup rw,relatime shared:7 - cgroup2 cgroup2 rw
+27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+44 27 0:40 / /run/my\\040dir rw master:3 - tmpfs tmpfs rw
+";
+
+    #[test]
+    fn mountinfo_tells_a_bare_sys_and_whether_a_new_mount_propagates() {
+        let host = Mounts::parse(HOST_MOUNTS);
+        assert_eq!(host.0.len(), 5);
+        assert_eq!(host.0[4].mount_point, Path::new("/run/my dir"));
+        assert!(!host.0[4].shared, "master: is a slave, not shared");
+        assert_eq!(host.bare_sys_hint(Path::new("/sys/fs/bpf/lb")), "");
+        assert!(host.new_mount_outlives_namespace(Path::new("/sys/fs/bpf"), false));
+
+        // `ip netns exec`: a fresh sysfs on /sys, slave mounts, nothing below /sys.
+        let netns_exec = Mounts::parse(
+            "300 299 254:0 / / rw,relatime master:1 - ext4 /dev/vda rw\n\
+             301 300 0:50 / /sys rw,relatime - sysfs ns1 rw\n",
+        );
+        assert!(
+            netns_exec
+                .bare_sys_hint(Path::new("/sys/fs/cgroup"))
+                .contains("nsenter --net=")
+        );
+        assert_eq!(netns_exec.bare_sys_hint(Path::new("/run/lb/cgroup2")), "");
+        assert!(!netns_exec.new_mount_outlives_namespace(Path::new("/sys/fs/bpf"), false));
+        assert!(netns_exec.new_mount_outlives_namespace(Path::new("/sys/fs/bpf"), true));
     }
 }

@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
+
 use crate::{
     lab::{Cgroup, Host, Lab, PinDir, Proc, ScratchDir, wait_for_log},
     peer,
@@ -126,6 +128,20 @@ impl AgentLab {
     /// The agent's process id, while it runs.
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Proc::pid)
+    }
+
+    /// Stops the agent with SIGTERM and returns how long it took to exit; an agent still there
+    /// after `grace` is killed, and that is an error.
+    pub fn stop_agent(&mut self, grace: Duration) -> anyhow::Result<Duration> {
+        let agent = self.agent.take().context("no agent running")?;
+        let started = std::time::Instant::now();
+        agent.stop(grace)?;
+        let took = started.elapsed();
+        anyhow::ensure!(
+            took < grace,
+            "the agent did not exit within {grace:?} of SIGTERM"
+        );
+        Ok(took)
     }
 
     /// Kills the agent with SIGKILL (the datapath stays, pinned).

@@ -11,7 +11,7 @@ use std::{
 
 use lab::{
     fake_apiserver::{FakeApiServer, Resource},
-    lab::{Lab, PinDir, ScratchDir, wait_for_log},
+    lab::{Cgroup, Lab, PinDir, ScratchDir, wait_for_log},
     peer::sibling_binary,
 };
 use serde_json::json;
@@ -57,6 +57,8 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "kube").expect("pins");
     let scratch = ScratchDir::new(&lab, "kube").expect("scratch");
+    // Something to attach to (lb run refuses to start without): socket hooks on a private cgroup.
+    let cgroup = Cgroup::new(&lab, "kube").expect("cgroup");
     let server = FakeApiServer::start().await.expect("fake API server");
     let kubeconfig = scratch.path().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
@@ -81,6 +83,8 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
             .arg(&kubeconfig)
             .args(["--hostname-override", "node1", "--pin-dir"])
             .arg(pins.path())
+            .arg("--cgroup-path")
+            .arg(cgroup.path())
             // This agent runs in the machine's own namespace: its HTTP endpoints take free
             // loopback ports, never the well-known ones other agents (or tests) may hold.
             .args(["--metrics-bind-address", "127.0.0.1:0"])

@@ -367,8 +367,9 @@ fn init_node_sets_accept_local_which_the_agent_under_a_read_only_proc_sys_only_c
     // mounts it (here in a private mount namespace of its own), and accept_local still off.
     let agent = format!(
         "mount -o bind,ro /proc/sys /proc/sys && exec {} run --source file \
-         --manifests /nonexistent --interfaces eth0 --pin-dir {} --mount-bpffs false",
+         --manifests {} --interfaces eth0 --pin-dir {} --mount-bpffs false",
         lb.display(),
+        setup.manifests().display(),
         setup.pin_dir().display()
     );
     let refused = node
@@ -428,10 +429,13 @@ fn without_mount_permission_the_agent_refuses_to_start_when_the_host_has_no_bpff
     // A private mount namespace whose /sys/fs/bpf mounts are gone (the machine's stay as they
     // are): what a container sees on a host without bpffs.
     let lb = lab::peer::sibling_binary("lb").expect("lb");
+    let lab = lab::lab::Lab::new().expect("lab");
+    let cgroup = lab::lab::Cgroup::new(&lab, "nobpffs").expect("cgroup");
     let script = format!(
         "while mountpoint -q /sys/fs/bpf; do umount /sys/fs/bpf || exit 99; done; \
-         exec {} run --source file --manifests /nonexistent --mount-bpffs false",
-        lb.display()
+         exec {} run --source file --manifests /dev/null --cgroup-path {} --mount-bpffs false",
+        lb.display(),
+        cgroup.path().display()
     );
     let output = std::process::Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])

@@ -2,7 +2,8 @@
 //! deploy/kustomization.yaml parses into its k8s-openapi type with no field left over, the
 //! objects refer to each other, the probes, the scrape port and the host mounts match the agent's
 //! settings, the ClusterRole grants exactly the API calls the agent makes, and `lb run --help`,
-//! the ConfigMap and docs/deploy.md list the same settings, each value accepted by the agent.
+//! the ConfigMap and docs/deploy.md list the same settings, each value accepted by the agent;
+//! and the memory limit leaves room for the maps, measured by loading the datapath (root).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -1019,5 +1020,97 @@ fn the_containerfile_pins_every_base_image_to_a_version() {
             .iter()
             .any(|image| image.starts_with(&format!("docker.io/library/rust:{channel}-"))),
         "no build stage on Rust {channel}: {images:?}"
+    );
+}
+
+/// The memory the datapath's maps take at the default sizes, as the kernel charges it: the
+/// `memlock` of each map's fdinfo (what `bpf_map_memory_usage` reports, kernel/bpf/syscall.c),
+/// split into the maps whose size does not depend on the CPU count and, per CPU, the per-CPU
+/// maps. Measured by loading the real datapath on a private bpffs in this process.
+fn map_memory() -> (u64, u64) {
+    /// BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH (include/uapi/linux/bpf.h).
+    const PER_CPU_TYPES: [u32; 3] = [5, 6, 10];
+    lab::private_bpffs::with_private_bpffs(|bpffs| {
+        let pins = bpffs.join("lb");
+        let datapath = lb_userspace::datapath::Datapath::load(&pins).expect("load the datapath");
+        let mut seen = BTreeSet::new();
+        let (mut fixed, mut per_cpu) = (0u64, 0u64);
+        for fd in std::fs::read_dir("/proc/self/fd").expect("fds").flatten() {
+            let is_map = std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_str() == Some("anon_inode:bpf-map"));
+            let info = std::fs::read_to_string(format!(
+                "/proc/self/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ));
+            let (true, Ok(info)) = (is_map, info) else {
+                continue;
+            };
+            let field = |name: &str| -> u64 {
+                info.lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .and_then(|value| value.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("{name} in {info}"))
+            };
+            if !seen.insert(field("map_id:")) {
+                continue;
+            }
+            let memlock = field("memlock:");
+            if PER_CPU_TYPES.contains(&(field("map_type:") as u32)) {
+                per_cpu += memlock;
+            } else {
+                fixed += memlock;
+            }
+        }
+        drop(datapath);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        (fixed, per_cpu / cpus)
+    })
+}
+
+/// A Kubernetes memory quantity (`1Gi`, `384Mi`) in bytes.
+fn bytes(quantity: &str) -> u64 {
+    let (number, unit) = quantity.split_at(
+        quantity
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(quantity.len()),
+    );
+    let number: u64 = number.parse().expect("a number");
+    number
+        * match unit {
+            "Gi" => 1 << 30,
+            "Mi" => 1 << 20,
+            "Ki" => 1 << 10,
+            "" => 1,
+            other => panic!("unit {other}"),
+        }
+}
+
+#[test]
+fn the_memory_limit_leaves_room_for_the_maps_at_their_default_sizes() {
+    const MIB: u64 = 1 << 20;
+    let (fixed, per_cpu) = map_memory();
+    eprintln!(
+        "map memory at the default sizes: {:.1} MiB, plus {:.2} MiB per CPU",
+        fixed as f64 / MIB as f64,
+        per_cpu as f64 / MIB as f64
+    );
+    let manifests = manifests();
+    let resources = manifests.agent().resources.as_ref().expect("resources");
+    let limit = bytes(&resources.limits.as_ref().expect("limits")["memory"].0);
+    // On 256 CPUs, with the agent's own copy of 10,000 Services and their EndpointSlices
+    // (about 70 MiB, docs/agent.md) and as much again for the rest of the process.
+    let needed = fixed + 256 * per_cpu + 140 * MIB;
+    assert!(
+        limit >= needed,
+        "the limit {} MiB leaves no room for {} MiB",
+        limit / MIB,
+        needed / MIB
+    );
+    // docs/deploy.md gives the figure (to the MiB) and the limit.
+    let docs = read(&repo().join("docs/deploy.md"));
+    let figure = format!("{} MiB", (fixed + MIB / 2) / MIB);
+    assert!(
+        docs.contains(&figure),
+        "docs/deploy.md does not say {figure}"
     );
 }

@@ -79,8 +79,12 @@ fn a_pin_directory_off_bpffs_or_of_another_user_is_refused() {
             })
         ));
         // The agent says so and stops before pinning anything there.
+        let lab = lab::lab::Lab::new().expect("lab");
+        let cgroup = lab::lab::Cgroup::new(&lab, "theirs").expect("cgroup");
         let output = Command::new(sibling_binary("lb").expect("lb binary"))
-            .args(["run", "--source", "file", "--manifests", "/nonexistent"])
+            .args(["run", "--source", "file", "--manifests", "/dev/null"])
+            .arg("--cgroup-path")
+            .arg(cgroup.path())
             .arg("--pin-dir")
             .arg(&theirs)
             .env_clear()

@@ -1,0 +1,165 @@
+//! `lb run` refuses to start, with one line saying why and exit code 1, when it would start
+//! broken: manifests it cannot read, nothing to attach to, a /sys remounted the way
+//! `ip netns exec` does (so the cgroup and the bpffs are not the host's), and a bpffs it would
+//! have to mount in a private mount namespace, where the pins would die with it.
+//!
+//! The mount cases run the agent in a private mount namespace of its own (`unshare --mount
+//! --propagation private`), where the script first does to /sys what `ip netns exec` does
+//! (lazy unmount, fresh sysfs) or takes /sys/fs/bpf away: the machine's mounts stay as they are.
+
+use std::process::{Command, Output};
+
+use lab::{
+    lab::{Cgroup, Lab, ScratchDir},
+    peer::sibling_binary,
+};
+
+fn lb() -> String {
+    sibling_binary("lb")
+        .expect("lb binary")
+        .to_str()
+        .expect("UTF-8 path")
+        .to_owned()
+}
+
+/// Runs `script` (with `$LB` the binary) in a private mount namespace.
+fn in_private_mount_namespace(script: &str) -> Output {
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("LB", lb())
+        .output()
+        .expect("unshare")
+}
+
+/// Asserts `output` is a refusal: exit code 1 and exactly one line on stderr containing each
+/// of `parts`. Returns that line.
+fn refused(output: &Output, parts: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    for part in parts {
+        assert!(stderr.contains(part), "{part:?} not in {stderr}");
+    }
+    stderr
+}
+
+struct Setup {
+    cgroup: Cgroup,
+    scratch: ScratchDir,
+    _lab: Lab,
+}
+
+impl Setup {
+    fn new(name: &str) -> Self {
+        let lab = Lab::new().expect("lab");
+        Self {
+            cgroup: Cgroup::new(&lab, name).expect("cgroup"),
+            scratch: ScratchDir::new(&lab, name).expect("scratch"),
+            _lab: lab,
+        }
+    }
+
+    fn cgroup(&self) -> &str {
+        self.cgroup.path().to_str().expect("UTF-8 path")
+    }
+
+    /// An empty manifests directory.
+    fn manifests(&self) -> String {
+        let path = self.scratch.path().join("manifests");
+        std::fs::create_dir_all(&path).expect("mkdir");
+        path.to_str().expect("UTF-8 path").to_owned()
+    }
+}
+
+#[test]
+fn manifests_that_cannot_be_read_are_refused() {
+    let setup = Setup::new("unreadable");
+    let missing = setup.scratch.path().join("no-such-file.yaml");
+    let output = Command::new(lb())
+        .args(["run", "--source", "file", "--manifests"])
+        .arg(format!("{},{}", setup.manifests(), missing.display()))
+        .args(["--cgroup-path", setup.cgroup()])
+        .env_clear()
+        .output()
+        .expect("lb run");
+    refused(
+        &output,
+        &[&format!("--manifests {}: not readable", missing.display())],
+    );
+}
+
+#[test]
+fn nothing_to_attach_is_refused() {
+    let setup = Setup::new("noattach");
+    let output = Command::new(lb())
+        .args(["run", "--source", "file", "--manifests", &setup.manifests()])
+        .env_clear()
+        .output()
+        .expect("lb run");
+    refused(
+        &output,
+        &["nothing to attach", "--interfaces", "--cgroup-path"],
+    );
+}
+
+#[test]
+fn a_sys_remounted_as_ip_netns_exec_does_is_refused_with_the_nsenter_advice() {
+    let setup = Setup::new("netnsexec");
+    let remount_sys = "umount -l /sys && mount -t sysfs sysfs /sys";
+    // The cgroup under /sys is gone with the remount.
+    let output = in_private_mount_namespace(&format!(
+        "{remount_sys} && exec \"$LB\" run --source file --manifests {} --cgroup-path {}",
+        setup.manifests(),
+        setup.cgroup()
+    ));
+    refused(
+        &output,
+        &[
+            &format!(
+                "--cgroup-path {} is not a cgroup v2 directory",
+                setup.cgroup()
+            ),
+            "ip netns exec",
+            "nsenter --net=",
+        ],
+    );
+
+    // The cgroup bind-mounted outside /sys first (as the DaemonSet mounts it): the pins'
+    // bpffs is what is missing then.
+    let bound = setup.scratch.path().join("cgroup");
+    std::fs::create_dir(&bound).expect("mkdir");
+    let output = in_private_mount_namespace(&format!(
+        "mount --bind {} {bound} && {remount_sys} && exec \"$LB\" run --source file \
+         --manifests {} --cgroup-path {bound}",
+        setup.cgroup(),
+        setup.manifests(),
+        bound = bound.display(),
+    ));
+    refused(
+        &output,
+        &[
+            "no bpffs at /sys/fs/bpf for --pin-dir /sys/fs/bpf/lb",
+            "ip netns exec",
+            "nsenter --net=",
+        ],
+    );
+}
+
+#[test]
+fn a_bpffs_that_would_be_private_to_the_agents_mount_namespace_is_refused() {
+    let setup = Setup::new("privbpffs");
+    let output = in_private_mount_namespace(&format!(
+        "while mountpoint -q /sys/fs/bpf; do umount /sys/fs/bpf || exit 99; done; \
+         exec \"$LB\" run --source file --manifests {} --cgroup-path {}",
+        setup.manifests(),
+        setup.cgroup()
+    ));
+    refused(
+        &output,
+        &[
+            "no bpffs at /sys/fs/bpf",
+            "private mount namespace",
+            "vanish with the agent",
+        ],
+    );
+}
