@@ -1,7 +1,8 @@
 //! The real `lb run --source kube` agent against the fake API server (`lab::fake_apiserver`, a
 //! mock: no API server can run here), talking over loopback: Services and EndpointSlices reach
 //! the pinned maps, a change is applied, and an invalid Service is skipped with a Kubernetes
-//! Event while the others keep working. No NIC or cgroup is attached: this is about the source.
+//! Event while the others keep working. No NIC is attached, only the socket hooks to a private
+//! cgroup (the agent refuses to start with nothing to attach to): this is about the source.
 
 use std::{
     path::Path,
@@ -163,11 +164,20 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
 /// A running agent against the fake API server, with its log.
 struct Running {
     _agent: Agent,
+    /// What the socket hooks attach to (lb run refuses to start with nothing to attach to).
+    _cgroup: Cgroup,
     log: std::path::PathBuf,
 }
 
 impl Running {
-    fn start(pins: &PinDir, scratch: &ScratchDir, server: &FakeApiServer, extra: &[&str]) -> Self {
+    fn start(
+        lab: &Lab,
+        pins: &PinDir,
+        scratch: &ScratchDir,
+        server: &FakeApiServer,
+        extra: &[&str],
+    ) -> Self {
+        let cgroup = Cgroup::new(lab, "kuberun").expect("cgroup");
         let kubeconfig = scratch.path().join("kubeconfig");
         server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
         let log = scratch.path().join("agent.log");
@@ -180,13 +190,19 @@ impl Running {
                 .arg(pins.path())
                 .args(["--metrics-bind-address", "127.0.0.1:0"])
                 .args(["--healthz-bind-address", "127.0.0.1:0"])
+                .arg("--cgroup-path")
+                .arg(cgroup.path())
                 .args(extra)
                 .stdout(output.try_clone().expect("log"))
                 .stderr(output)
                 .spawn()
                 .expect("start lb run"),
         );
-        Self { _agent: agent, log }
+        Self {
+            _agent: agent,
+            _cgroup: cgroup,
+            log,
+        }
     }
 
     async fn wait_for(&self, needle: &'static str, count: usize) -> Vec<String> {
@@ -264,7 +280,13 @@ async fn only_a_slice_whose_service_stays_missing_is_reported() {
     other_slice["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] =
         json!("other-proxy");
     server.apply(other_slice);
-    let agent = Running::start(&pins, &scratch, &server, &["--missing-service-grace", "2s"]);
+    let agent = Running::start(
+        &lab,
+        &pins,
+        &scratch,
+        &server,
+        &["--missing-service-grace", "2s"],
+    );
     agent.wait_for("synced", 1).await;
 
     // Pairs in both orders, each half seen by a sync of its own (the source publishes after
@@ -338,7 +360,7 @@ async fn a_refused_event_is_logged_with_the_api_servers_answer_and_counted() {
     let server = FakeApiServer::start().await.expect("fake API server");
     server.fail_events(usize::MAX, 403, "Forbidden", FORBIDDEN);
     server.apply(service("broken", "10.96.0.300"));
-    let agent = Running::start(&pins, &scratch, &server, &[]);
+    let agent = Running::start(&lab, &pins, &scratch, &server, &[]);
     agent.wait_for("synced", 1).await;
     let lines = agent.wait_for("could not publish an Event", 1).await;
     assert!(
