@@ -231,7 +231,10 @@ fn datapath_targets(out: &mut String, datapath: &Value) {
             "new flow <= 300 ns net",
             &["xdp_new_flow", "xdp_new_flow_spread"],
         ),
-        ("not a service <= 15 ns net", &["xdp_miss"]),
+        (
+            "not a service <= 15 ns net",
+            &["xdp_miss", "xdp_miss_established"],
+        ),
     ];
     for (label, paths) in rows {
         let chosen: Vec<&Value> = targets
@@ -804,7 +807,8 @@ fn path_label(key: &str) -> &str {
         "xdp_new_flow" => "XDP new flow, one frontend",
         "xdp_new_flow_spread" => "XDP new flow, all frontends",
         "xdp_established" => "XDP established",
-        "xdp_miss" => "XDP miss (no such service)",
+        "xdp_miss" => "XDP miss, a SYN (no such service)",
+        "xdp_miss_established" => "XDP miss, an ACK (no such service)",
         "xdp_non_ip" => "XDP non-IP (ARP)",
         "tc_reply" => "tc reply (reverse NAT)",
         other => other,

@@ -115,18 +115,23 @@ enum Series {
     /// Every packet a new flow, each to the next frontend in an order scattered over the table.
     NewFlowSpread,
     Established,
+    /// A TCP SYN to no frontend.
     Miss,
+    /// A TCP ACK to no frontend (the node's own connections): it pays the conntrack lookup
+    /// established service flows skip the frontend lookup with.
+    MissEstablished,
     NonIp,
     TcReply,
 }
 
 impl Series {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::Floor,
         Self::NewFlow,
         Self::NewFlowSpread,
         Self::Established,
         Self::Miss,
+        Self::MissEstablished,
         Self::NonIp,
         Self::TcReply,
     ];
@@ -138,6 +143,7 @@ impl Series {
             Self::NewFlowSpread => "xdp_new_flow_spread",
             Self::Established => "xdp_established",
             Self::Miss => "xdp_miss",
+            Self::MissEstablished => "xdp_miss_established",
             Self::NonIp => "xdp_non_ip",
             Self::TcReply => "tc_reply",
         }
@@ -149,7 +155,8 @@ impl Series {
             Self::NewFlow => "xdp new flow, one frontend",
             Self::NewFlowSpread => "xdp new flow, all frontends",
             Self::Established => "xdp established",
-            Self::Miss => "xdp miss",
+            Self::Miss => "xdp miss (syn)",
+            Self::MissEstablished => "xdp miss (ack)",
             Self::NonIp => "xdp non-ip (arp)",
             Self::TcReply => "tc reply",
         }
@@ -159,7 +166,7 @@ impl Series {
         match self {
             Self::NewFlow | Self::NewFlowSpread => Some(NEW_FLOW_TARGET_NS),
             Self::Established => Some(ESTABLISHED_TARGET_NS),
-            Self::Miss => Some(MISS_TARGET_NS),
+            Self::Miss | Self::MissEstablished => Some(MISS_TARGET_NS),
             _ => None,
         }
     }
@@ -413,6 +420,7 @@ struct SizeBench<'a> {
     established: (Vec<u8>, Vec<u8>),
     reply: (Vec<u8>, Vec<u8>),
     miss: Vec<u8>,
+    miss_established: Vec<u8>,
     non_ip: Vec<u8>,
     /// Flows created so far by the two new-flow paths.
     flows: [u32; 2],
@@ -452,6 +460,7 @@ impl<'a> SizeBench<'a> {
             established,
             reply,
             miss: packet::tcp(MISS_CLIENT, MISS_DESTINATION, TcpFlags::SYN, b""),
+            miss_established: packet::tcp(MISS_CLIENT, MISS_DESTINATION, TcpFlags::ACK, b""),
             non_ip: packet::non_ip(0x0806, 28),
             flows: [0; 2],
             flows_before: new_flows_total(&loaded.datapath, loaded.service_ids)?,
@@ -506,11 +515,11 @@ impl<'a> SizeBench<'a> {
                 ensure!(&out.packet == expected, "{what}: not DNATed to its backend");
                 out
             }
-            Series::Miss | Series::NonIp => {
-                let input = if series == Series::Miss {
-                    &self.miss
-                } else {
-                    &self.non_ip
+            Series::Miss | Series::MissEstablished | Series::NonIp => {
+                let input = match series {
+                    Series::Miss => &self.miss,
+                    Series::MissEstablished => &self.miss_established,
+                    _ => &self.non_ip,
                 };
                 let out = run_once(self.xdp, input, XDP_PASS, what)?;
                 ensure!(&out.packet == input, "{what}: packet changed");
