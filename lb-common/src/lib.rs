@@ -738,6 +738,9 @@ pub mod ct_flags {
     /// clash with another flow's: ORIGINAL entries hold the new port in `snat_port`, REPLY
     /// entries are keyed by it and restore the client's own port (tc egress).
     pub const PORT_REMAP: u8 = 1 << 5;
+    /// ORIGINAL entries: the flow was admitted by its service's loadBalancerSourceRanges, which
+    /// its later packets are checked against too (a range removed stops the flow).
+    pub const SOURCE_CHECKED: u8 = 1 << 6;
 }
 
 /// Where a TCP side is in its sequence space, and which RSTs can be its own: a RST ends a

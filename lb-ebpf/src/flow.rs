@@ -118,37 +118,67 @@ pub fn destination(
     service: &ServiceValue,
     macs: &[u8; 12],
 ) -> Result<Destination, Event> {
-    let header_ok = || ipv4_checksum_ok(ctx, ip.l4_offset);
     let now = now_ns();
-    let key = original_key(tuple);
-    if let Some(entry) = CONNTRACK4.get_ptr_mut(&key) {
-        // SAFETY: the entry stays valid for the program's run (RCU); racing writers on other CPUs
-        // can only make last_seen/state slightly stale, which the timeouts tolerate.
-        let entry = unsafe { &mut *entry };
-        if continues(entry, tuple, now) {
-            if closes(tuple) && !header_ok() {
-                return Err(Event::DROP_IP_CHECKSUM);
-            }
-            if blind_rst(entry, tuple) {
-                return Err(Event::DROP_RST_OUT_OF_WINDOW);
-            }
-            match reply_half(entry, tuple, macs, now) {
-                ReplyHalf::Ours(reply) => {
-                    if !dry_run() {
-                        // SAFETY: as above.
-                        refresh_flow(entry, unsafe { &mut *reply }, tuple, now);
-                    }
-                    return Ok(tracked(entry));
-                }
-                ReplyHalf::Restored => return Ok(tracked(entry)),
-                ReplyHalf::Taken => count_event(Event::CT_FLOW_RESTARTED),
-            }
+    if let Some(entry) = live_flow(tuple, now) {
+        if let Some(destination) = follow(ctx, ip, tuple, entry, macs, now)? {
+            return Ok(destination);
         }
+        count_event(Event::CT_FLOW_RESTARTED);
     }
-    if !header_ok() {
+    if !ipv4_checksum_ok(ctx, ip.l4_offset) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
     new_flow(tuple, service, macs, ip.ttl > 1, now)
+}
+
+/// The ORIGINAL entry of the live flow this packet continues, if any.
+#[inline(always)]
+pub fn live_flow(tuple: &Tuple, now: u64) -> Option<*mut Ct4Value> {
+    let entry = CONNTRACK4.get_ptr_mut(&original_key(tuple))?;
+    // SAFETY: the entry stays valid for the program's run (RCU); racing writers on other CPUs can
+    // only make last_seen/state slightly stale, which the timeouts tolerate.
+    continues(unsafe { &*entry }, tuple, now).then_some(entry)
+}
+
+/// Whether a live flow's client must still be inside the source ranges of its service: it was
+/// admitted by them, and a range removed later must stop it.
+#[inline(always)]
+pub fn admitted_by_source_ranges(entry: *mut Ct4Value) -> Option<u32> {
+    // SAFETY: as in live_flow.
+    let entry = unsafe { &*entry };
+    (entry.flags & ct_flags::SOURCE_CHECKED != 0).then_some(entry.service_id)
+}
+
+/// Where a packet of a live flow (`entry`, from [`live_flow`]) goes, its state moved on; None
+/// when its reply tuple serves another flow now, so that the flow must start over.
+#[inline(always)]
+pub fn follow(
+    ctx: &XdpContext,
+    ip: &Ipv4Info,
+    tuple: &Tuple,
+    entry: *mut Ct4Value,
+    macs: &[u8; 12],
+    now: u64,
+) -> Result<Option<Destination>, Event> {
+    // SAFETY: as in live_flow.
+    let entry = unsafe { &mut *entry };
+    if closes(tuple) && !ipv4_checksum_ok(ctx, ip.l4_offset) {
+        return Err(Event::DROP_IP_CHECKSUM);
+    }
+    if blind_rst(entry, tuple) {
+        return Err(Event::DROP_RST_OUT_OF_WINDOW);
+    }
+    Ok(match reply_half(entry, tuple, macs, now) {
+        ReplyHalf::Ours(reply) => {
+            if !dry_run() {
+                // SAFETY: as above.
+                refresh_flow(entry, unsafe { &mut *reply }, tuple, now);
+            }
+            Some(tracked(entry))
+        }
+        ReplyHalf::Restored => Some(tracked(entry)),
+        ReplyHalf::Taken => None,
+    })
 }
 
 /// A RST far from what its sender has sent on this flow (the sender's entry: ORIGINAL for the
@@ -304,7 +334,12 @@ fn new_flow(
         nat_addr: u32::from_be(backend.addr),
         nat_port: u16::from_be(backend.port),
         state: initial_state(tuple),
-        flags: if remote { ct_flags::SNAT } else { 0 },
+        flags: if remote { ct_flags::SNAT } else { 0 }
+            | if service.flags & service_flags::SOURCE_RANGES != 0 {
+                ct_flags::SOURCE_CHECKED
+            } else {
+                0
+            },
         seq_next: tuple.seq_end,
         ..Default::default()
     };
@@ -346,7 +381,7 @@ fn new_flow(
             if flag == ct_flags::PORT_REMAP {
                 count_event(Event::NAT_PORT_REMAP);
             }
-            original.flags = flag;
+            original.flags = flag | (original.flags & ct_flags::SOURCE_CHECKED);
             original.snat_addr = addr;
             original.snat_port = port;
             port_key(&original, tuple.proto, addr, port)

@@ -20,10 +20,10 @@ use lb_ebpf::packet::{
 
 use crate::{
     flow::{
-        Tuple, blind_rst, closes, config, destination, lookup_frontend, original_key, reply_key,
-        source_allowed, track_reply,
+        Destination, Tuple, admitted_by_source_ranges, blind_rst, closes, config, destination,
+        follow, live_flow, lookup_frontend, original_key, reply_key, source_allowed, track_reply,
     },
-    helpers::{Forward, fib_forward},
+    helpers::{Forward, fib_forward, now_ns},
     maps::{
         CONNTRACK4, FRAGMENTS4, NIC_MACS, count_event, count_service, dry_run, remember_fragment,
     },
@@ -68,6 +68,12 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     if let Some(action) = snat_reply(ctx, &tuple, &ip)? {
         return Ok(action);
     }
+    if tuple.proto == proto::TCP
+        && tuple.tcp_flags & TCP_SYN == 0
+        && let Some(action) = established_tcp(ctx, eth, &ip, &tuple)?
+    {
+        return Ok(action);
+    }
     let Some(service) = lookup_frontend(&tuple) else {
         return Ok(xdp_action::XDP_PASS);
     };
@@ -92,10 +98,56 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
         }
         Err(event) => return Err(event),
     };
+    deliver(ctx, &ip, &tuple, &destination)
+}
+
+/// A TCP segment other than a SYN of a live flow goes where its flow goes without a look at the
+/// frontend (the dearest lookup left on this path): an established connection keeps its backend
+/// until it ends, as kube-proxy's conntrack keeps it, also when its Service changes or leaves.
+/// The check that admitted it still holds: a flow admitted by loadBalancerSourceRanges is
+/// dropped once its client is outside them. None: not a live flow's (or it must start over),
+/// for the frontend path.
+#[inline(always)]
+fn established_tcp(
+    ctx: &XdpContext,
+    eth: &[u8; ETH_HDR_LEN],
+    ip: &Ipv4Info,
+    tuple: &Tuple,
+) -> Result<Option<u32>, Event> {
+    let now = now_ns();
+    let Some(entry) = live_flow(tuple, now) else {
+        return Ok(None);
+    };
+    if for_another_host(ctx, eth) {
+        count_event(Event::PASS_OTHER_HOST);
+        return Ok(Some(xdp_action::XDP_PASS));
+    }
+    if let Some(service_id) = admitted_by_source_ranges(entry)
+        && !source_allowed(service_id, tuple.saddr)
+    {
+        return Err(Event::DROP_SOURCE_RANGE);
+    }
+    let mut macs = [0u8; 12];
+    macs.copy_from_slice(&eth[0..12]);
+    match follow(ctx, ip, tuple, entry, &macs, now)? {
+        Some(destination) => deliver(ctx, ip, tuple, &destination).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Rewrites a service packet to its destination, counts it for the service, records a first
+/// fragment's translation for the later ones, and sends it on.
+#[inline(always)]
+fn deliver(
+    ctx: &XdpContext,
+    ip: &Ipv4Info,
+    tuple: &Tuple,
+    destination: &Destination,
+) -> Result<u32, Event> {
     let (saddr, sport) = destination.source.unwrap_or((tuple.saddr, tuple.sport));
     rewrite(
         ctx,
-        &tuple,
+        tuple,
         ip.l4_offset,
         saddr,
         sport,
@@ -115,7 +167,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
             service_id: destination.service_id,
             ..Default::default()
         };
-        remember_fragment(&fragment_key(&ip), &later);
+        remember_fragment(&fragment_key(ip), &later);
     }
     if destination.forward {
         return Ok(forward(ctx, tuple.proto, saddr, destination.addr));

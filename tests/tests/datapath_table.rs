@@ -1584,6 +1584,101 @@ fn socket_egress_passes_the_packets_of_sockets_the_hooks_did_not_translate() {
     assert_eq!(datapath.events().expect("events")["drop_source_range"], 0);
 }
 
+/// Established TCP segments go where their flow goes without a look at the frontend: a flow
+/// keeps its backend when its Service leaves (as kube-proxy's conntrack keeps it), while a flow
+/// admitted by loadBalancerSourceRanges stops once its client is outside them.
+#[test]
+fn established_tcp_follows_its_flow_and_the_source_ranges_that_admitted_it() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "ctfirst").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let load_balancer_ip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 20), 80);
+    let admitted = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 41000);
+    let with_ranges = |ranges: &[(Ipv4Addr, u8)]| Service {
+        id: 5,
+        frontends: vec![Frontend {
+            addr: *load_balancer_ip.ip(),
+            port: load_balancer_ip.port(),
+            proto: proto::TCP,
+            kind: service_flags::LOAD_BALANCER,
+        }],
+        backends: vec![1],
+        flags: service_flags::SOURCE_RANGES,
+        source_ranges: ranges.iter().copied().collect(),
+        ..Default::default()
+    };
+    datapath
+        .put_service(&with_ranges(&[(Ipv4Addr::new(192, 0, 2, 0), 24)]))
+        .expect("service");
+    let xdp = |datapath: &Datapath, name, frame, verdict, output| {
+        run_table(
+            datapath
+                .program_fd(lb_common::program_names::XDP_LB)
+                .expect("fd"),
+            &[case(name, frame, verdict, output)],
+        )
+    };
+    let to_pod = |from, flags| Expect::Bytes(packet::tcp(from, POD_A, flags, b""));
+    xdp(
+        &datapath,
+        "syn from inside the ranges",
+        packet::tcp(admitted, load_balancer_ip, TcpFlags::SYN, b""),
+        XDP_PASS,
+        to_pod(admitted, TcpFlags::SYN),
+    );
+    xdp(
+        &datapath,
+        "its ack",
+        packet::tcp(admitted, load_balancer_ip, TcpFlags::ACK, b""),
+        XDP_PASS,
+        to_pod(admitted, TcpFlags::ACK),
+    );
+    // A NodePort flow, admitted by no range, of the TCP service.
+    xdp(
+        &datapath,
+        "node port syn",
+        packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+        XDP_PASS,
+        to_pod(CLIENT, TcpFlags::SYN),
+    );
+    // The client's range goes (another one stays, so the frontend still restricts).
+    datapath
+        .put_service(&with_ranges(&[(Ipv4Addr::new(203, 0, 113, 0), 24)]))
+        .expect("ranges changed");
+    xdp(
+        &datapath,
+        "the admitted flow, its range removed",
+        packet::tcp(admitted, load_balancer_ip, TcpFlags::ACK, b""),
+        XDP_DROP,
+        Expect::Unchanged,
+    );
+    assert_eq!(datapath.events().expect("events")["drop_source_range"], 1);
+    // The NodePort Service leaves: its established flow keeps its pod, a new one gets nothing.
+    datapath.remove_service(1).expect("remove");
+    xdp(
+        &datapath,
+        "the node port flow, its service gone",
+        packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"more"),
+        XDP_PASS,
+        Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::ACK, b"more")),
+    );
+    let newcomer = SocketAddrV4::new(*CLIENT.ip(), 40077);
+    xdp(
+        &datapath,
+        "a new flow to the gone service",
+        packet::tcp(newcomer, FRONTEND, TcpFlags::SYN, b""),
+        XDP_PASS,
+        Expect::Unchanged,
+    );
+    xdp(
+        &datapath,
+        "a segment of no flow to the gone service",
+        packet::tcp(newcomer, FRONTEND, TcpFlags::ACK, b""),
+        XDP_PASS,
+        Expect::Unchanged,
+    );
+}
+
 #[test]
 fn later_fragments_follow_their_first_fragment_to_a_local_endpoint_and_back() {
     let lab = Lab::new().expect("lab");
