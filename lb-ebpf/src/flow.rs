@@ -5,16 +5,16 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
     DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SlotKey, SourceRange4,
-    backend_flags, ct_direction, ct_flags, ct_timeouts, maglev, proto, scope, service_flags,
-    tcp_seq, tcp_state,
+    backend_flags, ct_direction, ct_flags, ct_timeouts, frontend_filter, maglev, proto, scope,
+    service_flags, tcp_seq, tcp_state,
 };
 use lb_ebpf::packet::{Ipv4Info, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ipv4_checksum_ok};
 
 use crate::{
     helpers::{now_ns, random_u32},
     maps::{
-        AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTENDS4, MAGLEV4, SLOTS4, SOURCE_RANGES4,
-        count_event, count_service, dry_run,
+        AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTEND_FILTER, FRONTENDS4, MAGLEV4, SLOTS4,
+        SOURCE_RANGES4, count_event, count_service, dry_run,
     },
 };
 
@@ -53,6 +53,16 @@ pub struct Destination {
     /// XDP sends the packet on itself (a backend on another node) instead of to the stack.
     pub forward: bool,
 }
+/// Whether a frontend may have this packet's destination ([`lb_common::frontend_filter`]); if
+/// not, the packet is none of the datapath's business and needs no further lookup.
+#[inline(always)]
+pub fn maybe_frontend(tuple: &Tuple) -> bool {
+    let bit = frontend_filter::bit(tuple.daddr, tuple.dport);
+    FRONTEND_FILTER
+        .get(bit >> 6)
+        .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)
+}
+
 /// The frontend this packet is addressed to, if any. Map keys hold network byte order.
 #[inline(always)]
 pub fn lookup_frontend(tuple: &Tuple) -> Option<&'static ServiceValue> {

@@ -44,6 +44,9 @@ pub static SOCK_STATE4: SkStorage<SockState4> = SkStorage::new();
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =
     PerCpuArray::pinned(limits::MAX_SERVICES, 0);
 
+#[map(name = "lb4_fefilt_v1")]
+pub static FRONTEND_FILTER: Array<u64> = Array::pinned(limits::FRONTEND_FILTER_WORDS, 0);
+
 #[map(name = "lb_event_v3")]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
 

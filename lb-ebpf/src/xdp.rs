@@ -21,7 +21,8 @@ use lb_ebpf::packet::{
 use crate::{
     flow::{
         Destination, Tuple, admitted_by_source_ranges, blind_rst, closes, config, destination,
-        follow, live_flow, lookup_frontend, original_key, reply_key, source_allowed, track_reply,
+        follow, live_flow, lookup_frontend, maybe_frontend, original_key, reply_key,
+        source_allowed, track_reply,
     },
     helpers::{Forward, fib_forward, now_ns},
     maps::{
@@ -67,6 +68,9 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     let tuple = transport_tuple(ctx, &ip)?;
     if let Some(action) = snat_reply(ctx, &tuple, &ip)? {
         return Ok(action);
+    }
+    if !maybe_frontend(&tuple) {
+        return Ok(xdp_action::XDP_PASS);
     }
     if tuple.proto == proto::TCP
         && tuple.tcp_flags & TCP_SYN == 0

@@ -184,11 +184,90 @@ pub struct Service {
     pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
 }
 
+/// The frontend filter XDP passes the node's own traffic with ([`map_names::FRONTEND_FILTER`]),
+/// and how many frontends have each bit. A bit is set before a frontend with it is written and
+/// cleared after the last one is removed, so XDP never skips a frontend.
+struct FrontendFilter {
+    map: Array<MapData, u64>,
+    words: Vec<u64>,
+    frontends: std::collections::HashMap<u32, usize>,
+}
+
+/// A frontend key's bit in the filter.
+fn filter_bit(key: &Frontend4Key) -> u32 {
+    lb_common::frontend_filter::bit(u32::from_be(key.addr), u16::from_be(key.port))
+}
+
+impl FrontendFilter {
+    /// The filter of these frontends, written whole.
+    fn rebuild<'a>(
+        map: Array<MapData, u64>,
+        keys: impl Iterator<Item = &'a Frontend4Key>,
+    ) -> Result<Self> {
+        let mut filter = Self {
+            map,
+            words: vec![0; limits::FRONTEND_FILTER_WORDS as usize],
+            frontends: std::collections::HashMap::new(),
+        };
+        for key in keys {
+            let bit = filter_bit(key);
+            *filter.frontends.entry(bit).or_default() += 1;
+            filter.words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+        for index in 0..limits::FRONTEND_FILTER_WORDS {
+            filter.write(index)?;
+        }
+        Ok(filter)
+    }
+
+    /// Sets the bits of these frontends.
+    fn mark<'a>(&mut self, keys: impl Iterator<Item = &'a Frontend4Key>) -> Result<()> {
+        for key in keys {
+            let bit = filter_bit(key);
+            let word = bit >> 6;
+            let mask = 1u64 << (bit & 63);
+            if self.words[word as usize] & mask == 0 {
+                self.words[word as usize] |= mask;
+                self.write(word)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One more frontend has this key's bit.
+    fn count(&mut self, key: &Frontend4Key) {
+        *self.frontends.entry(filter_bit(key)).or_default() += 1;
+    }
+
+    /// One frontend less has this key's bit; the last one clears it.
+    fn release(&mut self, key: &Frontend4Key) -> Result<()> {
+        let bit = filter_bit(key);
+        let Some(count) = self.frontends.get_mut(&bit) else {
+            return Ok(());
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.frontends.remove(&bit);
+            self.words[(bit >> 6) as usize] &= !(1u64 << (bit & 63));
+            self.write(bit >> 6)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, index: u32) -> Result<()> {
+        self.map
+            .set(index, &self.words[index as usize], 0)
+            .map_err(|source| map_error(map_names::FRONTEND_FILTER, "write", source))
+    }
+}
+
 /// The loaded datapath. Dropping it detaches what it attached; pinned maps stay.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     frontends: HashMap<MapData, Frontend4Key, ServiceValue>,
+    /// The frontend filter as XDP reads it, and how many frontends have each bit.
+    frontend_filter: FrontendFilter,
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, u32, Backend4>,
     conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
@@ -268,6 +347,12 @@ impl Datapath {
             take_map(&mut ebpf, map_names::SOURCE_RANGES4)?;
         let backends: HashMap<MapData, u32, Backend4> = take_map(&mut ebpf, map_names::BACKENDS4)?;
         let (mut installed, owners) = read_installed(&frontends, &slots)?;
+        // Rewritten whole before any program of this load is attached: a map new to the pin
+        // directory (an upgrade) starts empty, and stale bits would only cost lookups.
+        let frontend_filter = FrontendFilter::rebuild(
+            take_map(&mut ebpf, map_names::FRONTEND_FILTER)?,
+            owners.keys(),
+        )?;
         for key in source_ranges.keys() {
             let key =
                 key.map_err(|source| map_error(map_names::SOURCE_RANGES4, "iterate", source))?;
@@ -288,6 +373,7 @@ impl Datapath {
         let names = read_service_names(&service_names)?;
         Ok(Self {
             frontends,
+            frontend_filter,
             installed,
             owners,
             slot_count,
@@ -550,6 +636,8 @@ impl Datapath {
             maglev_table: maglev_table.unwrap_or(0),
             _pad: 0,
         };
+        // Before the entries: XDP looks a frontend up only once its bit is set.
+        self.frontend_filter.mark(flags_by_key.keys())?;
         let mut written = Vec::new();
         for (key, flags) in &flags_by_key {
             let result = insert(
@@ -572,11 +660,14 @@ impl Datapath {
         // port into two tables): its entry was flipped in one update above; the other service
         // just no longer has it.
         for key in flags_by_key.keys() {
-            if let Some(owner) = self.owners.insert(*key, service.id)
-                && owner != service.id
-                && let Some(other) = self.installed.get_mut(&owner)
-            {
-                other.frontends.remove(key);
+            match self.owners.insert(*key, service.id) {
+                None => self.frontend_filter.count(key),
+                Some(owner) if owner != service.id => {
+                    if let Some(other) = self.installed.get_mut(&owner) {
+                        other.frontends.remove(key);
+                    }
+                }
+                Some(_) => {}
             }
         }
         self.slot_count += service.backends.len();
@@ -613,7 +704,9 @@ impl Datapath {
                 remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
                     format!("stale frontend {key:?}")
                 })?;
-                self.owners.remove(key);
+                if self.owners.remove(key).is_some() {
+                    self.frontend_filter.release(key)?;
+                }
             }
             self.slot_count -= previous.backends.len();
             self.remove_slots(
@@ -929,7 +1022,9 @@ impl Datapath {
             remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
                 format!("service {id} frontend {key:?}")
             })?;
-            self.owners.remove(key);
+            if self.owners.remove(key).is_some() {
+                self.frontend_filter.release(key)?;
+            }
         }
         self.remove_slots(id, installed.revision, installed.backends.len() as u16)
     }

@@ -173,3 +173,70 @@ fn loading_removes_the_pins_of_maps_an_earlier_release_retired() {
     assert!(!retired.exists(), "{} is still pinned", retired.display());
     assert!(pins.path().join(map_names::CONFIG).exists());
 }
+
+/// Which of `destinations` have their bit in the frontend filter XDP passes the node's own
+/// traffic with, read from its pin.
+fn marked(pins: &PinDir, destinations: &[(Ipv4Addr, u16)]) -> Vec<(Ipv4Addr, u16)> {
+    let map = aya::maps::MapData::from_pin(pins.path().join(map_names::FRONTEND_FILTER))
+        .expect("frontend filter pin");
+    let words = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).expect("array");
+    destinations
+        .iter()
+        .copied()
+        .filter(|&(addr, port)| {
+            let bit = lb_common::frontend_filter::bit(u32::from(addr), port);
+            words.get(&(bit >> 6), 0).expect("word") & (1 << (bit & 63)) != 0
+        })
+        .collect()
+}
+
+#[test]
+fn the_frontend_filter_marks_exactly_the_frontends_destinations() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fefilt").expect("pins");
+    let on = |index: u32, port: u16| Frontend {
+        port,
+        ..frontend(index)
+    };
+    let at = |frontend: Frontend| (frontend.addr, frontend.port);
+    let (a80, b80, b8443, b30080) = (on(1, 80), on(2, 80), on(2, 8443), on(2, 30080));
+    // The node's own traffic: another port of a frontend's address, another address.
+    let own = [(a80.addr, 22), (Ipv4Addr::new(203, 0, 113, 1), 80)];
+    let probe: Vec<(Ipv4Addr, u16)> = [a80, b80, b8443, b30080]
+        .map(at)
+        .into_iter()
+        .chain(own)
+        .collect();
+    {
+        let mut datapath = Datapath::load(pins.path()).expect("load");
+        assert!(marked(&pins, &probe).is_empty(), "nothing yet");
+        datapath
+            .put_service(&service(1, vec![a80], vec![]))
+            .expect("a");
+        datapath
+            .put_service(&service(2, vec![b80, b8443], vec![]))
+            .expect("b");
+        assert_eq!(marked(&pins, &probe), [at(a80), at(b80), at(b8443)]);
+        datapath.remove_service(1).expect("remove a");
+        assert_eq!(marked(&pins, &probe), [at(b80), at(b8443)]);
+        datapath
+            .put_service(&service(2, vec![b80, b30080], vec![]))
+            .expect("b changed");
+        assert_eq!(marked(&pins, &probe), [at(b80), at(b30080)]);
+    }
+    // A stale bit (as an older agent could leave) is gone after a load, and the live ones are
+    // back before any program is attached.
+    let map =
+        aya::maps::MapData::from_pin(pins.path().join(map_names::FRONTEND_FILTER)).expect("pin");
+    let mut words =
+        aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).expect("array");
+    for (addr, port) in [own[0], at(b80)] {
+        let bit = lb_common::frontend_filter::bit(u32::from(addr), port);
+        let stale = if (addr, port) == own[0] { u64::MAX } else { 0 };
+        words.set(bit >> 6, &stale, 0).expect("stale word");
+    }
+    let mut datapath = Datapath::load(pins.path()).expect("reload");
+    assert_eq!(marked(&pins, &probe), [at(b80), at(b30080)]);
+    datapath.remove_service(2).expect("remove b");
+    assert!(marked(&pins, &probe).is_empty());
+}
