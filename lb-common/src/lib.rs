@@ -788,19 +788,19 @@ pub mod tcp_seq {
     }
 }
 
-/// A one-hash Bloom filter of the frontends' (address, port) pairs, protocol aside: a clear bit
-/// means no frontend, so XDP passes the packet without a conntrack or frontend lookup. With n
-/// frontends a packet of another destination finds its bit set about n / 2^20 of the time (1%
-/// at 10k frontends) and then pays the lookups it would have paid anyway.
+/// A one-hash Bloom filter of the frontends (address, port, protocol): a clear bit means no
+/// frontend, so XDP passes the packet without a conntrack or frontend lookup. With n frontends a
+/// packet of another destination finds its bit set about n / 2^20 of the time (1% at 10k
+/// frontends) and then pays the lookups it would have paid anyway.
 pub mod frontend_filter {
     /// 2^20 bits.
     pub const BITS_LOG2: u32 = 20;
 
-    /// The bit of an address and port (host order of the wire bytes): Fibonacci hashing of both
-    /// together, the top bits of a 64-bit multiply.
+    /// The bit of an address and port (host order of the wire bytes) and protocol: Fibonacci
+    /// hashing of all three together, the top bits of a 64-bit multiply.
     #[inline(always)]
-    pub const fn bit(addr: u32, port: u16) -> u32 {
-        let key = ((addr as u64) << 16) | port as u64;
+    pub const fn bit(addr: u32, port: u16, protocol: u8) -> u32 {
+        let key = ((addr as u64) << 24) | ((port as u64) << 8) | protocol as u64;
         (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS_LOG2)) as u32
     }
 }
@@ -1099,7 +1099,7 @@ mod tests {
         let mut seen = [false; 1 << 16];
         let mut distinct = 0;
         for port in 0..=u16::MAX {
-            let bit = bit(addr, port);
+            let bit = bit(addr, port, 6);
             assert!(bit < 1 << BITS_LOG2);
             let slot = (bit >> (BITS_LOG2 - 16)) as usize;
             distinct += usize::from(!seen[slot]);
@@ -1107,7 +1107,12 @@ mod tests {
         }
         // A random spread of 65,536 keys over 65,536 slots fills about 63% of them.
         assert!(distinct > 40_000, "{distinct} distinct slots");
-        assert_ne!(bit(addr, 80), bit(addr + 1, 80), "neighbouring addresses");
+        assert_ne!(
+            bit(addr, 80, 6),
+            bit(addr + 1, 80, 6),
+            "neighbouring addresses"
+        );
+        assert_ne!(bit(addr, 80, 6), bit(addr, 80, 17), "TCP and UDP");
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub struct Destination {
 /// not, the packet is none of the datapath's business and needs no further lookup.
 #[inline(always)]
 pub fn maybe_frontend(tuple: &Tuple) -> bool {
-    let bit = frontend_filter::bit(tuple.daddr, tuple.dport);
+    let bit = frontend_filter::bit(tuple.daddr, tuple.dport, tuple.proto);
     FRONTEND_FILTER
         .get(bit >> 6)
         .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)

@@ -105,12 +105,12 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     deliver(ctx, &ip, &tuple, &destination)
 }
 
-/// A TCP segment other than a SYN of a live flow goes where its flow goes without a look at the
-/// frontend (the dearest lookup left on this path): an established connection keeps its backend
-/// until it ends, as kube-proxy's conntrack keeps it, also when its Service changes or leaves.
-/// The check that admitted it still holds: a flow admitted by loadBalancerSourceRanges is
-/// dropped once its client is outside them. None: not a live flow's (or it must start over),
-/// for the frontend path.
+/// A TCP segment other than a SYN of a live flow, to a destination the frontend filter still
+/// has, goes where its flow goes without a look at the frontend entry (the dearest lookup left
+/// on this path): an established connection keeps its backend until it ends, also when its
+/// Service's endpoints change. The check that admitted it still holds: a flow admitted by
+/// loadBalancerSourceRanges is dropped once its client is outside them. None: not a live
+/// flow's (or it must start over), for the frontend path.
 #[inline(always)]
 fn established_tcp(
     ctx: &XdpContext,

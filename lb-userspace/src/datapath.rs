@@ -195,7 +195,7 @@ struct FrontendFilter {
 
 /// A frontend key's bit in the filter.
 fn filter_bit(key: &Frontend4Key) -> u32 {
-    lb_common::frontend_filter::bit(u32::from_be(key.addr), u16::from_be(key.port))
+    lb_common::frontend_filter::bit(u32::from_be(key.addr), u16::from_be(key.port), key.proto)
 }
 
 impl FrontendFilter {

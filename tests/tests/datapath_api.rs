@@ -184,7 +184,7 @@ fn marked(pins: &PinDir, destinations: &[(Ipv4Addr, u16)]) -> Vec<(Ipv4Addr, u16
         .iter()
         .copied()
         .filter(|&(addr, port)| {
-            let bit = lb_common::frontend_filter::bit(u32::from(addr), port);
+            let bit = lb_common::frontend_filter::bit(u32::from(addr), port, proto::TCP);
             words.get(&(bit >> 6), 0).expect("word") & (1 << (bit & 63)) != 0
         })
         .collect()
@@ -231,7 +231,7 @@ fn the_frontend_filter_marks_exactly_the_frontends_destinations() {
     let mut words =
         aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).expect("array");
     for (addr, port) in [own[0], at(b80)] {
-        let bit = lb_common::frontend_filter::bit(u32::from(addr), port);
+        let bit = lb_common::frontend_filter::bit(u32::from(addr), port, proto::TCP);
         let stale = if (addr, port) == own[0] { u64::MAX } else { 0 };
         words.set(bit >> 6, &stale, 0).expect("stale word");
     }

@@ -1584,9 +1584,10 @@ fn socket_egress_passes_the_packets_of_sockets_the_hooks_did_not_translate() {
     assert_eq!(datapath.events().expect("events")["drop_source_range"], 0);
 }
 
-/// Established TCP segments go where their flow goes without a look at the frontend: a flow
-/// keeps its backend when its Service leaves (as kube-proxy's conntrack keeps it), while a flow
-/// admitted by loadBalancerSourceRanges stops once its client is outside them.
+/// Established TCP segments go where their flow goes without a look at the frontend entry, past
+/// the frontend filter: a flow admitted by loadBalancerSourceRanges stops once its client is
+/// outside them, and a flow whose frontend is gone (its filter bit cleared) is no longer
+/// translated.
 #[test]
 fn established_tcp_follows_its_flow_and_the_source_ranges_that_admitted_it() {
     let lab = Lab::new().expect("lab");
@@ -1653,14 +1654,14 @@ fn established_tcp_follows_its_flow_and_the_source_ranges_that_admitted_it() {
         Expect::Unchanged,
     );
     assert_eq!(datapath.events().expect("events")["drop_source_range"], 1);
-    // The NodePort Service leaves: its established flow keeps its pod, a new one gets nothing.
+    // The NodePort Service leaves: neither its established flow nor a new one is translated.
     datapath.remove_service(1).expect("remove");
     xdp(
         &datapath,
         "the node port flow, its service gone",
         packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"more"),
         XDP_PASS,
-        Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::ACK, b"more")),
+        Expect::Unchanged,
     );
     let newcomer = SocketAddrV4::new(*CLIENT.ip(), 40077);
     xdp(

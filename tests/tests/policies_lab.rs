@@ -420,37 +420,6 @@ fn connection_across(client: &lab::lab::Host, to: &str, change: impl FnOnce()) -
     .expect("client")
 }
 
-/// Established TCP connections keep their backend when their Service leaves, as kube-proxy's
-/// conntrack keeps them (the datapath follows conntrack for them, not the frontends); new
-/// connections find nothing.
-#[test]
-fn an_established_connection_outlives_its_service_and_new_ones_find_nothing() {
-    let mut lab = AgentLab::new().expect("lab");
-    lab.start_agent(&[]).expect("agent");
-    lab.apply(
-        "web.yaml",
-        &(node_port_service("web", "10.96.0.10", 30080, "")
-            + "---\n"
-            + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
-    )
-    .expect("apply");
-    let node_port = format!("{}:30080", node_addr(1));
-    let report = connection_across(&lab.cluster.client, &node_port, || {
-        lab.delete("web.yaml").expect("delete");
-    });
-    report.assert_all_ok("one connection across its Service's removal");
-    let after = ClientRun {
-        timeout_ms: 500,
-        ..ClientRun::tcp(&node_port, 1)
-    }
-    .run(&lab.cluster.client, None)
-    .expect("client");
-    assert_eq!(
-        after.errors, 1,
-        "a new connection after the removal: {after:?}"
-    );
-}
-
 /// A connection that loadBalancerSourceRanges admitted stops once its client's range goes.
 #[test]
 fn an_established_connection_stops_when_its_source_range_goes() {
