@@ -14,8 +14,12 @@ pub mod map_names {
     /// [`crate::Frontend4Key`] -> [`crate::ServiceValue`]: every address:port:protocol a Service
     /// answers on (ClusterIP, each node address:nodePort, externalIPs, LoadBalancer IPs).
     pub const FRONTENDS4: &str = "lb4_fe_v1";
-    /// [`crate::SlotKey`] -> backend id: the backends a service selects from, one table per revision.
-    pub const SLOTS4: &str = "lb4_slot_v1";
+    /// Array of [`crate::Slot`]: every service's selection table, a range of cells starting at
+    /// its [`crate::ServiceValue::slots`].
+    pub const SLOTS4: &str = "lb4_slot_v2";
+    /// The hash map of [`crate::LegacySlotKey`] -> backend id that held the selection tables
+    /// before [`SLOTS4`]: read once by a new agent to move the tables into the array.
+    pub const LEGACY_SLOTS4: &str = "lb4_slot_v1";
     /// backend id -> [`crate::Backend4`].
     pub const BACKENDS4: &str = "lb4_be_v1";
     /// LRU [`crate::Ct4Key`] -> [`crate::Ct4Value`]: connection tracking of the XDP/tc path.
@@ -54,7 +58,7 @@ pub mod map_names {
 
     /// Maps earlier releases pinned under names whose layout has changed since: a new agent
     /// removes these pins (the maps themselves go when the old programs are swapped out).
-    pub const RETIRED: &[&str] = &["lb_cfg_v1", "lb_event_v1", "lb_event_v2"];
+    pub const RETIRED: &[&str] = &["lb_cfg_v1", "lb_event_v1", "lb_event_v2", LEGACY_SLOTS4];
     /// A filter of every frontend's address and port ([`crate::frontend_filter`]): XDP looks
     /// nothing up for a TCP/UDP packet whose bit is clear, which is most of the node's own
     /// traffic.
@@ -113,7 +117,8 @@ pub mod limits {
     pub const MAX_BACKENDS: u32 = 262_144;
     /// Backends one service can select from.
     pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
-    /// Entries of the slot map; two revisions of every service's table must fit during a swap.
+    /// Cells of the slot array (cell 0 unused); a service's old and new table must both fit
+    /// while it changes.
     pub const MAX_SLOTS: u32 = 1_048_576;
     /// Connection-tracking entries (two per flow: original and reply direction).
     pub const MAX_CONNTRACK: u32 = 524_288;
@@ -413,13 +418,13 @@ pub mod scope {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
 pub struct ServiceValue {
-    /// Index of the service's counters; part of every slot key.
+    /// Index of the service's counters; every cell of its table carries it too.
     pub service_id: u32,
-    /// Number of slots (0..count) in the table of `revision`; 0 = no usable backend.
+    /// Number of cells in the table at `slots`; 0 = no usable backend.
     pub backend_count: u16,
-    /// The slot table in force. The agent writes a new table under another revision, then flips
-    /// this field in one map update, so a packet never sees half a table.
-    pub revision: u16,
+    /// Written as 0. Before [`map_names::SLOTS4`], the revision of the service's table in
+    /// [`map_names::LEGACY_SLOTS4`]: read once by a new agent to move that table.
+    pub legacy_revision: u16,
     /// [`service_flags`] bits.
     pub flags: u32,
     /// sessionAffinity ClientIP timeout in seconds (0 = no affinity).
@@ -427,7 +432,10 @@ pub struct ServiceValue {
     /// With [`service_flags::MAGLEV`]: which lookup table of `lb4_maglev_v1` the service uses
     /// (its slots start at `maglev_table * maglev::TABLE_SIZE`).
     pub maglev_table: u32,
-    pub _pad: u32,
+    /// The index in [`map_names::SLOTS4`] of the first cell of the service's table (0: none;
+    /// cell 0 is never handed out). The agent writes a new table into free cells, then moves
+    /// this field in one map update, so a packet never sees half a table.
+    pub slots: u32,
 }
 const _: () = assert!(size_of::<ServiceValue>() == 24);
 
@@ -635,16 +643,28 @@ pub struct AffinityValue {
 }
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 
-/// Key of the slot map.
+/// A cell of a service's selection table ([`map_names::SLOTS4`]). The service id guards against
+/// a packet that read its frontend just before the table moved and the agent handed the old
+/// cells to another service: it finds another id and selects nothing
+/// ([`Event::DROP_BACKEND_MISSING`]) rather than another service's backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct Slot {
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<Slot>() == 8);
+
+/// Key of the retired [`map_names::LEGACY_SLOTS4`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(C)]
-pub struct SlotKey {
+pub struct LegacySlotKey {
     pub service_id: u32,
     pub revision: u16,
     /// 0..backend_count.
     pub slot: u16,
 }
-const _: () = assert!(size_of::<SlotKey>() == 8);
+const _: () = assert!(size_of::<LegacySlotKey>() == 8);
 
 /// A backend (one endpoint address, port and protocol).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -987,7 +1007,8 @@ impl_pod!(
     AffinityValue,
     Frontend4Key,
     ServiceValue,
-    SlotKey,
+    Slot,
+    LegacySlotKey,
     Backend4,
     Ct4Key,
     Ct4Value,

@@ -4,7 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
-    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SlotKey, SourceRange4,
+    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SourceRange4,
     backend_flags, ct_direction, ct_flags, ct_timeouts, frontend_filter, maglev, proto, scope,
     service_flags, tcp_seq, tcp_state,
 };
@@ -763,13 +763,11 @@ pub fn select(service: &ServiceValue) -> Result<(u32, Backend4), Event> {
         return Err(no_backend(service));
     }
     let slot = random_u32() % u32::from(service.backend_count);
-    let key = SlotKey {
-        service_id: service.service_id,
-        revision: service.revision,
-        slot: slot as u16,
-    };
-    // SAFETY: read-only lookups of entries the agent writes whole.
-    let backend_id = *unsafe { SLOTS4.get(&key) }.ok_or(Event::DROP_BACKEND_MISSING)?;
+    let backend_id = SLOTS4
+        .get(service.slots.wrapping_add(slot))
+        .filter(|cell| cell.service_id == service.service_id)
+        .ok_or(Event::DROP_BACKEND_MISSING)?
+        .backend_id;
     // SAFETY: as above.
     let backend = *unsafe { BACKENDS4.get(&backend_id) }.ok_or(Event::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))

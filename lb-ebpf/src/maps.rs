@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frag4Key,
-    Frag4Value, Frontend4Key, NicMac, RejectBudget, ServiceCounter, ServiceValue, SlotKey,
+    Frag4Value, Frontend4Key, NicMac, RejectBudget, ServiceCounter, ServiceValue, Slot,
     SockNat4Key, SockNat4Value, SockState4, SourceRange4, limits, maglev,
 };
 
@@ -17,9 +17,10 @@ use lb_common::{
 pub static FRONTENDS4: HashMap<Frontend4Key, ServiceValue> =
     HashMap::pinned(limits::MAX_FRONTENDS, 0);
 
-/// (service, revision, slot) -> backend id.
-#[map(name = "lb4_slot_v1")]
-pub static SLOTS4: HashMap<SlotKey, u32> = HashMap::pinned(limits::MAX_SLOTS, 0);
+/// Every service's selection table, a range of cells from its `ServiceValue::slots`: an array,
+/// so that a lookup is an index, not a hash of a key in a map of a million entries.
+#[map(name = "lb4_slot_v2")]
+pub static SLOTS4: Array<Slot> = Array::pinned(limits::MAX_SLOTS, 0);
 
 /// backend id -> endpoint address, port, protocol, flags.
 #[map(name = "lb4_be_v1")]

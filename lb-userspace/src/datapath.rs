@@ -17,7 +17,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
@@ -31,11 +31,11 @@ use aya::{
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
-    NicMac, SERVICE_NAME_LEN, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value,
-    SourceRange4, limits, maglev, map_names, program_names, service_flags,
+    LegacySlotKey, NicMac, SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot, SockNat4Key,
+    SockNat4Value, SourceRange4, limits, maglev, map_names, program_names, service_flags,
 };
 
-use crate::object::DATAPATH_OBJECT;
+use crate::{object::DATAPATH_OBJECT, slot_ranges::SlotRanges};
 
 /// Where the agent pins its maps and programs.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -268,7 +268,9 @@ pub struct Datapath {
     frontends: HashMap<MapData, Frontend4Key, ServiceValue>,
     /// The frontend filter as XDP reads it, and how many frontends have each bit.
     frontend_filter: FrontendFilter,
-    slots: HashMap<MapData, SlotKey, u32>,
+    slots: Array<MapData, Slot>,
+    /// The cells of `slots` no installed table uses.
+    slot_ranges: SlotRanges,
     backends: HashMap<MapData, u32, Backend4>,
     conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
     service_counters: PerCpuArray<MapData, ServiceCounter>,
@@ -292,8 +294,6 @@ pub struct Datapath {
     /// Which service owns each frontend (a frontend belongs to one service).
     owners: BTreeMap<Frontend4Key, u32>,
     installed_backends: BTreeMap<u32, Backend>,
-    /// Slot entries of the installed tables.
-    slot_count: usize,
 }
 
 /// A UDP backend that left a service.
@@ -306,8 +306,8 @@ struct DepartedBackend {
 /// A service as the maps hold it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InstalledService {
-    /// The revision of the slot table in force.
-    pub revision: u16,
+    /// The first cell of the service's table in the slot array (0: no table).
+    pub slots: u32,
     /// Backend ids in slot order.
     pub backends: Vec<u32>,
     /// Frontend keys with their [`lb_common::service_flags`] (kind and policy bits).
@@ -339,14 +339,32 @@ impl Datapath {
         }
         load_and_pin::<CgroupSkb>(&mut ebpf, program_names::SOCK_EGRESS4, pin_dir)?;
         load_and_pin::<CgroupSock>(&mut ebpf, program_names::SOCK_RELEASE, pin_dir)?;
-        remove_retired_pins(pin_dir)?;
-        let frontends: HashMap<MapData, Frontend4Key, ServiceValue> =
+        let mut frontends: HashMap<MapData, Frontend4Key, ServiceValue> =
             take_map(&mut ebpf, map_names::FRONTENDS4)?;
-        let slots: HashMap<MapData, SlotKey, u32> = take_map(&mut ebpf, map_names::SLOTS4)?;
+        let mut slots: Array<MapData, Slot> = take_map(&mut ebpf, map_names::SLOTS4)?;
         let source_ranges: LpmTrie<MapData, SourceRange4, u8> =
             take_map(&mut ebpf, map_names::SOURCE_RANGES4)?;
         let backends: HashMap<MapData, u32, Backend4> = take_map(&mut ebpf, map_names::BACKENDS4)?;
         let (mut installed, owners) = read_installed(&frontends, &slots)?;
+        let mut slot_ranges = SlotRanges::new(limits::MAX_SLOTS);
+        for service in installed.values_mut() {
+            if !slot_ranges.reserve(service.slots, service.backends.len() as u32) {
+                // Cells another table claims too (maps no agent of this release wrote): the
+                // next sync writes this service's table afresh.
+                service.backends.clear();
+            }
+        }
+        let legacy_tables = pin_dir.join(map_names::LEGACY_SLOTS4);
+        if legacy_tables.exists() {
+            migrate_legacy_slots(
+                &legacy_tables,
+                &mut installed,
+                &mut frontends,
+                &mut slots,
+                &mut slot_ranges,
+            )?;
+        }
+        remove_retired_pins(pin_dir)?;
         // Rewritten whole before any program of this load is attached: a map new to the pin
         // directory (an upgrade) starts empty, and stale bits would only cost lookups.
         let frontend_filter = FrontendFilter::rebuild(
@@ -365,10 +383,6 @@ impl Datapath {
             }
         }
         let installed_backends = read_backends(&backends)?;
-        let slot_count = installed
-            .values()
-            .map(|service| service.backends.len())
-            .sum();
         let service_names = open_service_names(pin_dir)?;
         let names = read_service_names(&service_names)?;
         Ok(Self {
@@ -376,9 +390,9 @@ impl Datapath {
             frontend_filter,
             installed,
             owners,
-            slot_count,
             installed_backends,
             slots,
+            slot_ranges,
             backends,
             conntrack: take_map(&mut ebpf, map_names::CONNTRACK4)?,
             service_counters: take_map(&mut ebpf, map_names::SERVICE_COUNTERS)?,
@@ -590,9 +604,9 @@ impl Datapath {
     }
 
     /// Installs or updates a service so that no packet ever sees a half-written state: the new
-    /// selection table is written under a fresh revision, then every frontend is flipped to it in
-    /// one update each, then the old table is deleted. Frontends of the service that are not in
-    /// `service.frontends` any more are removed last.
+    /// selection table is written into free cells of the slot array, then every frontend is
+    /// flipped to it in one update each, then the old table's cells are freed. Frontends of the
+    /// service that are not in `service.frontends` any more are removed last.
     pub fn put_service(&mut self, service: &Service) -> Result<()> {
         self.validate(service)?;
         let flags_by_key = frontend_flags(service);
@@ -603,9 +617,6 @@ impl Datapath {
             // from zero: its slot is cleared before any frontend points at it.
             self.reset_service_counter(service.id)?;
         }
-        let revision = previous
-            .as_ref()
-            .map_or(0, |installed| installed.revision.wrapping_add(1));
         let backend_count = service.backends.len() as u16;
 
         // Ranges first: a frontend that starts checking them must find them.
@@ -616,25 +627,22 @@ impl Datapath {
         self.write_source_ranges(service.id, service.source_ranges.difference(&old_ranges))?;
 
         // All or nothing: on a failure, what this call wrote is undone before it returns.
-        if let Err(error) = self.write_slots(service.id, revision, &service.backends) {
-            self.remove_slots(service.id, revision, backend_count).ok();
-            return Err(error);
-        }
+        let slots = self.write_slots(service.id, &service.backends)?;
         let maglev_table = match self.write_maglev_table(service) {
             Ok(table) => table,
             Err(error) => {
-                self.remove_slots(service.id, revision, backend_count).ok();
+                self.slot_ranges.release(slots, backend_count.into());
                 return Err(error);
             }
         };
         let value = |flags: u32| ServiceValue {
             service_id: service.id,
             backend_count,
-            revision,
+            legacy_revision: 0,
             flags,
             affinity_timeout_s: service.affinity_timeout_s,
             maglev_table: maglev_table.unwrap_or(0),
-            _pad: 0,
+            slots,
         };
         // Before the entries: XDP looks a frontend up only once its bit is set.
         self.frontend_filter.mark(flags_by_key.keys())?;
@@ -650,7 +658,7 @@ impl Datapath {
             );
             if let Err(error) = result {
                 self.undo_frontends(&written);
-                self.remove_slots(service.id, revision, backend_count).ok();
+                self.slot_ranges.release(slots, backend_count.into());
                 return Err(error);
             }
             written.push(*key);
@@ -670,11 +678,10 @@ impl Datapath {
                 Some(_) => {}
             }
         }
-        self.slot_count += service.backends.len();
         self.installed.insert(
             service.id,
             InstalledService {
-                revision,
+                slots,
                 backends: service.backends.clone(),
                 frontends: flags_by_key.clone(),
                 affinity_timeout_s: service.affinity_timeout_s,
@@ -708,12 +715,11 @@ impl Datapath {
                     self.frontend_filter.release(key)?;
                 }
             }
-            self.slot_count -= previous.backends.len();
-            self.remove_slots(
-                service.id,
-                previous.revision,
-                previous.backends.len() as u16,
-            )?;
+            // A packet that read the old entry may still be selecting from these cells: once
+            // another service's table is in them, it finds that service's id and selects
+            // nothing, never that service's backend.
+            self.slot_ranges
+                .release(previous.slots, previous.backends.len() as u32);
         }
         Ok(())
     }
@@ -927,8 +933,8 @@ impl Datapath {
                 operation: format!("service {}: {new_frontends} new frontends", service.id),
             });
         }
-        // The new table is written before the old one is deleted: both must fit for a moment.
-        if self.slot_count + service.backends.len() > limits::MAX_SLOTS as usize {
+        // The new table is written before the old one is freed: both must fit for a moment.
+        if service.backends.len() > self.slot_ranges.free_cells() as usize {
             return Err(DatapathError::MapFull {
                 map: map_names::SLOTS4,
                 capacity: limits::MAX_SLOTS,
@@ -938,23 +944,20 @@ impl Datapath {
         Ok(())
     }
 
-    fn write_slots(&mut self, service_id: u32, revision: u16, backends: &[u32]) -> Result<()> {
-        for (slot, backend) in backends.iter().enumerate() {
-            let key = SlotKey {
-                service_id,
-                revision,
-                slot: slot as u16,
-            };
-            insert(
-                &mut self.slots,
-                map_names::SLOTS4,
-                limits::MAX_SLOTS,
-                &key,
-                backend,
-                || format!("service {service_id} slot {slot}"),
-            )?;
+    /// Writes a selection table into free cells of the slot array; returns its first cell.
+    fn write_slots(&mut self, service_id: u32, backends: &[u32]) -> Result<u32> {
+        let len = backends.len() as u32;
+        let full = || DatapathError::MapFull {
+            map: map_names::SLOTS4,
+            capacity: limits::MAX_SLOTS,
+            operation: format!("service {service_id}: {len} consecutive free cells"),
+        };
+        let start = self.slot_ranges.allocate(len).ok_or_else(full)?;
+        if let Err(error) = write_table(&mut self.slots, start, service_id, backends) {
+            self.slot_ranges.release(start, len);
+            return Err(error);
         }
-        Ok(())
+        Ok(start)
     }
 
     /// Puts back what a failed put_service changed among `written` frontends: new ones are
@@ -968,11 +971,11 @@ impl Datapath {
                 Some(ServiceValue {
                     service_id: *owner,
                     backend_count: installed.backends.len() as u16,
-                    revision: installed.revision,
+                    legacy_revision: 0,
                     flags: *installed.frontends.get(key)?,
                     affinity_timeout_s: installed.affinity_timeout_s,
                     maglev_table: installed.maglev_table.unwrap_or(0),
-                    _pad: 0,
+                    slots: installed.slots,
                 })
             });
             let _ = match before {
@@ -1012,7 +1015,6 @@ impl Datapath {
         let Some(installed) = self.installed.remove(&id) else {
             return Ok(());
         };
-        self.slot_count -= installed.backends.len();
         self.record_departed_udp(id, &installed.backends.iter().copied().collect());
         self.remove_source_ranges(id, installed.source_ranges.iter())?;
         if installed.affinity_timeout_s != 0 {
@@ -1026,7 +1028,9 @@ impl Datapath {
                 self.frontend_filter.release(key)?;
             }
         }
-        self.remove_slots(id, installed.revision, installed.backends.len() as u16)
+        self.slot_ranges
+            .release(installed.slots, installed.backends.len() as u32);
+        Ok(())
     }
 
     /// Every frontend with its service entry.
@@ -1133,20 +1137,95 @@ impl Datapath {
         }
         Ok(())
     }
+}
 
-    fn remove_slots(&mut self, service_id: u32, revision: u16, count: u16) -> Result<()> {
-        for slot in 0..count {
-            let key = SlotKey {
-                service_id,
-                revision,
-                slot,
-            };
-            remove(&mut self.slots, map_names::SLOTS4, &key, || {
-                format!("service {service_id} revision {revision} slot {slot}")
-            })?;
-        }
-        Ok(())
+/// Writes `backends` into the cells of the slot array from `start`, each marked as `service_id`'s.
+fn write_table(
+    slots: &mut Array<MapData, Slot>,
+    start: u32,
+    service_id: u32,
+    backends: &[u32],
+) -> Result<()> {
+    for (index, &backend_id) in (start..).zip(backends) {
+        let cell = Slot {
+            service_id,
+            backend_id,
+        };
+        slots
+            .set(index, &cell, 0)
+            .map_err(|source| map_error(map_names::SLOTS4, "write", source))?;
     }
+    Ok(())
+}
+
+/// Moves the selection tables an agent of an earlier release left in the hash map
+/// `lb4_slot_v1` (keyed by service, revision and slot) into the slot array, and points each
+/// frontend of theirs at the new cells in one update. The entries keep their `legacy_revision`,
+/// so that the earlier release's programs, which run until this load's are attached, keep
+/// selecting from the old map meanwhile; the next sync writes every service afresh anyway.
+fn migrate_legacy_slots(
+    legacy_path: &Path,
+    installed: &mut BTreeMap<u32, InstalledService>,
+    frontends: &mut HashMap<MapData, Frontend4Key, ServiceValue>,
+    slots: &mut Array<MapData, Slot>,
+    slot_ranges: &mut SlotRanges,
+) -> Result<()> {
+    let map = MapData::from_pin(legacy_path)
+        .map_err(|source| map_error(map_names::LEGACY_SLOTS4, "open", source))?;
+    let legacy = HashMap::<_, LegacySlotKey, u32>::try_from(Map::HashMap(map))
+        .map_err(|source| map_error(map_names::LEGACY_SLOTS4, "open", source))?;
+    let mut values = BTreeMap::new();
+    for entry in frontends.iter() {
+        let (key, value) =
+            entry.map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))?;
+        if value.slots == 0 && value.backend_count > 0 {
+            values.insert(key, value);
+        }
+    }
+    let mut tables: BTreeMap<u32, (u16, u16)> = BTreeMap::new();
+    for value in values.values() {
+        tables.insert(
+            value.service_id,
+            (value.legacy_revision, value.backend_count),
+        );
+    }
+    let mut moved = BTreeMap::new();
+    for (&service_id, &(revision, count)) in &tables {
+        let backends: Vec<u32> = (0..count)
+            .map_while(|slot| {
+                let key = LegacySlotKey {
+                    service_id,
+                    revision,
+                    slot,
+                };
+                legacy.get(&key, 0).ok()
+            })
+            .collect();
+        if backends.len() != usize::from(count) {
+            continue;
+        }
+        let Some(start) = slot_ranges.allocate(u32::from(count)) else {
+            continue;
+        };
+        write_table(slots, start, service_id, &backends)?;
+        if let Some(service) = installed.get_mut(&service_id) {
+            service.slots = start;
+            service.backends = backends;
+        }
+        moved.insert(service_id, start);
+    }
+    for (key, value) in values {
+        if let Some(&start) = moved.get(&value.service_id) {
+            let value = ServiceValue {
+                slots: start,
+                ..value
+            };
+            frontends
+                .insert(&key, &value, 0)
+                .map_err(|source| map_error(map_names::FRONTENDS4, "update", source))?;
+        }
+    }
+    Ok(())
 }
 
 /// The services the maps hold (from the frontends and the slot tables in force) and the owner
@@ -1155,7 +1234,7 @@ pub(crate) type InstalledState = (BTreeMap<u32, InstalledService>, BTreeMap<Fron
 
 pub(crate) fn read_installed(
     frontends: &HashMap<MapData, Frontend4Key, ServiceValue>,
-    slots: &HashMap<MapData, SlotKey, u32>,
+    slots: &Array<MapData, Slot>,
 ) -> Result<InstalledState> {
     let mut installed: BTreeMap<u32, InstalledService> = BTreeMap::new();
     let mut owners = BTreeMap::new();
@@ -1164,7 +1243,7 @@ pub(crate) fn read_installed(
         let (key, value) =
             entry.map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))?;
         let service = installed.entry(value.service_id).or_default();
-        service.revision = value.revision;
+        service.slots = value.slots;
         service.affinity_timeout_s = value.affinity_timeout_s;
         service.frontends.insert(key, value.flags);
         if value.flags & service_flags::MAGLEV != 0 {
@@ -1173,22 +1252,27 @@ pub(crate) fn read_installed(
         owners.insert(key, value.service_id);
         counts.insert(value.service_id, value.backend_count);
     }
-    let mut by_slot: BTreeMap<(u32, u16), u32> = BTreeMap::new();
-    for entry in slots.iter() {
-        let (key, backend) =
-            entry.map_err(|source| map_error(map_names::SLOTS4, "iterate", source))?;
-        if installed
-            .get(&key.service_id)
-            .is_some_and(|service| service.revision == key.revision)
-        {
-            by_slot.insert((key.service_id, key.slot), backend);
-        }
-    }
     for (id, service) in &mut installed {
         let count = counts.get(id).copied().unwrap_or(0);
-        service.backends = (0..count)
-            .filter_map(|slot| by_slot.get(&(*id, slot)).copied())
-            .collect();
+        if service.slots == 0 {
+            continue;
+        }
+        let mut backends = Vec::with_capacity(count.into());
+        for index in (service.slots..).take(count.into()) {
+            let cell = slots
+                .get(&index, 0)
+                .map_err(|source| map_error(map_names::SLOTS4, "read", source))?;
+            if cell.service_id != *id {
+                break;
+            }
+            backends.push(cell.backend_id);
+        }
+        // A table cut short reads as none, so that the next sync writes it whole.
+        if backends.len() == usize::from(count) {
+            service.backends = backends;
+        } else {
+            service.slots = 0;
+        }
     }
     Ok((installed, owners))
 }
@@ -1423,8 +1507,7 @@ fn open_service_names(pin_dir: &Path) -> Result<HashMap<MapData, u32, ServiceNam
             })?;
     }
     let data = MapData::from_pin(&path).map_err(|source| map_error(name, "open", source))?;
-    HashMap::try_from(aya::maps::Map::HashMap(data))
-        .map_err(|source| map_error(name, "open", source))
+    HashMap::try_from(Map::HashMap(data)).map_err(|source| map_error(name, "open", source))
 }
 
 /// BPF_F_NO_PREALLOC (include/uapi/linux/bpf.h): names take memory only for services that exist.
@@ -1490,7 +1573,7 @@ pub(crate) fn read_events(map: &PerCpuArray<MapData, u64>) -> Result<BTreeMap<&'
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>
 where
-    M: TryFrom<aya::maps::Map, Error = MapError>,
+    M: TryFrom<Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     M::try_from(map).map_err(|source| map_error(name, "open", source))

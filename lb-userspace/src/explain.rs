@@ -17,11 +17,11 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     EbpfLoader,
-    maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key as LpmKey},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key as LpmKey},
     programs::Xdp,
 };
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, Frontend4Key, ServiceValue, SlotKey,
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, Frontend4Key, ServiceValue, Slot,
     SourceRange4, ct_direction, ct_flags, map_names, program_names, proto, scope, service_flags,
 };
 use serde::Serialize;
@@ -290,23 +290,20 @@ fn explain_socket(
 
 /// The service's backends in slot order, as `address:port`.
 fn service_backends(pin_dir: &Path, service: &ServiceValue) -> anyhow::Result<Vec<String>> {
-    let slots =
-        HashMap::<_, SlotKey, u32>::try_from(Map::HashMap(pinned(pin_dir, map_names::SLOTS4)?))?;
+    let slots = Array::<_, Slot>::try_from(Map::Array(pinned(pin_dir, map_names::SLOTS4)?))?;
     let backends = HashMap::<_, u32, Backend4>::try_from(Map::HashMap(pinned(
         pin_dir,
         map_names::BACKENDS4,
     )?))?;
     let mut found = Vec::new();
-    for slot in 0..service.backend_count {
-        let key = SlotKey {
-            service_id: service.service_id,
-            revision: service.revision,
-            slot,
-        };
-        let Ok(id) = slots.get(&key, 0) else {
+    for index in (service.slots..).take(service.backend_count.into()) {
+        let Ok(cell) = slots.get(&index, 0) else {
             continue;
         };
-        if let Ok(backend) = backends.get(&id, 0) {
+        if cell.service_id != service.service_id {
+            continue;
+        }
+        if let Ok(backend) = backends.get(&cell.backend_id, 0) {
             let address = SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(backend.addr)),
                 u16::from_be(backend.port),

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key as LpmKey};
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts, DatapathConfig,
-    Frontend4Key, ServiceCounter, ServiceValue, SlotKey, SockNat4Key, SockNat4Value, SourceRange4,
+    Frontend4Key, ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SourceRange4,
     backend_flags, ct_direction, ct_flags, limits, maglev, map_names, proto, service_flags,
     tcp_state,
 };
@@ -27,7 +27,7 @@ use crate::datapath::{
 /// The pinned maps of one agent (its `--pin-dir`).
 pub struct PinnedMaps {
     frontends: HashMap<MapData, Frontend4Key, ServiceValue>,
-    slots: HashMap<MapData, SlotKey, u32>,
+    slots: Array<MapData, Slot>,
     backends: HashMap<MapData, u32, Backend4>,
     conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
     sock_nat: HashMap<MapData, SockNat4Key, SockNat4Value>,
@@ -192,7 +192,7 @@ impl PinnedMaps {
         };
         Ok(Self {
             frontends: HashMap::try_from(Map::HashMap(open(map_names::FRONTENDS4)?))?,
-            slots: HashMap::try_from(Map::HashMap(open(map_names::SLOTS4)?))?,
+            slots: Array::try_from(Map::Array(open(map_names::SLOTS4)?))?,
             backends: HashMap::try_from(Map::HashMap(open(map_names::BACKENDS4)?))?,
             conntrack: HashMap::try_from(Map::LruHashMap(open(map_names::CONNTRACK4)?))?,
             sock_nat: HashMap::try_from(Map::LruHashMap(open(map_names::SOCK_NAT4)?))?,
@@ -361,7 +361,14 @@ impl PinnedMaps {
                 self.frontends.keys(),
                 limits::MAX_FRONTENDS,
             ),
-            fill(map_names::SLOTS4, self.slots.keys(), limits::MAX_SLOTS),
+            MapFill {
+                map: map_names::SLOTS4,
+                entries: installed
+                    .values()
+                    .map(|service| service.backends.len() as u64)
+                    .sum(),
+                capacity: u64::from(limits::MAX_SLOTS),
+            },
             fill(
                 map_names::BACKENDS4,
                 self.backends.keys(),

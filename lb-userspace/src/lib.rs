@@ -19,6 +19,7 @@ pub mod pins;
 pub mod reconcile;
 pub mod route;
 pub mod serve;
+pub mod slot_ranges;
 pub mod sock_diag;
 pub mod source;
 pub mod testrun;

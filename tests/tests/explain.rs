@@ -63,6 +63,9 @@ fn dump(path: &Path) -> Vec<Vec<u8>> {
     } else {
         info.value_size() as usize
     };
+    if matches!(info.map_type(), Ok(aya::maps::MapType::Array)) {
+        return dump_array(fd.as_raw_fd(), info.max_entries(), value_size);
+    }
     let mut entries = Vec::new();
     let mut key: Option<Vec<u8>> = None;
     loop {
@@ -90,6 +93,42 @@ fn dump(path: &Path) -> Vec<Vec<u8>> {
         key = Some(next);
     }
     entries.sort();
+    entries
+}
+
+/// Every cell of an array map with its index, read in batches (an array of a million cells
+/// takes a second or two one cell at a time).
+fn dump_array(fd: std::os::fd::RawFd, max_entries: u32, value_size: usize) -> Vec<Vec<u8>> {
+    const BATCH: u32 = 65_536;
+    let mut entries = Vec::new();
+    let mut cursor: Option<u32> = None;
+    loop {
+        let mut keys = vec![0u32; BATCH as usize];
+        let mut values = vec![0u8; BATCH as usize * value_size];
+        let mut next = 0u32;
+        // bpf_attr.batch: in_batch, out_batch, keys, values (u64 each), count, map_fd (u32),
+        // elem_flags, flags (u64).
+        let mut attr = [0u64; 6];
+        attr[0] = cursor
+            .as_ref()
+            .map_or(0, |cursor| cursor as *const u32 as u64);
+        attr[1] = &mut next as *mut u32 as u64;
+        attr[2] = keys.as_mut_ptr() as u64;
+        attr[3] = values.as_mut_ptr() as u64;
+        attr[4] = u64::from(BATCH) | (fd as u64) << 32;
+        // SAFETY: BPF_MAP_LOOKUP_BATCH (24) with the layout above; keys and values hold BATCH
+        // entries, next and cursor live across the call.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, 24, attr.as_mut_ptr(), 48) };
+        let count = (attr[4] & 0xffff_ffff) as usize;
+        for (index, value) in keys.iter().zip(values.chunks(value_size)).take(count) {
+            entries.push([index.to_ne_bytes().as_slice(), value].concat());
+        }
+        // ENOENT: the last batch has been read.
+        if rc != 0 || count == 0 || entries.len() >= max_entries as usize {
+            break;
+        }
+        cursor = Some(next);
+    }
     entries
 }
 
