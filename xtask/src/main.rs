@@ -137,7 +137,14 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     ensure_root("the benchmark loads eBPF programs and pins their maps in bpffs")?;
     run(Command::new("cargo")
         .args(["build", "--release", "--package", "lb-tests"])
-        .args(["--bin", "lb-bench", "--bin", "lb-bench-control"])
+        .args([
+            "--bin",
+            "lb-bench",
+            "--bin",
+            "lb-bench-live",
+            "--bin",
+            "lb-bench-control",
+        ])
         .args(["--bin", "lb-bench-e2e", "--bin", "lab-peer"])
         .args(["--package", "lb-userspace", "--bin", "lb"])
         .current_dir(root))?;
@@ -151,6 +158,12 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .arg(dir.join("datapath.json"))
         .args(extra))?;
     let datapath = step.elapsed();
+    // Live frames through the native XDP program on a veth, against the XDP_DROP floor.
+    let step = Instant::now();
+    run(Command::new(target.join("release").join("lb-bench-live"))
+        .arg("--out")
+        .arg(dir.join("live.json")))?;
+    let live = step.elapsed();
     // The control plane: programming 10k services x 10 endpoints, and one change at that size.
     let step = Instant::now();
     run(
@@ -172,6 +185,7 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     let timings = report::Timings {
         build,
         datapath,
+        live,
         control,
         e2e,
         total: started.elapsed(),

@@ -12,6 +12,7 @@ use serde_json::Value;
 pub(crate) struct Timings {
     pub(crate) build: Duration,
     pub(crate) datapath: Duration,
+    pub(crate) live: Duration,
     pub(crate) control: Duration,
     pub(crate) e2e: Duration,
     pub(crate) total: Duration,
@@ -26,6 +27,7 @@ pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyh
     let datapath = read_json(&dir.join("datapath.json"));
     let control = read_json(&dir.join("control.json"));
     let e2e = read_json(&dir.join("e2e.json"));
+    let live = read_json(&dir.join("live.json"));
     let mut plots = Vec::new();
     if let Some(datapath) = &datapath {
         let svg = datapath_plot(datapath);
@@ -50,6 +52,7 @@ pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyh
         commit,
         timings,
         datapath.as_ref(),
+        live.as_ref(),
         control.as_ref(),
         e2e.as_ref(),
         &plots,
@@ -105,6 +108,7 @@ fn summary(
     commit: &str,
     timings: Option<&Timings>,
     datapath: Option<&Value>,
+    live: Option<&Value>,
     control: Option<&Value>,
     e2e: Option<&Value>,
     plots: &[(&str, &str)],
@@ -114,11 +118,12 @@ fn summary(
         Some(timings) => {
             let _ = writeln!(
                 out,
-                "Commit {commit}. Wall time {} (release build {}, per packet {}, control plane {}, \
-                 end to end {}).",
+                "Commit {commit}. Wall time {} (release build {}, per packet {}, live frames {}, \
+                 control plane {}, end to end {}).",
                 minutes(timings.total),
                 minutes(timings.build),
                 minutes(timings.datapath),
+                minutes(timings.live),
                 minutes(timings.control),
                 minutes(timings.e2e),
             );
@@ -200,6 +205,9 @@ fn summary(
         );
         datapath_table(&mut out, datapath);
     }
+    if let Some(live) = live {
+        live_table(&mut out, live);
+    }
     if let Some(e2e) = e2e {
         let _ = write!(
             out,
@@ -221,6 +229,35 @@ fn summary(
         }
     }
     out
+}
+
+/// The live-frame rates: frames a second the node's program ran on, and their ratio to the
+/// XDP_DROP floor of the same run.
+fn live_table(out: &mut String, live: &Value) {
+    let _ = write!(
+        out,
+        "\n## Live frames on a veth, native XDP\n\n{} interleaved rounds of {} frames of {} bytes \
+         per path (`lb-bench-live`); median million frames a second the receiving program ran \
+         at, its ratio to the XDP_DROP floor, and frames lost:\n\n\
+         | path | Mpps | of the floor | lost |\n|---|---:|---:|---:|\n",
+        live.get("rounds").map(Value::to_string).unwrap_or_default(),
+        live.get("frames_per_round")
+            .map(Value::to_string)
+            .unwrap_or_default(),
+        live.get("frame_bytes")
+            .map(Value::to_string)
+            .unwrap_or_default(),
+    );
+    for path in list(live, "paths") {
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} | {:.2}x | {} |",
+            s(path, "label"),
+            f(path, "median_mpps").unwrap_or(f64::NAN),
+            f(path, "of_floor").unwrap_or(f64::NAN),
+            f(path, "lost").unwrap_or(f64::NAN),
+        );
+    }
 }
 
 fn datapath_targets(out: &mut String, datapath: &Value) {
