@@ -48,8 +48,13 @@ pub mod map_names {
     /// was translated, for its later fragments (which carry no ports). Not pinned.
     pub const FRAGMENTS4: &str = "lb4_frag_v1";
     /// Array of [`crate::NicMac`] by ifindex % [`limits::NIC_SLOTS`]: the MAC of each NIC the
-    /// XDP program is attached to, written by the agent at attach. Not pinned.
+    /// XDP program is attached to, written by the agent at attach (ifindex 0 where two NICs
+    /// share a slot: neither is checked nor sent to by slot). Not pinned.
     pub const NIC_MACS: &str = "lb_nicmac_v1";
+    /// Device hash map, ifindex -> ifindex: the NICs the XDP program is attached to, which it
+    /// sends translated frames out of with XDP_REDIRECT when the route or the flow says so.
+    /// Written by the agent at attach. Not pinned.
+    pub const TX_PORTS: &str = "lb_txport_v1";
     /// Per-CPU [`crate::RejectBudget`]: the REJECT answers' rate limit. Not pinned.
     pub const REJECT_BUDGET: &str = "lb_rejbudget";
     /// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE) of [`crate::SockState4`]: what the socket
@@ -84,6 +89,7 @@ pub mod map_names {
         SOCK_STATE4,
         FRAGMENTS4,
         NIC_MACS,
+        TX_PORTS,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -565,7 +571,9 @@ pub struct Frag4Value {
     pub dmac: [u8; 6],
     /// [`frag_action`].
     pub action: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// With [`frag_action::TRANSMIT`]: the NIC the fragments go out of ([`client_nic`]).
+    pub client_nic: u16,
     /// The service the datagram belongs to, whose counters the later fragments add to (XDP).
     pub service_id: u32,
 }
@@ -592,6 +600,28 @@ pub struct NicMac {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<NicMac>() == 12);
+
+/// A NIC as a conntrack entry records it, in two bytes: 1 + its slot in
+/// [`map_names::NIC_MACS`] (`ifindex % NIC_SLOTS`), whose entry gives the ifindex back; 0 for
+/// none recorded.
+pub mod client_nic {
+    use crate::limits::NIC_SLOTS;
+
+    pub const NONE: u16 = 0;
+
+    /// The tag of the NIC with this ifindex.
+    pub const fn of(ifindex: u32) -> u16 {
+        (ifindex % NIC_SLOTS) as u16 + 1
+    }
+
+    /// The slot of [`crate::map_names::NIC_MACS`] a tag names; None for [`NONE`].
+    pub const fn slot(tag: u16) -> Option<u32> {
+        match tag {
+            NONE => None,
+            tag => Some((tag - 1) as u32),
+        }
+    }
+}
 
 /// A per-CPU token bucket of the datapath's REJECT answers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -742,7 +772,10 @@ pub struct Ct4Value {
     /// back the way the flow came, so XDP needs no neighbour lookup for them.
     pub client_mac: [u8; 6],
     pub node_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// With SNAT, REPLY entries: the NIC the client's packets come in on, which the answers go
+    /// out of ([`client_nic`]); 0 in entries written before it was recorded (their answers go
+    /// back out of the NIC they arrive on).
+    pub client_nic: u16,
     /// TCP: the sequence number after the furthest segment this entry's side has sent
     /// (ORIGINAL: the client; REPLY: the backend), see [`tcp_seq`]; 0 until it has sent one.
     pub seq_next: u32,

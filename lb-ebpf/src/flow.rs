@@ -41,6 +41,14 @@ pub struct Tuple {
     pub seq_end: u32,
 }
 
+/// How a client's packet arrived: its frame's MACs (destination: this node's NIC; source: the
+/// client or the router before it) and the NIC ([`lb_common::client_nic`]). A SNAT flow's
+/// answers go back that way.
+pub struct Arrival {
+    pub macs: [u8; 12],
+    pub nic: u16,
+}
+
 /// Where a packet of a service flow goes (host order of the wire bytes), for which service.
 pub struct Destination {
     pub addr: u32,
@@ -126,11 +134,11 @@ pub fn destination(
     ip: &Ipv4Info,
     tuple: &Tuple,
     service: &ServiceValue,
-    macs: &[u8; 12],
+    arrival: &Arrival,
 ) -> Result<Destination, Event> {
     let now = now_ns();
     if let Some(entry) = live_flow(tuple, now) {
-        if let Some(destination) = follow(ctx, ip, tuple, entry, macs, now)? {
+        if let Some(destination) = follow(ctx, ip, tuple, entry, arrival, now)? {
             return Ok(destination);
         }
         count_event(Event::CT_FLOW_RESTARTED);
@@ -138,7 +146,7 @@ pub fn destination(
     if !ipv4_checksum_ok(ctx, ip.l4_offset) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
-    new_flow(tuple, service, macs, ip.ttl > 1, now)
+    new_flow(tuple, service, arrival, ip.ttl > 1, now)
 }
 
 /// The ORIGINAL entry of the live flow this packet continues, if any.
@@ -167,7 +175,7 @@ pub fn follow(
     ip: &Ipv4Info,
     tuple: &Tuple,
     entry: *mut Ct4Value,
-    macs: &[u8; 12],
+    arrival: &Arrival,
     now: u64,
 ) -> Result<Option<Destination>, Event> {
     // SAFETY: as in live_flow.
@@ -178,7 +186,7 @@ pub fn follow(
     if blind_rst(entry, tuple) {
         return Err(Event::DROP_RST_OUT_OF_WINDOW);
     }
-    Ok(match reply_half(entry, tuple, macs, now) {
+    Ok(match reply_half(entry, tuple, arrival, now) {
         ReplyHalf::Ours(reply) => {
             if !dry_run() {
                 // SAFETY: as above.
@@ -249,7 +257,7 @@ enum ReplyHalf {
 
 /// The REPLY half of the flow whose ORIGINAL entry is `original`, recreated when it is gone.
 #[inline(always)]
-fn reply_half(original: &Ct4Value, tuple: &Tuple, macs: &[u8; 12], now: u64) -> ReplyHalf {
+fn reply_half(original: &Ct4Value, tuple: &Tuple, arrival: &Arrival, now: u64) -> ReplyHalf {
     let key = reply_key_of(original, tuple);
     if let Some(reply) = CONNTRACK4.get_ptr_mut(&key) {
         // SAFETY: read-only here; valid for this run (RCU).
@@ -262,7 +270,7 @@ fn reply_half(original: &Ct4Value, tuple: &Tuple, macs: &[u8; 12], now: u64) -> 
     if dry_run() {
         return ReplyHalf::Restored;
     }
-    let reply = reply_value(original, tuple, macs, now);
+    let reply = reply_value(original, tuple, arrival, now);
     if CONNTRACK4.insert(&key, &reply, BPF_NOEXIST).is_ok() {
         count_event(Event::CT_REPLY_RESTORED);
         return ReplyHalf::Restored;
@@ -298,7 +306,7 @@ fn belongs_to(reply: &Ct4Value, tuple: &Tuple) -> bool {
 /// The REPLY entry of a flow: the frontend to restore as the source, the client to restore as
 /// the destination, and the Ethernet addresses the client's packets came with.
 #[inline(always)]
-fn reply_value(original: &Ct4Value, tuple: &Tuple, macs: &[u8; 12], now: u64) -> Ct4Value {
+fn reply_value(original: &Ct4Value, tuple: &Tuple, arrival: &Arrival, now: u64) -> Ct4Value {
     let mut reply = Ct4Value {
         last_seen_ns: now,
         nat_addr: tuple.daddr,
@@ -311,8 +319,9 @@ fn reply_value(original: &Ct4Value, tuple: &Tuple, macs: &[u8; 12], now: u64) ->
         ..*original
     };
     // The ingress frame's destination MAC is this node's, its source the client's next hop.
-    reply.node_mac.copy_from_slice(&macs[0..6]);
-    reply.client_mac.copy_from_slice(&macs[6..12]);
+    reply.node_mac.copy_from_slice(&arrival.macs[0..6]);
+    reply.client_mac.copy_from_slice(&arrival.macs[6..12]);
+    reply.client_nic = arrival.nic;
     reply
 }
 
@@ -323,7 +332,7 @@ fn reply_value(original: &Ct4Value, tuple: &Tuple, macs: &[u8; 12], now: u64) ->
 fn new_flow(
     tuple: &Tuple,
     service: &ServiceValue,
-    macs: &[u8; 12],
+    arrival: &Arrival,
     may_forward: bool,
     now: u64,
 ) -> Result<Destination, Event> {
@@ -359,7 +368,7 @@ fn new_flow(
             ..tracked(&original)
         });
     }
-    let reply = reply_value(&original, tuple, macs, now);
+    let reply = reply_value(&original, tuple, arrival, now);
     let client_key = backend_reply_key(
         (original.nat_addr, original.nat_port),
         (tuple.saddr, tuple.sport),

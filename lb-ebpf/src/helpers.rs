@@ -35,21 +35,30 @@ pub fn socket_cookie(ctx: &impl EbpfContext) -> u64 {
 pub enum Forward {
     /// Out of the interface it came in on, with these MACs: XDP can send it itself (XDP_TX).
     SameInterface { smac: [u8; 6], dmac: [u8; 6] },
-    /// Another interface, no neighbour entry yet, or no route: the stack should forward it.
+    /// Out of another interface, with these MACs: XDP can send it there if it serves that one
+    /// too (XDP_REDIRECT).
+    OtherInterface {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    /// No neighbour entry yet, too big for the egress MTU, or no route: the stack should
+    /// forward it (and resolve the neighbour, or answer "fragmentation needed").
     Stack,
 }
 
 /// `AF_INET` for bpf_fib_lookup.
 const AF_INET: u8 = 2;
 
-/// Looks up the route from `saddr` to `daddr` (numbers) for a packet that came in on this XDP
-/// program's interface.
+/// Looks up the route from `saddr` to `daddr` (numbers) for a packet of `tot_len` bytes (its
+/// IPv4 total length) that came in on this XDP program's interface.
 #[inline(always)]
 pub fn fib_forward(
     ctx: &aya_ebpf::programs::XdpContext,
     protocol: u8,
     saddr: u32,
     daddr: u32,
+    tot_len: u16,
 ) -> Forward {
     use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
     // SAFETY: ctx.ctx is the program's own xdp_md, valid for the whole run.
@@ -59,6 +68,7 @@ pub fn fib_forward(
     params.family = AF_INET;
     params.l4_protocol = protocol;
     params.ifindex = ingress;
+    params.__bindgen_anon_1.tot_len = tot_len;
     params.__bindgen_anon_3.ipv4_src = saddr.to_be();
     params.__bindgen_anon_4.ipv4_dst = daddr.to_be();
     // SAFETY: params is a properly sized, initialized bpf_fib_lookup on this program's stack,
@@ -71,14 +81,25 @@ pub fn fib_forward(
             0,
         )
     };
-    if result != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || params.ifindex != ingress {
+    // Without BPF_FIB_LOOKUP_SKIP_NEIGH the lookup answers BPF_FIB_LKUP_RET_NO_NEIGH when the
+    // next hop's MAC is not known yet, and with tot_len set FRAG_NEEDED for a packet over the
+    // egress MTU (net/core/filter.c, bpf_ipv4_fib_lookup): the stack handles both.
+    if result != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return Forward::Stack;
     }
     // SAFETY: on success the kernel filled the smac/dmac member of this union.
     let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
-    Forward::SameInterface {
-        smac: macs.smac,
-        dmac: macs.dmac,
+    if params.ifindex == ingress {
+        Forward::SameInterface {
+            smac: macs.smac,
+            dmac: macs.dmac,
+        }
+    } else {
+        Forward::OtherInterface {
+            ifindex: params.ifindex,
+            smac: macs.smac,
+            dmac: macs.dmac,
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frag4Key,
@@ -79,6 +79,11 @@ pub static FRAGMENTS4: LruHashMap<Frag4Key, Frag4Value> =
 /// The MAC of each NIC XDP serves, by ifindex % NIC_SLOTS (see `xdp::for_another_host`).
 #[map(name = "lb_nicmac_v1")]
 pub static NIC_MACS: Array<NicMac> = Array::with_max_entries(limits::NIC_SLOTS, 0);
+
+/// The NICs XDP serves, by ifindex: where it may send a frame with XDP_REDIRECT (see
+/// `xdp::redirect`).
+#[map(name = "lb_txport_v1")]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(limits::NIC_SLOTS, 0);
 
 /// Per-CPU token bucket of REJECT answers (index 0). Private to the object: a new agent starts
 /// with a fresh bucket.

@@ -7,8 +7,8 @@
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    Ct4Value, Event, Frag4Key, Frag4Value, checksum, ct_flags, frag_action, limits, proto,
-    service_flags, tcp_seq,
+    Ct4Value, Event, Frag4Key, Frag4Value, checksum, client_nic, ct_flags, frag_action, limits,
+    proto, service_flags, tcp_seq,
 };
 use lb_ebpf::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
@@ -20,13 +20,14 @@ use lb_ebpf::packet::{
 
 use crate::{
     flow::{
-        Destination, Tuple, admitted_by_source_ranges, blind_rst, closes, config, destination,
-        follow, live_flow, lookup_frontend, maybe_frontend, original_key, reply_key,
+        Arrival, Destination, Tuple, admitted_by_source_ranges, blind_rst, closes, config,
+        destination, follow, live_flow, lookup_frontend, maybe_frontend, original_key, reply_key,
         source_allowed, track_reply,
     },
     helpers::{Forward, fib_forward, now_ns},
     maps::{
-        CONNTRACK4, FRAGMENTS4, NIC_MACS, count_event, count_service, dry_run, remember_fragment,
+        CONNTRACK4, FRAGMENTS4, NIC_MACS, TX_PORTS, count_event, count_service, dry_run,
+        remember_fragment,
     },
     reject,
 };
@@ -90,9 +91,8 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     {
         return Err(Event::DROP_SOURCE_RANGE);
     }
-    let mut macs = [0u8; 12];
-    macs.copy_from_slice(&eth[0..12]);
-    let destination = match destination(ctx, &ip, &tuple, service, &macs) {
+    let arrival = arrival(ctx, eth);
+    let destination = match destination(ctx, &ip, &tuple, service, &arrival) {
         Ok(destination) => destination,
         Err(Event::DROP_NO_BACKEND) => return reject::reply(ctx, &tuple, ip.l4_offset),
         Err(Event::PASS_TTL_EXCEEDED) => {
@@ -131,12 +131,27 @@ fn established_tcp(
     {
         return Err(Event::DROP_SOURCE_RANGE);
     }
-    let mut macs = [0u8; 12];
-    macs.copy_from_slice(&eth[0..12]);
-    match follow(ctx, ip, tuple, entry, &macs, now)? {
+    match follow(ctx, ip, tuple, entry, &arrival(ctx, eth), now)? {
         Some(destination) => deliver(ctx, ip, tuple, &destination).map(Some),
         None => Ok(None),
     }
+}
+
+/// The frame's MACs and the NIC it came in on.
+#[inline(always)]
+fn arrival(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN]) -> Arrival {
+    let mut macs = [0u8; 12];
+    macs.copy_from_slice(&eth[0..12]);
+    Arrival {
+        macs,
+        nic: client_nic::of(ingress_ifindex(ctx)),
+    }
+}
+
+#[inline(always)]
+fn ingress_ifindex(ctx: &XdpContext) -> u32 {
+    // SAFETY: ctx.ctx is the program's own xdp_md, valid for the whole run.
+    unsafe { (*ctx.ctx).ingress_ifindex }
 }
 
 /// Rewrites a service packet to its destination, counts it for the service, records a first
@@ -202,7 +217,7 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         icmp::rewrite_quoted(error, &quote, client, frontend);
         rewrite_addresses(ctx, (ip.saddr, ip.daddr), (frontend.0, client.0))?;
         count_event(Event::ICMP_ERROR_TRANSLATED);
-        return Ok(transmit(ctx, node_mac, client_mac));
+        return Ok(to_client(ctx, flow.client_nic, node_mac, client_mac));
     }
     // Otherwise it may be about a packet that left from a frontend to a client: its flow's
     // ORIGINAL entry is keyed the other way round.
@@ -289,7 +304,7 @@ fn later_fragment(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
     rewrite_addresses(ctx, (ip.saddr, ip.daddr), (first.saddr, first.daddr))?;
     count_service(first.service_id, 1, frame_len(ctx) as u64, 0);
     Ok(match first.action {
-        frag_action::TRANSMIT => transmit(ctx, first.smac, first.dmac),
+        frag_action::TRANSMIT => to_client(ctx, first.client_nic, first.smac, first.dmac),
         frag_action::FORWARD => forward(ctx, ip.proto, first.saddr, first.daddr),
         _ => xdp_action::XDP_PASS,
     })
@@ -347,7 +362,7 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     }
     let (client_addr, client_port) = (entry.snat_addr, entry.snat_port);
     let (frontend_addr, frontend_port) = (entry.nat_addr, entry.nat_port);
-    let (client_mac, node_mac) = (entry.client_mac, entry.node_mac);
+    let (client_mac, node_mac, client_nic) = (entry.client_mac, entry.node_mac, entry.client_nic);
     let service_id = entry.service_id;
     rewrite(
         ctx,
@@ -366,13 +381,30 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
             smac: node_mac,
             dmac: client_mac,
             action: frag_action::TRANSMIT,
-            _pad: [0; 3],
+            _pad: 0,
+            client_nic,
             service_id,
         };
         remember_fragment(&fragment_key(ip), &later);
     }
     // Back the way the flow came in: no route or neighbour lookup needed.
-    Ok(Some(transmit(ctx, node_mac, client_mac)))
+    Ok(Some(to_client(ctx, client_nic, node_mac, client_mac)))
+}
+
+/// Sends a translated answer to the client of a SNAT flow back out of the NIC the client's
+/// packets come in on (`client_nic`), with the MACs they came with: XDP_TX when that is the NIC
+/// it arrived on (one NIC for clients and nodes), XDP_REDIRECT to the client's NIC otherwise. An
+/// entry that recorded no NIC (written before it was recorded), or a NIC the datapath does not
+/// know by its slot (two NICs share it), sends back out of this one.
+#[inline(always)]
+fn to_client(ctx: &XdpContext, client_nic: u16, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    let ingress = ingress_ifindex(ctx);
+    match client_nic::slot(client_nic).and_then(|slot| NIC_MACS.get(slot)) {
+        Some(nic) if nic.ifindex != 0 && nic.ifindex != ingress => {
+            redirect(ctx, nic.ifindex, smac, dmac)
+        }
+        _ => transmit(ctx, smac, dmac),
+    }
 }
 
 /// A unicast frame to another MAC than the NIC's (the NIC is in promiscuous mode, e.g. on a
@@ -384,26 +416,56 @@ fn for_another_host(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN]) -> bool {
     if eth[0] & 1 != 0 {
         return false;
     }
-    // SAFETY: ctx.ctx is the program's own xdp_md, valid for the whole run.
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let ifindex = ingress_ifindex(ctx);
     match NIC_MACS.get(ifindex % limits::NIC_SLOTS) {
         Some(nic) if nic.ifindex == ifindex => nic.mac != eth[0..6],
         _ => false,
     }
 }
 
-/// Sends a rewritten packet on from XDP: out of the NIC it came in on (XDP_TX) with the MACs the
-/// FIB gives and the TTL decremented, as a router would. Anything else (another NIC, no neighbour
-/// entry yet, TTL running out) goes to the stack, which forwards the already translated packet
-/// (and resolves the neighbour for the next one). Its source is now this node's own address,
-/// which the stack only accepts on a NIC with accept_local=1 (net/ipv4/fib_frontend.c,
-/// __fib_validate_source): the agent sets that on the NICs it attaches to.
+/// Sends a rewritten packet on from XDP with the MACs the FIB gives and the TTL decremented, as
+/// a router would: out of the NIC it came in on (XDP_TX), or out of another NIC XDP serves
+/// (XDP_REDIRECT). Anything else (a NIC XDP does not serve, no neighbour entry yet, bigger than
+/// the egress MTU, TTL running out) goes to the stack, which forwards the already translated
+/// packet (and resolves the neighbour for the next one). Its source is now this node's own
+/// address, which the stack only accepts on a NIC with accept_local=1
+/// (net/ipv4/fib_frontend.c, __fib_validate_source): the agent sets that on the NICs it
+/// attaches to.
 #[inline(always)]
 fn forward(ctx: &XdpContext, protocol: u8, saddr: u32, daddr: u32) -> u32 {
-    match fib_forward(ctx, protocol, saddr, daddr) {
+    let Some(ip) = bytes_at::<4>(ctx, ETH_HDR_LEN) else {
+        return xdp_action::XDP_PASS;
+    };
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
+    match fib_forward(ctx, protocol, saddr, daddr, tot_len) {
         Forward::SameInterface { smac, dmac } => transmit(ctx, smac, dmac),
+        Forward::OtherInterface {
+            ifindex,
+            smac,
+            dmac,
+        } => redirect(ctx, ifindex, smac, dmac),
         Forward::Stack => xdp_action::XDP_PASS,
     }
+}
+
+/// Sends the packet out of another NIC XDP serves (XDP_REDIRECT through the `TX_PORTS` device
+/// map, which the kernel sends in bulk) with these MACs and the TTL decremented; to the stack,
+/// untouched, when XDP does not serve that NIC or the TTL runs out.
+#[inline(always)]
+fn redirect(ctx: &XdpContext, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    if TX_PORTS.get_ifindex(ifindex).is_none() || !decrement_ttl(ctx) {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(eth) = bytes_at_mut::<ETH_HDR_LEN>(ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    eth[0..6].copy_from_slice(&dmac);
+    eth[6..12].copy_from_slice(&smac);
+    // The port was there a moment ago; if the NIC went since, the frame goes to the stack,
+    // which drops it (its MACs are the next hop's now).
+    TX_PORTS
+        .redirect(ifindex, u64::from(xdp_action::XDP_PASS))
+        .unwrap_or_else(|action| action)
 }
 
 /// Sends the packet back out of its interface (XDP_TX) with these MACs and the TTL decremented;

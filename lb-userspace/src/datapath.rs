@@ -17,7 +17,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
@@ -277,6 +277,9 @@ pub struct Datapath {
     events: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
     nic_macs: Array<MapData, NicMac>,
+    /// The ifindex each slot of `nic_macs` was asked for; 0 where two NICs share it.
+    nic_slots: BTreeMap<u32, u32>,
+    tx_ports: DevMapHash<MapData>,
     maglev: Array<MapData, u32>,
     source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
@@ -399,6 +402,8 @@ impl Datapath {
             events: take_map(&mut ebpf, map_names::EVENTS)?,
             config: take_map(&mut ebpf, map_names::CONFIG)?,
             nic_macs: take_map(&mut ebpf, map_names::NIC_MACS)?,
+            nic_slots: BTreeMap::new(),
+            tx_ports: take_map(&mut ebpf, map_names::TX_PORTS)?,
             maglev: take_map(&mut ebpf, map_names::MAGLEV4)?,
             affinity: take_map(&mut ebpf, map_names::AFFINITY4)?,
             sock_nat: take_map(&mut ebpf, map_names::SOCK_NAT4)?,
@@ -729,14 +734,34 @@ impl Datapath {
     /// (promiscuous mode) are left alone. Two NICs whose ifindexes share a slot
     /// (ifindex % NIC_SLOTS) leave the first unchecked.
     pub fn record_nic_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
-        let nic = NicMac {
-            ifindex,
-            mac,
-            _pad: [0; 2],
+        let slot = ifindex % limits::NIC_SLOTS;
+        let holder = *self.nic_slots.entry(slot).or_insert(ifindex);
+        // Two NICs in one slot: neither is checked, and answers recorded by slot go back out of
+        // the NIC they arrive on rather than to the wrong one of the two.
+        let nic = if holder == ifindex {
+            NicMac {
+                ifindex,
+                mac,
+                _pad: [0; 2],
+            }
+        } else {
+            self.nic_slots.insert(slot, 0);
+            NicMac::default()
         };
         self.nic_macs
-            .set(ifindex % limits::NIC_SLOTS, &nic, 0)
-            .map_err(|source| map_error(map_names::NIC_MACS, "write", source))
+            .set(slot, &nic, 0)
+            .map_err(|source| map_error(map_names::NIC_MACS, "write", source))?;
+        // The NIC becomes a port XDP may send frames out of (XDP_REDIRECT).
+        match self.tx_ports.insert(ifindex, ifindex, None, 0) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::xdp::XdpMapError::MapError(source)) => Err(map_error(
+                map_names::TX_PORTS,
+                &format!("add ifindex {ifindex}"),
+                source,
+            )),
+            // Only a chained program can be unsupported, and none is given.
+            Err(aya::maps::xdp::XdpMapError::ChainedProgramNotSupported) => Ok(()),
+        }
     }
 
     pub fn set_config(&mut self, config: &DatapathConfig) -> Result<()> {

@@ -68,6 +68,22 @@ pub fn test_run(program: impl AsFd, packet: &[u8]) -> Result<TestRunOutput, Test
     test_run_repeat(program, packet, 1)
 }
 
+/// Runs an XDP program once on `packet` as if it arrived on interface `ingress_ifindex` of the
+/// calling thread's network namespace (so that the program's FIB lookups and its checks of the
+/// ingress NIC see that interface). XDP_REDIRECT is returned, not carried out.
+pub fn test_run_on(
+    program: impl AsFd,
+    packet: &[u8],
+    ingress_ifindex: u32,
+) -> Result<TestRunOutput, TestRunError> {
+    let context = XdpMd {
+        data_end: packet.len() as u32,
+        ingress_ifindex,
+        ..XdpMd::default()
+    };
+    run(program, packet, 1, Some(&context))
+}
+
 /// Runs `program` `repeat` times on `packet`.
 ///
 /// Every repetition after the first sees the packet as the previous one left it, so a program
@@ -77,6 +93,15 @@ pub fn test_run_repeat(
     program: impl AsFd,
     packet: &[u8],
     repeat: u32,
+) -> Result<TestRunOutput, TestRunError> {
+    run(program, packet, repeat, None)
+}
+
+fn run(
+    program: impl AsFd,
+    packet: &[u8],
+    repeat: u32,
+    context: Option<&XdpMd>,
 ) -> Result<TestRunOutput, TestRunError> {
     if repeat == 0 {
         return Err(TestRunError::ZeroRepeat);
@@ -89,10 +114,12 @@ pub fn test_run_repeat(
         data_in: packet.as_ptr() as u64,
         data_out: output.as_mut_ptr() as u64,
         repeat,
+        ctx_size_in: context.map_or(0, |_| size_of::<XdpMd>() as u32),
+        ctx_in: context.map_or(0, |context| context as *const XdpMd as u64),
         ..TestRunAttr::default()
     };
-    // SAFETY: attr is a valid bpf_attr prefix of the size passed; data_in and data_out point to
-    // buffers of the sizes given in data_size_in / data_size_out, both alive for the whole call.
+    // SAFETY: attr is a valid bpf_attr prefix of the size passed; data_in, data_out and ctx_in
+    // point to buffers of the sizes given, all alive for the whole call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
