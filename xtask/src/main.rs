@@ -181,7 +181,7 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .arg("--control")
         .arg(dir.join("control.json")))?;
     let e2e = step.elapsed();
-    // Plots and the summary of where the targets stand.
+    // Plots and the summary of where each benchmark target stands (docs/benchmarks.md).
     let timings = report::Timings {
         build,
         datapath,

@@ -1141,7 +1141,8 @@ fn find<'a>(
     })
 }
 
-/// The end-to-end targets, for every size and client count measured, on the medians.
+/// The end-to-end targets (docs/benchmarks.md), for every size and client count measured, on the
+/// medians.
 fn targets(cells: &[Cell], args: &Args) -> Vec<Target> {
     let mut targets = Vec::new();
     for &size in &args.services {
