@@ -170,9 +170,7 @@ fn summary(
         );
     }
 
-    out.push_str(
-        "\n## The issue's targets\n\n| target | where it stands | figures |\n|---|---|---|\n",
-    );
+    out.push_str("\n## Targets\n\n| target | where it stands | figures |\n|---|---|---|\n");
     if let Some(datapath) = datapath {
         datapath_targets(&mut out, datapath);
     } else {

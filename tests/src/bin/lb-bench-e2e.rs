@@ -1287,7 +1287,7 @@ fn print_tables(report: &Report) {
             sync.services, sync.endpoints_per_service, sync.sync_ms
         );
     }
-    println!("\ntargets from the issue (on the medians):");
+    println!("\ntargets (docs/benchmarks.md), on the medians:");
     for target in &report.targets {
         println!(
             "  {:<96} {:>5.2}x  {}",
