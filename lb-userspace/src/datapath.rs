@@ -3,7 +3,8 @@
 //!
 //! Maps are pinned by name under the pin directory (`/sys/fs/bpf/lb` for the agent, a private
 //! directory per test), so a restarted agent finds the state the datapath kept using meanwhile.
-//! Programs are pinned there too. Attachments belong to this process for now: they go away with it.
+//! Programs are pinned there too, and so are the attachments, as bpf_links under `links/`: they
+//! outlive the agent, and a new one swaps its programs into them (BPF_LINK_UPDATE).
 
 use std::{
     collections::{BTreeMap, BTreeSet},

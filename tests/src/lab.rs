@@ -82,7 +82,8 @@ impl Lab {
         host.ip(&["link", "set", "lo", "up"])?;
         host.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
         host.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
-        // Without these, TIME_WAIT exhausts ports and later runs get ~10x slower (design.md).
+        // Without these, connect/request/close loops leave their ports in TIME_WAIT and later runs
+        // get about 10x slower (docs/lab.md).
         host.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         host.sysctl("net.ipv4.ip_local_port_range", "10000 65000")?;
         Ok(host)

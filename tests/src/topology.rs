@@ -44,7 +44,7 @@ pub struct ClusterSpec {
 }
 
 impl Default for ClusterSpec {
-    /// The design's lab: two pods on node1, one on node2.
+    /// The default lab (docs/lab.md): two pods on node1, one on node2.
     fn default() -> Self {
         Self {
             pods_per_node: vec![2, 1],

@@ -147,9 +147,10 @@ fn a_service_without_endpoints_refuses_at_once() {
             "{what}: took {elapsed:?}"
         );
     }
-    // The behaviour, "refused within 100 ms, not a timeout" (the timeout is 2 s, so this
-    // tells the two apart with a wide margin; it is no speed measurement). Timed for the XDP
-    // paths by the test thread itself from inside the client's namespace: no process start.
+    // What a Service without endpoints must do: "refused within 100 ms, not a timeout" (the
+    // timeout is 2 s, so this tells the two apart with a wide margin; it is no speed
+    // measurement). Timed for the XDP paths by the test thread itself from inside the client's
+    // namespace: no process start.
     {
         let _inside = lab
             .cluster

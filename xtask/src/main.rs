@@ -23,7 +23,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what a fresh machine lacks: the pinned toolchains, bpf-linker (built against the
-    /// pinned nightly's libLLVM), iproute2 and ethtool. Idempotent: a second run changes nothing.
+    /// pinned nightly's libLLVM), iproute2, ethtool, iptables and nftables. Idempotent: a second
+    /// run changes nothing.
     Setup,
     /// Build the eBPF object on its own and print its path and size.
     BuildEbpf,
@@ -181,7 +182,7 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .arg("--control")
         .arg(dir.join("control.json")))?;
     let e2e = step.elapsed();
-    // Plots and the summary of where the targets stand.
+    // Plots and the summary of where each benchmark target stands (docs/benchmarks.md).
     let timings = report::Timings {
         build,
         datapath,

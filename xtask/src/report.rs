@@ -1,7 +1,7 @@
 //! What `cargo xtask bench` makes of the benches' JSON once they have run: SVG plots where a curve
-//! says more than a table, and a summary (target/bench/summary.md) of where each of the issue's
-//! targets stands. Reads the JSON loosely (serde_json::Value), so a bench that was skipped or an
-//! older file only leaves a gap in the summary.
+//! says more than a table, and a summary (target/bench/summary.md) of where each of the targets
+//! in docs/benchmarks.md stands. Reads the JSON loosely (serde_json::Value), so a bench that was
+//! skipped or an older file only leaves a gap in the summary.
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
@@ -18,7 +18,7 @@ pub(crate) struct Timings {
     pub(crate) total: Duration,
 }
 
-/// The limit on the whole `cargo xtask bench` run.
+/// The limit on the whole `cargo xtask bench` run (docs/benchmarks.md).
 const BUDGET: Duration = Duration::from_secs(15 * 60);
 
 /// Writes the plots and summary.md into `dir` (where the JSON is) and returns the summary.
@@ -170,9 +170,7 @@ fn summary(
         );
     }
 
-    out.push_str(
-        "\n## The issue's targets\n\n| target | where it stands | figures |\n|---|---|---|\n",
-    );
+    out.push_str("\n## Targets\n\n| target | where it stands | figures |\n|---|---|---|\n");
     if let Some(datapath) = datapath {
         datapath_targets(&mut out, datapath);
     } else {
@@ -706,7 +704,7 @@ fn count_label(value: f64) -> String {
 }
 
 /// Per-packet cost (median net of the floor) against the number of services, one line per path,
-/// log x axis, with the limits as dashed lines.
+/// log x axis, with per-packet limits as dashed lines.
 fn datapath_plot(datapath: &Value) -> String {
     let sizes = list(datapath, "sizes");
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();

@@ -1,10 +1,10 @@
 //! End-to-end benchmark in the lab: request/response and connect/request/close rates with p50/p99
 //! latency, 1 and N parallel clients, for
-//! - straight to a pod address (the baseline: lab B with no service rules at all),
+//! - straight to a pod address (the baseline: a lab with no service rules at all),
 //! - lb: ClusterIP through the socket hooks (client pod in the agent's cgroup) and NodePort
-//!   through XDP (client namespace), the real `lb run --source file` agent on node1 (lab A),
+//!   through XDP (client namespace), the real `lb run --source file` agent on node1,
 //! - the same services as kube-proxy-shaped iptables rules (iptables-restore) and nftables rules
-//!   (nft -f) in node1's namespace of lab B, without any agent,
+//!   (nft -f) in node1's namespace, without any agent,
 //!
 //! at 1k and 10k services plus the measured one, and the time `iptables-restore` and `nft -f`
 //! take to load 10k services x 10 endpoints, next to lb's in-process figure (target/bench/
@@ -21,8 +21,8 @@
 //! the client pod is n1p1 on node1, so every path crosses node1 and node2 (pod -> node1 -> node2
 //! -> pod), and pod -> ClusterIP traffic goes through node1's PREROUTING, where iptables and
 //! nftables DNAT it. The client namespace reaches the pods through node1 (a route), as NodePort
-//! traffic does. Everything runs inside the labs' namespaces; the rule sets are loaded only in
-//! lab B's node1 namespace.
+//! traffic does. Everything runs inside the labs' namespaces; each rule set is loaded only in its
+//! own lab's node1 namespace.
 
 use std::{
     collections::BTreeMap,
@@ -353,7 +353,7 @@ fn manifests(services: &[Svc]) -> String {
 /// Where a client runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum From {
-    /// Pod n1p1 on node1 (in the agent's cgroup in lab A).
+    /// Pod n1p1 on node1 (in the agent's cgroup in lb's labs).
     Pod,
     /// The client namespace on the fabric, routed to the pods through node1.
     Client,
@@ -491,7 +491,7 @@ struct Cell {
 struct Clients<'a> {
     pod: &'a Host,
     client: &'a Host,
-    /// The agent's cgroup (lab A), where the socket hooks are attached.
+    /// The agent's cgroup (lb's labs only), where the socket hooks are attached.
     cgroup: Option<&'a Cgroup>,
 }
 
@@ -1141,7 +1141,8 @@ fn find<'a>(
     })
 }
 
-/// The issue's end-to-end targets, for every size and client count measured, on the medians.
+/// The end-to-end targets (docs/benchmarks.md), for every size and client count measured, on the
+/// medians.
 fn targets(cells: &[Cell], args: &Args) -> Vec<Target> {
     let mut targets = Vec::new();
     for &size in &args.services {
@@ -1286,7 +1287,7 @@ fn print_tables(report: &Report) {
             sync.services, sync.endpoints_per_service, sync.sync_ms
         );
     }
-    println!("\ntargets from the issue (on the medians):");
+    println!("\ntargets (docs/benchmarks.md), on the medians:");
     for target in &report.targets {
         println!(
             "  {:<96} {:>5.2}x  {}",

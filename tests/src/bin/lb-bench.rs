@@ -758,7 +758,7 @@ fn print_table(sizes: &[SizeReport], targets: &[TargetReport], args: &Args) {
         };
         println!("{row}{target}");
     }
-    println!("\ntargets from the issue, on the median net of the floor:");
+    println!("\ntargets (docs/benchmarks.md), on the median net of the floor:");
     for target in targets.iter().filter(|target| !target.target.contains('%')) {
         println!(
             "  {:<66} {:>5} ns  {}",
