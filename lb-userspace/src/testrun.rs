@@ -118,22 +118,12 @@ fn run(
         ctx_in: context.map_or(0, |context| context as *const XdpMd as u64),
         ..TestRunAttr::default()
     };
-    // SAFETY: attr is a valid bpf_attr prefix of the size passed; data_in, data_out and ctx_in
-    // point to buffers of the sizes given, all alive for the whole call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            size_of::<TestRunAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(TestRunError::Syscall {
-            len: packet.len(),
-            source: io::Error::last_os_error(),
-        });
-    }
+    // SAFETY: data_in, data_out and ctx_in point to buffers of the sizes given, all alive for
+    // the whole call.
+    unsafe { prog_test_run(&mut attr) }.map_err(|source| TestRunError::Syscall {
+        len: packet.len(),
+        source,
+    })?;
     output.truncate(attr.data_size_out as usize);
     Ok(TestRunOutput {
         verdict: attr.retval,
@@ -188,24 +178,36 @@ pub fn test_run_live(
         flags: BPF_F_TEST_XDP_LIVE_FRAMES,
         ..TestRunAttr::default()
     };
-    // SAFETY: attr is a valid bpf_attr prefix of the size passed; data_in and ctx_in point to
-    // buffers of the sizes given, alive for the whole call; live mode writes no output.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            size_of::<TestRunAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(TestRunError::Syscall {
-            len: packet.len(),
-            source: io::Error::last_os_error(),
-        });
-    }
+    // SAFETY: data_in and ctx_in point to buffers of the sizes given, alive for the whole call;
+    // live mode writes no output.
+    unsafe { prog_test_run(&mut attr) }.map_err(|source| TestRunError::Syscall {
+        len: packet.len(),
+        source,
+    })?;
     // `duration` is the mean per repetition.
     Ok(Duration::from_nanos(
         u64::from(attr.duration) * u64::from(repeat),
     ))
+}
+
+/// BPF_PROG_TEST_RUN with `attr`.
+///
+/// # Safety
+/// Every pointer in `attr` must point to a buffer of the size `attr` gives for it, alive for
+/// the call.
+unsafe fn prog_test_run(attr: &mut TestRunAttr) -> io::Result<()> {
+    // SAFETY: attr is a valid bpf_attr prefix of the size passed; the caller vouches for the
+    // buffers it points to.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            attr as *mut TestRunAttr,
+            size_of::<TestRunAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -187,6 +187,20 @@ impl Host {
         Ok(index)
     }
 
+    /// The MAC address of an interface.
+    pub fn mac(&self, iface: &str) -> anyhow::Result<[u8; 6]> {
+        let json = self.ip(&["-j", "link", "show", "dev", iface])?;
+        let value: serde_json::Value = serde_json::from_str(&json)?;
+        let text = value[0]["address"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no MAC for {iface}: {json}"))?;
+        let mut mac = [0u8; 6];
+        for (byte, part) in mac.iter_mut().zip(text.split(':')) {
+            *byte = u8::from_str_radix(part, 16)?;
+        }
+        Ok(mac)
+    }
+
     /// Received and transmitted packet counts of an interface, as the kernel counts them.
     pub fn link_stats(&self, iface: &str) -> anyhow::Result<LinkStats> {
         let json = self.ip(&["-s", "-j", "link", "show", "dev", iface])?;

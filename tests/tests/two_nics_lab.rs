@@ -201,16 +201,7 @@ fn tcp_frame(
 }
 
 fn mac(host: &Host, iface: &str) -> [u8; 6] {
-    let json = host
-        .ip(&["-j", "link", "show", "dev", iface])
-        .expect("ip link");
-    let value: serde_json::Value = serde_json::from_str(&json).expect("json");
-    let text = value[0]["address"].as_str().expect("address");
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
-        *byte = u8::from_str_radix(part, 16).expect("hex");
-    }
-    mac
+    host.mac(iface).expect("MAC")
 }
 
 /// Through BPF_PROG_TEST_RUN with the NIC each frame arrives on: a client's SYN on eth0 leaves

@@ -247,7 +247,7 @@ impl LiveLab {
         node.route(&["10.244.2.0/24", "via", &generator_addr(0).to_string()])?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         // XDP's FIB lookup sends a frame itself only when the next hop's MAC is known.
-        let generator_mac = mac(&generator, "g0")?;
+        let generator_mac = generator.mac("g0")?;
         node.ip(&[
             "neigh",
             "replace",
@@ -331,8 +331,8 @@ impl LiveLab {
                 path.destination(),
                 &PAYLOAD,
             );
-            frame[0..6].copy_from_slice(&mac(&node, &format!("n{pair}"))?);
-            frame[6..12].copy_from_slice(&mac(&generator, &format!("g{pair}"))?);
+            frame[0..6].copy_from_slice(&node.mac(&format!("n{pair}"))?);
+            frame[6..12].copy_from_slice(&generator.mac(&format!("g{pair}"))?);
             let program = bare_xdp::load_generator(&frame[..HEADER_LEN])?;
             generator_program.push((path, program, frame));
         }
@@ -427,19 +427,6 @@ fn xdp_packets(host: &Host, iface: &str) -> anyhow::Result<u64> {
     }
     ensure!(found, "no rx_queue_*_xdp_packets for {iface}: {stats}");
     Ok(total)
-}
-
-fn mac(host: &Host, iface: &str) -> anyhow::Result<[u8; 6]> {
-    let json = host.ip(&["-j", "link", "show", "dev", iface])?;
-    let value: serde_json::Value = serde_json::from_str(&json)?;
-    let text = value[0]["address"]
-        .as_str()
-        .with_context(|| format!("no MAC for {iface}: {json}"))?;
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
-        *byte = u8::from_str_radix(part, 16)?;
-    }
-    Ok(mac)
 }
 
 fn format_mac(mac: [u8; 6]) -> String {
