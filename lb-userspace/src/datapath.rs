@@ -429,6 +429,8 @@ impl Datapath {
     pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
         let (ifindex, mac) = nic_address(iface)?;
         self.record_nic_mac(ifindex, mac)?;
+        // The NIC becomes a port XDP may send frames out of (XDP_REDIRECT).
+        self.allow_redirect_to(ifindex, true)?;
         let name = program_names::XDP_LB;
         let pin = self.link_pin(&crate::pins::xdp_link_name(iface))?;
         let program = program_mut::<Xdp>(&mut self.ebpf, name)?;
@@ -751,15 +753,37 @@ impl Datapath {
         };
         self.nic_macs
             .set(slot, &nic, 0)
-            .map_err(|source| map_error(map_names::NIC_MACS, "write", source))?;
-        // The NIC becomes a port XDP may send frames out of (XDP_REDIRECT).
+            .map_err(|source| map_error(map_names::NIC_MACS, "write", source))
+    }
+
+    /// Whether XDP may send frames out of the NIC with this ifindex with XDP_REDIRECT (attaching
+    /// XDP to a NIC allows it); frames it may not send there go to the stack, which forwards
+    /// them. Benchmarks compare the two. The kernel resolves the ifindex in the network
+    /// namespace of the calling thread (kernel/bpf/devmap.c, `__dev_map_alloc_node`): call it
+    /// from the NIC's, as `attach_xdp` is.
+    pub fn allow_redirect_to(&mut self, ifindex: u32, allowed: bool) -> Result<()> {
+        let operation = || {
+            format!(
+                "{} ifindex {ifindex}",
+                if allowed { "add" } else { "remove" }
+            )
+        };
+        if !allowed {
+            return match self.tx_ports.remove(ifindex) {
+                Ok(()) => Ok(()),
+                Err(MapError::SyscallError(syscall))
+                    if syscall.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    Ok(())
+                }
+                Err(source) => Err(map_error(map_names::TX_PORTS, &operation(), source)),
+            };
+        }
         match self.tx_ports.insert(ifindex, ifindex, None, 0) {
             Ok(()) => Ok(()),
-            Err(aya::maps::xdp::XdpMapError::MapError(source)) => Err(map_error(
-                map_names::TX_PORTS,
-                &format!("add ifindex {ifindex}"),
-                source,
-            )),
+            Err(aya::maps::xdp::XdpMapError::MapError(source)) => {
+                Err(map_error(map_names::TX_PORTS, &operation(), source))
+            }
             // Only a chained program can be unsupported, and none is given.
             Err(aya::maps::xdp::XdpMapError::ChainedProgramNotSupported) => Ok(()),
         }

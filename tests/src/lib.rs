@@ -19,3 +19,4 @@ pub mod peer;
 pub mod private_bpffs;
 pub mod table;
 pub mod topology;
+pub mod two_nics;

@@ -138,14 +138,8 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     ensure_root("the benchmark loads eBPF programs and pins their maps in bpffs")?;
     run(Command::new("cargo")
         .args(["build", "--release", "--package", "lb-tests"])
-        .args([
-            "--bin",
-            "lb-bench",
-            "--bin",
-            "lb-bench-live",
-            "--bin",
-            "lb-bench-control",
-        ])
+        .args(["--bin", "lb-bench", "--bin", "lb-bench-live"])
+        .args(["--bin", "lb-bench-forward", "--bin", "lb-bench-control"])
         .args(["--bin", "lb-bench-e2e", "--bin", "lab-peer"])
         .args(["--package", "lb-userspace", "--bin", "lb"])
         .current_dir(root))?;
@@ -165,6 +159,14 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .arg("--out")
         .arg(dir.join("live.json")))?;
     let live = step.elapsed();
+    // NodePort to a remote endpoint across a node's two NICs: XDP_REDIRECT against the stack.
+    let step = Instant::now();
+    run(
+        Command::new(target.join("release").join("lb-bench-forward"))
+            .arg("--out")
+            .arg(dir.join("forward.json")),
+    )?;
+    let forward = step.elapsed();
     // The control plane: programming 10k services x 10 endpoints, and one change at that size.
     let step = Instant::now();
     run(
@@ -187,6 +189,7 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         build,
         datapath,
         live,
+        forward,
         control,
         e2e,
         total: started.elapsed(),

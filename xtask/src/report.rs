@@ -13,6 +13,7 @@ pub(crate) struct Timings {
     pub(crate) build: Duration,
     pub(crate) datapath: Duration,
     pub(crate) live: Duration,
+    pub(crate) forward: Duration,
     pub(crate) control: Duration,
     pub(crate) e2e: Duration,
     pub(crate) total: Duration,
@@ -28,6 +29,7 @@ pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyh
     let control = read_json(&dir.join("control.json"));
     let e2e = read_json(&dir.join("e2e.json"));
     let live = read_json(&dir.join("live.json"));
+    let forward = read_json(&dir.join("forward.json"));
     let mut plots = Vec::new();
     if let Some(datapath) = &datapath {
         let svg = datapath_plot(datapath);
@@ -48,15 +50,14 @@ pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyh
         ));
         plots.push(("e2e-latency.svg", "end-to-end p50 / p99 latency"));
     }
-    let summary = summary(
-        commit,
-        timings,
-        datapath.as_ref(),
-        live.as_ref(),
-        control.as_ref(),
-        e2e.as_ref(),
-        &plots,
-    );
+    let results = Results {
+        datapath: datapath.as_ref(),
+        live: live.as_ref(),
+        forward: forward.as_ref(),
+        control: control.as_ref(),
+        e2e: e2e.as_ref(),
+    };
+    let summary = summary(commit, timings, &results, &plots);
     std::fs::write(dir.join("summary.md"), &summary).context("writing summary.md")?;
     Ok(summary)
 }
@@ -104,26 +105,41 @@ fn short_count(services: f64) -> String {
     }
 }
 
+/// The JSON of each bench that has run.
+#[derive(Clone, Copy)]
+struct Results<'a> {
+    datapath: Option<&'a Value>,
+    live: Option<&'a Value>,
+    forward: Option<&'a Value>,
+    control: Option<&'a Value>,
+    e2e: Option<&'a Value>,
+}
+
 fn summary(
     commit: &str,
     timings: Option<&Timings>,
-    datapath: Option<&Value>,
-    live: Option<&Value>,
-    control: Option<&Value>,
-    e2e: Option<&Value>,
+    results: &Results<'_>,
     plots: &[(&str, &str)],
 ) -> String {
+    let Results {
+        datapath,
+        live,
+        forward,
+        control,
+        e2e,
+    } = *results;
     let mut out = String::from("# cargo xtask bench: summary\n\n");
     match timings {
         Some(timings) => {
             let _ = writeln!(
                 out,
                 "Commit {commit}. Wall time {} (release build {}, per packet {}, live frames {}, \
-                 control plane {}, end to end {}).",
+                 two NICs {}, control plane {}, end to end {}).",
                 minutes(timings.total),
                 minutes(timings.build),
                 minutes(timings.datapath),
                 minutes(timings.live),
+                minutes(timings.forward),
                 minutes(timings.control),
                 minutes(timings.e2e),
             );
@@ -206,6 +222,9 @@ fn summary(
     if let Some(live) = live {
         live_table(&mut out, live);
     }
+    if let Some(forward) = forward {
+        forward_table(&mut out, forward);
+    }
     if let Some(e2e) = e2e {
         let _ = write!(
             out,
@@ -254,6 +273,38 @@ fn live_table(out: &mut String, live: &Value) {
             f(path, "median_mpps").unwrap_or(f64::NAN),
             f(path, "of_floor").unwrap_or(f64::NAN),
             f(path, "lost").unwrap_or(f64::NAN),
+        );
+    }
+}
+
+/// NodePort to a remote endpoint across two NICs: XDP_REDIRECT against the stack forwarding.
+fn forward_table(out: &mut String, forward: &Value) {
+    let _ = write!(
+        out,
+        "\n## Two NICs: XDP_REDIRECT against the stack\n\n{} interleaved rounds of {} ms \
+         (`lb-bench-forward`), NodePort to an endpoint behind the node's other NIC; median \
+         requests/s and p50 / p99 latency in µs:\n\n\
+         | mode | clients | forwarding | requests/s | p50 / p99 µs | failed |\n|---|---:|---|---:|---:|---:|\n",
+        forward
+            .get("rounds")
+            .map(Value::to_string)
+            .unwrap_or_default(),
+        forward
+            .get("duration_ms")
+            .map(Value::to_string)
+            .unwrap_or_default(),
+    );
+    for cell in list(forward, "cells") {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.0} / {:.0} | {} |",
+            s(cell, "mode"),
+            f(cell, "clients").unwrap_or(f64::NAN),
+            s(cell, "forwarding"),
+            f(cell, "median_rate").unwrap_or(f64::NAN),
+            f(cell, "median_p50_us").unwrap_or(f64::NAN),
+            f(cell, "median_p99_us").unwrap_or(f64::NAN),
+            f(cell, "failed").unwrap_or(f64::NAN),
         );
     }
 }

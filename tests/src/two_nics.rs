@@ -1,0 +1,131 @@
+//! A node with two NICs: clients come in on one (`eth0`), the other nodes sit behind the other
+//! (`eth1`). The datapath runs on node1, driven through its Rust API on maps in a private pin
+//! directory; node2 routes a pod network with one pod that runs a `lab-peer` server.
+//!
+//! ```text
+//!  client 198.18.0.10 -- eth0 198.18.0.1  node1  eth1 198.19.0.1 -- eth1 198.19.0.2  node2
+//!                                                                   cni0 10.244.2.1/24 -- pod 10.244.2.10
+//! ```
+//!
+//! Service 1 (TCP) and service 2 (UDP) answer on node1's client-side address at [`NODE_PORT`],
+//! both with the pod as their only endpoint: every flow is SNATed to node1's node-side address.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::XdpMode;
+use lb_common::{DatapathConfig, proto, service_flags};
+use lb_userspace::{
+    counter::XdpCounter,
+    datapath::{Backend, Datapath, Frontend, Service},
+};
+
+use crate::{
+    lab::{Host, Lab, PinDir, Proc},
+    peer,
+};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+pub const NODE1_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const NODE1_NODE_SIDE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+pub const NODE2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+pub const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+pub const POD_PORT: u16 = 8080;
+pub const NODE_PORT: u16 = 30080;
+
+pub struct TwoNics {
+    // Drop order: servers, the datapath and its pins, the peers' XDP, then the lab.
+    _server: Proc,
+    pub datapath: Datapath,
+    _pins: PinDir,
+    _peer_xdp: Vec<XdpCounter>,
+    pub client: Host,
+    pub node1: Host,
+    pub node2: Host,
+    _lab: Lab,
+}
+
+impl TwoNics {
+    pub fn build() -> anyhow::Result<Self> {
+        let mut lab = Lab::new()?;
+        let client = lab.host("client")?;
+        let node1 = lab.host("node1")?;
+        let node2 = lab.host("node2")?;
+        let pod = lab.host("n2p0")?;
+        lab.veth(&client, "eth0", &node1, "eth0")?;
+        lab.veth(&node1, "eth1", &node2, "eth1")?;
+        client.addr("eth0", &format!("{CLIENT}/24"))?;
+        node1.addr("eth0", &format!("{NODE1_CLIENT_SIDE}/24"))?;
+        node1.addr("eth1", &format!("{NODE1_NODE_SIDE}/24"))?;
+        node2.addr("eth1", &format!("{NODE2}/24"))?;
+        node1.sysctl("net.ipv4.ip_forward", "1")?;
+        node2.sysctl("net.ipv4.ip_forward", "1")?;
+        node1.route(&["10.244.2.0/24", "via", &NODE2.to_string()])?;
+        node2.bridge("cni0")?;
+        node2.addr("cni0", "10.244.2.1/24")?;
+        lab.veth(&pod, "eth0", &node2, "v-n2p0")?;
+        node2.enslave("v-n2p0", "cni0")?;
+        pod.addr("eth0", &format!("{POD}/24"))?;
+        pod.route(&["default", "via", "10.244.2.1"])?;
+        let server = peer::serve(&pod, "n2p0", POD_PORT)?;
+
+        // A veth delivers what XDP transmits only to a peer that runs NAPI, which an XDP program
+        // turns on (drivers/net/veth.c, veth_xdp_xmit); a physical NIC needs nothing of the sort.
+        let mut peer_xdp = Vec::new();
+        for (host, iface) in [(&client, "eth0"), (&node2, "eth1")] {
+            let mut counter = XdpCounter::load()?;
+            let _inside = host.enter()?;
+            counter.attach(&std::ffi::CString::new(iface)?, XdpMode::Driver)?;
+            peer_xdp.push(counter);
+        }
+
+        let pins = PinDir::new(&lab, "node1")?;
+        let mut datapath = Datapath::load(pins.path())?;
+        {
+            let _inside = node1.enter()?;
+            for iface in ["eth0", "eth1"] {
+                lb_userspace::node::set_accept_local(iface)?;
+                datapath.attach_xdp(iface, XdpMode::Driver)?;
+                datapath.attach_tc_egress(iface)?;
+            }
+        }
+        // The node's address towards the other nodes is the one they answer SNATed flows to.
+        datapath.set_config(&DatapathConfig {
+            snat_addr: u32::from(NODE1_NODE_SIDE),
+            snat_port_min: 20_000,
+            snat_port_max: 29_999,
+            ..Default::default()
+        })?;
+        for (id, protocol) in [(1, proto::TCP), (2, proto::UDP)] {
+            datapath.put_backend(
+                id,
+                &Backend {
+                    addr: POD,
+                    port: POD_PORT,
+                    proto: protocol,
+                    flags: 0,
+                },
+            )?;
+            datapath.put_service(&Service {
+                id,
+                frontends: vec![Frontend {
+                    addr: NODE1_CLIENT_SIDE,
+                    port: NODE_PORT,
+                    proto: protocol,
+                    kind: service_flags::NODE_PORT,
+                }],
+                backends: vec![id],
+                ..Default::default()
+            })?;
+        }
+        Ok(Self {
+            _server: server,
+            datapath,
+            _pins: pins,
+            _peer_xdp: peer_xdp,
+            client,
+            node1,
+            node2,
+            _lab: lab,
+        })
+    }
+}
