@@ -47,7 +47,7 @@ pub mod map_names {
     /// LRU [`crate::Frag4Key`] -> [`crate::Frag4Value`]: how the first fragment of a datagram
     /// was translated, for its later fragments (which carry no ports). Not pinned.
     pub const FRAGMENTS4: &str = "lb4_frag_v1";
-    /// Array of [`crate::NicMac`] by ifindex % [`limits::NIC_SLOTS`]: the MAC of each NIC the
+    /// Array of [`crate::NicMac`] by ifindex % [`crate::limits::NIC_SLOTS`]: the MAC of each NIC the
     /// XDP program is attached to, written by the agent at attach (ifindex 0 where two NICs
     /// share a slot: neither is checked nor sent to by slot). Not pinned.
     pub const NIC_MACS: &str = "lb_nicmac_v1";
@@ -198,6 +198,35 @@ pub mod program_names {
     pub const SOCK_RELEASE: &str = "lb_sock_release";
 }
 
+/// Named map indexes with the label each goes by in metrics and CLI output, written once: the
+/// constants count up from 0 in the order given, `COUNT` is their number (the size of the map
+/// they index), `ALL` lists them with their labels in index order, and `label()` names an index
+/// (None past the last).
+macro_rules! labelled_indexes {
+    ($type:ident; $($(#[doc = $doc:literal])* $name:ident = $label:literal,)+) => {
+        impl $type {
+            labelled_indexes!(@consts 0u32; $($(#[doc = $doc])* $name,)+);
+
+            /// Number of indexes: the size of the map they index.
+            pub const COUNT: u32 = [$(stringify!($name)),+].len() as u32;
+
+            /// Every index in order, with its label.
+            pub const ALL: [(Self, &'static str); Self::COUNT as usize] = [$((Self::$name, $label)),+];
+
+            /// The label of this index, or `None` for one past the last.
+            pub fn label(self) -> Option<&'static str> {
+                Self::ALL.get(self.0 as usize).map(|(_, label)| *label)
+            }
+        }
+    };
+    (@consts $index:expr; $(#[doc = $doc:literal])* $name:ident, $($rest:tt)*) => {
+        $(#[doc = $doc])*
+        pub const $name: Self = Self($index);
+        labelled_indexes!(@consts $index + 1; $($rest)*);
+    };
+    (@consts $index:expr;) => {};
+}
+
 /// What the XDP counter saw, used as the index into [`map_names::PACKET_COUNTERS`].
 ///
 /// A plain `u32` with named constants rather than a Rust `enum`, because the value is a map index
@@ -206,40 +235,22 @@ pub mod program_names {
 #[repr(transparent)]
 pub struct PacketClass(pub u32);
 
-impl PacketClass {
+labelled_indexes! {
+    PacketClass;
     /// IPv4 carrying TCP (first fragment or unfragmented).
-    pub const IPV4_TCP: Self = Self(0);
+    IPV4_TCP = "ipv4_tcp",
     /// IPv4 carrying UDP (first fragment or unfragmented).
-    pub const IPV4_UDP: Self = Self(1);
+    IPV4_UDP = "ipv4_udp",
     /// IPv4 carrying ICMP.
-    pub const IPV4_ICMP: Self = Self(2);
+    IPV4_ICMP = "ipv4_icmp",
     /// IPv4 with another protocol, or a non-first fragment (no transport header to look at).
-    pub const IPV4_OTHER: Self = Self(3);
+    IPV4_OTHER = "ipv4_other",
     /// IPv6, any payload.
-    pub const IPV6: Self = Self(4);
+    IPV6 = "ipv6",
     /// Any other EtherType (ARP, LLDP, ...).
-    pub const NON_IP: Self = Self(5);
+    NON_IP = "non_ip",
     /// Too short for the headers it announces, or an IPv4 header length below 20 bytes.
-    pub const MALFORMED: Self = Self(6);
-
-    /// Number of classes: the size of the counter array.
-    pub const COUNT: u32 = 7;
-
-    /// Every class in index order, with the label used in metrics and CLI output.
-    pub const ALL: [(Self, &'static str); Self::COUNT as usize] = [
-        (Self::IPV4_TCP, "ipv4_tcp"),
-        (Self::IPV4_UDP, "ipv4_udp"),
-        (Self::IPV4_ICMP, "ipv4_icmp"),
-        (Self::IPV4_OTHER, "ipv4_other"),
-        (Self::IPV6, "ipv6"),
-        (Self::NON_IP, "non_ip"),
-        (Self::MALFORMED, "malformed"),
-    ];
-
-    /// The label of this class, or `None` for an index outside [`Self::ALL`].
-    pub fn label(self) -> Option<&'static str> {
-        Self::ALL.get(self.0 as usize).map(|(_, label)| *label)
-    }
+    MALFORMED = "malformed",
 }
 
 /// One slot of the per-CPU packet counters: what one CPU saw of one [`PacketClass`].
@@ -929,92 +940,60 @@ const _: () = assert!(size_of::<ServiceCounter>() == 24);
 #[repr(transparent)]
 pub struct Event(pub u32);
 
-impl Event {
+labelled_indexes! {
+    Event;
     /// Drop: the service has no usable backend.
-    pub const DROP_NO_BACKEND: Self = Self(0);
+    DROP_NO_BACKEND = "drop_no_backend",
     /// Drop: the slot or backend map lacks an entry the service entry points to (agent mid-update
     /// or inconsistent state).
-    pub const DROP_BACKEND_MISSING: Self = Self(1);
+    DROP_BACKEND_MISSING = "drop_backend_missing",
     /// Drop: a connection-tracking entry could not be created.
-    pub const DROP_CT_FULL: Self = Self(2);
+    DROP_CT_FULL = "drop_ct_full",
     /// Drop: an IPv4 header or a TCP/UDP header shorter than it must be, or inconsistent lengths.
-    pub const DROP_MALFORMED: Self = Self(3);
+    DROP_MALFORMED = "drop_malformed",
     /// Drop: rewriting the packet failed (tc helpers returned an error).
-    pub const DROP_NAT_FAILED: Self = Self(4);
+    DROP_NAT_FAILED = "drop_nat_failed",
     /// Pass: an IPv4 fragment (no ports to look up) went on untouched.
-    pub const PASS_FRAGMENT: Self = Self(5);
+    PASS_FRAGMENT = "pass_fragment",
     /// Refused: a socket connect/sendmsg to a service with no usable backend.
-    pub const SOCK_NO_BACKEND: Self = Self(6);
+    SOCK_NO_BACKEND = "sock_no_backend",
     /// Drop: a Local traffic policy and no backend on this node (kube-proxy drops these too).
-    pub const DROP_NO_LOCAL_BACKEND: Self = Self(7);
+    DROP_NO_LOCAL_BACKEND = "drop_no_local_backend",
     /// Drop: the client is outside the service's loadBalancerSourceRanges.
-    pub const DROP_SOURCE_RANGE: Self = Self(8);
+    DROP_SOURCE_RANGE = "drop_source_range",
     /// Reject: a TCP RST sent for a service with no endpoint (kube-proxy's REJECT).
-    pub const REJECT_TCP_RST: Self = Self(9);
+    REJECT_TCP_RST = "reject_tcp_rst",
     /// Reject: an ICMP port unreachable sent for a service with no endpoint.
-    pub const REJECT_ICMP: Self = Self(10);
+    REJECT_ICMP = "reject_icmp",
     /// Drop: no free SNAT port for a flow to a remote backend.
-    pub const DROP_SNAT_EXHAUSTED: Self = Self(11);
+    DROP_SNAT_EXHAUSTED = "drop_snat_exhausted",
     /// A tracked flow's REPLY entry was gone (evicted on its own) and was written again.
-    pub const CT_REPLY_RESTORED: Self = Self(12);
+    CT_REPLY_RESTORED = "ct_reply_restored",
     /// A tracked flow's reply tuple had been taken by another flow: it started over as new.
-    pub const CT_FLOW_RESTARTED: Self = Self(13);
+    CT_FLOW_RESTARTED = "ct_flow_restarted",
     /// A new flow's reply tuple would have clashed with another flow's (one client port to two
     /// frontends of one endpoint): its source port was remapped.
-    pub const NAT_PORT_REMAP: Self = Self(14);
+    NAT_PORT_REMAP = "nat_port_remap",
     /// Pass: a new flow to a remote backend whose TTL would run out went to the stack untranslated.
-    pub const PASS_TTL_EXCEEDED: Self = Self(15);
+    PASS_TTL_EXCEEDED = "pass_ttl_exceeded",
     /// Pass: a VLAN-tagged frame went on untouched (tagged traffic is not served).
-    pub const PASS_VLAN: Self = Self(16);
+    PASS_VLAN = "pass_vlan",
     /// Drop: a packet to a frontend or SNAT port with a wrong IPv4 header checksum.
-    pub const DROP_IP_CHECKSUM: Self = Self(17);
+    DROP_IP_CHECKSUM = "drop_ip_checksum",
     /// Drop: no REJECT answer for a source that is not unicast (broadcast, multicast, 0.0.0.0,
     /// loopback, or a link-layer broadcast frame).
-    pub const DROP_REJECT_NOT_UNICAST: Self = Self(18);
+    DROP_REJECT_NOT_UNICAST = "drop_reject_not_unicast",
     /// Drop: REJECT answers past this CPU's rate.
-    pub const DROP_REJECT_RATE_LIMITED: Self = Self(19);
+    DROP_REJECT_RATE_LIMITED = "drop_reject_rate_limited",
     /// Pass: a frame to a service or SNAT port but to another host's MAC (seen in promiscuous
     /// mode) went on untouched; the stack drops it.
-    pub const PASS_OTHER_HOST: Self = Self(20);
+    PASS_OTHER_HOST = "pass_other_host",
     /// An ICMP error about a translated flow was translated and sent to the host that sent the
     /// packet it quotes.
-    pub const ICMP_ERROR_TRANSLATED: Self = Self(21);
+    ICMP_ERROR_TRANSLATED = "icmp_error_translated",
     /// Drop: a TCP RST of a tracked flow whose sequence number lies far from what its sender
     /// has sent (a blind or stale RST, see [`tcp_seq`]): the flow goes on.
-    pub const DROP_RST_OUT_OF_WINDOW: Self = Self(22);
-
-    pub const COUNT: u32 = 23;
-
-    /// Every event in index order with its label (the `reason` label of the metrics).
-    pub const ALL: [(Self, &'static str); Self::COUNT as usize] = [
-        (Self::DROP_NO_BACKEND, "drop_no_backend"),
-        (Self::DROP_BACKEND_MISSING, "drop_backend_missing"),
-        (Self::DROP_CT_FULL, "drop_ct_full"),
-        (Self::DROP_MALFORMED, "drop_malformed"),
-        (Self::DROP_NAT_FAILED, "drop_nat_failed"),
-        (Self::PASS_FRAGMENT, "pass_fragment"),
-        (Self::SOCK_NO_BACKEND, "sock_no_backend"),
-        (Self::DROP_NO_LOCAL_BACKEND, "drop_no_local_backend"),
-        (Self::DROP_SOURCE_RANGE, "drop_source_range"),
-        (Self::REJECT_TCP_RST, "reject_tcp_rst"),
-        (Self::REJECT_ICMP, "reject_icmp"),
-        (Self::DROP_SNAT_EXHAUSTED, "drop_snat_exhausted"),
-        (Self::CT_REPLY_RESTORED, "ct_reply_restored"),
-        (Self::CT_FLOW_RESTARTED, "ct_flow_restarted"),
-        (Self::NAT_PORT_REMAP, "nat_port_remap"),
-        (Self::PASS_TTL_EXCEEDED, "pass_ttl_exceeded"),
-        (Self::PASS_VLAN, "pass_vlan"),
-        (Self::DROP_IP_CHECKSUM, "drop_ip_checksum"),
-        (Self::DROP_REJECT_NOT_UNICAST, "drop_reject_not_unicast"),
-        (Self::DROP_REJECT_RATE_LIMITED, "drop_reject_rate_limited"),
-        (Self::PASS_OTHER_HOST, "pass_other_host"),
-        (Self::ICMP_ERROR_TRANSLATED, "icmp_error_translated"),
-        (Self::DROP_RST_OUT_OF_WINDOW, "drop_rst_out_of_window"),
-    ];
-
-    pub fn label(self) -> Option<&'static str> {
-        Self::ALL.get(self.0 as usize).map(|(_, label)| *label)
-    }
+    DROP_RST_OUT_OF_WINDOW = "drop_rst_out_of_window",
 }
 
 /// `aya::Pod` for the map types, so userspace can read and write them.
@@ -1052,14 +1031,29 @@ impl_pod!(
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
     use super::*;
 
+    /// What operators and dashboards see: the labels are fixed strings, so a renamed,
+    /// reordered or dropped class changes this table and fails here.
     #[test]
-    fn labels_follow_index_order() {
-        for (index, (class, label)) in PacketClass::ALL.iter().enumerate() {
-            assert_eq!(class.0 as usize, index);
-            assert_eq!(class.label(), Some(*label));
-        }
+    fn packet_classes_keep_their_indexes_and_labels() {
+        let expected = [
+            (0, "ipv4_tcp"),
+            (1, "ipv4_udp"),
+            (2, "ipv4_icmp"),
+            (3, "ipv4_other"),
+            (4, "ipv6"),
+            (5, "non_ip"),
+            (6, "malformed"),
+        ];
+        let labels: Vec<(u32, &str)> = (0..PacketClass::COUNT)
+            .map(|index| (index, PacketClass(index).label().expect("a label")))
+            .collect();
+        assert_eq!(labels, expected);
+        assert_eq!(PacketClass::MALFORMED, PacketClass(6));
         assert_eq!(PacketClass(PacketClass::COUNT).label(), None);
     }
 
@@ -1100,9 +1094,25 @@ mod tests {
             // A correct header sums to zero (its checksum verifies).
             assert_eq!(full_checksum(&rewritten), 0, "daddr {new_daddr:?}");
         }
-        let port_check = checksum::replace_u16(0x1234, 80, 8080);
-        let back = checksum::replace_u16(port_check, 8080, 80);
-        assert_eq!(back, 0x1234);
+    }
+
+    #[test]
+    fn port_updates_match_a_full_recomputation() {
+        // A UDP header after its pseudo-header (source, destination, zero, protocol, length),
+        // with the checksum filled in; then its destination port rewritten.
+        let mut segment: [u8; 20] = [
+            203, 0, 113, 10, 10, 96, 0, 10, 0, 17, 0, 8, 0x9c, 0x40, 0, 80, 0, 8, 0, 0,
+        ];
+        let check = full_checksum(&segment);
+        segment[18..20].copy_from_slice(&check.to_be_bytes());
+        assert_eq!(full_checksum(&segment), 0);
+        for new_port in [8080u16, 0, 0xffff, 30080, 1] {
+            let mut rewritten = segment;
+            rewritten[14..16].copy_from_slice(&new_port.to_be_bytes());
+            let incremental = checksum::replace_u16(check, 80, new_port);
+            rewritten[18..20].copy_from_slice(&incremental.to_be_bytes());
+            assert_eq!(full_checksum(&rewritten), 0, "port {new_port}");
+        }
     }
 
     #[test]
@@ -1169,11 +1179,54 @@ mod tests {
         assert_ne!(bit(addr, 80, 6), bit(addr, 80, 17), "TCP and UDP");
     }
 
+    /// Every event is documented where operators look for it (docs/datapath.md's list of
+    /// counters and docs/metrics.md's `event` label), and every label there is an event; labels
+    /// are unique and the constants count up from 0.
     #[test]
-    fn event_labels_follow_index_order() {
-        for (index, (event, label)) in Event::ALL.iter().enumerate() {
+    fn every_event_is_documented_and_every_documented_event_exists() {
+        let labels: Vec<&str> = Event::ALL.iter().map(|(_, label)| *label).collect();
+        for (index, (event, _)) in Event::ALL.iter().enumerate() {
             assert_eq!(event.0 as usize, index);
-            assert_eq!(event.label(), Some(*label));
         }
+        let mut unique = labels.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), labels.len(), "a label is used twice");
+        let datapath = include_str!("../../docs/datapath.md");
+        let counters = datapath
+            .split("## Counters and drop reasons")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("docs/datapath.md has a counters section");
+        let metrics = include_str!("../../docs/metrics.md");
+        let event_row = metrics
+            .lines()
+            .find(|line| line.starts_with("| `lb_datapath_events_total`"))
+            .expect("docs/metrics.md documents lb_datapath_events_total");
+        for (doc, text) in [
+            ("docs/datapath.md", counters),
+            ("docs/metrics.md", event_row),
+        ] {
+            let documented: Vec<&str> = text
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|word| {
+                    ["drop_", "pass_", "reject_", "sock_", "ct_", "nat_", "icmp_"]
+                        .iter()
+                        .any(|prefix| word.starts_with(prefix))
+                })
+                .collect();
+            for label in &labels {
+                assert!(documented.contains(label), "{doc} does not list {label}");
+            }
+            for word in &documented {
+                assert!(
+                    labels.contains(word),
+                    "{doc} lists {word}, which is no event"
+                );
+            }
+        }
+        assert_eq!(Event(Event::COUNT).label(), None);
     }
 }
