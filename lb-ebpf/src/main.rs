@@ -10,14 +10,4 @@ mod sock;
 mod tc;
 mod xdp;
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects any program that could reach this; it exists only to satisfy no_std.
-    loop {}
-}
-
-// GPL-compatible so the programs may call GPL-only helpers (bpf_fib_lookup, bpf_redirect_neigh, ...).
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+lb_ebpf::object_essentials!();
