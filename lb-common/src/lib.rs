@@ -870,10 +870,44 @@ pub mod frontend_filter {
 }
 
 pub mod tcp_state {
+    use crate::tcp_flags::{ACK, FIN, RST, SYN};
+
     pub const NONE: u8 = 0;
     pub const SYN_SENT: u8 = 1;
     pub const ESTABLISHED: u8 = 2;
     pub const CLOSING: u8 = 3;
+
+    /// The state of a TCP flow whose first tracked segment has these flags.
+    pub const fn initial(tcp_flags: u8) -> u8 {
+        if tcp_flags & (FIN | RST) != 0 {
+            CLOSING
+        } else if tcp_flags & SYN != 0 {
+            SYN_SENT
+        } else {
+            // Picked up mid-stream (e.g. the entry was evicted): treat as established.
+            ESTABLISHED
+        }
+    }
+
+    /// The state after a segment with these flags, from either side: a FIN or RST closes the
+    /// flow; the first ACK without SYN after the handshake's SYN establishes it.
+    pub const fn next(state: u8, tcp_flags: u8) -> u8 {
+        if tcp_flags & (FIN | RST) != 0 {
+            CLOSING
+        } else if state == SYN_SENT && tcp_flags & ACK != 0 && tcp_flags & SYN == 0 {
+            ESTABLISHED
+        } else {
+            state
+        }
+    }
+}
+
+/// TCP header flag bits (RFC 9293, section 3.1).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
 }
 
 /// Key of the socket reverse-NAT map: a socket and the backend it was connected to.
@@ -1093,6 +1127,41 @@ mod tests {
             rewritten[10..12].copy_from_slice(&incremental.to_be_bytes());
             // A correct header sums to zero (its checksum verifies).
             assert_eq!(full_checksum(&rewritten), 0, "daddr {new_daddr:?}");
+        }
+    }
+
+    /// The handshake, a close from either side, a reset, and segments that change nothing, as
+    /// a connection tracker must see them (flags as they appear on the wire).
+    #[test]
+    fn tcp_flows_move_through_their_states_as_their_segments_say() {
+        use tcp_flags::{ACK, FIN, RST, SYN};
+        use tcp_state::{CLOSING, ESTABLISHED, SYN_SENT, initial, next};
+        const PSH: u8 = 0x08;
+        assert_eq!(initial(SYN), SYN_SENT);
+        assert_eq!(initial(ACK), ESTABLISHED, "picked up mid-stream");
+        assert_eq!(initial(ACK | PSH), ESTABLISHED);
+        assert_eq!(initial(FIN | ACK), CLOSING);
+        assert_eq!(initial(RST), CLOSING);
+        let steps = [
+            (SYN_SENT, SYN, SYN_SENT, "a retransmitted SYN"),
+            (SYN_SENT, SYN | ACK, SYN_SENT, "the SYN-ACK"),
+            (SYN_SENT, ACK, ESTABLISHED, "the handshake's last ACK"),
+            (SYN_SENT, ACK | PSH, ESTABLISHED, "data with the last ACK"),
+            (ESTABLISHED, ACK | PSH, ESTABLISHED, "data"),
+            (ESTABLISHED, SYN | ACK, ESTABLISHED, "a late SYN-ACK"),
+            (ESTABLISHED, FIN | ACK, CLOSING, "a FIN"),
+            (ESTABLISHED, RST, CLOSING, "a RST"),
+            (SYN_SENT, RST | ACK, CLOSING, "a refused connection"),
+            (CLOSING, ACK, CLOSING, "the last ACK"),
+            (
+                CLOSING,
+                SYN,
+                CLOSING,
+                "a SYN on a closed tuple (reopening is the tracker's call)",
+            ),
+        ];
+        for (state, flags, after, what) in steps {
+            assert_eq!(next(state, flags), after, "{what}");
         }
     }
 

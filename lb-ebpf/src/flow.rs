@@ -641,7 +641,7 @@ pub fn track_reply(reply: &mut Ct4Value, tuple: &Tuple, keep_alive: bool) {
 #[inline(always)]
 fn advance(entry: &mut Ct4Value, tuple: &Tuple, now: u64) -> Option<u8> {
     let state = if tuple.proto == proto::TCP {
-        next_state(entry.state, tuple.tcp_flags)
+        tcp_state::next(entry.state, tuple.tcp_flags)
     } else {
         entry.state
     };
@@ -824,27 +824,10 @@ pub fn reply_key(tuple: &Tuple) -> Ct4Key {
 
 #[inline(always)]
 fn initial_state(tuple: &Tuple) -> u8 {
-    if tuple.proto != proto::TCP {
+    if tuple.proto == proto::TCP {
+        tcp_state::initial(tuple.tcp_flags)
+    } else {
         tcp_state::NONE
-    } else if tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        tcp_state::CLOSING
-    } else if tuple.tcp_flags & TCP_SYN != 0 {
-        tcp_state::SYN_SENT
-    } else {
-        // Picked up mid-stream (e.g. the entry was evicted): treat as established.
-        tcp_state::ESTABLISHED
-    }
-}
-
-/// The TCP state after this packet.
-#[inline(always)]
-pub fn next_state(state: u8, tcp_flags: u8) -> u8 {
-    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        tcp_state::CLOSING
-    } else if state == tcp_state::SYN_SENT && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
-        tcp_state::ESTABLISHED
-    } else {
-        state
     }
 }
 

@@ -160,10 +160,10 @@ pub const UDP_CSUM_OFFSET: usize = 6;
 pub const TCP_DATA_OFFSET_OFFSET: usize = 12;
 /// Offset of the flags byte inside a TCP header.
 pub const TCP_FLAGS_OFFSET: usize = 13;
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub const TCP_FIN: u8 = lb_common::tcp_flags::FIN;
+pub const TCP_SYN: u8 = lb_common::tcp_flags::SYN;
+pub const TCP_RST: u8 = lb_common::tcp_flags::RST;
+pub const TCP_ACK: u8 = lb_common::tcp_flags::ACK;
 /// Offsets inside the IPv4 header.
 pub const IPV4_CSUM_OFFSET: usize = 10;
 pub const IPV4_SADDR_OFFSET: usize = 12;
