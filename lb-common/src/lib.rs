@@ -646,6 +646,49 @@ const _: () = assert!(size_of::<RejectBudget>() == 16);
 /// Default SNAT port range: above the kernel's default ip_local_port_range.
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
 
+/// The order in which a new flow tries the ports of a SNAT range: from a random port, by a
+/// random stride coprime to the range's length, so that the first `span` tries visit every
+/// port once and two flows rarely try the same ports in the same order.
+#[derive(Clone, Copy, Debug)]
+pub struct SnatPortProbe {
+    port_min: u16,
+    span: u32,
+    offset: u32,
+    stride: u32,
+}
+
+impl SnatPortProbe {
+    /// Primes above 65,536, so each is coprime to any port range's length.
+    const STRIDES: [u32; 8] = [
+        65_537, 65_539, 65_543, 65_551, 65_557, 65_563, 65_579, 65_581,
+    ];
+
+    /// The probe of the range `port_min..=port_max` (an empty one counts as its first port)
+    /// for this random number.
+    #[inline(always)]
+    pub const fn new((port_min, port_max): (u16, u16), random: u32) -> Self {
+        let span = port_max.saturating_sub(port_min) as u32 + 1;
+        let stride = Self::STRIDES[(random >> 29) as usize & (Self::STRIDES.len() - 1)] % span;
+        Self {
+            port_min,
+            span,
+            offset: random % span,
+            stride,
+        }
+    }
+
+    /// The port to try now; [`advance`](Self::advance) moves on to the next.
+    #[inline(always)]
+    pub const fn port(&self) -> u16 {
+        self.port_min.wrapping_add(self.offset as u16)
+    }
+
+    #[inline(always)]
+    pub const fn advance(&mut self) {
+        self.offset = (self.offset + self.stride) % self.span;
+    }
+}
+
 /// The data of a source-range LPM trie key (the trie adds the prefix length in front): a
 /// client prefix allowed for one service. The prefix length of an entry is 32 (the service id,
 /// matched in full) + the CIDR's prefix length.
@@ -1162,6 +1205,36 @@ mod tests {
         ];
         for (state, flags, after, what) in steps {
             assert_eq!(next(state, flags), after, "{what}");
+        }
+    }
+
+    /// Within a range's length of tries, every port of the range once and nothing outside it,
+    /// whatever the random number, down to a range of one port and up to all 65,535.
+    #[test]
+    fn snat_probes_visit_every_port_of_the_range_once() {
+        extern crate std;
+        use std::collections::BTreeSet;
+        let ranges = [
+            (61000, 65535),
+            (20000, 29999),
+            (1, 65535),
+            (40000, 40000),
+            (50000, 50001),
+            (1024, 17_407),
+        ];
+        for range in ranges {
+            for random in [0u32, 1, 0x2000_0000, 0xdead_beef, u32::MAX, 65_536] {
+                let mut probe = SnatPortProbe::new(range, random);
+                let span = usize::from(range.1 - range.0) + 1;
+                let mut seen = BTreeSet::new();
+                for _ in 0..span {
+                    let port = probe.port();
+                    assert!((range.0..=range.1).contains(&port), "{range:?}: {port}");
+                    assert!(seen.insert(port), "{range:?} {random:#x}: {port} twice");
+                    probe.advance();
+                }
+                assert_eq!(seen.len(), span);
+            }
         }
     }
 

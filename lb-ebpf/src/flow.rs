@@ -4,9 +4,9 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
-    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SourceRange4,
-    backend_flags, ct_direction, ct_flags, ct_timeouts, frontend_filter, maglev, proto, scope,
-    service_flags, tcp_seq, tcp_state,
+    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SnatPortProbe,
+    SourceRange4, backend_flags, ct_direction, ct_flags, ct_timeouts, frontend_filter, maglev,
+    proto, scope, service_flags, tcp_seq, tcp_state,
 };
 use lb_ebpf::packet::{Ipv4Info, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ipv4_checksum_ok};
 
@@ -447,14 +447,11 @@ fn claim_port(
         Some(config) if config.snat_port_min != 0 => (config.snat_port_min, config.snat_port_max),
         _ => DEFAULT_SNAT_PORTS,
     };
-    let span = u32::from(port_max.saturating_sub(port_min)) + 1;
-    let random = random_u32();
-    let mut offset = random % span;
-    let stride = STRIDES[(random >> 29) as usize & (STRIDES.len() - 1)] % span;
+    let mut probe = SnatPortProbe::new((port_min, port_max), random_u32());
     let mut found = (0u32, Holder::Alive);
     let mut last_resort = 0u32;
     for _ in 0..SNAT_PORT_TRIES {
-        let port = port_min.wrapping_add(offset as u16);
+        let port = probe.port();
         match holder(&port_key(original, protocol, addr, port), now) {
             free @ (Holder::Vacant | Holder::Gone) => {
                 found = (u32::from(port), free);
@@ -463,7 +460,7 @@ fn claim_port(
             Holder::BackendTimeWait if last_resort == 0 => last_resort = u32::from(port),
             _ => {}
         }
-        offset = (offset + stride) % span;
+        probe.advance();
     }
     let (port, holder) = match found {
         (0, _) if last_resort != 0 => (last_resort as u16, Holder::Gone),
@@ -503,12 +500,6 @@ fn take(key: &Ct4Key, reply: &Ct4Value, holder: Holder) -> bool {
     }
     CONNTRACK4.insert(key, reply, BPF_NOEXIST).is_ok()
 }
-
-/// Primes above 65,536, so each is coprime to any port range's length: a stride of one of them
-/// visits every port of the range before it repeats one.
-const STRIDES: [u32; 8] = [
-    65_537, 65_539, 65_543, 65_551, 65_557, 65_563, 65_579, 65_581,
-];
 
 #[inline(always)]
 fn port_key(original: &Ct4Value, protocol: u8, addr: u32, port: u16) -> Ct4Key {
