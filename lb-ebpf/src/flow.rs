@@ -515,13 +515,20 @@ fn port_key(original: &Ct4Value, protocol: u8, addr: u32, port: u16) -> Ct4Key {
 /// and frontend (an earlier connection on the same ports) gives way.
 #[inline(always)]
 fn claim_client_tuple(key: &Ct4Key, reply: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
-    if let Some(existing) = CONNTRACK4.get_ptr(key) {
-        // SAFETY: read-only use of an entry that stays valid for this run (RCU).
-        if belongs_to(unsafe { &*existing }, tuple) {
-            return CONNTRACK4.insert(key, reply, 0).is_ok();
+    // One lookup for both questions: a miss in the conntrack map is the dearest step of a new
+    // flow.
+    let holder = match CONNTRACK4.get_ptr(key) {
+        None => Holder::Vacant,
+        Some(existing) => {
+            // SAFETY: read-only use of an entry that stays valid for this run (RCU).
+            let existing = unsafe { &*existing };
+            if belongs_to(existing, tuple) {
+                return CONNTRACK4.insert(key, reply, 0).is_ok();
+            }
+            port_state(existing, key.proto, now)
         }
-    }
-    match holder(key, now) {
+    };
+    match holder {
         free @ (Holder::Vacant | Holder::Gone) => take(key, reply, free),
         _ => false,
     }
