@@ -5,6 +5,8 @@
 //! side cannot silently disagree with the other.
 #![no_std]
 
+pub mod icmp;
+
 /// Map names as the kernel sees them. Versioned (`_v1`) so an incompatible layout change gets a new
 /// pinned map instead of misreading an old one, and at most 15 characters because the kernel keeps
 /// only `BPF_OBJ_NAME_LEN - 1` bytes of a name.

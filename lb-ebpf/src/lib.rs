@@ -3,7 +3,6 @@
 //! agent when the programs change.
 #![no_std]
 
-pub mod icmp;
 pub mod packet;
 
 /// What every eBPF object of this crate needs once, at its root: the panic handler `no_std`

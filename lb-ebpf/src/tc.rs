@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use lb_common::{Event, Frag4Key, Frag4Value, ct_flags, proto, tcp_seq};
 
-use lb_ebpf::icmp::{self, ICMP_ERROR_LEN};
+use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN,
     IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,

@@ -6,11 +6,11 @@
 //! ICMP port unreachable). Everything else passes untouched.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_common::{
     Ct4Value, Event, Frag4Key, Frag4Value, checksum, client_nic, ct_flags, frag_action, limits,
     proto, service_flags, tcp_seq,
 };
-use lb_ebpf::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPPROTO_ICMP, IPV4_CSUM_OFFSET,
     IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, Ipv4Info, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET,

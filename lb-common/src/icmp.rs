@@ -1,0 +1,219 @@
+//! ICMP errors about translated flows: what they quote and how the quote is rewritten, for the
+//! XDP and tc programs alike. Pure functions over the error's bytes.
+
+use crate::{checksum, proto};
+
+/// The ICMP header of an error.
+pub const ICMP_HDR_LEN: usize = 8;
+/// An error's header, the quoted IPv4 header (without options) and the quoted 8 bytes of its
+/// transport header (RFC 792): all a translation reads and writes.
+pub const ICMP_ERROR_LEN: usize = ICMP_HDR_LEN + 20 + 8;
+const DEST_UNREACHABLE: u8 = 3;
+const TIME_EXCEEDED: u8 = 11;
+const PARAMETER_PROBLEM: u8 = 12;
+/// Offsets in the error: the quoted IP checksum, addresses, ports and UDP checksum.
+const QUOTED_IP_CHECK: usize = ICMP_HDR_LEN + 10;
+const QUOTED_SADDR: usize = ICMP_HDR_LEN + 12;
+const QUOTED_DADDR: usize = ICMP_HDR_LEN + 16;
+const QUOTED_SPORT: usize = ICMP_HDR_LEN + 20;
+const QUOTED_DPORT: usize = ICMP_HDR_LEN + 22;
+const QUOTED_UDP_CHECK: usize = ICMP_HDR_LEN + 26;
+
+/// The TCP/UDP packet an ICMP error quotes (host order of the wire bytes).
+#[derive(Clone, Copy)]
+pub struct Quoted {
+    pub proto: u8,
+    pub source: (u32, u16),
+    pub destination: (u32, u16),
+}
+
+/// What an ICMP error (destination unreachable, including fragmentation needed; time exceeded;
+/// parameter problem) quotes, when that is a TCP or UDP packet whose IPv4 header has no options;
+/// `None` for any other ICMP message.
+#[inline(always)]
+pub fn quoted(error: &[u8; ICMP_ERROR_LEN]) -> Option<Quoted> {
+    let protocol = error[ICMP_HDR_LEN + 9];
+    if !matches!(
+        error[0],
+        DEST_UNREACHABLE | TIME_EXCEEDED | PARAMETER_PROBLEM
+    ) || error[ICMP_HDR_LEN] != 0x45
+        || (protocol != proto::TCP && protocol != proto::UDP)
+    {
+        return None;
+    }
+    Some(Quoted {
+        proto: protocol,
+        source: (u32_at(error, QUOTED_SADDR), u16_at(error, QUOTED_SPORT)),
+        destination: (u32_at(error, QUOTED_DADDR), u16_at(error, QUOTED_DPORT)),
+    })
+}
+
+/// Rewrites the quoted packet's source and destination (address and port) to `source` and
+/// `destination`, keeping the quoted IPv4 checksum, a quoted UDP checksum (TCP's lies past the
+/// 8 quoted bytes) and the ICMP checksum right, all incrementally (RFC 1624). The outer header
+/// is the caller's.
+#[inline(always)]
+pub fn rewrite_quoted(
+    error: &mut [u8; ICMP_ERROR_LEN],
+    old: &Quoted,
+    source: (u32, u16),
+    destination: (u32, u16),
+) {
+    let update_addresses = |check: u16| {
+        let check = checksum::replace_u32(check, old.source.0, source.0);
+        checksum::replace_u32(check, old.destination.0, destination.0)
+    };
+    let update_ports = |check: u16| {
+        let check = checksum::replace_u16(check, old.source.1, source.1);
+        checksum::replace_u16(check, old.destination.1, destination.1)
+    };
+    let old_ip_check = u16_at(error, QUOTED_IP_CHECK);
+    let ip_check = update_addresses(old_ip_check);
+    let mut icmp_check = u16_at(error, 2);
+    icmp_check = checksum::replace_u16(icmp_check, old_ip_check, ip_check);
+    icmp_check = update_ports(update_addresses(icmp_check));
+    let old_udp_check = u16_at(error, QUOTED_UDP_CHECK);
+    if old.proto == proto::UDP && old_udp_check != 0 {
+        let udp_check = update_ports(update_addresses(old_udp_check));
+        let udp_check = if udp_check == 0 { 0xffff } else { udp_check };
+        icmp_check = checksum::replace_u16(icmp_check, old_udp_check, udp_check);
+        put(error, QUOTED_UDP_CHECK, &udp_check.to_be_bytes());
+    }
+    put(error, QUOTED_IP_CHECK, &ip_check.to_be_bytes());
+    put(error, QUOTED_SADDR, &source.0.to_be_bytes());
+    put(error, QUOTED_DADDR, &destination.0.to_be_bytes());
+    put(error, QUOTED_SPORT, &source.1.to_be_bytes());
+    put(error, QUOTED_DPORT, &destination.1.to_be_bytes());
+    put(error, 2, &icmp_check.to_be_bytes());
+}
+
+#[inline(always)]
+fn u16_at(bytes: &[u8; ICMP_ERROR_LEN], at: usize) -> u16 {
+    u16::from_be_bytes([bytes[at], bytes[at + 1]])
+}
+
+#[inline(always)]
+fn u32_at(bytes: &[u8; ICMP_ERROR_LEN], at: usize) -> u32 {
+    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+#[inline(always)]
+fn put<const N: usize>(bytes: &mut [u8; ICMP_ERROR_LEN], at: usize, value: &[u8; N]) {
+    bytes[at..at + N].copy_from_slice(value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one's complement sum of a buffer, computed from scratch (RFC 1071); 0 for a buffer
+    /// whose checksum field is right.
+    fn full_checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// A port unreachable quoting a UDP datagram without payload (so that its whole checksum
+    /// lies in the quote) from `source` to `destination`, every checksum computed whole.
+    fn port_unreachable(source: (u32, u16), destination: (u32, u16)) -> [u8; ICMP_ERROR_LEN] {
+        let mut error = [0u8; ICMP_ERROR_LEN];
+        error[0] = DEST_UNREACHABLE;
+        error[1] = 3;
+        let ip = ICMP_HDR_LEN;
+        error[ip] = 0x45;
+        error[ip + 2..ip + 4].copy_from_slice(&28u16.to_be_bytes());
+        error[ip + 8] = 64;
+        error[ip + 9] = proto::UDP;
+        error[QUOTED_SADDR..QUOTED_SADDR + 4].copy_from_slice(&source.0.to_be_bytes());
+        error[QUOTED_DADDR..QUOTED_DADDR + 4].copy_from_slice(&destination.0.to_be_bytes());
+        let ip_check = full_checksum(&error[ip..ip + 20]);
+        error[QUOTED_IP_CHECK..QUOTED_IP_CHECK + 2].copy_from_slice(&ip_check.to_be_bytes());
+        error[QUOTED_SPORT..QUOTED_SPORT + 2].copy_from_slice(&source.1.to_be_bytes());
+        error[QUOTED_DPORT..QUOTED_DPORT + 2].copy_from_slice(&destination.1.to_be_bytes());
+        error[ICMP_HDR_LEN + 24..ICMP_HDR_LEN + 26].copy_from_slice(&8u16.to_be_bytes());
+        let udp_check = udp_checksum(&error);
+        error[QUOTED_UDP_CHECK..QUOTED_UDP_CHECK + 2].copy_from_slice(&udp_check.to_be_bytes());
+        let icmp_check = full_checksum(&error);
+        error[2..4].copy_from_slice(&icmp_check.to_be_bytes());
+        error
+    }
+
+    /// The quoted UDP header's checksum over its pseudo-header, as the quote's addresses give it.
+    fn udp_checksum(error: &[u8; ICMP_ERROR_LEN]) -> u16 {
+        let mut pseudo = [0u8; 20];
+        pseudo[0..8].copy_from_slice(&error[QUOTED_SADDR..QUOTED_SADDR + 8]);
+        pseudo[9] = proto::UDP;
+        pseudo[10..12].copy_from_slice(&8u16.to_be_bytes());
+        pseudo[12..20].copy_from_slice(&error[ICMP_HDR_LEN + 20..ICMP_HDR_LEN + 28]);
+        pseudo[18..20].fill(0);
+        full_checksum(&pseudo)
+    }
+
+    #[test]
+    fn a_rewritten_quote_keeps_every_checksum_right() {
+        let client = (0xcb00_710a, 40_000);
+        let frontend = (0xcb00_7101, 30_080);
+        let backend = (0x0af4_020a, 8080);
+        let snat = (0xcb00_7101, 61_000);
+        let error = port_unreachable(snat, backend);
+        assert_eq!(full_checksum(&error), 0);
+        let quote = quoted(&error).expect("a quote");
+        assert_eq!(
+            (quote.proto, quote.source, quote.destination),
+            (proto::UDP, snat, backend)
+        );
+        let mut rewritten = error;
+        rewrite_quoted(&mut rewritten, &quote, client, frontend);
+        let again = quoted(&rewritten).expect("still a quote");
+        assert_eq!((again.source, again.destination), (client, frontend));
+        assert_eq!(full_checksum(&rewritten), 0, "ICMP checksum");
+        assert_eq!(
+            full_checksum(&rewritten[ICMP_HDR_LEN..ICMP_HDR_LEN + 20]),
+            0,
+            "quoted IPv4 checksum"
+        );
+        let udp =
+            u16::from_be_bytes([rewritten[QUOTED_UDP_CHECK], rewritten[QUOTED_UDP_CHECK + 1]]);
+        assert_eq!(udp, udp_checksum(&rewritten), "quoted UDP checksum");
+        // A quoted UDP checksum of 0 (none) stays 0.
+        let mut unchecked = error;
+        unchecked[QUOTED_UDP_CHECK..QUOTED_UDP_CHECK + 2].fill(0);
+        let icmp_check = {
+            unchecked[2..4].fill(0);
+            full_checksum(&unchecked)
+        };
+        unchecked[2..4].copy_from_slice(&icmp_check.to_be_bytes());
+        rewrite_quoted(&mut unchecked, &quote, client, frontend);
+        assert_eq!(&unchecked[QUOTED_UDP_CHECK..QUOTED_UDP_CHECK + 2], &[0, 0]);
+        assert_eq!(
+            full_checksum(&unchecked),
+            0,
+            "ICMP checksum without a UDP one"
+        );
+    }
+
+    #[test]
+    fn only_errors_quoting_tcp_or_udp_without_options_are_quotes() {
+        let error = port_unreachable((1, 2), (3, 4));
+        let mut echo_reply = error;
+        echo_reply[0] = 0;
+        assert!(quoted(&echo_reply).is_none());
+        let mut with_options = error;
+        with_options[ICMP_HDR_LEN] = 0x46;
+        assert!(quoted(&with_options).is_none());
+        let mut icmp_in_icmp = error;
+        icmp_in_icmp[ICMP_HDR_LEN + 9] = 1;
+        assert!(quoted(&icmp_in_icmp).is_none());
+        for kind in [DEST_UNREACHABLE, TIME_EXCEEDED, PARAMETER_PROBLEM] {
+            let mut other = error;
+            other[0] = kind;
+            assert!(quoted(&other).is_some(), "type {kind}");
+        }
+    }
+}
