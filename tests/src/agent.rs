@@ -67,6 +67,11 @@ impl AgentLab {
         self.scratch.path().join("agent.log")
     }
 
+    /// A path for a file of the test's own (e.g. a client's ready file), removed with the lab.
+    pub fn scratch_file(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(name)
+    }
+
     pub fn pin_dir(&self) -> &Path {
         self.pins.path()
     }

@@ -4,7 +4,11 @@
 //! Every reply names the server that sent it and the client address the server saw, so a test can
 //! tell both which endpoint a connection reached and whether the source address survived the trip.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -131,6 +135,21 @@ pub fn serve(host: &Host, name: &str, port: u16) -> anyhow::Result<Proc> {
     )
 }
 
+/// Waits until a client run with this `ready_file` has had its first request answered: the
+/// moment a test can change something under a client that is under way.
+pub fn wait_until_answered(ready_file: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ready_file.exists() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no request of the client answered within {timeout:?} ({} absent)",
+            ready_file.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 /// Parameters of one client run.
 #[derive(Clone, Debug)]
 pub struct ClientRun<'a> {
@@ -155,6 +174,8 @@ pub struct ClientRun<'a> {
     pub payload_bytes: usize,
     /// TCP: the server follows each reply with this many more bytes (0: none).
     pub answer_bytes: usize,
+    /// A file the client creates at its first answered request ([`wait_until_answered`]).
+    pub ready_file: Option<&'a Path>,
 }
 
 impl<'a> ClientRun<'a> {
@@ -170,6 +191,7 @@ impl<'a> ClientRun<'a> {
             reconnect: false,
             payload_bytes: 0,
             answer_bytes: 0,
+            ready_file: None,
         }
     }
 
@@ -210,6 +232,12 @@ impl<'a> ClientRun<'a> {
         }
         if self.reconnect {
             args.push("--reconnect");
+        }
+        let ready_file = self
+            .ready_file
+            .map(|path| path.to_string_lossy().into_owned());
+        if let Some(path) = &ready_file {
+            args.extend(["--ready-file", path]);
         }
         let stdout = match cgroup {
             Some(cgroup) => host.run_in_cgroup(cgroup, binary()?, &args)?,

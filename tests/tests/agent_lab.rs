@@ -222,17 +222,19 @@ fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request(
             .run(&client, None)
         }
     });
+    let ready = setup.scratch_file("short.ready");
     let short = std::thread::spawn({
-        let (client, target) = (client.clone(), node_port.clone());
+        let (client, target, ready) = (client.clone(), node_port.clone(), ready.clone());
         move || {
             ClientRun {
                 interval_ms: 5,
+                ready_file: Some(&ready),
                 ..ClientRun::tcp(&target, 300)
             }
             .run(&client, None)
         }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    lab::peer::wait_until_answered(&ready, Duration::from_secs(10)).expect("clients under way");
     setup.kill_agent().expect("SIGKILL");
     std::thread::sleep(Duration::from_millis(300));
     // While no agent runs, the pinned datapath still serves the ClusterIP to pods too.

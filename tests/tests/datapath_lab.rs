@@ -5,7 +5,7 @@
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
 use lab::{
-    lab::{Lab, Proc},
+    lab::{Lab, Proc, ScratchDir},
     node::NodeDatapath,
     peer::ClientRun,
     topology::{CLIENT_ADDR, Cluster, ClusterSpec, node_addr},
@@ -319,27 +319,40 @@ fn endpoint_changes_under_traffic_move_new_tcp_connections_and_udp_flows_only() 
     // One long TCP connection and one UDP flow, 60 requests each over ~1.2 s...
     let client = setup.cluster.client.clone();
     let (tcp_target, udp_target) = (target.clone(), target.clone());
+    let scratch = ScratchDir::new(&setup._lab, "endpoint-change").expect("scratch");
+    let (tcp_ready, udp_ready) = (
+        scratch.path().join("tcp.ready"),
+        scratch.path().join("udp.ready"),
+    );
     let long_tcp = std::thread::spawn({
-        let client = client.clone();
+        let (client, ready) = (client.clone(), tcp_ready.clone());
         move || {
             ClientRun {
                 one_flow: true,
                 interval_ms: 20,
+                ready_file: Some(&ready),
                 ..ClientRun::tcp(&tcp_target, 60)
             }
             .run(&client, None)
         }
     });
-    let udp_flow = std::thread::spawn(move || {
-        ClientRun {
-            one_flow: true,
-            interval_ms: 20,
-            ..ClientRun::udp(&udp_target, 60)
+    let udp_flow = std::thread::spawn({
+        let ready = udp_ready.clone();
+        move || {
+            ClientRun {
+                one_flow: true,
+                interval_ms: 20,
+                ready_file: Some(&ready),
+                ..ClientRun::udp(&udp_target, 60)
+            }
+            .run(&client, None)
         }
-        .run(&client, None)
     });
-    // ...while endpoint A is replaced by B: B added, A out of the tables, A's backend removed.
-    std::thread::sleep(Duration::from_millis(400));
+    // ...while endpoint A is replaced by B (once both flows are under way): B added, A out of
+    // the tables, A's backend removed.
+    for ready in [&tcp_ready, &udp_ready] {
+        lab::peer::wait_until_answered(ready, Duration::from_secs(10)).expect("flows under way");
+    }
     put(&mut setup, 1, proto::TCP, vec![tcp_b]);
     put(&mut setup, 2, proto::UDP, vec![udp_b]);
     setup.node.datapath.remove_backend(tcp_a).expect("remove");

@@ -66,15 +66,17 @@ fn a_service_claiming_another_services_cluster_ip_changes_nothing_for_its_client
         80,
     ) + "---\n"
         + &endpoint_slice("aa-dup", &[(pod_addr(1, 0), "node1")]);
+    let ready = setup.scratch_file("client.ready");
     let during = std::thread::scope(|scope| {
         let client = scope.spawn(|| {
             ClientRun {
                 interval_ms: 20,
+                ready_file: Some(&ready),
                 ..ClientRun::tcp("10.96.0.10:80", 100)
             }
             .run(setup.client_pod(), Some(&setup.cgroup))
         });
-        std::thread::sleep(Duration::from_millis(500));
+        lab::peer::wait_until_answered(&ready, Duration::from_secs(10)).expect("client under way");
         setup.apply("aa-dup.yaml", &hijacker).expect("apply");
         client.join().expect("thread").expect("client")
     });

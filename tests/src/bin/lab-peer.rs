@@ -95,15 +95,28 @@ struct ClientArgs {
     /// so that it sends full-sized segments while the requests stay small.
     #[arg(long, default_value_t = 0)]
     answer_bytes: usize,
+    /// A file to create at the first answered request, for whoever waits for the client to be
+    /// under way.
+    #[arg(long)]
+    ready_file: Option<std::path::PathBuf>,
 }
+
+/// The client's --ready-file, set once at start.
+static READY_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 const MAX_ERROR_SAMPLES: usize = 5;
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Mode::Serve { name, tcp, udp } => serve(name, tcp, udp),
-        Mode::Tcp(args) => print_report(&tcp_client(&args)),
-        Mode::Udp(args) => print_report(&udp_client(&args)?),
+        Mode::Tcp(args) => {
+            set_ready_file(&args);
+            print_report(&tcp_client(&args))
+        }
+        Mode::Udp(args) => {
+            set_ready_file(&args);
+            print_report(&udp_client(&args)?)
+        }
         Mode::Load(args) => print_report(&load(&args)),
         Mode::Rst { from, to, seq } => {
             send_spoofed_rst(from, to, seq)?;
@@ -229,6 +242,12 @@ fn padded(mut message: Vec<u8>, len: usize) -> Vec<u8> {
 /// One exchange's outcome: the reply text and the peer the client's socket API named.
 type Exchange = std::io::Result<(String, SocketAddr)>;
 
+fn set_ready_file(args: &ClientArgs) {
+    if let Some(path) = &args.ready_file {
+        let _ = READY_FILE.set(path.clone());
+    }
+}
+
 fn record(report: &mut ClientReport, result: Exchange) {
     report.attempts += 1;
     let parsed = result
@@ -243,6 +262,12 @@ fn record(report: &mut ClientReport, result: Exchange) {
     match parsed {
         Ok((server, ip, seen_as, peer)) => {
             report.ok += 1;
+            if report.ok == 1
+                && let Some(path) = READY_FILE.get()
+            {
+                // A waiter that cannot see the file times out and says so.
+                let _ = std::fs::write(path, b"answered\n");
+            }
             *report.by_server.entry(server.clone()).or_default() += 1;
             *report.peers_seen.entry(ip).or_default() += 1;
             *report.seen_as.entry(seen_as).or_default() += 1;
