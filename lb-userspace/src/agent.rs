@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     compile::{
-        Compiler, Desired, Ipv4Cidr, NodeContext, Problem, Scope, ServicePortKey, Severity,
-        held_cluster_ips,
+        Compiler, held_cluster_ips,
+        model::{Desired, Ipv4Cidr, NodeContext, Problem, Scope, ServicePortKey, Severity},
     },
     datapath::Datapath,
     logging::LogLevel,

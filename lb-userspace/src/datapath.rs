@@ -1170,7 +1170,7 @@ impl Datapath {
         // The LPM trie holds one entry per (service, prefix): 10.1.2.3/8 would be the entry of
         // 10.0.0.0/8, and removing either from the set would remove the entry both need.
         if let Some(range) = service.source_ranges.iter().find(|(addr, len)| {
-            let cidr = crate::compile::Ipv4Cidr {
+            let cidr = crate::compile::model::Ipv4Cidr {
                 addr: *addr,
                 prefix_len: *len,
             };

@@ -7,7 +7,7 @@ use aya::programs::XdpMode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig},
-    compile::Ipv4Cidr,
+    compile::model::Ipv4Cidr,
     counter::XdpCounter,
     datapath::DEFAULT_PIN_DIR,
     explain::Hook,

@@ -17,7 +17,7 @@ use std::{
 use k8s_openapi::api::core::v1::Service;
 
 use crate::{
-    compile::{Problem, SERVICE_NAME_LABEL},
+    compile::{SERVICE_NAME_LABEL, model::Problem},
     source::Snapshot,
 };
 
@@ -148,7 +148,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::compile::{NodeContext, compile};
+    use crate::compile::{compile, model::NodeContext};
 
     const GRACE: Duration = Duration::from_secs(5);
 
@@ -247,7 +247,7 @@ mod tests {
     fn other_problems_pass_through() {
         let mut orphans = OrphanSlices::new(GRACE);
         let problem = Problem {
-            severity: crate::compile::Severity::Invalid,
+            severity: crate::compile::model::Severity::Invalid,
             kind: "Service",
             namespace: "default".into(),
             name: "web".into(),

@@ -24,7 +24,7 @@ use std::{
 use lb_common::{Frontend4Key, limits};
 
 use crate::{
-    compile::{Desired, DesiredService, ServicePortKey},
+    compile::model::{Desired, DesiredService, ServicePortKey},
     datapath::{Backend, Datapath, DatapathError, Service, frontend_flags},
 };
 

@@ -3,7 +3,10 @@
 //! bad input. No kernel needed: compile is a pure function.
 
 use lb_userspace::{
-    compile::{Desired, NodeContext, Problem, Severity, compile},
+    compile::{
+        compile,
+        model::{Desired, NodeContext, Problem, Severity},
+    },
     source::{
         Snapshot,
         file::{Object, parse_documents},
@@ -1478,8 +1481,8 @@ fn bystander() -> String {
     )
 }
 
-fn bystander_key() -> lb_userspace::compile::ServicePortKey {
-    lb_userspace::compile::ServicePortKey {
+fn bystander_key() -> lb_userspace::compile::model::ServicePortKey {
+    lb_userspace::compile::model::ServicePortKey {
         namespace: "default".into(),
         name: "bystander".into(),
         port_name: "http".into(),

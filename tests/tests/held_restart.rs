@@ -6,7 +6,10 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use lab::lab::{Lab, PinDir};
 use lb_userspace::{
-    compile::{Desired, NodeContext, compile, held_cluster_ips},
+    compile::{
+        compile, held_cluster_ips,
+        model::{Desired, NodeContext},
+    },
     datapath::Datapath,
     reconcile::Reconciler,
     source::{

@@ -10,7 +10,7 @@ use lab::{
 };
 use lb_common::{backend_flags, proto, service_flags};
 use lb_userspace::{
-    compile::{Desired, DesiredService, ServicePortKey},
+    compile::model::{Desired, DesiredService, ServicePortKey},
     datapath::{Backend, Datapath, DatapathError, Frontend},
     reconcile::Reconciler,
     testrun::test_run,
@@ -255,12 +255,12 @@ fn compiled(yaml: &str) -> Desired {
     }
     let (desired, problems) = lb_userspace::compile::compile(
         &snapshot,
-        &lb_userspace::compile::NodeContext::new("node1"),
+        &lb_userspace::compile::model::NodeContext::new("node1"),
     );
     assert!(
         problems
             .iter()
-            .all(|problem| problem.severity != lb_userspace::compile::Severity::Invalid),
+            .all(|problem| problem.severity != lb_userspace::compile::model::Severity::Invalid),
         "{problems:?}"
     );
     desired
@@ -393,7 +393,7 @@ fn backend_flags_are_stable_when_slices_disagree_on_an_endpoints_node() {
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
     };
     use lb_userspace::{
-        compile::{NodeContext, compile},
+        compile::{compile, model::NodeContext},
         source::Snapshot,
     };
 

@@ -24,7 +24,7 @@ use k8s_openapi::{
 };
 use lab::lab::{Lab, PinDir};
 use lb_userspace::{
-    compile::{Compiler, NodeContext},
+    compile::{Compiler, model::NodeContext},
     datapath::Datapath,
     reconcile::Reconciler,
     source::Snapshot,

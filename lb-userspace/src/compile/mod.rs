@@ -1,0 +1,38 @@
+//! compile(snapshot, node): Kubernetes objects in, the datapath's desired contents out. A pure
+//! function (no I/O, no clock), so every row of the Service contract is a table test.
+//!
+//! What it implements (kube-proxy's behaviour):
+//! - one desired service per Service port (multi-port Services give several), with frontends for
+//!   the ClusterIP(s), every node address:nodePort (NodePort and LoadBalancer types), every
+//!   externalIP, every LoadBalancer ingress IP;
+//! - backends from every EndpointSlice labelled `kubernetes.io/service-name`, the port resolved
+//!   per slice by port name (named target ports may differ per endpoint), endpoints deduplicated
+//!   by address (a duplicate is LOCAL if any copy is, TERMINATING only if all are), flagged
+//!   LOCAL when their nodeName is this node, or, without a nodeName, when the node's routes put
+//!   their address on this node ([`model::NodeContext::routed_local`]);
+//! - ready endpoints; when none is ready, the serving and terminating ones (KEP-1669);
+//! - headless and ExternalName Services ignored; IPv6 addresses reported as not yet supported;
+//! - sessionAffinity ClientIP with its timeout (default 10800 s);
+//! - externalIPs only inside `--external-ip-cidrs` when it is given (the others skipped with a
+//!   problem);
+//! - one owner per frontend (address, port, protocol) when several Services claim it: see
+//!   `Claim` in `incremental`. The others are skipped for that frontend only, with a problem
+//!   naming the owner.
+//!
+//! Bad input never takes down anything else: an invalid Service is skipped as a whole with a
+//! [`model::Problem`] (and stays "held": the agent keeps what it installed for it before), an
+//! invalid endpoint or slice is skipped alone.
+//!
+//! The stage in files: [`model`] holds the values it takes and gives, which reconcile and the
+//! datapath use too; `service` compiles one Service and its endpoints; `incremental` keeps the
+//! desired state in step with each new snapshot ([`Compiler`]) and settles which Service owns a
+//! frontend that several claim.
+
+mod incremental;
+pub mod model;
+mod service;
+
+pub use incremental::{
+    Changes, Compiler, SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION, Update, compile,
+};
+pub use service::{DEFAULT_AFFINITY_TIMEOUT_S, LOAD_BALANCING_ANNOTATION, held_cluster_ips};

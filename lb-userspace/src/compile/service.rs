@@ -1,0 +1,774 @@
+//! Compiling one Service and its endpoints: [`compile_service`] turns a Service's spec and the
+//! endpoints of its EndpointSlices ([`ServiceEndpoints`]) into the desired state of each of its
+//! ports, or skips it with a [`Problem`]; an invalid endpoint or slice is skipped alone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+use lb_common::{backend_flags, limits, proto, service_flags};
+
+use super::model::{
+    Desired, DesiredService, Ipv4Cidr, NodeContext, Problem, Scope, ServicePortKey, Severity,
+};
+use crate::{
+    datapath::{Backend, Frontend},
+    source::Snapshot,
+};
+
+/// sessionAffinityConfig.clientIP.timeoutSeconds when unset (the API's default).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
+/// The annotation with which a Service chooses how XDP picks backends for new flows: `random`
+/// (kube-proxy's way, the default) or `maglev` (consistent hashing).
+pub const LOAD_BALANCING_ANNOTATION: &str = "lb.io/load-balancing";
+
+/// The IPv4 ClusterIPs of every Service the desired state holds (skipped for bad input), as far
+/// as its spec gives them: what identifies its installed state after a restart
+/// ([`crate::reconcile::Reconciler::recover_held`]).
+pub fn held_cluster_ips(
+    snapshot: &Snapshot,
+    desired: &Desired,
+) -> BTreeMap<(String, String), BTreeSet<Ipv4Addr>> {
+    snapshot
+        .services
+        .iter()
+        .filter_map(|service| {
+            let owner = object_key(&service.metadata);
+            if !desired.held.contains(&owner) {
+                return None;
+            }
+            let spec = service.spec.as_ref()?;
+            let addresses: BTreeSet<Ipv4Addr> = spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .chain(&spec.cluster_ip)
+                .filter_map(|text| text.parse().ok())
+                .collect();
+            (!addresses.is_empty()).then_some((owner, addresses))
+        })
+        .collect()
+}
+
+/// The healthCheckNodePort an externalTrafficPolicy Local Service has (0, none or outside the
+/// NodePort range: none; compile refuses the Service then).
+pub(super) fn health_check_node_port(service: &Service, node: &NodeContext) -> Option<u16> {
+    let spec = service.spec.as_ref()?;
+    if spec.external_traffic_policy.as_deref() != Some("Local") {
+        return None;
+    }
+    u16::try_from(spec.health_check_node_port?)
+        .ok()
+        .filter(|port| node.node_port_range.contains(port))
+}
+
+pub(super) enum Skip {
+    /// Headless or ExternalName: nothing to program, nothing wrong.
+    Ignored,
+    Invalid(Problem),
+}
+
+pub(super) fn object_key(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+fn invalid_service(service: &Service, reason: &'static str, message: String) -> Problem {
+    let (namespace, name) = object_key(&service.metadata);
+    Problem {
+        severity: Severity::Invalid,
+        kind: "Service",
+        namespace,
+        name,
+        reason,
+        message,
+    }
+}
+
+fn unsupported(
+    kind: &'static str,
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    reason: &'static str,
+    message: String,
+) -> Problem {
+    let (namespace, name) = object_key(metadata);
+    Problem {
+        severity: Severity::Unsupported,
+        kind,
+        namespace,
+        name,
+        reason,
+        message,
+    }
+}
+
+pub(super) fn compile_service(
+    service: &Service,
+    node: &NodeContext,
+    node_addresses: &[Ipv4Addr],
+    endpoints: &ServiceEndpoints,
+    problems: &mut Vec<Problem>,
+) -> Result<BTreeMap<ServicePortKey, DesiredService>, Skip> {
+    let (namespace, name) = object_key(&service.metadata);
+    let invalid = |reason, message| Skip::Invalid(invalid_service(service, reason, message));
+    if name.is_empty() {
+        return Err(invalid(
+            "MissingName",
+            "a Service needs metadata.name; skipped".into(),
+        ));
+    }
+    let Some(spec) = &service.spec else {
+        return Err(Skip::Ignored);
+    };
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if service_type == "ExternalName" {
+        return Err(Skip::Ignored);
+    }
+
+    // ClusterIPs: clusterIPs (dual-stack) or clusterIP; "None" is headless.
+    let cluster_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) if !ip.is_empty() => vec![ip.as_str()],
+        _ => vec![],
+    };
+    if cluster_ips.first() == Some(&"None") {
+        return Err(Skip::Ignored);
+    }
+    let cluster_ips = parse_ips(&cluster_ips, "clusterIP")
+        .map_err(|message| invalid("InvalidClusterIP", message))?;
+    let external_ips = parse_ips(
+        &spec
+            .external_ips
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        "externalIP",
+    )
+    .map_err(|message| invalid("InvalidExternalIP", message))?;
+    let ingress_ips: Vec<&str> = service
+        .status
+        .iter()
+        .filter_map(|status| status.load_balancer.as_ref()?.ingress.as_ref())
+        .flatten()
+        .filter_map(|ingress| ingress.ip.as_deref())
+        .collect();
+    let ingress_ips = parse_ips(&ingress_ips, "loadBalancer ingress IP")
+        .map_err(|message| invalid("InvalidLoadBalancerIP", message))?;
+    let v6 = cluster_ips
+        .iter()
+        .chain(&external_ips)
+        .chain(&ingress_ips)
+        .filter(|ip| ip.is_ipv6())
+        .count();
+    if v6 > 0 {
+        problems.push(unsupported(
+            "Service",
+            &service.metadata,
+            "IPv6NotSupported",
+            format!("{v6} IPv6 address(es) not programmed (IPv4 only in this version)"),
+        ));
+    }
+    let v4 = |ips: &[IpAddr]| -> Vec<Ipv4Addr> {
+        ips.iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    };
+    let (cluster_ips, external_ips, ingress_ips) =
+        (v4(&cluster_ips), v4(&external_ips), v4(&ingress_ips));
+    let external_ips = allowed_external_ips(service, external_ips, node, problems);
+    let node_ports_wanted = service_type == "NodePort" || service_type == "LoadBalancer";
+    let affinity_timeout_s = affinity_timeout(service);
+    let maglev = match service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(LOAD_BALANCING_ANNOTATION))
+        .map(String::as_str)
+    {
+        None => node.default_maglev,
+        Some("maglev") => true,
+        Some("random") => false,
+        Some(other) => {
+            return Err(invalid(
+                "InvalidLoadBalancing",
+                format!("{LOAD_BALANCING_ANNOTATION}: {other:?} is neither random nor maglev"),
+            ));
+        }
+    };
+    let algorithm_flags = if maglev { service_flags::MAGLEV } else { 0 };
+    let policy = Policy {
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        source_ranges: source_ranges(service, problems)
+            .map_err(|message| invalid("InvalidSourceRange", message))?,
+    };
+    check_health_check_node_port(spec, node)
+        .map_err(|message| invalid("InvalidHealthCheckNodePort", message))?;
+
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    let mut desired = BTreeMap::new();
+    for port in ports {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => proto::TCP,
+            "UDP" => proto::UDP,
+            "SCTP" => {
+                problems.push(unsupported(
+                    "Service",
+                    &service.metadata,
+                    "SCTPNotSupported",
+                    format!("port {} is SCTP, not programmed", port.port),
+                ));
+                continue;
+            }
+            other => {
+                return Err(invalid(
+                    "InvalidProtocol",
+                    format!("port {}: unknown protocol {other:?}", port.port),
+                ));
+            }
+        };
+        let number = valid_port(port.port).ok_or_else(|| {
+            invalid(
+                "InvalidPort",
+                format!("port {} is outside 1..=65535", port.port),
+            )
+        })?;
+        check_target_port(port).map_err(|message| invalid("InvalidTargetPort", message))?;
+        if !seen.insert((number, protocol)) {
+            return Err(invalid(
+                "DuplicatePort",
+                format!(
+                    "port {number}/{} appears twice",
+                    port.protocol.as_deref().unwrap_or("TCP")
+                ),
+            ));
+        }
+        let port_name = port.name.clone().unwrap_or_default();
+        let mut frontends = BTreeSet::new();
+        let mut add = |addr, port, kind| {
+            frontends.insert(Frontend {
+                addr,
+                port,
+                proto: protocol,
+                kind,
+            });
+        };
+        for &ip in &cluster_ips {
+            add(ip, number, service_flags::CLUSTER_IP);
+        }
+        for &ip in &external_ips {
+            add(ip, number, service_flags::EXTERNAL_IP);
+        }
+        for &ip in &ingress_ips {
+            add(ip, number, service_flags::LOAD_BALANCER);
+        }
+        if node_ports_wanted {
+            // A nodePort outside the range costs only the NodePort frontends of this port: the
+            // ClusterIP and the other frontends keep working.
+            match node_port(port, node) {
+                Ok(Some(node_port)) => {
+                    for &addr in node_addresses {
+                        add(addr, node_port, service_flags::NODE_PORT);
+                    }
+                }
+                Ok(None) => {}
+                Err(message) => problems.push(invalid_service(
+                    service,
+                    "InvalidNodePort",
+                    format!("{message}; its NodePort frontends are skipped"),
+                )),
+            }
+        }
+        let backends = endpoints.backends(&port_name, protocol, node);
+        if backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
+            return Err(invalid(
+                "TooManyEndpoints",
+                format!(
+                    "port {port_name:?} has {} endpoints, more than the {} a service can hold",
+                    backends.len(),
+                    limits::MAX_BACKENDS_PER_SERVICE
+                ),
+            ));
+        }
+        for (scope, frontends, flags) in policy.split(frontends) {
+            let backends = if flags & service_flags::LOCAL_ONLY != 0 {
+                backends
+                    .iter()
+                    .filter(|b| b.flags & backend_flags::LOCAL != 0)
+                    .copied()
+                    .collect()
+            } else {
+                backends.clone()
+            };
+            let source_ranges = if flags & service_flags::SOURCE_RANGES != 0 {
+                policy.source_ranges.clone().unwrap_or_default()
+            } else {
+                BTreeSet::new()
+            };
+            let key = ServicePortKey {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port_name: port_name.clone(),
+                proto: protocol,
+                scope,
+            };
+            desired.insert(
+                key,
+                DesiredService {
+                    frontends,
+                    backends,
+                    affinity_timeout_s,
+                    flags: flags | algorithm_flags,
+                    source_ranges,
+                },
+            );
+        }
+    }
+    Ok(desired)
+}
+
+/// The externalIPs inside `--external-ip-cidrs` (all without it); a problem for each other one.
+fn allowed_external_ips(
+    service: &Service,
+    external_ips: Vec<Ipv4Addr>,
+    node: &NodeContext,
+    problems: &mut Vec<Problem>,
+) -> Vec<Ipv4Addr> {
+    if node.external_ip_cidrs.is_empty() {
+        return external_ips;
+    }
+    let (allowed, refused): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = external_ips
+        .into_iter()
+        .partition(|ip| node.external_ip_cidrs.iter().any(|cidr| cidr.contains(*ip)));
+    for ip in refused {
+        problems.push(invalid_service(
+            service,
+            "ExternalIPNotAllowed",
+            format!("externalIP {ip} is outside --external-ip-cidrs; not served"),
+        ));
+    }
+    allowed
+}
+
+/// What decides which frontends of a Service port share a selection table.
+struct Policy {
+    /// externalTrafficPolicy Local: NodePorts, externalIPs and LoadBalancer IPs reach node-local
+    /// endpoints only, keep the client address, and drop when there is none.
+    external_local: bool,
+    /// internalTrafficPolicy Local: the same for the ClusterIPs.
+    internal_local: bool,
+    /// loadBalancerSourceRanges: only these clients may use the LoadBalancer IPs. Some(empty)
+    /// when the spec lists only ranges this version does not program (IPv6): then no client may.
+    source_ranges: Option<BTreeSet<(Ipv4Addr, u8)>>,
+}
+
+impl Policy {
+    /// The port's frontends grouped by table, each group with its policy flags; empty groups left
+    /// out. One group (scope All) when nothing sets the frontends apart.
+    fn split(&self, frontends: BTreeSet<Frontend>) -> Vec<(Scope, BTreeSet<Frontend>, u32)> {
+        if !self.external_local && !self.internal_local && self.source_ranges.is_none() {
+            return if frontends.is_empty() {
+                vec![]
+            } else {
+                vec![(Scope::All, frontends, 0)]
+            };
+        }
+        let local = |yes: bool| if yes { service_flags::LOCAL_ONLY } else { 0 };
+        let of_kind = |kinds: u32| -> BTreeSet<Frontend> {
+            frontends
+                .iter()
+                .filter(|f| f.kind & kinds != 0)
+                .copied()
+                .collect()
+        };
+        let ranged = self.source_ranges.is_some();
+        let external_kinds = service_flags::NODE_PORT
+            | service_flags::EXTERNAL_IP
+            | if ranged {
+                0
+            } else {
+                service_flags::LOAD_BALANCER
+            };
+        let mut groups = vec![
+            (
+                Scope::Internal,
+                of_kind(service_flags::CLUSTER_IP),
+                local(self.internal_local),
+            ),
+            (
+                Scope::External,
+                of_kind(external_kinds),
+                local(self.external_local),
+            ),
+        ];
+        if ranged {
+            groups.push((
+                Scope::LoadBalancer,
+                of_kind(service_flags::LOAD_BALANCER),
+                local(self.external_local) | service_flags::SOURCE_RANGES,
+            ));
+        }
+        groups.retain(|(_, frontends, _)| !frontends.is_empty());
+        groups
+    }
+}
+
+/// loadBalancerSourceRanges as (network address, prefix length); None when the spec has none.
+///
+/// Any range restricts: IPv6 ranges are not programmed (IPv4 only in this version), so a list of
+/// IPv6 ranges alone lets no IPv4 client in, rather than every client. A range with host bits set
+/// is masked (as kube-proxy does), with a Warning: the datapath's LPM trie keeps one entry per
+/// (service, prefix), so `10.1.2.3/8` and `10.0.0.0/8` must be one member of the set, or removing
+/// one of them would remove the entry the other still needs.
+fn source_ranges(
+    service: &Service,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<BTreeSet<(Ipv4Addr, u8)>>, String> {
+    let texts = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.load_balancer_source_ranges.as_deref())
+        .unwrap_or_default();
+    if texts.is_empty() {
+        return Ok(None);
+    }
+    let mut ranges = BTreeSet::new();
+    let mut v6 = 0;
+    for text in texts {
+        let text = text.trim();
+        if text.contains(':') {
+            check_ipv6_cidr(text)?;
+            v6 += 1;
+            continue;
+        }
+        let cidr: Ipv4Cidr = text.parse()?;
+        let network = cidr.network();
+        if network != cidr {
+            problems.push(Problem {
+                severity: Severity::Warning,
+                ..invalid_service(
+                    service,
+                    "SourceRangeHostBits",
+                    format!(
+                        "loadBalancerSourceRanges {text:?} has host bits set; used as {}/{}",
+                        network.addr, network.prefix_len
+                    ),
+                )
+            });
+        }
+        ranges.insert((network.addr, network.prefix_len));
+    }
+    if v6 > 0 {
+        let consequence = if ranges.is_empty() {
+            "no IPv4 client may use the LoadBalancer IPs"
+        } else {
+            "IPv4 clients must be inside the IPv4 ranges"
+        };
+        problems.push(unsupported(
+            "Service",
+            &service.metadata,
+            "IPv6SourceRangesNotSupported",
+            format!(
+                "{v6} IPv6 loadBalancerSourceRange(s) not programmed (IPv4 only in this version); {consequence}"
+            ),
+        ));
+    }
+    Ok(Some(ranges))
+}
+
+fn check_ipv6_cidr(text: &str) -> Result<(), String> {
+    let valid = text.split_once('/').is_some_and(|(addr, len)| {
+        addr.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|len| len <= 128)
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{text:?} is not an IPv6 CIDR (address/prefix)"))
+    }
+}
+
+/// An externalTrafficPolicy Local Service's healthCheckNodePort, when set, must be in the
+/// NodePort range: the agent serves HTTP on it on every node address.
+fn check_health_check_node_port(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    node: &NodeContext,
+) -> Result<(), String> {
+    let Some(port) = spec.health_check_node_port.filter(|&port| port != 0) else {
+        return Ok(());
+    };
+    match u16::try_from(port) {
+        Ok(port) if node.node_port_range.contains(&port) => Ok(()),
+        _ => Err(format!(
+            "healthCheckNodePort {port} is outside {}-{}",
+            node.node_port_range.start(),
+            node.node_port_range.end()
+        )),
+    }
+}
+
+/// A targetPort is a port number (1-65535) or the name of a container port (IANA_SVC_NAME:
+/// 1-15 lowercase letters, digits and inner single hyphens, with a letter).
+fn check_target_port(port: &ServicePort) -> Result<(), String> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match &port.target_port {
+        None => Ok(()),
+        Some(IntOrString::Int(number)) if valid_port(*number).is_some() => Ok(()),
+        Some(IntOrString::Int(number)) => Err(format!(
+            "port {}: targetPort {number} is outside 1-65535",
+            port.port
+        )),
+        Some(IntOrString::String(name)) if is_port_name(name) => Ok(()),
+        Some(IntOrString::String(name)) => Err(format!(
+            "port {}: targetPort {name:?} is neither a port number nor a port name",
+            port.port
+        )),
+    }
+}
+
+fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-')
+        && name.bytes().any(|byte| byte.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+/// The port's nodePort when it has one; an error for one outside the range.
+fn node_port(port: &ServicePort, node: &NodeContext) -> Result<Option<u16>, String> {
+    let Some(node_port) = port.node_port.filter(|&p| p != 0) else {
+        return Ok(None);
+    };
+    match u16::try_from(node_port) {
+        Ok(p) if node.node_port_range.contains(&p) => Ok(Some(p)),
+        _ => Err(format!(
+            "nodePort {node_port} is outside {}-{}",
+            node.node_port_range.start(),
+            node.node_port_range.end()
+        )),
+    }
+}
+
+fn valid_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|&port| port != 0)
+}
+
+fn parse_ips(texts: &[&str], what: &str) -> Result<Vec<IpAddr>, String> {
+    texts
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|_| format!("{what} {text:?} is not an IP address"))
+        })
+        .collect()
+}
+
+fn affinity_timeout(service: &Service) -> u32 {
+    let spec = service.spec.as_ref();
+    if spec.and_then(|spec| spec.session_affinity.as_deref()) != Some("ClientIP") {
+        return 0;
+    }
+    spec.and_then(|spec| spec.session_affinity_config.as_ref())
+        .and_then(|config| config.client_ip.as_ref())
+        .and_then(|client_ip| client_ip.timeout_seconds)
+        .and_then(|timeout| u32::try_from(timeout).ok())
+        .filter(|&timeout| timeout > 0)
+        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+}
+
+/// One endpoint of one port of a Service, as the slices describe it.
+#[derive(Clone, Debug)]
+struct SliceEndpoint {
+    addr: Ipv4Addr,
+    port: u16,
+    proto: u8,
+    port_name: String,
+    node_name: Option<String>,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+impl SliceEndpoint {
+    /// Whether the endpoint runs on `node`: its nodeName says so, or, without one, the node's
+    /// routes do.
+    fn is_on(&self, node: &NodeContext) -> bool {
+        match &self.node_name {
+            Some(name) => *name == node.node_name,
+            None => node.routed_local.contains(&self.addr),
+        }
+    }
+}
+
+/// The endpoints of one Service, from all its EndpointSlices.
+pub(super) struct ServiceEndpoints {
+    endpoints: Vec<SliceEndpoint>,
+}
+
+impl ServiceEndpoints {
+    pub(super) fn build(slices: &[&EndpointSlice], problems: &mut Vec<Problem>) -> Self {
+        let mut endpoints = Vec::new();
+        for slice in slices {
+            let (namespace, name) = object_key(&slice.metadata);
+            if slice.address_type != "IPv4" {
+                if slice.address_type == "IPv6" {
+                    problems.push(unsupported(
+                        "EndpointSlice",
+                        &slice.metadata,
+                        "IPv6NotSupported",
+                        "IPv6 endpoints are not programmed (IPv4 only in this version)".into(),
+                    ));
+                }
+                continue;
+            }
+            for port in slice.ports.iter().flatten() {
+                let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                    "TCP" => proto::TCP,
+                    "UDP" => proto::UDP,
+                    _ => continue,
+                };
+                let Some(number) = port.port.and_then(valid_port) else {
+                    problems.push(Problem {
+                        severity: Severity::Invalid,
+                        kind: "EndpointSlice",
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        reason: "InvalidPort",
+                        message: format!(
+                            "port {:?} of {:?} is outside 1..=65535",
+                            port.port, port.name
+                        ),
+                    });
+                    continue;
+                };
+                for endpoint in &slice.endpoints {
+                    match slice_endpoint(
+                        endpoint,
+                        number,
+                        protocol,
+                        port.name.clone().unwrap_or_default(),
+                    ) {
+                        Ok(endpoint) => endpoints.push(endpoint),
+                        Err(message) => problems.push(Problem {
+                            severity: Severity::Invalid,
+                            kind: "EndpointSlice",
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                            reason: "InvalidEndpoint",
+                            message,
+                        }),
+                    }
+                }
+            }
+        }
+        Self { endpoints }
+    }
+
+    /// The addresses of the endpoints without a nodeName.
+    pub(super) fn unplaced(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.endpoints
+            .iter()
+            .filter(|endpoint| endpoint.node_name.is_none())
+            .map(|endpoint| endpoint.addr)
+    }
+
+    /// The backends new flows of one Service port select from.
+    fn backends(&self, port_name: &str, protocol: u8, node: &NodeContext) -> BTreeSet<Backend> {
+        let candidates: Vec<&SliceEndpoint> = self
+            .endpoints
+            .iter()
+            .filter(|endpoint| endpoint.port_name == port_name && endpoint.proto == protocol)
+            .collect();
+        let ready: Vec<&&SliceEndpoint> = candidates
+            .iter()
+            .filter(|endpoint| endpoint.ready)
+            .collect();
+        // KEP-1669: with no ready endpoint, fall back to those still serving while terminating.
+        let chosen: Vec<&&SliceEndpoint> = if ready.is_empty() {
+            candidates
+                .iter()
+                .filter(|endpoint| endpoint.serving && endpoint.terminating)
+                .collect()
+        } else {
+            ready
+        };
+        let mut by_address: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
+        for endpoint in chosen {
+            let mut flags = 0;
+            if endpoint.is_on(node) {
+                flags |= backend_flags::LOCAL;
+            }
+            if endpoint.terminating {
+                flags |= backend_flags::TERMINATING;
+            }
+            // The same endpoint in two slices (during a slice rebalance) counts once, with flags
+            // that do not depend on the order of the slices.
+            by_address
+                .entry((endpoint.addr, endpoint.port))
+                .and_modify(|backend| backend.flags = merged_flags(backend.flags, flags))
+                .or_insert(Backend {
+                    addr: endpoint.addr,
+                    port: endpoint.port,
+                    proto: protocol,
+                    flags,
+                });
+        }
+        by_address.into_values().collect()
+    }
+}
+
+/// The flags of an endpoint that two slices list: LOCAL if either puts it on this node (as
+/// kube-proxy favours the local copy), TERMINATING only if both say so (it stays a candidate
+/// for new flows while any slice says it serves normally).
+fn merged_flags(a: u8, b: u8) -> u8 {
+    ((a | b) & backend_flags::LOCAL) | (a & b & backend_flags::TERMINATING)
+}
+
+fn slice_endpoint(
+    endpoint: &Endpoint,
+    port: u16,
+    protocol: u8,
+    port_name: String,
+) -> Result<SliceEndpoint, String> {
+    // The first address is the canonical one (discovery/v1 API); kube-proxy uses it alone.
+    let text = endpoint
+        .addresses
+        .first()
+        .ok_or("endpoint without an address")?;
+    let addr: Ipv4Addr = text
+        .parse()
+        .map_err(|_| format!("endpoint address {text:?} is not an IPv4 address"))?;
+    let conditions = endpoint.conditions.as_ref();
+    // Unset ready means ready; unset serving means as ready; unset terminating means not.
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    Ok(SliceEndpoint {
+        addr,
+        port,
+        proto: protocol,
+        port_name,
+        node_name: endpoint.node_name.clone(),
+        ready,
+        serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+    })
+}
