@@ -36,7 +36,11 @@ use lb_common::{
     SockNat4Value, SourceRange4, limits, maglev, map_names, program_names, service_flags,
 };
 
-use crate::{object::DATAPATH_OBJECT, slot_ranges::SlotRanges};
+use crate::{
+    compile::model::{Backend, Ipv4Cidr, Service},
+    object::DATAPATH_OBJECT,
+    slot_ranges::SlotRanges,
+};
 
 /// Where the agent pins its maps and programs.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -117,73 +121,6 @@ pub enum DatapathError {
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
-
-/// A frontend of a service: an address, port and protocol clients use, and what kind it is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Frontend {
-    pub addr: Ipv4Addr,
-    pub port: u16,
-    /// [`lb_common::proto`] number.
-    pub proto: u8,
-    /// [`lb_common::service_flags`] bits.
-    pub kind: u32,
-}
-
-impl Frontend {
-    pub fn key(&self) -> Frontend4Key {
-        Frontend4Key {
-            addr: u32::from(self.addr).to_be(),
-            port: self.port.to_be(),
-            proto: self.proto,
-            scope: lb_common::scope::ANY,
-        }
-    }
-}
-
-/// A backend as the API takes it: an endpoint address, port and protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Backend {
-    pub addr: Ipv4Addr,
-    pub port: u16,
-    pub proto: u8,
-    /// [`lb_common::backend_flags`] bits.
-    pub flags: u8,
-}
-
-impl Backend {
-    fn value(&self) -> Backend4 {
-        Backend4 {
-            addr: u32::from(self.addr).to_be(),
-            port: self.port.to_be(),
-            proto: self.proto,
-            flags: self.flags,
-        }
-    }
-
-    fn from_value(value: &Backend4) -> Self {
-        Self {
-            addr: Ipv4Addr::from(u32::from_be(value.addr)),
-            port: u16::from_be(value.port),
-            proto: value.proto,
-            flags: value.flags,
-        }
-    }
-}
-
-/// One service (one Service port) as the datapath sees it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Service {
-    /// 0..[`limits::MAX_SERVICES`]; the caller allocates ids and keeps them stable.
-    pub id: u32,
-    pub frontends: Vec<Frontend>,
-    /// Backend ids (put with [`Datapath::put_backend`] first) that new flows may select.
-    pub backends: Vec<u32>,
-    pub affinity_timeout_s: u32,
-    /// [`lb_common::service_flags`] policy bits (LOCAL_ONLY, SOURCE_RANGES) for every frontend.
-    pub flags: u32,
-    /// loadBalancerSourceRanges (address, prefix length); enforced with SOURCE_RANGES.
-    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
-}
 
 /// The frontend filter XDP passes the node's own traffic with ([`map_names::FRONTEND_FILTER`]),
 /// and how many frontends have each bit. A bit is set before a frontend with it is written and
@@ -1170,7 +1107,7 @@ impl Datapath {
         // The LPM trie holds one entry per (service, prefix): 10.1.2.3/8 would be the entry of
         // 10.0.0.0/8, and removing either from the set would remove the entry both need.
         if let Some(range) = service.source_ranges.iter().find(|(addr, len)| {
-            let cidr = crate::compile::model::Ipv4Cidr {
+            let cidr = Ipv4Cidr {
                 addr: *addr,
                 prefix_len: *len,
             };

@@ -622,7 +622,7 @@ mod tests {
         crate::bpffs::with_private_bpffs(|bpffs| {
             let pin_dir = bpffs.join("lb");
             let mut datapath = crate::datapath::Datapath::load(&pin_dir).expect("datapath");
-            let backend = crate::datapath::Backend {
+            let backend = crate::compile::model::Backend {
                 addr: Ipv4Addr::new(10, 244, 1, 10),
                 port: 8080,
                 proto: proto::TCP,

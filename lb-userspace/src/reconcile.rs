@@ -24,8 +24,8 @@ use std::{
 use lb_common::{Frontend4Key, limits};
 
 use crate::{
-    compile::model::{Desired, DesiredService, ServicePortKey},
-    datapath::{Backend, Datapath, DatapathError, Service, frontend_flags},
+    compile::model::{Backend, Desired, DesiredService, Service, ServicePortKey},
+    datapath::{Datapath, DatapathError, frontend_flags},
 };
 
 /// The key a recovered service of a held Service is reported under (its ports are unknown).

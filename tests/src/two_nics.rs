@@ -15,8 +15,9 @@ use std::net::Ipv4Addr;
 use aya::programs::XdpMode;
 use lb_common::{DatapathConfig, proto, service_flags};
 use lb_userspace::{
+    compile::model::{Backend, Frontend, Service},
     counter::XdpCounter,
-    datapath::{Backend, Datapath, Frontend, Service},
+    datapath::Datapath,
 };
 
 use crate::{

@@ -5,7 +5,10 @@ use std::net::Ipv4Addr;
 
 use lab::lab::{Lab, PinDir};
 use lb_common::{limits, map_names, proto, service_flags};
-use lb_userspace::datapath::{Backend, Datapath, DatapathError, Frontend, Service};
+use lb_userspace::{
+    compile::model::{Backend, Frontend, Service},
+    datapath::{Datapath, DatapathError},
+};
 
 fn frontend(index: u32) -> Frontend {
     // 10.96.0.0/12 addresses, one port each.

@@ -11,7 +11,7 @@ use lab::{
     topology::{CLIENT_ADDR, Cluster, ClusterSpec, node_addr},
 };
 use lb_common::{backend_flags, proto, service_flags};
-use lb_userspace::datapath::{Backend, Frontend, Service};
+use lb_userspace::compile::model::{Backend, Frontend, Service};
 
 const POD_PORT: u16 = 8080;
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);

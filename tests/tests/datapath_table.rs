@@ -9,7 +9,10 @@ use lab::{
     table::{Case, Expect, run_table},
 };
 use lb_common::{proto, service_flags};
-use lb_userspace::datapath::{Backend, Datapath, Frontend, Service};
+use lb_userspace::{
+    compile::model::{Backend, Frontend, Service},
+    datapath::Datapath,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

@@ -10,8 +10,8 @@ use lab::{
 };
 use lb_common::{backend_flags, proto, service_flags};
 use lb_userspace::{
-    compile::model::{Desired, DesiredService, ServicePortKey},
-    datapath::{Backend, Datapath, DatapathError, Frontend},
+    compile::model::{Backend, Desired, DesiredService, Frontend, ServicePortKey},
+    datapath::{Datapath, DatapathError},
     reconcile::Reconciler,
     testrun::test_run,
 };

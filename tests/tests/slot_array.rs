@@ -17,7 +17,8 @@ use lb_common::{
     Frontend4Key, LegacySlotKey, ServiceValue, map_names, program_names, proto, service_flags,
 };
 use lb_userspace::{
-    datapath::{Backend, Datapath, Frontend, Service},
+    compile::model::{Backend, Frontend, Service},
+    datapath::Datapath,
     testrun::test_run,
 };
 

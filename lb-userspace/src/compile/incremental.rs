@@ -13,11 +13,12 @@ use lb_common::service_flags;
 
 use super::{
     model::{
-        Desired, DesiredService, NodeContext, Problem, ServicePortKey, Severity, protocol_name,
+        Desired, DesiredService, Frontend, NodeContext, Problem, ServicePortKey, Severity,
+        protocol_name,
     },
     service::{ServiceEndpoints, Skip, compile_service, health_check_node_port, object_key},
 };
-use crate::{datapath::Frontend, source::Snapshot};
+use crate::source::Snapshot;
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

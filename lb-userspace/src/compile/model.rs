@@ -1,5 +1,8 @@
 //! The model: what compile takes (this node's [`NodeContext`]) and gives (the [`Desired`] state,
-//! one [`DesiredService`] per [`ServicePortKey`], and [`Problem`]s).
+//! one [`DesiredService`] per [`ServicePortKey`], and [`Problem`]s), and the values the desired
+//! state is made of ([`Frontend`], [`Backend`]). Reconcile hands them on to the datapath as a
+//! [`Service`] with ids: the datapath takes its instructions in these types and knows nothing
+//! else of compile.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -7,9 +10,7 @@ use std::{
     ops::RangeInclusive,
 };
 
-use lb_common::proto;
-
-use crate::datapath::{Backend, Frontend};
+use lb_common::{Backend4, Frontend4Key, proto};
 
 /// The API server's default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
@@ -150,6 +151,58 @@ pub(super) fn protocol_name(protocol: u8) -> &'static str {
     if protocol == proto::UDP { "UDP" } else { "TCP" }
 }
 
+/// A frontend of a service: an address, port and protocol clients use, and what kind it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// [`lb_common::proto`] number.
+    pub proto: u8,
+    /// [`lb_common::service_flags`] bits.
+    pub kind: u32,
+}
+
+impl Frontend {
+    pub fn key(&self) -> Frontend4Key {
+        Frontend4Key {
+            addr: u32::from(self.addr).to_be(),
+            port: self.port.to_be(),
+            proto: self.proto,
+            scope: lb_common::scope::ANY,
+        }
+    }
+}
+
+/// A backend as the API takes it: an endpoint address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    /// [`lb_common::backend_flags`] bits.
+    pub flags: u8,
+}
+
+impl Backend {
+    pub(crate) fn value(&self) -> Backend4 {
+        Backend4 {
+            addr: u32::from(self.addr).to_be(),
+            port: self.port.to_be(),
+            proto: self.proto,
+            flags: self.flags,
+        }
+    }
+
+    pub(crate) fn from_value(value: &Backend4) -> Self {
+        Self {
+            addr: Ipv4Addr::from(u32::from_be(value.addr)),
+            port: u16::from_be(value.port),
+            proto: value.proto,
+            flags: value.flags,
+        }
+    }
+}
+
 /// What the datapath should hold for one Service port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredService {
@@ -171,6 +224,24 @@ pub struct Desired {
     /// Services (namespace, name) skipped for bad input: what was installed for them before
     /// stays in force rather than being removed.
     pub held: BTreeSet<(String, String)>,
+}
+
+/// One service (one Service port) as the datapath takes it: reconcile gives each desired service
+/// an id, and its backends ids, to write it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// 0..[`lb_common::limits::MAX_SERVICES`]; the caller allocates ids and keeps them stable.
+    pub id: u32,
+    pub frontends: Vec<Frontend>,
+    /// Backend ids (put with
+    /// [`Datapath::put_backend`](crate::datapath::Datapath::put_backend) first) that new flows
+    /// may select.
+    pub backends: Vec<u32>,
+    pub affinity_timeout_s: u32,
+    /// [`lb_common::service_flags`] policy bits (LOCAL_ONLY, SOURCE_RANGES) for every frontend.
+    pub flags: u32,
+    /// loadBalancerSourceRanges (address, prefix length); enforced with SOURCE_RANGES.
+    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
 }
 
 /// How bad a problem is.

@@ -14,12 +14,10 @@ use k8s_openapi::api::{
 use lb_common::{backend_flags, limits, proto, service_flags};
 
 use super::model::{
-    Desired, DesiredService, Ipv4Cidr, NodeContext, Problem, Scope, ServicePortKey, Severity,
+    Backend, Desired, DesiredService, Frontend, Ipv4Cidr, NodeContext, Problem, Scope,
+    ServicePortKey, Severity,
 };
-use crate::{
-    datapath::{Backend, Frontend},
-    source::Snapshot,
-};
+use crate::source::Snapshot;
 
 /// sessionAffinityConfig.clientIP.timeoutSeconds when unset (the API's default).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;

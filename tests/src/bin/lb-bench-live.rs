@@ -36,7 +36,8 @@ use lab::{
 };
 use lb_common::{DatapathConfig, backend_flags, proto, service_flags};
 use lb_userspace::{
-    datapath::{Backend, Datapath, Frontend, Service},
+    compile::model::{Backend, Frontend, Service},
+    datapath::Datapath,
     testrun::test_run_live,
 };
 use serde::Serialize;

@@ -31,7 +31,8 @@ use lab::{
 };
 use lb_common::{limits, program_names, proto, service_flags};
 use lb_userspace::{
-    datapath::{Backend, Datapath, Frontend, Service},
+    compile::model::{Backend, Frontend, Service},
+    datapath::Datapath,
     testrun::{TestRunOutput, test_run},
 };
 use serde::Serialize;
