@@ -1,0 +1,582 @@
+//! Loading the datapath: its programs loaded and pinned, its maps taken from the object (created
+//! and pinned, or reused from the pin directory), what an earlier release left migrated or
+//! removed, and the programs attached to NICs and a cgroup as pinned bpf_links.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io,
+    net::Ipv4Addr,
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapError, lpm_trie::LpmTrie},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        cgroup_sock_addr::CgroupSockAddrLink,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
+};
+use lb_common::{
+    Backend4, Frontend4Key, LegacySlotKey, ServiceValue, Slot, SourceRange4, limits, map_names,
+    program_names,
+};
+
+use super::{
+    Datapath, DatapathError, InstalledService, LINKS_DIR, Result, ServiceName, map_error,
+    read::{read_backends, read_installed, read_service_names},
+    write::{FrontendFilter, write_table},
+};
+use crate::{object::DATAPATH_OBJECT, slot_ranges::SlotRanges};
+
+const SOCKET_HOOKS: [&str; 4] = [
+    program_names::CONNECT4,
+    program_names::SENDMSG4,
+    program_names::RECVMSG4,
+    program_names::GETPEERNAME4,
+];
+
+impl Datapath {
+    /// Loads every program of the datapath, reusing the maps pinned under `pin_dir` or creating
+    /// and pinning them there. bpffs is mounted at its usual place when missing; the pin
+    /// directory is created 0700 and refused when it is not on bpffs or not this user's.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        crate::bpffs::ensure_mounted(Path::new(crate::bpffs::DEFAULT_MOUNT))?;
+        crate::bpffs::create_pin_dir(pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(DATAPATH_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                pin_dir: pin_dir.to_owned(),
+                source: Box::new(source),
+            })?;
+        load_and_pin::<Xdp>(&mut ebpf, program_names::XDP_LB, pin_dir)?;
+        load_and_pin::<SchedClassifier>(&mut ebpf, program_names::TC_EGRESS, pin_dir)?;
+        for hook in SOCKET_HOOKS {
+            load_and_pin::<CgroupSockAddr>(&mut ebpf, hook, pin_dir)?;
+        }
+        load_and_pin::<CgroupSkb>(&mut ebpf, program_names::SOCK_EGRESS4, pin_dir)?;
+        load_and_pin::<CgroupSock>(&mut ebpf, program_names::SOCK_RELEASE, pin_dir)?;
+        let mut frontends: HashMap<MapData, Frontend4Key, ServiceValue> =
+            take_map(&mut ebpf, map_names::FRONTENDS4)?;
+        let mut slots: Array<MapData, Slot> = take_map(&mut ebpf, map_names::SLOTS4)?;
+        let source_ranges: LpmTrie<MapData, SourceRange4, u8> =
+            take_map(&mut ebpf, map_names::SOURCE_RANGES4)?;
+        let backends: HashMap<MapData, u32, Backend4> = take_map(&mut ebpf, map_names::BACKENDS4)?;
+        let (mut installed, owners) = read_installed(&frontends, &slots)?;
+        let mut slot_ranges = SlotRanges::new(limits::MAX_SLOTS);
+        for service in installed.values_mut() {
+            if !slot_ranges.reserve(service.slots, service.backends.len() as u32) {
+                // Cells another table claims too (maps no agent of this release wrote): the
+                // next sync writes this service's table afresh.
+                service.backends.clear();
+            }
+        }
+        let legacy_tables = pin_dir.join(map_names::LEGACY_SLOTS4);
+        if legacy_tables.exists() {
+            migrate_legacy_slots(
+                &legacy_tables,
+                &mut installed,
+                &mut frontends,
+                &mut slots,
+                &mut slot_ranges,
+            )?;
+        }
+        remove_retired_pins(pin_dir)?;
+        // Rewritten whole before any program of this load is attached: a map new to the pin
+        // directory (an upgrade) starts empty, and stale bits would only cost lookups.
+        let frontend_filter = FrontendFilter::rebuild(
+            take_map(&mut ebpf, map_names::FRONTEND_FILTER)?,
+            owners.keys(),
+        )?;
+        for key in source_ranges.keys() {
+            let key =
+                key.map_err(|source| map_error(map_names::SOURCE_RANGES4, "iterate", source))?;
+            let data = key.data();
+            if let Some(service) = installed.get_mut(&u32::from_be(data.service_id_be)) {
+                let addr = Ipv4Addr::from(u32::from_be(data.addr));
+                service
+                    .source_ranges
+                    .insert((addr, (key.prefix_len() - 32) as u8));
+            }
+        }
+        let installed_backends = read_backends(&backends)?;
+        let service_names = open_service_names(pin_dir)?;
+        let names = read_service_names(&service_names)?;
+        Ok(Self {
+            frontends,
+            frontend_filter,
+            installed,
+            owners,
+            installed_backends,
+            slots,
+            slot_ranges,
+            backends,
+            conntrack: take_map(&mut ebpf, map_names::CONNTRACK4)?,
+            service_counters: take_map(&mut ebpf, map_names::SERVICE_COUNTERS)?,
+            events: take_map(&mut ebpf, map_names::EVENTS)?,
+            config: take_map(&mut ebpf, map_names::CONFIG)?,
+            nic_macs: take_map(&mut ebpf, map_names::NIC_MACS)?,
+            nic_slots: BTreeMap::new(),
+            tx_ports: take_map(&mut ebpf, map_names::TX_PORTS)?,
+            maglev: take_map(&mut ebpf, map_names::MAGLEV4)?,
+            affinity: take_map(&mut ebpf, map_names::AFFINITY4)?,
+            sock_nat: take_map(&mut ebpf, map_names::SOCK_NAT4)?,
+            departed_udp: BTreeSet::new(),
+            source_ranges,
+            service_names,
+            names,
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches the XDP program to a NIC of the calling thread's network namespace.
+    ///
+    /// Attachments are bpf_links pinned under `<pin_dir>/links/`, so they outlive the agent: a
+    /// restarted (or upgraded) agent finds the pinned link and swaps its own program in
+    /// atomically (BPF_LINK_UPDATE); traffic never runs without the datapath.
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
+        let (ifindex, mac) = nic_address(iface)?;
+        self.record_nic_mac(ifindex, mac)?;
+        // The NIC becomes a port XDP may send frames out of (XDP_REDIRECT).
+        self.allow_redirect_to(ifindex, true)?;
+        let name = program_names::XDP_LB;
+        let pin = self.link_pin(&crate::pins::xdp_link_name(iface))?;
+        let program = program_mut::<Xdp>(&mut self.ebpf, name)?;
+        let operation = || format!("attach to {iface} ({mode:?})");
+        if let Some(link) = take_pinned_link(&pin, name)? {
+            let link = XdpLink::try_from(link).map_err(|source| link_error(name, &pin, source))?;
+            program
+                .attach_to_link(link)
+                .map_err(|source| program_error(name, operation(), source))?;
+            return Ok(());
+        }
+        let ifname = interface_name(iface)?;
+        let id = program
+            .attach(ifname.as_c_str(), mode)
+            .map_err(|source| program_error(name, operation(), source))?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| program_error(name, operation(), source))?;
+        pin_link(FdLink::try_from(link), &pin, name)
+    }
+
+    /// Attaches the reverse-NAT program to the egress of a NIC of the calling thread's namespace
+    /// (TCX on kernels >= 6.6), pinned like [`Datapath::attach_xdp`].
+    pub fn attach_tc_egress(&mut self, iface: &str) -> Result<()> {
+        let name = program_names::TC_EGRESS;
+        let pin = self.link_pin(&crate::pins::tc_egress_link_name(iface))?;
+        let program = program_mut::<SchedClassifier>(&mut self.ebpf, name)?;
+        let operation = || format!("attach to {iface} egress");
+        if let Some(link) = take_pinned_link(&pin, name)? {
+            let link = SchedClassifierLink::try_from(link)
+                .map_err(|source| link_error(name, &pin, source))?;
+            program
+                .attach_to_link(link)
+                .map_err(|source| program_error(name, operation(), source))?;
+            return Ok(());
+        }
+        let ifname = interface_name(iface)?;
+        let id = program
+            .attach(ifname.as_c_str(), TcAttachType::Egress)
+            .map_err(|source| program_error(name, operation(), source))?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| program_error(name, operation(), source))?;
+        pin_link(FdLink::try_from(link), &pin, name)
+    }
+
+    /// Attaches the socket hooks to a cgroup v2 directory: every process in it (and below) that
+    /// connects or sends to a Service is sent to a backend instead; the egress check of source
+    /// ranges and the cleanup at socket release come with them. Pinned like
+    /// [`Datapath::attach_xdp`].
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for hook in SOCKET_HOOKS {
+            let pin = self.link_pin(hook)?;
+            let program = program_mut::<CgroupSockAddr>(&mut self.ebpf, hook)?;
+            let operation = || format!("attach to cgroup {}", cgroup.display());
+            if let Some(link) = take_pinned_link(&pin, hook)? {
+                let link = CgroupSockAddrLink::try_from(link)
+                    .map_err(|source| link_error(hook, &pin, source))?;
+                program
+                    .attach_to_link(link)
+                    .map_err(|source| program_error(hook, operation(), source))?;
+                continue;
+            }
+            // aya attaches with a bpf_link (kernel >= 5.7), which refuses attach flags (EINVAL;
+            // kernel/bpf/cgroup.c, cgroup_bpf_link_attach) and always behaves as
+            // BPF_F_ALLOW_MULTI: other programs on the cgroup (systemd, a CNI) keep working.
+            let id = program
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(|source| program_error(hook, operation(), source))?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| program_error(hook, operation(), source))?;
+            pin_link(FdLink::try_from(link), &pin, hook)?;
+        }
+        self.attach_sock_egress(cgroup, &file)?;
+        self.attach_sock_release(cgroup, &file)
+    }
+
+    /// `lb_sock_egress4` on the cgroup's egress, pinned like the other hooks.
+    fn attach_sock_egress(&mut self, cgroup: &Path, file: &File) -> Result<()> {
+        let name = program_names::SOCK_EGRESS4;
+        let pin = self.link_pin(name)?;
+        let program = program_mut::<CgroupSkb>(&mut self.ebpf, name)?;
+        let operation = || format!("attach to cgroup {}", cgroup.display());
+        if pin.exists() {
+            return update_pinned_link(&pin, program.fd(), name);
+        }
+        let id = program
+            .attach(file, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+            .map_err(|source| program_error(name, operation(), source))?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| program_error(name, operation(), source))?;
+        pin_link(FdLink::try_from(link), &pin, name)
+    }
+
+    /// `lb_sock_release` on the cgroup's socket release, pinned like the other hooks.
+    fn attach_sock_release(&mut self, cgroup: &Path, file: &File) -> Result<()> {
+        let name = program_names::SOCK_RELEASE;
+        let pin = self.link_pin(name)?;
+        let program = program_mut::<CgroupSock>(&mut self.ebpf, name)?;
+        let operation = || format!("attach to cgroup {}", cgroup.display());
+        if pin.exists() {
+            return update_pinned_link(&pin, program.fd(), name);
+        }
+        let id = program
+            .attach(file, CgroupAttachMode::Single)
+            .map_err(|source| program_error(name, operation(), source))?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| program_error(name, operation(), source))?;
+        pin_link(FdLink::try_from(link), &pin, name)
+    }
+
+    /// Where the link of one attachment is pinned.
+    fn link_pin(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.pin_dir.join(LINKS_DIR);
+        crate::bpffs::create_pin_dir(&dir)?;
+        Ok(dir.join(name))
+    }
+
+    /// A program's file descriptor, for `BPF_PROG_TEST_RUN`.
+    pub fn program_fd(&self, name: &'static str) -> Result<BorrowedFd<'_>> {
+        let program = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram(name))?;
+        let fd = program.fd().map_err(|source| DatapathError::Program {
+            program: name,
+            operation: "fd".into(),
+            source: Box::new(source),
+        })?;
+        Ok(fd.as_fd())
+    }
+}
+
+/// Moves the selection tables an agent of an earlier release left in the hash map
+/// `lb4_slot_v1` (keyed by service, revision and slot) into the slot array, and points each
+/// frontend of theirs at the new cells in one update. The entries keep their `legacy_revision`,
+/// so that the earlier release's programs, which run until this load's are attached, keep
+/// selecting from the old map meanwhile; the next sync writes every service afresh anyway.
+fn migrate_legacy_slots(
+    legacy_path: &Path,
+    installed: &mut BTreeMap<u32, InstalledService>,
+    frontends: &mut HashMap<MapData, Frontend4Key, ServiceValue>,
+    slots: &mut Array<MapData, Slot>,
+    slot_ranges: &mut SlotRanges,
+) -> Result<()> {
+    let map = MapData::from_pin(legacy_path)
+        .map_err(|source| map_error(map_names::LEGACY_SLOTS4, "open", source))?;
+    let legacy = HashMap::<_, LegacySlotKey, u32>::try_from(Map::HashMap(map))
+        .map_err(|source| map_error(map_names::LEGACY_SLOTS4, "open", source))?;
+    let mut values = BTreeMap::new();
+    for entry in frontends.iter() {
+        let (key, value) =
+            entry.map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))?;
+        if value.slots == 0 && value.backend_count > 0 {
+            values.insert(key, value);
+        }
+    }
+    let mut tables: BTreeMap<u32, (u16, u16)> = BTreeMap::new();
+    for value in values.values() {
+        tables.insert(
+            value.service_id,
+            (value.legacy_revision, value.backend_count),
+        );
+    }
+    let mut moved = BTreeMap::new();
+    for (&service_id, &(revision, count)) in &tables {
+        let backends: Vec<u32> = (0..count)
+            .map_while(|slot| {
+                let key = LegacySlotKey {
+                    service_id,
+                    revision,
+                    slot,
+                };
+                legacy.get(&key, 0).ok()
+            })
+            .collect();
+        if backends.len() != usize::from(count) {
+            continue;
+        }
+        let Some(start) = slot_ranges.allocate(u32::from(count)) else {
+            continue;
+        };
+        write_table(slots, start, service_id, &backends)?;
+        if let Some(service) = installed.get_mut(&service_id) {
+            service.slots = start;
+            service.backends = backends;
+        }
+        moved.insert(service_id, start);
+    }
+    for (key, value) in values {
+        if let Some(&start) = moved.get(&value.service_id) {
+            let value = ServiceValue {
+                slots: start,
+                ..value
+            };
+            frontends
+                .insert(&key, &value, 0)
+                .map_err(|source| map_error(map_names::FRONTENDS4, "update", source))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the pins of maps an earlier release left under names this one no longer uses.
+fn remove_retired_pins(pin_dir: &Path) -> Result<()> {
+    for name in map_names::RETIRED {
+        let path = pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(source) if source.kind() != io::ErrorKind::NotFound => {
+                return Err(DatapathError::PinDir { path, source });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The service-names map, pinned under the pin directory: opened when it is there, else
+/// created. Only userspace uses it, so it is not part of the object file.
+fn open_service_names(pin_dir: &Path) -> Result<HashMap<MapData, u32, ServiceName>> {
+    let name = map_names::SERVICE_NAMES;
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        HashMap::<MapData, u32, ServiceName>::create(limits::MAX_SERVICES, BPF_F_NO_PREALLOC)
+            .map_err(|source| map_error(name, "create", source))?
+            .pin(&path)
+            .map_err(|source| DatapathError::PinDir {
+                path: path.clone(),
+                source: io::Error::other(source),
+            })?;
+    }
+    let data = MapData::from_pin(&path).map_err(|source| map_error(name, "open", source))?;
+    HashMap::try_from(Map::HashMap(data)).map_err(|source| map_error(name, "open", source))
+}
+
+/// BPF_F_NO_PREALLOC (include/uapi/linux/bpf.h): names take memory only for services that exist.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| map_error(name, "open", source))
+}
+
+fn program_error(program: &'static str, operation: String, source: ProgramError) -> DatapathError {
+    DatapathError::Program {
+        program,
+        operation,
+        source: Box::new(source),
+    }
+}
+
+fn link_error(
+    program: &'static str,
+    path: &Path,
+    source: aya::programs::links::LinkError,
+) -> DatapathError {
+    DatapathError::Link {
+        program,
+        path: path.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+/// The ifindex and MAC of a NIC of the calling thread's network namespace (through the kernel,
+/// not /sys, which shows the namespace it was mounted in).
+fn nic_address(iface: &str) -> Result<(u32, [u8; 6])> {
+    let name = interface_name(iface)?;
+    let not_found = || DatapathError::InterfaceName(iface.to_owned());
+    // SAFETY: name is a NUL-terminated string that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(not_found());
+    }
+    // SAFETY: a plain socket call; the descriptor is owned (and closed) right away.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return Err(not_found());
+    }
+    // SAFETY: socket is a descriptor we just opened and own.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(socket) };
+    // SAFETY: an all-zero ifreq is valid; the name is copied in below, NUL-terminated.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= request.ifr_name.len() {
+        return Err(not_found());
+    }
+    for (slot, byte) in request.ifr_name.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr of this ifreq.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SIOCGIFHWADDR,
+            &mut request,
+        )
+    };
+    if rc != 0 {
+        return Err(not_found());
+    }
+    // SAFETY: on success the kernel filled the hardware-address member of the union.
+    let hwaddr = unsafe { request.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (byte, value) in mac.iter_mut().zip(hwaddr.sa_data) {
+        *byte = value as u8;
+    }
+    Ok((ifindex, mac))
+}
+
+fn interface_name(iface: &str) -> Result<std::ffi::CString> {
+    std::ffi::CString::new(iface).map_err(|_| DatapathError::InterfaceName(iface.to_owned()))
+}
+
+/// The link pinned at `path` by an earlier run, if any.
+fn take_pinned_link(path: &Path, program: &'static str) -> Result<Option<FdLink>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let pinned = PinnedLink::from_pin(path).map_err(|source| link_error(program, path, source))?;
+    Ok(Some(FdLink::from(pinned)))
+}
+
+/// Swaps `program` into the bpf_link pinned at `path` (BPF_LINK_UPDATE), for the program types
+/// whose aya 0.16 links offer no `attach_to_link` (cgroup skb and sock): the attachment never
+/// goes away while the agent restarts.
+fn update_pinned_link(
+    path: &Path,
+    program: std::result::Result<&aya::programs::ProgramFd, ProgramError>,
+    name: &'static str,
+) -> Result<()> {
+    let operation = || format!("update the link pinned at {}", path.display());
+    let program = program.map_err(|source| program_error(name, operation(), source))?;
+    crate::bpf_link::update_pinned(path, program.as_fd()).map_err(|source| {
+        program_error(
+            name,
+            operation(),
+            ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_update",
+                io_error: source,
+            }),
+        )
+    })
+}
+
+fn pin_link(
+    link: std::result::Result<FdLink, aya::programs::links::LinkError>,
+    path: &Path,
+    program: &'static str,
+) -> Result<()> {
+    let link = link.map_err(|source| link_error(program, path, source))?;
+    // The pin keeps the attachment alive after this process; the returned handle only closes
+    // this process's file descriptor when dropped.
+    link.pin(path).map_err(|source| DatapathError::PinLink {
+        program,
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(())
+}
+
+fn program_mut<'e, P>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut P>
+where
+    &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            operation: "type check".into(),
+            source: Box::new(source),
+        })
+}
+
+/// Loads a program and pins it as `<pin_dir>/<name>`, replacing what an earlier run pinned.
+fn load_and_pin<P>(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path) -> Result<()>
+where
+    P: LoadAndPin,
+    for<'e> &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
+{
+    let program: &mut P = program_mut(ebpf, name)?;
+    program
+        .load_program()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            operation: "load (verifier)".into(),
+            source: Box::new(source),
+        })?;
+    let path = pin_dir.join(name);
+    // A program pinned by an earlier run: the new one takes its place.
+    let _ = std::fs::remove_file(&path);
+    program
+        .pin_program(&path)
+        .map_err(|source| DatapathError::PinProgram {
+            program: name,
+            path,
+            source,
+        })
+}
+
+/// The load and pin calls every program type has, under one name.
+trait LoadAndPin {
+    fn load_program(&mut self) -> std::result::Result<(), ProgramError>;
+    fn pin_program(&mut self, path: &Path) -> std::result::Result<(), aya::pin::PinError>;
+}
+
+macro_rules! impl_load_and_pin {
+    ($($program:ty),*) => {$(
+        impl LoadAndPin for $program {
+            fn load_program(&mut self) -> std::result::Result<(), ProgramError> {
+                self.load()
+            }
+            fn pin_program(&mut self, path: &Path) -> std::result::Result<(), aya::pin::PinError> {
+                self.pin(path)
+            }
+        }
+    )*};
+}
+impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr, CgroupSkb, CgroupSock);

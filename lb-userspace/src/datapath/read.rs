@@ -1,0 +1,180 @@
+//! Reading the maps: what they hold (services, backends, conntrack, counters, events), for the
+//! agent, which reads them once at load and then keeps its own copy in step, and, through the
+//! same functions, for the read-only inspection.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use lb_common::{
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
+    ServiceCounter, ServiceValue, Slot, map_names, service_flags,
+};
+
+use super::{Datapath, InstalledService, Result, ServiceName, map_error};
+use crate::compile::model::Backend;
+
+impl Datapath {
+    /// The services the maps hold, by service id.
+    pub fn installed_services(&self) -> &BTreeMap<u32, InstalledService> {
+        &self.installed
+    }
+
+    /// The backends the maps hold, by id.
+    pub fn installed_backends(&self) -> &BTreeMap<u32, Backend> {
+        &self.installed_backends
+    }
+
+    /// The datapath-wide settings in force.
+    pub fn config(&self) -> Result<DatapathConfig> {
+        self.config
+            .get(&0, 0)
+            .map_err(|source| map_error(map_names::CONFIG, "read", source))
+    }
+
+    /// Affinity entries of a service: (client, backend id), for tests and inspection.
+    pub fn affinity(&self, service_id: u32) -> Vec<(Affinity4Key, AffinityValue)> {
+        self.affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, _)| key.service_id == service_id)
+            .collect()
+    }
+
+    /// Every frontend with its service entry.
+    pub fn frontends(&self) -> Result<Vec<(Frontend4Key, ServiceValue)>> {
+        self.frontends
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))
+    }
+
+    /// Every backend by id.
+    pub fn backends(&self) -> Result<BTreeMap<u32, Backend>> {
+        read_backends(&self.backends)
+    }
+
+    /// Every connection-tracking entry.
+    pub fn conntrack(&self) -> Result<Vec<(Ct4Key, Ct4Value)>> {
+        self.conntrack
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))
+    }
+
+    /// A service's counters summed over CPUs.
+    pub fn service_counter(&self, id: u32) -> Result<ServiceCounter> {
+        read_service_counter(&self.service_counters, id)
+    }
+
+    /// How often each event (drop reason) happened, summed over CPUs.
+    pub fn events(&self) -> Result<BTreeMap<&'static str, u64>> {
+        read_events(&self.events)
+    }
+}
+
+/// The services the maps hold (from the frontends and the slot tables in force) and the owner
+/// of each frontend.
+pub(crate) type InstalledState = (BTreeMap<u32, InstalledService>, BTreeMap<Frontend4Key, u32>);
+
+pub(crate) fn read_installed(
+    frontends: &HashMap<MapData, Frontend4Key, ServiceValue>,
+    slots: &Array<MapData, Slot>,
+) -> Result<InstalledState> {
+    let mut installed: BTreeMap<u32, InstalledService> = BTreeMap::new();
+    let mut owners = BTreeMap::new();
+    let mut counts = BTreeMap::new();
+    for entry in frontends.iter() {
+        let (key, value) =
+            entry.map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))?;
+        let service = installed.entry(value.service_id).or_default();
+        service.slots = value.slots;
+        service.affinity_timeout_s = value.affinity_timeout_s;
+        service.frontends.insert(key, value.flags);
+        if value.flags & service_flags::MAGLEV != 0 {
+            service.maglev_table = Some(value.maglev_table);
+        }
+        owners.insert(key, value.service_id);
+        counts.insert(value.service_id, value.backend_count);
+    }
+    for (id, service) in &mut installed {
+        let count = counts.get(id).copied().unwrap_or(0);
+        if service.slots == 0 {
+            continue;
+        }
+        let mut backends = Vec::with_capacity(count.into());
+        for index in (service.slots..).take(count.into()) {
+            let cell = slots
+                .get(&index, 0)
+                .map_err(|source| map_error(map_names::SLOTS4, "read", source))?;
+            if cell.service_id != *id {
+                break;
+            }
+            backends.push(cell.backend_id);
+        }
+        // A table cut short reads as none, so that the next sync writes it whole.
+        if backends.len() == usize::from(count) {
+            service.backends = backends;
+        } else {
+            service.slots = 0;
+        }
+    }
+    Ok((installed, owners))
+}
+
+pub(crate) fn read_service_names(
+    map: &HashMap<MapData, u32, ServiceName>,
+) -> Result<BTreeMap<u32, String>> {
+    map.iter()
+        .map(|entry| entry.map(|(id, value)| (id, service_name(&value))))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|source| map_error(map_names::SERVICE_NAMES, "iterate", source))
+}
+
+/// The text of a stored service name (NUL padding removed).
+fn service_name(value: &ServiceName) -> String {
+    let len = value
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(value.len());
+    String::from_utf8_lossy(&value[..len]).into_owned()
+}
+
+/// Every backend by id. The agent's datapath and the read-only inspection share these readers.
+pub(crate) fn read_backends(
+    map: &HashMap<MapData, u32, Backend4>,
+) -> Result<BTreeMap<u32, Backend>> {
+    map.iter()
+        .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))
+}
+
+/// A service's counters summed over CPUs.
+pub(crate) fn read_service_counter(
+    map: &PerCpuArray<MapData, ServiceCounter>,
+    id: u32,
+) -> Result<ServiceCounter> {
+    let per_cpu = map
+        .get(&id, 0)
+        .map_err(|source| map_error(map_names::SERVICE_COUNTERS, "read", source))?;
+    Ok(per_cpu
+        .iter()
+        .fold(ServiceCounter::default(), |sum, cpu| ServiceCounter {
+            packets: sum.packets + cpu.packets,
+            bytes: sum.bytes + cpu.bytes,
+            new_flows: sum.new_flows + cpu.new_flows,
+        }))
+}
+
+/// How often each event happened, summed over CPUs, by label.
+pub(crate) fn read_events(map: &PerCpuArray<MapData, u64>) -> Result<BTreeMap<&'static str, u64>> {
+    Event::ALL
+        .iter()
+        .map(|&(event, label)| {
+            let per_cpu = map
+                .get(&event.0, 0)
+                .map_err(|source| map_error(map_names::EVENTS, "read", source))?;
+            Ok((label, per_cpu.iter().sum()))
+        })
+        .collect()
+}

@@ -1,0 +1,741 @@
+//! Writing the maps: services and backends put and removed so that no packet sees a half-written
+//! state, with the frontend filter, slot tables, Maglev tables, source ranges and names kept in
+//! step; the node's settings; the UDP sockets of departed backends aborted.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuValues, lpm_trie::Key as LpmKey};
+use lb_common::{
+    Affinity4Key, DatapathConfig, Frontend4Key, NicMac, SERVICE_NAME_LEN, ServiceCounter,
+    ServiceValue, Slot, SourceRange4, limits, maglev, map_names, service_flags,
+};
+
+use super::{Datapath, DatapathError, DepartedBackend, InstalledService, Result, map_error};
+use crate::compile::model::{Backend, Ipv4Cidr, Service};
+
+/// The frontend filter XDP passes the node's own traffic with ([`map_names::FRONTEND_FILTER`]),
+/// and how many frontends have each bit. A bit is set before a frontend with it is written and
+/// cleared after the last one is removed, so XDP never skips a frontend.
+pub(super) struct FrontendFilter {
+    map: Array<MapData, u64>,
+    words: Vec<u64>,
+    frontends: std::collections::HashMap<u32, usize>,
+}
+
+/// A frontend key's bit in the filter.
+fn filter_bit(key: &Frontend4Key) -> u32 {
+    lb_common::frontend_filter::bit(u32::from_be(key.addr), u16::from_be(key.port), key.proto)
+}
+
+impl FrontendFilter {
+    /// The filter of these frontends, written whole.
+    pub(super) fn rebuild<'a>(
+        map: Array<MapData, u64>,
+        keys: impl Iterator<Item = &'a Frontend4Key>,
+    ) -> Result<Self> {
+        let mut filter = Self {
+            map,
+            words: vec![0; limits::FRONTEND_FILTER_WORDS as usize],
+            frontends: std::collections::HashMap::new(),
+        };
+        for key in keys {
+            let bit = filter_bit(key);
+            *filter.frontends.entry(bit).or_default() += 1;
+            filter.words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+        for index in 0..limits::FRONTEND_FILTER_WORDS {
+            filter.write(index)?;
+        }
+        Ok(filter)
+    }
+
+    /// Sets the bits of these frontends.
+    fn mark<'a>(&mut self, keys: impl Iterator<Item = &'a Frontend4Key>) -> Result<()> {
+        for key in keys {
+            let bit = filter_bit(key);
+            let word = bit >> 6;
+            let mask = 1u64 << (bit & 63);
+            if self.words[word as usize] & mask == 0 {
+                self.words[word as usize] |= mask;
+                self.write(word)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One more frontend has this key's bit.
+    fn count(&mut self, key: &Frontend4Key) {
+        *self.frontends.entry(filter_bit(key)).or_default() += 1;
+    }
+
+    /// One frontend less has this key's bit; the last one clears it.
+    fn release(&mut self, key: &Frontend4Key) -> Result<()> {
+        let bit = filter_bit(key);
+        let Some(count) = self.frontends.get_mut(&bit) else {
+            return Ok(());
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.frontends.remove(&bit);
+            self.words[(bit >> 6) as usize] &= !(1u64 << (bit & 63));
+            self.write(bit >> 6)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, index: u32) -> Result<()> {
+        self.map
+            .set(index, &self.words[index as usize], 0)
+            .map_err(|source| map_error(map_names::FRONTEND_FILTER, "write", source))
+    }
+}
+
+impl Datapath {
+    /// Adds or replaces a backend. Put backends before the services that reference them.
+    pub fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        let operation = || format!("put backend {id} = {backend:?}");
+        if id >= limits::MAX_BACKENDS {
+            return Err(DatapathError::Invalid(format!(
+                "backend id {id} out of range (max {})",
+                limits::MAX_BACKENDS - 1
+            )));
+        }
+        insert(
+            &mut self.backends,
+            map_names::BACKENDS4,
+            limits::MAX_BACKENDS,
+            &id,
+            &backend.value(),
+            operation,
+        )?;
+        self.installed_backends.insert(id, *backend);
+        Ok(())
+    }
+
+    /// Removes a backend. Flows pinned to it select again at their next packet; the caller removes
+    /// it from every service first.
+    pub fn remove_backend(&mut self, id: u32) -> Result<()> {
+        remove(&mut self.backends, map_names::BACKENDS4, &id, || {
+            format!("remove backend {id}")
+        })?;
+        self.installed_backends.remove(&id);
+        Ok(())
+    }
+
+    /// Installs or updates a service so that no packet ever sees a half-written state: the new
+    /// selection table is written into free cells of the slot array, then every frontend is
+    /// flipped to it in one update each, then the old table's cells are freed. Frontends of the
+    /// service that are not in `service.frontends` any more are removed last.
+    pub fn put_service(&mut self, service: &Service) -> Result<()> {
+        self.validate(service)?;
+        let flags_by_key = frontend_flags(service);
+        self.check_room(service, &flags_by_key)?;
+        let previous = self.installed.get(&service.id).cloned();
+        if previous.is_none() {
+            // An id new to the maps (a new Service, or one freed and handed out again) counts
+            // from zero: its slot is cleared before any frontend points at it.
+            self.reset_service_counter(service.id)?;
+        }
+        let backend_count = service.backends.len() as u16;
+
+        // Ranges first: a frontend that starts checking them must find them.
+        let old_ranges = previous
+            .as_ref()
+            .map(|installed| installed.source_ranges.clone())
+            .unwrap_or_default();
+        self.write_source_ranges(service.id, service.source_ranges.difference(&old_ranges))?;
+
+        // All or nothing: on a failure, what this call wrote is undone before it returns.
+        let slots = self.write_slots(service.id, &service.backends)?;
+        let maglev_table = match self.write_maglev_table(service) {
+            Ok(table) => table,
+            Err(error) => {
+                self.slot_ranges.release(slots, backend_count.into());
+                return Err(error);
+            }
+        };
+        let value = |flags: u32| ServiceValue {
+            service_id: service.id,
+            backend_count,
+            legacy_revision: 0,
+            flags,
+            affinity_timeout_s: service.affinity_timeout_s,
+            maglev_table: maglev_table.unwrap_or(0),
+            slots,
+        };
+        // Before the entries: XDP looks a frontend up only once its bit is set.
+        self.frontend_filter.mark(flags_by_key.keys())?;
+        let mut written = Vec::new();
+        for (key, flags) in &flags_by_key {
+            let result = insert(
+                &mut self.frontends,
+                map_names::FRONTENDS4,
+                limits::MAX_FRONTENDS,
+                key,
+                &value(*flags),
+                || format!("service {} frontend {key:?}", service.id),
+            );
+            if let Err(error) = result {
+                self.undo_frontends(&written);
+                self.slot_ranges.release(slots, backend_count.into());
+                return Err(error);
+            }
+            written.push(*key);
+        }
+
+        // A frontend can move here from another service (e.g. a traffic policy split a Service
+        // port into two tables): its entry was flipped in one update above; the other service
+        // just no longer has it.
+        for key in flags_by_key.keys() {
+            match self.owners.insert(*key, service.id) {
+                None => self.frontend_filter.count(key),
+                Some(owner) if owner != service.id => {
+                    if let Some(other) = self.installed.get_mut(&owner) {
+                        other.frontends.remove(key);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        self.installed.insert(
+            service.id,
+            InstalledService {
+                slots,
+                backends: service.backends.clone(),
+                frontends: flags_by_key.clone(),
+                affinity_timeout_s: service.affinity_timeout_s,
+                source_ranges: service.source_ranges.clone(),
+                maglev_table,
+            },
+        );
+        self.remove_source_ranges(service.id, old_ranges.difference(&service.source_ranges))?;
+        if let Some(previous) = &previous {
+            let left: BTreeSet<u32> = previous
+                .backends
+                .iter()
+                .filter(|id| !service.backends.contains(id))
+                .copied()
+                .collect();
+            self.record_departed_udp(service.id, &left);
+            if !left.is_empty() && previous.affinity_timeout_s != 0 {
+                self.release_affinity(service.id, &left)?;
+            }
+        }
+        if let Some(previous) = previous {
+            for key in previous
+                .frontends
+                .keys()
+                .filter(|key| !flags_by_key.contains_key(key))
+            {
+                remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
+                    format!("stale frontend {key:?}")
+                })?;
+                if self.owners.remove(key).is_some() {
+                    self.frontend_filter.release(key)?;
+                }
+            }
+            // A packet that read the old entry may still be selecting from these cells: once
+            // another service's table is in them, it finds that service's id and selects
+            // nothing, never that service's backend.
+            self.slot_ranges
+                .release(previous.slots, previous.backends.len() as u32);
+        }
+        Ok(())
+    }
+
+    /// Tells XDP the MAC of the NIC with this ifindex, so that frames it sees for other hosts
+    /// (promiscuous mode) are left alone. Two NICs whose ifindexes share a slot
+    /// (ifindex % NIC_SLOTS) leave the first unchecked.
+    pub fn record_nic_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        let slot = ifindex % limits::NIC_SLOTS;
+        let holder = *self.nic_slots.entry(slot).or_insert(ifindex);
+        // Two NICs in one slot: neither is checked, and answers recorded by slot go back out of
+        // the NIC they arrive on rather than to the wrong one of the two.
+        let nic = if holder == ifindex {
+            NicMac {
+                ifindex,
+                mac,
+                _pad: [0; 2],
+            }
+        } else {
+            self.nic_slots.insert(slot, 0);
+            NicMac::default()
+        };
+        self.nic_macs
+            .set(slot, &nic, 0)
+            .map_err(|source| map_error(map_names::NIC_MACS, "write", source))
+    }
+
+    /// Whether XDP may send frames out of the NIC with this ifindex with XDP_REDIRECT (attaching
+    /// XDP to a NIC allows it); frames it may not send there go to the stack, which forwards
+    /// them. Benchmarks compare the two. The kernel resolves the ifindex in the network
+    /// namespace of the calling thread (kernel/bpf/devmap.c, `__dev_map_alloc_node`): call it
+    /// from the NIC's, as `attach_xdp` is.
+    pub fn allow_redirect_to(&mut self, ifindex: u32, allowed: bool) -> Result<()> {
+        let operation = || {
+            format!(
+                "{} ifindex {ifindex}",
+                if allowed { "add" } else { "remove" }
+            )
+        };
+        if !allowed {
+            return match self.tx_ports.remove(ifindex) {
+                Ok(()) => Ok(()),
+                Err(MapError::SyscallError(syscall))
+                    if syscall.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    Ok(())
+                }
+                Err(source) => Err(map_error(map_names::TX_PORTS, &operation(), source)),
+            };
+        }
+        match self.tx_ports.insert(ifindex, ifindex, None, 0) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::xdp::XdpMapError::MapError(source)) => {
+                Err(map_error(map_names::TX_PORTS, &operation(), source))
+            }
+            // Only a chained program can be unsupported, and none is given.
+            Err(aya::maps::xdp::XdpMapError::ChainedProgramNotSupported) => Ok(()),
+        }
+    }
+
+    /// Writes the datapath-wide settings (SNAT address and ports).
+    pub fn set_config(&mut self, config: &DatapathConfig) -> Result<()> {
+        self.config
+            .set(0, config, 0)
+            .map_err(|source| map_error(map_names::CONFIG, "write", source))
+    }
+
+    fn write_source_ranges<'r>(
+        &mut self,
+        service_id: u32,
+        ranges: impl Iterator<Item = &'r (Ipv4Addr, u8)>,
+    ) -> Result<()> {
+        for range in ranges {
+            let key = source_range_key(service_id, range);
+            self.source_ranges.insert(&key, &1, 0).map_err(|source| {
+                if is_full(&source) {
+                    DatapathError::MapFull {
+                        map: map_names::SOURCE_RANGES4,
+                        capacity: limits::MAX_SOURCE_RANGES,
+                        operation: format!("service {service_id} source range {range:?}"),
+                    }
+                } else {
+                    map_error(map_names::SOURCE_RANGES4, "insert", source)
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn remove_source_ranges<'r>(
+        &mut self,
+        service_id: u32,
+        ranges: impl Iterator<Item = &'r (Ipv4Addr, u8)>,
+    ) -> Result<()> {
+        for range in ranges {
+            match self
+                .source_ranges
+                .remove(&source_range_key(service_id, range))
+            {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(syscall))
+                    if syscall.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => return Err(map_error(map_names::SOURCE_RANGES4, "remove", source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Session affinity entries of a service that point at backends it no longer has: removed,
+    /// so those clients choose again (an endpoint leaving releases its clients).
+    fn release_affinity(&mut self, service_id: u32, backends: &BTreeSet<u32>) -> Result<()> {
+        let stale: Vec<Affinity4Key> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| {
+                key.service_id == service_id && backends.contains(&value.backend_id)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            let _ = self.affinity.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Remembers the UDP backends among `backends` that just left service `service_id`, for
+    /// [`Datapath::abort_udp_sockets_of_departed_backends`].
+    fn record_departed_udp(&mut self, service_id: u32, backends: &BTreeSet<u32>) {
+        for id in backends {
+            if let Some(backend) = self.installed_backends.get(id)
+                && backend.proto == lb_common::proto::UDP
+            {
+                self.departed_udp.insert(DepartedBackend {
+                    service_id,
+                    backend: SocketAddrV4::new(backend.addr, backend.port),
+                });
+            }
+        }
+    }
+
+    /// Aborts the connected UDP sockets that the socket hooks sent, through a service, to a
+    /// backend that has left that service since the last call (`put_service` without it,
+    /// `remove_service`): a connected socket keeps its backend address, so without this it would
+    /// send to the departed endpoint forever. The application's next call fails and it
+    /// reconnects to a live endpoint. Only sockets the hooks recorded in `lb4_sknat_v1` for that
+    /// service and backend, and still connected to it, are touched; TCP is left alone (like
+    /// kube-proxy, established connections to a removed endpoint stay). The agent calls this
+    /// once per sync.
+    pub fn abort_udp_sockets_of_departed_backends(&mut self) -> crate::sock_diag::DestroyReport {
+        let departed = std::mem::take(&mut self.departed_udp);
+        if departed.is_empty() {
+            return Default::default();
+        }
+        let mut targets = BTreeMap::new();
+        let mut report = crate::sock_diag::DestroyReport::default();
+        for entry in self.sock_nat.iter() {
+            let (key, value) = match entry {
+                Ok(entry) => entry,
+                Err(error) => {
+                    report.failed += 1;
+                    report
+                        .errors
+                        .push(format!("reading {}: {error}", map_names::SOCK_NAT4));
+                    break;
+                }
+            };
+            let backend = SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(key.addr)),
+                u16::from_be(key.port),
+            );
+            let departed_backend = DepartedBackend {
+                service_id: value.service_id,
+                backend,
+            };
+            if departed.contains(&departed_backend) {
+                targets.insert(key.cookie, backend);
+            }
+        }
+        let aborted = crate::sock_diag::destroy_connected_udp(&targets);
+        report.destroyed += aborted.destroyed;
+        report.failed += aborted.failed;
+        report.errors.extend(aborted.errors);
+        report
+    }
+
+    /// For a Maglev service with backends: builds its lookup table over the backends' identities
+    /// (address:port/protocol, the same on every node) and writes it to a free table of
+    /// `lb4_maglev_v1`; the frontends switch to it afterwards, and the old table is free once they
+    /// have. None for other services.
+    fn write_maglev_table(&mut self, service: &Service) -> Result<Option<u32>> {
+        if service.flags & service_flags::MAGLEV == 0 || service.backends.is_empty() {
+            return Ok(None);
+        }
+        let in_use: BTreeSet<u32> = self
+            .installed
+            .values()
+            .filter_map(|installed| installed.maglev_table)
+            .collect();
+        let table = (0..maglev::MAX_TABLES)
+            .find(|index| !in_use.contains(index))
+            .ok_or(DatapathError::MapFull {
+                map: map_names::MAGLEV4,
+                capacity: maglev::MAX_TABLES,
+                operation: format!("a Maglev table for service {}", service.id),
+            })?;
+        let identities: Vec<String> = service
+            .backends
+            .iter()
+            .map(|id| {
+                let backend = &self.installed_backends[id];
+                format!("{}:{}/{}", backend.addr, backend.port, backend.proto)
+            })
+            .collect();
+        let slots = crate::maglev::table(&identities, maglev::TABLE_SIZE).map_err(|error| {
+            DatapathError::Invalid(format!("service {}: Maglev table: {error}", service.id))
+        })?;
+        let base = table * maglev::TABLE_SIZE;
+        for (slot, index) in slots.iter().enumerate() {
+            self.maglev
+                .set(base + slot as u32, &service.backends[*index as usize], 0)
+                .map_err(|source| map_error(map_names::MAGLEV4, "write", source))?;
+        }
+        Ok(Some(table))
+    }
+
+    /// MapFull before anything is written when the service's new entries would not fit.
+    fn check_room(&self, service: &Service, frontends: &BTreeMap<Frontend4Key, u32>) -> Result<()> {
+        let new_frontends = frontends
+            .keys()
+            .filter(|key| !self.owners.contains_key(key))
+            .count();
+        if self.owners.len() + new_frontends > limits::MAX_FRONTENDS as usize {
+            return Err(DatapathError::MapFull {
+                map: map_names::FRONTENDS4,
+                capacity: limits::MAX_FRONTENDS,
+                operation: format!("service {}: {new_frontends} new frontends", service.id),
+            });
+        }
+        // The new table is written before the old one is freed: both must fit for a moment.
+        if service.backends.len() > self.slot_ranges.free_cells() as usize {
+            return Err(DatapathError::MapFull {
+                map: map_names::SLOTS4,
+                capacity: limits::MAX_SLOTS,
+                operation: format!("service {}: {} slots", service.id, service.backends.len()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes a selection table into free cells of the slot array; returns its first cell.
+    fn write_slots(&mut self, service_id: u32, backends: &[u32]) -> Result<u32> {
+        let len = backends.len() as u32;
+        let full = || DatapathError::MapFull {
+            map: map_names::SLOTS4,
+            capacity: limits::MAX_SLOTS,
+            operation: format!("service {service_id}: {len} consecutive free cells"),
+        };
+        let start = self.slot_ranges.allocate(len).ok_or_else(full)?;
+        if let Err(error) = write_table(&mut self.slots, start, service_id, backends) {
+            self.slot_ranges.release(start, len);
+            return Err(error);
+        }
+        Ok(start)
+    }
+
+    /// Puts back what a failed put_service changed among `written` frontends: new ones are
+    /// removed, existing ones get their previous entry again.
+    fn undo_frontends(&mut self, written: &[Frontend4Key]) {
+        for key in written {
+            // The entry the key had before this call: its owner's (this service's previous
+            // version, or the service it was taken from), or none.
+            let before = self.owners.get(key).and_then(|owner| {
+                let installed = self.installed.get(owner)?;
+                Some(ServiceValue {
+                    service_id: *owner,
+                    backend_count: installed.backends.len() as u16,
+                    legacy_revision: 0,
+                    flags: *installed.frontends.get(key)?,
+                    affinity_timeout_s: installed.affinity_timeout_s,
+                    maglev_table: installed.maglev_table.unwrap_or(0),
+                    slots: installed.slots,
+                })
+            });
+            let _ = match before {
+                Some(value) => self.frontends.insert(key, &value, 0),
+                None => self.frontends.remove(key),
+            };
+        }
+    }
+
+    /// Records the name of a service id (for `lb services` and the metrics' labels). Longer
+    /// names are cut at [`lb_common::SERVICE_NAME_LEN`] bytes.
+    pub fn set_service_name(&mut self, id: u32, name: &str) -> Result<()> {
+        if self.names.get(&id).map(String::as_str) == Some(name) {
+            return Ok(());
+        }
+        let mut value = [0u8; SERVICE_NAME_LEN];
+        let bytes = name.as_bytes();
+        let len = bytes.len().min(SERVICE_NAME_LEN);
+        value[..len].copy_from_slice(&bytes[..len]);
+        self.service_names
+            .insert(&id, &value, 0)
+            .map_err(|source| map_error(map_names::SERVICE_NAMES, "update", source))?;
+        self.names.insert(id, name.to_owned());
+        Ok(())
+    }
+
+    /// Removes a service: its frontends first (new packets stop matching), then its table.
+    pub fn remove_service(&mut self, id: u32) -> Result<()> {
+        if self.names.remove(&id).is_some() {
+            remove(
+                &mut self.service_names,
+                map_names::SERVICE_NAMES,
+                &id,
+                || format!("service {id} name"),
+            )?;
+        }
+        let Some(installed) = self.installed.remove(&id) else {
+            return Ok(());
+        };
+        self.record_departed_udp(id, &installed.backends.iter().copied().collect());
+        self.remove_source_ranges(id, installed.source_ranges.iter())?;
+        if installed.affinity_timeout_s != 0 {
+            self.release_affinity(id, &installed.backends.iter().copied().collect())?;
+        }
+        for key in installed.frontends.keys() {
+            remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
+                format!("service {id} frontend {key:?}")
+            })?;
+            if self.owners.remove(key).is_some() {
+                self.frontend_filter.release(key)?;
+            }
+        }
+        self.slot_ranges
+            .release(installed.slots, installed.backends.len() as u32);
+        Ok(())
+    }
+
+    /// Zeroes a service id's counters on every CPU.
+    fn reset_service_counter(&mut self, id: u32) -> Result<()> {
+        let operation = || format!("zero the counters of service {id}");
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::PerCpu {
+            map: map_names::SERVICE_COUNTERS,
+            operation: operation(),
+            source,
+        })?;
+        let zeros = PerCpuValues::try_from(vec![ServiceCounter::default(); cpus.get() as usize])
+            .map_err(|source| DatapathError::PerCpu {
+                map: map_names::SERVICE_COUNTERS,
+                operation: operation(),
+                source,
+            })?;
+        self.service_counters
+            .set(id, zeros, 0)
+            .map_err(|source| map_error(map_names::SERVICE_COUNTERS, &operation(), source))
+    }
+
+    fn validate(&self, service: &Service) -> Result<()> {
+        let invalid = |why: String| {
+            Err(DatapathError::Invalid(format!(
+                "service {}: {why}",
+                service.id
+            )))
+        };
+        if service.id >= limits::MAX_SERVICES {
+            return invalid(format!(
+                "id out of range (max {})",
+                limits::MAX_SERVICES - 1
+            ));
+        }
+        if service.backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
+            return invalid(format!(
+                "{} backends, more than the {} a service can select from",
+                service.backends.len(),
+                limits::MAX_BACKENDS_PER_SERVICE
+            ));
+        }
+        if service.frontends.is_empty() {
+            return invalid("no frontend".into());
+        }
+        for frontend in &service.frontends {
+            if frontend.port == 0 {
+                return invalid(format!("frontend {frontend:?} has port 0"));
+            }
+            if ![lb_common::proto::TCP, lb_common::proto::UDP].contains(&frontend.proto) {
+                return invalid(format!("frontend {frontend:?}: protocol not TCP or UDP"));
+            }
+        }
+        if let Some(range) = service.source_ranges.iter().find(|(_, len)| *len > 32) {
+            return invalid(format!("source range {range:?}: prefix length above 32"));
+        }
+        // The LPM trie holds one entry per (service, prefix): 10.1.2.3/8 would be the entry of
+        // 10.0.0.0/8, and removing either from the set would remove the entry both need.
+        if let Some(range) = service.source_ranges.iter().find(|(addr, len)| {
+            let cidr = Ipv4Cidr {
+                addr: *addr,
+                prefix_len: *len,
+            };
+            cidr.network() != cidr
+        }) {
+            return invalid(format!(
+                "source range {range:?}: host bits set (compile masks them)"
+            ));
+        }
+        for id in &service.backends {
+            if !self.installed_backends.contains_key(id) {
+                return invalid(format!("backend {id} is not in the backends map"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `backends` into the cells of the slot array from `start`, each marked as `service_id`'s.
+pub(super) fn write_table(
+    slots: &mut Array<MapData, Slot>,
+    start: u32,
+    service_id: u32,
+    backends: &[u32],
+) -> Result<()> {
+    for (index, &backend_id) in (start..).zip(backends) {
+        let cell = Slot {
+            service_id,
+            backend_id,
+        };
+        slots
+            .set(index, &cell, 0)
+            .map_err(|source| map_error(map_names::SLOTS4, "write", source))?;
+    }
+    Ok(())
+}
+
+/// Frontend keys with the flags their entries carry: the frontends' kinds (a key used by several
+/// kinds of one service gets all of them) plus the service's policy bits.
+pub fn frontend_flags(service: &Service) -> BTreeMap<Frontend4Key, u32> {
+    let policy = service.flags & !service_flags::KINDS;
+    let mut flags = BTreeMap::new();
+    for frontend in &service.frontends {
+        *flags.entry(frontend.key()).or_insert(policy) |= frontend.kind & service_flags::KINDS;
+    }
+    flags
+}
+
+fn source_range_key(service_id: u32, (addr, prefix_len): &(Ipv4Addr, u8)) -> LpmKey<SourceRange4> {
+    LpmKey::new(
+        32 + u32::from(*prefix_len),
+        SourceRange4 {
+            service_id_be: service_id.to_be(),
+            addr: u32::from(*addr).to_be(),
+        },
+    )
+}
+
+/// E2BIG from BPF_MAP_UPDATE_ELEM: the map holds max_entries already.
+fn is_full(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(syscall) if syscall.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
+fn insert<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    capacity: u32,
+    key: &K,
+    value: &V,
+    operation: impl Fn() -> String,
+) -> Result<()> {
+    map.insert(key, value, 0).map_err(|source| {
+        if is_full(&source) {
+            DatapathError::MapFull {
+                map: name,
+                capacity,
+                operation: operation(),
+            }
+        } else {
+            map_error(name, &operation(), source)
+        }
+    })
+}
+
+/// Removes a key; a key that is already gone is not an error (removal is idempotent).
+fn remove<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    key: &K,
+    operation: impl Fn() -> String,
+) -> Result<()> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(syscall))
+            if syscall.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(map_error(name, &operation(), source)),
+    }
+}
