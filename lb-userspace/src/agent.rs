@@ -98,8 +98,8 @@ impl AgentConfig {
 /// Loads and attaches the datapath, then keeps the maps in step with the source until SIGTERM
 /// or SIGINT.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let bpffs = std::path::Path::new(crate::bpffs::DEFAULT_MOUNT);
-    if !config.mount_bpffs && !crate::bpffs::is_mounted(bpffs)? {
+    let bpffs = std::path::Path::new(crate::datapath::bpffs::DEFAULT_MOUNT);
+    if !config.mount_bpffs && !crate::datapath::bpffs::is_mounted(bpffs)? {
         anyhow::bail!(
             "no bpffs at {}: mount the host's (`lb init-node`, or mount -t bpf bpf {0}) and \
              give it to the agent, or allow the agent to mount one (--mount-bpffs true)",
@@ -691,13 +691,13 @@ fn publish_event(
 
 /// `lb run --cleanup`: removes the pins the agent created (links, programs, maps), which
 /// detaches the datapath, and the pin directory; refuses any path that is not a pin directory
-/// ([`crate::pins::remove`]). Missing state is not an error.
+/// ([`crate::datapath::pins::remove`]). Missing state is not an error.
 pub fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    match crate::pins::remove(pin_dir)? {
-        crate::pins::Cleanup::Absent => {
+    match crate::datapath::pins::remove(pin_dir)? {
+        crate::datapath::pins::Cleanup::Absent => {
             info!(pin_dir = %pin_dir.display(), "nothing to remove");
         }
-        crate::pins::Cleanup::Removed(pins) => {
+        crate::datapath::pins::Cleanup::Removed(pins) => {
             info!(pin_dir = %pin_dir.display(), pins, "removed");
         }
     }

@@ -172,7 +172,7 @@ pub fn explain(
 /// places endpoints); XDP otherwise. The route is this process's network namespace's: run in
 /// the node's (the DaemonSet's pod is).
 fn decide_path(pin_dir: &Path, client: Ipv4Addr, reasons: &mut Vec<String>) -> Hook {
-    let links: Vec<String> = std::fs::read_dir(pin_dir.join(crate::datapath::LINKS_DIR))
+    let links: Vec<String> = std::fs::read_dir(pin_dir.join(crate::datapath::pins::LINKS_DIR))
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
@@ -430,7 +430,7 @@ fn summarize(value: &ServiceValue) -> ServiceSummary {
 /// A map of the agent, through a read-only descriptor (BPF_F_RDONLY).
 fn pinned(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     let path = pin_dir.join(name);
-    crate::bpf_obj::open_map_read_only(&path).with_context(|| {
+    crate::datapath::bpf_obj::open_map_read_only(&path).with_context(|| {
         format!(
             "opening {} (is the agent running with this --pin-dir?)",
             path.display()

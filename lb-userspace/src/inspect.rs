@@ -182,7 +182,7 @@ impl PinnedMaps {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         let open = |name: &str| -> anyhow::Result<MapData> {
             let path = pin_dir.join(name);
-            crate::bpf_obj::open_map_read_only(&path).with_context(|| {
+            crate::datapath::bpf_obj::open_map_read_only(&path).with_context(|| {
                 format!(
                     "opening {} (is the agent running with --pin-dir {}?)",
                     path.display(),
@@ -619,7 +619,7 @@ mod tests {
 
     #[test]
     fn inspection_opens_every_map_read_only_and_the_kernel_refuses_its_writes() {
-        crate::bpffs::with_private_bpffs(|bpffs| {
+        crate::datapath::bpffs::with_private_bpffs(|bpffs| {
             let pin_dir = bpffs.join("lb");
             let mut datapath = crate::datapath::Datapath::load(&pin_dir).expect("datapath");
             let backend = crate::compile::model::Backend {

@@ -1,9 +1,6 @@
 //! The agent's library: everything `lb` does, usable from the integration tests and benchmarks.
 
 pub mod agent;
-pub mod bpf_link;
-pub mod bpf_obj;
-pub mod bpffs;
 pub mod compile;
 pub mod counter;
 pub mod datapath;
@@ -15,7 +12,6 @@ pub mod metrics;
 pub mod node;
 pub mod object;
 pub mod orphans;
-pub mod pins;
 pub mod reconcile;
 pub mod route;
 pub mod serve;

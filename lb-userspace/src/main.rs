@@ -511,7 +511,7 @@ fn check_readable(path: &std::path::Path) -> anyhow::Result<()> {
 
 /// `lb init-node`: what the agent in the DaemonSet needs done with privileges it does not have.
 fn init_node(interfaces: &[String], pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    use lb_userspace::bpffs;
+    use lb_userspace::datapath::bpffs;
     let mount = std::path::Path::new(bpffs::DEFAULT_MOUNT);
     if bpffs::is_mounted(mount)? {
         println!("bpffs already mounted at {}", mount.display());

@@ -14,16 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 
-/// What the kernel accepts as an interface name (`dev_valid_name` in net/core/dev.c). A name is
-/// checked before it becomes part of a path under /proc/sys.
-pub fn is_interface_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() < libc::IFNAMSIZ
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', ':'])
-        && !name.chars().any(char::is_whitespace)
-}
+use crate::datapath::nic::is_interface_name;
 
 /// `/proc/sys/net/ipv4/conf/<iface>/accept_local`, of the caller's network namespace.
 fn accept_local_path(iface: &str) -> anyhow::Result<PathBuf> {
@@ -201,8 +192,8 @@ pub fn check_mounts(
             );
         }
     }
-    let default_mount = Path::new(crate::bpffs::DEFAULT_MOUNT);
-    if !pin_dir.starts_with(default_mount) || crate::bpffs::is_mounted(default_mount)? {
+    let default_mount = Path::new(crate::datapath::bpffs::DEFAULT_MOUNT);
+    if !pin_dir.starts_with(default_mount) || crate::datapath::bpffs::is_mounted(default_mount)? {
         return Ok(());
     }
     let hint = mounts.bare_sys_hint(pin_dir);

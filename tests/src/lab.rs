@@ -42,7 +42,9 @@ impl Lab {
     /// A new, empty lab. Needs root. Mounts bpffs when missing and sweeps labs of dead processes.
     pub fn new() -> anyhow::Result<Self> {
         ensure_root()?;
-        lb_userspace::bpffs::ensure_mounted(Path::new(lb_userspace::bpffs::DEFAULT_MOUNT))?;
+        lb_userspace::datapath::bpffs::ensure_mounted(Path::new(
+            lb_userspace::datapath::bpffs::DEFAULT_MOUNT,
+        ))?;
         sweep_dead_labs();
         let prefix = format!(
             "{NAME_PREFIX}{}x{}",
@@ -557,8 +559,8 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new(lab: &Lab, name: &str) -> anyhow::Result<Self> {
-        let path =
-            Path::new(lb_userspace::bpffs::DEFAULT_MOUNT).join(format!("{}-{name}", lab.prefix()));
+        let path = Path::new(lb_userspace::datapath::bpffs::DEFAULT_MOUNT)
+            .join(format!("{}-{name}", lab.prefix()));
         std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self { path })
     }
@@ -656,7 +658,7 @@ fn sweep_dead_labs() {
             }
         }
     }
-    if let Ok(entries) = std::fs::read_dir(lb_userspace::bpffs::DEFAULT_MOUNT) {
+    if let Ok(entries) = std::fs::read_dir(lb_userspace::datapath::bpffs::DEFAULT_MOUNT) {
         for entry in entries.filter_map(Result::ok) {
             if let Some(name) = entry.file_name().to_str()
                 && let Some(pid) = lab_owner(name)

@@ -40,7 +40,7 @@ impl BpffsMount {
         ));
         std::fs::create_dir(&path)?;
         let mount = Self { path };
-        lb_userspace::bpffs::mount(&mount.path)?;
+        lb_userspace::datapath::bpffs::mount(&mount.path)?;
         Ok(mount)
     }
 }

@@ -504,7 +504,7 @@ fn probes_scrape_port_and_host_mounts_match_the_agent_settings() {
     // The agent looks for bpffs at bpffs::DEFAULT_MOUNT, so the host's must be at that same
     // path in the pod. The init container mounts it on the host when missing; the agent must
     // not mount one of its own (it would stay in the container with every pin).
-    let bpffs_mount = lb_userspace::bpffs::DEFAULT_MOUNT;
+    let bpffs_mount = lb_userspace::datapath::bpffs::DEFAULT_MOUNT;
     let bpffs = mount_of(bpffs_mount);
     assert_eq!(bpffs.mount_path, bpffs_mount);
     assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
@@ -907,7 +907,7 @@ fn the_agent_accepts_every_configmap_value() {
         // then only removes the agent's pins: here of a pin directory on a private bpffs (the
         // flag wins over LB_PIN_DIR), whose removal shows that the run got that far.
         let pin_dir = bpffs.join("lb");
-        std::fs::create_dir_all(pin_dir.join(lb_userspace::datapath::LINKS_DIR))
+        std::fs::create_dir_all(pin_dir.join(lb_userspace::datapath::pins::LINKS_DIR))
             .expect("pin directory");
         let output = Command::new(sibling_binary("lb").expect("lb binary"))
             .args(["run", "--cleanup", "--pin-dir"])

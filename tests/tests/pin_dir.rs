@@ -12,9 +12,10 @@ use std::{
 use aya::maps::{HashMap, MapData};
 use lab::{peer::sibling_binary, private_bpffs::with_private_bpffs};
 use lb_common::map_names;
-use lb_userspace::{
+use lb_userspace::datapath::{
+    Datapath,
     bpffs::{self, BpffsError},
-    datapath::{Datapath, LINKS_DIR},
+    pins::LINKS_DIR,
 };
 
 /// A small map pinned at `path`, as another tool (or an older agent) would leave one.

@@ -29,7 +29,9 @@ use lb_common::{
 };
 
 use super::{
-    Datapath, DatapathError, InstalledService, LINKS_DIR, Result, ServiceName, map_error,
+    Datapath, DatapathError, InstalledService, Result, ServiceName, map_error,
+    nic::{interface_name, nic_address},
+    pins::LINKS_DIR,
     read::{read_backends, read_installed, read_service_names},
     write::{FrontendFilter, write_table},
 };
@@ -47,8 +49,8 @@ impl Datapath {
     /// and pinning them there. bpffs is mounted at its usual place when missing; the pin
     /// directory is created 0700 and refused when it is not on bpffs or not this user's.
     pub fn load(pin_dir: &Path) -> Result<Self> {
-        crate::bpffs::ensure_mounted(Path::new(crate::bpffs::DEFAULT_MOUNT))?;
-        crate::bpffs::create_pin_dir(pin_dir)?;
+        super::bpffs::ensure_mounted(Path::new(super::bpffs::DEFAULT_MOUNT))?;
+        super::bpffs::create_pin_dir(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(DATAPATH_OBJECT)
@@ -152,7 +154,7 @@ impl Datapath {
         // The NIC becomes a port XDP may send frames out of (XDP_REDIRECT).
         self.allow_redirect_to(ifindex, true)?;
         let name = program_names::XDP_LB;
-        let pin = self.link_pin(&crate::pins::xdp_link_name(iface))?;
+        let pin = self.link_pin(&super::pins::xdp_link_name(iface))?;
         let program = program_mut::<Xdp>(&mut self.ebpf, name)?;
         let operation = || format!("attach to {iface} ({mode:?})");
         if let Some(link) = take_pinned_link(&pin, name)? {
@@ -176,7 +178,7 @@ impl Datapath {
     /// (TCX on kernels >= 6.6), pinned like [`Datapath::attach_xdp`].
     pub fn attach_tc_egress(&mut self, iface: &str) -> Result<()> {
         let name = program_names::TC_EGRESS;
-        let pin = self.link_pin(&crate::pins::tc_egress_link_name(iface))?;
+        let pin = self.link_pin(&super::pins::tc_egress_link_name(iface))?;
         let program = program_mut::<SchedClassifier>(&mut self.ebpf, name)?;
         let operation = || format!("attach to {iface} egress");
         if let Some(link) = take_pinned_link(&pin, name)? {
@@ -272,7 +274,7 @@ impl Datapath {
     /// Where the link of one attachment is pinned.
     fn link_pin(&self, name: &str) -> Result<PathBuf> {
         let dir = self.pin_dir.join(LINKS_DIR);
-        crate::bpffs::create_pin_dir(&dir)?;
+        super::bpffs::create_pin_dir(&dir)?;
         Ok(dir.join(name))
     }
 
@@ -424,56 +426,6 @@ fn link_error(
     }
 }
 
-/// The ifindex and MAC of a NIC of the calling thread's network namespace (through the kernel,
-/// not /sys, which shows the namespace it was mounted in).
-fn nic_address(iface: &str) -> Result<(u32, [u8; 6])> {
-    let name = interface_name(iface)?;
-    let not_found = || DatapathError::InterfaceName(iface.to_owned());
-    // SAFETY: name is a NUL-terminated string that outlives the call.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        return Err(not_found());
-    }
-    // SAFETY: a plain socket call; the descriptor is owned (and closed) right away.
-    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if socket < 0 {
-        return Err(not_found());
-    }
-    // SAFETY: socket is a descriptor we just opened and own.
-    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(socket) };
-    // SAFETY: an all-zero ifreq is valid; the name is copied in below, NUL-terminated.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    let bytes = name.as_bytes();
-    if bytes.len() >= request.ifr_name.len() {
-        return Err(not_found());
-    }
-    for (slot, byte) in request.ifr_name.iter_mut().zip(bytes) {
-        *slot = *byte as libc::c_char;
-    }
-    // SAFETY: SIOCGIFHWADDR reads ifr_name and writes ifr_hwaddr of this ifreq.
-    let rc = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SIOCGIFHWADDR,
-            &mut request,
-        )
-    };
-    if rc != 0 {
-        return Err(not_found());
-    }
-    // SAFETY: on success the kernel filled the hardware-address member of the union.
-    let hwaddr = unsafe { request.ifr_ifru.ifru_hwaddr };
-    let mut mac = [0u8; 6];
-    for (byte, value) in mac.iter_mut().zip(hwaddr.sa_data) {
-        *byte = value as u8;
-    }
-    Ok((ifindex, mac))
-}
-
-fn interface_name(iface: &str) -> Result<std::ffi::CString> {
-    std::ffi::CString::new(iface).map_err(|_| DatapathError::InterfaceName(iface.to_owned()))
-}
-
 /// The link pinned at `path` by an earlier run, if any.
 fn take_pinned_link(path: &Path, program: &'static str) -> Result<Option<FdLink>> {
     if !path.exists() {
@@ -493,7 +445,7 @@ fn update_pinned_link(
 ) -> Result<()> {
     let operation = || format!("update the link pinned at {}", path.display());
     let program = program.map_err(|source| program_error(name, operation(), source))?;
-    crate::bpf_link::update_pinned(path, program.as_fd()).map_err(|source| {
+    super::bpf_link::update_pinned(path, program.as_fd()).map_err(|source| {
         program_error(
             name,
             operation(),

@@ -30,7 +30,12 @@ use lb_common::{
 
 use crate::{compile::model::Backend, slot_ranges::SlotRanges};
 
+pub mod bpf_link;
+pub mod bpf_obj;
+pub mod bpffs;
 mod load;
+pub mod nic;
+pub mod pins;
 mod read;
 mod write;
 
@@ -43,15 +48,12 @@ pub use write::frontend_flags;
 /// Where the agent pins its maps and programs.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
-/// Subdirectory of the pin directory holding the pinned attachments (bpf_links).
-pub const LINKS_DIR: &str = "links";
-
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("creating pin directory {path}")]
     PinDir { path: PathBuf, source: io::Error },
     #[error(transparent)]
-    Bpffs(#[from] crate::bpffs::BpffsError),
+    Bpffs(#[from] bpffs::BpffsError),
     #[error("loading the eBPF object (maps pinned under {pin_dir})")]
     Load {
         pin_dir: PathBuf,

@@ -13,7 +13,10 @@ use std::{
 
 use lb_common::{map_names, program_names};
 
-use crate::{bpffs, datapath::LINKS_DIR};
+use super::{bpffs, nic::is_interface_name};
+
+/// Subdirectory of the pin directory holding the pinned attachments (bpf_links).
+pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
 pub const PROGRAMS: [&str; 8] = [
@@ -65,7 +68,7 @@ pub fn is_agent_link(name: &str) -> bool {
         || [XDP_LINK_PREFIX, TC_EGRESS_LINK_PREFIX]
             .iter()
             .filter_map(|prefix| name.strip_prefix(prefix))
-            .any(crate::node::is_interface_name)
+            .any(is_interface_name)
 }
 
 #[derive(Debug, thiserror::Error)]

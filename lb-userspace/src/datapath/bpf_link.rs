@@ -23,7 +23,7 @@ struct LinkUpdateAttr {
 
 /// Replaces the program of the bpf_link pinned at `path` with `program`.
 pub fn update_pinned(path: &Path, program: BorrowedFd<'_>) -> io::Result<()> {
-    let link = crate::bpf_obj::open_pinned(path, crate::bpf_obj::Access::ReadWrite)?;
+    let link = super::bpf_obj::open_pinned(path, super::bpf_obj::Access::ReadWrite)?;
     let attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: program.as_raw_fd() as u32,
