@@ -33,9 +33,10 @@ use super::{
     nic::{interface_name, nic_address},
     pins::LINKS_DIR,
     read::{read_backends, read_installed, read_service_names},
+    slot_ranges::SlotRanges,
     write::{FrontendFilter, write_table},
 };
-use crate::{object::DATAPATH_OBJECT, slot_ranges::SlotRanges};
+use crate::object::DATAPATH_OBJECT;
 
 const SOCKET_HOOKS: [&str; 4] = [
     program_names::CONNECT4,

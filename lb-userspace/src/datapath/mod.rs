@@ -28,20 +28,23 @@ use lb_common::{
     SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SourceRange4,
 };
 
-use crate::{compile::model::Backend, slot_ranges::SlotRanges};
+use crate::compile::model::Backend;
 
 pub mod bpf_link;
 pub mod bpf_obj;
 pub mod bpffs;
 mod load;
+pub mod maglev;
 pub mod nic;
 pub mod pins;
 mod read;
+pub mod slot_ranges;
 mod write;
 
 pub(crate) use read::{
     read_backends, read_events, read_installed, read_service_counter, read_service_names,
 };
+use slot_ranges::SlotRanges;
 use write::FrontendFilter;
 pub use write::frontend_flags;
 

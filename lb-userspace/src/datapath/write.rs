@@ -456,7 +456,7 @@ impl Datapath {
                 format!("{}:{}/{}", backend.addr, backend.port, backend.proto)
             })
             .collect();
-        let slots = crate::maglev::table(&identities, maglev::TABLE_SIZE).map_err(|error| {
+        let slots = super::maglev::table(&identities, maglev::TABLE_SIZE).map_err(|error| {
             DatapathError::Invalid(format!("service {}: Maglev table: {error}", service.id))
         })?;
         let base = table * maglev::TABLE_SIZE;

@@ -1,5 +1,6 @@
-//! Maglev benchmark: disruption and balance of the lookup tables of `lb_userspace::maglev`, and
-//! the time to build them. Pure computation, no root, no kernel.
+//! Maglev benchmark: disruption and balance of the lookup tables of
+//! `lb_userspace::datapath::maglev`, and the time to build them. Pure computation, no root, no
+//! kernel.
 //!
 //! For N backends and a table of M slots: (a) remove one backend, or add one, and count the table
 //! slots whose owner changed (raw, and the "unnecessary" part: slots that moved between two
@@ -14,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use lb_userspace::maglev::{self, DEFAULT_TABLE_SIZE, LARGE_TABLE_SIZE};
+use lb_userspace::datapath::maglev::{self, DEFAULT_TABLE_SIZE, LARGE_TABLE_SIZE};
 
 const FLOWS: usize = 1_000_000;
 const SIZES: [u32; 2] = [DEFAULT_TABLE_SIZE, LARGE_TABLE_SIZE];
