@@ -1,5 +1,5 @@
 //! Builds the eBPF object (the `lb-ebpf` binary) with the nightly pinned in
-//! lb-ebpf/rust-toolchain.toml and leaves it in OUT_DIR, where src/object.rs embeds it.
+//! lb-ebpf/rust-toolchain.toml and leaves it in OUT_DIR, where src/datapath/object.rs embeds it.
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {

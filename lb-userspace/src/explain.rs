@@ -26,7 +26,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::{object::DATAPATH_OBJECT, testrun::test_run};
+use crate::datapath::{object::DATAPATH_OBJECT, testrun::test_run};
 
 const IPPROTO_ICMP: u8 = 1;
 const XDP_DROP: u32 = 1;
@@ -518,7 +518,10 @@ fn affinity(
 /// a program may use any map it was loaded with whatever the descriptor's mode (the verifier's
 /// `add_used_map` in kernel/bpf/verifier.c takes the map with `__bpf_map_get`, which checks no
 /// mode). What keeps this copy from writing is DRY_RUN, checked by the program before each write.
-fn run_dry(pin_dir: &Path, packet: &[u8]) -> anyhow::Result<crate::testrun::TestRunOutput> {
+fn run_dry(
+    pin_dir: &Path,
+    packet: &[u8],
+) -> anyhow::Result<crate::datapath::testrun::TestRunOutput> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .override_global("DRY_RUN", &1u8, true)

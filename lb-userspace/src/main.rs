@@ -8,8 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig},
     compile::model::Ipv4Cidr,
-    counter::XdpCounter,
-    datapath::DEFAULT_PIN_DIR,
+    datapath::{DEFAULT_PIN_DIR, counter::XdpCounter},
     explain::Hook,
     inspect::ConntrackFilter,
 };

@@ -73,7 +73,7 @@ pub struct ReconcileReport {
     /// other service was still reconciled.
     pub errors: Vec<(ServicePortKey, DatapathError)>,
     /// Connected UDP sockets aborted because their backend left the service (step 4).
-    pub udp_sockets: crate::sock_diag::DestroyReport,
+    pub udp_sockets: crate::datapath::sock_diag::DestroyReport,
 }
 
 impl ReconcileReport {

@@ -195,12 +195,12 @@ mod tests {
         let header: Vec<u8> = (0..44).collect();
         let program = super::load_generator(&header).expect("load");
         let frame = crate::packet::non_ip(0x0806, 60);
-        let run = lb_userspace::testrun::test_run(&program, &frame).expect("run");
+        let run = lb_userspace::datapath::testrun::test_run(&program, &frame).expect("run");
         assert_eq!(run.verdict, super::XDP_TX as u32);
         assert_eq!(run.packet[..44], header[..]);
         assert_eq!(run.packet[44..], frame[44..]);
         let short = &frame[..40];
-        let run = lb_userspace::testrun::test_run(&program, short).expect("run");
+        let run = lb_userspace::datapath::testrun::test_run(&program, short).expect("run");
         assert_eq!(run.verdict, super::XDP_PASS as u32);
         assert_eq!(run.packet, short);
     }
@@ -209,7 +209,7 @@ mod tests {
     fn passes_every_frame_untouched() {
         let program = super::load().expect("load");
         let frame = crate::packet::non_ip(0x0806, 60);
-        let run = lb_userspace::testrun::test_run(&program, &frame).expect("run");
+        let run = lb_userspace::datapath::testrun::test_run(&program, &frame).expect("run");
         assert_eq!(run.verdict, 2);
         assert_eq!(run.packet, frame);
     }

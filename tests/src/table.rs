@@ -4,7 +4,7 @@
 
 use std::{fmt::Write as _, os::fd::AsFd};
 
-use lb_userspace::testrun::test_run;
+use lb_userspace::datapath::testrun::test_run;
 
 /// What the program must leave in the packet.
 #[derive(Clone, Debug)]

@@ -15,7 +15,7 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::XdpMode;
-use lb_userspace::counter::XdpCounter;
+use lb_userspace::datapath::counter::XdpCounter;
 
 use crate::lab::{Host, Lab};
 

@@ -16,8 +16,7 @@ use aya::programs::XdpMode;
 use lb_common::{DatapathConfig, proto, service_flags};
 use lb_userspace::{
     compile::model::{Backend, Frontend, Service},
-    counter::XdpCounter,
-    datapath::Datapath,
+    datapath::{Datapath, counter::XdpCounter},
 };
 
 use crate::{

@@ -827,12 +827,12 @@ impl SnatFixture {
         }
     }
 
-    fn xdp(&self, frame: &[u8]) -> lb_userspace::testrun::TestRunOutput {
+    fn xdp(&self, frame: &[u8]) -> lb_userspace::datapath::testrun::TestRunOutput {
         let program = self
             .datapath
             .program_fd(lb_common::program_names::XDP_LB)
             .expect("fd");
-        lb_userspace::testrun::test_run(program, frame).expect("run")
+        lb_userspace::datapath::testrun::test_run(program, frame).expect("run")
     }
 
     /// Sends a new flow's SYN; the SNAT port it got, or None when it was dropped.
@@ -1246,11 +1246,11 @@ fn after_a_flood_that_evicts_halves_every_flow_is_whole_again_on_its_next_packet
     let started = std::time::Instant::now();
     for index in 0..FLOOD {
         set_source(&mut syn, client(index));
-        let run = lb_userspace::testrun::test_run(xdp, &syn).expect("run");
+        let run = lb_userspace::datapath::testrun::test_run(xdp, &syn).expect("run");
         assert_eq!(run.verdict, XDP_PASS, "flood syn {index}");
         if index % 10 == 0 {
             set_destination(&mut syn_ack, client(index));
-            let run = lb_userspace::testrun::test_run(tc, &syn_ack).expect("run");
+            let run = lb_userspace::datapath::testrun::test_run(tc, &syn_ack).expect("run");
             assert_eq!(run.verdict, TC_ACT_OK, "syn-ack {index}");
         }
     }
@@ -1284,7 +1284,7 @@ fn after_a_flood_that_evicts_halves_every_flow_is_whole_again_on_its_next_packet
         }))
     {
         let client = SocketAddrV4::new(Ipv4Addr::from(saddr), sport);
-        let run = lb_userspace::testrun::test_run(
+        let run = lb_userspace::datapath::testrun::test_run(
             xdp,
             &packet::tcp(client, FRONTEND, TcpFlags::ACK, b"next"),
         )
@@ -1295,7 +1295,7 @@ fn after_a_flood_that_evicts_halves_every_flow_is_whole_again_on_its_next_packet
             packet::tcp(client, POD_A, TcpFlags::ACK, b"next"),
             "{client}: to the pod"
         );
-        let answer = lb_userspace::testrun::test_run(
+        let answer = lb_userspace::datapath::testrun::test_run(
             tc,
             &packet::tcp(POD_A, client, TcpFlags::ACK, b"answer"),
         )
@@ -1389,9 +1389,11 @@ fn one_client_port_to_two_frontends_of_one_endpoint_gets_its_source_port_remappe
             Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
         )],
     );
-    let second =
-        lb_userspace::testrun::test_run(xdp(), &packet::tcp(CLIENT, external, TcpFlags::SYN, b""))
-            .expect("run");
+    let second = lb_userspace::datapath::testrun::test_run(
+        xdp(),
+        &packet::tcp(CLIENT, external, TcpFlags::SYN, b""),
+    )
+    .expect("run");
     assert_eq!(second.verdict, XDP_PASS);
     let parsed = etherparse::SlicedPacket::from_ethernet(&second.packet).expect("parse");
     let Some(etherparse::TransportSlice::Tcp(tcp)) = parsed.transport else {

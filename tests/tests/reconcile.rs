@@ -11,9 +11,8 @@ use lab::{
 use lb_common::{backend_flags, proto, service_flags};
 use lb_userspace::{
     compile::model::{Backend, Desired, DesiredService, Frontend, ServicePortKey},
-    datapath::{Datapath, DatapathError},
+    datapath::{Datapath, DatapathError, testrun::test_run},
     reconcile::Reconciler,
-    testrun::test_run,
 };
 
 fn key(name: &str) -> ServicePortKey {

@@ -18,8 +18,7 @@ use lb_common::{
 };
 use lb_userspace::{
     compile::model::{Backend, Frontend, Service},
-    datapath::Datapath,
-    testrun::test_run,
+    datapath::{Datapath, testrun::test_run},
 };
 
 const XDP_DROP: u32 = 1;

@@ -14,7 +14,7 @@ use lab::{
     },
 };
 use lb_common::program_names;
-use lb_userspace::testrun::test_run_on;
+use lb_userspace::datapath::testrun::test_run_on;
 
 #[test]
 fn node_port_answers_from_another_node_leave_through_the_clients_nic() {

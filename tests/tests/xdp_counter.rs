@@ -12,7 +12,7 @@ use lab::{
     topology::{Cluster, ClusterSpec, FABRIC_IFACE, node_addr},
 };
 use lb_common::PacketClass;
-use lb_userspace::counter::XdpCounter;
+use lb_userspace::datapath::counter::XdpCounter;
 
 const XDP_PASS: u32 = 2;
 

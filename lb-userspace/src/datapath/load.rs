@@ -28,6 +28,7 @@ use lb_common::{
     program_names,
 };
 
+use super::object::DATAPATH_OBJECT;
 use super::{
     Datapath, DatapathError, InstalledService, Result, ServiceName, map_error,
     nic::{interface_name, nic_address},
@@ -36,7 +37,6 @@ use super::{
     slot_ranges::SlotRanges,
     write::{FrontendFilter, write_table},
 };
-use crate::object::DATAPATH_OBJECT;
 
 const SOCKET_HOOKS: [&str; 4] = [
     program_names::CONNECT4,

@@ -33,12 +33,16 @@ use crate::compile::model::Backend;
 pub mod bpf_link;
 pub mod bpf_obj;
 pub mod bpffs;
+pub mod counter;
 mod load;
 pub mod maglev;
 pub mod nic;
+pub mod object;
 pub mod pins;
 mod read;
 pub mod slot_ranges;
+pub mod sock_diag;
+pub mod testrun;
 mod write;
 
 pub(crate) use read::{

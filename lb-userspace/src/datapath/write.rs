@@ -391,13 +391,13 @@ impl Datapath {
     /// service and backend, and still connected to it, are touched; TCP is left alone (like
     /// kube-proxy, established connections to a removed endpoint stay). The agent calls this
     /// once per sync.
-    pub fn abort_udp_sockets_of_departed_backends(&mut self) -> crate::sock_diag::DestroyReport {
+    pub fn abort_udp_sockets_of_departed_backends(&mut self) -> super::sock_diag::DestroyReport {
         let departed = std::mem::take(&mut self.departed_udp);
         if departed.is_empty() {
             return Default::default();
         }
         let mut targets = BTreeMap::new();
-        let mut report = crate::sock_diag::DestroyReport::default();
+        let mut report = super::sock_diag::DestroyReport::default();
         for entry in self.sock_nat.iter() {
             let (key, value) = match entry {
                 Ok(entry) => entry,
@@ -421,7 +421,7 @@ impl Datapath {
                 targets.insert(key.cookie, backend);
             }
         }
-        let aborted = crate::sock_diag::destroy_connected_udp(&targets);
+        let aborted = super::sock_diag::destroy_connected_udp(&targets);
         report.destroyed += aborted.destroyed;
         report.failed += aborted.failed;
         report.errors.extend(aborted.errors);

@@ -37,8 +37,7 @@ use lab::{
 use lb_common::{DatapathConfig, backend_flags, proto, service_flags};
 use lb_userspace::{
     compile::model::{Backend, Frontend, Service},
-    datapath::Datapath,
-    testrun::test_run_live,
+    datapath::{Datapath, testrun::test_run_live},
 };
 use serde::Serialize;
 

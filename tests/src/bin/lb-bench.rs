@@ -32,8 +32,10 @@ use lab::{
 use lb_common::{limits, program_names, proto, service_flags};
 use lb_userspace::{
     compile::model::{Backend, Frontend, Service},
-    datapath::Datapath,
-    testrun::{TestRunOutput, test_run},
+    datapath::{
+        Datapath,
+        testrun::{TestRunOutput, test_run},
+    },
 };
 use serde::Serialize;
 

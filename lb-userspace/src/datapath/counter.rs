@@ -9,7 +9,7 @@ use aya::{
 };
 use lb_common::{PacketClass, PacketCounter, map_names, program_names};
 
-use crate::object::COUNTER_OBJECT;
+use super::object::COUNTER_OBJECT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CounterError {
@@ -75,7 +75,7 @@ impl XdpCounter {
         Ok(())
     }
 
-    /// The program, e.g. for [`crate::testrun::test_run`].
+    /// The program, e.g. for [`super::testrun::test_run`].
     pub fn program_fd(&self) -> Result<BorrowedFd<'_>, CounterError> {
         let program: &Xdp = self
             .ebpf
