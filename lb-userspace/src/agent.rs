@@ -24,11 +24,13 @@ use crate::{
     },
     datapath::Datapath,
     logging::LogLevel,
-    metrics::{AgentMetrics, Metrics},
+    observe::{
+        metrics::{AgentMetrics, Metrics},
+        serve::{Health, HealthCheckPorts, HealthCheckTarget},
+    },
     orphans::OrphanSlices,
     reconcile::Reconciler,
     route::{RouteChanges, RouteLocator},
-    serve::{Health, HealthCheckPorts, HealthCheckTarget},
     source::{Snapshot, file::FileSource, kube as kube_source},
 };
 
@@ -134,8 +136,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(config.pin_dir.clone()));
     let health = Arc::new(Health::new(config.healthz_timeout));
     let mut servers = Vec::new();
-    match crate::serve::bind(&config.metrics_bind_address, "metrics").await {
-        Ok(Some(listener)) => servers.push(crate::serve::serve_metrics(
+    match crate::observe::serve::bind(&config.metrics_bind_address, "metrics").await {
+        Ok(Some(listener)) => servers.push(crate::observe::serve::serve_metrics(
             listener,
             metrics.clone(),
             config.log_level.clone(),
@@ -143,8 +145,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Ok(None) => {}
         Err(error) => warn!(%error, "no /metrics; the datapath is not affected"),
     }
-    match crate::serve::bind(&config.healthz_bind_address, "healthz").await {
-        Ok(Some(listener)) => servers.push(crate::serve::serve_health(
+    match crate::observe::serve::bind(&config.healthz_bind_address, "healthz").await {
+        Ok(Some(listener)) => servers.push(crate::observe::serve::serve_health(
             listener,
             health.clone(),
             metrics.agent(),

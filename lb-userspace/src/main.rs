@@ -9,11 +9,8 @@ use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig},
     compile::model::Ipv4Cidr,
     datapath::{DEFAULT_PIN_DIR, counter::XdpCounter},
-    explain::Hook,
-    inspect::ConntrackFilter,
+    observe::{cli, explain::Hook, inspect::ConntrackFilter},
 };
-
-mod cli;
 
 #[derive(Parser)]
 #[command(
@@ -559,7 +556,8 @@ fn explain(
     let target: SocketAddrV4 = target
         .parse()
         .with_context(|| format!("{target:?} is not ip:port"))?;
-    let explanation = lb_userspace::explain::explain(pin_dir, client, target, protocol, hook)?;
+    let explanation =
+        lb_userspace::observe::explain::explain(pin_dir, client, target, protocol, hook)?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
         Output::Text => {

@@ -10,8 +10,10 @@ use std::{
 
 use lb_userspace::{
     logging::LogLevel,
-    metrics::Metrics,
-    serve::{MAX_BODY_BYTES, ServerLimits, serve_metrics_with_limits},
+    observe::{
+        metrics::Metrics,
+        serve::{MAX_BODY_BYTES, ServerLimits, serve_metrics_with_limits},
+    },
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},

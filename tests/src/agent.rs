@@ -190,7 +190,7 @@ impl AgentLab {
     /// The agent's drop and reject counters (`lb_event_v3`), read from its pinned map without
     /// touching anything else of the running datapath.
     pub fn events(&self) -> anyhow::Result<std::collections::BTreeMap<&'static str, u64>> {
-        lb_userspace::inspect::PinnedMaps::open(self.pins.path())?.events()
+        lb_userspace::observe::inspect::PinnedMaps::open(self.pins.path())?.events()
     }
 
     /// Every entry of the agent's conntrack map, read from its pin.

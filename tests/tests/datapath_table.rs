@@ -814,7 +814,7 @@ impl SnatFixture {
     /// `age` ago.
     fn occupy_every_port(&mut self, flags: u8, age: std::time::Duration) {
         let old = lb_common::Ct4Value {
-            last_seen_ns: lb_userspace::inspect::monotonic_ns()
+            last_seen_ns: lb_userspace::observe::inspect::monotonic_ns()
                 .saturating_sub(age.as_nanos() as u64),
             state: lb_common::tcp_state::CLOSING,
             flags: lb_common::ct_flags::SNAT | flags,
@@ -928,7 +928,8 @@ fn snat_ports_of_cleanly_closed_flows_are_reused_after_a_short_grace() {
     fixture.occupy_every_port(CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST, after_grace);
     let clean = SNAT_PORTS.0 + 17;
     let old = lb_common::Ct4Value {
-        last_seen_ns: lb_userspace::inspect::monotonic_ns() - after_grace.as_nanos() as u64,
+        last_seen_ns: lb_userspace::observe::inspect::monotonic_ns()
+            - after_grace.as_nanos() as u64,
         state: lb_common::tcp_state::CLOSING,
         flags: lb_common::ct_flags::SNAT | CLIENT_FIN | BACKEND_FIN,
         ..Default::default()
@@ -1147,7 +1148,7 @@ fn a_flow_whose_reply_half_was_evicted_is_repaired_or_restarted_never_half_trans
 
     // Meanwhile another flow took the reply tuple: this one starts over on another port.
     let foreign = lb_common::Ct4Value {
-        last_seen_ns: lb_userspace::inspect::monotonic_ns(),
+        last_seen_ns: lb_userspace::observe::inspect::monotonic_ns(),
         state: lb_common::tcp_state::ESTABLISHED,
         flags: lb_common::ct_flags::SNAT,
         snat_addr: u32::from(Ipv4Addr::new(203, 0, 113, 99)),

@@ -539,7 +539,7 @@ fn plant_conntrack_entries(pin_dir: &std::path::Path, rows: &[(u8, u8, u8, u64)]
         .expect("pinned conntrack map");
     let mut conntrack: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
         aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("conntrack map");
-    let now = lb_userspace::inspect::monotonic_ns();
+    let now = lb_userspace::observe::inspect::monotonic_ns();
     for &(host, protocol, state, idle_s) in rows {
         let idle_ns = idle_s * 1_000_000_000;
         assert!(

@@ -281,7 +281,7 @@ const XDP_DROP: u32 = 1;
 /// or drops it as outside the source ranges (counted as drop_source_range).
 fn admitted(datapath: &Datapath, pins: &PinDir, client: &str, octet: u8) -> bool {
     let events = |name| {
-        lb_userspace::inspect::PinnedMaps::open(pins.path())
+        lb_userspace::observe::inspect::PinnedMaps::open(pins.path())
             .expect("pinned maps")
             .events()
             .expect("events")

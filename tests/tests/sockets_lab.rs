@@ -225,7 +225,7 @@ fn udp_load_balancer(allowed: Ipv4Addr) -> String {
 /// Entries of the agent's socket NAT map (its pins are private to the test: all of them come
 /// from this test's sockets).
 fn socket_nat_entries(setup: &AgentLab) -> u64 {
-    lb_userspace::inspect::PinnedMaps::open(setup.pin_dir())
+    lb_userspace::observe::inspect::PinnedMaps::open(setup.pin_dir())
         .expect("pinned maps")
         .fill()
         .expect("fill")

@@ -27,7 +27,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::inspect::PinnedMaps;
+use super::inspect::PinnedMaps;
 
 /// The metrics the agent updates as it works.
 pub struct AgentMetrics {
@@ -304,9 +304,9 @@ type ServiceLabelSet = [(&'static str, String); 5];
 
 fn encode_services(
     encoder: &mut DescriptorEncoder,
-    services: &[crate::inspect::ServiceInfo],
+    services: &[super::inspect::ServiceInfo],
 ) -> Result<(), std::fmt::Error> {
-    let labels: Vec<(ServiceLabelSet, &crate::inspect::ServiceInfo)> = services
+    let labels: Vec<(ServiceLabelSet, &super::inspect::ServiceInfo)> = services
         .iter()
         .map(|service| {
             let parts = service.labels();
@@ -320,7 +320,7 @@ fn encode_services(
             (set, service)
         })
         .collect();
-    type Field = fn(&crate::inspect::ServiceInfo) -> u64;
+    type Field = fn(&super::inspect::ServiceInfo) -> u64;
     let families: [(&str, &str, Field); 3] = [
         (
             "lb_service_packets",
@@ -375,7 +375,7 @@ fn encode_events(
 
 fn encode_fill(
     encoder: &mut DescriptorEncoder,
-    fill: &[crate::inspect::MapFill],
+    fill: &[super::inspect::MapFill],
 ) -> Result<(), std::fmt::Error> {
     let mut entries = encoder.encode_descriptor(
         "lb_map_entries",

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use lb_userspace::inspect::{ConntrackFilter, PinnedMaps};
+use super::inspect::{ConntrackFilter, PinnedMaps};
 use serde::Serialize;
 
 pub fn services(pin_dir: &Path, json: bool) -> anyhow::Result<()> {

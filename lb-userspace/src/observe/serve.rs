@@ -33,10 +33,8 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::{
-    logging::LogLevel,
-    metrics::{HttpRefused, Metrics},
-};
+use super::metrics::{HttpRefused, Metrics};
+use crate::logging::LogLevel;
 
 type Reply = Response<Full<Bytes>>;
 
@@ -366,7 +364,7 @@ impl Health {
 pub fn serve_health(
     listener: TcpListener,
     health: Arc<Health>,
-    metrics: Arc<crate::metrics::AgentMetrics>,
+    metrics: Arc<super::metrics::AgentMetrics>,
 ) -> JoinHandle<()> {
     let refused = metrics.http_refused.clone();
     spawn_server(
