@@ -28,14 +28,16 @@ use lb_common::{
     program_names,
 };
 
-use super::object::DATAPATH_OBJECT;
 use super::{
-    Datapath, DatapathError, InstalledService, Result, ServiceName, map_error,
+    Datapath, InstalledService, ServiceName,
+    error::{DatapathError, Result, map_error},
+    frontend_filter::FrontendFilter,
     nic::{interface_name, nic_address},
+    object::DATAPATH_OBJECT,
     pins::LINKS_DIR,
     read::{read_backends, read_installed, read_service_names},
     slot_ranges::SlotRanges,
-    write::{FrontendFilter, write_table},
+    write::write_table,
 };
 
 const SOCKET_HOOKS: [&str; 4] = [

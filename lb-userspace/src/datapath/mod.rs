@@ -6,121 +6,57 @@
 //! Programs are pinned there too, and so are the attachments, as bpf_links under `links/`: they
 //! outlive the agent, and a new one swaps its programs into them (BPF_LINK_UPDATE).
 //!
-//! [`Datapath`] is defined here with its errors; its work is in three files: `load` (load and
-//! pin the programs, take the maps, attach to NICs and a cgroup), `write` (put and remove
-//! services and backends, the node's settings) and `read` (what the maps hold, with the readers
-//! the read-only inspection shares).
+//! [`Datapath`] and the state it keeps are defined here; its work is in three files: `load`
+//! (load and pin the programs, take the maps, attach to NICs and a cgroup), `write` (put and
+//! remove services and backends, the node's settings) and `read` (what the maps hold, with the
+//! readers the read-only inspection shares). What they are built on: `error`
+//! ([`DatapathError`]); `frontend_filter` and `slot_ranges` (what the datapath keeps of two maps
+//! to change them in place); `maglev` (Maglev tables); `nic` (a NIC's name, ifindex and MAC); the
+//! pin directory (`bpffs`, `pins`, `bpf_link`, `bpf_obj`); `object` (the embedded eBPF objects);
+//! `sock_diag` (aborting UDP sockets). Beside them, for tests, benchmarks and `lb explain`:
+//! `testrun` (a loaded program run on a packet) and `counter` (the packet counter object).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
 };
 
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray, lpm_trie::LpmTrie},
-    programs::ProgramError,
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, lpm_trie::LpmTrie},
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Frontend4Key, NicMac,
     SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SourceRange4,
+    service_flags,
 };
 
-use crate::compile::model::Backend;
+use crate::compile::model::{Backend, Service};
 
 pub mod bpf_link;
 pub mod bpf_obj;
 pub mod bpffs;
 pub mod counter;
+mod error;
+mod frontend_filter;
 mod load;
 pub mod maglev;
 pub mod nic;
 pub mod object;
 pub mod pins;
-mod read;
+pub(crate) mod read;
 pub mod slot_ranges;
 pub mod sock_diag;
 pub mod testrun;
 mod write;
 
-pub(crate) use read::{
-    read_backends, read_events, read_installed, read_service_counter, read_service_names,
-};
+pub use error::DatapathError;
+use frontend_filter::FrontendFilter;
 use slot_ranges::SlotRanges;
-use write::FrontendFilter;
-pub use write::frontend_flags;
 
 /// Where the agent pins its maps and programs.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    #[error("creating pin directory {path}")]
-    PinDir { path: PathBuf, source: io::Error },
-    #[error(transparent)]
-    Bpffs(#[from] bpffs::BpffsError),
-    #[error("loading the eBPF object (maps pinned under {pin_dir})")]
-    Load {
-        pin_dir: PathBuf,
-        source: Box<aya::EbpfError>,
-    },
-    #[error("program {0} missing from the eBPF object")]
-    MissingProgram(&'static str),
-    #[error("map {0} missing from the eBPF object")]
-    MissingMap(&'static str),
-    #[error("program {program}: {operation}")]
-    Program {
-        program: &'static str,
-        operation: String,
-        source: Box<ProgramError>,
-    },
-    #[error("pinning program {program} at {path}")]
-    PinProgram {
-        program: &'static str,
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
-    #[error("link of {program} pinned at {path}")]
-    Link {
-        program: &'static str,
-        path: PathBuf,
-        source: Box<aya::programs::links::LinkError>,
-    },
-    #[error("pinning the link of {program} at {path}")]
-    PinLink {
-        program: &'static str,
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
-    #[error("interface name {0:?} contains a NUL byte")]
-    InterfaceName(String),
-    #[error("opening cgroup {path}")]
-    Cgroup { path: PathBuf, source: io::Error },
-    #[error("map {map}: {operation}")]
-    Map {
-        map: &'static str,
-        operation: String,
-        source: MapError,
-    },
-    #[error("map {map} is full ({capacity} entries): {operation}")]
-    MapFull {
-        map: &'static str,
-        capacity: u32,
-        operation: String,
-    },
-    #[error("map {map}: {operation}")]
-    PerCpu {
-        map: &'static str,
-        operation: String,
-        source: io::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-type Result<T, E = DatapathError> = std::result::Result<T, E>;
 
 /// The loaded datapath. Dropping it detaches what it attached; pinned maps stay.
 pub struct Datapath {
@@ -182,13 +118,16 @@ pub struct InstalledService {
     pub maglev_table: Option<u32>,
 }
 
+/// Frontend keys with the flags their entries carry: the frontends' kinds (a key used by several
+/// kinds of one service gets all of them) plus the service's policy bits.
+pub fn frontend_flags(service: &Service) -> BTreeMap<Frontend4Key, u32> {
+    let policy = service.flags & !service_flags::KINDS;
+    let mut flags = BTreeMap::new();
+    for frontend in &service.frontends {
+        *flags.entry(frontend.key()).or_insert(policy) |= frontend.kind & service_flags::KINDS;
+    }
+    flags
+}
+
 /// A service name as the service-names map stores it.
 pub type ServiceName = [u8; SERVICE_NAME_LEN];
-
-fn map_error(map: &'static str, operation: &str, source: MapError) -> DatapathError {
-    DatapathError::Map {
-        map,
-        operation: operation.to_owned(),
-        source,
-    }
-}

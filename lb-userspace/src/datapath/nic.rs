@@ -1,7 +1,7 @@
 //! The NICs as the kernel names them: whether a name is an interface name, and a NIC's ifindex
 //! and MAC, for attaching XDP to it.
 
-use super::{DatapathError, Result};
+use super::error::{DatapathError, Result};
 
 /// What the kernel accepts as an interface name (`dev_valid_name` in net/core/dev.c). A name is
 /// checked before it becomes part of a path under /proc/sys.

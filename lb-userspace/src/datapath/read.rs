@@ -10,7 +10,10 @@ use lb_common::{
     ServiceCounter, ServiceValue, Slot, map_names, service_flags,
 };
 
-use super::{Datapath, InstalledService, Result, ServiceName, map_error};
+use super::{
+    Datapath, InstalledService, ServiceName,
+    error::{Result, map_error},
+};
 use crate::compile::model::Backend;
 
 impl Datapath {

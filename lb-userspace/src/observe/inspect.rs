@@ -20,8 +20,8 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::datapath::{
-    ServiceName, read_backends, read_events, read_installed, read_service_counter,
-    read_service_names,
+    ServiceName,
+    read::{read_backends, read_events, read_installed, read_service_counter, read_service_names},
 };
 
 /// The pinned maps of one agent (its `--pin-dir`).
