@@ -189,6 +189,18 @@ impl Host {
         Ok(index)
     }
 
+    /// One of an interface's driver counters as `ethtool -S` shows it (e.g. a veth's
+    /// `rx_queue_0_xdp_packets`).
+    pub fn nic_stat(&self, iface: &str, name: &str) -> anyhow::Result<u64> {
+        let stats = self.run("ethtool", &["-S", iface])?;
+        stats
+            .lines()
+            .filter_map(|line| line.trim().split_once(':'))
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| value.trim().parse().ok())
+            .ok_or_else(|| anyhow!("no {name} for {iface}: {stats}"))
+    }
+
     /// The MAC address of an interface.
     pub fn mac(&self, iface: &str) -> anyhow::Result<[u8; 6]> {
         let json = self.ip(&["-j", "link", "show", "dev", iface])?;
@@ -373,6 +385,18 @@ pub struct LinkStats {
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub tx_packets: u64,
+}
+
+/// The 1-, 5- and 15-minute load averages, for a bench's report of how busy the machine was.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
 }
 
 /// Returns the calling thread to the namespace it came from when dropped.

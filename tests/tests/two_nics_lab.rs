@@ -43,7 +43,7 @@ fn node_port_answers_from_another_node_leave_through_the_clients_nic() {
     // XDP sent both directions on itself, from one NIC out of the other (the client's first
     // packet waits for the stack to resolve node2's MAC): 50 TCP connections and 50 datagrams
     // are at least 200 packets from the client and 150 answers.
-    let stat = |iface: &str, name: &str| veth_stat(&lab.node1, iface, name);
+    let stat = |iface: &str, name: &str| lab.node1.nic_stat(iface, name).expect("ethtool -S");
     assert!(
         stat("eth0", "rx_queue_0_xdp_redirect") >= 190,
         "client side"
@@ -53,17 +53,6 @@ fn node_port_answers_from_another_node_leave_through_the_clients_nic() {
         assert_eq!(stat(iface, "tx_queue_0_xdp_xmit_errors"), 0, "{iface}");
         assert_eq!(stat(iface, "rx_queue_0_xdp_tx_errors"), 0, "{iface}");
     }
-}
-
-/// One of a veth's counters as `ethtool -S` shows it.
-fn veth_stat(host: &Host, iface: &str, name: &str) -> u64 {
-    let stats = host.run("ethtool", &["-S", iface]).expect("ethtool -S");
-    stats
-        .lines()
-        .filter_map(|line| line.trim().split_once(':'))
-        .find(|(key, _)| *key == name)
-        .and_then(|(_, value)| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} for {iface}: {stats}"))
 }
 
 const XDP_REDIRECT: u32 = 4;

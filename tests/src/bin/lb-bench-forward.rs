@@ -94,7 +94,7 @@ struct Report {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let load_average_before = loadavg();
+    let load_average_before = lab::lab::load_average();
     let mut lab = TwoNics::build().context("building the two-NIC lab")?;
     let ifindexes = [lab.node1.ifindex("eth0")?, lab.node1.ifindex("eth1")?];
     let modes = [Mode::ConnectRequestClose, Mode::RequestResponse];
@@ -223,7 +223,7 @@ fn main() -> anyhow::Result<()> {
         cells,
         ratios,
         load_average_before,
-        load_average_after: loadavg(),
+        load_average_after: lab::lab::load_average(),
     };
     if let Some(dir) = args.out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -307,32 +307,12 @@ fn check(
 
 /// Frames node1's XDP program sent out of another NIC, both NICs together.
 fn redirected(node1: &Host) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for iface in ["eth0", "eth1"] {
-        let stats = node1.run("ethtool", &["-S", iface])?;
-        total += stats
-            .lines()
-            .filter_map(|line| line.trim().split_once(':'))
-            .find(|(key, _)| *key == "rx_queue_0_xdp_redirect")
-            .and_then(|(_, value)| value.trim().parse::<u64>().ok())
-            .with_context(|| format!("no rx_queue_0_xdp_redirect for {iface}: {stats}"))?;
-    }
-    Ok(total)
+    Ok(node1.nic_stat("eth0", "rx_queue_0_xdp_redirect")?
+        + node1.nic_stat("eth1", "rx_queue_0_xdp_redirect")?)
 }
 
 fn median(values: impl Iterator<Item = u64>) -> u64 {
     let mut values: Vec<u64> = values.collect();
     values.sort_unstable();
     values.get(values.len() / 2).copied().unwrap_or(0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default()
 }

@@ -170,7 +170,7 @@ struct LiveLab {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let load_average_before = loadavg();
+    let load_average_before = lab::lab::load_average();
     let lab = LiveLab::new().context("building the live-frame lab")?;
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); Path::ALL.len()];
     let mut lost = vec![0u64; Path::ALL.len()];
@@ -221,7 +221,7 @@ fn main() -> anyhow::Result<()> {
         frame_bytes: HEADER_LEN - 2 + PAYLOAD.len(),
         paths,
         load_average_before,
-        load_average_after: loadavg(),
+        load_average_after: lab::lab::load_average(),
     };
     if let Some(dir) = args.out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -408,25 +408,9 @@ impl LiveLab {
     }
 }
 
-/// Frames the XDP program of a veth ran on, from its per-queue counters (`ethtool -S`).
+/// Frames the XDP program of a veth ran on (the lab's veths have one queue).
 fn xdp_packets(host: &Host, iface: &str) -> anyhow::Result<u64> {
-    let stats = host.run("ethtool", &["-S", iface])?;
-    let mut total = 0;
-    let mut found = false;
-    for line in stats.lines() {
-        let Some((name, value)) = line.trim().split_once(':') else {
-            continue;
-        };
-        if name.starts_with("rx_queue_") && name.ends_with("_xdp_packets") {
-            total += value
-                .trim()
-                .parse::<u64>()
-                .context("an xdp_packets count")?;
-            found = true;
-        }
-    }
-    ensure!(found, "no rx_queue_*_xdp_packets for {iface}: {stats}");
-    Ok(total)
+    host.nic_stat(iface, "rx_queue_0_xdp_packets")
 }
 
 fn format_mac(mac: [u8; 6]) -> String {
@@ -437,15 +421,4 @@ fn median(samples: &[f64]) -> f64 {
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default()
 }
