@@ -11,8 +11,6 @@ use std::{
     path::Path,
 };
 
-use aya::maps::MapData;
-
 /// include/uapi/linux/bpf.h, `enum bpf_cmd`.
 const BPF_OBJ_GET: libc::c_long = 7;
 
@@ -63,11 +61,4 @@ pub fn open_pinned(path: &Path, access: Access) -> io::Result<OwnedFd> {
     }
     // SAFETY: a new descriptor BPF_OBJ_GET returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// The map pinned at `path`, through a read-only descriptor: what `lb services`, `backends`,
-/// `conntrack`, `stats`, `explain` and `/metrics` read.
-pub fn open_map_read_only(path: &Path) -> anyhow::Result<MapData> {
-    let fd = open_pinned(path, Access::ReadOnly)?;
-    Ok(MapData::from_fd(fd)?)
 }

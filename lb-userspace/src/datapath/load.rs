@@ -1,5 +1,5 @@
-//! Loading the datapath: its programs loaded and pinned, its maps taken from the object (created
-//! and pinned, or reused from the pin directory), what an earlier release left migrated or
+//! Loading the datapath: its programs loaded and pinned (with their maps, created and pinned or
+//! reused from the pin directory), the maps opened from their pins, what an earlier release left migrated or
 //! removed, and the programs attached to NICs and a cgroup as pinned bpf_links.
 
 use std::{
@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, lpm_trie::LpmTrie},
+    maps::{HashMap, Map, MapData, MapError},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
         SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -23,15 +23,14 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{
-    Backend4, Frontend4Key, LegacySlotKey, ServiceValue, Slot, SourceRange4, limits, map_names,
-    program_names,
-};
+use lb_common::{LegacySlotKey, ServiceValue, limits, map_names, program_names};
 
 use super::{
     Datapath, InstalledService, ServiceName,
+    bpf_obj::Access,
     error::{DatapathError, Result, map_error},
     frontend_filter::FrontendFilter,
+    maps::{Maps, open_map},
     nic::{interface_name, nic_address},
     object::DATAPATH_OBJECT,
     pins::LINKS_DIR,
@@ -68,13 +67,9 @@ impl Datapath {
         }
         load_and_pin::<CgroupSkb>(&mut ebpf, program_names::SOCK_EGRESS4, pin_dir)?;
         load_and_pin::<CgroupSock>(&mut ebpf, program_names::SOCK_RELEASE, pin_dir)?;
-        let mut frontends: HashMap<MapData, Frontend4Key, ServiceValue> =
-            take_map(&mut ebpf, map_names::FRONTENDS4)?;
-        let mut slots: Array<MapData, Slot> = take_map(&mut ebpf, map_names::SLOTS4)?;
-        let source_ranges: LpmTrie<MapData, SourceRange4, u8> =
-            take_map(&mut ebpf, map_names::SOURCE_RANGES4)?;
-        let backends: HashMap<MapData, u32, Backend4> = take_map(&mut ebpf, map_names::BACKENDS4)?;
-        let (mut installed, owners) = read_installed(&frontends, &slots)?;
+        ensure_service_names(pin_dir)?;
+        let mut maps = Maps::open(pin_dir, Access::ReadWrite)?;
+        let (mut installed, owners) = read_installed(&maps.frontends, &maps.slots)?;
         let mut slot_ranges = SlotRanges::new(limits::MAX_SLOTS);
         for service in installed.values_mut() {
             if !slot_ranges.reserve(service.slots, service.backends.len() as u32) {
@@ -85,22 +80,16 @@ impl Datapath {
         }
         let legacy_tables = pin_dir.join(map_names::LEGACY_SLOTS4);
         if legacy_tables.exists() {
-            migrate_legacy_slots(
-                &legacy_tables,
-                &mut installed,
-                &mut frontends,
-                &mut slots,
-                &mut slot_ranges,
-            )?;
+            migrate_legacy_slots(pin_dir, &mut installed, &mut maps, &mut slot_ranges)?;
         }
         remove_retired_pins(pin_dir)?;
         // Rewritten whole before any program of this load is attached: a map new to the pin
         // directory (an upgrade) starts empty, and stale bits would only cost lookups.
         let frontend_filter = FrontendFilter::rebuild(
-            take_map(&mut ebpf, map_names::FRONTEND_FILTER)?,
+            open_map(pin_dir, map_names::FRONTEND_FILTER, Access::ReadWrite)?,
             owners.keys(),
         )?;
-        for key in source_ranges.keys() {
+        for key in maps.source_ranges.keys() {
             let key =
                 key.map_err(|source| map_error(map_names::SOURCE_RANGES4, "iterate", source))?;
             let data = key.data();
@@ -111,31 +100,20 @@ impl Datapath {
                     .insert((addr, (key.prefix_len() - 32) as u8));
             }
         }
-        let installed_backends = read_backends(&backends)?;
-        let service_names = open_service_names(pin_dir)?;
-        let names = read_service_names(&service_names)?;
+        let installed_backends = read_backends(&maps.backends)?;
+        let names = read_service_names(&maps.service_names)?;
         Ok(Self {
-            frontends,
+            maps,
             frontend_filter,
             installed,
             owners,
             installed_backends,
-            slots,
             slot_ranges,
-            backends,
-            conntrack: take_map(&mut ebpf, map_names::CONNTRACK4)?,
-            service_counters: take_map(&mut ebpf, map_names::SERVICE_COUNTERS)?,
-            events: take_map(&mut ebpf, map_names::EVENTS)?,
-            config: take_map(&mut ebpf, map_names::CONFIG)?,
-            nic_macs: take_map(&mut ebpf, map_names::NIC_MACS)?,
+            nic_macs: take_private_map(&mut ebpf, map_names::NIC_MACS)?,
             nic_slots: BTreeMap::new(),
-            tx_ports: take_map(&mut ebpf, map_names::TX_PORTS)?,
-            maglev: take_map(&mut ebpf, map_names::MAGLEV4)?,
-            affinity: take_map(&mut ebpf, map_names::AFFINITY4)?,
-            sock_nat: take_map(&mut ebpf, map_names::SOCK_NAT4)?,
+            tx_ports: take_private_map(&mut ebpf, map_names::TX_PORTS)?,
+            maglev: open_map(pin_dir, map_names::MAGLEV4, Access::ReadWrite)?,
             departed_udp: BTreeSet::new(),
-            source_ranges,
-            service_names,
             names,
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -302,16 +280,16 @@ impl Datapath {
 /// so that the earlier release's programs, which run until this load's are attached, keep
 /// selecting from the old map meanwhile; the next sync writes every service afresh anyway.
 fn migrate_legacy_slots(
-    legacy_path: &Path,
+    pin_dir: &Path,
     installed: &mut BTreeMap<u32, InstalledService>,
-    frontends: &mut HashMap<MapData, Frontend4Key, ServiceValue>,
-    slots: &mut Array<MapData, Slot>,
+    maps: &mut Maps,
     slot_ranges: &mut SlotRanges,
 ) -> Result<()> {
-    let map = MapData::from_pin(legacy_path)
-        .map_err(|source| map_error(map_names::LEGACY_SLOTS4, "open", source))?;
-    let legacy = HashMap::<_, LegacySlotKey, u32>::try_from(Map::HashMap(map))
-        .map_err(|source| map_error(map_names::LEGACY_SLOTS4, "open", source))?;
+    let legacy: HashMap<MapData, LegacySlotKey, u32> =
+        open_map(pin_dir, map_names::LEGACY_SLOTS4, Access::ReadOnly)?;
+    let Maps {
+        frontends, slots, ..
+    } = maps;
     let mut values = BTreeMap::new();
     for entry in frontends.iter() {
         let (key, value) =
@@ -380,28 +358,29 @@ fn remove_retired_pins(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The service-names map, pinned under the pin directory: opened when it is there, else
-/// created. Only userspace uses it, so it is not part of the object file.
-fn open_service_names(pin_dir: &Path) -> Result<HashMap<MapData, u32, ServiceName>> {
+/// Creates and pins the service-names map when the pin directory has none. Only userspace
+/// uses it, so it is not part of the object file.
+fn ensure_service_names(pin_dir: &Path) -> Result<()> {
     let name = map_names::SERVICE_NAMES;
     let path = pin_dir.join(name);
-    if !path.exists() {
-        HashMap::<MapData, u32, ServiceName>::create(limits::MAX_SERVICES, BPF_F_NO_PREALLOC)
-            .map_err(|source| map_error(name, "create", source))?
-            .pin(&path)
-            .map_err(|source| DatapathError::PinDir {
-                path: path.clone(),
-                source: io::Error::other(source),
-            })?;
+    if path.exists() {
+        return Ok(());
     }
-    let data = MapData::from_pin(&path).map_err(|source| map_error(name, "open", source))?;
-    HashMap::try_from(Map::HashMap(data)).map_err(|source| map_error(name, "open", source))
+    HashMap::<MapData, u32, ServiceName>::create(limits::MAX_SERVICES, BPF_F_NO_PREALLOC)
+        .map_err(|source| map_error(name, "create", source))?
+        .pin(&path)
+        .map_err(|source| DatapathError::PinDir {
+            path,
+            source: io::Error::other(source),
+        })?;
+    Ok(())
 }
 
 /// BPF_F_NO_PREALLOC (include/uapi/linux/bpf.h): names take memory only for services that exist.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>
+/// A map private to this load's object (not pinned: the agent fills it anew as it attaches).
+fn take_private_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>
 where
     M: TryFrom<Map, Error = MapError>,
 {

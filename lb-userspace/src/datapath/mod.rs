@@ -9,7 +9,9 @@
 //! [`Datapath`] and the state it keeps are defined here; its work is in three files: `load`
 //! (load and pin the programs, take the maps, attach to NICs and a cgroup), `write` (put and
 //! remove services and backends, the node's settings) and `read` (what the maps hold, with the
-//! readers the read-only inspection shares). What they are built on: `error`
+//! readers the read-only inspection shares). The pinned state maps are opened one way, by
+//! `maps` ([`maps::Maps::open`]): read-write here, read-only by the inspection and `lb explain`.
+//! What they are built on: `error`
 //! ([`DatapathError`]); `frontend_filter` and `slot_ranges` (what the datapath keeps of two maps
 //! to change them in place); `maglev` (Maglev tables); `nic` (a NIC's name, ifindex and MAC); the
 //! pin directory (`bpffs`, `pins`, `bpf_link`, `bpf_obj`); `object` (the embedded eBPF objects);
@@ -24,13 +26,9 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, lpm_trie::LpmTrie},
+    maps::{Array, DevMapHash, MapData},
 };
-use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Frontend4Key, NicMac,
-    SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SourceRange4,
-    service_flags,
-};
+use lb_common::{Frontend4Key, NicMac, SERVICE_NAME_LEN, service_flags};
 
 use crate::compile::model::{Backend, Service};
 
@@ -42,6 +40,7 @@ mod error;
 mod frontend_filter;
 mod load;
 pub mod maglev;
+pub mod maps;
 pub mod nic;
 pub mod object;
 pub mod pins;
@@ -53,6 +52,7 @@ mod write;
 
 pub use error::DatapathError;
 use frontend_filter::FrontendFilter;
+use maps::Maps;
 use slot_ranges::SlotRanges;
 
 /// Where the agent pins its maps and programs.
@@ -62,26 +62,17 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    frontends: HashMap<MapData, Frontend4Key, ServiceValue>,
+    /// The state maps, shared in kind with the read-only inspection.
+    maps: Maps,
     /// The frontend filter as XDP reads it, and how many frontends have each bit.
     frontend_filter: FrontendFilter,
-    slots: Array<MapData, Slot>,
     /// The cells of `slots` no installed table uses.
     slot_ranges: SlotRanges,
-    backends: HashMap<MapData, u32, Backend4>,
-    conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
-    service_counters: PerCpuArray<MapData, ServiceCounter>,
-    events: PerCpuArray<MapData, u64>,
-    config: Array<MapData, DatapathConfig>,
     nic_macs: Array<MapData, NicMac>,
     /// The ifindex each slot of `nic_macs` was asked for; 0 where two NICs share it.
     nic_slots: BTreeMap<u32, u32>,
     tx_ports: DevMapHash<MapData>,
     maglev: Array<MapData, u32>,
-    source_ranges: LpmTrie<MapData, SourceRange4, u8>,
-    affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
-    sock_nat: HashMap<MapData, SockNat4Key, SockNat4Value>,
-    service_names: HashMap<MapData, u32, ServiceName>,
     /// UDP backends that left a service since the last
     /// [`Datapath::abort_udp_sockets_of_departed_backends`]: sockets connected to them through
     /// the service are aborted then.

@@ -29,14 +29,16 @@ impl Datapath {
 
     /// The datapath-wide settings in force.
     pub fn config(&self) -> Result<DatapathConfig> {
-        self.config
+        self.maps
+            .config
             .get(&0, 0)
             .map_err(|source| map_error(map_names::CONFIG, "read", source))
     }
 
     /// Affinity entries of a service: (client, backend id), for tests and inspection.
     pub fn affinity(&self, service_id: u32) -> Vec<(Affinity4Key, AffinityValue)> {
-        self.affinity
+        self.maps
+            .affinity
             .iter()
             .filter_map(Result::ok)
             .filter(|(key, _)| key.service_id == service_id)
@@ -45,7 +47,8 @@ impl Datapath {
 
     /// Every frontend with its service entry.
     pub fn frontends(&self) -> Result<Vec<(Frontend4Key, ServiceValue)>> {
-        self.frontends
+        self.maps
+            .frontends
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))
@@ -53,12 +56,13 @@ impl Datapath {
 
     /// Every backend by id.
     pub fn backends(&self) -> Result<BTreeMap<u32, Backend>> {
-        read_backends(&self.backends)
+        read_backends(&self.maps.backends)
     }
 
     /// Every connection-tracking entry.
     pub fn conntrack(&self) -> Result<Vec<(Ct4Key, Ct4Value)>> {
-        self.conntrack
+        self.maps
+            .conntrack
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))
@@ -66,12 +70,12 @@ impl Datapath {
 
     /// A service's counters summed over CPUs.
     pub fn service_counter(&self, id: u32) -> Result<ServiceCounter> {
-        read_service_counter(&self.service_counters, id)
+        read_service_counter(&self.maps.service_counters, id)
     }
 
     /// How often each event (drop reason) happened, summed over CPUs.
     pub fn events(&self) -> Result<BTreeMap<&'static str, u64>> {
-        read_events(&self.events)
+        read_events(&self.maps.events)
     }
 }
 

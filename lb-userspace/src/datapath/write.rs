@@ -31,7 +31,7 @@ impl Datapath {
             )));
         }
         insert(
-            &mut self.backends,
+            &mut self.maps.backends,
             map_names::BACKENDS4,
             limits::MAX_BACKENDS,
             &id,
@@ -45,7 +45,7 @@ impl Datapath {
     /// Removes a backend. Flows pinned to it select again at their next packet; the caller removes
     /// it from every service first.
     pub fn remove_backend(&mut self, id: u32) -> Result<()> {
-        remove(&mut self.backends, map_names::BACKENDS4, &id, || {
+        remove(&mut self.maps.backends, map_names::BACKENDS4, &id, || {
             format!("remove backend {id}")
         })?;
         self.installed_backends.remove(&id);
@@ -98,7 +98,7 @@ impl Datapath {
         let mut written = Vec::new();
         for (key, flags) in &flags_by_key {
             let result = insert(
-                &mut self.frontends,
+                &mut self.maps.frontends,
                 map_names::FRONTENDS4,
                 limits::MAX_FRONTENDS,
                 key,
@@ -157,7 +157,7 @@ impl Datapath {
                 .keys()
                 .filter(|key| !flags_by_key.contains_key(key))
             {
-                remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
+                remove(&mut self.maps.frontends, map_names::FRONTENDS4, key, || {
                     format!("stale frontend {key:?}")
                 })?;
                 if self.owners.remove(key).is_some() {
@@ -231,7 +231,8 @@ impl Datapath {
 
     /// Writes the datapath-wide settings (SNAT address and ports).
     pub fn set_config(&mut self, config: &DatapathConfig) -> Result<()> {
-        self.config
+        self.maps
+            .config
             .set(0, config, 0)
             .map_err(|source| map_error(map_names::CONFIG, "write", source))
     }
@@ -243,17 +244,20 @@ impl Datapath {
     ) -> Result<()> {
         for range in ranges {
             let key = source_range_key(service_id, range);
-            self.source_ranges.insert(&key, &1, 0).map_err(|source| {
-                if is_full(&source) {
-                    DatapathError::MapFull {
-                        map: map_names::SOURCE_RANGES4,
-                        capacity: limits::MAX_SOURCE_RANGES,
-                        operation: format!("service {service_id} source range {range:?}"),
+            self.maps
+                .source_ranges
+                .insert(&key, &1, 0)
+                .map_err(|source| {
+                    if is_full(&source) {
+                        DatapathError::MapFull {
+                            map: map_names::SOURCE_RANGES4,
+                            capacity: limits::MAX_SOURCE_RANGES,
+                            operation: format!("service {service_id} source range {range:?}"),
+                        }
+                    } else {
+                        map_error(map_names::SOURCE_RANGES4, "insert", source)
                     }
-                } else {
-                    map_error(map_names::SOURCE_RANGES4, "insert", source)
-                }
-            })?;
+                })?;
         }
         Ok(())
     }
@@ -265,6 +269,7 @@ impl Datapath {
     ) -> Result<()> {
         for range in ranges {
             match self
+                .maps
                 .source_ranges
                 .remove(&source_range_key(service_id, range))
             {
@@ -281,6 +286,7 @@ impl Datapath {
     /// so those clients choose again (an endpoint leaving releases its clients).
     fn release_affinity(&mut self, service_id: u32, backends: &BTreeSet<u32>) -> Result<()> {
         let stale: Vec<Affinity4Key> = self
+            .maps
             .affinity
             .iter()
             .filter_map(Result::ok)
@@ -290,7 +296,7 @@ impl Datapath {
             .map(|(key, _)| key)
             .collect();
         for key in stale {
-            let _ = self.affinity.remove(&key);
+            let _ = self.maps.affinity.remove(&key);
         }
         Ok(())
     }
@@ -325,7 +331,7 @@ impl Datapath {
         }
         let mut targets = BTreeMap::new();
         let mut report = super::sock_diag::DestroyReport::default();
-        for entry in self.sock_nat.iter() {
+        for entry in self.maps.sock_nat.iter() {
             let (key, value) = match entry {
                 Ok(entry) => entry,
                 Err(error) => {
@@ -428,7 +434,7 @@ impl Datapath {
             operation: format!("service {service_id}: {len} consecutive free cells"),
         };
         let start = self.slot_ranges.allocate(len).ok_or_else(full)?;
-        if let Err(error) = write_table(&mut self.slots, start, service_id, backends) {
+        if let Err(error) = write_table(&mut self.maps.slots, start, service_id, backends) {
             self.slot_ranges.release(start, len);
             return Err(error);
         }
@@ -454,8 +460,8 @@ impl Datapath {
                 })
             });
             let _ = match before {
-                Some(value) => self.frontends.insert(key, &value, 0),
-                None => self.frontends.remove(key),
+                Some(value) => self.maps.frontends.insert(key, &value, 0),
+                None => self.maps.frontends.remove(key),
             };
         }
     }
@@ -470,7 +476,8 @@ impl Datapath {
         let bytes = name.as_bytes();
         let len = bytes.len().min(SERVICE_NAME_LEN);
         value[..len].copy_from_slice(&bytes[..len]);
-        self.service_names
+        self.maps
+            .service_names
             .insert(&id, &value, 0)
             .map_err(|source| map_error(map_names::SERVICE_NAMES, "update", source))?;
         self.names.insert(id, name.to_owned());
@@ -481,7 +488,7 @@ impl Datapath {
     pub fn remove_service(&mut self, id: u32) -> Result<()> {
         if self.names.remove(&id).is_some() {
             remove(
-                &mut self.service_names,
+                &mut self.maps.service_names,
                 map_names::SERVICE_NAMES,
                 &id,
                 || format!("service {id} name"),
@@ -496,7 +503,7 @@ impl Datapath {
             self.release_affinity(id, &installed.backends.iter().copied().collect())?;
         }
         for key in installed.frontends.keys() {
-            remove(&mut self.frontends, map_names::FRONTENDS4, key, || {
+            remove(&mut self.maps.frontends, map_names::FRONTENDS4, key, || {
                 format!("service {id} frontend {key:?}")
             })?;
             if self.owners.remove(key).is_some() {
@@ -522,7 +529,8 @@ impl Datapath {
                 operation: operation(),
                 source,
             })?;
-        self.service_counters
+        self.maps
+            .service_counters
             .set(id, zeros, 0)
             .map_err(|source| map_error(map_names::SERVICE_COUNTERS, &operation(), source))
     }

@@ -15,18 +15,14 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::{
-    EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key as LpmKey},
-    programs::Xdp,
-};
+use aya::{EbpfLoader, maps::lpm_trie::Key as LpmKey, programs::Xdp};
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, Frontend4Key, ServiceValue, Slot,
-    SourceRange4, ct_direction, ct_flags, map_names, program_names, proto, scope, service_flags,
+    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, Frontend4Key, ServiceValue, SourceRange4,
+    ct_direction, ct_flags, program_names, proto, scope, service_flags,
 };
 use serde::Serialize;
 
-use crate::datapath::{object::DATAPATH_OBJECT, testrun::test_run};
+use crate::datapath::{bpf_obj::Access, maps::Maps, object::DATAPATH_OBJECT, testrun::test_run};
 
 const IPPROTO_ICMP: u8 = 1;
 const XDP_DROP: u32 = 1;
@@ -87,7 +83,8 @@ pub fn explain(
     path: Hook,
 ) -> anyhow::Result<Explanation> {
     let mut reasons = Vec::new();
-    let service = frontend(pin_dir, destination, protocol)?;
+    let maps = Maps::open(pin_dir, Access::ReadOnly)?;
+    let service = frontend(&maps, destination, protocol)?;
     let summary = service.map(|value| summarize(&value));
     let path = match path {
         Hook::Auto => decide_path(pin_dir, *client.ip(), &mut reasons),
@@ -95,7 +92,7 @@ pub fn explain(
     };
     if path == Hook::Socket {
         let verdict = explain_socket(
-            pin_dir,
+            &maps,
             client,
             destination,
             protocol,
@@ -117,9 +114,7 @@ pub fn explain(
             "{destination}/{} is no service frontend: the packet passes untouched",
             protocol_name(protocol)
         )),
-        Some(value) => {
-            explain_service(pin_dir, client, destination, protocol, value, &mut reasons)?
-        }
+        Some(value) => explain_service(&maps, client, destination, protocol, value, &mut reasons)?,
     }
 
     let packet = build_packet(client, destination, protocol);
@@ -214,7 +209,7 @@ fn decide_path(pin_dir: &Path, client: Ipv4Addr, reasons: &mut Vec<String>) -> H
 /// What the socket hooks do with a connect() (TCP, or connected UDP) or an unconnected sendto()
 /// (UDP) to `destination` (`lb_connect4`/`lb_sendmsg4`); returns the verdict.
 fn explain_socket(
-    pin_dir: &Path,
+    maps: &Maps,
     client: SocketAddrV4,
     destination: SocketAddrV4,
     protocol: u8,
@@ -256,7 +251,7 @@ fn explain_socket(
         }
         return Ok("refused");
     }
-    let backends = service_backends(pin_dir, service)?;
+    let backends = service_backends(maps, service)?;
     if service.affinity_timeout_s != 0 {
         reasons.push(format!(
             "session affinity per network namespace (the pod's, not the client address): the \
@@ -289,12 +284,8 @@ fn explain_socket(
 }
 
 /// The service's backends in slot order, as `address:port`.
-fn service_backends(pin_dir: &Path, service: &ServiceValue) -> anyhow::Result<Vec<String>> {
-    let slots = Array::<_, Slot>::try_from(Map::Array(pinned(pin_dir, map_names::SLOTS4)?))?;
-    let backends = HashMap::<_, u32, Backend4>::try_from(Map::HashMap(pinned(
-        pin_dir,
-        map_names::BACKENDS4,
-    )?))?;
+fn service_backends(maps: &Maps, service: &ServiceValue) -> anyhow::Result<Vec<String>> {
+    let (slots, backends) = (&maps.slots, &maps.backends);
     let mut found = Vec::new();
     for index in (service.slots..).take(service.backend_count.into()) {
         let Ok(cell) = slots.get(&index, 0) else {
@@ -317,7 +308,7 @@ fn service_backends(pin_dir: &Path, service: &ServiceValue) -> anyhow::Result<Ve
 }
 
 fn explain_service(
-    pin_dir: &Path,
+    maps: &Maps,
     client: SocketAddrV4,
     destination: SocketAddrV4,
     protocol: u8,
@@ -330,7 +321,7 @@ fn explain_service(
         service.service_id
     ));
     if service.flags & service_flags::SOURCE_RANGES != 0 {
-        if source_allowed(pin_dir, service.service_id, *client.ip())? {
+        if source_allowed(maps, service.service_id, *client.ip())? {
             reasons.push(format!(
                 "{} is inside the service's loadBalancerSourceRanges",
                 client.ip()
@@ -343,7 +334,7 @@ fn explain_service(
             return Ok(());
         }
     }
-    if let Some(entry) = established(pin_dir, client, destination, protocol)? {
+    if let Some(entry) = established(maps, client, destination, protocol)? {
         let backend = SocketAddrV4::new(Ipv4Addr::from(entry.nat_addr), entry.nat_port);
         let snat = if entry.flags & ct_flags::SNAT != 0 {
             ", through SNAT"
@@ -368,7 +359,7 @@ fn explain_service(
         return Ok(());
     }
     if service.affinity_timeout_s != 0 {
-        match affinity(pin_dir, *client.ip(), service.service_id)? {
+        match affinity(maps, *client.ip(), service.service_id)? {
             Some(entry) => reasons.push(format!(
                 "session affinity: {} used backend {} last; it sticks while that was within {} s",
                 client.ip(),
@@ -427,26 +418,12 @@ fn summarize(value: &ServiceValue) -> ServiceSummary {
     }
 }
 
-/// A map of the agent, through a read-only descriptor (BPF_F_RDONLY).
-fn pinned(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
-    let path = pin_dir.join(name);
-    crate::datapath::bpf_obj::open_map_read_only(&path).with_context(|| {
-        format!(
-            "opening {} (is the agent running with this --pin-dir?)",
-            path.display()
-        )
-    })
-}
-
 fn frontend(
-    pin_dir: &Path,
+    maps: &Maps,
     destination: SocketAddrV4,
     protocol: u8,
 ) -> anyhow::Result<Option<ServiceValue>> {
-    let map = HashMap::<_, Frontend4Key, ServiceValue>::try_from(Map::HashMap(pinned(
-        pin_dir,
-        map_names::FRONTENDS4,
-    )?))?;
+    let map = &maps.frontends;
     let key = Frontend4Key {
         addr: u32::from(*destination.ip()).to_be(),
         port: destination.port().to_be(),
@@ -456,11 +433,8 @@ fn frontend(
     Ok(map.get(&key, 0).ok())
 }
 
-fn source_allowed(pin_dir: &Path, service_id: u32, client: Ipv4Addr) -> anyhow::Result<bool> {
-    let map = LpmTrie::<_, SourceRange4, u8>::try_from(Map::LpmTrie(pinned(
-        pin_dir,
-        map_names::SOURCE_RANGES4,
-    )?))?;
+fn source_allowed(maps: &Maps, service_id: u32, client: Ipv4Addr) -> anyhow::Result<bool> {
+    let map = &maps.source_ranges;
     let key = LpmKey::new(
         64,
         SourceRange4 {
@@ -472,15 +446,12 @@ fn source_allowed(pin_dir: &Path, service_id: u32, client: Ipv4Addr) -> anyhow::
 }
 
 fn established(
-    pin_dir: &Path,
+    maps: &Maps,
     client: SocketAddrV4,
     destination: SocketAddrV4,
     protocol: u8,
 ) -> anyhow::Result<Option<Ct4Value>> {
-    let map = HashMap::<_, Ct4Key, Ct4Value>::try_from(Map::LruHashMap(pinned(
-        pin_dir,
-        map_names::CONNTRACK4,
-    )?))?;
+    let map = &maps.conntrack;
     let key = Ct4Key {
         saddr: u32::from(*client.ip()),
         daddr: u32::from(*destination.ip()),
@@ -496,14 +467,11 @@ fn established(
 }
 
 fn affinity(
-    pin_dir: &Path,
+    maps: &Maps,
     client: Ipv4Addr,
     service_id: u32,
 ) -> anyhow::Result<Option<AffinityValue>> {
-    let map = HashMap::<_, Affinity4Key, AffinityValue>::try_from(Map::LruHashMap(pinned(
-        pin_dir,
-        map_names::AFFINITY4,
-    )?))?;
+    let map = &maps.affinity;
     let key = Affinity4Key {
         client: u64::from(u32::from(client)),
         service_id,

@@ -9,35 +9,21 @@ use std::{
     path::Path,
 };
 
-use anyhow::Context as _;
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key as LpmKey};
+use aya::maps::lpm_trie::Key as LpmKey;
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts, DatapathConfig,
-    Frontend4Key, ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SourceRange4,
-    backend_flags, ct_direction, ct_flags, limits, maglev, map_names, proto, service_flags,
-    tcp_state,
+    Ct4Key, Ct4Value, CtTimeouts, Frontend4Key, SourceRange4, backend_flags, ct_direction,
+    ct_flags, limits, maglev, map_names, proto, service_flags, tcp_state,
 };
 use serde::Serialize;
 
 use crate::datapath::{
-    ServiceName,
+    bpf_obj::Access,
+    maps::Maps,
     read::{read_backends, read_events, read_installed, read_service_counter, read_service_names},
 };
 
-/// The pinned maps of one agent (its `--pin-dir`).
-pub struct PinnedMaps {
-    frontends: HashMap<MapData, Frontend4Key, ServiceValue>,
-    slots: Array<MapData, Slot>,
-    backends: HashMap<MapData, u32, Backend4>,
-    conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
-    sock_nat: HashMap<MapData, SockNat4Key, SockNat4Value>,
-    counters: PerCpuArray<MapData, ServiceCounter>,
-    events: PerCpuArray<MapData, u64>,
-    config: Array<MapData, DatapathConfig>,
-    source_ranges: LpmTrie<MapData, SourceRange4, u8>,
-    affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
-    names: HashMap<MapData, u32, ServiceName>,
-}
+/// The pinned maps of one agent (its `--pin-dir`), opened read-only.
+pub struct PinnedMaps(Maps);
 
 /// One service (a Service port, or the part of it one traffic policy splits off).
 #[derive(Clone, Debug, Serialize)]
@@ -180,38 +166,16 @@ impl PinnedMaps {
     /// Opens the maps pinned under `pin_dir`, each through a read-only descriptor: nothing
     /// done with a `PinnedMaps` can change the datapath.
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
-        let open = |name: &str| -> anyhow::Result<MapData> {
-            let path = pin_dir.join(name);
-            crate::datapath::bpf_obj::open_map_read_only(&path).with_context(|| {
-                format!(
-                    "opening {} (is the agent running with --pin-dir {}?)",
-                    path.display(),
-                    pin_dir.display()
-                )
-            })
-        };
-        Ok(Self {
-            frontends: HashMap::try_from(Map::HashMap(open(map_names::FRONTENDS4)?))?,
-            slots: Array::try_from(Map::Array(open(map_names::SLOTS4)?))?,
-            backends: HashMap::try_from(Map::HashMap(open(map_names::BACKENDS4)?))?,
-            conntrack: HashMap::try_from(Map::LruHashMap(open(map_names::CONNTRACK4)?))?,
-            sock_nat: HashMap::try_from(Map::LruHashMap(open(map_names::SOCK_NAT4)?))?,
-            counters: PerCpuArray::try_from(Map::PerCpuArray(open(map_names::SERVICE_COUNTERS)?))?,
-            events: PerCpuArray::try_from(Map::PerCpuArray(open(map_names::EVENTS)?))?,
-            config: Array::try_from(Map::Array(open(map_names::CONFIG)?))?,
-            source_ranges: LpmTrie::try_from(Map::LpmTrie(open(map_names::SOURCE_RANGES4)?))?,
-            affinity: HashMap::try_from(Map::LruHashMap(open(map_names::AFFINITY4)?))?,
-            names: HashMap::try_from(Map::HashMap(open(map_names::SERVICE_NAMES)?))?,
-        })
+        Ok(Self(Maps::open(pin_dir, Access::ReadOnly)?))
     }
 
     /// Every installed service with its frontends, current backends and counters.
     pub fn services(&self) -> anyhow::Result<Vec<ServiceInfo>> {
-        let (installed, _) = read_installed(&self.frontends, &self.slots)?;
-        let names = read_service_names(&self.names)?;
-        let backends = read_backends(&self.backends)?;
+        let (installed, _) = read_installed(&self.0.frontends, &self.0.slots)?;
+        let names = read_service_names(&self.0.service_names)?;
+        let backends = read_backends(&self.0.backends)?;
         let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        for key in self.source_ranges.keys() {
+        for key in self.0.source_ranges.keys() {
             let key: LpmKey<SourceRange4> = key?;
             let data = key.data();
             ranges
@@ -226,7 +190,7 @@ impl PinnedMaps {
         let mut services = installed
             .into_iter()
             .map(|(id, service)| {
-                let counter = read_service_counter(&self.counters, id)?;
+                let counter = read_service_counter(&self.0.service_counters, id)?;
                 // Every frontend of a service carries its policy bits.
                 let flags = service.frontends.values().fold(0, |all, flags| all | flags);
                 Ok(ServiceInfo {
@@ -259,8 +223,8 @@ impl PinnedMaps {
 
     /// Every backend with the services whose tables hold it.
     pub fn backends(&self) -> anyhow::Result<Vec<BackendInfo>> {
-        let (installed, _) = read_installed(&self.frontends, &self.slots)?;
-        let names = read_service_names(&self.names)?;
+        let (installed, _) = read_installed(&self.0.frontends, &self.0.slots)?;
+        let names = read_service_names(&self.0.service_names)?;
         let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for (id, service) in &installed {
             let name = names
@@ -274,7 +238,7 @@ impl PinnedMaps {
                 }
             }
         }
-        Ok(read_backends(&self.backends)?
+        Ok(read_backends(&self.0.backends)?
             .into_iter()
             .map(|(id, backend)| BackendInfo {
                 id,
@@ -290,7 +254,8 @@ impl PinnedMaps {
     /// The timeouts the datapath applies to connection tracking: the agent's settings in the
     /// config map (zero fields, as in a map nobody wrote yet, are the defaults).
     pub fn conntrack_timeouts(&self) -> CtTimeouts {
-        self.config
+        self.0
+            .config
             .get(&0, 0)
             .map(|config| config.timeouts)
             .unwrap_or_default()
@@ -301,7 +266,8 @@ impl PinnedMaps {
     fn live_conntrack_entries(&self) -> u64 {
         let timeouts = self.conntrack_timeouts();
         let now = monotonic_ns();
-        self.conntrack
+        self.0
+            .conntrack
             .iter()
             .filter_map(Result::ok)
             .filter(|(key, value)| {
@@ -315,7 +281,7 @@ impl PinnedMaps {
         let timeouts = self.conntrack_timeouts();
         let now = monotonic_ns();
         let mut entries = Vec::new();
-        for entry in self.conntrack.iter() {
+        for entry in self.0.conntrack.iter() {
             let (key, value) = match entry {
                 Ok(entry) => entry,
                 // An LRU entry evicted between listing its key and reading it: skip it.
@@ -332,12 +298,12 @@ impl PinnedMaps {
 
     /// Events by label, summed over CPUs.
     pub fn events(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
-        Ok(read_events(&self.events)?)
+        Ok(read_events(&self.0.events)?)
     }
 
     /// Events, map fill and the SNAT address.
     pub fn stats(&self) -> anyhow::Result<Stats> {
-        let snat = self.config.get(&0, 0)?.snat_addr;
+        let snat = self.0.config.get(&0, 0)?.snat_addr;
         Ok(Stats {
             events: self.events()?,
             maps: self.fill()?,
@@ -350,7 +316,7 @@ impl PinnedMaps {
     /// (one syscall each, two for conntrack): a full conntrack map takes about twice as long as
     /// walking its keys alone (docs/metrics.md).
     pub fn fill(&self) -> anyhow::Result<Vec<MapFill>> {
-        let (installed, _) = read_installed(&self.frontends, &self.slots)?;
+        let (installed, _) = read_installed(&self.0.frontends, &self.0.slots)?;
         let maglev_tables = installed
             .values()
             .filter(|service| service.maglev_table.is_some())
@@ -358,7 +324,7 @@ impl PinnedMaps {
         Ok(vec![
             fill(
                 map_names::FRONTENDS4,
-                self.frontends.keys(),
+                self.0.frontends.keys(),
                 limits::MAX_FRONTENDS,
             ),
             MapFill {
@@ -371,7 +337,7 @@ impl PinnedMaps {
             },
             fill(
                 map_names::BACKENDS4,
-                self.backends.keys(),
+                self.0.backends.keys(),
                 limits::MAX_BACKENDS,
             ),
             MapFill {
@@ -381,17 +347,17 @@ impl PinnedMaps {
             },
             fill(
                 map_names::SOCK_NAT4,
-                self.sock_nat.keys(),
+                self.0.sock_nat.keys(),
                 limits::MAX_SOCK_NAT,
             ),
             fill(
                 map_names::SOURCE_RANGES4,
-                self.source_ranges.keys(),
+                self.0.source_ranges.keys(),
                 limits::MAX_SOURCE_RANGES,
             ),
             fill(
                 map_names::AFFINITY4,
-                self.affinity.keys(),
+                self.0.affinity.keys(),
                 limits::MAX_AFFINITY,
             ),
             MapFill {
@@ -641,9 +607,9 @@ mod tests {
                 .expect("conntrack");
 
             // Writing does not, whatever the map type.
-            let value = maps.backends.get(&7, 0).expect("backend 7");
-            refused("update a backend", maps.backends.insert(&8, &value, 0));
-            refused("delete a backend", maps.backends.remove(&7));
+            let value = maps.0.backends.get(&7, 0).expect("backend 7");
+            refused("update a backend", maps.0.backends.insert(&8, &value, 0));
+            refused("delete a backend", maps.0.backends.remove(&7));
             let frontend = Frontend4Key {
                 addr: u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
                 port: 80u16.to_be(),
@@ -652,21 +618,23 @@ mod tests {
             };
             refused(
                 "add a frontend",
-                maps.frontends
-                    .insert(&frontend, &ServiceValue::default(), 0),
+                maps.0
+                    .frontends
+                    .insert(&frontend, &lb_common::ServiceValue::default(), 0),
             );
             refused(
                 "rename a service",
-                maps.names
+                maps.0
+                    .service_names
                     .insert(&0, &[b'x'; lb_common::SERVICE_NAME_LEN], 0),
             );
-            let config = maps.config.get(&0, 0).expect("config");
-            refused("change the config", maps.config.set(0, &config, 0));
-            let zero = maps.events.get(&0, 0).expect("events");
-            refused("reset an event counter", maps.events.set(0, zero, 0));
+            let config = maps.0.config.get(&0, 0).expect("config");
+            refused("change the config", maps.0.config.set(0, &config, 0));
+            let zero = maps.0.events.get(&0, 0).expect("events");
+            refused("reset an event counter", maps.0.events.set(0, zero, 0));
             refused(
                 "allow a source range",
-                maps.source_ranges.insert(
+                maps.0.source_ranges.insert(
                     &LpmKey::new(
                         64,
                         SourceRange4 {
@@ -677,6 +645,12 @@ mod tests {
                     &1,
                     0,
                 ),
+            );
+            let slot = maps.0.slots.get(&0, 0).expect("slot 0");
+            refused("change a selection table", maps.0.slots.set(0, &slot, 0));
+            refused(
+                "clear the conntrack",
+                maps.0.conntrack.remove(&Ct4Key::default()),
             );
             assert_eq!(
                 maps.backends().expect("backends").len(),

@@ -1,0 +1,69 @@
+//! The maps the agent and the read-only inspection both read, opened one way: by name from the
+//! pin directory, through a descriptor with the access the caller needs. The agent opens them
+//! read-write after loading its programs (which pin them or reuse the pins); `lb services`,
+//! `lb conntrack`, `/metrics` and the rest open them read-only.
+
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
+use lb_common::{
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Frontend4Key,
+    ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SourceRange4, map_names,
+};
+
+use super::{
+    ServiceName,
+    bpf_obj::{Access, open_pinned},
+    error::{DatapathError, Result, map_error},
+};
+
+/// The state maps of one pin directory.
+pub struct Maps {
+    pub frontends: HashMap<MapData, Frontend4Key, ServiceValue>,
+    pub slots: Array<MapData, Slot>,
+    pub backends: HashMap<MapData, u32, Backend4>,
+    pub conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
+    pub sock_nat: HashMap<MapData, SockNat4Key, SockNat4Value>,
+    pub service_counters: PerCpuArray<MapData, ServiceCounter>,
+    pub events: PerCpuArray<MapData, u64>,
+    pub config: Array<MapData, DatapathConfig>,
+    pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
+    pub affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
+    pub service_names: HashMap<MapData, u32, ServiceName>,
+}
+
+impl Maps {
+    /// Opens the maps pinned under `pin_dir`. Through [`Access::ReadOnly`] descriptors nothing
+    /// can change the datapath: the kernel refuses every update and delete.
+    pub fn open(pin_dir: &Path, access: Access) -> Result<Self> {
+        Ok(Self {
+            frontends: open_map(pin_dir, map_names::FRONTENDS4, access)?,
+            slots: open_map(pin_dir, map_names::SLOTS4, access)?,
+            backends: open_map(pin_dir, map_names::BACKENDS4, access)?,
+            conntrack: open_map(pin_dir, map_names::CONNTRACK4, access)?,
+            sock_nat: open_map(pin_dir, map_names::SOCK_NAT4, access)?,
+            service_counters: open_map(pin_dir, map_names::SERVICE_COUNTERS, access)?,
+            events: open_map(pin_dir, map_names::EVENTS, access)?,
+            config: open_map(pin_dir, map_names::CONFIG, access)?,
+            source_ranges: open_map(pin_dir, map_names::SOURCE_RANGES4, access)?,
+            affinity: open_map(pin_dir, map_names::AFFINITY4, access)?,
+            service_names: open_map(pin_dir, map_names::SERVICE_NAMES, access)?,
+        })
+    }
+}
+
+/// The map pinned as `name` under `pin_dir`, as the typed map `M` (its kind is checked against
+/// the kernel's answer: a pin of another kind or layout is refused, not misread).
+pub fn open_map<M>(pin_dir: &Path, name: &'static str, access: Access) -> Result<M>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let path = pin_dir.join(name);
+    let fd = open_pinned(&path, access).map_err(|source| DatapathError::OpenPin {
+        path: path.clone(),
+        source,
+    })?;
+    let data = MapData::from_fd(fd).map_err(|source| map_error(name, "open", source))?;
+    let map = Map::from_map_data(data).map_err(|source| map_error(name, "open", source))?;
+    M::try_from(map).map_err(|source| map_error(name, "open", source))
+}
