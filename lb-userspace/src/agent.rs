@@ -299,6 +299,9 @@ async fn sync_until_stopped(
         for error in &report.udp_sockets.errors {
             warn!(%error, "a UDP socket connected to a departed endpoint was not aborted");
         }
+        for error in &report.cleanup_failures {
+            warn!(error = %error, "a cleanup step of the sync failed");
+        }
         check_node_requirements(
             &config.interfaces,
             desired,
@@ -390,6 +393,9 @@ impl Observers {
         metrics.invalid_objects.set(counts.invalid_objects as i64);
         metrics.skipped_objects.inc_by(counts.new_invalid);
         metrics.sync_errors.inc_by(report.errors.len() as u64);
+        metrics
+            .cleanup_failures
+            .inc_by(report.cleanup_failures.len() as u64);
         metrics
             .udp_sockets_aborted
             .inc_by(report.udp_sockets.destroyed);

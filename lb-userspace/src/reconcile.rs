@@ -74,6 +74,9 @@ pub struct ReconcileReport {
     pub errors: Vec<(ServicePortKey, DatapathError)>,
     /// Connected UDP sockets aborted because their backend left the service (step 4).
     pub udp_sockets: crate::datapath::sock_diag::DestroyReport,
+    /// Cleanup that failed: backends nothing uses that could not be removed (tried again on
+    /// the next run), and the datapath's failed undo and cleanup steps.
+    pub cleanup_failures: Vec<DatapathError>,
 }
 
 impl ReconcileReport {
@@ -247,30 +250,42 @@ impl Reconciler {
             }
         }
 
+        report.cleanup_failures.extend(datapath.take_cleanup_failures());
+
         // 3. Backends nothing references (the first run checks them all).
         let candidates: Vec<u32> = if first_run {
             self.backend_refs.keys().copied().collect()
         } else {
             std::mem::take(&mut self.released)
         };
+        let mut retry = Vec::new();
         for id in candidates {
             if self.backend_refs.get(&id) != Some(&0) {
                 continue;
             }
             let identity = datapath.installed_backends().get(&id).map(identity);
-            if datapath.remove_backend(id).is_ok() {
-                report.backends_removed += 1;
-                self.backend_refs.remove(&id);
-                if let Some(identity) = identity {
-                    self.backend_ids.remove(&identity);
+            match datapath.remove_backend(id) {
+                Ok(()) => {
+                    report.backends_removed += 1;
+                    self.backend_refs.remove(&id);
+                    if let Some(identity) = identity {
+                        self.backend_ids.remove(&identity);
+                    }
+                }
+                Err(error) => {
+                    report.cleanup_failures.push(error);
+                    retry.push(id);
                 }
             }
         }
-        self.released.clear();
+        self.released = retry;
         self.initialized = true;
 
         // 4. Connected UDP sockets still sending to a backend that left.
         report.udp_sockets = datapath.abort_udp_sockets_of_departed_backends();
+        report
+            .cleanup_failures
+            .extend(datapath.take_cleanup_failures());
         report
     }
 

@@ -487,3 +487,126 @@ fn backend_flags_are_stable_when_slices_disagree_on_an_endpoints_node() {
     flags.sort_unstable();
     assert_eq!(flags, [0, backend_flags::LOCAL]);
 }
+
+/// BPF_MAP_FREEZE (include/uapi/linux/bpf.h): from then on the kernel refuses every update and
+/// delete of the map from user space with EPERM (`map_get_sys_perms` in kernel/bpf/syscall.c):
+/// a real map error, injected without any hook in the agent. A frozen map stays frozen, so only
+/// maps under a test's own pin directory are frozen.
+fn freeze(pins: &PinDir, map: &str) {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_FREEZE: libc::c_long = 22;
+    #[repr(C)]
+    struct FreezeAttr {
+        map_fd: u32,
+    }
+    let map = aya::maps::MapData::from_pin(pins.path().join(map)).expect("pinned map");
+    let attr = FreezeAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+    };
+    // SAFETY: bpf(2) reads size_of::<FreezeAttr>() bytes of a live attr for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_FREEZE,
+            &raw const attr,
+            size_of::<FreezeAttr>(),
+        )
+    };
+    assert_eq!(rc, 0, "BPF_MAP_FREEZE: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn failed_cleanup_is_reported_and_tried_again_while_the_service_is_programmed() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "cleanup").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    let mut reconciler = Reconciler::new();
+    let with_affinity = |backends: &[u8]| {
+        let mut state = desired(&[("web", 10, backends)]);
+        for service in state.services.values_mut() {
+            service.affinity_timeout_s = 60;
+        }
+        state
+    };
+    let report = reconciler.reconcile(&mut datapath, &with_affinity(&[10, 11]));
+    assert!(
+        report.errors.is_empty() && report.cleanup_failures.is_empty(),
+        "{report:?}"
+    );
+    let service_id = reconciler.service_id(&key("web")).expect("web installed");
+    let id_of = |datapath: &Datapath, octet: u8| {
+        let addr = Ipv4Addr::new(10, 244, 1, octet);
+        datapath
+            .installed_backends()
+            .iter()
+            .find(|(_, backend)| backend.addr == addr)
+            .map(|(&id, _)| id)
+            .expect("backend installed")
+    };
+    let (kept, leaving) = (id_of(&datapath, 10), id_of(&datapath, 11));
+    // A client held to the endpoint that is about to leave, as XDP records it.
+    let mut affinity: aya::maps::HashMap<_, lb_common::Affinity4Key, lb_common::AffinityValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+            aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::AFFINITY4))
+                .expect("affinity pin"),
+        ))
+        .expect("affinity map");
+    let client = lb_common::Affinity4Key {
+        client: u64::from(u32::from(Ipv4Addr::new(192, 0, 2, 7))),
+        service_id,
+        kind: 0,
+    };
+    let held = lb_common::AffinityValue {
+        last_used_ns: 1,
+        backend_id: leaving,
+        _pad: 0,
+    };
+    affinity.insert(&client, &held, 0).expect("affinity entry");
+
+    // Releasing that client and removing the unused backend both fail now.
+    freeze(&pins, lb_common::map_names::AFFINITY4);
+    freeze(&pins, lb_common::map_names::BACKENDS4);
+    let report = reconciler.reconcile(&mut datapath, &with_affinity(&[10]));
+    assert!(
+        report.errors.is_empty(),
+        "the service is programmed: {report:?}"
+    );
+    assert_eq!(report.backends_removed, 0, "{report:?}");
+    let failures: Vec<String> = report
+        .cleanup_failures
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        failures,
+        [
+            format!(
+                "map {}: release a client of service {service_id}",
+                lb_common::map_names::AFFINITY4
+            ),
+            format!(
+                "map {}: remove backend {leaving}",
+                lb_common::map_names::BACKENDS4
+            ),
+        ],
+        "{report:?}"
+    );
+    let installed = &datapath.installed_services()[&service_id];
+    assert_eq!(installed.backends, [kept], "the new table is in force");
+
+    // The unused backend is tried again on the next run (and fails again: the map stays frozen).
+    let again = reconciler.reconcile(&mut datapath, &with_affinity(&[10]));
+    let failures: Vec<String> = again
+        .cleanup_failures
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        failures,
+        [format!(
+            "map {}: remove backend {leaving}",
+            lb_common::map_names::BACKENDS4
+        )],
+        "{again:?}"
+    );
+}

@@ -114,6 +114,7 @@ impl Datapath {
             tx_ports: take_private_map(&mut ebpf, map_names::TX_PORTS)?,
             maglev: open_map(pin_dir, map_names::MAGLEV4, Access::ReadWrite)?,
             departed_udp: BTreeSet::new(),
+            cleanup_failures: Vec::new(),
             names,
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -485,7 +486,12 @@ where
         })?;
     let path = pin_dir.join(name);
     // A program pinned by an earlier run: the new one takes its place.
-    let _ = std::fs::remove_file(&path);
+    match std::fs::remove_file(&path) {
+        Err(source) if source.kind() != io::ErrorKind::NotFound => {
+            return Err(DatapathError::PinDir { path, source });
+        }
+        _ => {}
+    }
     program
         .pin_program(&path)
         .map_err(|source| DatapathError::PinProgram {

@@ -85,6 +85,10 @@ pub struct Datapath {
     /// Which service owns each frontend (a frontend belongs to one service).
     owners: BTreeMap<Frontend4Key, u32>,
     installed_backends: BTreeMap<u32, Backend>,
+    /// Undo and cleanup steps that failed since the last [`Datapath::take_cleanup_failures`]:
+    /// steps whose caller is already returning the error that made them necessary, or that
+    /// no caller waits for. The agent logs and counts them.
+    cleanup_failures: Vec<DatapathError>,
 }
 
 /// A UDP backend that left a service.

@@ -9,8 +9,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use lb_common::{
-    Affinity4Key, DatapathConfig, Frontend4Key, NicMac, SERVICE_NAME_LEN, ServiceCounter,
-    ServiceValue, Slot, SourceRange4, limits, maglev, map_names, service_flags,
+    DatapathConfig, Frontend4Key, NicMac, SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot,
+    SourceRange4, limits, maglev, map_names, service_flags,
 };
 
 use super::{
@@ -148,7 +148,7 @@ impl Datapath {
                 .collect();
             self.record_departed_udp(service.id, &left);
             if !left.is_empty() && previous.affinity_timeout_s != 0 {
-                self.release_affinity(service.id, &left)?;
+                self.release_affinity(service.id, &left);
             }
         }
         if let Some(previous) = previous {
@@ -283,22 +283,48 @@ impl Datapath {
     }
 
     /// Session affinity entries of a service that point at backends it no longer has: removed,
-    /// so those clients choose again (an endpoint leaving releases its clients).
-    fn release_affinity(&mut self, service_id: u32, backends: &BTreeSet<u32>) -> Result<()> {
-        let stale: Vec<Affinity4Key> = self
-            .maps
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, value)| {
-                key.service_id == service_id && backends.contains(&value.backend_id)
-            })
-            .map(|(key, _)| key)
-            .collect();
-        for key in stale {
-            let _ = self.maps.affinity.remove(&key);
+    /// so those clients choose again (an endpoint leaving releases its clients). Best effort:
+    /// an entry left behind expires with its timeout, so failures are recorded, not returned.
+    fn release_affinity(&mut self, service_id: u32, backends: &BTreeSet<u32>) {
+        let mut stale = Vec::new();
+        for entry in self.maps.affinity.iter() {
+            match entry {
+                Ok((key, value))
+                    if key.service_id == service_id && backends.contains(&value.backend_id) =>
+                {
+                    stale.push(key);
+                }
+                Ok(_) => {}
+                Err(source) => {
+                    let operation = format!("iterate to release service {service_id}'s clients");
+                    self.cleanup_failed(map_error(map_names::AFFINITY4, &operation, source));
+                    break;
+                }
+            }
         }
-        Ok(())
+        for key in stale {
+            match self.maps.affinity.remove(&key) {
+                // The LRU may have evicted it meanwhile.
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(syscall))
+                    if syscall.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    let operation = format!("release a client of service {service_id}");
+                    self.cleanup_failed(map_error(map_names::AFFINITY4, &operation, source));
+                }
+            }
+        }
+    }
+
+    /// Records a failed undo or cleanup step (see [`Datapath::take_cleanup_failures`]).
+    fn cleanup_failed(&mut self, error: DatapathError) {
+        self.cleanup_failures.push(error);
+    }
+
+    /// The undo and cleanup steps that failed since the last call: steps whose caller was
+    /// already returning the error that made them necessary, or that no caller waits for.
+    pub fn take_cleanup_failures(&mut self) -> Vec<DatapathError> {
+        std::mem::take(&mut self.cleanup_failures)
     }
 
     /// Remembers the UDP backends among `backends` that just left service `service_id`, for
@@ -459,10 +485,14 @@ impl Datapath {
                     slots: installed.slots,
                 })
             });
-            let _ = match before {
+            let undone = match before {
                 Some(value) => self.maps.frontends.insert(key, &value, 0),
                 None => self.maps.frontends.remove(key),
             };
+            if let Err(source) = undone {
+                let operation = format!("undo a failed update of frontend {key:?}");
+                self.cleanup_failed(map_error(map_names::FRONTENDS4, &operation, source));
+            }
         }
     }
 
@@ -500,7 +530,7 @@ impl Datapath {
         self.record_departed_udp(id, &installed.backends.iter().copied().collect());
         self.remove_source_ranges(id, installed.source_ranges.iter())?;
         if installed.affinity_timeout_s != 0 {
-            self.release_affinity(id, &installed.backends.iter().copied().collect())?;
+            self.release_affinity(id, &installed.backends.iter().copied().collect());
         }
         for key in installed.frontends.keys() {
             remove(&mut self.maps.frontends, map_names::FRONTENDS4, key, || {

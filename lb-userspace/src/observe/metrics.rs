@@ -53,6 +53,7 @@ pub struct AgentMetrics {
     pub udp_sockets_aborted: Counter,
     pub udp_socket_abort_failures: Counter,
     pub event_publish_failures: Counter,
+    pub cleanup_failures: Counter,
     /// By `requirement` and `interface`: 1 while the node lacks it.
     pub node_requirement_missing: Family<[(&'static str, String); 2], Gauge>,
 }
@@ -82,6 +83,7 @@ impl AgentMetrics {
             udp_sockets_aborted: Counter::default(),
             udp_socket_abort_failures: Counter::default(),
             event_publish_failures: Counter::default(),
+            cleanup_failures: Counter::default(),
             node_requirement_missing: Family::default(),
         }
     }
@@ -243,12 +245,29 @@ impl Metrics {
             agent.event_publish_failures.clone(),
         );
         lb.register(
+            "cleanup_failures",
+            "Cleanup steps of a sync that failed, each logged with its map error: undoing a \
+             failed service update, releasing session-affinity entries of departed endpoints, \
+             removing backends nothing uses (tried again on the next sync)",
+            agent.cleanup_failures.clone(),
+        );
+        lb.register(
             "node_requirement_missing",
             "1 while a setting of the node the datapath relies on is missing on an interface \
              (requirement ip_forward: forwarding, with endpoints on other nodes; accept_local)",
             agent.node_requirement_missing.clone(),
         );
-        registry.register_collector(Box::new(DatapathCollector { pin_dir }));
+        let read_failures = DatapathReadFailures::default();
+        lb.register(
+            "datapath_read_failures",
+            "Scrapes that could not read part of the datapath's pinned maps, by what (maps: \
+             opening them, services, events, fill); each logged with the error",
+            read_failures.clone(),
+        );
+        registry.register_collector(Box::new(DatapathCollector {
+            pin_dir,
+            read_failures,
+        }));
         Self { registry, agent }
     }
 
@@ -269,6 +288,17 @@ impl Metrics {
 #[derive(Debug)]
 struct DatapathCollector {
     pin_dir: PathBuf,
+    read_failures: DatapathReadFailures,
+}
+
+/// Failed reads of the pinned maps during scrapes, by `what`.
+type DatapathReadFailures = Family<[(&'static str, &'static str); 1], Counter>;
+
+impl DatapathCollector {
+    fn read_failed(&self, what: &'static str, error: &dyn std::fmt::Display) {
+        tracing::warn!(%error, what, "reading the pinned maps for /metrics");
+        self.read_failures.get_or_create(&[("what", what)]).inc();
+    }
 }
 
 impl Collector for DatapathCollector {
@@ -281,20 +311,24 @@ impl Collector for DatapathCollector {
             None,
             MetricType::Gauge,
         )?)?;
-        let Ok(maps) = maps else {
-            return Ok(());
+        let maps = match maps {
+            Ok(maps) => maps,
+            Err(error) => {
+                self.read_failed("maps", &error);
+                return Ok(());
+            }
         };
         match maps.services() {
             Ok(services) => encode_services(&mut encoder, &services)?,
-            Err(error) => tracing::warn!(%error, "reading the services for /metrics"),
+            Err(error) => self.read_failed("services", &error),
         }
         match maps.events() {
             Ok(events) => encode_events(&mut encoder, &events)?,
-            Err(error) => tracing::warn!(%error, "reading the events for /metrics"),
+            Err(error) => self.read_failed("events", &error),
         }
         match maps.fill() {
             Ok(fill) => encode_fill(&mut encoder, &fill)?,
-            Err(error) => tracing::warn!(%error, "reading map fill for /metrics"),
+            Err(error) => self.read_failed("fill", &error),
         }
         Ok(())
     }
@@ -397,4 +431,27 @@ fn encode_fill(
             .encode(capacity.encode_family(&[("map", map.map)])?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scrape_that_cannot_open_the_maps_says_so_and_counts_it() {
+        let pin_dir = std::env::temp_dir().join(format!("lb-no-pins-{}", std::process::id()));
+        let metrics = Metrics::new(pin_dir);
+        let first = metrics.encode();
+        assert!(first.contains("lb_datapath_up 0\n"), "{first}");
+        assert!(!first.contains("lb_service_packets"), "{first}");
+        assert!(
+            first.contains("\nlb_datapath_read_failures_total{what=\"maps\"} 1\n"),
+            "{first}"
+        );
+        let second = metrics.encode();
+        assert!(
+            second.contains("\nlb_datapath_read_failures_total{what=\"maps\"} 2\n"),
+            "{second}"
+        );
+    }
 }
