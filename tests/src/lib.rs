@@ -1,6 +1,8 @@
 //! The lab and the helpers of the integration tests (tests/tests/*.rs) and the demo.
 //!
 //! - [`agent`]: the real `lb` agent on a lab node, fed by manifests the test writes;
+//! - [`fake_apiserver`] and [`kube_agent`]: a fake Kubernetes API server, and the real agent
+//!   (`lb run --source kube`) reading it;
 //! - [`lab`]: network namespaces, veth pairs, bridges, processes and cgroups, all removed by guards;
 //! - [`topology`]: the client / fabric / nodes / pods layout of docs/lab.md;
 //! - [`peer`]: the `lab-peer` TCP/UDP servers and clients and their reports;
@@ -12,6 +14,7 @@ pub mod agent;
 pub mod bare_xdp;
 pub mod fake_apiserver;
 pub mod http;
+pub mod kube_agent;
 pub mod lab;
 pub mod node;
 pub mod packet;

@@ -1,33 +1,16 @@
-//! The real `lb run --source kube` agent against the fake API server (`lab::fake_apiserver`, a
-//! mock: no API server can run here), talking over loopback: Services and EndpointSlices reach
-//! the pinned maps, a change is applied, and an invalid Service is skipped with a Kubernetes
-//! Event while the others keep working. No NIC is attached, only the socket hooks to a private
-//! cgroup (the agent refuses to start with nothing to attach to): this is about the source.
+//! The real `lb run --source kube` agent against the fake API server (`lab::kube_agent`, with
+//! `lab::fake_apiserver`, a mock: no API server can run here), talking over loopback: Services
+//! and EndpointSlices reach the pinned maps, a change is applied, and an invalid Service is
+//! skipped with a Kubernetes Event while the others keep working.
 
-use std::{
-    path::Path,
-    process::{Child, Command},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use lab::{
     fake_apiserver::{FakeApiServer, Resource},
-    lab::{Cgroup, Lab, PinDir, ScratchDir, wait_for_log},
-    peer::sibling_binary,
+    kube_agent::{KubeAgent, WAIT},
+    lab::{Lab, PinDir, ScratchDir},
 };
 use serde_json::json;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// The agent process; killed on drop.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn frontend_addresses(pin_dir: &Path) -> Vec<std::net::Ipv4Addr> {
     let map = aya::maps::MapData::from_pin(pin_dir.join(lb_common::map_names::FRONTENDS4))
@@ -58,11 +41,7 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "kube").expect("pins");
     let scratch = ScratchDir::new(&lab, "kube").expect("scratch");
-    // Something to attach to (lb run refuses to start without): socket hooks on a private cgroup.
-    let cgroup = Cgroup::new(&lab, "kube").expect("cgroup");
     let server = FakeApiServer::start().await.expect("fake API server");
-    let kubeconfig = scratch.path().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     server.apply(json!({
         "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
         "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]}
@@ -76,30 +55,8 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
     }));
     server.apply(service("broken", "10.96.0.300"));
 
-    let log = scratch.path().join("agent.log");
-    let output = std::fs::File::create(&log).expect("log");
-    let _agent = Agent(
-        Command::new(sibling_binary("lb").expect("lb binary"))
-            .args(["run", "--source", "kube", "--kubeconfig"])
-            .arg(&kubeconfig)
-            .args(["--hostname-override", "node1", "--pin-dir"])
-            .arg(pins.path())
-            .arg("--cgroup-path")
-            .arg(cgroup.path())
-            // This agent runs in the machine's own namespace: its HTTP endpoints take free
-            // loopback ports, never the well-known ones other agents (or tests) may hold.
-            .args(["--metrics-bind-address", "127.0.0.1:0"])
-            .args(["--healthz-bind-address", "127.0.0.1:0"])
-            .stdout(output.try_clone().expect("log"))
-            .stderr(output)
-            .spawn()
-            .expect("start lb run"),
-    );
-    let wait = |count: usize| {
-        let log = log.clone();
-        tokio::task::spawn_blocking(move || wait_for_log(&log, "synced", count, WAIT))
-    };
-    wait(1).await.expect("join").expect("first sync");
+    let agent = KubeAgent::start(&lab, &pins, &scratch, &server, &[]).expect("lb run");
+    agent.wait_for("synced", 1).await;
     // web is programmed (its ClusterIP); broken is skipped, with a Warning Event.
     assert_eq!(
         frontend_addresses(pins.path()),
@@ -139,7 +96,7 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
     assert_eq!(event["regarding"]["kind"], "Service", "{event}");
     assert_eq!(event["regarding"]["namespace"], "default", "{event}");
     // And counted: the sync reports one invalid object, one skipped since the start.
-    let text = std::fs::read_to_string(&log).expect("log");
+    let text = agent.text();
     assert!(
         text.contains("invalid_objects=1") && text.contains("skipped_total=1"),
         "{text}"
@@ -158,85 +115,6 @@ async fn the_agent_follows_the_api_server_and_reports_bad_objects_as_events() {
             frontend_addresses(pins.path())
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A running agent against the fake API server, with its log.
-struct Running {
-    _agent: Agent,
-    /// What the socket hooks attach to (lb run refuses to start with nothing to attach to).
-    _cgroup: Cgroup,
-    log: std::path::PathBuf,
-}
-
-impl Running {
-    fn start(
-        lab: &Lab,
-        pins: &PinDir,
-        scratch: &ScratchDir,
-        server: &FakeApiServer,
-        extra: &[&str],
-    ) -> Self {
-        let cgroup = Cgroup::new(lab, "kuberun").expect("cgroup");
-        let kubeconfig = scratch.path().join("kubeconfig");
-        server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-        let log = scratch.path().join("agent.log");
-        let output = std::fs::File::create(&log).expect("log");
-        let agent = Agent(
-            Command::new(sibling_binary("lb").expect("lb binary"))
-                .args(["run", "--source", "kube", "--kubeconfig"])
-                .arg(&kubeconfig)
-                .args(["--hostname-override", "node1", "--pin-dir"])
-                .arg(pins.path())
-                .args(["--metrics-bind-address", "127.0.0.1:0"])
-                .args(["--healthz-bind-address", "127.0.0.1:0"])
-                .arg("--cgroup-path")
-                .arg(cgroup.path())
-                .args(extra)
-                .stdout(output.try_clone().expect("log"))
-                .stderr(output)
-                .spawn()
-                .expect("start lb run"),
-        );
-        Self {
-            _agent: agent,
-            _cgroup: cgroup,
-            log,
-        }
-    }
-
-    async fn wait_for(&self, needle: &'static str, count: usize) -> Vec<String> {
-        let log = self.log.clone();
-        tokio::task::spawn_blocking(move || wait_for_log(&log, needle, count, WAIT))
-            .await
-            .expect("join")
-            .expect(needle)
-    }
-
-    fn text(&self) -> String {
-        std::fs::read_to_string(&self.log).expect("log")
-    }
-
-    /// A sample of the agent's /metrics (on loopback, where the agent logged it listens).
-    fn metric(&self, sample: &str) -> Option<f64> {
-        use std::io::{Read as _, Write as _};
-        let text = self.text();
-        let address = text
-            .lines()
-            .find(|line| line.contains("serving metrics"))?
-            .split("address=")
-            .nth(1)?
-            .split_whitespace()
-            .next()?
-            .to_owned();
-        let mut stream = std::net::TcpStream::connect(address).expect("connect to /metrics");
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .expect("request");
-        let mut page = String::new();
-        stream.read_to_string(&mut page).expect("response");
-        page.lines()
-            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
     }
 }
 
@@ -280,13 +158,14 @@ async fn only_a_slice_whose_service_stays_missing_is_reported() {
     other_slice["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] =
         json!("other-proxy");
     server.apply(other_slice);
-    let agent = Running::start(
+    let agent = KubeAgent::start(
         &lab,
         &pins,
         &scratch,
         &server,
         &["--missing-service-grace", "2s"],
-    );
+    )
+    .expect("lb run");
     agent.wait_for("synced", 1).await;
 
     // Pairs in both orders, each half seen by a sync of its own (the source publishes after
@@ -360,7 +239,7 @@ async fn a_refused_event_is_logged_with_the_api_servers_answer_and_counted() {
     let server = FakeApiServer::start().await.expect("fake API server");
     server.fail_events(usize::MAX, 403, "Forbidden", FORBIDDEN);
     server.apply(service("broken", "10.96.0.300"));
-    let agent = Running::start(&lab, &pins, &scratch, &server, &[]);
+    let agent = KubeAgent::start(&lab, &pins, &scratch, &server, &[]).expect("lb run");
     agent.wait_for("synced", 1).await;
     let lines = agent.wait_for("could not publish an Event", 1).await;
     assert!(

@@ -1,9 +1,10 @@
 //! deploy/ against the agent it deploys, without a cluster: every file of
 //! deploy/kustomization.yaml parses into its k8s-openapi type with no field left over, the
 //! objects refer to each other, the probes, the scrape port and the host mounts match the agent's
-//! settings, the ClusterRole grants exactly the API calls the agent makes, and `lb run --help`,
-//! the ConfigMap and docs/deploy.md list the same settings, each value accepted by the agent;
-//! and the memory limit leaves room for the maps, measured by loading the datapath (root).
+//! settings, the ClusterRole grants exactly the API calls the agent makes, recorded by a fake API
+//! server the real agent runs against (root), and `lb run --help`, the ConfigMap and
+//! docs/deploy.md list the same settings, each value accepted by the agent; and the memory limit
+//! leaves room for the maps, measured by loading the datapath (root).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,49 +17,126 @@ use k8s_openapi::{
     Resource,
     api::{
         apps::v1::DaemonSet,
-        core::v1::{ConfigMap, Container, Node, PodSpec, Probe, Service, ServiceAccount},
-        discovery::v1::EndpointSlice,
-        events::v1::Event,
+        core::v1::{ConfigMap, Container, PodSpec, Probe, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use lab::peer::sibling_binary;
+use lab::{
+    fake_apiserver::{FakeApiServer, Resource as Collection},
+    kube_agent::{KubeAgent, WAIT},
+    lab::{Lab, PinDir, ScratchDir},
+    peer::sibling_binary,
+};
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The optional Prometheus Operator file: in deploy/, deliberately not in the kustomization.
 const POD_MONITOR: &str = "podmonitor.yaml";
 
-/// One (API group, resource, verb) the ClusterRole grants or the agent needs.
+/// One (API group, resource, verb) the ClusterRole grants or a request of the agent needs.
 type Grant = (String, String, String);
 
-/// Every API call the agent makes, and so exactly what its ClusterRole must grant:
-/// - lb-userspace/src/source/kube.rs reflects v1 Services and discovery.k8s.io/v1 EndpointSlices
-///   in all namespaces and its own v1 Node; kube-runtime's `watcher` lists, then watches (it never
-///   gets one object). The Node watch has a field selector, which RBAC cannot narrow;
-/// - its `EventRecorder` is kube-runtime's `Recorder`, whose `publish` creates an events.k8s.io/v1
-///   Event and patches it when the same event repeats (kube-runtime src/events.rs).
-fn agent_api_calls() -> BTreeSet<Grant> {
-    let mut calls = BTreeSet::new();
-    calls.extend(grants::<Service>(&["list", "watch"]));
-    calls.extend(grants::<EndpointSlice>(&["list", "watch"]));
-    calls.extend(grants::<Node>(&["list", "watch"]));
-    calls.extend(grants::<Event>(&["create", "patch"]));
-    calls
+/// The RBAC rule a request to the API server needs, as the API server's authorizer derives it
+/// from the request: the API group and resource from the path (`/api/v1/...` is the core
+/// group, `/apis/{group}/{version}/...` any other; a namespace in the path does not matter to a
+/// ClusterRole; `{resource}/{name}/{subresource}` is the resource `{resource}/{subresource}`),
+/// the verb from the method and whether the path names one object: a GET is `watch` with
+/// `watch=true`, else `get` of one object or `list` of a collection; POST `create`, PUT
+/// `update`, PATCH `patch`, DELETE `delete` (of a collection, `deletecollection`). `request`
+/// is as the fake API server records it: `METHOD /path?query`. Panics on a request no
+/// resource rule grants (the ClusterRole has none of the other kind, nonResourceURLs).
+fn required_grant(request: &str) -> Grant {
+    let (method, target) = request
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("{request:?} is not `METHOD /path`"));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let watch = form_urlencoded::parse(query.as_bytes())
+        .any(|(name, value)| name == "watch" && (value == "true" || value == "1"));
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segments.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => panic!("{request}: not a request for a resource"),
+    };
+    let rest = match rest {
+        ["namespaces", _namespace, rest @ ..] if !rest.is_empty() => rest,
+        rest => rest,
+    };
+    let (resource, one_object) = match rest {
+        [resource] => ((*resource).to_owned(), false),
+        [resource, _name] => ((*resource).to_owned(), true),
+        [resource, _name, subresource] => (format!("{resource}/{subresource}"), true),
+        _ => panic!("{request}: not a request for a resource"),
+    };
+    let verb = match (method, one_object, watch) {
+        ("GET", _, true) => "watch",
+        ("GET", true, false) => "get",
+        ("GET", false, false) => "list",
+        ("POST", _, _) => "create",
+        ("PUT", true, _) => "update",
+        ("PATCH", true, _) => "patch",
+        ("DELETE", true, _) => "delete",
+        ("DELETE", false, _) => "deletecollection",
+        _ => panic!("{request}: no RBAC verb for this request"),
+    };
+    (group.to_owned(), resource, verb.to_owned())
 }
 
-fn grants<K: Resource>(verbs: &[&str]) -> Vec<Grant> {
-    verbs
-        .iter()
-        .map(|verb| {
-            (
-                K::GROUP.to_owned(),
-                K::URL_PATH_SEGMENT.to_owned(),
-                (*verb).to_owned(),
-            )
-        })
-        .collect()
+#[test]
+fn requests_map_to_the_rules_the_api_server_checks() {
+    for (request, (group, resource, verb)) in [
+        (
+            "GET /api/v1/services?labelSelector=x&resourceVersion=0",
+            ("", "services", "list"),
+        ),
+        (
+            "GET /api/v1/nodes?fieldSelector=metadata.name%3Dnode1&watch=true&resourceVersion=7",
+            ("", "nodes", "watch"),
+        ),
+        (
+            "GET /apis/discovery.k8s.io/v1/namespaces/shop/endpointslices?watch=1",
+            ("discovery.k8s.io", "endpointslices", "watch"),
+        ),
+        (
+            "GET /api/v1/namespaces/shop/services/cart",
+            ("", "services", "get"),
+        ),
+        ("GET /api/v1/namespaces/shop", ("", "namespaces", "get")),
+        ("GET /api/v1/namespaces", ("", "namespaces", "list")),
+        (
+            "POST /apis/events.k8s.io/v1/namespaces/default/events",
+            ("events.k8s.io", "events", "create"),
+        ),
+        (
+            "PATCH /apis/events.k8s.io/v1/namespaces/default/events/cart.17f3",
+            ("events.k8s.io", "events", "patch"),
+        ),
+        (
+            "PUT /api/v1/nodes/node1/status",
+            ("", "nodes/status", "update"),
+        ),
+        (
+            "DELETE /api/v1/namespaces/shop/pods/p",
+            ("", "pods", "delete"),
+        ),
+        (
+            "DELETE /api/v1/namespaces/shop/pods",
+            ("", "pods", "deletecollection"),
+        ),
+    ] {
+        assert_eq!(
+            required_grant(request),
+            (group.to_owned(), resource.to_owned(), verb.to_owned()),
+            "{request}"
+        );
+    }
+    for request in ["GET /healthz", "GET /apis", "HEAD /api/v1/services"] {
+        assert!(
+            std::panic::catch_unwind(|| required_grant(request)).is_err(),
+            "{request} maps to no rule"
+        );
+    }
 }
 
 fn repo() -> PathBuf {
@@ -419,8 +497,116 @@ fn the_objects_refer_to_each_other() {
     }
 }
 
-#[test]
-fn the_cluster_role_grants_exactly_the_api_calls_the_agent_makes() {
+/// A Service `name` in `default` with one TCP port, on `cluster_ip` and `external_ips`.
+fn service(name: &str, cluster_ip: &str, external_ips: &[&str]) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "clusterIP": cluster_ip,
+            "externalIPs": external_ips,
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]
+        }
+    })
+}
+
+/// Waits for an Event on the fake API server that `wanted` accepts, and returns it; panics
+/// after [`WAIT`] with the Events, the requests and the agent's log.
+async fn event(
+    server: &FakeApiServer,
+    agent: &KubeAgent,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(event) = server.events().into_iter().find(|event| wanted(event)) {
+            return event;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no such Event: {:#?}\n{:#?}\n{}",
+            server.events(),
+            server.requests(),
+            agent.text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The API calls the agent makes, as the rules they need: the requests the real agent (`lb run
+/// --source kube`, what the DaemonSet runs, with its kube source and its event recorder) sends
+/// to the fake API server through every kind of call it makes in a cluster:
+/// - at its start it lists, then watches, Services and EndpointSlices in all namespaces and its
+///   own Node (by a field selector on its name, which RBAC cannot narrow: the rule is for all
+///   Nodes);
+/// - a Service claiming another's ClusterIP as an externalIP gets a Warning Event, created;
+/// - the other Service deleted, then back, the same Service gets the same Event again, which
+///   the event recorder counts on the Event it created (`series.count` 2) with a patch. The
+///   recorder patches only a repeat about the same object at the same resourceVersion (an
+///   object changed to fix it and break it again gets a new Event): hence a problem that comes
+///   and goes with another object.
+///
+/// Events about the Node (a node requirement missing) are the same calls, in `default`.
+async fn agent_api_calls() -> BTreeSet<Grant> {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "rbac").expect("pins");
+    let scratch = ScratchDir::new(&lab, "rbac").expect("scratch");
+    let server = FakeApiServer::start().await.expect("fake API server");
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]}
+    }));
+    let owner = service("owner", "10.96.0.10", &[]);
+    server.apply(&owner);
+    server.apply(service("claimer", "10.96.0.11", &["10.96.0.10"]));
+    server.apply(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "claimer-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "claimer"}},
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.244.1.10"], "nodeName": "node1", "conditions": {"ready": true}}]
+    }));
+
+    let agent = KubeAgent::start(&lab, &pins, &scratch, &server, &[]).expect("lb run");
+    agent.wait_for("synced", 1).await;
+    assert!(
+        server.wait_for_watches(WAIT).await,
+        "not every watch is open: {:#?}\n{}",
+        server.requests(),
+        agent.text()
+    );
+    let conflict = |event: &Value| {
+        event["reason"] == "FrontendConflict" && event["regarding"]["name"] == "claimer"
+    };
+    let created = event(&server, &agent, conflict).await;
+    // The owner gone, the claimer serves the address: the agent's next sync finds nothing
+    // invalid, so the problem is over...
+    server.delete(Collection::Services, "default", "owner");
+    agent.wait_for("invalid_objects=0", 1).await;
+    // ...and when the owner is back, the agent reports the unchanged claimer again: the same
+    // Event, counted.
+    server.apply(&owner);
+    let counted = event(&server, &agent, |event| {
+        conflict(event) && event["series"]["count"] == 2
+    })
+    .await;
+    assert_eq!(
+        counted["metadata"]["name"],
+        created["metadata"]["name"],
+        "{:#?}",
+        server.requests()
+    );
+
+    server
+        .requests()
+        .iter()
+        .map(|request| required_grant(request))
+        .collect()
+}
+
+/// The ClusterRole against the calls the agent makes (root: the agent loads its datapath):
+/// nothing it needs is missing, and nothing it does not use is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_role_grants_exactly_the_api_calls_the_agent_makes() {
     let manifests = manifests();
     let mut granted = BTreeSet::new();
     for rule in manifests.cluster_role.rules.iter().flatten() {
@@ -434,7 +620,14 @@ fn the_cluster_role_grants_exactly_the_api_calls_the_agent_makes() {
         }
     }
     assert!(manifests.cluster_role.aggregation_rule.is_none());
-    assert_eq!(granted, agent_api_calls());
+    let made = agent_api_calls().await;
+    let unused: Vec<&Grant> = granted.difference(&made).collect();
+    let missing: Vec<&Grant> = made.difference(&granted).collect();
+    assert!(
+        unused.is_empty() && missing.is_empty(),
+        "granted but never used by the agent: {unused:?}; used by the agent but not granted: \
+         {missing:?}"
+    );
 }
 
 #[test]

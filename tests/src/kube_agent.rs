@@ -1,0 +1,112 @@
+//! The real `lb run --source kube` agent against the fake API server ([`crate::fake_apiserver`],
+//! a mock: no API server can run here), in the machine's own network namespace, talking to it
+//! over loopback. No NIC is attached, only the socket hooks to a private cgroup (the agent
+//! refuses to start with nothing to attach to): this is about what the agent does with the API.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    fake_apiserver::FakeApiServer,
+    lab::{Cgroup, Lab, PinDir, ScratchDir, wait_for_log},
+    peer::sibling_binary,
+};
+
+/// How long a wait for the agent's log may take.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A running agent and its log; killed on drop (its datapath stays pinned in the test's
+/// [`PinDir`]), then its cgroup is removed.
+pub struct KubeAgent {
+    child: Child,
+    _cgroup: Cgroup,
+    log: PathBuf,
+}
+
+impl Drop for KubeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl KubeAgent {
+    /// Starts `lb run --source kube` as node1, with a kubeconfig for `server` and its log in
+    /// `scratch`, pinning under `pins`, with `extra` flags.
+    pub fn start(
+        lab: &Lab,
+        pins: &PinDir,
+        scratch: &ScratchDir,
+        server: &FakeApiServer,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let cgroup = Cgroup::new(lab, "kuberun")?;
+        let kubeconfig = scratch.path().join("kubeconfig");
+        server.write_kubeconfig(&kubeconfig)?;
+        let log = scratch.path().join("agent.log");
+        let output = std::fs::File::create(&log)?;
+        let child = Command::new(sibling_binary("lb")?)
+            .args(["run", "--source", "kube", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--hostname-override", "node1", "--pin-dir"])
+            .arg(pins.path())
+            // This agent runs in the machine's own namespace: its HTTP endpoints take free
+            // loopback ports, never the well-known ones other agents (or tests) may hold.
+            .args(["--metrics-bind-address", "127.0.0.1:0"])
+            .args(["--healthz-bind-address", "127.0.0.1:0"])
+            .arg("--cgroup-path")
+            .arg(cgroup.path())
+            .args(extra)
+            .stdout(output.try_clone()?)
+            .stderr(output)
+            .spawn()
+            .context("starting lb run")?;
+        Ok(Self {
+            child,
+            _cgroup: cgroup,
+            log,
+        })
+    }
+
+    /// Waits (without blocking the runtime) until the log holds at least `count` lines with
+    /// `needle`, for at most [`WAIT`]; returns those lines. Panics after that, with the log.
+    pub async fn wait_for(&self, needle: &'static str, count: usize) -> Vec<String> {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || wait_for_log(&log, needle, count, WAIT))
+            .await
+            .expect("join")
+            .expect(needle)
+    }
+
+    /// Everything the agent logged so far (stdout and stderr).
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).expect("log")
+    }
+
+    /// A sample of the agent's /metrics (on loopback, where the agent logged it listens).
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        use std::io::{Read as _, Write as _};
+        let text = self.text();
+        let address = text
+            .lines()
+            .find(|line| line.contains("serving metrics"))?
+            .split("address=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .to_owned();
+        let mut stream = std::net::TcpStream::connect(address).expect("connect to /metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .expect("request");
+        let mut page = String::new();
+        stream.read_to_string(&mut page).expect("response");
+        page.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
+}
