@@ -126,14 +126,24 @@ fn two_udp_clients_sharing_a_tiny_snat_range_never_get_each_others_answers() {
         .expect("second client");
     let node_port = format!("{}:30053", node_addr(1));
     // Each client: one socket, a datagram every 300 ms for 4.5 s, i.e. over four UDP timeouts;
-    // the second starts 1.5 s later, when the first flow is older than the UDP timeout.
+    // the second starts 1.5 s after the first flow's first answer, when that flow is older than
+    // the UDP timeout.
     let one_flow = ClientRun {
         one_flow: true,
         interval_ms: 300,
         ..ClientRun::udp(&node_port, 15)
     };
+    let ready = setup.scratch_file("first.ready");
     let (first, second) = std::thread::scope(|scope| {
-        let first = scope.spawn(|| one_flow.run(&setup.cluster.client, None));
+        let first = scope.spawn(|| {
+            ClientRun {
+                ready_file: Some(&ready),
+                ..one_flow.clone()
+            }
+            .run(&setup.cluster.client, None)
+        });
+        lab::peer::wait_until_answered(&ready, Duration::from_secs(10)).expect("first flow");
+        // Not a wait for the client: the first flow must outlive the 1 s UDP timeout.
         std::thread::sleep(Duration::from_millis(1500));
         let second = one_flow.run(&second_client, None);
         (first.join().expect("first client"), second)
@@ -245,16 +255,19 @@ fn blind_rsts_end_no_connection_through_a_node_port() {
         .expect("attacker");
     let node_port = format!("{}:30083", node_addr(1));
     let client = &setup.cluster.client;
+    let ready = setup.scratch_file("client.ready");
     let report = std::thread::scope(|scope| {
         let run = scope.spawn(|| {
             ClientRun {
                 one_flow: true,
                 interval_ms: 2500,
+                ready_file: Some(&ready),
                 ..ClientRun::tcp(&node_port, 3)
             }
             .run(client, None)
         });
-        std::thread::sleep(Duration::from_millis(1000));
+        // The first request answered: the connection is in conntrack, idle until the next.
+        lab::peer::wait_until_answered(&ready, Duration::from_secs(10)).expect("connection");
         let entries = setup.conntrack().expect("conntrack");
         let (original_key, original) = entries
             .iter()

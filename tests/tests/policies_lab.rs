@@ -3,7 +3,10 @@
 //! address preserved), a service without endpoints refusing at once, loadBalancerSourceRanges,
 //! session affinity, and a rolling replacement of endpoints under load.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use lab::{
     agent::{AgentLab, endpoint_slice, node_port_service},
@@ -276,6 +279,7 @@ fn session_affinity_pins_a_client_until_the_timeout() {
     // wait gives the other one (each try has an even chance; 12 misses in a row: 1 in 4096).
     let pinned = first.by_server.keys().next().expect("one").clone();
     let moved = (0..12).any(|_| {
+        // Not a wait for a client: the 1 s affinity timeout passes without traffic.
         std::thread::sleep(Duration::from_millis(1100));
         let again = ClientRun::tcp(&node_port, 1)
             .run(&lab.cluster.client, None)
@@ -401,20 +405,28 @@ fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
     assert_eq!(report.servers(), ["n1p0"].into());
 }
 
-/// One connection of three requests 1.5 s apart from `client` to `to`, with `change` made
-/// 0.7 s in (after the first request, while the connection is open).
-fn connection_across(client: &lab::lab::Host, to: &str, change: impl FnOnce()) -> ClientReport {
+/// One connection of three requests 1.5 s apart from `client` to `to`, with `change` made as
+/// soon as the first request is answered (while the connection is open, before the second);
+/// `ready` is a path of the test's own for the client's ready file.
+fn connection_across(
+    client: &lab::lab::Host,
+    to: &str,
+    ready: &Path,
+    change: impl FnOnce(),
+) -> ClientReport {
     std::thread::scope(|scope| {
         let run = scope.spawn(|| {
             ClientRun {
                 one_flow: true,
                 interval_ms: 1500,
                 timeout_ms: 800,
+                ready_file: Some(ready),
                 ..ClientRun::tcp(to, 3)
             }
             .run(client, None)
         });
-        std::thread::sleep(Duration::from_millis(700));
+        lab::peer::wait_until_answered(ready, Duration::from_secs(10))
+            .expect("the first request answered");
         change();
         run.join().expect("client thread")
     })
@@ -438,7 +450,8 @@ fn an_established_connection_stops_when_its_source_range_goes() {
     lab.apply("web.yaml", &service("203.0.113.10/32"))
         .expect("apply");
     let before = events(&lab)["drop_source_range"];
-    let report = connection_across(&lab.cluster.client, "198.51.100.20:80", || {
+    let ready = lab.scratch_file("client.ready");
+    let report = connection_across(&lab.cluster.client, "198.51.100.20:80", &ready, || {
         lab.apply("web.yaml", &service("203.0.113.99/32"))
             .expect("range changed");
     });

@@ -69,12 +69,31 @@ fn a_connected_udp_socket_is_aborted_when_its_endpoint_leaves_and_reconnects_to_
     // Both clients run in the pod, inside the hooks' cgroup: one connected to the ClusterIP (the
     // hook sends it to n1p0), one connected to n1p0 itself, not through any Service.
     let direct_target = format!("{}:{POD_PORT}", pod_addr(1, 0));
+    let ready = [
+        setup.scratch_file("through-service.ready"),
+        setup.scratch_file("direct.ready"),
+    ];
     let (through_service, direct, synced_ms) = std::thread::scope(|scope| {
         let (pod, cgroup) = (setup.client_pod(), &setup.cgroup);
-        let through_service =
-            scope.spawn(|| long_udp_client("10.96.0.53:53").run(pod, Some(cgroup)));
-        let direct = scope.spawn(|| long_udp_client(&direct_target).run(pod, Some(cgroup)));
-        std::thread::sleep(Duration::from_millis(1200));
+        let through_service = scope.spawn(|| {
+            ClientRun {
+                ready_file: Some(&ready[0]),
+                ..long_udp_client("10.96.0.53:53")
+            }
+            .run(pod, Some(cgroup))
+        });
+        let direct = scope.spawn(|| {
+            ClientRun {
+                ready_file: Some(&ready[1]),
+                ..long_udp_client(&direct_target)
+            }
+            .run(pod, Some(cgroup))
+        });
+        // Both sockets connected and answered by n1p0 before it leaves.
+        for ready in &ready {
+            lab::peer::wait_until_answered(ready, Duration::from_secs(10))
+                .expect("client under way");
+        }
 
         // n1p0 leaves the Service (its server keeps answering, as a pod that is still running
         // but no longer an endpoint does); n2p0 is the live endpoint now.
@@ -268,16 +287,19 @@ fn closed_sockets_leave_no_entry_in_the_socket_nat_map() {
     );
 
     // A socket still open keeps its entry (getpeername needs it).
+    let ready = setup.scratch_file("open.ready");
     let open = std::thread::scope(|scope| {
         let client = scope.spawn(|| {
             ClientRun {
                 one_flow: true,
                 interval_ms: 100,
+                ready_file: Some(&ready),
                 ..ClientRun::udp("10.96.0.53:53", 10)
             }
             .run(setup.client_pod(), Some(&setup.cgroup))
         });
-        std::thread::sleep(Duration::from_millis(500));
+        // Answered once: the socket is connected, and open for nine more requests.
+        lab::peer::wait_until_answered(&ready, Duration::from_secs(10)).expect("socket open");
         let while_open = socket_nat_entries(&setup);
         client
             .join()
