@@ -429,8 +429,10 @@ pub fn object_reference(api_version: &str, kind: &str, metadata: &ObjectMeta) ->
 }
 
 /// Records Kubernetes Events (events.k8s.io/v1, through kube's [`Recorder`]) about objects the
-/// agent has to skip. Repeats of the same reason for the same object within kube's cache window
-/// (6 minutes) update one Event's `series.count` rather than creating new Events. A write the
+/// agent has to skip. Repeats of the same reason for the same, unchanged object within kube's
+/// cache window (6 minutes) update one Event's `series.count` rather than creating new Events;
+/// the Recorder matches the whole object reference, resourceVersion included, so a problem that
+/// comes back after its object changed gets a new Event. A write the
 /// API server refuses is tried again ([`EventRetry`]); one that never succeeds is counted in
 /// the failure counter ([`Self::with_failure_counter`]) and returned as an error that carries
 /// the API server's answer (status code, reason and message).
