@@ -6,6 +6,11 @@
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::Context as _;
+use plotters::{
+    coord::ranged1d::{AsRangedCoord, ValueFormatter},
+    prelude::*,
+    style::text_anchor::{HPos, Pos, VPos},
+};
 use serde_json::Value;
 
 /// Wall time of each step of the run, for the summary.
@@ -32,7 +37,7 @@ pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyh
     let forward = read_json(&dir.join("forward.json"));
     let mut plots = Vec::new();
     if let Some(datapath) = &datapath {
-        let svg = datapath_plot(datapath);
+        let svg = datapath_plot(datapath)?;
         std::fs::write(dir.join("datapath.svg"), svg).context("writing datapath.svg")?;
         plots.push((
             "datapath.svg",
@@ -40,9 +45,9 @@ pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyh
         ));
     }
     if let Some(e2e) = &e2e {
-        std::fs::write(dir.join("e2e-ratios.svg"), e2e_ratio_plot(e2e))
+        std::fs::write(dir.join("e2e-ratios.svg"), e2e_ratio_plot(e2e)?)
             .context("writing e2e-ratios.svg")?;
-        std::fs::write(dir.join("e2e-latency.svg"), e2e_latency_plot(e2e))
+        std::fs::write(dir.join("e2e-latency.svg"), e2e_latency_plot(e2e)?)
             .context("writing e2e-latency.svg")?;
         plots.push((
             "e2e-ratios.svg",
@@ -639,111 +644,33 @@ fn rule_load_table(out: &mut String, e2e: &Value, control: Option<&Value>) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Plots: a few SVG primitives, a line chart and a horizontal bar chart.
+// Plots, drawn with plotters: a line chart and a horizontal bar chart.
 
 /// Colours that stay apart for the eye, also in grey.
-const PALETTE: [&str; 7] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf",
+const PALETTE: [RGBColor; 7] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0x17, 0xbe, 0xcf),
 ];
+const GRID: RGBColor = RGBColor(0xe0, 0xe0, 0xe0);
+const INK: RGBColor = RGBColor(0x33, 0x33, 0x33);
 
-fn system_colour(system: &str) -> &'static str {
+fn system_colour(system: &str) -> RGBColor {
     match system {
-        "baseline" => "#7f7f7f",
-        "iptables" => "#d62728",
-        "nftables" => "#ff7f0e",
-        _ => "#1f77b4",
+        "baseline" => RGBColor(0x7f, 0x7f, 0x7f),
+        "iptables" => PALETTE[1],
+        "nftables" => PALETTE[3],
+        _ => PALETTE[0],
     }
 }
 
-struct Svg {
-    body: String,
-    width: f64,
-    height: f64,
-}
-
-impl Svg {
-    fn new(width: f64, height: f64) -> Self {
-        Self {
-            body: String::new(),
-            width,
-            height,
-        }
-    }
-
-    fn line(&mut self, from: (f64, f64), to: (f64, f64), stroke: &str, width: f64, dash: &str) {
-        let dash = if dash.is_empty() {
-            String::new()
-        } else {
-            format!(r#" stroke-dasharray="{dash}""#)
-        };
-        let _ = writeln!(
-            self.body,
-            r#"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{stroke}" stroke-width="{width}"{dash}/>"#,
-            from.0, from.1, to.0, to.1
-        );
-    }
-
-    fn rect(&mut self, x: f64, y: f64, width: f64, height: f64, fill: &str, opacity: f64) {
-        let _ = writeln!(
-            self.body,
-            r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{height:.1}" fill="{fill}" fill-opacity="{opacity}"/>"#,
-            width.max(0.0)
-        );
-    }
-
-    fn circle(&mut self, centre: (f64, f64), radius: f64, fill: &str) {
-        let _ = writeln!(
-            self.body,
-            r#"<circle cx="{:.1}" cy="{:.1}" r="{radius}" fill="{fill}"/>"#,
-            centre.0, centre.1
-        );
-    }
-
-    fn polyline(&mut self, points: &[(f64, f64)], stroke: &str) {
-        let points = points
-            .iter()
-            .map(|(x, y)| format!("{x:.1},{y:.1}"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let _ = writeln!(
-            self.body,
-            r#"<polyline points="{points}" fill="none" stroke="{stroke}" stroke-width="2"/>"#
-        );
-    }
-
-    /// `anchor`: start, middle or end.
-    fn text(&mut self, at: (f64, f64), size: f64, anchor: &str, fill: &str, text: &str) {
-        let text = text
-            .replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;");
-        let _ = writeln!(
-            self.body,
-            r#"<text x="{:.1}" y="{:.1}" font-size="{size}" text-anchor="{anchor}" fill="{fill}">{text}</text>"#,
-            at.0, at.1
-        );
-    }
-
-    fn finish(self) -> String {
-        format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" \
-             font-family=\"sans-serif\">\n<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n{}</svg>\n",
-            self.body,
-            w = self.width,
-            h = self.height
-        )
-    }
-}
-
-/// A "nice" step (1, 2 or 5 times a power of ten) for about `ticks` intervals over `span`.
-fn nice_step(span: f64, ticks: f64) -> f64 {
-    let raw = (span / ticks).max(f64::MIN_POSITIVE);
-    let power = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
-        .into_iter()
-        .map(|factor| factor * power)
-        .find(|step| *step >= raw)
-        .unwrap_or(10.0 * power)
+/// Text of `px` pixels: plotters' SVG backend writes a font of size n as font-size n / 1.24.
+fn font(px: f64, colour: RGBColor) -> TextStyle<'static> {
+    ("sans-serif", px * 1.24).into_font().color(&colour)
 }
 
 fn count_label(value: f64) -> String {
@@ -756,7 +683,7 @@ fn count_label(value: f64) -> String {
 
 /// Per-packet cost (median net of the floor) against the number of services, one line per path,
 /// log x axis, with per-packet limits as dashed lines.
-fn datapath_plot(datapath: &Value) -> String {
+fn datapath_plot(datapath: &Value) -> anyhow::Result<String> {
     let sizes = list(datapath, "sizes");
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for size in sizes {
@@ -777,114 +704,70 @@ fn datapath_plot(datapath: &Value) -> String {
     let values = series
         .iter()
         .flat_map(|(_, points)| points.iter().map(|point| point.1));
-    let max_value = values.clone().fold(300.0, f64::max);
-    let min_value = values.fold(0.0, f64::min);
-    let step = nice_step(max_value - min_value, 8.0);
+    let max_value = values.clone().fold(300.0, f64::max) * 1.05;
     // Paths that cost less than the floor program come out slightly negative.
-    let y_min = (min_value / (step / 4.0)).floor() * (step / 4.0);
-    let y_max = (max_value * 1.05 / step).ceil() * step;
-    let max_services = sizes
-        .iter()
-        .filter_map(|size| f(size, "services"))
-        .fold(10.0, f64::max);
-    let decades = max_services.log10().ceil().max(1.0);
-
-    let (width, height) = (880.0, 480.0);
-    let (left, right, top, bottom) = (70.0, 590.0, 70.0, 420.0);
-    let x = |services: f64| left + services.max(1.0).log10() / decades * (right - left);
-    let y = |ns: f64| bottom - (ns - y_min) / (y_max - y_min) * (bottom - top);
-    let mut svg = Svg::new(width, height);
-    svg.text(
-        (width / 2.0, 22.0),
-        16.0,
-        "middle",
-        "black",
-        "Per-packet cost against the number of services",
-    );
-    svg.text(
-        (width / 2.0, 40.0),
-        11.0,
-        "middle",
-        "#333",
-        "BPF_PROG_TEST_RUN, repeat=1, median ns net of an XDP_PASS floor measured in the same run",
-    );
-    let mut tick = (y_min / step).ceil() * step;
-    while tick <= y_max + step / 2.0 {
-        svg.line((left, y(tick)), (right, y(tick)), "#e0e0e0", 1.0, "");
-        svg.text(
-            (left - 8.0, y(tick) + 4.0),
-            11.0,
-            "end",
-            "#333",
-            // + 0.0 turns -0 into 0.
-            &format!("{}", tick + 0.0),
-        );
-        tick += step;
-    }
-    for decade in 0..=decades as i32 {
-        let services = 10f64.powi(decade);
-        svg.line(
-            (x(services), top),
-            (x(services), bottom),
-            "#e0e0e0",
-            1.0,
-            "",
-        );
-        svg.text(
-            (x(services), bottom + 18.0),
-            11.0,
-            "middle",
-            "#333",
-            &count_label(services),
-        );
-    }
-    svg.line((left, bottom), (right, bottom), "#333", 1.0, "");
-    svg.line((left, top), (left, bottom), "#333", 1.0, "");
-    svg.text(
-        ((left + right) / 2.0, bottom + 40.0),
-        12.0,
-        "middle",
-        "#333",
-        "services (frontends), log scale",
-    );
-    svg.text(
-        (left - 50.0, top - 10.0),
-        12.0,
-        "start",
-        "#333",
-        "ns / packet",
-    );
-    for (limit, label) in limits {
-        svg.line((left, y(limit)), (right, y(limit)), "#555", 1.0, "6 4");
-        svg.text((right - 4.0, y(limit) - 4.0), 10.0, "end", "#555", label);
-    }
-    for (index, (name, points)) in series.iter().enumerate() {
-        let colour = PALETTE[index % PALETTE.len()];
-        let screen: Vec<(f64, f64)> = points
+    let min_value = values.fold(0.0, f64::min) - max_value * 0.02;
+    // Whole decades, so that the axis ends on a labelled tick.
+    let max_services = 10f64.powf(
+        sizes
             .iter()
-            .map(|&(services, ns)| (x(services), y(ns)))
-            .collect();
-        svg.polyline(&screen, colour);
-        for &point in &screen {
-            svg.circle(point, 3.5, colour);
+            .filter_map(|size| f(size, "services"))
+            .fold(10.0, f64::max)
+            .log10()
+            .ceil(),
+    );
+
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (880, 480)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let root = root.titled(
+            "Per-packet cost against the number of services",
+            font(16.0, BLACK),
+        )?;
+        root.draw_text(
+            "BPF_PROG_TEST_RUN, repeat=1, median ns net of an XDP_PASS floor measured in the same run",
+            &font(11.0, INK).pos(Pos::new(HPos::Center, VPos::Top)),
+            (440, 0),
+        )?;
+        // plotters keeps a chart's legend inside its plotting area, where it would hide lines:
+        // the legend gets its own area on the right.
+        let (plot, legend) = root.margin(30, 10, 10, 10).split_horizontally(600);
+        let mut chart = ChartBuilder::on(&plot)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d((1.0..max_services).log_scale(), min_value..max_value)?;
+        chart
+            .configure_mesh()
+            .bold_line_style(GRID)
+            .light_line_style(TRANSPARENT)
+            .axis_style(INK)
+            .label_style(font(11.0, INK))
+            .axis_desc_style(font(12.0, INK))
+            .x_desc("services (frontends), log scale")
+            .y_desc("ns / packet")
+            .x_label_formatter(&|services| count_label(*services))
+            .y_label_formatter(&|ns| format!("{ns:.0}"))
+            .draw()?;
+        let grey = RGBColor(0x55, 0x55, 0x55);
+        for (limit, label) in limits {
+            let ends = [(1.0, limit), (max_services, limit)];
+            chart.draw_series(DashedLineSeries::new(ends, 6, 4, grey.into()))?;
+            let anchor = font(10.0, grey).pos(Pos::new(HPos::Right, VPos::Bottom));
+            chart.draw_series([Text::new(label, ends[1], anchor)])?;
         }
-        let legend_y = top + 10.0 + index as f64 * 22.0;
-        svg.line(
-            (right + 20.0, legend_y - 4.0),
-            (right + 44.0, legend_y - 4.0),
-            colour,
-            3.0,
-            "",
-        );
-        svg.text(
-            (right + 50.0, legend_y),
-            12.0,
-            "start",
-            "#111",
-            path_label(name),
-        );
+        for (index, (name, points)) in series.iter().enumerate() {
+            let colour = PALETTE[index % PALETTE.len()];
+            let line = colour.filled().stroke_width(2);
+            chart.draw_series(LineSeries::new(points.iter().copied(), line).point_size(4))?;
+            let y = 10 + 22 * index as i32;
+            legend.draw(&PathElement::new([(10, y), (34, y)], line.stroke_width(3)))?;
+            let anchor = font(12.0, BLACK).pos(Pos::new(HPos::Left, VPos::Center));
+            legend.draw_text(path_label(name), &anchor, (40, y))?;
+        }
+        root.present()?;
     }
-    svg.finish()
+    Ok(svg)
 }
 
 /// lb-bench's words for its path keys.
@@ -905,7 +788,7 @@ fn path_label(key: &str) -> &str {
 /// whisker and a note after the bars.
 struct Row {
     label: String,
-    colour: &'static str,
+    colour: RGBColor,
     /// (value, opacity)
     bars: Vec<(f64, f64)>,
     whisker: Option<(f64, f64)>,
@@ -917,134 +800,106 @@ struct Panel {
     rows: Vec<Row>,
 }
 
-struct Axis {
-    log: bool,
-    min: f64,
-    max: f64,
+struct Axis<X> {
+    /// `min..max`, or `(min..max).log_scale()`.
+    range: X,
     label: String,
-    /// Vertical marks: (value, label, dash, label anchor: start, middle or end).
-    marks: Vec<(f64, String, &'static str, &'static str)>,
+    /// Vertical marks: (value, label, dashed, where the label goes from the mark).
+    marks: Vec<(f64, &'static str, bool, HPos)>,
 }
 
-fn bar_chart(title: &str, panels: &[Panel], axis: &Axis) -> String {
-    let row_height = 17.0;
-    let (left, right) = (300.0, 780.0);
-    let width = 980.0;
-    let panel_heights: Vec<f64> = panels
+/// One panel per mode, one row per configuration; row `index` of `rows` is centred at
+/// y = rows - 1 - index, so the first is at the top.
+fn bar_chart<X>(title: &str, panels: &[Panel], axis: &Axis<X>) -> anyhow::Result<String>
+where
+    X: AsRangedCoord<Value = f64> + Clone,
+    X::CoordDescType: ValueFormatter<f64>,
+{
+    let (row_height, labels_width) = (17, 290);
+    let heights: Vec<u32> = panels
         .iter()
-        .map(|panel| panel.rows.len() as f64 * row_height + 70.0)
+        .map(|panel| panel.rows.len() as u32 * row_height + 80)
         .collect();
-    let height = 50.0 + panel_heights.iter().sum::<f64>();
-    let scale = |value: f64| -> f64 {
-        let fraction = if axis.log {
-            (value.max(axis.min).log10() - axis.min.log10()) / (axis.max.log10() - axis.min.log10())
-        } else {
-            (value - axis.min) / (axis.max - axis.min)
-        };
-        left + fraction.clamp(0.0, 1.0) * (right - left)
-    };
-    let ticks: Vec<f64> = if axis.log {
-        let mut ticks = Vec::new();
-        let mut tick = 10f64.powf(axis.min.log10().floor());
-        while tick <= axis.max * 1.0001 {
-            if tick >= axis.min * 0.9999 {
-                ticks.push(tick);
-            }
-            tick *= 10.0;
-        }
-        ticks
-    } else {
-        let step = nice_step(axis.max - axis.min, 6.0);
-        let mut ticks = Vec::new();
-        let mut tick = (axis.min / step).ceil() * step;
-        while tick <= axis.max + step / 1000.0 {
-            ticks.push(tick);
-            tick += step;
-        }
-        ticks
-    };
-    let mut svg = Svg::new(width, height);
-    svg.text((width / 2.0, 24.0), 16.0, "middle", "black", title);
-    let mut top = 50.0;
-    for (panel, panel_height) in panels.iter().zip(&panel_heights) {
-        let plot_top = top + 22.0;
-        let plot_bottom = plot_top + panel.rows.len() as f64 * row_height;
-        svg.text((left, top + 10.0), 14.0, "start", "black", &panel.title);
-        for &tick in &ticks {
-            svg.line(
-                (scale(tick), plot_top),
-                (scale(tick), plot_bottom),
-                "#e0e0e0",
-                1.0,
-                "",
-            );
-            svg.text(
-                (scale(tick), plot_bottom + 14.0),
-                10.0,
-                "middle",
-                "#333",
-                &count_label(tick),
-            );
-        }
-        svg.text(
-            ((left + right) / 2.0, plot_bottom + 30.0),
-            11.0,
-            "middle",
-            "#333",
-            &axis.label,
-        );
-        for (index, row) in panel.rows.iter().enumerate() {
-            let row_top = plot_top + index as f64 * row_height;
-            let middle = row_top + row_height / 2.0;
-            if index % 2 == 1 {
-                svg.rect(0.0, row_top, width, row_height, "#f4f4f4", 1.0);
-            }
-            svg.text((left - 8.0, middle + 4.0), 11.0, "end", "#111", &row.label);
-            for &(value, opacity) in &row.bars {
-                let start = scale(axis.min.max(if axis.log { axis.min } else { 0.0 }));
-                svg.rect(
-                    start,
-                    row_top + 3.0,
-                    scale(value) - start,
-                    row_height - 6.0,
-                    row.colour,
-                    opacity,
-                );
-            }
-            if let Some((low, high)) = row.whisker {
-                svg.line((scale(low), middle), (scale(high), middle), "#111", 1.2, "");
-                for end in [low, high] {
-                    svg.line(
-                        (scale(end), middle - 4.0),
-                        (scale(end), middle + 4.0),
-                        "#111",
-                        1.2,
-                        "",
-                    );
+    let mut svg = String::new();
+    {
+        let size = (980, 40 + heights.iter().sum::<u32>());
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        let root = root.titled(title, font(16.0, BLACK))?;
+        let breaks = heights.iter().scan(0, |top, height| {
+            *top += height;
+            Some(*top)
+        });
+        let areas = root.split_by_breakpoints([0; 0], breaks.collect::<Vec<_>>());
+        for (panel, area) in panels.iter().zip(&areas) {
+            let rows = panel.rows.len();
+            // Over the bars, left-aligned: a centred caption would run into the marks' labels.
+            area.draw_text(&panel.title, &font(14.0, BLACK), (5 + labels_width, 5))?;
+            let mut chart = ChartBuilder::on(area)
+                .margin(5)
+                .margin_top(30)
+                // Room for each row's note after the bars.
+                .margin_right(190)
+                .x_label_area_size(40)
+                .y_label_area_size(labels_width as u32)
+                .build_cartesian_2d(axis.range.clone(), -0.5..rows as f64 - 0.5)?;
+            let x_range = chart.x_range();
+            let (x_min, x_max) = (x_range.start, x_range.end);
+            // Asked for one label per row, plotters puts them on the whole numbers.
+            let label = |y: &f64| {
+                let index = rows.checked_sub(1 + y.round().max(0.0) as usize);
+                index.map_or_else(String::new, |index| panel.rows[index].label.clone())
+            };
+            chart
+                .configure_mesh()
+                .disable_y_mesh()
+                .bold_line_style(GRID)
+                .light_line_style(TRANSPARENT)
+                .axis_style(INK)
+                .set_all_tick_mark_size(5)
+                .y_labels(rows)
+                .y_label_style(font(11.0, BLACK))
+                .x_label_style(font(10.0, INK))
+                .axis_desc_style(font(11.0, INK))
+                .x_desc(&axis.label)
+                .x_label_formatter(&|value| count_label(*value))
+                .y_label_formatter(&label)
+                .draw()?;
+            let shading = RGBColor(0xf4, 0xf4, 0xf4).filled();
+            chart.draw_series((1..rows).step_by(2).map(|index| {
+                let y = (rows - 1 - index) as f64;
+                Rectangle::new([(x_min, y + 0.5), (x_max, y - 0.5)], shading)
+            }))?;
+            for (index, row) in panel.rows.iter().enumerate() {
+                let y = (rows - 1 - index) as f64;
+                chart.draw_series(row.bars.iter().map(|&(value, opacity)| {
+                    let style = row.colour.mix(opacity).filled();
+                    Rectangle::new([(x_min, y + 0.33), (value, y - 0.33)], style)
+                }))?;
+                if let Some((low, high)) = row.whisker {
+                    let (top, bottom) = (y + 0.25, y - 0.25);
+                    let whisker = [(low, top), (low, bottom), (low, y), (high, y)];
+                    let whisker = whisker.into_iter().chain([(high, top), (high, bottom)]);
+                    chart.draw_series([PathElement::new(whisker.collect::<Vec<_>>(), BLACK)])?;
                 }
+                let note = Text::new(row.note.clone(), (8, -6), font(10.0, INK));
+                chart.draw_series([EmptyElement::at((x_max, y)) + note])?;
             }
-            svg.text(
-                (right + 8.0, middle + 4.0),
-                10.0,
-                "start",
-                "#333",
-                &row.note,
-            );
+            for &(value, label, dashed, side) in &axis.marks {
+                let ends = [(value, -0.5), (value, rows as f64 - 0.2)];
+                let style = INK.stroke_width(1);
+                if dashed {
+                    chart.draw_series(DashedLineSeries::new(ends, 4, 3, style))?;
+                } else {
+                    chart.draw_series(LineSeries::new(ends, style))?;
+                }
+                let anchor = font(9.0, INK).pos(Pos::new(side, VPos::Bottom));
+                chart.draw_series([Text::new(label, ends[1], anchor)])?;
+            }
         }
-        for (value, label, dash, anchor) in &axis.marks {
-            svg.line(
-                (scale(*value), plot_top - 4.0),
-                (scale(*value), plot_bottom),
-                "#333",
-                1.0,
-                dash,
-            );
-            svg.text((scale(*value), plot_top - 6.0), 9.0, anchor, "#333", label);
-        }
-        svg.line((left, plot_bottom), (right, plot_bottom), "#333", 1.0, "");
-        top += panel_height;
+        root.present()?;
     }
-    svg.finish()
+    Ok(svg)
 }
 
 fn cell_label(cell: &Value) -> String {
@@ -1080,7 +935,7 @@ fn modes(cells: &[Value]) -> Vec<String> {
 
 /// Median rate of every configuration as a ratio to straight to a pod, with the lowest and highest
 /// round-by-round ratio as a whisker.
-fn e2e_ratio_plot(e2e: &Value) -> String {
+fn e2e_ratio_plot(e2e: &Value) -> anyhow::Result<String> {
     let cells = list(e2e, "cells");
     let mut highest: f64 = 1.2;
     let panels: Vec<Panel> = modes(cells)
@@ -1109,14 +964,12 @@ fn e2e_ratio_plot(e2e: &Value) -> String {
         })
         .collect();
     let axis = Axis {
-        log: false,
-        min: 0.0,
-        max: (highest * 10.0).ceil() / 10.0,
+        range: 0.0..(highest * 10.0).ceil() / 10.0,
         label: "median rate / median rate straight to a pod (bar); lowest-highest round (whisker)"
             .to_owned(),
         marks: vec![
-            (0.9, "0.9 ".to_owned(), "4 3", "end"),
-            (1.0, " 1.0".to_owned(), "", "start"),
+            (0.9, "0.9 ", true, HPos::Right),
+            (1.0, " 1.0", false, HPos::Left),
         ],
     };
     let title = format!(
@@ -1130,7 +983,7 @@ fn e2e_ratio_plot(e2e: &Value) -> String {
 }
 
 /// p50 (dark) and p99 (light) latency of every configuration, per mode, on a log axis.
-fn e2e_latency_plot(e2e: &Value) -> String {
+fn e2e_latency_plot(e2e: &Value) -> anyhow::Result<String> {
     let cells = list(e2e, "cells");
     let mut highest: f64 = 100.0;
     let mut lowest: f64 = 1e9;
@@ -1159,13 +1012,9 @@ fn e2e_latency_plot(e2e: &Value) -> String {
             Panel { title: mode, rows }
         })
         .collect();
-    let min = 10f64
-        .powf(lowest.min(highest).log10().floor() - 0.0)
-        .min(10.0);
+    let min = 10f64.powf(lowest.min(highest).log10().floor()).min(10.0);
     let axis = Axis {
-        log: true,
-        min,
-        max: 10f64.powf(highest.log10().ceil()),
+        range: (min..10f64.powf(highest.log10().ceil())).log_scale(),
         label:
             "latency per request, µs, log scale: p50 (dark), p99 (light); medians over the rounds"
                 .to_owned(),
@@ -1183,13 +1032,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nice_steps() {
-        assert_eq!(nice_step(100.0, 10.0), 10.0);
-        assert_eq!(nice_step(1600.0, 8.0), 200.0);
-        assert_eq!(nice_step(1.3, 6.0), 0.5);
-    }
-
-    #[test]
     fn standing_words() {
         assert_eq!(standing(&[]), "not measured");
         assert_eq!(standing(&[true, true]), "met");
@@ -1197,10 +1039,128 @@ mod tests {
         assert_eq!(standing(&[true, false, false]), "**partly met** (1 of 3)");
     }
 
+    /// Panics unless `svg` is one <svg> element whose tags nest and whose text has no bare `<` or
+    /// `&`: what a browser needs to show the file rather than an XML error.
+    fn assert_well_formed(svg: &str) {
+        assert!(svg.trim_start().starts_with("<svg"), "{svg}");
+        let mut open: Vec<&str> = Vec::new();
+        let mut rest = svg;
+        while let Some(start) = rest.find('<') {
+            let text = &rest[..start];
+            for (at, _) in text.match_indices('&') {
+                let entity = &text[at..text[at..].find(';').map_or(at, |end| at + end + 1)];
+                assert!(
+                    ["&lt;", "&gt;", "&amp;", "&quot;", "&apos;"].contains(&entity),
+                    "bare & in {text:?}"
+                );
+            }
+            let end = start + rest[start..].find('>').expect("unclosed tag");
+            let tag = &rest[start + 1..end];
+            let name = tag.split_whitespace().next().unwrap_or_default();
+            if let Some(name) = name.strip_prefix('/') {
+                assert_eq!(open.pop(), Some(name), "tags out of order");
+            } else if !tag.ends_with('/') && !tag.starts_with(['?', '!']) {
+                open.push(name);
+            }
+            rest = &rest[end + 1..];
+            if open.is_empty() {
+                break;
+            }
+        }
+        assert!(
+            open.is_empty() && rest.trim().is_empty(),
+            "unclosed {open:?}"
+        );
+    }
+
+    fn e2e_cell(system: &str, services: u64, mode: &str, clients: u64, p50: f64) -> Value {
+        let baseline = system == "baseline";
+        serde_json::json!({
+            "system": system, "services": services, "mode": mode, "clients": clients,
+            "path": if baseline { "pod -> pod" } else { "pod -> ClusterIP" },
+            "rate_median_per_s": 31948.0, "p50_us": p50, "p99_us": 66.0,
+            "ratio_to_baseline": if baseline { 1.0 } else { 1.07 },
+            "round_ratio_min": if baseline { Value::Null } else { 0.97.into() },
+            "round_ratio_max": if baseline { Value::Null } else { 2.7.into() },
+        })
+    }
+
     #[test]
-    fn svg_text_is_escaped() {
-        let mut svg = Svg::new(10.0, 10.0);
-        svg.text((0.0, 0.0), 10.0, "start", "black", "pod -> <a & b>");
-        assert!(svg.finish().contains("pod -&gt; &lt;a &amp; b&gt;"));
+    fn plots_show_every_series() {
+        let sizes = [1, 1000, 100_000].map(|services| {
+            serde_json::json!({
+                "services": services,
+                "paths": [
+                    {"path": "xdp_established", "net_median_ns": 101},
+                    {"path": "xdp_non_ip", "net_median_ns": -10},
+                    {"path": "tc_reply", "net_median_ns": 281},
+                ],
+            })
+        });
+        let datapath = serde_json::json!({ "sizes": sizes });
+        let svg = datapath_plot(&datapath).unwrap();
+        assert_well_formed(&svg);
+        for text in [
+            "Per-packet cost against the number of services",
+            "XDP established",
+            "XDP non-IP (ARP)",
+            "tc reply (reverse NAT)",
+            "established target 45 ns",
+            "new-flow target 300 ns",
+            "services (frontends), log scale",
+            "ns / packet",
+            ">\n100k\n<",
+        ] {
+            assert!(svg.contains(text), "no {text:?} in the datapath plot");
+        }
+        // One line of the series' own colour for each path.
+        for colour in ["#1F77B4", "#D62728", "#2CA02C"] {
+            assert!(svg.contains(&format!(
+                r#"polyline fill="none" opacity="1" stroke="{colour}""#
+            )));
+        }
+
+        let e2e = serde_json::json!({
+            "rounds": 3,
+            "duration_ms": 1000,
+            "cells": [
+                e2e_cell("baseline", 0, "request/response", 1, 30.0),
+                e2e_cell("lb", 10_000, "request/response", 1, 27.0),
+                e2e_cell("iptables", 1000, "request/response", 4, 0.0),
+                // A mode with nothing but the baseline leaves the ratio plot an empty panel.
+                e2e_cell("baseline", 0, "connect/request/close", 1, 58.0),
+            ],
+        });
+        let svg = e2e_ratio_plot(&e2e).unwrap();
+        assert_well_formed(&svg);
+        for text in [
+            "End to end: rate relative to straight to a pod (3 interleaved rounds of 1000 ms)",
+            "request/response",
+            "connect/request/close",
+            "lb 10k, pod -&gt; ClusterIP, 1 client",
+            "iptables 1k, pod -&gt; ClusterIP, 4 clients",
+            "1.07x, 31948/s",
+            "0.9",
+            "lowest-highest round (whisker)",
+        ] {
+            assert!(svg.contains(text), "no {text:?} in the ratio plot");
+        }
+        assert!(
+            !svg.contains("baseline, pod"),
+            "the baseline is the 1.0 itself"
+        );
+
+        let svg = e2e_latency_plot(&e2e).unwrap();
+        assert_well_formed(&svg);
+        for text in [
+            "End to end: latency percentiles per request",
+            "baseline, pod -&gt; pod, 1 client",
+            "lb 10k, pod -&gt; ClusterIP, 1 client",
+            "p50 27 / p99 66 µs",
+            "p50 0 / p99 66 µs",
+            "log scale: p50 (dark), p99 (light)",
+        ] {
+            assert!(svg.contains(text), "no {text:?} in the latency plot");
+        }
     }
 }
