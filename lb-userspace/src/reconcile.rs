@@ -250,7 +250,9 @@ impl Reconciler {
             }
         }
 
-        report.cleanup_failures.extend(datapath.take_cleanup_failures());
+        report
+            .cleanup_failures
+            .extend(datapath.take_cleanup_failures());
 
         // 3. Backends nothing references (the first run checks them all).
         let candidates: Vec<u32> = if first_run {
