@@ -59,6 +59,9 @@ pub mod map_names {
     pub const TX_PORTS: &str = "lb_txport_v1";
     /// Per-CPU [`crate::RejectBudget`]: the REJECT answers' rate limit. Not pinned.
     pub const REJECT_BUDGET: &str = "lb_rejbudget";
+    /// [`crate::JiffiesClock`] at index 0: how the programs read the time. Written by the agent
+    /// at load. Not pinned.
+    pub const CLOCK: &str = "lb_clock_v1";
     /// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE) of [`crate::SockState4`]: what the socket
     /// hooks last did for a socket, for its packets (source ranges) and its close.
     pub const SOCK_STATE4: &str = "lb4_sockst_v1";
@@ -198,6 +201,9 @@ pub mod program_names {
     pub const SOCK_EGRESS4: &str = "lb_sock_egress4";
     /// cgroup/sock_release: a closing socket's entry in the socket NAT map goes with it.
     pub const SOCK_RELEASE: &str = "lb_sock_release";
+    /// XDP, run by the agent only (BPF_PROG_TEST_RUN): writes [`crate::ClockSample`] into the
+    /// packet, from which the agent calibrates the [`crate::JiffiesClock`].
+    pub const CLOCK_SAMPLE: &str = "lb_clock_sample";
 }
 
 /// Named map indexes with the label each goes by in metrics and CLI output, written once: the
@@ -644,6 +650,80 @@ pub struct RejectBudget {
     pub last_ns: u64,
 }
 const _: () = assert!(size_of::<RejectBudget>() == 16);
+
+/// The programs' clock: CLOCK_MONOTONIC in nanoseconds as of the last timer tick, computed from
+/// the kernel's jiffies counter. The verifier inlines `bpf_jiffies64` into one load (kernel/bpf/
+/// verifier.c, `do_misc_fixups`), where `bpf_ktime_get_coarse_ns` is a helper call, which costs
+/// about 20 ns a packet on the established path (lb-bench). The agent finds `ns_per_jiffy` (the
+/// kernel's TICK_NSEC) and `base_ns` from [`ClockSample`]s (see [`JiffiesClock::calibrate`]);
+/// zero `ns_per_jiffy` (not calibrated): the programs call `bpf_ktime_get_coarse_ns` instead.
+///
+/// Both clocks move together: each tick advances jiffies and, in the same call, the time
+/// `bpf_ktime_get_coarse_ns` returns (kernel/time/tick-sched.c, `tick_do_update_jiffies64`,
+/// which counts ticks of TICK_NSEC), so timestamps written either way compare with each other
+/// and with the agent's CLOCK_MONOTONIC to within a tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct JiffiesClock {
+    pub ns_per_jiffy: u64,
+    /// CLOCK_MONOTONIC at jiffies 0 (wrapping: jiffies start near 2^32, not at boot).
+    pub base_ns: u64,
+}
+const _: () = assert!(size_of::<JiffiesClock>() == 16);
+
+/// One reading of both clocks, taken in one run of the clock-sample program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct ClockSample {
+    pub jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns`.
+    pub coarse_ns: u64,
+}
+const _: () = assert!(size_of::<ClockSample>() == 16);
+
+impl JiffiesClock {
+    /// The kernel's possible HZ values (the CONFIG_HZ choices of kernel/Kconfig.hz).
+    pub const KERNEL_HZ: [u64; 4] = [100, 250, 300, 1000];
+    /// The fewest ticks between two samples for a calibration. A sample whose two readings
+    /// straddle a tick is one tick off, over 12 ticks 8%: more than the 2% a match allows, so
+    /// such a pair matches no HZ (and the agent samples again) instead of the wrong one of two
+    /// neighbours (HZ 250 and 300 are 20% apart).
+    pub const MIN_TICKS: u64 = 12;
+
+    #[inline(always)]
+    pub fn now_ns(&self, jiffies: u64) -> u64 {
+        self.base_ns
+            .wrapping_add(jiffies.wrapping_mul(self.ns_per_jiffy))
+    }
+
+    /// The kernel's TICK_NSEC for `hz` (include/linux/jiffies.h): the nanoseconds one jiffy
+    /// counts, rounded.
+    pub const fn tick_nsec(hz: u64) -> u64 {
+        (1_000_000_000 + hz / 2) / hz
+    }
+
+    /// The clock two samples at least [`Self::MIN_TICKS`] apart give: the HZ whose tick matches
+    /// their ratio within 2%, and the base that puts the later sample at its coarse time. None
+    /// when they are too close, out of order or match no HZ.
+    pub fn calibrate(first: ClockSample, last: ClockSample) -> Option<Self> {
+        let ticks = last.jiffies.checked_sub(first.jiffies)?;
+        let elapsed = last.coarse_ns.checked_sub(first.coarse_ns)?;
+        if ticks < Self::MIN_TICKS {
+            return None;
+        }
+        let measured = elapsed / ticks;
+        let ns_per_jiffy = Self::KERNEL_HZ
+            .iter()
+            .map(|&hz| Self::tick_nsec(hz))
+            .find(|&tick| measured.abs_diff(tick) <= tick / 50)?;
+        Some(Self {
+            ns_per_jiffy,
+            base_ns: last
+                .coarse_ns
+                .wrapping_sub(last.jiffies.wrapping_mul(ns_per_jiffy)),
+        })
+    }
+}
 
 /// Default SNAT port range: above the kernel's default ip_local_port_range.
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
@@ -1093,6 +1173,8 @@ impl_pod!(
     DatapathConfig,
     CtTimeouts,
     RejectBudget,
+    JiffiesClock,
+    ClockSample,
     SourceRange4,
     Affinity4Key,
     AffinityValue,
@@ -1114,6 +1196,60 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+
+    #[test]
+    fn the_jiffies_clock_is_calibrated_for_every_kernel_hz_and_agrees_with_coarse_time() {
+        // Jiffies start at -300 s worth of ticks (include/linux/jiffies.h, INITIAL_JIFFIES),
+        // near 2^32, so `base_ns` wraps below zero.
+        for (hz, tick) in [
+            (100, 10_000_000),
+            (250, 4_000_000),
+            (300, 3_333_333),
+            (1000, 1_000_000),
+        ] {
+            let first = ClockSample {
+                jiffies: 4_294_967_296 - 300 * hz + 5_000,
+                coarse_ns: 9_314_854_998_840,
+            };
+            for ticks in [JiffiesClock::MIN_TICKS, 1_000] {
+                // NTP slews CLOCK_MONOTONIC by up to 500 ppm; the coarse time moves with it.
+                let slewed = tick * ticks + tick * ticks / 2_000;
+                let last = ClockSample {
+                    jiffies: first.jiffies + ticks,
+                    coarse_ns: first.coarse_ns + slewed,
+                };
+                let clock = JiffiesClock::calibrate(first, last)
+                    .unwrap_or_else(|| panic!("HZ {hz}, {ticks} ticks"));
+                assert_eq!(clock.ns_per_jiffy, tick, "HZ {hz}");
+                assert_eq!(clock.now_ns(last.jiffies), last.coarse_ns, "HZ {hz}");
+                let drift = clock.now_ns(first.jiffies).abs_diff(first.coarse_ns);
+                assert!(drift <= tick, "HZ {hz}, {ticks} ticks: {drift} ns off");
+                assert_eq!(
+                    clock.now_ns(last.jiffies + 3) - clock.now_ns(last.jiffies),
+                    3 * tick
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn samples_too_close_out_of_order_or_of_no_kernel_hz_calibrate_nothing() {
+        let first = ClockSample {
+            jiffies: 4_294_000_000,
+            coarse_ns: 1_000_000_000,
+        };
+        let after = |ticks: u64, tick: u64| ClockSample {
+            jiffies: first.jiffies + ticks,
+            coarse_ns: first.coarse_ns + ticks * tick,
+        };
+        let too_close = after(JiffiesClock::MIN_TICKS - 1, 4_000_000);
+        assert_eq!(JiffiesClock::calibrate(first, too_close), None);
+        assert_eq!(JiffiesClock::calibrate(after(100, 4_000_000), first), None);
+        // HZ 500 and 3.6 ms ticks are nobody's: halfway between 250 and 300 is 3.67 ms.
+        assert_eq!(JiffiesClock::calibrate(first, after(100, 2_000_000)), None);
+        assert_eq!(JiffiesClock::calibrate(first, after(100, 3_600_000)), None);
+        assert!(JiffiesClock::calibrate(first, after(100, 4_000_000)).is_some());
+    }
 
     /// What operators and dashboards see: the labels are fixed strings, so a renamed,
     /// reordered or dropped class changes this table and fails here.

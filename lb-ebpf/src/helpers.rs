@@ -3,18 +3,38 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
+use lb_common::ClockSample;
 
-/// CLOCK_MONOTONIC_COARSE in nanoseconds: CLOCK_MONOTONIC as of the last timer tick (1-4 ms
-/// behind), which is all that idle timeouts, refresh intervals and the REJECT rate need, without
-/// reading the clock source (bpf_ktime_get_coarse_ns, kernel 5.11, d055126180564 "bpf: Add
-/// bpf_ktime_get_coarse_ns helper"). The agent compares entries with CLOCK_MONOTONIC, of the
-/// same base.
+use crate::maps::CLOCK;
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: CLOCK_MONOTONIC as of the last timer tick (1-10 ms
+/// behind), which is all that idle timeouts, refresh intervals and the REJECT rate need. Read
+/// from jiffies through the agent's calibration ([`lb_common::JiffiesClock`]: one inlined load
+/// instead of a helper call); before the agent has calibrated it, from bpf_ktime_get_coarse_ns
+/// (kernel 5.11, d055126180564 "bpf: Add bpf_ktime_get_coarse_ns helper"). The agent compares
+/// entries with CLOCK_MONOTONIC, of the same base.
 #[inline(always)]
 pub fn now_ns() -> u64 {
+    match CLOCK.get(0) {
+        // SAFETY: no arguments, no side effects (inlined by the verifier into a load).
+        Some(clock) if clock.ns_per_jiffy != 0 => clock.now_ns(unsafe { bpf_jiffies64() }),
+        // SAFETY: no arguments, no side effects.
+        _ => unsafe { bpf_ktime_get_coarse_ns() },
+    }
+}
+
+/// Both clocks of one moment, for the agent's calibration.
+#[inline(always)]
+pub fn clock_sample() -> ClockSample {
     // SAFETY: no arguments, no side effects.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    unsafe {
+        ClockSample {
+            jiffies: bpf_jiffies64(),
+            coarse_ns: bpf_ktime_get_coarse_ns(),
+        }
+    }
 }
 
 /// A pseudo-random number (per-CPU PRNG; fine for load spreading, not for secrets).

@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod flow;
 mod helpers;
 mod maps;

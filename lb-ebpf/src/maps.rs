@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frag4Key,
-    Frag4Value, Frontend4Key, NicMac, RejectBudget, ServiceCounter, ServiceValue, Slot,
-    SockNat4Key, SockNat4Value, SockState4, SourceRange4, limits, maglev,
+    Frag4Value, Frontend4Key, JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue,
+    Slot, SockNat4Key, SockNat4Value, SockState4, SourceRange4, limits, maglev,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -89,6 +89,11 @@ pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(limits::NIC_SLOTS
 /// with a fresh bucket.
 #[map(name = "lb_rejbudget")]
 pub static REJECT_BUDGET: PerCpuArray<RejectBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// How the programs read the time (index 0; see `helpers::now_ns`). Private to the object: the
+/// agent calibrates it at every load; zero until then.
+#[map(name = "lb_clock_v1")]
+pub static CLOCK: Array<JiffiesClock> = Array::with_max_entries(1, 0);
 
 /// Set to 1 by `lb explain`'s private copy of the programs (EbpfLoader::set_global): the program
 /// decides as usual but writes nothing (no conntrack, affinity or counter update), so running it

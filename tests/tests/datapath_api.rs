@@ -243,3 +243,65 @@ fn the_frontend_filter_marks_exactly_the_frontends_destinations() {
     datapath.remove_service(2).expect("remove b");
     assert!(marked(&pins, &probe).is_empty());
 }
+
+/// CLOCK_MONOTONIC as the test reads it (clock_gettime), independent of the datapath's clock.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    assert_eq!(rc, 0);
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[test]
+fn the_programs_clock_is_calibrated_at_load_and_stamps_flows_with_monotonic_time() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "clock").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    let clock = datapath.clock().expect("a calibrated clock");
+    let tick = clock.ns_per_jiffy;
+    assert!(
+        lb_common::JiffiesClock::KERNEL_HZ
+            .iter()
+            .any(|&hz| lb_common::JiffiesClock::tick_nsec(hz) == tick),
+        "{clock:?}"
+    );
+
+    let backend = Backend {
+        addr: Ipv4Addr::new(10, 244, 1, 10),
+        port: 8080,
+        proto: proto::TCP,
+        flags: lb_common::backend_flags::LOCAL,
+    };
+    datapath.put_backend(1, &backend).expect("backend");
+    datapath
+        .put_service(&service(1, vec![frontend(1)], vec![1]))
+        .expect("service");
+    let xdp = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("xdp");
+    let client = "192.0.2.7:40000".parse().expect("client");
+    let syn = lab::packet::tcp(
+        client,
+        std::net::SocketAddrV4::new(frontend(1).addr, 80),
+        lab::packet::TcpFlags::SYN,
+        b"",
+    );
+    let before = monotonic_ns();
+    lb_userspace::datapath::testrun::test_run(xdp, &syn).expect("run");
+    let after = monotonic_ns();
+    let entries = datapath.conntrack().expect("conntrack");
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    for (key, value) in entries {
+        // The coarse time of the last tick: up to a tick (and the calibration's rounding, at
+        // most another) behind the moment the packet ran.
+        assert!(
+            value.last_seen_ns + 2 * tick >= before && value.last_seen_ns <= after,
+            "{key:?}: last seen {} not within [{before} - 2 ticks, {after}] (tick {tick} ns)",
+            value.last_seen_ns
+        );
+    }
+}

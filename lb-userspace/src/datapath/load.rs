@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError},
+    maps::{Array, HashMap, Map, MapData, MapError},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
         SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -23,7 +23,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{LegacySlotKey, ServiceValue, limits, map_names, program_names};
+use lb_common::{JiffiesClock, LegacySlotKey, ServiceValue, limits, map_names, program_names};
 
 use super::{
     Datapath, InstalledService, ServiceName,
@@ -67,6 +67,7 @@ impl Datapath {
         }
         load_and_pin::<CgroupSkb>(&mut ebpf, program_names::SOCK_EGRESS4, pin_dir)?;
         load_and_pin::<CgroupSock>(&mut ebpf, program_names::SOCK_RELEASE, pin_dir)?;
+        let clock = start_clock(&mut ebpf)?;
         ensure_service_names(pin_dir)?;
         let mut maps = Maps::open(pin_dir, Access::ReadWrite)?;
         let (mut installed, owners) = read_installed(&maps.frontends, &maps.slots)?;
@@ -115,6 +116,7 @@ impl Datapath {
             maglev: open_map(pin_dir, map_names::MAGLEV4, Access::ReadWrite)?,
             departed_udp: BTreeSet::new(),
             cleanup_failures: Vec::new(),
+            clock,
             names,
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -379,6 +381,31 @@ fn ensure_service_names(pin_dir: &Path) -> Result<()> {
 
 /// BPF_F_NO_PREALLOC (include/uapi/linux/bpf.h): names take memory only for services that exist.
 const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Loads the clock sample program, calibrates the programs' clock and writes it for them, before
+/// any of them is attached. A calibration that fails leaves them on the coarse-clock helper,
+/// which reads the same time at a higher cost per packet: logged, not fatal.
+fn start_clock(ebpf: &mut Ebpf) -> Result<Option<JiffiesClock>> {
+    let name = program_names::CLOCK_SAMPLE;
+    let program = program_mut::<Xdp>(ebpf, name)?;
+    program
+        .load()
+        .map_err(|source| program_error(name, "load (verifier)".into(), source))?;
+    let fd = program
+        .fd()
+        .map_err(|source| program_error(name, "fd".into(), source))?;
+    let clock = match super::clock::calibrate(fd) {
+        Ok(clock) => clock,
+        Err(reason) => {
+            tracing::warn!(%reason, "the datapath's clock is not calibrated: it reads bpf_ktime_get_coarse_ns");
+            return Ok(None);
+        }
+    };
+    let mut map: Array<MapData, JiffiesClock> = take_private_map(ebpf, map_names::CLOCK)?;
+    map.set(0, &clock, 0)
+        .map_err(|source| map_error(map_names::CLOCK, "write", source))?;
+    Ok(Some(clock))
+}
 
 /// A map private to this load's object (not pinned: the agent fills it anew as it attaches).
 fn take_private_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>

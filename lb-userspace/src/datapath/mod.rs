@@ -35,6 +35,7 @@ use crate::compile::model::{Backend, Service};
 pub mod bpf_link;
 pub mod bpf_obj;
 pub mod bpffs;
+mod clock;
 pub mod counter;
 mod error;
 mod frontend_filter;
@@ -89,6 +90,8 @@ pub struct Datapath {
     /// steps whose caller is already returning the error that made them necessary, or that
     /// no caller waits for. The agent logs and counts them.
     cleanup_failures: Vec<DatapathError>,
+    /// The programs' clock as calibrated at load (None: they read the coarse-clock helper).
+    clock: Option<lb_common::JiffiesClock>,
 }
 
 /// A UDP backend that left a service.

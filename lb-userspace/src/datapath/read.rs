@@ -27,6 +27,11 @@ impl Datapath {
         &self.installed_backends
     }
 
+    /// The programs' clock as calibrated at load; None when they read the coarse-clock helper.
+    pub fn clock(&self) -> Option<lb_common::JiffiesClock> {
+        self.clock
+    }
+
     /// The datapath-wide settings in force.
     pub fn config(&self) -> Result<DatapathConfig> {
         self.maps
