@@ -647,7 +647,7 @@ fn rule_load_table(out: &mut String, e2e: &Value, control: Option<&Value>) {
 // Plots, drawn with plotters: a line chart and a horizontal bar chart.
 
 /// Colours that stay apart for the eye, also in grey.
-const PALETTE: [RGBColor; 7] = [
+const PALETTE: [RGBColor; 8] = [
     RGBColor(0x1f, 0x77, 0xb4),
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0x2c, 0xa0, 0x2c),
@@ -655,6 +655,7 @@ const PALETTE: [RGBColor; 7] = [
     RGBColor(0x94, 0x67, 0xbd),
     RGBColor(0x8c, 0x56, 0x4b),
     RGBColor(0x17, 0xbe, 0xcf),
+    RGBColor(0xbc, 0xbd, 0x22),
 ];
 const GRID: RGBColor = RGBColor(0xe0, 0xe0, 0xe0);
 const INK: RGBColor = RGBColor(0x33, 0x33, 0x33);
@@ -780,6 +781,7 @@ fn path_label(key: &str) -> &str {
         "xdp_miss_established" => "XDP miss, an ACK (no such service)",
         "xdp_non_ip" => "XDP non-IP (ARP)",
         "tc_reply" => "tc reply (reverse NAT)",
+        "tc_other" => "tc, not a reply (host traffic)",
         other => other,
     }
 }

@@ -125,10 +125,13 @@ enum Series {
     MissEstablished,
     NonIp,
     TcReply,
+    /// A packet tc egress sees that is no reply of a flow (the node's own traffic): what every
+    /// other packet leaving a NIC pays.
+    TcOther,
 }
 
 impl Series {
-    const ALL: [Self; 8] = [
+    const ALL: [Self; 9] = [
         Self::Floor,
         Self::NewFlow,
         Self::NewFlowSpread,
@@ -137,6 +140,7 @@ impl Series {
         Self::MissEstablished,
         Self::NonIp,
         Self::TcReply,
+        Self::TcOther,
     ];
 
     fn key(self) -> &'static str {
@@ -149,6 +153,7 @@ impl Series {
             Self::MissEstablished => "xdp_miss_established",
             Self::NonIp => "xdp_non_ip",
             Self::TcReply => "tc_reply",
+            Self::TcOther => "tc_other",
         }
     }
 
@@ -162,6 +167,7 @@ impl Series {
             Self::MissEstablished => "xdp miss (ack)",
             Self::NonIp => "xdp non-ip (arp)",
             Self::TcReply => "tc reply",
+            Self::TcOther => "tc not a reply",
         }
     }
 
@@ -536,6 +542,12 @@ impl<'a> SizeBench<'a> {
                     "{what}: source not rewritten to {}",
                     self.frontend
                 );
+                out
+            }
+            Series::TcOther => {
+                let input = &self.miss_established;
+                let out = run_once(self.tc, input, TC_ACT_OK, what)?;
+                ensure!(&out.packet == input, "{what}: packet changed");
                 out
             }
         };
