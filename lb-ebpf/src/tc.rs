@@ -11,7 +11,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{Event, Frag4Key, Frag4Value, ct_flags, proto, tcp_seq};
+use lb_common::{Event, Frag4Key, Frag4Value, checksum, ct_flags, proto, tcp_seq};
 
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
@@ -169,15 +169,30 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
 /// Where an ICMP message starts (an IPv4 header without options).
 const ICMP_AT: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
 
+/// `N` bytes at `offset`: read straight from the skb's linear data when they are in it (every
+/// egress packet goes through here, and bpf_skb_load_bytes is a helper call, 20-30 ns each),
+/// else through the helper (a header in paged data). Reads only: a direct write would make the
+/// verifier unclone every skb at the program's start (`tc_cls_act_prologue`), and TCP's egress
+/// skbs are clones.
+#[inline(always)]
+fn read<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
+    let start = ctx.data() + offset;
+    if start + N <= ctx.data_end() {
+        // SAFETY: inside the skb's linear data, checked against data_end just above.
+        return Some(unsafe { *(start as *const [u8; N]) });
+    }
+    ctx.load(offset).ok()
+}
+
 /// The reply's 5-tuple and transport offset, or the key of a later fragment; `None` for anything
 /// that is not an IPv4 TCP/UDP packet with a complete header (it passes untouched).
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype: u16 = u16::from_be(ctx.load(12).ok()?);
+    let ethertype = u16::from_be_bytes(read::<2>(ctx, 12)?);
     if ethertype != ETH_P_IP {
         return None;
     }
-    let ip: [u8; IPV4_MIN_HDR_LEN] = ctx.load(ETH_HDR_LEN).ok()?;
+    let ip = read::<IPV4_MIN_HDR_LEN>(ctx, ETH_HDR_LEN)?;
     let header_len = usize::from(ip[0] & 0x0f) * 4;
     if ip[0] >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN {
         return None;
@@ -205,7 +220,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     }
     let first_fragment = (flags_fragment & IPV4_MORE_FRAGMENTS != 0).then_some(fragment_key);
     let l4_offset = ETH_HDR_LEN + header_len;
-    let ports: [u8; 4] = ctx.load(l4_offset).ok()?;
+    let ports = read::<4>(ctx, l4_offset)?;
     let (tcp_flags, seq, seq_end) = if protocol == proto::TCP {
         segment(ctx, l4_offset)?
     } else {
@@ -232,7 +247,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
 /// (BIG TCP, net/ipv4/ip_output.c __ip_local_out with iph_set_totlen).
 #[inline(always)]
 fn segment(ctx: &TcContext, l4_offset: usize) -> Option<(u8, u32, u32)> {
-    let header: [u8; 14] = ctx.load(l4_offset).ok()?;
+    let header = read::<14>(ctx, l4_offset)?;
     let header_len = usize::from(header[TCP_DATA_OFFSET_OFFSET] >> 4) * 4;
     let flags = header[TCP_FLAGS_OFFSET];
     let seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
@@ -277,6 +292,10 @@ fn l4_checksum(tuple: &Tuple, l4_offset: usize) -> (usize, u64) {
 }
 
 /// Rewrites the source address and port to the frontend's, fixing the IPv4 and TCP/UDP checksums.
+/// The transport checksum goes through the helper, which knows whether the skb carries a
+/// partial one (the address is in the pseudo-header, the port is not); the IPv4 header checksum
+/// is always complete on egress, so it is computed here, and without IP options one store writes
+/// it with both addresses and the port.
 #[inline(always)]
 fn snat(ctx: &TcContext, tuple: &Tuple, l4_offset: usize, addr: u32, port: u16) -> Result<(), i64> {
     let old_addr = tuple.saddr.to_be();
@@ -296,6 +315,9 @@ fn snat(ctx: &TcContext, tuple: &Tuple, l4_offset: usize, addr: u32, port: u16) 
         u64::from(new_port),
         flags | 2,
     )?;
+    if l4_offset == ETH_HDR_LEN + IPV4_MIN_HDR_LEN {
+        return store_source(ctx, tuple, addr, port);
+    }
     ctx.l3_csum_replace(
         ETH_HDR_LEN + IPV4_CSUM_OFFSET,
         u64::from(old_addr),
@@ -304,5 +326,20 @@ fn snat(ctx: &TcContext, tuple: &Tuple, l4_offset: usize, addr: u32, port: u16) 
     )?;
     ctx.store(ETH_HDR_LEN + IPV4_SADDR_OFFSET, &new_addr, 0)?;
     ctx.store(l4_offset, &new_port, 0)?;
+    Ok(())
+}
+
+/// A header without options: the IPv4 checksum, both addresses and the source port are
+/// contiguous (bytes 10-21 of the IPv4 header), written with one store.
+#[inline(always)]
+fn store_source(ctx: &TcContext, tuple: &Tuple, addr: u32, port: u16) -> Result<(), i64> {
+    let check = read::<2>(ctx, ETH_HDR_LEN + IPV4_CSUM_OFFSET).ok_or(-1i64)?;
+    let check = checksum::replace_u32(u16::from_be_bytes(check), tuple.saddr, addr);
+    let mut bytes = [0u8; 12];
+    bytes[0..2].copy_from_slice(&check.to_be_bytes());
+    bytes[2..6].copy_from_slice(&addr.to_be_bytes());
+    bytes[6..10].copy_from_slice(&tuple.daddr.to_be_bytes());
+    bytes[10..12].copy_from_slice(&port.to_be_bytes());
+    ctx.store(ETH_HDR_LEN + IPV4_CSUM_OFFSET, &bytes, 0)?;
     Ok(())
 }
