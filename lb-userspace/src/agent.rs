@@ -57,7 +57,7 @@ pub struct AgentConfig {
     pub node_addresses: Vec<Ipv4Addr>,
     pub node_port_range: RangeInclusive<u16>,
     pub interfaces: Vec<String>,
-    pub xdp_mode: XdpMode,
+    pub xdp_mode: XdpAttach,
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub source: SourceConfig,
@@ -81,6 +81,41 @@ pub struct AgentConfig {
     pub missing_service_grace: Duration,
     /// How long the datapath keeps idle flows, by state, and holds a closed flow's SNAT port.
     pub conntrack_timeouts: lb_common::CtTimeouts,
+}
+
+/// How XDP is attached to each of `--interfaces`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// In the driver, except on a veth, where generic XDP: a veth hands frames XDP transmits
+    /// (XDP_TX, XDP_REDIRECT) only to a peer that runs NAPI, an XDP program or GRO on the peer
+    /// (drivers/net/veth.c, `veth_xdp_xmit`: -ENXIO otherwise, the frame dropped unseen), and
+    /// the peer is out of the agent's sight in another namespace (a kind node's eth0). Generic
+    /// XDP transmits through the stack, which needs nothing of the peer.
+    Auto,
+    Fixed(XdpMode),
+}
+
+impl XdpAttach {
+    pub fn for_interface(self, iface: &str) -> XdpMode {
+        match self {
+            Self::Fixed(mode) => mode,
+            Self::Auto => match crate::datapath::nic::driver(iface) {
+                Ok(driver) if driver == "veth" => {
+                    info!(
+                        interface = iface,
+                        "a veth: XDP in generic mode, since its peer may not run NAPI \
+                         (--xdp-mode native if the peer has an XDP program or GRO)"
+                    );
+                    XdpMode::Skb
+                }
+                Ok(_) => XdpMode::Driver,
+                Err(error) => {
+                    warn!(interface = iface, %error, "no driver name; XDP in native mode");
+                    XdpMode::Driver
+                }
+            },
+        }
+    }
 }
 
 impl AgentConfig {
@@ -113,9 +148,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     let mut datapath = Datapath::load(&config.pin_dir).context("loading the datapath")?;
     for iface in &config.interfaces {
+        let mode = config.xdp_mode.for_interface(iface);
         datapath
-            .attach_xdp(iface, config.xdp_mode)
-            .with_context(|| format!("attaching XDP to {iface}"))?;
+            .attach_xdp(iface, mode)
+            .with_context(|| format!("attaching XDP to {iface} ({mode:?})"))?;
         datapath
             .attach_tc_egress(iface)
             .with_context(|| format!("attaching tc egress to {iface}"))?;

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use aya::programs::XdpMode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
-    agent::{self, AgentConfig, SourceConfig},
+    agent::{self, AgentConfig, SourceConfig, XdpAttach},
     compile::model::Ipv4Cidr,
     datapath::{DEFAULT_PIN_DIR, counter::XdpCounter},
     observe::{cli, explain::Hook, inspect::ConntrackFilter},
@@ -167,8 +167,9 @@ struct RunArgs {
     /// pod interface) directly are local.
     #[arg(long, env = "LB_INTERFACES", value_delimiter = ',')]
     interfaces: Vec<String>,
-    /// XDP attach mode on the NICs.
-    #[arg(long, env = "LB_XDP_MODE", value_enum, default_value_t = Mode::Native)]
+    /// XDP attach mode on the NICs: auto is native, except generic on a veth (whose peer may
+    /// not deliver what native XDP transmits).
+    #[arg(long, env = "LB_XDP_MODE", value_enum, default_value_t = Mode::Auto)]
     xdp_mode: Mode,
     /// cgroup v2 directory for the socket hooks (ClusterIP from pods and host processes);
     /// normally the cgroup v2 root.
@@ -260,17 +261,20 @@ enum Source {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
+    /// Native, except generic on a veth.
+    Auto,
     /// In the driver (fails if the driver has no XDP support).
     Native,
     /// Generic XDP in the stack (works everywhere, slower).
     Generic,
 }
 
-impl From<Mode> for XdpMode {
+impl From<Mode> for XdpAttach {
     fn from(mode: Mode) -> Self {
         match mode {
-            Mode::Native => XdpMode::Driver,
-            Mode::Generic => XdpMode::Skb,
+            Mode::Auto => XdpAttach::Auto,
+            Mode::Native => XdpAttach::Fixed(XdpMode::Driver),
+            Mode::Generic => XdpAttach::Fixed(XdpMode::Skb),
         }
     }
 }
@@ -592,7 +596,7 @@ fn count(iface: &str, mode: Mode, interval: Duration, reports: u64) -> anyhow::R
     let mut counter = XdpCounter::load()?;
     let name = std::ffi::CString::new(iface).context("interface name contains a NUL byte")?;
     counter
-        .attach(name.as_c_str(), mode.into())
+        .attach(name.as_c_str(), XdpAttach::from(mode).for_interface(iface))
         .with_context(|| format!("attaching to {iface}"))?;
     let mut report = 0;
     while reports == 0 || report < reports {

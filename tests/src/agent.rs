@@ -105,6 +105,11 @@ impl AgentLab {
             "--pin-dir",
             self.pins.path().to_str().unwrap_or_default(),
         ];
+        // Native XDP, as on a physical NIC: the fabric's ends of the links run NAPI (see
+        // `Cluster::build`), unless the test chooses a mode (or a cluster without it).
+        if !extra.contains(&"--xdp-mode") {
+            args.extend(["--xdp-mode", "native"]);
+        }
         args.extend_from_slice(extra);
         let log = self.log();
         let lb = lb.to_str().unwrap_or_default();

@@ -41,6 +41,10 @@ pub fn pod_addr(node: u8, pod: u8) -> Ipv4Addr {
 /// How many pods each node runs: `pods_per_node[i]` for node i + 1.
 pub struct ClusterSpec {
     pub pods_per_node: Vec<u8>,
+    /// Whether the fabric side of every node's link runs NAPI (see [`Cluster::build`]), as a
+    /// physical network would take what a node's XDP transmits; false leaves the fabric's veth
+    /// ends as a container runtime does (a kind node's eth0).
+    pub fabric_napi: bool,
 }
 
 impl Default for ClusterSpec {
@@ -48,6 +52,7 @@ impl Default for ClusterSpec {
     fn default() -> Self {
         Self {
             pods_per_node: vec![2, 1],
+            fabric_napi: true,
         }
     }
 }
@@ -71,8 +76,9 @@ pub struct Cluster {
     pub fabric: Host,
     pub client: Host,
     pub nodes: Vec<Node>,
-    /// An XDP_PASS program on the fabric side of every node's link; see [`Cluster::build`].
-    _fabric_xdp: XdpCounter,
+    /// An XDP_PASS program on the fabric side of every node's link, unless the spec says
+    /// otherwise; see [`Cluster::build`].
+    _fabric_xdp: Option<XdpCounter>,
 }
 
 impl Cluster {
@@ -100,14 +106,17 @@ impl Cluster {
         // datapath) to its peer only when the peer runs NAPI, which an XDP program turns on
         // (drivers/net/veth.c, veth_xdp_xmit: -ENXIO otherwise). A physical NIC needs nothing of
         // the sort; the fabric ports get a counting XDP_PASS program to behave like one.
-        let mut fabric_xdp = XdpCounter::load()?;
-        {
+        let fabric_xdp = if spec.fabric_napi {
+            let mut counter = XdpCounter::load()?;
             let _inside = fabric.enter()?;
             for node in &nodes {
                 let port = std::ffi::CString::new(format!("p-{}", node.host.name()))?;
-                fabric_xdp.attach(port.as_c_str(), XdpMode::Driver)?;
+                counter.attach(port.as_c_str(), XdpMode::Driver)?;
             }
-        }
+            Some(counter)
+        } else {
+            None
+        };
         Ok(Self {
             fabric,
             client,

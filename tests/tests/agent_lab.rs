@@ -466,3 +466,42 @@ fn an_empty_setting_in_the_environment_counts_as_not_set() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// The remote endpoint's EndpointSlice: node2's pod.
+fn remote_endpoint() -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-2\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node2\n  conditions: {{ready: true}}\n",
+        pod_addr(2, 0)
+    )
+}
+
+/// A node whose NIC is a veth with a plain peer (a kind node's eth0): what native XDP would
+/// transmit there (SNATed packets to a remote endpoint, their answers to the client) the peer
+/// drops unseen, so the agent's default attaches generic XDP to a veth, and NodePort traffic to
+/// an endpoint on another node works.
+#[test]
+fn on_a_veth_whose_peer_runs_no_napi_the_default_mode_reaches_remote_endpoints() {
+    let mut setup = AgentLab::with_spec(&lab::topology::ClusterSpec {
+        fabric_napi: false,
+        ..Default::default()
+    })
+    .expect("lab");
+    setup.start_agent(&["--xdp-mode", "auto"]).expect("agent");
+    let log = std::fs::read_to_string(setup.log()).expect("log");
+    assert!(
+        log.contains("a veth: XDP in generic mode"),
+        "the agent should say why it chose generic XDP:\n{log}"
+    );
+    setup
+        .apply(
+            "web.yaml",
+            &(service(80, 30080) + "---\n" + &remote_endpoint()),
+        )
+        .expect("apply");
+    let node_port = format!("{}:30080", node_addr(1));
+    let run = ClientRun::tcp(&node_port, 40)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    run.assert_all_ok("NodePort to node2's pod through a veth without NAPI");
+    assert_eq!(run.servers(), ["n2p0"].into());
+}

@@ -267,6 +267,7 @@ fn node_port_external_ip_and_load_balancer_ip_from_outside() {
 fn a_thousand_connections_spread_evenly_over_three_endpoints() {
     let mut setup = setup(&ClusterSpec {
         pods_per_node: vec![3, 0],
+        ..ClusterSpec::default()
     });
     let tcp = backends(&mut setup, proto::TCP, 1);
     let ids = tcp.iter().map(|(id, _)| *id).collect();
@@ -297,6 +298,7 @@ fn a_thousand_connections_spread_evenly_over_three_endpoints() {
 fn endpoint_changes_under_traffic_move_new_tcp_connections_and_udp_flows_only() {
     let mut setup = setup(&ClusterSpec {
         pods_per_node: vec![2, 0],
+        ..ClusterSpec::default()
     });
     let tcp = backends(&mut setup, proto::TCP, 1);
     let udp = backends(&mut setup, proto::UDP, 11);

@@ -239,6 +239,7 @@ fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
 fn session_affinity_pins_a_client_until_the_timeout() {
     let mut lab = AgentLab::with_spec(&ClusterSpec {
         pods_per_node: vec![2, 0],
+        ..ClusterSpec::default()
     })
     .expect("lab");
     let second_client = lab
@@ -293,6 +294,7 @@ fn session_affinity_pins_a_client_until_the_timeout() {
 fn a_rolling_replacement_of_three_endpoints_under_load_loses_no_request() {
     let mut lab = AgentLab::with_spec(&ClusterSpec {
         pods_per_node: vec![6, 0],
+        ..ClusterSpec::default()
     })
     .expect("lab");
     lab.start_agent(&[]).expect("agent");

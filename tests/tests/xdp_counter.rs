@@ -173,6 +173,7 @@ fn counts_real_tcp_and_udp_on_a_node_nic_in_native_mode() {
         &mut lab,
         &ClusterSpec {
             pods_per_node: vec![0],
+            ..ClusterSpec::default()
         },
     )
     .expect("cluster");

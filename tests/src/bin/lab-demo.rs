@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         &mut lab,
         &ClusterSpec {
             pods_per_node: vec![4, 4],
+            ..ClusterSpec::default()
         },
     )?;
     let scratch = ScratchDir::new(&lab, "demo")?;

@@ -766,6 +766,7 @@ fn main() -> anyhow::Result<()> {
     }
     let spec = ClusterSpec {
         pods_per_node: vec![2, 2],
+        ..ClusterSpec::default()
     };
     let wanted = |system: &str| args.systems.iter().any(|wanted| wanted == system);
 
