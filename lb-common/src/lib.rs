@@ -62,6 +62,11 @@ pub mod map_names {
     /// [`crate::JiffiesClock`] at index 0: how the programs read the time. Written by the agent
     /// at load. Not pinned.
     pub const CLOCK: &str = "lb_clock_v1";
+    /// The backend filter: bit / 64 -> 64 bits, a one-hash Bloom filter of the backends'
+    /// (address, port, protocol) by [`crate::frontend_filter::bit`], which tc egress checks a
+    /// packet's source against before its conntrack lookup. Rebuilt by the agent at every load.
+    /// Not pinned.
+    pub const BACKEND_FILTER: &str = "lb4_befilt_v1";
     /// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE) of [`crate::SockState4`]: what the socket
     /// hooks last did for a socket, for its packets (source ranges) and its close.
     pub const SOCK_STATE4: &str = "lb4_sockst_v1";

@@ -90,6 +90,12 @@ pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(limits::NIC_SLOTS
 #[map(name = "lb_rejbudget")]
 pub static REJECT_BUDGET: PerCpuArray<RejectBudget> = PerCpuArray::with_max_entries(1, 0);
 
+/// The backends' filter (`lb_common::map_names::BACKEND_FILTER`): tc egress looks a packet up in
+/// conntrack only when its source may be a backend's. Private to the object: the agent writes
+/// it whole at every load, before attaching.
+#[map(name = "lb4_befilt_v1")]
+pub static BACKEND_FILTER: Array<u64> = Array::with_max_entries(limits::FRONTEND_FILTER_WORDS, 0);
+
 /// How the programs read the time (index 0; see `helpers::now_ns`). Private to the object: the
 /// agent calibrates it at every load; zero until then.
 #[map(name = "lb_clock_v1")]

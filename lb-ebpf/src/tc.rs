@@ -11,7 +11,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{Event, Frag4Key, Frag4Value, checksum, ct_flags, proto, tcp_seq};
+use lb_common::{Event, Frag4Key, Frag4Value, checksum, ct_flags, frontend_filter, proto, tcp_seq};
 
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
@@ -22,7 +22,7 @@ use lb_ebpf::packet::{
 
 use crate::{
     flow::{Tuple, blind_rst, reply_key, track_reply},
-    maps::{CONNTRACK4, FRAGMENTS4, count_event, remember_fragment},
+    maps::{BACKEND_FILTER, CONNTRACK4, FRAGMENTS4, count_event, remember_fragment},
 };
 
 #[classifier]
@@ -50,6 +50,9 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
             first_fragment,
         } => (tuple, l4_offset, first_fragment),
     };
+    if !maybe_backend(&tuple) {
+        return Ok(());
+    }
     let Some(entry) = CONNTRACK4.get_ptr_mut(&reply_key(&tuple)) else {
         return Ok(());
     };
@@ -75,6 +78,16 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
         remember_fragment(&key, &later);
     }
     Ok(())
+}
+
+/// Whether the packet's source may be a backend's address and port (the backend filter): the
+/// node's own traffic and pods' traffic to elsewhere leave without a conntrack lookup.
+#[inline(always)]
+fn maybe_backend(tuple: &Tuple) -> bool {
+    let bit = frontend_filter::bit(tuple.saddr, tuple.sport, tuple.proto);
+    BACKEND_FILTER
+        .get(bit >> 6)
+        .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)
 }
 
 /// A fragment after the first of a reply: the source its first fragment got, if it got one.

@@ -305,3 +305,71 @@ fn the_programs_clock_is_calibrated_at_load_and_stamps_flows_with_monotonic_time
         );
     }
 }
+
+/// tc egress skips the conntrack lookup for packets from no backend (the backend filter), but a
+/// flow keeps its backend after the backend leaves the maps: its answers are still translated,
+/// also by the programs of a new load (an agent restart), which rebuilds the filter from the
+/// backends and the flows in conntrack.
+#[test]
+fn answers_of_a_flow_whose_backend_left_the_maps_are_translated_also_after_a_reload() {
+    use lab::packet::{self, TcpFlags};
+    use lb_userspace::datapath::testrun::test_run;
+    const TC_ACT_OK: u32 = 0;
+
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "befilt").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    let backend = Backend {
+        addr: Ipv4Addr::new(10, 244, 1, 10),
+        port: 8080,
+        proto: proto::TCP,
+        flags: lb_common::backend_flags::LOCAL,
+    };
+    datapath.put_backend(1, &backend).expect("backend");
+    datapath
+        .put_service(&service(1, vec![frontend(1)], vec![1]))
+        .expect("service");
+    let client = "192.0.2.7:40000".parse().expect("client");
+    let frontend = std::net::SocketAddrV4::new(frontend(1).addr, 80);
+    let endpoint = std::net::SocketAddrV4::new(backend.addr, backend.port);
+    let xdp = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("xdp");
+    test_run(xdp, &packet::tcp(client, frontend, TcpFlags::SYN, b"")).expect("syn");
+
+    let answer = packet::tcp(endpoint, client, TcpFlags::SYN_ACK, b"");
+    let translated = packet::tcp(frontend, client, TcpFlags::SYN_ACK, b"");
+    let through_tc = |datapath: &Datapath, packet: &[u8]| {
+        let tc = datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("tc");
+        let out = test_run(tc, packet).expect("tc run");
+        assert_eq!(out.verdict, TC_ACT_OK);
+        out.packet
+    };
+    assert_eq!(
+        through_tc(&datapath, &answer),
+        translated,
+        "while installed"
+    );
+
+    datapath.remove_service(1).expect("remove service");
+    datapath.remove_backend(1).expect("remove backend");
+    assert_eq!(
+        through_tc(&datapath, &answer),
+        translated,
+        "after the backend left the maps"
+    );
+
+    drop(datapath);
+    let reloaded = Datapath::load(pins.path()).expect("reload");
+    assert_eq!(through_tc(&reloaded, &answer), translated, "after a reload");
+    // From no backend at all: untouched.
+    let other = packet::tcp(
+        "10.244.1.99:8080".parse().expect("other"),
+        client,
+        TcpFlags::ACK,
+        b"",
+    );
+    assert_eq!(through_tc(&reloaded, &other), other);
+}

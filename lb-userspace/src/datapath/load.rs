@@ -23,13 +23,16 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{JiffiesClock, LegacySlotKey, ServiceValue, limits, map_names, program_names};
+use lb_common::{
+    Ct4Key, Ct4Value, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, limits, map_names,
+    program_names,
+};
 
 use super::{
     Datapath, InstalledService, ServiceName,
+    address_filter::{AddressFilter, FilterKey},
     bpf_obj::Access,
     error::{DatapathError, Result, map_error},
-    frontend_filter::FrontendFilter,
     maps::{Maps, open_map},
     nic::{interface_name, nic_address},
     object::DATAPATH_OBJECT,
@@ -86,9 +89,10 @@ impl Datapath {
         remove_retired_pins(pin_dir)?;
         // Rewritten whole before any program of this load is attached: a map new to the pin
         // directory (an upgrade) starts empty, and stale bits would only cost lookups.
-        let frontend_filter = FrontendFilter::rebuild(
+        let frontend_filter = AddressFilter::rebuild(
+            map_names::FRONTEND_FILTER,
             open_map(pin_dir, map_names::FRONTEND_FILTER, Access::ReadWrite)?,
-            owners.keys(),
+            owners.keys().map(FilterKey::from),
         )?;
         for key in maps.source_ranges.keys() {
             let key =
@@ -102,10 +106,22 @@ impl Datapath {
             }
         }
         let installed_backends = read_backends(&maps.backends)?;
+        // The backends, and the backends of live flows that left the maps (the sources of
+        // REPLY entries), whose answers tc must still translate.
+        let reply_sources = reply_sources(&maps.conntrack)?;
+        let backend_filter = AddressFilter::rebuild(
+            map_names::BACKEND_FILTER,
+            take_private_map(&mut ebpf, map_names::BACKEND_FILTER)?,
+            installed_backends
+                .values()
+                .map(FilterKey::from)
+                .chain(reply_sources),
+        )?;
         let names = read_service_names(&maps.service_names)?;
         Ok(Self {
             maps,
             frontend_filter,
+            backend_filter,
             installed,
             owners,
             installed_backends,
@@ -405,6 +421,18 @@ fn start_clock(ebpf: &mut Ebpf) -> Result<Option<JiffiesClock>> {
     map.set(0, &clock, 0)
         .map_err(|source| map_error(map_names::CLOCK, "write", source))?;
     Ok(Some(clock))
+}
+
+/// The sources of the REPLY entries in conntrack: the backends answers come from.
+fn reply_sources(conntrack: &HashMap<MapData, Ct4Key, Ct4Value>) -> Result<Vec<FilterKey>> {
+    let mut sources = Vec::new();
+    for key in conntrack.keys() {
+        let key = key.map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
+        if key.direction == ct_direction::REPLY {
+            sources.push(FilterKey::new(key.saddr, key.sport, key.proto));
+        }
+    }
+    Ok(sources)
 }
 
 /// A map private to this load's object (not pinned: the agent fills it anew as it attaches).

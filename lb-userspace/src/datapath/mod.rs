@@ -12,7 +12,7 @@
 //! readers the read-only inspection shares). The pinned state maps are opened one way, by
 //! `maps` ([`maps::Maps::open`]): read-write here, read-only by the inspection and `lb explain`.
 //! What they are built on: `error`
-//! ([`DatapathError`]); `frontend_filter` and `slot_ranges` (what the datapath keeps of two maps
+//! ([`DatapathError`]); `address_filter` and `slot_ranges` (what the datapath keeps of three maps
 //! to change them in place); `maglev` (Maglev tables); `nic` (a NIC's name, ifindex and MAC); the
 //! pin directory (`bpffs`, `pins`, `bpf_link`, `bpf_obj`); `object` (the embedded eBPF objects);
 //! `sock_diag` (aborting UDP sockets). Beside them, for tests, benchmarks and `lb explain`:
@@ -32,13 +32,13 @@ use lb_common::{Frontend4Key, NicMac, SERVICE_NAME_LEN, service_flags};
 
 use crate::compile::model::{Backend, Service};
 
+mod address_filter;
 pub mod bpf_link;
 pub mod bpf_obj;
 pub mod bpffs;
 mod clock;
 pub mod counter;
 mod error;
-mod frontend_filter;
 mod load;
 pub mod maglev;
 pub mod maps;
@@ -51,8 +51,8 @@ pub mod sock_diag;
 pub mod testrun;
 mod write;
 
+use address_filter::AddressFilter;
 pub use error::DatapathError;
-use frontend_filter::FrontendFilter;
 use maps::Maps;
 use slot_ranges::SlotRanges;
 
@@ -66,7 +66,9 @@ pub struct Datapath {
     /// The state maps, shared in kind with the read-only inspection.
     maps: Maps,
     /// The frontend filter as XDP reads it, and how many frontends have each bit.
-    frontend_filter: FrontendFilter,
+    frontend_filter: AddressFilter,
+    /// The backend filter as tc egress reads it, and how many backends have each bit.
+    backend_filter: AddressFilter,
     /// The cells of `slots` no installed table uses.
     slot_ranges: SlotRanges,
     nic_macs: Array<MapData, NicMac>,

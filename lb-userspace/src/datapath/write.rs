@@ -15,6 +15,7 @@ use lb_common::{
 
 use super::{
     Datapath, DepartedBackend, InstalledService,
+    address_filter::FilterKey,
     error::{DatapathError, Result, map_error},
     frontend_flags,
 };
@@ -30,6 +31,11 @@ impl Datapath {
                 limits::MAX_BACKENDS - 1
             )));
         }
+        // Its bit before the entry, so that tc never skips a reply of it. Bits are never
+        // cleared while the agent runs: a flow keeps its backend after the backend leaves the
+        // maps, and its replies must still be translated.
+        self.backend_filter
+            .mark(std::iter::once(FilterKey::from(backend)))?;
         insert(
             &mut self.maps.backends,
             map_names::BACKENDS4,
@@ -94,7 +100,8 @@ impl Datapath {
             slots,
         };
         // Before the entries: XDP looks a frontend up only once its bit is set.
-        self.frontend_filter.mark(flags_by_key.keys())?;
+        self.frontend_filter
+            .mark(flags_by_key.keys().map(FilterKey::from))?;
         let mut written = Vec::new();
         for (key, flags) in &flags_by_key {
             let result = insert(
@@ -118,7 +125,7 @@ impl Datapath {
         // just no longer has it.
         for key in flags_by_key.keys() {
             match self.owners.insert(*key, service.id) {
-                None => self.frontend_filter.count(key),
+                None => self.frontend_filter.count(key.into()),
                 Some(owner) if owner != service.id => {
                     if let Some(other) = self.installed.get_mut(&owner) {
                         other.frontends.remove(key);
@@ -161,7 +168,7 @@ impl Datapath {
                     format!("stale frontend {key:?}")
                 })?;
                 if self.owners.remove(key).is_some() {
-                    self.frontend_filter.release(key)?;
+                    self.frontend_filter.release(key.into())?;
                 }
             }
             // A packet that read the old entry may still be selecting from these cells: once
@@ -537,7 +544,7 @@ impl Datapath {
                 format!("service {id} frontend {key:?}")
             })?;
             if self.owners.remove(key).is_some() {
-                self.frontend_filter.release(key)?;
+                self.frontend_filter.release(key.into())?;
             }
         }
         self.slot_ranges
