@@ -5,9 +5,9 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
-use lb_common::ClockSample;
+use lb_common::{ClockSample, xorshift};
 
-use crate::maps::CLOCK;
+use crate::maps::{CLOCK, RANDOM_STATE};
 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: CLOCK_MONOTONIC as of the last timer tick (1-10 ms
 /// behind), which is all that idle timeouts, refresh intervals and the REJECT rate need. Read
@@ -37,9 +37,26 @@ pub fn clock_sample() -> ClockSample {
     }
 }
 
-/// A pseudo-random number (per-CPU PRNG; fine for load spreading, not for secrets).
+/// A pseudo-random number for spreading flows (not for secrets): this CPU's xorshift step
+/// ([`lb_common::xorshift`]), seeded from the kernel's prandom on first use; the helper alone
+/// if the state cannot be read.
 #[inline(always)]
 pub fn random_u32() -> u32 {
+    let Some(state) = RANDOM_STATE.get_ptr_mut(0) else {
+        return prandom();
+    };
+    // SAFETY: this CPU's own slot, valid for the run. A socket hook preempted on this CPU by
+    // another program that draws too may draw the same number: that only costs spread.
+    let state = unsafe { &mut *state };
+    if *state == 0 {
+        *state = xorshift::seed(prandom(), prandom());
+    }
+    *state = xorshift::next(*state);
+    xorshift::output(*state)
+}
+
+#[inline(always)]
+fn prandom() -> u32 {
     // SAFETY: no arguments; only advances this CPU's PRNG state.
     unsafe { bpf_get_prandom_u32() }
 }

@@ -96,6 +96,11 @@ pub static REJECT_BUDGET: PerCpuArray<RejectBudget> = PerCpuArray::with_max_entr
 #[map(name = "lb4_befilt_v1")]
 pub static BACKEND_FILTER: Array<u64> = Array::with_max_entries(limits::FRONTEND_FILTER_WORDS, 0);
 
+/// Each CPU's xorshift state (`helpers::random_u32`); 0 until its first use seeds it. Private
+/// to the object.
+#[map(name = "lb_rand_v1")]
+pub static RANDOM_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// How the programs read the time (index 0; see `helpers::now_ns`). Private to the object: the
 /// agent calibrates it at every load; zero until then.
 #[map(name = "lb_clock_v1")]
