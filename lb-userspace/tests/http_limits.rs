@@ -1,7 +1,8 @@
 //! The agent's HTTP servers against greedy and slow clients, on loopback: a log-level body over
 //! 4 KiB is refused without being read, a client that stalls in its headers or its body is cut
 //! at the deadline (shortened here so the test takes seconds), and connections over the cap are
-//! refused while the established ones are still answered; each cut-off counted by reason.
+//! refused while the established ones are still answered, and one client address cannot take
+//! every place; each cut-off counted by reason.
 
 use std::{
     sync::{Arc, OnceLock},
@@ -63,6 +64,15 @@ impl Server {
     async fn connect(&self) -> TcpStream {
         TcpStream::connect(self.address).await.expect("connect")
     }
+
+    /// A connection from another loopback address (all of 127.0.0.0/8 is this machine's).
+    async fn connect_from(&self, source: std::net::Ipv4Addr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::from((source, 0)))
+            .expect("bind the source address");
+        socket.connect(self.address).await.expect("connect")
+    }
 }
 
 impl Drop for Server {
@@ -76,6 +86,8 @@ fn limits(header: Duration, body: Duration, connections: usize) -> ServerLimits 
         header_read_timeout: header,
         body_read_timeout: body,
         max_connections: connections,
+        // These clients all come from 127.0.0.1: only the test of the per-peer limit sets it.
+        max_connections_per_peer: usize::MAX,
     }
 }
 
@@ -260,5 +272,35 @@ async fn connections_over_the_cap_are_refused_while_established_ones_are_answere
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_take_every_place_from_the_others() {
+    let server = Server::start(ServerLimits {
+        max_connections_per_peer: 2,
+        ..limits(PATIENCE * 2, PATIENCE * 2, 8)
+    })
+    .await;
+    // A client holding connections open, as a slow or hostile one does.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = server.connect().await;
+        assert_eq!(get_log_level(&mut stream).await, Some(200));
+        held.push(stream);
+    }
+    let mut third = server.connect().await;
+    assert_eq!(read_status(&mut third).await, Some(503));
+    assert!(closed(&mut third).await);
+    assert_eq!(server.refused("too_many_connections_from_peer"), 1);
+    assert_eq!(server.refused("too_many_connections"), 0);
+
+    // Another address (the kubelet's probe, Prometheus) is still served, meanwhile.
+    let mut other = server
+        .connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2))
+        .await;
+    assert_eq!(get_log_level(&mut other).await, Some(200));
+    for stream in &mut held {
+        assert_eq!(get_log_level(stream).await, Some(200));
     }
 }

@@ -206,7 +206,8 @@ impl Metrics {
         lb.register(
             "http_refused",
             "HTTP connections and requests cut off by the servers' limits, by reason \
-             (too_many_connections, header_timeout, body_too_large, body_timeout)",
+             (too_many_connections, too_many_connections_from_peer, header_timeout, \
+             body_too_large, body_timeout)",
             agent.http_refused.clone(),
         );
         lb.register(

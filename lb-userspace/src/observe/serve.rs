@@ -15,10 +15,10 @@
 //! agent's memory or tasks.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -50,6 +50,10 @@ pub struct ServerLimits {
     pub body_read_timeout: Duration,
     /// Connections served at once; one more is answered 503 and closed at once.
     pub max_connections: usize,
+    /// Connections served at once from one peer address, so that one client (a slow one
+    /// holding connections open) cannot take the places of the kubelet's probes and
+    /// Prometheus; one more is answered 503 and closed at once.
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for ServerLimits {
@@ -59,6 +63,7 @@ impl Default for ServerLimits {
             body_read_timeout: Duration::from_secs(10),
             // Prometheus, a probe or two and an operator's curl need a handful.
             max_connections: 64,
+            max_connections_per_peer: 16,
         }
     }
 }
@@ -80,6 +85,7 @@ where
     Fut: Future<Output = Reply> + Send + 'static,
 {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let peers = PeerConnections::new(limits.max_connections_per_peer);
     tokio::spawn(async move {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -90,19 +96,26 @@ where
                     continue;
                 }
             };
-            let Ok(permit) = connections.clone().try_acquire_owned() else {
-                // Never waits for the client: what the socket buffer takes now, or nothing.
-                let _ = stream.try_write(BUSY);
-                debug!(%peer, "HTTP connection refused: too many connections");
-                refused
-                    .get_or_create(&[("reason", "too_many_connections")])
-                    .inc();
-                continue;
+            let places = peers.take(peer.ip()).and_then(|from_peer| {
+                let permit = connections.clone().try_acquire_owned().ok();
+                permit
+                    .map(|permit| (from_peer, permit))
+                    .ok_or("too_many_connections")
+            });
+            let places = match places {
+                Ok(places) => places,
+                Err(reason) => {
+                    // Never waits for the client: what the socket buffer takes now, or nothing.
+                    let _ = stream.try_write(BUSY);
+                    debug!(%peer, reason, "HTTP connection refused");
+                    refused.get_or_create(&[("reason", reason)]).inc();
+                    continue;
+                }
             };
             let handle = handle.clone();
             let refused = refused.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _places = places;
                 let service = service_fn(move |request| {
                     let reply = handle(request, peer);
                     async move { Ok::<_, Infallible>(reply.await) }
@@ -123,6 +136,58 @@ where
             });
         }
     })
+}
+
+/// How many connections each peer address has open, up to a limit.
+#[derive(Clone)]
+struct PeerConnections {
+    limit: usize,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// A peer's place, given back when dropped.
+struct PeerPlace {
+    peers: PeerConnections,
+    peer: IpAddr,
+}
+
+impl PeerConnections {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            open: Arc::default(),
+        }
+    }
+
+    /// A place for one more connection of `peer`, or the reason there is none.
+    fn take(&self, peer: IpAddr) -> Result<PeerPlace, &'static str> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(peer).or_default();
+        if *count >= self.limit {
+            return Err("too_many_connections_from_peer");
+        }
+        *count += 1;
+        Ok(PeerPlace {
+            peers: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerPlace {
+    fn drop(&mut self) {
+        let mut open = self
+            .peers
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Reads a request body of at most [`MAX_BODY_BYTES`] within `deadline`; a larger one is refused
@@ -408,7 +473,7 @@ pub struct HealthCheckTarget {
 /// One HTTP server per healthCheckNodePort, started and stopped as Services come and go, with
 /// the local endpoint counts kept current.
 pub struct HealthCheckPorts {
-    bind_addresses: Vec<std::net::IpAddr>,
+    bind_addresses: Vec<IpAddr>,
     servers: BTreeMap<u16, HealthCheckServer>,
     refused: HttpRefused,
 }
@@ -431,7 +496,7 @@ impl Drop for HealthCheckServer {
 impl Default for HealthCheckPorts {
     fn default() -> Self {
         Self {
-            bind_addresses: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)],
+            bind_addresses: vec![IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)],
             servers: BTreeMap::new(),
             refused: HttpRefused::default(),
         }
@@ -447,7 +512,7 @@ impl HealthCheckPorts {
 
     /// Listens on these addresses from now on (kube-proxy's with `--nodeport-addresses`: the
     /// node addresses that serve NodePorts); servers are restarted when they change.
-    pub fn bind_to(&mut self, addresses: Vec<std::net::IpAddr>) {
+    pub fn bind_to(&mut self, addresses: Vec<IpAddr>) {
         if addresses != self.bind_addresses {
             self.bind_addresses = addresses;
             self.servers.clear();
