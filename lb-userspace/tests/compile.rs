@@ -322,6 +322,20 @@ fn rows() -> Vec<Row> {
             held: &[],
         },
         Row {
+            name: "ingress IPs in ipMode Proxy are the load balancer's: not served here",
+            yaml: NODE1.to_owned()
+                + &service(
+                    "web",
+                    "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\nstatus:\n  loadBalancer:\n    ingress:\n    - {ip: 198.51.100.20, ipMode: VIP}\n    - {ip: 198.51.100.21, ipMode: Proxy}\n    - ip: 198.51.100.22\n",
+                )
+                + &web_slice(),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport, 198.51.100.20:80 lb, 198.51.100.22:80 lb, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
             name: "not-ready endpoints are left out",
             yaml: service("web", cluster_ip)
                 + &slice(

@@ -4,7 +4,8 @@
 //! What it implements (kube-proxy's behaviour):
 //! - one desired service per Service port (multi-port Services give several), with frontends for
 //!   the ClusterIP(s), every node address:nodePort (NodePort and LoadBalancer types), every
-//!   externalIP, every LoadBalancer ingress IP;
+//!   externalIP, every LoadBalancer ingress IP (but those in `ipMode: Proxy`, KEP-1860, which
+//!   traffic must reach through the load balancer);
 //! - backends from every EndpointSlice labelled `kubernetes.io/service-name`, the port resolved
 //!   per slice by port name (named target ports may differ per endpoint), endpoints deduplicated
 //!   by address (a duplicate is LOCAL if any copy is, TERMINATING only if all are), flagged

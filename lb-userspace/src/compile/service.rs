@@ -162,6 +162,9 @@ pub(super) fn compile_service(
         .iter()
         .filter_map(|status| status.load_balancer.as_ref()?.ingress.as_ref())
         .flatten()
+        // ipMode Proxy (KEP-1860): the load balancer proxies to the nodes, and traffic to its
+        // IP, also from this node, must reach it; kube-proxy programs no rule for such an IP.
+        .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|ingress| ingress.ip.as_deref())
         .collect();
     let ingress_ips = parse_ips(&ingress_ips, "loadBalancer ingress IP")
