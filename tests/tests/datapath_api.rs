@@ -244,6 +244,21 @@ fn the_frontend_filter_marks_exactly_the_frontends_destinations() {
     assert!(marked(&pins, &probe).is_empty());
 }
 
+/// Service 1 on `frontend(1)` with one local backend, 10.244.1.10:8080, which it returns.
+fn install_one_local_backend(datapath: &mut Datapath) -> Backend {
+    let backend = Backend {
+        addr: Ipv4Addr::new(10, 244, 1, 10),
+        port: 8080,
+        proto: proto::TCP,
+        flags: lb_common::backend_flags::LOCAL,
+    };
+    datapath.put_backend(1, &backend).expect("backend");
+    datapath
+        .put_service(&service(1, vec![frontend(1)], vec![1]))
+        .expect("service");
+    backend
+}
+
 /// CLOCK_MONOTONIC as the test reads it (clock_gettime), independent of the datapath's clock.
 fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {
@@ -270,16 +285,7 @@ fn the_programs_clock_is_calibrated_at_load_and_stamps_flows_with_monotonic_time
         "{clock:?}"
     );
 
-    let backend = Backend {
-        addr: Ipv4Addr::new(10, 244, 1, 10),
-        port: 8080,
-        proto: proto::TCP,
-        flags: lb_common::backend_flags::LOCAL,
-    };
-    datapath.put_backend(1, &backend).expect("backend");
-    datapath
-        .put_service(&service(1, vec![frontend(1)], vec![1]))
-        .expect("service");
+    install_one_local_backend(&mut datapath);
     let xdp = datapath
         .program_fd(lb_common::program_names::XDP_LB)
         .expect("xdp");
@@ -319,16 +325,7 @@ fn answers_of_a_flow_whose_backend_left_the_maps_are_translated_also_after_a_rel
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "befilt").expect("pins");
     let mut datapath = Datapath::load(pins.path()).expect("load");
-    let backend = Backend {
-        addr: Ipv4Addr::new(10, 244, 1, 10),
-        port: 8080,
-        proto: proto::TCP,
-        flags: lb_common::backend_flags::LOCAL,
-    };
-    datapath.put_backend(1, &backend).expect("backend");
-    datapath
-        .put_service(&service(1, vec![frontend(1)], vec![1]))
-        .expect("service");
+    let backend = install_one_local_backend(&mut datapath);
     let client = "192.0.2.7:40000".parse().expect("client");
     let frontend = std::net::SocketAddrV4::new(frontend(1).addr, 80);
     let endpoint = std::net::SocketAddrV4::new(backend.addr, backend.port);

@@ -515,6 +515,14 @@ fn freeze(pins: &PinDir, map: &str) {
     assert_eq!(rc, 0, "BPF_MAP_FREEZE: {}", std::io::Error::last_os_error());
 }
 
+fn cleanup_failures(report: &lb_userspace::reconcile::ReconcileReport) -> Vec<String> {
+    report
+        .cleanup_failures
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
 #[test]
 fn failed_cleanup_is_reported_and_tried_again_while_the_service_is_programmed() {
     let lab = Lab::new().expect("lab");
@@ -572,13 +580,8 @@ fn failed_cleanup_is_reported_and_tried_again_while_the_service_is_programmed() 
         "the service is programmed: {report:?}"
     );
     assert_eq!(report.backends_removed, 0, "{report:?}");
-    let failures: Vec<String> = report
-        .cleanup_failures
-        .iter()
-        .map(ToString::to_string)
-        .collect();
     assert_eq!(
-        failures,
+        cleanup_failures(&report),
         [
             format!(
                 "map {}: release a client of service {service_id}",
@@ -596,13 +599,8 @@ fn failed_cleanup_is_reported_and_tried_again_while_the_service_is_programmed() 
 
     // The unused backend is tried again on the next run (and fails again: the map stays frozen).
     let again = reconciler.reconcile(&mut datapath, &with_affinity(&[10]));
-    let failures: Vec<String> = again
-        .cleanup_failures
-        .iter()
-        .map(ToString::to_string)
-        .collect();
     assert_eq!(
-        failures,
+        cleanup_failures(&again),
         [format!(
             "map {}: remove backend {leaving}",
             lb_common::map_names::BACKENDS4
