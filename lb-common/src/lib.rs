@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod icmp;
+pub mod ipv6;
 
 /// Map names as the kernel sees them. Versioned (`_v1`) so an incompatible layout change gets a new
 /// pinned map instead of misreading an old one, and at most 15 characters because the kernel keeps
