@@ -128,6 +128,8 @@ impl AgentConfig {
             fallback_addresses: self.node_addresses.clone(),
             node_port_range: self.node_port_range.clone(),
             default_maglev: self.default_maglev,
+            // From the Node, at every compile.
+            zone: None,
         }
     }
 }

@@ -153,6 +153,30 @@ const READY: &str = "{ready: true}";
 const NODE1: &str = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node1\nstatus:\n  addresses:\n  - {type: InternalIP, address: 203.0.113.1}\n  - {type: ExternalIP, address: 198.18.0.1}\n  - {type: InternalIP, address: \"fd00::1\"}\n  - {type: Hostname, address: node1}\n";
 const NODE2: &str = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node2\nstatus:\n  addresses:\n  - {type: InternalIP, address: 203.0.113.2}\n";
 
+/// NODE1 in zone-a.
+fn node1_in_zone_a() -> String {
+    NODE1.replace(
+        "  name: node1\n",
+        "  name: node1\n  labels: {topology.kubernetes.io/zone: zone-a}\n",
+    )
+}
+
+/// The web EndpointSlice with (address, node, hints) endpoints, ready, port http 8080; hints as
+/// the YAML flow mapping of `hints:`, or "" for none.
+fn hinted_slice(endpoints: &[(&str, &str, &str)]) -> String {
+    let mut yaml = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nendpoints:\n".to_owned();
+    for (address, node, hints) in endpoints {
+        yaml.push_str(&format!(
+            "- addresses: [\"{address}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n"
+        ));
+        if !hints.is_empty() {
+            yaml.push_str(&format!("  hints: {hints}\n"));
+        }
+    }
+    yaml.push_str("ports:\n- {name: http, port: 8080, protocol: TCP}\n");
+    yaml
+}
+
 fn web_slice() -> String {
     slice(
         "web-1",
@@ -416,6 +440,86 @@ fn rows() -> Vec<Row> {
                 + &web_slice(),
             expected: &[
                 "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
+                "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "zone hints on every endpoint, some for this node's zone: those endpoints",
+            yaml: node1_in_zone_a()
+                + &service("web", cluster_ip)
+                + &hinted_slice(&[
+                    ("10.244.1.10", "node1", "{forZones: [{name: zone-a}]}"),
+                    ("10.244.2.10", "node2", "{forZones: [{name: zone-b}]}"),
+                    ("10.244.3.10", "node3", "{forZones: [{name: zone-a}, {name: zone-c}]}"),
+                ]),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.3.10:8080] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "zone hints missing on one endpoint: every endpoint",
+            yaml: node1_in_zone_a()
+                + &service("web", cluster_ip)
+                + &hinted_slice(&[
+                    ("10.244.1.10", "node1", "{forZones: [{name: zone-a}]}"),
+                    ("10.244.2.10", "node2", ""),
+                ]),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "zone hints for other zones only, or a node without a zone: every endpoint",
+            yaml: node1_in_zone_a()
+                + &service("web", cluster_ip)
+                + &hinted_slice(&[
+                    ("10.244.1.10", "node1", "{forZones: [{name: zone-b}]}"),
+                    ("10.244.2.10", "node2", "{forZones: [{name: zone-c}]}"),
+                ])
+                + &service("api", "  clusterIP: 10.96.0.11\n  ports:\n  - {name: http, port: 80}\n")
+                + &hinted_slice(&[("10.244.1.11", "node1", "{forZones: [{name: zone-a}]}")])
+                    .replace("name: web-1", "name: api-1")
+                    .replace("service-name: web", "service-name: api"),
+            expected: &[
+                "default/api:http/TCP fe=[10.96.0.11:80 cluster] be=[10.244.1.11:8080 L] affinity=0",
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "node hints on every endpoint, one for this node: that endpoint, before zones",
+            yaml: node1_in_zone_a()
+                + &service("web", cluster_ip)
+                + &hinted_slice(&[
+                    ("10.244.1.10", "node1", "{forNodes: [{name: node1}], forZones: [{name: zone-a}]}"),
+                    ("10.244.2.10", "node2", "{forNodes: [{name: node2}], forZones: [{name: zone-a}]}"),
+                ]),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "hints narrow a Cluster policy only: externalTrafficPolicy Local keeps its local endpoints",
+            yaml: node1_in_zone_a()
+                + &service(
+                    "web",
+                    "  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n",
+                )
+                + &hinted_slice(&[
+                    ("10.244.1.10", "node1", "{forZones: [{name: zone-b}]}"),
+                    ("10.244.2.10", "node2", "{forZones: [{name: zone-a}]}"),
+                ]),
+            expected: &[
+                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[10.244.2.10:8080] affinity=0",
                 "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only",
             ],
             problems: &[],
@@ -1667,4 +1771,34 @@ fn external_ips_outside_the_allowed_cidrs_are_skipped_and_reported() {
         "externalIP 10.0.0.1 is outside --external-ip-cidrs; not served"
     );
     assert!(desired.held.is_empty(), "the rest of the Service is served");
+}
+
+/// The node's zone comes from its Node's label at every compile: a Node moved to another zone
+/// (or one labelled late) changes which hinted endpoints a Cluster policy uses.
+#[test]
+fn a_change_of_the_nodes_zone_reselects_the_hinted_endpoints() {
+    use lb_userspace::compile::Compiler;
+    let slice = hinted_slice(&[
+        ("10.244.1.10", "node1", "{forZones: [{name: zone-a}]}"),
+        ("10.244.2.10", "node2", "{forZones: [{name: zone-b}]}"),
+    ]);
+    let cluster_ip = "  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80}\n";
+    let with_node = |node: &str| node.to_owned() + &service("web", cluster_ip) + &slice;
+    let mut compiler = Compiler::new(node());
+    let mut rendered = |yaml: &str| {
+        compiler.update(&snapshot(yaml, "node1"));
+        render(compiler.desired())
+    };
+    let both = "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0";
+    assert_eq!(rendered(&with_node(NODE1)), [both], "no zone yet");
+    assert_eq!(
+        rendered(&with_node(&node1_in_zone_a())),
+        ["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L] affinity=0"],
+        "zone-a"
+    );
+    assert_eq!(
+        rendered(&with_node(&node1_in_zone_a().replace("zone-a", "zone-b"))),
+        ["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.2.10:8080] affinity=0"],
+        "moved to zone-b"
+    );
 }

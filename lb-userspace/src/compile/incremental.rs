@@ -471,6 +471,11 @@ impl Compiler {
             self.node_addresses = node_addresses;
             self.full = true;
         }
+        let zone = node_zone(snapshot);
+        if zone != self.node.zone {
+            self.node.zone = zone;
+            self.full = true;
+        }
         let mut changed = BTreeSet::new();
         let mut changes = Changes::default();
         if !self.full && !self.update_changed(snapshot, &mut changed, &mut changes) {
@@ -1010,6 +1015,21 @@ fn names(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
         metadata.name.as_deref().unwrap_or_default(),
     )
 }
+
+/// The Node's `topology.kubernetes.io/zone` label.
+fn node_zone(snapshot: &Snapshot) -> Option<String> {
+    snapshot
+        .node
+        .as_ref()?
+        .metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .cloned()
+}
+
+/// The well-known label of a Node's zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 fn snat_address(snapshot: &Snapshot, node: &NodeContext) -> Option<Ipv4Addr> {
     snapshot

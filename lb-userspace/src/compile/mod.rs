@@ -12,6 +12,11 @@
 //!   LOCAL when their nodeName is this node, or, without a nodeName, when the node's routes put
 //!   their address on this node ([`model::NodeContext::routed_local`]);
 //! - ready endpoints; when none is ready, the serving and terminating ones (KEP-1669);
+//! - for a Cluster traffic policy, the endpoints' topology hints (trafficDistribution and the
+//!   topology-mode annotation): the endpoints hinted for this node when every ready endpoint
+//!   has node hints and one is for this node, else those hinted for this node's zone (its
+//!   Node's `topology.kubernetes.io/zone`) when every ready endpoint has zone hints and one is
+//!   for that zone, else all;
 //! - headless and ExternalName Services ignored; IPv6 addresses reported as not yet supported;
 //! - sessionAffinity ClientIP with its timeout (default 10800 s);
 //! - externalIPs only inside `--external-ip-cidrs` when it is given (the others skipped with a

@@ -298,7 +298,10 @@ pub(super) fn compile_service(
                 )),
             }
         }
-        let backends = endpoints.backends(&port_name, protocol, node);
+        let PortBackends {
+            all: backends,
+            cluster,
+        } = endpoints.backends(&port_name, protocol, node);
         if backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
             return Err(invalid(
                 "TooManyEndpoints",
@@ -317,7 +320,7 @@ pub(super) fn compile_service(
                     .copied()
                     .collect()
             } else {
-                backends.clone()
+                cluster.clone()
             };
             let source_ranges = if flags & service_flags::SOURCE_RANGES != 0 {
                 policy.source_ranges.clone().unwrap_or_default()
@@ -608,6 +611,10 @@ struct SliceEndpoint {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// `hints.forZones` names.
+    zone_hints: Vec<String>,
+    /// `hints.forNodes` names.
+    node_hints: Vec<String>,
 }
 
 impl SliceEndpoint {
@@ -693,27 +700,33 @@ impl ServiceEndpoints {
             .map(|endpoint| endpoint.addr)
     }
 
-    /// The backends new flows of one Service port select from.
-    fn backends(&self, port_name: &str, protocol: u8, node: &NodeContext) -> BTreeSet<Backend> {
+    /// The backends new flows of one Service port select from: all of them (a Local traffic
+    /// policy takes the local ones), and those a Cluster policy uses, which the endpoints'
+    /// topology hints narrow (see [`Topology`]).
+    fn backends(&self, port_name: &str, protocol: u8, node: &NodeContext) -> PortBackends {
         let candidates: Vec<&SliceEndpoint> = self
             .endpoints
             .iter()
             .filter(|endpoint| endpoint.port_name == port_name && endpoint.proto == protocol)
             .collect();
-        let ready: Vec<&&SliceEndpoint> = candidates
+        let ready: Vec<&SliceEndpoint> = candidates
             .iter()
+            .copied()
             .filter(|endpoint| endpoint.ready)
             .collect();
+        let topology = Topology::of(&ready, node);
         // KEP-1669: with no ready endpoint, fall back to those still serving while terminating.
-        let chosen: Vec<&&SliceEndpoint> = if ready.is_empty() {
+        let chosen: Vec<&SliceEndpoint> = if ready.is_empty() {
             candidates
                 .iter()
+                .copied()
                 .filter(|endpoint| endpoint.serving && endpoint.terminating)
                 .collect()
         } else {
             ready
         };
         let mut by_address: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
+        let mut for_cluster: BTreeSet<(Ipv4Addr, u16)> = BTreeSet::new();
         for endpoint in chosen {
             let mut flags = 0;
             if endpoint.is_on(node) {
@@ -721,6 +734,9 @@ impl ServiceEndpoints {
             }
             if endpoint.terminating {
                 flags |= backend_flags::TERMINATING;
+            }
+            if topology.admits(endpoint, node) {
+                for_cluster.insert((endpoint.addr, endpoint.port));
             }
             // The same endpoint in two slices (during a slice rebalance) counts once, with flags
             // that do not depend on the order of the slices.
@@ -734,7 +750,66 @@ impl ServiceEndpoints {
                     flags,
                 });
         }
-        by_address.into_values().collect()
+        PortBackends {
+            cluster: for_cluster
+                .iter()
+                .filter_map(|address| by_address.get(address).copied())
+                .collect(),
+            all: by_address.into_values().collect(),
+        }
+    }
+}
+
+/// The backends of one Service port.
+struct PortBackends {
+    all: BTreeSet<Backend>,
+    /// Those a Cluster traffic policy selects from.
+    cluster: BTreeSet<Backend>,
+}
+
+/// Which endpoints a Cluster traffic policy uses, from the hints the EndpointSlice controller
+/// gives them (for trafficDistribution PreferSameNode, PreferSameZone or PreferClose, and the
+/// topology-mode annotation), as kube-proxy reads them: when every ready endpoint has node
+/// hints and one is hinted for this node, the endpoints hinted for this node; else, when every
+/// ready endpoint has zone hints and one is hinted for this node's zone, the endpoints hinted
+/// for that zone; else all of them.
+enum Topology {
+    Any,
+    SameNode,
+    SameZone,
+}
+
+impl Topology {
+    fn of(ready: &[&SliceEndpoint], node: &NodeContext) -> Self {
+        let hinted = |has: fn(&SliceEndpoint) -> bool, matches: &dyn Fn(&SliceEndpoint) -> bool| {
+            !ready.is_empty()
+                && ready.iter().all(|endpoint| has(endpoint))
+                && ready.iter().any(|endpoint| matches(endpoint))
+        };
+        if hinted(|endpoint| !endpoint.node_hints.is_empty(), &|endpoint| {
+            endpoint.node_hints.contains(&node.node_name)
+        }) {
+            return Self::SameNode;
+        }
+        if let Some(zone) = &node.zone
+            && hinted(|endpoint| !endpoint.zone_hints.is_empty(), &|endpoint| {
+                endpoint.zone_hints.contains(zone)
+            })
+        {
+            return Self::SameZone;
+        }
+        Self::Any
+    }
+
+    fn admits(&self, endpoint: &SliceEndpoint, node: &NodeContext) -> bool {
+        match self {
+            Self::Any => true,
+            Self::SameNode => endpoint.node_hints.contains(&node.node_name),
+            Self::SameZone => node
+                .zone
+                .as_ref()
+                .is_some_and(|zone| endpoint.zone_hints.contains(zone)),
+        }
     }
 }
 
@@ -771,5 +846,17 @@ fn slice_endpoint(
         ready,
         serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        zone_hints: endpoint
+            .hints
+            .iter()
+            .flat_map(|hints| hints.for_zones.iter().flatten())
+            .map(|zone| zone.name.clone())
+            .collect(),
+        node_hints: endpoint
+            .hints
+            .iter()
+            .flat_map(|hints| hints.for_nodes.iter().flatten())
+            .map(|node| node.name.clone())
+            .collect(),
     })
 }
