@@ -467,3 +467,74 @@ fn an_established_connection_stops_when_its_source_range_goes() {
         "dropped and counted"
     );
 }
+
+/// trafficDistribution PreferClose: the EndpointSlice controller gives each endpoint a zone hint,
+/// and a client on a node of zone-a reaches the endpoints hinted for zone-a only (here node2's
+/// pod, although node1 has one too); once the Node has no zone label, every endpoint.
+#[test]
+fn topology_hints_keep_cluster_ip_traffic_in_the_nodes_zone() {
+    let mut lab = AgentLab::new().expect("lab");
+    lab.start_agent(&[]).expect("agent");
+    let node = |labels: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n{labels}status:\n  addresses:\n  - {{type: InternalIP, address: {}}}\n",
+            node_addr(1)
+        )
+    };
+    let hinted = endpoint_slice(
+        "web",
+        &[(pod_addr(1, 0), "node1"), (pod_addr(2, 0), "node2")],
+    )
+    .replacen(
+        "conditions: {ready: true}\n",
+        "conditions: {ready: true}\n  hints: {forZones: [{name: zone-b}]}\n",
+        1,
+    );
+    // The second endpoint's hint (the first replacement took the first endpoint).
+    let hinted = {
+        let last = hinted
+            .rfind("conditions: {ready: true}\n")
+            .expect("two endpoints");
+        let end = last + "conditions: {ready: true}\n".len();
+        format!(
+            "{}  hints: {{forZones: [{{name: zone-a}}]}}\n{}",
+            &hinted[..end],
+            &hinted[end..]
+        )
+    };
+    let service = node_port_service(
+        "web",
+        "10.96.0.10",
+        30080,
+        "  trafficDistribution: PreferClose\n",
+    );
+    let manifest = |node: String| node + "---\n" + &service + "---\n" + &hinted;
+    let reached = |lab: &AgentLab| {
+        let run = ClientRun::tcp("10.96.0.10:80", 30)
+            .run(lab.client_pod(), Some(&lab.cgroup))
+            .expect("client");
+        run.assert_all_ok("ClusterIP with zone hints");
+        run.by_server
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+
+    lab.apply(
+        "web.yaml",
+        &manifest(node("  labels: {topology.kubernetes.io/zone: zone-a}\n")),
+    )
+    .expect("apply");
+    assert_eq!(
+        reached(&lab),
+        ["n2p0".to_owned()].into(),
+        "zone-a's endpoint only"
+    );
+
+    lab.apply("web.yaml", &manifest(node(""))).expect("apply");
+    assert_eq!(
+        reached(&lab),
+        ["n1p0".to_owned(), "n2p0".to_owned()].into(),
+        "a node without a zone: every endpoint"
+    );
+}
