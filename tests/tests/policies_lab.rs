@@ -538,3 +538,43 @@ fn topology_hints_keep_cluster_ip_traffic_in_the_nodes_zone() {
         "a node without a zone: every endpoint"
     );
 }
+
+/// A LoadBalancer ingress IP in ipMode Proxy belongs to a load balancer that proxies to the
+/// nodes (KEP-1860): the node does not serve it, so a client that routes it to the node gets
+/// nothing there, while the VIP one is served and the NodePort the proxy uses works.
+#[test]
+fn an_ingress_ip_in_ip_mode_proxy_is_left_to_the_load_balancer() {
+    let mut lab = AgentLab::new().expect("lab");
+    lab.cluster
+        .client
+        .route(&["198.51.100.0/24", "via", &node_addr(1).to_string()])
+        .expect("route");
+    lab.start_agent(&[]).expect("agent");
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.20, ipMode: VIP}, {ip: 198.51.100.21, ipMode: Proxy}]\n";
+    lab.apply(
+        "web.yaml",
+        &(service.to_owned() + "---\n" + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+    )
+    .expect("apply");
+
+    ClientRun::tcp("198.51.100.20:80", 10)
+        .run(&lab.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("the VIP ingress IP");
+    let proxied = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp("198.51.100.21:80", 2)
+    }
+    .run(&lab.cluster.client, None)
+    .expect("client");
+    assert_eq!(proxied.errors, 2, "{proxied:?}");
+    ClientRun::tcp(&format!("{}:30080", node_addr(1)), 10)
+        .run(&lab.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("the NodePort the load balancer proxies to");
+
+    let services = lab::agent::lb_json(lab.pin_dir(), &["services"]).expect("lb services");
+    let frontends = services.to_string();
+    assert!(frontends.contains("198.51.100.20:80"), "{services:#}");
+    assert!(!frontends.contains("198.51.100.21"), "{services:#}");
+}
