@@ -443,6 +443,11 @@ const _: () = assert!(size_of::<Frontend4Key>() == 8);
 pub mod scope {
     /// The entry serves every client.
     pub const ANY: u8 = 0;
+    /// The entry serves the socket hooks only, the pods and processes of this node: their
+    /// connections to an externalTrafficPolicy Local Service's NodePort, externalIP or
+    /// LoadBalancer IP go to the Service's cluster-wide (internal policy) backends, as kube-proxy
+    /// short-circuits them, since there is no client address to preserve. XDP reads ANY only.
+    pub const NODE_CLIENTS: u8 = 1;
 }
 
 /// Value of the frontends map: which service, and the backend table to select from.
@@ -476,8 +481,11 @@ pub mod service_flags {
     pub const NODE_PORT: u32 = 1 << 1;
     pub const EXTERNAL_IP: u32 = 1 << 2;
     pub const LOAD_BALANCER: u32 = 1 << 3;
+    /// With one of the kinds above: the frontend's entry for this node's own clients
+    /// ([`crate::scope::NODE_CLIENTS`]).
+    pub const FOR_NODE_CLIENTS: u32 = 1 << 4;
     /// The frontend kinds above, for masking.
-    pub const KINDS: u32 = CLUSTER_IP | NODE_PORT | EXTERNAL_IP | LOAD_BALANCER;
+    pub const KINDS: u32 = CLUSTER_IP | NODE_PORT | EXTERNAL_IP | LOAD_BALANCER | FOR_NODE_CLIENTS;
     /// The table holds node-local backends only (a Local traffic policy): an empty table drops
     /// (`drop_no_local_backend`, as kube-proxy does) instead of rejecting, and the client
     /// address is always preserved.
@@ -488,6 +496,9 @@ pub mod service_flags {
     /// at random, so every node sends a flow to the same backend and a backend change moves few
     /// flows. The socket hooks keep choosing at random (no source port yet at connect time).
     pub const MAGLEV: u32 = 1 << 10;
+    /// This node's clients (the socket hooks) have an entry of their own for this frontend
+    /// ([`crate::scope::NODE_CLIENTS`]), which they look up instead.
+    pub const NODE_CLIENTS_ENTRY: u32 = 1 << 11;
 }
 
 /// How long flows live without traffic, in nanoseconds; 0 stands for the default of

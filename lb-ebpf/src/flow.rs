@@ -84,6 +84,25 @@ pub fn lookup_frontend(tuple: &Tuple) -> Option<&'static ServiceValue> {
     unsafe { FRONTENDS4.get(&key) }
 }
 
+/// The entry the socket hooks use for this packet's frontend: its entry for this node's own
+/// clients when it has one (`scope::NODE_CLIENTS`: an externalTrafficPolicy Local Service's
+/// external frontend, short-circuited to the internal policy), else the frontend's.
+#[inline(always)]
+pub fn lookup_frontend_for_node_client(tuple: &Tuple) -> Option<&'static ServiceValue> {
+    let service = lookup_frontend(tuple)?;
+    if service.flags & service_flags::NODE_CLIENTS_ENTRY == 0 {
+        return Some(service);
+    }
+    let key = Frontend4Key {
+        addr: tuple.daddr.to_be(),
+        port: tuple.dport.to_be(),
+        proto: tuple.proto,
+        scope: scope::NODE_CLIENTS,
+    };
+    // SAFETY: as in lookup_frontend.
+    Some(unsafe { FRONTENDS4.get(&key) }.unwrap_or(service))
+}
+
 /// Whether the client is inside one of the service's loadBalancerSourceRanges.
 #[inline(always)]
 pub fn source_allowed(service_id: u32, client: u32) -> bool {

@@ -19,7 +19,9 @@ use lb_common::{
 };
 
 use crate::{
-    flow::{SOCKET_CLIENT, Tuple, lookup_frontend, select_for_client, source_allowed},
+    flow::{
+        SOCKET_CLIENT, Tuple, lookup_frontend_for_node_client, select_for_client, source_allowed,
+    },
     helpers::{netns_cookie, now_ns, set_syscall_error, socket_cookie},
     maps::{SOCK_NAT4, SOCK_STATE4, count_event, count_service, dry_run},
 };
@@ -72,7 +74,7 @@ fn redirect_to_backend(ctx: &SockAddrContext) -> i32 {
         seq: 0,
         seq_end: 0,
     };
-    let Some(service) = lookup_frontend(&tuple) else {
+    let Some(service) = lookup_frontend_for_node_client(&tuple) else {
         return ALLOW;
     };
     let client = netns_cookie(ctx);

@@ -50,12 +50,19 @@ fn render(desired: &Desired) -> Vec<String> {
         .services
         .iter()
         .map(|(key, service)| {
-            let kinds = |kind: u32| match kind {
-                1 => "cluster",
-                2 => "nodeport",
-                4 => "external",
-                8 => "lb",
-                _ => "?",
+            let kinds = |kind: u32| {
+                let base = match kind & !lb_common::service_flags::FOR_NODE_CLIENTS {
+                    1 => "cluster",
+                    2 => "nodeport",
+                    4 => "external",
+                    8 => "lb",
+                    _ => "?",
+                };
+                if kind & lb_common::service_flags::FOR_NODE_CLIENTS != 0 {
+                    format!("{base}(node-clients)")
+                } else {
+                    base.to_owned()
+                }
             };
             let frontends: Vec<String> = service
                 .frontends
@@ -431,7 +438,7 @@ fn rows() -> Vec<Row> {
             held: &[],
         },
         Row {
-            name: "externalTrafficPolicy Local: external frontends get node-local endpoints only",
+            name: "externalTrafficPolicy Local: external frontends get node-local endpoints only, and this node's own clients the cluster-wide ones (kube-proxy's short-circuit)",
             yaml: NODE1.to_owned()
                 + &service(
                     "web",
@@ -439,7 +446,7 @@ fn rows() -> Vec<Row> {
                 )
                 + &web_slice(),
             expected: &[
-                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
+                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport(node-clients), 203.0.113.1:30080 nodeport(node-clients)] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
                 "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only",
             ],
             problems: &[],
@@ -519,7 +526,7 @@ fn rows() -> Vec<Row> {
                     ("10.244.2.10", "node2", "{forZones: [{name: zone-a}]}"),
                 ]),
             expected: &[
-                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[10.244.2.10:8080] affinity=0",
+                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport(node-clients), 203.0.113.1:30080 nodeport(node-clients)] be=[10.244.2.10:8080] affinity=0",
                 "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only",
             ],
             problems: &[],

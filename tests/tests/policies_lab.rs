@@ -1,6 +1,6 @@
 //! Service policies with the real agent and real TCP/UDP traffic in the lab: NodePort to an
-//! endpoint on another node (externalTrafficPolicy Cluster: SNAT; Local: dropped, then the client
-//! address preserved), a service without endpoints refusing at once, loadBalancerSourceRanges,
+//! endpoint on another node (externalTrafficPolicy Cluster: SNAT; Local: dropped, but served to
+//! the node's own pods, then the client address preserved), a service without endpoints refusing at once, loadBalancerSourceRanges,
 //! session affinity, and a rolling replacement of endpoints under load.
 
 use std::{
@@ -72,6 +72,13 @@ fn node_port_to_a_remote_endpoint_snat_under_cluster_drop_under_local() {
         events(&lab)["drop_no_local_backend"] > before,
         "drops are counted"
     );
+    // A pod of node1 has no client address to preserve: it reaches the Service's cluster-wide
+    // endpoints through the same NodePort (kube-proxy's short-circuit), node2's pod here.
+    let from_pod = ClientRun::tcp(&node_port, 20)
+        .run(lab.client_pod(), Some(&lab.cgroup))
+        .expect("client");
+    from_pod.assert_all_ok("Local policy, from a pod of this node");
+    assert_eq!(from_pod.servers(), ["n2p0"].into());
 
     // Local with a local endpoint: served, and the server sees the real client address.
     let both = endpoint_slice(

@@ -23,11 +23,17 @@ use crate::source::Snapshot;
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// A frontend as the datapath keys it: (address, port, protocol).
-type FrontendId = (Ipv4Addr, u16, u8);
+/// A frontend as the datapath keys it: (address, port, protocol, scope). A frontend's entry
+/// for this node's clients is a claim of its own, settled like the frontend's.
+type FrontendId = (Ipv4Addr, u16, u8, u8);
 
 fn frontend_id(frontend: &Frontend) -> FrontendId {
-    (frontend.addr, frontend.port, frontend.proto)
+    (
+        frontend.addr,
+        frontend.port,
+        frontend.proto,
+        frontend.key().scope,
+    )
 }
 
 /// One Service port's claim on a frontend. When several Service ports claim one, the least claim

@@ -172,7 +172,11 @@ impl Frontend {
             addr: u32::from(self.addr).to_be(),
             port: self.port.to_be(),
             proto: self.proto,
-            scope: lb_common::scope::ANY,
+            scope: if self.kind & lb_common::service_flags::FOR_NODE_CLIENTS != 0 {
+                lb_common::scope::NODE_CLIENTS
+            } else {
+                lb_common::scope::ANY
+            },
         }
     }
 }

@@ -411,17 +411,21 @@ impl Policy {
             } else {
                 service_flags::LOAD_BALANCER
             };
+        let external = of_kind(external_kinds);
+        let mut internal = of_kind(service_flags::CLUSTER_IP);
+        let mut external_flags = local(self.external_local);
+        if self.external_local {
+            // kube-proxy's short-circuit: this node's pods and processes have no client address
+            // to preserve, so they reach the external frontends through the internal policy.
+            internal.extend(external.iter().map(|frontend| Frontend {
+                kind: frontend.kind | service_flags::FOR_NODE_CLIENTS,
+                ..*frontend
+            }));
+            external_flags |= service_flags::NODE_CLIENTS_ENTRY;
+        }
         let mut groups = vec![
-            (
-                Scope::Internal,
-                of_kind(service_flags::CLUSTER_IP),
-                local(self.internal_local),
-            ),
-            (
-                Scope::External,
-                of_kind(external_kinds),
-                local(self.external_local),
-            ),
+            (Scope::Internal, internal, local(self.internal_local)),
+            (Scope::External, external, external_flags),
         ];
         if ranged {
             groups.push((

@@ -91,6 +91,21 @@ pub fn explain(
         chosen => chosen,
     };
     if path == Hook::Socket {
+        let service = match service {
+            Some(value) if value.flags & service_flags::NODE_CLIENTS_ENTRY != 0 => {
+                let own = frontend_in(&maps, destination, protocol, scope::NODE_CLIENTS)?;
+                if own.is_some() {
+                    reasons.push(
+                        "an externalTrafficPolicy Local frontend: this node's clients reach the \
+                         Service's internal-policy backends (kube-proxy's short-circuit)"
+                            .into(),
+                    );
+                }
+                own.or(Some(value))
+            }
+            other => other,
+        };
+        let summary = service.map(|value| summarize(&value));
         let verdict = explain_socket(
             &maps,
             client,
@@ -423,14 +438,22 @@ fn frontend(
     destination: SocketAddrV4,
     protocol: u8,
 ) -> anyhow::Result<Option<ServiceValue>> {
-    let map = &maps.frontends;
+    frontend_in(maps, destination, protocol, scope::ANY)
+}
+
+fn frontend_in(
+    maps: &Maps,
+    destination: SocketAddrV4,
+    protocol: u8,
+    scope: u8,
+) -> anyhow::Result<Option<ServiceValue>> {
     let key = Frontend4Key {
         addr: u32::from(*destination.ip()).to_be(),
         port: destination.port().to_be(),
         proto: protocol,
-        scope: scope::ANY,
+        scope,
     };
-    Ok(map.get(&key, 0).ok())
+    Ok(maps.frontends.get(&key, 0).ok())
 }
 
 fn source_allowed(maps: &Maps, service_id: u32, client: Ipv4Addr) -> anyhow::Result<bool> {

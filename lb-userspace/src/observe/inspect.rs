@@ -415,8 +415,13 @@ fn describe_frontend(key: &Frontend4Key, flags: u32) -> String {
     .filter(|(bit, _)| flags & bit != 0)
     .map(|(_, kind)| kind)
     .collect();
+    let for_whom = if key.scope == lb_common::scope::NODE_CLIENTS {
+        " (this node's clients)"
+    } else {
+        ""
+    };
     format!(
-        "{}:{}/{} {}",
+        "{}:{}/{} {}{for_whom}",
         Ipv4Addr::from(u32::from_be(key.addr)),
         u16::from_be(key.port),
         protocol_name(key.proto),
