@@ -119,6 +119,11 @@ struct InspectArgs {
 /// Flags named like kube-proxy's where kube-proxy has one.
 #[derive(Args)]
 struct RunArgs {
+    /// A kube-proxy configuration file (KubeProxyConfiguration, kubeproxy.config.k8s.io/
+    /// v1alpha1): the fields lb has a setting for set it, unless a flag or `LB_` variable does;
+    /// the fields it ignores are logged.
+    #[arg(long, env = "LB_CONFIG")]
+    config: Option<PathBuf>,
     /// This node's name, as in the Node object and the endpoints' nodeName [default: $NODE_NAME,
     /// else the hostname].
     #[arg(long, env = "LB_HOSTNAME_OVERRIDE")]
@@ -334,11 +339,14 @@ fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
 
 fn main() -> std::process::ExitCode {
     unset_empty_settings();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+        .unwrap_or_else(|error| error.exit());
     if !matches!(cli.command, Command::Run(_)) {
         die_quietly_on_closed_stdout();
     }
-    match dispatch(cli.command) {
+    let given = Given(matches.subcommand_matches("run").cloned());
+    match dispatch(cli.command, &given) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // One line: the error and its causes, outermost first.
@@ -356,9 +364,9 @@ fn die_quietly_on_closed_stdout() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
-fn dispatch(command: Command) -> anyhow::Result<()> {
+fn dispatch(command: Command, given: &Given) -> anyhow::Result<()> {
     match command {
-        Command::Run(args) => run(*args),
+        Command::Run(args) => run(*args, given),
         Command::Explain {
             source,
             destination,
@@ -427,11 +435,98 @@ fn unset_empty_settings() {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Which of `lb run`'s settings the command line or the environment gave.
+struct Given(Option<clap::ArgMatches>);
+
+impl Given {
+    /// Whether `id` (a field of [`RunArgs`]) was given as a flag or an `LB_` variable, rather
+    /// than left at its default.
+    fn set(&self, id: &str) -> bool {
+        self.0.as_ref().is_some_and(|matches| {
+            matches!(
+                matches.value_source(id),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            )
+        })
+    }
+}
+
+/// Applies a kube-proxy configuration file to the settings no flag or `LB_` variable gave, and
+/// logs what it set and what it ignored.
+fn apply_kube_proxy_config(args: &mut RunArgs, given: &Given) -> anyhow::Result<()> {
+    let Some(path) = &args.config else {
+        return Ok(());
+    };
+    let config = lb_userspace::kube_proxy_config::read(path)?;
+    let mut applied = Vec::new();
+    let mut take = |id: &'static str, value: &Option<String>| -> Option<String> {
+        let value = value.clone().filter(|_| !given.set(id))?;
+        applied.push(format!("{id}={value}"));
+        Some(value)
+    };
+    let invalid =
+        |field: &str, error: String| anyhow::anyhow!("{}: {field}: {error}", path.display());
+    if let Some(value) = take("hostname_override", &config.hostname_override) {
+        args.hostname_override = Some(value);
+    }
+    if let Some(value) = take("healthz_bind_address", &config.healthz_bind_address) {
+        args.healthz_bind_address = value;
+    }
+    if let Some(value) = take("metrics_bind_address", &config.metrics_bind_address) {
+        args.metrics_bind_address = value;
+    }
+    if let Some(value) = take("nodeport_addresses", &config.nodeport_addresses) {
+        args.nodeport_addresses = value
+            .split(',')
+            .map(|cidr| {
+                cidr.parse()
+                    .map_err(|error: String| invalid("nodePortAddresses", error))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(value) = take("kubeconfig", &config.kubeconfig) {
+        args.kubeconfig = Some(PathBuf::from(value));
+    }
+    let durations = [
+        (
+            "conntrack_tcp_timeout_established",
+            &config.conntrack_tcp_timeout_established,
+            "conntrack.tcpEstablishedTimeout",
+            &mut args.conntrack_tcp_timeout_established,
+        ),
+        (
+            "conntrack_tcp_timeout_closing",
+            &config.conntrack_tcp_timeout_closing,
+            "conntrack.tcpCloseWaitTimeout",
+            &mut args.conntrack_tcp_timeout_closing,
+        ),
+        (
+            "conntrack_udp_timeout",
+            &config.conntrack_udp_timeout,
+            "conntrack.udpTimeout",
+            &mut args.conntrack_udp_timeout,
+        ),
+    ];
+    for (id, value, field, setting) in durations {
+        if let Some(value) = take(id, value) {
+            *setting = parse_duration(&value).map_err(|error| invalid(field, error))?;
+        }
+    }
+    tracing::info!(file = %path.display(), ?applied, "kube-proxy configuration applied");
+    for field in &config.ignored {
+        tracing::warn!(file = %path.display(), field, "kube-proxy configuration field ignored");
+    }
+    Ok(())
+}
+
+fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
     let log_level = lb_userspace::logging::init(args.log_json, &args.log_level)?;
     if args.cleanup {
         return agent::cleanup(&args.pin_dir);
     }
+    apply_kube_proxy_config(&mut args, given)?;
     let node_name = match args
         .hostname_override
         .clone()

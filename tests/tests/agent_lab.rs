@@ -505,3 +505,42 @@ fn on_a_veth_whose_peer_runs_no_napi_the_default_mode_reaches_remote_endpoints()
     run.assert_all_ok("NodePort to node2's pod through a veth without NAPI");
     assert_eq!(run.servers(), ["n2p0"].into());
 }
+
+/// A cluster's kube-proxy ConfigMap serves lb too: `--config` sets what lb has a setting for
+/// (here the UDP and established conntrack timeouts, which reach the datapath's config map),
+/// a flag given as well wins, and the fields lb ignores are logged by name.
+#[test]
+fn a_kube_proxy_configuration_file_sets_the_agents_settings_and_flags_win() {
+    let mut setup = AgentLab::new().expect("lab");
+    let config = setup.scratch_file("kube-proxy.conf");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: ipvs\nconntrack:\n  udpTimeout: 7s\n  tcpEstablishedTimeout: 2h0m0s\n  tcpCloseWaitTimeout: 0s\n",
+    )
+    .expect("config");
+    setup
+        .start_agent(&[
+            "--config",
+            config.to_str().expect("UTF-8 path"),
+            "--conntrack-tcp-timeout-established",
+            "3h",
+        ])
+        .expect("agent");
+    let timeouts = lb_userspace::observe::inspect::PinnedMaps::open(setup.pin_dir())
+        .expect("pins")
+        .conntrack_timeouts();
+    let seconds = |nanos: u64| nanos / 1_000_000_000;
+    assert_eq!(seconds(timeouts.udp), 7, "from the file");
+    assert_eq!(seconds(timeouts.tcp_established), 3 * 3600, "the flag wins");
+    assert_eq!(
+        seconds(timeouts.tcp_closing),
+        10,
+        "0s in the file: lb's default"
+    );
+    let log = std::fs::read_to_string(setup.log()).expect("log");
+    assert!(
+        log.contains("kube-proxy configuration field ignored")
+            && log.contains("mode: lb has one datapath (eBPF)"),
+        "{log}"
+    );
+}
