@@ -71,17 +71,10 @@ pub fn maybe_frontend(tuple: &Tuple) -> bool {
         .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)
 }
 
-/// The frontend this packet is addressed to, if any. Map keys hold network byte order.
+/// The frontend this packet is addressed to, if any.
 #[inline(always)]
 pub fn lookup_frontend(tuple: &Tuple) -> Option<&'static ServiceValue> {
-    let key = Frontend4Key {
-        addr: tuple.daddr.to_be(),
-        port: tuple.dport.to_be(),
-        proto: tuple.proto,
-        scope: scope::ANY,
-    };
-    // SAFETY: the value is only read, and the agent replaces entries whole (a single update).
-    unsafe { FRONTENDS4.get(&key) }
+    frontend_entry(tuple, scope::ANY)
 }
 
 /// The entry the socket hooks use for this packet's frontend: its entry for this node's own
@@ -93,14 +86,21 @@ pub fn lookup_frontend_for_node_client(tuple: &Tuple) -> Option<&'static Service
     if service.flags & service_flags::NODE_CLIENTS_ENTRY == 0 {
         return Some(service);
     }
+    Some(frontend_entry(tuple, scope::NODE_CLIENTS).unwrap_or(service))
+}
+
+/// The frontends map's entry for the packet's destination in `scope`. Map keys hold network
+/// byte order.
+#[inline(always)]
+fn frontend_entry(tuple: &Tuple, scope: u8) -> Option<&'static ServiceValue> {
     let key = Frontend4Key {
         addr: tuple.daddr.to_be(),
         port: tuple.dport.to_be(),
         proto: tuple.proto,
-        scope: scope::NODE_CLIENTS,
+        scope,
     };
-    // SAFETY: as in lookup_frontend.
-    Some(unsafe { FRONTENDS4.get(&key) }.unwrap_or(service))
+    // SAFETY: the value is only read, and the agent replaces entries whole (a single update).
+    unsafe { FRONTENDS4.get(&key) }
 }
 
 /// Whether the client is inside one of the service's loadBalancerSourceRanges.

@@ -240,13 +240,29 @@ pub fn node_port_service(name: &str, cluster_ip: &str, node_port: u16, extra_spe
 
 /// An EndpointSlice for Service `service` with ready endpoints (address, node name).
 pub fn endpoint_slice(service: &str, endpoints: &[(std::net::Ipv4Addr, &str)]) -> String {
+    let unhinted: Vec<_> = endpoints
+        .iter()
+        .map(|&(addr, node)| (addr, node, ""))
+        .collect();
+    hinted_endpoint_slice(service, &unhinted)
+}
+
+/// As [`endpoint_slice`], each endpoint with its `hints:` (a YAML flow mapping, e.g.
+/// `{forZones: [{name: zone-a}]}`; empty for none).
+pub fn hinted_endpoint_slice(
+    service: &str,
+    endpoints: &[(std::net::Ipv4Addr, &str, &str)],
+) -> String {
     let mut yaml = format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports:\n- {{name: http, port: {POD_PORT}, protocol: TCP}}\nendpoints:\n"
     );
-    for (addr, node) in endpoints {
+    for (addr, node, hints) in endpoints {
         yaml.push_str(&format!(
             "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n"
         ));
+        if !hints.is_empty() {
+            yaml.push_str(&format!("  hints: {hints}\n"));
+        }
     }
     yaml
 }

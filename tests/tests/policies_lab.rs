@@ -9,10 +9,18 @@ use std::{
 };
 
 use lab::{
-    agent::{AgentLab, endpoint_slice, node_port_service},
+    agent::{AgentLab, endpoint_slice, hinted_endpoint_slice, node_port_service},
     peer::{ClientReport, ClientRun},
     topology::{CLIENT_ADDR, ClusterSpec, node_addr, pod_addr},
 };
+
+/// A LoadBalancer Service `web` on ClusterIP 10.96.0.10 (port 80 to 8080, nodePort 30080) with
+/// `extra_spec` lines in its spec and `ingress` (a YAML flow list) as its status.
+fn load_balancer_service(extra_spec: &str, ingress: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n{extra_spec}  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\nstatus:\n  loadBalancer:\n    ingress: {ingress}\n"
+    )
+}
 
 fn events(lab: &AgentLab) -> std::collections::BTreeMap<&'static str, u64> {
     lab.events().expect("the agent's pinned event counters")
@@ -213,10 +221,13 @@ fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
             .expect("route");
     }
     lab.start_agent(&[]).expect("agent");
-    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  loadBalancerSourceRanges: [203.0.113.10/32]\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.20}]\n";
+    let service = load_balancer_service(
+        "  loadBalancerSourceRanges: [203.0.113.10/32]\n",
+        "[{ip: 198.51.100.20}]",
+    );
     lab.apply(
         "web.yaml",
-        &(service.to_owned() + "---\n" + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+        &(service + "---\n" + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
     )
     .expect("apply");
     let allowed = ClientRun::tcp("198.51.100.20:80", 20)
@@ -452,9 +463,11 @@ fn an_established_connection_stops_when_its_source_range_goes() {
         .expect("route");
     lab.start_agent(&[]).expect("agent");
     let service = |range: &str| {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  loadBalancerSourceRanges: [{range}]\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 198.51.100.20}}]\n---\n"
-        ) + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])
+        load_balancer_service(
+            &format!("  loadBalancerSourceRanges: [{range}]\n"),
+            "[{ip: 198.51.100.20}]",
+        ) + "---\n"
+            + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])
     };
     lab.apply("web.yaml", &service("203.0.113.10/32"))
         .expect("apply");
@@ -488,27 +501,13 @@ fn topology_hints_keep_cluster_ip_traffic_in_the_nodes_zone() {
             node_addr(1)
         )
     };
-    let hinted = endpoint_slice(
+    let hinted = hinted_endpoint_slice(
         "web",
-        &[(pod_addr(1, 0), "node1"), (pod_addr(2, 0), "node2")],
-    )
-    .replacen(
-        "conditions: {ready: true}\n",
-        "conditions: {ready: true}\n  hints: {forZones: [{name: zone-b}]}\n",
-        1,
+        &[
+            (pod_addr(1, 0), "node1", "{forZones: [{name: zone-b}]}"),
+            (pod_addr(2, 0), "node2", "{forZones: [{name: zone-a}]}"),
+        ],
     );
-    // The second endpoint's hint (the first replacement took the first endpoint).
-    let hinted = {
-        let last = hinted
-            .rfind("conditions: {ready: true}\n")
-            .expect("two endpoints");
-        let end = last + "conditions: {ready: true}\n".len();
-        format!(
-            "{}  hints: {{forZones: [{{name: zone-a}}]}}\n{}",
-            &hinted[..end],
-            &hinted[end..]
-        )
-    };
     let service = node_port_service(
         "web",
         "10.96.0.10",
@@ -557,10 +556,13 @@ fn an_ingress_ip_in_ip_mode_proxy_is_left_to_the_load_balancer() {
         .route(&["198.51.100.0/24", "via", &node_addr(1).to_string()])
         .expect("route");
     lab.start_agent(&[]).expect("agent");
-    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.20, ipMode: VIP}, {ip: 198.51.100.21, ipMode: Proxy}]\n";
+    let service = load_balancer_service(
+        "",
+        "[{ip: 198.51.100.20, ipMode: VIP}, {ip: 198.51.100.21, ipMode: Proxy}]",
+    );
     lab.apply(
         "web.yaml",
-        &(service.to_owned() + "---\n" + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+        &(service + "---\n" + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
     )
     .expect("apply");
 
