@@ -922,6 +922,25 @@ pub mod ct_direction {
     pub const ORIGINAL: u8 = 0;
     /// Backend to client, keyed as the backend sends it (saddr = backend address).
     pub const REPLY: u8 = 1;
+    /// A whole flow in one entry ([`Flow4Value`]), keyed by its client: saddr and sport are the
+    /// client's address and port, daddr and dport are 0. Both directions compute the key: the
+    /// client's packets carry it as their source, a local endpoint's answers as their
+    /// destination.
+    pub const FLOW: u8 = 2;
+}
+
+/// The key of the one-entry flow of `client` (address and port as conntrack keys hold them).
+#[inline(always)]
+pub const fn flow_key(client_addr: u32, client_port: u16, protocol: u8) -> Ct4Key {
+    Ct4Key {
+        saddr: client_addr,
+        daddr: 0,
+        sport: client_port,
+        dport: 0,
+        proto: protocol,
+        direction: ct_direction::FLOW,
+        _pad: [0; 2],
+    }
 }
 
 /// Value of the connection-tracking map.
@@ -964,6 +983,82 @@ pub struct Ct4Value {
 }
 const _: () = assert!(size_of::<Ct4Value>() == 48);
 
+/// A conntrack entry of direction [`ct_direction::FLOW`]: a flow kept in one entry instead of
+/// an ORIGINAL and a REPLY one. It lies in the conntrack map as a [`Ct4Value`] and is one where
+/// an ORIGINAL entry has its fields (asserted below), so the code of the client's side reads
+/// both alike; where REPLY entries keep the client's MACs and NIC, it keeps what the answers
+/// need: the frontend to restore and how far the backend has sent.
+///
+/// Flows to a local endpoint are kept whole here (an answer looks up its destination's key and
+/// checks its source against `backend`). A SNAT flow keeps its client's side here and its REPLY
+/// entry (the SNAT port's claim) as before, marked [`ct_flags::FORWARD_IN_FLOW`]. A flow whose
+/// client key another live flow holds (one client address and port to two frontends) is kept as
+/// an ORIGINAL and a REPLY entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct Flow4Value {
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// The backend the flow goes to (an ORIGINAL entry's `nat_addr`, `nat_port`).
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub state: u8,
+    pub flags: u8,
+    /// With [`ct_flags::SNAT`]: this node's address and port that replace the client's.
+    pub snat_addr: u32,
+    pub snat_port: u16,
+    pub _pad: u16,
+    /// The frontend the client sent to: a client's packet must carry it to be the flow's, and
+    /// the answers get it back as their source.
+    pub frontend_addr: u32,
+    pub frontend_port: u16,
+    pub _pad2: u16,
+    /// TCP: the sequence number after the furthest segment the backend has sent (0 until one).
+    pub backend_seq_next: u32,
+    /// TCP: the same for the client (an ORIGINAL entry's `seq_next`).
+    pub seq_next: u32,
+}
+const _: () = {
+    use core::mem::offset_of;
+    assert!(size_of::<Flow4Value>() == size_of::<Ct4Value>());
+    assert!(align_of::<Flow4Value>() == align_of::<Ct4Value>());
+    assert!(offset_of!(Flow4Value, last_seen_ns) == offset_of!(Ct4Value, last_seen_ns));
+    assert!(offset_of!(Flow4Value, backend_id) == offset_of!(Ct4Value, backend_id));
+    assert!(offset_of!(Flow4Value, service_id) == offset_of!(Ct4Value, service_id));
+    assert!(offset_of!(Flow4Value, backend_addr) == offset_of!(Ct4Value, nat_addr));
+    assert!(offset_of!(Flow4Value, backend_port) == offset_of!(Ct4Value, nat_port));
+    assert!(offset_of!(Flow4Value, state) == offset_of!(Ct4Value, state));
+    assert!(offset_of!(Flow4Value, flags) == offset_of!(Ct4Value, flags));
+    assert!(offset_of!(Flow4Value, snat_addr) == offset_of!(Ct4Value, snat_addr));
+    assert!(offset_of!(Flow4Value, snat_port) == offset_of!(Ct4Value, snat_port));
+    assert!(offset_of!(Flow4Value, seq_next) == offset_of!(Ct4Value, seq_next));
+};
+
+impl Flow4Value {
+    /// The flow entry a conntrack value of direction FLOW is.
+    #[inline(always)]
+    pub fn of(entry: &Ct4Value) -> &Flow4Value {
+        // SAFETY: both types are repr(C) of integers only (every bit pattern valid), with the
+        // same size and alignment (asserted above).
+        unsafe { &*(entry as *const Ct4Value).cast::<Flow4Value>() }
+    }
+
+    /// As [`Flow4Value::of`], to write.
+    #[inline(always)]
+    pub fn of_mut(entry: &mut Ct4Value) -> &mut Flow4Value {
+        // SAFETY: as in `of`.
+        unsafe { &mut *(entry as *mut Ct4Value).cast::<Flow4Value>() }
+    }
+
+    /// The conntrack value that holds this flow entry.
+    #[inline(always)]
+    pub fn into_entry(self) -> Ct4Value {
+        // SAFETY: as in `of`.
+        unsafe { core::mem::transmute::<Flow4Value, Ct4Value>(self) }
+    }
+}
+
 pub mod ct_flags {
     /// The flow goes to a backend on another node through SNAT (externalTrafficPolicy Cluster):
     /// XDP rewrites both directions and forwards them itself.
@@ -984,6 +1079,10 @@ pub mod ct_flags {
     /// ORIGINAL entries: the flow was admitted by its service's loadBalancerSourceRanges, which
     /// its later packets are checked against too (a range removed stops the flow).
     pub const SOURCE_CHECKED: u8 = 1 << 6;
+    /// The client's side of the flow is its FLOW entry (keyed by the client,
+    /// [`super::ct_direction::FLOW`]), not an ORIGINAL one: set on FLOW entries and on the
+    /// REPLY entries of SNAT flows kept that way.
+    pub const CLIENT_IN_FLOW: u8 = 1 << 7;
 }
 
 /// Where a TCP side is in its sequence space, and which RSTs can be its own: a RST ends a

@@ -4,9 +4,9 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
-    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Frontend4Key, ServiceValue, SnatPortProbe,
-    SourceRange4, backend_flags, ct_direction, ct_flags, ct_timeouts, frontend_filter, maglev,
-    proto, scope, service_flags, tcp_seq, tcp_state,
+    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Flow4Value, Frontend4Key, ServiceValue,
+    SnatPortProbe, SourceRange4, backend_flags, ct_direction, ct_flags, ct_timeouts, flow_key,
+    frontend_filter, maglev, proto, scope, service_flags, tcp_seq, tcp_state,
 };
 use lb_ebpf::packet::{Ipv4Info, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ipv4_checksum_ok};
 
@@ -54,10 +54,12 @@ pub struct Destination {
     pub addr: u32,
     pub port: u16,
     pub service_id: u32,
-    /// The source that replaces the client's: this node's SNAT address and port for a backend on
-    /// another node, or the client's own address with another port when its reply tuple would
-    /// clash with another flow's (see [`ct_flags::PORT_REMAP`]).
-    pub source: Option<(u32, u16)>,
+    /// The source the packet leaves with: the client's own, or this node's SNAT address and
+    /// port for a backend on another node, or the client's own address with another port when
+    /// its reply tuple would clash with another flow's (see [`ct_flags::PORT_REMAP`]). Always
+    /// set, never an Option: LLVM reads an Option's unset payload where it merges branches, and
+    /// the verifier refuses a read of an unset register.
+    pub source: (u32, u16),
     /// XDP sends the packet on itself (a backend on another node) instead of to the stack.
     pub forward: bool,
 }
@@ -156,8 +158,8 @@ pub fn destination(
     arrival: &Arrival,
 ) -> Result<Destination, Event> {
     let now = now_ns();
-    if let Some(entry) = live_flow(tuple, now) {
-        if let Some(destination) = follow(ctx, ip, tuple, entry, arrival, now)? {
+    if let Some(flow) = live_flow(tuple, now) {
+        if let Some(destination) = follow(ctx, ip, tuple, flow, arrival, now)? {
             return Ok(destination);
         }
         count_event(Event::CT_FLOW_RESTARTED);
@@ -168,13 +170,58 @@ pub fn destination(
     new_flow(tuple, service, arrival, ip.ttl > 1, now)
 }
 
-/// The ORIGINAL entry of the live flow this packet continues, if any.
+/// Whether a live flow's REPLY entry is a separate one (a SNAT flow's, or a flow kept as two
+/// entries), not part of its FLOW entry.
+#[inline(always)]
+fn has_reply_entry(client_side: &Ct4Value) -> bool {
+    client_side.flags & ct_flags::CLIENT_IN_FLOW == 0 || client_side.flags & ct_flags::SNAT != 0
+}
+
+/// The client's side of the live flow this packet continues, if any: its client's FLOW entry
+/// when that is for this frontend, else its ORIGINAL entry (a flow whose client key another
+/// flow held when it began, or one from before FLOW entries). A TCP SYN without a FLOW entry
+/// starts a new flow without the second lookup.
 #[inline(always)]
 pub fn live_flow(tuple: &Tuple, now: u64) -> Option<*mut Ct4Value> {
+    if let Some(entry) = CONNTRACK4.get_ptr_mut(&client_key(tuple)) {
+        // SAFETY: the entry stays valid for the program's run (RCU); racing writers on other
+        // CPUs can only make last_seen/state slightly stale, which the timeouts tolerate.
+        let flow = unsafe { &*entry };
+        if for_frontend(Flow4Value::of(flow), tuple) {
+            return continues(flow, tuple, now).then_some(entry);
+        }
+    } else if tuple.proto == proto::TCP && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return None;
+    }
     let entry = CONNTRACK4.get_ptr_mut(&original_key(tuple))?;
-    // SAFETY: the entry stays valid for the program's run (RCU); racing writers on other CPUs can
-    // only make last_seen/state slightly stale, which the timeouts tolerate.
+    // SAFETY: as above.
     continues(unsafe { &*entry }, tuple, now).then_some(entry)
+}
+
+/// A copy of the client's side of the flow of a client's packet (its FLOW entry or ORIGINAL
+/// entry, [`LiveFlow`]), live or not.
+#[inline(always)]
+pub fn client_side(tuple: &Tuple) -> Option<Ct4Value> {
+    // SAFETY: read-only copies of entries that stay valid for this run (RCU).
+    if let Some(entry) = unsafe { CONNTRACK4.get(&client_key(tuple)) }
+        && for_frontend(Flow4Value::of(entry), tuple)
+    {
+        return Some(*entry);
+    }
+    // SAFETY: as above.
+    unsafe { CONNTRACK4.get(&original_key(tuple)) }.copied()
+}
+
+/// The key of the FLOW entry of a client's packet.
+#[inline(always)]
+fn client_key(tuple: &Tuple) -> Ct4Key {
+    flow_key(tuple.saddr, tuple.sport, tuple.proto)
+}
+
+/// Whether a FLOW entry is the flow of this client's packet: the frontend it was sent to.
+#[inline(always)]
+fn for_frontend(flow: &Flow4Value, tuple: &Tuple) -> bool {
+    flow.frontend_addr == tuple.daddr && flow.frontend_port == tuple.dport
 }
 
 /// Whether a live flow's client must still be inside the source ranges of its service: it was
@@ -186,8 +233,8 @@ pub fn admitted_by_source_ranges(entry: *mut Ct4Value) -> Option<u32> {
     (entry.flags & ct_flags::SOURCE_CHECKED != 0).then_some(entry.service_id)
 }
 
-/// Where a packet of a live flow (`entry`, from [`live_flow`]) goes, its state moved on; None
-/// when its reply tuple serves another flow now, so that the flow must start over.
+/// Where a packet of a live flow (from [`live_flow`]) goes, its state moved on; None when its
+/// reply tuple serves another flow now, so that the flow must start over.
 #[inline(always)]
 pub fn follow(
     ctx: &XdpContext,
@@ -202,39 +249,38 @@ pub fn follow(
     if closes(tuple) && !ipv4_checksum_ok(ctx, ip.l4_offset) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
-    if blind_rst(entry, tuple) {
+    if blind_rst(entry.seq_next, tuple) {
         return Err(Event::DROP_RST_OUT_OF_WINDOW);
     }
-    Ok(match reply_half(entry, tuple, arrival, now) {
-        ReplyHalf::Ours(reply) => {
-            if !dry_run() {
-                // SAFETY: as above.
-                refresh_flow(entry, unsafe { &mut *reply }, tuple, now);
-            }
-            Some(tracked(entry))
+    let goes_on = if has_reply_entry(entry) {
+        keeps_reply_half(entry, tuple, arrival, now)
+    } else {
+        if !dry_run() {
+            note_seq(&mut entry.seq_next, tuple);
+            advance(entry, tuple, now);
         }
-        ReplyHalf::Restored => Some(tracked(entry)),
-        ReplyHalf::Taken => None,
-    })
+        true
+    };
+    Ok(goes_on.then(|| tracked(entry, tuple)))
 }
 
-/// A RST far from what its sender has sent on this flow (the sender's entry: ORIGINAL for the
-/// client, REPLY for the backend): not the sender's, so it must neither end the flow nor reach
-/// the other side.
+/// A RST far from what its sender has sent on this flow (`sender_seq_next`, from the sender's
+/// side of the flow): not the sender's, so it must neither end the flow nor reach the other
+/// side.
 #[inline(always)]
-pub fn blind_rst(sender: &Ct4Value, tuple: &Tuple) -> bool {
-    tuple.tcp_flags & TCP_RST != 0 && !tcp_seq::rst_in_window(sender.seq_next, tuple.seq)
+pub fn blind_rst(sender_seq_next: u32, tuple: &Tuple) -> bool {
+    tuple.tcp_flags & TCP_RST != 0 && !tcp_seq::rst_in_window(sender_seq_next, tuple.seq)
 }
 
 /// Records how far a side's segment reaches in its sequence space (a write only when it reaches
 /// further: data, SYN or FIN, not a bare ACK).
 #[inline(always)]
-fn note_seq(sender: &mut Ct4Value, tuple: &Tuple) {
+fn note_seq(sender_seq_next: &mut u32, tuple: &Tuple) {
     if tuple.proto == proto::TCP
         && tuple.tcp_flags & TCP_RST == 0
-        && (sender.seq_next == 0 || tcp_seq::after(tuple.seq_end, sender.seq_next))
+        && (*sender_seq_next == 0 || tcp_seq::after(tuple.seq_end, *sender_seq_next))
     {
-        sender.seq_next = tuple.seq_end;
+        *sender_seq_next = tuple.seq_end;
     }
 }
 
@@ -244,15 +290,19 @@ pub fn closes(tuple: &Tuple) -> bool {
     tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
-/// Where a tracked flow's packets go.
+/// Where a tracked flow's packets (this one, `tuple`) go.
 #[inline(always)]
-fn tracked(entry: &Ct4Value) -> Destination {
+fn tracked(entry: &Ct4Value, tuple: &Tuple) -> Destination {
     let rewrites_source = entry.flags & (ct_flags::SNAT | ct_flags::PORT_REMAP) != 0;
     Destination {
         addr: entry.nat_addr,
         port: entry.nat_port,
         service_id: entry.service_id,
-        source: rewrites_source.then_some((entry.snat_addr, entry.snat_port)),
+        source: if rewrites_source {
+            (entry.snat_addr, entry.snat_port)
+        } else {
+            (tuple.saddr, tuple.sport)
+        },
         forward: entry.flags & ct_flags::SNAT != 0,
     }
 }
@@ -265,41 +315,37 @@ fn continues(entry: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
         && !reopens(entry, tuple)
 }
 
-enum ReplyHalf {
-    /// The flow's REPLY entry, as it should be.
-    Ours(*mut Ct4Value),
-    /// It was missing (evicted) and has been written again.
-    Restored,
-    /// The reply tuple belongs to another flow now.
-    Taken,
-}
-
-/// The REPLY half of the flow whose ORIGINAL entry is `original`, recreated when it is gone.
+/// Whether the flow whose client's side is `original` still holds its REPLY half, recreated
+/// when it is gone, both moved on by this packet; false when its reply tuple belongs to another
+/// flow now.
 #[inline(always)]
-fn reply_half(original: &Ct4Value, tuple: &Tuple, arrival: &Arrival, now: u64) -> ReplyHalf {
+fn keeps_reply_half(original: &mut Ct4Value, tuple: &Tuple, arrival: &Arrival, now: u64) -> bool {
     let key = reply_key_of(original, tuple);
-    if let Some(reply) = CONNTRACK4.get_ptr_mut(&key) {
-        // SAFETY: read-only here; valid for this run (RCU).
-        return if belongs_to(unsafe { &*reply }, tuple) {
-            ReplyHalf::Ours(reply)
-        } else {
-            ReplyHalf::Taken
-        };
+    let reply = match CONNTRACK4.get_ptr_mut(&key) {
+        Some(reply) => reply,
+        None if dry_run() => return true,
+        None => {
+            let reply = reply_value(original, tuple, arrival, now);
+            if CONNTRACK4.insert(&key, &reply, BPF_NOEXIST).is_ok() {
+                count_event(Event::CT_REPLY_RESTORED);
+                return true;
+            }
+            // Another CPU wrote it first, for this flow or another one.
+            match CONNTRACK4.get_ptr_mut(&key) {
+                Some(reply) => reply,
+                None => return false,
+            }
+        }
+    };
+    // SAFETY: valid for this run (RCU); see live_flow for races.
+    let reply = unsafe { &mut *reply };
+    if !belongs_to(reply, tuple) {
+        return false;
     }
-    if dry_run() {
-        return ReplyHalf::Restored;
+    if !dry_run() {
+        refresh_flow(original, reply, tuple, now);
     }
-    let reply = reply_value(original, tuple, arrival, now);
-    if CONNTRACK4.insert(&key, &reply, BPF_NOEXIST).is_ok() {
-        count_event(Event::CT_REPLY_RESTORED);
-        return ReplyHalf::Restored;
-    }
-    // Another CPU wrote it first, for this flow or another one.
-    match CONNTRACK4.get_ptr_mut(&key) {
-        // SAFETY: as above.
-        Some(reply) if belongs_to(unsafe { &*reply }, tuple) => ReplyHalf::Ours(reply),
-        _ => ReplyHalf::Taken,
-    }
+    true
 }
 
 /// The key of the REPLY entry of a flow: from its backend to the source the backend sees.
@@ -332,7 +378,7 @@ fn reply_value(original: &Ct4Value, tuple: &Tuple, arrival: &Arrival, now: u64) 
         nat_port: tuple.dport,
         snat_addr: tuple.saddr,
         snat_port: tuple.sport,
-        flags: original.flags & (ct_flags::SNAT | ct_flags::PORT_REMAP),
+        flags: original.flags & (ct_flags::SNAT | ct_flags::PORT_REMAP | ct_flags::CLIENT_IN_FLOW),
         // The backend's side: nothing seen of it yet.
         seq_next: 0,
         ..*original
@@ -345,8 +391,9 @@ fn reply_value(original: &Ct4Value, tuple: &Tuple, arrival: &Arrival, now: u64) 
 }
 
 /// A new flow: a backend, the source its packets get (SNAT port, or a remapped client port on a
-/// clash), and both conntrack entries, REPLY first (once ORIGINAL exists, the next packets
-/// depend on both).
+/// clash), and its conntrack entries: its client's FLOW entry (and a SNAT flow's REPLY entry),
+/// or, when another live flow holds the client's key, an ORIGINAL and a REPLY entry, REPLY
+/// first (once ORIGINAL exists, the next packets depend on both).
 #[inline(always)]
 fn new_flow(
     tuple: &Tuple,
@@ -383,48 +430,44 @@ fn new_flow(
     };
     if dry_run() {
         return Ok(Destination {
-            source: remote.then(|| config().map_or((0, 0), |config| (config.snat_addr, 0))),
-            ..tracked(&original)
+            source: if remote {
+                config().map_or((0, 0), |config| (config.snat_addr, 0))
+            } else {
+                (tuple.saddr, tuple.sport)
+            },
+            ..tracked(&original, tuple)
         });
     }
+    if let Some(destination) = new_flow_in_one_entry(tuple, &mut original, arrival, now)? {
+        count_service(service.service_id, 0, 0, 1);
+        return Ok(destination);
+    }
     let reply = reply_value(&original, tuple, arrival, now);
-    let client_key = backend_reply_key(
-        (original.nat_addr, original.nat_port),
-        (tuple.saddr, tuple.sport),
-        tuple.proto,
-    );
-    // The source the backend sees, when it is not the client's own: this node's SNAT address
-    // for a remote backend; for a local one, the client's address with another port when
-    // another flow of this client port reaches the same backend port (two frontends of one
-    // endpoint), as Linux NAT does on a clash.
-    let new_source = if remote {
-        Some((
+    // The source the backend sees: this node's SNAT address for a remote backend; for a local
+    // one, the client's address with another port, as Linux NAT does on a clash: another flow
+    // holds this client's address and port, and the reply tuple must differ from its own and
+    // from every other flow's.
+    let (addr, flag) = if remote {
+        (
             config().ok_or(Event::DROP_SNAT_EXHAUSTED)?.snat_addr,
             ct_flags::SNAT,
-        ))
-    } else if !claim_client_tuple(&client_key, &reply, tuple, now) {
-        Some((tuple.saddr, ct_flags::PORT_REMAP))
+        )
     } else {
-        None
+        (tuple.saddr, ct_flags::PORT_REMAP)
     };
-    let reply_key = match new_source {
-        None => client_key,
-        Some((addr, flag)) => {
-            let reply = Ct4Value {
-                flags: flag,
-                ..reply
-            };
-            let port = claim_port(&original, tuple.proto, addr, &reply, now)
-                .ok_or(Event::DROP_SNAT_EXHAUSTED)?;
-            if flag == ct_flags::PORT_REMAP {
-                count_event(Event::NAT_PORT_REMAP);
-            }
-            original.flags = flag | (original.flags & ct_flags::SOURCE_CHECKED);
-            original.snat_addr = addr;
-            original.snat_port = port;
-            port_key(&original, tuple.proto, addr, port)
-        }
+    let reply = Ct4Value {
+        flags: flag,
+        ..reply
     };
+    let port =
+        claim_port(&original, tuple.proto, addr, &reply, now).ok_or(Event::DROP_SNAT_EXHAUSTED)?;
+    if flag == ct_flags::PORT_REMAP {
+        count_event(Event::NAT_PORT_REMAP);
+    }
+    original.flags = flag | (original.flags & ct_flags::SOURCE_CHECKED);
+    original.snat_addr = addr;
+    original.snat_port = port;
+    let reply_key = port_key(&original, tuple.proto, addr, port);
     if CONNTRACK4
         .insert(&original_key(tuple), &original, 0)
         .is_err()
@@ -433,7 +476,98 @@ fn new_flow(
         return Err(Event::DROP_CT_FULL);
     }
     count_service(service.service_id, 0, 0, 1);
-    Ok(tracked(&original))
+    Ok(tracked(&original, tuple))
+}
+
+/// A new flow kept in its client's FLOW entry (with a SNAT flow's REPLY entry, which claims its
+/// port), taken with an insert that fails if another CPU took the key meanwhile. None when
+/// another live flow holds the key, or when a local endpoint's reply tuple is held by a flow
+/// kept as two entries: the flow is then kept as two entries too.
+#[inline(always)]
+fn new_flow_in_one_entry(
+    tuple: &Tuple,
+    original: &mut Ct4Value,
+    arrival: &Arrival,
+    now: u64,
+) -> Result<Option<Destination>, Event> {
+    let key = client_key(tuple);
+    let holder = match CONNTRACK4.get_ptr(&key) {
+        None => Holder::Vacant,
+        // SAFETY: read-only use of an entry that stays valid for this run (RCU).
+        Some(existing) => match unsafe { &*existing } {
+            existing if for_frontend(Flow4Value::of(existing), tuple) => Holder::Gone,
+            existing if past_timeout(existing, tuple.proto, now) => Holder::Gone,
+            _ => return Ok(None),
+        },
+    };
+    let mut claimed_reply = None;
+    let flags = original.flags | ct_flags::CLIENT_IN_FLOW;
+    if original.flags & ct_flags::SNAT != 0 {
+        let addr = config().ok_or(Event::DROP_SNAT_EXHAUSTED)?.snat_addr;
+        let reply = reply_value(&Ct4Value { flags, ..*original }, tuple, arrival, now);
+        let port = claim_port(original, tuple.proto, addr, &reply, now)
+            .ok_or(Event::DROP_SNAT_EXHAUSTED)?;
+        original.snat_addr = addr;
+        original.snat_port = port;
+        claimed_reply = Some(port_key(original, tuple.proto, addr, port));
+    } else if remap_range_holds(tuple.sport) && !reply_tuple_free(original, tuple, now) {
+        return Ok(None);
+    }
+    let flow = Flow4Value {
+        flags,
+        frontend_addr: tuple.daddr,
+        frontend_port: tuple.dport,
+        ..*Flow4Value::of(original)
+    };
+    if holder != Holder::Vacant {
+        let _ = CONNTRACK4.remove(&key);
+    }
+    if CONNTRACK4
+        .insert(&key, &flow.into_entry(), BPF_NOEXIST)
+        .is_err()
+    {
+        if let Some(reply_key) = claimed_reply {
+            let _ = CONNTRACK4.remove(&reply_key);
+        }
+        return Ok(None);
+    }
+    Ok(Some(tracked(original, tuple)))
+}
+
+/// Whether an entry's flow is over (idle past its timeout): its key is free.
+#[inline(always)]
+fn past_timeout(entry: &Ct4Value, protocol: u8, now: u64) -> bool {
+    now.saturating_sub(entry.last_seen_ns) > timeout(protocol, entry.state)
+}
+
+/// Whether a client port lies in the range flows kept as two entries remap clashing client
+/// ports to (the SNAT range): only there can a REPLY entry hold a local endpoint's reply tuple
+/// that a new FLOW entry would take too.
+#[inline(always)]
+fn remap_range_holds(port: u16) -> bool {
+    let (port_min, port_max) = snat_ports();
+    port >= port_min && port <= port_max
+}
+
+/// The SNAT (and remap) port range.
+#[inline(always)]
+fn snat_ports() -> (u16, u16) {
+    match config() {
+        Some(config) if config.snat_port_min != 0 => (config.snat_port_min, config.snat_port_max),
+        _ => DEFAULT_SNAT_PORTS,
+    }
+}
+
+/// Whether no live REPLY entry holds the reply tuple of a new flow to a local endpoint (from
+/// the backend to the client's own address and port).
+#[inline(always)]
+fn reply_tuple_free(original: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
+    let key = backend_reply_key(
+        (original.nat_addr, original.nat_port),
+        (tuple.saddr, tuple.sport),
+        tuple.proto,
+    );
+    matches!(holder(&key, now), Holder::Vacant | Holder::Gone)
 }
 
 /// SNAT for a backend on another node, unless the policy is Local (which keeps the client's
@@ -462,11 +596,7 @@ fn claim_port(
     reply: &Ct4Value,
     now: u64,
 ) -> Option<u16> {
-    let (port_min, port_max) = match config() {
-        Some(config) if config.snat_port_min != 0 => (config.snat_port_min, config.snat_port_max),
-        _ => DEFAULT_SNAT_PORTS,
-    };
-    let mut probe = SnatPortProbe::new((port_min, port_max), random_u32());
+    let mut probe = SnatPortProbe::new(snat_ports(), random_u32());
     let mut found = (0u32, Holder::Alive);
     let mut last_resort = 0u32;
     for _ in 0..SNAT_PORT_TRIES {
@@ -486,8 +616,33 @@ fn claim_port(
         (0, _) => return None,
         (port, holder) => (port as u16, holder),
     };
+    // A remapped client port whose FLOW entry (the client really sends from it) takes the
+    // backend's answers to it is refused, and the flow's next packet tries another: checked
+    // here, not for every port tried, because a lookup in the loop makes the program too
+    // complex for the verifier, and the client ports of the range are seldom used (it lies
+    // above Linux's ephemeral ports).
+    if reply.flags & ct_flags::PORT_REMAP != 0
+        && answers_of_flow(original, protocol, (addr, port), now)
+    {
+        return None;
+    }
     // The flow's next packet tries again when another CPU took the port meanwhile.
     take(&port_key(original, protocol, addr, port), reply, holder).then_some(port)
+}
+
+/// Whether a live FLOW entry of a local endpoint's flow takes the answers its backend sends to
+/// `client` (address and port): the reply tuple of a remapped flow must not be its too.
+#[inline(always)]
+fn answers_of_flow(original: &Ct4Value, protocol: u8, client: (u32, u16), now: u64) -> bool {
+    let Some(flow) = CONNTRACK4.get_ptr(&flow_key(client.0, client.1, protocol)) else {
+        return false;
+    };
+    // SAFETY: read-only use of an entry that stays valid for this run (RCU).
+    let flow = unsafe { &*flow };
+    flow.flags & ct_flags::SNAT == 0
+        && flow.nat_addr == original.nat_addr
+        && flow.nat_port == original.nat_port
+        && !past_timeout(flow, protocol, now)
 }
 
 /// Who holds a reply tuple.
@@ -527,30 +682,6 @@ fn port_key(original: &Ct4Value, protocol: u8, addr: u32, port: u16) -> Ct4Key {
         (addr, port),
         protocol,
     )
-}
-
-/// Writes a new flow's REPLY entry for its client's own tuple (a local endpoint): false when a
-/// live flow of another client port or frontend holds it (a clash). A flow of this very client
-/// and frontend (an earlier connection on the same ports) gives way.
-#[inline(always)]
-fn claim_client_tuple(key: &Ct4Key, reply: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
-    // One lookup for both questions: a miss in the conntrack map is the dearest step of a new
-    // flow.
-    let holder = match CONNTRACK4.get_ptr(key) {
-        None => Holder::Vacant,
-        Some(existing) => {
-            // SAFETY: read-only use of an entry that stays valid for this run (RCU).
-            let existing = unsafe { &*existing };
-            if belongs_to(existing, tuple) {
-                return CONNTRACK4.insert(key, reply, 0).is_ok();
-            }
-            port_state(existing, key.proto, now)
-        }
-    };
-    match holder {
-        free @ (Holder::Vacant | Holder::Gone) => take(key, reply, free),
-        _ => false,
-    }
 }
 
 /// A SYN on a closed flow's tuple is a new connection (the client reused its port): it selects
@@ -618,7 +749,7 @@ fn note_close(reply: &mut Ct4Value, tcp_flags: u8, from_backend: bool, now: u64)
 /// the whole flow, and the reply tuple it holds, alive.
 #[inline(always)]
 fn refresh_flow(original: &mut Ct4Value, reply: &mut Ct4Value, tuple: &Tuple, now: u64) {
-    note_seq(original, tuple);
+    note_seq(&mut original.seq_next, tuple);
     if let Some(state) = advance(original, tuple, now) {
         touch(reply, state, now);
     }
@@ -636,19 +767,67 @@ fn refresh_flow(original: &mut Ct4Value, reply: &mut Ct4Value, tuple: &Tuple, no
 /// go to another client while its backend still sends to it), which costs a clock read per
 /// packet; otherwise only state changes are written.
 pub fn track_reply(reply: &mut Ct4Value, tuple: &Tuple, keep_alive: bool) {
-    note_seq(reply, tuple);
+    note_seq(&mut reply.seq_next, tuple);
     if !keep_alive && !closes(tuple) {
         return;
     }
     let now = now_ns();
     if let Some(state) = advance(reply, tuple, now)
-        && let Some(original) = CONNTRACK4.get_ptr_mut(&original_key_of(reply, tuple))
+        && let Some(original) = client_side_of(reply, tuple)
     {
         // SAFETY: as in destination().
         touch(unsafe { &mut *original }, state, now);
     }
     if closes(tuple) {
         note_close(reply, tuple.tcp_flags, true, now);
+    }
+}
+
+/// The entry of a REPLY entry's flow that holds its client's side: its FLOW entry (when it is
+/// still this flow's) or its ORIGINAL entry.
+#[inline(always)]
+fn client_side_of(reply: &Ct4Value, tuple: &Tuple) -> Option<*mut Ct4Value> {
+    if reply.flags & ct_flags::CLIENT_IN_FLOW == 0 {
+        return CONNTRACK4.get_ptr_mut(&original_key_of(reply, tuple));
+    }
+    let entry = CONNTRACK4.get_ptr_mut(&flow_key(reply.snat_addr, reply.snat_port, tuple.proto))?;
+    // SAFETY: read here, valid for this run (RCU).
+    let flow = Flow4Value::of(unsafe { &*entry });
+    (flow.frontend_addr == reply.nat_addr && flow.frontend_port == reply.nat_port).then_some(entry)
+}
+
+/// The flow a local endpoint's answer belongs to.
+pub enum Answer {
+    /// A flow kept in one entry (its FLOW entry).
+    Whole(*mut Ct4Value),
+    /// The REPLY entry of a flow kept as two entries.
+    Reply(*mut Ct4Value),
+}
+
+/// The flow of an answer from a local endpoint: the FLOW entry of its destination (the client)
+/// when that flow's backend sent it, else a REPLY entry keyed as the answer.
+#[inline(always)]
+pub fn answer_of(tuple: &Tuple) -> Option<Answer> {
+    if let Some(entry) = CONNTRACK4.get_ptr_mut(&flow_key(tuple.daddr, tuple.dport, tuple.proto)) {
+        // SAFETY: read here, valid for this run (RCU).
+        let flow = Flow4Value::of(unsafe { &*entry });
+        if flow.flags & ct_flags::SNAT == 0
+            && flow.backend_addr == tuple.saddr
+            && flow.backend_port == tuple.sport
+        {
+            return Some(Answer::Whole(entry));
+        }
+    }
+    CONNTRACK4.get_ptr_mut(&reply_key(tuple)).map(Answer::Reply)
+}
+
+/// A local endpoint's answer on a flow kept in one entry: how far the backend has sent, and a
+/// FIN or RST moves the flow's state on (as [`track_reply`] for a flow's REPLY entry).
+#[inline(always)]
+pub fn track_answer(entry: &mut Ct4Value, tuple: &Tuple) {
+    note_seq(&mut Flow4Value::of_mut(entry).backend_seq_next, tuple);
+    if closes(tuple) {
+        advance(entry, tuple, now_ns());
     }
 }
 

@@ -11,7 +11,9 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{Event, Frag4Key, Frag4Value, checksum, ct_flags, frontend_filter, proto, tcp_seq};
+use lb_common::{
+    Event, Flow4Value, Frag4Key, Frag4Value, checksum, ct_flags, frontend_filter, proto, tcp_seq,
+};
 
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_ebpf::packet::{
@@ -21,8 +23,8 @@ use lb_ebpf::packet::{
 };
 
 use crate::{
-    flow::{Tuple, blind_rst, reply_key, track_reply},
-    maps::{BACKEND_FILTER, CONNTRACK4, FRAGMENTS4, count_event, remember_fragment},
+    flow::{Answer, Tuple, answer_of, blind_rst, track_answer, track_reply},
+    maps::{BACKEND_FILTER, FRAGMENTS4, count_event, remember_fragment},
 };
 
 #[classifier]
@@ -53,25 +55,44 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
     if !maybe_backend(&tuple) {
         return Ok(());
     }
-    let Some(entry) = CONNTRACK4.get_ptr_mut(&reply_key(&tuple)) else {
+    let Some(answer) = answer_of(&tuple) else {
         return Ok(());
     };
-    // SAFETY: the entry stays valid for this run (RCU); see flow::destination for races.
-    let entry = unsafe { &mut *entry };
-    if blind_rst(entry, &tuple) {
-        return Err(Event::DROP_RST_OUT_OF_WINDOW);
-    }
-    // Answers of a local endpoint keep no SNAT port: the client's packets keep the flow alive.
-    track_reply(entry, &tuple, false);
-    snat(ctx, &tuple, l4_offset, entry.nat_addr, entry.nat_port)
-        .map_err(|_| Event::DROP_NAT_FAILED)?;
-    if entry.flags & ct_flags::PORT_REMAP != 0 {
-        restore_client_port(ctx, &tuple, l4_offset, entry.snat_port)
+    let (frontend, restored_port) = match answer {
+        Answer::Whole(entry) => {
+            // SAFETY: the entry stays valid for this run (RCU); see flow::destination for races.
+            let entry = unsafe { &mut *entry };
+            if blind_rst(Flow4Value::of(entry).backend_seq_next, &tuple) {
+                return Err(Event::DROP_RST_OUT_OF_WINDOW);
+            }
+            track_answer(entry, &tuple);
+            let flow = Flow4Value::of(entry);
+            ((flow.frontend_addr, flow.frontend_port), None)
+        }
+        Answer::Reply(entry) => {
+            // SAFETY: as above.
+            let entry = unsafe { &mut *entry };
+            if blind_rst(entry.seq_next, &tuple) {
+                return Err(Event::DROP_RST_OUT_OF_WINDOW);
+            }
+            // Answers of a local endpoint keep no SNAT port: the client's packets keep the flow
+            // alive.
+            track_reply(entry, &tuple, false);
+            let remapped = entry.flags & ct_flags::PORT_REMAP != 0;
+            (
+                (entry.nat_addr, entry.nat_port),
+                remapped.then_some(entry.snat_port),
+            )
+        }
+    };
+    snat(ctx, &tuple, l4_offset, frontend.0, frontend.1).map_err(|_| Event::DROP_NAT_FAILED)?;
+    if let Some(client_port) = restored_port {
+        restore_client_port(ctx, &tuple, l4_offset, client_port)
             .map_err(|_| Event::DROP_NAT_FAILED)?;
     }
     if let Some(key) = fragment {
         let later = Frag4Value {
-            saddr: entry.nat_addr,
+            saddr: frontend.0,
             daddr: tuple.daddr,
             ..Default::default()
         };
@@ -150,19 +171,12 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
         seq: 0,
         seq_end: 0,
     };
-    // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
-    let Some(entry) = (unsafe { CONNTRACK4.get(&reply_key(&answer)) }).copied() else {
-        return Ok(());
-    };
-    if entry.flags & ct_flags::SNAT != 0 || source != endpoint {
+    if source != endpoint {
         return Ok(());
     }
-    let from_port = if entry.flags & ct_flags::PORT_REMAP != 0 {
-        entry.snat_port
-    } else {
-        client_port
+    let Some((frontend, from_port)) = endpoint_flow(&answer) else {
+        return Ok(());
     };
-    let frontend = (entry.nat_addr, entry.nat_port);
     icmp::rewrite_quoted(&mut error, &quote, (client, from_port), frontend);
     let nat_failed = |_| Event::DROP_NAT_FAILED;
     ctx.store(ICMP_AT, &error, 0).map_err(nat_failed)?;
@@ -177,6 +191,32 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
         .map_err(nat_failed)?;
     count_event(Event::ICMP_ERROR_TRANSLATED);
     Ok(())
+}
+
+/// The frontend of the flow of an answer from a local endpoint (`answer`, as the endpoint sends
+/// it), and the port its client sent from.
+#[inline(always)]
+fn endpoint_flow(answer: &Tuple) -> Option<((u32, u16), u16)> {
+    match answer_of(answer)? {
+        Answer::Whole(entry) => {
+            // SAFETY: a read-only use of an entry that stays valid for this run (RCU).
+            let flow = Flow4Value::of(unsafe { &*entry });
+            Some(((flow.frontend_addr, flow.frontend_port), answer.dport))
+        }
+        Answer::Reply(entry) => {
+            // SAFETY: as above.
+            let entry = unsafe { &*entry };
+            if entry.flags & ct_flags::SNAT != 0 {
+                return None;
+            }
+            let from_port = if entry.flags & ct_flags::PORT_REMAP != 0 {
+                entry.snat_port
+            } else {
+                answer.dport
+            };
+            Some(((entry.nat_addr, entry.nat_port), from_port))
+        }
+    }
 }
 
 /// Where an ICMP message starts (an IPv4 header without options).

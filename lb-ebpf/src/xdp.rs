@@ -20,8 +20,8 @@ use lb_ebpf::packet::{
 
 use crate::{
     flow::{
-        Arrival, Destination, Tuple, admitted_by_source_ranges, blind_rst, closes, config,
-        destination, follow, live_flow, lookup_frontend, maybe_frontend, original_key, reply_key,
+        Arrival, Destination, Tuple, admitted_by_source_ranges, blind_rst, client_side, closes,
+        config, destination, follow, live_flow, lookup_frontend, maybe_frontend, reply_key,
         source_allowed, track_reply,
     },
     helpers::{Forward, fib_forward, now_ns},
@@ -119,19 +119,19 @@ fn established_tcp(
     tuple: &Tuple,
 ) -> Result<Option<u32>, Event> {
     let now = now_ns();
-    let Some(entry) = live_flow(tuple, now) else {
+    let Some(flow) = live_flow(tuple, now) else {
         return Ok(None);
     };
     if for_another_host(ctx, eth) {
         count_event(Event::PASS_OTHER_HOST);
         return Ok(Some(xdp_action::XDP_PASS));
     }
-    if let Some(service_id) = admitted_by_source_ranges(entry)
+    if let Some(service_id) = admitted_by_source_ranges(flow)
         && !source_allowed(service_id, tuple.saddr)
     {
         return Err(Event::DROP_SOURCE_RANGE);
     }
-    match follow(ctx, ip, tuple, entry, &arrival(ctx, eth), now)? {
+    match follow(ctx, ip, tuple, flow, &arrival(ctx, eth), now)? {
         Some(destination) => deliver(ctx, ip, tuple, &destination).map(Some),
         None => Ok(None),
     }
@@ -163,7 +163,7 @@ fn deliver(
     tuple: &Tuple,
     destination: &Destination,
 ) -> Result<u32, Event> {
-    let (saddr, sport) = destination.source.unwrap_or((tuple.saddr, tuple.sport));
+    let (saddr, sport) = destination.source;
     rewrite(
         ctx,
         tuple,
@@ -220,7 +220,7 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         return Ok(to_client(ctx, flow.client_nic, node_mac, client_mac));
     }
     // Otherwise it may be about a packet that left from a frontend to a client: its flow's
-    // ORIGINAL entry is keyed the other way round.
+    // client side is keyed the other way round.
     let ((frontend, frontend_port), (client, client_port)) = (quote.source, quote.destination);
     let flow = Tuple {
         saddr: client,
@@ -232,13 +232,12 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         seq: 0,
         seq_end: 0,
     };
-    // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
-    let Some(entry) = (unsafe { CONNTRACK4.get(&original_key(&flow)) }).copied() else {
-        return Ok(xdp_action::XDP_PASS);
-    };
     if ip.daddr != frontend {
         return Ok(xdp_action::XDP_PASS);
     }
+    let Some(entry) = client_side(&flow) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
     let backend = (entry.nat_addr, entry.nat_port);
     if entry.flags & ct_flags::SNAT != 0 {
         // The packet came from a remote backend through a SNAT port: the error goes to the
@@ -354,7 +353,7 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     if closes(tuple) && !ipv4_checksum_ok(ctx, l4_offset) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
-    if blind_rst(entry, tuple) {
+    if blind_rst(entry.seq_next, tuple) {
         return Err(Event::DROP_RST_OUT_OF_WINDOW);
     }
     if !dry_run() {

@@ -554,29 +554,18 @@ fn tc_egress_reverse_nats_replies_of_tracked_flows_only() {
     );
 }
 
-/// The connection-tracking entries (original, reply) of the flow CLIENT -> FRONTEND over TCP.
-fn tcp_flow_entries(datapath: &Datapath) -> (lb_common::Ct4Value, lb_common::Ct4Value) {
+/// The connection-tracking entry of the flow CLIENT -> FRONTEND over TCP, to a local pod: the
+/// only entry in the map (one entry per flow, keyed by the client).
+fn tcp_flow_entry(datapath: &Datapath) -> lb_common::Flow4Value {
     let entries = datapath.conntrack().expect("conntrack");
-    let find = |direction, saddr: Ipv4Addr, sport: u16| {
-        entries
-            .iter()
-            .find(|(key, _)| {
-                key.direction == direction
-                    && key.saddr == u32::from(saddr)
-                    && key.sport == sport
-                    && key.proto == proto::TCP
-            })
-            .map(|(_, value)| *value)
-            .unwrap_or_else(|| panic!("no entry {direction} from {saddr}:{sport} in {entries:?}"))
+    let [(key, value)] = entries.as_slice() else {
+        panic!("one entry for the flow, not {entries:?}");
     };
-    (
-        find(
-            lb_common::ct_direction::ORIGINAL,
-            *CLIENT.ip(),
-            CLIENT.port(),
-        ),
-        find(lb_common::ct_direction::REPLY, *POD_A.ip(), POD_A.port()),
-    )
+    assert_eq!(
+        *key,
+        lb_common::flow_key(u32::from(*CLIENT.ip()), CLIENT.port(), proto::TCP)
+    );
+    *lb_common::Flow4Value::of(value)
 }
 
 #[test]
@@ -601,15 +590,15 @@ fn conntrack_follows_the_tcp_handshake_and_close() {
         XDP_PASS,
         Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
     );
-    let (original, reply) = tcp_flow_entries(&datapath);
-    assert_eq!((original.state, reply.state), (SYN_SENT, SYN_SENT));
-    // The original entry holds the backend, the reply entry the frontend to restore.
+    let flow = tcp_flow_entry(&datapath);
+    assert_eq!(flow.state, SYN_SENT);
+    // The entry holds the backend, and the frontend to restore on the answers.
     assert_eq!(
-        (original.nat_addr, original.nat_port),
+        (flow.backend_addr, flow.backend_port),
         (u32::from(*POD_A.ip()), POD_A.port())
     );
     assert_eq!(
-        (reply.nat_addr, reply.nat_port),
+        (flow.frontend_addr, flow.frontend_port),
         (u32::from(NODE), NODE_PORT)
     );
 
@@ -620,9 +609,9 @@ fn conntrack_follows_the_tcp_handshake_and_close() {
         XDP_PASS,
         Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::ACK, b"")),
     );
-    assert_eq!(tcp_flow_entries(&datapath).0.state, ESTABLISHED);
+    assert_eq!(tcp_flow_entry(&datapath).state, ESTABLISHED);
 
-    // The backend closes: the reply path moves both directions to CLOSING (short timeout).
+    // The backend closes: the reply path moves the flow to CLOSING (short timeout).
     let tc = datapath
         .program_fd(lb_common::program_names::TC_EGRESS)
         .expect("fd");
@@ -633,8 +622,7 @@ fn conntrack_follows_the_tcp_handshake_and_close() {
         0,
         Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::FIN_ACK, b"")),
     );
-    let (original, reply) = tcp_flow_entries(&datapath);
-    assert_eq!((original.state, reply.state), (CLOSING, CLOSING));
+    assert_eq!(tcp_flow_entry(&datapath).state, CLOSING);
 }
 
 #[test]
@@ -968,7 +956,9 @@ fn a_syn_on_a_closed_flows_tuple_is_a_new_flow_with_a_fresh_snat_port() {
 
 #[test]
 fn the_fins_and_resets_of_snat_flows_are_recorded_on_their_reply_entry() {
-    use lb_common::ct_flags::{BACKEND_CLOSED_FIRST, BACKEND_FIN, CLIENT_FIN, RESET, SNAT};
+    use lb_common::ct_flags::{
+        BACKEND_CLOSED_FIRST, BACKEND_FIN, CLIENT_FIN, CLIENT_IN_FLOW, RESET, SNAT,
+    };
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "snat").expect("pin dir");
     let fixture = SnatFixture::new(&pins);
@@ -999,17 +989,21 @@ fn the_fins_and_resets_of_snat_flows_are_recorded_on_their_reply_entry() {
         42000,
         &[(false, TcpFlags::FIN_ACK), (true, TcpFlags::FIN_ACK)],
     );
-    assert_eq!(client_first, SNAT | CLIENT_FIN | BACKEND_FIN);
+    // CLIENT_IN_FLOW: the client's side of these flows is their FLOW entry.
+    assert_eq!(
+        client_first,
+        SNAT | CLIENT_IN_FLOW | CLIENT_FIN | BACKEND_FIN
+    );
     let backend_first = flags_after(
         42001,
         &[(true, TcpFlags::FIN_ACK), (false, TcpFlags::FIN_ACK)],
     );
     assert_eq!(
         backend_first,
-        SNAT | CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST
+        SNAT | CLIENT_IN_FLOW | CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST
     );
     let reset = flags_after(42002, &[(false, TcpFlags::RST)]);
-    assert_eq!(reset, SNAT | RESET);
+    assert_eq!(reset, SNAT | CLIENT_IN_FLOW | RESET);
 }
 
 /// Timeouts short enough for a test to outlive them.
@@ -1071,8 +1065,8 @@ fn an_idle_snat_flow_outlives_the_closing_and_syn_timeouts() {
         .conntrack()
         .expect("conntrack")
         .into_iter()
-        .find(|(key, _)| key.direction == lb_common::ct_direction::ORIGINAL)
-        .expect("original entry")
+        .find(|(key, _)| key.direction == lb_common::ct_direction::FLOW)
+        .expect("the client's flow entry")
         .1;
     assert_eq!(original.state, lb_common::tcp_state::ESTABLISHED);
     // Idle for more than twice the CLOSING and the SYN timeouts: the flow keeps its port.
@@ -1222,12 +1216,12 @@ fn snat_ports_are_refused_only_when_the_range_is_nearly_full() {
 }
 
 /// 600,000 spoofed clients through a conntrack map of 524,288 entries, with the pod answering
-/// every tenth (tc looks up only the REPLY half, so the LRU keeps those halves longer than
-/// their ORIGINAL ones): the LRU evicts single halves of many flows. Whatever a flow lost, its
-/// next packet goes to its backend and the backend's answer goes back translated: no flow is
-/// ever half-translated.
+/// every tenth: the LRU evicts the flows of many. A flow to a local endpoint is one entry, so
+/// it is kept whole or lost whole, never half; a lost one's next packet starts it again. Every
+/// lost flow checked, and a sample of the rest, gets its next packet to its backend and the
+/// backend's answer back translated: no flow is ever half-translated.
 #[test]
-fn after_a_flood_that_evicts_halves_every_flow_is_whole_again_on_its_next_packet() {
+fn after_a_flood_that_evicts_flows_every_flow_is_whole_again_on_its_next_packet() {
     const FLOOD: u32 = 600_000;
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "flood").expect("pin dir");
@@ -1256,27 +1250,34 @@ fn after_a_flood_that_evicts_halves_every_flow_is_whole_again_on_its_next_packet
         }
     }
     let entries = datapath.conntrack().expect("conntrack");
-    let originals: std::collections::HashSet<(u32, u16)> = entries
+    assert!(
+        entries
+            .iter()
+            .all(|(key, _)| key.direction == lb_common::ct_direction::FLOW),
+        "flows to a local endpoint are kept in one entry each"
+    );
+    let kept: std::collections::HashSet<(u32, u16)> = entries
         .iter()
-        .filter(|(key, _)| key.direction == lb_common::ct_direction::ORIGINAL)
         .map(|(key, _)| (key.saddr, key.sport))
         .collect();
-    let replies: std::collections::HashSet<(u32, u16)> = entries
-        .iter()
-        .filter(|(key, _)| key.direction == lb_common::ct_direction::REPLY)
-        .map(|(key, _)| (key.daddr, key.dport))
+    let lost: Vec<(u32, u16)> = (0..FLOOD)
+        .map(|index| {
+            let client = client(index);
+            (u32::from(*client.ip()), client.port())
+        })
+        .filter(|client| !kept.contains(client))
         .collect();
-    let half = originals.symmetric_difference(&replies).count();
     println!(
-        "flood of {FLOOD} in {:?}: {} entries, {half} flows with one half",
+        "flood of {FLOOD} in {:?}: {} entries, {} flows lost",
         started.elapsed(),
-        entries.len()
+        entries.len(),
+        lost.len()
     );
-    // Every flow with one half left, and a sample of the rest, gets its next packet through
-    // and its answer back.
+    // Every lost flow, and a sample of the rest, gets its next packet through and its answer
+    // back.
     let mut checked = 0;
-    for (saddr, sport) in originals
-        .symmetric_difference(&replies)
+    for (saddr, sport) in lost
+        .iter()
         .copied()
         .take(5_000)
         .chain((0..FLOOD).step_by(997).map(|index| {
@@ -1309,7 +1310,7 @@ fn after_a_flood_that_evicts_halves_every_flow_is_whole_again_on_its_next_packet
         );
         checked += 1;
     }
-    assert!(half > 0, "the flood evicted single halves");
+    assert!(!lost.is_empty(), "the flood evicted flows");
     println!("{checked} flows checked whole");
 }
 
@@ -1430,6 +1431,231 @@ fn one_client_port_to_two_frontends_of_one_endpoint_gets_its_source_port_remappe
             ),
         ],
     );
+}
+
+/// The TCP source port of a frame.
+fn tcp_source_port(frame: &[u8]) -> u16 {
+    let parsed = etherparse::SlicedPacket::from_ethernet(frame).expect("parse");
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = parsed.transport else {
+        panic!("tcp")
+    };
+    tcp.source_port()
+}
+
+/// Flows kept as two entries (ORIGINAL and REPLY) live beside the FLOW entries of the rest: a
+/// pair written by the previous datapath goes on after an upgrade; a flow whose client port
+/// another flow holds is kept as a pair with its port remapped, never onto a port the client's
+/// own FLOW entries take answers on, and goes on when the owner's entry is gone; a new flow
+/// whose reply tuple a pair holds is kept as a pair too. Every answer goes back from the
+/// frontend its own flow used.
+#[test]
+fn flows_kept_as_two_entries_go_on_beside_flow_entries_and_never_share_a_reply_tuple() {
+    use lb_common::{Ct4Key, Ct4Value, ct_direction, ct_flags, tcp_state};
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "pairs").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 80);
+    let service = Service {
+        id: 1,
+        frontends: vec![
+            node_port(proto::TCP),
+            Frontend {
+                addr: *external.ip(),
+                port: external.port(),
+                proto: proto::TCP,
+                kind: service_flags::EXTERNAL_IP,
+            },
+        ],
+        backends: vec![1],
+        ..Default::default()
+    };
+    datapath.put_service(&service).expect("service");
+    let remap_range = |datapath: &mut Datapath, max: u16| {
+        datapath
+            .set_config(&lb_common::DatapathConfig {
+                snat_port_min: 50000,
+                snat_port_max: max,
+                ..Default::default()
+            })
+            .expect("config")
+    };
+    remap_range(&mut datapath, 50001);
+    let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK4))
+        .expect("ct");
+    let mut conntrack: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("map");
+    let xdp = |datapath: &Datapath, frame: &[u8]| {
+        let program = datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd");
+        lb_userspace::datapath::testrun::test_run(program, frame).expect("run")
+    };
+    fn tc(datapath: &Datapath) -> std::os::fd::BorrowedFd<'_> {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    }
+    let client = |port: u16| SocketAddrV4::new(*CLIENT.ip(), port);
+
+    // An established flow as the previous datapath kept it: an ORIGINAL and a REPLY entry.
+    let old_client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 9), 40000);
+    let now = lb_userspace::observe::inspect::monotonic_ns();
+    let original = Ct4Value {
+        last_seen_ns: now,
+        backend_id: 1,
+        service_id: 1,
+        nat_addr: u32::from(*POD_A.ip()),
+        nat_port: POD_A.port(),
+        state: tcp_state::ESTABLISHED,
+        ..Default::default()
+    };
+    let reply = Ct4Value {
+        nat_addr: u32::from(NODE),
+        nat_port: NODE_PORT,
+        snat_addr: u32::from(*old_client.ip()),
+        snat_port: old_client.port(),
+        ..original
+    };
+    let key = |saddr: SocketAddrV4, daddr: SocketAddrV4, direction| Ct4Key {
+        saddr: u32::from(*saddr.ip()),
+        daddr: u32::from(*daddr.ip()),
+        sport: saddr.port(),
+        dport: daddr.port(),
+        proto: proto::TCP,
+        direction,
+        _pad: [0; 2],
+    };
+    conntrack
+        .insert(
+            &key(old_client, FRONTEND, ct_direction::ORIGINAL),
+            &original,
+            0,
+        )
+        .expect("original");
+    conntrack
+        .insert(&key(POD_A, old_client, ct_direction::REPLY), &reply, 0)
+        .expect("reply");
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &[case(
+            "a flow from before the upgrade",
+            packet::tcp(old_client, FRONTEND, TcpFlags::ACK, b"on"),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(old_client, POD_A, TcpFlags::ACK, b"on")),
+        )],
+    );
+    run_table(
+        tc(&datapath),
+        &[case(
+            "its answer",
+            packet::tcp(POD_A, old_client, TcpFlags::ACK, b"back"),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp(FRONTEND, old_client, TcpFlags::ACK, b"back")),
+        )],
+    );
+    let old_flow_key =
+        lb_common::flow_key(u32::from(*old_client.ip()), old_client.port(), proto::TCP);
+    assert!(conntrack.get(&old_flow_key, 0).is_err(), "it stays a pair");
+
+    // The client sends from both ports of the remap range to the NodePort: FLOW entries, whose
+    // answers from the pod go to those ports.
+    for port in [50000, 50001] {
+        let run = xdp(
+            &datapath,
+            &packet::tcp(client(port), FRONTEND, TcpFlags::SYN, b""),
+        );
+        assert_eq!(
+            run.packet,
+            packet::tcp(client(port), POD_A, TcpFlags::SYN, b"")
+        );
+    }
+    // One client port to both frontends: the second flow must be remapped, and no port of the
+    // range is free of the client's own flows to the same pod, so it is refused.
+    let owner = client(41000);
+    let run = xdp(&datapath, &packet::tcp(owner, FRONTEND, TcpFlags::SYN, b""));
+    assert_eq!(run.packet, packet::tcp(owner, POD_A, TcpFlags::SYN, b""));
+    let clashing = packet::tcp(owner, external, TcpFlags::SYN, b"");
+    assert_eq!(xdp(&datapath, &clashing).verdict, XDP_DROP);
+    assert_eq!(datapath.events().expect("events")["drop_snat_exhausted"], 1);
+
+    // With room in the range, it is remapped onto a port no FLOW entry takes answers on.
+    remap_range(&mut datapath, 50009);
+    let run = xdp(&datapath, &clashing);
+    assert_eq!(run.verdict, XDP_PASS);
+    let remapped = client(tcp_source_port(&run.packet));
+    assert!(
+        (50002..=50009).contains(&remapped.port()),
+        "remapped to {remapped}"
+    );
+    assert_eq!(run.packet, packet::tcp(remapped, POD_A, TcpFlags::SYN, b""));
+    run_table(
+        tc(&datapath),
+        &[
+            case(
+                "answer of the remapped flow",
+                packet::tcp(POD_A, remapped, TcpFlags::SYN_ACK, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp(external, owner, TcpFlags::SYN_ACK, b"")),
+            ),
+            case(
+                "answer of the owner",
+                packet::tcp(POD_A, owner, TcpFlags::SYN_ACK, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp(FRONTEND, owner, TcpFlags::SYN_ACK, b"")),
+            ),
+        ],
+    );
+
+    // The owner's entry is evicted: the remapped flow goes on.
+    conntrack
+        .remove(&lb_common::flow_key(
+            u32::from(*owner.ip()),
+            owner.port(),
+            proto::TCP,
+        ))
+        .expect("evict the owner");
+    let run = xdp(
+        &datapath,
+        &packet::tcp(owner, external, TcpFlags::ACK, b"x"),
+    );
+    assert_eq!(
+        run.packet,
+        packet::tcp(remapped, POD_A, TcpFlags::ACK, b"x")
+    );
+
+    // The client now sends from the remapped port itself: the pod's answers to that port are
+    // the remapped flow's, so the new flow is kept as a pair on another port.
+    let run = xdp(
+        &datapath,
+        &packet::tcp(remapped, FRONTEND, TcpFlags::SYN, b""),
+    );
+    assert_eq!(run.verdict, XDP_PASS);
+    let second = client(tcp_source_port(&run.packet));
+    assert_ne!(second, remapped);
+    let original = conntrack
+        .get(&key(remapped, FRONTEND, ct_direction::ORIGINAL), 0)
+        .expect("kept as a pair");
+    assert_eq!(original.flags & ct_flags::PORT_REMAP, ct_flags::PORT_REMAP);
+    run_table(
+        tc(&datapath),
+        &[
+            case(
+                "answer of the first remapped flow",
+                packet::tcp(POD_A, remapped, TcpFlags::ACK, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp(external, owner, TcpFlags::ACK, b"")),
+            ),
+            case(
+                "answer of the second",
+                packet::tcp(POD_A, second, TcpFlags::SYN_ACK, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp(FRONTEND, remapped, TcpFlags::SYN_ACK, b"")),
+            ),
+        ],
+    );
+    assert_eq!(datapath.events().expect("events")["nat_port_remap"], 2);
 }
 
 /// A frame with its IPv4 header changed by `edit`, then its header checksum made right again
@@ -2177,14 +2403,14 @@ fn icmp_errors_about_snat_flows_reach_the_client_and_the_remote_backend_translat
     );
 }
 
-/// The state of the client's flow to the frontend (its ORIGINAL entry).
+/// The state of the client's flow to the frontend (its FLOW or ORIGINAL entry).
 fn flow_state(datapath: &Datapath, client: SocketAddrV4) -> Option<u8> {
     datapath
         .conntrack()
         .expect("conntrack")
         .into_iter()
         .find(|(key, _)| {
-            key.direction == lb_common::ct_direction::ORIGINAL
+            key.direction != lb_common::ct_direction::REPLY
                 && key.saddr == u32::from(*client.ip())
                 && key.sport == client.port()
         })

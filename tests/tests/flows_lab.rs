@@ -272,8 +272,8 @@ fn blind_rsts_end_no_connection_through_a_node_port() {
         let (original_key, original) = entries
             .iter()
             .find(|(key, value)| {
-                key.direction == lb_common::ct_direction::ORIGINAL
-                    && key.dport == 30083
+                key.direction == lb_common::ct_direction::FLOW
+                    && lb_common::Flow4Value::of(value).frontend_port == 30083
                     && value.flags & lb_common::ct_flags::SNAT != 0
             })
             .expect("the connection's flow");

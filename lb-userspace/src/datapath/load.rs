@@ -24,8 +24,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Ct4Key, Ct4Value, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, limits, map_names,
-    program_names,
+    Ct4Key, Ct4Value, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, ct_flags, limits,
+    map_names, program_names,
 };
 
 use super::{
@@ -423,13 +423,20 @@ fn start_clock(ebpf: &mut Ebpf) -> Result<Option<JiffiesClock>> {
     Ok(Some(clock))
 }
 
-/// The sources of the REPLY entries in conntrack: the backends answers come from.
+/// The backends answers come from, by conntrack: the sources of the REPLY entries and the
+/// backends of the FLOW entries of local endpoints.
 fn reply_sources(conntrack: &HashMap<MapData, Ct4Key, Ct4Value>) -> Result<Vec<FilterKey>> {
     let mut sources = Vec::new();
     for key in conntrack.keys() {
         let key = key.map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
         if key.direction == ct_direction::REPLY {
             sources.push(FilterKey::new(key.saddr, key.sport, key.proto));
+        } else if key.direction == ct_direction::FLOW
+            // An entry the LRU evicted since its key was listed has no answers to come.
+            && let Ok(entry) = conntrack.get(&key, 0)
+            && entry.flags & ct_flags::SNAT == 0
+        {
+            sources.push(FilterKey::new(entry.nat_addr, entry.nat_port, key.proto));
         }
     }
     Ok(sources)

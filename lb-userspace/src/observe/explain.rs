@@ -17,8 +17,8 @@ use std::{
 use anyhow::Context as _;
 use aya::{EbpfLoader, maps::lpm_trie::Key as LpmKey, programs::Xdp};
 use lb_common::{
-    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, Frontend4Key, ServiceValue, SourceRange4,
-    ct_direction, ct_flags, program_names, proto, scope, service_flags,
+    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, Flow4Value, Frontend4Key, ServiceValue,
+    SourceRange4, ct_direction, ct_flags, flow_key, program_names, proto, scope, service_flags,
 };
 use serde::Serialize;
 
@@ -475,17 +475,25 @@ fn established(
     protocol: u8,
 ) -> anyhow::Result<Option<Ct4Value>> {
     let map = &maps.conntrack;
+    let (client_addr, frontend_addr) = (u32::from(*client.ip()), u32::from(*destination.ip()));
+    // The flow's FLOW entry when it is for this frontend, else its ORIGINAL entry, as the
+    // program looks them up. An entry past its timeout counts as absent for the program; its
+    // own verdict, reported next to this, settles such a case.
+    if let Ok(entry) = map.get(&flow_key(client_addr, client.port(), protocol), 0) {
+        let flow = Flow4Value::of(&entry);
+        if flow.frontend_addr == frontend_addr && flow.frontend_port == destination.port() {
+            return Ok(Some(entry));
+        }
+    }
     let key = Ct4Key {
-        saddr: u32::from(*client.ip()),
-        daddr: u32::from(*destination.ip()),
+        saddr: client_addr,
+        daddr: frontend_addr,
         sport: client.port(),
         dport: destination.port(),
         proto: protocol,
         direction: ct_direction::ORIGINAL,
         _pad: [0; 2],
     };
-    // An entry past its timeout counts as absent for the program; its own verdict, reported
-    // next to this, settles such a case.
     Ok(map.get(&key, 0).ok())
 }
 

@@ -11,8 +11,8 @@ use std::{
 
 use aya::maps::lpm_trie::Key as LpmKey;
 use lb_common::{
-    Ct4Key, Ct4Value, CtTimeouts, Frontend4Key, SourceRange4, backend_flags, ct_direction,
-    ct_flags, limits, maglev, map_names, proto, service_flags, tcp_state,
+    Ct4Key, Ct4Value, CtTimeouts, Flow4Value, Frontend4Key, SourceRange4, backend_flags,
+    ct_direction, ct_flags, limits, maglev, map_names, proto, service_flags, tcp_state,
 };
 use serde::Serialize;
 
@@ -102,14 +102,18 @@ pub struct BackendInfo {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ConntrackEntry {
+    /// "flow" (a flow kept in one entry), "original" or "reply" (the two entries of a flow kept
+    /// as two, and a SNAT flow's REPLY entry).
     pub direction: &'static str,
     pub protocol: &'static str,
+    /// Flow and ORIGINAL: the client; REPLY: the backend.
     pub source: String,
+    /// Flow and ORIGINAL: the frontend; REPLY: the client or this node's SNAT address.
     pub destination: String,
-    /// ORIGINAL: the backend the flow goes to; REPLY: the frontend the client used.
+    /// Flow and ORIGINAL: the backend the flow goes to; REPLY: the frontend the client used.
     pub nat: String,
-    /// With SNAT: the node address:port standing in for the client (ORIGINAL), or the client
-    /// the reply goes back to (REPLY).
+    /// With SNAT: the node address:port standing in for the client (flow, ORIGINAL), or the
+    /// client the reply goes back to (REPLY).
     pub snat: Option<String>,
     pub state: &'static str,
     pub service_id: u32,
@@ -288,6 +292,7 @@ impl PinnedMaps {
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(error) => return Err(error.into()),
             };
+            let key = as_client_side(&key, &value);
             let live = timeouts.is_live(key.proto, value.state, value.last_seen_ns, now);
             if (live || filter.include_expired) && filter.matches(&key, &value) {
                 entries.push(describe_flow(&key, &value, now, !live));
@@ -429,13 +434,27 @@ fn describe_frontend(key: &Frontend4Key, flags: u32) -> String {
     )
 }
 
+/// A FLOW entry's key with the frontend it holds as its destination, as an ORIGINAL entry's
+/// key has it; any other key as it is.
+fn as_client_side(key: &Ct4Key, value: &Ct4Value) -> Ct4Key {
+    if key.direction != ct_direction::FLOW {
+        return *key;
+    }
+    let flow = Flow4Value::of(value);
+    Ct4Key {
+        daddr: flow.frontend_addr,
+        dport: flow.frontend_port,
+        ..*key
+    }
+}
+
 fn describe_flow(key: &Ct4Key, value: &Ct4Value, now_ns: u64, expired: bool) -> ConntrackEntry {
     let endpoint = |addr: u32, port: u16| SocketAddrV4::new(Ipv4Addr::from(addr), port).to_string();
     ConntrackEntry {
-        direction: if key.direction == ct_direction::REPLY {
-            "reply"
-        } else {
-            "original"
+        direction: match key.direction {
+            ct_direction::FLOW => "flow",
+            ct_direction::REPLY => "reply",
+            _ => "original",
         },
         protocol: protocol_name(key.proto),
         source: endpoint(key.saddr, key.sport),
