@@ -574,6 +574,42 @@ mod tests {
     }
 
     #[test]
+    fn a_flow_entry_is_one_row_with_its_client_frontend_and_backend() {
+        let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 40000);
+        let frontend = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 1), 30080);
+        let backend = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 10), 8080);
+        let key = lb_common::flow_key(u32::from(*client.ip()), client.port(), proto::TCP);
+        let value = Flow4Value {
+            last_seen_ns: SECOND,
+            backend_addr: u32::from(*backend.ip()),
+            backend_port: backend.port(),
+            frontend_addr: u32::from(*frontend.ip()),
+            frontend_port: frontend.port(),
+            state: tcp_state::ESTABLISHED,
+            flags: ct_flags::CLIENT_IN_FLOW,
+            ..Default::default()
+        }
+        .into_entry();
+        let key = as_client_side(&key, &value);
+        let row = describe_flow(&key, &value, 3 * SECOND, false);
+        assert_eq!(row.direction, "flow");
+        assert_eq!(row.source, client.to_string());
+        assert_eq!(row.destination, frontend.to_string());
+        assert_eq!(row.nat, backend.to_string());
+        assert_eq!(row.snat, None);
+        assert_eq!(row.state, "established");
+        assert_eq!(row.idle_s, 2.0);
+        for (address, port) in [(*frontend.ip(), frontend.port()), (*backend.ip(), 8080)] {
+            let filter = ConntrackFilter {
+                address: Some(address),
+                port: Some(port),
+                ..Default::default()
+            };
+            assert!(filter.matches(&key, &value), "{address}:{port}");
+        }
+    }
+
+    #[test]
     fn unset_timeouts_are_the_datapath_defaults() {
         // All zero: what a config map nobody wrote yet holds.
         let timeouts = CtTimeouts {

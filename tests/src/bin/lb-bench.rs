@@ -67,8 +67,8 @@ const MISS_DESTINATION: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 
 /// A prime larger than any frontend count: `k * STRIDE % n` visits every frontend once per `n`
 /// new flows, in an order that spreads them over the hash table.
 const STRIDE: u64 = 1_000_003;
-/// New flows per size at most (both new-flow paths together): each one takes two conntrack
-/// entries of the LRU map's 524288, and the bench wants none evicted.
+/// New flows per size at most (both new-flow paths together): each one takes a conntrack entry
+/// of the LRU map's 524288 (a SNAT flow would take two), and the bench wants none evicted.
 const MAX_NEW_FLOWS: u32 = 200_000;
 /// Unmeasured runs at the start of every block, after the previous block ran something else.
 const BLOCK_WARMUP: u32 = 50;
@@ -308,7 +308,7 @@ fn main() -> anyhow::Result<()> {
     ensure!(
         2 * flows_per_path <= MAX_NEW_FLOWS,
         "{flows_per_path} new flows per new-flow path and size: more than {} (conntrack holds {} \
-         entries, two per flow, and none may be evicted); lower --iterations or --warmup",
+         entries, at most two per flow, and none may be evicted); lower --iterations or --warmup",
         MAX_NEW_FLOWS / 2,
         limits::MAX_CONNTRACK
     );
