@@ -374,3 +374,41 @@ fn answers_of_a_flow_whose_backend_left_the_maps_are_translated_also_after_a_rel
     );
     assert_eq!(through_tc(&reloaded, &other), other);
 }
+
+/// The verifier walks every path of a program and refuses one that takes more than a million
+/// instructions to walk (BPF_COMPLEXITY_LIMIT_INSNS, kernel/bpf/verifier.c). A change that
+/// adds a lookup inside a bounded loop can multiply that count: each program must leave a
+/// quarter of the limit free, so that growth shows here, with its figure, before a load fails.
+#[test]
+fn every_program_leaves_a_quarter_of_the_verifiers_limit_free() {
+    const VERIFIER_LIMIT: u32 = 1_000_000;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "insns").expect("pins");
+    let _datapath = Datapath::load(pins.path()).expect("load");
+    let mut counts = Vec::new();
+    for name in [
+        lb_common::program_names::XDP_LB,
+        lb_common::program_names::TC_EGRESS,
+        lb_common::program_names::CONNECT4,
+        lb_common::program_names::SENDMSG4,
+        lb_common::program_names::RECVMSG4,
+        lb_common::program_names::GETPEERNAME4,
+        lb_common::program_names::SOCK_EGRESS4,
+        lb_common::program_names::SOCK_RELEASE,
+    ] {
+        let info = aya::programs::ProgramInfo::from_pin(pins.path().join(name))
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        let count = info
+            .verified_instruction_count()
+            .unwrap_or_else(|| panic!("{name}: the kernel reports no verified instruction count"));
+        counts.push((name, count));
+    }
+    println!("instructions the verifier walked: {counts:?}");
+    for (name, count) in counts {
+        assert!(
+            count <= VERIFIER_LIMIT / 4 * 3,
+            "{name}: the verifier walked {count} instructions, more than three quarters of its \
+             limit of {VERIFIER_LIMIT}"
+        );
+    }
+}
