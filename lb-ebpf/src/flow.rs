@@ -158,7 +158,11 @@ pub fn destination(
     arrival: &Arrival,
 ) -> Result<Destination, Event> {
     let now = now_ns();
-    if let Some(flow) = live_flow(tuple, now) {
+    // One lookup of the client's key serves both questions: is there a live flow, and who
+    // holds the key a new flow would take (a miss in the conntrack map is the dearest step of
+    // a new flow).
+    let flow_entry = CONNTRACK4.get_ptr_mut(&client_key(tuple));
+    if let Some(flow) = live_flow_of(flow_entry, tuple, now) {
         if let Some(destination) = follow(ctx, ip, tuple, flow, arrival, now)? {
             return Ok(destination);
         }
@@ -167,7 +171,24 @@ pub fn destination(
     if !ipv4_checksum_ok(ctx, ip.l4_offset) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
-    new_flow(tuple, service, arrival, ip.ttl > 1, now)
+    let key_holder = client_key_holder(flow_entry, tuple, now);
+    new_flow(tuple, service, arrival, ip.ttl > 1, now, key_holder)
+}
+
+/// Who holds the client's key for a new flow of this packet: free when nobody does, or when
+/// the holder is past its timeout or this client's earlier flow to the same frontend.
+#[inline(always)]
+fn client_key_holder(flow_entry: Option<*mut Ct4Value>, tuple: &Tuple, now: u64) -> Holder {
+    let Some(existing) = flow_entry else {
+        return Holder::Vacant;
+    };
+    // SAFETY: read-only use of an entry that stays valid for this run (RCU).
+    let existing = unsafe { &*existing };
+    if for_frontend(Flow4Value::of(existing), tuple) || past_timeout(existing, tuple.proto, now) {
+        Holder::Gone
+    } else {
+        Holder::Alive
+    }
 }
 
 /// Whether a live flow's REPLY entry is a separate one (a SNAT flow's, or a flow kept as two
@@ -183,7 +204,17 @@ fn has_reply_entry(client_side: &Ct4Value) -> bool {
 /// starts a new flow without the second lookup.
 #[inline(always)]
 pub fn live_flow(tuple: &Tuple, now: u64) -> Option<*mut Ct4Value> {
-    if let Some(entry) = CONNTRACK4.get_ptr_mut(&client_key(tuple)) {
+    live_flow_of(CONNTRACK4.get_ptr_mut(&client_key(tuple)), tuple, now)
+}
+
+/// As [`live_flow`], with the client's FLOW entry looked up already.
+#[inline(always)]
+fn live_flow_of(
+    flow_entry: Option<*mut Ct4Value>,
+    tuple: &Tuple,
+    now: u64,
+) -> Option<*mut Ct4Value> {
+    if let Some(entry) = flow_entry {
         // SAFETY: the entry stays valid for the program's run (RCU); racing writers on other
         // CPUs can only make last_seen/state slightly stale, which the timeouts tolerate.
         let flow = unsafe { &*entry };
@@ -401,6 +432,7 @@ fn new_flow(
     arrival: &Arrival,
     may_forward: bool,
     now: u64,
+    key_holder: Holder,
 ) -> Result<Destination, Event> {
     let (backend_id, backend) =
         if service.flags & service_flags::MAGLEV != 0 && service.affinity_timeout_s == 0 {
@@ -438,7 +470,10 @@ fn new_flow(
             ..tracked(&original, tuple)
         });
     }
-    if let Some(destination) = new_flow_in_one_entry(tuple, &mut original, arrival, now)? {
+    if key_holder != Holder::Alive
+        && let Some(destination) =
+            new_flow_in_one_entry(tuple, &mut original, arrival, now, key_holder)?
+    {
         count_service(service.service_id, 0, 0, 1);
         return Ok(destination);
     }
@@ -480,26 +515,19 @@ fn new_flow(
 }
 
 /// A new flow kept in its client's FLOW entry (with a SNAT flow's REPLY entry, which claims its
-/// port), taken with an insert that fails if another CPU took the key meanwhile. None when
-/// another live flow holds the key, or when a local endpoint's reply tuple is held by a flow
-/// kept as two entries: the flow is then kept as two entries too.
+/// port), taken with an insert that fails if another CPU took the key meanwhile (`holder`: who
+/// holds it now, never a live flow). None when a local endpoint's reply tuple is held by a flow
+/// kept as two entries, or when another CPU took the key: the flow is then kept as two
+/// entries.
 #[inline(always)]
 fn new_flow_in_one_entry(
     tuple: &Tuple,
     original: &mut Ct4Value,
     arrival: &Arrival,
     now: u64,
+    holder: Holder,
 ) -> Result<Option<Destination>, Event> {
     let key = client_key(tuple);
-    let holder = match CONNTRACK4.get_ptr(&key) {
-        None => Holder::Vacant,
-        // SAFETY: read-only use of an entry that stays valid for this run (RCU).
-        Some(existing) => match unsafe { &*existing } {
-            existing if for_frontend(Flow4Value::of(existing), tuple) => Holder::Gone,
-            existing if past_timeout(existing, tuple.proto, now) => Holder::Gone,
-            _ => return Ok(None),
-        },
-    };
     let mut claimed_reply = None;
     let flags = original.flags | ct_flags::CLIENT_IN_FLOW;
     if original.flags & ct_flags::SNAT != 0 {
