@@ -202,6 +202,13 @@ pub mod program_names {
     pub const RECVMSG4: &str = "lb_recvmsg4";
     /// cgroup/getpeername4: getpeername() shows the Service address.
     pub const GETPEERNAME4: &str = "lb_getpeername4";
+    /// cgroup/connect6: connect() of an AF_INET6 socket to an IPv4-mapped Service address goes
+    /// straight to a backend (its unconnected sendto() runs the sendmsg4 hook).
+    pub const CONNECT6: &str = "lb_connect6";
+    /// cgroup/recvmsg6: recvfrom() on an AF_INET6 socket shows the IPv4-mapped Service address.
+    pub const RECVMSG6: &str = "lb_recvmsg6";
+    /// cgroup/getpeername6: getpeername() on an AF_INET6 socket shows it too.
+    pub const GETPEERNAME6: &str = "lb_getpeername6";
     /// cgroup_skb/egress: packets of sockets sent to a Service with loadBalancerSourceRanges must
     /// come from inside them.
     pub const SOCK_EGRESS4: &str = "lb_sock_egress4";

@@ -6,6 +6,12 @@
 //! which ranges apply) in socket-local storage: `lb_sock_egress4` drops its packets from a source
 //! outside the ranges, and `lb_sock_release` removes its socket NAT entry when it closes.
 //!
+//! An AF_INET6 socket sending to an IPv4-mapped address (`::ffff:a.b.c.d`, a dual-stack socket
+//! reaching an IPv4 Service, as Java does by default) is translated as IPv4: its connect() runs
+//! the connect6 hook and its recvfrom()/getpeername() the IPv6 ones, with the mapped address;
+//! its unconnected sendto() goes through udp_sendmsg() and the sendmsg4 hook
+//! (net/ipv6/udp.c, `udpv6_sendmsg`).
+//!
 //! Attached to a cgroup v2 directory (the root in production, a private one in tests).
 
 use aya_ebpf::{
@@ -55,27 +61,98 @@ pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    redirect_mapped_to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_mapped_service_address(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_mapped_service_address(&ctx);
+    ALLOW
+}
+
 /// The destination (user_ip4/user_port, network byte order) becomes a backend when it is a
 /// frontend; the socket remembers the frontend for recvmsg/getpeername.
 #[inline(always)]
 fn redirect_to_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's whole run.
     let addr = unsafe { &mut *ctx.sock_addr };
-    let Ok(protocol) = u8::try_from(addr.protocol) else {
+    match backend_for(ctx, addr.protocol, addr.user_ip4, addr.user_port) {
+        Choice::NoService => ALLOW,
+        Choice::Refused => REJECT,
+        Choice::Backend { addr: ip, port } => {
+            addr.user_ip4 = ip;
+            addr.user_port = port;
+            ALLOW
+        }
+    }
+}
+
+/// As [`redirect_to_backend`], for an IPv4-mapped destination of an AF_INET6 socket: the
+/// backend is written mapped too. Any other IPv6 destination is left alone.
+#[inline(always)]
+fn redirect_mapped_to_backend(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: as in redirect_to_backend.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if !ipv4_mapped(&addr.user_ip6) {
         return ALLOW;
+    }
+    match backend_for(ctx, addr.protocol, addr.user_ip6[3], addr.user_port) {
+        Choice::NoService => ALLOW,
+        Choice::Refused => REJECT,
+        Choice::Backend { addr: ip, port } => {
+            addr.user_ip6[3] = ip;
+            addr.user_port = port;
+            ALLOW
+        }
+    }
+}
+
+/// Whether an IPv6 address (four words in network byte order) is IPv4-mapped, `::ffff:a.b.c.d`
+/// (RFC 4291 section 2.5.5.2).
+#[inline(always)]
+fn ipv4_mapped(words: &[u32; 4]) -> bool {
+    words[0] == 0 && words[1] == 0 && words[2] == 0x0000_ffff_u32.to_be()
+}
+
+/// What a socket call to an address gets.
+enum Choice {
+    /// No frontend there: the call goes on untouched.
+    NoService,
+    /// A frontend without a backend for this client: the call fails.
+    Refused,
+    /// This backend instead (network byte order, the port in the low 16 bits as user_port
+    /// holds it).
+    Backend { addr: u32, port: u32 },
+}
+
+/// The backend for a socket call to `ip`:`port` (network byte order, as bpf_sock_addr holds
+/// them) when that is a frontend, recorded for the socket (its socket NAT entry and storage)
+/// and counted as a new flow.
+#[inline(always)]
+fn backend_for(ctx: &SockAddrContext, protocol: u32, ip: u32, port: u32) -> Choice {
+    let Ok(protocol) = u8::try_from(protocol) else {
+        return Choice::NoService;
     };
     let tuple = Tuple {
         saddr: 0,
-        daddr: u32::from_be(addr.user_ip4),
+        daddr: u32::from_be(ip),
         sport: 0,
-        dport: u16::from_be(addr.user_port as u16),
+        dport: u16::from_be(port as u16),
         proto: protocol,
         tcp_flags: 0,
         seq: 0,
         seq_end: 0,
     };
     let Some(service) = lookup_frontend_for_node_client(&tuple) else {
-        return ALLOW;
+        return Choice::NoService;
     };
     let client = netns_cookie(ctx);
     let (_, backend) = match select_for_client(service, client, SOCKET_CLIENT, now_ns()) {
@@ -87,7 +164,7 @@ fn redirect_to_backend(ctx: &SockAddrContext) -> i32 {
             if event == Event::DROP_NO_BACKEND {
                 set_syscall_error(ECONNREFUSED);
             }
-            return REJECT;
+            return Choice::Refused;
         }
     };
     let key = SockNat4Key {
@@ -97,21 +174,22 @@ fn redirect_to_backend(ctx: &SockAddrContext) -> i32 {
         _pad: [0; 2],
     };
     let value = SockNat4Value {
-        addr: addr.user_ip4,
-        port: addr.user_port as u16,
+        addr: ip,
+        port: port as u16,
         _pad: [0; 2],
         service_id: service.service_id,
     };
     // Without the entry the application would see the backend as its peer: better to fail.
     if SOCK_NAT4.insert(&key, &value, 0).is_err() {
         count_event(Event::DROP_CT_FULL);
-        return REJECT;
+        return Choice::Refused;
     }
     remember_backend(ctx, service, &backend);
-    addr.user_ip4 = backend.addr;
-    addr.user_port = u32::from(backend.port);
     count_service(service.service_id, 0, 0, 1);
-    ALLOW
+    Choice::Backend {
+        addr: backend.addr,
+        port: u32::from(backend.port),
+    }
 }
 
 /// Records the socket's backend in its storage (created on first use), with the service whose
@@ -146,17 +224,38 @@ fn remember_backend(ctx: &SockAddrContext, service: &ServiceValue, backend: &Bac
 fn restore_service_address(ctx: &SockAddrContext) {
     // SAFETY: as above.
     let addr = unsafe { &mut *ctx.sock_addr };
+    if let Some(frontend) = frontend_of_peer(ctx, addr.user_ip4, addr.user_port) {
+        addr.user_ip4 = frontend.addr;
+        addr.user_port = u32::from(frontend.port);
+    }
+}
+
+/// As [`restore_service_address`], for an IPv4-mapped peer of an AF_INET6 socket.
+#[inline(always)]
+fn restore_mapped_service_address(ctx: &SockAddrContext) {
+    // SAFETY: as above.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if !ipv4_mapped(&addr.user_ip6) {
+        return;
+    }
+    if let Some(frontend) = frontend_of_peer(ctx, addr.user_ip6[3], addr.user_port) {
+        addr.user_ip6[3] = frontend.addr;
+        addr.user_port = u32::from(frontend.port);
+    }
+}
+
+/// The frontend this socket was sent to when its peer `ip`:`port` (network byte order) is the
+/// backend the hooks chose.
+#[inline(always)]
+fn frontend_of_peer(ctx: &SockAddrContext, ip: u32, port: u32) -> Option<SockNat4Value> {
     let key = SockNat4Key {
         cookie: socket_cookie(ctx),
-        addr: addr.user_ip4,
-        port: addr.user_port as u16,
+        addr: ip,
+        port: port as u16,
         _pad: [0; 2],
     };
-    // SAFETY: read-only use of an entry written whole.
-    if let Some(service) = unsafe { SOCK_NAT4.get(&key) } {
-        addr.user_ip4 = service.addr;
-        addr.user_port = u32::from(service.port);
-    }
+    // SAFETY: a read-only copy of an entry written whole.
+    unsafe { SOCK_NAT4.get(&key) }.copied()
 }
 
 /// cgroup_skb egress return value: let the packet go.

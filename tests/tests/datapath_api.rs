@@ -393,6 +393,9 @@ fn every_program_leaves_a_quarter_of_the_verifiers_limit_free() {
         lb_common::program_names::SENDMSG4,
         lb_common::program_names::RECVMSG4,
         lb_common::program_names::GETPEERNAME4,
+        lb_common::program_names::CONNECT6,
+        lb_common::program_names::RECVMSG6,
+        lb_common::program_names::GETPEERNAME6,
         lb_common::program_names::SOCK_EGRESS4,
         lb_common::program_names::SOCK_RELEASE,
     ] {

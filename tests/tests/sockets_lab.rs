@@ -311,3 +311,50 @@ fn closed_sockets_leave_no_entry_in_the_socket_nat_map() {
     assert_eq!(open, 1);
     assert_eq!(socket_nat_entries(&setup), 0);
 }
+
+/// A dual-stack (AF_INET6) socket reaching IPv4 Services through their IPv4-mapped addresses,
+/// as Java and other runtimes do by default: a TCP connection, a connected UDP socket and an
+/// unconnected one all reach the endpoint, and the socket API names the Service's mapped address
+/// as the peer. Untranslated, such a socket's packets would leave for the ClusterIP itself.
+#[test]
+fn a_dual_stack_socket_reaches_ipv4_services_through_their_mapped_addresses() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &(lab::agent::node_port_service("web", "10.96.0.10", 30080, "")
+                + "---\n"
+                + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+        )
+        .expect("apply");
+    setup
+        .apply("dns.yaml", &udp_service(&[(1, 0)]))
+        .expect("apply");
+    let runs = [
+        ("TCP", ClientRun::tcp("[::ffff:10.96.0.10]:80", 10)),
+        (
+            "connected UDP",
+            ClientRun::udp("[::ffff:10.96.0.53]:53", 10),
+        ),
+        (
+            "unconnected UDP",
+            ClientRun {
+                unconnected: true,
+                ..ClientRun::udp("[::ffff:10.96.0.53]:53", 10)
+            },
+        ),
+    ];
+    for (what, run) in runs {
+        let report = run
+            .run(setup.client_pod(), Some(&setup.cgroup))
+            .expect("client");
+        report.assert_all_ok(what);
+        assert_eq!(
+            report.peer_names,
+            [(run.to.to_owned(), 10)].into(),
+            "{what}: the socket names the Service as its peer"
+        );
+        assert_eq!(report.by_server.values().sum::<u64>(), 10, "{what}");
+    }
+}

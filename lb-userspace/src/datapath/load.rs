@@ -42,11 +42,14 @@ use super::{
     write::write_table,
 };
 
-const SOCKET_HOOKS: [&str; 4] = [
+const SOCKET_HOOKS: [&str; 7] = [
     program_names::CONNECT4,
     program_names::SENDMSG4,
     program_names::RECVMSG4,
     program_names::GETPEERNAME4,
+    program_names::CONNECT6,
+    program_names::RECVMSG6,
+    program_names::GETPEERNAME6,
 ];
 
 impl Datapath {

@@ -19,23 +19,29 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 8] = [
+pub const PROGRAMS: [&str; 11] = [
     program_names::XDP_LB,
     program_names::TC_EGRESS,
     program_names::CONNECT4,
     program_names::SENDMSG4,
     program_names::RECVMSG4,
     program_names::GETPEERNAME4,
+    program_names::CONNECT6,
+    program_names::RECVMSG6,
+    program_names::GETPEERNAME6,
     program_names::SOCK_EGRESS4,
     program_names::SOCK_RELEASE,
 ];
 
 /// Links of the cgroup hooks under `links/`, by their programs' names.
-const CGROUP_LINKS: [&str; 6] = [
+const CGROUP_LINKS: [&str; 9] = [
     program_names::CONNECT4,
     program_names::SENDMSG4,
     program_names::RECVMSG4,
     program_names::GETPEERNAME4,
+    program_names::CONNECT6,
+    program_names::RECVMSG6,
+    program_names::GETPEERNAME6,
     program_names::SOCK_EGRESS4,
     program_names::SOCK_RELEASE,
 ];

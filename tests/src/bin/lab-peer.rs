@@ -405,7 +405,12 @@ fn unix_ms() -> u64 {
 }
 
 fn udp_socket(args: &ClientArgs, timeout: Duration) -> std::io::Result<UdpSocket> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    // An IPv6 destination (an IPv4-mapped one included) needs an AF_INET6 socket.
+    let socket = UdpSocket::bind(if args.to.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    })?;
     if !args.unconnected {
         socket.connect(args.to)?;
     }
