@@ -1312,6 +1312,37 @@ fn after_a_flood_that_evicts_flows_every_flow_is_whole_again_on_its_next_packet(
     }
     assert!(!lost.is_empty(), "the flood evicted flows");
     println!("{checked} flows checked whole");
+
+    // An agent restart with the map this full: the new load walks every entry to rebuild the
+    // backend filter, and the new programs translate a kept flow's answer.
+    let started = std::time::Instant::now();
+    let reloaded = Datapath::load(pins.path()).expect("reload");
+    println!(
+        "reload with {} conntrack entries: {:?}",
+        entries.len(),
+        started.elapsed()
+    );
+    let maps = lb_userspace::observe::inspect::PinnedMaps::open(pins.path()).expect("pins");
+    let started = std::time::Instant::now();
+    let fill = maps.fill().expect("fill");
+    println!(
+        "map fill as a scrape reads it, conntrack this full: {:?} ({:?})",
+        started.elapsed(),
+        fill.iter()
+            .find(|map| map.map == lb_common::map_names::CONNTRACK4)
+    );
+    let kept_client = client(FLOOD - 1);
+    let answer = lb_userspace::datapath::testrun::test_run(
+        reloaded
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd"),
+        &packet::tcp(POD_A, kept_client, TcpFlags::ACK, b"after"),
+    )
+    .expect("run");
+    assert_eq!(
+        answer.packet,
+        packet::tcp(FRONTEND, kept_client, TcpFlags::ACK, b"after")
+    );
 }
 
 /// Rewrites a frame's IPv4 source and TCP source port, with both checksums recomputed in full

@@ -429,20 +429,18 @@ fn start_clock(ebpf: &mut Ebpf) -> Result<Option<JiffiesClock>> {
 /// The backends answers come from, by conntrack: the sources of the REPLY entries and the
 /// backends of the FLOW entries of local endpoints.
 fn reply_sources(conntrack: &HashMap<MapData, Ct4Key, Ct4Value>) -> Result<Vec<FilterKey>> {
-    let mut sources = Vec::new();
-    for key in conntrack.keys() {
-        let key = key.map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
-        if key.direction == ct_direction::REPLY {
-            sources.push(FilterKey::new(key.saddr, key.sport, key.proto));
-        } else if key.direction == ct_direction::FLOW
-            // An entry the LRU evicted since its key was listed has no answers to come.
-            && let Ok(entry) = conntrack.get(&key, 0)
-            && entry.flags & ct_flags::SNAT == 0
-        {
-            sources.push(FilterKey::new(entry.nat_addr, entry.nat_port, key.proto));
-        }
-    }
-    Ok(sources)
+    let entries = super::batch::read_hash_map(conntrack)
+        .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
+    Ok(entries
+        .iter()
+        .filter_map(|(key, entry)| match key.direction {
+            ct_direction::REPLY => Some(FilterKey::new(key.saddr, key.sport, key.proto)),
+            ct_direction::FLOW if entry.flags & ct_flags::SNAT == 0 => {
+                Some(FilterKey::new(entry.nat_addr, entry.nat_port, key.proto))
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 /// A map private to this load's object (not pinned: the agent fills it anew as it attaches).

@@ -33,6 +33,7 @@ use lb_common::{Frontend4Key, NicMac, SERVICE_NAME_LEN, service_flags};
 use crate::compile::model::{Backend, Service};
 
 mod address_filter;
+pub mod batch;
 pub mod bpf_link;
 pub mod bpf_obj;
 pub mod bpffs;

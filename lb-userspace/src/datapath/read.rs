@@ -66,10 +66,7 @@ impl Datapath {
 
     /// Every connection-tracking entry.
     pub fn conntrack(&self) -> Result<Vec<(Ct4Key, Ct4Value)>> {
-        self.maps
-            .conntrack
-            .iter()
-            .collect::<std::result::Result<_, _>>()
+        super::batch::read_hash_map(&self.maps.conntrack)
             .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))
     }
 

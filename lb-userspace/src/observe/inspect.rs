@@ -267,17 +267,15 @@ impl PinnedMaps {
 
     /// Conntrack entries the datapath still uses (an entry evicted or changed while the walk
     /// runs may be counted or not).
-    fn live_conntrack_entries(&self) -> u64 {
+    fn live_conntrack_entries(&self) -> anyhow::Result<u64> {
         let timeouts = self.conntrack_timeouts();
         let now = monotonic_ns();
-        self.0
-            .conntrack
+        Ok(crate::datapath::batch::read_hash_map(&self.0.conntrack)?
             .iter()
-            .filter_map(Result::ok)
             .filter(|(key, value)| {
                 timeouts.is_live(key.proto, value.state, value.last_seen_ns, now)
             })
-            .count() as u64
+            .count() as u64)
     }
 
     /// The connection-tracking entries `filter` selects.
@@ -285,13 +283,7 @@ impl PinnedMaps {
         let timeouts = self.conntrack_timeouts();
         let now = monotonic_ns();
         let mut entries = Vec::new();
-        for entry in self.0.conntrack.iter() {
-            let (key, value) = match entry {
-                Ok(entry) => entry,
-                // An LRU entry evicted between listing its key and reading it: skip it.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(error) => return Err(error.into()),
-            };
+        for (key, value) in crate::datapath::batch::read_hash_map(&self.0.conntrack)? {
             let key = as_client_side(&key, &value);
             let live = timeouts.is_live(key.proto, value.state, value.last_seen_ns, now);
             if (live || filter.include_expired) && filter.matches(&key, &value) {
@@ -318,8 +310,7 @@ impl PinnedMaps {
 
     /// Entries against capacity for every map that fills up; for conntrack, the live entries
     /// only (the LRU map keeps expired ones until it needs their room). Counting walks the keys
-    /// (one syscall each, two for conntrack): a full conntrack map takes about twice as long as
-    /// walking its keys alone (docs/metrics.md).
+    /// (one syscall each); conntrack is read in chunks (docs/metrics.md).
     pub fn fill(&self) -> anyhow::Result<Vec<MapFill>> {
         let (installed, _) = read_installed(&self.0.frontends, &self.0.slots)?;
         let maglev_tables = installed
@@ -347,7 +338,7 @@ impl PinnedMaps {
             ),
             MapFill {
                 map: map_names::CONNTRACK4,
-                entries: self.live_conntrack_entries(),
+                entries: self.live_conntrack_entries()?,
                 capacity: u64::from(limits::MAX_CONNTRACK),
             },
             fill(

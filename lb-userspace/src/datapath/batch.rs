@@ -1,0 +1,114 @@
+//! Reading a whole hash map in chunks (BPF_MAP_LOOKUP_BATCH, kernel >= 5.6): aya 0.16 iterates
+//! with two syscalls per entry (get_next_key, then lookup), which for a full conntrack map of
+//! 524,288 entries is about a million syscalls, on every agent start and every metrics scrape.
+
+use std::{
+    io,
+    mem::{MaybeUninit, size_of},
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+/// include/uapi/linux/bpf.h, `enum bpf_cmd`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Entries asked for per syscall. A chunk must hold every entry of the largest hash bucket
+/// (ENOSPC otherwise, which `read_all` answers by asking for more).
+const CHUNK: u32 = 4096;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Every (key, value) of the hash or LRU hash map `map` (not a per-CPU one), read in chunks.
+/// Entries the programs add or remove during the walk may be seen or not, as with an iterator.
+///
+/// `K` and `V` must be the map's key and value types: plain `repr(C)` data for which any bytes
+/// are a valid value (aya's `Pod`), of exactly the map's key and value sizes.
+pub fn read_all<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    let mut entries = Vec::new();
+    // A hash map's batch position is a bucket index (kernel/bpf/hashtab.c,
+    // `__htab_map_lookup_and_delete_batch`).
+    let mut position: u32 = 0;
+    let mut first = true;
+    let mut chunk = CHUNK;
+    loop {
+        let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(chunk as usize);
+        let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(chunk as usize);
+        let mut next: u32 = 0;
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                (&raw const position) as u64
+            },
+            out_batch: (&raw mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the attribute points at buffers of `chunk` keys and values of the map's sizes
+        // (the caller's contract) and at two u32 positions, all alive for the call; the kernel
+        // writes at most `count` entries and reports how many in `count`.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let error = (result < 0).then(io::Error::last_os_error);
+        match error.as_ref().and_then(io::Error::raw_os_error) {
+            // A bucket larger than the chunk: ask again from the same place with more room.
+            Some(libc::ENOSPC) if chunk < 1 << 20 => {
+                chunk *= 4;
+                continue;
+            }
+            None | Some(libc::ENOENT) => {}
+            Some(_) => return Err(error.unwrap_or_else(io::Error::last_os_error)),
+        }
+        let filled = (attr.count as usize).min(chunk as usize);
+        // SAFETY: the kernel wrote the first `filled` keys and values.
+        unsafe {
+            keys.set_len(filled);
+            values.set_len(filled);
+        }
+        entries.extend(
+            keys.into_iter()
+                .zip(values)
+                // SAFETY: initialised by the kernel, see above.
+                .map(|(key, value)| unsafe { (key.assume_init(), value.assume_init()) }),
+        );
+        // ENOENT: the walk reached the end (with or without entries in this last chunk).
+        if error.is_some() {
+            return Ok(entries);
+        }
+        position = next;
+        first = false;
+    }
+}
+
+/// [`read_all`] of an aya hash map handle, failing as aya's own calls do.
+pub fn read_hash_map<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+) -> Result<Vec<(K, V)>, aya::maps::MapError> {
+    use std::os::fd::AsFd as _;
+    read_all(aya::maps::IterableMap::map(map).fd().as_fd()).map_err(|io_error| {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error,
+        })
+    })
+}
