@@ -154,6 +154,25 @@ impl Host {
         self.ip(&["addr", "add", cidr, "dev", iface]).map(drop)
     }
 
+    /// Turns IPv6 on in this namespace, for the interfaces there and those to come ([`Lab::host`]
+    /// turns it off), without duplicate address detection: the link-local addresses of new
+    /// interfaces would be tentative for a second, and the lab's addresses are unique by
+    /// construction.
+    pub fn enable_ipv6(&self) -> anyhow::Result<()> {
+        for scope in ["default", "all"] {
+            self.sysctl(&format!("net.ipv6.conf.{scope}.accept_dad"), "0")?;
+            self.sysctl(&format!("net.ipv6.conf.{scope}.disable_ipv6"), "0")?;
+        }
+        Ok(())
+    }
+
+    /// Adds an IPv6 address without duplicate address detection: usable at once, not tentative
+    /// for the second or so DAD takes (the lab's addresses are unique by construction).
+    pub fn addr6(&self, iface: &str, cidr: &str) -> anyhow::Result<()> {
+        self.ip(&["addr", "add", cidr, "dev", iface, "nodad"])
+            .map(drop)
+    }
+
     /// Adds a route, e.g. `route(&["10.244.2.0/24", "via", "203.0.113.2"])`.
     pub fn route(&self, spec: &[&str]) -> anyhow::Result<()> {
         let mut args = vec!["route", "add"];

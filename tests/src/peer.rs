@@ -135,6 +135,17 @@ pub fn serve(host: &Host, name: &str, port: u16) -> anyhow::Result<Proc> {
     )
 }
 
+/// As [`serve`], on `[::]` (a dual-stack socket: IPv6 clients, and IPv4 ones seen as
+/// IPv4-mapped addresses).
+pub fn serve_dual_stack(host: &Host, name: &str, port: u16) -> anyhow::Result<Proc> {
+    let addr = format!("[::]:{port}");
+    host.spawn(
+        binary()?,
+        &["serve", "--name", name, "--tcp", &addr, "--udp", &addr],
+        None,
+    )
+}
+
 /// Waits until a client run with this `ready_file` has had its first request answered: the
 /// moment a test can change something under a client that is under way.
 pub fn wait_until_answered(ready_file: &Path, timeout: Duration) -> anyhow::Result<()> {

@@ -9,10 +9,14 @@
 //!                                                  +-- pods 10.244.2.10, ...
 //! ```
 //!
-//! The client has no default route: it reaches the fabric's /24 and whatever a test routes
+//! With [`ClusterSpec::dual_stack`], on documentation prefixes (RFC 3849), the fabric is also
+//! 2001:db8:f::/64 (node n at 2001:db8:f::n, the client at 2001:db8:f::10) and node n's pods
+//! 2001:db8:244:n::/64 (gateway ::1 on cni0, pod p at ::1p, as 10.244.n.1p); otherwise IPv6 is
+//! off, so that neighbour discovery adds nothing to packet counts. The client has no default
+//! route in either family: it reaches the fabric's networks and whatever a test routes
 //! explicitly (external or LoadBalancer IPs via a node), and nothing else.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::programs::XdpMode;
 use lb_userspace::datapath::counter::XdpCounter;
@@ -38,6 +42,37 @@ pub fn pod_addr(node: u8, pod: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, node, 10 + pod)
 }
 
+/// The prefix length of the fabric's and the pod networks' IPv6 addresses.
+pub const IPV6_PREFIX_LEN: u8 = 64;
+/// The client's IPv6 address on the fabric.
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x10);
+
+/// Node `n` (1-based) on the fabric, over IPv6: 2001:db8:f::n.
+pub fn node_addr6(node: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, u16::from(node))
+}
+
+/// Node `n`'s pod network, over IPv6: 2001:db8:244:n::/64.
+fn pod_network6(node: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0x244, u16::from(node), 0, 0, 0, 0)
+}
+
+/// Pod `p` (0-based) of node `n` (1-based), over IPv6: 2001:db8:244:n::1p, read as its IPv4
+/// address 10.244.n.1p reads (for p below 10).
+pub fn pod_addr6(node: u8, pod: u8) -> Ipv6Addr {
+    let network = pod_network6(node).segments();
+    Ipv6Addr::new(
+        network[0],
+        network[1],
+        network[2],
+        network[3],
+        0,
+        0,
+        0,
+        0x10 + u16::from(pod),
+    )
+}
+
 /// How many pods each node runs: `pods_per_node[i]` for node i + 1.
 pub struct ClusterSpec {
     pub pods_per_node: Vec<u8>,
@@ -45,6 +80,8 @@ pub struct ClusterSpec {
     /// physical network would take what a node's XDP transmits; false leaves the fabric's veth
     /// ends as a container runtime does (a kind node's eth0).
     pub fabric_napi: bool,
+    /// IPv6 addresses and routes beside the IPv4 ones (module docs).
+    pub dual_stack: bool,
 }
 
 impl Default for ClusterSpec {
@@ -53,6 +90,7 @@ impl Default for ClusterSpec {
         Self {
             pods_per_node: vec![2, 1],
             fabric_napi: true,
+            dual_stack: false,
         }
     }
 }
@@ -83,14 +121,17 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn build(lab: &mut Lab, spec: &ClusterSpec) -> anyhow::Result<Self> {
-        let fabric = lab.host("fabric")?;
+        let family = Families {
+            dual_stack: spec.dual_stack,
+        };
+        let fabric = family.host(lab, "fabric")?;
         fabric.bridge("br0")?;
-        let client = lab.host("client")?;
-        attach_to_fabric(lab, &fabric, &client, CLIENT_ADDR)?;
+        let client = family.host(lab, "client")?;
+        family.attach_to_fabric(lab, &fabric, &client, CLIENT_ADDR, CLIENT_ADDR6)?;
         let mut nodes = Vec::new();
         for (index, &pod_count) in spec.pods_per_node.iter().enumerate() {
             let number = u8::try_from(index + 1)?;
-            nodes.push(build_node(lab, &fabric, number, pod_count)?);
+            nodes.push(family.build_node(lab, &fabric, number, pod_count)?);
         }
         // Pod networks of other nodes are reached through that node, as a CNI's routes would.
         for node in &nodes {
@@ -100,6 +141,13 @@ impl Cluster {
                     "via",
                     &other.addr.to_string(),
                 ])?;
+                if spec.dual_stack {
+                    node.host.route(&[
+                        &format!("{}/{IPV6_PREFIX_LEN}", pod_network6(other.number)),
+                        "via",
+                        &node_addr6(other.number).to_string(),
+                    ])?;
+                }
             }
         }
         // A veth hands frames a node sends with XDP_TX (replies and forwarded packets of the
@@ -135,41 +183,83 @@ impl Cluster {
     }
 }
 
-fn attach_to_fabric(lab: &Lab, fabric: &Host, host: &Host, addr: Ipv4Addr) -> anyhow::Result<()> {
-    let port = format!("p-{}", host.name());
-    lab.veth(host, FABRIC_IFACE, fabric, &port)?;
-    fabric.enslave(&port, "br0")?;
-    host.addr(FABRIC_IFACE, &format!("{addr}/{FABRIC_PREFIX_LEN}"))
+/// Which address families the lab's hosts get.
+struct Families {
+    dual_stack: bool,
 }
 
-fn build_node(lab: &mut Lab, fabric: &Host, number: u8, pod_count: u8) -> anyhow::Result<Node> {
-    let host = lab.host(&format!("node{number}"))?;
-    let addr = node_addr(number);
-    attach_to_fabric(lab, fabric, &host, addr)?;
-    host.sysctl("net.ipv4.ip_forward", "1")?;
-    host.bridge("cni0")?;
-    let gateway = Ipv4Addr::new(10, 244, number, 1);
-    host.addr("cni0", &format!("{gateway}/24"))?;
-    let mut pods = Vec::new();
-    for pod in 0..pod_count {
-        let name = format!("n{number}p{pod}");
-        let pod_host = lab.host(&name)?;
-        let port = format!("v-{name}");
-        lab.veth(&pod_host, POD_IFACE, &host, &port)?;
-        host.enslave(&port, "cni0")?;
-        let pod_addr = pod_addr(number, pod);
-        pod_host.addr(POD_IFACE, &format!("{pod_addr}/24"))?;
-        pod_host.route(&["default", "via", &gateway.to_string()])?;
-        pods.push(Pod {
-            host: pod_host,
-            addr: pod_addr,
-            node: number,
-        });
+impl Families {
+    fn host(&self, lab: &mut Lab, name: &str) -> anyhow::Result<Host> {
+        let host = lab.host(name)?;
+        if self.dual_stack {
+            host.enable_ipv6()?;
+        }
+        Ok(host)
     }
-    Ok(Node {
-        host,
-        number,
-        addr,
-        pods,
-    })
+
+    fn attach_to_fabric(
+        &self,
+        lab: &Lab,
+        fabric: &Host,
+        host: &Host,
+        addr: Ipv4Addr,
+        addr6: Ipv6Addr,
+    ) -> anyhow::Result<()> {
+        let port = format!("p-{}", host.name());
+        lab.veth(host, FABRIC_IFACE, fabric, &port)?;
+        fabric.enslave(&port, "br0")?;
+        host.addr(FABRIC_IFACE, &format!("{addr}/{FABRIC_PREFIX_LEN}"))?;
+        if self.dual_stack {
+            host.addr6(FABRIC_IFACE, &format!("{addr6}/{IPV6_PREFIX_LEN}"))?;
+        }
+        Ok(())
+    }
+
+    fn build_node(
+        &self,
+        lab: &mut Lab,
+        fabric: &Host,
+        number: u8,
+        pod_count: u8,
+    ) -> anyhow::Result<Node> {
+        let host = self.host(lab, &format!("node{number}"))?;
+        let addr = node_addr(number);
+        self.attach_to_fabric(lab, fabric, &host, addr, node_addr6(number))?;
+        host.sysctl("net.ipv4.ip_forward", "1")?;
+        host.bridge("cni0")?;
+        let gateway = Ipv4Addr::new(10, 244, number, 1);
+        host.addr("cni0", &format!("{gateway}/24"))?;
+        let gateway6 = Ipv6Addr::from(u128::from(pod_network6(number)) | 1);
+        if self.dual_stack {
+            host.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            host.addr6("cni0", &format!("{gateway6}/{IPV6_PREFIX_LEN}"))?;
+        }
+        let mut pods = Vec::new();
+        for pod in 0..pod_count {
+            let name = format!("n{number}p{pod}");
+            let pod_host = self.host(lab, &name)?;
+            let port = format!("v-{name}");
+            lab.veth(&pod_host, POD_IFACE, &host, &port)?;
+            host.enslave(&port, "cni0")?;
+            let pod_addr = pod_addr(number, pod);
+            pod_host.addr(POD_IFACE, &format!("{pod_addr}/24"))?;
+            pod_host.route(&["default", "via", &gateway.to_string()])?;
+            if self.dual_stack {
+                let pod_addr6 = pod_addr6(number, pod);
+                pod_host.addr6(POD_IFACE, &format!("{pod_addr6}/{IPV6_PREFIX_LEN}"))?;
+                pod_host.route(&["::/0", "via", &gateway6.to_string()])?;
+            }
+            pods.push(Pod {
+                host: pod_host,
+                addr: pod_addr,
+                node: number,
+            });
+        }
+        Ok(Node {
+            host,
+            number,
+            addr,
+            pods,
+        })
+    }
 }

@@ -3,7 +3,9 @@
 use lab::{
     lab::{Cgroup, Lab, NAME_PREFIX, list_namespaces},
     peer::{self, ClientRun},
-    topology::{CLIENT_ADDR, Cluster, ClusterSpec, node_addr, pod_addr},
+    topology::{
+        CLIENT_ADDR, CLIENT_ADDR6, Cluster, ClusterSpec, node_addr, node_addr6, pod_addr, pod_addr6,
+    },
 };
 
 fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
@@ -55,6 +57,50 @@ fn the_cluster_is_wired_as_designed() {
     // ...and nothing else: no default route, so an unrouted address fails before any packet leaves.
     let unrouted = format!("{}:9000", pod_addr(2, 0));
     let report = ClientRun::tcp(&unrouted, 1)
+        .run(&cluster.client, None)
+        .expect("client");
+    assert_eq!(report.errors, 1, "{report:?}");
+    assert!(
+        report.error_samples[0].contains("unreachable"),
+        "{report:?}"
+    );
+}
+
+/// The lab is dual-stack: the same paths over IPv6 (pod to pod across nodes without NAT, the
+/// client to a node on the fabric) and, from the client, nothing unrouted.
+#[test]
+fn the_cluster_is_dual_stack() {
+    let mut lab = Lab::new().expect("lab");
+    let spec = ClusterSpec {
+        dual_stack: true,
+        ..ClusterSpec::default()
+    };
+    let cluster = Cluster::build(&mut lab, &spec).expect("cluster");
+    let _server =
+        peer::serve_dual_stack(&cluster.node(2).pods[0].host, "n2p0", 9000).expect("server");
+    let _node_server =
+        peer::serve_dual_stack(&cluster.node(1).host, "node1", 9000).expect("server");
+
+    let target = format!("[{}]:9000", pod_addr6(2, 0));
+    let report = ClientRun::tcp(&target, 3)
+        .run(&cluster.node(1).pods[1].host, None)
+        .expect("client");
+    assert_eq!(report.ok, 3, "{report:?}");
+    assert_eq!(
+        report.peers_seen.keys().collect::<Vec<_>>(),
+        [&format!("[{}]", pod_addr6(1, 1))]
+    );
+
+    let report = ClientRun::udp(&format!("[{}]:9000", node_addr6(1)), 3)
+        .run(&cluster.client, None)
+        .expect("client");
+    assert_eq!(report.ok, 3, "{report:?}");
+    assert_eq!(
+        report.peers_seen.keys().collect::<Vec<_>>(),
+        [&format!("[{CLIENT_ADDR6}]")]
+    );
+
+    let report = ClientRun::tcp(&target, 1)
         .run(&cluster.client, None)
         .expect("client");
     assert_eq!(report.errors, 1, "{report:?}");
