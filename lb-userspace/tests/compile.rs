@@ -100,6 +100,9 @@ fn render(desired: &Desired) -> Vec<String> {
             if service.flags & lb_common::service_flags::MAGLEV != 0 {
                 line.push_str(" maglev");
             }
+            if service.flags & lb_common::service_flags::NODE_CLIENTS_ENTRY != 0 {
+                line.push_str(" node-clients-elsewhere");
+            }
             if service.flags & lb_common::service_flags::SOURCE_RANGES != 0 {
                 let ranges: Vec<String> = service
                     .source_ranges
@@ -447,7 +450,24 @@ fn rows() -> Vec<Row> {
                 + &web_slice(),
             expected: &[
                 "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport(node-clients), 203.0.113.1:30080 nodeport(node-clients)] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
-                "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only",
+                "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only node-clients-elsewhere",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "externalTrafficPolicy Local with loadBalancerSourceRanges: this node's own clients reach the LoadBalancer IP's cluster-wide endpoints, still within the ranges",
+            yaml: NODE1.to_owned()
+                + &service(
+                    "web",
+                    "  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [203.0.113.0/24]\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.20\n",
+                )
+                + &web_slice(),
+            expected: &[
+                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport(node-clients), 203.0.113.1:30080 nodeport(node-clients)] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
+                "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only node-clients-elsewhere",
+                "default/web:http/TCP[loadbalancer] fe=[198.51.100.20:80 lb] be=[10.244.1.10:8080 L] affinity=0 local-only node-clients-elsewhere ranges=[203.0.113.0/24]",
+                "default/web:http/TCP[loadbalancer-node-clients] fe=[198.51.100.20:80 lb(node-clients)] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0 ranges=[203.0.113.0/24]",
             ],
             problems: &[],
             held: &[],
@@ -527,7 +547,7 @@ fn rows() -> Vec<Row> {
                 ]),
             expected: &[
                 "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport(node-clients), 203.0.113.1:30080 nodeport(node-clients)] be=[10.244.2.10:8080] affinity=0",
-                "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only",
+                "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only node-clients-elsewhere",
             ],
             problems: &[],
             held: &[],
@@ -1488,7 +1508,7 @@ fn endpoints_without_node_name_are_local_when_the_routes_put_them_here() {
     assert_eq!(
         external,
         [
-            "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only"
+            "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L] affinity=0 local-only node-clients-elsewhere"
         ]
     );
 }

@@ -253,6 +253,45 @@ fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
     node_port.assert_all_ok("NodePort from outside the range");
 }
 
+/// externalTrafficPolicy Local with loadBalancerSourceRanges: a pod of node1 inside the ranges
+/// reaches the LoadBalancer IP's cluster-wide endpoints (node2's pod here, kube-proxy's
+/// short-circuit), and once the ranges leave it out, it is refused.
+#[test]
+fn a_pod_reaches_a_ranged_local_load_balancer_ip_through_the_cluster_wide_endpoints() {
+    let mut lab = AgentLab::new().expect("lab");
+    lab.start_agent(&[]).expect("agent");
+    let remote_only = endpoint_slice("web", &[(pod_addr(2, 0), "node2")]);
+    let service = |ranges: &str| {
+        load_balancer_service(
+            &format!("  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [{ranges}]\n"),
+            "[{ip: 198.51.100.20}]",
+        ) + "---\n"
+            + &remote_only
+    };
+    lab.apply("web.yaml", &service("10.244.1.0/24"))
+        .expect("apply");
+    let from_pod = ClientRun::tcp("198.51.100.20:80", 20)
+        .run(lab.client_pod(), Some(&lab.cgroup))
+        .expect("client");
+    from_pod.assert_all_ok("a pod of this node inside the ranges");
+    assert_eq!(from_pod.servers(), ["n2p0"].into());
+
+    lab.apply("web.yaml", &service("203.0.113.0/24"))
+        .expect("apply");
+    let before = events(&lab)["drop_source_range"];
+    let refused = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp("198.51.100.20:80", 2)
+    }
+    .run(lab.client_pod(), Some(&lab.cgroup))
+    .expect("client");
+    assert_eq!(refused.errors, 2, "{refused:?}");
+    assert!(
+        events(&lab)["drop_source_range"] > before,
+        "refused traffic is counted"
+    );
+}
+
 #[test]
 fn session_affinity_pins_a_client_until_the_timeout() {
     let mut lab = AgentLab::with_spec(&ClusterSpec {

@@ -130,6 +130,9 @@ pub enum Scope {
     External,
     /// LoadBalancer IPs with loadBalancerSourceRanges (externalTrafficPolicy too).
     LoadBalancer,
+    /// The same LoadBalancer IPs for this node's own clients when externalTrafficPolicy is
+    /// Local: the internalTrafficPolicy's endpoints, still within the source ranges.
+    LoadBalancerNodeClients,
 }
 
 impl std::fmt::Display for ServicePortKey {
@@ -147,6 +150,7 @@ impl std::fmt::Display for ServicePortKey {
             Scope::Internal => write!(f, "[internal]"),
             Scope::External => write!(f, "[external]"),
             Scope::LoadBalancer => write!(f, "[loadbalancer]"),
+            Scope::LoadBalancerNodeClients => write!(f, "[loadbalancer-node-clients]"),
         }
     }
 }

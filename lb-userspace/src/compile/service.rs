@@ -411,27 +411,49 @@ impl Policy {
             } else {
                 service_flags::LOAD_BALANCER
             };
+        let for_node_clients = |frontends: &BTreeSet<Frontend>| -> BTreeSet<Frontend> {
+            frontends
+                .iter()
+                .map(|frontend| Frontend {
+                    kind: frontend.kind | service_flags::FOR_NODE_CLIENTS,
+                    ..*frontend
+                })
+                .collect()
+        };
+        // kube-proxy's short-circuit for externalTrafficPolicy Local: this node's pods and
+        // processes have no client address to preserve, so they reach the external frontends
+        // through the internal policy (and a ranged LoadBalancer IP still within its ranges).
+        let node_clients_entry = if self.external_local {
+            service_flags::NODE_CLIENTS_ENTRY
+        } else {
+            0
+        };
         let external = of_kind(external_kinds);
         let mut internal = of_kind(service_flags::CLUSTER_IP);
-        let mut external_flags = local(self.external_local);
         if self.external_local {
-            // kube-proxy's short-circuit: this node's pods and processes have no client address
-            // to preserve, so they reach the external frontends through the internal policy.
-            internal.extend(external.iter().map(|frontend| Frontend {
-                kind: frontend.kind | service_flags::FOR_NODE_CLIENTS,
-                ..*frontend
-            }));
-            external_flags |= service_flags::NODE_CLIENTS_ENTRY;
+            internal.extend(for_node_clients(&external));
         }
         let mut groups = vec![
             (Scope::Internal, internal, local(self.internal_local)),
-            (Scope::External, external, external_flags),
+            (
+                Scope::External,
+                external,
+                local(self.external_local) | node_clients_entry,
+            ),
         ];
         if ranged {
+            let load_balancer = of_kind(service_flags::LOAD_BALANCER);
+            if self.external_local {
+                groups.push((
+                    Scope::LoadBalancerNodeClients,
+                    for_node_clients(&load_balancer),
+                    local(self.internal_local) | service_flags::SOURCE_RANGES,
+                ));
+            }
             groups.push((
                 Scope::LoadBalancer,
-                of_kind(service_flags::LOAD_BALANCER),
-                local(self.external_local) | service_flags::SOURCE_RANGES,
+                load_balancer,
+                local(self.external_local) | service_flags::SOURCE_RANGES | node_clients_entry,
             ));
         }
         groups.retain(|(_, frontends, _)| !frontends.is_empty());
