@@ -998,7 +998,7 @@ const _: () = assert!(size_of::<Ct4Value>() == 48);
 ///
 /// Flows to a local endpoint are kept whole here (an answer looks up its destination's key and
 /// checks its source against `backend`). A SNAT flow keeps its client's side here and its REPLY
-/// entry (the SNAT port's claim) as before, marked [`ct_flags::FORWARD_IN_FLOW`]. A flow whose
+/// entry (the SNAT port's claim) as before, marked [`ct_flags::CLIENT_IN_FLOW`]. A flow whose
 /// client key another live flow holds (one client address and port to two frontends) is kept as
 /// an ORIGINAL and a REPLY entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -1083,7 +1083,7 @@ pub mod ct_flags {
     /// clash with another flow's: ORIGINAL entries hold the new port in `snat_port`, REPLY
     /// entries are keyed by it and restore the client's own port (tc egress).
     pub const PORT_REMAP: u8 = 1 << 5;
-    /// ORIGINAL entries: the flow was admitted by its service's loadBalancerSourceRanges, which
+    /// FLOW and ORIGINAL entries: the flow was admitted by its service's loadBalancerSourceRanges, which
     /// its later packets are checked against too (a range removed stops the flow).
     pub const SOURCE_CHECKED: u8 = 1 << 6;
     /// The client's side of the flow is its FLOW entry (keyed by the client,

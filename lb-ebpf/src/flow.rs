@@ -136,16 +136,17 @@ pub fn no_backend(service: &ServiceValue) -> Event {
 
 /// The backend for a packet addressed to `service`: the flow's tracked backend while the entry is
 /// alive (for UDP: and the backend still exists), else a fresh choice (sticky for the client when
-/// the service has session affinity, random otherwise), tracked from now on in both directions.
+/// the service has session affinity, random otherwise), tracked from now on.
 /// A TCP flow keeps its backend until it ends, also when the backend leaves the service:
 /// kube-proxy users rely on that during rollouts. A backend on another node is reached through
 /// SNAT unless the service's policy is Local; `may_forward` is false when the packet could not
 /// be forwarded (its TTL runs out), and such a packet creates no flow to a remote backend.
 ///
-/// A flow is two entries (ORIGINAL, keyed as the client sends; REPLY, keyed as the backend
-/// answers) that the LRU map may evict one at a time. Every packet of a tracked flow checks that
-/// its REPLY half is there and still its own: a lost half is recreated, and a flow whose reply
-/// tuple now serves another flow starts over instead of mixing the two.
+/// A flow to a local endpoint is one FLOW entry, keyed by its client. A SNAT flow, and a flow
+/// whose client key another flow held, also has a REPLY entry, which the LRU map may evict on
+/// its own: every client packet of such a flow checks that its REPLY half is there and still its
+/// own; a lost half is recreated, and a flow whose reply tuple now serves another flow starts
+/// over instead of mixing the two (docs/datapath.md, Connection tracking).
 #[inline(always)]
 /// The IPv4 header checksum is checked only for a packet that creates or ends a flow: the stack
 /// drops one with a bad checksum, so it must not change state, and any other packet with a bad
@@ -201,7 +202,7 @@ fn has_reply_entry(client_side: &Ct4Value) -> bool {
 /// The client's side of the live flow this packet continues, if any: its client's FLOW entry
 /// when that is for this frontend, else its ORIGINAL entry (a flow whose client key another
 /// flow held when it began, or one from before FLOW entries). A TCP SYN without a FLOW entry
-/// starts a new flow without the second lookup.
+/// starts a new flow without the second lookup, unless it comes from a port of the remap range.
 #[inline(always)]
 pub fn live_flow(tuple: &Tuple, now: u64) -> Option<*mut Ct4Value> {
     live_flow_of(CONNTRACK4.get_ptr_mut(&client_key(tuple)), tuple, now)
@@ -221,7 +222,12 @@ fn live_flow_of(
         if for_frontend(Flow4Value::of(flow), tuple) {
             return continues(flow, tuple, now).then_some(entry);
         }
-    } else if tuple.proto == proto::TCP && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    } else if tuple.proto == proto::TCP
+        && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && !remap_range_holds(tuple.sport)
+    {
+        // A new connection. (From a port of the remap range it may be the retransmitted SYN of
+        // a flow kept as two entries because its reply tuple was taken: that one is looked up.)
         return None;
     }
     let entry = CONNTRACK4.get_ptr_mut(&original_key(tuple))?;
@@ -230,7 +236,7 @@ fn live_flow_of(
 }
 
 /// A copy of the client's side of the flow of a client's packet (its FLOW entry or ORIGINAL
-/// entry, [`LiveFlow`]), live or not.
+/// entry), live or not.
 #[inline(always)]
 pub fn client_side(tuple: &Tuple) -> Option<Ct4Value> {
     // SAFETY: read-only copies of entries that stay valid for this run (RCU).
@@ -338,7 +344,7 @@ fn tracked(entry: &Ct4Value, tuple: &Tuple) -> Destination {
     }
 }
 
-/// Whether a packet belongs to the flow its ORIGINAL entry tracks.
+/// Whether a packet belongs to the flow its FLOW or ORIGINAL entry tracks.
 #[inline(always)]
 fn continues(entry: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
     timeouts().is_live(tuple.proto, entry.state, entry.last_seen_ns, now)
@@ -355,6 +361,13 @@ fn keeps_reply_half(original: &mut Ct4Value, tuple: &Tuple, arrival: &Arrival, n
     let reply = match CONNTRACK4.get_ptr_mut(&key) {
         Some(reply) => reply,
         None if dry_run() => return true,
+        // A local endpoint's reply tuple may have gone to a FLOW entry meanwhile (the client
+        // sends from that port itself): the flow starts over rather than share it.
+        None if original.flags & ct_flags::SNAT == 0
+            && answers_of_flow(original, tuple.proto, (key.daddr, key.dport), now) =>
+        {
+            return false;
+        }
         None => {
             let reply = reply_value(original, tuple, arrival, now);
             if CONNTRACK4.insert(&key, &reply, BPF_NOEXIST).is_ok() {
@@ -528,6 +541,11 @@ fn new_flow_in_one_entry(
     holder: Holder,
 ) -> Result<Option<Destination>, Event> {
     let key = client_key(tuple);
+    // A dead holder goes first, also when this flow ends up kept as two entries: left there, a
+    // dead entry for this frontend would hide the pair from live_flow.
+    if holder != Holder::Vacant {
+        let _ = CONNTRACK4.remove(&key);
+    }
     let mut claimed_reply = None;
     let flags = original.flags | ct_flags::CLIENT_IN_FLOW;
     if original.flags & ct_flags::SNAT != 0 {
@@ -547,9 +565,6 @@ fn new_flow_in_one_entry(
         frontend_port: tuple.dport,
         ..*Flow4Value::of(original)
     };
-    if holder != Holder::Vacant {
-        let _ = CONNTRACK4.remove(&key);
-    }
     if CONNTRACK4
         .insert(&key, &flow.into_entry(), BPF_NOEXIST)
         .is_err()
@@ -662,15 +677,25 @@ fn claim_port(
 /// `client` (address and port): the reply tuple of a remapped flow must not be its too.
 #[inline(always)]
 fn answers_of_flow(original: &Ct4Value, protocol: u8, client: (u32, u16), now: u64) -> bool {
-    let Some(flow) = CONNTRACK4.get_ptr(&flow_key(client.0, client.1, protocol)) else {
+    let key = flow_key(client.0, client.1, protocol);
+    let Some(flow) = CONNTRACK4.get_ptr(&key) else {
         return false;
     };
     // SAFETY: read-only use of an entry that stays valid for this run (RCU).
     let flow = unsafe { &*flow };
-    flow.flags & ct_flags::SNAT == 0
-        && flow.nat_addr == original.nat_addr
-        && flow.nat_port == original.nat_port
-        && !past_timeout(flow, protocol, now)
+    if flow.flags & ct_flags::SNAT != 0
+        || flow.nat_addr != original.nat_addr
+        || flow.nat_port != original.nat_port
+    {
+        return false;
+    }
+    if past_timeout(flow, protocol, now) {
+        // Over, but tc would still translate the backend's answers with it (answers do not
+        // check liveness): it goes before the tuple serves another flow.
+        let _ = CONNTRACK4.remove(&key);
+        return false;
+    }
+    true
 }
 
 /// Who holds a reply tuple.

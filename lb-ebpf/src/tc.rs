@@ -158,8 +158,8 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
     let Some(quote) = icmp::quoted(&error) else {
         return Ok(());
     };
-    // The quoted packet went from the client to the endpoint: the flow's REPLY entry is keyed
-    // from the endpoint to the client.
+    // The quoted packet went from the client to the endpoint: its flow is found as an answer
+    // from the endpoint to the client would find it (FLOW entry, else REPLY entry).
     let ((client, client_port), (endpoint, endpoint_port)) = (quote.source, quote.destination);
     let answer = Tuple {
         saddr: endpoint,

@@ -150,13 +150,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     let mut datapath = Datapath::load(&config.pin_dir).context("loading the datapath")?;
     for iface in &config.interfaces {
+        // tc first: a new tc program translates the answers of what either the old or the new
+        // XDP program tracks, while an old tc program knows nothing of the new kinds of entry.
+        datapath
+            .attach_tc_egress(iface)
+            .with_context(|| format!("attaching tc egress to {iface}"))?;
         let mode = config.xdp_mode.for_interface(iface);
         datapath
             .attach_xdp(iface, mode)
             .with_context(|| format!("attaching XDP to {iface} ({mode:?})"))?;
-        datapath
-            .attach_tc_egress(iface)
-            .with_context(|| format!("attaching tc egress to {iface}"))?;
     }
     if let Some(cgroup) = &config.cgroup {
         datapath

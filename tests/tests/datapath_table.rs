@@ -1474,7 +1474,7 @@ fn tcp_source_port(frame: &[u8]) -> u16 {
 }
 
 /// Flows kept as two entries (ORIGINAL and REPLY) live beside the FLOW entries of the rest: a
-/// pair written by the previous datapath goes on after an upgrade; a flow whose client port
+/// pair written by the previous datapath goes on, and gets a FLOW entry at the next load; a flow whose client port
 /// another flow holds is kept as a pair with its port remapped, never onto a port the client's
 /// own FLOW entries take answers on, and goes on when the owner's entry is gone; a new flow
 /// whose reply tuple a pair holds is kept as a pair too. Every answer goes back from the
@@ -1590,6 +1590,46 @@ fn flows_kept_as_two_entries_go_on_beside_flow_entries_and_never_share_a_reply_t
         lb_common::flow_key(u32::from(*old_client.ip()), old_client.port(), proto::TCP);
     assert!(conntrack.get(&old_flow_key, 0).is_err(), "it stays a pair");
 
+    // The new agent's load gives it a FLOW entry, which holds its client's key: the same client
+    // port to the other frontend of the same pod is then remapped, and each flow's answers go
+    // back from the frontend it used (without the FLOW entry both flows would have had one
+    // reply tuple).
+    let mut datapath = Datapath::load(pins.path()).expect("reload");
+    let migrated = conntrack.get(&old_flow_key, 0).expect("its FLOW entry");
+    let migrated = lb_common::Flow4Value::of(&migrated);
+    assert_eq!(
+        (migrated.frontend_addr, migrated.frontend_port),
+        (u32::from(NODE), NODE_PORT)
+    );
+    assert_eq!(
+        (migrated.backend_addr, migrated.backend_port, migrated.state),
+        (u32::from(*POD_A.ip()), POD_A.port(), tcp_state::ESTABLISHED)
+    );
+    let run = xdp(
+        &datapath,
+        &packet::tcp(old_client, external, TcpFlags::SYN, b""),
+    );
+    assert_eq!(run.verdict, XDP_PASS);
+    let old_client_remapped = SocketAddrV4::new(*old_client.ip(), tcp_source_port(&run.packet));
+    assert_ne!(old_client_remapped, old_client);
+    run_table(
+        tc(&datapath),
+        &[
+            case(
+                "the migrated flow's answer",
+                packet::tcp(POD_A, old_client, TcpFlags::ACK, b"m"),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp(FRONTEND, old_client, TcpFlags::ACK, b"m")),
+            ),
+            case(
+                "the new flow's answer",
+                packet::tcp(POD_A, old_client_remapped, TcpFlags::SYN_ACK, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp(external, old_client, TcpFlags::SYN_ACK, b"")),
+            ),
+        ],
+    );
+
     // The client sends from both ports of the remap range to the NodePort: FLOW entries, whose
     // answers from the pod go to those ports.
     for port in [50000, 50001] {
@@ -1704,7 +1744,92 @@ fn flows_kept_as_two_entries_go_on_beside_flow_entries_and_never_share_a_reply_t
             ),
         ],
     );
-    assert_eq!(datapath.events().expect("events")["nat_port_remap"], 2);
+    // The migrated flow's neighbour, the refused-then-remapped flow and the last one.
+    assert_eq!(datapath.events().expect("events")["nat_port_remap"], 3);
+}
+
+/// A remapped flow may draw the port of a FLOW entry that is over but still in the map (the LRU
+/// map keeps it until it needs the room): the dead entry goes, and the pod's answers to that port
+/// are the remapped flow's, not translated as the dead one's.
+#[test]
+fn a_remap_onto_the_port_of_a_dead_flow_entry_takes_the_answers_from_it() {
+    use std::time::Duration;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "deadflow").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 80);
+    let service = Service {
+        id: 1,
+        frontends: vec![
+            node_port(proto::TCP),
+            Frontend {
+                addr: *external.ip(),
+                port: external.port(),
+                proto: proto::TCP,
+                kind: service_flags::EXTERNAL_IP,
+            },
+        ],
+        backends: vec![1],
+        ..Default::default()
+    };
+    datapath.put_service(&service).expect("service");
+    // One port to remap to, and half-open flows over after 300 ms.
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            snat_port_min: 50000,
+            snat_port_max: 50000,
+            timeouts: lb_common::CtTimeouts {
+                tcp_syn: Duration::from_millis(300).as_nanos() as u64,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .expect("config");
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let dead = SocketAddrV4::new(*CLIENT.ip(), 50000);
+    let owner = SocketAddrV4::new(*CLIENT.ip(), 41000);
+    run_table(
+        xdp(),
+        &[case(
+            "a flow from the port that will be remapped to, left half-open",
+            packet::tcp(dead, FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(dead, POD_A, TcpFlags::SYN, b"")),
+        )],
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    run_table(
+        xdp(),
+        &[
+            case(
+                "the owner of the client port",
+                packet::tcp(owner, FRONTEND, TcpFlags::SYN, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(owner, POD_A, TcpFlags::SYN, b"")),
+            ),
+            case(
+                "the same client port to the other frontend: remapped onto the dead flow's port",
+                packet::tcp(owner, external, TcpFlags::SYN, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(dead, POD_A, TcpFlags::SYN, b"")),
+            ),
+        ],
+    );
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd"),
+        &[case(
+            "the pod's answer to that port",
+            packet::tcp(POD_A, dead, TcpFlags::SYN_ACK, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp(external, owner, TcpFlags::SYN_ACK, b"")),
+        )],
+    );
 }
 
 /// A frame with its IPv4 header changed by `edit`, then its header checksum made right again

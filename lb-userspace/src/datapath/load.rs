@@ -109,9 +109,18 @@ impl Datapath {
             }
         }
         let installed_backends = read_backends(&maps.backends)?;
+        let conntrack = super::batch::read_hash_map(&maps.conntrack)
+            .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
+        let migrated = super::migrate::pairs_to_flow_entries(&mut maps.conntrack, &conntrack)?;
+        if migrated > 0 {
+            tracing::info!(
+                migrated,
+                "flows an earlier datapath kept as two conntrack entries got their FLOW entry"
+            );
+        }
         // The backends, and the backends of live flows that left the maps (the sources of
-        // REPLY entries), whose answers tc must still translate.
-        let reply_sources = reply_sources(&maps.conntrack)?;
+        // REPLY entries, the backends of FLOW entries), whose answers tc must still translate.
+        let reply_sources = reply_sources(&conntrack);
         let backend_filter = AddressFilter::rebuild(
             map_names::BACKEND_FILTER,
             take_private_map(&mut ebpf, map_names::BACKEND_FILTER)?,
@@ -428,10 +437,8 @@ fn start_clock(ebpf: &mut Ebpf) -> Result<Option<JiffiesClock>> {
 
 /// The backends answers come from, by conntrack: the sources of the REPLY entries and the
 /// backends of the FLOW entries of local endpoints.
-fn reply_sources(conntrack: &HashMap<MapData, Ct4Key, Ct4Value>) -> Result<Vec<FilterKey>> {
-    let entries = super::batch::read_hash_map(conntrack)
-        .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
-    Ok(entries
+fn reply_sources(entries: &[(Ct4Key, Ct4Value)]) -> Vec<FilterKey> {
+    entries
         .iter()
         .filter_map(|(key, entry)| match key.direction {
             ct_direction::REPLY => Some(FilterKey::new(key.saddr, key.sport, key.proto)),
@@ -440,7 +447,7 @@ fn reply_sources(conntrack: &HashMap<MapData, Ct4Key, Ct4Value>) -> Result<Vec<F
             }
             _ => None,
         })
-        .collect())
+        .collect()
 }
 
 /// A map private to this load's object (not pinned: the agent fills it anew as it attaches).

@@ -43,6 +43,7 @@ mod error;
 mod load;
 pub mod maglev;
 pub mod maps;
+mod migrate;
 pub mod nic;
 pub mod object;
 pub mod pins;
