@@ -1382,11 +1382,9 @@ fn rewrite_tcp_frame(
     *frame = out;
 }
 
-#[test]
-fn one_client_port_to_two_frontends_of_one_endpoint_gets_its_source_port_remapped() {
-    let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "clash").expect("pin dir");
-    let mut datapath = datapath(&pins, vec![1]);
+/// Service 1 on the NodePort FRONTEND and on an externalIP, both to pod A only: one endpoint
+/// behind two frontends. Returns the externalIP frontend.
+fn two_frontends_of_pod_a(datapath: &mut Datapath) -> SocketAddrV4 {
     let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 80);
     let service = Service {
         id: 1,
@@ -1403,6 +1401,15 @@ fn one_client_port_to_two_frontends_of_one_endpoint_gets_its_source_port_remappe
         ..Default::default()
     };
     datapath.put_service(&service).expect("service");
+    external
+}
+
+#[test]
+fn one_client_port_to_two_frontends_of_one_endpoint_gets_its_source_port_remapped() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "clash").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let external = two_frontends_of_pod_a(&mut datapath);
     let xdp = || {
         datapath
             .program_fd(lb_common::program_names::XDP_LB)
@@ -1485,22 +1492,7 @@ fn flows_kept_as_two_entries_go_on_beside_flow_entries_and_never_share_a_reply_t
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "pairs").expect("pin dir");
     let mut datapath = datapath(&pins, vec![1]);
-    let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 80);
-    let service = Service {
-        id: 1,
-        frontends: vec![
-            node_port(proto::TCP),
-            Frontend {
-                addr: *external.ip(),
-                port: external.port(),
-                proto: proto::TCP,
-                kind: service_flags::EXTERNAL_IP,
-            },
-        ],
-        backends: vec![1],
-        ..Default::default()
-    };
-    datapath.put_service(&service).expect("service");
+    let external = two_frontends_of_pod_a(&mut datapath);
     let remap_range = |datapath: &mut Datapath, max: u16| {
         datapath
             .set_config(&lb_common::DatapathConfig {
@@ -1757,22 +1749,7 @@ fn a_remap_onto_the_port_of_a_dead_flow_entry_takes_the_answers_from_it() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "deadflow").expect("pin dir");
     let mut datapath = datapath(&pins, vec![1]);
-    let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 80);
-    let service = Service {
-        id: 1,
-        frontends: vec![
-            node_port(proto::TCP),
-            Frontend {
-                addr: *external.ip(),
-                port: external.port(),
-                proto: proto::TCP,
-                kind: service_flags::EXTERNAL_IP,
-            },
-        ],
-        backends: vec![1],
-        ..Default::default()
-    };
-    datapath.put_service(&service).expect("service");
+    let external = two_frontends_of_pod_a(&mut datapath);
     // One port to remap to, and half-open flows over after 300 ms.
     datapath
         .set_config(&lb_common::DatapathConfig {

@@ -254,8 +254,9 @@ fn socket_nat_entries(setup: &AgentLab) -> u64 {
         .entries
 }
 
-#[test]
-fn closed_sockets_leave_no_entry_in_the_socket_nat_map() {
+/// The agent with two Services of one endpoint, n1p0: TCP `web` (ClusterIP 10.96.0.10:80,
+/// nodePort 30080) and UDP `dns` (10.96.0.53:53).
+fn agent_with_web_and_dns() -> AgentLab {
     let mut setup = AgentLab::new().expect("lab");
     setup.start_agent(&[]).expect("agent");
     setup
@@ -269,6 +270,12 @@ fn closed_sockets_leave_no_entry_in_the_socket_nat_map() {
     setup
         .apply("dns.yaml", &udp_service(&[(1, 0)]))
         .expect("apply");
+    setup
+}
+
+#[test]
+fn closed_sockets_leave_no_entry_in_the_socket_nat_map() {
+    let setup = agent_with_web_and_dns();
     assert_eq!(socket_nat_entries(&setup), 0);
 
     // 30 TCP connections and 30 connected UDP sockets, each opened, used and closed.
@@ -318,19 +325,7 @@ fn closed_sockets_leave_no_entry_in_the_socket_nat_map() {
 /// as the peer. Untranslated, such a socket's packets would leave for the ClusterIP itself.
 #[test]
 fn a_dual_stack_socket_reaches_ipv4_services_through_their_mapped_addresses() {
-    let mut setup = AgentLab::new().expect("lab");
-    setup.start_agent(&[]).expect("agent");
-    setup
-        .apply(
-            "web.yaml",
-            &(lab::agent::node_port_service("web", "10.96.0.10", 30080, "")
-                + "---\n"
-                + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
-        )
-        .expect("apply");
-    setup
-        .apply("dns.yaml", &udp_service(&[(1, 0)]))
-        .expect("apply");
+    let setup = agent_with_web_and_dns();
     let runs = [
         ("TCP", ClientRun::tcp("[::ffff:10.96.0.10]:80", 10)),
         (
