@@ -24,6 +24,17 @@ fn process_exists(pid: u32) -> bool {
     })
 }
 
+/// A connection from `host` to `target` fails at once: no route, so not a packet leaves.
+#[track_caller]
+fn assert_unreachable(host: &lab::lab::Host, target: &str) {
+    let report = ClientRun::tcp(target, 1).run(host, None).expect("client");
+    assert_eq!(report.errors, 1, "{report:?}");
+    assert!(
+        report.error_samples[0].contains("unreachable"),
+        "{report:?}"
+    );
+}
+
 #[test]
 fn the_cluster_is_wired_as_designed() {
     let mut lab = Lab::new().expect("lab");
@@ -55,15 +66,7 @@ fn the_cluster_is_wired_as_designed() {
     );
 
     // ...and nothing else: no default route, so an unrouted address fails before any packet leaves.
-    let unrouted = format!("{}:9000", pod_addr(2, 0));
-    let report = ClientRun::tcp(&unrouted, 1)
-        .run(&cluster.client, None)
-        .expect("client");
-    assert_eq!(report.errors, 1, "{report:?}");
-    assert!(
-        report.error_samples[0].contains("unreachable"),
-        "{report:?}"
-    );
+    assert_unreachable(&cluster.client, &format!("{}:9000", pod_addr(2, 0)));
 }
 
 /// The lab is dual-stack: the same paths over IPv6 (pod to pod across nodes without NAT, the
@@ -100,14 +103,7 @@ fn the_cluster_is_dual_stack() {
         [&format!("[{CLIENT_ADDR6}]")]
     );
 
-    let report = ClientRun::tcp(&target, 1)
-        .run(&cluster.client, None)
-        .expect("client");
-    assert_eq!(report.errors, 1, "{report:?}");
-    assert!(
-        report.error_samples[0].contains("unreachable"),
-        "{report:?}"
-    );
+    assert_unreachable(&cluster.client, &target);
 }
 
 #[test]
