@@ -19,7 +19,7 @@ const QUOTED_SPORT: usize = ICMP_HDR_LEN + 20;
 const QUOTED_DPORT: usize = ICMP_HDR_LEN + 22;
 const QUOTED_UDP_CHECK: usize = ICMP_HDR_LEN + 26;
 
-/// The TCP/UDP packet an ICMP error quotes (host order of the wire bytes).
+/// The TCP/UDP/SCTP packet an ICMP error quotes (host order of the wire bytes).
 #[derive(Clone, Copy)]
 pub struct Quoted {
     pub proto: u8,
@@ -28,7 +28,9 @@ pub struct Quoted {
 }
 
 /// What an ICMP error (destination unreachable, including fragmentation needed; time exceeded;
-/// parameter problem) quotes, when that is a TCP or UDP packet whose IPv4 header has no options;
+/// parameter problem) quotes, when that is a TCP, UDP or SCTP packet whose IPv4 header has no
+/// options (an SCTP quote's CRC32c, past its first 8 bytes, is left as it is: the receiver's
+/// sctp_v4_err matches the ports and verification tag and never checks it);
 /// `None` for any other ICMP message.
 #[inline(always)]
 pub fn quoted(error: &[u8; ICMP_ERROR_LEN]) -> Option<Quoted> {
@@ -37,7 +39,7 @@ pub fn quoted(error: &[u8; ICMP_ERROR_LEN]) -> Option<Quoted> {
         error[0],
         DEST_UNREACHABLE | TIME_EXCEEDED | PARAMETER_PROBLEM
     ) || error[ICMP_HDR_LEN] != 0x45
-        || (protocol != proto::TCP && protocol != proto::UDP)
+        || (protocol != proto::TCP && protocol != proto::UDP && protocol != proto::SCTP)
     {
         return None;
     }

@@ -7,6 +7,7 @@
 
 pub mod icmp;
 pub mod ipv6;
+pub mod sctp;
 
 /// Map names as the kernel sees them. Versioned (`_v1`) so an incompatible layout change gets a new
 /// pinned map instead of misreading an old one, and at most 15 characters because the kernel keeps
@@ -33,7 +34,7 @@ pub mod map_names {
     /// Per-CPU [`crate::ServiceCounter`] by service id.
     pub const SERVICE_COUNTERS: &str = "lb_svc_cnt_v1";
     /// Per-CPU u64 by [`crate::Event`]: every drop (and notable pass) with its reason.
-    pub const EVENTS: &str = "lb_event_v3";
+    pub const EVENTS: &str = "lb_event_v4";
     /// Array of one [`crate::DatapathConfig`].
     pub const CONFIG: &str = "lb_cfg_v2";
     /// LPM trie of [`crate::SourceRange4`] -> u8: loadBalancerSourceRanges per service.
@@ -71,10 +72,21 @@ pub mod map_names {
     /// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE) of [`crate::SockState4`]: what the socket
     /// hooks last did for a socket, for its packets (source ranges) and its close.
     pub const SOCK_STATE4: &str = "lb4_sockst_v1";
+    /// Program array of the programs `lb_xdp` tail-calls, by [`crate::xdp_programs`]. Pinned:
+    /// the kernel empties a program array when its last user reference goes
+    /// (kernel/bpf/arraymap.c, prog_array_map_clear on map_release_uref), and the attached
+    /// `lb_xdp` must keep reaching them while no agent runs.
+    pub const XDP_PROGRAMS: &str = "lb_xdpprog_v1";
 
     /// Maps earlier releases pinned under names whose layout has changed since: a new agent
     /// removes these pins (the maps themselves go when the old programs are swapped out).
-    pub const RETIRED: &[&str] = &["lb_cfg_v1", "lb_event_v1", "lb_event_v2", LEGACY_SLOTS4];
+    pub const RETIRED: &[&str] = &[
+        "lb_cfg_v1",
+        "lb_event_v1",
+        "lb_event_v2",
+        "lb_event_v3",
+        LEGACY_SLOTS4,
+    ];
     /// A filter of every frontend's address and port ([`crate::frontend_filter`]): XDP looks
     /// nothing up for a TCP/UDP packet whose bit is clear, which is most of the node's own
     /// traffic.
@@ -101,6 +113,7 @@ pub mod map_names {
         FRAGMENTS4,
         NIC_MACS,
         TX_PORTS,
+        XDP_PROGRAMS,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -118,7 +131,18 @@ pub mod map_names {
         AFFINITY4,
         MAGLEV4,
         SOCK_STATE4,
+        XDP_PROGRAMS,
     ];
+}
+
+/// The slots of [`map_names::XDP_PROGRAMS`].
+pub mod xdp_programs {
+    /// `lb_xdp_udp` ([`crate::program_names::XDP_UDP`]).
+    pub const UDP: u32 = 0;
+    /// `lb_xdp_sctp` ([`crate::program_names::XDP_SCTP`]).
+    pub const SCTP: u32 = 1;
+    /// Slots in the array.
+    pub const COUNT: u32 = 2;
 }
 
 /// Capacities of the maps. Every limit is a constant here; the agent refuses (with an error, never
@@ -190,8 +214,14 @@ const _: () = {
 pub mod program_names {
     /// XDP program on the node NICs that counts packets by [`crate::PacketClass`].
     pub const XDP_COUNTER: &str = "lb_xdp_count";
-    /// XDP on the node NICs: DNAT of NodePort / externalIP / LoadBalancer traffic.
+    /// XDP on the node NICs: DNAT of NodePort / externalIP / LoadBalancer traffic (TCP and ICMP
+    /// errors itself; UDP and SCTP through [`XDP_UDP`] and [`XDP_SCTP`]).
     pub const XDP_LB: &str = "lb_xdp";
+    /// XDP for UDP, tail-called by [`XDP_LB`]: the same datapath instantiated for UDP, which the
+    /// verifier walks on its own (one program for every protocol passes its instruction limit).
+    pub const XDP_UDP: &str = "lb_xdp_udp";
+    /// XDP for SCTP, tail-called by [`XDP_LB`], as [`XDP_UDP`].
+    pub const XDP_SCTP: &str = "lb_xdp_sctp";
     /// tc egress on the node NICs: reverse NAT of replies from local backends.
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// cgroup/connect4: connect() to a Service goes straight to a backend.
@@ -426,6 +456,14 @@ pub mod maglev {
 pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+
+    /// Whether flows of this protocol have a start and an end the datapath tracks (TCP, SCTP;
+    /// see [`crate::tcp_state`]), rather than only idle time (UDP).
+    #[inline(always)]
+    pub const fn has_handshake(protocol: u8) -> bool {
+        protocol == TCP || protocol == SCTP
+    }
 }
 
 /// Key of the frontends map: an address, port and protocol a Service answers on.
@@ -538,7 +576,7 @@ impl CtTimeouts {
     /// How long an entry of this protocol and [`tcp_state`] lives without traffic.
     #[inline(always)]
     pub fn for_state(&self, protocol: u8, state: u8) -> u64 {
-        if protocol != proto::TCP {
+        if !proto::has_handshake(protocol) {
             return or_default(self.udp, ct_timeouts::UDP);
         }
         match state {
@@ -1260,7 +1298,8 @@ labelled_indexes! {
     DROP_BACKEND_MISSING = "drop_backend_missing",
     /// Drop: a connection-tracking entry could not be created.
     DROP_CT_FULL = "drop_ct_full",
-    /// Drop: an IPv4 header or a TCP/UDP header shorter than it must be, or inconsistent lengths.
+    /// Drop: an IPv4 header or a TCP/UDP/SCTP header shorter than it must be, or inconsistent
+    /// lengths.
     DROP_MALFORMED = "drop_malformed",
     /// Drop: rewriting the packet failed (tc helpers returned an error).
     DROP_NAT_FAILED = "drop_nat_failed",
@@ -1305,6 +1344,12 @@ labelled_indexes! {
     /// Drop: a TCP RST of a tracked flow whose sequence number lies far from what its sender
     /// has sent (a blind or stale RST, see [`tcp_seq`]): the flow goes on.
     DROP_RST_OUT_OF_WINDOW = "drop_rst_out_of_window",
+    /// Drop: the first fragment of an SCTP packet to a frontend or SNAT port. Its CRC32c covers
+    /// the whole packet, which XDP never holds at once, so its ports cannot be rewritten.
+    DROP_SCTP_FRAGMENT = "drop_sctp_fragment",
+    /// Pass: a UDP or SCTP packet went on untouched because the program of its protocol is not
+    /// in the program array ([`map_names::XDP_PROGRAMS`]).
+    PASS_PROTOCOL_UNSERVED = "pass_protocol_unserved",
 }
 
 /// `aya::Pod` for the map types, so userspace can read and write them.

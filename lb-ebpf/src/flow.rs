@@ -33,7 +33,8 @@ pub struct Tuple {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    /// TCP flags byte (0 for UDP).
+    /// TCP flags byte; for SCTP the flags its first chunk stands for
+    /// ([`lb_common::sctp::flags_of_chunk`]); 0 for UDP.
     pub tcp_flags: u8,
     /// TCP: the segment's sequence number and the one after it ([`tcp_seq::segment_end`]); 0
     /// for UDP and for tuples that do not come from a segment.
@@ -222,7 +223,7 @@ fn live_flow_of(
         if for_frontend(Flow4Value::of(flow), tuple) {
             return continues(flow, tuple, now).then_some(entry);
         }
-    } else if tuple.proto == proto::TCP
+    } else if proto::has_handshake(tuple.proto)
         && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         && !remap_range_holds(tuple.sport)
     {
@@ -306,7 +307,9 @@ pub fn follow(
 /// side.
 #[inline(always)]
 pub fn blind_rst(sender_seq_next: u32, tuple: &Tuple) -> bool {
-    tuple.tcp_flags & TCP_RST != 0 && !tcp_seq::rst_in_window(sender_seq_next, tuple.seq)
+    tuple.proto == proto::TCP
+        && tuple.tcp_flags & TCP_RST != 0
+        && !tcp_seq::rst_in_window(sender_seq_next, tuple.seq)
 }
 
 /// Records how far a side's segment reaches in its sequence space (a write only when it reaches
@@ -348,7 +351,7 @@ fn tracked(entry: &Ct4Value, tuple: &Tuple) -> Destination {
 #[inline(always)]
 fn continues(entry: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
     timeouts().is_live(tuple.proto, entry.state, entry.last_seen_ns, now)
-        && (tuple.proto == proto::TCP || backend_still_there(entry))
+        && (proto::has_handshake(tuple.proto) || backend_still_there(entry))
         && !reopens(entry, tuple)
 }
 
@@ -741,7 +744,7 @@ fn port_key(original: &Ct4Value, protocol: u8, addr: u32, port: u16) -> Ct4Key {
 /// again and takes a fresh SNAT port, as the old one may serve another flow by now.
 #[inline(always)]
 fn reopens(entry: &Ct4Value, tuple: &Tuple) -> bool {
-    tuple.proto == proto::TCP
+    proto::has_handshake(tuple.proto)
         && entry.state == tcp_state::CLOSING
         && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
@@ -757,7 +760,7 @@ fn port_state(entry: &Ct4Value, protocol: u8, now: u64) -> Holder {
     if idle > timeout(protocol, entry.state) {
         return Holder::Gone;
     }
-    if protocol != proto::TCP || idle <= timeouts().snat_port_reuse() {
+    if !proto::has_handshake(protocol) || idle <= timeouts().snat_port_reuse() {
         return Holder::Alive;
     }
     let both_fins = ct_flags::CLIENT_FIN | ct_flags::BACKEND_FIN;
@@ -889,7 +892,7 @@ pub fn track_answer(entry: &mut Ct4Value, tuple: &Tuple) {
 /// (Some), else nothing was written (None).
 #[inline(always)]
 fn advance(entry: &mut Ct4Value, tuple: &Tuple, now: u64) -> Option<u8> {
-    let state = if tuple.proto == proto::TCP {
+    let state = if proto::has_handshake(tuple.proto) {
         tcp_state::next(entry.state, tuple.tcp_flags)
     } else {
         entry.state
@@ -1073,7 +1076,7 @@ pub fn reply_key(tuple: &Tuple) -> Ct4Key {
 
 #[inline(always)]
 fn initial_state(tuple: &Tuple) -> u8 {
-    if tuple.proto == proto::TCP {
+    if proto::has_handshake(tuple.proto) {
         tcp_state::initial(tuple.tcp_flags)
     } else {
         tcp_state::NONE

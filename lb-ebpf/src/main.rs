@@ -7,6 +7,7 @@ mod flow;
 mod helpers;
 mod maps;
 mod reject;
+mod sctp_crc;
 mod sock;
 mod tc;
 mod xdp;

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frag4Key,
@@ -48,7 +48,7 @@ pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =
 #[map(name = "lb4_fefilt_v1")]
 pub static FRONTEND_FILTER: Array<u64> = Array::pinned(limits::FRONTEND_FILTER_WORDS, 0);
 
-#[map(name = "lb_event_v3")]
+#[map(name = "lb_event_v4")]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
 
 /// Datapath-wide settings (index 0), written by the agent at start.
@@ -84,6 +84,11 @@ pub static NIC_MACS: Array<NicMac> = Array::with_max_entries(limits::NIC_SLOTS, 
 /// `xdp::redirect`).
 #[map(name = "lb_txport_v1")]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(limits::NIC_SLOTS, 0);
+
+/// The programs `lb_xdp` tail-calls (`lb_common::xdp_programs`); pinned, see
+/// `lb_common::map_names::XDP_PROGRAMS`.
+#[map(name = "lb_xdpprog_v1")]
+pub static XDP_PROGRAMS: ProgramArray = ProgramArray::pinned(lb_common::xdp_programs::COUNT, 0);
 
 /// Per-CPU token bucket of REJECT answers (index 0). Private to the object: a new agent starts
 /// with a fresh bucket.

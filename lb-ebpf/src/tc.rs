@@ -4,7 +4,8 @@
 //!
 //! The skb may carry a partial checksum (CHECKSUM_PARTIAL from a local or veth sender), so
 //! checksums are updated with the kernel's helpers, which handle that case
-//! (BPF_F_PSEUDO_HDR for the address, which is part of the pseudo-header).
+//! (BPF_F_PSEUDO_HDR for the address, which is part of the pseudo-header). SCTP's CRC32c, which
+//! no helper updates, is brought up to date here (`snat_sctp`).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
@@ -12,7 +13,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Event, Flow4Value, Frag4Key, Frag4Value, checksum, ct_flags, frontend_filter, proto, tcp_seq,
+    Event, Flow4Value, Frag4Key, Frag4Value, checksum, ct_flags, frontend_filter, proto, sctp,
+    tcp_seq,
 };
 
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
@@ -25,6 +27,7 @@ use lb_ebpf::packet::{
 use crate::{
     flow::{Answer, Tuple, answer_of, blind_rst, track_answer, track_reply},
     maps::{BACKEND_FILTER, FRAGMENTS4, count_event, remember_fragment},
+    sctp_crc::lb_sctp_checksum_after_ports,
 };
 
 #[classifier]
@@ -85,6 +88,15 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
             )
         }
     };
+    if tuple.proto == proto::SCTP {
+        // Its checksum is over the whole SCTP packet, which a first fragment does not hold.
+        if fragment.is_some() {
+            return Err(Event::DROP_SCTP_FRAGMENT);
+        }
+        let client_port = restored_port.unwrap_or(tuple.dport);
+        return snat_sctp(ctx, &tuple, l4_offset, frontend, client_port)
+            .map_err(|_| Event::DROP_NAT_FAILED);
+    }
     snat(ctx, &tuple, l4_offset, frontend.0, frontend.1).map_err(|_| Event::DROP_NAT_FAILED)?;
     if let Some(client_port) = restored_port {
         restore_client_port(ctx, &tuple, l4_offset, client_port)
@@ -257,7 +269,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     if protocol == IPPROTO_ICMP && unfragmented && header_len == IPV4_MIN_HDR_LEN {
         return Some(Packet::IcmpError { source: saddr });
     }
-    if protocol != proto::TCP && protocol != proto::UDP {
+    if protocol != proto::TCP && protocol != proto::UDP && protocol != proto::SCTP {
         return None;
     }
     let daddr = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
@@ -276,6 +288,9 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     let ports = read::<4>(ctx, l4_offset)?;
     let (tcp_flags, seq, seq_end) = if protocol == proto::TCP {
         segment(ctx, l4_offset)?
+    } else if protocol == proto::SCTP {
+        let header = read::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, l4_offset)?;
+        (sctp::flags_of_chunk(header[sctp::COMMON_HDR_LEN]), 0, 0)
     } else {
         (0, 0, 0)
     };
@@ -368,18 +383,64 @@ fn snat(ctx: &TcContext, tuple: &Tuple, l4_offset: usize, addr: u32, port: u16) 
         u64::from(new_port),
         flags | 2,
     )?;
+    rewrite_source(ctx, tuple, l4_offset, addr, port)
+}
+
+/// Writes the source address and port, with the IPv4 header checksum (the transport checksum is
+/// the caller's).
+#[inline(always)]
+fn rewrite_source(
+    ctx: &TcContext,
+    tuple: &Tuple,
+    l4_offset: usize,
+    addr: u32,
+    port: u16,
+) -> Result<(), i64> {
     if l4_offset == ETH_HDR_LEN + IPV4_MIN_HDR_LEN {
         return store_source(ctx, tuple, addr, port);
     }
     ctx.l3_csum_replace(
         ETH_HDR_LEN + IPV4_CSUM_OFFSET,
-        u64::from(old_addr),
-        u64::from(new_addr),
+        u64::from(tuple.saddr.to_be()),
+        u64::from(addr.to_be()),
         4,
     )?;
-    ctx.store(ETH_HDR_LEN + IPV4_SADDR_OFFSET, &new_addr, 0)?;
-    ctx.store(l4_offset, &new_port, 0)?;
+    ctx.store(ETH_HDR_LEN + IPV4_SADDR_OFFSET, &addr.to_be(), 0)?;
+    ctx.store(l4_offset, &port.to_be(), 0)?;
     Ok(())
+}
+
+/// Rewrites an SCTP answer's source address and port to the frontend's and its destination port
+/// to `client_port`. SCTP has no pseudo-header: the address changes the IPv4 checksum only, the
+/// ports the CRC32c ([`sctp::replace_ports`]), which no helper updates. A checksum field of 0 is
+/// one the stack has not computed yet (CHECKSUM_PARTIAL with csum_not_inet, from a sender whose
+/// device offloads it: net/sctp/output.c sctp_packet_pack), which covers the new ports when it
+/// is (skb_crc32c_csum_help, or the NIC).
+#[inline(always)]
+fn snat_sctp(
+    ctx: &TcContext,
+    tuple: &Tuple,
+    l4_offset: usize,
+    frontend: (u32, u16),
+    client_port: u16,
+) -> Result<(), i64> {
+    let header = read::<{ sctp::COMMON_HDR_LEN }>(ctx, l4_offset).ok_or(-1i64)?;
+    let old_ports = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let mut ports = [0u8; 4];
+    ports[0..2].copy_from_slice(&frontend.1.to_be_bytes());
+    ports[2..4].copy_from_slice(&client_port.to_be_bytes());
+    let new_ports = u32::from_le_bytes(ports);
+    let check = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if check != 0 && old_ports != new_ports {
+        let len = (ctx.len() as usize).saturating_sub(l4_offset);
+        if len > sctp::MAX_LEN {
+            return Err(-1);
+        }
+        let check = lb_sctp_checksum_after_ports(check, len as u32, old_ports, new_ports);
+        ctx.store(l4_offset + sctp::CHECKSUM_OFFSET, &check.to_le_bytes(), 0)?;
+    }
+    ctx.store(l4_offset + 2, &client_port.to_be(), 0)?;
+    rewrite_source(ctx, tuple, l4_offset, frontend.0, frontend.1)
 }
 
 /// A header without options: the IPv4 checksum, both addresses and the source port are

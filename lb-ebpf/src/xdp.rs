@@ -9,7 +9,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_common::{
     Ct4Value, Event, Frag4Key, Frag4Value, checksum, client_nic, ct_flags, frag_action, limits,
-    proto, service_flags, tcp_seq,
+    proto, sctp, service_flags, tcp_seq, xdp_programs,
 };
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPPROTO_ICMP, IPV4_CSUM_OFFSET,
@@ -26,15 +26,37 @@ use crate::{
     },
     helpers::{Forward, fib_forward, now_ns},
     maps::{
-        CONNTRACK4, FRAGMENTS4, NIC_MACS, TX_PORTS, count_event, count_service, dry_run,
-        remember_fragment,
+        CONNTRACK4, FRAGMENTS4, NIC_MACS, TX_PORTS, XDP_PROGRAMS, count_event, count_service,
+        dry_run, remember_fragment,
     },
     reject,
+    sctp_crc::lb_sctp_checksum_after_ports,
 };
 
+/// The program attached to the NICs: TCP and ICMP errors itself, UDP and SCTP packets through a
+/// tail call to the program of their protocol.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    match try_lb_xdp(&ctx) {
+    verdict(try_lb_xdp::<{ proto::TCP }>(&ctx))
+}
+
+/// The datapath for UDP, tail-called by `lb_xdp`. Every protocol has a program of its own, the
+/// same code instantiated for it: the verifier walks each one on its own, within its limit of a
+/// million instructions, which one program for every protocol passes.
+#[xdp]
+pub fn lb_xdp_udp(ctx: XdpContext) -> u32 {
+    verdict(try_lb_xdp::<{ proto::UDP }>(&ctx))
+}
+
+/// The datapath for SCTP, tail-called by `lb_xdp` (see [`lb_xdp_udp`]).
+#[xdp]
+pub fn lb_xdp_sctp(ctx: XdpContext) -> u32 {
+    verdict(try_lb_xdp::<{ proto::SCTP }>(&ctx))
+}
+
+#[inline(always)]
+fn verdict(result: Result<u32, Event>) -> u32 {
+    match result {
         Ok(action) => action,
         Err(event) => {
             count_event(event);
@@ -43,8 +65,10 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The datapath for packets of `PROTOCOL`; the TCP instance, `lb_xdp`, also translates ICMP
+/// errors and hands UDP and SCTP packets to their programs.
 #[inline(always)]
-fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
+fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let Some(eth) = bytes_at::<ETH_HDR_LEN>(ctx, 0) else {
         return Ok(xdp_action::XDP_PASS);
     };
@@ -57,25 +81,34 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
         return Ok(xdp_action::XDP_PASS);
     }
     let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
-    if ip.proto == IPPROTO_ICMP && !ip.later_fragment() && !ip.first_fragment() {
-        return icmp_error(ctx, &ip);
+    if PROTOCOL == proto::TCP {
+        match ip.proto {
+            proto::UDP => return Ok(to_program(ctx, xdp_programs::UDP)),
+            proto::SCTP => return Ok(to_program(ctx, xdp_programs::SCTP)),
+            IPPROTO_ICMP if !ip.later_fragment() && !ip.first_fragment() => {
+                return icmp_error(ctx, &ip);
+            }
+            _ => {}
+        }
     }
-    if ip.proto != proto::TCP && ip.proto != proto::UDP {
+    if ip.proto != PROTOCOL {
         return Ok(xdp_action::XDP_PASS);
     }
     if ip.later_fragment() {
         return later_fragment(ctx, &ip);
     }
-    let tuple = transport_tuple(ctx, &ip)?;
+    // The protocol as the instance's constant, so that the compiler leaves out the code of the
+    // others instead of the verifier walking it.
+    let tuple = transport_tuple(ctx, &ip, PROTOCOL)?;
     if let Some(action) = snat_reply(ctx, &tuple, &ip)? {
         return Ok(action);
     }
     if !maybe_frontend(&tuple) {
         return Ok(xdp_action::XDP_PASS);
     }
-    if tuple.proto == proto::TCP
+    if proto::has_handshake(tuple.proto)
         && tuple.tcp_flags & TCP_SYN == 0
-        && let Some(action) = established_tcp(ctx, eth, &ip, &tuple)?
+        && let Some(action) = established(ctx, eth, &ip, &tuple)?
     {
         return Ok(action);
     }
@@ -105,14 +138,25 @@ fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, Event> {
     deliver(ctx, &ip, &tuple, &destination)
 }
 
-/// A TCP segment other than a SYN of a live flow, to a destination the frontend filter still
-/// has, goes where its flow goes without a look at the frontend entry (the dearest lookup left
+/// Hands a packet to the program of its protocol (`slot` of [`XDP_PROGRAMS`]); passes it
+/// untouched (counted) when that is not there.
+#[inline(always)]
+fn to_program(ctx: &XdpContext, slot: u32) -> u32 {
+    // SAFETY: the slot holds an XDP program of this object (the agent puts it there), which
+    // takes the same context; on success control never comes back.
+    unsafe { XDP_PROGRAMS.tail_call(ctx, slot) };
+    count_event(Event::PASS_PROTOCOL_UNSERVED);
+    xdp_action::XDP_PASS
+}
+
+/// A TCP segment other than a SYN (an SCTP packet other than an INIT) of a live flow, to a
+/// destination the frontend filter still has, goes where its flow goes without a look at the frontend entry (the dearest lookup left
 /// on this path): an established connection keeps its backend until it ends, also when its
 /// Service's endpoints change. The check that admitted it still holds: a flow admitted by
 /// loadBalancerSourceRanges is dropped once its client is outside them. None: not a live
 /// flow's (or it must start over), for the frontend path.
 #[inline(always)]
-fn established_tcp(
+fn established(
     ctx: &XdpContext,
     eth: &[u8; ETH_HDR_LEN],
     ip: &Ipv4Info,
@@ -167,7 +211,7 @@ fn deliver(
     rewrite(
         ctx,
         tuple,
-        ip.l4_offset,
+        ip,
         saddr,
         sport,
         destination.addr,
@@ -366,7 +410,7 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     rewrite(
         ctx,
         tuple,
-        l4_offset,
+        ip,
         frontend_addr,
         frontend_port,
         client_addr,
@@ -500,13 +544,15 @@ fn decrement_ttl(ctx: &XdpContext) -> bool {
     true
 }
 
-/// Ports (and TCP flags) of a TCP or UDP packet whose transport header must be there in full,
-/// with lengths the stack would accept (tcp_v4_rcv: a data offset of 5 words at least, inside
-/// the packet; __udp4_lib_rcv: a UDP length from 8 bytes to the end of the packet).
+/// Ports (and TCP flags) of a TCP, UDP or SCTP packet whose transport header must be there in
+/// full, with lengths the stack would accept (tcp_v4_rcv: a data offset of 5 words at least,
+/// inside the packet; __udp4_lib_rcv: a UDP length from 8 bytes to the end of the packet;
+/// sctp_rcv: the common header and a chunk header). An SCTP packet's flags are those its first
+/// chunk stands for ([`sctp::flags_of_chunk`]).
 #[inline(always)]
-fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
+fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info, protocol: u8) -> Result<Tuple, Event> {
     let l4_len = ip.end.saturating_sub(ip.l4_offset);
-    let (ports, tcp_flags, seq, seq_end) = if ip.proto == proto::TCP {
+    let (ports, tcp_flags, seq, seq_end) = if protocol == proto::TCP {
         let tcp = bytes_at::<TCP_MIN_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
         let header_len = usize::from(tcp[TCP_DATA_OFFSET_OFFSET] >> 4) * 4;
         if header_len < TCP_MIN_HDR_LEN || header_len > l4_len {
@@ -521,6 +567,15 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
             flags & TCP_FIN != 0,
         );
         ([tcp[0], tcp[1], tcp[2], tcp[3]], flags, seq, seq_end)
+    } else if protocol == proto::SCTP {
+        // The common header and the first chunk's header; a packet carries one chunk at least.
+        if l4_len < sctp::HDR_AND_CHUNK_LEN {
+            return Err(Event::DROP_MALFORMED);
+        }
+        let sctp = bytes_at::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, ip.l4_offset)
+            .ok_or(Event::DROP_MALFORMED)?;
+        let flags = sctp::flags_of_chunk(sctp[sctp::COMMON_HDR_LEN]);
+        ([sctp[0], sctp[1], sctp[2], sctp[3]], flags, 0, 0)
     } else {
         let udp = bytes_at::<UDP_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
         // A first fragment holds the start of a datagram its length covers in full.
@@ -535,11 +590,42 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info) -> Result<Tuple, Event> {
         daddr: ip.daddr,
         sport: u16::from_be_bytes([ports[0], ports[1]]),
         dport: u16::from_be_bytes([ports[2], ports[3]]),
-        proto: ip.proto,
+        proto: protocol,
         tcp_flags,
         seq,
         seq_end,
     })
+}
+
+/// Rewrites an SCTP packet's ports (`len` bytes from `l4_offset`) and brings its CRC32c up to
+/// date ([`sctp::replace_ports`]). A checksum field of 0 is one not computed yet (offloaded, as
+/// from a veth: net/sctp/output.c sctp_packet_pack leaves it 0 with CHECKSUM_PARTIAL): whoever
+/// computes it later covers the new ports. (A computed CRC32c of 0 is taken for one too: one
+/// packet in 2^32.)
+#[inline(always)]
+fn rewrite_sctp_ports(
+    ctx: &XdpContext,
+    l4_offset: usize,
+    len: usize,
+    sport: u16,
+    dport: u16,
+) -> Result<(), Event> {
+    let header =
+        bytes_at_mut::<{ sctp::COMMON_HDR_LEN }>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
+    let old_ports = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    header[0..2].copy_from_slice(&sport.to_be_bytes());
+    header[2..4].copy_from_slice(&dport.to_be_bytes());
+    let new_ports = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let field = sctp::CHECKSUM_OFFSET..sctp::CHECKSUM_OFFSET + 4;
+    let check = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if check != 0 && old_ports != new_ports {
+        if len > sctp::MAX_LEN {
+            return Err(Event::DROP_MALFORMED);
+        }
+        let check = lb_sctp_checksum_after_ports(check, len as u32, old_ports, new_ports);
+        header[field].copy_from_slice(&check.to_le_bytes());
+    }
+    Ok(())
 }
 
 /// Rewrites the IPv4 source and destination addresses (old and new as (source, destination)),
@@ -557,18 +643,27 @@ fn rewrite_addresses(ctx: &XdpContext, old: (u32, u32), new: (u32, u32)) -> Resu
 }
 
 /// Rewrites source and destination address and port (unchanged ones cost nothing), with
-/// incremental IPv4 and TCP/UDP checksums. A UDP checksum of 0 (none) stays 0; a computed 0 is
-/// sent as 0xffff (RFC 768).
+/// incremental IPv4 and TCP/UDP/SCTP checksums. A UDP checksum of 0 (none) stays 0; a computed 0
+/// is sent as 0xffff (RFC 768).
 #[inline(always)]
 fn rewrite(
     ctx: &XdpContext,
     tuple: &Tuple,
-    l4_offset: usize,
+    ip: &Ipv4Info,
     saddr: u32,
     sport: u16,
     daddr: u32,
     dport: u16,
 ) -> Result<(), Event> {
+    let l4_offset = ip.l4_offset;
+    if tuple.proto == proto::SCTP {
+        // Its checksum is over the whole SCTP packet, which a first fragment does not hold.
+        if ip.first_fragment() {
+            return Err(Event::DROP_SCTP_FRAGMENT);
+        }
+        rewrite_sctp_ports(ctx, l4_offset, ip.end - l4_offset, sport, dport)?;
+        return rewrite_addresses(ctx, (tuple.saddr, tuple.daddr), (saddr, daddr));
+    }
     rewrite_addresses(ctx, (tuple.saddr, tuple.daddr), (saddr, daddr))?;
 
     let update = |check: u16| {

@@ -63,8 +63,8 @@ enum Command {
         /// Only entries with this port anywhere.
         #[arg(long)]
         port: Option<u16>,
-        /// Only tcp or udp entries.
-        #[arg(long, value_parser = ["tcp", "udp"])]
+        /// Only entries of this protocol.
+        #[arg(long, value_parser = ["tcp", "udp", "sctp"])]
         protocol: Option<String>,
         /// Only entries of this service id (see `lb services`).
         #[arg(long)]
@@ -394,12 +394,10 @@ fn dispatch(command: Command, given: &Given) -> anyhow::Result<()> {
             let filter = ConntrackFilter {
                 address,
                 port,
-                protocol: protocol.map(|name| {
-                    if name == "udp" {
-                        lb_common::proto::UDP
-                    } else {
-                        lb_common::proto::TCP
-                    }
+                protocol: protocol.map(|name| match name.as_str() {
+                    "udp" => lb_common::proto::UDP,
+                    "sctp" => lb_common::proto::SCTP,
+                    _ => lb_common::proto::TCP,
                 }),
                 service_id: service,
                 include_expired: all,

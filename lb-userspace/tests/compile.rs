@@ -252,6 +252,29 @@ fn rows() -> Vec<Row> {
             held: &[],
         },
         Row {
+            name: "SCTP NodePort: its endpoints' SCTP port, a NodePort frontend",
+            yaml: NODE1.to_owned()
+                + &service(
+                    "diameter",
+                    "  type: NodePort\n  clusterIP: 10.96.0.38\n  ports:\n  - {name: diameter, port: 3868, targetPort: 3869, nodePort: 30868, protocol: SCTP}\n",
+                )
+                + &slice(
+                    "diameter-1",
+                    "diameter",
+                    &[("10.244.1.38", "node1", READY)],
+                    &[("diameter", 3869, "SCTP")],
+                ),
+            expected: &[
+                "default/diameter:diameter/SCTP fe=[10.96.0.38:3868 cluster, 198.18.0.1:30868 nodeport, 203.0.113.1:30868 nodeport] be=[10.244.1.38:3869 L] affinity=0",
+            ],
+            problems: &[(
+                Severity::Unsupported,
+                "Service/default/diameter",
+                "SCTPClusterIPFromPods",
+            )],
+            held: &[],
+        },
+        Row {
             name: "selector-less service with a hand-made slice, unnamed port",
             yaml: service(
                 "external-db",
@@ -800,7 +823,7 @@ fn rows() -> Vec<Row> {
             held: &["default/big", "default/zero"],
         },
         Row {
-            name: "unknown protocol; SCTP is valid but not supported yet",
+            name: "unknown protocol refused; SCTP served, with a warning for its ClusterIP from pods",
             yaml: service(
                 "weird",
                 "  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, protocol: XTP}\n",
@@ -808,7 +831,10 @@ fn rows() -> Vec<Row> {
                 "sctp",
                 "  clusterIP: 10.96.0.21\n  ports:\n  - {name: a, port: 80, protocol: SCTP}\n  - {name: b, port: 81}\n",
             ),
-            expected: &["default/sctp:b/TCP fe=[10.96.0.21:81 cluster] be=[] affinity=0"],
+            expected: &[
+                "default/sctp:a/SCTP fe=[10.96.0.21:80 cluster] be=[] affinity=0",
+                "default/sctp:b/TCP fe=[10.96.0.21:81 cluster] be=[] affinity=0",
+            ],
             problems: &[
                 (
                     Severity::Invalid,
@@ -818,7 +844,7 @@ fn rows() -> Vec<Row> {
                 (
                     Severity::Unsupported,
                     "Service/default/sctp",
-                    "SCTPNotSupported",
+                    "SCTPClusterIPFromPods",
                 ),
             ],
             held: &["default/weird"],

@@ -71,16 +71,16 @@ fn invalid_services_and_backends_are_refused_with_a_reason() {
             "port 0",
         ),
         (
-            "sctp",
+            "a protocol the datapath does not serve (DCCP)",
             service(
                 2,
                 vec![Frontend {
-                    proto: 132,
+                    proto: 33,
                     ..frontend(2)
                 }],
                 vec![1],
             ),
-            "not TCP or UDP",
+            "not TCP, UDP or SCTP",
         ),
         (
             "too many backends",
@@ -388,6 +388,8 @@ fn every_program_leaves_a_quarter_of_the_verifiers_limit_free() {
     let mut counts = Vec::new();
     for name in [
         lb_common::program_names::XDP_LB,
+        lb_common::program_names::XDP_UDP,
+        lb_common::program_names::XDP_SCTP,
         lb_common::program_names::TC_EGRESS,
         lb_common::program_names::CONNECT4,
         lb_common::program_names::SENDMSG4,

@@ -156,7 +156,11 @@ impl std::fmt::Display for ServicePortKey {
 }
 
 pub(super) fn protocol_name(protocol: u8) -> &'static str {
-    if protocol == proto::UDP { "UDP" } else { "TCP" }
+    match protocol {
+        proto::UDP => "UDP",
+        proto::SCTP => "SCTP",
+        _ => "TCP",
+    }
 }
 
 /// A frontend of a service: an address, port and protocol clients use, and what kind it is.

@@ -234,10 +234,16 @@ pub(super) fn compile_service(
                 problems.push(unsupported(
                     "Service",
                     &service.metadata,
-                    "SCTPNotSupported",
-                    format!("port {} is SCTP, not programmed", port.port),
+                    "SCTPClusterIPFromPods",
+                    format!(
+                        "port {} is SCTP: served on node NICs (NodePort, externalIPs, \
+                         LoadBalancer, ClusterIP routed to the node); connections from pods and \
+                         the node to its ClusterIP are not translated (the kernel runs no socket \
+                         hook for SCTP)",
+                        port.port
+                    ),
                 ));
-                continue;
+                proto::SCTP
             }
             other => {
                 return Err(invalid(
@@ -679,6 +685,7 @@ impl ServiceEndpoints {
                 let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
                     "TCP" => proto::TCP,
                     "UDP" => proto::UDP,
+                    "SCTP" => proto::SCTP,
                     _ => continue,
                 };
                 let Some(number) = port.port.and_then(valid_port) else {

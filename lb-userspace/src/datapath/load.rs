@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError},
+    maps::{Array, HashMap, Map, MapData, MapError, ProgramArray},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
         SchedClassifier, TcAttachType, Xdp, XdpMode,
@@ -25,7 +25,7 @@ use aya::{
 };
 use lb_common::{
     Ct4Key, Ct4Value, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, ct_flags, limits,
-    map_names, program_names,
+    map_names, program_names, xdp_programs,
 };
 
 use super::{
@@ -67,6 +67,10 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         load_and_pin::<Xdp>(&mut ebpf, program_names::XDP_LB, pin_dir)?;
+        for (_, name) in PROTOCOL_PROGRAMS {
+            load_and_pin::<Xdp>(&mut ebpf, name, pin_dir)?;
+        }
+        install_tail_calls(&mut ebpf)?;
         load_and_pin::<SchedClassifier>(&mut ebpf, program_names::TC_EGRESS, pin_dir)?;
         for hook in SOCKET_HOOKS {
             load_and_pin::<CgroupSockAddr>(&mut ebpf, hook, pin_dir)?;
@@ -448,6 +452,30 @@ fn reply_sources(entries: &[(Ct4Key, Ct4Value)]) -> Vec<FilterKey> {
             _ => None,
         })
         .collect()
+}
+
+/// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`].
+const PROTOCOL_PROGRAMS: [(u32, &str); 2] = [
+    (xdp_programs::UDP, program_names::XDP_UDP),
+    (xdp_programs::SCTP, program_names::XDP_SCTP),
+];
+
+/// Puts this load's protocol programs in the program array `lb_xdp` tail-calls, each replacing
+/// an earlier load's in one update, before this load's `lb_xdp` is attached anywhere.
+fn install_tail_calls(ebpf: &mut Ebpf) -> Result<()> {
+    let name = map_names::XDP_PROGRAMS;
+    for (slot, program) in PROTOCOL_PROGRAMS {
+        let fd = program_mut::<Xdp>(ebpf, program)?
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+            .map_err(|source| program_error(program, "duplicate its fd".into(), source))?;
+        let map = ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
+        ProgramArray::try_from(map)
+            .map_err(|source| map_error(name, "open", source))?
+            .set(slot, &fd, 0)
+            .map_err(|source| map_error(name, "update", source))?;
+    }
+    Ok(())
 }
 
 /// A map private to this load's object (not pinned: the agent fills it anew as it attaches).

@@ -599,8 +599,15 @@ impl Datapath {
             if frontend.port == 0 {
                 return invalid(format!("frontend {frontend:?} has port 0"));
             }
-            if ![lb_common::proto::TCP, lb_common::proto::UDP].contains(&frontend.proto) {
-                return invalid(format!("frontend {frontend:?}: protocol not TCP or UDP"));
+            let served = [
+                lb_common::proto::TCP,
+                lb_common::proto::UDP,
+                lb_common::proto::SCTP,
+            ];
+            if !served.contains(&frontend.proto) {
+                return invalid(format!(
+                    "frontend {frontend:?}: protocol not TCP, UDP or SCTP"
+                ));
             }
         }
         if let Some(range) = service.source_ranges.iter().find(|(_, len)| *len > 32) {

@@ -471,6 +471,7 @@ fn protocol_name(protocol: u8) -> &'static str {
     match protocol {
         proto::TCP => "tcp",
         proto::UDP => "udp",
+        proto::SCTP => "sctp",
         _ => "other",
     }
 }

@@ -1,0 +1,22 @@
+//! The CRC32c update of an SCTP port rewrite, as a global BPF function: the verifier checks a
+//! global function once, on its own, and then takes its result as an unknown number at every
+//! call (kernel/bpf/verifier.c, do_check_subprogs for BTF_FUNC_GLOBAL; "bpf: Introduce function-
+//! by-function verification", 51c39bb1d5d1). Inlined, its 32 steps of carry-less multiplication
+//! would be walked again on every path that rewrites a packet, which takes `lb_xdp_sctp` past
+//! the verifier's million instructions.
+
+use lb_common::sctp;
+
+/// The checksum field of a `len`-byte SCTP packet after its ports changed from `old_ports` to
+/// `new_ports` ([`sctp::replace_ports`]); the field as it was when `len` is past
+/// [`sctp::MAX_LEN`], which callers refuse first.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_sctp_checksum_after_ports(
+    checksum: u32,
+    len: u32,
+    old_ports: u32,
+    new_ports: u32,
+) -> u32 {
+    sctp::replace_ports(checksum, len as usize, old_ports, new_ports).unwrap_or(checksum)
+}

@@ -1,0 +1,400 @@
+//! SCTP through the datapath with BPF_PROG_TEST_RUN: the chunks that open, carry, close and
+//! abort an association, to a local endpoint (XDP, then tc for its answers) and to a remote one
+//! (SNAT both ways in XDP). Every expected packet is built whole, its CRC32c computed by the
+//! `crc` crate, never by the datapath's incremental update. The kernels of these machines have
+//! no SCTP (CONFIG_IP_SCTP is not set), so no real association runs here: the lab cannot open
+//! an SCTP socket.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lab::{
+    lab::{Lab, PinDir},
+    packet,
+    table::{Case, Expect, run_table},
+};
+use lb_common::{
+    Flow4Value, flow_key, proto,
+    sctp::chunk,
+    service_flags,
+    tcp_state::{CLOSING, ESTABLISHED, SYN_SENT},
+};
+use lb_userspace::{
+    compile::model::{Backend, Frontend, Service},
+    datapath::{Datapath, testrun::test_run},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_OK: u32 = 0;
+
+const NODE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 40000);
+const FRONTEND: SocketAddrV4 = SocketAddrV4::new(NODE, 30132);
+const EMPTY_FRONTEND: SocketAddrV4 = SocketAddrV4::new(NODE, 30133);
+const POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 10), 3868);
+const REMOTE_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 20), 3868);
+const SNAT_PORTS: (u16, u16) = (61000, 61009);
+/// The verification tags of the two ends.
+const CLIENT_TAG: u32 = 0x1122_3344;
+const POD_TAG: u32 = 0x5566_7788;
+
+/// An INIT's (or INIT ACK's) fixed part: initiate tag, a_rwnd, streams out and in, initial TSN.
+fn init_value(tag: u32) -> Vec<u8> {
+    let mut value = tag.to_be_bytes().to_vec();
+    value.extend_from_slice(&65_536u32.to_be_bytes());
+    value.extend_from_slice(&[0, 10, 0, 10]);
+    value.extend_from_slice(&1u32.to_be_bytes());
+    value
+}
+
+/// A DATA chunk's value: TSN, stream, stream sequence, payload protocol, then `len` bytes.
+fn data_value(len: usize) -> Vec<u8> {
+    let mut value = vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 46];
+    value.extend((0..len).map(|i| (i * 31 + 7) as u8));
+    value
+}
+
+fn case(name: &'static str, input: Vec<u8>, verdict: u32, output: Expect) -> Case {
+    Case {
+        name,
+        input,
+        verdict,
+        output,
+    }
+}
+
+fn node_port(port: u16) -> Frontend {
+    Frontend {
+        addr: NODE,
+        port,
+        proto: proto::SCTP,
+        kind: service_flags::NODE_PORT,
+    }
+}
+
+/// An SCTP NodePort service on FRONTEND whose endpoint is POD (on this node, or REMOTE_POD on
+/// another when `remote`), and one on EMPTY_FRONTEND with no endpoint.
+fn datapath(pins: &PinDir, remote: bool) -> Datapath {
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    let (addr, flags) = if remote {
+        (REMOTE_POD, 0)
+    } else {
+        (POD, lb_common::backend_flags::LOCAL)
+    };
+    if remote {
+        datapath
+            .set_config(&lb_common::DatapathConfig {
+                snat_addr: u32::from(NODE),
+                snat_port_min: SNAT_PORTS.0,
+                snat_port_max: SNAT_PORTS.1,
+                ..Default::default()
+            })
+            .expect("config");
+    }
+    let backend = Backend {
+        addr: *addr.ip(),
+        port: addr.port(),
+        proto: proto::SCTP,
+        flags,
+    };
+    datapath.put_backend(1, &backend).expect("backend");
+    let service = Service {
+        id: 1,
+        frontends: vec![node_port(FRONTEND.port())],
+        backends: vec![1],
+        ..Default::default()
+    };
+    let empty = Service {
+        id: 2,
+        frontends: vec![node_port(EMPTY_FRONTEND.port())],
+        ..Default::default()
+    };
+    for service in [&service, &empty] {
+        datapath.put_service(service).expect("service");
+    }
+    datapath
+}
+
+/// The association's conntrack entry (its client's FLOW entry).
+fn flow(datapath: &Datapath) -> Flow4Value {
+    let key = flow_key(u32::from(*CLIENT.ip()), CLIENT.port(), proto::SCTP);
+    let entries = datapath.conntrack().expect("conntrack");
+    let (_, value) = entries
+        .iter()
+        .find(|(entry_key, _)| *entry_key == key)
+        .unwrap_or_else(|| panic!("no FLOW entry for the association in {entries:?}"));
+    *Flow4Value::of(value)
+}
+
+/// `frame` with its SCTP checksum field XORed with `error`.
+fn with_checksum_error(frame: &[u8], error: u32) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let field = packet::ETH_HDR_LEN + 20 + 8;
+    let stored = u32::from_le_bytes(out[field..field + 4].try_into().expect("field"));
+    out[field..field + 4].copy_from_slice(&(stored ^ error).to_le_bytes());
+    out
+}
+
+#[test]
+fn an_association_to_a_local_endpoint_is_translated_both_ways_from_init_to_shutdown_complete() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "sctp").expect("pin dir");
+    let datapath = datapath(&pins, false);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    let from_client = |chunk_type, tag, value: &[u8]| {
+        (
+            packet::sctp(CLIENT, FRONTEND, chunk_type, tag, value),
+            packet::sctp(CLIENT, POD, chunk_type, tag, value),
+        )
+    };
+    let from_pod = |chunk_type, tag, value: &[u8]| {
+        (
+            packet::sctp(POD, CLIENT, chunk_type, tag, value),
+            packet::sctp(FRONTEND, CLIENT, chunk_type, tag, value),
+        )
+    };
+    let step = |program, name, (input, expected): (Vec<u8>, Vec<u8>), verdict| {
+        assert!(packet::sctp_checksum_ok(&expected), "{name}: reference");
+        run_table(
+            program,
+            &[case(name, input, verdict, Expect::Bytes(expected))],
+        );
+    };
+
+    step(
+        xdp(),
+        "init",
+        from_client(chunk::INIT, 0, &init_value(CLIENT_TAG)),
+        XDP_PASS,
+    );
+    let entry = flow(&datapath);
+    assert_eq!(entry.state, SYN_SENT);
+    assert_eq!(
+        (entry.backend_addr, entry.backend_port),
+        (u32::from(*POD.ip()), POD.port())
+    );
+    step(
+        tc(),
+        "init ack from the endpoint",
+        from_pod(chunk::INIT_ACK, CLIENT_TAG, &init_value(POD_TAG)),
+        TC_ACT_OK,
+    );
+    step(
+        xdp(),
+        "cookie echo",
+        from_client(chunk::COOKIE_ECHO, POD_TAG, b"cookie!!"),
+        XDP_PASS,
+    );
+    assert_eq!(flow(&datapath).state, ESTABLISHED);
+    step(
+        tc(),
+        "cookie ack",
+        from_pod(chunk::COOKIE_ACK, CLIENT_TAG, b""),
+        TC_ACT_OK,
+    );
+
+    let (data, data_to_pod) = from_client(chunk::DATA, POD_TAG, &data_value(1400));
+    let (answer, answer_to_client) = from_pod(chunk::DATA, CLIENT_TAG, &data_value(3));
+    run_table(
+        xdp(),
+        &[
+            case(
+                "data of 1,400 bytes",
+                data.clone(),
+                XDP_PASS,
+                Expect::Bytes(data_to_pod.clone()),
+            ),
+            case(
+                "a wrong checksum stays wrong by the same error",
+                with_checksum_error(&data, 0x8000_0001),
+                XDP_PASS,
+                Expect::Bytes(with_checksum_error(&data_to_pod, 0x8000_0001)),
+            ),
+            case(
+                "a checksum not computed yet (0) stays 0 for whoever computes it",
+                with_checksum_error(&data, u32::from_le_bytes(data[42..46].try_into().unwrap())),
+                XDP_PASS,
+                Expect::Bytes(with_checksum_error(
+                    &data_to_pod,
+                    u32::from_le_bytes(data_to_pod[42..46].try_into().unwrap()),
+                )),
+            ),
+            case(
+                "first fragment: dropped, its checksum covers what XDP never sees",
+                packet::as_fragment(&data, 0, true),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+            case(
+                "common header cut short",
+                {
+                    let mut frame = data[..packet::ETH_HDR_LEN + 20 + 12].to_vec();
+                    frame[packet::ETH_HDR_LEN + 2..packet::ETH_HDR_LEN + 4]
+                        .copy_from_slice(&32u16.to_be_bytes());
+                    packet::fix_ip_checksum(&mut frame);
+                    frame
+                },
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+            case(
+                "heartbeat",
+                packet::sctp(CLIENT, FRONTEND, chunk::HEARTBEAT, POD_TAG, b"info"),
+                XDP_PASS,
+                Expect::Bytes(packet::sctp(
+                    CLIENT,
+                    POD,
+                    chunk::HEARTBEAT,
+                    POD_TAG,
+                    b"info",
+                )),
+            ),
+        ],
+    );
+    run_table(
+        tc(),
+        &[case(
+            "data from the endpoint",
+            answer,
+            TC_ACT_OK,
+            Expect::Bytes(answer_to_client),
+        )],
+    );
+    assert_eq!(flow(&datapath).state, ESTABLISHED);
+
+    step(
+        xdp(),
+        "shutdown",
+        from_client(chunk::SHUTDOWN, POD_TAG, &[0, 0, 0, 1]),
+        XDP_PASS,
+    );
+    assert_eq!(flow(&datapath).state, CLOSING);
+    step(
+        tc(),
+        "shutdown ack",
+        from_pod(chunk::SHUTDOWN_ACK, CLIENT_TAG, b""),
+        TC_ACT_OK,
+    );
+    step(
+        xdp(),
+        "shutdown complete",
+        from_client(chunk::SHUTDOWN_COMPLETE, POD_TAG, b""),
+        XDP_PASS,
+    );
+
+    // A new association from the same port after the old one ended: a new flow.
+    step(
+        xdp(),
+        "init again",
+        from_client(chunk::INIT, 0, &init_value(CLIENT_TAG + 1)),
+        XDP_PASS,
+    );
+    assert_eq!(flow(&datapath).state, SYN_SENT);
+    step(
+        xdp(),
+        "abort",
+        from_client(chunk::ABORT, POD_TAG, b""),
+        XDP_PASS,
+    );
+    assert_eq!(flow(&datapath).state, CLOSING);
+
+    let init_to_nobody = packet::sctp(CLIENT, EMPTY_FRONTEND, chunk::INIT, 0, &init_value(1));
+    run_table(
+        xdp(),
+        &[case(
+            "no endpoint: icmp port unreachable",
+            init_to_nobody.clone(),
+            XDP_TX,
+            Expect::Bytes(packet::icmp_port_unreachable_reply(
+                *EMPTY_FRONTEND.ip(),
+                *CLIENT.ip(),
+                &init_to_nobody,
+            )),
+        )],
+    );
+    let events = datapath.events().expect("events");
+    assert_eq!(events.get("drop_sctp_fragment"), Some(&1), "{events:?}");
+    assert_eq!(events.get("drop_malformed"), Some(&1), "{events:?}");
+    assert_eq!(events.get("pass_protocol_unserved"), Some(&0), "{events:?}");
+}
+
+/// The SCTP packet of an Ethernet/IPv4 (no options) frame: its bytes from the common header on.
+fn sctp_part(frame: &[u8]) -> &[u8] {
+    &frame[packet::ETH_HDR_LEN + 20..]
+}
+
+fn addresses(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr) {
+    let ip = &frame[packet::ETH_HDR_LEN..];
+    let addr = |at: usize| Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]);
+    (addr(12), addr(16))
+}
+
+#[test]
+fn an_association_to_a_remote_endpoint_is_snated_and_its_answers_come_back_from_the_frontend() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "sctpsnat").expect("pin dir");
+    let datapath = datapath(&pins, true);
+    let xdp = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+
+    let init = packet::sctp(CLIENT, FRONTEND, chunk::INIT, 0, &init_value(CLIENT_TAG));
+    let out = test_run(xdp, &init).expect("run");
+    assert_ne!(out.verdict, XDP_DROP, "the INIT went on");
+    assert_eq!(addresses(&out.packet), (NODE, *REMOTE_POD.ip()), "SNATed");
+    let snat_port = u16::from_be_bytes([out.packet[34], out.packet[35]]);
+    assert!(
+        (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&snat_port),
+        "port {snat_port} from the SNAT range"
+    );
+    let snat = SocketAddrV4::new(NODE, snat_port);
+    let expected = packet::sctp(snat, REMOTE_POD, chunk::INIT, 0, &init_value(CLIENT_TAG));
+    assert_eq!(
+        sctp_part(&out.packet),
+        sctp_part(&expected),
+        "ports and CRC32c"
+    );
+
+    let init_ack = packet::sctp(
+        REMOTE_POD,
+        snat,
+        chunk::INIT_ACK,
+        CLIENT_TAG,
+        &init_value(9),
+    );
+    let back = test_run(xdp, &init_ack).expect("run");
+    assert_eq!(back.verdict, XDP_TX, "back out towards the client");
+    assert_eq!(addresses(&back.packet), (NODE, *CLIENT.ip()));
+    let expected = packet::sctp(
+        FRONTEND,
+        CLIENT,
+        chunk::INIT_ACK,
+        CLIENT_TAG,
+        &init_value(9),
+    );
+    assert_eq!(
+        sctp_part(&back.packet),
+        sctp_part(&expected),
+        "ports and CRC32c"
+    );
+
+    let data = packet::sctp(CLIENT, FRONTEND, chunk::DATA, 9, &data_value(600));
+    let out = test_run(xdp, &data).expect("run");
+    let expected = packet::sctp(snat, REMOTE_POD, chunk::DATA, 9, &data_value(600));
+    assert_eq!(
+        sctp_part(&out.packet),
+        sctp_part(&expected),
+        "the same SNAT port"
+    );
+    assert!(packet::sctp_checksum_ok(&out.packet));
+}
