@@ -135,6 +135,13 @@ pub fn serve(host: &Host, name: &str, port: u16) -> anyhow::Result<Proc> {
     )
 }
 
+/// Starts an SCTP server (one-to-one style sockets) named `name` on `port` (all IPv4 addresses)
+/// in `host`. Needs a kernel with SCTP.
+pub fn serve_sctp(host: &Host, name: &str, port: u16) -> anyhow::Result<Proc> {
+    let addr = format!("0.0.0.0:{port}");
+    host.spawn(binary()?, &["serve", "--name", name, "--sctp", &addr], None)
+}
+
 /// As [`serve`], on `[::]` (a dual-stack socket: IPv6 clients, and IPv4 ones seen as
 /// IPv4-mapped addresses).
 pub fn serve_dual_stack(host: &Host, name: &str, port: u16) -> anyhow::Result<Proc> {
@@ -164,7 +171,8 @@ pub fn wait_until_answered(ready_file: &Path, timeout: Duration) -> anyhow::Resu
 /// Parameters of one client run.
 #[derive(Clone, Debug)]
 pub struct ClientRun<'a> {
-    /// `tcp` (one connection per request) or `udp` (one datagram per request).
+    /// `tcp` (one connection per request), `udp` (one datagram per request) or `sctp` (one
+    /// association per request).
     pub protocol: &'a str,
     /// Destination `ip:port`.
     pub to: &'a str,
@@ -209,6 +217,13 @@ impl<'a> ClientRun<'a> {
     pub fn udp(to: &'a str, requests: u64) -> Self {
         Self {
             protocol: "udp",
+            ..Self::tcp(to, requests)
+        }
+    }
+
+    pub fn sctp(to: &'a str, requests: u64) -> Self {
+        Self {
+            protocol: "sctp",
             ..Self::tcp(to, requests)
         }
     }

@@ -263,6 +263,68 @@ fn node_port_external_ip_and_load_balancer_ip_from_outside() {
     );
 }
 
+/// SCTP from outside to NodePort, externalIP and LoadBalancer IP: XDP translates the
+/// associations, tc their answers, the CRC32c right both ways (the endpoint's and the client's
+/// kernels check it). Kernels without SCTP cannot open the sockets: the build script finds that
+/// out and the test is ignored there with the reason (the datapath's SCTP is then tested by
+/// datapath_sctp.rs alone).
+#[test]
+#[cfg_attr(
+    kernel_without_sctp,
+    ignore = "this kernel has no SCTP (CONFIG_IP_SCTP is not set)"
+)]
+fn sctp_associations_from_outside_reach_the_endpoints() {
+    let mut setup = setup(&ClusterSpec::default());
+    let sctp_servers: Vec<Proc> = setup
+        .cluster
+        .pods()
+        .map(|pod| lab::peer::serve_sctp(&pod.host, pod.host.name(), POD_PORT))
+        .collect::<anyhow::Result<_>>()
+        .expect("SCTP servers");
+    let ids = backends(&mut setup, proto::SCTP, 21);
+    let service = Service {
+        id: 3,
+        frontends: frontends(proto::SCTP),
+        backends: vec![ids[0].0, ids[1].0],
+        ..Default::default()
+    };
+    setup.node.datapath.put_service(&service).expect("service");
+    let endpoints: BTreeSet<&str> = ["n1p0", "n1p1"].into();
+    for target in [
+        format!("{}:{NODE_PORT}", node_addr(1)),
+        format!("{EXTERNAL_IP}:{SERVICE_PORT}"),
+        format!("{LB_IP}:{SERVICE_PORT}"),
+    ] {
+        let report = ClientRun::sctp(&target, 20)
+            .run(&setup.cluster.client, None)
+            .expect("client");
+        report.assert_all_ok(&target);
+        assert!(
+            report.servers().is_subset(&endpoints),
+            "{target}: {report:?}"
+        );
+        assert_eq!(
+            report.peers_seen.keys().collect::<Vec<_>>(),
+            [&CLIENT_ADDR.to_string()],
+            "{target}"
+        );
+        assert_eq!(
+            report.peer_names.keys().collect::<Vec<_>>(),
+            [&target],
+            "{target}"
+        );
+    }
+    let events = setup.node.datapath.events().expect("events");
+    assert!(
+        events
+            .iter()
+            .filter(|(event, _)| *event != &"nat_port_remap")
+            .all(|(_, &count)| count == 0),
+        "{events:?}"
+    );
+    drop(sctp_servers);
+}
+
 #[test]
 fn a_thousand_connections_spread_evenly_over_three_endpoints() {
     let mut setup = setup(&ClusterSpec {

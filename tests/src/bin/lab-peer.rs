@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::Barrier,
     time::{Duration, Instant},
 };
@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use lab::peer::{ClientReport, LatencySummary, TimelineEntry, parse_reply, reply};
 
 #[derive(Parser)]
-#[command(about = "TCP/UDP peers for the lab (run inside lab namespaces)")]
+#[command(about = "TCP/UDP/SCTP peers for the lab (run inside lab namespaces)")]
 struct Cli {
     #[command(subcommand)]
     command: Mode,
@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Mode {
-    /// Answer TCP connections and UDP datagrams; prints `ready` once listening.
+    /// Answer TCP connections, UDP datagrams and SCTP associations (one-to-one style); prints
+    /// `ready` once listening.
     Serve {
         #[arg(long)]
         name: String,
@@ -29,12 +30,16 @@ enum Mode {
         tcp: Option<SocketAddr>,
         #[arg(long)]
         udp: Option<SocketAddr>,
+        #[arg(long)]
+        sctp: Option<SocketAddrV4>,
     },
     /// One TCP connection per request (connect, send a line, read the reply, close), or all
     /// requests over one connection with --one-flow.
     Tcp(ClientArgs),
     /// One datagram per request, each from a new socket unless --one-flow.
     Udp(ClientArgs),
+    /// As tcp, over SCTP associations (one-to-one style sockets).
+    Sctp(ClientArgs),
     /// Benchmark load over TCP: --clients threads for --duration-ms, each doing
     /// connect/request/close per request, or request/response over one connection with
     /// --one-flow. The report adds the rate and per-request latency percentiles (`latency`).
@@ -43,9 +48,9 @@ enum Mode {
     /// its source spoofed: what an attacker off the path sends. Prints `sent`.
     Rst {
         #[arg(long)]
-        from: std::net::SocketAddrV4,
+        from: SocketAddrV4,
         #[arg(long)]
-        to: std::net::SocketAddrV4,
+        to: SocketAddrV4,
         #[arg(long)]
         seq: u32,
     },
@@ -108,14 +113,23 @@ const MAX_ERROR_SAMPLES: usize = 5;
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Mode::Serve { name, tcp, udp } => serve(name, tcp, udp),
+        Mode::Serve {
+            name,
+            tcp,
+            udp,
+            sctp,
+        } => serve(name, tcp, udp, sctp),
         Mode::Tcp(args) => {
             set_ready_file(&args);
-            print_report(&tcp_client(&args))
+            print_report(&stream_client(&args, tcp_connect))
         }
         Mode::Udp(args) => {
             set_ready_file(&args);
             print_report(&udp_client(&args)?)
+        }
+        Mode::Sctp(args) => {
+            set_ready_file(&args);
+            print_report(&stream_client(&args, sctp_connect))
         }
         Mode::Load(args) => print_report(&load(&args)),
         Mode::Rst { from, to, seq } => {
@@ -126,11 +140,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn send_spoofed_rst(
-    from: std::net::SocketAddrV4,
-    to: std::net::SocketAddrV4,
-    seq: u32,
-) -> anyhow::Result<()> {
+fn send_spoofed_rst(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> anyhow::Result<()> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     let mut packet = Vec::new();
     etherparse::PacketBuilder::ipv4(from.ip().octets(), to.ip().octets(), 64)
@@ -175,15 +185,25 @@ fn print_report(report: &ClientReport) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(name: String, tcp: Option<SocketAddr>, udp: Option<SocketAddr>) -> anyhow::Result<()> {
+fn serve(
+    name: String,
+    tcp: Option<SocketAddr>,
+    udp: Option<SocketAddr>,
+    sctp: Option<SocketAddrV4>,
+) -> anyhow::Result<()> {
     let listener = tcp.map(TcpListener::bind).transpose()?;
     let socket = udp.map(UdpSocket::bind).transpose()?;
+    let sctp_listener = sctp.map(sctp_listen).transpose()?;
     println!("ready");
     std::io::stdout().flush()?;
     let mut threads = Vec::new();
     if let Some(socket) = socket {
         let name = name.clone();
         threads.push(std::thread::spawn(move || serve_udp(&name, &socket)));
+    }
+    if let Some(listener) = sctp_listener {
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || serve_tcp(&name, &listener)));
     }
     if let Some(listener) = listener {
         threads.push(std::thread::spawn(move || serve_tcp(&name, &listener)));
@@ -289,11 +309,15 @@ fn pause(args: &ClientArgs) {
     }
 }
 
-fn tcp_client(args: &ClientArgs) -> ClientReport {
+/// A TCP or SCTP client: `connect` opens one connection (association).
+fn stream_client(
+    args: &ClientArgs,
+    connect: fn(SocketAddr, Duration) -> std::io::Result<TcpStream>,
+) -> ClientReport {
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut report = ClientReport::default();
     if args.one_flow {
-        match tcp_connect(args.to, timeout) {
+        match connect(args.to, timeout) {
             Ok(stream) => {
                 let mut reader = BufReader::new(stream.try_clone().expect("clone a TcpStream"));
                 for _ in 0..args.requests {
@@ -316,7 +340,7 @@ fn tcp_client(args: &ClientArgs) -> ClientReport {
         return report;
     }
     for _ in 0..args.requests {
-        let result = tcp_connect(args.to, timeout).and_then(|stream| {
+        let result = connect(args.to, timeout).and_then(|stream| {
             let mut reader = BufReader::new(stream.try_clone()?);
             tcp_exchange(&stream, &mut reader, args.answer_bytes)
         });
@@ -328,6 +352,101 @@ fn tcp_client(args: &ClientArgs) -> ClientReport {
 
 fn tcp_connect(to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&to, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// An SCTP one-to-one style socket (SOCK_STREAM, IPPROTO_SCTP): it accepts, reads and writes as
+/// a TCP socket does, so that std's TcpListener and TcpStream can drive it.
+fn sctp_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_SCTP,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a socket this process just opened and owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Checks a libc call's return value.
+fn os_result(result: libc::c_int) -> std::io::Result<()> {
+    if result < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn sctp_listen(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
+    use std::os::fd::AsRawFd as _;
+    let socket = sctp_socket()?;
+    let address = sockaddr_in(addr);
+    // SAFETY: the address is valid for the call and its length is its own.
+    os_result(unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            std::ptr::from_ref(&address).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    })?;
+    // SAFETY: a bound socket this process owns.
+    os_result(unsafe { libc::listen(socket.as_raw_fd(), 128) })?;
+    Ok(TcpListener::from(socket))
+}
+
+/// Opens an SCTP association to `to` (IPv4), waiting at most `timeout` for it (SO_SNDTIMEO,
+/// which sctp_connect honours as connect(2) does for TCP).
+fn sctp_connect(to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd as _;
+    let SocketAddr::V4(to) = to else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the lab's SCTP client speaks IPv4",
+        ));
+    };
+    let socket = sctp_socket()?;
+    let limit = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: the option value is valid for the call and its length is its own.
+    os_result(unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            std::ptr::from_ref(&limit).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })?;
+    let address = sockaddr_in(to);
+    // SAFETY: as for bind above.
+    os_result(unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            std::ptr::from_ref(&address).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    })?;
+    let stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(timeout))?;
     Ok(stream)
 }
