@@ -1342,7 +1342,8 @@ labelled_indexes! {
     /// packet it quotes.
     ICMP_ERROR_TRANSLATED = "icmp_error_translated",
     /// Drop: a TCP RST of a tracked flow whose sequence number lies far from what its sender
-    /// has sent (a blind or stale RST, see [`tcp_seq`]): the flow goes on.
+    /// has sent (a blind or stale RST, see [`tcp_seq`]), or an SCTP ABORT or SHUTDOWN COMPLETE
+    /// whose verification tag is not the one its sender's packets carry: the flow goes on.
     DROP_RST_OUT_OF_WINDOW = "drop_rst_out_of_window",
     /// Drop: the first fragment of an SCTP packet to a frontend or SNAT port. Its CRC32c covers
     /// the whole packet, which XDP never holds at once, so its ports cannot be rewritten.

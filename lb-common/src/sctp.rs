@@ -17,6 +17,8 @@ use crate::tcp_flags::{ACK, FIN, RST, SYN};
 pub const COMMON_HDR_LEN: usize = 12;
 /// The common header and the first chunk's type, flags and length.
 pub const HDR_AND_CHUNK_LEN: usize = COMMON_HDR_LEN + 4;
+/// The verification tag's offset in the common header.
+pub const TAG_OFFSET: usize = 4;
 /// The checksum's offset in the common header. Linux stores the CRC32c little-endian
 /// (include/net/sctp/checksum.h, sctp_compute_cksum: `cpu_to_le32(~crc32c(...))`).
 pub const CHECKSUM_OFFSET: usize = 8;
@@ -46,21 +48,39 @@ pub mod chunk {
 /// association (ACK), and COOKIE ECHO after INIT establishes it. INIT, INIT ACK and SHUTDOWN
 /// COMPLETE are never bundled with other chunks (RFC 9260, section 6.10).
 ///
+///
+/// An ABORT or SHUTDOWN COMPLETE with the T bit set carries its sender's own tag instead of its
+/// peer's (RFC 9260, section 8.5.1: the reply to a packet without an association); the datapath
+/// cannot check that tag against what it has seen of the flow, so it forwards such a chunk
+/// without letting it end the flow (ACK).
+///
 /// A table lookup, not a `match`: branches would hand the verifier one path per flag value,
 /// each walked through the rest of the program.
 #[inline(always)]
-pub fn flags_of_chunk(chunk_type: u8) -> u8 {
-    FLAGS_OF_CHUNK[usize::from(chunk_type)]
+pub fn flags_of_chunk(chunk_type: u8, chunk_flags: u8) -> u8 {
+    let reflected = usize::from(chunk_flags & CHUNK_FLAG_T);
+    FLAGS_OF_CHUNK[reflected << 8 | usize::from(chunk_type)]
 }
 
-static FLAGS_OF_CHUNK: [u8; 256] = {
-    let mut table = [ACK; 256];
-    table[chunk::INIT as usize] = SYN;
-    table[chunk::INIT_ACK as usize] = SYN | ACK;
-    table[chunk::SHUTDOWN as usize] = FIN | ACK;
-    table[chunk::SHUTDOWN_ACK as usize] = FIN | ACK;
-    table[chunk::ABORT as usize] = RST | ACK;
-    table[chunk::SHUTDOWN_COMPLETE as usize] = RST | ACK;
+/// The T bit of ABORT and SHUTDOWN COMPLETE (RFC 9260, sections 3.3.7 and 3.3.13).
+pub const CHUNK_FLAG_T: u8 = 0x01;
+
+/// By the T bit (0 or 1) then the chunk type.
+static FLAGS_OF_CHUNK: [u8; 512] = {
+    let mut table = [ACK; 512];
+    let mut t = 0;
+    while t < 2 {
+        let base = t * 256;
+        table[base + chunk::INIT as usize] = SYN;
+        table[base + chunk::INIT_ACK as usize] = SYN | ACK;
+        table[base + chunk::SHUTDOWN as usize] = FIN | ACK;
+        table[base + chunk::SHUTDOWN_ACK as usize] = FIN | ACK;
+        if t == 0 {
+            table[chunk::ABORT as usize] = RST | ACK;
+            table[chunk::SHUTDOWN_COMPLETE as usize] = RST | ACK;
+        }
+        t += 1;
+    }
     table
 };
 

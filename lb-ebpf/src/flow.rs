@@ -37,7 +37,8 @@ pub struct Tuple {
     /// ([`lb_common::sctp::flags_of_chunk`]); 0 for UDP.
     pub tcp_flags: u8,
     /// TCP: the segment's sequence number and the one after it ([`tcp_seq::segment_end`]); 0
-    /// for UDP and for tuples that do not come from a segment.
+    /// for UDP and for tuples that do not come from a segment. SCTP: `seq` is the packet's
+    /// verification tag, `seq_end` 0.
     pub seq: u32,
     pub seq_end: u32,
 }
@@ -304,20 +305,35 @@ pub fn follow(
 
 /// A RST far from what its sender has sent on this flow (`sender_seq_next`, from the sender's
 /// side of the flow): not the sender's, so it must neither end the flow nor reach the other
-/// side.
+/// side. For SCTP, an ABORT or SHUTDOWN COMPLETE whose verification tag is not the one its
+/// sender's packets carry (`sender_seq_next` holds that tag once seen): the endpoint would
+/// discard it (RFC 9260, section 8.5.1), and it must not end the flow here either.
 #[inline(always)]
 pub fn blind_rst(sender_seq_next: u32, tuple: &Tuple) -> bool {
-    tuple.proto == proto::TCP
-        && tuple.tcp_flags & TCP_RST != 0
-        && !tcp_seq::rst_in_window(sender_seq_next, tuple.seq)
+    if tuple.tcp_flags & TCP_RST == 0 {
+        return false;
+    }
+    if tuple.proto == proto::SCTP {
+        return sender_seq_next != 0 && tuple.seq != sender_seq_next;
+    }
+    tuple.proto == proto::TCP && !tcp_seq::rst_in_window(sender_seq_next, tuple.seq)
 }
 
 /// Records how far a side's segment reaches in its sequence space (a write only when it reaches
-/// further: data, SYN or FIN, not a bare ACK).
+/// further: data, SYN or FIN, not a bare ACK). For SCTP, the verification tag the side's packets
+/// carry, from its first packet with one (an INIT carries 0, its peer's tag being unknown yet).
 #[inline(always)]
 fn note_seq(sender_seq_next: &mut u32, tuple: &Tuple) {
+    if tuple.tcp_flags & TCP_RST != 0 {
+        return;
+    }
+    if tuple.proto == proto::SCTP {
+        if *sender_seq_next == 0 {
+            *sender_seq_next = tuple.seq;
+        }
+        return;
+    }
     if tuple.proto == proto::TCP
-        && tuple.tcp_flags & TCP_RST == 0
         && (*sender_seq_next == 0 || tcp_seq::after(tuple.seq_end, *sender_seq_next))
     {
         *sender_seq_next = tuple.seq_end;

@@ -290,7 +290,13 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         segment(ctx, l4_offset)?
     } else if protocol == proto::SCTP {
         let header = read::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, l4_offset)?;
-        (sctp::flags_of_chunk(header[sctp::COMMON_HDR_LEN]), 0, 0)
+        let chunk = sctp::COMMON_HDR_LEN;
+        let tag = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        (
+            sctp::flags_of_chunk(header[chunk], header[chunk + 1]),
+            tag,
+            0,
+        )
     } else {
         (0, 0, 0)
     };

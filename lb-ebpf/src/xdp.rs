@@ -581,8 +581,10 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info, protocol: u8) -> Result<Tupl
         }
         let sctp = bytes_at::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, ip.l4_offset)
             .ok_or(Event::DROP_MALFORMED)?;
-        let flags = sctp::flags_of_chunk(sctp[sctp::COMMON_HDR_LEN]);
-        ([sctp[0], sctp[1], sctp[2], sctp[3]], flags, 0, 0)
+        let flags =
+            sctp::flags_of_chunk(sctp[sctp::COMMON_HDR_LEN], sctp[sctp::COMMON_HDR_LEN + 1]);
+        let tag = u32::from_be_bytes([sctp[4], sctp[5], sctp[6], sctp[7]]);
+        ([sctp[0], sctp[1], sctp[2], sctp[3]], flags, tag, 0)
     } else {
         let udp = bytes_at::<UDP_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
         // A first fragment holds the start of a datagram its length covers in full.

@@ -124,12 +124,24 @@ pub fn sctp(
     tag: u32,
     value: &[u8],
 ) -> Vec<u8> {
+    sctp_with_chunk_flags(src, dst, chunk_type, 0, tag, value)
+}
+
+/// As [`sctp`], the chunk's flags byte set to `chunk_flags`.
+pub fn sctp_with_chunk_flags(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    chunk_type: u8,
+    chunk_flags: u8,
+    tag: u32,
+    value: &[u8],
+) -> Vec<u8> {
     let mut sctp = Vec::new();
     sctp.extend_from_slice(&src.port().to_be_bytes());
     sctp.extend_from_slice(&dst.port().to_be_bytes());
     sctp.extend_from_slice(&tag.to_be_bytes());
     sctp.extend_from_slice(&[0; 4]);
-    sctp.extend_from_slice(&[chunk_type, 0]);
+    sctp.extend_from_slice(&[chunk_type, chunk_flags]);
     sctp.extend_from_slice(&(4 + value.len() as u16).to_be_bytes());
     sctp.extend_from_slice(value);
     sctp.resize(sctp.len().next_multiple_of(4), 0);

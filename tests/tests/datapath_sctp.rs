@@ -27,6 +27,7 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 40000);
@@ -272,6 +273,44 @@ fn an_association_to_a_local_endpoint_is_translated_both_ways_from_init_to_shutd
     );
     assert_eq!(flow(&datapath).state, ESTABLISHED);
 
+    // Closes the flow cannot trust: an ABORT with a tag its sender's packets do not carry is
+    // dropped (the endpoint would discard it too) from either side; one with the T bit (its
+    // sender's own tag, which the datapath cannot check) goes on but leaves the flow as it is.
+    run_table(
+        xdp(),
+        &[
+            case(
+                "abort with another tag",
+                packet::sctp(CLIENT, FRONTEND, chunk::ABORT, POD_TAG ^ 1, b""),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+            case(
+                "abort with the T bit",
+                packet::sctp_with_chunk_flags(CLIENT, FRONTEND, chunk::ABORT, 1, CLIENT_TAG, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::sctp_with_chunk_flags(
+                    CLIENT,
+                    POD,
+                    chunk::ABORT,
+                    1,
+                    CLIENT_TAG,
+                    b"",
+                )),
+            ),
+        ],
+    );
+    run_table(
+        tc(),
+        &[case(
+            "abort from the endpoint with another tag",
+            packet::sctp(POD, CLIENT, chunk::ABORT, CLIENT_TAG ^ 1, b""),
+            TC_ACT_SHOT,
+            Expect::Unchanged,
+        )],
+    );
+    assert_eq!(flow(&datapath).state, ESTABLISHED);
+
     step(
         xdp(),
         "shutdown",
@@ -325,6 +364,7 @@ fn an_association_to_a_local_endpoint_is_translated_both_ways_from_init_to_shutd
     let events = datapath.events().expect("events");
     assert_eq!(events.get("drop_sctp_fragment"), Some(&1), "{events:?}");
     assert_eq!(events.get("drop_malformed"), Some(&1), "{events:?}");
+    assert_eq!(events.get("drop_rst_out_of_window"), Some(&2), "{events:?}");
     assert_eq!(events.get("pass_protocol_unserved"), Some(&0), "{events:?}");
 }
 
