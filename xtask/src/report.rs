@@ -777,6 +777,7 @@ fn path_label(key: &str) -> &str {
         "xdp_new_flow" => "XDP new flow, one frontend",
         "xdp_new_flow_spread" => "XDP new flow, all frontends",
         "xdp_established" => "XDP established",
+        "xdp_established_udp" => "XDP established, UDP (one tail call)",
         "xdp_miss" => "XDP miss, a SYN (no such service)",
         "xdp_miss_established" => "XDP miss, an ACK (no such service)",
         "xdp_non_ip" => "XDP non-IP (ARP)",

@@ -118,6 +118,9 @@ enum Series {
     /// Every packet a new flow, each to the next frontend in an order scattered over the table.
     NewFlowSpread,
     Established,
+    /// A UDP datagram of a live flow to the one frontend's UDP service: what `lb_xdp`'s tail
+    /// call to `lb_xdp_udp` adds, beside the established TCP path.
+    EstablishedUdp,
     /// A TCP SYN to no frontend.
     Miss,
     /// A TCP ACK to no frontend (the node's own connections): it pays the conntrack lookup
@@ -131,11 +134,12 @@ enum Series {
 }
 
 impl Series {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::Floor,
         Self::NewFlow,
         Self::NewFlowSpread,
         Self::Established,
+        Self::EstablishedUdp,
         Self::Miss,
         Self::MissEstablished,
         Self::NonIp,
@@ -149,6 +153,7 @@ impl Series {
             Self::NewFlow => "xdp_new_flow",
             Self::NewFlowSpread => "xdp_new_flow_spread",
             Self::Established => "xdp_established",
+            Self::EstablishedUdp => "xdp_established_udp",
             Self::Miss => "xdp_miss",
             Self::MissEstablished => "xdp_miss_established",
             Self::NonIp => "xdp_non_ip",
@@ -163,6 +168,7 @@ impl Series {
             Self::NewFlow => "xdp new flow, one frontend",
             Self::NewFlowSpread => "xdp new flow, all frontends",
             Self::Established => "xdp established",
+            Self::EstablishedUdp => "xdp established (udp)",
             Self::Miss => "xdp miss (syn)",
             Self::MissEstablished => "xdp miss (ack)",
             Self::NonIp => "xdp non-ip (arp)",
@@ -427,6 +433,7 @@ struct SizeBench<'a> {
     frontend: SocketAddrV4,
     floor_input: Vec<u8>,
     established: (Vec<u8>, Vec<u8>),
+    established_udp: (Vec<u8>, Vec<u8>),
     reply: (Vec<u8>, Vec<u8>),
     miss: Vec<u8>,
     miss_established: Vec<u8>,
@@ -447,13 +454,17 @@ impl<'a> SizeBench<'a> {
         let first = |client| -> anyhow::Result<SocketAddrV4> {
             let syn = packet::tcp(client, frontend, TcpFlags::SYN, b"");
             let out = run_once(xdp, &syn, XDP_PASS, "a flow's first packet")?;
-            tcp_destination(&out.packet)
+            l4_destination(&out.packet)
         };
         let backend = first(ESTABLISHED_CLIENT)?;
         let established = (
             packet::tcp(ESTABLISHED_CLIENT, frontend, TcpFlags::ACK, b""),
             packet::tcp(ESTABLISHED_CLIENT, backend, TcpFlags::ACK, b""),
         );
+        let udp = packet::udp(ESTABLISHED_CLIENT, frontend, b"");
+        let udp_backend =
+            l4_destination(&run_once(xdp, &udp, XDP_PASS, "a UDP flow's first datagram")?.packet)?;
+        let established_udp = (udp, packet::udp(ESTABLISHED_CLIENT, udp_backend, b""));
         let backend = first(REPLY_CLIENT)?;
         let reply = (
             packet::tcp(backend, REPLY_CLIENT, TcpFlags::ACK, b""),
@@ -467,6 +478,7 @@ impl<'a> SizeBench<'a> {
             frontend,
             floor_input: established.0.clone(),
             established,
+            established_udp,
             reply,
             miss: packet::tcp(MISS_CLIENT, MISS_DESTINATION, TcpFlags::SYN, b""),
             miss_established: packet::tcp(MISS_CLIENT, MISS_DESTINATION, TcpFlags::ACK, b""),
@@ -509,7 +521,7 @@ impl<'a> SizeBench<'a> {
                 *k += 1;
                 let input = packet::tcp(client, frontend, TcpFlags::SYN, b"");
                 let out = run_once(self.xdp, &input, XDP_PASS, what)?;
-                let backend = tcp_destination(&out.packet)?;
+                let backend = l4_destination(&out.packet)?;
                 ensure!(
                     BACKENDS.contains(&backend)
                         && out.packet == packet::tcp(client, backend, TcpFlags::SYN, b""),
@@ -518,8 +530,12 @@ impl<'a> SizeBench<'a> {
                 );
                 out
             }
-            Series::Established => {
-                let (input, expected) = &self.established;
+            Series::Established | Series::EstablishedUdp => {
+                let (input, expected) = if series == Series::Established {
+                    &self.established
+                } else {
+                    &self.established_udp
+                };
                 let out = run_once(self.xdp, input, XDP_PASS, what)?;
                 ensure!(&out.packet == expected, "{what}: not DNATed to its backend");
                 out
@@ -592,7 +608,9 @@ impl<'a> SizeBench<'a> {
 }
 
 /// Puts the shared backends and `services` frontends spread over at most [`MAX_SERVICE_IDS`]
-/// service ids (frontend `i` belongs to id `i % ids`). Returns the number of ids.
+/// service ids (frontend `i` belongs to id `i % ids`), and a UDP service (the next id, whose new
+/// flows the totals leave out) on the middle frontend's address and port. Returns the number of
+/// TCP service ids.
 fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
     for (id, addr) in (1..).zip(BACKENDS) {
         datapath.put_backend(
@@ -629,6 +647,30 @@ fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
             ..Default::default()
         })?;
     }
+    let udp_ids = (1..).map(|id| id + BACKENDS.len() as u32);
+    for (id, addr) in udp_ids.clone().zip(BACKENDS) {
+        datapath.put_backend(
+            id,
+            &Backend {
+                addr: *addr.ip(),
+                port: addr.port(),
+                proto: proto::UDP,
+                flags: 0,
+            },
+        )?;
+    }
+    let middle = frontend_addr(services / 2);
+    datapath.put_service(&Service {
+        id: ids,
+        frontends: vec![Frontend {
+            addr: *middle.ip(),
+            port: middle.port(),
+            proto: proto::UDP,
+            kind: service_flags::CLUSTER_IP,
+        }],
+        backends: udp_ids.take(BACKENDS.len()).collect(),
+        ..Default::default()
+    })?;
     Ok(ids)
 }
 
@@ -670,7 +712,8 @@ fn scrambled(k: u32, services: u32) -> u32 {
 }
 
 /// Destination address and port of an Ethernet/IPv4 (no options)/TCP frame.
-fn tcp_destination(frame: &[u8]) -> anyhow::Result<SocketAddrV4> {
+/// The destination address and port of a TCP or UDP frame (IPv4 without options).
+fn l4_destination(frame: &[u8]) -> anyhow::Result<SocketAddrV4> {
     let ip = ETH_HDR_LEN;
     ensure!(
         frame.len() >= ip + 24 && frame[ip] == 0x45,
