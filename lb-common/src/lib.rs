@@ -72,10 +72,12 @@ pub mod map_names {
     /// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE) of [`crate::SockState4`]: what the socket
     /// hooks last did for a socket, for its packets (source ranges) and its close.
     pub const SOCK_STATE4: &str = "lb4_sockst_v1";
-    /// Program array of the programs `lb_xdp` tail-calls, by [`crate::xdp_programs`]. Pinned:
-    /// the kernel empties a program array when its last user reference goes
-    /// (kernel/bpf/arraymap.c, prog_array_map_clear on map_release_uref), and the attached
-    /// `lb_xdp` must keep reaching them while no agent runs.
+    /// Program array of the programs `lb_xdp` tail-calls, by [`crate::xdp_programs`]. Each load
+    /// of the object has its own (a dry-run copy's `lb_xdp` reaches dry-run programs, an old
+    /// `lb_xdp` its own), which the agent pins here once its `lb_xdp` is attached to every NIC,
+    /// replacing the earlier load's: the kernel empties a program array when its last user
+    /// reference goes (kernel/bpf/arraymap.c, prog_array_map_clear on map_release_uref), and
+    /// the attached `lb_xdp` must keep reaching them while no agent runs.
     pub const XDP_PROGRAMS: &str = "lb_xdpprog_v1";
 
     /// Maps earlier releases pinned under names whose layout has changed since: a new agent

@@ -6,7 +6,7 @@ use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
     DEFAULT_SNAT_PORTS, DatapathConfig, Event, Flow4Value, Frontend4Key, ServiceValue,
     SnatPortProbe, SourceRange4, backend_flags, ct_direction, ct_flags, ct_timeouts, flow_key,
-    frontend_filter, maglev, proto, scope, service_flags, tcp_seq, tcp_state,
+    frontend_filter, maglev, proto, scope, sctp, service_flags, tcp_seq, tcp_state,
 };
 use lb_ebpf::packet::{Ipv4Info, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ipv4_checksum_ok};
 
@@ -38,7 +38,7 @@ pub struct Tuple {
     pub tcp_flags: u8,
     /// TCP: the segment's sequence number and the one after it ([`tcp_seq::segment_end`]); 0
     /// for UDP and for tuples that do not come from a segment. SCTP: `seq` is the packet's
-    /// verification tag, `seq_end` 0.
+    /// verification tag, `seq_end` its first chunk's type.
     pub seq: u32,
     pub seq_end: u32,
 }
@@ -321,14 +321,20 @@ pub fn blind_rst(sender_seq_next: u32, tuple: &Tuple) -> bool {
 
 /// Records how far a side's segment reaches in its sequence space (a write only when it reaches
 /// further: data, SYN or FIN, not a bare ACK). For SCTP, the verification tag the side's packets
-/// carry, from its first packet with one (an INIT carries 0, its peer's tag being unknown yet).
+/// carry, taken from the handshake only, each time: the endpoint's INIT ACK and the client's
+/// COOKIE ECHO are the first packets of each side that carry it (an INIT carries 0), and a
+/// restarted association (a new INIT on the same ports, RFC 9260 section 5.2.4) brings new
+/// ones. Other chunks teach nothing, so that a forged DATA cannot set the tag an ABORT is then
+/// held to.
 #[inline(always)]
 fn note_seq(sender_seq_next: &mut u32, tuple: &Tuple) {
     if tuple.tcp_flags & TCP_RST != 0 {
         return;
     }
     if tuple.proto == proto::SCTP {
-        if *sender_seq_next == 0 {
+        let chunk = tuple.seq_end;
+        if chunk == u32::from(sctp::chunk::INIT_ACK) || chunk == u32::from(sctp::chunk::COOKIE_ECHO)
+        {
             *sender_seq_next = tuple.seq;
         }
         return;
@@ -489,7 +495,12 @@ fn new_flow(
             } else {
                 0
             },
-        seq_next: tuple.seq_end,
+        // TCP: how far the client has sent; SCTP: no tag yet (an INIT carries none).
+        seq_next: if tuple.proto == proto::TCP {
+            tuple.seq_end
+        } else {
+            0
+        },
         ..Default::default()
     };
     if dry_run() {
@@ -766,8 +777,8 @@ fn reopens(entry: &Ct4Value, tuple: &Tuple) -> bool {
 }
 
 /// Whether the flow a REPLY entry belongs to still needs its reply tuple (`Gone` when not):
-/// not when idle past its timeout, nor some time after a RST or after both sides closed with
-/// the client first. A backend that closed first holds the ports in TIME_WAIT and may answer a
+/// not when idle past its timeout, nor (TCP) some time after a RST or after both sides closed
+/// with the client first. A backend that closed first holds the ports in TIME_WAIT and may answer a
 /// new SYN on them with an ACK of the old connection, so those are a last resort until the
 /// timeout. Traffic in either direction keeps the entry fresh ([`refresh_flow`], [`track_reply`]).
 #[inline(always)]
@@ -776,7 +787,10 @@ fn port_state(entry: &Ct4Value, protocol: u8, now: u64) -> Holder {
     if idle > timeout(protocol, entry.state) {
         return Holder::Gone;
     }
-    if !proto::has_handshake(protocol) || idle <= timeouts().snat_port_reuse() {
+    // SCTP waits for its timeout: an endpoint that missed the last chunk retransmits after
+    // 1 s at the least (RTO.Min, RFC 9260 section 16), later than a reused port's new INIT,
+    // which it would take for a restart of the old association (section 5.2.4).
+    if protocol != proto::TCP || idle <= timeouts().snat_port_reuse() {
         return Holder::Alive;
     }
     let both_fins = ct_flags::CLIENT_FIN | ct_flags::BACKEND_FIN;

@@ -85,10 +85,12 @@ pub static NIC_MACS: Array<NicMac> = Array::with_max_entries(limits::NIC_SLOTS, 
 #[map(name = "lb_txport_v1")]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(limits::NIC_SLOTS, 0);
 
-/// The programs `lb_xdp` tail-calls (`lb_common::xdp_programs`); pinned, see
-/// `lb_common::map_names::XDP_PROGRAMS`.
+/// The programs `lb_xdp` tail-calls (`lb_common::xdp_programs`). Each load has its own, so
+/// that an `lb_xdp` only reaches the programs of its own load; the agent pins it once its
+/// `lb_xdp` is attached (see `lb_common::map_names::XDP_PROGRAMS`).
 #[map(name = "lb_xdpprog_v1")]
-pub static XDP_PROGRAMS: ProgramArray = ProgramArray::pinned(lb_common::xdp_programs::COUNT, 0);
+pub static XDP_PROGRAMS: ProgramArray =
+    ProgramArray::with_max_entries(lb_common::xdp_programs::COUNT, 0);
 
 /// Per-CPU token bucket of REJECT answers (index 0). Private to the object: a new agent starts
 /// with a fresh bucket.

@@ -61,6 +61,11 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
     let Some(answer) = answer_of(&tuple) else {
         return Ok(());
     };
+    // Its checksum is over the whole SCTP packet, which a first fragment does not hold: refused
+    // before it moves the flow's state.
+    if tuple.proto == proto::SCTP && fragment.is_some() {
+        return Err(Event::DROP_SCTP_FRAGMENT);
+    }
     let (frontend, restored_port) = match answer {
         Answer::Whole(entry) => {
             // SAFETY: the entry stays valid for this run (RCU); see flow::destination for races.
@@ -89,10 +94,6 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
         }
     };
     if tuple.proto == proto::SCTP {
-        // Its checksum is over the whole SCTP packet, which a first fragment does not hold.
-        if fragment.is_some() {
-            return Err(Event::DROP_SCTP_FRAGMENT);
-        }
         let client_port = restored_port.unwrap_or(tuple.dport);
         return snat_sctp(ctx, &tuple, l4_offset, frontend, client_port)
             .map_err(|_| Event::DROP_NAT_FAILED);
@@ -292,11 +293,8 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         let header = read::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, l4_offset)?;
         let chunk = sctp::COMMON_HDR_LEN;
         let tag = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        (
-            sctp::flags_of_chunk(header[chunk], header[chunk + 1]),
-            tag,
-            0,
-        )
+        let flags = sctp::flags_of_chunk(header[chunk], header[chunk + 1]);
+        (flags, tag, u32::from(header[chunk]))
     } else {
         (0, 0, 0)
     };
@@ -438,7 +436,9 @@ fn snat_sctp(
     let new_ports = u32::from_le_bytes(ports);
     let check = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
     if check != 0 && old_ports != new_ports {
-        let len = (ctx.len() as usize).saturating_sub(l4_offset);
+        // From the IP total length: the skb may end in padding the checksum does not cover.
+        let total = read::<2>(ctx, ETH_HDR_LEN + 2).ok_or(-1i64)?;
+        let len = usize::from(u16::from_be_bytes(total)).saturating_sub(l4_offset - ETH_HDR_LEN);
         if len > sctp::MAX_LEN {
             return Err(-1);
         }

@@ -122,6 +122,7 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let Some(service) = lookup_frontend(&tuple) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    refuse_sctp_fragment(&tuple, &ip)?;
     if for_another_host(ctx, eth) {
         count_event(Event::PASS_OTHER_HOST);
         return Ok(xdp_action::XDP_PASS);
@@ -143,6 +144,16 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
         Err(event) => return Err(event),
     };
     deliver(ctx, &ip, &tuple, &destination)
+}
+
+/// The first fragment of an SCTP packet of a service flow: refused before it creates or moves
+/// any state, as its ports cannot be rewritten (see [`rewrite`]).
+#[inline(always)]
+fn refuse_sctp_fragment(tuple: &Tuple, ip: &Ipv4Info) -> Result<(), Event> {
+    if tuple.proto == proto::SCTP && ip.first_fragment() {
+        return Err(Event::DROP_SCTP_FRAGMENT);
+    }
+    Ok(())
 }
 
 /// Hands a packet to the program of its protocol (`slot` of [`XDP_PROGRAMS`]); passes it
@@ -173,6 +184,7 @@ fn established(
     let Some(flow) = live_flow(tuple, now) else {
         return Ok(None);
     };
+    refuse_sctp_fragment(tuple, ip)?;
     if for_another_host(ctx, eth) {
         count_event(Event::PASS_OTHER_HOST);
         return Ok(Some(xdp_action::XDP_PASS));
@@ -394,6 +406,7 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     if entry.flags & ct_flags::SNAT == 0 {
         return Ok(None);
     }
+    refuse_sctp_fragment(tuple, ip)?;
     let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
     if for_another_host(ctx, eth) {
         count_event(Event::PASS_OTHER_HOST);
@@ -584,7 +597,8 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info, protocol: u8) -> Result<Tupl
         let flags =
             sctp::flags_of_chunk(sctp[sctp::COMMON_HDR_LEN], sctp[sctp::COMMON_HDR_LEN + 1]);
         let tag = u32::from_be_bytes([sctp[4], sctp[5], sctp[6], sctp[7]]);
-        ([sctp[0], sctp[1], sctp[2], sctp[3]], flags, tag, 0)
+        let chunk = u32::from(sctp[sctp::COMMON_HDR_LEN]);
+        ([sctp[0], sctp[1], sctp[2], sctp[3]], flags, tag, chunk)
     } else {
         let udp = bytes_at::<UDP_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
         // A first fragment holds the start of a datagram its length covers in full.

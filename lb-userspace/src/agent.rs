@@ -160,6 +160,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .attach_xdp(iface, mode)
             .with_context(|| format!("attaching XDP to {iface} ({mode:?})"))?;
     }
+    datapath
+        .pin_xdp_programs()
+        .context("pinning the programs XDP tail-calls")?;
     if let Some(cgroup) = &config.cgroup {
         datapath
             .attach_cgroup(cgroup)

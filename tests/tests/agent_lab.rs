@@ -205,9 +205,17 @@ fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request(
         service(80, 30080) + "---\n" + &endpoints(&[0, 1]),
     )
     .expect("manifest");
+    // UDP goes through lb_xdp's tail call: the pinned program array must outlive the agent.
+    let dns = "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.53\n  ports:\n  - {name: dns, port: 53, targetPort: 8080, nodePort: 30053, protocol: UDP}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {kubernetes.io/service-name: dns}\naddressType: IPv4\nports:\n- {name: dns, port: 8080, protocol: UDP}\nendpoints:\n".to_owned()
+        + &format!(
+            "- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
+            pod_addr(1, 0)
+        );
+    std::fs::write(setup.manifests().join("dns.yaml"), dns).expect("manifest");
     setup.start_agent(&[]).expect("agent");
 
     let node_port = format!("{}:30080", node_addr(1));
+    let udp_node_port = format!("{}:30053", node_addr(1));
     let client = setup.cluster.client.clone();
     let pod = setup.client_pod().clone();
     // Load for ~2 s: one long connection, and connect/request/close in a loop.
@@ -241,6 +249,9 @@ fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request(
     let meanwhile = ClientRun::tcp("10.96.0.10:80", 20)
         .run(&pod, Some(&setup.cgroup))
         .expect("client");
+    let meanwhile_udp = ClientRun::udp(&udp_node_port, 20)
+        .run(&client, None)
+        .expect("udp client");
     setup.start_agent(&[]).expect("restart");
 
     let long = long.join().expect("thread").expect("long client");
@@ -248,6 +259,11 @@ fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request(
     long.assert_all_ok("long connection across the restart");
     short.assert_all_ok("connect/request/close across the restart");
     meanwhile.assert_all_ok("ClusterIP while the agent was down");
+    meanwhile_udp.assert_all_ok("UDP NodePort while the agent was down");
+    ClientRun::udp(&udp_node_port, 20)
+        .run(&client, None)
+        .expect("udp client")
+        .assert_all_ok("UDP NodePort after the restart");
     // The restarted agent found everything in place: nothing to change, conntrack untouched.
     let syncs = wait_for_log(&setup.log(), "synced", 2, SYNC_TIMEOUT).expect("syncs");
     assert!(

@@ -438,3 +438,137 @@ fn an_association_to_a_remote_endpoint_is_snated_and_its_answers_come_back_from_
     );
     assert!(packet::sctp_checksum_ok(&out.packet));
 }
+
+#[test]
+fn verification_tags_come_from_the_handshake_and_a_restart_brings_new_ones() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "sctptags").expect("pin dir");
+    let datapath = datapath(&pins, false);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    let client =
+        |chunk_type, tag, value: &[u8]| packet::sctp(CLIENT, FRONTEND, chunk_type, tag, value);
+    let to_pod = |chunk_type, tag, value: &[u8]| packet::sctp(CLIENT, POD, chunk_type, tag, value);
+    let handshake = |name, client_tag: u32, pod_tag: u32| {
+        run_table(
+            xdp(),
+            &[case(
+                name,
+                client(chunk::INIT, 0, &init_value(client_tag)),
+                XDP_PASS,
+                Expect::Bytes(to_pod(chunk::INIT, 0, &init_value(client_tag))),
+            )],
+        );
+        run_table(
+            tc(),
+            &[case(
+                name,
+                packet::sctp(
+                    POD,
+                    CLIENT,
+                    chunk::INIT_ACK,
+                    client_tag,
+                    &init_value(pod_tag),
+                ),
+                TC_ACT_OK,
+                Expect::Bytes(packet::sctp(
+                    FRONTEND,
+                    CLIENT,
+                    chunk::INIT_ACK,
+                    client_tag,
+                    &init_value(pod_tag),
+                )),
+            )],
+        );
+    };
+    const FORGED_TAG: u32 = 0x0bad_0bad;
+    const NEW_CLIENT_TAG: u32 = 0x99aa_bbcc;
+    const NEW_POD_TAG: u32 = 0xddee_ff00;
+
+    handshake("handshake", CLIENT_TAG, POD_TAG);
+    run_table(
+        xdp(),
+        &[
+            case(
+                "a forged DATA before the COOKIE ECHO teaches nothing",
+                client(chunk::DATA, FORGED_TAG, &data_value(4)),
+                XDP_PASS,
+                Expect::Bytes(to_pod(chunk::DATA, FORGED_TAG, &data_value(4))),
+            ),
+            case(
+                "cookie echo",
+                client(chunk::COOKIE_ECHO, POD_TAG, b"cookie!!"),
+                XDP_PASS,
+                Expect::Bytes(to_pod(chunk::COOKIE_ECHO, POD_TAG, b"cookie!!")),
+            ),
+            case(
+                "abort with the forged tag",
+                client(chunk::ABORT, FORGED_TAG, b""),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    assert_eq!(flow(&datapath).state, ESTABLISHED);
+
+    // The client restarts the association from the same port: new tags on both sides.
+    handshake("restart", NEW_CLIENT_TAG, NEW_POD_TAG);
+    run_table(
+        xdp(),
+        &[
+            case(
+                "cookie echo of the restart",
+                client(chunk::COOKIE_ECHO, NEW_POD_TAG, b"cookie!!"),
+                XDP_PASS,
+                Expect::Bytes(to_pod(chunk::COOKIE_ECHO, NEW_POD_TAG, b"cookie!!")),
+            ),
+            case(
+                "abort with the old association's tag",
+                client(chunk::ABORT, POD_TAG, b""),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    assert_eq!(flow(&datapath).state, ESTABLISHED);
+    run_table(
+        xdp(),
+        &[case(
+            "abort with the new tag",
+            client(chunk::ABORT, NEW_POD_TAG, b""),
+            XDP_PASS,
+            Expect::Bytes(to_pod(chunk::ABORT, NEW_POD_TAG, b"")),
+        )],
+    );
+    assert_eq!(flow(&datapath).state, CLOSING);
+
+    // A first fragment from a new client is refused before it creates a flow.
+    let other = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 1);
+    run_table(
+        xdp(),
+        &[case(
+            "first fragment of a new client's INIT",
+            packet::as_fragment(
+                &packet::sctp(other, FRONTEND, chunk::INIT, 0, &init_value(7)),
+                0,
+                true,
+            ),
+            XDP_DROP,
+            Expect::Unchanged,
+        )],
+    );
+    let other_key = flow_key(u32::from(*other.ip()), other.port(), proto::SCTP);
+    let entries = datapath.conntrack().expect("conntrack");
+    assert!(
+        entries.iter().all(|(key, _)| *key != other_key),
+        "the fragment made a flow: {entries:?}"
+    );
+}

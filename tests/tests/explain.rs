@@ -142,12 +142,20 @@ fn explain_tells_hit_miss_affinity_and_source_range_and_changes_nothing() {
     lab.start_agent(&[]).expect("agent");
     let web = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}\n";
     let sticky = "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.11\n  sessionAffinity: ClientIP\n  loadBalancerSourceRanges: [203.0.113.10/32]\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30081}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.20}]\n";
+    // UDP goes through lb_xdp's tail call: the dry-run copy must reach dry-run UDP programs.
+    let dns = "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.12\n  ports:\n  - {name: dns, port: 53, targetPort: 8080, nodePort: 30053, protocol: UDP}\n";
+    let dns_slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\nports:\n- {{name: dns, port: 8080, protocol: UDP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
+        pod_addr(1, 0)
+    );
     let both = [(pod_addr(1, 0), "node1"), (pod_addr(1, 1), "node1")];
     let manifests = [
         web.to_owned(),
         endpoint_slice("web", &both[..1]),
         sticky.to_owned(),
         endpoint_slice("sticky", &both),
+        dns.to_owned(),
+        dns_slice,
     ]
     .join("---\n");
     lab.apply("all.yaml", &manifests).expect("apply");
@@ -175,6 +183,14 @@ fn explain_tells_hit_miss_affinity_and_source_range_and_changes_nothing() {
         "{hit:#}"
     );
     assert!(hit["reasons"].to_string().contains("at random"), "{hit:#}");
+
+    let udp = explain(lab.pin_dir(), "203.0.113.10:45000", "203.0.113.1:30053/udp");
+    assert_eq!(udp["verdict"], "pass", "{udp:#}");
+    assert_eq!(
+        udp["rewritten"][1],
+        format!("{}:8080", pod_addr(1, 0)),
+        "{udp:#}"
+    );
 
     let miss = explain(lab.pin_dir(), "203.0.113.10:45000", "203.0.113.1:9999/tcp");
     assert_eq!(miss["verdict"], "pass", "{miss:#}");

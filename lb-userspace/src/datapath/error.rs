@@ -33,6 +33,12 @@ pub enum DatapathError {
         path: PathBuf,
         source: aya::pin::PinError,
     },
+    #[error("pinning map {map} at {path}")]
+    PinMap {
+        map: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
     #[error("link of {program} pinned at {path}")]
     Link {
         program: &'static str,

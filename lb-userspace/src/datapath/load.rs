@@ -159,6 +159,29 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// Pins this load's program array (the protocol programs its `lb_xdp` tail-calls) in the
+    /// pin directory, in place of an earlier load's, so that it outlives the agent. Call it once
+    /// this load's `lb_xdp` is attached to every NIC: until then an earlier `lb_xdp` may still
+    /// run on some, and its array must stay pinned (an array nobody holds is emptied).
+    pub fn pin_xdp_programs(&mut self) -> Result<()> {
+        let name = map_names::XDP_PROGRAMS;
+        let path = self.pin_dir.join(name);
+        // bpffs refuses names with a dot (kernel/bpf/inode.c, bpf_lookup).
+        let staged = self.pin_dir.join(format!("{name}_new"));
+        remove_pin(&staged)?;
+        self.ebpf
+            .map(name)
+            .ok_or(DatapathError::MissingMap(name))?
+            .pin(&staged)
+            .map_err(|source| DatapathError::PinMap {
+                map: name,
+                path: staged.clone(),
+                source,
+            })?;
+        // One rename replaces the earlier pin: there is no moment without one.
+        std::fs::rename(&staged, &path).map_err(|source| DatapathError::PinDir { path, source })
+    }
+
     /// Attaches the XDP program to a NIC of the calling thread's network namespace.
     ///
     /// Attachments are bpf_links pinned under `<pin_dir>/links/`, so they outlive the agent: a
@@ -382,15 +405,20 @@ fn migrate_legacy_slots(
 /// Removes the pins of maps an earlier release left under names this one no longer uses.
 fn remove_retired_pins(pin_dir: &Path) -> Result<()> {
     for name in map_names::RETIRED {
-        let path = pin_dir.join(name);
-        match std::fs::remove_file(&path) {
-            Err(source) if source.kind() != io::ErrorKind::NotFound => {
-                return Err(DatapathError::PinDir { path, source });
-            }
-            _ => {}
-        }
+        remove_pin(&pin_dir.join(name))?;
     }
     Ok(())
+}
+
+/// Removes a pin if there is one.
+fn remove_pin(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(source) if source.kind() != io::ErrorKind::NotFound => Err(DatapathError::PinDir {
+            path: path.to_owned(),
+            source,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Creates and pins the service-names map when the pin directory has none. Only userspace
@@ -455,14 +483,14 @@ fn reply_sources(entries: &[(Ct4Key, Ct4Value)]) -> Vec<FilterKey> {
 }
 
 /// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`].
-const PROTOCOL_PROGRAMS: [(u32, &str); 2] = [
+pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 2] = [
     (xdp_programs::UDP, program_names::XDP_UDP),
     (xdp_programs::SCTP, program_names::XDP_SCTP),
 ];
 
-/// Puts this load's protocol programs in the program array `lb_xdp` tail-calls, each replacing
-/// an earlier load's in one update, before this load's `lb_xdp` is attached anywhere.
-fn install_tail_calls(ebpf: &mut Ebpf) -> Result<()> {
+/// Puts the loaded protocol programs in the object's program array, the one its `lb_xdp`
+/// tail-calls (an `lb_xdp` of an earlier load keeps its own).
+pub(crate) fn install_tail_calls(ebpf: &mut Ebpf) -> Result<()> {
     let name = map_names::XDP_PROGRAMS;
     for (slot, program) in PROTOCOL_PROGRAMS {
         let fd = program_mut::<Xdp>(ebpf, program)?

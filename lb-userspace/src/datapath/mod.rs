@@ -40,7 +40,7 @@ pub mod bpffs;
 mod clock;
 pub mod counter;
 mod error;
-mod load;
+pub(crate) mod load;
 pub mod maglev;
 pub mod maps;
 mod migrate;

@@ -68,6 +68,8 @@ pub fn is_agent_pin(name: &str) -> bool {
         || name == map_names::SERVICE_NAMES
         || map_names::RETIRED.contains(&name)
         || PROGRAMS.contains(&name)
+        // The program array staged by `Datapath::pin_xdp_programs`, left by a crash.
+        || name.strip_suffix("_new") == Some(map_names::XDP_PROGRAMS)
 }
 
 /// Whether the agent pins a link named `name` under `links/`.

@@ -526,6 +526,17 @@ fn run_dry(
         .override_global("DRY_RUN", &1u8, true)
         .load(DATAPATH_OBJECT)
         .context("loading a dry-run copy of the datapath on the pinned maps")?;
+    // The UDP and SCTP programs it tail-calls, dry-run too, in this copy's own program array.
+    for (_, name) in crate::datapath::load::PROTOCOL_PROGRAMS {
+        let program: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the {name} program"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("loading the dry-run {name}"))?;
+    }
+    crate::datapath::load::install_tail_calls(&mut ebpf)?;
     let program: &mut Xdp = ebpf
         .program_mut(program_names::XDP_LB)
         .context("the XDP program")?
