@@ -34,7 +34,7 @@ enum Command {
     Explain {
         /// The client, `ip` or `ip:port` (port 40000 when left out).
         source: String,
-        /// The destination, `ip:port/tcp` or `ip:port/udp` (tcp when left out).
+        /// The destination, `ip:port/tcp`, `ip:port/udp` or `ip:port/sctp` (tcp when left out).
         destination: String,
         /// Where the client is: `pod` (a pod or host process of this node: the socket hooks
         /// translate its connect() or sendto()), `nic` (a packet arriving on a node NIC: XDP),
@@ -647,7 +647,8 @@ fn explain(
     let (target, protocol) = match destination.rsplit_once('/') {
         Some((target, "tcp")) => (target, lb_common::proto::TCP),
         Some((target, "udp")) => (target, lb_common::proto::UDP),
-        Some((_, other)) => anyhow::bail!("protocol {other:?}: tcp or udp"),
+        Some((target, "sctp")) => (target, lb_common::proto::SCTP),
+        Some((_, other)) => anyhow::bail!("protocol {other:?}: tcp, udp or sctp"),
         None => (destination, lb_common::proto::TCP),
     };
     let target: SocketAddrV4 = target

@@ -148,6 +148,15 @@ fn explain_tells_hit_miss_affinity_and_source_range_and_changes_nothing() {
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\nports:\n- {{name: dns, port: 8080, protocol: UDP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
         pod_addr(1, 0)
     );
+    // SCTP too, through its own tail-called program (no SCTP socket is needed to explain it).
+    let diameter = "apiVersion: v1\nkind: Service\nmetadata: {name: diameter, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.13\n  ports:\n  - {name: diameter, port: 3868, targetPort: 8080, nodePort: 30868, protocol: SCTP}\n";
+    let diameter_slice = dns_slice
+        .replace("dns-1", "diameter-1")
+        .replace("service-name: dns", "service-name: diameter")
+        .replace(
+            "{name: dns, port: 8080, protocol: UDP}",
+            "{name: diameter, port: 8080, protocol: SCTP}",
+        );
     let both = [(pod_addr(1, 0), "node1"), (pod_addr(1, 1), "node1")];
     let manifests = [
         web.to_owned(),
@@ -156,6 +165,8 @@ fn explain_tells_hit_miss_affinity_and_source_range_and_changes_nothing() {
         endpoint_slice("sticky", &both),
         dns.to_owned(),
         dns_slice,
+        diameter.to_owned(),
+        diameter_slice,
     ]
     .join("---\n");
     lab.apply("all.yaml", &manifests).expect("apply");
@@ -190,6 +201,18 @@ fn explain_tells_hit_miss_affinity_and_source_range_and_changes_nothing() {
         udp["rewritten"][1],
         format!("{}:8080", pod_addr(1, 0)),
         "{udp:#}"
+    );
+
+    let sctp = explain(
+        lab.pin_dir(),
+        "203.0.113.10:45000",
+        "203.0.113.1:30868/sctp",
+    );
+    assert_eq!(sctp["verdict"], "pass", "{sctp:#}");
+    assert_eq!(
+        sctp["rewritten"][1],
+        format!("{}:8080", pod_addr(1, 0)),
+        "{sctp:#}"
     );
 
     let miss = explain(lab.pin_dir(), "203.0.113.10:45000", "203.0.113.1:9999/tcp");

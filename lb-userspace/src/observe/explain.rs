@@ -236,6 +236,14 @@ fn explain_socket(
     } else {
         "connect()"
     };
+    if protocol == proto::SCTP {
+        reasons.push(format!(
+            "{destination}/sctp: the kernel runs no socket hook for SCTP sockets, so their \
+             {call} goes to {destination} untranslated (ClusterIP SCTP from pods and the node \
+             is not served, see docs/datapath.md)"
+        ));
+        return Ok("untouched");
+    }
     let Some(service) = service else {
         reasons.push(format!(
             "{destination}/{} is no service frontend: the socket hooks let the {call} proceed \
@@ -546,11 +554,19 @@ fn run_dry(
 }
 
 fn protocol_name(protocol: u8) -> &'static str {
-    if protocol == proto::UDP { "udp" } else { "tcp" }
+    match protocol {
+        proto::UDP => "udp",
+        proto::SCTP => "sctp",
+        _ => "tcp",
+    }
 }
 
-/// An Ethernet/IPv4 frame: a TCP SYN or a UDP datagram with a few bytes, checksums computed.
+/// An Ethernet/IPv4 frame: a TCP SYN, a UDP datagram with a few bytes or an SCTP INIT, checksums
+/// computed.
 fn build_packet(client: SocketAddrV4, destination: SocketAddrV4, protocol: u8) -> Vec<u8> {
+    if protocol == proto::SCTP {
+        return build_sctp_init(client, destination);
+    }
     let l4: Vec<u8> = if protocol == proto::UDP {
         let payload = b"explain";
         let mut udp = Vec::new();
@@ -591,6 +607,37 @@ fn build_packet(client: SocketAddrV4, destination: SocketAddrV4, protocol: u8) -
     let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
     frame.extend_from_slice(&ip);
     frame.extend_from_slice(&l4);
+    frame
+}
+
+/// An Ethernet/IPv4/SCTP frame holding an INIT (verification tag 0, initiate tag 1), its CRC32c
+/// computed whole.
+fn build_sctp_init(client: SocketAddrV4, destination: SocketAddrV4) -> Vec<u8> {
+    let mut sctp = Vec::new();
+    sctp.extend_from_slice(&client.port().to_be_bytes());
+    sctp.extend_from_slice(&destination.port().to_be_bytes());
+    sctp.extend_from_slice(&[0; 8]);
+    // INIT: type, flags, length 20; initiate tag, a_rwnd, streams out and in, initial TSN.
+    sctp.extend_from_slice(&[lb_common::sctp::chunk::INIT, 0, 0, 20]);
+    sctp.extend_from_slice(&1u32.to_be_bytes());
+    sctp.extend_from_slice(&65_536u32.to_be_bytes());
+    sctp.extend_from_slice(&[0, 1, 0, 1]);
+    sctp.extend_from_slice(&1u32.to_be_bytes());
+    let checksum = lb_common::sctp::checksum_of(&sctp);
+    sctp[lb_common::sctp::CHECKSUM_OFFSET..lb_common::sctp::CHECKSUM_OFFSET + 4]
+        .copy_from_slice(&checksum.to_le_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + sctp.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto::SCTP;
+    ip[12..16].copy_from_slice(&client.ip().octets());
+    ip[16..20].copy_from_slice(&destination.ip().octets());
+    let ip_check = internet_checksum(0, &ip);
+    ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&sctp);
     frame
 }
 
@@ -640,10 +687,10 @@ fn describe_answer(frame: &[u8], sent_protocol: u8) -> Option<String> {
     }
 }
 
-/// Source and destination (address, port) of an Ethernet/IPv4/TCP-or-UDP frame.
+/// Source and destination (address, port) of an Ethernet/IPv4/TCP, UDP or SCTP frame.
 fn parse_addresses(frame: &[u8]) -> Option<(SocketAddrV4, SocketAddrV4)> {
     let ip = frame.get(14..34)?;
-    if ip[9] != proto::TCP && ip[9] != proto::UDP {
+    if ![proto::TCP, proto::UDP, proto::SCTP].contains(&ip[9]) {
         return None;
     }
     let header_len = usize::from(ip[0] & 0x0f) * 4;
