@@ -49,40 +49,37 @@ pub mod chunk {
 /// COMPLETE are never bundled with other chunks (RFC 9260, section 6.10).
 ///
 ///
-/// An ABORT or SHUTDOWN COMPLETE with the T bit set carries its sender's own tag instead of its
-/// peer's (RFC 9260, section 8.5.1: the reply to a packet without an association); the datapath
-/// cannot check that tag against what it has seen of the flow, so it forwards such a chunk
-/// without letting it end the flow (ACK).
-///
 /// A table lookup, not a `match`: branches would hand the verifier one path per flag value,
 /// each walked through the rest of the program.
 #[inline(always)]
-pub fn flags_of_chunk(chunk_type: u8, chunk_flags: u8) -> u8 {
-    let reflected = usize::from(chunk_flags & CHUNK_FLAG_T);
-    FLAGS_OF_CHUNK[reflected << 8 | usize::from(chunk_type)]
+pub fn flags_of_chunk(chunk_type: u8) -> u8 {
+    FLAGS_OF_CHUNK[usize::from(chunk_type)]
 }
 
-/// The T bit of ABORT and SHUTDOWN COMPLETE (RFC 9260, sections 3.3.7 and 3.3.13).
-pub const CHUNK_FLAG_T: u8 = 0x01;
-
-/// By the T bit (0 or 1) then the chunk type.
-static FLAGS_OF_CHUNK: [u8; 512] = {
-    let mut table = [ACK; 512];
-    let mut t = 0;
-    while t < 2 {
-        let base = t * 256;
-        table[base + chunk::INIT as usize] = SYN;
-        table[base + chunk::INIT_ACK as usize] = SYN | ACK;
-        table[base + chunk::SHUTDOWN as usize] = FIN | ACK;
-        table[base + chunk::SHUTDOWN_ACK as usize] = FIN | ACK;
-        if t == 0 {
-            table[chunk::ABORT as usize] = RST | ACK;
-            table[chunk::SHUTDOWN_COMPLETE as usize] = RST | ACK;
-        }
-        t += 1;
-    }
+static FLAGS_OF_CHUNK: [u8; 256] = {
+    let mut table = [ACK; 256];
+    table[chunk::INIT as usize] = SYN;
+    table[chunk::INIT_ACK as usize] = SYN | ACK;
+    table[chunk::SHUTDOWN as usize] = FIN | ACK;
+    table[chunk::SHUTDOWN_ACK as usize] = FIN | ACK;
+    table[chunk::ABORT as usize] = RST | ACK;
+    table[chunk::SHUTDOWN_COMPLETE as usize] = RST | ACK;
     table
 };
+
+/// The T bit of ABORT and SHUTDOWN COMPLETE (RFC 9260, sections 3.3.7 and 3.3.13): set, the
+/// packet carries its sender's own verification tag instead of its peer's (section 8.5.1).
+pub const CHUNK_FLAG_T: u8 = 0x01;
+
+/// What the datapath keeps of a packet's first chunk beside its flags: its type, and the T bit
+/// above it (`REFLECTED`).
+#[inline(always)]
+pub fn chunk_summary(chunk_type: u8, chunk_flags: u8) -> u32 {
+    u32::from(chunk_type) | (u32::from(chunk_flags & CHUNK_FLAG_T) << 8)
+}
+
+/// The T bit in a [`chunk_summary`].
+pub const REFLECTED: u32 = 1 << 8;
 
 /// The CRC32c polynomial, bit-reflected (RFC 9260, appendix A).
 pub const POLY: u32 = 0x82f6_3b78;

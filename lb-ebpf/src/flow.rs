@@ -288,7 +288,7 @@ pub fn follow(
     if closes(tuple) && !ipv4_checksum_ok(ctx, ip.l4_offset) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
-    if blind_rst(entry.seq_next, tuple) {
+    if blind_rst(tuple, entry.seq_next, || endpoint_record(entry, tuple)) {
         return Err(Event::DROP_RST_OUT_OF_WINDOW);
     }
     let goes_on = if has_reply_entry(entry) {
@@ -305,18 +305,44 @@ pub fn follow(
 
 /// A RST far from what its sender has sent on this flow (`sender_seq_next`, from the sender's
 /// side of the flow): not the sender's, so it must neither end the flow nor reach the other
-/// side. For SCTP, an ABORT or SHUTDOWN COMPLETE whose verification tag is not the one its
-/// sender's packets carry (`sender_seq_next` holds that tag once seen): the endpoint would
-/// discard it (RFC 9260, section 8.5.1), and it must not end the flow here either.
+/// side. For SCTP, an ABORT or SHUTDOWN COMPLETE whose verification tag is not the one it must
+/// carry (RFC 9260, section 8.5.1): the tag its sender's packets carry (`sender_seq_next`), or,
+/// with the T bit, its sender's own, which is the tag its peer's packets carry (`peer_record`,
+/// looked up only then); the endpoint would discard it, and it must not end the flow here
+/// either. A record of 0 (no handshake seen) checks nothing.
 #[inline(always)]
-pub fn blind_rst(sender_seq_next: u32, tuple: &Tuple) -> bool {
+pub fn blind_rst(tuple: &Tuple, sender_seq_next: u32, peer_record: impl FnOnce() -> u32) -> bool {
     if tuple.tcp_flags & TCP_RST == 0 {
         return false;
     }
     if tuple.proto == proto::SCTP {
-        return sender_seq_next != 0 && tuple.seq != sender_seq_next;
+        let expected = if tuple.seq_end & sctp::REFLECTED != 0 {
+            peer_record()
+        } else {
+            sender_seq_next
+        };
+        return expected != 0 && tuple.seq != expected;
     }
     tuple.proto == proto::TCP && !tcp_seq::rst_in_window(sender_seq_next, tuple.seq)
+}
+
+/// The SCTP tag the endpoint's packets of a client's flow carry: from the flow's REPLY entry
+/// when it has one, else from its FLOW entry.
+#[inline(always)]
+fn endpoint_record(client_side: &Ct4Value, tuple: &Tuple) -> u32 {
+    if !has_reply_entry(client_side) {
+        return Flow4Value::of(client_side).backend_seq_next;
+    }
+    // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
+    unsafe { CONNTRACK4.get(&reply_key_of(client_side, tuple)) }.map_or(0, |reply| reply.seq_next)
+}
+
+/// The SCTP tag the client's packets of a flow carry, for the endpoint's packet `tuple` of the
+/// flow whose REPLY entry is `reply`: from the flow's client side (FLOW or ORIGINAL entry).
+#[inline(always)]
+pub fn client_record_of_reply(reply: &Ct4Value, tuple: &Tuple) -> u32 {
+    // SAFETY: read here, valid for this run (RCU).
+    client_side_of(reply, tuple).map_or(0, |entry| unsafe { (*entry).seq_next })
 }
 
 /// Records how far a side's segment reaches in its sequence space (a write only when it reaches
@@ -332,7 +358,7 @@ fn note_seq(sender_seq_next: &mut u32, tuple: &Tuple) {
         return;
     }
     if tuple.proto == proto::SCTP {
-        let chunk = tuple.seq_end;
+        let chunk = tuple.seq_end & !sctp::REFLECTED;
         if chunk == u32::from(sctp::chunk::INIT_ACK) || chunk == u32::from(sctp::chunk::COOKIE_ECHO)
         {
             *sender_seq_next = tuple.seq;

@@ -25,7 +25,9 @@ use lb_ebpf::packet::{
 };
 
 use crate::{
-    flow::{Answer, Tuple, answer_of, blind_rst, track_answer, track_reply},
+    flow::{
+        Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
+    },
     maps::{BACKEND_FILTER, FRAGMENTS4, count_event, remember_fragment},
     sctp_crc::lb_sctp_checksum_after_ports,
 };
@@ -70,7 +72,10 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
         Answer::Whole(entry) => {
             // SAFETY: the entry stays valid for this run (RCU); see flow::destination for races.
             let entry = unsafe { &mut *entry };
-            if blind_rst(Flow4Value::of(entry).backend_seq_next, &tuple) {
+            let client_record = entry.seq_next;
+            if blind_rst(&tuple, Flow4Value::of(entry).backend_seq_next, || {
+                client_record
+            }) {
                 return Err(Event::DROP_RST_OUT_OF_WINDOW);
             }
             track_answer(entry, &tuple);
@@ -80,7 +85,9 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
         Answer::Reply(entry) => {
             // SAFETY: as above.
             let entry = unsafe { &mut *entry };
-            if blind_rst(entry.seq_next, &tuple) {
+            if blind_rst(&tuple, entry.seq_next, || {
+                client_record_of_reply(entry, &tuple)
+            }) {
                 return Err(Event::DROP_RST_OUT_OF_WINDOW);
             }
             // Answers of a local endpoint keep no SNAT port: the client's packets keep the flow
@@ -293,8 +300,12 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         let header = read::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, l4_offset)?;
         let chunk = sctp::COMMON_HDR_LEN;
         let tag = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        let flags = sctp::flags_of_chunk(header[chunk], header[chunk + 1]);
-        (flags, tag, u32::from(header[chunk]))
+        let flags = sctp::flags_of_chunk(header[chunk]);
+        (
+            flags,
+            tag,
+            sctp::chunk_summary(header[chunk], header[chunk + 1]),
+        )
     } else {
         (0, 0, 0)
     };

@@ -20,9 +20,9 @@ use lb_ebpf::packet::{
 
 use crate::{
     flow::{
-        Arrival, Destination, Tuple, admitted_by_source_ranges, blind_rst, client_side, closes,
-        config, destination, follow, live_flow, lookup_frontend, maybe_frontend, reply_key,
-        source_allowed, track_reply,
+        Arrival, Destination, Tuple, admitted_by_source_ranges, blind_rst, client_record_of_reply,
+        client_side, closes, config, destination, follow, live_flow, lookup_frontend,
+        maybe_frontend, reply_key, source_allowed, track_reply,
     },
     helpers::{Forward, fib_forward, now_ns},
     maps::{
@@ -417,7 +417,9 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     if closes(tuple) && !ipv4_checksum_ok(ctx, l4_offset) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
-    if blind_rst(entry.seq_next, tuple) {
+    if blind_rst(tuple, entry.seq_next, || {
+        client_record_of_reply(entry, tuple)
+    }) {
         return Err(Event::DROP_RST_OUT_OF_WINDOW);
     }
     if !dry_run() {
@@ -594,11 +596,11 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info, protocol: u8) -> Result<Tupl
         }
         let sctp = bytes_at::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, ip.l4_offset)
             .ok_or(Event::DROP_MALFORMED)?;
-        let flags =
-            sctp::flags_of_chunk(sctp[sctp::COMMON_HDR_LEN], sctp[sctp::COMMON_HDR_LEN + 1]);
+        let chunk = sctp::COMMON_HDR_LEN;
+        let flags = sctp::flags_of_chunk(sctp[chunk]);
         let tag = u32::from_be_bytes([sctp[4], sctp[5], sctp[6], sctp[7]]);
-        let chunk = u32::from(sctp[sctp::COMMON_HDR_LEN]);
-        ([sctp[0], sctp[1], sctp[2], sctp[3]], flags, tag, chunk)
+        let summary = sctp::chunk_summary(sctp[chunk], sctp[chunk + 1]);
+        ([sctp[0], sctp[1], sctp[2], sctp[3]], flags, tag, summary)
     } else {
         let udp = bytes_at::<UDP_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
         // A first fragment holds the start of a datagram its length covers in full.

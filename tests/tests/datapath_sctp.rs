@@ -273,9 +273,9 @@ fn an_association_to_a_local_endpoint_is_translated_both_ways_from_init_to_shutd
     );
     assert_eq!(flow(&datapath).state, ESTABLISHED);
 
-    // Closes the flow cannot trust: an ABORT with a tag its sender's packets do not carry is
-    // dropped (the endpoint would discard it too) from either side; one with the T bit (its
-    // sender's own tag, which the datapath cannot check) goes on but leaves the flow as it is.
+    // Closes the flow cannot trust, from either side: an ABORT whose tag is not the one its
+    // sender's packets carry, or with the T bit not its sender's own (the one its peer's
+    // packets carry), is dropped (the endpoint would discard it too) and ends nothing.
     run_table(
         xdp(),
         &[
@@ -286,28 +286,36 @@ fn an_association_to_a_local_endpoint_is_translated_both_ways_from_init_to_shutd
                 Expect::Unchanged,
             ),
             case(
-                "abort with the T bit",
-                packet::sctp_with_chunk_flags(CLIENT, FRONTEND, chunk::ABORT, 1, CLIENT_TAG, b""),
-                XDP_PASS,
-                Expect::Bytes(packet::sctp_with_chunk_flags(
+                "abort with the T bit and another tag",
+                packet::sctp_with_chunk_flags(
                     CLIENT,
-                    POD,
+                    FRONTEND,
                     chunk::ABORT,
                     1,
-                    CLIENT_TAG,
+                    CLIENT_TAG ^ 1,
                     b"",
-                )),
+                ),
+                XDP_DROP,
+                Expect::Unchanged,
             ),
         ],
     );
     run_table(
         tc(),
-        &[case(
-            "abort from the endpoint with another tag",
-            packet::sctp(POD, CLIENT, chunk::ABORT, CLIENT_TAG ^ 1, b""),
-            TC_ACT_SHOT,
-            Expect::Unchanged,
-        )],
+        &[
+            case(
+                "abort from the endpoint with another tag",
+                packet::sctp(POD, CLIENT, chunk::ABORT, CLIENT_TAG ^ 1, b""),
+                TC_ACT_SHOT,
+                Expect::Unchanged,
+            ),
+            case(
+                "abort from the endpoint with the T bit and another tag",
+                packet::sctp_with_chunk_flags(POD, CLIENT, chunk::ABORT, 1, POD_TAG ^ 1, b""),
+                TC_ACT_SHOT,
+                Expect::Unchanged,
+            ),
+        ],
     );
     assert_eq!(flow(&datapath).state, ESTABLISHED);
 
@@ -364,7 +372,7 @@ fn an_association_to_a_local_endpoint_is_translated_both_ways_from_init_to_shutd
     let events = datapath.events().expect("events");
     assert_eq!(events.get("drop_sctp_fragment"), Some(&1), "{events:?}");
     assert_eq!(events.get("drop_malformed"), Some(&1), "{events:?}");
-    assert_eq!(events.get("drop_rst_out_of_window"), Some(&2), "{events:?}");
+    assert_eq!(events.get("drop_rst_out_of_window"), Some(&4), "{events:?}");
     assert_eq!(events.get("pass_protocol_unserved"), Some(&0), "{events:?}");
 }
 
@@ -518,8 +526,8 @@ fn verification_tags_come_from_the_handshake_and_a_restart_brings_new_ones() {
         ],
     );
     assert_eq!(flow(&datapath).state, ESTABLISHED);
-
-    // The client restarts the association from the same port: new tags on both sides.
+    // The client restarts the association from the same port (RFC 9260, section 5.2.4): new
+    // tags on both sides, on the same flow.
     handshake("restart", NEW_CLIENT_TAG, NEW_POD_TAG);
     run_table(
         xdp(),
@@ -536,16 +544,30 @@ fn verification_tags_come_from_the_handshake_and_a_restart_brings_new_ones() {
                 XDP_DROP,
                 Expect::Unchanged,
             ),
+            case(
+                "abort with the T bit and the client's old tag",
+                packet::sctp_with_chunk_flags(CLIENT, FRONTEND, chunk::ABORT, 1, CLIENT_TAG, b""),
+                XDP_DROP,
+                Expect::Unchanged,
+            ),
         ],
     );
     assert_eq!(flow(&datapath).state, ESTABLISHED);
+    // With the T bit, the client's own tag (the one the endpoint's packets carry) is right.
     run_table(
         xdp(),
         &[case(
-            "abort with the new tag",
-            client(chunk::ABORT, NEW_POD_TAG, b""),
+            "abort with the T bit and the client's own tag",
+            packet::sctp_with_chunk_flags(CLIENT, FRONTEND, chunk::ABORT, 1, NEW_CLIENT_TAG, b""),
             XDP_PASS,
-            Expect::Bytes(to_pod(chunk::ABORT, NEW_POD_TAG, b"")),
+            Expect::Bytes(packet::sctp_with_chunk_flags(
+                CLIENT,
+                POD,
+                chunk::ABORT,
+                1,
+                NEW_CLIENT_TAG,
+                b"",
+            )),
         )],
     );
     assert_eq!(flow(&datapath).state, CLOSING);
