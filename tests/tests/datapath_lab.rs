@@ -206,6 +206,29 @@ fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
     assert_eq!(outside.errors, 1, "{outside:?}");
 }
 
+/// Every request of the client run to `target` answered by one of `endpoints`, which saw the
+/// client's own address (no SNAT for local endpoints), and every reply came back from `target`
+/// (the reverse NAT).
+fn assert_reached_local_endpoints(
+    report: &lab::peer::ClientReport,
+    what: &str,
+    target: &str,
+    endpoints: &BTreeSet<&str>,
+) {
+    report.assert_all_ok(what);
+    assert!(report.servers().is_subset(endpoints), "{what}: {report:?}");
+    assert_eq!(
+        report.peers_seen.keys().collect::<Vec<_>>(),
+        [&CLIENT_ADDR.to_string()],
+        "{what}"
+    );
+    assert_eq!(
+        report.peer_names.keys().collect::<Vec<_>>(),
+        [target],
+        "{what}"
+    );
+}
+
 #[test]
 fn node_port_external_ip_and_load_balancer_ip_from_outside() {
     let mut setup = setup(&ClusterSpec::default());
@@ -230,20 +253,11 @@ fn node_port_external_ip_and_load_balancer_ip_from_outside() {
             ),
         ] {
             let report = run.run(&setup.cluster.client, None).expect("client");
-            let what = format!("{what} to {target}");
-            report.assert_all_ok(&what);
-            assert!(report.servers().is_subset(&endpoints), "{what}: {report:?}");
-            // The endpoint saw the real client address (no SNAT for local endpoints)...
-            assert_eq!(
-                report.peers_seen.keys().collect::<Vec<_>>(),
-                [&CLIENT_ADDR.to_string()],
-                "{what}"
-            );
-            // ...and replies came back from the address the client used (tc reverse NAT).
-            assert_eq!(
-                report.peer_names.keys().collect::<Vec<_>>(),
-                [target],
-                "{what}"
+            assert_reached_local_endpoints(
+                &report,
+                &format!("{what} to {target}"),
+                target,
+                &endpoints,
             );
         }
     }
@@ -298,21 +312,7 @@ fn sctp_associations_from_outside_reach_the_endpoints() {
         let report = ClientRun::sctp(&target, 20)
             .run(&setup.cluster.client, None)
             .expect("client");
-        report.assert_all_ok(&target);
-        assert!(
-            report.servers().is_subset(&endpoints),
-            "{target}: {report:?}"
-        );
-        assert_eq!(
-            report.peers_seen.keys().collect::<Vec<_>>(),
-            [&CLIENT_ADDR.to_string()],
-            "{target}"
-        );
-        assert_eq!(
-            report.peer_names.keys().collect::<Vec<_>>(),
-            [&target],
-            "{target}"
-        );
+        assert_reached_local_endpoints(&report, &target, &target, &endpoints);
     }
     let events = setup.node.datapath.events().expect("events");
     assert!(

@@ -117,6 +117,10 @@ fn datapath(pins: &PinDir, remote: bool) -> Datapath {
     datapath
 }
 
+fn program<'d>(datapath: &'d Datapath, name: &'static str) -> std::os::fd::BorrowedFd<'d> {
+    datapath.program_fd(name).expect("program fd")
+}
+
 /// The association's conntrack entry (its client's FLOW entry).
 fn flow(datapath: &Datapath) -> Flow4Value {
     let key = flow_key(u32::from(*CLIENT.ip()), CLIENT.port(), proto::SCTP);
@@ -142,16 +146,8 @@ fn an_association_to_a_local_endpoint_is_translated_both_ways_from_init_to_shutd
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "sctp").expect("pin dir");
     let datapath = datapath(&pins, false);
-    let xdp = || {
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd")
-    };
-    let tc = || {
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd")
-    };
+    let xdp = || program(&datapath, lb_common::program_names::XDP_LB);
+    let tc = || program(&datapath, lb_common::program_names::TC_EGRESS);
     let from_client = |chunk_type, tag, value: &[u8]| {
         (
             packet::sctp(CLIENT, FRONTEND, chunk_type, tag, value),
@@ -392,9 +388,7 @@ fn an_association_to_a_remote_endpoint_is_snated_and_its_answers_come_back_from_
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "sctpsnat").expect("pin dir");
     let datapath = datapath(&pins, true);
-    let xdp = datapath
-        .program_fd(lb_common::program_names::XDP_LB)
-        .expect("fd");
+    let xdp = program(&datapath, lb_common::program_names::XDP_LB);
 
     let init = packet::sctp(CLIENT, FRONTEND, chunk::INIT, 0, &init_value(CLIENT_TAG));
     let out = test_run(xdp, &init).expect("run");
@@ -452,16 +446,8 @@ fn verification_tags_come_from_the_handshake_and_a_restart_brings_new_ones() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "sctptags").expect("pin dir");
     let datapath = datapath(&pins, false);
-    let xdp = || {
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd")
-    };
-    let tc = || {
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd")
-    };
+    let xdp = || program(&datapath, lb_common::program_names::XDP_LB);
+    let tc = || program(&datapath, lb_common::program_names::TC_EGRESS);
     let client =
         |chunk_type, tag, value: &[u8]| packet::sctp(CLIENT, FRONTEND, chunk_type, tag, value);
     let to_pod = |chunk_type, tag, value: &[u8]| packet::sctp(CLIENT, POD, chunk_type, tag, value);
