@@ -580,3 +580,64 @@ fn verification_tags_come_from_the_handshake_and_a_restart_brings_new_ones() {
         "the fragment made a flow: {entries:?}"
     );
 }
+
+/// A closed SCTP flow's SNAT port waits out the closing timeout, not TCP's short reuse delay:
+/// the endpoint may still retransmit to it after RTO.Min (1 s), and would take a new client's
+/// INIT on the same ports for a restart of the old association. Timeouts shortened so that the
+/// test takes a second and a half.
+#[test]
+fn a_closed_sctp_flows_snat_port_waits_out_the_closing_timeout() {
+    use std::time::{Duration, Instant};
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "sctpreuse").expect("pin dir");
+    let mut datapath = datapath(&pins, true);
+    let closing = Duration::from_millis(1000);
+    let reuse = Duration::from_millis(100);
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            snat_addr: u32::from(NODE),
+            snat_port_min: SNAT_PORTS.0,
+            snat_port_max: SNAT_PORTS.0,
+            timeouts: lb_common::CtTimeouts {
+                tcp_closing: closing.as_nanos() as u64,
+                snat_port_reuse: reuse.as_nanos() as u64,
+                ..Default::default()
+            },
+        })
+        .expect("config");
+    let xdp = program(&datapath, lb_common::program_names::XDP_LB);
+    let init = |client| packet::sctp(client, FRONTEND, chunk::INIT, 0, &init_value(CLIENT_TAG));
+    let snat_port = |client| {
+        let out = test_run(xdp, &init(client)).expect("run");
+        (out.verdict != XDP_DROP).then(|| u16::from_be_bytes([out.packet[34], out.packet[35]]))
+    };
+    let first = CLIENT;
+    let second = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 1);
+
+    assert_eq!(
+        snat_port(first),
+        Some(SNAT_PORTS.0),
+        "the one port of the range"
+    );
+    let abort = packet::sctp(first, FRONTEND, chunk::ABORT, POD_TAG, b"");
+    assert_ne!(
+        test_run(xdp, &abort).expect("run").verdict,
+        XDP_DROP,
+        "the abort"
+    );
+    let aborted = Instant::now();
+
+    std::thread::sleep(reuse * 3);
+    assert_eq!(
+        snat_port(second),
+        None,
+        "within the closing timeout the port is still held"
+    );
+
+    std::thread::sleep((closing + Duration::from_millis(300)).saturating_sub(aborted.elapsed()));
+    assert_eq!(
+        snat_port(second),
+        Some(SNAT_PORTS.0),
+        "after it, the port serves the new client"
+    );
+}
