@@ -20,3 +20,28 @@ pub extern "C" fn lb_sctp_checksum_after_ports(
 ) -> u32 {
     sctp::replace_ports(checksum, len as usize, old_ports, new_ports).unwrap_or(checksum)
 }
+
+/// The checksum field to write after an SCTP packet of `len` bytes had its ports changed from
+/// `old_ports` to `new_ports` (both as the packet holds them, read little-endian, as is
+/// `checksum`): none when they did not change, or when the field is 0, a checksum not computed
+/// yet (offloaded, as from a veth: net/sctp/output.c sctp_packet_pack leaves it 0 with
+/// CHECKSUM_PARTIAL), which covers the new ports when whoever computes it does. (A computed
+/// CRC32c of 0 is taken for one too: one packet in 2^32.) `Err` for a length past
+/// [`sctp::MAX_LEN`].
+#[inline(always)]
+pub fn checksum_after_ports(
+    checksum: u32,
+    len: usize,
+    old_ports: u32,
+    new_ports: u32,
+) -> Result<Option<u32>, ()> {
+    if checksum == 0 || old_ports == new_ports {
+        return Ok(None);
+    }
+    if len > sctp::MAX_LEN {
+        return Err(());
+    }
+    Ok(Some(lb_sctp_checksum_after_ports(
+        checksum, len as u32, old_ports, new_ports,
+    )))
+}

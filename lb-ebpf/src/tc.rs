@@ -29,7 +29,7 @@ use crate::{
         Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
     },
     maps::{BACKEND_FILTER, FRAGMENTS4, count_event, remember_fragment},
-    sctp_crc::lb_sctp_checksum_after_ports,
+    sctp_crc::checksum_after_ports,
 };
 
 #[classifier]
@@ -427,10 +427,8 @@ fn rewrite_source(
 
 /// Rewrites an SCTP answer's source address and port to the frontend's and its destination port
 /// to `client_port`. SCTP has no pseudo-header: the address changes the IPv4 checksum only, the
-/// ports the CRC32c ([`sctp::replace_ports`]), which no helper updates. A checksum field of 0 is
-/// one the stack has not computed yet (CHECKSUM_PARTIAL with csum_not_inet, from a sender whose
-/// device offloads it: net/sctp/output.c sctp_packet_pack), which covers the new ports when it
-/// is (skb_crc32c_csum_help, or the NIC).
+/// ports the CRC32c ([`checksum_after_ports`]), which no helper updates; a field of 0 is one the
+/// stack computes later (skb_crc32c_csum_help, or the NIC), over the new ports.
 #[inline(always)]
 fn snat_sctp(
     ctx: &TcContext,
@@ -446,14 +444,12 @@ fn snat_sctp(
     ports[2..4].copy_from_slice(&client_port.to_be_bytes());
     let new_ports = u32::from_le_bytes(ports);
     let check = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    if check != 0 && old_ports != new_ports {
-        // From the IP total length: the skb may end in padding the checksum does not cover.
-        let total = read::<2>(ctx, ETH_HDR_LEN + 2).ok_or(-1i64)?;
-        let len = usize::from(u16::from_be_bytes(total)).saturating_sub(l4_offset - ETH_HDR_LEN);
-        if len > sctp::MAX_LEN {
-            return Err(-1);
-        }
-        let check = lb_sctp_checksum_after_ports(check, len as u32, old_ports, new_ports);
+    // From the IP total length: the skb may end in padding the checksum does not cover.
+    let total = read::<2>(ctx, ETH_HDR_LEN + 2).ok_or(-1i64)?;
+    let len = usize::from(u16::from_be_bytes(total)).saturating_sub(l4_offset - ETH_HDR_LEN);
+    if let Some(check) =
+        checksum_after_ports(check, len, old_ports, new_ports).map_err(|()| -1i64)?
+    {
         ctx.store(l4_offset + sctp::CHECKSUM_OFFSET, &check.to_le_bytes(), 0)?;
     }
     ctx.store(l4_offset + 2, &client_port.to_be(), 0)?;

@@ -30,7 +30,7 @@ use crate::{
         dry_run, remember_fragment,
     },
     reject,
-    sctp_crc::lb_sctp_checksum_after_ports,
+    sctp_crc::checksum_after_ports,
 };
 
 /// The program attached to the NICs: TCP and ICMP errors itself, UDP and SCTP packets through a
@@ -623,10 +623,7 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info, protocol: u8) -> Result<Tupl
 }
 
 /// Rewrites an SCTP packet's ports (`len` bytes from `l4_offset`) and brings its CRC32c up to
-/// date ([`sctp::replace_ports`]). A checksum field of 0 is one not computed yet (offloaded, as
-/// from a veth: net/sctp/output.c sctp_packet_pack leaves it 0 with CHECKSUM_PARTIAL): whoever
-/// computes it later covers the new ports. (A computed CRC32c of 0 is taken for one too: one
-/// packet in 2^32.)
+/// date ([`checksum_after_ports`]).
 #[inline(always)]
 fn rewrite_sctp_ports(
     ctx: &XdpContext,
@@ -643,11 +640,9 @@ fn rewrite_sctp_ports(
     let new_ports = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let field = sctp::CHECKSUM_OFFSET..sctp::CHECKSUM_OFFSET + 4;
     let check = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    if check != 0 && old_ports != new_ports {
-        if len > sctp::MAX_LEN {
-            return Err(Event::DROP_MALFORMED);
-        }
-        let check = lb_sctp_checksum_after_ports(check, len as u32, old_ports, new_ports);
+    if let Some(check) = checksum_after_ports(check, len, old_ports, new_ports)
+        .map_err(|()| Event::DROP_MALFORMED)?
+    {
         header[field].copy_from_slice(&check.to_le_bytes());
     }
     Ok(())

@@ -153,25 +153,19 @@ fn send_spoofed_rst(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> anyhow::R
     anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
     // SAFETY: fd is a socket this process just opened and owns.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let destination = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*to.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
+    // A raw socket takes no port: the destination's is in the header built above.
+    let destination = SocketAddrV4::new(*to.ip(), 0);
     // SAFETY: the buffer and address are valid for the call and their lengths are theirs.
-    let sent = unsafe {
+    let sent = with_sockaddr(destination, |address, len| unsafe {
         libc::sendto(
             socket.as_raw_fd(),
             packet.as_ptr().cast(),
             packet.len(),
             0,
-            std::ptr::from_ref(&destination).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            address,
+            len,
         )
-    };
+    });
     anyhow::ensure!(
         sent == packet.len() as isize,
         "sendto: {}",
@@ -386,6 +380,19 @@ fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
+/// Calls `call` with `addr` as a `sockaddr` pointer and its length, as bind(2) and connect(2)
+/// take it.
+fn with_sockaddr<T>(
+    addr: SocketAddrV4,
+    call: impl FnOnce(*const libc::sockaddr, libc::socklen_t) -> T,
+) -> T {
+    let address = sockaddr_in(addr);
+    call(
+        std::ptr::from_ref(&address).cast(),
+        size_of::<libc::sockaddr_in>() as libc::socklen_t,
+    )
+}
+
 /// Checks a libc call's return value.
 fn os_result(result: libc::c_int) -> std::io::Result<()> {
     if result < 0 {
@@ -398,15 +405,10 @@ fn os_result(result: libc::c_int) -> std::io::Result<()> {
 fn sctp_listen(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
     use std::os::fd::AsRawFd as _;
     let socket = sctp_socket()?;
-    let address = sockaddr_in(addr);
     // SAFETY: the address is valid for the call and its length is its own.
-    os_result(unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            std::ptr::from_ref(&address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    })?;
+    os_result(with_sockaddr(addr, |address, len| unsafe {
+        libc::bind(socket.as_raw_fd(), address, len)
+    }))?;
     // SAFETY: a bound socket this process owns.
     os_result(unsafe { libc::listen(socket.as_raw_fd(), 128) })?;
     Ok(TcpListener::from(socket))
@@ -437,15 +439,10 @@ fn sctp_connect(to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream>
             size_of::<libc::timeval>() as libc::socklen_t,
         )
     })?;
-    let address = sockaddr_in(to);
     // SAFETY: as for bind above.
-    os_result(unsafe {
-        libc::connect(
-            socket.as_raw_fd(),
-            std::ptr::from_ref(&address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    })?;
+    os_result(with_sockaddr(to, |address, len| unsafe {
+        libc::connect(socket.as_raw_fd(), address, len)
+    }))?;
     let stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(timeout))?;
     Ok(stream)
