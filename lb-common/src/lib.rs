@@ -93,6 +93,13 @@ pub mod map_names {
     /// nothing up for a TCP/UDP packet whose bit is clear, which is most of the node's own
     /// traffic.
     pub const FRONTEND_FILTER: &str = "lb4_fefilt_v1";
+    /// The IPv6 twins of the maps above: the same values, keys with an [`crate::Ipv6Words`]
+    /// address. Backend ids and service ids are one id space for both families.
+    pub const FRONTENDS6: &str = "lb6_fe_v1";
+    pub const BACKENDS6: &str = "lb6_be_v1";
+    pub const SOCK_NAT6: &str = "lb6_sknat_v1";
+    pub const SOCK_STATE6: &str = "lb6_sockst_v1";
+    pub const SOURCE_RANGES6: &str = "lb6_srcrng_v1";
 
     /// Every map name, for the length check below and for tools that list them.
     pub const ALL: &[&str] = &[
@@ -116,6 +123,11 @@ pub mod map_names {
         NIC_MACS,
         TX_PORTS,
         XDP_PROGRAMS,
+        FRONTENDS6,
+        BACKENDS6,
+        SOCK_NAT6,
+        SOCK_STATE6,
+        SOURCE_RANGES6,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -134,6 +146,11 @@ pub mod map_names {
         MAGLEV4,
         SOCK_STATE4,
         XDP_PROGRAMS,
+        FRONTENDS6,
+        BACKENDS6,
+        SOCK_NAT6,
+        SOCK_STATE6,
+        SOURCE_RANGES6,
     ];
 }
 
@@ -234,15 +251,19 @@ pub mod program_names {
     pub const RECVMSG4: &str = "lb_recvmsg4";
     /// cgroup/getpeername4: getpeername() shows the Service address.
     pub const GETPEERNAME4: &str = "lb_getpeername4";
-    /// cgroup/connect6: connect() of an AF_INET6 socket to an IPv4-mapped Service address goes
-    /// straight to a backend (its unconnected sendto() runs the sendmsg4 hook).
+    /// cgroup/connect6: connect() of an AF_INET6 socket to an IPv6 Service address, or to an
+    /// IPv4-mapped one, goes straight to a backend.
     pub const CONNECT6: &str = "lb_connect6";
-    /// cgroup/recvmsg6: recvfrom() on an AF_INET6 socket shows the IPv4-mapped Service address.
+    /// cgroup/sendmsg6: unconnected UDP sendto() an IPv6 Service address goes to a backend (to
+    /// an IPv4-mapped address the kernel runs the sendmsg4 hook instead).
+    pub const SENDMSG6: &str = "lb_sendmsg6";
+    /// cgroup/recvmsg6: recvfrom() on an AF_INET6 socket shows the Service address (IPv6, or
+    /// IPv4-mapped) as the sender.
     pub const RECVMSG6: &str = "lb_recvmsg6";
     /// cgroup/getpeername6: getpeername() on an AF_INET6 socket shows it too.
     pub const GETPEERNAME6: &str = "lb_getpeername6";
-    /// cgroup_skb/egress: packets of sockets sent to a Service with loadBalancerSourceRanges must
-    /// come from inside them.
+    /// cgroup_skb/egress: packets (IPv4 and IPv6) of sockets sent to a Service with
+    /// loadBalancerSourceRanges must come from inside them.
     pub const SOCK_EGRESS4: &str = "lb_sock_egress4";
     /// cgroup/sock_release: a closing socket's entry in the socket NAT map goes with it.
     pub const SOCK_RELEASE: &str = "lb_sock_release";
@@ -468,23 +489,29 @@ pub mod proto {
     }
 }
 
-/// Key of the frontends map: an address, port and protocol a Service answers on.
-///
-/// The v4 maps have v4-sized keys; the IPv6 twin (`lb6_fe_v1`) will have the same fields in the
-/// same order with a 16-byte address, so neither reshapes the other.
+/// An IPv6 address as the datapath keeps it: four words in network byte order, as the packet
+/// and `bpf_sock_addr::user_ip6` hold it.
+pub type Ipv6Words = [u32; 4];
+
+/// Key of the frontends maps: an address, port and protocol a Service answers on. `A` is the
+/// address: `u32` for IPv4 ([`map_names::FRONTENDS4`]), [`Ipv6Words`] for IPv6
+/// ([`map_names::FRONTENDS6`]); the fields come in the same order in both.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(C)]
-pub struct Frontend4Key {
-    /// IPv4 address, network byte order (as in the packet).
-    pub addr: u32,
+pub struct FrontendKey<A> {
+    /// Address, network byte order (as in the packet).
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
-    /// [`proto::TCP`] or [`proto::UDP`].
+    /// [`proto::TCP`], [`proto::UDP`] or [`proto::SCTP`].
     pub proto: u8,
     /// Which traffic the entry serves; [`scope::ANY`] until traffic policies split a service
     /// into an external and an internal entry.
     pub scope: u8,
 }
+pub type Frontend4Key = FrontendKey<u32>;
+pub type Frontend6Key = FrontendKey<Ipv6Words>;
+const _: () = assert!(size_of::<Frontend6Key>() == 20);
 const _: () = assert!(size_of::<Frontend4Key>() == 8);
 
 pub mod scope {
@@ -866,15 +893,18 @@ impl SnatPortProbe {
 
 /// The data of a source-range LPM trie key (the trie adds the prefix length in front): a
 /// client prefix allowed for one service. The prefix length of an entry is 32 (the service id,
-/// matched in full) + the CIDR's prefix length.
+/// matched in full) + the CIDR's prefix length. `A` as in [`FrontendKey`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
-pub struct SourceRange4 {
+pub struct SourceRange<A> {
     /// Big-endian, so the trie matches it before the address.
     pub service_id_be: u32,
     /// The CIDR's address (the client's, in a lookup), network byte order.
-    pub addr: u32,
+    pub addr: A,
 }
+pub type SourceRange4 = SourceRange<u32>;
+pub type SourceRange6 = SourceRange<Ipv6Words>;
+const _: () = assert!(size_of::<SourceRange6>() == 20);
 const _: () = assert!(size_of::<SourceRange4>() == 8);
 
 /// Key of the session-affinity map: a client of a service.
@@ -925,18 +955,22 @@ pub struct LegacySlotKey {
 }
 const _: () = assert!(size_of::<LegacySlotKey>() == 8);
 
-/// A backend (one endpoint address, port and protocol).
+/// A backend (one endpoint address, port and protocol). `A` as in [`FrontendKey`]: a backend
+/// id names an entry of [`map_names::BACKENDS4`] or of [`map_names::BACKENDS6`], never both.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
-pub struct Backend4 {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+pub struct BackendValue<A> {
+    /// Address, network byte order.
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
     /// [`backend_flags`] bits.
     pub flags: u8,
 }
+pub type Backend4 = BackendValue<u32>;
+pub type Backend6 = BackendValue<Ipv6Words>;
+const _: () = assert!(size_of::<Backend6>() == 20);
 const _: () = assert!(size_of::<Backend4>() == 8);
 
 pub mod backend_flags {
@@ -1240,33 +1274,55 @@ pub struct SockNat4Key {
 }
 const _: () = assert!(size_of::<SockNat4Key>() == 16);
 
-/// The Service address the application asked for.
+/// Key of the IPv6 socket reverse-NAT map ([`map_names::SOCK_NAT6`]): [`SockNat4Key`] with an
+/// IPv6 backend (its own type: the cookie's alignment needs more padding than IPv4's).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
-pub struct SockNat4Value {
-    pub addr: u32,
+pub struct SockNat6Key {
+    /// bpf_get_socket_cookie().
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub addr: Ipv6Words,
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<SockNat6Key>() == 32);
+
+/// The Service address the application asked for. `A` as in [`FrontendKey`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct SockNatValue<A> {
+    pub addr: A,
     pub port: u16,
     pub _pad: [u8; 2],
     pub service_id: u32,
 }
+pub type SockNat4Value = SockNatValue<u32>;
+pub type SockNat6Value = SockNatValue<Ipv6Words>;
+const _: () = assert!(size_of::<SockNat6Value>() == 24);
 const _: () = assert!(size_of::<SockNat4Value>() == 12);
 
 /// What the socket hooks last did for one socket (socket-local storage, freed with the socket).
+/// `A` as in [`FrontendKey`]: an IPv4 socket's (or a dual-stack socket's toward an IPv4
+/// Service) in [`map_names::SOCK_STATE4`], an IPv6 one's in [`map_names::SOCK_STATE6`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
-pub struct SockState4 {
+pub struct SockState<A> {
     /// The backend connect()/sendmsg() was last sent to (network byte order): the key, with the
-    /// socket's cookie, of its [`SockNat4Key`] entry.
-    pub backend_addr: u32,
+    /// socket's cookie, of its socket NAT entry.
+    pub backend_addr: A,
     pub backend_port: u16,
     pub _pad: [u8; 2],
     /// The service whose loadBalancerSourceRanges the socket's packets to that backend must
-    /// pass, or [`SockState4::NO_SOURCE_CHECK`].
+    /// pass, or [`SockState::NO_SOURCE_CHECK`].
     pub source_check_service: u32,
 }
+pub type SockState4 = SockState<u32>;
+pub type SockState6 = SockState<Ipv6Words>;
 const _: () = assert!(size_of::<SockState4>() == 12);
+const _: () = assert!(size_of::<SockState6>() == 24);
 
-impl SockState4 {
+impl<A> SockState<A> {
     /// No source check for this socket's packets.
     pub const NO_SOURCE_CHECK: u32 = u32::MAX;
 }
@@ -1387,7 +1443,12 @@ impl_pod!(
     Ct4Value,
     SockNat4Key,
     SockNat4Value,
-    ServiceCounter
+    ServiceCounter,
+    Frontend6Key,
+    Backend6,
+    SourceRange6,
+    SockNat6Key,
+    SockNat6Value
 );
 
 #[cfg(test)]
