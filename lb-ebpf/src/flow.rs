@@ -3,18 +3,19 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, CtTimeouts,
-    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Flow4Value, Frontend4Key, ServiceValue,
-    SnatPortProbe, SourceRange4, backend_flags, ct_direction, ct_flags, ct_timeouts, flow_key,
+    AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, BackendValue, Ct4Key, Ct4Value,
+    CtTimeouts, DEFAULT_SNAT_PORTS, DatapathConfig, Event, Flow4Value, FrontendKey, ServiceValue,
+    SnatPortProbe, SourceRange, backend_flags, ct_direction, ct_flags, ct_timeouts, flow_key,
     frontend_filter, maglev, proto, scope, sctp, service_flags, tcp_seq, tcp_state,
 };
 use lb_ebpf::packet::{Ipv4Info, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ipv4_checksum_ok};
 
 use crate::{
+    family::{Family, V4},
     helpers::{now_ns, random_u32},
     maps::{
-        AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTEND_FILTER, FRONTENDS4, MAGLEV4, SLOTS4,
-        SOURCE_RANGES4, count_event, count_service, dry_run,
+        AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTEND_FILTER, MAGLEV4, SLOTS4, count_event,
+        count_service, dry_run,
     },
 };
 
@@ -78,46 +79,70 @@ pub fn maybe_frontend(tuple: &Tuple) -> bool {
 /// The frontend this packet is addressed to, if any.
 #[inline(always)]
 pub fn lookup_frontend(tuple: &Tuple) -> Option<&'static ServiceValue> {
-    frontend_entry(tuple, scope::ANY)
+    frontend_entry::<V4>(
+        tuple.daddr.to_be(),
+        tuple.dport.to_be(),
+        tuple.proto,
+        scope::ANY,
+    )
 }
 
-/// The entry the socket hooks use for this packet's frontend: its entry for this node's own
-/// clients when it has one (`scope::NODE_CLIENTS`: an externalTrafficPolicy Local Service's
-/// external frontend, short-circuited to the internal policy), else the frontend's.
+/// The entry the socket hooks use for the frontend `addr`:`port` (network byte order, as
+/// `bpf_sock_addr` holds them): its entry for this node's own clients when it has one
+/// (`scope::NODE_CLIENTS`: an externalTrafficPolicy Local Service's external frontend,
+/// short-circuited to the internal policy), else the frontend's.
 #[inline(always)]
-pub fn lookup_frontend_for_node_client(tuple: &Tuple) -> Option<&'static ServiceValue> {
-    let service = lookup_frontend(tuple)?;
+pub fn lookup_frontend_for_node_client<F: Family>(
+    addr: F::Addr,
+    port: u16,
+    protocol: u8,
+) -> Option<&'static ServiceValue> {
+    let service = frontend_entry::<F>(addr, port, protocol, scope::ANY)?;
     if service.flags & service_flags::NODE_CLIENTS_ENTRY == 0 {
         return Some(service);
     }
-    Some(frontend_entry(tuple, scope::NODE_CLIENTS).unwrap_or(service))
+    Some(frontend_entry::<F>(addr, port, protocol, scope::NODE_CLIENTS).unwrap_or(service))
 }
 
-/// The frontends map's entry for the packet's destination in `scope`. Map keys hold network
-/// byte order.
+/// The family's frontends map entry for `addr`:`port` (network byte order, as map keys hold
+/// them) in `scope`.
 #[inline(always)]
-fn frontend_entry(tuple: &Tuple, scope: u8) -> Option<&'static ServiceValue> {
-    let key = Frontend4Key {
-        addr: tuple.daddr.to_be(),
-        port: tuple.dport.to_be(),
-        proto: tuple.proto,
+fn frontend_entry<F: Family>(
+    addr: F::Addr,
+    port: u16,
+    protocol: u8,
+    scope: u8,
+) -> Option<&'static ServiceValue> {
+    let key = FrontendKey {
+        addr,
+        port,
+        proto: protocol,
         scope,
     };
     // SAFETY: the value is only read, and the agent replaces entries whole (a single update).
-    unsafe { FRONTENDS4.get(&key) }
+    unsafe { F::frontends().get(&key) }
 }
 
-/// Whether the client is inside one of the service's loadBalancerSourceRanges.
+/// Whether the client (a number, as [`Tuple`] holds it) is inside one of the service's
+/// loadBalancerSourceRanges.
 #[inline(always)]
 pub fn source_allowed(service_id: u32, client: u32) -> bool {
+    source_allowed_in::<V4>(service_id, client.to_be())
+}
+
+/// Whether the client (network byte order) is inside one of the service's
+/// loadBalancerSourceRanges of its family: the trie's entries match the service id in full,
+/// then the CIDR's bits, so a lookup asks for 32 + every bit of the address.
+#[inline(always)]
+pub fn source_allowed_in<F: Family>(service_id: u32, client: F::Addr) -> bool {
     let key = aya_ebpf::maps::lpm_trie::Key::new(
-        64,
-        SourceRange4 {
+        32 + F::ADDR_BITS,
+        SourceRange {
             service_id_be: service_id.to_be(),
-            addr: client.to_be(),
+            addr: client,
         },
     );
-    SOURCE_RANGES4.get(&key).is_some()
+    F::source_ranges().get(&key).is_some()
 }
 
 /// The datapath-wide settings (SNAT address and ports).
@@ -502,7 +527,7 @@ fn new_flow(
         if service.flags & service_flags::MAGLEV != 0 && service.affinity_timeout_s == 0 {
             select_maglev(service, tuple)?
         } else {
-            select_for_client(service, u64::from(tuple.saddr), 0, now)?
+            select_for_client::<V4>(service, u64::from(tuple.saddr), 0, now)?
         };
     let remote = needs_snat(service, &backend);
     if remote && !may_forward {
@@ -1007,16 +1032,18 @@ fn backend_still_there(entry: &Ct4Value) -> bool {
 /// A backend for a new flow (or connection) of `client`: with session affinity, the backend the
 /// client used last if that was within the timeout and the backend still exists; otherwise a
 /// random one, remembered for next time when the service has affinity. `kind` tells client
-/// addresses from socket-hook netns cookies apart.
+/// addresses from socket-hook netns cookies apart. The backend is one of family `F`, the family
+/// of the service's frontends (affinity entries are keyed by client and service id, so one
+/// map serves both families).
 #[inline(always)]
-pub fn select_for_client(
+pub fn select_for_client<F: Family>(
     service: &ServiceValue,
     client: u64,
     kind: u32,
     now: u64,
-) -> Result<(u32, Backend4), Event> {
+) -> Result<(u32, BackendValue<F::Addr>), Event> {
     if service.affinity_timeout_s == 0 {
-        return select(service);
+        return select::<F>(service);
     }
     let key = Affinity4Key {
         client,
@@ -1029,7 +1056,7 @@ pub fn select_for_client(
         let entry = unsafe { &mut *entry };
         if now.saturating_sub(entry.last_used_ns) <= timeout
             // SAFETY: read-only use of an entry the agent writes whole.
-            && let Some(backend) = unsafe { BACKENDS4.get(&entry.backend_id) }
+            && let Some(backend) = unsafe { F::backends().get(&entry.backend_id) }
             && backend.flags & backend_flags::TERMINATING == 0
         {
             if !dry_run() {
@@ -1038,7 +1065,7 @@ pub fn select_for_client(
             return Ok((entry.backend_id, *backend));
         }
     }
-    let (backend_id, backend) = select(service)?;
+    let (backend_id, backend) = select::<F>(service)?;
     let value = AffinityValue {
         last_used_ns: now,
         backend_id,
@@ -1073,9 +1100,10 @@ fn select_maglev(service: &ServiceValue, tuple: &Tuple) -> Result<(u32, Backend4
     Ok((backend_id, backend))
 }
 
-/// A random backend of the service's current table (kube-proxy's default selection).
+/// A random backend of the service's current table (kube-proxy's default selection), from the
+/// backends map of its family `F`.
 #[inline(always)]
-pub fn select(service: &ServiceValue) -> Result<(u32, Backend4), Event> {
+pub fn select<F: Family>(service: &ServiceValue) -> Result<(u32, BackendValue<F::Addr>), Event> {
     if service.backend_count == 0 {
         return Err(no_backend(service));
     }
@@ -1086,7 +1114,7 @@ pub fn select(service: &ServiceValue) -> Result<(u32, Backend4), Event> {
         .ok_or(Event::DROP_BACKEND_MISSING)?
         .backend_id;
     // SAFETY: as above.
-    let backend = *unsafe { BACKENDS4.get(&backend_id) }.ok_or(Event::DROP_BACKEND_MISSING)?;
+    let backend = *unsafe { F::backends().get(&backend_id) }.ok_or(Event::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
 }
 

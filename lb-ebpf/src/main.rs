@@ -3,6 +3,7 @@
 #![no_main]
 
 mod clock;
+mod family;
 mod flow;
 mod helpers;
 mod maps;

@@ -2,14 +2,16 @@
 //! macro needs literals); state maps are pinned by name so they outlive the agent.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     macros::{btf_map, map},
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frag4Key,
-    Frag4Value, Frontend4Key, JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue,
-    Slot, SockNat4Key, SockNat4Value, SockState4, SourceRange4, limits, maglev,
+    Affinity4Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, DatapathConfig, Event,
+    Frag4Key, Frag4Value, Frontend4Key, Frontend6Key, JiffiesClock, NicMac, RejectBudget,
+    ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value,
+    SockState4, SockState6, SourceRange4, SourceRange6, limits, maglev,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -58,6 +60,36 @@ pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 /// loadBalancerSourceRanges: (service id, client prefix) -> allowed.
 #[map(name = "lb4_srcrng_v1")]
 pub static SOURCE_RANGES4: LpmTrie<SourceRange4, u8> =
+    LpmTrie::pinned(limits::MAX_SOURCE_RANGES, 0);
+
+/// The IPv6 twins of FRONTENDS4, BACKENDS4, SOCK_NAT4, SOCK_STATE4 and SOURCE_RANGES4: the
+/// same values, IPv6 addresses. Service ids and backend ids are one space for both families: a
+/// v6 service's slot cells in `SLOTS4` name entries of `BACKENDS6`. The agent alone writes the
+/// frontends and backends: without preallocation they take memory for the entries they hold
+/// (none on an IPv4-only cluster, where preallocated they would take about 40 MiB).
+#[map(name = "lb6_fe_v1")]
+pub static FRONTENDS6: HashMap<Frontend6Key, ServiceValue> =
+    HashMap::pinned(limits::MAX_FRONTENDS, BPF_F_NO_PREALLOC);
+
+/// backend id -> IPv6 endpoint.
+#[map(name = "lb6_be_v1")]
+pub static BACKENDS6: HashMap<u32, Backend6> =
+    HashMap::pinned(limits::MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// (socket cookie, IPv6 backend) -> the Service address the socket asked for.
+#[map(name = "lb6_sknat_v1")]
+pub static SOCK_NAT6: LruHashMap<SockNat6Key, SockNat6Value> =
+    LruHashMap::pinned(limits::MAX_SOCK_NAT, 0);
+
+/// An AF_INET6 socket the hooks sent to an IPv6 Service keeps its state here; one sent to an
+/// IPv4 Service through an IPv4-mapped address keeps it in `SOCK_STATE4`.
+#[btf_map(name = "lb6_sockst_v1", pin_by_name)]
+pub static SOCK_STATE6: SkStorage<SockState6> = SkStorage::new();
+
+/// loadBalancerSourceRanges of IPv6 Services: an entry's prefix length is 32 (the service id)
+/// + the CIDR's.
+#[map(name = "lb6_srcrng_v1")]
+pub static SOURCE_RANGES6: LpmTrie<SourceRange6, u8> =
     LpmTrie::pinned(limits::MAX_SOURCE_RANGES, 0);
 
 /// sessionAffinity ClientIP: (client, service) -> backend and last use; LRU so a full table

@@ -6,30 +6,36 @@
 //! which ranges apply) in socket-local storage: `lb_sock_egress4` drops its packets from a source
 //! outside the ranges, and `lb_sock_release` removes its socket NAT entry when it closes.
 //!
+//! Both families run the same code, generic over [`Family`]: an AF_INET6 socket's native IPv6
+//! destination is looked up in the IPv6 frontends (`lb6_fe_v1`) and recorded in the IPv6 socket
+//! NAT map and storage; its unconnected sendto() runs the sendmsg6 hook. The egress program
+//! sees both families' packets and checks each against its family's storage.
+//!
 //! An AF_INET6 socket sending to an IPv4-mapped address (`::ffff:a.b.c.d`, a dual-stack socket
 //! reaching an IPv4 Service, as Java does by default) is translated as IPv4: its connect() runs
-//! the connect6 hook and its recvfrom()/getpeername() the IPv6 ones, with the mapped address;
-//! its unconnected sendto() goes through udp_sendmsg() and the sendmsg4 hook
-//! (net/ipv6/udp.c, `udpv6_sendmsg`).
+//! the connect6 hook and its recvfrom()/getpeername() the IPv6 ones, with the mapped address,
+//! and its state goes to the IPv4 maps; its unconnected sendto() goes through udp_sendmsg() and
+//! the sendmsg4 hook (net/ipv6/udp.c, `udpv6_sendmsg`), never through sendmsg6.
 //!
 //! Attached to a cgroup v2 directory (the root in production, a private one in tests).
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, bpf_sock},
+    bindings::{__sk_buff, bpf_sock, bpf_sock_addr},
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr},
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use lb_common::{
-    Backend4, Event, ServiceValue, SockNat4Key, SockNat4Value, SockState4, proto, service_flags,
+    BackendValue, Event, Ipv6Words, ServiceValue, SockNatValue, SockState,
+    ipv6::{self, Step},
+    proto, service_flags,
 };
 
 use crate::{
-    flow::{
-        SOCKET_CLIENT, Tuple, lookup_frontend_for_node_client, select_for_client, source_allowed,
-    },
+    family::{Family, V4, V6},
+    flow::{SOCKET_CLIENT, lookup_frontend_for_node_client, select_for_client, source_allowed_in},
     helpers::{netns_cookie, now_ns, set_syscall_error, socket_cookie},
-    maps::{SOCK_NAT4, SOCK_STATE4, count_event, count_service, dry_run},
+    maps::{count_event, count_service, dry_run},
 };
 
 /// Return value of a cgroup sock_addr program: let the call proceed.
@@ -63,18 +69,34 @@ pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
-    redirect_mapped_to_backend(&ctx)
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's whole run.
+    if ipv4_mapped(&unsafe { &*ctx.sock_addr }.user_ip6) {
+        redirect_mapped_to_backend(&ctx)
+    } else {
+        redirect6_to_backend(&ctx)
+    }
+}
+
+/// An IPv4-mapped destination never gets here (the kernel runs sendmsg4 for it), and the kernel
+/// refuses a sendmsg6 hook's rewrite to one; a mapped address is left alone all the same.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in lb_connect6.
+    if ipv4_mapped(&unsafe { &*ctx.sock_addr }.user_ip6) {
+        return ALLOW;
+    }
+    redirect6_to_backend(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
-    restore_mapped_service_address(&ctx);
+    restore_service_address6(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
-    restore_mapped_service_address(&ctx);
+    restore_service_address6(&ctx);
     ALLOW
 }
 
@@ -84,7 +106,7 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
 fn redirect_to_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's whole run.
     let addr = unsafe { &mut *ctx.sock_addr };
-    match backend_for(ctx, addr.protocol, addr.user_ip4, addr.user_port) {
+    match backend_for::<V4>(ctx, addr.protocol, addr.user_ip4, addr.user_port) {
         Choice::NoService => ALLOW,
         Choice::Refused => REJECT,
         Choice::Backend { addr: ip, port } => {
@@ -95,16 +117,13 @@ fn redirect_to_backend(ctx: &SockAddrContext) -> i32 {
     }
 }
 
-/// As [`redirect_to_backend`], for an IPv4-mapped destination of an AF_INET6 socket: the
-/// backend is written mapped too. Any other IPv6 destination is left alone.
+/// As [`redirect_to_backend`], for an IPv4-mapped destination of an AF_INET6 socket (the
+/// caller checked): the backend is written mapped too.
 #[inline(always)]
 fn redirect_mapped_to_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as in redirect_to_backend.
     let addr = unsafe { &mut *ctx.sock_addr };
-    if !ipv4_mapped(&addr.user_ip6) {
-        return ALLOW;
-    }
-    match backend_for(ctx, addr.protocol, addr.user_ip6[3], addr.user_port) {
+    match backend_for::<V4>(ctx, addr.protocol, addr.user_ip6[3], addr.user_port) {
         Choice::NoService => ALLOW,
         Choice::Refused => REJECT,
         Choice::Backend { addr: ip, port } => {
@@ -115,47 +134,91 @@ fn redirect_mapped_to_backend(ctx: &SockAddrContext) -> i32 {
     }
 }
 
+/// As [`redirect_to_backend`], for a native IPv6 destination of an AF_INET6 socket (the caller
+/// checked that it is not IPv4-mapped): all four words of user_ip6 become the backend's.
+#[inline(always)]
+fn redirect6_to_backend(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: as in redirect_to_backend.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    match backend_for::<V6>(ctx, addr.protocol, user_ip6(addr), addr.user_port) {
+        Choice::NoService => ALLOW,
+        Choice::Refused => REJECT,
+        Choice::Backend { addr: ip, port } => {
+            set_user_ip6(addr, &ip);
+            addr.user_port = port;
+            ALLOW
+        }
+    }
+}
+
+/// The IPv6 address of a sock_addr context, one 32-bit load per word. The kernel takes a
+/// context field only at a constant offset from the context pointer itself: a copy of the
+/// array as a whole lets LLVM load it through a pointer to the field ("dereference of modified
+/// ctx ptr"), and volatile accesses keep each word a load of its own.
+#[inline(always)]
+fn user_ip6(addr: &bpf_sock_addr) -> Ipv6Words {
+    // SAFETY: reads of the fields of the program's own bpf_sock_addr.
+    unsafe {
+        [
+            core::ptr::read_volatile(&addr.user_ip6[0]),
+            core::ptr::read_volatile(&addr.user_ip6[1]),
+            core::ptr::read_volatile(&addr.user_ip6[2]),
+            core::ptr::read_volatile(&addr.user_ip6[3]),
+        ]
+    }
+}
+
+/// Writes the IPv6 address of a sock_addr context, one 32-bit store per word (as
+/// [`user_ip6`] reads it).
+#[inline(always)]
+fn set_user_ip6(addr: &mut bpf_sock_addr, words: &Ipv6Words) {
+    // SAFETY: writes of the fields of the program's own bpf_sock_addr, which sock_addr programs
+    // may write.
+    unsafe {
+        core::ptr::write_volatile(&mut addr.user_ip6[0], words[0]);
+        core::ptr::write_volatile(&mut addr.user_ip6[1], words[1]);
+        core::ptr::write_volatile(&mut addr.user_ip6[2], words[2]);
+        core::ptr::write_volatile(&mut addr.user_ip6[3], words[3]);
+    }
+}
+
 /// Whether an IPv6 address (four words in network byte order) is IPv4-mapped, `::ffff:a.b.c.d`
 /// (RFC 4291 section 2.5.5.2).
 #[inline(always)]
-fn ipv4_mapped(words: &[u32; 4]) -> bool {
+fn ipv4_mapped(words: &Ipv6Words) -> bool {
     words[0] == 0 && words[1] == 0 && words[2] == 0x0000_ffff_u32.to_be()
 }
 
-/// What a socket call to an address gets.
-enum Choice {
+/// What a socket call to an address of family `A` gets.
+enum Choice<A> {
     /// No frontend there: the call goes on untouched.
     NoService,
     /// A frontend without a backend for this client: the call fails.
     Refused,
     /// This backend instead (network byte order, the port in the low 16 bits as user_port
     /// holds it).
-    Backend { addr: u32, port: u32 },
+    Backend { addr: A, port: u32 },
 }
 
 /// The backend for a socket call to `ip`:`port` (network byte order, as bpf_sock_addr holds
-/// them) when that is a frontend, recorded for the socket (its socket NAT entry and storage)
-/// and counted as a new flow.
+/// them) when that is a frontend of family `F`, recorded for the socket (its socket NAT entry
+/// and storage of that family) and counted as a new flow.
 #[inline(always)]
-fn backend_for(ctx: &SockAddrContext, protocol: u32, ip: u32, port: u32) -> Choice {
+fn backend_for<F: Family>(
+    ctx: &SockAddrContext,
+    protocol: u32,
+    ip: F::Addr,
+    port: u32,
+) -> Choice<F::Addr> {
     let Ok(protocol) = u8::try_from(protocol) else {
         return Choice::NoService;
     };
-    let tuple = Tuple {
-        saddr: 0,
-        daddr: u32::from_be(ip),
-        sport: 0,
-        dport: u16::from_be(port as u16),
-        proto: protocol,
-        tcp_flags: 0,
-        seq: 0,
-        seq_end: 0,
-    };
-    let Some(service) = lookup_frontend_for_node_client(&tuple) else {
+    // user_port holds the port in its low 16 bits, network byte order, as the keys do.
+    let Some(service) = lookup_frontend_for_node_client::<F>(ip, port as u16, protocol) else {
         return Choice::NoService;
     };
     let client = netns_cookie(ctx);
-    let (_, backend) = match select_for_client(service, client, SOCKET_CLIENT, now_ns()) {
+    let (_, backend) = match select_for_client::<F>(service, client, SOCKET_CLIENT, now_ns()) {
         Ok(choice) => choice,
         Err(event) => {
             count_event(Event::SOCK_NO_BACKEND);
@@ -167,24 +230,18 @@ fn backend_for(ctx: &SockAddrContext, protocol: u32, ip: u32, port: u32) -> Choi
             return Choice::Refused;
         }
     };
-    let key = SockNat4Key {
-        cookie: socket_cookie(ctx),
-        addr: backend.addr,
-        port: backend.port,
-        _pad: [0; 2],
-    };
-    let value = SockNat4Value {
+    let value = SockNatValue {
         addr: ip,
         port: port as u16,
         _pad: [0; 2],
         service_id: service.service_id,
     };
     // Without the entry the application would see the backend as its peer: better to fail.
-    if SOCK_NAT4.insert(&key, &value, 0).is_err() {
+    if F::sock_nat_insert(socket_cookie(ctx), backend.addr, backend.port, &value).is_err() {
         count_event(Event::DROP_CT_FULL);
         return Choice::Refused;
     }
-    remember_backend(ctx, service, &backend);
+    remember_backend::<F>(ctx, service, &backend);
     count_service(service.service_id, 0, 0, 1);
     Choice::Backend {
         addr: backend.addr,
@@ -192,25 +249,29 @@ fn backend_for(ctx: &SockAddrContext, protocol: u32, ip: u32, port: u32) -> Choi
     }
 }
 
-/// Records the socket's backend in its storage (created on first use), with the service whose
-/// source ranges its packets must pass, if it has any.
+/// Records the socket's backend in its storage of family `F` (created on first use), with the
+/// service whose source ranges its packets must pass, if it has any.
 #[inline(always)]
-fn remember_backend(ctx: &SockAddrContext, service: &ServiceValue, backend: &Backend4) {
+fn remember_backend<F: Family>(
+    ctx: &SockAddrContext,
+    service: &ServiceValue,
+    backend: &BackendValue<F::Addr>,
+) {
     if dry_run() {
         return;
     }
     let source_check_service = if service.flags & service_flags::SOURCE_RANGES != 0 {
         service.service_id
     } else {
-        SockState4::NO_SOURCE_CHECK
+        SockState::<F::Addr>::NO_SOURCE_CHECK
     };
-    let state = SockState4 {
+    let state = SockState {
         backend_addr: backend.addr,
         backend_port: backend.port,
         _pad: [0; 2],
         source_check_service,
     };
-    let slot = SOCK_STATE4.get_or_insert_ptr_mut(ctx, None);
+    let slot = F::sock_state().get_or_insert_ptr_mut(ctx, None);
     if !slot.is_null() {
         // SAFETY: a non-null pointer from bpf_sk_storage_get is this socket's value, valid for
         // the program's run; the socket's own syscall is the only writer (it holds the socket
@@ -224,38 +285,38 @@ fn remember_backend(ctx: &SockAddrContext, service: &ServiceValue, backend: &Bac
 fn restore_service_address(ctx: &SockAddrContext) {
     // SAFETY: as above.
     let addr = unsafe { &mut *ctx.sock_addr };
-    if let Some(frontend) = frontend_of_peer(ctx, addr.user_ip4, addr.user_port) {
+    if let Some(frontend) = frontend_of_peer::<V4>(ctx, addr.user_ip4, addr.user_port) {
         addr.user_ip4 = frontend.addr;
         addr.user_port = u32::from(frontend.port);
     }
 }
 
-/// As [`restore_service_address`], for an IPv4-mapped peer of an AF_INET6 socket.
+/// As [`restore_service_address`], for an AF_INET6 socket: an IPv4-mapped peer is looked up
+/// as IPv4 and its frontend written mapped, any other as IPv6.
 #[inline(always)]
-fn restore_mapped_service_address(ctx: &SockAddrContext) {
+fn restore_service_address6(ctx: &SockAddrContext) {
     // SAFETY: as above.
     let addr = unsafe { &mut *ctx.sock_addr };
-    if !ipv4_mapped(&addr.user_ip6) {
-        return;
-    }
-    if let Some(frontend) = frontend_of_peer(ctx, addr.user_ip6[3], addr.user_port) {
-        addr.user_ip6[3] = frontend.addr;
+    if ipv4_mapped(&addr.user_ip6) {
+        if let Some(frontend) = frontend_of_peer::<V4>(ctx, addr.user_ip6[3], addr.user_port) {
+            addr.user_ip6[3] = frontend.addr;
+            addr.user_port = u32::from(frontend.port);
+        }
+    } else if let Some(frontend) = frontend_of_peer::<V6>(ctx, user_ip6(addr), addr.user_port) {
+        set_user_ip6(addr, &frontend.addr);
         addr.user_port = u32::from(frontend.port);
     }
 }
 
 /// The frontend this socket was sent to when its peer `ip`:`port` (network byte order) is the
-/// backend the hooks chose.
+/// backend the hooks chose, from the socket NAT map of family `F`.
 #[inline(always)]
-fn frontend_of_peer(ctx: &SockAddrContext, ip: u32, port: u32) -> Option<SockNat4Value> {
-    let key = SockNat4Key {
-        cookie: socket_cookie(ctx),
-        addr: ip,
-        port: port as u16,
-        _pad: [0; 2],
-    };
-    // SAFETY: a read-only copy of an entry written whole.
-    unsafe { SOCK_NAT4.get(&key) }.copied()
+fn frontend_of_peer<F: Family>(
+    ctx: &SockAddrContext,
+    ip: F::Addr,
+    port: u32,
+) -> Option<SockNatValue<F::Addr>> {
+    F::sock_nat_get(socket_cookie(ctx), ip, port as u16)
 }
 
 /// cgroup_skb egress return value: let the packet go.
@@ -266,12 +327,19 @@ const DROP_PACKET: i32 = 0;
 const IPV4_SADDR: usize = 12;
 const IPV4_DADDR: usize = 16;
 const IPV4_PROTOCOL: usize = 9;
+/// `__sk_buff::protocol` of an IPv6 packet: ETH_P_IPV6, network byte order, as the kernel sets
+/// it before the egress hook (net/ipv6/ip6_output.c, `ip6_output`).
+const ETH_P_IPV6_BE: u32 = 0x86dd_u16.to_be() as u32;
+/// `bpf_sock::family` of an IPv6 socket.
+const AF_INET6: u32 = 10;
 
 /// A packet of a socket that the hooks sent to a Service with loadBalancerSourceRanges, to that
 /// backend, must come from inside the ranges (kube-proxy applies them to pods' traffic too): the
 /// source is only known once the kernel routed the socket, so it is checked here, on the
 /// socket's packets, and a packet from outside is dropped (`drop_source_range`). Every other
-/// socket costs one storage lookup that finds nothing.
+/// socket costs one storage lookup that finds nothing. IPv4 packets are checked against the
+/// IPv4 storage (an AF_INET6 socket's packets to an IPv4-mapped Service are IPv4 packets),
+/// IPv6 packets against the IPv6 storage.
 #[cgroup_skb(egress)]
 pub fn lb_sock_egress4(ctx: SkBuffContext) -> i32 {
     if source_outside_ranges(&ctx) {
@@ -290,34 +358,51 @@ fn source_outside_ranges(ctx: &SkBuffContext) -> bool {
     if sk.is_null() {
         return false;
     }
-    let Some(state) = socket_state(sk) else {
-        return false;
-    };
-    if state.source_check_service == SockState4::NO_SOURCE_CHECK {
-        return false;
+    // The family from the skb (a field read, no helper call): IPv4 goes on as before.
+    // SAFETY: a field of the program's own __sk_buff.
+    if unsafe { (*skb).protocol } == ETH_P_IPV6_BE {
+        source_outside::<V6>(sk, || addresses6(ctx))
+    } else {
+        source_outside::<V4>(sk, || addresses(ctx))
     }
-    let Some((saddr, daddr, dport)) = addresses(ctx) else {
-        return false;
-    };
-    daddr == state.backend_addr
-        && dport == state.backend_port
-        && !source_allowed(state.source_check_service, u32::from_be(saddr))
 }
 
-/// The socket's stored state, if the hooks translated it.
+/// Whether a packet of socket `sk` goes to the backend its storage of family `F` records, from
+/// a source outside that service's ranges. `addresses` reads the packet's source, destination
+/// and destination port; only for a socket whose storage asks for the check.
 #[inline(always)]
-fn socket_state(sk: *mut bpf_sock) -> Option<SockState4> {
+fn source_outside<F: Family>(
+    sk: *mut bpf_sock,
+    addresses: impl FnOnce() -> Option<(F::Addr, F::Addr, u16)>,
+) -> bool {
+    let Some(state) = socket_state::<F>(sk) else {
+        return false;
+    };
+    if state.source_check_service == SockState::<F::Addr>::NO_SOURCE_CHECK {
+        return false;
+    }
+    let Some((saddr, daddr, dport)) = addresses() else {
+        return false;
+    };
+    F::same(&daddr, &state.backend_addr)
+        && dport == state.backend_port
+        && !source_allowed_in::<F>(state.source_check_service, saddr)
+}
+
+/// The socket's stored state of family `F`, if the hooks translated it.
+#[inline(always)]
+fn socket_state<F: Family>(sk: *mut bpf_sock) -> Option<SockState<F::Addr>> {
     // SAFETY: a map and socket pointer as bpf_sk_storage_get takes them; no value pointer and
     // no flags, so nothing is created.
     let value = unsafe {
         aya_ebpf::helpers::generated::bpf_sk_storage_get(
-            (&raw const SOCK_STATE4).cast_mut().cast(),
+            core::ptr::from_ref(F::sock_state()).cast_mut().cast(),
             sk.cast(),
             core::ptr::null_mut(),
             0,
         )
     }
-    .cast::<SockState4>();
+    .cast::<SockState<F::Addr>>();
     if value.is_null() {
         return None;
     }
@@ -346,37 +431,94 @@ fn addresses(ctx: &SkBuffContext) -> Option<(u32, u32, u16)> {
     Some((saddr, daddr, dport))
 }
 
-/// A closing socket takes its socket NAT entry with it (the map would otherwise keep one entry
+/// As [`addresses`], for an IPv6 TCP/UDP packet. The fixed header is read in one go (words in
+/// network byte order: version, payload length and next header, source, destination).
+#[inline(always)]
+fn addresses6(ctx: &SkBuffContext) -> Option<(Ipv6Words, Ipv6Words, u16)> {
+    let header: [u32; ipv6::IPV6_HDR_LEN / 4] = ctx.load(0).ok()?;
+    let [version, _, _, _] = header[0].to_ne_bytes();
+    if version >> 4 != 6 {
+        return None;
+    }
+    let [_, _, next_header, _] = header[1].to_ne_bytes();
+    let dport = destination_port6(ctx, next_header)?;
+    let saddr = [header[2], header[3], header[4], header[5]];
+    let daddr = [header[6], header[7], header[8], header[9]];
+    Some((saddr, daddr, dport))
+}
+
+/// The destination port (network byte order) of an IPv6 TCP/UDP packet whose first header
+/// after the fixed one is `next_header`: there, or after extension headers (socket options
+/// may add Hop-by-Hop, Routing and Destination Options headers), walked as `lb_common::ipv6`
+/// walks them, at most `MAX_EXT_HEADERS` of them. Each step reads 8 bytes:
+/// an extension header's type and length, or the transport header's ports. None for another
+/// protocol (or ESP, which hides it), a fragment after the first (no transport header; the
+/// first one's verdict decides its datagram), more extension headers, or a short packet.
+#[inline(always)]
+fn destination_port6(ctx: &SkBuffContext, mut next_header: u8) -> Option<u16> {
+    let mut offset = ipv6::IPV6_HDR_LEN;
+    for _ in 0..=ipv6::MAX_EXT_HEADERS {
+        let peek: [u8; ipv6::EXT_HDR_PEEK] = ctx.load(offset).ok()?;
+        match ipv6::step(next_header, &peek) {
+            Step::Upper { protocol } => {
+                // TCP and UDP both start with source port, destination port.
+                return (protocol == proto::TCP || protocol == proto::UDP)
+                    .then(|| u16::from_ne_bytes([peek[2], peek[3]]));
+            }
+            Step::Extension {
+                next_header: next,
+                len,
+            } => {
+                next_header = next;
+                offset += len;
+            }
+            Step::Fragment {
+                next_header: next,
+                fragment,
+            } => {
+                if fragment.is_later() {
+                    return None;
+                }
+                next_header = next;
+                offset += ipv6::EXT_HDR_PEEK;
+            }
+        }
+    }
+    None
+}
+
+/// A closing socket takes its socket NAT entries with it (the map would otherwise keep one entry
 /// per connect until the LRU evicts it). Only the entry of the socket's last backend is known:
-/// an unconnected UDP socket that sent to several backends leaves the others to the LRU.
+/// an unconnected UDP socket that sent to several backends leaves the others to the LRU. An
+/// AF_INET6 socket may have one of each family (one sent to an IPv4-mapped Service and to an
+/// IPv6 one); an AF_INET socket only has IPv4 state, and costs no IPv6 lookup.
 #[cgroup_sock(sock_release)]
 pub fn lb_sock_release(ctx: SockContext) -> i32 {
-    forget_socket(&ctx);
+    forget_socket::<V4>(&ctx);
+    // SAFETY: the kernel passes a valid bpf_sock for the program's whole run.
+    if unsafe { (*ctx.sock).family } == AF_INET6 {
+        forget_socket::<V6>(&ctx);
+    }
     ALLOW
 }
 
+/// Removes the socket NAT entry of the socket's last backend of family `F`, if it has one.
 #[inline(always)]
-fn forget_socket(ctx: &SockContext) {
+fn forget_socket<F: Family>(ctx: &SockContext) {
     // SAFETY: in cgroup/sock programs, bpf_sk_storage_get takes the context (the socket) itself.
     let value = unsafe {
         aya_ebpf::helpers::generated::bpf_sk_storage_get(
-            (&raw const SOCK_STATE4).cast_mut().cast(),
+            core::ptr::from_ref(F::sock_state()).cast_mut().cast(),
             ctx.sock.cast(),
             core::ptr::null_mut(),
             0,
         )
     }
-    .cast::<SockState4>();
+    .cast::<SockState<F::Addr>>();
     if value.is_null() {
         return;
     }
     // SAFETY: as in socket_state.
     let state = unsafe { *value };
-    let key = SockNat4Key {
-        cookie: socket_cookie(ctx),
-        addr: state.backend_addr,
-        port: state.backend_port,
-        _pad: [0; 2],
-    };
-    let _ = SOCK_NAT4.remove(&key);
+    F::sock_nat_remove(socket_cookie(ctx), state.backend_addr, state.backend_port);
 }

@@ -1,0 +1,199 @@
+//! The address family as a type: code that is the same for IPv4 and IPv6 but for the address
+//! and the maps it uses is written once, generic over [`Family`], and monomorphised for the
+//! zero-sized [`V4`] and [`V6`]. Each implementation only names its own maps and compiles to
+//! a map address, so the IPv4 copy of a generic function is the IPv4-only function it replaced
+//! (the XDP and tc programs compile to the same instructions as before).
+//!
+//! Service ids, the slot table, the per-service counters, affinity and the events are shared by
+//! both families (a slot cell names a backend of the family of its service's frontends), so
+//! they are not here.
+
+use aya_ebpf::{
+    btf_maps::SkStorage,
+    maps::{HashMap, LpmTrie},
+};
+use lb_common::{
+    BackendValue, FrontendKey, Ipv6Words, ServiceValue, SockNat4Key, SockNat6Key, SockNatValue,
+    SockState, SourceRange,
+};
+
+use crate::maps::{
+    BACKENDS4, BACKENDS6, FRONTENDS4, FRONTENDS6, SOCK_NAT4, SOCK_NAT6, SOCK_STATE4, SOCK_STATE6,
+    SOURCE_RANGES4, SOURCE_RANGES6,
+};
+
+/// An address family: its address type (network byte order, as the packet and `bpf_sock_addr`
+/// hold it) and its maps.
+pub trait Family {
+    type Addr: Copy + 'static;
+    /// Bits of an address: the prefix length that matches a whole one in an LPM trie.
+    const ADDR_BITS: u32;
+
+    /// Whether two addresses are the same. Not `PartialEq`: an array's `==` compares its bytes
+    /// as one block, which LLVM may lower to a `bcmp` call or to loads wider than a word;
+    /// here it is plain 32-bit compares.
+    fn same(a: &Self::Addr, b: &Self::Addr) -> bool;
+
+    fn frontends() -> &'static HashMap<FrontendKey<Self::Addr>, ServiceValue>;
+    fn backends() -> &'static HashMap<u32, BackendValue<Self::Addr>>;
+    fn source_ranges() -> &'static LpmTrie<SourceRange<Self::Addr>, u8>;
+    fn sock_state() -> &'static SkStorage<SockState<Self::Addr>>;
+
+    // The socket NAT map, keyed by (socket cookie, backend address, backend port): the keys'
+    // layouts differ (the cookie's alignment pads an IPv6 key more), and each is built where
+    // the map takes its address, so that it is written to the stack field by field.
+    fn sock_nat_insert(
+        cookie: u64,
+        addr: Self::Addr,
+        port: u16,
+        value: &SockNatValue<Self::Addr>,
+    ) -> Result<(), i32>;
+    fn sock_nat_get(cookie: u64, addr: Self::Addr, port: u16) -> Option<SockNatValue<Self::Addr>>;
+    fn sock_nat_remove(cookie: u64, addr: Self::Addr, port: u16);
+}
+
+/// IPv4: `u32` addresses, the `lb4_*` maps.
+pub struct V4;
+
+/// IPv6: [`Ipv6Words`] addresses, the `lb6_*` maps.
+pub struct V6;
+
+impl Family for V4 {
+    type Addr = u32;
+    const ADDR_BITS: u32 = 32;
+
+    #[inline(always)]
+    fn same(a: &u32, b: &u32) -> bool {
+        a == b
+    }
+
+    #[inline(always)]
+    fn frontends() -> &'static HashMap<FrontendKey<u32>, ServiceValue> {
+        &FRONTENDS4
+    }
+
+    #[inline(always)]
+    fn backends() -> &'static HashMap<u32, BackendValue<u32>> {
+        &BACKENDS4
+    }
+
+    #[inline(always)]
+    fn source_ranges() -> &'static LpmTrie<SourceRange<u32>, u8> {
+        &SOURCE_RANGES4
+    }
+
+    #[inline(always)]
+    fn sock_state() -> &'static SkStorage<SockState<u32>> {
+        &SOCK_STATE4
+    }
+
+    #[inline(always)]
+    fn sock_nat_insert(
+        cookie: u64,
+        addr: u32,
+        port: u16,
+        value: &SockNatValue<u32>,
+    ) -> Result<(), i32> {
+        let key = SockNat4Key {
+            cookie,
+            addr,
+            port,
+            _pad: [0; 2],
+        };
+        SOCK_NAT4.insert(&key, value, 0)
+    }
+
+    #[inline(always)]
+    fn sock_nat_get(cookie: u64, addr: u32, port: u16) -> Option<SockNatValue<u32>> {
+        let key = SockNat4Key {
+            cookie,
+            addr,
+            port,
+            _pad: [0; 2],
+        };
+        // SAFETY: a read-only copy of an entry written whole.
+        unsafe { SOCK_NAT4.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn sock_nat_remove(cookie: u64, addr: u32, port: u16) {
+        let key = SockNat4Key {
+            cookie,
+            addr,
+            port,
+            _pad: [0; 2],
+        };
+        // Gone already (evicted by the LRU) is as good.
+        let _ = SOCK_NAT4.remove(&key);
+    }
+}
+
+impl Family for V6 {
+    type Addr = Ipv6Words;
+    const ADDR_BITS: u32 = 128;
+
+    #[inline(always)]
+    fn same(a: &Ipv6Words, b: &Ipv6Words) -> bool {
+        a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+    }
+
+    #[inline(always)]
+    fn frontends() -> &'static HashMap<FrontendKey<Ipv6Words>, ServiceValue> {
+        &FRONTENDS6
+    }
+
+    #[inline(always)]
+    fn backends() -> &'static HashMap<u32, BackendValue<Ipv6Words>> {
+        &BACKENDS6
+    }
+
+    #[inline(always)]
+    fn source_ranges() -> &'static LpmTrie<SourceRange<Ipv6Words>, u8> {
+        &SOURCE_RANGES6
+    }
+
+    #[inline(always)]
+    fn sock_state() -> &'static SkStorage<SockState<Ipv6Words>> {
+        &SOCK_STATE6
+    }
+
+    #[inline(always)]
+    fn sock_nat_insert(
+        cookie: u64,
+        addr: Ipv6Words,
+        port: u16,
+        value: &SockNatValue<Ipv6Words>,
+    ) -> Result<(), i32> {
+        let key = SockNat6Key {
+            cookie,
+            addr,
+            port,
+            _pad: [0; 6],
+        };
+        SOCK_NAT6.insert(&key, value, 0)
+    }
+
+    #[inline(always)]
+    fn sock_nat_get(cookie: u64, addr: Ipv6Words, port: u16) -> Option<SockNatValue<Ipv6Words>> {
+        let key = SockNat6Key {
+            cookie,
+            addr,
+            port,
+            _pad: [0; 6],
+        };
+        // SAFETY: a read-only copy of an entry written whole.
+        unsafe { SOCK_NAT6.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn sock_nat_remove(cookie: u64, addr: Ipv6Words, port: u16) {
+        let key = SockNat6Key {
+            cookie,
+            addr,
+            port,
+            _pad: [0; 6],
+        };
+        // Gone already (evicted by the LRU) is as good.
+        let _ = SOCK_NAT6.remove(&key);
+    }
+}
