@@ -367,13 +367,26 @@ fn source_outside_ranges(ctx: &SkBuffContext) -> bool {
     }
 }
 
+/// What the egress check reads of a packet of family `F`.
+struct Seen<A> {
+    saddr: A,
+    daddr: A,
+    /// The destination port (network byte order); None where it cannot be read (a later
+    /// fragment, ESP, more extension headers than the walk crosses, a short packet).
+    dport: Option<u16>,
+    /// A Routing header: `daddr` is a waypoint, not where the packet ends.
+    routed: bool,
+}
+
 /// Whether a packet of socket `sk` goes to the backend its storage of family `F` records, from
-/// a source outside that service's ranges. `addresses` reads the packet's source, destination
-/// and destination port; only for a socket whose storage asks for the check.
+/// a source outside that service's ranges. `addresses` reads the packet; only for a socket whose
+/// storage asks for the check. It fails closed: a packet whose port cannot be read is judged by
+/// its addresses, and one whose destination a Routing header hides by its source alone, so no
+/// header a socket option can add takes a packet past the ranges.
 #[inline(always)]
 fn source_outside<F: Family>(
     sk: *mut bpf_sock,
-    addresses: impl FnOnce() -> Option<(F::Addr, F::Addr, u16)>,
+    addresses: impl FnOnce() -> Option<Seen<F::Addr>>,
 ) -> bool {
     let Some(state) = socket_state::<F>(sk) else {
         return false;
@@ -381,12 +394,13 @@ fn source_outside<F: Family>(
     if state.source_check_service == SockState::<F::Addr>::NO_SOURCE_CHECK {
         return false;
     }
-    let Some((saddr, daddr, dport)) = addresses() else {
+    let Some(seen) = addresses() else {
         return false;
     };
-    F::same(&daddr, &state.backend_addr)
-        && dport == state.backend_port
-        && !source_allowed_in::<F>(state.source_check_service, saddr)
+    let to_backend = seen.routed
+        || (F::same(&seen.daddr, &state.backend_addr)
+            && seen.dport.is_none_or(|dport| dport == state.backend_port));
+    to_backend && !source_allowed_in::<F>(state.source_check_service, seen.saddr)
 }
 
 /// The socket's stored state of family `F`, if the hooks translated it.
@@ -414,7 +428,7 @@ fn socket_state<F: Family>(sk: *mut bpf_sock) -> Option<SockState<F::Addr>> {
 /// TCP/UDP packet. In a later fragment the "port" is payload; its source is its first
 /// fragment's, so a fragment that is looked at gets the same verdict.
 #[inline(always)]
-fn addresses(ctx: &SkBuffContext) -> Option<(u32, u32, u16)> {
+fn addresses(ctx: &SkBuffContext) -> Option<Seen<u32>> {
     let first: u8 = ctx.load(0).ok()?;
     if first >> 4 != 4 {
         return None;
@@ -428,42 +442,55 @@ fn addresses(ctx: &SkBuffContext) -> Option<(u32, u32, u16)> {
     let daddr: u32 = ctx.load(IPV4_DADDR).ok()?;
     // TCP and UDP both start with source port, destination port.
     let dport: u16 = ctx.load(header_len + 2).ok()?;
-    Some((saddr, daddr, dport))
+    Some(Seen {
+        saddr,
+        daddr,
+        dport: Some(dport),
+        routed: false,
+    })
 }
 
-/// As [`addresses`], for an IPv6 TCP/UDP packet. The fixed header is read in one go (words in
-/// network byte order: version, payload length and next header, source, destination).
+/// As [`addresses`], for an IPv6 packet. The fixed header is read in one go (words in network
+/// byte order: version, payload length and next header, source, destination).
 #[inline(always)]
-fn addresses6(ctx: &SkBuffContext) -> Option<(Ipv6Words, Ipv6Words, u16)> {
+fn addresses6(ctx: &SkBuffContext) -> Option<Seen<Ipv6Words>> {
     let header: [u32; ipv6::IPV6_HDR_LEN / 4] = ctx.load(0).ok()?;
     let [version, _, _, _] = header[0].to_ne_bytes();
     if version >> 4 != 6 {
         return None;
     }
     let [_, _, next_header, _] = header[1].to_ne_bytes();
-    let dport = destination_port6(ctx, next_header)?;
-    let saddr = [header[2], header[3], header[4], header[5]];
-    let daddr = [header[6], header[7], header[8], header[9]];
-    Some((saddr, daddr, dport))
+    let (dport, routed) = destination_port6(ctx, next_header);
+    Some(Seen {
+        saddr: [header[2], header[3], header[4], header[5]],
+        daddr: [header[6], header[7], header[8], header[9]],
+        dport,
+        routed,
+    })
 }
 
 /// The destination port (network byte order) of an IPv6 TCP/UDP packet whose first header
-/// after the fixed one is `next_header`: there, or after extension headers (socket options
-/// may add Hop-by-Hop, Routing and Destination Options headers), walked as `lb_common::ipv6`
-/// walks them, at most `MAX_EXT_HEADERS` of them. Each step reads 8 bytes:
-/// an extension header's type and length, or the transport header's ports. None for another
-/// protocol (or ESP, which hides it), a fragment after the first (no transport header; the
-/// first one's verdict decides its datagram), more extension headers, or a short packet.
+/// after the fixed one is `next_header`, and whether a Routing header came on the way: the
+/// port is there, or after extension headers (socket options may add Hop-by-Hop, Routing and
+/// Destination Options headers), walked as `lb_common::ipv6` walks them, at most
+/// `MAX_EXT_HEADERS` of them. Each step reads 8 bytes: an extension header's type and length,
+/// or the transport header's ports. No port for another protocol (or ESP, which hides it), a
+/// fragment after the first (no transport header), more extension headers, or a short packet.
 #[inline(always)]
-fn destination_port6(ctx: &SkBuffContext, mut next_header: u8) -> Option<u16> {
+fn destination_port6(ctx: &SkBuffContext, mut next_header: u8) -> (Option<u16>, bool) {
     let mut offset = ipv6::IPV6_HDR_LEN;
+    let mut routed = false;
     for _ in 0..=ipv6::MAX_EXT_HEADERS {
-        let peek: [u8; ipv6::EXT_HDR_PEEK] = ctx.load(offset).ok()?;
+        let Ok(peek) = ctx.load::<[u8; ipv6::EXT_HDR_PEEK]>(offset) else {
+            return (None, routed);
+        };
+        routed |= next_header == ipv6::next_header::ROUTING;
         match ipv6::step(next_header, &peek) {
             Step::Upper { protocol } => {
                 // TCP and UDP both start with source port, destination port.
-                return (protocol == proto::TCP || protocol == proto::UDP)
+                let port = (protocol == proto::TCP || protocol == proto::UDP)
                     .then(|| u16::from_ne_bytes([peek[2], peek[3]]));
+                return (port, routed);
             }
             Step::Extension {
                 next_header: next,
@@ -477,14 +504,14 @@ fn destination_port6(ctx: &SkBuffContext, mut next_header: u8) -> Option<u16> {
                 fragment,
             } => {
                 if fragment.is_later() {
-                    return None;
+                    return (None, routed);
                 }
                 next_header = next;
                 offset += ipv6::EXT_HDR_PEEK;
             }
         }
     }
-    None
+    (None, routed)
 }
 
 /// A closing socket takes its socket NAT entries with it (the map would otherwise keep one entry

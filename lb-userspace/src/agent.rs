@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     ops::RangeInclusive,
     path::PathBuf,
     sync::Arc,
@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::{
     compile::{
         Compiler, held_cluster_ips,
-        model::{Desired, Ipv4Cidr, NodeContext, Problem, Scope, ServicePortKey, Severity},
+        model::{Desired, IpCidr, NodeContext, Problem, Scope, ServicePortKey, Severity},
     },
     datapath::Datapath,
     logging::LogLevel,
@@ -51,10 +51,10 @@ pub enum SourceConfig {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
-    pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    pub nodeport_cidrs: Vec<IpCidr>,
     /// `--external-ip-cidrs`: the externalIPs that may be served (empty: all).
-    pub external_ip_cidrs: Vec<Ipv4Cidr>,
-    pub node_addresses: Vec<Ipv4Addr>,
+    pub external_ip_cidrs: Vec<IpCidr>,
+    pub node_addresses: Vec<IpAddr>,
     pub node_port_range: RangeInclusive<u16>,
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpAttach,
@@ -354,9 +354,7 @@ async fn sync_until_stopped(
         );
         if !config.nodeport_cidrs.is_empty() {
             let addresses = compiler.node_port_addresses().iter().copied();
-            observers
-                .health_checks
-                .bind_to(addresses.map(std::net::IpAddr::V4).collect());
+            observers.health_checks.bind_to(addresses.collect());
         }
         let invalid_objects = update
             .problems
@@ -546,9 +544,18 @@ fn place_unplaced_endpoints(locator: &RouteLocator, compiler: &mut Compiler) -> 
     if !locator.enabled() {
         return false;
     }
-    let addresses: Vec<Ipv4Addr> = compiler.unplaced_endpoints().collect();
+    // The kernel's FIB is asked for IPv4 endpoints; an IPv6 endpoint without a nodeName counts
+    // as remote.
+    let addresses: Vec<Ipv4Addr> = compiler
+        .unplaced_endpoints()
+        .filter_map(|addr| match addr {
+            IpAddr::V4(addr) => Some(addr),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
     match locator.local_among(addresses) {
         Ok(local) => {
+            let local: BTreeSet<IpAddr> = local.into_iter().map(IpAddr::V4).collect();
             if !local.is_empty() {
                 debug!(?local, "endpoints without nodeName on this node, by route");
             }

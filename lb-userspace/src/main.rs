@@ -1,13 +1,18 @@
 //! `lb`: the load balancer's agent and CLI.
 
-use std::{net::Ipv4Addr, ops::RangeInclusive, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    ops::RangeInclusive,
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig, XdpAttach},
-    compile::model::Ipv4Cidr,
+    compile::model::IpCidr,
     datapath::{DEFAULT_PIN_DIR, counter::XdpCounter},
     observe::{cli, explain::Hook, inspect::ConntrackFilter},
 };
@@ -32,14 +37,16 @@ enum Command {
     /// real XDP program on a synthesized packet against the live pinned maps, in a dry-run copy
     /// that changes no map entry.
     Explain {
-        /// The client, `ip` or `ip:port` (port 40000 when left out).
+        /// The client, `ip` or `ip:port` (port 40000 when left out); IPv6 as `[ip]:port`.
         source: String,
-        /// The destination, `ip:port/tcp`, `ip:port/udp` or `ip:port/sctp` (tcp when left out).
+        /// The destination, `ip:port/tcp`, `ip:port/udp` or `ip:port/sctp` (tcp when left out);
+        /// IPv6 as `[ip]:port/tcp`.
         destination: String,
         /// Where the client is: `pod` (a pod or host process of this node: the socket hooks
         /// translate its connect() or sendto()), `nic` (a packet arriving on a node NIC: XDP),
         /// or `auto`: `pod` when the socket hooks are attached and this network namespace's
-        /// routes put the client on this node.
+        /// routes put the client on this node (for IPv6, which XDP does not translate yet,
+        /// always `pod`).
         #[arg(long, value_enum, default_value_t = ClientAt::Auto)]
         from: ClientAt,
         /// bpffs directory of the running agent's pinned state (its --pin-dir).
@@ -130,16 +137,16 @@ struct RunArgs {
     hostname_override: Option<String>,
     /// Comma-separated CIDRs: only node addresses inside them serve NodePorts (empty: all).
     #[arg(long, env = "LB_NODEPORT_ADDRESSES", value_delimiter = ',')]
-    nodeport_addresses: Vec<Ipv4Cidr>,
+    nodeport_addresses: Vec<IpCidr>,
     /// Comma-separated CIDRs: only externalIPs inside them are served; the others are skipped
     /// with a Warning Event (empty: all, as kube-proxy does). Pair it with the API server's
     /// DenyServiceExternalIPs admission plugin or a policy that allows only these.
     #[arg(long, env = "LB_EXTERNAL_IP_CIDRS", value_delimiter = ',')]
-    external_ip_cidrs: Vec<Ipv4Cidr>,
+    external_ip_cidrs: Vec<IpCidr>,
     /// Node addresses serving NodePorts when the source has no Node object for this node
     /// (e.g. manifests without one).
     #[arg(long = "node-address", env = "LB_NODE_ADDRESS", value_delimiter = ',')]
-    node_addresses: Vec<Ipv4Addr>,
+    node_addresses: Vec<IpAddr>,
     /// The cluster's NodePort range; a nodePort outside it is skipped (that NodePort only).
     #[arg(long, env = "LB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: RangeInclusive<u16>,
@@ -634,13 +641,13 @@ fn explain(
     pin_dir: &std::path::Path,
     output: Output,
 ) -> anyhow::Result<()> {
-    use std::net::SocketAddrV4;
-    let client: SocketAddrV4 = match source.parse() {
+    use std::net::SocketAddr;
+    let client: SocketAddr = match source.parse() {
         Ok(addr) => addr,
-        Err(_) => SocketAddrV4::new(
+        Err(_) => SocketAddr::new(
             source
                 .parse()
-                .with_context(|| format!("{source:?} is not ip or ip:port"))?,
+                .with_context(|| format!("{source:?} is not ip, ip:port or [ipv6]:port"))?,
             40000,
         ),
     };
@@ -651,9 +658,9 @@ fn explain(
         Some((_, other)) => anyhow::bail!("protocol {other:?}: tcp, udp or sctp"),
         None => (destination, lb_common::proto::TCP),
     };
-    let target: SocketAddrV4 = target
+    let target: SocketAddr = target
         .parse()
-        .with_context(|| format!("{target:?} is not ip:port"))?;
+        .with_context(|| format!("{target:?} is not ip:port or [ipv6]:port"))?;
     let explanation =
         lb_userspace::observe::explain::explain(pin_dir, client, target, protocol, hook)?;
     match output {

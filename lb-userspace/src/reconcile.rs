@@ -18,13 +18,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
-use lb_common::{Frontend4Key, limits};
+use lb_common::limits;
 
 use crate::{
-    compile::model::{Backend, Desired, DesiredService, Service, ServicePortKey},
+    compile::model::{
+        Backend, Desired, DesiredService, Family, FrontendKey, Service, ServicePortKey,
+    },
     datapath::{Datapath, DatapathError, frontend_flags},
 };
 
@@ -36,6 +38,7 @@ fn recovered_key(owner: &(String, String), id: u32) -> ServicePortKey {
         port_name: format!("(recovered service {id})"),
         proto: 0,
         scope: Default::default(),
+        family: Default::default(),
     }
 }
 
@@ -56,7 +59,7 @@ pub struct Reconciler {
     initialized: bool,
     /// Before the first run: the ClusterIPs of each held Service, which identify what an earlier
     /// run installed for it (see [`Reconciler::recover_held`]).
-    held_addresses: BTreeMap<(String, String), BTreeSet<Ipv4Addr>>,
+    held_addresses: BTreeMap<(String, String), BTreeSet<IpAddr>>,
     /// Installed services of held Services found that way, kept until their Service is no
     /// longer held (fixed or deleted).
     held_installed: BTreeMap<(String, String), Vec<u32>>,
@@ -93,7 +96,7 @@ impl ReconcileReport {
 /// shared entry would be rewritten by every sync that puts both (backends_put=2 each time).
 /// The TERMINATING flag is not part of it: an endpoint that starts terminating is rewritten in
 /// place, so flows (and session affinity) that hold its id keep it.
-type BackendIdentity = (Ipv4Addr, u16, u8, bool);
+type BackendIdentity = (IpAddr, u16, u8, bool);
 
 fn identity(backend: &Backend) -> BackendIdentity {
     (
@@ -145,12 +148,12 @@ impl Reconciler {
         self.initialized
     }
 
-    /// Before the first run after a start: the IPv4 ClusterIPs of every held Service (skipped
+    /// Before the first run after a start: the ClusterIPs (both families) of every held Service (skipped
     /// for bad input, so the compiler gives no ports for it). What the maps hold under those
     /// addresses and no valid Service claims is that Service's last good state: the first run
     /// keeps it instead of removing it as a leftover, until the Service is fixed or deleted.
     /// ClusterIPs identify it because the API server allocates them uniquely.
-    pub fn recover_held(&mut self, addresses: BTreeMap<(String, String), BTreeSet<Ipv4Addr>>) {
+    pub fn recover_held(&mut self, addresses: BTreeMap<(String, String), BTreeSet<IpAddr>>) {
         self.held_addresses = addresses;
     }
 
@@ -344,7 +347,7 @@ impl Reconciler {
                 *self.backend_refs.entry(*id).or_default() += 1;
             }
         }
-        let owners: BTreeMap<Frontend4Key, u32> = datapath
+        let owners: BTreeMap<FrontendKey, u32> = datapath
             .installed_services()
             .iter()
             .flat_map(|(id, service)| service.frontends.keys().map(move |key| (*key, *id)))
@@ -377,7 +380,7 @@ impl Reconciler {
                         && service
                             .frontends
                             .keys()
-                            .any(|key| addresses.contains(&Ipv4Addr::from(u32::from_be(key.addr))))
+                            .any(|key| addresses.contains(&key.addr()))
                 })
                 .map(|(id, _)| *id)
                 .collect();
@@ -451,7 +454,11 @@ impl Reconciler {
             None => self
                 .allocate_backend_id(datapath)
                 .ok_or_else(|| DatapathError::MapFull {
-                    map: lb_common::map_names::BACKENDS4,
+                    // One id space for both families' backends maps.
+                    map: match backend.family() {
+                        Family::V4 => lb_common::map_names::BACKENDS4,
+                        Family::V6 => lb_common::map_names::BACKENDS6,
+                    },
                     capacity: limits::MAX_BACKENDS,
                     operation: format!("allocate a backend id for {backend:?}"),
                 })?,
@@ -504,6 +511,7 @@ fn unknown_key(id: u32) -> ServicePortKey {
         port_name: String::new(),
         proto: 0,
         scope: Default::default(),
+        family: Default::default(),
     }
 }
 

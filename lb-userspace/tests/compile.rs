@@ -67,7 +67,10 @@ fn render(desired: &Desired) -> Vec<String> {
             let frontends: Vec<String> = service
                 .frontends
                 .iter()
-                .map(|f| format!("{}:{} {}", f.addr, f.port, kinds(f.kind)))
+                .map(|f| {
+                    let at = std::net::SocketAddr::new(f.addr, f.port);
+                    format!("{at} {}", kinds(f.kind))
+                })
                 .collect();
             let backends: Vec<String> = service
                 .backends
@@ -81,9 +84,8 @@ fn render(desired: &Desired) -> Vec<String> {
                         flags.push('T');
                     }
                     format!(
-                        "{}:{}{}{flags}",
-                        b.addr,
-                        b.port,
+                        "{}{}{flags}",
+                        std::net::SocketAddr::new(b.addr, b.port),
                         if flags.is_empty() { "" } else { " " }
                     )
                 })
@@ -142,8 +144,19 @@ fn slice(
     endpoints: &[(&str, &str, &str)],
     ports: &[(&str, i64, &str)],
 ) -> String {
+    slice_of("IPv4", name, service, endpoints, ports)
+}
+
+/// [`slice`] of an address type.
+fn slice_of(
+    address_type: &str,
+    name: &str,
+    service: &str,
+    endpoints: &[(&str, &str, &str)],
+    ports: &[(&str, i64, &str)],
+) -> String {
     let mut yaml = format!(
-        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nendpoints:\n"
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {address_type}\nendpoints:\n"
     );
     for (address, node, conditions) in endpoints {
         yaml.push_str(&format!(
@@ -322,7 +335,7 @@ fn rows() -> Vec<Row> {
             held: &[],
         },
         Row {
-            name: "dual-stack: IPv4 programmed, IPv6 reported",
+            name: "dual-stack: one service per family, each with its family's endpoints",
             yaml: service(
                 "dual",
                 "  clusterIP: 10.96.0.40\n  clusterIPs: [10.96.0.40, \"fd00::40\"]\n  ipFamilies: [IPv4, IPv6]\n  ports:\n  - {name: http, port: 80}\n",
@@ -334,17 +347,132 @@ fn rows() -> Vec<Row> {
             ) + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dual-6\n  namespace: default\n  labels: {kubernetes.io/service-name: dual}\naddressType: IPv6\nendpoints:\n- addresses: [\"fd00::10\"]\nports:\n- {name: http, port: 80}\n",
             expected: &[
                 "default/dual:http/TCP fe=[10.96.0.40:80 cluster] be=[10.244.1.10:80 L] affinity=0",
+                "default/dual:http/TCP[ipv6] fe=[[fd00::40]:80 cluster] be=[[fd00::10]:80] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "IPv6-only NodePort: the node's IPv6 addresses, local IPv6 endpoints",
+            yaml: NODE1.to_owned()
+                + &service(
+                    "six",
+                    "  type: NodePort\n  clusterIP: \"fd00::50\"\n  clusterIPs: [\"fd00::50\"]\n  ipFamilies: [IPv6]\n  ports:\n  - {name: http, port: 80, nodePort: 30090}\n",
+                )
+                + &slice_of(
+                    "IPv6",
+                    "six-1",
+                    "six",
+                    &[("fd00::10", "node1", READY), ("fd00::20", "node2", READY)],
+                    &[("http", 8080, "TCP")],
+                ),
+            expected: &[
+                "default/six:http/TCP[ipv6] fe=[[fd00::1]:30090 nodeport, [fd00::50]:80 cluster] be=[[fd00::10]:8080 L, [fd00::20]:8080] affinity=0",
+            ],
+            problems: &[(
+                Severity::Unsupported,
+                "Service/default/six",
+                "IPv6FromOutsideNotServed",
+            )],
+            held: &[],
+        },
+        Row {
+            name: "dual-stack LoadBalancer: each family its ingress IPs, externalIPs and source ranges",
+            yaml: NODE1.to_owned()
+                + &service(
+                    "both",
+                    "  type: LoadBalancer\n  clusterIP: 10.96.0.60\n  clusterIPs: [10.96.0.60, \"fd00::60\"]\n  ipFamilies: [IPv4, IPv6]\n  externalIPs: [198.51.100.60, \"2001:db8:2::60\"]\n  loadBalancerSourceRanges: [203.0.113.0/24, \"2001:db8:1::/48\"]\n  ports:\n  - {name: http, port: 80, nodePort: 30060}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.61\n    - ip: \"2001:db8:2::61\"\n",
+                )
+                + &slice(
+                    "both-4",
+                    "both",
+                    &[("10.244.1.10", "node1", READY)],
+                    &[("http", 8080, "TCP")],
+                )
+                + &slice_of(
+                    "IPv6",
+                    "both-6",
+                    "both",
+                    &[("fd00::10", "node1", READY)],
+                    &[("http", 8080, "TCP")],
+                ),
+            expected: &[
+                "default/both:http/TCP[internal] fe=[10.96.0.60:80 cluster] be=[10.244.1.10:8080 L] affinity=0",
+                "default/both:http/TCP[internal][ipv6] fe=[[fd00::60]:80 cluster] be=[[fd00::10]:8080 L] affinity=0",
+                "default/both:http/TCP[external] fe=[198.18.0.1:30060 nodeport, 198.51.100.60:80 external, 203.0.113.1:30060 nodeport] be=[10.244.1.10:8080 L] affinity=0",
+                "default/both:http/TCP[external][ipv6] fe=[[2001:db8:2::60]:80 external, [fd00::1]:30060 nodeport] be=[[fd00::10]:8080 L] affinity=0",
+                "default/both:http/TCP[loadbalancer] fe=[198.51.100.61:80 lb] be=[10.244.1.10:8080 L] affinity=0 ranges=[203.0.113.0/24]",
+                "default/both:http/TCP[loadbalancer][ipv6] fe=[[2001:db8:2::61]:80 lb] be=[[fd00::10]:8080 L] affinity=0 ranges=[2001:db8:1::/48]",
+            ],
+            problems: &[(
+                Severity::Unsupported,
+                "Service/default/both",
+                "IPv6FromOutsideNotServed",
+            )],
+            held: &[],
+        },
+        Row {
+            name: "IPv4-mapped IPv6 addresses are refused: an endpoint alone, a ClusterIP with its Service",
+            yaml: service(
+                "mapped",
+                "  clusterIP: \"::ffff:10.96.0.80\"\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &service(
+                "six",
+                "  clusterIP: \"fd00::81\"\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &slice_of(
+                "IPv6",
+                "six-1",
+                "six",
+                &[("::ffff:10.244.1.10", "node1", READY), ("fd00::10", "node1", READY)],
+                &[("http", 8080, "TCP")],
+            ),
+            expected: &[
+                "default/six:http/TCP[ipv6] fe=[[fd00::81]:80 cluster] be=[[fd00::10]:8080 L] affinity=0",
             ],
             problems: &[
                 (
-                    Severity::Unsupported,
-                    "EndpointSlice/default/dual-6",
-                    "IPv6NotSupported",
+                    Severity::Invalid,
+                    "EndpointSlice/default/six-1",
+                    "InvalidEndpoint",
+                ),
+                (Severity::Invalid, "Service/default/mapped", "InvalidClusterIP"),
+            ],
+            held: &["default/mapped"],
+        },
+        Row {
+            name: "Maglev is XDP's: the IPv6 service of a dual-stack port takes no lookup table",
+            yaml: "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  annotations: {lb.io/load-balancing: maglev}\nspec:\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00::10\"]\n  ports:\n  - {name: http, port: 80}\n".to_owned(),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0 maglev",
+                "default/web:http/TCP[ipv6] fe=[[fd00::10]:80 cluster] be=[] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "a single-stack Service's addresses of the other family are not served",
+            yaml: service(
+                "single",
+                "  clusterIP: 10.96.0.70\n  externalIPs: [198.51.100.70, \"2001:db8::70\"]\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &slice(
+                "single-1",
+                "single",
+                &[("10.244.1.10", "node1", READY), ("fd00::10", "node1", READY)],
+                &[("http", 8080, "TCP")],
+            ),
+            expected: &[
+                "default/single:http/TCP fe=[10.96.0.70:80 cluster, 198.51.100.70:80 external] be=[10.244.1.10:8080 L] affinity=0",
+            ],
+            problems: &[
+                (
+                    Severity::Warning,
+                    "Service/default/single",
+                    "IPFamilyNotServed",
                 ),
                 (
-                    Severity::Unsupported,
-                    "Service/default/dual",
-                    "IPv6NotSupported",
+                    Severity::Invalid,
+                    "EndpointSlice/default/single-1",
+                    "InvalidEndpoint",
                 ),
             ],
             held: &[],
@@ -605,11 +733,7 @@ fn rows() -> Vec<Row> {
                 "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0",
                 "default/web:http/TCP[loadbalancer] fe=[198.51.100.20:80 lb] be=[10.244.1.10:8080 L, 10.244.2.10:8080] affinity=0 ranges=[192.0.2.7/32, 203.0.113.0/24]",
             ],
-            problems: &[(
-                Severity::Unsupported,
-                "Service/default/web",
-                "IPv6SourceRangesNotSupported",
-            )],
+            problems: &[],
             held: &[],
         },
         Row {
@@ -642,7 +766,7 @@ fn rows() -> Vec<Row> {
             held: &["default/bad"],
         },
         Row {
-            name: "loadBalancerSourceRanges all IPv6: no IPv4 client may use the LoadBalancer IPs",
+            name: "loadBalancerSourceRanges all IPv6: no IPv4 client may use the IPv4 LoadBalancer IPs",
             yaml: service(
                 "v6only",
                 "  type: LoadBalancer\n  clusterIP: 10.96.0.21\n  loadBalancerSourceRanges: [\"2001:db8::/32\"]\n  ports:\n  - {name: http, port: 80, nodePort: 30081}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.21\n",
@@ -652,9 +776,9 @@ fn rows() -> Vec<Row> {
                 "default/v6only:http/TCP[loadbalancer] fe=[198.51.100.21:80 lb] be=[] affinity=0 ranges=[]",
             ],
             problems: &[(
-                Severity::Unsupported,
+                Severity::Warning,
                 "Service/default/v6only",
-                "IPv6SourceRangesNotSupported",
+                "NoSourceRangeOfFamily",
             )],
             held: &[],
         },
@@ -1228,6 +1352,32 @@ fn nodeport_addresses_limit_which_node_addresses_serve_node_ports() {
             "default/web:http/TCP fe=[10.96.0.10:80 cluster, 203.0.113.1:30080 nodeport] be=[] affinity=0"
         ]
     );
+    // Per family, as kube-proxy reads the flag: IPv4 CIDRs alone leave the IPv6 node
+    // addresses serving, and an IPv6 CIDR narrows them.
+    let dual = NODE1.to_owned()
+        + &service(
+            "web",
+            "  type: NodePort\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00::10\"]\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n",
+        );
+    let (desired, _) = compile(&snapshot(&dual, "node1"), &context);
+    assert_eq!(
+        render(&desired),
+        [
+            "default/web:http/TCP fe=[10.96.0.10:80 cluster, 203.0.113.1:30080 nodeport] be=[] affinity=0",
+            "default/web:http/TCP[ipv6] fe=[[fd00::1]:30080 nodeport, [fd00::10]:80 cluster] be=[] affinity=0",
+        ]
+    );
+    context
+        .nodeport_cidrs
+        .push("2001:db8::/32".parse().expect("cidr"));
+    let (desired, _) = compile(&snapshot(&dual, "node1"), &context);
+    assert_eq!(
+        render(&desired),
+        [
+            "default/web:http/TCP fe=[10.96.0.10:80 cluster, 203.0.113.1:30080 nodeport] be=[] affinity=0",
+            "default/web:http/TCP[ipv6] fe=[[fd00::10]:80 cluster] be=[] affinity=0",
+        ]
+    );
     // Without a Node object, the configured fallback addresses serve.
     let mut context = node();
     context.fallback_addresses = vec!["192.0.2.7".parse().expect("ip")];
@@ -1288,10 +1438,17 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
             String::new()
         };
         let kind = if i % 3 == 0 { "NodePort" } else { "ClusterIP" };
+        // Every fourth one dual-stack, with an IPv6 slice too.
+        let dual_stack = i % 4 == 1;
+        let cluster_ips = if dual_stack {
+            format!("  clusterIPs: [10.96.1.{i}, \"fd00:96::{i}\"]\n")
+        } else {
+            String::new()
+        };
         yaml += &service(
             &format!("s{i}"),
             &format!(
-                "  type: {kind}\n  clusterIP: 10.96.1.{i}\n  ports:\n  - {{name: http, port: 80{node_port}}}\n"
+                "  type: {kind}\n  clusterIP: 10.96.1.{i}\n{cluster_ips}  ports:\n  - {{name: http, port: 80{node_port}}}\n"
             ),
         );
         yaml += &slice(
@@ -1300,6 +1457,15 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
             &[(&format!("10.244.1.{i}"), "node1", READY)],
             &[("http", 8080, "TCP")],
         );
+        if dual_stack {
+            yaml += &slice_of(
+                "IPv6",
+                &format!("s{i}-v6"),
+                &format!("s{i}"),
+                &[(&format!("fd00:244::{i}"), "node1", READY)],
+                &[("http", 8080, "TCP")],
+            );
+        }
     }
     let mut snapshot = snapshot(&yaml, "node1");
     let mut version = 0;
@@ -1318,7 +1484,11 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
                 let index = rng.below(snapshot.endpoint_slices.len() as u64) as usize;
                 let slice = Arc::make_mut(&mut snapshot.endpoint_slices[index]);
                 let mut endpoint = slice.endpoints.first().cloned().unwrap_or_default();
-                endpoint.addresses = vec![format!("10.245.{}.{}", step / 200, step % 200 + 1)];
+                endpoint.addresses = vec![if slice.address_type == "IPv6" {
+                    format!("fd00:245::{step:x}")
+                } else {
+                    format!("10.245.{}.{}", step / 200, step % 200 + 1)
+                }];
                 slice.endpoints.push(endpoint);
                 bump(&mut slice.metadata, &mut version);
             }
@@ -1397,7 +1567,12 @@ fn the_incremental_compiler_always_agrees_with_a_full_compile() {
                     .and_then(|node| node.status.as_mut())
                     .and_then(|status| status.addresses.as_mut())
                 {
-                    addresses[0].address = format!("203.0.113.{}", 1 + rng.below(3));
+                    // Its IPv4 InternalIP, or its IPv6 one.
+                    if rng.below(2) == 0 {
+                        addresses[0].address = format!("203.0.113.{}", 1 + rng.below(3));
+                    } else {
+                        addresses[2].address = format!("fd00::{}", 1 + rng.below(3));
+                    }
                 }
             }
         }
@@ -1659,6 +1834,7 @@ fn bystander_key() -> lb_userspace::compile::model::ServicePortKey {
         port_name: "http".into(),
         proto: lb_common::proto::TCP,
         scope: Default::default(),
+        family: Default::default(),
     }
 }
 

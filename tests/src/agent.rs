@@ -34,6 +34,7 @@ pub struct AgentLab {
 
 impl AgentLab {
     /// The default cluster (two pods on node1, one on node2), servers in every pod, no agent yet.
+    /// With [`ClusterSpec::dual_stack`] the servers take both families.
     pub fn new() -> anyhow::Result<Self> {
         Self::with_spec(&ClusterSpec::default())
     }
@@ -41,7 +42,14 @@ impl AgentLab {
     pub fn with_spec(spec: &ClusterSpec) -> anyhow::Result<Self> {
         let mut lab = Lab::new()?;
         let cluster = Cluster::build(&mut lab, spec)?;
-        let servers = serve_in_every_pod(&cluster)?;
+        let servers = if spec.dual_stack {
+            cluster
+                .pods()
+                .map(|pod| peer::serve_dual_stack(&pod.host, pod.host.name(), POD_PORT))
+                .collect::<anyhow::Result<_>>()?
+        } else {
+            serve_in_every_pod(&cluster)?
+        };
         let pins = PinDir::new(&lab, "agent")?;
         let cgroup = Cgroup::new(&lab, "node1")?;
         let scratch = ScratchDir::new(&lab, "agent")?;
@@ -282,4 +290,66 @@ pub fn lb_json(pin_dir: &Path, args: &[&str]) -> anyhow::Result<serde_json::Valu
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// The agent on node1 of the dual-stack lab, which also serves NodePorts on node1's IPv6
+/// address.
+pub fn dual_stack_agent() -> AgentLab {
+    let mut setup = AgentLab::with_spec(&ClusterSpec {
+        dual_stack: true,
+        ..ClusterSpec::default()
+    })
+    .expect("lab");
+    let node1_v6 = crate::topology::node_addr6(1).to_string();
+    setup
+        .start_agent(&["--node-address", &node1_v6])
+        .expect("agent");
+    setup
+}
+
+/// An IPv6 EndpointSlice for Service `service` with ready endpoints (address, node name).
+pub fn endpoint_slice6(
+    service: &str,
+    endpoints: &[(std::net::Ipv6Addr, &str)],
+    protocol: &str,
+) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-v6\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv6\nports:\n- {{name: http, port: {POD_PORT}, protocol: {protocol}}}\nendpoints:\n"
+    );
+    for (addr, node) in endpoints {
+        yaml.push_str(&format!(
+            "- addresses: [\"{addr}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n"
+        ));
+    }
+    yaml
+}
+
+/// A Service `name` of `protocol` on port `port` with the given ClusterIPs (one per family it
+/// has) and extra spec lines, its port named http, nodePort `node_port` when the type has one.
+pub fn service_of_families(
+    name: &str,
+    cluster_ips: &[&str],
+    protocol: &str,
+    port: u16,
+    extra: &str,
+) -> String {
+    let families: Vec<&str> = cluster_ips
+        .iter()
+        .map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" })
+        .collect();
+    let policy = if cluster_ips.len() > 1 {
+        "RequireDualStack"
+    } else {
+        "SingleStack"
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: \"{}\"\n  clusterIPs: [{}]\n  ipFamilyPolicy: {policy}\n  ipFamilies: [{}]\n{extra}  ports:\n  - {{name: http, port: {port}, protocol: {protocol}, targetPort: {POD_PORT}}}\n",
+        cluster_ips[0],
+        cluster_ips
+            .iter()
+            .map(|ip| format!("\"{ip}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
+        families.join(", "),
+    )
 }

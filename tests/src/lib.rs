@@ -23,3 +23,12 @@ pub mod private_bpffs;
 pub mod table;
 pub mod topology;
 pub mod two_nics;
+
+/// The IPv4 address of a model value (a `Frontend` or `Backend` address) that a test made
+/// IPv4; an IPv6 one is a test's mistake.
+pub fn ipv4(addr: std::net::IpAddr) -> std::net::Ipv4Addr {
+    match addr {
+        std::net::IpAddr::V4(addr) => addr,
+        std::net::IpAddr::V6(addr) => panic!("{addr} is not an IPv4 address"),
+    }
+}

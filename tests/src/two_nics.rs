@@ -99,7 +99,7 @@ impl TwoNics {
             datapath.put_backend(
                 id,
                 &Backend {
-                    addr: POD,
+                    addr: POD.into(),
                     port: POD_PORT,
                     proto: protocol,
                     flags: 0,
@@ -108,7 +108,7 @@ impl TwoNics {
             datapath.put_service(&Service {
                 id,
                 frontends: vec![Frontend {
-                    addr: NODE1_CLIENT_SIDE,
+                    addr: NODE1_CLIENT_SIDE.into(),
                     port: NODE_PORT,
                     proto: protocol,
                     kind: service_flags::NODE_PORT,

@@ -13,7 +13,7 @@ use lb_userspace::{
 fn frontend(index: u32) -> Frontend {
     // 10.96.0.0/12 addresses, one port each.
     Frontend {
-        addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + index),
+        addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + index).into(),
         port: 80,
         proto: proto::TCP,
         kind: service_flags::CLUSTER_IP,
@@ -36,7 +36,7 @@ fn invalid_services_and_backends_are_refused_with_a_reason() {
     let pins = PinDir::new(&lab, "api").expect("pins");
     let mut datapath = Datapath::load(pins.path()).expect("load");
     let backend = Backend {
-        addr: Ipv4Addr::new(10, 244, 1, 10),
+        addr: Ipv4Addr::new(10, 244, 1, 10).into(),
         port: 8080,
         proto: proto::TCP,
         flags: 0,
@@ -91,6 +91,42 @@ fn invalid_services_and_backends_are_refused_with_a_reason() {
             ),
             "more than",
         ),
+        (
+            "an IPv6 frontend selecting an IPv4 backend",
+            service(
+                2,
+                vec![Frontend {
+                    addr: "2001:db8:96::2".parse().unwrap(),
+                    ..frontend(2)
+                }],
+                vec![1],
+            ),
+            "both families",
+        ),
+        (
+            "frontends of both families",
+            service(
+                2,
+                vec![
+                    frontend(2),
+                    Frontend {
+                        addr: "2001:db8:96::2".parse().unwrap(),
+                        ..frontend(2)
+                    },
+                ],
+                vec![1],
+            ),
+            "both families",
+        ),
+        (
+            "an IPv6 source range on an IPv4 service",
+            Service {
+                flags: service_flags::SOURCE_RANGES,
+                source_ranges: [("2001:db8::".parse().unwrap(), 32)].into(),
+                ..service(2, vec![frontend(2)], vec![1])
+            },
+            "both families",
+        ),
     ];
     for (what, service, reason) in refused {
         match datapath.put_service(&service) {
@@ -111,6 +147,73 @@ fn invalid_services_and_backends_are_refused_with_a_reason() {
     assert_eq!(frontends.len(), 1, "{frontends:?}");
     assert_eq!(frontends[0].1.service_id, 1);
     assert_eq!(frontends[0].1.backend_count, 1);
+}
+
+/// Backend ids are one space for both families' maps: an id handed out again to a backend of
+/// the other family leaves the first family's map, and each family's frontends go to their own
+/// map.
+#[test]
+fn each_family_has_its_own_maps_and_an_id_moves_between_them() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "families").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    let v4 = Backend {
+        addr: Ipv4Addr::new(10, 244, 1, 10).into(),
+        port: 8080,
+        proto: proto::TCP,
+        flags: 0,
+    };
+    let v6 = Backend {
+        addr: "2001:db8:244:1::10".parse().unwrap(),
+        ..v4
+    };
+    let maps = || lb_userspace::observe::inspect::PinnedMaps::open(pins.path()).expect("maps");
+    let entries = |map: &str| {
+        maps()
+            .fill()
+            .expect("fill")
+            .into_iter()
+            .find(|fill| fill.map == map)
+            .map(|fill| fill.entries)
+    };
+    datapath.put_backend(1, &v4).expect("IPv4 backend");
+    assert_eq!(
+        (entries(map_names::BACKENDS4), entries(map_names::BACKENDS6)),
+        (Some(1), Some(0))
+    );
+    datapath.put_backend(1, &v6).expect("the id again, IPv6");
+    assert_eq!(
+        (entries(map_names::BACKENDS4), entries(map_names::BACKENDS6)),
+        (Some(0), Some(1))
+    );
+    datapath
+        .put_service(&service(
+            1,
+            vec![Frontend {
+                addr: "2001:db8:96::1".parse().unwrap(),
+                ..frontend(1)
+            }],
+            vec![1],
+        ))
+        .expect("an IPv6 service");
+    assert_eq!(
+        (
+            entries(map_names::FRONTENDS4),
+            entries(map_names::FRONTENDS6)
+        ),
+        (Some(0), Some(1))
+    );
+    let backends = maps().backends().expect("backends");
+    assert_eq!(backends[0].address, "[2001:db8:244:1::10]:8080");
+    datapath.remove_service(1).expect("remove");
+    datapath.remove_backend(1).expect("remove backend");
+    assert_eq!(
+        (
+            entries(map_names::FRONTENDS6),
+            entries(map_names::BACKENDS6)
+        ),
+        (Some(0), Some(0))
+    );
 }
 
 #[test]
@@ -144,7 +247,7 @@ fn a_full_frontends_map_is_an_error_and_keeps_what_is_installed() {
     );
     // Updating an installed service needs no new entry, so it still works.
     let backend = Backend {
-        addr: Ipv4Addr::new(10, 244, 1, 10),
+        addr: Ipv4Addr::new(10, 244, 1, 10).into(),
         port: 8080,
         proto: proto::TCP,
         flags: 0,
@@ -201,10 +304,13 @@ fn the_frontend_filter_marks_exactly_the_frontends_destinations() {
         port,
         ..frontend(index)
     };
-    let at = |frontend: Frontend| (frontend.addr, frontend.port);
+    let at = |frontend: Frontend| (lab::ipv4(frontend.addr), frontend.port);
     let (a80, b80, b8443, b30080) = (on(1, 80), on(2, 80), on(2, 8443), on(2, 30080));
     // The node's own traffic: another port of a frontend's address, another address.
-    let own = [(a80.addr, 22), (Ipv4Addr::new(203, 0, 113, 1), 80)];
+    let own = [
+        (lab::ipv4(a80.addr), 22),
+        (Ipv4Addr::new(203, 0, 113, 1), 80),
+    ];
     let probe: Vec<(Ipv4Addr, u16)> = [a80, b80, b8443, b30080]
         .map(at)
         .into_iter()
@@ -247,7 +353,7 @@ fn the_frontend_filter_marks_exactly_the_frontends_destinations() {
 /// Service 1 on `frontend(1)` with one local backend, 10.244.1.10:8080, which it returns.
 fn install_one_local_backend(datapath: &mut Datapath) -> Backend {
     let backend = Backend {
-        addr: Ipv4Addr::new(10, 244, 1, 10),
+        addr: Ipv4Addr::new(10, 244, 1, 10).into(),
         port: 8080,
         proto: proto::TCP,
         flags: lb_common::backend_flags::LOCAL,
@@ -292,7 +398,7 @@ fn the_programs_clock_is_calibrated_at_load_and_stamps_flows_with_monotonic_time
     let client = "192.0.2.7:40000".parse().expect("client");
     let syn = lab::packet::tcp(
         client,
-        std::net::SocketAddrV4::new(frontend(1).addr, 80),
+        std::net::SocketAddrV4::new(lab::ipv4(frontend(1).addr), 80),
         lab::packet::TcpFlags::SYN,
         b"",
     );
@@ -331,8 +437,8 @@ fn answers_of_a_flow_whose_backend_left_the_maps_are_translated_also_after_a_rel
     let mut datapath = Datapath::load(pins.path()).expect("load");
     let backend = install_one_local_backend(&mut datapath);
     let client = "192.0.2.7:40000".parse().expect("client");
-    let frontend = std::net::SocketAddrV4::new(frontend(1).addr, 80);
-    let endpoint = std::net::SocketAddrV4::new(backend.addr, backend.port);
+    let frontend = std::net::SocketAddrV4::new(lab::ipv4(frontend(1).addr), 80);
+    let endpoint = std::net::SocketAddrV4::new(lab::ipv4(backend.addr), backend.port);
     let xdp = datapath
         .program_fd(lb_common::program_names::XDP_LB)
         .expect("xdp");
@@ -386,21 +492,7 @@ fn every_program_leaves_a_quarter_of_the_verifiers_limit_free() {
     let pins = PinDir::new(&lab, "insns").expect("pins");
     let _datapath = Datapath::load(pins.path()).expect("load");
     let mut counts = Vec::new();
-    for name in [
-        lb_common::program_names::XDP_LB,
-        lb_common::program_names::XDP_UDP,
-        lb_common::program_names::XDP_SCTP,
-        lb_common::program_names::TC_EGRESS,
-        lb_common::program_names::CONNECT4,
-        lb_common::program_names::SENDMSG4,
-        lb_common::program_names::RECVMSG4,
-        lb_common::program_names::GETPEERNAME4,
-        lb_common::program_names::CONNECT6,
-        lb_common::program_names::RECVMSG6,
-        lb_common::program_names::GETPEERNAME6,
-        lb_common::program_names::SOCK_EGRESS4,
-        lb_common::program_names::SOCK_RELEASE,
-    ] {
+    for name in lb_userspace::datapath::pins::PROGRAMS {
         let info = aya::programs::ProgramInfo::from_pin(pins.path().join(name))
             .unwrap_or_else(|error| panic!("{name}: {error}"));
         let count = info

@@ -60,7 +60,7 @@ fn backends(setup: &mut Setup, protocol: u8, first_id: u32) -> Vec<(u32, String)
             let id = first_id + index as u32;
             let flags = if node == 1 { backend_flags::LOCAL } else { 0 };
             let backend = Backend {
-                addr,
+                addr: addr.into(),
                 port: POD_PORT,
                 proto: protocol,
                 flags,
@@ -80,25 +80,25 @@ fn backends(setup: &mut Setup, protocol: u8, first_id: u32) -> Vec<(u32, String)
 fn frontends(protocol: u8) -> Vec<Frontend> {
     vec![
         Frontend {
-            addr: CLUSTER_IP,
+            addr: CLUSTER_IP.into(),
             port: SERVICE_PORT,
             proto: protocol,
             kind: service_flags::CLUSTER_IP,
         },
         Frontend {
-            addr: node_addr(1),
+            addr: node_addr(1).into(),
             port: NODE_PORT,
             proto: protocol,
             kind: service_flags::NODE_PORT,
         },
         Frontend {
-            addr: EXTERNAL_IP,
+            addr: EXTERNAL_IP.into(),
             port: SERVICE_PORT,
             proto: protocol,
             kind: service_flags::EXTERNAL_IP,
         },
         Frontend {
-            addr: LB_IP,
+            addr: LB_IP.into(),
             port: SERVICE_PORT,
             proto: protocol,
             kind: service_flags::LOAD_BALANCER,

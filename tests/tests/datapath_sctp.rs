@@ -67,7 +67,7 @@ fn case(name: &'static str, input: Vec<u8>, verdict: u32, output: Expect) -> Cas
 
 fn node_port(port: u16) -> Frontend {
     Frontend {
-        addr: NODE,
+        addr: NODE.into(),
         port,
         proto: proto::SCTP,
         kind: service_flags::NODE_PORT,
@@ -94,7 +94,7 @@ fn datapath(pins: &PinDir, remote: bool) -> Datapath {
             .expect("config");
     }
     let backend = Backend {
-        addr: *addr.ip(),
+        addr: std::net::IpAddr::V4(*addr.ip()),
         port: addr.port(),
         proto: proto::SCTP,
         flags,

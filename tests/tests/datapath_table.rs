@@ -32,7 +32,7 @@ const IP_OPTIONS: [u8; 12] = [1, 1, 1, 0, 0x94, 4, 0, 0, 1, 1, 1, 0];
 
 fn backend(addr: SocketAddrV4, protocol: u8) -> Backend {
     Backend {
-        addr: *addr.ip(),
+        addr: std::net::IpAddr::V4(*addr.ip()),
         port: addr.port(),
         proto: protocol,
         flags: lb_common::backend_flags::LOCAL,
@@ -41,7 +41,7 @@ fn backend(addr: SocketAddrV4, protocol: u8) -> Backend {
 
 fn node_port(protocol: u8) -> Frontend {
     Frontend {
-        addr: NODE,
+        addr: NODE.into(),
         port: NODE_PORT,
         proto: protocol,
         kind: service_flags::NODE_PORT,
@@ -1391,7 +1391,7 @@ fn two_frontends_of_pod_a(datapath: &mut Datapath) -> SocketAddrV4 {
         frontends: vec![
             node_port(proto::TCP),
             Frontend {
-                addr: *external.ip(),
+                addr: std::net::IpAddr::V4(*external.ip()),
                 port: external.port(),
                 proto: proto::TCP,
                 kind: service_flags::EXTERNAL_IP,
@@ -1980,14 +1980,14 @@ fn socket_egress_passes_the_packets_of_sockets_the_hooks_did_not_translate() {
     let load_balancer = Service {
         id: 5,
         frontends: vec![Frontend {
-            addr: Ipv4Addr::new(198, 51, 100, 20),
+            addr: Ipv4Addr::new(198, 51, 100, 20).into(),
             port: 80,
             proto: proto::TCP,
             kind: service_flags::LOAD_BALANCER,
         }],
         backends: vec![1],
         flags: service_flags::SOURCE_RANGES,
-        source_ranges: [(Ipv4Addr::new(10, 244, 2, 0), 24)].into(),
+        source_ranges: [(Ipv4Addr::new(10, 244, 2, 0).into(), 24)].into(),
         ..Default::default()
     };
     datapath.put_service(&load_balancer).expect("service");
@@ -2043,14 +2043,17 @@ fn established_tcp_follows_its_flow_and_the_source_ranges_that_admitted_it() {
     let with_ranges = |ranges: &[(Ipv4Addr, u8)]| Service {
         id: 5,
         frontends: vec![Frontend {
-            addr: *load_balancer_ip.ip(),
+            addr: std::net::IpAddr::V4(*load_balancer_ip.ip()),
             port: load_balancer_ip.port(),
             proto: proto::TCP,
             kind: service_flags::LOAD_BALANCER,
         }],
         backends: vec![1],
         flags: service_flags::SOURCE_RANGES,
-        source_ranges: ranges.iter().copied().collect(),
+        source_ranges: ranges
+            .iter()
+            .map(|&(addr, len)| (addr.into(), len))
+            .collect(),
         ..Default::default()
     };
     datapath

@@ -53,7 +53,7 @@ fn served(datapath: &Datapath) -> BTreeSet<Ipv4Addr> {
         .installed_services()
         .values()
         .flat_map(|service| service.frontends.keys())
-        .map(|key| Ipv4Addr::from(u32::from_be(key.addr)))
+        .map(|key| lab::ipv4(key.addr()))
         .collect()
 }
 

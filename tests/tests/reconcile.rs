@@ -22,12 +22,13 @@ fn key(name: &str) -> ServicePortKey {
         port_name: "http".into(),
         proto: proto::TCP,
         scope: Default::default(),
+        family: Default::default(),
     }
 }
 
 fn backend(last_octet: u8) -> Backend {
     Backend {
-        addr: Ipv4Addr::new(10, 244, 1, last_octet),
+        addr: Ipv4Addr::new(10, 244, 1, last_octet).into(),
         port: 8080,
         proto: proto::TCP,
         flags: backend_flags::LOCAL,
@@ -38,13 +39,13 @@ fn desired_service(cluster_ip_octet: u8, backends: &[u8]) -> DesiredService {
     DesiredService {
         frontends: [
             Frontend {
-                addr: Ipv4Addr::new(10, 96, 0, cluster_ip_octet),
+                addr: Ipv4Addr::new(10, 96, 0, cluster_ip_octet).into(),
                 port: 80,
                 proto: proto::TCP,
                 kind: service_flags::CLUSTER_IP,
             },
             Frontend {
-                addr: Ipv4Addr::new(203, 0, 113, 1),
+                addr: Ipv4Addr::new(203, 0, 113, 1).into(),
                 port: 30000 + u16::from(cluster_ip_octet),
                 proto: proto::TCP,
                 kind: service_flags::NODE_PORT,
@@ -117,7 +118,7 @@ fn minimal_updates_and_idempotence() {
         .backends()
         .expect("backends")
         .values()
-        .map(|b| b.addr)
+        .map(|b| lab::ipv4(b.addr))
         .collect();
     assert_eq!(
         backends,
@@ -209,7 +210,7 @@ fn held_services_keep_what_they_had_and_a_full_map_fails_one_service_only() {
     let mut huge = desired(&[("web", 10, &[10])]);
     let too_many: BTreeSet<Frontend> = (0..lb_common::limits::MAX_FRONTENDS)
         .map(|i| Frontend {
-            addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i),
+            addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i).into(),
             port: 80,
             proto: proto::TCP,
             kind: service_flags::EXTERNAL_IP,
@@ -365,7 +366,7 @@ fn the_datapath_refuses_a_source_range_with_host_bits() {
     let mut state = desired(&[("web", 10, &[10])]);
     if let Some(service) = state.services.values_mut().next() {
         service.flags |= service_flags::SOURCE_RANGES;
-        service.source_ranges = [(Ipv4Addr::new(10, 1, 2, 3), 8)].into();
+        service.source_ranges = [(Ipv4Addr::new(10, 1, 2, 3).into(), 8)].into();
     }
     let report = reconciler.reconcile(&mut datapath, &state);
     assert_eq!(report.errors.len(), 1, "{report:?}");

@@ -4,7 +4,7 @@
 //! Real (test-private) pinned maps, packets through BPF_PROG_TEST_RUN.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     sync::atomic::{AtomicU16, Ordering},
 };
 
@@ -27,7 +27,7 @@ const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 7), 40
 
 fn frontend(index: u8) -> Frontend {
     Frontend {
-        addr: Ipv4Addr::new(10, 96, 0, index),
+        addr: Ipv4Addr::new(10, 96, 0, index).into(),
         port: 80,
         proto: proto::TCP,
         kind: service_flags::CLUSTER_IP,
@@ -52,7 +52,7 @@ fn load_with_backends(pins: &PinDir) -> Datapath {
     for id in 1..=4 {
         let addr = backend_addr(id);
         let backend = Backend {
-            addr: *addr.ip(),
+            addr: IpAddr::V4(*addr.ip()),
             port: addr.port(),
             proto: proto::TCP,
             flags: 0,
@@ -69,7 +69,10 @@ fn new_flow(
     client: SocketAddrV4,
     frontend_index: u8,
 ) -> (u32, Option<SocketAddrV4>) {
-    let to = SocketAddrV4::new(frontend(frontend_index).addr, 80);
+    let IpAddr::V4(frontend_addr) = frontend(frontend_index).addr else {
+        unreachable!("an IPv4 frontend")
+    };
+    let to = SocketAddrV4::new(frontend_addr, 80);
     let syn = packet::tcp(client, to, TcpFlags::SYN, b"");
     let program = datapath
         .program_fd(program_names::XDP_LB)
@@ -181,7 +184,7 @@ fn a_packet_that_finds_another_services_cells_selects_nothing() {
     let b = frontend_value(&datapath, 2);
     overwrite_frontend(
         &pins,
-        frontend(1).key(),
+        frontend(1).key().v4().expect("IPv4"),
         ServiceValue {
             slots: b.slots,
             ..a
@@ -224,7 +227,11 @@ fn tables_an_earlier_release_kept_in_the_hash_map_are_moved_into_the_array() {
             flags: service_flags::CLUSTER_IP,
             ..Default::default()
         };
-        overwrite_frontend(&pins, frontend(frontend_index).key(), value);
+        overwrite_frontend(
+            &pins,
+            frontend(frontend_index).key().v4().expect("IPv4"),
+            value,
+        );
     }
     legacy.pin(&legacy_path).expect("pin legacy map");
 

@@ -10,10 +10,12 @@ use std::{
 };
 
 use lab::{
-    agent::{AgentLab, POD_PORT, endpoint_slice},
+    agent::{
+        AgentLab, POD_PORT, dual_stack_agent, endpoint_slice, endpoint_slice6, service_of_families,
+    },
     http,
     peer::{ClientReport, ClientRun},
-    topology::pod_addr,
+    topology::{pod_addr, pod_addr6},
 };
 
 const METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10249);
@@ -62,13 +64,62 @@ fn long_udp_client(to: &str) -> ClientRun<'_> {
 fn a_connected_udp_socket_is_aborted_when_its_endpoint_leaves_and_reconnects_to_a_live_one() {
     let mut setup = AgentLab::new().expect("lab");
     setup.start_agent(&[]).expect("agent");
-    setup
-        .apply("dns.yaml", &udp_service(&[(1, 0)]))
-        .expect("apply");
-
-    // Both clients run in the pod, inside the hooks' cgroup: one connected to the ClusterIP (the
-    // hook sends it to n1p0), one connected to n1p0 itself, not through any Service.
     let direct_target = format!("{}:{POD_PORT}", pod_addr(1, 0));
+    udp_socket_aborted_when_its_endpoint_leaves(
+        &setup,
+        |node| udp_service(&[(node, 0)]),
+        "10.96.0.53:53",
+        &direct_target,
+    );
+}
+
+/// The same for a dual-stack socket (AF_INET6) connected to the IPv4 Service's mapped address:
+/// the kernel lists it among the IPv6 sockets, with the mapped peer.
+#[test]
+fn a_dual_stack_socket_connected_to_a_mapped_service_address_is_aborted_too() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    let direct_target = format!("[::ffff:{}]:{POD_PORT}", pod_addr(1, 0));
+    udp_socket_aborted_when_its_endpoint_leaves(
+        &setup,
+        |node| udp_service(&[(node, 0)]),
+        "[::ffff:10.96.0.53]:53",
+        &direct_target,
+    );
+}
+
+/// The same over IPv6: a socket connected to an IPv6 ClusterIP (the kernel lists it among the
+/// IPv6 sockets, its backend recorded in `lb6_sknat_v1`).
+#[test]
+fn a_connected_udp_socket_to_an_ipv6_service_is_aborted_when_its_endpoint_leaves() {
+    let setup = dual_stack_agent();
+    let manifest = |node: u8| {
+        let node_name = format!("node{node}");
+        service_of_families("dns", &["2001:db8:96::53"], "UDP", 53, "")
+            + "---\n"
+            + &endpoint_slice6("dns", &[(pod_addr6(node, 0), &node_name)], "UDP")
+    };
+    let direct_target = format!("[{}]:{POD_PORT}", pod_addr6(1, 0));
+    udp_socket_aborted_when_its_endpoint_leaves(
+        &setup,
+        manifest,
+        "[2001:db8:96::53]:53",
+        &direct_target,
+    );
+}
+
+/// In the pod, inside the hooks' cgroup: one UDP socket connected to `through_service` (the hook
+/// sends it to n1p0, the Service's endpoint in `manifest(1)`), one connected to n1p0 itself at
+/// `direct_target`, not through any Service. Then n1p0 leaves the Service for n2p0
+/// (`manifest(2)`): the first socket is aborted once, within the sync, and its replacement
+/// reaches n2p0; the second is not touched.
+fn udp_socket_aborted_when_its_endpoint_leaves(
+    setup: &AgentLab,
+    manifest: impl Fn(u8) -> String,
+    through_service: &str,
+    direct_target: &str,
+) {
+    setup.apply("dns.yaml", &manifest(1)).expect("apply");
     let ready = [
         setup.scratch_file("through-service.ready"),
         setup.scratch_file("direct.ready"),
@@ -78,14 +129,14 @@ fn a_connected_udp_socket_is_aborted_when_its_endpoint_leaves_and_reconnects_to_
         let through_service = scope.spawn(|| {
             ClientRun {
                 ready_file: Some(&ready[0]),
-                ..long_udp_client("10.96.0.53:53")
+                ..long_udp_client(through_service)
             }
             .run(pod, Some(cgroup))
         });
         let direct = scope.spawn(|| {
             ClientRun {
                 ready_file: Some(&ready[1]),
-                ..long_udp_client(&direct_target)
+                ..long_udp_client(direct_target)
             }
             .run(pod, Some(cgroup))
         });
@@ -97,9 +148,7 @@ fn a_connected_udp_socket_is_aborted_when_its_endpoint_leaves_and_reconnects_to_
 
         // n1p0 leaves the Service (its server keeps answering, as a pod that is still running
         // but no longer an endpoint does); n2p0 is the live endpoint now.
-        setup
-            .apply("dns.yaml", &udp_service(&[(2, 0)]))
-            .expect("apply");
+        setup.apply("dns.yaml", &manifest(2)).expect("apply");
         let synced_ms = unix_ms();
         (
             through_service.join().expect("thread"),
@@ -153,9 +202,9 @@ fn a_connected_udp_socket_is_aborted_when_its_endpoint_leaves_and_reconnects_to_
     direct.assert_all_ok("connected UDP socket to n1p0, not through a Service");
     assert_eq!(direct.servers(), ["n1p0"].into(), "{direct:?}");
 
-    assert_eq!(metric(&setup, "lb_udp_sockets_aborted_total"), Some(1.0));
+    assert_eq!(metric(setup, "lb_udp_sockets_aborted_total"), Some(1.0));
     assert_eq!(
-        metric(&setup, "lb_udp_socket_abort_failures_total"),
+        metric(setup, "lb_udp_socket_abort_failures_total"),
         Some(0.0)
     );
 }

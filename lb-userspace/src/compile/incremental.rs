@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -13,7 +13,7 @@ use lb_common::service_flags;
 
 use super::{
     model::{
-        Desired, DesiredService, Frontend, NodeContext, Problem, ServicePortKey, Severity,
+        Desired, DesiredService, Family, Frontend, NodeContext, Problem, ServicePortKey, Severity,
         protocol_name,
     },
     service::{ServiceEndpoints, Skip, compile_service, health_check_node_port, object_key},
@@ -25,14 +25,14 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// A frontend as the datapath keys it: (address, port, protocol, scope). A frontend's entry
 /// for this node's clients is a claim of its own, settled like the frontend's.
-type FrontendId = (Ipv4Addr, u16, u8, u8);
+type FrontendId = (IpAddr, u16, u8, u8);
 
 fn frontend_id(frontend: &Frontend) -> FrontendId {
     (
         frontend.addr,
         frontend.port,
         frontend.proto,
-        frontend.key().scope,
+        frontend.key().scope(),
     )
 }
 
@@ -130,7 +130,7 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> (Desired, Vec<Problem
 /// compile; the result is always exactly what [`compile`] gives (tested).
 pub struct Compiler {
     node: NodeContext,
-    node_addresses: Vec<Ipv4Addr>,
+    node_addresses: Vec<IpAddr>,
     desired: Desired,
     /// By namespace, then name (nested so lookups need no owned key).
     services: HashMap<String, HashMap<String, CompiledService>>,
@@ -153,7 +153,7 @@ pub struct Compiler {
     /// The healthCheckNodePort of every externalTrafficPolicy Local Service that has one.
     health_check_ports: BTreeMap<(String, String), u16>,
     /// Endpoint addresses without a nodeName, with how many compiled Services have them.
-    unplaced: BTreeMap<Ipv4Addr, usize>,
+    unplaced: BTreeMap<IpAddr, usize>,
     /// Services to compile again on the next update although their objects did not change
     /// (the placement of one of their endpoints did).
     stale: BTreeSet<(String, String)>,
@@ -288,7 +288,7 @@ struct CompiledService {
     /// healthCheckNodePort of an externalTrafficPolicy Local Service.
     health_check_node_port: Option<u16>,
     /// Its endpoint addresses without a nodeName.
-    unplaced: BTreeSet<Ipv4Addr>,
+    unplaced: BTreeSet<IpAddr>,
     keys: Vec<ServicePortKey>,
     /// The frontends its ports claim (sorted, each once).
     claimed: Vec<FrontendId>,
@@ -415,15 +415,15 @@ impl Compiler {
 
     /// The addresses of the endpoints without a nodeName, as of the last update: the ones whose
     /// place the caller finds out (from the node's routes) for [`Self::set_routed_local`].
-    pub fn unplaced_endpoints(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    pub fn unplaced_endpoints(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.unplaced.keys().copied()
     }
 
     /// Sets which endpoint addresses without a nodeName are on this node
     /// ([`NodeContext::routed_local`]). The Services with an endpoint whose place changed are
     /// compiled again on the next update; returns whether there are any.
-    pub fn set_routed_local(&mut self, local: BTreeSet<Ipv4Addr>) -> bool {
-        let moved: BTreeSet<Ipv4Addr> = self
+    pub fn set_routed_local(&mut self, local: BTreeSet<IpAddr>) -> bool {
+        let moved: BTreeSet<IpAddr> = self
             .node
             .routed_local
             .symmetric_difference(&local)
@@ -460,7 +460,7 @@ impl Compiler {
     }
 
     /// This node's addresses that serve NodePorts (inside `--nodeport-addresses` when given).
-    pub fn node_port_addresses(&self) -> &[Ipv4Addr] {
+    pub fn node_port_addresses(&self) -> &[IpAddr] {
         &self.node_addresses
     }
 
@@ -1045,12 +1045,17 @@ fn snat_address(snapshot: &Snapshot, node: &NodeContext) -> Option<Ipv4Addr> {
         .flatten()
         .filter(|address| address.type_ == "InternalIP")
         .find_map(|address| address.address.parse().ok())
-        .or_else(|| node.fallback_addresses.first().copied())
+        .or_else(|| {
+            node.fallback_addresses.iter().find_map(|addr| match addr {
+                IpAddr::V4(addr) => Some(*addr),
+                IpAddr::V6(_) => None,
+            })
+        })
 }
 
-/// The node's IPv4 addresses that serve NodePorts.
-fn node_addresses(snapshot: &Snapshot, node: &NodeContext) -> Vec<Ipv4Addr> {
-    let from_node: Vec<Ipv4Addr> = snapshot
+/// The node's addresses (both families) that serve NodePorts.
+fn node_addresses(snapshot: &Snapshot, node: &NodeContext) -> Vec<IpAddr> {
+    let from_node: Vec<IpAddr> = snapshot
         .node
         .iter()
         .filter_map(|node| node.status.as_ref()?.addresses.as_ref())
@@ -1063,11 +1068,18 @@ fn node_addresses(snapshot: &Snapshot, node: &NodeContext) -> Vec<Ipv4Addr> {
     } else {
         from_node
     };
-    let mut selected: Vec<Ipv4Addr> = all
+    // As kube-proxy reads --nodeport-addresses: per family, and a family the CIDRs do not
+    // mention keeps all its addresses.
+    let mut selected: Vec<IpAddr> = all
         .into_iter()
         .filter(|addr| {
-            node.nodeport_cidrs.is_empty()
-                || node.nodeport_cidrs.iter().any(|cidr| cidr.contains(*addr))
+            let family = Family::of(*addr);
+            let mut of_family = node
+                .nodeport_cidrs
+                .iter()
+                .filter(|cidr| cidr.family() == family)
+                .peekable();
+            of_family.peek().is_none() || of_family.any(|cidr| cidr.contains(*addr))
         })
         .collect();
     selected.sort();

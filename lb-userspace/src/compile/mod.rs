@@ -20,7 +20,9 @@
 //!   has node hints and one is for this node, else those hinted for this node's zone (its
 //!   Node's `topology.kubernetes.io/zone`) when every ready endpoint has zone hints and one is
 //!   for that zone, else all;
-//! - headless and ExternalName Services ignored; IPv6 addresses reported as not yet supported;
+//! - headless and ExternalName Services ignored;
+//! - IPv6 and dual-stack: a Service is served in the families of its `clusterIPs`, one desired
+//!   service per family with that family's EndpointSlices, addresses and source ranges;
 //! - sessionAffinity ClientIP with its timeout (default 10800 s);
 //! - externalIPs only inside `--external-ip-cidrs` when it is given (the others skipped with a
 //!   problem);

@@ -6,11 +6,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::RangeInclusive,
 };
 
-use lb_common::{Backend4, Frontend4Key, proto};
+use lb_common::{Backend4, Backend6, Frontend4Key, Frontend6Key, proto};
 
 /// The API server's default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
@@ -24,14 +24,14 @@ pub struct NodeContext {
     /// pod interfaces (the agent asks the kernel's FIB, `crate::route`): those endpoints are
     /// local too. Hand-made EndpointSlices often leave nodeName out; an endpoint with one is
     /// placed by its nodeName alone.
-    pub routed_local: BTreeSet<Ipv4Addr>,
+    pub routed_local: BTreeSet<IpAddr>,
     /// `--nodeport-addresses`: which node addresses serve NodePorts (empty: all of them).
-    pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    pub nodeport_cidrs: Vec<IpCidr>,
     /// `--external-ip-cidrs`: the externalIPs that may be served (empty: all of them, as
     /// kube-proxy does).
-    pub external_ip_cidrs: Vec<Ipv4Cidr>,
+    pub external_ip_cidrs: Vec<IpCidr>,
     /// Node addresses to use when the snapshot has no Node object (file source without one).
-    pub fallback_addresses: Vec<Ipv4Addr>,
+    pub fallback_addresses: Vec<IpAddr>,
     /// nodePorts outside this range are refused.
     pub node_port_range: RangeInclusive<u16>,
     /// Maglev for Services that do not choose with the
@@ -57,50 +57,109 @@ impl NodeContext {
     }
 }
 
-/// An IPv4 prefix, e.g. `203.0.113.0/24`.
+/// An IP prefix, e.g. `203.0.113.0/24` or `2001:db8::/32`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Ipv4Cidr {
-    pub addr: Ipv4Addr,
+pub struct IpCidr {
+    pub addr: IpAddr,
     pub prefix_len: u8,
 }
 
-impl Ipv4Cidr {
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        let mask = self.mask();
-        u32::from(addr) & mask == u32::from(self.addr) & mask
+impl IpCidr {
+    /// Whether `addr` is inside the prefix; never for an address of the other family.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match (self.addr, addr) {
+            (IpAddr::V4(network), IpAddr::V4(addr)) => {
+                let mask = mask4(self.prefix_len);
+                u32::from(addr) & mask == u32::from(network) & mask
+            }
+            (IpAddr::V6(network), IpAddr::V6(addr)) => {
+                let mask = mask6(self.prefix_len);
+                u128::from(addr) & mask == u128::from(network) & mask
+            }
+            _ => false,
+        }
     }
 
     /// The prefix with its host bits cleared: `10.1.2.3/8` is `10.0.0.0/8`.
     pub fn network(&self) -> Self {
+        let addr = match self.addr {
+            IpAddr::V4(addr) => Ipv4Addr::from(u32::from(addr) & mask4(self.prefix_len)).into(),
+            IpAddr::V6(addr) => Ipv6Addr::from(u128::from(addr) & mask6(self.prefix_len)).into(),
+        };
         Self {
-            addr: Ipv4Addr::from(u32::from(self.addr) & self.mask()),
+            addr,
             prefix_len: self.prefix_len,
         }
     }
 
-    fn mask(&self) -> u32 {
-        u32::MAX
-            .checked_shl(32 - u32::from(self.prefix_len))
-            .unwrap_or(0)
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
     }
 }
 
-impl std::str::FromStr for Ipv4Cidr {
+fn mask4(prefix_len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0)
+}
+
+fn mask6(prefix_len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(prefix_len))
+        .unwrap_or(0)
+}
+
+impl std::str::FromStr for IpCidr {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (addr, prefix_len) = text
             .split_once('/')
             .ok_or_else(|| format!("{text:?} is not a CIDR (address/prefix)"))?;
-        let addr = addr
+        let addr: IpAddr = addr
             .parse()
-            .map_err(|_| format!("{text:?}: {addr:?} is not an IPv4 address"))?;
+            .map_err(|_| format!("{text:?}: {addr:?} is not an IP address"))?;
+        let max = Family::of(addr).bits();
         let prefix_len: u8 = prefix_len
             .parse()
             .ok()
-            .filter(|len| *len <= 32)
-            .ok_or_else(|| format!("{text:?}: prefix length must be 0..=32"))?;
+            .filter(|len| *len <= max)
+            .ok_or_else(|| format!("{text:?}: prefix length must be 0..={max}"))?;
         Ok(Self { addr, prefix_len })
+    }
+}
+
+/// An address family. A dual-stack Service compiles into one service per family, each with its
+/// own id, selection table and endpoints (those of its family's EndpointSlices).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+
+    /// Address length in bits.
+    pub fn bits(self) -> u8 {
+        match self {
+            Self::V4 => 32,
+            Self::V6 => 128,
+        }
+    }
+
+    /// As Kubernetes spells it (`ipFamilies`, EndpointSlice `addressType`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
     }
 }
 
@@ -115,6 +174,8 @@ pub struct ServicePortKey {
     /// Which of the port's frontends this entry serves: all of them, unless a traffic policy
     /// or source ranges give some of them other backends or checks.
     pub scope: Scope,
+    /// The family of its frontends and backends.
+    pub family: Family,
 }
 
 /// The frontends of a Service port that share one selection table.
@@ -151,6 +212,10 @@ impl std::fmt::Display for ServicePortKey {
             Scope::External => write!(f, "[external]"),
             Scope::LoadBalancer => write!(f, "[loadbalancer]"),
             Scope::LoadBalancerNodeClients => write!(f, "[loadbalancer-node-clients]"),
+        }?;
+        match self.family {
+            Family::V4 => Ok(()),
+            Family::V6 => write!(f, "[ipv6]"),
         }
     }
 }
@@ -166,7 +231,7 @@ pub(super) fn protocol_name(protocol: u8) -> &'static str {
 /// A frontend of a service: an address, port and protocol clients use, and what kind it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// [`lb_common::proto`] number.
     pub proto: u8,
@@ -174,17 +239,89 @@ pub struct Frontend {
     pub kind: u32,
 }
 
+/// A frontends map key of either family, as the datapath writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKey {
+    V4(Frontend4Key),
+    V6(Frontend6Key),
+}
+
+impl FrontendKey {
+    /// The IPv4 map's key, for an IPv4 frontend.
+    pub fn v4(&self) -> Option<Frontend4Key> {
+        match self {
+            Self::V4(key) => Some(*key),
+            Self::V6(_) => None,
+        }
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        match self {
+            Self::V4(key) => Ipv4Addr::from(u32::from_be(key.addr)).into(),
+            Self::V6(key) => ipv6_of_words(key.addr).into(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be(match self {
+            Self::V4(key) => key.port,
+            Self::V6(key) => key.port,
+        })
+    }
+
+    pub fn proto(&self) -> u8 {
+        match self {
+            Self::V4(key) => key.proto,
+            Self::V6(key) => key.proto,
+        }
+    }
+
+    pub fn scope(&self) -> u8 {
+        match self {
+            Self::V4(key) => key.scope,
+            Self::V6(key) => key.scope,
+        }
+    }
+}
+
+/// An IPv6 address as the datapath's keys hold it ([`lb_common::Ipv6Words`]: the address's
+/// bytes, read as four native-endian words).
+pub fn ipv6_words(addr: Ipv6Addr) -> lb_common::Ipv6Words {
+    let bytes = addr.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap()))
+}
+
+fn words_to_u128(words: lb_common::Ipv6Words) -> u128 {
+    let bytes = words.map(u32::to_ne_bytes);
+    u128::from_be_bytes(bytes.as_flattened().try_into().expect("16 bytes"))
+}
+
+/// The address [`ipv6_words`] made.
+pub fn ipv6_of_words(words: lb_common::Ipv6Words) -> Ipv6Addr {
+    Ipv6Addr::from(words_to_u128(words))
+}
+
 impl Frontend {
-    pub fn key(&self) -> Frontend4Key {
-        Frontend4Key {
-            addr: u32::from(self.addr).to_be(),
-            port: self.port.to_be(),
-            proto: self.proto,
-            scope: if self.kind & lb_common::service_flags::FOR_NODE_CLIENTS != 0 {
-                lb_common::scope::NODE_CLIENTS
-            } else {
-                lb_common::scope::ANY
-            },
+    pub fn key(&self) -> FrontendKey {
+        let port = self.port.to_be();
+        let scope = if self.kind & lb_common::service_flags::FOR_NODE_CLIENTS != 0 {
+            lb_common::scope::NODE_CLIENTS
+        } else {
+            lb_common::scope::ANY
+        };
+        match self.addr {
+            IpAddr::V4(addr) => FrontendKey::V4(Frontend4Key {
+                addr: u32::from(addr).to_be(),
+                port,
+                proto: self.proto,
+                scope,
+            }),
+            IpAddr::V6(addr) => FrontendKey::V6(Frontend6Key {
+                addr: ipv6_words(addr),
+                port,
+                proto: self.proto,
+                scope,
+            }),
         }
     }
 }
@@ -192,30 +329,59 @@ impl Frontend {
 /// A backend as the API takes it: an endpoint address, port and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: u8,
     /// [`lb_common::backend_flags`] bits.
     pub flags: u8,
 }
 
+/// A backends map value of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendValue {
+    V4(Backend4),
+    V6(Backend6),
+}
+
 impl Backend {
-    pub(crate) fn value(&self) -> Backend4 {
-        Backend4 {
-            addr: u32::from(self.addr).to_be(),
-            port: self.port.to_be(),
-            proto: self.proto,
-            flags: self.flags,
+    pub(crate) fn value(&self) -> BackendValue {
+        let port = self.port.to_be();
+        match self.addr {
+            IpAddr::V4(addr) => BackendValue::V4(Backend4 {
+                addr: u32::from(addr).to_be(),
+                port,
+                proto: self.proto,
+                flags: self.flags,
+            }),
+            IpAddr::V6(addr) => BackendValue::V6(Backend6 {
+                addr: ipv6_words(addr),
+                port,
+                proto: self.proto,
+                flags: self.flags,
+            }),
         }
     }
 
     pub(crate) fn from_value(value: &Backend4) -> Self {
         Self {
-            addr: Ipv4Addr::from(u32::from_be(value.addr)),
+            addr: Ipv4Addr::from(u32::from_be(value.addr)).into(),
             port: u16::from_be(value.port),
             proto: value.proto,
             flags: value.flags,
         }
+    }
+
+    pub(crate) fn from_value6(value: &Backend6) -> Self {
+        Self {
+            addr: ipv6_of_words(value.addr).into(),
+            port: u16::from_be(value.port),
+            proto: value.proto,
+            flags: value.flags,
+        }
+    }
+
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
     }
 }
 
@@ -230,7 +396,7 @@ pub struct DesiredService {
     /// [`lb_common::service_flags`] policy bits: LOCAL_ONLY, SOURCE_RANGES.
     pub flags: u32,
     /// loadBalancerSourceRanges (address, prefix length), with SOURCE_RANGES.
-    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    pub source_ranges: BTreeSet<(IpAddr, u8)>,
 }
 
 /// The whole desired state.
@@ -257,7 +423,7 @@ pub struct Service {
     /// [`lb_common::service_flags`] policy bits (LOCAL_ONLY, SOURCE_RANGES) for every frontend.
     pub flags: u32,
     /// loadBalancerSourceRanges (address, prefix length); enforced with SOURCE_RANGES.
-    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    pub source_ranges: BTreeSet<(IpAddr, u8)>,
 }
 
 /// How bad a problem is.
@@ -284,4 +450,37 @@ pub struct Problem {
     /// A short CamelCase reason (the Event's reason and the metric label).
     pub reason: &'static str,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_words_hold_the_address_bytes_in_wire_order() {
+        let addr: Ipv6Addr = "2001:db8:96::10".parse().unwrap();
+        let words = ipv6_words(addr);
+        let in_memory: Vec<u8> = words.iter().flat_map(|word| word.to_ne_bytes()).collect();
+        assert_eq!(in_memory, addr.octets());
+        assert_eq!(ipv6_of_words(words), addr);
+    }
+
+    #[test]
+    fn cidrs_of_both_families_contain_their_own_family_only() {
+        let v6: IpCidr = "2001:db8:1::/48".parse().unwrap();
+        assert!(v6.contains("2001:db8:1:ffff::7".parse().unwrap()));
+        assert!(!v6.contains("2001:db8:2::7".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        let v4: IpCidr = "10.0.0.0/8".parse().unwrap();
+        assert!(v4.contains("10.1.2.3".parse().unwrap()));
+        assert!(!v4.contains("::ffff:10.1.2.3".parse().unwrap()));
+        let all6: IpCidr = "::/0".parse().unwrap();
+        assert!(all6.contains("2001:db8::1".parse().unwrap()));
+        assert_eq!(
+            "2001:db8:1::5/48".parse::<IpCidr>().unwrap().network(),
+            "2001:db8:1::/48".parse().unwrap()
+        );
+        assert!("2001:db8::/129".parse::<IpCidr>().is_err());
+        assert!("10.0.0.0/33".parse::<IpCidr>().is_err());
+    }
 }

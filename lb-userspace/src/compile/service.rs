@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use k8s_openapi::api::{
@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 use lb_common::{backend_flags, limits, proto, service_flags};
 
 use super::model::{
-    Backend, Desired, DesiredService, Frontend, Ipv4Cidr, NodeContext, Problem, Scope,
+    Backend, Desired, DesiredService, Family, Frontend, IpCidr, NodeContext, Problem, Scope,
     ServicePortKey, Severity,
 };
 use crate::source::Snapshot;
@@ -26,13 +26,13 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// (kube-proxy's way, the default) or `maglev` (consistent hashing).
 pub const LOAD_BALANCING_ANNOTATION: &str = "lb.io/load-balancing";
 
-/// The IPv4 ClusterIPs of every Service the desired state holds (skipped for bad input), as far
+/// The ClusterIPs of every Service the desired state holds (skipped for bad input), as far
 /// as its spec gives them: what identifies its installed state after a restart
 /// ([`crate::reconcile::Reconciler::recover_held`]).
 pub fn held_cluster_ips(
     snapshot: &Snapshot,
     desired: &Desired,
-) -> BTreeMap<(String, String), BTreeSet<Ipv4Addr>> {
+) -> BTreeMap<(String, String), BTreeSet<IpAddr>> {
     snapshot
         .services
         .iter()
@@ -42,7 +42,7 @@ pub fn held_cluster_ips(
                 return None;
             }
             let spec = service.spec.as_ref()?;
-            let addresses: BTreeSet<Ipv4Addr> = spec
+            let addresses: BTreeSet<IpAddr> = spec
                 .cluster_ips
                 .iter()
                 .flatten()
@@ -116,7 +116,7 @@ fn unsupported(
 pub(super) fn compile_service(
     service: &Service,
     node: &NodeContext,
-    node_addresses: &[Ipv4Addr],
+    node_addresses: &[IpAddr],
     endpoints: &ServiceEndpoints,
     problems: &mut Vec<Problem>,
 ) -> Result<BTreeMap<ServicePortKey, DesiredService>, Skip> {
@@ -169,32 +169,47 @@ pub(super) fn compile_service(
         .collect();
     let ingress_ips = parse_ips(&ingress_ips, "loadBalancer ingress IP")
         .map_err(|message| invalid("InvalidLoadBalancerIP", message))?;
-    let v6 = cluster_ips
-        .iter()
-        .chain(&external_ips)
-        .chain(&ingress_ips)
-        .filter(|ip| ip.is_ipv6())
-        .count();
-    if v6 > 0 {
+    // A Service is served in the families of its ClusterIPs (a dual-stack one in both), as
+    // kube-proxy's per-family proxiers serve it; other addresses are not.
+    // Without a ClusterIP (a hand-written manifest; the API server always allocates one), the
+    // families the spec asks for, else IPv4, so that its other frontends are served as before.
+    let families: BTreeSet<Family> = if cluster_ips.is_empty() {
+        let asked: BTreeSet<Family> = spec
+            .ip_families
+            .iter()
+            .flatten()
+            .filter_map(|family| match family.as_str() {
+                "IPv4" => Some(Family::V4),
+                "IPv6" => Some(Family::V6),
+                _ => None,
+            })
+            .collect();
+        if asked.is_empty() {
+            [Family::V4].into()
+        } else {
+            asked
+        }
+    } else {
+        cluster_ips.iter().map(|ip| Family::of(*ip)).collect()
+    };
+    let (external_ips, ingress_ips) = (
+        of_families(service, external_ips, &families, "externalIP", problems),
+        of_families(service, ingress_ips, &families, "LoadBalancer IP", problems),
+    );
+    let node_ports_wanted = service_type == "NodePort" || service_type == "LoadBalancer";
+    if families.contains(&Family::V6)
+        && (node_ports_wanted || external_ips.iter().chain(&ingress_ips).any(IpAddr::is_ipv6))
+    {
         problems.push(unsupported(
             "Service",
             &service.metadata,
-            "IPv6NotSupported",
-            format!("{v6} IPv6 address(es) not programmed (IPv4 only in this version)"),
+            "IPv6FromOutsideNotServed",
+            "its IPv6 NodePorts, externalIPs and LoadBalancer IPs are served to this node's pods \
+             and processes; packets from outside the node to them are not translated yet"
+                .into(),
         ));
     }
-    let v4 = |ips: &[IpAddr]| -> Vec<Ipv4Addr> {
-        ips.iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
-            .collect()
-    };
-    let (cluster_ips, external_ips, ingress_ips) =
-        (v4(&cluster_ips), v4(&external_ips), v4(&ingress_ips));
     let external_ips = allowed_external_ips(service, external_ips, node, problems);
-    let node_ports_wanted = service_type == "NodePort" || service_type == "LoadBalancer";
     let affinity_timeout_s = affinity_timeout(service);
     let maglev = match service
         .metadata
@@ -269,87 +284,113 @@ pub(super) fn compile_service(
             ));
         }
         let port_name = port.name.clone().unwrap_or_default();
-        let mut frontends = BTreeSet::new();
-        let mut add = |addr, port, kind| {
-            frontends.insert(Frontend {
-                addr,
-                port,
-                proto: protocol,
-                kind,
-            });
-        };
-        for &ip in &cluster_ips {
-            add(ip, number, service_flags::CLUSTER_IP);
-        }
-        for &ip in &external_ips {
-            add(ip, number, service_flags::EXTERNAL_IP);
-        }
-        for &ip in &ingress_ips {
-            add(ip, number, service_flags::LOAD_BALANCER);
-        }
-        if node_ports_wanted {
-            // A nodePort outside the range costs only the NodePort frontends of this port: the
-            // ClusterIP and the other frontends keep working.
-            match node_port(port, node) {
-                Ok(Some(node_port)) => {
-                    for &addr in node_addresses {
-                        add(addr, node_port, service_flags::NODE_PORT);
-                    }
-                }
-                Ok(None) => {}
-                Err(message) => problems.push(invalid_service(
+        // A nodePort outside the range costs only the NodePort frontends of this port: the
+        // ClusterIP and the other frontends keep working.
+        let node_port = if node_ports_wanted {
+            node_port(port, node).unwrap_or_else(|message| {
+                problems.push(invalid_service(
                     service,
                     "InvalidNodePort",
                     format!("{message}; its NodePort frontends are skipped"),
-                )),
-            }
-        }
-        let PortBackends {
-            all: backends,
-            cluster,
-        } = endpoints.backends(&port_name, protocol, node);
-        if backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
-            return Err(invalid(
-                "TooManyEndpoints",
-                format!(
-                    "port {port_name:?} has {} endpoints, more than the {} a service can hold",
-                    backends.len(),
-                    limits::MAX_BACKENDS_PER_SERVICE
-                ),
-            ));
-        }
-        for (scope, frontends, flags) in policy.split(frontends) {
-            let backends = if flags & service_flags::LOCAL_ONLY != 0 {
-                backends
-                    .iter()
-                    .filter(|b| b.flags & backend_flags::LOCAL != 0)
+                ));
+                None
+            })
+        } else {
+            None
+        };
+        for &family in &families {
+            let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+                ips.iter()
                     .copied()
+                    .filter(|ip| Family::of(*ip) == family)
                     .collect()
-            } else {
-                cluster.clone()
             };
-            let source_ranges = if flags & service_flags::SOURCE_RANGES != 0 {
-                policy.source_ranges.clone().unwrap_or_default()
-            } else {
-                BTreeSet::new()
+            let mut frontends = BTreeSet::new();
+            let mut add = |addr, port, kind| {
+                frontends.insert(Frontend {
+                    addr,
+                    port,
+                    proto: protocol,
+                    kind,
+                });
             };
-            let key = ServicePortKey {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                port_name: port_name.clone(),
-                proto: protocol,
-                scope,
-            };
-            desired.insert(
-                key,
-                DesiredService {
-                    frontends,
-                    backends,
-                    affinity_timeout_s,
-                    flags: flags | algorithm_flags,
-                    source_ranges,
-                },
-            );
+            for ip in of_family(&cluster_ips) {
+                add(ip, number, service_flags::CLUSTER_IP);
+            }
+            for ip in of_family(&external_ips) {
+                add(ip, number, service_flags::EXTERNAL_IP);
+            }
+            for ip in of_family(&ingress_ips) {
+                add(ip, number, service_flags::LOAD_BALANCER);
+            }
+            if let Some(node_port) = node_port {
+                for addr in of_family(node_addresses) {
+                    add(addr, node_port, service_flags::NODE_PORT);
+                }
+            }
+            let PortBackends {
+                all: backends,
+                cluster,
+            } = endpoints.backends(&port_name, protocol, node, family);
+            if backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
+                return Err(invalid(
+                    "TooManyEndpoints",
+                    format!(
+                        "port {port_name:?} has {} {} endpoints, more than the {} a service can \
+                         hold",
+                        backends.len(),
+                        family.name(),
+                        limits::MAX_BACKENDS_PER_SERVICE
+                    ),
+                ));
+            }
+            for (scope, frontends, flags) in policy.split(frontends) {
+                let backends = if flags & service_flags::LOCAL_ONLY != 0 {
+                    backends
+                        .iter()
+                        .filter(|b| b.flags & backend_flags::LOCAL != 0)
+                        .copied()
+                        .collect()
+                } else {
+                    cluster.clone()
+                };
+                let source_ranges = if flags & service_flags::SOURCE_RANGES != 0 {
+                    policy
+                        .source_ranges
+                        .iter()
+                        .flatten()
+                        .filter(|(addr, _)| Family::of(*addr) == family)
+                        .copied()
+                        .collect()
+                } else {
+                    BTreeSet::new()
+                };
+                let key = ServicePortKey {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    port_name: port_name.clone(),
+                    proto: protocol,
+                    scope,
+                    family,
+                };
+                desired.insert(
+                    key,
+                    DesiredService {
+                        frontends,
+                        backends,
+                        affinity_timeout_s,
+                        // Maglev is XDP's, which serves IPv4 only: an IPv6 service would hold a
+                        // lookup table nothing reads.
+                        flags: flags
+                            | if family == Family::V4 {
+                                algorithm_flags
+                            } else {
+                                0
+                            },
+                        source_ranges,
+                    },
+                );
+            }
         }
     }
     Ok(desired)
@@ -358,14 +399,14 @@ pub(super) fn compile_service(
 /// The externalIPs inside `--external-ip-cidrs` (all without it); a problem for each other one.
 fn allowed_external_ips(
     service: &Service,
-    external_ips: Vec<Ipv4Addr>,
+    external_ips: Vec<IpAddr>,
     node: &NodeContext,
     problems: &mut Vec<Problem>,
-) -> Vec<Ipv4Addr> {
+) -> Vec<IpAddr> {
     if node.external_ip_cidrs.is_empty() {
         return external_ips;
     }
-    let (allowed, refused): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = external_ips
+    let (allowed, refused): (Vec<IpAddr>, Vec<IpAddr>) = external_ips
         .into_iter()
         .partition(|ip| node.external_ip_cidrs.iter().any(|cidr| cidr.contains(*ip)));
     for ip in refused {
@@ -378,6 +419,34 @@ fn allowed_external_ips(
     allowed
 }
 
+/// The addresses of the families the Service is served in; a Warning for each other one (a
+/// single-stack Service's externalIP of the other family: kube-proxy ignores it too).
+fn of_families(
+    service: &Service,
+    addresses: Vec<IpAddr>,
+    families: &BTreeSet<Family>,
+    what: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<IpAddr> {
+    let (served, unserved): (Vec<IpAddr>, Vec<IpAddr>) = addresses
+        .into_iter()
+        .partition(|ip| families.contains(&Family::of(*ip)));
+    for ip in unserved {
+        problems.push(Problem {
+            severity: Severity::Warning,
+            ..invalid_service(
+                service,
+                "IPFamilyNotServed",
+                format!(
+                    "{what} {ip} is {}, which the Service's clusterIPs do not have; not served",
+                    Family::of(ip).name()
+                ),
+            )
+        });
+    }
+    served
+}
+
 /// What decides which frontends of a Service port share a selection table.
 struct Policy {
     /// externalTrafficPolicy Local: NodePorts, externalIPs and LoadBalancer IPs reach node-local
@@ -385,9 +454,9 @@ struct Policy {
     external_local: bool,
     /// internalTrafficPolicy Local: the same for the ClusterIPs.
     internal_local: bool,
-    /// loadBalancerSourceRanges: only these clients may use the LoadBalancer IPs. Some(empty)
-    /// when the spec lists only ranges this version does not program (IPv6): then no client may.
-    source_ranges: Option<BTreeSet<(Ipv4Addr, u8)>>,
+    /// loadBalancerSourceRanges (both families): only these clients may use the LoadBalancer
+    /// IPs. A family without a range of its own lets none of its clients in.
+    source_ranges: Option<BTreeSet<(IpAddr, u8)>>,
 }
 
 impl Policy {
@@ -469,15 +538,16 @@ impl Policy {
 
 /// loadBalancerSourceRanges as (network address, prefix length); None when the spec has none.
 ///
-/// Any range restricts: IPv6 ranges are not programmed (IPv4 only in this version), so a list of
-/// IPv6 ranges alone lets no IPv4 client in, rather than every client. A range with host bits set
-/// is masked (as kube-proxy does), with a Warning: the datapath's LPM trie keeps one entry per
-/// (service, prefix), so `10.1.2.3/8` and `10.0.0.0/8` must be one member of the set, or removing
-/// one of them would remove the entry the other still needs.
+/// Any range restricts: a family the ranges do not mention lets none of its clients in (a
+/// Warning says so when the Service has LoadBalancer IPs of that family), rather than every
+/// client. A range with host bits set is masked (as kube-proxy does), with a Warning: the
+/// datapath's LPM trie keeps one entry per (service, prefix), so `10.1.2.3/8` and `10.0.0.0/8`
+/// must be one member of the set, or removing one of them would remove the entry the other
+/// still needs.
 fn source_ranges(
     service: &Service,
     problems: &mut Vec<Problem>,
-) -> Result<Option<BTreeSet<(Ipv4Addr, u8)>>, String> {
+) -> Result<Option<BTreeSet<(IpAddr, u8)>>, String> {
     let texts = service
         .spec
         .as_ref()
@@ -487,15 +557,9 @@ fn source_ranges(
         return Ok(None);
     }
     let mut ranges = BTreeSet::new();
-    let mut v6 = 0;
     for text in texts {
         let text = text.trim();
-        if text.contains(':') {
-            check_ipv6_cidr(text)?;
-            v6 += 1;
-            continue;
-        }
-        let cidr: Ipv4Cidr = text.parse()?;
+        let cidr: IpCidr = text.parse()?;
         let network = cidr.network();
         if network != cidr {
             problems.push(Problem {
@@ -512,33 +576,33 @@ fn source_ranges(
         }
         ranges.insert((network.addr, network.prefix_len));
     }
-    if v6 > 0 {
-        let consequence = if ranges.is_empty() {
-            "no IPv4 client may use the LoadBalancer IPs"
-        } else {
-            "IPv4 clients must be inside the IPv4 ranges"
-        };
-        problems.push(unsupported(
-            "Service",
-            &service.metadata,
-            "IPv6SourceRangesNotSupported",
-            format!(
-                "{v6} IPv6 loadBalancerSourceRange(s) not programmed (IPv4 only in this version); {consequence}"
-            ),
-        ));
+    let ingress_families: BTreeSet<Family> = service
+        .status
+        .iter()
+        .filter_map(|status| status.load_balancer.as_ref()?.ingress.as_ref())
+        .flatten()
+        .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok())
+        .map(Family::of)
+        .collect();
+    for family in ingress_families {
+        if !ranges.iter().any(|(addr, _)| Family::of(*addr) == family) {
+            problems.push(Problem {
+                severity: Severity::Warning,
+                ..invalid_service(
+                    service,
+                    "NoSourceRangeOfFamily",
+                    format!(
+                        "loadBalancerSourceRanges has no {} range: no {} client may use the \
+                         {} LoadBalancer IPs",
+                        family.name(),
+                        family.name(),
+                        family.name()
+                    ),
+                )
+            });
+        }
     }
     Ok(Some(ranges))
-}
-
-fn check_ipv6_cidr(text: &str) -> Result<(), String> {
-    let valid = text.split_once('/').is_some_and(|(addr, len)| {
-        addr.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().is_ok_and(|len| len <= 128)
-    });
-    if valid {
-        Ok(())
-    } else {
-        Err(format!("{text:?} is not an IPv6 CIDR (address/prefix)"))
-    }
 }
 
 /// An externalTrafficPolicy Local Service's healthCheckNodePort, when set, must be in the
@@ -610,13 +674,19 @@ fn valid_port(port: i32) -> Option<u16> {
 }
 
 fn parse_ips(texts: &[&str], what: &str) -> Result<Vec<IpAddr>, String> {
-    texts
-        .iter()
-        .map(|text| {
-            text.parse()
-                .map_err(|_| format!("{what} {text:?} is not an IP address"))
-        })
-        .collect()
+    texts.iter().map(|text| parse_ip(text, what)).collect()
+}
+
+/// An address as Kubernetes validates it: IPv4 or IPv6, never an IPv4-mapped IPv6 one
+/// (`::ffff:10.0.0.1`), which the datapath would take for IPv6 while the kernel sends IPv4.
+fn parse_ip(text: &str, what: &str) -> Result<IpAddr, String> {
+    match text.parse::<IpAddr>() {
+        Ok(IpAddr::V6(addr)) if addr.to_ipv4_mapped().is_some() => Err(format!(
+            "{what} {text:?} is an IPv4-mapped IPv6 address; write the IPv4 address"
+        )),
+        Ok(addr) => Ok(addr),
+        Err(_) => Err(format!("{what} {text:?} is not an IP address")),
+    }
 }
 
 fn affinity_timeout(service: &Service) -> u32 {
@@ -635,7 +705,7 @@ fn affinity_timeout(service: &Service) -> u32 {
 /// One endpoint of one port of a Service, as the slices describe it.
 #[derive(Clone, Debug)]
 struct SliceEndpoint {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     port: u16,
     proto: u8,
     port_name: String,
@@ -670,17 +740,12 @@ impl ServiceEndpoints {
         let mut endpoints = Vec::new();
         for slice in slices {
             let (namespace, name) = object_key(&slice.metadata);
-            if slice.address_type != "IPv4" {
-                if slice.address_type == "IPv6" {
-                    problems.push(unsupported(
-                        "EndpointSlice",
-                        &slice.metadata,
-                        "IPv6NotSupported",
-                        "IPv6 endpoints are not programmed (IPv4 only in this version)".into(),
-                    ));
-                }
-                continue;
-            }
+            let family = match slice.address_type.as_str() {
+                "IPv4" => Family::V4,
+                "IPv6" => Family::V6,
+                // FQDN slices are for no proxy to serve.
+                _ => continue,
+            };
             for port in slice.ports.iter().flatten() {
                 let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
                     "TCP" => proto::TCP,
@@ -705,6 +770,7 @@ impl ServiceEndpoints {
                 for endpoint in &slice.endpoints {
                     match slice_endpoint(
                         endpoint,
+                        family,
                         number,
                         protocol,
                         port.name.clone().unwrap_or_default(),
@@ -726,7 +792,7 @@ impl ServiceEndpoints {
     }
 
     /// The addresses of the endpoints without a nodeName.
-    pub(super) fn unplaced(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    pub(super) fn unplaced(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.endpoints
             .iter()
             .filter(|endpoint| endpoint.node_name.is_none())
@@ -735,12 +801,22 @@ impl ServiceEndpoints {
 
     /// The backends new flows of one Service port select from: all of them (a Local traffic
     /// policy takes the local ones), and those a Cluster policy uses, which the endpoints'
-    /// topology hints narrow (see [`Topology`]).
-    fn backends(&self, port_name: &str, protocol: u8, node: &NodeContext) -> PortBackends {
+    /// topology hints narrow (see [`Topology`]). Endpoints of `family` only.
+    fn backends(
+        &self,
+        port_name: &str,
+        protocol: u8,
+        node: &NodeContext,
+        family: Family,
+    ) -> PortBackends {
         let candidates: Vec<&SliceEndpoint> = self
             .endpoints
             .iter()
-            .filter(|endpoint| endpoint.port_name == port_name && endpoint.proto == protocol)
+            .filter(|endpoint| {
+                endpoint.port_name == port_name
+                    && endpoint.proto == protocol
+                    && Family::of(endpoint.addr) == family
+            })
             .collect();
         let ready: Vec<&SliceEndpoint> = candidates
             .iter()
@@ -758,8 +834,8 @@ impl ServiceEndpoints {
         } else {
             ready
         };
-        let mut by_address: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
-        let mut for_cluster: BTreeSet<(Ipv4Addr, u16)> = BTreeSet::new();
+        let mut by_address: BTreeMap<(IpAddr, u16), Backend> = BTreeMap::new();
+        let mut for_cluster: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
         for endpoint in chosen {
             let mut flags = 0;
             if endpoint.is_on(node) {
@@ -855,6 +931,7 @@ fn merged_flags(a: u8, b: u8) -> u8 {
 
 fn slice_endpoint(
     endpoint: &Endpoint,
+    family: Family,
     port: u16,
     protocol: u8,
     port_name: String,
@@ -864,9 +941,13 @@ fn slice_endpoint(
         .addresses
         .first()
         .ok_or("endpoint without an address")?;
-    let addr: Ipv4Addr = text
-        .parse()
-        .map_err(|_| format!("endpoint address {text:?} is not an IPv4 address"))?;
+    let addr = parse_ip(text, "endpoint address")?;
+    if Family::of(addr) != family {
+        return Err(format!(
+            "endpoint address {text:?} is not an {} address",
+            family.name()
+        ));
+    }
     let conditions = endpoint.conditions.as_ref();
     // Unset ready means ready; unset serving means as ready; unset terminating means not.
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);

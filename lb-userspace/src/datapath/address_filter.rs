@@ -13,10 +13,12 @@
 use std::collections::HashMap;
 
 use aya::maps::{Array, MapData};
-use lb_common::{Frontend4Key, limits};
+use std::net::IpAddr;
+
+use lb_common::limits;
 
 use super::error::{Result, map_error};
-use crate::compile::model::Backend;
+use crate::compile::model::{Backend, FrontendKey};
 
 /// A key of a filter: address and port as numbers (host order of the wire bytes), protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,24 +37,29 @@ impl FilterKey {
     fn bit(self) -> u32 {
         lb_common::frontend_filter::bit(self.addr, self.port, self.proto)
     }
-}
 
-impl From<&Frontend4Key> for FilterKey {
-    fn from(key: &Frontend4Key) -> Self {
-        Self {
-            addr: u32::from_be(key.addr),
-            port: u16::from_be(key.port),
-            proto: key.proto,
+    /// The key of an IPv4 frontend; None for IPv6, which the IPv4 programs' filters do not
+    /// hold.
+    pub(super) fn of_frontend(key: &FrontendKey) -> Option<Self> {
+        match key {
+            FrontendKey::V4(key) => Some(Self {
+                addr: u32::from_be(key.addr),
+                port: u16::from_be(key.port),
+                proto: key.proto,
+            }),
+            FrontendKey::V6(_) => None,
         }
     }
-}
 
-impl From<&Backend> for FilterKey {
-    fn from(backend: &Backend) -> Self {
-        Self {
-            addr: u32::from(backend.addr),
-            port: backend.port,
-            proto: backend.proto,
+    /// The key of an IPv4 backend; None for IPv6.
+    pub(super) fn of_backend(backend: &Backend) -> Option<Self> {
+        match backend.addr {
+            IpAddr::V4(addr) => Some(Self {
+                addr: u32::from(addr),
+                port: backend.port,
+                proto: backend.proto,
+            }),
+            IpAddr::V6(_) => None,
         }
     }
 }

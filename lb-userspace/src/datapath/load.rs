@@ -41,13 +41,15 @@ use super::{
     slot_ranges::SlotRanges,
     write::write_table,
 };
+use crate::compile::model::ipv6_of_words;
 
-const SOCKET_HOOKS: [&str; 7] = [
+const SOCKET_HOOKS: [&str; 8] = [
     program_names::CONNECT4,
     program_names::SENDMSG4,
     program_names::RECVMSG4,
     program_names::GETPEERNAME4,
     program_names::CONNECT6,
+    program_names::SENDMSG6,
     program_names::RECVMSG6,
     program_names::GETPEERNAME6,
 ];
@@ -80,7 +82,7 @@ impl Datapath {
         let clock = start_clock(&mut ebpf)?;
         ensure_service_names(pin_dir)?;
         let mut maps = Maps::open(pin_dir, Access::ReadWrite)?;
-        let (mut installed, owners) = read_installed(&maps.frontends, &maps.slots)?;
+        let (mut installed, owners) = read_installed(&maps)?;
         let mut slot_ranges = SlotRanges::new(limits::MAX_SLOTS);
         for service in installed.values_mut() {
             if !slot_ranges.reserve(service.slots, service.backends.len() as u32) {
@@ -99,20 +101,31 @@ impl Datapath {
         let frontend_filter = AddressFilter::rebuild(
             map_names::FRONTEND_FILTER,
             open_map(pin_dir, map_names::FRONTEND_FILTER, Access::ReadWrite)?,
-            owners.keys().map(FilterKey::from),
+            owners.keys().filter_map(FilterKey::of_frontend),
         )?;
         for key in maps.source_ranges.keys() {
             let key =
                 key.map_err(|source| map_error(map_names::SOURCE_RANGES4, "iterate", source))?;
             let data = key.data();
             if let Some(service) = installed.get_mut(&u32::from_be(data.service_id_be)) {
-                let addr = Ipv4Addr::from(u32::from_be(data.addr));
+                let addr = Ipv4Addr::from(u32::from_be(data.addr)).into();
                 service
                     .source_ranges
                     .insert((addr, (key.prefix_len() - 32) as u8));
             }
         }
-        let installed_backends = read_backends(&maps.backends)?;
+        for key in maps.source_ranges6.keys() {
+            let key =
+                key.map_err(|source| map_error(map_names::SOURCE_RANGES6, "iterate", source))?;
+            let data = key.data();
+            if let Some(service) = installed.get_mut(&u32::from_be(data.service_id_be)) {
+                let addr = ipv6_of_words(data.addr).into();
+                service
+                    .source_ranges
+                    .insert((addr, (key.prefix_len() - 32) as u8));
+            }
+        }
+        let installed_backends = read_backends(&maps)?;
         let conntrack = super::batch::read_hash_map(&maps.conntrack)
             .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
         let migrated = super::migrate::pairs_to_flow_entries(&mut maps.conntrack, &conntrack)?;
@@ -130,7 +143,7 @@ impl Datapath {
             take_private_map(&mut ebpf, map_names::BACKEND_FILTER)?,
             installed_backends
                 .values()
-                .map(FilterKey::from)
+                .filter_map(FilterKey::of_backend)
                 .chain(reply_sources),
         )?;
         let names = read_service_names(&maps.service_names)?;

@@ -7,8 +7,9 @@ use std::path::Path;
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Frontend4Key,
-    ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SourceRange4, map_names,
+    Affinity4Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, DatapathConfig,
+    Frontend4Key, Frontend6Key, ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value,
+    SockNat6Key, SockNat6Value, SourceRange4, SourceRange6, map_names,
 };
 
 use super::{
@@ -30,6 +31,10 @@ pub struct Maps {
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     pub affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
+    pub frontends6: HashMap<MapData, Frontend6Key, ServiceValue>,
+    pub backends6: HashMap<MapData, u32, Backend6>,
+    pub source_ranges6: LpmTrie<MapData, SourceRange6, u8>,
+    pub sock_nat6: HashMap<MapData, SockNat6Key, SockNat6Value>,
 }
 
 impl Maps {
@@ -48,6 +53,10 @@ impl Maps {
             source_ranges: open_map(pin_dir, map_names::SOURCE_RANGES4, access)?,
             affinity: open_map(pin_dir, map_names::AFFINITY4, access)?,
             service_names: open_map(pin_dir, map_names::SERVICE_NAMES, access)?,
+            frontends6: open_map(pin_dir, map_names::FRONTENDS6, access)?,
+            backends6: open_map(pin_dir, map_names::BACKENDS6, access)?,
+            source_ranges6: open_map(pin_dir, map_names::SOURCE_RANGES6, access)?,
+            sock_nat6: open_map(pin_dir, map_names::SOCK_NAT6, access)?,
         })
     }
 }

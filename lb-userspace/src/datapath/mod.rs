@@ -20,7 +20,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
 };
 
@@ -28,9 +28,9 @@ use aya::{
     Ebpf,
     maps::{Array, DevMapHash, MapData},
 };
-use lb_common::{Frontend4Key, NicMac, SERVICE_NAME_LEN, service_flags};
+use lb_common::{NicMac, SERVICE_NAME_LEN, service_flags};
 
-use crate::compile::model::{Backend, Service};
+use crate::compile::model::{Backend, FrontendKey, Service};
 
 mod address_filter;
 pub mod batch;
@@ -88,7 +88,7 @@ pub struct Datapath {
     /// step by every update: an update costs O(its own size), and reconcile diffs against it.
     installed: BTreeMap<u32, InstalledService>,
     /// Which service owns each frontend (a frontend belongs to one service).
-    owners: BTreeMap<Frontend4Key, u32>,
+    owners: FrontendOwners,
     installed_backends: BTreeMap<u32, Backend>,
     /// Undo and cleanup steps that failed since the last [`Datapath::take_cleanup_failures`]:
     /// steps whose caller is already returning the error that made them necessary, or that
@@ -102,7 +102,7 @@ pub struct Datapath {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct DepartedBackend {
     service_id: u32,
-    backend: SocketAddrV4,
+    backend: SocketAddr,
 }
 
 /// A service as the maps hold it.
@@ -113,22 +113,69 @@ pub struct InstalledService {
     /// Backend ids in slot order.
     pub backends: Vec<u32>,
     /// Frontend keys with their [`lb_common::service_flags`] (kind and policy bits).
-    pub frontends: BTreeMap<Frontend4Key, u32>,
+    pub frontends: BTreeMap<FrontendKey, u32>,
     pub affinity_timeout_s: u32,
-    pub source_ranges: BTreeSet<(Ipv4Addr, u8)>,
+    pub source_ranges: BTreeSet<(IpAddr, u8)>,
     /// The Maglev lookup table in use, for a service with MAGLEV.
     pub maglev_table: Option<u32>,
 }
 
 /// Frontend keys with the flags their entries carry: the frontends' kinds (a key used by several
 /// kinds of one service gets all of them) plus the service's policy bits.
-pub fn frontend_flags(service: &Service) -> BTreeMap<Frontend4Key, u32> {
+pub fn frontend_flags(service: &Service) -> BTreeMap<FrontendKey, u32> {
     let policy = service.flags & !service_flags::KINDS;
     let mut flags = BTreeMap::new();
     for frontend in &service.frontends {
         *flags.entry(frontend.key()).or_insert(policy) |= frontend.kind & service_flags::KINDS;
     }
     flags
+}
+
+/// Which service owns each frontend, with the count of IPv6 ones (each family's map has its
+/// own capacity, checked before every update without a walk over every frontend).
+#[derive(Debug, Default)]
+pub(crate) struct FrontendOwners {
+    by_key: BTreeMap<FrontendKey, u32>,
+    ipv6: usize,
+}
+
+impl FrontendOwners {
+    pub(crate) fn insert(&mut self, key: FrontendKey, service_id: u32) -> Option<u32> {
+        let before = self.by_key.insert(key, service_id);
+        if before.is_none() && matches!(key, FrontendKey::V6(_)) {
+            self.ipv6 += 1;
+        }
+        before
+    }
+
+    pub(crate) fn remove(&mut self, key: &FrontendKey) -> Option<u32> {
+        let before = self.by_key.remove(key);
+        if before.is_some() && matches!(key, FrontendKey::V6(_)) {
+            self.ipv6 -= 1;
+        }
+        before
+    }
+
+    pub(crate) fn get(&self, key: &FrontendKey) -> Option<&u32> {
+        self.by_key.get(key)
+    }
+
+    pub(crate) fn contains_key(&self, key: &FrontendKey) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &FrontendKey> {
+        self.by_key.keys()
+    }
+
+    /// How many frontends of one family (IPv6 or not) are owned.
+    pub(crate) fn count(&self, ipv6: bool) -> usize {
+        if ipv6 {
+            self.ipv6
+        } else {
+            self.by_key.len() - self.ipv6
+        }
+    }
 }
 
 /// A service name as the service-names map stores it.

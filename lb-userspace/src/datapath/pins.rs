@@ -19,7 +19,7 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 13] = [
+pub const PROGRAMS: [&str; 14] = [
     program_names::XDP_LB,
     program_names::XDP_UDP,
     program_names::XDP_SCTP,
@@ -29,6 +29,7 @@ pub const PROGRAMS: [&str; 13] = [
     program_names::RECVMSG4,
     program_names::GETPEERNAME4,
     program_names::CONNECT6,
+    program_names::SENDMSG6,
     program_names::RECVMSG6,
     program_names::GETPEERNAME6,
     program_names::SOCK_EGRESS4,
@@ -36,12 +37,13 @@ pub const PROGRAMS: [&str; 13] = [
 ];
 
 /// Links of the cgroup hooks under `links/`, by their programs' names.
-const CGROUP_LINKS: [&str; 9] = [
+const CGROUP_LINKS: [&str; 10] = [
     program_names::CONNECT4,
     program_names::SENDMSG4,
     program_names::RECVMSG4,
     program_names::GETPEERNAME4,
     program_names::CONNECT6,
+    program_names::SENDMSG6,
     program_names::RECVMSG6,
     program_names::GETPEERNAME6,
     program_names::SOCK_EGRESS4,

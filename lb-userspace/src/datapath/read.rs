@@ -4,17 +4,18 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, Frontend4Key,
-    ServiceCounter, ServiceValue, Slot, map_names, service_flags,
+    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, DatapathConfig, Event, ServiceCounter,
+    ServiceValue, map_names, service_flags,
 };
 
 use super::{
-    Datapath, InstalledService, ServiceName,
+    Datapath, FrontendOwners, InstalledService, ServiceName,
     error::{Result, map_error},
+    maps::Maps,
 };
-use crate::compile::model::Backend;
+use crate::compile::model::{Backend, FrontendKey};
 
 impl Datapath {
     /// The services the maps hold, by service id.
@@ -50,18 +51,14 @@ impl Datapath {
             .collect()
     }
 
-    /// Every frontend with its service entry.
-    pub fn frontends(&self) -> Result<Vec<(Frontend4Key, ServiceValue)>> {
-        self.maps
-            .frontends
-            .iter()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))
+    /// Every frontend (both families) with its service entry.
+    pub fn frontends(&self) -> Result<Vec<(FrontendKey, ServiceValue)>> {
+        read_frontends(&self.maps)
     }
 
-    /// Every backend by id.
+    /// Every backend (both families) by id.
     pub fn backends(&self) -> Result<BTreeMap<u32, Backend>> {
-        read_backends(&self.maps.backends)
+        read_backends(&self.maps)
     }
 
     /// Every connection-tracking entry.
@@ -83,18 +80,29 @@ impl Datapath {
 
 /// The services the maps hold (from the frontends and the slot tables in force) and the owner
 /// of each frontend.
-pub(crate) type InstalledState = (BTreeMap<u32, InstalledService>, BTreeMap<Frontend4Key, u32>);
+pub(crate) type InstalledState = (BTreeMap<u32, InstalledService>, FrontendOwners);
 
-pub(crate) fn read_installed(
-    frontends: &HashMap<MapData, Frontend4Key, ServiceValue>,
-    slots: &Array<MapData, Slot>,
-) -> Result<InstalledState> {
+/// Every frontend of both families' frontends maps, with its service entry.
+pub(crate) fn read_frontends(maps: &Maps) -> Result<Vec<(FrontendKey, ServiceValue)>> {
+    let v4 = maps.frontends.iter().map(|entry| {
+        entry
+            .map(|(key, value)| (FrontendKey::V4(key), value))
+            .map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))
+    });
+    let v6 = maps.frontends6.iter().map(|entry| {
+        entry
+            .map(|(key, value)| (FrontendKey::V6(key), value))
+            .map_err(|source| map_error(map_names::FRONTENDS6, "iterate", source))
+    });
+    v4.chain(v6).collect()
+}
+
+pub(crate) fn read_installed(maps: &Maps) -> Result<InstalledState> {
+    let slots = &maps.slots;
     let mut installed: BTreeMap<u32, InstalledService> = BTreeMap::new();
-    let mut owners = BTreeMap::new();
+    let mut owners = FrontendOwners::default();
     let mut counts = BTreeMap::new();
-    for entry in frontends.iter() {
-        let (key, value) =
-            entry.map_err(|source| map_error(map_names::FRONTENDS4, "iterate", source))?;
+    for (key, value) in read_frontends(maps)? {
         let service = installed.entry(value.service_id).or_default();
         service.slots = value.slots;
         service.affinity_timeout_s = value.affinity_timeout_s;
@@ -148,14 +156,24 @@ fn service_name(value: &ServiceName) -> String {
     String::from_utf8_lossy(&value[..len]).into_owned()
 }
 
-/// Every backend by id. The agent's datapath and the read-only inspection share these readers.
-pub(crate) fn read_backends(
-    map: &HashMap<MapData, u32, Backend4>,
-) -> Result<BTreeMap<u32, Backend>> {
-    map.iter()
-        .map(|entry| entry.map(|(id, value)| (id, Backend::from_value(&value))))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))
+/// Every backend of both families by id. The agent's datapath and the read-only inspection
+/// share these readers.
+pub(crate) fn read_backends(maps: &Maps) -> Result<BTreeMap<u32, Backend>> {
+    let v4 = read_backend_map(&maps.backends, map_names::BACKENDS4, Backend::from_value);
+    let v6 = read_backend_map(&maps.backends6, map_names::BACKENDS6, Backend::from_value6);
+    v4.chain(v6).collect()
+}
+
+fn read_backend_map<'m, V: aya::Pod>(
+    map: &'m HashMap<MapData, u32, V>,
+    name: &'static str,
+    backend: fn(&V) -> Backend,
+) -> impl Iterator<Item = Result<(u32, Backend)>> + 'm {
+    map.iter().map(move |entry| {
+        entry
+            .map(|(id, value)| (id, backend(&value)))
+            .map_err(|source| map_error(name, "iterate", source))
+    })
 }
 
 /// A service's counters summed over CPUs.

@@ -4,7 +4,8 @@
 //! The socket hooks translate a connected UDP socket once, at connect(); when its endpoint leaves
 //! the Service, every later datagram still goes to the old address (kubernetes#19029). Aborting
 //! the socket makes the application's next call fail, so it reconnects through the hook to a live
-//! endpoint. Listing uses `SOCK_DIAG_BY_FAMILY` (a dump of the connected UDP sockets), aborting
+//! endpoint. Listing uses `SOCK_DIAG_BY_FAMILY` (a dump of the connected UDP sockets of each
+//! family: an AF_INET6 socket connected to an IPv4-mapped address is matched as IPv4), aborting
 //! uses `SOCK_DESTROY` with the listed identity and cookie (kernel >= 4.5 with
 //! CONFIG_INET_DIAG_DESTROY and CONFIG_INET_UDP_DIAG): the kernel finds the socket by its 4-tuple,
 //! refuses when the cookie differs, and calls `udp_abort`, which sets ECONNABORTED as the
@@ -21,7 +22,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     fs::File,
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
@@ -56,11 +57,45 @@ impl InetDiagSockId {
         u64::from(self.cookie[0]) | u64::from(self.cookie[1]) << 32
     }
 
-    fn remote(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(self.dst[0])),
-            u16::from_be(self.dport),
-        )
+    /// The peer of a socket of `family`; an IPv4-mapped IPv6 peer as the IPv4 address it is.
+    fn remote(&self, family: Family) -> SocketAddr {
+        SocketAddr::new(family.address(&self.dst), u16::from_be(self.dport))
+    }
+
+    fn local(&self, family: Family) -> SocketAddr {
+        SocketAddr::new(family.address(&self.src), u16::from_be(self.sport))
+    }
+}
+
+/// The socket families dumped, AF_INET and AF_INET6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn number(self) -> u8 {
+        match self {
+            Self::V4 => libc::AF_INET as u8,
+            Self::V6 => libc::AF_INET6 as u8,
+        }
+    }
+
+    /// An address of `inet_diag_sockid` (network byte order words; IPv4 in the first).
+    fn address(self, words: &[u32; 4]) -> IpAddr {
+        match self {
+            Self::V4 => IpAddr::from(u32::from_be(words[0]).to_be_bytes()),
+            Self::V6 => {
+                let bytes: [u8; 16] = words
+                    .map(u32::to_ne_bytes)
+                    .as_flattened()
+                    .try_into()
+                    .expect("16 bytes");
+                let addr = Ipv6Addr::from(bytes);
+                addr.to_ipv4_mapped().map_or(IpAddr::V6(addr), IpAddr::V4)
+            }
+        }
     }
 }
 
@@ -121,10 +156,11 @@ impl DestroyReport {
     }
 }
 
-/// Aborts every connected UDP socket, in any network namespace, whose cookie is a key of
-/// `targets` and whose peer is that key's address. Nothing else is touched: a socket with another
-/// cookie, or one since connected elsewhere, stays as it is.
-pub fn destroy_connected_udp(targets: &BTreeMap<u64, SocketAddrV4>) -> DestroyReport {
+/// Aborts every connected UDP socket (IPv4 or IPv6), in any network namespace, whose cookie is a
+/// key of `targets` and whose peer is that key's address (an IPv4-mapped peer of an IPv6 socket
+/// counts as the IPv4 address). Nothing else is touched: a socket with another cookie, or one
+/// since connected elsewhere, stays as it is.
+pub fn destroy_connected_udp(targets: &BTreeMap<u64, SocketAddr>) -> DestroyReport {
     if targets.is_empty() {
         return DestroyReport::default();
     }
@@ -148,7 +184,7 @@ pub fn destroy_connected_udp(targets: &BTreeMap<u64, SocketAddrV4>) -> DestroyRe
     }
 }
 
-fn destroy_in_every_namespace(targets: &BTreeMap<u64, SocketAddrV4>) -> DestroyReport {
+fn destroy_in_every_namespace(targets: &BTreeMap<u64, SocketAddr>) -> DestroyReport {
     let mut report = DestroyReport::default();
     let namespaces = match network_namespaces() {
         Ok(namespaces) => namespaces,
@@ -196,7 +232,7 @@ fn network_namespaces() -> io::Result<Vec<PathBuf>> {
 
 fn destroy_in_namespace(
     path: &std::path::Path,
-    targets: &BTreeMap<u64, SocketAddrV4>,
+    targets: &BTreeMap<u64, SocketAddr>,
     report: &mut DestroyReport,
 ) -> io::Result<()> {
     let namespace = File::open(path)?;
@@ -210,24 +246,23 @@ fn destroy_in_namespace(
         }
     }
     let diag = SockDiag::open()?;
-    for socket in diag.connected_udp4()? {
-        if targets.get(&socket.cookie()) != Some(&socket.remote()) {
-            continue;
-        }
-        match diag.destroy_udp4(&socket) {
-            Ok(()) => report.destroyed += 1,
-            // Closed (or reconnected elsewhere) since the dump: nothing left to abort.
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(error) => report.fail(format!(
-                "aborting the UDP socket {} -> {} (cookie {}) in {}: {error}",
-                SocketAddrV4::new(
-                    Ipv4Addr::from(u32::from_be(socket.src[0])),
-                    u16::from_be(socket.sport)
-                ),
-                socket.remote(),
-                socket.cookie(),
-                path.display()
-            )),
+    for family in [Family::V4, Family::V6] {
+        for socket in diag.connected_udp(family)? {
+            if targets.get(&socket.cookie()) != Some(&socket.remote(family)) {
+                continue;
+            }
+            match diag.destroy_udp(family, &socket) {
+                Ok(()) => report.destroyed += 1,
+                // Closed (or reconnected elsewhere) since the dump: nothing left to abort.
+                Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(error) => report.fail(format!(
+                    "aborting the UDP socket {} -> {} (cookie {}) in {}: {error}",
+                    socket.local(family),
+                    socket.remote(family),
+                    socket.cookie(),
+                    path.display()
+                )),
+            }
         }
     }
     Ok(())
@@ -263,13 +298,13 @@ impl SockDiag {
         Ok(Self { fd })
     }
 
-    /// Every connected IPv4 UDP socket of this namespace.
-    fn connected_udp4(&self) -> io::Result<Vec<InetDiagSockId>> {
+    /// Every connected UDP socket of `family` in this namespace.
+    fn connected_udp(&self, family: Family) -> io::Result<Vec<InetDiagSockId>> {
         self.send(
             SOCK_DIAG_BY_FAMILY,
             (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
             InetDiagReqV2 {
-                family: libc::AF_INET as u8,
+                family: family.number(),
                 protocol: libc::IPPROTO_UDP as u8,
                 states: 1 << TCP_ESTABLISHED,
                 ..Default::default()
@@ -294,13 +329,13 @@ impl SockDiag {
         }
     }
 
-    /// Aborts the IPv4 UDP socket with this identity (4-tuple, interface and cookie).
-    fn destroy_udp4(&self, id: &InetDiagSockId) -> io::Result<()> {
+    /// Aborts the UDP socket of `family` with this identity (4-tuple, interface and cookie).
+    fn destroy_udp(&self, family: Family, id: &InetDiagSockId) -> io::Result<()> {
         self.send(
             SOCK_DESTROY,
             (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
             InetDiagReqV2 {
-                family: libc::AF_INET as u8,
+                family: family.number(),
                 protocol: libc::IPPROTO_UDP as u8,
                 states: u32::MAX,
                 id: *id,
@@ -435,15 +470,42 @@ mod tests {
         assert_eq!(messages(&bad).count(), 0);
     }
 
+    /// The words of `inet_diag_sockid` as the kernel writes them: the address's bytes in order.
+    fn words(bytes: &[u8]) -> [u32; 4] {
+        let mut padded = [0u8; 16];
+        padded[..bytes.len()].copy_from_slice(bytes);
+        std::array::from_fn(|i| u32::from_ne_bytes(padded[i * 4..i * 4 + 4].try_into().unwrap()))
+    }
+
     #[test]
     fn a_socket_id_gives_its_cookie_and_peer() {
         let id = InetDiagSockId {
             dport: 8080u16.to_be(),
-            dst: [u32::from(Ipv4Addr::new(10, 244, 1, 10)).to_be(), 0, 0, 0],
+            dst: words(&[10, 244, 1, 10]),
             cookie: [0x89ab_cdef, 0x0123_4567],
             ..Default::default()
         };
         assert_eq!(id.cookie(), 0x0123_4567_89ab_cdef);
-        assert_eq!(id.remote(), "10.244.1.10:8080".parse().unwrap());
+        assert_eq!(id.remote(Family::V4), "10.244.1.10:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn an_ipv6_socket_id_gives_its_peer_and_a_mapped_one_the_ipv4_address() {
+        let native: Ipv6Addr = "2001:db8:244:1::10".parse().unwrap();
+        let id = InetDiagSockId {
+            dport: 8080u16.to_be(),
+            dst: words(&native.octets()),
+            ..Default::default()
+        };
+        assert_eq!(
+            id.remote(Family::V6),
+            "[2001:db8:244:1::10]:8080".parse().unwrap()
+        );
+        let mapped: Ipv6Addr = "::ffff:10.244.1.10".parse().unwrap();
+        let id = InetDiagSockId {
+            dst: words(&mapped.octets()),
+            ..id
+        };
+        assert_eq!(id.remote(Family::V6), "10.244.1.10:8080".parse().unwrap());
     }
 }

@@ -4,13 +4,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuValues, lpm_trie::Key as LpmKey};
 use lb_common::{
-    DatapathConfig, Frontend4Key, NicMac, SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot,
-    SourceRange4, limits, maglev, map_names, service_flags,
+    DatapathConfig, NicMac, SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot, SourceRange,
+    limits, maglev, map_names, service_flags,
 };
 
 use super::{
@@ -19,7 +19,9 @@ use super::{
     error::{DatapathError, Result, map_error},
     frontend_flags,
 };
-use crate::compile::model::{Backend, Ipv4Cidr, Service};
+use crate::compile::model::{
+    Backend, BackendValue, Family, FrontendKey, IpCidr, Service, ipv6_of_words, ipv6_words,
+};
 
 impl Datapath {
     /// Adds or replaces a backend. Put backends before the services that reference them.
@@ -35,15 +37,32 @@ impl Datapath {
         // cleared while the agent runs: a flow keeps its backend after the backend leaves the
         // maps, and its replies must still be translated.
         self.backend_filter
-            .mark(std::iter::once(FilterKey::from(backend)))?;
-        insert(
-            &mut self.maps.backends,
-            map_names::BACKENDS4,
-            limits::MAX_BACKENDS,
-            &id,
-            &backend.value(),
-            operation,
-        )?;
+            .mark(FilterKey::of_backend(backend).into_iter())?;
+        // An id moves between families only when the agent hands a freed id out again: the
+        // other family's map must not keep it.
+        if let Some(before) = self.installed_backends.get(&id)
+            && before.family() != backend.family()
+        {
+            self.remove_backend(id)?;
+        }
+        match backend.value() {
+            BackendValue::V4(value) => insert(
+                &mut self.maps.backends,
+                map_names::BACKENDS4,
+                limits::MAX_BACKENDS,
+                &id,
+                &value,
+                operation,
+            )?,
+            BackendValue::V6(value) => insert(
+                &mut self.maps.backends6,
+                map_names::BACKENDS6,
+                limits::MAX_BACKENDS,
+                &id,
+                &value,
+                operation,
+            )?,
+        }
         self.installed_backends.insert(id, *backend);
         Ok(())
     }
@@ -51,11 +70,76 @@ impl Datapath {
     /// Removes a backend. Flows pinned to it select again at their next packet; the caller removes
     /// it from every service first.
     pub fn remove_backend(&mut self, id: u32) -> Result<()> {
-        remove(&mut self.maps.backends, map_names::BACKENDS4, &id, || {
-            format!("remove backend {id}")
-        })?;
+        let operation = || format!("remove backend {id}");
+        // A backend the agent does not know (maps of an earlier run) may be in either map.
+        let family = self.installed_backends.get(&id).map(Backend::family);
+        if family != Some(Family::V6) {
+            remove(
+                &mut self.maps.backends,
+                map_names::BACKENDS4,
+                &id,
+                operation,
+            )?;
+        }
+        if family != Some(Family::V4) {
+            remove(
+                &mut self.maps.backends6,
+                map_names::BACKENDS6,
+                &id,
+                operation,
+            )?;
+        }
         self.installed_backends.remove(&id);
         Ok(())
+    }
+
+    /// Writes one frontend's entry into its family's frontends map.
+    fn insert_frontend(&mut self, key: &FrontendKey, value: &ServiceValue) -> Result<()> {
+        let operation = || format!("service {} frontend {key:?}", value.service_id);
+        match key {
+            FrontendKey::V4(key) => insert(
+                &mut self.maps.frontends,
+                map_names::FRONTENDS4,
+                limits::MAX_FRONTENDS,
+                key,
+                value,
+                operation,
+            ),
+            FrontendKey::V6(key) => insert(
+                &mut self.maps.frontends6,
+                map_names::FRONTENDS6,
+                limits::MAX_FRONTENDS,
+                key,
+                value,
+                operation,
+            ),
+        }
+    }
+
+    /// Removes one frontend's entry from its family's frontends map (gone already is fine).
+    fn remove_frontend(&mut self, key: &FrontendKey, operation: impl Fn() -> String) -> Result<()> {
+        match key {
+            FrontendKey::V4(key) => remove(
+                &mut self.maps.frontends,
+                map_names::FRONTENDS4,
+                key,
+                operation,
+            ),
+            FrontendKey::V6(key) => remove(
+                &mut self.maps.frontends6,
+                map_names::FRONTENDS6,
+                key,
+                operation,
+            ),
+        }
+    }
+
+    /// Releases a frontend's bit in the frontend filter (IPv4 frontends have one).
+    fn release_frontend_bit(&mut self, key: &FrontendKey) -> Result<()> {
+        match FilterKey::of_frontend(key) {
+            Some(filter_key) => self.frontend_filter.release(filter_key),
+            None => Ok(()),
+        }
     }
 
     /// Installs or updates a service so that no packet ever sees a half-written state: the new
@@ -101,17 +185,10 @@ impl Datapath {
         };
         // Before the entries: XDP looks a frontend up only once its bit is set.
         self.frontend_filter
-            .mark(flags_by_key.keys().map(FilterKey::from))?;
+            .mark(flags_by_key.keys().filter_map(FilterKey::of_frontend))?;
         let mut written = Vec::new();
         for (key, flags) in &flags_by_key {
-            let result = insert(
-                &mut self.maps.frontends,
-                map_names::FRONTENDS4,
-                limits::MAX_FRONTENDS,
-                key,
-                &value(*flags),
-                || format!("service {} frontend {key:?}", service.id),
-            );
+            let result = self.insert_frontend(key, &value(*flags));
             if let Err(error) = result {
                 self.undo_frontends(&written);
                 self.slot_ranges.release(slots, backend_count.into());
@@ -125,7 +202,11 @@ impl Datapath {
         // just no longer has it.
         for key in flags_by_key.keys() {
             match self.owners.insert(*key, service.id) {
-                None => self.frontend_filter.count(key.into()),
+                None => {
+                    if let Some(filter_key) = FilterKey::of_frontend(key) {
+                        self.frontend_filter.count(filter_key);
+                    }
+                }
                 Some(owner) if owner != service.id => {
                     if let Some(other) = self.installed.get_mut(&owner) {
                         other.frontends.remove(key);
@@ -164,11 +245,9 @@ impl Datapath {
                 .keys()
                 .filter(|key| !flags_by_key.contains_key(key))
             {
-                remove(&mut self.maps.frontends, map_names::FRONTENDS4, key, || {
-                    format!("stale frontend {key:?}")
-                })?;
+                self.remove_frontend(key, || format!("stale frontend {key:?}"))?;
                 if self.owners.remove(key).is_some() {
-                    self.frontend_filter.release(key.into())?;
+                    self.release_frontend_bit(key)?;
                 }
             }
             // A packet that read the old entry may still be selecting from these cells: once
@@ -247,24 +326,30 @@ impl Datapath {
     fn write_source_ranges<'r>(
         &mut self,
         service_id: u32,
-        ranges: impl Iterator<Item = &'r (Ipv4Addr, u8)>,
+        ranges: impl Iterator<Item = &'r (IpAddr, u8)>,
     ) -> Result<()> {
         for range in ranges {
-            let key = source_range_key(service_id, range);
-            self.maps
-                .source_ranges
-                .insert(&key, &1, 0)
-                .map_err(|source| {
-                    if is_full(&source) {
-                        DatapathError::MapFull {
-                            map: map_names::SOURCE_RANGES4,
-                            capacity: limits::MAX_SOURCE_RANGES,
-                            operation: format!("service {service_id} source range {range:?}"),
-                        }
-                    } else {
-                        map_error(map_names::SOURCE_RANGES4, "insert", source)
+            let (name, result) = match source_range_key(service_id, range) {
+                SourceRangeKey::V4(key) => (
+                    map_names::SOURCE_RANGES4,
+                    self.maps.source_ranges.insert(&key, &1, 0),
+                ),
+                SourceRangeKey::V6(key) => (
+                    map_names::SOURCE_RANGES6,
+                    self.maps.source_ranges6.insert(&key, &1, 0),
+                ),
+            };
+            result.map_err(|source| {
+                if is_full(&source) {
+                    DatapathError::MapFull {
+                        map: name,
+                        capacity: limits::MAX_SOURCE_RANGES,
+                        operation: format!("service {service_id} source range {range:?}"),
                     }
-                })?;
+                } else {
+                    map_error(name, "insert", source)
+                }
+            })?;
         }
         Ok(())
     }
@@ -272,18 +357,24 @@ impl Datapath {
     fn remove_source_ranges<'r>(
         &mut self,
         service_id: u32,
-        ranges: impl Iterator<Item = &'r (Ipv4Addr, u8)>,
+        ranges: impl Iterator<Item = &'r (IpAddr, u8)>,
     ) -> Result<()> {
         for range in ranges {
-            match self
-                .maps
-                .source_ranges
-                .remove(&source_range_key(service_id, range))
-            {
+            let (name, result) = match source_range_key(service_id, range) {
+                SourceRangeKey::V4(key) => (
+                    map_names::SOURCE_RANGES4,
+                    self.maps.source_ranges.remove(&key),
+                ),
+                SourceRangeKey::V6(key) => (
+                    map_names::SOURCE_RANGES6,
+                    self.maps.source_ranges6.remove(&key),
+                ),
+            };
+            match result {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(MapError::SyscallError(syscall))
                     if syscall.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(source) => return Err(map_error(map_names::SOURCE_RANGES4, "remove", source)),
+                Err(source) => return Err(map_error(name, "remove", source)),
             }
         }
         Ok(())
@@ -343,7 +434,7 @@ impl Datapath {
             {
                 self.departed_udp.insert(DepartedBackend {
                     service_id,
-                    backend: SocketAddrV4::new(backend.addr, backend.port),
+                    backend: SocketAddr::new(backend.addr, backend.port),
                 });
             }
         }
@@ -353,8 +444,8 @@ impl Datapath {
     /// backend that has left that service since the last call (`put_service` without it,
     /// `remove_service`): a connected socket keeps its backend address, so without this it would
     /// send to the departed endpoint forever. The application's next call fails and it
-    /// reconnects to a live endpoint. Only sockets the hooks recorded in `lb4_sknat_v1` for that
-    /// service and backend, and still connected to it, are touched; TCP is left alone (like
+    /// reconnects to a live endpoint. Only sockets the hooks recorded in `lb4_sknat_v1` or
+    /// `lb6_sknat_v1` for that service and backend, and still connected to it, are touched; TCP is left alone (like
     /// kube-proxy, established connections to a removed endpoint stay). The agent calls this
     /// once per sync.
     pub fn abort_udp_sockets_of_departed_backends(&mut self) -> super::sock_diag::DestroyReport {
@@ -364,27 +455,48 @@ impl Datapath {
         }
         let mut targets = BTreeMap::new();
         let mut report = super::sock_diag::DestroyReport::default();
-        for entry in self.maps.sock_nat.iter() {
-            let (key, value) = match entry {
-                Ok(entry) => entry,
-                Err(error) => {
-                    report.failed += 1;
-                    report
-                        .errors
-                        .push(format!("reading {}: {error}", map_names::SOCK_NAT4));
-                    break;
+        let v4 = self.maps.sock_nat.iter().map(|entry| {
+            entry.map(|(key, value)| {
+                let addr = Ipv4Addr::from(u32::from_be(key.addr));
+                (
+                    key.cookie,
+                    SocketAddr::new(addr.into(), u16::from_be(key.port)),
+                    value.service_id,
+                )
+            })
+        });
+        let v6 = self.maps.sock_nat6.iter().map(|entry| {
+            entry.map(|(key, value)| {
+                let addr = ipv6_of_words(key.addr);
+                (
+                    key.cookie,
+                    SocketAddr::new(addr.into(), u16::from_be(key.port)),
+                    value.service_id,
+                )
+            })
+        });
+        for (name, entries) in [
+            (
+                map_names::SOCK_NAT4,
+                Box::new(v4) as Box<dyn Iterator<Item = _>>,
+            ),
+            (map_names::SOCK_NAT6, Box::new(v6)),
+        ] {
+            for entry in entries {
+                let (cookie, backend, service_id) = match entry {
+                    Ok(entry) => entry,
+                    Err(error) => {
+                        report.failed += 1;
+                        report.errors.push(format!("reading {name}: {error}"));
+                        break;
+                    }
+                };
+                if departed.contains(&DepartedBackend {
+                    service_id,
+                    backend,
+                }) {
+                    targets.insert(cookie, backend);
                 }
-            };
-            let backend = SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(key.addr)),
-                u16::from_be(key.port),
-            );
-            let departed_backend = DepartedBackend {
-                service_id: value.service_id,
-                backend,
-            };
-            if departed.contains(&departed_backend) {
-                targets.insert(key.cookie, backend);
             }
         }
         let aborted = super::sock_diag::destroy_connected_udp(&targets);
@@ -435,17 +547,23 @@ impl Datapath {
     }
 
     /// MapFull before anything is written when the service's new entries would not fit.
-    fn check_room(&self, service: &Service, frontends: &BTreeMap<Frontend4Key, u32>) -> Result<()> {
-        let new_frontends = frontends
-            .keys()
-            .filter(|key| !self.owners.contains_key(key))
-            .count();
-        if self.owners.len() + new_frontends > limits::MAX_FRONTENDS as usize {
-            return Err(DatapathError::MapFull {
-                map: map_names::FRONTENDS4,
-                capacity: limits::MAX_FRONTENDS,
-                operation: format!("service {}: {new_frontends} new frontends", service.id),
-            });
+    fn check_room(&self, service: &Service, frontends: &BTreeMap<FrontendKey, u32>) -> Result<()> {
+        for (map, v6) in [
+            (map_names::FRONTENDS4, false),
+            (map_names::FRONTENDS6, true),
+        ] {
+            let new_frontends = frontends
+                .keys()
+                .filter(|key| matches!(key, FrontendKey::V6(_)) == v6)
+                .filter(|key| !self.owners.contains_key(key))
+                .count();
+            if self.owners.count(v6) + new_frontends > limits::MAX_FRONTENDS as usize {
+                return Err(DatapathError::MapFull {
+                    map,
+                    capacity: limits::MAX_FRONTENDS,
+                    operation: format!("service {}: {new_frontends} new frontends", service.id),
+                });
+            }
         }
         // The new table is written before the old one is freed: both must fit for a moment.
         if service.backends.len() > self.slot_ranges.free_cells() as usize {
@@ -476,7 +594,7 @@ impl Datapath {
 
     /// Puts back what a failed put_service changed among `written` frontends: new ones are
     /// removed, existing ones get their previous entry again.
-    fn undo_frontends(&mut self, written: &[Frontend4Key]) {
+    fn undo_frontends(&mut self, written: &[FrontendKey]) {
         for key in written {
             // The entry the key had before this call: its owner's (this service's previous
             // version, or the service it was taken from), or none.
@@ -492,13 +610,13 @@ impl Datapath {
                     slots: installed.slots,
                 })
             });
+            let operation = || format!("undo a failed update of frontend {key:?}");
             let undone = match before {
-                Some(value) => self.maps.frontends.insert(key, &value, 0),
-                None => self.maps.frontends.remove(key),
+                Some(value) => self.insert_frontend(key, &value),
+                None => self.remove_frontend(key, operation),
             };
-            if let Err(source) = undone {
-                let operation = format!("undo a failed update of frontend {key:?}");
-                self.cleanup_failed(map_error(map_names::FRONTENDS4, &operation, source));
+            if let Err(error) = undone {
+                self.cleanup_failed(error);
             }
         }
     }
@@ -540,11 +658,9 @@ impl Datapath {
             self.release_affinity(id, &installed.backends.iter().copied().collect());
         }
         for key in installed.frontends.keys() {
-            remove(&mut self.maps.frontends, map_names::FRONTENDS4, key, || {
-                format!("service {id} frontend {key:?}")
-            })?;
+            self.remove_frontend(key, || format!("service {id} frontend {key:?}"))?;
             if self.owners.remove(key).is_some() {
-                self.frontend_filter.release(key.into())?;
+                self.release_frontend_bit(key)?;
             }
         }
         self.slot_ranges
@@ -610,13 +726,19 @@ impl Datapath {
                 ));
             }
         }
-        if let Some(range) = service.source_ranges.iter().find(|(_, len)| *len > 32) {
-            return invalid(format!("source range {range:?}: prefix length above 32"));
+        if let Some(range) = service
+            .source_ranges
+            .iter()
+            .find(|(addr, len)| *len > Family::of(*addr).bits())
+        {
+            return invalid(format!(
+                "source range {range:?}: prefix length above the address's"
+            ));
         }
         // The LPM trie holds one entry per (service, prefix): 10.1.2.3/8 would be the entry of
         // 10.0.0.0/8, and removing either from the set would remove the entry both need.
         if let Some(range) = service.source_ranges.iter().find(|(addr, len)| {
-            let cidr = Ipv4Cidr {
+            let cidr = IpCidr {
                 addr: *addr,
                 prefix_len: *len,
             };
@@ -629,6 +751,35 @@ impl Datapath {
         for id in &service.backends {
             if !self.installed_backends.contains_key(id) {
                 return invalid(format!("backend {id} is not in the backends map"));
+            }
+        }
+        // A service's frontends select from one slot table, whose backend ids the program of
+        // their family looks up in its own backends map: one family for everything.
+        let family = Family::of(service.frontends[0].addr);
+        let families = service
+            .frontends
+            .iter()
+            .map(|frontend| Family::of(frontend.addr))
+            .chain(
+                service
+                    .backends
+                    .iter()
+                    .map(|id| self.installed_backends[id].family()),
+            )
+            .chain(
+                service
+                    .source_ranges
+                    .iter()
+                    .map(|(addr, _)| Family::of(*addr)),
+            );
+        for other in families {
+            if other != family {
+                return invalid(format!(
+                    "frontends, backends and source ranges of both families ({} and {}); a \
+                     dual-stack Service is one service per family",
+                    family.name(),
+                    other.name()
+                ));
             }
         }
         Ok(())
@@ -654,14 +805,31 @@ pub(super) fn write_table(
     Ok(())
 }
 
-fn source_range_key(service_id: u32, (addr, prefix_len): &(Ipv4Addr, u8)) -> LpmKey<SourceRange4> {
-    LpmKey::new(
-        32 + u32::from(*prefix_len),
-        SourceRange4 {
-            service_id_be: service_id.to_be(),
-            addr: u32::from(*addr).to_be(),
-        },
-    )
+/// A source-range trie key of either family.
+enum SourceRangeKey {
+    V4(LpmKey<SourceRange<u32>>),
+    V6(LpmKey<SourceRange<lb_common::Ipv6Words>>),
+}
+
+fn source_range_key(service_id: u32, (addr, prefix_len): &(IpAddr, u8)) -> SourceRangeKey {
+    let prefix_len = 32 + u32::from(*prefix_len);
+    let service_id_be = service_id.to_be();
+    match addr {
+        IpAddr::V4(addr) => SourceRangeKey::V4(LpmKey::new(
+            prefix_len,
+            SourceRange {
+                service_id_be,
+                addr: u32::from(*addr).to_be(),
+            },
+        )),
+        IpAddr::V6(addr) => SourceRangeKey::V6(LpmKey::new(
+            prefix_len,
+            SourceRange {
+                service_id_be,
+                addr: ipv6_words(*addr),
+            },
+        )),
+    }
 }
 
 /// E2BIG from BPF_MAP_UPDATE_ELEM: the map holds max_entries already.

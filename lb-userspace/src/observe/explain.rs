@@ -8,21 +8,28 @@
 //! socket hooks translate its connect() or sendto() before any packet exists. For such a client
 //! the explanation is the socket hooks', from the maps alone: the kernel cannot run a cgroup
 //! sock_addr program on a synthesized call (BPF_PROG_TEST_RUN has no runner for that type).
+//!
+//! IPv6 Services are served by the socket hooks alone (XDP passes IPv6 untouched): an IPv6
+//! destination is explained as the socket hooks see it, or, asked for a NIC, as passing.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
 };
 
 use anyhow::Context as _;
 use aya::{EbpfLoader, maps::lpm_trie::Key as LpmKey, programs::Xdp};
 use lb_common::{
-    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, Flow4Value, Frontend4Key, ServiceValue,
-    SourceRange4, ct_direction, ct_flags, flow_key, program_names, proto, scope, service_flags,
+    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, Flow4Value, Frontend4Key, Frontend6Key,
+    ServiceValue, SourceRange4, ct_direction, ct_flags, flow_key, program_names, proto, scope,
+    service_flags,
 };
 use serde::Serialize;
 
-use crate::datapath::{bpf_obj::Access, maps::Maps, object::DATAPATH_OBJECT, testrun::test_run};
+use crate::{
+    compile::model::{ipv6_of_words, ipv6_words},
+    datapath::{bpf_obj::Access, maps::Maps, object::DATAPATH_OBJECT, testrun::test_run},
+};
 
 const IPPROTO_ICMP: u8 = 1;
 const XDP_DROP: u32 = 1;
@@ -77,6 +84,125 @@ pub struct ServiceSummary {
 /// NIC, or, from a pod or host process of this node, as the socket hooks see its call.
 pub fn explain(
     pin_dir: &Path,
+    client: SocketAddr,
+    destination: SocketAddr,
+    protocol: u8,
+    path: Hook,
+) -> anyhow::Result<Explanation> {
+    // A dual-stack socket's IPv4-mapped addresses are IPv4 to the hooks (and on the wire).
+    let unmapped = |addr: SocketAddr| match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    };
+    match (unmapped(client), unmapped(destination)) {
+        (SocketAddr::V4(client), SocketAddr::V4(destination)) => {
+            explain4(pin_dir, client, destination, protocol, path)
+        }
+        (SocketAddr::V6(_), SocketAddr::V6(_)) => {
+            explain6(pin_dir, client, destination, protocol, path)
+        }
+        _ => anyhow::bail!("{client} and {destination} are of different address families"),
+    }
+}
+
+/// An IPv6 destination: the socket hooks' decision, from the IPv6 maps; on a NIC, nothing.
+fn explain6(
+    pin_dir: &Path,
+    client: SocketAddr,
+    destination: SocketAddr,
+    protocol: u8,
+    path: Hook,
+) -> anyhow::Result<Explanation> {
+    let mut reasons = Vec::new();
+    let packet = format!("{client} -> {destination}/{}", protocol_name(protocol));
+    if path == Hook::Xdp {
+        reasons.push(
+            "XDP and tc do not translate IPv6 yet: the packet passes to the node's stack \
+             untouched (IPv6 Services are served to this node's pods and processes)"
+                .into(),
+        );
+        return Ok(Explanation {
+            packet,
+            hook: Hook::Xdp,
+            verdict: "pass",
+            service: None,
+            rewritten: None,
+            answer: None,
+            reasons,
+        });
+    }
+    if path == Hook::Auto {
+        reasons.push(
+            "an IPv6 destination: only the socket hooks serve IPv6 Services, so the client is \
+             taken as this node's (--from nic for a packet arriving on a NIC)"
+                .into(),
+        );
+    }
+    let maps = Maps::open(pin_dir, Access::ReadOnly)?;
+    let entry = |scope| -> anyhow::Result<Option<ServiceValue>> {
+        let SocketAddr::V6(destination) = destination else {
+            unreachable!("explain6 takes IPv6 destinations")
+        };
+        let key = Frontend6Key {
+            addr: ipv6_words(*destination.ip()),
+            port: destination.port().to_be(),
+            proto: protocol,
+            scope,
+        };
+        Ok(maps.frontends6.get(&key, 0).ok())
+    };
+    let service = node_clients_entry(
+        entry(scope::ANY)?,
+        || entry(scope::NODE_CLIENTS),
+        &mut reasons,
+    )?;
+    let verdict = explain_socket(
+        &maps,
+        client,
+        destination,
+        protocol,
+        service.as_ref(),
+        &mut reasons,
+    )?;
+    Ok(Explanation {
+        packet,
+        hook: Hook::Socket,
+        verdict,
+        service: service.map(|value| summarize(&value)),
+        rewritten: None,
+        answer: None,
+        reasons,
+    })
+}
+
+/// The entry the socket hooks use for a frontend: its entry for this node's clients when the
+/// frontend has one (an externalTrafficPolicy Local Service's external frontend).
+fn node_clients_entry(
+    service: Option<ServiceValue>,
+    own_entry: impl FnOnce() -> anyhow::Result<Option<ServiceValue>>,
+    reasons: &mut Vec<String>,
+) -> anyhow::Result<Option<ServiceValue>> {
+    match service {
+        Some(value) if value.flags & service_flags::NODE_CLIENTS_ENTRY != 0 => {
+            let own = own_entry()?;
+            if own.is_some() {
+                reasons.push(
+                    "an externalTrafficPolicy Local frontend: this node's clients reach the \
+                     Service's internal-policy backends (kube-proxy's short-circuit)"
+                        .into(),
+                );
+            }
+            Ok(own.or(Some(value)))
+        }
+        other => Ok(other),
+    }
+}
+
+fn explain4(
+    pin_dir: &Path,
     client: SocketAddrV4,
     destination: SocketAddrV4,
     protocol: u8,
@@ -91,25 +217,16 @@ pub fn explain(
         chosen => chosen,
     };
     if path == Hook::Socket {
-        let service = match service {
-            Some(value) if value.flags & service_flags::NODE_CLIENTS_ENTRY != 0 => {
-                let own = frontend_in(&maps, destination, protocol, scope::NODE_CLIENTS)?;
-                if own.is_some() {
-                    reasons.push(
-                        "an externalTrafficPolicy Local frontend: this node's clients reach the \
-                         Service's internal-policy backends (kube-proxy's short-circuit)"
-                            .into(),
-                    );
-                }
-                own.or(Some(value))
-            }
-            other => other,
-        };
+        let service = node_clients_entry(
+            service,
+            || frontend_in(&maps, destination, protocol, scope::NODE_CLIENTS),
+            &mut reasons,
+        )?;
         let summary = service.map(|value| summarize(&value));
         let verdict = explain_socket(
             &maps,
-            client,
-            destination,
+            client.into(),
+            destination.into(),
             protocol,
             service.as_ref(),
             &mut reasons,
@@ -222,11 +339,12 @@ fn decide_path(pin_dir: &Path, client: Ipv4Addr, reasons: &mut Vec<String>) -> H
 }
 
 /// What the socket hooks do with a connect() (TCP, or connected UDP) or an unconnected sendto()
-/// (UDP) to `destination` (`lb_connect4`/`lb_sendmsg4`); returns the verdict.
+/// (UDP) to `destination` (`lb_connect4`/`lb_sendmsg4`, `lb_connect6`/`lb_sendmsg6`); returns
+/// the verdict.
 fn explain_socket(
     maps: &Maps,
-    client: SocketAddrV4,
-    destination: SocketAddrV4,
+    client: SocketAddr,
+    destination: SocketAddr,
     protocol: u8,
     service: Option<&ServiceValue>,
     reasons: &mut Vec<String>,
@@ -306,9 +424,10 @@ fn explain_socket(
     Ok("translated")
 }
 
-/// The service's backends in slot order, as `address:port`.
+/// The service's backends in slot order, as `address:port` (a cell names a backend of the
+/// service's family: an IPv4 or an IPv6 one).
 fn service_backends(maps: &Maps, service: &ServiceValue) -> anyhow::Result<Vec<String>> {
-    let (slots, backends) = (&maps.slots, &maps.backends);
+    let slots = &maps.slots;
     let mut found = Vec::new();
     for index in (service.slots..).take(service.backend_count.into()) {
         let Ok(cell) = slots.get(&index, 0) else {
@@ -317,14 +436,21 @@ fn service_backends(maps: &Maps, service: &ServiceValue) -> anyhow::Result<Vec<S
         if cell.service_id != service.service_id {
             continue;
         }
-        if let Ok(backend) = backends.get(&cell.backend_id, 0) {
-            let address = SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(backend.addr)),
+        let address = if let Ok(backend) = maps.backends.get(&cell.backend_id, 0) {
+            SocketAddr::new(
+                Ipv4Addr::from(u32::from_be(backend.addr)).into(),
                 u16::from_be(backend.port),
-            );
-            if !found.contains(&address.to_string()) {
-                found.push(address.to_string());
-            }
+            )
+        } else if let Ok(backend) = maps.backends6.get(&cell.backend_id, 0) {
+            SocketAddr::new(
+                ipv6_of_words(backend.addr).into(),
+                u16::from_be(backend.port),
+            )
+        } else {
+            continue;
+        };
+        if !found.contains(&address.to_string()) {
+            found.push(address.to_string());
         }
     }
     Ok(found)

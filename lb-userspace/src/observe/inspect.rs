@@ -5,17 +5,18 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
 };
 
 use aya::maps::lpm_trie::Key as LpmKey;
 use lb_common::{
-    Ct4Key, Ct4Value, CtTimeouts, Flow4Value, Frontend4Key, SourceRange4, backend_flags,
+    Ct4Key, Ct4Value, CtTimeouts, Flow4Value, SourceRange4, SourceRange6, backend_flags,
     ct_direction, ct_flags, limits, maglev, map_names, proto, service_flags, tcp_state,
 };
 use serde::Serialize;
 
+use crate::compile::model::{FrontendKey, ipv6_of_words};
 use crate::datapath::{
     bpf_obj::Access,
     maps::Maps,
@@ -46,7 +47,8 @@ pub struct ServiceInfo {
 }
 
 impl ServiceInfo {
-    /// The name split into (namespace, name, port name, protocol, scope), for metric labels.
+    /// The name split into (namespace, name, port name, protocol, scope, IP family), for metric
+    /// labels.
     pub fn labels(&self) -> ServiceLabels {
         ServiceLabels::parse(&self.name, self.id)
     }
@@ -60,10 +62,18 @@ pub struct ServiceLabels {
     pub port: String,
     pub protocol: String,
     pub scope: String,
+    /// `IPv4` or `IPv6` (a dual-stack Service port is one service per family).
+    pub ip_family: &'static str,
 }
 
 impl ServiceLabels {
+    /// Takes apart a name as `ServicePortKey`'s Display writes it:
+    /// `namespace/name:port/PROTOCOL`, then `[scope]` unless it is all, then `[ipv6]` for IPv6.
     fn parse(text: &str, id: u32) -> Self {
+        let (text, ip_family) = match text.strip_suffix("[ipv6]") {
+            Some(rest) => (rest, "IPv6"),
+            None => (text, "IPv4"),
+        };
         let parsed = text.split_once('/').and_then(|(namespace, rest)| {
             let (name, rest) = rest.split_once(':')?;
             let (port, rest) = rest.rsplit_once('/')?;
@@ -77,6 +87,7 @@ impl ServiceLabels {
                 port: port.into(),
                 protocol: protocol.into(),
                 scope: scope.into(),
+                ip_family,
             })
         });
         parsed.unwrap_or_else(|| Self {
@@ -85,6 +96,7 @@ impl ServiceLabels {
             port: String::new(),
             protocol: String::new(),
             scope: "all".into(),
+            ip_family,
         })
     }
 }
@@ -175,9 +187,9 @@ impl PinnedMaps {
 
     /// Every installed service with its frontends, current backends and counters.
     pub fn services(&self) -> anyhow::Result<Vec<ServiceInfo>> {
-        let (installed, _) = read_installed(&self.0.frontends, &self.0.slots)?;
+        let (installed, _) = read_installed(&self.0)?;
         let names = read_service_names(&self.0.service_names)?;
-        let backends = read_backends(&self.0.backends)?;
+        let backends = read_backends(&self.0)?;
         let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for key in self.0.source_ranges.keys() {
             let key: LpmKey<SourceRange4> = key?;
@@ -188,6 +200,18 @@ impl PinnedMaps {
                 .push(format!(
                     "{}/{}",
                     Ipv4Addr::from(u32::from_be(data.addr)),
+                    key.prefix_len() - 32
+                ));
+        }
+        for key in self.0.source_ranges6.keys() {
+            let key: LpmKey<SourceRange6> = key?;
+            let data = key.data();
+            ranges
+                .entry(u32::from_be(data.service_id_be))
+                .or_default()
+                .push(format!(
+                    "{}/{}",
+                    ipv6_of_words(data.addr),
                     key.prefix_len() - 32
                 ));
         }
@@ -205,7 +229,9 @@ impl PinnedMaps {
                         .backends
                         .iter()
                         .map(|backend| match backends.get(backend) {
-                            Some(backend) => format!("{}:{}", backend.addr, backend.port),
+                            Some(backend) => {
+                                SocketAddr::new(backend.addr, backend.port).to_string()
+                            }
                             None => format!("missing backend {backend}"),
                         })
                         .collect(),
@@ -227,7 +253,7 @@ impl PinnedMaps {
 
     /// Every backend with the services whose tables hold it.
     pub fn backends(&self) -> anyhow::Result<Vec<BackendInfo>> {
-        let (installed, _) = read_installed(&self.0.frontends, &self.0.slots)?;
+        let (installed, _) = read_installed(&self.0)?;
         let names = read_service_names(&self.0.service_names)?;
         let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for (id, service) in &installed {
@@ -242,11 +268,11 @@ impl PinnedMaps {
                 }
             }
         }
-        Ok(read_backends(&self.0.backends)?
+        Ok(read_backends(&self.0)?
             .into_iter()
             .map(|(id, backend)| BackendInfo {
                 id,
-                address: format!("{}:{}", backend.addr, backend.port),
+                address: SocketAddr::new(backend.addr, backend.port).to_string(),
                 protocol: protocol_name(backend.proto),
                 local: backend.flags & backend_flags::LOCAL != 0,
                 terminating: backend.flags & backend_flags::TERMINATING != 0,
@@ -312,7 +338,7 @@ impl PinnedMaps {
     /// only (the LRU map keeps expired ones until it needs their room). Counting walks the keys
     /// (one syscall each); conntrack is read in chunks (docs/metrics.md).
     pub fn fill(&self) -> anyhow::Result<Vec<MapFill>> {
-        let (installed, _) = read_installed(&self.0.frontends, &self.0.slots)?;
+        let (installed, _) = read_installed(&self.0)?;
         let maglev_tables = installed
             .values()
             .filter(|service| service.maglev_table.is_some())
@@ -336,6 +362,21 @@ impl PinnedMaps {
                 self.0.backends.keys(),
                 limits::MAX_BACKENDS,
             ),
+            fill(
+                map_names::FRONTENDS6,
+                self.0.frontends6.keys(),
+                limits::MAX_FRONTENDS,
+            ),
+            fill(
+                map_names::BACKENDS6,
+                self.0.backends6.keys(),
+                limits::MAX_BACKENDS,
+            ),
+            fill(
+                map_names::SOURCE_RANGES6,
+                self.0.source_ranges6.keys(),
+                limits::MAX_SOURCE_RANGES,
+            ),
             MapFill {
                 map: map_names::CONNTRACK4,
                 entries: self.live_conntrack_entries()?,
@@ -344,6 +385,11 @@ impl PinnedMaps {
             fill(
                 map_names::SOCK_NAT4,
                 self.0.sock_nat.keys(),
+                limits::MAX_SOCK_NAT,
+            ),
+            fill(
+                map_names::SOCK_NAT6,
+                self.0.sock_nat6.keys(),
                 limits::MAX_SOCK_NAT,
             ),
             fill(
@@ -384,23 +430,16 @@ fn fill<K>(
 
 /// A service's frontends by address (as a number, not in the map's network byte order), port,
 /// protocol and scope.
-fn frontends_in_address_order(frontends: &BTreeMap<Frontend4Key, u32>) -> Vec<String> {
-    let mut sorted: Vec<(&Frontend4Key, &u32)> = frontends.iter().collect();
-    sorted.sort_by_key(|(key, _)| {
-        (
-            u32::from_be(key.addr),
-            u16::from_be(key.port),
-            key.proto,
-            key.scope,
-        )
-    });
+fn frontends_in_address_order(frontends: &BTreeMap<FrontendKey, u32>) -> Vec<String> {
+    let mut sorted: Vec<(&FrontendKey, &u32)> = frontends.iter().collect();
+    sorted.sort_by_key(|(key, _)| (key.addr(), key.port(), key.proto(), key.scope()));
     sorted
         .into_iter()
         .map(|(key, flags)| describe_frontend(key, *flags))
         .collect()
 }
 
-fn describe_frontend(key: &Frontend4Key, flags: u32) -> String {
+fn describe_frontend(key: &FrontendKey, flags: u32) -> String {
     let kinds: Vec<&str> = [
         (service_flags::CLUSTER_IP, "ClusterIP"),
         (service_flags::NODE_PORT, "NodePort"),
@@ -411,16 +450,15 @@ fn describe_frontend(key: &Frontend4Key, flags: u32) -> String {
     .filter(|(bit, _)| flags & bit != 0)
     .map(|(_, kind)| kind)
     .collect();
-    let for_whom = if key.scope == lb_common::scope::NODE_CLIENTS {
+    let for_whom = if key.scope() == lb_common::scope::NODE_CLIENTS {
         " (this node's clients)"
     } else {
         ""
     };
     format!(
-        "{}:{}/{} {}{for_whom}",
-        Ipv4Addr::from(u32::from_be(key.addr)),
-        u16::from_be(key.port),
-        protocol_name(key.proto),
+        "{}/{} {}{for_whom}",
+        SocketAddr::new(key.addr(), key.port()),
+        protocol_name(key.proto()),
         kinds.join(",")
     )
 }
@@ -626,6 +664,33 @@ mod tests {
         );
     }
 
+    #[test]
+    fn service_names_give_their_scope_and_family_as_labels() {
+        let labels = ServiceLabels::parse("default/web:http/TCP[internal][ipv6]", 3);
+        assert_eq!(
+            (
+                labels.namespace.as_str(),
+                labels.name.as_str(),
+                labels.port.as_str(),
+                labels.protocol.as_str(),
+                labels.scope.as_str(),
+                labels.ip_family
+            ),
+            ("default", "web", "http", "TCP", "internal", "IPv6")
+        );
+        let labels = ServiceLabels::parse("default/dns:/UDP[ipv6]", 4);
+        assert_eq!(
+            (
+                labels.port.as_str(),
+                labels.scope.as_str(),
+                labels.ip_family
+            ),
+            ("", "all", "IPv6")
+        );
+        let labels = ServiceLabels::parse("kube-system/dns:dns/UDP", 5);
+        assert_eq!((labels.scope.as_str(), labels.ip_family), ("all", "IPv4"));
+    }
+
     /// What a write through one of the inspection's descriptors gets.
     fn refused<T: std::fmt::Debug>(what: &str, result: Result<T, aya::maps::MapError>) {
         match result {
@@ -641,7 +706,7 @@ mod tests {
             let pin_dir = bpffs.join("lb");
             let mut datapath = crate::datapath::Datapath::load(&pin_dir).expect("datapath");
             let backend = crate::compile::model::Backend {
-                addr: Ipv4Addr::new(10, 244, 1, 10),
+                addr: Ipv4Addr::new(10, 244, 1, 10).into(),
                 port: 8080,
                 proto: proto::TCP,
                 flags: 0,
@@ -662,7 +727,7 @@ mod tests {
             let value = maps.0.backends.get(&7, 0).expect("backend 7");
             refused("update a backend", maps.0.backends.insert(&8, &value, 0));
             refused("delete a backend", maps.0.backends.remove(&7));
-            let frontend = Frontend4Key {
+            let frontend = lb_common::Frontend4Key {
                 addr: u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
                 port: 80u16.to_be(),
                 proto: proto::TCP,

@@ -335,7 +335,7 @@ impl Collector for DatapathCollector {
     }
 }
 
-type ServiceLabelSet = [(&'static str, String); 5];
+type ServiceLabelSet = [(&'static str, String); 6];
 
 fn encode_services(
     encoder: &mut DescriptorEncoder,
@@ -351,6 +351,7 @@ fn encode_services(
                 ("port", parts.port),
                 ("protocol", parts.protocol),
                 ("scope", parts.scope),
+                ("ip_family", parts.ip_family.into()),
             ];
             (set, service)
         })

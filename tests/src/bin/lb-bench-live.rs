@@ -280,7 +280,7 @@ impl LiveLab {
             datapath.put_backend(
                 id,
                 &Backend {
-                    addr: *endpoint.ip(),
+                    addr: std::net::IpAddr::V4(*endpoint.ip()),
                     port: endpoint.port(),
                     proto: proto::UDP,
                     flags,
@@ -291,7 +291,7 @@ impl LiveLab {
             datapath.put_service(&Service {
                 id,
                 frontends: vec![Frontend {
-                    addr: node_addr(0),
+                    addr: node_addr(0).into(),
                     port,
                     proto: proto::UDP,
                     kind: service_flags::NODE_PORT,

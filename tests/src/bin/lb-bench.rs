@@ -616,7 +616,7 @@ fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
         datapath.put_backend(
             id,
             &Backend {
-                addr: *addr.ip(),
+                addr: std::net::IpAddr::V4(*addr.ip()),
                 port: addr.port(),
                 proto: proto::TCP,
                 flags: 0,
@@ -632,7 +632,7 @@ fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
             .map(|index| {
                 let addr = frontend_addr(index);
                 Frontend {
-                    addr: *addr.ip(),
+                    addr: std::net::IpAddr::V4(*addr.ip()),
                     port: addr.port(),
                     proto: proto::TCP,
                     kind: service_flags::CLUSTER_IP,
@@ -652,7 +652,7 @@ fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
         datapath.put_backend(
             id,
             &Backend {
-                addr: *addr.ip(),
+                addr: std::net::IpAddr::V4(*addr.ip()),
                 port: addr.port(),
                 proto: proto::UDP,
                 flags: 0,
@@ -663,7 +663,7 @@ fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
     datapath.put_service(&Service {
         id: ids,
         frontends: vec![Frontend {
-            addr: *middle.ip(),
+            addr: std::net::IpAddr::V4(*middle.ip()),
             port: middle.port(),
             proto: proto::UDP,
             kind: service_flags::CLUSTER_IP,
