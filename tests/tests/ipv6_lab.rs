@@ -7,7 +7,11 @@
 use std::net::{Ipv6Addr, SocketAddr};
 
 use lab::{
-    agent::{POD_PORT, dual_stack_agent, endpoint_slice, endpoint_slice6, service_of_families},
+    agent::{
+        POD_PORT, SYNC_TIMEOUT, dual_stack_agent, endpoint_slice, endpoint_slice6,
+        service_of_families,
+    },
+    lab::wait_for_log,
     peer::ClientRun,
     topology::{node_addr6, pod_addr, pod_addr6},
 };
@@ -354,4 +358,83 @@ fn internal_traffic_policy_and_refusal_hold_over_ipv6() {
         refused.error_samples[0].contains("refused"),
         "refused at once, not timed out: {refused:?}"
     );
+}
+
+/// The IPv6 state lives in pinned maps like the IPv4 one: the hooks serve while no agent
+/// runs, a restarted agent finds everything in place (no change), and `lb run --cleanup`
+/// removes the IPv6 hooks and maps with the rest.
+#[test]
+fn ipv6_services_outlive_an_agent_restart_and_go_with_cleanup() {
+    let mut setup = dual_stack_agent();
+    setup
+        .apply(
+            "web.yaml",
+            &(service_of_families("web", &[&WEB6.to_string()], "TCP", 80, "")
+                + "---\n"
+                + &endpoint_slice6(
+                    "web",
+                    &[(pod_addr6(1, 0), "node1"), (pod_addr6(2, 0), "node2")],
+                    "TCP",
+                )),
+        )
+        .expect("apply");
+    setup
+        .apply(
+            "dns.yaml",
+            &(service_of_families("dns", &[&DNS6.to_string()], "UDP", 53, "")
+                + "---\n"
+                + &endpoint_slice6("dns", &[(pod_addr6(2, 0), "node2")], "UDP")),
+        )
+        .expect("apply");
+    let (web6, dns6) = (at(WEB6, 80), at(DNS6, 53));
+    let pod = setup.client_pod().clone();
+    ClientRun::tcp(&web6, 5)
+        .run(&pod, Some(&setup.cgroup))
+        .expect("client")
+        .assert_all_ok("IPv6 ClusterIP before the restart");
+    setup.kill_agent().expect("SIGKILL");
+    let meanwhile = ClientRun::tcp(&web6, 20)
+        .run(&pod, Some(&setup.cgroup))
+        .expect("client");
+    let meanwhile_udp = ClientRun {
+        unconnected: true,
+        ..ClientRun::udp(&dns6, 10)
+    }
+    .run(&pod, Some(&setup.cgroup))
+    .expect("client");
+    let synced_before = std::fs::read_to_string(setup.log())
+        .expect("log")
+        .lines()
+        .filter(|line| line.contains("synced"))
+        .count();
+    let node1_v6 = node_addr6(1).to_string();
+    setup
+        .start_agent(&["--node-address", &node1_v6])
+        .expect("restart");
+    meanwhile.assert_all_ok("IPv6 ClusterIP while no agent ran");
+    meanwhile_udp.assert_all_ok("unconnected UDP to an IPv6 ClusterIP while no agent ran");
+    assert_eq!(meanwhile_udp.peer_names, [(dns6.clone(), 10)].into());
+    let syncs =
+        wait_for_log(&setup.log(), "synced", synced_before + 1, SYNC_TIMEOUT).expect("syncs");
+    let first_after_restart = &syncs[synced_before];
+    assert!(
+        first_after_restart.contains("services=2") && first_after_restart.contains("changes=0"),
+        "the restart rewrote IPv6 state: {first_after_restart}"
+    );
+
+    setup.kill_agent().expect("stop the agent");
+    let status = std::process::Command::new(lab::peer::sibling_binary("lb").expect("lb"))
+        .args(["run", "--cleanup", "--pin-dir"])
+        .arg(setup.pin_dir())
+        .status()
+        .expect("lb run --cleanup");
+    assert!(status.success());
+    assert!(!setup.pin_dir().exists(), "pins left behind");
+    let gone = ClientRun {
+        timeout_ms: 500,
+        ..ClientRun::tcp(&web6, 1)
+    }
+    .run(&pod, Some(&setup.cgroup))
+    .expect("client");
+    assert_eq!(gone.errors, 1, "the IPv6 hooks still redirect: {gone:?}");
 }
