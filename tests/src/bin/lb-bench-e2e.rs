@@ -6,6 +6,10 @@
 //! - the same services as kube-proxy-shaped iptables rules (iptables-restore) and nftables rules
 //!   (nft -f) in node1's namespace, without any agent,
 //!
+//! and, with `--ipv6` (the default), the measured Service's IPv6 ClusterIP through lb's socket
+//! hooks beside straight to a pod over IPv6 (the lab is dual-stack; the iptables and nftables
+//! rule sets are IPv4 only),
+//!
 //! at 1k and 10k services plus the measured one, and the time `iptables-restore` and `nft -f`
 //! take to load 10k services x 10 endpoints, next to lb's in-process figure (target/bench/
 //! control.json, from lb-bench-control). Prints a table and writes target/bench/e2e.json.
@@ -27,7 +31,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -35,10 +39,10 @@ use std::{
 use anyhow::{Context as _, ensure};
 use clap::Parser;
 use lab::{
-    agent::{AgentLab, POD_PORT, endpoint_slice, node_port_service},
+    agent::{AgentLab, POD_PORT, endpoint_slice, endpoint_slice6, node_port_service},
     lab::{Cgroup, Host, Lab, Proc, ScratchDir, wait_for_log},
     peer::{self, ClientReport},
-    topology::{CLIENT_ADDR, Cluster, ClusterSpec, node_addr, pod_addr},
+    topology::{CLIENT_ADDR, Cluster, ClusterSpec, node_addr, pod_addr, pod_addr6},
 };
 use serde::Serialize;
 
@@ -74,6 +78,10 @@ struct Args {
     /// Rule sets whose iptables-restore / nft -f takes longer are killed and not measured.
     #[arg(long, default_value_t = 300)]
     load_timeout_s: u64,
+    /// The measured Service dual-stack, and its IPv6 ClusterIP measured through lb beside
+    /// straight to a pod over IPv6 (`--ipv6 false`: IPv4 only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ipv6: bool,
     #[arg(long, default_value = "target/bench/e2e.json")]
     out: PathBuf,
     /// lb-bench-control's results, shown next to the rule loading times when present.
@@ -82,6 +90,10 @@ struct Args {
 }
 
 const MEASURED_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The measured Service's IPv6 ClusterIP (documentation prefix).
+const MEASURED_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x96, 0, 0, 0, 0, 0x10);
+/// The suffix of an IPv6 path's name.
+const IPV6: &str = " (IPv6)";
 const MEASURED_PORT: u16 = 80;
 const NODE_PORT: u16 = 30080;
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
@@ -93,22 +105,25 @@ struct Svc {
     port: u16,
     node_port: Option<u16>,
     endpoints: Vec<Ipv4Addr>,
+    /// A dual-stack Service's IPv6 ClusterIP and endpoints (lb's manifests only).
+    ipv6: Option<(Ipv6Addr, Vec<Ipv6Addr>)>,
 }
 
-fn measured() -> Svc {
+fn measured(ipv6: bool) -> Svc {
     Svc {
         name: "web".into(),
         ip: MEASURED_IP,
         port: MEASURED_PORT,
         node_port: Some(NODE_PORT),
         endpoints: vec![pod_addr(2, 0), pod_addr(2, 1)],
+        ipv6: ipv6.then(|| (MEASURED_IP6, vec![pod_addr6(2, 0), pod_addr6(2, 1)])),
     }
 }
 
 /// `count` ClusterIP services of `endpoints` endpoints each (addresses nothing routes to, as in
 /// lb-bench-control), with the measured one in the middle: kube-proxy's iptables order is a map's
 /// random order, so the middle is the expected position.
-fn services(count: usize, endpoints: usize) -> Vec<Svc> {
+fn services(count: usize, endpoints: usize, ipv6: bool) -> Vec<Svc> {
     let mut all: Vec<Svc> = (0..count)
         .map(|index| Svc {
             name: format!("svc-{index}"),
@@ -126,9 +141,10 @@ fn services(count: usize, endpoints: usize) -> Vec<Svc> {
                     )
                 })
                 .collect(),
+            ipv6: None,
         })
         .collect();
-    all.insert(count / 2, measured());
+    all.insert(count / 2, measured(ipv6));
     all
 }
 
@@ -328,12 +344,19 @@ fn manifests(services: &[Svc]) -> String {
         } else {
             "node1"
         };
+        let dual_stack = match &svc.ipv6 {
+            Some((ip6, _)) => format!(
+                "  clusterIPs: [{}, \"{ip6}\"]\n  ipFamilyPolicy: RequireDualStack\n",
+                svc.ip
+            ),
+            None => String::new(),
+        };
         match svc.node_port {
             Some(node_port) => yaml.push_str(&node_port_service(
                 &svc.name,
                 &svc.ip.to_string(),
                 node_port,
-                "",
+                &dual_stack,
             )),
             None => {
                 let _ = write!(
@@ -346,6 +369,11 @@ fn manifests(services: &[Svc]) -> String {
         yaml.push_str("---\n");
         let endpoints: Vec<(Ipv4Addr, &str)> = svc.endpoints.iter().map(|&a| (a, node)).collect();
         yaml.push_str(&endpoint_slice(&svc.name, &endpoints));
+        if let Some((_, endpoints6)) = &svc.ipv6 {
+            let endpoints6: Vec<(Ipv6Addr, &str)> = endpoints6.iter().map(|&a| (a, node)).collect();
+            yaml.push_str("---\n");
+            yaml.push_str(&endpoint_slice6(&svc.name, &endpoints6, "TCP"));
+        }
     }
     yaml
 }
@@ -365,14 +393,16 @@ struct PathSpec {
     to: String,
     /// Servers that may answer.
     servers: &'static [&'static str],
-    /// The client address the servers must see, when it is known.
-    peer_seen: Option<Ipv4Addr>,
+    /// The client address the servers must see, when it is known, as they report it.
+    peer_seen: Option<String>,
 }
 
 /// The paths of one configuration: straight to a pod when `direct`, the measured Service's
-/// ClusterIP and NodePort when `with_services`.
-fn paths(direct: bool, with_services: bool) -> Vec<PathSpec> {
-    let pod = pod_addr(1, 1);
+/// ClusterIP and NodePort when `with_services`; with `ipv6`, straight to a pod and the
+/// ClusterIP over IPv6 too.
+fn paths(direct: bool, with_services: bool, ipv6: bool) -> Vec<PathSpec> {
+    let pod = pod_addr(1, 1).to_string();
+    let pod6 = format!("[{}]", pod_addr6(1, 1));
     let mut all = Vec::new();
     if direct {
         all.extend([
@@ -381,16 +411,25 @@ fn paths(direct: bool, with_services: bool) -> Vec<PathSpec> {
                 from: From::Pod,
                 to: format!("{}:{POD_PORT}", pod_addr(2, 0)),
                 servers: &["n2p0"],
-                peer_seen: Some(pod),
+                peer_seen: Some(pod.clone()),
             },
             PathSpec {
                 name: "client -> pod",
                 from: From::Client,
                 to: format!("{}:{POD_PORT}", pod_addr(2, 0)),
                 servers: &["n2p0"],
-                peer_seen: Some(CLIENT_ADDR),
+                peer_seen: Some(CLIENT_ADDR.to_string()),
             },
         ]);
+        if ipv6 {
+            all.push(PathSpec {
+                name: "pod -> pod (IPv6)",
+                from: From::Pod,
+                to: format!("[{}]:{POD_PORT}", pod_addr6(2, 0)),
+                servers: &["n2p0"],
+                peer_seen: Some(pod6.clone()),
+            });
+        }
     }
     if with_services {
         all.push(PathSpec {
@@ -401,13 +440,22 @@ fn paths(direct: bool, with_services: bool) -> Vec<PathSpec> {
             // DNAT only: the server must see the pod itself.
             peer_seen: Some(pod),
         });
+        if ipv6 {
+            all.push(PathSpec {
+                name: "pod -> ClusterIP (IPv6)",
+                from: From::Pod,
+                to: format!("[{MEASURED_IP6}]:{MEASURED_PORT}"),
+                servers: &["n2p0", "n2p1"],
+                peer_seen: Some(pod6),
+            });
+        }
         all.push(PathSpec {
             name: "client -> NodePort",
             from: From::Client,
             to: format!("{}:{NODE_PORT}", node_addr(1)),
             servers: &["n2p0", "n2p1"],
             // The endpoints are on node2: both kube-proxy and lb SNAT to node1.
-            peer_seen: Some(node_addr(1)),
+            peer_seen: Some(node_addr(1).to_string()),
         });
     }
     all
@@ -586,7 +634,14 @@ impl RuleLab {
     fn new(spec: &ClusterSpec) -> anyhow::Result<Self> {
         let mut lab = Lab::new()?;
         let cluster = Cluster::build(&mut lab, spec)?;
-        let servers = lab::agent::serve_in_every_pod(&cluster)?;
+        let servers = if spec.dual_stack {
+            cluster
+                .pods()
+                .map(|pod| peer::serve_dual_stack(&pod.host, pod.host.name(), POD_PORT))
+                .collect::<anyhow::Result<_>>()?
+        } else {
+            lab::agent::serve_in_every_pod(&cluster)?
+        };
         route_client_via_node1(&cluster.client)?;
         refuse_redirects_on_node1(&cluster.node(1).host)?;
         let scratch = ScratchDir::new(&lab, "e2e")?;
@@ -616,7 +671,7 @@ impl RuleLab {
         timeout_s: u64,
     ) -> anyhow::Result<RuleLoad> {
         let node1 = &self.cluster.node(1).host;
-        let services = services(size, endpoints);
+        let services = services(size, endpoints, false);
         let (input, file) = match system {
             "iptables" => (iptables_rules(&services), "rules.iptables"),
             _ => (nft_rules(&services), "rules.nft"),
@@ -676,10 +731,17 @@ fn check(system: &str, path: &PathSpec, report: &ClientReport) -> anyhow::Result
         report.by_server,
         path.servers
     );
-    if let Some(peer) = path.peer_seen {
-        let peer = peer.to_string();
+    if let Some(peer) = &path.peer_seen {
+        // A dual-stack server (the dual-stack lab's) reports an IPv4 client IPv4-mapped.
+        let unmapped = |text: &str| {
+            let bare = text.trim_start_matches('[').trim_end_matches(']');
+            bare.strip_prefix("::ffff:").unwrap_or(bare).to_owned()
+        };
         ensure!(
-            report.peers_seen.keys().all(|seen| *seen == peer),
+            report
+                .peers_seen
+                .keys()
+                .all(|seen| unmapped(seen) == unmapped(peer)),
             "{system}, {}: servers saw {:?}, expected {peer}",
             path.name,
             report.peers_seen
@@ -766,6 +828,7 @@ fn main() -> anyhow::Result<()> {
     }
     let spec = ClusterSpec {
         pods_per_node: vec![2, 2],
+        dual_stack: args.ipv6,
         ..ClusterSpec::default()
     };
     let wanted = |system: &str| args.systems.iter().any(|wanted| wanted == system);
@@ -800,7 +863,7 @@ fn main() -> anyhow::Result<()> {
             // not the programs' loading. 10k Services with their slices in one file are more
             // than the default manifest size limit.
             setup.start_agent(&["--manifest-max-bytes", "1073741824"])?;
-            let yaml = manifests_file(&setup, &services(size, args.endpoints))?;
+            let yaml = manifests_file(&setup, &services(size, args.endpoints, args.ipv6))?;
             let before = synced_lines(&setup.log());
             let sync_started = Instant::now();
             std::fs::rename(&yaml, setup.manifests().join("services.yaml"))?;
@@ -824,14 +887,14 @@ fn main() -> anyhow::Result<()> {
         system: "baseline",
         services: 0,
         clients: baseline.clients(),
-        paths: paths(true, false),
+        paths: paths(true, false, args.ipv6),
     }];
     for (system, size, lab) in &rule_labs {
         configs.push(Config {
             system,
             services: *size,
             clients: lab.clients(),
-            paths: paths(args.direct_everywhere, true),
+            paths: paths(args.direct_everywhere, true, false),
         });
     }
     for (size, setup) in &agent_labs {
@@ -843,7 +906,7 @@ fn main() -> anyhow::Result<()> {
                 client: &setup.cluster.client,
                 cgroup: Some(&setup.cgroup),
             },
-            paths: paths(args.direct_everywhere, true),
+            paths: paths(args.direct_everywhere, true, args.ipv6),
         });
     }
 
@@ -1069,8 +1132,10 @@ fn cells(runs: &[Run]) -> Vec<Cell> {
             .position(|system| *system == cell.system);
         let path = [
             "pod -> pod",
+            "pod -> pod (IPv6)",
             "client -> pod",
             "pod -> ClusterIP",
+            "pod -> ClusterIP (IPv6)",
             "client -> NodePort",
         ]
         .iter()
@@ -1089,7 +1154,9 @@ fn cells(runs: &[Run]) -> Vec<Cell> {
     let groups: Vec<Vec<&Run>> = order.iter().map(|&index| groups[index].clone()).collect();
     let snapshot = cells.clone();
     for (cell, group) in cells.iter_mut().zip(&groups) {
-        let direct = format!("{} -> pod", from_of(&cell.path));
+        // Straight to a pod from the same place, over the same family.
+        let family = if cell.path.ends_with(IPV6) { IPV6 } else { "" };
+        let direct = format!("{} -> pod{family}", from_of(&cell.path));
         let reference = |system: &str, services: usize| {
             snapshot.iter().position(|other| {
                 other.system == system
@@ -1167,7 +1234,33 @@ fn targets(cells: &[Cell], args: &Args) -> Vec<Target> {
             }
         }
     }
-    let largest = args.services.iter().copied().max().unwrap_or(0);
+    // IPv6 costs no more than 1.15x IPv4: the IPv6 ClusterIP's rate at least 1/1.15 of the
+    // IPv4 one's.
+    for &clients in &args.clients {
+        let v4 = find(cells, "lb", largest, "pod -> ClusterIP", Mode::Crr, clients);
+        let v6 = find(
+            cells,
+            "lb",
+            largest,
+            "pod -> ClusterIP (IPv6)",
+            Mode::Crr,
+            clients,
+        );
+        if let (Some(v4), Some(v6)) = (v4, v6)
+            && v4.rate_median_per_s > 0.0
+        {
+            let ratio = v6.rate_median_per_s / v4.rate_median_per_s;
+            let limit = 1.0 / 1.15;
+            targets.push(Target {
+                target: format!(
+                    "lb ClusterIP connect/request/close, IPv6 / IPv4 rate [{largest} services, {clients} clients]"
+                ),
+                value: ratio,
+                limit,
+                met: ratio >= limit,
+            });
+        }
+    }
     for path in ["pod -> ClusterIP", "client -> NodePort"] {
         for &clients in &args.clients {
             let lb = find(cells, "lb", largest, path, Mode::Crr, clients);
@@ -1288,9 +1381,9 @@ fn print_tables(report: &Report) {
             target.target,
             target.value,
             if target.met {
-                format!("met (>= {})", target.limit)
+                format!("met (>= {:.2})", target.limit)
             } else {
-                format!("NOT met (>= {})", target.limit)
+                format!("NOT met (>= {:.2})", target.limit)
             }
         );
     }
