@@ -41,9 +41,10 @@ pub mod map_names {
     pub const SOURCE_RANGES4: &str = "lb4_srcrng_v1";
     /// LRU [`crate::Affinity4Key`] -> [`crate::AffinityValue`]: sessionAffinity ClientIP.
     pub const AFFINITY4: &str = "lb4_affin_v1";
-    /// Array of backend ids: [`crate::maglev::MAX_TABLES`] Maglev lookup tables of
-    /// [`crate::maglev::TABLE_SIZE`] slots each.
-    pub const MAGLEV4: &str = "lb4_maglev_v1";
+    /// Array of maps, by service id: the service's Maglev lookup table, an array of
+    /// [`crate::maglev::HEADER`] + M cells (cell 0 holds M, cells 1..=M backend ids), sized per
+    /// service ([`crate::maglev::table_size`]); memory only for the services that use Maglev.
+    pub const MAGLEV4: &str = "lb4_maglev_v2";
     /// service id -> the Service port's name (`namespace/name:port/PROTO`, NUL-padded to
     /// [`crate::SERVICE_NAME_LEN`] bytes). Created and pinned by the agent, read by `lb services`
     /// and the metrics; no kernel program uses it.
@@ -83,6 +84,8 @@ pub mod map_names {
     /// Maps earlier releases pinned under names whose layout has changed since: a new agent
     /// removes these pins (the maps themselves go when the old programs are swapped out).
     pub const RETIRED: &[&str] = &[
+        // 128 tables of 16,381 slots in one array; their services carried the flag bit 10.
+        "lb4_maglev_v1",
         "lb_cfg_v1",
         "lb_event_v1",
         "lb_event_v2",
@@ -405,10 +408,54 @@ pub mod checksum {
 /// Maglev consistent hashing, the part the datapath runs: the flow hash that picks a slot of a
 /// service's lookup table (lb-userspace builds the tables). Shared so both sides agree bit for bit.
 pub mod maglev {
-    /// Slots of every Maglev lookup table (a prime, Cilium's default).
-    pub const TABLE_SIZE: u32 = 16_381;
-    /// Lookup tables the datapath holds; a service being updated uses two for a moment.
-    pub const MAX_TABLES: u32 = 128;
+    /// Cells before a table's slots: cell 0 holds the table's size M.
+    pub const HEADER: u32 = 1;
+
+    /// The table sizes a service can have: primes (so every permutation covers the table),
+    /// each about twice the one before.
+    pub const SIZES: [u32; 12] = [
+        251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_521, 131_071, 262_139, 524_287,
+    ];
+    /// Slots per backend a new table aims at: Maglev's balance is within `N / M` of even, and
+    /// its extra moves on a change shrink as M / N grows.
+    pub const TARGET_SLOTS_PER_BACKEND: u64 = 100;
+    /// A table keeps its size while it has between these many slots per backend, so that a
+    /// service scaling by one backend keeps its table size (a new size moves most flows).
+    pub const KEEP_SLOTS_PER_BACKEND: (u64, u64) = (50, 400);
+
+    /// The size of the Maglev table of a service with `backends` backends whose table has
+    /// `current` slots (None: no table yet): `current` while it keeps between
+    /// [`KEEP_SLOTS_PER_BACKEND`] slots per backend, else the smallest of [`SIZES`] with at
+    /// least [`TARGET_SLOTS_PER_BACKEND`] (the largest for more backends than that allows).
+    pub const fn table_size(backends: u32, current: Option<u32>) -> u32 {
+        let n = backends as u64;
+        if let Some(current) = current {
+            let (low, high) = KEEP_SLOTS_PER_BACKEND;
+            let m = current as u64;
+            if is_size(current) && m >= low * n && m <= high * n {
+                return current;
+            }
+        }
+        let mut index = 0;
+        while index < SIZES.len() {
+            if SIZES[index] as u64 >= TARGET_SLOTS_PER_BACKEND * n {
+                return SIZES[index];
+            }
+            index += 1;
+        }
+        SIZES[SIZES.len() - 1]
+    }
+
+    const fn is_size(m: u32) -> bool {
+        let mut index = 0;
+        while index < SIZES.len() {
+            if SIZES[index] == m {
+                return true;
+            }
+            index += 1;
+        }
+        false
+    }
 
     /// Seed of [`flow_hash`]: the ASCII bytes "lbfh" read as a little-endian u32.
     pub const FLOW_HASH_SEED: u32 = u32::from_le_bytes(*b"lbfh");
@@ -539,8 +586,9 @@ pub struct ServiceValue {
     pub flags: u32,
     /// sessionAffinity ClientIP timeout in seconds (0 = no affinity).
     pub affinity_timeout_s: u32,
-    /// With [`service_flags::MAGLEV`]: which lookup table of `lb4_maglev_v1` the service uses
-    /// (its slots start at `maglev_table * maglev::TABLE_SIZE`).
+    /// With [`service_flags::MAGLEV`]: the size M of the service's Maglev table (in
+    /// [`map_names::MAGLEV4`] at its service id), for the agent to read back. XDP reads M from
+    /// the table itself, so that a new table of another size is one atomic update.
     pub maglev_table: u32,
     /// The index in [`map_names::SLOTS4`] of the first cell of the service's table (0: none;
     /// cell 0 is never handed out). The agent writes a new table into free cells, then moves
@@ -566,10 +614,13 @@ pub mod service_flags {
     pub const LOCAL_ONLY: u32 = 1 << 8;
     /// Clients must match the service's loadBalancerSourceRanges (`lb4_srcrng_v1`).
     pub const SOURCE_RANGES: u32 = 1 << 9;
-    /// XDP picks new flows' backends with Maglev consistent hashing (`lb4_maglev_v1`) instead of
+    /// XDP picks new flows' backends with Maglev consistent hashing (`lb4_maglev_v2`) instead of
     /// at random, so every node sends a flow to the same backend and a backend change moves few
     /// flows. The socket hooks keep choosing at random (no source port yet at connect time).
-    pub const MAGLEV: u32 = 1 << 10;
+    /// Bit 10 meant the same with the tables of the retired `lb4_maglev_v1`: a service an
+    /// earlier agent wrote with it is selected at random until the agent's first sync rewrites
+    /// it.
+    pub const MAGLEV: u32 = 1 << 12;
     /// This node's clients (the socket hooks) have an entry of their own for this frontend
     /// ([`crate::scope::NODE_CLIENTS`]), which they look up instead.
     pub const NODE_CLIENTS_ENTRY: u32 = 1 << 11;
@@ -1457,6 +1508,54 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+
+    #[test]
+    fn maglev_table_sizes_are_primes_of_about_100_slots_per_backend_kept_within_a_band() {
+        let prime = |n: u32| {
+            n > 1
+                && (2..)
+                    .take_while(|d| d * d <= n)
+                    .all(|d| !n.is_multiple_of(d))
+        };
+        assert!(
+            maglev::SIZES.iter().all(|&m| prime(m)),
+            "{:?}",
+            maglev::SIZES
+        );
+        assert!(maglev::SIZES.windows(2).all(|pair| pair[0] < pair[1]));
+        // New tables: the smallest size with at least 100 slots per backend.
+        for (backends, size) in [(1, 251), (2, 251), (3, 509), (10, 1_021), (100, 16_381)] {
+            assert_eq!(
+                maglev::table_size(backends, None),
+                size,
+                "{backends} backends"
+            );
+        }
+        assert_eq!(maglev::table_size(1000, None), 131_071);
+        assert_eq!(maglev::table_size(4096, None), 524_287);
+        assert_eq!(
+            maglev::table_size(100_000, None),
+            524_287,
+            "the largest, beyond"
+        );
+        // Kept while 50 to 400 slots per backend: one more or one fewer changes nothing.
+        assert_eq!(maglev::table_size(11, Some(1_021)), 1_021);
+        assert_eq!(maglev::table_size(20, Some(1_021)), 1_021);
+        assert_eq!(
+            maglev::table_size(21, Some(1_021)),
+            4_093,
+            "fewer than 50 per backend"
+        );
+        assert_eq!(maglev::table_size(3, Some(1_021)), 1_021);
+        assert_eq!(
+            maglev::table_size(2, Some(1_021)),
+            251,
+            "more than 400 per backend"
+        );
+        // A size not of the ladder (an earlier release's) is replaced.
+        assert_eq!(maglev::table_size(10, Some(16_381)), 1_021);
+        assert_eq!(maglev::table_size(10, Some(1_000)), 1_021);
+    }
 
     /// Uniform enough to spread flows: over 10 backends and 100,000 draws from each of a few
     /// seeds, every backend within 3% of its share, and a chi-square statistic below the 0.1%

@@ -525,7 +525,12 @@ fn new_flow(
 ) -> Result<Destination, Event> {
     let (backend_id, backend) =
         if service.flags & service_flags::MAGLEV != 0 && service.affinity_timeout_s == 0 {
-            select_maglev(service, tuple)?
+            // No table (yet: the agent swaps tables in at the end of a sync), or one naming a
+            // backend that left the maps: a backend of the current table at random instead.
+            match select_maglev(service, tuple) {
+                Ok(choice) => choice,
+                Err(_) => select::<V4>(service)?,
+            }
         } else {
             select_for_client::<V4>(service, u64::from(tuple.saddr), 0, now)?
         };
@@ -1078,8 +1083,9 @@ pub fn select_for_client<F: Family>(
     Ok((backend_id, backend))
 }
 
-/// The backend Maglev consistent hashing gives the flow: slot flow_hash % TABLE_SIZE of the
-/// service's lookup table. Every node computes the same table for the same endpoints, so a flow
+/// The backend Maglev consistent hashing gives the flow: slot flow_hash % M of the service's
+/// lookup table of M slots. An error where the service has no table or the slot's backend is
+/// not in the maps. Every node computes the same table for the same endpoints, so a flow
 /// reaches the same backend through any node.
 #[inline(always)]
 fn select_maglev(service: &ServiceValue, tuple: &Tuple) -> Result<(u32, Backend4), Event> {
@@ -1093,8 +1099,17 @@ fn select_maglev(service: &ServiceValue, tuple: &Tuple) -> Result<(u32, Backend4
         tuple.dport,
         tuple.proto,
     );
-    let slot = service.maglev_table * maglev::TABLE_SIZE + hash % maglev::TABLE_SIZE;
-    let backend_id = *MAGLEV4.get(slot).ok_or(Event::DROP_BACKEND_MISSING)?;
+    // The size comes from the table itself, which the agent swaps whole.
+    let table = MAGLEV4
+        .get(service.service_id)
+        .ok_or(Event::DROP_BACKEND_MISSING)?;
+    let size = *table.get(0).ok_or(Event::DROP_BACKEND_MISSING)?;
+    if size == 0 {
+        return Err(Event::DROP_BACKEND_MISSING);
+    }
+    let backend_id = *table
+        .get(maglev::HEADER + hash % size)
+        .ok_or(Event::DROP_BACKEND_MISSING)?;
     // SAFETY: read-only use of an entry the agent writes whole.
     let backend = *unsafe { BACKENDS4.get(&backend_id) }.ok_or(Event::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))

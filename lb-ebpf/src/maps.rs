@@ -2,8 +2,8 @@
 //! macro needs literals); state maps are pinned by name so they outlive the agent.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    btf_maps::SkStorage,
+    bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
+    btf_maps::{ArrayOfMaps, SkStorage},
     macros::{btf_map, map},
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
@@ -11,7 +11,7 @@ use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, DatapathConfig, Event,
     Frag4Key, Frag4Value, Frontend4Key, Frontend6Key, JiffiesClock, NicMac, RejectBudget,
     ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value,
-    SockState4, SockState6, SourceRange4, SourceRange6, limits, maglev,
+    SockState4, SockState6, SourceRange4, SourceRange6, limits,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -98,9 +98,17 @@ pub static SOURCE_RANGES6: LpmTrie<SourceRange6, u8> =
 pub static AFFINITY4: LruHashMap<Affinity4Key, AffinityValue> =
     LruHashMap::pinned(limits::MAX_AFFINITY, 0);
 
-/// Maglev lookup tables: slot -> backend id, one table per Maglev service (two while it changes).
-#[map(name = "lb4_maglev_v1")]
-pub static MAGLEV4: Array<u32> = Array::pinned(maglev::MAX_TABLES * maglev::TABLE_SIZE, 0);
+/// Maglev lookup tables by service id: each an array (sized per service, hence
+/// BPF_F_INNER_MAP) whose cell 0 holds its size M and cells 1..=M backend ids. The agent swaps
+/// a service's table in one update of its entry; the kernel frees the old one once no program
+/// still reads it.
+#[btf_map(name = "lb4_maglev_v2", pin_by_name)]
+pub static MAGLEV4: ArrayOfMaps<MaglevTable, { limits::MAX_SERVICES as usize }> =
+    ArrayOfMaps::new();
+
+/// The inner map type of [`MAGLEV4`] (its max_entries is the template's only: each table has
+/// its own).
+pub type MaglevTable = aya_ebpf::btf_maps::Array<u32, 1, { BPF_F_INNER_MAP as usize }>;
 
 /// The translation of fragmented datagrams, from their first fragment; LRU, as a datagram whose
 /// last fragment never came leaves its entry behind.

@@ -171,6 +171,8 @@ impl Reconciler {
         if first_run {
             self.adopt_installed(datapath, desired);
         }
+        // The run's new Maglev tables go in together, before any backend goes (step 3).
+        datapath.defer_maglev_swaps();
         // Before any put: a held Service fixed in this run gets its ports under new ids, whose
         // frontends are the ones its recovered state still holds.
         self.release_recovered_held(datapath, desired, &mut report);
@@ -256,6 +258,10 @@ impl Reconciler {
         report
             .cleanup_failures
             .extend(datapath.take_cleanup_failures());
+        if let Err(error) = datapath.swap_maglev_tables() {
+            // Those services select at random until the next run swaps their tables in.
+            report.cleanup_failures.push(error);
+        }
 
         // 3. Backends nothing references (the first run checks them all).
         let candidates: Vec<u32> = if first_run {

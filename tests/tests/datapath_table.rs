@@ -649,7 +649,8 @@ fn maglev_services_pick_the_backend_the_lookup_table_gives() {
         .iter()
         .map(|pod| format!("{}:{}/{}", pod.ip(), pod.port(), proto::TCP))
         .collect();
-    let table = maglev_reference_table(&identities, lb_common::maglev::TABLE_SIZE as usize);
+    // Three backends: the smallest size of the ladder with 100 slots each, 509.
+    let table = maglev_reference_table(&identities, 509);
     let program = datapath
         .program_fd(lb_common::program_names::XDP_LB)
         .expect("fd");
@@ -675,6 +676,108 @@ fn maglev_services_pick_the_backend_the_lookup_table_gives() {
     }
     run_table(program, &cases);
     assert_eq!(reached.len(), 3, "30 flows reach all three backends");
+    assert_eq!(
+        datapath.installed_services()[&1].maglev_size,
+        Some(509),
+        "the service's table size as the agent records it"
+    );
+}
+
+/// Maglev tables are one per service, sized per service: far more Maglev services than the
+/// 64 the retired fixed array held, each selecting from its own table; a service that shrinks
+/// within its band keeps its table's size, and a removed service's table goes.
+#[test]
+fn every_service_can_have_a_maglev_table_of_its_own_size() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "maglevs").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let services = 300u32;
+    for id in 1..=services {
+        let frontend = Frontend {
+            addr: std::net::IpAddr::V4(Ipv4Addr::new(10, 96, (id >> 8) as u8, id as u8)),
+            port: 80,
+            proto: proto::TCP,
+            kind: service_flags::CLUSTER_IP,
+        };
+        datapath
+            .put_service(&Service {
+                id,
+                frontends: vec![frontend],
+                backends: vec![1, 2],
+                flags: service_flags::MAGLEV,
+                ..Default::default()
+            })
+            .unwrap_or_else(|error| panic!("Maglev service {id}: {error}"));
+    }
+    let outer = lb_userspace::datapath::maps::open_map_data(
+        pins.path(),
+        lb_common::map_names::MAGLEV4,
+        lb_userspace::datapath::bpf_obj::Access::ReadOnly,
+    )
+    .expect("the Maglev tables");
+    let tables = aya::maps::ArrayOfMaps::<_, aya::maps::Array<aya::maps::MapData, u32>>::try_from(
+        aya::maps::Map::ArrayOfMaps(outer),
+    )
+    .expect("an array of maps");
+    let table_of = |id: u32| tables.get(&id, 0);
+    // Two backends: 251 slots (100 each at least), 1 + 251 cells, cell 0 the size.
+    let last = table_of(services).expect("the last service's table");
+    assert_eq!(last.len(), 252);
+    assert_eq!(last.get(&0, 0).expect("cell 0"), 251);
+    let owners: std::collections::BTreeSet<u32> = (1..252)
+        .map(|cell| last.get(&cell, 0).expect("cell"))
+        .collect();
+    assert_eq!(
+        owners,
+        [1, 2].into(),
+        "every slot holds one of its backends"
+    );
+    // A new flow to the last service goes where its table says.
+    let program = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    let frontend = SocketAddrV4::new(Ipv4Addr::new(10, 96, 1, 44), 80);
+    let hash = reference_flow_hash(
+        u32::from(*CLIENT.ip()),
+        u32::from(*frontend.ip()),
+        CLIENT.port(),
+        80,
+        proto::TCP,
+    );
+    let backend = last.get(&(1 + hash % 251), 0).expect("slot");
+    let pod = if backend == 1 { POD_A } else { POD_B };
+    run_table(
+        program,
+        &[case(
+            "a new flow to the 300th Maglev service",
+            packet::tcp(CLIENT, frontend, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(CLIENT, pod, TcpFlags::SYN, b"")),
+        )],
+    );
+    // Down to one backend: 251 slots are still within 50 to 400 per backend, so the size stays
+    // (a new size would move most flows).
+    datapath
+        .put_service(&Service {
+            id: services,
+            frontends: vec![Frontend {
+                addr: std::net::IpAddr::V4(*frontend.ip()),
+                port: 80,
+                proto: proto::TCP,
+                kind: service_flags::CLUSTER_IP,
+            }],
+            backends: vec![1],
+            flags: service_flags::MAGLEV,
+            ..Default::default()
+        })
+        .expect("one backend");
+    assert_eq!(table_of(services).expect("table").len(), 252);
+    datapath.remove_service(services).expect("remove");
+    assert!(
+        table_of(services).is_err(),
+        "a removed service's table goes"
+    );
+    assert!(table_of(1).is_ok());
 }
 
 /// A Maglev lookup table of `m` slots by pseudocode 1 of Eisenbud et al., "Maglev: A Fast and

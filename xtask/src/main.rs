@@ -174,6 +174,13 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
             .arg("--out")
             .arg(dir.join("control.json")),
     )?;
+    // The same with every Service on Maglev: its tables' memory.
+    run(
+        Command::new(target.join("release").join("lb-bench-control"))
+            .arg("--maglev")
+            .arg("--out")
+            .arg(dir.join("control-maglev.json")),
+    )?;
     let control = step.elapsed();
     // End to end in the lab: lb, kube-proxy-shaped iptables and nftables rules, straight to a
     // pod; reads control.json for the rule-loading comparison.

@@ -32,6 +32,7 @@ const BUDGET: Duration = Duration::from_secs(15 * 60);
 pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyhow::Result<String> {
     let datapath = read_json(&dir.join("datapath.json"));
     let control = read_json(&dir.join("control.json"));
+    let control_maglev = read_json(&dir.join("control-maglev.json"));
     let e2e = read_json(&dir.join("e2e.json"));
     let live = read_json(&dir.join("live.json"));
     let forward = read_json(&dir.join("forward.json"));
@@ -60,6 +61,7 @@ pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyh
         live: live.as_ref(),
         forward: forward.as_ref(),
         control: control.as_ref(),
+        control_maglev: control_maglev.as_ref(),
         e2e: e2e.as_ref(),
     };
     let summary = summary(commit, timings, &results, &plots);
@@ -117,6 +119,8 @@ struct Results<'a> {
     live: Option<&'a Value>,
     forward: Option<&'a Value>,
     control: Option<&'a Value>,
+    /// lb-bench-control --maglev: every Service with Maglev.
+    control_maglev: Option<&'a Value>,
     e2e: Option<&'a Value>,
 }
 
@@ -131,6 +135,7 @@ fn summary(
         live,
         forward,
         control,
+        control_maglev,
         e2e,
     } = *results;
     let mut out = String::from("# cargo xtask bench: summary\n\n");
@@ -206,6 +211,9 @@ fn summary(
         control_targets(&mut out, control);
     } else {
         out.push_str("| control plane | not run | no control.json |\n");
+    }
+    if let Some(control) = control_maglev {
+        maglev_control_targets(&mut out, control);
     }
     if let Some(timings) = timings {
         let _ = writeln!(
@@ -427,6 +435,26 @@ fn e2e_targets(out: &mut String, e2e: &Value) {
             .collect::<Vec<_>>()
             .join("; ");
         let _ = writeln!(out, "| {label} | {} | {figures} |", standing(&met));
+    }
+}
+
+/// Every Service with Maglev: the tables' memory against the target, and what programming and
+/// an endpoint change cost then.
+fn maglev_control_targets(out: &mut String, control: &Value) {
+    let services = f(control, "services").unwrap_or(0.0);
+    let endpoints = f(control, "endpoints_per_service").unwrap_or(0.0);
+    if let Some(mib) = f(control, "maglev_tables_memlock_mib") {
+        let mb = mib * 1.048_576;
+        let _ = writeln!(
+            out,
+            "| {} Maglev Services x {endpoints}: table memory < 256 MB | {} | {mb:.0} MB ({mib:.1} MiB) in {} tables; programmed from nothing in {:.0} ms; one endpoint change median {:.1} ms, p90 {:.1} ms |",
+            short_count(services),
+            standing(&[mb < 256.0]),
+            f(control, "maglev_tables").unwrap_or(0.0),
+            f(control, "from_nothing_ms").unwrap_or(f64::NAN),
+            f(control, "change_median_ms").unwrap_or(f64::NAN),
+            f(control, "change_p90_ms").unwrap_or(f64::NAN),
+        );
     }
 }
 

@@ -1,6 +1,8 @@
 //! Reading a whole hash map in chunks (BPF_MAP_LOOKUP_BATCH, kernel >= 5.6): aya 0.16 iterates
 //! with two syscalls per entry (get_next_key, then lookup), which for a full conntrack map of
 //! 524,288 entries is about a million syscalls, on every agent start and every metrics scrape.
+//! Writing a whole array in one syscall (BPF_MAP_UPDATE_BATCH), as a Maglev table is written,
+//! and setting and deleting an entry of an array of maps on a plain descriptor.
 
 use std::{
     io,
@@ -9,7 +11,10 @@ use std::{
 };
 
 /// include/uapi/linux/bpf.h, `enum bpf_cmd`.
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Entries asked for per syscall. A chunk must hold every entry of the largest hash bucket
 /// (ENOSPC otherwise, which `read_all` answers by asking for more).
@@ -98,6 +103,127 @@ pub fn read_all<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec
         position = next;
         first = false;
     }
+}
+
+/// Writes `values` into cells 0.. of the array `map` (whose value type `V` is), in one syscall.
+pub fn write_array<V: aya::Pod>(map: BorrowedFd<'_>, values: &[V]) -> io::Result<()> {
+    let keys: Vec<u32> = (0..values.len() as u32).collect();
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: values.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the attribute points at `count` u32 keys and `count` values of the map's value
+    // size (the caller's contract), alive for the call; the kernel only reads them.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The kernel stops at the first failing cell and reports how many it wrote.
+    if attr.count as usize != values.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("{} of {} cells written", attr.count, values.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// The element-command member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Sets entries of the array of maps `map`, each to its map, in one syscall: each entry changes
+/// in one update (a program sees its old map or its new one), and the kernel waits for the
+/// programs running meanwhile once for the whole batch, not once per entry (kernel/bpf/
+/// syscall.c, `maybe_wait_bpf_programs`: a grace period, milliseconds).
+pub fn set_array_entries(map: BorrowedFd<'_>, entries: &[(u32, BorrowedFd<'_>)]) -> io::Result<()> {
+    let keys: Vec<u32> = entries.iter().map(|(key, _)| *key).collect();
+    let values: Vec<u32> = entries
+        .iter()
+        .map(|(_, inner)| inner.as_raw_fd() as u32)
+        .collect();
+    batch_elements(map, BPF_MAP_UPDATE_BATCH, &keys, Some(&values))
+}
+
+/// Deletes entries `keys` of the array of maps `map` in one syscall; the maps they referred to
+/// go once no program reads them.
+pub fn delete_array_entries(map: BorrowedFd<'_>, keys: &[u32]) -> io::Result<()> {
+    batch_elements(map, BPF_MAP_DELETE_BATCH, keys, None)
+}
+
+fn batch_elements(
+    map: BorrowedFd<'_>,
+    command: libc::c_long,
+    keys: &[u32],
+    values: Option<&[u32]>,
+) -> io::Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.map_or(0, |values| values.as_ptr() as u64),
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the attribute points at `count` u32 keys (and as many u32 values), alive for the
+    // call; the kernel only reads them.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            &raw mut attr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Deletes entry `key` of the array of maps `map`: the map it referred to goes once no program
+/// reads it any more. An empty entry is not an error.
+pub fn delete_array_entry(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: (&raw const key) as u64,
+        ..Default::default()
+    };
+    // SAFETY: the attribute points at a u32 key alive for the call.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &raw mut attr,
+            size_of::<ElemAttr>(),
+        )
+    };
+    if result < 0 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ENOENT) {
+            return Err(error);
+        }
+    }
+    Ok(())
 }
 
 /// [`read_all`] of an aya hash map handle, failing as aya's own calls do.

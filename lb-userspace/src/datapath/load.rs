@@ -33,7 +33,7 @@ use super::{
     address_filter::{AddressFilter, FilterKey},
     bpf_obj::Access,
     error::{DatapathError, Result, map_error},
-    maps::{Maps, open_map},
+    maps::{Maps, open_map, open_map_data},
     nic::{interface_name, nic_address},
     object::DATAPATH_OBJECT,
     pins::LINKS_DIR,
@@ -147,6 +147,8 @@ impl Datapath {
                 .chain(reply_sources),
         )?;
         let names = read_service_names(&maps.service_names)?;
+        let maglev = open_map_data(pin_dir, map_names::MAGLEV4, Access::ReadWrite)?;
+        forget_unused_maglev_tables(&maglev, &installed)?;
         Ok(Self {
             maps,
             frontend_filter,
@@ -158,7 +160,9 @@ impl Datapath {
             nic_macs: take_private_map(&mut ebpf, map_names::NIC_MACS)?,
             nic_slots: BTreeMap::new(),
             tx_ports: take_private_map(&mut ebpf, map_names::TX_PORTS)?,
-            maglev: open_map(pin_dir, map_names::MAGLEV4, Access::ReadWrite)?,
+            maglev,
+            maglev_pending: BTreeMap::new(),
+            maglev_deferred: false,
             departed_udp: BTreeSet::new(),
             cleanup_failures: Vec::new(),
             clock,
@@ -659,3 +663,28 @@ macro_rules! impl_load_and_pin {
     )*};
 }
 impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr, CgroupSkb, CgroupSock);
+
+/// Removes the Maglev tables of installed services whose frontends do not ask for one (left by
+/// an agent stopped between writing a table and its frontends): a table takes memory until its
+/// entry goes.
+fn forget_unused_maglev_tables(
+    maglev: &MapData,
+    installed: &BTreeMap<u32, InstalledService>,
+) -> Result<()> {
+    for (id, _) in installed
+        .iter()
+        .filter(|(_, service)| service.maglev_size.is_none())
+    {
+        super::batch::delete_array_entry(maglev.fd().as_fd(), *id).map_err(|io_error| {
+            map_error(
+                map_names::MAGLEV4,
+                &format!("remove the unused Maglev table of service {id}"),
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_delete_elem",
+                    io_error,
+                }),
+            )
+        })?;
+    }
+    Ok(())
+}

@@ -67,12 +67,18 @@ pub fn open_map<M>(pin_dir: &Path, name: &'static str, access: Access) -> Result
 where
     M: TryFrom<Map, Error = MapError>,
 {
+    let data = open_map_data(pin_dir, name, access)?;
+    let map = Map::from_map_data(data).map_err(|source| map_error(name, "open", source))?;
+    M::try_from(map).map_err(|source| map_error(name, "open", source))
+}
+
+/// The map pinned as `name` under `pin_dir`, untyped (for maps the typed handles cannot do all
+/// of: the array of Maglev tables).
+pub fn open_map_data(pin_dir: &Path, name: &'static str, access: Access) -> Result<MapData> {
     let path = pin_dir.join(name);
     let fd = open_pinned(&path, access).map_err(|source| DatapathError::OpenPin {
         path: path.clone(),
         source,
     })?;
-    let data = MapData::from_fd(fd).map_err(|source| map_error(name, "open", source))?;
-    let map = Map::from_map_data(data).map_err(|source| map_error(name, "open", source))?;
-    M::try_from(map).map_err(|source| map_error(name, "open", source))
+    MapData::from_fd(fd).map_err(|source| map_error(name, "open", source))
 }

@@ -77,7 +77,14 @@ pub struct Datapath {
     /// The ifindex each slot of `nic_macs` was asked for; 0 where two NICs share it.
     nic_slots: BTreeMap<u32, u32>,
     tx_ports: DevMapHash<MapData>,
-    maglev: Array<MapData, u32>,
+    /// `lb4_maglev_v2`, the array of Maglev tables by service id (written with raw syscalls:
+    /// aya's typed handle has no delete).
+    maglev: MapData,
+    /// Maglev tables put (Some) or removed (None) and not yet swapped into `maglev`, by
+    /// service id; the handle keeps a new table alive until then.
+    maglev_pending: BTreeMap<u32, Option<Array<MapData, u32>>>,
+    /// Whether swaps wait for [`Datapath::swap_maglev_tables`].
+    maglev_deferred: bool,
     /// UDP backends that left a service since the last
     /// [`Datapath::abort_udp_sockets_of_departed_backends`]: sockets connected to them through
     /// the service are aborted then.
@@ -116,8 +123,8 @@ pub struct InstalledService {
     pub frontends: BTreeMap<FrontendKey, u32>,
     pub affinity_timeout_s: u32,
     pub source_ranges: BTreeSet<(IpAddr, u8)>,
-    /// The Maglev lookup table in use, for a service with MAGLEV.
-    pub maglev_table: Option<u32>,
+    /// The size of the Maglev table in use, for a service with MAGLEV.
+    pub maglev_size: Option<u32>,
 }
 
 /// Frontend keys with the flags their entries carry: the frontends' kinds (a key used by several

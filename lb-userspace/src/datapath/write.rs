@@ -5,9 +5,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::AsFd as _,
 };
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuValues, lpm_trie::Key as LpmKey};
+
+/// BPF_F_INNER_MAP (include/uapi/linux/bpf.h): an inner map of a map of maps whose size may
+/// differ from the template's, as every Maglev table's does (kernel >= 5.10).
+const BPF_F_INNER_MAP: u32 = 1 << 12;
 use lb_common::{
     DatapathConfig, NicMac, SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot, SourceRange,
     limits, maglev, map_names, service_flags,
@@ -167,7 +172,7 @@ impl Datapath {
 
         // All or nothing: on a failure, what this call wrote is undone before it returns.
         let slots = self.write_slots(service.id, &service.backends)?;
-        let maglev_table = match self.write_maglev_table(service) {
+        let maglev_size = match self.write_maglev_table(service) {
             Ok(table) => table,
             Err(error) => {
                 self.slot_ranges.release(slots, backend_count.into());
@@ -180,7 +185,7 @@ impl Datapath {
             legacy_revision: 0,
             flags,
             affinity_timeout_s: service.affinity_timeout_s,
-            maglev_table: maglev_table.unwrap_or(0),
+            maglev_table: maglev_size.unwrap_or(0),
             slots,
         };
         // Before the entries: XDP looks a frontend up only once its bit is set.
@@ -192,6 +197,14 @@ impl Datapath {
             if let Err(error) = result {
                 self.undo_frontends(&written);
                 self.slot_ranges.release(slots, backend_count.into());
+                // A table no installed frontend asks for: gone with the rest of this call.
+                let had_table = previous.as_ref().is_some_and(|p| p.maglev_size.is_some());
+                if maglev_size.is_some()
+                    && !had_table
+                    && let Err(cleanup) = self.remove_maglev_table(service.id)
+                {
+                    self.cleanup_failed(cleanup);
+                }
                 return Err(error);
             }
             written.push(*key);
@@ -223,7 +236,7 @@ impl Datapath {
                 frontends: flags_by_key.clone(),
                 affinity_timeout_s: service.affinity_timeout_s,
                 source_ranges: service.source_ranges.clone(),
-                maglev_table,
+                maglev_size,
             },
         );
         self.remove_source_ranges(service.id, old_ranges.difference(&service.source_ranges))?;
@@ -255,6 +268,10 @@ impl Datapath {
             // nothing, never that service's backend.
             self.slot_ranges
                 .release(previous.slots, previous.backends.len() as u32);
+            // No frontend asks for the Maglev table any more.
+            if previous.maglev_size.is_some() && maglev_size.is_none() {
+                self.remove_maglev_table(service.id)?;
+            }
         }
         Ok(())
     }
@@ -507,25 +524,20 @@ impl Datapath {
     }
 
     /// For a Maglev service with backends: builds its lookup table over the backends' identities
-    /// (address:port/protocol, the same on every node) and writes it to a free table of
-    /// `lb4_maglev_v1`; the frontends switch to it afterwards, and the old table is free once they
-    /// have. None for other services.
+    /// (address:port/protocol, the same on every node), of the size
+    /// [`maglev::table_size`] gives for its backends and its current table, in an array of its
+    /// own, and swaps it in as the service's entry of `lb4_maglev_v2` (one update: XDP reads
+    /// either table whole; the kernel frees the old one once no program reads it). Returns the
+    /// table's size; None for other services.
     fn write_maglev_table(&mut self, service: &Service) -> Result<Option<u32>> {
         if service.flags & service_flags::MAGLEV == 0 || service.backends.is_empty() {
             return Ok(None);
         }
-        let in_use: BTreeSet<u32> = self
+        let current = self
             .installed
-            .values()
-            .filter_map(|installed| installed.maglev_table)
-            .collect();
-        let table = (0..maglev::MAX_TABLES)
-            .find(|index| !in_use.contains(index))
-            .ok_or(DatapathError::MapFull {
-                map: map_names::MAGLEV4,
-                capacity: maglev::MAX_TABLES,
-                operation: format!("a Maglev table for service {}", service.id),
-            })?;
+            .get(&service.id)
+            .and_then(|installed| installed.maglev_size);
+        let size = maglev::table_size(service.backends.len() as u32, current);
         let identities: Vec<String> = service
             .backends
             .iter()
@@ -534,16 +546,93 @@ impl Datapath {
                 format!("{}:{}/{}", backend.addr, backend.port, backend.proto)
             })
             .collect();
-        let slots = super::maglev::table(&identities, maglev::TABLE_SIZE).map_err(|error| {
+        let owners = super::maglev::table(&identities, size).map_err(|error| {
             DatapathError::Invalid(format!("service {}: Maglev table: {error}", service.id))
         })?;
-        let base = table * maglev::TABLE_SIZE;
-        for (slot, index) in slots.iter().enumerate() {
-            self.maglev
-                .set(base + slot as u32, &service.backends[*index as usize], 0)
-                .map_err(|source| map_error(map_names::MAGLEV4, "write", source))?;
+        let cells: Vec<u32> = std::iter::once(size)
+            .chain(owners.iter().map(|&index| service.backends[index as usize]))
+            .collect();
+        let operation = || format!("the Maglev table of service {} ({size} slots)", service.id);
+        let table = Array::<MapData, u32>::create(cells.len() as u32, BPF_F_INNER_MAP)
+            .map_err(|source| map_error(map_names::MAGLEV4, &operation(), source))?;
+        let table_fd = aya::maps::IterableMap::map(&table).fd().as_fd();
+        super::batch::write_array(table_fd, &cells)
+            .map_err(|io_error| maglev_error(&operation(), "bpf_map_update_batch", io_error))?;
+        self.stage_maglev_swap(service.id, Some(table))?;
+        Ok(Some(size))
+    }
+
+    /// Removes a service's Maglev table (its frontends no longer ask for it).
+    fn remove_maglev_table(&mut self, service_id: u32) -> Result<()> {
+        self.stage_maglev_swap(service_id, None)
+    }
+
+    /// A service's new Maglev table (None: none), swapped in now, or with the others at
+    /// [`Datapath::swap_maglev_tables`] after [`Datapath::defer_maglev_swaps`].
+    fn stage_maglev_swap(
+        &mut self,
+        service_id: u32,
+        table: Option<Array<MapData, u32>>,
+    ) -> Result<()> {
+        self.maglev_pending.insert(service_id, table);
+        if self.maglev_deferred {
+            return Ok(());
         }
-        Ok(Some(table))
+        self.swap_maglev_tables()
+    }
+
+    /// From now until [`Datapath::swap_maglev_tables`], new Maglev tables wait to be swapped in
+    /// together. Each swap of an entry of `lb4_maglev_v2` from userspace waits for a grace
+    /// period (kernel/bpf/syscall.c, `maybe_wait_bpf_programs`), milliseconds: a sync that
+    /// changes many Maglev services pays it once. Until then a service's frontends may ask for
+    /// a table that is not there yet, or still find its previous one: XDP then selects at random
+    /// from the service's current selection table (or from the previous Maglev table's
+    /// backends).
+    pub fn defer_maglev_swaps(&mut self) {
+        self.maglev_deferred = true;
+    }
+
+    /// Swaps in the Maglev tables put or removed since [`Datapath::defer_maglev_swaps`]: one
+    /// batch of updates and one of deletions. Those that fail stay staged for the next call.
+    pub fn swap_maglev_tables(&mut self) -> Result<()> {
+        self.maglev_deferred = false;
+        if self.maglev_pending.is_empty() {
+            return Ok(());
+        }
+        let outer = self.maglev.fd().as_fd();
+        let sets: Vec<(u32, std::os::fd::BorrowedFd<'_>)> = self
+            .maglev_pending
+            .iter()
+            .filter_map(|(id, table)| {
+                let table = table.as_ref()?;
+                Some((*id, aya::maps::IterableMap::map(table).fd().as_fd()))
+            })
+            .collect();
+        super::batch::set_array_entries(outer, &sets).map_err(|io_error| {
+            maglev_error(
+                &format!("swap in {} Maglev tables", sets.len()),
+                "bpf_map_update_batch",
+                io_error,
+            )
+        })?;
+        let deletions: Vec<u32> = self
+            .maglev_pending
+            .iter()
+            .filter(|(_, table)| table.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        self.maglev_pending.retain(|_, table| table.is_none());
+        for id in deletions {
+            super::batch::delete_array_entry(self.maglev.fd().as_fd(), id).map_err(|io_error| {
+                maglev_error(
+                    &format!("remove the Maglev table of service {id}"),
+                    "bpf_map_delete_elem",
+                    io_error,
+                )
+            })?;
+            self.maglev_pending.remove(&id);
+        }
+        Ok(())
     }
 
     /// MapFull before anything is written when the service's new entries would not fit.
@@ -606,7 +695,7 @@ impl Datapath {
                     legacy_revision: 0,
                     flags: *installed.frontends.get(key)?,
                     affinity_timeout_s: installed.affinity_timeout_s,
-                    maglev_table: installed.maglev_table.unwrap_or(0),
+                    maglev_table: installed.maglev_size.unwrap_or(0),
                     slots: installed.slots,
                 })
             });
@@ -665,6 +754,9 @@ impl Datapath {
         }
         self.slot_ranges
             .release(installed.slots, installed.backends.len() as u32);
+        if installed.maglev_size.is_some() {
+            self.remove_maglev_table(id)?;
+        }
         Ok(())
     }
 
@@ -803,6 +895,14 @@ pub(super) fn write_table(
             .map_err(|source| map_error(map_names::SLOTS4, "write", source))?;
     }
     Ok(())
+}
+
+fn maglev_error(operation: &str, call: &'static str, io_error: std::io::Error) -> DatapathError {
+    map_error(
+        map_names::MAGLEV4,
+        operation,
+        MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+    )
 }
 
 /// A source-range trie key of either family.

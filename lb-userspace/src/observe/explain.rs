@@ -528,9 +528,10 @@ fn explain_service(
             destination.port(),
             protocol,
         );
+        // maglev_table holds the size of the service's table.
         reasons.push(format!(
-            "a new flow: Maglev slot {} of table {}",
-            hash % lb_common::maglev::TABLE_SIZE,
+            "a new flow: Maglev slot {} of the service's table of {} slots",
+            hash.checked_rem(service.maglev_table).unwrap_or(0),
             service.maglev_table
         ));
     } else {

@@ -12,7 +12,7 @@ use std::{
 use aya::maps::lpm_trie::Key as LpmKey;
 use lb_common::{
     Ct4Key, Ct4Value, CtTimeouts, Flow4Value, SourceRange4, SourceRange6, backend_flags,
-    ct_direction, ct_flags, limits, maglev, map_names, proto, service_flags, tcp_state,
+    ct_direction, ct_flags, limits, map_names, proto, service_flags, tcp_state,
 };
 use serde::Serialize;
 
@@ -341,7 +341,7 @@ impl PinnedMaps {
         let (installed, _) = read_installed(&self.0)?;
         let maglev_tables = installed
             .values()
-            .filter(|service| service.maglev_table.is_some())
+            .filter(|service| service.maglev_size.is_some())
             .count();
         Ok(vec![
             fill(
@@ -410,7 +410,8 @@ impl PinnedMaps {
             MapFill {
                 map: map_names::MAGLEV4,
                 entries: maglev_tables as u64,
-                capacity: u64::from(maglev::MAX_TABLES),
+                // One table per service id, sized per service.
+                capacity: u64::from(limits::MAX_SERVICES),
             },
         ])
     }

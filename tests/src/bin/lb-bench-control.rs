@@ -8,6 +8,8 @@
 //! recompiles what changed. In-process, so the figures are the agent's own work; a source adds its delivery time on top
 //! (the file source polls every 250 ms, the Kubernetes source coalesces bursts over 50 ms).
 //! Run by `cargo xtask bench`; prints a table and writes target/bench/control.json (`--out`).
+//! `--maglev`: every Service with Maglev (the agent's `--load-balancing maglev`), and the memory
+//! its lookup tables take (the sum of the kernel's `memlock` figure of each table).
 
 use std::sync::Arc;
 use std::{
@@ -40,6 +42,9 @@ struct Args {
     /// Where the JSON report goes (`cargo xtask bench` passes its target directory's).
     #[arg(long, default_value = "target/bench/control.json")]
     out: std::path::PathBuf,
+    /// Every Service with Maglev, and the tables' memory measured.
+    #[arg(long)]
+    maglev: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,7 +54,8 @@ fn main() -> anyhow::Result<()> {
     let rss_start = peak_rss_kib();
     let mut snapshot = snapshot(SERVICES, ENDPOINTS);
     let rss_objects = peak_rss_kib();
-    let node = NodeContext::new("node1");
+    let mut node = NodeContext::new("node1");
+    node.default_maglev = args.maglev;
 
     let mut datapath = Datapath::load(pins.path())?;
     let mut compiler = Compiler::new(node);
@@ -66,6 +72,11 @@ fn main() -> anyhow::Result<()> {
     );
     anyhow::ensure!(report.services_put == SERVICES, "{report:?}");
     let rss_programmed = peak_rss_kib();
+    let maglev_tables = if args.maglev {
+        Some(maglev_memory(&pins, &datapath)?)
+    } else {
+        None
+    };
 
     // One endpoint changes in one slice; the datapath must hold the new backend afterwards.
     let mut latencies = Vec::new();
@@ -150,6 +161,12 @@ fn main() -> anyhow::Result<()> {
         mib(rss_objects),
         mib(rss_start)
     );
+    if let Some((tables, bytes)) = maglev_tables {
+        println!(
+            "  Maglev tables: {tables}, {:.1} MiB of map memory  target < 256 MiB",
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
     println!(
         "  one endpoint change: median {:.2} ms (compile {:.2} ms), p90 {:.2} ms over {CHANGES} changes  target <= 10 ms",
         ms(median),
@@ -175,6 +192,9 @@ fn main() -> anyhow::Result<()> {
         "change_compile_median_ms": ms(compile_median),
         "change_with_conflict_median_ms": ms(conflict_median),
         "change_with_conflict_p90_ms": ms(conflict_p90),
+        "maglev": args.maglev,
+        "maglev_tables": maglev_tables.map(|(tables, _)| tables),
+        "maglev_tables_memlock_mib": maglev_tables.map(|(_, bytes)| bytes as f64 / (1 << 20) as f64),
     });
     if let Some(dir) = args.out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -186,6 +206,38 @@ fn main() -> anyhow::Result<()> {
 
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
+}
+
+/// How many Maglev tables the services have, and the memory they take: the kernel's `memlock`
+/// figure of each (read from the fdinfo of a descriptor to it).
+fn maglev_memory(pins: &PinDir, datapath: &Datapath) -> anyhow::Result<(usize, u64)> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let outer = lb_userspace::datapath::maps::open_map_data(
+        pins.path(),
+        lb_common::map_names::MAGLEV4,
+        lb_userspace::datapath::bpf_obj::Access::ReadOnly,
+    )?;
+    let tables = aya::maps::ArrayOfMaps::<_, aya::maps::MapData>::try_from(
+        aya::maps::Map::ArrayOfMaps(outer),
+    )?;
+    let mut count = 0;
+    let mut bytes = 0;
+    for (id, service) in datapath.installed_services() {
+        if service.maglev_size.is_none() {
+            continue;
+        }
+        let table = tables.get(id, 0)?;
+        let fd = table.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        let memlock: u64 = info
+            .lines()
+            .find_map(|line| line.strip_prefix("memlock:"))
+            .and_then(|value| value.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no memlock in the fdinfo of table {id}"))?;
+        count += 1;
+        bytes += memlock;
+    }
+    Ok((count, bytes))
 }
 
 /// VmHWM (peak resident set) of this process, in KiB.
