@@ -414,14 +414,21 @@ impl Reconciler {
                     operation: format!("allocate a service id for {key}"),
                 })?,
         };
-        let mut backends = Vec::with_capacity(service.backends.len());
+        let mut weighted = Vec::with_capacity(service.backends.len());
         for backend in &service.backends {
-            backends.push(self.put_backend(datapath, backend, report)?);
+            let weight = service
+                .weights
+                .get(&(backend.addr, backend.port))
+                .copied()
+                .unwrap_or(1);
+            if weight > 0 {
+                weighted.push((self.put_backend(datapath, backend, report)?, weight));
+            }
         }
         let wanted = Service {
             id,
             frontends: service.frontends.iter().copied().collect(),
-            backends,
+            backends: weighted_cells(&weighted),
             affinity_timeout_s: service.affinity_timeout_s,
             flags: service.flags,
             source_ranges: service.source_ranges.clone(),
@@ -510,6 +517,45 @@ impl Reconciler {
     }
 }
 
+/// A service's selection table: each backend as many times as its weight, weights reduced by
+/// their greatest common divisor and, when they still add up to more cells than a table holds,
+/// scaled down to fit (every backend keeping at least one cell). Random selection draws from
+/// the cells, and the Maglev table weighs each backend by its cells.
+pub fn weighted_cells(backends: &[(u32, u32)]) -> Vec<u32> {
+    let gcd = |mut a: u64, mut b: u64| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let divisor = backends
+        .iter()
+        .map(|(_, weight)| u64::from(*weight))
+        .fold(0, gcd)
+        .max(1);
+    let mut cells: Vec<u64> = backends
+        .iter()
+        .map(|(_, weight)| u64::from(*weight) / divisor)
+        .collect();
+    let limit = u64::from(limits::MAX_BACKENDS_PER_SERVICE);
+    let total: u64 = cells.iter().sum();
+    if total > limit {
+        for count in &mut cells {
+            *count = (*count * limit / total).max(1);
+        }
+        while cells.iter().sum::<u64>() > limit {
+            if let Some(largest) = cells.iter_mut().max() {
+                *largest -= 1;
+            }
+        }
+    }
+    backends
+        .iter()
+        .zip(cells)
+        .flat_map(|((id, _), count)| std::iter::repeat_n(*id, count as usize))
+        .collect()
+}
+
 fn unknown_key(id: u32) -> ServicePortKey {
     ServicePortKey {
         namespace: String::new(),
@@ -532,4 +578,48 @@ fn next_free(cursor: &mut u32, limit: u32, in_use: impl Fn(u32) -> bool) -> Opti
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(cells: &[u32]) -> BTreeMap<u32, usize> {
+        let mut counts = BTreeMap::new();
+        for id in cells {
+            *counts.entry(*id).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn weighted_cells_repeat_each_backend_by_its_reduced_weight() {
+        assert_eq!(weighted_cells(&[(7, 1), (8, 1)]), [7, 8]);
+        assert_eq!(
+            weighted_cells(&[(7, 90), (8, 10)]),
+            [7, 7, 7, 7, 7, 7, 7, 7, 7, 8]
+        );
+        assert_eq!(
+            counts(&weighted_cells(&[(1, 6), (2, 4), (3, 2)])),
+            [(1, 3), (2, 2), (3, 1)].into()
+        );
+        assert!(weighted_cells(&[]).is_empty());
+        // More than a table holds: scaled down, every backend keeping a cell.
+        let big: Vec<(u32, u32)> = (0..100).map(|id| (id, 997 + id % 2)).collect();
+        let cells = weighted_cells(&big);
+        assert!(
+            cells.len() <= limits::MAX_BACKENDS_PER_SERVICE as usize,
+            "{}",
+            cells.len()
+        );
+        let counts = counts(&cells);
+        assert_eq!(counts.len(), 100);
+        assert!(
+            counts.values().all(|&count| (39..=41).contains(&count)),
+            "{counts:?}"
+        );
+        let skewed = weighted_cells(&[(1, 1000), (2, 1), (3, 999)]);
+        assert!(skewed.len() <= limits::MAX_BACKENDS_PER_SERVICE as usize);
+        assert!(skewed.contains(&2), "the lightest keeps a cell");
+    }
 }

@@ -102,6 +102,16 @@ fn render(desired: &Desired) -> Vec<String> {
             if service.flags & lb_common::service_flags::MAGLEV != 0 {
                 line.push_str(" maglev");
             }
+            if !service.weights.is_empty() {
+                let weights: Vec<String> = service
+                    .weights
+                    .iter()
+                    .map(|((addr, port), weight)| {
+                        format!("{}={weight}", std::net::SocketAddr::new(*addr, *port))
+                    })
+                    .collect();
+                line.push_str(&format!(" weights=[{}]", weights.join(", ")));
+            }
             if service.flags & lb_common::service_flags::NODE_CLIENTS_ENTRY != 0 {
                 line.push_str(" node-clients-elsewhere");
             }
@@ -447,6 +457,32 @@ fn rows() -> Vec<Row> {
                 "default/web:http/TCP[ipv6] fe=[[fd00::10]:80 cluster] be=[] affinity=0",
             ],
             problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "endpoint weights by address, pod name, the longest pod-name prefix and *",
+            yaml: "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  annotations: {lb.io/endpoint-weights: \"10.244.1.10=7, web-stable-*=9, web-stable-canary-*=1, web-x-1=3, *=0\"}\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80}\n".to_owned()
+                + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nports:\n- {name: http, port: 8080}\nendpoints:\n- addresses: [10.244.1.10]\n  targetRef: {kind: Pod, name: web-stable-a}\n- addresses: [10.244.1.11]\n  targetRef: {kind: Pod, name: web-stable-b}\n- addresses: [10.244.1.12]\n  targetRef: {kind: Pod, name: web-stable-canary-c}\n- addresses: [10.244.1.13]\n  targetRef: {kind: Pod, name: web-x-1}\n- addresses: [10.244.1.14]\n  targetRef: {kind: Pod, name: other}\n- addresses: [10.244.1.15]\n",
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080, 10.244.1.11:8080, 10.244.1.12:8080, 10.244.1.13:8080, 10.244.1.14:8080, 10.244.1.15:8080] affinity=0 weights=[10.244.1.10:8080=7, 10.244.1.11:8080=9, 10.244.1.12:8080=1, 10.244.1.13:8080=3, 10.244.1.14:8080=0, 10.244.1.15:8080=0]",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "endpoint weights: a malformed annotation and all weights 0 leave equal shares, with a Warning",
+            yaml: "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: bad\n  namespace: default\n  annotations: {lb.io/endpoint-weights: \"10.244.1.10=lots\"}\nspec:\n  clusterIP: 10.96.0.11\n  ports:\n  - {name: http, port: 80}\n".to_owned()
+                + "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: zero\n  namespace: default\n  annotations: {lb.io/endpoint-weights: \"*=0\"}\nspec:\n  clusterIP: 10.96.0.12\n  ports:\n  - {name: http, port: 80}\n"
+                + &slice("bad-1", "bad", &[("10.244.1.10", "node1", READY)], &[("http", 8080, "TCP")])
+                + &slice("zero-1", "zero", &[("10.244.1.11", "node1", READY)], &[("http", 8080, "TCP")]),
+            expected: &[
+                "default/bad:http/TCP fe=[10.96.0.11:80 cluster] be=[10.244.1.10:8080 L] affinity=0",
+                "default/zero:http/TCP fe=[10.96.0.12:80 cluster] be=[10.244.1.11:8080 L] affinity=0",
+            ],
+            problems: &[
+                (Severity::Warning, "Service/default/bad", "InvalidEndpointWeights"),
+                (Severity::Warning, "Service/default/zero", "AllEndpointsWeighZero"),
+            ],
             held: &[],
         },
         Row {

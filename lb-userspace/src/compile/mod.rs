@@ -24,6 +24,8 @@
 //! - IPv6 and dual-stack: a Service is served in the families of its `clusterIPs`, one desired
 //!   service per family with that family's EndpointSlices, addresses and source ranges;
 //! - sessionAffinity ClientIP with its timeout (default 10800 s);
+//! - endpoint weights from the `lb.io/endpoint-weights` annotation (by address, pod name or
+//!   pod-name prefix), beyond kube-proxy: each backend's share of new flows;
 //! - externalIPs only inside `--external-ip-cidrs` when it is given (the others skipped with a
 //!   problem);
 //! - one owner per frontend (address, port, protocol) when several Services claim it: see
@@ -46,4 +48,7 @@ mod service;
 pub use incremental::{
     Changes, Compiler, SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION, Update, compile,
 };
-pub use service::{DEFAULT_AFFINITY_TIMEOUT_S, LOAD_BALANCING_ANNOTATION, held_cluster_ips};
+pub use service::{
+    DEFAULT_AFFINITY_TIMEOUT_S, ENDPOINT_WEIGHTS_ANNOTATION, LOAD_BALANCING_ANNOTATION,
+    MAX_ENDPOINT_WEIGHT, held_cluster_ips,
+};

@@ -397,6 +397,10 @@ pub struct DesiredService {
     pub flags: u32,
     /// loadBalancerSourceRanges (address, prefix length), with SOURCE_RANGES.
     pub source_ranges: BTreeSet<(IpAddr, u8)>,
+    /// Endpoint weights ([`ENDPOINT_WEIGHTS_ANNOTATION`](super::ENDPOINT_WEIGHTS_ANNOTATION)):
+    /// each backend's relative share of new flows, by (address, port); empty: equal shares.
+    /// A backend of weight 0 gets no new flow.
+    pub weights: BTreeMap<(IpAddr, u16), u32>,
 }
 
 /// The whole desired state.

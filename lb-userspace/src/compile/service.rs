@@ -26,6 +26,16 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// (kube-proxy's way, the default) or `maglev` (consistent hashing).
 pub const LOAD_BALANCING_ANNOTATION: &str = "lb.io/load-balancing";
 
+/// The annotation that weighs a Service's endpoints: comma-separated `key=weight`, the key an
+/// endpoint's address, its pod's name (the EndpointSlice's targetRef), a pod-name prefix
+/// ending in `*` (the longest matching one wins), or `*` alone for every other endpoint; the
+/// weight 0 to [`MAX_ENDPOINT_WEIGHT`]. An endpoint no key matches weighs 1. A canary at 10%:
+/// `web-stable-*=9,web-canary-*=1`.
+pub const ENDPOINT_WEIGHTS_ANNOTATION: &str = "lb.io/endpoint-weights";
+
+/// The largest endpoint weight.
+pub const MAX_ENDPOINT_WEIGHT: u32 = 1000;
+
 /// The ClusterIPs of every Service the desired state holds (skipped for bad input), as far
 /// as its spec gives them: what identifies its installed state after a restart
 /// ([`crate::reconcile::Reconciler::recover_held`]).
@@ -237,6 +247,7 @@ pub(super) fn compile_service(
     };
     check_health_check_node_port(spec, node)
         .map_err(|message| invalid("InvalidHealthCheckNodePort", message))?;
+    let weights = endpoint_weights(service, problems);
 
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut seen = BTreeSet::new();
@@ -354,6 +365,10 @@ pub(super) fn compile_service(
                 } else {
                     cluster.clone()
                 };
+                let weights = match &weights {
+                    Some(rules) => weigh(rules, &backends, endpoints, service, problems),
+                    None => BTreeMap::new(),
+                };
                 let source_ranges = if flags & service_flags::SOURCE_RANGES != 0 {
                     policy
                         .source_ranges
@@ -388,6 +403,7 @@ pub(super) fn compile_service(
                                 0
                             },
                         source_ranges,
+                        weights,
                     },
                 );
             }
@@ -445,6 +461,148 @@ fn of_families(
         });
     }
     served
+}
+
+/// The rules of a Service's [`ENDPOINT_WEIGHTS_ANNOTATION`], in its order.
+struct WeightRules {
+    rules: Vec<(WeightKey, u32)>,
+}
+
+enum WeightKey {
+    Address(IpAddr),
+    Pod(String),
+    /// A pod-name prefix (`web-canary-*`).
+    PodPrefix(String),
+    /// `*`: every endpoint no other key matches.
+    Rest,
+}
+
+/// The Service's endpoint weights, if it asks for them; a Warning (and equal weights) for an
+/// annotation this cannot read.
+fn endpoint_weights(service: &Service, problems: &mut Vec<Problem>) -> Option<WeightRules> {
+    let text = service
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ENDPOINT_WEIGHTS_ANNOTATION)?;
+    match parse_weights(text) {
+        Ok(rules) => Some(rules),
+        Err(message) => {
+            problems.push(Problem {
+                severity: Severity::Warning,
+                ..invalid_service(
+                    service,
+                    "InvalidEndpointWeights",
+                    format!("{ENDPOINT_WEIGHTS_ANNOTATION}: {message}; endpoints weigh the same"),
+                )
+            });
+            None
+        }
+    }
+}
+
+fn parse_weights(text: &str) -> Result<WeightRules, String> {
+    let mut rules = Vec::new();
+    for entry in text
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+    {
+        let (key, weight) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("{entry:?} is not key=weight"))?;
+        let (key, weight) = (key.trim(), weight.trim());
+        let weight: u32 = weight
+            .parse()
+            .ok()
+            .filter(|weight| *weight <= MAX_ENDPOINT_WEIGHT)
+            .ok_or_else(|| format!("{entry:?}: the weight must be 0 to {MAX_ENDPOINT_WEIGHT}"))?;
+        let key = if key == "*" {
+            WeightKey::Rest
+        } else if let Ok(addr) = key.parse::<IpAddr>() {
+            WeightKey::Address(addr)
+        } else if let Some(prefix) = key.strip_suffix('*') {
+            WeightKey::PodPrefix(prefix.to_owned())
+        } else if !key.is_empty() {
+            WeightKey::Pod(key.to_owned())
+        } else {
+            return Err(format!("{entry:?} has no key"));
+        };
+        rules.push((key, weight));
+    }
+    if rules.is_empty() {
+        return Err("no key=weight entry".into());
+    }
+    Ok(WeightRules { rules })
+}
+
+impl WeightRules {
+    /// The weight of an endpoint: by its address, else its pod's name, else the longest
+    /// matching pod-name prefix, else `*`, else 1.
+    fn weight_of(&self, addr: IpAddr, pod: Option<&str>) -> u32 {
+        let find = |matches: &dyn Fn(&WeightKey) -> bool| {
+            self.rules
+                .iter()
+                .find(|(key, _)| matches(key))
+                .map(|(_, weight)| *weight)
+        };
+        find(&|key| matches!(key, WeightKey::Address(a) if *a == addr))
+            .or_else(|| {
+                let pod = pod?;
+                find(&|key| matches!(key, WeightKey::Pod(name) if name == pod)).or_else(|| {
+                    self.rules
+                        .iter()
+                        .filter_map(|(key, weight)| match key {
+                            WeightKey::PodPrefix(prefix) if pod.starts_with(prefix.as_str()) => {
+                                Some((prefix.len(), *weight))
+                            }
+                            _ => None,
+                        })
+                        .max_by_key(|(len, _)| *len)
+                        .map(|(_, weight)| weight)
+                })
+            })
+            .or_else(|| find(&|key| matches!(key, WeightKey::Rest)))
+            .unwrap_or(1)
+    }
+}
+
+/// The weights of one service's backends. When every one weighs 0 the weights are dropped
+/// (equal shares, with a Warning): weights steer new flows, they never leave a Service
+/// without endpoints.
+fn weigh(
+    rules: &WeightRules,
+    backends: &BTreeSet<Backend>,
+    endpoints: &ServiceEndpoints,
+    service: &Service,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<(IpAddr, u16), u32> {
+    let pods = endpoints.pods();
+    let weights: BTreeMap<(IpAddr, u16), u32> = backends
+        .iter()
+        .map(|backend| {
+            let pod = pods.get(&backend.addr).copied();
+            (
+                (backend.addr, backend.port),
+                rules.weight_of(backend.addr, pod),
+            )
+        })
+        .collect();
+    if !weights.is_empty() && weights.values().all(|weight| *weight == 0) {
+        problems.push(Problem {
+            severity: Severity::Warning,
+            ..invalid_service(
+                service,
+                "AllEndpointsWeighZero",
+                format!(
+                    "{ENDPOINT_WEIGHTS_ANNOTATION} gives every endpoint weight 0; they weigh \
+                     the same instead"
+                ),
+            )
+        });
+        return BTreeMap::new();
+    }
+    weights
 }
 
 /// What decides which frontends of a Service port share a selection table.
@@ -706,6 +864,8 @@ fn affinity_timeout(service: &Service) -> u32 {
 #[derive(Clone, Debug)]
 struct SliceEndpoint {
     addr: IpAddr,
+    /// The name of the endpoint's pod (its targetRef), for endpoint weights.
+    pod: Option<String>,
     port: u16,
     proto: u8,
     port_name: String,
@@ -789,6 +949,14 @@ impl ServiceEndpoints {
             }
         }
         Self { endpoints }
+    }
+
+    /// The name of the pod at each address that a slice names one for.
+    fn pods(&self) -> BTreeMap<IpAddr, &str> {
+        self.endpoints
+            .iter()
+            .filter_map(|endpoint| Some((endpoint.addr, endpoint.pod.as_deref()?)))
+            .collect()
     }
 
     /// The addresses of the endpoints without a nodeName.
@@ -957,6 +1125,11 @@ fn slice_endpoint(
         proto: protocol,
         port_name,
         node_name: endpoint.node_name.clone(),
+        pod: endpoint
+            .target_ref
+            .as_ref()
+            .filter(|target| target.kind.as_deref() == Some("Pod"))
+            .and_then(|target| target.name.clone()),
         ready,
         serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),

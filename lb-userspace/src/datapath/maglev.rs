@@ -73,10 +73,24 @@ const EMPTY: u32 = u32::MAX;
 /// Each backend gets `floor(size / n)` or `ceil(size / n)` slots, exactly: the busiest backend
 /// is within 5% of the mean whenever `size >= 20 * n`.
 pub fn table(backends: &[impl AsRef<[u8]>], size: u32) -> Result<Vec<u32>, MaglevError> {
+    let weights = vec![1; backends.len()];
+    weighted_table(backends, &weights, size)
+}
+
+/// As [`table`], each backend with a weight: in every round of the fill a backend takes as many
+/// slots as its weight (Katran's weighted Maglev), so it owns a share of the table
+/// proportional to it. Weights of 0 count as 1; `weights` has one per backend.
+pub fn weighted_table(
+    backends: &[impl AsRef<[u8]>],
+    weights: &[u32],
+    size: u32,
+) -> Result<Vec<u32>, MaglevError> {
+    assert_eq!(backends.len(), weights.len(), "one weight per backend");
     if !is_prime(size) {
         return Err(MaglevError::NotPrime(size));
     }
-    if backends.len() >= size as usize {
+    let turns: u64 = weights.iter().map(|&weight| u64::from(weight.max(1))).sum();
+    if turns >= u64::from(size) {
         return Err(MaglevError::TooSmall {
             size,
             backends: backends.len(),
@@ -102,31 +116,34 @@ pub fn table(backends: &[impl AsRef<[u8]>], size: u32) -> Result<Vec<u32>, Magle
     // permutation[i][j] = (offset_i + j * skip_i) % M; `next` is permutation[i][next[i]] itself,
     // advanced by one skip at a time (no multiplication, no division in the loop).
     let m = u64::from(size);
-    let mut lists: Vec<(u32, u64, u64)> = order
+    let mut lists: Vec<(u32, u64, u64, u32)> = order
         .iter()
         .map(|&index| {
             let identity = backends[index].as_ref();
             let offset = siphash13(OFFSET_KEY, identity) % m;
             let skip = siphash13(SKIP_KEY, identity) % (m - 1) + 1;
-            (index as u32, offset, skip)
+            (index as u32, offset, skip, weights[index].max(1))
         })
         .collect();
 
     let mut entry = vec![EMPTY; size as usize];
     let mut filled: u64 = 0;
-    // Round robin: each backend in turn takes the next slot of its list that nobody owns yet. The
-    // inner loop ends: while a slot is empty, every list (a full permutation) still reaches it.
+    // Round robin: each backend in turn takes the next slots of its list that nobody owns yet,
+    // one per unit of its weight. The inner loop ends: while a slot is empty, every list (a full
+    // permutation) still reaches it.
     loop {
-        for (index, next, skip) in &mut lists {
-            let mut candidate = *next;
-            while entry[candidate as usize] != EMPTY {
-                candidate = advance(candidate, *skip, m);
-            }
-            entry[candidate as usize] = *index;
-            *next = advance(candidate, *skip, m);
-            filled += 1;
-            if filled == m {
-                return Ok(entry);
+        for (index, next, skip, weight) in &mut lists {
+            for _ in 0..*weight {
+                let mut candidate = *next;
+                while entry[candidate as usize] != EMPTY {
+                    candidate = advance(candidate, *skip, m);
+                }
+                entry[candidate as usize] = *index;
+                *next = advance(candidate, *skip, m);
+                filled += 1;
+                if filled == m {
+                    return Ok(entry);
+                }
             }
         }
     }
@@ -297,6 +314,47 @@ mod tests {
         assert!(check_balance(861, DEFAULT_TABLE_SIZE) > 1.05);
         assert!(check_balance(3440, LARGE_TABLE_SIZE) <= 1.05);
         assert!(check_balance(3441, LARGE_TABLE_SIZE) > 1.05);
+    }
+
+    /// Weighted: each backend owns a share of the table proportional to its weight (within the
+    /// slots one round hands out), the same table whatever the order, and weights of 1 give
+    /// the unweighted table.
+    #[test]
+    fn weights_give_proportional_shares() {
+        let backends = endpoints(0..3);
+        let weights = [9, 1, 5];
+        let size = 1021;
+        let table = weighted_table(&backends, &weights, size).unwrap();
+        let counts = slot_counts(&table, 3);
+        let total: u32 = weights.iter().sum();
+        for (count, weight) in counts.iter().zip(weights) {
+            let expected = f64::from(size) * f64::from(weight) / f64::from(total);
+            assert!(
+                (f64::from(*count) - expected).abs() <= f64::from(total),
+                "{counts:?} for weights {weights:?}"
+            );
+        }
+        let reversed: Vec<String> = backends.iter().rev().cloned().collect();
+        let reversed_table = weighted_table(&reversed, &[5, 1, 9], size).unwrap();
+        assert!(
+            table.iter().zip(&reversed_table).all(|(&a, &b)| a == 2 - b),
+            "order independent"
+        );
+        assert_eq!(
+            weighted_table(&backends, &[1, 1, 1], size).unwrap(),
+            table_of(&backends, size)
+        );
+        assert_eq!(
+            weighted_table(&backends, &[600, 300, 200], 1021),
+            Err(MaglevError::TooSmall {
+                size: 1021,
+                backends: 3
+            })
+        );
+    }
+
+    fn table_of(backends: &[String], size: u32) -> Vec<u32> {
+        table(backends, size).unwrap()
     }
 
     #[test]

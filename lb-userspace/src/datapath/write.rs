@@ -537,20 +537,29 @@ impl Datapath {
             .installed
             .get(&service.id)
             .and_then(|installed| installed.maglev_size);
+        // A backend's cells in the selection table are its weight (endpoint weights repeat it).
+        let mut weighted: Vec<(u32, u32)> = Vec::new();
+        for id in &service.backends {
+            match weighted.iter_mut().find(|(backend, _)| backend == id) {
+                Some((_, weight)) => *weight += 1,
+                None => weighted.push((*id, 1)),
+            }
+        }
         let size = maglev::table_size(service.backends.len() as u32, current);
-        let identities: Vec<String> = service
-            .backends
+        let identities: Vec<String> = weighted
             .iter()
-            .map(|id| {
+            .map(|(id, _)| {
                 let backend = &self.installed_backends[id];
                 format!("{}:{}/{}", backend.addr, backend.port, backend.proto)
             })
             .collect();
-        let owners = super::maglev::table(&identities, size).map_err(|error| {
-            DatapathError::Invalid(format!("service {}: Maglev table: {error}", service.id))
-        })?;
+        let weights: Vec<u32> = weighted.iter().map(|(_, weight)| *weight).collect();
+        let owners =
+            super::maglev::weighted_table(&identities, &weights, size).map_err(|error| {
+                DatapathError::Invalid(format!("service {}: Maglev table: {error}", service.id))
+            })?;
         let cells: Vec<u32> = std::iter::once(size)
-            .chain(owners.iter().map(|&index| service.backends[index as usize]))
+            .chain(owners.iter().map(|&index| weighted[index as usize].0))
             .collect();
         let operation = || format!("the Maglev table of service {} ({size} slots)", service.id);
         let table = Array::<MapData, u32>::create(cells.len() as u32, BPF_F_INNER_MAP)

@@ -35,7 +35,8 @@ pub struct ServiceInfo {
     pub name: String,
     /// `address:port/proto kind[,kind]`.
     pub frontends: Vec<String>,
-    /// `address:port` of the backends new flows choose from, in slot order.
+    /// `address:port` of the backends new flows choose from, in slot order; a backend with
+    /// several cells (endpoint weights) once, with ` xN`.
     pub backends: Vec<String>,
     pub local_only: bool,
     pub source_ranges: Vec<String>,
@@ -225,14 +226,20 @@ impl PinnedMaps {
                     id,
                     name: names.get(&id).cloned().unwrap_or_default(),
                     frontends: frontends_in_address_order(&service.frontends),
-                    backends: service
-                        .backends
-                        .iter()
-                        .map(|backend| match backends.get(backend) {
-                            Some(backend) => {
-                                SocketAddr::new(backend.addr, backend.port).to_string()
+                    backends: weighed(&service.backends)
+                        .into_iter()
+                        .map(|(backend, cells)| {
+                            let address = match backends.get(&backend) {
+                                Some(backend) => {
+                                    SocketAddr::new(backend.addr, backend.port).to_string()
+                                }
+                                None => format!("missing backend {backend}"),
+                            };
+                            if cells > 1 {
+                                format!("{address} x{cells}")
+                            } else {
+                                address
                             }
-                            None => format!("missing backend {backend}"),
                         })
                         .collect(),
                     local_only: flags & service_flags::LOCAL_ONLY != 0,
@@ -427,6 +434,19 @@ fn fill<K>(
         entries: keys.filter(Result::is_ok).count() as u64,
         capacity: u64::from(capacity),
     }
+}
+
+/// A selection table's backends in the order of their first cell, each with its number of
+/// cells (its endpoint weight, reduced).
+fn weighed(cells: &[u32]) -> Vec<(u32, usize)> {
+    let mut backends: Vec<(u32, usize)> = Vec::new();
+    for id in cells {
+        match backends.iter_mut().find(|(backend, _)| backend == id) {
+            Some((_, count)) => *count += 1,
+            None => backends.push((*id, 1)),
+        }
+    }
+    backends
 }
 
 /// A service's frontends by address (as a number, not in the map's network byte order), port,
