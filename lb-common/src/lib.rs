@@ -84,14 +84,17 @@ pub mod map_names {
     /// Maps earlier releases pinned under names whose layout has changed since: a new agent
     /// removes these pins (the maps themselves go when the old programs are swapped out).
     pub const RETIRED: &[&str] = &[
-        // 128 tables of 16,381 slots in one array; their services carried the flag bit 10.
-        "lb4_maglev_v1",
         "lb_cfg_v1",
         "lb_event_v1",
         "lb_event_v2",
         "lb_event_v3",
         LEGACY_SLOTS4,
     ];
+    /// Retired maps an earlier agent could still need if it came back: their pins go only after
+    /// a sync in which every service was written without error (until then an earlier release
+    /// rolled back finds them as it left them). `lb4_maglev_v1`: 128 Maglev tables of 16,381
+    /// slots in one array, for services with the flag bit 10.
+    pub const RETIRED_AFTER_SYNC: &[&str] = &["lb4_maglev_v1"];
     /// A filter of every frontend's address and port ([`crate::frontend_filter`]): XDP looks
     /// nothing up for a TCP/UDP packet whose bit is clear, which is most of the node's own
     /// traffic.
@@ -195,6 +198,10 @@ pub mod limits {
     pub const NIC_SLOTS: u32 = 256;
     /// Datagrams in fragments being translated at once.
     pub const MAX_FRAGMENTED: u32 = 8_192;
+    /// Cells of all Maglev tables together (each takes 8 bytes: an array's values are 8-byte
+    /// aligned), so their memory is bounded: 128 MiB, enough for 10,000 Maglev services of 10
+    /// endpoints (1,022 cells each).
+    pub const MAX_MAGLEV_CELLS: u32 = 16_777_216;
 }
 
 /// Default connection-tracking timeouts (nanoseconds of CLOCK_MONOTONIC, as bpf_ktime_get_ns

@@ -361,6 +361,11 @@ async fn sync_until_stopped(
             .iter()
             .filter(|p| p.severity == Severity::Invalid)
             .count();
+        if report.errors.is_empty()
+            && let Err(error) = datapath.remove_pins_retired_after_sync()
+        {
+            warn!(%error, "removing the pins of maps an earlier release used");
+        }
         observers
             .synced(
                 desired,

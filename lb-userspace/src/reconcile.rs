@@ -171,7 +171,7 @@ impl Reconciler {
         if first_run {
             self.adopt_installed(datapath, desired);
         }
-        // The run's new Maglev tables go in together, before any backend goes (step 3).
+        // Maglev tables are swapped in together, each before its service's frontends ask for it.
         datapath.defer_maglev_swaps();
         // Before any put: a held Service fixed in this run gets its ports under new ids, whose
         // frontends are the ones its recovered state still holds.
@@ -189,17 +189,57 @@ impl Reconciler {
                 .filter(|key| desired.services.contains_key(*key))
                 .collect()
         };
+        // First the backends and the Maglev tables of every service to put, the tables swapped
+        // in together (one grace period), then the services: no frontend ever asks for a
+        // table that is not in force.
+        let mut planned = Vec::new();
         for key in to_put {
             let service = &desired.services[key];
-            match self.put_service(datapath, key, service, &mut report) {
+            let plan = self
+                .plan_service(datapath, key, service, &mut report)
+                .and_then(|plan| {
+                    if let Some(wanted) = &plan {
+                        datapath.prepare_maglev_table(wanted)?;
+                    }
+                    Ok(plan)
+                });
+            match plan {
+                Ok(Some(wanted)) => planned.push((key, service, wanted)),
+                Ok(None) => {
+                    self.applied.insert(key.clone(), service.clone());
+                }
+                Err(error) => self.fail(datapath, key, error, &mut report),
+            }
+        }
+        // When the swap fails, which tables went in is unknown: the Maglev services wait for
+        // the next run with their frontends as they were, the others go on, and no backend is
+        // removed this run (a table that went in may name the new ones).
+        let keep_backends = match datapath.swap_maglev_tables() {
+            Ok(()) => false,
+            Err(error) => {
+                datapath.forget_prepared_maglev_tables();
+                report.cleanup_failures.push(error);
+                true
+            }
+        };
+        datapath.defer_maglev_swaps();
+        for (key, service, wanted) in planned {
+            if wanted.flags & lb_common::service_flags::MAGLEV != 0
+                && !wanted.backends.is_empty()
+                && !datapath.maglev_table_prepared(wanted.id)
+            {
+                let error = DatapathError::Invalid(format!(
+                    "service {}: its Maglev table did not go in",
+                    wanted.id
+                ));
+                self.fail(datapath, key, error, &mut report);
+                continue;
+            }
+            match self.apply_service(datapath, key, &wanted, &mut report) {
                 Ok(()) => {
                     self.applied.insert(key.clone(), service.clone());
                 }
-                Err(error) => {
-                    self.applied.remove(key);
-                    self.failed.insert(key.clone());
-                    report.errors.push((key.clone(), error));
-                }
+                Err(error) => self.fail(datapath, key, error, &mut report),
             }
         }
 
@@ -258,13 +298,15 @@ impl Reconciler {
         report
             .cleanup_failures
             .extend(datapath.take_cleanup_failures());
+        // The tables no frontend asks for any more go (and any a failed put put back).
         if let Err(error) = datapath.swap_maglev_tables() {
-            // Those services select at random until the next run swaps their tables in.
             report.cleanup_failures.push(error);
         }
 
         // 3. Backends nothing references (the first run checks them all).
-        let candidates: Vec<u32> = if first_run {
+        let candidates: Vec<u32> = if keep_backends {
+            Vec::new()
+        } else if first_run {
             self.backend_refs.keys().copied().collect()
         } else {
             std::mem::take(&mut self.released)
@@ -289,7 +331,9 @@ impl Reconciler {
                 }
             }
         }
-        self.released = retry;
+        if !keep_backends {
+            self.released = retry;
+        }
         self.initialized = true;
 
         // 4. Connected UDP sockets still sending to a backend that left.
@@ -397,13 +441,36 @@ impl Reconciler {
     }
 
     /// Writes one service (and its new or changed backends) unless the maps hold it exactly.
-    fn put_service(
+    fn fail(
+        &mut self,
+        datapath: &Datapath,
+        key: &ServicePortKey,
+        error: DatapathError,
+        report: &mut ReconcileReport,
+    ) {
+        self.applied.remove(key);
+        // An id nothing was installed under is free again (ids are allocated by what the maps
+        // hold, so no other Service port may keep it meanwhile).
+        if self
+            .ids
+            .get(key)
+            .is_some_and(|id| !datapath.installed_services().contains_key(id))
+        {
+            self.ids.remove(key);
+        }
+        self.failed.insert(key.clone());
+        report.errors.push((key.clone(), error));
+    }
+
+    /// The service as the datapath should hold it (its backends put first), or None when the
+    /// maps hold it exactly already.
+    fn plan_service(
         &mut self,
         datapath: &mut Datapath,
         key: &ServicePortKey,
         service: &DesiredService,
         report: &mut ReconcileReport,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<Option<Service>, DatapathError> {
         let id = match self.ids.get(key) {
             Some(id) => *id,
             None => self
@@ -433,17 +500,32 @@ impl Reconciler {
             flags: service.flags,
             source_ranges: service.source_ranges.clone(),
         };
-        let previous = datapath.installed_services().get(&id).cloned();
-        if let Some(installed) = &previous
+        if let Some(installed) = datapath.installed_services().get(&id)
             && installed.backends == wanted.backends
             && installed.affinity_timeout_s == wanted.affinity_timeout_s
             && installed.frontends == frontend_flags(&wanted)
             && installed.source_ranges == wanted.source_ranges
         {
             self.ids.insert(key.clone(), id);
-            return datapath.set_service_name(id, &key.to_string());
+            datapath.set_service_name(id, &key.to_string())?;
+            return Ok(None);
         }
-        datapath.put_service(&wanted)?;
+        // Held for the service until it is put, so that no other Service port takes it.
+        self.ids.insert(key.clone(), id);
+        Ok(Some(wanted))
+    }
+
+    /// Writes a planned service and counts its backends' references.
+    fn apply_service(
+        &mut self,
+        datapath: &mut Datapath,
+        key: &ServicePortKey,
+        wanted: &Service,
+        report: &mut ReconcileReport,
+    ) -> Result<(), DatapathError> {
+        let id = wanted.id;
+        let previous = datapath.installed_services().get(&id).cloned();
+        datapath.put_service(wanted)?;
         for backend in &wanted.backends {
             *self.backend_refs.entry(*backend).or_default() += 1;
         }

@@ -732,28 +732,60 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
         [1, 2].into(),
         "every slot holds one of its backends"
     );
-    // A new flow to the last service goes where its table says.
-    let program = datapath
-        .program_fd(lb_common::program_names::XDP_LB)
-        .expect("fd");
+    // New flows to the last service go where its table says (a random choice would miss one
+    // of 20 with odds of 1 - 2^-20).
+    let program = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
     let frontend = SocketAddrV4::new(Ipv4Addr::new(10, 96, 1, 44), 80);
-    let hash = reference_flow_hash(
-        u32::from(*CLIENT.ip()),
-        u32::from(*frontend.ip()),
-        CLIENT.port(),
-        80,
-        proto::TCP,
-    );
-    let backend = last.get(&(1 + hash % 251), 0).expect("slot");
-    let pod = if backend == 1 { POD_A } else { POD_B };
-    run_table(
-        program,
-        &[case(
-            "a new flow to the 300th Maglev service",
-            packet::tcp(CLIENT, frontend, TcpFlags::SYN, b""),
-            XDP_PASS,
-            Expect::Bytes(packet::tcp(CLIENT, pod, TcpFlags::SYN, b"")),
-        )],
+    let flows = |table: &aya::maps::Array<aya::maps::MapData, u32>| -> Vec<Case> {
+        (43000..43020u16)
+            .map(|port| {
+                let client = SocketAddrV4::new(*CLIENT.ip(), port);
+                let hash = reference_flow_hash(
+                    u32::from(*client.ip()),
+                    u32::from(*frontend.ip()),
+                    port,
+                    80,
+                    proto::TCP,
+                );
+                let backend = table.get(&(1 + hash % 251), 0).expect("slot");
+                let pod = if backend == 1 { POD_A } else { POD_B };
+                case(
+                    "a new flow to the 300th Maglev service",
+                    packet::tcp(client, frontend, TcpFlags::SYN, b""),
+                    XDP_PASS,
+                    Expect::Bytes(packet::tcp(client, pod, TcpFlags::SYN, b"")),
+                )
+            })
+            .collect()
+    };
+    run_table(program(), &flows(&last));
+    // Without its table (as between a new service's frontends and its table's swap), a new
+    // flow still reaches one of its backends, at random.
+    use std::os::fd::AsFd as _;
+    let writable = lb_userspace::datapath::maps::open_map_data(
+        pins.path(),
+        lb_common::map_names::MAGLEV4,
+        lb_userspace::datapath::bpf_obj::Access::ReadWrite,
+    )
+    .expect("the Maglev tables");
+    lb_userspace::datapath::batch::delete_array_entry(writable.fd().as_fd(), services)
+        .unwrap_or_else(|error| panic!("remove the table: {error}"));
+    let client = SocketAddrV4::new(*CLIENT.ip(), 44000);
+    let fallback = lb_userspace::datapath::testrun::test_run(
+        program(),
+        &packet::tcp(client, frontend, TcpFlags::SYN, b""),
+    )
+    .expect("test run");
+    assert_eq!(fallback.verdict, XDP_PASS, "served without its table");
+    assert!(
+        [POD_A, POD_B]
+            .iter()
+            .any(|pod| fallback.packet == packet::tcp(client, *pod, TcpFlags::SYN, b"")),
+        "sent to one of its backends"
     );
     // Down to one backend: 251 slots are still within 50 to 400 per backend, so the size stays
     // (a new size would move most flows).
@@ -771,7 +803,12 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
             ..Default::default()
         })
         .expect("one backend");
-    assert_eq!(table_of(services).expect("table").len(), 252);
+    let shrunk = table_of(services).expect("table");
+    assert_eq!(shrunk.len(), 252);
+    assert!(
+        (1..252).all(|cell| shrunk.get(&cell, 0).expect("cell") == 1),
+        "every slot now holds the one backend"
+    );
     datapath.remove_service(services).expect("remove");
     assert!(
         table_of(services).is_err(),

@@ -609,3 +609,81 @@ fn failed_cleanup_is_reported_and_tried_again_while_the_service_is_programmed() 
         "{again:?}"
     );
 }
+
+/// The Maglev table of service `id` as the maps hold it: (its size from cell 0, its slots'
+/// backend ids), or None without one.
+fn maglev_table(pins: &PinDir, id: u32) -> Option<(u32, BTreeSet<u32>)> {
+    let outer = lb_userspace::datapath::maps::open_map_data(
+        pins.path(),
+        lb_common::map_names::MAGLEV4,
+        lb_userspace::datapath::bpf_obj::Access::ReadOnly,
+    )
+    .expect("the Maglev tables");
+    let tables = aya::maps::ArrayOfMaps::<_, aya::maps::Array<aya::maps::MapData, u32>>::try_from(
+        aya::maps::Map::ArrayOfMaps(outer),
+    )
+    .expect("an array of maps");
+    let table = tables.get(&id, 0).ok()?;
+    let size = table.get(&0, 0).expect("cell 0");
+    let owners = (1..=size)
+        .map(|cell| table.get(&cell, 0).expect("slot"))
+        .collect();
+    Some((size, owners))
+}
+
+/// Through the reconciler (tables prepared and swapped in together before the services' puts):
+/// a Maglev service gets its table, a change of its backends a new one over them, a restarted
+/// agent finds it in force and writes nothing, and a removed service's table goes.
+#[test]
+fn maglev_tables_follow_their_services_through_reconcile_and_a_restart() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "recmaglev").expect("pins");
+    let maglev = |backends: &[u8]| {
+        let mut state = desired(&[("web", 10, backends), ("plain", 11, &[10])]);
+        state.services.get_mut(&key("web")).expect("web").flags |= service_flags::MAGLEV;
+        state
+    };
+    let id_of = |reconciler: &Reconciler| reconciler.service_ids()[&key("web")];
+    {
+        let mut datapath = Datapath::load(pins.path()).expect("load");
+        let mut reconciler = Reconciler::new();
+        let report = reconciler.reconcile(&mut datapath, &maglev(&[10, 11]));
+        assert!(report.errors.is_empty(), "{report:?}");
+        let id = id_of(&reconciler);
+        let (size, owners) = maglev_table(&pins, id).expect("web's table");
+        assert_eq!(size, 251);
+        assert_eq!(owners.len(), 2, "both backends own slots");
+        let plain = reconciler.service_ids()[&key("plain")];
+        assert!(
+            maglev_table(&pins, plain).is_none(),
+            "no table without Maglev"
+        );
+
+        let report = reconciler.reconcile(&mut datapath, &maglev(&[10, 11, 12]));
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert_eq!(report.services_put, 1);
+        let (size, owners) = maglev_table(&pins, id).expect("web's new table");
+        assert_eq!(size, 251, "three backends keep the size");
+        assert_eq!(owners.len(), 3);
+    }
+    // A restarted agent: the same state, nothing to write, the table in force.
+    let mut datapath = Datapath::load(pins.path()).expect("reload");
+    let mut reconciler = Reconciler::new();
+    let report = reconciler.reconcile(&mut datapath, &maglev(&[10, 11, 12]));
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.services_put, 0, "{report:?}");
+    let id = id_of(&reconciler);
+    assert_eq!(
+        datapath.installed_services()[&id].maglev_size,
+        Some(251),
+        "the size read back"
+    );
+    assert_eq!(maglev_table(&pins, id).expect("still there").1.len(), 3);
+    // Removed: its table goes with it.
+    let report = reconciler.reconcile(&mut datapath, &desired(&[("plain", 11, &[10])]));
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert!(
+        maglev_table(&pins, id).is_none(),
+        "the removed service's table is gone"
+    );
+}

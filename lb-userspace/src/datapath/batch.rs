@@ -34,14 +34,16 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every (key, value) of the hash or LRU hash map `map` (not a per-CPU one), read in chunks.
-/// Entries the programs add or remove during the walk may be seen or not, as with an iterator.
+/// Every (key, value) of the hash or LRU hash map `map` (not a per-CPU one), or every entry in
+/// use of an array of maps (values: the maps' ids; empty entries are skipped, kernel/bpf/
+/// syscall.c, `generic_map_lookup_batch`), read in chunks. Entries the programs add or remove
+/// during the walk may be seen or not, as with an iterator.
 ///
 /// `K` and `V` must be the map's key and value types: plain `repr(C)` data for which any bytes
 /// are a valid value (aya's `Pod`), of exactly the map's key and value sizes.
 pub fn read_all<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
     let mut entries = Vec::new();
-    // A hash map's batch position is a bucket index (kernel/bpf/hashtab.c,
+    // A hash map's batch position is a bucket index, an array's a key (kernel/bpf/hashtab.c,
     // `__htab_map_lookup_and_delete_batch`).
     let mut position: u32 = 0;
     let mut first = true;

@@ -163,6 +163,7 @@ impl Datapath {
             maglev,
             maglev_pending: BTreeMap::new(),
             maglev_deferred: false,
+            maglev_prepared: BTreeMap::new(),
             departed_udp: BTreeSet::new(),
             cleanup_failures: Vec::new(),
             clock,
@@ -420,6 +421,17 @@ fn migrate_legacy_slots(
 }
 
 /// Removes the pins of maps an earlier release left under names this one no longer uses.
+impl Datapath {
+    /// Removes the pins of [`map_names::RETIRED_AFTER_SYNC`]: the agent calls this after a sync
+    /// that wrote every service, when nothing of an earlier release's state is left in use.
+    pub fn remove_pins_retired_after_sync(&mut self) -> Result<()> {
+        for name in map_names::RETIRED_AFTER_SYNC {
+            remove_pin(&self.pin_dir.join(name))?;
+        }
+        Ok(())
+    }
+}
+
 fn remove_retired_pins(pin_dir: &Path) -> Result<()> {
     for name in map_names::RETIRED {
         remove_pin(&pin_dir.join(name))?;
@@ -664,27 +676,42 @@ macro_rules! impl_load_and_pin {
 }
 impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr, CgroupSkb, CgroupSock);
 
-/// Removes the Maglev tables of installed services whose frontends do not ask for one (left by
-/// an agent stopped between writing a table and its frontends): a table takes memory until its
-/// entry goes.
+/// Removes the Maglev tables no installed frontend asks for (left by an agent stopped between a
+/// table's swap and its service's removal, or a failed update): a table takes memory until its
+/// entry goes. The entries in use are read in one batch (lookups wait for nothing); each
+/// removal waits for a grace period, so only real leftovers cost one.
 fn forget_unused_maglev_tables(
     maglev: &MapData,
     installed: &BTreeMap<u32, InstalledService>,
 ) -> Result<()> {
-    for (id, _) in installed
-        .iter()
-        .filter(|(_, service)| service.maglev_size.is_none())
-    {
-        super::batch::delete_array_entry(maglev.fd().as_fd(), *id).map_err(|io_error| {
-            map_error(
-                map_names::MAGLEV4,
-                &format!("remove the unused Maglev table of service {id}"),
-                MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_delete_elem",
-                    io_error,
-                }),
+    let syscall = |operation: String, call, io_error| {
+        map_error(
+            map_names::MAGLEV4,
+            &operation,
+            MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+        )
+    };
+    let entries: Vec<(u32, u32)> =
+        super::batch::read_all(maglev.fd().as_fd()).map_err(|io_error| {
+            syscall(
+                "read the tables in use".into(),
+                "bpf_map_lookup_batch",
+                io_error,
             )
         })?;
+    for (id, _) in entries {
+        let wanted = installed
+            .get(&id)
+            .is_some_and(|service| service.maglev_size.is_some());
+        if !wanted {
+            super::batch::delete_array_entry(maglev.fd().as_fd(), id).map_err(|io_error| {
+                syscall(
+                    format!("remove the unused Maglev table of service {id}"),
+                    "bpf_map_delete_elem",
+                    io_error,
+                )
+            })?;
+        }
     }
     Ok(())
 }

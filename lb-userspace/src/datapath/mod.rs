@@ -85,6 +85,8 @@ pub struct Datapath {
     maglev_pending: BTreeMap<u32, Option<Array<MapData, u32>>>,
     /// Whether swaps wait for [`Datapath::swap_maglev_tables`].
     maglev_deferred: bool,
+    /// The sizes of the tables [`Datapath::prepare_maglev_table`] built, for the puts to come.
+    maglev_prepared: BTreeMap<u32, u32>,
     /// UDP backends that left a service since the last
     /// [`Datapath::abort_udp_sockets_of_departed_backends`]: sockets connected to them through
     /// the service are aborted then.

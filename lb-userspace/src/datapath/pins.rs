@@ -69,6 +69,7 @@ pub fn is_agent_pin(name: &str) -> bool {
     map_names::PINNED.contains(&name)
         || name == map_names::SERVICE_NAMES
         || map_names::RETIRED.contains(&name)
+        || map_names::RETIRED_AFTER_SYNC.contains(&name)
         || PROGRAMS.contains(&name)
         // The program array staged by `Datapath::pin_xdp_programs`, left by a crash.
         || name.strip_suffix("_new") == Some(map_names::XDP_PROGRAMS)

@@ -13,6 +13,10 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuValues, lpm_trie::Key a
 /// BPF_F_INNER_MAP (include/uapi/linux/bpf.h): an inner map of a map of maps whose size may
 /// differ from the template's, as every Maglev table's does (kernel >= 5.10).
 const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// Staged Maglev tables swapped in at most together: each holds a descriptor until its swap
+/// (a soft RLIMIT_NOFILE of 1024 is common).
+const MAGLEV_SWAP_BATCH: usize = 256;
 use lb_common::{
     DatapathConfig, NicMac, SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot, SourceRange,
     limits, maglev, map_names, service_flags,
@@ -170,14 +174,24 @@ impl Datapath {
             .unwrap_or_default();
         self.write_source_ranges(service.id, service.source_ranges.difference(&old_ranges))?;
 
+        // Before the entries: XDP looks a frontend up only once its bit is set (a bit set for
+        // an update that then fails only costs lookups until the next load).
+        self.frontend_filter
+            .mark(flags_by_key.keys().filter_map(FilterKey::of_frontend))?;
+
         // All or nothing: on a failure, what this call wrote is undone before it returns.
         let slots = self.write_slots(service.id, &service.backends)?;
-        let maglev_size = match self.write_maglev_table(service) {
-            Ok(table) => table,
-            Err(error) => {
-                self.slot_ranges.release(slots, backend_count.into());
-                return Err(error);
-            }
+        // The Maglev table goes in before the frontends ask for it: prepared and swapped in
+        // already (the reconciler's order), or built and swapped in now.
+        let maglev_size = match self.maglev_prepared.remove(&service.id) {
+            Some(size) => Some(size),
+            None => match self.write_maglev_table(service) {
+                Ok(size) => size,
+                Err(error) => {
+                    self.slot_ranges.release(slots, backend_count.into());
+                    return Err(error);
+                }
+            },
         };
         let value = |flags: u32| ServiceValue {
             service_id: service.id,
@@ -188,20 +202,16 @@ impl Datapath {
             maglev_table: maglev_size.unwrap_or(0),
             slots,
         };
-        // Before the entries: XDP looks a frontend up only once its bit is set.
-        self.frontend_filter
-            .mark(flags_by_key.keys().filter_map(FilterKey::of_frontend))?;
         let mut written = Vec::new();
         for (key, flags) in &flags_by_key {
             let result = self.insert_frontend(key, &value(*flags));
             if let Err(error) = result {
                 self.undo_frontends(&written);
                 self.slot_ranges.release(slots, backend_count.into());
-                // A table no installed frontend asks for: gone with the rest of this call.
-                let had_table = previous.as_ref().is_some_and(|p| p.maglev_size.is_some());
+                // The frontends ask for the previous table again: it goes back (the build is
+                // deterministic), or the new one goes.
                 if maglev_size.is_some()
-                    && !had_table
-                    && let Err(cleanup) = self.remove_maglev_table(service.id)
+                    && let Err(cleanup) = self.restore_maglev_table(service.id, previous.as_ref())
                 {
                     self.cleanup_failed(cleanup);
                 }
@@ -523,10 +533,21 @@ impl Datapath {
         report
     }
 
+    /// Builds the Maglev table of a service about to be put ([`Datapath::put_service`] then uses
+    /// it) and stages it, so that it is in the maps before the service's frontends ask for it:
+    /// the reconciler prepares every changed service, swaps the tables in together
+    /// ([`Datapath::swap_maglev_tables`], one grace period), then puts the services.
+    pub fn prepare_maglev_table(&mut self, service: &Service) -> Result<()> {
+        if let Some(size) = self.write_maglev_table(service)? {
+            self.maglev_prepared.insert(service.id, size);
+        }
+        Ok(())
+    }
+
     /// For a Maglev service with backends: builds its lookup table over the backends' identities
-    /// (address:port/protocol, the same on every node), of the size
-    /// [`maglev::table_size`] gives for its backends and its current table, in an array of its
-    /// own, and swaps it in as the service's entry of `lb4_maglev_v2` (one update: XDP reads
+    /// (address:port/protocol, the same on every node), each weighted by its cells, of the size
+    /// [`maglev::table_size`] gives for its cells and its current table, in an array of its
+    /// own, and stages it as the service's entry of `lb4_maglev_v2` (one update: XDP reads
     /// either table whole; the kernel frees the old one once no program reads it). Returns the
     /// table's size; None for other services.
     fn write_maglev_table(&mut self, service: &Service) -> Result<Option<u32>> {
@@ -537,15 +558,27 @@ impl Datapath {
             .installed
             .get(&service.id)
             .and_then(|installed| installed.maglev_size);
-        // A backend's cells in the selection table are its weight (endpoint weights repeat it).
+        let size = maglev::table_size(service.backends.len() as u32, current);
+        let table = self.build_maglev_table(service.id, &service.backends, size)?;
+        self.stage_maglev_swap(service.id, Some(table))?;
+        Ok(Some(size))
+    }
+
+    /// The table of `size` slots over `cells` (a selection table's backend ids, each backend
+    /// weighted by its cells), in a new array: cell 0 the size, then the slots.
+    fn build_maglev_table(
+        &self,
+        service_id: u32,
+        cells: &[u32],
+        size: u32,
+    ) -> Result<Array<MapData, u32>> {
         let mut weighted: Vec<(u32, u32)> = Vec::new();
-        for id in &service.backends {
+        for id in cells {
             match weighted.iter_mut().find(|(backend, _)| backend == id) {
                 Some((_, weight)) => *weight += 1,
                 None => weighted.push((*id, 1)),
             }
         }
-        let size = maglev::table_size(service.backends.len() as u32, current);
         let identities: Vec<String> = weighted
             .iter()
             .map(|(id, _)| {
@@ -556,19 +589,46 @@ impl Datapath {
         let weights: Vec<u32> = weighted.iter().map(|(_, weight)| *weight).collect();
         let owners =
             super::maglev::weighted_table(&identities, &weights, size).map_err(|error| {
-                DatapathError::Invalid(format!("service {}: Maglev table: {error}", service.id))
+                DatapathError::Invalid(format!("service {service_id}: Maglev table: {error}"))
             })?;
-        let cells: Vec<u32> = std::iter::once(size)
+        let slots: Vec<u32> = std::iter::once(size)
             .chain(owners.iter().map(|&index| weighted[index as usize].0))
             .collect();
-        let operation = || format!("the Maglev table of service {} ({size} slots)", service.id);
-        let table = Array::<MapData, u32>::create(cells.len() as u32, BPF_F_INNER_MAP)
+        let in_use: u64 = self
+            .installed
+            .values()
+            .filter_map(|installed| installed.maglev_size)
+            .map(|size| u64::from(maglev::HEADER + size))
+            .sum();
+        if in_use + slots.len() as u64 > u64::from(limits::MAX_MAGLEV_CELLS) {
+            return Err(DatapathError::MapFull {
+                map: map_names::MAGLEV4,
+                capacity: limits::MAX_MAGLEV_CELLS,
+                operation: format!("a Maglev table of {size} slots for service {service_id}"),
+            });
+        }
+        let operation = || format!("the Maglev table of service {service_id} ({size} slots)");
+        let table = Array::<MapData, u32>::create(slots.len() as u32, BPF_F_INNER_MAP)
             .map_err(|source| map_error(map_names::MAGLEV4, &operation(), source))?;
         let table_fd = aya::maps::IterableMap::map(&table).fd().as_fd();
-        super::batch::write_array(table_fd, &cells)
+        super::batch::write_array(table_fd, &slots)
             .map_err(|io_error| maglev_error(&operation(), "bpf_map_update_batch", io_error))?;
-        self.stage_maglev_swap(service.id, Some(table))?;
-        Ok(Some(size))
+        Ok(table)
+    }
+
+    /// Puts the Maglev table service `id` had (`previous`) back: a failed update's frontends ask
+    /// for it again. Without one, the service's table goes.
+    fn restore_maglev_table(&mut self, id: u32, previous: Option<&InstalledService>) -> Result<()> {
+        match previous {
+            Some(previous) if !previous.backends.is_empty() => match previous.maglev_size {
+                Some(size) => {
+                    let table = self.build_maglev_table(id, &previous.backends, size)?;
+                    self.stage_maglev_swap(id, Some(table))
+                }
+                None => self.remove_maglev_table(id),
+            },
+            _ => self.remove_maglev_table(id),
+        }
     }
 
     /// Removes a service's Maglev table (its frontends no longer ask for it).
@@ -577,34 +637,42 @@ impl Datapath {
     }
 
     /// A service's new Maglev table (None: none), swapped in now, or with the others at
-    /// [`Datapath::swap_maglev_tables`] after [`Datapath::defer_maglev_swaps`].
+    /// [`Datapath::swap_maglev_tables`] after [`Datapath::defer_maglev_swaps`] (also when
+    /// [`MAGLEV_SWAP_BATCH`] tables wait: each holds a descriptor until then).
     fn stage_maglev_swap(
         &mut self,
         service_id: u32,
         table: Option<Array<MapData, u32>>,
     ) -> Result<()> {
         self.maglev_pending.insert(service_id, table);
-        if self.maglev_deferred {
+        if self.maglev_deferred && self.maglev_pending.len() < MAGLEV_SWAP_BATCH {
             return Ok(());
         }
-        self.swap_maglev_tables()
+        let result = self.swap_staged_maglev_tables();
+        if result.is_err() && !self.maglev_deferred {
+            // Nothing asks for a table that did not go in.
+            self.maglev_pending.remove(&service_id);
+        }
+        result
     }
 
     /// From now until [`Datapath::swap_maglev_tables`], new Maglev tables wait to be swapped in
     /// together. Each swap of an entry of `lb4_maglev_v2` from userspace waits for a grace
-    /// period (kernel/bpf/syscall.c, `maybe_wait_bpf_programs`), milliseconds: a sync that
-    /// changes many Maglev services pays it once. Until then a service's frontends may ask for
-    /// a table that is not there yet, or still find its previous one: XDP then selects at random
-    /// from the service's current selection table (or from the previous Maglev table's
-    /// backends).
+    /// period (kernel/bpf/syscall.c, `maybe_wait_bpf_programs`), milliseconds; since Linux 6.8
+    /// a batch of updates waits once.
     pub fn defer_maglev_swaps(&mut self) {
         self.maglev_deferred = true;
     }
 
-    /// Swaps in the Maglev tables put or removed since [`Datapath::defer_maglev_swaps`]: one
-    /// batch of updates and one of deletions. Those that fail stay staged for the next call.
+    /// Swaps in the Maglev tables staged since [`Datapath::defer_maglev_swaps`] (one batch of
+    /// updates), and removes those staged for removal (one grace period each). Those that fail
+    /// stay staged for the next call.
     pub fn swap_maglev_tables(&mut self) -> Result<()> {
         self.maglev_deferred = false;
+        self.swap_staged_maglev_tables()
+    }
+
+    fn swap_staged_maglev_tables(&mut self) -> Result<()> {
         if self.maglev_pending.is_empty() {
             return Ok(());
         }
@@ -642,6 +710,18 @@ impl Datapath {
             self.maglev_pending.remove(&id);
         }
         Ok(())
+    }
+
+    /// Whether service `id` has a Maglev table prepared and swapped in for its put.
+    pub fn maglev_table_prepared(&self, id: u32) -> bool {
+        self.maglev_prepared.contains_key(&id)
+    }
+
+    /// Forgets the tables prepared and staged for services whose put will not come (the swap
+    /// that would have put their tables in failed): they are built again next time.
+    pub fn forget_prepared_maglev_tables(&mut self) {
+        self.maglev_prepared.clear();
+        self.maglev_pending.retain(|_, table| table.is_none());
     }
 
     /// MapFull before anything is written when the service's new entries would not fit.
