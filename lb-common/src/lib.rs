@@ -34,7 +34,7 @@ pub mod map_names {
     /// Per-CPU [`crate::ServiceCounter`] by service id.
     pub const SERVICE_COUNTERS: &str = "lb_svc_cnt_v1";
     /// Per-CPU u64 by [`crate::Event`]: every drop (and notable pass) with its reason.
-    pub const EVENTS: &str = "lb_event_v4";
+    pub const EVENTS: &str = "lb_event_v5";
     /// Array of one [`crate::DatapathConfig`].
     pub const CONFIG: &str = "lb_cfg_v2";
     /// LPM trie of [`crate::SourceRange4`] -> u8: loadBalancerSourceRanges per service.
@@ -88,6 +88,7 @@ pub mod map_names {
         "lb_event_v1",
         "lb_event_v2",
         "lb_event_v3",
+        "lb_event_v4",
         LEGACY_SLOTS4,
     ];
     /// Retired maps an earlier agent could still need if it came back: their pins go only after
@@ -1467,6 +1468,10 @@ labelled_indexes! {
     /// Pass: a UDP or SCTP packet went on untouched because the program of its protocol is not
     /// in the program array ([`map_names::XDP_PROGRAMS`]).
     PASS_PROTOCOL_UNSERVED = "pass_protocol_unserved",
+    /// Track: a new flow of a Maglev service was sent to a backend at random, as its Maglev
+    /// table was missing (swapped in after its frontends, which the agent avoids) or named a
+    /// backend no longer in the maps.
+    MAGLEV_FALLBACK = "maglev_fallback",
 }
 
 /// `aya::Pod` for the map types, so userspace can read and write them.

@@ -529,7 +529,10 @@ fn new_flow(
             // backend that left the maps: a backend of the current table at random instead.
             match select_maglev(service, tuple) {
                 Ok(choice) => choice,
-                Err(_) => select::<V4>(service)?,
+                Err(_) => {
+                    count_event(Event::MAGLEV_FALLBACK);
+                    select::<V4>(service)?
+                }
             }
         } else {
             select_for_client::<V4>(service, u64::from(tuple.saddr), 0, now)?

@@ -50,7 +50,7 @@ pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =
 #[map(name = "lb4_fefilt_v1")]
 pub static FRONTEND_FILTER: Array<u64> = Array::pinned(limits::FRONTEND_FILTER_WORDS, 0);
 
-#[map(name = "lb_event_v4")]
+#[map(name = "lb_event_v5")]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
 
 /// Datapath-wide settings (index 0), written by the agent at start.

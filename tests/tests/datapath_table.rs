@@ -775,6 +775,8 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
     lb_userspace::datapath::batch::delete_array_entry(writable.fd().as_fd(), services)
         .unwrap_or_else(|error| panic!("remove the table: {error}"));
     let client = SocketAddrV4::new(*CLIENT.ip(), 44000);
+    let fallbacks = || datapath.events().expect("events")["maglev_fallback"];
+    let before = fallbacks();
     let fallback = lb_userspace::datapath::testrun::test_run(
         program(),
         &packet::tcp(client, frontend, TcpFlags::SYN, b""),
@@ -787,6 +789,7 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
             .any(|pod| fallback.packet == packet::tcp(client, *pod, TcpFlags::SYN, b"")),
         "sent to one of its backends"
     );
+    assert_eq!(fallbacks(), before + 1, "counted");
     // Down to one backend: 251 slots are still within 50 to 400 per backend, so the size stays
     // (a new size would move most flows).
     datapath

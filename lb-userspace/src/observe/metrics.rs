@@ -400,7 +400,7 @@ fn encode_events(
         let action = event.split('_').next().unwrap_or_default();
         let action = match action {
             "sock" => "reject",
-            "ct" | "nat" | "icmp" => "track",
+            "ct" | "nat" | "icmp" | "maglev" => "track",
             other => other,
         };
         let labels = [("event", *event), ("action", action)];
