@@ -42,7 +42,7 @@ pub mod map_names {
     /// LRU [`crate::Affinity4Key`] -> [`crate::AffinityValue`]: sessionAffinity ClientIP.
     pub const AFFINITY4: &str = "lb4_affin_v1";
     /// Array of maps, by service id: the service's Maglev lookup table, an array of
-    /// [`crate::maglev::HEADER`] + M cells (cell 0 holds M, cells 1..=M backend ids), sized per
+    /// [`crate::maglev::HEADER`] + M cells (cell 0 holds M, cell 1 its tag, then M backend ids), sized per
     /// service ([`crate::maglev::table_size`]); memory only for the services that use Maglev.
     pub const MAGLEV4: &str = "lb4_maglev_v2";
     /// service id -> the Service port's name (`namespace/name:port/PROTO`, NUL-padded to
@@ -416,8 +416,12 @@ pub mod checksum {
 /// Maglev consistent hashing, the part the datapath runs: the flow hash that picks a slot of a
 /// service's lookup table (lb-userspace builds the tables). Shared so both sides agree bit for bit.
 pub mod maglev {
-    /// Cells before a table's slots: cell 0 holds the table's size M.
-    pub const HEADER: u32 = 1;
+    /// Cells before a table's slots: cell 0 holds the table's size M, cell 1 its tag (a hash of
+    /// its contents, never 0), which must equal the frontend entry's
+    /// [`crate::ServiceValue::maglev_table`] for XDP to use the table: a table swapped in for
+    /// an update whose frontends were not written, or one left by an earlier run, is never
+    /// read in their place.
+    pub const HEADER: u32 = 2;
 
     /// The table sizes a service can have: primes (so every permutation covers the table),
     /// each about twice the one before.
@@ -594,9 +598,9 @@ pub struct ServiceValue {
     pub flags: u32,
     /// sessionAffinity ClientIP timeout in seconds (0 = no affinity).
     pub affinity_timeout_s: u32,
-    /// With [`service_flags::MAGLEV`]: the size M of the service's Maglev table (in
-    /// [`map_names::MAGLEV4`] at its service id), for the agent to read back. XDP reads M from
-    /// the table itself, so that a new table of another size is one atomic update.
+    /// With [`service_flags::MAGLEV`]: the tag of the Maglev table these frontends were written
+    /// for ([`maglev::HEADER`]); XDP uses the service's table (in [`map_names::MAGLEV4`] at its
+    /// service id) only when its tag is this one, and reads the size M from the table itself.
     pub maglev_table: u32,
     /// The index in [`map_names::SLOTS4`] of the first cell of the service's table (0: none;
     /// cell 0 is never handed out). The agent writes a new table into free cells, then moves
@@ -1900,9 +1904,11 @@ mod tests {
                 .skip(1)
                 .step_by(2)
                 .filter(|word| {
-                    ["drop_", "pass_", "reject_", "sock_", "ct_", "nat_", "icmp_"]
-                        .iter()
-                        .any(|prefix| word.starts_with(prefix))
+                    [
+                        "drop_", "pass_", "reject_", "sock_", "ct_", "nat_", "icmp_", "maglev_",
+                    ]
+                    .iter()
+                    .any(|prefix| word.starts_with(prefix))
                 })
                 .collect();
             for label in &labels {

@@ -1107,7 +1107,9 @@ fn select_maglev(service: &ServiceValue, tuple: &Tuple) -> Result<(u32, Backend4
         .get(service.service_id)
         .ok_or(Event::DROP_BACKEND_MISSING)?;
     let size = *table.get(0).ok_or(Event::DROP_BACKEND_MISSING)?;
-    if size == 0 {
+    let tag = *table.get(1).ok_or(Event::DROP_BACKEND_MISSING)?;
+    // Only the table this frontend entry was written for.
+    if size == 0 || tag != service.maglev_table {
         return Err(Event::DROP_BACKEND_MISSING);
     }
     let backend_id = *table

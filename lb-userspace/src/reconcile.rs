@@ -27,7 +27,7 @@ use crate::{
     compile::model::{
         Backend, Desired, DesiredService, Family, FrontendKey, Service, ServicePortKey,
     },
-    datapath::{Datapath, DatapathError, frontend_flags},
+    datapath::{Datapath, DatapathError, MAGLEV_SWAP_BATCH, frontend_flags},
 };
 
 /// The key a recovered service of a held Service is reported under (its ports are unknown).
@@ -52,6 +52,8 @@ pub struct Reconciler {
     backend_refs: HashMap<u32, usize>,
     /// Backends whose reference count dropped to zero in this run.
     released: Vec<u32>,
+    /// Service ids handed out in the current run (installed only when its services are put).
+    reserved_ids: BTreeSet<u32>,
     /// Service ports whose last put failed: tried again on every run until they succeed.
     failed: BTreeSet<ServicePortKey>,
     next_service_id: u32,
@@ -193,16 +195,28 @@ impl Reconciler {
         // in together (one grace period), then the services: no frontend ever asks for a
         // table that is not in force.
         let mut planned = Vec::new();
+        let mut keep_backends = false;
         for key in to_put {
             let service = &desired.services[key];
             let plan = self
                 .plan_service(datapath, key, service, &mut report)
                 .and_then(|plan| {
-                    if let Some(wanted) = &plan {
+                    if let Some(wanted) = &plan
+                        && !keep_backends
+                    {
                         datapath.prepare_maglev_table(wanted)?;
                     }
                     Ok(plan)
                 });
+            // Swapped in by batches: each staged table holds a descriptor.
+            if datapath.staged_maglev_tables() >= MAGLEV_SWAP_BATCH
+                && let Err(error) = datapath.swap_maglev_tables()
+            {
+                datapath.forget_prepared_maglev_tables();
+                report.cleanup_failures.push(error);
+                keep_backends = true;
+            }
+            datapath.defer_maglev_swaps();
             match plan {
                 Ok(Some(wanted)) => planned.push((key, service, wanted)),
                 Ok(None) => {
@@ -214,14 +228,11 @@ impl Reconciler {
         // When the swap fails, which tables went in is unknown: the Maglev services wait for
         // the next run with their frontends as they were, the others go on, and no backend is
         // removed this run (a table that went in may name the new ones).
-        let keep_backends = match datapath.swap_maglev_tables() {
-            Ok(()) => false,
-            Err(error) => {
-                datapath.forget_prepared_maglev_tables();
-                report.cleanup_failures.push(error);
-                true
-            }
-        };
+        if let Err(error) = datapath.swap_maglev_tables() {
+            datapath.forget_prepared_maglev_tables();
+            report.cleanup_failures.push(error);
+            keep_backends = true;
+        }
         datapath.defer_maglev_swaps();
         for (key, service, wanted) in planned {
             if wanted.flags & lb_common::service_flags::MAGLEV != 0
@@ -298,13 +309,26 @@ impl Reconciler {
         report
             .cleanup_failures
             .extend(datapath.take_cleanup_failures());
-        // The tables no frontend asks for any more go (and any a failed put put back).
+        // The tables no frontend asks for any more go (and any a failed put put back); until
+        // they do, no backend goes either.
         if let Err(error) = datapath.swap_maglev_tables() {
             report.cleanup_failures.push(error);
+            keep_backends = true;
         }
+        datapath.clear_prepared_maglev_tables();
+        self.reserved_ids.clear();
 
         // 3. Backends nothing references (the first run checks them all).
         let candidates: Vec<u32> = if keep_backends {
+            // Looked at again next run, the first run's leftovers too.
+            if first_run {
+                self.released.extend(
+                    self.backend_refs
+                        .iter()
+                        .filter(|(_, refs)| **refs == 0)
+                        .map(|(id, _)| *id),
+                );
+            }
             Vec::new()
         } else if first_run {
             self.backend_refs.keys().copied().collect()
@@ -500,11 +524,14 @@ impl Reconciler {
             flags: service.flags,
             source_ranges: service.source_ranges.clone(),
         };
+        let maglev_wanted =
+            wanted.flags & lb_common::service_flags::MAGLEV != 0 && !wanted.backends.is_empty();
         if let Some(installed) = datapath.installed_services().get(&id)
             && installed.backends == wanted.backends
             && installed.affinity_timeout_s == wanted.affinity_timeout_s
             && installed.frontends == frontend_flags(&wanted)
             && installed.source_ranges == wanted.source_ranges
+            && (!maglev_wanted || installed.maglev_size.is_some())
         {
             self.ids.insert(key.clone(), id);
             datapath.set_service_name(id, &key.to_string())?;
@@ -586,9 +613,13 @@ impl Reconciler {
     /// Every id in `ids` is installed (adopted ones are, new ones are only recorded once written),
     /// so the installed services are exactly the ids in use.
     fn allocate_service_id(&mut self, datapath: &Datapath) -> Option<u32> {
-        next_free(&mut self.next_service_id, limits::MAX_SERVICES, |id| {
-            datapath.installed_services().contains_key(&id)
-        })
+        let reserved = &self.reserved_ids;
+        let id = next_free(&mut self.next_service_id, limits::MAX_SERVICES, |id| {
+            datapath.installed_services().contains_key(&id) || reserved.contains(&id)
+        })?;
+        // Planned in this run, put later: no other Service port of the run may get it.
+        self.reserved_ids.insert(id);
+        Some(id)
     }
 
     fn allocate_backend_id(&mut self, datapath: &Datapath) -> Option<u32> {
@@ -600,9 +631,11 @@ impl Reconciler {
 }
 
 /// A service's selection table: each backend as many times as its weight, weights reduced by
-/// their greatest common divisor and, when they still add up to more cells than a table holds,
-/// scaled down to fit (every backend keeping at least one cell). Random selection draws from
-/// the cells, and the Maglev table weighs each backend by its cells.
+/// their greatest common divisor and, when they still add up to more than
+/// [`WEIGHTED_CELLS`] cells (or one per backend, if more), scaled down to that (every backend
+/// keeping at least one cell): shares are kept within a cell or so, without a few weighted
+/// Services filling the slot array and the Maglev tables that all Services share. Random
+/// selection draws from the cells, and the Maglev table weighs each backend by its cells.
 pub fn weighted_cells(backends: &[(u32, u32)]) -> Vec<u32> {
     let gcd = |mut a: u64, mut b: u64| {
         while b != 0 {
@@ -619,7 +652,8 @@ pub fn weighted_cells(backends: &[(u32, u32)]) -> Vec<u32> {
         .iter()
         .map(|(_, weight)| u64::from(*weight) / divisor)
         .collect();
-    let limit = u64::from(limits::MAX_BACKENDS_PER_SERVICE);
+    let limit = (WEIGHTED_CELLS.max(backends.len()) as u64)
+        .min(u64::from(limits::MAX_BACKENDS_PER_SERVICE));
     let total: u64 = cells.iter().sum();
     if total > limit {
         for count in &mut cells {
@@ -637,6 +671,9 @@ pub fn weighted_cells(backends: &[(u32, u32)]) -> Vec<u32> {
         .flat_map(|((id, _), count)| std::iter::repeat_n(*id, count as usize))
         .collect()
 }
+
+/// The most cells a weighted service's selection table gets (more when it has more backends).
+pub const WEIGHTED_CELLS: usize = 256;
 
 fn unknown_key(id: u32) -> ServicePortKey {
     ServicePortKey {
@@ -686,22 +723,24 @@ mod tests {
             [(1, 3), (2, 2), (3, 1)].into()
         );
         assert!(weighted_cells(&[]).is_empty());
-        // More than a table holds: scaled down, every backend keeping a cell.
+        // More than 256 cells: scaled down, every backend keeping a cell.
         let big: Vec<(u32, u32)> = (0..100).map(|id| (id, 997 + id % 2)).collect();
         let cells = weighted_cells(&big);
-        assert!(
-            cells.len() <= limits::MAX_BACKENDS_PER_SERVICE as usize,
-            "{}",
-            cells.len()
-        );
+        assert!(cells.len() <= WEIGHTED_CELLS, "{}", cells.len());
         let counts = counts(&cells);
         assert_eq!(counts.len(), 100);
-        assert!(
-            counts.values().all(|&count| (39..=41).contains(&count)),
-            "{counts:?}"
-        );
+        assert!(counts.values().all(|&count| count == 2), "{counts:?}");
         let skewed = weighted_cells(&[(1, 1000), (2, 1), (3, 999)]);
-        assert!(skewed.len() <= limits::MAX_BACKENDS_PER_SERVICE as usize);
+        assert!(skewed.len() <= WEIGHTED_CELLS);
         assert!(skewed.contains(&2), "the lightest keeps a cell");
+        let close = weighted_cells(&[(1, 1000), (2, 999)]);
+        assert_eq!(
+            (close.iter().filter(|&&id| id == 1).count(), close.len()),
+            (128, 255),
+            "1000:999 within a cell"
+        );
+        // More backends than 256: one cell each at least.
+        let many: Vec<(u32, u32)> = (0..1000).map(|id| (id, 1 + id % 3)).collect();
+        assert!(weighted_cells(&many).len() >= 1000);
     }
 }

@@ -692,21 +692,22 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
     let pins = PinDir::new(&lab, "maglevs").expect("pin dir");
     let mut datapath = datapath(&pins, vec![1]);
     let services = 300u32;
-    for id in 1..=services {
-        let frontend = Frontend {
-            addr: std::net::IpAddr::V4(Ipv4Addr::new(10, 96, (id >> 8) as u8, id as u8)),
+    let maglev_service = |id: u32, addr: Ipv4Addr, backends: Vec<u32>| Service {
+        id,
+        frontends: vec![Frontend {
+            addr: std::net::IpAddr::V4(addr),
             port: 80,
             proto: proto::TCP,
             kind: service_flags::CLUSTER_IP,
-        };
+        }],
+        backends,
+        flags: service_flags::MAGLEV,
+        ..Default::default()
+    };
+    for id in 1..=services {
+        let addr = Ipv4Addr::new(10, 96, (id >> 8) as u8, id as u8);
         datapath
-            .put_service(&Service {
-                id,
-                frontends: vec![frontend],
-                backends: vec![1, 2],
-                flags: service_flags::MAGLEV,
-                ..Default::default()
-            })
+            .put_service(&maglev_service(id, addr, vec![1, 2]))
             .unwrap_or_else(|error| panic!("Maglev service {id}: {error}"));
     }
     let outer = lb_userspace::datapath::maps::open_map_data(
@@ -720,11 +721,11 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
     )
     .expect("an array of maps");
     let table_of = |id: u32| tables.get(&id, 0);
-    // Two backends: 251 slots (100 each at least), 1 + 251 cells, cell 0 the size.
+    // Two backends: 251 slots (100 each at least) after 2 cells, the size and the tag.
     let last = table_of(services).expect("the last service's table");
-    assert_eq!(last.len(), 252);
+    assert_eq!(last.len(), 253);
     assert_eq!(last.get(&0, 0).expect("cell 0"), 251);
-    let owners: std::collections::BTreeSet<u32> = (1..252)
+    let owners: std::collections::BTreeSet<u32> = (2..253)
         .map(|cell| last.get(&cell, 0).expect("cell"))
         .collect();
     assert_eq!(
@@ -751,7 +752,7 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
                     80,
                     proto::TCP,
                 );
-                let backend = table.get(&(1 + hash % 251), 0).expect("slot");
+                let backend = table.get(&(2 + hash % 251), 0).expect("slot");
                 let pod = if backend == 1 { POD_A } else { POD_B };
                 case(
                     "a new flow to the 300th Maglev service",
@@ -793,23 +794,12 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
     // Down to one backend: 251 slots are still within 50 to 400 per backend, so the size stays
     // (a new size would move most flows).
     datapath
-        .put_service(&Service {
-            id: services,
-            frontends: vec![Frontend {
-                addr: std::net::IpAddr::V4(*frontend.ip()),
-                port: 80,
-                proto: proto::TCP,
-                kind: service_flags::CLUSTER_IP,
-            }],
-            backends: vec![1],
-            flags: service_flags::MAGLEV,
-            ..Default::default()
-        })
+        .put_service(&maglev_service(services, *frontend.ip(), vec![1]))
         .expect("one backend");
     let shrunk = table_of(services).expect("table");
-    assert_eq!(shrunk.len(), 252);
+    assert_eq!(shrunk.len(), 253);
     assert!(
-        (1..252).all(|cell| shrunk.get(&cell, 0).expect("cell") == 1),
+        (2..253).all(|cell| shrunk.get(&cell, 0).expect("cell") == 1),
         "every slot now holds the one backend"
     );
     datapath.remove_service(services).expect("remove");
@@ -818,6 +808,44 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
         "a removed service's table goes"
     );
     assert!(table_of(1).is_ok());
+
+    // A table the frontends were not written for (swapped in for an update that never
+    // came) is not read: its tag is not theirs.
+    let first = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 80);
+    datapath.defer_maglev_swaps();
+    datapath
+        .prepare_maglev_table(&maglev_service(1, *first.ip(), vec![2]))
+        .expect("prepare");
+    datapath.swap_maglev_tables().expect("swap");
+    datapath.clear_prepared_maglev_tables();
+    let before = datapath.events().expect("events")["maglev_fallback"];
+    let mut reached = std::collections::BTreeSet::new();
+    for port in 45000..45040u16 {
+        let client = SocketAddrV4::new(*CLIENT.ip(), port);
+        let run = lb_userspace::datapath::testrun::test_run(
+            datapath
+                .program_fd(lb_common::program_names::XDP_LB)
+                .expect("fd"),
+            &packet::tcp(client, first, TcpFlags::SYN, b""),
+        )
+        .expect("test run");
+        assert_eq!(run.verdict, XDP_PASS);
+        for pod in [POD_A, POD_B] {
+            if run.packet == packet::tcp(client, pod, TcpFlags::SYN, b"") {
+                reached.insert(pod);
+            }
+        }
+    }
+    assert_eq!(
+        reached,
+        [POD_A, POD_B].into(),
+        "both backends of the frontends' table, not only the other table's one"
+    );
+    assert_eq!(
+        datapath.events().expect("events")["maglev_fallback"],
+        before + 40,
+        "every one counted"
+    );
 }
 
 /// A Maglev lookup table of `m` slots by pseudocode 1 of Eisenbud et al., "Maglev: A Fast and

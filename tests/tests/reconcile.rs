@@ -625,7 +625,8 @@ fn maglev_table(pins: &PinDir, id: u32) -> Option<(u32, BTreeSet<u32>)> {
     .expect("an array of maps");
     let table = tables.get(&id, 0).ok()?;
     let size = table.get(&0, 0).expect("cell 0");
-    let owners = (1..=size)
+    // Cell 0 the size, cell 1 the tag, then the slots.
+    let owners = (2..2 + size)
         .map(|cell| table.get(&cell, 0).expect("slot"))
         .collect();
     Some((size, owners))

@@ -355,6 +355,12 @@ pub(super) fn compile_service(
                     ),
                 ));
             }
+            // Over all the port's endpoints of the family: a traffic policy's or a hint's subset
+            // whose endpoints all weigh 0 gets none (drained), not equal shares.
+            let family_weights = match &weights {
+                Some(rules) => weigh(rules, &backends, endpoints, service, problems),
+                None => BTreeMap::new(),
+            };
             for (scope, frontends, flags) in policy.split(frontends) {
                 let backends = if flags & service_flags::LOCAL_ONLY != 0 {
                     backends
@@ -365,10 +371,15 @@ pub(super) fn compile_service(
                 } else {
                     cluster.clone()
                 };
-                let weights = match &weights {
-                    Some(rules) => weigh(rules, &backends, endpoints, service, problems),
-                    None => BTreeMap::new(),
-                };
+                let weights: BTreeMap<(IpAddr, u16), u32> = family_weights
+                    .iter()
+                    .filter(|((addr, port), _)| {
+                        backends
+                            .iter()
+                            .any(|backend| backend.addr == *addr && backend.port == *port)
+                    })
+                    .map(|(key, weight)| (*key, *weight))
+                    .collect();
                 let source_ranges = if flags & service_flags::SOURCE_RANGES != 0 {
                     policy
                         .source_ranges
@@ -521,8 +532,16 @@ fn parse_weights(text: &str) -> Result<WeightRules, String> {
             WeightKey::Rest
         } else if let Ok(addr) = key.parse::<IpAddr>() {
             WeightKey::Address(addr)
-        } else if let Some(prefix) = key.strip_suffix('*') {
+        } else if key.contains('/') {
+            return Err(format!(
+                "{entry:?}: a key is an address or a pod name, not a CIDR"
+            ));
+        } else if let Some(prefix) = key.strip_suffix('*')
+            && !prefix.contains('*')
+        {
             WeightKey::PodPrefix(prefix.to_owned())
+        } else if key.contains('*') {
+            return Err(format!("{entry:?}: `*` only ends a pod-name prefix"));
         } else if !key.is_empty() {
             WeightKey::Pod(key.to_owned())
         } else {
@@ -558,7 +577,14 @@ impl WeightRules {
                             }
                             _ => None,
                         })
-                        .max_by_key(|(len, _)| *len)
+                        // The longest; of equal ones the first, as for the other keys.
+                        .fold(
+                            None,
+                            |best: Option<(usize, u32)>, (len, weight)| match best {
+                                Some((longest, _)) if longest >= len => best,
+                                _ => Some((len, weight)),
+                            },
+                        )
                         .map(|(_, weight)| weight)
                 })
             })

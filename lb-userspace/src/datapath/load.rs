@@ -148,6 +148,7 @@ impl Datapath {
         )?;
         let names = read_service_names(&maps.service_names)?;
         let maglev = open_map_data(pin_dir, map_names::MAGLEV4, Access::ReadWrite)?;
+        check_maglev_tables(pin_dir, &mut installed)?;
         forget_unused_maglev_tables(&maglev, &installed)?;
         Ok(Self {
             maps,
@@ -676,6 +677,29 @@ macro_rules! impl_load_and_pin {
 }
 impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr, CgroupSkb, CgroupSock);
 
+/// Records the size of each Maglev service's table when the table in force is the one its
+/// frontends ask for (its tag); a service whose table is missing or another (left by a stopped
+/// agent between a table's swap and its frontends) gets none, so the next sync writes it.
+fn check_maglev_tables(
+    pin_dir: &Path,
+    installed: &mut BTreeMap<u32, InstalledService>,
+) -> Result<()> {
+    use aya::maps::{ArrayOfMaps, Map};
+    let data = open_map_data(pin_dir, map_names::MAGLEV4, Access::ReadOnly)?;
+    let tables = ArrayOfMaps::<_, Array<MapData, u32>>::try_from(Map::ArrayOfMaps(data))
+        .map_err(|source| map_error(map_names::MAGLEV4, "open", source))?;
+    for (id, service) in installed.iter_mut() {
+        let Some(tag) = service.maglev_tag else {
+            continue;
+        };
+        service.maglev_size = tables.get(id, 0).ok().and_then(|table| {
+            let size = table.get(&0, 0).ok()?;
+            (table.get(&1, 0).ok()? == tag).then_some(size)
+        });
+    }
+    Ok(())
+}
+
 /// Removes the Maglev tables no installed frontend asks for (left by an agent stopped between a
 /// table's swap and its service's removal, or a failed update): a table takes memory until its
 /// entry goes. The entries in use are read in one batch (lookups wait for nothing); each
@@ -702,7 +726,7 @@ fn forget_unused_maglev_tables(
     for (id, _) in entries {
         let wanted = installed
             .get(&id)
-            .is_some_and(|service| service.maglev_size.is_some());
+            .is_some_and(|service| service.maglev_tag.is_some());
         if !wanted {
             super::batch::delete_array_entry(maglev.fd().as_fd(), id).map_err(|io_error| {
                 syscall(

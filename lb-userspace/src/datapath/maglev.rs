@@ -149,6 +149,18 @@ pub fn weighted_table(
     }
 }
 
+/// The tag of a table of `size` slots with these owners (backend ids): FNV-1a over the size and
+/// the owners' bytes, never 0 (an entry written without a table holds 0).
+pub fn tag(size: u32, owners: &[u32]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for word in std::iter::once(size).chain(owners.iter().copied()) {
+        for byte in word.to_le_bytes() {
+            hash = (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+        }
+    }
+    hash.max(1)
+}
+
 /// `(position + skip) % m` for `position, skip < m`.
 #[inline]
 fn advance(position: u64, skip: u64, m: u64) -> u64 {

@@ -57,6 +57,7 @@ use address_filter::AddressFilter;
 pub use error::DatapathError;
 use maps::Maps;
 use slot_ranges::SlotRanges;
+pub use write::MAGLEV_SWAP_BATCH;
 
 /// Where the agent pins its maps and programs.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -85,8 +86,9 @@ pub struct Datapath {
     maglev_pending: BTreeMap<u32, Option<Array<MapData, u32>>>,
     /// Whether swaps wait for [`Datapath::swap_maglev_tables`].
     maglev_deferred: bool,
-    /// The sizes of the tables [`Datapath::prepare_maglev_table`] built, for the puts to come.
-    maglev_prepared: BTreeMap<u32, u32>,
+    /// The (size, tag) of the tables [`Datapath::prepare_maglev_table`] built, for the puts to
+    /// come.
+    maglev_prepared: BTreeMap<u32, (u32, u32)>,
     /// UDP backends that left a service since the last
     /// [`Datapath::abort_udp_sockets_of_departed_backends`]: sockets connected to them through
     /// the service are aborted then.
@@ -125,7 +127,10 @@ pub struct InstalledService {
     pub frontends: BTreeMap<FrontendKey, u32>,
     pub affinity_timeout_s: u32,
     pub source_ranges: BTreeSet<(IpAddr, u8)>,
-    /// The size of the Maglev table in use, for a service with MAGLEV.
+    /// The tag of the Maglev table the frontends ask for, for a service with MAGLEV.
+    pub maglev_tag: Option<u32>,
+    /// The size of that table, when the table in force has that tag (checked by the agent at
+    /// load and kept by every put; None in the read-only inspection).
     pub maglev_size: Option<u32>,
 }
 

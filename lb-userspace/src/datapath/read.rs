@@ -108,7 +108,7 @@ pub(crate) fn read_installed(maps: &Maps) -> Result<InstalledState> {
         service.affinity_timeout_s = value.affinity_timeout_s;
         service.frontends.insert(key, value.flags);
         if value.flags & service_flags::MAGLEV != 0 {
-            service.maglev_size = Some(value.maglev_table);
+            service.maglev_tag = Some(value.maglev_table);
         }
         owners.insert(key, value.service_id);
         counts.insert(value.service_id, value.backend_count);

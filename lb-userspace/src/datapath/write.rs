@@ -16,7 +16,7 @@ const BPF_F_INNER_MAP: u32 = 1 << 12;
 
 /// Staged Maglev tables swapped in at most together: each holds a descriptor until its swap
 /// (a soft RLIMIT_NOFILE of 1024 is common).
-const MAGLEV_SWAP_BATCH: usize = 256;
+pub const MAGLEV_SWAP_BATCH: usize = 256;
 use lb_common::{
     DatapathConfig, NicMac, SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot, SourceRange,
     limits, maglev, map_names, service_flags,
@@ -156,6 +156,20 @@ impl Datapath {
     /// flipped to it in one update each, then the old table's cells are freed. Frontends of the
     /// service that are not in `service.frontends` any more are removed last.
     pub fn put_service(&mut self, service: &Service) -> Result<()> {
+        let prepared = self.maglev_prepared.remove(&service.id);
+        let previous = self.installed.get(&service.id).cloned();
+        let result = self.put_service_with(service, prepared);
+        // A table swapped in for this put: its frontends ask for the previous one again.
+        if result.is_err()
+            && (prepared.is_some() || service.flags & service_flags::MAGLEV != 0)
+            && let Err(cleanup) = self.restore_maglev_table(service.id, previous.as_ref())
+        {
+            self.cleanup_failed(cleanup);
+        }
+        result
+    }
+
+    fn put_service_with(&mut self, service: &Service, prepared: Option<(u32, u32)>) -> Result<()> {
         self.validate(service)?;
         let flags_by_key = frontend_flags(service);
         self.check_room(service, &flags_by_key)?;
@@ -183,10 +197,10 @@ impl Datapath {
         let slots = self.write_slots(service.id, &service.backends)?;
         // The Maglev table goes in before the frontends ask for it: prepared and swapped in
         // already (the reconciler's order), or built and swapped in now.
-        let maglev_size = match self.maglev_prepared.remove(&service.id) {
-            Some(size) => Some(size),
+        let maglev = match prepared {
+            Some(table) => Some(table),
             None => match self.write_maglev_table(service) {
-                Ok(size) => size,
+                Ok(table) => table,
                 Err(error) => {
                     self.slot_ranges.release(slots, backend_count.into());
                     return Err(error);
@@ -199,7 +213,7 @@ impl Datapath {
             legacy_revision: 0,
             flags,
             affinity_timeout_s: service.affinity_timeout_s,
-            maglev_table: maglev_size.unwrap_or(0),
+            maglev_table: maglev.map_or(0, |(_, tag)| tag),
             slots,
         };
         let mut written = Vec::new();
@@ -208,13 +222,6 @@ impl Datapath {
             if let Err(error) = result {
                 self.undo_frontends(&written);
                 self.slot_ranges.release(slots, backend_count.into());
-                // The frontends ask for the previous table again: it goes back (the build is
-                // deterministic), or the new one goes.
-                if maglev_size.is_some()
-                    && let Err(cleanup) = self.restore_maglev_table(service.id, previous.as_ref())
-                {
-                    self.cleanup_failed(cleanup);
-                }
                 return Err(error);
             }
             written.push(*key);
@@ -246,7 +253,8 @@ impl Datapath {
                 frontends: flags_by_key.clone(),
                 affinity_timeout_s: service.affinity_timeout_s,
                 source_ranges: service.source_ranges.clone(),
-                maglev_size,
+                maglev_tag: maglev.map(|(_, tag)| tag),
+                maglev_size: maglev.map(|(size, _)| size),
             },
         );
         self.remove_source_ranges(service.id, old_ranges.difference(&service.source_ranges))?;
@@ -279,7 +287,7 @@ impl Datapath {
             self.slot_ranges
                 .release(previous.slots, previous.backends.len() as u32);
             // No frontend asks for the Maglev table any more.
-            if previous.maglev_size.is_some() && maglev_size.is_none() {
+            if previous.maglev_tag.is_some() && maglev.is_none() {
                 self.remove_maglev_table(service.id)?;
             }
         }
@@ -538,8 +546,8 @@ impl Datapath {
     /// the reconciler prepares every changed service, swaps the tables in together
     /// ([`Datapath::swap_maglev_tables`], one grace period), then puts the services.
     pub fn prepare_maglev_table(&mut self, service: &Service) -> Result<()> {
-        if let Some(size) = self.write_maglev_table(service)? {
-            self.maglev_prepared.insert(service.id, size);
+        if let Some(table) = self.write_maglev_table(service)? {
+            self.maglev_prepared.insert(service.id, table);
         }
         Ok(())
     }
@@ -549,8 +557,8 @@ impl Datapath {
     /// [`maglev::table_size`] gives for its cells and its current table, in an array of its
     /// own, and stages it as the service's entry of `lb4_maglev_v2` (one update: XDP reads
     /// either table whole; the kernel frees the old one once no program reads it). Returns the
-    /// table's size; None for other services.
-    fn write_maglev_table(&mut self, service: &Service) -> Result<Option<u32>> {
+    /// table's size and tag; None for other services.
+    fn write_maglev_table(&mut self, service: &Service) -> Result<Option<(u32, u32)>> {
         if service.flags & service_flags::MAGLEV == 0 || service.backends.is_empty() {
             return Ok(None);
         }
@@ -559,19 +567,20 @@ impl Datapath {
             .get(&service.id)
             .and_then(|installed| installed.maglev_size);
         let size = maglev::table_size(service.backends.len() as u32, current);
-        let table = self.build_maglev_table(service.id, &service.backends, size)?;
+        let (table, tag) = self.build_maglev_table(service.id, &service.backends, size)?;
         self.stage_maglev_swap(service.id, Some(table))?;
-        Ok(Some(size))
+        Ok(Some((size, tag)))
     }
 
     /// The table of `size` slots over `cells` (a selection table's backend ids, each backend
-    /// weighted by its cells), in a new array: cell 0 the size, then the slots.
+    /// weighted by its cells), in a new array: cell 0 the size, cell 1 the tag, then the slots.
+    /// Returns it with its tag.
     fn build_maglev_table(
         &self,
         service_id: u32,
         cells: &[u32],
         size: u32,
-    ) -> Result<Array<MapData, u32>> {
+    ) -> Result<(Array<MapData, u32>, u32)> {
         let mut weighted: Vec<(u32, u32)> = Vec::new();
         for id in cells {
             match weighted.iter_mut().find(|(backend, _)| backend == id) {
@@ -582,22 +591,40 @@ impl Datapath {
         let identities: Vec<String> = weighted
             .iter()
             .map(|(id, _)| {
-                let backend = &self.installed_backends[id];
-                format!("{}:{}/{}", backend.addr, backend.port, backend.proto)
+                let backend = self.installed_backends.get(id).ok_or_else(|| {
+                    DatapathError::Invalid(format!(
+                        "service {service_id}: Maglev table: backend {id} is not in the maps"
+                    ))
+                })?;
+                Ok(format!(
+                    "{}:{}/{}",
+                    backend.addr, backend.port, backend.proto
+                ))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let weights: Vec<u32> = weighted.iter().map(|(_, weight)| *weight).collect();
         let owners =
             super::maglev::weighted_table(&identities, &weights, size).map_err(|error| {
                 DatapathError::Invalid(format!("service {service_id}: Maglev table: {error}"))
             })?;
-        let slots: Vec<u32> = std::iter::once(size)
-            .chain(owners.iter().map(|&index| weighted[index as usize].0))
+        let owners: Vec<u32> = owners
+            .iter()
+            .map(|&index| weighted[index as usize].0)
             .collect();
+        let tag = super::maglev::tag(size, &owners);
+        let slots: Vec<u32> = [size, tag].into_iter().chain(owners).collect();
+        // Every table in force or on its way, but the one this replaces.
         let in_use: u64 = self
             .installed
-            .values()
-            .filter_map(|installed| installed.maglev_size)
+            .iter()
+            .filter(|(id, _)| **id != service_id)
+            .filter_map(|(_, installed)| installed.maglev_size)
+            .chain(
+                self.maglev_prepared
+                    .iter()
+                    .filter(|(id, _)| **id != service_id)
+                    .map(|(_, (size, _))| *size),
+            )
             .map(|size| u64::from(maglev::HEADER + size))
             .sum();
         if in_use + slots.len() as u64 > u64::from(limits::MAX_MAGLEV_CELLS) {
@@ -613,7 +640,7 @@ impl Datapath {
         let table_fd = aya::maps::IterableMap::map(&table).fd().as_fd();
         super::batch::write_array(table_fd, &slots)
             .map_err(|io_error| maglev_error(&operation(), "bpf_map_update_batch", io_error))?;
-        Ok(table)
+        Ok((table, tag))
     }
 
     /// Puts the Maglev table service `id` had (`previous`) back: a failed update's frontends ask
@@ -622,7 +649,7 @@ impl Datapath {
         match previous {
             Some(previous) if !previous.backends.is_empty() => match previous.maglev_size {
                 Some(size) => {
-                    let table = self.build_maglev_table(id, &previous.backends, size)?;
+                    let (table, _) = self.build_maglev_table(id, &previous.backends, size)?;
                     self.stage_maglev_swap(id, Some(table))
                 }
                 None => self.remove_maglev_table(id),
@@ -637,15 +664,14 @@ impl Datapath {
     }
 
     /// A service's new Maglev table (None: none), swapped in now, or with the others at
-    /// [`Datapath::swap_maglev_tables`] after [`Datapath::defer_maglev_swaps`] (also when
-    /// [`MAGLEV_SWAP_BATCH`] tables wait: each holds a descriptor until then).
+    /// [`Datapath::swap_maglev_tables`] after [`Datapath::defer_maglev_swaps`].
     fn stage_maglev_swap(
         &mut self,
         service_id: u32,
         table: Option<Array<MapData, u32>>,
     ) -> Result<()> {
         self.maglev_pending.insert(service_id, table);
-        if self.maglev_deferred && self.maglev_pending.len() < MAGLEV_SWAP_BATCH {
+        if self.maglev_deferred {
             return Ok(());
         }
         let result = self.swap_staged_maglev_tables();
@@ -710,6 +736,17 @@ impl Datapath {
             self.maglev_pending.remove(&id);
         }
         Ok(())
+    }
+
+    /// How many Maglev tables wait to be swapped in (the reconciler swaps them by
+    /// [`MAGLEV_SWAP_BATCH`]: each holds a descriptor until then).
+    pub fn staged_maglev_tables(&self) -> usize {
+        self.maglev_pending.len()
+    }
+
+    /// Forgets what [`Datapath::prepare_maglev_table`] prepared for puts that did not come.
+    pub fn clear_prepared_maglev_tables(&mut self) {
+        self.maglev_prepared.clear();
     }
 
     /// Whether service `id` has a Maglev table prepared and swapped in for its put.
@@ -784,7 +821,7 @@ impl Datapath {
                     legacy_revision: 0,
                     flags: *installed.frontends.get(key)?,
                     affinity_timeout_s: installed.affinity_timeout_s,
-                    maglev_table: installed.maglev_size.unwrap_or(0),
+                    maglev_table: installed.maglev_tag.unwrap_or(0),
                     slots: installed.slots,
                 })
             });
@@ -843,7 +880,7 @@ impl Datapath {
         }
         self.slot_ranges
             .release(installed.slots, installed.backends.len() as u32);
-        if installed.maglev_size.is_some() {
+        if installed.maglev_tag.is_some() {
             self.remove_maglev_table(id)?;
         }
         Ok(())

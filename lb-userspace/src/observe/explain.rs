@@ -528,10 +528,9 @@ fn explain_service(
             destination.port(),
             protocol,
         );
-        // maglev_table holds the size of the service's table.
         reasons.push(format!(
-            "a new flow: Maglev slot {} of the service's table of {} slots",
-            hash.checked_rem(service.maglev_table).unwrap_or(0),
+            "a new flow: slot flow_hash {hash:#010x} % M of the service's Maglev table (tag \
+             {:#010x}; at random when the table in force has another tag)",
             service.maglev_table
         ));
     } else {

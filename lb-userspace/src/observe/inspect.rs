@@ -348,7 +348,7 @@ impl PinnedMaps {
         let (installed, _) = read_installed(&self.0)?;
         let maglev_tables = installed
             .values()
-            .filter(|service| service.maglev_size.is_some())
+            .filter(|service| service.maglev_tag.is_some())
             .count();
         Ok(vec![
             fill(
