@@ -22,6 +22,27 @@ const DNS6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x96, 0, 0, 0, 0, 0x53);
 /// An IPv6 LoadBalancer ingress IP.
 const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 0x20);
 
+/// The IPv6 UDP Service `dns` on DNS6:53, its endpoint n2p0.
+fn apply_dns6(setup: &lab::agent::AgentLab) {
+    setup
+        .apply(
+            "dns.yaml",
+            &(service_of_families("dns", &[&DNS6.to_string()], "UDP", 53, "")
+                + "---\n"
+                + &endpoint_slice6("dns", &[(pod_addr6(2, 0), "node2")], "UDP")),
+        )
+        .expect("apply");
+}
+
+/// The IPv6 EndpointSlice of `web`: n1p0 and n2p0.
+fn web_slice6() -> String {
+    endpoint_slice6(
+        "web",
+        &[(pod_addr6(1, 0), "node1"), (pod_addr6(2, 0), "node2")],
+        "TCP",
+    )
+}
+
 /// `ip:port` as a client names it (`[v6]:port`).
 fn at(ip: impl Into<std::net::IpAddr>, port: u16) -> String {
     SocketAddr::new(ip.into(), port).to_string()
@@ -49,21 +70,10 @@ fn a_pod_reaches_each_family_of_a_dual_stack_service_at_that_familys_endpoints()
                 + "---\n"
                 + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])
                 + "---\n"
-                + &endpoint_slice6(
-                    "web",
-                    &[(pod_addr6(1, 0), "node1"), (pod_addr6(2, 0), "node2")],
-                    "TCP",
-                )),
+                + &web_slice6()),
         )
         .expect("apply");
-    setup
-        .apply(
-            "dns.yaml",
-            &(service_of_families("dns", &[&DNS6.to_string()], "UDP", 53, "")
-                + "---\n"
-                + &endpoint_slice6("dns", &[(pod_addr6(2, 0), "node2")], "UDP")),
-        )
-        .expect("apply");
+    apply_dns6(&setup);
     let (pod, cgroup) = (setup.client_pod(), Some(&setup.cgroup));
 
     let web6 = at(WEB6, 80);
@@ -326,11 +336,7 @@ fn internal_traffic_policy_and_refusal_hold_over_ipv6() {
                 80,
                 "  internalTrafficPolicy: Local\n",
             ) + "---\n"
-                + &endpoint_slice6(
-                    "web",
-                    &[(pod_addr6(1, 0), "node1"), (pod_addr6(2, 0), "node2")],
-                    "TCP",
-                )),
+                + &web_slice6()),
         )
         .expect("apply");
     // No endpoint at all: the connect() is refused at once, as kube-proxy's REJECT.
@@ -371,21 +377,10 @@ fn ipv6_services_outlive_an_agent_restart_and_go_with_cleanup() {
             "web.yaml",
             &(service_of_families("web", &[&WEB6.to_string()], "TCP", 80, "")
                 + "---\n"
-                + &endpoint_slice6(
-                    "web",
-                    &[(pod_addr6(1, 0), "node1"), (pod_addr6(2, 0), "node2")],
-                    "TCP",
-                )),
+                + &web_slice6()),
         )
         .expect("apply");
-    setup
-        .apply(
-            "dns.yaml",
-            &(service_of_families("dns", &[&DNS6.to_string()], "UDP", 53, "")
-                + "---\n"
-                + &endpoint_slice6("dns", &[(pod_addr6(2, 0), "node2")], "UDP")),
-        )
-        .expect("apply");
+    apply_dns6(&setup);
     let (web6, dns6) = (at(WEB6, 80), at(DNS6, 53));
     let pod = setup.client_pod().clone();
     ClientRun::tcp(&web6, 5)

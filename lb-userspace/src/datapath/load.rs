@@ -6,7 +6,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io,
-    net::Ipv4Addr,
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
 };
@@ -37,11 +36,10 @@ use super::{
     nic::{interface_name, nic_address},
     object::DATAPATH_OBJECT,
     pins::LINKS_DIR,
-    read::{read_backends, read_installed, read_service_names},
+    read::{read_backends, read_installed, read_service_names, read_source_ranges},
     slot_ranges::SlotRanges,
     write::write_table,
 };
-use crate::compile::model::ipv6_of_words;
 
 const SOCKET_HOOKS: [&str; 8] = [
     program_names::CONNECT4,
@@ -103,26 +101,9 @@ impl Datapath {
             open_map(pin_dir, map_names::FRONTEND_FILTER, Access::ReadWrite)?,
             owners.keys().filter_map(FilterKey::of_frontend),
         )?;
-        for key in maps.source_ranges.keys() {
-            let key =
-                key.map_err(|source| map_error(map_names::SOURCE_RANGES4, "iterate", source))?;
-            let data = key.data();
-            if let Some(service) = installed.get_mut(&u32::from_be(data.service_id_be)) {
-                let addr = Ipv4Addr::from(u32::from_be(data.addr)).into();
-                service
-                    .source_ranges
-                    .insert((addr, (key.prefix_len() - 32) as u8));
-            }
-        }
-        for key in maps.source_ranges6.keys() {
-            let key =
-                key.map_err(|source| map_error(map_names::SOURCE_RANGES6, "iterate", source))?;
-            let data = key.data();
-            if let Some(service) = installed.get_mut(&u32::from_be(data.service_id_be)) {
-                let addr = ipv6_of_words(data.addr).into();
-                service
-                    .source_ranges
-                    .insert((addr, (key.prefix_len() - 32) as u8));
+        for (id, range) in read_source_ranges(&maps)? {
+            if let Some(service) = installed.get_mut(&id) {
+                service.source_ranges.insert(range);
             }
         }
         let installed_backends = read_backends(&maps)?;

@@ -2,7 +2,10 @@
 //! agent, which reads them once at load and then keeps its own copy in step, and, through the
 //! same functions, for the read-only inspection.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use lb_common::{
@@ -15,7 +18,7 @@ use super::{
     error::{Result, map_error},
     maps::Maps,
 };
-use crate::compile::model::{Backend, FrontendKey};
+use crate::compile::model::{Backend, FrontendKey, ipv6_of_words};
 
 impl Datapath {
     /// The services the maps hold, by service id.
@@ -154,6 +157,31 @@ fn service_name(value: &ServiceName) -> String {
         .position(|&byte| byte == 0)
         .unwrap_or(value.len());
     String::from_utf8_lossy(&value[..len]).into_owned()
+}
+
+/// Every loadBalancerSourceRange of both families' tries, as (service id, (address, prefix
+/// length)).
+pub(crate) fn read_source_ranges(maps: &Maps) -> Result<Vec<(u32, (IpAddr, u8))>> {
+    let mut ranges = Vec::new();
+    for key in maps.source_ranges.keys() {
+        let key = key.map_err(|source| map_error(map_names::SOURCE_RANGES4, "iterate", source))?;
+        let data = key.data();
+        let addr = Ipv4Addr::from(u32::from_be(data.addr)).into();
+        ranges.push((
+            u32::from_be(data.service_id_be),
+            (addr, (key.prefix_len() - 32) as u8),
+        ));
+    }
+    for key in maps.source_ranges6.keys() {
+        let key = key.map_err(|source| map_error(map_names::SOURCE_RANGES6, "iterate", source))?;
+        let data = key.data();
+        let addr = ipv6_of_words(data.addr).into();
+        ranges.push((
+            u32::from_be(data.service_id_be),
+            (addr, (key.prefix_len() - 32) as u8),
+        ));
+    }
+    Ok(ranges)
 }
 
 /// Every backend of both families by id. The agent's datapath and the read-only inspection

@@ -9,18 +9,20 @@ use std::{
     path::Path,
 };
 
-use aya::maps::lpm_trie::Key as LpmKey;
 use lb_common::{
-    Ct4Key, Ct4Value, CtTimeouts, Flow4Value, SourceRange4, SourceRange6, backend_flags,
-    ct_direction, ct_flags, limits, map_names, proto, service_flags, tcp_state,
+    Ct4Key, Ct4Value, CtTimeouts, Flow4Value, backend_flags, ct_direction, ct_flags, limits,
+    map_names, proto, service_flags, tcp_state,
 };
 use serde::Serialize;
 
-use crate::compile::model::{FrontendKey, ipv6_of_words};
+use crate::compile::model::FrontendKey;
 use crate::datapath::{
     bpf_obj::Access,
     maps::Maps,
-    read::{read_backends, read_events, read_installed, read_service_counter, read_service_names},
+    read::{
+        read_backends, read_events, read_installed, read_service_counter, read_service_names,
+        read_source_ranges,
+    },
 };
 
 /// The pinned maps of one agent (its `--pin-dir`), opened read-only.
@@ -192,29 +194,11 @@ impl PinnedMaps {
         let names = read_service_names(&self.0.service_names)?;
         let backends = read_backends(&self.0)?;
         let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        for key in self.0.source_ranges.keys() {
-            let key: LpmKey<SourceRange4> = key?;
-            let data = key.data();
+        for (id, (addr, prefix_len)) in read_source_ranges(&self.0)? {
             ranges
-                .entry(u32::from_be(data.service_id_be))
+                .entry(id)
                 .or_default()
-                .push(format!(
-                    "{}/{}",
-                    Ipv4Addr::from(u32::from_be(data.addr)),
-                    key.prefix_len() - 32
-                ));
-        }
-        for key in self.0.source_ranges6.keys() {
-            let key: LpmKey<SourceRange6> = key?;
-            let data = key.data();
-            ranges
-                .entry(u32::from_be(data.service_id_be))
-                .or_default()
-                .push(format!(
-                    "{}/{}",
-                    ipv6_of_words(data.addr),
-                    key.prefix_len() - 32
-                ));
+                .push(format!("{addr}/{prefix_len}"));
         }
         let mut services = installed
             .into_iter()
@@ -773,9 +757,9 @@ mod tests {
             refused(
                 "allow a source range",
                 maps.0.source_ranges.insert(
-                    &LpmKey::new(
+                    &aya::maps::lpm_trie::Key::new(
                         64,
-                        SourceRange4 {
+                        lb_common::SourceRange4 {
                             service_id_be: 0,
                             addr: 0,
                         },
