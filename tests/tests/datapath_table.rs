@@ -710,16 +710,11 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
             .put_service(&maglev_service(id, addr, vec![1, 2]))
             .unwrap_or_else(|error| panic!("Maglev service {id}: {error}"));
     }
-    let outer = lb_userspace::datapath::maps::open_map_data(
+    let tables = lb_userspace::datapath::maps::open_maglev_tables(
         pins.path(),
-        lb_common::map_names::MAGLEV4,
         lb_userspace::datapath::bpf_obj::Access::ReadOnly,
     )
     .expect("the Maglev tables");
-    let tables = aya::maps::ArrayOfMaps::<_, aya::maps::Array<aya::maps::MapData, u32>>::try_from(
-        aya::maps::Map::ArrayOfMaps(outer),
-    )
-    .expect("an array of maps");
     let table_of = |id: u32| tables.get(&id, 0);
     // Two backends: 251 slots (100 each at least) after 2 cells, the size and the tag.
     let last = table_of(services).expect("the last service's table");

@@ -613,16 +613,11 @@ fn failed_cleanup_is_reported_and_tried_again_while_the_service_is_programmed() 
 /// The Maglev table of service `id` as the maps hold it: (its size from cell 0, its slots'
 /// backend ids), or None without one.
 fn maglev_table(pins: &PinDir, id: u32) -> Option<(u32, BTreeSet<u32>)> {
-    let outer = lb_userspace::datapath::maps::open_map_data(
+    let tables = lb_userspace::datapath::maps::open_maglev_tables(
         pins.path(),
-        lb_common::map_names::MAGLEV4,
         lb_userspace::datapath::bpf_obj::Access::ReadOnly,
     )
     .expect("the Maglev tables");
-    let tables = aya::maps::ArrayOfMaps::<_, aya::maps::Array<aya::maps::MapData, u32>>::try_from(
-        aya::maps::Map::ArrayOfMaps(outer),
-    )
-    .expect("an array of maps");
     let table = tables.get(&id, 0).ok()?;
     let size = table.get(&0, 0).expect("cell 0");
     // Cell 0 the size, cell 1 the tag, then the slots.

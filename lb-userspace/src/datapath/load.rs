@@ -32,7 +32,7 @@ use super::{
     address_filter::{AddressFilter, FilterKey},
     bpf_obj::Access,
     error::{DatapathError, Result, map_error},
-    maps::{Maps, open_map, open_map_data},
+    maps::{Maps, open_maglev_tables, open_map, open_map_data},
     nic::{interface_name, nic_address},
     object::DATAPATH_OBJECT,
     pins::LINKS_DIR,
@@ -665,10 +665,7 @@ fn check_maglev_tables(
     pin_dir: &Path,
     installed: &mut BTreeMap<u32, InstalledService>,
 ) -> Result<()> {
-    use aya::maps::{ArrayOfMaps, Map};
-    let data = open_map_data(pin_dir, map_names::MAGLEV4, Access::ReadOnly)?;
-    let tables = ArrayOfMaps::<_, Array<MapData, u32>>::try_from(Map::ArrayOfMaps(data))
-        .map_err(|source| map_error(map_names::MAGLEV4, "open", source))?;
+    let tables = open_maglev_tables(pin_dir, Access::ReadOnly)?;
     for (id, service) in installed.iter_mut() {
         let Some(tag) = service.maglev_tag else {
             continue;

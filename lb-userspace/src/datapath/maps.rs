@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, DatapathConfig,
     Frontend4Key, Frontend6Key, ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value,
@@ -71,6 +71,17 @@ where
     let map = Map::from_map_data(data).map_err(|source| map_error(name, "open", source))?;
     M::try_from(map).map_err(|source| map_error(name, "open", source))
 }
+
+/// The Maglev tables pinned under `pin_dir` (`lb4_maglev_v2`), as an array of maps whose
+/// entries open as the tables' arrays (cell 0 the size, cell 1 the tag, then the slots).
+pub fn open_maglev_tables(pin_dir: &Path, access: Access) -> Result<MaglevTables> {
+    let data = open_map_data(pin_dir, map_names::MAGLEV4, access)?;
+    ArrayOfMaps::try_from(Map::ArrayOfMaps(data))
+        .map_err(|source| map_error(map_names::MAGLEV4, "open", source))
+}
+
+/// The Maglev tables by service id, each opened as an array of u32 cells.
+pub type MaglevTables = ArrayOfMaps<MapData, Array<MapData, u32>>;
 
 /// The map pinned as `name` under `pin_dir`, untyped (for maps the typed handles cannot do all
 /// of: the array of Maglev tables).

@@ -212,13 +212,9 @@ fn ms(duration: Duration) -> f64 {
 /// figure of each (read from the fdinfo of a descriptor to it).
 fn maglev_memory(pins: &PinDir, datapath: &Datapath) -> anyhow::Result<(usize, u64)> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
-    let outer = lb_userspace::datapath::maps::open_map_data(
+    let tables = lb_userspace::datapath::maps::open_maglev_tables(
         pins.path(),
-        lb_common::map_names::MAGLEV4,
         lb_userspace::datapath::bpf_obj::Access::ReadOnly,
-    )?;
-    let tables = aya::maps::ArrayOfMaps::<_, aya::maps::MapData>::try_from(
-        aya::maps::Map::ArrayOfMaps(outer),
     )?;
     let mut count = 0;
     let mut bytes = 0;
@@ -227,7 +223,7 @@ fn maglev_memory(pins: &PinDir, datapath: &Datapath) -> anyhow::Result<(usize, u
             continue;
         }
         let table = tables.get(id, 0)?;
-        let fd = table.fd().as_fd().as_raw_fd();
+        let fd = aya::maps::IterableMap::map(&table).fd().as_fd().as_raw_fd();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
         let memlock: u64 = info
             .lines()
