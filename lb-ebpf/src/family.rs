@@ -35,7 +35,9 @@ pub trait Family {
     fn same(a: &Self::Addr, b: &Self::Addr) -> bool;
 
     fn frontends() -> &'static HashMap<FrontendKey<Self::Addr>, ServiceValue>;
-    fn backends() -> &'static HashMap<u32, BackendValue<Self::Addr>>;
+    /// The backend `id` names, if it is one of this family's. A reference, not a copy: LLVM
+    /// would read an `Option`'s unset payload where branches merge, which the verifier refuses.
+    fn backend(id: u32) -> Option<&'static BackendValue<Self::Addr>>;
     fn source_ranges() -> &'static LpmTrie<SourceRange<Self::Addr>, u8>;
     fn sock_state() -> &'static SkStorage<SockState<Self::Addr>>;
 
@@ -73,8 +75,8 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn backends() -> &'static HashMap<u32, BackendValue<u32>> {
-        &BACKENDS4
+    fn backend(id: u32) -> Option<&'static BackendValue<u32>> {
+        BACKENDS4.get(id).filter(|backend| backend.in_use())
     }
 
     #[inline(always)]
@@ -143,8 +145,9 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn backends() -> &'static HashMap<u32, BackendValue<Ipv6Words>> {
-        &BACKENDS6
+    fn backend(id: u32) -> Option<&'static BackendValue<Ipv6Words>> {
+        // SAFETY: only read; the agent replaces entries whole (a hash map update).
+        unsafe { BACKENDS6.get(&id) }
     }
 
     #[inline(always)]

@@ -14,7 +14,7 @@ use crate::{
     family::{Family, V4},
     helpers::{now_ns, random_u32},
     maps::{
-        AFFINITY4, BACKENDS4, CONFIG, CONNTRACK4, FRONTEND_FILTER, MAGLEV4, SLOTS4, count_event,
+        AFFINITY4, CONFIG, CONNTRACK4, FRONTEND_FILTER, MAGLEV4, SLOTS4, count_event,
         count_service, dry_run,
     },
 };
@@ -1027,8 +1027,7 @@ fn original_key_of(reply: &Ct4Value, tuple: &Tuple) -> Ct4Key {
 /// whose backend is gone selects again (kube-proxy's stale-UDP-conntrack bug, avoided).
 #[inline(always)]
 fn backend_still_there(entry: &Ct4Value) -> bool {
-    // SAFETY: read-only use of an entry the agent writes whole.
-    match unsafe { BACKENDS4.get(&entry.backend_id) } {
+    match V4::backend(entry.backend_id) {
         Some(backend) => {
             u32::from_be(backend.addr) == entry.nat_addr
                 && u16::from_be(backend.port) == entry.nat_port
@@ -1063,8 +1062,7 @@ pub fn select_for_client<F: Family>(
         // SAFETY: valid for this run (RCU); a racing update only changes which recent backend wins.
         let entry = unsafe { &mut *entry };
         if now.saturating_sub(entry.last_used_ns) <= timeout
-            // SAFETY: read-only use of an entry the agent writes whole.
-            && let Some(backend) = unsafe { F::backends().get(&entry.backend_id) }
+            && let Some(backend) = F::backend(entry.backend_id)
             && backend.flags & backend_flags::TERMINATING == 0
         {
             if !dry_run() {
@@ -1115,8 +1113,7 @@ fn select_maglev(service: &ServiceValue, tuple: &Tuple) -> Result<(u32, Backend4
     let backend_id = *table
         .get(maglev::HEADER + hash % size)
         .ok_or(Event::DROP_BACKEND_MISSING)?;
-    // SAFETY: read-only use of an entry the agent writes whole.
-    let backend = *unsafe { BACKENDS4.get(&backend_id) }.ok_or(Event::DROP_BACKEND_MISSING)?;
+    let backend = *V4::backend(backend_id).ok_or(Event::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
 }
 
@@ -1133,8 +1130,7 @@ pub fn select<F: Family>(service: &ServiceValue) -> Result<(u32, BackendValue<F:
         .filter(|cell| cell.service_id == service.service_id)
         .ok_or(Event::DROP_BACKEND_MISSING)?
         .backend_id;
-    // SAFETY: as above.
-    let backend = *unsafe { F::backends().get(&backend_id) }.ok_or(Event::DROP_BACKEND_MISSING)?;
+    let backend = *F::backend(backend_id).ok_or(Event::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
 }
 

@@ -24,9 +24,11 @@ pub static FRONTENDS4: HashMap<Frontend4Key, ServiceValue> =
 #[map(name = "lb4_slot_v2")]
 pub static SLOTS4: Array<Slot> = Array::pinned(limits::MAX_SLOTS, 0);
 
-/// backend id -> endpoint address, port, protocol, flags.
-#[map(name = "lb4_be_v1")]
-pub static BACKENDS4: HashMap<u32, Backend4> = HashMap::pinned(limits::MAX_BACKENDS, 0);
+/// Endpoint address, port, protocol and flags by backend id: an array, so that a lookup is an
+/// index the verifier inlines, not a call into the kernel's hash table. A cell holds a backend
+/// only while `in_use()` (the agent vacates a removed one).
+#[map(name = "lb4_be_v2")]
+pub static BACKENDS4: Array<Backend4> = Array::pinned(limits::MAX_BACKENDS, 0);
 
 /// Connection tracking of the XDP/tc path; LRU so a full table evicts the oldest flows instead
 /// of refusing new ones.

@@ -1,6 +1,8 @@
 //! Selection tables in the slot array (`lb4_slot_v2`): a changed table moves to free cells and
 //! the old ones are reused; a packet that finds another service's cells selects nothing; the
 //! tables an earlier release kept in the hash map `lb4_slot_v1` are moved into the array at load.
+//! The backends array (`lb4_be_v2`): a removed backend's cell is vacated, never selected; the
+//! backends an earlier release kept in the hash map `lb4_be_v1` are moved into it at load.
 //! Real (test-private) pinned maps, packets through BPF_PROG_TEST_RUN.
 
 use std::{
@@ -8,13 +10,14 @@ use std::{
     sync::atomic::{AtomicU16, Ordering},
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use lab::{
     lab::{Lab, PinDir},
     packet::{self, TcpFlags},
 };
 use lb_common::{
-    Frontend4Key, LegacySlotKey, ServiceValue, map_names, program_names, proto, service_flags,
+    Backend4, Frontend4Key, LegacySlotKey, ServiceValue, Slot, map_names, program_names, proto,
+    service_flags,
 };
 use lb_userspace::{
     compile::model::{Backend, Frontend, Service},
@@ -246,4 +249,80 @@ fn tables_an_earlier_release_kept_in_the_hash_map_are_moved_into_the_array() {
     }
     assert_eq!(reached(&datapath, 1, 64), addrs(&[3, 4]));
     assert_eq!(reached(&datapath, 2, 96), addrs(&[2, 3, 4]));
+}
+
+#[test]
+fn backends_an_earlier_release_kept_in_the_hash_map_are_moved_into_the_array() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "bemigr").expect("pins");
+    std::fs::create_dir_all(pins.path()).expect("pin dir");
+    // What an agent of the earlier release leaves: its backends in lb4_be_v1, by id.
+    let legacy_path = pins.path().join(map_names::LEGACY_BACKENDS4);
+    let mut legacy = HashMap::<MapData, u32, Backend4>::create(64, 0).expect("legacy map");
+    for id in [2, 3, 9] {
+        let addr = backend_addr(id);
+        let value = Backend4 {
+            addr: u32::from(*addr.ip()).to_be(),
+            port: addr.port().to_be(),
+            proto: proto::TCP,
+            flags: 0,
+        };
+        legacy.insert(&id, &value, 0).expect("legacy backend");
+    }
+    legacy.pin(&legacy_path).expect("pin legacy map");
+
+    let mut datapath = Datapath::load(pins.path()).expect("load after the earlier release");
+    assert!(!legacy_path.exists(), "the retired map is unpinned");
+    let backends = datapath.backends().expect("backends");
+    assert_eq!(backends.keys().copied().collect::<Vec<_>>(), [2, 3, 9]);
+    assert_eq!(
+        backends[&9].addr,
+        IpAddr::V4(*backend_addr(9).ip()),
+        "same id, same backend"
+    );
+    // The programs of this load find them under their ids.
+    datapath
+        .put_service(&service(1, 1, vec![2, 9]))
+        .expect("service");
+    assert_eq!(reached(&datapath, 1, 64), addrs(&[2, 9]));
+}
+
+#[test]
+fn a_removed_backend_is_vacated_and_never_selected_again() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "bevacate").expect("pins");
+    let mut datapath = load_with_backends(&pins);
+    datapath
+        .put_service(&service(1, 1, vec![1, 2]))
+        .expect("service");
+    assert_eq!(reached(&datapath, 1, 64), addrs(&[1, 2]));
+    datapath
+        .put_service(&service(1, 1, vec![1]))
+        .expect("without 2");
+    datapath.remove_backend(2).expect("remove 2");
+    assert!(!datapath.backends().expect("backends").contains_key(&2));
+    // A table that still names the vacated cell (what a packet sees that read its slot just
+    // before the agent's change) selects nothing there: the drop is counted.
+    let cell = frontend_value(&datapath, 1).slots;
+    let slots = MapData::from_pin(pins.path().join(map_names::SLOTS4)).expect("pin");
+    let mut slots = Array::<_, Slot>::try_from(Map::Array(slots)).expect("array");
+    let naming_2 = Slot {
+        service_id: 1,
+        backend_id: 2,
+    };
+    slots.set(cell, &naming_2, 0).expect("overwrite the cell");
+    let before = datapath.events().expect("events")["drop_backend_missing"];
+    assert_eq!(new_flow(&datapath, fresh_client(), 1), (XDP_DROP, None));
+    let after = datapath.events().expect("events")["drop_backend_missing"];
+    assert_eq!(after, before + 1);
+    // Put back under the same id, it is a backend again.
+    let addr = backend_addr(2);
+    let backend = Backend {
+        addr: IpAddr::V4(*addr.ip()),
+        port: addr.port(),
+        proto: proto::TCP,
+        flags: 0,
+    };
+    datapath.put_backend(2, &backend).expect("backend 2 again");
+    assert_eq!(reached(&datapath, 1, 16), addrs(&[2]));
 }

@@ -228,12 +228,12 @@ pub fn delete_array_entry(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// [`read_all`] of an aya hash map handle, failing as aya's own calls do.
-pub fn read_hash_map<K: aya::Pod, V: aya::Pod>(
-    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+/// [`read_all`] of an aya hash map or array handle, failing as aya's own calls do.
+pub fn read_map<K: aya::Pod, V: aya::Pod>(
+    map: &impl aya::maps::IterableMap<K, V>,
 ) -> Result<Vec<(K, V)>, aya::maps::MapError> {
     use std::os::fd::AsFd as _;
-    read_all(aya::maps::IterableMap::map(map).fd().as_fd()).map_err(|io_error| {
+    read_all(map.map().fd().as_fd()).map_err(|io_error| {
         aya::maps::MapError::SyscallError(aya::sys::SyscallError {
             call: "bpf_map_lookup_batch",
             io_error,

@@ -23,8 +23,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Ct4Key, Ct4Value, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, ct_flags, limits,
-    map_names, program_names, xdp_programs,
+    Backend4, Ct4Key, Ct4Value, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, ct_flags,
+    limits, map_names, program_names, xdp_programs,
 };
 
 use super::{
@@ -93,6 +93,9 @@ impl Datapath {
         if legacy_tables.exists() {
             migrate_legacy_slots(pin_dir, &mut installed, &mut maps, &mut slot_ranges)?;
         }
+        if pin_dir.join(map_names::LEGACY_BACKENDS4).exists() {
+            migrate_legacy_backends(pin_dir, &mut maps)?;
+        }
         remove_retired_pins(pin_dir)?;
         // Rewritten whole before any program of this load is attached: a map new to the pin
         // directory (an upgrade) starts empty, and stale bits would only cost lookups.
@@ -107,7 +110,7 @@ impl Datapath {
             }
         }
         let installed_backends = read_backends(&maps)?;
-        let conntrack = super::batch::read_hash_map(&maps.conntrack)
+        let conntrack = super::batch::read_map(&maps.conntrack)
             .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
         let migrated = super::migrate::pairs_to_flow_entries(&mut maps.conntrack, &conntrack)?;
         if migrated > 0 {
@@ -398,6 +401,26 @@ fn migrate_legacy_slots(
                 .insert(&key, &value, 0)
                 .map_err(|source| map_error(map_names::FRONTENDS4, "update", source))?;
         }
+    }
+    Ok(())
+}
+
+/// Copies the IPv4 backends an agent of an earlier release left in the hash map `lb4_be_v1`
+/// into the backends array under the same ids, before any program of this load is attached:
+/// the selection tables, affinity and UDP flows name backends by id. The earlier release's
+/// programs keep reading the hash map until this load's replace them.
+fn migrate_legacy_backends(pin_dir: &Path, maps: &mut Maps) -> Result<()> {
+    let name = map_names::LEGACY_BACKENDS4;
+    let legacy: HashMap<MapData, u32, Backend4> = open_map(pin_dir, name, Access::ReadOnly)?;
+    let backends =
+        super::batch::read_map(&legacy).map_err(|source| map_error(name, "iterate", source))?;
+    for (id, backend) in backends {
+        if id >= limits::MAX_BACKENDS || !backend.in_use() {
+            continue;
+        }
+        maps.backends
+            .set(id, &backend, 0)
+            .map_err(|source| map_error(map_names::BACKENDS4, "migrate", source))?;
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ use super::{
 pub struct Maps {
     pub frontends: HashMap<MapData, Frontend4Key, ServiceValue>,
     pub slots: Array<MapData, Slot>,
-    pub backends: HashMap<MapData, u32, Backend4>,
+    pub backends: Array<MapData, Backend4>,
     pub conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
     pub sock_nat: HashMap<MapData, SockNat4Key, SockNat4Value>,
     pub service_counters: PerCpuArray<MapData, ServiceCounter>,

@@ -7,9 +7,9 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, DatapathConfig, Event, ServiceCounter,
+    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, ServiceCounter,
     ServiceValue, map_names, service_flags,
 };
 
@@ -66,7 +66,7 @@ impl Datapath {
 
     /// Every connection-tracking entry.
     pub fn conntrack(&self) -> Result<Vec<(Ct4Key, Ct4Value)>> {
-        super::batch::read_hash_map(&self.maps.conntrack)
+        super::batch::read_map(&self.maps.conntrack)
             .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))
     }
 
@@ -187,9 +187,21 @@ pub(crate) fn read_source_ranges(maps: &Maps) -> Result<Vec<(u32, (IpAddr, u8))>
 /// Every backend of both families by id. The agent's datapath and the read-only inspection
 /// share these readers.
 pub(crate) fn read_backends(maps: &Maps) -> Result<BTreeMap<u32, Backend>> {
-    let v4 = read_backend_map(&maps.backends, map_names::BACKENDS4, Backend::from_value);
+    let v4 = read_backend_array(&maps.backends)?;
     let v6 = read_backend_map(&maps.backends6, map_names::BACKENDS6, Backend::from_value6);
-    v4.chain(v6).collect()
+    v4.into_iter().map(Ok).chain(v6).collect()
+}
+
+/// The IPv4 backends: the cells of the array in use, read in batches (the array has a cell for
+/// every possible id).
+fn read_backend_array(map: &Array<MapData, Backend4>) -> Result<Vec<(u32, Backend)>> {
+    let cells = super::batch::read_map(map)
+        .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?;
+    Ok(cells
+        .into_iter()
+        .filter(|(_, cell)| cell.in_use())
+        .map(|(id, cell)| (id, Backend::from_value(&cell)))
+        .collect())
 }
 
 fn read_backend_map<'m, V: aya::Pod>(

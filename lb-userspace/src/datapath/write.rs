@@ -55,14 +55,11 @@ impl Datapath {
             self.remove_backend(id)?;
         }
         match backend.value() {
-            BackendValue::V4(value) => insert(
-                &mut self.maps.backends,
-                map_names::BACKENDS4,
-                limits::MAX_BACKENDS,
-                &id,
-                &value,
-                operation,
-            )?,
+            BackendValue::V4(value) => self
+                .maps
+                .backends
+                .set(id, &value, 0)
+                .map_err(|source| map_error(map_names::BACKENDS4, &operation(), source))?,
             BackendValue::V6(value) => insert(
                 &mut self.maps.backends6,
                 map_names::BACKENDS6,
@@ -83,12 +80,7 @@ impl Datapath {
         // A backend the agent does not know (maps of an earlier run) may be in either map.
         let family = self.installed_backends.get(&id).map(Backend::family);
         if family != Some(Family::V6) {
-            remove(
-                &mut self.maps.backends,
-                map_names::BACKENDS4,
-                &id,
-                operation,
-            )?;
+            self.vacate_backend4(id, operation)?;
         }
         if family != Some(Family::V4) {
             remove(
@@ -100,6 +92,23 @@ impl Datapath {
         }
         self.installed_backends.remove(&id);
         Ok(())
+    }
+
+    /// Vacates an IPv4 backend's cell ([`lb_common::BackendValue::vacated`]): its address and
+    /// port stay, so that a program reading the cell meanwhile sees the backend or nothing.
+    fn vacate_backend4(&mut self, id: u32, operation: impl Fn() -> String) -> Result<()> {
+        let cell = self
+            .maps
+            .backends
+            .get(&id, 0)
+            .map_err(|source| map_error(map_names::BACKENDS4, &operation(), source))?;
+        if !cell.in_use() {
+            return Ok(());
+        }
+        self.maps
+            .backends
+            .set(id, &cell.vacated(), 0)
+            .map_err(|source| map_error(map_names::BACKENDS4, &operation(), source))
     }
 
     /// Writes one frontend's entry into its family's frontends map.

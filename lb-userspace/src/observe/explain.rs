@@ -436,7 +436,9 @@ fn service_backends(maps: &Maps, service: &ServiceValue) -> anyhow::Result<Vec<S
         if cell.service_id != service.service_id {
             continue;
         }
-        let address = if let Ok(backend) = maps.backends.get(&cell.backend_id, 0) {
+        let address = if let Ok(backend) = maps.backends.get(&cell.backend_id, 0)
+            && backend.in_use()
+        {
             SocketAddr::new(
                 Ipv4Addr::from(u32::from_be(backend.addr)).into(),
                 u16::from_be(backend.port),

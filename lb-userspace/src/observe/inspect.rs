@@ -287,7 +287,7 @@ impl PinnedMaps {
     fn live_conntrack_entries(&self) -> anyhow::Result<u64> {
         let timeouts = self.conntrack_timeouts();
         let now = monotonic_ns();
-        Ok(crate::datapath::batch::read_hash_map(&self.0.conntrack)?
+        Ok(crate::datapath::batch::read_map(&self.0.conntrack)?
             .iter()
             .filter(|(key, value)| {
                 timeouts.is_live(key.proto, value.state, value.last_seen_ns, now)
@@ -300,7 +300,7 @@ impl PinnedMaps {
         let timeouts = self.conntrack_timeouts();
         let now = monotonic_ns();
         let mut entries = Vec::new();
-        for (key, value) in crate::datapath::batch::read_hash_map(&self.0.conntrack)? {
+        for (key, value) in crate::datapath::batch::read_map(&self.0.conntrack)? {
             let key = as_client_side(&key, &value);
             let live = timeouts.is_live(key.proto, value.state, value.last_seen_ns, now);
             if (live || filter.include_expired) && filter.matches(&key, &value) {
@@ -348,11 +348,11 @@ impl PinnedMaps {
                     .sum(),
                 capacity: u64::from(limits::MAX_SLOTS),
             },
-            fill(
-                map_names::BACKENDS4,
-                self.0.backends.keys(),
-                limits::MAX_BACKENDS,
-            ),
+            MapFill {
+                map: map_names::BACKENDS4,
+                entries: backends4_in_use(&self.0)?,
+                capacity: u64::from(limits::MAX_BACKENDS),
+            },
             fill(
                 map_names::FRONTENDS6,
                 self.0.frontends6.keys(),
@@ -406,6 +406,12 @@ impl PinnedMaps {
             },
         ])
     }
+}
+
+/// How many cells of the IPv4 backends array hold a backend.
+fn backends4_in_use(maps: &Maps) -> anyhow::Result<u64> {
+    let cells = crate::datapath::batch::read_map(&maps.backends)?;
+    Ok(cells.iter().filter(|(_, cell)| cell.in_use()).count() as u64)
 }
 
 fn fill<K>(
@@ -730,8 +736,12 @@ mod tests {
 
             // Writing does not, whatever the map type.
             let value = maps.0.backends.get(&7, 0).expect("backend 7");
-            refused("update a backend", maps.0.backends.insert(&8, &value, 0));
-            refused("delete a backend", maps.0.backends.remove(&7));
+            refused("add a backend", maps.0.backends.set(8, &value, 0));
+            refused(
+                "vacate a backend",
+                maps.0.backends.set(7, &value.vacated(), 0),
+            );
+            refused("delete an IPv6 backend", maps.0.backends6.remove(&7));
             let frontend = lb_common::Frontend4Key {
                 addr: u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
                 port: 80u16.to_be(),

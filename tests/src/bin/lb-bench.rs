@@ -107,6 +107,11 @@ struct Args {
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench/datapath.json")]
     out: PathBuf,
+    /// Instead of measuring, run only this path (its JSON key, e.g. xdp_established) at each size
+    /// --iterations times, checking every output as usual, for a profiler to sample
+    /// (`perf record -g -- lb-bench --profile xdp_established`). Writes no report.
+    #[arg(long, value_parser = Series::parse)]
+    profile: Option<Series>,
 }
 
 /// What is measured: the floor program, then the datapath's paths.
@@ -160,6 +165,16 @@ impl Series {
             Self::TcReply => "tc_reply",
             Self::TcOther => "tc_other",
         }
+    }
+
+    fn parse(key: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|series| series.key() == key)
+            .ok_or_else(|| {
+                let keys: Vec<_> = Self::ALL.iter().map(|series| series.key()).collect();
+                format!("no path {key:?}; one of {}", keys.join(", "))
+            })
     }
 
     fn label(self) -> &'static str {
@@ -310,7 +325,12 @@ fn main() -> anyhow::Result<()> {
         args.rounds > 0 && args.iterations >= args.rounds,
         "--iterations must be at least --rounds, which must be at least 1"
     );
-    let flows_per_path = args.warmup + args.iterations + args.rounds * BLOCK_WARMUP;
+    // Profiling runs one path: only a new-flow path makes flows.
+    let flows_per_path = match args.profile {
+        Some(Series::NewFlow | Series::NewFlowSpread) => args.iterations,
+        Some(_) => 0,
+        None => args.warmup + args.iterations + args.rounds * BLOCK_WARMUP,
+    };
     ensure!(
         2 * flows_per_path <= MAX_NEW_FLOWS,
         "{flows_per_path} new flows per new-flow path and size: more than {} (conntrack holds {} \
@@ -360,6 +380,20 @@ fn main() -> anyhow::Result<()> {
         .map(|loaded| SizeBench::new(loaded, floor))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
+    if let Some(series) = args.profile {
+        for bench in &mut benches {
+            let started = Instant::now();
+            bench.run(series, args.iterations, false)?;
+            println!(
+                "{} services: {} runs of {} in {:.1} s",
+                bench.loaded.services,
+                args.iterations,
+                series.key(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        return Ok(());
+    }
     println!(
         "measuring: repeat=1; per path and size {} warm-up runs, then {} measured runs in {} rounds \
          (each block after {BLOCK_WARMUP} unmeasured runs)",
