@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod compile;
 pub mod datapath;
+pub mod duration;
 pub mod kube_proxy_config;
 pub mod logging;
 pub mod node;
