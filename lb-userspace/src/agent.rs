@@ -123,6 +123,8 @@ impl AgentConfig {
         NodeContext {
             node_name: self.node_name.clone(),
             routed_local: BTreeSet::new(),
+            // From the probes, as they report.
+            health_failed: BTreeSet::new(),
             nodeport_cidrs: self.nodeport_cidrs.clone(),
             external_ip_cidrs: self.external_ip_cidrs.clone(),
             fallback_addresses: self.node_addresses.clone(),
