@@ -9,6 +9,7 @@ pub mod logging;
 pub mod node;
 pub mod observe;
 pub mod orphans;
+pub mod probe;
 pub mod reconcile;
 pub mod route;
 pub mod source;
