@@ -2162,6 +2162,13 @@ fn health_checked_local_endpoints_leave_the_tables_unless_none_would_be_left() {
             "HealthCheckFailOpen"
         )]
     );
+    assert!(
+        update.problems[0]
+            .message
+            .starts_with("default/web:http/TCP[external]: every endpoint of this table failed"),
+        "{:?}",
+        update.problems[0].message
+    );
 
     // They pass again: back as before, the Warning gone. The same verdict twice, or one about
     // a Service that does not exist, compiles nothing.

@@ -451,7 +451,6 @@ impl Compiler {
         any
     }
 
-    /// The desired state as of the last update.
     /// Tells the compiler which local endpoints the health probes hold as failed. Returns
     /// whether that changes any compiled Service's endpoints (they are compiled again on the
     /// next update); a verdict about an endpoint no Service probes changes nothing.
@@ -481,6 +480,7 @@ impl Compiler {
         self.compiled().flat_map(|compiled| compiled.probes.iter())
     }
 
+    /// The desired state as of the last update.
     pub fn desired(&self) -> &Desired {
         &self.desired
     }

@@ -395,6 +395,14 @@ pub(super) fn compile_service(
                 None => BTreeMap::new(),
             };
             for (scope, frontends, flags) in policy.split(frontends) {
+                let key = ServicePortKey {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    port_name: port_name.clone(),
+                    proto: protocol,
+                    scope,
+                    family,
+                };
                 let backends = if flags & service_flags::LOCAL_ONLY != 0 {
                     backends
                         .iter()
@@ -413,8 +421,9 @@ pub(super) fn compile_service(
                                 service,
                                 "HealthCheckFailOpen",
                                 format!(
-                                    "port {port_name:?}: every endpoint fails its health check \
-                                     on this node; none is taken out of rotation (fail open)"
+                                    "{key}: every endpoint of this table failed its health \
+                                     check on this node; none is taken out of rotation (fail \
+                                     open)"
                                 ),
                             )
                         });
@@ -442,14 +451,6 @@ pub(super) fn compile_service(
                         .collect()
                 } else {
                     BTreeSet::new()
-                };
-                let key = ServicePortKey {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    port_name: port_name.clone(),
-                    proto: protocol,
-                    scope,
-                    family,
                 };
                 desired.insert(
                     key,
