@@ -14,6 +14,7 @@ use std::{
 use anyhow::Context as _;
 use aya::programs::XdpMode;
 use k8s_openapi::{api::core::v1::ObjectReference, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use kube::runtime::events::EventType;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -29,6 +30,7 @@ use crate::{
         serve::{Health, HealthCheckPorts, HealthCheckTarget},
     },
     orphans::OrphanSlices,
+    probe::{Change as HealthChange, Prober},
     reconcile::Reconciler,
     route::{RouteChanges, RouteLocator},
     source::{Snapshot, file::FileSource, kube as kube_source},
@@ -123,6 +125,8 @@ impl AgentConfig {
         NodeContext {
             node_name: self.node_name.clone(),
             routed_local: BTreeSet::new(),
+            // From the probes, as they report.
+            health_failed: BTreeSet::new(),
             nodeport_cidrs: self.nodeport_cidrs.clone(),
             external_ip_cidrs: self.external_ip_cidrs.clone(),
             fallback_addresses: self.node_addresses.clone(),
@@ -258,35 +262,48 @@ async fn sync_until_stopped(
     let mut node_requirements = crate::node::RequirementWatch::default();
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
     let mut orphans = OrphanSlices::new(config.missing_service_grace);
+    let mut prober = Prober::new(observers.metrics.health_probes.clone());
     // Objects skipped for bad input since the start (each counted once, when it first appears).
     let mut skipped_total: u64 = 0;
     loop {
         // The channel's initial value is an empty placeholder: syncing it would remove every
         // installed service after a restart. Only what the source publishes is synced.
-        let routes_changed = tokio::select! {
+        let woken = tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() {
                     anyhow::bail!("the source stopped");
                 }
-                None
+                Woken::Sync
             }
-            changed = next_route_change(&mut route_changes) => Some(changed),
+            changed = next_route_change(&mut route_changes) => Woken::Routes(changed),
+            change = prober.next_change() => Woken::Health(change),
             // A slice without its Service for the grace period: reported by this sync.
-            () = sleep_until(orphans.next_due()) => None,
+            () = sleep_until(orphans.next_due()) => Woken::Sync,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         };
-        if let Some(changed) = routes_changed {
-            if let Err(error) = changed {
+        match woken {
+            Woken::Sync => {}
+            Woken::Routes(Err(error)) => {
                 warn!(%error, "route notifications stopped; endpoints without nodeName are placed again on syncs only");
                 route_changes = None;
                 continue;
             }
-            // Synced only when an endpoint moved: no object changed.
-            if !place_unplaced_endpoints(&locator, &mut compiler) {
-                continue;
+            Woken::Routes(Ok(())) => {
+                // Synced only when an endpoint moved: no object changed.
+                if !place_unplaced_endpoints(&locator, &mut compiler) {
+                    continue;
+                }
+                info!("endpoints without nodeName moved with the routes");
             }
-            info!("endpoints without nodeName moved with the routes");
+            Woken::Health(change) => {
+                report_health_change(&change, &snapshots.borrow(), events.as_ref());
+                count_health_failed(&observers.metrics, &prober);
+                // Synced only when a compiled Service's tables change.
+                if !compiler.set_health_failed(prober.failed().clone()) {
+                    continue;
+                }
+            }
         }
         observers.queued();
         let started = Instant::now();
@@ -300,6 +317,13 @@ async fn sync_until_stopped(
             // Routes change without the objects changing: endpoints without a nodeName are
             // placed again on every sync, and their Services compiled again when one moved.
             if place_unplaced_endpoints(&locator, &mut compiler) {
+                update.absorb(compiler.update(&snapshot));
+            }
+            // The probes follow the compiled endpoints; an endpoint no longer probed is
+            // forgotten, and its Service compiled again if it was failed.
+            if prober.set_targets(compiler.probe_targets())
+                && compiler.set_health_failed(prober.failed().clone())
+            {
                 update.absorb(compiler.update(&snapshot));
             }
             if !reconciler.is_initialized() {
@@ -324,8 +348,19 @@ async fn sync_until_stopped(
         skipped_total += new_invalid_count;
         if let Some(events) = &events {
             for problem in new_problems {
-                let object = reference(&snapshots.borrow(), &problem);
-                publish_event(events.clone(), object, problem);
+                let object = reference(
+                    &snapshots.borrow(),
+                    problem.kind,
+                    &problem.namespace,
+                    &problem.name,
+                );
+                spawn_event(
+                    events.clone(),
+                    object,
+                    EventType::Warning,
+                    problem.reason,
+                    problem.message,
+                );
             }
         }
         let desired = compiler.desired();
@@ -345,6 +380,7 @@ async fn sync_until_stopped(
         for error in &report.cleanup_failures {
             warn!(error = %error, "a cleanup step of the sync failed");
         }
+        count_health_failed(&observers.metrics, &prober);
         check_node_requirements(
             &config.interfaces,
             desired,
@@ -397,6 +433,83 @@ async fn sync_until_stopped(
     }
     info!("stopping; the datapath stays attached and keeps its state");
     Ok(())
+}
+
+/// What woke the loop.
+enum Woken {
+    /// The source published, or an orphan slice is due: sync.
+    Sync,
+    /// The node's routes changed (or their notifications stopped).
+    Routes(std::io::Result<()>),
+    /// A probed endpoint failed or passed again.
+    Health(HealthChange),
+}
+
+/// The reason of the Warning Event on a Service whose endpoint failed its health check.
+pub const HEALTH_CHECK_FAILED_REASON: &str = "EndpointHealthCheckFailed";
+/// The reason of the Normal Event on a Service whose endpoint passed its health check again.
+pub const HEALTH_CHECK_PASSED_REASON: &str = "EndpointHealthCheckPassed";
+
+/// Logs an endpoint that failed its health check or passed it again, and with the Kubernetes
+/// source records it as an Event on its Service (Warning when it failed, Normal when back).
+fn report_health_change(
+    change: &HealthChange,
+    snapshot: &Snapshot,
+    events: Option<&Arc<kube_source::EventRecorder>>,
+) {
+    let endpoint = &change.endpoint;
+    let at = std::net::SocketAddr::new(endpoint.addr, endpoint.port);
+    let (reason, message) = if change.failed {
+        warn!(
+            service = %format!("{}/{}", endpoint.namespace, endpoint.name),
+            endpoint = %at,
+            probes = change.probes,
+            last = %change.detail,
+            "endpoint failed its health check; out of rotation on this node"
+        );
+        (
+            HEALTH_CHECK_FAILED_REASON,
+            format!(
+                "endpoint {at} failed {} health checks in a row ({}); out of rotation on this \
+                 node unless every endpoint has failed",
+                change.probes, change.detail
+            ),
+        )
+    } else {
+        info!(
+            service = %format!("{}/{}", endpoint.namespace, endpoint.name),
+            endpoint = %at,
+            probes = change.probes,
+            "endpoint passed its health check; back in rotation on this node"
+        );
+        (
+            HEALTH_CHECK_PASSED_REASON,
+            format!(
+                "endpoint {at} passed {} health checks in a row; back in rotation on this node",
+                change.probes
+            ),
+        )
+    };
+    if let Some(events) = events {
+        let object = reference(snapshot, "Service", &endpoint.namespace, &endpoint.name);
+        let type_ = if change.failed {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        spawn_event(events.clone(), object, type_, reason, message);
+    }
+}
+
+/// `lb_health_check_failed_endpoints`: every probed Service's failed endpoints (0 for none).
+fn count_health_failed(metrics: &AgentMetrics, prober: &Prober) {
+    let gauge = &metrics.health_failed_endpoints;
+    gauge.clear();
+    for ((namespace, name), failed) in prober.failed_by_service() {
+        gauge
+            .get_or_create(&[("namespace", namespace), ("service", name)])
+            .set(failed as i64);
+    }
 }
 
 /// What watches the syncs: metrics, health, healthCheckNodePort servers.
@@ -622,12 +735,12 @@ fn report_new_problems(problems: &[Problem], reported: &mut BTreeSet<Problem>) -
 /// The full reference to a problem's object (with the uid and resourceVersion of the object the
 /// source holds, which `kubectl describe` needs to show the Event), or namespace and name alone
 /// if the object just left the source.
-fn reference(snapshot: &Snapshot, problem: &Problem) -> ObjectReference {
+fn reference(snapshot: &Snapshot, kind: &str, namespace: &str, name: &str) -> ObjectReference {
     let is_it = |metadata: &ObjectMeta| {
-        metadata.name.as_deref() == Some(problem.name.as_str())
-            && metadata.namespace.as_deref().unwrap_or("default") == problem.namespace
+        metadata.name.as_deref() == Some(name)
+            && metadata.namespace.as_deref().unwrap_or("default") == namespace
     };
-    let (api_version, metadata) = match problem.kind {
+    let (api_version, metadata) = match kind {
         "EndpointSlice" => (
             "discovery.k8s.io/v1",
             snapshot
@@ -642,7 +755,7 @@ fn reference(snapshot: &Snapshot, problem: &Problem) -> ObjectReference {
                 .node
                 .as_ref()
                 .map(|node| &node.metadata)
-                .filter(|metadata| metadata.name.as_deref() == Some(problem.name.as_str())),
+                .filter(|metadata| metadata.name.as_deref() == Some(name)),
         ),
         _ => (
             "v1",
@@ -654,11 +767,11 @@ fn reference(snapshot: &Snapshot, problem: &Problem) -> ObjectReference {
         ),
     };
     let gone = ObjectMeta {
-        name: Some(problem.name.clone()),
-        namespace: (problem.kind != "Node").then(|| problem.namespace.clone()),
+        name: Some(name.to_owned()),
+        namespace: (kind != "Node").then(|| namespace.to_owned()),
         ..ObjectMeta::default()
     };
-    kube_source::object_reference(api_version, problem.kind, metadata.unwrap_or(&gone))
+    kube_source::object_reference(api_version, kind, metadata.unwrap_or(&gone))
 }
 
 /// The reason of the Warning Event on the Node about a missing requirement.
@@ -703,7 +816,13 @@ fn check_node_requirements(
     for missing in changes.newly_missing {
         warn!(requirement = missing.requirement, interface = %missing.interface, "{missing}");
         if let Some((events, node)) = &events {
-            publish_node_event(Arc::clone(events), node.clone(), missing.to_string());
+            spawn_event(
+                Arc::clone(events),
+                node.clone(),
+                EventType::Warning,
+                NODE_REQUIREMENT_EVENT_REASON,
+                missing.to_string(),
+            );
         }
     }
     for (requirement, interface) in changes.back {
@@ -718,36 +837,23 @@ fn node_reference(node: Option<&k8s_openapi::api::core::v1::Node>) -> Option<Obj
     Some(kube_source::object_reference("v1", "Node", &node.metadata))
 }
 
-/// A Warning Event on this node about a missing requirement, in the background.
-fn publish_node_event(
+/// An Event on the object, in the background: the sync loop never waits for the API. The
+/// recorder retries; what it gives up on is logged with the API server's answer (and counted in
+/// `lb_event_publish_failures_total`).
+fn spawn_event(
     events: Arc<kube_source::EventRecorder>,
-    node: ObjectReference,
+    object: ObjectReference,
+    type_: EventType,
+    reason: &'static str,
     message: String,
 ) {
     tokio::spawn(async move {
-        if let Err(error) = events
-            .warn(&node, NODE_REQUIREMENT_EVENT_REASON, &message)
-            .await
-        {
+        if let Err(error) = events.publish(type_, &object, reason, &message).await {
             warn!(
                 error = format!("{error:#}"),
-                "could not publish an Event on the Node"
+                kind = object.kind.as_deref().unwrap_or_default(),
+                "could not publish an Event"
             );
-        }
-    });
-}
-
-/// A Warning Event on the object, in the background: the sync loop never waits for the API.
-/// The recorder retries; what it gives up on is logged with the API server's answer (and
-/// counted in `lb_event_publish_failures_total`).
-fn publish_event(
-    events: Arc<kube_source::EventRecorder>,
-    object: ObjectReference,
-    problem: Problem,
-) {
-    tokio::spawn(async move {
-        if let Err(error) = events.warn(&object, problem.reason, &problem.message).await {
-            warn!(%error, "could not publish an Event");
         }
     });
 }

@@ -3,11 +3,13 @@
 pub mod agent;
 pub mod compile;
 pub mod datapath;
+pub mod duration;
 pub mod kube_proxy_config;
 pub mod logging;
 pub mod node;
 pub mod observe;
 pub mod orphans;
+pub mod probe;
 pub mod reconcile;
 pub mod route;
 pub mod source;

@@ -2067,3 +2067,158 @@ fn a_change_of_the_nodes_zone_reselects_the_hinted_endpoints() {
         "moved to zone-b"
     );
 }
+
+/// web (NodePort, externalTrafficPolicy as given) health-checked over TCP, with a UDP port,
+/// two endpoints on node1 and one on node2.
+fn health_checked_yaml(external_policy: &str, annotation: &str) -> String {
+    NODE1.to_owned()
+        + &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  annotations: {{lb.io/health-check: \"{annotation}\"}}\nspec:\n  type: NodePort\n  externalTrafficPolicy: {external_policy}\n  clusterIP: 10.96.0.10\n  ports:\n  - {{name: http, port: 80, nodePort: 30080}}\n  - {{name: dns, port: 53, protocol: UDP}}\n"
+        )
+        + &slice(
+            "web-1",
+            "web",
+            &[
+                ("10.244.1.10", "node1", READY),
+                ("10.244.1.11", "node1", READY),
+                ("10.244.2.10", "node2", READY),
+            ],
+            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+        )
+}
+
+fn failed(
+    addresses: &[&str],
+) -> std::collections::BTreeSet<lb_userspace::compile::health_check::ProbedEndpoint> {
+    addresses
+        .iter()
+        .map(|addr| lb_userspace::compile::health_check::ProbedEndpoint {
+            namespace: "default".into(),
+            name: "web".into(),
+            addr: addr.parse().expect("ip"),
+            port: 8080,
+        })
+        .collect()
+}
+
+#[test]
+fn health_checked_local_endpoints_leave_the_tables_unless_none_would_be_left() {
+    use lb_userspace::compile::Compiler;
+    let snapshot = snapshot(&health_checked_yaml("Local", "http:/healthz"), "node1");
+    let mut compiler = Compiler::new(node());
+    compiler.update(&snapshot);
+    // Only the local endpoints of the TCP port are probed, with the defaults.
+    let targets: Vec<String> = compiler
+        .probe_targets()
+        .map(|target| format!("{} {:?}", target.endpoint, target.check))
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "default/web 10.244.1.10:8080 HealthCheck { probe: Http { path: \"/healthz\" }, interval: 1s, timeout: 500ms, failure_threshold: 2, success_threshold: 1 }",
+            "default/web 10.244.1.11:8080 HealthCheck { probe: Http { path: \"/healthz\" }, interval: 1s, timeout: 500ms, failure_threshold: 2, success_threshold: 1 }",
+        ]
+    );
+    let before = render(compiler.desired());
+
+    // One fails: it leaves every TCP table, the UDP port keeps it; no object changed.
+    assert!(compiler.set_health_failed(failed(&["10.244.1.10"])));
+    let update = compiler.update(&snapshot);
+    assert!(update.changes.services == 0 && update.changes.endpoint_slices == 0);
+    assert_eq!(
+        render(compiler.desired()),
+        [
+            "default/web:dns/UDP[internal] fe=[10.96.0.10:53 cluster] be=[10.244.1.10:5353 L, 10.244.1.11:5353 L, 10.244.2.10:5353] affinity=0",
+            "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport(node-clients), 203.0.113.1:30080 nodeport(node-clients)] be=[10.244.1.11:8080 L, 10.244.2.10:8080] affinity=0",
+            "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.11:8080 L] affinity=0 local-only node-clients-elsewhere",
+        ]
+    );
+    // The failed endpoint is still probed, so that it can come back.
+    assert_eq!(compiler.probe_targets().count(), 2);
+    let mut context = node();
+    context.health_failed = failed(&["10.244.1.10"]);
+    assert_eq!(compiler.desired(), &compile(&snapshot, &context).0);
+
+    // Both local ones fail: the cluster-wide table keeps node2's endpoint alone; the
+    // local-only table would be left with none, so it keeps both (fail open), with a Warning.
+    assert!(compiler.set_health_failed(failed(&["10.244.1.10", "10.244.1.11"])));
+    let update = compiler.update(&snapshot);
+    let tcp: Vec<String> = render(compiler.desired())
+        .into_iter()
+        .filter(|line| line.contains("http/TCP"))
+        .collect();
+    assert_eq!(
+        tcp,
+        [
+            "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport(node-clients), 203.0.113.1:30080 nodeport(node-clients)] be=[10.244.2.10:8080] affinity=0",
+            "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:8080 L, 10.244.1.11:8080 L] affinity=0 local-only node-clients-elsewhere",
+        ]
+    );
+    assert_eq!(
+        problem_summary(&update.problems),
+        [(
+            Severity::Warning,
+            "Service/default/web".to_owned(),
+            "HealthCheckFailOpen"
+        )]
+    );
+    assert!(
+        update.problems[0]
+            .message
+            .starts_with("default/web:http/TCP[external]: every endpoint of this table failed"),
+        "{:?}",
+        update.problems[0].message
+    );
+
+    // They pass again: back as before, the Warning gone. The same verdict twice, or one about
+    // a Service that does not exist, compiles nothing.
+    assert!(compiler.set_health_failed(failed(&[])));
+    let update = compiler.update(&snapshot);
+    assert_eq!(render(compiler.desired()), before);
+    assert!(update.problems.is_empty(), "{:?}", update.problems);
+    assert!(!compiler.set_health_failed(failed(&[])));
+    let mut elsewhere = failed(&[]);
+    elsewhere.insert(lb_userspace::compile::health_check::ProbedEndpoint {
+        namespace: "default".into(),
+        name: "nothing".into(),
+        addr: "10.244.1.10".parse().expect("ip"),
+        port: 8080,
+    });
+    assert!(!compiler.set_health_failed(elsewhere));
+    assert!(compiler.update(&snapshot).changed.is_empty());
+}
+
+#[test]
+fn a_bad_health_check_annotation_is_a_warning_and_checks_nothing() {
+    use lb_userspace::compile::Compiler;
+    let snapshot = snapshot(&health_checked_yaml("Cluster", "http:healthz"), "node1");
+    let mut compiler = Compiler::new(node());
+    let update = compiler.update(&snapshot);
+    assert_eq!(
+        problem_summary(&update.problems),
+        [(
+            Severity::Warning,
+            "Service/default/web".to_owned(),
+            "InvalidHealthCheck"
+        )]
+    );
+    assert!(
+        update.problems[0]
+            .message
+            .contains("lb.io/health-check: the path of \"http:healthz\" must start with /"),
+        "{:?}",
+        update.problems[0].message
+    );
+    assert_eq!(compiler.probe_targets().count(), 0);
+    // Served as without the annotation; a verdict about its endpoints changes nothing.
+    let plain = snapshot.clone();
+    compiler.set_health_failed(failed(&["10.244.1.10"]));
+    compiler.update(&plain);
+    let (without_checks, _) = compile(&snapshot, &node());
+    assert_eq!(compiler.desired(), &without_checks);
+    let web = render(compiler.desired());
+    assert!(
+        web.iter().any(|line| line.contains("10.244.1.10:8080")),
+        "{web:?}"
+    );
+}

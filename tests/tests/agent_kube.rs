@@ -1,7 +1,8 @@
 //! The real `lb run --source kube` agent against the fake API server (`lab::kube_agent`, with
 //! `lab::fake_apiserver`, a mock: no API server can run here), talking over loopback: Services
-//! and EndpointSlices reach the pinned maps, a change is applied, and an invalid Service is
-//! skipped with a Kubernetes Event while the others keep working.
+//! and EndpointSlices reach the pinned maps, a change is applied, an invalid Service is
+//! skipped with a Kubernetes Event while the others keep working, and an endpoint that fails its
+//! health check and passes again is evented on its Service.
 
 use std::{path::Path, time::Duration};
 
@@ -255,4 +256,70 @@ async fn a_refused_event_is_logged_with_the_api_servers_answer_and_counted() {
         "{}",
         agent.text()
     );
+}
+
+/// The first Event with `reason`, waiting for it up to [`WAIT`].
+async fn event_with_reason(server: &FakeApiServer, reason: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(event) = server
+            .events()
+            .into_iter()
+            .find(|event| event["reason"] == reason)
+        {
+            return event;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {reason} Event: {:?}",
+            server.events()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_its_health_check_and_passing_again_is_evented_on_its_service() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "kubehealth").expect("pins");
+    let scratch = ScratchDir::new(&lab, "kubehealth").expect("scratch");
+    let server = FakeApiServer::start().await.expect("fake API server");
+    // This agent runs in the machine's own namespace: its endpoint is a loopback port, which
+    // refuses connections until the test listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free loopback port")
+        .local_addr()
+        .expect("address")
+        .port();
+    let mut web = service("web", "10.96.0.10");
+    web["metadata"]["annotations"] = json!({
+        "lb.io/health-check": "tcp",
+        "lb.io/health-check-interval": "200ms",
+        "lb.io/health-check-timeout": "100ms",
+    });
+    server.apply(web);
+    let mut web_slice = slice("web-1", "web", "127.0.0.1");
+    web_slice["ports"][0]["port"] = json!(port);
+    server.apply(web_slice);
+
+    let agent = KubeAgent::start(&lab, &pins, &scratch, &server, &[]).expect("lb run");
+    let failed = event_with_reason(&server, "EndpointHealthCheckFailed").await;
+    assert_eq!(failed["type"], "Warning", "{failed}");
+    assert_eq!(failed["regarding"]["kind"], "Service", "{failed}");
+    assert_eq!(failed["regarding"]["name"], "web", "{failed}");
+    let note = failed["note"].as_str().unwrap_or_default();
+    assert!(
+        note.starts_with(&format!(
+            "endpoint 127.0.0.1:{port} failed 2 health checks in a row (connect: "
+        )),
+        "{note}"
+    );
+    // Its only endpoint: kept in rotation (fail open), with a Warning saying so.
+    event_with_reason(&server, "HealthCheckFailOpen").await;
+
+    let _listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("listening");
+    let passed = event_with_reason(&server, "EndpointHealthCheckPassed").await;
+    assert_eq!(passed["type"], "Normal", "{passed}");
+    assert_eq!(passed["regarding"]["name"], "web", "{passed}");
+    agent.wait_for("back in rotation", 1).await;
 }

@@ -12,6 +12,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::service_flags;
 
 use super::{
+    health_check::{ProbeTarget, ProbedEndpoint},
     model::{
         Desired, DesiredService, Family, Frontend, NodeContext, Problem, ServicePortKey, Severity,
         protocol_name,
@@ -289,6 +290,8 @@ struct CompiledService {
     health_check_node_port: Option<u16>,
     /// Its endpoint addresses without a nodeName.
     unplaced: BTreeSet<IpAddr>,
+    /// Its local endpoints this node health-checks (sorted, each once).
+    probes: Vec<ProbeTarget>,
     keys: Vec<ServicePortKey>,
     /// The frontends its ports claim (sorted, each once).
     claimed: Vec<FrontendId>,
@@ -446,6 +449,35 @@ impl Compiler {
         let any = !affected.is_empty();
         self.stale.extend(affected);
         any
+    }
+
+    /// Tells the compiler which local endpoints the health probes hold as failed. Returns
+    /// whether that changes any compiled Service's endpoints (they are compiled again on the
+    /// next update); a verdict about an endpoint no Service probes changes nothing.
+    pub fn set_health_failed(&mut self, failed: BTreeSet<ProbedEndpoint>) -> bool {
+        let moved: BTreeSet<(String, String)> = self
+            .node
+            .health_failed
+            .symmetric_difference(&failed)
+            .map(|endpoint| (endpoint.namespace.clone(), endpoint.name.clone()))
+            .collect();
+        self.node.health_failed = failed;
+        let affected: Vec<(String, String)> = moved
+            .into_iter()
+            .filter(|(namespace, name)| {
+                self.services
+                    .get(namespace)
+                    .is_some_and(|by_name| by_name.contains_key(name))
+            })
+            .collect();
+        let any = !affected.is_empty();
+        self.stale.extend(affected);
+        any
+    }
+
+    /// Every local endpoint of the compiled Services that asks to be health-checked, with how.
+    pub fn probe_targets(&self) -> impl Iterator<Item = &ProbeTarget> + '_ {
+        self.compiled().flat_map(|compiled| compiled.probes.iter())
     }
 
     /// The desired state as of the last update.
@@ -869,6 +901,7 @@ impl Compiler {
             fingerprint: fingerprint(service, slices),
             health_check_node_port: health_check_node_port(service, &self.node),
             unplaced: BTreeSet::new(),
+            probes: Vec::new(),
             keys: Vec::new(),
             claimed: Vec::new(),
             problems: Vec::new(),
@@ -886,8 +919,12 @@ impl Compiler {
             &self.node_addresses,
             &endpoints,
             &mut compiled.problems,
+            &mut compiled.probes,
         ) {
             Ok(ports) => {
+                // Two ports with one target port probe it once.
+                compiled.probes.sort_unstable();
+                compiled.probes.dedup();
                 let age = age(service);
                 let mut contested = Vec::new();
                 for (key, mut port) in ports {
@@ -926,8 +963,10 @@ impl Compiler {
                     self.settle(id, changed);
                 }
             }
-            Err(Skip::Ignored) => {}
+            Err(Skip::Ignored) => compiled.probes.clear(),
             Err(Skip::Invalid(problem)) => {
+                // Held as installed before: nothing new to probe.
+                compiled.probes.clear();
                 compiled.problems.push(problem);
                 compiled.held = true;
             }

@@ -26,6 +26,9 @@
 //! - sessionAffinity ClientIP with its timeout (default 10800 s);
 //! - endpoint weights from the `lb.io/endpoint-weights` annotation (by address, pod name or
 //!   pod-name prefix), beyond kube-proxy: each backend's share of new flows;
+//! - node-local health checks (`lb.io/health-check`, [`health_check`]), beyond kube-proxy: a
+//!   local endpoint this node's probes hold as failed leaves the selection tables, unless every
+//!   endpoint of a table would (fail open);
 //! - externalIPs only inside `--external-ip-cidrs` when it is given (the others skipped with a
 //!   problem);
 //! - one owner per frontend (address, port, protocol) when several Services claim it: see
@@ -41,6 +44,7 @@
 //! desired state in step with each new snapshot ([`Compiler`]) and settles which Service owns a
 //! frontend that several claim.
 
+pub mod health_check;
 mod incremental;
 pub mod model;
 mod service;

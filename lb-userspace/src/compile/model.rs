@@ -12,6 +12,8 @@ use std::{
 
 use lb_common::{Backend4, Backend6, Frontend4Key, Frontend6Key, proto};
 
+use super::health_check::ProbedEndpoint;
+
 /// The API server's default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 
@@ -25,6 +27,10 @@ pub struct NodeContext {
     /// local too. Hand-made EndpointSlices often leave nodeName out; an endpoint with one is
     /// placed by its nodeName alone.
     pub routed_local: BTreeSet<IpAddr>,
+    /// Local endpoints this node's health probes hold as failed (`crate::probe`): they leave
+    /// the selection tables of their Service, unless every endpoint of a table would
+    /// ([`super::health_check`]).
+    pub health_failed: BTreeSet<ProbedEndpoint>,
     /// `--nodeport-addresses`: which node addresses serve NodePorts (empty: all of them).
     pub nodeport_cidrs: Vec<IpCidr>,
     /// `--external-ip-cidrs`: the externalIPs that may be served (empty: all of them, as
@@ -47,6 +53,7 @@ impl NodeContext {
         Self {
             node_name: node_name.into(),
             routed_local: BTreeSet::new(),
+            health_failed: BTreeSet::new(),
             nodeport_cidrs: Vec::new(),
             external_ip_cidrs: Vec::new(),
             fallback_addresses: Vec::new(),

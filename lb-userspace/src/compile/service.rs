@@ -13,6 +13,7 @@ use k8s_openapi::api::{
 };
 use lb_common::{backend_flags, limits, proto, service_flags};
 
+use super::health_check::{self, HealthCheck, ProbeTarget, ProbedEndpoint, without_failed};
 use super::model::{
     Backend, Desired, DesiredService, Family, Frontend, IpCidr, NodeContext, Problem, Scope,
     ServicePortKey, Severity,
@@ -129,6 +130,7 @@ pub(super) fn compile_service(
     node_addresses: &[IpAddr],
     endpoints: &ServiceEndpoints,
     problems: &mut Vec<Problem>,
+    probes: &mut Vec<ProbeTarget>,
 ) -> Result<BTreeMap<ServicePortKey, DesiredService>, Skip> {
     let (namespace, name) = object_key(&service.metadata);
     let invalid = |reason, message| Skip::Invalid(invalid_service(service, reason, message));
@@ -248,6 +250,18 @@ pub(super) fn compile_service(
     check_health_check_node_port(spec, node)
         .map_err(|message| invalid("InvalidHealthCheckNodePort", message))?;
     let weights = endpoint_weights(service, problems);
+    let health_check = health_check(service, problems);
+    // The endpoints (address, target port) of this Service the probes hold as failed; none
+    // without a health check, whatever a probe said before the annotation went.
+    let health_failed: BTreeSet<(IpAddr, u16)> = match &health_check {
+        Some(_) => node
+            .health_failed
+            .iter()
+            .filter(|endpoint| endpoint.namespace == namespace && endpoint.name == name)
+            .map(|endpoint| (endpoint.addr, endpoint.port))
+            .collect(),
+        None => BTreeSet::new(),
+    };
 
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut seen = BTreeSet::new();
@@ -355,6 +369,25 @@ pub(super) fn compile_service(
                     ),
                 ));
             }
+            // Probes connect over TCP: the local endpoints of TCP ports are probed; other
+            // protocols' tables are left as the slices give them.
+            let probed = health_check.as_ref().filter(|_| protocol == proto::TCP);
+            if let Some(check) = probed {
+                probes.extend(
+                    backends
+                        .iter()
+                        .filter(|backend| backend.flags & backend_flags::LOCAL != 0)
+                        .map(|backend| ProbeTarget {
+                            endpoint: ProbedEndpoint {
+                                namespace: namespace.clone(),
+                                name: name.clone(),
+                                addr: backend.addr,
+                                port: backend.port,
+                            },
+                            check: check.clone(),
+                        }),
+                );
+            }
             // Over all the port's endpoints of the family: a traffic policy's or a hint's subset
             // whose endpoints all weigh 0 gets none (drained), not equal shares.
             let family_weights = match &weights {
@@ -362,6 +395,14 @@ pub(super) fn compile_service(
                 None => BTreeMap::new(),
             };
             for (scope, frontends, flags) in policy.split(frontends) {
+                let key = ServicePortKey {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    port_name: port_name.clone(),
+                    proto: protocol,
+                    scope,
+                    family,
+                };
                 let backends = if flags & service_flags::LOCAL_ONLY != 0 {
                     backends
                         .iter()
@@ -370,6 +411,26 @@ pub(super) fn compile_service(
                         .collect()
                 } else {
                     cluster.clone()
+                };
+                let backends = if probed.is_some() {
+                    let (healthy, failed_open) = without_failed(backends, &health_failed);
+                    if failed_open {
+                        problems.push(Problem {
+                            severity: Severity::Warning,
+                            ..invalid_service(
+                                service,
+                                "HealthCheckFailOpen",
+                                format!(
+                                    "{key}: every endpoint of this table failed its health \
+                                     check on this node; none is taken out of rotation (fail \
+                                     open)"
+                                ),
+                            )
+                        });
+                    }
+                    healthy
+                } else {
+                    backends
                 };
                 let weights: BTreeMap<(IpAddr, u16), u32> = family_weights
                     .iter()
@@ -390,14 +451,6 @@ pub(super) fn compile_service(
                         .collect()
                 } else {
                     BTreeSet::new()
-                };
-                let key = ServicePortKey {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    port_name: port_name.clone(),
-                    proto: protocol,
-                    scope,
-                    family,
                 };
                 desired.insert(
                     key,
@@ -472,6 +525,23 @@ fn of_families(
         });
     }
     served
+}
+
+/// The Service's health check, if it asks for one; a Warning (and no health check) for
+/// annotations this cannot read.
+fn health_check(service: &Service, problems: &mut Vec<Problem>) -> Option<HealthCheck> {
+    let annotations = service.metadata.annotations.as_ref()?;
+    health_check::parse(annotations).unwrap_or_else(|message| {
+        problems.push(Problem {
+            severity: Severity::Warning,
+            ..invalid_service(
+                service,
+                "InvalidHealthCheck",
+                format!("{message}; its endpoints are not health-checked"),
+            )
+        });
+        None
+    })
 }
 
 /// The rules of a Service's [`ENDPOINT_WEIGHTS_ANNOTATION`], in its order.

@@ -2,7 +2,8 @@
 //!
 //! - kube-proxy's own names and meanings where they apply (`kubeproxy_*`), so dashboards and
 //!   alerts built for kube-proxy keep working;
-//! - the agent's (`lb_*`): objects skipped for bad input, services that failed to program;
+//! - the agent's (`lb_*`): objects skipped for bad input, services that failed to program,
+//!   health probes;
 //! - the datapath's, read from the pinned per-CPU maps at scrape time ([`DatapathCollector`]):
 //!   per-service packets, bytes and new flows, events (drops by reason), map fill.
 //!
@@ -56,6 +57,10 @@ pub struct AgentMetrics {
     pub cleanup_failures: Counter,
     /// By `requirement` and `interface`: 1 while the node lacks it.
     pub node_requirement_missing: Family<[(&'static str, String); 2], Gauge>,
+    /// Health probes of local endpoints, by `namespace`, `service` and `result`.
+    pub health_probes: crate::probe::ProbeCounts,
+    /// Local endpoints their health probes hold as failed, by `namespace` and `service`.
+    pub health_failed_endpoints: Family<[(&'static str, String); 2], Gauge>,
 }
 
 /// HTTP clients cut off by the servers' limits, by `reason`.
@@ -85,6 +90,8 @@ impl AgentMetrics {
             event_publish_failures: Counter::default(),
             cleanup_failures: Counter::default(),
             node_requirement_missing: Family::default(),
+            health_probes: crate::probe::ProbeCounts::default(),
+            health_failed_endpoints: Family::default(),
         }
     }
 
@@ -257,6 +264,18 @@ impl Metrics {
             "1 while a setting of the node the datapath relies on is missing on an interface \
              (requirement ip_forward: forwarding, with endpoints on other nodes; accept_local)",
             agent.node_requirement_missing.clone(),
+        );
+        lb.register(
+            "health_probes",
+            "Health probes of this node's endpoints of Services with the lb.io/health-check \
+             annotation, by namespace, service and result (passed, failed)",
+            agent.health_probes.clone(),
+        );
+        lb.register(
+            "health_check_failed_endpoints",
+            "This node's endpoints whose health probes failed them (out of rotation, unless \
+             every endpoint of a table failed: fail open), by namespace and service",
+            agent.health_failed_endpoints.clone(),
         );
         let read_failures = DatapathReadFailures::default();
         lb.register(

@@ -429,8 +429,9 @@ pub fn object_reference(api_version: &str, kind: &str, metadata: &ObjectMeta) ->
 }
 
 /// Records Kubernetes Events (events.k8s.io/v1, through kube's [`Recorder`]) about objects the
-/// agent has to skip. Repeats of the same reason for the same, unchanged object within kube's
-/// cache window (6 minutes) update one Event's `series.count` rather than creating new Events;
+/// agent has to skip, and what its health checks see. Repeats of the same reason for the
+/// same, unchanged object within kube's cache window (6 minutes) update one Event's
+/// `series.count` rather than creating new Events;
 /// the Recorder matches the whole object reference, resourceVersion included, so a problem that
 /// comes back after its object changed gets a new Event. A write the
 /// API server refuses is tried again ([`EventRetry`]); one that never succeeds is counted in
@@ -484,8 +485,21 @@ impl EventRecorder {
         reason: &str,
         message: &str,
     ) -> anyhow::Result<()> {
+        self.publish(EventType::Warning, object, reason, message)
+            .await
+    }
+
+    /// An Event of either type (a Normal one says, e.g., that what a Warning said is over),
+    /// as [`Self::warn`] records a Warning one.
+    pub async fn publish(
+        &self,
+        type_: EventType,
+        object: &ObjectReference,
+        reason: &str,
+        message: &str,
+    ) -> anyhow::Result<()> {
         let event = Event {
-            type_: EventType::Warning,
+            type_,
             reason: reason.to_owned(),
             note: Some(truncated_note(message)),
             action: EVENT_ACTION.to_owned(),
