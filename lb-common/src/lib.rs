@@ -7,6 +7,7 @@
 
 pub mod icmp;
 pub mod ipv6;
+pub mod monitor;
 pub mod sctp;
 
 /// Map names as the kernel sees them. Versioned (`_v1`) so an incompatible layout change gets a new
@@ -113,6 +114,13 @@ pub mod map_names {
     pub const SOCK_NAT6: &str = "lb6_sknat_v1";
     pub const SOCK_STATE6: &str = "lb6_sockst_v1";
     pub const SOURCE_RANGES6: &str = "lb6_srcrng_v1";
+    /// Ring buffer of [`crate::monitor::MonitorEvent`]s for `lb monitor` (256 KiB).
+    pub const MONITOR_EVENTS: &str = "lb_monitor_v1";
+    /// Array of one [`crate::monitor::MonitorControl`]: which events the programs report.
+    pub const MONITOR_CONTROL: &str = "lb_monctl_v1";
+    /// Per-CPU array of one u64: events lost because the ring buffer was full (never cleared;
+    /// `lb monitor` reports how many it lost while it ran).
+    pub const MONITOR_LOST: &str = "lb_monlost_v1";
 
     /// Every map name, for the length check below and for tools that list them.
     pub const ALL: &[&str] = &[
@@ -141,6 +149,9 @@ pub mod map_names {
         SOCK_NAT6,
         SOCK_STATE6,
         SOURCE_RANGES6,
+        MONITOR_EVENTS,
+        MONITOR_CONTROL,
+        MONITOR_LOST,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -164,6 +175,9 @@ pub mod map_names {
         SOCK_NAT6,
         SOCK_STATE6,
         SOURCE_RANGES6,
+        MONITOR_EVENTS,
+        MONITOR_CONTROL,
+        MONITOR_LOST,
     ];
 }
 
@@ -1536,7 +1550,9 @@ impl_pod!(
     Backend6,
     SourceRange6,
     SockNat6Key,
-    SockNat6Value
+    SockNat6Value,
+    monitor::MonitorControl,
+    monitor::MonitorEvent
 );
 
 #[cfg(test)]

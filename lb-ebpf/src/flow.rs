@@ -17,6 +17,7 @@ use crate::{
         AFFINITY4, CONFIG, CONNTRACK4, FRONTEND_FILTER, MAGLEV4, SLOTS4, count_event,
         count_service, dry_run,
     },
+    monitor,
 };
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -50,6 +51,7 @@ pub struct Tuple {
 pub struct Arrival {
     pub macs: [u8; 12],
     pub nic: u16,
+    pub ifindex: u32,
 }
 
 /// Where a packet of a service flow goes (host order of the wire bytes), for which service.
@@ -577,6 +579,7 @@ fn new_flow(
             new_flow_in_one_entry(tuple, &mut original, arrival, now, key_holder)?
     {
         count_service(service.service_id, 0, 0, 1);
+        report_new_flow(tuple, &destination, arrival);
         return Ok(destination);
     }
     let reply = reply_value(&original, tuple, arrival, now);
@@ -613,7 +616,20 @@ fn new_flow(
         return Err(Event::DROP_CT_FULL);
     }
     count_service(service.service_id, 0, 0, 1);
-    Ok(tracked(&original, tuple))
+    let destination = tracked(&original, tuple);
+    report_new_flow(tuple, &destination, arrival);
+    Ok(destination)
+}
+
+#[inline(always)]
+fn report_new_flow(tuple: &Tuple, destination: &Destination, arrival: &Arrival) {
+    monitor::new_flow(
+        tuple,
+        destination.service_id,
+        arrival.ifindex,
+        (destination.addr, destination.port),
+        destination.source,
+    );
 }
 
 /// A new flow kept in its client's FLOW entry (with a SNAT flow's REPLY entry, which claims its
@@ -988,6 +1004,9 @@ fn advance(entry: &mut Ct4Value, tuple: &Tuple, now: u64) -> Option<u8> {
     };
     if state == entry.state && !stale(entry, tuple.proto, now) {
         return None;
+    }
+    if state == tcp_state::CLOSING && entry.state != tcp_state::CLOSING {
+        monitor::flow_end(tuple, entry.service_id);
     }
     touch(entry, state, now);
     Some(state)

@@ -7,6 +7,7 @@ mod family;
 mod flow;
 mod helpers;
 mod maps;
+mod monitor;
 mod reject;
 mod sctp_crc;
 mod sock;

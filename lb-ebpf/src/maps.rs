@@ -5,13 +5,13 @@ use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
     btf_maps::{ArrayOfMaps, SkStorage},
     macros::{btf_map, map},
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, DatapathConfig, Event,
     Frag4Key, Frag4Value, Frontend4Key, Frontend6Key, JiffiesClock, NicMac, RejectBudget,
     ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value,
-    SockState4, SockState6, SourceRange4, SourceRange6, limits,
+    SockState4, SockState6, SourceRange4, SourceRange6, limits, monitor::MonitorControl,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -149,6 +149,19 @@ pub static BACKEND_FILTER: Array<u64> = Array::with_max_entries(limits::FRONTEND
 /// to the object.
 #[map(name = "lb_rand_v1")]
 pub static RANDOM_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `lb monitor`'s events (`lb_common::monitor::MonitorEvent`), 256 KiB: about 2,500 events
+/// the monitor has not read yet.
+#[map(name = "lb_monitor_v1")]
+pub static MONITOR_EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+
+/// Which events the programs report (cell 0), set by a running `lb monitor`.
+#[map(name = "lb_monctl_v1")]
+pub static MONITOR_CONTROL: Array<MonitorControl> = Array::pinned(1, 0);
+
+/// Events no room was left for on MONITOR_EVENTS (the monitor reads too slowly), per CPU.
+#[map(name = "lb_monlost_v1")]
+pub static MONITOR_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
 /// How the programs read the time (index 0; see `helpers::now_ns`). Private to the object: the
 /// agent calibrates it at every load; zero until then.

@@ -8,13 +8,14 @@
 //! no helper updates, is brought up to date here (`snat_sctp`).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    EbpfContext,
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
-    Event, Flow4Value, Frag4Key, Frag4Value, checksum, ct_flags, frontend_filter, proto, sctp,
-    tcp_seq,
+    Event, Flow4Value, Frag4Key, Frag4Value, checksum, ct_flags, frontend_filter,
+    monitor::kind as monitor_kind, proto, sctp, tcp_seq,
 };
 
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
@@ -29,6 +30,7 @@ use crate::{
         Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
     },
     maps::{BACKEND_FILTER, FRAGMENTS4, count_event, remember_fragment},
+    monitor,
     sctp_crc::checksum_after_ports,
 };
 
@@ -38,9 +40,26 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
         Ok(()) => TC_ACT_OK,
         Err(event) => {
             count_event(event);
+            report_drop(&ctx, event);
             TC_ACT_SHOT
         }
     }
+}
+
+/// A dropped packet for `lb monitor`, read again here, where only drops come.
+#[inline(always)]
+fn report_drop(ctx: &TcContext, reason: Event) {
+    if !monitor::wants(monitor_kind::DROP) {
+        return;
+    }
+    let tuple = match parse(ctx) {
+        Some(Packet::Segment { tuple, .. }) => Some(tuple),
+        _ => None,
+    };
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: the program's own skb, valid for the whole run.
+    let ifindex = unsafe { (*skb).ifindex };
+    monitor::tc_drop(tuple.as_ref(), reason, ifindex);
 }
 
 #[inline(always)]

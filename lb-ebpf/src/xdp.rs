@@ -29,7 +29,7 @@ use crate::{
         CONNTRACK4, FRAGMENTS4, NIC_MACS, TX_PORTS, XDP_PROGRAMS, count_event, count_service,
         dry_run, remember_fragment,
     },
-    reject,
+    monitor, reject,
     sctp_crc::checksum_after_ports,
 };
 
@@ -42,7 +42,7 @@ use crate::{
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    verdict(try_lb_xdp::<{ proto::TCP }>(&ctx))
+    verdict(&ctx, try_lb_xdp::<{ proto::TCP }>(&ctx))
 }
 
 /// The datapath for UDP, tail-called by `lb_xdp`. Every protocol has a program of its own, the
@@ -51,22 +51,23 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp_udp(ctx: XdpContext) -> u32 {
-    verdict(try_lb_xdp::<{ proto::UDP }>(&ctx))
+    verdict(&ctx, try_lb_xdp::<{ proto::UDP }>(&ctx))
 }
 
 /// The datapath for SCTP, tail-called by `lb_xdp` (see [`lb_xdp_udp`]).
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp_sctp(ctx: XdpContext) -> u32 {
-    verdict(try_lb_xdp::<{ proto::SCTP }>(&ctx))
+    verdict(&ctx, try_lb_xdp::<{ proto::SCTP }>(&ctx))
 }
 
 #[inline(always)]
-fn verdict(result: Result<u32, Event>) -> u32 {
+fn verdict(ctx: &XdpContext, result: Result<u32, Event>) -> u32 {
     match result {
         Ok(action) => action,
         Err(event) => {
             count_event(event);
+            monitor::xdp_drop(ctx, event);
             xdp_action::XDP_DROP
         }
     }
@@ -135,7 +136,16 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let arrival = arrival(ctx, eth);
     let destination = match destination(ctx, &ip, &tuple, service, &arrival) {
         Ok(destination) => destination,
-        Err(Event::DROP_NO_BACKEND) => return reject::reply(ctx, &tuple, ip.l4_offset),
+        Err(Event::DROP_NO_BACKEND) => {
+            let action = reject::reply(ctx, &tuple, ip.l4_offset)?;
+            let reason = if tuple.proto == proto::TCP {
+                Event::REJECT_TCP_RST
+            } else {
+                Event::REJECT_ICMP
+            };
+            monitor::xdp_reject(ctx, &tuple, reason, service.service_id);
+            return Ok(action);
+        }
         Err(Event::PASS_TTL_EXCEEDED) => {
             // The stack answers it (time exceeded), untranslated and without taking a port.
             count_event(Event::PASS_TTL_EXCEEDED);
@@ -205,9 +215,11 @@ fn established(
 fn arrival(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN]) -> Arrival {
     let mut macs = [0u8; 12];
     macs.copy_from_slice(&eth[0..12]);
+    let ifindex = ingress_ifindex(ctx);
     Arrival {
         macs,
-        nic: client_nic::of(ingress_ifindex(ctx)),
+        nic: client_nic::of(ifindex),
+        ifindex,
     }
 }
 

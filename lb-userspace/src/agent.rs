@@ -23,7 +23,7 @@ use crate::{
         Compiler, held_cluster_ips,
         model::{Desired, IpCidr, NodeContext, Problem, Scope, ServicePortKey, Severity},
     },
-    datapath::Datapath,
+    datapath::{Datapath, monitor_control::MonitorControlCell},
     logging::LogLevel,
     observe::{
         metrics::{AgentMetrics, Metrics},
@@ -265,6 +265,7 @@ async fn sync_until_stopped(
     let mut prober = Prober::new(observers.metrics.health_probes.clone());
     // Objects skipped for bad input since the start (each counted once, when it first appears).
     let mut skipped_total: u64 = 0;
+    let mut abandoned_monitors = tokio::time::interval(ABANDONED_MONITOR_CHECK);
     loop {
         // The channel's initial value is an empty placeholder: syncing it would remove every
         // installed service after a restart. Only what the source publishes is synced.
@@ -279,11 +280,16 @@ async fn sync_until_stopped(
             change = prober.next_change() => Woken::Health(change),
             // A slice without its Service for the grace period: reported by this sync.
             () = sleep_until(orphans.next_due()) => Woken::Sync,
+            _ = abandoned_monitors.tick() => Woken::MonitorCheck,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         };
         match woken {
             Woken::Sync => {}
+            Woken::MonitorCheck => {
+                release_abandoned_monitor(datapath.pin_dir());
+                continue;
+            }
             Woken::Routes(Err(error)) => {
                 warn!(%error, "route notifications stopped; endpoints without nodeName are placed again on syncs only");
                 route_changes = None;
@@ -443,6 +449,25 @@ enum Woken {
     Routes(std::io::Result<()>),
     /// A probed endpoint failed or passed again.
     Health(HealthChange),
+    /// Time to look for an `lb monitor` that died with the datapath's reports on.
+    MonitorCheck,
+}
+
+/// How often the agent looks for an abandoned `lb monitor`.
+const ABANDONED_MONITOR_CHECK: Duration = Duration::from_secs(5);
+
+/// Turns the datapath's event reports off when the `lb monitor` that turned them on stopped
+/// beating (killed, or stopped), so that the programs do not report to nobody.
+fn release_abandoned_monitor(pin_dir: &std::path::Path) {
+    let released = MonitorControlCell::open(pin_dir).and_then(|mut cell| cell.release_abandoned());
+    match released {
+        Ok(Some(pid)) => info!(
+            pid,
+            "turned the datapath's event reports off: the lb monitor that asked for them stopped"
+        ),
+        Ok(None) => {}
+        Err(error) => warn!(%error, "could not check for an abandoned lb monitor"),
+    }
 }
 
 /// The reason of the Warning Event on a Service whose endpoint failed its health check.

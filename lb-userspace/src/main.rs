@@ -84,6 +84,41 @@ enum Command {
     },
     /// Datapath events (drops by reason) and how full each map is.
     Stats(InspectArgs),
+    /// Print the datapath's events as they happen: drops and rejects with their reason, new
+    /// flows with the backend chosen, flow ends, SNAT exhaustion. The programs report nothing
+    /// while no monitor runs; one monitor runs at a time (they share one ring buffer). Ends on
+    /// Ctrl-C, SIGTERM or --count.
+    Monitor {
+        /// Kinds of event, comma-separated: drop, reject, new, end, snat.
+        #[arg(
+            long = "type",
+            value_delimiter = ',',
+            default_value = "drop,reject,new,end,snat"
+        )]
+        types: Vec<String>,
+        /// Only events of this Service: `namespace/name`, or a service as `lb services` names
+        /// it (`namespace/name:port-name/PROTO`, with its scope).
+        #[arg(long)]
+        service: Option<String>,
+        /// Only events whose client address lies in this prefix (`ip/len`).
+        #[arg(long)]
+        client: Option<IpCidr>,
+        /// Report one event in N, chosen at random by the programs (for busy nodes).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        sample: u32,
+        /// Print at most N events a second; how many more there were is printed to stderr.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Exit after printing N events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// bpffs directory of the running agent's pinned state (its --pin-dir).
+        #[arg(long, env = "LB_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Output format: a line per event, or a JSON object per line.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Prepare the node for an agent without the privileges to do it itself, and exit: for the
     /// DaemonSet's privileged init container. Mounts bpffs at /sys/fs/bpf (mode 0700) unless
     /// one is there, creates the pin directory (0700), and sets
@@ -315,7 +350,9 @@ fn main() -> std::process::ExitCode {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
         .unwrap_or_else(|error| error.exit());
-    if !matches!(cli.command, Command::Run(_)) {
+    // Not for `lb monitor` either: it must clear the datapath's event reports when its output
+    // closes, and does so on EPIPE.
+    if !matches!(cli.command, Command::Run(_) | Command::Monitor { .. }) {
         die_quietly_on_closed_stdout();
     }
     let given = Given(matches.subcommand_matches("run").cloned());
@@ -378,6 +415,25 @@ fn dispatch(command: Command, given: &Given) -> anyhow::Result<()> {
             cli::conntrack(&args.pin_dir, &filter, args.output == Output::Json)
         }
         Command::Stats(args) => cli::stats(&args.pin_dir, args.output == Output::Json),
+        Command::Monitor {
+            types,
+            service,
+            client,
+            sample,
+            rate,
+            count,
+            pin_dir,
+            output,
+        } => lb_userspace::observe::monitor::run(&lb_userspace::observe::monitor::MonitorOptions {
+            pin_dir,
+            kinds: lb_userspace::observe::monitor::parse_kinds(&types)?,
+            service,
+            client,
+            sample_one_in: sample,
+            rate,
+            count,
+            json: output == Output::Json,
+        }),
         Command::InitNode {
             interfaces,
             pin_dir,

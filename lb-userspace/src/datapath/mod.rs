@@ -44,6 +44,7 @@ pub(crate) mod load;
 pub mod maglev;
 pub mod maps;
 mod migrate;
+pub mod monitor_control;
 pub mod nic;
 pub mod object;
 pub mod pins;

@@ -18,22 +18,30 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::BorrowedFd,
+    os::fd::{AsRawFd as _, BorrowedFd},
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, bail, ensure};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use clap::Parser;
 use lab::{
     lab::{Lab, PinDir},
     packet::{self, ETH_HDR_LEN, TcpFlags},
 };
-use lb_common::{limits, program_names, proto, service_flags};
+use lb_common::{limits, map_names, program_names, proto, service_flags};
 use lb_userspace::{
     compile::model::{Backend, Frontend, Service},
     datapath::{
         Datapath,
+        bpf_obj::Access,
+        maps::open_map,
+        monitor_control::MonitorControlCell,
         testrun::{TestRunOutput, test_run},
     },
 };
@@ -112,6 +120,10 @@ struct Args {
     /// (`perf record -g -- lb-bench --profile xdp_established`). Writes no report.
     #[arg(long, value_parser = Series::parse)]
     profile: Option<Series>,
+    /// With an `lb monitor` attached: every kind of event reported, and a thread reading the
+    /// ring buffer as the monitor does (what watching costs the paths that report).
+    #[arg(long)]
+    monitor: bool,
 }
 
 /// What is measured: the floor program, then the datapath's paths.
@@ -356,6 +368,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     let mut loaded = Vec::new();
+    let mut monitors = Vec::new();
     for (index, &services) in args.services.iter().enumerate() {
         // The index keeps the names apart when a size is given twice.
         let pins = PinDir::new(&lab, &format!("bench{index}-{services}"))?;
@@ -363,6 +376,9 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let service_ids = install(&mut datapath, services)?;
         let setup_s = started.elapsed().as_secs_f64();
+        if args.monitor {
+            monitors.push(MonitorDrain::attach(pins.path())?);
+        }
         println!(
             "{services} services: {service_ids} service ids, {} backends, set up in {setup_s:.1} s",
             BACKENDS.len()
@@ -419,6 +435,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());
+    for monitor in monitors {
+        let (read, lost) = monitor.detach()?;
+        println!("monitor: {read} events read, {lost} lost");
+    }
     let sizes = benches
         .iter()
         .map(SizeBench::finish)
@@ -919,5 +939,66 @@ fn machine() -> Machine {
         cpu_model,
         loadavg_before: loadavg(),
         loadavg_after: String::new(),
+    }
+}
+
+/// What `lb monitor` does to a datapath while it runs: every kind of event on, and the ring
+/// buffer read as fast as events come.
+struct MonitorDrain {
+    cell: MonitorControlCell,
+    stop: Arc<AtomicBool>,
+    reader: std::thread::JoinHandle<anyhow::Result<u64>>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl MonitorDrain {
+    fn attach(pin_dir: &std::path::Path) -> anyhow::Result<Self> {
+        let mut cell = MonitorControlCell::open(pin_dir)?;
+        let all = lb_common::monitor::kind::ALL
+            .iter()
+            .fold(0, |kinds, (bit, _)| kinds | bit);
+        cell.claim(all, 1, std::process::id())?;
+        let mut ring: RingBuf<MapData> =
+            open_map(pin_dir, map_names::MONITOR_EVENTS, Access::ReadWrite)?;
+        let lost = open_map(pin_dir, map_names::MONITOR_LOST, Access::ReadOnly)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let reader = std::thread::spawn(move || {
+            let mut read = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                while ring.next().is_some() {
+                    read += 1;
+                }
+                let mut poll = libc::pollfd {
+                    fd: ring.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd, alive for the call.
+                unsafe { libc::poll(&mut poll, 1, 100) };
+            }
+            while ring.next().is_some() {
+                read += 1;
+            }
+            Ok(read)
+        });
+        Ok(Self {
+            cell,
+            stop,
+            reader,
+            lost,
+        })
+    }
+
+    /// Turns the reports off; returns the events read and lost.
+    fn detach(mut self) -> anyhow::Result<(u64, u64)> {
+        self.cell.release(std::process::id())?;
+        self.stop.store(true, Ordering::Relaxed);
+        let read = self
+            .reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ring buffer reader panicked"))??;
+        let lost = self.lost.get(&0, 0)?.iter().sum();
+        Ok((read, lost))
     }
 }
