@@ -2,6 +2,7 @@
 //! shared by the XDP, tc and socket programs.
 
 use aya_ebpf::programs::XdpContext;
+use aya_log_ebpf::{debug, warn};
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, BackendValue, Ct4Key, Ct4Value,
     CtTimeouts, DEFAULT_SNAT_PORTS, DatapathConfig, Event, Flow4Value, FrontendKey, ServiceValue,
@@ -525,20 +526,25 @@ fn new_flow(
     now: u64,
     key_holder: Holder,
 ) -> Result<Destination, Event> {
-    let (backend_id, backend) =
-        if service.flags & service_flags::MAGLEV != 0 && service.affinity_timeout_s == 0 {
-            // No table (yet: the agent swaps tables in at the end of a sync), or one naming a
-            // backend that left the maps: a backend of the current table at random instead.
-            match select_maglev(service, tuple) {
-                Ok(choice) => choice,
-                Err(_) => {
-                    count_event(Event::MAGLEV_FALLBACK);
-                    select::<V4>(service)?
-                }
+    let (backend_id, backend) = if service.flags & service_flags::MAGLEV != 0
+        && service.affinity_timeout_s == 0
+    {
+        // No table (yet: the agent swaps tables in at the end of a sync), or one naming a
+        // backend that left the maps: a backend of the current table at random instead.
+        match select_maglev(service, tuple) {
+            Ok(choice) => choice,
+            Err(_) => {
+                count_event(Event::MAGLEV_FALLBACK);
+                debug!(
+                    &(),
+                    "service {}: no current Maglev table, a backend at random", service.service_id
+                );
+                select::<V4>(service)?
             }
-        } else {
-            select_for_client::<V4>(service, u64::from(tuple.saddr), 0, now)?
-        };
+        }
+    } else {
+        select_for_client::<V4>(service, u64::from(tuple.saddr), 0, now)?
+    };
     let remote = needs_snat(service, &backend);
     if remote && !may_forward {
         return Err(Event::PASS_TTL_EXCEEDED);
@@ -613,6 +619,10 @@ fn new_flow(
         .is_err()
     {
         let _ = CONNTRACK4.remove(&reply_key);
+        warn!(
+            &(),
+            "service {}: a new flow's conntrack entry could not be written", service.service_id
+        );
         return Err(Event::DROP_CT_FULL);
     }
     count_service(service.service_id, 0, 0, 1);

@@ -13,6 +13,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use lb_common::{
     Event, Flow4Value, Frag4Key, Frag4Value, checksum, ct_flags, frontend_filter,
     monitor::kind as monitor_kind, proto, sctp, tcp_seq,
@@ -41,6 +42,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
         Err(event) => {
             count_event(event);
             report_drop(&ctx, event);
+            debug!(&ctx, "tc: dropped, event {}", event.0);
             TC_ACT_SHOT
         }
     }

@@ -6,6 +6,7 @@
 //! ICMP port unreachable). Everything else passes untouched.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_log_ebpf::debug;
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_common::{
     Ct4Value, Event, Frag4Key, Frag4Value, checksum, client_nic, ct_flags, frag_action, limits,
@@ -68,6 +69,7 @@ fn verdict(ctx: &XdpContext, result: Result<u32, Event>) -> u32 {
         Err(event) => {
             count_event(event);
             monitor::xdp_drop(ctx, event);
+            debug!(ctx, "xdp: dropped, event {}", event.0);
             xdp_action::XDP_DROP
         }
     }

@@ -23,7 +23,11 @@ use crate::{
         Compiler, held_cluster_ips,
         model::{Desired, IpCidr, NodeContext, Problem, Scope, ServicePortKey, Severity},
     },
-    datapath::{Datapath, monitor_control::MonitorControlCell},
+    datapath::{
+        Datapath,
+        ebpf_log::{EbpfLogLevel, Forwarder},
+        monitor_control::MonitorControlCell,
+    },
     logging::LogLevel,
     observe::{
         metrics::{AgentMetrics, Metrics},
@@ -73,6 +77,8 @@ pub struct AgentConfig {
     pub healthz_timeout: Duration,
     /// The live log filter, for `/debug/log-level`.
     pub log_level: Option<LogLevel>,
+    /// The programs' own logging (`--ebpf-log-level`).
+    pub ebpf_log_level: EbpfLogLevel,
     /// Mount bpffs at /sys/fs/bpf when none is there. Off in a container: a mount made there
     /// stays in the container and takes the pins with it when it ends.
     pub mount_bpffs: bool,
@@ -152,7 +158,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     for iface in &config.interfaces {
         crate::node::require_accept_local(iface)?;
     }
-    let mut datapath = Datapath::load(&config.pin_dir).context("loading the datapath")?;
+    let mut datapath = Datapath::load_with_log_level(&config.pin_dir, config.ebpf_log_level)
+        .context("loading the datapath")?;
+    if config.ebpf_log_level != EbpfLogLevel::Off {
+        let forwarder = datapath.ebpf_log_forwarder()?;
+        tokio::spawn(forward_ebpf_log(forwarder));
+    }
     for iface in &config.interfaces {
         // tc first: a new tc program translates the answers of what either the old or the new
         // XDP program tracks, while an old tc program knows nothing of the new kinds of entry.
@@ -451,6 +462,31 @@ enum Woken {
     Health(HealthChange),
     /// Time to look for an `lb monitor` that died with the datapath's reports on.
     MonitorCheck,
+}
+
+/// Forwards the programs' log records to the agent's log as they come.
+async fn forward_ebpf_log(forwarder: Forwarder) {
+    // SAFETY: the forwarder owns its ring buffer's descriptor, open and the same for as long
+    // as the AsyncFd owns the forwarder.
+    let mut records = match unsafe { tokio::io::unix::AsyncFd::register(forwarder) } {
+        Ok(records) => records,
+        Err(error) => {
+            warn!(error = %error.into_parts().1, "the programs' log is not forwarded");
+            return;
+        }
+    };
+    loop {
+        match records.readable_mut().await {
+            Ok(mut ready) => {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+            Err(error) => {
+                warn!(%error, "the programs' log is no longer forwarded");
+                return;
+            }
+        }
+    }
 }
 
 /// How often the agent looks for an abandoned `lb monitor`.

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig, XdpAttach},
     compile::model::IpCidr,
+    datapath::ebpf_log::EbpfLogLevel,
     datapath::{DEFAULT_PIN_DIR, counter::XdpCounter},
     duration::parse_duration,
     observe::{cli, explain::Hook, inspect::ConntrackFilter},
@@ -278,6 +279,12 @@ struct RunArgs {
     /// address.
     #[arg(long, env = "LB_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// The eBPF programs' own debug logging, forwarded to this log (target `lb::ebpf`, so the
+    /// log filter must let it through too, e.g. `info,lb::ebpf=debug`). At `off` the logging
+    /// code is removed when the programs load and costs nothing; `debug` logs every drop, for
+    /// debugging only.
+    #[arg(long, env = "LB_EBPF_LOG_LEVEL", value_enum, default_value_t = EbpfLogLevel::Off)]
+    ebpf_log_level: EbpfLogLevel,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -603,6 +610,7 @@ fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
         healthz_bind_address: args.healthz_bind_address,
         healthz_timeout: Duration::from_secs(args.healthz_timeout),
         log_level: Some(log_level),
+        ebpf_log_level: args.ebpf_log_level,
         mount_bpffs: args.mount_bpffs,
         snat_ports: args.snat_port_range,
         missing_service_grace: args.missing_service_grace,

@@ -7,7 +7,7 @@ use lab::lab::{Lab, PinDir};
 use lb_common::{limits, map_names, proto, service_flags};
 use lb_userspace::{
     compile::model::{Backend, Frontend, Service},
-    datapath::{Datapath, DatapathError},
+    datapath::{Datapath, DatapathError, ebpf_log::EbpfLogLevel},
 };
 
 fn frontend(index: u32) -> Frontend {
@@ -489,23 +489,27 @@ fn answers_of_a_flow_whose_backend_left_the_maps_are_translated_also_after_a_rel
 fn every_program_leaves_a_quarter_of_the_verifiers_limit_free() {
     const VERIFIER_LIMIT: u32 = 1_000_000;
     let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "insns").expect("pins");
-    let _datapath = Datapath::load(pins.path()).expect("load");
-    let mut counts = Vec::new();
-    for name in lb_userspace::datapath::pins::PROGRAMS {
-        let info = aya::programs::ProgramInfo::from_pin(pins.path().join(name))
-            .unwrap_or_else(|error| panic!("{name}: {error}"));
-        let count = info
-            .verified_instruction_count()
-            .unwrap_or_else(|| panic!("{name}: the kernel reports no verified instruction count"));
-        counts.push((name, count));
-    }
-    println!("instructions the verifier walked: {counts:?}");
-    for (name, count) in counts {
-        assert!(
-            count <= VERIFIER_LIMIT / 4 * 3,
-            "{name}: the verifier walked {count} instructions, more than three quarters of its \
-             limit of {VERIFIER_LIMIT}"
-        );
+    // With the programs' logging off (the default) and at its most verbose, which the verifier
+    // walks in full.
+    for level in [EbpfLogLevel::Off, EbpfLogLevel::Trace] {
+        let pins = PinDir::new(&lab, &format!("insns{}", level as u8)).expect("pins");
+        let _datapath = Datapath::load_with_log_level(pins.path(), level).expect("load");
+        let mut counts = Vec::new();
+        for name in lb_userspace::datapath::pins::PROGRAMS {
+            let info = aya::programs::ProgramInfo::from_pin(pins.path().join(name))
+                .unwrap_or_else(|error| panic!("{name}: {error}"));
+            let count = info.verified_instruction_count().unwrap_or_else(|| {
+                panic!("{name}: the kernel reports no verified instruction count")
+            });
+            counts.push((name, count));
+        }
+        println!("instructions the verifier walked, eBPF log level {level:?}: {counts:?}");
+        for (name, count) in counts {
+            assert!(
+                count <= VERIFIER_LIMIT / 4 * 3,
+                "{name} at log level {level:?}: the verifier walked {count} instructions, more \
+                 than three quarters of its limit of {VERIFIER_LIMIT}"
+            );
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! `lb monitor` with the real agent and real TCP traffic in the lab: a packet dropped by
 //! loadBalancerSourceRanges, a connection rejected for want of endpoints, a new flow and its end
 //! each appear with their fields; one monitor runs at a time; the monitor turns the programs'
-//! reports off when it exits, and the agent turns off those of a monitor that died.
+//! reports off when it exits, and the agent turns off those of a monitor that died. The
+//! programs' own logging (`--ebpf-log-level`) reaches the agent's log.
 
 use std::{
     path::Path,
@@ -33,6 +34,11 @@ fn services() -> String {
 
 /// The lab with both services, a second client outside the source range, and the agent.
 fn lab_with_services() -> (AgentLab, lab::lab::Host) {
+    lab_with_services_and_agent(&[])
+}
+
+/// As [`lab_with_services`], the agent started with `agent_flags`.
+fn lab_with_services_and_agent(agent_flags: &[&str]) -> (AgentLab, lab::lab::Host) {
     let mut lab = AgentLab::new().expect("lab");
     let refused_client = lab
         .add_client("client2", REFUSED_CLIENT.parse().expect("ip"))
@@ -42,7 +48,7 @@ fn lab_with_services() -> (AgentLab, lab::lab::Host) {
             .route(&["198.51.100.0/24", "via", &node_addr(1).to_string()])
             .expect("route");
     }
-    lab.start_agent(&[]).expect("agent");
+    lab.start_agent(agent_flags).expect("agent");
     lab.apply("services.yaml", &services()).expect("apply");
     (lab, refused_client)
 }
@@ -291,4 +297,26 @@ fn the_agent_turns_off_the_reports_of_a_monitor_that_died() {
     let log = lab.scratch_file("monitor2.log");
     let monitor = start_monitor(&lab, &log, &[]);
     assert_eq!(control(&lab).owner_pid, monitor.pid());
+}
+
+#[test]
+fn the_programs_log_reaches_the_agents_log_at_the_level_asked() {
+    let (lab, refused_client) = lab_with_services_and_agent(&[
+        "--ebpf-log-level",
+        "debug",
+        "--log-level",
+        "info,lb::ebpf=debug",
+    ]);
+    let refused = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp("198.51.100.20:80", 1)
+    }
+    .run(&refused_client, None)
+    .expect("client2");
+    assert_eq!(refused.errors, 1, "{refused:?}");
+    let line = format!(
+        "xdp: dropped, event {}",
+        lb_common::Event::DROP_SOURCE_RANGE.0
+    );
+    wait_for_log(&lab.log(), &line, 1, Duration::from_secs(10)).expect("the drop, logged");
 }

@@ -31,6 +31,7 @@ use super::{
     Datapath, InstalledService, ServiceName,
     address_filter::{AddressFilter, FilterKey},
     bpf_obj::Access,
+    ebpf_log::EbpfLogLevel,
     error::{DatapathError, Result, map_error},
     maps::{Maps, open_maglev_tables, open_map, open_map_data},
     nic::{interface_name, nic_address},
@@ -57,10 +58,18 @@ impl Datapath {
     /// and pinning them there. bpffs is mounted at its usual place when missing; the pin
     /// directory is created 0700 and refused when it is not on bpffs or not this user's.
     pub fn load(pin_dir: &Path) -> Result<Self> {
+        Self::load_with_log_level(pin_dir, EbpfLogLevel::Off)
+    }
+
+    /// As [`Self::load`], with the programs' debug logging at `log_level` (see
+    /// [`super::ebpf_log`]; read it through [`Self::ebpf_log_forwarder`]).
+    pub fn load_with_log_level(pin_dir: &Path, log_level: EbpfLogLevel) -> Result<Self> {
         super::bpffs::ensure_mounted(Path::new(super::bpffs::DEFAULT_MOUNT))?;
         super::bpffs::create_pin_dir(pin_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        super::ebpf_log::set_level(&mut loader, log_level);
+        let mut ebpf = loader
             .load(DATAPATH_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.to_owned(),
@@ -160,6 +169,13 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The reader of the programs' log records, which forwards them to the agent's log: once,
+    /// for a datapath loaded with a log level.
+    pub fn ebpf_log_forwarder(&mut self) -> Result<super::ebpf_log::Forwarder> {
+        super::ebpf_log::forwarder(&mut self.ebpf)
+            .map_err(|error| DatapathError::Invalid(format!("the programs' log: {error}")))
     }
 
     /// Pins this load's program array (the protocol programs its `lb_xdp` tail-calls) in the

@@ -39,6 +39,7 @@ pub mod bpf_obj;
 pub mod bpffs;
 mod clock;
 pub mod counter;
+pub mod ebpf_log;
 mod error;
 pub(crate) mod load;
 pub mod maglev;

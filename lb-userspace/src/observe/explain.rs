@@ -28,7 +28,10 @@ use serde::Serialize;
 
 use crate::{
     compile::model::{ipv6_of_words, ipv6_words},
-    datapath::{bpf_obj::Access, maps::Maps, object::DATAPATH_OBJECT, testrun::test_run},
+    datapath::{
+        bpf_obj::Access, ebpf_log::EbpfLogLevel, maps::Maps, object::DATAPATH_OBJECT,
+        testrun::test_run,
+    },
 };
 
 const IPPROTO_ICMP: u8 = 1;
@@ -657,9 +660,12 @@ fn run_dry(
     pin_dir: &Path,
     packet: &[u8],
 ) -> anyhow::Result<crate::datapath::testrun::TestRunOutput> {
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .default_map_pin_directory(pin_dir)
-        .override_global("DRY_RUN", &1u8, true)
+        .override_global("DRY_RUN", &1u8, true);
+    crate::datapath::ebpf_log::set_level(&mut loader, EbpfLogLevel::Off);
+    let mut ebpf = loader
         .load(DATAPATH_OBJECT)
         .context("loading a dry-run copy of the datapath on the pinned maps")?;
     // The UDP and SCTP programs it tail-calls, dry-run too, in this copy's own program array.
