@@ -44,6 +44,9 @@ pub mod program {
     pub const XDP: u8 = 1;
     /// `lb_tc_egress`, on a node NIC's egress.
     pub const TC: u8 = 2;
+    /// The socket hooks (connect, sendmsg) of a pod or host process: the client is a socket of
+    /// this node, its address not known yet (reported as 0).
+    pub const SOCKET: u8 = 3;
 }
 
 /// The one cell of [`crate::map_names::MONITOR_CONTROL`]. A monitor writes it whole when it

@@ -29,6 +29,13 @@ pub trait Family {
     /// Bits of an address: the prefix length that matches a whole one in an LPM trie.
     const ADDR_BITS: u32;
 
+    /// 4 or 6, as `lb monitor`'s events say.
+    const NUMBER: u8;
+
+    /// An address (network byte order) as `lb monitor`'s events hold it (an IPv4 address as a
+    /// number in the first word).
+    fn monitor_words(addr: Self::Addr) -> Ipv6Words;
+
     /// Whether two addresses are the same. Not `PartialEq`: an array's `==` compares its bytes
     /// as one block, which LLVM may lower to a `bcmp` call or to loads wider than a word;
     /// here it is plain 32-bit compares.
@@ -63,6 +70,12 @@ pub struct V6;
 impl Family for V4 {
     type Addr = u32;
     const ADDR_BITS: u32 = 32;
+    const NUMBER: u8 = 4;
+
+    #[inline(always)]
+    fn monitor_words(addr: u32) -> Ipv6Words {
+        [u32::from_be(addr), 0, 0, 0]
+    }
 
     #[inline(always)]
     fn same(a: &u32, b: &u32) -> bool {
@@ -133,6 +146,12 @@ impl Family for V4 {
 impl Family for V6 {
     type Addr = Ipv6Words;
     const ADDR_BITS: u32 = 128;
+    const NUMBER: u8 = 6;
+
+    #[inline(always)]
+    fn monitor_words(addr: Ipv6Words) -> Ipv6Words {
+        addr
+    }
 
     #[inline(always)]
     fn same(a: &Ipv6Words, b: &Ipv6Words) -> bool {

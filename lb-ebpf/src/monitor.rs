@@ -16,6 +16,7 @@ use lb_common::{
 use lb_ebpf::packet::{ETH_HDR_LEN, ETH_P_IP, TCP_FLAGS_OFFSET, bytes_at, parse_ipv4};
 
 use crate::{
+    family::Family,
     flow::Tuple,
     helpers::{now_ns, random_u32},
     maps::{MONITOR_CONTROL, MONITOR_EVENTS, MONITOR_LOST, dry_run},
@@ -214,6 +215,62 @@ pub fn flow_end(tuple: &Tuple, service_id: u32) {
             program: program::EITHER,
             ..about(tuple, kind::FLOW_END, Event(0), service_id, 0)
         });
+    }
+}
+
+/// A connect() or sendmsg() the socket hooks sent to a backend: a new flow whose client is a
+/// socket of this node (its address unknown yet: 0).
+#[inline(always)]
+pub fn socket_translated<F: Family>(
+    protocol: u8,
+    frontend: (F::Addr, u16),
+    service_id: u32,
+    backend: (F::Addr, u16),
+) {
+    if wanted(kind::NEW_FLOW) {
+        report(MonitorEvent {
+            backend_addr: F::monitor_words(backend.0),
+            backend_port: u16::from_be(backend.1),
+            ..socket_event::<F>(kind::NEW_FLOW, Event(0), protocol, frontend, service_id)
+        });
+    }
+}
+
+/// A connect() or sendmsg() the socket hooks refused: the service has no endpoint for it.
+#[inline(always)]
+pub fn socket_refused<F: Family>(protocol: u8, frontend: (F::Addr, u16), service_id: u32) {
+    if wanted(kind::REJECT) {
+        report(socket_event::<F>(
+            kind::REJECT,
+            Event::SOCK_NO_BACKEND,
+            protocol,
+            frontend,
+            service_id,
+        ));
+    }
+}
+
+/// A socket hook's event about a call to `frontend` (network byte order, as bpf_sock_addr holds
+/// it).
+#[inline(always)]
+fn socket_event<F: Family>(
+    kind: u32,
+    reason: Event,
+    protocol: u8,
+    frontend: (F::Addr, u16),
+    service_id: u32,
+) -> MonitorEvent {
+    MonitorEvent {
+        time_ns: now_ns(),
+        kind,
+        reason: reason.0,
+        service_id,
+        program: program::SOCKET,
+        family: F::NUMBER,
+        proto: protocol,
+        daddr: F::monitor_words(frontend.0),
+        dport: u16::from_be(frontend.1),
+        ..MonitorEvent::default()
     }
 }
 

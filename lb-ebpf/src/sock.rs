@@ -36,6 +36,7 @@ use crate::{
     flow::{SOCKET_CLIENT, lookup_frontend_for_node_client, select_for_client, source_allowed_in},
     helpers::{netns_cookie, now_ns, set_syscall_error, socket_cookie},
     maps::{count_event, count_service, dry_run},
+    monitor,
 };
 
 /// Return value of a cgroup sock_addr program: let the call proceed.
@@ -222,6 +223,7 @@ fn backend_for<F: Family>(
         Ok(choice) => choice,
         Err(event) => {
             count_event(Event::SOCK_NO_BACKEND);
+            monitor::socket_refused::<F>(protocol, (ip, port as u16), service.service_id);
             // No endpoint at all: refused at once, like kube-proxy's REJECT. A Local policy with
             // nothing local: kube-proxy drops; a socket call cannot hang, so it fails with EPERM.
             if event == Event::DROP_NO_BACKEND {
@@ -243,6 +245,12 @@ fn backend_for<F: Family>(
     }
     remember_backend::<F>(ctx, service, &backend);
     count_service(service.service_id, 0, 0, 1);
+    monitor::socket_translated::<F>(
+        protocol,
+        (ip, port as u16),
+        service.service_id,
+        (backend.addr, backend.port),
+    );
     Choice::Backend {
         addr: backend.addr,
         port: u32::from(backend.port),

@@ -320,3 +320,43 @@ fn the_programs_log_reaches_the_agents_log_at_the_level_asked() {
     );
     wait_for_log(&lab.log(), &line, 1, Duration::from_secs(10)).expect("the drop, logged");
 }
+
+#[test]
+fn a_pods_connects_through_the_socket_hooks_appear_as_new_flows_and_rejects() {
+    let (lab, _refused_client) = lab_with_services();
+    let log = lab.scratch_file("monitor.log");
+    let monitor = start_monitor(&lab, &log, &["--type", "new,reject"]);
+    ClientRun::tcp("10.96.0.10:80", 1)
+        .run(lab.client_pod(), Some(&lab.cgroup))
+        .expect("pod client")
+        .assert_all_ok("ClusterIP from a pod");
+    let refused = ClientRun::tcp("10.96.0.20:80", 1)
+        .run(lab.client_pod(), Some(&lab.cgroup))
+        .expect("pod client");
+    assert_eq!(refused.errors, 1, "{refused:?}");
+
+    let new_flow = wait_for_event(&log, "socket new flow", |event| {
+        field(event, "kind") == "new" && field(event, "program") == "socket"
+    });
+    assert_eq!(
+        field(&new_flow, "destination"),
+        "10.96.0.10:80",
+        "{new_flow}"
+    );
+    assert_eq!(field(&new_flow, "source"), "socket", "{new_flow}");
+    assert_eq!(
+        field(&new_flow, "backend"),
+        format!("{}:8080", pod_addr(1, 0)),
+        "{new_flow}"
+    );
+    assert!(
+        field(&new_flow, "service").starts_with("default/web:http/TCP"),
+        "{new_flow}"
+    );
+    let reject = wait_for_event(&log, "socket reject", |event| {
+        field(event, "kind") == "reject" && field(event, "program") == "socket"
+    });
+    assert_eq!(field(&reject, "reason"), "sock_no_backend", "{reject}");
+    assert_eq!(field(&reject, "destination"), "10.96.0.20:80", "{reject}");
+    drop(monitor);
+}

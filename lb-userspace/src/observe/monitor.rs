@@ -299,6 +299,8 @@ impl<'o> Printer<'o> {
             let client_side = match event.program {
                 program::XDP => cidr.contains(source),
                 program::TC => cidr.contains(destination),
+                // A socket's address is not known when its call is translated.
+                program::SOCKET => false,
                 _ => cidr.contains(source) || cidr.contains(destination),
             };
             if !client_side {
@@ -333,11 +335,16 @@ impl<'o> Printer<'o> {
             program: match event.program {
                 program::XDP => "xdp",
                 program::TC => "tc",
+                program::SOCKET => "socket",
                 _ => "-",
             },
             interface: self.interface(event.ifindex),
             protocol: protocol_name(event.proto),
-            source: endpoint(address(event.family, &event.saddr), event.sport),
+            source: if event.program == program::SOCKET {
+                "socket".to_owned()
+            } else {
+                endpoint(address(event.family, &event.saddr), event.sport)
+            },
             destination: endpoint(address(event.family, &event.daddr), event.dport),
             tcp_flags: (event.proto == proto::TCP).then(|| tcp_flags(event.tcp_flags)),
             service_id,
@@ -433,7 +440,7 @@ impl EventView {
     fn line(&self) -> String {
         let seconds_of_day = self.unix_ms.rem_euclid(86_400_000);
         let mut line = format!(
-            "{:02}:{:02}:{:02}.{:03} {:<6} {:<24} {:<3} {:<8} {:<4} {} -> {}",
+            "{:02}:{:02}:{:02}.{:03} {:<6} {:<24} {:<6} {:<8} {:<4} {} -> {}",
             seconds_of_day / 3_600_000,
             seconds_of_day / 60_000 % 60,
             seconds_of_day / 1000 % 60,
@@ -548,7 +555,7 @@ mod tests {
         };
         assert_eq!(
             view.line(),
-            "01:02:03.004 new    -                        xdp eth0     tcp  203.0.113.10:40000 -> \
+            "01:02:03.004 new    -                        xdp    eth0     tcp  203.0.113.10:40000 -> \
              203.0.113.1:30080 [S] default/web:http/TCP[external] => 10.244.2.10:8080 (from \
              203.0.113.1:61000)"
         );
