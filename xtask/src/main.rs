@@ -152,6 +152,11 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .arg("--out")
         .arg(dir.join("datapath.json"))
         .args(extra))?;
+    // The same paths with `lb monitor` attached (what watching costs).
+    run(Command::new(target.join("release").join("lb-bench"))
+        .args(["--monitor", "--services", "1,100000", "--iterations", "10000"])
+        .arg("--out")
+        .arg(dir.join("monitor.json")))?;
     let datapath = step.elapsed();
     // Live frames through the native XDP program on a veth, against the XDP_DROP floor.
     let step = Instant::now();

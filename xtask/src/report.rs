@@ -31,6 +31,7 @@ const BUDGET: Duration = Duration::from_secs(15 * 60);
 /// `timings` is None when the report is written again from an earlier run's JSON.
 pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyhow::Result<String> {
     let datapath = read_json(&dir.join("datapath.json"));
+    let monitor = read_json(&dir.join("monitor.json"));
     let control = read_json(&dir.join("control.json"));
     let control_maglev = read_json(&dir.join("control-maglev.json"));
     let e2e = read_json(&dir.join("e2e.json"));
@@ -58,6 +59,7 @@ pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyh
     }
     let results = Results {
         datapath: datapath.as_ref(),
+        monitor: monitor.as_ref(),
         live: live.as_ref(),
         forward: forward.as_ref(),
         control: control.as_ref(),
@@ -116,6 +118,8 @@ fn short_count(services: f64) -> String {
 #[derive(Clone, Copy)]
 struct Results<'a> {
     datapath: Option<&'a Value>,
+    /// lb-bench --monitor: the same paths with `lb monitor` attached.
+    monitor: Option<&'a Value>,
     live: Option<&'a Value>,
     forward: Option<&'a Value>,
     control: Option<&'a Value>,
@@ -132,6 +136,7 @@ fn summary(
 ) -> String {
     let Results {
         datapath,
+        monitor,
         live,
         forward,
         control,
@@ -231,6 +236,9 @@ fn summary(
              BPF_PROG_TEST_RUN with repeat=1:\n\n",
         );
         datapath_table(&mut out, datapath);
+        if let Some(monitor) = monitor {
+            monitor_table(&mut out, datapath, monitor);
+        }
     }
     if let Some(live) = live {
         live_table(&mut out, live);
@@ -259,6 +267,41 @@ fn summary(
         }
     }
     out
+}
+
+/// Each path's median without a monitor (the per-packet run) and with `lb monitor` attached
+/// (every kind of event on, the ring buffer read), at the sizes of the monitored run.
+fn monitor_table(out: &mut String, datapath: &Value, monitor: &Value) {
+    out.push_str(
+        "\n### With `lb monitor` attached\n\nns, median net of the floor, without a monitor (the \
+         run above) and with one (`lb-bench --monitor`: every kind of event reported, the ring \
+         buffer read as the monitor reads it; a separate run):\n\n\
+         | path | services | without | with |\n|---|---:|---:|---:|\n",
+    );
+    for size in list(monitor, "sizes") {
+        let services = size.get("services").and_then(Value::as_u64).unwrap_or(0);
+        let without = list(datapath, "sizes")
+            .iter()
+            .find(|other| other.get("services").and_then(Value::as_u64) == Some(services));
+        for path in list(size, "paths") {
+            let name = s(path, "path");
+            let unmonitored = without
+                .and_then(|size| {
+                    list(size, "paths")
+                        .iter()
+                        .find(|other| s(other, "path") == name)
+                })
+                .and_then(|other| other.get("net_median_ns"))
+                .map_or_else(|| "-".to_owned(), Value::to_string);
+            let _ = writeln!(
+                out,
+                "| {name} | {services} | {unmonitored} | {} |",
+                path.get("net_median_ns")
+                    .map(Value::to_string)
+                    .unwrap_or_default()
+            );
+        }
+    }
 }
 
 /// The live-frame rates: frames a second the node's program ran on, and their ratio to the
