@@ -154,7 +154,13 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .args(extra))?;
     // The same paths with `lb monitor` attached (what watching costs).
     run(Command::new(target.join("release").join("lb-bench"))
-        .args(["--monitor", "--services", "1,100000", "--iterations", "10000"])
+        .args([
+            "--monitor",
+            "--services",
+            "1,100000",
+            "--iterations",
+            "10000",
+        ])
         .arg("--out")
         .arg(dir.join("monitor.json")))?;
     let datapath = step.elapsed();
