@@ -59,13 +59,16 @@ pub struct MonitorControl {
     pub kinds: u32,
     /// Report one event in this many (chosen at random per event); 0 and 1: every one.
     pub sample_one_in: u32,
-    /// The monitor's process id (in its own pid namespace), for messages.
+    /// The monitor's process id (in its own pid namespace: two monitors may have the same),
+    /// for messages.
     pub owner_pid: u32,
     pub _pad: u32,
     /// CLOCK_MONOTONIC nanoseconds of the monitor's last heartbeat.
     pub heartbeat_ns: u64,
+    /// A random number the monitor drew at start, which tells it from any other; 0: none.
+    pub owner_token: u64,
 }
-const _: () = assert!(size_of::<MonitorControl>() == 24);
+const _: () = assert!(size_of::<MonitorControl>() == 32);
 
 /// One event on the ring buffer. Addresses as numbers for IPv4 (`u32::from(Ipv4Addr)`) in the
 /// first word of an [`Ipv6Words`], the rest 0 (`family` 4), or as IPv6 words (`family` 6).
@@ -95,7 +98,7 @@ pub struct MonitorEvent {
     /// The packet's addresses as it arrived.
     pub saddr: Ipv6Words,
     pub daddr: Ipv6Words,
-    /// For new flows and flow ends, the backend.
+    /// For new flows, the backend.
     pub backend_addr: Ipv6Words,
     pub backend_port: u16,
     /// For new flows, the source the backend sees when it is not the client's own (SNAT to a

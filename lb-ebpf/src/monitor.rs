@@ -1,8 +1,8 @@
 //! Events for `lb monitor` ([`lb_common::monitor`]): each report first reads the control cell and
 //! returns at once when no monitor asked for its kind, so that without a monitor a drop, a new
-//! flow or a flow's end costs one inlined array load more. Reports are built in the ring
-//! buffer's own memory (no stack copy); a full ring buffer loses the event, counted per CPU in
-//! `lb_monlost_v1`.
+//! flow or a flow's end costs one inlined array load more. A report is built on the stack (104
+//! of the program's 512 bytes, on these cold paths only) and copied into the ring buffer; a
+//! full ring buffer loses it, counted per CPU in `lb_monlost_v1`.
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -44,11 +44,13 @@ pub fn wants(kind: u32) -> bool {
         .is_some_and(|control| control.kinds & kind != 0)
 }
 
-/// Unread bytes past which a report wakes the monitor up; below, the monitor finds the events
-/// when it looks (every `lb monitor` poll interval). A wakeup per event (the default) is an
-/// irq_work and a reader woken on another CPU each time: in lb-bench it took a new flow's p90
-/// from 0.5 to 12 µs.
+/// Unread bytes past which the monitor is woken up, once, by the report that crosses them;
+/// below, and past them, the monitor finds the events when it looks (every `lb monitor` poll
+/// interval). A wakeup per event (the default) is an irq_work and a reader woken on another CPU
+/// each time: in lb-bench it took a new flow's p90 from 0.5 to 12 µs.
 const WAKEUP_BACKLOG: u64 = 64 * 1024;
+/// What one report takes on the ring buffer: the record and its 8-byte header, rounded to 8.
+const RECORD_SPACE: u64 = (size_of::<MonitorEvent>() as u64 + 8).next_multiple_of(8);
 
 /// Puts one event on the ring buffer, or counts it lost.
 #[inline(always)]
@@ -56,7 +58,10 @@ fn report(event: MonitorEvent) {
     match MONITOR_EVENTS.reserve::<MonitorEvent>(0) {
         Some(mut entry) => {
             entry.write(event);
-            let wakeup = if MONITOR_EVENTS.query(BPF_RB_AVAIL_DATA.into()) > WAKEUP_BACKLOG {
+            // Unread data, this record included (reserved, not yet submitted).
+            let unread = MONITOR_EVENTS.query(BPF_RB_AVAIL_DATA.into());
+            let crosses = unread > WAKEUP_BACKLOG && unread <= WAKEUP_BACKLOG + RECORD_SPACE;
+            let wakeup = if crosses {
                 BPF_RB_FORCE_WAKEUP
             } else {
                 BPF_RB_NO_WAKEUP
@@ -236,13 +241,19 @@ pub fn socket_translated<F: Family>(
     }
 }
 
-/// A connect() or sendmsg() the socket hooks refused: the service has no endpoint for it.
+/// A connect() or sendmsg() the socket hooks refused, for `reason`: the service has no
+/// endpoint for it, or its socket NAT entry could not be written.
 #[inline(always)]
-pub fn socket_refused<F: Family>(protocol: u8, frontend: (F::Addr, u16), service_id: u32) {
+pub fn socket_refused<F: Family>(
+    protocol: u8,
+    frontend: (F::Addr, u16),
+    service_id: u32,
+    reason: Event,
+) {
     if wanted(kind::REJECT) {
         report(socket_event::<F>(
             kind::REJECT,
-            Event::SOCK_NO_BACKEND,
+            reason,
             protocol,
             frontend,
             service_id,

@@ -223,7 +223,12 @@ fn backend_for<F: Family>(
         Ok(choice) => choice,
         Err(event) => {
             count_event(Event::SOCK_NO_BACKEND);
-            monitor::socket_refused::<F>(protocol, (ip, port as u16), service.service_id);
+            monitor::socket_refused::<F>(
+                protocol,
+                (ip, port as u16),
+                service.service_id,
+                Event::SOCK_NO_BACKEND,
+            );
             // No endpoint at all: refused at once, like kube-proxy's REJECT. A Local policy with
             // nothing local: kube-proxy drops; a socket call cannot hang, so it fails with EPERM.
             if event == Event::DROP_NO_BACKEND {
@@ -241,6 +246,12 @@ fn backend_for<F: Family>(
     // Without the entry the application would see the backend as its peer: better to fail.
     if F::sock_nat_insert(socket_cookie(ctx), backend.addr, backend.port, &value).is_err() {
         count_event(Event::DROP_CT_FULL);
+        monitor::socket_refused::<F>(
+            protocol,
+            (ip, port as u16),
+            service.service_id,
+            Event::DROP_CT_FULL,
+        );
         return Choice::Refused;
     }
     remember_backend::<F>(ctx, service, &backend);

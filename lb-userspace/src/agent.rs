@@ -478,7 +478,16 @@ async fn forward_ebpf_log(forwarder: Forwarder) {
     loop {
         match records.readable_mut().await {
             Ok(mut ready) => {
-                ready.get_inner_mut().flush();
+                // aya-log's reader panics on a record it cannot parse: the forwarding stops, the
+                // agent goes on.
+                let forwarder = ready.get_inner_mut();
+                let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    forwarder.flush();
+                }));
+                if flushed.is_err() {
+                    warn!("the programs' log is no longer forwarded: a record could not be read");
+                    return;
+                }
                 ready.clear_ready();
             }
             Err(error) => {

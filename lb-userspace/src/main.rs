@@ -88,7 +88,7 @@ enum Command {
     /// Print the datapath's events as they happen: drops and rejects with their reason, new
     /// flows with the backend chosen, flow ends, SNAT exhaustion. The programs report nothing
     /// while no monitor runs; one monitor runs at a time (they share one ring buffer). Ends on
-    /// Ctrl-C, SIGTERM or --count.
+    /// Ctrl-C, SIGTERM, SIGHUP, a closed stdout or --count.
     Monitor {
         /// Kinds of event, comma-separated: drop, reject, new, end, snat.
         #[arg(
@@ -101,17 +101,19 @@ enum Command {
         /// it (`namespace/name:port-name/PROTO`, with its scope).
         #[arg(long)]
         service: Option<String>,
-        /// Only events whose client address lies in this prefix (`ip/len`).
+        /// Only events whose client address lies in this prefix (`ip/len`): the source of what
+        /// XDP sees, the destination of what tc sees, either end of a flow's end; never the
+        /// socket hooks' events (the socket's address is not known yet).
         #[arg(long)]
         client: Option<IpCidr>,
         /// Report one event in N, chosen at random by the programs (for busy nodes).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         sample: u32,
         /// Print at most N events a second; how many more there were is printed to stderr.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         rate: Option<u32>,
         /// Exit after printing N events.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
         /// bpffs directory of the running agent's pinned state (its --pin-dir).
         #[arg(long, env = "LB_PIN_DIR", default_value = DEFAULT_PIN_DIR)]

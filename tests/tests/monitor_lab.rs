@@ -265,11 +265,16 @@ fn filters_and_count_select_what_is_printed_and_when_the_monitor_ends() {
 
 #[test]
 fn the_agent_turns_off_the_reports_of_a_monitor_that_died() {
-    let (lab, _refused_client) = lab_with_services();
+    let (lab, refused_client) = lab_with_services();
     let log = lab.scratch_file("monitor.log");
     let monitor = start_monitor(&lab, &log, &["--type", "new"]);
     let pid = monitor.pid();
     monitor.kill().expect("SIGKILL the monitor");
+    // A new flow reported after it died: left unread on the ring buffer.
+    ClientRun::tcp("198.51.100.20:80", 1)
+        .run(&lab.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("client inside the range");
     let left = control(&lab);
     assert_eq!(
         left.owner_pid, pid,
@@ -293,10 +298,26 @@ fn the_agent_turns_off_the_reports_of_a_monitor_that_died() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // And a new monitor may run.
+    // And a new monitor may run; it prints what it asked for, not what the dead one left.
     let log = lab.scratch_file("monitor2.log");
-    let monitor = start_monitor(&lab, &log, &[]);
+    let monitor = start_monitor(&lab, &log, &["--type", "new,drop"]);
     assert_eq!(control(&lab).owner_pid, monitor.pid());
+    ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp("198.51.100.20:80", 1)
+    }
+    .run(&refused_client, None)
+    .expect("client2");
+    let drop_event = wait_for_event(&log, "drop", |event| field(event, "kind") == "drop");
+    assert!(
+        field(&drop_event, "source").starts_with(REFUSED_CLIENT),
+        "{drop_event}"
+    );
+    let stale: Vec<_> = events(&log)
+        .into_iter()
+        .filter(|event| field(event, "kind") == "new")
+        .collect();
+    assert!(stale.is_empty(), "the dead monitor's events: {stale:?}");
 }
 
 #[test]

@@ -42,8 +42,9 @@ impl EbpfLogLevel {
 pub fn set_level(loader: &mut EbpfLoader<'_>, level: EbpfLogLevel) {
     static LEVELS: [u8; 6] = [0, 1, 2, 3, 4, 5];
     let value = &LEVELS[usize::from(level.global())];
-    // must_exist false: an object without aya-log (the packet counter) has no such global.
-    loader.override_global(aya_log::LEVEL, value, false);
+    // must_exist: were the global renamed (an aya-log upgrade), the programs would log at its
+    // default, everything, into a ring buffer nobody reads; better to fail the load.
+    loader.override_global(aya_log::LEVEL, value, true);
 }
 
 /// The reader of a loaded object's records, forwarding them to the agent's log.

@@ -425,17 +425,30 @@ fn migrate_legacy_slots(
 /// into the backends array under the same ids, before any program of this load is attached:
 /// the selection tables, affinity and UDP flows name backends by id. The earlier release's
 /// programs keep reading the hash map until this load's replace them.
+///
+/// The hash map is the truth: it is unpinned right after this copy, so a load that finds it
+/// follows an earlier release's agent (an upgrade, or an upgrade again after a rollback, when
+/// the array still holds what this release last wrote). Every cell it does not hold is vacated.
 fn migrate_legacy_backends(pin_dir: &Path, maps: &mut Maps) -> Result<()> {
     let name = map_names::LEGACY_BACKENDS4;
     let legacy: HashMap<MapData, u32, Backend4> = open_map(pin_dir, name, Access::ReadOnly)?;
-    let backends =
-        super::batch::read_map(&legacy).map_err(|source| map_error(name, "iterate", source))?;
-    for (id, backend) in backends {
-        if id >= limits::MAX_BACKENDS || !backend.in_use() {
-            continue;
-        }
+    let legacy: BTreeMap<u32, Backend4> = super::batch::read_map(&legacy)
+        .map_err(|source| map_error(name, "iterate", source))?
+        .into_iter()
+        .filter(|(id, backend)| *id < limits::MAX_BACKENDS && backend.in_use())
+        .collect();
+    let cells = super::batch::read_map(&maps.backends)
+        .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?;
+    let stale = cells
+        .into_iter()
+        .filter(|(id, cell)| cell.in_use() && !legacy.contains_key(id));
+    let writes = legacy
+        .iter()
+        .map(|(&id, &backend)| (id, backend))
+        .chain(stale.map(|(id, cell)| (id, cell.vacated())));
+    for (id, value) in writes {
         maps.backends
-            .set(id, &backend, 0)
+            .set(id, &value, 0)
             .map_err(|source| map_error(map_names::BACKENDS4, "migrate", source))?;
     }
     Ok(())

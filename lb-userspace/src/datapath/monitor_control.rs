@@ -24,11 +24,43 @@ pub const ABANDONED_AFTER: Duration = Duration::from_secs(10);
 /// The cell, opened read-write from the pin directory.
 pub struct MonitorControlCell(Array<MapData, MonitorControl>);
 
+/// Who a monitor is: a random token (pids repeat across pid namespaces) and its pid, for
+/// messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub token: u64,
+    pub pid: u32,
+}
+
+impl Owner {
+    /// This process, with a token of its own.
+    pub fn this_process() -> Result<Self> {
+        let mut token = 0u64;
+        while token == 0 {
+            let mut bytes = [0u8; 8];
+            // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+            let read = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+            if read != bytes.len() as isize {
+                return Err(DatapathError::Invalid(format!(
+                    "getrandom: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            token = u64::from_ne_bytes(bytes);
+        }
+        Ok(Self {
+            token,
+            pid: std::process::id(),
+        })
+    }
+}
+
 /// What claiming the cell found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// It is this monitor's now.
-    Claimed,
+    /// It is this monitor's now, since this CLOCK_MONOTONIC time: events from before are an
+    /// earlier monitor's.
+    Claimed { since_ns: u64 },
     /// Another monitor holds it (its pid, in its own pid namespace) and beats.
     Held { pid: u32 },
 }
@@ -50,12 +82,16 @@ impl MonitorControlCell {
             .map_err(|source| map_error(map_names::MONITOR_CONTROL, "write", source))
     }
 
-    /// Turns the programs' reports of `kinds` on for the monitor `pid`, unless another live
-    /// monitor holds the cell (monitors share one ring buffer: a second would take events from
-    /// the first).
-    pub fn claim(&mut self, kinds: u32, sample_one_in: u32, pid: u32) -> Result<Claim> {
+    /// Turns the programs' reports of `kinds` on for `owner`, unless another live monitor
+    /// holds the cell (monitors share one ring buffer: a second would take events from the
+    /// first).
+    pub fn claim(&mut self, kinds: u32, sample_one_in: u32, owner: Owner) -> Result<Claim> {
         let current = self.read()?;
-        if current.owner_pid != 0 && current.owner_pid != pid && !abandoned(&current, now_ns()?) {
+        let now = now_ns()?;
+        if current.owner_token != 0
+            && current.owner_token != owner.token
+            && !abandoned(&current, now)
+        {
             return Ok(Claim::Held {
                 pid: current.owner_pid,
             });
@@ -63,37 +99,40 @@ impl MonitorControlCell {
         self.write(&MonitorControl {
             kinds,
             sample_one_in,
-            owner_pid: pid,
+            owner_pid: owner.pid,
             _pad: 0,
-            heartbeat_ns: now_ns()?,
+            heartbeat_ns: now,
+            owner_token: owner.token,
         })?;
-        Ok(Claim::Claimed)
+        Ok(Claim::Claimed { since_ns: now })
     }
 
-    /// The monitor `pid` is alive: its heartbeat, or its whole cell again when the agent cleared
-    /// it meanwhile (the monitor was stopped for longer than [`ABANDONED_AFTER`]). False when
+    /// `owner` is alive: its heartbeat, or its whole cell again when the agent cleared it
+    /// meanwhile (the monitor was stopped for longer than [`ABANDONED_AFTER`]). False when
     /// another monitor holds the cell now.
-    pub fn beat(&mut self, kinds: u32, sample_one_in: u32, pid: u32) -> Result<bool> {
+    pub fn beat(&mut self, kinds: u32, sample_one_in: u32, owner: Owner) -> Result<bool> {
         let current = self.read()?;
-        if current.owner_pid != 0 && current.owner_pid != pid {
+        if current.owner_token != 0 && current.owner_token != owner.token {
             return Ok(false);
         }
-        self.claim(kinds, sample_one_in, pid)
-            .map(|claim| claim == Claim::Claimed)
+        self.claim(kinds, sample_one_in, owner)
+            .map(|claim| matches!(claim, Claim::Claimed { .. }))
     }
 
-    /// Turns every report off, if the cell is still the monitor `pid`'s.
-    pub fn release(&mut self, pid: u32) -> Result<()> {
-        if self.read()?.owner_pid == pid {
+    /// Turns every report off, if the cell is still `owner`'s.
+    pub fn release(&mut self, owner: Owner) -> Result<()> {
+        if self.read()?.owner_token == owner.token {
             self.write(&MonitorControl::default())?;
         }
         Ok(())
     }
 
-    /// Clears the cell of a monitor that stopped beating; returns its pid.
+    /// Clears the cell of a monitor that stopped beating; returns its pid. (A monitor claiming
+    /// the cell between this read and write loses its claim until its next beat, a second
+    /// later, which claims it again.)
     pub fn release_abandoned(&mut self) -> Result<Option<u32>> {
         let current = self.read()?;
-        if current.kinds == 0 && current.owner_pid == 0 {
+        if current == MonitorControl::default() {
             return Ok(None);
         }
         if !abandoned(&current, now_ns()?) {

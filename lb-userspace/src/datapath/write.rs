@@ -42,6 +42,12 @@ impl Datapath {
                 limits::MAX_BACKENDS - 1
             )));
         }
+        if backend.proto == 0 {
+            // A cell of protocol 0 is a vacant one (BackendValue::in_use).
+            return Err(DatapathError::Invalid(format!(
+                "backend {id} without a protocol"
+            )));
+        }
         // Its bit before the entry, so that tc never skips a reply of it. Bits are never
         // cleared while the agent runs: a flow keeps its backend after the backend leaves the
         // maps, and its replies must still be translated.
@@ -97,6 +103,10 @@ impl Datapath {
     /// Vacates an IPv4 backend's cell ([`lb_common::BackendValue::vacated`]): its address and
     /// port stay, so that a program reading the cell meanwhile sees the backend or nothing.
     fn vacate_backend4(&mut self, id: u32, operation: impl Fn() -> String) -> Result<()> {
+        if id >= limits::MAX_BACKENDS {
+            // No such cell: nothing to remove (as a hash map's missing key).
+            return Ok(());
+        }
         let cell = self
             .maps
             .backends

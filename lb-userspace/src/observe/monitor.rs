@@ -27,7 +27,7 @@ use crate::{
     datapath::{
         bpf_obj::Access,
         maps::{Maps, open_map},
-        monitor_control::{Claim, HEARTBEAT_EVERY, MonitorControlCell, now_ns},
+        monitor_control::{Claim, HEARTBEAT_EVERY, MonitorControlCell, Owner, now_ns},
     },
 };
 
@@ -61,14 +61,14 @@ pub fn run(options: &MonitorOptions) -> anyhow::Result<()> {
 /// The control cell, held: cleared when the monitor ends, however it ends short of a kill.
 struct Held {
     cell: MonitorControlCell,
-    pid: u32,
+    owner: Owner,
     kinds: u32,
     sample_one_in: u32,
 }
 
 impl Held {
     fn beat(&mut self) -> anyhow::Result<()> {
-        if !self.cell.beat(self.kinds, self.sample_one_in, self.pid)? {
+        if !self.cell.beat(self.kinds, self.sample_one_in, self.owner)? {
             bail!("another lb monitor took the datapath's events over");
         }
         Ok(())
@@ -77,12 +77,18 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if let Err(error) = self.cell.release(self.pid) {
-            eprintln!(
-                "lb monitor: the datapath's event reports stay on until the agent clears them: {error}"
-            );
+        if let Err(error) = self.cell.release(self.owner) {
+            note(&format!(
+                "the datapath's event reports stay on until the agent clears them: {error}"
+            ));
         }
     }
+}
+
+/// A line for the person watching, on stderr; a closed stderr loses it (it must not end the
+/// monitor before it has released the control cell).
+fn note(text: &str) {
+    let _ = writeln!(std::io::stderr(), "lb monitor: {text}");
 }
 
 async fn watch(options: &MonitorOptions) -> anyhow::Result<()> {
@@ -90,17 +96,18 @@ async fn watch(options: &MonitorOptions) -> anyhow::Result<()> {
     let pin_dir = &options.pin_dir;
     let mut cell = MonitorControlCell::open(pin_dir)
         .context("opening the monitor control map (is the agent running with this --pin-dir?)")?;
-    let pid = std::process::id();
+    let owner = Owner::this_process()?;
     let sample_one_in = options.sample_one_in.max(1);
-    if let Claim::Held { pid: other } = cell.claim(options.kinds, sample_one_in, pid)? {
-        bail!(
+    let since_ns = match cell.claim(options.kinds, sample_one_in, owner)? {
+        Claim::Claimed { since_ns } => since_ns,
+        Claim::Held { pid: other } => bail!(
             "another lb monitor (pid {other}) is running: monitors share the datapath's one ring \
              buffer, so only one runs at a time"
-        );
-    }
+        ),
+    };
     let mut held = Held {
         cell,
-        pid,
+        owner,
         kinds: options.kinds,
         sample_one_in,
     };
@@ -108,12 +115,14 @@ async fn watch(options: &MonitorOptions) -> anyhow::Result<()> {
     let lost: PerCpuArray<MapData, u64> =
         open_map(pin_dir, map_names::MONITOR_LOST, Access::ReadOnly)?;
     let lost_before = lost_total(&lost)?;
-    let mut printer = Printer::new(options, Maps::open(pin_dir, Access::ReadOnly)?)?;
+    let mut printer = Printer::new(options, Maps::open(pin_dir, Access::ReadOnly)?, since_ns)?;
     // SAFETY: the ring buffer owns its descriptor, which stays open and the same for as long as
     // the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|error| error.into_parts().1)?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    // The terminal or the `kubectl exec` session went away.
+    let mut hangup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     // The programs wake the monitor only once a backlog builds up (each wakeup costs them an
     // irq_work): below that, events are read on this poll.
@@ -124,14 +133,12 @@ async fn watch(options: &MonitorOptions) -> anyhow::Result<()> {
         .filter(|(bit, _)| options.kinds & bit != 0)
         .map(|(_, name)| *name)
         .collect();
-    eprintln!(
-        "lb monitor: watching {} (Ctrl-C to stop)",
-        watched.join(",")
-    );
+    note(&format!("watching {} (Ctrl-C to stop)", watched.join(",")));
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            _ = hangup.recv() => break,
             _ = tick.tick() => {
                 held.beat()?;
                 printer.end_second();
@@ -142,16 +149,18 @@ async fn watch(options: &MonitorOptions) -> anyhow::Result<()> {
                 }
             }
             _ = poll.tick() => {
-                if drain(ring.get_mut(), &mut printer) == Printed::Enough {
+                if drain(ring.get_mut(), &mut printer) == Drained::Enough {
                     break;
                 }
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let printed = drain(guard.get_inner_mut(), &mut printer);
-                guard.clear_ready();
-                if printed == Printed::Enough {
-                    break;
+                match drain(guard.get_inner_mut(), &mut printer) {
+                    Drained::Enough => break,
+                    // Readiness is cleared only once the ring is empty; a busy ring stays ready
+                    // for the next turn of the loop, after the signals and the heartbeat.
+                    Drained::Empty => guard.clear_ready(),
+                    Drained::More => {}
                 }
             }
         }
@@ -166,17 +175,35 @@ async fn watch(options: &MonitorOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How far behind CLOCK_MONOTONIC the programs' coarse clock may be (a timer tick).
+const CLOCK_SLACK: Duration = Duration::from_millis(20);
 /// How often the monitor reads the ring buffer without being woken.
 const POLL_EVERY: Duration = Duration::from_millis(100);
+/// Events read in one turn of the monitor's loop at most, so that a flood of them never keeps
+/// it from its heartbeat and its signals.
+const DRAIN_BATCH: usize = 1024;
 
-/// Prints every event waiting on the ring buffer, until the printer has had enough.
-fn drain(ring: &mut RingBuf<MapData>, printer: &mut Printer<'_>) -> Printed {
-    while let Some(item) = ring.next() {
+#[derive(PartialEq, Eq)]
+enum Drained {
+    /// The ring buffer is empty.
+    Empty,
+    /// A batch was read; more may wait.
+    More,
+    /// The printer has had enough (`--count`, a closed stdout).
+    Enough,
+}
+
+/// Prints up to [`DRAIN_BATCH`] events waiting on the ring buffer.
+fn drain(ring: &mut RingBuf<MapData>, printer: &mut Printer<'_>) -> Drained {
+    for _ in 0..DRAIN_BATCH {
+        let Some(item) = ring.next() else {
+            return Drained::Empty;
+        };
         if printer.event(&item) == Printed::Enough {
-            return Printed::Enough;
+            return Drained::Enough;
         }
     }
-    Printed::More
+    Drained::More
 }
 
 fn lost_total(map: &PerCpuArray<MapData, u64>) -> anyhow::Result<u64> {
@@ -197,6 +224,9 @@ struct Printer<'o> {
     interfaces: HashMap<u32, String>,
     /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns: the events carry the latter.
     wall_offset_ns: i128,
+    /// Events stamped before this (CLOCK_MONOTONIC) are an earlier monitor's, left unread on
+    /// the ring buffer.
+    since_ns: u64,
     printed: u64,
     this_second: u32,
     over_rate: u64,
@@ -204,7 +234,7 @@ struct Printer<'o> {
 }
 
 impl<'o> Printer<'o> {
-    fn new(options: &'o MonitorOptions, maps: Maps) -> anyhow::Result<Self> {
+    fn new(options: &'o MonitorOptions, maps: Maps, claimed_ns: u64) -> anyhow::Result<Self> {
         let wall = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as i128;
         Ok(Self {
             options,
@@ -212,6 +242,8 @@ impl<'o> Printer<'o> {
             names: HashMap::new(),
             interfaces: HashMap::new(),
             wall_offset_ns: wall - i128::from(now_ns()?),
+            // The programs' clock is the coarse one, up to a tick behind.
+            since_ns: claimed_ns.saturating_sub(CLOCK_SLACK.as_nanos() as u64),
             printed: 0,
             this_second: 0,
             over_rate: 0,
@@ -225,6 +257,10 @@ impl<'o> Printer<'o> {
         }
         // SAFETY: the record has the size of a MonitorEvent (checked), which any bytes are.
         let event = unsafe { bytes.as_ptr().cast::<MonitorEvent>().read_unaligned() };
+        // What an earlier monitor asked for and did not read.
+        if event.kind & self.options.kinds == 0 || event.time_ns < self.since_ns {
+            return Printed::More;
+        }
         let view = self.view(&event);
         if !self.selected(&event, &view) {
             return Printed::More;
@@ -260,24 +296,27 @@ impl<'o> Printer<'o> {
         Printed::More
     }
 
-    /// A second of `--rate` is over: says how many events it left out.
+    /// A second is over: says how many events `--rate` left out, and forgets the names of
+    /// services and NICs (service ids and ifindexes are given out again).
     fn end_second(&mut self) {
         if self.over_rate > 0 {
-            eprintln!(
-                "lb monitor: {} events not shown (over --rate {}/s)",
+            note(&format!(
+                "{} events not shown (over --rate {}/s)",
                 self.over_rate,
                 self.options.rate.unwrap_or_default()
-            );
+            ));
         }
         self.this_second = 0;
         self.over_rate = 0;
+        self.names.clear();
+        self.interfaces.clear();
     }
 
     fn lost(&self, count: u64) {
-        eprintln!(
-            "lb monitor: {count} events lost (the ring buffer was full: fewer --type, --sample N \
-             or a faster terminal help)"
-        );
+        note(&format!(
+            "{count} events lost (the ring buffer was full: fewer --type, --sample N or a \
+             faster terminal help)"
+        ));
     }
 
     fn selected(&self, event: &MonitorEvent, view: &EventView) -> bool {

@@ -41,7 +41,7 @@ use lb_userspace::{
         Datapath,
         bpf_obj::Access,
         maps::open_map,
-        monitor_control::MonitorControlCell,
+        monitor_control::{MonitorControlCell, Owner},
         testrun::{TestRunOutput, test_run},
     },
 };
@@ -267,6 +267,17 @@ struct Report {
     method: Method,
     sizes: Vec<SizeReport>,
     targets: Vec<TargetReport>,
+    /// With --monitor: the events the monitor thread read and the programs lost, by size. Lost
+    /// reports cost less than read ones, so a figure with losses is too low.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    monitor_events: Vec<MonitorEvents>,
+}
+
+#[derive(Serialize)]
+struct MonitorEvents {
+    services: u32,
+    read: u64,
+    lost: u64,
 }
 
 #[derive(Serialize)]
@@ -408,6 +419,10 @@ fn main() -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             );
         }
+        for monitor in monitors {
+            let (read, lost) = monitor.detach()?;
+            println!("monitor: {read} events read, {lost} lost");
+        }
         return Ok(());
     }
     println!(
@@ -435,9 +450,15 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());
-    for monitor in monitors {
+    let mut monitor_events = Vec::new();
+    for (monitor, loaded) in monitors.into_iter().zip(&loaded) {
         let (read, lost) = monitor.detach()?;
         println!("monitor: {read} events read, {lost} lost");
+        monitor_events.push(MonitorEvents {
+            services: loaded.services,
+            read,
+            lost,
+        });
     }
     let sizes = benches
         .iter()
@@ -466,6 +487,7 @@ fn main() -> anyhow::Result<()> {
         },
         sizes,
         targets,
+        monitor_events,
     };
     if let Some(dir) = args.out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -946,6 +968,7 @@ fn machine() -> Machine {
 /// buffer read as fast as events come.
 struct MonitorDrain {
     cell: MonitorControlCell,
+    owner: Owner,
     stop: Arc<AtomicBool>,
     reader: std::thread::JoinHandle<anyhow::Result<u64>>,
     lost: PerCpuArray<MapData, u64>,
@@ -957,7 +980,8 @@ impl MonitorDrain {
         let all = lb_common::monitor::kind::ALL
             .iter()
             .fold(0, |kinds, (bit, _)| kinds | bit);
-        cell.claim(all, 1, std::process::id())?;
+        let owner = Owner::this_process()?;
+        cell.claim(all, 1, owner)?;
         let mut ring: RingBuf<MapData> =
             open_map(pin_dir, map_names::MONITOR_EVENTS, Access::ReadWrite)?;
         let lost = open_map(pin_dir, map_names::MONITOR_LOST, Access::ReadOnly)?;
@@ -984,6 +1008,7 @@ impl MonitorDrain {
         });
         Ok(Self {
             cell,
+            owner,
             stop,
             reader,
             lost,
@@ -992,7 +1017,7 @@ impl MonitorDrain {
 
     /// Turns the reports off; returns the events read and lost.
     fn detach(mut self) -> anyhow::Result<(u64, u64)> {
-        self.cell.release(std::process::id())?;
+        self.cell.release(self.owner)?;
         self.stop.store(true, Ordering::Relaxed);
         let read = self
             .reader
