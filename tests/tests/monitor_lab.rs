@@ -53,6 +53,18 @@ fn lab_with_services_and_agent(agent_flags: &[&str]) -> (AgentLab, lab::lab::Hos
     (lab, refused_client)
 }
 
+/// `requests` connection attempts from the client outside the source range to the
+/// LoadBalancer IP, each dropped by XDP: asserts that every one failed.
+fn refused_attempts(refused_client: &lab::lab::Host, requests: u64) {
+    let refused = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp("198.51.100.20:80", requests)
+    }
+    .run(refused_client, None)
+    .expect("client2");
+    assert_eq!(refused.errors, requests, "{refused:?}");
+}
+
 /// `lb monitor -o json` on node1 (its NIC names are node1's), output to `log`, started when it
 /// says it is watching.
 fn start_monitor(lab: &AgentLab, log: &Path, extra: &[&str]) -> Proc {
@@ -118,13 +130,7 @@ fn a_drop_a_reject_a_new_flow_and_its_end_appear_with_their_fields() {
         .run(&lab.cluster.client, None)
         .expect("client")
         .assert_all_ok("client inside the range");
-    let refused = ClientRun {
-        timeout_ms: 300,
-        ..ClientRun::tcp("198.51.100.20:80", 1)
-    }
-    .run(&refused_client, None)
-    .expect("client2");
-    assert_eq!(refused.errors, 1, "{refused:?}");
+    refused_attempts(&refused_client, 1);
     let empty = format!("{}:30090", node_addr(1));
     let rejected = ClientRun::tcp(&empty, 1)
         .run(&lab.cluster.client, None)
@@ -236,12 +242,7 @@ fn filters_and_count_select_what_is_printed_and_when_the_monitor_ends() {
     ClientRun::tcp(&format!("{}:30090", node_addr(1)), 1)
         .run(&refused_client, None)
         .expect("client2 to the empty service");
-    ClientRun {
-        timeout_ms: 300,
-        ..ClientRun::tcp("198.51.100.20:80", 2)
-    }
-    .run(&refused_client, None)
-    .expect("client2");
+    refused_attempts(&refused_client, 2);
     let deadline = Instant::now() + Duration::from_secs(10);
     while control(&lab).kinds != 0 {
         assert!(
@@ -302,12 +303,7 @@ fn the_agent_turns_off_the_reports_of_a_monitor_that_died() {
     let log = lab.scratch_file("monitor2.log");
     let monitor = start_monitor(&lab, &log, &["--type", "new,drop"]);
     assert_eq!(control(&lab).owner_pid, monitor.pid());
-    ClientRun {
-        timeout_ms: 300,
-        ..ClientRun::tcp("198.51.100.20:80", 1)
-    }
-    .run(&refused_client, None)
-    .expect("client2");
+    refused_attempts(&refused_client, 1);
     let drop_event = wait_for_event(&log, "drop", |event| field(event, "kind") == "drop");
     assert!(
         field(&drop_event, "source").starts_with(REFUSED_CLIENT),
@@ -328,13 +324,7 @@ fn the_programs_log_reaches_the_agents_log_at_the_level_asked() {
         "--log-level",
         "info,lb::ebpf=debug",
     ]);
-    let refused = ClientRun {
-        timeout_ms: 300,
-        ..ClientRun::tcp("198.51.100.20:80", 1)
-    }
-    .run(&refused_client, None)
-    .expect("client2");
-    assert_eq!(refused.errors, 1, "{refused:?}");
+    refused_attempts(&refused_client, 1);
     let line = format!(
         "xdp: dropped, event {}",
         lb_common::Event::DROP_SOURCE_RANGE.0
