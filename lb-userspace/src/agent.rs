@@ -20,7 +20,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     compile::{
-        Compiler, held_cluster_ips,
+        Compiler,
+        health_check::ProbedEndpoint,
+        held_cluster_ips,
         model::{Desired, IpCidr, NodeContext, Problem, Scope, ServicePortKey, Severity},
     },
     datapath::{
@@ -314,7 +316,10 @@ async fn sync_until_stopped(
                 info!("endpoints without nodeName moved with the routes");
             }
             Woken::Health(change) => {
-                report_health_change(&change, &snapshots.borrow(), events.as_ref());
+                // With those that came meanwhile: endpoints failing together, one sync.
+                for change in std::iter::once(change).chain(prober.pending_changes()) {
+                    report_health_change(&change, &snapshots.borrow(), events.as_ref());
+                }
                 count_health_failed(&observers.metrics, &prober);
                 // Synced only when a compiled Service's tables change.
                 if !compiler.set_health_failed(prober.failed().clone()) {
@@ -425,6 +430,7 @@ async fn sync_until_stopped(
                 &update,
                 &report,
                 compiler.health_check_node_ports(),
+                prober.failed(),
                 SyncCounts {
                     took: started.elapsed(),
                     invalid_objects,
@@ -567,7 +573,10 @@ fn report_health_change(
         } else {
             EventType::Normal
         };
-        spawn_event(events.clone(), object, type_, reason, message);
+        // One Event series per endpoint: the recorder would merge the second endpoint's into
+        // the first's.
+        let action = format!("HealthCheck {at}");
+        spawn_event_as(events.clone(), object, type_, reason, message, action);
     }
 }
 
@@ -589,7 +598,8 @@ struct Observers {
     health_checks: HealthCheckPorts,
     /// Service ports with a Local traffic policy, with their backend count (kept for the changed
     /// ports only, so a sync stays O(the change)).
-    local_policy: BTreeMap<ServicePortKey, usize>,
+    /// The endpoints (address, port) of every service with a Local traffic policy.
+    local_policy: BTreeMap<ServicePortKey, Vec<(IpAddr, u16)>>,
 }
 
 struct SyncCounts {
@@ -610,6 +620,7 @@ impl Observers {
         update: &crate::compile::Update,
         report: &crate::reconcile::ReconcileReport,
         health_check_ports: &BTreeMap<(String, String), u16>,
+        health_failed: &BTreeSet<ProbedEndpoint>,
         counts: SyncCounts,
     ) {
         let metrics = &self.metrics;
@@ -635,8 +646,12 @@ impl Observers {
         for key in &update.changed {
             match desired.services.get(key) {
                 Some(service) if service.flags & lb_common::service_flags::LOCAL_ONLY != 0 => {
-                    self.local_policy
-                        .insert(key.clone(), service.backends.len());
+                    let endpoints = service
+                        .backends
+                        .iter()
+                        .map(|backend| (backend.addr, backend.port))
+                        .collect();
+                    self.local_policy.insert(key.clone(), endpoints);
                 }
                 _ => {
                     self.local_policy.remove(key);
@@ -647,7 +662,7 @@ impl Observers {
             let empty = self
                 .local_policy
                 .iter()
-                .filter(|(key, backends)| **backends == 0 && traffic_policy(key) == policy)
+                .filter(|(key, endpoints)| endpoints.is_empty() && traffic_policy(key) == policy)
                 .count();
             metrics
                 .no_local_endpoints
@@ -660,7 +675,7 @@ impl Observers {
                 let target = HealthCheckTarget {
                     namespace: namespace.clone(),
                     name: name.clone(),
-                    local_endpoints: self.local_endpoints(namespace, name),
+                    local_endpoints: self.local_endpoints(namespace, name, health_failed),
                 };
                 (*port, target)
             })
@@ -669,9 +684,24 @@ impl Observers {
         self.health.updated();
     }
 
-    /// A Service's endpoints on this node: the most any of its externally-scoped ports has
-    /// (ETP Local programs only local endpoints there).
-    fn local_endpoints(&self, namespace: &str, name: &str) -> usize {
+    /// A Service's endpoints on this node that its healthCheckNodePort counts: the most any of
+    /// its externally-scoped ports has (ETP Local programs only local endpoints there), leaving
+    /// out those failing their health check. The datapath keeps failed endpoints when all fail
+    /// (fail open); the port reports 0 then, so that the load balancer sends to other nodes.
+    fn local_endpoints(
+        &self,
+        namespace: &str,
+        name: &str,
+        health_failed: &BTreeSet<ProbedEndpoint>,
+    ) -> usize {
+        let failed = |&(addr, port): &(IpAddr, u16)| {
+            health_failed.contains(&ProbedEndpoint {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                addr,
+                port,
+            })
+        };
         self.local_policy
             .iter()
             .filter(|(key, _)| {
@@ -679,7 +709,7 @@ impl Observers {
                     && key.name == name
                     && matches!(key.scope, Scope::External | Scope::LoadBalancer)
             })
-            .map(|(_, backends)| *backends)
+            .map(|(_, endpoints)| endpoints.iter().filter(|e| !failed(e)).count())
             .max()
             .unwrap_or(0)
     }
@@ -917,8 +947,24 @@ fn spawn_event(
     reason: &'static str,
     message: String,
 ) {
+    let action = kube_source::EVENT_ACTION.to_owned();
+    spawn_event_as(events, object, type_, reason, message, action);
+}
+
+/// As [`spawn_event`], with an action of its own ([`kube_source::EventRecorder::publish_as`]).
+fn spawn_event_as(
+    events: Arc<kube_source::EventRecorder>,
+    object: ObjectReference,
+    type_: EventType,
+    reason: &'static str,
+    message: String,
+    action: String,
+) {
     tokio::spawn(async move {
-        if let Err(error) = events.publish(type_, &object, reason, &message).await {
+        if let Err(error) = events
+            .publish_as(type_, &object, reason, &message, &action)
+            .await
+        {
             warn!(
                 error = format!("{error:#}"),
                 kind = object.kind.as_deref().unwrap_or_default(),

@@ -178,20 +178,37 @@ impl Prober {
                 // Unreachable while `self.reports` lives; never wake the caller for nothing.
                 return std::future::pending().await;
             };
-            let current = self
-                .running
-                .get(&change.endpoint)
-                .is_some_and(|running| running.generation == change.generation);
-            if !current {
-                continue;
+            if let Some(change) = self.accept(change) {
+                return change;
             }
-            if change.failed {
-                self.failed.insert(change.endpoint.clone());
-            } else {
-                self.failed.remove(&change.endpoint);
-            }
-            return change;
         }
+    }
+
+    /// The changes that arrived since, without waiting: the caller takes them with the one
+    /// [`Self::next_change`] gave, so that endpoints failing together cost one sync.
+    pub fn pending_changes(&mut self) -> Vec<Change> {
+        let mut pending = Vec::new();
+        while let Ok(change) = self.changes.try_recv() {
+            pending.extend(self.accept(change));
+        }
+        pending
+    }
+
+    /// A change of a probe still running (not one of a stopped probe's), recorded.
+    fn accept(&mut self, change: Change) -> Option<Change> {
+        let current = self
+            .running
+            .get(&change.endpoint)
+            .is_some_and(|running| running.generation == change.generation);
+        if !current {
+            return None;
+        }
+        if change.failed {
+            self.failed.insert(change.endpoint.clone());
+        } else {
+            self.failed.remove(&change.endpoint);
+        }
+        Some(change)
     }
 
     /// The endpoints whose probes failed them and have not passed since.

@@ -25,8 +25,14 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// The Service `web` (ClusterIP 10.96.0.10:80, nodePort 30080) checked by TCP connects every
 /// 500 ms, each allowed 250 ms, 2 failures out and 1 pass back, over n1p0 and n1p1.
 fn checked_web() -> String {
+    checked_web_of_type("NodePort", "")
+}
+
+/// As [`checked_web`], of Service type `kind`, with `extra_spec` lines (indented two spaces)
+/// in its spec.
+fn checked_web_of_type(kind: &str, extra_spec: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  annotations:\n    lb.io/health-check: tcp\n    lb.io/health-check-interval: {}ms\n    lb.io/health-check-timeout: 250ms\n    lb.io/health-check-failure-threshold: \"2\"\n    lb.io/health-check-success-threshold: \"1\"\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n---\n",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  annotations:\n    lb.io/health-check: tcp\n    lb.io/health-check-interval: {}ms\n    lb.io/health-check-timeout: 250ms\n    lb.io/health-check-failure-threshold: \"2\"\n    lb.io/health-check-success-threshold: \"1\"\nspec:\n  type: {kind}\n  clusterIP: 10.96.0.10\n{extra_spec}  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: 30080}}\n---\n",
         INTERVAL.as_millis()
     ) + &endpoint_slice(
         "web",
@@ -218,7 +224,8 @@ fn when_every_pod_is_wedged_none_leaves_rotation() {
     // Both fail their probes; the table keeps both (fail open), with a Warning.
     wait_for_failed_count(&setup, 2);
     wait_for_log(&setup.log(), "HealthCheckFailOpen", 1, HEALTH_TIMEOUT).expect("logged");
-    assert_eq!(web_backends(&setup), both);
+    // The line is logged as the sync that puts both back in starts: the tables follow.
+    wait_for_backends(&setup, &both, "both wedged, both kept");
 
     // One answers again: the other leaves, as it is no longer the last.
     unwedge(&pods[1]);
@@ -229,4 +236,56 @@ fn when_every_pod_is_wedged_none_leaves_rotation() {
     );
     unwedge(&pods[0]);
     wait_for_backends(&setup, &both, "both answering again");
+}
+
+/// externalTrafficPolicy Local: the healthCheckNodePort counts the local endpoints that pass
+/// their checks. With both wedged the datapath keeps them (fail open), but the port answers 503
+/// with none, so that the load balancer sends to other nodes.
+#[test]
+fn the_health_check_node_port_counts_only_the_local_endpoints_that_pass() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &checked_web_of_type(
+                "LoadBalancer",
+                "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n",
+            ),
+        )
+        .expect("apply");
+    let node = setup.cluster.node(1).host.clone();
+    let check = std::net::SocketAddr::from((node_addr(1), 32100));
+    // The port follows the sync after a verdict: waited for, not read once.
+    let answers = |status: u16, local_endpoints: u64| {
+        let deadline = Instant::now() + HEALTH_TIMEOUT;
+        loop {
+            let answer = lab::http::get(&node, check, "/").expect("health check");
+            let body: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+            if answer.status == status && body["localEndpoints"] == local_endpoints {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the healthCheckNodePort answers {} {}, not {status} with {local_endpoints}",
+                answer.status,
+                answer.body
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    answers(200, 2);
+    let pods: Vec<Host> = setup.cluster.node(1).pods[..2]
+        .iter()
+        .map(|pod| pod.host.clone())
+        .collect();
+    wedge(&pods[0]);
+    wait_for_failed_count(&setup, 1);
+    answers(200, 1);
+    wedge(&pods[1]);
+    wait_for_failed_count(&setup, 2);
+    answers(503, 0);
+    unwedge(&pods[0]);
+    wait_for_failed_count(&setup, 1);
+    answers(200, 1);
 }

@@ -34,6 +34,10 @@ pub const DEFAULT_SUCCESS_THRESHOLD: u32 = 1;
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// The longest interval and timeout.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(300);
+/// The longest a probe may wait for its answer: the node's probes share one limit of probes in
+/// flight, and probes hanging for minutes on silent endpoints would hold it from every other
+/// Service's.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest failure or success threshold.
 pub const MAX_THRESHOLD: u32 = 10;
 /// The longest HTTP path (it goes into the request line as written).
@@ -145,6 +149,11 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<HealthChec
         HEALTH_CHECK_TIMEOUT_ANNOTATION,
         DEFAULT_TIMEOUT.min(interval),
     )?;
+    if timeout > MAX_TIMEOUT {
+        return Err(format!(
+            "{HEALTH_CHECK_TIMEOUT_ANNOTATION}: {timeout:?} is longer than {MAX_TIMEOUT:?}"
+        ));
+    }
     if timeout > interval {
         return Err(format!(
             "{HEALTH_CHECK_TIMEOUT_ANNOTATION}: {timeout:?} is longer than the interval \
@@ -193,28 +202,43 @@ fn parse_probe(text: &str) -> Result<Probe, String> {
 }
 
 /// One selection table's backends without those the probes hold as failed (`failed`: address
-/// and port), unless that would leave none: a table never loses its last candidates to health
-/// checks (fail open), since probes that fail for every endpoint more likely say something about
-/// the probing node than about the endpoints. Returns the backends and whether it failed open
-/// (some were failed and all were kept).
+/// and port), unless that would leave no candidate: a table never loses its last candidates to
+/// health checks (fail open), since probes that fail for every endpoint more likely say
+/// something about the probing node than about the endpoints.
+///
+/// A candidate is a healthy backend of weight above 0 (`weight`; a weight of 0 drains). When
+/// the table is a subset that topology hints chose (`wider`: all the port's endpoints), and no
+/// candidate of it is left, the healthy endpoints of the wider set serve instead, as they do when
+/// no hinted endpoint exists: hints are a preference. Returns the backends and whether it failed
+/// open (some were failed and all were kept).
 pub(super) fn without_failed(
     backends: BTreeSet<Backend>,
+    wider: Option<&BTreeSet<Backend>>,
     failed: &BTreeSet<(IpAddr, u16)>,
+    weight: impl Fn(&Backend) -> u32,
 ) -> (BTreeSet<Backend>, bool) {
-    if failed.is_empty() {
+    let is_failed = |backend: &Backend| failed.contains(&(backend.addr, backend.port));
+    if !backends.iter().any(is_failed) {
         return (backends, false);
     }
-    let healthy: BTreeSet<Backend> = backends
-        .iter()
-        .filter(|backend| !failed.contains(&(backend.addr, backend.port)))
-        .copied()
-        .collect();
-    if healthy.is_empty() {
-        let failed_open = !backends.is_empty();
-        (backends, failed_open)
-    } else {
-        (healthy, false)
+    let healthy = |set: &BTreeSet<Backend>| -> BTreeSet<Backend> {
+        set.iter()
+            .filter(|backend| !is_failed(backend))
+            .copied()
+            .collect()
+    };
+    let serves = |set: &BTreeSet<Backend>| set.iter().any(|backend| weight(backend) > 0);
+    let kept = healthy(&backends);
+    if serves(&kept) {
+        return (kept, false);
     }
+    if let Some(wider) = wider {
+        let kept = healthy(wider);
+        if serves(&kept) {
+            return (kept, false);
+        }
+    }
+    (backends, true)
 }
 
 #[cfg(test)]
@@ -382,6 +406,14 @@ mod tests {
             (
                 &[
                     ("lb.io/health-check", "tcp"),
+                    ("lb.io/health-check-interval", "5m"),
+                    ("lb.io/health-check-timeout", "31s"),
+                ],
+                "is longer than 30s",
+            ),
+            (
+                &[
+                    ("lb.io/health-check", "tcp"),
                     ("lb.io/health-check-failure-threshold", "0"),
                 ],
                 "lb.io/health-check-failure-threshold: \"0\" is not a number from 1 to 10",
@@ -430,29 +462,59 @@ mod tests {
                 .map(|last| (IpAddr::from([10, 244, 1, *last]), 8080))
                 .collect()
         };
+        let equal = |_: &Backend| 1;
         assert_eq!(
-            without_failed(all.clone(), &failed(&[])),
+            without_failed(all.clone(), None, &failed(&[]), equal),
             (all.clone(), false)
         );
         assert_eq!(
-            without_failed(all.clone(), &failed(&[10, 12])),
+            without_failed(all.clone(), None, &failed(&[10, 12]), equal),
             ([backend(11)].into(), false)
         );
         // Another port of the same address is another endpoint.
         let other_port: BTreeSet<(IpAddr, u16)> = [(IpAddr::from([10, 244, 1, 10]), 9090)].into();
         assert_eq!(
-            without_failed(all.clone(), &other_port),
+            without_failed(all.clone(), None, &other_port, equal),
             (all.clone(), false)
         );
         // Every one failed: all stay (fail open), and the caller hears of it.
         assert_eq!(
-            without_failed(all.clone(), &failed(&[10, 11, 12])),
+            without_failed(all.clone(), None, &failed(&[10, 11, 12]), equal),
             (all.clone(), true)
         );
         // An empty table did not fail open: it had nothing to keep.
         assert_eq!(
-            without_failed(BTreeSet::new(), &failed(&[10])),
+            without_failed(BTreeSet::new(), None, &failed(&[10]), equal),
             (BTreeSet::new(), false)
+        );
+    }
+
+    #[test]
+    fn a_hinted_subset_whose_endpoints_all_failed_falls_back_to_the_healthy_others() {
+        let hinted: BTreeSet<Backend> = [backend(10)].into();
+        let all: BTreeSet<Backend> = [backend(10), backend(11), backend(12)].into();
+        let failed: BTreeSet<(IpAddr, u16)> = [(IpAddr::from([10, 244, 1, 10]), 8080)].into();
+        assert_eq!(
+            without_failed(hinted.clone(), Some(&all), &failed, |_| 1),
+            ([backend(11), backend(12)].into(), false)
+        );
+        // Every endpoint failed: the hinted subset stays (fail open).
+        let every: BTreeSet<(IpAddr, u16)> = all.iter().map(|b| (b.addr, b.port)).collect();
+        assert_eq!(
+            without_failed(hinted.clone(), Some(&all), &every, |_| 1),
+            (hinted, true)
+        );
+    }
+
+    #[test]
+    fn healthy_backends_of_weight_0_are_no_candidates_to_keep_a_table_serving() {
+        // A (weight 1) failed, B weighs 0 (drained): taking A out would leave no cell.
+        let table: BTreeSet<Backend> = [backend(10), backend(11)].into();
+        let failed: BTreeSet<(IpAddr, u16)> = [(IpAddr::from([10, 244, 1, 10]), 8080)].into();
+        let weight = |b: &Backend| u32::from(b.addr != IpAddr::from([10, 244, 1, 11]));
+        assert_eq!(
+            without_failed(table.clone(), None, &failed, weight),
+            (table, true)
         );
     }
 }

@@ -394,6 +394,7 @@ pub(super) fn compile_service(
                 Some(rules) => weigh(rules, &backends, endpoints, service, problems),
                 None => BTreeMap::new(),
             };
+            let backends_of_port = &backends;
             for (scope, frontends, flags) in policy.split(frontends) {
                 let key = ServicePortKey {
                     namespace: namespace.clone(),
@@ -403,7 +404,8 @@ pub(super) fn compile_service(
                     scope,
                     family,
                 };
-                let backends = if flags & service_flags::LOCAL_ONLY != 0 {
+                let local_only = flags & service_flags::LOCAL_ONLY != 0;
+                let backends = if local_only {
                     backends
                         .iter()
                         .filter(|b| b.flags & backend_flags::LOCAL != 0)
@@ -413,7 +415,17 @@ pub(super) fn compile_service(
                     cluster.clone()
                 };
                 let backends = if probed.is_some() {
-                    let (healthy, failed_open) = without_failed(backends, &health_failed);
+                    // Hints chose the cluster table out of all the port's endpoints.
+                    let wider =
+                        (!local_only && cluster != *backends_of_port).then_some(backends_of_port);
+                    let weight = |backend: &Backend| {
+                        family_weights
+                            .get(&(backend.addr, backend.port))
+                            .copied()
+                            .unwrap_or(1)
+                    };
+                    let (healthy, failed_open) =
+                        without_failed(backends, wider, &health_failed, weight);
                     if failed_open {
                         problems.push(Problem {
                             severity: Severity::Warning,

@@ -396,6 +396,8 @@ where
 
 /// The `action` of the agent's Events: what it was doing when it had to skip the object.
 pub const EVENT_ACTION: &str = "Program";
+/// The API's limit on an Event's action (events.k8s.io/v1, `action`: 128 characters).
+const MAX_EVENT_ACTION_LEN: usize = 128;
 /// events.k8s.io/v1 rejects a `note` longer than this (bytes).
 const MAX_NOTE: usize = 1024;
 
@@ -498,11 +500,27 @@ impl EventRecorder {
         reason: &str,
         message: &str,
     ) -> anyhow::Result<()> {
+        self.publish_as(type_, object, reason, message, EVENT_ACTION)
+            .await
+    }
+
+    /// As [`Self::publish`], with an action of its own. The recorder merges an Event into an
+    /// earlier one of the same object, type, reason and action within minutes (counting it,
+    /// keeping the first note): Events about different parts of one object (its endpoints)
+    /// need different actions to be seen apart.
+    pub async fn publish_as(
+        &self,
+        type_: EventType,
+        object: &ObjectReference,
+        reason: &str,
+        message: &str,
+        action: &str,
+    ) -> anyhow::Result<()> {
         let event = Event {
             type_,
             reason: reason.to_owned(),
             note: Some(truncated_note(message)),
-            action: EVENT_ACTION.to_owned(),
+            action: action.chars().take(MAX_EVENT_ACTION_LEN).collect(),
             secondary: None,
         };
         let mut delay = self.retry.first_delay;
