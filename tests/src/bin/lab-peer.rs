@@ -10,7 +10,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use lab::peer::{ClientReport, LatencySummary, TimelineEntry, parse_reply, reply};
+use lab::peer::{ClientReport, LatencySummary, TimelineEntry, error_kind, parse_reply, reply};
 
 #[derive(Parser)]
 #[command(about = "TCP/UDP/SCTP peers for the lab (run inside lab namespaces)")]
@@ -70,6 +70,10 @@ struct LoadArgs {
     /// Request/response over one connection per client instead of connect/request/close.
     #[arg(long)]
     one_flow: bool,
+    /// Pause of each client between requests (0: none): a steady load rather than the most
+    /// the machine can do.
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -265,13 +269,13 @@ fn set_ready_file(args: &ClientArgs) {
 fn record(report: &mut ClientReport, result: Exchange) {
     report.attempts += 1;
     let parsed = result
-        .map_err(|err| err.to_string())
+        .map_err(|err| (error_kind(&err), err.to_string()))
         .and_then(|(text, peer)| {
             parse_reply(&text)
                 .map(|(server, ip, seen_as)| {
                     (server.to_owned(), ip.to_owned(), seen_as.to_owned(), peer)
                 })
-                .ok_or_else(|| format!("malformed reply {text:?}"))
+                .ok_or_else(|| ("malformed", format!("malformed reply {text:?}")))
         });
     match parsed {
         Ok((server, ip, seen_as, peer)) => {
@@ -288,8 +292,9 @@ fn record(report: &mut ClientReport, result: Exchange) {
             *report.peer_names.entry(peer.to_string()).or_default() += 1;
             report.last_server = Some(server);
         }
-        Err(err) => {
+        Err((kind, err)) => {
             report.errors += 1;
+            *report.error_kinds.entry(kind.to_owned()).or_default() += 1;
             if report.error_samples.len() < MAX_ERROR_SAMPLES {
                 report.error_samples.push(err);
             }
@@ -658,6 +663,9 @@ fn load_client(
             // A broken connection stays broken: stop this client rather than spin on errors.
             break;
         }
+        if args.interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.interval_ms));
+        }
     }
     (report, latencies)
 }
@@ -674,6 +682,12 @@ fn merge(into: &mut ClientReport, part: ClientReport) {
     }
     for (key, count) in part.peer_names {
         *into.peer_names.entry(key).or_default() += count;
+    }
+    for (key, count) in part.seen_as {
+        *into.seen_as.entry(key).or_default() += count;
+    }
+    for (key, count) in part.error_kinds {
+        *into.error_kinds.entry(key).or_default() += count;
     }
     if part.last_server.is_some() {
         into.last_server = part.last_server;
