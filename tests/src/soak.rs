@@ -79,7 +79,9 @@ impl Scale {
     /// Seconds a row, for the test suite.
     pub fn short() -> Self {
         Self {
-            outage: Duration::from_secs(3),
+            // Long enough for client-go's backoff (800 ms doubling up to 30 s, with jitter) to
+            // have grown: with it the agent came back 24 s after a 20 s outage's end.
+            outage: Duration::from_secs(20),
             crash_kills: 3,
             crash_window: Duration::from_secs(3),
             churn: Duration::from_secs(5),
