@@ -54,6 +54,9 @@ pub struct Scale {
     pub churn_services: usize,
     /// Rolling update: how long each step (terminating, removed, replaced) holds.
     pub rolling_step: Duration,
+    /// Map full: the IPv4 frontends map's size (`--frontend-map-size`); half as many Services
+    /// again as it holds are created.
+    pub frontend_map_size: u32,
     /// SNAT pressure: how long the flows are held, and the SNAT range's size.
     pub snat_hold: Duration,
     pub snat_ports: u16,
@@ -71,6 +74,7 @@ impl Scale {
             churn_rate: 50,
             churn_services: 1000,
             rolling_step: Duration::from_secs(3),
+            frontend_map_size: 256,
             snat_hold: Duration::from_secs(20),
             snat_ports: 8,
         }
@@ -88,6 +92,7 @@ impl Scale {
             churn_rate: 50,
             churn_services: 100,
             rolling_step: Duration::from_millis(500),
+            frontend_map_size: 16,
             snat_hold: Duration::from_secs(4),
             snat_ports: 4,
         }
@@ -467,6 +472,11 @@ impl KubeLab {
     /// The lab, the server holding node1, the loaded Service `web` (NodePort, the three pods)
     /// and whatever `populate` adds, and the agent after its first sync.
     fn start(populate: impl FnOnce(&FakeApiServer)) -> anyhow::Result<Self> {
+        Self::start_with(&[], populate)
+    }
+
+    /// As [`Self::start`], the agent with `extra` flags.
+    fn start_with(extra: &[&str], populate: impl FnOnce(&FakeApiServer)) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -486,7 +496,11 @@ impl KubeLab {
         let kubeconfig = setup.scratch_file("kubeconfig");
         server.write_kubeconfig(&kubeconfig)?;
         let kubeconfig = kubeconfig.to_string_lossy().into_owned();
-        setup.start_agent_from(&["--source", "kube", "--kubeconfig", &kubeconfig], &[], &[])?;
+        setup.start_agent_from(
+            &["--source", "kube", "--kubeconfig", &kubeconfig],
+            &[],
+            extra,
+        )?;
         Ok(Self {
             setup,
             server,
@@ -671,6 +685,139 @@ pub fn endpoint_churn(scale: &Scale) -> anyhow::Result<Row> {
         ),
         _ => row.check("RSS read", false, "no VmRSS"),
     }
+    Ok(row.finish(started))
+}
+
+/// A sample of the agent's `/metrics` on node1 (its default address, in node1's namespace).
+fn metric(setup: &AgentLab, sample: &str) -> anyhow::Result<Option<f64>> {
+    let page = crate::http::request(
+        &setup.cluster.node(1).host,
+        "GET",
+        "127.0.0.1:10249".parse()?,
+        "/metrics",
+        "",
+    )?;
+    Ok(page
+        .body
+        .lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok()))
+}
+
+/// More frontends than the map holds: the agent's IPv4 frontends map made
+/// `scale.frontend_map_size` entries, the loaded Service programmed, then half as many
+/// ClusterIP Services again as the map holds created at once. The ones that fit are programmed
+/// and answer; each of the others gets a Warning Event (`NotProgrammed`), and
+/// `lb_sync_errors_total` counts them; the loaded Service goes on without a failure.
+pub fn map_full(scale: &Scale) -> anyhow::Result<Row> {
+    let started = Instant::now();
+    let size = scale.frontend_map_size;
+    let fill = (size + size / 2) as usize;
+    let mut row = Row::new(&format!("Map full ({fill} Services for {size} frontends)"));
+    let size_flag = size.to_string();
+    let lab = KubeLab::start_with(&["--frontend-map-size", &size_flag], |_| {})?;
+    let pid = lab.setup.agent_pid().context("agent pid")?;
+    row.rss_before_kib = rss_kib(pid);
+    let frontends = |setup: &AgentLab| -> anyhow::Result<u64> {
+        Ok(
+            lb_userspace::observe::inspect::PinnedMaps::open(setup.pin_dir())?
+                .fill()?
+                .into_iter()
+                .find(|fill| fill.map == lb_common::map_names::FRONTENDS4)
+                .map_or(0, |fill| fill.entries),
+        )
+    };
+    let taken = frontends(&lab.setup)?;
+    let room = (u64::from(size) - taken) as usize;
+    let fill_ip = |i: usize| format!("10.98.{}.{}", i / 250, i % 250 + 1);
+    let lead = Duration::from_secs(1);
+    let load = LoadSpec::node_port(lead + Duration::from_secs(6));
+    let report = std::thread::scope(|scope| -> anyhow::Result<ClientReport> {
+        let handle = load.spawn(scope, &lab.setup.cluster.client, None);
+        std::thread::sleep(lead);
+        let applied = Instant::now();
+        for i in 0..fill {
+            lab.server
+                .apply(kube_service(&format!("fill{i}"), &fill_ip(i), None));
+            lab.server.apply(kube_slice(
+                &format!("fill{i}"),
+                &[(pod_addr(1, 0), "node1")],
+            ));
+        }
+        let fitted = |services: &BTreeMap<String, Vec<String>>| {
+            services
+                .keys()
+                .filter(|name| name.starts_with("default/fill"))
+                .count()
+        };
+        match wait_programmed(lab.setup.pin_dir(), Duration::from_secs(30), |services| {
+            fitted(services) >= room
+        }) {
+            Ok(_) => row.converged(applied.elapsed()),
+            Err(err) => row.check("converged within 2 s", false, format!("{err:#}")),
+        }
+        // Events go out in the background: give them a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let unprogrammed = loop {
+            let named: BTreeSet<String> = lab
+                .server
+                .events()
+                .iter()
+                .filter(|event| event["reason"] == "NotProgrammed")
+                .filter_map(|event| event["regarding"]["name"].as_str().map(str::to_owned))
+                .collect();
+            if named.len() >= fill - room || Instant::now() > deadline {
+                break named;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let services = programmed(lab.setup.pin_dir())?;
+        let programmed_fill: BTreeSet<String> = services
+            .keys()
+            .filter_map(|name| Some(name.strip_prefix("default/")?.split(':').next()?.to_owned()))
+            .filter(|name| name.starts_with("fill"))
+            .collect();
+        row.check(
+            "the Services that fit are programmed",
+            programmed_fill.len() == room,
+            format!(
+                "{} of {fill} programmed, room for {room} ({taken} frontends taken before)",
+                programmed_fill.len()
+            ),
+        );
+        let all_fill: BTreeSet<String> = (0..fill).map(|i| format!("fill{i}")).collect();
+        let left_out: BTreeSet<String> = all_fill.difference(&programmed_fill).cloned().collect();
+        row.check(
+            "each Service left out has a NotProgrammed Event",
+            left_out == unprogrammed,
+            format!(
+                "{} left out, {} with the Event",
+                left_out.len(),
+                unprogrammed.len()
+            ),
+        );
+        let errors = metric(&lab.setup, "lb_sync_errors_total")?;
+        row.check(
+            "lb_sync_errors_total counts them",
+            errors.is_some_and(|errors| errors >= left_out.len() as f64),
+            format!("{errors:?}"),
+        );
+        // One that fits answers, from a pod through the socket hooks.
+        if let Some(name) = programmed_fill.iter().next() {
+            let index: usize = name.trim_start_matches("fill").parse()?;
+            let to = format!("{}:80", fill_ip(index));
+            let answered = peer::ClientRun::tcp(&to, 20)
+                .run(lab.setup.client_pod(), Some(&lab.setup.cgroup))?;
+            row.check(
+                "a Service that fits answers",
+                answered.ok == answered.attempts && answered.attempts > 0,
+                format!("{name}: {} of {} answered", answered.ok, answered.attempts),
+            );
+        }
+        joined(handle)
+    })?;
+    row.load_report(&load.describe(), &report);
+    row.zero_failures("the loaded Service fits");
+    row.rss_after_kib = rss_kib(pid);
     Ok(row.finish(started))
 }
 
@@ -949,15 +1096,7 @@ pub fn all(scale: &Scale, only: &[String]) -> Vec<Row> {
             }),
         ),
         ("snat", Box::new(snat_pressure)),
-        (
-            "map-full",
-            Box::new(|_: &Scale| {
-                Ok(not_run(
-                    "Map full (more frontends than the map holds)",
-                    "not built: the frontends map's size (262,144) is a constant of the datapath, not settable",
-                ))
-            }),
-        ),
+        ("map-full", Box::new(map_full)),
         (
             "upgrade",
             Box::new(|_: &Scale| {

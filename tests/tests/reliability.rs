@@ -63,3 +63,9 @@ fn snat_pressure_counts_the_refused_flows_and_misdelivers_none() {
     let _serial = one_at_a_time();
     assert_met(&soak::snat_pressure(&Scale::short()).expect("scenario"));
 }
+
+#[test]
+fn map_full_keeps_the_services_that_fit_and_reports_the_others() {
+    let _serial = one_at_a_time();
+    assert_met(&soak::map_full(&Scale::short()).expect("scenario"));
+}

@@ -57,10 +57,18 @@ impl Datapath {
     /// and pinning them there. bpffs is mounted at its usual place when missing; the pin
     /// directory is created 0700 and refused when it is not on bpffs or not this user's.
     pub fn load(pin_dir: &Path) -> Result<Self> {
+        Self::load_sized(pin_dir, limits::MAX_FRONTENDS)
+    }
+
+    /// As [`Datapath::load`], creating the IPv4 frontends map (when it is not pinned yet) with
+    /// room for `frontends` entries instead of [`limits::MAX_FRONTENDS`]. A pinned map keeps
+    /// the size it was created with, and that size is the one the agent keeps to.
+    pub fn load_sized(pin_dir: &Path, frontends: u32) -> Result<Self> {
         super::bpffs::ensure_mounted(Path::new(super::bpffs::DEFAULT_MOUNT))?;
         super::bpffs::create_pin_dir(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_max_entries(map_names::FRONTENDS4, frontends)
             .load(DATAPATH_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.to_owned(),
@@ -131,7 +139,11 @@ impl Datapath {
         let maglev = open_map_data(pin_dir, map_names::MAGLEV4, Access::ReadWrite)?;
         check_maglev_tables(pin_dir, &mut installed)?;
         forget_unused_maglev_tables(&maglev, &installed)?;
+        let frontends4_capacity = aya::maps::MapInfo::from_pin(pin_dir.join(map_names::FRONTENDS4))
+            .map(|info| info.max_entries())
+            .unwrap_or(limits::MAX_FRONTENDS);
         Ok(Self {
+            frontends4_capacity,
             maps,
             frontend_filter,
             backend_filter,
