@@ -76,8 +76,8 @@ pub struct AgentConfig {
     pub mount_bpffs: bool,
     /// Source ports of SNATed flows.
     pub snat_ports: RangeInclusive<u16>,
-    /// Entries of the IPv4 frontends map, when the agent creates it.
-    pub frontend_map_size: u32,
+    /// Sizes of the maps, when the agent creates them.
+    pub map_sizes: crate::datapath::MapSizes,
     /// How long an EndpointSlice's Service may be missing before the slice is reported
     /// ([`crate::orphans`]).
     pub missing_service_grace: Duration,
@@ -150,8 +150,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     for iface in &config.interfaces {
         crate::node::require_accept_local(iface)?;
     }
-    let mut datapath = Datapath::load_sized(&config.pin_dir, config.frontend_map_size)
-        .context("loading the datapath")?;
+    let mut datapath =
+        Datapath::load_sized(&config.pin_dir, config.map_sizes).context("loading the datapath")?;
     for iface in &config.interfaces {
         // tc first: a new tc program translates the answers of what either the old or the new
         // XDP program tracks, while an old tc program knows nothing of the new kinds of entry.

@@ -238,6 +238,10 @@ struct RunArgs {
     /// programmed, each with a Warning Event (`NotProgrammed`) and `lb_sync_errors_total`.
     #[arg(long, env = "LB_FRONTEND_MAP_SIZE", default_value_t = lb_common::limits::MAX_FRONTENDS, value_parser = clap::value_parser!(u32).range(1..))]
     frontend_map_size: u32,
+    /// Entries of the IPv4 conntrack map when the agent creates it (a map already pinned keeps
+    /// its size). An LRU map: when it is full, a new flow evicts the least recently used entry.
+    #[arg(long, env = "LB_CONNTRACK_MAP_SIZE", default_value_t = lb_common::limits::MAX_CONNTRACK, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_map_size: u32,
     /// How long an EndpointSlice's Service may be missing before the slice is reported
     /// (ServiceNotFound): Services and slices arrive on separate watches. The slices of a
     /// Service seen deleted are never reported (the garbage collector removes them).
@@ -589,7 +593,10 @@ fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
         log_level: Some(log_level),
         mount_bpffs: args.mount_bpffs,
         snat_ports: args.snat_port_range,
-        frontend_map_size: args.frontend_map_size,
+        map_sizes: lb_userspace::datapath::MapSizes {
+            frontends4: args.frontend_map_size,
+            conntrack4: args.conntrack_map_size,
+        },
         missing_service_grace: args.missing_service_grace,
         conntrack_timeouts: lb_common::CtTimeouts {
             tcp_syn: nanos(args.conntrack_tcp_timeout_syn),

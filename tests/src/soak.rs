@@ -57,6 +57,10 @@ pub struct Scale {
     /// Map full: the IPv4 frontends map's size (`--frontend-map-size`); half as many Services
     /// again as it holds are created.
     pub frontend_map_size: u32,
+    /// Conntrack pressure: the conntrack map's size (`--conntrack-map-size`) and how long the
+    /// SYN flood lasts.
+    pub conntrack_map_size: u32,
+    pub flood: Duration,
     /// SNAT pressure: how long the flows are held, and the SNAT range's size.
     pub snat_hold: Duration,
     pub snat_ports: u16,
@@ -75,6 +79,8 @@ impl Scale {
             churn_services: 1000,
             rolling_step: Duration::from_secs(3),
             frontend_map_size: 256,
+            conntrack_map_size: 16_384,
+            flood: Duration::from_secs(20),
             snat_hold: Duration::from_secs(20),
             snat_ports: 8,
         }
@@ -93,6 +99,8 @@ impl Scale {
             churn_services: 100,
             rolling_step: Duration::from_millis(500),
             frontend_map_size: 16,
+            conntrack_map_size: 1024,
+            flood: Duration::from_secs(3),
             snat_hold: Duration::from_secs(4),
             snat_ports: 4,
         }
@@ -727,6 +735,16 @@ pub fn map_full(scale: &Scale) -> anyhow::Result<Row> {
         )
     };
     let taken = frontends(&lab.setup)?;
+    let capacity = lb_userspace::observe::inspect::PinnedMaps::open(lab.setup.pin_dir())?
+        .fill()?
+        .into_iter()
+        .find(|fill| fill.map == lb_common::map_names::FRONTENDS4)
+        .map_or(0, |fill| fill.capacity);
+    row.check(
+        "lb stats reports the map's size",
+        capacity == u64::from(size),
+        format!("capacity {capacity}"),
+    );
     let room = (u64::from(size) - taken) as usize;
     let fill_ip = |i: usize| format!("10.98.{}.{}", i / 250, i % 250 + 1);
     let lead = Duration::from_secs(1);
@@ -984,6 +1002,122 @@ pub fn rolling_update(scale: &Scale, etp: &str) -> anyhow::Result<Row> {
     Ok(row.finish(started))
 }
 
+/// A SYN flood from spoofed sources (addresses no host has, random ports) to a second NodePort
+/// Service on node1's pods fills the conntrack map (`scale.conntrack_map_size`, LRU) many times
+/// over for `scale.flood`, while established connections to the loaded Service (one each,
+/// a request every 20 ms) go on: none may fail, and every SYN is counted, as a new flow of the
+/// flooded Service or as a drop by reason.
+pub fn conntrack_pressure(scale: &Scale) -> anyhow::Result<Row> {
+    let started = Instant::now();
+    let size = scale.conntrack_map_size;
+    let mut row = Row::new(&format!(
+        "Conntrack pressure (SYN flood, {size}-entry conntrack map)"
+    ));
+    let size_flag = size.to_string();
+    let setup = file_lab("Cluster", &pods(), &["--conntrack-map-size", &size_flag])?;
+    let flood_port = NODE_PORT + 1;
+    setup.apply(
+        "flood.yaml",
+        &format!(
+            "{}---\n{}",
+            node_port_service("flood", "10.96.0.11", flood_port, ""),
+            crate::agent::endpoint_slice("flood", &pods()[..2])
+        ),
+    )?;
+    row.rss_before_kib = setup.agent_pid().and_then(rss_kib);
+    let maps = || lb_userspace::observe::inspect::PinnedMaps::open(setup.pin_dir());
+    let counted = || -> anyhow::Result<u64> {
+        let maps = maps()?;
+        let new_flows: u64 = maps
+            .services()?
+            .iter()
+            .filter(|service| service.name.starts_with("default/flood:"))
+            .map(|service| service.new_flows)
+            .sum();
+        let drops: u64 = maps
+            .events()?
+            .iter()
+            .filter(|(name, _)| name.starts_with("drop_"))
+            .map(|(_, count)| count)
+            .sum();
+        Ok(new_flows + drops)
+    };
+    let counted_before = counted()?;
+    let lead = Duration::from_secs(1);
+    let tail = Duration::from_secs(2);
+    let load = LoadSpec {
+        clients: 4,
+        interval_ms: 20,
+        one_flow: true,
+        ..LoadSpec::node_port(lead + scale.flood + tail)
+    };
+    let to = format!("203.0.113.1:{flood_port}");
+    let (report, sent) = std::thread::scope(|scope| -> anyhow::Result<_> {
+        let handle = load.spawn(scope, &setup.cluster.client, None);
+        std::thread::sleep(lead);
+        let flood_started = Instant::now();
+        let mut sent = 0u64;
+        while flood_started.elapsed() < scale.flood {
+            let offset = sent.to_string();
+            let out = setup.cluster.client.run(
+                peer::binary()?,
+                &[
+                    "syn-flood",
+                    "--to",
+                    &to,
+                    "--first-source",
+                    "203.0.113.100",
+                    "--sources",
+                    "100",
+                    "--count",
+                    "20000",
+                    "--offset",
+                    &offset,
+                ],
+            )?;
+            let out: serde_json::Value = serde_json::from_str(out.trim())?;
+            sent += out["sent"].as_u64().unwrap_or(0);
+        }
+        Ok((joined(handle)?, sent))
+    })?;
+    // The last SYNs may still be on their way through the NIC's queue: until the count holds.
+    let mut counted_after = counted()?;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = counted()?;
+        if now == counted_after {
+            break;
+        }
+        counted_after = now;
+    }
+    let counted = counted_after - counted_before;
+    let entries = maps()?
+        .fill()?
+        .into_iter()
+        .find(|fill| fill.map == lb_common::map_names::CONNTRACK4)
+        .map_or(0, |fill| fill.entries);
+    row.fault = format!(
+        "Conntrack pressure ({sent} SYNs in {} s into a {size}-entry conntrack map)",
+        scale.flood.as_secs()
+    );
+    row.load_report(&load.describe(), &report);
+    row.zero_failures("established connections");
+    row.check(
+        "the flood filled the conntrack map",
+        // An LRU map keeps some of its room in per-CPU free lists: it evicts before the last
+        // entries are taken.
+        sent >= 10 * u64::from(size) && entries >= u64::from(size) * 3 / 4,
+        format!("{sent} SYNs, {entries} live entries of {size}"),
+    );
+    row.check(
+        "every SYN counted (a new flow or a drop)",
+        counted == sent,
+        format!("{sent} SYNs sent, {counted} counted as new flows of the flooded Service or drops"),
+    );
+    row.rss_after_kib = setup.agent_pid().and_then(rss_kib);
+    Ok(row.finish(started))
+}
+
 /// More concurrent NodePort flows to a remote endpoint than the SNAT range holds: twice
 /// `scale.snat_ports` connections, each held open with a request every 50 ms. The range's
 /// worth get through; the others are refused (their SYNs dropped and counted as
@@ -1086,15 +1220,7 @@ pub fn all(scale: &Scale, only: &[String]) -> Vec<Row> {
             "rolling-local",
             Box::new(|s: &Scale| rolling_update(s, "Local")),
         ),
-        (
-            "conntrack",
-            Box::new(|_: &Scale| {
-                Ok(not_run(
-                    "Conntrack pressure (SYN flood)",
-                    "not built: the conntrack map's size (524,288) is a constant of the datapath, not settable, and the lab has no SYN flooder",
-                ))
-            }),
-        ),
+        ("conntrack", Box::new(conntrack_pressure)),
         ("snat", Box::new(snat_pressure)),
         ("map-full", Box::new(map_full)),
         (

@@ -69,3 +69,9 @@ fn map_full_keeps_the_services_that_fit_and_reports_the_others() {
     let _serial = one_at_a_time();
     assert_met(&soak::map_full(&Scale::short()).expect("scenario"));
 }
+
+#[test]
+fn conntrack_pressure_keeps_established_flows_and_counts_every_syn() {
+    let _serial = one_at_a_time();
+    assert_met(&soak::conntrack_pressure(&Scale::short()).expect("scenario"));
+}

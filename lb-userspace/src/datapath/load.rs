@@ -52,23 +52,44 @@ const SOCKET_HOOKS: [&str; 8] = [
     program_names::GETPEERNAME6,
 ];
 
+/// Sizes of the maps a deployment may want other than the `limits` constants (`lb run
+/// --frontend-map-size`, `--conntrack-map-size`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Entries of the IPv4 frontends map.
+    pub frontends4: u32,
+    /// Entries of the IPv4 conntrack map (an LRU map: when full, a new entry evicts the least
+    /// recently used one).
+    pub conntrack4: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            frontends4: limits::MAX_FRONTENDS,
+            conntrack4: limits::MAX_CONNTRACK,
+        }
+    }
+}
+
 impl Datapath {
     /// Loads every program of the datapath, reusing the maps pinned under `pin_dir` or creating
     /// and pinning them there. bpffs is mounted at its usual place when missing; the pin
     /// directory is created 0700 and refused when it is not on bpffs or not this user's.
     pub fn load(pin_dir: &Path) -> Result<Self> {
-        Self::load_sized(pin_dir, limits::MAX_FRONTENDS)
+        Self::load_sized(pin_dir, MapSizes::default())
     }
 
-    /// As [`Datapath::load`], creating the IPv4 frontends map (when it is not pinned yet) with
-    /// room for `frontends` entries instead of [`limits::MAX_FRONTENDS`]. A pinned map keeps
-    /// the size it was created with, and that size is the one the agent keeps to.
-    pub fn load_sized(pin_dir: &Path, frontends: u32) -> Result<Self> {
+    /// As [`Datapath::load`], creating the maps of [`MapSizes`] (when they are not pinned yet)
+    /// with the sizes given instead of the `limits` constants. A pinned map keeps the size it
+    /// was created with, and that size is the one the agent keeps to.
+    pub fn load_sized(pin_dir: &Path, sizes: MapSizes) -> Result<Self> {
         super::bpffs::ensure_mounted(Path::new(super::bpffs::DEFAULT_MOUNT))?;
         super::bpffs::create_pin_dir(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .map_max_entries(map_names::FRONTENDS4, frontends)
+            .map_max_entries(map_names::FRONTENDS4, sizes.frontends4)
+            .map_max_entries(map_names::CONNTRACK4, sizes.conntrack4)
             .load(DATAPATH_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.to_owned(),

@@ -55,6 +55,7 @@ mod write;
 
 use address_filter::AddressFilter;
 pub use error::DatapathError;
+pub use load::MapSizes;
 use maps::Maps;
 use slot_ranges::SlotRanges;
 pub use write::MAGLEV_SWAP_BATCH;
