@@ -1194,6 +1194,75 @@ pub fn snat_pressure(scale: &Scale) -> anyhow::Result<Row> {
     Ok(row.finish(started))
 }
 
+/// An agent upgrade as the DaemonSet does it, onto the same map layout: SIGTERM, then a new
+/// agent on the pinned maps, under established connections (one each, a request every 20 ms)
+/// and connect/request/close to the loaded Service. A changed layout is not run (no agent of
+/// another layout is at hand): docs/deploy.md says what each past layout change keeps and
+/// drops. The established connections' conntrack entries must survive.
+pub fn upgrade_restart(_scale: &Scale) -> anyhow::Result<Row> {
+    let started = Instant::now();
+    let mut row = Row::new("Agent upgrade, same map layout (SIGTERM, new agent on the pins)");
+    let mut setup = file_lab("Cluster", &pods(), &[])?;
+    row.rss_before_kib = setup.agent_pid().and_then(rss_kib);
+    let lead = Duration::from_secs(1);
+    let tail = Duration::from_secs(3);
+    let established = LoadSpec {
+        clients: 4,
+        interval_ms: 20,
+        one_flow: true,
+        ..LoadSpec::node_port(lead + tail)
+    };
+    let churning = LoadSpec::node_port(lead + tail);
+    let client = setup.cluster.client.clone();
+    let mut restart = Duration::ZERO;
+    let (flows_before, flows_after) = (std::cell::Cell::new(0usize), std::cell::Cell::new(0usize));
+    let (report, cycled) = std::thread::scope(|scope| -> anyhow::Result<_> {
+        let handle = established.spawn(scope, &client, None);
+        let cycling = churning.spawn(scope, &client, None);
+        std::thread::sleep(lead);
+        // The established connections' client-side flows (FLOW entries, keyed by the client).
+        let client_flows = |setup: &AgentLab| -> anyhow::Result<usize> {
+            let client = u32::from(crate::topology::CLIENT_ADDR);
+            Ok(setup
+                .conntrack()?
+                .iter()
+                .filter(|(key, value)| {
+                    key.saddr == client && value.state == lb_common::tcp_state::ESTABLISHED
+                })
+                .count())
+        };
+        flows_before.set(client_flows(&setup)?);
+        setup.stop_agent(Duration::from_secs(5))?;
+        let began = Instant::now();
+        setup.start_agent(&[])?;
+        restart = began.elapsed();
+        flows_after.set(client_flows(&setup)?);
+        Ok((joined(handle)?, joined(cycling)?))
+    })?;
+    row.load_report(&established.describe(), &report);
+    row.load_report(
+        &format!("{}; and {}", established.describe(), churning.describe()),
+        &cycled,
+    );
+    row.rate_per_s = report.latency.as_ref().map_or(0, |l| l.rate_per_s)
+        + cycled.latency.as_ref().map_or(0, |l| l.rate_per_s);
+    row.zero_failures("established and new connections");
+    row.converged(restart);
+    row.check(
+        "the established connections' conntrack entries kept",
+        // The connect/request/close clients add a few of their own, briefly.
+        flows_after.get() >= established.clients && flows_before.get() >= established.clients,
+        format!(
+            "{} established entries of the client before, {} after, for {} connections",
+            flows_before.get(),
+            flows_after.get(),
+            established.clients
+        ),
+    );
+    row.rss_after_kib = setup.agent_pid().and_then(rss_kib);
+    Ok(row.finish(started))
+}
+
 /// A row of the issue that this suite does not run yet, with the reason.
 pub fn not_run(fault: &str, reason: &str) -> Row {
     Row {
@@ -1223,15 +1292,7 @@ pub fn all(scale: &Scale, only: &[String]) -> Vec<Row> {
         ("conntrack", Box::new(conntrack_pressure)),
         ("snat", Box::new(snat_pressure)),
         ("map-full", Box::new(map_full)),
-        (
-            "upgrade",
-            Box::new(|_: &Scale| {
-                Ok(not_run(
-                    "Upgrade with a changed map layout",
-                    "not built: needs an agent of another map layout; docs/deploy.md (Upgrades and restarts) says what an upgrade keeps and drops",
-                ))
-            }),
-        ),
+        ("upgrade", Box::new(upgrade_restart)),
     ];
     rows.into_iter()
         .filter(|(name, _)| {

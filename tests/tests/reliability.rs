@@ -75,3 +75,9 @@ fn conntrack_pressure_keeps_established_flows_and_counts_every_syn() {
     let _serial = one_at_a_time();
     assert_met(&soak::conntrack_pressure(&Scale::short()).expect("scenario"));
 }
+
+#[test]
+fn an_agent_upgrade_onto_the_same_layout_keeps_established_flows() {
+    let _serial = one_at_a_time();
+    assert_met(&soak::upgrade_restart(&Scale::short()).expect("scenario"));
+}
