@@ -1058,6 +1058,7 @@ pub fn conntrack_pressure(scale: &Scale) -> anyhow::Result<Row> {
             + link_dropped(&setup.cluster.node(1).host, FABRIC_IFACE)?.0)
     };
     let nic_before = nic_drops()?;
+    let events_before = maps()?.events()?;
     let counted_before = counted()?;
     let lead = Duration::from_secs(1);
     let tail = Duration::from_secs(2);
@@ -1119,6 +1120,18 @@ pub fn conntrack_pressure(scale: &Scale) -> anyhow::Result<Row> {
     );
     row.load_report(&load.describe(), &report);
     row.zero_failures("established connections");
+    // What the datapath saw, for the reading of a failure (not a target).
+    let events: BTreeMap<&str, u64> = maps()?
+        .events()?
+        .into_iter()
+        .map(|(name, count)| (name, count - events_before.get(name).copied().unwrap_or(0)))
+        .filter(|(_, delta)| *delta > 0)
+        .collect();
+    row.check(
+        "datapath events during the flood",
+        true,
+        format!("{events:?}"),
+    );
     row.check(
         "the flood filled the conntrack map",
         // An LRU map keeps some of its room in per-CPU free lists: it evicts before the last
