@@ -86,6 +86,8 @@ pub struct AgentConfig {
     pub mount_bpffs: bool,
     /// Source ports of SNATed flows.
     pub snat_ports: RangeInclusive<u16>,
+    /// Sizes of the maps, when the agent creates them.
+    pub map_sizes: crate::datapath::MapSizes,
     /// How long an EndpointSlice's Service may be missing before the slice is reported
     /// ([`crate::orphans`]).
     pub missing_service_grace: Duration,
@@ -160,8 +162,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     for iface in &config.interfaces {
         crate::node::require_accept_local(iface)?;
     }
-    let mut datapath = Datapath::load_with_log_level(&config.pin_dir, config.ebpf_log_level)
-        .context("loading the datapath")?;
+    let mut datapath =
+        Datapath::load_with(&config.pin_dir, config.map_sizes, config.ebpf_log_level)
+            .context("loading the datapath")?;
     if config.ebpf_log_level != EbpfLogLevel::Off {
         let forwarder = datapath.ebpf_log_forwarder()?;
         tokio::spawn(forward_ebpf_log(forwarder));
@@ -274,6 +277,7 @@ async fn sync_until_stopped(
     let mut reconciler = Reconciler::new();
     let mut node_requirements = crate::node::RequirementWatch::default();
     let mut reported: BTreeSet<Problem> = BTreeSet::new();
+    let mut reported_unprogrammed: BTreeSet<Problem> = BTreeSet::new();
     let mut orphans = OrphanSlices::new(config.missing_service_grace);
     let mut prober = Prober::new(observers.metrics.health_probes.clone());
     // Objects skipped for bad input since the start (each counted once, when it first appears).
@@ -396,6 +400,27 @@ async fn sync_until_stopped(
         for (key, error) in &report.errors {
             warn!(service = %key, error = %error, "service not programmed; the others are");
         }
+        // A Warning Event on each Service with a port not programmed (map full): once while it
+        // stays so, as the reconciler tries it again on every sync.
+        let unprogrammed: BTreeSet<Problem> = report.errors.iter().map(not_programmed).collect();
+        if let Some(events) = &events {
+            for problem in unprogrammed.difference(&reported_unprogrammed) {
+                let object = reference(
+                    &snapshots.borrow(),
+                    problem.kind,
+                    &problem.namespace,
+                    &problem.name,
+                );
+                spawn_event(
+                    events.clone(),
+                    object,
+                    EventType::Warning,
+                    problem.reason,
+                    problem.message.clone(),
+                );
+            }
+        }
+        reported_unprogrammed = unprogrammed;
         for error in &report.udp_sockets.errors {
             warn!(%error, "a UDP socket connected to a departed endpoint was not aborted");
         }
@@ -805,6 +830,23 @@ fn sync_datapath_config(
         info!(snat_address = ?address, ?timeouts, "datapath settings written");
     }
     Ok(())
+}
+
+/// The reason of the Event on a Service with a port the maps could not take.
+pub const NOT_PROGRAMMED_EVENT_REASON: &str = "NotProgrammed";
+
+/// A Service port the reconciler could not program, as a problem of its Service (for its Event).
+fn not_programmed((key, error): &(ServicePortKey, crate::datapath::DatapathError)) -> Problem {
+    Problem {
+        severity: Severity::Warning,
+        kind: "Service",
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        reason: NOT_PROGRAMMED_EVENT_REASON,
+        message: format!(
+            "port {key} not programmed, the Service's other ports and the other Services are: {error}"
+        ),
+    }
 }
 
 /// Logs each problem once, when it first appears; returns the new invalid-input problems and

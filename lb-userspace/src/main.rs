@@ -271,6 +271,16 @@ struct RunArgs {
     /// backend.
     #[arg(long, env = "LB_SNAT_PORT_REUSE_DELAY", default_value = "500ms", value_parser = parse_duration)]
     snat_port_reuse_delay: Duration,
+    /// Entries of the IPv4 frontends map (one per Service port and address it is reached on:
+    /// ClusterIP, each NodePort address, external and load-balancer IPs) when the agent creates
+    /// it; a map already pinned keeps its size. Service ports that do not fit are not
+    /// programmed, each with a Warning Event (`NotProgrammed`) and `lb_sync_errors_total`.
+    #[arg(long, env = "LB_FRONTEND_MAP_SIZE", default_value_t = lb_common::limits::MAX_FRONTENDS, value_parser = clap::value_parser!(u32).range(1..))]
+    frontend_map_size: u32,
+    /// Entries of the IPv4 conntrack map when the agent creates it (a map already pinned keeps
+    /// its size). An LRU map: when it is full, a new flow evicts the least recently used entry.
+    #[arg(long, env = "LB_CONNTRACK_MAP_SIZE", default_value_t = lb_common::limits::MAX_CONNTRACK, value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_map_size: u32,
     /// How long an EndpointSlice's Service may be missing before the slice is reported
     /// (ServiceNotFound): Services and slices arrive on separate watches. The slices of a
     /// Service seen deleted are never reported (the garbage collector removes them).
@@ -615,6 +625,10 @@ fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
         ebpf_log_level: args.ebpf_log_level,
         mount_bpffs: args.mount_bpffs,
         snat_ports: args.snat_port_range,
+        map_sizes: lb_userspace::datapath::MapSizes {
+            frontends4: args.frontend_map_size,
+            conntrack4: args.conntrack_map_size,
+        },
         missing_service_grace: args.missing_service_grace,
         conntrack_timeouts: lb_common::CtTimeouts {
             tcp_syn: nanos(args.conntrack_tcp_timeout_syn),

@@ -23,7 +23,8 @@ pub const POD_PORT: u16 = 8080;
 pub struct AgentLab {
     // Field order is drop order: servers and agent first, then the datapath's pins, cgroup,
     // scratch files, the namespaces last.
-    _servers: Vec<Proc>,
+    /// The pods' servers in [`Cluster::pods`] order; None while a test has one stopped.
+    servers: Vec<Option<Proc>>,
     agent: Option<Proc>,
     pins: PinDir,
     pub cgroup: Cgroup,
@@ -42,7 +43,7 @@ impl AgentLab {
     pub fn with_spec(spec: &ClusterSpec) -> anyhow::Result<Self> {
         let mut lab = Lab::new()?;
         let cluster = Cluster::build(&mut lab, spec)?;
-        let servers = if spec.dual_stack {
+        let servers: Vec<Proc> = if spec.dual_stack {
             cluster
                 .pods()
                 .map(|pod| peer::serve_dual_stack(&pod.host, pod.host.name(), POD_PORT))
@@ -50,12 +51,13 @@ impl AgentLab {
         } else {
             serve_in_every_pod(&cluster)?
         };
+        let servers = servers.into_iter().map(Some).collect();
         let pins = PinDir::new(&lab, "agent")?;
         let cgroup = Cgroup::new(&lab, "node1")?;
         let scratch = ScratchDir::new(&lab, "agent")?;
         std::fs::create_dir_all(scratch.path().join("manifests"))?;
         Ok(Self {
-            _servers: servers,
+            servers,
             agent: None,
             pins,
             cgroup,
@@ -63,6 +65,25 @@ impl AgentLab {
             cluster,
             _lab: lab,
         })
+    }
+
+    /// Stops the server of the `index`th pod of [`Cluster::pods`] (its pod going away); new
+    /// connections to it are refused until [`Self::start_server`].
+    pub fn stop_server(&mut self, index: usize) -> anyhow::Result<()> {
+        let server = self
+            .servers
+            .get_mut(index)
+            .and_then(Option::take)
+            .context("no such server running")?;
+        server.kill()
+    }
+
+    /// Starts the server of the `index`th pod again (IPv4 only).
+    pub fn start_server(&mut self, index: usize) -> anyhow::Result<()> {
+        let pod = self.cluster.pods().nth(index).context("no such pod")?;
+        let server = peer::serve(&pod.host, pod.host.name(), POD_PORT)?;
+        *self.servers.get_mut(index).context("no such pod")? = Some(server);
+        Ok(())
     }
 
     /// The directory the agent reads manifests from.
@@ -93,15 +114,29 @@ impl AgentLab {
     /// As [`Self::start_agent`], through a wrapper command that execs `lb` (its program and
     /// arguments, `lb run ...` appended), e.g. `setpriv` to limit its capabilities.
     pub fn start_agent_through(&mut self, wrapper: &[&str], extra: &[&str]) -> anyhow::Result<()> {
-        let before = self.synced_lines();
-        let lb = peer::sibling_binary("lb")?;
         let manifests = self.manifests();
-        let mut args = vec![
-            "run",
+        let source = [
             "--source",
             "file",
             "--manifests",
             manifests.to_str().unwrap_or_default(),
+        ];
+        self.start_agent_from(&source, wrapper, extra)
+    }
+
+    /// As [`Self::start_agent_through`], with the source's flags given (e.g. `--source kube
+    /// --kubeconfig PATH`, for an API server listening in node1's namespace).
+    pub fn start_agent_from(
+        &mut self,
+        source: &[&str],
+        wrapper: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        let before = self.synced_lines();
+        let lb = peer::sibling_binary("lb")?;
+        let mut args = vec!["run"];
+        args.extend_from_slice(source);
+        args.extend([
             "--hostname-override",
             "node1",
             "--node-address",
@@ -112,7 +147,7 @@ impl AgentLab {
             self.cgroup.path().to_str().unwrap_or_default(),
             "--pin-dir",
             self.pins.path().to_str().unwrap_or_default(),
-        ];
+        ]);
         // Native XDP, as on a physical NIC: the fabric's ends of the links run NAPI (see
         // `Cluster::build`), unless the test chooses a mode (or a cluster without it).
         if !extra.contains(&"--xdp-mode") {

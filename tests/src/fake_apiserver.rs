@@ -350,12 +350,17 @@ type Body = UnsyncBoxBody<Bytes, io::Error>;
 pub struct FakeApiServer {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    task: tokio::task::JoinHandle<()>,
+    /// The accepting task; None while [`FakeApiServer::stop`] has it down.
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// The lab host whose namespace it listens in (None: the caller's own).
+    host: Option<crate::lab::Host>,
 }
 
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
@@ -363,25 +368,53 @@ impl FakeApiServer {
     /// Listens on 127.0.0.1 on an ephemeral port. Must be called inside a tokio runtime.
     pub async fn start() -> io::Result<Self> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        Self::serving(listener, None)
+    }
+
+    /// Listens on 127.0.0.1 on an ephemeral port inside `host`'s network namespace, for an
+    /// agent that runs there (a lab node). Must be called inside a tokio runtime.
+    pub fn start_in(host: &crate::lab::Host) -> io::Result<Self> {
+        let listener = bind_in(host, (Ipv4Addr::LOCALHOST, 0).into())?;
+        Self::serving(listener, Some(host.clone()))
+    }
+
+    fn serving(listener: TcpListener, host: Option<crate::lab::Host>) -> io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
-        let shared = Arc::clone(&state);
-        let task = tokio::spawn(async move {
-            // Dropped with the task: aborts every connection.
-            let mut connections = JoinSet::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                while connections.try_join_next().is_some() {}
-                let shared = Arc::clone(&shared);
-                connections.spawn(async move {
-                    let service = service_fn(move |request| handle(Arc::clone(&shared), request));
-                    // A connection ends with an error when a watch is aborted: expected.
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+        let task = Some(accept(listener, Arc::clone(&state)));
+        Ok(Self {
+            addr,
+            state,
+            task,
+            host,
+        })
+    }
+
+    /// An outage: stops listening and drops every connection, watches included; the objects
+    /// stay, and the test may change them meanwhile. [`Self::resume`] ends it.
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        self.state().watches.clear();
+    }
+
+    /// Listens again on the same address, serving the objects as they are now. Must be called
+    /// inside a tokio runtime.
+    pub fn resume(&mut self) -> io::Result<()> {
+        if self.task.is_some() {
+            return Ok(());
+        }
+        let listener = match &self.host {
+            Some(host) => bind_in(host, self.addr)?,
+            None => {
+                let listener = std::net::TcpListener::bind(self.addr)?;
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)?
             }
-        });
-        Ok(Self { addr, state, task })
+        };
+        self.task = Some(accept(listener, Arc::clone(&self.state)));
+        Ok(())
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -632,6 +665,36 @@ impl FakeApiServer {
             })
             .count()
     }
+}
+
+/// A listener on `addr` inside `host`'s namespace (the socket is created there; SO_REUSEADDR,
+/// as std sets it, lets [`FakeApiServer::resume`] take the same port again).
+fn bind_in(host: &crate::lab::Host, addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = {
+        let _inside = host.enter().map_err(io::Error::other)?;
+        std::net::TcpListener::bind(addr)?
+    };
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// Serves every connection `listener` accepts; aborting the task drops them all.
+fn accept(listener: TcpListener, shared: Arc<Mutex<State>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // Dropped with the task: aborts every connection.
+        let mut connections = JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            while connections.try_join_next().is_some() {}
+            let shared = Arc::clone(&shared);
+            connections.spawn(async move {
+                let service = service_fn(move |request| handle(Arc::clone(&shared), request));
+                // A connection ends with an error when a watch is aborted: expected.
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {

@@ -525,6 +525,13 @@ impl Cgroup {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// A cgroup inside this one (programs attached here apply to it too); drop it first.
+    pub fn child(&self, name: &str) -> anyhow::Result<Self> {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
 }
 
 impl Drop for Cgroup {

@@ -8,7 +8,8 @@
 //! - [`peer`]: the `lab-peer` TCP/UDP servers and clients and their reports;
 //! - [`packet`] and [`table`]: crafted frames and table-driven `BPF_PROG_TEST_RUN` tests;
 //! - [`bare_xdp`]: a two-instruction XDP_PASS program, the per-packet bench's floor;
-//! - [`private_bpffs`]: a bpffs mount no one else sees, for tests of the pin directory's checks.
+//! - [`private_bpffs`]: a bpffs mount no one else sees, for tests of the pin directory's checks;
+//! - [`soak`]: the reliability suite's fault scenarios under load (`lb-soak`, tests/tests/reliability.rs).
 
 pub mod agent;
 pub mod bare_xdp;
@@ -20,6 +21,7 @@ pub mod node;
 pub mod packet;
 pub mod peer;
 pub mod private_bpffs;
+pub mod soak;
 pub mod table;
 pub mod topology;
 pub mod two_nics;

@@ -40,6 +40,10 @@ pub struct ClientReport {
     pub last_server: Option<String>,
     /// The first few error messages.
     pub error_samples: Vec<String>,
+    /// Errors by kind: `reset` (ECONNRESET), `refused` (ECONNREFUSED), `timeout` (no answer in
+    /// time), `closed` (the peer closed before replying), `malformed`, `other`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_kinds: BTreeMap<String, u64>,
     /// `lab-peer load` only: the rate and the latency of every successful request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<LatencySummary>,
@@ -76,6 +80,11 @@ pub struct LatencySummary {
 }
 
 impl ClientReport {
+    /// Errors of one kind of [`Self::error_kinds`].
+    pub fn errors_of(&self, kind: &str) -> u64 {
+        self.error_kinds.get(kind).copied().unwrap_or(0)
+    }
+
     /// The names of the servers that answered.
     pub fn servers(&self) -> std::collections::BTreeSet<&str> {
         self.by_server.keys().map(String::as_str).collect()
@@ -88,6 +97,19 @@ impl ClientReport {
             self.attempts > 0 && self.ok == self.attempts && self.errors == 0,
             "{what}: {self:?}"
         );
+    }
+}
+
+/// The kind of a client's I/O error, as [`ClientReport::error_kinds`] counts it.
+pub fn error_kind(err: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::ConnectionReset => "reset",
+        ErrorKind::ConnectionRefused => "refused",
+        // A socket read timeout is EAGAIN (WouldBlock); connect_timeout says TimedOut.
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+        ErrorKind::UnexpectedEof => "closed",
+        _ => "other",
     }
 }
 

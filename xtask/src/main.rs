@@ -40,6 +40,15 @@ enum Task {
     },
     /// Plots and summary (target/bench/*.svg, summary.md) again from the JSON a bench left.
     BenchReport,
+    /// The reliability suite (needs root): every fault of docs/reliability.md under steady load
+    /// in the lab at the durations (under 15 minutes); prints the table, writes
+    /// target/soak/soak.json and the table of docs/reliability.md. Not part of `test`, whose
+    /// reliability.rs runs each row for seconds.
+    Soak {
+        /// Extra arguments for lb-soak, e.g. `--only outage,crash` or `--short`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// The whole test suite: formatting, clippy (stable, and nightly for the eBPF crate), and every
     /// test including the ones against the real kernel (needs root).
     Test {
@@ -69,6 +78,7 @@ fn run_task(task: Task) -> anyhow::Result<()> {
         Task::Bench { args } => bench(&root, &args),
         Task::BenchReport => bench_report(&root, None),
         Task::Test { args } => test(&root, &args),
+        Task::Soak { args } => soak(&root, &args),
     }
 }
 
@@ -229,6 +239,39 @@ fn bench_report(root: &Path, timings: Option<&report::Timings>) -> anyhow::Resul
     println!("\n{summary}");
     println!("written to {}: summary.md, *.json, *.svg", dir.display());
     Ok(())
+}
+
+fn soak(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    setup::ensure(root)?;
+    ensure_root("the reliability suite builds network namespaces and runs the agent")?;
+    run(Command::new("cargo")
+        .args(["build", "--release", "--package", "lb-tests"])
+        .args(["--bin", "lb-soak", "--bin", "lab-peer"])
+        .args(["--package", "lb-userspace", "--bin", "lb"])
+        .current_dir(root))?;
+    let commit = output(
+        Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .current_dir(root),
+    )
+    .map(|commit| commit.trim().to_owned())
+    .unwrap_or_else(|_| "unknown".to_owned());
+    let result = run(
+        Command::new(target_dir(root).join("release").join("lb-soak"))
+            .arg("--out")
+            .arg(target_dir(root).join("soak").join("soak.json"))
+            .arg("--doc")
+            .arg(root.join("docs").join("reliability.md"))
+            .args(["--commit", &commit])
+            .args(extra)
+            .current_dir(root),
+    );
+    println!(
+        "soak: {:.0} s with the build",
+        started.elapsed().as_secs_f64()
+    );
+    result
 }
 
 fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {

@@ -53,21 +53,56 @@ const SOCKET_HOOKS: [&str; 8] = [
     program_names::GETPEERNAME6,
 ];
 
+/// Sizes of the maps a deployment may want other than the `limits` constants (`lb run
+/// --frontend-map-size`, `--conntrack-map-size`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Entries of the IPv4 frontends map.
+    pub frontends4: u32,
+    /// Entries of the IPv4 conntrack map (an LRU map: when full, a new entry evicts the least
+    /// recently used one).
+    pub conntrack4: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            frontends4: limits::MAX_FRONTENDS,
+            conntrack4: limits::MAX_CONNTRACK,
+        }
+    }
+}
+
 impl Datapath {
     /// Loads every program of the datapath, reusing the maps pinned under `pin_dir` or creating
     /// and pinning them there. bpffs is mounted at its usual place when missing; the pin
     /// directory is created 0700 and refused when it is not on bpffs or not this user's.
     pub fn load(pin_dir: &Path) -> Result<Self> {
-        Self::load_with_log_level(pin_dir, EbpfLogLevel::Off)
+        Self::load_with(pin_dir, MapSizes::default(), EbpfLogLevel::Off)
     }
 
     /// As [`Self::load`], with the programs' debug logging at `log_level` (see
     /// [`super::ebpf_log`]; read it through [`Self::ebpf_log_forwarder`]).
     pub fn load_with_log_level(pin_dir: &Path, log_level: EbpfLogLevel) -> Result<Self> {
+        Self::load_with(pin_dir, MapSizes::default(), log_level)
+    }
+
+    /// As [`Datapath::load`], creating the maps of [`MapSizes`] (when they are not pinned yet)
+    /// with the sizes given instead of the `limits` constants. A pinned map keeps the size it
+    /// was created with, and that size is the one the agent keeps to.
+    pub fn load_sized(pin_dir: &Path, sizes: MapSizes) -> Result<Self> {
+        Self::load_with(pin_dir, sizes, EbpfLogLevel::Off)
+    }
+
+    /// As [`Self::load_sized`] and [`Self::load_with_log_level`] at once (the agent's load).
+    pub fn load_with(pin_dir: &Path, sizes: MapSizes, log_level: EbpfLogLevel) -> Result<Self> {
         super::bpffs::ensure_mounted(Path::new(super::bpffs::DEFAULT_MOUNT))?;
         super::bpffs::create_pin_dir(pin_dir)?;
         let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(pin_dir);
+        loader
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(map_names::FRONTENDS4, sizes.frontends4)
+            .map_max_entries(map_names::CONNTRACK4, sizes.conntrack4);
         super::ebpf_log::set_level(&mut loader, log_level);
         let mut ebpf = loader
             .load(DATAPATH_OBJECT)
@@ -143,7 +178,11 @@ impl Datapath {
         let maglev = open_map_data(pin_dir, map_names::MAGLEV4, Access::ReadWrite)?;
         check_maglev_tables(pin_dir, &mut installed)?;
         forget_unused_maglev_tables(&maglev, &installed)?;
+        let frontends4_capacity = aya::maps::MapInfo::from_pin(pin_dir.join(map_names::FRONTENDS4))
+            .map(|info| info.max_entries())
+            .unwrap_or(limits::MAX_FRONTENDS);
         Ok(Self {
+            frontends4_capacity,
             maps,
             frontend_filter,
             backend_filter,

@@ -57,6 +57,7 @@ mod write;
 
 use address_filter::AddressFilter;
 pub use error::DatapathError;
+pub use load::MapSizes;
 use maps::Maps;
 use slot_ranges::SlotRanges;
 pub use write::MAGLEV_SWAP_BATCH;
@@ -67,6 +68,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 /// The loaded datapath. Dropping it detaches what it attached; pinned maps stay.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Entries the IPv4 frontends map holds (as created; `lb run --frontend-map-size`).
+    frontends4_capacity: u32,
     pin_dir: PathBuf,
     /// The state maps, shared in kind with the read-only inspection.
     maps: Maps,

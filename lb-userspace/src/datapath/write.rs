@@ -128,7 +128,7 @@ impl Datapath {
             FrontendKey::V4(key) => insert(
                 &mut self.maps.frontends,
                 map_names::FRONTENDS4,
-                limits::MAX_FRONTENDS,
+                self.frontends4_capacity,
                 key,
                 value,
                 operation,
@@ -791,10 +791,15 @@ impl Datapath {
                 .filter(|key| matches!(key, FrontendKey::V6(_)) == v6)
                 .filter(|key| !self.owners.contains_key(key))
                 .count();
-            if self.owners.count(v6) + new_frontends > limits::MAX_FRONTENDS as usize {
+            let capacity = if v6 {
+                limits::MAX_FRONTENDS
+            } else {
+                self.frontends4_capacity
+            };
+            if self.owners.count(v6) + new_frontends > capacity as usize {
                 return Err(DatapathError::MapFull {
                     map,
-                    capacity: limits::MAX_FRONTENDS,
+                    capacity,
                     operation: format!("service {}: {new_frontends} new frontends", service.id),
                 });
             }

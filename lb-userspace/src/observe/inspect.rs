@@ -26,7 +26,28 @@ use crate::datapath::{
 };
 
 /// The pinned maps of one agent (its `--pin-dir`), opened read-only.
-pub struct PinnedMaps(Maps);
+pub struct PinnedMaps(Maps, Capacities);
+
+/// The sizes of the maps the agent may create at another size than the `limits` constant
+/// (`lb run --frontend-map-size`, `--conntrack-map-size`), as the kernel has them.
+struct Capacities {
+    frontends4: u32,
+    conntrack4: u32,
+}
+
+impl Capacities {
+    fn read(pin_dir: &Path) -> Self {
+        let size = |name: &str, default: u32| {
+            aya::maps::MapInfo::from_pin(pin_dir.join(name))
+                .map(|info| info.max_entries())
+                .unwrap_or(default)
+        };
+        Self {
+            frontends4: size(map_names::FRONTENDS4, limits::MAX_FRONTENDS),
+            conntrack4: size(map_names::CONNTRACK4, limits::MAX_CONNTRACK),
+        }
+    }
+}
 
 /// One service (a Service port, or the part of it one traffic policy splits off).
 #[derive(Clone, Debug, Serialize)]
@@ -185,7 +206,10 @@ impl PinnedMaps {
     /// Opens the maps pinned under `pin_dir`, each through a read-only descriptor: nothing
     /// done with a `PinnedMaps` can change the datapath.
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
-        Ok(Self(Maps::open(pin_dir, Access::ReadOnly)?))
+        Ok(Self(
+            Maps::open(pin_dir, Access::ReadOnly)?,
+            Capacities::read(pin_dir),
+        ))
     }
 
     /// Every installed service with its frontends, current backends and counters.
@@ -338,7 +362,7 @@ impl PinnedMaps {
             fill(
                 map_names::FRONTENDS4,
                 self.0.frontends.keys(),
-                limits::MAX_FRONTENDS,
+                self.1.frontends4,
             ),
             MapFill {
                 map: map_names::SLOTS4,
@@ -371,7 +395,7 @@ impl PinnedMaps {
             MapFill {
                 map: map_names::CONNTRACK4,
                 entries: self.live_conntrack_entries()?,
-                capacity: u64::from(limits::MAX_CONNTRACK),
+                capacity: u64::from(self.1.conntrack4),
             },
             fill(
                 map_names::SOCK_NAT4,

@@ -8,7 +8,8 @@
 //!   (`resourceVersion=0`), as kube-proxy's informers list.
 //! - [`KubeSource`] publishes a [`Snapshot`] once all three reflectors hold a complete list, then
 //!   after each burst of changes, coalesced ([`QUIET`], [`MAX_DELAY`]). Errors never end it: the
-//!   watchers retry with kube's default backoff, resume a dropped watch from the last resource
+//!   watchers retry with [`RetryBackoff`] (at most a second apart, so changes made during an API
+//!   server outage arrive within seconds of its return), resume a dropped watch from the last resource
 //!   version, and relist after `410 Gone`. A relist replaces a store only once it is complete,
 //!   so no snapshot ever holds half a list.
 //! - [`EventRecorder`] reports objects the agent has to skip as Kubernetes Events, about the
@@ -178,7 +179,7 @@ where
 {
     let (store, writer) = reflector::store();
     let stream = watcher(api, config)
-        .default_backoff()
+        .backoff(RetryBackoff::default())
         .modify(|object| object.managed_fields_mut().clear())
         .reflect(writer)
         .map(move |result| {
@@ -199,6 +200,53 @@ where
             (kind, notice)
         });
     (store, stream)
+}
+
+/// The watchers' retry delays: 200 ms, doubling up to [`RetryBackoff::MAX`], each shortened
+/// by up to half at random so that the nodes of a cluster do not retry in step; back to the
+/// start after a success. kube's default (client-go's reflector's: 800 ms doubling up to 30 s)
+/// left an agent up to 30 s behind an API server that had been away for a minute, with every
+/// change made meanwhile waiting (the API server outage of docs/reliability.md measured 24 s).
+/// A retry against an absent server costs one refused connection a second per watcher.
+pub struct RetryBackoff {
+    next: Duration,
+    jitter: std::collections::hash_map::RandomState,
+    retries: u64,
+}
+
+impl RetryBackoff {
+    pub const FIRST: Duration = Duration::from_millis(200);
+    pub const MAX: Duration = Duration::from_secs(1);
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        Self {
+            next: Self::FIRST,
+            jitter: std::collections::hash_map::RandomState::new(),
+            retries: 0,
+        }
+    }
+}
+
+impl Iterator for RetryBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        use std::hash::BuildHasher as _;
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        self.retries += 1;
+        // A random fraction in [0, 1/2) of the delay, from a per-process random hash key.
+        let random = self.jitter.hash_one(self.retries) % 1024;
+        Some(delay - delay.mul_f64(random as f64 / 2048.0))
+    }
+}
+
+impl kube::runtime::utils::Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 /// Lists served from the API server's watch cache (`resourceVersion=0`), then a watch from the
@@ -587,5 +635,32 @@ fn api_error(error: &kube::Error) -> String {
             }
             text
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::utils::Backoff as _;
+
+    use super::RetryBackoff;
+
+    #[test]
+    fn retries_are_never_more_than_a_second_apart_and_start_over_after_a_success() {
+        let mut backoff = RetryBackoff::default();
+        let delays: Vec<_> = backoff.by_ref().take(100).collect();
+        assert!(
+            delays.iter().all(|delay| *delay <= RetryBackoff::MAX),
+            "{delays:?}"
+        );
+        assert!(delays[0] <= RetryBackoff::FIRST, "{delays:?}");
+        assert!(delays[0] > RetryBackoff::FIRST / 2, "{delays:?}");
+        assert!(
+            delays[10..]
+                .iter()
+                .all(|delay| *delay > RetryBackoff::MAX / 2),
+            "{delays:?}"
+        );
+        backoff.reset();
+        assert!(backoff.next().expect("endless") <= RetryBackoff::FIRST);
     }
 }

