@@ -1,4 +1,4 @@
-//! The reliability suite (issue 20): each fault applied to the real agent in the lab under a
+//! The reliability suite: each fault applied to the real agent in the lab under a
 //! steady load, measured as one [`Row`]: the load held, requests failed (by kind, resets apart),
 //! the time the agent took to converge once the fault ended, its RSS before and after, and the
 //! checks of the row's target. Durations come from a [`Scale`]: `lb-soak` (`cargo xtask soak`)
@@ -40,7 +40,7 @@ pub const CLUSTER_IP: &str = "10.96.0.10";
 /// The target every row's convergence is held to.
 pub const CONVERGE_TARGET: Duration = Duration::from_secs(2);
 
-/// How long each fault lasts: the issue's figures ([`Scale::full`]) or seconds ([`Scale::short`]).
+/// How long each fault lasts: full durations ([`Scale::full`]) or seconds ([`Scale::short`]).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Scale {
     /// API server outage.
@@ -1307,7 +1307,7 @@ pub fn not_run(fault: &str, reason: &str) -> Row {
     }
 }
 
-/// Every row, in the issue's order: the ones run, measured at `scale`, and the ones not run
+/// Every row, in the order of docs/reliability.md: the ones run, measured at `scale`, and the ones not run
 /// with the reason. `only` keeps the rows whose fault starts with one of its words
 /// (case-insensitive); empty: all.
 pub fn all(scale: &Scale, only: &[String]) -> Vec<Row> {

@@ -1,5 +1,5 @@
 //! The reliability suite's rows at seconds each (`lab::soak` with `Scale::short`; `cargo xtask
-//! soak` runs the durations): every fault under load in the lab against the real agent,
+//! soak` runs the full durations): every fault under load in the lab against the real agent,
 //! asserting each row's target. The Kubernetes rows read the tests' fake API server
 //! (`lab::fake_apiserver`, a mock: no real API server can run here).
 

@@ -41,7 +41,7 @@ enum Task {
     /// Plots and summary (target/bench/*.svg, summary.md) again from the JSON a bench left.
     BenchReport,
     /// The reliability suite (needs root): every fault of docs/reliability.md under steady load
-    /// in the lab at the durations (under 15 minutes); prints the table, writes
+    /// in the lab at full durations (under 15 minutes); prints the table, writes
     /// target/soak/soak.json and the table of docs/reliability.md. Not part of `test`, whose
     /// reliability.rs runs each row for seconds.
     Soak {

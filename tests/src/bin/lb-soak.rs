@@ -1,5 +1,5 @@
 //! `lb-soak`: the reliability suite (`cargo xtask soak`). Runs every fault of `lab::soak` under
-//! load at the durations (or `--short`), prints the table, writes the rows as JSON and,
+//! load at full durations (or `--short`), prints the table, writes the rows as JSON and,
 //! with `--doc`, replaces the measured table in docs/reliability.md. Needs root (the lab).
 
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use lab::soak;
 #[derive(Parser)]
 #[command(about = "Faults under steady load in the lab, measured (docs/reliability.md)")]
 struct Args {
-    /// Seconds a row instead of the durations.
+    /// Seconds a row instead of the full durations.
     #[arg(long)]
     short: bool,
     /// Only the rows whose name starts with one of these (outage, crash, churn,
