@@ -373,20 +373,8 @@ async fn sync_until_stopped(
             .count() as u64;
         skipped_total += new_invalid_count;
         if let Some(events) = &events {
-            for problem in new_problems {
-                let object = reference(
-                    &snapshots.borrow(),
-                    problem.kind,
-                    &problem.namespace,
-                    &problem.name,
-                );
-                spawn_event(
-                    events.clone(),
-                    object,
-                    EventType::Warning,
-                    problem.reason,
-                    problem.message,
-                );
+            for problem in &new_problems {
+                warn_of(events, &snapshots.borrow(), problem);
             }
         }
         let desired = compiler.desired();
@@ -405,19 +393,7 @@ async fn sync_until_stopped(
         let unprogrammed: BTreeSet<Problem> = report.errors.iter().map(not_programmed).collect();
         if let Some(events) = &events {
             for problem in unprogrammed.difference(&reported_unprogrammed) {
-                let object = reference(
-                    &snapshots.borrow(),
-                    problem.kind,
-                    &problem.namespace,
-                    &problem.name,
-                );
-                spawn_event(
-                    events.clone(),
-                    object,
-                    EventType::Warning,
-                    problem.reason,
-                    problem.message.clone(),
-                );
+                warn_of(events, &snapshots.borrow(), problem);
             }
         }
         reported_unprogrammed = unprogrammed;
@@ -977,6 +953,18 @@ fn check_node_requirements(
 fn node_reference(node: Option<&k8s_openapi::api::core::v1::Node>) -> Option<ObjectReference> {
     let node = node?;
     Some(kube_source::object_reference("v1", "Node", &node.metadata))
+}
+
+/// A Warning Event about a problem, on its object.
+fn warn_of(events: &Arc<kube_source::EventRecorder>, snapshot: &Snapshot, problem: &Problem) {
+    let object = reference(snapshot, problem.kind, &problem.namespace, &problem.name);
+    spawn_event(
+        events.clone(),
+        object,
+        EventType::Warning,
+        problem.reason,
+        problem.message.clone(),
+    );
 }
 
 /// An Event on the object, in the background: the sync loop never waits for the API. The
