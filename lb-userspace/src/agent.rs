@@ -597,9 +597,8 @@ struct Observers {
     metrics: Arc<AgentMetrics>,
     health: Arc<Health>,
     health_checks: HealthCheckPorts,
-    /// Service ports with a Local traffic policy, with their backend count (kept for the changed
-    /// ports only, so a sync stays O(the change)).
-    /// The endpoints (address, port) of every service with a Local traffic policy.
+    /// Service ports with a Local traffic policy, with their endpoints (address, port); kept
+    /// for the changed ports only, so a sync stays O(the change).
     local_policy: BTreeMap<ServicePortKey, Vec<(IpAddr, u16)>>,
 }
 
