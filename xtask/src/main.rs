@@ -228,17 +228,22 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
 /// Writes the plots and the summary from target/bench/*.json and prints the summary.
 fn bench_report(root: &Path, timings: Option<&report::Timings>) -> anyhow::Result<()> {
     let dir = target_dir(root).join("bench");
-    let commit = output(
+    let commit = commit_described(root);
+    let summary = report::write(&dir, &commit, timings)?;
+    println!("\n{summary}");
+    println!("written to {}: summary.md, *.json, *.svg", dir.display());
+    Ok(())
+}
+
+/// The checkout's commit for a report (`git describe --always --dirty`), or "unknown".
+fn commit_described(root: &Path) -> String {
+    output(
         Command::new("git")
             .args(["describe", "--always", "--dirty"])
             .current_dir(root),
     )
     .map(|commit| commit.trim().to_owned())
-    .unwrap_or_else(|_| "unknown".to_owned());
-    let summary = report::write(&dir, &commit, timings)?;
-    println!("\n{summary}");
-    println!("written to {}: summary.md, *.json, *.svg", dir.display());
-    Ok(())
+    .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 fn soak(root: &Path, extra: &[String]) -> anyhow::Result<()> {
@@ -250,13 +255,7 @@ fn soak(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .args(["--bin", "lb-soak", "--bin", "lab-peer"])
         .args(["--package", "lb-userspace", "--bin", "lb"])
         .current_dir(root))?;
-    let commit = output(
-        Command::new("git")
-            .args(["describe", "--always", "--dirty"])
-            .current_dir(root),
-    )
-    .map(|commit| commit.trim().to_owned())
-    .unwrap_or_else(|_| "unknown".to_owned());
+    let commit = commit_described(root);
     let result = run(
         Command::new(target_dir(root).join("release").join("lb-soak"))
             .arg("--out")
