@@ -114,6 +114,14 @@ pub mod map_names {
     pub const SOCK_NAT6: &str = "lb6_sknat_v1";
     pub const SOCK_STATE6: &str = "lb6_sockst_v1";
     pub const SOURCE_RANGES6: &str = "lb6_srcrng_v1";
+    /// LRU [`crate::Ct6Key`] -> [`crate::Ct6Value`]: connection tracking of IPv6 flows on the
+    /// node's NICs (XDP and tc), entries as in [`CONNTRACK4`].
+    pub const CONNTRACK6: &str = "lb6_ct_v1";
+    /// LRU [`crate::Affinity6Key`] -> [`crate::AffinityValue`]: sessionAffinity ClientIP of IPv6
+    /// clients outside the node (the socket hooks keep theirs in [`AFFINITY4`], by netns).
+    pub const AFFINITY6: &str = "lb6_affin_v1";
+    /// Array of one [`crate::Datapath6Config`]: the IPv6 settings of the datapath.
+    pub const CONFIG6: &str = "lb6_cfg_v1";
     /// Ring buffer of [`crate::monitor::MonitorEvent`]s for `lb monitor` (256 KiB).
     pub const MONITOR_EVENTS: &str = "lb_monitor_v1";
     /// Array of one [`crate::monitor::MonitorControl`]: which events the programs report.
@@ -149,6 +157,9 @@ pub mod map_names {
         SOCK_NAT6,
         SOCK_STATE6,
         SOURCE_RANGES6,
+        CONNTRACK6,
+        AFFINITY6,
+        CONFIG6,
         MONITOR_EVENTS,
         MONITOR_CONTROL,
         MONITOR_LOST,
@@ -175,6 +186,9 @@ pub mod map_names {
         SOCK_NAT6,
         SOCK_STATE6,
         SOURCE_RANGES6,
+        CONNTRACK6,
+        AFFINITY6,
+        CONFIG6,
         MONITOR_EVENTS,
         MONITOR_CONTROL,
         MONITOR_LOST,
@@ -209,6 +223,11 @@ pub mod limits {
     pub const MAX_SLOTS: u32 = 1_048_576;
     /// Connection-tracking entries (two per flow: original and reply direction).
     pub const MAX_CONNTRACK: u32 = 524_288;
+    /// IPv6 connection-tracking entries: a quarter of the IPv4 ones by default, as each takes
+    /// twice the memory.
+    pub const MAX_CONNTRACK6: u32 = 131_072;
+    /// Session-affinity entries of IPv6 clients outside the node.
+    pub const MAX_AFFINITY6: u32 = 32_768;
     /// Socket reverse-NAT entries (one per connected socket to a Service).
     pub const MAX_SOCK_NAT: u32 = 262_144;
     /// loadBalancerSourceRanges entries across all services.
@@ -523,6 +542,31 @@ pub mod maglev {
         murmur3_fmix32(h ^ 16)
     }
 
+    /// [`flow_hash`] of an IPv6 flow: the same rounds over ten words, the source's four, the
+    /// destination's four (each `u32::from_be_bytes` of four address bytes, in order), then
+    /// `(sport << 16) | dport` and `proto`, finished with the length 40.
+    #[inline]
+    pub const fn flow_hash6(
+        saddr: crate::Ipv6Words,
+        daddr: crate::Ipv6Words,
+        sport: u16,
+        dport: u16,
+        proto: u8,
+    ) -> u32 {
+        let mut h = FLOW_HASH_SEED;
+        h = murmur3_round(h, u32::from_be(saddr[0]));
+        h = murmur3_round(h, u32::from_be(saddr[1]));
+        h = murmur3_round(h, u32::from_be(saddr[2]));
+        h = murmur3_round(h, u32::from_be(saddr[3]));
+        h = murmur3_round(h, u32::from_be(daddr[0]));
+        h = murmur3_round(h, u32::from_be(daddr[1]));
+        h = murmur3_round(h, u32::from_be(daddr[2]));
+        h = murmur3_round(h, u32::from_be(daddr[3]));
+        h = murmur3_round(h, ((sport as u32) << 16) | dport as u32);
+        h = murmur3_round(h, proto as u32);
+        murmur3_fmix32(h ^ 40)
+    }
+
     /// The slot of a flow with hash `hash` in a table of `size` slots.
     #[inline]
     pub const fn flow_slot(hash: u32, size: u32) -> u32 {
@@ -734,6 +778,18 @@ pub struct DatapathConfig {
     pub timeouts: CtTimeouts,
 }
 const _: () = assert!(size_of::<DatapathConfig>() == 48);
+
+/// The IPv6 settings of the datapath, index 0 of [`map_names::CONFIG6`] (the ports and timeouts
+/// are [`DatapathConfig`]'s, for both families).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Datapath6Config {
+    /// The node address that replaces an IPv6 client's as source when its flow goes to a backend
+    /// on another node, as the packet holds it; all zeros: no IPv6 SNAT (such flows are
+    /// dropped, `drop_snat_exhausted`).
+    pub snat_addr: Ipv6Words,
+}
+const _: () = assert!(size_of::<Datapath6Config>() == 16);
 
 /// Bytes of a service name in [`map_names::SERVICE_NAMES`]: a namespace and a name of up to 63
 /// characters each, a port name of up to 15, the protocol and a scope fit.
@@ -1002,6 +1058,16 @@ pub struct Affinity4Key {
 }
 const _: () = assert!(size_of::<Affinity4Key>() == 16);
 
+/// Key of the IPv6 session-affinity map ([`map_names::AFFINITY6`]): an IPv6 client outside the
+/// node (as the packet holds its address) of a service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct Affinity6Key {
+    pub client: Ipv6Words,
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<Affinity6Key>() == 20);
+
 /// `Affinity4Key::kind` of socket-hook entries.
 pub const AFFINITY_NETNS: u32 = 1;
 
@@ -1078,15 +1144,31 @@ pub mod backend_flags {
     pub const TERMINATING: u8 = 1 << 1;
 }
 
-/// Key of the connection-tracking map: a flow's 5-tuple as the packet carries it, plus direction.
+/// An address as the connection-tracking maps hold it: IPv4 as a number (`u32::from(Ipv4Addr)`,
+/// `u32::from_be_bytes` of the wire bytes), IPv6 as [`Ipv6Words`] (the wire bytes as they are).
+/// The datapath reads them from the packet and never converts back for lookups.
+pub trait CtAddr: Copy + Default {
+    /// Bytes a [`CtValue`] keeps between the client's NIC and `seq_next`, so that a [`FlowValue`]
+    /// of the same family, whose frontend address is wider than the MACs and NIC it replaces in
+    /// an IPv6 entry, keeps its fields where a conntrack value has them: none for IPv4.
+    type Spare: Copy + Default + core::fmt::Debug + PartialEq + Eq + core::hash::Hash;
+}
+impl CtAddr for u32 {
+    type Spare = ();
+}
+impl CtAddr for Ipv6Words {
+    type Spare = [u8; 12];
+}
+
+/// Key of the connection-tracking maps: a flow's 5-tuple as the packet carries it, plus
+/// direction. `A` is [`CtAddr`]: `u32` for [`map_names::CONNTRACK4`], [`Ipv6Words`] for
+/// [`map_names::CONNTRACK6`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
-pub struct Ct4Key {
-    /// Addresses and ports as numbers (`u32::from(Ipv4Addr)`, `u16` port): the datapath reads
-    /// them from the packet with `from_be_bytes` and never converts back for lookups. (Frontend
-    /// and backend entries, written by the agent, hold network byte order instead.)
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct CtKey<A> {
+    pub saddr: A,
+    pub daddr: A,
+    /// Ports as numbers (`u16::from_be_bytes` of the wire bytes).
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -1094,7 +1176,10 @@ pub struct Ct4Key {
     pub direction: u8,
     pub _pad: [u8; 2],
 }
+pub type Ct4Key = CtKey<u32>;
+pub type Ct6Key = CtKey<Ipv6Words>;
 const _: () = assert!(size_of::<Ct4Key>() == 16);
+const _: () = assert!(size_of::<Ct6Key>() == 40);
 
 pub mod ct_direction {
     /// Client to service, keyed as the client sent it (daddr = frontend address).
@@ -1110,10 +1195,10 @@ pub mod ct_direction {
 
 /// The key of the one-entry flow of `client` (address and port as conntrack keys hold them).
 #[inline(always)]
-pub const fn flow_key(client_addr: u32, client_port: u16, protocol: u8) -> Ct4Key {
-    Ct4Key {
+pub fn flow_key<A: CtAddr>(client_addr: A, client_port: u16, protocol: u8) -> CtKey<A> {
+    CtKey {
         saddr: client_addr,
-        daddr: 0,
+        daddr: A::default(),
         sport: client_port,
         dport: 0,
         proto: protocol,
@@ -1122,10 +1207,10 @@ pub const fn flow_key(client_addr: u32, client_port: u16, protocol: u8) -> Ct4Ke
     }
 }
 
-/// Value of the connection-tracking map.
+/// Value of the connection-tracking maps (`A` as in [`CtKey`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
-pub struct Ct4Value {
+pub struct CtValue<A: CtAddr> {
     /// bpf_ktime_get_ns() of the last packet that refreshed the entry.
     pub last_seen_ns: u64,
     /// The backend the flow was sent to (ORIGINAL entries).
@@ -1135,7 +1220,7 @@ pub struct Ct4Value {
     /// when the backend leaves the maps, like kube-proxy's conntrack). REPLY entries: the
     /// frontend address the client used, restored as the reply's source. Host order of the
     /// wire bytes (`u32::from_be_bytes`).
-    pub nat_addr: u32,
+    pub nat_addr: A,
     /// The port that goes with `nat_addr`, same convention.
     pub nat_port: u16,
     /// [`tcp_state`] for TCP; 0 for UDP.
@@ -1145,7 +1230,7 @@ pub struct Ct4Value {
     /// With [`ct_flags::SNAT`]: ORIGINAL entries hold the node address and port that replace the
     /// client's as source; REPLY entries hold the client address and port to restore as the
     /// reply's destination. Same number convention as `nat_addr`.
-    pub snat_addr: u32,
+    pub snat_addr: A,
     pub snat_port: u16,
     /// With SNAT, REPLY entries: the Ethernet addresses of the client's first packet (its
     /// source: the client or the router before it; its destination: this node's NIC). Replies go
@@ -1156,14 +1241,18 @@ pub struct Ct4Value {
     /// out of ([`client_nic`]); 0 in entries written before it was recorded (their answers go
     /// back out of the NIC they arrive on).
     pub client_nic: u16,
+    pub spare: A::Spare,
     /// TCP: the sequence number after the furthest segment this entry's side has sent
     /// (ORIGINAL: the client; REPLY: the backend), see [`tcp_seq`]; 0 until it has sent one.
     pub seq_next: u32,
 }
+pub type Ct4Value = CtValue<u32>;
+pub type Ct6Value = CtValue<Ipv6Words>;
 const _: () = assert!(size_of::<Ct4Value>() == 48);
+const _: () = assert!(size_of::<Ct6Value>() == 88);
 
 /// A conntrack entry of direction [`ct_direction::FLOW`]: a flow kept in one entry instead of
-/// an ORIGINAL and a REPLY one. It lies in the conntrack map as a [`Ct4Value`] and is one where
+/// an ORIGINAL and a REPLY one. It lies in the conntrack map as a [`CtValue`] and is one where
 /// an ORIGINAL entry has its fields (asserted below), so the code of the client's side reads
 /// both alike; where REPLY entries keep the client's MACs and NIC, it keeps what the answers
 /// need: the frontend to restore and how far the backend has sent.
@@ -1175,22 +1264,22 @@ const _: () = assert!(size_of::<Ct4Value>() == 48);
 /// an ORIGINAL and a REPLY entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
-pub struct Flow4Value {
+pub struct FlowValue<A> {
     pub last_seen_ns: u64,
     pub backend_id: u32,
     pub service_id: u32,
     /// The backend the flow goes to (an ORIGINAL entry's `nat_addr`, `nat_port`).
-    pub backend_addr: u32,
+    pub backend_addr: A,
     pub backend_port: u16,
     pub state: u8,
     pub flags: u8,
     /// With [`ct_flags::SNAT`]: this node's address and port that replace the client's.
-    pub snat_addr: u32,
+    pub snat_addr: A,
     pub snat_port: u16,
     pub _pad: u16,
     /// The frontend the client sent to: a client's packet must carry it to be the flow's, and
     /// the answers get it back as their source.
-    pub frontend_addr: u32,
+    pub frontend_addr: A,
     pub frontend_port: u16,
     pub _pad2: u16,
     /// TCP: the sequence number after the furthest segment the backend has sent (0 until one).
@@ -1198,43 +1287,55 @@ pub struct Flow4Value {
     /// TCP: the same for the client (an ORIGINAL entry's `seq_next`).
     pub seq_next: u32,
 }
-const _: () = {
-    use core::mem::offset_of;
-    assert!(size_of::<Flow4Value>() == size_of::<Ct4Value>());
-    assert!(align_of::<Flow4Value>() == align_of::<Ct4Value>());
-    assert!(offset_of!(Flow4Value, last_seen_ns) == offset_of!(Ct4Value, last_seen_ns));
-    assert!(offset_of!(Flow4Value, backend_id) == offset_of!(Ct4Value, backend_id));
-    assert!(offset_of!(Flow4Value, service_id) == offset_of!(Ct4Value, service_id));
-    assert!(offset_of!(Flow4Value, backend_addr) == offset_of!(Ct4Value, nat_addr));
-    assert!(offset_of!(Flow4Value, backend_port) == offset_of!(Ct4Value, nat_port));
-    assert!(offset_of!(Flow4Value, state) == offset_of!(Ct4Value, state));
-    assert!(offset_of!(Flow4Value, flags) == offset_of!(Ct4Value, flags));
-    assert!(offset_of!(Flow4Value, snat_addr) == offset_of!(Ct4Value, snat_addr));
-    assert!(offset_of!(Flow4Value, snat_port) == offset_of!(Ct4Value, snat_port));
-    assert!(offset_of!(Flow4Value, seq_next) == offset_of!(Ct4Value, seq_next));
-};
+pub type Flow4Value = FlowValue<u32>;
+pub type Flow6Value = FlowValue<Ipv6Words>;
 
-impl Flow4Value {
+/// A FLOW entry's fields lie where a conntrack value of the same family has them.
+macro_rules! assert_flow_fits {
+    ($addr:ty) => {
+        const _: () = {
+            use core::mem::offset_of;
+            type Ct = CtValue<$addr>;
+            type Flow = FlowValue<$addr>;
+            assert!(size_of::<Flow>() == size_of::<Ct>());
+            assert!(align_of::<Flow>() == align_of::<Ct>());
+            assert!(offset_of!(Flow, last_seen_ns) == offset_of!(Ct, last_seen_ns));
+            assert!(offset_of!(Flow, backend_id) == offset_of!(Ct, backend_id));
+            assert!(offset_of!(Flow, service_id) == offset_of!(Ct, service_id));
+            assert!(offset_of!(Flow, backend_addr) == offset_of!(Ct, nat_addr));
+            assert!(offset_of!(Flow, backend_port) == offset_of!(Ct, nat_port));
+            assert!(offset_of!(Flow, state) == offset_of!(Ct, state));
+            assert!(offset_of!(Flow, flags) == offset_of!(Ct, flags));
+            assert!(offset_of!(Flow, snat_addr) == offset_of!(Ct, snat_addr));
+            assert!(offset_of!(Flow, snat_port) == offset_of!(Ct, snat_port));
+            assert!(offset_of!(Flow, seq_next) == offset_of!(Ct, seq_next));
+        };
+    };
+}
+assert_flow_fits!(u32);
+assert_flow_fits!(Ipv6Words);
+
+impl<A: CtAddr> FlowValue<A> {
     /// The flow entry a conntrack value of direction FLOW is.
     #[inline(always)]
-    pub fn of(entry: &Ct4Value) -> &Flow4Value {
+    pub fn of(entry: &CtValue<A>) -> &FlowValue<A> {
         // SAFETY: both types are repr(C) of integers only (every bit pattern valid), with the
         // same size and alignment (asserted above).
-        unsafe { &*(entry as *const Ct4Value).cast::<Flow4Value>() }
+        unsafe { &*(entry as *const CtValue<A>).cast::<FlowValue<A>>() }
     }
 
-    /// As [`Flow4Value::of`], to write.
+    /// As [`FlowValue::of`], to write.
     #[inline(always)]
-    pub fn of_mut(entry: &mut Ct4Value) -> &mut Flow4Value {
+    pub fn of_mut(entry: &mut CtValue<A>) -> &mut FlowValue<A> {
         // SAFETY: as in `of`.
-        unsafe { &mut *(entry as *mut Ct4Value).cast::<Flow4Value>() }
+        unsafe { &mut *(entry as *mut CtValue<A>).cast::<FlowValue<A>>() }
     }
 
     /// The conntrack value that holds this flow entry.
     #[inline(always)]
-    pub fn into_entry(self) -> Ct4Value {
+    pub fn into_entry(self) -> CtValue<A> {
         // SAFETY: as in `of`.
-        unsafe { core::mem::transmute::<Flow4Value, Ct4Value>(self) }
+        unsafe { core::mem::transmute_copy::<FlowValue<A>, CtValue<A>>(&self) }
     }
 }
 
@@ -1315,6 +1416,18 @@ pub mod frontend_filter {
     pub const fn bit(addr: u32, port: u16, protocol: u8) -> u32 {
         let key = ((addr as u64) << 24) | ((port as u64) << 8) | protocol as u64;
         (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS_LOG2)) as u32
+    }
+
+    /// The bit of an IPv6 address ([`crate::Ipv6Words`], as the packet holds it), port (host
+    /// order of the wire bytes) and protocol: the address folded to 32 bits, then [`bit`]. Both
+    /// families share the filter.
+    #[inline(always)]
+    pub const fn bit6(addr: crate::Ipv6Words, port: u16, protocol: u8) -> u32 {
+        let folded = u32::from_be(addr[0])
+            ^ u32::from_be(addr[1]).rotate_left(8)
+            ^ u32::from_be(addr[2]).rotate_left(16)
+            ^ u32::from_be(addr[3]).rotate_left(24);
+        bit(folded, port, protocol)
     }
 }
 

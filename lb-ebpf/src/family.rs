@@ -10,22 +10,27 @@
 
 use aya_ebpf::{
     btf_maps::SkStorage,
-    maps::{HashMap, LpmTrie},
+    maps::{HashMap, LpmTrie, LruHashMap},
 };
 use lb_common::{
-    BackendValue, FrontendKey, Ipv6Words, ServiceValue, SockNat4Key, SockNat6Key, SockNatValue,
-    SockState, SourceRange,
+    Affinity4Key, Affinity6Key, AffinityValue, BackendValue, CtAddr, CtKey, CtValue, FrontendKey,
+    Ipv6Words, ServiceValue, SockNat4Key, SockNat6Key, SockNatValue, SockState, SourceRange,
+    frontend_filter, maglev,
 };
 
 use crate::maps::{
-    BACKENDS4, BACKENDS6, FRONTENDS4, FRONTENDS6, SOCK_NAT4, SOCK_NAT6, SOCK_STATE4, SOCK_STATE6,
-    SOURCE_RANGES4, SOURCE_RANGES6,
+    AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CONFIG, CONFIG6, CONNTRACK4, CONNTRACK6,
+    FRONTENDS4, FRONTENDS6, SOCK_NAT4, SOCK_NAT6, SOCK_STATE4, SOCK_STATE6, SOURCE_RANGES4,
+    SOURCE_RANGES6,
 };
 
 /// An address family: its address type (network byte order, as the packet and `bpf_sock_addr`
 /// hold it) and its maps.
 pub trait Family {
-    type Addr: Copy + 'static;
+    /// Network byte order in the maps the agent writes (frontends, backends); in a packet's
+    /// [`crate::flow::Tuple`] and in conntrack, as [`CtAddr`] says (an IPv4 address as a
+    /// number, an IPv6 one as the packet holds it).
+    type Addr: CtAddr + 'static;
     /// Bits of an address: the prefix length that matches a whole one in an LPM trie.
     const ADDR_BITS: u32;
 
@@ -40,6 +45,27 @@ pub trait Family {
     /// as one block, which LLVM may lower to a `bcmp` call or to loads wider than a word;
     /// here it is plain 32-bit compares.
     fn same(a: &Self::Addr, b: &Self::Addr) -> bool;
+
+    /// A tuple's address (conntrack order) in the order of the agent's maps, and back.
+    fn map_order(addr: Self::Addr) -> Self::Addr;
+    fn tuple_order(addr: Self::Addr) -> Self::Addr;
+
+    /// The bit of the frontend (and backend) filter for an address (tuple order), port and
+    /// protocol.
+    fn filter_bit(addr: Self::Addr, port: u16, protocol: u8) -> u32;
+
+    /// Maglev's flow hash (addresses in tuple order).
+    fn flow_hash(saddr: Self::Addr, daddr: Self::Addr, sport: u16, dport: u16, proto: u8) -> u32;
+
+    /// This node's address (tuple order) for SNAT to backends on other nodes, if it has one.
+    fn snat_addr() -> Option<Self::Addr>;
+
+    fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
+
+    /// The session-affinity entry of a client outside the node (address in tuple order) of a
+    /// service, and its writer.
+    fn affinity_entry(client: Self::Addr, service_id: u32) -> Option<*mut AffinityValue>;
+    fn remember_affinity(client: Self::Addr, service_id: u32, value: &AffinityValue);
 
     fn frontends() -> &'static HashMap<FrontendKey<Self::Addr>, ServiceValue>;
     /// The backend `id` names, if it is one of this family's. A reference, not a copy: LLVM
@@ -80,6 +106,59 @@ impl Family for V4 {
     #[inline(always)]
     fn same(a: &u32, b: &u32) -> bool {
         a == b
+    }
+
+    #[inline(always)]
+    fn map_order(addr: u32) -> u32 {
+        addr.to_be()
+    }
+
+    #[inline(always)]
+    fn tuple_order(addr: u32) -> u32 {
+        u32::from_be(addr)
+    }
+
+    #[inline(always)]
+    fn filter_bit(addr: u32, port: u16, protocol: u8) -> u32 {
+        frontend_filter::bit(addr, port, protocol)
+    }
+
+    #[inline(always)]
+    fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+        maglev::flow_hash(saddr, daddr, sport, dport, proto)
+    }
+
+    #[inline(always)]
+    fn snat_addr() -> Option<u32> {
+        CONFIG
+            .get(0)
+            .map(|config| config.snat_addr)
+            .filter(|addr| *addr != 0)
+    }
+
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<CtKey<u32>, CtValue<u32>> {
+        &CONNTRACK4
+    }
+
+    #[inline(always)]
+    fn affinity_entry(client: u32, service_id: u32) -> Option<*mut AffinityValue> {
+        AFFINITY4.get_ptr_mut(&Affinity4Key {
+            client: u64::from(client),
+            service_id,
+            kind: 0,
+        })
+    }
+
+    #[inline(always)]
+    fn remember_affinity(client: u32, service_id: u32, value: &AffinityValue) {
+        let key = Affinity4Key {
+            client: u64::from(client),
+            service_id,
+            kind: 0,
+        };
+        // A full LRU evicts the oldest client; affinity is best effort.
+        let _ = AFFINITY4.insert(&key, value, 0);
     }
 
     #[inline(always)]
@@ -156,6 +235,50 @@ impl Family for V6 {
     #[inline(always)]
     fn same(a: &Ipv6Words, b: &Ipv6Words) -> bool {
         a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+    }
+
+    #[inline(always)]
+    fn map_order(addr: Ipv6Words) -> Ipv6Words {
+        addr
+    }
+
+    #[inline(always)]
+    fn tuple_order(addr: Ipv6Words) -> Ipv6Words {
+        addr
+    }
+
+    #[inline(always)]
+    fn filter_bit(addr: Ipv6Words, port: u16, protocol: u8) -> u32 {
+        frontend_filter::bit6(addr, port, protocol)
+    }
+
+    #[inline(always)]
+    fn flow_hash(saddr: Ipv6Words, daddr: Ipv6Words, sport: u16, dport: u16, proto: u8) -> u32 {
+        maglev::flow_hash6(saddr, daddr, sport, dport, proto)
+    }
+
+    #[inline(always)]
+    fn snat_addr() -> Option<Ipv6Words> {
+        CONFIG6
+            .get(0)
+            .map(|config| config.snat_addr)
+            .filter(|addr| addr[0] | addr[1] | addr[2] | addr[3] != 0)
+    }
+
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<CtKey<Ipv6Words>, CtValue<Ipv6Words>> {
+        &CONNTRACK6
+    }
+
+    #[inline(always)]
+    fn affinity_entry(client: Ipv6Words, service_id: u32) -> Option<*mut AffinityValue> {
+        AFFINITY6.get_ptr_mut(&Affinity6Key { client, service_id })
+    }
+
+    #[inline(always)]
+    fn remember_affinity(client: Ipv6Words, service_id: u32, value: &AffinityValue) {
+        // A full LRU evicts the oldest client; affinity is best effort.
+        let _ = AFFINITY6.insert(&Affinity6Key { client, service_id }, value, 0);
     }
 
     #[inline(always)]

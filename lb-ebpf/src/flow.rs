@@ -4,19 +4,18 @@
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::{debug, warn};
 use lb_common::{
-    AFFINITY_NETNS, Affinity4Key, AffinityValue, Backend4, BackendValue, Ct4Key, Ct4Value,
-    CtTimeouts, DEFAULT_SNAT_PORTS, DatapathConfig, Event, Flow4Value, FrontendKey, ServiceValue,
-    SnatPortProbe, SourceRange, backend_flags, ct_direction, ct_flags, ct_timeouts, flow_key,
-    frontend_filter, maglev, proto, scope, sctp, service_flags, tcp_seq, tcp_state,
+    AFFINITY_NETNS, Affinity4Key, AffinityValue, BackendValue, CtAddr, CtKey, CtTimeouts, CtValue,
+    DEFAULT_SNAT_PORTS, DatapathConfig, Event, FlowValue, FrontendKey, ServiceValue, SnatPortProbe,
+    SourceRange, backend_flags, ct_direction, ct_flags, ct_timeouts, flow_key, maglev, proto,
+    scope, sctp, service_flags, tcp_seq, tcp_state,
 };
-use lb_ebpf::packet::{Ipv4Info, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ipv4_checksum_ok};
+use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     family::{Family, V4},
     helpers::{now_ns, random_u32},
     maps::{
-        AFFINITY4, CONFIG, CONNTRACK4, FRONTEND_FILTER, MAGLEV4, SLOTS4, count_event,
-        count_service, dry_run,
+        AFFINITY4, CONFIG, FRONTEND_FILTER, MAGLEV4, SLOTS4, count_event, count_service, dry_run,
     },
     monitor,
 };
@@ -27,12 +26,12 @@ const SNAT_PORT_TRIES: u32 = 128;
 /// Insert only if the key is new (include/uapi/linux/bpf.h).
 const BPF_NOEXIST: u64 = 1;
 
-/// A flow as the parser saw it: addresses and ports as the packet holds them (big-endian values
-/// read with `from_be_bytes`, so host-order integers of the wire bytes).
-#[derive(Clone, Copy)]
-pub struct Tuple {
-    pub saddr: u32,
-    pub daddr: u32,
+/// A flow as the parser saw it: ports as the packet holds them (big-endian values read with
+/// `from_be_bytes`, so host-order integers of the wire bytes), addresses as conntrack keeps
+/// them ([`CtAddr`]: IPv4 the same way as ports, IPv6 as the packet holds them).
+pub struct Tuple<F: Family = V4> {
+    pub saddr: F::Addr,
+    pub daddr: F::Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -46,6 +45,13 @@ pub struct Tuple {
     pub seq_end: u32,
 }
 
+impl<F: Family> Clone for Tuple<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: Family> Copy for Tuple<F> {}
+
 /// How a client's packet arrived: its frame's MACs (destination: this node's NIC; source: the
 /// client or the router before it) and the NIC ([`lb_common::client_nic`]). A SNAT flow's
 /// answers go back that way.
@@ -55,9 +61,10 @@ pub struct Arrival {
     pub ifindex: u32,
 }
 
-/// Where a packet of a service flow goes (host order of the wire bytes), for which service.
-pub struct Destination {
-    pub addr: u32,
+/// Where a packet of a service flow goes (as [`Tuple`] holds addresses and ports), for which
+/// service.
+pub struct Destination<F: Family = V4> {
+    pub addr: F::Addr,
     pub port: u16,
     pub service_id: u32,
     /// The source the packet leaves with: the client's own, or this node's SNAT address and
@@ -65,15 +72,15 @@ pub struct Destination {
     /// its reply tuple would clash with another flow's (see [`ct_flags::PORT_REMAP`]). Always
     /// set, never an Option: LLVM reads an Option's unset payload where it merges branches, and
     /// the verifier refuses a read of an unset register.
-    pub source: (u32, u16),
+    pub source: (F::Addr, u16),
     /// XDP sends the packet on itself (a backend on another node) instead of to the stack.
     pub forward: bool,
 }
 /// Whether a frontend may have this packet's destination ([`lb_common::frontend_filter`]); if
 /// not, the packet is none of the datapath's business and needs no further lookup.
 #[inline(always)]
-pub fn maybe_frontend(tuple: &Tuple) -> bool {
-    let bit = frontend_filter::bit(tuple.daddr, tuple.dport, tuple.proto);
+pub fn maybe_frontend<F: Family>(tuple: &Tuple<F>) -> bool {
+    let bit = F::filter_bit(tuple.daddr, tuple.dport, tuple.proto);
     FRONTEND_FILTER
         .get(bit >> 6)
         .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)
@@ -81,9 +88,9 @@ pub fn maybe_frontend(tuple: &Tuple) -> bool {
 
 /// The frontend this packet is addressed to, if any.
 #[inline(always)]
-pub fn lookup_frontend(tuple: &Tuple) -> Option<&'static ServiceValue> {
-    frontend_entry::<V4>(
-        tuple.daddr.to_be(),
+pub fn lookup_frontend<F: Family>(tuple: &Tuple<F>) -> Option<&'static ServiceValue> {
+    frontend_entry::<F>(
+        F::map_order(tuple.daddr),
         tuple.dport.to_be(),
         tuple.proto,
         scope::ANY,
@@ -126,11 +133,11 @@ fn frontend_entry<F: Family>(
     unsafe { F::frontends().get(&key) }
 }
 
-/// Whether the client (a number, as [`Tuple`] holds it) is inside one of the service's
+/// Whether the client (a number, as [`Tuple<F>`] holds it) is inside one of the service's
 /// loadBalancerSourceRanges.
 #[inline(always)]
-pub fn source_allowed(service_id: u32, client: u32) -> bool {
-    source_allowed_in::<V4>(service_id, client.to_be())
+pub fn source_allowed<F: Family>(service_id: u32, client: F::Addr) -> bool {
+    source_allowed_in::<F>(service_id, F::map_order(client))
 }
 
 /// Whether the client (network byte order) is inside one of the service's
@@ -181,41 +188,45 @@ pub fn no_backend(service: &ServiceValue) -> Event {
 /// The IPv4 header checksum is checked only for a packet that creates or ends a flow: the stack
 /// drops one with a bad checksum, so it must not change state, and any other packet with a bad
 /// one is translated as it is and dropped where it arrives.
-pub fn destination(
+pub fn destination<F: Family>(
     ctx: &XdpContext,
-    ip: &Ipv4Info,
-    tuple: &Tuple,
+    ip: &impl IpHeader,
+    tuple: &Tuple<F>,
     service: &ServiceValue,
     arrival: &Arrival,
-) -> Result<Destination, Event> {
+) -> Result<Destination<F>, Event> {
     let now = now_ns();
     // One lookup of the client's key serves both questions: is there a live flow, and who
     // holds the key a new flow would take (a miss in the conntrack map is the dearest step of
     // a new flow).
-    let flow_entry = CONNTRACK4.get_ptr_mut(&client_key(tuple));
+    let flow_entry = F::conntrack().get_ptr_mut(&client_key(tuple));
     if let Some(flow) = live_flow_of(flow_entry, tuple, now) {
         if let Some(destination) = follow(ctx, ip, tuple, flow, arrival, now)? {
             return Ok(destination);
         }
         count_event(Event::CT_FLOW_RESTARTED);
     }
-    if !ipv4_checksum_ok(ctx, ip.l4_offset) {
+    if !ip.header_ok(ctx) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
     let key_holder = client_key_holder(flow_entry, tuple, now);
-    new_flow(tuple, service, arrival, ip.ttl > 1, now, key_holder)
+    new_flow(tuple, service, arrival, ip.may_forward(), now, key_holder)
 }
 
 /// Who holds the client's key for a new flow of this packet: free when nobody does, or when
 /// the holder is past its timeout or this client's earlier flow to the same frontend.
 #[inline(always)]
-fn client_key_holder(flow_entry: Option<*mut Ct4Value>, tuple: &Tuple, now: u64) -> Holder {
+fn client_key_holder<F: Family>(
+    flow_entry: Option<*mut CtValue<F::Addr>>,
+    tuple: &Tuple<F>,
+    now: u64,
+) -> Holder {
     let Some(existing) = flow_entry else {
         return Holder::Vacant;
     };
     // SAFETY: read-only use of an entry that stays valid for this run (RCU).
     let existing = unsafe { &*existing };
-    if for_frontend(Flow4Value::of(existing), tuple) || past_timeout(existing, tuple.proto, now) {
+    if for_frontend(FlowValue::of(existing), tuple) || past_timeout(existing, tuple.proto, now) {
         Holder::Gone
     } else {
         Holder::Alive
@@ -225,7 +236,7 @@ fn client_key_holder(flow_entry: Option<*mut Ct4Value>, tuple: &Tuple, now: u64)
 /// Whether a live flow's REPLY entry is a separate one (a SNAT flow's, or a flow kept as two
 /// entries), not part of its FLOW entry.
 #[inline(always)]
-fn has_reply_entry(client_side: &Ct4Value) -> bool {
+fn has_reply_entry<A: CtAddr>(client_side: &CtValue<A>) -> bool {
     client_side.flags & ct_flags::CLIENT_IN_FLOW == 0 || client_side.flags & ct_flags::SNAT != 0
 }
 
@@ -234,22 +245,22 @@ fn has_reply_entry(client_side: &Ct4Value) -> bool {
 /// flow held when it began, or one from before FLOW entries). A TCP SYN without a FLOW entry
 /// starts a new flow without the second lookup, unless it comes from a port of the remap range.
 #[inline(always)]
-pub fn live_flow(tuple: &Tuple, now: u64) -> Option<*mut Ct4Value> {
-    live_flow_of(CONNTRACK4.get_ptr_mut(&client_key(tuple)), tuple, now)
+pub fn live_flow<F: Family>(tuple: &Tuple<F>, now: u64) -> Option<*mut CtValue<F::Addr>> {
+    live_flow_of(F::conntrack().get_ptr_mut(&client_key(tuple)), tuple, now)
 }
 
 /// As [`live_flow`], with the client's FLOW entry looked up already.
 #[inline(always)]
-fn live_flow_of(
-    flow_entry: Option<*mut Ct4Value>,
-    tuple: &Tuple,
+fn live_flow_of<F: Family>(
+    flow_entry: Option<*mut CtValue<F::Addr>>,
+    tuple: &Tuple<F>,
     now: u64,
-) -> Option<*mut Ct4Value> {
+) -> Option<*mut CtValue<F::Addr>> {
     if let Some(entry) = flow_entry {
         // SAFETY: the entry stays valid for the program's run (RCU); racing writers on other
         // CPUs can only make last_seen/state slightly stale, which the timeouts tolerate.
         let flow = unsafe { &*entry };
-        if for_frontend(Flow4Value::of(flow), tuple) {
+        if for_frontend(FlowValue::of(flow), tuple) {
             return continues(flow, tuple, now).then_some(entry);
         }
     } else if proto::has_handshake(tuple.proto)
@@ -260,7 +271,7 @@ fn live_flow_of(
         // a flow kept as two entries because its reply tuple was taken: that one is looked up.)
         return None;
     }
-    let entry = CONNTRACK4.get_ptr_mut(&original_key(tuple))?;
+    let entry = F::conntrack().get_ptr_mut(&original_key(tuple))?;
     // SAFETY: as above.
     continues(unsafe { &*entry }, tuple, now).then_some(entry)
 }
@@ -268,33 +279,33 @@ fn live_flow_of(
 /// A copy of the client's side of the flow of a client's packet (its FLOW entry or ORIGINAL
 /// entry), live or not.
 #[inline(always)]
-pub fn client_side(tuple: &Tuple) -> Option<Ct4Value> {
+pub fn client_side<F: Family>(tuple: &Tuple<F>) -> Option<CtValue<F::Addr>> {
     // SAFETY: read-only copies of entries that stay valid for this run (RCU).
-    if let Some(entry) = unsafe { CONNTRACK4.get(&client_key(tuple)) }
-        && for_frontend(Flow4Value::of(entry), tuple)
+    if let Some(entry) = unsafe { F::conntrack().get(&client_key(tuple)) }
+        && for_frontend(FlowValue::of(entry), tuple)
     {
         return Some(*entry);
     }
     // SAFETY: as above.
-    unsafe { CONNTRACK4.get(&original_key(tuple)) }.copied()
+    unsafe { F::conntrack().get(&original_key(tuple)) }.copied()
 }
 
 /// The key of the FLOW entry of a client's packet.
 #[inline(always)]
-fn client_key(tuple: &Tuple) -> Ct4Key {
+fn client_key<F: Family>(tuple: &Tuple<F>) -> CtKey<F::Addr> {
     flow_key(tuple.saddr, tuple.sport, tuple.proto)
 }
 
 /// Whether a FLOW entry is the flow of this client's packet: the frontend it was sent to.
 #[inline(always)]
-fn for_frontend(flow: &Flow4Value, tuple: &Tuple) -> bool {
-    flow.frontend_addr == tuple.daddr && flow.frontend_port == tuple.dport
+fn for_frontend<F: Family>(flow: &FlowValue<F::Addr>, tuple: &Tuple<F>) -> bool {
+    F::same(&flow.frontend_addr, &tuple.daddr) && flow.frontend_port == tuple.dport
 }
 
 /// Whether a live flow's client must still be inside the source ranges of its service: it was
 /// admitted by them, and a range removed later must stop it.
 #[inline(always)]
-pub fn admitted_by_source_ranges(entry: *mut Ct4Value) -> Option<u32> {
+pub fn admitted_by_source_ranges<A: CtAddr>(entry: *mut CtValue<A>) -> Option<u32> {
     // SAFETY: as in live_flow.
     let entry = unsafe { &*entry };
     (entry.flags & ct_flags::SOURCE_CHECKED != 0).then_some(entry.service_id)
@@ -303,17 +314,17 @@ pub fn admitted_by_source_ranges(entry: *mut Ct4Value) -> Option<u32> {
 /// Where a packet of a live flow (from [`live_flow`]) goes, its state moved on; None when its
 /// reply tuple serves another flow now, so that the flow must start over.
 #[inline(always)]
-pub fn follow(
+pub fn follow<F: Family>(
     ctx: &XdpContext,
-    ip: &Ipv4Info,
-    tuple: &Tuple,
-    entry: *mut Ct4Value,
+    ip: &impl IpHeader,
+    tuple: &Tuple<F>,
+    entry: *mut CtValue<F::Addr>,
     arrival: &Arrival,
     now: u64,
-) -> Result<Option<Destination>, Event> {
+) -> Result<Option<Destination<F>>, Event> {
     // SAFETY: as in live_flow.
     let entry = unsafe { &mut *entry };
-    if closes(tuple) && !ipv4_checksum_ok(ctx, ip.l4_offset) {
+    if closes(tuple) && !ip.header_ok(ctx) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
     if blind_rst(tuple, entry.seq_next, || endpoint_record(entry, tuple)) {
@@ -339,7 +350,11 @@ pub fn follow(
 /// looked up only then); the endpoint would discard it, and it must not end the flow here
 /// either. A record of 0 (no handshake seen) checks nothing.
 #[inline(always)]
-pub fn blind_rst(tuple: &Tuple, sender_seq_next: u32, peer_record: impl FnOnce() -> u32) -> bool {
+pub fn blind_rst<F: Family>(
+    tuple: &Tuple<F>,
+    sender_seq_next: u32,
+    peer_record: impl FnOnce() -> u32,
+) -> bool {
     if tuple.tcp_flags & TCP_RST == 0 {
         return false;
     }
@@ -357,20 +372,21 @@ pub fn blind_rst(tuple: &Tuple, sender_seq_next: u32, peer_record: impl FnOnce()
 /// The SCTP tag the endpoint's packets of a client's flow carry: from the flow's REPLY entry
 /// when it has one, else from its FLOW entry.
 #[inline(always)]
-fn endpoint_record(client_side: &Ct4Value, tuple: &Tuple) -> u32 {
+fn endpoint_record<F: Family>(client_side: &CtValue<F::Addr>, tuple: &Tuple<F>) -> u32 {
     if !has_reply_entry(client_side) {
-        return Flow4Value::of(client_side).backend_seq_next;
+        return FlowValue::of(client_side).backend_seq_next;
     }
     // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
-    unsafe { CONNTRACK4.get(&reply_key_of(client_side, tuple)) }.map_or(0, |reply| reply.seq_next)
+    unsafe { F::conntrack().get(&reply_key_of(client_side, tuple)) }
+        .map_or(0, |reply| reply.seq_next)
 }
 
 /// The SCTP tag the client's packets of a flow carry, for the endpoint's packet `tuple` of the
 /// flow whose REPLY entry is `reply`: from the flow's client side (FLOW or ORIGINAL entry).
 #[inline(always)]
-pub fn client_record_of_reply(reply: &Ct4Value, tuple: &Tuple) -> u32 {
+pub fn client_record_of_reply<F: Family>(reply: &CtValue<F::Addr>, tuple: &Tuple<F>) -> u32 {
     // SAFETY: read here, valid for this run (RCU).
-    client_side_of(reply, tuple).map_or(0, |entry| unsafe { (*entry).seq_next })
+    client_side_of::<F>(reply, tuple).map_or(0, |entry| unsafe { (*entry).seq_next })
 }
 
 /// Records how far a side's segment reaches in its sequence space (a write only when it reaches
@@ -381,7 +397,7 @@ pub fn client_record_of_reply(reply: &Ct4Value, tuple: &Tuple) -> u32 {
 /// ones. Other chunks teach nothing, so that a forged DATA cannot set the tag an ABORT is then
 /// held to.
 #[inline(always)]
-fn note_seq(sender_seq_next: &mut u32, tuple: &Tuple) {
+fn note_seq<F: Family>(sender_seq_next: &mut u32, tuple: &Tuple<F>) {
     if tuple.tcp_flags & TCP_RST != 0 {
         return;
     }
@@ -402,13 +418,13 @@ fn note_seq(sender_seq_next: &mut u32, tuple: &Tuple) {
 
 /// A TCP FIN or RST: the packet ends its flow.
 #[inline(always)]
-pub fn closes(tuple: &Tuple) -> bool {
+pub fn closes<F: Family>(tuple: &Tuple<F>) -> bool {
     tuple.tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
 /// Where a tracked flow's packets (this one, `tuple`) go.
 #[inline(always)]
-fn tracked(entry: &Ct4Value, tuple: &Tuple) -> Destination {
+fn tracked<F: Family>(entry: &CtValue<F::Addr>, tuple: &Tuple<F>) -> Destination<F> {
     let rewrites_source = entry.flags & (ct_flags::SNAT | ct_flags::PORT_REMAP) != 0;
     Destination {
         addr: entry.nat_addr,
@@ -425,9 +441,9 @@ fn tracked(entry: &Ct4Value, tuple: &Tuple) -> Destination {
 
 /// Whether a packet belongs to the flow its FLOW or ORIGINAL entry tracks.
 #[inline(always)]
-fn continues(entry: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
+fn continues<F: Family>(entry: &CtValue<F::Addr>, tuple: &Tuple<F>, now: u64) -> bool {
     timeouts().is_live(tuple.proto, entry.state, entry.last_seen_ns, now)
-        && (proto::has_handshake(tuple.proto) || backend_still_there(entry))
+        && (proto::has_handshake(tuple.proto) || backend_still_there::<F>(entry))
         && !reopens(entry, tuple)
 }
 
@@ -435,26 +451,31 @@ fn continues(entry: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
 /// when it is gone, both moved on by this packet; false when its reply tuple belongs to another
 /// flow now.
 #[inline(always)]
-fn keeps_reply_half(original: &mut Ct4Value, tuple: &Tuple, arrival: &Arrival, now: u64) -> bool {
+fn keeps_reply_half<F: Family>(
+    original: &mut CtValue<F::Addr>,
+    tuple: &Tuple<F>,
+    arrival: &Arrival,
+    now: u64,
+) -> bool {
     let key = reply_key_of(original, tuple);
-    let reply = match CONNTRACK4.get_ptr_mut(&key) {
+    let reply = match F::conntrack().get_ptr_mut(&key) {
         Some(reply) => reply,
         None if dry_run() => return true,
         // A local endpoint's reply tuple may have gone to a FLOW entry meanwhile (the client
         // sends from that port itself): the flow starts over rather than share it.
         None if original.flags & ct_flags::SNAT == 0
-            && answers_of_flow(original, tuple.proto, (key.daddr, key.dport), now) =>
+            && answers_of_flow::<F>(original, tuple.proto, (key.daddr, key.dport), now) =>
         {
             return false;
         }
         None => {
             let reply = reply_value(original, tuple, arrival, now);
-            if CONNTRACK4.insert(&key, &reply, BPF_NOEXIST).is_ok() {
+            if F::conntrack().insert(&key, &reply, BPF_NOEXIST).is_ok() {
                 count_event(Event::CT_REPLY_RESTORED);
                 return true;
             }
             // Another CPU wrote it first, for this flow or another one.
-            match CONNTRACK4.get_ptr_mut(&key) {
+            match F::conntrack().get_ptr_mut(&key) {
                 Some(reply) => reply,
                 None => return false,
             }
@@ -473,29 +494,34 @@ fn keeps_reply_half(original: &mut Ct4Value, tuple: &Tuple, arrival: &Arrival, n
 
 /// The key of the REPLY entry of a flow: from its backend to the source the backend sees.
 #[inline(always)]
-fn reply_key_of(original: &Ct4Value, tuple: &Tuple) -> Ct4Key {
+fn reply_key_of<F: Family>(original: &CtValue<F::Addr>, tuple: &Tuple<F>) -> CtKey<F::Addr> {
     let to = if original.flags & (ct_flags::SNAT | ct_flags::PORT_REMAP) != 0 {
         (original.snat_addr, original.snat_port)
     } else {
         (tuple.saddr, tuple.sport)
     };
-    backend_reply_key((original.nat_addr, original.nat_port), to, tuple.proto)
+    backend_reply_key::<F>((original.nat_addr, original.nat_port), to, tuple.proto)
 }
 
 /// Whether a REPLY entry translates back to this client and frontend.
 #[inline(always)]
-fn belongs_to(reply: &Ct4Value, tuple: &Tuple) -> bool {
-    reply.snat_addr == tuple.saddr
+fn belongs_to<F: Family>(reply: &CtValue<F::Addr>, tuple: &Tuple<F>) -> bool {
+    F::same(&reply.snat_addr, &tuple.saddr)
         && reply.snat_port == tuple.sport
-        && reply.nat_addr == tuple.daddr
+        && F::same(&reply.nat_addr, &tuple.daddr)
         && reply.nat_port == tuple.dport
 }
 
 /// The REPLY entry of a flow: the frontend to restore as the source, the client to restore as
 /// the destination, and the Ethernet addresses the client's packets came with.
 #[inline(always)]
-fn reply_value(original: &Ct4Value, tuple: &Tuple, arrival: &Arrival, now: u64) -> Ct4Value {
-    let mut reply = Ct4Value {
+fn reply_value<F: Family>(
+    original: &CtValue<F::Addr>,
+    tuple: &Tuple<F>,
+    arrival: &Arrival,
+    now: u64,
+) -> CtValue<F::Addr> {
+    let mut reply = CtValue::<F::Addr> {
         last_seen_ns: now,
         nat_addr: tuple.daddr,
         nat_port: tuple.dport,
@@ -518,14 +544,14 @@ fn reply_value(original: &Ct4Value, tuple: &Tuple, arrival: &Arrival, now: u64) 
 /// or, when another live flow holds the client's key, an ORIGINAL and a REPLY entry, REPLY
 /// first (once ORIGINAL exists, the next packets depend on both).
 #[inline(always)]
-fn new_flow(
-    tuple: &Tuple,
+fn new_flow<F: Family>(
+    tuple: &Tuple<F>,
     service: &ServiceValue,
     arrival: &Arrival,
     may_forward: bool,
     now: u64,
     key_holder: Holder,
-) -> Result<Destination, Event> {
+) -> Result<Destination<F>, Event> {
     let (backend_id, backend) = if service.flags & service_flags::MAGLEV != 0
         && service.affinity_timeout_s == 0
     {
@@ -539,21 +565,21 @@ fn new_flow(
                     &(),
                     "service {}: no current Maglev table, a backend at random", service.service_id
                 );
-                select::<V4>(service)?
+                select::<F>(service)?
             }
         }
     } else {
-        select_for_client::<V4>(service, u64::from(tuple.saddr), 0, now)?
+        select_for_address::<F>(service, tuple.saddr, now)?
     };
-    let remote = needs_snat(service, &backend);
+    let remote = needs_snat::<F>(service, &backend);
     if remote && !may_forward {
         return Err(Event::PASS_TTL_EXCEEDED);
     }
-    let mut original = Ct4Value {
+    let mut original = CtValue::<F::Addr> {
         last_seen_ns: now,
         backend_id,
         service_id: service.service_id,
-        nat_addr: u32::from_be(backend.addr),
+        nat_addr: F::tuple_order(backend.addr),
         nat_port: u16::from_be(backend.port),
         state: initial_state(tuple),
         flags: if remote { ct_flags::SNAT } else { 0 }
@@ -573,7 +599,7 @@ fn new_flow(
     if dry_run() {
         return Ok(Destination {
             source: if remote {
-                config().map_or((0, 0), |config| (config.snat_addr, 0))
+                (F::snat_addr().unwrap_or_default(), 0)
             } else {
                 (tuple.saddr, tuple.sport)
             },
@@ -595,30 +621,30 @@ fn new_flow(
     // from every other flow's.
     let (addr, flag) = if remote {
         (
-            config().ok_or(Event::DROP_SNAT_EXHAUSTED)?.snat_addr,
+            F::snat_addr().ok_or(Event::DROP_SNAT_EXHAUSTED)?,
             ct_flags::SNAT,
         )
     } else {
         (tuple.saddr, ct_flags::PORT_REMAP)
     };
-    let reply = Ct4Value {
+    let reply = CtValue::<F::Addr> {
         flags: flag,
         ..reply
     };
-    let port =
-        claim_port(&original, tuple.proto, addr, &reply, now).ok_or(Event::DROP_SNAT_EXHAUSTED)?;
+    let port = claim_port::<F>(&original, tuple.proto, addr, &reply, now)
+        .ok_or(Event::DROP_SNAT_EXHAUSTED)?;
     if flag == ct_flags::PORT_REMAP {
         count_event(Event::NAT_PORT_REMAP);
     }
     original.flags = flag | (original.flags & ct_flags::SOURCE_CHECKED);
     original.snat_addr = addr;
     original.snat_port = port;
-    let reply_key = port_key(&original, tuple.proto, addr, port);
-    if CONNTRACK4
+    let reply_key = port_key::<F>(&original, tuple.proto, addr, port);
+    if F::conntrack()
         .insert(&original_key(tuple), &original, 0)
         .is_err()
     {
-        let _ = CONNTRACK4.remove(&reply_key);
+        let _ = F::conntrack().remove(&reply_key);
         warn!(
             &(),
             "service {}: a new flow's conntrack entry could not be written", service.service_id
@@ -632,7 +658,7 @@ fn new_flow(
 }
 
 #[inline(always)]
-fn report_new_flow(tuple: &Tuple, destination: &Destination, arrival: &Arrival) {
+fn report_new_flow<F: Family>(tuple: &Tuple<F>, destination: &Destination<F>, arrival: &Arrival) {
     monitor::new_flow(
         tuple,
         destination.service_id,
@@ -648,44 +674,49 @@ fn report_new_flow(tuple: &Tuple, destination: &Destination, arrival: &Arrival) 
 /// kept as two entries, or when another CPU took the key: the flow is then kept as two
 /// entries.
 #[inline(always)]
-fn new_flow_in_one_entry(
-    tuple: &Tuple,
-    original: &mut Ct4Value,
+fn new_flow_in_one_entry<F: Family>(
+    tuple: &Tuple<F>,
+    original: &mut CtValue<F::Addr>,
     arrival: &Arrival,
     now: u64,
     holder: Holder,
-) -> Result<Option<Destination>, Event> {
+) -> Result<Option<Destination<F>>, Event> {
     let key = client_key(tuple);
     // A dead holder goes first, also when this flow ends up kept as two entries: left there, a
     // dead entry for this frontend would hide the pair from live_flow.
     if holder != Holder::Vacant {
-        let _ = CONNTRACK4.remove(&key);
+        let _ = F::conntrack().remove(&key);
     }
     let mut claimed_reply = None;
     let flags = original.flags | ct_flags::CLIENT_IN_FLOW;
     if original.flags & ct_flags::SNAT != 0 {
-        let addr = config().ok_or(Event::DROP_SNAT_EXHAUSTED)?.snat_addr;
-        let reply = reply_value(&Ct4Value { flags, ..*original }, tuple, arrival, now);
-        let port = claim_port(original, tuple.proto, addr, &reply, now)
+        let addr = F::snat_addr().ok_or(Event::DROP_SNAT_EXHAUSTED)?;
+        let reply = reply_value(
+            &CtValue::<F::Addr> { flags, ..*original },
+            tuple,
+            arrival,
+            now,
+        );
+        let port = claim_port::<F>(original, tuple.proto, addr, &reply, now)
             .ok_or(Event::DROP_SNAT_EXHAUSTED)?;
         original.snat_addr = addr;
         original.snat_port = port;
-        claimed_reply = Some(port_key(original, tuple.proto, addr, port));
+        claimed_reply = Some(port_key::<F>(original, tuple.proto, addr, port));
     } else if remap_range_holds(tuple.sport) && !reply_tuple_free(original, tuple, now) {
         return Ok(None);
     }
-    let flow = Flow4Value {
+    let flow = FlowValue::<F::Addr> {
         flags,
         frontend_addr: tuple.daddr,
         frontend_port: tuple.dport,
-        ..*Flow4Value::of(original)
+        ..*FlowValue::of(original)
     };
-    if CONNTRACK4
+    if F::conntrack()
         .insert(&key, &flow.into_entry(), BPF_NOEXIST)
         .is_err()
     {
         if let Some(reply_key) = claimed_reply {
-            let _ = CONNTRACK4.remove(&reply_key);
+            let _ = F::conntrack().remove(&reply_key);
         }
         return Ok(None);
     }
@@ -694,7 +725,7 @@ fn new_flow_in_one_entry(
 
 /// Whether an entry's flow is over (idle past its timeout): its key is free.
 #[inline(always)]
-fn past_timeout(entry: &Ct4Value, protocol: u8, now: u64) -> bool {
+fn past_timeout<A: CtAddr>(entry: &CtValue<A>, protocol: u8, now: u64) -> bool {
     now.saturating_sub(entry.last_seen_ns) > timeout(protocol, entry.state)
 }
 
@@ -719,22 +750,22 @@ fn snat_ports() -> (u16, u16) {
 /// Whether no live REPLY entry holds the reply tuple of a new flow to a local endpoint (from
 /// the backend to the client's own address and port).
 #[inline(always)]
-fn reply_tuple_free(original: &Ct4Value, tuple: &Tuple, now: u64) -> bool {
-    let key = backend_reply_key(
+fn reply_tuple_free<F: Family>(original: &CtValue<F::Addr>, tuple: &Tuple<F>, now: u64) -> bool {
+    let key = backend_reply_key::<F>(
         (original.nat_addr, original.nat_port),
         (tuple.saddr, tuple.sport),
         tuple.proto,
     );
-    matches!(holder(&key, now), Holder::Vacant | Holder::Gone)
+    matches!(holder::<F>(&key, now), Holder::Vacant | Holder::Gone)
 }
 
 /// SNAT for a backend on another node, unless the policy is Local (which keeps the client's
 /// address and only ever has local backends) or the agent configured no SNAT address.
 #[inline(always)]
-fn needs_snat(service: &ServiceValue, backend: &Backend4) -> bool {
+fn needs_snat<F: Family>(service: &ServiceValue, backend: &BackendValue<F::Addr>) -> bool {
     backend.flags & backend_flags::LOCAL == 0
         && service.flags & service_flags::LOCAL_ONLY == 0
-        && config().is_some_and(|config| config.snat_addr != 0)
+        && F::snat_addr().is_some()
 }
 
 /// Claims a port of the SNAT range for the reply tuple (backend -> `addr`:port) of a new flow by
@@ -747,11 +778,11 @@ fn needs_snat(service: &ServiceValue, backend: &Backend4) -> bool {
 /// with an ACK, the client resets and retries, which costs less than a dropped SYN (Linux's NAT
 /// reuses such ports too).
 #[inline(always)]
-fn claim_port(
-    original: &Ct4Value,
+fn claim_port<F: Family>(
+    original: &CtValue<F::Addr>,
     protocol: u8,
-    addr: u32,
-    reply: &Ct4Value,
+    addr: F::Addr,
+    reply: &CtValue<F::Addr>,
     now: u64,
 ) -> Option<u16> {
     let mut probe = SnatPortProbe::new(snat_ports(), random_u32());
@@ -759,7 +790,7 @@ fn claim_port(
     let mut last_resort = 0u32;
     for _ in 0..SNAT_PORT_TRIES {
         let port = probe.port();
-        match holder(&port_key(original, protocol, addr, port), now) {
+        match holder::<F>(&port_key::<F>(original, protocol, addr, port), now) {
             free @ (Holder::Vacant | Holder::Gone) => {
                 found = (u32::from(port), free);
                 break;
@@ -780,26 +811,36 @@ fn claim_port(
     // complex for the verifier, and the client ports of the range are seldom used (it lies
     // above Linux's ephemeral ports).
     if reply.flags & ct_flags::PORT_REMAP != 0
-        && answers_of_flow(original, protocol, (addr, port), now)
+        && answers_of_flow::<F>(original, protocol, (addr, port), now)
     {
         return None;
     }
     // The flow's next packet tries again when another CPU took the port meanwhile.
-    take(&port_key(original, protocol, addr, port), reply, holder).then_some(port)
+    take::<F>(
+        &port_key::<F>(original, protocol, addr, port),
+        reply,
+        holder,
+    )
+    .then_some(port)
 }
 
 /// Whether a live FLOW entry of a local endpoint's flow takes the answers its backend sends to
 /// `client` (address and port): the reply tuple of a remapped flow must not be its too.
 #[inline(always)]
-fn answers_of_flow(original: &Ct4Value, protocol: u8, client: (u32, u16), now: u64) -> bool {
+fn answers_of_flow<F: Family>(
+    original: &CtValue<F::Addr>,
+    protocol: u8,
+    client: (F::Addr, u16),
+    now: u64,
+) -> bool {
     let key = flow_key(client.0, client.1, protocol);
-    let Some(flow) = CONNTRACK4.get_ptr(&key) else {
+    let Some(flow) = F::conntrack().get_ptr(&key) else {
         return false;
     };
     // SAFETY: read-only use of an entry that stays valid for this run (RCU).
     let flow = unsafe { &*flow };
     if flow.flags & ct_flags::SNAT != 0
-        || flow.nat_addr != original.nat_addr
+        || !F::same(&flow.nat_addr, &original.nat_addr)
         || flow.nat_port != original.nat_port
     {
         return false;
@@ -807,7 +848,7 @@ fn answers_of_flow(original: &Ct4Value, protocol: u8, client: (u32, u16), now: u
     if past_timeout(flow, protocol, now) {
         // Over, but tc would still translate the backend's answers with it (answers do not
         // check liveness): it goes before the tuple serves another flow.
-        let _ = CONNTRACK4.remove(&key);
+        let _ = F::conntrack().remove(&key);
         return false;
     }
     true
@@ -825,8 +866,8 @@ enum Holder {
 }
 
 #[inline(always)]
-fn holder(key: &Ct4Key, now: u64) -> Holder {
-    match CONNTRACK4.get_ptr(key) {
+fn holder<F: Family>(key: &CtKey<F::Addr>, now: u64) -> Holder {
+    match F::conntrack().get_ptr(key) {
         None => Holder::Vacant,
         // SAFETY: read-only use of an entry that stays valid for this run (RCU).
         Some(existing) => port_state(unsafe { &*existing }, key.proto, now),
@@ -836,16 +877,21 @@ fn holder(key: &Ct4Key, now: u64) -> Holder {
 /// Writes a new flow's REPLY entry under a free `key` (its old holder removed first): an insert
 /// that fails if another CPU claimed the key meanwhile, so no two flows ever share a tuple.
 #[inline(always)]
-fn take(key: &Ct4Key, reply: &Ct4Value, holder: Holder) -> bool {
+fn take<F: Family>(key: &CtKey<F::Addr>, reply: &CtValue<F::Addr>, holder: Holder) -> bool {
     if holder != Holder::Vacant {
-        let _ = CONNTRACK4.remove(key);
+        let _ = F::conntrack().remove(key);
     }
-    CONNTRACK4.insert(key, reply, BPF_NOEXIST).is_ok()
+    F::conntrack().insert(key, reply, BPF_NOEXIST).is_ok()
 }
 
 #[inline(always)]
-fn port_key(original: &Ct4Value, protocol: u8, addr: u32, port: u16) -> Ct4Key {
-    backend_reply_key(
+fn port_key<F: Family>(
+    original: &CtValue<F::Addr>,
+    protocol: u8,
+    addr: F::Addr,
+    port: u16,
+) -> CtKey<F::Addr> {
+    backend_reply_key::<F>(
         (original.nat_addr, original.nat_port),
         (addr, port),
         protocol,
@@ -855,7 +901,7 @@ fn port_key(original: &Ct4Value, protocol: u8, addr: u32, port: u16) -> Ct4Key {
 /// A SYN on a closed flow's tuple is a new connection (the client reused its port): it selects
 /// again and takes a fresh SNAT port, as the old one may serve another flow by now.
 #[inline(always)]
-fn reopens(entry: &Ct4Value, tuple: &Tuple) -> bool {
+fn reopens<F: Family>(entry: &CtValue<F::Addr>, tuple: &Tuple<F>) -> bool {
     proto::has_handshake(tuple.proto)
         && entry.state == tcp_state::CLOSING
         && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
@@ -867,7 +913,7 @@ fn reopens(entry: &Ct4Value, tuple: &Tuple) -> bool {
 /// new SYN on them with an ACK of the old connection, so those are a last resort until the
 /// timeout. Traffic in either direction keeps the entry fresh ([`refresh_flow`], [`track_reply`]).
 #[inline(always)]
-fn port_state(entry: &Ct4Value, protocol: u8, now: u64) -> Holder {
+fn port_state<A: CtAddr>(entry: &CtValue<A>, protocol: u8, now: u64) -> Holder {
     let idle = now.saturating_sub(entry.last_seen_ns);
     if idle > timeout(protocol, entry.state) {
         return Holder::Gone;
@@ -893,7 +939,7 @@ fn port_state(entry: &Ct4Value, protocol: u8, now: u64) -> Holder {
 /// Records a FIN or RST of a SNAT flow on its REPLY entry, which decides when its port is free.
 /// Racing updates from two CPUs can lose a bit: the port then waits for the timeout instead.
 #[inline(always)]
-fn note_close(reply: &mut Ct4Value, tcp_flags: u8, from_backend: bool, now: u64) {
+fn note_close<A: CtAddr>(reply: &mut CtValue<A>, tcp_flags: u8, from_backend: bool, now: u64) {
     let mut flags = reply.flags;
     if tcp_flags & TCP_RST != 0 {
         flags |= ct_flags::RESET;
@@ -919,7 +965,12 @@ fn note_close(reply: &mut Ct4Value, tcp_flags: u8, from_backend: bool, now: u64)
 /// path stays free of map writes for most packets while traffic in one direction alone keeps
 /// the whole flow, and the reply tuple it holds, alive.
 #[inline(always)]
-fn refresh_flow(original: &mut Ct4Value, reply: &mut Ct4Value, tuple: &Tuple, now: u64) {
+fn refresh_flow<F: Family>(
+    original: &mut CtValue<F::Addr>,
+    reply: &mut CtValue<F::Addr>,
+    tuple: &Tuple<F>,
+    now: u64,
+) {
     note_seq(&mut original.seq_next, tuple);
     if let Some(state) = advance(original, tuple, now) {
         touch(reply, state, now);
@@ -937,14 +988,14 @@ fn refresh_flow(original: &mut Ct4Value, reply: &mut Ct4Value, tuple: &Tuple, no
 /// `keep_alive`: whether the answers alone keep the flow alive (a SNAT flow, whose port must not
 /// go to another client while its backend still sends to it), which costs a clock read per
 /// packet; otherwise only state changes are written.
-pub fn track_reply(reply: &mut Ct4Value, tuple: &Tuple, keep_alive: bool) {
+pub fn track_reply<F: Family>(reply: &mut CtValue<F::Addr>, tuple: &Tuple<F>, keep_alive: bool) {
     note_seq(&mut reply.seq_next, tuple);
     if !keep_alive && !closes(tuple) {
         return;
     }
     let now = now_ns();
     if let Some(state) = advance(reply, tuple, now)
-        && let Some(original) = client_side_of(reply, tuple)
+        && let Some(original) = client_side_of::<F>(reply, tuple)
     {
         // SAFETY: as in destination().
         touch(unsafe { &mut *original }, state, now);
@@ -957,46 +1008,55 @@ pub fn track_reply(reply: &mut Ct4Value, tuple: &Tuple, keep_alive: bool) {
 /// The entry of a REPLY entry's flow that holds its client's side: its FLOW entry (when it is
 /// still this flow's) or its ORIGINAL entry.
 #[inline(always)]
-fn client_side_of(reply: &Ct4Value, tuple: &Tuple) -> Option<*mut Ct4Value> {
+fn client_side_of<F: Family>(
+    reply: &CtValue<F::Addr>,
+    tuple: &Tuple<F>,
+) -> Option<*mut CtValue<F::Addr>> {
     if reply.flags & ct_flags::CLIENT_IN_FLOW == 0 {
-        return CONNTRACK4.get_ptr_mut(&original_key_of(reply, tuple));
+        return F::conntrack().get_ptr_mut(&original_key_of(reply, tuple));
     }
-    let entry = CONNTRACK4.get_ptr_mut(&flow_key(reply.snat_addr, reply.snat_port, tuple.proto))?;
+    let entry =
+        F::conntrack().get_ptr_mut(&flow_key(reply.snat_addr, reply.snat_port, tuple.proto))?;
     // SAFETY: read here, valid for this run (RCU).
-    let flow = Flow4Value::of(unsafe { &*entry });
-    (flow.frontend_addr == reply.nat_addr && flow.frontend_port == reply.nat_port).then_some(entry)
+    let flow = FlowValue::of(unsafe { &*entry });
+    (F::same(&flow.frontend_addr, &reply.nat_addr) && flow.frontend_port == reply.nat_port)
+        .then_some(entry)
 }
 
 /// The flow a local endpoint's answer belongs to.
-pub enum Answer {
+pub enum Answer<F: Family = V4> {
     /// A flow kept in one entry (its FLOW entry).
-    Whole(*mut Ct4Value),
+    Whole(*mut CtValue<F::Addr>),
     /// The REPLY entry of a flow kept as two entries.
-    Reply(*mut Ct4Value),
+    Reply(*mut CtValue<F::Addr>),
 }
 
 /// The flow of an answer from a local endpoint: the FLOW entry of its destination (the client)
 /// when that flow's backend sent it, else a REPLY entry keyed as the answer.
 #[inline(always)]
-pub fn answer_of(tuple: &Tuple) -> Option<Answer> {
-    if let Some(entry) = CONNTRACK4.get_ptr_mut(&flow_key(tuple.daddr, tuple.dport, tuple.proto)) {
+pub fn answer_of<F: Family>(tuple: &Tuple<F>) -> Option<Answer<F>> {
+    if let Some(entry) =
+        F::conntrack().get_ptr_mut(&flow_key(tuple.daddr, tuple.dport, tuple.proto))
+    {
         // SAFETY: read here, valid for this run (RCU).
-        let flow = Flow4Value::of(unsafe { &*entry });
+        let flow = FlowValue::of(unsafe { &*entry });
         if flow.flags & ct_flags::SNAT == 0
-            && flow.backend_addr == tuple.saddr
+            && F::same(&flow.backend_addr, &tuple.saddr)
             && flow.backend_port == tuple.sport
         {
             return Some(Answer::Whole(entry));
         }
     }
-    CONNTRACK4.get_ptr_mut(&reply_key(tuple)).map(Answer::Reply)
+    F::conntrack()
+        .get_ptr_mut(&reply_key(tuple))
+        .map(Answer::Reply)
 }
 
 /// A local endpoint's answer on a flow kept in one entry: how far the backend has sent, and a
 /// FIN or RST moves the flow's state on (as [`track_reply`] for a flow's REPLY entry).
 #[inline(always)]
-pub fn track_answer(entry: &mut Ct4Value, tuple: &Tuple) {
-    note_seq(&mut Flow4Value::of_mut(entry).backend_seq_next, tuple);
+pub fn track_answer<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>) {
+    note_seq(&mut FlowValue::of_mut(entry).backend_seq_next, tuple);
     if closes(tuple) {
         advance(entry, tuple, now_ns());
     }
@@ -1006,7 +1066,7 @@ pub fn track_answer(entry: &mut Ct4Value, tuple: &Tuple) {
 /// when it changed or the entry is due for a refresh; then the other half wants the same
 /// (Some), else nothing was written (None).
 #[inline(always)]
-fn advance(entry: &mut Ct4Value, tuple: &Tuple, now: u64) -> Option<u8> {
+fn advance<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>, now: u64) -> Option<u8> {
     let state = if proto::has_handshake(tuple.proto) {
         tcp_state::next(entry.state, tuple.tcp_flags)
     } else {
@@ -1023,7 +1083,7 @@ fn advance(entry: &mut Ct4Value, tuple: &Tuple, now: u64) -> Option<u8> {
 }
 
 #[inline(always)]
-fn touch(entry: &mut Ct4Value, state: u8, now: u64) {
+fn touch<A: CtAddr>(entry: &mut CtValue<A>, state: u8, now: u64) {
     entry.state = state;
     entry.last_seen_ns = now;
 }
@@ -1032,7 +1092,7 @@ fn touch(entry: &mut Ct4Value, state: u8, now: u64) {
 /// timeout when that is shorter (timeouts of a second in tests), so that a flow with traffic
 /// never looks idle past its timeout.
 #[inline(always)]
-fn stale(entry: &Ct4Value, protocol: u8, now: u64) -> bool {
+fn stale<A: CtAddr>(entry: &CtValue<A>, protocol: u8, now: u64) -> bool {
     let refresh = ct_timeouts::REFRESH.min(timeout(protocol, entry.state) / 4);
     now.saturating_sub(entry.last_seen_ns) > refresh
 }
@@ -1040,8 +1100,8 @@ fn stale(entry: &Ct4Value, protocol: u8, now: u64) -> bool {
 /// The key of the ORIGINAL entry of the flow a REPLY entry belongs to: from the client (which
 /// the REPLY entry holds in all cases) to the frontend.
 #[inline(always)]
-fn original_key_of(reply: &Ct4Value, tuple: &Tuple) -> Ct4Key {
-    Ct4Key {
+fn original_key_of<F: Family>(reply: &CtValue<F::Addr>, tuple: &Tuple<F>) -> CtKey<F::Addr> {
+    CtKey::<F::Addr> {
         saddr: reply.snat_addr,
         daddr: reply.nat_addr,
         sport: reply.snat_port,
@@ -1055,22 +1115,20 @@ fn original_key_of(reply: &Ct4Value, tuple: &Tuple) -> Ct4Key {
 /// Whether the backend a flow was sent to is still in the backends map, unchanged. A UDP flow
 /// whose backend is gone selects again (kube-proxy's stale-UDP-conntrack bug, avoided).
 #[inline(always)]
-fn backend_still_there(entry: &Ct4Value) -> bool {
-    match V4::backend(entry.backend_id) {
+fn backend_still_there<F: Family>(entry: &CtValue<F::Addr>) -> bool {
+    match F::backend(entry.backend_id) {
         Some(backend) => {
-            u32::from_be(backend.addr) == entry.nat_addr
+            F::same(&F::tuple_order(backend.addr), &entry.nat_addr)
                 && u16::from_be(backend.port) == entry.nat_port
         }
         None => false,
     }
 }
 
-/// A backend for a new flow (or connection) of `client`: with session affinity, the backend the
-/// client used last if that was within the timeout and the backend still exists; otherwise a
-/// random one, remembered for next time when the service has affinity. `kind` tells client
-/// addresses from socket-hook netns cookies apart. The backend is one of family `F`, the family
-/// of the service's frontends (affinity entries are keyed by client and service id, so one
-/// map serves both families).
+/// A backend for a new connection of a socket-hook client (`client`: its netns cookie, `kind`:
+/// [`SOCKET_CLIENT`]), sticky as [`sticky_select`] says. The backend is one of family `F`, the
+/// family of the service's frontends (the socket hooks of both families keep their affinity
+/// in one map: the client is a netns, not an address).
 #[inline(always)]
 pub fn select_for_client<F: Family>(
     service: &ServiceValue,
@@ -1086,8 +1144,41 @@ pub fn select_for_client<F: Family>(
         service_id: service.service_id,
         kind,
     };
+    sticky_select::<F>(service, AFFINITY4.get_ptr_mut(&key), now, |value| {
+        // A full LRU evicts the oldest client; affinity is best effort.
+        let _ = AFFINITY4.insert(&key, value, 0);
+    })
+}
+
+/// A backend for a new flow of a client outside the node (its address as the tuple holds it),
+/// sticky as [`sticky_select`] says, in the family's affinity map.
+#[inline(always)]
+fn select_for_address<F: Family>(
+    service: &ServiceValue,
+    client: F::Addr,
+    now: u64,
+) -> Result<(u32, BackendValue<F::Addr>), Event> {
+    if service.affinity_timeout_s == 0 {
+        return select::<F>(service);
+    }
+    let entry = F::affinity_entry(client, service.service_id);
+    sticky_select::<F>(service, entry, now, |value| {
+        F::remember_affinity(client, service.service_id, value)
+    })
+}
+
+/// With session affinity: the backend the client used last (its affinity `entry`) if that was
+/// within the timeout and the backend still exists and is not terminating; otherwise a random
+/// one, remembered for next time with `remember`.
+#[inline(always)]
+fn sticky_select<F: Family>(
+    service: &ServiceValue,
+    entry: Option<*mut AffinityValue>,
+    now: u64,
+    remember: impl FnOnce(&AffinityValue),
+) -> Result<(u32, BackendValue<F::Addr>), Event> {
     let timeout = u64::from(service.affinity_timeout_s) * NANOS_PER_SECOND;
-    if let Some(entry) = AFFINITY4.get_ptr_mut(&key) {
+    if let Some(entry) = entry {
         // SAFETY: valid for this run (RCU); a racing update only changes which recent backend wins.
         let entry = unsafe { &mut *entry };
         if now.saturating_sub(entry.last_used_ns) <= timeout
@@ -1106,9 +1197,8 @@ pub fn select_for_client<F: Family>(
         backend_id,
         _pad: 0,
     };
-    // A full LRU evicts the oldest client; affinity is best effort, the flow goes on regardless.
     if !dry_run() {
-        let _ = AFFINITY4.insert(&key, &value, 0);
+        remember(&value);
     }
     Ok((backend_id, backend))
 }
@@ -1118,11 +1208,14 @@ pub fn select_for_client<F: Family>(
 /// not in the maps. Every node computes the same table for the same endpoints, so a flow
 /// reaches the same backend through any node.
 #[inline(always)]
-fn select_maglev(service: &ServiceValue, tuple: &Tuple) -> Result<(u32, Backend4), Event> {
+fn select_maglev<F: Family>(
+    service: &ServiceValue,
+    tuple: &Tuple<F>,
+) -> Result<(u32, BackendValue<F::Addr>), Event> {
     if service.backend_count == 0 {
         return Err(no_backend(service));
     }
-    let hash = maglev::flow_hash(
+    let hash = F::flow_hash(
         tuple.saddr,
         tuple.daddr,
         tuple.sport,
@@ -1142,7 +1235,7 @@ fn select_maglev(service: &ServiceValue, tuple: &Tuple) -> Result<(u32, Backend4
     let backend_id = *table
         .get(maglev::HEADER + hash % size)
         .ok_or(Event::DROP_BACKEND_MISSING)?;
-    let backend = *V4::backend(backend_id).ok_or(Event::DROP_BACKEND_MISSING)?;
+    let backend = *F::backend(backend_id).ok_or(Event::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
 }
 
@@ -1168,8 +1261,8 @@ pub const SOCKET_CLIENT: u32 = AFFINITY_NETNS;
 
 /// The key of a flow's ORIGINAL entry (as the client sends it).
 #[inline(always)]
-pub fn original_key(tuple: &Tuple) -> Ct4Key {
-    Ct4Key {
+pub fn original_key<F: Family>(tuple: &Tuple<F>) -> CtKey<F::Addr> {
+    CtKey::<F::Addr> {
         saddr: tuple.saddr,
         daddr: tuple.daddr,
         sport: tuple.sport,
@@ -1182,8 +1275,12 @@ pub fn original_key(tuple: &Tuple) -> Ct4Key {
 
 /// The REPLY key of the packets a backend sends to `to` (the client, or a SNAT address:port).
 #[inline(always)]
-fn backend_reply_key(backend: (u32, u16), to: (u32, u16), protocol: u8) -> Ct4Key {
-    Ct4Key {
+fn backend_reply_key<F: Family>(
+    backend: (F::Addr, u16),
+    to: (F::Addr, u16),
+    protocol: u8,
+) -> CtKey<F::Addr> {
+    CtKey::<F::Addr> {
         saddr: backend.0,
         daddr: to.0,
         sport: backend.1,
@@ -1196,15 +1293,15 @@ fn backend_reply_key(backend: (u32, u16), to: (u32, u16), protocol: u8) -> Ct4Ke
 
 /// The key of a reply packet's REPLY entry (as the backend sends it).
 #[inline(always)]
-pub fn reply_key(tuple: &Tuple) -> Ct4Key {
-    Ct4Key {
+pub fn reply_key<F: Family>(tuple: &Tuple<F>) -> CtKey<F::Addr> {
+    CtKey::<F::Addr> {
         direction: ct_direction::REPLY,
         ..original_key(tuple)
     }
 }
 
 #[inline(always)]
-fn initial_state(tuple: &Tuple) -> u8 {
+fn initial_state<F: Family>(tuple: &Tuple<F>) -> u8 {
     if proto::has_handshake(tuple.proto) {
         tcp_state::initial(tuple.tcp_flags)
     } else {

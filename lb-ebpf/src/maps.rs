@@ -8,10 +8,11 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, DatapathConfig, Event,
-    Frag4Key, Frag4Value, Frontend4Key, Frontend6Key, JiffiesClock, NicMac, RejectBudget,
-    ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value,
-    SockState4, SockState6, SourceRange4, SourceRange6, limits, monitor::MonitorControl,
+    Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key,
+    Ct6Value, Datapath6Config, DatapathConfig, Event, Frag4Key, Frag4Value, Frontend4Key,
+    Frontend6Key, JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue, Slot,
+    SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SockState4, SockState6, SourceRange4,
+    SourceRange6, limits, monitor::MonitorControl,
 };
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
@@ -99,6 +100,19 @@ pub static SOURCE_RANGES6: LpmTrie<SourceRange6, u8> =
 #[map(name = "lb4_affin_v1")]
 pub static AFFINITY4: LruHashMap<Affinity4Key, AffinityValue> =
     LruHashMap::pinned(limits::MAX_AFFINITY, 0);
+
+/// Connection tracking of IPv6 flows on the node's NICs, as [`CONNTRACK4`].
+#[map(name = "lb6_ct_v1")]
+pub static CONNTRACK6: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(limits::MAX_CONNTRACK6, 0);
+
+/// sessionAffinity ClientIP of IPv6 clients outside the node, as [`AFFINITY4`].
+#[map(name = "lb6_affin_v1")]
+pub static AFFINITY6: LruHashMap<Affinity6Key, AffinityValue> =
+    LruHashMap::pinned(limits::MAX_AFFINITY6, 0);
+
+/// The IPv6 settings (SNAT address) at index 0.
+#[map(name = "lb6_cfg_v1")]
+pub static CONFIG6: Array<Datapath6Config> = Array::pinned(1, 0);
 
 /// Maglev lookup tables by service id: each an array (sized per service, hence
 /// BPF_F_INNER_MAP) whose cell 0 holds its size M and cells 1..=M backend ids. The agent swaps

@@ -10,13 +10,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     Event,
-    monitor::{MonitorEvent, kind, program, v4_words},
+    monitor::{MonitorEvent, kind, program},
     proto,
 };
 use lb_ebpf::packet::{ETH_HDR_LEN, ETH_P_IP, TCP_FLAGS_OFFSET, bytes_at, parse_ipv4};
 
 use crate::{
-    family::Family,
+    family::{Family, V4},
     flow::Tuple,
     helpers::{now_ns, random_u32},
     maps::{MONITOR_CONTROL, MONITOR_EVENTS, MONITOR_LOST, dry_run},
@@ -77,9 +77,15 @@ fn report(event: MonitorEvent) {
     }
 }
 
-/// An IPv4 event about `tuple`, its other fields zero.
+/// An event about `tuple`, its other fields zero.
 #[inline(always)]
-fn about(tuple: &Tuple, kind: u32, reason: Event, service_id: u32, ifindex: u32) -> MonitorEvent {
+fn about<F: Family>(
+    tuple: &Tuple<F>,
+    kind: u32,
+    reason: Event,
+    service_id: u32,
+    ifindex: u32,
+) -> MonitorEvent {
     MonitorEvent {
         time_ns: now_ns(),
         kind,
@@ -87,13 +93,13 @@ fn about(tuple: &Tuple, kind: u32, reason: Event, service_id: u32, ifindex: u32)
         service_id,
         ifindex,
         program: program::XDP,
-        family: 4,
+        family: F::NUMBER,
         proto: tuple.proto,
         tcp_flags: tuple.tcp_flags,
         sport: tuple.sport,
         dport: tuple.dport,
-        saddr: v4_words(tuple.saddr),
-        daddr: v4_words(tuple.daddr),
+        saddr: F::monitor_words(F::map_order(tuple.saddr)),
+        daddr: F::monitor_words(F::map_order(tuple.daddr)),
         ..MonitorEvent::default()
     }
 }
@@ -111,7 +117,7 @@ pub fn xdp_drop(ctx: &XdpContext, reason: Event) {
     if !wanted(kind) {
         return;
     }
-    let mut tuple = Tuple {
+    let mut tuple = Tuple::<V4> {
         saddr: 0,
         daddr: 0,
         sport: 0,
@@ -177,7 +183,7 @@ pub fn tc_drop(tuple: Option<&Tuple>, reason: Event, ifindex: u32) {
 /// A packet to a service without endpoints that XDP answered (`reason`: the RST or the ICMP
 /// error it sent).
 #[inline(always)]
-pub fn xdp_reject(ctx: &XdpContext, tuple: &Tuple, reason: Event, service_id: u32) {
+pub fn xdp_reject<F: Family>(ctx: &XdpContext, tuple: &Tuple<F>, reason: Event, service_id: u32) {
     if wanted(kind::REJECT) {
         report(about(
             tuple,
@@ -191,21 +197,25 @@ pub fn xdp_reject(ctx: &XdpContext, tuple: &Tuple, reason: Event, service_id: u3
 
 /// A new flow: where it goes, and the source its backend sees when that is not the client's.
 #[inline(always)]
-pub fn new_flow(
-    tuple: &Tuple,
+pub fn new_flow<F: Family>(
+    tuple: &Tuple<F>,
     service_id: u32,
     ifindex: u32,
-    backend: (u32, u16),
-    nat: (u32, u16),
+    backend: (F::Addr, u16),
+    nat: (F::Addr, u16),
 ) {
     if !wanted(kind::NEW_FLOW) {
         return;
     }
-    let translated_source = nat != (tuple.saddr, tuple.sport);
+    let translated_source = !(F::same(&nat.0, &tuple.saddr) && nat.1 == tuple.sport);
     report(MonitorEvent {
-        backend_addr: v4_words(backend.0),
+        backend_addr: F::monitor_words(F::map_order(backend.0)),
         backend_port: backend.1,
-        nat_addr: v4_words(if translated_source { nat.0 } else { 0 }),
+        nat_addr: if translated_source {
+            F::monitor_words(F::map_order(nat.0))
+        } else {
+            [0; 4]
+        },
         nat_port: if translated_source { nat.1 } else { 0 },
         ..about(tuple, kind::NEW_FLOW, Event(0), service_id, ifindex)
     });
@@ -214,7 +224,7 @@ pub fn new_flow(
 /// A tracked flow ends: `tuple` is the packet that ended it (a TCP FIN or RST, an SCTP ABORT
 /// or SHUTDOWN, from either side; XDP or tc saw it, [`program::EITHER`]).
 #[inline(always)]
-pub fn flow_end(tuple: &Tuple, service_id: u32) {
+pub fn flow_end<F: Family>(tuple: &Tuple<F>, service_id: u32) {
     if wanted(kind::FLOW_END) {
         report(MonitorEvent {
             program: program::EITHER,

@@ -85,6 +85,28 @@ impl Ipv4Info {
     }
 }
 
+/// What connection tracking asks of a packet's IP header, in either family.
+pub trait IpHeader {
+    /// Whether the stack would take the header (IPv4: its checksum; IPv6 has none): a packet
+    /// that creates or ends a flow is checked.
+    fn header_ok(&self, ctx: &XdpContext) -> bool;
+    /// Whether the packet may be forwarded to another node (its TTL or hop limit does not run
+    /// out on the way).
+    fn may_forward(&self) -> bool;
+}
+
+impl IpHeader for Ipv4Info {
+    #[inline(always)]
+    fn header_ok(&self, ctx: &XdpContext) -> bool {
+        ipv4_checksum_ok(ctx, self.l4_offset)
+    }
+
+    #[inline(always)]
+    fn may_forward(&self) -> bool {
+        self.ttl > 1
+    }
+}
+
 /// Parses an IPv4 header at `ETH_HDR_LEN`. `None` for a header that is shorter than it must be,
 /// not version 4, with IHL < 5, or whose total length is below its header length.
 #[inline(always)]

@@ -20,6 +20,7 @@ use lb_ebpf::packet::{
 };
 
 use crate::{
+    family::V4,
     flow::{
         Arrival, Destination, Tuple, admitted_by_source_ranges, blind_rst, client_record_of_reply,
         client_side, closes, config, destination, follow, live_flow, lookup_frontend,
@@ -131,7 +132,7 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
         return Ok(xdp_action::XDP_PASS);
     }
     if service.flags & service_flags::SOURCE_RANGES != 0
-        && !source_allowed(service.service_id, tuple.saddr)
+        && !source_allowed::<V4>(service.service_id, tuple.saddr)
     {
         return Err(Event::DROP_SOURCE_RANGE);
     }
@@ -202,7 +203,7 @@ fn established(
         return Ok(Some(xdp_action::XDP_PASS));
     }
     if let Some(service_id) = admitted_by_source_ranges(flow)
-        && !source_allowed(service_id, tuple.saddr)
+        && !source_allowed::<V4>(service_id, tuple.saddr)
     {
         return Err(Event::DROP_SOURCE_RANGE);
     }
@@ -299,7 +300,7 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
     // Otherwise it may be about a packet that left from a frontend to a client: its flow's
     // client side is keyed the other way round.
     let ((frontend, frontend_port), (client, client_port)) = (quote.source, quote.destination);
-    let flow = Tuple {
+    let flow = Tuple::<V4> {
         saddr: client,
         daddr: frontend,
         sport: client_port,
@@ -352,7 +353,7 @@ fn snat_flow_of_quote(ip: &Ipv4Info, quote: &icmp::Quoted) -> Option<Ct4Value> {
         return None;
     }
     let (backend, backend_port) = quote.destination;
-    let answer = Tuple {
+    let answer = Tuple::<V4> {
         saddr: backend,
         daddr: snat_addr,
         sport: backend_port,
