@@ -201,8 +201,12 @@ pub mod xdp_programs {
     pub const UDP: u32 = 0;
     /// `lb_xdp_sctp` ([`crate::program_names::XDP_SCTP`]).
     pub const SCTP: u32 = 1;
+    /// `lb_xdp6` ([`crate::program_names::XDP6`]): every IPv6 frame.
+    pub const IPV6: u32 = 2;
+    /// `lb_xdp6_udp` ([`crate::program_names::XDP6_UDP`]), tail-called by `lb_xdp6`.
+    pub const IPV6_UDP: u32 = 3;
     /// Slots in the array.
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 4;
 }
 
 /// Capacities of the maps. Every limit is a constant here; the agent refuses (with an error, never
@@ -291,6 +295,11 @@ pub mod program_names {
     pub const XDP_UDP: &str = "lb_xdp_udp";
     /// XDP for SCTP, tail-called by [`XDP_LB`], as [`XDP_UDP`].
     pub const XDP_SCTP: &str = "lb_xdp_sctp";
+    /// XDP for IPv6, tail-called by [`XDP_LB`] for every IPv6 frame: TCP and ICMPv6 errors
+    /// itself, UDP through [`XDP6_UDP`].
+    pub const XDP6: &str = "lb_xdp6";
+    /// XDP for UDP over IPv6, tail-called by [`XDP6`].
+    pub const XDP6_UDP: &str = "lb_xdp6_udp";
     /// tc egress on the node NICs: reverse NAT of replies from local backends.
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// cgroup/connect4: connect() to a Service goes straight to a backend.

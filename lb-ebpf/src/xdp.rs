@@ -56,6 +56,20 @@ pub fn lb_xdp_udp(ctx: XdpContext) -> u32 {
     verdict(&ctx, try_lb_xdp::<{ proto::UDP }>(&ctx))
 }
 
+/// The datapath for IPv6, tail-called by `lb_xdp` for every IPv6 frame.
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// The datapath for UDP over IPv6, tail-called by `lb_xdp6`.
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6_udp(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// The datapath for SCTP, tail-called by `lb_xdp` (see [`lb_xdp_udp`]).
 #[xdp]
 #[inline(always)]

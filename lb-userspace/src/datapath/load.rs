@@ -585,9 +585,11 @@ fn reply_sources(entries: &[(Ct4Key, Ct4Value)]) -> Vec<FilterKey> {
 }
 
 /// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`].
-pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 2] = [
+pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 4] = [
     (xdp_programs::UDP, program_names::XDP_UDP),
     (xdp_programs::SCTP, program_names::XDP_SCTP),
+    (xdp_programs::IPV6, program_names::XDP6),
+    (xdp_programs::IPV6_UDP, program_names::XDP6_UDP),
 ];
 
 /// Puts the loaded protocol programs in the object's program array, the one its `lb_xdp`

@@ -19,10 +19,12 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 14] = [
+pub const PROGRAMS: [&str; 16] = [
     program_names::XDP_LB,
     program_names::XDP_UDP,
     program_names::XDP_SCTP,
+    program_names::XDP6,
+    program_names::XDP6_UDP,
     program_names::TC_EGRESS,
     program_names::CONNECT4,
     program_names::SENDMSG4,
