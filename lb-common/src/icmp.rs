@@ -104,6 +104,134 @@ fn put<const N: usize>(bytes: &mut [u8; ICMP_ERROR_LEN], at: usize, value: &[u8;
     bytes[at..at + N].copy_from_slice(value);
 }
 
+/// An ICMPv6 error's header, the quoted IPv6 header (no extension headers) and the quoted 8
+/// bytes of its transport header: all an IPv6 translation reads and writes.
+pub const ICMP6_ERROR_LEN: usize = ICMP_HDR_LEN + 40 + 8;
+/// ICMPv6 error types (RFC 4443): destination unreachable, packet too big, time exceeded,
+/// parameter problem.
+const ICMP6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
+/// Offsets in an ICMPv6 error: the quoted next header, addresses, ports and UDP checksum.
+const QUOTED6_NEXT: usize = ICMP_HDR_LEN + 6;
+const QUOTED6_SADDR: usize = ICMP_HDR_LEN + 8;
+const QUOTED6_DADDR: usize = ICMP_HDR_LEN + 24;
+const QUOTED6_SPORT: usize = ICMP_HDR_LEN + 40;
+const QUOTED6_DPORT: usize = ICMP_HDR_LEN + 42;
+const QUOTED6_UDP_CHECK: usize = ICMP_HDR_LEN + 46;
+
+/// Whether an ICMPv6 type is an error's (1-4), which quotes the packet it is about.
+#[inline(always)]
+pub fn is_icmp6_error(icmp6_type: u8) -> bool {
+    ICMP6_ERRORS.contains(&icmp6_type)
+}
+
+/// The TCP/UDP/SCTP packet an ICMPv6 error quotes: addresses as the packet holds them
+/// ([`crate::Ipv6Words`]), ports as numbers.
+#[derive(Clone, Copy)]
+pub struct Quoted6 {
+    pub proto: u8,
+    pub source: (crate::Ipv6Words, u16),
+    pub destination: (crate::Ipv6Words, u16),
+}
+
+/// What an ICMPv6 error quotes, when that is a TCP, UDP or SCTP packet with no extension
+/// headers; `None` for any other ICMPv6 message (neighbour discovery, echo among them).
+#[inline(always)]
+pub fn quoted6(error: &[u8; ICMP6_ERROR_LEN]) -> Option<Quoted6> {
+    let protocol = error[QUOTED6_NEXT];
+    if !is_icmp6_error(error[0])
+        || error[ICMP_HDR_LEN] >> 4 != 6
+        || (protocol != proto::TCP && protocol != proto::UDP && protocol != proto::SCTP)
+    {
+        return None;
+    }
+    Some(Quoted6 {
+        proto: protocol,
+        source: (
+            words_at(error, QUOTED6_SADDR),
+            u16_at6(error, QUOTED6_SPORT),
+        ),
+        destination: (
+            words_at(error, QUOTED6_DADDR),
+            u16_at6(error, QUOTED6_DPORT),
+        ),
+    })
+}
+
+/// Rewrites an ICMPv6 error's quoted packet's source and destination (address and port) to
+/// `source` and `destination`, and keeps a quoted UDP checksum (TCP's lies past the 8 quoted
+/// bytes; the receiver's tcp_v6_err never checks it) and the ICMPv6 checksum right, all
+/// incrementally (RFC 1624). The ICMPv6 checksum also covers the outer source address through
+/// its pseudo-header: `outer_source` is its change, which the caller writes.
+#[inline(always)]
+pub fn rewrite_quoted6(
+    error: &mut [u8; ICMP6_ERROR_LEN],
+    old: &Quoted6,
+    source: (crate::Ipv6Words, u16),
+    destination: (crate::Ipv6Words, u16),
+    outer_source: (crate::Ipv6Words, crate::Ipv6Words),
+) {
+    let update_quote = |check: u16| {
+        let check = checksum::replace_ipv6(check, &old.source.0, &source.0);
+        let check = checksum::replace_ipv6(check, &old.destination.0, &destination.0);
+        let check = checksum::replace_u16(check, old.source.1, source.1);
+        checksum::replace_u16(check, old.destination.1, destination.1)
+    };
+    let mut icmp_check = update_quote(u16_at6(error, 2));
+    icmp_check = checksum::replace_ipv6(icmp_check, &outer_source.0, &outer_source.1);
+    let old_udp_check = u16_at6(error, QUOTED6_UDP_CHECK);
+    if old.proto == proto::UDP && old_udp_check != 0 {
+        let udp_check = update_quote(old_udp_check);
+        let udp_check = if udp_check == 0 { 0xffff } else { udp_check };
+        icmp_check = checksum::replace_u16(icmp_check, old_udp_check, udp_check);
+        put6(error, QUOTED6_UDP_CHECK, &udp_check.to_be_bytes());
+    }
+    put6(error, QUOTED6_SADDR, &bytes_of(&source.0));
+    put6(error, QUOTED6_DADDR, &bytes_of(&destination.0));
+    put6(error, QUOTED6_SPORT, &source.1.to_be_bytes());
+    put6(error, QUOTED6_DPORT, &destination.1.to_be_bytes());
+    put6(error, 2, &icmp_check.to_be_bytes());
+}
+
+/// An IPv6 address as the packet holds it, its bytes.
+#[inline(always)]
+pub fn bytes_of(words: &crate::Ipv6Words) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let word = words[i].to_ne_bytes();
+        bytes[i * 4] = word[0];
+        bytes[i * 4 + 1] = word[1];
+        bytes[i * 4 + 2] = word[2];
+        bytes[i * 4 + 3] = word[3];
+        i += 1;
+    }
+    bytes
+}
+
+#[inline(always)]
+fn words_at(bytes: &[u8; ICMP6_ERROR_LEN], at: usize) -> crate::Ipv6Words {
+    let word = |i: usize| {
+        let start = at + i * 4;
+        u32::from_ne_bytes([
+            bytes[start],
+            bytes[start + 1],
+            bytes[start + 2],
+            bytes[start + 3],
+        ])
+    };
+    [word(0), word(1), word(2), word(3)]
+}
+
+#[inline(always)]
+fn u16_at6(bytes: &[u8; ICMP6_ERROR_LEN], at: usize) -> u16 {
+    u16::from_be_bytes([bytes[at], bytes[at + 1]])
+}
+
+#[inline(always)]
+fn put6<const N: usize>(bytes: &mut [u8; ICMP6_ERROR_LEN], at: usize, value: &[u8; N]) {
+    bytes[at..at + N].copy_from_slice(value);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

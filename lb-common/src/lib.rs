@@ -205,8 +205,12 @@ pub mod xdp_programs {
     pub const IPV6: u32 = 2;
     /// `lb_xdp6_udp` ([`crate::program_names::XDP6_UDP`]), tail-called by `lb_xdp6`.
     pub const IPV6_UDP: u32 = 3;
+    /// `lb_xdp6_frontend`, `lb_xdp6_flow`, `lb_xdp6_deliver`: the rest of the IPv6 pipeline.
+    pub const IPV6_FRONTEND: u32 = 4;
+    pub const IPV6_FLOW: u32 = 5;
+    pub const IPV6_DELIVER: u32 = 6;
     /// Slots in the array.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 7;
 }
 
 /// Capacities of the maps. Every limit is a constant here; the agent refuses (with an error, never
@@ -300,6 +304,12 @@ pub mod program_names {
     pub const XDP6: &str = "lb_xdp6";
     /// XDP for UDP over IPv6, tail-called by [`XDP6`].
     pub const XDP6_UDP: &str = "lb_xdp6_udp";
+    /// The rest of the IPv6 XDP path, each tail-called by the one before: a packet to a
+    /// frontend that no live flow took, a new flow, and the rewrite that sends its first packet
+    /// on (one program would need more stack than the verifier allows).
+    pub const XDP6_FRONTEND: &str = "lb_xdp6_frontend";
+    pub const XDP6_FLOW: &str = "lb_xdp6_flow";
+    pub const XDP6_DELIVER: &str = "lb_xdp6_deliver";
     /// tc egress on the node NICs: reverse NAT of replies from local backends.
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// cgroup/connect4: connect() to a Service goes straight to a backend.
@@ -425,6 +435,26 @@ pub mod checksum {
         !fold(sum)
     }
 
+    /// The checksum after the IPv6 address `old` became `new` (both as the packet holds them,
+    /// [`crate::Ipv6Words`]): eight 16-bit words each.
+    #[inline(always)]
+    pub fn replace_ipv6(check: u16, old: &crate::Ipv6Words, new: &crate::Ipv6Words) -> u16 {
+        // At most 17 terms of 16 bits: two folds still suffice (the first leaves at most
+        // 0x1_000f).
+        let mut sum = u32::from(!check);
+        let mut i = 0;
+        while i < 4 {
+            let old = old[i].to_ne_bytes();
+            let new = new[i].to_ne_bytes();
+            sum += u32::from(!u16::from_be_bytes([old[0], old[1]]))
+                + u32::from(!u16::from_be_bytes([old[2], old[3]]))
+                + u32::from(u16::from_be_bytes([new[0], new[1]]))
+                + u32::from(u16::from_be_bytes([new[2], new[3]]));
+            i += 1;
+        }
+        !fold(sum)
+    }
+
     /// The one's complement sum (not yet complemented) of `bytes` as big-endian 16-bit words,
     /// added to `sum`; an odd last byte is padded with zero (RFC 1071). `N` is a constant, so the
     /// loop has a bound the verifier sees.
@@ -448,6 +478,35 @@ pub mod checksum {
         let sum = (sum & 0xffff) + (sum >> 16);
         let sum = (sum & 0xffff) + (sum >> 16);
         !(sum as u16)
+    }
+
+    /// The 32-bit one's complement difference between two IPv6 addresses (four words as the
+    /// packet holds them, `u32::from_ne_bytes`), as `bpf_csum_diff` computes it: the value
+    /// `bpf_l4_csum_replace` takes with a field size of 0 (a checksum difference rather than
+    /// an old and a new value) for a change of a 16-byte field. Computed here, without the
+    /// helper call; the sum is of native-order words, as the kernel's is, and the checksum field
+    /// is read in the same order, so the result is right on either byte order.
+    #[inline(always)]
+    pub fn ipv6_diff(old: &[u32; 4], new: &[u32; 4]) -> u32 {
+        let mut sum = 0u64;
+        let mut i = 0;
+        while i < 4 {
+            sum += u64::from(!old[i]) + u64::from(new[i]);
+            i += 1;
+        }
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        sum as u32
+    }
+
+    /// The checksum after adding a difference from [`ipv6_diff`] (what the kernel does for an
+    /// unoffloaded checksum, `inet_proto_csum_replace_by_diff`), for host tests.
+    pub fn replace_by_diff(check: u16, diff: u32) -> u16 {
+        let sum = u64::from(diff) + u64::from(!check);
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        let sum = sum as u32;
+        !fold(sum)
     }
 
     /// Folds a 32-bit one's complement sum to 16 bits. Two rounds suffice for the at most five
@@ -794,8 +853,8 @@ const _: () = assert!(size_of::<DatapathConfig>() == 48);
 #[repr(C)]
 pub struct Datapath6Config {
     /// The node address that replaces an IPv6 client's as source when its flow goes to a backend
-    /// on another node, as the packet holds it; all zeros: no IPv6 SNAT (such flows are
-    /// dropped, `drop_snat_exhausted`).
+    /// on another node, as the packet holds it; all zeros: no IPv6 SNAT (such flows reach their
+    /// endpoint with the client's address, as IPv4 flows do without a SNAT address).
     pub snat_addr: Ipv6Words,
 }
 const _: () = assert!(size_of::<Datapath6Config>() == 16);
@@ -821,9 +880,9 @@ const _: () = assert!(size_of::<Frag4Key>() == 12);
 /// they get and where they go.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
-pub struct Frag4Value {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct FragValue<A> {
+    pub saddr: A,
+    pub daddr: A,
     /// With [`frag_action::TRANSMIT`]: the frame's new source and destination MACs.
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
@@ -835,6 +894,7 @@ pub struct Frag4Value {
     /// The service the datagram belongs to, whose counters the later fragments add to (XDP).
     pub service_id: u32,
 }
+pub type Frag4Value = FragValue<u32>;
 const _: () = assert!(size_of::<Frag4Value>() == 28);
 
 /// Where the later fragments of a translated datagram go.
@@ -1161,12 +1221,17 @@ pub trait CtAddr: Copy + Default {
     /// of the same family, whose frontend address is wider than the MACs and NIC it replaces in
     /// an IPv6 entry, keeps its fields where a conntrack value has them: none for IPv4.
     type Spare: Copy + Default + core::fmt::Debug + PartialEq + Eq + core::hash::Hash;
+    /// Bytes after `seq_next` in both, so that neither has padding the compiler leaves
+    /// unwritten (an IPv6 value's 8-byte alignment would add 4): none for IPv4.
+    type Tail: Copy + Default + core::fmt::Debug + PartialEq + Eq + core::hash::Hash;
 }
 impl CtAddr for u32 {
     type Spare = ();
+    type Tail = ();
 }
 impl CtAddr for Ipv6Words {
     type Spare = [u8; 12];
+    type Tail = [u8; 4];
 }
 
 /// Key of the connection-tracking maps: a flow's 5-tuple as the packet carries it, plus
@@ -1254,11 +1319,13 @@ pub struct CtValue<A: CtAddr> {
     /// TCP: the sequence number after the furthest segment this entry's side has sent
     /// (ORIGINAL: the client; REPLY: the backend), see [`tcp_seq`]; 0 until it has sent one.
     pub seq_next: u32,
+    pub tail: A::Tail,
 }
 pub type Ct4Value = CtValue<u32>;
 pub type Ct6Value = CtValue<Ipv6Words>;
 const _: () = assert!(size_of::<Ct4Value>() == 48);
 const _: () = assert!(size_of::<Ct6Value>() == 88);
+const _: () = assert!(core::mem::offset_of!(Ct6Value, tail) == 84);
 
 /// A conntrack entry of direction [`ct_direction::FLOW`]: a flow kept in one entry instead of
 /// an ORIGINAL and a REPLY one. It lies in the conntrack map as a [`CtValue`] and is one where
@@ -1273,7 +1340,7 @@ const _: () = assert!(size_of::<Ct6Value>() == 88);
 /// an ORIGINAL and a REPLY entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
-pub struct FlowValue<A> {
+pub struct FlowValue<A: CtAddr> {
     pub last_seen_ns: u64,
     pub backend_id: u32,
     pub service_id: u32,
@@ -1295,6 +1362,7 @@ pub struct FlowValue<A> {
     pub backend_seq_next: u32,
     /// TCP: the same for the client (an ORIGINAL entry's `seq_next`).
     pub seq_next: u32,
+    pub tail: A::Tail,
 }
 pub type Flow4Value = FlowValue<u32>;
 pub type Flow6Value = FlowValue<Ipv6Words>;
@@ -1318,6 +1386,7 @@ macro_rules! assert_flow_fits {
             assert!(offset_of!(Flow, snat_addr) == offset_of!(Ct, snat_addr));
             assert!(offset_of!(Flow, snat_port) == offset_of!(Ct, snat_port));
             assert!(offset_of!(Flow, seq_next) == offset_of!(Ct, seq_next));
+            assert!(offset_of!(Flow, tail) == offset_of!(Ct, tail));
         };
     };
 }
@@ -1338,6 +1407,13 @@ impl<A: CtAddr> FlowValue<A> {
     pub fn of_mut(entry: &mut CtValue<A>) -> &mut FlowValue<A> {
         // SAFETY: as in `of`.
         unsafe { &mut *(entry as *mut CtValue<A>).cast::<FlowValue<A>>() }
+    }
+
+    /// The conntrack value this flow entry is, without a copy.
+    #[inline(always)]
+    pub fn as_entry(&self) -> &CtValue<A> {
+        // SAFETY: as in `of`.
+        unsafe { &*(self as *const FlowValue<A>).cast::<CtValue<A>>() }
     }
 
     /// The conntrack value that holds this flow entry.
@@ -1581,7 +1657,8 @@ labelled_indexes! {
     DROP_MALFORMED = "drop_malformed",
     /// Drop: rewriting the packet failed (tc helpers returned an error).
     DROP_NAT_FAILED = "drop_nat_failed",
-    /// Pass: an IPv4 fragment (no ports to look up) went on untouched.
+    /// Pass: an IPv4 fragment (no ports to look up) went on untouched; in tc egress, any IPv6
+    /// fragment (a packet with a Fragment header), which it does not translate yet.
     PASS_FRAGMENT = "pass_fragment",
     /// Refused: a socket connect/sendmsg to a service with no usable backend.
     SOCK_NO_BACKEND = "sock_no_backend",
@@ -1627,7 +1704,8 @@ labelled_indexes! {
     /// the whole packet, which XDP never holds at once, so its ports cannot be rewritten.
     DROP_SCTP_FRAGMENT = "drop_sctp_fragment",
     /// Pass: a UDP or SCTP packet went on untouched because the program of its protocol is not
-    /// in the program array ([`map_names::XDP_PROGRAMS`]).
+    /// in the program array ([`map_names::XDP_PROGRAMS`]); in tc egress, an SCTP packet over
+    /// IPv6 from a possible backend (SCTP is served over IPv4 only).
     PASS_PROTOCOL_UNSERVED = "pass_protocol_unserved",
     /// Track: a new flow of a Maglev service was sent to a backend at random, as its Maglev
     /// table was missing (swapped in after its frontends, which the agent avoids) or named a
@@ -1665,6 +1743,10 @@ impl_pod!(
     Backend4,
     Ct4Key,
     Ct4Value,
+    Ct6Key,
+    Ct6Value,
+    Affinity6Key,
+    Datapath6Config,
     SockNat4Key,
     SockNat4Value,
     ServiceCounter,
@@ -2081,5 +2163,48 @@ mod tests {
             }
         }
         assert_eq!(Event(Event::COUNT).label(), None);
+    }
+
+    /// The checksum of 40 bytes (an IPv6 address and what follows it in a pseudo-header and a
+    /// header), summed whole as native-order 16-bit words, as the kernel sums them.
+    fn native_checksum(bytes: &[u8; 40]) -> u16 {
+        let mut sum = 0u32;
+        for pair in bytes.as_chunks::<2>().0 {
+            sum += u32::from(u16::from_ne_bytes(*pair));
+        }
+        checksum::finish(sum)
+    }
+
+    fn words(bytes: &[u8]) -> [u32; 4] {
+        core::array::from_fn(|i| u32::from_ne_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap()))
+    }
+
+    #[test]
+    fn an_ipv6_address_difference_updates_a_checksum_as_a_full_recomputation_does() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            let mut bytes = [0u8; 40];
+            for byte in &mut bytes {
+                state = xorshift::next(state);
+                *byte = xorshift::output(state) as u8;
+            }
+            let old = words(&bytes[..16]);
+            let check = native_checksum(&bytes);
+            let mut new_address = [0u8; 16];
+            for byte in &mut new_address {
+                state = xorshift::next(state);
+                *byte = xorshift::output(state) as u8;
+            }
+            bytes[..16].copy_from_slice(&new_address);
+            let updated =
+                checksum::replace_by_diff(check, checksum::ipv6_diff(&old, &words(&new_address)));
+            let full = native_checksum(&bytes);
+            // One's complement has two zeros; a checksum field takes either (0xffff and 0 sum
+            // alike).
+            assert!(
+                updated == full || (updated ^ full == 0xffff && (updated == 0 || full == 0)),
+                "{updated:#x} {full:#x}"
+            );
+        }
     }
 }

@@ -20,8 +20,8 @@ use lb_common::{
 
 use crate::maps::{
     AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CONFIG, CONFIG6, CONNTRACK4, CONNTRACK6,
-    FRONTENDS4, FRONTENDS6, SOCK_NAT4, SOCK_NAT6, SOCK_STATE4, SOCK_STATE6, SOURCE_RANGES4,
-    SOURCE_RANGES6,
+    CT_SCRATCH4, CT_SCRATCH6, FRONTENDS4, FRONTENDS6, SOCK_NAT4, SOCK_NAT6, SOCK_STATE4,
+    SOCK_STATE6, SOURCE_RANGES4, SOURCE_RANGES6,
 };
 
 /// An address family: its address type (network byte order, as the packet and `bpf_sock_addr`
@@ -36,6 +36,14 @@ pub trait Family {
 
     /// 4 or 6, as `lb monitor`'s events say.
     const NUMBER: u8;
+
+    /// Whether the XDP path calls its stages (a SNAT answer, a live flow, a packet to a
+    /// frontend, a new flow) as BPF-to-BPF functions instead of inlining them. IPv6's
+    /// addresses, tuples and conntrack values take so many registers and so much stack that one
+    /// inlined program needs more than the 512 bytes of stack a program has (LLVM refuses to
+    /// build it); the stages in frames of their own fit. IPv4 keeps them inline: a call and its
+    /// return cost a few nanoseconds on its hot path.
+    const OUT_OF_LINE: bool;
 
     /// An address (network byte order) as `lb monitor`'s events hold it (an IPv4 address as a
     /// number in the first word).
@@ -61,6 +69,10 @@ pub trait Family {
     fn snat_addr() -> Option<Self::Addr>;
 
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtValue<Self::Addr>>;
+
+    /// This CPU's scratch conntrack value, to build an entry in off the stack (a program runs
+    /// on one CPU to its end, so nothing else uses it meanwhile).
+    fn ct_scratch(index: u32) -> Option<&'static mut CtValue<Self::Addr>>;
 
     /// The session-affinity entry of a client outside the node (address in tuple order) of a
     /// service, and its writer.
@@ -97,6 +109,7 @@ impl Family for V4 {
     type Addr = u32;
     const ADDR_BITS: u32 = 32;
     const NUMBER: u8 = 4;
+    const OUT_OF_LINE: bool = false;
 
     #[inline(always)]
     fn monitor_words(addr: u32) -> Ipv6Words {
@@ -139,6 +152,14 @@ impl Family for V4 {
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey<u32>, CtValue<u32>> {
         &CONNTRACK4
+    }
+
+    #[inline(always)]
+    fn ct_scratch(index: u32) -> Option<&'static mut CtValue<u32>> {
+        // SAFETY: this CPU's own entry, used by one program run at a time.
+        CT_SCRATCH4
+            .get_ptr_mut(index)
+            .map(|entry| unsafe { &mut *entry })
     }
 
     #[inline(always)]
@@ -226,6 +247,7 @@ impl Family for V6 {
     type Addr = Ipv6Words;
     const ADDR_BITS: u32 = 128;
     const NUMBER: u8 = 6;
+    const OUT_OF_LINE: bool = true;
 
     #[inline(always)]
     fn monitor_words(addr: Ipv6Words) -> Ipv6Words {
@@ -268,6 +290,14 @@ impl Family for V6 {
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey<Ipv6Words>, CtValue<Ipv6Words>> {
         &CONNTRACK6
+    }
+
+    #[inline(always)]
+    fn ct_scratch(index: u32) -> Option<&'static mut CtValue<Ipv6Words>> {
+        // SAFETY: this CPU's own entry, used by one program run at a time.
+        CT_SCRATCH6
+            .get_ptr_mut(index)
+            .map(|entry| unsafe { &mut *entry })
     }
 
     #[inline(always)]

@@ -55,11 +55,19 @@ impl<F: Family> Copy for Tuple<F> {}
 /// How a client's packet arrived: its frame's MACs (destination: this node's NIC; source: the
 /// client or the router before it) and the NIC ([`lb_common::client_nic`]). A SNAT flow's
 /// answers go back that way.
+#[derive(Clone, Copy)]
 pub struct Arrival {
     pub macs: [u8; 12],
     pub nic: u16,
     pub ifindex: u32,
 }
+
+impl<F: Family> Clone for Destination<F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: Family> Copy for Destination<F> {}
 
 /// Where a packet of a service flow goes (as [`Tuple`] holds addresses and ports), for which
 /// service.
@@ -196,21 +204,59 @@ pub fn destination<F: Family>(
     arrival: &Arrival,
 ) -> Result<Destination<F>, Event> {
     let now = now_ns();
+    match live_destination(ctx, ip, tuple, arrival, now)? {
+        Ok(destination) => Ok(destination),
+        Err(key_holder) => {
+            let destination = new_flow(&NewFlow {
+                tuple,
+                service,
+                arrival,
+                may_forward: ip.may_forward(),
+                now,
+                key_holder,
+            })?;
+            monitor::new_flow(tuple, &destination, arrival.ifindex);
+            Ok(destination)
+        }
+    }
+}
+
+/// The first half of [`destination`]: where a packet of a live flow goes (Ok), or, for a
+/// packet that starts a flow, who holds its client's key (Err, for [`new_flow`]).
+#[inline(always)]
+pub fn live_destination<F: Family>(
+    ctx: &XdpContext,
+    ip: &impl IpHeader,
+    tuple: &Tuple<F>,
+    arrival: &Arrival,
+    now: u64,
+) -> Result<Result<Destination<F>, Holder>, Event> {
     // One lookup of the client's key serves both questions: is there a live flow, and who
     // holds the key a new flow would take (a miss in the conntrack map is the dearest step of
     // a new flow).
     let flow_entry = F::conntrack().get_ptr_mut(&client_key(tuple));
     if let Some(flow) = live_flow_of(flow_entry, tuple, now) {
         if let Some(destination) = follow(ctx, ip, tuple, flow, arrival, now)? {
-            return Ok(destination);
+            return Ok(Ok(destination));
         }
         count_event(Event::CT_FLOW_RESTARTED);
     }
     if !ip.header_ok(ctx) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
-    let key_holder = client_key_holder(flow_entry, tuple, now);
-    new_flow(tuple, service, arrival, ip.may_forward(), now, key_holder)
+    Ok(Err(client_key_holder(flow_entry, tuple, now)))
+}
+
+/// What a new flow is made of (its callers report it to `lb monitor`, [`monitor::new_flow`]): its first packet (`tuple`, and whether it `may_forward` to
+/// another node), the service it is for, how it arrived, the time, and who holds its
+/// client's key.
+pub struct NewFlow<'a, F: Family> {
+    pub tuple: &'a Tuple<F>,
+    pub service: &'a ServiceValue,
+    pub arrival: &'a Arrival,
+    pub may_forward: bool,
+    pub now: u64,
+    pub key_holder: Holder,
 }
 
 /// Who holds the client's key for a new flow of this packet: free when nobody does, or when
@@ -469,8 +515,19 @@ fn keeps_reply_half<F: Family>(
             return false;
         }
         None => {
-            let reply = reply_value(original, tuple, arrival, now);
-            if F::conntrack().insert(&key, &reply, BPF_NOEXIST).is_ok() {
+            let mut local = CtValue::default();
+            let Some(reply) = value_slot::<F>(scratch::REPLY, &mut local) else {
+                return false;
+            };
+            write_reply(
+                reply,
+                original,
+                original.flags & REPLY_FLAGS,
+                tuple,
+                arrival,
+                now,
+            );
+            if F::conntrack().insert(&key, reply, BPF_NOEXIST).is_ok() {
                 count_event(Event::CT_REPLY_RESTORED);
                 return true;
             }
@@ -512,31 +569,63 @@ fn belongs_to<F: Family>(reply: &CtValue<F::Addr>, tuple: &Tuple<F>) -> bool {
         && reply.nat_port == tuple.dport
 }
 
-/// The REPLY entry of a flow: the frontend to restore as the source, the client to restore as
-/// the destination, and the Ethernet addresses the client's packets came with.
+/// The entries of this CPU's scratch conntrack values ([`Family::ct_scratch`]).
+pub mod scratch {
+    /// A new flow's client side (FLOW or ORIGINAL entry).
+    pub const ORIGINAL: u32 = 0;
+    /// Its REPLY entry, then its FLOW entry.
+    pub const REPLY: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// The flags a REPLY entry takes from its flow's client side.
+const REPLY_FLAGS: u8 = ct_flags::SNAT | ct_flags::PORT_REMAP | ct_flags::CLIENT_IN_FLOW;
+
+/// Where a conntrack value is built: on the stack for IPv4 (`local`), where the verifier knows
+/// what its fields hold and prunes the branches that test them; in this CPU's scratch entry
+/// `index` for IPv6 ([`Family::ct_scratch`]), whose values (88 bytes) do not fit the stack
+/// beside everything else.
 #[inline(always)]
-fn reply_value<F: Family>(
+fn value_slot<F: Family>(
+    index: u32,
+    local: &mut CtValue<F::Addr>,
+) -> Option<&mut CtValue<F::Addr>> {
+    if F::OUT_OF_LINE {
+        F::ct_scratch(index)
+    } else {
+        Some(local)
+    }
+}
+
+/// Writes the REPLY entry (with `flags`) of a flow into `reply`: the frontend to restore as the
+/// source, the client to restore as the destination, and the Ethernet addresses the client's
+/// packets came with.
+#[inline(always)]
+fn write_reply<F: Family>(
+    reply: &mut CtValue<F::Addr>,
     original: &CtValue<F::Addr>,
+    flags: u8,
     tuple: &Tuple<F>,
     arrival: &Arrival,
     now: u64,
-) -> CtValue<F::Addr> {
-    let mut reply = CtValue::<F::Addr> {
-        last_seen_ns: now,
-        nat_addr: tuple.daddr,
-        nat_port: tuple.dport,
-        snat_addr: tuple.saddr,
-        snat_port: tuple.sport,
-        flags: original.flags & (ct_flags::SNAT | ct_flags::PORT_REMAP | ct_flags::CLIENT_IN_FLOW),
-        // The backend's side: nothing seen of it yet.
-        seq_next: 0,
-        ..*original
-    };
+) {
+    reply.last_seen_ns = now;
+    reply.backend_id = original.backend_id;
+    reply.service_id = original.service_id;
+    reply.nat_addr = tuple.daddr;
+    reply.nat_port = tuple.dport;
+    reply.state = original.state;
+    reply.flags = flags;
+    reply.snat_addr = tuple.saddr;
+    reply.snat_port = tuple.sport;
     // The ingress frame's destination MAC is this node's, its source the client's next hop.
     reply.node_mac.copy_from_slice(&arrival.macs[0..6]);
     reply.client_mac.copy_from_slice(&arrival.macs[6..12]);
     reply.client_nic = arrival.nic;
-    reply
+    reply.spare = Default::default();
+    // The backend's side: nothing seen of it yet.
+    reply.seq_next = 0;
+    reply.tail = Default::default();
 }
 
 /// A new flow: a backend, the source its packets get (SNAT port, or a remapped client port on a
@@ -544,14 +633,15 @@ fn reply_value<F: Family>(
 /// or, when another live flow holds the client's key, an ORIGINAL and a REPLY entry, REPLY
 /// first (once ORIGINAL exists, the next packets depend on both).
 #[inline(always)]
-fn new_flow<F: Family>(
-    tuple: &Tuple<F>,
-    service: &ServiceValue,
-    arrival: &Arrival,
-    may_forward: bool,
-    now: u64,
-    key_holder: Holder,
-) -> Result<Destination<F>, Event> {
+pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, Event> {
+    let NewFlow {
+        tuple,
+        service,
+        arrival,
+        may_forward,
+        now,
+        key_holder,
+    } = *request;
     let (backend_id, backend) = if service.flags & service_flags::MAGLEV != 0
         && service.affinity_timeout_s == 0
     {
@@ -575,26 +665,26 @@ fn new_flow<F: Family>(
     if remote && !may_forward {
         return Err(Event::PASS_TTL_EXCEEDED);
     }
-    let mut original = CtValue::<F::Addr> {
-        last_seen_ns: now,
-        backend_id,
-        service_id: service.service_id,
-        nat_addr: F::tuple_order(backend.addr),
-        nat_port: u16::from_be(backend.port),
-        state: initial_state(tuple),
-        flags: if remote { ct_flags::SNAT } else { 0 }
-            | if service.flags & service_flags::SOURCE_RANGES != 0 {
-                ct_flags::SOURCE_CHECKED
-            } else {
-                0
-            },
-        // TCP: how far the client has sent; SCTP: no tag yet (an INIT carries none).
-        seq_next: if tuple.proto == proto::TCP {
-            tuple.seq_end
+    let mut local = CtValue::default();
+    let original = value_slot::<F>(scratch::ORIGINAL, &mut local).ok_or(Event::DROP_CT_FULL)?;
+    *original = CtValue::default();
+    original.last_seen_ns = now;
+    original.backend_id = backend_id;
+    original.service_id = service.service_id;
+    original.nat_addr = F::tuple_order(backend.addr);
+    original.nat_port = u16::from_be(backend.port);
+    original.state = initial_state(tuple);
+    original.flags = if remote { ct_flags::SNAT } else { 0 }
+        | if service.flags & service_flags::SOURCE_RANGES != 0 {
+            ct_flags::SOURCE_CHECKED
         } else {
             0
-        },
-        ..Default::default()
+        };
+    // TCP: how far the client has sent; SCTP: no tag yet (an INIT carries none).
+    original.seq_next = if tuple.proto == proto::TCP {
+        tuple.seq_end
+    } else {
+        0
     };
     if dry_run() {
         return Ok(Destination {
@@ -603,18 +693,15 @@ fn new_flow<F: Family>(
             } else {
                 (tuple.saddr, tuple.sport)
             },
-            ..tracked(&original, tuple)
+            ..tracked(original, tuple)
         });
     }
     if key_holder != Holder::Alive
-        && let Some(destination) =
-            new_flow_in_one_entry(tuple, &mut original, arrival, now, key_holder)?
+        && let Some(destination) = new_flow_in_one_entry(tuple, original, arrival, now, key_holder)?
     {
         count_service(service.service_id, 0, 0, 1);
-        report_new_flow(tuple, &destination, arrival);
         return Ok(destination);
     }
-    let reply = reply_value(&original, tuple, arrival, now);
     // The source the backend sees: this node's SNAT address for a remote backend; for a local
     // one, the client's address with another port, as Linux NAT does on a clash: another flow
     // holds this client's address and port, and the reply tuple must differ from its own and
@@ -627,11 +714,11 @@ fn new_flow<F: Family>(
     } else {
         (tuple.saddr, ct_flags::PORT_REMAP)
     };
-    let reply = CtValue::<F::Addr> {
-        flags: flag,
-        ..reply
-    };
-    let port = claim_port::<F>(&original, tuple.proto, addr, &reply, now)
+    let mut local_reply = CtValue::default();
+    let reply =
+        value_slot::<F>(scratch::REPLY, &mut local_reply).ok_or(Event::DROP_SNAT_EXHAUSTED)?;
+    write_reply(reply, original, flag, tuple, arrival, now);
+    let port = claim_port::<F>(original, tuple.proto, addr, reply, now)
         .ok_or(Event::DROP_SNAT_EXHAUSTED)?;
     if flag == ct_flags::PORT_REMAP {
         count_event(Event::NAT_PORT_REMAP);
@@ -639,9 +726,9 @@ fn new_flow<F: Family>(
     original.flags = flag | (original.flags & ct_flags::SOURCE_CHECKED);
     original.snat_addr = addr;
     original.snat_port = port;
-    let reply_key = port_key::<F>(&original, tuple.proto, addr, port);
+    let reply_key = port_key::<F>(original, tuple.proto, addr, port);
     if F::conntrack()
-        .insert(&original_key(tuple), &original, 0)
+        .insert(&original_key(tuple), original, 0)
         .is_err()
     {
         let _ = F::conntrack().remove(&reply_key);
@@ -652,20 +739,7 @@ fn new_flow<F: Family>(
         return Err(Event::DROP_CT_FULL);
     }
     count_service(service.service_id, 0, 0, 1);
-    let destination = tracked(&original, tuple);
-    report_new_flow(tuple, &destination, arrival);
-    Ok(destination)
-}
-
-#[inline(always)]
-fn report_new_flow<F: Family>(tuple: &Tuple<F>, destination: &Destination<F>, arrival: &Arrival) {
-    monitor::new_flow(
-        tuple,
-        destination.service_id,
-        arrival.ifindex,
-        (destination.addr, destination.port),
-        destination.source,
-    );
+    Ok(tracked(original, tuple))
 }
 
 /// A new flow kept in its client's FLOW entry (with a SNAT flow's REPLY entry, which claims its
@@ -691,13 +765,11 @@ fn new_flow_in_one_entry<F: Family>(
     let flags = original.flags | ct_flags::CLIENT_IN_FLOW;
     if original.flags & ct_flags::SNAT != 0 {
         let addr = F::snat_addr().ok_or(Event::DROP_SNAT_EXHAUSTED)?;
-        let reply = reply_value(
-            &CtValue::<F::Addr> { flags, ..*original },
-            tuple,
-            arrival,
-            now,
-        );
-        let port = claim_port::<F>(original, tuple.proto, addr, &reply, now)
+        let mut local = CtValue::default();
+        let reply =
+            value_slot::<F>(scratch::REPLY, &mut local).ok_or(Event::DROP_SNAT_EXHAUSTED)?;
+        write_reply(reply, original, flags & REPLY_FLAGS, tuple, arrival, now);
+        let port = claim_port::<F>(original, tuple.proto, addr, reply, now)
             .ok_or(Event::DROP_SNAT_EXHAUSTED)?;
         original.snat_addr = addr;
         original.snat_port = port;
@@ -705,14 +777,19 @@ fn new_flow_in_one_entry<F: Family>(
     } else if remap_range_holds(tuple.sport) && !reply_tuple_free(original, tuple, now) {
         return Ok(None);
     }
-    let flow = FlowValue::<F::Addr> {
-        flags,
-        frontend_addr: tuple.daddr,
-        frontend_port: tuple.dport,
-        ..*FlowValue::of(original)
-    };
+    // The reply (if any) is in the map by now: its scratch entry takes the FLOW entry.
+    let mut local = CtValue::default();
+    let entry = value_slot::<F>(scratch::REPLY, &mut local).ok_or(Event::DROP_CT_FULL)?;
+    *entry = *original;
+    let flow = FlowValue::of_mut(entry);
+    flow.flags = flags;
+    flow._pad = 0;
+    flow.frontend_addr = tuple.daddr;
+    flow.frontend_port = tuple.dport;
+    flow._pad2 = 0;
+    flow.backend_seq_next = 0;
     if F::conntrack()
-        .insert(&key, &flow.into_entry(), BPF_NOEXIST)
+        .insert(&key, flow.as_entry(), BPF_NOEXIST)
         .is_err()
     {
         if let Some(reply_key) = claimed_reply {
@@ -856,7 +933,7 @@ fn answers_of_flow<F: Family>(
 
 /// Who holds a reply tuple.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Holder {
+pub enum Holder {
     Vacant,
     /// A flow past its time, or closed long enough ago: the tuple is free.
     Gone,
@@ -1215,13 +1292,6 @@ fn select_maglev<F: Family>(
     if service.backend_count == 0 {
         return Err(no_backend(service));
     }
-    let hash = F::flow_hash(
-        tuple.saddr,
-        tuple.daddr,
-        tuple.sport,
-        tuple.dport,
-        tuple.proto,
-    );
     // The size comes from the table itself, which the agent swaps whole.
     let table = MAGLEV4
         .get(service.service_id)
@@ -1232,6 +1302,14 @@ fn select_maglev<F: Family>(
     if size == 0 || tag != service.maglev_table {
         return Err(Event::DROP_BACKEND_MISSING);
     }
+    // Hashed after the lookups, so that the addresses are not kept (spilled) across them.
+    let hash = F::flow_hash(
+        tuple.saddr,
+        tuple.daddr,
+        tuple.sport,
+        tuple.dport,
+        tuple.proto,
+    );
     let backend_id = *table
         .get(maglev::HEADER + hash % size)
         .ok_or(Event::DROP_BACKEND_MISSING)?;

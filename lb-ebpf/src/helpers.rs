@@ -84,8 +84,9 @@ pub enum Forward {
     Stack,
 }
 
-/// `AF_INET` for bpf_fib_lookup.
+/// `AF_INET` and `AF_INET6` for bpf_fib_lookup.
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Looks up the route from `saddr` to `daddr` (numbers) for a packet of `tot_len` bytes (its
 /// IPv4 total length) that came in on this XDP program's interface.
@@ -97,17 +98,46 @@ pub fn fib_forward(
     daddr: u32,
     tot_len: u16,
 ) -> Forward {
+    fib(ctx, AF_INET, protocol, tot_len, |params| {
+        params.__bindgen_anon_3.ipv4_src = saddr.to_be();
+        params.__bindgen_anon_4.ipv4_dst = daddr.to_be();
+    })
+}
+
+/// As [`fib_forward`] for IPv6 (addresses as the packet holds them, `tot_len` the whole IPv6
+/// packet's length, its fixed header included, as the kernel's MTU check takes it).
+#[inline(always)]
+pub fn fib_forward6(
+    ctx: &aya_ebpf::programs::XdpContext,
+    protocol: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    tot_len: u16,
+) -> Forward {
+    fib(ctx, AF_INET6, protocol, tot_len, |params| {
+        params.__bindgen_anon_3.ipv6_src = saddr;
+        params.__bindgen_anon_4.ipv6_dst = daddr;
+    })
+}
+
+#[inline(always)]
+fn fib(
+    ctx: &aya_ebpf::programs::XdpContext,
+    family: u8,
+    protocol: u8,
+    tot_len: u16,
+    addresses: impl FnOnce(&mut aya_ebpf::bindings::bpf_fib_lookup),
+) -> Forward {
     use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
     // SAFETY: ctx.ctx is the program's own xdp_md, valid for the whole run.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     // SAFETY: an all-zero bpf_fib_lookup is a valid "no options" request (include/uapi/linux/bpf.h).
     let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+    params.family = family;
     params.l4_protocol = protocol;
     params.ifindex = ingress;
     params.__bindgen_anon_1.tot_len = tot_len;
-    params.__bindgen_anon_3.ipv4_src = saddr.to_be();
-    params.__bindgen_anon_4.ipv4_dst = daddr.to_be();
+    addresses(&mut params);
     // SAFETY: params is a properly sized, initialized bpf_fib_lookup on this program's stack,
     // and ctx is the program's context, as the helper requires.
     let result = unsafe {
@@ -120,7 +150,8 @@ pub fn fib_forward(
     };
     // Without BPF_FIB_LOOKUP_SKIP_NEIGH the lookup answers BPF_FIB_LKUP_RET_NO_NEIGH when the
     // next hop's MAC is not known yet, and with tot_len set FRAG_NEEDED for a packet over the
-    // egress MTU (net/core/filter.c, bpf_ipv4_fib_lookup): the stack handles both.
+    // egress MTU (net/core/filter.c, bpf_ipv4_fib_lookup and bpf_ipv6_fib_lookup): the stack
+    // handles both.
     if result != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return Forward::Stack;
     }

@@ -6,6 +6,7 @@ mod clock;
 mod family;
 mod flow;
 mod helpers;
+mod ip;
 mod maps;
 mod monitor;
 mod reject;

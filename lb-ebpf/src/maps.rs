@@ -14,6 +14,7 @@ use lb_common::{
     SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SockState4, SockState6, SourceRange4,
     SourceRange6, limits, monitor::MonitorControl,
 };
+use lb_ebpf::packet::Ipv6Info;
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
 #[map(name = "lb4_fe_v1")]
@@ -109,6 +110,21 @@ pub static CONNTRACK6: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(limits:
 #[map(name = "lb6_affin_v1")]
 pub static AFFINITY6: LruHashMap<Affinity6Key, AffinityValue> =
     LruHashMap::pinned(limits::MAX_AFFINITY6, 0);
+
+/// A conntrack value per CPU to build an entry in: an IPv6 flow's values do not fit the stack
+/// together. Not pinned.
+#[map(name = "lb4_ctscr_v1")]
+pub static CT_SCRATCH4: PerCpuArray<Ct4Value> =
+    PerCpuArray::with_max_entries(crate::flow::scratch::COUNT, 0);
+#[map(name = "lb6_ctscr_v1")]
+pub static CT_SCRATCH6: PerCpuArray<Ct6Value> =
+    PerCpuArray::with_max_entries(crate::flow::scratch::COUNT, 0);
+
+/// An IPv6 packet's state, per CPU, handed from each program of the IPv6 XDP pipeline to the
+/// next ([`Packet6`]): IPv6's 32-byte address pairs left on the stack, and spilled there around
+/// every helper call, take more than the 512 bytes a program has. Not pinned.
+#[map(name = "lb6_packet_v1")]
+pub static PACKET6: PerCpuArray<Packet6> = PerCpuArray::with_max_entries(1, 0);
 
 /// The IPv6 settings (SNAT address) at index 0.
 #[map(name = "lb6_cfg_v1")]
@@ -230,4 +246,21 @@ pub fn remember_fragment(key: &Frag4Key, value: &Frag4Value) {
         // A full LRU forgets the oldest datagram; its later fragments then pass as they are.
         let _ = FRAGMENTS4.insert(key, value, 0);
     }
+}
+
+/// The value of [`PACKET6`]: what `lb_xdp6` parsed, and what the programs after it learnt
+/// about the packet, for the next one.
+pub struct Packet6 {
+    pub ip: Ipv6Info,
+    pub tuple: crate::flow::Tuple<crate::family::V6>,
+    /// From `lb_xdp6_frontend`, for `lb_xdp6_flow`: the frontend's entry, how the packet
+    /// arrived, the time and who holds the client's conntrack key.
+    pub service: ServiceValue,
+    pub arrival: crate::flow::Arrival,
+    pub now: u64,
+    pub key_holder: crate::flow::Holder,
+    /// From `lb_xdp6_flow`, for `lb_xdp6_deliver`: where the new flow goes, or that the
+    /// service has no endpoint to send it to (the REJECT answer).
+    pub destination: crate::flow::Destination<crate::family::V6>,
+    pub reject: bool,
 }

@@ -17,7 +17,7 @@ use lb_ebpf::packet::{ETH_HDR_LEN, ETH_P_IP, TCP_FLAGS_OFFSET, bytes_at, parse_i
 
 use crate::{
     family::{Family, V4},
-    flow::Tuple,
+    flow::{Destination, Tuple},
     helpers::{now_ns, random_u32},
     maps::{MONITOR_CONTROL, MONITOR_EVENTS, MONITOR_LOST, dry_run},
 };
@@ -55,9 +55,22 @@ const RECORD_SPACE: u64 = (size_of::<MonitorEvent>() as u64 + 8).next_multiple_o
 /// Puts one event on the ring buffer, or counts it lost.
 #[inline(always)]
 fn report(event: MonitorEvent) {
+    report_in_place(|slot| *slot = event);
+}
+
+/// Puts one event on the ring buffer, written by `fill` where it lies there (zeroed first), so
+/// that it never takes the stack of the reporting path; or counts it lost.
+#[inline(always)]
+fn report_in_place(fill: impl FnOnce(&mut MonitorEvent)) {
     match MONITOR_EVENTS.reserve::<MonitorEvent>(0) {
         Some(mut entry) => {
-            entry.write(event);
+            let event = entry.as_mut_ptr();
+            // SAFETY: the reservation holds one MonitorEvent, writable by this program until it
+            // is submitted; zeroed, it is a valid one (integers only).
+            unsafe {
+                event.write_bytes(0, 1);
+                fill(&mut *event);
+            }
             // Unread data, this record included (reserved, not yet submitted).
             let unread = MONITOR_EVENTS.query(BPF_RB_AVAIL_DATA.into());
             let crosses = unread > WAKEUP_BACKLOG && unread <= WAKEUP_BACKLOG + RECORD_SPACE;
@@ -75,6 +88,31 @@ fn report(event: MonitorEvent) {
             }
         }
     }
+}
+
+/// Writes what an event says about `tuple` into `event`.
+#[inline(always)]
+fn describe<F: Family>(
+    event: &mut MonitorEvent,
+    tuple: &Tuple<F>,
+    kind: u32,
+    reason: Event,
+    service_id: u32,
+    ifindex: u32,
+) {
+    event.time_ns = now_ns();
+    event.kind = kind;
+    event.reason = reason.0;
+    event.service_id = service_id;
+    event.ifindex = ifindex;
+    event.program = program::XDP;
+    event.family = F::NUMBER;
+    event.proto = tuple.proto;
+    event.tcp_flags = tuple.tcp_flags;
+    event.sport = tuple.sport;
+    event.dport = tuple.dport;
+    event.saddr = F::monitor_words(F::map_order(tuple.saddr));
+    event.daddr = F::monitor_words(F::map_order(tuple.daddr));
 }
 
 /// An event about `tuple`, its other fields zero.
@@ -156,9 +194,10 @@ pub fn xdp_drop(ctx: &XdpContext, reason: Event) {
     ));
 }
 
-/// A packet tc egress dropped for `reason` (`tuple`: its addresses, when it has ports).
+/// A packet of family `F` tc egress dropped for `reason` (`tuple`: its addresses, when it has
+/// ports).
 #[inline(always)]
-pub fn tc_drop(tuple: Option<&Tuple>, reason: Event, ifindex: u32) {
+pub fn tc_drop<F: Family>(tuple: Option<&Tuple<F>>, reason: Event, ifindex: u32) {
     if !wanted(kind::DROP) {
         return;
     }
@@ -170,7 +209,7 @@ pub fn tc_drop(tuple: Option<&Tuple>, reason: Event, ifindex: u32) {
             reason: reason.0,
             service_id: MonitorEvent::NO_SERVICE,
             ifindex,
-            family: 4,
+            family: F::NUMBER,
             ..MonitorEvent::default()
         },
     };
@@ -182,42 +221,71 @@ pub fn tc_drop(tuple: Option<&Tuple>, reason: Event, ifindex: u32) {
 
 /// A packet to a service without endpoints that XDP answered (`reason`: the RST or the ICMP
 /// error it sent).
+//
+// IPv6's reports below build their event in a BPF-to-BPF call of its own, made only when a
+// monitor wants the event, so that the event's 104 bytes never count against the stack of the
+// path that reports it (an IPv6 path has none to spare, see `Family::OUT_OF_LINE`); IPv4's are
+// inlined, as a call would add its frame to the deepest IPv4 path.
 #[inline(always)]
 pub fn xdp_reject<F: Family>(ctx: &XdpContext, tuple: &Tuple<F>, reason: Event, service_id: u32) {
     if wanted(kind::REJECT) {
-        report(about(
-            tuple,
-            kind::REJECT,
-            reason,
-            service_id,
-            ingress_ifindex(ctx),
-        ));
+        let ifindex = ingress_ifindex(ctx);
+        if F::OUT_OF_LINE {
+            reject_event_call(tuple, reason, service_id, ifindex);
+        } else {
+            reject_event(tuple, reason, service_id, ifindex);
+        }
     }
 }
 
-/// A new flow: where it goes, and the source its backend sees when that is not the client's.
+#[inline(never)]
+fn reject_event_call<F: Family>(tuple: &Tuple<F>, reason: Event, service_id: u32, ifindex: u32) {
+    reject_event(tuple, reason, service_id, ifindex);
+}
+
 #[inline(always)]
-pub fn new_flow<F: Family>(
-    tuple: &Tuple<F>,
-    service_id: u32,
-    ifindex: u32,
-    backend: (F::Addr, u16),
-    nat: (F::Addr, u16),
-) {
+fn reject_event<F: Family>(tuple: &Tuple<F>, reason: Event, service_id: u32, ifindex: u32) {
+    report_in_place(|event| describe(event, tuple, kind::REJECT, reason, service_id, ifindex));
+}
+
+/// A new flow (`tuple` its first packet, which came in on `ifindex`): where it goes, and the
+/// source its backend sees when that is not the client's.
+#[inline(always)]
+pub fn new_flow<F: Family>(tuple: &Tuple<F>, destination: &Destination<F>, ifindex: u32) {
     if !wanted(kind::NEW_FLOW) {
         return;
     }
+    if F::OUT_OF_LINE {
+        new_flow_event_call(tuple, destination, ifindex);
+    } else {
+        new_flow_event(tuple, destination, ifindex);
+    }
+}
+
+#[inline(never)]
+fn new_flow_event_call<F: Family>(tuple: &Tuple<F>, destination: &Destination<F>, ifindex: u32) {
+    new_flow_event(tuple, destination, ifindex);
+}
+
+#[inline(always)]
+fn new_flow_event<F: Family>(tuple: &Tuple<F>, destination: &Destination<F>, ifindex: u32) {
+    let nat = destination.source;
     let translated_source = !(F::same(&nat.0, &tuple.saddr) && nat.1 == tuple.sport);
-    report(MonitorEvent {
-        backend_addr: F::monitor_words(F::map_order(backend.0)),
-        backend_port: backend.1,
-        nat_addr: if translated_source {
-            F::monitor_words(F::map_order(nat.0))
-        } else {
-            [0; 4]
-        },
-        nat_port: if translated_source { nat.1 } else { 0 },
-        ..about(tuple, kind::NEW_FLOW, Event(0), service_id, ifindex)
+    report_in_place(|event| {
+        describe(
+            event,
+            tuple,
+            kind::NEW_FLOW,
+            Event(0),
+            destination.service_id,
+            ifindex,
+        );
+        event.backend_addr = F::monitor_words(F::map_order(destination.addr));
+        event.backend_port = destination.port;
+        if translated_source {
+            event.nat_addr = F::monitor_words(F::map_order(nat.0));
+            event.nat_port = nat.1;
+        }
     });
 }
 
@@ -225,12 +293,27 @@ pub fn new_flow<F: Family>(
 /// or SHUTDOWN, from either side; XDP or tc saw it, [`program::EITHER`]).
 #[inline(always)]
 pub fn flow_end<F: Family>(tuple: &Tuple<F>, service_id: u32) {
-    if wanted(kind::FLOW_END) {
-        report(MonitorEvent {
-            program: program::EITHER,
-            ..about(tuple, kind::FLOW_END, Event(0), service_id, 0)
-        });
+    if !wanted(kind::FLOW_END) {
+        return;
     }
+    if F::OUT_OF_LINE {
+        flow_end_event_call(tuple, service_id);
+    } else {
+        flow_end_event(tuple, service_id);
+    }
+}
+
+#[inline(never)]
+fn flow_end_event_call<F: Family>(tuple: &Tuple<F>, service_id: u32) {
+    flow_end_event(tuple, service_id);
+}
+
+#[inline(always)]
+fn flow_end_event<F: Family>(tuple: &Tuple<F>, service_id: u32) {
+    report_in_place(|event| {
+        describe(event, tuple, kind::FLOW_END, Event(0), service_id, 0);
+        event.program = program::EITHER;
+    });
 }
 
 /// A connect() or sendmsg() the socket hooks sent to a backend: a new flow whose client is a

@@ -190,3 +190,119 @@ pub const TCP_ACK: u8 = lb_common::tcp_flags::ACK;
 pub const IPV4_CSUM_OFFSET: usize = 10;
 pub const IPV4_SADDR_OFFSET: usize = 12;
 pub const IPV4_DADDR_OFFSET: usize = 16;
+
+/// The IPv6 fixed header's length.
+pub const IPV6_HDR_LEN: usize = lb_common::ipv6::IPV6_HDR_LEN;
+/// Offsets inside the IPv6 header.
+pub const IPV6_HOP_LIMIT_OFFSET: usize = 7;
+pub const IPV6_SADDR_OFFSET: usize = 8;
+pub const IPV6_DADDR_OFFSET: usize = 24;
+/// ICMPv6's protocol number (next header).
+pub const IPPROTO_ICMPV6: u8 = lb_common::ipv6::next_header::ICMPV6;
+
+/// What the IPv6 parser found, for the lookups of the datapath.
+#[derive(Clone, Copy)]
+pub struct Ipv6Info {
+    /// As the packet holds them ([`lb_common::Ipv6Words`]: the bytes as they are).
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    /// The upper-layer protocol the extension headers lead to.
+    pub proto: u8,
+    pub hop_limit: u8,
+    /// Offset of the transport header from the start of the frame, after any extension headers.
+    pub l4_offset: usize,
+    /// Offset of the end of the IPv6 packet (Ethernet padding may follow).
+    pub end: usize,
+    /// The packet is the first fragment of a datagram (it has a Fragment header of offset 0).
+    pub first_fragment: bool,
+}
+
+/// An IPv6 packet by what the datapath can do with it.
+pub enum Ipv6Packet {
+    /// A TCP, UDP, SCTP or ICMPv6 header after the extension headers.
+    Transport(Ipv6Info),
+    /// A fragment after the first: no transport header.
+    LaterFragment,
+    /// ESP, No Next Header, another upper layer, or more extension headers than the walk takes.
+    Other,
+}
+
+/// Parses an IPv6 header at `ETH_HDR_LEN` and walks its extension headers to the transport
+/// header ([`lb_common::ipv6::step`], at most [`lb_common::ipv6::MAX_EXT_HEADERS`]). `None` for
+/// a packet the stack would drop: shorter than the fixed header, not version 6 or with a
+/// payload past the frame (net/ipv6/ip6_input.c, ip6_rcv_core), or an extension header cut
+/// short. A payload length of 0 (a jumbogram, RFC 2675) is left to the stack.
+#[inline(always)]
+pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
+    use lb_common::ipv6::{EXT_HDR_PEEK, MAX_EXT_HEADERS, Step, next_header, step};
+    let ip = bytes_at::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN)?;
+    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    if ip[0] >> 4 != 6 {
+        return None;
+    }
+    if payload_len == 0 {
+        return Some(Ipv6Packet::Other);
+    }
+    let end = ETH_HDR_LEN + IPV6_HDR_LEN + payload_len;
+    if ctx.data() + end > ctx.data_end() {
+        return None;
+    }
+    let mut info = Ipv6Info {
+        saddr: words(ip, IPV6_SADDR_OFFSET),
+        daddr: words(ip, IPV6_DADDR_OFFSET),
+        proto: ip[6],
+        hop_limit: ip[IPV6_HOP_LIMIT_OFFSET],
+        l4_offset: ETH_HDR_LEN + IPV6_HDR_LEN,
+        end,
+        first_fragment: false,
+    };
+    for _ in 0..=MAX_EXT_HEADERS {
+        if matches!(
+            info.proto,
+            IPPROTO_TCP | IPPROTO_UDP | lb_common::proto::SCTP | next_header::ICMPV6
+        ) {
+            return Some(Ipv6Packet::Transport(info));
+        }
+        let peek = bytes_at::<EXT_HDR_PEEK>(ctx, info.l4_offset)?;
+        match step(info.proto, peek) {
+            Step::Extension { next_header, len } => {
+                info.proto = next_header;
+                info.l4_offset += len;
+            }
+            Step::Fragment {
+                next_header,
+                fragment,
+            } => {
+                if fragment.is_later() {
+                    return Some(Ipv6Packet::LaterFragment);
+                }
+                info.proto = next_header;
+                info.l4_offset += EXT_HDR_PEEK;
+                info.first_fragment = true;
+            }
+            Step::Upper { .. } => return Some(Ipv6Packet::Other),
+        }
+    }
+    Some(Ipv6Packet::Other)
+}
+
+/// Four words of an address at `offset` of a header, as the packet holds them.
+#[inline(always)]
+fn words<const N: usize>(header: &[u8; N], offset: usize) -> [u32; 4] {
+    let bytes = &header[offset..offset + 16];
+    // SAFETY: 16 bytes inside the header, read without an alignment requirement.
+    unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<[u32; 4]>()) }
+}
+
+impl IpHeader for Ipv6Info {
+    /// IPv6 has no header checksum.
+    #[inline(always)]
+    fn header_ok(&self, _ctx: &XdpContext) -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn may_forward(&self) -> bool {
+        self.hop_limit > 1
+    }
+}

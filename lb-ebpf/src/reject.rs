@@ -1,17 +1,18 @@
 //! Answers for a service with no endpoint, like kube-proxy's REJECT rules: a TCP RST for TCP, an
-//! ICMP port unreachable for UDP, sent back out of the NIC from XDP, so the client fails at once
-//! instead of timing out. Packets with IP options are dropped instead (the answer would have to
-//! drop the options; kube-proxy's REJECT is rarely hit by such traffic), counted as
-//! `drop_no_backend`, and a RST is never answered.
+//! ICMP (ICMPv6) port unreachable for UDP, sent back out of the NIC from XDP, so the client fails
+//! at once instead of timing out. Packets with IP options (IPv6 extension headers) are dropped
+//! instead (the answer would have to drop them; kube-proxy's REJECT is rarely hit by such
+//! traffic), counted as `drop_no_backend`, and a RST is never answered.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Event, checksum, proto};
+use lb_common::{Event, Ipv6Words, checksum, proto};
 use lb_ebpf::packet::{
-    ETH_HDR_LEN, IPPROTO_ICMP, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, bytes_at,
-    bytes_at_mut, frame_len,
+    ETH_HDR_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPV6_HDR_LEN, TCP_ACK, TCP_FIN,
+    TCP_RST, TCP_SYN, bytes_at, bytes_at_mut, frame_len,
 };
 
 use crate::{
+    family::V6,
     flow::Tuple,
     helpers::{now_ns, xdp_adjust_head, xdp_adjust_tail},
     maps::{REJECT_BUDGET, count_event, dry_run},
@@ -64,21 +65,9 @@ fn tcp_reset(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> {
         return Err(Event::DROP_NO_BACKEND);
     }
     let ip = bytes_at::<IP_HDR_LEN>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
-    let total_len = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let tcp =
-        bytes_at::<TCP_HDR_LEN>(ctx, ETH_HDR_LEN + IP_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
-    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
-    let header_len = u32::from(tcp[12] >> 4) * 4;
-    let payload = total_len.saturating_sub(IP_HDR_LEN as u32 + header_len);
-    let (rst_seq, rst_ack, flags) = if tuple.tcp_flags & TCP_ACK != 0 {
-        (ack, 0, TCP_RST)
-    } else {
-        let consumed = payload
-            + u32::from(tuple.tcp_flags & TCP_SYN != 0)
-            + u32::from(tuple.tcp_flags & TCP_FIN != 0);
-        (0, seq.wrapping_add(consumed), TCP_RST | TCP_ACK)
-    };
+    let segment_len =
+        u32::from(u16::from_be_bytes([ip[2], ip[3]])).saturating_sub(IP_HDR_LEN as u32);
+    let mut segment = reset_segment(ctx, ETH_HDR_LEN + IP_HDR_LEN, segment_len, tuple)?;
     let excess = frame_len(ctx).saturating_sub(RST_LEN);
     if excess > 0 && !xdp_adjust_tail(ctx, -(excess as i32)) {
         return Err(Event::DROP_NO_BACKEND);
@@ -92,6 +81,36 @@ fn tcp_reset(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> {
         tuple.daddr,
         tuple.saddr,
     );
+    let pseudo = pseudo_header_sum(tuple.daddr, tuple.saddr, IPPROTO_TCP, TCP_HDR_LEN as u16);
+    let check = checksum::finish(checksum::sum_words(pseudo, &segment));
+    segment[16..18].copy_from_slice(&check.to_be_bytes());
+    packet[ETH_HDR_LEN + IP_HDR_LEN..].copy_from_slice(&segment);
+    count_event(Event::REJECT_TCP_RST);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// The RST answering the TCP segment at `l4_offset` (`segment_len` bytes, header included),
+/// its checksum left 0.
+#[inline(always)]
+fn reset_segment<F: crate::family::Family>(
+    ctx: &XdpContext,
+    l4_offset: usize,
+    segment_len: u32,
+    tuple: &Tuple<F>,
+) -> Result<[u8; TCP_HDR_LEN], Event> {
+    let tcp = bytes_at::<TCP_HDR_LEN>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    let header_len = u32::from(tcp[12] >> 4) * 4;
+    let payload = segment_len.saturating_sub(header_len);
+    let (rst_seq, rst_ack, flags) = if tuple.tcp_flags & TCP_ACK != 0 {
+        (ack, 0, TCP_RST)
+    } else {
+        let consumed = payload
+            + u32::from(tuple.tcp_flags & TCP_SYN != 0)
+            + u32::from(tuple.tcp_flags & TCP_FIN != 0);
+        (0, seq.wrapping_add(consumed), TCP_RST | TCP_ACK)
+    };
     let mut segment = [0u8; TCP_HDR_LEN];
     segment[0..2].copy_from_slice(&tuple.dport.to_be_bytes());
     segment[2..4].copy_from_slice(&tuple.sport.to_be_bytes());
@@ -99,12 +118,7 @@ fn tcp_reset(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> {
     segment[8..12].copy_from_slice(&rst_ack.to_be_bytes());
     segment[12] = (TCP_HDR_LEN as u8 / 4) << 4;
     segment[13] = flags;
-    let pseudo = pseudo_header_sum(tuple.daddr, tuple.saddr, IPPROTO_TCP, TCP_HDR_LEN as u16);
-    let check = checksum::finish(checksum::sum_words(pseudo, &segment));
-    segment[16..18].copy_from_slice(&check.to_be_bytes());
-    packet[ETH_HDR_LEN + IP_HDR_LEN..].copy_from_slice(&segment);
-    count_event(Event::REJECT_TCP_RST);
-    Ok(xdp_action::XDP_TX)
+    Ok(segment)
 }
 
 /// ICMP destination unreachable, port unreachable (type 3, code 3), quoting the datagram's IP
@@ -142,6 +156,140 @@ fn icmp_port_unreachable(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> 
     packet[ETH_HDR_LEN + IP_HDR_LEN..].copy_from_slice(&message);
     count_event(Event::REJECT_ICMP);
     Ok(xdp_action::XDP_TX)
+}
+
+/// Ethernet + IPv6 + TCP: the whole IPv6 RST.
+const RST6_LEN: usize = ETH_HDR_LEN + IPV6_HDR_LEN + TCP_HDR_LEN;
+/// What an ICMPv6 error quotes here: the offending IPv6 header and the first 8 bytes after it
+/// (RFC 4443 asks for as much as fits in the minimum MTU; the header and the ports are what a
+/// socket needs to match it).
+const ICMP6_QUOTE_LEN: usize = IPV6_HDR_LEN + 8;
+/// Ethernet + IPv6 + ICMPv6 + quote: the whole port unreachable.
+const ICMP6_LEN: usize = ETH_HDR_LEN + IPV6_HDR_LEN + ICMP_HDR_LEN + ICMP6_QUOTE_LEN;
+
+/// [`reply`] for IPv6: a TCP RST or an ICMPv6 port unreachable (type 1, code 4). A BPF-to-BPF
+/// call, for the stack its packet buffers take (see `Family::OUT_OF_LINE`).
+#[inline(never)]
+pub fn reply6(ctx: &XdpContext, tuple: &Tuple<V6>, l4_offset: usize) -> Result<u32, Event> {
+    if l4_offset != ETH_HDR_LEN + IPV6_HDR_LEN {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    if !unicast6(&tuple.saddr, eth) {
+        return Err(Event::DROP_REJECT_NOT_UNICAST);
+    }
+    if !within_rate() {
+        return Err(Event::DROP_REJECT_RATE_LIMITED);
+    }
+    if tuple.proto == proto::TCP {
+        tcp_reset6(ctx, tuple)
+    } else {
+        icmp6_port_unreachable(ctx, tuple)
+    }
+}
+
+#[inline(always)]
+fn tcp_reset6(ctx: &XdpContext, tuple: &Tuple<V6>) -> Result<u32, Event> {
+    if tuple.tcp_flags & TCP_RST != 0 {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    let ip = bytes_at::<6>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
+    let segment_len = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let mut segment = reset_segment(ctx, ETH_HDR_LEN + IPV6_HDR_LEN, segment_len, tuple)?;
+    let excess = frame_len(ctx).saturating_sub(RST6_LEN);
+    if excess > 0 && !xdp_adjust_tail(ctx, -(excess as i32)) {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    let packet = bytes_at_mut::<RST6_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    swap_macs(packet);
+    write_ipv6_header(
+        packet,
+        IPPROTO_TCP,
+        TCP_HDR_LEN as u16,
+        &tuple.daddr,
+        &tuple.saddr,
+    );
+    let pseudo = pseudo_header_sum6(&tuple.daddr, &tuple.saddr, IPPROTO_TCP, TCP_HDR_LEN as u16);
+    let check = checksum::finish(checksum::sum_words(pseudo, &segment));
+    segment[16..18].copy_from_slice(&check.to_be_bytes());
+    packet[ETH_HDR_LEN + IPV6_HDR_LEN..].copy_from_slice(&segment);
+    count_event(Event::REJECT_TCP_RST);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// ICMPv6 destination unreachable, port unreachable (type 1, code 4), quoting the datagram's
+/// IPv6 header and UDP header as the client sent them (to the frontend). Unlike ICMP's, its
+/// checksum covers a pseudo-header too (RFC 4443 section 2.3).
+#[inline(always)]
+fn icmp6_port_unreachable(ctx: &XdpContext, tuple: &Tuple<V6>) -> Result<u32, Event> {
+    let grow = (IPV6_HDR_LEN + ICMP_HDR_LEN) as i32;
+    if !xdp_adjust_head(ctx, -grow) {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    let excess = frame_len(ctx).saturating_sub(ICMP6_LEN);
+    if excess > 0 && !xdp_adjust_tail(ctx, -(excess as i32)) {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    let packet = bytes_at_mut::<ICMP6_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    let mut eth = [0u8; ETH_HDR_LEN];
+    eth.copy_from_slice(&packet[grow as usize..grow as usize + ETH_HDR_LEN]);
+    packet[..ETH_HDR_LEN].copy_from_slice(&eth);
+    swap_macs(packet);
+    let icmp_len = (ICMP_HDR_LEN + ICMP6_QUOTE_LEN) as u16;
+    write_ipv6_header(packet, IPPROTO_ICMPV6, icmp_len, &tuple.daddr, &tuple.saddr);
+    let mut message = [0u8; ICMP_HDR_LEN + ICMP6_QUOTE_LEN];
+    message[0] = 1;
+    message[1] = 4;
+    message[ICMP_HDR_LEN..].copy_from_slice(&packet[ETH_HDR_LEN + IPV6_HDR_LEN + ICMP_HDR_LEN..]);
+    let pseudo = pseudo_header_sum6(&tuple.daddr, &tuple.saddr, IPPROTO_ICMPV6, icmp_len);
+    let check = checksum::finish(checksum::sum_words(pseudo, &message));
+    message[2..4].copy_from_slice(&check.to_be_bytes());
+    packet[ETH_HDR_LEN + IPV6_HDR_LEN..].copy_from_slice(&message);
+    count_event(Event::REJECT_ICMP);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Whether an IPv6 sender is one host that can take an answer: not the unspecified address,
+/// loopback or a multicast group (ff00::/8), in a frame between unicast MACs.
+#[inline(always)]
+fn unicast6(saddr: &Ipv6Words, eth: &[u8; ETH_HDR_LEN]) -> bool {
+    let first = u32::from_be(saddr[0]);
+    let group_mac = |mac_first_byte: u8| mac_first_byte & 1 != 0;
+    let unspecified_or_loopback =
+        saddr[0] | saddr[1] | saddr[2] == 0 && u32::from_be(saddr[3]) <= 1;
+    first >> 24 != 0xff && !unspecified_or_loopback && !group_mac(eth[0]) && !group_mac(eth[6])
+}
+
+/// A fresh IPv6 header (no extension headers) after the Ethernet one.
+#[inline(always)]
+fn write_ipv6_header<const N: usize>(
+    packet: &mut [u8; N],
+    next_header: u8,
+    payload_len: u16,
+    saddr: &Ipv6Words,
+    daddr: &Ipv6Words,
+) {
+    let mut header = [0u8; IPV6_HDR_LEN];
+    header[0] = 0x60;
+    header[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    header[6] = next_header;
+    header[7] = TTL;
+    for i in 0..4 {
+        header[8 + 4 * i..12 + 4 * i].copy_from_slice(&saddr[i].to_ne_bytes());
+        header[24 + 4 * i..28 + 4 * i].copy_from_slice(&daddr[i].to_ne_bytes());
+    }
+    packet[ETH_HDR_LEN..ETH_HDR_LEN + IPV6_HDR_LEN].copy_from_slice(&header);
+}
+
+/// The IPv6 pseudo-header's contribution to a TCP, UDP or ICMPv6 checksum (RFC 8200 8.1).
+#[inline(always)]
+fn pseudo_header_sum6(saddr: &Ipv6Words, daddr: &Ipv6Words, next_header: u8, length: u16) -> u32 {
+    let mut sum = u32::from(next_header) + u32::from(length);
+    for i in 0..4 {
+        let (s, d) = (u32::from_be(saddr[i]), u32::from_be(daddr[i]));
+        sum += (s >> 16) + (s & 0xffff) + (d >> 16) + (d & 0xffff);
+    }
+    sum
 }
 
 /// Whether the sender is one host that can take an answer: a unicast address (not 0.0.0.0/8,

@@ -1,6 +1,9 @@
 //! `lb_tc_egress`: on the egress of the node NICs, replies of flows that `lb_xdp` DNATed get
 //! their source rewritten back to the frontend the client used (later fragments of a datagram
-//! as their first one). Everything else leaves untouched.
+//! as their first one). Everything else leaves untouched. IPv4 and IPv6 go through the same
+//! program (its verifier budget is small): the frame's ethertype picks the family once, and the
+//! lookups and the state tracking are the same code for both ([`reverse_nat`], generic over
+//! [`Family`]); the parse and the rewrite are each family's own.
 //!
 //! The skb may carry a partial checksum (CHECKSUM_PARTIAL from a local or veth sender), so
 //! checksums are updated with the kernel's helpers, which handle that case
@@ -15,18 +18,21 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    Event, Flow4Value, Frag4Key, Frag4Value, checksum, ct_flags, frontend_filter,
-    monitor::kind as monitor_kind, proto, sctp, tcp_seq,
+    Event, FlowValue, Frag4Key, Frag4Value, Ipv6Words, checksum, ct_flags,
+    ipv6::{self, EXT_HDR_PEEK, IPV6_HDR_LEN, MAX_EXT_HEADERS, Step, next_header},
+    monitor::kind as monitor_kind,
+    proto, sctp, tcp_seq,
 };
 
-use lb_common::icmp::{self, ICMP_ERROR_LEN};
+use lb_common::icmp::{self, ICMP_ERROR_LEN, ICMP6_ERROR_LEN};
 use lb_ebpf::packet::{
-    ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN,
-    IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
-    TCP_FLAGS_OFFSET, TCP_SYN, UDP_CSUM_OFFSET,
+    ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK,
+    IPV4_MIN_HDR_LEN, IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET,
+    TCP_DATA_OFFSET_OFFSET, TCP_FIN, TCP_FLAGS_OFFSET, TCP_SYN, UDP_CSUM_OFFSET,
 };
 
 use crate::{
+    family::{Family, V4, V6},
     flow::{
         Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
     },
@@ -35,21 +41,44 @@ use crate::{
     sctp_crc::checksum_after_ports,
 };
 
+/// The entry: the family's own function (each a BPF function of its own, with its own stack
+/// frame: the verifier allows 512 bytes to a chain of calls, and the IPv4 body, the IPv6 one
+/// and the ICMPv6 error translation each take from 300 to 400, so none of them may call
+/// another or be inlined here), and the drop's count and report.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
-    match try_lb_tc_egress(&ctx) {
+    let Some(ethertype) = read::<2>(&ctx, 12) else {
+        return TC_ACT_OK;
+    };
+    let ipv6 = u16::from_be_bytes(ethertype) == ETH_P_IPV6;
+    let result = if ipv6 {
+        if is_icmp6_error(&ctx) {
+            icmp6_error_from_endpoint(&ctx)
+        } else {
+            try_ipv6(&ctx)
+        }
+    } else if u16::from_be_bytes(ethertype) == ETH_P_IP {
+        try_ipv4(&ctx)
+    } else {
+        return TC_ACT_OK;
+    };
+    match result {
         Ok(()) => TC_ACT_OK,
         Err(event) => {
             count_event(event);
-            report_drop(&ctx, event);
+            if ipv6 {
+                report_drop6(&ctx, event);
+            } else {
+                report_drop(&ctx, event);
+            }
             debug!(&ctx, "tc: dropped, event {}", event.0);
             TC_ACT_SHOT
         }
     }
 }
 
-/// A dropped packet for `lb monitor`, read again here, where only drops come.
-#[inline(always)]
+/// A dropped IPv4 packet for `lb monitor`, read again here, where only drops come.
+#[inline(never)]
 fn report_drop(ctx: &TcContext, reason: Event) {
     if !monitor::wants(monitor_kind::DROP) {
         return;
@@ -58,14 +87,32 @@ fn report_drop(ctx: &TcContext, reason: Event) {
         Some(Packet::Segment { tuple, .. }) => Some(tuple),
         _ => None,
     };
-    let skb = ctx.as_ptr().cast::<__sk_buff>();
-    // SAFETY: the program's own skb, valid for the whole run.
-    let ifindex = unsafe { (*skb).ifindex };
-    monitor::tc_drop(tuple.as_ref(), reason, ifindex);
+    monitor::tc_drop(tuple.as_ref(), reason, ifindex(ctx));
+}
+
+/// A dropped IPv6 packet for `lb monitor`, as [`report_drop`].
+#[inline(never)]
+fn report_drop6(ctx: &TcContext, reason: Event) {
+    if !monitor::wants(monitor_kind::DROP) {
+        return;
+    }
+    let tuple = match parse6(ctx) {
+        Some(Packet6::Segment { tuple, .. }) => Some(tuple),
+        _ => None,
+    };
+    monitor::tc_drop(tuple.as_ref(), reason, ifindex(ctx));
 }
 
 #[inline(always)]
-fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
+fn ifindex(ctx: &TcContext) -> u32 {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: the program's own skb, valid for the whole run.
+    unsafe { (*skb).ifindex }
+}
+
+/// An IPv4 packet. A BPF function of its own (see [`lb_tc_egress`]).
+#[inline(never)]
+fn try_ipv4(ctx: &TcContext) -> Result<(), Event> {
     let Some(packet) = parse(ctx) else {
         return Ok(());
     };
@@ -78,42 +125,128 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
             first_fragment,
         } => (tuple, l4_offset, first_fragment),
     };
-    if !maybe_backend(&tuple) {
-        return Ok(());
-    }
-    let Some(answer) = answer_of(&tuple) else {
-        return Ok(());
-    };
     // Its checksum is over the whole SCTP packet, which a first fragment does not hold: refused
     // before it moves the flow's state.
-    if tuple.proto == proto::SCTP && fragment.is_some() {
-        return Err(Event::DROP_SCTP_FRAGMENT);
+    let refusal = || {
+        if tuple.proto == proto::SCTP && fragment.is_some() {
+            Err(Event::DROP_SCTP_FRAGMENT)
+        } else {
+            Ok(())
+        }
+    };
+    reverse_nat(&tuple, refusal, |frontend, restored_port| {
+        if tuple.proto == proto::SCTP {
+            let client_port = restored_port.unwrap_or(tuple.dport);
+            return snat_sctp(ctx, &tuple, l4_offset, frontend, client_port)
+                .map_err(|_| Event::DROP_NAT_FAILED);
+        }
+        snat(ctx, &tuple, l4_offset, frontend.0, frontend.1).map_err(|_| Event::DROP_NAT_FAILED)?;
+        if let Some(client_port) = restored_port {
+            restore_client_port(ctx, &tuple, l4_offset, client_port)
+                .map_err(|_| Event::DROP_NAT_FAILED)?;
+        }
+        if let Some(key) = fragment {
+            let later = Frag4Value {
+                saddr: frontend.0,
+                daddr: tuple.daddr,
+                ..Default::default()
+            };
+            remember_fragment(&key, &later);
+        }
+        Ok(())
+    })
+}
+
+/// An IPv6 packet: an answer of a local endpoint's flow gets its source (and, for a remapped
+/// flow, its destination port) back as the client sent to; fragments (whose later ones would
+/// need the record of the first, not kept for IPv6 yet) and SCTP (served over IPv4 only) pass
+/// untouched, counted. A BPF function of its own (see [`lb_tc_egress`]).
+#[inline(never)]
+fn try_ipv6(ctx: &TcContext) -> Result<(), Event> {
+    let (tuple, l4_offset, behind_extensions, udp_checksum) = match parse6(ctx) {
+        Some(Packet6::Segment {
+            tuple,
+            l4_offset,
+            behind_extensions,
+            udp_checksum,
+        }) => (tuple, l4_offset, behind_extensions, udp_checksum),
+        Some(Packet6::Fragment) => {
+            count_event(Event::PASS_FRAGMENT);
+            return Ok(());
+        }
+        None => return Ok(()),
+    };
+    if tuple.proto == proto::SCTP {
+        if maybe_backend(&tuple) {
+            count_event(Event::PASS_PROTOCOL_UNSERVED);
+        }
+        return Ok(());
     }
+    // A UDP checksum of 0 means "none" over IPv4 only: over IPv6 the receiver drops it (RFC
+    // 8200 section 8.1), and an incremental update of it would make a wrong one. Refused before
+    // it moves the flow's state.
+    let refusal = || {
+        if tuple.proto == proto::UDP && udp_checksum == 0 {
+            Err(Event::DROP_MALFORMED)
+        } else {
+            Ok(())
+        }
+    };
+    reverse_nat(&tuple, refusal, |frontend, restored_port| {
+        snat6(ctx, &tuple, l4_offset, behind_extensions, frontend)
+            .map_err(|_| Event::DROP_NAT_FAILED)?;
+        if let Some(client_port) = restored_port {
+            restore_client_port(ctx, &tuple, l4_offset, client_port)
+                .map_err(|_| Event::DROP_NAT_FAILED)?;
+        }
+        Ok(())
+    })
+}
+
+/// The part of tc egress both families share: an answer from a possible backend (the backend
+/// filter) that belongs to a local endpoint's flow (its FLOW entry or its REPLY entry) is checked
+/// (a blind RST is dropped; `refusal` says whether the family refuses it), tracked (how far the
+/// endpoint has sent, a FIN or RST moves the flow's state) and handed to `rewrite` with the
+/// frontend it must leave from and, for a flow whose source port XDP remapped, the client's own
+/// port to restore as its destination. Anything else leaves untouched.
+#[inline(always)]
+fn reverse_nat<F: Family>(
+    tuple: &Tuple<F>,
+    refusal: impl FnOnce() -> Result<(), Event>,
+    rewrite: impl FnOnce((F::Addr, u16), Option<u16>) -> Result<(), Event>,
+) -> Result<(), Event> {
+    if !maybe_backend(tuple) {
+        return Ok(());
+    }
+    let Some(answer) = answer_of(tuple) else {
+        return Ok(());
+    };
+    refusal()?;
     let (frontend, restored_port) = match answer {
         Answer::Whole(entry) => {
             // SAFETY: the entry stays valid for this run (RCU); see flow::destination for races.
             let entry = unsafe { &mut *entry };
             let client_record = entry.seq_next;
-            if blind_rst(&tuple, Flow4Value::of(entry).backend_seq_next, || {
+            if blind_rst(tuple, FlowValue::of(entry).backend_seq_next, || {
                 client_record
             }) {
                 return Err(Event::DROP_RST_OUT_OF_WINDOW);
             }
-            track_answer(entry, &tuple);
-            let flow = Flow4Value::of(entry);
+            track_answer(entry, tuple);
+            let flow = FlowValue::of(entry);
             ((flow.frontend_addr, flow.frontend_port), None)
         }
         Answer::Reply(entry) => {
             // SAFETY: as above.
             let entry = unsafe { &mut *entry };
-            if blind_rst(&tuple, entry.seq_next, || {
-                client_record_of_reply(entry, &tuple)
+            if blind_rst(tuple, entry.seq_next, || {
+                client_record_of_reply(entry, tuple)
             }) {
                 return Err(Event::DROP_RST_OUT_OF_WINDOW);
             }
             // Answers of a local endpoint keep no SNAT port: the client's packets keep the flow
             // alive.
-            track_reply(entry, &tuple, false);
+            track_reply(entry, tuple, false);
             let remapped = entry.flags & ct_flags::PORT_REMAP != 0;
             (
                 (entry.nat_addr, entry.nat_port),
@@ -121,32 +254,15 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<(), Event> {
             )
         }
     };
-    if tuple.proto == proto::SCTP {
-        let client_port = restored_port.unwrap_or(tuple.dport);
-        return snat_sctp(ctx, &tuple, l4_offset, frontend, client_port)
-            .map_err(|_| Event::DROP_NAT_FAILED);
-    }
-    snat(ctx, &tuple, l4_offset, frontend.0, frontend.1).map_err(|_| Event::DROP_NAT_FAILED)?;
-    if let Some(client_port) = restored_port {
-        restore_client_port(ctx, &tuple, l4_offset, client_port)
-            .map_err(|_| Event::DROP_NAT_FAILED)?;
-    }
-    if let Some(key) = fragment {
-        let later = Frag4Value {
-            saddr: frontend.0,
-            daddr: tuple.daddr,
-            ..Default::default()
-        };
-        remember_fragment(&key, &later);
-    }
-    Ok(())
+    rewrite(frontend, restored_port)
 }
 
-/// Whether the packet's source may be a backend's address and port (the backend filter): the
+/// Whether the packet's source may be a backend's address and port (the backend filter, one
+/// for both families: the agent sets an IPv6 backend's bit by [`Family::filter_bit`] too): the
 /// node's own traffic and pods' traffic to elsewhere leave without a conntrack lookup.
 #[inline(always)]
-fn maybe_backend(tuple: &Tuple) -> bool {
-    let bit = frontend_filter::bit(tuple.saddr, tuple.sport, tuple.proto);
+fn maybe_backend<F: Family>(tuple: &Tuple<F>) -> bool {
+    let bit = F::filter_bit(tuple.saddr, tuple.sport, tuple.proto);
     BACKEND_FILTER
         .get(bit >> 6)
         .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)
@@ -202,7 +318,7 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
     // The quoted packet went from the client to the endpoint: its flow is found as an answer
     // from the endpoint to the client would find it (FLOW entry, else REPLY entry).
     let ((client, client_port), (endpoint, endpoint_port)) = (quote.source, quote.destination);
-    let answer = Tuple {
+    let answer = Tuple::<V4> {
         saddr: endpoint,
         daddr: client,
         sport: endpoint_port,
@@ -237,11 +353,11 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
 /// The frontend of the flow of an answer from a local endpoint (`answer`, as the endpoint sends
 /// it), and the port its client sent from.
 #[inline(always)]
-fn endpoint_flow(answer: &Tuple) -> Option<((u32, u16), u16)> {
+fn endpoint_flow<F: Family>(answer: &Tuple<F>) -> Option<((F::Addr, u16), u16)> {
     match answer_of(answer)? {
         Answer::Whole(entry) => {
             // SAFETY: a read-only use of an entry that stays valid for this run (RCU).
-            let flow = Flow4Value::of(unsafe { &*entry });
+            let flow = FlowValue::of(unsafe { &*entry });
             Some(((flow.frontend_addr, flow.frontend_port), answer.dport))
         }
         Answer::Reply(entry) => {
@@ -258,6 +374,61 @@ fn endpoint_flow(answer: &Tuple) -> Option<((u32, u16), u16)> {
             Some(((entry.nat_addr, entry.nat_port), from_port))
         }
     }
+}
+
+/// An ICMPv6 error a local endpoint sends about a client's packet, as
+/// [`icmp_error_from_endpoint`] does for IPv4: the client gets it from the frontend it used,
+/// about the packet as it sent it. The quoted destination and port (and the quoted source port
+/// of a remapped flow), a quoted UDP checksum, the outer source and the ICMPv6 checksum (whose
+/// pseudo-header holds the outer source) are rewritten. Anything else leaves untouched.
+///
+/// A BPF function of its own (see [`lb_tc_egress`]).
+#[inline(never)]
+fn icmp6_error_from_endpoint(ctx: &TcContext) -> Result<(), Event> {
+    let Some(fixed) = read::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN) else {
+        return Ok(());
+    };
+    let source = words_at(&fixed, 8);
+    let Ok(mut error) = ctx.load::<[u8; ICMP6_ERROR_LEN]>(PLAIN_L4_OFFSET) else {
+        return Ok(());
+    };
+    let Some(quote) = icmp::quoted6(&error) else {
+        return Ok(());
+    };
+    let ((client, client_port), (endpoint, endpoint_port)) = (quote.source, quote.destination);
+    let answer = Tuple::<V6> {
+        saddr: endpoint,
+        daddr: client,
+        sport: endpoint_port,
+        dport: client_port,
+        proto: quote.proto,
+        tcp_flags: 0,
+        seq: 0,
+        seq_end: 0,
+    };
+    if !V6::same(&source, &endpoint) {
+        return Ok(());
+    }
+    let Some((frontend, from_port)) = endpoint_flow(&answer) else {
+        return Ok(());
+    };
+    icmp::rewrite_quoted6(
+        &mut error,
+        &quote,
+        (client, from_port),
+        frontend,
+        (source, frontend.0),
+    );
+    let nat_failed = |_| Event::DROP_NAT_FAILED;
+    ctx.store(PLAIN_L4_OFFSET, &error, 0).map_err(nat_failed)?;
+    ctx.store(
+        ETH_HDR_LEN + IPV6_SADDR_OFFSET,
+        &icmp::bytes_of(&frontend.0),
+        0,
+    )
+    .map_err(nat_failed)?;
+    count_event(Event::ICMP_ERROR_TRANSLATED);
+    Ok(())
 }
 
 /// Where an ICMP message starts (an IPv4 header without options).
@@ -278,14 +449,11 @@ fn read<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
     ctx.load(offset).ok()
 }
 
-/// The reply's 5-tuple and transport offset, or the key of a later fragment; `None` for anything
-/// that is not an IPv4 TCP/UDP packet with a complete header (it passes untouched).
+/// The reply's 5-tuple and transport offset, or the key of a later fragment, of an IPv4 frame;
+/// `None` for anything that is not a TCP/UDP packet with a complete header (it passes
+/// untouched).
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype = u16::from_be_bytes(read::<2>(ctx, 12)?);
-    if ethertype != ETH_P_IP {
-        return None;
-    }
     let ip = read::<IPV4_MIN_HDR_LEN>(ctx, ETH_HDR_LEN)?;
     let header_len = usize::from(ip[0] & 0x0f) * 4;
     if ip[0] >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN {
@@ -351,7 +519,12 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
 /// (BIG TCP, net/ipv4/ip_output.c __ip_local_out with iph_set_totlen).
 #[inline(always)]
 fn segment(ctx: &TcContext, l4_offset: usize) -> Option<(u8, u32, u32)> {
-    let header = read::<14>(ctx, l4_offset)?;
+    segment_of(ctx, l4_offset, read::<14>(ctx, l4_offset)?)
+}
+
+/// As [`segment`], with the first 14 bytes of the TCP header read.
+#[inline(always)]
+fn segment_of(ctx: &TcContext, l4_offset: usize, header: [u8; 14]) -> Option<(u8, u32, u32)> {
     let header_len = usize::from(header[TCP_DATA_OFFSET_OFFSET] >> 4) * 4;
     let flags = header[TCP_FLAGS_OFFSET];
     let seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
@@ -367,9 +540,9 @@ fn segment(ctx: &TcContext, l4_offset: usize) -> Option<(u8, u32, u32)> {
 
 /// The client's own port back as the destination, for a flow whose source port XDP remapped.
 #[inline(always)]
-fn restore_client_port(
+fn restore_client_port<F: Family>(
     ctx: &TcContext,
-    tuple: &Tuple,
+    tuple: &Tuple<F>,
     l4_offset: usize,
     port: u16,
 ) -> Result<(), i64> {
@@ -387,7 +560,7 @@ fn restore_client_port(
 /// Where the TCP or UDP checksum is, and the l4_csum_replace flags it needs (a UDP checksum of
 /// 0 means none and stays 0: BPF_F_MARK_MANGLED_0).
 #[inline(always)]
-fn l4_checksum(tuple: &Tuple, l4_offset: usize) -> (usize, u64) {
+fn l4_checksum<F: Family>(tuple: &Tuple<F>, l4_offset: usize) -> (usize, u64) {
     if tuple.proto == proto::TCP {
         (l4_offset + TCP_CSUM_OFFSET, 0)
     } else {
@@ -491,3 +664,191 @@ fn store_source(ctx: &TcContext, tuple: &Tuple, addr: u32, port: u16) -> Result<
     ctx.store(ETH_HDR_LEN + IPV4_CSUM_OFFSET, &bytes, 0)?;
     Ok(())
 }
+
+/// What tc egress looks at in an IPv6 frame.
+enum Packet6 {
+    /// A TCP, UDP or SCTP packet with its ports (TCP: with its flags and sequence), behind its
+    /// extension headers; for UDP, its checksum.
+    Segment {
+        tuple: Tuple<V6>,
+        l4_offset: usize,
+        /// Whether extension headers come before the transport header.
+        behind_extensions: bool,
+        udp_checksum: u16,
+    },
+    /// A packet with a Fragment header.
+    Fragment,
+}
+
+/// The parse of an IPv6 frame: the fixed header, then, when extension headers follow it, the
+/// walk over them ([`walk`]) to the transport header. `None` for anything else, which passes
+/// untouched: another upper layer (ICMPv6 among them: neighbour discovery and the rest; errors
+/// are [`icmp6_error_from_endpoint`]'s), ESP, more extension headers than the walk crosses, a
+/// header cut short, a jumbogram.
+#[inline(always)]
+fn parse6(ctx: &TcContext) -> Option<Packet6> {
+    let fixed = read::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN)?;
+    let header = ipv6::header(&fixed)?;
+    let mut next = header.next_header;
+    let mut l4_offset = PLAIN_L4_OFFSET;
+    let behind_extensions = !is_transport(next) && next != next_header::ICMPV6;
+    if behind_extensions {
+        (next, l4_offset) = walk(ctx, next)?;
+        if next == next_header::FRAGMENT {
+            return Some(Packet6::Fragment);
+        }
+    }
+    if !is_transport(next) {
+        return None;
+    }
+    let l4 = transport_bytes::<EXT_HDR_PEEK>(ctx, l4_offset, behind_extensions)?;
+    let (tcp_flags, seq, seq_end) = if next == proto::TCP {
+        segment_of(
+            ctx,
+            l4_offset,
+            transport_bytes::<14>(ctx, l4_offset, behind_extensions)?,
+        )?
+    } else {
+        (0, 0, 0)
+    };
+    Some(Packet6::Segment {
+        tuple: Tuple {
+            saddr: words_at(&fixed, 8),
+            daddr: words_at(&fixed, 24),
+            sport: u16::from_be_bytes([l4[0], l4[1]]),
+            dport: u16::from_be_bytes([l4[2], l4[3]]),
+            proto: next,
+            tcp_flags,
+            seq,
+            seq_end,
+        },
+        l4_offset,
+        behind_extensions,
+        udp_checksum: u16::from_be_bytes([l4[6], l4[7]]),
+    })
+}
+
+/// Whether an IPv6 frame is an ICMPv6 error (no extension headers before it).
+#[inline(always)]
+fn is_icmp6_error(ctx: &TcContext) -> bool {
+    read::<1>(ctx, ETH_HDR_LEN + 6).is_some_and(|next| next[0] == next_header::ICMPV6)
+        && read::<1>(ctx, PLAIN_L4_OFFSET).is_some_and(|icmp| icmp::is_icmp6_error(icmp[0]))
+}
+
+/// Where the transport header of an IPv6 packet without extension headers is.
+const PLAIN_L4_OFFSET: usize = ETH_HDR_LEN + IPV6_HDR_LEN;
+
+/// The upper layers tc egress translates (or counts) over IPv6.
+#[inline(always)]
+fn is_transport(next: u8) -> bool {
+    next == proto::TCP || next == proto::UDP || next == proto::SCTP
+}
+
+/// The walk over the extension headers of an IPv6 packet ([`ipv6::step`], at most
+/// [`MAX_EXT_HEADERS`]), from the first one, of type `next`: the upper-layer protocol and where
+/// its header starts, or `(FRAGMENT, 0)` at a Fragment header; `None` past the last header
+/// crossed or at a header cut short.
+#[inline(always)]
+fn walk(ctx: &TcContext, first: u8) -> Option<(u8, usize)> {
+    let mut next = first;
+    let mut offset = PLAIN_L4_OFFSET;
+    for _ in 0..=MAX_EXT_HEADERS {
+        // Every header the walk crosses is at least 8 bytes, and so is every transport header
+        // read after it (UDP's is 8): reading 8 at the upper-layer header too is no loss.
+        let peek = read::<EXT_HDR_PEEK>(ctx, offset)?;
+        match ipv6::step(next, &peek) {
+            Step::Upper { protocol } => return Some((protocol, offset)),
+            Step::Extension { next_header, len } => {
+                next = next_header;
+                offset += len;
+            }
+            Step::Fragment { .. } => return Some((next_header::FRAGMENT, 0)),
+        }
+    }
+    None
+}
+
+/// `N` bytes of the transport header. Behind extension headers through the helper: a packet
+/// pointer at a variable offset would make the verifier walk the rest of the program once for
+/// each number of headers the walk crossed (the offset's range differs each time), where an
+/// offset the program only hands to helpers is one it does not tell apart. Extension headers
+/// are rare; the common packet reads its linear data at a constant offset. (Each branch returns
+/// its own `None`: two `Option`s of bytes merging would have LLVM read an unset register.)
+#[inline(always)]
+fn transport_bytes<const N: usize>(
+    ctx: &TcContext,
+    l4_offset: usize,
+    behind_extensions: bool,
+) -> Option<[u8; N]> {
+    let bytes = if behind_extensions {
+        ctx.load::<[u8; N]>(l4_offset).ok()?
+    } else {
+        read::<N>(ctx, PLAIN_L4_OFFSET)?
+    };
+    Some(bytes)
+}
+
+/// The IPv6 address at `at` of the fixed header, as conntrack keeps it (the packet's bytes).
+#[inline(always)]
+fn words_at(fixed: &[u8; IPV6_HDR_LEN], at: usize) -> Ipv6Words {
+    let word = |i: usize| {
+        let start = at + i * 4;
+        u32::from_ne_bytes([
+            fixed[start],
+            fixed[start + 1],
+            fixed[start + 2],
+            fixed[start + 3],
+        ])
+    };
+    [word(0), word(1), word(2), word(3)]
+}
+
+/// Rewrites an IPv6 answer's source address and port to the frontend's, fixing the TCP/UDP
+/// checksum (IPv6 has no header checksum). The address is 16 bytes, which
+/// `bpf_l4_csum_replace` takes as a checksum difference ([`checksum::ipv6_diff`], size 0) with
+/// BPF_F_PSEUDO_HDR, as it takes an IPv4 address; the port is not in the pseudo-header. Without
+/// extension headers the source address, the destination address and the source port are
+/// contiguous (bytes 8-41 from the IPv6 header), written with one store.
+#[inline(always)]
+fn snat6(
+    ctx: &TcContext,
+    tuple: &Tuple<V6>,
+    l4_offset: usize,
+    behind_extensions: bool,
+    frontend: (Ipv6Words, u16),
+) -> Result<(), i64> {
+    let (addr, port) = frontend;
+    let (csum_offset, flags) = l4_checksum(tuple, l4_offset);
+    ctx.l4_csum_replace(
+        csum_offset,
+        0,
+        u64::from(checksum::ipv6_diff(&tuple.saddr, &addr)),
+        flags | u64::from(BPF_F_PSEUDO_HDR),
+    )?;
+    ctx.l4_csum_replace(
+        csum_offset,
+        u64::from(tuple.sport.to_be()),
+        u64::from(port.to_be()),
+        flags | 2,
+    )?;
+    let mut bytes = [0u8; 34];
+    for (i, word) in addr.iter().enumerate() {
+        bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    if !behind_extensions {
+        for (i, word) in tuple.daddr.iter().enumerate() {
+            bytes[16 + i * 4..20 + i * 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        bytes[32..34].copy_from_slice(&port.to_be_bytes());
+        ctx.store(ETH_HDR_LEN + IPV6_SADDR_OFFSET, &bytes, 0)?;
+        return Ok(());
+    }
+    let mut source = [0u8; 16];
+    source.copy_from_slice(&bytes[..16]);
+    ctx.store(ETH_HDR_LEN + IPV6_SADDR_OFFSET, &source, 0)?;
+    ctx.store(l4_offset, &port.to_be(), 0)?;
+    Ok(())
+}
+
+/// Offset of the source address inside the IPv6 header.
+const IPV6_SADDR_OFFSET: usize = 8;

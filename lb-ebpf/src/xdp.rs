@@ -9,29 +9,31 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_common::{
-    Ct4Value, Event, Frag4Key, Frag4Value, checksum, client_nic, ct_flags, frag_action, limits,
+    Ct4Value, Event, FragValue, ServiceValue, checksum, client_nic, ct_flags, frag_action, limits,
     proto, sctp, service_flags, tcp_seq, xdp_programs,
 };
 use lb_ebpf::packet::{
-    ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, IPPROTO_ICMP, IPV4_CSUM_OFFSET,
-    IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, Ipv4Info, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET,
-    TCP_FIN, TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
-    bytes_at_mut, frame_len, ipv4_checksum_ok, parse_ipv4,
+    ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IpHeader, Ipv4Info,
+    Ipv6Packet, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN, TCP_FLAGS_OFFSET,
+    TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at, bytes_at_mut, frame_len,
+    parse_ipv4, parse_ipv6,
 };
 
 use crate::{
-    family::V4,
+    family::{Family, V4},
     flow::{
-        Arrival, Destination, Tuple, admitted_by_source_ranges, blind_rst, client_record_of_reply,
-        client_side, closes, config, destination, follow, live_flow, lookup_frontend,
-        maybe_frontend, reply_key, source_allowed, track_reply,
+        Arrival, Destination, NewFlow, Tuple, admitted_by_source_ranges, blind_rst,
+        client_record_of_reply, client_side, closes, config, destination, follow, live_destination,
+        live_flow, lookup_frontend, maybe_frontend, new_flow, reply_key, source_allowed,
+        track_reply,
     },
-    helpers::{Forward, fib_forward, now_ns},
+    helpers::{Forward, now_ns},
+    ip::{Addr, Ip, fragment_key},
     maps::{
-        CONNTRACK4, FRAGMENTS4, NIC_MACS, TX_PORTS, XDP_PROGRAMS, count_event, count_service,
-        dry_run, remember_fragment,
+        CONNTRACK4, FRAGMENTS4, NIC_MACS, PACKET6, Packet6, TX_PORTS, XDP_PROGRAMS, count_event,
+        count_service, dry_run,
     },
-    monitor, reject,
+    monitor,
     sctp_crc::checksum_after_ports,
 };
 
@@ -56,18 +58,42 @@ pub fn lb_xdp_udp(ctx: XdpContext) -> u32 {
     verdict(&ctx, try_lb_xdp::<{ proto::UDP }>(&ctx))
 }
 
-/// The datapath for IPv6, tail-called by `lb_xdp` for every IPv6 frame.
+/// The datapath for IPv6, tail-called by `lb_xdp` for every IPv6 frame: TCP itself, UDP through
+/// a tail call to `lb_xdp6_udp`. A program of its own for the verifier's sake, as the protocols
+/// have (IPv4 pays nothing for it, IPv6 one tail call).
 #[xdp]
 #[inline(always)]
-pub fn lb_xdp6(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn lb_xdp6(ctx: XdpContext) -> u32 {
+    verdict(&ctx, try_lb_xdp6::<{ proto::TCP }>(&ctx))
 }
 
 /// The datapath for UDP over IPv6, tail-called by `lb_xdp6`.
 #[xdp]
 #[inline(always)]
-pub fn lb_xdp6_udp(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn lb_xdp6_udp(ctx: XdpContext) -> u32 {
+    verdict(&ctx, try_lb_xdp6::<{ proto::UDP }>(&ctx))
+}
+
+/// An IPv6 packet to a frontend that no live flow took, tail-called by `lb_xdp6` and
+/// `lb_xdp6_udp` (see [`try_frontend6`]).
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6_frontend(ctx: XdpContext) -> u32 {
+    verdict(&ctx, try_frontend6(&ctx))
+}
+
+/// A new IPv6 flow, tail-called by `lb_xdp6_frontend`.
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6_flow(ctx: XdpContext) -> u32 {
+    verdict(&ctx, try_new_flow6(&ctx))
+}
+
+/// The first packet of a new IPv6 flow sent on, tail-called by `lb_xdp6_flow`.
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6_deliver(ctx: XdpContext) -> u32 {
+    verdict(&ctx, try_deliver6(&ctx))
 }
 
 /// The datapath for SCTP, tail-called by `lb_xdp` (see [`lb_xdp_udp`]).
@@ -99,6 +125,9 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     };
     let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
     if ethertype != ETH_P_IP {
+        if PROTOCOL == proto::TCP && ethertype == ETH_P_IPV6 {
+            return Ok(to_program(ctx, xdp_programs::IPV6));
+        }
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
             // Tagged frames go to the stack as they came; VLAN interfaces are not served.
             count_event(Event::PASS_VLAN);
@@ -122,61 +151,271 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     if ip.later_fragment() {
         return later_fragment(ctx, &ip);
     }
-    // The protocol as the instance's constant, so that the compiler leaves out the code of the
-    // others instead of the verifier walking it.
     let tuple = transport_tuple(ctx, &ip, PROTOCOL)?;
-    if let Some(action) = snat_reply(ctx, &tuple, &ip)? {
-        return Ok(action);
-    }
-    if !maybe_frontend(&tuple) {
-        return Ok(xdp_action::XDP_PASS);
-    }
-    if proto::has_handshake(tuple.proto)
-        && tuple.tcp_flags & TCP_SYN == 0
-        && let Some(action) = established(ctx, eth, &ip, &tuple)?
-    {
-        return Ok(action);
-    }
-    let Some(service) = lookup_frontend(&tuple) else {
+    serve(ctx, eth, &ip, &tuple)
+}
+
+/// The IPv6 datapath for the protocol `PROTOCOL`: TCP in `lb_xdp6`, which hands UDP to
+/// `lb_xdp6_udp`. ICMPv6 (neighbour discovery, errors) passes untouched, and so do fragments,
+/// which are not translated ([`Event::PASS_FRAGMENT`]), and SCTP.
+#[inline(always)]
+fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
+    let Some(eth) = bytes_at::<ETH_HDR_LEN>(ctx, 0) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    refuse_sctp_fragment(&tuple, &ip)?;
-    if for_another_host(ctx, eth) {
-        count_event(Event::PASS_OTHER_HOST);
+    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IPV6 {
         return Ok(xdp_action::XDP_PASS);
     }
+    let ip = match parse_ipv6(ctx).ok_or(Event::DROP_MALFORMED)? {
+        Ipv6Packet::Transport(ip) => ip,
+        Ipv6Packet::LaterFragment => {
+            count_event(Event::PASS_FRAGMENT);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        Ipv6Packet::Other => return Ok(xdp_action::XDP_PASS),
+    };
+    if PROTOCOL == proto::TCP && ip.proto == proto::UDP {
+        return Ok(to_program(ctx, xdp_programs::IPV6_UDP));
+    }
+    if ip.proto != PROTOCOL {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    if ip.first_fragment {
+        count_event(Event::PASS_FRAGMENT);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // The header and the tuple live in this CPU's scratch entry rather than on the stack, and
+    // the programs this one hands on to find them there (see [`try_frontend6`]).
+    let packet = packet6()?;
+    packet.ip = ip;
+    packet.tuple = transport_tuple(ctx, &packet.ip, PROTOCOL)?;
+    serve(ctx, eth, &packet.ip, &packet.tuple)
+}
+
+/// A TCP, UDP or SCTP packet (its protocol the instance's constant, so that the compiler leaves
+/// out the code of the others instead of the verifier walking it) of either family: an answer
+/// to a SNAT port, a packet of a live flow, or one to a frontend, which starts a flow; anything
+/// else passes untouched.
+#[inline(always)]
+fn serve<I: Ip>(
+    ctx: &XdpContext,
+    eth: &[u8; ETH_HDR_LEN],
+    ip: &I,
+    tuple: &Tuple<I::F>,
+) -> Result<u32, Event> {
+    let answer = if I::F::OUT_OF_LINE {
+        snat_reply_call(ctx, tuple, ip)?
+    } else {
+        snat_reply(ctx, tuple, ip)?
+    };
+    if let Some(action) = answer {
+        return Ok(action);
+    }
+    if !maybe_frontend(tuple) {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    if proto::has_handshake(tuple.proto) && tuple.tcp_flags & TCP_SYN == 0 {
+        let live = if I::F::OUT_OF_LINE {
+            established_call(ctx, eth, ip, tuple)?
+        } else {
+            established(ctx, eth, ip, tuple)?
+        };
+        if let Some(action) = live {
+            return Ok(action);
+        }
+    }
+    if I::F::OUT_OF_LINE {
+        // The packet and its tuple are in PACKET6 for the next program.
+        return Ok(to_program(ctx, xdp_programs::IPV6_FRONTEND));
+    }
+    to_frontend(ctx, eth, ip, tuple)
+}
+
+/// The stages of [`serve`] as BPF-to-BPF calls, each with a stack frame of its own (see
+/// [`Family::OUT_OF_LINE`]).
+#[inline(never)]
+fn snat_reply_call<I: Ip>(
+    ctx: &XdpContext,
+    tuple: &Tuple<I::F>,
+    ip: &I,
+) -> Result<Option<u32>, Event> {
+    snat_reply(ctx, tuple, ip)
+}
+
+#[inline(never)]
+fn established_call<I: Ip>(
+    ctx: &XdpContext,
+    eth: &[u8; ETH_HDR_LEN],
+    ip: &I,
+    tuple: &Tuple<I::F>,
+) -> Result<Option<u32>, Event> {
+    established(ctx, eth, ip, tuple)
+}
+
+/// A packet to a frontend that no live flow took: a new flow (or the REJECT answer when the
+/// service has no endpoint), or untouched when it is no frontend's.
+#[inline(always)]
+fn to_frontend<I: Ip>(
+    ctx: &XdpContext,
+    eth: &[u8; ETH_HDR_LEN],
+    ip: &I,
+    tuple: &Tuple<I::F>,
+) -> Result<u32, Event> {
+    let Some(service) = admit(ctx, eth, ip, tuple)? else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    match destination(ctx, ip, tuple, service, &arrival(ctx, eth)) {
+        Ok(destination) => deliver(ctx, ip, tuple, &destination),
+        Err(event) => refused(ctx, ip, tuple, service.service_id, event),
+    }
+}
+
+/// The frontend a packet is for, if the packet may go to it: not for another host, and from a
+/// client inside the service's loadBalancerSourceRanges. None: no frontend's, it passes.
+#[inline(always)]
+fn admit<I: Ip>(
+    ctx: &XdpContext,
+    eth: &[u8; ETH_HDR_LEN],
+    ip: &I,
+    tuple: &Tuple<I::F>,
+) -> Result<Option<&'static ServiceValue>, Event> {
+    let Some(service) = lookup_frontend(tuple) else {
+        return Ok(None);
+    };
+    refuse_sctp_fragment(tuple, ip)?;
+    if for_another_host(ctx, eth) {
+        count_event(Event::PASS_OTHER_HOST);
+        return Ok(None);
+    }
     if service.flags & service_flags::SOURCE_RANGES != 0
-        && !source_allowed::<V4>(service.service_id, tuple.saddr)
+        && !source_allowed::<I::F>(service.service_id, tuple.saddr)
     {
         return Err(Event::DROP_SOURCE_RANGE);
     }
-    let arrival = arrival(ctx, eth);
-    let destination = match destination(ctx, &ip, &tuple, service, &arrival) {
-        Ok(destination) => destination,
-        Err(Event::DROP_NO_BACKEND) => {
-            let action = reject::reply(ctx, &tuple, ip.l4_offset)?;
+    Ok(Some(service))
+}
+
+/// A packet for which no destination was found (`event` says why): the REJECT answer for a
+/// service without endpoints, the stack for one whose TTL runs out, else the drop.
+#[inline(always)]
+fn refused<I: Ip>(
+    ctx: &XdpContext,
+    ip: &I,
+    tuple: &Tuple<I::F>,
+    service_id: u32,
+    event: Event,
+) -> Result<u32, Event> {
+    match event {
+        Event::DROP_NO_BACKEND => {
+            let action = ip.reject(ctx, tuple)?;
             let reason = if tuple.proto == proto::TCP {
                 Event::REJECT_TCP_RST
             } else {
                 Event::REJECT_ICMP
             };
-            monitor::xdp_reject(ctx, &tuple, reason, service.service_id);
-            return Ok(action);
+            monitor::xdp_reject(ctx, tuple, reason, service_id);
+            Ok(action)
         }
-        Err(Event::PASS_TTL_EXCEEDED) => {
+        Event::PASS_TTL_EXCEEDED => {
             // The stack answers it (time exceeded), untranslated and without taking a port.
             count_event(Event::PASS_TTL_EXCEEDED);
-            return Ok(xdp_action::XDP_PASS);
+            Ok(xdp_action::XDP_PASS)
         }
-        Err(event) => return Err(event),
+        event => Err(event),
+    }
+}
+
+/// The IPv6 pipeline after `lb_xdp6`: a packet to a frontend that no live flow took
+/// (`lb_xdp6_frontend`), a new flow (`lb_xdp6_flow`) and the rewrite that sends it on
+/// (`lb_xdp6_deliver`), each a program reached by a tail call with a stack of its own, the
+/// packet's state handed on in [`PACKET6`]. One inlined program would need more than the 512
+/// bytes of stack the verifier allows (IPv6's addresses are four registers each, spilled around
+/// every helper call); IPv4 does all of it in its one program.
+#[inline(always)]
+fn try_frontend6(ctx: &XdpContext) -> Result<u32, Event> {
+    let packet = packet6()?;
+    let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    let (ip, tuple) = (&packet.ip, &packet.tuple);
+    let Some(service) = admit(ctx, eth, ip, tuple)? else {
+        return Ok(xdp_action::XDP_PASS);
     };
-    deliver(ctx, &ip, &tuple, &destination)
+    let arrival = arrival(ctx, eth);
+    let now = now_ns();
+    match live_destination(ctx, ip, tuple, &arrival, now) {
+        Ok(Ok(destination)) => deliver(ctx, ip, tuple, &destination),
+        Ok(Err(key_holder)) => {
+            packet.service = *service;
+            packet.arrival = arrival;
+            packet.now = now;
+            packet.key_holder = key_holder;
+            Ok(to_program(ctx, xdp_programs::IPV6_FLOW))
+        }
+        Err(event) => refused(ctx, ip, tuple, service.service_id, event),
+    }
+}
+
+/// A new IPv6 flow (see [`try_frontend6`]).
+#[inline(always)]
+fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
+    let packet = packet6()?;
+    let request = NewFlow {
+        tuple: &packet.tuple,
+        service: &packet.service,
+        arrival: &packet.arrival,
+        may_forward: packet.ip.may_forward(),
+        now: packet.now,
+        key_holder: packet.key_holder,
+    };
+    packet.reject = false;
+    match new_flow(&request) {
+        Ok(destination) => packet.destination = destination,
+        // The answer, like the report, is the next program's: this one has no stack left.
+        Err(Event::DROP_NO_BACKEND) => packet.reject = true,
+        Err(event) => {
+            return refused(
+                ctx,
+                &packet.ip,
+                &packet.tuple,
+                packet.service.service_id,
+                event,
+            );
+        }
+    }
+    Ok(to_program(ctx, xdp_programs::IPV6_DELIVER))
+}
+
+/// A new IPv6 flow's first packet sent on and reported, or the REJECT answer for a service
+/// without endpoints (see [`try_frontend6`]).
+#[inline(always)]
+fn try_deliver6(ctx: &XdpContext) -> Result<u32, Event> {
+    let packet = packet6()?;
+    let (ip, tuple) = (&packet.ip, &packet.tuple);
+    if packet.reject {
+        return refused(
+            ctx,
+            ip,
+            tuple,
+            packet.service.service_id,
+            Event::DROP_NO_BACKEND,
+        );
+    }
+    monitor::new_flow(tuple, &packet.destination, packet.arrival.ifindex);
+    deliver(ctx, ip, tuple, &packet.destination)
+}
+
+/// This CPU's [`PACKET6`] entry, which `lb_xdp6` filled for the programs it hands on to.
+#[inline(always)]
+fn packet6() -> Result<&'static mut Packet6, Event> {
+    let packet = PACKET6.get_ptr_mut(0).ok_or(Event::DROP_MALFORMED)?;
+    // SAFETY: this CPU's own entry; a program run and the tail calls it makes run on one CPU
+    // to their end, so nothing else uses it meanwhile.
+    Ok(unsafe { &mut *packet })
 }
 
 /// The first fragment of an SCTP packet of a service flow: refused before it creates or moves
 /// any state, as its ports cannot be rewritten (see [`rewrite`]).
 #[inline(always)]
-fn refuse_sctp_fragment(tuple: &Tuple, ip: &Ipv4Info) -> Result<(), Event> {
+fn refuse_sctp_fragment<I: Ip>(tuple: &Tuple<I::F>, ip: &I) -> Result<(), Event> {
     if tuple.proto == proto::SCTP && ip.first_fragment() {
         return Err(Event::DROP_SCTP_FRAGMENT);
     }
@@ -201,11 +440,11 @@ fn to_program(ctx: &XdpContext, slot: u32) -> u32 {
 /// loadBalancerSourceRanges is dropped once its client is outside them. None: not a live
 /// flow's (or it must start over), for the frontend path.
 #[inline(always)]
-fn established(
+fn established<I: Ip>(
     ctx: &XdpContext,
     eth: &[u8; ETH_HDR_LEN],
-    ip: &Ipv4Info,
-    tuple: &Tuple,
+    ip: &I,
+    tuple: &Tuple<I::F>,
 ) -> Result<Option<u32>, Event> {
     let now = now_ns();
     let Some(flow) = live_flow(tuple, now) else {
@@ -217,7 +456,7 @@ fn established(
         return Ok(Some(xdp_action::XDP_PASS));
     }
     if let Some(service_id) = admitted_by_source_ranges(flow)
-        && !source_allowed::<V4>(service_id, tuple.saddr)
+        && !source_allowed::<I::F>(service_id, tuple.saddr)
     {
         return Err(Event::DROP_SOURCE_RANGE);
     }
@@ -249,25 +488,23 @@ fn ingress_ifindex(ctx: &XdpContext) -> u32 {
 /// Rewrites a service packet to its destination, counts it for the service, records a first
 /// fragment's translation for the later ones, and sends it on.
 #[inline(always)]
-fn deliver(
+fn deliver<I: Ip>(
     ctx: &XdpContext,
-    ip: &Ipv4Info,
-    tuple: &Tuple,
-    destination: &Destination,
+    ip: &I,
+    tuple: &Tuple<I::F>,
+    destination: &Destination<I::F>,
 ) -> Result<u32, Event> {
     let (saddr, sport) = destination.source;
     rewrite(
         ctx,
         tuple,
         ip,
-        saddr,
-        sport,
-        destination.addr,
-        destination.port,
+        (saddr, sport),
+        (destination.addr, destination.port),
     )?;
     count_service(destination.service_id, 1, frame_len(ctx) as u64, 0);
     if ip.first_fragment() {
-        let later = Frag4Value {
+        ip.remember_fragments(FragValue {
             saddr,
             daddr: destination.addr,
             action: if destination.forward {
@@ -277,11 +514,10 @@ fn deliver(
             },
             service_id: destination.service_id,
             ..Default::default()
-        };
-        remember_fragment(&fragment_key(ip), &later);
+        });
     }
     if destination.forward {
-        return Ok(forward(ctx, tuple.proto, saddr, destination.addr));
+        return Ok(forward::<I>(ctx, tuple.proto, saddr, destination.addr));
     }
     Ok(xdp_action::XDP_PASS)
 }
@@ -307,9 +543,14 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         let frontend = (flow.nat_addr, flow.nat_port);
         let (node_mac, client_mac) = (flow.node_mac, flow.client_mac);
         icmp::rewrite_quoted(error, &quote, client, frontend);
-        rewrite_addresses(ctx, (ip.saddr, ip.daddr), (frontend.0, client.0))?;
+        Ipv4Info::readdress(ctx, (ip.saddr, ip.daddr), (frontend.0, client.0))?;
         count_event(Event::ICMP_ERROR_TRANSLATED);
-        return Ok(to_client(ctx, flow.client_nic, node_mac, client_mac));
+        return Ok(to_client::<Ipv4Info>(
+            ctx,
+            flow.client_nic,
+            node_mac,
+            client_mac,
+        ));
     }
     // Otherwise it may be about a packet that left from a frontend to a client: its flow's
     // client side is keyed the other way round.
@@ -336,9 +577,9 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         // backend, about its packet to that port, from this node's SNAT address.
         let snat = (entry.snat_addr, entry.snat_port);
         icmp::rewrite_quoted(error, &quote, backend, snat);
-        rewrite_addresses(ctx, (ip.saddr, ip.daddr), (snat.0, backend.0))?;
+        Ipv4Info::readdress(ctx, (ip.saddr, ip.daddr), (snat.0, backend.0))?;
         count_event(Event::ICMP_ERROR_TRANSLATED);
-        return Ok(forward(ctx, IPPROTO_ICMP, snat.0, backend.0));
+        return Ok(forward::<Ipv4Info>(ctx, IPPROTO_ICMP, snat.0, backend.0));
     }
     // The packet came from a local endpoint (tc gave it the frontend's address).
     let to_port = if entry.flags & ct_flags::PORT_REMAP != 0 {
@@ -347,7 +588,7 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         client_port
     };
     icmp::rewrite_quoted(error, &quote, backend, (client, to_port));
-    rewrite_addresses(ctx, (ip.saddr, ip.daddr), (ip.saddr, backend.0))?;
+    Ipv4Info::readdress(ctx, (ip.saddr, ip.daddr), (ip.saddr, backend.0))?;
     count_event(Event::ICMP_ERROR_TRANSLATED);
     Ok(xdp_action::XDP_PASS)
 }
@@ -392,42 +633,34 @@ fn later_fragment(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         count_event(Event::PASS_FRAGMENT);
         return Ok(xdp_action::XDP_PASS);
     };
-    rewrite_addresses(ctx, (ip.saddr, ip.daddr), (first.saddr, first.daddr))?;
+    Ipv4Info::readdress(ctx, (ip.saddr, ip.daddr), (first.saddr, first.daddr))?;
     count_service(first.service_id, 1, frame_len(ctx) as u64, 0);
     Ok(match first.action {
-        frag_action::TRANSMIT => to_client(ctx, first.client_nic, first.smac, first.dmac),
-        frag_action::FORWARD => forward(ctx, ip.proto, first.saddr, first.daddr),
+        frag_action::TRANSMIT => {
+            to_client::<Ipv4Info>(ctx, first.client_nic, first.smac, first.dmac)
+        }
+        frag_action::FORWARD => forward::<Ipv4Info>(ctx, ip.proto, first.saddr, first.daddr),
         _ => xdp_action::XDP_PASS,
     })
-}
-
-#[inline(always)]
-fn fragment_key(ip: &Ipv4Info) -> Frag4Key {
-    Frag4Key {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        id: ip.id,
-        proto: ip.proto,
-        _pad: 0,
-    }
 }
 
 /// A reply from a remote backend to one of this node's SNAT ports: back to the client, from the
 /// frontend it used, forwarded from here. None for any other packet.
 #[inline(always)]
-fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u32>, Event> {
-    let l4_offset = ip.l4_offset;
+fn snat_reply<I: Ip>(ctx: &XdpContext, tuple: &Tuple<I::F>, ip: &I) -> Result<Option<u32>, Event> {
     let Some(config) = config() else {
         return Ok(None);
     };
-    if config.snat_addr == 0
-        || tuple.daddr != config.snat_addr
+    let Some(snat_addr) = I::F::snat_addr() else {
+        return Ok(None);
+    };
+    if !I::F::same(&tuple.daddr, &snat_addr)
         || tuple.dport < config.snat_port_min
         || tuple.dport > config.snat_port_max
     {
         return Ok(None);
     }
-    let Some(entry) = CONNTRACK4.get_ptr_mut(&reply_key(tuple)) else {
+    let Some(entry) = I::F::conntrack().get_ptr_mut(&reply_key(tuple)) else {
         return Ok(None);
     };
     // SAFETY: valid for this run (RCU); see flow::destination for races.
@@ -443,7 +676,7 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
     }
     // A FIN or RST the stack would drop for its header checksum must not end the flow; other
     // packets with a bad one are translated as they are and dropped by the client's stack.
-    if closes(tuple) && !ipv4_checksum_ok(ctx, l4_offset) {
+    if closes(tuple) && !ip.header_ok(ctx) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
     if blind_rst(tuple, entry.seq_next, || {
@@ -462,14 +695,12 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
         ctx,
         tuple,
         ip,
-        frontend_addr,
-        frontend_port,
-        client_addr,
-        client_port,
+        (frontend_addr, frontend_port),
+        (client_addr, client_port),
     )?;
     count_service(service_id, 1, frame_len(ctx) as u64, 0);
     if ip.first_fragment() {
-        let later = Frag4Value {
+        ip.remember_fragments(FragValue {
             saddr: frontend_addr,
             daddr: client_addr,
             smac: node_mac,
@@ -478,11 +709,10 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
             _pad: 0,
             client_nic,
             service_id,
-        };
-        remember_fragment(&fragment_key(ip), &later);
+        });
     }
     // Back the way the flow came in: no route or neighbour lookup needed.
-    Ok(Some(to_client(ctx, client_nic, node_mac, client_mac)))
+    Ok(Some(to_client::<I>(ctx, client_nic, node_mac, client_mac)))
 }
 
 /// Sends a translated answer to the client of a SNAT flow back out of the NIC the client's
@@ -491,13 +721,13 @@ fn snat_reply(ctx: &XdpContext, tuple: &Tuple, ip: &Ipv4Info) -> Result<Option<u
 /// entry that recorded no NIC (written before it was recorded), or a NIC the datapath does not
 /// know by its slot (two NICs share it), sends back out of this one.
 #[inline(always)]
-fn to_client(ctx: &XdpContext, client_nic: u16, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+fn to_client<I: Ip>(ctx: &XdpContext, client_nic: u16, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
     let ingress = ingress_ifindex(ctx);
     match client_nic::slot(client_nic).and_then(|slot| NIC_MACS.get(slot)) {
         Some(nic) if nic.ifindex != 0 && nic.ifindex != ingress => {
-            redirect(ctx, nic.ifindex, smac, dmac)
+            redirect::<I>(ctx, nic.ifindex, smac, dmac)
         }
-        _ => transmit(ctx, smac, dmac),
+        _ => transmit::<I>(ctx, smac, dmac),
     }
 }
 
@@ -526,18 +756,14 @@ fn for_another_host(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN]) -> bool {
 /// (net/ipv4/fib_frontend.c, __fib_validate_source): the agent sets that on the NICs it
 /// attaches to.
 #[inline(always)]
-fn forward(ctx: &XdpContext, protocol: u8, saddr: u32, daddr: u32) -> u32 {
-    let Some(ip) = bytes_at::<4>(ctx, ETH_HDR_LEN) else {
-        return xdp_action::XDP_PASS;
-    };
-    let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
-    match fib_forward(ctx, protocol, saddr, daddr, tot_len) {
-        Forward::SameInterface { smac, dmac } => transmit(ctx, smac, dmac),
+fn forward<I: Ip>(ctx: &XdpContext, protocol: u8, saddr: Addr<I>, daddr: Addr<I>) -> u32 {
+    match I::route(ctx, protocol, saddr, daddr) {
+        Forward::SameInterface { smac, dmac } => transmit::<I>(ctx, smac, dmac),
         Forward::OtherInterface {
             ifindex,
             smac,
             dmac,
-        } => redirect(ctx, ifindex, smac, dmac),
+        } => redirect::<I>(ctx, ifindex, smac, dmac),
         Forward::Stack => xdp_action::XDP_PASS,
     }
 }
@@ -546,8 +772,8 @@ fn forward(ctx: &XdpContext, protocol: u8, saddr: u32, daddr: u32) -> u32 {
 /// map, which the kernel sends in bulk) with these MACs and the TTL decremented; to the stack,
 /// untouched, when XDP does not serve that NIC or the TTL runs out.
 #[inline(always)]
-fn redirect(ctx: &XdpContext, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
-    if TX_PORTS.get_ifindex(ifindex).is_none() || !decrement_ttl(ctx) {
+fn redirect<I: Ip>(ctx: &XdpContext, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    if TX_PORTS.get_ifindex(ifindex).is_none() || !I::decrement_hop_limit(ctx) {
         return xdp_action::XDP_PASS;
     }
     let Some(eth) = bytes_at_mut::<ETH_HDR_LEN>(ctx, 0) else {
@@ -565,8 +791,8 @@ fn redirect(ctx: &XdpContext, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> u32
 /// Sends the packet back out of its interface (XDP_TX) with these MACs and the TTL decremented;
 /// to the stack instead when the TTL runs out (it answers with ICMP time exceeded).
 #[inline(always)]
-fn transmit(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
-    if !decrement_ttl(ctx) {
+fn transmit<I: Ip>(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    if !I::decrement_hop_limit(ctx) {
         return xdp_action::XDP_PASS;
     }
     let Some(eth) = bytes_at_mut::<ETH_HDR_LEN>(ctx, 0) else {
@@ -577,34 +803,17 @@ fn transmit(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// TTL - 1 with the checksum fixed; false (untouched) when it would reach 0.
-#[inline(always)]
-fn decrement_ttl(ctx: &XdpContext) -> bool {
-    let Some(ip) = bytes_at_mut::<20>(ctx, ETH_HDR_LEN) else {
-        return false;
-    };
-    if ip[8] <= 1 {
-        return false;
-    }
-    let old = u16::from_be_bytes([ip[8], ip[9]]);
-    ip[8] -= 1;
-    let new = u16::from_be_bytes([ip[8], ip[9]]);
-    let check = u16::from_be_bytes([ip[IPV4_CSUM_OFFSET], ip[IPV4_CSUM_OFFSET + 1]]);
-    let check = checksum::replace_u16(check, old, new);
-    ip[IPV4_CSUM_OFFSET..IPV4_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
-    true
-}
-
 /// Ports (and TCP flags) of a TCP, UDP or SCTP packet whose transport header must be there in
 /// full, with lengths the stack would accept (tcp_v4_rcv: a data offset of 5 words at least,
 /// inside the packet; __udp4_lib_rcv: a UDP length from 8 bytes to the end of the packet;
 /// sctp_rcv: the common header and a chunk header). An SCTP packet's flags are those its first
 /// chunk stands for ([`sctp::flags_of_chunk`]).
 #[inline(always)]
-fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info, protocol: u8) -> Result<Tuple, Event> {
-    let l4_len = ip.end.saturating_sub(ip.l4_offset);
+fn transport_tuple<I: Ip>(ctx: &XdpContext, ip: &I, protocol: u8) -> Result<Tuple<I::F>, Event> {
+    let l4_offset = ip.l4_offset();
+    let l4_len = ip.end().saturating_sub(l4_offset);
     let (ports, tcp_flags, seq, seq_end) = if protocol == proto::TCP {
-        let tcp = bytes_at::<TCP_MIN_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
+        let tcp = bytes_at::<TCP_MIN_HDR_LEN>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
         let header_len = usize::from(tcp[TCP_DATA_OFFSET_OFFSET] >> 4) * 4;
         if header_len < TCP_MIN_HDR_LEN || header_len > l4_len {
             return Err(Event::DROP_MALFORMED);
@@ -623,25 +832,29 @@ fn transport_tuple(ctx: &XdpContext, ip: &Ipv4Info, protocol: u8) -> Result<Tupl
         if l4_len < sctp::HDR_AND_CHUNK_LEN {
             return Err(Event::DROP_MALFORMED);
         }
-        let sctp = bytes_at::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, ip.l4_offset)
-            .ok_or(Event::DROP_MALFORMED)?;
+        let sctp =
+            bytes_at::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
         let chunk = sctp::COMMON_HDR_LEN;
         let flags = sctp::flags_of_chunk(sctp[chunk]);
         let tag = u32::from_be_bytes([sctp[4], sctp[5], sctp[6], sctp[7]]);
         let summary = sctp::chunk_summary(sctp[chunk], sctp[chunk + 1]);
         ([sctp[0], sctp[1], sctp[2], sctp[3]], flags, tag, summary)
     } else {
-        let udp = bytes_at::<UDP_HDR_LEN>(ctx, ip.l4_offset).ok_or(Event::DROP_MALFORMED)?;
+        let udp = bytes_at::<UDP_HDR_LEN>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
         // A first fragment holds the start of a datagram its length covers in full.
         let length = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
         if length < UDP_HDR_LEN || (length > l4_len && !ip.first_fragment()) {
             return Err(Event::DROP_MALFORMED);
         }
+        // No checksum is no UDP datagram over IPv6 (RFC 8200 section 8.1): the stack drops it.
+        if I::UDP_CHECKSUM_REQUIRED && udp[UDP_CSUM_OFFSET] | udp[UDP_CSUM_OFFSET + 1] == 0 {
+            return Err(Event::DROP_MALFORMED);
+        }
         ([udp[0], udp[1], udp[2], udp[3]], 0, 0, 0)
     };
     Ok(Tuple {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
+        saddr: ip.source(),
+        daddr: ip.destination(),
         sport: u16::from_be_bytes([ports[0], ports[1]]),
         dport: u16::from_be_bytes([ports[2], ports[3]]),
         proto: protocol,
@@ -677,47 +890,30 @@ fn rewrite_sctp_ports(
     Ok(())
 }
 
-/// Rewrites the IPv4 source and destination addresses (old and new as (source, destination)),
-/// with an incremental header checksum.
-#[inline(always)]
-fn rewrite_addresses(ctx: &XdpContext, old: (u32, u32), new: (u32, u32)) -> Result<(), Event> {
-    let ip = bytes_at_mut::<20>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
-    ip[IPV4_SADDR_OFFSET..IPV4_SADDR_OFFSET + 4].copy_from_slice(&new.0.to_be_bytes());
-    ip[IPV4_DADDR_OFFSET..IPV4_DADDR_OFFSET + 4].copy_from_slice(&new.1.to_be_bytes());
-    let check = u16::from_be_bytes([ip[IPV4_CSUM_OFFSET], ip[IPV4_CSUM_OFFSET + 1]]);
-    let check = checksum::replace_u32(check, old.0, new.0);
-    let check = checksum::replace_u32(check, old.1, new.1);
-    ip[IPV4_CSUM_OFFSET..IPV4_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
-    Ok(())
-}
-
 /// Rewrites source and destination address and port (unchanged ones cost nothing), with
 /// incremental IPv4 and TCP/UDP/SCTP checksums. A UDP checksum of 0 (none) stays 0; a computed 0
 /// is sent as 0xffff (RFC 768).
 #[inline(always)]
-fn rewrite(
+fn rewrite<I: Ip>(
     ctx: &XdpContext,
-    tuple: &Tuple,
-    ip: &Ipv4Info,
-    saddr: u32,
-    sport: u16,
-    daddr: u32,
-    dport: u16,
+    tuple: &Tuple<I::F>,
+    ip: &I,
+    (saddr, sport): (Addr<I>, u16),
+    (daddr, dport): (Addr<I>, u16),
 ) -> Result<(), Event> {
-    let l4_offset = ip.l4_offset;
+    let l4_offset = ip.l4_offset();
     if tuple.proto == proto::SCTP {
         // Its checksum is over the whole SCTP packet, which a first fragment does not hold.
         if ip.first_fragment() {
             return Err(Event::DROP_SCTP_FRAGMENT);
         }
-        rewrite_sctp_ports(ctx, l4_offset, ip.end - l4_offset, sport, dport)?;
-        return rewrite_addresses(ctx, (tuple.saddr, tuple.daddr), (saddr, daddr));
+        rewrite_sctp_ports(ctx, l4_offset, ip.end() - l4_offset, sport, dport)?;
+        return I::readdress(ctx, (tuple.saddr, tuple.daddr), (saddr, daddr));
     }
-    rewrite_addresses(ctx, (tuple.saddr, tuple.daddr), (saddr, daddr))?;
+    I::readdress(ctx, (tuple.saddr, tuple.daddr), (saddr, daddr))?;
 
     let update = |check: u16| {
-        let check = checksum::replace_u32(check, tuple.saddr, saddr);
-        let check = checksum::replace_u32(check, tuple.daddr, daddr);
+        let check = I::pseudo_header_update(check, (tuple.saddr, tuple.daddr), (saddr, daddr));
         let check = checksum::replace_u16(check, tuple.sport, sport);
         checksum::replace_u16(check, tuple.dport, dport)
     };

@@ -360,7 +360,7 @@ async fn sync_until_stopped(
         };
         if let Err(error) = sync_datapath_config(
             datapath,
-            compiler.snat_address(),
+            (compiler.snat_address(), compiler.snat_address6()),
             &config.snat_ports,
             config.conntrack_timeouts,
         ) {
@@ -786,11 +786,11 @@ fn place_unplaced_endpoints(locator: &RouteLocator, compiler: &mut Compiler) -> 
     }
 }
 
-/// Keeps the datapath's SNAT address (for flows to backends on other nodes) equal to this node's
-/// address, and its SNAT ports and conntrack timeouts as configured.
+/// Keeps the datapath's SNAT addresses (for flows to backends on other nodes, one per family)
+/// equal to this node's addresses, and its SNAT ports and conntrack timeouts as configured.
 fn sync_datapath_config(
     datapath: &mut Datapath,
-    address: Option<Ipv4Addr>,
+    (address, address6): (Option<Ipv4Addr>, Option<std::net::Ipv6Addr>),
     snat_ports: &RangeInclusive<u16>,
     timeouts: lb_common::CtTimeouts,
 ) -> anyhow::Result<()> {
@@ -803,6 +803,13 @@ fn sync_datapath_config(
     if datapath.config()? != wanted {
         datapath.set_config(&wanted)?;
         info!(snat_address = ?address, ?timeouts, "datapath settings written");
+    }
+    let wanted6 = lb_common::Datapath6Config {
+        snat_addr: address6.map_or([0; 4], crate::compile::model::ipv6_words),
+    };
+    if datapath.config6()? != wanted6 {
+        datapath.set_config6(&wanted6)?;
+        info!(snat_address6 = ?address6, "datapath IPv6 settings written");
     }
     Ok(())
 }

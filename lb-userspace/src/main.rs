@@ -1,11 +1,6 @@
 //! `lb`: the load balancer's agent and CLI.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    ops::RangeInclusive,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::IpAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
@@ -66,9 +61,9 @@ enum Command {
     Conntrack {
         #[command(flatten)]
         inspect: InspectArgs,
-        /// Only entries with this address (source, destination or translated).
+        /// Only entries with this address (source, destination or translated), IPv4 or IPv6.
         #[arg(long)]
-        address: Option<Ipv4Addr>,
+        address: Option<IpAddr>,
         /// Only entries with this port anywhere.
         #[arg(long)]
         port: Option<u16>,

@@ -6,7 +6,8 @@
 //! - [`lab`]: network namespaces, veth pairs, bridges, processes and cgroups, all removed by guards;
 //! - [`topology`]: the client / fabric / nodes / pods layout of docs/lab.md;
 //! - [`peer`]: the `lab-peer` TCP/UDP servers and clients and their reports;
-//! - [`packet`] and [`table`]: crafted frames and table-driven `BPF_PROG_TEST_RUN` tests;
+//! - [`packet`], [`packet6`] and [`table`]: crafted frames (IPv4, IPv6) and table-driven
+//!   `BPF_PROG_TEST_RUN` tests;
 //! - [`bare_xdp`]: a two-instruction XDP_PASS program, the per-packet bench's floor;
 //! - [`private_bpffs`]: a bpffs mount no one else sees, for tests of the pin directory's checks;
 //! - [`soak`]: the reliability suite's fault scenarios under load (`lb-soak`, tests/tests/reliability.rs).
@@ -19,6 +20,7 @@ pub mod kube_agent;
 pub mod lab;
 pub mod node;
 pub mod packet;
+pub mod packet6;
 pub mod peer;
 pub mod private_bpffs;
 pub mod soak;

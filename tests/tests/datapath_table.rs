@@ -205,9 +205,9 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
             Expect::Unchanged,
         ),
         case(
-            "non-ip: ipv6",
+            "ipv6 frame whose header is not version 6: dropped as the stack would",
             packet::non_ip(0x86dd, 60),
-            XDP_PASS,
+            XDP_DROP,
             Expect::Unchanged,
         ),
         case(
@@ -305,7 +305,8 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
     );
 
     let events = datapath.events().expect("events");
-    assert_eq!(events["drop_malformed"], 3, "{events:?}");
+    // Three IPv4 packets, and the frame of EtherType IPv6 that is not version 6.
+    assert_eq!(events["drop_malformed"], 4, "{events:?}");
     assert_eq!(events["drop_no_backend"], 2, "{events:?}");
     assert_eq!(events["reject_tcp_rst"], 2, "{events:?}");
     assert_eq!(events["reject_icmp"], 1, "{events:?}");

@@ -148,7 +148,14 @@ fn a_pod_reaches_each_family_of_a_dual_stack_service_at_that_familys_endpoints()
         &["explain", &client, &format!("{web6}/tcp"), "--from", "nic"],
     )
     .expect("lb explain");
-    assert_eq!(on_nic["verdict"], "pass", "{on_nic:#}");
+    // On a NIC, XDP translates the IPv6 ClusterIP as it does the IPv4 one routed to the node.
+    let rewritten = on_nic["rewritten"].to_string();
+    assert!(
+        [at(pod_addr6(1, 0), POD_PORT), at(pod_addr6(2, 0), POD_PORT)]
+            .iter()
+            .any(|backend| rewritten.contains(backend)),
+        "{on_nic:#}"
+    );
     let elsewhere = lab::agent::lb_json(
         setup.pin_dir(),
         &["explain", &client, "[2001:db8:96::99]:80/tcp"],
@@ -432,4 +439,119 @@ fn ipv6_services_outlive_an_agent_restart_and_go_with_cleanup() {
     .run(&pod, Some(&setup.cgroup))
     .expect("client");
     assert_eq!(gone.errors, 1, "the IPv6 hooks still redirect: {gone:?}");
+}
+
+/// A client outside the node reaches an IPv6 NodePort through XDP and tc: DNAT to the local
+/// endpoint (which sees the client's own address), SNAT to the endpoint on the other node
+/// (which sees this node's IPv6 address), over TCP and UDP, and `lb conntrack` shows the flows.
+#[test]
+fn a_client_outside_the_node_reaches_an_ipv6_node_port_at_local_and_remote_endpoints() {
+    let setup = dual_stack_agent();
+    let web = service_of_families("web", &[&WEB6.to_string()], "TCP", 80, "  type: NodePort\n")
+        .replace(
+            &format!("targetPort: {POD_PORT}}}"),
+            &format!("targetPort: {POD_PORT}, nodePort: 30080}}"),
+        );
+    let dns = service_of_families("dns", &[&DNS6.to_string()], "UDP", 53, "  type: NodePort\n")
+        .replace(
+            &format!("targetPort: {POD_PORT}}}"),
+            &format!("targetPort: {POD_PORT}, nodePort: 30053}}"),
+        );
+    setup
+        .apply(
+            "six.yaml",
+            &(web
+                + "---\n"
+                + &web_slice6()
+                + "---\n"
+                + &dns
+                + "---\n"
+                + &endpoint_slice6(
+                    "dns",
+                    &[(pod_addr6(1, 0), "node1"), (pod_addr6(2, 0), "node2")],
+                    "UDP",
+                )),
+        )
+        .expect("apply");
+    let client = &setup.cluster.client;
+    let node_port = at(node_addr6(1), 30080);
+    wait_until_served(client, &node_port);
+
+    let tcp = ClientRun::tcp(&node_port, 40)
+        .run(client, None)
+        .expect("client");
+    tcp.assert_all_ok("TCP from outside to the IPv6 NodePort");
+    assert_eq!(tcp.servers(), ["n1p0", "n2p0"].into(), "{tcp:?}");
+    let client_addr = format!("[{}]", lab::topology::CLIENT_ADDR6);
+    let node_addr = format!("[{}]", node_addr6(1));
+    assert_eq!(
+        tcp.peers_seen
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        [client_addr.clone(), node_addr.clone()].into(),
+        "the local endpoint sees the client, the remote one this node's address: {tcp:?}"
+    );
+
+    let udp = ClientRun::udp(&at(node_addr6(1), 30053), 40)
+        .run(client, None)
+        .expect("client");
+    udp.assert_all_ok("UDP from outside to the IPv6 NodePort");
+    assert_eq!(udp.servers(), ["n1p0", "n2p0"].into(), "{udp:?}");
+
+    let explained = lab::agent::lb_json(
+        setup.pin_dir(),
+        &[
+            "explain",
+            &at(lab::topology::CLIENT_ADDR6, 40000),
+            &format!("{node_port}/tcp"),
+            "--from",
+            "nic",
+        ],
+    )
+    .expect("lb explain");
+    assert_eq!(explained["hook"], "xdp", "{explained:#}");
+    assert_eq!(explained["service"]["backends"], 2, "{explained:#}");
+    let empty = lab::agent::lb_json(
+        setup.pin_dir(),
+        &[
+            "explain",
+            &at(lab::topology::CLIENT_ADDR6, 40000),
+            &format!("{}/tcp", at(node_addr6(1), 30099)),
+            "--from",
+            "nic",
+        ],
+    )
+    .expect("lb explain");
+    assert_eq!(empty["verdict"], "pass", "no frontend: {empty:#}");
+    assert!(empty["rewritten"].is_null(), "{empty:#}");
+
+    let flows = lab::agent::lb_json(setup.pin_dir(), &["conntrack"]).expect("lb conntrack");
+    let listed = flows.to_string();
+    assert!(
+        listed.contains(&lab::topology::CLIENT_ADDR6.to_string()),
+        "lb conntrack lists the IPv6 client's flows: {flows:#}"
+    );
+}
+
+/// Waits until a TCP connection to `target` from `client` succeeds (the agent has programmed
+/// the Service).
+fn wait_until_served(client: &lab::lab::Host, target: &str) {
+    let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
+    loop {
+        let probe = ClientRun {
+            timeout_ms: 500,
+            ..ClientRun::tcp(target, 1)
+        }
+        .run(client, None)
+        .expect("client");
+        if probe.errors == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{target} not served within {SYNC_TIMEOUT:?}: {probe:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -147,6 +147,7 @@ pub struct Compiler {
     /// A full compile is needed (first run, node changed, a key with two Services).
     full: bool,
     snat_address: Option<Ipv4Addr>,
+    snat_address6: Option<Ipv6Addr>,
     /// The objects of the previous update, indexed, to find what changed by pointer.
     previous: Option<Previous>,
     /// Problems of EndpointSlices whose Service does not exist, by (namespace, service).
@@ -408,6 +409,7 @@ impl Compiler {
             parked: HashMap::new(),
             full: true,
             snat_address: None,
+            snat_address6: None,
             previous: None,
             orphans: BTreeMap::new(),
             health_check_ports: BTreeMap::new(),
@@ -502,8 +504,21 @@ impl Compiler {
         self.snat_address
     }
 
+    /// The same for IPv6 flows: the Node's first IPv6 InternalIP, else the first configured
+    /// IPv6 fallback address.
+    pub fn snat_address6(&self) -> Option<Ipv6Addr> {
+        self.snat_address6
+    }
+
     pub fn update(&mut self, snapshot: &Snapshot) -> Update {
-        self.snat_address = snat_address(snapshot, &self.node);
+        self.snat_address = snat_address(snapshot, &self.node, |addr| match addr {
+            IpAddr::V4(addr) => Some(addr),
+            IpAddr::V6(_) => None,
+        });
+        self.snat_address6 = snat_address(snapshot, &self.node, |addr| match addr {
+            IpAddr::V6(addr) => Some(addr),
+            IpAddr::V4(_) => None,
+        });
         let node_addresses = node_addresses(snapshot, &self.node);
         if node_addresses != self.node_addresses {
             self.node_addresses = node_addresses;
@@ -1076,20 +1091,21 @@ fn node_zone(snapshot: &Snapshot) -> Option<String> {
 /// The well-known label of a Node's zone.
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-fn snat_address(snapshot: &Snapshot, node: &NodeContext) -> Option<Ipv4Addr> {
+/// The node's first InternalIP of a family (`of_family` picks it), else its first fallback
+/// address of that family.
+fn snat_address<A>(
+    snapshot: &Snapshot,
+    node: &NodeContext,
+    of_family: impl Fn(IpAddr) -> Option<A>,
+) -> Option<A> {
     snapshot
         .node
         .iter()
         .filter_map(|node| node.status.as_ref()?.addresses.as_ref())
         .flatten()
         .filter(|address| address.type_ == "InternalIP")
-        .find_map(|address| address.address.parse().ok())
-        .or_else(|| {
-            node.fallback_addresses.iter().find_map(|addr| match addr {
-                IpAddr::V4(addr) => Some(*addr),
-                IpAddr::V6(_) => None,
-            })
-        })
+        .find_map(|address| address.address.parse().ok().and_then(&of_family))
+        .or_else(|| node.fallback_addresses.iter().copied().find_map(&of_family))
 }
 
 /// The node's addresses (both families) that serve NodePorts.

@@ -209,18 +209,6 @@ pub(super) fn compile_service(
         of_families(service, ingress_ips, &families, "LoadBalancer IP", problems),
     );
     let node_ports_wanted = service_type == "NodePort" || service_type == "LoadBalancer";
-    if families.contains(&Family::V6)
-        && (node_ports_wanted || external_ips.iter().chain(&ingress_ips).any(IpAddr::is_ipv6))
-    {
-        problems.push(unsupported(
-            "Service",
-            &service.metadata,
-            "IPv6FromOutsideNotServed",
-            "its IPv6 NodePorts, externalIPs and LoadBalancer IPs are served to this node's pods \
-             and processes; packets from outside the node to them are not translated yet"
-                .into(),
-        ));
-    }
     let external_ips = allowed_external_ips(service, external_ips, node, problems);
     let affinity_timeout_s = affinity_timeout(service);
     let maglev = match service

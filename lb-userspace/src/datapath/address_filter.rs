@@ -23,44 +23,73 @@ use crate::compile::model::{Backend, FrontendKey};
 /// A key of a filter: address and port as numbers (host order of the wire bytes), protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct FilterKey {
-    addr: u32,
+    addr: FilterAddr,
     port: u16,
     proto: u8,
+}
+
+/// A filter key's address: IPv4 as a number, IPv6 as conntrack keeps it (the packet's bytes,
+/// [`lb_common::Ipv6Words`]). Each family hashes its own ([`lb_common::frontend_filter::bit`],
+/// [`lb_common::frontend_filter::bit6`]) into the one filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FilterAddr {
+    V4(u32),
+    V6(lb_common::Ipv6Words),
 }
 
 impl FilterKey {
     /// Address and port as numbers (host order of the wire bytes, as conntrack keys hold them).
     pub(super) fn new(addr: u32, port: u16, proto: u8) -> Self {
-        Self { addr, port, proto }
+        Self {
+            addr: FilterAddr::V4(addr),
+            port,
+            proto,
+        }
     }
 
     fn bit(self) -> u32 {
-        lb_common::frontend_filter::bit(self.addr, self.port, self.proto)
+        match self.addr {
+            FilterAddr::V4(addr) => lb_common::frontend_filter::bit(addr, self.port, self.proto),
+            FilterAddr::V6(addr) => lb_common::frontend_filter::bit6(addr, self.port, self.proto),
+        }
     }
 
-    /// The key of an IPv4 frontend; None for IPv6, which the IPv4 programs' filters do not
-    /// hold.
+    /// The key of a frontend of either family: XDP serves both.
     pub(super) fn of_frontend(key: &FrontendKey) -> Option<Self> {
-        match key {
-            FrontendKey::V4(key) => Some(Self {
-                addr: u32::from_be(key.addr),
+        Some(match key {
+            FrontendKey::V4(key) => Self {
+                addr: FilterAddr::V4(u32::from_be(key.addr)),
                 port: u16::from_be(key.port),
                 proto: key.proto,
-            }),
-            FrontendKey::V6(_) => None,
+            },
+            FrontendKey::V6(key) => Self {
+                addr: FilterAddr::V6(key.addr),
+                port: u16::from_be(key.port),
+                proto: key.proto,
+            },
+        })
+    }
+
+    /// An IPv6 key: address as conntrack keys hold it, port as a number.
+    pub(super) fn new6(addr: lb_common::Ipv6Words, port: u16, proto: u8) -> Self {
+        Self {
+            addr: FilterAddr::V6(addr),
+            port,
+            proto,
         }
     }
 
-    /// The key of an IPv4 backend; None for IPv6.
+    /// The key of a backend of either family: tc egress serves the answers of both.
     pub(super) fn of_backend(backend: &Backend) -> Option<Self> {
-        match backend.addr {
-            IpAddr::V4(addr) => Some(Self {
-                addr: u32::from(addr),
-                port: backend.port,
-                proto: backend.proto,
-            }),
-            IpAddr::V6(_) => None,
-        }
+        let addr = match backend.addr {
+            IpAddr::V4(addr) => FilterAddr::V4(u32::from(addr)),
+            IpAddr::V6(addr) => FilterAddr::V6(crate::compile::model::ipv6_words(addr)),
+        };
+        Some(Self {
+            addr,
+            port: backend.port,
+            proto: backend.proto,
+        })
     }
 }
 

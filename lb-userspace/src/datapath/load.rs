@@ -23,7 +23,7 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, ct_flags,
+    Backend4, CtKey, CtValue, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, ct_flags,
     limits, map_names, program_names, xdp_programs,
 };
 
@@ -165,7 +165,11 @@ impl Datapath {
         }
         // The backends, and the backends of live flows that left the maps (the sources of
         // REPLY entries, the backends of FLOW entries), whose answers tc must still translate.
-        let reply_sources = reply_sources(&conntrack);
+        let conntrack6 = super::batch::read_map(&maps.conntrack6)
+            .map_err(|source| map_error(map_names::CONNTRACK6, "iterate", source))?;
+        let reply_sources = reply_sources(&conntrack, FilterKey::new)
+            .into_iter()
+            .chain(reply_sources(&conntrack6, FilterKey::new6));
         let backend_filter = AddressFilter::rebuild(
             map_names::BACKEND_FILTER,
             take_private_map(&mut ebpf, map_names::BACKEND_FILTER)?,
@@ -569,15 +573,19 @@ fn start_clock(ebpf: &mut Ebpf) -> Result<Option<JiffiesClock>> {
     Ok(Some(clock))
 }
 
-/// The backends answers come from, by conntrack: the sources of the REPLY entries and the
-/// backends of the FLOW entries of local endpoints.
-fn reply_sources(entries: &[(Ct4Key, Ct4Value)]) -> Vec<FilterKey> {
+/// The backends answers come from, by the conntrack entries of one family (`key` makes that
+/// family's filter key): the sources of the REPLY entries and the backends of the FLOW entries
+/// of local endpoints.
+fn reply_sources<A: lb_common::CtAddr>(
+    entries: &[(CtKey<A>, CtValue<A>)],
+    key: impl Fn(A, u16, u8) -> FilterKey,
+) -> Vec<FilterKey> {
     entries
         .iter()
-        .filter_map(|(key, entry)| match key.direction {
-            ct_direction::REPLY => Some(FilterKey::new(key.saddr, key.sport, key.proto)),
+        .filter_map(|(ct_key, entry)| match ct_key.direction {
+            ct_direction::REPLY => Some(key(ct_key.saddr, ct_key.sport, ct_key.proto)),
             ct_direction::FLOW if entry.flags & ct_flags::SNAT == 0 => {
-                Some(FilterKey::new(entry.nat_addr, entry.nat_port, key.proto))
+                Some(key(entry.nat_addr, entry.nat_port, ct_key.proto))
             }
             _ => None,
         })
@@ -585,11 +593,14 @@ fn reply_sources(entries: &[(Ct4Key, Ct4Value)]) -> Vec<FilterKey> {
 }
 
 /// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`].
-pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 4] = [
+pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 7] = [
     (xdp_programs::UDP, program_names::XDP_UDP),
     (xdp_programs::SCTP, program_names::XDP_SCTP),
     (xdp_programs::IPV6, program_names::XDP6),
     (xdp_programs::IPV6_UDP, program_names::XDP6_UDP),
+    (xdp_programs::IPV6_FRONTEND, program_names::XDP6_FRONTEND),
+    (xdp_programs::IPV6_FLOW, program_names::XDP6_FLOW),
+    (xdp_programs::IPV6_DELIVER, program_names::XDP6_DELIVER),
 ];
 
 /// Puts the loaded protocol programs in the object's program array, the one its `lb_xdp`

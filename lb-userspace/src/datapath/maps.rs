@@ -7,9 +7,10 @@ use std::path::Path;
 
 use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, DatapathConfig,
-    Frontend4Key, Frontend6Key, ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value,
-    SockNat6Key, SockNat6Value, SourceRange4, SourceRange6, map_names,
+    Affinity4Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
+    Datapath6Config, DatapathConfig, Frontend4Key, Frontend6Key, ServiceCounter, ServiceValue,
+    Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SourceRange4, SourceRange6,
+    map_names,
 };
 
 use super::{
@@ -24,10 +25,12 @@ pub struct Maps {
     pub slots: Array<MapData, Slot>,
     pub backends: Array<MapData, Backend4>,
     pub conntrack: HashMap<MapData, Ct4Key, Ct4Value>,
+    pub conntrack6: HashMap<MapData, Ct6Key, Ct6Value>,
     pub sock_nat: HashMap<MapData, SockNat4Key, SockNat4Value>,
     pub service_counters: PerCpuArray<MapData, ServiceCounter>,
     pub events: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, DatapathConfig>,
+    pub config6: Array<MapData, Datapath6Config>,
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     pub affinity: HashMap<MapData, Affinity4Key, AffinityValue>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
@@ -46,10 +49,12 @@ impl Maps {
             slots: open_map(pin_dir, map_names::SLOTS4, access)?,
             backends: open_map(pin_dir, map_names::BACKENDS4, access)?,
             conntrack: open_map(pin_dir, map_names::CONNTRACK4, access)?,
+            conntrack6: open_map(pin_dir, map_names::CONNTRACK6, access)?,
             sock_nat: open_map(pin_dir, map_names::SOCK_NAT4, access)?,
             service_counters: open_map(pin_dir, map_names::SERVICE_COUNTERS, access)?,
             events: open_map(pin_dir, map_names::EVENTS, access)?,
             config: open_map(pin_dir, map_names::CONFIG, access)?,
+            config6: open_map(pin_dir, map_names::CONFIG6, access)?,
             source_ranges: open_map(pin_dir, map_names::SOURCE_RANGES4, access)?,
             affinity: open_map(pin_dir, map_names::AFFINITY4, access)?,
             service_names: open_map(pin_dir, map_names::SERVICE_NAMES, access)?,

@@ -19,12 +19,15 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 16] = [
+pub const PROGRAMS: [&str; 19] = [
     program_names::XDP_LB,
     program_names::XDP_UDP,
     program_names::XDP_SCTP,
     program_names::XDP6,
     program_names::XDP6_UDP,
+    program_names::XDP6_FRONTEND,
+    program_names::XDP6_FLOW,
+    program_names::XDP6_DELIVER,
     program_names::TC_EGRESS,
     program_names::CONNECT4,
     program_names::SENDMSG4,

@@ -44,6 +44,14 @@ impl Datapath {
             .map_err(|source| map_error(map_names::CONFIG, "read", source))
     }
 
+    /// The IPv6 settings in force.
+    pub fn config6(&self) -> Result<lb_common::Datapath6Config> {
+        self.maps
+            .config6
+            .get(&0, 0)
+            .map_err(|source| map_error(map_names::CONFIG6, "read", source))
+    }
+
     /// Affinity entries of a service: (client, backend id), for tests and inspection.
     pub fn affinity(&self, service_id: u32) -> Vec<(Affinity4Key, AffinityValue)> {
         self.maps
@@ -68,6 +76,17 @@ impl Datapath {
     pub fn conntrack(&self) -> Result<Vec<(Ct4Key, Ct4Value)>> {
         super::batch::read_map(&self.maps.conntrack)
             .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))
+    }
+
+    /// The IPv6 conntrack entry under `key`, if any.
+    pub fn conntrack6_entry(&self, key: &lb_common::Ct6Key) -> Option<lb_common::Ct6Value> {
+        self.maps.conntrack6.get(key, 0).ok()
+    }
+
+    /// Every IPv6 conntrack entry.
+    pub fn conntrack6(&self) -> Result<Vec<(lb_common::Ct6Key, lb_common::Ct6Value)>> {
+        super::batch::read_map(&self.maps.conntrack6)
+            .map_err(|source| map_error(map_names::CONNTRACK6, "iterate", source))
     }
 
     /// A service's counters summed over CPUs.

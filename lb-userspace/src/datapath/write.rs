@@ -377,6 +377,14 @@ impl Datapath {
             .map_err(|source| map_error(map_names::CONFIG, "write", source))
     }
 
+    /// Writes the IPv6 settings (SNAT address).
+    pub fn set_config6(&mut self, config: &lb_common::Datapath6Config) -> Result<()> {
+        self.maps
+            .config6
+            .set(0, config, 0)
+            .map_err(|source| map_error(map_names::CONFIG6, "write", source))
+    }
+
     fn write_source_ranges<'r>(
         &mut self,
         service_id: u32,

@@ -147,6 +147,12 @@ pub fn stats(pin_dir: &Path, json: bool) -> anyhow::Result<()> {
         Some(address) => println!("SNAT address: {address}"),
         None => println!("SNAT address: none (flows to other nodes' endpoints are not SNATed)"),
     }
+    match stats.snat_address6 {
+        Some(address) => println!("IPv6 SNAT address: {address}"),
+        None => println!(
+            "IPv6 SNAT address: none (IPv6 flows to other nodes' endpoints are not SNATed)"
+        ),
+    }
     Ok(())
 }
 

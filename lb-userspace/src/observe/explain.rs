@@ -9,11 +9,11 @@
 //! the explanation is the socket hooks', from the maps alone: the kernel cannot run a cgroup
 //! sock_addr program on a synthesized call (BPF_PROG_TEST_RUN has no runner for that type).
 //!
-//! IPv6 Services are served by the socket hooks alone (XDP passes IPv6 untouched): an IPv6
-//! destination is explained as the socket hooks see it, or, asked for a NIC, as passing.
+//! An IPv6 destination is explained as the socket hooks see it, or, asked for a NIC (`--from
+//! nic`), by the dry-run XDP program as for IPv4.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::Path,
 };
 
@@ -111,7 +111,8 @@ pub fn explain(
     }
 }
 
-/// An IPv6 destination: the socket hooks' decision, from the IPv6 maps; on a NIC, nothing.
+/// An IPv6 destination: the socket hooks' decision, from the IPv6 maps; on a NIC, the dry-run
+/// XDP program's.
 fn explain6(
     pin_dir: &Path,
     client: SocketAddr,
@@ -121,26 +122,16 @@ fn explain6(
 ) -> anyhow::Result<Explanation> {
     let mut reasons = Vec::new();
     let packet = format!("{client} -> {destination}/{}", protocol_name(protocol));
+    let (SocketAddr::V6(client6), SocketAddr::V6(destination6)) = (client, destination) else {
+        unreachable!("explain6 takes IPv6 addresses")
+    };
     if path == Hook::Xdp {
-        reasons.push(
-            "XDP and tc do not translate IPv6 yet: the packet passes to the node's stack \
-             untouched (IPv6 Services are served to this node's pods and processes)"
-                .into(),
-        );
-        return Ok(Explanation {
-            packet,
-            hook: Hook::Xdp,
-            verdict: "pass",
-            service: None,
-            rewritten: None,
-            answer: None,
-            reasons,
-        });
+        return explain6_on_nic(pin_dir, client6, destination6, protocol);
     }
     if path == Hook::Auto {
         reasons.push(
-            "an IPv6 destination: only the socket hooks serve IPv6 Services, so the client is \
-             taken as this node's (--from nic for a packet arriving on a NIC)"
+            "an IPv6 client is taken as this node's (a pod or host process: the socket hooks); \
+             --from nic for a packet arriving on a NIC"
                 .into(),
         );
     }
@@ -179,6 +170,75 @@ fn explain6(
         answer: None,
         reasons,
     })
+}
+
+/// An IPv6 packet arriving on a NIC: the frontend it is for, and what the dry-run XDP program
+/// does with it.
+fn explain6_on_nic(
+    pin_dir: &Path,
+    client: SocketAddrV6,
+    destination: SocketAddrV6,
+    protocol: u8,
+) -> anyhow::Result<Explanation> {
+    let mut reasons = Vec::new();
+    let maps = Maps::open(pin_dir, Access::ReadOnly)?;
+    let key = Frontend6Key {
+        addr: ipv6_words(*destination.ip()),
+        port: destination.port().to_be(),
+        proto: protocol,
+        scope: scope::ANY,
+    };
+    let service = maps.frontends6.get(&key, 0).ok();
+    match &service {
+        None => reasons.push(format!(
+            "{destination}/{} is no service frontend: the packet passes untouched",
+            protocol_name(protocol)
+        )),
+        Some(value) => reasons.push(format!(
+            "{destination}/{} is a frontend of service {} ({} backends)",
+            protocol_name(protocol),
+            value.service_id,
+            value.backend_count
+        )),
+    }
+    let output = run_dry(pin_dir, &build_packet6(client, destination, protocol))?;
+    let verdict = verdict_name(output.verdict);
+    let answer = describe_answer6(&output.packet, protocol);
+    let rewritten = parse_addresses6(&output.packet)
+        .filter(|_| answer.is_none())
+        .filter(|(source, target)| *source != client || *target != destination)
+        .map(|(source, target)| (source.to_string(), target.to_string()));
+    if let Some(answer) = &answer {
+        reasons.push(format!(
+            "the program answered the client: {answer} ({verdict})"
+        ));
+    } else if let Some((source, target)) = &rewritten {
+        reasons.push(format!(
+            "the program rewrote the packet to {source} -> {target} ({verdict})"
+        ));
+    } else {
+        reasons.push(format!(
+            "the program returned {verdict} without rewriting the addresses"
+        ));
+    }
+    Ok(Explanation {
+        packet: format!("{client} -> {destination}/{}", protocol_name(protocol)),
+        hook: Hook::Xdp,
+        verdict,
+        service: service.map(|value| summarize(&value)),
+        rewritten,
+        answer,
+        reasons,
+    })
+}
+
+fn verdict_name(verdict: u32) -> &'static str {
+    match verdict {
+        XDP_DROP => "drop",
+        XDP_PASS => "pass",
+        XDP_TX => "tx",
+        _ => "other",
+    }
 }
 
 /// The entry the socket hooks use for a frontend: its entry for this node's clients when the
@@ -254,12 +314,7 @@ fn explain4(
 
     let packet = build_packet(client, destination, protocol);
     let program_output = run_dry(pin_dir, &packet)?;
-    let verdict = match program_output.verdict {
-        XDP_DROP => "drop",
-        XDP_PASS => "pass",
-        XDP_TX => "tx",
-        _ => "other",
-    };
+    let verdict = verdict_name(program_output.verdict);
     let answer = describe_answer(&program_output.packet, protocol);
     let rewritten = parse_addresses(&program_output.packet)
         .filter(|_| answer.is_none())
@@ -742,6 +797,104 @@ fn build_packet(client: SocketAddrV4, destination: SocketAddrV4, protocol: u8) -
     frame.extend_from_slice(&ip);
     frame.extend_from_slice(&l4);
     frame
+}
+
+/// An Ethernet/IPv6 frame: a TCP SYN or a UDP datagram with a few bytes, checksums computed
+/// (a UDP checksum is required over IPv6). SCTP is not served over IPv6: its frame is a TCP
+/// one's with the SCTP protocol number, which XDP passes.
+fn build_packet6(client: SocketAddrV6, destination: SocketAddrV6, protocol: u8) -> Vec<u8> {
+    let mut l4: Vec<u8> = if protocol == proto::UDP {
+        let payload = b"explain";
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&client.port().to_be_bytes());
+        udp.extend_from_slice(&destination.port().to_be_bytes());
+        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        udp
+    } else {
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&client.port().to_be_bytes());
+        tcp[2..4].copy_from_slice(&destination.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02; // SYN
+        tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        tcp
+    };
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&client.ip().octets());
+    pseudo.extend_from_slice(&destination.ip().octets());
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, protocol]);
+    let check_at = if protocol == proto::UDP { 6 } else { 16 };
+    let check = internet_checksum(sum(0, &pseudo), &l4);
+    let check = if check == 0 { 0xffff } else { check };
+    l4[check_at..check_at + 2].copy_from_slice(&check.to_be_bytes());
+    let mut ip = vec![0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+    ip[6] = protocol;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&client.ip().octets());
+    ip[24..40].copy_from_slice(&destination.ip().octets());
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x86, 0xdd];
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&l4);
+    frame
+}
+
+/// Source and destination (address, port) of an Ethernet/IPv6/TCP or UDP frame without
+/// extension headers.
+fn parse_addresses6(frame: &[u8]) -> Option<(SocketAddrV6, SocketAddrV6)> {
+    let ip = frame.get(14..54)?;
+    if ![proto::TCP, proto::UDP].contains(&ip[6]) {
+        return None;
+    }
+    let ports = frame.get(54..58)?;
+    let address = |bytes: &[u8]| Some(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?));
+    let source = SocketAddrV6::new(
+        address(&ip[8..24])?,
+        u16::from_be_bytes([ports[0], ports[1]]),
+        0,
+        0,
+    );
+    let target = SocketAddrV6::new(
+        address(&ip[24..40])?,
+        u16::from_be_bytes([ports[2], ports[3]]),
+        0,
+        0,
+    );
+    Some((source, target))
+}
+
+/// A reject XDP sent back instead of the client's IPv6 packet: a TCP RST, or an ICMPv6 error.
+fn describe_answer6(frame: &[u8], sent_protocol: u8) -> Option<String> {
+    const IPPROTO_ICMPV6: u8 = 58;
+    let ip = frame.get(14..54)?;
+    let address = |bytes: &[u8]| Some(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?));
+    let (source, target) = (address(&ip[8..24])?, address(&ip[24..40])?);
+    let l4 = frame.get(54..)?;
+    match ip[6] {
+        IPPROTO_ICMPV6 => {
+            let (kind, code) = (*l4.first()?, *l4.get(1)?);
+            let name = match (kind, code) {
+                (1, 4) => "port unreachable",
+                (1, _) => "destination unreachable",
+                _ => "message",
+            };
+            Some(format!(
+                "ICMPv6 {name} (type {kind}, code {code}) {source} -> {target}"
+            ))
+        }
+        proto::TCP if sent_protocol == proto::TCP => {
+            const RST: u8 = 0x04;
+            let flags = *l4.get(13)?;
+            let ports = parse_addresses6(frame)?;
+            (flags & RST != 0).then(|| format!("TCP RST {} -> {}", ports.0, ports.1))
+        }
+        _ => None,
+    }
 }
 
 /// An Ethernet/IPv4/SCTP frame holding an INIT (verification tag 0, initiate tag 1), its CRC32c

@@ -5,12 +5,12 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
 };
 
 use lb_common::{
-    Ct4Key, Ct4Value, CtTimeouts, Flow4Value, backend_flags, ct_direction, ct_flags, limits,
+    CtAddr, CtKey, CtTimeouts, CtValue, FlowValue, backend_flags, ct_direction, ct_flags, limits,
     map_names, proto, service_flags, tcp_state,
 };
 use serde::Serialize;
@@ -165,7 +165,7 @@ pub struct ConntrackEntry {
 #[derive(Clone, Debug, Default)]
 pub struct ConntrackFilter {
     /// Entries with this address as source, destination or NAT address.
-    pub address: Option<Ipv4Addr>,
+    pub address: Option<IpAddr>,
     /// Entries with this port anywhere.
     pub port: Option<u16>,
     pub protocol: Option<u8>,
@@ -174,12 +174,29 @@ pub struct ConntrackFilter {
     pub include_expired: bool,
 }
 
+/// A conntrack address of either family, as `lb conntrack` shows it.
+trait ShownAddr: CtAddr {
+    fn ip(self) -> IpAddr;
+}
+
+impl ShownAddr for u32 {
+    fn ip(self) -> IpAddr {
+        Ipv4Addr::from(self).into()
+    }
+}
+
+impl ShownAddr for lb_common::Ipv6Words {
+    fn ip(self) -> IpAddr {
+        crate::compile::model::ipv6_of_words(self).into()
+    }
+}
+
 impl ConntrackFilter {
-    fn matches(&self, key: &Ct4Key, value: &Ct4Value) -> bool {
-        let addresses = [key.saddr, key.daddr, value.nat_addr, value.snat_addr];
+    fn matches<A: ShownAddr>(&self, key: &CtKey<A>, value: &CtValue<A>) -> bool {
+        let addresses = [key.saddr, key.daddr, value.nat_addr, value.snat_addr].map(A::ip);
         let ports = [key.sport, key.dport, value.nat_port, value.snat_port];
         self.address
-            .is_none_or(|address| addresses.contains(&u32::from(address)))
+            .is_none_or(|address| addresses.contains(&address))
             && self.port.is_none_or(|port| ports.contains(&port))
             && self.protocol.is_none_or(|protocol| protocol == key.proto)
             && self.service_id.is_none_or(|id| id == value.service_id)
@@ -200,6 +217,7 @@ pub struct Stats {
     pub events: BTreeMap<&'static str, u64>,
     pub maps: Vec<MapFill>,
     pub snat_address: Option<Ipv4Addr>,
+    pub snat_address6: Option<std::net::Ipv6Addr>,
 }
 
 impl PinnedMaps {
@@ -306,12 +324,19 @@ impl PinnedMaps {
             .unwrap_or_default()
     }
 
-    /// Conntrack entries the datapath still uses (an entry evicted or changed while the walk
-    /// runs may be counted or not).
-    fn live_conntrack_entries(&self) -> anyhow::Result<u64> {
+    /// Conntrack entries the datapath still uses in one family's map (an entry evicted or
+    /// changed while the walk runs may be counted or not).
+    fn live_conntrack_entries<A: CtAddr>(
+        &self,
+        map: &aya::maps::HashMap<aya::maps::MapData, CtKey<A>, CtValue<A>>,
+    ) -> anyhow::Result<u64>
+    where
+        CtKey<A>: aya::Pod,
+        CtValue<A>: aya::Pod,
+    {
         let timeouts = self.conntrack_timeouts();
         let now = monotonic_ns();
-        Ok(crate::datapath::batch::read_map(&self.0.conntrack)?
+        Ok(crate::datapath::batch::read_map(map)?
             .iter()
             .filter(|(key, value)| {
                 timeouts.is_live(key.proto, value.state, value.last_seen_ns, now)
@@ -319,18 +344,15 @@ impl PinnedMaps {
             .count() as u64)
     }
 
-    /// The connection-tracking entries `filter` selects.
+    /// The connection-tracking entries `filter` selects, IPv4 then IPv6.
     pub fn conntrack(&self, filter: &ConntrackFilter) -> anyhow::Result<Vec<ConntrackEntry>> {
         let timeouts = self.conntrack_timeouts();
         let now = monotonic_ns();
         let mut entries = Vec::new();
-        for (key, value) in crate::datapath::batch::read_map(&self.0.conntrack)? {
-            let key = as_client_side(&key, &value);
-            let live = timeouts.is_live(key.proto, value.state, value.last_seen_ns, now);
-            if (live || filter.include_expired) && filter.matches(&key, &value) {
-                entries.push(describe_flow(&key, &value, now, !live));
-            }
-        }
+        let v4 = crate::datapath::batch::read_map(&self.0.conntrack)?;
+        let v6 = crate::datapath::batch::read_map(&self.0.conntrack6)?;
+        select_flows(&v4, filter, timeouts, now, &mut entries);
+        select_flows(&v6, filter, timeouts, now, &mut entries);
         Ok(entries)
     }
 
@@ -342,10 +364,12 @@ impl PinnedMaps {
     /// Events, map fill and the SNAT address.
     pub fn stats(&self) -> anyhow::Result<Stats> {
         let snat = self.0.config.get(&0, 0)?.snat_addr;
+        let snat6 = self.0.config6.get(&0, 0)?.snat_addr;
         Ok(Stats {
             events: self.events()?,
             maps: self.fill()?,
             snat_address: (snat != 0).then(|| Ipv4Addr::from(snat)),
+            snat_address6: (snat6 != [0; 4]).then(|| crate::compile::model::ipv6_of_words(snat6)),
         })
     }
 
@@ -394,8 +418,13 @@ impl PinnedMaps {
             ),
             MapFill {
                 map: map_names::CONNTRACK4,
-                entries: self.live_conntrack_entries()?,
+                entries: self.live_conntrack_entries(&self.0.conntrack)?,
                 capacity: u64::from(self.1.conntrack4),
+            },
+            MapFill {
+                map: map_names::CONNTRACK6,
+                entries: self.live_conntrack_entries(&self.0.conntrack6)?,
+                capacity: u64::from(limits::MAX_CONNTRACK6),
             },
             fill(
                 map_names::SOCK_NAT4,
@@ -498,22 +527,44 @@ fn describe_frontend(key: &FrontendKey, flags: u32) -> String {
     )
 }
 
+/// The entries of one family's conntrack that `filter` selects, described, onto `out`.
+fn select_flows<A: ShownAddr>(
+    entries: &[(CtKey<A>, CtValue<A>)],
+    filter: &ConntrackFilter,
+    timeouts: CtTimeouts,
+    now: u64,
+    out: &mut Vec<ConntrackEntry>,
+) {
+    for (key, value) in entries {
+        let key = as_client_side(key, value);
+        let live = timeouts.is_live(key.proto, value.state, value.last_seen_ns, now);
+        if (live || filter.include_expired) && filter.matches(&key, value) {
+            out.push(describe_flow(&key, value, now, !live));
+        }
+    }
+}
+
 /// A FLOW entry's key with the frontend it holds as its destination, as an ORIGINAL entry's
 /// key has it; any other key as it is.
-fn as_client_side(key: &Ct4Key, value: &Ct4Value) -> Ct4Key {
+fn as_client_side<A: CtAddr>(key: &CtKey<A>, value: &CtValue<A>) -> CtKey<A> {
     if key.direction != ct_direction::FLOW {
         return *key;
     }
-    let flow = Flow4Value::of(value);
-    Ct4Key {
+    let flow = FlowValue::of(value);
+    CtKey {
         daddr: flow.frontend_addr,
         dport: flow.frontend_port,
         ..*key
     }
 }
 
-fn describe_flow(key: &Ct4Key, value: &Ct4Value, now_ns: u64, expired: bool) -> ConntrackEntry {
-    let endpoint = |addr: u32, port: u16| SocketAddrV4::new(Ipv4Addr::from(addr), port).to_string();
+fn describe_flow<A: ShownAddr>(
+    key: &CtKey<A>,
+    value: &CtValue<A>,
+    now_ns: u64,
+    expired: bool,
+) -> ConntrackEntry {
+    let endpoint = |addr: A, port: u16| SocketAddr::new(addr.ip(), port).to_string();
     ConntrackEntry {
         direction: match key.direction {
             ct_direction::FLOW => "flow",
@@ -563,7 +614,8 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::ct_timeouts;
+    use lb_common::{Ct4Key, Ct4Value, Flow4Value, ct_timeouts};
+    use std::net::SocketAddrV4;
 
     const SECOND: u64 = 1_000_000_000;
 
@@ -666,7 +718,7 @@ mod tests {
         assert_eq!(row.idle_s, 2.0);
         for (address, port) in [(*frontend.ip(), frontend.port()), (*backend.ip(), 8080)] {
             let filter = ConntrackFilter {
-                address: Some(address),
+                address: Some(address.into()),
                 port: Some(port),
                 ..Default::default()
             };

@@ -1,0 +1,263 @@
+//! The IP layer of the XDP datapath as a type: what the service path needs of a packet's IP
+//! header, for [`Ipv4Info`] and [`Ipv6Info`], so that the path itself (`xdp.rs`) is written
+//! once, generic over [`Ip`], and each family's header work stays here.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{Event, Frag4Key, Frag4Value, FragValue, Ipv6Words, checksum};
+use lb_ebpf::packet::{
+    ETH_HDR_LEN, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, IPV6_DADDR_OFFSET,
+    IPV6_HDR_LEN, IPV6_HOP_LIMIT_OFFSET, IPV6_SADDR_OFFSET, IpHeader, Ipv4Info, Ipv6Info, bytes_at,
+    bytes_at_mut,
+};
+
+use crate::{
+    family::{Family, V4, V6},
+    flow::Tuple,
+    helpers::{Forward, fib_forward, fib_forward6},
+    maps::remember_fragment,
+    reject,
+};
+
+/// Above any offset inside an IPv6 packet the parser accepts: the fixed header and at most
+/// eight extension headers of at most 2,048 bytes each, after the Ethernet header.
+const OFFSET_BOUND: usize = 0x7fff;
+
+/// An address of the family of `I`, as [`Tuple`] holds it.
+pub type Addr<I> = <<I as Ip>::F as Family>::Addr;
+
+/// A parsed IP header of one family.
+pub trait Ip: IpHeader {
+    type F: Family;
+    /// Whether a UDP datagram must carry a checksum (IPv6, RFC 8200 section 8.1).
+    const UDP_CHECKSUM_REQUIRED: bool;
+
+    fn source(&self) -> Addr<Self>;
+    fn destination(&self) -> Addr<Self>;
+    /// Offset of the transport header from the start of the frame.
+    fn l4_offset(&self) -> usize;
+    /// Offset of the end of the IP packet.
+    fn end(&self) -> usize;
+    /// The first fragment of a datagram: it has the ports, the later ones follow it.
+    fn first_fragment(&self) -> bool;
+
+    /// Writes `new` (source, destination) over the header's addresses `old` (IPv4: with an
+    /// incremental header checksum).
+    fn readdress(
+        ctx: &XdpContext,
+        old: (Addr<Self>, Addr<Self>),
+        new: (Addr<Self>, Addr<Self>),
+    ) -> Result<(), Event>;
+
+    /// A TCP or UDP checksum after its pseudo-header's addresses went from `old` to `new`.
+    fn pseudo_header_update(
+        check: u16,
+        old: (Addr<Self>, Addr<Self>),
+        new: (Addr<Self>, Addr<Self>),
+    ) -> u16;
+
+    /// TTL or hop limit - 1 (IPv4 with its checksum fixed); false, untouched, when it would
+    /// reach 0.
+    fn decrement_hop_limit(ctx: &XdpContext) -> bool;
+
+    /// Where the FIB sends this packet (already translated: from `saddr` to `daddr`).
+    fn route(ctx: &XdpContext, protocol: u8, saddr: Addr<Self>, daddr: Addr<Self>) -> Forward;
+
+    /// The REJECT answer to a packet of a service without endpoints (sent back with XDP_TX).
+    fn reject(&self, ctx: &XdpContext, tuple: &Tuple<Self::F>) -> Result<u32, Event>;
+
+    /// Records how a first fragment was translated (`later`), for the later fragments.
+    fn remember_fragments(&self, later: FragValue<Addr<Self>>);
+}
+
+impl Ip for Ipv4Info {
+    type F = V4;
+    const UDP_CHECKSUM_REQUIRED: bool = false;
+
+    #[inline(always)]
+    fn source(&self) -> u32 {
+        self.saddr
+    }
+
+    #[inline(always)]
+    fn destination(&self) -> u32 {
+        self.daddr
+    }
+
+    #[inline(always)]
+    fn l4_offset(&self) -> usize {
+        self.l4_offset
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.end
+    }
+
+    #[inline(always)]
+    fn first_fragment(&self) -> bool {
+        Ipv4Info::first_fragment(self)
+    }
+
+    #[inline(always)]
+    fn readdress(ctx: &XdpContext, old: (u32, u32), new: (u32, u32)) -> Result<(), Event> {
+        let ip = bytes_at_mut::<20>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
+        ip[IPV4_SADDR_OFFSET..IPV4_SADDR_OFFSET + 4].copy_from_slice(&new.0.to_be_bytes());
+        ip[IPV4_DADDR_OFFSET..IPV4_DADDR_OFFSET + 4].copy_from_slice(&new.1.to_be_bytes());
+        let check = u16::from_be_bytes([ip[IPV4_CSUM_OFFSET], ip[IPV4_CSUM_OFFSET + 1]]);
+        let check = checksum::replace_u32(check, old.0, new.0);
+        let check = checksum::replace_u32(check, old.1, new.1);
+        ip[IPV4_CSUM_OFFSET..IPV4_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn pseudo_header_update(check: u16, old: (u32, u32), new: (u32, u32)) -> u16 {
+        let check = checksum::replace_u32(check, old.0, new.0);
+        checksum::replace_u32(check, old.1, new.1)
+    }
+
+    #[inline(always)]
+    fn decrement_hop_limit(ctx: &XdpContext) -> bool {
+        let Some(ip) = bytes_at_mut::<20>(ctx, ETH_HDR_LEN) else {
+            return false;
+        };
+        if ip[8] <= 1 {
+            return false;
+        }
+        let old = u16::from_be_bytes([ip[8], ip[9]]);
+        ip[8] -= 1;
+        let new = u16::from_be_bytes([ip[8], ip[9]]);
+        let check = u16::from_be_bytes([ip[IPV4_CSUM_OFFSET], ip[IPV4_CSUM_OFFSET + 1]]);
+        let check = checksum::replace_u16(check, old, new);
+        ip[IPV4_CSUM_OFFSET..IPV4_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
+        true
+    }
+
+    #[inline(always)]
+    fn route(ctx: &XdpContext, protocol: u8, saddr: u32, daddr: u32) -> Forward {
+        let Some(ip) = bytes_at::<4>(ctx, ETH_HDR_LEN) else {
+            return Forward::Stack;
+        };
+        let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
+        fib_forward(ctx, protocol, saddr, daddr, tot_len)
+    }
+
+    #[inline(always)]
+    fn reject(&self, ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> {
+        reject::reply(ctx, tuple, self.l4_offset)
+    }
+
+    #[inline(always)]
+    fn remember_fragments(&self, later: Frag4Value) {
+        remember_fragment(&fragment_key(self), &later);
+    }
+}
+
+/// The key of the record of an IPv4 datagram's first fragment.
+#[inline(always)]
+pub fn fragment_key(ip: &Ipv4Info) -> Frag4Key {
+    Frag4Key {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        id: ip.id,
+        proto: ip.proto,
+        _pad: 0,
+    }
+}
+
+impl Ip for Ipv6Info {
+    type F = V6;
+    const UDP_CHECKSUM_REQUIRED: bool = true;
+
+    #[inline(always)]
+    fn source(&self) -> Ipv6Words {
+        self.saddr
+    }
+
+    #[inline(always)]
+    fn destination(&self) -> Ipv6Words {
+        self.daddr
+    }
+
+    /// Masked to the bound the walk keeps it within: the IPv6 programs read it back from a map
+    /// ([`crate::maps::PACKET6`]), where the verifier knows nothing of its value, and refuses
+    /// packet access at an unbounded offset.
+    #[inline(always)]
+    fn l4_offset(&self) -> usize {
+        self.l4_offset & OFFSET_BOUND
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.end & OFFSET_BOUND
+    }
+
+    #[inline(always)]
+    fn first_fragment(&self) -> bool {
+        self.first_fragment
+    }
+
+    /// IPv6 has no header checksum: the new addresses are written as they are.
+    #[inline(always)]
+    fn readdress(
+        ctx: &XdpContext,
+        _old: (Ipv6Words, Ipv6Words),
+        new: (Ipv6Words, Ipv6Words),
+    ) -> Result<(), Event> {
+        let ip = bytes_at_mut::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
+        write_words(ip, IPV6_SADDR_OFFSET, new.0);
+        write_words(ip, IPV6_DADDR_OFFSET, new.1);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn pseudo_header_update(
+        check: u16,
+        old: (Ipv6Words, Ipv6Words),
+        new: (Ipv6Words, Ipv6Words),
+    ) -> u16 {
+        let mut check = check;
+        for i in 0..4 {
+            check = checksum::replace_u32(check, u32::from_be(old.0[i]), u32::from_be(new.0[i]));
+            check = checksum::replace_u32(check, u32::from_be(old.1[i]), u32::from_be(new.1[i]));
+        }
+        check
+    }
+
+    #[inline(always)]
+    fn decrement_hop_limit(ctx: &XdpContext) -> bool {
+        let Some(ip) = bytes_at_mut::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN) else {
+            return false;
+        };
+        if ip[IPV6_HOP_LIMIT_OFFSET] <= 1 {
+            return false;
+        }
+        ip[IPV6_HOP_LIMIT_OFFSET] -= 1;
+        true
+    }
+
+    #[inline(always)]
+    fn route(ctx: &XdpContext, protocol: u8, saddr: Ipv6Words, daddr: Ipv6Words) -> Forward {
+        let Some(ip) = bytes_at::<6>(ctx, ETH_HDR_LEN) else {
+            return Forward::Stack;
+        };
+        let tot_len = u16::from_be_bytes([ip[4], ip[5]]).saturating_add(IPV6_HDR_LEN as u16);
+        fib_forward6(ctx, protocol, saddr, daddr, tot_len)
+    }
+
+    #[inline(always)]
+    fn reject(&self, ctx: &XdpContext, tuple: &Tuple<V6>) -> Result<u32, Event> {
+        reject::reply6(ctx, tuple, self.l4_offset)
+    }
+
+    /// IPv6 fragments are not translated (the program passes them before this is reached).
+    #[inline(always)]
+    fn remember_fragments(&self, _later: FragValue<Ipv6Words>) {}
+}
+
+#[inline(always)]
+fn write_words(header: &mut [u8; IPV6_HDR_LEN], offset: usize, addr: Ipv6Words) {
+    for (i, word) in addr.iter().enumerate() {
+        header[offset + 4 * i..offset + 4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+}

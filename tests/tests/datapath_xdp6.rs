@@ -1,0 +1,256 @@
+//! XDP over IPv6 through BPF_PROG_TEST_RUN, table-driven: input frame, expected verdict, expected
+//! output bytes (built by etherparse, so every checksum is computed independently of the
+//! datapath, and each translated frame's TCP/UDP checksum is recomputed whole here too). The
+//! frames enter `lb_xdp`, which hands IPv6 to `lb_xdp6` and the programs after it, as on a NIC.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddrV6};
+
+use etherparse::PacketBuilder;
+use lab::{
+    lab::{Lab, PinDir},
+    packet::{CLIENT_MAC, ETH_HDR_LEN, NODE_MAC, TcpFlags},
+    packet6::{self, IPV6_HDR_LEN, next_header},
+    table::{Case, Expect, run_table},
+};
+use lb_common::{backend_flags, flow_key, program_names, proto, service_flags, tcp_state};
+use lb_userspace::{
+    compile::model::{Backend, Frontend, Service, ipv6_words},
+    datapath::Datapath,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const NODE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const NODE_PORT: u16 = 30080;
+const FRONTEND: SocketAddrV6 = SocketAddrV6::new(NODE, NODE_PORT, 0, 0);
+/// A frontend whose service has no endpoint.
+const EMPTY_FRONTEND: SocketAddrV6 = SocketAddrV6::new(NODE, 30090, 0, 0);
+const CLIENT_ADDR: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const CLIENT: SocketAddrV6 = SocketAddrV6::new(CLIENT_ADDR, 40000, 0, 0);
+const POD_A: SocketAddrV6 = SocketAddrV6::new(
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x10),
+    8080,
+    0,
+    0,
+);
+const SEQ: u32 = 1000;
+
+fn client(port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(CLIENT_ADDR, port, 0, 0)
+}
+
+fn node_port(port: u16, protocol: u8) -> Frontend {
+    Frontend {
+        addr: NODE.into(),
+        port,
+        proto: protocol,
+        kind: service_flags::NODE_PORT,
+    }
+}
+
+/// A datapath with IPv6 NodePort services on [2001:db8::1]:30080 (TCP, backend 1; UDP, backend
+/// 2: pod A, local) and on :30090 with no endpoint (TCP and UDP).
+fn datapath(pins: &PinDir) -> Datapath {
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    for (id, protocol) in [(1, proto::TCP), (2, proto::UDP)] {
+        let backend = Backend {
+            addr: IpAddr::V6(*POD_A.ip()),
+            port: POD_A.port(),
+            proto: protocol,
+            flags: backend_flags::LOCAL,
+        };
+        datapath.put_backend(id, &backend).expect("backend");
+    }
+    let services = [
+        (1, node_port(NODE_PORT, proto::TCP), vec![1]),
+        (2, node_port(NODE_PORT, proto::UDP), vec![2]),
+        (3, node_port(EMPTY_FRONTEND.port(), proto::TCP), vec![]),
+        (4, node_port(EMPTY_FRONTEND.port(), proto::UDP), vec![]),
+    ];
+    for (id, frontend, backends) in services {
+        let service = Service {
+            id,
+            frontends: vec![frontend],
+            backends,
+            ..Default::default()
+        };
+        datapath.put_service(&service).expect("service");
+    }
+    datapath
+}
+
+fn case(name: &'static str, input: Vec<u8>, verdict: u32, output: Expect) -> Case {
+    Case {
+        name,
+        input,
+        verdict,
+        output,
+    }
+}
+
+fn tcp(src: SocketAddrV6, dst: SocketAddrV6, flags: TcpFlags, payload: &[u8]) -> Vec<u8> {
+    packet6::tcp(src, dst, flags, SEQ, payload)
+}
+
+/// The RST XDP answers a SYN to a service without endpoints with: from the frontend, back to the
+/// client's MAC, seq 0 and the SYN acknowledged (RFC 9293 3.10.7.1).
+fn reset_of_syn(client: SocketAddrV6, frontend: SocketAddrV6) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ipv6(frontend.ip().octets(), client.ip().octets(), 64)
+        .tcp(frontend.port(), client.port(), 0, 0)
+        .rst()
+        .ack(SEQ + 1);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, &[]).expect("a Vec takes it");
+    frame
+}
+
+/// The ICMPv6 port unreachable XDP answers a datagram to a service without endpoints with,
+/// quoting the datagram's IPv6 header and its first 8 transport bytes.
+fn port_unreachable(datagram: &[u8], client: SocketAddrV6, frontend: SocketAddrV6) -> Vec<u8> {
+    let quote = &datagram[ETH_HDR_LEN..ETH_HDR_LEN + IPV6_HDR_LEN + 8];
+    let builder = PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ipv6(frontend.ip().octets(), client.ip().octets(), 64)
+        .icmpv6_raw(1, 4, [0; 4]);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, quote).expect("a Vec takes it");
+    frame
+}
+
+#[test]
+fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "xdp6").expect("pin dir");
+    let datapath = datapath(&pins);
+    let udp = packet6::udp(CLIENT, FRONTEND, b"query");
+    let empty_udp = packet6::udp(client(40003), EMPTY_FRONTEND, b"query");
+    let translated = [
+        tcp(CLIENT, POD_A, TcpFlags::SYN, b""),
+        tcp(CLIENT, POD_A, TcpFlags::ACK, b"GET / HTTP/1.1\r\n"),
+        tcp(CLIENT, POD_A, TcpFlags::FIN_ACK, b""),
+        packet6::udp(CLIENT, POD_A, b"query"),
+        packet6::with_options_header(
+            &tcp(client(40001), POD_A, TcpFlags::SYN, b""),
+            next_header::DEST_OPTS,
+            1,
+        ),
+    ];
+    for frame in &translated {
+        assert!(packet6::transport_checksum_ok(frame), "fixture checksum");
+    }
+    let cases = vec![
+        case(
+            "tcp syn, new flow",
+            tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(translated[0].clone()),
+        ),
+        case(
+            "tcp ack, established",
+            tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"GET / HTTP/1.1\r\n"),
+            XDP_PASS,
+            Expect::Bytes(translated[1].clone()),
+        ),
+        case(
+            "tcp fin, established",
+            tcp(CLIENT, FRONTEND, TcpFlags::FIN_ACK, b""),
+            XDP_PASS,
+            Expect::Bytes(translated[2].clone()),
+        ),
+        case(
+            "udp, new flow",
+            udp.clone(),
+            XDP_PASS,
+            Expect::Bytes(translated[3].clone()),
+        ),
+        case(
+            "udp with checksum 0: invalid over IPv6, dropped",
+            packet6::with_udp_checksum(&udp, 0),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "tcp syn behind a destination options header",
+            packet6::with_options_header(
+                &tcp(client(40001), FRONTEND, TcpFlags::SYN, b""),
+                next_header::DEST_OPTS,
+                1,
+            ),
+            XDP_PASS,
+            Expect::Bytes(translated[4].clone()),
+        ),
+        case(
+            "miss: another port of the node",
+            tcp(
+                CLIENT,
+                SocketAddrV6::new(NODE, 22, 0, 0),
+                TcpFlags::SYN,
+                b"",
+            ),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "neighbour solicitation for the node",
+            packet6::neighbour_solicitation(CLIENT_ADDR, NODE),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "first fragment to a frontend: not translated",
+            packet6::with_fragment_header(&udp, 0, true, 7),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "later fragment",
+            packet6::with_fragment_header(&udp, 8, false, 7),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "sctp to a frontend's address: not served over IPv6",
+            packet6::sctp(client(40002), FRONTEND, 1, 0),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "tcp syn to a service without endpoints: RST",
+            tcp(client(40004), EMPTY_FRONTEND, TcpFlags::SYN, b""),
+            XDP_TX,
+            Expect::Bytes(reset_of_syn(client(40004), EMPTY_FRONTEND)),
+        ),
+        case(
+            "udp to a service without endpoints: ICMPv6 port unreachable",
+            empty_udp.clone(),
+            XDP_TX,
+            Expect::Bytes(port_unreachable(&empty_udp, client(40003), EMPTY_FRONTEND)),
+        ),
+    ];
+    run_table(
+        datapath.program_fd(program_names::XDP_LB).expect("lb_xdp"),
+        &cases,
+    );
+
+    let events = datapath.events().expect("events");
+    assert_eq!(events["drop_malformed"], 1, "{events:?}");
+    assert_eq!(events["pass_fragment"], 2, "{events:?}");
+    assert_eq!(events["reject_tcp_rst"], 1, "{events:?}");
+    assert_eq!(events["reject_icmp"], 1, "{events:?}");
+    assert_eq!(events["pass_protocol_unserved"], 0, "{events:?}");
+
+    // The client's TCP flow is one FLOW entry in the IPv6 conntrack, closing after its FIN.
+    let flow = datapath
+        .conntrack6_entry(&flow_key(
+            ipv6_words(CLIENT_ADDR),
+            CLIENT.port(),
+            proto::TCP,
+        ))
+        .expect("the client's FLOW entry");
+    assert_eq!(flow.nat_addr, ipv6_words(*POD_A.ip()));
+    assert_eq!(flow.nat_port, POD_A.port());
+    assert_eq!(flow.service_id, 1);
+    assert_eq!(flow.state, tcp_state::CLOSING);
+}
