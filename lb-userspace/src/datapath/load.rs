@@ -98,6 +98,8 @@ impl Datapath {
     pub fn load_with(pin_dir: &Path, sizes: MapSizes, log_level: EbpfLogLevel) -> Result<Self> {
         super::bpffs::ensure_mounted(Path::new(super::bpffs::DEFAULT_MOUNT))?;
         super::bpffs::create_pin_dir(pin_dir)?;
+        // Whether an agent of this layout left a backends array, or this load creates it empty.
+        let backends_array_left = pin_dir.join(map_names::BACKENDS4).exists();
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(pin_dir)
@@ -138,7 +140,7 @@ impl Datapath {
             migrate_legacy_slots(pin_dir, &mut installed, &mut maps, &mut slot_ranges)?;
         }
         if pin_dir.join(map_names::LEGACY_BACKENDS4).exists() {
-            migrate_legacy_backends(pin_dir, &mut maps)?;
+            migrate_legacy_backends(pin_dir, &mut maps, backends_array_left)?;
         }
         remove_retired_pins(pin_dir)?;
         // Rewritten whole before any program of this load is attached: a map new to the pin
@@ -468,7 +470,10 @@ fn migrate_legacy_slots(
 /// The hash map is the truth: it is unpinned right after this copy, so a load that finds it
 /// follows an earlier release's agent (an upgrade, or an upgrade again after a rollback, when
 /// the array still holds what this release last wrote). Every cell it does not hold is vacated.
-fn migrate_legacy_backends(pin_dir: &Path, maps: &mut Maps) -> Result<()> {
+/// An array this load created (`array_left` false: the first upgrade) is all vacant cells and
+/// is not read: reading its `MAX_BACKENDS` cells is most of the migration's time (70 ms of a
+/// debug build's), which the agent's first sync waits for.
+fn migrate_legacy_backends(pin_dir: &Path, maps: &mut Maps, array_left: bool) -> Result<()> {
     let name = map_names::LEGACY_BACKENDS4;
     let legacy: HashMap<MapData, u32, Backend4> = open_map(pin_dir, name, Access::ReadOnly)?;
     let legacy: BTreeMap<u32, Backend4> = super::batch::read_map(&legacy)
@@ -476,8 +481,12 @@ fn migrate_legacy_backends(pin_dir: &Path, maps: &mut Maps) -> Result<()> {
         .into_iter()
         .filter(|(id, backend)| *id < limits::MAX_BACKENDS && backend.in_use())
         .collect();
-    let cells = super::batch::read_map(&maps.backends)
-        .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?;
+    let cells = if array_left {
+        super::batch::read_map(&maps.backends)
+            .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?
+    } else {
+        Vec::new()
+    };
     let stale = cells
         .into_iter()
         .filter(|(id, cell)| cell.in_use() && !legacy.contains_key(id));
