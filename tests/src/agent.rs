@@ -114,6 +114,22 @@ impl AgentLab {
     /// As [`Self::start_agent`], through a wrapper command that execs `lb` (its program and
     /// arguments, `lb run ...` appended), e.g. `setpriv` to limit its capabilities.
     pub fn start_agent_through(&mut self, wrapper: &[&str], extra: &[&str]) -> anyhow::Result<()> {
+        let lb = peer::sibling_binary("lb")?;
+        self.start_file_agent(&lb, wrapper, extra)
+    }
+
+    /// As [`Self::start_agent`], with another `lb` binary than the workspace's (an earlier
+    /// release's, [`crate::previous::agent`]): its flags must be the ones used here.
+    pub fn start_agent_binary(&mut self, lb: &Path, extra: &[&str]) -> anyhow::Result<()> {
+        self.start_file_agent(lb, &[], extra)
+    }
+
+    fn start_file_agent(
+        &mut self,
+        lb: &Path,
+        wrapper: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
         let manifests = self.manifests();
         let source = [
             "--source",
@@ -121,7 +137,7 @@ impl AgentLab {
             "--manifests",
             manifests.to_str().unwrap_or_default(),
         ];
-        self.start_agent_from(&source, wrapper, extra)
+        self.spawn_agent(lb, &source, wrapper, extra)
     }
 
     /// As [`Self::start_agent_through`], with the source's flags given (e.g. `--source kube
@@ -132,8 +148,18 @@ impl AgentLab {
         wrapper: &[&str],
         extra: &[&str],
     ) -> anyhow::Result<()> {
-        let before = self.synced_lines();
         let lb = peer::sibling_binary("lb")?;
+        self.spawn_agent(&lb, source, wrapper, extra)
+    }
+
+    fn spawn_agent(
+        &mut self,
+        lb: &Path,
+        source: &[&str],
+        wrapper: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        let before = self.synced_lines();
         let mut args = vec!["run"];
         args.extend_from_slice(source);
         args.extend([

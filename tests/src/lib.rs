@@ -10,6 +10,7 @@
 //!   `BPF_PROG_TEST_RUN` tests;
 //! - [`bare_xdp`]: a two-instruction XDP_PASS program, the per-packet bench's floor;
 //! - [`private_bpffs`]: a bpffs mount no one else sees, for tests of the pin directory's checks;
+//! - [`previous`]: the agent of an earlier release, built from this clone's history (the upgrade row);
 //! - [`soak`]: the reliability suite's fault scenarios under load (`lb-soak`, tests/tests/reliability.rs).
 
 pub mod agent;
@@ -22,6 +23,7 @@ pub mod node;
 pub mod packet;
 pub mod packet6;
 pub mod peer;
+pub mod previous;
 pub mod private_bpffs;
 pub mod soak;
 pub mod table;

@@ -853,6 +853,17 @@ pub fn map_full(scale: &Scale) -> anyhow::Result<Row> {
 
 /// The agent on node1 serving `web` (NodePort, `etp`) on the three pods, with `extra` flags.
 fn file_lab(etp: &str, endpoints: &[(Ipv4Addr, &str)], extra: &[&str]) -> anyhow::Result<AgentLab> {
+    file_lab_of(None, etp, endpoints, extra)
+}
+
+/// As [`file_lab`], with the `lb` binary given (an earlier release's) instead of the
+/// workspace's when `lb` is Some.
+fn file_lab_of(
+    lb: Option<&Path>,
+    etp: &str,
+    endpoints: &[(Ipv4Addr, &str)],
+    extra: &[&str],
+) -> anyhow::Result<AgentLab> {
     let mut setup = AgentLab::new()?;
     std::fs::write(
         setup.manifests().join("web.yaml"),
@@ -867,7 +878,10 @@ fn file_lab(etp: &str, endpoints: &[(Ipv4Addr, &str)], extra: &[&str]) -> anyhow
         setup.manifests().join("web-slice.yaml"),
         crate::agent::endpoint_slice("web", endpoints),
     )?;
-    setup.start_agent(extra)?;
+    match lb {
+        Some(lb) => setup.start_agent_binary(lb, extra)?,
+        None => setup.start_agent(extra)?,
+    }
     Ok(setup)
 }
 
@@ -1231,13 +1245,76 @@ pub fn snat_pressure(scale: &Scale) -> anyhow::Result<Row> {
 
 /// An agent upgrade as the DaemonSet does it, onto the same map layout: SIGTERM, then a new
 /// agent on the pinned maps, under established connections (one each, a request every 20 ms)
-/// and connect/request/close to the loaded Service. A changed layout is not run (no agent of
-/// another layout is at hand): docs/deploy.md says what each past layout change keeps and
-/// drops. The established connections' conntrack entries must survive.
+/// and connect/request/close to the loaded Service. The established connections' conntrack
+/// entries must survive, the datapath drop nothing, and new connections once the new agent
+/// has synced reach every endpoint.
 pub fn upgrade_restart(_scale: &Scale) -> anyhow::Result<Row> {
+    upgrade(
+        Row::new("Agent upgrade, same map layout (SIGTERM, new agent on the pins)"),
+        None,
+    )
+}
+
+/// The upgrade of [`upgrade_restart`] from the agent of an earlier release, `previous` (a
+/// commit of this clone, built by [`crate::previous::agent`]), whose pinned maps have another
+/// layout: at [`crate::previous::DEFAULT_REV`] the IPv4 backends are the hash map `lb4_be_v1`,
+/// which the new agent copies into the array `lb4_be_v2` under the same ids and unpins, and
+/// `lb monitor`'s maps do not exist yet. Besides the same-layout row's checks: that layout was
+/// there before (so `previous` must be a commit of it), the backends are in `lb4_be_v2` under
+/// their ids after, with `lb4_be_v1` unpinned and the monitor's maps pinned.
+pub fn upgrade_changed_layout(_scale: &Scale, previous: &str) -> anyhow::Result<Row> {
+    let binary = crate::previous::agent(previous)?;
+    upgrade(
+        Row::new(&format!(
+            "Agent upgrade, changed map layout (from {previous}: SIGTERM, new agent on the \
+             pins, lb4_be_v1 migrated to lb4_be_v2)"
+        )),
+        Some(&binary),
+    )
+}
+
+/// The top-level pins of a pin directory, and the IPv4 backends by id of the layout found
+/// there: the hash map `lb4_be_v1` while it is pinned, else the array `lb4_be_v2`.
+#[derive(Debug, Default)]
+struct Layout {
+    pins: BTreeSet<String>,
+    backends: BTreeMap<u32, String>,
+}
+
+impl Layout {
+    fn of(pin_dir: &Path) -> anyhow::Result<Self> {
+        let pins = std::fs::read_dir(pin_dir)?
+            .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+            .collect::<anyhow::Result<BTreeSet<_>>>()?;
+        let backends = if pins.contains(lb_common::map_names::LEGACY_BACKENDS4) {
+            let map =
+                aya::maps::MapData::from_pin(pin_dir.join(lb_common::map_names::LEGACY_BACKENDS4))?;
+            aya::maps::HashMap::<_, u32, lb_common::Backend4>::try_from(aya::maps::Map::HashMap(
+                map,
+            ))?
+            .iter()
+            .map(|entry| {
+                let (id, backend) = entry?;
+                let addr = Ipv4Addr::from(u32::from_be(backend.addr));
+                Ok((id, format!("{addr}:{}", u16::from_be(backend.port))))
+            })
+            .collect::<anyhow::Result<_>>()?
+        } else {
+            lb_userspace::observe::inspect::PinnedMaps::open(pin_dir)?
+                .backends()?
+                .into_iter()
+                .map(|backend| (backend.id, backend.address))
+                .collect()
+        };
+        Ok(Self { pins, backends })
+    }
+}
+
+/// The upgrade rows: the agent of `previous` (HEAD's when None) under load, SIGTERM, HEAD's
+/// agent on the same pins.
+fn upgrade(mut row: Row, previous: Option<&Path>) -> anyhow::Result<Row> {
     let started = Instant::now();
-    let mut row = Row::new("Agent upgrade, same map layout (SIGTERM, new agent on the pins)");
-    let mut setup = file_lab("Cluster", &pods(), &[])?;
+    let mut setup = file_lab_of(previous, "Cluster", &pods(), &[])?;
     row.rss_before_kib = setup.agent_pid().and_then(rss_kib);
     let lead = Duration::from_secs(1);
     let tail = Duration::from_secs(3);
@@ -1248,50 +1325,131 @@ pub fn upgrade_restart(_scale: &Scale) -> anyhow::Result<Row> {
         ..LoadSpec::node_port(lead + tail)
     };
     let churning = LoadSpec::node_port(lead + tail);
+    // New connections once the new agent has synced.
+    let after = LoadSpec::node_port(Duration::from_secs(1));
     let client = setup.cluster.client.clone();
     let mut restart = Duration::ZERO;
-    let (flows_before, flows_after) = (std::cell::Cell::new(0usize), std::cell::Cell::new(0usize));
-    let (report, cycled) = std::thread::scope(|scope| -> anyhow::Result<_> {
+    let mut flows_before = std::collections::HashSet::new();
+    let mut flows_after = std::collections::HashSet::new();
+    let mut layout_before = Layout::default();
+    let (report, cycled, fresh) = std::thread::scope(|scope| -> anyhow::Result<_> {
         let handle = established.spawn(scope, &client, None);
         let cycling = churning.spawn(scope, &client, None);
         std::thread::sleep(lead);
         // The established connections' client-side flows (FLOW entries, keyed by the client).
-        let client_flows = |setup: &AgentLab| -> anyhow::Result<usize> {
-            let client = u32::from(crate::topology::CLIENT_ADDR);
-            Ok(setup
-                .conntrack()?
-                .iter()
-                .filter(|(key, value)| {
-                    key.saddr == client && value.state == lb_common::tcp_state::ESTABLISHED
-                })
-                .count())
-        };
-        flows_before.set(client_flows(&setup)?);
+        let client_flows =
+            |setup: &AgentLab| -> anyhow::Result<std::collections::HashSet<lb_common::Ct4Key>> {
+                let client = u32::from(crate::topology::CLIENT_ADDR);
+                Ok(setup
+                    .conntrack()?
+                    .into_iter()
+                    .filter(|(key, value)| {
+                        key.saddr == client && value.state == lb_common::tcp_state::ESTABLISHED
+                    })
+                    .map(|(key, _)| key)
+                    .collect())
+            };
+        flows_before = client_flows(&setup)?;
+        layout_before = Layout::of(setup.pin_dir())?;
         setup.stop_agent(Duration::from_secs(5))?;
         let began = Instant::now();
         setup.start_agent(&[])?;
         restart = began.elapsed();
-        flows_after.set(client_flows(&setup)?);
-        Ok((joined(handle)?, joined(cycling)?))
+        flows_after = client_flows(&setup)?;
+        let fresh = after.spawn(scope, &client, None);
+        Ok((joined(handle)?, joined(cycling)?, joined(fresh)?))
     })?;
+    let layout_after = Layout::of(setup.pin_dir())?;
     row.load_report(&established.describe(), &report);
-    row.load_report(
-        &format!("{}; and {}", established.describe(), churning.describe()),
-        &cycled,
+    row.load_report(&churning.describe(), &cycled);
+    row.load_report(&after.describe(), &fresh);
+    row.load = format!(
+        "{}; and {}; then {} s of the latter after the upgrade",
+        established.describe(),
+        churning.describe(),
+        after.duration.as_secs()
     );
     row.rate_per_s = report.latency.as_ref().map_or(0, |l| l.rate_per_s)
         + cycled.latency.as_ref().map_or(0, |l| l.rate_per_s);
     row.zero_failures("established and new connections");
     row.converged(restart);
+    // The connect/request/close clients add a few entries of their own, briefly: the held
+    // connections' entries are the ones there both before and after.
+    let kept = flows_before.intersection(&flows_after).count();
     row.check(
         "the established connections' conntrack entries kept",
-        // The connect/request/close clients add a few of their own, briefly.
-        flows_after.get() >= established.clients && flows_before.get() >= established.clients,
+        kept >= established.clients,
         format!(
-            "{} established entries of the client before, {} after, for {} connections",
-            flows_before.get(),
-            flows_after.get(),
+            "{} established entries of the client before, {} after, {kept} the same, for {} \
+             held connections",
+            flows_before.len(),
+            flows_after.len(),
             established.clients
+        ),
+    );
+    if previous.is_some() {
+        let (legacy, array) = (
+            lb_common::map_names::LEGACY_BACKENDS4,
+            lb_common::map_names::BACKENDS4,
+        );
+        let monitor = [
+            lb_common::map_names::MONITOR_EVENTS,
+            lb_common::map_names::MONITOR_CONTROL,
+            lb_common::map_names::MONITOR_LOST,
+        ];
+        row.check(
+            "the earlier layout before the upgrade",
+            layout_before.pins.contains(legacy)
+                && !layout_before.pins.contains(array)
+                && monitor.iter().all(|map| !layout_before.pins.contains(*map)),
+            format!("pins before: {:?}", layout_before.pins),
+        );
+        row.check(
+            "lb4_be_v1 unpinned, lb4_be_v2 and the monitor's maps pinned",
+            !layout_after.pins.contains(legacy)
+                && layout_after.pins.contains(array)
+                && monitor.iter().all(|map| layout_after.pins.contains(*map)),
+            format!("pins after: {:?}", layout_after.pins),
+        );
+        let endpoints: BTreeSet<String> = pods().iter().map(|(addr, _)| backend(*addr)).collect();
+        row.check(
+            "lb4_be_v2 holds the backends under the ids lb4_be_v1 gave them",
+            layout_after.backends == layout_before.backends
+                && layout_after
+                    .backends
+                    .values()
+                    .cloned()
+                    .collect::<BTreeSet<_>>()
+                    == endpoints,
+            format!(
+                "lb4_be_v1 before {:?}, lb4_be_v2 after {:?}",
+                layout_before.backends, layout_after.backends
+            ),
+        );
+    }
+    // The drop counters (`lb_event_v5`, the same map in both layouts) count from the first
+    // agent's load: what either datapath dropped over the run.
+    let drops: BTreeMap<&str, u64> = setup
+        .events()?
+        .into_iter()
+        .filter(|(name, count)| name.starts_with("drop_") && *count > 0)
+        .collect();
+    row.check(
+        "no packet dropped by the datapath",
+        drops.is_empty(),
+        format!("{drops:?}"),
+    );
+    let servers: BTreeSet<&str> = fresh.by_server.keys().map(String::as_str).collect();
+    row.check(
+        "new connections after the upgrade served by every endpoint",
+        fresh.attempts > 0
+            && fresh.errors == 0
+            && servers == BTreeSet::from(["n1p0", "n1p1", "n2p0"]),
+        format!(
+            "{} of {} answered, by {:?}",
+            fresh.attempts - fresh.errors,
+            fresh.attempts,
+            fresh.by_server
         ),
     );
     row.rss_after_kib = setup.agent_pid().and_then(rss_kib);
@@ -1309,9 +1467,10 @@ pub fn not_run(fault: &str, reason: &str) -> Row {
 
 /// Every row, in the order of docs/reliability.md: the ones run, measured at `scale`, and the ones not run
 /// with the reason. `only` keeps the rows whose fault starts with one of its words
-/// (case-insensitive); empty: all.
-pub fn all(scale: &Scale, only: &[String]) -> Vec<Row> {
-    type Scenario = Box<dyn Fn(&Scale) -> anyhow::Result<Row>>;
+/// (case-insensitive); empty: all. `previous` is the commit whose agent the changed-layout
+/// upgrade starts from ([`crate::previous::DEFAULT_REV`] unless a run says otherwise).
+pub fn all(scale: &Scale, only: &[String], previous: &str) -> Vec<Row> {
+    type Scenario<'a> = Box<dyn Fn(&Scale) -> anyhow::Result<Row> + 'a>;
     let rows: Vec<(&str, Scenario)> = vec![
         ("outage", Box::new(api_outage)),
         ("crash", Box::new(crash_loop)),
@@ -1327,7 +1486,11 @@ pub fn all(scale: &Scale, only: &[String]) -> Vec<Row> {
         ("conntrack", Box::new(conntrack_pressure)),
         ("snat", Box::new(snat_pressure)),
         ("map-full", Box::new(map_full)),
-        ("upgrade", Box::new(upgrade_restart)),
+        ("upgrade-same", Box::new(upgrade_restart)),
+        (
+            "upgrade-changed",
+            Box::new(move |s: &Scale| upgrade_changed_layout(s, previous)),
+        ),
     ];
     rows.into_iter()
         .filter(|(name, _)| {

@@ -81,3 +81,14 @@ fn an_agent_upgrade_onto_the_same_layout_keeps_established_flows() {
     let _serial = one_at_a_time();
     assert_met(&soak::upgrade_restart(&Scale::short()).expect("scenario"));
 }
+
+#[test]
+fn an_agent_upgrade_from_an_earlier_map_layout_migrates_and_keeps_established_flows() {
+    let _serial = one_at_a_time();
+    // The earlier release's agent is built on the first run (target/previous/), inside the
+    // lock: no row measures while it builds.
+    assert_met(
+        &soak::upgrade_changed_layout(&Scale::short(), lab::previous::DEFAULT_REV)
+            .expect("scenario"),
+    );
+}

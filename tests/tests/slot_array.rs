@@ -294,6 +294,36 @@ fn backends_an_earlier_release_kept_in_the_hash_map_are_moved_into_the_array() {
 }
 
 #[test]
+fn backends_of_a_first_upgrade_are_moved_into_a_new_array() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "befirst").expect("pins");
+    // No agent of this layout ran here: the earlier release's hash map is all there is.
+    let legacy_path = pins.path().join(map_names::LEGACY_BACKENDS4);
+    let mut legacy = HashMap::<MapData, u32, Backend4>::create(64, 0).expect("legacy map");
+    for id in [1, 5, 7] {
+        let addr = backend_addr(id);
+        let value = Backend4 {
+            addr: u32::from(*addr.ip()).to_be(),
+            port: addr.port().to_be(),
+            proto: proto::TCP,
+            flags: 0,
+        };
+        legacy.insert(&id, &value, 0).expect("legacy backend");
+    }
+    legacy.pin(&legacy_path).expect("pin legacy map");
+
+    let mut datapath = Datapath::load(pins.path()).expect("load after the earlier release");
+    assert!(!legacy_path.exists(), "the retired map is unpinned");
+    let backends = datapath.backends().expect("backends");
+    assert_eq!(backends.keys().copied().collect::<Vec<_>>(), [1, 5, 7]);
+    assert_eq!(backends[&5].addr, IpAddr::V4(*backend_addr(5).ip()));
+    datapath
+        .put_service(&service(1, 1, vec![1, 7]))
+        .expect("service");
+    assert_eq!(reached(&datapath, 1, 64), addrs(&[1, 7]));
+}
+
+#[test]
 fn a_removed_backend_is_vacated_and_never_selected_again() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "bevacate").expect("pins");

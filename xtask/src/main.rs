@@ -45,7 +45,9 @@ enum Task {
     /// target/soak/soak.json and the table of docs/reliability.md. Not part of `test`, whose
     /// reliability.rs runs each row for seconds.
     Soak {
-        /// Extra arguments for lb-soak, e.g. `--only outage,crash` or `--short`.
+        /// Extra arguments for lb-soak, e.g. `--only outage,crash`, `--short`, or `--previous
+        /// REV` (the earlier release the changed-layout upgrade starts from; its agent is built
+        /// into target/previous/ on first use).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -98,6 +98,8 @@ impl Datapath {
     pub fn load_with(pin_dir: &Path, sizes: MapSizes, log_level: EbpfLogLevel) -> Result<Self> {
         super::bpffs::ensure_mounted(Path::new(super::bpffs::DEFAULT_MOUNT))?;
         super::bpffs::create_pin_dir(pin_dir)?;
+        // Whether an agent of this layout left a backends array, or this load creates it empty.
+        let backends_array_left = pin_dir.join(map_names::BACKENDS4).exists();
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(pin_dir)
@@ -110,10 +112,7 @@ impl Datapath {
                 pin_dir: pin_dir.to_owned(),
                 source: Box::new(source),
             })?;
-        load_and_pin::<Xdp>(&mut ebpf, program_names::XDP_LB, pin_dir)?;
-        for (_, name) in PROTOCOL_PROGRAMS {
-            load_and_pin::<Xdp>(&mut ebpf, name, pin_dir)?;
-        }
+        load_xdp_programs(&mut ebpf, pin_dir)?;
         install_tail_calls(&mut ebpf)?;
         load_and_pin::<SchedClassifier>(&mut ebpf, program_names::TC_EGRESS, pin_dir)?;
         for hook in SOCKET_HOOKS {
@@ -138,7 +137,7 @@ impl Datapath {
             migrate_legacy_slots(pin_dir, &mut installed, &mut maps, &mut slot_ranges)?;
         }
         if pin_dir.join(map_names::LEGACY_BACKENDS4).exists() {
-            migrate_legacy_backends(pin_dir, &mut maps)?;
+            migrate_legacy_backends(pin_dir, &mut maps, backends_array_left)?;
         }
         remove_retired_pins(pin_dir)?;
         // Rewritten whole before any program of this load is attached: a map new to the pin
@@ -472,7 +471,10 @@ fn migrate_legacy_slots(
 /// The hash map is the truth: it is unpinned right after this copy, so a load that finds it
 /// follows an earlier release's agent (an upgrade, or an upgrade again after a rollback, when
 /// the array still holds what this release last wrote). Every cell it does not hold is vacated.
-fn migrate_legacy_backends(pin_dir: &Path, maps: &mut Maps) -> Result<()> {
+/// An array this load created (`array_left` false: the first upgrade) is all vacant cells and
+/// is not read: reading its `MAX_BACKENDS` cells is most of the migration's time (70 ms of a
+/// debug build's), which the agent's first sync waits for.
+fn migrate_legacy_backends(pin_dir: &Path, maps: &mut Maps, array_left: bool) -> Result<()> {
     let name = map_names::LEGACY_BACKENDS4;
     let legacy: HashMap<MapData, u32, Backend4> = open_map(pin_dir, name, Access::ReadOnly)?;
     let legacy: BTreeMap<u32, Backend4> = super::batch::read_map(&legacy)
@@ -480,8 +482,12 @@ fn migrate_legacy_backends(pin_dir: &Path, maps: &mut Maps) -> Result<()> {
         .into_iter()
         .filter(|(id, backend)| *id < limits::MAX_BACKENDS && backend.in_use())
         .collect();
-    let cells = super::batch::read_map(&maps.backends)
-        .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?;
+    let cells = if array_left {
+        super::batch::read_map(&maps.backends)
+            .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?
+    } else {
+        Vec::new()
+    };
     let stale = cells
         .into_iter()
         .filter(|(id, cell)| cell.in_use() && !legacy.contains_key(id));
@@ -720,11 +726,68 @@ where
     let program: &mut P = program_mut(ebpf, name)?;
     program
         .load_program()
-        .map_err(|source| DatapathError::Program {
+        .map_err(|source| verifier_error(name, source))?;
+    pin_program(program, name, pin_dir)
+}
+
+fn verifier_error(name: &'static str, source: ProgramError) -> DatapathError {
+    DatapathError::Program {
+        program: name,
+        operation: "load (verifier)".into(),
+        source: Box::new(source),
+    }
+}
+
+/// Loads `lb_xdp` and the protocol programs it tail-calls on a thread each, then pins them as
+/// [`load_and_pin`] does. The kernel verifies a program on the CPU of the thread that loads
+/// it, and these three are most of the verifier's time at load (0.4 to 0.7 s each on the
+/// lab's 2-core machines, 1.5 s one after the other), which a restarted or upgraded agent's
+/// first sync waits for.
+fn load_xdp_programs(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<()> {
+    let names: Vec<&'static str> = std::iter::once(program_names::XDP_LB)
+        .chain(PROTOCOL_PROGRAMS.iter().map(|(_, name)| *name))
+        .collect();
+    let mut programs: Vec<(&'static str, &mut Xdp)> = Vec::with_capacity(names.len());
+    for (found, program) in ebpf.programs_mut() {
+        let Some(&name) = names.iter().find(|name| **name == found) else {
+            continue;
+        };
+        let program = <&mut Xdp>::try_from(program).map_err(|source| DatapathError::Program {
             program: name,
-            operation: "load (verifier)".into(),
+            operation: "type check".into(),
             source: Box::new(source),
         })?;
+        programs.push((name, program));
+    }
+    if let Some(missing) = names
+        .iter()
+        .find(|name| !programs.iter().any(|(found, _)| found == *name))
+    {
+        return Err(DatapathError::MissingProgram(missing));
+    }
+    let loaded: Vec<std::result::Result<(), ProgramError>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = programs
+            .iter_mut()
+            .map(|(_, program)| scope.spawn(move || program.load()))
+            .collect();
+        threads
+            .into_iter()
+            .map(|thread| {
+                thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    for ((name, program), result) in programs.into_iter().zip(loaded) {
+        result.map_err(|source| verifier_error(name, source))?;
+        pin_program(program, name, pin_dir)?;
+    }
+    Ok(())
+}
+
+/// Pins a loaded program as `<pin_dir>/<name>`, replacing what an earlier run pinned.
+fn pin_program<P: LoadAndPin>(program: &mut P, name: &'static str, pin_dir: &Path) -> Result<()> {
     let path = pin_dir.join(name);
     // A program pinned by an earlier run: the new one takes its place.
     match std::fs::remove_file(&path) {

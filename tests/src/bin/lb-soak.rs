@@ -15,7 +15,8 @@ struct Args {
     #[arg(long)]
     short: bool,
     /// Only the rows whose name starts with one of these (outage, crash, churn,
-    /// rolling-cluster, rolling-local, conntrack, snat, map-full, upgrade).
+    /// rolling-cluster, rolling-local, conntrack, snat, map-full, upgrade-same,
+    /// upgrade-changed; `upgrade` is both).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     #[arg(long, default_value_os_t = soak::default_out())]
@@ -23,6 +24,11 @@ struct Args {
     /// docs/reliability.md: its table between the markers is replaced by this run's.
     #[arg(long)]
     doc: Option<PathBuf>,
+    /// The earlier release the changed-layout upgrade starts from: a commit of this clone
+    /// whose backends map is still `lb4_be_v1` (the row checks its migration), its agent
+    /// built into target/previous/ on first use. The default is the last such commit.
+    #[arg(long, default_value = lab::previous::DEFAULT_REV)]
+    previous: String,
     /// The commit measured, for the document.
     #[arg(long, default_value = "unknown")]
     commit: String,
@@ -40,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     let load_before = lab::lab::load_average();
-    let rows = soak::all(&scale, &args.only);
+    let rows = soak::all(&scale, &args.only, &args.previous);
     let elapsed = started.elapsed();
     let load_after = lab::lab::load_average();
     let date = String::from_utf8(
@@ -69,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let json = serde_json::json!({
-        "date": date, "commit": args.commit, "scale": scale,
+        "date": date, "commit": args.commit, "previous": args.previous, "scale": scale,
         "elapsed_s": elapsed.as_secs_f64(),
         "load_average_before": load_before, "load_average_after": load_after,
         "rows": rows,
