@@ -194,6 +194,7 @@ pub const IPV4_DADDR_OFFSET: usize = 16;
 /// The IPv6 fixed header's length.
 pub const IPV6_HDR_LEN: usize = lb_common::ipv6::IPV6_HDR_LEN;
 /// Offsets inside the IPv6 header.
+pub const IPV6_NEXT_HEADER_OFFSET: usize = 6;
 pub const IPV6_HOP_LIMIT_OFFSET: usize = 7;
 pub const IPV6_SADDR_OFFSET: usize = 8;
 pub const IPV6_DADDR_OFFSET: usize = 24;
@@ -250,7 +251,7 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
     let mut info = Ipv6Info {
         saddr: words(ip, IPV6_SADDR_OFFSET),
         daddr: words(ip, IPV6_DADDR_OFFSET),
-        proto: ip[6],
+        proto: ip[IPV6_NEXT_HEADER_OFFSET],
         hop_limit: ip[IPV6_HOP_LIMIT_OFFSET],
         l4_offset: ETH_HDR_LEN + IPV6_HDR_LEN,
         end,
@@ -288,7 +289,7 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
 
 /// Four words of an address at `offset` of a header, as the packet holds them.
 #[inline(always)]
-fn words<const N: usize>(header: &[u8; N], offset: usize) -> [u32; 4] {
+pub fn words<const N: usize>(header: &[u8; N], offset: usize) -> [u32; 4] {
     let bytes = &header[offset..offset + 16];
     // SAFETY: 16 bytes inside the header, read without an alignment requirement.
     unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<[u32; 4]>()) }

@@ -64,14 +64,14 @@ pub fn lb_xdp_udp(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6(ctx: XdpContext) -> u32 {
-    verdict(&ctx, try_lb_xdp6::<{ proto::TCP }>(&ctx))
+    verdict6(&ctx, try_lb_xdp6::<{ proto::TCP }>(&ctx), false)
 }
 
 /// The datapath for UDP over IPv6, tail-called by `lb_xdp6`.
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6_udp(ctx: XdpContext) -> u32 {
-    verdict(&ctx, try_lb_xdp6::<{ proto::UDP }>(&ctx))
+    verdict6(&ctx, try_lb_xdp6::<{ proto::UDP }>(&ctx), false)
 }
 
 /// An IPv6 packet to a frontend that no live flow took, tail-called by `lb_xdp6` and
@@ -79,21 +79,21 @@ pub fn lb_xdp6_udp(ctx: XdpContext) -> u32 {
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6_frontend(ctx: XdpContext) -> u32 {
-    verdict(&ctx, try_frontend6(&ctx))
+    verdict6(&ctx, try_frontend6(&ctx), true)
 }
 
 /// A new IPv6 flow, tail-called by `lb_xdp6_frontend`.
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6_flow(ctx: XdpContext) -> u32 {
-    verdict(&ctx, try_new_flow6(&ctx))
+    verdict6(&ctx, try_new_flow6(&ctx), true)
 }
 
 /// The first packet of a new IPv6 flow sent on, tail-called by `lb_xdp6_flow`.
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6_deliver(ctx: XdpContext) -> u32 {
-    verdict(&ctx, try_deliver6(&ctx))
+    verdict6(&ctx, try_deliver6(&ctx), true)
 }
 
 /// The datapath for SCTP, tail-called by `lb_xdp` (see [`lb_xdp_udp`]).
@@ -110,6 +110,21 @@ fn verdict(ctx: &XdpContext, result: Result<u32, Event>) -> u32 {
         Err(event) => {
             count_event(event);
             monitor::xdp_drop(ctx, event);
+            debug!(ctx, "xdp: dropped, event {}", event.0);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// [`verdict`] for the IPv6 programs, whose drops `lb monitor` reads as IPv6 (`parsed`: the
+/// program runs after `lb_xdp6` handed the parsed packet on).
+#[inline(always)]
+fn verdict6(ctx: &XdpContext, result: Result<u32, Event>, parsed: bool) -> u32 {
+    match result {
+        Ok(action) => action,
+        Err(event) => {
+            count_event(event);
+            monitor::xdp_drop6(ctx, event, parsed);
             debug!(ctx, "xdp: dropped, event {}", event.0);
             xdp_action::XDP_DROP
         }

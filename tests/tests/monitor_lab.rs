@@ -1,6 +1,6 @@
 //! `lb monitor` with the real agent and real TCP traffic in the lab: a packet dropped by
 //! loadBalancerSourceRanges, a connection rejected for want of endpoints, a new flow and its end
-//! each appear with their fields; one monitor runs at a time; the monitor turns the programs'
+//! each appear with their fields, over IPv4 and over IPv6; one monitor runs at a time; the monitor turns the programs'
 //! reports off when it exits, and the agent turns off those of a monitor that died. The
 //! programs' own logging (`--ebpf-log-level`) reaches the agent's log.
 
@@ -11,10 +11,12 @@ use std::{
 
 use aya::maps::{Array, Map, MapData};
 use lab::{
-    agent::{AgentLab, endpoint_slice},
+    agent::{
+        AgentLab, POD_PORT, dual_stack_agent, endpoint_slice, endpoint_slice6, service_of_families,
+    },
     lab::{Proc, wait_for_log},
     peer::{self, ClientRun},
-    topology::{CLIENT_ADDR, node_addr, pod_addr},
+    topology::{CLIENT_ADDR, CLIENT_ADDR6, node_addr, node_addr6, pod_addr, pod_addr6},
 };
 use lb_common::{map_names, monitor::MonitorControl};
 use serde_json::Value;
@@ -213,6 +215,135 @@ fn a_drop_a_reject_a_new_flow_and_its_end_appear_with_their_fields() {
         .stop(Duration::from_secs(5))
         .expect("monitor exits on SIGTERM");
     assert_eq!(control(&lab), MonitorControl::default(), "and off after it");
+}
+
+/// The IPv6 twin from outside the node: XDP's IPv6 programs report a source-range drop, a
+/// REJECT and a new flow with the IPv6 addresses of the packet (a drop is read again from the
+/// packet, as an IPv4 one is).
+#[test]
+fn ipv6_drops_rejects_and_new_flows_from_outside_appear_with_their_addresses() {
+    let lab = dual_stack_agent();
+    let lb6 = "2001:db8:51::20";
+    let client = &lab.cluster.client;
+    client
+        .route(&["2001:db8:51::/64", "via", &node_addr6(1).to_string()])
+        .expect("route");
+    let web = service_of_families(
+        "web",
+        &["2001:db8:96::10"],
+        "TCP",
+        80,
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: [\"2001:db8:ffff::/48\"]\n",
+    )
+    .replace(
+        &format!("targetPort: {POD_PORT}}}"),
+        &format!("targetPort: {POD_PORT}, nodePort: 30080}}"),
+    ) + &format!("status:\n  loadBalancer:\n    ingress: [{{ip: \"{lb6}\"}}]\n");
+    let empty = service_of_families(
+        "empty",
+        &["2001:db8:96::20"],
+        "TCP",
+        80,
+        "  type: NodePort\n",
+    )
+    .replace(
+        &format!("targetPort: {POD_PORT}}}"),
+        &format!("targetPort: {POD_PORT}, nodePort: 30090}}"),
+    );
+    lab.apply(
+        "six.yaml",
+        &(web
+            + "---\n"
+            + &endpoint_slice6("web", &[(pod_addr6(1, 0), "node1")], "TCP")
+            + "---\n"
+            + &empty),
+    )
+    .expect("apply");
+    let node_port = format!("[{}]:30080", node_addr6(1));
+    let rejecting = format!("[{}]:30090", node_addr6(1));
+    let load_balancer = format!("[{lb6}]:80");
+    wait_until_answered(client, &node_port);
+
+    let log = lab.scratch_file("monitor6.log");
+    let monitor = start_monitor(&lab, &log, &[]);
+    ClientRun::tcp(&node_port, 1)
+        .run(client, None)
+        .expect("client")
+        .assert_all_ok("the NodePort, where no source range applies");
+    let refused = ClientRun {
+        timeout_ms: 300,
+        ..ClientRun::tcp(&load_balancer, 1)
+    }
+    .run(client, None)
+    .expect("client");
+    assert_eq!(refused.errors, 1, "outside the source range: {refused:?}");
+    let rejected = ClientRun::tcp(&rejecting, 1)
+        .run(client, None)
+        .expect("client");
+    assert_eq!(rejected.errors, 1, "{rejected:?}");
+
+    let client_prefix = format!("[{CLIENT_ADDR6}]:");
+    let new_flow = wait_for_event(&log, "IPv6 new flow", |event| {
+        field(event, "kind") == "new" && field(event, "destination") == node_port
+    });
+    assert!(
+        field(&new_flow, "source").starts_with(&client_prefix),
+        "{new_flow}"
+    );
+    assert_eq!(
+        field(&new_flow, "backend"),
+        format!("[{}]:{POD_PORT}", pod_addr6(1, 0)),
+        "{new_flow}"
+    );
+    assert_eq!(field(&new_flow, "program"), "xdp", "{new_flow}");
+    assert_eq!(field(&new_flow, "tcp_flags"), "S", "{new_flow}");
+
+    let drop = wait_for_event(&log, "IPv6 source-range drop", |event| {
+        field(event, "kind") == "drop" && field(event, "reason") == "drop_source_range"
+    });
+    assert!(field(&drop, "source").starts_with(&client_prefix), "{drop}");
+    assert_eq!(field(&drop, "destination"), load_balancer, "{drop}");
+    assert_eq!(field(&drop, "tcp_flags"), "S", "{drop}");
+    assert_eq!(
+        field(&drop, "interface"),
+        lab::topology::FABRIC_IFACE,
+        "{drop}"
+    );
+
+    let reject = wait_for_event(&log, "IPv6 reject", |event| {
+        field(event, "kind") == "reject"
+    });
+    assert_eq!(field(&reject, "reason"), "reject_tcp_rst", "{reject}");
+    assert_eq!(field(&reject, "destination"), rejecting, "{reject}");
+    assert!(
+        field(&reject, "source").starts_with(&client_prefix),
+        "{reject}"
+    );
+
+    monitor
+        .stop(Duration::from_secs(5))
+        .expect("monitor exits on SIGTERM");
+}
+
+/// Waits until a TCP connection from `client` to `target` succeeds (the agent has programmed it).
+fn wait_until_answered(client: &lab::lab::Host, target: &str) {
+    let deadline = Instant::now() + lab::agent::SYNC_TIMEOUT;
+    loop {
+        let probe = ClientRun {
+            timeout_ms: 500,
+            ..ClientRun::tcp(target, 1)
+        }
+        .run(client, None)
+        .expect("client");
+        if probe.errors == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{target} not served in time: {probe:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
