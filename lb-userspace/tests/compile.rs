@@ -442,11 +442,11 @@ fn rows() -> Vec<Row> {
             held: &["default/mapped"],
         },
         Row {
-            name: "Maglev is XDP's: the IPv6 service of a dual-stack port takes no lookup table",
+            name: "Maglev for both families of a dual-stack port (XDP serves both)",
             yaml: "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  annotations: {lb.io/load-balancing: maglev}\nspec:\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00::10\"]\n  ports:\n  - {name: http, port: 80}\n".to_owned(),
             expected: &[
                 "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0 maglev",
-                "default/web:http/TCP[ipv6] fe=[[fd00::10]:80 cluster] be=[] affinity=0",
+                "default/web:http/TCP[ipv6] fe=[[fd00::10]:80 cluster] be=[] affinity=0 maglev",
             ],
             problems: &[],
             held: &[],

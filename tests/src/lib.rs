@@ -8,6 +8,7 @@
 //! - [`peer`]: the `lab-peer` TCP/UDP servers and clients and their reports;
 //! - [`packet`], [`packet6`] and [`table`]: crafted frames (IPv4, IPv6) and table-driven
 //!   `BPF_PROG_TEST_RUN` tests;
+//! - [`maglev_reference`]: Maglev's table and flow hash built apart from the code under test;
 //! - [`bare_xdp`]: a two-instruction XDP_PASS program, the per-packet bench's floor;
 //! - [`private_bpffs`]: a bpffs mount no one else sees, for tests of the pin directory's checks;
 //! - [`previous`]: the agent of an earlier release, built from this clone's history (the upgrade row);
@@ -19,6 +20,7 @@ pub mod fake_apiserver;
 pub mod http;
 pub mod kube_agent;
 pub mod lab;
+pub mod maglev_reference;
 pub mod node;
 pub mod packet;
 pub mod packet6;

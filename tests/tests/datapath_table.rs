@@ -651,7 +651,7 @@ fn maglev_services_pick_the_backend_the_lookup_table_gives() {
         .map(|pod| format!("{}:{}/{}", pod.ip(), pod.port(), proto::TCP))
         .collect();
     // Three backends: the smallest size of the ladder with 100 slots each, 509.
-    let table = maglev_reference_table(&identities, 509);
+    let table = lab::maglev_reference::table(&identities, 509);
     let program = datapath
         .program_fd(lb_common::program_names::XDP_LB)
         .expect("fd");
@@ -659,7 +659,7 @@ fn maglev_services_pick_the_backend_the_lookup_table_gives() {
     let mut reached = std::collections::BTreeSet::new();
     for port in 41000..41030u16 {
         let client = SocketAddrV4::new(*CLIENT.ip(), port);
-        let hash = reference_flow_hash(
+        let hash = lab::maglev_reference::flow_hash(
             u32::from(*client.ip()),
             u32::from(NODE),
             port,
@@ -741,7 +741,7 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
         (43000..43020u16)
             .map(|port| {
                 let client = SocketAddrV4::new(*CLIENT.ip(), port);
-                let hash = reference_flow_hash(
+                let hash = lab::maglev_reference::flow_hash(
                     u32::from(*client.ip()),
                     u32::from(*frontend.ip()),
                     port,
@@ -842,68 +842,6 @@ fn every_service_can_have_a_maglev_table_of_its_own_size() {
         before + 40,
         "every one counted"
     );
-}
-
-/// A Maglev lookup table of `m` slots by pseudocode 1 of Eisenbud et al., "Maglev: A Fast and
-/// Reliable Software Network Load Balancer" (NSDI 2016, section 3.4), as docs/maglev.md
-/// specifies it: backends in the order of their identities, offset and skip from SipHash-1-3
-/// (the `siphasher` crate) of the identity under the documented keys. Returns, for each slot,
-/// the index into `identities` of its backend.
-fn maglev_reference_table(identities: &[String], m: usize) -> Vec<usize> {
-    use std::hash::Hasher as _;
-    let siphash = |key: &[u8; 16], data: &[u8]| {
-        let k0 = u64::from_le_bytes(key[..8].try_into().expect("8 bytes"));
-        let k1 = u64::from_le_bytes(key[8..].try_into().expect("8 bytes"));
-        let mut hasher = siphasher::sip::SipHasher13::new_with_keys(k0, k1);
-        hasher.write(data);
-        hasher.finish()
-    };
-    let mut order: Vec<usize> = (0..identities.len()).collect();
-    order.sort_by(|&a, &b| identities[a].cmp(&identities[b]));
-    let permutation: Vec<(usize, usize)> = order
-        .iter()
-        .map(|&i| {
-            let identity = identities[i].as_bytes();
-            let offset = siphash(b"lb-maglev-offset", identity) % m as u64;
-            let skip = siphash(b"lb-maglev-skip!!", identity) % (m as u64 - 1) + 1;
-            (offset as usize, skip as usize)
-        })
-        .collect();
-    let mut next = vec![0usize; order.len()];
-    let mut entry: Vec<Option<usize>> = vec![None; m];
-    let mut filled = 0;
-    loop {
-        for (turn, &(offset, skip)) in permutation.iter().enumerate() {
-            let mut c = (offset + next[turn] * skip) % m;
-            while entry[c].is_some() {
-                next[turn] += 1;
-                c = (offset + next[turn] * skip) % m;
-            }
-            entry[c] = Some(order[turn]);
-            next[turn] += 1;
-            filled += 1;
-            if filled == m {
-                return entry.into_iter().map(|e| e.expect("filled")).collect();
-            }
-        }
-    }
-}
-
-/// The flow hash docs/maglev.md specifies: MurmurHash3 x86_32 (the `murmur3` crate), seed
-/// "lbfh" little-endian, over the 16 little-endian bytes of saddr, daddr, sport << 16 | dport
-/// and the protocol.
-fn reference_flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, protocol: u8) -> u32 {
-    let mut bytes = Vec::with_capacity(16);
-    for word in [
-        saddr,
-        daddr,
-        u32::from(sport) << 16 | u32::from(dport),
-        u32::from(protocol),
-    ] {
-        bytes.extend_from_slice(&word.to_le_bytes());
-    }
-    let seed = u32::from_le_bytes(*b"lbfh");
-    murmur3::murmur3_32(&mut std::io::Cursor::new(bytes), seed).expect("hashing a buffer")
 }
 
 /// A datapath whose NodePort service's only backend is on another node, with a SNAT range of

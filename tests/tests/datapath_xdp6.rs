@@ -254,3 +254,71 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     assert_eq!(flow.service_id, 1);
     assert_eq!(flow.state, tcp_state::CLOSING);
 }
+
+/// Maglev over IPv6: each new flow goes to the backend that slot `flow_hash6 % M` of the
+/// service's table names, the table and the hash built here apart from the agent
+/// (`lab::maglev_reference`), so every node picks the same backend for an IPv6 flow.
+#[test]
+fn ipv6_maglev_services_pick_the_backend_the_lookup_table_gives() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "maglev6").expect("pin dir");
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    let pods: Vec<SocketAddrV6> = (0x10..0x13)
+        .map(|host| {
+            SocketAddrV6::new(
+                Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, host),
+                8080,
+                0,
+                0,
+            )
+        })
+        .collect();
+    for (id, pod) in (1..).zip(&pods) {
+        let backend = Backend {
+            addr: IpAddr::V6(*pod.ip()),
+            port: pod.port(),
+            proto: proto::TCP,
+            flags: backend_flags::LOCAL,
+        };
+        datapath.put_backend(id, &backend).expect("backend");
+    }
+    let service = Service {
+        id: 1,
+        frontends: vec![node_port(NODE_PORT, proto::TCP)],
+        backends: vec![1, 2, 3],
+        flags: service_flags::MAGLEV,
+        ..Default::default()
+    };
+    datapath.put_service(&service).expect("maglev service");
+    let identities: Vec<String> = pods
+        .iter()
+        .map(|pod| format!("{}:{}/{}", pod.ip(), pod.port(), proto::TCP))
+        .collect();
+    // Three backends: the smallest size of the ladder with 100 slots each, 509.
+    let table = lab::maglev_reference::table(&identities, 509);
+    let mut cases = Vec::new();
+    let mut reached = std::collections::BTreeSet::new();
+    for port in 41000..41030u16 {
+        let hash =
+            lab::maglev_reference::flow_hash6(CLIENT_ADDR, NODE, port, NODE_PORT, proto::TCP);
+        let pod = pods[table[hash as usize % table.len()]];
+        reached.insert(pod);
+        cases.push(case(
+            "IPv6 Maglev new flow",
+            tcp(client(port), FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(tcp(client(port), pod, TcpFlags::SYN, b"")),
+        ));
+    }
+    run_table(
+        datapath.program_fd(program_names::XDP_LB).expect("lb_xdp"),
+        &cases,
+    );
+    assert_eq!(reached.len(), 3, "30 flows reach all three backends");
+    assert_eq!(datapath.events().expect("events")["maglev_fallback"], 0);
+    assert_eq!(
+        datapath.installed_services()[&1].maglev_size,
+        Some(509),
+        "the service's table size as the agent records it"
+    );
+}

@@ -458,14 +458,7 @@ pub(super) fn compile_service(
                         frontends,
                         backends,
                         affinity_timeout_s,
-                        // Maglev is XDP's, which serves IPv4 only: an IPv6 service would hold a
-                        // lookup table nothing reads.
-                        flags: flags
-                            | if family == Family::V4 {
-                                algorithm_flags
-                            } else {
-                                0
-                            },
+                        flags: flags | algorithm_flags,
                         source_ranges,
                         weights,
                     },

@@ -201,6 +201,20 @@ fn explain6_on_nic(
             value.backend_count
         )),
     }
+    if let Some(value) = service.filter(|value| value.flags & service_flags::MAGLEV != 0) {
+        let hash = lb_common::maglev::flow_hash6(
+            ipv6_words(*client.ip()),
+            ipv6_words(*destination.ip()),
+            client.port(),
+            destination.port(),
+            protocol,
+        );
+        reasons.push(format!(
+            "a new flow: slot flow_hash6 {hash:#010x} % M of the service's Maglev table (tag \
+             {:#010x}; at random when the table in force has another tag)",
+            value.maglev_table
+        ));
+    }
     let output = run_dry(pin_dir, &build_packet6(client, destination, protocol))?;
     let verdict = verdict_name(output.verdict);
     let answer = describe_answer6(&output.packet, protocol);
