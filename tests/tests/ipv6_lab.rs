@@ -532,6 +532,34 @@ fn a_client_outside_the_node_reaches_an_ipv6_node_port_at_local_and_remote_endpo
         listed.contains(&lab::topology::CLIENT_ADDR6.to_string()),
         "lb conntrack lists the IPv6 client's flows: {flows:#}"
     );
+    let ipv6_flows = flows
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|flow| flow.to_string().contains(':'))
+        .count();
+    let stats = lb_json_stats(&setup);
+    let fill = |map: &str| {
+        stats["maps"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|fill| fill["map"] == map)
+            .cloned()
+            .unwrap_or_else(|| panic!("lb stats shows {map}: {stats:#}"))
+    };
+    let conntrack6 = fill("lb6_ct_v1");
+    assert!(
+        conntrack6["entries"].as_u64().expect("a count") >= 40,
+        "the 40 TCP flows from outside (at least one entry each) fill lb6_ct_v1: {conntrack6} \
+         ({ipv6_flows} listed)"
+    );
+    assert_eq!(conntrack6["capacity"], 131_072, "{conntrack6}");
+    assert_eq!(fill("lb6_affin_v1")["entries"], 0, "no affinity asked");
+}
+
+fn lb_json_stats(setup: &lab::agent::AgentLab) -> serde_json::Value {
+    lab::agent::lb_json(setup.pin_dir(), &["stats"]).expect("lb stats")
 }
 
 /// Waits until a TCP connection to `target` from `client` succeeds (the agent has programmed

@@ -446,6 +446,11 @@ impl PinnedMaps {
                 self.0.affinity.keys(),
                 limits::MAX_AFFINITY,
             ),
+            fill(
+                map_names::AFFINITY6,
+                self.0.affinity6.keys(),
+                limits::MAX_AFFINITY6,
+            ),
             MapFill {
                 map: map_names::SERVICE_COUNTERS,
                 entries: installed.len() as u64,
