@@ -209,8 +209,11 @@ pub mod xdp_programs {
     pub const IPV6_FRONTEND: u32 = 4;
     pub const IPV6_FLOW: u32 = 5;
     pub const IPV6_DELIVER: u32 = 6;
+    /// `lb_xdp6_icmp` ([`crate::program_names::XDP6_ICMP`]): ICMPv6 errors, tail-called by
+    /// `lb_xdp6`.
+    pub const IPV6_ICMP: u32 = 7;
     /// Slots in the array.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Capacities of the maps. Every limit is a constant here; the agent refuses (with an error, never
@@ -299,8 +302,8 @@ pub mod program_names {
     pub const XDP_UDP: &str = "lb_xdp_udp";
     /// XDP for SCTP, tail-called by [`XDP_LB`], as [`XDP_UDP`].
     pub const XDP_SCTP: &str = "lb_xdp_sctp";
-    /// XDP for IPv6, tail-called by [`XDP_LB`] for every IPv6 frame: TCP and ICMPv6 errors
-    /// itself, UDP through [`XDP6_UDP`].
+    /// XDP for IPv6, tail-called by [`XDP_LB`] for every IPv6 frame: TCP itself, UDP through
+    /// [`XDP6_UDP`], ICMPv6 errors through [`XDP6_ICMP`].
     pub const XDP6: &str = "lb_xdp6";
     /// XDP for UDP over IPv6, tail-called by [`XDP6`].
     pub const XDP6_UDP: &str = "lb_xdp6_udp";
@@ -310,6 +313,9 @@ pub mod program_names {
     pub const XDP6_FRONTEND: &str = "lb_xdp6_frontend";
     pub const XDP6_FLOW: &str = "lb_xdp6_flow";
     pub const XDP6_DELIVER: &str = "lb_xdp6_deliver";
+    /// ICMPv6 errors about translated flows, tail-called by [`XDP6`]: a program of its own, as
+    /// its 128-bit address rewrites need a stack of their own.
+    pub const XDP6_ICMP: &str = "lb_xdp6_icmp";
     /// tc egress on the node NICs: reverse NAT of replies from local backends.
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// cgroup/connect4: connect() to a Service goes straight to a backend.

@@ -326,14 +326,21 @@ fn live_flow_of<F: Family>(
 /// entry), live or not.
 #[inline(always)]
 pub fn client_side<F: Family>(tuple: &Tuple<F>) -> Option<CtValue<F::Addr>> {
-    // SAFETY: read-only copies of entries that stay valid for this run (RCU).
+    client_side_entry(tuple).copied()
+}
+
+/// [`client_side`] without the copy, for a path whose stack has no room for one (an IPv6 value
+/// is 104 bytes): the entry itself, valid for this run (RCU), read only.
+#[inline(always)]
+pub fn client_side_entry<F: Family>(tuple: &Tuple<F>) -> Option<&'static CtValue<F::Addr>> {
+    // SAFETY: entries that stay valid for this run (RCU), only read.
     if let Some(entry) = unsafe { F::conntrack().get(&client_key(tuple)) }
         && for_frontend(FlowValue::of(entry), tuple)
     {
-        return Some(*entry);
+        return Some(entry);
     }
     // SAFETY: as above.
-    unsafe { F::conntrack().get(&original_key(tuple)) }.copied()
+    unsafe { F::conntrack().get(&original_key(tuple)) }
 }
 
 /// The key of the FLOW entry of a client's packet.

@@ -263,4 +263,12 @@ pub struct Packet6 {
     /// service has no endpoint to send it to (the REJECT answer).
     pub destination: crate::flow::Destination<crate::family::V6>,
     pub reject: bool,
+    /// `lb_xdp6_icmp`'s copy of an ICMPv6 error's headers, translated here and written back.
+    pub icmp6: Icmp6Headers,
+}
+
+/// The IPv6 header of an ICMPv6 error and the error's first bytes (see [`Packet6::icmp6`]).
+pub struct Icmp6Headers {
+    pub header: [u8; lb_ebpf::packet::IPV6_HDR_LEN],
+    pub error: [u8; lb_common::icmp::ICMP6_ERROR_LEN],
 }

@@ -7,31 +7,32 @@
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
-use lb_common::icmp::{self, ICMP_ERROR_LEN};
+use lb_common::icmp::{self, ICMP_ERROR_LEN, ICMP6_ERROR_LEN};
 use lb_common::{
-    Ct4Value, Event, FragValue, ServiceValue, checksum, client_nic, ct_flags, frag_action, limits,
-    proto, sctp, service_flags, tcp_seq, xdp_programs,
+    Ct4Value, Ct6Value, Event, FragValue, Ipv6Words, ServiceValue, checksum, client_nic, ct_flags,
+    frag_action, limits, proto, sctp, service_flags, tcp_seq, xdp_programs,
 };
 use lb_ebpf::packet::{
-    ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IpHeader, Ipv4Info,
-    Ipv6Packet, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN, TCP_FLAGS_OFFSET,
-    TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at, bytes_at_mut, frame_len,
-    parse_ipv4, parse_ipv6,
+    ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPV6_DADDR_OFFSET, IPV6_HDR_LEN, IPV6_NEXT_HEADER_OFFSET, IPV6_SADDR_OFFSET, IpHeader,
+    Ipv4Info, Ipv6Info, Ipv6Packet, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
+    TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
+    bytes_at_mut, frame_len, parse_ipv4, parse_ipv6, words,
 };
 
 use crate::{
-    family::{Family, V4},
+    family::{Family, V4, V6},
     flow::{
         Arrival, Destination, NewFlow, Tuple, admitted_by_source_ranges, blind_rst,
-        client_record_of_reply, client_side, closes, config, destination, follow, live_destination,
-        live_flow, lookup_frontend, maybe_frontend, new_flow, reply_key, source_allowed,
-        track_reply,
+        client_record_of_reply, client_side, client_side_entry, closes, config, destination,
+        follow, live_destination, live_flow, lookup_frontend, maybe_frontend, new_flow, reply_key,
+        source_allowed, track_reply,
     },
     helpers::{Forward, now_ns},
     ip::{Addr, Ip, fragment_key},
     maps::{
-        CONNTRACK4, FRAGMENTS4, NIC_MACS, PACKET6, Packet6, TX_PORTS, XDP_PROGRAMS, count_event,
-        count_service, dry_run,
+        CONNTRACK4, CONNTRACK6, FRAGMENTS4, Icmp6Headers, NIC_MACS, PACKET6, Packet6, TX_PORTS,
+        XDP_PROGRAMS, count_event, count_service, dry_run,
     },
     monitor,
     sctp_crc::checksum_after_ports,
@@ -94,6 +95,13 @@ pub fn lb_xdp6_flow(ctx: XdpContext) -> u32 {
 #[inline(always)]
 pub fn lb_xdp6_deliver(ctx: XdpContext) -> u32 {
     verdict6(&ctx, try_deliver6(&ctx), true)
+}
+
+/// An ICMPv6 error (no extension headers), tail-called by `lb_xdp6` (see [`icmp6_error`]).
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6_icmp(ctx: XdpContext) -> u32 {
+    verdict6(&ctx, icmp6_error(&ctx), false)
 }
 
 /// The datapath for SCTP, tail-called by `lb_xdp` (see [`lb_xdp_udp`]).
@@ -191,6 +199,13 @@ fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     };
     if PROTOCOL == proto::TCP && ip.proto == proto::UDP {
         return Ok(to_program(ctx, xdp_programs::IPV6_UDP));
+    }
+    if PROTOCOL == proto::TCP
+        && ip.proto == IPPROTO_ICMPV6
+        && ip.l4_offset == ICMP6_AT
+        && !ip.first_fragment
+    {
+        return Ok(to_program(ctx, xdp_programs::IPV6_ICMP));
     }
     if ip.proto != PROTOCOL {
         return Ok(xdp_action::XDP_PASS);
@@ -606,6 +621,193 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
     Ipv4Info::readdress(ctx, (ip.saddr, ip.daddr), (ip.saddr, backend.0))?;
     count_event(Event::ICMP_ERROR_TRANSLATED);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// [`icmp_error`] for ICMPv6 errors (types 1-4: destination unreachable, packet too big, time
+/// exceeded, parameter problem) with no extension header before them or in their quote; the
+/// ICMPv6 checksum also covers the outer addresses (its pseudo-header). Neighbour discovery
+/// and every other ICMPv6 message pass untouched.
+///
+/// A program of its own (`lb_xdp6_icmp`). Its steps are BPF functions called one after the
+/// other, working on a copy of the headers in this CPU's [`PACKET6`] entry (written back to the
+/// packet at the end): IPv6's addresses, spilled around every call, take more than the 512
+/// bytes of stack with the steps in one frame or nested, and a function given the packet
+/// pointers themselves gets them split into `data` and `data_end` by LLVM, which the verifier
+/// refuses (pointer arithmetic on `pkt_end`).
+#[inline(always)]
+fn icmp6_error(ctx: &XdpContext) -> Result<u32, Event> {
+    let packet = packet6()?;
+    let Some(header) = bytes_at::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let Some(error) = bytes_at::<ICMP6_ERROR_LEN>(ctx, ICMP6_AT) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if header[IPV6_NEXT_HEADER_OFFSET] != IPPROTO_ICMPV6 {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    packet.icmp6.header = *header;
+    packet.icmp6.error = *error;
+    if let Some(flow) = snat_flow_of_icmp6(&packet.icmp6)
+        && flow.flags & ct_flags::SNAT != 0
+    {
+        // About a packet this node sent from a SNAT port to a remote backend (a Packet Too Big
+        // from a router on the way, most often): to the client, out of the NIC it came in on.
+        translate_icmp6(&mut packet.icmp6, flow, Icmp6To::Client)?;
+        write_icmp6(ctx, &packet.icmp6)?;
+        return Ok(to_client::<Ipv6Info>(
+            ctx,
+            flow.client_nic,
+            flow.node_mac,
+            flow.client_mac,
+        ));
+    }
+    let Some(entry) = frontend_flow_of_icmp6(&packet.icmp6) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if entry.flags & ct_flags::SNAT != 0 {
+        translate_icmp6(&mut packet.icmp6, entry, Icmp6To::RemoteBackend)?;
+        write_icmp6(ctx, &packet.icmp6)?;
+        return Ok(forward_icmp6(ctx, entry));
+    }
+    translate_icmp6(&mut packet.icmp6, entry, Icmp6To::LocalBackend)?;
+    write_icmp6(ctx, &packet.icmp6)?;
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// Where an ICMPv6 message starts when no extension header comes before it.
+const ICMP6_AT: usize = ETH_HDR_LEN + IPV6_HDR_LEN;
+
+/// Writes the translated headers back into the packet.
+#[inline(always)]
+fn write_icmp6(ctx: &XdpContext, icmp6: &Icmp6Headers) -> Result<(), Event> {
+    *bytes_at_mut::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)? = icmp6.header;
+    *bytes_at_mut::<ICMP6_ERROR_LEN>(ctx, ICMP6_AT).ok_or(Event::DROP_MALFORMED)? = icmp6.error;
+    Ok(())
+}
+
+/// The outer addresses of the copied headers, and what the error quotes (a TCP, UDP or SCTP
+/// packet).
+#[inline(always)]
+fn icmp6_quote(icmp6: &Icmp6Headers) -> Option<((Ipv6Words, Ipv6Words), icmp::Quoted6)> {
+    let outer = (
+        words(&icmp6.header, IPV6_SADDR_OFFSET),
+        words(&icmp6.header, IPV6_DADDR_OFFSET),
+    );
+    Some((outer, icmp::quoted6(&icmp6.error)?))
+}
+
+/// The REPLY entry of the flow whose packet from one of this node's SNAT ports the ICMPv6
+/// error to this node's IPv6 SNAT address quotes.
+#[inline(never)]
+fn snat_flow_of_icmp6(icmp6: &Icmp6Headers) -> Option<&'static Ct6Value> {
+    let (outer, quote) = icmp6_quote(icmp6)?;
+    let config = config()?;
+    let node = V6::snat_addr()?;
+    let (snat_addr, snat_port) = quote.source;
+    if !V6::same(&outer.1, &node)
+        || !V6::same(&snat_addr, &node)
+        || snat_port < config.snat_port_min
+        || snat_port > config.snat_port_max
+    {
+        return None;
+    }
+    let (backend, backend_port) = quote.destination;
+    let answer = Tuple::<V6> {
+        saddr: backend,
+        daddr: snat_addr,
+        sport: backend_port,
+        dport: snat_port,
+        proto: quote.proto,
+        tcp_flags: 0,
+        seq: 0,
+        seq_end: 0,
+    };
+    // SAFETY: an entry that stays valid for this run (RCU), only read. Whether it is a SNAT
+    // flow's is the caller's to check: a pointer chosen without a branch (LLVM's select of it or
+    // None) is pointer arithmetic the verifier refuses.
+    unsafe { CONNTRACK6.get(&reply_key(&answer)) }
+}
+
+/// The client's entry of the flow whose packet from a frontend to a client the ICMPv6 error to
+/// that frontend quotes (the flow's client side is keyed the other way round).
+#[inline(never)]
+fn frontend_flow_of_icmp6(icmp6: &Icmp6Headers) -> Option<&'static Ct6Value> {
+    let (outer, quote) = icmp6_quote(icmp6)?;
+    let ((frontend, frontend_port), (client, client_port)) = (quote.source, quote.destination);
+    if !V6::same(&outer.1, &frontend) {
+        return None;
+    }
+    let flow = Tuple::<V6> {
+        saddr: client,
+        daddr: frontend,
+        sport: client_port,
+        dport: frontend_port,
+        proto: quote.proto,
+        tcp_flags: 0,
+        seq: 0,
+        seq_end: 0,
+    };
+    client_side_entry(&flow)
+}
+
+/// Sends a translated ICMPv6 error on to the remote backend of `entry`'s flow.
+#[inline(never)]
+fn forward_icmp6(ctx: &XdpContext, entry: &Ct6Value) -> u32 {
+    forward::<Ipv6Info>(ctx, IPPROTO_ICMPV6, entry.snat_addr, entry.nat_addr)
+}
+
+/// Who a translated ICMPv6 error goes to, by the flow's entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Icmp6To {
+    /// The client (the entry: a SNAT flow's REPLY): about its packet to the frontend, from the
+    /// frontend.
+    Client,
+    /// A remote backend (the entry: the client's): about its packet to the SNAT port, from this
+    /// node's SNAT address.
+    RemoteBackend,
+    /// A local endpoint (the entry: the client's; tc gave its packet the frontend's address):
+    /// about its packet to the client, the outer source kept.
+    LocalBackend,
+}
+
+/// Rewrites the copied ICMPv6 error for `to`, by `entry`: the quoted addresses and ports, a
+/// quoted UDP checksum, the outer addresses, and the ICMPv6 checksum, whose pseudo-header holds
+/// the outer addresses.
+#[inline(never)]
+fn translate_icmp6(icmp6: &mut Icmp6Headers, entry: &Ct6Value, to: Icmp6To) -> Result<(), Event> {
+    let (outer, quote) = icmp6_quote(icmp6).ok_or(Event::DROP_MALFORMED)?;
+    let backend = (entry.nat_addr, entry.nat_port);
+    let (quoted, new_outer) = match to {
+        Icmp6To::Client => {
+            let client = (entry.snat_addr, entry.snat_port);
+            ((client, backend), (backend.0, client.0))
+        }
+        Icmp6To::RemoteBackend => {
+            let snat = (entry.snat_addr, entry.snat_port);
+            ((backend, snat), (snat.0, backend.0))
+        }
+        Icmp6To::LocalBackend => {
+            let (client, client_port) = quote.destination;
+            let to_port = if entry.flags & ct_flags::PORT_REMAP != 0 {
+                entry.snat_port
+            } else {
+                client_port
+            };
+            ((backend, (client, to_port)), (outer.0, backend.0))
+        }
+    };
+    let error = &mut icmp6.error;
+    icmp::rewrite_quoted6(error, &quote, quoted.0, quoted.1, (outer.0, new_outer.0));
+    let check = u16::from_be_bytes([error[2], error[3]]);
+    let check = checksum::replace_ipv6(check, &outer.1, &new_outer.1);
+    error[2..4].copy_from_slice(&check.to_be_bytes());
+    icmp6.header[IPV6_SADDR_OFFSET..IPV6_SADDR_OFFSET + 16]
+        .copy_from_slice(&icmp::bytes_of(&new_outer.0));
+    icmp6.header[IPV6_DADDR_OFFSET..IPV6_DADDR_OFFSET + 16]
+        .copy_from_slice(&icmp::bytes_of(&new_outer.1));
+    count_event(Event::ICMP_ERROR_TRANSLATED);
+    Ok(())
 }
 
 /// The REPLY entry of the SNAT flow whose packet from one of this node's SNAT ports an ICMP error

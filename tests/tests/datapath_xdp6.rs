@@ -322,3 +322,215 @@ fn ipv6_maglev_services_pick_the_backend_the_lookup_table_gives() {
         "the service's table size as the agent records it"
     );
 }
+
+/// ICMPv6 errors about translated flows reach the host that sent the packet they quote, about
+/// the packet as that host sent it (path MTU discovery through a NodePort depends on it): the
+/// outer addresses, the quoted addresses and ports, a quoted UDP checksum and the ICMPv6
+/// checksum (pseudo-header included) rewritten. Expected frames are built by etherparse from
+/// the packets as sent, so every checksum is computed apart from the datapath.
+#[test]
+fn icmpv6_errors_about_translated_flows_reach_the_host_that_sent_the_quoted_packet() {
+    const SNAT_PORT: u16 = 61000;
+    let remote_pod = SocketAddrV6::new(
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 0x10),
+        8080,
+        0,
+        0,
+    );
+    let remote_frontend = SocketAddrV6::new(NODE, 30081, 0, 0);
+    let router = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
+    let too_big = (2, 0, 1280u32.to_be_bytes());
+    let time_exceeded = (3, 0, [0; 4]);
+    let port_unreachable = (1, 4, [0; 4]);
+    // A quote of the IPv6 header and the first 8 transport bytes, what every rewrite touches.
+    let quote = IPV6_HDR_LEN + 8;
+
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "icmp6").expect("pin dir");
+    let mut datapath = datapath(&pins);
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            snat_port_min: SNAT_PORT,
+            snat_port_max: SNAT_PORT,
+            ..Default::default()
+        })
+        .expect("config");
+    datapath
+        .set_config6(&lb_common::Datapath6Config {
+            snat_addr: ipv6_words(NODE),
+        })
+        .expect("config6");
+    let remote = Backend {
+        addr: IpAddr::V6(*remote_pod.ip()),
+        port: remote_pod.port(),
+        proto: proto::TCP,
+        flags: 0,
+    };
+    datapath.put_backend(9, &remote).expect("remote backend");
+    datapath
+        .put_service(&Service {
+            id: 5,
+            frontends: vec![node_port(remote_frontend.port(), proto::TCP)],
+            backends: vec![9],
+            ..Default::default()
+        })
+        .expect("remote service");
+    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("lb_xdp");
+    let snat = SocketAddrV6::new(NODE, SNAT_PORT, 0, 0);
+    let remote_client = client(41000);
+
+    // A flow to the local endpoint (TCP and UDP) and one to the remote endpoint through SNAT.
+    run_table(
+        xdp(),
+        &[
+            case(
+                "tcp flow to the local endpoint",
+                tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+                XDP_PASS,
+                Expect::Bytes(tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
+            ),
+            case(
+                "udp flow to the local endpoint",
+                packet6::udp(CLIENT, FRONTEND, b"query"),
+                XDP_PASS,
+                Expect::Bytes(packet6::udp(CLIENT, POD_A, b"query")),
+            ),
+        ],
+    );
+    let syn = lb_userspace::datapath::testrun::test_run(
+        xdp(),
+        &tcp(remote_client, remote_frontend, TcpFlags::SYN, b""),
+    )
+    .expect("run");
+    assert_ne!(syn.verdict, XDP_DROP, "the SNAT flow starts");
+    assert_eq!(
+        syn.packet[ETH_HDR_LEN..],
+        tcp(snat, remote_pod, TcpFlags::SYN, b"")[ETH_HDR_LEN..],
+        "SNATed to the node's IPv6 address and the one port of the range"
+    );
+
+    // About what tc sent for the local endpoint (from the frontend): to the endpoint, about
+    // its packet as it sent it.
+    let tcp_sent = tcp(FRONTEND, CLIENT, TcpFlags::ACK, &[7; 1400]);
+    let tcp_own = tcp(POD_A, CLIENT, TcpFlags::ACK, &[7; 1400]);
+    let udp_sent = packet6::udp(FRONTEND, CLIENT, b"answer");
+    let udp_own = packet6::udp(POD_A, CLIENT, b"answer");
+    let unknown = packet6::udp(FRONTEND, client(40999), b"answer");
+    run_table(
+        xdp(),
+        &[
+            case(
+                "packet too big about a local endpoint's segment",
+                packet6::icmpv6(router, NODE, too_big, &tcp_sent, quote),
+                XDP_PASS,
+                Expect::Bytes(packet6::icmpv6(
+                    router,
+                    *POD_A.ip(),
+                    too_big,
+                    &tcp_own,
+                    quote,
+                )),
+            ),
+            case(
+                "time exceeded about a local endpoint's datagram (its checksum quoted)",
+                packet6::icmpv6(router, NODE, time_exceeded, &udp_sent, quote),
+                XDP_PASS,
+                Expect::Bytes(packet6::icmpv6(
+                    router,
+                    *POD_A.ip(),
+                    time_exceeded,
+                    &udp_own,
+                    quote,
+                )),
+            ),
+            case(
+                "about no tracked flow",
+                packet6::icmpv6(router, NODE, time_exceeded, &unknown, quote),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+            case(
+                "about a SNAT port no flow holds",
+                packet6::icmpv6(
+                    router,
+                    NODE,
+                    too_big,
+                    &tcp(
+                        SocketAddrV6::new(NODE, SNAT_PORT + 1, 0, 0),
+                        remote_pod,
+                        TcpFlags::ACK,
+                        b"",
+                    ),
+                    quote,
+                ),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+            case(
+                "neighbour solicitation: not an error",
+                packet6::neighbour_solicitation(router, NODE),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+
+    // About the client's segment as it left from the SNAT port towards the remote endpoint:
+    // to the client, about its segment to the frontend, from the frontend, back out of the NIC
+    // it came in on with the client's MAC and one hop less.
+    let request_sent = tcp(snat, remote_pod, TcpFlags::ACK, &[7; 1400]);
+    let request = tcp(remote_client, remote_frontend, TcpFlags::ACK, &[7; 1400]);
+    for (name, kind, from) in [
+        (
+            "packet too big from a router towards the endpoint",
+            too_big,
+            router,
+        ),
+        (
+            "port unreachable from the endpoint's node",
+            port_unreachable,
+            *remote_pod.ip(),
+        ),
+    ] {
+        let run = lb_userspace::datapath::testrun::test_run(
+            xdp(),
+            &packet6::icmpv6(from, NODE, kind, &request_sent, quote),
+        )
+        .expect("run");
+        let mut want = packet6::icmpv6(NODE, CLIENT_ADDR, kind, &request, quote);
+        want[0..6].copy_from_slice(&CLIENT_MAC);
+        want[6..12].copy_from_slice(&NODE_MAC);
+        want[ETH_HDR_LEN + 7] -= 1;
+        assert_eq!(run.verdict, XDP_TX, "{name}");
+        assert_eq!(
+            run.packet,
+            want,
+            "{name}:\n{}",
+            lab::table::diff(&want, &run.packet)
+        );
+    }
+
+    // About the remote endpoint's answer as this node sent it on to the client (from the
+    // frontend): to the endpoint, about its answer to the SNAT port, from the SNAT address.
+    let answer_sent = tcp(remote_frontend, remote_client, TcpFlags::ACK, &[9; 1400]);
+    let answer = tcp(remote_pod, snat, TcpFlags::ACK, &[9; 1400]);
+    let run = lb_userspace::datapath::testrun::test_run(
+        xdp(),
+        &packet6::icmpv6(router, NODE, too_big, &answer_sent, quote),
+    )
+    .expect("run");
+    assert_ne!(run.verdict, XDP_DROP);
+    let mut want = packet6::icmpv6(NODE, *remote_pod.ip(), too_big, &answer, quote);
+    // Where the FIB sends it (the MACs, the hop limit with them) is the kernel's to say.
+    want[..12].copy_from_slice(&run.packet[..12]);
+    want[ETH_HDR_LEN + 7] = run.packet[ETH_HDR_LEN + 7];
+    assert_eq!(
+        run.packet,
+        want,
+        "to the remote endpoint:\n{}",
+        lab::table::diff(&want, &run.packet)
+    );
+
+    let events = datapath.events().expect("events");
+    assert_eq!(events["icmp_error_translated"], 5, "{events:?}");
+}

@@ -599,7 +599,7 @@ fn reply_sources<A: lb_common::CtAddr>(
 }
 
 /// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`].
-pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 7] = [
+pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 8] = [
     (xdp_programs::UDP, program_names::XDP_UDP),
     (xdp_programs::SCTP, program_names::XDP_SCTP),
     (xdp_programs::IPV6, program_names::XDP6),
@@ -607,6 +607,7 @@ pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 7] = [
     (xdp_programs::IPV6_FRONTEND, program_names::XDP6_FRONTEND),
     (xdp_programs::IPV6_FLOW, program_names::XDP6_FLOW),
     (xdp_programs::IPV6_DELIVER, program_names::XDP6_DELIVER),
+    (xdp_programs::IPV6_ICMP, program_names::XDP6_ICMP),
 ];
 
 /// Puts the loaded protocol programs in the object's program array, the one its `lb_xdp`

@@ -19,7 +19,7 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 19] = [
+pub const PROGRAMS: [&str; 20] = [
     program_names::XDP_LB,
     program_names::XDP_UDP,
     program_names::XDP_SCTP,
@@ -28,6 +28,7 @@ pub const PROGRAMS: [&str; 19] = [
     program_names::XDP6_FRONTEND,
     program_names::XDP6_FLOW,
     program_names::XDP6_DELIVER,
+    program_names::XDP6_ICMP,
     program_names::TC_EGRESS,
     program_names::CONNECT4,
     program_names::SENDMSG4,
