@@ -33,6 +33,8 @@ pub fn ensure(root: &Path) -> anyhow::Result<Toolchains> {
     // The end-to-end bench compares lb with kube-proxy-shaped rule sets (lb-bench-e2e).
     ensure_command("iptables", "iptables")?;
     ensure_command("nft", "nftables")?;
+    // The reliability suite counts the programs attached to its cgroup (tests/src/soak.rs).
+    ensure_command("bpftool", "bpftool")?;
     Ok(Toolchains { nightly })
 }
 
