@@ -1107,6 +1107,21 @@ fn rewrite_sctp_ports(
     Ok(())
 }
 
+/// A TCP/UDP checksum after [`rewrite`]'s change of addresses and ports. A function of its own,
+/// inlined: as a closure LLVM left it out of line for IPv6, a BPF-to-BPF call per translated
+/// packet.
+#[inline(always)]
+fn transport_checksum_update<I: Ip>(
+    check: u16,
+    tuple: &Tuple<I::F>,
+    (saddr, sport): (Addr<I>, u16),
+    (daddr, dport): (Addr<I>, u16),
+) -> u16 {
+    let check = I::pseudo_header_update(check, (tuple.saddr, tuple.daddr), (saddr, daddr));
+    let check = checksum::replace_u16(check, tuple.sport, sport);
+    checksum::replace_u16(check, tuple.dport, dport)
+}
+
 /// Rewrites source and destination address and port (unchanged ones cost nothing), with
 /// incremental IPv4 and TCP/UDP/SCTP checksums. A UDP checksum of 0 (none) stays 0; a computed 0
 /// is sent as 0xffff (RFC 768).
@@ -1129,11 +1144,8 @@ fn rewrite<I: Ip>(
     }
     I::readdress(ctx, (tuple.saddr, tuple.daddr), (saddr, daddr))?;
 
-    let update = |check: u16| {
-        let check = I::pseudo_header_update(check, (tuple.saddr, tuple.daddr), (saddr, daddr));
-        let check = checksum::replace_u16(check, tuple.sport, sport);
-        checksum::replace_u16(check, tuple.dport, dport)
-    };
+    let update =
+        |check: u16| transport_checksum_update::<I>(check, tuple, (saddr, sport), (daddr, dport));
     if tuple.proto == proto::TCP {
         let tcp = bytes_at_mut::<TCP_MIN_HDR_LEN>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
         tcp[0..2].copy_from_slice(&sport.to_be_bytes());

@@ -236,6 +236,7 @@ fn summary(
              BPF_PROG_TEST_RUN with repeat=1:\n\n",
         );
         datapath_table(&mut out, datapath);
+        family_ratio_table(&mut out, datapath);
         if let Some(monitor) = monitor {
             monitor_table(&mut out, datapath, monitor);
         }
@@ -438,6 +439,43 @@ fn datapath_targets(out: &mut String, datapath: &Value) {
         "| cost at {largest} services within 10% of 1 (30% for new flows spread over every frontend) | {} | {figures} (paths at or below the floor left out) |",
         standing(&met)
     );
+    // Each IPv6 path against its IPv4 twin, at every size (lb-bench's `family_ratios`).
+    let family: Vec<&Value> = targets
+        .iter()
+        .filter(|target| is_ipv6_path(s(target, "path")) && !s(target, "target").contains("within"))
+        .collect();
+    if !family.is_empty() {
+        let met: Vec<bool> = family
+            .iter()
+            .map(|target| target["met"].as_bool().unwrap_or(false))
+            .collect();
+        let figures = family
+            .iter()
+            .map(|target| {
+                format!(
+                    "{} {}: {:.2}x",
+                    s(target, "path"),
+                    short_count(f(target, "services").unwrap_or(0.0)),
+                    f(target, "value").unwrap_or(f64::NAN)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let limit = family
+            .first()
+            .and_then(|target| f(target, "limit"))
+            .unwrap_or(f64::NAN);
+        let _ = writeln!(
+            out,
+            "| IPv6 per packet <= {limit}x its IPv4 twin | {} | {figures} (paths whose IPv4 figure is at or below the floor left out) |",
+            standing(&met)
+        );
+    }
+}
+
+/// lb-bench's keys of IPv6 paths: `xdp6_*` and `tc6_*`.
+fn is_ipv6_path(key: &str) -> bool {
+    key.starts_with("xdp6_") || key.starts_with("tc6_")
 }
 
 fn e2e_targets(out: &mut String, e2e: &Value) {
@@ -577,6 +615,52 @@ fn datapath_table(out: &mut String, datapath: &Value) {
                 " {:.0} / {:.0} |",
                 f(cell, "net_median_ns").unwrap_or(f64::NAN),
                 f(cell, "net_p90_ns").unwrap_or(f64::NAN)
+            );
+        }
+        out.push('\n');
+    }
+}
+
+/// Each IPv6 path as a multiple of its IPv4 twin, both net of the floor, at every size: of the
+/// medians, and in brackets of the means of the middle half (finer than the clock's steps).
+fn family_ratio_table(out: &mut String, datapath: &Value) {
+    let sizes = list(datapath, "sizes");
+    let Some(first) = sizes.first() else {
+        return;
+    };
+    if list(first, "family_ratios").is_empty() {
+        return;
+    }
+    out.push_str(
+        "\n### IPv6 against IPv4\n\nEach IPv6 path's median net of the floor as a multiple of its \
+         IPv4 twin's [the same of the means of the middle half], and the two medians in ns:\n\n\
+         | path | IPv4 twin |",
+    );
+    for size in sizes {
+        let _ = write!(
+            out,
+            " {} |",
+            short_count(f(size, "services").unwrap_or(0.0))
+        );
+    }
+    out.push_str("\n|---|---|");
+    out.push_str(&"---:|".repeat(sizes.len()));
+    out.push('\n');
+    for (index, ratio) in list(first, "family_ratios").iter().enumerate() {
+        let _ = write!(out, "| {} | {} |", s(ratio, "path"), s(ratio, "ipv4_path"));
+        for size in sizes {
+            let Some(cell) = list(size, "family_ratios").get(index) else {
+                out.push_str(" - |");
+                continue;
+            };
+            let times = |key| f(cell, key).map_or_else(|| "n/a".to_owned(), |x| format!("{x:.2}x"));
+            let _ = write!(
+                out,
+                " {} [{}], {:.0} / {:.0} |",
+                times("ratio_median"),
+                times("ratio_iqm"),
+                f(cell, "ipv6_net_median_ns").unwrap_or(f64::NAN),
+                f(cell, "ipv4_net_median_ns").unwrap_or(f64::NAN)
             );
         }
         out.push('\n');
@@ -829,17 +913,39 @@ fn datapath_plot(datapath: &Value) -> anyhow::Result<String> {
             chart.draw_series([Text::new(label, ends[1], anchor)])?;
         }
         for (index, (name, points)) in series.iter().enumerate() {
-            let colour = PALETTE[index % PALETTE.len()];
+            // An IPv6 path is dashed, in the colour of its IPv4 twin.
+            let twin = ipv4_twin(name)
+                .and_then(|twin| series.iter().position(|(other, _)| *other == twin));
+            let colour = PALETTE[twin.unwrap_or(index) % PALETTE.len()];
             let line = colour.filled().stroke_width(2);
-            chart.draw_series(LineSeries::new(points.iter().copied(), line).point_size(4))?;
             let y = 10 + 22 * index as i32;
-            legend.draw(&PathElement::new([(10, y), (34, y)], line.stroke_width(3)))?;
+            if twin.is_some() {
+                chart.draw_series(DashedLineSeries::new(points.iter().copied(), 6, 4, line))?;
+                for (from, to) in [(10, 18), (24, 34)] {
+                    legend.draw(&PathElement::new(
+                        [(from, y), (to, y)],
+                        line.stroke_width(3),
+                    ))?;
+                }
+            } else {
+                chart.draw_series(LineSeries::new(points.iter().copied(), line).point_size(4))?;
+                legend.draw(&PathElement::new([(10, y), (34, y)], line.stroke_width(3)))?;
+            }
             let anchor = font(12.0, BLACK).pos(Pos::new(HPos::Left, VPos::Center));
             legend.draw_text(path_label(name), &anchor, (40, y))?;
         }
         root.present()?;
     }
     Ok(svg)
+}
+
+/// The IPv4 path an IPv6 path of lb-bench is the twin of (`xdp6_established`: `xdp_established`).
+fn ipv4_twin(key: &str) -> Option<String> {
+    if key == "xdp6_neighbour_solicitation" {
+        return Some("xdp_non_ip".to_owned());
+    }
+    let (prefix, rest) = key.split_once("6_")?;
+    matches!(prefix, "xdp" | "tc").then(|| format!("{prefix}_{rest}"))
 }
 
 /// lb-bench's words for its path keys.
@@ -854,6 +960,15 @@ fn path_label(key: &str) -> &str {
         "xdp_non_ip" => "XDP non-IP (ARP)",
         "tc_reply" => "tc reply (reverse NAT)",
         "tc_other" => "tc, not a reply (host traffic)",
+        "xdp6_new_flow" => "IPv6: XDP new flow, one frontend",
+        "xdp6_new_flow_spread" => "IPv6: XDP new flow, all frontends",
+        "xdp6_established" => "IPv6: XDP established",
+        "xdp6_established_udp" => "IPv6: XDP established, UDP",
+        "xdp6_miss" => "IPv6: XDP miss, a SYN",
+        "xdp6_miss_established" => "IPv6: XDP miss, an ACK",
+        "xdp6_neighbour_solicitation" => "IPv6: XDP neighbour solicitation",
+        "tc6_reply" => "IPv6: tc reply (reverse NAT)",
+        "tc6_other" => "IPv6: tc, not a reply",
         other => other,
     }
 }
@@ -1113,6 +1228,54 @@ mod tests {
         assert_eq!(standing(&[true, false, false]), "**partly met** (1 of 3)");
     }
 
+    #[test]
+    fn ipv6_paths_against_their_ipv4_twins() {
+        let datapath = serde_json::json!({
+            "sizes": [{
+                "services": 1,
+                "floor": {"median_ns": 60, "p90_ns": 70},
+                "paths": [
+                    {"path": "xdp_established", "net_median_ns": 70, "net_p90_ns": 80},
+                    {"path": "xdp6_established", "net_median_ns": 90, "net_p90_ns": 100},
+                ],
+                "family_ratios": [{
+                    "path": "xdp6_established", "ipv4_path": "xdp_established",
+                    "ipv6_net_median_ns": 90, "ipv4_net_median_ns": 70,
+                    "ratio_median": 1.2857, "ratio_iqm": 1.25,
+                }],
+            }],
+            "targets": [{
+                "target": "xdp6_established <= 1.15x xdp_established net of the floor",
+                "path": "xdp6_established", "services": 1, "value": 1.2857, "limit": 1.15,
+                "met": false,
+            }],
+        });
+        let mut out = String::new();
+        datapath_targets(&mut out, &datapath);
+        assert!(
+            out.contains(
+                "| IPv6 per packet <= 1.15x its IPv4 twin | **NOT met** | xdp6_established 1: 1.29x"
+            ),
+            "{out}"
+        );
+        let mut out = String::new();
+        family_ratio_table(&mut out, &datapath);
+        assert!(
+            out.contains("| xdp6_established | xdp_established | 1.29x [1.25x], 90 / 70 |"),
+            "{out}"
+        );
+        assert_eq!(ipv4_twin("tc6_reply").as_deref(), Some("tc_reply"));
+        assert_eq!(
+            ipv4_twin("xdp6_new_flow_spread").as_deref(),
+            Some("xdp_new_flow_spread")
+        );
+        assert_eq!(
+            ipv4_twin("xdp6_neighbour_solicitation").as_deref(),
+            Some("xdp_non_ip")
+        );
+        assert_eq!(ipv4_twin("xdp_established"), None);
+    }
+
     /// Panics unless `svg` is one <svg> element whose tags nest and whose text has no bare `<` or
     /// `&`: what a browser needs to show the file rather than an XML error.
     fn assert_well_formed(svg: &str) {
@@ -1168,6 +1331,7 @@ mod tests {
                     {"path": "xdp_established", "net_median_ns": 101},
                     {"path": "xdp_non_ip", "net_median_ns": -10},
                     {"path": "tc_reply", "net_median_ns": 281},
+                    {"path": "xdp6_established", "net_median_ns": 111},
                 ],
             })
         });
@@ -1179,6 +1343,7 @@ mod tests {
             "XDP established",
             "XDP non-IP (ARP)",
             "tc reply (reverse NAT)",
+            "IPv6: XDP established",
             "established target 45 ns",
             "new-flow target 300 ns",
             "services (frontends), log scale",

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: what one packet costs on each path of the datapath, as the kernel measures
-//! it through `BPF_PROG_TEST_RUN`, at 1, 1k, 10k and 100k services. Prints a table and writes JSON
-//! (target/bench/datapath.json); docs/benchmarks.md explains the method.
+//! it through `BPF_PROG_TEST_RUN`, at 1, 1k, 10k and 100k services, over IPv4 and over IPv6 (each
+//! IPv4 path has an IPv6 twin, and the report gives the ratio of the two). Prints a table and
+//! writes JSON (target/bench/datapath.json); docs/benchmarks.md explains the method.
 //!
 //! Every sample is one run with `repeat = 1`: with `repeat > 1` the kernel reruns the buffer the
 //! previous repetition rewrote, so a DNATed packet would be measured as a miss from the second
@@ -8,16 +9,19 @@
 //! loop around the program), so the figures are reported net of the median of a bare XDP_PASS
 //! program (two instructions, [`lab::bare_xdp`]) measured the same way in the same run.
 //!
-//! Every size has its own copy of the datapath, all loaded at once, and the runs are interleaved:
-//! each round measures a block of every path (and the floor) at every size, so whatever else the
-//! machine does during the bench spreads over all the figures instead of skewing some of them.
+//! Every size has its own copy of the datapath for each family (N IPv4 services in one, N IPv6
+//! services in the other: a family's services are service ids of their own, and 100k of each
+//! would not fit one copy's 65,536), all loaded at once, and the runs are interleaved: each round
+//! measures a block of every path of both families (and the floor) at every size, so whatever
+//! else the machine does during the bench spreads over all the figures instead of skewing some of
+//! them.
 //!
 //! Each copy's maps are pinned in a private bpffs directory ([`PinDir`]) that is removed on drop,
 //! also when the bench fails; a bench killed outright is swept by the next [`Lab::new`]. The
 //! agent's own maps are never touched.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsRawFd as _, BorrowedFd},
     path::PathBuf,
     sync::{
@@ -28,15 +32,16 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use clap::Parser;
 use lab::{
     lab::{Lab, PinDir},
     packet::{self, ETH_HDR_LEN, TcpFlags},
+    packet6::{self, IPV6_HDR_LEN, next_header},
 };
-use lb_common::{limits, map_names, program_names, proto, service_flags};
+use lb_common::{frontend_filter, limits, map_names, program_names, proto, service_flags};
 use lb_userspace::{
-    compile::model::{Backend, Frontend, Service},
+    compile::model::{Backend, Frontend, Service, ipv6_words},
     datapath::{
         Datapath,
         bpf_obj::Access,
@@ -53,8 +58,9 @@ const TC_ACT_OK: u32 = 0;
 /// Service ids used at most. MAX_SERVICES is 65536, so 100k frontends share 50k ids (two each);
 /// the table counts frontends as "services".
 const MAX_SERVICE_IDS: u32 = 50_000;
-/// Frontend `i` is 10.96.0.1 + i, port 80, TCP.
+/// Frontend `i` is 10.96.0.1 + i (fd00:10:96::1 + i over IPv6), port 80, TCP.
 const FRONTEND_BASE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+const FRONTEND_BASE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 1);
 const FRONTEND_PORT: u16 = 80;
 /// The backends every service shares: service id `s` selects among the first `s % 3 + 1`.
 const BACKENDS: [SocketAddrV4; 3] = [
@@ -62,22 +68,58 @@ const BACKENDS: [SocketAddrV4; 3] = [
     SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 11), 8080),
     SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 12), 8080),
 ];
+/// The IPv6 services' backends, chosen the same way.
+const BACKENDS6: [SocketAddrV6; 3] = [
+    SocketAddrV6::new(
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x10),
+        8080,
+        0,
+        0,
+    ),
+    SocketAddrV6::new(
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x11),
+        8080,
+        0,
+        0,
+    ),
+    SocketAddrV6::new(
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x12),
+        8080,
+        0,
+        0,
+    ),
+];
 /// Clients of the new-flow paths: flow `k` comes from 172.16.0.1 + k / 60000 (172.20.0.1 + ...
-/// for the spread variant), port 1024 + k % 60000.
+/// for the spread variant), port 1024 + k % 60000; over IPv6 from 2001:db8:16::1 + k / 60000
+/// (2001:db8:20::1 + ...).
 const NEW_FLOW_CLIENT_BASE: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 1);
 const SPREAD_FLOW_CLIENT_BASE: Ipv4Addr = Ipv4Addr::new(172, 20, 0, 1);
+const NEW_FLOW_CLIENT_BASE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x16, 0, 0, 0, 0, 1);
+const SPREAD_FLOW_CLIENT_BASE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 1);
 const PORTS_PER_CLIENT: u32 = 60_000;
 const ESTABLISHED_CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 40000);
 const REPLY_CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 40000);
 const MISS_CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 3), 40000);
-/// No frontend has this address.
+const ESTABLISHED_CLIENT6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1), 40000, 0, 0);
+const REPLY_CLIENT6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2), 40000, 0, 0);
+const MISS_CLIENT6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 3), 40000, 0, 0);
+/// No frontend has this address (198.18.0.0/15 and 2001:2::/48 are for benchmarks); the bench
+/// checks that no frontend shares its bit of the frontend filter, so that the miss paths measure
+/// the filter's pass and not a frontend lookup.
 const MISS_DESTINATION: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 80);
+const MISS_DESTINATION6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1), 80, 0, 0);
 /// A prime larger than any frontend count: `k * STRIDE % n` visits every frontend once per `n`
 /// new flows, in an order that spreads them over the hash table.
 const STRIDE: u64 = 1_000_003;
 /// New flows per size at most (both new-flow paths together): each one takes a conntrack entry
 /// of the LRU map's 524288 (a SNAT flow would take two), and the bench wants none evicted.
 const MAX_NEW_FLOWS: u32 = 200_000;
+/// The same for IPv6, whose conntrack map holds a quarter as many entries (131,072).
+const MAX_NEW_FLOWS6: u32 = 50_000;
 /// Unmeasured runs at the start of every block, after the previous block ran something else.
 const BLOCK_WARMUP: u32 = 50;
 
@@ -90,6 +132,9 @@ const SCALE_TARGET: f64 = 0.10;
 /// ...except for new flows spread over every frontend, which miss the CPU caches more as the
 /// tables grow: within 1.3x.
 const SPREAD_SCALE_TARGET: f64 = 0.30;
+/// Every IPv6 path at most this many times its IPv4 twin, at every size (median net of the
+/// floor).
+const FAMILY_RATIO_TARGET: f64 = 1.15;
 
 #[derive(Parser)]
 #[command(
@@ -118,15 +163,16 @@ struct Args {
     /// Instead of measuring, run only this path (its JSON key, e.g. xdp_established) at each size
     /// --iterations times, checking every output as usual, for a profiler to sample
     /// (`perf record -g -- lb-bench --profile xdp_established`). Writes no report.
-    #[arg(long, value_parser = Series::parse)]
-    profile: Option<Series>,
+    #[arg(long, value_parser = Path::parse)]
+    profile: Option<Path>,
     /// With an `lb monitor` attached: every kind of event reported, and a thread reading the
     /// ring buffer as the monitor does (what watching costs the paths that report).
     #[arg(long)]
     monitor: bool,
 }
 
-/// What is measured: the floor program, then the datapath's paths.
+/// The kind of packet a path measures (the floor program, then the datapath's paths); each
+/// kind but the floor is measured over both families ([`Path`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Series {
     Floor,
@@ -143,6 +189,8 @@ enum Series {
     /// A TCP ACK to no frontend (the node's own connections): it pays the conntrack lookup
     /// established service flows skip the frontend lookup with.
     MissEstablished,
+    /// Over IPv4 an ARP frame; over IPv6 its counterpart, a neighbour solicitation (ICMPv6,
+    /// which `lb_xdp` hands to `lb_xdp6` like every IPv6 frame).
     NonIp,
     TcReply,
     /// A packet tc egress sees that is no reply of a flow (the node's own traffic): what every
@@ -151,59 +199,6 @@ enum Series {
 }
 
 impl Series {
-    const ALL: [Self; 10] = [
-        Self::Floor,
-        Self::NewFlow,
-        Self::NewFlowSpread,
-        Self::Established,
-        Self::EstablishedUdp,
-        Self::Miss,
-        Self::MissEstablished,
-        Self::NonIp,
-        Self::TcReply,
-        Self::TcOther,
-    ];
-
-    fn key(self) -> &'static str {
-        match self {
-            Self::Floor => "floor",
-            Self::NewFlow => "xdp_new_flow",
-            Self::NewFlowSpread => "xdp_new_flow_spread",
-            Self::Established => "xdp_established",
-            Self::EstablishedUdp => "xdp_established_udp",
-            Self::Miss => "xdp_miss",
-            Self::MissEstablished => "xdp_miss_established",
-            Self::NonIp => "xdp_non_ip",
-            Self::TcReply => "tc_reply",
-            Self::TcOther => "tc_other",
-        }
-    }
-
-    fn parse(key: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|series| series.key() == key)
-            .ok_or_else(|| {
-                let keys: Vec<_> = Self::ALL.iter().map(|series| series.key()).collect();
-                format!("no path {key:?}; one of {}", keys.join(", "))
-            })
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Self::Floor => "floor: bare XDP_PASS, raw",
-            Self::NewFlow => "xdp new flow, one frontend",
-            Self::NewFlowSpread => "xdp new flow, all frontends",
-            Self::Established => "xdp established",
-            Self::EstablishedUdp => "xdp established (udp)",
-            Self::Miss => "xdp miss (syn)",
-            Self::MissEstablished => "xdp miss (ack)",
-            Self::NonIp => "xdp non-ip (arp)",
-            Self::TcReply => "tc reply",
-            Self::TcOther => "tc not a reply",
-        }
-    }
-
     fn target(self) -> Option<i64> {
         match self {
             Self::NewFlow | Self::NewFlowSpread => Some(NEW_FLOW_TARGET_NS),
@@ -220,6 +215,139 @@ impl Series {
         } else {
             SCALE_TARGET
         }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// What is measured: the floor program, then the datapath's paths over IPv4, then their IPv6
+/// twins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Path {
+    series: Series,
+    family: Family,
+}
+
+impl Path {
+    const fn v4(series: Series) -> Self {
+        Self {
+            series,
+            family: Family::V4,
+        }
+    }
+
+    const fn v6(series: Series) -> Self {
+        Self {
+            series,
+            family: Family::V6,
+        }
+    }
+
+    const FLOOR: Self = Self::v4(Series::Floor);
+
+    const ALL: [Self; 19] = [
+        Self::FLOOR,
+        Self::v4(Series::NewFlow),
+        Self::v4(Series::NewFlowSpread),
+        Self::v4(Series::Established),
+        Self::v4(Series::EstablishedUdp),
+        Self::v4(Series::Miss),
+        Self::v4(Series::MissEstablished),
+        Self::v4(Series::NonIp),
+        Self::v4(Series::TcReply),
+        Self::v4(Series::TcOther),
+        Self::v6(Series::NewFlow),
+        Self::v6(Series::NewFlowSpread),
+        Self::v6(Series::Established),
+        Self::v6(Series::EstablishedUdp),
+        Self::v6(Series::Miss),
+        Self::v6(Series::MissEstablished),
+        Self::v6(Series::NonIp),
+        Self::v6(Series::TcReply),
+        Self::v6(Series::TcOther),
+    ];
+
+    fn key(self) -> &'static str {
+        match (self.family, self.series) {
+            (_, Series::Floor) => "floor",
+            (Family::V4, Series::NewFlow) => "xdp_new_flow",
+            (Family::V4, Series::NewFlowSpread) => "xdp_new_flow_spread",
+            (Family::V4, Series::Established) => "xdp_established",
+            (Family::V4, Series::EstablishedUdp) => "xdp_established_udp",
+            (Family::V4, Series::Miss) => "xdp_miss",
+            (Family::V4, Series::MissEstablished) => "xdp_miss_established",
+            (Family::V4, Series::NonIp) => "xdp_non_ip",
+            (Family::V4, Series::TcReply) => "tc_reply",
+            (Family::V4, Series::TcOther) => "tc_other",
+            (Family::V6, Series::NewFlow) => "xdp6_new_flow",
+            (Family::V6, Series::NewFlowSpread) => "xdp6_new_flow_spread",
+            (Family::V6, Series::Established) => "xdp6_established",
+            (Family::V6, Series::EstablishedUdp) => "xdp6_established_udp",
+            (Family::V6, Series::Miss) => "xdp6_miss",
+            (Family::V6, Series::MissEstablished) => "xdp6_miss_established",
+            (Family::V6, Series::NonIp) => "xdp6_neighbour_solicitation",
+            (Family::V6, Series::TcReply) => "tc6_reply",
+            (Family::V6, Series::TcOther) => "tc6_other",
+        }
+    }
+
+    fn parse(key: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|path| path.key() == key)
+            .ok_or_else(|| {
+                let keys: Vec<_> = Self::ALL.iter().map(|path| path.key()).collect();
+                format!("no path {key:?}; one of {}", keys.join(", "))
+            })
+    }
+
+    fn label(self) -> &'static str {
+        match (self.family, self.series) {
+            (_, Series::Floor) => "floor: bare XDP_PASS, raw",
+            (Family::V4, Series::NewFlow) => "xdp new flow, one frontend",
+            (Family::V4, Series::NewFlowSpread) => "xdp new flow, all frontends",
+            (Family::V4, Series::Established) => "xdp established",
+            (Family::V4, Series::EstablishedUdp) => "xdp established (udp)",
+            (Family::V4, Series::Miss) => "xdp miss (syn)",
+            (Family::V4, Series::MissEstablished) => "xdp miss (ack)",
+            (Family::V4, Series::NonIp) => "xdp non-ip (arp)",
+            (Family::V4, Series::TcReply) => "tc reply",
+            (Family::V4, Series::TcOther) => "tc not a reply",
+            (Family::V6, Series::NewFlow) => "xdp6 new flow, one frontend",
+            (Family::V6, Series::NewFlowSpread) => "xdp6 new flow, all frontends",
+            (Family::V6, Series::Established) => "xdp6 established",
+            (Family::V6, Series::EstablishedUdp) => "xdp6 established (udp)",
+            (Family::V6, Series::Miss) => "xdp6 miss (syn)",
+            (Family::V6, Series::MissEstablished) => "xdp6 miss (ack)",
+            (Family::V6, Series::NonIp) => "xdp6 neighbour solicitation",
+            (Family::V6, Series::TcReply) => "tc6 reply",
+            (Family::V6, Series::TcOther) => "tc6 not a reply",
+        }
+    }
+
+    /// The latency targets are the IPv4 paths'; an IPv6 path is held to its twin's figure
+    /// ([`FAMILY_RATIO_TARGET`]).
+    fn target(self) -> Option<i64> {
+        match self.family {
+            Family::V4 => self.series.target(),
+            Family::V6 => None,
+        }
+    }
+
+    /// The IPv4 path an IPv6 path is compared with.
+    fn twin(self) -> Option<Self> {
+        (self.family == Family::V6).then_some(Self::v4(self.series))
+    }
+
+    fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|&path| path == self)
+            .expect("every path is in ALL")
     }
 }
 
@@ -276,6 +404,8 @@ struct Report {
 #[derive(Serialize)]
 struct MonitorEvents {
     services: u32,
+    /// "ipv4" or "ipv6": each family's copy of the datapath has a monitor of its own.
+    family: &'static str,
     read: u64,
     lost: u64,
 }
@@ -307,10 +437,29 @@ struct SizeReport {
     services: u32,
     service_ids: u32,
     backends: usize,
+    /// Setting up the IPv4 copy; `setup6_s` the IPv6 one.
     setup_s: f64,
-    /// The floor program's runs at this size; its median is what the net figures subtract.
+    setup6_s: f64,
+    /// The floor program's runs at this size; its median is what the net figures subtract (from
+    /// the paths of both families).
     floor: Stats,
+    /// The IPv4 paths, then their IPv6 twins (keys `xdp6_*`, `tc6_*`).
     paths: Vec<PathReport>,
+    /// Each IPv6 path against its IPv4 twin.
+    family_ratios: Vec<RatioReport>,
+}
+
+/// An IPv6 path's cost as a multiple of its IPv4 twin's, both net of the floor: of the medians
+/// (what the target judges), and of the means of the middle half (finer than the medians' 10 ns
+/// clock steps). None where the IPv4 figure is not above the floor.
+#[derive(Serialize)]
+struct RatioReport {
+    path: &'static str,
+    ipv4_path: &'static str,
+    ipv6_net_median_ns: i64,
+    ipv4_net_median_ns: i64,
+    ratio_median: Option<f64>,
+    ratio_iqm: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -326,16 +475,18 @@ struct TargetReport {
     target: String,
     path: &'static str,
     services: u32,
-    /// ns for the latency targets, percent for the scaling one.
+    /// ns for the latency targets, percent for the scaling one, a ratio for the IPv6 one.
     value: f64,
     limit: f64,
     met: bool,
 }
 
-/// One size's datapath copy. Fields drop in order: the datapath, then its pin directory.
+/// One size's datapath copy for one family. Fields drop in order: the datapath, then its pin
+/// directory.
 struct Loaded {
     datapath: Datapath,
     _pins: PinDir,
+    family: Family,
     services: u32,
     service_ids: u32,
     setup_s: f64,
@@ -349,18 +500,27 @@ fn main() -> anyhow::Result<()> {
         "--iterations must be at least --rounds, which must be at least 1"
     );
     // Profiling runs one path: only a new-flow path makes flows.
-    let flows_per_path = match args.profile {
-        Some(Series::NewFlow | Series::NewFlowSpread) => args.iterations,
+    let flows_per_path = |family| match args.profile {
+        Some(Path {
+            series: Series::NewFlow | Series::NewFlowSpread,
+            family: profiled,
+        }) if profiled == family => args.iterations,
         Some(_) => 0,
         None => args.warmup + args.iterations + args.rounds * BLOCK_WARMUP,
     };
-    ensure!(
-        2 * flows_per_path <= MAX_NEW_FLOWS,
-        "{flows_per_path} new flows per new-flow path and size: more than {} (conntrack holds {} \
-         entries, at most two per flow, and none may be evicted); lower --iterations or --warmup",
-        MAX_NEW_FLOWS / 2,
-        limits::MAX_CONNTRACK
-    );
+    for (family, most, entries) in [
+        (Family::V4, MAX_NEW_FLOWS, limits::MAX_CONNTRACK),
+        (Family::V6, MAX_NEW_FLOWS6, limits::MAX_CONNTRACK6),
+    ] {
+        let flows = flows_per_path(family);
+        ensure!(
+            2 * flows <= most,
+            "{flows} new flows per new-flow path and size: more than {} ({family:?} conntrack \
+             holds {entries} entries, at most two per flow, and none may be evicted); lower \
+             --iterations or --warmup",
+            most / 2,
+        );
+    }
     for &services in &args.services {
         ensure!(
             (1..=limits::MAX_FRONTENDS).contains(&services),
@@ -378,50 +538,59 @@ fn main() -> anyhow::Result<()> {
         machine.nproc, machine.kernel, machine.cpu_model, machine.loadavg_before
     );
 
+    // Two copies per size: IPv4 at 2i, IPv6 at 2i + 1.
     let mut loaded = Vec::new();
     let mut monitors = Vec::new();
     for (index, &services) in args.services.iter().enumerate() {
-        // The index keeps the names apart when a size is given twice.
-        let pins = PinDir::new(&lab, &format!("bench{index}-{services}"))?;
-        let mut datapath = Datapath::load(pins.path()).context("loading the datapath")?;
-        let started = Instant::now();
-        let service_ids = install(&mut datapath, services)?;
-        let setup_s = started.elapsed().as_secs_f64();
-        if args.monitor {
-            monitors.push(MonitorDrain::attach(pins.path())?);
+        for family in [Family::V4, Family::V6] {
+            // The index keeps the names apart when a size is given twice.
+            let name = match family {
+                Family::V4 => format!("bench{index}-{services}"),
+                Family::V6 => format!("bench{index}-{services}-v6"),
+            };
+            let pins = PinDir::new(&lab, &name)?;
+            let mut datapath = Datapath::load(pins.path()).context("loading the datapath")?;
+            let started = Instant::now();
+            let service_ids = install(&mut datapath, services, family)?;
+            let setup_s = started.elapsed().as_secs_f64();
+            if args.monitor {
+                monitors.push((family, MonitorDrain::attach(pins.path())?));
+            }
+            println!(
+                "{services} {family:?} services: {service_ids} service ids, {} backends, set up in \
+                 {setup_s:.1} s",
+                BACKENDS.len()
+            );
+            loaded.push(Loaded {
+                datapath,
+                _pins: pins,
+                family,
+                services,
+                service_ids,
+                setup_s,
+            });
         }
-        println!(
-            "{services} services: {service_ids} service ids, {} backends, set up in {setup_s:.1} s",
-            BACKENDS.len()
-        );
-        loaded.push(Loaded {
-            datapath,
-            _pins: pins,
-            services,
-            service_ids,
-            setup_s,
-        });
     }
     let mut benches = loaded
-        .iter()
-        .map(|loaded| SizeBench::new(loaded, floor))
+        .chunks(2)
+        .map(|pair| SizeBench::new([&pair[0], &pair[1]], floor))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    if let Some(series) = args.profile {
+    if let Some(path) = args.profile {
         for bench in &mut benches {
             let started = Instant::now();
-            bench.run(series, args.iterations, false)?;
+            bench.run(path, args.iterations, false)?;
             println!(
                 "{} services: {} runs of {} in {:.1} s",
-                bench.loaded.services,
+                bench.services(),
                 args.iterations,
-                series.key(),
+                path.key(),
                 started.elapsed().as_secs_f64()
             );
         }
-        for monitor in monitors {
+        for (family, monitor) in monitors {
             let (read, lost) = monitor.detach()?;
-            println!("monitor: {read} events read, {lost} lost");
+            println!("monitor ({family:?}): {read} events read, {lost} lost");
         }
         return Ok(());
     }
@@ -432,30 +601,34 @@ fn main() -> anyhow::Result<()> {
     );
     let started = Instant::now();
     for bench in &mut benches {
-        for series in Series::ALL {
-            bench.run(series, args.warmup, false)?;
+        for path in Path::ALL {
+            bench.run(path, args.warmup, false)?;
         }
     }
     for round in 0..args.rounds {
         let block =
             args.iterations / args.rounds + u32::from(round < args.iterations % args.rounds);
         // Rotated every round, so no path always follows the same one.
-        let count = benches.len() * Series::ALL.len();
+        let count = benches.len() * Path::ALL.len();
         for step in 0..count {
             let slot = (step + round as usize) % count;
-            let bench = &mut benches[slot / Series::ALL.len()];
-            let series = Series::ALL[slot % Series::ALL.len()];
-            bench.run(series, BLOCK_WARMUP, false)?;
-            bench.run(series, block, true)?;
+            let bench = &mut benches[slot / Path::ALL.len()];
+            let path = Path::ALL[slot % Path::ALL.len()];
+            bench.run(path, BLOCK_WARMUP, false)?;
+            bench.run(path, block, true)?;
         }
     }
     println!("measured in {:.1} s", started.elapsed().as_secs_f64());
     let mut monitor_events = Vec::new();
-    for (monitor, loaded) in monitors.into_iter().zip(&loaded) {
+    for ((family, monitor), loaded) in monitors.into_iter().zip(&loaded) {
         let (read, lost) = monitor.detach()?;
-        println!("monitor: {read} events read, {lost} lost");
+        println!("monitor ({family:?}): {read} events read, {lost} lost");
         monitor_events.push(MonitorEvents {
             services: loaded.services,
+            family: match family {
+                Family::V4 => "ipv4",
+                Family::V6 => "ipv6",
+            },
             read,
             lost,
         });
@@ -499,15 +672,13 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The packets and state of every path at one size, and the samples taken so far.
-struct SizeBench<'a> {
+/// The packets and state of every path of one family at one size.
+struct FamilyBench<'a> {
     loaded: &'a Loaded,
     xdp: BorrowedFd<'a>,
     tc: BorrowedFd<'a>,
-    floor: BorrowedFd<'a>,
     /// The frontend of the one-frontend, established and reply paths (the middle of the table).
-    frontend: SocketAddrV4,
-    floor_input: Vec<u8>,
+    frontend: SocketAddr,
     established: (Vec<u8>, Vec<u8>),
     established_udp: (Vec<u8>, Vec<u8>),
     reply: (Vec<u8>, Vec<u8>),
@@ -518,89 +689,78 @@ struct SizeBench<'a> {
     flows: [u32; 2],
     /// New flows the service counters held before the first new-flow run.
     flows_before: u64,
-    samples: Vec<Vec<u32>>,
 }
 
-impl<'a> SizeBench<'a> {
+impl<'a> FamilyBench<'a> {
     /// Creates the flows the established and reply paths use (one packet each, unmeasured).
-    fn new(loaded: &'a Loaded, floor: BorrowedFd<'a>) -> anyhow::Result<Self> {
+    fn new(loaded: &'a Loaded) -> anyhow::Result<Self> {
+        let family = loaded.family;
         let xdp = loaded.datapath.program_fd(program_names::XDP_LB)?;
         let tc = loaded.datapath.program_fd(program_names::TC_EGRESS)?;
-        let frontend = frontend_addr(loaded.services / 2);
-        let first = |client| -> anyhow::Result<SocketAddrV4> {
-            let syn = packet::tcp(client, frontend, TcpFlags::SYN, b"");
+        let frontend = frontend_addr(family, loaded.services / 2);
+        let clients = Clients::of(family);
+        check_miss_filtered(loaded, clients.miss_destination)?;
+        let first = |client| -> anyhow::Result<SocketAddr> {
+            let syn = tcp(client, frontend, TcpFlags::SYN);
             let out = run_once(xdp, &syn, XDP_PASS, "a flow's first packet")?;
             l4_destination(&out.packet)
         };
-        let backend = first(ESTABLISHED_CLIENT)?;
+        let backend = first(clients.established)?;
         let established = (
-            packet::tcp(ESTABLISHED_CLIENT, frontend, TcpFlags::ACK, b""),
-            packet::tcp(ESTABLISHED_CLIENT, backend, TcpFlags::ACK, b""),
+            tcp(clients.established, frontend, TcpFlags::ACK),
+            tcp(clients.established, backend, TcpFlags::ACK),
         );
-        let udp = packet::udp(ESTABLISHED_CLIENT, frontend, b"");
-        let udp_backend =
-            l4_destination(&run_once(xdp, &udp, XDP_PASS, "a UDP flow's first datagram")?.packet)?;
-        let established_udp = (udp, packet::udp(ESTABLISHED_CLIENT, udp_backend, b""));
-        let backend = first(REPLY_CLIENT)?;
+        let datagram = udp(clients.established, frontend);
+        let udp_backend = l4_destination(
+            &run_once(xdp, &datagram, XDP_PASS, "a UDP flow's first datagram")?.packet,
+        )?;
+        let established_udp = (datagram, udp(clients.established, udp_backend));
+        let backend = first(clients.reply)?;
         let reply = (
-            packet::tcp(backend, REPLY_CLIENT, TcpFlags::ACK, b""),
-            packet::tcp(frontend, REPLY_CLIENT, TcpFlags::ACK, b""),
+            tcp(backend, clients.reply, TcpFlags::ACK),
+            tcp(frontend, clients.reply, TcpFlags::ACK),
         );
+        let non_ip = match family {
+            Family::V4 => packet::non_ip(0x0806, 28),
+            Family::V6 => packet6::neighbour_solicitation(*MISS_CLIENT6.ip(), *BACKENDS6[0].ip()),
+        };
         Ok(Self {
             loaded,
             xdp,
             tc,
-            floor,
             frontend,
-            floor_input: established.0.clone(),
             established,
             established_udp,
             reply,
-            miss: packet::tcp(MISS_CLIENT, MISS_DESTINATION, TcpFlags::SYN, b""),
-            miss_established: packet::tcp(MISS_CLIENT, MISS_DESTINATION, TcpFlags::ACK, b""),
-            non_ip: packet::non_ip(0x0806, 28),
+            miss: tcp(clients.miss, clients.miss_destination, TcpFlags::SYN),
+            miss_established: tcp(clients.miss, clients.miss_destination, TcpFlags::ACK),
+            non_ip,
             flows: [0; 2],
             flows_before: new_flows_total(&loaded.datapath, loaded.service_ids)?,
-            samples: vec![Vec::new(); Series::ALL.len()],
         })
     }
 
-    /// Runs `series` `count` times, checking every verdict and output; keeps the durations when
-    /// `keep`.
-    fn run(&mut self, series: Series, count: u32, keep: bool) -> anyhow::Result<()> {
-        let index = Series::ALL
-            .iter()
-            .position(|&s| s == series)
-            .expect("every series is in ALL");
-        for _ in 0..count {
-            let ns = self.run_one(series)?;
-            if keep {
-                self.samples[index].push(ns);
-            }
-        }
-        Ok(())
-    }
-
-    fn run_one(&mut self, series: Series) -> anyhow::Result<u32> {
-        let what = series.label();
+    /// One run of `series`, its verdict and output checked.
+    fn run_one(&mut self, series: Series, what: &str) -> anyhow::Result<TestRunOutput> {
+        let family = self.loaded.family;
         let out = match series {
-            Series::Floor => run_once(self.floor, &self.floor_input, XDP_PASS, what)?,
+            Series::Floor => bail!("the floor is measured by the size, not a family"),
             Series::NewFlow | Series::NewFlowSpread => {
                 let spread = series == Series::NewFlowSpread;
                 let k = &mut self.flows[usize::from(spread)];
-                let client = new_flow_client(spread, *k);
+                let client = new_flow_client(family, spread, *k);
                 let frontend = if spread {
-                    frontend_addr(scrambled(*k, self.loaded.services))
+                    frontend_addr(family, scrambled(*k, self.loaded.services))
                 } else {
                     self.frontend
                 };
                 *k += 1;
-                let input = packet::tcp(client, frontend, TcpFlags::SYN, b"");
+                let input = tcp(client, frontend, TcpFlags::SYN);
                 let out = run_once(self.xdp, &input, XDP_PASS, what)?;
                 let backend = l4_destination(&out.packet)?;
                 ensure!(
-                    BACKENDS.contains(&backend)
-                        && out.packet == packet::tcp(client, backend, TcpFlags::SYN, b""),
+                    backends(family).contains(&backend)
+                        && out.packet == tcp(client, backend, TcpFlags::SYN),
                     "{what}: {client} -> {frontend} left {:02x?}",
                     out.packet
                 );
@@ -643,56 +803,139 @@ impl<'a> SizeBench<'a> {
                 out
             }
         };
-        Ok(u32::try_from(out.duration.as_nanos()).unwrap_or(u32::MAX))
+        Ok(out)
     }
 
-    /// Checks that exactly the new-flow packets created flows, and sums up.
-    fn finish(&self) -> anyhow::Result<SizeReport> {
+    /// Checks that exactly the new-flow packets created flows.
+    fn check_flows(&self) -> anyhow::Result<()> {
         let loaded = self.loaded;
         let created = new_flows_total(&loaded.datapath, loaded.service_ids)? - self.flows_before;
         let sent: u64 = self.flows.iter().copied().map(u64::from).sum();
         ensure!(
             created == sent,
-            "{} services: the services counted {created} new flows for {sent} new-flow packets",
-            loaded.services
+            "{} {:?} services: the services counted {created} new flows for {sent} new-flow \
+             packets",
+            loaded.services,
+            loaded.family
         );
+        Ok(())
+    }
+}
+
+/// Every path of both families at one size, the floor, and the samples taken so far.
+struct SizeBench<'a> {
+    floor: BorrowedFd<'a>,
+    floor_input: Vec<u8>,
+    /// IPv4, IPv6 (indexed by `Family as usize`).
+    families: [FamilyBench<'a>; 2],
+    samples: Vec<Vec<u32>>,
+}
+
+impl<'a> SizeBench<'a> {
+    fn new(loaded: [&'a Loaded; 2], floor: BorrowedFd<'a>) -> anyhow::Result<Self> {
+        ensure!(
+            loaded[0].family == Family::V4 && loaded[1].family == Family::V6,
+            "an IPv4 and an IPv6 copy per size"
+        );
+        let families = [FamilyBench::new(loaded[0])?, FamilyBench::new(loaded[1])?];
+        Ok(Self {
+            floor,
+            floor_input: families[0].established.0.clone(),
+            families,
+            samples: vec![Vec::new(); Path::ALL.len()],
+        })
+    }
+
+    fn services(&self) -> u32 {
+        self.families[0].loaded.services
+    }
+
+    /// Runs `path` `count` times, checking every verdict and output; keeps the durations when
+    /// `keep`.
+    fn run(&mut self, path: Path, count: u32, keep: bool) -> anyhow::Result<()> {
+        let index = path.index();
+        for _ in 0..count {
+            let ns = self.run_one(path)?;
+            if keep {
+                self.samples[index].push(ns);
+            }
+        }
+        Ok(())
+    }
+
+    fn run_one(&mut self, path: Path) -> anyhow::Result<u32> {
+        let what = path.label();
+        let out = if path.series == Series::Floor {
+            run_once(self.floor, &self.floor_input, XDP_PASS, what)?
+        } else {
+            self.families[path.family as usize].run_one(path.series, what)?
+        };
+        Ok(u32::try_from(out.duration.as_nanos()).unwrap_or(u32::MAX))
+    }
+
+    /// Checks that exactly the new-flow packets created flows, and sums up.
+    fn finish(&self) -> anyhow::Result<SizeReport> {
+        for family in &self.families {
+            family.check_flows()?;
+        }
         let floor = Stats::of(&self.samples[0]).context("floor")?;
         let floor_median = i64::from(floor.median_ns);
-        let paths = Series::ALL
+        let paths = Path::ALL
             .iter()
             .zip(&self.samples)
             .skip(1)
-            .map(|(series, samples)| {
-                let raw = Stats::of(samples).context(series.key())?;
+            .map(|(path, samples)| {
+                let raw = Stats::of(samples).context(path.key())?;
                 Ok(PathReport {
-                    path: series.key(),
+                    path: path.key(),
                     raw,
                     net_median_ns: i64::from(raw.median_ns) - floor_median,
                     net_p90_ns: i64::from(raw.p90_ns) - floor_median,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // `paths` leaves the floor out: path i of ALL is paths[i - 1].
+        let report = |path: Path| &paths[path.index() - 1];
+        let family_ratios = Path::ALL
+            .iter()
+            .filter_map(|&path| Some((path, path.twin()?)))
+            .map(|(path, twin)| {
+                let (ipv6, ipv4) = (report(path), report(twin));
+                let net_iqm = |report: &PathReport| report.raw.iqm_ns - floor_median as f64;
+                RatioReport {
+                    path: path.key(),
+                    ipv4_path: twin.key(),
+                    ipv6_net_median_ns: ipv6.net_median_ns,
+                    ipv4_net_median_ns: ipv4.net_median_ns,
+                    ratio_median: ratio(ipv6.net_median_ns as f64, ipv4.net_median_ns as f64),
+                    ratio_iqm: ratio(net_iqm(ipv6), net_iqm(ipv4)),
+                }
+            })
+            .collect();
+        let [v4, v6] = &self.families;
         Ok(SizeReport {
-            services: loaded.services,
-            service_ids: loaded.service_ids,
+            services: v4.loaded.services,
+            service_ids: v4.loaded.service_ids,
             backends: BACKENDS.len(),
-            setup_s: loaded.setup_s,
+            setup_s: v4.loaded.setup_s,
+            setup6_s: v6.loaded.setup_s,
             floor,
             paths,
+            family_ratios,
         })
     }
 }
 
-/// Puts the shared backends and `services` frontends spread over at most [`MAX_SERVICE_IDS`]
-/// service ids (frontend `i` belongs to id `i % ids`), and a UDP service (the next id, whose new
-/// flows the totals leave out) on the middle frontend's address and port. Returns the number of
-/// TCP service ids.
-fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
-    for (id, addr) in (1..).zip(BACKENDS) {
+/// Puts the shared backends of `family` and `services` frontends spread over at most
+/// [`MAX_SERVICE_IDS`] service ids (frontend `i` belongs to id `i % ids`), and a UDP service (the
+/// next id, whose new flows the totals leave out) on the middle frontend's address and port.
+/// Returns the number of TCP service ids.
+fn install(datapath: &mut Datapath, services: u32, family: Family) -> anyhow::Result<u32> {
+    for (id, addr) in (1..).zip(backends(family)) {
         datapath.put_backend(
             id,
             &Backend {
-                addr: std::net::IpAddr::V4(*addr.ip()),
+                addr: addr.ip(),
                 port: addr.port(),
                 proto: proto::TCP,
                 flags: 0,
@@ -706,9 +949,9 @@ fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
             .map(|k| id + k * ids)
             .filter(|&index| index < services)
             .map(|index| {
-                let addr = frontend_addr(index);
+                let addr = frontend_addr(family, index);
                 Frontend {
-                    addr: std::net::IpAddr::V4(*addr.ip()),
+                    addr: addr.ip(),
                     port: addr.port(),
                     proto: proto::TCP,
                     kind: service_flags::CLUSTER_IP,
@@ -724,22 +967,22 @@ fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
         })?;
     }
     let udp_ids = (1..).map(|id| id + BACKENDS.len() as u32);
-    for (id, addr) in udp_ids.clone().zip(BACKENDS) {
+    for (id, addr) in udp_ids.clone().zip(backends(family)) {
         datapath.put_backend(
             id,
             &Backend {
-                addr: std::net::IpAddr::V4(*addr.ip()),
+                addr: addr.ip(),
                 port: addr.port(),
                 proto: proto::UDP,
                 flags: 0,
             },
         )?;
     }
-    let middle = frontend_addr(services / 2);
+    let middle = frontend_addr(family, services / 2);
     datapath.put_service(&Service {
         id: ids,
         frontends: vec![Frontend {
-            addr: std::net::IpAddr::V4(*middle.ip()),
+            addr: middle.ip(),
             port: middle.port(),
             proto: proto::UDP,
             kind: service_flags::CLUSTER_IP,
@@ -748,6 +991,32 @@ fn install(datapath: &mut Datapath, services: u32) -> anyhow::Result<u32> {
         ..Default::default()
     })?;
     Ok(ids)
+}
+
+/// Fails if the frontend filter has the bit of `destination` (TCP) set: the miss paths would
+/// then measure a frontend lookup instead of the filter's pass.
+fn check_miss_filtered(loaded: &Loaded, destination: SocketAddr) -> anyhow::Result<()> {
+    let bit = match destination {
+        SocketAddr::V4(addr) => {
+            frontend_filter::bit(u32::from(*addr.ip()), addr.port(), proto::TCP)
+        }
+        SocketAddr::V6(addr) => {
+            frontend_filter::bit6(ipv6_words(*addr.ip()), addr.port(), proto::TCP)
+        }
+    };
+    let filter: Array<MapData, u64> = open_map(
+        loaded._pins.path(),
+        map_names::FRONTEND_FILTER,
+        Access::ReadOnly,
+    )?;
+    let word = filter.get(&(bit / 64), 0)?;
+    ensure!(
+        word & (1 << (bit % 64)) == 0,
+        "{} {:?} services: the frontend filter has the bit of the miss destination {destination}",
+        loaded.services,
+        loaded.family
+    );
+    Ok(())
 }
 
 fn run_once(
@@ -763,23 +1032,84 @@ fn run_once(
     Ok(out)
 }
 
-fn frontend_addr(index: u32) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from(FRONTEND_BASE) + index),
-        FRONTEND_PORT,
-    )
+fn frontend_addr(family: Family, index: u32) -> SocketAddr {
+    match family {
+        Family::V4 => SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from(FRONTEND_BASE) + index),
+            FRONTEND_PORT,
+        )),
+        Family::V6 => SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(u128::from(FRONTEND_BASE6) + u128::from(index)),
+            FRONTEND_PORT,
+            0,
+            0,
+        )),
+    }
 }
 
-fn new_flow_client(spread: bool, k: u32) -> SocketAddrV4 {
-    let base = if spread {
-        SPREAD_FLOW_CLIENT_BASE
-    } else {
-        NEW_FLOW_CLIENT_BASE
-    };
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from(base) + k / PORTS_PER_CLIENT),
-        1024 + (k % PORTS_PER_CLIENT) as u16,
-    )
+fn backends(family: Family) -> [SocketAddr; 3] {
+    match family {
+        Family::V4 => BACKENDS.map(SocketAddr::V4),
+        Family::V6 => BACKENDS6.map(SocketAddr::V6),
+    }
+}
+
+/// The clients of the established, reply and miss paths, and the miss paths' destination.
+struct Clients {
+    established: SocketAddr,
+    reply: SocketAddr,
+    miss: SocketAddr,
+    miss_destination: SocketAddr,
+}
+
+impl Clients {
+    fn of(family: Family) -> Self {
+        match family {
+            Family::V4 => Self {
+                established: ESTABLISHED_CLIENT.into(),
+                reply: REPLY_CLIENT.into(),
+                miss: MISS_CLIENT.into(),
+                miss_destination: MISS_DESTINATION.into(),
+            },
+            Family::V6 => Self {
+                established: ESTABLISHED_CLIENT6.into(),
+                reply: REPLY_CLIENT6.into(),
+                miss: MISS_CLIENT6.into(),
+                miss_destination: MISS_DESTINATION6.into(),
+            },
+        }
+    }
+}
+
+fn new_flow_client(family: Family, spread: bool, k: u32) -> SocketAddr {
+    let port = 1024 + (k % PORTS_PER_CLIENT) as u16;
+    let host = k / PORTS_PER_CLIENT;
+    match family {
+        Family::V4 => {
+            let base = if spread {
+                SPREAD_FLOW_CLIENT_BASE
+            } else {
+                NEW_FLOW_CLIENT_BASE
+            };
+            SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from(base) + host),
+                port,
+            ))
+        }
+        Family::V6 => {
+            let base = if spread {
+                SPREAD_FLOW_CLIENT_BASE6
+            } else {
+                NEW_FLOW_CLIENT_BASE6
+            };
+            SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(u128::from(base) + u128::from(host)),
+                port,
+                0,
+                0,
+            ))
+        }
+    }
 }
 
 /// The frontend index of new flow `k`: every frontend once per `services` flows, scattered.
@@ -787,22 +1117,57 @@ fn scrambled(k: u32, services: u32) -> u32 {
     (u64::from(k) * STRIDE % u64::from(services)) as u32
 }
 
-/// Destination address and port of an Ethernet/IPv4 (no options)/TCP frame.
-/// The destination address and port of a TCP or UDP frame (IPv4 without options).
-fn l4_destination(frame: &[u8]) -> anyhow::Result<SocketAddrV4> {
+/// An Ethernet/IP/TCP frame of either family (sequence number 1000, no payload).
+fn tcp(src: SocketAddr, dst: SocketAddr, flags: TcpFlags) -> Vec<u8> {
+    match (src, dst) {
+        (SocketAddr::V4(src), SocketAddr::V4(dst)) => packet::tcp(src, dst, flags, b""),
+        (SocketAddr::V6(src), SocketAddr::V6(dst)) => packet6::tcp(src, dst, flags, 1000, b""),
+        _ => unreachable!("{src} -> {dst}: one family"),
+    }
+}
+
+/// An Ethernet/IP/UDP frame of either family, no payload.
+fn udp(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    match (src, dst) {
+        (SocketAddr::V4(src), SocketAddr::V4(dst)) => packet::udp(src, dst, b""),
+        (SocketAddr::V6(src), SocketAddr::V6(dst)) => packet6::udp(src, dst, b""),
+        _ => unreachable!("{src} -> {dst}: one family"),
+    }
+}
+
+/// The destination address and port of a TCP or UDP frame (IPv4 without options, IPv6 without
+/// extension headers).
+fn l4_destination(frame: &[u8]) -> anyhow::Result<SocketAddr> {
     let ip = ETH_HDR_LEN;
-    ensure!(
-        frame.len() >= ip + 24 && frame[ip] == 0x45,
-        "not an IPv4 frame without options"
-    );
-    let addr = Ipv4Addr::new(
-        frame[ip + 16],
-        frame[ip + 17],
-        frame[ip + 18],
-        frame[ip + 19],
-    );
-    let port = u16::from_be_bytes([frame[ip + 22], frame[ip + 23]]);
-    Ok(SocketAddrV4::new(addr, port))
+    ensure!(frame.len() >= ip, "shorter than an Ethernet header");
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => {
+            ensure!(
+                frame.len() >= ip + 24 && frame[ip] == 0x45,
+                "not an IPv4 frame without options"
+            );
+            let addr = Ipv4Addr::new(
+                frame[ip + 16],
+                frame[ip + 17],
+                frame[ip + 18],
+                frame[ip + 19],
+            );
+            let port = u16::from_be_bytes([frame[ip + 22], frame[ip + 23]]);
+            Ok(SocketAddrV4::new(addr, port).into())
+        }
+        0x86dd => {
+            let l4 = ip + IPV6_HDR_LEN;
+            ensure!(
+                frame.len() >= l4 + 4
+                    && matches!(frame[ip + 6], next_header::TCP | next_header::UDP),
+                "not an IPv6 frame of TCP or UDP without extension headers"
+            );
+            let octets: [u8; 16] = frame[ip + 24..ip + 40].try_into().expect("16 bytes");
+            let port = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+            Ok(SocketAddrV6::new(octets.into(), port, 0, 0).into())
+        }
+        ethertype => bail!("EtherType {ethertype:#06x}: neither IPv4 nor IPv6"),
+    }
 }
 
 /// New flows counted by every service, summed.
@@ -817,27 +1182,27 @@ fn new_flows_total(datapath: &Datapath, service_ids: u32) -> anyhow::Result<u64>
 fn evaluate_targets(sizes: &[SizeReport]) -> Vec<TargetReport> {
     let mut targets = Vec::new();
     for size in sizes {
-        for (series, path) in Series::ALL[1..].iter().zip(&size.paths) {
-            let Some(limit) = series.target() else {
+        for (path, report) in Path::ALL[1..].iter().zip(&size.paths) {
+            let Some(limit) = path.target() else {
                 continue;
             };
             targets.push(TargetReport {
-                target: format!("{} <= {limit} ns net of the floor", path.path),
-                path: path.path,
+                target: format!("{} <= {limit} ns net of the floor", report.path),
+                path: report.path,
                 services: size.services,
-                value: path.net_median_ns as f64,
+                value: report.net_median_ns as f64,
                 limit: limit as f64,
-                met: path.net_median_ns <= limit,
+                met: report.net_median_ns <= limit,
             });
         }
     }
     if let [smallest, .., largest] = sizes {
         let pairs = smallest.paths.iter().zip(&largest.paths);
-        for (series, (small, large)) in Series::ALL[1..].iter().zip(pairs) {
+        for (path, (small, large)) in Path::ALL[1..].iter().zip(pairs) {
             let Some(change) = relative_change(small.net_median_ns, large.net_median_ns) else {
                 continue;
             };
-            let limit = series.scale_target();
+            let limit = path.series.scale_target();
             targets.push(TargetReport {
                 target: format!(
                     "{} at {} services within {}% of {}",
@@ -854,12 +1219,35 @@ fn evaluate_targets(sizes: &[SizeReport]) -> Vec<TargetReport> {
             });
         }
     }
+    for size in sizes {
+        for ratio in &size.family_ratios {
+            let Some(value) = ratio.ratio_median else {
+                continue;
+            };
+            targets.push(TargetReport {
+                target: format!(
+                    "{} <= {FAMILY_RATIO_TARGET}x {} net of the floor",
+                    ratio.path, ratio.ipv4_path
+                ),
+                path: ratio.path,
+                services: size.services,
+                value,
+                limit: FAMILY_RATIO_TARGET,
+                met: value <= FAMILY_RATIO_TARGET,
+            });
+        }
+    }
     targets
 }
 
 /// `(to - from) / from`, or None when `from` is not positive (a path no costlier than the floor).
 fn relative_change(from: i64, to: i64) -> Option<f64> {
     (from > 0).then(|| (to - from) as f64 / from as f64)
+}
+
+/// `of / to`, or None when `to` is not positive (a path no costlier than the floor).
+fn ratio(of: f64, to: f64) -> Option<f64> {
+    (to > 0.0).then(|| of / to)
 }
 
 fn print_table(sizes: &[SizeReport], targets: &[TargetReport], args: &Args) {
@@ -875,31 +1263,60 @@ fn print_table(sizes: &[SizeReport], targets: &[TargetReport], args: &Args) {
         rule += "---:|";
     }
     println!("{header} target |\n{rule}---|");
-    let mut floor_row = format!("| {} |", Series::Floor.label());
+    let mut floor_row = format!("| {} |", Path::FLOOR.label());
     for size in sizes {
         floor_row += &format!(" {} / {} |", size.floor.median_ns, size.floor.p90_ns);
     }
     println!("{floor_row} |");
-    for (index, series) in Series::ALL[1..].iter().enumerate() {
-        let mut row = format!("| {} |", series.label());
+    for (index, path) in Path::ALL[1..].iter().enumerate() {
+        let mut row = format!("| {} |", path.label());
         for size in sizes {
-            let path = &size.paths[index];
-            row += &format!(" {} / {} |", path.net_median_ns, path.net_p90_ns);
+            let report = &size.paths[index];
+            row += &format!(" {} / {} |", report.net_median_ns, report.net_p90_ns);
         }
-        let target = match series.target() {
-            Some(limit) => format!(" <= {limit} |"),
-            None => " |".to_owned(),
+        let target = match (path.target(), path.twin()) {
+            (Some(limit), _) => format!(" <= {limit} |"),
+            (None, Some(_)) => format!(" <= {FAMILY_RATIO_TARGET}x IPv4 |"),
+            (None, None) => " |".to_owned(),
         };
         println!("{row}{target}");
     }
     println!("\ntargets (docs/benchmarks.md), on the median net of the floor:");
-    for target in targets.iter().filter(|target| !target.target.contains('%')) {
+    // The scaling targets (in %) and the IPv6 ones (ratios) have lines of their own below.
+    let ratio_target = format!("{FAMILY_RATIO_TARGET}x");
+    for target in targets
+        .iter()
+        .filter(|target| !target.target.contains('%') && !target.target.contains(&ratio_target))
+    {
         println!(
             "  {:<66} {:>5} ns  {}",
             format!("{} [{} services]", target.target, target.services),
             target.value,
             verdict(target.met)
         );
+    }
+    println!(
+        "\nIPv6 against IPv4, median net of the floor, v6 / v4 = ratio (of the means of the middle \
+         half, finer than the 10 ns clock steps, in brackets); target: at most {FAMILY_RATIO_TARGET}x:"
+    );
+    for size in sizes {
+        println!("  {} services:", size.services);
+        for ratio in &size.family_ratios {
+            let judged = match ratio.ratio_median {
+                Some(value) => format!(
+                    "{value:.2}x [{}]  {}",
+                    ratio
+                        .ratio_iqm
+                        .map_or_else(|| "n/a".to_owned(), |iqm| format!("{iqm:.2}x")),
+                    verdict(value <= FAMILY_RATIO_TARGET)
+                ),
+                None => "n/a (IPv4 not above the floor)".to_owned(),
+            };
+            println!(
+                "    {:<28} {:>5} / {:>5} ns  {judged}",
+                ratio.path, ratio.ipv6_net_median_ns, ratio.ipv4_net_median_ns
+            );
+        }
     }
     if let [smallest, .., largest] = sizes {
         println!(
@@ -911,17 +1328,17 @@ fn print_table(sizes: &[SizeReport], targets: &[TargetReport], args: &Args) {
             SPREAD_SCALE_TARGET * 100.0
         );
         let pairs = smallest.paths.iter().zip(&largest.paths);
-        for (series, (small, large)) in Series::ALL[1..].iter().zip(pairs) {
+        for (path, (small, large)) in Path::ALL[1..].iter().zip(pairs) {
             let change = match relative_change(small.net_median_ns, large.net_median_ns) {
                 Some(change) => format!(
                     "{:+.1}%  {}",
                     change * 100.0,
-                    verdict(change <= series.scale_target())
+                    verdict(change <= path.series.scale_target())
                 ),
                 None => "n/a (not above the floor)".to_owned(),
             };
             println!(
-                "  {:<20} {:>5} -> {:>5} ns  {change}",
+                "  {:<28} {:>5} -> {:>5} ns  {change}",
                 small.path, small.net_median_ns, large.net_median_ns
             );
         }
