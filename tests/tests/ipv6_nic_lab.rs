@@ -5,8 +5,8 @@
 //! externalTrafficPolicy Cluster (SNAT to node1's IPv6 address) and Local (the client's address
 //! kept, no local endpoint: dropped), ClientIP session affinity, the REJECT answers of a Service
 //! without endpoints (TCP RST, ICMPv6 port unreachable), UDP NodePorts to local and remote
-//! endpoints, a dual-stack Service reached over both families, and flows across the conntrack
-//! timeouts.
+//! endpoints, a dual-stack Service reached over both families, flows across the conntrack
+//! timeouts, and path-MTU discovery through a NodePort (ICMPv6 Packet Too Big).
 
 use std::{
     net::{Ipv6Addr, SocketAddr},
@@ -755,4 +755,70 @@ fn an_active_ipv6_tcp_connection_outlives_the_established_timeout_and_an_idle_on
         "only the request before the idle time: {idle:?}"
     );
     assert_eq!(idle.errors_of("reset"), 1, "{idle:?}");
+}
+
+/// flows_lab's `path_mtu_discovery_through_a_node_port_reaches_*` over IPv6: a client behind a
+/// router whose link to it has a smaller MTU than the client's own, so that only the router's
+/// ICMPv6 Packet Too Big tells the sender (IPv6 routers never fragment).
+fn ipv6_path_mtu_discovery_through_a_node_port_reaches(endpoint_node: u8) {
+    let mut setup = dual_stack_lab(vec![2, 1], &[]);
+    let endpoint = (pod_addr6(endpoint_node, 0), format!("node{endpoint_node}"));
+    setup
+        .apply(
+            "web.yaml",
+            &(service6("web", WEB6, "TCP", 80, 30082, "NodePort", "")
+                + "---\n"
+                + &endpoint_slice6("web", &[(endpoint.0, endpoint.1.as_str())], "TCP")),
+        )
+        .expect("apply");
+    let router_addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x30);
+    let router = add_client6(&mut setup, "rtr", router_addr);
+    let far = setup.lab().host("far").expect("far client");
+    far.enable_ipv6().expect("IPv6");
+    setup
+        .lab()
+        .veth(&far, "eth0", &router, "far0")
+        .expect("far link");
+    far.addr6("eth0", "2001:db8:c0::2/64").expect("addr");
+    router.addr6("far0", "2001:db8:c0::1/64").expect("addr");
+    router
+        .ip(&["link", "set", "far0", "mtu", "1400"])
+        .expect("narrow hop");
+    router
+        .sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("forwarding");
+    far.route(&["2001:db8:f::/64", "via", "2001:db8:c0::1"])
+        .expect("route");
+    setup
+        .cluster
+        .node(1)
+        .host
+        .route(&["2001:db8:c0::/64", "via", &router_addr.to_string()])
+        .expect("route back");
+    let node_port = at(node_addr6(1), 30082);
+    wait_until_served(&far, &node_port);
+    // Answers of 20 KB: full-sized segments from the pod.
+    let report = ClientRun {
+        one_flow: true,
+        answer_bytes: 20_000,
+        timeout_ms: 5000,
+        ..ClientRun::tcp(&node_port, 3)
+    }
+    .run(&far, None)
+    .expect("client");
+    report.assert_all_ok("20 KB answers over a 1400-byte hop");
+    let server = format!("n{endpoint_node}p0");
+    assert_eq!(report.servers(), [server.as_str()].into());
+    let events = events(&setup);
+    assert!(events["icmp_error_translated"] >= 1, "{events:?}");
+}
+
+#[test]
+fn ipv6_path_mtu_discovery_through_a_node_port_reaches_a_local_endpoint() {
+    ipv6_path_mtu_discovery_through_a_node_port_reaches(1);
+}
+
+#[test]
+fn ipv6_path_mtu_discovery_through_a_node_port_reaches_a_remote_endpoint() {
+    ipv6_path_mtu_discovery_through_a_node_port_reaches(2);
 }
