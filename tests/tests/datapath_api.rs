@@ -494,7 +494,9 @@ fn every_program_leaves_a_quarter_of_the_verifiers_limit_free() {
     let mut lb_xdp_walked = Vec::new();
     for level in [EbpfLogLevel::Off, EbpfLogLevel::Trace] {
         let pins = PinDir::new(&lab, &format!("insns{}", level as u8)).expect("pins");
-        let _datapath = Datapath::load_with_log_level(pins.path(), level).expect("load");
+        let mut datapath = Datapath::load_with_log_level(pins.path(), level).expect("load");
+        // Loaded at a start only where an IPv6 frontend is installed, or before the first one.
+        datapath.ensure_ipv6_xdp().expect("the IPv6 XDP programs");
         let mut counts = Vec::new();
         for name in lb_userspace::datapath::pins::PROGRAMS {
             let info = aya::programs::ProgramInfo::from_pin(pins.path().join(name))
@@ -518,5 +520,94 @@ fn every_program_leaves_a_quarter_of_the_verifiers_limit_free() {
         lb_xdp_walked[0] < lb_xdp_walked[1],
         "lb_xdp walked {lb_xdp_walked:?} instructions at log levels off and trace: the logging \
          is not pruned at off"
+    );
+}
+
+/// The IPv6 XDP programs (about 1.8 s of the verifier's CPU) are verified only where there is
+/// IPv6 to serve: not at the start of an IPv4-only datapath, whose IPv6 frames pass untouched
+/// (counted), but before its first IPv6 frontend is written, and at any start that finds an
+/// IPv6 frontend installed.
+#[test]
+fn the_ipv6_xdp_programs_are_loaded_for_the_first_ipv6_frontend_and_at_a_start_that_finds_one() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "lazy6").expect("pins");
+    let ipv6_pins = || {
+        [
+            lb_common::program_names::XDP6,
+            lb_common::program_names::XDP6_UDP,
+            lb_common::program_names::XDP6_FRONTEND,
+            lb_common::program_names::XDP6_FLOW,
+            lb_common::program_names::XDP6_DELIVER,
+            lb_common::program_names::XDP6_ICMP,
+        ]
+        .map(|name| {
+            aya::programs::ProgramInfo::from_pin(pins.path().join(name))
+                .ok()
+                .map(|info| info.id())
+        })
+    };
+    let node = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+    let client = std::net::SocketAddrV6::new(
+        std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10),
+        40000,
+        0,
+        0,
+    );
+    let syn = lab::packet6::tcp(
+        client,
+        std::net::SocketAddrV6::new(node, 30080, 0, 0),
+        lab::packet::TcpFlags::SYN,
+        1000,
+        b"",
+    );
+
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    datapath
+        .put_service(&service(1, vec![frontend(1)], vec![]))
+        .expect("an IPv4 service");
+    assert_eq!(ipv6_pins(), [None; 6], "no IPv6 program verified for IPv4");
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("lb_xdp")
+    };
+    let run = lb_userspace::datapath::testrun::test_run(xdp(), &syn).expect("run");
+    assert_eq!((run.verdict, &run.packet), (2, &syn), "passed untouched");
+    assert_eq!(
+        datapath.events().expect("events")["pass_protocol_unserved"],
+        1
+    );
+
+    let ipv6_frontend = Frontend {
+        addr: node.into(),
+        port: 30080,
+        proto: proto::TCP,
+        kind: service_flags::NODE_PORT,
+    };
+    datapath
+        .put_service(&service(2, vec![ipv6_frontend], vec![]))
+        .expect("an IPv6 service");
+    let loaded = ipv6_pins();
+    assert!(loaded.iter().all(Option::is_some), "{loaded:?}");
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("lb_xdp")
+    };
+    let run = lb_userspace::datapath::testrun::test_run(xdp(), &syn).expect("run");
+    assert_eq!(
+        run.verdict, 3,
+        "the IPv6 path answers: a service without endpoints, RST"
+    );
+    drop(datapath);
+
+    let _restarted = Datapath::load(pins.path()).expect("a start on these pins");
+    let reloaded = ipv6_pins();
+    assert!(
+        reloaded
+            .iter()
+            .zip(&loaded)
+            .all(|(new, old)| new.is_some() && new != old),
+        "the start verified and pinned its own IPv6 programs: {loaded:?} -> {reloaded:?}"
     );
 }

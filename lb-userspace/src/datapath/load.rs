@@ -23,8 +23,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend4, CtKey, CtValue, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, ct_flags,
-    limits, map_names, program_names, xdp_programs,
+    Backend4, CtKey, CtValue, Frontend6Key, JiffiesClock, LegacySlotKey, ServiceValue,
+    ct_direction, ct_flags, limits, map_names, program_names, xdp_programs,
 };
 
 use super::{
@@ -112,8 +112,19 @@ impl Datapath {
                 pin_dir: pin_dir.to_owned(),
                 source: Box::new(source),
             })?;
-        load_xdp_programs(&mut ebpf, pin_dir)?;
-        install_tail_calls(&mut ebpf)?;
+        let ipv4_programs = &PROTOCOL_PROGRAMS[..IPV4_PROTOCOL_PROGRAMS];
+        let mut names: Vec<&'static str> = std::iter::once(program_names::XDP_LB)
+            .chain(ipv4_programs.iter().map(|(_, name)| *name))
+            .collect();
+        let ipv6_xdp = has_ipv6_frontends(&ebpf)?;
+        if ipv6_xdp {
+            names.extend(ipv6_programs().iter().map(|(_, name)| *name));
+        }
+        load_xdp_programs(&mut ebpf, pin_dir, &names)?;
+        install_tail_calls(&mut ebpf, ipv4_programs)?;
+        if ipv6_xdp {
+            install_tail_calls(&mut ebpf, ipv6_programs())?;
+        }
         load_and_pin::<SchedClassifier>(&mut ebpf, program_names::TC_EGRESS, pin_dir)?;
         for hook in SOCKET_HOOKS {
             load_and_pin::<CgroupSockAddr>(&mut ebpf, hook, pin_dir)?;
@@ -185,6 +196,7 @@ impl Datapath {
             .map(|info| info.max_entries())
             .unwrap_or(limits::MAX_FRONTENDS);
         Ok(Self {
+            ipv6_xdp,
             frontends4_capacity,
             maps,
             frontend_filter,
@@ -573,9 +585,16 @@ fn start_clock(ebpf: &mut Ebpf) -> Result<Option<JiffiesClock>> {
             return Ok(None);
         }
     };
-    let mut map: Array<MapData, JiffiesClock> = take_private_map(ebpf, map_names::CLOCK)?;
+    // Written where it is, not taken out of the object: a map the object lets go of closes its
+    // fd, which the next opened map gets, and a program loaded later (the IPv6 XDP programs,
+    // see `ensure_ipv6_xdp`) would be verified against that map instead (its instructions
+    // hold the fd number).
+    let name = map_names::CLOCK;
+    let map = ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
+    let mut map: Array<&mut MapData, JiffiesClock> =
+        Array::try_from(map).map_err(|source| map_error(name, "open", source))?;
     map.set(0, &clock, 0)
-        .map_err(|source| map_error(map_names::CLOCK, "write", source))?;
+        .map_err(|source| map_error(name, "write", source))?;
     Ok(Some(clock))
 }
 
@@ -598,7 +617,8 @@ fn reply_sources<A: lb_common::CtAddr>(
         .collect()
 }
 
-/// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`].
+/// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`]: IPv4's
+/// (loaded at every start), then the IPv6 pipeline (see [`IPV6_PROGRAMS`]).
 pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 8] = [
     (xdp_programs::UDP, program_names::XDP_UDP),
     (xdp_programs::SCTP, program_names::XDP_SCTP),
@@ -610,11 +630,23 @@ pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 8] = [
     (xdp_programs::IPV6_ICMP, program_names::XDP6_ICMP),
 ];
 
+/// How many of [`PROTOCOL_PROGRAMS`] are IPv4's.
+const IPV4_PROTOCOL_PROGRAMS: usize = 2;
+
+/// The IPv6 XDP programs, loaded only once the datapath has an IPv6 frontend to serve (at a
+/// start that finds one in the pins, or before the first is written): verifying them takes
+/// about 1.8 s of CPU, which an IPv4-only node's every start and upgrade would otherwise wait
+/// for. Until they are in the program array, `lb_xdp` passes IPv6 frames untouched, counted as
+/// `pass_protocol_unserved`, and there is no IPv6 frontend for them to miss.
+pub(crate) fn ipv6_programs() -> &'static [(u32, &'static str)] {
+    &PROTOCOL_PROGRAMS[IPV4_PROTOCOL_PROGRAMS..]
+}
+
 /// Puts the loaded protocol programs in the object's program array, the one its `lb_xdp`
 /// tail-calls (an `lb_xdp` of an earlier load keeps its own).
-pub(crate) fn install_tail_calls(ebpf: &mut Ebpf) -> Result<()> {
+pub(crate) fn install_tail_calls(ebpf: &mut Ebpf, programs: &[(u32, &'static str)]) -> Result<()> {
     let name = map_names::XDP_PROGRAMS;
-    for (slot, program) in PROTOCOL_PROGRAMS {
+    for &(slot, program) in programs {
         let fd = program_mut::<Xdp>(ebpf, program)?
             .fd()
             .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
@@ -626,6 +658,31 @@ pub(crate) fn install_tail_calls(ebpf: &mut Ebpf) -> Result<()> {
             .map_err(|source| map_error(name, "update", source))?;
     }
     Ok(())
+}
+
+/// Whether the pinned IPv6 frontends map holds an entry (a start on a node that serves IPv6).
+fn has_ipv6_frontends(ebpf: &Ebpf) -> Result<bool> {
+    let name = map_names::FRONTENDS6;
+    let map = ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+    let frontends: HashMap<&MapData, Frontend6Key, ServiceValue> =
+        HashMap::try_from(map).map_err(|source| map_error(name, "open", source))?;
+    Ok(frontends.keys().next().is_some())
+}
+
+impl Datapath {
+    /// Loads the IPv6 XDP programs and puts them in the program array, unless that is done
+    /// (see [`ipv6_programs`]). The first IPv6 frontend's write waits for it.
+    pub fn ensure_ipv6_xdp(&mut self) -> Result<()> {
+        if self.ipv6_xdp {
+            return Ok(());
+        }
+        let names: Vec<&'static str> = ipv6_programs().iter().map(|(_, name)| *name).collect();
+        load_xdp_programs(&mut self.ebpf, &self.pin_dir, &names)?;
+        install_tail_calls(&mut self.ebpf, ipv6_programs())?;
+        self.ipv6_xdp = true;
+        tracing::info!("IPv6 XDP programs loaded, for the first IPv6 frontend");
+        Ok(())
+    }
 }
 
 /// A map private to this load's object (not pinned: the agent fills it anew as it attaches).
@@ -744,10 +801,7 @@ fn verifier_error(name: &'static str, source: ProgramError) -> DatapathError {
 /// it, and these three are most of the verifier's time at load (0.4 to 0.7 s each on the
 /// lab's 2-core machines, 1.5 s one after the other), which a restarted or upgraded agent's
 /// first sync waits for.
-fn load_xdp_programs(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<()> {
-    let names: Vec<&'static str> = std::iter::once(program_names::XDP_LB)
-        .chain(PROTOCOL_PROGRAMS.iter().map(|(_, name)| *name))
-        .collect();
+fn load_xdp_programs(ebpf: &mut Ebpf, pin_dir: &Path, names: &[&'static str]) -> Result<()> {
     let mut programs: Vec<(&'static str, &mut Xdp)> = Vec::with_capacity(names.len());
     for (found, program) in ebpf.programs_mut() {
         let Some(&name) = names.iter().find(|name| **name == found) else {

@@ -175,6 +175,13 @@ impl Datapath {
     /// flipped to it in one update each, then the old table's cells are freed. Frontends of the
     /// service that are not in `service.frontends` any more are removed last.
     pub fn put_service(&mut self, service: &Service) -> Result<()> {
+        if service
+            .frontends
+            .iter()
+            .any(|frontend| frontend.addr.is_ipv6())
+        {
+            self.ensure_ipv6_xdp()?;
+        }
         let prepared = self.maglev_prepared.remove(&service.id);
         let previous = self.installed.get(&service.id).cloned();
         let result = self.put_service_with(service, prepared);

@@ -747,7 +747,10 @@ fn run_dry(
             .load()
             .with_context(|| format!("loading the dry-run {name}"))?;
     }
-    crate::datapath::load::install_tail_calls(&mut ebpf)?;
+    crate::datapath::load::install_tail_calls(
+        &mut ebpf,
+        &crate::datapath::load::PROTOCOL_PROGRAMS,
+    )?;
     let program: &mut Xdp = ebpf
         .program_mut(program_names::XDP_LB)
         .context("the XDP program")?
