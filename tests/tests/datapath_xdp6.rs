@@ -182,6 +182,12 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             Expect::Bytes(translated[4].clone()),
         ),
         case(
+            "ipv6 frame whose header is not version 6: dropped as the stack would",
+            lab::packet::non_ip(0x86dd, 60),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
             "miss: another port of the node",
             tcp(
                 CLIENT,
@@ -235,7 +241,8 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     );
 
     let events = datapath.events().expect("events");
-    assert_eq!(events["drop_malformed"], 1, "{events:?}");
+    // The UDP checksum 0 and the frame that is not version 6.
+    assert_eq!(events["drop_malformed"], 2, "{events:?}");
     assert_eq!(events["pass_fragment"], 2, "{events:?}");
     assert_eq!(events["reject_tcp_rst"], 1, "{events:?}");
     assert_eq!(events["reject_icmp"], 1, "{events:?}");

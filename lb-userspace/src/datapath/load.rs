@@ -120,17 +120,16 @@ impl Datapath {
         if ipv6_xdp {
             names.extend(ipv6_programs().iter().map(|(_, name)| *name));
         }
-        load_xdp_programs(&mut ebpf, pin_dir, &names)?;
+        // tc and the socket hooks too, in the same threads: their verification then overlaps
+        // the XDP programs' instead of following it.
+        names.push(program_names::TC_EGRESS);
+        names.extend(SOCKET_HOOKS);
+        names.extend([program_names::SOCK_EGRESS4, program_names::SOCK_RELEASE]);
+        load_programs(&mut ebpf, pin_dir, &names)?;
         install_tail_calls(&mut ebpf, ipv4_programs)?;
         if ipv6_xdp {
             install_tail_calls(&mut ebpf, ipv6_programs())?;
         }
-        load_and_pin::<SchedClassifier>(&mut ebpf, program_names::TC_EGRESS, pin_dir)?;
-        for hook in SOCKET_HOOKS {
-            load_and_pin::<CgroupSockAddr>(&mut ebpf, hook, pin_dir)?;
-        }
-        load_and_pin::<CgroupSkb>(&mut ebpf, program_names::SOCK_EGRESS4, pin_dir)?;
-        load_and_pin::<CgroupSock>(&mut ebpf, program_names::SOCK_RELEASE, pin_dir)?;
         let clock = start_clock(&mut ebpf)?;
         ensure_service_names(pin_dir)?;
         let mut maps = Maps::open(pin_dir, Access::ReadWrite)?;
@@ -677,7 +676,7 @@ impl Datapath {
             return Ok(());
         }
         let names: Vec<&'static str> = ipv6_programs().iter().map(|(_, name)| *name).collect();
-        load_xdp_programs(&mut self.ebpf, &self.pin_dir, &names)?;
+        load_programs(&mut self.ebpf, &self.pin_dir, &names)?;
         install_tail_calls(&mut self.ebpf, ipv6_programs())?;
         self.ipv6_xdp = true;
         tracing::info!("IPv6 XDP programs loaded, for the first IPv6 frontend");
@@ -775,19 +774,6 @@ where
         })
 }
 
-/// Loads a program and pins it as `<pin_dir>/<name>`, replacing what an earlier run pinned.
-fn load_and_pin<P>(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path) -> Result<()>
-where
-    P: LoadAndPin,
-    for<'e> &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
-{
-    let program: &mut P = program_mut(ebpf, name)?;
-    program
-        .load_program()
-        .map_err(|source| verifier_error(name, source))?;
-    pin_program(program, name, pin_dir)
-}
-
 fn verifier_error(name: &'static str, source: ProgramError) -> DatapathError {
     DatapathError::Program {
         program: name,
@@ -796,23 +782,18 @@ fn verifier_error(name: &'static str, source: ProgramError) -> DatapathError {
     }
 }
 
-/// Loads `lb_xdp` and the protocol programs it tail-calls on a thread each, then pins them as
-/// [`load_and_pin`] does. The kernel verifies a program on the CPU of the thread that loads
-/// it, and these three are most of the verifier's time at load (0.4 to 0.7 s each on the
-/// lab's 2-core machines, 1.5 s one after the other), which a restarted or upgraded agent's
-/// first sync waits for.
-fn load_xdp_programs(ebpf: &mut Ebpf, pin_dir: &Path, names: &[&'static str]) -> Result<()> {
-    let mut programs: Vec<(&'static str, &mut Xdp)> = Vec::with_capacity(names.len());
+/// Loads the programs named on a thread each, then pins them ([`pin_program`]). The
+/// kernel verifies a program on the CPU of the thread that loads it, and `lb_xdp` and the
+/// protocol programs it tail-calls are most of the verifier's time at load (0.7 to 1.2 s each
+/// on the lab's 2-core machines, 3 s one after the other), which a restarted or upgraded
+/// agent's first sync waits for.
+fn load_programs(ebpf: &mut Ebpf, pin_dir: &Path, names: &[&'static str]) -> Result<()> {
+    let mut programs: Vec<(&'static str, &mut aya::programs::Program)> =
+        Vec::with_capacity(names.len());
     for (found, program) in ebpf.programs_mut() {
-        let Some(&name) = names.iter().find(|name| **name == found) else {
-            continue;
-        };
-        let program = <&mut Xdp>::try_from(program).map_err(|source| DatapathError::Program {
-            program: name,
-            operation: "type check".into(),
-            source: Box::new(source),
-        })?;
-        programs.push((name, program));
+        if let Some(&name) = names.iter().find(|name| **name == found) {
+            programs.push((name, program));
+        }
     }
     if let Some(missing) = names
         .iter()
@@ -823,7 +804,7 @@ fn load_xdp_programs(ebpf: &mut Ebpf, pin_dir: &Path, names: &[&'static str]) ->
     let loaded: Vec<std::result::Result<(), ProgramError>> = std::thread::scope(|scope| {
         let threads: Vec<_> = programs
             .iter_mut()
-            .map(|(_, program)| scope.spawn(move || program.load()))
+            .map(|(_, program)| scope.spawn(move || program.load_program()))
             .collect();
         threads
             .into_iter()
@@ -879,6 +860,24 @@ macro_rules! impl_load_and_pin {
     )*};
 }
 impl_load_and_pin!(Xdp, SchedClassifier, CgroupSockAddr, CgroupSkb, CgroupSock);
+
+/// A program of the kinds the datapath has, whatever its kind.
+impl LoadAndPin for aya::programs::Program {
+    fn load_program(&mut self) -> std::result::Result<(), ProgramError> {
+        use aya::programs::Program;
+        match self {
+            Program::Xdp(program) => program.load(),
+            Program::SchedClassifier(program) => program.load(),
+            Program::CgroupSockAddr(program) => program.load(),
+            Program::CgroupSkb(program) => program.load(),
+            Program::CgroupSock(program) => program.load(),
+            _ => Err(ProgramError::UnexpectedProgramType),
+        }
+    }
+    fn pin_program(&mut self, path: &Path) -> std::result::Result<(), aya::pin::PinError> {
+        self.pin(path)
+    }
+}
 
 /// Records the size of each Maglev service's table when the table in force is the one its
 /// frontends ask for (its tag); a service whose table is missing or another (left by a stopped
