@@ -9,8 +9,8 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::icmp::{self, ICMP_ERROR_LEN, ICMP6_ERROR_LEN};
 use lb_common::{
-    Ct4Value, Ct6Value, Event, FragValue, Ipv6Words, ServiceValue, checksum, client_nic, ct_flags,
-    frag_action, limits, proto, sctp, service_flags, tcp_seq, xdp_programs,
+    Ct4Value, Ct6Value, CtValue, Event, FragValue, Ipv6Words, ServiceValue, checksum, client_nic,
+    ct_flags, frag_action, limits, proto, sctp, service_flags, tcp_seq, xdp_programs,
 };
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -31,8 +31,8 @@ use crate::{
     helpers::{Forward, now_ns},
     ip::{Addr, Ip, fragment_key},
     maps::{
-        CONNTRACK4, CONNTRACK6, FRAGMENTS4, Icmp6Headers, NIC_MACS, PACKET6, Packet6, TX_PORTS,
-        XDP_PROGRAMS, count_event, count_service, dry_run,
+        FRAGMENTS4, Icmp6Headers, NIC_MACS, PACKET6, Packet6, TX_PORTS, XDP_PROGRAMS, count_event,
+        count_service, dry_run,
     },
     monitor,
     sctp_crc::checksum_after_ports,
@@ -698,35 +698,13 @@ fn icmp6_quote(icmp6: &Icmp6Headers) -> Option<((Ipv6Words, Ipv6Words), icmp::Qu
 }
 
 /// The REPLY entry of the flow whose packet from one of this node's SNAT ports the ICMPv6
-/// error to this node's IPv6 SNAT address quotes.
+/// error to this node's IPv6 SNAT address quotes. Whether it is a SNAT flow's is the caller's
+/// to check: a pointer chosen without a branch (LLVM's select of it or None) is pointer
+/// arithmetic the verifier refuses.
 #[inline(never)]
 fn snat_flow_of_icmp6(icmp6: &Icmp6Headers) -> Option<&'static Ct6Value> {
     let (outer, quote) = icmp6_quote(icmp6)?;
-    let config = config()?;
-    let node = V6::snat_addr()?;
-    let (snat_addr, snat_port) = quote.source;
-    if !V6::same(&outer.1, &node)
-        || !V6::same(&snat_addr, &node)
-        || snat_port < config.snat_port_min
-        || snat_port > config.snat_port_max
-    {
-        return None;
-    }
-    let (backend, backend_port) = quote.destination;
-    let answer = Tuple::<V6> {
-        saddr: backend,
-        daddr: snat_addr,
-        sport: backend_port,
-        dport: snat_port,
-        proto: quote.proto,
-        tcp_flags: 0,
-        seq: 0,
-        seq_end: 0,
-    };
-    // SAFETY: an entry that stays valid for this run (RCU), only read. Whether it is a SNAT
-    // flow's is the caller's to check: a pointer chosen without a branch (LLVM's select of it or
-    // None) is pointer arithmetic the verifier refuses.
-    unsafe { CONNTRACK6.get(&reply_key(&answer)) }
+    snat_port_entry::<V6>(&outer.1, quote.source, quote.destination, quote.proto)
 }
 
 /// The client's entry of the flow whose packet from a frontend to a client the ICMPv6 error to
@@ -814,30 +792,43 @@ fn translate_icmp6(icmp6: &mut Icmp6Headers, entry: &Ct6Value, to: Icmp6To) -> R
 /// to this node quotes.
 #[inline(always)]
 fn snat_flow_of_quote(ip: &Ipv4Info, quote: &icmp::Quoted) -> Option<Ct4Value> {
+    let entry = *snat_port_entry::<V4>(&ip.daddr, quote.source, quote.destination, quote.proto)?;
+    (entry.flags & ct_flags::SNAT != 0).then_some(entry)
+}
+
+/// The conntrack entry of the answer to a packet an ICMP error to `to` quotes, when that packet
+/// left from one of this node's SNAT ports (`source`) to `destination`: the REPLY entry of its
+/// flow, if any.
+#[inline(always)]
+fn snat_port_entry<F: Family>(
+    to: &F::Addr,
+    source: (F::Addr, u16),
+    destination: (F::Addr, u16),
+    proto: u8,
+) -> Option<&'static CtValue<F::Addr>> {
     let config = config()?;
-    let (snat_addr, snat_port) = quote.source;
-    if config.snat_addr == 0
-        || ip.daddr != config.snat_addr
-        || snat_addr != config.snat_addr
+    let node = F::snat_addr()?;
+    let (snat_addr, snat_port) = source;
+    if !F::same(to, &node)
+        || !F::same(&snat_addr, &node)
         || snat_port < config.snat_port_min
         || snat_port > config.snat_port_max
     {
         return None;
     }
-    let (backend, backend_port) = quote.destination;
-    let answer = Tuple::<V4> {
+    let (backend, backend_port) = destination;
+    let answer = Tuple::<F> {
         saddr: backend,
         daddr: snat_addr,
         sport: backend_port,
         dport: snat_port,
-        proto: quote.proto,
+        proto,
         tcp_flags: 0,
         seq: 0,
         seq_end: 0,
     };
-    // SAFETY: a read-only copy of an entry that stays valid for this run (RCU).
-    let entry = (unsafe { CONNTRACK4.get(&reply_key(&answer)) }).copied()?;
-    (entry.flags & ct_flags::SNAT != 0).then_some(entry)
+    // SAFETY: an entry that stays valid for this run (RCU), only read.
+    unsafe { F::conntrack().get(&reply_key(&answer)) }
 }
 
 /// A fragment after the first of its datagram: no ports, so it follows what its first fragment
