@@ -495,8 +495,13 @@ fn every_program_leaves_a_quarter_of_the_verifiers_limit_free() {
     for level in [EbpfLogLevel::Off, EbpfLogLevel::Trace] {
         let pins = PinDir::new(&lab, &format!("insns{}", level as u8)).expect("pins");
         let mut datapath = Datapath::load_with_log_level(pins.path(), level).expect("load");
-        // Loaded at a start only where an IPv6 frontend is installed, or before the first one.
-        datapath.ensure_ipv6_xdp().expect("the IPv6 XDP programs");
+        // Each group loaded at a start only where a frontend of it is installed, or before the
+        // first one.
+        for group in lb_userspace::datapath::XdpGroup::ALL {
+            datapath
+                .ensure_xdp_group(group)
+                .expect("the group's XDP programs");
+        }
         let mut counts = Vec::new();
         for name in lb_userspace::datapath::pins::PROGRAMS {
             let info = aya::programs::ProgramInfo::from_pin(pins.path().join(name))
@@ -523,91 +528,145 @@ fn every_program_leaves_a_quarter_of_the_verifiers_limit_free() {
     );
 }
 
-/// The IPv6 XDP programs (about 1.8 s of the verifier's CPU) are verified only where there is
-/// IPv6 to serve: not at the start of an IPv4-only datapath, whose IPv6 frames pass untouched
-/// (counted), but before its first IPv6 frontend is written, and at any start that finds an
-/// IPv6 frontend installed.
+/// The groups of programs `lb_xdp` tail-calls (IPv4 UDP, IPv4 SCTP, the IPv6 pipeline: 0.7,
+/// 1.2 and 1.8 s of the verifier's CPU) are verified only where they have something to serve:
+/// not at the start of a datapath without a frontend of theirs, whose packets for them pass
+/// untouched (counted), but before the first such frontend is written, and at any start that
+/// finds one installed. A start that does not load a group unpins an earlier load's programs of
+/// it (no lb_xdp of the new load calls them).
 #[test]
-fn the_ipv6_xdp_programs_are_loaded_for_the_first_ipv6_frontend_and_at_a_start_that_finds_one() {
+fn each_xdp_program_group_is_loaded_for_its_first_frontend_and_at_a_start_that_finds_one() {
+    use lb_userspace::datapath::{XdpGroup, testrun::test_run};
+    use std::net::{Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    const XDP_PASS: u32 = 2;
+    const XDP_TX: u32 = 3;
     let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "lazy6").expect("pins");
-    let ipv6_pins = || {
-        [
-            lb_common::program_names::XDP6,
-            lb_common::program_names::XDP6_UDP,
-            lb_common::program_names::XDP6_FRONTEND,
-            lb_common::program_names::XDP6_FLOW,
-            lb_common::program_names::XDP6_DELIVER,
-            lb_common::program_names::XDP6_ICMP,
-        ]
-        .map(|name| {
-            aya::programs::ProgramInfo::from_pin(pins.path().join(name))
-                .ok()
-                .map(|info| info.id())
-        })
+    let pins = PinDir::new(&lab, "lazy").expect("pins");
+    let pinned = |group: XdpGroup| -> Vec<Option<u32>> {
+        group
+            .program_names()
+            .map(|name| {
+                aya::programs::ProgramInfo::from_pin(pins.path().join(name))
+                    .ok()
+                    .map(|info| info.id())
+            })
+            .collect()
     };
-    let node = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
-    let client = std::net::SocketAddrV6::new(
-        std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10),
+    let node4 = Ipv4Addr::new(203, 0, 113, 1);
+    let client4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 40000);
+    let node6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+    let client6 = SocketAddrV6::new(
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10),
         40000,
         0,
         0,
     );
-    let syn = lab::packet6::tcp(
-        client,
-        std::net::SocketAddrV6::new(node, 30080, 0, 0),
-        lab::packet::TcpFlags::SYN,
-        1000,
-        b"",
-    );
+    let node_port = |addr: std::net::IpAddr, port: u16, proto: u8| Frontend {
+        addr,
+        port,
+        proto,
+        kind: service_flags::NODE_PORT,
+    };
+    // Each group's frontend (a NodePort without endpoints: REJECT, answered with XDP_TX once
+    // the group serves it) and a packet to it.
+    let rows = [
+        (
+            XdpGroup::Udp,
+            node_port(node4.into(), 30053, proto::UDP),
+            lab::packet::udp(client4, SocketAddrV4::new(node4, 30053), b"query"),
+        ),
+        (
+            XdpGroup::Sctp,
+            node_port(node4.into(), 30054, proto::SCTP),
+            // An INIT (chunk type 1).
+            lab::packet::sctp(client4, SocketAddrV4::new(node4, 30054), 1, 0, &[0; 16]),
+        ),
+        (
+            XdpGroup::Ipv6,
+            node_port(node6.into(), 30080, proto::TCP),
+            lab::packet6::tcp(
+                client6,
+                SocketAddrV6::new(node6, 30080, 0, 0),
+                lab::packet::TcpFlags::SYN,
+                1000,
+                b"",
+            ),
+        ),
+    ];
 
     let mut datapath = Datapath::load(pins.path()).expect("load");
     datapath
         .put_service(&service(1, vec![frontend(1)], vec![]))
-        .expect("an IPv4 service");
-    assert_eq!(ipv6_pins(), [None; 6], "no IPv6 program verified for IPv4");
-    let xdp = || {
-        datapath
+        .expect("an IPv4 TCP service");
+    let mut unserved = 0;
+    let mut loaded = Vec::new();
+    for (index, (group, frontend, packet)) in rows.iter().enumerate() {
+        assert!(
+            pinned(*group).iter().all(Option::is_none),
+            "{group:?}: verified before a frontend of it"
+        );
+        let xdp = datapath
             .program_fd(lb_common::program_names::XDP_LB)
-            .expect("lb_xdp")
-    };
-    let run = lb_userspace::datapath::testrun::test_run(xdp(), &syn).expect("run");
-    assert_eq!((run.verdict, &run.packet), (2, &syn), "passed untouched");
-    assert_eq!(
-        datapath.events().expect("events")["pass_protocol_unserved"],
-        1
-    );
+            .expect("lb_xdp");
+        let run = test_run(xdp, packet).expect("run");
+        unserved += 1;
+        assert_eq!(
+            (run.verdict, &run.packet),
+            (XDP_PASS, packet),
+            "{group:?}: passed untouched"
+        );
+        assert_eq!(
+            datapath.events().expect("events")["pass_protocol_unserved"],
+            unserved,
+            "{group:?}"
+        );
 
-    let ipv6_frontend = Frontend {
-        addr: node.into(),
-        port: 30080,
-        proto: proto::TCP,
-        kind: service_flags::NODE_PORT,
-    };
-    datapath
-        .put_service(&service(2, vec![ipv6_frontend], vec![]))
-        .expect("an IPv6 service");
-    let loaded = ipv6_pins();
-    assert!(loaded.iter().all(Option::is_some), "{loaded:?}");
-    let xdp = || {
         datapath
+            .put_service(&service(2 + index as u32, vec![*frontend], vec![]))
+            .expect("the group's first service");
+        let ids = pinned(*group);
+        assert!(ids.iter().all(Option::is_some), "{group:?}: {ids:?}");
+        let xdp = datapath
             .program_fd(lb_common::program_names::XDP_LB)
-            .expect("lb_xdp")
-    };
-    let run = lb_userspace::datapath::testrun::test_run(xdp(), &syn).expect("run");
-    assert_eq!(
-        run.verdict, 3,
-        "the IPv6 path answers: a service without endpoints, RST"
-    );
+            .expect("lb_xdp");
+        let run = test_run(xdp, packet).expect("run");
+        assert_eq!(
+            run.verdict, XDP_TX,
+            "{group:?}: served (a service without endpoints, REJECT)"
+        );
+        assert_eq!(
+            datapath.events().expect("events")["pass_protocol_unserved"],
+            unserved,
+            "{group:?}"
+        );
+        loaded.push(ids);
+    }
     drop(datapath);
 
-    let _restarted = Datapath::load(pins.path()).expect("a start on these pins");
-    let reloaded = ipv6_pins();
-    assert!(
-        reloaded
-            .iter()
-            .zip(&loaded)
-            .all(|(new, old)| new.is_some() && new != old),
-        "the start verified and pinned its own IPv6 programs: {loaded:?} -> {reloaded:?}"
-    );
+    // A start that finds every group's frontend verifies and pins its own programs of each.
+    let mut restarted = Datapath::load(pins.path()).expect("a start on these pins");
+    for ((group, _, _), before) in rows.iter().zip(&loaded) {
+        let after = pinned(*group);
+        assert!(
+            after
+                .iter()
+                .zip(before)
+                .all(|(new, old)| new.is_some() && new != old),
+            "{group:?}: {before:?} -> {after:?}"
+        );
+    }
+    // Without the groups' frontends, the next start loads none of them, and unpins the last's.
+    for index in 0..rows.len() {
+        restarted
+            .remove_service(2 + index as u32)
+            .expect("remove the group's service");
+    }
+    drop(restarted);
+    let _tcp_only = Datapath::load(pins.path()).expect("a start without them");
+    for (group, _, _) in &rows {
+        assert!(
+            pinned(*group).iter().all(Option::is_none),
+            "{group:?}: still pinned"
+        );
+    }
 }

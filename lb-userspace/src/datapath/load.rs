@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io,
+    net::IpAddr,
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
 };
@@ -15,7 +16,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, ProgramArray},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        ProgramFd, SchedClassifier, TcAttachType, Xdp, XdpMode,
         cgroup_sock_addr::CgroupSockAddrLink,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
@@ -23,9 +24,11 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend4, CtKey, CtValue, Frontend6Key, JiffiesClock, LegacySlotKey, ServiceValue,
-    ct_direction, ct_flags, limits, map_names, program_names, xdp_programs,
+    Backend4, CtKey, CtValue, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, ct_flags,
+    limits, map_names, program_names, proto, xdp_programs,
 };
+
+use crate::compile::model::FrontendKey;
 
 use super::{
     Datapath, InstalledService, ServiceName,
@@ -112,28 +115,44 @@ impl Datapath {
                 pin_dir: pin_dir.to_owned(),
                 source: Box::new(source),
             })?;
-        let ipv4_programs = &PROTOCOL_PROGRAMS[..IPV4_PROTOCOL_PROGRAMS];
+        ensure_service_names(pin_dir)?;
+        let mut maps = Maps::open(pin_dir, Access::ReadWrite)?;
+        let (mut installed, owners) = read_installed(&maps)?;
+        let xdp_groups: BTreeSet<XdpGroup> = owners.keys().filter_map(XdpGroup::serving).collect();
         let mut names: Vec<&'static str> = std::iter::once(program_names::XDP_LB)
-            .chain(ipv4_programs.iter().map(|(_, name)| *name))
+            .chain(xdp_groups.iter().flat_map(|group| group.program_names()))
             .collect();
-        let ipv6_xdp = has_ipv6_frontends(&ebpf)?;
-        if ipv6_xdp {
-            names.extend(ipv6_programs().iter().map(|(_, name)| *name));
-        }
         // tc and the socket hooks too, in the same threads: their verification then overlaps
         // the XDP programs' instead of following it.
         names.push(program_names::TC_EGRESS);
         names.extend(SOCKET_HOOKS);
         names.extend([program_names::SOCK_EGRESS4, program_names::SOCK_RELEASE]);
-        load_programs(&mut ebpf, pin_dir, &names)?;
-        install_tail_calls(&mut ebpf, ipv4_programs)?;
-        if ipv6_xdp {
-            install_tail_calls(&mut ebpf, ipv6_programs())?;
+        let clock_sample = load_clock_sample(&mut ebpf)?;
+        // What needs no program waits for none: the clock's calibration (idle between its
+        // samples) and the conntrack reads (a walk of every bucket) overlap the verification.
+        let (clock, conntrack, conntrack6) =
+            load_programs_while(&mut ebpf, pin_dir, &names, || {
+                (
+                    super::clock::calibrate(&clock_sample),
+                    super::batch::read_map(&maps.conntrack),
+                    super::batch::read_map(&maps.conntrack6),
+                )
+            })?;
+        let conntrack =
+            conntrack.map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
+        let conntrack6 =
+            conntrack6.map_err(|source| map_error(map_names::CONNTRACK6, "iterate", source))?;
+        for group in XdpGroup::ALL {
+            if xdp_groups.contains(&group) {
+                install_tail_calls(&mut ebpf, group.programs())?;
+            } else {
+                // An earlier load's, which no lb_xdp of this load calls.
+                for name in group.program_names() {
+                    remove_pin(&pin_dir.join(name))?;
+                }
+            }
         }
-        let clock = start_clock(&mut ebpf)?;
-        ensure_service_names(pin_dir)?;
-        let mut maps = Maps::open(pin_dir, Access::ReadWrite)?;
-        let (mut installed, owners) = read_installed(&maps)?;
+        let clock = write_clock(&mut ebpf, clock)?;
         let mut slot_ranges = SlotRanges::new(limits::MAX_SLOTS);
         for service in installed.values_mut() {
             if !slot_ranges.reserve(service.slots, service.backends.len() as u32) {
@@ -163,8 +182,6 @@ impl Datapath {
             }
         }
         let installed_backends = read_backends(&maps)?;
-        let conntrack = super::batch::read_map(&maps.conntrack)
-            .map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
         let migrated = super::migrate::pairs_to_flow_entries(&mut maps.conntrack, &conntrack)?;
         if migrated > 0 {
             tracing::info!(
@@ -174,8 +191,6 @@ impl Datapath {
         }
         // The backends, and the backends of live flows that left the maps (the sources of
         // REPLY entries, the backends of FLOW entries), whose answers tc must still translate.
-        let conntrack6 = super::batch::read_map(&maps.conntrack6)
-            .map_err(|source| map_error(map_names::CONNTRACK6, "iterate", source))?;
         let reply_sources = reply_sources(&conntrack, FilterKey::new)
             .into_iter()
             .chain(reply_sources(&conntrack6, FilterKey::new6));
@@ -195,7 +210,7 @@ impl Datapath {
             .map(|info| info.max_entries())
             .unwrap_or(limits::MAX_FRONTENDS);
         Ok(Self {
-            ipv6_xdp,
+            xdp_groups,
             frontends4_capacity,
             maps,
             frontend_filter,
@@ -565,19 +580,28 @@ fn ensure_service_names(pin_dir: &Path) -> Result<()> {
 /// BPF_F_NO_PREALLOC (include/uapi/linux/bpf.h): names take memory only for services that exist.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// Loads the clock sample program, calibrates the programs' clock and writes it for them, before
-/// any of them is attached. A calibration that fails leaves them on the coarse-clock helper,
-/// which reads the same time at a higher cost per packet: logged, not fatal.
-fn start_clock(ebpf: &mut Ebpf) -> Result<Option<JiffiesClock>> {
+/// Loads the clock sample program, whose runs [`super::clock::calibrate`] the programs' clock
+/// with, and returns its fd.
+fn load_clock_sample(ebpf: &mut Ebpf) -> Result<ProgramFd> {
     let name = program_names::CLOCK_SAMPLE;
     let program = program_mut::<Xdp>(ebpf, name)?;
     program
         .load()
         .map_err(|source| program_error(name, "load (verifier)".into(), source))?;
-    let fd = program
+    program
         .fd()
-        .map_err(|source| program_error(name, "fd".into(), source))?;
-    let clock = match super::clock::calibrate(fd) {
+        .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+        .map_err(|source| program_error(name, "duplicate its fd".into(), source))
+}
+
+/// Writes the calibrated clock for the programs, before any of them is attached. A calibration
+/// that failed leaves them on the coarse-clock helper, which reads the same time at a higher
+/// cost per packet: logged, not fatal.
+fn write_clock(
+    ebpf: &mut Ebpf,
+    calibrated: std::result::Result<JiffiesClock, String>,
+) -> Result<Option<JiffiesClock>> {
+    let clock = match calibrated {
         Ok(clock) => clock,
         Err(reason) => {
             tracing::warn!(%reason, "the datapath's clock is not calibrated: it reads bpf_ktime_get_coarse_ns");
@@ -585,9 +609,9 @@ fn start_clock(ebpf: &mut Ebpf) -> Result<Option<JiffiesClock>> {
         }
     };
     // Written where it is, not taken out of the object: a map the object lets go of closes its
-    // fd, which the next opened map gets, and a program loaded later (the IPv6 XDP programs,
-    // see `ensure_ipv6_xdp`) would be verified against that map instead (its instructions
-    // hold the fd number).
+    // fd, which the next opened map gets, and a program loaded later (see
+    // `Datapath::ensure_xdp_group`) would be verified against that map instead (its
+    // instructions hold the fd number).
     let name = map_names::CLOCK;
     let map = ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
     let mut map: Array<&mut MapData, JiffiesClock> =
@@ -616,8 +640,8 @@ fn reply_sources<A: lb_common::CtAddr>(
         .collect()
 }
 
-/// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`]: IPv4's
-/// (loaded at every start), then the IPv6 pipeline (see [`IPV6_PROGRAMS`]).
+/// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`], in the order
+/// of their [`XdpGroup`]s.
 pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 8] = [
     (xdp_programs::UDP, program_names::XDP_UDP),
     (xdp_programs::SCTP, program_names::XDP_SCTP),
@@ -629,16 +653,54 @@ pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 8] = [
     (xdp_programs::IPV6_ICMP, program_names::XDP6_ICMP),
 ];
 
-/// How many of [`PROTOCOL_PROGRAMS`] are IPv4's.
-const IPV4_PROTOCOL_PROGRAMS: usize = 2;
+/// The programs `lb_xdp` tail-calls, in groups each loaded only where the datapath has a
+/// frontend the group serves: at a start that finds one in the pins, or just before the first
+/// is written ([`Datapath::ensure_xdp_group`]). Verification is most of an agent's start (on
+/// the lab's 2-core machines `lb_xdp` 1.1 s of CPU, `lb_xdp_udp` 0.7 s, `lb_xdp_sctp` 1.2 s,
+/// the IPv6 pipeline 1.8 s), which every restart and upgrade waits for before its first sync.
+/// Until a group is in the program array, `lb_xdp` passes its packets untouched, counted as
+/// `pass_protocol_unserved`: there is no frontend for them to reach, nor a flow to translate
+/// (flows are made by frontends). IPv4 TCP is `lb_xdp`'s own, loaded at every start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum XdpGroup {
+    /// `lb_xdp_udp`: IPv4 UDP.
+    Udp,
+    /// `lb_xdp_sctp`: IPv4 SCTP.
+    Sctp,
+    /// The IPv6 pipeline, every protocol.
+    Ipv6,
+}
 
-/// The IPv6 XDP programs, loaded only once the datapath has an IPv6 frontend to serve (at a
-/// start that finds one in the pins, or before the first is written): verifying them takes
-/// about 1.8 s of CPU, which an IPv4-only node's every start and upgrade would otherwise wait
-/// for. Until they are in the program array, `lb_xdp` passes IPv6 frames untouched, counted as
-/// `pass_protocol_unserved`, and there is no IPv6 frontend for them to miss.
-pub(crate) fn ipv6_programs() -> &'static [(u32, &'static str)] {
-    &PROTOCOL_PROGRAMS[IPV4_PROTOCOL_PROGRAMS..]
+impl XdpGroup {
+    pub const ALL: [Self; 3] = [Self::Udp, Self::Sctp, Self::Ipv6];
+
+    /// The group a frontend's packets need beside `lb_xdp`, if any.
+    pub fn serving(frontend: &FrontendKey) -> Option<Self> {
+        Self::of(frontend.addr(), frontend.proto())
+    }
+
+    /// As [`Self::serving`], by a frontend's address and protocol number.
+    pub fn of(addr: IpAddr, protocol: u8) -> Option<Self> {
+        match (addr, protocol) {
+            (IpAddr::V6(_), _) => Some(Self::Ipv6),
+            (IpAddr::V4(_), proto::UDP) => Some(Self::Udp),
+            (IpAddr::V4(_), proto::SCTP) => Some(Self::Sctp),
+            (IpAddr::V4(_), _) => None,
+        }
+    }
+
+    /// Its programs, by their slot in the program array.
+    pub(crate) fn programs(self) -> &'static [(u32, &'static str)] {
+        match self {
+            Self::Udp => &PROTOCOL_PROGRAMS[..1],
+            Self::Sctp => &PROTOCOL_PROGRAMS[1..2],
+            Self::Ipv6 => &PROTOCOL_PROGRAMS[2..],
+        }
+    }
+
+    pub fn program_names(self) -> impl Iterator<Item = &'static str> {
+        self.programs().iter().map(|&(_, name)| name)
+    }
 }
 
 /// Puts the loaded protocol programs in the object's program array, the one its `lb_xdp`
@@ -659,27 +721,21 @@ pub(crate) fn install_tail_calls(ebpf: &mut Ebpf, programs: &[(u32, &'static str
     Ok(())
 }
 
-/// Whether the pinned IPv6 frontends map holds an entry (a start on a node that serves IPv6).
-fn has_ipv6_frontends(ebpf: &Ebpf) -> Result<bool> {
-    let name = map_names::FRONTENDS6;
-    let map = ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
-    let frontends: HashMap<&MapData, Frontend6Key, ServiceValue> =
-        HashMap::try_from(map).map_err(|source| map_error(name, "open", source))?;
-    Ok(frontends.keys().next().is_some())
-}
-
 impl Datapath {
-    /// Loads the IPv6 XDP programs and puts them in the program array, unless that is done
-    /// (see [`ipv6_programs`]). The first IPv6 frontend's write waits for it.
-    pub fn ensure_ipv6_xdp(&mut self) -> Result<()> {
-        if self.ipv6_xdp {
+    /// Loads the programs of `group` and puts them in the program array, unless that is done
+    /// (see [`XdpGroup`]). The sync that writes the group's first frontend waits for it.
+    pub fn ensure_xdp_group(&mut self, group: XdpGroup) -> Result<()> {
+        if self.xdp_groups.contains(&group) {
             return Ok(());
         }
-        let names: Vec<&'static str> = ipv6_programs().iter().map(|(_, name)| *name).collect();
+        let names: Vec<&'static str> = group.program_names().collect();
         load_programs(&mut self.ebpf, &self.pin_dir, &names)?;
-        install_tail_calls(&mut self.ebpf, ipv6_programs())?;
-        self.ipv6_xdp = true;
-        tracing::info!("IPv6 XDP programs loaded, for the first IPv6 frontend");
+        install_tail_calls(&mut self.ebpf, group.programs())?;
+        self.xdp_groups.insert(group);
+        tracing::info!(
+            ?group,
+            "XDP programs loaded, for the group's first frontend"
+        );
         Ok(())
     }
 }
@@ -727,7 +783,7 @@ fn take_pinned_link(path: &Path, program: &'static str) -> Result<Option<FdLink>
 /// goes away while the agent restarts.
 fn update_pinned_link(
     path: &Path,
-    program: std::result::Result<&aya::programs::ProgramFd, ProgramError>,
+    program: std::result::Result<&ProgramFd, ProgramError>,
     name: &'static str,
 ) -> Result<()> {
     let operation = || format!("update the link pinned at {}", path.display());
@@ -788,6 +844,16 @@ fn verifier_error(name: &'static str, source: ProgramError) -> DatapathError {
 /// on the lab's 2-core machines, 3 s one after the other), which a restarted or upgraded
 /// agent's first sync waits for.
 fn load_programs(ebpf: &mut Ebpf, pin_dir: &Path, names: &[&'static str]) -> Result<()> {
+    load_programs_while(ebpf, pin_dir, names, || ())
+}
+
+/// As [`load_programs`], running `meanwhile` on the calling thread while the kernel verifies.
+fn load_programs_while<T>(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    names: &[&'static str],
+    meanwhile: impl FnOnce() -> T,
+) -> Result<T> {
     let mut programs: Vec<(&'static str, &mut aya::programs::Program)> =
         Vec::with_capacity(names.len());
     for (found, program) in ebpf.programs_mut() {
@@ -801,25 +867,27 @@ fn load_programs(ebpf: &mut Ebpf, pin_dir: &Path, names: &[&'static str]) -> Res
     {
         return Err(DatapathError::MissingProgram(missing));
     }
-    let loaded: Vec<std::result::Result<(), ProgramError>> = std::thread::scope(|scope| {
+    let (loaded, done_meanwhile) = std::thread::scope(|scope| {
         let threads: Vec<_> = programs
             .iter_mut()
             .map(|(_, program)| scope.spawn(move || program.load_program()))
             .collect();
-        threads
+        let done_meanwhile = meanwhile();
+        let loaded: Vec<std::result::Result<(), ProgramError>> = threads
             .into_iter()
             .map(|thread| {
                 thread
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
             })
-            .collect()
+            .collect();
+        (loaded, done_meanwhile)
     });
     for ((name, program), result) in programs.into_iter().zip(loaded) {
         result.map_err(|source| verifier_error(name, source))?;
         pin_program(program, name, pin_dir)?;
     }
-    Ok(())
+    Ok(done_meanwhile)
 }
 
 /// Pins a loaded program as `<pin_dir>/<name>`, replacing what an earlier run pinned.

@@ -57,7 +57,7 @@ mod write;
 
 use address_filter::AddressFilter;
 pub use error::DatapathError;
-pub use load::MapSizes;
+pub use load::{MapSizes, XdpGroup};
 use maps::Maps;
 use slot_ranges::SlotRanges;
 pub use write::MAGLEV_SWAP_BATCH;
@@ -68,8 +68,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 /// The loaded datapath. Dropping it detaches what it attached; pinned maps stay.
 pub struct Datapath {
     ebpf: Ebpf,
-    /// The IPv6 XDP programs are loaded and in the program array ([`Datapath::ensure_ipv6_xdp`]).
-    ipv6_xdp: bool,
+    /// The groups of XDP programs loaded and in the program array ([`Datapath::ensure_xdp_group`]).
+    xdp_groups: BTreeSet<XdpGroup>,
     /// Entries the IPv4 frontends map holds (as created; `lb run --frontend-map-size`).
     frontends4_capacity: u32,
     pin_dir: PathBuf,

@@ -175,12 +175,10 @@ impl Datapath {
     /// flipped to it in one update each, then the old table's cells are freed. Frontends of the
     /// service that are not in `service.frontends` any more are removed last.
     pub fn put_service(&mut self, service: &Service) -> Result<()> {
-        if service
-            .frontends
-            .iter()
-            .any(|frontend| frontend.addr.is_ipv6())
-        {
-            self.ensure_ipv6_xdp()?;
+        for frontend in &service.frontends {
+            if let Some(group) = super::XdpGroup::of(frontend.addr, frontend.proto) {
+                self.ensure_xdp_group(group)?;
+            }
         }
         let prepared = self.maglev_prepared.remove(&service.id);
         let previous = self.installed.get(&service.id).cloned();
