@@ -1,6 +1,8 @@
 //! Connection tracking, backend selection (random or sticky by client) and SNAT port allocation,
 //! shared by the XDP, tc and socket programs.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::{debug, warn};
 use lb_common::{
@@ -18,6 +20,7 @@ use crate::{
         AFFINITY4, CONFIG, FRONTEND_FILTER, MAGLEV4, SLOTS4, count_event, count_service, dry_run,
     },
     monitor,
+    zeroed::{zero, zero_init},
 };
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -522,7 +525,7 @@ fn keeps_reply_half<F: Family>(
             return false;
         }
         None => {
-            let mut local = CtValue::default();
+            let mut local = MaybeUninit::uninit();
             let Some(reply) = value_slot::<F>(scratch::REPLY, &mut local) else {
                 return false;
             };
@@ -595,12 +598,12 @@ const REPLY_FLAGS: u8 = ct_flags::SNAT | ct_flags::PORT_REMAP | ct_flags::CLIENT
 #[inline(always)]
 fn value_slot<F: Family>(
     index: u32,
-    local: &mut CtValue<F::Addr>,
+    local: &mut MaybeUninit<CtValue<F::Addr>>,
 ) -> Option<&mut CtValue<F::Addr>> {
     if F::OUT_OF_LINE {
         F::ct_scratch(index)
     } else {
-        Some(local)
+        Some(zero_init(local))
     }
 }
 
@@ -672,9 +675,10 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     if remote && !may_forward {
         return Err(Event::PASS_TTL_EXCEEDED);
     }
-    let mut local = CtValue::default();
+    let mut local = MaybeUninit::uninit();
     let original = value_slot::<F>(scratch::ORIGINAL, &mut local).ok_or(Event::DROP_CT_FULL)?;
-    *original = CtValue::default();
+    // SAFETY: a slot of this CPU's (or this function's) own, valid for a CtValue.
+    unsafe { zero(original) };
     original.last_seen_ns = now;
     original.backend_id = backend_id;
     original.service_id = service.service_id;
@@ -721,7 +725,7 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     } else {
         (tuple.saddr, ct_flags::PORT_REMAP)
     };
-    let mut local_reply = CtValue::default();
+    let mut local_reply = MaybeUninit::uninit();
     let reply =
         value_slot::<F>(scratch::REPLY, &mut local_reply).ok_or(Event::DROP_SNAT_EXHAUSTED)?;
     write_reply(reply, original, flag, tuple, arrival, now);
@@ -772,7 +776,7 @@ fn new_flow_in_one_entry<F: Family>(
     let flags = original.flags | ct_flags::CLIENT_IN_FLOW;
     if original.flags & ct_flags::SNAT != 0 {
         let addr = F::snat_addr().ok_or(Event::DROP_SNAT_EXHAUSTED)?;
-        let mut local = CtValue::default();
+        let mut local = MaybeUninit::uninit();
         let reply =
             value_slot::<F>(scratch::REPLY, &mut local).ok_or(Event::DROP_SNAT_EXHAUSTED)?;
         write_reply(reply, original, flags & REPLY_FLAGS, tuple, arrival, now);
@@ -785,7 +789,7 @@ fn new_flow_in_one_entry<F: Family>(
         return Ok(None);
     }
     // The reply (if any) is in the map by now: its scratch entry takes the FLOW entry.
-    let mut local = CtValue::default();
+    let mut local = MaybeUninit::uninit();
     let entry = value_slot::<F>(scratch::REPLY, &mut local).ok_or(Event::DROP_CT_FULL)?;
     *entry = *original;
     let flow = FlowValue::of_mut(entry);

@@ -131,22 +131,17 @@ fn fib(
     use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
     // SAFETY: ctx.ctx is the program's own xdp_md, valid for the whole run.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    // SAFETY: an all-zero bpf_fib_lookup is a valid "no options" request (include/uapi/linux/bpf.h).
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    let mut params = core::mem::MaybeUninit::<FibParams>::uninit();
+    let params = crate::zeroed::zero_init(&mut params);
     params.family = family;
     params.l4_protocol = protocol;
     params.ifindex = ingress;
     params.__bindgen_anon_1.tot_len = tot_len;
-    addresses(&mut params);
+    addresses(params);
     // SAFETY: params is a properly sized, initialized bpf_fib_lookup on this program's stack,
     // and ctx is the program's context, as the helper requires.
     let result = unsafe {
-        aya_ebpf::helpers::bpf_fib_lookup(
-            ctx.ctx.cast(),
-            &mut params,
-            size_of::<FibParams>() as i32,
-            0,
-        )
+        aya_ebpf::helpers::bpf_fib_lookup(ctx.ctx.cast(), params, size_of::<FibParams>() as i32, 0)
     };
     // Without BPF_FIB_LOOKUP_SKIP_NEIGH the lookup answers BPF_FIB_LKUP_RET_NO_NEIGH when the
     // next hop's MAC is not known yet, and with tot_len set FRAG_NEEDED for a packet over the

@@ -14,5 +14,6 @@ mod sctp_crc;
 mod sock;
 mod tc;
 mod xdp;
+mod zeroed;
 
 lb_ebpf::object_essentials!();

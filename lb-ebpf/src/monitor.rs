@@ -23,6 +23,7 @@ use crate::{
     flow::{Destination, Tuple},
     helpers::{now_ns, random_u32},
     maps::{MONITOR_CONTROL, MONITOR_EVENTS, MONITOR_LOST, PACKET6, dry_run},
+    zeroed::{write_words, zero},
 };
 
 /// Whether a monitor asks for `kind` and this event is in its sample (and the packet is a real
@@ -58,22 +59,29 @@ const RECORD_SPACE: u64 = (size_of::<MonitorEvent>() as u64 + 8).next_multiple_o
 /// Puts one event on the ring buffer, or counts it lost.
 #[inline(always)]
 fn report(event: MonitorEvent) {
-    report_in_place(|slot| *slot = event);
+    // SAFETY: `submit` hands over a reservation that holds one MonitorEvent.
+    submit(|slot| unsafe { write_words(slot, &event) });
 }
 
 /// Puts one event on the ring buffer, written by `fill` where it lies there (zeroed first), so
 /// that it never takes the stack of the reporting path; or counts it lost.
 #[inline(always)]
 fn report_in_place(fill: impl FnOnce(&mut MonitorEvent)) {
+    // SAFETY: `submit` hands over a reservation that holds one MonitorEvent, writable until it
+    // is submitted; zeroed, it is a valid one (integers only).
+    submit(|slot| unsafe {
+        zero(slot);
+        fill(&mut *slot);
+    });
+}
+
+/// Reserves a record on the ring buffer, has `write` write it whole and submits it; or counts
+/// it lost.
+#[inline(always)]
+fn submit(write: impl FnOnce(*mut MonitorEvent)) {
     match MONITOR_EVENTS.reserve::<MonitorEvent>(0) {
         Some(mut entry) => {
-            let event = entry.as_mut_ptr();
-            // SAFETY: the reservation holds one MonitorEvent, writable by this program until it
-            // is submitted; zeroed, it is a valid one (integers only).
-            unsafe {
-                event.write_bytes(0, 1);
-                fill(&mut *event);
-            }
+            write(entry.as_mut_ptr());
             // Unread data, this record included (reserved, not yet submitted).
             let unread = MONITOR_EVENTS.query(BPF_RB_AVAIL_DATA.into());
             let crosses = unread > WAKEUP_BACKLOG && unread <= WAKEUP_BACKLOG + RECORD_SPACE;
