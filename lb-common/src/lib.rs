@@ -86,6 +86,9 @@ pub mod map_names {
     /// reference goes (kernel/bpf/arraymap.c, prog_array_map_clear on map_release_uref), and
     /// the attached `lb_xdp` must keep reaching them while no agent runs.
     pub const XDP_PROGRAMS: &str = "lb_xdpprog_v1";
+    /// The program `lb_tc_egress` tail-calls for IPv6 ([`crate::tc_programs`]), pinned as
+    /// [`XDP_PROGRAMS`] is and for the same reason.
+    pub const TC_PROGRAMS: &str = "lb_tcprog_v1";
 
     /// Maps earlier releases pinned under names whose layout has changed since: a new agent
     /// removes these pins (the maps themselves go when the old programs are swapped out).
@@ -152,6 +155,7 @@ pub mod map_names {
         NIC_MACS,
         TX_PORTS,
         XDP_PROGRAMS,
+        TC_PROGRAMS,
         FRONTENDS6,
         BACKENDS6,
         SOCK_NAT6,
@@ -181,6 +185,7 @@ pub mod map_names {
         MAGLEV4,
         SOCK_STATE4,
         XDP_PROGRAMS,
+        TC_PROGRAMS,
         FRONTENDS6,
         BACKENDS6,
         SOCK_NAT6,
@@ -193,6 +198,13 @@ pub mod map_names {
         MONITOR_CONTROL,
         MONITOR_LOST,
     ];
+}
+
+/// The slots of [`map_names::TC_PROGRAMS`].
+pub mod tc_programs {
+    /// `lb_tc_egress6` ([`crate::program_names::TC_EGRESS6`]).
+    pub const IPV6: u32 = 0;
+    pub const COUNT: u32 = 1;
 }
 
 /// The slots of [`map_names::XDP_PROGRAMS`].
@@ -318,6 +330,8 @@ pub mod program_names {
     pub const XDP6_ICMP: &str = "lb_xdp6_icmp";
     /// tc egress on the node NICs: reverse NAT of replies from local backends.
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// tc egress for IPv6, tail-called by [`TC_EGRESS`] (see its doc in `lb-ebpf/src/tc.rs`).
+    pub const TC_EGRESS6: &str = "lb_tc_egress6";
     /// cgroup/connect4: connect() to a Service goes straight to a backend.
     pub const CONNECT4: &str = "lb_connect4";
     /// cgroup/sendmsg4: unconnected UDP sendto() a Service goes to a backend.

@@ -164,6 +164,12 @@ pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(limits::NIC_SLOTS
 pub static XDP_PROGRAMS: ProgramArray =
     ProgramArray::with_max_entries(lb_common::xdp_programs::COUNT, 0);
 
+/// The program `lb_tc_egress` tail-calls for IPv6 (`lb_common::tc_programs`), one array per
+/// load and pinned once its `lb_tc_egress` is attached, as [`XDP_PROGRAMS`].
+#[map(name = "lb_tcprog_v1")]
+pub static TC_PROGRAMS: ProgramArray =
+    ProgramArray::with_max_entries(lb_common::tc_programs::COUNT, 0);
+
 /// Per-CPU token bucket of REJECT answers (index 0). Private to the object: a new agent starts
 /// with a fresh bucket.
 #[map(name = "lb_rejbudget")]

@@ -181,8 +181,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .with_context(|| format!("attaching XDP to {iface} ({mode:?})"))?;
     }
     datapath
-        .pin_xdp_programs()
-        .context("pinning the programs XDP tail-calls")?;
+        .pin_program_arrays()
+        .context("pinning the programs XDP and tc tail-call")?;
     if let Some(cgroup) = &config.cgroup {
         datapath
             .attach_cgroup(cgroup)

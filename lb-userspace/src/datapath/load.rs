@@ -25,7 +25,7 @@ use aya::{
 };
 use lb_common::{
     Backend4, CtKey, CtValue, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, ct_flags,
-    limits, map_names, program_names, proto, xdp_programs,
+    limits, map_names, program_names, proto, tc_programs, xdp_programs,
 };
 
 use crate::compile::model::FrontendKey;
@@ -124,7 +124,7 @@ impl Datapath {
             .collect();
         // tc and the socket hooks too, in the same threads: their verification then overlaps
         // the XDP programs' instead of following it.
-        names.push(program_names::TC_EGRESS);
+        names.extend([program_names::TC_EGRESS, program_names::TC_EGRESS6]);
         names.extend(SOCKET_HOOKS);
         names.extend([program_names::SOCK_EGRESS4, program_names::SOCK_RELEASE]);
         let clock_sample = load_clock_sample(&mut ebpf)?;
@@ -152,6 +152,7 @@ impl Datapath {
                 }
             }
         }
+        install_tc_tail_call(&mut ebpf)?;
         let clock = write_clock(&mut ebpf, clock)?;
         let mut slot_ranges = SlotRanges::new(limits::MAX_SLOTS);
         for service in installed.values_mut() {
@@ -246,27 +247,31 @@ impl Datapath {
             .map_err(|error| DatapathError::Invalid(format!("the programs' log: {error}")))
     }
 
-    /// Pins this load's program array (the protocol programs its `lb_xdp` tail-calls) in the
-    /// pin directory, in place of an earlier load's, so that it outlives the agent. Call it once
-    /// this load's `lb_xdp` is attached to every NIC: until then an earlier `lb_xdp` may still
-    /// run on some, and its array must stay pinned (an array nobody holds is emptied).
-    pub fn pin_xdp_programs(&mut self) -> Result<()> {
-        let name = map_names::XDP_PROGRAMS;
-        let path = self.pin_dir.join(name);
-        // bpffs refuses names with a dot (kernel/bpf/inode.c, bpf_lookup).
-        let staged = self.pin_dir.join(format!("{name}_new"));
-        remove_pin(&staged)?;
-        self.ebpf
-            .map(name)
-            .ok_or(DatapathError::MissingMap(name))?
-            .pin(&staged)
-            .map_err(|source| DatapathError::PinMap {
-                map: name,
-                path: staged.clone(),
-                source,
-            })?;
-        // One rename replaces the earlier pin: there is no moment without one.
-        std::fs::rename(&staged, &path).map_err(|source| DatapathError::PinDir { path, source })
+    /// Pins this load's program arrays (the programs its `lb_xdp` and its `lb_tc_egress`
+    /// tail-call) in the pin directory, in place of an earlier load's, so that they outlive the
+    /// agent. Call it once this load's `lb_xdp` and `lb_tc_egress` are attached to every NIC:
+    /// until then an earlier load's may still run on some, and its arrays must stay pinned (an
+    /// array nobody holds is emptied).
+    pub fn pin_program_arrays(&mut self) -> Result<()> {
+        for name in [map_names::XDP_PROGRAMS, map_names::TC_PROGRAMS] {
+            let path = self.pin_dir.join(name);
+            // bpffs refuses names with a dot (kernel/bpf/inode.c, bpf_lookup).
+            let staged = self.pin_dir.join(format!("{name}_new"));
+            remove_pin(&staged)?;
+            self.ebpf
+                .map(name)
+                .ok_or(DatapathError::MissingMap(name))?
+                .pin(&staged)
+                .map_err(|source| DatapathError::PinMap {
+                    map: name,
+                    path: staged.clone(),
+                    source,
+                })?;
+            // One rename replaces the earlier pin: there is no moment without one.
+            std::fs::rename(&staged, &path)
+                .map_err(|source| DatapathError::PinDir { path, source })?;
+        }
+        Ok(())
     }
 
     /// Attaches the XDP program to a NIC of the calling thread's network namespace.
@@ -706,12 +711,36 @@ impl XdpGroup {
 /// Puts the loaded protocol programs in the object's program array, the one its `lb_xdp`
 /// tail-calls (an `lb_xdp` of an earlier load keeps its own).
 pub(crate) fn install_tail_calls(ebpf: &mut Ebpf, programs: &[(u32, &'static str)]) -> Result<()> {
-    let name = map_names::XDP_PROGRAMS;
-    for &(slot, program) in programs {
-        let fd = program_mut::<Xdp>(ebpf, program)?
+    install_in(ebpf, map_names::XDP_PROGRAMS, programs, |ebpf, program| {
+        program_mut::<Xdp>(ebpf, program)?
             .fd()
             .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
-            .map_err(|source| program_error(program, "duplicate its fd".into(), source))?;
+            .map_err(|source| program_error(program, "duplicate its fd".into(), source))
+    })
+}
+
+/// Puts the loaded `lb_tc_egress6` in the object's tc program array, the one its `lb_tc_egress`
+/// tail-calls for IPv6.
+fn install_tc_tail_call(ebpf: &mut Ebpf) -> Result<()> {
+    let programs = [(tc_programs::IPV6, program_names::TC_EGRESS6)];
+    install_in(ebpf, map_names::TC_PROGRAMS, &programs, |ebpf, program| {
+        program_mut::<SchedClassifier>(ebpf, program)?
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+            .map_err(|source| program_error(program, "duplicate its fd".into(), source))
+    })
+}
+
+/// Puts `programs` (loaded) in their slots of the object's program array `name`, with `fd` for
+/// each program's fd.
+fn install_in(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    programs: &[(u32, &'static str)],
+    fd: impl Fn(&mut Ebpf, &'static str) -> Result<ProgramFd>,
+) -> Result<()> {
+    for &(slot, program) in programs {
+        let fd = fd(ebpf, program)?;
         let map = ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
         ProgramArray::try_from(map)
             .map_err(|source| map_error(name, "open", source))?

@@ -19,7 +19,7 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 20] = [
+pub const PROGRAMS: [&str; 21] = [
     program_names::XDP_LB,
     program_names::XDP_UDP,
     program_names::XDP_SCTP,
@@ -30,6 +30,7 @@ pub const PROGRAMS: [&str; 20] = [
     program_names::XDP6_DELIVER,
     program_names::XDP6_ICMP,
     program_names::TC_EGRESS,
+    program_names::TC_EGRESS6,
     program_names::CONNECT4,
     program_names::SENDMSG4,
     program_names::RECVMSG4,
@@ -77,8 +78,10 @@ pub fn is_agent_pin(name: &str) -> bool {
         || map_names::RETIRED.contains(&name)
         || map_names::RETIRED_AFTER_SYNC.contains(&name)
         || PROGRAMS.contains(&name)
-        // The program array staged by `Datapath::pin_xdp_programs`, left by a crash.
-        || name.strip_suffix("_new") == Some(map_names::XDP_PROGRAMS)
+        // A program array staged by `Datapath::pin_program_arrays`, left by a crash.
+        || name
+            .strip_suffix("_new")
+            .is_some_and(|array| [map_names::XDP_PROGRAMS, map_names::TC_PROGRAMS].contains(&array))
 }
 
 /// Whether the agent pins a link named `name` under `links/`.
