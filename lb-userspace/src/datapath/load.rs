@@ -661,8 +661,9 @@ pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 8] = [
 /// The programs `lb_xdp` tail-calls, in groups each loaded only where the datapath has a
 /// frontend the group serves: at a start that finds one in the pins, or just before the first
 /// is written ([`Datapath::ensure_xdp_group`]). Verification is most of an agent's start (on
-/// the lab's 2-core machines `lb_xdp` 1.1 s of CPU, `lb_xdp_udp` 0.7 s, `lb_xdp_sctp` 1.2 s,
-/// the IPv6 pipeline 1.8 s), which every restart and upgrade waits for before its first sync.
+/// the lab's 2-core machines about 1 s for `lb_xdp` with tc and the socket hooks, then
+/// `lb_xdp_udp` 0.3-0.4 s, `lb_xdp_sctp` 0.75-0.9 s, the IPv6 pipeline 1.4-1.6 s), which
+/// every restart and upgrade waits for before its first sync.
 /// Until a group is in the program array, `lb_xdp` passes its packets untouched, counted as
 /// `pass_protocol_unserved`: there is no frontend for them to reach, nor a flow to translate
 /// (flows are made by frontends). IPv4 TCP is `lb_xdp`'s own, loaded at every start.
@@ -869,9 +870,8 @@ fn verifier_error(name: &'static str, source: ProgramError) -> DatapathError {
 
 /// Loads the programs named on a thread each, then pins them ([`pin_program`]). The
 /// kernel verifies a program on the CPU of the thread that loads it, and `lb_xdp` and the
-/// protocol programs it tail-calls are most of the verifier's time at load (0.7 to 1.2 s each
-/// on the lab's 2-core machines, 3 s one after the other), which a restarted or upgraded
-/// agent's first sync waits for.
+/// programs it tail-calls are most of the verifier's time at load (0.3 to 1 s each on the lab's
+/// 2-core machines), which a restarted or upgraded agent's first sync waits for.
 fn load_programs(ebpf: &mut Ebpf, pin_dir: &Path, names: &[&'static str]) -> Result<()> {
     load_programs_while(ebpf, pin_dir, names, || ())
 }
