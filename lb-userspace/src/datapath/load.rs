@@ -712,36 +712,26 @@ impl XdpGroup {
 /// Puts the loaded protocol programs in the object's program array, the one its `lb_xdp`
 /// tail-calls (an `lb_xdp` of an earlier load keeps its own).
 pub(crate) fn install_tail_calls(ebpf: &mut Ebpf, programs: &[(u32, &'static str)]) -> Result<()> {
-    install_in(ebpf, map_names::XDP_PROGRAMS, programs, |ebpf, program| {
-        program_mut::<Xdp>(ebpf, program)?
-            .fd()
-            .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
-            .map_err(|source| program_error(program, "duplicate its fd".into(), source))
-    })
+    install_in(ebpf, map_names::XDP_PROGRAMS, programs)
 }
 
 /// Puts the loaded `lb_tc_egress6` in the object's tc program array, the one its `lb_tc_egress`
 /// tail-calls for IPv6.
 fn install_tc_tail_call(ebpf: &mut Ebpf) -> Result<()> {
     let programs = [(tc_programs::IPV6, program_names::TC_EGRESS6)];
-    install_in(ebpf, map_names::TC_PROGRAMS, &programs, |ebpf, program| {
-        program_mut::<SchedClassifier>(ebpf, program)?
-            .fd()
-            .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
-            .map_err(|source| program_error(program, "duplicate its fd".into(), source))
-    })
+    install_in(ebpf, map_names::TC_PROGRAMS, &programs)
 }
 
-/// Puts `programs` (loaded) in their slots of the object's program array `name`, with `fd` for
-/// each program's fd.
-fn install_in(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    programs: &[(u32, &'static str)],
-    fd: impl Fn(&mut Ebpf, &'static str) -> Result<ProgramFd>,
-) -> Result<()> {
+/// Puts `programs` (loaded, of whatever kind) in their slots of the object's program array
+/// `name`.
+fn install_in(ebpf: &mut Ebpf, name: &'static str, programs: &[(u32, &'static str)]) -> Result<()> {
     for &(slot, program) in programs {
-        let fd = fd(ebpf, program)?;
+        let fd = ebpf
+            .program(program)
+            .ok_or(DatapathError::MissingProgram(program))?
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+            .map_err(|source| program_error(program, "duplicate its fd".into(), source))?;
         let map = ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
         ProgramArray::try_from(map)
             .map_err(|source| map_error(name, "open", source))?
