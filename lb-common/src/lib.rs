@@ -125,6 +125,9 @@ pub mod map_names {
     pub const AFFINITY6: &str = "lb6_affin_v1";
     /// Array of one [`crate::Datapath6Config`]: the IPv6 settings of the datapath.
     pub const CONFIG6: &str = "lb6_cfg_v1";
+    /// LRU [`crate::Frag6Key`] -> [`crate::Frag6Value`]: [`FRAGMENTS4`] for IPv6 datagrams.
+    /// Not pinned.
+    pub const FRAGMENTS6: &str = "lb6_frag_v1";
     /// Ring buffer of [`crate::monitor::MonitorEvent`]s for `lb monitor` (256 KiB).
     pub const MONITOR_EVENTS: &str = "lb_monitor_v1";
     /// Array of one [`crate::monitor::MonitorControl`]: which events the programs report.
@@ -164,6 +167,7 @@ pub mod map_names {
         CONNTRACK6,
         AFFINITY6,
         CONFIG6,
+        FRAGMENTS6,
         MONITOR_EVENTS,
         MONITOR_CONTROL,
         MONITOR_LOST,
@@ -916,6 +920,22 @@ pub struct FragValue<A> {
 }
 pub type Frag4Value = FragValue<u32>;
 const _: () = assert!(size_of::<Frag4Value>() == 28);
+
+/// A fragmented IPv6 datagram as its fragments arrive: addresses as in the IPv6 header and the
+/// identification of its Fragment header, which is unique per source and destination (RFC
+/// 8200 section 4.5; no protocol, as extension headers may follow the Fragment header in the
+/// first fragment only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct Frag6Key {
+    pub saddr: Ipv6Words,
+    pub daddr: Ipv6Words,
+    pub id: u32,
+}
+const _: () = assert!(size_of::<Frag6Key>() == 36);
+
+pub type Frag6Value = FragValue<Ipv6Words>;
+const _: () = assert!(size_of::<Frag6Value>() == 52);
 
 /// Where the later fragments of a translated datagram go.
 pub mod frag_action {
@@ -1748,6 +1768,8 @@ impl_pod!(
     NicMac,
     Frag4Key,
     Frag4Value,
+    Frag6Key,
+    Frag6Value,
     DatapathConfig,
     CtTimeouts,
     RejectBudget,

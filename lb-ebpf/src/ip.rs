@@ -3,7 +3,7 @@
 //! once, generic over [`Ip`], and each family's header work stays here.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Event, Frag4Key, Frag4Value, FragValue, Ipv6Words, checksum};
+use lb_common::{Event, Frag4Key, Frag4Value, Frag6Key, FragValue, Ipv6Words, checksum};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, IPV6_DADDR_OFFSET,
     IPV6_HDR_LEN, IPV6_HOP_LIMIT_OFFSET, IPV6_SADDR_OFFSET, IpHeader, Ipv4Info, Ipv6Info, bytes_at,
@@ -14,7 +14,7 @@ use crate::{
     family::{Family, V4, V6},
     flow::Tuple,
     helpers::{Forward, fib_forward, fib_forward6},
-    maps::remember_fragment,
+    maps::{FRAGMENTS4, FRAGMENTS6, remember_fragment},
     reject,
 };
 
@@ -67,6 +67,9 @@ pub trait Ip: IpHeader {
 
     /// Records how a first fragment was translated (`later`), for the later fragments.
     fn remember_fragments(&self, later: FragValue<Addr<Self>>);
+
+    /// What the first fragment of this later fragment's datagram got, if it was translated.
+    fn first_fragments_record(&self) -> Option<FragValue<Addr<Self>>>;
 }
 
 impl Ip for Ipv4Info {
@@ -149,13 +152,19 @@ impl Ip for Ipv4Info {
 
     #[inline(always)]
     fn remember_fragments(&self, later: Frag4Value) {
-        remember_fragment(&fragment_key(self), &later);
+        remember_fragment(&FRAGMENTS4, &fragment_key(self), &later);
+    }
+
+    #[inline(always)]
+    fn first_fragments_record(&self) -> Option<Frag4Value> {
+        // SAFETY: a read-only copy of an entry written whole.
+        unsafe { FRAGMENTS4.get(&fragment_key(self)) }.copied()
     }
 }
 
 /// The key of the record of an IPv4 datagram's first fragment.
 #[inline(always)]
-pub fn fragment_key(ip: &Ipv4Info) -> Frag4Key {
+fn fragment_key(ip: &Ipv4Info) -> Frag4Key {
     Frag4Key {
         saddr: ip.saddr,
         daddr: ip.daddr,
@@ -247,9 +256,26 @@ impl Ip for Ipv6Info {
         reject::reply6(ctx, tuple, self.l4_offset)
     }
 
-    /// IPv6 fragments are not translated (the program passes them before this is reached).
     #[inline(always)]
-    fn remember_fragments(&self, _later: FragValue<Ipv6Words>) {}
+    fn remember_fragments(&self, later: FragValue<Ipv6Words>) {
+        remember_fragment(&FRAGMENTS6, &fragment_key6(self), &later);
+    }
+
+    #[inline(always)]
+    fn first_fragments_record(&self) -> Option<FragValue<Ipv6Words>> {
+        // SAFETY: as IPv4's.
+        unsafe { FRAGMENTS6.get(&fragment_key6(self)) }.copied()
+    }
+}
+
+/// The key of the record of an IPv6 datagram's first fragment.
+#[inline(always)]
+fn fragment_key6(ip: &Ipv6Info) -> Frag6Key {
+    Frag6Key {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        id: ip.fragment_id,
+    }
 }
 
 #[inline(always)]

@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key,
-    Ct6Value, Datapath6Config, DatapathConfig, Event, Frag4Key, Frag4Value, Frontend4Key,
-    Frontend6Key, JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue, Slot,
-    SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SockState4, SockState6, SourceRange4,
-    SourceRange6, limits, monitor::MonitorControl,
+    Ct6Value, Datapath6Config, DatapathConfig, Event, Frag4Key, Frag4Value, Frag6Key, Frag6Value,
+    Frontend4Key, Frontend6Key, JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue,
+    Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SockState4, SockState6,
+    SourceRange4, SourceRange6, limits, monitor::MonitorControl,
 };
 use lb_ebpf::packet::Ipv6Info;
 
@@ -148,6 +148,22 @@ pub type MaglevTable = aya_ebpf::btf_maps::Array<u32, 1, { BPF_F_INNER_MAP as us
 pub static FRAGMENTS4: LruHashMap<Frag4Key, Frag4Value> =
     LruHashMap::with_max_entries(limits::MAX_FRAGMENTED, 0);
 
+/// [`FRAGMENTS4`] for IPv6 datagrams.
+#[map(name = "lb6_frag_v1")]
+pub static FRAGMENTS6: LruHashMap<Frag6Key, Frag6Value> =
+    LruHashMap::with_max_entries(limits::MAX_FRAGMENTED, 0);
+
+/// A [`FRAGMENTS6`] record per CPU to build one in: tc egress's IPv6 body has no room left on
+/// its stack for its 88 bytes. Not pinned.
+#[map(name = "lb6_fragscr_v1")]
+pub static FRAG_SCRATCH6: PerCpuArray<FragRecord6> = PerCpuArray::with_max_entries(1, 0);
+
+/// The value of [`FRAG_SCRATCH6`].
+pub struct FragRecord6 {
+    pub key: Frag6Key,
+    pub value: Frag6Value,
+}
+
 /// The MAC of each NIC XDP serves, by ifindex % NIC_SLOTS (see `xdp::for_another_host`).
 #[map(name = "lb_nicmac_v1")]
 pub static NIC_MACS: Array<NicMac> = Array::with_max_entries(limits::NIC_SLOTS, 0);
@@ -245,12 +261,13 @@ pub fn count_service(service_id: u32, packets: u64, bytes: u64, new_flows: u64) 
     }
 }
 
-/// Remembers how a first fragment was translated, for the later fragments of its datagram.
+/// Remembers in `fragments` ([`FRAGMENTS4`] or [`FRAGMENTS6`]) how a first fragment was
+/// translated, for the later fragments of its datagram.
 #[inline(always)]
-pub fn remember_fragment(key: &Frag4Key, value: &Frag4Value) {
+pub fn remember_fragment<K, V>(fragments: &LruHashMap<K, V>, key: &K, value: &V) {
     if !dry_run() {
         // A full LRU forgets the oldest datagram; its later fragments then pass as they are.
-        let _ = FRAGMENTS4.insert(key, value, 0);
+        let _ = fragments.insert(key, value, 0);
     }
 }
 

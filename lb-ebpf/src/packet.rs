@@ -214,16 +214,20 @@ pub struct Ipv6Info {
     pub l4_offset: usize,
     /// Offset of the end of the IPv6 packet (Ethernet padding may follow).
     pub end: usize,
-    /// The packet is the first fragment of a datagram (it has a Fragment header of offset 0).
+    /// The packet is the first fragment of a datagram (a Fragment header of offset 0, More
+    /// Fragments set).
     pub first_fragment: bool,
+    /// The identification of its Fragment header, when it has one.
+    pub fragment_id: u32,
 }
 
 /// An IPv6 packet by what the datapath can do with it.
 pub enum Ipv6Packet {
     /// A TCP, UDP, SCTP or ICMPv6 header after the extension headers.
     Transport(Ipv6Info),
-    /// A fragment after the first: no transport header.
-    LaterFragment,
+    /// A fragment after the first: no transport header (its `proto` is what its Fragment
+    /// header says follows).
+    LaterFragment(Ipv6Info),
     /// ESP, No Next Header, another upper layer, or more extension headers than the walk takes.
     Other,
 }
@@ -256,6 +260,7 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
         l4_offset: ETH_HDR_LEN + IPV6_HDR_LEN,
         end,
         first_fragment: false,
+        fragment_id: 0,
     };
     for _ in 0..=MAX_EXT_HEADERS {
         if matches!(
@@ -274,17 +279,35 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
                 next_header,
                 fragment,
             } => {
-                if fragment.is_later() {
-                    return Some(Ipv6Packet::LaterFragment);
-                }
                 info.proto = next_header;
-                info.l4_offset += EXT_HDR_PEEK;
-                info.first_fragment = true;
+                info.l4_offset += fragment_header_len(&peek[1]);
+                info.fragment_id = fragment.id;
+                if fragment.is_later() {
+                    return Some(Ipv6Packet::LaterFragment(info));
+                }
+                // Offset 0 without More Fragments is an atomic fragment (RFC 6946): the
+                // whole datagram.
+                info.first_fragment = fragment.more;
             }
             Step::Upper { .. } => return Some(Ipv6Packet::Other),
         }
     }
     Some(Ipv6Packet::Other)
+}
+
+/// The length of a Fragment header, 8 bytes, as the verifier must see it: a range, as it sees
+/// every other extension header's length ([8, 2048] bytes, from the header's own length
+/// byte). As the constant 8, each place a Fragment header can take among the other headers
+/// is a state of its own, which the verifier walks the rest of the program from: serving first
+/// fragments took `lb_xdp6` from 84,339 to 366,363 instructions walked, and with this to
+/// 58,763. `reserved` is the header's Reserved byte, read twice: the two reads are equal, their
+/// xor is 0, but the verifier knows neither read.
+#[inline(always)]
+pub fn fragment_header_len(reserved: &u8) -> usize {
+    let first = *reserved;
+    // SAFETY: a byte of a live reference.
+    let again = unsafe { core::ptr::read_volatile(reserved) };
+    (usize::from(first ^ again) + 1) * lb_common::ipv6::EXT_HDR_PEEK
 }
 
 /// Four words of an address at `offset` of a header, as the packet holds them.

@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    Event, FlowValue, Frag4Key, Frag4Value, Ipv6Words, checksum, ct_flags,
+    Event, FlowValue, Frag4Key, Frag4Value, Frag6Key, Ipv6Words, checksum, ct_flags, frag_action,
     ipv6::{self, EXT_HDR_PEEK, IPV6_HDR_LEN, MAX_EXT_HEADERS, Step, next_header},
     monitor::kind as monitor_kind,
     proto, sctp, tc_programs, tcp_seq,
@@ -29,6 +29,7 @@ use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK,
     IPV4_MIN_HDR_LEN, IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET,
     TCP_DATA_OFFSET_OFFSET, TCP_FIN, TCP_FLAGS_OFFSET, TCP_SYN, UDP_CSUM_OFFSET,
+    fragment_header_len,
 };
 
 use crate::{
@@ -36,7 +37,10 @@ use crate::{
     flow::{
         Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
     },
-    maps::{BACKEND_FILTER, FRAGMENTS4, TC_PROGRAMS, count_event, remember_fragment},
+    maps::{
+        BACKEND_FILTER, FRAG_SCRATCH6, FRAGMENTS4, FRAGMENTS6, TC_PROGRAMS, count_event,
+        remember_fragment,
+    },
     monitor,
     sctp_crc::checksum_after_ports,
 };
@@ -170,29 +174,33 @@ fn try_ipv4(ctx: &TcContext) -> Result<(), Event> {
                 daddr: tuple.daddr,
                 ..Default::default()
             };
-            remember_fragment(&key, &later);
+            remember_fragment(&FRAGMENTS4, &key, &later);
         }
         Ok(())
     })
 }
 
 /// An IPv6 packet: an answer of a local endpoint's flow gets its source (and, for a remapped
-/// flow, its destination port) back as the client sent to; fragments (whose later ones would
-/// need the record of the first, not kept for IPv6 yet) and SCTP (served over IPv4 only) pass
-/// untouched, counted. A BPF function of its own (see [`lb_tc_egress6`]).
+/// flow, its destination port) back as the client sent to, later fragments as their first one;
+/// SCTP (served over IPv4 only) passes untouched, counted. A BPF function of its own (see
+/// [`lb_tc_egress6`]).
 #[inline(never)]
 fn try_ipv6(ctx: &TcContext) -> Result<(), Event> {
-    let (tuple, l4_offset, behind_extensions, udp_checksum) = match parse6(ctx) {
+    let (tuple, l4_offset, behind_extensions, udp_checksum, fragment) = match parse6(ctx) {
         Some(Packet6::Segment {
             tuple,
             l4_offset,
             behind_extensions,
             udp_checksum,
-        }) => (tuple, l4_offset, behind_extensions, udp_checksum),
-        Some(Packet6::Fragment) => {
-            count_event(Event::PASS_FRAGMENT);
-            return Ok(());
-        }
+            first_fragment,
+        }) => (
+            tuple,
+            l4_offset,
+            behind_extensions,
+            udp_checksum,
+            first_fragment,
+        ),
+        Some(Packet6::LaterFragment(key)) => return later_fragment6(ctx, &key),
         None => return Ok(()),
     };
     if tuple.proto == proto::SCTP {
@@ -217,6 +225,9 @@ fn try_ipv6(ctx: &TcContext) -> Result<(), Event> {
         if let Some(client_port) = restored_port {
             restore_client_port(ctx, &tuple, l4_offset, client_port)
                 .map_err(|_| Event::DROP_NAT_FAILED)?;
+        }
+        if let Some(id) = fragment {
+            remember_fragment6(&tuple, id, frontend.0);
         }
         Ok(())
     })
@@ -288,6 +299,7 @@ fn maybe_backend<F: Family>(tuple: &Tuple<F>) -> bool {
 }
 
 /// A fragment after the first of a reply: the source its first fragment got, if it got one.
+/// Without a record (no flow's, or it came first) it leaves untouched, counted.
 #[inline(always)]
 fn later_fragment(ctx: &TcContext, key: &Frag4Key) -> Result<(), Event> {
     // SAFETY: a read-only copy of an entry written whole.
@@ -304,6 +316,38 @@ fn later_fragment(ctx: &TcContext, key: &Frag4Key) -> Result<(), Event> {
     )
     .and_then(|()| ctx.store(ETH_HDR_LEN + IPV4_SADDR_OFFSET, &new, 0))
     .map_err(|_| Event::DROP_NAT_FAILED)
+}
+
+/// Records the source the first fragment of the datagram `id` of `tuple` got, for its later
+/// fragments; built in [`FRAG_SCRATCH6`], field by field.
+#[inline(always)]
+fn remember_fragment6(tuple: &Tuple<V6>, id: u32, source: Ipv6Words) {
+    let Some(record) = FRAG_SCRATCH6.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's entry, which nothing else uses while this program runs.
+    let record = unsafe { &mut *record };
+    record.key.saddr = tuple.saddr;
+    record.key.daddr = tuple.daddr;
+    record.key.id = id;
+    record.value.saddr = source;
+    record.value.daddr = tuple.daddr;
+    record.value.action = frag_action::PASS;
+    remember_fragment(&FRAGMENTS6, &record.key, &record.value);
+}
+
+/// [`later_fragment`] for IPv6: the source address alone (no header checksum; the transport
+/// checksum, in the first fragment, covered the new one).
+#[inline(always)]
+fn later_fragment6(ctx: &TcContext, key: &Frag6Key) -> Result<(), Event> {
+    // SAFETY: a read-only copy of an entry written whole.
+    let Some(first) = (unsafe { FRAGMENTS6.get(key) }) else {
+        count_event(Event::PASS_FRAGMENT);
+        return Ok(());
+    };
+    let source = first.saddr;
+    ctx.store(ETH_HDR_LEN + IPV6_SADDR_OFFSET, &source, 0)
+        .map_err(|_| Event::DROP_NAT_FAILED)
 }
 
 /// What tc egress looks at.
@@ -694,9 +738,11 @@ enum Packet6 {
         /// Whether extension headers come before the transport header.
         behind_extensions: bool,
         udp_checksum: u16,
+        /// The identification of the datagram whose first fragment this is.
+        first_fragment: Option<u32>,
     },
-    /// A packet with a Fragment header.
-    Fragment,
+    /// A fragment after the first, with the key of its datagram.
+    LaterFragment(Frag6Key),
 }
 
 /// The parse of an IPv6 frame: the fixed header, then, when extension headers follow it, the
@@ -711,11 +757,20 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
     let mut next = header.next_header;
     let mut l4_offset = PLAIN_L4_OFFSET;
     let behind_extensions = !is_transport(next) && next != next_header::ICMPV6;
+    let mut first_fragment = None;
     if behind_extensions {
-        (next, l4_offset) = walk(ctx, next)?;
-        if next == next_header::FRAGMENT {
-            return Some(Packet6::Fragment);
+        let walked = walk(ctx, next)?;
+        if walked.later_fragment {
+            return Some(Packet6::LaterFragment(Frag6Key {
+                saddr: words_at(&fixed, 8),
+                daddr: words_at(&fixed, 24),
+                id: walked.fragment_id,
+            }));
         }
+        if walked.first_fragment {
+            first_fragment = Some(walked.fragment_id);
+        }
+        (next, l4_offset) = (walked.next, walked.offset);
     }
     if !is_transport(next) {
         return None;
@@ -744,6 +799,7 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
         l4_offset,
         behind_extensions,
         udp_checksum: u16::from_be_bytes([l4[6], l4[7]]),
+        first_fragment,
     })
 }
 
@@ -763,25 +819,58 @@ fn is_transport(next: u8) -> bool {
     next == proto::TCP || next == proto::UDP || next == proto::SCTP
 }
 
+/// Where the walk over extension headers ends.
+struct Walked {
+    /// The upper-layer protocol and where its header starts (a later fragment: what its
+    /// Fragment header says follows, and no offset).
+    next: u8,
+    offset: usize,
+    /// A Fragment header of offset 0 with More Fragments set was crossed.
+    first_fragment: bool,
+    /// The walk stopped at a Fragment header of an offset past 0.
+    later_fragment: bool,
+    /// The identification of the Fragment header crossed, if one was.
+    fragment_id: u32,
+}
+
 /// The walk over the extension headers of an IPv6 packet ([`ipv6::step`], at most
-/// [`MAX_EXT_HEADERS`]), from the first one, of type `next`: the upper-layer protocol and where
-/// its header starts, or `(FRAGMENT, 0)` at a Fragment header; `None` past the last header
-/// crossed or at a header cut short.
+/// [`MAX_EXT_HEADERS`]), from the first one, of type `next`, to the upper-layer header or to
+/// the Fragment header of a later fragment; `None` past the last header crossed or at a header
+/// cut short.
 #[inline(always)]
-fn walk(ctx: &TcContext, first: u8) -> Option<(u8, usize)> {
-    let mut next = first;
-    let mut offset = PLAIN_L4_OFFSET;
+fn walk(ctx: &TcContext, first: u8) -> Option<Walked> {
+    let mut walked = Walked {
+        next: first,
+        offset: PLAIN_L4_OFFSET,
+        first_fragment: false,
+        later_fragment: false,
+        fragment_id: 0,
+    };
     for _ in 0..=MAX_EXT_HEADERS {
         // Every header the walk crosses is at least 8 bytes, and so is every transport header
         // read after it (UDP's is 8): reading 8 at the upper-layer header too is no loss.
-        let peek = read::<EXT_HDR_PEEK>(ctx, offset)?;
-        match ipv6::step(next, &peek) {
-            Step::Upper { protocol } => return Some((protocol, offset)),
+        let peek = read::<EXT_HDR_PEEK>(ctx, walked.offset)?;
+        match ipv6::step(walked.next, &peek) {
+            Step::Upper { .. } => return Some(walked),
             Step::Extension { next_header, len } => {
-                next = next_header;
-                offset += len;
+                walked.next = next_header;
+                walked.offset += len;
             }
-            Step::Fragment { .. } => return Some((next_header::FRAGMENT, 0)),
+            Step::Fragment {
+                next_header,
+                fragment,
+            } => {
+                walked.next = next_header;
+                walked.fragment_id = fragment.id;
+                if fragment.is_later() {
+                    walked.later_fragment = true;
+                    return Some(walked);
+                }
+                // Offset 0 without More Fragments: an atomic fragment, the whole datagram
+                // (RFC 6946).
+                walked.first_fragment = fragment.more;
+                walked.offset += fragment_header_len(&peek[1]);
+            }
         }
     }
     None

@@ -29,9 +29,9 @@ use crate::{
         source_allowed, track_reply,
     },
     helpers::{Forward, now_ns},
-    ip::{Addr, Ip, fragment_key},
+    ip::{Addr, Ip},
     maps::{
-        FRAGMENTS4, Icmp6Headers, NIC_MACS, PACKET6, Packet6, TX_PORTS, XDP_PROGRAMS, count_event,
+        Icmp6Headers, NIC_MACS, PACKET6, Packet6, TX_PORTS, XDP_PROGRAMS, count_event,
         count_service, dry_run,
     },
     monitor,
@@ -172,7 +172,7 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
         return Ok(xdp_action::XDP_PASS);
     }
     if ip.later_fragment() {
-        return later_fragment(ctx, &ip);
+        return later_fragment(ctx, &ip, ip.proto);
     }
     let tuple = transport_tuple(ctx, &ip, PROTOCOL)?;
     serve(ctx, eth, &ip, &tuple)
@@ -191,10 +191,7 @@ fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     }
     let ip = match parse_ipv6(ctx).ok_or(Event::DROP_MALFORMED)? {
         Ipv6Packet::Transport(ip) => ip,
-        Ipv6Packet::LaterFragment => {
-            count_event(Event::PASS_FRAGMENT);
-            return Ok(xdp_action::XDP_PASS);
-        }
+        Ipv6Packet::LaterFragment(ip) => return later_fragment(ctx, &ip, ip.proto),
         Ipv6Packet::Other => return Ok(xdp_action::XDP_PASS),
     };
     if PROTOCOL == proto::TCP && ip.proto == proto::UDP {
@@ -208,10 +205,6 @@ fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
         return Ok(to_program(ctx, xdp_programs::IPV6_ICMP));
     }
     if ip.proto != PROTOCOL {
-        return Ok(xdp_action::XDP_PASS);
-    }
-    if ip.first_fragment {
-        count_event(Event::PASS_FRAGMENT);
         return Ok(xdp_action::XDP_PASS);
     }
     // The header and the tuple live in this CPU's scratch entry rather than on the stack, and
@@ -835,19 +828,20 @@ fn snat_port_entry<F: Family>(
 /// got (same addresses, same way out). Without a record of it (it came first, or it was no
 /// service traffic) it goes to the stack as it came.
 #[inline(always)]
-fn later_fragment(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
-    // SAFETY: a read-only copy of an entry written whole.
-    let Some(first) = (unsafe { FRAGMENTS4.get(&fragment_key(ip)) }).copied() else {
+fn later_fragment<I: Ip>(ctx: &XdpContext, ip: &I, protocol: u8) -> Result<u32, Event> {
+    let Some(first) = ip.first_fragments_record() else {
         count_event(Event::PASS_FRAGMENT);
         return Ok(xdp_action::XDP_PASS);
     };
-    Ipv4Info::readdress(ctx, (ip.saddr, ip.daddr), (first.saddr, first.daddr))?;
+    I::readdress(
+        ctx,
+        (ip.source(), ip.destination()),
+        (first.saddr, first.daddr),
+    )?;
     count_service(first.service_id, 1, frame_len(ctx) as u64, 0);
     Ok(match first.action {
-        frag_action::TRANSMIT => {
-            to_client::<Ipv4Info>(ctx, first.client_nic, first.smac, first.dmac)
-        }
-        frag_action::FORWARD => forward::<Ipv4Info>(ctx, ip.proto, first.saddr, first.daddr),
+        frag_action::TRANSMIT => to_client::<I>(ctx, first.client_nic, first.smac, first.dmac),
+        frag_action::FORWARD => forward::<I>(ctx, protocol, first.saddr, first.daddr),
         _ => xdp_action::XDP_PASS,
     })
 }

@@ -166,6 +166,44 @@ pub fn with_fragment_header(frame: &[u8], offset_units: u16, more: bool, id: u32
     insert_after_fixed_header(frame, next_header::FRAGMENT, &header)
 }
 
+/// An Ethernet/IPv6 frame without extension headers cut into two fragments of datagram `id`
+/// (RFC 8200 section 4.5): each the fixed header and a Fragment header, the first with
+/// `first_len` bytes of the payload (a multiple of 8), the second with the rest. The transport
+/// checksum stays that of the whole datagram, which the first fragment carries.
+pub fn fragments(frame: &[u8], first_len: usize, id: u32) -> [Vec<u8>; 2] {
+    assert_eq!(first_len % 8, 0, "fragment offsets count 8-byte units");
+    let fixed_end = ETH_HDR_LEN + IPV6_HDR_LEN;
+    let upper = frame[ETH_HDR_LEN + 6];
+    let (first, rest) = frame[fixed_end..].split_at(first_len);
+    let piece = |data: &[u8], offset_units: u16, more: bool| {
+        let mut out = frame[..fixed_end].to_vec();
+        out[ETH_HDR_LEN + 6] = next_header::FRAGMENT;
+        let payload_len = u16::try_from(8 + data.len()).expect("fits");
+        out[ETH_HDR_LEN + 4..ETH_HDR_LEN + 6].copy_from_slice(&payload_len.to_be_bytes());
+        out.extend_from_slice(&[upper, 0]);
+        out.extend_from_slice(&((offset_units << 3) | u16::from(more)).to_be_bytes());
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    };
+    let second_offset = u16::try_from(first_len / 8).expect("fits");
+    [piece(first, 0, true), piece(rest, second_offset, false)]
+}
+
+/// The fragments of [`fragments`] put back together as the frame they came from: the check of
+/// a translated datagram's transport checksum, which no single fragment shows.
+pub fn reassembled(fragments: &[Vec<u8>; 2]) -> Vec<u8> {
+    let fixed_end = ETH_HDR_LEN + IPV6_HDR_LEN;
+    let data_at = fixed_end + 8;
+    let mut out = fragments[0][..fixed_end].to_vec();
+    out[ETH_HDR_LEN + 6] = fragments[0][fixed_end];
+    out.extend_from_slice(&fragments[0][data_at..]);
+    out.extend_from_slice(&fragments[1][data_at..]);
+    let payload_len = u16::try_from(out.len() - fixed_end).expect("fits");
+    out[ETH_HDR_LEN + 4..ETH_HDR_LEN + 6].copy_from_slice(&payload_len.to_be_bytes());
+    out
+}
+
 fn insert_after_fixed_header(frame: &[u8], kind: u8, header: &[u8]) -> Vec<u8> {
     let fixed_end = ETH_HDR_LEN + IPV6_HDR_LEN;
     let mut out = frame[..fixed_end].to_vec();
@@ -187,16 +225,21 @@ pub fn with_udp_checksum(frame: &[u8], value: u16) -> Vec<u8> {
 }
 
 /// Where the transport header of an IPv6 frame starts (from the frame's start) and its
-/// protocol, past Hop-by-Hop, Routing and Destination Options headers.
+/// protocol, past Hop-by-Hop, Routing, Destination Options and Fragment headers (the frame is
+/// whole, or a first fragment that holds the whole datagram).
 pub fn transport(frame: &[u8]) -> (u8, usize) {
     let mut next = frame[ETH_HDR_LEN + 6];
     let mut offset = ETH_HDR_LEN + IPV6_HDR_LEN;
-    while matches!(
-        next,
-        next_header::HOP_BY_HOP | next_header::ROUTING | next_header::DEST_OPTS
-    ) {
+    loop {
+        let len = match next {
+            next_header::HOP_BY_HOP | next_header::ROUTING | next_header::DEST_OPTS => {
+                (usize::from(frame[offset + 1]) + 1) * 8
+            }
+            next_header::FRAGMENT => 8,
+            _ => break,
+        };
         next = frame[offset];
-        offset += (usize::from(frame[offset + 1]) + 1) * 8;
+        offset += len;
     }
     (next, offset)
 }

@@ -338,15 +338,19 @@ fn tc_egress_reverse_nats_the_ipv6_answers_of_local_endpoints_and_passes_the_res
         )
         .counting("drop_malformed"),
         row(
-            "first fragment of an answer",
+            "first fragment of an answer (here the whole datagram)",
             packet6::with_fragment_header(&answer_udp, 0, true, 0xdead_beef),
             TC_ACT_OK,
-            Expect::Unchanged,
-        )
-        .counting("pass_fragment"),
+            Expect::Bytes(packet6::with_fragment_header(
+                &translated_udp,
+                0,
+                true,
+                0xdead_beef,
+            )),
+        ),
         row(
-            "later fragment of an answer",
-            packet6::with_fragment_header(&answer_udp, 185, false, 0xdead_beef),
+            "later fragment of an answer whose first fragment never came",
+            packet6::with_fragment_header(&answer_udp, 185, false, 0xdead_bee0),
             TC_ACT_OK,
             Expect::Unchanged,
         )

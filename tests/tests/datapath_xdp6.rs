@@ -15,12 +15,13 @@ use lab::{
 use lb_common::{backend_flags, flow_key, program_names, proto, service_flags, tcp_state};
 use lb_userspace::{
     compile::model::{Backend, Frontend, Service, ipv6_words},
-    datapath::Datapath,
+    datapath::{Datapath, testrun::test_run},
 };
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const TC_ACT_OK: u32 = 0;
 
 const NODE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const NODE_PORT: u16 = 30080;
@@ -79,6 +80,50 @@ fn datapath(pins: &PinDir) -> Datapath {
         datapath.put_service(&service).expect("service");
     }
     datapath
+}
+
+/// The one port of the SNAT range [`add_remote_service`] sets.
+const SNAT_PORT: u16 = 61000;
+/// An endpoint on another node, behind [`REMOTE_FRONTEND`] (TCP).
+const REMOTE_POD: SocketAddrV6 = SocketAddrV6::new(
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 0x10),
+    8080,
+    0,
+    0,
+);
+const REMOTE_FRONTEND: SocketAddrV6 = SocketAddrV6::new(NODE, 30081, 0, 0);
+
+/// Adds service 5, a TCP NodePort on [`REMOTE_FRONTEND`] whose one endpoint is
+/// [`REMOTE_POD`] on another node, reached through SNAT to the node's address and
+/// [`SNAT_PORT`].
+fn add_remote_service(datapath: &mut Datapath) {
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            snat_port_min: SNAT_PORT,
+            snat_port_max: SNAT_PORT,
+            ..Default::default()
+        })
+        .expect("config");
+    datapath
+        .set_config6(&lb_common::Datapath6Config {
+            snat_addr: ipv6_words(NODE),
+        })
+        .expect("config6");
+    let remote = Backend {
+        addr: IpAddr::V6(*REMOTE_POD.ip()),
+        port: REMOTE_POD.port(),
+        proto: proto::TCP,
+        flags: 0,
+    };
+    datapath.put_backend(9, &remote).expect("remote backend");
+    datapath
+        .put_service(&Service {
+            id: 5,
+            frontends: vec![node_port(REMOTE_FRONTEND.port(), proto::TCP)],
+            backends: vec![9],
+            ..Default::default()
+        })
+        .expect("remote service");
 }
 
 fn case(name: &'static str, input: Vec<u8>, verdict: u32, output: Expect) -> Case {
@@ -205,14 +250,14 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             Expect::Unchanged,
         ),
         case(
-            "first fragment to a frontend: not translated",
-            packet6::with_fragment_header(&udp, 0, true, 7),
+            "atomic fragment (offset 0, no more to come) to a frontend: a whole datagram",
+            packet6::with_fragment_header(&udp, 0, false, 7),
             XDP_PASS,
-            Expect::Unchanged,
+            Expect::Bytes(packet6::with_fragment_header(&translated[3], 0, false, 7)),
         ),
         case(
-            "later fragment",
-            packet6::with_fragment_header(&udp, 8, false, 7),
+            "later fragment of a datagram whose first fragment never came",
+            packet6::with_fragment_header(&udp, 8, false, 8),
             XDP_PASS,
             Expect::Unchanged,
         ),
@@ -243,7 +288,7 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     let events = datapath.events().expect("events");
     // The UDP checksum 0 and the frame that is not version 6.
     assert_eq!(events["drop_malformed"], 2, "{events:?}");
-    assert_eq!(events["pass_fragment"], 2, "{events:?}");
+    assert_eq!(events["pass_fragment"], 1, "{events:?}");
     assert_eq!(events["reject_tcp_rst"], 1, "{events:?}");
     assert_eq!(events["reject_icmp"], 1, "{events:?}");
     assert_eq!(events["pass_protocol_unserved"], 0, "{events:?}");
@@ -337,14 +382,7 @@ fn ipv6_maglev_services_pick_the_backend_the_lookup_table_gives() {
 /// the packets as sent, so every checksum is computed apart from the datapath.
 #[test]
 fn icmpv6_errors_about_translated_flows_reach_the_host_that_sent_the_quoted_packet() {
-    const SNAT_PORT: u16 = 61000;
-    let remote_pod = SocketAddrV6::new(
-        Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 0x10),
-        8080,
-        0,
-        0,
-    );
-    let remote_frontend = SocketAddrV6::new(NODE, 30081, 0, 0);
+    let (remote_pod, remote_frontend) = (REMOTE_POD, REMOTE_FRONTEND);
     let router = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
     let too_big = (2, 0, 1280u32.to_be_bytes());
     let time_exceeded = (3, 0, [0; 4]);
@@ -355,33 +393,7 @@ fn icmpv6_errors_about_translated_flows_reach_the_host_that_sent_the_quoted_pack
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "icmp6").expect("pin dir");
     let mut datapath = datapath(&pins);
-    datapath
-        .set_config(&lb_common::DatapathConfig {
-            snat_port_min: SNAT_PORT,
-            snat_port_max: SNAT_PORT,
-            ..Default::default()
-        })
-        .expect("config");
-    datapath
-        .set_config6(&lb_common::Datapath6Config {
-            snat_addr: ipv6_words(NODE),
-        })
-        .expect("config6");
-    let remote = Backend {
-        addr: IpAddr::V6(*remote_pod.ip()),
-        port: remote_pod.port(),
-        proto: proto::TCP,
-        flags: 0,
-    };
-    datapath.put_backend(9, &remote).expect("remote backend");
-    datapath
-        .put_service(&Service {
-            id: 5,
-            frontends: vec![node_port(remote_frontend.port(), proto::TCP)],
-            backends: vec![9],
-            ..Default::default()
-        })
-        .expect("remote service");
+    add_remote_service(&mut datapath);
     let xdp = || datapath.program_fd(program_names::XDP_LB).expect("lb_xdp");
     let snat = SocketAddrV6::new(NODE, SNAT_PORT, 0, 0);
     let remote_client = client(41000);
@@ -404,7 +416,7 @@ fn icmpv6_errors_about_translated_flows_reach_the_host_that_sent_the_quoted_pack
             ),
         ],
     );
-    let syn = lb_userspace::datapath::testrun::test_run(
+    let syn = test_run(
         xdp(),
         &tcp(remote_client, remote_frontend, TcpFlags::SYN, b""),
     )
@@ -499,7 +511,7 @@ fn icmpv6_errors_about_translated_flows_reach_the_host_that_sent_the_quoted_pack
             *remote_pod.ip(),
         ),
     ] {
-        let run = lb_userspace::datapath::testrun::test_run(
+        let run = test_run(
             xdp(),
             &packet6::icmpv6(from, NODE, kind, &request_sent, quote),
         )
@@ -521,7 +533,7 @@ fn icmpv6_errors_about_translated_flows_reach_the_host_that_sent_the_quoted_pack
     // frontend): to the endpoint, about its answer to the SNAT port, from the SNAT address.
     let answer_sent = tcp(remote_frontend, remote_client, TcpFlags::ACK, &[9; 1400]);
     let answer = tcp(remote_pod, snat, TcpFlags::ACK, &[9; 1400]);
-    let run = lb_userspace::datapath::testrun::test_run(
+    let run = test_run(
         xdp(),
         &packet6::icmpv6(router, NODE, too_big, &answer_sent, quote),
     )
@@ -540,4 +552,164 @@ fn icmpv6_errors_about_translated_flows_reach_the_host_that_sent_the_quoted_pack
 
     let events = datapath.events().expect("events");
     assert_eq!(events["icmp_error_translated"], 5, "{events:?}");
+}
+
+/// Fragments of a datagram to a local endpoint: the first one is translated as a whole datagram
+/// would be (its transport checksum covers the whole datagram and its new addresses), the later
+/// one, which has no ports, gets the first one's addresses; both count for the service. The
+/// endpoint's answer, fragmented too, leaves tc egress from the frontend. A later fragment of a
+/// datagram whose first fragment never came passes untouched, counted. Expected fragments are
+/// cut from whole datagrams etherparse built, and their transport checksum is checked whole.
+#[test]
+fn later_ipv6_fragments_follow_their_first_fragment_to_a_local_endpoint_and_back() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "frag6").expect("pin dir");
+    let datapath = datapath(&pins);
+    let payload = [0x5a; 600];
+    let to_service = packet6::fragments(&packet6::udp(CLIENT, FRONTEND, &payload), 304, 7);
+    let to_pod = packet6::fragments(&packet6::udp(CLIENT, POD_A, &payload), 304, 7);
+    assert!(packet6::transport_checksum_ok(&packet6::reassembled(
+        &to_pod
+    )));
+    let unknown = packet6::fragments(&packet6::udp(CLIENT, FRONTEND, &payload), 304, 8)[1].clone();
+    run_table(
+        datapath.program_fd(program_names::XDP_LB).expect("lb_xdp"),
+        &[
+            case(
+                "first fragment",
+                to_service[0].clone(),
+                XDP_PASS,
+                Expect::Bytes(to_pod[0].clone()),
+            ),
+            case(
+                "later fragment",
+                to_service[1].clone(),
+                XDP_PASS,
+                Expect::Bytes(to_pod[1].clone()),
+            ),
+            case(
+                "later fragment of another datagram",
+                unknown,
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    assert_eq!(datapath.events().expect("events")["pass_fragment"], 1);
+    let udp = datapath.service_counter(2).expect("counter");
+    let frame_bytes = (to_service[0].len() + to_service[1].len()) as u64;
+    assert_eq!(
+        (udp.packets, udp.bytes, udp.new_flows),
+        (2, frame_bytes, 1),
+        "both fragments counted for the service, the unknown one for none: {udp:?}"
+    );
+
+    let answer = packet6::fragments(&packet6::udp(POD_A, CLIENT, &payload), 304, 0xdead_beef);
+    let translated =
+        packet6::fragments(&packet6::udp(FRONTEND, CLIENT, &payload), 304, 0xdead_beef);
+    assert!(packet6::transport_checksum_ok(&packet6::reassembled(
+        &translated
+    )));
+    let unknown_answer =
+        packet6::fragments(&packet6::udp(POD_A, CLIENT, &payload), 304, 0xdead_bee0)[1].clone();
+    run_table(
+        datapath.program_fd(program_names::TC_EGRESS).expect("tc"),
+        &[
+            case(
+                "first fragment of the answer",
+                answer[0].clone(),
+                TC_ACT_OK,
+                Expect::Bytes(translated[0].clone()),
+            ),
+            case(
+                "later fragment of the answer",
+                answer[1].clone(),
+                TC_ACT_OK,
+                Expect::Bytes(translated[1].clone()),
+            ),
+            case(
+                "later fragment of an answer whose first fragment never came",
+                unknown_answer,
+                TC_ACT_OK,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    assert_eq!(datapath.events().expect("events")["pass_fragment"], 2);
+}
+
+/// Fragments through SNAT, both ways: a client's fragmented segment to a remote endpoint leaves
+/// from the node's address and SNAT port (the later fragment with the first one's addresses),
+/// and the endpoint's fragmented answer goes back to the client from the frontend, out of the
+/// NIC it came in on with the client's MAC, one hop less to live.
+#[test]
+fn later_ipv6_fragments_follow_their_first_fragment_through_snat_both_ways() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "frag6snat").expect("pin dir");
+    let mut datapath = datapath(&pins);
+    add_remote_service(&mut datapath);
+    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("lb_xdp");
+    let remote_client = client(41000);
+    let snat = SocketAddrV6::new(NODE, SNAT_PORT, 0, 0);
+    let syn = test_run(
+        xdp(),
+        &tcp(remote_client, REMOTE_FRONTEND, TcpFlags::SYN, b""),
+    )
+    .expect("run");
+    assert_ne!(syn.verdict, XDP_DROP, "the SNAT flow starts");
+
+    let payload = [0xa5; 600];
+    let request = packet6::fragments(
+        &tcp(remote_client, REMOTE_FRONTEND, TcpFlags::ACK, &payload),
+        304,
+        11,
+    );
+    let expected = packet6::fragments(&tcp(snat, REMOTE_POD, TcpFlags::ACK, &payload), 304, 11);
+    assert!(packet6::transport_checksum_ok(&packet6::reassembled(
+        &expected
+    )));
+    for (index, fragment) in request.iter().enumerate() {
+        let run = test_run(xdp(), fragment).expect("run");
+        assert_ne!(run.verdict, XDP_DROP, "request fragment {index}");
+        // The MACs and hop limit are the way out's (the FIB's, or the stack's): the rest is
+        // the translated fragment.
+        let mut want = expected[index].clone();
+        want[..12].copy_from_slice(&run.packet[..12]);
+        want[ETH_HDR_LEN + 7] = run.packet[ETH_HDR_LEN + 7];
+        assert_eq!(
+            run.packet,
+            want,
+            "request fragment {index}:\n{}",
+            lab::table::diff(&want, &run.packet)
+        );
+    }
+
+    let answer = packet6::fragments(&tcp(REMOTE_POD, snat, TcpFlags::ACK, &payload), 304, 12);
+    let mut expected = packet6::fragments(
+        &tcp(REMOTE_FRONTEND, remote_client, TcpFlags::ACK, &payload),
+        304,
+        12,
+    );
+    assert!(packet6::transport_checksum_ok(&packet6::reassembled(
+        &expected
+    )));
+    for (index, fragment) in answer.iter().enumerate() {
+        let run = test_run(xdp(), fragment).expect("run");
+        assert_eq!(run.verdict, XDP_TX, "answer fragment {index}");
+        let want = &mut expected[index];
+        want[0..6].copy_from_slice(&CLIENT_MAC);
+        want[6..12].copy_from_slice(&NODE_MAC);
+        want[ETH_HDR_LEN + 7] -= 1;
+        assert_eq!(
+            run.packet,
+            *want,
+            "answer fragment {index}:\n{}",
+            lab::table::diff(want, &run.packet)
+        );
+    }
+    let remote = datapath.service_counter(5).expect("counter");
+    assert_eq!(
+        remote.packets, 5,
+        "the SYN and both fragments each way count for the service: {remote:?}"
+    );
 }

@@ -581,6 +581,64 @@ fn udp_from_outside_reaches_ipv6_node_ports_at_local_and_remote_endpoints() {
     );
 }
 
+/// flows_lab's 8 KB UDP exchanges over IPv6: six fragments each way at the lab's MTU of 1500
+/// (IPv6 routers never fragment: the client and the endpoints do). Through node1's NodePorts to
+/// a local endpoint (XDP DNAT, tc egress on the way back) and to one on node2 (XDP SNAT both
+/// ways), every later fragment finds its first fragment's record.
+#[test]
+fn eight_kilobyte_udp_exchanges_cross_ipv6_node_ports_to_local_and_remote_endpoints() {
+    let setup = dual_stack_lab(vec![1, 1], &[]);
+    let dns = |name: &str, cluster_ip: u16, node_port: u16, endpoint: (Ipv6Addr, &str)| {
+        service6(
+            name,
+            Ipv6Addr::new(0x2001, 0xdb8, 0x96, 0, 0, 0, 0, cluster_ip),
+            "UDP",
+            53,
+            node_port,
+            "NodePort",
+            "",
+        ) + "---\n"
+            + &endpoint_slice6(name, &[endpoint], "UDP")
+    };
+    setup
+        .apply(
+            "big.yaml",
+            &(dns("big-local", 0x54, 30054, (pod_addr6(1, 0), "node1"))
+                + "---\n"
+                + &dns("big-remote", 0x55, 30055, (pod_addr6(2, 0), "node2"))),
+        )
+        .expect("apply");
+    let client = &setup.cluster.client;
+    for (node_port, server) in [
+        (at(node_addr6(1), 30054), "n1p0"),
+        (at(node_addr6(1), 30055), "n2p0"),
+    ] {
+        // Neighbour discovery: the first datagram may wait for it; the run below counts every
+        // one.
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        let probe = ClientRun {
+            timeout_ms: 500,
+            ..ClientRun::udp(&node_port, 1)
+        };
+        while probe.run(client, None).expect("client").errors != 0 {
+            assert!(Instant::now() < deadline, "{node_port} never answered");
+        }
+        let report = ClientRun {
+            payload_bytes: 8192,
+            ..ClientRun::udp(&node_port, 5)
+        }
+        .run(client, None)
+        .expect("client");
+        report.assert_all_ok(&format!("8 KB through {node_port}"));
+        assert_eq!(report.servers(), [server].into(), "{report:?}");
+    }
+    let events = events(&setup);
+    assert_eq!(
+        events["pass_fragment"], 0,
+        "every later fragment had its first: {events:?}"
+    );
+}
+
 /// A dual-stack NodePort Service reached from outside over each family at node1's address of
 /// that family, each to its own family's endpoints: n1p0 over IPv4, n1p1 and n2p0 over IPv6.
 #[test]
