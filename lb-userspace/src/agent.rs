@@ -762,18 +762,9 @@ fn place_unplaced_endpoints(locator: &RouteLocator, compiler: &mut Compiler) -> 
     if !locator.enabled() {
         return false;
     }
-    // The kernel's FIB is asked for IPv4 endpoints; an IPv6 endpoint without a nodeName counts
-    // as remote.
-    let addresses: Vec<Ipv4Addr> = compiler
-        .unplaced_endpoints()
-        .filter_map(|addr| match addr {
-            IpAddr::V4(addr) => Some(addr),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
+    let addresses: Vec<IpAddr> = compiler.unplaced_endpoints().collect();
     match locator.local_among(addresses) {
         Ok(local) => {
-            let local: BTreeSet<IpAddr> = local.into_iter().map(IpAddr::V4).collect();
             if !local.is_empty() {
                 debug!(?local, "endpoints without nodeName on this node, by route");
             }

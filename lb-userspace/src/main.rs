@@ -42,8 +42,7 @@ enum Command {
         /// Where the client is: `pod` (a pod or host process of this node: the socket hooks
         /// translate its connect() or sendto()), `nic` (a packet arriving on a node NIC: XDP),
         /// or `auto`: `pod` when the socket hooks are attached and this network namespace's
-        /// routes put the client on this node (for IPv6, which XDP does not translate yet,
-        /// always `pod`).
+        /// routes put the client on this node (either family).
         #[arg(long, value_enum, default_value_t = ClientAt::Auto)]
         from: ClientAt,
         /// bpffs directory of the running agent's pinned state (its --pin-dir).

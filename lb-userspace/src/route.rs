@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeSet,
     io,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::Duration,
 };
@@ -50,11 +50,12 @@ impl RouteLocator {
         !self.nics.is_empty()
     }
 
-    /// The addresses of `addresses` on this node. An address without a route is not.
+    /// The addresses of `addresses` (either family) on this node. An address without a route
+    /// is not.
     pub fn local_among(
         &self,
-        addresses: impl IntoIterator<Item = Ipv4Addr>,
-    ) -> io::Result<BTreeSet<Ipv4Addr>> {
+        addresses: impl IntoIterator<Item = IpAddr>,
+    ) -> io::Result<BTreeSet<IpAddr>> {
         let mut local = BTreeSet::new();
         let mut addresses = addresses.into_iter().peekable();
         if !self.enabled() || addresses.peek().is_none() {
@@ -78,10 +79,10 @@ impl RouteLocator {
     }
 }
 
-/// Notifications of IPv4 route changes in the agent's network namespace (RTNLGRP_IPV4_ROUTE),
-/// so endpoints without a nodeName are placed again when the routes move, not only when the
-/// objects change. (The kernel sends none for IPv4 routes a link going down takes with it; the
-/// next sync looks again.)
+/// Notifications of route changes in the agent's network namespace (RTNLGRP_IPV4_ROUTE and
+/// RTNLGRP_IPV6_ROUTE), so endpoints without a nodeName are placed again when the routes move,
+/// not only when the objects change. (The kernel sends none for IPv4 routes a link going down
+/// takes with it; the next sync looks again.)
 pub struct RouteChanges {
     socket: tokio::io::unix::AsyncFd<OwnedFd>,
 }
@@ -104,7 +105,7 @@ impl RouteChanges {
         // SAFETY: sockaddr_nl is plain data; all zeroes is a valid value.
         let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        address.nl_groups = libc::RTMGRP_IPV4_ROUTE as u32;
+        address.nl_groups = (libc::RTMGRP_IPV4_ROUTE | libc::RTMGRP_IPV6_ROUTE) as u32;
         // SAFETY: bind reads size_of::<sockaddr_nl>() bytes from a valid sockaddr_nl.
         let result = unsafe {
             libc::bind(
@@ -224,7 +225,7 @@ impl Fib {
     }
 
     /// The route to `addr`, or None when the FIB has none (unreachable, blackhole, prohibit).
-    fn route_to(&mut self, addr: Ipv4Addr) -> io::Result<Option<Route>> {
+    fn route_to(&mut self, addr: IpAddr) -> io::Result<Option<Route>> {
         self.sequence = self.sequence.wrapping_add(1);
         let request = route_request(addr, self.sequence);
         // SAFETY: send reads request.len() bytes from the request buffer.
@@ -262,10 +263,16 @@ impl Fib {
     }
 }
 
-/// RTM_GETROUTE for one IPv4 address (nlmsghdr, rtmsg, RTA_DST), native byte order but for the
-/// address, as `ip route get ADDR` sends it. Sent to the kernel (port 0) on an unbound socket.
-fn route_request(addr: Ipv4Addr, sequence: u32) -> Vec<u8> {
-    let attribute_len = 4 + 4;
+/// RTM_GETROUTE for one address of either family (nlmsghdr, rtmsg, RTA_DST), native byte order
+/// but for the address, as `ip route get ADDR` sends it. Sent to the kernel (port 0) on an
+/// unbound socket.
+fn route_request(addr: IpAddr, sequence: u32) -> Vec<u8> {
+    let (family, octets) = match addr {
+        IpAddr::V4(addr) => (libc::AF_INET, addr.octets().to_vec()),
+        IpAddr::V6(addr) => (libc::AF_INET6, addr.octets().to_vec()),
+    };
+    let prefix_len = (octets.len() * 8) as u8;
+    let attribute_len = 4 + octets.len();
     let total = NLMSG_HEADER_LEN + RTMSG_LEN + attribute_len;
     let mut message = Vec::with_capacity(total);
     message.extend_from_slice(&(total as u32).to_ne_bytes());
@@ -274,11 +281,11 @@ fn route_request(addr: Ipv4Addr, sequence: u32) -> Vec<u8> {
     message.extend_from_slice(&sequence.to_ne_bytes());
     message.extend_from_slice(&0u32.to_ne_bytes());
     // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-    message.extend_from_slice(&[libc::AF_INET as u8, 32, 0, 0, 0, 0, 0, 0]);
+    message.extend_from_slice(&[family as u8, prefix_len, 0, 0, 0, 0, 0, 0]);
     message.extend_from_slice(&0u32.to_ne_bytes());
     message.extend_from_slice(&(attribute_len as u16).to_ne_bytes());
     message.extend_from_slice(&libc::RTA_DST.to_ne_bytes());
-    message.extend_from_slice(&addr.octets());
+    message.extend_from_slice(&octets);
     message
 }
 
@@ -344,6 +351,8 @@ fn parse_route_reply(buffer: &[u8], sequence: u32) -> io::Result<Reply> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
     const ETH0: u32 = 2;
@@ -435,13 +444,18 @@ mod tests {
     #[test]
     fn the_kernel_routes_a_loopback_address_locally() {
         // A route lookup sends no packet; the machine's own routes are only read.
-        let route = Fib::open()
-            .and_then(|mut fib| fib.route_to(Ipv4Addr::LOCALHOST))
-            .expect("route lookup")
-            .expect("a route to 127.0.0.1");
-        assert!(route.local, "{route:?}");
-        assert_eq!(route.oif, interface_index("lo").expect("lo"));
-        assert!(route.is_on_this_node(&BTreeSet::from([route.oif])));
+        for loopback in [
+            IpAddr::from(Ipv4Addr::LOCALHOST),
+            IpAddr::from(Ipv6Addr::LOCALHOST),
+        ] {
+            let route = Fib::open()
+                .and_then(|mut fib| fib.route_to(loopback))
+                .expect("route lookup")
+                .unwrap_or_else(|| panic!("a route to {loopback}"));
+            assert!(route.local, "{loopback}: {route:?}");
+            assert_eq!(route.oif, interface_index("lo").expect("lo"));
+            assert!(route.is_on_this_node(&BTreeSet::from([route.oif])));
+        }
     }
 
     #[test]

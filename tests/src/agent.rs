@@ -360,6 +360,21 @@ pub fn lb_json(pin_dir: &Path, args: &[&str]) -> anyhow::Result<serde_json::Valu
     Ok(serde_json::from_slice(&output.stdout)?)
 }
 
+impl AgentLab {
+    /// `lb ARGS -o json` inside node1's network namespace, on the agent's pin directory (given
+    /// by `LB_PIN_DIR`), as an operator runs it in the agent's pod: `lb explain` places a
+    /// client by that namespace's routes.
+    pub fn lb_json_in_node(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let lb = peer::sibling_binary("lb")?;
+        let pin_dir = format!("LB_PIN_DIR={}", self.pin_dir().display());
+        let mut command = vec![pin_dir.as_str(), lb.to_str().context("UTF-8 path")?];
+        command.extend_from_slice(args);
+        command.extend_from_slice(&["-o", "json"]);
+        let output = self.cluster.node(1).host.run("env", &command)?;
+        Ok(serde_json::from_str(&output)?)
+    }
+}
+
 /// The agent on node1 of the dual-stack lab, which also serves NodePorts on node1's IPv6
 /// address.
 pub fn dual_stack_agent() -> AgentLab {

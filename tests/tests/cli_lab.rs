@@ -34,16 +34,8 @@ fn lab_with_services() -> AgentLab {
     lab
 }
 
-/// `lb ARGS -o json` in node1's network namespace, with the pin directory from `LB_PIN_DIR`
-/// only (no --pin-dir).
 fn lb_in_node(lab: &AgentLab, args: &[&str]) -> Value {
-    let lb = sibling_binary("lb").expect("lb");
-    let pin_dir = format!("LB_PIN_DIR={}", lab.pin_dir().display());
-    let mut command = vec![pin_dir.as_str(), lb.to_str().expect("UTF-8 path")];
-    command.extend_from_slice(args);
-    command.extend_from_slice(&["-o", "json"]);
-    let output = lab.cluster.node(1).host.run("env", &command).expect("lb");
-    serde_json::from_str(&output).expect("JSON")
+    lab.lb_json_in_node(args).expect("lb in node1")
 }
 
 #[test]

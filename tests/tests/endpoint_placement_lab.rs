@@ -6,20 +6,31 @@
 //! reverses the SNAT, and the connection failed. The placement follows node1's routes as they
 //! change, with no change to the objects.
 
-use std::{net::Ipv4Addr, time::Instant};
-
-use lab::{
-    agent::{AgentLab, POD_PORT, SYNC_TIMEOUT, lb_json, node_port_service},
-    peer::ClientRun,
-    topology::{node_addr, pod_addr},
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Instant,
 };
 
-/// An EndpointSlice for `service` whose endpoints name no node.
-fn slice_without_node_names(service: &str, endpoints: &[Ipv4Addr]) -> String {
+use lab::{
+    agent::{
+        AgentLab, POD_PORT, SYNC_TIMEOUT, dual_stack_agent, lb_json, node_port_service,
+        service_of_families,
+    },
+    peer::ClientRun,
+    topology::{node_addr, node_addr6, pod_addr, pod_addr6},
+};
+
+/// An EndpointSlice for `service` whose endpoints (all of one family) name no node.
+fn slice_without_node_names<A: Into<IpAddr> + Copy>(service: &str, endpoints: &[A]) -> String {
+    let family = match endpoints.first().map(|addr| (*addr).into()) {
+        Some(IpAddr::V6(_)) => "IPv6",
+        _ => "IPv4",
+    };
     let mut yaml = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports:\n- {{name: http, port: {POD_PORT}, protocol: TCP}}\nendpoints:\n"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: {family}\nports:\n- {{name: http, port: {POD_PORT}, protocol: TCP}}\nendpoints:\n"
     );
     for addr in endpoints {
+        let addr: IpAddr = (*addr).into();
         yaml.push_str(&format!(
             "- addresses: [\"{addr}\"]\n  conditions: {{ready: true}}\n"
         ));
@@ -28,9 +39,9 @@ fn slice_without_node_names(service: &str, endpoints: &[Ipv4Addr]) -> String {
 }
 
 /// Whether `lb backends` shows the backend at `addr` as local.
-fn backend_is_local(lab: &AgentLab, addr: Ipv4Addr) -> bool {
+fn backend_is_local(lab: &AgentLab, addr: impl Into<IpAddr>) -> bool {
     let backends = lb_json(lab.pin_dir(), &["backends"]).expect("lb backends");
-    let address = format!("{addr}:{POD_PORT}");
+    let address = SocketAddr::new(addr.into(), POD_PORT).to_string();
     backends
         .as_array()
         .expect("a list")
@@ -88,7 +99,8 @@ fn node_port_reaches_endpoints_without_node_name_on_this_node_and_on_another() {
 }
 
 /// Waits until `lb backends` shows the backend at `addr` as local (or not).
-fn wait_for_placement(lab: &AgentLab, addr: Ipv4Addr, local: bool, what: &str) {
+fn wait_for_placement(lab: &AgentLab, addr: impl Into<IpAddr>, local: bool, what: &str) {
+    let addr: IpAddr = addr.into();
     let deadline = Instant::now() + SYNC_TIMEOUT;
     while backend_is_local(lab, addr) != local {
         assert!(
@@ -139,4 +151,57 @@ fn an_endpoint_without_node_name_moves_with_the_routes() {
         .ip(&["route", "replace", prefix, "via", &node2])
         .expect("route");
     wait_for_placement(&lab, addr, false, "routed to node2 through the NIC");
+}
+
+/// The two tests above over IPv6, in the dual-stack lab: IPv6 endpoints without a nodeName are
+/// placed by node1's IPv6 routes (behind the pod bridge: here, handed to the stack; on node2:
+/// SNATed), and move when those routes change, with no change to the objects.
+#[test]
+fn ipv6_endpoints_without_node_name_are_placed_by_the_routes_and_move_with_them() {
+    let lab = dual_stack_agent();
+    let (here, there) = (pod_addr6(1, 0), pod_addr6(2, 0));
+    // An address of no lab network (the documentation prefix's), placed by the routes below.
+    let elsewhere = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 5);
+    let apply = |endpoints: &[Ipv6Addr]| {
+        let service = service_of_families(
+            "web6",
+            &["2001:db8:96::10"],
+            "TCP",
+            80,
+            "  type: NodePort\n",
+        )
+        .replace(
+            &format!("targetPort: {POD_PORT}}}"),
+            &format!("targetPort: {POD_PORT}, nodePort: 30080}}"),
+        );
+        let slice = slice_without_node_names("web6", endpoints);
+        lab.apply("web6.yaml", &(service + "---\n" + &slice))
+            .expect("apply");
+    };
+
+    apply(&[here, there]);
+    wait_for_placement(&lab, here, true, "behind node1's pod bridge");
+    assert!(!backend_is_local(&lab, there), "node2's pod: not here");
+    // Both reached through node1's IPv6 NodePort: the local one through the stack, node2's
+    // through SNAT.
+    let node_port = SocketAddr::new(node_addr6(1).into(), 30080).to_string();
+    let report = ClientRun::tcp(&node_port, 40)
+        .run(&lab.cluster.client, None)
+        .expect("client");
+    report.assert_all_ok("IPv6 NodePort to endpoints without a nodeName");
+    assert_eq!(report.servers(), ["n1p0", "n2p0"].into(), "{report:?}");
+
+    // An address node1 has no route to, placed again as node1's IPv6 routes change.
+    apply(&[elsewhere]);
+    wait_for_placement(&lab, elsewhere, false, "no route");
+    let node1 = &lab.cluster.node(1).host;
+    let prefix = "2001:db8:ffff::/64";
+    node1
+        .ip(&["-6", "route", "add", prefix, "dev", "cni0"])
+        .expect("route");
+    wait_for_placement(&lab, elsewhere, true, "routed to the pod bridge");
+    node1
+        .ip(&["-6", "route", "del", prefix, "dev", "cni0"])
+        .expect("route");
+    wait_for_placement(&lab, elsewhere, false, "its route gone");
 }

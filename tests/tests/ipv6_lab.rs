@@ -129,14 +129,21 @@ fn a_pod_reaches_each_family_of_a_dual_stack_service_at_that_familys_endpoints()
         );
     }
 
-    // lb explain takes IPv6 addresses: the socket hooks' decision, or nothing on a NIC.
+    // lb explain takes IPv6 addresses: a pod of node1, placed by node1's routes, gets the
+    // socket hooks' decision; a client outside, XDP's.
     let client = at(pod_addr6(1, 1), 40000);
-    let explained = lab::agent::lb_json(
-        setup.pin_dir(),
-        &["explain", &client, &format!("{web6}/tcp")],
-    )
-    .expect("lb explain");
+    let explained = setup
+        .lb_json_in_node(&["explain", &client, &format!("{web6}/tcp")])
+        .expect("lb explain");
     assert_eq!(explained["hook"], "socket", "{explained:#}");
+    let outside = setup
+        .lb_json_in_node(&[
+            "explain",
+            &at(lab::topology::CLIENT_ADDR6, 40000),
+            &format!("{web6}/tcp"),
+        ])
+        .expect("lb explain");
+    assert_eq!(outside["hook"], "xdp", "{outside:#}");
     assert_eq!(explained["verdict"], "translated", "{explained:#}");
     assert_eq!(explained["service"]["backends"], 2, "{explained:#}");
     let reasons = explained["reasons"].to_string();
@@ -156,11 +163,9 @@ fn a_pod_reaches_each_family_of_a_dual_stack_service_at_that_familys_endpoints()
             .any(|backend| rewritten.contains(backend)),
         "{on_nic:#}"
     );
-    let elsewhere = lab::agent::lb_json(
-        setup.pin_dir(),
-        &["explain", &client, "[2001:db8:96::99]:80/tcp"],
-    )
-    .expect("lb explain");
+    let elsewhere = setup
+        .lb_json_in_node(&["explain", &client, "[2001:db8:96::99]:80/tcp"])
+        .expect("lb explain");
     assert_eq!(elsewhere["verdict"], "untouched", "{elsewhere:#}");
     // A dual-stack socket's IPv4-mapped destination is the IPv4 Service's.
     let mapped = lab::agent::lb_json(

@@ -9,11 +9,11 @@
 //! the explanation is the socket hooks', from the maps alone: the kernel cannot run a cgroup
 //! sock_addr program on a synthesized call (BPF_PROG_TEST_RUN has no runner for that type).
 //!
-//! An IPv6 destination is explained as the socket hooks see it, or, asked for a NIC (`--from
-//! nic`), by the dry-run XDP program as for IPv4.
+//! An IPv6 destination is explained as for IPv4: by the socket hooks' maps for a client on this
+//! node, by the dry-run XDP programs for one arriving on a NIC.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::Path,
 };
 
@@ -125,15 +125,12 @@ fn explain6(
     let (SocketAddr::V6(client6), SocketAddr::V6(destination6)) = (client, destination) else {
         unreachable!("explain6 takes IPv6 addresses")
     };
+    let path = match path {
+        Hook::Auto => decide_path(pin_dir, (*client6.ip()).into(), &mut reasons),
+        chosen => chosen,
+    };
     if path == Hook::Xdp {
-        return explain6_on_nic(pin_dir, client6, destination6, protocol);
-    }
-    if path == Hook::Auto {
-        reasons.push(
-            "an IPv6 client is taken as this node's (a pod or host process: the socket hooks); \
-             --from nic for a packet arriving on a NIC"
-                .into(),
-        );
+        return explain6_on_nic(pin_dir, client6, destination6, protocol, reasons);
     }
     let maps = Maps::open(pin_dir, Access::ReadOnly)?;
     let entry = |scope| -> anyhow::Result<Option<ServiceValue>> {
@@ -179,8 +176,8 @@ fn explain6_on_nic(
     client: SocketAddrV6,
     destination: SocketAddrV6,
     protocol: u8,
+    mut reasons: Vec<String>,
 ) -> anyhow::Result<Explanation> {
-    let mut reasons = Vec::new();
     let maps = Maps::open(pin_dir, Access::ReadOnly)?;
     let key = Frontend6Key {
         addr: ipv6_words(*destination.ip()),
@@ -290,7 +287,7 @@ fn explain4(
     let service = frontend(&maps, destination, protocol)?;
     let summary = service.map(|value| summarize(&value));
     let path = match path {
-        Hook::Auto => decide_path(pin_dir, *client.ip(), &mut reasons),
+        Hook::Auto => decide_path(pin_dir, (*client.ip()).into(), &mut reasons),
         chosen => chosen,
     };
     if path == Hook::Socket {
@@ -370,7 +367,7 @@ fn explain4(
 /// or reached directly through an interface that is not one of the agent's NICs, as the agent
 /// places endpoints); XDP otherwise. The route is this process's network namespace's: run in
 /// the node's (the DaemonSet's pod is).
-fn decide_path(pin_dir: &Path, client: Ipv4Addr, reasons: &mut Vec<String>) -> Hook {
+fn decide_path(pin_dir: &Path, client: IpAddr, reasons: &mut Vec<String>) -> Hook {
     let links: Vec<String> = std::fs::read_dir(pin_dir.join(crate::datapath::pins::LINKS_DIR))
         .map(|entries| {
             entries
