@@ -228,8 +228,11 @@ pub mod xdp_programs {
     /// `lb_xdp6_icmp` ([`crate::program_names::XDP6_ICMP`]): ICMPv6 errors, tail-called by
     /// `lb_xdp6`.
     pub const IPV6_ICMP: u32 = 7;
+    /// `lb_xdp6_sctp` ([`crate::program_names::XDP6_SCTP`]): SCTP over IPv6, tail-called by
+    /// `lb_xdp6`.
+    pub const IPV6_SCTP: u32 = 8;
     /// Slots in the array.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Capacities of the maps. Every limit is a constant here; the agent refuses (with an error, never
@@ -319,10 +322,12 @@ pub mod program_names {
     /// XDP for SCTP, tail-called by [`XDP_LB`], as [`XDP_UDP`].
     pub const XDP_SCTP: &str = "lb_xdp_sctp";
     /// XDP for IPv6, tail-called by [`XDP_LB`] for every IPv6 frame: TCP itself, UDP through
-    /// [`XDP6_UDP`], ICMPv6 errors through [`XDP6_ICMP`].
+    /// [`XDP6_UDP`], SCTP through [`XDP6_SCTP`], ICMPv6 errors through [`XDP6_ICMP`].
     pub const XDP6: &str = "lb_xdp6";
     /// XDP for UDP over IPv6, tail-called by [`XDP6`].
     pub const XDP6_UDP: &str = "lb_xdp6_udp";
+    /// XDP for SCTP over IPv6, tail-called by [`XDP6`].
+    pub const XDP6_SCTP: &str = "lb_xdp6_sctp";
     /// The rest of the IPv6 XDP path, each tail-called by the one before: a packet to a
     /// frontend that no live flow took, a new flow, and the rewrite that sends its first packet
     /// on (one program would need more stack than the verifier allows).

@@ -14,7 +14,7 @@ use crate::{
     family::{Family, V4, V6},
     flow::Tuple,
     helpers::{Forward, fib_forward, fib_forward6},
-    maps::{FRAGMENTS4, FRAGMENTS6, remember_fragment},
+    maps::{FRAGMENTS4, FRAGMENTS6, remember_fragment, remember_fragment6},
     reject,
 };
 
@@ -258,7 +258,10 @@ impl Ip for Ipv6Info {
 
     #[inline(always)]
     fn remember_fragments(&self, later: FragValue<Ipv6Words>) {
-        remember_fragment(&FRAGMENTS6, &fragment_key6(self), &later);
+        remember_fragment6(|record| {
+            record.key = fragment_key6(self);
+            record.value = later;
+        });
     }
 
     #[inline(always)]

@@ -153,8 +153,7 @@ pub static FRAGMENTS4: LruHashMap<Frag4Key, Frag4Value> =
 pub static FRAGMENTS6: LruHashMap<Frag6Key, Frag6Value> =
     LruHashMap::with_max_entries(limits::MAX_FRAGMENTED, 0);
 
-/// A [`FRAGMENTS6`] record per CPU to build one in: tc egress's IPv6 body has no room left on
-/// its stack for its 88 bytes. Not pinned.
+/// A [`FRAGMENTS6`] record per CPU to build one in ([`remember_fragment6`]). Not pinned.
 #[map(name = "lb6_fragscr_v1")]
 pub static FRAG_SCRATCH6: PerCpuArray<FragRecord6> = PerCpuArray::with_max_entries(1, 0);
 
@@ -269,6 +268,21 @@ pub fn remember_fragment<K, V>(fragments: &LruHashMap<K, V>, key: &K, value: &V)
         // A full LRU forgets the oldest datagram; its later fragments then pass as they are.
         let _ = fragments.insert(key, value, 0);
     }
+}
+
+/// Remembers an IPv6 first fragment's translation, as [`remember_fragment`], with the record
+/// built by `fill` in [`FRAG_SCRATCH6`], field by field: the IPv6 programs have no stack left
+/// for its 88 bytes (handed over as values, they were built on the stack and copied).
+#[inline(always)]
+pub fn remember_fragment6(fill: impl FnOnce(&mut FragRecord6)) {
+    let Some(record) = FRAG_SCRATCH6.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's entry, which nothing else uses while this program runs (a program
+    // run and its tail calls stay on one CPU).
+    let record = unsafe { &mut *record };
+    fill(record);
+    remember_fragment(&FRAGMENTS6, &record.key, &record.value);
 }
 
 /// The value of [`PACKET6`]: what `lb_xdp6` parsed, and what the programs after it learnt

@@ -38,8 +38,8 @@ use crate::{
         Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
     },
     maps::{
-        BACKEND_FILTER, FRAG_SCRATCH6, FRAGMENTS4, FRAGMENTS6, TC_PROGRAMS, count_event,
-        remember_fragment,
+        BACKEND_FILTER, FRAGMENTS4, FRAGMENTS6, TC_PROGRAMS, count_event, remember_fragment,
+        remember_fragment6,
     },
     monitor,
     sctp_crc::checksum_after_ports,
@@ -70,13 +70,17 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 }
 
 /// tc egress for IPv6, tail-called by [`lb_tc_egress`]: an ICMPv6 error from a local endpoint,
-/// or anything else IPv6.
+/// an SCTP packet, or anything else IPv6.
 #[classifier]
 pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
     let result = if is_icmp6_error(&ctx) {
         icmp6_error_from_endpoint(&ctx)
     } else {
-        try_ipv6(&ctx)
+        match try_ipv6(&ctx) {
+            Ok(Ipv6Next::Sctp) => try_sctp6(&ctx),
+            Ok(Ipv6Next::Done) => Ok(()),
+            Err(event) => Err(event),
+        }
     };
     verdict(&ctx, result, report_drop6)
 }
@@ -180,12 +184,18 @@ fn try_ipv4(ctx: &TcContext) -> Result<(), Event> {
     })
 }
 
+/// What [`try_ipv6`] leaves to the next step.
+enum Ipv6Next {
+    Done,
+    /// An SCTP packet: [`try_sctp6`]'s.
+    Sctp,
+}
+
 /// An IPv6 packet: an answer of a local endpoint's flow gets its source (and, for a remapped
 /// flow, its destination port) back as the client sent to, later fragments as their first one;
-/// SCTP (served over IPv4 only) passes untouched, counted. A BPF function of its own (see
-/// [`lb_tc_egress6`]).
+/// SCTP is left to [`try_sctp6`]. A BPF function of its own (see [`lb_tc_egress6`]).
 #[inline(never)]
-fn try_ipv6(ctx: &TcContext) -> Result<(), Event> {
+fn try_ipv6(ctx: &TcContext) -> Result<Ipv6Next, Event> {
     let (tuple, l4_offset, behind_extensions, udp_checksum, fragment) = match parse6(ctx) {
         Some(Packet6::Segment {
             tuple,
@@ -200,14 +210,13 @@ fn try_ipv6(ctx: &TcContext) -> Result<(), Event> {
             udp_checksum,
             first_fragment,
         ),
-        Some(Packet6::LaterFragment(key)) => return later_fragment6(ctx, &key),
-        None => return Ok(()),
+        Some(Packet6::LaterFragment(key)) => {
+            return later_fragment6(ctx, &key).map(|()| Ipv6Next::Done);
+        }
+        None => return Ok(Ipv6Next::Done),
     };
     if tuple.proto == proto::SCTP {
-        if maybe_backend(&tuple) {
-            count_event(Event::PASS_PROTOCOL_UNSERVED);
-        }
-        return Ok(());
+        return Ok(Ipv6Next::Sctp);
     }
     // A UDP checksum of 0 means "none" over IPv4 only: over IPv6 the receiver drops it (RFC
     // 8200 section 8.1), and an incremental update of it would make a wrong one. Refused before
@@ -227,9 +236,56 @@ fn try_ipv6(ctx: &TcContext) -> Result<(), Event> {
                 .map_err(|_| Event::DROP_NAT_FAILED)?;
         }
         if let Some(id) = fragment {
-            remember_fragment6(&tuple, id, frontend.0);
+            remember_fragment6(|record| {
+                record.key.saddr = tuple.saddr;
+                record.key.daddr = tuple.daddr;
+                record.key.id = id;
+                // The rest of the value (no MACs, no service) stays as every record leaves it.
+                record.value.saddr = frontend.0;
+                record.value.daddr = tuple.daddr;
+                record.value.action = frag_action::PASS;
+            });
         }
         Ok(())
+    })
+    .map(|()| Ipv6Next::Done)
+}
+
+/// An IPv6 SCTP packet: an answer of a local endpoint's association gets its source and its
+/// destination port back as the client sent to, its CRC32c brought up to date. A BPF function
+/// of its own beside [`try_ipv6`], which parsed it first: in one frame they need more than the
+/// 512 bytes of stack the verifier allows.
+#[inline(never)]
+fn try_sctp6(ctx: &TcContext) -> Result<(), Event> {
+    let Some(Packet6::Segment {
+        mut tuple,
+        l4_offset,
+        behind_extensions,
+        first_fragment,
+        ..
+    }) = parse6(ctx)
+    else {
+        return Ok(());
+    };
+    let Some(header) =
+        transport_bytes::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, l4_offset, behind_extensions)
+    else {
+        return Ok(());
+    };
+    (tuple.tcp_flags, tuple.seq, tuple.seq_end) = sctp_segment(&header);
+    // Its checksum is over the whole SCTP packet, which a first fragment does not hold: refused
+    // before it moves the flow's state, as over IPv4.
+    let refusal = || {
+        if first_fragment.is_some() {
+            Err(Event::DROP_SCTP_FRAGMENT)
+        } else {
+            Ok(())
+        }
+    };
+    reverse_nat(&tuple, refusal, |frontend, restored_port| {
+        let client_port = restored_port.unwrap_or(tuple.dport);
+        snat6_sctp(ctx, l4_offset, behind_extensions, frontend, client_port)
+            .map_err(|_| Event::DROP_NAT_FAILED)
     })
 }
 
@@ -316,24 +372,6 @@ fn later_fragment(ctx: &TcContext, key: &Frag4Key) -> Result<(), Event> {
     )
     .and_then(|()| ctx.store(ETH_HDR_LEN + IPV4_SADDR_OFFSET, &new, 0))
     .map_err(|_| Event::DROP_NAT_FAILED)
-}
-
-/// Records the source the first fragment of the datagram `id` of `tuple` got, for its later
-/// fragments; built in [`FRAG_SCRATCH6`], field by field.
-#[inline(always)]
-fn remember_fragment6(tuple: &Tuple<V6>, id: u32, source: Ipv6Words) {
-    let Some(record) = FRAG_SCRATCH6.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's entry, which nothing else uses while this program runs.
-    let record = unsafe { &mut *record };
-    record.key.saddr = tuple.saddr;
-    record.key.daddr = tuple.daddr;
-    record.key.id = id;
-    record.value.saddr = source;
-    record.value.daddr = tuple.daddr;
-    record.value.action = frag_action::PASS;
-    remember_fragment(&FRAGMENTS6, &record.key, &record.value);
 }
 
 /// [`later_fragment`] for IPv6: the source address alone (no header checksum; the transport
@@ -549,15 +587,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     let (tcp_flags, seq, seq_end) = if protocol == proto::TCP {
         segment(ctx, l4_offset)?
     } else if protocol == proto::SCTP {
-        let header = read::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, l4_offset)?;
-        let chunk = sctp::COMMON_HDR_LEN;
-        let tag = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        let flags = sctp::flags_of_chunk(header[chunk]);
-        (
-            flags,
-            tag,
-            sctp::chunk_summary(header[chunk], header[chunk + 1]),
-        )
+        sctp_segment(&read::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, l4_offset)?)
     } else {
         (0, 0, 0)
     };
@@ -695,22 +725,58 @@ fn snat_sctp(
     client_port: u16,
 ) -> Result<(), i64> {
     let header = read::<{ sctp::COMMON_HDR_LEN }>(ctx, l4_offset).ok_or(-1i64)?;
-    let old_ports = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let mut ports = [0u8; 4];
-    ports[0..2].copy_from_slice(&frontend.1.to_be_bytes());
-    ports[2..4].copy_from_slice(&client_port.to_be_bytes());
-    let new_ports = u32::from_le_bytes(ports);
-    let check = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
     // From the IP total length: the skb may end in padding the checksum does not cover.
     let total = read::<2>(ctx, ETH_HDR_LEN + 2).ok_or(-1i64)?;
     let len = usize::from(u16::from_be_bytes(total)).saturating_sub(l4_offset - ETH_HDR_LEN);
+    rewrite_sctp_ports(ctx, l4_offset, &header, len, (frontend.1, client_port))?;
+    rewrite_source(ctx, tuple, l4_offset, frontend.0, frontend.1)
+}
+
+/// Rewrites an SCTP packet's ports to `ports` (source, destination) and brings its CRC32c up to
+/// date ([`checksum_after_ports`]); `header` is its common header, `len` the SCTP packet's
+/// length.
+#[inline(always)]
+fn rewrite_sctp_ports(
+    ctx: &TcContext,
+    l4_offset: usize,
+    header: &[u8; sctp::COMMON_HDR_LEN],
+    len: usize,
+    (source, destination): (u16, u16),
+) -> Result<(), i64> {
+    let old_ports = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let mut ports = [0u8; 4];
+    ports[0..2].copy_from_slice(&source.to_be_bytes());
+    ports[2..4].copy_from_slice(&destination.to_be_bytes());
+    let new_ports = u32::from_le_bytes(ports);
+    let check = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
     if let Some(check) =
         checksum_after_ports(check, len, old_ports, new_ports).map_err(|()| -1i64)?
     {
         ctx.store(l4_offset + sctp::CHECKSUM_OFFSET, &check.to_le_bytes(), 0)?;
     }
-    ctx.store(l4_offset + 2, &client_port.to_be(), 0)?;
-    rewrite_source(ctx, tuple, l4_offset, frontend.0, frontend.1)
+    ctx.store(l4_offset, &ports, 0)?;
+    Ok(())
+}
+
+/// [`snat_sctp`] for IPv6: no header checksum, and the address is in no pseudo-header.
+#[inline(always)]
+fn snat6_sctp(
+    ctx: &TcContext,
+    l4_offset: usize,
+    behind_extensions: bool,
+    frontend: (Ipv6Words, u16),
+    client_port: u16,
+) -> Result<(), i64> {
+    let header = transport_bytes::<{ sctp::COMMON_HDR_LEN }>(ctx, l4_offset, behind_extensions)
+        .ok_or(-1i64)?;
+    // From the payload length, as IPv4's from its total length.
+    let payload = read::<2>(ctx, ETH_HDR_LEN + 4).ok_or(-1i64)?;
+    let len =
+        (usize::from(u16::from_be_bytes(payload)) + PLAIN_L4_OFFSET).saturating_sub(l4_offset);
+    rewrite_sctp_ports(ctx, l4_offset, &header, len, (frontend.1, client_port))?;
+    let source = frontend.0;
+    ctx.store(ETH_HDR_LEN + IPV6_SADDR_OFFSET, &source, 0)?;
+    Ok(())
 }
 
 /// A header without options: the IPv4 checksum, both addresses and the source port are
@@ -726,6 +792,19 @@ fn store_source(ctx: &TcContext, tuple: &Tuple, addr: u32, port: u16) -> Result<
     bytes[10..12].copy_from_slice(&port.to_be_bytes());
     ctx.store(ETH_HDR_LEN + IPV4_CSUM_OFFSET, &bytes, 0)?;
     Ok(())
+}
+
+/// An SCTP packet's [`Tuple`] fields from its common header and first chunk header: the flags
+/// the chunk stands for, the verification tag, the chunk's summary.
+#[inline(always)]
+fn sctp_segment(header: &[u8; sctp::HDR_AND_CHUNK_LEN]) -> (u8, u32, u32) {
+    let chunk = sctp::COMMON_HDR_LEN;
+    let tag = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    (
+        sctp::flags_of_chunk(header[chunk]),
+        tag,
+        sctp::chunk_summary(header[chunk], header[chunk + 1]),
+    )
 }
 
 /// What tc egress looks at in an IPv6 frame.

@@ -59,8 +59,8 @@ pub fn lb_xdp_udp(ctx: XdpContext) -> u32 {
     verdict(&ctx, try_lb_xdp::<{ proto::UDP }>(&ctx))
 }
 
-/// The datapath for IPv6, tail-called by `lb_xdp` for every IPv6 frame: TCP itself, UDP through
-/// a tail call to `lb_xdp6_udp`. A program of its own for the verifier's sake, as the protocols
+/// The datapath for IPv6, tail-called by `lb_xdp` for every IPv6 frame: TCP itself, UDP and
+/// SCTP through tail calls to `lb_xdp6_udp` and `lb_xdp6_sctp`. A program of its own for the verifier's sake, as the protocols
 /// have (IPv4 pays nothing for it, IPv6 one tail call).
 #[xdp]
 #[inline(always)]
@@ -75,8 +75,15 @@ pub fn lb_xdp6_udp(ctx: XdpContext) -> u32 {
     verdict6(&ctx, try_lb_xdp6::<{ proto::UDP }>(&ctx), false)
 }
 
-/// An IPv6 packet to a frontend that no live flow took, tail-called by `lb_xdp6` and
-/// `lb_xdp6_udp` (see [`try_frontend6`]).
+/// The datapath for SCTP over IPv6, tail-called by `lb_xdp6`.
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6_sctp(ctx: XdpContext) -> u32 {
+    verdict6(&ctx, try_lb_xdp6::<{ proto::SCTP }>(&ctx), false)
+}
+
+/// An IPv6 packet to a frontend that no live flow took, tail-called by `lb_xdp6`,
+/// `lb_xdp6_udp` and `lb_xdp6_sctp` (see [`try_frontend6`]).
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6_frontend(ctx: XdpContext) -> u32 {
@@ -179,8 +186,9 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
 }
 
 /// The IPv6 datapath for the protocol `PROTOCOL`: TCP in `lb_xdp6`, which hands UDP to
-/// `lb_xdp6_udp`. ICMPv6 (neighbour discovery, errors) passes untouched, and so do fragments,
-/// which are not translated ([`Event::PASS_FRAGMENT`]), and SCTP.
+/// `lb_xdp6_udp`, SCTP to `lb_xdp6_sctp` and ICMPv6 errors to `lb_xdp6_icmp`, and sends a later
+/// fragment the way its first fragment went. Other ICMPv6 (neighbour discovery) passes
+/// untouched.
 #[inline(always)]
 fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let Some(eth) = bytes_at::<ETH_HDR_LEN>(ctx, 0) else {
@@ -191,11 +199,18 @@ fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     }
     let ip = match parse_ipv6(ctx).ok_or(Event::DROP_MALFORMED)? {
         Ipv6Packet::Transport(ip) => ip,
-        Ipv6Packet::LaterFragment(ip) => return later_fragment(ctx, &ip, ip.proto),
+        // `lb_xdp6` sees every IPv6 frame first: the other instances never get one.
+        Ipv6Packet::LaterFragment(ip) if PROTOCOL == proto::TCP => {
+            return later_fragment(ctx, &ip, ip.proto);
+        }
+        Ipv6Packet::LaterFragment(_) => return Ok(xdp_action::XDP_PASS),
         Ipv6Packet::Other => return Ok(xdp_action::XDP_PASS),
     };
     if PROTOCOL == proto::TCP && ip.proto == proto::UDP {
         return Ok(to_program(ctx, xdp_programs::IPV6_UDP));
+    }
+    if PROTOCOL == proto::TCP && ip.proto == proto::SCTP {
+        return Ok(to_program(ctx, xdp_programs::IPV6_SCTP));
     }
     if PROTOCOL == proto::TCP
         && ip.proto == IPPROTO_ICMPV6

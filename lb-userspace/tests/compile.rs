@@ -1002,28 +1002,22 @@ fn rows() -> Vec<Row> {
             held: &["default/weird"],
         },
         Row {
-            name: "SCTP over IPv6 is not served: a dual-stack SCTP port gets its IPv4 service only",
+            name: "SCTP over IPv6: a dual-stack SCTP port gets a service of each family",
             yaml: service(
                 "sctp6",
                 "  clusterIP: 10.96.0.22\n  clusterIPs: [10.96.0.22, \"fd00::22\"]\n  ports:\n  - {name: a, port: 80, protocol: SCTP}\n  - {name: b, port: 81}\n",
             ),
             expected: &[
                 "default/sctp6:a/SCTP fe=[10.96.0.22:80 cluster] be=[] affinity=0",
+                "default/sctp6:a/SCTP[ipv6] fe=[[fd00::22]:80 cluster] be=[] affinity=0",
                 "default/sctp6:b/TCP fe=[10.96.0.22:81 cluster] be=[] affinity=0",
                 "default/sctp6:b/TCP[ipv6] fe=[[fd00::22]:81 cluster] be=[] affinity=0",
             ],
-            problems: &[
-                (
-                    Severity::Unsupported,
-                    "Service/default/sctp6",
-                    "SCTPClusterIPFromPods",
-                ),
-                (
-                    Severity::Unsupported,
-                    "Service/default/sctp6",
-                    "SCTPOverIPv6NotServed",
-                ),
-            ],
+            problems: &[(
+                Severity::Unsupported,
+                "Service/default/sctp6",
+                "SCTPClusterIPFromPods",
+            )],
             held: &[],
         },
         Row {

@@ -70,16 +70,26 @@ pub fn udp(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// An Ethernet/IPv6/SCTP frame of one chunk of `chunk_type` with verification tag `tag`, its
-/// CRC32c computed whole (stored little-endian, as Linux does).
-pub fn sctp(src: SocketAddrV6, dst: SocketAddrV6, chunk_type: u8, tag: u32) -> Vec<u8> {
-    const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+/// An Ethernet/IPv6/SCTP frame of one chunk of `chunk_type` with verification tag `tag` and the
+/// chunk value `value` (padded to 4 bytes), its CRC32c computed whole (stored little-endian, as
+/// Linux does).
+pub fn sctp(
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    chunk_type: u8,
+    tag: u32,
+    value: &[u8],
+) -> Vec<u8> {
     let mut sctp = Vec::new();
     sctp.extend_from_slice(&src.port().to_be_bytes());
     sctp.extend_from_slice(&dst.port().to_be_bytes());
     sctp.extend_from_slice(&tag.to_be_bytes());
     sctp.extend_from_slice(&[0; 4]);
-    sctp.extend_from_slice(&[chunk_type, 0, 0, 4]);
+    let chunk_len = u16::try_from(4 + value.len()).expect("a chunk fits");
+    sctp.extend_from_slice(&[chunk_type, 0]);
+    sctp.extend_from_slice(&chunk_len.to_be_bytes());
+    sctp.extend_from_slice(value);
+    sctp.resize(sctp.len().next_multiple_of(4), 0);
     let checksum = CRC32C.checksum(&sctp);
     sctp[8..12].copy_from_slice(&checksum.to_le_bytes());
     let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ipv6(
@@ -92,6 +102,17 @@ pub fn sctp(src: SocketAddrV6, dst: SocketAddrV6, chunk_type: u8, tag: u32) -> V
         .write(&mut frame, etherparse::IpNumber::SCTP, &sctp)
         .expect("writing to a Vec cannot fail");
     frame
+}
+
+const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// Whether the CRC32c of the SCTP packet of an Ethernet/IPv6 frame without extension headers is
+/// right, recomputed whole.
+pub fn sctp_checksum_ok(frame: &[u8]) -> bool {
+    let mut sctp = frame[ETH_HDR_LEN + IPV6_HDR_LEN..].to_vec();
+    let stored = u32::from_le_bytes(sctp[8..12].try_into().expect("a common header"));
+    sctp[8..12].fill(0);
+    CRC32C.checksum(&sctp) == stored
 }
 
 /// An Ethernet/IPv6 neighbour solicitation (ICMPv6 135) from `src` for `target`, to its

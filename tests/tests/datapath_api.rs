@@ -529,7 +529,7 @@ fn every_program_leaves_a_quarter_of_the_verifiers_limit_free() {
 }
 
 /// The groups of programs `lb_xdp` tail-calls (IPv4 UDP, IPv4 SCTP, the IPv6 pipeline: 0.7,
-/// 1.2 and 1.8 s of the verifier's CPU) are verified only where they have something to serve:
+/// 1.2 and 1.8 s of the verifier's CPU; SCTP over IPv6 on top of the last) are verified only where they have something to serve:
 /// not at the start of a datapath without a frontend of theirs, whose packets for them pass
 /// untouched (counted), but before the first such frontend is written, and at any start that
 /// finds one installed. A start that does not load a group unpins an earlier load's programs of
@@ -590,6 +590,17 @@ fn each_xdp_program_group_is_loaded_for_its_first_frontend_and_at_a_start_that_f
                 lab::packet::TcpFlags::SYN,
                 1000,
                 b"",
+            ),
+        ),
+        (
+            XdpGroup::Ipv6Sctp,
+            node_port(node6.into(), 30132, proto::SCTP),
+            lab::packet6::sctp(
+                client6,
+                SocketAddrV6::new(node6, 30132, 0, 0),
+                1,
+                0,
+                &[0; 16],
             ),
         ),
     ];

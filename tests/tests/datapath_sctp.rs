@@ -1,15 +1,15 @@
 //! SCTP through the datapath with BPF_PROG_TEST_RUN: the chunks that open, carry, close and
 //! abort an association, to a local endpoint (XDP, then tc for its answers) and to a remote one
-//! (SNAT both ways in XDP). Every expected packet is built whole, its CRC32c computed by the
+//! (SNAT both ways in XDP), over IPv4 and over IPv6. Every expected packet is built whole, its CRC32c computed by the
 //! `crc` crate, never by the datapath's incremental update. The kernels of these machines have
 //! no SCTP (CONFIG_IP_SCTP is not set), so no real association runs here: the lab cannot open
 //! an SCTP socket.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use lab::{
     lab::{Lab, PinDir},
-    packet,
+    packet, packet6,
     table::{Case, Expect, run_table},
 };
 use lb_common::{
@@ -19,7 +19,7 @@ use lb_common::{
     tcp_state::{CLOSING, ESTABLISHED, SYN_SENT},
 };
 use lb_userspace::{
-    compile::model::{Backend, Frontend, Service},
+    compile::model::{Backend, Frontend, Service, ipv6_words},
     datapath::{Datapath, testrun::test_run},
 };
 
@@ -94,7 +94,7 @@ fn datapath(pins: &PinDir, remote: bool) -> Datapath {
             .expect("config");
     }
     let backend = Backend {
-        addr: std::net::IpAddr::V4(*addr.ip()),
+        addr: IpAddr::V4(*addr.ip()),
         port: addr.port(),
         proto: proto::SCTP,
         flags,
@@ -640,4 +640,258 @@ fn a_closed_sctp_flows_snat_port_waits_out_the_closing_timeout() {
         Some(SNAT_PORTS.0),
         "after it, the port serves the new client"
     );
+}
+
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const CLIENT6: SocketAddrV6 = SocketAddrV6::new(
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10),
+    40000,
+    0,
+    0,
+);
+const FRONTEND6: SocketAddrV6 = SocketAddrV6::new(NODE6, 30132, 0, 0);
+const POD6: SocketAddrV6 = SocketAddrV6::new(
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x10),
+    3868,
+    0,
+    0,
+);
+const REMOTE_POD6: SocketAddrV6 = SocketAddrV6::new(
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 0x20),
+    3868,
+    0,
+    0,
+);
+
+/// [`datapath`] over IPv6: an SCTP NodePort on FRONTEND6 whose endpoint is POD6 (local) or
+/// REMOTE_POD6 (another node, reached through SNAT to NODE6).
+fn datapath6(pins: &PinDir, remote: bool) -> Datapath {
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    let (addr, flags) = if remote {
+        (REMOTE_POD6, 0)
+    } else {
+        (POD6, lb_common::backend_flags::LOCAL)
+    };
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            snat_port_min: SNAT_PORTS.0,
+            snat_port_max: SNAT_PORTS.1,
+            ..Default::default()
+        })
+        .expect("config");
+    datapath
+        .set_config6(&lb_common::Datapath6Config {
+            snat_addr: ipv6_words(NODE6),
+        })
+        .expect("config6");
+    let backend = Backend {
+        addr: IpAddr::V6(*addr.ip()),
+        port: addr.port(),
+        proto: proto::SCTP,
+        flags,
+    };
+    datapath.put_backend(1, &backend).expect("backend");
+    let service = Service {
+        id: 1,
+        frontends: vec![Frontend {
+            addr: NODE6.into(),
+            port: FRONTEND6.port(),
+            proto: proto::SCTP,
+            kind: service_flags::NODE_PORT,
+        }],
+        backends: vec![1],
+        ..Default::default()
+    };
+    datapath.put_service(&service).expect("service");
+    datapath
+}
+
+/// The SCTP packet of an Ethernet/IPv6 frame without extension headers.
+fn sctp_part6(frame: &[u8]) -> &[u8] {
+    &frame[packet::ETH_HDR_LEN + packet6::IPV6_HDR_LEN..]
+}
+
+/// The first test over IPv6, from INIT to SHUTDOWN COMPLETE: XDP translates the client's chunks
+/// to the endpoint (`lb_xdp6_sctp`), tc egress the endpoint's back from the frontend
+/// (`lb_tc_egress6`), every CRC32c brought up to date; a first fragment is refused both ways.
+#[test]
+fn an_ipv6_association_to_a_local_endpoint_is_translated_both_ways() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "sctp6").expect("pin dir");
+    let datapath = datapath6(&pins, false);
+    let xdp = || program(&datapath, lb_common::program_names::XDP_LB);
+    let tc = || program(&datapath, lb_common::program_names::TC_EGRESS);
+    let from_client = |chunk_type, tag, value: &[u8]| {
+        (
+            packet6::sctp(CLIENT6, FRONTEND6, chunk_type, tag, value),
+            packet6::sctp(CLIENT6, POD6, chunk_type, tag, value),
+        )
+    };
+    let from_pod = |chunk_type, tag, value: &[u8]| {
+        (
+            packet6::sctp(POD6, CLIENT6, chunk_type, tag, value),
+            packet6::sctp(FRONTEND6, CLIENT6, chunk_type, tag, value),
+        )
+    };
+    let step = |program, name, (input, expected): (Vec<u8>, Vec<u8>), verdict| {
+        assert!(packet6::sctp_checksum_ok(&expected), "{name}: reference");
+        run_table(
+            program,
+            &[case(name, input, verdict, Expect::Bytes(expected))],
+        );
+    };
+    step(
+        xdp(),
+        "init",
+        from_client(chunk::INIT, 0, &init_value(CLIENT_TAG)),
+        XDP_PASS,
+    );
+    step(
+        tc(),
+        "init ack from the endpoint",
+        from_pod(chunk::INIT_ACK, CLIENT_TAG, &init_value(POD_TAG)),
+        TC_ACT_OK,
+    );
+    step(
+        xdp(),
+        "cookie echo",
+        from_client(chunk::COOKIE_ECHO, POD_TAG, b"cookie!!"),
+        XDP_PASS,
+    );
+    step(
+        tc(),
+        "cookie ack",
+        from_pod(chunk::COOKIE_ACK, CLIENT_TAG, b""),
+        TC_ACT_OK,
+    );
+    step(
+        xdp(),
+        "data of 600 bytes (odd length, padded)",
+        from_client(chunk::DATA, POD_TAG, &data_value(601)),
+        XDP_PASS,
+    );
+    step(
+        tc(),
+        "data from the endpoint",
+        from_pod(chunk::DATA, CLIENT_TAG, &data_value(77)),
+        TC_ACT_OK,
+    );
+    step(
+        xdp(),
+        "shutdown",
+        from_client(chunk::SHUTDOWN, POD_TAG, &1u32.to_be_bytes()),
+        XDP_PASS,
+    );
+    step(
+        tc(),
+        "shutdown ack",
+        from_pod(chunk::SHUTDOWN_ACK, CLIENT_TAG, b""),
+        TC_ACT_OK,
+    );
+    step(
+        xdp(),
+        "shutdown complete",
+        from_client(chunk::SHUTDOWN_COMPLETE, POD_TAG, b""),
+        XDP_PASS,
+    );
+
+    // Its checksum covers the whole SCTP packet, which a first fragment does not hold.
+    let data = packet6::sctp(CLIENT6, FRONTEND6, chunk::DATA, POD_TAG, &data_value(64));
+    let answer = packet6::sctp(POD6, CLIENT6, chunk::DATA, CLIENT_TAG, &data_value(64));
+    run_table(
+        xdp(),
+        &[case(
+            "first fragment of a client's packet",
+            packet6::with_fragment_header(&data, 0, true, 5),
+            XDP_DROP,
+            Expect::Unchanged,
+        )],
+    );
+    run_table(
+        tc(),
+        &[case(
+            "first fragment of an endpoint's packet",
+            packet6::with_fragment_header(&answer, 0, true, 6),
+            TC_ACT_SHOT,
+            Expect::Unchanged,
+        )],
+    );
+    let events = datapath.events().expect("events");
+    assert_eq!(events["drop_sctp_fragment"], 2, "{events:?}");
+    assert_eq!(events["pass_protocol_unserved"], 0, "{events:?}");
+    let counter = datapath.service_counter(1).expect("counter");
+    assert_eq!(
+        (counter.packets, counter.new_flows),
+        (5, 1),
+        "the client's five packets, one association: {counter:?}"
+    );
+}
+
+/// The SNAT test over IPv6: the INIT leaves from NODE6 and a port of the SNAT range, with the
+/// CRC32c of the new ports; the endpoint's INIT ACK to that port goes back to the client from
+/// the frontend, out of the NIC it came in on; the DATA after it keeps the port.
+#[test]
+fn an_ipv6_association_to_a_remote_endpoint_is_snated_and_its_answers_come_back_from_the_frontend()
+{
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "sctp6snat").expect("pin dir");
+    let datapath = datapath6(&pins, true);
+    let xdp = program(&datapath, lb_common::program_names::XDP_LB);
+    let addresses = |frame: &[u8]| {
+        let ip = &frame[packet::ETH_HDR_LEN..];
+        let addr =
+            |at: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&ip[at..at + 16]).expect("16 bytes"));
+        (addr(8), addr(24))
+    };
+
+    let init = packet6::sctp(CLIENT6, FRONTEND6, chunk::INIT, 0, &init_value(CLIENT_TAG));
+    let out = test_run(xdp, &init).expect("run");
+    assert_ne!(out.verdict, XDP_DROP, "the INIT went on");
+    assert_eq!(addresses(&out.packet), (NODE6, *REMOTE_POD6.ip()), "SNATed");
+    let sctp_at = packet::ETH_HDR_LEN + packet6::IPV6_HDR_LEN;
+    let snat_port = u16::from_be_bytes([out.packet[sctp_at], out.packet[sctp_at + 1]]);
+    assert!(
+        (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&snat_port),
+        "port {snat_port} from the SNAT range"
+    );
+    let snat = SocketAddrV6::new(NODE6, snat_port, 0, 0);
+    let expected = packet6::sctp(snat, REMOTE_POD6, chunk::INIT, 0, &init_value(CLIENT_TAG));
+    assert_eq!(
+        sctp_part6(&out.packet),
+        sctp_part6(&expected),
+        "ports and CRC32c"
+    );
+
+    let init_ack = packet6::sctp(
+        REMOTE_POD6,
+        snat,
+        chunk::INIT_ACK,
+        CLIENT_TAG,
+        &init_value(9),
+    );
+    let back = test_run(xdp, &init_ack).expect("run");
+    assert_eq!(back.verdict, XDP_TX, "back out towards the client");
+    assert_eq!(addresses(&back.packet), (NODE6, *CLIENT6.ip()));
+    let expected = packet6::sctp(
+        FRONTEND6,
+        CLIENT6,
+        chunk::INIT_ACK,
+        CLIENT_TAG,
+        &init_value(9),
+    );
+    assert_eq!(
+        sctp_part6(&back.packet),
+        sctp_part6(&expected),
+        "ports and CRC32c"
+    );
+
+    let data = packet6::sctp(CLIENT6, FRONTEND6, chunk::DATA, 9, &data_value(600));
+    let out = test_run(xdp, &data).expect("run");
+    let expected = packet6::sctp(snat, REMOTE_POD6, chunk::DATA, 9, &data_value(600));
+    assert_eq!(
+        sctp_part6(&out.packet),
+        sctp_part6(&expected),
+        "the same SNAT port"
+    );
+    assert!(packet6::sctp_checksum_ok(&out.packet));
 }

@@ -356,12 +356,11 @@ fn tc_egress_reverse_nats_the_ipv6_answers_of_local_endpoints_and_passes_the_res
         )
         .counting("pass_fragment"),
         row(
-            "sctp from a backend: not served over IPv6",
-            packet6::sctp(POD_A, CLIENT, 0, 0x1234_5678),
+            "sctp from a backend, of no flow",
+            packet6::sctp(POD_A, CLIENT, 0, 0x1234_5678, b""),
             TC_ACT_OK,
             Expect::Unchanged,
-        )
-        .counting("pass_protocol_unserved"),
+        ),
         row(
             "neighbour solicitation",
             packet6::neighbour_solicitation(*POD_A.ip(), CLIENT_ADDR),

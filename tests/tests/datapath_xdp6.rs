@@ -262,8 +262,8 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             Expect::Unchanged,
         ),
         case(
-            "sctp to a frontend's address: not served over IPv6",
-            packet6::sctp(client(40002), FRONTEND, 1, 0),
+            "sctp to a frontend's address before any sctp frontend: passed, its programs not loaded",
+            packet6::sctp(client(40002), FRONTEND, 1, 0, &[]),
             XDP_PASS,
             Expect::Unchanged,
         ),
@@ -291,7 +291,8 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     assert_eq!(events["pass_fragment"], 1, "{events:?}");
     assert_eq!(events["reject_tcp_rst"], 1, "{events:?}");
     assert_eq!(events["reject_icmp"], 1, "{events:?}");
-    assert_eq!(events["pass_protocol_unserved"], 0, "{events:?}");
+    // The SCTP frame: lb_xdp6_sctp is loaded with the first IPv6 SCTP frontend.
+    assert_eq!(events["pass_protocol_unserved"], 1, "{events:?}");
 
     // The client's TCP flow is one FLOW entry in the IPv6 conntrack, closing after its FIN.
     let flow = datapath

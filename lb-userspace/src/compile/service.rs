@@ -311,21 +311,7 @@ pub(super) fn compile_service(
         } else {
             None
         };
-        if protocol == proto::SCTP && families.contains(&Family::V6) {
-            problems.push(unsupported(
-                "Service",
-                &service.metadata,
-                "SCTPOverIPv6NotServed",
-                format!(
-                    "port {number} is SCTP: its IPv6 frontends are not served (the datapath \
-                     serves SCTP over IPv4 only); its IPv4 ones are"
-                ),
-            ));
-        }
         for &family in &families {
-            if protocol == proto::SCTP && family == Family::V6 {
-                continue;
-            }
             let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
                 ips.iter()
                     .copied()

@@ -118,7 +118,10 @@ impl Datapath {
         ensure_service_names(pin_dir)?;
         let mut maps = Maps::open(pin_dir, Access::ReadWrite)?;
         let (mut installed, owners) = read_installed(&maps)?;
-        let xdp_groups: BTreeSet<XdpGroup> = owners.keys().filter_map(XdpGroup::serving).collect();
+        let xdp_groups: BTreeSet<XdpGroup> = owners
+            .keys()
+            .flat_map(|frontend| XdpGroup::serving(frontend).iter().copied())
+            .collect();
         let mut names: Vec<&'static str> = std::iter::once(program_names::XDP_LB)
             .chain(xdp_groups.iter().flat_map(|group| group.program_names()))
             .collect();
@@ -647,7 +650,7 @@ fn reply_sources<A: lb_common::CtAddr>(
 
 /// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`], in the order
 /// of their [`XdpGroup`]s.
-pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 8] = [
+pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 9] = [
     (xdp_programs::UDP, program_names::XDP_UDP),
     (xdp_programs::SCTP, program_names::XDP_SCTP),
     (xdp_programs::IPV6, program_names::XDP6),
@@ -656,13 +659,15 @@ pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 8] = [
     (xdp_programs::IPV6_FLOW, program_names::XDP6_FLOW),
     (xdp_programs::IPV6_DELIVER, program_names::XDP6_DELIVER),
     (xdp_programs::IPV6_ICMP, program_names::XDP6_ICMP),
+    (xdp_programs::IPV6_SCTP, program_names::XDP6_SCTP),
 ];
 
 /// The programs `lb_xdp` tail-calls, in groups each loaded only where the datapath has a
 /// frontend the group serves: at a start that finds one in the pins, or just before the first
 /// is written ([`Datapath::ensure_xdp_group`]). Verification is most of an agent's start (on
 /// the lab's 2-core machines about 1 s for `lb_xdp` with tc and the socket hooks, then
-/// `lb_xdp_udp` 0.3-0.4 s, `lb_xdp_sctp` 0.75-0.9 s, the IPv6 pipeline 1.4-1.6 s), which
+/// `lb_xdp_udp` 0.3-0.4 s, `lb_xdp_sctp` 0.75-0.9 s, the IPv6 pipeline 1.4-1.6 s, `lb_xdp6_sctp`
+/// on top of it), which
 /// every restart and upgrade waits for before its first sync.
 /// Until a group is in the program array, `lb_xdp` passes its packets untouched, counted as
 /// `pass_protocol_unserved`: there is no frontend for them to reach, nor a flow to translate
@@ -673,25 +678,29 @@ pub enum XdpGroup {
     Udp,
     /// `lb_xdp_sctp`: IPv4 SCTP.
     Sctp,
-    /// The IPv6 pipeline, every protocol.
+    /// The IPv6 pipeline: TCP, UDP, ICMPv6 errors, and the stages after them every protocol
+    /// shares.
     Ipv6,
+    /// `lb_xdp6_sctp`: SCTP over IPv6, on top of [`Self::Ipv6`].
+    Ipv6Sctp,
 }
 
 impl XdpGroup {
-    pub const ALL: [Self; 3] = [Self::Udp, Self::Sctp, Self::Ipv6];
+    pub const ALL: [Self; 4] = [Self::Udp, Self::Sctp, Self::Ipv6, Self::Ipv6Sctp];
 
-    /// The group a frontend's packets need beside `lb_xdp`, if any.
-    pub fn serving(frontend: &FrontendKey) -> Option<Self> {
+    /// The groups a frontend's packets need beside `lb_xdp`, in the order they load.
+    pub fn serving(frontend: &FrontendKey) -> &'static [Self] {
         Self::of(frontend.addr(), frontend.proto())
     }
 
     /// As [`Self::serving`], by a frontend's address and protocol number.
-    pub fn of(addr: IpAddr, protocol: u8) -> Option<Self> {
+    pub fn of(addr: IpAddr, protocol: u8) -> &'static [Self] {
         match (addr, protocol) {
-            (IpAddr::V6(_), _) => Some(Self::Ipv6),
-            (IpAddr::V4(_), proto::UDP) => Some(Self::Udp),
-            (IpAddr::V4(_), proto::SCTP) => Some(Self::Sctp),
-            (IpAddr::V4(_), _) => None,
+            (IpAddr::V6(_), proto::SCTP) => &[Self::Ipv6, Self::Ipv6Sctp],
+            (IpAddr::V6(_), _) => &[Self::Ipv6],
+            (IpAddr::V4(_), proto::UDP) => &[Self::Udp],
+            (IpAddr::V4(_), proto::SCTP) => &[Self::Sctp],
+            (IpAddr::V4(_), _) => &[],
         }
     }
 
@@ -700,7 +709,8 @@ impl XdpGroup {
         match self {
             Self::Udp => &PROTOCOL_PROGRAMS[..1],
             Self::Sctp => &PROTOCOL_PROGRAMS[1..2],
-            Self::Ipv6 => &PROTOCOL_PROGRAMS[2..],
+            Self::Ipv6 => &PROTOCOL_PROGRAMS[2..8],
+            Self::Ipv6Sctp => &PROTOCOL_PROGRAMS[8..],
         }
     }
 

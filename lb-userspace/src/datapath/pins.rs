@@ -19,12 +19,13 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 21] = [
+pub const PROGRAMS: [&str; 22] = [
     program_names::XDP_LB,
     program_names::XDP_UDP,
     program_names::XDP_SCTP,
     program_names::XDP6,
     program_names::XDP6_UDP,
+    program_names::XDP6_SCTP,
     program_names::XDP6_FRONTEND,
     program_names::XDP6_FLOW,
     program_names::XDP6_DELIVER,

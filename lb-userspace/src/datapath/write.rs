@@ -176,7 +176,7 @@ impl Datapath {
     /// service that are not in `service.frontends` any more are removed last.
     pub fn put_service(&mut self, service: &Service) -> Result<()> {
         for frontend in &service.frontends {
-            if let Some(group) = super::XdpGroup::of(frontend.addr, frontend.proto) {
+            for &group in super::XdpGroup::of(frontend.addr, frontend.proto) {
                 self.ensure_xdp_group(group)?;
             }
         }

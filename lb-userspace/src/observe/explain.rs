@@ -813,11 +813,12 @@ fn build_packet(client: SocketAddrV4, destination: SocketAddrV4, protocol: u8) -
     frame
 }
 
-/// An Ethernet/IPv6 frame: a TCP SYN or a UDP datagram with a few bytes, checksums computed
-/// (a UDP checksum is required over IPv6). SCTP is not served over IPv6: its frame is a TCP
-/// one's with the SCTP protocol number, which XDP passes.
+/// An Ethernet/IPv6 frame: a TCP SYN, a UDP datagram with a few bytes or an SCTP INIT,
+/// checksums computed (a UDP checksum is required over IPv6).
 fn build_packet6(client: SocketAddrV6, destination: SocketAddrV6, protocol: u8) -> Vec<u8> {
-    let mut l4: Vec<u8> = if protocol == proto::UDP {
+    let mut l4: Vec<u8> = if protocol == proto::SCTP {
+        sctp_init(client.port(), destination.port())
+    } else if protocol == proto::UDP {
         let payload = b"explain";
         let mut udp = Vec::new();
         udp.extend_from_slice(&client.port().to_be_bytes());
@@ -841,10 +842,12 @@ fn build_packet6(client: SocketAddrV6, destination: SocketAddrV6, protocol: u8) 
     pseudo.extend_from_slice(&destination.ip().octets());
     pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, protocol]);
-    let check_at = if protocol == proto::UDP { 6 } else { 16 };
-    let check = internet_checksum(sum(0, &pseudo), &l4);
-    let check = if check == 0 { 0xffff } else { check };
-    l4[check_at..check_at + 2].copy_from_slice(&check.to_be_bytes());
+    if protocol != proto::SCTP {
+        let check_at = if protocol == proto::UDP { 6 } else { 16 };
+        let check = internet_checksum(sum(0, &pseudo), &l4);
+        let check = if check == 0 { 0xffff } else { check };
+        l4[check_at..check_at + 2].copy_from_slice(&check.to_be_bytes());
+    }
     let mut ip = vec![0u8; 40];
     ip[0] = 0x60;
     ip[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
@@ -911,22 +914,9 @@ fn describe_answer6(frame: &[u8], sent_protocol: u8) -> Option<String> {
     }
 }
 
-/// An Ethernet/IPv4/SCTP frame holding an INIT (verification tag 0, initiate tag 1), its CRC32c
-/// computed whole.
+/// An Ethernet/IPv4/SCTP frame holding [`sctp_init`].
 fn build_sctp_init(client: SocketAddrV4, destination: SocketAddrV4) -> Vec<u8> {
-    let mut sctp = Vec::new();
-    sctp.extend_from_slice(&client.port().to_be_bytes());
-    sctp.extend_from_slice(&destination.port().to_be_bytes());
-    sctp.extend_from_slice(&[0; 8]);
-    // INIT: type, flags, length 20; initiate tag, a_rwnd, streams out and in, initial TSN.
-    sctp.extend_from_slice(&[lb_common::sctp::chunk::INIT, 0, 0, 20]);
-    sctp.extend_from_slice(&1u32.to_be_bytes());
-    sctp.extend_from_slice(&65_536u32.to_be_bytes());
-    sctp.extend_from_slice(&[0, 1, 0, 1]);
-    sctp.extend_from_slice(&1u32.to_be_bytes());
-    let checksum = lb_common::sctp::checksum_of(&sctp);
-    sctp[lb_common::sctp::CHECKSUM_OFFSET..lb_common::sctp::CHECKSUM_OFFSET + 4]
-        .copy_from_slice(&checksum.to_le_bytes());
+    let sctp = sctp_init(client.port(), destination.port());
     let mut ip = vec![0u8; 20];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&((20 + sctp.len()) as u16).to_be_bytes());
@@ -940,6 +930,25 @@ fn build_sctp_init(client: SocketAddrV4, destination: SocketAddrV4) -> Vec<u8> {
     frame.extend_from_slice(&ip);
     frame.extend_from_slice(&sctp);
     frame
+}
+
+/// An SCTP packet holding an INIT from `source` to `destination` (verification tag 0, initiate
+/// tag 1), its CRC32c computed whole (it covers no pseudo-header: the same for both families).
+fn sctp_init(source: u16, destination: u16) -> Vec<u8> {
+    let mut sctp = Vec::new();
+    sctp.extend_from_slice(&source.to_be_bytes());
+    sctp.extend_from_slice(&destination.to_be_bytes());
+    sctp.extend_from_slice(&[0; 8]);
+    // INIT: type, flags, length 20; initiate tag, a_rwnd, streams out and in, initial TSN.
+    sctp.extend_from_slice(&[lb_common::sctp::chunk::INIT, 0, 0, 20]);
+    sctp.extend_from_slice(&1u32.to_be_bytes());
+    sctp.extend_from_slice(&65_536u32.to_be_bytes());
+    sctp.extend_from_slice(&[0, 1, 0, 1]);
+    sctp.extend_from_slice(&1u32.to_be_bytes());
+    let checksum = lb_common::sctp::checksum_of(&sctp);
+    sctp[lb_common::sctp::CHECKSUM_OFFSET..lb_common::sctp::CHECKSUM_OFFSET + 4]
+        .copy_from_slice(&checksum.to_le_bytes());
+    sctp
 }
 
 fn sum(mut total: u32, bytes: &[u8]) -> u32 {
