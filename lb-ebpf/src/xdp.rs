@@ -156,6 +156,9 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
     if ethertype != ETH_P_IP {
         if PROTOCOL == proto::TCP && ethertype == ETH_P_IPV6 {
+            if icmp6_but_no_error(ctx) {
+                return Ok(xdp_action::XDP_PASS);
+            }
             return Ok(to_program(ctx, xdp_programs::IPV6));
         }
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -183,6 +186,19 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     }
     let tuple = transport_tuple(ctx, &ip, PROTOCOL)?;
     serve(ctx, eth, &ip, &tuple)
+}
+
+/// An ICMPv6 message other than an error (neighbour discovery among them) right after the fixed
+/// header of a version 6 packet: nothing of the datapath's, passed at once instead of through
+/// `lb_xdp6` and `lb_xdp6_icmp`, two tail calls further (which passed it too).
+#[inline(always)]
+fn icmp6_but_no_error(ctx: &XdpContext) -> bool {
+    let Some(ip) = bytes_at::<{ IPV6_HDR_LEN + 1 }>(ctx, ETH_HDR_LEN) else {
+        return false;
+    };
+    ip[0] >> 4 == 6
+        && ip[IPV6_NEXT_HEADER_OFFSET] == IPPROTO_ICMPV6
+        && !icmp::is_icmp6_error(ip[IPV6_HDR_LEN])
 }
 
 /// The IPv6 datapath for the protocol `PROTOCOL`: TCP in `lb_xdp6`, which hands UDP to
