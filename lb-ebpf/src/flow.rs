@@ -91,7 +91,13 @@ pub struct Destination<F: Family = V4> {
 /// not, the packet is none of the datapath's business and needs no further lookup.
 #[inline(always)]
 pub fn maybe_frontend<F: Family>(tuple: &Tuple<F>) -> bool {
-    let bit = F::filter_bit(tuple.daddr, tuple.dport, tuple.proto);
+    maybe_frontend_at::<F>(tuple.daddr, tuple.dport, tuple.proto)
+}
+
+/// [`maybe_frontend`] by destination address, port and protocol.
+#[inline(always)]
+pub fn maybe_frontend_at<F: Family>(daddr: F::Addr, dport: u16, protocol: u8) -> bool {
+    let bit = F::filter_bit(daddr, dport, protocol);
     FRONTEND_FILTER
         .get(bit >> 6)
         .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)

@@ -25,8 +25,8 @@ use crate::{
     flow::{
         Arrival, Destination, NewFlow, Tuple, admitted_by_source_ranges, blind_rst,
         client_record_of_reply, client_side, client_side_entry, closes, config, destination,
-        follow, live_destination, live_flow, lookup_frontend, maybe_frontend, new_flow, reply_key,
-        source_allowed, track_reply,
+        follow, live_destination, live_flow, lookup_frontend, maybe_frontend, maybe_frontend_at,
+        new_flow, reply_key, source_allowed, track_reply,
     },
     helpers::{Forward, now_ns},
     ip::{Addr, Ip},
@@ -156,7 +156,7 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
     if ethertype != ETH_P_IP {
         if PROTOCOL == proto::TCP && ethertype == ETH_P_IPV6 {
-            if icmp6_but_no_error(ctx) {
+            if ipv6_for_nothing_here(ctx) {
                 return Ok(xdp_action::XDP_PASS);
             }
             return Ok(to_program(ctx, xdp_programs::IPV6));
@@ -188,17 +188,40 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     serve(ctx, eth, &ip, &tuple)
 }
 
-/// An ICMPv6 message other than an error (neighbour discovery among them) right after the fixed
-/// header of a version 6 packet: nothing of the datapath's, passed at once instead of through
-/// `lb_xdp6` and `lb_xdp6_icmp`, two tail calls further (which passed it too).
+/// An IPv6 packet that is nothing of the datapath's, passed at once instead of through
+/// `lb_xdp6` (a tail call, and for ICMPv6 one more to `lb_xdp6_icmp`), which passed it too:
+/// right after a version 6 fixed header, an ICMPv6 message other than an error (neighbour
+/// discovery among them), or a TCP, UDP or SCTP packet that is neither to a frontend (the
+/// frontend filter) nor to the node's IPv6 SNAT address and port range. Anything else
+/// (extension headers, fragments, ICMPv6 errors, a header the stack would drop) goes on.
 #[inline(always)]
-fn icmp6_but_no_error(ctx: &XdpContext) -> bool {
-    let Some(ip) = bytes_at::<{ IPV6_HDR_LEN + 1 }>(ctx, ETH_HDR_LEN) else {
+fn ipv6_for_nothing_here(ctx: &XdpContext) -> bool {
+    let Some(ip) = bytes_at::<{ IPV6_HDR_LEN + 4 }>(ctx, ETH_HDR_LEN) else {
         return false;
     };
-    ip[0] >> 4 == 6
-        && ip[IPV6_NEXT_HEADER_OFFSET] == IPPROTO_ICMPV6
-        && !icmp::is_icmp6_error(ip[IPV6_HDR_LEN])
+    if ip[0] >> 4 != 6 {
+        return false;
+    }
+    let protocol = ip[IPV6_NEXT_HEADER_OFFSET];
+    if protocol == IPPROTO_ICMPV6 {
+        return !icmp::is_icmp6_error(ip[IPV6_HDR_LEN]);
+    }
+    if protocol != proto::TCP && protocol != proto::UDP && protocol != proto::SCTP {
+        return false;
+    }
+    let daddr = words(ip, IPV6_DADDR_OFFSET);
+    let dport = u16::from_be_bytes([ip[IPV6_HDR_LEN + 2], ip[IPV6_HDR_LEN + 3]]);
+    !maybe_frontend_at::<V6>(daddr, dport, protocol) && !to_snat_port::<V6>(&daddr, dport)
+}
+
+/// Whether `daddr`:`dport` is the node's SNAT address of the family and a port of the SNAT
+/// range (an answer to a SNAT flow, as [`snat_reply`] looks for).
+#[inline(always)]
+fn to_snat_port<F: Family>(daddr: &F::Addr, dport: u16) -> bool {
+    let (Some(config), Some(snat_addr)) = (config(), F::snat_addr()) else {
+        return false;
+    };
+    F::same(daddr, &snat_addr) && dport >= config.snat_port_min && dport <= config.snat_port_max
 }
 
 /// The IPv6 datapath for the protocol `PROTOCOL`: TCP in `lb_xdp6`, which hands UDP to
