@@ -29,7 +29,7 @@ use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK,
     IPV4_MIN_HDR_LEN, IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET,
     TCP_DATA_OFFSET_OFFSET, TCP_FIN, TCP_FLAGS_OFFSET, TCP_SYN, UDP_CSUM_OFFSET,
-    fragment_header_len,
+    fragment_header_len, words,
 };
 
 use crate::{
@@ -60,6 +60,9 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     match u16::from_be_bytes(ethertype) {
         ETH_P_IP => verdict(&ctx, try_ipv4(&ctx), report_drop),
         ETH_P_IPV6 => {
+            if from_no_backend6(&ctx) {
+                return TC_ACT_OK;
+            }
             // SAFETY: the slot holds lb_tc_egress6 of this object (the agent puts it there),
             // which takes the same context; on success control never comes back.
             unsafe { TC_PROGRAMS.tail_call(&ctx, tc_programs::IPV6) };
@@ -67,6 +70,24 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
         }
         _ => TC_ACT_OK,
     }
+}
+
+/// An IPv6 TCP, UDP or SCTP packet right after the fixed header whose source no backend can be
+/// (the backend filter): the node's own traffic and pods' traffic to elsewhere, which leaves
+/// untouched without the tail call to [`lb_tc_egress6`] (which let it go untouched too).
+/// Extension headers, fragments and ICMPv6 go on.
+#[inline(always)]
+fn from_no_backend6(ctx: &TcContext) -> bool {
+    let Some(ip) = read::<{ IPV6_HDR_LEN + 2 }>(ctx, ETH_HDR_LEN) else {
+        return false;
+    };
+    let protocol = ip[6];
+    if ip[0] >> 4 != 6 || !is_transport(protocol) {
+        return false;
+    }
+    let saddr = words(&ip, IPV6_SADDR_OFFSET);
+    let sport = u16::from_be_bytes([ip[IPV6_HDR_LEN], ip[IPV6_HDR_LEN + 1]]);
+    !maybe_backend_at::<V6>(saddr, sport, protocol)
 }
 
 /// tc egress for IPv6, tail-called by [`lb_tc_egress`]: an ICMPv6 error from a local endpoint,
@@ -348,7 +369,13 @@ fn reverse_nat<F: Family>(
 /// node's own traffic and pods' traffic to elsewhere leave without a conntrack lookup.
 #[inline(always)]
 fn maybe_backend<F: Family>(tuple: &Tuple<F>) -> bool {
-    let bit = F::filter_bit(tuple.saddr, tuple.sport, tuple.proto);
+    maybe_backend_at::<F>(tuple.saddr, tuple.sport, tuple.proto)
+}
+
+/// [`maybe_backend`] by source address, port and protocol.
+#[inline(always)]
+fn maybe_backend_at<F: Family>(saddr: F::Addr, sport: u16, protocol: u8) -> bool {
+    let bit = F::filter_bit(saddr, sport, protocol);
     BACKEND_FILTER
         .get(bit >> 6)
         .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)
