@@ -407,6 +407,14 @@ pub fn endpoint_slice6(
     yaml
 }
 
+/// A Service manifest of [`service_of_families`] with its port's nodePort set.
+pub fn with_node_port(service: &str, node_port: u16) -> String {
+    service.replace(
+        &format!("targetPort: {POD_PORT}}}"),
+        &format!("targetPort: {POD_PORT}, nodePort: {node_port}}}"),
+    )
+}
+
 /// A Service `name` of `protocol` on port `port` with the given ClusterIPs (one per family it
 /// has) and extra spec lines, its port named http, nodePort `node_port` when the type has one.
 pub fn service_of_families(

@@ -14,7 +14,7 @@ use std::{
 use lab::{
     agent::{
         AgentLab, POD_PORT, SYNC_TIMEOUT, dual_stack_agent, lb_json, node_port_service,
-        service_of_families,
+        service_of_families, with_node_port,
     },
     peer::ClientRun,
     topology::{node_addr, node_addr6, pod_addr, pod_addr6},
@@ -163,16 +163,15 @@ fn ipv6_endpoints_without_node_name_are_placed_by_the_routes_and_move_with_them(
     // An address of no lab network (the documentation prefix's), placed by the routes below.
     let elsewhere = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 5);
     let apply = |endpoints: &[Ipv6Addr]| {
-        let service = service_of_families(
-            "web6",
-            &["2001:db8:96::10"],
-            "TCP",
-            80,
-            "  type: NodePort\n",
-        )
-        .replace(
-            &format!("targetPort: {POD_PORT}}}"),
-            &format!("targetPort: {POD_PORT}, nodePort: 30080}}"),
+        let service = with_node_port(
+            &service_of_families(
+                "web6",
+                &["2001:db8:96::10"],
+                "TCP",
+                80,
+                "  type: NodePort\n",
+            ),
+            30080,
         );
         let slice = slice_without_node_names("web6", endpoints);
         lab.apply("web6.yaml", &(service + "---\n" + &slice))

@@ -9,7 +9,7 @@ use std::net::{Ipv6Addr, SocketAddr};
 use lab::{
     agent::{
         POD_PORT, SYNC_TIMEOUT, dual_stack_agent, endpoint_slice, endpoint_slice6,
-        service_of_families,
+        service_of_families, with_node_port,
     },
     lab::wait_for_log,
     peer::ClientRun,
@@ -52,16 +52,15 @@ fn at(ip: impl Into<std::net::IpAddr>, port: u16) -> String {
 fn a_pod_reaches_each_family_of_a_dual_stack_service_at_that_familys_endpoints() {
     let setup = dual_stack_agent();
     // TCP web: n1p0 over IPv4; n1p0 and n2p0 over IPv6. UDP dns: n2p0 over IPv6 only.
-    let web = service_of_families(
-        "web",
-        &["10.96.0.10", &WEB6.to_string()],
-        "TCP",
-        80,
-        "  type: NodePort\n",
-    )
-    .replace(
-        &format!("targetPort: {POD_PORT}}}"),
-        &format!("targetPort: {POD_PORT}, nodePort: 30080}}"),
+    let web = with_node_port(
+        &service_of_families(
+            "web",
+            &["10.96.0.10", &WEB6.to_string()],
+            "TCP",
+            80,
+            "  type: NodePort\n",
+        ),
+        30080,
     );
     setup
         .apply(

@@ -16,7 +16,8 @@ use std::{
 
 use lab::{
     agent::{
-        AgentLab, POD_PORT, SYNC_TIMEOUT, endpoint_slice, endpoint_slice6, service_of_families,
+        AgentLab, SYNC_TIMEOUT, endpoint_slice, endpoint_slice6, service_of_families,
+        with_node_port,
     },
     lab::Host,
     peer::{ClientReport, ClientRun},
@@ -105,12 +106,24 @@ fn service6(
     )
 }
 
-/// A Service manifest of [`service_of_families`] with its port's nodePort set.
-fn with_node_port(service: &str, node_port: u16) -> String {
-    service.replace(
-        &format!("targetPort: {POD_PORT}}}"),
-        &format!("targetPort: {POD_PORT}, nodePort: {node_port}}}"),
-    )
+/// An IPv6 UDP NodePort Service `name` (port 53 on 2001:db8:96::`cluster_ip`, nodePort
+/// `node_port`) with its one endpoint (address, node) in an IPv6 EndpointSlice.
+fn udp_node_port6(
+    name: &str,
+    cluster_ip: u16,
+    node_port: u16,
+    endpoint: (Ipv6Addr, &str),
+) -> String {
+    service6(
+        name,
+        Ipv6Addr::new(0x2001, 0xdb8, 0x96, 0, 0, 0, 0, cluster_ip),
+        "UDP",
+        53,
+        node_port,
+        "NodePort",
+        "",
+    ) + "---\n"
+        + &endpoint_slice6(name, &[endpoint], "UDP")
 }
 
 /// The LoadBalancer Service `web` (TCP, WEB6:80, nodePort 30080) with LB6 as its ingress IP, and
@@ -504,24 +517,12 @@ fn an_ipv6_service_without_endpoints_refuses_at_once() {
 #[test]
 fn udp_from_outside_reaches_ipv6_node_ports_at_local_and_remote_endpoints() {
     let setup = dual_stack_lab(vec![2, 1], &[]);
-    let dns = |name: &str, cluster_ip: u16, node_port: u16, endpoint: (Ipv6Addr, &str)| {
-        service6(
-            name,
-            Ipv6Addr::new(0x2001, 0xdb8, 0x96, 0, 0, 0, 0, cluster_ip),
-            "UDP",
-            53,
-            node_port,
-            "NodePort",
-            "",
-        ) + "---\n"
-            + &endpoint_slice6(name, &[endpoint], "UDP")
-    };
     setup
         .apply(
             "dns.yaml",
-            &(dns("dns-local", 0x54, 30054, (pod_addr6(1, 0), "node1"))
+            &(udp_node_port6("dns-local", 0x54, 30054, (pod_addr6(1, 0), "node1"))
                 + "---\n"
-                + &dns("dns-remote", 0x55, 30055, (pod_addr6(2, 0), "node2"))),
+                + &udp_node_port6("dns-remote", 0x55, 30055, (pod_addr6(2, 0), "node2"))),
         )
         .expect("apply");
     let client = &setup.cluster.client;
@@ -588,24 +589,12 @@ fn udp_from_outside_reaches_ipv6_node_ports_at_local_and_remote_endpoints() {
 #[test]
 fn eight_kilobyte_udp_exchanges_cross_ipv6_node_ports_to_local_and_remote_endpoints() {
     let setup = dual_stack_lab(vec![1, 1], &[]);
-    let dns = |name: &str, cluster_ip: u16, node_port: u16, endpoint: (Ipv6Addr, &str)| {
-        service6(
-            name,
-            Ipv6Addr::new(0x2001, 0xdb8, 0x96, 0, 0, 0, 0, cluster_ip),
-            "UDP",
-            53,
-            node_port,
-            "NodePort",
-            "",
-        ) + "---\n"
-            + &endpoint_slice6(name, &[endpoint], "UDP")
-    };
     setup
         .apply(
             "big.yaml",
-            &(dns("big-local", 0x54, 30054, (pod_addr6(1, 0), "node1"))
+            &(udp_node_port6("big-local", 0x54, 30054, (pod_addr6(1, 0), "node1"))
                 + "---\n"
-                + &dns("big-remote", 0x55, 30055, (pod_addr6(2, 0), "node2"))),
+                + &udp_node_port6("big-remote", 0x55, 30055, (pod_addr6(2, 0), "node2"))),
         )
         .expect("apply");
     let client = &setup.cluster.client;
