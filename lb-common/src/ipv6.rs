@@ -80,6 +80,12 @@ impl Fragment {
     pub fn is_later(&self) -> bool {
         self.offset != 0
     }
+
+    /// The first fragment of a datagram cut in several: offset 0, More Fragments set. Offset 0
+    /// without it is an atomic fragment (RFC 6946), the whole datagram.
+    pub fn is_first(&self) -> bool {
+        self.offset == 0 && self.more
+    }
 }
 
 /// One step of the walk.
@@ -249,6 +255,36 @@ mod tests {
         header.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
         header.extend_from_slice(&id.to_be_bytes());
         header
+    }
+
+    #[test]
+    fn a_fragment_is_first_later_or_the_whole_datagram() {
+        let fragment = |offset, more| Fragment {
+            id: 7,
+            offset,
+            more,
+        };
+        let rows = [
+            (
+                "offset 0, more to come: the first",
+                fragment(0, true),
+                (true, false),
+            ),
+            (
+                "offset 0, no more: atomic (RFC 6946)",
+                fragment(0, false),
+                (false, false),
+            ),
+            ("offset 38, more to come", fragment(38, true), (false, true)),
+            ("offset 38, the last", fragment(38, false), (false, true)),
+        ];
+        for (name, fragment, expected) in rows {
+            assert_eq!(
+                (fragment.is_first(), fragment.is_later()),
+                expected,
+                "{name}"
+            );
+        }
     }
 
     const TCP_HEADER: [u8; 20] = [

@@ -285,9 +285,7 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
                 if fragment.is_later() {
                     return Some(Ipv6Packet::LaterFragment(info));
                 }
-                // Offset 0 without More Fragments is an atomic fragment (RFC 6946): the
-                // whole datagram.
-                info.first_fragment = fragment.more;
+                info.first_fragment = fragment.is_first();
             }
             Step::Upper { .. } => return Some(Ipv6Packet::Other),
         }

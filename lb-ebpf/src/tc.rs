@@ -972,9 +972,7 @@ fn walk(ctx: &TcContext, first: u8) -> Option<Walked> {
                     walked.later_fragment = true;
                     return Some(walked);
                 }
-                // Offset 0 without More Fragments: an atomic fragment, the whole datagram
-                // (RFC 6946).
-                walked.first_fragment = fragment.more;
+                walked.first_fragment = fragment.is_first();
                 walked.offset += fragment_header_len(&peek[1]);
             }
         }

@@ -136,20 +136,26 @@ fn load_balancer6(extra: &str) -> String {
 /// Waits until a TCP connection to `target` from `client` succeeds: the agent has programmed
 /// the Service, and neighbour discovery between the client and node1 is done.
 fn wait_until_served(client: &Host, target: &str) {
+    wait_until_answered(client, ClientRun::tcp(target, 1));
+}
+
+/// Waits until `probe` (one request, TCP or UDP) from `client` gets its answer: neighbour
+/// discovery is done and the agent serves the target.
+fn wait_until_answered(client: &Host, probe: ClientRun) {
+    let probe = ClientRun {
+        timeout_ms: 500,
+        ..probe
+    };
     let deadline = Instant::now() + SYNC_TIMEOUT;
     loop {
-        let probe = ClientRun {
-            timeout_ms: 500,
-            ..ClientRun::tcp(target, 1)
-        }
-        .run(client, None)
-        .expect("client");
-        if probe.errors == 0 {
+        let report = probe.run(client, None).expect("client");
+        if report.errors == 0 {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{target} not served within {SYNC_TIMEOUT:?}: {probe:?}"
+            "{} not served within {SYNC_TIMEOUT:?}: {report:?}",
+            probe.to
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -529,14 +535,7 @@ fn udp_from_outside_reaches_ipv6_node_ports_at_local_and_remote_endpoints() {
     // Neighbour discovery: the first datagram may wait for it; the runs below count every one.
     let local_port = at(node_addr6(1), 30054);
     let remote_port = at(node_addr6(1), 30055);
-    let deadline = Instant::now() + SYNC_TIMEOUT;
-    let probe = ClientRun {
-        timeout_ms: 500,
-        ..ClientRun::udp(&remote_port, 1)
-    };
-    while probe.run(client, None).expect("client").errors != 0 {
-        assert!(Instant::now() < deadline, "{remote_port} never answered");
-    }
+    wait_until_answered(client, ClientRun::udp(&remote_port, 1));
 
     for (node_port, server, seen_as) in [
         (&local_port, "n1p0", seen(CLIENT_ADDR6)),
@@ -604,14 +603,7 @@ fn eight_kilobyte_udp_exchanges_cross_ipv6_node_ports_to_local_and_remote_endpoi
     ] {
         // Neighbour discovery: the first datagram may wait for it; the run below counts every
         // one.
-        let deadline = Instant::now() + SYNC_TIMEOUT;
-        let probe = ClientRun {
-            timeout_ms: 500,
-            ..ClientRun::udp(&node_port, 1)
-        };
-        while probe.run(client, None).expect("client").errors != 0 {
-            assert!(Instant::now() < deadline, "{node_port} never answered");
-        }
+        wait_until_answered(client, ClientRun::udp(&node_port, 1));
         let report = ClientRun {
             payload_bytes: 8192,
             ..ClientRun::udp(&node_port, 5)
