@@ -1,7 +1,7 @@
 //! ICMP errors about translated flows: what they quote and how the quote is rewritten, for the
 //! XDP and tc programs alike. Pure functions over the error's bytes.
 
-use crate::{checksum, proto};
+use crate::{checksum, ipv6, proto};
 
 /// The ICMP header of an error.
 pub const ICMP_HDR_LEN: usize = 8;
@@ -104,19 +104,23 @@ fn put<const N: usize>(bytes: &mut [u8; ICMP_ERROR_LEN], at: usize, value: &[u8;
     bytes[at..at + N].copy_from_slice(value);
 }
 
-/// An ICMPv6 error's header, the quoted IPv6 header (no extension headers) and the quoted 8
-/// bytes of its transport header: all an IPv6 translation reads and writes.
-pub const ICMP6_ERROR_LEN: usize = ICMP_HDR_LEN + 40 + 8;
+/// An ICMPv6 error's header, the quoted fixed IPv6 header and the first 8 bytes of the quoted
+/// transport header (behind the quote's extension headers, if it has any): all an IPv6
+/// translation reads and writes, put together.
+pub const ICMP6_ERROR_LEN: usize = QUOTED6_TRANSPORT + 8;
+/// Where, in those bytes, the quoted fixed header's Next Header and the quoted transport
+/// header's first bytes are.
+pub const QUOTED6_NEXT: usize = ICMP_HDR_LEN + 6;
+pub const QUOTED6_TRANSPORT: usize = ICMP_HDR_LEN + 40;
 /// ICMPv6 error types (RFC 4443): destination unreachable, packet too big, time exceeded,
 /// parameter problem.
 const ICMP6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
-/// Offsets in an ICMPv6 error: the quoted next header, addresses, ports and UDP checksum.
-const QUOTED6_NEXT: usize = ICMP_HDR_LEN + 6;
+/// Offsets in an ICMPv6 error: the quoted addresses, ports and UDP checksum.
 const QUOTED6_SADDR: usize = ICMP_HDR_LEN + 8;
 const QUOTED6_DADDR: usize = ICMP_HDR_LEN + 24;
-const QUOTED6_SPORT: usize = ICMP_HDR_LEN + 40;
-const QUOTED6_DPORT: usize = ICMP_HDR_LEN + 42;
-const QUOTED6_UDP_CHECK: usize = ICMP_HDR_LEN + 46;
+const QUOTED6_SPORT: usize = QUOTED6_TRANSPORT;
+const QUOTED6_DPORT: usize = QUOTED6_TRANSPORT + 2;
+const QUOTED6_UDP_CHECK: usize = QUOTED6_TRANSPORT + 6;
 
 /// Whether an ICMPv6 type is an error's (1-4), which quotes the packet it is about.
 #[inline(always)]
@@ -133,11 +137,11 @@ pub struct Quoted6 {
     pub destination: (crate::Ipv6Words, u16),
 }
 
-/// What an ICMPv6 error quotes, when that is a TCP, UDP or SCTP packet with no extension
-/// headers; `None` for any other ICMPv6 message (neighbour discovery, echo among them).
+/// What an ICMPv6 error quotes, when that is a TCP, UDP or SCTP packet (`protocol`, the quoted
+/// packet's upper layer: its fixed header's Next Header when it has no extension headers);
+/// `None` for any other ICMPv6 message (neighbour discovery, echo among them).
 #[inline(always)]
-pub fn quoted6(error: &[u8; ICMP6_ERROR_LEN]) -> Option<Quoted6> {
-    let protocol = error[QUOTED6_NEXT];
+pub fn quoted6(error: &[u8; ICMP6_ERROR_LEN], protocol: u8) -> Option<Quoted6> {
     if !is_icmp6_error(error[0])
         || error[ICMP_HDR_LEN] >> 4 != 6
         || (protocol != proto::TCP && protocol != proto::UDP && protocol != proto::SCTP)
@@ -155,6 +159,49 @@ pub fn quoted6(error: &[u8; ICMP6_ERROR_LEN]) -> Option<Quoted6> {
             u16_at6(error, QUOTED6_DPORT),
         ),
     })
+}
+
+/// Where the parts of an ICMPv6 error [`gather6`] put together lie in the packet.
+#[derive(Clone, Copy)]
+pub struct Gathered6 {
+    /// The quoted packet's upper-layer protocol, and where its header starts.
+    pub protocol: u8,
+    pub transport_at: usize,
+}
+
+/// Puts together in `error` the ICMPv6 error whose header is at `at` in a packet: its header
+/// and the quoted fixed header (`load_head`, the [`QUOTED6_TRANSPORT`] bytes at `at`), then,
+/// past the quote's extension headers ([`ipv6::upper_layer`] over `peek`, 8 bytes at an
+/// offset), the quoted transport header's first 8 bytes. `None` when the message is no error,
+/// or its quote ends before a transport header or is of a later fragment.
+#[inline(always)]
+pub fn gather6(
+    error: &mut [u8; ICMP6_ERROR_LEN],
+    at: usize,
+    load_head: impl FnOnce(&mut [u8; QUOTED6_TRANSPORT]) -> bool,
+    peek: impl FnMut(usize) -> Option<[u8; ipv6::EXT_HDR_PEEK]>,
+) -> Option<Gathered6> {
+    let (head, transport) = error.split_first_chunk_mut::<QUOTED6_TRANSPORT>()?;
+    if !load_head(head) || !is_icmp6_error(head[0]) {
+        return None;
+    }
+    let upper = ipv6::upper_layer(head[QUOTED6_NEXT], at + QUOTED6_TRANSPORT, peek)?;
+    transport.copy_from_slice(&upper.first_bytes);
+    Some(Gathered6 {
+        protocol: upper.protocol,
+        transport_at: upper.offset,
+    })
+}
+
+/// A gathered error's two parts as they lie in the packet: the error's header with the quoted
+/// fixed header (at the error's offset), and the quoted transport header's first bytes (at
+/// [`Gathered6::transport_at`]). Always `Some`: the lengths are constants.
+#[inline(always)]
+pub fn parts6(
+    error: &[u8; ICMP6_ERROR_LEN],
+) -> Option<(&[u8; QUOTED6_TRANSPORT], &[u8; ipv6::EXT_HDR_PEEK])> {
+    let (head, transport) = error.split_first_chunk::<QUOTED6_TRANSPORT>()?;
+    Some((head, transport.first_chunk()?))
 }
 
 /// Rewrites an ICMPv6 error's quoted packet's source and destination (address and port) to
@@ -345,5 +392,54 @@ mod tests {
             other[0] = kind;
             assert!(quoted(&other).is_some(), "type {kind}");
         }
+    }
+
+    /// An ICMPv6 message at offset 4 of a buffer: `icmp6_type`, a quoted fixed header whose
+    /// Next Header is Destination Options, 16 bytes of them, then a UDP header.
+    fn icmp6_quoting_options(icmp6_type: u8) -> ([u8; 4 + 48 + 16 + 8], [u8; 8]) {
+        let mut bytes = [0u8; 4 + 48 + 16 + 8];
+        bytes[4] = icmp6_type;
+        bytes[4 + ICMP_HDR_LEN] = 0x60;
+        bytes[4 + QUOTED6_NEXT] = ipv6::next_header::DEST_OPTS;
+        bytes[4 + QUOTED6_SADDR] = 0x20;
+        let options = 4 + QUOTED6_TRANSPORT;
+        bytes[options] = proto::UDP;
+        bytes[options + 1] = 1;
+        let udp = [0x9c, 0x40, 0, 53, 0, 8, 0xab, 0xcd];
+        bytes[options + 16..].copy_from_slice(&udp);
+        (bytes, udp)
+    }
+
+    #[test]
+    fn gather6_puts_an_error_and_the_transport_header_behind_its_quotes_options_together() {
+        let gather = |bytes: &[u8], error: &mut [u8; ICMP6_ERROR_LEN]| {
+            let load_head = |head: &mut [u8; QUOTED6_TRANSPORT]| {
+                head.copy_from_slice(&bytes[4..4 + QUOTED6_TRANSPORT]);
+                true
+            };
+            let peek = |offset: usize| bytes.get(offset..offset + 8)?.try_into().ok();
+            gather6(error, 4, load_head, peek)
+        };
+        let (bytes, udp) = icmp6_quoting_options(2);
+        let mut error = [0u8; ICMP6_ERROR_LEN];
+        let gathered = gather(&bytes, &mut error).expect("a packet too big quoting UDP");
+        assert_eq!(
+            (gathered.protocol, gathered.transport_at),
+            (proto::UDP, 4 + QUOTED6_TRANSPORT + 16)
+        );
+        assert_eq!(error[..QUOTED6_TRANSPORT], bytes[4..4 + QUOTED6_TRANSPORT]);
+        assert_eq!(error[QUOTED6_TRANSPORT..], udp);
+        let quote = quoted6(&error, gathered.protocol).expect("a quote");
+        assert_eq!((quote.source.1, quote.destination.1), (40000, 53));
+        let (head, transport) = parts6(&error).expect("constant lengths");
+        assert_eq!((&head[..], &transport[..]), (&bytes[4..52], &udp[..]));
+
+        let (echo_reply, _) = icmp6_quoting_options(129);
+        assert!(gather(&echo_reply, &mut error).is_none(), "not an error");
+        let (cut, _) = icmp6_quoting_options(2);
+        assert!(
+            gather(&cut[..cut.len() - 4], &mut error).is_none(),
+            "the quote ends inside the UDP header"
+        );
     }
 }

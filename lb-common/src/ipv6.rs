@@ -133,6 +133,55 @@ pub fn step(next_header: u8, peek: &[u8; EXT_HDR_PEEK]) -> Step {
     }
 }
 
+/// The upper-layer header a walk reached: its protocol, where it starts and its first 8 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpperLayer {
+    pub protocol: u8,
+    pub offset: usize,
+    pub first_bytes: [u8; EXT_HDR_PEEK],
+}
+
+/// Walks extension headers from the header of type `next` at `offset` to the upper-layer
+/// header, reading 8 bytes at a time with `peek` (an ICMPv6 error's quote: the programs read
+/// it through helpers, at offsets the verifier need not follow). Every header crossed is at
+/// least 8 bytes and so is a transport header's part a translation reads, so the last peek is
+/// the upper-layer header's first 8 bytes. `None`: a later fragment (no upper-layer header),
+/// bytes `peek` cannot give (the quote ends first), or more than [`MAX_EXT_HEADERS`] headers.
+#[inline(always)]
+pub fn upper_layer(
+    mut next: u8,
+    mut offset: usize,
+    mut peek: impl FnMut(usize) -> Option<[u8; EXT_HDR_PEEK]>,
+) -> Option<UpperLayer> {
+    for _ in 0..=MAX_EXT_HEADERS {
+        let bytes = peek(offset)?;
+        match step(next, &bytes) {
+            Step::Upper { protocol } => {
+                return Some(UpperLayer {
+                    protocol,
+                    offset,
+                    first_bytes: bytes,
+                });
+            }
+            Step::Extension { next_header, len } => {
+                next = next_header;
+                offset += len;
+            }
+            Step::Fragment {
+                next_header,
+                fragment,
+            } => {
+                if fragment.is_later() {
+                    return None;
+                }
+                next = next_header;
+                offset += EXT_HDR_PEEK;
+            }
+        }
+    }
+    None
+}
+
 /// Where a packet's transport header is, by the walk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -308,6 +357,77 @@ mod tests {
         let mut jumbo = fixed;
         jumbo[4..6].copy_from_slice(&[0, 0]);
         assert_eq!(super::header(&jumbo), None);
+    }
+
+    /// Each row: a packet (the walk starts at its first extension header), and the upper-layer
+    /// header the walk over `peek` reaches, or none.
+    #[test]
+    fn upper_layer_walks_through_peeks_to_the_transport_header_or_gives_up() {
+        let mut dest_then_fragment = options(next_header::FRAGMENT, 2);
+        dest_then_fragment.extend(fragment_header(proto::UDP, 0, true, 9));
+        dest_then_fragment.extend_from_slice(&UDP_HEADER);
+        let mut later = fragment_header(proto::UDP, 185, false, 9);
+        later.extend_from_slice(&[0xab; 8]);
+        let mut too_many = Vec::new();
+        for _ in 0..=MAX_EXT_HEADERS {
+            too_many.extend(options(next_header::DEST_OPTS, 1));
+        }
+        too_many.extend_from_slice(&UDP_HEADER);
+        let mut cut = options(next_header::DEST_OPTS, 1);
+        cut.extend(options(proto::TCP, 2));
+        cut.truncate(16);
+        type Found = Option<(u8, usize)>;
+        let rows: [(&str, u8, Vec<u8>, Found); 6] = [
+            (
+                "TCP at once",
+                proto::TCP,
+                TCP_HEADER.to_vec(),
+                Some((proto::TCP, 40)),
+            ),
+            (
+                "Destination Options (16 bytes), first fragment, UDP",
+                next_header::DEST_OPTS,
+                dest_then_fragment,
+                Some((proto::UDP, 40 + 16 + 8)),
+            ),
+            ("a later fragment", next_header::FRAGMENT, later, None),
+            (
+                "one extension header more than the walk crosses",
+                next_header::DEST_OPTS,
+                too_many,
+                None,
+            ),
+            (
+                "the bytes end inside the second header",
+                next_header::HOP_BY_HOP,
+                cut,
+                None,
+            ),
+            (
+                "UDP, cut to 4 bytes",
+                proto::UDP,
+                UDP_HEADER[..4].to_vec(),
+                None,
+            ),
+        ];
+        for (name, first, rest, expected) in rows {
+            let bytes = packet(first, &rest);
+            let walked = upper_layer(first, IPV6_HDR_LEN, |offset| {
+                bytes.get(offset..offset + EXT_HDR_PEEK)?.try_into().ok()
+            });
+            assert_eq!(
+                walked.map(|upper| (upper.protocol, upper.offset)),
+                expected,
+                "{name}"
+            );
+            if let Some(upper) = walked {
+                assert_eq!(
+                    upper.first_bytes[..],
+                    bytes[upper.offset..upper.offset + EXT_HDR_PEEK],
+                    "{name}: the upper-layer header's first bytes"
+                );
+            }
+        }
     }
 
     /// Each row: a packet, and where its transport header is (or why there is none).

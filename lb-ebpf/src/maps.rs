@@ -304,8 +304,13 @@ pub struct Packet6 {
     pub icmp6: Icmp6Headers,
 }
 
-/// The IPv6 header of an ICMPv6 error and the error's first bytes (see [`Packet6::icmp6`]).
+/// The IPv6 header of an ICMPv6 error and the error's parts a translation touches
+/// ([`lb_common::icmp::gather6`]), with where they lie in the packet (see [`Packet6::icmp6`]).
 pub struct Icmp6Headers {
     pub header: [u8; lb_ebpf::packet::IPV6_HDR_LEN],
     pub error: [u8; lb_common::icmp::ICMP6_ERROR_LEN],
+    /// Where the ICMPv6 header is, and the quoted transport header and its protocol.
+    pub at: usize,
+    pub quoted_transport_at: usize,
+    pub quoted_proto: u8,
 }

@@ -94,8 +94,14 @@ fn from_no_backend6(ctx: &TcContext) -> bool {
 /// an SCTP packet, or anything else IPv6.
 #[classifier]
 pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
-    let result = if is_icmp6_error(&ctx) {
-        icmp6_error_from_endpoint(&ctx)
+    // A TCP, UDP or SCTP packet right after the fixed header (the common case) is no error and
+    // pays no call to find out.
+    let icmp6_error = match read::<1>(&ctx, ETH_HDR_LEN + 6) {
+        Some([next]) if is_transport(next) => NO_ICMP6_ERROR,
+        _ => icmp6_error_at(&ctx),
+    };
+    let result = if icmp6_error != NO_ICMP6_ERROR {
+        icmp6_error_from_endpoint(&ctx, icmp6_error)
     } else {
         match try_ipv6(&ctx) {
             Ok(Ipv6Next::Sctp) => try_sctp6(&ctx),
@@ -504,23 +510,33 @@ fn endpoint_flow<F: Family>(answer: &Tuple<F>) -> Option<((F::Addr, u16), u16)> 
     }
 }
 
-/// An ICMPv6 error a local endpoint sends about a client's packet, as
+/// An ICMPv6 error (at `at`) a local endpoint sends about a client's packet, as
 /// [`icmp_error_from_endpoint`] does for IPv4: the client gets it from the frontend it used,
-/// about the packet as it sent it. The quoted destination and port (and the quoted source port
-/// of a remapped flow), a quoted UDP checksum, the outer source and the ICMPv6 checksum (whose
-/// pseudo-header holds the outer source) are rewritten. Anything else leaves untouched.
+/// about the packet as it sent it (with its extension headers, if it had any). The quoted
+/// destination and port (and the quoted source port of a remapped flow), a quoted UDP checksum,
+/// the outer source and the ICMPv6 checksum (whose pseudo-header holds the outer source) are
+/// rewritten. Anything else leaves untouched.
 ///
 /// A BPF function of its own (see [`lb_tc_egress6`]).
 #[inline(never)]
-fn icmp6_error_from_endpoint(ctx: &TcContext) -> Result<(), Event> {
+fn icmp6_error_from_endpoint(ctx: &TcContext, at: usize) -> Result<(), Event> {
     let Some(fixed) = read::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN) else {
         return Ok(());
     };
     let source = words_at(&fixed, 8);
-    let Ok(mut error) = ctx.load::<[u8; ICMP6_ERROR_LEN]>(PLAIN_L4_OFFSET) else {
+    let mut error = [0u8; ICMP6_ERROR_LEN];
+    let load_head = |head: &mut [u8; icmp::QUOTED6_TRANSPORT]| match ctx.load(at) {
+        Ok(bytes) => {
+            *head = bytes;
+            true
+        }
+        Err(_) => false,
+    };
+    let peek = |offset| ctx.load::<[u8; EXT_HDR_PEEK]>(offset).ok();
+    let Some(gathered) = icmp::gather6(&mut error, at, load_head, peek) else {
         return Ok(());
     };
-    let Some(quote) = icmp::quoted6(&error) else {
+    let Some(quote) = icmp::quoted6(&error, gathered.protocol) else {
         return Ok(());
     };
     let ((client, client_port), (endpoint, endpoint_port)) = (quote.source, quote.destination);
@@ -548,7 +564,10 @@ fn icmp6_error_from_endpoint(ctx: &TcContext) -> Result<(), Event> {
         (source, frontend.0),
     );
     let nat_failed = |_| Event::DROP_NAT_FAILED;
-    ctx.store(PLAIN_L4_OFFSET, &error, 0).map_err(nat_failed)?;
+    let (head, transport) = icmp::parts6(&error).ok_or(Event::DROP_NAT_FAILED)?;
+    ctx.store(at, head, 0).map_err(nat_failed)?;
+    ctx.store(gathered.transport_at, transport, 0)
+        .map_err(nat_failed)?;
     ctx.store(
         ETH_HDR_LEN + IPV6_SADDR_OFFSET,
         &icmp::bytes_of(&frontend.0),
@@ -909,11 +928,31 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
     })
 }
 
-/// Whether an IPv6 frame is an ICMPv6 error (no extension headers before it).
+/// Where the ICMPv6 error of an IPv6 frame starts, or [`NO_ICMP6_ERROR`] when the frame is no
+/// ICMPv6 error (behind extension headers or not; not a fragment). A BPF function of its own,
+/// one number back: inlined, the walk's locals pushed `lb_tc_egress6`'s frame and the calls
+/// under it past 512 bytes.
+#[inline(never)]
+fn icmp6_error_at(ctx: &TcContext) -> usize {
+    icmp6_error_offset(ctx).unwrap_or(NO_ICMP6_ERROR)
+}
+
+const NO_ICMP6_ERROR: usize = 0;
+
 #[inline(always)]
-fn is_icmp6_error(ctx: &TcContext) -> bool {
-    read::<1>(ctx, ETH_HDR_LEN + 6).is_some_and(|next| next[0] == next_header::ICMPV6)
-        && read::<1>(ctx, PLAIN_L4_OFFSET).is_some_and(|icmp| icmp::is_icmp6_error(icmp[0]))
+fn icmp6_error_offset(ctx: &TcContext) -> Option<usize> {
+    let next = read::<1>(ctx, ETH_HDR_LEN + 6)?[0];
+    let at = if next == next_header::ICMPV6 {
+        PLAIN_L4_OFFSET
+    } else {
+        let walked = walk(ctx, next)?;
+        if walked.next != next_header::ICMPV6 || walked.first_fragment || walked.later_fragment {
+            return None;
+        }
+        walked.offset
+    };
+    let icmp6_type = ctx.load::<[u8; 1]>(at).ok()?;
+    icmp::is_icmp6_error(icmp6_type[0]).then_some(at)
 }
 
 /// Where the transport header of an IPv6 packet without extension headers is.

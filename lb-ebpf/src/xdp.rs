@@ -5,12 +5,17 @@
 //! translated back here too. A service with no endpoint answers like kube-proxy's REJECT (TCP RST,
 //! ICMP port unreachable). Everything else passes untouched.
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    macros::xdp,
+    programs::XdpContext,
+};
 use aya_log_ebpf::debug;
-use lb_common::icmp::{self, ICMP_ERROR_LEN, ICMP6_ERROR_LEN};
+use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_common::{
     Ct4Value, Ct6Value, CtValue, Event, FragValue, Ipv6Words, ServiceValue, checksum, client_nic,
-    ct_flags, frag_action, limits, proto, sctp, service_flags, tcp_seq, xdp_programs,
+    ct_flags, frag_action, ipv6, limits, proto, sctp, service_flags, tcp_seq, xdp_programs,
 };
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -104,7 +109,8 @@ pub fn lb_xdp6_deliver(ctx: XdpContext) -> u32 {
     verdict6(&ctx, try_deliver6(&ctx), true)
 }
 
-/// An ICMPv6 error (no extension headers), tail-called by `lb_xdp6` (see [`icmp6_error`]).
+/// An ICMPv6 message (an error, or an ICMPv6 message behind extension headers), tail-called by
+/// `lb_xdp6` (see [`icmp6_error`]).
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6_icmp(ctx: XdpContext) -> u32 {
@@ -251,11 +257,9 @@ fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     if PROTOCOL == proto::TCP && ip.proto == proto::SCTP {
         return Ok(to_program(ctx, xdp_programs::IPV6_SCTP));
     }
-    if PROTOCOL == proto::TCP
-        && ip.proto == IPPROTO_ICMPV6
-        && ip.l4_offset == ICMP6_AT
-        && !ip.first_fragment
-    {
+    if PROTOCOL == proto::TCP && ip.proto == IPPROTO_ICMPV6 && !ip.first_fragment {
+        // Where the message starts, for `lb_xdp6_icmp`.
+        packet6()?.ip = ip;
         return Ok(to_program(ctx, xdp_programs::IPV6_ICMP));
     }
     if ip.proto != PROTOCOL {
@@ -671,30 +675,28 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
 }
 
 /// [`icmp_error`] for ICMPv6 errors (types 1-4: destination unreachable, packet too big, time
-/// exceeded, parameter problem) with no extension header before them or in their quote; the
-/// ICMPv6 checksum also covers the outer addresses (its pseudo-header). Neighbour discovery
-/// and every other ICMPv6 message pass untouched.
+/// exceeded, parameter problem), behind extension headers or not, quoting a packet with
+/// extension headers or not (a first fragment among them); the ICMPv6 checksum also covers the
+/// outer addresses (its pseudo-header). Neighbour discovery and every other ICMPv6 message
+/// pass untouched, and so does an error quoting a later fragment (it holds no ports).
 ///
 /// A program of its own (`lb_xdp6_icmp`). Its steps are BPF functions called one after the
 /// other, working on a copy of the headers in this CPU's [`PACKET6`] entry (written back to the
 /// packet at the end): IPv6's addresses, spilled around every call, take more than the 512
 /// bytes of stack with the steps in one frame or nested, and a function given the packet
 /// pointers themselves gets them split into `data` and `data_end` by LLVM, which the verifier
-/// refuses (pointer arithmetic on `pkt_end`).
+/// refuses (pointer arithmetic on `pkt_end`). The error, at an offset only the extension
+/// headers say, is read and written through helpers.
 #[inline(always)]
 fn icmp6_error(ctx: &XdpContext) -> Result<u32, Event> {
     let packet = packet6()?;
     let Some(header) = bytes_at::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    let Some(error) = bytes_at::<ICMP6_ERROR_LEN>(ctx, ICMP6_AT) else {
-        return Ok(xdp_action::XDP_PASS);
-    };
-    if header[IPV6_NEXT_HEADER_OFFSET] != IPPROTO_ICMPV6 {
+    packet.icmp6.header = *header;
+    if !gather_icmp6(ctx, packet.ip.l4_offset, &mut packet.icmp6) {
         return Ok(xdp_action::XDP_PASS);
     }
-    packet.icmp6.header = *header;
-    packet.icmp6.error = *error;
     if let Some(flow) = snat_flow_of_icmp6(&packet.icmp6)
         && flow.flags & ct_flags::SNAT != 0
     {
@@ -722,15 +724,63 @@ fn icmp6_error(ctx: &XdpContext) -> Result<u32, Event> {
     Ok(xdp_action::XDP_PASS)
 }
 
-/// Where an ICMPv6 message starts when no extension header comes before it.
-const ICMP6_AT: usize = ETH_HDR_LEN + IPV6_HDR_LEN;
+/// Copies the ICMPv6 message at `at` into `icmp6` ([`icmp::gather6`]); false when it is no
+/// error this datapath translates.
+#[inline(never)]
+fn gather_icmp6(ctx: &XdpContext, at: usize, icmp6: &mut Icmp6Headers) -> bool {
+    let load_head = |head: &mut [u8; icmp::QUOTED6_TRANSPORT]| load_bytes(ctx, at, head);
+    let peek = |offset| {
+        let mut bytes = [0u8; ipv6::EXT_HDR_PEEK];
+        load_bytes(ctx, offset, &mut bytes).then_some(bytes)
+    };
+    let Some(gathered) = icmp::gather6(&mut icmp6.error, at, load_head, peek) else {
+        return false;
+    };
+    icmp6.at = at;
+    icmp6.quoted_proto = gathered.protocol;
+    icmp6.quoted_transport_at = gathered.transport_at;
+    true
+}
 
-/// Writes the translated headers back into the packet.
+/// `N` bytes of the packet at `offset`, through the helper (an offset the verifier need not
+/// follow); false past the packet's end.
+#[inline(always)]
+fn load_bytes<const N: usize>(ctx: &XdpContext, offset: usize, into: &mut [u8; N]) -> bool {
+    // SAFETY: the helper writes at most N bytes into `into`, which holds N.
+    unsafe { bpf_xdp_load_bytes(ctx.ctx, offset as u32, into.as_mut_ptr().cast(), N as u32) == 0 }
+}
+
+/// Writes `N` bytes into the packet at `offset` through the helper.
+#[inline(always)]
+fn store_bytes<const N: usize>(
+    ctx: &XdpContext,
+    offset: usize,
+    from: &[u8; N],
+) -> Result<(), Event> {
+    // SAFETY: the helper reads N bytes from `from`, which holds N.
+    let stored = unsafe {
+        bpf_xdp_store_bytes(
+            ctx.ctx,
+            offset as u32,
+            from.as_ptr().cast_mut().cast(),
+            N as u32,
+        )
+    };
+    if stored == 0 {
+        Ok(())
+    } else {
+        Err(Event::DROP_MALFORMED)
+    }
+}
+
+/// Writes the translated headers back into the packet: the fixed header, the error's header
+/// with the quoted fixed header, and the quoted transport header's first bytes.
 #[inline(always)]
 fn write_icmp6(ctx: &XdpContext, icmp6: &Icmp6Headers) -> Result<(), Event> {
     *bytes_at_mut::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)? = icmp6.header;
-    *bytes_at_mut::<ICMP6_ERROR_LEN>(ctx, ICMP6_AT).ok_or(Event::DROP_MALFORMED)? = icmp6.error;
-    Ok(())
+    let (head, transport) = icmp::parts6(&icmp6.error).ok_or(Event::DROP_MALFORMED)?;
+    store_bytes(ctx, icmp6.at, head)?;
+    store_bytes(ctx, icmp6.quoted_transport_at, transport)
 }
 
 /// The outer addresses of the copied headers, and what the error quotes (a TCP, UDP or SCTP
@@ -741,7 +791,7 @@ fn icmp6_quote(icmp6: &Icmp6Headers) -> Option<((Ipv6Words, Ipv6Words), icmp::Qu
         words(&icmp6.header, IPV6_SADDR_OFFSET),
         words(&icmp6.header, IPV6_DADDR_OFFSET),
     );
-    Some((outer, icmp::quoted6(&icmp6.error)?))
+    Some((outer, icmp::quoted6(&icmp6.error, icmp6.quoted_proto)?))
 }
 
 /// The REPLY entry of the flow whose packet from one of this node's SNAT ports the ICMPv6

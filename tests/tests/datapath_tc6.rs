@@ -476,6 +476,86 @@ fn icmpv6_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
     run_rows(&fixture, rows);
 }
 
+/// The same errors with extension headers: before the ICMPv6 header, in the quoted packet (the
+/// datapath keeps a client's extension headers, so the endpoint quotes them), or both; the
+/// quoted transport header is found behind them and rewritten. A quote that ends inside its
+/// extension headers, or quotes a later fragment, holds no ports and leaves untouched.
+#[test]
+fn icmpv6_errors_with_extension_headers_from_a_local_endpoint_reach_the_client_translated() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "tc6icmpx").expect("pin dir");
+    let fixture = Fixture::new(&pins);
+    let options =
+        |frame: &[u8], words| packet6::with_options_header(frame, next_header::DEST_OPTS, words);
+    let hop_by_hop = |frame: &[u8]| packet6::with_options_header(frame, next_header::HOP_BY_HOP, 1);
+    // The client's datagram with 16 bytes of Destination Options, as the endpoint got it and as
+    // the client sent it (quoted whole).
+    let received = options(&packet6::udp(CLIENT, POD_A, b"q"), 2);
+    let sent = options(&packet6::udp(CLIENT, FRONTEND, b"q"), 2);
+    let whole = received.len() - ETH_HDR_LEN;
+    let remapped_client = SocketAddrV6::new(CLIENT_ADDR, REMAPPED_PORT, 0, 0);
+    let received_tcp = options(&tcp(remapped_client, POD_A, TcpFlags::ACK, 1), 1);
+    let sent_tcp = options(&tcp(CLIENT_REMAPPED, FRONTEND_2, TcpFlags::ACK, 1), 1);
+    let header_options_and_ports = IPV6_HDR_LEN + 8 + 8;
+    let [first, later] = packet6::fragments(&packet6::udp(CLIENT, POD_A, &[5; 64]), 24, 77);
+    let [first_sent, _] = packet6::fragments(&packet6::udp(CLIENT, FRONTEND, &[5; 64]), 24, 77);
+    let fragment_and_ports = IPV6_HDR_LEN + 8 + 8;
+    let error = |kind, about: &[u8], quote_len| {
+        packet6::icmpv6(*POD_A.ip(), CLIENT_ADDR, kind, about, quote_len)
+    };
+    let translated =
+        |kind, about: &[u8], quote_len| packet6::icmpv6(NODE, CLIENT_ADDR, kind, about, quote_len);
+    let rows = vec![
+        row(
+            "port unreachable quoting a datagram with Destination Options",
+            error(PORT_UNREACHABLE, &received, whole),
+            TC_ACT_OK,
+            Expect::Bytes(translated(PORT_UNREACHABLE, &sent, whole)),
+        )
+        .counting("icmp_error_translated"),
+        row(
+            "packet too big behind a Hop-by-Hop header, quoting a remapped flow's segment with \
+             Destination Options",
+            hop_by_hop(&error(
+                PACKET_TOO_BIG,
+                &received_tcp,
+                header_options_and_ports,
+            )),
+            TC_ACT_OK,
+            Expect::Bytes(hop_by_hop(&translated(
+                PACKET_TOO_BIG,
+                &sent_tcp,
+                header_options_and_ports,
+            ))),
+        )
+        .counting("icmp_error_translated"),
+        row(
+            "port unreachable quoting the first fragment of a datagram",
+            error(PORT_UNREACHABLE, &first, fragment_and_ports),
+            TC_ACT_OK,
+            Expect::Bytes(translated(
+                PORT_UNREACHABLE,
+                &first_sent,
+                fragment_and_ports,
+            )),
+        )
+        .counting("icmp_error_translated"),
+        row(
+            "quoting a later fragment: no ports",
+            error(PORT_UNREACHABLE, &later, fragment_and_ports),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+        row(
+            "the quote ends inside its Destination Options",
+            error(PORT_UNREACHABLE, &received, IPV6_HDR_LEN + 8),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+    ];
+    run_rows(&fixture, rows);
+}
+
 #[test]
 fn a_fin_from_the_endpoint_moves_its_ipv6_flow_to_closing() {
     let lab = Lab::new().expect("lab");

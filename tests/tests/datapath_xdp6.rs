@@ -377,6 +377,51 @@ fn ipv6_maglev_services_pick_the_backend_the_lookup_table_gives() {
     );
 }
 
+/// The client of the SNAT flow of [`datapath_with_flows_to_err_about`].
+const ICMP_REMOTE_CLIENT: SocketAddrV6 = SocketAddrV6::new(CLIENT_ADDR, 41000, 0, 0);
+
+/// The datapath with flows for ICMPv6 errors to be about: from [`CLIENT`] to the local endpoint
+/// (TCP and UDP), and from [`ICMP_REMOTE_CLIENT`] to the remote endpoint through SNAT.
+fn datapath_with_flows_to_err_about(pins: &PinDir) -> Datapath {
+    let mut datapath = datapath(pins);
+    add_remote_service(&mut datapath);
+    let xdp = datapath.program_fd(program_names::XDP_LB).expect("lb_xdp");
+    run_table(
+        xdp,
+        &[
+            case(
+                "tcp flow to the local endpoint",
+                tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+                XDP_PASS,
+                Expect::Bytes(tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
+            ),
+            case(
+                "udp flow to the local endpoint",
+                packet6::udp(CLIENT, FRONTEND, b"query"),
+                XDP_PASS,
+                Expect::Bytes(packet6::udp(CLIENT, POD_A, b"query")),
+            ),
+        ],
+    );
+    let syn = test_run(
+        xdp,
+        &tcp(ICMP_REMOTE_CLIENT, REMOTE_FRONTEND, TcpFlags::SYN, b""),
+    )
+    .expect("run");
+    assert_ne!(syn.verdict, XDP_DROP, "the SNAT flow starts");
+    assert_eq!(
+        syn.packet[ETH_HDR_LEN..],
+        tcp(
+            SocketAddrV6::new(NODE, SNAT_PORT, 0, 0),
+            REMOTE_POD,
+            TcpFlags::SYN,
+            b""
+        )[ETH_HDR_LEN..],
+        "SNATed to the node's IPv6 address and the one port of the range"
+    );
+    datapath
+}
+
 /// ICMPv6 errors about translated flows reach the host that sent the packet they quote, about
 /// the packet as that host sent it (path MTU discovery through a NodePort depends on it): the
 /// outer addresses, the quoted addresses and ports, a quoted UDP checksum and the ICMPv6
@@ -394,41 +439,10 @@ fn icmpv6_errors_about_translated_flows_reach_the_host_that_sent_the_quoted_pack
 
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "icmp6").expect("pin dir");
-    let mut datapath = datapath(&pins);
-    add_remote_service(&mut datapath);
+    let datapath = datapath_with_flows_to_err_about(&pins);
     let xdp = || datapath.program_fd(program_names::XDP_LB).expect("lb_xdp");
     let snat = SocketAddrV6::new(NODE, SNAT_PORT, 0, 0);
-    let remote_client = client(41000);
-
-    // A flow to the local endpoint (TCP and UDP) and one to the remote endpoint through SNAT.
-    run_table(
-        xdp(),
-        &[
-            case(
-                "tcp flow to the local endpoint",
-                tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
-                XDP_PASS,
-                Expect::Bytes(tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
-            ),
-            case(
-                "udp flow to the local endpoint",
-                packet6::udp(CLIENT, FRONTEND, b"query"),
-                XDP_PASS,
-                Expect::Bytes(packet6::udp(CLIENT, POD_A, b"query")),
-            ),
-        ],
-    );
-    let syn = test_run(
-        xdp(),
-        &tcp(remote_client, remote_frontend, TcpFlags::SYN, b""),
-    )
-    .expect("run");
-    assert_ne!(syn.verdict, XDP_DROP, "the SNAT flow starts");
-    assert_eq!(
-        syn.packet[ETH_HDR_LEN..],
-        tcp(snat, remote_pod, TcpFlags::SYN, b"")[ETH_HDR_LEN..],
-        "SNATed to the node's IPv6 address and the one port of the range"
-    );
+    let remote_client = ICMP_REMOTE_CLIENT;
 
     // About what tc sent for the local endpoint (from the frontend): to the endpoint, about
     // its packet as it sent it.
@@ -554,6 +568,138 @@ fn icmpv6_errors_about_translated_flows_reach_the_host_that_sent_the_quoted_pack
 
     let events = datapath.events().expect("events");
     assert_eq!(events["icmp_error_translated"], 5, "{events:?}");
+}
+
+/// The same errors with extension headers before the ICMPv6 header, in the packet they quote
+/// (the datapath keeps a client's extension headers on the packets it translates), or both;
+/// the quoted transport header is found behind them and rewritten, every checksum with it. A
+/// quote of a later fragment, or one that ends inside its extension headers, holds no ports:
+/// untouched, as is a Multicast Listener Report behind its Hop-by-Hop header.
+#[test]
+fn icmpv6_errors_with_extension_headers_reach_the_host_that_sent_the_quoted_packet() {
+    let router = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xfe);
+    let too_big = (2, 0, 1280u32.to_be_bytes());
+    let time_exceeded = (3, 0, [0; 4]);
+    let options =
+        |frame: &[u8], words| packet6::with_options_header(frame, next_header::DEST_OPTS, words);
+    let hop_by_hop = |frame: &[u8]| packet6::with_options_header(frame, next_header::HOP_BY_HOP, 1);
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "icmp6x").expect("pin dir");
+    let datapath = datapath_with_flows_to_err_about(&pins);
+    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("lb_xdp");
+
+    // What tc sent for the local endpoint (from the frontend), and the same as the endpoint
+    // sent it.
+    let tcp_sent = options(&tcp(FRONTEND, CLIENT, TcpFlags::ACK, &[7; 1400]), 1);
+    let tcp_own = options(&tcp(POD_A, CLIENT, TcpFlags::ACK, &[7; 1400]), 1);
+    let udp_sent = options(&packet6::udp(FRONTEND, CLIENT, b"answer"), 2);
+    let udp_own = options(&packet6::udp(POD_A, CLIENT, b"answer"), 2);
+    let [first_sent, later_sent] =
+        packet6::fragments(&packet6::udp(FRONTEND, CLIENT, &[5; 1400]), 1232, 91);
+    let [first_own, _] = packet6::fragments(&packet6::udp(POD_A, CLIENT, &[5; 1400]), 1232, 91);
+    let quote = |about: &[u8]| {
+        let (_, transport_at) = packet6::transport(about);
+        transport_at - ETH_HDR_LEN + 8
+    };
+    let error =
+        |kind, dst, about: &[u8], quote_len| packet6::icmpv6(router, dst, kind, about, quote_len);
+    let mld_report = hop_by_hop(&packet6::icmpv6(
+        router,
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16),
+        (143, 0, [0, 0, 0, 1]),
+        &udp_sent,
+        0,
+    ));
+    run_table(
+        xdp(),
+        &[
+            case(
+                "packet too big quoting a segment with Destination Options",
+                error(too_big, NODE, &tcp_sent, quote(&tcp_sent)),
+                XDP_PASS,
+                Expect::Bytes(error(too_big, *POD_A.ip(), &tcp_own, quote(&tcp_own))),
+            ),
+            case(
+                "time exceeded behind a Hop-by-Hop header, quoting a datagram with 16 bytes of \
+                 Destination Options (its checksum quoted)",
+                hop_by_hop(&error(time_exceeded, NODE, &udp_sent, quote(&udp_sent))),
+                XDP_PASS,
+                Expect::Bytes(hop_by_hop(&error(
+                    time_exceeded,
+                    *POD_A.ip(),
+                    &udp_own,
+                    quote(&udp_own),
+                ))),
+            ),
+            case(
+                "packet too big quoting the first fragment of a datagram",
+                error(too_big, NODE, &first_sent, quote(&first_sent)),
+                XDP_PASS,
+                Expect::Bytes(error(too_big, *POD_A.ip(), &first_own, quote(&first_own))),
+            ),
+            case(
+                "quoting a later fragment: no ports",
+                error(too_big, NODE, &later_sent, IPV6_HDR_LEN + 16),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+            case(
+                "the quote ends inside its Destination Options",
+                error(time_exceeded, NODE, &udp_sent, IPV6_HDR_LEN + 8),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+            case(
+                "a multicast listener report behind Hop-by-Hop is no error",
+                mld_report,
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+
+    // About the client's segment (with Destination Options) as it left from the SNAT port: to
+    // the client, about its segment to the frontend, behind the same Hop-by-Hop header.
+    let snat = SocketAddrV6::new(NODE, SNAT_PORT, 0, 0);
+    let request_sent = options(&tcp(snat, REMOTE_POD, TcpFlags::ACK, &[7; 1400]), 1);
+    let request = options(
+        &tcp(
+            ICMP_REMOTE_CLIENT,
+            REMOTE_FRONTEND,
+            TcpFlags::ACK,
+            &[7; 1400],
+        ),
+        1,
+    );
+    let run = test_run(
+        xdp(),
+        &hop_by_hop(&error(too_big, NODE, &request_sent, quote(&request_sent))),
+    )
+    .expect("run");
+    let mut want = hop_by_hop(&packet6::icmpv6(
+        NODE,
+        CLIENT_ADDR,
+        too_big,
+        &request,
+        quote(&request),
+    ));
+    want[0..6].copy_from_slice(&CLIENT_MAC);
+    want[6..12].copy_from_slice(&NODE_MAC);
+    want[ETH_HDR_LEN + 7] -= 1;
+    assert_eq!(run.verdict, XDP_TX);
+    assert_eq!(
+        run.packet,
+        want,
+        "to the client:\n{}",
+        lab::table::diff(&want, &run.packet)
+    );
+    assert!(
+        packet6::transport_checksum_ok(&run.packet),
+        "ICMPv6 checksum"
+    );
+
+    let events = datapath.events().expect("events");
+    assert_eq!(events["icmp_error_translated"], 4, "{events:?}");
 }
 
 /// Fragments of a datagram to a local endpoint: the first one is translated as a whole datagram

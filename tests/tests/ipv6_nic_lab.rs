@@ -796,6 +796,41 @@ fn an_active_ipv6_tcp_connection_outlives_the_established_timeout_and_an_idle_on
     assert_eq!(idle.errors_of("reset"), 1, "{idle:?}");
 }
 
+/// A client, `far`, behind a router whose link to it has an MTU of 1400, routed to node1 and
+/// back; `far` itself keeps an MTU of 1500 unless `narrow_too` (a UDP client must not send more
+/// than the hop takes: the router's side of a veth drops longer frames).
+fn far_client_behind_a_narrow_hop(setup: &mut AgentLab, narrow_too: bool) -> Host {
+    let router_addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x30);
+    let router = add_client6(setup, "rtr", router_addr);
+    let far = setup.lab().host("far").expect("far client");
+    far.enable_ipv6().expect("IPv6");
+    setup
+        .lab()
+        .veth(&far, "eth0", &router, "far0")
+        .expect("far link");
+    far.addr6("eth0", "2001:db8:c0::2/64").expect("addr");
+    router.addr6("far0", "2001:db8:c0::1/64").expect("addr");
+    router
+        .ip(&["link", "set", "far0", "mtu", "1400"])
+        .expect("narrow hop");
+    if narrow_too {
+        far.ip(&["link", "set", "eth0", "mtu", "1400"])
+            .expect("narrow client");
+    }
+    router
+        .sysctl("net.ipv6.conf.all.forwarding", "1")
+        .expect("forwarding");
+    far.route(&["2001:db8:f::/64", "via", "2001:db8:c0::1"])
+        .expect("route");
+    setup
+        .cluster
+        .node(1)
+        .host
+        .route(&["2001:db8:c0::/64", "via", &router_addr.to_string()])
+        .expect("route back");
+    far
+}
+
 /// flows_lab's `path_mtu_discovery_through_a_node_port_reaches_*` over IPv6: a client behind a
 /// router whose link to it has a smaller MTU than the client's own, so that only the router's
 /// ICMPv6 Packet Too Big tells the sender (IPv6 routers never fragment).
@@ -810,30 +845,7 @@ fn ipv6_path_mtu_discovery_through_a_node_port_reaches(endpoint_node: u8) {
                 + &endpoint_slice6("web", &[(endpoint.0, endpoint.1.as_str())], "TCP")),
         )
         .expect("apply");
-    let router_addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x30);
-    let router = add_client6(&mut setup, "rtr", router_addr);
-    let far = setup.lab().host("far").expect("far client");
-    far.enable_ipv6().expect("IPv6");
-    setup
-        .lab()
-        .veth(&far, "eth0", &router, "far0")
-        .expect("far link");
-    far.addr6("eth0", "2001:db8:c0::2/64").expect("addr");
-    router.addr6("far0", "2001:db8:c0::1/64").expect("addr");
-    router
-        .ip(&["link", "set", "far0", "mtu", "1400"])
-        .expect("narrow hop");
-    router
-        .sysctl("net.ipv6.conf.all.forwarding", "1")
-        .expect("forwarding");
-    far.route(&["2001:db8:f::/64", "via", "2001:db8:c0::1"])
-        .expect("route");
-    setup
-        .cluster
-        .node(1)
-        .host
-        .route(&["2001:db8:c0::/64", "via", &router_addr.to_string()])
-        .expect("route back");
+    let far = far_client_behind_a_narrow_hop(&mut setup, false);
     let node_port = at(node_addr6(1), 30082);
     wait_until_served(&far, &node_port);
     // Answers of 20 KB: full-sized segments from the pod.
@@ -860,4 +872,49 @@ fn ipv6_path_mtu_discovery_through_a_node_port_reaches_a_local_endpoint() {
 #[test]
 fn ipv6_path_mtu_discovery_through_a_node_port_reaches_a_remote_endpoint() {
     ipv6_path_mtu_discovery_through_a_node_port_reaches(2);
+}
+
+/// Path-MTU discovery for UDP through a NodePort: the endpoint's 4 KB answers leave in
+/// fragments of its own MTU (1500), which the narrow hop refuses with a Packet Too Big quoting
+/// the first fragment, Fragment header and all, sent to the frontend (node1's address). Only
+/// translated to the endpoint (to the endpoint on node2 through node1's SNAT port, as its
+/// answer left) does it tell the endpoint's kernel to fragment for 1400: then every answer
+/// arrives whole.
+fn ipv6_udp_path_mtu_discovery_through_a_node_port_reaches(endpoint_node: u8) {
+    let mut setup = dual_stack_lab(vec![1, 1], &[]);
+    setup
+        .apply(
+            "big.yaml",
+            &udp_node_port6(
+                "big",
+                0x56,
+                30056,
+                (pod_addr6(endpoint_node, 0), &format!("node{endpoint_node}")),
+            ),
+        )
+        .expect("apply");
+    let far = far_client_behind_a_narrow_hop(&mut setup, true);
+    let node_port = at(node_addr6(1), 30056);
+    let big = |requests| ClientRun {
+        payload_bytes: 4096,
+        ..ClientRun::udp(&node_port, requests)
+    };
+    // The first answers are lost to the hop until the endpoint hears of it.
+    wait_until_answered(&far, big(1));
+    let report = big(10).run(&far, None).expect("client");
+    report.assert_all_ok("4 KB answers over a 1400-byte hop");
+    let server = format!("n{endpoint_node}p0");
+    assert_eq!(report.servers(), [server.as_str()].into());
+    let events = events(&setup);
+    assert!(events["icmp_error_translated"] >= 1, "{events:?}");
+}
+
+#[test]
+fn ipv6_udp_path_mtu_discovery_through_a_node_port_reaches_a_local_endpoint() {
+    ipv6_udp_path_mtu_discovery_through_a_node_port_reaches(1);
+}
+
+#[test]
+fn ipv6_udp_path_mtu_discovery_through_a_node_port_reaches_a_remote_endpoint() {
+    ipv6_udp_path_mtu_discovery_through_a_node_port_reaches(2);
 }
