@@ -11,7 +11,11 @@ pub const ICMP_ERROR_LEN: usize = ICMP_HDR_LEN + 20 + 8;
 const DEST_UNREACHABLE: u8 = 3;
 const TIME_EXCEEDED: u8 = 11;
 const PARAMETER_PROBLEM: u8 = 12;
-/// Offsets in the error: the quoted IP checksum, addresses, ports and UDP checksum.
+/// Offsets in the error: the quoted flags and fragment offset, IP checksum, addresses, ports and
+/// UDP checksum.
+const QUOTED_FRAGMENT: usize = ICMP_HDR_LEN + 6;
+/// The fragment offset's bits of its 16-bit field (the flags are the 3 above them).
+const FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
 const QUOTED_IP_CHECK: usize = ICMP_HDR_LEN + 10;
 const QUOTED_SADDR: usize = ICMP_HDR_LEN + 12;
 const QUOTED_DADDR: usize = ICMP_HDR_LEN + 16;
@@ -29,9 +33,10 @@ pub struct Quoted {
 
 /// What an ICMP error (destination unreachable, including fragmentation needed; time exceeded;
 /// parameter problem) quotes, when that is a TCP, UDP or SCTP packet whose IPv4 header has no
-/// options (an SCTP quote's CRC32c, past its first 8 bytes, is left as it is: the receiver's
-/// sctp_v4_err matches the ports and verification tag and never checks it);
-/// `None` for any other ICMP message.
+/// options and which is not a fragment after the first (whose 8 quoted bytes are data, not
+/// ports) (an SCTP quote's CRC32c, past its first 8 bytes, is left as it is: the receiver's
+/// sctp_v4_err matches the ports and verification tag and never checks it); `None` for any
+/// other ICMP message.
 #[inline(always)]
 pub fn quoted(error: &[u8; ICMP_ERROR_LEN]) -> Option<Quoted> {
     let protocol = error[ICMP_HDR_LEN + 9];
@@ -39,6 +44,7 @@ pub fn quoted(error: &[u8; ICMP_ERROR_LEN]) -> Option<Quoted> {
         error[0],
         DEST_UNREACHABLE | TIME_EXCEEDED | PARAMETER_PROBLEM
     ) || error[ICMP_HDR_LEN] != 0x45
+        || u16_at(error, QUOTED_FRAGMENT) & FRAGMENT_OFFSET_MASK != 0
         || (protocol != proto::TCP && protocol != proto::UDP && protocol != proto::SCTP)
     {
         return None;
@@ -376,7 +382,7 @@ mod tests {
     }
 
     #[test]
-    fn only_errors_quoting_tcp_or_udp_without_options_are_quotes() {
+    fn only_errors_quoting_a_transport_header_without_ip_options_are_quotes() {
         let error = port_unreachable((1, 2), (3, 4));
         let mut echo_reply = error;
         echo_reply[0] = 0;
@@ -387,6 +393,15 @@ mod tests {
         let mut icmp_in_icmp = error;
         icmp_in_icmp[ICMP_HDR_LEN + 9] = 1;
         assert!(quoted(&icmp_in_icmp).is_none());
+        // Don't Fragment and More Fragments set, offset 0: a whole datagram or a first fragment,
+        // whose transport header is quoted.
+        let mut first_fragment = error;
+        first_fragment[QUOTED_FRAGMENT] = 0x60;
+        assert!(quoted(&first_fragment).is_some());
+        // Offset 185 x 8 bytes: no transport header, the 8 bytes are data.
+        let mut later_fragment = error;
+        later_fragment[QUOTED_FRAGMENT..QUOTED_FRAGMENT + 2].copy_from_slice(&185u16.to_be_bytes());
+        assert!(quoted(&later_fragment).is_none());
         for kind in [DEST_UNREACHABLE, TIME_EXCEEDED, PARAMETER_PROBLEM] {
             let mut other = error;
             other[0] = kind;

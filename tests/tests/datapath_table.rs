@@ -2475,6 +2475,17 @@ fn icmp_errors_about_a_local_endpoints_flow_reach_the_endpoint_translated() {
                 Expect::Unchanged,
             ),
             case(
+                "about a later fragment whose first data bytes look like the flow's ports",
+                packet::icmp_error(
+                    router,
+                    NODE,
+                    time_exceeded,
+                    &packet::as_fragment(&udp_sent, 185, false),
+                ),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+            case(
                 "not an error (echo request)",
                 packet::icmp_echo(router, NODE),
                 XDP_PASS,
