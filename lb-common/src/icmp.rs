@@ -5,9 +5,12 @@ use crate::{checksum, ipv6, proto};
 
 /// The ICMP header of an error.
 pub const ICMP_HDR_LEN: usize = 8;
-/// An error's header, the quoted IPv4 header (without options) and the quoted 8 bytes of its
-/// transport header (RFC 792): all a translation reads and writes.
-pub const ICMP_ERROR_LEN: usize = ICMP_HDR_LEN + 20 + 8;
+/// An error's header, the quoted IPv4 header (its fixed 20 bytes) and the quoted 8 bytes of its
+/// transport header (RFC 792; behind the quoted header's options, if it has any): all a
+/// translation reads and writes, put together ([`gather`]).
+pub const ICMP_ERROR_LEN: usize = QUOTED_TRANSPORT + 8;
+/// Where, in those bytes, the quoted transport header's first bytes are.
+pub const QUOTED_TRANSPORT: usize = ICMP_HDR_LEN + 20;
 const DEST_UNREACHABLE: u8 = 3;
 const TIME_EXCEEDED: u8 = 11;
 const PARAMETER_PROBLEM: u8 = 12;
@@ -19,9 +22,9 @@ const FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
 const QUOTED_IP_CHECK: usize = ICMP_HDR_LEN + 10;
 const QUOTED_SADDR: usize = ICMP_HDR_LEN + 12;
 const QUOTED_DADDR: usize = ICMP_HDR_LEN + 16;
-const QUOTED_SPORT: usize = ICMP_HDR_LEN + 20;
-const QUOTED_DPORT: usize = ICMP_HDR_LEN + 22;
-const QUOTED_UDP_CHECK: usize = ICMP_HDR_LEN + 26;
+const QUOTED_SPORT: usize = QUOTED_TRANSPORT;
+const QUOTED_DPORT: usize = QUOTED_TRANSPORT + 2;
+const QUOTED_UDP_CHECK: usize = QUOTED_TRANSPORT + 6;
 
 /// The TCP/UDP/SCTP packet an ICMP error quotes (host order of the wire bytes).
 #[derive(Clone, Copy)]
@@ -31,19 +34,62 @@ pub struct Quoted {
     pub destination: (u32, u16),
 }
 
+/// Puts together in `error` the ICMP error whose header is at `at` in a packet: its header and
+/// the quoted header's fixed 20 bytes (`load_head`, the [`QUOTED_TRANSPORT`] bytes at `at`),
+/// then the 8 bytes of the quoted transport header past the quoted header's options
+/// (`load_transport`, given their offset). Returns where those lie; `None` when the message is
+/// no error, or its quote is no IPv4 header or ends before 8 transport bytes.
+#[inline(always)]
+pub fn gather(
+    error: &mut [u8; ICMP_ERROR_LEN],
+    at: usize,
+    load_head: impl FnOnce(&mut [u8; QUOTED_TRANSPORT]) -> bool,
+    load_transport: impl FnOnce(usize, &mut [u8; 8]) -> bool,
+) -> Option<usize> {
+    let (head, transport) = error.split_first_chunk_mut::<QUOTED_TRANSPORT>()?;
+    if !load_head(head) || !is_error(head[0]) {
+        return None;
+    }
+    let header_len = quoted_header_len(head[ICMP_HDR_LEN])?;
+    let transport_at = at + ICMP_HDR_LEN + header_len;
+    load_transport(transport_at, transport.first_chunk_mut()?).then_some(transport_at)
+}
+
+/// A gathered error's two parts as they lie in the packet: the error's header with the quoted
+/// header's fixed bytes (at the error's offset), and the quoted transport header's first bytes
+/// (where [`gather`] found them). Always `Some`: the lengths are constants.
+#[inline(always)]
+pub fn parts(error: &[u8; ICMP_ERROR_LEN]) -> Option<(&[u8; QUOTED_TRANSPORT], &[u8; 8])> {
+    let (head, transport) = error.split_first_chunk::<QUOTED_TRANSPORT>()?;
+    Some((head, transport.first_chunk()?))
+}
+
+/// The length of a quoted IPv4 header (its options included) by its first byte; `None` for
+/// another version or a length below 20.
+#[inline(always)]
+fn quoted_header_len(version_and_ihl: u8) -> Option<usize> {
+    let words = usize::from(version_and_ihl & 0x0f);
+    (version_and_ihl >> 4 == 4 && words >= 5).then_some(words * 4)
+}
+
+#[inline(always)]
+fn is_error(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        DEST_UNREACHABLE | TIME_EXCEEDED | PARAMETER_PROBLEM
+    )
+}
+
 /// What an ICMP error (destination unreachable, including fragmentation needed; time exceeded;
-/// parameter problem) quotes, when that is a TCP, UDP or SCTP packet whose IPv4 header has no
-/// options and which is not a fragment after the first (whose 8 quoted bytes are data, not
-/// ports) (an SCTP quote's CRC32c, past its first 8 bytes, is left as it is: the receiver's
-/// sctp_v4_err matches the ports and verification tag and never checks it); `None` for any
-/// other ICMP message.
+/// parameter problem) put together by [`gather`] quotes, when that is a TCP, UDP or SCTP packet
+/// which is not a fragment after the first (whose 8 quoted bytes are data, not ports) (an SCTP
+/// quote's CRC32c, past its first 8 bytes, is left as it is: the receiver's sctp_v4_err matches
+/// the ports and verification tag and never checks it); `None` for any other ICMP message.
 #[inline(always)]
 pub fn quoted(error: &[u8; ICMP_ERROR_LEN]) -> Option<Quoted> {
     let protocol = error[ICMP_HDR_LEN + 9];
-    if !matches!(
-        error[0],
-        DEST_UNREACHABLE | TIME_EXCEEDED | PARAMETER_PROBLEM
-    ) || error[ICMP_HDR_LEN] != 0x45
+    if !is_error(error[0])
+        || quoted_header_len(error[ICMP_HDR_LEN]).is_none()
         || u16_at(error, QUOTED_FRAGMENT) & FRAGMENT_OFFSET_MASK != 0
         || (protocol != proto::TCP && protocol != proto::UDP && protocol != proto::SCTP)
     {
@@ -287,6 +333,9 @@ fn put6<const N: usize>(bytes: &mut [u8; ICMP6_ERROR_LEN], at: usize, value: &[u
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::vec;
+
     use super::*;
 
     /// The one's complement sum of a buffer, computed from scratch (RFC 1071); 0 for a buffer
@@ -382,14 +431,17 @@ mod tests {
     }
 
     #[test]
-    fn only_errors_quoting_a_transport_header_without_ip_options_are_quotes() {
+    fn only_errors_quoting_a_transport_header_are_quotes() {
         let error = port_unreachable((1, 2), (3, 4));
         let mut echo_reply = error;
         echo_reply[0] = 0;
         assert!(quoted(&echo_reply).is_none());
-        let mut with_options = error;
-        with_options[ICMP_HDR_LEN] = 0x46;
-        assert!(quoted(&with_options).is_none());
+        let mut short_header = error;
+        short_header[ICMP_HDR_LEN] = 0x44;
+        assert!(quoted(&short_header).is_none());
+        let mut version6 = error;
+        version6[ICMP_HDR_LEN] = 0x65;
+        assert!(quoted(&version6).is_none());
         let mut icmp_in_icmp = error;
         icmp_in_icmp[ICMP_HDR_LEN + 9] = 1;
         assert!(quoted(&icmp_in_icmp).is_none());
@@ -456,5 +508,48 @@ mod tests {
             gather(&cut[..cut.len() - 4], &mut error).is_none(),
             "the quote ends inside the UDP header"
         );
+    }
+
+    #[test]
+    fn gather_puts_an_error_and_the_transport_header_behind_its_quotes_options_together() {
+        // A port unreachable at offset 4 of a buffer, quoting a header with 8 bytes of options.
+        let plain = port_unreachable((0x0a00_0001, 40000), (0x0a60_0001, 53));
+        let mut bytes = vec![0u8; 4];
+        bytes.extend_from_slice(&plain[..QUOTED_TRANSPORT]);
+        bytes.extend_from_slice(&[1, 1, 1, 0, 0, 0, 0, 0]);
+        bytes.extend_from_slice(&plain[QUOTED_TRANSPORT..]);
+        bytes[4 + ICMP_HDR_LEN] = 0x47;
+        let gather = |bytes: &[u8], error: &mut [u8; ICMP_ERROR_LEN]| {
+            let load_head = |head: &mut [u8; QUOTED_TRANSPORT]| {
+                head.copy_from_slice(&bytes[4..4 + QUOTED_TRANSPORT]);
+                true
+            };
+            let load_transport = |at: usize, transport: &mut [u8; 8]| match bytes.get(at..at + 8) {
+                Some(found) => {
+                    transport.copy_from_slice(found);
+                    true
+                }
+                None => false,
+            };
+            gather(error, 4, load_head, load_transport)
+        };
+        let mut error = [0u8; ICMP_ERROR_LEN];
+        let transport_at = gather(&bytes, &mut error).expect("an error quoting UDP");
+        assert_eq!(transport_at, 4 + QUOTED_TRANSPORT + 8);
+        assert_eq!(error[QUOTED_TRANSPORT..], plain[QUOTED_TRANSPORT..]);
+        let quote = quoted(&error).expect("a quote");
+        assert_eq!((quote.source.1, quote.destination.1), (40000, 53));
+        let (head, transport) = parts(&error).expect("constant lengths");
+        assert_eq!(
+            (&head[..], &transport[..]),
+            (&bytes[4..4 + QUOTED_TRANSPORT], &bytes[transport_at..])
+        );
+        assert!(
+            gather(&bytes[..bytes.len() - 1], &mut error).is_none(),
+            "the quote ends inside the UDP header"
+        );
+        let mut echo_reply = bytes.clone();
+        echo_reply[4] = 0;
+        assert!(gather(&echo_reply, &mut error).is_none(), "not an error");
     }
 }

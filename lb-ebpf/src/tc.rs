@@ -172,7 +172,7 @@ fn try_ipv4(ctx: &TcContext) -> Result<(), Event> {
     };
     let (tuple, l4_offset, fragment) = match packet {
         Packet::LaterFragment(key) => return later_fragment(ctx, &key),
-        Packet::IcmpError { source } => return icmp_error_from_endpoint(ctx, source),
+        Packet::IcmpError { source, at } => return icmp_error_from_endpoint(ctx, source, at),
         Packet::Segment {
             tuple,
             l4_offset,
@@ -432,8 +432,8 @@ enum Packet {
     },
     /// A later fragment of a TCP/UDP datagram: no transport header.
     LaterFragment(Frag4Key),
-    /// An unfragmented ICMP error without IP options, from `source`.
-    IcmpError { source: u32 },
+    /// An unfragmented ICMP message from `source`, at `at` (past the header's options).
+    IcmpError { source: u32, at: usize },
 }
 
 /// An ICMP error a local endpoint sends about a client's packet (e.g. port unreachable for a
@@ -442,8 +442,11 @@ enum Packet {
 /// the quoted source port of a remapped flow), the quoted IP and UDP checksums, the outer
 /// source and the ICMP checksum are rewritten. Anything else leaves untouched.
 #[inline(always)]
-fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
-    let Ok(mut error) = ctx.load::<[u8; ICMP_ERROR_LEN]>(ICMP_AT) else {
+fn icmp_error_from_endpoint(ctx: &TcContext, source: u32, at: usize) -> Result<(), Event> {
+    let mut error = [0u8; ICMP_ERROR_LEN];
+    let load_transport = |offset, bytes: &mut [u8; 8]| load_into(ctx, offset)(bytes);
+    let Some(transport_at) = icmp::gather(&mut error, at, load_into(ctx, at), load_transport)
+    else {
         return Ok(());
     };
     let Some(quote) = icmp::quoted(&error) else {
@@ -470,7 +473,9 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32) -> Result<(), Event> {
     };
     icmp::rewrite_quoted(&mut error, &quote, (client, from_port), frontend);
     let nat_failed = |_| Event::DROP_NAT_FAILED;
-    ctx.store(ICMP_AT, &error, 0).map_err(nat_failed)?;
+    let (head, transport) = icmp::parts(&error).ok_or(Event::DROP_NAT_FAILED)?;
+    ctx.store(at, head, 0).map_err(nat_failed)?;
+    ctx.store(transport_at, transport, 0).map_err(nat_failed)?;
     ctx.l3_csum_replace(
         ETH_HDR_LEN + IPV4_CSUM_OFFSET,
         u64::from(source.to_be()),
@@ -525,15 +530,8 @@ fn icmp6_error_from_endpoint(ctx: &TcContext, at: usize) -> Result<(), Event> {
     };
     let source = words_at(&fixed, 8);
     let mut error = [0u8; ICMP6_ERROR_LEN];
-    let load_head = |head: &mut [u8; icmp::QUOTED6_TRANSPORT]| match ctx.load(at) {
-        Ok(bytes) => {
-            *head = bytes;
-            true
-        }
-        Err(_) => false,
-    };
     let peek = |offset| ctx.load::<[u8; EXT_HDR_PEEK]>(offset).ok();
-    let Some(gathered) = icmp::gather6(&mut error, at, load_head, peek) else {
+    let Some(gathered) = icmp::gather6(&mut error, at, load_into(ctx, at), peek) else {
         return Ok(());
     };
     let Some(quote) = icmp::quoted6(&error, gathered.protocol) else {
@@ -578,8 +576,18 @@ fn icmp6_error_from_endpoint(ctx: &TcContext, at: usize) -> Result<(), Event> {
     Ok(())
 }
 
-/// Where an ICMP message starts (an IPv4 header without options).
-const ICMP_AT: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
+/// A loader of `N` bytes at `offset` into a buffer, through the helper, for [`icmp::gather`]
+/// and [`icmp::gather6`]; false when the packet ends first.
+#[inline(always)]
+fn load_into<const N: usize>(ctx: &TcContext, offset: usize) -> impl FnOnce(&mut [u8; N]) -> bool {
+    move |into| match ctx.load::<[u8; N]>(offset) {
+        Ok(bytes) => {
+            *into = bytes;
+            true
+        }
+        Err(_) => false,
+    }
+}
 
 /// `N` bytes at `offset`: read straight from the skb's linear data when they are in it (every
 /// egress packet goes through here, and bpf_skb_load_bytes is a helper call, 20-30 ns each),
@@ -610,8 +618,11 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     let saddr = u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]);
     let flags_fragment = u16::from_be_bytes([ip[6], ip[7]]);
     let unfragmented = flags_fragment & (IPV4_FRAG_OFFSET_MASK | IPV4_MORE_FRAGMENTS) == 0;
-    if protocol == IPPROTO_ICMP && unfragmented && header_len == IPV4_MIN_HDR_LEN {
-        return Some(Packet::IcmpError { source: saddr });
+    if protocol == IPPROTO_ICMP && unfragmented {
+        return Some(Packet::IcmpError {
+            source: saddr,
+            at: ETH_HDR_LEN + header_len,
+        });
     }
     if protocol != proto::TCP && protocol != proto::UDP && protocol != proto::SCTP {
         return None;

@@ -607,15 +607,23 @@ fn deliver<I: Ip>(
 /// parameter problem) about a packet of a translated flow goes to the host that sent that packet
 /// as it sent it, so that its socket learns of it (path-MTU discovery through a NodePort depends
 /// on it): the quoted header and ports, the quoted UDP checksum and the outer addresses are
-/// translated, with every checksum updated. Anything else passes untouched.
+/// translated, with every checksum updated. The quoted header may carry options: the error is
+/// read and written through helpers, at offsets the verifier need not follow. Anything else
+/// passes untouched.
 #[inline(always)]
 fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
-    let Some(error) = bytes_at_mut::<ICMP_ERROR_LEN>(ctx, ip.l4_offset) else {
+    let at = ip.l4_offset;
+    let mut error = [0u8; ICMP_ERROR_LEN];
+    let load_head = |head: &mut [u8; icmp::QUOTED_TRANSPORT]| load_bytes(ctx, at, head);
+    let load_transport = |offset, transport: &mut [u8; 8]| load_bytes(ctx, offset, transport);
+    let Some(transport_at) = icmp::gather(&mut error, at, load_head, load_transport) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    let Some(quote) = icmp::quoted(error) else {
+    let Some(quote) = icmp::quoted(&error) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    let error = &mut error;
+    let write_back = |error: &[u8; ICMP_ERROR_LEN]| write_icmp(ctx, (at, transport_at), error);
     if let Some(flow) = snat_flow_of_quote(ip, &quote) {
         // About a packet this node sent from a SNAT port to a remote backend: to the client,
         // about its packet to the frontend, from the frontend (as Linux NAT translates the outer
@@ -624,6 +632,7 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         let frontend = (flow.nat_addr, flow.nat_port);
         let (node_mac, client_mac) = (flow.node_mac, flow.client_mac);
         icmp::rewrite_quoted(error, &quote, client, frontend);
+        write_back(error)?;
         Ipv4Info::readdress(ctx, (ip.saddr, ip.daddr), (frontend.0, client.0))?;
         count_event(Event::ICMP_ERROR_TRANSLATED);
         return Ok(to_client::<Ipv4Info>(
@@ -658,6 +667,7 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         // backend, about its packet to that port, from this node's SNAT address.
         let snat = (entry.snat_addr, entry.snat_port);
         icmp::rewrite_quoted(error, &quote, backend, snat);
+        write_back(error)?;
         Ipv4Info::readdress(ctx, (ip.saddr, ip.daddr), (snat.0, backend.0))?;
         count_event(Event::ICMP_ERROR_TRANSLATED);
         return Ok(forward::<Ipv4Info>(ctx, IPPROTO_ICMP, snat.0, backend.0));
@@ -669,9 +679,23 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
         client_port
     };
     icmp::rewrite_quoted(error, &quote, backend, (client, to_port));
+    write_back(error)?;
     Ipv4Info::readdress(ctx, (ip.saddr, ip.daddr), (ip.saddr, backend.0))?;
     count_event(Event::ICMP_ERROR_TRANSLATED);
     Ok(xdp_action::XDP_PASS)
+}
+
+/// Writes a translated ICMP error back: its header with the quoted header's fixed bytes at
+/// `at`, the quoted transport header's first bytes at `transport_at`.
+#[inline(always)]
+fn write_icmp(
+    ctx: &XdpContext,
+    (at, transport_at): (usize, usize),
+    error: &[u8; ICMP_ERROR_LEN],
+) -> Result<(), Event> {
+    let (head, transport) = icmp::parts(error).ok_or(Event::DROP_MALFORMED)?;
+    store_bytes(ctx, at, head)?;
+    store_bytes(ctx, transport_at, transport)
 }
 
 /// [`icmp_error`] for ICMPv6 errors (types 1-4: destination unreachable, packet too big, time

@@ -239,15 +239,16 @@ pub fn fragments(frame: &[u8], first_len: usize) -> [Vec<u8>; 2] {
 }
 
 /// An ICMP error (`icmp_type`, `code`, the header's second word `rest`) from `src` to `dst`
-/// quoting the IPv4 header and the first 8 transport bytes of the frame `about`, as a router
-/// sends it (RFC 792); checksums by etherparse.
+/// quoting the IPv4 header (its options included) and the first 8 transport bytes of the frame
+/// `about`, as a router sends it (RFC 792); checksums by etherparse.
 pub fn icmp_error(
     src: std::net::Ipv4Addr,
     dst: std::net::Ipv4Addr,
     (icmp_type, code, rest): (u8, u8, [u8; 4]),
     about: &[u8],
 ) -> Vec<u8> {
-    let quote = &about[ETH_HDR_LEN..ETH_HDR_LEN + 28];
+    let header_len = usize::from(about[ETH_HDR_LEN] & 0x0f) * 4;
+    let quote = &about[ETH_HDR_LEN..ETH_HDR_LEN + header_len + 8];
     let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
         .ipv4(src.octets(), dst.octets(), TTL)
         .icmpv4_raw(icmp_type, code, rest);

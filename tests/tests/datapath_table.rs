@@ -2475,6 +2475,50 @@ fn icmp_errors_about_a_local_endpoints_flow_reach_the_endpoint_translated() {
                 Expect::Unchanged,
             ),
             case(
+                "fragmentation needed about a segment with IP options",
+                packet::icmp_error(
+                    router,
+                    NODE,
+                    fragmentation_needed,
+                    &packet::with_ip_options(&tcp_sent, &IP_OPTIONS),
+                ),
+                XDP_PASS,
+                Expect::Bytes(packet::icmp_error(
+                    router,
+                    *POD_A.ip(),
+                    fragmentation_needed,
+                    &packet::with_ip_options(&tcp_own, &IP_OPTIONS),
+                )),
+            ),
+            case(
+                "time exceeded about a udp datagram with IP options (its checksum quoted)",
+                packet::icmp_error(
+                    router,
+                    NODE,
+                    time_exceeded,
+                    &packet::with_ip_options(&udp_sent, &IP_OPTIONS),
+                ),
+                XDP_PASS,
+                Expect::Bytes(packet::icmp_error(
+                    router,
+                    *POD_A.ip(),
+                    time_exceeded,
+                    &packet::with_ip_options(&udp_own, &IP_OPTIONS),
+                )),
+            ),
+            case(
+                "fragmentation needed with IP options of its own",
+                packet::with_ip_options(
+                    &packet::icmp_error(router, NODE, fragmentation_needed, &tcp_sent),
+                    &IP_OPTIONS,
+                ),
+                XDP_PASS,
+                Expect::Bytes(packet::with_ip_options(
+                    &packet::icmp_error(router, *POD_A.ip(), fragmentation_needed, &tcp_own),
+                    &IP_OPTIONS,
+                )),
+            ),
+            case(
                 "about a later fragment whose first data bytes look like the flow's ports",
                 packet::icmp_error(
                     router,
@@ -2495,7 +2539,7 @@ fn icmp_errors_about_a_local_endpoints_flow_reach_the_endpoint_translated() {
     );
     assert_eq!(
         datapath.events().expect("events")["icmp_error_translated"],
-        2
+        5
     );
 }
 
@@ -2558,6 +2602,34 @@ fn icmp_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
                 )),
             ),
             case(
+                "port unreachable about a udp datagram with IP options",
+                packet::icmp_error(
+                    *POD_A.ip(),
+                    *CLIENT.ip(),
+                    port_unreachable,
+                    &packet::with_ip_options(&udp_received, &IP_OPTIONS),
+                ),
+                TC_ACT_OK,
+                Expect::Bytes(packet::icmp_error(
+                    NODE,
+                    *CLIENT.ip(),
+                    port_unreachable,
+                    &packet::with_ip_options(&udp_sent, &IP_OPTIONS),
+                )),
+            ),
+            case(
+                "port unreachable with IP options of its own, about a udp datagram",
+                packet::with_ip_options(
+                    &packet::icmp_error(*POD_A.ip(), *CLIENT.ip(), port_unreachable, &udp_received),
+                    &IP_OPTIONS,
+                ),
+                TC_ACT_OK,
+                Expect::Bytes(packet::with_ip_options(
+                    &packet::icmp_error(NODE, *CLIENT.ip(), port_unreachable, &udp_sent),
+                    &IP_OPTIONS,
+                )),
+            ),
+            case(
                 "about no tracked flow",
                 packet::icmp_error(*POD_A.ip(), *CLIENT.ip(), port_unreachable, &untracked),
                 TC_ACT_OK,
@@ -2567,7 +2639,7 @@ fn icmp_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
     );
     assert_eq!(
         datapath.events().expect("events")["icmp_error_translated"],
-        2
+        4
     );
 }
 
@@ -2618,6 +2690,32 @@ fn icmp_errors_about_snat_flows_reach_the_client_and_the_remote_backend_translat
             lab::table::diff(&want, &run.packet)
         );
     }
+
+    // The same with IP options on the client's segment (XDP keeps them).
+    let request_sent = packet::with_ip_options(&request_sent, &IP_OPTIONS);
+    let mut want = packet::icmp_error(
+        *FRONTEND.ip(),
+        *CLIENT.ip(),
+        fragmentation_needed,
+        &packet::with_ip_options(&request, &IP_OPTIONS),
+    );
+    want[0..6].copy_from_slice(&packet::CLIENT_MAC);
+    want[6..12].copy_from_slice(&packet::NODE_MAC);
+    want[packet::ETH_HDR_LEN + 8] -= 1;
+    packet::fix_ip_checksum(&mut want);
+    let run = fixture.xdp(&packet::icmp_error(
+        router,
+        NODE,
+        fragmentation_needed,
+        &request_sent,
+    ));
+    assert_eq!(run.verdict, XDP_TX, "quoting IP options");
+    assert_eq!(
+        run.packet,
+        want,
+        "quoting IP options:\n{}",
+        lab::table::diff(&want, &run.packet)
+    );
 
     // Towards the client, the backend's answer left from the frontend; an error about it goes
     // to the backend, about its answer to the SNAT port, from this node's SNAT address.
@@ -2671,7 +2769,7 @@ fn icmp_errors_about_snat_flows_reach_the_client_and_the_remote_backend_translat
     }
     assert_eq!(
         fixture.datapath.events().expect("events")["icmp_error_translated"],
-        4
+        5
     );
 }
 

@@ -165,6 +165,60 @@ fn two_udp_clients_sharing_a_tiny_snat_range_never_get_each_others_answers() {
     );
 }
 
+/// A UDP datagram with IP options (the client sets them on its socket) through a NodePort to a
+/// local endpoint with no socket on the port: the endpoint's port unreachable quotes the
+/// datagram's header, options and all, and tc must find the quoted UDP header behind them to
+/// translate it. Translated, it reaches the client's connected socket as ECONNREFUSED;
+/// untranslated (the quote names the pod), the socket never hears of it and times out.
+#[test]
+fn a_port_unreachable_quoting_ip_options_reaches_the_udp_client_through_a_node_port() {
+    use std::os::fd::AsRawFd;
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    // Port 9 (discard) on the pod: nothing listens there.
+    let closed = udp_service("closed", "10.96.0.56", 30056, pod_addr(1, 0), "node1").replace(
+        &format!("port: {POD_PORT}, protocol: UDP}}"),
+        "port: 9, protocol: UDP}",
+    );
+    setup.apply("closed.yaml", &closed).expect("apply");
+    let before = setup.events().expect("events");
+    {
+        let _inside = setup.cluster.client.enter().expect("enter the client");
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        // No operation (1) three times, then End of Options List (0): one 4-byte word.
+        let options = [1u8, 1, 1, 0];
+        // SAFETY: a valid socket and a buffer of the length given.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_OPTIONS,
+                options.as_ptr().cast(),
+                options.len() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "IP_OPTIONS: {}", std::io::Error::last_os_error());
+        socket
+            .connect(format!("{}:30056", node_addr(1)))
+            .expect("connect");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        socket.send(b"query").expect("send");
+        let error = socket.recv(&mut [0u8; 64]).expect_err("port unreachable");
+        assert_eq!(
+            error.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{error}"
+        );
+    }
+    let after = setup.events().expect("events");
+    assert!(
+        after["icmp_error_translated"] > before["icmp_error_translated"],
+        "the endpoint's error was translated: before {before:?}, after {after:?}"
+    );
+}
+
 /// A client behind a router whose link to it has a smaller MTU than the client's own, so the
 /// client's SYN promises segments that hop cannot carry: only ICMP fragmentation needed from the
 /// router tells the sender.
