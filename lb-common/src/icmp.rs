@@ -60,7 +60,16 @@ pub fn gather(
 /// (where [`gather`] found them). Always `Some`: the lengths are constants.
 #[inline(always)]
 pub fn parts(error: &[u8; ICMP_ERROR_LEN]) -> Option<(&[u8; QUOTED_TRANSPORT], &[u8; 8])> {
-    let (head, transport) = error.split_first_chunk::<QUOTED_TRANSPORT>()?;
+    split_at_transport(error)
+}
+
+/// `error` cut where the quoted transport header's bytes start (`HEAD`), for [`parts`] and
+/// [`parts6`].
+#[inline(always)]
+fn split_at_transport<const HEAD: usize, const LEN: usize>(
+    error: &[u8; LEN],
+) -> Option<(&[u8; HEAD], &[u8; 8])> {
+    let (head, transport) = error.split_first_chunk::<HEAD>()?;
     Some((head, transport.first_chunk()?))
 }
 
@@ -249,11 +258,8 @@ pub fn gather6(
 /// fixed header (at the error's offset), and the quoted transport header's first bytes (at
 /// [`Gathered6::transport_at`]). Always `Some`: the lengths are constants.
 #[inline(always)]
-pub fn parts6(
-    error: &[u8; ICMP6_ERROR_LEN],
-) -> Option<(&[u8; QUOTED6_TRANSPORT], &[u8; ipv6::EXT_HDR_PEEK])> {
-    let (head, transport) = error.split_first_chunk::<QUOTED6_TRANSPORT>()?;
-    Some((head, transport.first_chunk()?))
+pub fn parts6(error: &[u8; ICMP6_ERROR_LEN]) -> Option<(&[u8; QUOTED6_TRANSPORT], &[u8; 8])> {
+    split_at_transport(error)
 }
 
 /// Rewrites an ICMPv6 error's quoted packet's source and destination (address and port) to
