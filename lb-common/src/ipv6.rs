@@ -133,6 +133,18 @@ pub fn step(next_header: u8, peek: &[u8; EXT_HDR_PEEK]) -> Step {
     }
 }
 
+/// Whether the header of type `header_type` whose first 8 bytes are `peek` is a Routing header
+/// with segments left: the fixed header's destination is then the next hop of a source route,
+/// not where the packet ends (RFC 8200 section 4.4), and the transport checksum's pseudo-header
+/// holds the final destination. Such a packet is not the datapath's to translate.
+#[inline(always)]
+pub fn routes_on(header_type: u8, peek: &[u8; EXT_HDR_PEEK]) -> bool {
+    header_type == next_header::ROUTING && peek[ROUTING_SEGMENTS_LEFT] != 0
+}
+
+/// Where a Routing header says how many of its addresses are still to be visited.
+const ROUTING_SEGMENTS_LEFT: usize = 3;
+
 /// The upper-layer header a walk reached: its protocol, where it starts and its first 8 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UpperLayer {
@@ -238,6 +250,7 @@ pub fn transport(packet: &[u8]) -> Result<Transport, Truncated> {
                 });
             }
             _ if peek.is_none() => return Err(Truncated),
+            _ if peek.is_some_and(|peek| routes_on(next, peek)) => return Ok(Transport::Other),
             Step::Extension { next_header, len } => {
                 next = next_header;
                 offset += len;
@@ -466,6 +479,15 @@ mod tests {
             "Hop-by-Hop, Destination Options (16 bytes), Routing (24 bytes), UDP",
             packet(next_header::HOP_BY_HOP, &hbh_dest_routing),
             at(proto::UDP, 40 + 8 + 16 + 24, None),
+        ));
+        let mut routing_on = options(proto::UDP, 3);
+        routing_on[2] = 4;
+        routing_on[3] = 1;
+        routing_on.extend_from_slice(&UDP_HEADER);
+        rows.push((
+            "a Routing header with a segment left: the destination is a next hop",
+            packet(next_header::ROUTING, &routing_on),
+            Ok(Transport::Other),
         ));
 
         // AH: Payload Len 4 -> (4 + 2) * 4 = 24 bytes.

@@ -233,13 +233,15 @@ pub enum Ipv6Packet {
 }
 
 /// Parses an IPv6 header at `ETH_HDR_LEN` and walks its extension headers to the transport
-/// header ([`lb_common::ipv6::step`], at most [`lb_common::ipv6::MAX_EXT_HEADERS`]). `None` for
+/// header ([`lb_common::ipv6::step`], at most [`lb_common::ipv6::MAX_EXT_HEADERS`]); a Routing
+/// header with segments left ends the walk (`Other`: the packet is on its way elsewhere,
+/// [`lb_common::ipv6::routes_on`]). `None` for
 /// a packet the stack would drop: shorter than the fixed header, not version 6 or with a
 /// payload past the frame (net/ipv6/ip6_input.c, ip6_rcv_core), or an extension header cut
 /// short. A payload length of 0 (a jumbogram, RFC 2675) is left to the stack.
 #[inline(always)]
 pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
-    use lb_common::ipv6::{EXT_HDR_PEEK, MAX_EXT_HEADERS, Step, next_header, step};
+    use lb_common::ipv6::{EXT_HDR_PEEK, MAX_EXT_HEADERS, Step, next_header, routes_on, step};
     let ip = bytes_at::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN)?;
     let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
     if ip[0] >> 4 != 6 {
@@ -270,6 +272,9 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
             return Some(Ipv6Packet::Transport(info));
         }
         let peek = bytes_at::<EXT_HDR_PEEK>(ctx, info.l4_offset)?;
+        if routes_on(info.proto, peek) {
+            return Some(Ipv6Packet::Other);
+        }
         match step(info.proto, peek) {
             Step::Extension { next_header, len } => {
                 info.proto = next_header;

@@ -177,6 +177,26 @@ pub fn with_options_header(frame: &[u8], kind: u8, words: usize) -> Vec<u8> {
     insert_after_fixed_header(frame, kind, &header)
 }
 
+/// `frame` with a Segment Routing header (RFC 8754: a Routing header of type 4) of one segment,
+/// 24 bytes, inserted right after the fixed header, `segments_left` of its addresses still to
+/// visit. The transport checksum stays right for 0 (the fixed header's destination is the
+/// final one), and is the final destination's (the segment's, here unspecified) otherwise.
+pub fn with_routing_header(frame: &[u8], segments_left: u8) -> Vec<u8> {
+    const SEGMENT_ROUTING: u8 = 4;
+    let mut header = vec![
+        frame[ETH_HDR_LEN + 6],
+        2,
+        SEGMENT_ROUTING,
+        segments_left,
+        0,
+        0,
+        0,
+        0,
+    ];
+    header.extend_from_slice(&[0; 16]);
+    insert_after_fixed_header(frame, next_header::ROUTING, &header)
+}
+
 /// `frame` with a Fragment header inserted right after the fixed header: `offset_units` (8-byte
 /// units), More Fragments, identification `id`. The bytes after it are kept as they are (a test
 /// fragment, not a real cut).

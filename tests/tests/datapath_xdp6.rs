@@ -227,6 +227,21 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             Expect::Bytes(translated[4].clone()),
         ),
         case(
+            "tcp syn behind a routing header with no segment left: this node is the destination",
+            packet6::with_routing_header(&tcp(client(40004), FRONTEND, TcpFlags::SYN, b""), 0),
+            XDP_PASS,
+            Expect::Bytes(packet6::with_routing_header(
+                &tcp(client(40004), POD_A, TcpFlags::SYN, b""),
+                0,
+            )),
+        ),
+        case(
+            "tcp syn behind a routing header with a segment left: on its way elsewhere",
+            packet6::with_routing_header(&tcp(client(40005), FRONTEND, TcpFlags::SYN, b""), 1),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
             "ipv6 frame whose header is not version 6: dropped as the stack would",
             lab::packet::non_ip(0x86dd, 60),
             XDP_DROP,
