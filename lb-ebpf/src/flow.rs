@@ -245,7 +245,7 @@ pub fn live_destination<F: Family>(
     // a new flow).
     let flow_entry = F::conntrack().get_ptr_mut(&client_key(tuple));
     if let Some(flow) = live_flow_of(flow_entry, tuple, now) {
-        if let Some(destination) = follow(ctx, ip, tuple, flow, arrival, now)? {
+        if let Some(destination) = follow(ctx, ip, tuple, flow, || *arrival, now)? {
             return Ok(Ok(destination));
         }
         count_event(Event::CT_FLOW_RESTARTED);
@@ -374,14 +374,16 @@ pub fn admitted_by_source_ranges<A: CtAddr>(entry: *mut CtValue<A>) -> Option<u3
 }
 
 /// Where a packet of a live flow (from [`live_flow`]) goes, its state moved on; None when its
-/// reply tuple serves another flow now, so that the flow must start over.
+/// reply tuple serves another flow now, so that the flow must start over. `arrival` is asked
+/// for only when a lost REPLY entry is written again: reading the NIC (three dependent loads
+/// from the context) and the MACs on every packet cost the established path for nothing.
 #[inline(always)]
 pub fn follow<F: Family>(
     ctx: &XdpContext,
     ip: &impl IpHeader,
     tuple: &Tuple<F>,
     entry: *mut CtValue<F::Addr>,
-    arrival: &Arrival,
+    arrival: impl FnOnce() -> Arrival,
     now: u64,
 ) -> Result<Option<Destination<F>>, Event> {
     // SAFETY: as in live_flow.
@@ -516,7 +518,7 @@ fn continues<F: Family>(entry: &CtValue<F::Addr>, tuple: &Tuple<F>, now: u64) ->
 fn keeps_reply_half<F: Family>(
     original: &mut CtValue<F::Addr>,
     tuple: &Tuple<F>,
-    arrival: &Arrival,
+    arrival: impl FnOnce() -> Arrival,
     now: u64,
 ) -> bool {
     let key = reply_key_of(original, tuple);
@@ -540,7 +542,7 @@ fn keeps_reply_half<F: Family>(
                 original,
                 original.flags & REPLY_FLAGS,
                 tuple,
-                arrival,
+                &arrival(),
                 now,
             );
             if F::conntrack().insert(&key, reply, BPF_NOEXIST).is_ok() {

@@ -541,7 +541,7 @@ fn established<I: Ip>(
     {
         return Err(Event::DROP_SOURCE_RANGE);
     }
-    match follow(ctx, ip, tuple, flow, &arrival(ctx, eth), now)? {
+    match follow(ctx, ip, tuple, flow, || arrival(ctx, eth), now)? {
         Some(destination) => deliver(ctx, ip, tuple, &destination).map(Some),
         None => Ok(None),
     }
