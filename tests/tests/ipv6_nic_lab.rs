@@ -857,10 +857,21 @@ fn ipv6_path_mtu_discovery_through_a_node_port_reaches(endpoint_node: u8) {
     }
     .run(&far, None)
     .expect("client");
-    report.assert_all_ok("20 KB answers over a 1400-byte hop");
+    assert_answered_past_the_hop(&setup, &report, endpoint_node, "20 KB answers");
+}
+
+/// What a path-MTU test checks once its client ran: every request answered, all by the one
+/// endpoint on `endpoint_node`, and the router's errors translated on the way.
+fn assert_answered_past_the_hop(
+    setup: &AgentLab,
+    report: &ClientReport,
+    endpoint_node: u8,
+    answers: &str,
+) {
+    report.assert_all_ok(&format!("{answers} over a 1400-byte hop"));
     let server = format!("n{endpoint_node}p0");
     assert_eq!(report.servers(), [server.as_str()].into());
-    let events = events(&setup);
+    let events = events(setup);
     assert!(events["icmp_error_translated"] >= 1, "{events:?}");
 }
 
@@ -902,11 +913,7 @@ fn ipv6_udp_path_mtu_discovery_through_a_node_port_reaches(endpoint_node: u8) {
     // The first answers are lost to the hop until the endpoint hears of it.
     wait_until_answered(&far, big(1));
     let report = big(10).run(&far, None).expect("client");
-    report.assert_all_ok("4 KB answers over a 1400-byte hop");
-    let server = format!("n{endpoint_node}p0");
-    assert_eq!(report.servers(), [server.as_str()].into());
-    let events = events(&setup);
-    assert!(events["icmp_error_translated"] >= 1, "{events:?}");
+    assert_answered_past_the_hop(&setup, &report, endpoint_node, "4 KB answers");
 }
 
 #[test]
