@@ -309,8 +309,8 @@ pub struct Packet6 {
 pub struct Icmp6Headers {
     pub header: [u8; lb_ebpf::packet::IPV6_HDR_LEN],
     pub error: [u8; lb_common::icmp::ICMP6_ERROR_LEN],
-    /// Where the ICMPv6 header is, and the quoted transport header and its protocol.
-    pub at: usize,
+    /// Where the quoted transport header is, and its protocol (the ICMPv6 message itself is
+    /// at [`Packet6::ip`]'s transport offset).
     pub quoted_transport_at: usize,
     pub quoted_proto: u8,
 }

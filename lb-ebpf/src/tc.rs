@@ -97,8 +97,8 @@ pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
     // A TCP, UDP or SCTP packet right after the fixed header (the common case) is no error and
     // pays no call to find out.
     let icmp6_error = match read::<1>(&ctx, ETH_HDR_LEN + 6) {
-        Some([next]) if is_transport(next) => NO_ICMP6_ERROR,
-        _ => icmp6_error_at(&ctx),
+        Some([next]) if !is_transport(next) => icmp6_error_at(&ctx, next),
+        _ => NO_ICMP6_ERROR,
     };
     let result = if icmp6_error != NO_ICMP6_ERROR {
         icmp6_error_from_endpoint(&ctx, icmp6_error)
@@ -939,24 +939,24 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
     })
 }
 
-/// Where the ICMPv6 error of an IPv6 frame starts, or [`NO_ICMP6_ERROR`] when the frame is no
-/// ICMPv6 error (behind extension headers or not; not a fragment). A BPF function of its own,
+/// Where the ICMPv6 error of an IPv6 frame whose first header after the fixed one is
+/// `first_header` starts, or [`NO_ICMP6_ERROR`] when the frame is no ICMPv6 error (behind
+/// extension headers or not; not a fragment). A BPF function of its own,
 /// one number back: inlined, the walk's locals pushed `lb_tc_egress6`'s frame and the calls
 /// under it past 512 bytes.
 #[inline(never)]
-fn icmp6_error_at(ctx: &TcContext) -> usize {
-    icmp6_error_offset(ctx).unwrap_or(NO_ICMP6_ERROR)
+fn icmp6_error_at(ctx: &TcContext, first_header: u8) -> usize {
+    icmp6_error_offset(ctx, first_header).unwrap_or(NO_ICMP6_ERROR)
 }
 
 const NO_ICMP6_ERROR: usize = 0;
 
 #[inline(always)]
-fn icmp6_error_offset(ctx: &TcContext) -> Option<usize> {
-    let next = read::<1>(ctx, ETH_HDR_LEN + 6)?[0];
-    let at = if next == next_header::ICMPV6 {
+fn icmp6_error_offset(ctx: &TcContext, first_header: u8) -> Option<usize> {
+    let at = if first_header == next_header::ICMPV6 {
         PLAIN_L4_OFFSET
     } else {
-        let walked = walk(ctx, next)?;
+        let walked = walk(ctx, first_header)?;
         if walked.next != next_header::ICMPV6 || walked.first_fragment || walked.later_fragment {
             return None;
         }

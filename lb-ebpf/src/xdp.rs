@@ -727,7 +727,7 @@ fn icmp6_error(ctx: &XdpContext) -> Result<u32, Event> {
         // About a packet this node sent from a SNAT port to a remote backend (a Packet Too Big
         // from a router on the way, most often): to the client, out of the NIC it came in on.
         translate_icmp6(&mut packet.icmp6, flow, Icmp6To::Client)?;
-        write_icmp6(ctx, &packet.icmp6)?;
+        write_icmp6(ctx, packet.ip.l4_offset, &packet.icmp6)?;
         return Ok(to_client::<Ipv6Info>(
             ctx,
             flow.client_nic,
@@ -740,11 +740,11 @@ fn icmp6_error(ctx: &XdpContext) -> Result<u32, Event> {
     };
     if entry.flags & ct_flags::SNAT != 0 {
         translate_icmp6(&mut packet.icmp6, entry, Icmp6To::RemoteBackend)?;
-        write_icmp6(ctx, &packet.icmp6)?;
+        write_icmp6(ctx, packet.ip.l4_offset, &packet.icmp6)?;
         return Ok(forward_icmp6(ctx, entry));
     }
     translate_icmp6(&mut packet.icmp6, entry, Icmp6To::LocalBackend)?;
-    write_icmp6(ctx, &packet.icmp6)?;
+    write_icmp6(ctx, packet.ip.l4_offset, &packet.icmp6)?;
     Ok(xdp_action::XDP_PASS)
 }
 
@@ -760,7 +760,6 @@ fn gather_icmp6(ctx: &XdpContext, at: usize, icmp6: &mut Icmp6Headers) -> bool {
     let Some(gathered) = icmp::gather6(&mut icmp6.error, at, load_head, peek) else {
         return false;
     };
-    icmp6.at = at;
     icmp6.quoted_proto = gathered.protocol;
     icmp6.quoted_transport_at = gathered.transport_at;
     true
@@ -798,12 +797,13 @@ fn store_bytes<const N: usize>(
 }
 
 /// Writes the translated headers back into the packet: the fixed header, the error's header
-/// with the quoted fixed header, and the quoted transport header's first bytes.
+/// with the quoted fixed header (at `at`, where the ICMPv6 message starts), and the quoted
+/// transport header's first bytes.
 #[inline(always)]
-fn write_icmp6(ctx: &XdpContext, icmp6: &Icmp6Headers) -> Result<(), Event> {
+fn write_icmp6(ctx: &XdpContext, at: usize, icmp6: &Icmp6Headers) -> Result<(), Event> {
     *bytes_at_mut::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)? = icmp6.header;
     let (head, transport) = icmp::parts6(&icmp6.error).ok_or(Event::DROP_MALFORMED)?;
-    store_bytes(ctx, icmp6.at, head)?;
+    store_bytes(ctx, at, head)?;
     store_bytes(ctx, icmp6.quoted_transport_at, transport)
 }
 
