@@ -1,11 +1,15 @@
-//! Maglev as docs/maglev.md specifies it, implemented apart from the agent and the datapath
-//! (other crates for SipHash and MurmurHash3) for tests to check their choices against.
+//! Maglev's lookup table and flow hash as docs/maglev.md specifies them, implemented apart from
+//! the agent and the datapath (other crates for SipHash and MurmurHash3) for tests to check their
+//! choices against.
 
-/// A Maglev lookup table of `m` slots by pseudocode 1 of Eisenbud et al., "Maglev: A Fast and
-/// Reliable Software Network Load Balancer" (NSDI 2016, section 3.4), as docs/maglev.md
-/// specifies it: backends in the order of their identities, offset and skip from SipHash-1-3
-/// (the `siphasher` crate) of the identity under the documented keys. Returns, for each slot,
-/// the index into `identities` of its backend.
+/// A lookup table of `m` slots as docs/maglev.md specifies it: each backend's preference list
+/// is Maglev's permutation (Eisenbud et al., NSDI 2016, section 3.4), offset and skip from
+/// SipHash-1-3 (the `siphasher` crate) of the identity under the documented keys; in round `j`
+/// every backend below its cap (105% of `m / n` rounded down, or `m / n` rounded up if more), in
+/// the order of the identities, takes its list's `j`-th slot if it is free; then every backend
+/// below its floor (85% of `m / n` rounded up, or `m / n` rounded down if less) walks its list
+/// from the start and takes the slots of backends holding more than `m / n` rounded down. Returns,
+/// for each slot, the index into `identities` of its backend.
 pub fn table(identities: &[String], m: usize) -> Vec<usize> {
     use std::hash::Hasher as _;
     let siphash = |key: &[u8; 16], data: &[u8]| {
@@ -15,35 +19,51 @@ pub fn table(identities: &[String], m: usize) -> Vec<usize> {
         hasher.write(data);
         hasher.finish()
     };
-    let mut order: Vec<usize> = (0..identities.len()).collect();
+    let n = identities.len();
+    let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| identities[a].cmp(&identities[b]));
-    let permutation: Vec<(usize, usize)> = order
+    let lists: Vec<Vec<usize>> = order
         .iter()
         .map(|&i| {
             let identity = identities[i].as_bytes();
             let offset = siphash(b"lb-maglev-offset", identity) % m as u64;
             let skip = siphash(b"lb-maglev-skip!!", identity) % (m as u64 - 1) + 1;
-            (offset as usize, skip as usize)
+            (0..m as u64)
+                .map(|j| ((offset + j * skip) % m as u64) as usize)
+                .collect()
         })
         .collect();
-    let mut next = vec![0usize; order.len()];
-    let mut entry: Vec<Option<usize>> = vec![None; m];
-    let mut filled = 0;
-    loop {
-        for (turn, &(offset, skip)) in permutation.iter().enumerate() {
-            let mut c = (offset + next[turn] * skip) % m;
-            while entry[c].is_some() {
-                next[turn] += 1;
-                c = (offset + next[turn] * skip) % m;
-            }
-            entry[c] = Some(order[turn]);
-            next[turn] += 1;
-            filled += 1;
-            if filled == m {
-                return entry.into_iter().map(|e| e.expect("filled")).collect();
+    let cap = ((m * 105) / (n * 100)).max(m.div_ceil(n));
+    let floor = (m * 85).div_ceil(n * 100).min(m / n);
+    let mut owner: Vec<Option<usize>> = vec![None; m];
+    let mut held = vec![0usize; n];
+    for j in 0..m {
+        for (turn, list) in lists.iter().enumerate() {
+            let backend = order[turn];
+            if held[backend] < cap && owner[list[j]].is_none() {
+                owner[list[j]] = Some(backend);
+                held[backend] += 1;
             }
         }
     }
+    for (turn, list) in lists.iter().enumerate() {
+        let backend = order[turn];
+        for &slot in list {
+            if held[backend] >= floor {
+                break;
+            }
+            let other = owner[slot].expect("every slot raced for");
+            if other != backend && held[other] > m / n {
+                owner[slot] = Some(backend);
+                held[other] -= 1;
+                held[backend] += 1;
+            }
+        }
+    }
+    owner
+        .into_iter()
+        .map(|o| o.expect("every slot raced for"))
+        .collect()
 }
 
 /// The flow hash docs/maglev.md specifies: MurmurHash3 x86_32 (the `murmur3` crate), seed
@@ -88,4 +108,33 @@ pub fn flow_hash6(
     }
     let seed = u32::from_le_bytes(*b"lbfh");
     murmur3::murmur3_32(&mut std::io::Cursor::new(bytes), seed).expect("hashing a buffer")
+}
+
+#[cfg(test)]
+mod tests {
+    /// The agent's generator gives the tables this one does, at the sizes the datapath gives
+    /// 1 to 300 backends and at sizes where the caps and floors round differently.
+    #[test]
+    fn the_agent_builds_the_same_tables() {
+        for (n, m) in [
+            (1, 251),
+            (2, 251),
+            (3, 509),
+            (10, 1021),
+            (33, 1021),
+            (100, 16381),
+            (250, 16381),
+            (300, 32749),
+        ] {
+            let identities: Vec<String> = (0..n)
+                .map(|i| format!("10.244.{}.{}:8080/6", i / 250, i % 250 + 1))
+                .collect();
+            let agent: Vec<usize> = lb_userspace::datapath::maglev::table(&identities, m as u32)
+                .expect("table")
+                .into_iter()
+                .map(|owner| owner as usize)
+                .collect();
+            assert!(agent == super::table(&identities, m), "N={n} M={m}");
+        }
+    }
 }

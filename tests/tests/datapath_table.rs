@@ -646,7 +646,7 @@ fn maglev_services_pick_the_backend_the_lookup_table_gives() {
         ..Default::default()
     };
     datapath.put_service(&service).expect("maglev service");
-    // The same table, built here by the paper's pseudocode from the backends' identities, with
+    // The same table, built here as docs/maglev.md specifies it from the backends' identities, with
     // hash implementations that are not the agent's.
     let identities: Vec<String> = pods
         .iter()

@@ -61,6 +61,13 @@ pub enum MaglevError {
 /// below `size - 1 < u32::MAX`.
 const EMPTY: u32 = u32::MAX;
 
+/// The busiest backend owns at most this many percent of its share of the slots (its share:
+/// `size * weight / total weight`), or the share rounded up where that is more.
+pub const CAP_PERCENT: u64 = 105;
+/// A backend the race left below this many percent of its share (rounded up, at most its share
+/// rounded down) takes slots back from backends above their share.
+pub const FLOOR_PERCENT: u64 = 85;
+
 /// Builds the Maglev lookup table: entry `i` is the index (into `backends`) of the backend that
 /// owns slot `i`.
 ///
@@ -70,16 +77,34 @@ const EMPTY: u32 = u32::MAX;
 /// filling), so every node computes the same owner for every slot. Empty `backends` give an empty
 /// table. `size` must be prime and larger than `backends.len()`; identities must be distinct.
 ///
-/// Each backend gets `floor(size / n)` or `ceil(size / n)` slots, exactly: the busiest backend
-/// is within 5% of the mean whenever `size >= 20 * n`.
+/// Each backend owns at most [`CAP_PERCENT`] of its share `size / n` (or `ceil(size / n)`
+/// slots), and at least [`FLOOR_PERCENT`] of it (or `floor(size / n)`): the busiest backend is
+/// within 5% of the mean whenever `size >= 20 * n`. Removing or adding one backend moves about
+/// 1.0-1.3x the slots that must move (docs/maglev.md).
 pub fn table(backends: &[impl AsRef<[u8]>], size: u32) -> Result<Vec<u32>, MaglevError> {
     let weights = vec![1; backends.len()];
     weighted_table(backends, &weights, size)
 }
 
-/// As [`table`], each backend with a weight: in every round of the fill a backend takes as many
-/// slots as its weight (Katran's weighted Maglev), so it owns a share of the table
-/// proportional to it. Weights of 0 count as 1; `weights` has one per backend.
+/// One of a backend's preference lists: Maglev's permutation `(offset + j * skip) % size`,
+/// `next` its `j`-th slot. A backend of weight `w` races with `w` of them.
+struct Racer {
+    /// Index into the caller's `backends`.
+    backend: usize,
+    next: u64,
+    skip: u64,
+}
+
+/// As [`table`], each backend with a weight: its share of the slots is proportional to it
+/// (`size * weight / total`), within the same bounds. A backend races with as many preference
+/// lists as its weight. Weights of 0 count as 1; `weights` has one per backend.
+///
+/// The fill (docs/maglev.md has why it is not the paper's): each backend has Maglev's
+/// preference list, a permutation of the slots. In round `j = 0, 1, ..` every list, in the
+/// backends' sorted order, whose backend holds fewer slots than its cap looks at its `j`-th slot
+/// and takes it if nobody owns it: a slot goes to the list that reaches it first. Then every
+/// backend below its floor walks its first list from the start and takes the slots of backends
+/// holding more than their share, until it reaches the floor.
 pub fn weighted_table(
     backends: &[impl AsRef<[u8]>],
     weights: &[u32],
@@ -89,8 +114,9 @@ pub fn weighted_table(
     if !is_prime(size) {
         return Err(MaglevError::NotPrime(size));
     }
-    let turns: u64 = weights.iter().map(|&weight| u64::from(weight.max(1))).sum();
-    if turns >= u64::from(size) {
+    let weights: Vec<u64> = weights.iter().map(|&w| u64::from(w.max(1))).collect();
+    let total: u64 = weights.iter().sum();
+    if total >= u64::from(size) {
         return Err(MaglevError::TooSmall {
             size,
             backends: backends.len(),
@@ -100,7 +126,7 @@ pub fn weighted_table(
         return Ok(Vec::new());
     }
 
-    // Filling order: the backends' bytes, so the result does not depend on the caller's order.
+    // Racing order: the backends' bytes, so the result does not depend on the caller's order.
     let mut order: Vec<usize> = (0..backends.len()).collect();
     order.sort_unstable_by(|&a, &b| backends[a].as_ref().cmp(backends[b].as_ref()));
     if let Some(pair) = order
@@ -113,40 +139,121 @@ pub fn weighted_table(
         });
     }
 
-    // permutation[i][j] = (offset_i + j * skip_i) % M; `next` is permutation[i][next[i]] itself,
-    // advanced by one skip at a time (no multiplication, no division in the loop).
     let m = u64::from(size);
-    let mut lists: Vec<(u32, u64, u64, u32)> = order
+    let share = |backend: usize| Share::of(m, weights[backend], total);
+    let mut racers: Vec<Racer> = order
         .iter()
-        .map(|&index| {
-            let identity = backends[index].as_ref();
-            let offset = siphash13(OFFSET_KEY, identity) % m;
-            let skip = siphash13(SKIP_KEY, identity) % (m - 1) + 1;
-            (index as u32, offset, skip, weights[index].max(1))
+        .flat_map(|&backend| {
+            let identity = backends[backend].as_ref();
+            (0..weights[backend]).map(move |list| {
+                let (next, skip) = preference_list(identity, list, m);
+                Racer {
+                    backend,
+                    next,
+                    skip,
+                }
+            })
         })
         .collect();
-
+    let caps: Vec<u64> = (0..backends.len()).map(|b| share(b).cap()).collect();
+    let mut held = vec![0u64; backends.len()];
     let mut entry = vec![EMPTY; size as usize];
     let mut filled: u64 = 0;
-    // Round robin: each backend in turn takes the next slots of its list that nobody owns yet,
-    // one per unit of its weight. The inner loop ends: while a slot is empty, every list (a full
-    // permutation) still reaches it.
-    loop {
-        for (index, next, skip, weight) in &mut lists {
-            for _ in 0..*weight {
-                let mut candidate = *next;
-                while entry[candidate as usize] != EMPTY {
-                    candidate = advance(candidate, *skip, m);
-                }
-                entry[candidate as usize] = *index;
-                *next = advance(candidate, *skip, m);
+    // At most `m` rounds: the caps add up to at least `m`, so some backend never fills up, and
+    // its lists, each a full permutation, reach every slot within `m` rounds.
+    'race: for _round in 0..m {
+        for racer in &mut racers {
+            if held[racer.backend] >= caps[racer.backend] {
+                continue;
+            }
+            let slot = racer.next as usize;
+            racer.next = advance(racer.next, racer.skip, m);
+            if entry[slot] == EMPTY {
+                entry[slot] = racer.backend as u32;
+                held[racer.backend] += 1;
                 filled += 1;
                 if filled == m {
-                    return Ok(entry);
+                    break 'race;
                 }
             }
         }
+        racers.retain(|racer| held[racer.backend] < caps[racer.backend]);
     }
+    debug_assert_eq!(filled, m, "every slot raced for");
+
+    // The floor: a backend below it takes back the slots it prefers most from backends above
+    // their share. While one is below, some other is above (the shares add up to `m`), and its
+    // first list reaches every slot.
+    for &backend in &order {
+        let floor = share(backend).floor();
+        if held[backend] >= floor {
+            continue;
+        }
+        let (mut slot, skip) = preference_list(backends[backend].as_ref(), 0, m);
+        while held[backend] < floor {
+            let owner = entry[slot as usize] as usize;
+            if owner != backend && held[owner] > share(owner).rounded_down() {
+                entry[slot as usize] = backend as u32;
+                held[owner] -= 1;
+                held[backend] += 1;
+            }
+            slot = advance(slot, skip, m);
+        }
+    }
+    Ok(entry)
+}
+
+/// A backend's share of a table: `m * weight / total` slots, kept as a fraction.
+#[derive(Clone, Copy)]
+struct Share {
+    numerator: u128,
+    denominator: u128,
+}
+
+impl Share {
+    fn of(m: u64, weight: u64, total: u64) -> Self {
+        Share {
+            numerator: u128::from(m) * u128::from(weight),
+            denominator: u128::from(total),
+        }
+    }
+
+    fn rounded_down(self) -> u64 {
+        (self.numerator / self.denominator) as u64
+    }
+
+    fn percent(self, percent: u64, round_up: bool) -> u64 {
+        let numerator = self.numerator * u128::from(percent);
+        let denominator = self.denominator * 100;
+        let value = if round_up {
+            numerator.div_ceil(denominator)
+        } else {
+            numerator / denominator
+        };
+        value as u64
+    }
+
+    /// The most slots the backend may take in the race: [`CAP_PERCENT`] of its share, at least
+    /// the share rounded up (so that the caps add up to at least the table).
+    fn cap(self) -> u64 {
+        let rounded_up = self.numerator.div_ceil(self.denominator) as u64;
+        self.percent(CAP_PERCENT, false).max(rounded_up)
+    }
+
+    /// The fewest slots the backend ends with: [`FLOOR_PERCENT`] of its share, at most the share
+    /// rounded down (what a backend the floor takes slots from keeps).
+    fn floor(self) -> u64 {
+        self.percent(FLOOR_PERCENT, true).min(self.rounded_down())
+    }
+}
+
+/// The first slot and the skip of a backend's preference list number `list`: list 0 from the
+/// identity's hashes under [`OFFSET_KEY`] and [`SKIP_KEY`] (Maglev's), list `k` with the keys'
+/// first word xored with `k` (a weighted backend's further lists).
+fn preference_list(identity: &[u8], list: u64, m: u64) -> (u64, u64) {
+    let offset = siphash13((OFFSET_KEY.0 ^ list, OFFSET_KEY.1), identity) % m;
+    let skip = siphash13((SKIP_KEY.0 ^ list, SKIP_KEY.1), identity) % (m - 1) + 1;
+    (offset, skip)
 }
 
 /// The tag of a table of `size` slots with these owners (backend ids): FNV-1a over the size and
@@ -273,18 +380,20 @@ mod tests {
         counts
     }
 
-    /// Every slot owned by a backend, each backend with floor(M/N) or ceil(M/N) slots; returns
-    /// busiest / mean.
+    /// Every slot owned by a backend, each backend within its floor and cap; returns busiest /
+    /// mean.
     fn check_balance(n: usize, size: u32) -> f64 {
         let backends = endpoints(0..n);
         let table = table(&backends, size).unwrap();
         assert_eq!(table.len(), size as usize);
         let counts = slot_counts(&table, n);
-        let floor = size / n as u32;
-        let ceil = size.div_ceil(n as u32);
+        let share = Share::of(u64::from(size), 1, n as u64);
+        let (floor, cap) = (share.floor(), share.cap());
         assert!(
-            counts.iter().all(|&c| c == floor || c == ceil),
-            "N={n} M={size}: counts outside [{floor}, {ceil}]"
+            counts
+                .iter()
+                .all(|&c| (floor..=cap).contains(&u64::from(c))),
+            "N={n} M={size}: counts outside [{floor}, {cap}]"
         );
         assert_eq!(
             counts.iter().map(|&c| u64::from(c)).sum::<u64>(),
@@ -292,6 +401,22 @@ mod tests {
         );
         let mean = f64::from(size) / n as f64;
         f64::from(*counts.iter().max().unwrap()) / mean
+    }
+
+    /// The bounds themselves: 105% of the share rounded down, or the share rounded up; 85%
+    /// rounded up, or the share rounded down.
+    #[test]
+    fn caps_and_floors() {
+        let share = |m: u64, w: u64, total: u64| {
+            let s = Share::of(m, w, total);
+            (s.floor(), s.rounded_down(), s.cap())
+        };
+        assert_eq!(share(1021, 1, 10), (87, 102, 107)); // 102.1: 86.8 .. 107.2
+        assert_eq!(share(16381, 1, 100), (140, 163, 172)); // 163.81: 139.2 .. 172.0005
+        assert_eq!(share(1021, 9, 10), (782, 918, 964)); // 918.9: 781.1 .. 964.8
+        assert_eq!(share(3, 1, 2), (1, 1, 2)); // 1.5: the share's rounding wins
+        assert_eq!(share(16381, 1, 861), (17, 19, 20)); // 19.03: 105% is 19.98
+        assert_eq!(share(7, 1, 1), (6, 7, 7)); // 85% of 7 is 5.95
     }
 
     #[test]
@@ -315,9 +440,10 @@ mod tests {
             let ratio = check_balance(n, LARGE_TABLE_SIZE);
             assert!(ratio > 1.05, "N={n}: busiest/mean {ratio}");
         }
-        // The exact bound, from the floor/ceil guarantee checked above: busiest/mean <= 1.05
-        // <=> 20 * ceil(M/N) * N <= 21 * M. It holds for every N <= M/20, and further: up to 860
-        // backends at 16381 slots, up to 3440 at 65537.
+        // The exact bound, from the caps checked above: the cap is 105% of the share unless the
+        // share rounded up is more, so busiest/mean <= 1.05 <=> 20 * ceil(M/N) * N <= 21 * M. It
+        // holds for every N <= M/20, and further: up to 860 backends at 16381 slots, up to 3440
+        // at 65537. Past it, the race fills some backend up to the share rounded up.
         let holds = |n: u64, m: u64| 20 * m.div_ceil(n) * n <= 21 * m;
         let first_failure = |m: u32| (1..).find(|&n| !holds(n, u64::from(m))).unwrap();
         assert_eq!(first_failure(DEFAULT_TABLE_SIZE), 861);
@@ -328,9 +454,9 @@ mod tests {
         assert!(check_balance(3441, LARGE_TABLE_SIZE) > 1.05);
     }
 
-    /// Weighted: each backend owns a share of the table proportional to its weight (within the
-    /// slots one round hands out), the same table whatever the order, and weights of 1 give
-    /// the unweighted table.
+    /// Weighted: each backend owns a share of the table proportional to its weight (within its
+    /// floor and cap), the same table whatever the order, and weights of 1 give the unweighted
+    /// table.
     #[test]
     fn weights_give_proportional_shares() {
         let backends = endpoints(0..3);
@@ -338,13 +464,9 @@ mod tests {
         let size = 1021;
         let table = weighted_table(&backends, &weights, size).unwrap();
         let counts = slot_counts(&table, 3);
-        let total: u32 = weights.iter().sum();
-        for (count, weight) in counts.iter().zip(weights) {
-            let expected = f64::from(size) * f64::from(weight) / f64::from(total);
-            assert!(
-                (f64::from(*count) - expected).abs() <= f64::from(total),
-                "{counts:?} for weights {weights:?}"
-            );
+        // Shares 612.6, 68.1, 340.3: floors 85% rounded up, caps 105% rounded down.
+        for (count, (floor, cap)) in counts.iter().zip([(521, 643), (58, 71), (290, 357)]) {
+            assert!((floor..=cap).contains(count), "{counts:?}");
         }
         let reversed: Vec<String> = backends.iter().rev().cloned().collect();
         let reversed_table = weighted_table(&reversed, &[5, 1, 9], size).unwrap();
@@ -446,42 +568,70 @@ mod tests {
         assert_eq!(table(&bytes, DEFAULT_TABLE_SIZE).unwrap(), a);
     }
 
-    /// The paper's pseudocode 1 literally: permutation tables, `next` indices.
-    fn reference_table(backends: &[String], size: u32) -> Vec<u32> {
-        let mut order: Vec<usize> = (0..backends.len()).collect();
-        order.sort_by(|&a, &b| backends[a].cmp(&backends[b]));
+    /// The fill as docs/maglev.md states it, written out plainly: every preference list as a
+    /// table, rounds indexed by position, shares compared in rationals through
+    /// cross-multiplication.
+    fn reference_table(backends: &[String], weights: &[u64], size: u32) -> Vec<u32> {
         let m = size as usize;
-        let permutation: Vec<Vec<usize>> = order
+        let total: u64 = weights.iter().sum();
+        let mut sorted: Vec<usize> = (0..backends.len()).collect();
+        sorted.sort_by(|&a, &b| backends[a].cmp(&backends[b]));
+        let list = |backend: usize, k: u64| -> Vec<usize> {
+            let bytes = backends[backend].as_bytes();
+            let offset = siphash13((OFFSET_KEY.0 ^ k, OFFSET_KEY.1), bytes) % m as u64;
+            let skip = siphash13((SKIP_KEY.0 ^ k, SKIP_KEY.1), bytes) % (m as u64 - 1) + 1;
+            (0..m as u64)
+                .map(|j| ((offset + j * skip) % m as u64) as usize)
+                .collect()
+        };
+        let lists: Vec<(usize, Vec<usize>)> = sorted
             .iter()
-            .map(|&i| {
-                let offset = (siphash13(OFFSET_KEY, backends[i].as_bytes()) % m as u64) as usize;
-                let skip =
-                    (siphash13(SKIP_KEY, backends[i].as_bytes()) % (m as u64 - 1) + 1) as usize;
-                (0..m).map(|j| (offset + j * skip) % m).collect()
-            })
+            .flat_map(|&b| (0..weights[b]).map(move |k| (b, k)))
+            .map(|(b, k)| (b, list(b, k)))
             .collect();
-        let mut next = vec![0usize; order.len()];
-        let mut entry = vec![-1i64; m];
-        let mut n = 0;
-        loop {
-            for i in 0..order.len() {
-                let mut c = permutation[i][next[i]];
-                while entry[c] >= 0 {
-                    next[i] += 1;
-                    c = permutation[i][next[i]];
-                }
-                entry[c] = order[i] as i64;
-                next[i] += 1;
-                n += 1;
-                if n == m {
-                    return entry.into_iter().map(|e| e as u32).collect();
+        // share = m * w / total; cap: the most c with 100 c <= 105 share, or the least c >= share;
+        // floor: the least c with 100 c >= 85 share, or the most c <= share.
+        let scaled = |b: usize| m as u64 * weights[b];
+        let cap = |b: usize| {
+            let most = (0..)
+                .take_while(|c| 100 * c * total <= 105 * scaled(b))
+                .last();
+            let least = (0..).find(|c| c * total >= scaled(b));
+            most.unwrap().max(least.unwrap())
+        };
+        let floor = |b: usize| {
+            let least = (0..).find(|c| 100 * c * total >= 85 * scaled(b)).unwrap();
+            least.min(scaled(b) / total)
+        };
+        let caps: Vec<u64> = (0..backends.len()).map(cap).collect();
+        let mut owner: Vec<Option<usize>> = vec![None; m];
+        let mut held = vec![0u64; backends.len()];
+        for j in 0..m {
+            for (b, list) in &lists {
+                if held[*b] < caps[*b] && owner[list[j]].is_none() {
+                    owner[list[j]] = Some(*b);
+                    held[*b] += 1;
                 }
             }
         }
+        for &b in &sorted {
+            for &slot in &list(b, 0) {
+                if held[b] >= floor(b) {
+                    break;
+                }
+                let o = owner[slot].unwrap();
+                if o != b && held[o] * total > scaled(o) - scaled(o) % total {
+                    owner[slot] = Some(b);
+                    held[o] -= 1;
+                    held[b] += 1;
+                }
+            }
+        }
+        owner.into_iter().map(|o| o.unwrap() as u32).collect()
     }
 
     #[test]
-    fn matches_the_papers_pseudocode() {
+    fn matches_the_written_definition() {
         for (n, size) in [
             (1, 2),
             (2, 3),
@@ -490,12 +640,22 @@ mod tests {
             (50, 251),
             (250, 251),
             (7, 4093),
+            (100, 16381),
         ] {
             let backends = endpoints(0..n);
             assert_eq!(
                 table(&backends, size).unwrap(),
-                reference_table(&backends, size),
+                reference_table(&backends, &vec![1; n], size),
                 "N={n} M={size}"
+            );
+        }
+        let backends = endpoints(0..4);
+        for weights in [[9, 1, 1, 1], [1, 2, 3, 4], [30, 1, 7, 2]] {
+            let weights_u32: Vec<u32> = weights.iter().map(|&w| w as u32).collect();
+            assert_eq!(
+                weighted_table(&backends, &weights_u32, 1021).unwrap(),
+                reference_table(&backends, &weights, 1021),
+                "weights {weights:?}"
             );
         }
     }
@@ -523,8 +683,8 @@ mod tests {
     }
 
     const GOLDEN_PREFIX: &[u32] = &[6, 0, 1, 0, 8, 7, 9, 1, 6, 8, 1, 7, 6, 2, 3, 1];
-    const GOLDEN_CHECKSUM: u64 = 0x2abe_6d6e_3be4_5b2c;
-    const GOLDEN_CHECKSUM_IDS: u64 = 0xa81d_8105_fbff_c270;
+    const GOLDEN_CHECKSUM: u64 = 0xbb6a_debd_4398_f352;
+    const GOLDEN_CHECKSUM_IDS: u64 = 0x4a9a_73ba_e706_e1d4;
 
     /// Fraction of slots whose owner changed, and of those the ones whose old and new owners
     /// are both in both sets (moves that consistent hashing should avoid).
@@ -542,58 +702,54 @@ mod tests {
         (changed.len() as f64 / m, unnecessary as f64 / m)
     }
 
-    /// Removing or adding one backend: the slots that must move do (all of the removed one's, a
-    /// fair share for the new one), and the moves between backends present before and after
-    /// (Maglev is not minimally disruptive) stay small. Measured here (one removal, one addition):
-    /// at M=16381 about 0.5% of the table for N=10, 1.3% for N=100, 0.6% for N=1000; at M=65537
-    /// 0.2%, 0.6%, 0.6%. Both stay under 2/N up to N=30 at either size, and up to N=100 at 65537;
-    /// above, the extra moves exceed the ideal 1/N (docs/maglev.md has the averaged figures).
+    /// Removing or adding one backend at the table size the datapath gives N backends (about
+    /// 100 slots each): the slots that must move do (all of the removed one's, the new one's
+    /// share), and everything that moves stays within 1.5/N of the table (1.5/(N+1) for an
+    /// addition); 2/N at 300 backends, whose table (32749 slots) gives each only 109, so that
+    /// more of them reach their cap. docs/maglev.md has the means over ten changes.
     #[test]
     fn minimal_disruption() {
-        for size in [DEFAULT_TABLE_SIZE, LARGE_TABLE_SIZE] {
-            for n in [3, 10, 30, 100, 1000] {
-                let all = endpoints(0..n + 1);
-                let base = &all[..n];
-                let before = table(base, size).unwrap();
-                let before = owners(&before, base);
-                let set: BTreeSet<&str> = base.iter().map(String::as_str).collect();
-                let ideal = 1.0 / n as f64;
-                let within_2_n = n <= 30 || (n <= 100 && size == LARGE_TABLE_SIZE);
+        for n in [2, 3, 10, 30, 100, 300, 1000] {
+            let bound = if n == 300 { 2.0 } else { 1.5 };
+            let size = lb_common::maglev::table_size(n as u32, None);
+            let all = endpoints(0..n + 1);
+            let base = &all[..n];
+            let before = table(base, size).unwrap();
+            let before = owners(&before, base);
+            let set: BTreeSet<&str> = base.iter().map(String::as_str).collect();
 
-                // Remove one (from the middle of the sorted order): its slots all move.
-                let mut fewer = base.to_vec();
-                let removed = fewer.remove(n / 2);
-                let after = table(&fewer, size).unwrap();
-                let after = owners(&after, &fewer);
-                let own = before.iter().filter(|&&o| o == removed).count();
-                assert!(
-                    before
-                        .iter()
-                        .zip(&after)
-                        .all(|(&old, &new)| old != removed || new != removed)
-                );
-                let mut both = set.clone();
-                both.remove(removed.as_str());
-                let (changed, unnecessary) = moved(&before, &after, &both);
-                assert!((changed - unnecessary - own as f64 / f64::from(size)).abs() < 1e-9);
-                assert!(unnecessary < 0.02, "remove N={n} M={size}: {unnecessary}");
-                assert!(
-                    !within_2_n || changed < 2.0 * ideal,
-                    "remove N={n} M={size}: {changed}"
-                );
+            // Remove one (from the middle of the sorted order): its slots all move.
+            let mut fewer = base.to_vec();
+            let removed = fewer.remove(n / 2);
+            let after = table(&fewer, size).unwrap();
+            let after = owners(&after, &fewer);
+            let own = before.iter().filter(|&&o| o == removed).count();
+            assert!(
+                before
+                    .iter()
+                    .zip(&after)
+                    .all(|(&old, &new)| old != removed || new != removed)
+            );
+            let mut both = set.clone();
+            both.remove(removed.as_str());
+            let (changed, unnecessary) = moved(&before, &after, &both);
+            assert!((changed - unnecessary - own as f64 / f64::from(size)).abs() < 1e-9);
+            assert!(
+                changed <= bound / n as f64,
+                "remove N={n} M={size}: {changed}"
+            );
 
-                // Add one: it takes floor or ceil of M/(N+1) slots.
-                let after = table(&all, size).unwrap();
-                let after = owners(&after, &all);
-                let (changed, unnecessary) = moved(&before, &after, &set);
-                let taken = after.iter().filter(|&&o| o == all[n]).count() as u32;
-                assert!(taken == size / (n as u32 + 1) || taken == size.div_ceil(n as u32 + 1));
-                assert!(unnecessary < 0.02, "add N={n} M={size}: {unnecessary}");
-                assert!(
-                    !within_2_n || changed < 2.0 * ideal,
-                    "add N={n} M={size}: {changed}"
-                );
-            }
+            // Add one: it takes its share, within its floor and cap.
+            let after = table(&all, size).unwrap();
+            let after = owners(&after, &all);
+            let (changed, _) = moved(&before, &after, &set);
+            let taken = after.iter().filter(|&&o| o == all[n]).count() as u64;
+            let share = Share::of(u64::from(size), 1, n as u64 + 1);
+            assert!((share.floor()..=share.cap()).contains(&taken));
+            assert!(
+                changed <= bound / (n + 1) as f64,
+                "add N={n} M={size}: {changed}"
+            );
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use lb_userspace::datapath::maglev;
 
 const FLOWS: usize = 1_000_000;
-const BACKENDS: [usize; 4] = [2, 10, 100, 1000];
+const BACKENDS: [usize; 7] = [2, 10, 30, 100, 300, 1000, 4096];
 /// Removals (of backends spread over the list) and additions (of different new
 /// backends) measured per (N, M).
 const TRIALS: usize = 10;
@@ -92,17 +92,20 @@ fn main() -> anyhow::Result<()> {
         "one backend removed / added, mean of up to {TRIALS} different ones; moved = % of the table (slots) or of the flows"
     );
     println!(
-        "{:>6} {:>5} {:>9} {:>9} | {:>26} {:>8} {:>7} | {:>26} {:>8} {:>7}",
+        "{:>6} {:>5} {:>9} {:>8} {:>8} | {:>25} {:>8} {:>7} {:>13} | {:>22} {:>8} {:>7} {:>13}",
         "M",
         "N",
         "build ms",
         "busiest",
+        "least",
         "remove: slots (unneeded)",
         "flows",
         "1/N",
+        "x 1/N (worst)",
         "add: slots (unneeded)",
         "flows",
-        "1/(N+1)"
+        "1/(N+1)",
+        "x ideal (worst)"
     );
     let mut rows = Vec::new();
     for n in BACKENDS {
@@ -168,19 +171,24 @@ fn main() -> anyhow::Result<()> {
             let ideal_addition = 1.0 / (n + 1) as f64;
 
             println!(
-                "{:>6} {:>5} {:>9.3} {:>+8.2}% | {:>15.3}% ({:>6.3}%) {:>7.3}% {:>6.3}% | {:>15.3}% ({:>6.3}%) {:>7.3}% {:>6.3}%",
+                "{:>6} {:>5} {:>9.3} {:>+7.2}% {:>+7.2}% | {:>14.3}% ({:>6.3}%) {:>7.3}% {:>6.3}% {:>6.2} ({:>4.2}) | {:>11.3}% ({:>6.3}%) {:>7.3}% {:>6.3}% {:>6.2} ({:>4.2})",
                 size,
                 n,
                 ms(build),
                 pct(busiest - 1.0),
+                pct(least - 1.0),
                 pct(removal.mean.slots),
                 pct(removal.mean.unnecessary),
                 pct(removal.mean.flows),
                 pct(ideal_removal),
+                removal.mean.flows / ideal_removal,
+                removal.worst.flows / ideal_removal,
                 pct(addition.mean.slots),
                 pct(addition.mean.unnecessary),
                 pct(addition.mean.flows),
                 pct(ideal_addition),
+                addition.mean.flows / ideal_addition,
+                addition.worst.flows / ideal_addition,
             );
             rows.push(serde_json::json!({
                 "table_size": size,
