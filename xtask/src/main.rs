@@ -152,6 +152,7 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .args(["build", "--release", "--package", "lb-tests"])
         .args(["--bin", "lb-bench", "--bin", "lb-bench-live"])
         .args(["--bin", "lb-bench-forward", "--bin", "lb-bench-control"])
+        .args(["--bin", "lb-bench-maglev"])
         .args(["--bin", "lb-bench-e2e", "--bin", "lab-peer"])
         .args(["--package", "lb-userspace", "--bin", "lb"])
         .current_dir(root))?;
@@ -204,6 +205,10 @@ fn bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
             .arg("--out")
             .arg(dir.join("control-maglev.json")),
     )?;
+    // Maglev's tables: balance, disruption and build time (pure computation, seconds).
+    run(Command::new(target.join("release").join("lb-bench-maglev"))
+        .arg("--out")
+        .arg(dir.join("maglev.json")))?;
     let control = step.elapsed();
     // End to end in the lab: lb, kube-proxy-shaped iptables and nftables rules, straight to a
     // pod; reads control.json for the rule-loading comparison.

@@ -34,6 +34,7 @@ pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyh
     let monitor = read_json(&dir.join("monitor.json"));
     let control = read_json(&dir.join("control.json"));
     let control_maglev = read_json(&dir.join("control-maglev.json"));
+    let maglev = read_json(&dir.join("maglev.json"));
     let e2e = read_json(&dir.join("e2e.json"));
     let live = read_json(&dir.join("live.json"));
     let forward = read_json(&dir.join("forward.json"));
@@ -64,6 +65,7 @@ pub(crate) fn write(dir: &Path, commit: &str, timings: Option<&Timings>) -> anyh
         forward: forward.as_ref(),
         control: control.as_ref(),
         control_maglev: control_maglev.as_ref(),
+        maglev: maglev.as_ref(),
         e2e: e2e.as_ref(),
     };
     let summary = summary(commit, timings, &results, &plots);
@@ -125,6 +127,8 @@ struct Results<'a> {
     control: Option<&'a Value>,
     /// lb-bench-control --maglev: every Service with Maglev.
     control_maglev: Option<&'a Value>,
+    /// lb-bench-maglev: the tables' balance and disruption.
+    maglev: Option<&'a Value>,
     e2e: Option<&'a Value>,
 }
 
@@ -141,6 +145,7 @@ fn summary(
         forward,
         control,
         control_maglev,
+        maglev,
         e2e,
     } = *results;
     let mut out = String::from("# cargo xtask bench: summary\n\n");
@@ -219,6 +224,9 @@ fn summary(
     }
     if let Some(control) = control_maglev {
         maglev_control_targets(&mut out, control);
+    }
+    if let Some(maglev) = maglev {
+        maglev_table_targets(&mut out, maglev);
     }
     if let Some(timings) = timings {
         let _ = writeln!(
@@ -537,6 +545,57 @@ fn maglev_control_targets(out: &mut String, control: &Value) {
             f(control, "change_p90_ms").unwrap_or(f64::NAN),
         );
     }
+}
+
+/// Backend counts at which docs/maglev.md's targets are judged.
+const MAGLEV_TARGET_BACKENDS: [f64; 4] = [2.0, 10.0, 100.0, 1000.0];
+
+/// Maglev's tables at the sizes the datapath gives: the busiest backend within 5% of the mean,
+/// and removing one backend moving at most 1.5/N of the flows (mean of the removals measured).
+fn maglev_table_targets(out: &mut String, maglev: &Value) {
+    let rows: Vec<&Value> = maglev
+        .get("rows")
+        .and_then(Value::as_array)
+        .map(|rows| {
+            rows.iter()
+                .filter(|row| MAGLEV_TARGET_BACKENDS.contains(&f(row, "backends").unwrap_or(0.0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let busiest = |row: &Value| f(row, "busiest_over_mean").unwrap_or(f64::NAN);
+    let removal = |row: &Value| {
+        let removal = row.get("remove_one").unwrap_or(&Value::Null);
+        let moved = f(removal, "flows_moved_pct").unwrap_or(f64::NAN);
+        moved / f(removal, "ideal_flows_moved_pct").unwrap_or(f64::NAN)
+    };
+    let figures = |what: &dyn Fn(&Value) -> String| {
+        rows.iter()
+            .map(|row| format!("N={} {}", f(row, "backends").unwrap_or(0.0), what(row)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "| Maglev: busiest backend within 5% of the mean (N = 2, 10, 100, 1000) | {} | {} |",
+        standing(
+            &rows
+                .iter()
+                .map(|row| busiest(row) <= 1.05)
+                .collect::<Vec<_>>()
+        ),
+        figures(&|row| format!("{:+.2}%", (busiest(row) - 1.0) * 100.0)),
+    );
+    let _ = writeln!(
+        out,
+        "| Maglev: removing one of N backends moves <= 1.5/N of the flows | {} | {} (multiples of 1/N, mean of the removals) |",
+        standing(
+            &rows
+                .iter()
+                .map(|row| removal(row) <= 1.5)
+                .collect::<Vec<_>>()
+        ),
+        figures(&|row| format!("{:.2}x", removal(row))),
+    );
 }
 
 fn control_targets(out: &mut String, control: &Value) {
@@ -1219,6 +1278,35 @@ fn e2e_latency_plot(e2e: &Value) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Maglev rows judge N = 2, 10, 100, 1000 only, on the mean removal over its ideal.
+    #[test]
+    fn maglev_table_rows() {
+        let row = |backends: u32, busiest: f64, moved: f64, ideal: f64| {
+            serde_json::json!({
+                "backends": backends,
+                "busiest_over_mean": busiest,
+                "remove_one": {"flows_moved_pct": moved, "ideal_flows_moved_pct": ideal},
+            })
+        };
+        let maglev = serde_json::json!({"rows": [
+            row(2, 1.004, 50.0, 50.0),
+            row(10, 1.048, 10.5, 10.0),
+            row(100, 1.05, 1.13, 1.0),
+            row(300, 1.2, 0.9, 0.333),
+            row(1000, 1.045, 0.16, 0.1),
+        ]});
+        let mut out = String::new();
+        maglev_table_targets(&mut out, &maglev);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "| Maglev: busiest backend within 5% of the mean (N = 2, 10, 100, 1000) | met | N=2 +0.40%, N=10 +4.80%, N=100 +5.00%, N=1000 +4.50% |",
+                "| Maglev: removing one of N backends moves <= 1.5/N of the flows | **partly met** (3 of 4) | N=2 1.00x, N=10 1.05x, N=100 1.13x, N=1000 1.60x (multiples of 1/N, mean of the removals) |",
+            ]
+        );
+    }
 
     #[test]
     fn standing_words() {

@@ -10,10 +10,12 @@
 //! backend, selecting as the datapath does (`slot = flow_hash(5-tuple) % M`), next to the ideal
 //! (1/N of the flows for a removal, 1/(N+1) for an addition); mean over up to 10 different
 //! removals and additions, the worst in the JSON. (b) balance: slots of the busiest backend over
-//! the mean (target: at most 5% above). (c) the median time to build the table.
+//! the mean (target: at most 5% above), and the least busy's. (c) the median time to build the
+//! table.
 //!
-//! `cargo build --release -p lb-tests --bin lb-bench-maglev && target/release/lb-bench-maglev`;
-//! prints a table and writes target/bench/maglev.json.
+//! `cargo build --release -p lb-tests --bin lb-bench-maglev && target/release/lb-bench-maglev`
+//! (`cargo xtask bench` runs it too); prints a table and writes target/bench/maglev.json, or the
+//! path after `--out`.
 
 use std::time::{Duration, Instant};
 
@@ -212,13 +214,16 @@ fn main() -> anyhow::Result<()> {
         "selection": "slot = maglev::flow_hash(saddr, daddr, sport, dport, proto) % M",
         "rows": rows,
     });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("maglev.json"),
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    println!("wrote {}", dir.join("maglev.json").display());
+    let out = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
+        [] => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/maglev.json"),
+        [flag, path] if flag == "--out" => std::path::PathBuf::from(path),
+        _ => anyhow::bail!("usage: lb-bench-maglev [--out PATH]"),
+    };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", out.display());
     Ok(())
 }
 
