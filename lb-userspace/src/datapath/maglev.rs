@@ -79,8 +79,9 @@ pub const FLOOR_PERCENT: u64 = 85;
 ///
 /// Each backend owns at most [`CAP_PERCENT`] of its share `size / n` (or `ceil(size / n)`
 /// slots), and at least [`FLOOR_PERCENT`] of it (or `floor(size / n)`): the busiest backend is
-/// within 5% of the mean whenever `size >= 20 * n`. Removing or adding one backend moves about
-/// 1.0-1.3x the slots that must move (docs/maglev.md).
+/// within 5% of the mean whenever `size >= 20 * n`. Removing or adding one backend moves
+/// 1.0-1.4x the slots that must move at the sizes the datapath gives, more where each backend
+/// has fewer slots (docs/maglev.md).
 pub fn table(backends: &[impl AsRef<[u8]>], size: u32) -> Result<Vec<u32>, MaglevError> {
     let weights = vec![1; backends.len()];
     weighted_table(backends, &weights, size)
@@ -182,15 +183,15 @@ pub fn weighted_table(
     debug_assert_eq!(filled, m, "every slot raced for");
 
     // The floor: a backend below it takes back the slots it prefers most from backends above
-    // their share. While one is below, some other is above (the shares add up to `m`), and its
-    // first list reaches every slot.
+    // their share. One pass over its first list is enough: while it is below its share, others
+    // hold more than theirs (the shares add up to `m`), and they only lose slots meanwhile.
     for &backend in &order {
         let floor = share(backend).floor();
-        if held[backend] >= floor {
-            continue;
-        }
         let (mut slot, skip) = preference_list(backends[backend].as_ref(), 0, m);
-        while held[backend] < floor {
+        for _ in 0..m {
+            if held[backend] >= floor {
+                break;
+            }
             let owner = entry[slot as usize] as usize;
             if owner != backend && held[owner] > share(owner).rounded_down() {
                 entry[slot as usize] = backend as u32;
