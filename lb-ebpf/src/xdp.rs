@@ -64,23 +64,26 @@ pub fn lb_xdp_udp(ctx: XdpContext) -> u32 {
     verdict(&ctx, try_lb_xdp::<{ proto::UDP }>(&ctx))
 }
 
-/// The datapath for IPv6, tail-called by `lb_xdp` for every IPv6 frame: TCP itself, UDP and
-/// SCTP through tail calls to `lb_xdp6_udp` and `lb_xdp6_sctp`. A program of its own for the verifier's sake, as the protocols
-/// have (IPv4 pays nothing for it, IPv6 one tail call).
+/// The datapath for IPv6, tail-called by `lb_xdp` for every IPv6 frame but UDP and SCTP right
+/// after the fixed header (which go to `lb_xdp6_udp` and `lb_xdp6_sctp` at once): TCP itself,
+/// UDP and SCTP behind extension headers through tail calls to those two. A program of its own
+/// for the verifier's sake, as the protocols have (IPv4 pays nothing for it, IPv6 one tail
+/// call).
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6(ctx: XdpContext) -> u32 {
     verdict6(&ctx, try_lb_xdp6::<{ proto::TCP }>(&ctx), false)
 }
 
-/// The datapath for UDP over IPv6, tail-called by `lb_xdp6`.
+/// The datapath for UDP over IPv6, tail-called by `lb_xdp` (a UDP header right after the fixed
+/// one) or by `lb_xdp6` (behind extension headers).
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6_udp(ctx: XdpContext) -> u32 {
     verdict6(&ctx, try_lb_xdp6::<{ proto::UDP }>(&ctx), false)
 }
 
-/// The datapath for SCTP over IPv6, tail-called by `lb_xdp6`.
+/// The datapath for SCTP over IPv6, tail-called as `lb_xdp6_udp` is.
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6_sctp(ctx: XdpContext) -> u32 {
@@ -162,10 +165,10 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
     if ethertype != ETH_P_IP {
         if PROTOCOL == proto::TCP && ethertype == ETH_P_IPV6 {
-            if ipv6_for_nothing_here(ctx) {
-                return Ok(xdp_action::XDP_PASS);
-            }
-            return Ok(to_program(ctx, xdp_programs::IPV6));
+            return Ok(match ipv6_program(ctx) {
+                Some(program) => to_program(ctx, program),
+                None => xdp_action::XDP_PASS,
+            });
         }
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
             // Tagged frames go to the stack as they came; VLAN interfaces are not served.
@@ -194,30 +197,41 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     serve(ctx, eth, &ip, &tuple)
 }
 
-/// An IPv6 packet that is nothing of the datapath's, passed at once instead of through
+/// The program for an IPv6 frame: `lb_xdp6`, or for a UDP or SCTP header right after the
+/// fixed header the protocol's own program at once (`lb_xdp6` would hand it there: one tail
+/// call instead of two). None: nothing of the datapath's, passed at once instead of through
 /// `lb_xdp6` (a tail call, and for ICMPv6 one more to `lb_xdp6_icmp`), which passed it too:
 /// right after a version 6 fixed header, an ICMPv6 message other than an error (neighbour
 /// discovery among them), or a TCP, UDP or SCTP packet that is neither to a frontend (the
 /// frontend filter) nor to the node's IPv6 SNAT address and port range. Anything else
-/// (extension headers, fragments, ICMPv6 errors, a header the stack would drop) goes on.
+/// (extension headers, fragments, ICMPv6 errors, a header the stack would drop) goes to
+/// `lb_xdp6`.
 #[inline(always)]
-fn ipv6_for_nothing_here(ctx: &XdpContext) -> bool {
+fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
     let Some(ip) = bytes_at::<{ IPV6_HDR_LEN + 4 }>(ctx, ETH_HDR_LEN) else {
-        return false;
+        return Some(xdp_programs::IPV6);
     };
     if ip[0] >> 4 != 6 {
-        return false;
+        return Some(xdp_programs::IPV6);
     }
     let protocol = ip[IPV6_NEXT_HEADER_OFFSET];
-    if protocol == IPPROTO_ICMPV6 {
-        return !icmp::is_icmp6_error(ip[IPV6_HDR_LEN]);
-    }
-    if protocol != proto::TCP && protocol != proto::UDP && protocol != proto::SCTP {
-        return false;
-    }
+    let program = match protocol {
+        IPPROTO_ICMPV6 if icmp::is_icmp6_error(ip[IPV6_HDR_LEN]) => {
+            return Some(xdp_programs::IPV6);
+        }
+        IPPROTO_ICMPV6 => return None,
+        proto::TCP => xdp_programs::IPV6,
+        proto::UDP => xdp_programs::IPV6_UDP,
+        proto::SCTP => xdp_programs::IPV6_SCTP,
+        _ => return Some(xdp_programs::IPV6),
+    };
     let daddr = words(ip, IPV6_DADDR_OFFSET);
     let dport = u16::from_be_bytes([ip[IPV6_HDR_LEN + 2], ip[IPV6_HDR_LEN + 3]]);
-    !maybe_frontend_at::<V6>(daddr, dport, protocol) && !to_snat_port::<V6>(&daddr, dport)
+    if maybe_frontend_at::<V6>(daddr, dport, protocol) || to_snat_port::<V6>(&daddr, dport) {
+        Some(program)
+    } else {
+        None
+    }
 }
 
 /// Whether `daddr`:`dport` is the node's SNAT address of the family and a port of the SNAT
@@ -231,8 +245,9 @@ fn to_snat_port<F: Family>(daddr: &F::Addr, dport: u16) -> bool {
 }
 
 /// The IPv6 datapath for the protocol `PROTOCOL`: TCP in `lb_xdp6`, which hands UDP to
-/// `lb_xdp6_udp`, SCTP to `lb_xdp6_sctp` and ICMPv6 errors to `lb_xdp6_icmp`, and sends a later
-/// fragment the way its first fragment went. Other ICMPv6 (neighbour discovery) passes
+/// `lb_xdp6_udp`, SCTP to `lb_xdp6_sctp` (those behind extension headers: `lb_xdp` hands the
+/// others there itself) and ICMPv6 errors to `lb_xdp6_icmp`, and sends a later fragment the way
+/// its first fragment went. Other ICMPv6 (neighbour discovery) passes
 /// untouched.
 #[inline(always)]
 fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {

@@ -211,6 +211,22 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             Expect::Bytes(translated[3].clone()),
         ),
         case(
+            // lb_xdp hands a UDP header right after the fixed one to lb_xdp6_udp at once; behind
+            // extension headers it goes through lb_xdp6.
+            "udp behind a hop-by-hop options header, new flow",
+            packet6::with_options_header(
+                &packet6::udp(client(40006), FRONTEND, b"query"),
+                next_header::HOP_BY_HOP,
+                1,
+            ),
+            XDP_PASS,
+            Expect::Bytes(packet6::with_options_header(
+                &packet6::udp(client(40006), POD_A, b"query"),
+                next_header::HOP_BY_HOP,
+                1,
+            )),
+        ),
+        case(
             "udp with checksum 0: invalid over IPv6, dropped",
             packet6::with_udp_checksum(&udp, 0),
             XDP_DROP,
