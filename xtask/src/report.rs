@@ -558,6 +558,7 @@ fn maglev_table_targets(out: &mut String, maglev: &Value) {
         .and_then(Value::as_array)
         .map(|rows| {
             rows.iter()
+                .filter(|row| row["band_edge"] != true)
                 .filter(|row| MAGLEV_TARGET_BACKENDS.contains(&f(row, "backends").unwrap_or(0.0)))
                 .collect()
         })
@@ -1291,6 +1292,7 @@ mod tests {
             row(100, 1.05, 1.13, 1.0),
             row(300, 1.2, 0.9, 0.333),
             row(1000, 1.045, 0.16, 0.1),
+            serde_json::json!({"band_edge": true, "backends": 100, "busiest_over_mean": 1.2}),
         ]});
         let mut out = String::new();
         maglev_table_targets(&mut out, &maglev);

@@ -23,6 +23,10 @@ use lb_userspace::datapath::maglev;
 
 const FLOWS: usize = 1_000_000;
 const BACKENDS: [usize; 7] = [2, 10, 30, 100, 300, 1000, 4096];
+/// Services that grew or shrank within their table's band (`table_size` keeps a table from 50
+/// to 400 slots per backend), at its edges: about 50 slots per backend, and about 400; N - 1
+/// and N + 1 stay in the band.
+const BAND_EDGES: [(usize, u32); 4] = [(19, 1021), (326, 16381), (2600, 131_071), (42, 16381)];
 /// Removals (of backends spread over the list) and additions (of different new
 /// backends) measured per (N, M).
 const TRIALS: usize = 10;
@@ -85,7 +89,8 @@ fn main() -> anyhow::Result<()> {
     let hashes = flow_hashes(FLOWS);
     // Backend identities as the agent forms them; the first N are the service's, the next
     // TRIALS are the ones added.
-    let pool = endpoints(BACKENDS.iter().max().copied().unwrap_or(0) + TRIALS);
+    let largest = BACKENDS.into_iter().chain(BAND_EDGES.map(|(n, _)| n)).max();
+    let pool = endpoints(largest.unwrap_or(0) + TRIALS);
 
     println!(
         "Maglev lookup tables: {FLOWS} flows from random clients to 10.96.0.10:80/TCP, slot = flow_hash % M;"
@@ -110,10 +115,18 @@ fn main() -> anyhow::Result<()> {
         "x ideal (worst)"
     );
     let mut rows = Vec::new();
-    for n in BACKENDS {
-        let size = lb_common::maglev::table_size(n as u32, None);
+    let new_tables = BACKENDS.map(|n| (n, lb_common::maglev::table_size(n as u32, None), false));
+    let band_edges = BAND_EDGES.map(|(n, size)| (n, size, true));
+    for (n, size, band_edge) in new_tables.into_iter().chain(band_edges) {
+        if band_edge
+            && !rows
+                .iter()
+                .any(|row: &serde_json::Value| row["band_edge"] == true)
+        {
+            println!("services that grew or shrank within their table's band, at its edges:");
+        }
         // The same size after the change: removing or adding one keeps the table's size.
-        for changed in [n - 1, n + 1] {
+        for changed in [n - 1, n, n + 1] {
             anyhow::ensure!(
                 lb_common::maglev::table_size(changed as u32, Some(size)) == size,
                 "{n} backends: the table size changes with {changed}"
@@ -195,6 +208,7 @@ fn main() -> anyhow::Result<()> {
             rows.push(serde_json::json!({
                 "table_size": size,
                 "backends": n,
+                "band_edge": band_edge,
                 "build_ms_median": ms(build),
                 "builds": BUILDS,
                 "busiest_over_mean": busiest,
