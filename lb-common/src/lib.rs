@@ -564,8 +564,8 @@ pub mod maglev {
     pub const SIZES: [u32; 12] = [
         251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_521, 131_071, 262_139, 524_287,
     ];
-    /// Slots per backend a new table aims at: Maglev's balance is within `N / M` of even, and
-    /// its extra moves on a change shrink as M / N grows.
+    /// Slots per backend a new table aims at: the fill's extra moves on a change (its cap's
+    /// chains, docs/maglev.md) shrink as M / N grows.
     pub const TARGET_SLOTS_PER_BACKEND: u64 = 100;
     /// A table keeps its size while it has between these many slots per backend, so that a
     /// service scaling by one backend keeps its table size (a new size moves most flows).

@@ -113,10 +113,16 @@ pub fn flow_hash6(
 #[cfg(test)]
 mod tests {
     /// The agent's generator gives the tables this one does, at the sizes the datapath gives
-    /// 1 to 300 backends and at sizes where the caps and floors round differently.
+    /// 1 to 300 backends, and at sizes so small that the caps round up to the share and the
+    /// floors down to it.
     #[test]
     fn the_agent_builds_the_same_tables() {
         for (n, m) in [
+            (1, 2),
+            (2, 3),
+            (3, 7),
+            (50, 251),
+            (250, 251),
             (1, 251),
             (2, 251),
             (3, 509),

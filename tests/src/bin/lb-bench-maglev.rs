@@ -291,10 +291,10 @@ fn flow_hashes(count: usize) -> Vec<u32> {
         .collect()
 }
 
-/// `count` endpoint identities as the agent forms them ("address:port/PROTO").
+/// `count` endpoint identities as the agent forms them ("address:port/protocol number").
 fn endpoints(count: usize) -> Vec<String> {
     (0..count)
-        .map(|i| format!("10.244.{}.{}:8080/TCP", i / 250, i % 250 + 1))
+        .map(|i| format!("10.244.{}.{}:8080/6", i / 250, i % 250 + 1))
         .collect()
 }
 
