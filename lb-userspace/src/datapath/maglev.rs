@@ -158,6 +158,9 @@ pub fn weighted_table(
         })
         .collect();
     let caps: Vec<u64> = (0..backends.len()).map(|b| share(b).cap()).collect();
+    let rounded_down: Vec<u64> = (0..backends.len())
+        .map(|b| share(b).rounded_down())
+        .collect();
     let mut held = vec![0u64; backends.len()];
     let mut entry = vec![EMPTY; size as usize];
     let mut filled: u64 = 0;
@@ -194,7 +197,7 @@ pub fn weighted_table(
                 break;
             }
             let owner = entry[slot as usize] as usize;
-            if owner != backend && held[owner] > share(owner).rounded_down() {
+            if owner != backend && held[owner] > rounded_down[owner] {
                 entry[slot as usize] = backend as u32;
                 held[owner] -= 1;
                 held[backend] += 1;
