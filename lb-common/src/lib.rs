@@ -217,9 +217,9 @@ pub mod xdp_programs {
     pub const UDP: u32 = 0;
     /// `lb_xdp_sctp` ([`crate::program_names::XDP_SCTP`]).
     pub const SCTP: u32 = 1;
-    /// `lb_xdp6` ([`crate::program_names::XDP6`]): every IPv6 frame.
+    /// `lb_xdp6` ([`crate::program_names::XDP6`]): the IPv6 frames of the full path.
     pub const IPV6: u32 = 2;
-    /// `lb_xdp6_udp` ([`crate::program_names::XDP6_UDP`]), tail-called by `lb_xdp6`.
+    /// `lb_xdp6_udp` ([`crate::program_names::XDP6_UDP`]).
     pub const IPV6_UDP: u32 = 3;
     /// `lb_xdp6_frontend`, `lb_xdp6_flow`, `lb_xdp6_deliver`: the rest of the IPv6 pipeline.
     pub const IPV6_FRONTEND: u32 = 4;
@@ -231,8 +231,14 @@ pub mod xdp_programs {
     /// `lb_xdp6_sctp` ([`crate::program_names::XDP6_SCTP`]): SCTP over IPv6, tail-called by
     /// `lb_xdp6`.
     pub const IPV6_SCTP: u32 = 8;
+    /// `lb_xdp6_direct_tcp`, `lb_xdp6_direct_udp`, `lb_xdp6_direct_sctp`
+    /// ([`crate::program_names::XDP6_DIRECT_TCP`] and its twins): a transport header right after
+    /// the IPv6 fixed header, to a frontend, tail-called by `lb_xdp`.
+    pub const IPV6_DIRECT_TCP: u32 = 9;
+    pub const IPV6_DIRECT_UDP: u32 = 10;
+    pub const IPV6_DIRECT_SCTP: u32 = 11;
     /// Slots in the array.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 12;
 }
 
 /// Capacities of the maps. Every limit is a constant here; the agent refuses (with an error, never
@@ -321,12 +327,14 @@ pub mod program_names {
     pub const XDP_UDP: &str = "lb_xdp_udp";
     /// XDP for SCTP, tail-called by [`XDP_LB`], as [`XDP_UDP`].
     pub const XDP_SCTP: &str = "lb_xdp_sctp";
-    /// XDP for IPv6, tail-called by [`XDP_LB`] for every IPv6 frame: TCP itself, UDP through
+    /// XDP for IPv6, tail-called by [`XDP_LB`] for every IPv6 frame that neither passes at once
+    /// nor goes to a direct program ([`XDP6_DIRECT_TCP`] and its twins): TCP itself, UDP through
     /// [`XDP6_UDP`], SCTP through [`XDP6_SCTP`], ICMPv6 errors through [`XDP6_ICMP`].
     pub const XDP6: &str = "lb_xdp6";
-    /// XDP for UDP over IPv6, tail-called by [`XDP6`].
+    /// XDP for UDP over IPv6, tail-called by [`XDP6`] (behind extension headers) and by
+    /// [`XDP_LB`] (an answer to a SNAT port).
     pub const XDP6_UDP: &str = "lb_xdp6_udp";
-    /// XDP for SCTP over IPv6, tail-called by [`XDP6`].
+    /// XDP for SCTP over IPv6, tail-called as [`XDP6_UDP`].
     pub const XDP6_SCTP: &str = "lb_xdp6_sctp";
     /// The rest of the IPv6 XDP path, each tail-called by the one before: a packet to a
     /// frontend that no live flow took, a new flow, and the rewrite that sends its first packet
@@ -337,6 +345,12 @@ pub mod program_names {
     /// ICMPv6 errors about translated flows, tail-called by [`XDP6`]: a program of its own, as
     /// its 128-bit address rewrites need a stack of their own.
     pub const XDP6_ICMP: &str = "lb_xdp6_icmp";
+    /// XDP for IPv6 packets whose TCP, UDP or SCTP header follows the fixed header, to a
+    /// frontend and not to a SNAT port, tail-called by [`XDP_LB`]: a live flow's packets and the
+    /// frontend stage in one program, a new flow on through [`XDP6_FLOW`].
+    pub const XDP6_DIRECT_TCP: &str = "lb_xdp6_direct_tcp";
+    pub const XDP6_DIRECT_UDP: &str = "lb_xdp6_direct_udp";
+    pub const XDP6_DIRECT_SCTP: &str = "lb_xdp6_direct_sctp";
     /// tc egress on the node NICs: reverse NAT of replies from local backends.
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// tc egress for IPv6, tail-called by [`TC_EGRESS`] (see its doc in `lb-ebpf/src/tc.rs`).

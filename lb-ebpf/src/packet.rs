@@ -242,27 +242,8 @@ pub enum Ipv6Packet {
 #[inline(always)]
 pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
     use lb_common::ipv6::{EXT_HDR_PEEK, MAX_EXT_HEADERS, Step, next_header, routes_on, step};
-    let ip = bytes_at::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN)?;
-    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-    if ip[0] >> 4 != 6 {
-        return None;
-    }
-    if payload_len == 0 {
+    let Some(mut info) = ipv6_fixed_header(ctx)? else {
         return Some(Ipv6Packet::Other);
-    }
-    let end = ETH_HDR_LEN + IPV6_HDR_LEN + payload_len;
-    if ctx.data() + end > ctx.data_end() {
-        return None;
-    }
-    let mut info = Ipv6Info {
-        saddr: words(ip, IPV6_SADDR_OFFSET),
-        daddr: words(ip, IPV6_DADDR_OFFSET),
-        proto: ip[IPV6_NEXT_HEADER_OFFSET],
-        hop_limit: ip[IPV6_HOP_LIMIT_OFFSET],
-        l4_offset: ETH_HDR_LEN + IPV6_HDR_LEN,
-        end,
-        first_fragment: false,
-        fragment_id: 0,
     };
     for _ in 0..=MAX_EXT_HEADERS {
         if matches!(
@@ -296,6 +277,36 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
         }
     }
     Some(Ipv6Packet::Other)
+}
+
+/// The IPv6 fixed header at `ETH_HDR_LEN`, checked as [`parse_ipv6`] checks it, with `proto` its
+/// Next Header and `l4_offset` right after it (where the transport header is when no extension
+/// header comes between). `None` for a packet the stack would drop; `Some(None)` for a
+/// jumbogram, left to the stack.
+#[inline(always)]
+pub fn ipv6_fixed_header(ctx: &XdpContext) -> Option<Option<Ipv6Info>> {
+    let ip = bytes_at::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN)?;
+    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    if ip[0] >> 4 != 6 {
+        return None;
+    }
+    if payload_len == 0 {
+        return Some(None);
+    }
+    let end = ETH_HDR_LEN + IPV6_HDR_LEN + payload_len;
+    if ctx.data() + end > ctx.data_end() {
+        return None;
+    }
+    Some(Some(Ipv6Info {
+        saddr: words(ip, IPV6_SADDR_OFFSET),
+        daddr: words(ip, IPV6_DADDR_OFFSET),
+        proto: ip[IPV6_NEXT_HEADER_OFFSET],
+        hop_limit: ip[IPV6_HOP_LIMIT_OFFSET],
+        l4_offset: ETH_HDR_LEN + IPV6_HDR_LEN,
+        end,
+        first_fragment: false,
+        fragment_id: 0,
+    }))
 }
 
 /// The length of a Fragment header, 8 bytes, as the verifier must see it: a range, as it sees

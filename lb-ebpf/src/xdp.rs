@@ -22,13 +22,13 @@ use lb_ebpf::packet::{
     IPV6_DADDR_OFFSET, IPV6_HDR_LEN, IPV6_NEXT_HEADER_OFFSET, IPV6_SADDR_OFFSET, IpHeader,
     Ipv4Info, Ipv6Info, Ipv6Packet, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
     TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
-    bytes_at_mut, frame_len, parse_ipv4, parse_ipv6, words,
+    bytes_at_mut, frame_len, ipv6_fixed_header, parse_ipv4, parse_ipv6, words,
 };
 
 use crate::{
     family::{Family, V4, V6},
     flow::{
-        Arrival, Destination, NewFlow, Tuple, admitted_by_source_ranges, blind_rst,
+        Arrival, Destination, Holder, NewFlow, Tuple, admitted_by_source_ranges, blind_rst,
         client_record_of_reply, client_side, client_side_entry, closes, config, destination,
         follow, live_destination, live_flow, lookup_frontend, maybe_frontend, maybe_frontend_at,
         new_flow, reply_key, source_allowed, track_reply,
@@ -64,19 +64,19 @@ pub fn lb_xdp_udp(ctx: XdpContext) -> u32 {
     verdict(&ctx, try_lb_xdp::<{ proto::UDP }>(&ctx))
 }
 
-/// The datapath for IPv6, tail-called by `lb_xdp` for every IPv6 frame but UDP and SCTP right
-/// after the fixed header (which go to `lb_xdp6_udp` and `lb_xdp6_sctp` at once): TCP itself,
-/// UDP and SCTP behind extension headers through tail calls to those two. A program of its own
-/// for the verifier's sake, as the protocols have (IPv4 pays nothing for it, IPv6 one tail
-/// call).
+/// The full datapath for IPv6, tail-called by `lb_xdp` for the IPv6 frames it neither passes
+/// at once nor hands to a direct program ([`ipv6_program`]): extension headers, fragments,
+/// ICMPv6 errors, TCP answers to a SNAT port. TCP itself, UDP and SCTP behind extension headers
+/// through tail calls to `lb_xdp6_udp` and `lb_xdp6_sctp`. A program of its own for the
+/// verifier's sake, as the protocols have (IPv4 pays nothing for it).
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6(ctx: XdpContext) -> u32 {
     verdict6(&ctx, try_lb_xdp6::<{ proto::TCP }>(&ctx), false)
 }
 
-/// The datapath for UDP over IPv6, tail-called by `lb_xdp` (a UDP header right after the fixed
-/// one) or by `lb_xdp6` (behind extension headers).
+/// The full datapath for UDP over IPv6, tail-called by `lb_xdp` (an answer to a SNAT port, its
+/// UDP header right after the fixed one) or by `lb_xdp6` (behind extension headers).
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6_udp(ctx: XdpContext) -> u32 {
@@ -88,6 +88,28 @@ pub fn lb_xdp6_udp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 pub fn lb_xdp6_sctp(ctx: XdpContext) -> u32 {
     verdict6(&ctx, try_lb_xdp6::<{ proto::SCTP }>(&ctx), false)
+}
+
+/// The IPv6 datapath for a TCP header right after the fixed header, to a frontend and not to a
+/// SNAT port, tail-called by `lb_xdp` (see [`try_direct6`]).
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6_direct_tcp(ctx: XdpContext) -> u32 {
+    verdict6(&ctx, try_direct6::<{ proto::TCP }>(&ctx), false)
+}
+
+/// [`lb_xdp6_direct_tcp`] for UDP.
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6_direct_udp(ctx: XdpContext) -> u32 {
+    verdict6(&ctx, try_direct6::<{ proto::UDP }>(&ctx), false)
+}
+
+/// [`lb_xdp6_direct_tcp`] for SCTP.
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp6_direct_sctp(ctx: XdpContext) -> u32 {
+    verdict6(&ctx, try_direct6::<{ proto::SCTP }>(&ctx), false)
 }
 
 /// An IPv6 packet to a frontend that no live flow took, tail-called by `lb_xdp6`,
@@ -197,13 +219,13 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     serve(ctx, eth, &ip, &tuple)
 }
 
-/// The program for an IPv6 frame: `lb_xdp6`, or for a UDP or SCTP header right after the
-/// fixed header the protocol's own program at once (`lb_xdp6` would hand it there: one tail
-/// call instead of two). None: nothing of the datapath's, passed at once instead of through
-/// `lb_xdp6` (a tail call, and for ICMPv6 one more to `lb_xdp6_icmp`), which passed it too:
-/// right after a version 6 fixed header, an ICMPv6 message other than an error (neighbour
-/// discovery among them), or a TCP, UDP or SCTP packet that is neither to a frontend (the
-/// frontend filter) nor to the node's IPv6 SNAT address and port range. Anything else
+/// The program for an IPv6 frame. A TCP, UDP or SCTP header right after the fixed header: to a
+/// frontend (the frontend filter), the protocol's direct program (`lb_xdp6_direct_tcp` and its
+/// twins, [`try_direct6`]); to the node's IPv6 SNAT address and port range, the protocol's
+/// program of the full path (`lb_xdp6`, `lb_xdp6_udp`, `lb_xdp6_sctp`); else None. None: nothing
+/// of the datapath's, passed at once instead of through `lb_xdp6` (a tail call, and for ICMPv6
+/// one more to `lb_xdp6_icmp`), which passed it too: such a packet, or an ICMPv6 message other
+/// than an error (neighbour discovery among them) right after the fixed header. Anything else
 /// (extension headers, fragments, ICMPv6 errors, a header the stack would drop) goes to
 /// `lb_xdp6`.
 #[inline(always)]
@@ -215,20 +237,22 @@ fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
         return Some(xdp_programs::IPV6);
     }
     let protocol = ip[IPV6_NEXT_HEADER_OFFSET];
-    let program = match protocol {
+    let (program, direct) = match protocol {
         IPPROTO_ICMPV6 if icmp::is_icmp6_error(ip[IPV6_HDR_LEN]) => {
             return Some(xdp_programs::IPV6);
         }
         IPPROTO_ICMPV6 => return None,
-        proto::TCP => xdp_programs::IPV6,
-        proto::UDP => xdp_programs::IPV6_UDP,
-        proto::SCTP => xdp_programs::IPV6_SCTP,
+        proto::TCP => (xdp_programs::IPV6, xdp_programs::IPV6_DIRECT_TCP),
+        proto::UDP => (xdp_programs::IPV6_UDP, xdp_programs::IPV6_DIRECT_UDP),
+        proto::SCTP => (xdp_programs::IPV6_SCTP, xdp_programs::IPV6_DIRECT_SCTP),
         _ => return Some(xdp_programs::IPV6),
     };
     let daddr = words(ip, IPV6_DADDR_OFFSET);
     let dport = u16::from_be_bytes([ip[IPV6_HDR_LEN + 2], ip[IPV6_HDR_LEN + 3]]);
-    if maybe_frontend_at::<V6>(daddr, dport, protocol) || to_snat_port::<V6>(&daddr, dport) {
+    if to_snat_port::<V6>(&daddr, dport) {
         Some(program)
+    } else if maybe_frontend_at::<V6>(daddr, dport, protocol) {
+        Some(direct)
     } else {
         None
     }
@@ -244,11 +268,13 @@ fn to_snat_port<F: Family>(daddr: &F::Addr, dport: u16) -> bool {
     F::same(daddr, &snat_addr) && dport >= config.snat_port_min && dport <= config.snat_port_max
 }
 
-/// The IPv6 datapath for the protocol `PROTOCOL`: TCP in `lb_xdp6`, which hands UDP to
-/// `lb_xdp6_udp`, SCTP to `lb_xdp6_sctp` (those behind extension headers: `lb_xdp` hands the
-/// others there itself) and ICMPv6 errors to `lb_xdp6_icmp`, and sends a later fragment the way
-/// its first fragment went. Other ICMPv6 (neighbour discovery) passes
-/// untouched.
+/// The full IPv6 datapath for the protocol `PROTOCOL`: TCP in `lb_xdp6`, which hands UDP to
+/// `lb_xdp6_udp`, SCTP to `lb_xdp6_sctp` (those behind extension headers: `lb_xdp` hands an
+/// answer to a SNAT port right after the fixed header there itself) and ICMPv6 errors to
+/// `lb_xdp6_icmp`, and sends a later fragment the way its first fragment went. Other ICMPv6
+/// (neighbour discovery) passes untouched. The stages after the parse are BPF-to-BPF calls and
+/// tail calls, each with a stack of its own: with the extension-header walk and the SNAT answer
+/// in one frame, the rest does not fit in 512 bytes (see [`try_direct6`] for the common case).
 #[inline(always)]
 fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let Some(eth) = bytes_at::<ETH_HDR_LEN>(ctx, 0) else {
@@ -431,22 +457,97 @@ fn refused<I: Ip>(
 fn try_frontend6(ctx: &XdpContext) -> Result<u32, Event> {
     let packet = packet6()?;
     let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
-    let (ip, tuple) = (&packet.ip, &packet.tuple);
-    let Some(service) = admit(ctx, eth, ip, tuple)? else {
+    match frontend6(ctx, eth, &packet.ip, &packet.tuple)? {
+        Frontend6::Sent(action) => Ok(action),
+        Frontend6::NewFlow(start) => Ok(start.hand_on(ctx, packet)),
+    }
+}
+
+/// The common case of IPv6, in one program as IPv4 has it: a `PROTOCOL` header right after the
+/// fixed header, to a frontend the filter has and not to a SNAT port (`lb_xdp` checked both,
+/// [`ipv6_program`]). A live flow's packet, or one to a frontend that no live flow took, is
+/// served here without the BPF-to-BPF calls and the tail call of `lb_xdp6`'s stages (nothing
+/// here needs its extension-header walk or SNAT-answer path); a new flow goes on to
+/// `lb_xdp6_flow`. The header and tuple live in [`PACKET6`], where `lb_xdp6_flow` reads them:
+/// on the stack they made the frame 416 bytes, which with the 104 of the drop report's call
+/// passes the verifier's 512.
+#[inline(always)]
+fn try_direct6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
+    let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    let Some(ip) = ipv6_fixed_header(ctx).ok_or(Event::DROP_MALFORMED)? else {
         return Ok(xdp_action::XDP_PASS);
+    };
+    if ip.proto != PROTOCOL {
+        // Not what `lb_xdp` hands here: a program array slot out of step with this object.
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let packet = packet6()?;
+    packet.ip = ip;
+    packet.tuple = transport_tuple(ctx, &packet.ip, PROTOCOL)?;
+    if proto::has_handshake(PROTOCOL)
+        && packet.tuple.tcp_flags & TCP_SYN == 0
+        && let Some(action) = established(ctx, eth, &packet.ip, &packet.tuple)?
+    {
+        return Ok(action);
+    }
+    match frontend6(ctx, eth, &packet.ip, &packet.tuple)? {
+        Frontend6::Sent(action) => Ok(action),
+        Frontend6::NewFlow(start) => Ok(start.hand_on(ctx, packet)),
+    }
+}
+
+/// What the frontend stage of IPv6 did with a packet: sent it on (or dropped or passed it), or
+/// found it starts a flow.
+enum Frontend6 {
+    Sent(u32),
+    NewFlow(FlowStart),
+}
+
+/// What `lb_xdp6_flow` needs beside the packet's header and tuple to make a new flow.
+struct FlowStart {
+    service: &'static ServiceValue,
+    arrival: Arrival,
+    now: u64,
+    key_holder: Holder,
+}
+
+impl FlowStart {
+    /// Hands the new flow to `lb_xdp6_flow` through `packet` (whose header and tuple are this
+    /// packet's).
+    #[inline(always)]
+    fn hand_on(self, ctx: &XdpContext, packet: &mut Packet6) -> u32 {
+        packet.service = *self.service;
+        packet.arrival = self.arrival;
+        packet.now = self.now;
+        packet.key_holder = self.key_holder;
+        to_program(ctx, xdp_programs::IPV6_FLOW)
+    }
+}
+
+/// An IPv6 packet to a frontend that no live flow took (see [`try_frontend6`]): a packet of a
+/// live flow after all (UDP, or a SYN that restarts nothing), the REJECT answer, untouched when
+/// it is no frontend's, or a new flow.
+#[inline(always)]
+fn frontend6(
+    ctx: &XdpContext,
+    eth: &[u8; ETH_HDR_LEN],
+    ip: &Ipv6Info,
+    tuple: &Tuple<V6>,
+) -> Result<Frontend6, Event> {
+    let Some(service) = admit(ctx, eth, ip, tuple)? else {
+        return Ok(Frontend6::Sent(xdp_action::XDP_PASS));
     };
     let arrival = arrival(ctx, eth);
     let now = now_ns();
     match live_destination(ctx, ip, tuple, &arrival, now) {
-        Ok(Ok(destination)) => deliver(ctx, ip, tuple, &destination),
-        Ok(Err(key_holder)) => {
-            packet.service = *service;
-            packet.arrival = arrival;
-            packet.now = now;
-            packet.key_holder = key_holder;
-            Ok(to_program(ctx, xdp_programs::IPV6_FLOW))
-        }
-        Err(event) => refused(ctx, ip, tuple, service.service_id, event),
+        Ok(Ok(destination)) => deliver(ctx, ip, tuple, &destination).map(Frontend6::Sent),
+        Ok(Err(key_holder)) => Ok(Frontend6::NewFlow(FlowStart {
+            service,
+            arrival,
+            now,
+            key_holder,
+        })),
+        Err(event) => refused(ctx, ip, tuple, service.service_id, event).map(Frontend6::Sent),
     }
 }
 

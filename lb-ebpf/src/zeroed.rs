@@ -10,7 +10,7 @@
 use core::mem::{MaybeUninit, align_of, size_of};
 
 use aya_ebpf::bindings::bpf_fib_lookup;
-use lb_common::{CtAddr, CtValue, monitor::MonitorEvent};
+use lb_common::{CtAddr, CtKey, CtValue, monitor::MonitorEvent};
 
 /// A type for which all bits zero is a valid value, its size a whole number of 4-byte words,
 /// 4-byte aligned at least.
@@ -21,6 +21,8 @@ pub unsafe trait Zeroable: Sized {}
 
 // SAFETY: integers and arrays of integers only.
 unsafe impl<A: CtAddr> Zeroable for CtValue<A> {}
+// SAFETY: integers and arrays of integers only.
+unsafe impl<A: CtAddr> Zeroable for CtKey<A> {}
 // SAFETY: integers and arrays of integers only.
 unsafe impl Zeroable for MonitorEvent {}
 // SAFETY: integers, arrays of integers and unions of them only; all zero is a request without

@@ -181,6 +181,12 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             next_header::DEST_OPTS,
             1,
         ),
+        packet6::with_options_header(
+            &tcp(client(40001), POD_A, TcpFlags::ACK, b"GET"),
+            next_header::DEST_OPTS,
+            1,
+        ),
+        tcp(client(40001), POD_A, TcpFlags::ACK, b"GET"),
     ];
     for frame in &translated {
         assert!(packet6::transport_checksum_ok(frame), "fixture checksum");
@@ -241,6 +247,24 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             ),
             XDP_PASS,
             Expect::Bytes(translated[4].clone()),
+        ),
+        case(
+            // Behind extension headers a live flow's segment is lb_xdp6's; right after the
+            // fixed header lb_xdp6_direct_tcp's: both find the flow either made.
+            "tcp ack behind a destination options header, established",
+            packet6::with_options_header(
+                &tcp(client(40001), FRONTEND, TcpFlags::ACK, b"GET"),
+                next_header::DEST_OPTS,
+                1,
+            ),
+            XDP_PASS,
+            Expect::Bytes(translated[5].clone()),
+        ),
+        case(
+            "tcp ack of that flow without the header, established",
+            tcp(client(40001), FRONTEND, TcpFlags::ACK, b"GET"),
+            XDP_PASS,
+            Expect::Bytes(translated[6].clone()),
         ),
         case(
             "tcp syn behind a routing header with no segment left: this node is the destination",

@@ -650,7 +650,7 @@ fn reply_sources<A: lb_common::CtAddr>(
 
 /// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`], in the order
 /// of their [`XdpGroup`]s.
-pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 9] = [
+pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 12] = [
     (xdp_programs::UDP, program_names::XDP_UDP),
     (xdp_programs::SCTP, program_names::XDP_SCTP),
     (xdp_programs::IPV6, program_names::XDP6),
@@ -659,15 +659,27 @@ pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 9] = [
     (xdp_programs::IPV6_FLOW, program_names::XDP6_FLOW),
     (xdp_programs::IPV6_DELIVER, program_names::XDP6_DELIVER),
     (xdp_programs::IPV6_ICMP, program_names::XDP6_ICMP),
+    (
+        xdp_programs::IPV6_DIRECT_TCP,
+        program_names::XDP6_DIRECT_TCP,
+    ),
+    (
+        xdp_programs::IPV6_DIRECT_UDP,
+        program_names::XDP6_DIRECT_UDP,
+    ),
     (xdp_programs::IPV6_SCTP, program_names::XDP6_SCTP),
+    (
+        xdp_programs::IPV6_DIRECT_SCTP,
+        program_names::XDP6_DIRECT_SCTP,
+    ),
 ];
 
 /// The programs `lb_xdp` tail-calls, in groups each loaded only where the datapath has a
 /// frontend the group serves: at a start that finds one in the pins, or just before the first
 /// is written ([`Datapath::ensure_xdp_group`]). Verification is most of an agent's start (on
 /// the lab's 2-core machines about 1 s for `lb_xdp` with tc and the socket hooks, then
-/// `lb_xdp_udp` 0.3-0.4 s, `lb_xdp_sctp` 0.75-0.9 s, the IPv6 pipeline 1.4-1.6 s, `lb_xdp6_sctp`
-/// on top of it), which
+/// `lb_xdp_udp` 0.4 s, `lb_xdp_sctp` 0.8 s, the IPv6 pipeline 1.6-1.7 s, IPv6 SCTP 0.2 s on
+/// top of it), which
 /// every restart and upgrade waits for before its first sync.
 /// Until a group is in the program array, `lb_xdp` passes its packets untouched, counted as
 /// `pass_protocol_unserved`: there is no frontend for them to reach, nor a flow to translate
@@ -681,7 +693,7 @@ pub enum XdpGroup {
     /// The IPv6 pipeline: TCP, UDP, ICMPv6 errors, and the stages after them every protocol
     /// shares.
     Ipv6,
-    /// `lb_xdp6_sctp`: SCTP over IPv6, on top of [`Self::Ipv6`].
+    /// `lb_xdp6_sctp` and `lb_xdp6_direct_sctp`: SCTP over IPv6, on top of [`Self::Ipv6`].
     Ipv6Sctp,
 }
 
@@ -709,8 +721,8 @@ impl XdpGroup {
         match self {
             Self::Udp => &PROTOCOL_PROGRAMS[..1],
             Self::Sctp => &PROTOCOL_PROGRAMS[1..2],
-            Self::Ipv6 => &PROTOCOL_PROGRAMS[2..8],
-            Self::Ipv6Sctp => &PROTOCOL_PROGRAMS[8..],
+            Self::Ipv6 => &PROTOCOL_PROGRAMS[2..10],
+            Self::Ipv6Sctp => &PROTOCOL_PROGRAMS[10..],
         }
     }
 

@@ -19,7 +19,7 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 22] = [
+pub const PROGRAMS: [&str; 25] = [
     program_names::XDP_LB,
     program_names::XDP_UDP,
     program_names::XDP_SCTP,
@@ -30,6 +30,9 @@ pub const PROGRAMS: [&str; 22] = [
     program_names::XDP6_FLOW,
     program_names::XDP6_DELIVER,
     program_names::XDP6_ICMP,
+    program_names::XDP6_DIRECT_TCP,
+    program_names::XDP6_DIRECT_UDP,
+    program_names::XDP6_DIRECT_SCTP,
     program_names::TC_EGRESS,
     program_names::TC_EGRESS6,
     program_names::CONNECT4,
