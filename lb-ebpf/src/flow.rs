@@ -352,21 +352,31 @@ pub fn client_side_entry<F: Family>(tuple: &Tuple<F>) -> Option<&'static CtValue
     unsafe { F::conntrack().get(&original_key(tuple)) }
 }
 
-/// The FLOW entry keyed by a client's packet, if any. An IPv6 key is written word by word where
-/// the lookup reads it: built by value, its zero address is a 16-byte `memset` call, a loop of
-/// byte stores (see [`crate::zeroed`]), on every packet of a live flow. An IPv4 key has no such
-/// run of zeros (built the same way, it cost the verifier about 100,000 more instructions in
-/// `lb_xdp`).
+/// The FLOW entry keyed by a client's packet, if any.
 #[inline(always)]
 fn client_flow_entry<F: Family>(tuple: &Tuple<F>) -> Option<*mut CtValue<F::Addr>> {
+    flow_entry::<F>(tuple.saddr, tuple.sport, tuple.proto)
+}
+
+/// The FLOW entry of the client `client_addr`:`client_port`, if any. An IPv6 key is written
+/// word by word where the lookup reads it: built by value, its zero address is a 16-byte
+/// `memset` call, a loop of byte stores (see [`crate::zeroed`]), on every packet of a live flow
+/// and every answer of a local endpoint. An IPv4 key has no such run of zeros (built the same
+/// way, it cost the verifier about 100,000 more instructions in `lb_xdp`).
+#[inline(always)]
+fn flow_entry<F: Family>(
+    client_addr: F::Addr,
+    client_port: u16,
+    protocol: u8,
+) -> Option<*mut CtValue<F::Addr>> {
     if size_of::<F::Addr>() < 16 {
-        return F::conntrack().get_ptr_mut(&flow_key(tuple.saddr, tuple.sport, tuple.proto));
+        return F::conntrack().get_ptr_mut(&flow_key(client_addr, client_port, protocol));
     }
     let mut slot = MaybeUninit::<CtKey<F::Addr>>::uninit();
     let key = zero_init(&mut slot);
-    key.saddr = tuple.saddr;
-    key.sport = tuple.sport;
-    key.proto = tuple.proto;
+    key.saddr = client_addr;
+    key.sport = client_port;
+    key.proto = protocol;
     key.direction = ct_direction::FLOW;
     F::conntrack().get_ptr_mut(key)
 }
@@ -1128,8 +1138,7 @@ fn client_side_of<F: Family>(
     if reply.flags & ct_flags::CLIENT_IN_FLOW == 0 {
         return F::conntrack().get_ptr_mut(&original_key_of(reply, tuple));
     }
-    let entry =
-        F::conntrack().get_ptr_mut(&flow_key(reply.snat_addr, reply.snat_port, tuple.proto))?;
+    let entry = flow_entry::<F>(reply.snat_addr, reply.snat_port, tuple.proto)?;
     // SAFETY: read here, valid for this run (RCU).
     let flow = FlowValue::of(unsafe { &*entry });
     (F::same(&flow.frontend_addr, &reply.nat_addr) && flow.frontend_port == reply.nat_port)
@@ -1148,9 +1157,7 @@ pub enum Answer<F: Family = V4> {
 /// when that flow's backend sent it, else a REPLY entry keyed as the answer.
 #[inline(always)]
 pub fn answer_of<F: Family>(tuple: &Tuple<F>) -> Option<Answer<F>> {
-    if let Some(entry) =
-        F::conntrack().get_ptr_mut(&flow_key(tuple.daddr, tuple.dport, tuple.proto))
-    {
+    if let Some(entry) = flow_entry::<F>(tuple.daddr, tuple.dport, tuple.proto) {
         // SAFETY: read here, valid for this run (RCU).
         let flow = FlowValue::of(unsafe { &*entry });
         if flow.flags & ct_flags::SNAT == 0

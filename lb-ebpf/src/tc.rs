@@ -893,7 +893,10 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
     let mut next = header.next_header;
     let mut l4_offset = PLAIN_L4_OFFSET;
     let behind_extensions = !is_transport(next) && next != next_header::ICMPV6;
-    let mut first_fragment = None;
+    // The identification is set on every path, also when unused: an `Option` set on one path
+    // only had LLVM spill a register the other path never wrote, which the verifier refuses
+    // ("R6 !read_ok").
+    let (mut is_first_fragment, mut fragment_id) = (false, 0);
     if behind_extensions {
         let walked = walk(ctx, next)?;
         if walked.later_fragment {
@@ -903,9 +906,7 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
                 id: walked.fragment_id,
             }));
         }
-        if walked.first_fragment {
-            first_fragment = Some(walked.fragment_id);
-        }
+        (is_first_fragment, fragment_id) = (walked.first_fragment, walked.fragment_id);
         (next, l4_offset) = (walked.next, walked.offset);
     }
     if !is_transport(next) {
@@ -935,7 +936,7 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
         l4_offset,
         behind_extensions,
         udp_checksum: u16::from_be_bytes([l4[6], l4[7]]),
-        first_fragment,
+        first_fragment: is_first_fragment.then_some(fragment_id),
     })
 }
 
