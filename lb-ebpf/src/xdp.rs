@@ -249,9 +249,10 @@ fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
     };
     let daddr = words(ip, IPV6_DADDR_OFFSET);
     let dport = u16::from_be_bytes([ip[IPV6_HDR_LEN + 2], ip[IPV6_HDR_LEN + 3]]);
+    let to_frontend = maybe_frontend_at::<V6>(daddr, dport, protocol);
     if to_snat_port::<V6>(&daddr, dport) {
         Some(program)
-    } else if maybe_frontend_at::<V6>(daddr, dport, protocol) {
+    } else if to_frontend {
         Some(direct)
     } else {
         None
