@@ -228,8 +228,8 @@ pub mod xdp_programs {
     /// `lb_xdp6_icmp` ([`crate::program_names::XDP6_ICMP`]): ICMPv6 errors, tail-called by
     /// `lb_xdp6`.
     pub const IPV6_ICMP: u32 = 7;
-    /// `lb_xdp6_sctp` ([`crate::program_names::XDP6_SCTP`]): SCTP over IPv6, tail-called by
-    /// `lb_xdp6`.
+    /// `lb_xdp6_sctp` ([`crate::program_names::XDP6_SCTP`]): SCTP over IPv6 behind extension
+    /// headers or to a SNAT port.
     pub const IPV6_SCTP: u32 = 8;
     /// `lb_xdp6_direct_tcp`, `lb_xdp6_direct_udp`, `lb_xdp6_direct_sctp`
     /// ([`crate::program_names::XDP6_DIRECT_TCP`] and its twins): a transport header right after
