@@ -470,8 +470,9 @@ fn try_frontend6(ctx: &XdpContext) -> Result<u32, Event> {
 /// served here without the BPF-to-BPF calls and the tail call of `lb_xdp6`'s stages (nothing
 /// here needs its extension-header walk or SNAT-answer path); a new flow goes on to
 /// `lb_xdp6_flow`. The header and tuple live in [`PACKET6`], where `lb_xdp6_flow` reads them:
-/// on the stack they made the frame 416 bytes, which with the 104 of the drop report's call
-/// passes the verifier's 512.
+/// on the stack they made the frame 376 bytes, which the verifier rounds to 384, and with the
+/// drop report's call (104, rounded to 128) that is all of its 512, with no room for a change
+/// (and measured no faster).
 #[inline(always)]
 fn try_direct6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
