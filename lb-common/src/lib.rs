@@ -100,6 +100,7 @@ pub mod map_names {
         "lb_event_v4",
         LEGACY_SLOTS4,
         LEGACY_BACKENDS4,
+        LEGACY_BACKENDS6,
     ];
     /// Retired maps an earlier agent could still need if it came back: their pins go only after
     /// a sync in which every service was written without error (until then an earlier release
@@ -113,7 +114,12 @@ pub mod map_names {
     /// The IPv6 twins of the maps above: the same values, keys with an [`crate::Ipv6Words`]
     /// address. Backend ids and service ids are one id space for both families.
     pub const FRONTENDS6: &str = "lb6_fe_v1";
-    pub const BACKENDS6: &str = "lb6_be_v1";
+    /// Array of [`crate::Backend6`] indexed by backend id, as [`BACKENDS4`]: a cell holds an
+    /// IPv6 backend only while [`crate::BackendValue::in_use`].
+    pub const BACKENDS6: &str = "lb6_be_v2";
+    /// The hash map backend id -> [`crate::Backend6`] that held the IPv6 backends before
+    /// [`BACKENDS6`]: read once by a new agent to move them into the array.
+    pub const LEGACY_BACKENDS6: &str = "lb6_be_v1";
     pub const SOCK_NAT6: &str = "lb6_sknat_v1";
     pub const SOCK_STATE6: &str = "lb6_sockst_v1";
     pub const SOURCE_RANGES6: &str = "lb6_srcrng_v1";

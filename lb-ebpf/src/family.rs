@@ -318,8 +318,7 @@ impl Family for V6 {
 
     #[inline(always)]
     fn backend(id: u32) -> Option<&'static BackendValue<Ipv6Words>> {
-        // SAFETY: only read; the agent replaces entries whole (a hash map update).
-        unsafe { BACKENDS6.get(&id) }
+        BACKENDS6.get(id).filter(|backend| backend.in_use())
     }
 
     #[inline(always)]

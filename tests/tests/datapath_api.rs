@@ -205,6 +205,27 @@ fn each_family_has_its_own_maps_and_an_id_moves_between_them() {
     );
     let backends = maps().backends().expect("backends");
     assert_eq!(backends[0].address, "[2001:db8:244:1::10]:8080");
+    // An IPv6 cell written again: another endpoint (through a vacant cell), then new flags.
+    let moved = Backend {
+        addr: "2001:db8:244:2::20".parse().unwrap(),
+        port: 9090,
+        ..v6
+    };
+    datapath.put_backend(1, &moved).expect("another endpoint");
+    let terminating = Backend {
+        flags: lb_common::backend_flags::TERMINATING,
+        ..moved
+    };
+    datapath.put_backend(1, &terminating).expect("terminating");
+    let backends = maps().backends().expect("backends");
+    assert_eq!(
+        (
+            backends.len(),
+            backends[0].address.as_str(),
+            backends[0].terminating
+        ),
+        (1, "[2001:db8:244:2::20]:9090", true)
+    );
     datapath.remove_service(1).expect("remove");
     datapath.remove_backend(1).expect("remove backend");
     assert_eq!(
@@ -213,6 +234,86 @@ fn each_family_has_its_own_maps_and_an_id_moves_between_them() {
             entries(map_names::BACKENDS6)
         ),
         (Some(0), Some(0))
+    );
+}
+
+/// The IPv6 backends an agent of an earlier release left in the hash map `lb6_be_v1` move into
+/// the array `lb6_be_v2` under the same ids at load, and the hash map's pin goes: on a first
+/// upgrade (no array yet) and on an upgrade after a rollback, when the array still holds what
+/// this release last wrote and a backend the hash map does not hold must be vacated. An
+/// earlier release's hash map is made here as that release made it (no preallocation).
+#[test]
+fn ipv6_backends_of_an_earlier_release_move_into_the_array() {
+    use aya::maps::{HashMap, MapData};
+    const BPF_F_NO_PREALLOC: u32 = 1;
+
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "be6mig").expect("pins");
+    let backend = |last: u16, port: u16| Backend {
+        addr: std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x244, 1, 0, 0, 0, last).into(),
+        port,
+        proto: proto::TCP,
+        flags: 0,
+    };
+    let legacy_of = |backends: &[(u32, Backend)]| {
+        let mut legacy = HashMap::<MapData, u32, lb_common::Backend6>::create(
+            limits::MAX_BACKENDS,
+            BPF_F_NO_PREALLOC,
+        )
+        .expect("the earlier release's hash map");
+        for (id, backend) in backends {
+            let std::net::IpAddr::V6(addr) = backend.addr else {
+                panic!("an IPv6 backend");
+            };
+            let value = lb_common::Backend6 {
+                addr: lb_userspace::compile::model::ipv6_words(addr),
+                port: backend.port.to_be(),
+                proto: backend.proto,
+                flags: backend.flags,
+            };
+            legacy.insert(id, &value, 0).expect("legacy entry");
+        }
+        legacy
+            .pin(pins.path().join(map_names::LEGACY_BACKENDS6))
+            .expect("pin lb6_be_v1");
+    };
+    let installed = || {
+        lb_userspace::observe::inspect::PinnedMaps::open(pins.path())
+            .expect("maps")
+            .backends()
+            .expect("backends")
+            .into_iter()
+            .map(|info| (info.id, info.address))
+            .collect::<Vec<_>>()
+    };
+
+    legacy_of(&[(3, backend(0x10, 8080)), (7, backend(0x11, 9090))]);
+    drop(Datapath::load(pins.path()).expect("first upgrade"));
+    assert!(!pins.path().join(map_names::LEGACY_BACKENDS6).exists());
+    assert_eq!(
+        installed(),
+        [
+            (3, "[2001:db8:244:1::10]:8080".to_owned()),
+            (7, "[2001:db8:244:1::11]:9090".to_owned())
+        ]
+    );
+
+    // Rolled back: the earlier release wrote its hash map again (7 moved, 3 gone, 5 new),
+    // while the array kept this release's 3 and 7 and one more, 9.
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    datapath
+        .put_backend(9, &backend(0x12, 80))
+        .expect("backend 9");
+    drop(datapath);
+    legacy_of(&[(5, backend(0x13, 53)), (7, backend(0x14, 9091))]);
+    drop(Datapath::load(pins.path()).expect("upgrade again"));
+    assert!(!pins.path().join(map_names::LEGACY_BACKENDS6).exists());
+    assert_eq!(
+        installed(),
+        [
+            (5, "[2001:db8:244:1::13]:53".to_owned()),
+            (7, "[2001:db8:244:1::14]:9091".to_owned())
+        ]
     );
 }
 

@@ -24,8 +24,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend4, CtKey, CtValue, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction, ct_flags,
-    limits, map_names, program_names, proto, tc_programs, xdp_programs,
+    BackendValue, CtKey, CtValue, JiffiesClock, LegacySlotKey, ServiceValue, ct_direction,
+    ct_flags, limits, map_names, program_names, proto, tc_programs, xdp_programs,
 };
 
 use crate::compile::model::FrontendKey;
@@ -103,6 +103,7 @@ impl Datapath {
         super::bpffs::create_pin_dir(pin_dir)?;
         // Whether an agent of this layout left a backends array, or this load creates it empty.
         let backends_array_left = pin_dir.join(map_names::BACKENDS4).exists();
+        let backends6_array_left = pin_dir.join(map_names::BACKENDS6).exists();
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(pin_dir)
@@ -170,7 +171,20 @@ impl Datapath {
             migrate_legacy_slots(pin_dir, &mut installed, &mut maps, &mut slot_ranges)?;
         }
         if pin_dir.join(map_names::LEGACY_BACKENDS4).exists() {
-            migrate_legacy_backends(pin_dir, &mut maps, backends_array_left)?;
+            migrate_legacy_backends(
+                pin_dir,
+                (map_names::LEGACY_BACKENDS4, map_names::BACKENDS4),
+                &mut maps.backends,
+                backends_array_left,
+            )?;
+        }
+        if pin_dir.join(map_names::LEGACY_BACKENDS6).exists() {
+            migrate_legacy_backends(
+                pin_dir,
+                (map_names::LEGACY_BACKENDS6, map_names::BACKENDS6),
+                &mut maps.backends6,
+                backends6_array_left,
+            )?;
         }
         remove_retired_pins(pin_dir)?;
         // Rewritten whole before any program of this load is attached: a map new to the pin
@@ -497,10 +511,11 @@ fn migrate_legacy_slots(
     Ok(())
 }
 
-/// Copies the IPv4 backends an agent of an earlier release left in the hash map `lb4_be_v1`
-/// into the backends array under the same ids, before any program of this load is attached:
-/// the selection tables, affinity and UDP flows name backends by id. The earlier release's
-/// programs keep reading the hash map until this load's replace them.
+/// Copies the backends of one family an agent of an earlier release left in a hash map
+/// (`lb4_be_v1`, `lb6_be_v1`) into the family's backends array (`names`: the hash map's, the
+/// array's) under the same ids, before any program of this load is attached: the selection
+/// tables, affinity and UDP flows name backends by id. The earlier release's programs keep
+/// reading the hash map until this load's replace them.
 ///
 /// The hash map is the truth: it is unpinned right after this copy, so a load that finds it
 /// follows an earlier release's agent (an upgrade, or an upgrade again after a rollback, when
@@ -508,21 +523,28 @@ fn migrate_legacy_slots(
 /// An array this load created (`array_left` false: the first upgrade) is all vacant cells and
 /// is not read: reading its `MAX_BACKENDS` cells is most of the migration's time (70 ms of a
 /// debug build's), which the agent's first sync waits for.
-fn migrate_legacy_backends(pin_dir: &Path, maps: &mut Maps, array_left: bool) -> Result<()> {
-    let name = map_names::LEGACY_BACKENDS4;
-    let legacy: HashMap<MapData, u32, Backend4> = open_map(pin_dir, name, Access::ReadOnly)?;
-    let legacy: BTreeMap<u32, Backend4> = super::batch::read_map(&legacy)
-        .map_err(|source| map_error(name, "iterate", source))?
+fn migrate_legacy_backends<A: Copy>(
+    pin_dir: &Path,
+    (legacy_name, name): (&'static str, &'static str),
+    cells: &mut Array<MapData, BackendValue<A>>,
+    array_left: bool,
+) -> Result<()>
+where
+    BackendValue<A>: aya::Pod,
+{
+    let legacy: HashMap<MapData, u32, BackendValue<A>> =
+        open_map(pin_dir, legacy_name, Access::ReadOnly)?;
+    let legacy: BTreeMap<u32, BackendValue<A>> = super::batch::read_map(&legacy)
+        .map_err(|source| map_error(legacy_name, "iterate", source))?
         .into_iter()
         .filter(|(id, backend)| *id < limits::MAX_BACKENDS && backend.in_use())
         .collect();
-    let cells = if array_left {
-        super::batch::read_map(&maps.backends)
-            .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?
+    let left = if array_left {
+        super::batch::read_map(cells).map_err(|source| map_error(name, "iterate", source))?
     } else {
         Vec::new()
     };
-    let stale = cells
+    let stale = left
         .into_iter()
         .filter(|(id, cell)| cell.in_use() && !legacy.contains_key(id));
     let writes = legacy
@@ -530,9 +552,9 @@ fn migrate_legacy_backends(pin_dir: &Path, maps: &mut Maps, array_left: bool) ->
         .map(|(&id, &backend)| (id, backend))
         .chain(stale.map(|(id, cell)| (id, cell.vacated())));
     for (id, value) in writes {
-        maps.backends
+        cells
             .set(id, &value, 0)
-            .map_err(|source| map_error(map_names::BACKENDS4, "migrate", source))?;
+            .map_err(|source| map_error(name, "migrate", source))?;
     }
     Ok(())
 }

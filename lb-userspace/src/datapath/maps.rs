@@ -36,7 +36,7 @@ pub struct Maps {
     pub affinity6: HashMap<MapData, lb_common::Affinity6Key, AffinityValue>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
     pub frontends6: HashMap<MapData, Frontend6Key, ServiceValue>,
-    pub backends6: HashMap<MapData, u32, Backend6>,
+    pub backends6: Array<MapData, Backend6>,
     pub source_ranges6: LpmTrie<MapData, SourceRange6, u8>,
     pub sock_nat6: HashMap<MapData, SockNat6Key, SockNat6Value>,
 }

@@ -9,7 +9,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    Affinity4Key, AffinityValue, Backend4, Ct4Key, Ct4Value, DatapathConfig, Event, ServiceCounter,
+    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, DatapathConfig, Event, ServiceCounter,
     ServiceValue, map_names, service_flags,
 };
 
@@ -206,33 +206,27 @@ pub(crate) fn read_source_ranges(maps: &Maps) -> Result<Vec<(u32, (IpAddr, u8))>
 /// Every backend of both families by id. The agent's datapath and the read-only inspection
 /// share these readers.
 pub(crate) fn read_backends(maps: &Maps) -> Result<BTreeMap<u32, Backend>> {
-    let v4 = read_backend_array(&maps.backends)?;
-    let v6 = read_backend_map(&maps.backends6, map_names::BACKENDS6, Backend::from_value6);
-    v4.into_iter().map(Ok).chain(v6).collect()
+    let v4 = read_backend_array(&maps.backends, map_names::BACKENDS4, Backend::from_value)?;
+    let v6 = read_backend_array(&maps.backends6, map_names::BACKENDS6, Backend::from_value6)?;
+    Ok(v4.into_iter().chain(v6).collect())
 }
 
-/// The IPv4 backends: the cells of the array in use, read in batches (the array has a cell for
-/// every possible id).
-fn read_backend_array(map: &Array<MapData, Backend4>) -> Result<Vec<(u32, Backend)>> {
-    let cells = super::batch::read_map(map)
-        .map_err(|source| map_error(map_names::BACKENDS4, "iterate", source))?;
+/// The backends of one family: the cells of its array in use, read in batches (the array has
+/// a cell for every possible id).
+fn read_backend_array<A: Copy>(
+    map: &Array<MapData, lb_common::BackendValue<A>>,
+    name: &'static str,
+    backend: fn(&lb_common::BackendValue<A>) -> Backend,
+) -> Result<Vec<(u32, Backend)>>
+where
+    lb_common::BackendValue<A>: aya::Pod,
+{
+    let cells = super::batch::read_map(map).map_err(|source| map_error(name, "iterate", source))?;
     Ok(cells
         .into_iter()
         .filter(|(_, cell)| cell.in_use())
-        .map(|(id, cell)| (id, Backend::from_value(&cell)))
+        .map(|(id, cell)| (id, backend(&cell)))
         .collect())
-}
-
-fn read_backend_map<'m, V: aya::Pod>(
-    map: &'m HashMap<MapData, u32, V>,
-    name: &'static str,
-    backend: fn(&V) -> Backend,
-) -> impl Iterator<Item = Result<(u32, Backend)>> + 'm {
-    map.iter().map(move |entry| {
-        entry
-            .map(|(id, value)| (id, backend(&value)))
-            .map_err(|source| map_error(name, "iterate", source))
-    })
 }
 
 /// A service's counters summed over CPUs.

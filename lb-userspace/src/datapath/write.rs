@@ -32,6 +32,53 @@ use crate::compile::model::{
     Backend, BackendValue, Family, FrontendKey, IpCidr, Service, ipv6_of_words, ipv6_words,
 };
 
+/// Vacates a backend's cell ([`lb_common::BackendValue::vacated`]): its address and port stay,
+/// so that a program reading the cell meanwhile sees the backend or nothing. An id past the
+/// array has no cell: nothing to remove (as a hash map's missing key).
+fn vacate_backend_cell<A: Copy>(
+    cells: &mut Array<MapData, lb_common::BackendValue<A>>,
+    id: u32,
+) -> std::result::Result<(), MapError>
+where
+    lb_common::BackendValue<A>: aya::Pod,
+{
+    if id >= limits::MAX_BACKENDS {
+        return Ok(());
+    }
+    let cell = cells.get(&id, 0)?;
+    if cell.in_use() {
+        cells.set(id, &cell.vacated(), 0)?;
+    }
+    Ok(())
+}
+
+/// Writes a backend into its cell so that a program reading the cell meanwhile sees the old
+/// backend, a vacant cell or the new backend, never a mix of two addresses: an array update is
+/// a copy in place (not an atomic replacement as in a hash map), and an IPv6 cell is wider
+/// than any single store. A backend whose address and port the cell holds already (its flags
+/// changed) is one write; any other goes through a vacant cell, first with the old address,
+/// then with the new one, and is set in use last.
+fn write_backend_cell<A: Copy + PartialEq>(
+    cells: &mut Array<MapData, lb_common::BackendValue<A>>,
+    id: u32,
+    backend: lb_common::BackendValue<A>,
+) -> std::result::Result<(), MapError>
+where
+    lb_common::BackendValue<A>: aya::Pod,
+{
+    let cell = cells.get(&id, 0)?;
+    let same_endpoint = cell.addr == backend.addr && cell.port == backend.port;
+    if !(cell.in_use() && same_endpoint) {
+        if cell.in_use() {
+            cells.set(id, &cell.vacated(), 0)?;
+        }
+        if !same_endpoint {
+            cells.set(id, &backend.vacated(), 0)?;
+        }
+    }
+    cells.set(id, &backend, 0)
+}
+
 impl Datapath {
     /// Adds or replaces a backend. Put backends before the services that reference them.
     pub fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
@@ -66,14 +113,8 @@ impl Datapath {
                 .backends
                 .set(id, &value, 0)
                 .map_err(|source| map_error(map_names::BACKENDS4, &operation(), source))?,
-            BackendValue::V6(value) => insert(
-                &mut self.maps.backends6,
-                map_names::BACKENDS6,
-                limits::MAX_BACKENDS,
-                &id,
-                &value,
-                operation,
-            )?,
+            BackendValue::V6(value) => write_backend_cell(&mut self.maps.backends6, id, value)
+                .map_err(|source| map_error(map_names::BACKENDS6, &operation(), source))?,
         }
         self.installed_backends.insert(id, *backend);
         Ok(())
@@ -86,39 +127,15 @@ impl Datapath {
         // A backend the agent does not know (maps of an earlier run) may be in either map.
         let family = self.installed_backends.get(&id).map(Backend::family);
         if family != Some(Family::V6) {
-            self.vacate_backend4(id, operation)?;
+            vacate_backend_cell(&mut self.maps.backends, id)
+                .map_err(|source| map_error(map_names::BACKENDS4, &operation(), source))?;
         }
         if family != Some(Family::V4) {
-            remove(
-                &mut self.maps.backends6,
-                map_names::BACKENDS6,
-                &id,
-                operation,
-            )?;
+            vacate_backend_cell(&mut self.maps.backends6, id)
+                .map_err(|source| map_error(map_names::BACKENDS6, &operation(), source))?;
         }
         self.installed_backends.remove(&id);
         Ok(())
-    }
-
-    /// Vacates an IPv4 backend's cell ([`lb_common::BackendValue::vacated`]): its address and
-    /// port stay, so that a program reading the cell meanwhile sees the backend or nothing.
-    fn vacate_backend4(&mut self, id: u32, operation: impl Fn() -> String) -> Result<()> {
-        if id >= limits::MAX_BACKENDS {
-            // No such cell: nothing to remove (as a hash map's missing key).
-            return Ok(());
-        }
-        let cell = self
-            .maps
-            .backends
-            .get(&id, 0)
-            .map_err(|source| map_error(map_names::BACKENDS4, &operation(), source))?;
-        if !cell.in_use() {
-            return Ok(());
-        }
-        self.maps
-            .backends
-            .set(id, &cell.vacated(), 0)
-            .map_err(|source| map_error(map_names::BACKENDS4, &operation(), source))
     }
 
     /// Writes one frontend's entry into its family's frontends map.

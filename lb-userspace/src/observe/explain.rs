@@ -512,7 +512,9 @@ fn service_backends(maps: &Maps, service: &ServiceValue) -> anyhow::Result<Vec<S
                 Ipv4Addr::from(u32::from_be(backend.addr)).into(),
                 u16::from_be(backend.port),
             )
-        } else if let Ok(backend) = maps.backends6.get(&cell.backend_id, 0) {
+        } else if let Ok(backend) = maps.backends6.get(&cell.backend_id, 0)
+            && backend.in_use()
+        {
             SocketAddr::new(
                 ipv6_of_words(backend.addr).into(),
                 u16::from_be(backend.port),

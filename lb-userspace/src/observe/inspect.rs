@@ -398,7 +398,7 @@ impl PinnedMaps {
             },
             MapFill {
                 map: map_names::BACKENDS4,
-                entries: backends4_in_use(&self.0)?,
+                entries: backends_in_use(&self.0.backends)?,
                 capacity: u64::from(limits::MAX_BACKENDS),
             },
             fill(
@@ -406,11 +406,11 @@ impl PinnedMaps {
                 self.0.frontends6.keys(),
                 limits::MAX_FRONTENDS,
             ),
-            fill(
-                map_names::BACKENDS6,
-                self.0.backends6.keys(),
-                limits::MAX_BACKENDS,
-            ),
+            MapFill {
+                map: map_names::BACKENDS6,
+                entries: backends_in_use(&self.0.backends6)?,
+                capacity: u64::from(limits::MAX_BACKENDS),
+            },
             fill(
                 map_names::SOURCE_RANGES6,
                 self.0.source_ranges6.keys(),
@@ -466,9 +466,14 @@ impl PinnedMaps {
     }
 }
 
-/// How many cells of the IPv4 backends array hold a backend.
-fn backends4_in_use(maps: &Maps) -> anyhow::Result<u64> {
-    let cells = crate::datapath::batch::read_map(&maps.backends)?;
+/// How many cells of a backends array hold a backend.
+fn backends_in_use<A: Copy>(
+    cells: &aya::maps::Array<aya::maps::MapData, lb_common::BackendValue<A>>,
+) -> anyhow::Result<u64>
+where
+    lb_common::BackendValue<A>: aya::Pod,
+{
+    let cells = crate::datapath::batch::read_map(cells)?;
     Ok(cells.iter().filter(|(_, cell)| cell.in_use()).count() as u64)
 }
 
@@ -822,7 +827,10 @@ mod tests {
                 "vacate a backend",
                 maps.0.backends.set(7, &value.vacated(), 0),
             );
-            refused("delete an IPv6 backend", maps.0.backends6.remove(&7));
+            refused(
+                "add an IPv6 backend",
+                maps.0.backends6.set(9, &lb_common::Backend6::default(), 0),
+            );
             let frontend = lb_common::Frontend4Key {
                 addr: u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
                 port: 80u16.to_be(),
