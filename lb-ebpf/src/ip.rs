@@ -7,7 +7,7 @@ use lb_common::{Event, Frag4Key, Frag4Value, Frag6Key, FragValue, Ipv6Words, che
 use lb_ebpf::packet::{
     ETH_HDR_LEN, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, IPV6_DADDR_OFFSET,
     IPV6_HDR_LEN, IPV6_HOP_LIMIT_OFFSET, IPV6_SADDR_OFFSET, IpHeader, Ipv4Info, Ipv6Info, bytes_at,
-    bytes_at_mut,
+    bytes_at_mut, store_packet_words,
 };
 
 use crate::{
@@ -214,8 +214,8 @@ impl Ip for Ipv6Info {
         new: (Ipv6Words, Ipv6Words),
     ) -> Result<(), Event> {
         let ip = bytes_at_mut::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN).ok_or(Event::DROP_MALFORMED)?;
-        write_words(ip, IPV6_SADDR_OFFSET, new.0);
-        write_words(ip, IPV6_DADDR_OFFSET, new.1);
+        store_packet_words(ip, IPV6_SADDR_OFFSET, new.0);
+        store_packet_words(ip, IPV6_DADDR_OFFSET, new.1);
         Ok(())
     }
 
@@ -278,12 +278,5 @@ fn fragment_key6(ip: &Ipv6Info) -> Frag6Key {
         saddr: ip.saddr,
         daddr: ip.daddr,
         id: ip.fragment_id,
-    }
-}
-
-#[inline(always)]
-fn write_words(header: &mut [u8; IPV6_HDR_LEN], offset: usize, addr: Ipv6Words) {
-    for (i, word) in addr.iter().enumerate() {
-        header[offset + 4 * i..offset + 4 * i + 4].copy_from_slice(&word.to_ne_bytes());
     }
 }

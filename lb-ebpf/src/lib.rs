@@ -2,6 +2,8 @@
 //! library also lets lb-userspace name this crate as a build-dependency, so cargo rebuilds the
 //! agent when the programs change.
 #![no_std]
+// Inline assembly on the BPF target: the packet loads of `packet::packet_words`.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 pub mod packet;
 

@@ -298,8 +298,8 @@ pub fn ipv6_fixed_header(ctx: &XdpContext) -> Option<Option<Ipv6Info>> {
         return None;
     }
     Some(Some(Ipv6Info {
-        saddr: words(ip, IPV6_SADDR_OFFSET),
-        daddr: words(ip, IPV6_DADDR_OFFSET),
+        saddr: packet_words(ip, IPV6_SADDR_OFFSET),
+        daddr: packet_words(ip, IPV6_DADDR_OFFSET),
         proto: ip[IPV6_NEXT_HEADER_OFFSET],
         hop_limit: ip[IPV6_HOP_LIMIT_OFFSET],
         l4_offset: ETH_HDR_LEN + IPV6_HDR_LEN,
@@ -322,6 +322,83 @@ pub fn fragment_header_len(reserved: &u8) -> usize {
     // SAFETY: a byte of a live reference.
     let again = unsafe { core::ptr::read_volatile(reserved) };
     (usize::from(first ^ again) + 1) * lb_common::ipv6::EXT_HDR_PEEK
+}
+
+/// Four words of an address at `offset` of a header in packet memory (from [`bytes_at`]), as
+/// the packet holds them: four 32-bit loads. LLVM's BPF target assumes no unaligned access and
+/// turns [`words`]' unaligned read into sixteen byte loads and the shifts that join them; the
+/// verifier takes an unaligned packet load where the architecture has efficient unaligned
+/// access, and elsewhere checks alignment as if the packet began `NET_IP_ALIGN` (2) bytes in
+/// (kernel/bpf/verifier.c, `check_pkt_ptr_alignment`), where an IPv6 address behind an
+/// Ethernet header is aligned. Not for a copy on the stack, whose loads must be aligned.
+#[inline(always)]
+pub fn packet_words<const N: usize>(header: &[u8; N], offset: usize) -> [u32; 4] {
+    let bytes = &header[offset..offset + 16];
+    let at = bytes.as_ptr();
+    // SAFETY: 16 readable bytes from `at`; each load reads 4 of them.
+    unsafe { [0, 4, 8, 12].map(|i| load_word(at.add(i))) }
+}
+
+/// Stores `addr`'s four words at `offset` of a header in packet memory (from
+/// [`bytes_at_mut`]): four 32-bit stores, as [`packet_words`] loads them.
+#[inline(always)]
+pub fn store_packet_words<const N: usize>(header: &mut [u8; N], offset: usize, addr: [u32; 4]) {
+    let bytes = &mut header[offset..offset + 16];
+    let at = bytes.as_mut_ptr();
+    for (i, word) in addr.into_iter().enumerate() {
+        // SAFETY: 16 writable bytes from `at`; each store writes 4 of them.
+        unsafe { store_word(at.add(4 * i), word) };
+    }
+}
+
+/// One 32-bit load of packet memory at `at`, aligned or not (see [`packet_words`]).
+///
+/// # Safety
+/// `at` must point to 4 readable bytes of packet memory.
+#[inline(always)]
+unsafe fn load_word(at: *const u8) -> u32 {
+    #[cfg(target_arch = "bpf")]
+    {
+        let word: u64;
+        // SAFETY: the caller's; a load, nothing else.
+        unsafe {
+            core::arch::asm!(
+                "{word} = *(u32 *)({at} + 0)",
+                at = in(reg) at,
+                word = lateout(reg) word,
+                options(readonly, nostack, preserves_flags),
+            );
+        }
+        word as u32
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: the caller's.
+    unsafe {
+        core::ptr::read_unaligned(at.cast::<u32>())
+    }
+}
+
+/// One 32-bit store to packet memory at `at`, aligned or not (see [`packet_words`]).
+///
+/// # Safety
+/// `at` must point to 4 writable bytes of packet memory that nothing else refers to.
+#[inline(always)]
+unsafe fn store_word(at: *mut u8, word: u32) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: the caller's; a store, nothing else.
+    unsafe {
+        core::arch::asm!(
+            "*(u32 *)({at} + 0) = {word}",
+            at = in(reg) at,
+            word = in(reg) u64::from(word),
+            options(nostack, preserves_flags),
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: the caller's.
+    unsafe {
+        core::ptr::write_unaligned(at.cast::<u32>(), word)
+    }
 }
 
 /// Four words of an address at `offset` of a header, as the packet holds them.

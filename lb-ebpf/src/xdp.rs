@@ -22,7 +22,7 @@ use lb_ebpf::packet::{
     IPV6_DADDR_OFFSET, IPV6_HDR_LEN, IPV6_NEXT_HEADER_OFFSET, IPV6_SADDR_OFFSET, IpHeader,
     Ipv4Info, Ipv6Info, Ipv6Packet, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
     TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
-    bytes_at_mut, frame_len, ipv6_fixed_header, parse_ipv4, parse_ipv6, words,
+    bytes_at_mut, frame_len, ipv6_fixed_header, packet_words, parse_ipv4, parse_ipv6, words,
 };
 
 use crate::{
@@ -247,7 +247,7 @@ fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
         proto::SCTP => (xdp_programs::IPV6_SCTP, xdp_programs::IPV6_DIRECT_SCTP),
         _ => return Some(xdp_programs::IPV6),
     };
-    let daddr = words(ip, IPV6_DADDR_OFFSET);
+    let daddr = packet_words(ip, IPV6_DADDR_OFFSET);
     let dport = u16::from_be_bytes([ip[IPV6_HDR_LEN + 2], ip[IPV6_HDR_LEN + 3]]);
     let to_frontend = maybe_frontend_at::<V6>(daddr, dport, protocol);
     if to_snat_port::<V6>(&daddr, dport) {
