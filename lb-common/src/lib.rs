@@ -485,23 +485,23 @@ pub mod checksum {
     }
 
     /// The checksum after the IPv6 address `old` became `new` (both as the packet holds them,
-    /// [`crate::Ipv6Words`]): eight 16-bit words each.
+    /// [`crate::Ipv6Words`]). The sum is of the words as they are, native order, with the
+    /// checksum taken in the same order: a one's complement sum commutes with swapping the
+    /// bytes of every term (RFC 1071, section 2), so no word needs a byte swap, and four 32-bit
+    /// terms per address stand for its eight 16-bit ones.
     #[inline(always)]
     pub fn replace_ipv6(check: u16, old: &crate::Ipv6Words, new: &crate::Ipv6Words) -> u16 {
-        // At most 17 terms of 16 bits: two folds still suffice (the first leaves at most
-        // 0x1_000f).
-        let mut sum = u32::from(!check);
+        // 1 + 8 terms below 2^32 each: the sum stays below 2^36, and two folds from 64 bits
+        // leave 32 (the first at most 2^32 + 14).
+        let mut sum = u64::from((!check).to_be());
         let mut i = 0;
         while i < 4 {
-            let old = old[i].to_ne_bytes();
-            let new = new[i].to_ne_bytes();
-            sum += u32::from(!u16::from_be_bytes([old[0], old[1]]))
-                + u32::from(!u16::from_be_bytes([old[2], old[3]]))
-                + u32::from(u16::from_be_bytes([new[0], new[1]]))
-                + u32::from(u16::from_be_bytes([new[2], new[3]]));
+            sum += u64::from(!old[i]) + u64::from(new[i]);
             i += 1;
         }
-        !fold(sum)
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        let sum = (sum & 0xffff_ffff) + (sum >> 32);
+        u16::from_be(!fold(sum as u32))
     }
 
     /// The one's complement sum (not yet complemented) of `bytes` as big-endian 16-bit words,
@@ -2112,6 +2112,53 @@ mod tests {
             let incremental = checksum::replace_u16(check, 80, new_port);
             rewritten[18..20].copy_from_slice(&incremental.to_be_bytes());
             assert_eq!(full_checksum(&rewritten), 0, "port {new_port}");
+        }
+    }
+
+    #[test]
+    fn ipv6_address_updates_match_a_full_recomputation() {
+        // A pseudo-header (two addresses, length 20, next header TCP; the segment itself,
+        // unchanged by the rewrite, left out) and a checksum field that makes it come out right.
+        let addresses: [[u8; 16]; 6] = [
+            [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [
+                0xfd, 0, 0x10, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x0a,
+            ],
+            [0xff; 16],
+            [0; 16],
+            [
+                0x20, 0x01, 0x0d, 0xb8, 0x02, 0x44, 0, 1, 0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef,
+            ],
+            [
+                0x80, 0x01, 0xff, 0xfe, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4,
+            ],
+        ];
+        let words = |bytes: &[u8; 16]| -> Ipv6Words {
+            core::array::from_fn(|i| {
+                u32::from_ne_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap())
+            })
+        };
+        for source in &addresses {
+            for old in &addresses {
+                let mut segment = [0u8; 42];
+                segment[..16].copy_from_slice(source);
+                segment[16..32].copy_from_slice(old);
+                segment[32..40].copy_from_slice(&[0, 0, 0, 20, 0, 0, 0, proto::TCP]);
+                let check = full_checksum(&segment);
+                segment[40..42].copy_from_slice(&check.to_be_bytes());
+                assert_eq!(full_checksum(&segment), 0);
+                for new in &addresses {
+                    let mut rewritten = segment;
+                    rewritten[16..32].copy_from_slice(new);
+                    let incremental = checksum::replace_ipv6(check, &words(old), &words(new));
+                    rewritten[40..42].copy_from_slice(&incremental.to_be_bytes());
+                    assert_eq!(
+                        full_checksum(&rewritten),
+                        0,
+                        "{old:x?} -> {new:x?} behind {source:x?}"
+                    );
+                }
+            }
         }
     }
 

@@ -260,13 +260,18 @@ fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
 }
 
 /// Whether `daddr`:`dport` is the node's SNAT address of the family and a port of the SNAT
-/// range (an answer to a SNAT flow, as [`snat_reply`] looks for).
+/// range (an answer to a SNAT flow, as [`snat_reply`] looks for). The port first: the
+/// settings it needs are the ones every served packet reads, and most frontends' ports
+/// (NodePorts among them) lie outside the range, so that the family's SNAT address (IPv6's in
+/// a map only this check reads) is seldom looked at.
 #[inline(always)]
 fn to_snat_port<F: Family>(daddr: &F::Addr, dport: u16) -> bool {
-    let (Some(config), Some(snat_addr)) = (config(), F::snat_addr()) else {
+    let Some(config) = config() else {
         return false;
     };
-    F::same(daddr, &snat_addr) && dport >= config.snat_port_min && dport <= config.snat_port_max
+    dport >= config.snat_port_min
+        && dport <= config.snat_port_max
+        && F::snat_addr().is_some_and(|snat_addr| F::same(daddr, &snat_addr))
 }
 
 /// The full IPv6 datapath for the protocol `PROTOCOL`: TCP in `lb_xdp6`, which hands UDP to
