@@ -49,10 +49,9 @@ pub struct Ipv6Header {
 /// RFC 2675, whose real length is in a Hop-by-Hop option) is not one the datapath translates.
 #[inline(always)]
 pub fn header(bytes: &[u8; IPV6_HDR_LEN]) -> Option<Ipv6Header> {
+    let (start, _) = bytes.split_first_chunk::<FIXED_FIELDS_LEN>()?;
+    let next_header = next_header_of(start)?;
     let payload_len = u16::from_be_bytes([bytes[4], bytes[5]]);
-    if bytes[0] >> 4 != 6 || payload_len == 0 {
-        return None;
-    }
     let mut saddr = [0u8; 16];
     saddr.copy_from_slice(&bytes[8..24]);
     let mut daddr = [0u8; 16];
@@ -60,10 +59,21 @@ pub fn header(bytes: &[u8; IPV6_HDR_LEN]) -> Option<Ipv6Header> {
     Some(Ipv6Header {
         saddr: u128::from_be_bytes(saddr),
         daddr: u128::from_be_bytes(daddr),
-        next_header: bytes[6],
+        next_header,
         hop_limit: bytes[7],
         payload_len,
     })
+}
+
+/// The bytes of the fixed header before the addresses: version to hop limit.
+pub const FIXED_FIELDS_LEN: usize = 8;
+
+/// The Next Header of a fixed header whose first bytes these are, if [`header`] would take
+/// the header: for a reader that takes the addresses from elsewhere.
+#[inline(always)]
+pub fn next_header_of(start: &[u8; FIXED_FIELDS_LEN]) -> Option<u8> {
+    let payload_len = u16::from_be_bytes([start[4], start[5]]);
+    (start[0] >> 4 == 6 && payload_len != 0).then_some(start[6])
 }
 
 /// What the Fragment header of a packet says (RFC 8200 section 4.5).

@@ -29,7 +29,7 @@ use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK,
     IPV4_MIN_HDR_LEN, IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET,
     TCP_DATA_OFFSET_OFFSET, TCP_FIN, TCP_FLAGS_OFFSET, TCP_SYN, UDP_CSUM_OFFSET,
-    fragment_header_len, words,
+    fragment_header_len, packet_words, words,
 };
 
 use crate::{
@@ -888,9 +888,7 @@ enum Packet6 {
 /// header cut short, a jumbogram.
 #[inline(always)]
 fn parse6(ctx: &TcContext) -> Option<Packet6> {
-    let fixed = read::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN)?;
-    let header = ipv6::header(&fixed)?;
-    let mut next = header.next_header;
+    let mut next = ipv6::next_header_of(&read(ctx, ETH_HDR_LEN)?)?;
     let mut l4_offset = PLAIN_L4_OFFSET;
     let behind_extensions = !is_transport(next) && next != next_header::ICMPV6;
     // The identification is set on every path, also when unused: an `Option` set on one path
@@ -900,9 +898,10 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
     if behind_extensions {
         let walked = walk(ctx, next)?;
         if walked.later_fragment {
+            let (saddr, daddr) = addresses6(ctx)?;
             return Some(Packet6::LaterFragment(Frag6Key {
-                saddr: words_at(&fixed, 8),
-                daddr: words_at(&fixed, 24),
+                saddr,
+                daddr,
                 id: walked.fragment_id,
             }));
         }
@@ -922,10 +921,11 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
     } else {
         (0, 0, 0)
     };
+    let (saddr, daddr) = addresses6(ctx)?;
     Some(Packet6::Segment {
         tuple: Tuple {
-            saddr: words_at(&fixed, 8),
-            daddr: words_at(&fixed, 24),
+            saddr,
+            daddr,
             sport: u16::from_be_bytes([l4[0], l4[1]]),
             dport: u16::from_be_bytes([l4[2], l4[3]]),
             proto: next,
@@ -1049,6 +1049,21 @@ fn transport_bytes<const N: usize>(
         read::<N>(ctx, PLAIN_L4_OFFSET)?
     };
     Some(bytes)
+}
+
+/// The source and destination addresses of an IPv6 frame, as conntrack keeps them (the
+/// packet's bytes): four 32-bit loads each from the skb's linear data when the fixed header is
+/// in it ([`packet_words`]), else from a copy through the helper.
+#[inline(always)]
+fn addresses6(ctx: &TcContext) -> Option<(Ipv6Words, Ipv6Words)> {
+    let start = ctx.data() + ETH_HDR_LEN;
+    if start + IPV6_HDR_LEN <= ctx.data_end() {
+        // SAFETY: inside the skb's linear data, checked against data_end just above; only read.
+        let fixed = unsafe { &*(start as *const [u8; IPV6_HDR_LEN]) };
+        return Some((packet_words(fixed, 8), packet_words(fixed, 24)));
+    }
+    let fixed = ctx.load::<[u8; IPV6_HDR_LEN]>(ETH_HDR_LEN).ok()?;
+    Some((words_at(&fixed, 8), words_at(&fixed, 24)))
 }
 
 /// The IPv6 address at `at` of the fixed header, as conntrack keeps it (the packet's bytes).
