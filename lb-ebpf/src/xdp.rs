@@ -474,10 +474,12 @@ fn try_frontend6(ctx: &XdpContext) -> Result<u32, Event> {
 /// [`ipv6_program`]). A live flow's packet, or one to a frontend that no live flow took, is
 /// served here without the BPF-to-BPF calls and the tail call of `lb_xdp6`'s stages (nothing
 /// here needs its extension-header walk or SNAT-answer path); a new flow goes on to
-/// `lb_xdp6_flow`. The header and tuple live in [`PACKET6`], where `lb_xdp6_flow` reads them:
-/// on the stack they made the frame 376 bytes, which the verifier rounds to 384, and with the
-/// drop report's call (104, rounded to 128) that is all of its 512, with no room for a change
-/// (and measured no faster).
+/// `lb_xdp6_flow`. The header and tuple stay on the stack and go to [`PACKET6`], where
+/// `lb_xdp6_flow` reads them, only for a new flow: written there for every packet, they cost
+/// the live paths a tenth of their own time (perf). The frame is then 344-368 bytes (TCP, UDP,
+/// SCTP), which the verifier rounds to 384: with the drop report's call (104, rounded to 128)
+/// the SCTP instance takes all of its 512, and a change that grows the frame must move
+/// something to `PACKET6` again (the verifier says so when the programs load).
 #[inline(always)]
 fn try_direct6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
@@ -488,18 +490,21 @@ fn try_direct6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
         // Not what `lb_xdp` hands here: a program array slot out of step with this object.
         return Ok(xdp_action::XDP_PASS);
     }
-    let packet = packet6()?;
-    packet.ip = ip;
-    packet.tuple = transport_tuple(ctx, &packet.ip, PROTOCOL)?;
+    let tuple = transport_tuple(ctx, &ip, PROTOCOL)?;
     if proto::has_handshake(PROTOCOL)
-        && packet.tuple.tcp_flags & TCP_SYN == 0
-        && let Some(action) = established(ctx, eth, &packet.ip, &packet.tuple)?
+        && tuple.tcp_flags & TCP_SYN == 0
+        && let Some(action) = established(ctx, eth, &ip, &tuple)?
     {
         return Ok(action);
     }
-    match frontend6(ctx, eth, &packet.ip, &packet.tuple)? {
+    match frontend6(ctx, eth, &ip, &tuple)? {
         Frontend6::Sent(action) => Ok(action),
-        Frontend6::NewFlow(start) => Ok(start.hand_on(ctx, packet)),
+        Frontend6::NewFlow(start) => {
+            let packet = packet6()?;
+            packet.ip = ip;
+            packet.tuple = tuple;
+            Ok(start.hand_on(ctx, packet))
+        }
     }
 }
 
