@@ -68,13 +68,11 @@ where
 {
     let cell = cells.get(&id, 0)?;
     let same_endpoint = cell.addr == backend.addr && cell.port == backend.port;
-    if !(cell.in_use() && same_endpoint) {
+    if !same_endpoint {
         if cell.in_use() {
             cells.set(id, &cell.vacated(), 0)?;
         }
-        if !same_endpoint {
-            cells.set(id, &backend.vacated(), 0)?;
-        }
+        cells.set(id, &backend.vacated(), 0)?;
     }
     cells.set(id, &backend, 0)
 }

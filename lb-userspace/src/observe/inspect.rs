@@ -15,7 +15,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::compile::model::FrontendKey;
+use crate::compile::model::{Family, FrontendKey};
 use crate::datapath::{
     bpf_obj::Access,
     maps::Maps,
@@ -382,6 +382,13 @@ impl PinnedMaps {
             .values()
             .filter(|service| service.maglev_tag.is_some())
             .count();
+        let backends = read_backends(&self.0)?;
+        let backends_of = |family: Family| {
+            backends
+                .values()
+                .filter(|backend| backend.family() == family)
+                .count() as u64
+        };
         Ok(vec![
             fill(
                 map_names::FRONTENDS4,
@@ -398,7 +405,7 @@ impl PinnedMaps {
             },
             MapFill {
                 map: map_names::BACKENDS4,
-                entries: backends_in_use(&self.0.backends)?,
+                entries: backends_of(Family::V4),
                 capacity: u64::from(limits::MAX_BACKENDS),
             },
             fill(
@@ -408,7 +415,7 @@ impl PinnedMaps {
             ),
             MapFill {
                 map: map_names::BACKENDS6,
-                entries: backends_in_use(&self.0.backends6)?,
+                entries: backends_of(Family::V6),
                 capacity: u64::from(limits::MAX_BACKENDS),
             },
             fill(
@@ -464,17 +471,6 @@ impl PinnedMaps {
             },
         ])
     }
-}
-
-/// How many cells of a backends array hold a backend.
-fn backends_in_use<A: Copy>(
-    cells: &aya::maps::Array<aya::maps::MapData, lb_common::BackendValue<A>>,
-) -> anyhow::Result<u64>
-where
-    lb_common::BackendValue<A>: aya::Pod,
-{
-    let cells = crate::datapath::batch::read_map(cells)?;
-    Ok(cells.iter().filter(|(_, cell)| cell.in_use()).count() as u64)
 }
 
 fn fill<K>(
