@@ -86,7 +86,7 @@ pub mod map_names {
     /// reference goes (kernel/bpf/arraymap.c, prog_array_map_clear on map_release_uref), and
     /// the attached `lb_xdp` must keep reaching them while no agent runs.
     pub const XDP_PROGRAMS: &str = "lb_xdpprog_v1";
-    /// The program `lb_tc_egress` tail-calls for IPv6 ([`crate::tc_programs`]), pinned as
+    /// The programs `lb_tc_egress` tail-calls for IPv6 ([`crate::tc_programs`]), pinned as
     /// [`XDP_PROGRAMS`] is and for the same reason.
     pub const TC_PROGRAMS: &str = "lb_tcprog_v1";
 
@@ -214,7 +214,9 @@ pub mod map_names {
 pub mod tc_programs {
     /// `lb_tc_egress6` ([`crate::program_names::TC_EGRESS6`]).
     pub const IPV6: u32 = 0;
-    pub const COUNT: u32 = 1;
+    /// `lb_tc_egress6_direct` ([`crate::program_names::TC_EGRESS6_DIRECT`]).
+    pub const IPV6_DIRECT: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// The slots of [`map_names::XDP_PROGRAMS`].
@@ -361,6 +363,10 @@ pub mod program_names {
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// tc egress for IPv6, tail-called by [`TC_EGRESS`] (see its doc in `lb-ebpf/src/tc.rs`).
     pub const TC_EGRESS6: &str = "lb_tc_egress6";
+    /// tc egress for an IPv6 TCP or UDP packet right after the fixed header whose source may
+    /// be a backend's, tail-called by [`TC_EGRESS`]: the common answer of a local endpoint, in
+    /// one program without a call ([`TC_EGRESS6`] takes the rest).
+    pub const TC_EGRESS6_DIRECT: &str = "lb_tc_egress6_direct";
     /// cgroup/connect4: connect() to a Service goes straight to a backend.
     pub const CONNECT4: &str = "lb_connect4";
     /// cgroup/sendmsg4: unconnected UDP sendto() a Service goes to a backend.

@@ -46,12 +46,13 @@ use crate::{
 };
 
 /// The entry, for IPv4, whose body is inlined here: the path of every answer a local endpoint
-/// sends. IPv6 frames go on to [`lb_tc_egress6`] through a tail call
-/// ([`lb_common::tc_programs`]): its body and its ICMPv6 error translation take 300 to 450 bytes
-/// of stack each, and beside IPv4's in one program they would pass the 512 bytes the verifier
-/// allows a chain of calls; as BPF functions called from here, every IPv4 answer paid for a
-/// call (20 to 30 ns). Without `lb_tc_egress6` in its slot (an agent that stopped between its
-/// attach and its pin), IPv6 leaves untranslated.
+/// sends. IPv6 frames go on through a tail call ([`lb_common::tc_programs`]): a TCP or UDP
+/// answer right after the fixed header to [`lb_tc_egress6_direct`], anything else IPv6 that
+/// may need translating to [`lb_tc_egress6`]. Their bodies and the ICMPv6 error translation
+/// take 300 to 450 bytes of stack each, and beside IPv4's in one program they would pass the
+/// 512 bytes the verifier allows a chain of calls; as BPF functions called from here, every
+/// IPv4 answer paid for a call (20 to 30 ns). Without the program in its slot (an agent that
+/// stopped between its attach and its pin), IPv6 leaves untranslated.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     let Some(ethertype) = read::<2>(&ctx, 12) else {
@@ -60,38 +61,46 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     match u16::from_be_bytes(ethertype) {
         ETH_P_IP => verdict(&ctx, try_ipv4(&ctx), report_drop),
         ETH_P_IPV6 => {
-            if from_no_backend6(&ctx) {
+            let Some(slot) = ipv6_program(&ctx) else {
                 return TC_ACT_OK;
-            }
-            // SAFETY: the slot holds lb_tc_egress6 of this object (the agent puts it there),
-            // which takes the same context; on success control never comes back.
-            unsafe { TC_PROGRAMS.tail_call(&ctx, tc_programs::IPV6) };
+            };
+            // SAFETY: the slot holds a program of this object (the agent puts it there), which
+            // takes the same context; on success control never comes back.
+            unsafe { TC_PROGRAMS.tail_call(&ctx, slot) };
             TC_ACT_OK
         }
         _ => TC_ACT_OK,
     }
 }
 
-/// An IPv6 TCP, UDP or SCTP packet right after the fixed header whose source no backend can be
-/// (the backend filter): the node's own traffic and pods' traffic to elsewhere, which leaves
-/// untouched without the tail call to [`lb_tc_egress6`] (which let it go untouched too).
-/// Extension headers, fragments and ICMPv6 go on.
+/// The program for an IPv6 frame: a TCP or UDP packet right after the fixed header goes to
+/// [`lb_tc_egress6_direct`] when its source may be a backend's (the backend filter), and
+/// leaves untouched otherwise (the node's own traffic and pods' traffic to elsewhere: the full
+/// program let it go untouched too); SCTP right after the fixed header likewise, to
+/// [`lb_tc_egress6`]. Extension headers, fragments and ICMPv6 go to [`lb_tc_egress6`].
 #[inline(always)]
-fn from_no_backend6(ctx: &TcContext) -> bool {
+fn ipv6_program(ctx: &TcContext) -> Option<u32> {
     let Some(ip) = read::<{ IPV6_HDR_LEN + 2 }>(ctx, ETH_HDR_LEN) else {
-        return false;
+        return Some(tc_programs::IPV6);
     };
     let protocol = ip[6];
     if ip[0] >> 4 != 6 || !is_transport(protocol) {
-        return false;
+        return Some(tc_programs::IPV6);
     }
     let saddr = words(&ip, IPV6_SADDR_OFFSET);
     let sport = u16::from_be_bytes([ip[IPV6_HDR_LEN], ip[IPV6_HDR_LEN + 1]]);
-    !maybe_backend_at::<V6>(saddr, sport, protocol)
+    if !maybe_backend_at::<V6>(saddr, sport, protocol) {
+        None
+    } else if protocol == proto::SCTP {
+        Some(tc_programs::IPV6)
+    } else {
+        Some(tc_programs::IPV6_DIRECT)
+    }
 }
 
 /// tc egress for IPv6, tail-called by [`lb_tc_egress`]: an ICMPv6 error from a local endpoint,
-/// an SCTP packet, or anything else IPv6.
+/// an SCTP packet, a packet behind extension headers, or anything else IPv6 that is not
+/// [`lb_tc_egress6_direct`]'s.
 #[classifier]
 pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
     // A TCP, UDP or SCTP packet right after the fixed header (the common case) is no error and
@@ -109,6 +118,23 @@ pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
             Err(event) => Err(event),
         }
     };
+    verdict(&ctx, result, report_drop6)
+}
+
+/// tc egress for an IPv6 TCP or UDP packet right after the fixed header whose source may be a
+/// backend's, tail-called by [`lb_tc_egress`]: [`try_ipv6`]'s work for the common answer of a
+/// local endpoint, inlined in a program of its own, so that it pays no BPF-to-BPF call (each
+/// one a return through the CPU's return thunk here: 5-10 ns an answer).
+#[classifier]
+pub fn lb_tc_egress6_direct(ctx: TcContext) -> i32 {
+    let Some((tuple, udp_checksum)) = parse6_plain(&ctx) else {
+        // Headers outside the linear data (or a jumbogram): the full program's, which reads
+        // them through the helper.
+        // SAFETY: as in `lb_tc_egress`.
+        unsafe { TC_PROGRAMS.tail_call(&ctx, tc_programs::IPV6) };
+        return TC_ACT_OK;
+    };
+    let result = translate6(&ctx, tuple, PLAIN_L4_OFFSET, false, udp_checksum, None);
     verdict(&ctx, result, report_drop6)
 }
 
@@ -188,27 +214,31 @@ fn try_ipv4(ctx: &TcContext) -> Result<(), Event> {
             Ok(())
         }
     };
-    reverse_nat(&tuple, refusal, |frontend, restored_port| {
-        if tuple.proto == proto::SCTP {
-            let client_port = restored_port.unwrap_or(tuple.dport);
-            return snat_sctp(ctx, &tuple, l4_offset, frontend, client_port)
-                .map_err(|_| Event::DROP_NAT_FAILED);
-        }
-        snat(ctx, &tuple, l4_offset, frontend.0, frontend.1).map_err(|_| Event::DROP_NAT_FAILED)?;
-        if let Some(client_port) = restored_port {
-            restore_client_port(ctx, &tuple, l4_offset, client_port)
-                .map_err(|_| Event::DROP_NAT_FAILED)?;
-        }
-        if let Some(key) = fragment {
-            let later = Frag4Value {
-                saddr: frontend.0,
-                daddr: tuple.daddr,
-                ..Default::default()
-            };
-            remember_fragment(&FRAGMENTS4, &key, &later);
-        }
-        Ok(())
-    })
+    let Some(Restore {
+        frontend,
+        client_port,
+    }) = reverse_nat(&tuple, refusal)?
+    else {
+        return Ok(());
+    };
+    if tuple.proto == proto::SCTP {
+        return snat_sctp(ctx, &tuple, l4_offset, frontend, client_port)
+            .map_err(|_| Event::DROP_NAT_FAILED);
+    }
+    snat(ctx, &tuple, l4_offset, frontend.0, frontend.1).map_err(|_| Event::DROP_NAT_FAILED)?;
+    if client_port != tuple.dport {
+        restore_client_port(ctx, &tuple, l4_offset, client_port)
+            .map_err(|_| Event::DROP_NAT_FAILED)?;
+    }
+    if let Some(key) = fragment {
+        let later = Frag4Value {
+            saddr: frontend.0,
+            daddr: tuple.daddr,
+            ..Default::default()
+        };
+        remember_fragment(&FRAGMENTS4, &key, &later);
+    }
+    Ok(())
 }
 
 /// What [`try_ipv6`] leaves to the next step.
@@ -245,6 +275,28 @@ fn try_ipv6(ctx: &TcContext) -> Result<Ipv6Next, Event> {
     if tuple.proto == proto::SCTP {
         return Ok(Ipv6Next::Sctp);
     }
+    translate6(
+        ctx,
+        tuple,
+        l4_offset,
+        behind_extensions,
+        udp_checksum,
+        fragment,
+    )
+    .map(|()| Ipv6Next::Done)
+}
+
+/// A TCP or UDP answer's translation ([`reverse_nat`]), with, for a first fragment (`fragment`:
+/// its datagram's identification), the record its later fragments follow.
+#[inline(always)]
+fn translate6(
+    ctx: &TcContext,
+    tuple: Tuple<V6>,
+    l4_offset: usize,
+    behind_extensions: bool,
+    udp_checksum: u16,
+    fragment: Option<u32>,
+) -> Result<(), Event> {
     // A UDP checksum of 0 means "none" over IPv4 only: over IPv6 the receiver drops it (RFC
     // 8200 section 8.1), and an incremental update of it would make a wrong one. Refused before
     // it moves the flow's state.
@@ -255,27 +307,31 @@ fn try_ipv6(ctx: &TcContext) -> Result<Ipv6Next, Event> {
             Ok(())
         }
     };
-    reverse_nat(&tuple, refusal, |frontend, restored_port| {
-        snat6(ctx, &tuple, l4_offset, behind_extensions, frontend)
+    let Some(Restore {
+        frontend,
+        client_port,
+    }) = reverse_nat(&tuple, refusal)?
+    else {
+        return Ok(());
+    };
+    snat6(ctx, &tuple, l4_offset, behind_extensions, frontend)
+        .map_err(|_| Event::DROP_NAT_FAILED)?;
+    if client_port != tuple.dport {
+        restore_client_port(ctx, &tuple, l4_offset, client_port)
             .map_err(|_| Event::DROP_NAT_FAILED)?;
-        if let Some(client_port) = restored_port {
-            restore_client_port(ctx, &tuple, l4_offset, client_port)
-                .map_err(|_| Event::DROP_NAT_FAILED)?;
-        }
-        if let Some(id) = fragment {
-            remember_fragment6(|record| {
-                record.key.saddr = tuple.saddr;
-                record.key.daddr = tuple.daddr;
-                record.key.id = id;
-                // The rest of the value (no MACs, no service) stays as every record leaves it.
-                record.value.saddr = frontend.0;
-                record.value.daddr = tuple.daddr;
-                record.value.action = frag_action::PASS;
-            });
-        }
-        Ok(())
-    })
-    .map(|()| Ipv6Next::Done)
+    }
+    if let Some(id) = fragment {
+        remember_fragment6(|record| {
+            record.key.saddr = tuple.saddr;
+            record.key.daddr = tuple.daddr;
+            record.key.id = id;
+            // The rest of the value (no MACs, no service) stays as every record leaves it.
+            record.value.saddr = frontend.0;
+            record.value.daddr = tuple.daddr;
+            record.value.action = frag_action::PASS;
+        });
+    }
+    Ok(())
 }
 
 /// An IPv6 SCTP packet: an answer of a local endpoint's association gets its source and its
@@ -309,33 +365,43 @@ fn try_sctp6(ctx: &TcContext) -> Result<(), Event> {
             Ok(())
         }
     };
-    reverse_nat(&tuple, refusal, |frontend, restored_port| {
-        let client_port = restored_port.unwrap_or(tuple.dport);
-        snat6_sctp(ctx, l4_offset, behind_extensions, frontend, client_port)
-            .map_err(|_| Event::DROP_NAT_FAILED)
-    })
+    let Some(Restore {
+        frontend,
+        client_port,
+    }) = reverse_nat(&tuple, refusal)?
+    else {
+        return Ok(());
+    };
+    snat6_sctp(ctx, l4_offset, behind_extensions, frontend, client_port)
+        .map_err(|_| Event::DROP_NAT_FAILED)
+}
+
+/// What an answer of a local endpoint's flow gets back: the frontend it must leave from, and
+/// the client's own port as its destination (the answer's own but for a flow whose source port
+/// XDP remapped).
+struct Restore<A> {
+    frontend: (A, u16),
+    client_port: u16,
 }
 
 /// The part of tc egress both families share: an answer from a possible backend (the backend
 /// filter) that belongs to a local endpoint's flow (its FLOW entry or its REPLY entry) is checked
 /// (a blind RST is dropped; `refusal` says whether the family refuses it), tracked (how far the
-/// endpoint has sent, a FIN or RST moves the flow's state) and handed to `rewrite` with the
-/// frontend it must leave from and, for a flow whose source port XDP remapped, the client's own
-/// port to restore as its destination. Anything else leaves untouched.
+/// endpoint has sent, a FIN or RST moves the flow's state), and what it gets back is returned
+/// for the family's rewrite. `None`: it leaves untouched.
 #[inline(always)]
 fn reverse_nat<F: Family>(
     tuple: &Tuple<F>,
     refusal: impl FnOnce() -> Result<(), Event>,
-    rewrite: impl FnOnce((F::Addr, u16), Option<u16>) -> Result<(), Event>,
-) -> Result<(), Event> {
+) -> Result<Option<Restore<F::Addr>>, Event> {
     if !maybe_backend(tuple) {
-        return Ok(());
+        return Ok(None);
     }
     let Some(answer) = answer_of(tuple) else {
-        return Ok(());
+        return Ok(None);
     };
     refusal()?;
-    let (frontend, restored_port) = match answer {
+    let (frontend, client_port) = match answer {
         Answer::Whole(entry) => {
             // SAFETY: the entry stays valid for this run (RCU); see flow::destination for races.
             let entry = unsafe { &mut *entry };
@@ -347,7 +413,7 @@ fn reverse_nat<F: Family>(
             }
             track_answer(entry, tuple);
             let flow = FlowValue::of(entry);
-            ((flow.frontend_addr, flow.frontend_port), None)
+            ((flow.frontend_addr, flow.frontend_port), tuple.dport)
         }
         Answer::Reply(entry) => {
             // SAFETY: as above.
@@ -363,11 +429,18 @@ fn reverse_nat<F: Family>(
             let remapped = entry.flags & ct_flags::PORT_REMAP != 0;
             (
                 (entry.nat_addr, entry.nat_port),
-                remapped.then_some(entry.snat_port),
+                if remapped {
+                    entry.snat_port
+                } else {
+                    tuple.dport
+                },
             )
         }
     };
-    rewrite(frontend, restored_port)
+    Ok(Some(Restore {
+        frontend,
+        client_port,
+    }))
 }
 
 /// Whether the packet's source may be a backend's address and port (the backend filter, one
@@ -912,7 +985,7 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
         return None;
     }
     let l4 = transport_bytes::<EXT_HDR_PEEK>(ctx, l4_offset, behind_extensions)?;
-    let (tcp_flags, seq, seq_end) = if next == proto::TCP {
+    let segment = if next == proto::TCP {
         segment_of(
             ctx,
             l4_offset,
@@ -923,21 +996,69 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
     };
     let (saddr, daddr) = addresses6(ctx)?;
     Some(Packet6::Segment {
-        tuple: Tuple {
-            saddr,
-            daddr,
-            sport: u16::from_be_bytes([l4[0], l4[1]]),
-            dport: u16::from_be_bytes([l4[2], l4[3]]),
-            proto: next,
-            tcp_flags,
-            seq,
-            seq_end,
-        },
+        tuple: tuple6(saddr, daddr, &l4, next, segment),
         l4_offset,
         behind_extensions,
         udp_checksum: u16::from_be_bytes([l4[6], l4[7]]),
         first_fragment: is_first_fragment.then_some(fragment_id),
     })
+}
+
+/// The parse of an IPv6 frame whose TCP or UDP header follows the fixed header, as
+/// [`lb_tc_egress`] found it for [`lb_tc_egress6_direct`] (read again: a tail call hands on
+/// nothing but the packet), from the skb's linear data only; `None` when the headers are not
+/// all in it (or the frame is not such a packet after all).
+#[inline(always)]
+fn parse6_plain(ctx: &TcContext) -> Option<(Tuple<V6>, u16)> {
+    let fixed = linear::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN)?;
+    let next = ipv6::next_header_of(linear::<{ ipv6::FIXED_FIELDS_LEN }>(ctx, ETH_HDR_LEN)?)?;
+    let l4 = linear::<EXT_HDR_PEEK>(ctx, PLAIN_L4_OFFSET)?;
+    let segment = if next == proto::TCP {
+        segment_of(ctx, PLAIN_L4_OFFSET, *linear::<14>(ctx, PLAIN_L4_OFFSET)?)?
+    } else if next == proto::UDP {
+        (0, 0, 0)
+    } else {
+        return None;
+    };
+    let saddr = packet_words(fixed, IPV6_SADDR_OFFSET);
+    let daddr = packet_words(fixed, IPV6_DADDR_OFFSET);
+    Some((
+        tuple6(saddr, daddr, l4, next, segment),
+        u16::from_be_bytes([l4[6], l4[7]]),
+    ))
+}
+
+/// `N` bytes at `offset` of the skb's linear data, in place, if they are in it.
+#[inline(always)]
+fn linear<const N: usize>(ctx: &TcContext, offset: usize) -> Option<&[u8; N]> {
+    let start = ctx.data() + offset;
+    if start + N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: inside the skb's linear data, checked against data_end just above; only read.
+    Some(unsafe { &*(start as *const [u8; N]) })
+}
+
+/// The tuple of an IPv6 packet from its addresses, the first 8 bytes of its transport header
+/// (of protocol `next`) and, for TCP, what [`segment_of`] found.
+#[inline(always)]
+fn tuple6(
+    saddr: Ipv6Words,
+    daddr: Ipv6Words,
+    l4: &[u8; EXT_HDR_PEEK],
+    next: u8,
+    (tcp_flags, seq, seq_end): (u8, u32, u32),
+) -> Tuple<V6> {
+    Tuple {
+        saddr,
+        daddr,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        proto: next,
+        tcp_flags,
+        seq,
+        seq_end,
+    }
 }
 
 /// Where the ICMPv6 error of an IPv6 frame whose first header after the fixed one is
@@ -1056,11 +1177,11 @@ fn transport_bytes<const N: usize>(
 /// in it ([`packet_words`]), else from a copy through the helper.
 #[inline(always)]
 fn addresses6(ctx: &TcContext) -> Option<(Ipv6Words, Ipv6Words)> {
-    let start = ctx.data() + ETH_HDR_LEN;
-    if start + IPV6_HDR_LEN <= ctx.data_end() {
-        // SAFETY: inside the skb's linear data, checked against data_end just above; only read.
-        let fixed = unsafe { &*(start as *const [u8; IPV6_HDR_LEN]) };
-        return Some((packet_words(fixed, 8), packet_words(fixed, 24)));
+    if let Some(fixed) = linear::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN) {
+        return Some((
+            packet_words(fixed, IPV6_SADDR_OFFSET),
+            packet_words(fixed, IPV6_DADDR_OFFSET),
+        ));
     }
     let fixed = ctx.load::<[u8; IPV6_HDR_LEN]>(ETH_HDR_LEN).ok()?;
     Some((words_at(&fixed, 8), words_at(&fixed, 24)))
@@ -1130,3 +1251,5 @@ fn snat6(
 
 /// Offset of the source address inside the IPv6 header.
 const IPV6_SADDR_OFFSET: usize = 8;
+/// Offset of the destination address inside the IPv6 header.
+const IPV6_DADDR_OFFSET: usize = 24;

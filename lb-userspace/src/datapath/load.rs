@@ -128,7 +128,11 @@ impl Datapath {
             .collect();
         // tc and the socket hooks too, in the same threads: their verification then overlaps
         // the XDP programs' instead of following it.
-        names.extend([program_names::TC_EGRESS, program_names::TC_EGRESS6]);
+        names.extend([
+            program_names::TC_EGRESS,
+            program_names::TC_EGRESS6,
+            program_names::TC_EGRESS6_DIRECT,
+        ]);
         names.extend(SOCKET_HOOKS);
         names.extend([program_names::SOCK_EGRESS4, program_names::SOCK_RELEASE]);
         let clock_sample = load_clock_sample(&mut ebpf)?;
@@ -759,10 +763,13 @@ pub(crate) fn install_tail_calls(ebpf: &mut Ebpf, programs: &[(u32, &'static str
     install_in(ebpf, map_names::XDP_PROGRAMS, programs)
 }
 
-/// Puts the loaded `lb_tc_egress6` in the object's tc program array, the one its `lb_tc_egress`
-/// tail-calls for IPv6.
+/// Puts the loaded `lb_tc_egress6` and `lb_tc_egress6_direct` in the object's tc program array,
+/// the one its `lb_tc_egress` tail-calls for IPv6.
 fn install_tc_tail_call(ebpf: &mut Ebpf) -> Result<()> {
-    let programs = [(tc_programs::IPV6, program_names::TC_EGRESS6)];
+    let programs = [
+        (tc_programs::IPV6, program_names::TC_EGRESS6),
+        (tc_programs::IPV6_DIRECT, program_names::TC_EGRESS6_DIRECT),
+    ];
     install_in(ebpf, map_names::TC_PROGRAMS, &programs)
 }
 

@@ -19,7 +19,7 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 25] = [
+pub const PROGRAMS: [&str; 26] = [
     program_names::XDP_LB,
     program_names::XDP_UDP,
     program_names::XDP_SCTP,
@@ -35,6 +35,7 @@ pub const PROGRAMS: [&str; 25] = [
     program_names::XDP6_DIRECT_SCTP,
     program_names::TC_EGRESS,
     program_names::TC_EGRESS6,
+    program_names::TC_EGRESS6_DIRECT,
     program_names::CONNECT4,
     program_names::SENDMSG4,
     program_names::RECVMSG4,
