@@ -187,6 +187,8 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             1,
         ),
         tcp(client(40001), POD_A, TcpFlags::ACK, b"GET"),
+        tcp(client(40008), POD_A, TcpFlags::SYN, b""),
+        packet6::tcp(client(40008), POD_A, TcpFlags::RST, SEQ + 1, b""),
     ];
     for frame in &translated {
         assert!(packet6::transport_checksum_ok(frame), "fixture checksum");
@@ -209,6 +211,32 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             tcp(CLIENT, FRONTEND, TcpFlags::FIN_ACK, b""),
             XDP_PASS,
             Expect::Bytes(translated[2].clone()),
+        ),
+        // A live flow's segments are served by lb_xdp itself; one its flow refuses goes on to
+        // lb_xdp6_direct_tcp, which drops it, counted once.
+        case(
+            "tcp syn of a second flow",
+            tcp(client(40008), FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(translated[7].clone()),
+        ),
+        case(
+            "tcp rst far from what that client sent: blind, dropped",
+            packet6::tcp(
+                client(40008),
+                FRONTEND,
+                TcpFlags::RST,
+                SEQ + 1 + (1 << 30),
+                b"",
+            ),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "tcp rst where that client's data ends: translated",
+            packet6::tcp(client(40008), FRONTEND, TcpFlags::RST, SEQ + 1, b""),
+            XDP_PASS,
+            Expect::Bytes(translated[8].clone()),
         ),
         case(
             "udp, new flow",
@@ -346,6 +374,7 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     assert_eq!(events["pass_fragment"], 1, "{events:?}");
     assert_eq!(events["reject_tcp_rst"], 1, "{events:?}");
     assert_eq!(events["reject_icmp"], 1, "{events:?}");
+    assert_eq!(events["drop_rst_out_of_window"], 1, "{events:?}");
     // The SCTP frame is a miss lb_xdp passes itself (lb_xdp6_sctp, not loaded here, comes
     // with the first IPv6 SCTP frontend).
     assert_eq!(events["pass_protocol_unserved"], 0, "{events:?}");
@@ -362,6 +391,11 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     assert_eq!(flow.nat_port, POD_A.port());
     assert_eq!(flow.service_id, 1);
     assert_eq!(flow.state, tcp_state::CLOSING);
+    // The in-window RST ended the second flow; the blind one did not.
+    let reset = datapath
+        .conntrack6_entry(&flow_key(ipv6_words(CLIENT_ADDR), 40008, proto::TCP))
+        .expect("the second flow's FLOW entry");
+    assert_eq!(reset.state, tcp_state::CLOSING);
 }
 
 /// Maglev over IPv6: each new flow goes to the backend that slot `flow_hash6 % M` of the
