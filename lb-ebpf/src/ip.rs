@@ -3,7 +3,10 @@
 //! once, generic over [`Ip`], and each family's header work stays here.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Event, Frag4Key, Frag4Value, Frag6Key, FragValue, Ipv6Words, checksum};
+use lb_common::{
+    Event, Frag4Key, Frag4Value, Frag6Key, FragValue, Ipv6Words,
+    checksum::{self, Endpoints},
+};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, IPV6_DADDR_OFFSET,
     IPV6_HDR_LEN, IPV6_HOP_LIMIT_OFFSET, IPV6_SADDR_OFFSET, IpHeader, Ipv4Info, Ipv6Info, bytes_at,
@@ -48,11 +51,12 @@ pub trait Ip: IpHeader {
         new: (Addr<Self>, Addr<Self>),
     ) -> Result<(), Event>;
 
-    /// A TCP or UDP checksum after its pseudo-header's addresses went from `old` to `new`.
-    fn pseudo_header_update(
+    /// A TCP or UDP checksum after the segment's addresses (in its pseudo-header) and ports
+    /// went from `old` to `new`, folded once.
+    fn transport_checksum_update(
         check: u16,
-        old: (Addr<Self>, Addr<Self>),
-        new: (Addr<Self>, Addr<Self>),
+        old: &Endpoints<Addr<Self>>,
+        new: &Endpoints<Addr<Self>>,
     ) -> u16;
 
     /// TTL or hop limit - 1 (IPv4 with its checksum fixed); false, untouched, when it would
@@ -114,9 +118,8 @@ impl Ip for Ipv4Info {
     }
 
     #[inline(always)]
-    fn pseudo_header_update(check: u16, old: (u32, u32), new: (u32, u32)) -> u16 {
-        let check = checksum::replace_u32(check, old.0, new.0);
-        checksum::replace_u32(check, old.1, new.1)
+    fn transport_checksum_update(check: u16, old: &Endpoints<u32>, new: &Endpoints<u32>) -> u16 {
+        checksum::replace_endpoints4(check, old, new)
     }
 
     #[inline(always)]
@@ -220,14 +223,12 @@ impl Ip for Ipv6Info {
     }
 
     #[inline(always)]
-    fn pseudo_header_update(
+    fn transport_checksum_update(
         check: u16,
-        old: (Ipv6Words, Ipv6Words),
-        new: (Ipv6Words, Ipv6Words),
+        old: &Endpoints<Ipv6Words>,
+        new: &Endpoints<Ipv6Words>,
     ) -> u16 {
-        // One fold per address rather than one per 32-bit word (eight), and no byte swaps.
-        let check = checksum::replace_ipv6(check, &old.0, &new.0);
-        checksum::replace_ipv6(check, &old.1, &new.1)
+        checksum::replace_endpoints6(check, old, new)
     }
 
     #[inline(always)]

@@ -14,8 +14,10 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_common::{
-    Ct4Value, Ct6Value, CtValue, Event, FragValue, Ipv6Words, ServiceValue, checksum, client_nic,
-    ct_flags, frag_action, ipv6, limits, proto, sctp, service_flags, tcp_seq, xdp_programs,
+    Ct4Value, Ct6Value, CtValue, Event, FragValue, Ipv6Words, ServiceValue,
+    checksum::{self, Endpoints},
+    client_nic, ct_flags, frag_action, ipv6, limits, proto, sctp, service_flags, tcp_seq,
+    xdp_programs,
 };
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -1380,9 +1382,19 @@ fn transport_checksum_update<I: Ip>(
     (saddr, sport): (Addr<I>, u16),
     (daddr, dport): (Addr<I>, u16),
 ) -> u16 {
-    let check = I::pseudo_header_update(check, (tuple.saddr, tuple.daddr), (saddr, daddr));
-    let check = checksum::replace_u16(check, tuple.sport, sport);
-    checksum::replace_u16(check, tuple.dport, dport)
+    let old = Endpoints {
+        saddr: tuple.saddr,
+        daddr: tuple.daddr,
+        sport: tuple.sport,
+        dport: tuple.dport,
+    };
+    let new = Endpoints {
+        saddr,
+        daddr,
+        sport,
+        dport,
+    };
+    I::transport_checksum_update(check, &old, &new)
 }
 
 /// Rewrites source and destination address and port (unchanged ones cost nothing), with
