@@ -2268,74 +2268,56 @@ mod tests {
             bytes.extend_from_slice(&tcp);
             bytes
         }
-        // The checksum field lies 16 bytes into the TCP header.
-        let field = |bytes: &[u8]| bytes.len() - 20 + 16;
+        /// Every rewrite of one family's addresses (each source to its mirror in the list,
+        /// each destination to every other) and ports (each pair to its mirror): the rewritten
+        /// segment with the incremental checksum must come out right. How many were checked.
+        fn rewrites<const N: usize, A: core::fmt::Debug>(
+            addresses: &[[u8; N]],
+            ports: &[(u16, u16)],
+            address: impl Fn(&[u8; N]) -> A,
+            incremental: impl Fn(u16, &Endpoints<A>, &Endpoints<A>) -> u16,
+        ) -> usize {
+            // The checksum field lies 16 bytes into the TCP header, which ends the segment.
+            let field = 2 * N + 8 + 16;
+            let endpoints = |source, destination, (sport, dport): (u16, u16)| Endpoints {
+                saddr: address(source),
+                daddr: address(destination),
+                sport,
+                dport,
+            };
+            let mut checked = 0;
+            for (old_source, new_source) in addresses.iter().zip(addresses.iter().rev()) {
+                for old_destination in addresses {
+                    for new_destination in addresses {
+                        for (&old_ports, &new_ports) in ports.iter().zip(ports.iter().rev()) {
+                            let mut before = segment(old_source, old_destination, old_ports);
+                            let check = full_checksum(&before);
+                            before[field..field + 2].copy_from_slice(&check.to_be_bytes());
+                            assert_eq!(full_checksum(&before), 0);
+                            let old = endpoints(old_source, old_destination, old_ports);
+                            let new = endpoints(new_source, new_destination, new_ports);
+                            let mut after = segment(new_source, new_destination, new_ports);
+                            let updated = incremental(check, &old, &new);
+                            after[field..field + 2].copy_from_slice(&updated.to_be_bytes());
+                            assert_eq!(full_checksum(&after), 0, "{old:x?} -> {new:x?}");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+            checked
+        }
         let words = |bytes: &[u8; 16]| -> Ipv6Words {
             core::array::from_fn(|i| {
                 u32::from_ne_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap())
             })
         };
-        let mut checked = 0;
-        for (old_source, new_source) in addresses4.iter().zip(addresses4.iter().rev()) {
-            for old_destination in &addresses4 {
-                for new_destination in &addresses4 {
-                    for (&old_ports, &new_ports) in ports.iter().zip(ports.iter().rev()) {
-                        let mut before = segment(old_source, old_destination, old_ports);
-                        let at = field(&before);
-                        let check = full_checksum(&before);
-                        before[at..at + 2].copy_from_slice(&check.to_be_bytes());
-                        assert_eq!(full_checksum(&before), 0);
-                        let old = Endpoints {
-                            saddr: u32::from_be_bytes(*old_source),
-                            daddr: u32::from_be_bytes(*old_destination),
-                            sport: old_ports.0,
-                            dport: old_ports.1,
-                        };
-                        let new = Endpoints {
-                            saddr: u32::from_be_bytes(*new_source),
-                            daddr: u32::from_be_bytes(*new_destination),
-                            sport: new_ports.0,
-                            dport: new_ports.1,
-                        };
-                        let mut after = segment(new_source, new_destination, new_ports);
-                        let incremental = replace_endpoints4(check, &old, &new);
-                        after[at..at + 2].copy_from_slice(&incremental.to_be_bytes());
-                        assert_eq!(full_checksum(&after), 0, "{old:?} -> {new:?}");
-                        checked += 1;
-                    }
-                }
-            }
-        }
-        for (old_source, new_source) in addresses6.iter().zip(addresses6.iter().rev()) {
-            for old_destination in &addresses6 {
-                for new_destination in &addresses6 {
-                    for (&old_ports, &new_ports) in ports.iter().zip(ports.iter().rev()) {
-                        let mut before = segment(old_source, old_destination, old_ports);
-                        let at = field(&before);
-                        let check = full_checksum(&before);
-                        before[at..at + 2].copy_from_slice(&check.to_be_bytes());
-                        assert_eq!(full_checksum(&before), 0);
-                        let old = Endpoints {
-                            saddr: words(old_source),
-                            daddr: words(old_destination),
-                            sport: old_ports.0,
-                            dport: old_ports.1,
-                        };
-                        let new = Endpoints {
-                            saddr: words(new_source),
-                            daddr: words(new_destination),
-                            sport: new_ports.0,
-                            dport: new_ports.1,
-                        };
-                        let mut after = segment(new_source, new_destination, new_ports);
-                        let incremental = replace_endpoints6(check, &old, &new);
-                        after[at..at + 2].copy_from_slice(&incremental.to_be_bytes());
-                        assert_eq!(full_checksum(&after), 0, "{old:x?} -> {new:x?}");
-                        checked += 1;
-                    }
-                }
-            }
-        }
+        let checked = rewrites(
+            &addresses4,
+            &ports,
+            |a| u32::from_be_bytes(*a),
+            replace_endpoints4,
+        ) + rewrites(&addresses6, &ports, words, replace_endpoints6);
         assert_eq!(checked, 2 * 5 * 5 * 5 * 5);
     }
 

@@ -714,7 +714,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     let first_fragment = (flags_fragment & IPV4_MORE_FRAGMENTS != 0).then_some(fragment_key);
     let l4_offset = ETH_HDR_LEN + header_len;
     let ports = read::<4>(ctx, l4_offset)?;
-    let (tcp_flags, seq, seq_end) = if protocol == proto::TCP {
+    let sequence = if protocol == proto::TCP {
         segment(ctx, l4_offset)?
     } else if protocol == proto::SCTP {
         sctp_segment(&read::<{ sctp::HDR_AND_CHUNK_LEN }>(ctx, l4_offset)?)
@@ -722,16 +722,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         (0, 0, 0)
     };
     Some(Packet::Segment {
-        tuple: Tuple {
-            saddr,
-            daddr,
-            sport: u16::from_be_bytes([ports[0], ports[1]]),
-            dport: u16::from_be_bytes([ports[2], ports[3]]),
-            proto: protocol,
-            tcp_flags,
-            seq,
-            seq_end,
-        },
+        tuple: tuple_of::<V4>((saddr, daddr), &ports, protocol, sequence),
         l4_offset,
         first_fragment,
     })
@@ -994,9 +985,9 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
     } else {
         (0, 0, 0)
     };
-    let (saddr, daddr) = addresses6(ctx)?;
+    let ports = [l4[0], l4[1], l4[2], l4[3]];
     Some(Packet6::Segment {
-        tuple: tuple6(saddr, daddr, &l4, next, segment),
+        tuple: tuple_of::<V6>(addresses6(ctx)?, &ports, next, segment),
         l4_offset,
         behind_extensions,
         udp_checksum: u16::from_be_bytes([l4[6], l4[7]]),
@@ -1020,10 +1011,13 @@ fn parse6_plain(ctx: &TcContext) -> Option<(Tuple<V6>, u16)> {
     } else {
         return None;
     };
-    let saddr = packet_words(fixed, IPV6_SADDR_OFFSET);
-    let daddr = packet_words(fixed, IPV6_DADDR_OFFSET);
+    let addresses = (
+        packet_words(fixed, IPV6_SADDR_OFFSET),
+        packet_words(fixed, IPV6_DADDR_OFFSET),
+    );
+    let ports = [l4[0], l4[1], l4[2], l4[3]];
     Some((
-        tuple6(saddr, daddr, l4, next, segment),
+        tuple_of::<V6>(addresses, &ports, next, segment),
         u16::from_be_bytes([l4[6], l4[7]]),
     ))
 }
@@ -1039,22 +1033,21 @@ fn linear<const N: usize>(ctx: &TcContext, offset: usize) -> Option<&[u8; N]> {
     Some(unsafe { &*(start as *const [u8; N]) })
 }
 
-/// The tuple of an IPv6 packet from its addresses, the first 8 bytes of its transport header
-/// (of protocol `next`) and, for TCP, what [`segment_of`] found.
+/// The tuple of a packet from its addresses, the first 4 bytes of its transport header (the
+/// ports, of protocol `proto`) and what [`segment_of`] (TCP) or [`sctp_segment`] found.
 #[inline(always)]
-fn tuple6(
-    saddr: Ipv6Words,
-    daddr: Ipv6Words,
-    l4: &[u8; EXT_HDR_PEEK],
-    next: u8,
+fn tuple_of<F: Family>(
+    (saddr, daddr): (F::Addr, F::Addr),
+    ports: &[u8; 4],
+    proto: u8,
     (tcp_flags, seq, seq_end): (u8, u32, u32),
-) -> Tuple<V6> {
+) -> Tuple<F> {
     Tuple {
         saddr,
         daddr,
-        sport: u16::from_be_bytes([l4[0], l4[1]]),
-        dport: u16::from_be_bytes([l4[2], l4[3]]),
-        proto: next,
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        proto,
         tcp_flags,
         seq,
         seq_end,
