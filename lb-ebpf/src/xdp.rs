@@ -264,7 +264,7 @@ fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
 
 /// An IPv6 TCP segment right after the fixed header to a frontend (what `lb_xdp6_direct_tcp`
 /// takes): one of a live flow is served here, as an IPv4 one is, without that program's tail
-/// call and landing (a quarter of an established IPv6 segment's time, perf). Anything else goes
+/// call and landing (about a sixth of an established IPv6 segment's time, perf). Anything else goes
 /// on to that program, which looks the flow up again; so does a segment its flow refuses (a
 /// blind RST, a source range that no longer admits it), to be dropped there and reported as
 /// IPv6's: a report from here would put `lb_xdp`'s frame and the report's past 512 bytes of
