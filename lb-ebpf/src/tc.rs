@@ -123,8 +123,8 @@ pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
 
 /// tc egress for an IPv6 TCP or UDP packet right after the fixed header whose source may be a
 /// backend's, tail-called by [`lb_tc_egress`]: [`try_ipv6`]'s work for the common answer of a
-/// local endpoint, inlined in a program of its own, so that it pays no BPF-to-BPF call (each
-/// one a return through the CPU's return thunk here: 5-10 ns an answer).
+/// local endpoint, inlined in a program of its own, so that it pays no BPF-to-BPF call (its
+/// return through the CPU's return thunk was about 6% of an IPv6 answer's time, perf).
 #[classifier]
 pub fn lb_tc_egress6_direct(ctx: TcContext) -> i32 {
     let Some((tuple, udp_checksum)) = parse6_plain(&ctx) else {
