@@ -93,7 +93,8 @@ pub fn lb_xdp6_sctp(ctx: XdpContext) -> u32 {
 }
 
 /// The IPv6 datapath for a TCP header right after the fixed header, to a frontend and not to a
-/// SNAT port, tail-called by `lb_xdp` (see [`try_direct6`]).
+/// SNAT port, tail-called by `lb_xdp` for what it does not serve itself (see [`try_direct6`]
+/// and [`direct6_here`]).
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp6_direct_tcp(ctx: XdpContext) -> u32 {
@@ -190,7 +191,12 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     if ethertype != ETH_P_IP {
         if PROTOCOL == proto::TCP && ethertype == ETH_P_IPV6 {
             return Ok(match ipv6_program(ctx) {
-                Some(xdp_programs::IPV6_DIRECT_TCP) => live_ipv6_segment(ctx, eth),
+                Some(xdp_programs::IPV6_DIRECT_TCP) => {
+                    direct6_here::<{ proto::TCP }>(ctx, eth, xdp_programs::IPV6_DIRECT_TCP)
+                }
+                Some(xdp_programs::IPV6_DIRECT_UDP) => {
+                    direct6_here::<{ proto::UDP }>(ctx, eth, xdp_programs::IPV6_DIRECT_UDP)
+                }
                 Some(program) => to_program(ctx, program),
                 None => xdp_action::XDP_PASS,
             });
@@ -262,25 +268,61 @@ fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
     }
 }
 
-/// An IPv6 TCP segment right after the fixed header to a frontend (what `lb_xdp6_direct_tcp`
-/// takes): one of a live flow is served here, as an IPv4 one is, without that program's tail
-/// call and landing (about a sixth of an established IPv6 segment's time, perf). Anything else goes
-/// on to that program, which looks the flow up again; so does a segment its flow refuses (a
-/// blind RST, a source range that no longer admits it), to be dropped there and reported as
-/// IPv6's: a report from here would put `lb_xdp`'s frame and the report's past 512 bytes of
-/// stack. Those refusals come before the flow or the packet changes, so the second look finds
-/// what the first did.
+/// An IPv6 TCP segment or UDP datagram right after the fixed header to a frontend (what
+/// `lb_xdp6_direct_tcp` and `_udp` take), served here as an IPv4 one is, without that
+/// program's tail call and landing: a packet of a live flow sent on, a new flow handed to
+/// `lb_xdp6_flow` as the direct program hands it. Whatever that program would refuse (a blind
+/// RST, a source range that no longer admits the flow, a REJECT) goes on to it untouched, to
+/// be looked at again there, dropped or answered and reported as IPv6's: a report or an ICMPv6
+/// answer from here would put `lb_xdp`'s frame and theirs past 512 bytes of stack. Those
+/// refusals come before the flow or the packet changes, so the second look finds what the
+/// first did.
 #[inline(always)]
-fn live_ipv6_segment(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN]) -> u32 {
-    if let Some(Some(ip)) = ipv6_fixed_header(ctx)
-        && ip.proto == proto::TCP
-        && let Ok(tuple) = transport_tuple(ctx, &ip, proto::TCP)
-        && tuple.tcp_flags & TCP_SYN == 0
-        && let Ok(Some(action)) = established(ctx, eth, &ip, &tuple)
-    {
-        return action;
+fn direct6_here<const PROTOCOL: u8>(
+    ctx: &XdpContext,
+    eth: &[u8; ETH_HDR_LEN],
+    direct_program: u32,
+) -> u32 {
+    match try_direct6_here::<PROTOCOL>(ctx, eth) {
+        Some(action) => action,
+        None => to_program(ctx, direct_program),
     }
-    to_program(ctx, xdp_programs::IPV6_DIRECT_TCP)
+}
+
+/// [`direct6_here`]'s work: None for what goes on to the direct program.
+#[inline(always)]
+fn try_direct6_here<const PROTOCOL: u8>(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN]) -> Option<u32> {
+    let ip = ipv6_fixed_header(ctx)??;
+    if ip.proto != PROTOCOL {
+        return None;
+    }
+    let tuple = transport_tuple(ctx, &ip, PROTOCOL).ok()?;
+    if proto::has_handshake(PROTOCOL)
+        && tuple.tcp_flags & TCP_SYN == 0
+        && let Some(action) = established(ctx, eth, &ip, &tuple).ok()?
+    {
+        return Some(action);
+    }
+    let Some(service) = admit(ctx, eth, &ip, &tuple).ok()? else {
+        return Some(xdp_action::XDP_PASS);
+    };
+    let arrival = arrival(ctx, eth);
+    let now = now_ns();
+    match live_destination(ctx, &ip, &tuple, &arrival, now).ok()? {
+        Ok(destination) => deliver(ctx, &ip, &tuple, &destination).ok(),
+        Err(key_holder) => {
+            let packet = packet6().ok()?;
+            packet.ip = ip;
+            packet.tuple = tuple;
+            let start = FlowStart {
+                service,
+                arrival,
+                now,
+                key_holder,
+            };
+            Some(start.hand_on(ctx, packet))
+        }
+    }
 }
 
 /// Whether `daddr`:`dport` is the node's SNAT address of the family and a port of the SNAT
