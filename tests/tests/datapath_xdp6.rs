@@ -245,8 +245,15 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             Expect::Bytes(translated[3].clone()),
         ),
         case(
-            // lb_xdp hands a UDP header right after the fixed one to lb_xdp6_udp at once; behind
-            // extension headers it goes through lb_xdp6.
+            // Served by lb_xdp itself, as the new flow's first datagram was up to the hand-off.
+            "udp, the flow's next datagram",
+            udp.clone(),
+            XDP_PASS,
+            Expect::Bytes(translated[3].clone()),
+        ),
+        case(
+            // lb_xdp serves a UDP header right after the fixed one itself; behind extension
+            // headers it goes through lb_xdp6.
             "udp behind a hop-by-hop options header, new flow",
             packet6::with_options_header(
                 &packet6::udp(client(40006), FRONTEND, b"query"),
@@ -378,6 +385,15 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     // The SCTP frame is a miss lb_xdp passes itself (lb_xdp6_sctp, not loaded here, comes
     // with the first IPv6 SCTP frontend).
     assert_eq!(events["pass_protocol_unserved"], 0, "{events:?}");
+    // The UDP service: the first flow's two datagrams and its atomic fragment, the flow behind
+    // a hop-by-hop header. Each counted once, whichever of lb_xdp and the programs after it
+    // served it.
+    let udp_counter = datapath.service_counter(2).expect("counter");
+    assert_eq!(
+        (udp_counter.packets, udp_counter.new_flows),
+        (4, 2),
+        "{udp_counter:?}"
+    );
 
     // The client's TCP flow is one FLOW entry in the IPv6 conntrack, closing after its FIN.
     let flow = datapath
