@@ -271,12 +271,13 @@ fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
 /// An IPv6 TCP segment or UDP datagram right after the fixed header to a frontend (what
 /// `lb_xdp6_direct_tcp` and `_udp` take), served here as an IPv4 one is, without that
 /// program's tail call and landing: a packet of a live flow sent on, a new flow handed to
-/// `lb_xdp6_flow` as the direct program hands it. Whatever that program would refuse (a blind
-/// RST, a source range that no longer admits the flow, a REJECT) goes on to it untouched, to
-/// be looked at again there, dropped or answered and reported as IPv6's: a report or an ICMPv6
-/// answer from here would put `lb_xdp`'s frame and theirs past 512 bytes of stack. Those
-/// refusals come before the flow or the packet changes, so the second look finds what the
-/// first did.
+/// `lb_xdp6_flow` as the direct program hands it (which answers a flow without endpoints with
+/// the REJECT). Whatever the direct program would refuse (a blind RST, a source range that no
+/// longer admits the flow) goes on to it untouched, to be looked at again there, dropped and
+/// reported as IPv6's: a report from here would put `lb_xdp`'s frame and the report's past 512
+/// bytes of stack. Those refusals come before the flow or the packet changes, so the second
+/// look finds what the first did; the rewrite after them fails only on bounds that
+/// `transport_tuple` checked for the same bytes.
 #[inline(always)]
 fn direct6_here<const PROTOCOL: u8>(
     ctx: &XdpContext,
