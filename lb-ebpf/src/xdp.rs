@@ -271,8 +271,8 @@ fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
 /// An IPv6 TCP segment or UDP datagram right after the fixed header to a frontend (what
 /// `lb_xdp6_direct_tcp` and `_udp` take), served here as an IPv4 one is, without that
 /// program's tail call and landing: a packet of a live flow sent on, a new flow handed to
-/// `lb_xdp6_flow` as the direct program hands it (which answers a flow without endpoints with
-/// the REJECT). Whatever the direct program would refuse (a blind RST, a source range that no
+/// `lb_xdp6_flow` as the direct program hands it (`lb_xdp6_deliver` answers one to a service
+/// without endpoints with the REJECT). Whatever the direct program would refuse (a blind RST, a source range that no
 /// longer admits the flow) goes on to it untouched, to be looked at again there, dropped and
 /// reported as IPv6's: a report from here would put `lb_xdp`'s frame and the report's past 512
 /// bytes of stack. Those refusals come before the flow or the packet changes, so the second
