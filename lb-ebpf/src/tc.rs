@@ -134,7 +134,15 @@ pub fn lb_tc_egress6_direct(ctx: TcContext) -> i32 {
         unsafe { TC_PROGRAMS.tail_call(&ctx, tc_programs::IPV6) };
         return TC_ACT_OK;
     };
-    let result = translate6(&ctx, tuple, PLAIN_L4_OFFSET, false, udp_checksum, None);
+    let result = translate6(
+        &ctx,
+        tuple,
+        SourceFilter::Passed,
+        PLAIN_L4_OFFSET,
+        false,
+        udp_checksum,
+        None,
+    );
     verdict(&ctx, result, report_drop6)
 }
 
@@ -217,7 +225,7 @@ fn try_ipv4(ctx: &TcContext) -> Result<(), Event> {
     let Some(Restore {
         frontend,
         client_port,
-    }) = reverse_nat(&tuple, refusal)?
+    }) = reverse_nat(&tuple, SourceFilter::Unchecked, refusal)?
     else {
         return Ok(());
     };
@@ -278,6 +286,7 @@ fn try_ipv6(ctx: &TcContext) -> Result<Ipv6Next, Event> {
     translate6(
         ctx,
         tuple,
+        SourceFilter::Unchecked,
         l4_offset,
         behind_extensions,
         udp_checksum,
@@ -292,6 +301,7 @@ fn try_ipv6(ctx: &TcContext) -> Result<Ipv6Next, Event> {
 fn translate6(
     ctx: &TcContext,
     tuple: Tuple<V6>,
+    source: SourceFilter,
     l4_offset: usize,
     behind_extensions: bool,
     udp_checksum: u16,
@@ -310,7 +320,7 @@ fn translate6(
     let Some(Restore {
         frontend,
         client_port,
-    }) = reverse_nat(&tuple, refusal)?
+    }) = reverse_nat(&tuple, source, refusal)?
     else {
         return Ok(());
     };
@@ -368,7 +378,7 @@ fn try_sctp6(ctx: &TcContext) -> Result<(), Event> {
     let Some(Restore {
         frontend,
         client_port,
-    }) = reverse_nat(&tuple, refusal)?
+    }) = reverse_nat(&tuple, SourceFilter::Unchecked, refusal)?
     else {
         return Ok(());
     };
@@ -392,9 +402,10 @@ struct Restore<A> {
 #[inline(always)]
 fn reverse_nat<F: Family>(
     tuple: &Tuple<F>,
+    source: SourceFilter,
     refusal: impl FnOnce() -> Result<(), Event>,
 ) -> Result<Option<Restore<F::Addr>>, Event> {
-    if !maybe_backend(tuple) {
+    if source == SourceFilter::Unchecked && !maybe_backend(tuple) {
         return Ok(None);
     }
     let Some(answer) = answer_of(tuple) else {
@@ -441,6 +452,15 @@ fn reverse_nat<F: Family>(
         frontend,
         client_port,
     }))
+}
+
+/// Whether the program that handed a packet on checked its source against the backend filter
+/// already ([`maybe_backend`]): `lb_tc_egress` does for what it hands to
+/// [`lb_tc_egress6_direct`], where a second look was about 7% of that program's samples (perf).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SourceFilter {
+    Unchecked,
+    Passed,
 }
 
 /// Whether the packet's source may be a backend's address and port (the backend filter, one
