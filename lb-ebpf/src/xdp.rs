@@ -272,12 +272,17 @@ fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
 /// `lb_xdp6_direct_tcp` and `_udp` take), served here as an IPv4 one is, without that
 /// program's tail call and landing: a packet of a live flow sent on, a new flow handed to
 /// `lb_xdp6_flow` as the direct program hands it (`lb_xdp6_deliver` answers one to a service
-/// without endpoints with the REJECT). Whatever the direct program would refuse (a blind RST, a source range that no
-/// longer admits the flow) goes on to it untouched, to be looked at again there, dropped and
-/// reported as IPv6's: a report from here would put `lb_xdp`'s frame and the report's past 512
-/// bytes of stack. Those refusals come before the flow or the packet changes, so the second
-/// look finds what the first did; the rewrite after them fails only on bounds that
-/// `transport_tuple` checked for the same bytes.
+/// without endpoints with the REJECT). Whatever the direct program would refuse (a blind RST,
+/// a source range that no longer admits the flow) goes on to it untouched, to be looked at
+/// again there, dropped and reported as IPv6's: a report from here would put `lb_xdp`'s frame
+/// and the report's past 512 bytes of stack. Those refusals come before the flow or the packet
+/// changes, so the second look finds what the first did; the rewrite after them fails only on
+/// bounds that `transport_tuple` checked for the same bytes.
+///
+/// [`try_direct6_here`] repeats the steps of [`try_direct6`] and [`frontend6`] with every error
+/// turned into a hand-on instead of calling them: written as one function both use, returning
+/// their `Result`, `lb_xdp` walked 19,000 more verifier instructions and served an established
+/// UDP datagram about 7% slower (perf, two alternating pairs).
 #[inline(always)]
 fn direct6_here<const PROTOCOL: u8>(
     ctx: &XdpContext,
