@@ -61,9 +61,12 @@ fn main() -> anyhow::Result<()> {
     let mut compiler = Compiler::new(node);
     let mut reconciler = Reconciler::new();
     let started = Instant::now();
-    let problems = compiler.update(&snapshot).problems;
+    let update = compiler.update(&snapshot);
+    let problems = update.problems;
     let compiled = started.elapsed();
-    let report = reconciler.reconcile(&mut datapath, compiler.desired());
+    // As the agent does: the compiler says what changed (on the first run, everything), so
+    // the reconciler keeps no copy of the desired state (see `Reconciler::reconcile`).
+    let report = reconciler.reconcile_changed(&mut datapath, compiler.desired(), &update.changed);
     let from_nothing = started.elapsed();
     anyhow::ensure!(
         problems.is_empty() && report.errors.is_empty(),
