@@ -952,7 +952,12 @@ impl Compiler {
                             key: key.clone(),
                             kind: frontend.kind,
                         };
-                        let claims = self.claims.entry(id).or_default();
+                        // Most frontends have one claim: a Vec's first push would reserve
+                        // four (a Claim is 136 bytes): 3.6 MiB at 10k Services.
+                        let claims = self
+                            .claims
+                            .entry(id)
+                            .or_insert_with(|| Vec::with_capacity(1));
                         let at = claims.binary_search(&claim).unwrap_or_else(|at| at);
                         claims.insert(at, claim);
                         // The common case, a frontend nobody else claims, needs no settling.
