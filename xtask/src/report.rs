@@ -488,56 +488,62 @@ fn is_ipv6_path(key: &str) -> bool {
 
 /// The end-to-end targets lb-bench-e2e judged, one row per kind, each labelled with the limit
 /// the bench judged it by (so that the label cannot say another figure than the verdict used).
+/// A row gathers the targets whose text starts with one of its prefixes; each figure is named
+/// by its prefix's tag and the rest of the target's text.
 fn e2e_targets(out: &mut String, e2e: &Value) {
     let targets = list(e2e, "targets");
     for (subject, object, prefixes) in [
         (
             "ClusterIP connect/request/close",
             "straight to pod",
-            &["lb ClusterIP connect/request/close / straight to pod"][..],
+            &[("lb ClusterIP connect/request/close / straight to pod", "")][..],
         ),
         (
             "NodePort connect/request/close",
             "straight to pod",
-            &["lb NodePort connect/request/close / straight to pod"][..],
+            &[("lb NodePort connect/request/close / straight to pod", "")][..],
         ),
         (
             "IPv6 connect/request/close rate",
             "IPv4's",
             &[
-                "lb ClusterIP connect/request/close, IPv6 / IPv4 rate",
-                "lb NodePort connect/request/close, IPv6 / IPv4 rate",
+                (
+                    "lb ClusterIP connect/request/close, IPv6 / IPv4 rate",
+                    "ClusterIP ",
+                ),
+                (
+                    "lb NodePort connect/request/close, IPv6 / IPv4 rate",
+                    "NodePort ",
+                ),
             ][..],
         ),
-        ("connect/request/close", "iptables", &["lb / iptables"][..]),
+        (
+            "connect/request/close",
+            "iptables",
+            &[("lb / iptables", "")][..],
+        ),
     ] {
-        let chosen: Vec<(&str, &Value)> = targets
+        let chosen: Vec<(&str, &str, &Value)> = targets
             .iter()
             .filter_map(|target| {
                 let text = s(target, "target");
                 prefixes
                     .iter()
-                    .find(|prefix| text.starts_with(**prefix))
-                    .map(|prefix| (*prefix, target))
+                    .find(|(prefix, _)| text.starts_with(prefix))
+                    .map(|(prefix, tag)| (*prefix, *tag, target))
             })
             .collect();
         let met: Vec<bool> = chosen
             .iter()
-            .map(|(_, target)| target["met"].as_bool().unwrap_or(false))
+            .map(|(_, _, target)| target["met"].as_bool().unwrap_or(false))
             .collect();
         let figures = chosen
             .iter()
-            .map(|(prefix, target)| {
+            .map(|(prefix, tag, target)| {
                 let text = s(target, "target");
                 let detail = text.strip_prefix(prefix).unwrap_or(text);
-                let family = prefix
-                    .strip_prefix("lb ")
-                    .and_then(|rest| rest.split_once(' '))
-                    .filter(|_| prefixes.len() > 1)
-                    .map(|(kind, _)| format!("{kind} "))
-                    .unwrap_or_default();
                 format!(
-                    "{family}{} {:.2}x",
+                    "{tag}{} {:.2}x",
                     detail.trim_start_matches([',', ' ']),
                     f(target, "value").unwrap_or(f64::NAN)
                 )
@@ -546,7 +552,7 @@ fn e2e_targets(out: &mut String, e2e: &Value) {
             .join("; ");
         let limits: BTreeSet<String> = chosen
             .iter()
-            .filter_map(|(_, target)| f(target, "limit"))
+            .filter_map(|(_, _, target)| f(target, "limit"))
             .map(|limit| format!("{limit:.2}x"))
             .collect();
         let limit = limits.into_iter().collect::<Vec<_>>().join(" / ");
