@@ -43,6 +43,16 @@ struct BatchAttr {
 /// are a valid value (aya's `Pod`), of exactly the map's key and value sizes.
 pub fn read_all<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
     let mut entries = Vec::new();
+    visit_all(map, |key, value| entries.push((key, value)))?;
+    Ok(entries)
+}
+
+/// [`read_all`] without collecting: `visit` sees each entry as its chunk arrives, so a walk of
+/// a large array holds one chunk at a time.
+pub fn visit_all<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    mut visit: impl FnMut(K, V),
+) -> io::Result<()> {
     // A hash map's batch position is a bucket index, an array's a key (kernel/bpf/hashtab.c,
     // `__htab_map_lookup_and_delete_batch`).
     let mut position: u32 = 0;
@@ -92,15 +102,13 @@ pub fn read_all<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec
             keys.set_len(filled);
             values.set_len(filled);
         }
-        entries.extend(
-            keys.into_iter()
-                .zip(values)
-                // SAFETY: initialised by the kernel, see above.
-                .map(|(key, value)| unsafe { (key.assume_init(), value.assume_init()) }),
-        );
+        for (key, value) in keys.into_iter().zip(values) {
+            // SAFETY: initialised by the kernel, see above.
+            unsafe { visit(key.assume_init(), value.assume_init()) };
+        }
         // ENOENT: the walk reached the end (with or without entries in this last chunk).
         if error.is_some() {
-            return Ok(entries);
+            return Ok(());
         }
         position = next;
         first = false;
