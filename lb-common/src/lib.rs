@@ -111,6 +111,19 @@ pub mod map_names {
     /// nothing up for a TCP/UDP packet whose bit is clear, which is most of the node's own
     /// traffic.
     pub const FRONTEND_FILTER: &str = "lb4_fefilt_v1";
+    /// Mmapable array of [`crate::FrontendSlot4`]: the IPv4 frontends XDP serves, by their
+    /// hash ([`crate::frontend_index`]), one cache line each. The agent writes it through a
+    /// memory mapping.
+    pub const FRONTEND_INDEX4: &str = "lb4_feidx_v1";
+    /// [`FRONTEND_INDEX4`] for IPv6 frontends ([`crate::FrontendSlot6`]).
+    pub const FRONTEND_INDEX6: &str = "lb6_feidx_v1";
+    /// A one-entry array of maps the agent updates to wait for an RCU grace period (the kernel
+    /// waits for every running program after an update of a map-in-map: kernel/bpf/syscall.c,
+    /// maybe_wait_bpf_programs), before it reuses a frontend-index slot. Not pinned.
+    pub const GRACE: &str = "lb_grace_v1";
+    /// Per-CPU array of one [`crate::ServiceValue`]: the frontend entry XDP found, copied.
+    /// Not pinned.
+    pub const FRONTEND_SCRATCH: &str = "lb_fescr_v1";
     /// The IPv6 twins of the maps above: the same values, keys with an [`crate::Ipv6Words`]
     /// address. Backend ids and service ids are one id space for both families.
     pub const FRONTENDS6: &str = "lb6_fe_v1";
@@ -147,6 +160,10 @@ pub mod map_names {
         PACKET_COUNTERS,
         FRONTENDS4,
         FRONTEND_FILTER,
+        FRONTEND_INDEX4,
+        FRONTEND_INDEX6,
+        GRACE,
+        FRONTEND_SCRATCH,
         SLOTS4,
         BACKENDS4,
         CONNTRACK4,
@@ -183,6 +200,8 @@ pub mod map_names {
     pub const PINNED: &[&str] = &[
         FRONTENDS4,
         FRONTEND_FILTER,
+        FRONTEND_INDEX4,
+        FRONTEND_INDEX6,
         SLOTS4,
         BACKENDS4,
         CONNTRACK4,
@@ -852,6 +871,64 @@ pub struct ServiceValue {
     pub slots: u32,
 }
 const _: () = assert!(size_of::<ServiceValue>() == 24);
+
+/// What a slot of a frontend index holds ([`map_names::FRONTEND_INDEX4`],
+/// [`map_names::FRONTEND_INDEX6`]): a copy of one frontends-map entry of [`scope::ANY`], which XDP
+/// reads instead of looking the frontend up in the hash map ([`frontend_index`]).
+///
+/// Every change the agent makes to a slot is one byte readers can see at a time: `key` and
+/// `value` are written only while `live` is 0 and no reader can still be inside the slot (a
+/// grace period after `live` went 0); then `live` goes 1 on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FrontendSlotHead<A> {
+    pub key: FrontendKey<A>,
+    pub value: ServiceValue,
+    /// 1 while the slot serves `key`.
+    pub live: u8,
+    /// In the first slot of a bucket: 1 while a frontend of the bucket is not in it (no room, or
+    /// its entry changed and its slot waits for a grace period), so XDP looks a packet the
+    /// bucket does not have up in the frontends map instead of passing it.
+    pub overflow: u8,
+    pub reserved: [u8; 2],
+}
+
+/// A slot of a frontend index: its [`FrontendSlotHead`] padded to a cache line (an mmapable
+/// array's values start on a page, so each slot is one line). `P` is the padding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FrontendSlot<A, P> {
+    pub head: FrontendSlotHead<A>,
+    pub padding: P,
+}
+pub type FrontendSlot4 = FrontendSlot<u32, [u8; 28]>;
+pub type FrontendSlot6 = FrontendSlot<Ipv6Words, [u8; 16]>;
+const _: () = assert!(size_of::<FrontendSlot4>() == frontend_index::SLOT_BYTES as usize);
+const _: () = assert!(size_of::<FrontendSlot6>() == frontend_index::SLOT_BYTES as usize);
+const _: () = assert!(size_of::<FrontendSlotHead<u32>>() == 36);
+const _: () = assert!(size_of::<FrontendSlotHead<Ipv6Words>>() == 48);
+
+/// Where a frontend lives in its family's frontend index: an array of [`SLOTS`] cache-line
+/// slots in buckets of [`BUCKET_SLOTS`] adjacent ones, the bucket chosen by the frontend's
+/// [`frontend_filter`] hash. A frontend the bucket has no room for stays in the frontends map
+/// alone, and the bucket's first slot says so ([`FrontendSlotHead::overflow`]).
+pub mod frontend_index {
+    use crate::frontend_filter;
+
+    /// 2^18 slots per family (16 MiB).
+    pub const SLOTS_LOG2: u32 = 18;
+    pub const SLOTS: u32 = 1 << SLOTS_LOG2;
+    /// Two slots, 128 bytes: the pair of lines CPUs fetch together.
+    pub const BUCKET_SLOTS: u32 = 2;
+    pub const SLOT_BYTES: u32 = 64;
+
+    /// The first slot of the bucket of the frontend whose filter bit is `filter_bit`
+    /// ([`frontend_filter::bit`], [`frontend_filter::bit6`]).
+    #[inline(always)]
+    pub const fn first_slot(filter_bit: u32) -> u32 {
+        (filter_bit >> (frontend_filter::BITS_LOG2 - SLOTS_LOG2)) & !(BUCKET_SLOTS - 1)
+    }
+}
 
 /// What kind of frontend an entry is (for counters, `lb services` and policy decisions).
 pub mod service_flags {
@@ -1867,6 +1944,8 @@ impl_pod!(
     Affinity4Key,
     AffinityValue,
     Frontend4Key,
+    FrontendSlot4,
+    FrontendSlot6,
     ServiceValue,
     Slot,
     LegacySlotKey,

@@ -14,14 +14,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity6Key, AffinityValue, BackendValue, CtAddr, CtKey, CtValue, FrontendKey,
-    Ipv6Words, ServiceValue, SockNat4Key, SockNat6Key, SockNatValue, SockState, SourceRange,
-    frontend_filter, maglev,
+    FrontendSlotHead, Ipv6Words, ServiceValue, SockNat4Key, SockNat6Key, SockNatValue, SockState,
+    SourceRange, frontend_filter, maglev,
 };
 
 use crate::maps::{
     AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CONFIG, CONFIG6, CONNTRACK4, CONNTRACK6,
-    CT_SCRATCH4, CT_SCRATCH6, FRONTENDS4, FRONTENDS6, SOCK_NAT4, SOCK_NAT6, SOCK_STATE4,
-    SOCK_STATE6, SOURCE_RANGES4, SOURCE_RANGES6,
+    CT_SCRATCH4, CT_SCRATCH6, FRONTEND_INDEX4, FRONTEND_INDEX6, FRONTENDS4, FRONTENDS6, SOCK_NAT4,
+    SOCK_NAT6, SOCK_STATE4, SOCK_STATE6, SOURCE_RANGES4, SOURCE_RANGES6,
 };
 
 /// An address family: its address type (network byte order, as the packet and `bpf_sock_addr`
@@ -80,6 +80,8 @@ pub trait Family {
     fn remember_affinity(client: Self::Addr, service_id: u32, value: &AffinityValue);
 
     fn frontends() -> &'static HashMap<FrontendKey<Self::Addr>, ServiceValue>;
+    /// Slot `index` of the family's frontend index.
+    fn frontend_slot(index: u32) -> Option<&'static FrontendSlotHead<Self::Addr>>;
     /// The backend `id` names, if it is one of this family's. A reference, not a copy: LLVM
     /// would read an `Option`'s unset payload where branches merge, which the verifier refuses.
     fn backend(id: u32) -> Option<&'static BackendValue<Self::Addr>>;
@@ -185,6 +187,11 @@ impl Family for V4 {
     #[inline(always)]
     fn frontends() -> &'static HashMap<FrontendKey<u32>, ServiceValue> {
         &FRONTENDS4
+    }
+
+    #[inline(always)]
+    fn frontend_slot(index: u32) -> Option<&'static FrontendSlotHead<u32>> {
+        FRONTEND_INDEX4.get(index).map(|slot| &slot.head)
     }
 
     #[inline(always)]
@@ -309,6 +316,11 @@ impl Family for V6 {
     fn remember_affinity(client: Ipv6Words, service_id: u32, value: &AffinityValue) {
         // A full LRU evicts the oldest client; affinity is best effort.
         let _ = AFFINITY6.insert(&Affinity6Key { client, service_id }, value, 0);
+    }
+
+    #[inline(always)]
+    fn frontend_slot(index: u32) -> Option<&'static FrontendSlotHead<Ipv6Words>> {
+        FRONTEND_INDEX6.get(index).map(|slot| &slot.head)
     }
 
     #[inline(always)]

@@ -1,15 +1,18 @@
 //! Connection tracking, backend selection (random or sticky by client) and SNAT port allocation,
 //! shared by the XDP, tc and socket programs.
 
-use core::mem::MaybeUninit;
+use core::{
+    mem::MaybeUninit,
+    sync::atomic::{Ordering, compiler_fence},
+};
 
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::{debug, warn};
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, BackendValue, CtAddr, CtKey, CtTimeouts, CtValue,
-    DEFAULT_SNAT_PORTS, DatapathConfig, Event, FlowValue, FrontendKey, ServiceValue, SnatPortProbe,
-    SourceRange, backend_flags, ct_direction, ct_flags, ct_timeouts, flow_key, maglev, proto,
-    scope, sctp, service_flags, tcp_seq, tcp_state,
+    DEFAULT_SNAT_PORTS, DatapathConfig, Event, FlowValue, FrontendKey, FrontendSlotHead,
+    ServiceValue, SnatPortProbe, SourceRange, backend_flags, ct_direction, ct_flags, ct_timeouts,
+    flow_key, frontend_index, maglev, proto, scope, sctp, service_flags, tcp_seq, tcp_state,
 };
 use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -17,7 +20,8 @@ use crate::{
     family::{Family, V4},
     helpers::{now_ns, random_u32},
     maps::{
-        AFFINITY4, CONFIG, FRONTEND_FILTER, MAGLEV4, SLOTS4, count_event, count_service, dry_run,
+        AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, MAGLEV4, SLOTS4, count_event,
+        count_service, dry_run,
     },
     monitor,
     zeroed::{zero, zero_init},
@@ -103,15 +107,83 @@ pub fn maybe_frontend_at<F: Family>(daddr: F::Addr, dport: u16, protocol: u8) ->
         .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)
 }
 
-/// The frontend this packet is addressed to, if any.
+/// The frontend this packet is addressed to, if any: from the frontend index, or from the
+/// frontends map when the index's bucket says it lacks one of its frontends.
 #[inline(always)]
 pub fn lookup_frontend<F: Family>(tuple: &Tuple<F>) -> Option<&'static ServiceValue> {
-    frontend_entry::<F>(
-        F::map_order(tuple.daddr),
-        tuple.dport.to_be(),
-        tuple.proto,
-        scope::ANY,
-    )
+    let key = FrontendKey {
+        addr: F::map_order(tuple.daddr),
+        port: tuple.dport.to_be(),
+        proto: tuple.proto,
+        scope: scope::ANY,
+    };
+    let first = frontend_index::first_slot(F::filter_bit(tuple.daddr, tuple.dport, tuple.proto));
+    let found = match indexed_frontend::<F>(&key, first) {
+        Indexed::Found(service) => service,
+        Indexed::Absent => return None,
+        // SAFETY: as in frontend_entry.
+        Indexed::Unknown => unsafe { F::frontends().get(&key) }?,
+    };
+    // One copy for both sources: the verifier walks what follows once, not once per map the
+    // entry came from (pointers into two maps never prune each other).
+    let copy = FRONTEND_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch entry, which nothing else uses during this run.
+    unsafe {
+        *copy = *found;
+        Some(&*copy)
+    }
+}
+
+/// What a frontend index bucket says of a key.
+enum Indexed {
+    Found(&'static ServiceValue),
+    /// No frontend has the key.
+    Absent,
+    /// The bucket lacks one of its frontends: the frontends map knows.
+    Unknown,
+}
+
+/// The key's entry in the bucket from slot `first` of the frontend index.
+#[inline(always)]
+fn indexed_frontend<F: Family>(key: &FrontendKey<F::Addr>, first: u32) -> Indexed {
+    let Some(head) = F::frontend_slot(first) else {
+        return Indexed::Unknown;
+    };
+    if let Some(service) = live_entry::<F>(head, key) {
+        return Indexed::Found(service);
+    }
+    let Some(second) = F::frontend_slot(first + 1) else {
+        return Indexed::Unknown;
+    };
+    if let Some(service) = live_entry::<F>(second, key) {
+        return Indexed::Found(service);
+    }
+    // SAFETY: a byte of a map value valid for the run; the agent changes it with one store.
+    if unsafe { core::ptr::read_volatile(&head.overflow) } != 0 {
+        Indexed::Unknown
+    } else {
+        Indexed::Absent
+    }
+}
+
+/// The slot's entry if it is live and `key`'s. `live` is read before the key and the entry (the
+/// fence keeps the compiler from reading them first): the agent writes them before it sets
+/// `live`, and leaves them alone until a grace period after it cleared it.
+#[inline(always)]
+fn live_entry<F: Family>(
+    slot: &'static FrontendSlotHead<F::Addr>,
+    key: &FrontendKey<F::Addr>,
+) -> Option<&'static ServiceValue> {
+    // SAFETY: as above.
+    if unsafe { core::ptr::read_volatile(&slot.live) } == 0 {
+        return None;
+    }
+    compiler_fence(Ordering::Acquire);
+    let same = F::same(&slot.key.addr, &key.addr)
+        && slot.key.port == key.port
+        && slot.key.proto == key.proto
+        && slot.key.scope == key.scope;
+    same.then_some(&slot.value)
 }
 
 /// The entry the socket hooks use for the frontend `addr`:`port` (network byte order, as

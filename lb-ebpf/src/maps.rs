@@ -2,7 +2,7 @@
 //! macro needs literals); state maps are pinned by name so they outlive the agent.
 
 use aya_ebpf::{
-    bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
+    bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::{ArrayOfMaps, SkStorage},
     macros::{btf_map, map},
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
@@ -10,9 +10,10 @@ use aya_ebpf::{
 use lb_common::{
     Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key,
     Ct6Value, Datapath6Config, DatapathConfig, Event, Frag4Key, Frag4Value, Frag6Key, Frag6Value,
-    Frontend4Key, Frontend6Key, JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue,
-    Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SockState4, SockState6,
-    SourceRange4, SourceRange6, limits, monitor::MonitorControl,
+    Frontend4Key, Frontend6Key, FrontendSlot4, FrontendSlot6, JiffiesClock, NicMac, RejectBudget,
+    ServiceCounter, ServiceValue, Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value,
+    SockState4, SockState6, SourceRange4, SourceRange6, frontend_index, limits,
+    monitor::MonitorControl,
 };
 use lb_ebpf::packet::Ipv6Info;
 
@@ -50,6 +51,31 @@ pub static SOCK_STATE4: SkStorage<SockState4> = SkStorage::new();
 #[map(name = "lb_svc_cnt_v1")]
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =
     PerCpuArray::pinned(limits::MAX_SERVICES, 0);
+
+/// The IPv4 frontends XDP serves, by their hash, one cache line each (mmapable: its values
+/// start on a page, and the agent writes them through a mapping, byte by byte in the order
+/// `lb_common::FrontendSlotHead` describes).
+#[map(name = "lb4_feidx_v1")]
+pub static FRONTEND_INDEX4: Array<FrontendSlot4> =
+    Array::pinned(frontend_index::SLOTS, BPF_F_MMAPABLE);
+
+/// [`FRONTEND_INDEX4`] for IPv6 frontends.
+#[map(name = "lb6_feidx_v1")]
+pub static FRONTEND_INDEX6: Array<FrontendSlot6> =
+    Array::pinned(frontend_index::SLOTS, BPF_F_MMAPABLE);
+
+/// A frontend's entry per CPU, copied there from the frontend index or the frontends map
+/// (`flow::lookup_frontend`). Not pinned.
+#[map(name = "lb_fescr_v1")]
+pub static FRONTEND_SCRATCH: PerCpuArray<ServiceValue> = PerCpuArray::with_max_entries(1, 0);
+
+/// Updated by the agent to wait for a grace period (`lb_common::map_names::GRACE`); no program
+/// reads it.
+#[btf_map(name = "lb_grace_v1")]
+pub static GRACE: ArrayOfMaps<GraceInner, 1> = ArrayOfMaps::new();
+
+/// The inner map type of [`GRACE`].
+pub type GraceInner = aya_ebpf::btf_maps::Array<u32, 1, { BPF_F_INNER_MAP as usize }>;
 
 #[map(name = "lb4_fefilt_v1")]
 pub static FRONTEND_FILTER: Array<u64> = Array::pinned(limits::FRONTEND_FILTER_WORDS, 0);

@@ -411,10 +411,15 @@ fn serve<I: Ip>(
     if let Some(action) = answer {
         return Ok(action);
     }
-    if !maybe_frontend(tuple) {
+    // A connection's first packet goes straight to the frontend index, which says as well as
+    // the filter whether the destination is a frontend's; any other packet is screened by the
+    // filter (one word of 128 KiB, where the node's own traffic stays cached) before its
+    // conntrack lookup.
+    let opens = proto::has_handshake(tuple.proto) && tuple.tcp_flags & TCP_SYN != 0;
+    if !opens && !maybe_frontend(tuple) {
         return Ok(xdp_action::XDP_PASS);
     }
-    if proto::has_handshake(tuple.proto) && tuple.tcp_flags & TCP_SYN == 0 {
+    if proto::has_handshake(tuple.proto) && !opens {
         let live = if I::F::OUT_OF_LINE {
             established_call(ctx, eth, ip, tuple)?
         } else {

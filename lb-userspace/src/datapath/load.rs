@@ -198,6 +198,23 @@ impl Datapath {
             open_map(pin_dir, map_names::FRONTEND_FILTER, Access::ReadWrite)?,
             owners.keys().filter_map(FilterKey::of_frontend),
         )?;
+        let frontend_index4 = super::frontend_index::open(
+            pin_dir,
+            map_names::FRONTEND_INDEX4,
+            super::batch::read_map(&maps.frontends)
+                .map_err(|source| map_error(map_names::FRONTENDS4, "read", source))?,
+        )?;
+        let frontend_index6 = super::frontend_index::open(
+            pin_dir,
+            map_names::FRONTEND_INDEX6,
+            super::batch::read_map(&maps.frontends6)
+                .map_err(|source| map_error(map_names::FRONTENDS6, "read", source))?,
+        )?;
+        let grace = (
+            take_private_map(&mut ebpf, map_names::GRACE)?,
+            Array::<MapData, u32>::create(1, super::write::BPF_F_INNER_MAP)
+                .map_err(|source| map_error(map_names::GRACE, "create its inner map", source))?,
+        );
         for (id, range) in read_source_ranges(&maps)? {
             if let Some(service) = installed.get_mut(&id) {
                 service.source_ranges.insert(range);
@@ -231,12 +248,15 @@ impl Datapath {
         let frontends4_capacity = aya::maps::MapInfo::from_pin(pin_dir.join(map_names::FRONTENDS4))
             .map(|info| info.max_entries())
             .unwrap_or(limits::MAX_FRONTENDS);
-        Ok(Self {
+        let mut datapath = Self {
             xdp_groups,
             frontends4_capacity,
             maps,
             frontend_filter,
             backend_filter,
+            frontend_index4,
+            frontend_index6,
+            grace,
             installed,
             owners,
             installed_backends,
@@ -254,7 +274,10 @@ impl Datapath {
             names,
             ebpf,
             pin_dir: pin_dir.to_owned(),
-        })
+        };
+        // Before any program of this load is attached: they read the index.
+        datapath.refill_frontend_index()?;
+        Ok(datapath)
     }
 
     pub fn pin_dir(&self) -> &Path {

@@ -41,6 +41,7 @@ mod clock;
 pub mod counter;
 pub mod ebpf_log;
 mod error;
+mod frontend_index;
 pub(crate) mod load;
 pub mod maglev;
 pub mod maps;
@@ -57,6 +58,7 @@ mod write;
 
 use address_filter::AddressFilter;
 pub use error::DatapathError;
+use frontend_index::FrontendIndex;
 pub use load::{MapSizes, XdpGroup};
 use maps::Maps;
 use slot_ranges::SlotRanges;
@@ -79,6 +81,16 @@ pub struct Datapath {
     frontend_filter: AddressFilter,
     /// The backend filter as tc egress reads it, and how many backends have each bit.
     backend_filter: AddressFilter,
+    /// The frontend indexes XDP reads, as the agent keeps them ([`frontend_index`]).
+    frontend_index4:
+        FrontendIndex<lb_common::FrontendSlot4, Array<MapData, lb_common::FrontendSlot4>>,
+    frontend_index6:
+        FrontendIndex<lb_common::FrontendSlot6, Array<MapData, lb_common::FrontendSlot6>>,
+    /// The map-in-map whose update waits for a grace period, and the map it is updated with.
+    grace: (
+        aya::maps::ArrayOfMaps<MapData, Array<MapData, u32>>,
+        Array<MapData, u32>,
+    ),
     /// The cells of `slots` no installed table uses.
     slot_ranges: SlotRanges,
     nic_macs: Array<MapData, NicMac>,

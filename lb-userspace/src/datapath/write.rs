@@ -12,14 +12,14 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuValues, lpm_trie::Key a
 
 /// BPF_F_INNER_MAP (include/uapi/linux/bpf.h): an inner map of a map of maps whose size may
 /// differ from the template's, as every Maglev table's does (kernel >= 5.10).
-const BPF_F_INNER_MAP: u32 = 1 << 12;
+pub(super) const BPF_F_INNER_MAP: u32 = 1 << 12;
 
 /// Staged Maglev tables swapped in at most together: each holds a descriptor until its swap
 /// (a soft RLIMIT_NOFILE of 1024 is common).
 pub const MAGLEV_SWAP_BATCH: usize = 256;
 use lb_common::{
     DatapathConfig, NicMac, SERVICE_NAME_LEN, ServiceCounter, ServiceValue, Slot, SourceRange,
-    limits, maglev, map_names, service_flags,
+    limits, maglev, map_names, scope, service_flags,
 };
 
 use super::{
@@ -136,45 +136,135 @@ impl Datapath {
         Ok(())
     }
 
-    /// Writes one frontend's entry into its family's frontends map.
+    /// Writes one frontend's entry into its family's frontends map, and its copy in the
+    /// family's frontend index (entries of scope ANY, which XDP reads).
     fn insert_frontend(&mut self, key: &FrontendKey, value: &ServiceValue) -> Result<()> {
         let operation = || format!("service {} frontend {key:?}", value.service_id);
         match key {
-            FrontendKey::V4(key) => insert(
-                &mut self.maps.frontends,
-                map_names::FRONTENDS4,
-                self.frontends4_capacity,
-                key,
-                value,
-                operation,
-            ),
-            FrontendKey::V6(key) => insert(
-                &mut self.maps.frontends6,
-                map_names::FRONTENDS6,
-                limits::MAX_FRONTENDS,
-                key,
-                value,
-                operation,
-            ),
+            FrontendKey::V4(key) => {
+                let indexed = key.scope == scope::ANY;
+                let index = &mut self.frontend_index4;
+                let name = map_names::FRONTEND_INDEX4;
+                if indexed {
+                    index
+                        .before_write(key, value)
+                        .map_err(|e| map_error(name, "write", e))?;
+                }
+                insert(
+                    &mut self.maps.frontends,
+                    map_names::FRONTENDS4,
+                    self.frontends4_capacity,
+                    key,
+                    value,
+                    operation,
+                )?;
+                if indexed {
+                    index
+                        .after_write(key, value)
+                        .map_err(|e| map_error(name, "write", e))?;
+                }
+                Ok(())
+            }
+            FrontendKey::V6(key) => {
+                let indexed = key.scope == scope::ANY;
+                let index = &mut self.frontend_index6;
+                let name = map_names::FRONTEND_INDEX6;
+                if indexed {
+                    index
+                        .before_write(key, value)
+                        .map_err(|e| map_error(name, "write", e))?;
+                }
+                insert(
+                    &mut self.maps.frontends6,
+                    map_names::FRONTENDS6,
+                    limits::MAX_FRONTENDS,
+                    key,
+                    value,
+                    operation,
+                )?;
+                if indexed {
+                    index
+                        .after_write(key, value)
+                        .map_err(|e| map_error(name, "write", e))?;
+                }
+                Ok(())
+            }
         }
     }
 
-    /// Removes one frontend's entry from its family's frontends map (gone already is fine).
+    /// Removes one frontend's entry from its family's frontends map (gone already is fine), and
+    /// from the family's frontend index.
     fn remove_frontend(&mut self, key: &FrontendKey, operation: impl Fn() -> String) -> Result<()> {
         match key {
-            FrontendKey::V4(key) => remove(
-                &mut self.maps.frontends,
-                map_names::FRONTENDS4,
-                key,
-                operation,
-            ),
-            FrontendKey::V6(key) => remove(
-                &mut self.maps.frontends6,
-                map_names::FRONTENDS6,
-                key,
-                operation,
-            ),
+            FrontendKey::V4(key) => {
+                let index = &mut self.frontend_index4;
+                let name = map_names::FRONTEND_INDEX4;
+                index
+                    .before_remove(key)
+                    .map_err(|e| map_error(name, "write", e))?;
+                remove(
+                    &mut self.maps.frontends,
+                    map_names::FRONTENDS4,
+                    key,
+                    operation,
+                )?;
+                index
+                    .after_remove(key)
+                    .map_err(|e| map_error(name, "write", e))
+            }
+            FrontendKey::V6(key) => {
+                let index = &mut self.frontend_index6;
+                let name = map_names::FRONTEND_INDEX6;
+                index
+                    .before_remove(key)
+                    .map_err(|e| map_error(name, "write", e))?;
+                remove(
+                    &mut self.maps.frontends6,
+                    map_names::FRONTENDS6,
+                    key,
+                    operation,
+                )?;
+                index
+                    .after_remove(key)
+                    .map_err(|e| map_error(name, "write", e))
+            }
         }
+    }
+
+    /// Whether the frontend indexes have slots to free after a grace period
+    /// ([`Datapath::refill_frontend_index`]); until then, XDP finds the frontends whose entries
+    /// changed in the frontends maps.
+    pub fn frontend_index_needs_refill(&self) -> bool {
+        self.frontend_index4.has_retired() || self.frontend_index6.has_retired()
+    }
+
+    /// How many frontends the indexes serve, and how many they lack (found by XDP in the
+    /// frontends maps), IPv4 and IPv6 together.
+    pub fn frontend_index_counts(&self) -> (usize, usize) {
+        let (placed4, missing4) = self.frontend_index4.counts();
+        let (placed6, missing6) = self.frontend_index6.counts();
+        (placed4 + placed6, missing4 + missing6)
+    }
+
+    /// Waits for a grace period, then frees the frontend-index slots retired before it and
+    /// copies every frontend the indexes lack into a free slot of its bucket. The wait is the
+    /// kernel's (synchronize_rcu, a few milliseconds): the agent calls this between syncs.
+    pub fn refill_frontend_index(&mut self) -> Result<()> {
+        if !self.frontend_index_needs_refill() {
+            return Ok(());
+        }
+        let (outer, inner) = &mut self.grace;
+        outer
+            .set(0, inner, 0)
+            .map_err(|source| map_error(map_names::GRACE, "wait for a grace period", source))?;
+        let frontends = &self.maps.frontends;
+        self.frontend_index4
+            .refill(|key| lookup_entry(frontends, key))
+            .map_err(|e| map_error(map_names::FRONTEND_INDEX4, "refill", e))?;
+        let frontends6 = &self.maps.frontends6;
+        self.frontend_index6
+            .refill(|key| lookup_entry(frontends6, key))
+            .map_err(|e| map_error(map_names::FRONTEND_INDEX6, "refill", e))
     }
 
     /// Releases a frontend's bit in the frontend filter (IPv4 frontends have one).
@@ -1151,5 +1241,17 @@ fn remove<K: aya::Pod, V: aya::Pod>(
             Ok(())
         }
         Err(source) => Err(map_error(name, &operation(), source)),
+    }
+}
+
+/// A hash map's entry for `key`, None if it has none.
+fn lookup_entry<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    key: &K,
+) -> std::result::Result<Option<V>, MapError> {
+    match map.get(key, 0) {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(error) => Err(error),
     }
 }
