@@ -283,6 +283,9 @@ async fn sync_until_stopped(
     // Objects skipped for bad input since the start (each counted once, when it first appears).
     let mut skipped_total: u64 = 0;
     let mut abandoned_monitors = tokio::time::interval(ABANDONED_MONITOR_CHECK);
+    // When to copy changed frontends into the frontend index again (after a sync that retired
+    // slots): XDP reads them from the frontends maps meanwhile.
+    let mut index_refill_due: Option<Instant> = None;
     loop {
         // The channel's initial value is an empty placeholder: syncing it would remove every
         // installed service after a restart. Only what the source publishes is synced.
@@ -298,6 +301,7 @@ async fn sync_until_stopped(
             // A slice without its Service for the grace period: reported by this sync.
             () = sleep_until(orphans.next_due()) => Woken::Sync,
             _ = abandoned_monitors.tick() => Woken::MonitorCheck,
+            () = sleep_until(index_refill_due) => Woken::IndexRefill,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         };
@@ -305,6 +309,14 @@ async fn sync_until_stopped(
             Woken::Sync => {}
             Woken::MonitorCheck => {
                 release_abandoned_monitor(datapath.pin_dir());
+                continue;
+            }
+            Woken::IndexRefill => {
+                index_refill_due = None;
+                if let Err(error) = datapath.refill_frontend_index() {
+                    warn!(%error, "the frontend index was not refilled; XDP reads the frontends it lacks from the frontends maps");
+                }
+                observers.frontend_index(datapath.frontend_index_counts());
                 continue;
             }
             Woken::Routes(Err(error)) => {
@@ -420,6 +432,10 @@ async fn sync_until_stopped(
             .iter()
             .filter(|p| p.severity == Severity::Invalid)
             .count();
+        if index_refill_due.is_none() && datapath.frontend_index_needs_refill() {
+            index_refill_due = Some(Instant::now() + FRONTEND_INDEX_REFILL_DELAY);
+        }
+        observers.frontend_index(datapath.frontend_index_counts());
         if report.errors.is_empty()
             && let Err(error) = datapath.remove_pins_retired_after_sync()
         {
@@ -469,7 +485,14 @@ enum Woken {
     Health(HealthChange),
     /// Time to look for an `lb monitor` that died with the datapath's reports on.
     MonitorCheck,
+    /// Time to refill the frontend index.
+    IndexRefill,
 }
+
+/// How long after a sync that changed frontends the agent refills the frontend index: the
+/// refill waits for a grace period (a few milliseconds, the sync loop's), so the syncs of a
+/// burst of changes share one.
+const FRONTEND_INDEX_REFILL_DELAY: Duration = Duration::from_millis(100);
 
 /// Forwards the programs' log records to the agent's log as they come.
 async fn forward_ebpf_log(forwarder: Forwarder) {
@@ -612,6 +635,17 @@ impl Observers {
     fn queued(&self) {
         self.health.queued();
         self.metrics.queued();
+    }
+
+    /// Records where XDP finds the frontends: (in the index, in the frontends maps only).
+    fn frontend_index(&self, (indexed, in_map_only): (usize, usize)) {
+        let served = &self.metrics.frontends_served;
+        served
+            .get_or_create(&[("source", "index")])
+            .set(indexed as i64);
+        served
+            .get_or_create(&[("source", "map")])
+            .set(in_map_only as i64);
     }
 
     async fn synced(

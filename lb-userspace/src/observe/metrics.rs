@@ -51,6 +51,9 @@ pub struct AgentMetrics {
     pub manifest_errors: Counter,
     pub sync_errors: Counter,
     pub service_ports: Gauge,
+    /// Frontends XDP serves, by `source`: "index" (a slot of the frontend index) or "map" (the
+    /// frontends map, behind a bucket that lacks them).
+    pub frontends_served: Family<[(&'static str, &'static str); 1], Gauge>,
     pub udp_sockets_aborted: Counter,
     pub udp_socket_abort_failures: Counter,
     pub event_publish_failures: Counter,
@@ -85,6 +88,7 @@ impl AgentMetrics {
             manifest_errors: Counter::default(),
             sync_errors: Counter::default(),
             service_ports: Gauge::default(),
+            frontends_served: Family::default(),
             udp_sockets_aborted: Counter::default(),
             udp_socket_abort_failures: Counter::default(),
             event_publish_failures: Counter::default(),
@@ -233,6 +237,13 @@ impl Metrics {
             "service_ports",
             "Service ports (and the parts traffic policies split off) in the desired state",
             agent.service_ports.clone(),
+        );
+        lb.register(
+            "xdp_frontends",
+            "Frontends XDP serves, by source: index (a slot of the frontend index, one cache \
+             line) or map (the frontends map, for a frontend whose index bucket is full or whose \
+             entry changed since the last refill)",
+            agent.frontends_served.clone(),
         );
         lb.register(
             "udp_sockets_aborted",
