@@ -305,6 +305,42 @@ fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
     let stats = lb_json(setup.pin_dir(), &["stats"]);
     assert_eq!(stats["events"]["drop_no_backend"], 0);
     assert_eq!(stats["snat_address"], node_addr(1).to_string());
+
+    // XDP reads all four frontends from the frontend index; after web's endpoints change, its
+    // two are read from the frontends map until the agent refills the index (100 ms after the
+    // sync), and new connections reach the new endpoint set throughout.
+    let index = |page: &_| value(page, "lb_xdp_frontends", &[("source", "index")]);
+    let map_only = |page: &_| value(page, "lb_xdp_frontends", &[("source", "map")]);
+    assert_eq!((index(&page), map_only(&page)), (4.0, 0.0));
+    setup
+        .apply(
+            "web.yaml",
+            &(node_port_service("web", "10.96.0.10", 30080, "")
+                + "---\n"
+                + &endpoint_slice(
+                    "web",
+                    &[(pod_addr(1, 0), "node1"), (pod_addr(1, 1), "node1")],
+                )),
+        )
+        .expect("web with two endpoints");
+    ClientRun::tcp(&tcp_target, 20)
+        .run(&setup.cluster.client, None)
+        .expect("tcp client")
+        .assert_all_ok("TCP NodePort after the change");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let page = scrape(&node);
+        if (index(&page), map_only(&page)) == (4.0, 0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the index was not refilled: {} in it, {} read from the map",
+            index(&page),
+            map_only(&page)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 #[test]
