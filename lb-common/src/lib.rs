@@ -111,9 +111,9 @@ pub mod map_names {
     /// nothing up for a TCP/UDP packet whose bit is clear, which is most of the node's own
     /// traffic.
     pub const FRONTEND_FILTER: &str = "lb4_fefilt_v1";
-    /// Mmapable array of [`crate::FrontendSlot4`]: the IPv4 frontends XDP serves, by their
-    /// hash ([`crate::frontend_index`]), one cache line each. The agent writes it through a
-    /// memory mapping.
+    /// Mmapable array (values page-aligned, one cache line each) of [`crate::FrontendSlot4`]:
+    /// the IPv4 frontends XDP serves, by their hash ([`crate::frontend_index`]). The agent
+    /// writes it with map updates, one byte a program reads at a time.
     pub const FRONTEND_INDEX4: &str = "lb4_feidx_v1";
     /// [`FRONTEND_INDEX4`] for IPv6 frontends ([`crate::FrontendSlot6`]).
     pub const FRONTEND_INDEX6: &str = "lb6_feidx_v1";
@@ -887,8 +887,9 @@ pub struct FrontendSlotHead<A> {
     /// 1 while the slot serves `key`.
     pub live: u8,
     /// In the first slot of a bucket: 1 while a frontend of the bucket is not in it (no room, or
-    /// its entry changed and its slot waits for a grace period), so XDP looks a packet the
-    /// bucket does not have up in the frontends map instead of passing it.
+    /// its entry changed and its slot waits for a grace period), and for a grace period after it
+    /// is back, so XDP looks a packet the bucket does not have up in the frontends map instead
+    /// of passing it.
     pub overflow: u8,
     pub reserved: [u8; 2],
 }

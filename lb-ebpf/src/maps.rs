@@ -52,9 +52,9 @@ pub static SOCK_STATE4: SkStorage<SockState4> = SkStorage::new();
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =
     PerCpuArray::pinned(limits::MAX_SERVICES, 0);
 
-/// The IPv4 frontends XDP serves, by their hash, one cache line each (mmapable: its values
-/// start on a page, and the agent writes them through a mapping, byte by byte in the order
-/// `lb_common::FrontendSlotHead` describes).
+/// The IPv4 frontends XDP serves, by their hash, one cache line each (mmapable only so that its
+/// values start on a page): the agent changes one byte a program reads at a time, in the order
+/// `lb_common::FrontendSlotHead` describes.
 #[map(name = "lb4_feidx_v1")]
 pub static FRONTEND_INDEX4: Array<FrontendSlot4> =
     Array::pinned(frontend_index::SLOTS, BPF_F_MMAPABLE);

@@ -316,6 +316,10 @@ async fn sync_until_stopped(
                 if let Err(error) = datapath.refill_frontend_index() {
                     warn!(%error, "the frontend index was not refilled; XDP reads the frontends it lacks from the frontends maps");
                 }
+                // A frontend put back leaves its bucket's overflow byte for one more grace period.
+                if datapath.frontend_index_needs_refill() {
+                    index_refill_due = Some(Instant::now() + FRONTEND_INDEX_REFILL_DELAY);
+                }
                 observers.frontend_index(datapath.frontend_index_counts());
                 continue;
             }

@@ -213,6 +213,11 @@ fn frontends_that_share_a_bucket_are_all_served_and_the_overflow_clears_when_one
     datapath.remove_service(1).expect("remove");
     assert_eq!(destination(&datapath, addrs[0], 40001), None);
     assert!(datapath.frontend_index_needs_refill());
+    // The third frontend goes into the freed slot after one grace period, and the bucket's
+    // overflow byte after another.
+    datapath.refill_frontend_index().expect("refill");
+    assert_eq!(bucket(pins.path(), addrs[0]).1, 1);
+    assert_eq!(destination(&datapath, addrs[2], 40001), backend_addr(3));
     datapath.refill_frontend_index().expect("refill");
     assert!(!datapath.frontend_index_needs_refill());
     let (live, overflow) = bucket(pins.path(), addrs[0]);
@@ -250,6 +255,12 @@ fn a_changed_frontend_selects_from_its_new_table_before_and_after_the_refill() {
         assert_eq!(destination(&datapath, a, port), backend_addr(3));
     }
     datapath.refill_frontend_index().expect("refill");
+    assert_eq!(bucket(pins.path(), a).0.len(), 2);
+    for port in 40009..40011 {
+        assert_eq!(destination(&datapath, a, port), backend_addr(3));
+    }
+    datapath.refill_frontend_index().expect("refill");
+    assert!(!datapath.frontend_index_needs_refill());
     let (live, overflow) = bucket(pins.path(), a);
     assert_eq!(live.len(), 2);
     assert_eq!(overflow, 0);

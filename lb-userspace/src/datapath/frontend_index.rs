@@ -129,6 +129,13 @@ enum SlotState {
 }
 
 /// One family's index, as the agent keeps it.
+///
+/// Invariants: a frontend (scope ANY, in the frontends map) is placed (a live slot of its
+/// bucket), missing (read from the map by XDP: its bucket's `overflow` is set), or neither only
+/// while it is new and being placed, or in `retry` after a write failed. A bucket's `overflow`
+/// goes 0 only a grace period after its last missing frontend stopped being missing: a program
+/// that read the bucket before that frontend's slot went live may still be about to read the
+/// byte.
 pub(super) struct FrontendIndex<S: IndexSlot, M> {
     store: M,
     states: Vec<SlotState>,
@@ -139,8 +146,16 @@ pub(super) struct FrontendIndex<S: IndexSlot, M> {
     retired_all: bool,
     /// Frontends of the frontends map (scope ANY) the index lacks, served from there.
     missing: HashSet<FrontendKey<S::Addr>>,
-    /// How many of them each bucket (by its first slot) lacks: its `overflow` is set while any.
+    /// How many of them each bucket (by its first slot) lacks.
     missing_by_bucket: HashMap<u32, u32>,
+    /// Buckets whose `overflow` byte is 1 in the map.
+    flagged: HashSet<u32>,
+    /// Flagged buckets that lacked nothing any more since the last grace period.
+    settling: HashSet<u32>,
+    /// Frontends whose marking as missing failed (a map write): marked by the next refill.
+    retry: HashSet<FrontendKey<S::Addr>>,
+    /// The last refill failed part way: the next one finishes it.
+    refill_failed: bool,
 }
 
 impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
@@ -149,7 +164,7 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
     /// frontend's entry in `entries` (the frontends map's entries of scope ANY) is retired, and
     /// every other entry is missing until [`Self::refill`]. Slots not live may still be read by
     /// a program (one an earlier agent retired just before it stopped): they are free only
-    /// after the first grace period too.
+    /// after the first grace period too, as buckets flagged with nothing missing are cleared.
     pub(super) fn adopt(
         store: M,
         slots: impl IntoIterator<Item = (u32, S)>,
@@ -159,11 +174,11 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         index.states.fill(SlotState::Retired);
         index.retired_all = true;
         let mut stale = Vec::new();
-        let mut flagged = Vec::new();
         for (slot, value) in slots {
             let head = value.head();
-            if head.overflow != 0 {
-                flagged.push(slot);
+            if head.overflow != 0 && slot % frontend_index::BUCKET_SLOTS == 0 {
+                index.flagged.insert(slot);
+                index.settling.insert(slot);
             }
             if head.live == 0 {
                 continue;
@@ -187,12 +202,6 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         for slot in stale {
             index.retire(slot)?;
         }
-        for slot in flagged {
-            let lacks = index.missing_by_bucket.contains_key(&slot);
-            if !lacks {
-                index.set_overflow(slot, false)?;
-            }
-        }
         Ok(index)
     }
 
@@ -206,6 +215,10 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
             retired_all: false,
             missing: HashSet::new(),
             missing_by_bucket: HashMap::new(),
+            flagged: HashSet::new(),
+            settling: HashSet::new(),
+            retry: HashSet::new(),
+            refill_failed: false,
         }
     }
 
@@ -215,7 +228,8 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
     }
 
     /// Before `key`'s entry in the frontends map becomes `value`: a slot with another entry is
-    /// retired (its frontend missing meanwhile).
+    /// retired, its frontend missing from then on. On an error nothing changed, and the map
+    /// must not be written either.
     pub(super) fn before_write(
         &mut self,
         key: &FrontendKey<S::Addr>,
@@ -227,13 +241,12 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         if self.store.read(slot)?.head().value == *value {
             return Ok(());
         }
-        self.mark_missing(*key)?;
-        self.placed.remove(key);
-        self.retire(slot)
+        self.take_out(key, slot)
     }
 
-    /// After `key`'s entry in the frontends map became `value`: a frontend the index lacks goes
-    /// into a free slot of its bucket, or stays missing.
+    /// After `key`'s entry in the frontends map became `value`: a frontend new to the index
+    /// goes into a free slot of its bucket, else it is (or stays) missing. On an error the
+    /// frontend is missing, or in `retry` for the next refill.
     pub(super) fn after_write(
         &mut self,
         key: &FrontendKey<S::Addr>,
@@ -242,40 +255,62 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         if self.placed.contains_key(key) {
             return Ok(());
         }
-        if self.place(key, value)? {
-            self.unmark_missing(key)
-        } else {
-            self.mark_missing(*key)
+        if self.missing.contains(key) {
+            // Its old slot may still be read: the bucket keeps its `overflow` until a grace
+            // period after the frontend is back in a slot.
+            if self.place(key, value)? {
+                self.unmark_missing(key);
+            }
+            return Ok(());
+        }
+        // New to the index: a program that finds it in no slot yet takes it for not yet there.
+        match self.place(key, value) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.mark_missing_or_retry(*key),
+            Err(error) => {
+                // The error is the one to report; the frontend goes to the map or to `retry`.
+                let _ = self.mark_missing_or_retry(*key);
+                Err(error)
+            }
         }
     }
 
-    /// Before `key`'s entry leaves the frontends map: its slot is retired. The frontend is
-    /// missing until [`Self::after_remove`], so that it is still found if the removal fails.
+    /// Before `key`'s entry leaves the frontends map: its slot is retired, and the frontend
+    /// missing until [`Self::after_remove`] (still found if the removal fails). On an error
+    /// nothing changed, and the map must not be written either.
     pub(super) fn before_remove(&mut self, key: &FrontendKey<S::Addr>) -> Result<(), M::Error> {
-        let Some(slot) = self.placed.remove(key) else {
-            return Ok(());
-        };
-        self.mark_missing(*key)?;
-        self.retire(slot)
+        match self.placed.get(key) {
+            Some(&slot) => self.take_out(key, slot),
+            None => Ok(()),
+        }
     }
 
     /// After `key`'s entry left the frontends map.
-    pub(super) fn after_remove(&mut self, key: &FrontendKey<S::Addr>) -> Result<(), M::Error> {
-        self.unmark_missing(key)
+    pub(super) fn after_remove(&mut self, key: &FrontendKey<S::Addr>) {
+        self.retry.remove(key);
+        self.unmark_missing(key);
     }
 
-    /// Whether slots wait for a grace period before [`Self::refill`] can free them.
-    pub(super) fn has_retired(&self) -> bool {
-        self.retired_all || !self.retired.is_empty()
+    /// Whether a refill has work after a grace period: slots to free, buckets whose `overflow`
+    /// may go, frontends to mark, or a failed refill to finish.
+    pub(super) fn needs_refill(&self) -> bool {
+        self.retired_all
+            || !self.retired.is_empty()
+            || !self.settling.is_empty()
+            || !self.retry.is_empty()
+            || self.refill_failed
     }
 
-    /// After a grace period that began after every retirement so far: the retired slots are
-    /// free, and each missing frontend goes into a free slot of its bucket with its entry in the
-    /// frontends map (`lookup`) if there is one.
+    /// After a grace period that began after every change so far: the retired slots are free,
+    /// each missing frontend goes into a free slot of its bucket with its entry in the frontends
+    /// map (`lookup`) if there is one, and the buckets that lacked nothing before the grace
+    /// period lose their `overflow`. A failure leaves the rest for the next refill, which
+    /// [`Self::needs_refill`] then asks for.
     pub(super) fn refill(
         &mut self,
         lookup: impl Fn(&FrontendKey<S::Addr>) -> Result<Option<ServiceValue>, M::Error>,
     ) -> Result<(), M::Error> {
+        let settled = std::mem::take(&mut self.settling);
         if std::mem::take(&mut self.retired_all) {
             for state in &mut self.states {
                 if *state == SlotState::Retired {
@@ -286,14 +321,51 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         for slot in std::mem::take(&mut self.retired) {
             self.states[slot as usize] = SlotState::Free;
         }
+        let mut first_error = None;
+        let mut note = |result: Result<(), M::Error>| {
+            if let Err(error) = result
+                && first_error.is_none()
+            {
+                first_error = Some(error);
+            }
+        };
+        for key in std::mem::take(&mut self.retry) {
+            note(self.mark_missing_or_retry(key));
+        }
         let missing: Vec<FrontendKey<S::Addr>> = self.missing.iter().copied().collect();
         for key in missing {
-            match lookup(&key)? {
-                None => self.unmark_missing(&key)?,
-                Some(value) => {
-                    if self.place(&key, &value)? {
-                        self.unmark_missing(&key)?;
-                    }
+            note(self.refill_one(&key, &lookup));
+        }
+        for bucket in settled {
+            if self.missing_by_bucket.contains_key(&bucket) || !self.flagged.contains(&bucket) {
+                continue;
+            }
+            match self.set_overflow(bucket, false) {
+                Ok(()) => {
+                    self.flagged.remove(&bucket);
+                }
+                Err(error) => {
+                    self.settling.insert(bucket);
+                    note(Err(error));
+                }
+            }
+        }
+        self.refill_failed = first_error.is_some();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// A missing frontend back into a slot with its entry in the map, or forgotten when the map
+    /// has none.
+    fn refill_one(
+        &mut self,
+        key: &FrontendKey<S::Addr>,
+        lookup: impl Fn(&FrontendKey<S::Addr>) -> Result<Option<ServiceValue>, M::Error>,
+    ) -> Result<(), M::Error> {
+        match lookup(key)? {
+            None => self.unmark_missing(key),
+            Some(value) => {
+                if self.place(key, &value)? {
+                    self.unmark_missing(key);
                 }
             }
         }
@@ -302,7 +374,23 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
 
     /// How many frontends the index serves, and how many it lacks.
     pub(super) fn counts(&self) -> (usize, usize) {
-        (self.placed.len(), self.missing.len())
+        (self.placed.len(), self.missing.len() + self.retry.len())
+    }
+
+    /// Retires the placed `key`'s slot, the key missing from before: on an error, as before.
+    fn take_out(&mut self, key: &FrontendKey<S::Addr>, slot: u32) -> Result<(), M::Error> {
+        let was_missing = self.missing.contains(key);
+        self.mark_missing(*key)?;
+        if let Err(error) = self.retire(slot) {
+            if !was_missing {
+                // Still live with its entry: not missing after all (its bucket's `overflow`
+                // goes after a grace period, like any).
+                self.unmark_missing(key);
+            }
+            return Err(error);
+        }
+        self.placed.remove(key);
+        Ok(())
     }
 
     /// Writes `key` and `value` into a free slot of the key's bucket, then makes it live.
@@ -330,7 +418,8 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         Ok(true)
     }
 
-    /// Clears a slot's `live`; the slot is free after the next grace period.
+    /// Clears a slot's `live`; the slot is free after the next grace period. On an error, as
+    /// before.
     fn retire(&mut self, slot: u32) -> Result<(), M::Error> {
         let mut contents = self.store.read(slot)?;
         contents.head_mut().live = 0;
@@ -340,31 +429,42 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         Ok(())
     }
 
+    /// Marks `key` missing, its bucket's `overflow` set first. On an error, as before.
     fn mark_missing(&mut self, key: FrontendKey<S::Addr>) -> Result<(), M::Error> {
-        if !self.missing.insert(key) {
+        if self.missing.contains(&key) {
             return Ok(());
         }
         let bucket = Self::bucket(&key);
-        let count = self.missing_by_bucket.entry(bucket).or_insert(0);
-        *count += 1;
-        if *count == 1 {
+        if !self.flagged.contains(&bucket) {
             self.set_overflow(bucket, true)?;
+            self.flagged.insert(bucket);
         }
+        self.missing.insert(key);
+        *self.missing_by_bucket.entry(bucket).or_insert(0) += 1;
         Ok(())
     }
 
-    fn unmark_missing(&mut self, key: &FrontendKey<S::Addr>) -> Result<(), M::Error> {
+    /// [`Self::mark_missing`], or `key` into `retry` when that fails.
+    fn mark_missing_or_retry(&mut self, key: FrontendKey<S::Addr>) -> Result<(), M::Error> {
+        self.mark_missing(key).inspect_err(|_| {
+            self.retry.insert(key);
+        })
+    }
+
+    /// `key` is no longer missing; its bucket's `overflow` may go after the next grace period
+    /// if nothing else of the bucket is missing by then.
+    fn unmark_missing(&mut self, key: &FrontendKey<S::Addr>) {
         if !self.missing.remove(key) {
-            return Ok(());
+            return;
         }
         let bucket = Self::bucket(key);
-        let count = self.missing_by_bucket.entry(bucket).or_insert(1);
-        *count -= 1;
-        if *count == 0 {
-            self.missing_by_bucket.remove(&bucket);
-            self.set_overflow(bucket, false)?;
+        if let Some(count) = self.missing_by_bucket.get_mut(&bucket) {
+            *count -= 1;
+            if *count == 0 {
+                self.missing_by_bucket.remove(&bucket);
+                self.settling.insert(bucket);
+            }
         }
-        Ok(())
     }
 
     fn set_overflow(&mut self, first: u32, overflow: bool) -> Result<(), M::Error> {
@@ -379,17 +479,31 @@ mod tests {
     use super::*;
     use lb_common::{proto, scope};
 
-    /// The index's slots in memory: what the kernel's array would hold.
-    #[derive(Default)]
-    struct Slots(HashMap<u32, FrontendSlot4>);
+    /// The index's slots in memory: what the kernel's array would hold (an in-memory stand-in,
+    /// so that every interleaving and write failure can be set up; the kernel tests in
+    /// tests/tests/frontend_index.rs run the same code against the real map and XDP).
+    #[derive(Clone, Default)]
+    struct Slots {
+        slots: HashMap<u32, FrontendSlot4>,
+        /// Writes to let through, then writes to fail.
+        failing: Option<(usize, usize)>,
+    }
 
     impl SlotStore<FrontendSlot4> for Slots {
-        type Error = std::convert::Infallible;
+        type Error = &'static str;
         fn read(&self, slot: u32) -> Result<FrontendSlot4, Self::Error> {
-            Ok(self.0.get(&slot).copied().unwrap_or_default())
+            Ok(self.slots.get(&slot).copied().unwrap_or_default())
         }
         fn write(&mut self, slot: u32, value: &FrontendSlot4) -> Result<(), Self::Error> {
-            self.0.insert(slot, *value);
+            match &mut self.failing {
+                Some((0, 0)) | None => {}
+                Some((0, fail)) => {
+                    *fail -= 1;
+                    return Err("injected write failure");
+                }
+                Some((pass, _)) => *pass -= 1,
+            }
+            self.slots.insert(slot, *value);
             Ok(())
         }
     }
@@ -443,35 +557,44 @@ mod tests {
     /// What XDP would find for `key`, read from the slots as it reads them: the entry of a live
     /// slot of the bucket with the key, else "look in the map" when the bucket overflows.
     fn xdp_sees(
-        slots: &Slots,
+        index: &Index,
         key: &FrontendKey<u32>,
     ) -> Result<Option<ServiceValue>, &'static str> {
         let first = Index::bucket(key);
         for slot in first..first + frontend_index::BUCKET_SLOTS {
-            let head = slots.read(slot).unwrap().head;
+            let head = index.store.read(slot).unwrap().head;
             if head.live != 0 && head.key == *key {
                 return Ok(Some(head.value));
             }
         }
-        if slots.read(first).unwrap().head.overflow != 0 {
+        if index.store.read(first).unwrap().head.overflow != 0 {
             Err("the frontends map")
         } else {
             Ok(None)
         }
     }
 
+    fn overflow(index: &Index, key: &FrontendKey<u32>) -> u8 {
+        index.store.read(Index::bucket(key)).unwrap().head.overflow
+    }
+
     fn index() -> Index {
         Index::empty(Slots::default())
+    }
+
+    /// Refills (after the grace period the caller waited for) with `map` as the frontends map.
+    fn refill(index: &mut Index, map: &HashMap<FrontendKey<u32>, ServiceValue>) {
+        index.refill(|key| Ok(map.get(key).copied())).unwrap();
     }
 
     #[test]
     fn a_new_frontend_is_served_from_its_bucket_at_once() {
         let mut index = index();
         index.after_write(&key(80), &value(1)).unwrap();
-        assert_eq!(xdp_sees(&index.store, &key(80)), Ok(Some(value(1))));
-        assert_eq!(xdp_sees(&index.store, &key(81)), Ok(None));
+        assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value(1))));
+        assert_eq!(xdp_sees(&index, &key(81)), Ok(None));
         assert_eq!(index.counts(), (1, 0));
-        assert!(!index.has_retired());
+        assert!(!index.needs_refill());
     }
 
     #[test]
@@ -481,43 +604,56 @@ mod tests {
         for (n, key) in [a, b, c].iter().enumerate() {
             index.after_write(key, &value(n as u32 + 1)).unwrap();
         }
-        assert_eq!(xdp_sees(&index.store, &a), Ok(Some(value(1))));
-        assert_eq!(xdp_sees(&index.store, &b), Ok(Some(value(2))));
-        assert_eq!(xdp_sees(&index.store, &c), Err("the frontends map"));
+        assert_eq!(xdp_sees(&index, &a), Ok(Some(value(1))));
+        assert_eq!(xdp_sees(&index, &b), Ok(Some(value(2))));
+        assert_eq!(xdp_sees(&index, &c), Err("the frontends map"));
         assert_eq!(index.counts(), (2, 1));
 
         // a goes: the map has b and c; c takes a's slot after the grace period.
         index.before_remove(&a).unwrap();
-        assert_eq!(xdp_sees(&index.store, &a), Err("the frontends map"));
-        index.after_remove(&a).unwrap();
-        assert_eq!(xdp_sees(&index.store, &c), Err("the frontends map"));
-        assert!(index.has_retired());
+        assert_eq!(xdp_sees(&index, &a), Err("the frontends map"));
+        index.after_remove(&a);
+        assert_eq!(xdp_sees(&index, &c), Err("the frontends map"));
+        assert!(index.needs_refill());
         let map = HashMap::from([(b, value(2)), (c, value(3))]);
-        index.refill(|key| Ok(map.get(key).copied())).unwrap();
-        assert_eq!(xdp_sees(&index.store, &a), Ok(None));
-        assert_eq!(xdp_sees(&index.store, &b), Ok(Some(value(2))));
-        assert_eq!(xdp_sees(&index.store, &c), Ok(Some(value(3))));
+        refill(&mut index, &map);
+        assert_eq!(xdp_sees(&index, &a), Err("the frontends map"));
+        assert_eq!(xdp_sees(&index, &b), Ok(Some(value(2))));
+        assert_eq!(xdp_sees(&index, &c), Ok(Some(value(3))));
         assert_eq!(index.counts(), (2, 0));
+        // c went into a slot after that grace period: the overflow byte waits for another.
+        assert_eq!(overflow(&index, &a), 1);
+        assert!(index.needs_refill());
+        refill(&mut index, &map);
+        assert_eq!(overflow(&index, &a), 0);
+        assert_eq!(xdp_sees(&index, &a), Ok(None));
+        assert!(!index.needs_refill());
     }
 
     #[test]
-    fn a_changed_entry_is_read_from_the_map_until_its_slot_is_written_again_after_a_grace_period() {
+    fn a_changed_entry_moves_to_the_free_slot_and_its_bucket_overflows_until_a_grace_period_later()
+    {
         let mut index = index();
         index.after_write(&key(80), &value(1)).unwrap();
         let slot = index.placed[&key(80)];
 
         index.before_write(&key(80), &value(2)).unwrap();
-        assert_eq!(xdp_sees(&index.store, &key(80)), Err("the frontends map"));
-        // The old entry stays in the retired slot for readers still inside it.
+        assert_eq!(xdp_sees(&index, &key(80)), Err("the frontends map"));
+        // The old entry stays in the retired slot for programs still reading it.
         assert_eq!(index.store.read(slot).unwrap().head.value, value(1));
         index.after_write(&key(80), &value(2)).unwrap();
-        // The bucket's other slot was free: the new entry went there at once.
-        assert_eq!(xdp_sees(&index.store, &key(80)), Ok(Some(value(2))));
+        assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value(2))));
+        assert_ne!(index.placed[&key(80)], slot);
+        // A program that found the new slot not yet live, and the old one no longer live, reads
+        // the overflow byte next: it must still send it to the map.
+        assert_eq!(overflow(&index, &key(80)), 1);
         assert_eq!(index.store.read(slot).unwrap().head.value, value(1));
-        assert!(index.has_retired());
-        index.refill(|_| Ok(Some(value(2)))).unwrap();
-        assert_eq!(xdp_sees(&index.store, &key(80)), Ok(Some(value(2))));
+        assert!(index.needs_refill());
+        refill(&mut index, &HashMap::from([(key(80), value(2))]));
+        assert_eq!(overflow(&index, &key(80)), 0);
+        assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value(2))));
         assert_eq!(index.counts(), (1, 0));
+        assert!(!index.needs_refill());
     }
 
     #[test]
@@ -528,12 +664,13 @@ mod tests {
         index.after_write(&b, &value(2)).unwrap();
         index.before_write(&a, &value(3)).unwrap();
         index.after_write(&a, &value(3)).unwrap();
-        assert_eq!(xdp_sees(&index.store, &a), Err("the frontends map"));
-        assert_eq!(xdp_sees(&index.store, &b), Ok(Some(value(2))));
-        index
-            .refill(|key| Ok(Some(if *key == a { value(3) } else { value(2) })))
-            .unwrap();
-        assert_eq!(xdp_sees(&index.store, &a), Ok(Some(value(3))));
+        assert_eq!(xdp_sees(&index, &a), Err("the frontends map"));
+        assert_eq!(xdp_sees(&index, &b), Ok(Some(value(2))));
+        let map = HashMap::from([(a, value(3)), (b, value(2))]);
+        refill(&mut index, &map);
+        assert_eq!(xdp_sees(&index, &a), Ok(Some(value(3))));
+        refill(&mut index, &map);
+        assert_eq!(overflow(&index, &a), 0);
         assert_eq!(index.counts(), (2, 0));
     }
 
@@ -541,11 +678,11 @@ mod tests {
     fn an_unchanged_entry_keeps_its_slot() {
         let mut index = index();
         index.after_write(&key(80), &value(1)).unwrap();
-        let writes_before = index.store.0.clone();
+        let writes_before = index.store.slots.clone();
         index.before_write(&key(80), &value(1)).unwrap();
         index.after_write(&key(80), &value(1)).unwrap();
-        assert_eq!(index.store.0, writes_before);
-        assert!(!index.has_retired());
+        assert_eq!(index.store.slots, writes_before);
+        assert!(!index.needs_refill());
     }
 
     #[test]
@@ -554,9 +691,81 @@ mod tests {
         index.after_write(&key(80), &value(1)).unwrap();
         index.before_remove(&key(80)).unwrap();
         // The map's delete failed: no after_remove. The refill copies the entry in again.
-        assert_eq!(xdp_sees(&index.store, &key(80)), Err("the frontends map"));
-        index.refill(|_| Ok(Some(value(1)))).unwrap();
-        assert_eq!(xdp_sees(&index.store, &key(80)), Ok(Some(value(1))));
+        assert_eq!(xdp_sees(&index, &key(80)), Err("the frontends map"));
+        refill(&mut index, &HashMap::from([(key(80), value(1))]));
+        assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value(1))));
+    }
+
+    #[test]
+    fn a_failed_write_before_the_map_changes_leaves_everything_as_it_was() {
+        for pass in 0..2 {
+            let mut index = index();
+            index.after_write(&key(80), &value(1)).unwrap();
+            let before = index.store.slots.clone();
+            // Fails setting the overflow byte (pass 0) or retiring the slot (pass 1).
+            index.store.failing = Some((pass, 1));
+            assert!(index.before_write(&key(80), &value(2)).is_err());
+            assert_eq!(
+                xdp_sees(&index, &key(80)),
+                Ok(Some(value(1))),
+                "pass {pass}"
+            );
+            assert_eq!(
+                index.placed.get(&key(80)).copied(),
+                before
+                    .keys()
+                    .find(|slot| before[slot].head.live == 1)
+                    .copied()
+            );
+            assert!(index.before_remove(&key(80)).is_ok(), "pass {pass}");
+        }
+    }
+
+    #[test]
+    fn a_new_frontend_whose_slot_write_fails_is_found_through_the_map_then_placed() {
+        let mut index = index();
+        // The slot's first write passes, making it live fails; the overflow byte is written.
+        index.store.failing = Some((1, 1));
+        assert!(index.after_write(&key(80), &value(1)).is_err());
+        assert_eq!(xdp_sees(&index, &key(80)), Err("the frontends map"));
+        assert_eq!(index.counts(), (0, 1));
+        let map = HashMap::from([(key(80), value(1))]);
+        refill(&mut index, &map);
+        assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value(1))));
+        refill(&mut index, &map);
+        assert_eq!(overflow(&index, &key(80)), 0);
+    }
+
+    #[test]
+    fn a_frontend_that_cannot_be_marked_is_retried_by_the_refill() {
+        let mut index = index();
+        // Both writes fail: the slot's and the overflow byte's.
+        index.store.failing = Some((0, 2));
+        assert!(index.after_write(&key(80), &value(1)).is_err());
+        assert_eq!(index.counts(), (0, 1), "counted as read from the map");
+        assert!(index.needs_refill());
+        let map = HashMap::from([(key(80), value(1))]);
+        refill(&mut index, &map);
+        assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value(1))));
+        assert_eq!(index.counts(), (1, 0));
+    }
+
+    #[test]
+    fn a_refill_that_fails_part_way_asks_for_another() {
+        let [a, b, c] = three_in_one_bucket();
+        let mut index = index();
+        for (n, key) in [a, b, c].iter().enumerate() {
+            index.after_write(key, &value(n as u32 + 1)).unwrap();
+        }
+        index.before_remove(&a).unwrap();
+        index.after_remove(&a);
+        index.store.failing = Some((0, 1));
+        let map = HashMap::from([(b, value(2)), (c, value(3))]);
+        assert!(index.refill(|key| Ok(map.get(key).copied())).is_err());
+        assert!(index.needs_refill());
+        assert_eq!(xdp_sees(&index, &c), Err("the frontends map"));
+        refill(&mut index, &map);
+        assert_eq!(xdp_sees(&index, &c), Ok(Some(value(3))));
     }
 
     #[test]
@@ -567,17 +776,19 @@ mod tests {
         earlier.after_write(&b, &value(2)).unwrap();
         earlier.after_write(&key(80), &value(5)).unwrap();
         let slots: Vec<(u32, FrontendSlot4)> =
-            earlier.store.0.iter().map(|(s, v)| (*s, *v)).collect();
+            earlier.store.slots.iter().map(|(s, v)| (*s, *v)).collect();
         // Meanwhile: a's entry changed, b left, c arrived, key 80 is as it was.
         let map = HashMap::from([(a, value(3)), (c, value(4)), (key(80), value(5))]);
         let mut index = Index::adopt(earlier.store, slots, map.clone()).unwrap();
-        assert_eq!(xdp_sees(&index.store, &a), Err("the frontends map"));
-        assert_eq!(xdp_sees(&index.store, &b), Err("the frontends map"));
-        assert_eq!(xdp_sees(&index.store, &key(80)), Ok(Some(value(5))));
-        index.refill(|key| Ok(map.get(key).copied())).unwrap();
-        assert_eq!(xdp_sees(&index.store, &a), Ok(Some(value(3))));
-        assert_eq!(xdp_sees(&index.store, &b), Ok(None));
-        assert_eq!(xdp_sees(&index.store, &c), Ok(Some(value(4))));
+        assert_eq!(xdp_sees(&index, &a), Err("the frontends map"));
+        assert_eq!(xdp_sees(&index, &b), Err("the frontends map"));
+        assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value(5))));
+        refill(&mut index, &map);
+        refill(&mut index, &map);
+        assert_eq!(xdp_sees(&index, &a), Ok(Some(value(3))));
+        assert_eq!(xdp_sees(&index, &b), Ok(None));
+        assert_eq!(xdp_sees(&index, &c), Ok(Some(value(4))));
         assert_eq!(index.counts(), (3, 0));
+        assert!(!index.needs_refill());
     }
 }

@@ -275,8 +275,11 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
         };
-        // Before any program of this load is attached: they read the index.
-        datapath.refill_frontend_index()?;
+        // Before any program of this load is attached: they read the index. The second round
+        // clears the overflow bytes of buckets the first filled.
+        for _ in 0..2 {
+            datapath.refill_frontend_index()?;
+        }
         Ok(datapath)
     }
 

@@ -137,18 +137,19 @@ impl Datapath {
     }
 
     /// Writes one frontend's entry into its family's frontends map, and its copy in the
-    /// family's frontend index (entries of scope ANY, which XDP reads).
+    /// family's frontend index (entries of scope ANY, which XDP reads). Once the map holds the
+    /// entry, a failure of the index's write is a cleanup failure, not the call's: XDP then
+    /// reads the frontend from the map, or the next refill places it.
     fn insert_frontend(&mut self, key: &FrontendKey, value: &ServiceValue) -> Result<()> {
         let operation = || format!("service {} frontend {key:?}", value.service_id);
-        match key {
+        let indexed = key.scope() == scope::ANY;
+        let index_result = match key {
             FrontendKey::V4(key) => {
-                let indexed = key.scope == scope::ANY;
                 let index = &mut self.frontend_index4;
-                let name = map_names::FRONTEND_INDEX4;
                 if indexed {
                     index
                         .before_write(key, value)
-                        .map_err(|e| map_error(name, "write", e))?;
+                        .map_err(|e| map_error(map_names::FRONTEND_INDEX4, "write", e))?;
                 }
                 insert(
                     &mut self.maps.frontends,
@@ -158,21 +159,19 @@ impl Datapath {
                     value,
                     operation,
                 )?;
-                if indexed {
-                    index
+                match indexed {
+                    true => index
                         .after_write(key, value)
-                        .map_err(|e| map_error(name, "write", e))?;
+                        .map_err(|e| map_error(map_names::FRONTEND_INDEX4, "write", e)),
+                    false => Ok(()),
                 }
-                Ok(())
             }
             FrontendKey::V6(key) => {
-                let indexed = key.scope == scope::ANY;
                 let index = &mut self.frontend_index6;
-                let name = map_names::FRONTEND_INDEX6;
                 if indexed {
                     index
                         .before_write(key, value)
-                        .map_err(|e| map_error(name, "write", e))?;
+                        .map_err(|e| map_error(map_names::FRONTEND_INDEX6, "write", e))?;
                 }
                 insert(
                     &mut self.maps.frontends6,
@@ -182,14 +181,18 @@ impl Datapath {
                     value,
                     operation,
                 )?;
-                if indexed {
-                    index
+                match indexed {
+                    true => index
                         .after_write(key, value)
-                        .map_err(|e| map_error(name, "write", e))?;
+                        .map_err(|e| map_error(map_names::FRONTEND_INDEX6, "write", e)),
+                    false => Ok(()),
                 }
-                Ok(())
             }
+        };
+        if let Err(error) = index_result {
+            self.cleanup_failed(error);
         }
+        Ok(())
     }
 
     /// Removes one frontend's entry from its family's frontends map (gone already is fine), and
@@ -198,44 +201,39 @@ impl Datapath {
         match key {
             FrontendKey::V4(key) => {
                 let index = &mut self.frontend_index4;
-                let name = map_names::FRONTEND_INDEX4;
                 index
                     .before_remove(key)
-                    .map_err(|e| map_error(name, "write", e))?;
+                    .map_err(|e| map_error(map_names::FRONTEND_INDEX4, "write", e))?;
                 remove(
                     &mut self.maps.frontends,
                     map_names::FRONTENDS4,
                     key,
                     operation,
                 )?;
-                index
-                    .after_remove(key)
-                    .map_err(|e| map_error(name, "write", e))
+                index.after_remove(key);
             }
             FrontendKey::V6(key) => {
                 let index = &mut self.frontend_index6;
-                let name = map_names::FRONTEND_INDEX6;
                 index
                     .before_remove(key)
-                    .map_err(|e| map_error(name, "write", e))?;
+                    .map_err(|e| map_error(map_names::FRONTEND_INDEX6, "write", e))?;
                 remove(
                     &mut self.maps.frontends6,
                     map_names::FRONTENDS6,
                     key,
                     operation,
                 )?;
-                index
-                    .after_remove(key)
-                    .map_err(|e| map_error(name, "write", e))
+                index.after_remove(key);
             }
         }
+        Ok(())
     }
 
-    /// Whether the frontend indexes have slots to free after a grace period
-    /// ([`Datapath::refill_frontend_index`]); until then, XDP finds the frontends whose entries
-    /// changed in the frontends maps.
+    /// Whether the frontend indexes have work for [`Datapath::refill_frontend_index`]: slots to
+    /// free after a grace period (until then, XDP finds the frontends whose entries changed in
+    /// the frontends maps), or buckets whose `overflow` may go.
     pub fn frontend_index_needs_refill(&self) -> bool {
-        self.frontend_index4.has_retired() || self.frontend_index6.has_retired()
+        self.frontend_index4.needs_refill() || self.frontend_index6.needs_refill()
     }
 
     /// How many frontends the indexes serve, and how many they lack (found by XDP in the
@@ -246,9 +244,12 @@ impl Datapath {
         (placed4 + placed6, missing4 + missing6)
     }
 
-    /// Waits for a grace period, then frees the frontend-index slots retired before it and
-    /// copies every frontend the indexes lack into a free slot of its bucket. The wait is the
-    /// kernel's (synchronize_rcu, a few milliseconds): the agent calls this between syncs.
+    /// Waits for a grace period, then frees the frontend-index slots retired before it, copies
+    /// every frontend the indexes lack into a free slot of its bucket, and clears the
+    /// `overflow` of buckets that lacked nothing before it. The wait is the kernel's
+    /// (synchronize_rcu, a few milliseconds): the agent calls this between syncs, again while
+    /// [`Datapath::frontend_index_needs_refill`] (a frontend put back leaves its bucket's
+    /// `overflow` for the next one).
     pub fn refill_frontend_index(&mut self) -> Result<()> {
         if !self.frontend_index_needs_refill() {
             return Ok(());
@@ -258,13 +259,16 @@ impl Datapath {
             .set(0, inner, 0)
             .map_err(|source| map_error(map_names::GRACE, "wait for a grace period", source))?;
         let frontends = &self.maps.frontends;
-        self.frontend_index4
+        let refilled4 = self
+            .frontend_index4
             .refill(|key| lookup_entry(frontends, key))
-            .map_err(|e| map_error(map_names::FRONTEND_INDEX4, "refill", e))?;
+            .map_err(|e| map_error(map_names::FRONTEND_INDEX4, "refill", e));
         let frontends6 = &self.maps.frontends6;
-        self.frontend_index6
+        let refilled6 = self
+            .frontend_index6
             .refill(|key| lookup_entry(frontends6, key))
-            .map_err(|e| map_error(map_names::FRONTEND_INDEX6, "refill", e))
+            .map_err(|e| map_error(map_names::FRONTEND_INDEX6, "refill", e));
+        refilled4.and(refilled6)
     }
 
     /// Releases a frontend's bit in the frontend filter (IPv4 frontends have one).

@@ -116,7 +116,10 @@ fn main() -> anyhow::Result<()> {
         datapath.refill_frontend_index()?;
         refills.push(started.elapsed());
         let (_, in_map_only) = datapath.frontend_index_counts();
-        anyhow::ensure!(in_map_only == 0, "{in_map_only} frontends left out of the index");
+        anyhow::ensure!(
+            in_map_only == 0,
+            "{in_map_only} frontends left out of the index"
+        );
     }
     refills.sort();
     let refill_median = refills[refills.len() / 2];
