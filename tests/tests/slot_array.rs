@@ -132,11 +132,28 @@ fn frontend_value(datapath: &Datapath, frontend_index: u8) -> ServiceValue {
         .expect("frontend entry")
 }
 
+/// Replaces a frontend's entry where XDP reads it, its slot of the frontend index, and in the
+/// frontends map.
 fn overwrite_frontend(pins: &PinDir, key: Frontend4Key, value: ServiceValue) {
     let map = MapData::from_pin(pins.path().join(map_names::FRONTENDS4)).expect("pin");
     let mut frontends =
         HashMap::<_, Frontend4Key, ServiceValue>::try_from(Map::HashMap(map)).expect("hash");
     frontends.insert(&key, &value, 0).expect("overwrite");
+    let index = MapData::from_pin(pins.path().join(map_names::FRONTEND_INDEX4)).expect("pin");
+    let mut index = aya::maps::Array::<_, lb_common::FrontendSlot4>::try_from(Map::Array(index))
+        .expect("array");
+    let bit =
+        lb_common::frontend_filter::bit(u32::from_be(key.addr), u16::from_be(key.port), key.proto);
+    let first = lb_common::frontend_index::first_slot(bit);
+    let slot = (first..first + lb_common::frontend_index::BUCKET_SLOTS)
+        .find(|slot| {
+            let head = index.get(slot, 0).expect("slot").head;
+            head.live != 0 && head.key == key
+        })
+        .expect("the frontend's slot");
+    let mut contents = index.get(&slot, 0).expect("slot");
+    contents.head.value = value;
+    index.set(slot, &contents, 0).expect("overwrite the slot");
 }
 
 #[test]
