@@ -22,7 +22,7 @@ use lb_common::{
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IPV6_DADDR_OFFSET, IPV6_HDR_LEN, IPV6_NEXT_HEADER_OFFSET, IPV6_SADDR_OFFSET, IpHeader,
-    Ipv4Info, Ipv6Info, Ipv6Packet, TCP_ACK, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
+    Ipv4Info, Ipv6Info, Ipv6Packet, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
     TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
     bytes_at_mut, frame_len, ipv6_fixed_header, packet_words, parse_ipv4, parse_ipv6, words,
 };
@@ -411,13 +411,7 @@ fn serve<I: Ip>(
     if let Some(action) = answer {
         return Ok(action);
     }
-    // A connection's first packet (a SYN, or SCTP's INIT, without ACK) goes straight to the
-    // frontend index, which says as well as the filter whether the destination is a
-    // frontend's; any other packet is screened by the filter (one word of 128 KiB, where the
-    // node's own traffic stays cached) before its conntrack lookup.
-    let opens =
-        proto::has_handshake(tuple.proto) && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if !opens && !maybe_frontend(tuple) {
+    if !maybe_frontend(tuple) {
         return Ok(xdp_action::XDP_PASS);
     }
     if proto::has_handshake(tuple.proto) && tuple.tcp_flags & TCP_SYN == 0 {

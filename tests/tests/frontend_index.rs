@@ -150,27 +150,26 @@ fn xdp_takes_a_frontend_from_its_bucket_and_the_map_only_behind_the_overflow_byt
     assert_eq!(live[0].0, key_of(served));
     assert_eq!(overflow, 0);
 
-    // A slot for a frontend the frontends map does not have (written here, as no agent would):
-    // XDP serves it from the slot alone, and not once the slot is no longer live.
+    // A frontend whose entry leaves the frontends map behind the agent's back (as no agent
+    // would): XDP serves it from its slot alone, and not once the slot is no longer live.
+    put_service(&mut datapath, 2, unlisted, vec![1]);
+    let map = MapData::from_pin(pins.path().join(map_names::FRONTENDS4)).expect("pin");
+    let mut frontends = aya::maps::HashMap::<_, FrontendKey<u32>, ServiceValue>::try_from(
+        aya::maps::Map::HashMap(map),
+    )
+    .expect("hash");
+    frontends
+        .remove(&key_of(unlisted))
+        .expect("remove from the map");
+    assert_eq!(destination(&datapath, unlisted, 40002), backend_addr(1));
     let mut slots = index(pins.path());
     let first = bucket_of(unlisted);
-    let free = (first..first + frontend_index::BUCKET_SLOTS)
-        .find(|slot| slots.get(slot, 0).expect("slot").head.live == 0)
-        .expect("a free slot");
-    let mut slot = slots.get(&free, 0).expect("slot");
-    slot.head.key = key_of(unlisted);
-    slot.head.value = live[0].1;
-    slots.set(free, &slot, 0).expect("write");
-    assert_eq!(
-        destination(&datapath, unlisted, 40001),
-        None,
-        "not live yet"
-    );
-    slot.head.live = 1;
-    slots.set(free, &slot, 0).expect("write");
-    assert_eq!(destination(&datapath, unlisted, 40002), backend_addr(1));
+    let unlisted_slot = (first..first + frontend_index::BUCKET_SLOTS)
+        .find(|slot| slots.get(slot, 0).expect("slot").head.key == key_of(unlisted))
+        .expect("its slot");
+    let mut slot = slots.get(&unlisted_slot, 0).expect("slot");
     slot.head.live = 0;
-    slots.set(free, &slot, 0).expect("write");
+    slots.set(unlisted_slot, &slot, 0).expect("write");
     assert_eq!(destination(&datapath, unlisted, 40003), None);
 
     // The frontends map's entry is read only behind the bucket's overflow byte.

@@ -142,54 +142,25 @@ impl Datapath {
     /// reads the frontend from the map, or the next refill places it.
     fn insert_frontend(&mut self, key: &FrontendKey, value: &ServiceValue) -> Result<()> {
         let operation = || format!("service {} frontend {key:?}", value.service_id);
-        let indexed = key.scope() == scope::ANY;
-        let index_result = match key {
-            FrontendKey::V4(key) => {
-                let index = &mut self.frontend_index4;
-                if indexed {
-                    index
-                        .before_write(key, value)
-                        .map_err(|e| map_error(map_names::FRONTEND_INDEX4, "write", e))?;
-                }
-                insert(
-                    &mut self.maps.frontends,
-                    map_names::FRONTENDS4,
-                    self.frontends4_capacity,
-                    key,
-                    value,
-                    operation,
-                )?;
-                match indexed {
-                    true => index
-                        .after_write(key, value)
-                        .map_err(|e| map_error(map_names::FRONTEND_INDEX4, "write", e)),
-                    false => Ok(()),
-                }
-            }
-            FrontendKey::V6(key) => {
-                let index = &mut self.frontend_index6;
-                if indexed {
-                    index
-                        .before_write(key, value)
-                        .map_err(|e| map_error(map_names::FRONTEND_INDEX6, "write", e))?;
-                }
-                insert(
-                    &mut self.maps.frontends6,
-                    map_names::FRONTENDS6,
-                    limits::MAX_FRONTENDS,
-                    key,
-                    value,
-                    operation,
-                )?;
-                match indexed {
-                    true => index
-                        .after_write(key, value)
-                        .map_err(|e| map_error(map_names::FRONTEND_INDEX6, "write", e)),
-                    false => Ok(()),
-                }
-            }
+        let indexed = match key {
+            FrontendKey::V4(key) => write_frontend(
+                (&mut self.maps.frontends, map_names::FRONTENDS4),
+                self.frontends4_capacity,
+                (&mut self.frontend_index4, map_names::FRONTEND_INDEX4),
+                key,
+                value,
+                operation,
+            )?,
+            FrontendKey::V6(key) => write_frontend(
+                (&mut self.maps.frontends6, map_names::FRONTENDS6),
+                limits::MAX_FRONTENDS,
+                (&mut self.frontend_index6, map_names::FRONTEND_INDEX6),
+                key,
+                value,
+                operation,
+            )?,
         };
-        if let Err(error) = index_result {
+        if let Err(error) = indexed {
             self.cleanup_failed(error);
         }
         Ok(())
@@ -199,34 +170,19 @@ impl Datapath {
     /// from the family's frontend index.
     fn remove_frontend(&mut self, key: &FrontendKey, operation: impl Fn() -> String) -> Result<()> {
         match key {
-            FrontendKey::V4(key) => {
-                let index = &mut self.frontend_index4;
-                index
-                    .before_remove(key)
-                    .map_err(|e| map_error(map_names::FRONTEND_INDEX4, "write", e))?;
-                remove(
-                    &mut self.maps.frontends,
-                    map_names::FRONTENDS4,
-                    key,
-                    operation,
-                )?;
-                index.after_remove(key);
-            }
-            FrontendKey::V6(key) => {
-                let index = &mut self.frontend_index6;
-                index
-                    .before_remove(key)
-                    .map_err(|e| map_error(map_names::FRONTEND_INDEX6, "write", e))?;
-                remove(
-                    &mut self.maps.frontends6,
-                    map_names::FRONTENDS6,
-                    key,
-                    operation,
-                )?;
-                index.after_remove(key);
-            }
+            FrontendKey::V4(key) => remove_frontend_entry(
+                (&mut self.maps.frontends, map_names::FRONTENDS4),
+                (&mut self.frontend_index4, map_names::FRONTEND_INDEX4),
+                key,
+                operation,
+            ),
+            FrontendKey::V6(key) => remove_frontend_entry(
+                (&mut self.maps.frontends6, map_names::FRONTENDS6),
+                (&mut self.frontend_index6, map_names::FRONTEND_INDEX6),
+                key,
+                operation,
+            ),
         }
-        Ok(())
     }
 
     /// Whether the frontend indexes have work for [`Datapath::refill_frontend_index`]: slots to
@@ -1202,6 +1158,65 @@ fn source_range_key(service_id: u32, (addr, prefix_len): &(IpAddr, u8)) -> Sourc
             },
         )),
     }
+}
+
+/// A family's frontends map with its name.
+type FrontendsMap<'m, A> = (
+    &'m mut HashMap<MapData, lb_common::FrontendKey<A>, ServiceValue>,
+    &'static str,
+);
+/// A family's frontend index with its map's name.
+type IndexOf<'i, S> = (
+    &'i mut super::frontend_index::FrontendIndex<S, Array<MapData, S>>,
+    &'static str,
+);
+
+/// [`Datapath::insert_frontend`] in one family: the outer error is the map's (the update
+/// failed, and nothing changed), the inner one the index's after the map took the entry.
+fn write_frontend<S>(
+    (map, map_name): FrontendsMap<'_, S::Addr>,
+    capacity: u32,
+    (index, index_name): IndexOf<'_, S>,
+    key: &lb_common::FrontendKey<S::Addr>,
+    value: &ServiceValue,
+    operation: impl Fn() -> String,
+) -> Result<Result<()>>
+where
+    S: super::frontend_index::IndexSlot + aya::Pod,
+    lb_common::FrontendKey<S::Addr>: aya::Pod,
+{
+    let indexed = key.scope == scope::ANY;
+    if indexed {
+        index
+            .before_write(key, value)
+            .map_err(|e| map_error(index_name, "write", e))?;
+    }
+    insert(map, map_name, capacity, key, value, operation)?;
+    if !indexed {
+        return Ok(Ok(()));
+    }
+    Ok(index
+        .after_write(key, value)
+        .map_err(|e| map_error(index_name, "write", e)))
+}
+
+/// [`Datapath::remove_frontend`] in one family.
+fn remove_frontend_entry<S>(
+    (map, map_name): FrontendsMap<'_, S::Addr>,
+    (index, index_name): IndexOf<'_, S>,
+    key: &lb_common::FrontendKey<S::Addr>,
+    operation: impl Fn() -> String,
+) -> Result<()>
+where
+    S: super::frontend_index::IndexSlot + aya::Pod,
+    lb_common::FrontendKey<S::Addr>: aya::Pod,
+{
+    index
+        .before_remove(key)
+        .map_err(|e| map_error(index_name, "write", e))?;
+    remove(map, map_name, key, operation)?;
+    index.after_remove(key);
+    Ok(())
 }
 
 /// E2BIG from BPF_MAP_UPDATE_ELEM: the map holds max_entries already.
