@@ -140,8 +140,8 @@ fn overwrite_frontend(pins: &PinDir, key: Frontend4Key, value: ServiceValue) {
         HashMap::<_, Frontend4Key, ServiceValue>::try_from(Map::HashMap(map)).expect("hash");
     frontends.insert(&key, &value, 0).expect("overwrite");
     let index = MapData::from_pin(pins.path().join(map_names::FRONTEND_INDEX4)).expect("pin");
-    let mut index = aya::maps::Array::<_, lb_common::FrontendSlot4>::try_from(Map::Array(index))
-        .expect("array");
+    let mut index =
+        Array::<_, lb_common::FrontendSlot4>::try_from(Map::Array(index)).expect("array");
     let bit =
         lb_common::frontend_filter::bit(u32::from_be(key.addr), u16::from_be(key.port), key.proto);
     let first = lb_common::frontend_index::first_slot(bit);
