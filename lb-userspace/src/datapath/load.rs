@@ -198,6 +198,8 @@ impl Datapath {
             open_map(pin_dir, map_names::FRONTEND_FILTER, Access::ReadWrite)?,
             owners.keys().filter_map(FilterKey::of_frontend),
         )?;
+        // Read again rather than taken from read_installed's walk: migrate_legacy_slots above
+        // rewrote the entries of an earlier release's tables.
         let frontend_index4 = super::frontend_index::open(
             pin_dir,
             map_names::FRONTEND_INDEX4,
