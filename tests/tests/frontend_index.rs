@@ -123,6 +123,25 @@ fn backend_addr(id: u32) -> Option<SocketAddrV4> {
     Some(SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, id as u8), 8080))
 }
 
+/// The slot of `addr`'s bucket whose key is `addr`'s (live or not).
+fn slot_of(slots: &Array<MapData, FrontendSlot4>, addr: Ipv4Addr) -> u32 {
+    let first = bucket_of(addr);
+    (first..first + frontend_index::BUCKET_SLOTS)
+        .find(|slot| slots.get(slot, 0).expect("slot").head.key == key_of(addr))
+        .unwrap_or_else(|| panic!("no slot of {addr}"))
+}
+
+/// Changes one slot's head behind the agent's back (as no agent would).
+fn edit_slot(
+    slots: &mut Array<MapData, FrontendSlot4>,
+    slot: u32,
+    edit: impl FnOnce(&mut lb_common::FrontendSlotHead<u32>),
+) {
+    let mut contents = slots.get(&slot, 0).expect("slot");
+    edit(&mut contents.head);
+    slots.set(slot, &contents, 0).expect("write");
+}
+
 /// The live slots of `addr`'s bucket (their keys' entries) and the bucket's overflow byte.
 fn bucket(pins: &Path, addr: Ipv4Addr) -> (Vec<(FrontendKey<u32>, ServiceValue)>, u8) {
     let index = index(pins);
@@ -163,26 +182,15 @@ fn xdp_takes_a_frontend_from_its_bucket_and_the_map_only_behind_the_overflow_byt
         .expect("remove from the map");
     assert_eq!(destination(&datapath, unlisted, 40002), backend_addr(1));
     let mut slots = index(pins.path());
-    let first = bucket_of(unlisted);
-    let unlisted_slot = (first..first + frontend_index::BUCKET_SLOTS)
-        .find(|slot| slots.get(slot, 0).expect("slot").head.key == key_of(unlisted))
-        .expect("its slot");
-    let mut slot = slots.get(&unlisted_slot, 0).expect("slot");
-    slot.head.live = 0;
-    slots.set(unlisted_slot, &slot, 0).expect("write");
+    let slot = slot_of(&slots, unlisted);
+    edit_slot(&mut slots, slot, |head| head.live = 0);
     assert_eq!(destination(&datapath, unlisted, 40003), None);
 
     // The frontends map's entry is read only behind the bucket's overflow byte.
-    let served_slot = (first..first + frontend_index::BUCKET_SLOTS)
-        .find(|slot| slots.get(slot, 0).expect("slot").head.key == key_of(served))
-        .expect("served's slot");
-    let mut slot = slots.get(&served_slot, 0).expect("slot");
-    slot.head.live = 0;
-    slots.set(served_slot, &slot, 0).expect("write");
+    let slot = slot_of(&slots, served);
+    edit_slot(&mut slots, slot, |head| head.live = 0);
     assert_eq!(destination(&datapath, served, 40004), None);
-    let mut head_slot = slots.get(&first, 0).expect("slot");
-    head_slot.head.overflow = 1;
-    slots.set(first, &head_slot, 0).expect("write");
+    edit_slot(&mut slots, bucket_of(served), |head| head.overflow = 1);
     assert_eq!(destination(&datapath, served, 40005), backend_addr(1));
 }
 
@@ -283,13 +291,8 @@ fn a_restarted_agent_keeps_what_is_current_and_retires_what_is_not() {
     }
     // While no agent runs: b's slot is taken over by a frontend no map has.
     let mut slots = index(pins.path());
-    let first = bucket_of(b);
-    let b_slot = (first..first + frontend_index::BUCKET_SLOTS)
-        .find(|slot| slots.get(slot, 0).expect("slot").head.key == key_of(b))
-        .expect("b's slot");
-    let mut slot = slots.get(&b_slot, 0).expect("slot");
-    slot.head.key = key_of(stray);
-    slots.set(b_slot, &slot, 0).expect("write");
+    let slot = slot_of(&slots, b);
+    edit_slot(&mut slots, slot, |head| head.key = key_of(stray));
     assert_eq!(
         bucket(pins.path(), a).0.len(),
         2,
