@@ -18,6 +18,7 @@ pub mod agent;
 pub mod bare_xdp;
 pub mod fake_apiserver;
 pub mod http;
+pub mod jit_lines;
 pub mod kube_agent;
 pub mod lab;
 pub mod maglev_reference;

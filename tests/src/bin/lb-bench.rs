@@ -165,6 +165,10 @@ struct Args {
     /// (`perf record -g -- lb-bench --profile xdp_established`). Writes no report.
     #[arg(long, value_parser = Path::parse)]
     profile: Option<Path>,
+    /// With --profile: also write where each source line of every loaded program begins in its
+    /// JIT image (tab-separated; `cargo xtask profile` joins it with perf's samples).
+    #[arg(long, requires = "profile")]
+    jit_lines: Option<PathBuf>,
     /// With an `lb monitor` attached: every kind of event reported, and a thread reading the
     /// ring buffer as the monitor does (what watching costs the paths that report).
     #[arg(long)]
@@ -577,6 +581,10 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     if let Some(path) = args.profile {
+        if let Some(file) = &args.jit_lines {
+            let rows = lab::jit_lines::write_jit_lines(file)?;
+            println!("{rows} JIT line records in {}", file.display());
+        }
         for bench in &mut benches {
             let started = Instant::now();
             bench.run(path, args.iterations, false)?;
