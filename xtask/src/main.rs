@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the developer commands. Each one installs what it needs first, so the
 //! README's two commands work on a fresh machine.
 
+mod profile;
 mod report;
 mod setup;
 
@@ -40,6 +41,30 @@ enum Task {
     },
     /// Plots and summary (target/bench/*.svg, summary.md) again from the JSON a bench left.
     BenchReport,
+    /// Where one per-packet path spends its time (needs root and perf): lb-bench runs the path
+    /// under `perf record`, and the samples taken inside BPF_PROG_TEST_RUN are printed as ns per
+    /// run by kernel function and by source line of the BPF programs (through the JIT line table
+    /// lb-bench writes). Leaves target/profile/perf.data for `perf report`.
+    Profile {
+        /// The path, by its lb-bench key: xdp_new_flow, xdp_new_flow_spread, xdp_established,
+        /// xdp6_established, tc_reply, ...
+        path: String,
+        /// Number of services (frontends) the path runs at.
+        #[arg(long, default_value_t = 1)]
+        services: u32,
+        /// Runs of the path per lb-bench run (new-flow paths: at most what conntrack holds).
+        #[arg(long, default_value_t = 24_000)]
+        iterations: u32,
+        /// lb-bench runs under perf, one after the other.
+        #[arg(long, default_value_t = 4)]
+        runs: u32,
+        /// Sampling frequency (Hz).
+        #[arg(long, default_value_t = 20_000)]
+        frequency: u32,
+        /// Rows printed per table.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+    },
     /// The reliability suite (needs root): every fault of docs/reliability.md under steady load
     /// in the lab at full durations (under 15 minutes); prints the table, writes
     /// target/soak/soak.json and the table of docs/reliability.md. Not part of `test`, whose
@@ -79,6 +104,24 @@ fn run_task(task: Task) -> anyhow::Result<()> {
         Task::Demo => demo(&root),
         Task::Bench { args } => bench(&root, &args),
         Task::BenchReport => bench_report(&root, None),
+        Task::Profile {
+            path,
+            services,
+            iterations,
+            runs,
+            frequency,
+            top,
+        } => profile::profile(
+            &root,
+            &profile::Request {
+                path: &path,
+                services,
+                iterations,
+                runs,
+                frequency,
+                top,
+            },
+        ),
         Task::Test { args } => test(&root, &args),
         Task::Soak { args } => soak(&root, &args),
     }
@@ -92,7 +135,7 @@ fn workspace_root() -> PathBuf {
 }
 
 /// The target directory cargo uses for this workspace (honours CARGO_TARGET_DIR).
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
@@ -383,7 +426,7 @@ fn count_before(result: &str, label: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn ensure_root(why: &str) -> anyhow::Result<()> {
+pub(crate) fn ensure_root(why: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { geteuid() } != 0 {
         bail!("run as root: {why}");
