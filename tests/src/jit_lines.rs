@@ -169,7 +169,7 @@ fn program_lines(id: u32) -> anyhow::Result<Vec<JitLine>> {
     set_pointer(&mut info, JITED_LINE_INFO, &mut jited);
     object_info(&fd, &mut info)?;
     if ksym_addrs[0] == 0 {
-        bail!("the kernel hid the JIT addresses (kptr_restrict; run as root)");
+        bail!("the kernel hid the JIT addresses: run as root, with kernel.kptr_restrict below 2");
     }
     let strings = btf_strings(btf_id)?;
     let name_bytes = &info[NAME..NAME + 16];

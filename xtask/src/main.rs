@@ -42,9 +42,10 @@ enum Task {
     /// Plots and summary (target/bench/*.svg, summary.md) again from the JSON a bench left.
     BenchReport,
     /// Where one per-packet path spends its time (needs root and perf): lb-bench runs the path
-    /// under `perf record`, and the samples taken inside BPF_PROG_TEST_RUN are printed as ns per
-    /// run by kernel function and by source line of the BPF programs (through the JIT line table
-    /// lb-bench writes). Leaves target/profile/perf.data for `perf report`.
+    /// under `perf record`, and the samples taken in the kernel's timed loop of
+    /// BPF_PROG_TEST_RUN (`bpf_test_run`) are printed as ns per run by kernel function and by
+    /// source line of the BPF programs (through the JIT line table lb-bench writes). Leaves
+    /// target/profile/perf.data for `perf report`.
     Profile {
         /// The path, by its lb-bench key: xdp_new_flow, xdp_new_flow_spread, xdp_established,
         /// xdp6_established, tc_reply, ...
@@ -53,13 +54,13 @@ enum Task {
         #[arg(long, default_value_t = 1)]
         services: u32,
         /// Runs of the path per lb-bench run (new-flow paths: at most what conntrack holds).
-        #[arg(long, default_value_t = 24_000)]
+        #[arg(long, default_value_t = 24_000, value_parser = clap::value_parser!(u32).range(1..))]
         iterations: u32,
         /// lb-bench runs under perf, one after the other.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         runs: u32,
         /// Sampling frequency (Hz).
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
         frequency: u32,
         /// Rows printed per table.
         #[arg(long, default_value_t = 20)]

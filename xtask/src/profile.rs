@@ -7,8 +7,9 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
     fs,
+    io::{BufRead, BufReader},
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -47,45 +48,48 @@ pub fn profile(root: &Path, request: &Request<'_>) -> anyhow::Result<()> {
     let data = dir.join("perf.data");
     let lines = dir.join("jit-lines.tsv");
     let bench = target.join("release").join("lb-bench");
-    let one_run = format!(
-        "{} --services {} --profile {} --iterations {} --warmup 0 --jit-lines {} >/dev/null",
-        bench.display(),
-        request.services,
-        request.path,
-        request.iterations,
-        lines.display()
-    );
+    // cpu-clock: each sample's period is the ns it stands for, whatever rate perf ends up
+    // sampling at (the kernel throttles a rate that costs too much).
     crate::run(
         Command::new("perf")
-            .args(["record", "-q", "-g", "-F"])
+            .args(["record", "-q", "-g", "-e", "cpu-clock", "-F"])
             .arg(request.frequency.to_string())
             .arg("-o")
             .arg(&data)
-            .args(["--", "sh", "-c"])
-            .arg(format!(
-                "set -e; for run in $(seq {}); do {one_run}; done",
-                request.runs
-            )),
+            .args([
+                "--",
+                "sh",
+                "-c",
+                r#"for run in $(seq "$0"); do "$@" >/dev/null; done"#,
+            ])
+            .arg(request.runs.to_string())
+            .arg(&bench)
+            .args(["--services", &request.services.to_string()])
+            .args(["--profile", request.path])
+            .args(["--iterations", &request.iterations.to_string()])
+            .args(["--warmup", "0", "--jit-lines"])
+            .arg(&lines),
     )?;
-    let script = crate::output(
-        Command::new("perf")
-            .args(["script", "-F", "ip,sym,symoff", "-i"])
-            .arg(&data),
-    )?;
+    let mut script = Command::new("perf")
+        .args(["script", "-F", "period,ip,sym,symoff", "-i"])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start perf script")?;
+    let stdout = script.stdout.take().context("perf script's output")?;
+    let leaves = test_run_leaves(BufReader::new(stdout)).context("read perf script's output")?;
+    let status = script.wait().context("perf script")?;
+    if !status.success() {
+        bail!("perf script failed: {status}");
+    }
+    if leaves.is_empty() {
+        bail!("no sample inside bpf_test_run (the kernel's timed loop of BPF_PROG_TEST_RUN)");
+    }
     let table = LineTable::parse(
         &fs::read_to_string(&lines).with_context(|| format!("read {}", lines.display()))?,
     );
     let runs = u64::from(request.runs) * u64::from(request.iterations);
-    let ns_per_sample = 1e9 / f64::from(request.frequency) / runs as f64;
-    print!(
-        "{}",
-        report(
-            &test_run_leaves(&script),
-            &table,
-            ns_per_sample,
-            request.top
-        )
-    );
+    print!("{}", report(&leaves, &table, runs, request.top));
     println!(
         "perf data: {}, JIT line table: {}",
         data.display(),
@@ -94,49 +98,84 @@ pub fn profile(root: &Path, request: &Request<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The innermost frame of a sample taken inside BPF_PROG_TEST_RUN.
+/// The innermost frame of a sample taken inside `bpf_test_run`, and the ns it stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leaf {
     pub symbol: String,
     pub offset: u64,
+    pub period_ns: u64,
 }
 
-/// The leaf frames of the samples of `perf script -F ip,sym,symoff` (with call chains: one
-/// frame per line, samples separated by blank lines) whose chain passes through
-/// `bpf_test_run`: the runs lb-bench makes, not its set-up.
-pub fn test_run_leaves(script: &str) -> Vec<Leaf> {
-    script
-        .split("\n\n")
-        .filter(|sample| sample.contains("bpf_test_run"))
-        .filter_map(|sample| sample.lines().find(|line| !line.trim().is_empty()))
-        .map(|leaf| {
-            // "ffffffffc0123456 bpf_prog_<tag>_lb_xdp+0x56ef"
-            let frame = leaf.split_whitespace().nth(1).unwrap_or("[unknown]");
-            match frame.rsplit_once("+0x") {
-                Some((symbol, offset)) => Leaf {
-                    symbol: symbol.to_owned(),
-                    offset: u64::from_str_radix(offset, 16).unwrap_or(0),
-                },
-                None => Leaf {
-                    symbol: frame.to_owned(),
-                    offset: 0,
-                },
-            }
-        })
-        .collect()
+/// The leaf frames of the samples of `perf script -F period,ip,sym,symoff` (with call chains:
+/// the period on a line of its own, then one frame per line, samples separated by blank lines)
+/// whose chain passes through `bpf_test_run`, the kernel's timed loop of BPF_PROG_TEST_RUN:
+/// what lb-bench's runs measure, not its set-up (which makes a few test runs of its own too).
+pub fn test_run_leaves(script: impl BufRead) -> std::io::Result<Vec<Leaf>> {
+    let mut leaves = Vec::new();
+    let mut sample: Vec<String> = Vec::new();
+    for line in script.lines().chain(std::iter::once(Ok(String::new()))) {
+        let line = line?;
+        if !line.trim().is_empty() {
+            sample.push(line);
+            continue;
+        }
+        if let Some(leaf) = test_run_leaf(&sample) {
+            leaves.push(leaf);
+        }
+        sample.clear();
+    }
+    Ok(leaves)
 }
 
-/// `lb-bench --jit-lines` rows by program symbol, in offset order.
+fn test_run_leaf(sample: &[String]) -> Option<Leaf> {
+    let (period, frames) = sample.split_first()?;
+    let period_ns = period.trim().parse().ok()?;
+    let in_test_run = |frame: &String| {
+        frame
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|symbol| symbol.split(['+', '.']).next() == Some("bpf_test_run"))
+    };
+    if !frames.iter().any(in_test_run) {
+        return None;
+    }
+    // "\tffffffffc0123456 bpf_prog_<tag>_lb_xdp+0x56ef"
+    let frame = frames
+        .first()?
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("[unknown]");
+    let (symbol, offset) = match frame.rsplit_once("+0x") {
+        Some((symbol, offset)) => (symbol, u64::from_str_radix(offset, 16).unwrap_or(0)),
+        None => (frame, 0),
+    };
+    Some(Leaf {
+        symbol: symbol.to_owned(),
+        offset,
+        period_ns,
+    })
+}
+
+/// `lb-bench --jit-lines` rows by program tag, in offset order. By tag, not by whole symbol:
+/// the table's names are the kernel's 15-character program names, perf's those of the BTF
+/// (`lb_xdp6_fronten` against `lb_xdp6_frontend`). Checked on kernel 6.18, where perf's symbol
+/// of a program's main function carries the program's tag.
 #[derive(Debug, Default)]
 pub struct LineTable {
-    by_symbol: HashMap<String, Vec<(u64, String)>>,
+    by_tag: HashMap<String, Vec<(u64, String)>>,
+}
+
+/// The tag in a BPF program's symbol (`bpf_prog_<16 hex digits>_<name>`).
+fn tag_of(symbol: &str) -> Option<&str> {
+    let tag = symbol.strip_prefix("bpf_prog_")?.get(..16)?;
+    tag.bytes().all(|b| b.is_ascii_hexdigit()).then_some(tag)
 }
 
 impl LineTable {
     /// Parses `symbol \t offset (hex) \t file:line \t source text` rows; malformed rows are
     /// skipped.
     pub fn parse(text: &str) -> Self {
-        let mut by_symbol: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+        let mut by_tag: HashMap<String, Vec<(u64, String)>> = HashMap::new();
         for row in text.lines() {
             let mut fields = row.splitn(4, '\t');
             let (Some(symbol), Some(offset), Some(place)) =
@@ -144,26 +183,28 @@ impl LineTable {
             else {
                 continue;
             };
-            let Ok(offset) = u64::from_str_radix(offset, 16) else {
+            let (Some(tag), Ok(offset)) = (tag_of(symbol), u64::from_str_radix(offset, 16)) else {
                 continue;
             };
             let text = fields.next().unwrap_or_default();
             let place = format!("{}  {}", short_path(place), text.trim());
-            by_symbol
-                .entry(symbol.to_owned())
+            by_tag
+                .entry(tag.to_owned())
                 .or_default()
                 .push((offset, place));
         }
-        for rows in by_symbol.values_mut() {
+        for rows in by_tag.values_mut() {
             rows.sort_by_key(|(offset, _)| *offset);
+            // The IPv4 and IPv6 datapaths load the same programs: their rows come twice.
+            rows.dedup_by_key(|(offset, _)| *offset);
         }
-        Self { by_symbol }
+        Self { by_tag }
     }
 
     /// The source line whose code holds `offset` of `symbol`, with the offset its code starts
     /// at: the last row at or before `offset`.
     pub fn locate(&self, symbol: &str, offset: u64) -> Option<(u64, &str)> {
-        let rows = self.by_symbol.get(symbol)?;
+        let rows = self.by_tag.get(tag_of(symbol)?)?;
         let at = rows.partition_point(|(start, _)| *start <= offset);
         at.checked_sub(1)
             .map(|row| (rows[row].0, rows[row].1.as_str()))
@@ -181,39 +222,47 @@ fn short_path(place: &str) -> &str {
     &place[crate_start..]
 }
 
-/// ns per run by leaf function, then by source line of the BPF programs.
-pub fn report(leaves: &[Leaf], table: &LineTable, ns_per_sample: f64, top: usize) -> String {
-    let mut by_function: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut by_line: BTreeMap<String, u64> = BTreeMap::new();
+/// ns per run (of `runs` in all) by leaf function, then by source line of the BPF programs.
+pub fn report(leaves: &[Leaf], table: &LineTable, runs: u64, top: usize) -> String {
+    let mut by_function: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    let mut by_line: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let add = |into: &mut (u64, u64), leaf: &Leaf| {
+        into.0 += leaf.period_ns;
+        into.1 += 1;
+    };
     for leaf in leaves {
-        *by_function.entry(leaf.symbol.as_str()).or_default() += 1;
+        add(by_function.entry(leaf.symbol.as_str()).or_default(), leaf);
         if let Some((start, place)) = table.locate(&leaf.symbol, leaf.offset) {
             let program = leaf.symbol.splitn(4, '_').nth(3).unwrap_or(&leaf.symbol);
-            *by_line
-                .entry(format!("{program}+{start:#x}: {place}"))
-                .or_default() += 1;
+            add(
+                by_line
+                    .entry(format!("{program}+{start:#x}: {place}"))
+                    .or_default(),
+                leaf,
+            );
         }
     }
     let mut out = String::new();
+    let per_run = |ns: u64| ns as f64 / runs.max(1) as f64;
     let _ = writeln!(
         out,
-        "{:.1} ns per run in all ({} samples inside BPF_PROG_TEST_RUN)",
-        leaves.len() as f64 * ns_per_sample,
+        "{:.1} ns per run in all, over {runs} runs ({} samples inside bpf_test_run)",
+        per_run(leaves.iter().map(|leaf| leaf.period_ns).sum()),
         leaves.len()
     );
-    let mut section = |title: &str, counts: Vec<(String, u64)>| {
-        let _ = writeln!(out, "\n{title}");
+    let mut section = |title: &str, counts: Vec<(String, (u64, u64))>| {
+        let _ = writeln!(out, "\n{title}\n   ns/run  samples");
         let mut counts = counts;
         counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        for (name, samples) in counts.into_iter().take(top) {
-            let _ = writeln!(out, "{:9.1}  {name}", samples as f64 * ns_per_sample);
+        for (name, (ns, samples)) in counts.into_iter().take(top) {
+            let _ = writeln!(out, "{:9.1}  {samples:7}  {name}", per_run(ns));
         }
     };
     section(
         "ns per run by function (kernel functions and whole BPF programs):",
         by_function
             .into_iter()
-            .map(|(name, samples)| (name.to_owned(), samples))
+            .map(|(name, counts)| (name.to_owned(), counts))
             .collect(),
     );
     section(
@@ -229,18 +278,25 @@ pub fn report(leaves: &[Leaf], table: &LineTable, ns_per_sample: f64, top: usize
 mod tests {
     use super::*;
 
-    const SCRIPT: &str = "\
+    const SCRIPT: &str = "
+     50000 
 \tffffffffc0001010 bpf_prog_0123456789abcdef_lb_xdp+0x10
 \tffffffff81000000 bpf_test_run+0x99
 \tffffffff81000100 bpf_prog_test_run_xdp+0x10
 
+     50000 
 \tffffffff81200000 lookup_nulls_elem_raw+0x2a
 \tffffffff81000000 bpf_test_run+0x99
 
+     50000 
 \tffffffff81300000 do_syscall_64+0x5
 \tffffffff81300100 entry_SYSCALL_64+0x1
 
-\tffffffffc0001030 bpf_prog_0123456789abcdef_lb_xdp+0x30
+     50000 
+\tffffffff81300000 bpf_prog_test_run_xdp+0x5
+
+     50000 
+\tffffffffc0001030 bpf_prog_0123456789abcdef_lb_xdp_with_a_long_name+0x30
 \tffffffff81000000 bpf_test_run+0x99
 ";
 
@@ -253,22 +309,18 @@ not a row
 
     #[test]
     fn only_the_samples_inside_test_runs_count_and_their_leaf_is_taken() {
-        let leaves = test_run_leaves(SCRIPT);
+        let leaves = test_run_leaves(SCRIPT.as_bytes()).unwrap();
+        let leaf = |symbol: &str, offset| Leaf {
+            symbol: symbol.into(),
+            offset,
+            period_ns: 50_000,
+        };
         assert_eq!(
             leaves,
             vec![
-                Leaf {
-                    symbol: "bpf_prog_0123456789abcdef_lb_xdp".into(),
-                    offset: 0x10
-                },
-                Leaf {
-                    symbol: "lookup_nulls_elem_raw".into(),
-                    offset: 0x2a
-                },
-                Leaf {
-                    symbol: "bpf_prog_0123456789abcdef_lb_xdp".into(),
-                    offset: 0x30
-                },
+                leaf("bpf_prog_0123456789abcdef_lb_xdp", 0x10),
+                leaf("lookup_nulls_elem_raw", 0x2a),
+                leaf("bpf_prog_0123456789abcdef_lb_xdp_with_a_long_name", 0x30),
             ]
         );
     }
@@ -292,33 +344,29 @@ not a row
                 "aya-ebpf-bindings-0.3.0/src/x86_64/helpers.rs:10  fun(map, key)"
             ))
         );
-        assert_eq!(table.locate("bpf_prog_ffff_other", 0x10), None);
+        // perf's name of the same program may be longer than the kernel's 15 characters.
+        assert_eq!(
+            table.locate("bpf_prog_0123456789abcdef_lb_xdp_with_a_long_name", 0x10),
+            table.locate(symbol, 0x10)
+        );
+        assert_eq!(table.locate("bpf_prog_ffffffffffffffff_lb_xdp", 0x10), None);
+        assert_eq!(table.locate("lookup_nulls_elem_raw", 0x10), None);
     }
 
     #[test]
     fn the_report_gives_ns_per_run_by_function_and_by_line() {
-        let report = report(&test_run_leaves(SCRIPT), &LineTable::parse(LINES), 50.0, 10);
+        let leaves = test_run_leaves(SCRIPT.as_bytes()).unwrap();
+        let report = report(&leaves, &LineTable::parse(LINES), 1000, 10);
+        let has = |row: &str| assert!(report.contains(row), "no {row:?} in\n{report}");
         assert!(
-            report.starts_with("150.0 ns per run in all (3 samples"),
+            report.starts_with("150.0 ns per run in all, over 1000 runs (3 samples"),
             "{report}"
         );
-        assert!(
-            report.contains("    100.0  bpf_prog_0123456789abcdef_lb_xdp\n"),
-            "{report}"
-        );
-        assert!(
-            report.contains("     50.0  lookup_nulls_elem_raw\n"),
-            "{report}"
-        );
-        assert!(
-            report.contains("     50.0  lb_xdp+0xc: lb-ebpf/src/flow.rs:178  if live == 0 {\n"),
-            "{report}"
-        );
-        assert!(
-            report.contains(
-                "     50.0  lb_xdp+0x2c: aya-ebpf-bindings-0.3.0/src/x86_64/helpers.rs:10"
-            ),
-            "{report}"
+        has("     50.0        1  bpf_prog_0123456789abcdef_lb_xdp\n");
+        has("     50.0        1  lookup_nulls_elem_raw\n");
+        has("     50.0        1  lb_xdp+0xc: lb-ebpf/src/flow.rs:178  if live == 0 {\n");
+        has(
+            "     50.0        1  lb_xdp_with_a_long_name+0x2c: aya-ebpf-bindings-0.3.0/src/x86_64/helpers.rs:10",
         );
     }
 
