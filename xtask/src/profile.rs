@@ -104,6 +104,9 @@ pub struct Leaf {
     pub symbol: String,
     pub offset: u64,
     pub period_ns: u64,
+    /// For a leaf outside the BPF programs (a helper, a map's kernel function): the innermost
+    /// BPF program frame of the chain, and its return address's offset.
+    pub bpf_caller: Option<(String, u64)>,
 }
 
 /// The leaf frames of the samples of `perf script -F period,ip,sym,symoff` (with call chains:
@@ -139,21 +142,29 @@ fn test_run_leaf(sample: &[String]) -> Option<Leaf> {
     if !frames.iter().any(in_test_run) {
         return None;
     }
-    // "\tffffffffc0123456 bpf_prog_<tag>_lb_xdp+0x56ef"
-    let frame = frames
-        .first()?
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("[unknown]");
-    let (symbol, offset) = match frame.rsplit_once("+0x") {
-        Some((symbol, offset)) => (symbol, u64::from_str_radix(offset, 16).unwrap_or(0)),
-        None => (frame, 0),
-    };
+    let (symbol, offset) = symbol_and_offset(frames.first()?);
+    let bpf_caller = frames[1..]
+        .iter()
+        .map(|frame| symbol_and_offset(frame))
+        .take_while(|(symbol, _)| !symbol.starts_with("bpf_test_run"))
+        .find(|(symbol, _)| tag_of(symbol).is_some())
+        .filter(|_| tag_of(symbol).is_none())
+        .map(|(symbol, offset)| (symbol.to_owned(), offset));
     Some(Leaf {
         symbol: symbol.to_owned(),
         offset,
         period_ns,
+        bpf_caller,
     })
+}
+
+/// A frame's symbol and offset: "\tffffffffc0123456 bpf_prog_<tag>_lb_xdp+0x56ef".
+fn symbol_and_offset(frame: &str) -> (&str, u64) {
+    let frame = frame.split_whitespace().nth(1).unwrap_or("[unknown]");
+    match frame.rsplit_once("+0x") {
+        Some((symbol, offset)) => (symbol, u64::from_str_radix(offset, 16).unwrap_or(0)),
+        None => (frame, 0),
+    }
 }
 
 /// `lb-bench --jit-lines` rows by program tag, in offset order. By tag, not by whole symbol:
@@ -226,20 +237,26 @@ fn short_path(place: &str) -> &str {
 pub fn report(leaves: &[Leaf], table: &LineTable, runs: u64, top: usize) -> String {
     let mut by_function: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     let mut by_line: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut by_call: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let add = |into: &mut (u64, u64), leaf: &Leaf| {
         into.0 += leaf.period_ns;
         into.1 += 1;
     };
+    let site = |symbol: &str, offset: u64| {
+        let (start, place) = table.locate(symbol, offset)?;
+        let program = symbol.splitn(4, '_').nth(3).unwrap_or(symbol);
+        Some(format!("{program}+{start:#x}: {place}"))
+    };
     for leaf in leaves {
         add(by_function.entry(leaf.symbol.as_str()).or_default(), leaf);
-        if let Some((start, place)) = table.locate(&leaf.symbol, leaf.offset) {
-            let program = leaf.symbol.splitn(4, '_').nth(3).unwrap_or(&leaf.symbol);
-            add(
-                by_line
-                    .entry(format!("{program}+{start:#x}: {place}"))
-                    .or_default(),
-                leaf,
-            );
+        if let Some(site) = site(&leaf.symbol, leaf.offset) {
+            add(by_line.entry(site).or_default(), leaf);
+        }
+        // A return address is the instruction after the call: the byte before it is the call's.
+        if let Some((caller, offset)) = &leaf.bpf_caller
+            && let Some(site) = site(caller, offset.saturating_sub(1))
+        {
+            add(by_call.entry(site).or_default(), leaf);
         }
     }
     let mut out = String::new();
@@ -271,6 +288,11 @@ pub fn report(leaves: &[Leaf], table: &LineTable, runs: u64, top: usize) -> Stri
          next line):",
         by_line.into_iter().collect(),
     );
+    section(
+        "ns per run in kernel functions, by the BPF source line that called them (helpers, map \
+         lookups and updates):",
+        by_call.into_iter().collect(),
+    );
     out
 }
 
@@ -286,6 +308,7 @@ mod tests {
 
      50000 
 \tffffffff81200000 lookup_nulls_elem_raw+0x2a
+\tffffffffc0001031 bpf_prog_0123456789abcdef_lb_xdp+0x31
 \tffffffff81000000 bpf_test_run+0x99
 
      50000 
@@ -314,12 +337,16 @@ not a row
             symbol: symbol.into(),
             offset,
             period_ns: 50_000,
+            bpf_caller: None,
         };
         assert_eq!(
             leaves,
             vec![
                 leaf("bpf_prog_0123456789abcdef_lb_xdp", 0x10),
-                leaf("lookup_nulls_elem_raw", 0x2a),
+                Leaf {
+                    bpf_caller: Some(("bpf_prog_0123456789abcdef_lb_xdp".into(), 0x31)),
+                    ..leaf("lookup_nulls_elem_raw", 0x2a)
+                },
                 leaf("bpf_prog_0123456789abcdef_lb_xdp_with_a_long_name", 0x30),
             ]
         );
@@ -367,6 +394,21 @@ not a row
         has("     50.0        1  lb_xdp+0xc: lb-ebpf/src/flow.rs:178  if live == 0 {\n");
         has(
             "     50.0        1  lb_xdp_with_a_long_name+0x2c: aya-ebpf-bindings-0.3.0/src/x86_64/helpers.rs:10",
+        );
+        // The kernel function's sample goes to the line of the call that returns to 0x31.
+        let calls = report
+            .split_once("by the BPF source line that called them")
+            .map(|(_, calls)| calls)
+            .unwrap_or_default();
+        assert_eq!(
+            calls
+                .lines()
+                .filter(|row| row.contains(": "))
+                .collect::<Vec<_>>(),
+            [
+                "     50.0        1  lb_xdp+0x2c: aya-ebpf-bindings-0.3.0/src/x86_64/helpers.rs:10  fun(map, key)"
+            ],
+            "{report}"
         );
     }
 
