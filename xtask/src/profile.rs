@@ -112,7 +112,8 @@ pub struct Leaf {
 /// The leaf frames of the samples of `perf script -F period,ip,sym,symoff` (with call chains:
 /// the period on a line of its own, then one frame per line, samples separated by blank lines)
 /// whose chain passes through `bpf_test_run`, the kernel's timed loop of BPF_PROG_TEST_RUN:
-/// what lb-bench's runs measure, not its set-up (which makes a few test runs of its own too).
+/// what lb-bench's runs measure, with the few test runs its set-up makes, and nothing else of
+/// the set-up.
 pub fn test_run_leaves(script: impl BufRead) -> std::io::Result<Vec<Leaf>> {
     let mut leaves = Vec::new();
     let mut sample: Vec<String> = Vec::new();
@@ -133,29 +134,31 @@ pub fn test_run_leaves(script: impl BufRead) -> std::io::Result<Vec<Leaf>> {
 fn test_run_leaf(sample: &[String]) -> Option<Leaf> {
     let (period, frames) = sample.split_first()?;
     let period_ns = period.trim().parse().ok()?;
-    let in_test_run = |frame: &String| {
-        frame
-            .split_whitespace()
-            .nth(1)
-            .is_some_and(|symbol| symbol.split(['+', '.']).next() == Some("bpf_test_run"))
-    };
-    if !frames.iter().any(in_test_run) {
-        return None;
-    }
-    let (symbol, offset) = symbol_and_offset(frames.first()?);
-    let bpf_caller = frames[1..]
+    let frames: Vec<(&str, u64)> = frames
         .iter()
         .map(|frame| symbol_and_offset(frame))
-        .take_while(|(symbol, _)| !symbol.starts_with("bpf_test_run"))
+        .collect();
+    if !frames.iter().any(|(symbol, _)| is_test_run(symbol)) {
+        return None;
+    }
+    let &(symbol, offset) = frames.first()?;
+    let bpf_caller = frames[1..]
+        .iter()
+        .take_while(|(symbol, _)| !is_test_run(symbol))
         .find(|(symbol, _)| tag_of(symbol).is_some())
         .filter(|_| tag_of(symbol).is_none())
-        .map(|(symbol, offset)| (symbol.to_owned(), offset));
+        .map(|&(symbol, offset)| (symbol.to_owned(), offset));
     Some(Leaf {
         symbol: symbol.to_owned(),
         offset,
         period_ns,
         bpf_caller,
     })
+}
+
+/// Whether a frame's symbol is `bpf_test_run` (or a compiler's copy of it, `bpf_test_run.isra.0`).
+fn is_test_run(symbol: &str) -> bool {
+    symbol.split('.').next() == Some("bpf_test_run")
 }
 
 /// A frame's symbol and offset: "\tffffffffc0123456 bpf_prog_<tag>_lb_xdp+0x56ef".
