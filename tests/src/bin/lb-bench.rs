@@ -616,10 +616,8 @@ fn main() -> anyhow::Result<()> {
     for round in 0..args.rounds {
         let block =
             args.iterations / args.rounds + u32::from(round < args.iterations % args.rounds);
-        // Rotated every round, so no path always follows the same one.
         let count = benches.len() * Path::ALL.len();
-        for step in 0..count {
-            let slot = (step + round as usize) % count;
+        for slot in round_order(count, round) {
             let bench = &mut benches[slot / Path::ALL.len()];
             let path = Path::ALL[slot % Path::ALL.len()];
             bench.run(path, BLOCK_WARMUP, false)?;
@@ -1120,6 +1118,27 @@ fn new_flow_client(family: Family, spread: bool, k: u32) -> SocketAddr {
     }
 }
 
+/// The order in which round `round` runs the `count` blocks (every path at every size): a
+/// permutation drawn afresh each round, the same in every run. A block runs faster after one
+/// that warmed what it touches (the same datapath's maps and code) than after one that
+/// evicted it (another size's, or the other family's copy); in a fixed order, or the fixed
+/// order rotated, a block follows the same one in almost every round, and its figure carries
+/// that neighbour's effect in every run.
+fn round_order(count: usize, round: u32) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..count).collect();
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(round);
+    // Fisher-Yates with splitmix64 draws.
+    for last in (1..count).rev() {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        order.swap(last, (z % (last as u64 + 1)) as usize);
+    }
+    order
+}
+
 /// The frontend index of new flow `k`: every frontend once per `services` flows, scattered.
 fn scrambled(k: u32, services: u32) -> u32 {
     (u64::from(k) * STRIDE % u64::from(services)) as u32
@@ -1450,5 +1469,47 @@ impl MonitorDrain {
             .map_err(|_| anyhow::anyhow!("the ring buffer reader panicked"))??;
         let lost = self.lost.get(&0, 0)?.iter().sum();
         Ok((read, lost))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+
+    #[test]
+    fn every_round_runs_every_block_once() {
+        for round in 0..50 {
+            let mut order = round_order(38, round);
+            order.sort_unstable();
+            assert_eq!(order, (0..38).collect::<Vec<_>>(), "round {round}");
+        }
+    }
+
+    #[test]
+    fn a_block_follows_many_different_blocks() {
+        // Over 20 rounds (the default), the block before each one must vary: with the rotated
+        // fixed order it was the same block in 19 of 20 rounds.
+        let rounds: Vec<Vec<usize>> = (0..20).map(|round| round_order(38, round)).collect();
+        assert_eq!(
+            rounds,
+            (0..20)
+                .map(|round| round_order(38, round))
+                .collect::<Vec<_>>()
+        );
+        for block in 0..38 {
+            let mut before: Vec<usize> = rounds
+                .iter()
+                .filter_map(|order| {
+                    let at = order.iter().position(|&b| b == block).unwrap();
+                    at.checked_sub(1).map(|previous| order[previous])
+                })
+                .collect();
+            before.sort_unstable();
+            before.dedup();
+            assert!(
+                before.len() >= 10,
+                "block {block} followed only {before:?} in 20 rounds"
+            );
+        }
     }
 }
