@@ -101,6 +101,9 @@ pub mod map_names {
         LEGACY_SLOTS4,
         LEGACY_BACKENDS4,
         LEGACY_BACKENDS6,
+        // The frontend indexes before their slots carried backend ids.
+        "lb4_feidx_v1",
+        "lb6_feidx_v1",
     ];
     /// Retired maps an earlier agent could still need if it came back: their pins go only after
     /// a sync in which every service was written without error (until then an earlier release
@@ -114,15 +117,15 @@ pub mod map_names {
     /// Mmapable array (values page-aligned, one cache line each) of [`crate::FrontendSlot4`]:
     /// the IPv4 frontends XDP serves, by their hash ([`crate::frontend_index`]). The agent
     /// writes it with map updates, one byte a program reads at a time.
-    pub const FRONTEND_INDEX4: &str = "lb4_feidx_v1";
+    pub const FRONTEND_INDEX4: &str = "lb4_feidx_v2";
     /// [`FRONTEND_INDEX4`] for IPv6 frontends ([`crate::FrontendSlot6`]).
-    pub const FRONTEND_INDEX6: &str = "lb6_feidx_v1";
+    pub const FRONTEND_INDEX6: &str = "lb6_feidx_v2";
     /// A one-entry array of maps the agent updates to wait for an RCU grace period (the kernel
     /// waits for every running program after an update of a map-in-map: kernel/bpf/syscall.c,
     /// maybe_wait_bpf_programs), before it reuses a frontend-index slot. Not pinned.
     pub const GRACE: &str = "lb_grace_v1";
-    /// Per-CPU array of one [`crate::ServiceValue`]: the frontend entry XDP found, copied.
-    /// Not pinned.
+    /// Per-CPU array of one frontend entry XDP found, copied with where it found it. Not
+    /// pinned.
     pub const FRONTEND_SCRATCH: &str = "lb_fescr_v1";
     /// The IPv6 twins of the maps above: the same values, keys with an [`crate::Ipv6Words`]
     /// address. Backend ids and service ids are one id space for both families.
@@ -891,19 +894,37 @@ pub struct FrontendSlotHead<A> {
     /// is back, so XDP looks a packet the bucket does not have up in the frontends map instead
     /// of passing it.
     pub overflow: u8,
-    pub reserved: [u8; 2],
+    /// How many of the slot's [`FrontendSlot::backends`] hold the service's selection table
+    /// (0: the table is too large for the slot, and XDP reads it from [`map_names::SLOTS4`]).
+    pub inline_backends: u8,
+    pub reserved: u8,
 }
 
-/// A slot of a frontend index: its [`FrontendSlotHead`] padded to a cache line (an mmapable
-/// array's values start on a page, so each slot is one line). `P` is the padding.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A slot of a frontend index: its [`FrontendSlotHead`] and the backend ids of a small
+/// service's selection table, in one cache line (an mmapable array's values start on a page, so
+/// each slot is one line). A new flow to the slot's frontend then selects its backend from the
+/// line the frontend lookup read already, where a table in [`map_names::SLOTS4`] costs one
+/// more cache miss when the flows spread over many services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
-pub struct FrontendSlot<A, P> {
+pub struct FrontendSlot<A, const N: usize> {
     pub head: FrontendSlotHead<A>,
-    pub padding: P,
+    /// The cells of the selection table at `head.value.slots`, in their order: the first
+    /// `head.inline_backends` of them (written with the rest of the slot while it is not live).
+    pub backends: [u32; N],
 }
-pub type FrontendSlot4 = FrontendSlot<u32, [u8; 28]>;
-pub type FrontendSlot6 = FrontendSlot<Ipv6Words, [u8; 16]>;
+impl<A: Default, const N: usize> Default for FrontendSlot<A, N> {
+    fn default() -> Self {
+        Self {
+            head: FrontendSlotHead::default(),
+            backends: [0; N],
+        }
+    }
+}
+/// An IPv4 slot carries the table of a service of up to 7 backends.
+pub type FrontendSlot4 = FrontendSlot<u32, 7>;
+/// An IPv6 slot carries the table of a service of up to 4 backends.
+pub type FrontendSlot6 = FrontendSlot<Ipv6Words, 4>;
 const _: () = assert!(size_of::<FrontendSlot4>() == frontend_index::SLOT_BYTES as usize);
 const _: () = assert!(size_of::<FrontendSlot6>() == frontend_index::SLOT_BYTES as usize);
 const _: () = assert!(size_of::<FrontendSlotHead<u32>>() == 36);

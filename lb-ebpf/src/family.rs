@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity6Key, AffinityValue, BackendValue, CtAddr, CtKey, CtValue, FrontendKey,
-    FrontendSlotHead, Ipv6Words, ServiceValue, SockNat4Key, SockNat6Key, SockNatValue, SockState,
-    SourceRange, frontend_filter, maglev,
+    FrontendSlot, FrontendSlotHead, Ipv6Words, ServiceValue, SockNat4Key, SockNat6Key,
+    SockNatValue, SockState, SourceRange, frontend_filter, maglev,
 };
 
 use crate::maps::{
@@ -82,6 +82,9 @@ pub trait Family {
     fn frontends() -> &'static HashMap<FrontendKey<Self::Addr>, ServiceValue>;
     /// Slot `index` of the family's frontend index.
     fn frontend_slot(index: u32) -> Option<&'static FrontendSlotHead<Self::Addr>>;
+    /// Cell `cell` of the selection table slot `index` of the frontend index carries, if it
+    /// carries the table ([`lb_common::FrontendSlot`]).
+    fn inline_backend(index: u32, cell: u32) -> Option<u32>;
     /// The backend `id` names, if it is one of this family's. A reference, not a copy: LLVM
     /// would read an `Option`'s unset payload where branches merge, which the verifier refuses.
     fn backend(id: u32) -> Option<&'static BackendValue<Self::Addr>>;
@@ -192,6 +195,11 @@ impl Family for V4 {
     #[inline(always)]
     fn frontend_slot(index: u32) -> Option<&'static FrontendSlotHead<u32>> {
         FRONTEND_INDEX4.get(index).map(|slot| &slot.head)
+    }
+
+    #[inline(always)]
+    fn inline_backend(index: u32, cell: u32) -> Option<u32> {
+        inline_backend(FRONTEND_INDEX4.get(index)?, cell)
     }
 
     #[inline(always)]
@@ -324,6 +332,11 @@ impl Family for V6 {
     }
 
     #[inline(always)]
+    fn inline_backend(index: u32, cell: u32) -> Option<u32> {
+        inline_backend(FRONTEND_INDEX6.get(index)?, cell)
+    }
+
+    #[inline(always)]
     fn frontends() -> &'static HashMap<FrontendKey<Ipv6Words>, ServiceValue> {
         &FRONTENDS6
     }
@@ -382,4 +395,15 @@ impl Family for V6 {
         // Gone already (evicted by the LRU) is as good.
         let _ = SOCK_NAT6.remove(&key);
     }
+}
+
+/// Cell `cell` of the selection table a frontend-index slot carries, if it carries it. The slot
+/// is the one the frontend was found in during this run: the agent rewrites a slot only a
+/// grace period after it stopped being live, so it still holds that frontend's table.
+#[inline(always)]
+fn inline_backend<A, const N: usize>(slot: &FrontendSlot<A, N>, cell: u32) -> Option<u32> {
+    if cell >= u32::from(slot.head.inline_backends) {
+        return None;
+    }
+    slot.backends.get(cell as usize).copied()
 }

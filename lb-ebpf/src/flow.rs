@@ -107,10 +107,22 @@ pub fn maybe_frontend_at<F: Family>(daddr: F::Addr, dport: u16, protocol: u8) ->
         .is_some_and(|word| word & (1u64 << (bit & 63)) != 0)
 }
 
+/// A frontend's entry as XDP found it, with the frontend-index slot it was found in: a new
+/// flow selects its backend from the backend ids the slot carries, if it carries them
+/// ([`lb_common::FrontendSlot`]). [`NOT_INDEXED`] for an entry from the frontends map.
+#[derive(Clone, Copy)]
+pub struct Frontend {
+    pub service: ServiceValue,
+    pub index_slot: u32,
+}
+
+/// [`Frontend::index_slot`] of an entry found in the frontends map: no slot has it.
+pub const NOT_INDEXED: u32 = u32::MAX;
+
 /// The frontend this packet is addressed to, if any: from the frontend index, or from the
 /// frontends map when the index's bucket says it lacks one of its frontends.
 #[inline(always)]
-pub fn lookup_frontend<F: Family>(tuple: &Tuple<F>) -> Option<&'static ServiceValue> {
+pub fn lookup_frontend<F: Family>(tuple: &Tuple<F>) -> Option<&'static Frontend> {
     let key = FrontendKey {
         addr: F::map_order(tuple.daddr),
         port: tuple.dport.to_be(),
@@ -118,25 +130,27 @@ pub fn lookup_frontend<F: Family>(tuple: &Tuple<F>) -> Option<&'static ServiceVa
         scope: scope::ANY,
     };
     let first = frontend_index::first_slot(F::filter_bit(tuple.daddr, tuple.dport, tuple.proto));
-    let found = match indexed_frontend::<F>(&key, first) {
-        Indexed::Found(service) => service,
+    let (found, index_slot) = match indexed_frontend::<F>(&key, first) {
+        Indexed::Found(service, slot) => (service, slot),
         Indexed::Absent => return None,
         // SAFETY: as in frontend_entry.
-        Indexed::Unknown => unsafe { F::frontends().get(&key) }?,
+        Indexed::Unknown => (unsafe { F::frontends().get(&key) }?, NOT_INDEXED),
     };
     // One copy for both sources: the verifier walks what follows once, not once per map the
     // entry came from (pointers into two maps never prune each other).
     let copy = FRONTEND_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch entry, which nothing else uses during this run.
     unsafe {
-        *copy = *found;
+        (*copy).service = *found;
+        (*copy).index_slot = index_slot;
         Some(&*copy)
     }
 }
 
 /// What a frontend index bucket says of a key.
 enum Indexed {
-    Found(&'static ServiceValue),
+    /// The entry, and the slot it is in.
+    Found(&'static ServiceValue, u32),
     /// No frontend has the key.
     Absent,
     /// The bucket lacks one of its frontends: the frontends map knows.
@@ -150,13 +164,13 @@ fn indexed_frontend<F: Family>(key: &FrontendKey<F::Addr>, first: u32) -> Indexe
         return Indexed::Unknown;
     };
     if let Some(service) = live_entry::<F>(head, key) {
-        return Indexed::Found(service);
+        return Indexed::Found(service, first);
     }
     let Some(second) = F::frontend_slot(first + 1) else {
         return Indexed::Unknown;
     };
     if let Some(service) = live_entry::<F>(second, key) {
-        return Indexed::Found(service);
+        return Indexed::Found(service, first + 1);
     }
     // SAFETY: a byte of a map value valid for the run; the agent changes it with one store.
     if unsafe { core::ptr::read_volatile(&head.overflow) } != 0 {
@@ -281,7 +295,7 @@ pub fn destination<F: Family>(
     ctx: &XdpContext,
     ip: &impl IpHeader,
     tuple: &Tuple<F>,
-    service: &ServiceValue,
+    frontend: &Frontend,
     arrival: &Arrival,
 ) -> Result<Destination<F>, Event> {
     let now = now_ns();
@@ -290,7 +304,7 @@ pub fn destination<F: Family>(
         Err(key_holder) => {
             let destination = new_flow(&NewFlow {
                 tuple,
-                service,
+                frontend,
                 arrival,
                 may_forward: ip.may_forward(),
                 now,
@@ -328,12 +342,12 @@ pub fn live_destination<F: Family>(
     Ok(Err(client_key_holder(flow_entry, tuple, now)))
 }
 
-/// What a new flow is made of (its callers report it to `lb monitor`, [`monitor::new_flow`]): its first packet (`tuple`, and whether it `may_forward` to
-/// another node), the service it is for, how it arrived, the time, and who holds its
-/// client's key.
+/// What a new flow is made of (its callers report it to `lb monitor`, [`monitor::new_flow`]):
+/// its first packet (`tuple`, and whether it `may_forward` to another node), the frontend it
+/// is for, how it arrived, the time, and who holds its client's key.
 pub struct NewFlow<'a, F: Family> {
     pub tuple: &'a Tuple<F>,
-    pub service: &'a ServiceValue,
+    pub frontend: &'a Frontend,
     pub arrival: &'a Arrival,
     pub may_forward: bool,
     pub now: u64,
@@ -748,12 +762,13 @@ fn write_reply<F: Family>(
 pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, Event> {
     let NewFlow {
         tuple,
-        service,
+        frontend,
         arrival,
         may_forward,
         now,
         key_holder,
     } = *request;
+    let service = &frontend.service;
     let (backend_id, backend) = if service.flags & service_flags::MAGLEV != 0
         && service.affinity_timeout_s == 0
     {
@@ -767,11 +782,11 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
                     &(),
                     "service {}: no current Maglev table, a backend at random", service.service_id
                 );
-                select::<F>(service)?
+                select::<F>(service, frontend.index_slot)?
             }
         }
     } else {
-        select_for_address::<F>(service, tuple.saddr, now)?
+        select_for_address::<F>(frontend, tuple.saddr, now)?
     };
     let remote = needs_snat::<F>(service, &backend);
     if remote && !may_forward {
@@ -1328,14 +1343,15 @@ pub fn select_for_client<F: Family>(
     now: u64,
 ) -> Result<(u32, BackendValue<F::Addr>), Event> {
     if service.affinity_timeout_s == 0 {
-        return select::<F>(service);
+        return select::<F>(service, NOT_INDEXED);
     }
     let key = Affinity4Key {
         client,
         service_id: service.service_id,
         kind,
     };
-    sticky_select::<F>(service, AFFINITY4.get_ptr_mut(&key), now, |value| {
+    let entry = AFFINITY4.get_ptr_mut(&key);
+    sticky_select::<F>(service, NOT_INDEXED, entry, now, |value| {
         // A full LRU evicts the oldest client; affinity is best effort.
         let _ = AFFINITY4.insert(&key, value, 0);
     })
@@ -1345,25 +1361,27 @@ pub fn select_for_client<F: Family>(
 /// sticky as [`sticky_select`] says, in the family's affinity map.
 #[inline(always)]
 fn select_for_address<F: Family>(
-    service: &ServiceValue,
+    frontend: &Frontend,
     client: F::Addr,
     now: u64,
 ) -> Result<(u32, BackendValue<F::Addr>), Event> {
+    let service = &frontend.service;
     if service.affinity_timeout_s == 0 {
-        return select::<F>(service);
+        return select::<F>(service, frontend.index_slot);
     }
     let entry = F::affinity_entry(client, service.service_id);
-    sticky_select::<F>(service, entry, now, |value| {
+    sticky_select::<F>(service, frontend.index_slot, entry, now, |value| {
         F::remember_affinity(client, service.service_id, value)
     })
 }
 
 /// With session affinity: the backend the client used last (its affinity `entry`) if that was
 /// within the timeout and the backend still exists and is not terminating; otherwise a random
-/// one, remembered for next time with `remember`.
+/// one (as [`select`] picks it, from `index_slot`), remembered for next time with `remember`.
 #[inline(always)]
 fn sticky_select<F: Family>(
     service: &ServiceValue,
+    index_slot: u32,
     entry: Option<*mut AffinityValue>,
     now: u64,
     remember: impl FnOnce(&AffinityValue),
@@ -1382,7 +1400,7 @@ fn sticky_select<F: Family>(
             return Ok((entry.backend_id, *backend));
         }
     }
-    let (backend_id, backend) = select::<F>(service)?;
+    let (backend_id, backend) = select::<F>(service, index_slot)?;
     let value = AffinityValue {
         last_used_ns: now,
         backend_id,
@@ -1432,20 +1450,33 @@ fn select_maglev<F: Family>(
 }
 
 /// A random backend of the service's current table (kube-proxy's default selection), from the
-/// backends map of its family `F`.
+/// backends map of its family `F`. The table's cells are read from the frontend-index slot
+/// `index_slot` the entry was found in when the slot carries them, else from the slot array.
 #[inline(always)]
-pub fn select<F: Family>(service: &ServiceValue) -> Result<(u32, BackendValue<F::Addr>), Event> {
+pub fn select<F: Family>(
+    service: &ServiceValue,
+    index_slot: u32,
+) -> Result<(u32, BackendValue<F::Addr>), Event> {
     if service.backend_count == 0 {
         return Err(no_backend(service));
     }
-    let slot = random_u32() % u32::from(service.backend_count);
-    let backend_id = SLOTS4
-        .get(service.slots.wrapping_add(slot))
-        .filter(|cell| cell.service_id == service.service_id)
-        .ok_or(Event::DROP_BACKEND_MISSING)?
-        .backend_id;
+    let cell = random_u32() % u32::from(service.backend_count);
+    let backend_id = match F::inline_backend(index_slot, cell) {
+        Some(backend_id) => backend_id,
+        None => table_cell(service, cell)?,
+    };
     let backend = *F::backend(backend_id).ok_or(Event::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
+}
+
+/// The backend id in cell `cell` of the service's table in the slot array.
+#[inline(always)]
+fn table_cell(service: &ServiceValue, cell: u32) -> Result<u32, Event> {
+    SLOTS4
+        .get(service.slots.wrapping_add(cell))
+        .filter(|slot| slot.service_id == service.service_id)
+        .map(|slot| slot.backend_id)
+        .ok_or(Event::DROP_BACKEND_MISSING)
 }
 
 /// The socket hooks' client identity for affinity: the netns cookie (one pod, one namespace).

@@ -55,19 +55,20 @@ pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounter> =
 /// The IPv4 frontends XDP serves, by their hash, one cache line each (mmapable only so that its
 /// values start on a page): the agent changes one byte a program reads at a time, in the order
 /// `lb_common::FrontendSlotHead` describes.
-#[map(name = "lb4_feidx_v1")]
+#[map(name = "lb4_feidx_v2")]
 pub static FRONTEND_INDEX4: Array<FrontendSlot4> =
     Array::pinned(frontend_index::SLOTS, BPF_F_MMAPABLE);
 
 /// [`FRONTEND_INDEX4`] for IPv6 frontends.
-#[map(name = "lb6_feidx_v1")]
+#[map(name = "lb6_feidx_v2")]
 pub static FRONTEND_INDEX6: Array<FrontendSlot6> =
     Array::pinned(frontend_index::SLOTS, BPF_F_MMAPABLE);
 
 /// A frontend's entry per CPU, copied there from the frontend index or the frontends map
-/// (`flow::lookup_frontend`). Not pinned.
+/// with the index slot it was in (`flow::lookup_frontend`). Not pinned.
 #[map(name = "lb_fescr_v1")]
-pub static FRONTEND_SCRATCH: PerCpuArray<ServiceValue> = PerCpuArray::with_max_entries(1, 0);
+pub static FRONTEND_SCRATCH: PerCpuArray<crate::flow::Frontend> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Updated by the agent to wait for a grace period (`lb_common::map_names::GRACE`); no program
 /// reads it.
@@ -320,7 +321,7 @@ pub struct Packet6 {
     pub tuple: crate::flow::Tuple<crate::family::V6>,
     /// From `lb_xdp6_frontend`, for `lb_xdp6_flow`: the frontend's entry, how the packet
     /// arrived, the time and who holds the client's conntrack key.
-    pub service: ServiceValue,
+    pub frontend: crate::flow::Frontend,
     pub arrival: crate::flow::Arrival,
     pub now: u64,
     pub key_holder: crate::flow::Holder,

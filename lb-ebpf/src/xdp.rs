@@ -14,7 +14,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_common::{
-    Ct4Value, Ct6Value, CtValue, Event, FragValue, Ipv6Words, ServiceValue,
+    Ct4Value, Ct6Value, CtValue, Event, FragValue, Ipv6Words,
     checksum::{self, Endpoints},
     client_nic, ct_flags, frag_action, ipv6, limits, proto, sctp, service_flags, tcp_seq,
     xdp_programs,
@@ -30,10 +30,10 @@ use lb_ebpf::packet::{
 use crate::{
     family::{Family, V4, V6},
     flow::{
-        Arrival, Destination, Holder, NewFlow, Tuple, admitted_by_source_ranges, blind_rst,
-        client_record_of_reply, client_side, client_side_entry, closes, config, destination,
-        follow, live_destination, live_flow, lookup_frontend, maybe_frontend, maybe_frontend_at,
-        new_flow, reply_key, source_allowed, track_reply,
+        Arrival, Destination, Frontend, Holder, NewFlow, Tuple, admitted_by_source_ranges,
+        blind_rst, client_record_of_reply, client_side, client_side_entry, closes, config,
+        destination, follow, live_destination, live_flow, lookup_frontend, maybe_frontend,
+        maybe_frontend_at, new_flow, reply_key, source_allowed, track_reply,
     },
     helpers::{Forward, now_ns},
     ip::{Addr, Ip},
@@ -309,7 +309,7 @@ fn try_direct6_here<const PROTOCOL: u8>(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN
     {
         return Some(action);
     }
-    let Some(service) = admit(ctx, eth, &ip, &tuple).ok()? else {
+    let Some(frontend) = admit(ctx, eth, &ip, &tuple).ok()? else {
         return Some(xdp_action::XDP_PASS);
     };
     let arrival = arrival(ctx, eth);
@@ -321,7 +321,7 @@ fn try_direct6_here<const PROTOCOL: u8>(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN
             packet.ip = ip;
             packet.tuple = tuple;
             let start = FlowStart {
-                service,
+                frontend,
                 arrival,
                 now,
                 key_holder,
@@ -461,12 +461,12 @@ fn to_frontend<I: Ip>(
     ip: &I,
     tuple: &Tuple<I::F>,
 ) -> Result<u32, Event> {
-    let Some(service) = admit(ctx, eth, ip, tuple)? else {
+    let Some(frontend) = admit(ctx, eth, ip, tuple)? else {
         return Ok(xdp_action::XDP_PASS);
     };
-    match destination(ctx, ip, tuple, service, &arrival(ctx, eth)) {
+    match destination(ctx, ip, tuple, frontend, &arrival(ctx, eth)) {
         Ok(destination) => deliver(ctx, ip, tuple, &destination),
-        Err(event) => refused(ctx, ip, tuple, service.service_id, event),
+        Err(event) => refused(ctx, ip, tuple, frontend.service.service_id, event),
     }
 }
 
@@ -478,10 +478,11 @@ fn admit<I: Ip>(
     eth: &[u8; ETH_HDR_LEN],
     ip: &I,
     tuple: &Tuple<I::F>,
-) -> Result<Option<&'static ServiceValue>, Event> {
-    let Some(service) = lookup_frontend(tuple) else {
+) -> Result<Option<&'static Frontend>, Event> {
+    let Some(frontend) = lookup_frontend(tuple) else {
         return Ok(None);
     };
+    let service = &frontend.service;
     refuse_sctp_fragment(tuple, ip)?;
     if for_another_host(ctx, eth) {
         count_event(Event::PASS_OTHER_HOST);
@@ -492,7 +493,7 @@ fn admit<I: Ip>(
     {
         return Err(Event::DROP_SOURCE_RANGE);
     }
-    Ok(Some(service))
+    Ok(Some(frontend))
 }
 
 /// A packet for which no destination was found (`event` says why): the REJECT answer for a
@@ -589,7 +590,7 @@ enum Frontend6 {
 
 /// What `lb_xdp6_flow` needs beside the packet's header and tuple to make a new flow.
 struct FlowStart {
-    service: &'static ServiceValue,
+    frontend: &'static Frontend,
     arrival: Arrival,
     now: u64,
     key_holder: Holder,
@@ -600,7 +601,7 @@ impl FlowStart {
     /// packet's).
     #[inline(always)]
     fn hand_on(self, ctx: &XdpContext, packet: &mut Packet6) -> u32 {
-        packet.service = *self.service;
+        packet.frontend = *self.frontend;
         packet.arrival = self.arrival;
         packet.now = self.now;
         packet.key_holder = self.key_holder;
@@ -618,7 +619,7 @@ fn frontend6(
     ip: &Ipv6Info,
     tuple: &Tuple<V6>,
 ) -> Result<Frontend6, Event> {
-    let Some(service) = admit(ctx, eth, ip, tuple)? else {
+    let Some(frontend) = admit(ctx, eth, ip, tuple)? else {
         return Ok(Frontend6::Sent(xdp_action::XDP_PASS));
     };
     let arrival = arrival(ctx, eth);
@@ -626,12 +627,14 @@ fn frontend6(
     match live_destination(ctx, ip, tuple, &arrival, now) {
         Ok(Ok(destination)) => deliver(ctx, ip, tuple, &destination).map(Frontend6::Sent),
         Ok(Err(key_holder)) => Ok(Frontend6::NewFlow(FlowStart {
-            service,
+            frontend,
             arrival,
             now,
             key_holder,
         })),
-        Err(event) => refused(ctx, ip, tuple, service.service_id, event).map(Frontend6::Sent),
+        Err(event) => {
+            refused(ctx, ip, tuple, frontend.service.service_id, event).map(Frontend6::Sent)
+        }
     }
 }
 
@@ -641,7 +644,7 @@ fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
     let packet = packet6()?;
     let request = NewFlow {
         tuple: &packet.tuple,
-        service: &packet.service,
+        frontend: &packet.frontend,
         arrival: &packet.arrival,
         may_forward: packet.ip.may_forward(),
         now: packet.now,
@@ -657,7 +660,7 @@ fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
                 ctx,
                 &packet.ip,
                 &packet.tuple,
-                packet.service.service_id,
+                packet.frontend.service.service_id,
                 event,
             );
         }
@@ -676,7 +679,7 @@ fn try_deliver6(ctx: &XdpContext) -> Result<u32, Event> {
             ctx,
             ip,
             tuple,
-            packet.service.service_id,
+            packet.frontend.service.service_id,
             Event::DROP_NO_BACKEND,
         );
     }

@@ -1,10 +1,11 @@
-//! The frontend index XDP reads frontends from (`lb4_feidx_v1`): through BPF_PROG_TEST_RUN on a
-//! real kernel, what XDP does with each state of a bucket, and that the agent's writes keep every
-//! frontend served while entries change, buckets overflow and the agent restarts.
+//! The frontend index XDP reads frontends from (`lb4_feidx_v2`): through BPF_PROG_TEST_RUN on a
+//! real kernel, what XDP does with each state of a bucket and with the selection table a slot
+//! carries, and that the agent's writes keep every frontend served while entries change, buckets
+//! overflow and the agent restarts.
 
 use std::{
-    collections::HashMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     path::Path,
 };
 
@@ -12,13 +13,14 @@ use aya::maps::{Array, MapData};
 use lab::{
     lab::{Lab, PinDir},
     packet::{self, TcpFlags},
+    packet6,
 };
 use lb_common::{
-    FrontendKey, FrontendSlot4, ServiceValue, backend_flags, frontend_filter, frontend_index,
-    map_names, proto, scope, service_flags,
+    FrontendKey, FrontendSlot4, FrontendSlot6, ServiceValue, backend_flags, frontend_filter,
+    frontend_index, map_names, proto, scope, service_flags,
 };
 use lb_userspace::{
-    compile::model::{Backend, Frontend, Service},
+    compile::model::{Backend, Frontend, Service, ipv6_words},
     datapath::{Datapath, bpf_obj::Access, maps::open_map, testrun::test_run},
 };
 
@@ -131,15 +133,22 @@ fn slot_of(slots: &Array<MapData, FrontendSlot4>, addr: Ipv4Addr) -> u32 {
         .unwrap_or_else(|| panic!("no slot of {addr}"))
 }
 
-/// Changes one slot's head behind the agent's back (as no agent would).
+/// Changes one slot behind the agent's back (as no agent would).
 fn edit_slot(
     slots: &mut Array<MapData, FrontendSlot4>,
     slot: u32,
-    edit: impl FnOnce(&mut lb_common::FrontendSlotHead<u32>),
+    edit: impl FnOnce(&mut FrontendSlot4),
 ) {
     let mut contents = slots.get(&slot, 0).expect("slot");
-    edit(&mut contents.head);
+    edit(&mut contents);
     slots.set(slot, &contents, 0).expect("write");
+}
+
+/// The selection table the slot of `addr` carries (empty: none).
+fn carried(pins: &Path, addr: Ipv4Addr) -> Vec<u32> {
+    let slots = index(pins);
+    let slot = slots.get(&slot_of(&slots, addr), 0).expect("slot");
+    slot.backends[..usize::from(slot.head.inline_backends)].to_vec()
 }
 
 /// The live slots of `addr`'s bucket (their keys' entries) and the bucket's overflow byte.
@@ -183,14 +192,14 @@ fn xdp_takes_a_frontend_from_its_bucket_and_the_map_only_behind_the_overflow_byt
     assert_eq!(destination(&datapath, unlisted, 40002), backend_addr(1));
     let mut slots = index(pins.path());
     let slot = slot_of(&slots, unlisted);
-    edit_slot(&mut slots, slot, |head| head.live = 0);
+    edit_slot(&mut slots, slot, |slot| slot.head.live = 0);
     assert_eq!(destination(&datapath, unlisted, 40003), None);
 
     // The frontends map's entry is read only behind the bucket's overflow byte.
     let slot = slot_of(&slots, served);
-    edit_slot(&mut slots, slot, |head| head.live = 0);
+    edit_slot(&mut slots, slot, |slot| slot.head.live = 0);
     assert_eq!(destination(&datapath, served, 40004), None);
-    edit_slot(&mut slots, bucket_of(served), |head| head.overflow = 1);
+    edit_slot(&mut slots, bucket_of(served), |slot| slot.head.overflow = 1);
     assert_eq!(destination(&datapath, served, 40005), backend_addr(1));
 }
 
@@ -292,7 +301,7 @@ fn a_restarted_agent_keeps_what_is_current_and_retires_what_is_not() {
     // While no agent runs: b's slot is taken over by a frontend no map has.
     let mut slots = index(pins.path());
     let slot = slot_of(&slots, b);
-    edit_slot(&mut slots, slot, |head| head.key = key_of(stray));
+    edit_slot(&mut slots, slot, |slot| slot.head.key = key_of(stray));
     assert_eq!(
         bucket(pins.path(), a).0.len(),
         2,
@@ -311,4 +320,165 @@ fn a_restarted_agent_keeps_what_is_current_and_retires_what_is_not() {
     assert_eq!(live_keys, expected);
     assert_eq!(overflow, 0);
     assert_eq!(datapath.frontend_index_counts(), (2, 0));
+    assert_eq!(carried(pins.path(), a), [1], "kept with its table");
+    assert_eq!(carried(pins.path(), b), [2], "placed again with its table");
+}
+
+#[test]
+fn a_new_flow_selects_from_the_table_its_slot_carries_and_from_the_slot_array_beyond_it() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "feidx-table").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    for id in 1..=9 {
+        put_backend(&mut datapath, id);
+    }
+    let [small, large, _] = three_in_one_bucket();
+    put_service(&mut datapath, 1, small, vec![1]);
+    assert_eq!(carried(pins.path(), small), [1]);
+    assert_eq!(destination(&datapath, small, 40000), backend_addr(1));
+
+    // The slot's copy is what XDP reads: changed behind the agent's back (as no agent would),
+    // it wins over the slot array, until the slot says it carries no table.
+    let mut slots = index(pins.path());
+    let slot = slot_of(&slots, small);
+    edit_slot(&mut slots, slot, |slot| slot.backends[0] = 2);
+    assert_eq!(destination(&datapath, small, 40001), backend_addr(2));
+    edit_slot(&mut slots, slot, |slot| slot.head.inline_backends = 0);
+    assert_eq!(destination(&datapath, small, 40002), backend_addr(1));
+
+    // Seven backends fit in a slot, eight do not: every backend is reached either way.
+    // Each table from client ports of its own: a SYN of a live flow keeps that flow's backend.
+    for (ports, backends) in [
+        (41000..41400, (1..=7).collect::<Vec<u32>>()),
+        (42000..42400, (1..=8).collect()),
+    ] {
+        put_service(&mut datapath, 2, large, backends.clone());
+        datapath.refill_frontend_index().expect("refill");
+        let expected_carried = if backends.len() <= 7 {
+            backends.clone()
+        } else {
+            vec![]
+        };
+        assert_eq!(carried(pins.path(), large), expected_carried);
+        let mut reached = BTreeSet::new();
+        for port in ports {
+            let to = destination(&datapath, large, port).expect("a backend");
+            let id = u32::from(to.ip().octets()[3]);
+            assert!(backends.contains(&id), "{to} is not one of {backends:?}");
+            reached.insert(id);
+        }
+        assert_eq!(reached.len(), backends.len(), "{reached:?}");
+    }
+}
+
+/// The IPv6 twin of the test above, through `lb_xdp6_flow`, to which the slot's number goes
+/// with the packet in a tail call.
+#[test]
+fn an_ipv6_new_flow_selects_from_the_table_its_slot_carries_and_from_the_slot_array_beyond_it() {
+    const SERVICE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x96, 0, 0, 0, 0, 0x10);
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "feidx-table6").expect("pins");
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    let backend6 = |id: u32| {
+        SocketAddrV6::new(
+            Ipv6Addr::new(0x2001, 0xdb8, 0x244, 0, 0, 0, 0, id as u16),
+            8080,
+            0,
+            0,
+        )
+    };
+    for id in 1..=5 {
+        let backend = Backend {
+            addr: IpAddr::V6(*backend6(id).ip()),
+            port: 8080,
+            proto: proto::TCP,
+            flags: backend_flags::LOCAL,
+        };
+        datapath.put_backend(id, &backend).expect("backend");
+    }
+    let put = |datapath: &mut Datapath, backends: Vec<u32>| {
+        let frontend = Frontend {
+            addr: SERVICE.into(),
+            port: 80,
+            proto: proto::TCP,
+            kind: service_flags::CLUSTER_IP,
+        };
+        let service = Service {
+            id: 1,
+            frontends: vec![frontend],
+            backends,
+            ..Default::default()
+        };
+        datapath.put_service(&service).expect("service");
+        datapath.refill_frontend_index().expect("refill");
+    };
+    let destination = |datapath: &Datapath, client_port: u16| {
+        let xdp = datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("xdp");
+        let client = SocketAddrV6::new("2001:db8:c::7".parse().expect("client"), client_port, 0, 0);
+        let syn = packet6::tcp(
+            client,
+            SocketAddrV6::new(SERVICE, 80, 0, 0),
+            TcpFlags::SYN,
+            1,
+            b"",
+        );
+        let run = test_run(xdp, &syn).expect("run");
+        assert_eq!(
+            run.verdict, XDP_PASS,
+            "a local endpoint's SYN goes to the stack"
+        );
+        let daddr: [u8; 16] = run.packet[38..54].try_into().expect("16 bytes");
+        let dport = u16::from_be_bytes([run.packet[56], run.packet[57]]);
+        SocketAddrV6::new(daddr.into(), dport, 0, 0)
+    };
+    let key = FrontendKey {
+        addr: ipv6_words(SERVICE),
+        port: 80u16.to_be(),
+        proto: proto::TCP,
+        scope: scope::ANY,
+    };
+    let first = frontend_index::first_slot(frontend_filter::bit6(key.addr, 80, proto::TCP));
+    let mut slots: Array<MapData, FrontendSlot6> =
+        open_map(pins.path(), map_names::FRONTEND_INDEX6, Access::ReadWrite).expect("index6");
+    let live_slot = |slots: &Array<MapData, FrontendSlot6>| {
+        (first..first + frontend_index::BUCKET_SLOTS)
+            .map(|slot| (slot, slots.get(&slot, 0).expect("slot")))
+            .find(|(_, contents)| contents.head.live != 0 && contents.head.key == key)
+            .expect("the frontend's live slot")
+    };
+
+    put(&mut datapath, vec![1]);
+    let (slot, mut contents) = live_slot(&slots);
+    assert_eq!(contents.head.inline_backends, 1);
+    assert_eq!(contents.backends, [1, 0, 0, 0]);
+    assert_eq!(destination(&datapath, 40000), backend6(1));
+    // Changed behind the agent's back (as no agent would): the slot's copy is what XDP reads.
+    contents.backends[0] = 2;
+    slots.set(slot, &contents, 0).expect("write");
+    assert_eq!(destination(&datapath, 40001), backend6(2));
+
+    // Four backends fit in an IPv6 slot, five do not: every backend is reached either way.
+    for (ports, backends) in [
+        (41000..41400, (1..=4).collect::<Vec<u32>>()),
+        (42000..42400, (1..=5).collect()),
+    ] {
+        put(&mut datapath, backends.clone());
+        let (_, contents) = live_slot(&slots);
+        let carried = &contents.backends[..usize::from(contents.head.inline_backends)];
+        let expected: &[u32] = if backends.len() <= 4 { &backends } else { &[] };
+        assert_eq!(carried, expected);
+        let mut reached = BTreeSet::new();
+        for port in ports {
+            let to = destination(&datapath, port);
+            let id = u32::from(to.ip().segments()[7]);
+            assert!(
+                backends.contains(&id) && to.port() == 8080,
+                "{to} is not one of {backends:?}"
+            );
+            reached.insert(id);
+        }
+        assert_eq!(reached.len(), backends.len(), "{reached:?}");
+    }
 }

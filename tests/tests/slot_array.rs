@@ -133,8 +133,9 @@ fn frontend_value(datapath: &Datapath, frontend_index: u8) -> ServiceValue {
 }
 
 /// Replaces a frontend's entry where XDP reads it, its slot of the frontend index, and in the
-/// frontends map.
-fn overwrite_frontend(pins: &PinDir, key: Frontend4Key, value: ServiceValue) {
+/// frontends map; the slot carries `table` (empty: none, as for a table too large for a slot,
+/// and XDP reads the slot array).
+fn overwrite_frontend(pins: &PinDir, key: Frontend4Key, value: ServiceValue, table: &[u32]) {
     let map = MapData::from_pin(pins.path().join(map_names::FRONTENDS4)).expect("pin");
     let mut frontends =
         HashMap::<_, Frontend4Key, ServiceValue>::try_from(Map::HashMap(map)).expect("hash");
@@ -153,6 +154,9 @@ fn overwrite_frontend(pins: &PinDir, key: Frontend4Key, value: ServiceValue) {
         .expect("the frontend's slot");
     let mut contents = index.get(&slot, 0).expect("slot");
     contents.head.value = value;
+    contents.head.inline_backends = table.len() as u8;
+    contents.backends = [0; 7];
+    contents.backends[..table.len()].copy_from_slice(table);
     index.set(slot, &contents, 0).expect("overwrite the slot");
 }
 
@@ -209,6 +213,7 @@ fn a_packet_that_finds_another_services_cells_selects_nothing() {
             slots: b.slots,
             ..a
         },
+        &[],
     );
     let before = datapath.events().expect("events")["drop_backend_missing"];
     assert_eq!(new_flow(&datapath, fresh_client(), 1), (XDP_DROP, None));
@@ -251,6 +256,7 @@ fn tables_an_earlier_release_kept_in_the_hash_map_are_moved_into_the_array() {
             &pins,
             frontend(frontend_index).key().v4().expect("IPv4"),
             value,
+            &[],
         );
     }
     legacy.pin(&legacy_path).expect("pin legacy map");
@@ -354,9 +360,18 @@ fn a_removed_backend_is_vacated_and_never_selected_again() {
         .expect("without 2");
     datapath.remove_backend(2).expect("remove 2");
     assert!(!datapath.backends().expect("backends").contains_key(&2));
-    // A table that still names the vacated cell (what a packet sees that read its slot just
-    // before the agent's change) selects nothing there: the drop is counted.
-    let cell = frontend_value(&datapath, 1).slots;
+    // A table that still names the vacated backend (what a packet sees that read its frontend
+    // just before the agent's change) selects nothing there: the drop is counted. First the
+    // copy of the table in the frontend's index slot, then the slot array's cell.
+    let value = frontend_value(&datapath, 1);
+    let key = frontend(1).key().v4().expect("IPv4");
+    overwrite_frontend(&pins, key, value, &[2]);
+    let before = datapath.events().expect("events")["drop_backend_missing"];
+    assert_eq!(new_flow(&datapath, fresh_client(), 1), (XDP_DROP, None));
+    let after = datapath.events().expect("events")["drop_backend_missing"];
+    assert_eq!(after, before + 1);
+    overwrite_frontend(&pins, key, value, &[]);
+    let cell = value.slots;
     let slots = MapData::from_pin(pins.path().join(map_names::SLOTS4)).expect("pin");
     let mut slots = Array::<_, Slot>::try_from(Map::Array(slots)).expect("array");
     let naming_2 = Slot {

@@ -15,6 +15,12 @@
 //! - after that grace period each frontend its bucket lacks is copied in again from the
 //!   frontends map, and the bucket's `overflow` cleared once it lacks none.
 //!
+//! A slot also carries its frontend's selection table (the backend ids of its cells in the slot
+//! array) when the table is small enough ([`lb_common::FrontendSlot`]): XDP then selects a new
+//! flow's backend from the line it read the frontend from. The slot's copy is written with the
+//! entry, and an entry's table never changes while the entry stays the same (a new table goes
+//! into new cells, and the entry moves to them).
+//!
 //! A bucket of two slots holds all its frontends but for a few percent of them at 100k
 //! frontends in 2^18 slots; the others stay in the frontends map alone, behind `overflow`.
 
@@ -24,8 +30,8 @@ use std::{
 };
 
 use lb_common::{
-    FrontendKey, FrontendSlot4, FrontendSlot6, FrontendSlotHead, Ipv6Words, ServiceValue,
-    frontend_filter, frontend_index,
+    FrontendKey, FrontendSlot, FrontendSlot4, FrontendSlot6, FrontendSlotHead, Ipv6Words,
+    ServiceValue, frontend_filter, frontend_index,
 };
 
 /// A slot type of an index: its head, and the hash that places its key.
@@ -33,6 +39,9 @@ pub(super) trait IndexSlot: Copy + Default {
     type Addr: Copy + Eq + Hash;
     fn head(&self) -> &FrontendSlotHead<Self::Addr>;
     fn head_mut(&mut self) -> &mut FrontendSlotHead<Self::Addr>;
+    /// Makes the slot carry `table` (the backend ids of the entry's table, in cell order), or
+    /// no table when it holds more than the slot has room for, or none is given.
+    fn carry(&mut self, table: &[u32]);
     /// The frontend filter's bit of `key` (the index shares its hash).
     fn filter_bit(key: &FrontendKey<Self::Addr>) -> u32;
 }
@@ -44,6 +53,9 @@ impl IndexSlot for FrontendSlot4 {
     }
     fn head_mut(&mut self) -> &mut FrontendSlotHead<u32> {
         &mut self.head
+    }
+    fn carry(&mut self, table: &[u32]) {
+        carry(self, table);
     }
     fn filter_bit(key: &FrontendKey<u32>) -> u32 {
         frontend_filter::bit(u32::from_be(key.addr), u16::from_be(key.port), key.proto)
@@ -58,8 +70,23 @@ impl IndexSlot for FrontendSlot6 {
     fn head_mut(&mut self) -> &mut FrontendSlotHead<Ipv6Words> {
         &mut self.head
     }
+    fn carry(&mut self, table: &[u32]) {
+        carry(self, table);
+    }
     fn filter_bit(key: &FrontendKey<Ipv6Words>) -> u32 {
         frontend_filter::bit6(key.addr, u16::from_be(key.port), key.proto)
+    }
+}
+
+/// [`IndexSlot::carry`] for a slot with room for `N` backend ids.
+fn carry<A, const N: usize>(slot: &mut FrontendSlot<A, N>, table: &[u32]) {
+    slot.backends = [0; N];
+    match u8::try_from(table.len()) {
+        Ok(len) if table.len() <= N => {
+            slot.backends[..table.len()].copy_from_slice(table);
+            slot.head.inline_backends = len;
+        }
+        _ => slot.head.inline_backends = 0,
     }
 }
 
@@ -244,13 +271,15 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         self.take_out(key, slot)
     }
 
-    /// After `key`'s entry in the frontends map became `value`: a frontend new to the index
-    /// goes into a free slot of its bucket, else it is (or stays) missing. On an error the
-    /// frontend is missing, or in `retry` for the next refill.
+    /// After `key`'s entry in the frontends map became `value`, whose selection table holds
+    /// `table` (the backend ids in cell order): a frontend new to the index goes into a free
+    /// slot of its bucket, else it is (or stays) missing. On an error the frontend is missing,
+    /// or in `retry` for the next refill.
     pub(super) fn after_write(
         &mut self,
         key: &FrontendKey<S::Addr>,
         value: &ServiceValue,
+        table: &[u32],
     ) -> Result<(), M::Error> {
         if self.placed.contains_key(key) {
             return Ok(());
@@ -258,13 +287,13 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         if self.missing.contains(key) {
             // Its old slot may still be read: the bucket keeps its `overflow` until a grace
             // period after the frontend is back in a slot.
-            if self.place(key, value)? {
+            if self.place(key, value, table)? {
                 self.unmark_missing(key);
             }
             return Ok(());
         }
         // New to the index: a program that finds it in no slot yet takes it for not yet there.
-        match self.place(key, value) {
+        match self.place(key, value, table) {
             Ok(true) => Ok(()),
             Ok(false) => self.mark_missing_or_retry(*key),
             Err(error) => {
@@ -303,12 +332,12 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
 
     /// After a grace period that began after every change so far: the retired slots are free,
     /// each missing frontend goes into a free slot of its bucket with its entry in the frontends
-    /// map (`lookup`) if there is one, and the buckets that lacked nothing before the grace
+    /// map and that entry's table (`lookup`) if there is one, and the buckets that lacked nothing before the grace
     /// period lose their `overflow`. A failure leaves the rest for the next refill, which
     /// [`Self::needs_refill`] then asks for.
     pub(super) fn refill(
         &mut self,
-        lookup: impl Fn(&FrontendKey<S::Addr>) -> Result<Option<ServiceValue>, M::Error>,
+        lookup: impl Fn(&FrontendKey<S::Addr>) -> Result<Option<(ServiceValue, Vec<u32>)>, M::Error>,
     ) -> Result<(), M::Error> {
         let settled = std::mem::take(&mut self.settling);
         if std::mem::take(&mut self.retired_all) {
@@ -359,12 +388,12 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
     fn refill_one(
         &mut self,
         key: &FrontendKey<S::Addr>,
-        lookup: impl Fn(&FrontendKey<S::Addr>) -> Result<Option<ServiceValue>, M::Error>,
+        lookup: impl Fn(&FrontendKey<S::Addr>) -> Result<Option<(ServiceValue, Vec<u32>)>, M::Error>,
     ) -> Result<(), M::Error> {
         match lookup(key)? {
             None => self.unmark_missing(key),
-            Some(value) => {
-                if self.place(key, &value)? {
+            Some((value, table)) => {
+                if self.place(key, &value, &table)? {
                     self.unmark_missing(key);
                 }
             }
@@ -393,11 +422,14 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         Ok(())
     }
 
-    /// Writes `key` and `value` into a free slot of the key's bucket, then makes it live.
+    /// Writes `key`, `value` and its `table` into a free slot of the key's bucket, then makes
+    /// it live. A table that is not the entry's size is not carried (XDP then reads the slot
+    /// array).
     fn place(
         &mut self,
         key: &FrontendKey<S::Addr>,
         value: &ServiceValue,
+        table: &[u32],
     ) -> Result<bool, M::Error> {
         let first = Self::bucket(key);
         let Some(slot) = (first..first + frontend_index::BUCKET_SLOTS)
@@ -410,6 +442,12 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         head.key = *key;
         head.value = *value;
         head.live = 0;
+        let table = if table.len() == usize::from(value.backend_count) {
+            table
+        } else {
+            &[]
+        };
+        contents.carry(table);
         self.store.write(slot, &contents)?;
         contents.head_mut().live = 1;
         self.store.write(slot, &contents)?;
@@ -523,6 +561,28 @@ mod tests {
         }
     }
 
+    /// The selection table of [`value`]'s entries: one backend, its id from the service id.
+    fn table_of(value: &ServiceValue) -> Vec<u32> {
+        vec![value.service_id + 100]
+    }
+
+    /// What the agent's lookup gives a refill: `map`'s entry for `key`, with its table.
+    fn entry(
+        map: &HashMap<FrontendKey<u32>, ServiceValue>,
+        key: &FrontendKey<u32>,
+    ) -> Option<(ServiceValue, Vec<u32>)> {
+        map.get(key).map(|value| (*value, table_of(value)))
+    }
+
+    /// The agent's write of `value` for `key`, with its table, after the map took it.
+    fn write(
+        index: &mut Index,
+        key: &FrontendKey<u32>,
+        value: ServiceValue,
+    ) -> Result<(), &'static str> {
+        index.after_write(key, &value, &table_of(&value))
+    }
+
     fn value(service_id: u32) -> ServiceValue {
         ServiceValue {
             service_id,
@@ -584,17 +644,89 @@ mod tests {
 
     /// Refills (after the grace period the caller waited for) with `map` as the frontends map.
     fn refill(index: &mut Index, map: &HashMap<FrontendKey<u32>, ServiceValue>) {
-        index.refill(|key| Ok(map.get(key).copied())).unwrap();
+        index.refill(|key| Ok(entry(map, key))).unwrap();
     }
 
     #[test]
     fn a_new_frontend_is_served_from_its_bucket_at_once() {
         let mut index = index();
-        index.after_write(&key(80), &value(1)).unwrap();
+        write(&mut index, &key(80), value(1)).unwrap();
         assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value(1))));
         assert_eq!(xdp_sees(&index, &key(81)), Ok(None));
         assert_eq!(index.counts(), (1, 0));
         assert!(!index.needs_refill());
+    }
+
+    /// The table the live slot of `key` carries (empty: none).
+    fn carried(index: &Index, key: &FrontendKey<u32>) -> Vec<u32> {
+        let slot = index.store.read(index.placed[key]).unwrap();
+        assert_eq!(slot.head.live, 1);
+        let carried = usize::from(slot.head.inline_backends);
+        assert!(
+            slot.backends[carried..].iter().all(|id| *id == 0),
+            "cells past the table are zero: {:?}",
+            slot.backends
+        );
+        slot.backends[..carried].to_vec()
+    }
+
+    fn value_of(service_id: u32, backend_count: u16) -> ServiceValue {
+        ServiceValue {
+            backend_count,
+            ..value(service_id)
+        }
+    }
+
+    #[test]
+    fn a_slot_carries_its_entry_s_table_when_the_table_fits() {
+        let mut index = index();
+        let seven = [11, 12, 13, 14, 15, 16, 17];
+        index
+            .after_write(&key(80), &value_of(1, 7), &seven)
+            .unwrap();
+        assert_eq!(carried(&index, &key(80)), seven);
+        index
+            .after_write(&key(81), &value_of(2, 3), &[21, 22, 21])
+            .unwrap();
+        assert_eq!(carried(&index, &key(81)), [21, 22, 21]);
+    }
+
+    #[test]
+    fn a_slot_carries_no_table_too_large_for_it_or_not_its_entry_s_size() {
+        let mut index = index();
+        let eight: Vec<u32> = (1..=8).collect();
+        index
+            .after_write(&key(80), &value_of(1, 8), &eight)
+            .unwrap();
+        assert_eq!(carried(&index, &key(80)), [] as [u32; 0]);
+        index.after_write(&key(81), &value_of(2, 2), &[5]).unwrap();
+        assert_eq!(carried(&index, &key(81)), [] as [u32; 0]);
+        index.after_write(&key(82), &value_of(3, 0), &[]).unwrap();
+        assert_eq!(carried(&index, &key(82)), [] as [u32; 0]);
+    }
+
+    #[test]
+    fn a_slot_used_again_carries_only_its_new_entry_s_table() {
+        let [a, b, _] = three_in_one_bucket();
+        let mut index = index();
+        index
+            .after_write(&a, &value_of(1, 5), &[1, 2, 3, 4, 5])
+            .unwrap();
+        index.after_write(&b, &value_of(2, 1), &[9]).unwrap();
+        let slot = index.placed[&a];
+        index.before_remove(&a).unwrap();
+        index.after_remove(&a);
+        index.before_write(&b, &value_of(3, 2)).unwrap();
+        index.after_write(&b, &value_of(3, 2), &[7, 8]).unwrap();
+        // The bucket's other slot was retired by a's removal: b waits for the grace period.
+        assert_eq!(xdp_sees(&index, &b), Err("the frontends map"));
+        let map = HashMap::from([(b, value_of(3, 2))]);
+        index
+            .refill(|key| Ok(map.get(key).map(|value| (*value, vec![7, 8]))))
+            .unwrap();
+        assert_eq!(xdp_sees(&index, &b), Ok(Some(value_of(3, 2))));
+        assert_eq!(index.placed[&b], slot, "b took a's old slot");
+        assert_eq!(carried(&index, &b), [7, 8]);
     }
 
     #[test]
@@ -602,7 +734,7 @@ mod tests {
         let [a, b, c] = three_in_one_bucket();
         let mut index = index();
         for (n, key) in [a, b, c].iter().enumerate() {
-            index.after_write(key, &value(n as u32 + 1)).unwrap();
+            write(&mut index, key, value(n as u32 + 1)).unwrap();
         }
         assert_eq!(xdp_sees(&index, &a), Ok(Some(value(1))));
         assert_eq!(xdp_sees(&index, &b), Ok(Some(value(2))));
@@ -620,6 +752,7 @@ mod tests {
         assert_eq!(xdp_sees(&index, &a), Err("the frontends map"));
         assert_eq!(xdp_sees(&index, &b), Ok(Some(value(2))));
         assert_eq!(xdp_sees(&index, &c), Ok(Some(value(3))));
+        assert_eq!(carried(&index, &c), table_of(&value(3)));
         assert_eq!(index.counts(), (2, 0));
         // c went into a slot after that grace period: the overflow byte waits for another.
         assert_eq!(overflow(&index, &a), 1);
@@ -634,14 +767,14 @@ mod tests {
     fn a_changed_entry_moves_to_the_free_slot_and_its_bucket_overflows_until_a_grace_period_later()
     {
         let mut index = index();
-        index.after_write(&key(80), &value(1)).unwrap();
+        write(&mut index, &key(80), value(1)).unwrap();
         let slot = index.placed[&key(80)];
 
         index.before_write(&key(80), &value(2)).unwrap();
         assert_eq!(xdp_sees(&index, &key(80)), Err("the frontends map"));
         // The old entry stays in the retired slot for programs still reading it.
         assert_eq!(index.store.read(slot).unwrap().head.value, value(1));
-        index.after_write(&key(80), &value(2)).unwrap();
+        write(&mut index, &key(80), value(2)).unwrap();
         assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value(2))));
         assert_ne!(index.placed[&key(80)], slot);
         // A program that found the new slot not yet live, and the old one no longer live, reads
@@ -660,10 +793,10 @@ mod tests {
     fn a_changed_entry_in_a_full_bucket_waits_for_the_grace_period() {
         let [a, b, _] = three_in_one_bucket();
         let mut index = index();
-        index.after_write(&a, &value(1)).unwrap();
-        index.after_write(&b, &value(2)).unwrap();
+        write(&mut index, &a, value(1)).unwrap();
+        write(&mut index, &b, value(2)).unwrap();
         index.before_write(&a, &value(3)).unwrap();
-        index.after_write(&a, &value(3)).unwrap();
+        write(&mut index, &a, value(3)).unwrap();
         assert_eq!(xdp_sees(&index, &a), Err("the frontends map"));
         assert_eq!(xdp_sees(&index, &b), Ok(Some(value(2))));
         let map = HashMap::from([(a, value(3)), (b, value(2))]);
@@ -677,10 +810,10 @@ mod tests {
     #[test]
     fn an_unchanged_entry_keeps_its_slot() {
         let mut index = index();
-        index.after_write(&key(80), &value(1)).unwrap();
+        write(&mut index, &key(80), value(1)).unwrap();
         let writes_before = index.store.slots.clone();
         index.before_write(&key(80), &value(1)).unwrap();
-        index.after_write(&key(80), &value(1)).unwrap();
+        write(&mut index, &key(80), value(1)).unwrap();
         assert_eq!(index.store.slots, writes_before);
         assert!(!index.needs_refill());
     }
@@ -688,7 +821,7 @@ mod tests {
     #[test]
     fn a_failed_removal_leaves_the_frontend_found_through_the_map() {
         let mut index = index();
-        index.after_write(&key(80), &value(1)).unwrap();
+        write(&mut index, &key(80), value(1)).unwrap();
         index.before_remove(&key(80)).unwrap();
         // The map's delete failed: no after_remove. The refill copies the entry in again.
         assert_eq!(xdp_sees(&index, &key(80)), Err("the frontends map"));
@@ -700,7 +833,7 @@ mod tests {
     fn a_failed_write_before_the_map_changes_leaves_everything_as_it_was() {
         for pass in 0..2 {
             let mut index = index();
-            index.after_write(&key(80), &value(1)).unwrap();
+            write(&mut index, &key(80), value(1)).unwrap();
             let before = index.store.slots.clone();
             // Fails setting the overflow byte (pass 0) or retiring the slot (pass 1).
             index.store.failing = Some((pass, 1));
@@ -726,7 +859,7 @@ mod tests {
         let mut index = index();
         // The slot's first write passes, making it live fails; the overflow byte is written.
         index.store.failing = Some((1, 1));
-        assert!(index.after_write(&key(80), &value(1)).is_err());
+        assert!(write(&mut index, &key(80), value(1)).is_err());
         assert_eq!(xdp_sees(&index, &key(80)), Err("the frontends map"));
         assert_eq!(index.counts(), (0, 1));
         let map = HashMap::from([(key(80), value(1))]);
@@ -741,7 +874,7 @@ mod tests {
         let mut index = index();
         // Both writes fail: the slot's and the overflow byte's.
         index.store.failing = Some((0, 2));
-        assert!(index.after_write(&key(80), &value(1)).is_err());
+        assert!(write(&mut index, &key(80), value(1)).is_err());
         assert_eq!(index.counts(), (0, 1), "counted as read from the map");
         assert!(index.needs_refill());
         let map = HashMap::from([(key(80), value(1))]);
@@ -755,13 +888,13 @@ mod tests {
         let [a, b, c] = three_in_one_bucket();
         let mut index = index();
         for (n, key) in [a, b, c].iter().enumerate() {
-            index.after_write(key, &value(n as u32 + 1)).unwrap();
+            write(&mut index, key, value(n as u32 + 1)).unwrap();
         }
         index.before_remove(&a).unwrap();
         index.after_remove(&a);
         index.store.failing = Some((0, 1));
         let map = HashMap::from([(b, value(2)), (c, value(3))]);
-        assert!(index.refill(|key| Ok(map.get(key).copied())).is_err());
+        assert!(index.refill(|key| Ok(entry(&map, key))).is_err());
         assert!(index.needs_refill());
         assert_eq!(xdp_sees(&index, &c), Err("the frontends map"));
         refill(&mut index, &map);
@@ -772,9 +905,9 @@ mod tests {
     fn adopting_an_earlier_agent_s_index_retires_what_the_map_no_longer_has() {
         let [a, b, c] = three_in_one_bucket();
         let mut earlier = index();
-        earlier.after_write(&a, &value(1)).unwrap();
-        earlier.after_write(&b, &value(2)).unwrap();
-        earlier.after_write(&key(80), &value(5)).unwrap();
+        write(&mut earlier, &a, value(1)).unwrap();
+        write(&mut earlier, &b, value(2)).unwrap();
+        write(&mut earlier, &key(80), value(5)).unwrap();
         let slots: Vec<(u32, FrontendSlot4)> =
             earlier.store.slots.iter().map(|(s, v)| (*s, *v)).collect();
         // Meanwhile: a's entry changed, b left, c arrived, key 80 is as it was.

@@ -137,10 +137,16 @@ impl Datapath {
     }
 
     /// Writes one frontend's entry into its family's frontends map, and its copy in the
-    /// family's frontend index (entries of scope ANY, which XDP reads). Once the map holds the
-    /// entry, a failure of the index's write is a cleanup failure, not the call's: XDP then
-    /// reads the frontend from the map, or the next refill places it.
-    fn insert_frontend(&mut self, key: &FrontendKey, value: &ServiceValue) -> Result<()> {
+    /// family's frontend index (entries of scope ANY, which XDP reads) with the entry's
+    /// selection table (`table`, the backend ids of its cells). Once the map holds the entry, a
+    /// failure of the index's write is a cleanup failure, not the call's: XDP then reads the
+    /// frontend from the map, or the next refill places it.
+    fn insert_frontend(
+        &mut self,
+        key: &FrontendKey,
+        value: &ServiceValue,
+        table: &[u32],
+    ) -> Result<()> {
         let operation = || format!("service {} frontend {key:?}", value.service_id);
         let indexed = match key {
             FrontendKey::V4(key) => write_frontend(
@@ -148,7 +154,7 @@ impl Datapath {
                 self.frontends4_capacity,
                 (&mut self.frontend_index4, map_names::FRONTEND_INDEX4),
                 key,
-                value,
+                (value, table),
                 operation,
             )?,
             FrontendKey::V6(key) => write_frontend(
@@ -156,7 +162,7 @@ impl Datapath {
                 limits::MAX_FRONTENDS,
                 (&mut self.frontend_index6, map_names::FRONTEND_INDEX6),
                 key,
-                value,
+                (value, table),
                 operation,
             )?,
         };
@@ -214,15 +220,17 @@ impl Datapath {
         outer
             .set(0, inner, 0)
             .map_err(|source| map_error(map_names::GRACE, "wait for a grace period", source))?;
+        let installed = &self.installed;
+        let with_table = |value: ServiceValue| (value, table_of(installed, &value).to_vec());
         let frontends = &self.maps.frontends;
         let refilled4 = self
             .frontend_index4
-            .refill(|key| lookup_entry(frontends, key))
+            .refill(|key| Ok(lookup_entry(frontends, key)?.map(with_table)))
             .map_err(|e| map_error(map_names::FRONTEND_INDEX4, "refill", e));
         let frontends6 = &self.maps.frontends6;
         let refilled6 = self
             .frontend_index6
-            .refill(|key| lookup_entry(frontends6, key))
+            .refill(|key| Ok(lookup_entry(frontends6, key)?.map(with_table)))
             .map_err(|e| map_error(map_names::FRONTEND_INDEX6, "refill", e));
         refilled4.and(refilled6)
     }
@@ -307,7 +315,7 @@ impl Datapath {
         };
         let mut written = Vec::new();
         for (key, flags) in &flags_by_key {
-            let result = self.insert_frontend(key, &value(*flags));
+            let result = self.insert_frontend(key, &value(*flags), &service.backends);
             if let Err(error) = result {
                 self.undo_frontends(&written);
                 self.slot_ranges.release(slots, backend_count.into());
@@ -929,7 +937,10 @@ impl Datapath {
             });
             let operation = || format!("undo a failed update of frontend {key:?}");
             let undone = match before {
-                Some(value) => self.insert_frontend(key, &value),
+                Some(value) => {
+                    let table = table_of(&self.installed, &value).to_vec();
+                    self.insert_frontend(key, &value, &table)
+                }
                 None => self.remove_frontend(key, operation),
             };
             if let Err(error) = undone {
@@ -1178,7 +1189,7 @@ fn write_frontend<S>(
     capacity: u32,
     (index, index_name): IndexOf<'_, S>,
     key: &lb_common::FrontendKey<S::Addr>,
-    value: &ServiceValue,
+    (value, table): (&ServiceValue, &[u32]),
     operation: impl Fn() -> String,
 ) -> Result<Result<()>>
 where
@@ -1196,7 +1207,7 @@ where
         return Ok(Ok(()));
     }
     Ok(index
-        .after_write(key, value)
+        .after_write(key, value, table)
         .map_err(|e| map_error(index_name, "write", e)))
 }
 
@@ -1217,6 +1228,21 @@ where
     remove(map, map_name, key, operation)?;
     index.after_remove(key);
     Ok(())
+}
+
+/// The backend ids of the selection table a frontend entry names, as the agent installed it;
+/// empty when the entry is not the installed service's current one (the frontend index then
+/// carries no table for it, and XDP reads the slot array).
+fn table_of<'i>(installed: &'i BTreeMap<u32, InstalledService>, value: &ServiceValue) -> &'i [u32] {
+    match installed.get(&value.service_id) {
+        Some(service)
+            if service.slots == value.slots
+                && service.backends.len() == usize::from(value.backend_count) =>
+        {
+            &service.backends
+        }
+        _ => &[],
+    }
 }
 
 /// E2BIG from BPF_MAP_UPDATE_ELEM: the map holds max_entries already.
