@@ -298,10 +298,15 @@ fn a_restarted_agent_keeps_what_is_current_and_retires_what_is_not() {
         put_service(&mut datapath, 1, a, vec![1]);
         put_service(&mut datapath, 2, b, vec![2]);
     }
-    // While no agent runs: b's slot is taken over by a frontend no map has.
+    // While no agent runs: b's slot is taken over by a frontend no map has, and a's carries a
+    // table the slot array does not hold for a's entry (as an earlier release's agent can
+    // leave it: it writes no table, and a's entry can name the same cells again with other
+    // backends in them).
     let mut slots = index(pins.path());
     let slot = slot_of(&slots, b);
     edit_slot(&mut slots, slot, |slot| slot.head.key = key_of(stray));
+    let slot = slot_of(&slots, a);
+    edit_slot(&mut slots, slot, |slot| slot.backends[0] = 2);
     assert_eq!(
         bucket(pins.path(), a).0.len(),
         2,
@@ -320,8 +325,15 @@ fn a_restarted_agent_keeps_what_is_current_and_retires_what_is_not() {
     assert_eq!(live_keys, expected);
     assert_eq!(overflow, 0);
     assert_eq!(datapath.frontend_index_counts(), (2, 0));
-    assert_eq!(carried(pins.path(), a), [1], "kept with its table");
+    assert_eq!(
+        carried(pins.path(), a),
+        [1],
+        "placed again with the slot array's table"
+    );
     assert_eq!(carried(pins.path(), b), [2], "placed again with its table");
+    for port in 40003..40011 {
+        assert_eq!(destination(&datapath, a, port), backend_addr(1));
+    }
 }
 
 #[test]

@@ -18,8 +18,10 @@
 //! A slot also carries its frontend's selection table (the backend ids of its cells in the slot
 //! array) when the table is small enough ([`lb_common::FrontendSlot`]): XDP then selects a new
 //! flow's backend from the line it read the frontend from. The slot's copy is written with the
-//! entry, and an entry's table never changes while the entry stays the same (a new table goes
-//! into new cells, and the entry moves to them).
+//! entry. An entry can come back to cells it named before with another table in them (the slot
+//! array hands out its first free cells), so a slot stays only while both its entry and its
+//! table are the ones the agent writes: a write compares both, and an adopted slot's table is
+//! checked against the table the slot array holds.
 //!
 //! A bucket of two slots holds all its frontends but for a few percent of them at 100k
 //! frontends in 2^18 slots; the others stay in the frontends map alone, behind `overflow`.
@@ -42,6 +44,8 @@ pub(super) trait IndexSlot: Copy + Default {
     /// Makes the slot carry `table` (the backend ids of the entry's table, in cell order), or
     /// no table when it holds more than the slot has room for, or none is given.
     fn carry(&mut self, table: &[u32]);
+    /// The table the slot carries (empty: none).
+    fn carried(&self) -> &[u32];
     /// The frontend filter's bit of `key` (the index shares its hash).
     fn filter_bit(key: &FrontendKey<Self::Addr>) -> u32;
 }
@@ -56,6 +60,9 @@ impl IndexSlot for FrontendSlot4 {
     }
     fn carry(&mut self, table: &[u32]) {
         carry(self, table);
+    }
+    fn carried(&self) -> &[u32] {
+        carried(self)
     }
     fn filter_bit(key: &FrontendKey<u32>) -> u32 {
         frontend_filter::bit(u32::from_be(key.addr), u16::from_be(key.port), key.proto)
@@ -73,6 +80,9 @@ impl IndexSlot for FrontendSlot6 {
     fn carry(&mut self, table: &[u32]) {
         carry(self, table);
     }
+    fn carried(&self) -> &[u32] {
+        carried(self)
+    }
     fn filter_bit(key: &FrontendKey<Ipv6Words>) -> u32 {
         frontend_filter::bit6(key.addr, u16::from_be(key.port), key.proto)
     }
@@ -87,6 +97,27 @@ fn carry<A, const N: usize>(slot: &mut FrontendSlot<A, N>, table: &[u32]) {
             slot.head.inline_backends = len;
         }
         _ => slot.head.inline_backends = 0,
+    }
+}
+
+/// [`IndexSlot::carried`] for a slot with room for `N` backend ids.
+fn carried<A, const N: usize>(slot: &FrontendSlot<A, N>) -> &[u32] {
+    &slot.backends[..usize::from(slot.head.inline_backends).min(N)]
+}
+
+/// Whether `slot` holds `value` and carries what the agent would write with it for `table`.
+fn holds<S: IndexSlot>(slot: &S, value: &ServiceValue, table: &[u32]) -> bool {
+    let mut expected = S::default();
+    expected.carry(table_to_carry(value, table));
+    slot.head().value == *value && slot.carried() == expected.carried()
+}
+
+/// `table` if it is `value`'s size, else none (XDP then reads the slot array).
+fn table_to_carry<'t>(value: &ServiceValue, table: &'t [u32]) -> &'t [u32] {
+    if table.len() == usize::from(value.backend_count) {
+        table
+    } else {
+        &[]
     }
 }
 
@@ -109,11 +140,13 @@ impl<S: aya::Pod> SlotStore<S> for aya::maps::Array<aya::maps::MapData, S> {
 }
 
 /// The index pinned as `name` under `pin_dir`, adopted as [`FrontendIndex::adopt`] says, with
-/// `entries` the frontends map's entries (those of scope ANY are the index's).
+/// `entries` the frontends map's entries (those of scope ANY are the index's) and `table_of`
+/// the table the slot array holds for an entry (empty when unknown).
 pub(super) fn open<S: IndexSlot + aya::Pod>(
     pin_dir: &std::path::Path,
     name: &'static str,
     entries: impl IntoIterator<Item = (FrontendKey<S::Addr>, ServiceValue)>,
+    table_of: impl Fn(&ServiceValue) -> Vec<u32>,
 ) -> super::error::Result<FrontendIndex<S, aya::maps::Array<aya::maps::MapData, S>>> {
     use std::os::fd::AsFd as _;
     let store: aya::maps::Array<aya::maps::MapData, S> =
@@ -132,7 +165,7 @@ pub(super) fn open<S: IndexSlot + aya::Pod>(
         .into_iter()
         .filter(|(key, _)| key.scope == lb_common::scope::ANY)
         .collect();
-    FrontendIndex::adopt(store, slots, entries)
+    FrontendIndex::adopt(store, slots, entries, table_of)
         .map_err(|source| super::error::map_error(name, "adopt", source))
 }
 
@@ -188,14 +221,16 @@ pub(super) struct FrontendIndex<S: IndexSlot, M> {
 impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
     /// The index in `store`, which may hold what an earlier agent wrote (`slots`: each slot it
     /// holds that is live or has `overflow` set). Every live slot that is not a copy of its
-    /// frontend's entry in `entries` (the frontends map's entries of scope ANY) is retired, and
-    /// every other entry is missing until [`Self::refill`]. Slots not live may still be read by
+    /// frontend's entry in `entries` (the frontends map's entries of scope ANY) with the table
+    /// `table_of` gives for that entry (the slot array's cells) is retired, and every other
+    /// entry is missing until [`Self::refill`]. Slots not live may still be read by
     /// a program (one an earlier agent retired just before it stopped): they are free only
     /// after the first grace period too, as buckets flagged with nothing missing are cleared.
     pub(super) fn adopt(
         store: M,
         slots: impl IntoIterator<Item = (u32, S)>,
         entries: HashMap<FrontendKey<S::Addr>, ServiceValue>,
+        table_of: impl Fn(&ServiceValue) -> Vec<u32>,
     ) -> Result<Self, M::Error> {
         let mut index = Self::empty(store);
         index.states.fill(SlotState::Retired);
@@ -210,7 +245,9 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
             if head.live == 0 {
                 continue;
             }
-            let current = entries.get(&head.key) == Some(&head.value)
+            let current = entries
+                .get(&head.key)
+                .is_some_and(|entry| holds(&value, entry, &table_of(entry)))
                 && Self::bucket(&head.key) == slot & !(frontend_index::BUCKET_SLOTS - 1)
                 && !index.placed.contains_key(&head.key);
             if current {
@@ -254,18 +291,19 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         frontend_index::first_slot(S::filter_bit(key))
     }
 
-    /// Before `key`'s entry in the frontends map becomes `value`: a slot with another entry is
-    /// retired, its frontend missing from then on. On an error nothing changed, and the map
-    /// must not be written either.
+    /// Before `key`'s entry in the frontends map becomes `value` with the selection table
+    /// `table`: a slot with another entry, or another table, is retired, its frontend missing
+    /// from then on. On an error nothing changed, and the map must not be written either.
     pub(super) fn before_write(
         &mut self,
         key: &FrontendKey<S::Addr>,
         value: &ServiceValue,
+        table: &[u32],
     ) -> Result<(), M::Error> {
         let Some(&slot) = self.placed.get(key) else {
             return Ok(());
         };
-        if self.store.read(slot)?.head().value == *value {
+        if holds(&self.store.read(slot)?, value, table) {
             return Ok(());
         }
         self.take_out(key, slot)
@@ -442,12 +480,7 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
         head.key = *key;
         head.value = *value;
         head.live = 0;
-        let table = if table.len() == usize::from(value.backend_count) {
-            table
-        } else {
-            &[]
-        };
-        contents.carry(table);
+        contents.carry(table_to_carry(value, table));
         self.store.write(slot, &contents)?;
         contents.head_mut().live = 1;
         self.store.write(slot, &contents)?;
@@ -716,7 +749,7 @@ mod tests {
         let slot = index.placed[&a];
         index.before_remove(&a).unwrap();
         index.after_remove(&a);
-        index.before_write(&b, &value_of(3, 2)).unwrap();
+        index.before_write(&b, &value_of(3, 2), &[7, 8]).unwrap();
         index.after_write(&b, &value_of(3, 2), &[7, 8]).unwrap();
         // The bucket's other slot was retired by a's removal: b waits for the grace period.
         assert_eq!(xdp_sees(&index, &b), Err("the frontends map"));
@@ -770,7 +803,9 @@ mod tests {
         write(&mut index, &key(80), value(1)).unwrap();
         let slot = index.placed[&key(80)];
 
-        index.before_write(&key(80), &value(2)).unwrap();
+        index
+            .before_write(&key(80), &value(2), &table_of(&value(2)))
+            .unwrap();
         assert_eq!(xdp_sees(&index, &key(80)), Err("the frontends map"));
         // The old entry stays in the retired slot for programs still reading it.
         assert_eq!(index.store.read(slot).unwrap().head.value, value(1));
@@ -795,7 +830,9 @@ mod tests {
         let mut index = index();
         write(&mut index, &a, value(1)).unwrap();
         write(&mut index, &b, value(2)).unwrap();
-        index.before_write(&a, &value(3)).unwrap();
+        index
+            .before_write(&a, &value(3), &table_of(&value(3)))
+            .unwrap();
         write(&mut index, &a, value(3)).unwrap();
         assert_eq!(xdp_sees(&index, &a), Err("the frontends map"));
         assert_eq!(xdp_sees(&index, &b), Ok(Some(value(2))));
@@ -812,7 +849,9 @@ mod tests {
         let mut index = index();
         write(&mut index, &key(80), value(1)).unwrap();
         let writes_before = index.store.slots.clone();
-        index.before_write(&key(80), &value(1)).unwrap();
+        index
+            .before_write(&key(80), &value(1), &table_of(&value(1)))
+            .unwrap();
         write(&mut index, &key(80), value(1)).unwrap();
         assert_eq!(index.store.slots, writes_before);
         assert!(!index.needs_refill());
@@ -837,7 +876,11 @@ mod tests {
             let before = index.store.slots.clone();
             // Fails setting the overflow byte (pass 0) or retiring the slot (pass 1).
             index.store.failing = Some((pass, 1));
-            assert!(index.before_write(&key(80), &value(2)).is_err());
+            assert!(
+                index
+                    .before_write(&key(80), &value(2), &table_of(&value(2)))
+                    .is_err()
+            );
             assert_eq!(
                 xdp_sees(&index, &key(80)),
                 Ok(Some(value(1))),
@@ -902,6 +945,70 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_back_at_its_old_cells_with_another_table_does_not_keep_the_old_table() {
+        // The slot array hands out its first free cells: an entry can name the same cells
+        // again, with other backend ids in them.
+        let mut index = index();
+        index
+            .after_write(&key(80), &value_of(1, 2), &[1, 2])
+            .unwrap();
+        index
+            .before_write(&key(80), &value_of(1, 2), &[1, 3])
+            .unwrap();
+        assert_eq!(xdp_sees(&index, &key(80)), Err("the frontends map"));
+        index
+            .after_write(&key(80), &value_of(1, 2), &[1, 3])
+            .unwrap();
+        assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value_of(1, 2))));
+        assert_eq!(carried(&index, &key(80)), [1, 3]);
+        // The same entry and table again: the slot stays.
+        let before = index.store.slots.clone();
+        index
+            .before_write(&key(80), &value_of(1, 2), &[1, 3])
+            .unwrap();
+        assert_eq!(index.store.slots, before);
+    }
+
+    #[test]
+    fn adopting_keeps_a_slot_only_with_the_table_the_slot_array_holds_for_its_entry() {
+        let mut earlier = index();
+        earlier
+            .after_write(&key(80), &value_of(1, 2), &[1, 2])
+            .unwrap();
+        earlier
+            .after_write(&key(81), &value_of(2, 1), &[5])
+            .unwrap();
+        earlier
+            .after_write(&key(82), &value_of(3, 1), &[6])
+            .unwrap();
+        let slots: Vec<(u32, FrontendSlot4)> =
+            earlier.store.slots.iter().map(|(s, v)| (*s, *v)).collect();
+        // While no agent of this release ran, an earlier one moved key 80's service to other
+        // cells and back with other backends in them; key 82's table is one the agent does not
+        // know (the slot array's cells are not its service's current ones).
+        let map = HashMap::from([
+            (key(80), value_of(1, 2)),
+            (key(81), value_of(2, 1)),
+            (key(82), value_of(3, 1)),
+        ]);
+        let tables = |value: &ServiceValue| match value.service_id {
+            1 => vec![1, 3],
+            2 => vec![5],
+            _ => vec![],
+        };
+        let mut index = Index::adopt(earlier.store, slots, map.clone(), tables).unwrap();
+        assert_eq!(xdp_sees(&index, &key(80)), Err("the frontends map"));
+        assert_eq!(carried(&index, &key(81)), [5], "kept");
+        assert_eq!(xdp_sees(&index, &key(82)), Err("the frontends map"));
+        index
+            .refill(|key| Ok(map.get(key).map(|value| (*value, tables(value)))))
+            .unwrap();
+        assert_eq!(carried(&index, &key(80)), [1, 3]);
+        assert_eq!(carried(&index, &key(82)), [] as [u32; 0]);
+        assert_eq!(xdp_sees(&index, &key(82)), Ok(Some(value_of(3, 1))));
+    }
+
+    #[test]
     fn adopting_an_earlier_agent_s_index_retires_what_the_map_no_longer_has() {
         let [a, b, c] = three_in_one_bucket();
         let mut earlier = index();
@@ -912,7 +1019,7 @@ mod tests {
             earlier.store.slots.iter().map(|(s, v)| (*s, *v)).collect();
         // Meanwhile: a's entry changed, b left, c arrived, key 80 is as it was.
         let map = HashMap::from([(a, value(3)), (c, value(4)), (key(80), value(5))]);
-        let mut index = Index::adopt(earlier.store, slots, map.clone()).unwrap();
+        let mut index = Index::adopt(earlier.store, slots, map.clone(), table_of).unwrap();
         assert_eq!(xdp_sees(&index, &a), Err("the frontends map"));
         assert_eq!(xdp_sees(&index, &b), Err("the frontends map"));
         assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value(5))));

@@ -200,17 +200,21 @@ impl Datapath {
         )?;
         // Read again rather than taken from read_installed's walk: migrate_legacy_slots above
         // rewrote the entries of an earlier release's tables.
+        // A slot keeps its table only if the slot array holds that table for its entry.
+        let table_of = |value: &ServiceValue| super::write::table_of(&installed, value).to_vec();
         let frontend_index4 = super::frontend_index::open(
             pin_dir,
             map_names::FRONTEND_INDEX4,
             super::batch::read_map(&maps.frontends)
                 .map_err(|source| map_error(map_names::FRONTENDS4, "read", source))?,
+            table_of,
         )?;
         let frontend_index6 = super::frontend_index::open(
             pin_dir,
             map_names::FRONTEND_INDEX6,
             super::batch::read_map(&maps.frontends6)
                 .map_err(|source| map_error(map_names::FRONTENDS6, "read", source))?,
+            table_of,
         )?;
         let grace = (
             take_private_map(&mut ebpf, map_names::GRACE)?,

@@ -1199,7 +1199,7 @@ where
     let indexed = key.scope == scope::ANY;
     if indexed {
         index
-            .before_write(key, value)
+            .before_write(key, value, table)
             .map_err(|e| map_error(index_name, "write", e))?;
     }
     insert(map, map_name, capacity, key, value, operation)?;
@@ -1233,7 +1233,10 @@ where
 /// The backend ids of the selection table a frontend entry names, as the agent installed it;
 /// empty when the entry is not the installed service's current one (the frontend index then
 /// carries no table for it, and XDP reads the slot array).
-fn table_of<'i>(installed: &'i BTreeMap<u32, InstalledService>, value: &ServiceValue) -> &'i [u32] {
+pub(super) fn table_of<'i>(
+    installed: &'i BTreeMap<u32, InstalledService>,
+    value: &ServiceValue,
+) -> &'i [u32] {
     match installed.get(&value.service_id) {
         Some(service)
             if service.slots == value.slots
