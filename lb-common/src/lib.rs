@@ -895,7 +895,8 @@ pub struct FrontendSlotHead<A> {
     /// of passing it.
     pub overflow: u8,
     /// How many of the slot's [`FrontendSlot::backends`] hold the service's selection table
-    /// (0: the table is too large for the slot, and XDP reads it from [`map_names::SLOTS4`]).
+    /// (0: the slot carries none, as the table is too large for it or the agent did not know
+    /// it when it wrote the slot, and XDP reads the table from [`map_names::SLOTS4`]).
     pub inline_backends: u8,
     pub reserved: u8,
 }

@@ -109,7 +109,9 @@ fn carried<A, const N: usize>(slot: &FrontendSlot<A, N>) -> &[u32] {
 fn holds<S: IndexSlot>(slot: &S, value: &ServiceValue, table: &[u32]) -> bool {
     let mut expected = S::default();
     expected.carry(table_to_carry(value, table));
-    slot.head().value == *value && slot.carried() == expected.carried()
+    slot.head().value == *value
+        && slot.head().inline_backends == expected.head().inline_backends
+        && slot.carried() == expected.carried()
 }
 
 /// `table` if it is `value`'s size, else none (XDP then reads the slot array).
@@ -961,10 +963,18 @@ mod tests {
             .unwrap();
         assert_eq!(xdp_sees(&index, &key(80)), Ok(Some(value_of(1, 2))));
         assert_eq!(carried(&index, &key(80)), [1, 3]);
-        // The same entry and table again: the slot stays.
+        // The same entry and table again: the slot stays; so does a slot of a table too large
+        // to carry.
+        let eight: Vec<u32> = (1..=8).collect();
+        index
+            .after_write(&key(81), &value_of(2, 8), &eight)
+            .unwrap();
         let before = index.store.slots.clone();
         index
             .before_write(&key(80), &value_of(1, 2), &[1, 3])
+            .unwrap();
+        index
+            .before_write(&key(81), &value_of(2, 8), &eight)
             .unwrap();
         assert_eq!(index.store.slots, before);
     }
@@ -981,25 +991,36 @@ mod tests {
         earlier
             .after_write(&key(82), &value_of(3, 1), &[6])
             .unwrap();
+        let eight: Vec<u32> = (1..=8).collect();
+        earlier
+            .after_write(&key(83), &value_of(4, 8), &eight)
+            .unwrap();
+        earlier.after_write(&key(84), &value_of(5, 1), &[]).unwrap();
         let slots: Vec<(u32, FrontendSlot4)> =
             earlier.store.slots.iter().map(|(s, v)| (*s, *v)).collect();
         // While no agent of this release ran, an earlier one moved key 80's service to other
-        // cells and back with other backends in them; key 82's table is one the agent does not
-        // know (the slot array's cells are not its service's current ones).
+        // cells and back with other backends in them; key 82's and key 84's tables are ones the
+        // agent does not know (the slot array's cells are not their services' current ones):
+        // only a slot that carries none may stay. Key 83's table is too large to carry.
         let map = HashMap::from([
             (key(80), value_of(1, 2)),
             (key(81), value_of(2, 1)),
             (key(82), value_of(3, 1)),
+            (key(83), value_of(4, 8)),
+            (key(84), value_of(5, 1)),
         ]);
         let tables = |value: &ServiceValue| match value.service_id {
             1 => vec![1, 3],
             2 => vec![5],
+            4 => (1..=8).collect(),
             _ => vec![],
         };
         let mut index = Index::adopt(earlier.store, slots, map.clone(), tables).unwrap();
         assert_eq!(xdp_sees(&index, &key(80)), Err("the frontends map"));
         assert_eq!(carried(&index, &key(81)), [5], "kept");
         assert_eq!(xdp_sees(&index, &key(82)), Err("the frontends map"));
+        assert_eq!(carried(&index, &key(83)), [] as [u32; 0], "kept");
+        assert_eq!(carried(&index, &key(84)), [] as [u32; 0], "kept");
         index
             .refill(|key| Ok(map.get(key).map(|value| (*value, tables(value)))))
             .unwrap();

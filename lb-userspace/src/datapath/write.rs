@@ -317,8 +317,11 @@ impl Datapath {
         for (key, flags) in &flags_by_key {
             let result = self.insert_frontend(key, &value(*flags), &service.backends);
             if let Err(error) = result {
-                self.undo_frontends(&written);
-                self.slot_ranges.release(slots, backend_count.into());
+                // A frontend whose undo failed still names the new cells (and its index slot
+                // carries their table): they stay taken until the agent restarts.
+                if self.undo_frontends(&written) {
+                    self.slot_ranges.release(slots, backend_count.into());
+                }
                 return Err(error);
             }
             written.push(*key);
@@ -919,7 +922,9 @@ impl Datapath {
 
     /// Puts back what a failed put_service changed among `written` frontends: new ones are
     /// removed, existing ones get their previous entry again.
-    fn undo_frontends(&mut self, written: &[FrontendKey]) {
+    /// Whether every one was undone.
+    fn undo_frontends(&mut self, written: &[FrontendKey]) -> bool {
+        let mut all_undone = true;
         for key in written {
             // The entry the key had before this call: its owner's (this service's previous
             // version, or the service it was taken from), or none.
@@ -944,9 +949,11 @@ impl Datapath {
                 None => self.remove_frontend(key, operation),
             };
             if let Err(error) = undone {
+                all_undone = false;
                 self.cleanup_failed(error);
             }
         }
+        all_undone
     }
 
     /// Records the name of a service id (for `lb services` and the metrics' labels). Longer
