@@ -254,3 +254,44 @@ fn explain_tells_hit_miss_affinity_and_source_range_and_changes_nothing() {
         "lb explain changed a map entry"
     );
 }
+
+/// `lb explain` on maps the agent created at other sizes than the defaults
+/// (`--frontend-map-size`, `--conntrack-map-size`): its dry-run copy of the datapath reuses them
+/// at the size they were pinned with.
+#[test]
+fn explain_reads_maps_the_agent_sized() {
+    use lb_common::{backend_flags, proto, service_flags};
+    use lb_userspace::{
+        compile::model::{Backend, Frontend, Service},
+        datapath::{Datapath, MapSizes},
+    };
+    let lab = lab::lab::Lab::new().expect("lab");
+    let pins = lab::lab::PinDir::new(&lab, "explain-sized").expect("pins");
+    let sizes = MapSizes {
+        frontends4: 4096,
+        conntrack4: 8192,
+    };
+    let mut datapath = Datapath::load_sized(pins.path(), sizes).expect("load");
+    let backend = Backend {
+        addr: "10.244.1.5".parse::<std::net::IpAddr>().expect("address"),
+        port: 8080,
+        proto: proto::TCP,
+        flags: backend_flags::LOCAL,
+    };
+    datapath.put_backend(1, &backend).expect("backend");
+    let service = Service {
+        id: 1,
+        frontends: vec![Frontend {
+            addr: "203.0.113.1".parse::<std::net::IpAddr>().expect("address"),
+            port: 80,
+            proto: proto::TCP,
+            kind: service_flags::EXTERNAL_IP,
+        }],
+        backends: vec![1],
+        ..Default::default()
+    };
+    datapath.put_service(&service).expect("service");
+    let hit = explain(pins.path(), "198.51.100.7:45000", "203.0.113.1:80/tcp");
+    assert_eq!(hit["verdict"], "pass", "{hit:#}");
+    assert_eq!(hit["rewritten"][1], "10.244.1.5:8080", "{hit:#}");
+}
