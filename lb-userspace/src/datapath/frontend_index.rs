@@ -91,13 +91,13 @@ impl IndexSlot for FrontendSlot6 {
 /// [`IndexSlot::carry`] for a slot with room for `N` backend ids.
 fn carry<A, const N: usize>(slot: &mut FrontendSlot<A, N>, table: &[u32]) {
     slot.backends = [0; N];
-    match u8::try_from(table.len()) {
-        Ok(len) if table.len() <= N => {
-            slot.backends[..table.len()].copy_from_slice(table);
-            slot.head.inline_backends = len;
-        }
-        _ => slot.head.inline_backends = 0,
+    if table.len() > N {
+        slot.head.inline_backends = 0;
+        return;
     }
+    slot.backends[..table.len()].copy_from_slice(table);
+    // N is at most 7 (a slot is one cache line).
+    slot.head.inline_backends = table.len() as u8;
 }
 
 /// [`IndexSlot::carried`] for a slot with room for `N` backend ids.
@@ -372,8 +372,8 @@ impl<S: IndexSlot, M: SlotStore<S>> FrontendIndex<S, M> {
 
     /// After a grace period that began after every change so far: the retired slots are free,
     /// each missing frontend goes into a free slot of its bucket with its entry in the frontends
-    /// map and that entry's table (`lookup`) if there is one, and the buckets that lacked nothing before the grace
-    /// period lose their `overflow`. A failure leaves the rest for the next refill, which
+    /// map and that entry's table (`lookup`) if there is one, and the buckets that lacked
+    /// nothing before the grace period lose their `overflow`. A failure leaves the rest for the next refill, which
     /// [`Self::needs_refill`] then asks for.
     pub(super) fn refill(
         &mut self,

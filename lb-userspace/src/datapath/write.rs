@@ -930,7 +930,7 @@ impl Datapath {
             // version, or the service it was taken from), or none.
             let before = self.owners.get(key).and_then(|owner| {
                 let installed = self.installed.get(owner)?;
-                Some(ServiceValue {
+                let value = ServiceValue {
                     service_id: *owner,
                     backend_count: installed.backends.len() as u16,
                     legacy_revision: 0,
@@ -938,14 +938,12 @@ impl Datapath {
                     affinity_timeout_s: installed.affinity_timeout_s,
                     maglev_table: installed.maglev_tag.unwrap_or(0),
                     slots: installed.slots,
-                })
+                };
+                Some((value, installed.backends.clone()))
             });
             let operation = || format!("undo a failed update of frontend {key:?}");
             let undone = match before {
-                Some(value) => {
-                    let table = table_of(&self.installed, &value).to_vec();
-                    self.insert_frontend(key, &value, &table)
-                }
+                Some((value, table)) => self.insert_frontend(key, &value, &table),
                 None => self.remove_frontend(key, operation),
             };
             if let Err(error) = undone {
