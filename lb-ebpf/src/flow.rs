@@ -20,8 +20,8 @@ use crate::{
     family::{Family, V4},
     helpers::{now_ns, random_u32},
     maps::{
-        AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, MAGLEV4, SLOTS4, count_event,
-        count_service, dry_run,
+        AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, SLOTS4,
+        count_event, count_service, dry_run,
     },
     monitor,
     zeroed::{zero, zero_init},
@@ -299,7 +299,7 @@ pub fn destination<F: Family>(
     arrival: &Arrival,
 ) -> Result<Destination<F>, Event> {
     let now = now_ns();
-    match live_destination(ctx, ip, tuple, arrival, now)? {
+    match live_destination(ctx, ip, tuple, arrival, now, looks_up_first(tuple))? {
         Ok(destination) => Ok(destination),
         Err(key_holder) => {
             let destination = new_flow(&NewFlow {
@@ -316,8 +316,99 @@ pub fn destination<F: Family>(
     }
 }
 
+/// What this CPU's run does with the client's key of a packet that [`starts_unlooked`]
+/// ([`KEY_MODE`]): kept in a map, as the choice and the try are made by two programs of
+/// the IPv6 pipeline (the frontend stage or a direct program, then the flow stage).
+mod key_mode {
+    /// Claimed without a lookup, by this run.
+    pub const UNLOOKED: u32 = 1;
+    /// To be looked up, by the stage the try hands the packet back to (the claim found the key
+    /// held, or failed).
+    pub const LOOK_UP: u32 = 2;
+    /// Looked up, as asked.
+    pub const LOOKED_UP: u32 = 3;
+}
+
+/// Whether the client's key of a packet to a frontend is looked up before a flow is made for
+/// it: for every packet but those that [`starts_unlooked`], and for those too in the run an
+/// unlooked try asked to look it up ([`look_up_on_retry`]). Records the choice for the run.
+#[inline(always)]
+pub fn looks_up_first<F: Family>(tuple: &Tuple<F>) -> bool {
+    if !starts_unlooked(tuple) {
+        return true;
+    }
+    let Some(mode) = KEY_MODE.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's own entry; a run and its tail calls stay on one CPU, and runs on one
+    // CPU do not interleave.
+    let mode = unsafe { &mut *mode };
+    let look_up = *mode == key_mode::LOOK_UP;
+    *mode = if look_up {
+        key_mode::LOOKED_UP
+    } else {
+        key_mode::UNLOOKED
+    };
+    look_up
+}
+
+/// Whether this run claimed the client's key of its packet without a lookup (the mode
+/// [`looks_up_first`] recorded is the packet's only for a packet that [`starts_unlooked`]).
+#[inline(always)]
+fn claimed_unlooked<F: Family>(tuple: &Tuple<F>) -> bool {
+    starts_unlooked(tuple)
+        && KEY_MODE.get_ptr(0).is_some_and(|mode| {
+            // SAFETY: as in looks_up_first.
+            unsafe { *mode == key_mode::UNLOOKED }
+        })
+}
+
+/// After a new flow was not made (its key held, or an error): whether the packet must be looked
+/// up, as its key was claimed without a lookup; the stage it is then handed back to does
+/// ([`looks_up_first`]). Its error is not reported: the looked-up pass reports its own.
+#[inline(always)]
+pub fn look_up_on_retry<F: Family>(tuple: &Tuple<F>) -> bool {
+    if !claimed_unlooked(tuple) {
+        return false;
+    }
+    if let Some(mode) = KEY_MODE.get_ptr_mut(0) {
+        // SAFETY: as in looks_up_first.
+        unsafe { *mode = key_mode::LOOK_UP };
+    }
+    true
+}
+
+/// Whether a packet that starts a flow may be written without looking its client's key up
+/// first: an IPv6 TCP SYN (SCTP INIT) from a port outside the remap range. Nearly always nobody
+/// holds that key, and the insert that claims it fails when somebody does (a retransmitted
+/// SYN, a port reused while its closed flow is still tracked, one client port to two
+/// frontends); the try also fails where a live flow's packet would go on regardless (no
+/// endpoint, no SNAT port). Only then is the key looked up, by the frontend stage run again
+/// ([`look_up_on_retry`]): the lookup of a miss cost a new flow about 80 ns. A held key now
+/// costs the failed try and a second pass through the frontend and flow stages.
+///
+/// IPv4 looks up first. `lb_xdp` has no stage of its own to hand the retry to: a second try in
+/// the same run took it past the 512 bytes of stack a program has, and a run of `lb_xdp` again
+/// (a tail call to itself, which saved about 50 ns a new flow) made the verifier walk `lb_xdp`
+/// and `lb_xdp_sctp` nearly twice as far (330,000 -> 620,000-640,000 and 500,000 ->
+/// 710,000-820,000 instructions in the two forms tried), past the quarter of its limit each
+/// program must leave free.
+///
+/// From a port of the remap range the key may sit in a flow kept as two entries, which only
+/// the lookup finds. A dry run (`lb explain`) looks up first: it writes nothing, so only the
+/// lookup shows a retransmitted SYN's flow.
+#[inline(always)]
+pub fn starts_unlooked<F: Family>(tuple: &Tuple<F>) -> bool {
+    F::CLAIMS_UNLOOKED
+        && proto::has_handshake(tuple.proto)
+        && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && !remap_range_holds(tuple.sport)
+        && !dry_run()
+}
+
 /// The first half of [`destination`]: where a packet of a live flow goes (Ok), or, for a
-/// packet that starts a flow, who holds its client's key (Err, for [`new_flow`]).
+/// packet that starts a flow, who holds its client's key (Err, for [`new_flow`]): taken as
+/// [`Holder::Vacant`] without `look_up` (see [`looks_up_first`]).
 #[inline(always)]
 pub fn live_destination<F: Family>(
     ctx: &XdpContext,
@@ -325,11 +416,15 @@ pub fn live_destination<F: Family>(
     tuple: &Tuple<F>,
     arrival: &Arrival,
     now: u64,
+    look_up: bool,
 ) -> Result<Result<Destination<F>, Holder>, Event> {
     // One lookup of the client's key serves both questions: is there a live flow, and who
-    // holds the key a new flow would take (a miss in the conntrack map is the dearest step of
-    // a new flow).
-    let flow_entry = client_flow_entry(tuple);
+    // holds the key a new flow would take. Not looked up, it takes the path of a miss.
+    let flow_entry = if look_up {
+        client_flow_entry(tuple)
+    } else {
+        None
+    };
     if let Some(flow) = live_flow_of(flow_entry, tuple, now) {
         if let Some(destination) = follow(ctx, ip, tuple, flow, || *arrival, now)? {
             return Ok(Ok(destination));
@@ -757,7 +852,9 @@ fn write_reply<F: Family>(
 /// A new flow: a backend, the source its packets get (SNAT port, or a remapped client port on a
 /// clash), and its conntrack entries: its client's FLOW entry (and a SNAT flow's REPLY entry),
 /// or, when another live flow holds the client's key, an ORIGINAL and a REPLY entry, REPLY
-/// first (once ORIGINAL exists, the next packets depend on both).
+/// first (once ORIGINAL exists, the next packets depend on both). A try whose client's key was
+/// not looked up ([`looks_up_first`]) fails when the key is held, and leaves nothing in the
+/// maps when it fails ([`look_up_on_retry`]): the packet may be that flow's.
 #[inline(always)]
 pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, Event> {
     let NewFlow {
@@ -829,6 +926,11 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     {
         count_service(service.service_id, 0, 0, 1);
         return Ok(destination);
+    }
+    // A key claimed without a lookup and held: whose it is, and whether the packet is theirs,
+    // only the lookup tells.
+    if claimed_unlooked(tuple) {
+        return Err(Event::DROP_CT_FULL);
     }
     // The source the backend sees: this node's SNAT address for a remote backend; for a local
     // one, the client's address with another port, as Linux NAT does on a clash: another flow

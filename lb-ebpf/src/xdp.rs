@@ -32,8 +32,9 @@ use crate::{
     flow::{
         Arrival, Destination, Frontend, Holder, NewFlow, Tuple, admitted_by_source_ranges,
         blind_rst, client_record_of_reply, client_side, client_side_entry, closes, config,
-        destination, follow, live_destination, live_flow, lookup_frontend, maybe_frontend,
-        maybe_frontend_at, new_flow, reply_key, source_allowed, track_reply,
+        destination, follow, live_destination, live_flow, look_up_on_retry, looks_up_first,
+        lookup_frontend, maybe_frontend, maybe_frontend_at, new_flow, reply_key, source_allowed,
+        track_reply,
     },
     helpers::{Forward, now_ns},
     ip::{Addr, Ip},
@@ -314,7 +315,7 @@ fn try_direct6_here<const PROTOCOL: u8>(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN
     };
     let arrival = arrival(ctx, eth);
     let now = now_ns();
-    match live_destination(ctx, &ip, &tuple, &arrival, now).ok()? {
+    match live_destination(ctx, &ip, &tuple, &arrival, now, looks_up_first(&tuple)).ok()? {
         Ok(destination) => deliver(ctx, &ip, &tuple, &destination).ok(),
         Err(key_holder) => {
             let packet = packet6().ok()?;
@@ -624,7 +625,7 @@ fn frontend6(
     };
     let arrival = arrival(ctx, eth);
     let now = now_ns();
-    match live_destination(ctx, ip, tuple, &arrival, now) {
+    match live_destination(ctx, ip, tuple, &arrival, now, looks_up_first(tuple)) {
         Ok(Ok(destination)) => deliver(ctx, ip, tuple, &destination).map(Frontend6::Sent),
         Ok(Err(key_holder)) => Ok(Frontend6::NewFlow(FlowStart {
             frontend,
@@ -653,6 +654,10 @@ fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
     packet.reject = false;
     match new_flow(&request) {
         Ok(destination) => packet.destination = destination,
+        // Back to the frontend stage, which looks the client's key up.
+        Err(_) if look_up_on_retry(&packet.tuple) => {
+            return Ok(to_program(ctx, xdp_programs::IPV6_FRONTEND));
+        }
         // The answer, like the report, is the next program's: this one has no stack left.
         Err(Event::DROP_NO_BACKEND) => packet.reject = true,
         Err(event) => {
