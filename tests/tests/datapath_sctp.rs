@@ -830,6 +830,38 @@ fn an_ipv6_association_to_a_local_endpoint_is_translated_both_ways() {
 /// The SNAT test over IPv6: the INIT leaves from NODE6 and a port of the SNAT range, with the
 /// CRC32c of the new ports; the endpoint's INIT ACK to that port goes back to the client from
 /// the frontend, out of the NIC it came in on; the DATA after it keeps the port.
+/// A retransmitted INIT over IPv6 stays in its association: `lb_xdp6_flow` claims the client's
+/// key without a lookup, takes a second SNAT port, finds the key held, gives the port back and
+/// hands the INIT back to the frontend stage, which finds the flow. The same SNAT port, the
+/// same two entries, one new flow counted.
+#[test]
+fn an_ipv6_init_retransmitted_keeps_its_association_and_its_snat_port() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "sctp6init").expect("pin dir");
+    let datapath = datapath6(&pins, true);
+    let xdp = program(&datapath, lb_common::program_names::XDP_LB);
+    let init = packet6::sctp(CLIENT6, FRONTEND6, chunk::INIT, 0, &init_value(CLIENT_TAG));
+    let first = test_run(xdp, &init).expect("run");
+    assert_ne!(first.verdict, XDP_DROP, "the INIT went on");
+    let sctp_at = packet::ETH_HDR_LEN + packet6::IPV6_HDR_LEN;
+    let snat_port = u16::from_be_bytes([first.packet[sctp_at], first.packet[sctp_at + 1]]);
+    assert!(
+        (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&snat_port),
+        "SNATed to port {snat_port} of the range"
+    );
+    for _ in 0..3 {
+        let again = test_run(xdp, &init).expect("run");
+        assert_eq!(
+            (again.verdict, &again.packet),
+            (first.verdict, &first.packet),
+            "the retransmitted INIT, as the first went"
+        );
+    }
+    let entries = datapath.conntrack6().expect("conntrack6");
+    assert_eq!(entries.len(), 2, "the FLOW and REPLY entries: {entries:#?}");
+    assert_eq!(datapath.service_counter(1).expect("counter").new_flows, 1);
+}
+
 #[test]
 fn an_ipv6_association_to_a_remote_endpoint_is_snated_and_its_answers_come_back_from_the_frontend()
 {

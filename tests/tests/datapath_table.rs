@@ -628,6 +628,119 @@ fn conntrack_follows_the_tcp_handshake_and_close() {
     assert_eq!(tcp_flow_entry(&datapath).state, CLOSING);
 }
 
+/// A retransmitted SYN goes where its flow went, even after the table changed or emptied (where a
+/// new flow would be refused), and leaves one entry; a SYN on a closed flow's port starts a flow
+/// that follows the table. (IPv6 claims a SYN's client key without a lookup and looks it up only
+/// when the claim fails: datapath_xdp6's twin of this test.)
+#[test]
+fn a_syn_whose_client_key_is_held_is_looked_up_and_follows_its_flow() {
+    use lb_common::tcp_state::{CLOSING, SYN_SENT};
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "heldkey").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    fn xdp(datapath: &Datapath) -> std::os::fd::BorrowedFd<'_> {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    }
+    let put_table = |datapath: &mut Datapath, backends: Vec<u32>| {
+        datapath
+            .put_service(&Service {
+                id: 1,
+                frontends: vec![node_port(proto::TCP)],
+                backends,
+                ..Default::default()
+            })
+            .expect("service");
+    };
+    let retransmit = || {
+        case(
+            "retransmitted syn stays on pod A",
+            packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
+        )
+    };
+    run_table(
+        xdp(&datapath),
+        &[case(
+            "first syn picks pod A",
+            packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
+        )],
+    );
+    // No endpoint left: a new flow would be refused, the retransmit is the live flow's.
+    put_table(&mut datapath, vec![]);
+    run_table(xdp(&datapath), &[retransmit()]);
+    put_table(&mut datapath, vec![2]);
+    let other_client = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 1);
+    run_table(
+        xdp(&datapath),
+        &[
+            retransmit(),
+            case(
+                "another client port follows the table to pod B",
+                packet::tcp(other_client, FRONTEND, TcpFlags::SYN, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(other_client, POD_B, TcpFlags::SYN, b"")),
+            ),
+        ],
+    );
+    let flows = datapath.conntrack().expect("conntrack");
+    assert_eq!(flows.len(), 2, "one entry per flow: {flows:?}");
+    let flow = flow_of(&datapath, CLIENT);
+    assert_eq!(flow.state, SYN_SENT);
+    assert_eq!(flow.backend_addr, u32::from(*POD_A.ip()));
+
+    run_table(
+        xdp(&datapath),
+        &[case(
+            "the client resets",
+            packet::tcp(CLIENT, FRONTEND, TcpFlags::RST, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::RST, b"")),
+        )],
+    );
+    assert_eq!(flow_of(&datapath, CLIENT).state, CLOSING);
+    run_table(
+        xdp(&datapath),
+        &[case(
+            "a syn on the closed flow's port is a new flow, to pod B",
+            packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(CLIENT, POD_B, TcpFlags::SYN, b"")),
+        )],
+    );
+    let flow = flow_of(&datapath, CLIENT);
+    assert_eq!(
+        (flow.state, flow.backend_addr),
+        (SYN_SENT, u32::from(*POD_B.ip()))
+    );
+    assert_eq!(datapath.conntrack().expect("conntrack").len(), 2);
+    assert_eq!(
+        datapath.service_counter(1).expect("counter").new_flows,
+        3,
+        "three flows made: the first, the other port's, the reopened one"
+    );
+    let events = datapath.events().expect("events");
+    assert!(
+        events.values().all(|count| *count == 0),
+        "nothing dropped, refused, passed or repaired: {events:?}"
+    );
+}
+
+/// The FLOW entry of `client`'s TCP flow.
+fn flow_of(datapath: &Datapath, client: SocketAddrV4) -> lb_common::Flow4Value {
+    let key = lb_common::flow_key(u32::from(*client.ip()), client.port(), proto::TCP);
+    let entries = datapath.conntrack().expect("conntrack");
+    let (_, value) = entries
+        .iter()
+        .find(|(entry_key, _)| *entry_key == key)
+        .unwrap_or_else(|| panic!("no FLOW entry of {client} in {entries:?}"));
+    *lb_common::Flow4Value::of(value)
+}
+
 #[test]
 fn maglev_services_pick_the_backend_the_lookup_table_gives() {
     let lab = Lab::new().expect("lab");
@@ -1058,6 +1171,37 @@ fn a_syn_on_a_closed_flows_tuple_is_a_new_flow_with_a_fresh_snat_port() {
     assert_eq!(
         fixture.datapath.events().expect("events")["drop_snat_exhausted"],
         1
+    );
+}
+
+/// A retransmitted SYN of a SNAT flow keeps the flow's port and leaves nothing behind: the flow
+/// keeps its two entries, and the range's other port is free for the next client.
+#[test]
+fn a_retransmitted_syn_of_a_snat_flow_keeps_its_port_and_leaves_nothing_behind() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "snatsyn").expect("pin dir");
+    let fixture = SnatFixture::with_ports(&pins, (61000, 61001));
+    let port = fixture.connect(CLIENT).expect("a port");
+    for _ in 0..3 {
+        assert_eq!(fixture.connect(CLIENT), Some(port), "the retransmit's port");
+    }
+    let entries: Vec<_> = fixture
+        .conntrack
+        .keys()
+        .collect::<Result<_, _>>()
+        .expect("keys");
+    assert_eq!(entries.len(), 2, "the FLOW and REPLY entries: {entries:?}");
+    // Of the range's two ports the other one is free: a second client gets it.
+    let other = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 1);
+    let other_port = fixture.connect(other).expect("the other port");
+    assert_ne!(other_port, port);
+    assert_eq!(
+        fixture
+            .datapath
+            .service_counter(1)
+            .expect("counter")
+            .new_flows,
+        2
     );
 }
 

@@ -417,6 +417,150 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
 /// Maglev over IPv6: each new flow goes to the backend that slot `flow_hash6 % M` of the
 /// service's table names, the table and the hash built here apart from the agent
 /// (`lab::maglev_reference`), so every node picks the same backend for an IPv6 flow.
+/// The IPv6 twin of datapath_table's held-key test: a SYN is written without a lookup of its
+/// client's key; when the key is held (or the try fails), `lb_xdp6_flow` hands it back to
+/// `lb_xdp6_frontend`, which looks it up. Retransmits, right after the fixed header and behind a
+/// Hop-by-Hop header (through `lb_xdp6`), go where their flow went after the table changed or
+/// emptied; a SYN on a closed flow's port follows the table; a SNAT flow's retransmit keeps its
+/// port (the range's only one) and leaves its two entries.
+#[test]
+fn an_ipv6_syn_whose_client_key_is_held_is_looked_up_and_follows_its_flow() {
+    const POD_B: SocketAddrV6 = SocketAddrV6::new(
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x11),
+        8080,
+        0,
+        0,
+    );
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "heldkey6").expect("pin dir");
+    let mut datapath = datapath(&pins);
+    add_remote_service(&mut datapath);
+    let pod_b = Backend {
+        addr: IpAddr::V6(*POD_B.ip()),
+        port: POD_B.port(),
+        proto: proto::TCP,
+        flags: backend_flags::LOCAL,
+    };
+    datapath.put_backend(10, &pod_b).expect("backend");
+    let put_table = |datapath: &mut Datapath, backends: Vec<u32>| {
+        datapath
+            .put_service(&Service {
+                id: 1,
+                frontends: vec![node_port(NODE_PORT, proto::TCP)],
+                backends,
+                ..Default::default()
+            })
+            .expect("service");
+    };
+    let syn = |client, to| tcp(client, to, TcpFlags::SYN, b"");
+    let behind_hop_by_hop =
+        |frame: &[u8]| packet6::with_options_header(frame, next_header::HOP_BY_HOP, 1);
+    fn xdp(datapath: &Datapath) -> std::os::fd::BorrowedFd<'_> {
+        datapath.program_fd(program_names::XDP_LB).expect("fd")
+    }
+    let snat_syn = syn(CLIENT, REMOTE_FRONTEND);
+    let snat_out = |datapath: &Datapath| test_run(xdp(datapath), &snat_syn).expect("run").packet;
+
+    run_table(
+        xdp(&datapath),
+        &[case(
+            "first syn picks pod A",
+            syn(CLIENT, FRONTEND),
+            XDP_PASS,
+            Expect::Bytes(syn(CLIENT, POD_A)),
+        )],
+    );
+    let snat_first = snat_out(&datapath);
+    let source_port = |frame: &[u8]| {
+        let at = ETH_HDR_LEN + IPV6_HDR_LEN;
+        u16::from_be_bytes([frame[at], frame[at + 1]])
+    };
+    assert_eq!(
+        source_port(&snat_first),
+        SNAT_PORT,
+        "SNATed: {snat_first:02x?}"
+    );
+    // No endpoint left: a new flow would be refused, the retransmits are the live flow's.
+    put_table(&mut datapath, vec![]);
+    let retransmits = || {
+        [
+            case(
+                "retransmitted syn stays on pod A",
+                syn(CLIENT, FRONTEND),
+                XDP_PASS,
+                Expect::Bytes(syn(CLIENT, POD_A)),
+            ),
+            case(
+                "behind a hop-by-hop header too",
+                behind_hop_by_hop(&syn(CLIENT, FRONTEND)),
+                XDP_PASS,
+                Expect::Bytes(behind_hop_by_hop(&syn(CLIENT, POD_A))),
+            ),
+        ]
+    };
+    run_table(xdp(&datapath), &retransmits());
+    put_table(&mut datapath, vec![10]);
+    run_table(
+        xdp(&datapath),
+        &[
+            retransmits()[0].clone(),
+            retransmits()[1].clone(),
+            case(
+                "another client port follows the table to pod B",
+                syn(client(40001), FRONTEND),
+                XDP_PASS,
+                Expect::Bytes(syn(client(40001), POD_B)),
+            ),
+        ],
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            snat_out(&datapath),
+            snat_first,
+            "a SNAT flow's retransmit keeps its port"
+        );
+    }
+    let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
+    let entries = datapath.conntrack6().expect("conntrack6");
+    // CLIENT's flows to FRONTEND and to REMOTE_FRONTEND share a client key: the second is kept
+    // as an ORIGINAL and a REPLY entry beside the first's FLOW entry.
+    assert_eq!(entries.len(), 4, "{entries:#?}");
+    let flow = |datapath: &Datapath| {
+        *lb_common::Flow6Value::of(&datapath.conntrack6_entry(&flow_key).expect("FLOW entry"))
+    };
+    assert_eq!(flow(&datapath).backend_addr, ipv6_words(*POD_A.ip()));
+
+    run_table(
+        xdp(&datapath),
+        &[
+            case(
+                "the client resets",
+                tcp(CLIENT, FRONTEND, TcpFlags::RST, b""),
+                XDP_PASS,
+                Expect::Bytes(tcp(CLIENT, POD_A, TcpFlags::RST, b"")),
+            ),
+            case(
+                "a syn on the closed flow's port is a new flow, to pod B",
+                syn(CLIENT, FRONTEND),
+                XDP_PASS,
+                Expect::Bytes(syn(CLIENT, POD_B)),
+            ),
+        ],
+    );
+    let flow = flow(&datapath);
+    assert_eq!(
+        (flow.state, flow.backend_addr),
+        (tcp_state::SYN_SENT, ipv6_words(*POD_B.ip()))
+    );
+    let counter = |id| datapath.service_counter(id).expect("counter").new_flows;
+    assert_eq!((counter(1), counter(5)), (3, 1));
+    let events = datapath.events().expect("events");
+    assert!(
+        events.values().all(|count| *count == 0),
+        "nothing dropped, refused, passed or repaired: {events:?}"
+    );
+}
+
 #[test]
 fn ipv6_maglev_services_pick_the_backend_the_lookup_table_gives() {
     let lab = Lab::new().expect("lab");
