@@ -267,8 +267,11 @@ pub mod xdp_programs {
     pub const IPV6_DIRECT_TCP: u32 = 9;
     pub const IPV6_DIRECT_UDP: u32 = 10;
     pub const IPV6_DIRECT_SCTP: u32 = 11;
+    /// `lb_xdp_lookup` ([`crate::program_names::XDP_LOOKUP`]): IPv4 TCP to a frontend that
+    /// `lb_xdp` does not start a flow for without looking the client's key up.
+    pub const LOOKUP: u32 = 12;
     /// Slots in the array.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Capacities of the maps. Every limit is a constant here; the agent refuses (with an error, never
@@ -352,6 +355,11 @@ pub mod program_names {
     /// XDP on the node NICs: DNAT of NodePort / externalIP / LoadBalancer traffic (TCP and ICMP
     /// errors itself; UDP and SCTP through [`XDP_UDP`] and [`XDP_SCTP`]).
     pub const XDP_LB: &str = "lb_xdp";
+    /// XDP for the IPv4 TCP packets to a frontend whose client's key is looked up, tail-called
+    /// by [`XDP_LB`], which starts a flow with a SYN without that lookup: a SYN whose key it
+    /// found held, a SYN from a port of the SNAT range, a segment of no live flow, and every
+    /// packet of a dry run.
+    pub const XDP_LOOKUP: &str = "lb_xdp_lookup";
     /// XDP for UDP, tail-called by [`XDP_LB`]: the same datapath instantiated for UDP, which the
     /// verifier walks on its own (one program for every protocol passes its instruction limit).
     pub const XDP_UDP: &str = "lb_xdp_udp";

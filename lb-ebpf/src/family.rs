@@ -45,11 +45,6 @@ pub trait Family {
     /// return cost a few nanoseconds on its hot path.
     const OUT_OF_LINE: bool;
 
-    /// Whether a flow's first packet claims its client's key without looking it up first
-    /// ([`crate::flow::starts_unlooked`]): IPv6, whose flow stage hands a retry back to its
-    /// frontend stage; not IPv4 (see there why).
-    const CLAIMS_UNLOOKED: bool;
-
     /// An address (network byte order) as `lb monitor`'s events hold it (an IPv4 address as a
     /// number in the first word).
     fn monitor_words(addr: Self::Addr) -> Ipv6Words;
@@ -120,7 +115,6 @@ impl Family for V4 {
     const ADDR_BITS: u32 = 32;
     const NUMBER: u8 = 4;
     const OUT_OF_LINE: bool = false;
-    const CLAIMS_UNLOOKED: bool = false;
 
     #[inline(always)]
     fn monitor_words(addr: u32) -> Ipv6Words {
@@ -269,7 +263,6 @@ impl Family for V6 {
     const ADDR_BITS: u32 = 128;
     const NUMBER: u8 = 6;
     const OUT_OF_LINE: bool = true;
-    const CLAIMS_UNLOOKED: bool = true;
 
     #[inline(always)]
     fn monitor_words(addr: Ipv6Words) -> Ipv6Words {

@@ -297,9 +297,11 @@ pub fn destination<F: Family>(
     tuple: &Tuple<F>,
     frontend: &Frontend,
     arrival: &Arrival,
+    client_key: ClientKey,
 ) -> Result<Destination<F>, Event> {
     let now = now_ns();
-    match live_destination(ctx, ip, tuple, arrival, now, looks_up_first(tuple))? {
+    let look_up = !client_key.unlooked(tuple);
+    match live_destination(ctx, ip, tuple, arrival, now, look_up)? {
         Ok(destination) => Ok(destination),
         Err(key_holder) => {
             let destination = new_flow(&NewFlow {
@@ -309,6 +311,7 @@ pub fn destination<F: Family>(
                 may_forward: ip.may_forward(),
                 now,
                 key_holder,
+                client_key,
             })?;
             monitor::new_flow(tuple, &destination, arrival.ifindex);
             Ok(destination)
@@ -316,9 +319,36 @@ pub fn destination<F: Family>(
     }
 }
 
-/// What this CPU's run does with the client's key of a packet that [`starts_unlooked`]
-/// ([`KEY_MODE`]): kept in a map, as the choice and the try are made by two programs of
-/// the IPv6 pipeline (the frontend stage or a direct program, then the flow stage).
+/// Whether a packet's client key is looked up before a flow is made for it ([`destination`],
+/// [`starts_unlooked`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ClientKey {
+    LookedUp,
+    /// Claimed by the new flow's insert, which fails when the key is held: the packet then goes
+    /// to a program that looks it up.
+    Unlooked,
+    /// As the IPv6 pipeline recorded for this run ([`claimed_unlooked6`]), read where a new
+    /// flow needs to know: read before, its two answers would each be walked by the verifier
+    /// through the whole new flow (`lb_xdp6_flow` 451,000 -> 503,000 instructions).
+    Recorded6,
+}
+
+impl ClientKey {
+    /// Whether the client's key of `tuple` was claimed without a lookup.
+    #[inline(always)]
+    fn unlooked<F: Family>(self, tuple: &Tuple<F>) -> bool {
+        match self {
+            Self::LookedUp => false,
+            Self::Unlooked => true,
+            Self::Recorded6 => claimed_unlooked6(tuple),
+        }
+    }
+}
+
+/// What this CPU's run of the IPv6 pipeline does with the client's key of a packet that
+/// [`starts_unlooked`] ([`KEY_MODE`]): kept in a map, as the choice and the try are made by two
+/// of its programs (the frontend stage or a direct program, then the flow stage), and a failed
+/// try goes back to the frontend stage, which must then look the key up.
 mod key_mode {
     /// Claimed without a lookup, by this run.
     pub const UNLOOKED: u32 = 1;
@@ -329,78 +359,73 @@ mod key_mode {
     pub const LOOKED_UP: u32 = 3;
 }
 
-/// Whether the client's key of a packet to a frontend is looked up before a flow is made for
-/// it: for every packet but those that [`starts_unlooked`], and for those too in the run an
-/// unlooked try asked to look it up ([`look_up_on_retry`]). Records the choice for the run.
+/// How the IPv6 pipeline takes the client's key of a packet to a frontend: looked up for every
+/// packet but those that [`starts_unlooked`], and for those too in the run a failed unlooked
+/// try asked to look it up ([`look_up_on_retry`]). Records the choice for the run.
 #[inline(always)]
-pub fn looks_up_first<F: Family>(tuple: &Tuple<F>) -> bool {
+pub fn client_key6<F: Family>(tuple: &Tuple<F>) -> ClientKey {
     if !starts_unlooked(tuple) {
-        return true;
+        return ClientKey::LookedUp;
     }
     let Some(mode) = KEY_MODE.get_ptr_mut(0) else {
-        return true;
+        return ClientKey::LookedUp;
     };
     // SAFETY: this CPU's own entry; a run and its tail calls stay on one CPU, and runs on one
     // CPU do not interleave.
     let mode = unsafe { &mut *mode };
-    let look_up = *mode == key_mode::LOOK_UP;
-    *mode = if look_up {
-        key_mode::LOOKED_UP
+    if *mode == key_mode::LOOK_UP {
+        *mode = key_mode::LOOKED_UP;
+        ClientKey::LookedUp
     } else {
-        key_mode::UNLOOKED
-    };
-    look_up
+        *mode = key_mode::UNLOOKED;
+        ClientKey::Unlooked
+    }
 }
 
-/// Whether this run claimed the client's key of its packet without a lookup (the mode
-/// [`looks_up_first`] recorded is the packet's only for a packet that [`starts_unlooked`]).
+/// Whether this run of the IPv6 pipeline claimed the client's key of its packet without a
+/// lookup (the mode [`client_key6`] recorded is the packet's only for a packet that
+/// [`starts_unlooked`]).
 #[inline(always)]
-fn claimed_unlooked<F: Family>(tuple: &Tuple<F>) -> bool {
+pub fn claimed_unlooked6<F: Family>(tuple: &Tuple<F>) -> bool {
     starts_unlooked(tuple)
         && KEY_MODE.get_ptr(0).is_some_and(|mode| {
-            // SAFETY: as in looks_up_first.
+            // SAFETY: as in client_key6.
             unsafe { *mode == key_mode::UNLOOKED }
         })
 }
 
-/// After a new flow was not made (its key held, or an error): whether the packet must be looked
-/// up, as its key was claimed without a lookup; the stage it is then handed back to does
-/// ([`looks_up_first`]). Its error is not reported: the looked-up pass reports its own.
+/// After a new IPv6 flow whose key was claimed without a lookup was not made (its key held, or
+/// an error): the frontend stage it is handed back to looks the key up ([`client_key6`]). Its
+/// error is not reported: the looked-up pass reports its own.
 #[inline(always)]
-pub fn look_up_on_retry<F: Family>(tuple: &Tuple<F>) -> bool {
-    if !claimed_unlooked(tuple) {
-        return false;
-    }
+pub fn look_up_on_retry() {
     if let Some(mode) = KEY_MODE.get_ptr_mut(0) {
-        // SAFETY: as in looks_up_first.
+        // SAFETY: as in client_key6.
         unsafe { *mode = key_mode::LOOK_UP };
     }
-    true
 }
 
 /// Whether a packet that starts a flow may be written without looking its client's key up
-/// first: an IPv6 TCP SYN (SCTP INIT) from a port outside the remap range. Nearly always nobody
-/// holds that key, and the insert that claims it fails when somebody does (a retransmitted
-/// SYN, a port reused while its closed flow is still tracked, one client port to two
-/// frontends); the try also fails where a live flow's packet would go on regardless (no
-/// endpoint, no SNAT port). Only then is the key looked up, by the frontend stage run again
-/// ([`look_up_on_retry`]): the lookup of a miss cost a new flow about 80 ns. A held key now
-/// costs the failed try and a second pass through the frontend and flow stages.
+/// first: a TCP SYN (SCTP INIT) from a port outside the remap range. Nearly always nobody holds
+/// that key, and the insert that claims it fails when somebody does (a retransmitted SYN, a
+/// port reused while its closed flow is still tracked, one client port to two frontends); the
+/// try also fails where a live flow's packet would go on regardless (no endpoint, no SNAT
+/// port). Only then is the key looked up, by another program: the lookup of a miss cost a new
+/// flow about 80-110 ns. A held key costs the failed try and a second pass.
 ///
-/// IPv4 looks up first. `lb_xdp` has no stage of its own to hand the retry to: a second try in
-/// the same run took it past the 512 bytes of stack a program has, and a run of `lb_xdp` again
-/// (a tail call to itself, which saved about 50 ns a new flow) made the verifier walk `lb_xdp`
-/// and `lb_xdp_sctp` nearly twice as far (330,000 -> 620,000-640,000 and 500,000 ->
-/// 710,000-820,000 instructions in the two forms tried), past the quarter of its limit each
-/// program must leave free.
+/// IPv6 (TCP and SCTP) hands a failed try back to its frontend stage ([`client_key6`]). IPv4
+/// TCP: `lb_xdp` starts only such packets' flows, unlooked, and hands a failed try, and every
+/// other packet to a frontend that no live flow took, to `lb_xdp_lookup`, which looks every
+/// key up: each program walks one of the two paths through the new flow, where one program
+/// choosing at run time walked both (`lb_xdp` 330,000 -> 620,000-640,000 instructions).
+/// IPv4 SCTP looks up first (`lb_xdp_sctp` walks 500,000 already).
 ///
 /// From a port of the remap range the key may sit in a flow kept as two entries, which only
 /// the lookup finds. A dry run (`lb explain`) looks up first: it writes nothing, so only the
 /// lookup shows a retransmitted SYN's flow.
 #[inline(always)]
 pub fn starts_unlooked<F: Family>(tuple: &Tuple<F>) -> bool {
-    F::CLAIMS_UNLOOKED
-        && proto::has_handshake(tuple.proto)
+    proto::has_handshake(tuple.proto)
         && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         && !remap_range_holds(tuple.sport)
         && !dry_run()
@@ -408,7 +433,7 @@ pub fn starts_unlooked<F: Family>(tuple: &Tuple<F>) -> bool {
 
 /// The first half of [`destination`]: where a packet of a live flow goes (Ok), or, for a
 /// packet that starts a flow, who holds its client's key (Err, for [`new_flow`]): taken as
-/// [`Holder::Vacant`] without `look_up` (see [`looks_up_first`]).
+/// [`Holder::Vacant`] without `look_up` (see [`starts_unlooked`]).
 #[inline(always)]
 pub fn live_destination<F: Family>(
     ctx: &XdpContext,
@@ -447,6 +472,9 @@ pub struct NewFlow<'a, F: Family> {
     pub may_forward: bool,
     pub now: u64,
     pub key_holder: Holder,
+    /// How the client's key was taken: not looked up, the flow's insert fails when the key is
+    /// held, and so does the try.
+    pub client_key: ClientKey,
 }
 
 /// Who holds the client's key for a new flow of this packet: free when nobody does, or when
@@ -853,8 +881,8 @@ fn write_reply<F: Family>(
 /// clash), and its conntrack entries: its client's FLOW entry (and a SNAT flow's REPLY entry),
 /// or, when another live flow holds the client's key, an ORIGINAL and a REPLY entry, REPLY
 /// first (once ORIGINAL exists, the next packets depend on both). A try whose client's key was
-/// not looked up ([`looks_up_first`]) fails when the key is held, and leaves nothing in the
-/// maps when it fails ([`look_up_on_retry`]): the packet may be that flow's.
+/// not looked up ([`ClientKey::Unlooked`]) fails when the key is held, and leaves nothing in the
+/// maps when it fails ([`starts_unlooked`]): the packet may be that flow's.
 #[inline(always)]
 pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, Event> {
     let NewFlow {
@@ -864,6 +892,7 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
         may_forward,
         now,
         key_holder,
+        client_key,
     } = *request;
     let service = &frontend.service;
     let (backend_id, backend) = if service.flags & service_flags::MAGLEV != 0
@@ -929,7 +958,7 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     }
     // A key claimed without a lookup and held: whose it is, and whether the packet is theirs,
     // only the lookup tells.
-    if claimed_unlooked(tuple) {
+    if client_key.unlooked(tuple) {
         return Err(Event::DROP_CT_FULL);
     }
     // The source the backend sees: this node's SNAT address for a remote backend; for a local

@@ -70,8 +70,8 @@ pub static FRONTEND_INDEX6: Array<FrontendSlot6> =
 pub static FRONTEND_SCRATCH: PerCpuArray<crate::flow::Frontend> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// Whether the client's key of the flow this CPU's run is making was looked up, or is to be
-/// (`crate::flow::key_mode`, [`crate::flow::looks_up_first`]). Not pinned.
+/// Whether the client's key of the IPv6 flow this CPU's run is making was looked up, or is to
+/// be (`crate::flow::key_mode`, [`crate::flow::client_key6`]). Not pinned.
 #[map(name = "lb_keymode_v1")]
 pub static KEY_MODE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 

@@ -30,11 +30,11 @@ use lb_ebpf::packet::{
 use crate::{
     family::{Family, V4, V6},
     flow::{
-        Arrival, Destination, Frontend, Holder, NewFlow, Tuple, admitted_by_source_ranges,
-        blind_rst, client_record_of_reply, client_side, client_side_entry, closes, config,
-        destination, follow, live_destination, live_flow, look_up_on_retry, looks_up_first,
-        lookup_frontend, maybe_frontend, maybe_frontend_at, new_flow, reply_key, source_allowed,
-        track_reply,
+        Arrival, ClientKey, Destination, Frontend, Holder, NewFlow, Tuple,
+        admitted_by_source_ranges, blind_rst, claimed_unlooked6, client_key6,
+        client_record_of_reply, client_side, client_side_entry, closes, config, destination,
+        follow, live_destination, live_flow, look_up_on_retry, lookup_frontend, maybe_frontend,
+        maybe_frontend_at, new_flow, reply_key, source_allowed, starts_unlooked, track_reply,
     },
     helpers::{Forward, now_ns},
     ip::{Addr, Ip},
@@ -56,6 +56,14 @@ use crate::{
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     verdict(&ctx, try_lb_xdp::<{ proto::TCP }>(&ctx))
+}
+
+/// IPv4 TCP to a frontend whose client's key is looked up, tail-called by `lb_xdp` (see
+/// [`starts_unlooked`] and [`try_lookup`]).
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_lookup(ctx: XdpContext) -> u32 {
+    verdict(&ctx, try_lookup(&ctx))
 }
 
 /// The datapath for UDP, tail-called by `lb_xdp`. Every protocol has a program of its own, the
@@ -226,7 +234,23 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
         return later_fragment(ctx, &ip, ip.proto);
     }
     let tuple = transport_tuple(ctx, &ip, PROTOCOL)?;
-    serve(ctx, eth, &ip, &tuple)
+    serve::<PROTOCOL, _>(ctx, eth, &ip, &tuple)
+}
+
+/// `lb_xdp_lookup`'s work: an IPv4 TCP packet to a frontend that `lb_xdp` found no live flow
+/// for and did not start one for without looking its client's key up ([`starts_unlooked`]),
+/// served as `lb_xdp` served every such packet before it started flows unlooked. Parsed again:
+/// nothing was written into the frame, and the checks before the frontend's (a SNAT answer, a
+/// live flow) found nothing for it in `lb_xdp`.
+#[inline(always)]
+fn try_lookup(ctx: &XdpContext) -> Result<u32, Event> {
+    let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
+    if ip.proto != proto::TCP || ip.later_fragment() {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let tuple = transport_tuple(ctx, &ip, proto::TCP)?;
+    to_frontend(ctx, eth, &ip, &tuple, ClientKey::LookedUp)
 }
 
 /// The program for an IPv6 frame. A TCP, UDP or SCTP header right after the fixed header: to a
@@ -315,7 +339,8 @@ fn try_direct6_here<const PROTOCOL: u8>(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN
     };
     let arrival = arrival(ctx, eth);
     let now = now_ns();
-    match live_destination(ctx, &ip, &tuple, &arrival, now, looks_up_first(&tuple)).ok()? {
+    let look_up = client_key6(&tuple) == ClientKey::LookedUp;
+    match live_destination(ctx, &ip, &tuple, &arrival, now, look_up).ok()? {
         Ok(destination) => deliver(ctx, &ip, &tuple, &destination).ok(),
         Err(key_holder) => {
             let packet = packet6().ok()?;
@@ -390,7 +415,7 @@ fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let packet = packet6()?;
     packet.ip = ip;
     packet.tuple = transport_tuple(ctx, &packet.ip, PROTOCOL)?;
-    serve(ctx, eth, &packet.ip, &packet.tuple)
+    serve::<PROTOCOL, _>(ctx, eth, &packet.ip, &packet.tuple)
 }
 
 /// A TCP, UDP or SCTP packet (its protocol the instance's constant, so that the compiler leaves
@@ -398,7 +423,7 @@ fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
 /// to a SNAT port, a packet of a live flow, or one to a frontend, which starts a flow; anything
 /// else passes untouched.
 #[inline(always)]
-fn serve<I: Ip>(
+fn serve<const PROTOCOL: u8, I: Ip>(
     ctx: &XdpContext,
     eth: &[u8; ETH_HDR_LEN],
     ip: &I,
@@ -429,7 +454,15 @@ fn serve<I: Ip>(
         // The packet and its tuple are in PACKET6 for the next program.
         return Ok(to_program(ctx, xdp_programs::IPV6_FRONTEND));
     }
-    to_frontend(ctx, eth, ip, tuple)
+    if PROTOCOL != proto::TCP {
+        return to_frontend(ctx, eth, ip, tuple, ClientKey::LookedUp);
+    }
+    // `lb_xdp` starts flows only without looking the client's key up; lb_xdp_lookup takes the
+    // rest (see starts_unlooked).
+    if !starts_unlooked(tuple) {
+        return Ok(to_program(ctx, xdp_programs::LOOKUP));
+    }
+    to_frontend(ctx, eth, ip, tuple, ClientKey::Unlooked)
 }
 
 /// The stages of [`serve`] as BPF-to-BPF calls, each with a stack frame of its own (see
@@ -454,19 +487,23 @@ fn established_call<I: Ip>(
 }
 
 /// A packet to a frontend that no live flow took: a new flow (or the REJECT answer when the
-/// service has no endpoint), or untouched when it is no frontend's.
+/// service has no endpoint), or untouched when it is no frontend's. A try with the client's
+/// key `Unlooked` that fails (the key held, or no flow to make) goes to `lb_xdp_lookup`,
+/// which looks the key up and answers for the packet.
 #[inline(always)]
 fn to_frontend<I: Ip>(
     ctx: &XdpContext,
     eth: &[u8; ETH_HDR_LEN],
     ip: &I,
     tuple: &Tuple<I::F>,
+    client_key: ClientKey,
 ) -> Result<u32, Event> {
     let Some(frontend) = admit(ctx, eth, ip, tuple)? else {
         return Ok(xdp_action::XDP_PASS);
     };
-    match destination(ctx, ip, tuple, frontend, &arrival(ctx, eth)) {
+    match destination(ctx, ip, tuple, frontend, &arrival(ctx, eth), client_key) {
         Ok(destination) => deliver(ctx, ip, tuple, &destination),
+        Err(_) if client_key == ClientKey::Unlooked => Ok(to_program(ctx, xdp_programs::LOOKUP)),
         Err(event) => refused(ctx, ip, tuple, frontend.service.service_id, event),
     }
 }
@@ -625,7 +662,8 @@ fn frontend6(
     };
     let arrival = arrival(ctx, eth);
     let now = now_ns();
-    match live_destination(ctx, ip, tuple, &arrival, now, looks_up_first(tuple)) {
+    let look_up = client_key6(tuple) == ClientKey::LookedUp;
+    match live_destination(ctx, ip, tuple, &arrival, now, look_up) {
         Ok(Ok(destination)) => deliver(ctx, ip, tuple, &destination).map(Frontend6::Sent),
         Ok(Err(key_holder)) => Ok(Frontend6::NewFlow(FlowStart {
             frontend,
@@ -650,12 +688,14 @@ fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
         may_forward: packet.ip.may_forward(),
         now: packet.now,
         key_holder: packet.key_holder,
+        client_key: ClientKey::Recorded6,
     };
     packet.reject = false;
     match new_flow(&request) {
         Ok(destination) => packet.destination = destination,
         // Back to the frontend stage, which looks the client's key up.
-        Err(_) if look_up_on_retry(&packet.tuple) => {
+        Err(_) if claimed_unlooked6(&packet.tuple) => {
+            look_up_on_retry();
             return Ok(to_program(ctx, xdp_programs::IPV6_FRONTEND));
         }
         // The answer, like the report, is the next program's: this one has no stack left.

@@ -707,6 +707,12 @@ fn each_xdp_program_group_is_loaded_for_its_first_frontend_and_at_a_start_that_f
     ];
 
     let mut datapath = Datapath::load(pins.path()).expect("load");
+    // IPv4 TCP is lb_xdp's own: the program it hands the packets to whose client key it
+    // looks up is there from the start.
+    let lookup = aya::programs::ProgramInfo::from_pin(
+        pins.path().join(lb_common::program_names::XDP_LOOKUP),
+    );
+    assert!(lookup.is_ok(), "lb_xdp_lookup loaded with lb_xdp");
     datapath
         .put_service(&service(1, vec![frontend(1)], vec![]))
         .expect("an IPv4 TCP service");

@@ -630,8 +630,9 @@ fn conntrack_follows_the_tcp_handshake_and_close() {
 
 /// A retransmitted SYN goes where its flow went, even after the table changed or emptied (where a
 /// new flow would be refused), and leaves one entry; a SYN on a closed flow's port starts a flow
-/// that follows the table. (IPv6 claims a SYN's client key without a lookup and looks it up only
-/// when the claim fails: datapath_xdp6's twin of this test.)
+/// that follows the table. `lb_xdp` claims a SYN's client key without a lookup; a retransmit's
+/// claim fails on the held key, and `lb_xdp_lookup` looks it up and serves it (a missing
+/// `lb_xdp_lookup` would pass it untranslated, counted). datapath_xdp6 has the IPv6 twin.
 #[test]
 fn a_syn_whose_client_key_is_held_is_looked_up_and_follows_its_flow() {
     use lb_common::tcp_state::{CLOSING, SYN_SENT};

@@ -123,7 +123,8 @@ impl Datapath {
             .keys()
             .flat_map(|frontend| XdpGroup::serving(frontend).iter().copied())
             .collect();
-        let mut names: Vec<&'static str> = std::iter::once(program_names::XDP_LB)
+        let mut names: Vec<&'static str> = [program_names::XDP_LB, program_names::XDP_LOOKUP]
+            .into_iter()
             .chain(xdp_groups.iter().flat_map(|group| group.program_names()))
             .collect();
         // tc and the socket hooks too, in the same threads: their verification then overlaps
@@ -150,6 +151,7 @@ impl Datapath {
             conntrack.map_err(|source| map_error(map_names::CONNTRACK4, "iterate", source))?;
         let conntrack6 =
             conntrack6.map_err(|source| map_error(map_names::CONNTRACK6, "iterate", source))?;
+        install_tail_calls(&mut ebpf, &LB_XDP_PROGRAMS)?;
         for group in XdpGroup::ALL {
             if xdp_groups.contains(&group) {
                 install_tail_calls(&mut ebpf, group.programs())?;
@@ -706,8 +708,13 @@ fn reply_sources<A: lb_common::CtAddr>(
         .collect()
 }
 
-/// The programs `lb_xdp` tail-calls, by their slot in [`map_names::XDP_PROGRAMS`], in the order
-/// of their [`XdpGroup`]s.
+/// The program `lb_xdp` tail-calls for IPv4 TCP, by its slot in [`map_names::XDP_PROGRAMS`]:
+/// loaded with `lb_xdp` at every start, as IPv4 TCP is `lb_xdp`'s own.
+pub(crate) const LB_XDP_PROGRAMS: [(u32, &str); 1] =
+    [(xdp_programs::LOOKUP, program_names::XDP_LOOKUP)];
+
+/// The programs `lb_xdp` tail-calls for the other protocols and IPv6, by their slot in
+/// [`map_names::XDP_PROGRAMS`], in the order of their [`XdpGroup`]s.
 pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 12] = [
     (xdp_programs::UDP, program_names::XDP_UDP),
     (xdp_programs::SCTP, program_names::XDP_SCTP),
@@ -741,7 +748,8 @@ pub(crate) const PROTOCOL_PROGRAMS: [(u32, &str); 12] = [
 /// every restart and upgrade waits for before its first sync.
 /// Until a group is in the program array, `lb_xdp` passes its packets untouched, counted as
 /// `pass_protocol_unserved`: there is no frontend for them to reach, nor a flow to translate
-/// (flows are made by frontends). IPv4 TCP is `lb_xdp`'s own, loaded at every start.
+/// (flows are made by frontends). IPv4 TCP is `lb_xdp`'s own, loaded at every start with
+/// `lb_xdp_lookup` ([`LB_XDP_PROGRAMS`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum XdpGroup {
     /// `lb_xdp_udp`: IPv4 UDP.

@@ -746,8 +746,12 @@ fn run_dry(
     let mut ebpf = loader
         .load(DATAPATH_OBJECT)
         .context("loading a dry-run copy of the datapath on the pinned maps")?;
-    // The UDP and SCTP programs it tail-calls, dry-run too, in this copy's own program array.
-    for (_, name) in crate::datapath::load::PROTOCOL_PROGRAMS {
+    // The programs it tail-calls, dry-run too, in this copy's own program array.
+    let programs: Vec<(u32, &'static str)> = crate::datapath::load::LB_XDP_PROGRAMS
+        .into_iter()
+        .chain(crate::datapath::load::PROTOCOL_PROGRAMS)
+        .collect();
+    for &(_, name) in &programs {
         let program: &mut Xdp = ebpf
             .program_mut(name)
             .with_context(|| format!("the {name} program"))?
@@ -756,10 +760,7 @@ fn run_dry(
             .load()
             .with_context(|| format!("loading the dry-run {name}"))?;
     }
-    crate::datapath::load::install_tail_calls(
-        &mut ebpf,
-        &crate::datapath::load::PROTOCOL_PROGRAMS,
-    )?;
+    crate::datapath::load::install_tail_calls(&mut ebpf, &programs)?;
     let program: &mut Xdp = ebpf
         .program_mut(program_names::XDP_LB)
         .context("the XDP program")?
