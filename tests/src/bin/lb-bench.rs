@@ -100,12 +100,15 @@ const PORTS_PER_CLIENT: u32 = 60_000;
 const ESTABLISHED_CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 40000);
 const REPLY_CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 40000);
 const MISS_CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 3), 40000);
+const RETRANSMIT_CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 4), 40000);
 const ESTABLISHED_CLIENT6: SocketAddrV6 =
     SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1), 40000, 0, 0);
 const REPLY_CLIENT6: SocketAddrV6 =
     SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2), 40000, 0, 0);
 const MISS_CLIENT6: SocketAddrV6 =
     SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 3), 40000, 0, 0);
+const RETRANSMIT_CLIENT6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 4), 40000, 0, 0);
 /// No frontend has this address (198.18.0.0/15 and 2001:2::/48 are for benchmarks); the bench
 /// checks that no frontend shares its bit of the frontend filter, so that the miss paths measure
 /// the filter's pass and not a frontend lookup.
@@ -185,6 +188,11 @@ enum Series {
     /// Every packet a new flow, each to the next frontend in an order scattered over the table.
     NewFlowSpread,
     Established,
+    /// A TCP SYN sent again on a live flow (a retransmit): its client's key is held, so the
+    /// claim a new flow makes without a lookup fails, and the packet goes to the program that
+    /// looks the key up (`lb_xdp_lookup`; over IPv6 back to `lb_xdp6_frontend`), which sends it
+    /// where its flow goes.
+    SynRetransmit,
     /// A UDP datagram of a live flow to the one frontend's UDP service: what `lb_xdp`'s tail
     /// call to `lb_xdp_udp` adds, beside the established TCP path.
     EstablishedUdp,
@@ -253,11 +261,12 @@ impl Path {
 
     const FLOOR: Self = Self::v4(Series::Floor);
 
-    const ALL: [Self; 19] = [
+    const ALL: [Self; 21] = [
         Self::FLOOR,
         Self::v4(Series::NewFlow),
         Self::v4(Series::NewFlowSpread),
         Self::v4(Series::Established),
+        Self::v4(Series::SynRetransmit),
         Self::v4(Series::EstablishedUdp),
         Self::v4(Series::Miss),
         Self::v4(Series::MissEstablished),
@@ -267,6 +276,7 @@ impl Path {
         Self::v6(Series::NewFlow),
         Self::v6(Series::NewFlowSpread),
         Self::v6(Series::Established),
+        Self::v6(Series::SynRetransmit),
         Self::v6(Series::EstablishedUdp),
         Self::v6(Series::Miss),
         Self::v6(Series::MissEstablished),
@@ -281,6 +291,7 @@ impl Path {
             (Family::V4, Series::NewFlow) => "xdp_new_flow",
             (Family::V4, Series::NewFlowSpread) => "xdp_new_flow_spread",
             (Family::V4, Series::Established) => "xdp_established",
+            (Family::V4, Series::SynRetransmit) => "xdp_syn_retransmit",
             (Family::V4, Series::EstablishedUdp) => "xdp_established_udp",
             (Family::V4, Series::Miss) => "xdp_miss",
             (Family::V4, Series::MissEstablished) => "xdp_miss_established",
@@ -290,6 +301,7 @@ impl Path {
             (Family::V6, Series::NewFlow) => "xdp6_new_flow",
             (Family::V6, Series::NewFlowSpread) => "xdp6_new_flow_spread",
             (Family::V6, Series::Established) => "xdp6_established",
+            (Family::V6, Series::SynRetransmit) => "xdp6_syn_retransmit",
             (Family::V6, Series::EstablishedUdp) => "xdp6_established_udp",
             (Family::V6, Series::Miss) => "xdp6_miss",
             (Family::V6, Series::MissEstablished) => "xdp6_miss_established",
@@ -315,6 +327,7 @@ impl Path {
             (Family::V4, Series::NewFlow) => "xdp new flow, one frontend",
             (Family::V4, Series::NewFlowSpread) => "xdp new flow, all frontends",
             (Family::V4, Series::Established) => "xdp established",
+            (Family::V4, Series::SynRetransmit) => "xdp retransmitted syn",
             (Family::V4, Series::EstablishedUdp) => "xdp established (udp)",
             (Family::V4, Series::Miss) => "xdp miss (syn)",
             (Family::V4, Series::MissEstablished) => "xdp miss (ack)",
@@ -324,6 +337,7 @@ impl Path {
             (Family::V6, Series::NewFlow) => "xdp6 new flow, one frontend",
             (Family::V6, Series::NewFlowSpread) => "xdp6 new flow, all frontends",
             (Family::V6, Series::Established) => "xdp6 established",
+            (Family::V6, Series::SynRetransmit) => "xdp6 retransmitted syn",
             (Family::V6, Series::EstablishedUdp) => "xdp6 established (udp)",
             (Family::V6, Series::Miss) => "xdp6 miss (syn)",
             (Family::V6, Series::MissEstablished) => "xdp6 miss (ack)",
@@ -686,6 +700,7 @@ struct FamilyBench<'a> {
     /// The frontend of the one-frontend, established and reply paths (the middle of the table).
     frontend: SocketAddr,
     established: (Vec<u8>, Vec<u8>),
+    syn_retransmit: (Vec<u8>, Vec<u8>),
     established_udp: (Vec<u8>, Vec<u8>),
     reply: (Vec<u8>, Vec<u8>),
     miss: Vec<u8>,
@@ -716,6 +731,11 @@ impl<'a> FamilyBench<'a> {
             tcp(clients.established, frontend, TcpFlags::ACK),
             tcp(clients.established, backend, TcpFlags::ACK),
         );
+        let backend = first(clients.retransmit)?;
+        let syn_retransmit = (
+            tcp(clients.retransmit, frontend, TcpFlags::SYN),
+            tcp(clients.retransmit, backend, TcpFlags::SYN),
+        );
         let datagram = udp(clients.established, frontend);
         let udp_backend = l4_destination(
             &run_once(xdp, &datagram, XDP_PASS, "a UDP flow's first datagram")?.packet,
@@ -736,6 +756,7 @@ impl<'a> FamilyBench<'a> {
             tc,
             frontend,
             established,
+            syn_retransmit,
             established_udp,
             reply,
             miss: tcp(clients.miss, clients.miss_destination, TcpFlags::SYN),
@@ -772,11 +793,11 @@ impl<'a> FamilyBench<'a> {
                 );
                 out
             }
-            Series::Established | Series::EstablishedUdp => {
-                let (input, expected) = if series == Series::Established {
-                    &self.established
-                } else {
-                    &self.established_udp
+            Series::Established | Series::SynRetransmit | Series::EstablishedUdp => {
+                let (input, expected) = match series {
+                    Series::Established => &self.established,
+                    Series::SynRetransmit => &self.syn_retransmit,
+                    _ => &self.established_udp,
                 };
                 let out = run_once(self.xdp, input, XDP_PASS, what)?;
                 ensure!(&out.packet == expected, "{what}: not DNATed to its backend");
@@ -1063,6 +1084,7 @@ fn backends(family: Family) -> [SocketAddr; 3] {
 /// The clients of the established, reply and miss paths, and the miss paths' destination.
 struct Clients {
     established: SocketAddr,
+    retransmit: SocketAddr,
     reply: SocketAddr,
     miss: SocketAddr,
     miss_destination: SocketAddr,
@@ -1073,12 +1095,14 @@ impl Clients {
         match family {
             Family::V4 => Self {
                 established: ESTABLISHED_CLIENT.into(),
+                retransmit: RETRANSMIT_CLIENT.into(),
                 reply: REPLY_CLIENT.into(),
                 miss: MISS_CLIENT.into(),
                 miss_destination: MISS_DESTINATION.into(),
             },
             Family::V6 => Self {
                 established: ESTABLISHED_CLIENT6.into(),
+                retransmit: RETRANSMIT_CLIENT6.into(),
                 reply: REPLY_CLIENT6.into(),
                 miss: MISS_CLIENT6.into(),
                 miss_destination: MISS_DESTINATION6.into(),
