@@ -45,7 +45,7 @@ enum Task {
     /// under `perf record`, and the samples taken in the kernel's timed loop of
     /// BPF_PROG_TEST_RUN (`bpf_test_run`) are printed as ns per run by kernel function and by
     /// source line of the BPF programs (through the JIT line table lb-bench writes). Leaves
-    /// target/profile/perf.data for `perf report`.
+    /// target/profile/perf.N.data, one per run, for `perf report`.
     Profile {
         /// The path, by its lb-bench key: xdp_new_flow, xdp_new_flow_spread, xdp_established,
         /// xdp6_established, tc_reply, ...
@@ -56,7 +56,7 @@ enum Task {
         /// Runs of the path per lb-bench run (new-flow paths: at most what conntrack holds).
         #[arg(long, default_value_t = 24_000, value_parser = clap::value_parser!(u32).range(1..))]
         iterations: u32,
-        /// lb-bench runs under perf, one after the other.
+        /// lb-bench runs, one after the other, each under a perf record of its own.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
         runs: u32,
         /// Sampling frequency (Hz).

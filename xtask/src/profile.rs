@@ -45,42 +45,18 @@ pub fn profile(root: &Path, request: &Request<'_>) -> anyhow::Result<()> {
     let target = crate::target_dir(root);
     let dir = target.join("profile");
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let data = dir.join("perf.data");
     let lines = dir.join("jit-lines.tsv");
     let bench = target.join("release").join("lb-bench");
-    // cpu-clock: each sample's period is the ns it stands for, whatever rate perf ends up
-    // sampling at (the kernel throttles a rate that costs too much).
-    crate::run(
-        Command::new("perf")
-            .args(["record", "-q", "-g", "-e", "cpu-clock", "-F"])
-            .arg(request.frequency.to_string())
-            .arg("-o")
-            .arg(&data)
-            .args([
-                "--",
-                "sh",
-                "-c",
-                r#"for run in $(seq "$0"); do "$@" >/dev/null; done"#,
-            ])
-            .arg(request.runs.to_string())
-            .arg(&bench)
-            .args(["--services", &request.services.to_string()])
-            .args(["--profile", request.path])
-            .args(["--iterations", &request.iterations.to_string()])
-            .args(["--warmup", "0", "--jit-lines"])
-            .arg(&lines),
-    )?;
-    let mut script = Command::new("perf")
-        .args(["script", "-F", "period,ip,sym,symoff", "-i"])
-        .arg(&data)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("start perf script")?;
-    let stdout = script.stdout.take().context("perf script's output")?;
-    let leaves = test_run_leaves(BufReader::new(stdout)).context("read perf script's output")?;
-    let status = script.wait().context("perf script")?;
-    if !status.success() {
-        bail!("perf script failed: {status}");
+    // One perf record per lb-bench run: each run loads the programs afresh, often at addresses
+    // an earlier run's programs had, and perf script then named some of a run's samples after
+    // the earlier run's programs (lb_xdp's established path showed up as lb_xdp_lookup's).
+    let mut leaves = Vec::new();
+    let mut data_files = Vec::new();
+    for run in 0..request.runs {
+        let data = dir.join(format!("perf.{run}.data"));
+        record_run(request, &bench, &data, &lines)?;
+        leaves.extend(leaves_of(&data)?);
+        data_files.push(data);
     }
     if leaves.is_empty() {
         bail!("no sample inside bpf_test_run (the kernel's timed loop of BPF_PROG_TEST_RUN)");
@@ -90,12 +66,60 @@ pub fn profile(root: &Path, request: &Request<'_>) -> anyhow::Result<()> {
     );
     let runs = u64::from(request.runs) * u64::from(request.iterations);
     print!("{}", report(&leaves, &table, runs, request.top));
+    let data_files: Vec<String> = data_files
+        .iter()
+        .map(|data| data.display().to_string())
+        .collect();
     println!(
         "perf data: {}, JIT line table: {}",
-        data.display(),
+        data_files.join(", "),
         lines.display()
     );
     Ok(())
+}
+
+/// One lb-bench run of the path under `perf record`, into `data`; the run writes the JIT line
+/// table of the programs it loaded to `lines`.
+fn record_run(
+    request: &Request<'_>,
+    bench: &Path,
+    data: &Path,
+    lines: &Path,
+) -> anyhow::Result<()> {
+    // cpu-clock: each sample's period is the ns it stands for, whatever rate perf ends up
+    // sampling at (the kernel throttles a rate that costs too much).
+    crate::run(
+        Command::new("perf")
+            .args(["record", "-q", "-g", "-e", "cpu-clock", "-F"])
+            .arg(request.frequency.to_string())
+            .arg("-o")
+            .arg(data)
+            .arg("--")
+            .arg(bench)
+            .args(["--services", &request.services.to_string()])
+            .args(["--profile", request.path])
+            .args(["--iterations", &request.iterations.to_string()])
+            .args(["--warmup", "0", "--jit-lines"])
+            .arg(lines)
+            .stdout(Stdio::null()),
+    )
+}
+
+/// The samples of one recording taken inside `bpf_test_run` ([`test_run_leaves`]).
+fn leaves_of(data: &Path) -> anyhow::Result<Vec<Leaf>> {
+    let mut script = Command::new("perf")
+        .args(["script", "-F", "period,ip,sym,symoff", "-i"])
+        .arg(data)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start perf script")?;
+    let stdout = script.stdout.take().context("perf script's output")?;
+    let leaves = test_run_leaves(BufReader::new(stdout)).context("read perf script's output")?;
+    let status = script.wait().context("perf script")?;
+    if !status.success() {
+        bail!("perf script failed: {status}");
+    }
+    Ok(leaves)
 }
 
 /// The innermost frame of a sample taken inside `bpf_test_run`, and the ns it stands for.
