@@ -1,6 +1,7 @@
 //! The service datapath with real TCP and UDP servers and clients in the lab: ClusterIP through
 //! the socket hooks (from a pod and from the node itself), NodePort, externalIP and LoadBalancer
-//! IP through XDP and tc, spread over endpoints, and endpoint changes under traffic.
+//! IP through XDP and tc, spread over endpoints, endpoint changes under traffic, and a SYN the
+//! client sends again reaching the endpoint its first one went to.
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
@@ -438,4 +439,203 @@ fn endpoint_changes_under_traffic_move_new_tcp_connections_and_udp_flows_only() 
         .expect("client");
     fresh.assert_all_ok("new connections");
     assert_eq!(fresh.servers(), ["n1p1"].into(), "{fresh:?}");
+}
+
+/// A SYN the client has to send again (its first one lost on the way to the endpoint) goes where
+/// its first went, although a new connection would now go elsewhere: the first SYN claimed the
+/// client's key in node1's XDP without looking it up, the retransmit finds that key held and is
+/// looked up (`lb_xdp_lookup`) and follows its flow, to a local endpoint, and to a remote one
+/// through the same SNAT port. The endpoint drops incoming SYNs until it has dropped the first;
+/// then the service's endpoints are replaced, and only the client's retransmit (about 1 s
+/// later, its initial retransmission timeout) can reach an endpoint.
+#[test]
+fn a_retransmitted_syn_reaches_the_endpoint_its_first_syn_went_to() {
+    let mut setup = setup(&ClusterSpec::default());
+    // The remote endpoint's flows are SNATed to node1's address, as the agent configures it
+    // (with accept_local on the NIC: the stack forwards what XDP does not send itself).
+    setup
+        .cluster
+        .node(1)
+        .host
+        .sysctl(
+            &format!("net.ipv4.conf.{}.accept_local", lab::topology::FABRIC_IFACE),
+            "1",
+        )
+        .expect("accept_local");
+    setup
+        .node
+        .datapath
+        .set_config(&lb_common::DatapathConfig {
+            snat_addr: u32::from(node_addr(1)),
+            snat_port_min: lb_common::DEFAULT_SNAT_PORTS.0,
+            snat_port_max: lb_common::DEFAULT_SNAT_PORTS.1,
+            ..Default::default()
+        })
+        .expect("config");
+    let tcp = backends(&mut setup, proto::TCP, 1);
+    let target = format!("{}:{NODE_PORT}", node_addr(1));
+    let put = |setup: &mut Setup, backends: Vec<u32>| {
+        let service = Service {
+            id: 1,
+            frontends: frontends(proto::TCP),
+            backends,
+            ..Default::default()
+        };
+        setup.node.datapath.put_service(&service).expect("service");
+    };
+    // n1p0 (on node1), then n2p0 (behind SNAT); the other two endpoints replace it.
+    for (first, others) in [(0, [1, 2]), (2, [0, 1])] {
+        let (first_id, first_name) = tcp[first].clone();
+        put(&mut setup, vec![first_id]);
+        let flows_before = new_flows(&setup);
+        let endpoint = setup
+            .cluster
+            .pods()
+            .find(|pod| pod.host.name() == first_name)
+            .expect("the first endpoint's pod")
+            .host
+            .clone();
+        let syn_drop = SynDrop::new(&endpoint);
+        let client_host = setup.cluster.client.clone();
+        let report = std::thread::scope(|scope| {
+            let client = scope.spawn(|| {
+                ClientRun {
+                    timeout_ms: 5000,
+                    ..ClientRun::tcp(&target, 1)
+                }
+                .run(&client_host, None)
+            });
+            syn_drop.wait_for_one(Duration::from_secs(5));
+            put(&mut setup, others.iter().map(|&pod| tcp[pod].0).collect());
+            let dropped = syn_drop.remove();
+            assert_eq!(dropped, 1, "{first_name}: the first SYN only");
+            client.join().expect("client thread").expect("client")
+        });
+        report.assert_all_ok(&format!(
+            "a connection whose first SYN {first_name} dropped"
+        ));
+        assert_eq!(report.servers(), [first_name.as_str()].into(), "{report:?}");
+        assert_eq!(
+            new_flows(&setup) - flows_before,
+            1,
+            "{first_name}: one flow for both SYNs"
+        );
+        // The SNAT flow has one port, the one the endpoint saw: a claim the retransmit made and
+        // gave up leaves no port behind.
+        let snat_ports: Vec<u16> = setup
+            .node
+            .datapath
+            .conntrack()
+            .expect("conntrack")
+            .iter()
+            .filter(|(key, _)| key.direction == lb_common::ct_direction::REPLY)
+            .map(|(key, _)| key.dport)
+            .collect();
+        let seen_as: Vec<&String> = report.seen_as.keys().collect();
+        if first_id == tcp[0].0 {
+            assert!(snat_ports.is_empty(), "{snat_ports:?}");
+        } else {
+            assert_eq!(snat_ports.len(), 1, "{snat_ports:?}");
+            assert_eq!(seen_as, [&format!("{}:{}", node_addr(1), snat_ports[0])]);
+        }
+    }
+    assert_nothing_dropped_or_passed(&setup);
+}
+
+fn new_flows(setup: &Setup) -> u64 {
+    setup
+        .node
+        .datapath
+        .service_counter(1)
+        .expect("counter")
+        .new_flows
+}
+
+/// An nftables rule in a lab host that drops the TCP SYNs it receives (to the pods' port),
+/// counted; in a namespace of the test's own, which goes with it.
+struct SynDrop<'a> {
+    host: &'a lab::lab::Host,
+}
+
+impl<'a> SynDrop<'a> {
+    const TABLE: &'static str = "lbtest_syndrop";
+
+    fn new(host: &'a lab::lab::Host) -> Self {
+        let port = POD_PORT.to_string();
+        for command in [
+            vec!["add", "table", "inet", Self::TABLE],
+            vec![
+                "add",
+                "chain",
+                "inet",
+                Self::TABLE,
+                "input",
+                "{",
+                "type",
+                "filter",
+                "hook",
+                "input",
+                "priority",
+                "0",
+                ";",
+                "}",
+            ],
+            vec![
+                "add",
+                "rule",
+                "inet",
+                Self::TABLE,
+                "input",
+                "tcp",
+                "dport",
+                &port,
+                "tcp",
+                "flags",
+                "&",
+                "(syn",
+                "|",
+                "ack)",
+                "==",
+                "syn",
+                "counter",
+                "drop",
+            ],
+        ] {
+            host.run("nft", &command).expect("nft");
+        }
+        Self { host }
+    }
+
+    fn dropped(&self) -> u64 {
+        let listing = self
+            .host
+            .run("nft", &["list", "table", "inet", Self::TABLE])
+            .expect("nft list");
+        let (_, after) = listing
+            .split_once("counter packets ")
+            .unwrap_or_else(|| panic!("no counter in {listing}"));
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().expect("packets")
+    }
+
+    fn wait_for_one(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.dropped() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no SYN reached {} within {timeout:?}",
+                self.host.name()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Removes the rule and returns how many SYNs it dropped.
+    fn remove(&self) -> u64 {
+        let dropped = self.dropped();
+        self.host
+            .run("nft", &["delete", "table", "inet", Self::TABLE])
+            .expect("nft delete");
+        dropped
+    }
 }
