@@ -6,6 +6,7 @@
 //! - [`lab`]: network namespaces, veth pairs, bridges, processes and cgroups, all removed by guards;
 //! - [`topology`]: the client / fabric / nodes / pods layout of docs/lab.md;
 //! - [`peer`]: the `lab-peer` TCP/UDP servers and clients and their reports;
+//! - [`nft`]: nftables rules in a lab host (a SYN lost on its way to an endpoint);
 //! - [`packet`], [`packet6`] and [`table`]: crafted frames (IPv4, IPv6) and table-driven
 //!   `BPF_PROG_TEST_RUN` tests;
 //! - [`maglev_reference`]: Maglev's table and flow hash built apart from the code under test;
@@ -22,6 +23,7 @@ pub mod jit_lines;
 pub mod kube_agent;
 pub mod lab;
 pub mod maglev_reference;
+pub mod nft;
 pub mod node;
 pub mod packet;
 pub mod packet6;

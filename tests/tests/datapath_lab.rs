@@ -7,6 +7,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
 use lab::{
     lab::{Lab, Proc, ScratchDir},
+    nft::SynDrop,
     node::NodeDatapath,
     peer::ClientRun,
     topology::{CLIENT_ADDR, Cluster, ClusterSpec, node_addr},
@@ -495,7 +496,7 @@ fn a_retransmitted_syn_reaches_the_endpoint_its_first_syn_went_to() {
             .expect("the first endpoint's pod")
             .host
             .clone();
-        let syn_drop = SynDrop::new(&endpoint);
+        let syn_drop = SynDrop::new(&endpoint, POD_PORT);
         let client_host = setup.cluster.client.clone();
         let report = std::thread::scope(|scope| {
             let client = scope.spawn(|| {
@@ -549,93 +550,4 @@ fn new_flows(setup: &Setup) -> u64 {
         .service_counter(1)
         .expect("counter")
         .new_flows
-}
-
-/// An nftables rule in a lab host that drops the TCP SYNs it receives (to the pods' port),
-/// counted; in a namespace of the test's own, which goes with it.
-struct SynDrop<'a> {
-    host: &'a lab::lab::Host,
-}
-
-impl<'a> SynDrop<'a> {
-    const TABLE: &'static str = "lbtest_syndrop";
-
-    fn new(host: &'a lab::lab::Host) -> Self {
-        let port = POD_PORT.to_string();
-        for command in [
-            vec!["add", "table", "inet", Self::TABLE],
-            vec![
-                "add",
-                "chain",
-                "inet",
-                Self::TABLE,
-                "input",
-                "{",
-                "type",
-                "filter",
-                "hook",
-                "input",
-                "priority",
-                "0",
-                ";",
-                "}",
-            ],
-            vec![
-                "add",
-                "rule",
-                "inet",
-                Self::TABLE,
-                "input",
-                "tcp",
-                "dport",
-                &port,
-                "tcp",
-                "flags",
-                "&",
-                "(syn",
-                "|",
-                "ack)",
-                "==",
-                "syn",
-                "counter",
-                "drop",
-            ],
-        ] {
-            host.run("nft", &command).expect("nft");
-        }
-        Self { host }
-    }
-
-    fn dropped(&self) -> u64 {
-        let listing = self
-            .host
-            .run("nft", &["list", "table", "inet", Self::TABLE])
-            .expect("nft list");
-        let (_, after) = listing
-            .split_once("counter packets ")
-            .unwrap_or_else(|| panic!("no counter in {listing}"));
-        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().expect("packets")
-    }
-
-    fn wait_for_one(&self, timeout: Duration) {
-        let deadline = std::time::Instant::now() + timeout;
-        while self.dropped() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no SYN reached {} within {timeout:?}",
-                self.host.name()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Removes the rule and returns how many SYNs it dropped.
-    fn remove(&self) -> u64 {
-        let dropped = self.dropped();
-        self.host
-            .run("nft", &["delete", "table", "inet", Self::TABLE])
-            .expect("nft delete");
-        dropped
-    }
 }

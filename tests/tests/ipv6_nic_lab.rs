@@ -6,7 +6,8 @@
 //! kept, no local endpoint: dropped), ClientIP session affinity, the REJECT answers of a Service
 //! without endpoints (TCP RST, ICMPv6 port unreachable), UDP NodePorts to local and remote
 //! endpoints, a dual-stack Service reached over both families, flows across the conntrack
-//! timeouts, and path-MTU discovery through a NodePort (ICMPv6 Packet Too Big).
+//! timeouts, path-MTU discovery through a NodePort (ICMPv6 Packet Too Big), and a retransmitted
+//! SYN reaching the endpoint its first SYN went to.
 
 use std::{
     net::{Ipv6Addr, SocketAddr},
@@ -20,6 +21,7 @@ use lab::{
         with_node_port,
     },
     lab::Host,
+    nft::SynDrop,
     peer::{ClientReport, ClientRun},
     topology::{
         CLIENT_ADDR, CLIENT_ADDR6, ClusterSpec, FABRIC_IFACE, IPV6_PREFIX_LEN, node_addr,
@@ -924,4 +926,100 @@ fn ipv6_udp_path_mtu_discovery_through_a_node_port_reaches_a_local_endpoint() {
 #[test]
 fn ipv6_udp_path_mtu_discovery_through_a_node_port_reaches_a_remote_endpoint() {
     ipv6_udp_path_mtu_discovery_through_a_node_port_reaches(2);
+}
+
+/// datapath_lab's `a_retransmitted_syn_reaches_the_endpoint_its_first_syn_went_to` over IPv6,
+/// through the agent: the endpoint drops the first SYN of a connection to the IPv6 NodePort,
+/// the Service's endpoint is then replaced, and the client's retransmit (about 1 s later),
+/// whose key the first SYN claimed without a lookup, is looked up by `lb_xdp6_frontend` and
+/// reaches the first endpoint as one flow: a pod on node1, then node2's behind SNAT with the
+/// one port the endpoint sees. (Whether the agent has written the replacement before the
+/// retransmit arrives is the agent's timing; the retransmit must reach the first endpoint
+/// either way.)
+#[test]
+fn a_retransmitted_ipv6_syn_reaches_the_endpoint_its_first_syn_went_to() {
+    let setup = dual_stack_lab(vec![2, 1], &[]);
+    let web = service6("web", WEB6, "TCP", 80, 30080, "NodePort", "");
+    let apply = |endpoint: (Ipv6Addr, &str)| {
+        setup
+            .apply(
+                "web.yaml",
+                &(web.clone() + "---\n" + &endpoint_slice6("web", &[endpoint], "TCP")),
+            )
+            .expect("apply");
+    };
+    let node_port = at(node_addr6(1), 30080);
+    let client = &setup.cluster.client;
+    let n1p1 = (pod_addr6(1, 1), "node1");
+    let n2p0 = (pod_addr6(2, 0), "node2");
+    for (first, first_name, other) in [(n1p1, "n1p1", n2p0), (n2p0, "n2p0", n1p1)] {
+        apply(first);
+        wait_until_answered_by(client, &node_port, first_name);
+        let pod = setup
+            .cluster
+            .pods()
+            .find(|pod| pod.host.name() == first_name)
+            .expect("the first endpoint's pod")
+            .host
+            .clone();
+        let syn_drop = SynDrop::new(&pod, lab::agent::POD_PORT);
+        let report = std::thread::scope(|scope| {
+            let connection = scope.spawn(|| {
+                ClientRun {
+                    timeout_ms: 5000,
+                    ..ClientRun::tcp(&node_port, 1)
+                }
+                .run(client, None)
+            });
+            syn_drop.wait_for_one(Duration::from_secs(5));
+            apply(other);
+            assert_eq!(syn_drop.remove(), 1, "{first_name}: the first SYN only");
+            connection.join().expect("client thread").expect("client")
+        });
+        report.assert_all_ok(&format!(
+            "a connection whose first SYN {first_name} dropped"
+        ));
+        assert_eq!(report.servers(), [first_name].into(), "{report:?}");
+        let expected_source = if first_name == "n1p1" {
+            seen(CLIENT_ADDR6)
+        } else {
+            seen(node_addr6(1))
+        };
+        assert_eq!(
+            report.peers_seen.keys().collect::<Vec<_>>(),
+            [&expected_source],
+            "{report:?}"
+        );
+        assert_eq!(report.seen_as.len(), 1, "one source port: {report:?}");
+    }
+    let events = events(&setup);
+    assert!(
+        events
+            .iter()
+            .filter(|(event, _)| *event != &"nat_port_remap")
+            .all(|(_, &count)| count == 0),
+        "{events:?}"
+    );
+}
+
+/// Waits until a connection to `target` is answered by the server `name`: the agent has written
+/// the endpoint it serves now.
+fn wait_until_answered_by(client: &Host, target: &str, name: &str) {
+    let deadline = Instant::now() + SYNC_TIMEOUT;
+    loop {
+        let report = ClientRun {
+            timeout_ms: 500,
+            ..ClientRun::tcp(target, 1)
+        }
+        .run(client, None)
+        .expect("client");
+        if report.errors == 0 && report.servers() == [name].into() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{target} not served by {name} within {SYNC_TIMEOUT:?}: {report:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
