@@ -181,6 +181,13 @@ impl Cluster {
     pub fn pods(&self) -> impl Iterator<Item = &Pod> {
         self.nodes.iter().flat_map(|node| node.pods.iter())
     }
+
+    /// The pod named `name` (`n1p0`, ...); panics if the lab has none.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods()
+            .find(|pod| pod.host.name() == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the lab"))
+    }
 }
 
 /// Which address families the lab's hosts get.

@@ -489,13 +489,7 @@ fn a_retransmitted_syn_reaches_the_endpoint_its_first_syn_went_to() {
         let (first_id, first_name) = tcp[first].clone();
         put(&mut setup, vec![first_id]);
         let flows_before = new_flows(&setup);
-        let endpoint = setup
-            .cluster
-            .pods()
-            .find(|pod| pod.host.name() == first_name)
-            .expect("the first endpoint's pod")
-            .host
-            .clone();
+        let endpoint = setup.cluster.pod(&first_name).host.clone();
         let syn_drop = SynDrop::new(&endpoint, POD_PORT);
         let client_host = setup.cluster.client.clone();
         let report = std::thread::scope(|scope| {
