@@ -300,8 +300,7 @@ pub fn destination<F: Family>(
     client_key: ClientKey,
 ) -> Result<Destination<F>, Event> {
     let now = now_ns();
-    let look_up = !client_key.unlooked(tuple);
-    match live_destination(ctx, ip, tuple, arrival, now, look_up)? {
+    match live_destination(ctx, ip, tuple, arrival, now, client_key)? {
         Ok(destination) => Ok(destination),
         Err(key_holder) => {
             let destination = new_flow(&NewFlow {
@@ -336,7 +335,7 @@ pub enum ClientKey {
 impl ClientKey {
     /// Whether the client's key of `tuple` was claimed without a lookup.
     #[inline(always)]
-    fn unlooked<F: Family>(self, tuple: &Tuple<F>) -> bool {
+    pub fn unlooked<F: Family>(self, tuple: &Tuple<F>) -> bool {
         match self {
             Self::LookedUp => false,
             Self::Unlooked => true,
@@ -386,7 +385,7 @@ pub fn client_key6<F: Family>(tuple: &Tuple<F>) -> ClientKey {
 /// lookup (the mode [`client_key6`] recorded is the packet's only for a packet that
 /// [`starts_unlooked`]).
 #[inline(always)]
-pub fn claimed_unlooked6<F: Family>(tuple: &Tuple<F>) -> bool {
+fn claimed_unlooked6<F: Family>(tuple: &Tuple<F>) -> bool {
     starts_unlooked(tuple)
         && KEY_MODE.get_ptr(0).is_some_and(|mode| {
             // SAFETY: as in client_key6.
@@ -433,7 +432,7 @@ pub fn starts_unlooked<F: Family>(tuple: &Tuple<F>) -> bool {
 
 /// The first half of [`destination`]: where a packet of a live flow goes (Ok), or, for a
 /// packet that starts a flow, who holds its client's key (Err, for [`new_flow`]): taken as
-/// [`Holder::Vacant`] without `look_up` (see [`starts_unlooked`]).
+/// [`Holder::Vacant`] when `client_key` says it is not looked up (see [`starts_unlooked`]).
 #[inline(always)]
 pub fn live_destination<F: Family>(
     ctx: &XdpContext,
@@ -441,14 +440,14 @@ pub fn live_destination<F: Family>(
     tuple: &Tuple<F>,
     arrival: &Arrival,
     now: u64,
-    look_up: bool,
+    client_key: ClientKey,
 ) -> Result<Result<Destination<F>, Holder>, Event> {
     // One lookup of the client's key serves both questions: is there a live flow, and who
     // holds the key a new flow would take. Not looked up, it takes the path of a miss.
-    let flow_entry = if look_up {
-        client_flow_entry(tuple)
-    } else {
+    let flow_entry = if client_key.unlooked(tuple) {
         None
+    } else {
+        client_flow_entry(tuple)
     };
     if let Some(flow) = live_flow_of(flow_entry, tuple, now) {
         if let Some(destination) = follow(ctx, ip, tuple, flow, || *arrival, now)? {

@@ -31,10 +31,10 @@ use crate::{
     family::{Family, V4, V6},
     flow::{
         Arrival, ClientKey, Destination, Frontend, Holder, NewFlow, Tuple,
-        admitted_by_source_ranges, blind_rst, claimed_unlooked6, client_key6,
-        client_record_of_reply, client_side, client_side_entry, closes, config, destination,
-        follow, live_destination, live_flow, look_up_on_retry, lookup_frontend, maybe_frontend,
-        maybe_frontend_at, new_flow, reply_key, source_allowed, starts_unlooked, track_reply,
+        admitted_by_source_ranges, blind_rst, client_key6, client_record_of_reply, client_side,
+        client_side_entry, closes, config, destination, follow, live_destination, live_flow,
+        look_up_on_retry, lookup_frontend, maybe_frontend, maybe_frontend_at, new_flow, reply_key,
+        source_allowed, starts_unlooked, track_reply,
     },
     helpers::{Forward, now_ns},
     ip::{Addr, Ip},
@@ -339,8 +339,7 @@ fn try_direct6_here<const PROTOCOL: u8>(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN
     };
     let arrival = arrival(ctx, eth);
     let now = now_ns();
-    let look_up = client_key6(&tuple) == ClientKey::LookedUp;
-    match live_destination(ctx, &ip, &tuple, &arrival, now, look_up).ok()? {
+    match live_destination(ctx, &ip, &tuple, &arrival, now, client_key6(&tuple)).ok()? {
         Ok(destination) => deliver(ctx, &ip, &tuple, &destination).ok(),
         Err(key_holder) => {
             let packet = packet6().ok()?;
@@ -662,8 +661,7 @@ fn frontend6(
     };
     let arrival = arrival(ctx, eth);
     let now = now_ns();
-    let look_up = client_key6(tuple) == ClientKey::LookedUp;
-    match live_destination(ctx, ip, tuple, &arrival, now, look_up) {
+    match live_destination(ctx, ip, tuple, &arrival, now, client_key6(tuple)) {
         Ok(Ok(destination)) => deliver(ctx, ip, tuple, &destination).map(Frontend6::Sent),
         Ok(Err(key_holder)) => Ok(Frontend6::NewFlow(FlowStart {
             frontend,
@@ -694,7 +692,7 @@ fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
     match new_flow(&request) {
         Ok(destination) => packet.destination = destination,
         // Back to the frontend stage, which looks the client's key up.
-        Err(_) if claimed_unlooked6(&packet.tuple) => {
+        Err(_) if request.client_key.unlooked(&packet.tuple) => {
             look_up_on_retry();
             return Ok(to_program(ctx, xdp_programs::IPV6_FRONTEND));
         }
