@@ -10,6 +10,8 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const IPV4_MIN_HDR_LEN: usize = 20;
+/// The first byte of an IPv4 header without options: version 4, five 32-bit words.
+pub const IPV4_VERSION_IHL_NO_OPTIONS: u8 = 0x45;
 pub const TCP_MIN_HDR_LEN: usize = 20;
 pub const UDP_HDR_LEN: usize = 8;
 pub const IPPROTO_ICMP: u8 = 1;

@@ -21,6 +21,7 @@ use lb_common::{
 };
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN, IPV4_MORE_FRAGMENTS, IPV4_VERSION_IHL_NO_OPTIONS,
     IPV6_DADDR_OFFSET, IPV6_HDR_LEN, IPV6_NEXT_HEADER_OFFSET, IPV6_SADDR_OFFSET, IpHeader,
     Ipv4Info, Ipv6Info, Ipv6Packet, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
     TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
@@ -216,6 +217,9 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
         }
         return Ok(xdp_action::XDP_PASS);
     }
+    if PROTOCOL == proto::TCP && nothing_of_ours4(ctx) {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
     if PROTOCOL == proto::TCP {
         match ip.proto {
@@ -235,6 +239,36 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     }
     let tuple = transport_tuple(ctx, &ip, PROTOCOL)?;
     serve::<PROTOCOL, _>(ctx, eth, &ip, &tuple)
+}
+
+/// Whether an IPv4 frame is plainly nothing of the datapath's: a TCP, UDP or SCTP packet with
+/// a header of 20 bytes, not a fragment, to an address and port that the frontend filter has
+/// no frontend for and that are not the node's SNAT address and range. It passes at once,
+/// before the parse that anything else needs (and for UDP and SCTP before the tail call to
+/// their programs, which pass it too). Only its IP header is checked first, as the parse checks
+/// it (a header the stack would drop is still dropped and counted); a transport header that is
+/// no frontend's is the stack's to judge.
+#[inline(always)]
+fn nothing_of_ours4(ctx: &XdpContext) -> bool {
+    const FIRST_PORTS: usize = IPV4_MIN_HDR_LEN + 4;
+    let Some(ip) = bytes_at::<FIRST_PORTS>(ctx, ETH_HDR_LEN) else {
+        return false;
+    };
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let fragment =
+        u16::from_be_bytes([ip[6], ip[7]]) & (IPV4_FRAG_OFFSET_MASK | IPV4_MORE_FRAGMENTS);
+    let protocol = ip[9];
+    if ip[0] != IPV4_VERSION_IHL_NO_OPTIONS
+        || fragment != 0
+        || total_len < FIRST_PORTS
+        || ctx.data() + ETH_HDR_LEN + total_len > ctx.data_end()
+        || !matches!(protocol, proto::TCP | proto::UDP | proto::SCTP)
+    {
+        return false;
+    }
+    let daddr = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    let dport = u16::from_be_bytes([ip[22], ip[23]]);
+    !maybe_frontend_at::<V4>(daddr, dport, protocol) && !to_snat_port::<V4>(&daddr, dport)
 }
 
 /// `lb_xdp_lookup`'s work: an IPv4 TCP packet to a frontend that `lb_xdp` found no live flow

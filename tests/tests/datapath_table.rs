@@ -126,6 +126,7 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
     let to_pod_a = |flags, payload: &[u8]| packet::tcp(CLIENT, POD_A, flags, payload);
     let syn = packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b"");
     let udp = packet::udp(CLIENT, FRONTEND, b"query");
+    let to_ssh = packet::tcp(CLIENT, SocketAddrV4::new(NODE, 22), TcpFlags::SYN, b"");
     let cases = vec![
         case(
             "tcp syn, new flow",
@@ -194,6 +195,43 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
                 SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), NODE_PORT),
                 TcpFlags::SYN,
                 b"",
+            ),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        // What no frontend has passes before the full parse: only its IP header is judged.
+        case(
+            "miss: udp to another port",
+            packet::udp(CLIENT, SocketAddrV4::new(NODE, 53), b"query"),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "miss: a tcp data offset shorter than its header, the stack's to judge",
+            with_tcp_data_offset(&to_ssh, 4),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "miss: an ip total length past the frame is dropped",
+            with_ip_header(&to_ssh, |ip| {
+                ip[2..4].copy_from_slice(&200u16.to_be_bytes())
+            }),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "miss: ip options",
+            packet::with_ip_options(&to_ssh, &IP_OPTIONS),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "miss: a first fragment",
+            packet::as_fragment(
+                &packet::udp(CLIENT, SocketAddrV4::new(NODE, 53), b"query"),
+                0,
+                true,
             ),
             XDP_PASS,
             Expect::Unchanged,
@@ -305,9 +343,9 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
     );
 
     let events = datapath.events().expect("events");
-    // Three IPv4 packets (the IPv6 programs, which drop a frame of EtherType IPv6 that is not
+    // Four IPv4 packets (the IPv6 programs, which drop a frame of EtherType IPv6 that is not
     // version 6, are not loaded without an IPv6 frontend: datapath_xdp6 has that row).
-    assert_eq!(events["drop_malformed"], 3, "{events:?}");
+    assert_eq!(events["drop_malformed"], 4, "{events:?}");
     assert_eq!(events["pass_protocol_unserved"], 1, "{events:?}");
     assert_eq!(events["drop_no_backend"], 2, "{events:?}");
     assert_eq!(events["reject_tcp_rst"], 2, "{events:?}");
@@ -2063,6 +2101,14 @@ fn a_remap_onto_the_port_of_a_dead_flow_entry_takes_the_answers_from_it() {
 
 /// A frame with its IPv4 header changed by `edit`, then its header checksum made right again
 /// (etherparse), so only the edited field is wrong.
+/// `frame` (IPv4 without options) with its TCP data offset set to `words` 32-bit words.
+fn with_tcp_data_offset(frame: &[u8], words: u8) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let data_offset = packet::ETH_HDR_LEN + 20 + 12;
+    out[data_offset] = (words << 4) | (out[data_offset] & 0x0f);
+    out
+}
+
 fn with_ip_header(frame: &[u8], edit: impl Fn(&mut [u8])) -> Vec<u8> {
     let mut out = frame.to_vec();
     edit(&mut out[packet::ETH_HDR_LEN..]);
