@@ -225,7 +225,7 @@ fn try_ipv4(ctx: &TcContext) -> Result<(), Event> {
     let Some(Restore {
         frontend,
         client_port,
-    }) = reverse_nat(&tuple, SourceFilter::Unchecked, refusal)?
+    }) = reverse_nat(&tuple, SourceFilter::Passed, refusal)?
     else {
         return Ok(());
     };
@@ -455,7 +455,7 @@ fn reverse_nat<F: Family>(
 }
 
 /// Whether the program that handed a packet on checked its source against the backend filter
-/// already ([`maybe_backend`]): `lb_tc_egress` does for what it hands to
+/// already ([`maybe_backend`]): `lb_tc_egress` does in its IPv4 parse and for what it hands to
 /// [`lb_tc_egress6_direct`], where a second look was about 7% of that program's samples (perf).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SourceFilter {
@@ -698,8 +698,8 @@ fn read<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
 }
 
 /// The reply's 5-tuple and transport offset, or the key of a later fragment, of an IPv4 frame;
-/// `None` for anything that is not a TCP/UDP packet with a complete header (it passes
-/// untouched).
+/// `None` for anything that is not a TCP/UDP/SCTP packet with a complete header from a source
+/// the backend filter may have (it passes untouched).
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
     let ip = read::<IPV4_MIN_HDR_LEN>(ctx, ETH_HDR_LEN)?;
@@ -734,6 +734,12 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     let first_fragment = (flags_fragment & IPV4_MORE_FRAGMENTS != 0).then_some(fragment_key);
     let l4_offset = ETH_HDR_LEN + header_len;
     let ports = read::<4>(ctx, l4_offset)?;
+    // The node's own traffic and pods' traffic to elsewhere, most of what leaves, is no
+    // backend's: it goes no further than this (as IPv6's, in `ipv6_program`).
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    if !maybe_backend_at::<V4>(saddr, sport, protocol) {
+        return None;
+    }
     let sequence = if protocol == proto::TCP {
         segment(ctx, l4_offset)?
     } else if protocol == proto::SCTP {

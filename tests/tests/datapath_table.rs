@@ -559,6 +559,23 @@ fn tc_egress_reverse_nats_replies_of_tracked_flows_only() {
             Expect::Unchanged,
         ),
         case(
+            "egress from no backend's address and port: the node's own traffic",
+            packet::tcp(
+                SocketAddrV4::new(NODE, 22),
+                CLIENT,
+                TcpFlags::ACK,
+                b"banner",
+            ),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+        case(
+            "udp from no backend's address and port",
+            packet::udp(SocketAddrV4::new(NODE, 53), CLIENT, b"answer"),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+        case(
             "non-ip",
             packet::non_ip(0x0806, 28),
             TC_ACT_OK,
