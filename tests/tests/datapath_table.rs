@@ -2116,8 +2116,6 @@ fn a_remap_onto_the_port_of_a_dead_flow_entry_takes_the_answers_from_it() {
     );
 }
 
-/// A frame with its IPv4 header changed by `edit`, then its header checksum made right again
-/// (etherparse), so only the edited field is wrong.
 /// `frame` (IPv4 without options) with its TCP data offset set to `words` 32-bit words.
 fn with_tcp_data_offset(frame: &[u8], words: u8) -> Vec<u8> {
     let mut out = frame.to_vec();
@@ -2126,6 +2124,8 @@ fn with_tcp_data_offset(frame: &[u8], words: u8) -> Vec<u8> {
     out
 }
 
+/// A frame with its IPv4 header changed by `edit`, then its header checksum made right again
+/// (etherparse), so only the edited field is wrong.
 fn with_ip_header(frame: &[u8], edit: impl Fn(&mut [u8])) -> Vec<u8> {
     let mut out = frame.to_vec();
     edit(&mut out[packet::ETH_HDR_LEN..]);
@@ -2143,6 +2143,9 @@ fn packets_the_stack_would_drop_create_no_state_and_rejects_answer_unicast_only(
     let l4 = packet::ETH_HDR_LEN + 20;
     let mut bad_checksum = syn.clone();
     bad_checksum[packet::ETH_HDR_LEN + 10] ^= 0xff;
+    // An option changed after the checksum was made: only the options' part of the sum is off.
+    let mut bad_option = packet::with_ip_options(&syn, &IP_OPTIONS);
+    bad_option[packet::ETH_HDR_LEN + 20 + 9] ^= 0x01;
     let longer_than_frame = with_ip_header(&syn, |ip| {
         let total = u16::from_be_bytes([ip[2], ip[3]]) + 100;
         ip[2..4].copy_from_slice(&total.to_be_bytes());
@@ -2170,6 +2173,12 @@ fn packets_the_stack_would_drop_create_no_state_and_rejects_answer_unicast_only(
         case(
             "bad ip header checksum",
             bad_checksum,
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "an ip option changed after the header checksum",
+            bad_option,
             XDP_DROP,
             Expect::Unchanged,
         ),
@@ -2245,7 +2254,7 @@ fn packets_the_stack_would_drop_create_no_state_and_rejects_answer_unicast_only(
         "no state created"
     );
     let events = datapath.events().expect("events");
-    assert_eq!(events["drop_ip_checksum"], 1);
+    assert_eq!(events["drop_ip_checksum"], 2);
     assert_eq!(events["drop_malformed"], 4);
     assert_eq!(events["pass_vlan"], 1);
     assert_eq!(events["drop_reject_not_unicast"], 5);
