@@ -791,9 +791,12 @@ fn an_active_ipv6_tcp_connection_outlives_the_established_timeout_and_an_idle_on
     }
     .run(client, None)
     .expect("client");
+    // With the counters: which way the idle connection's next segment went if it lives on.
     assert_eq!(
-        idle.ok, 1,
-        "only the request before the idle time: {idle:?}"
+        idle.ok,
+        1,
+        "only the request before the idle time: {idle:?}, {:?}",
+        events(&setup)
     );
     assert_eq!(idle.errors_of("reset"), 1, "{idle:?}");
 }
