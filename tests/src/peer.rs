@@ -251,6 +251,30 @@ impl<'a> ClientRun<'a> {
     }
 
     /// Runs the client in `host` (inside `cgroup` when given) and returns its report.
+    /// Runs this client from `host` again and again (100 ms apart) until `answered` accepts its
+    /// report, for at most `within`: how lab tests wait for an agent to serve what they applied.
+    /// The last report is in the error.
+    pub fn run_until(
+        &self,
+        host: &Host,
+        within: Duration,
+        answered: impl Fn(&ClientReport) -> bool,
+    ) -> anyhow::Result<ClientReport> {
+        let deadline = Instant::now() + within;
+        loop {
+            let report = self.run(host, None)?;
+            if answered(&report) {
+                return Ok(report);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} not answered as awaited within {within:?}: {report:?}",
+                self.to
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn run(&self, host: &Host, cgroup: Option<&Cgroup>) -> anyhow::Result<ClientReport> {
         let requests = self.requests.to_string();
         let timeout = self.timeout_ms.to_string();

@@ -569,21 +569,10 @@ fn lb_json_stats(setup: &lab::agent::AgentLab) -> serde_json::Value {
 /// Waits until a TCP connection to `target` from `client` succeeds (the agent has programmed
 /// the Service).
 fn wait_until_served(client: &lab::lab::Host, target: &str) {
-    let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
-    loop {
-        let probe = ClientRun {
-            timeout_ms: 500,
-            ..ClientRun::tcp(target, 1)
-        }
-        .run(client, None)
-        .expect("client");
-        if probe.errors == 0 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{target} not served within {SYNC_TIMEOUT:?}: {probe:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
+    ClientRun {
+        timeout_ms: 500,
+        ..ClientRun::tcp(target, 1)
     }
+    .run_until(client, SYNC_TIMEOUT, |probe| probe.errors == 0)
+    .expect("served");
 }

@@ -144,23 +144,12 @@ fn wait_until_served(client: &Host, target: &str) {
 /// Waits until `probe` (one request, TCP or UDP) from `client` gets its answer: neighbour
 /// discovery is done and the agent serves the target.
 fn wait_until_answered(client: &Host, probe: ClientRun) {
-    let probe = ClientRun {
+    ClientRun {
         timeout_ms: 500,
         ..probe
-    };
-    let deadline = Instant::now() + SYNC_TIMEOUT;
-    loop {
-        let report = probe.run(client, None).expect("client");
-        if report.errors == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} not served within {SYNC_TIMEOUT:?}: {report:?}",
-            probe.to
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
+    .run_until(client, SYNC_TIMEOUT, |report| report.errors == 0)
+    .expect("served");
 }
 
 fn events(setup: &AgentLab) -> std::collections::BTreeMap<&'static str, u64> {
@@ -1002,21 +991,12 @@ fn a_retransmitted_ipv6_syn_reaches_the_endpoint_its_first_syn_went_to() {
 /// Waits until a connection to `target` is answered by the server `name`: the agent has written
 /// the endpoint it serves now.
 fn wait_until_answered_by(client: &Host, target: &str, name: &str) {
-    let deadline = Instant::now() + SYNC_TIMEOUT;
-    loop {
-        let report = ClientRun {
-            timeout_ms: 500,
-            ..ClientRun::tcp(target, 1)
-        }
-        .run(client, None)
-        .expect("client");
-        if report.errors == 0 && report.servers() == [name].into() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{target} not served by {name} within {SYNC_TIMEOUT:?}: {report:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    ClientRun {
+        timeout_ms: 500,
+        ..ClientRun::tcp(target, 1)
     }
+    .run_until(client, SYNC_TIMEOUT, |report| {
+        report.errors == 0 && report.servers() == [name].into()
+    })
+    .unwrap_or_else(|error| panic!("served by {name}: {error:#}"));
 }

@@ -327,23 +327,12 @@ fn ipv6_drops_rejects_and_new_flows_from_outside_appear_with_their_addresses() {
 
 /// Waits until a TCP connection from `client` to `target` succeeds (the agent has programmed it).
 fn wait_until_answered(client: &lab::lab::Host, target: &str) {
-    let deadline = Instant::now() + lab::agent::SYNC_TIMEOUT;
-    loop {
-        let probe = ClientRun {
-            timeout_ms: 500,
-            ..ClientRun::tcp(target, 1)
-        }
-        .run(client, None)
-        .expect("client");
-        if probe.errors == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{target} not served in time: {probe:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    ClientRun {
+        timeout_ms: 500,
+        ..ClientRun::tcp(target, 1)
     }
+    .run_until(client, lab::agent::SYNC_TIMEOUT, |probe| probe.errors == 0)
+    .expect("served");
 }
 
 #[test]
