@@ -1,14 +1,15 @@
 //! Live frames through the datapath's XDP program, attached natively to a veth: how many frames a
 //! second lb serves against the cheapest XDP program on the same path.
 //!
-//! Lab: a generator host and a node host joined by three veth pairs. On the node, `n0` carries
-//! lb's XDP program (a private pin directory), `n1` a bare XDP_DROP program (the floor) and `n2`
-//! a bare XDP_PASS program (the stack's own cost). The generator sends UDP frames of one flow
-//! with `BPF_PROG_TEST_RUN` in live-frame mode (`BPF_F_TEST_XDP_LIVE_FRAMES`): a tiny program
-//! writes the frame's headers afresh and sends it out of a veth (XDP_TX), and the node's program
-//! runs on it in the veth's NAPI poll, on the same CPU, between the generator's batches. The rate
-//! is the frames the node's program ran on (the veth's `xdp_packets` count) over the run's time;
-//! a frame the generator sent that never reached the node's program counts as lost.
+//! Lab: a generator host and a node host joined by three veth pairs, and a pod host behind a
+//! fourth veth of the node's (`p0`, the pod's `eth0`, as a CNI wires a pod). On the node, `n0`
+//! carries lb's XDP program (a private pin directory), `n1` a bare XDP_DROP program (the floor)
+//! and `n2` a bare XDP_PASS program (the stack's own cost). The generator sends UDP frames of
+//! one flow with `BPF_PROG_TEST_RUN` in live-frame mode (`BPF_F_TEST_XDP_LIVE_FRAMES`): a tiny
+//! program writes the frame's headers afresh and sends it out of a veth (XDP_TX), and the node's
+//! program runs on it in the veth's NAPI poll, on the same CPU, between the generator's batches.
+//! The rate is the frames the node's program ran on (the veth's `xdp_packets` count) over the
+//! run's time; a frame the generator sent that never reached the node's program counts as lost.
 //!
 //! Paths:
 //! - `floor: XDP_DROP` on `n1`;
@@ -17,7 +18,11 @@
 //! - `lb: remote endpoint, XDP_TX`: a NodePort whose endpoint is on "another node" (the
 //!   generator's side): DNAT and SNAT, sent back out of `n0` to the generator, whose XDP drops it;
 //! - `lb: local endpoint, XDP_PASS to a socket`: a NodePort whose endpoint is the socket above;
-//! - `lb: no service, XDP_PASS to a socket`: frames straight to the socket through lb's program.
+//! - `lb: no service, XDP_PASS to a socket`: frames straight to the socket through lb's program;
+//! - `lb: pod endpoint, DNAT, XDP_PASS, forwarded into its veth`: a NodePort whose endpoint is a
+//!   UDP socket of the pod (never read); the node's stack forwards each frame into `p0`, and the
+//!   pod's stack takes it on the same CPU. The bench checks that the pod's IP layer handed every
+//!   frame on to its UDP.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
@@ -54,6 +59,9 @@ const LOCAL_ENDPOINT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1,
 const REMOTE_ENDPOINT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10), 8080);
 const REMOTE_NODE_PORT: u16 = 30080;
 const LOCAL_NODE_PORT: u16 = 30081;
+/// An endpoint in a pod of the node, behind its veth.
+const POD_ENDPOINT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 3, 10), 8080);
+const POD_NODE_PORT: u16 = 30082;
 const CLIENT_PORT: u16 = 40_000;
 /// Bytes the generator writes over each frame: Ethernet, IPv4 and UDP headers (42), rounded up
 /// to whole words.
@@ -82,15 +90,17 @@ enum Path {
     LbRemote,
     LbLocal,
     LbMiss,
+    LbPod,
 }
 
 impl Path {
-    const ALL: [Path; 5] = [
+    const ALL: [Path; 6] = [
         Path::Floor,
         Path::BarePass,
         Path::LbRemote,
         Path::LbLocal,
         Path::LbMiss,
+        Path::LbPod,
     ];
 
     fn key(self) -> &'static str {
@@ -100,6 +110,7 @@ impl Path {
             Path::LbRemote => "lb_remote_endpoint_xdp_tx",
             Path::LbLocal => "lb_local_endpoint_xdp_pass",
             Path::LbMiss => "lb_no_service_xdp_pass",
+            Path::LbPod => "lb_pod_endpoint_xdp_pass",
         }
     }
 
@@ -110,6 +121,7 @@ impl Path {
             Path::LbRemote => "lb: remote endpoint, DNAT+SNAT, XDP_TX",
             Path::LbLocal => "lb: local endpoint, DNAT, XDP_PASS to a socket",
             Path::LbMiss => "lb: no service, XDP_PASS to a socket",
+            Path::LbPod => "lb: pod endpoint, DNAT, XDP_PASS, forwarded into its veth",
         }
     }
 
@@ -118,7 +130,7 @@ impl Path {
         match self {
             Path::Floor => 1,
             Path::BarePass => 2,
-            Path::LbRemote | Path::LbLocal | Path::LbMiss => 0,
+            Path::LbRemote | Path::LbLocal | Path::LbMiss | Path::LbPod => 0,
         }
     }
 
@@ -127,6 +139,7 @@ impl Path {
             Path::Floor | Path::BarePass | Path::LbMiss => LOCAL_ENDPOINT,
             Path::LbRemote => SocketAddrV4::new(node_addr(0), REMOTE_NODE_PORT),
             Path::LbLocal => SocketAddrV4::new(node_addr(0), LOCAL_NODE_PORT),
+            Path::LbPod => SocketAddrV4::new(node_addr(0), POD_NODE_PORT),
         }
     }
 }
@@ -161,10 +174,12 @@ struct LiveLab {
     _node_links: Vec<OwnedFd>,
     datapath: Datapath,
     _socket: UdpSocket,
+    _pod_socket: UdpSocket,
     generator_program: Vec<(Path, OwnedFd, Vec<u8>)>,
     _pins: PinDir,
     generator: Host,
     node: Host,
+    pod: Host,
     _lab: Lab,
 }
 
@@ -264,6 +279,8 @@ impl LiveLab {
             let _inside = node.enter()?;
             UdpSocket::bind(LOCAL_ENDPOINT).context("binding the node's socket")?
         };
+        let pod = lab.host("pod")?;
+        let pod_socket = pod_behind_a_veth(&lab, &node, &pod)?;
 
         let pins = PinDir::new(&lab, "live")?;
         let mut datapath = Datapath::load(pins.path())?;
@@ -276,6 +293,7 @@ impl LiveLab {
         for (id, endpoint, flags) in [
             (1, REMOTE_ENDPOINT, 0),
             (2, LOCAL_ENDPOINT, backend_flags::LOCAL),
+            (3, POD_ENDPOINT, backend_flags::LOCAL),
         ] {
             datapath.put_backend(
                 id,
@@ -287,7 +305,11 @@ impl LiveLab {
                 },
             )?;
         }
-        for (id, port, backend) in [(1, REMOTE_NODE_PORT, 1), (2, LOCAL_NODE_PORT, 2)] {
+        for (id, port, backend) in [
+            (1, REMOTE_NODE_PORT, 1),
+            (2, LOCAL_NODE_PORT, 2),
+            (3, POD_NODE_PORT, 3),
+        ] {
             datapath.put_service(&Service {
                 id,
                 frontends: vec![Frontend {
@@ -341,10 +363,12 @@ impl LiveLab {
             _node_links: node_links,
             datapath,
             _socket: socket,
+            _pod_socket: pod_socket,
             generator_program,
             _pins: pins,
             generator,
             node,
+            pod,
             _lab: lab,
         })
     }
@@ -352,7 +376,8 @@ impl LiveLab {
     /// Sends `frames` frames of the path's flow; returns the rate the node's program ran at
     /// (million frames a second) and how many frames never reached it. Checks that lb did with
     /// every frame what the path is about: counted for its service and sent back to the
-    /// generator (remote endpoint), counted and passed (local endpoint), or left alone.
+    /// generator (remote endpoint), counted and passed (local endpoint; for a pod's, its IP layer
+    /// delivering every frame), or left alone.
     fn measure(&self, path: Path, frames: u32) -> anyhow::Result<(f64, u64)> {
         let (_, program, frame) = self
             .generator_program
@@ -364,6 +389,7 @@ impl LiveLab {
         let before = xdp_packets(&self.node, &receiver)?;
         let returned_before = xdp_packets(&self.generator, &format!("g{pair}"))?;
         let counted_before = self.service_packets()?;
+        let pod_before = pod_datagrams(&self.pod)?;
         let ifindex = self.generator.ifindex(&format!("g{pair}"))?;
         let elapsed = {
             let _inside = self.generator.enter()?;
@@ -380,14 +406,12 @@ impl LiveLab {
         );
         let returned = xdp_packets(&self.generator, &format!("g{pair}"))? - returned_before;
         let counted = self.service_packets()?;
-        let counted = [
-            counted[0] - counted_before[0],
-            counted[1] - counted_before[1],
-        ];
+        let counted: [u64; 3] = std::array::from_fn(|i| counted[i] - counted_before[i]);
         let expected = match path {
-            Path::LbRemote => ([received, 0], received),
-            Path::LbLocal => ([0, received], 0),
-            Path::Floor | Path::BarePass | Path::LbMiss => ([0, 0], 0),
+            Path::LbRemote => ([received, 0, 0], received),
+            Path::LbLocal => ([0, received, 0], 0),
+            Path::LbPod => ([0, 0, received], 0),
+            Path::Floor | Path::BarePass | Path::LbMiss => ([0, 0, 0], 0),
         };
         ensure!(
             (counted, returned) == expected,
@@ -395,17 +419,70 @@ impl LiveLab {
              and {returned} came back to the generator (expected {expected:?})",
             path.label()
         );
+        let at_pod = pod_datagrams(&self.pod)? - pod_before;
+        let expected_at_pod = if path == Path::LbPod { received } else { 0 };
+        ensure!(
+            at_pod == expected_at_pod,
+            "{}: {received} frames reached the node's program and {at_pod} packets the pod's \
+             transport layer (expected {expected_at_pod})",
+            path.label()
+        );
         let lost = u64::from(frames).saturating_sub(received);
         Ok((received as f64 / elapsed.as_secs_f64() / 1e6, lost))
     }
 
-    /// Packets lb counted for the remote-endpoint and the local-endpoint service.
-    fn service_packets(&self) -> anyhow::Result<[u64; 2]> {
+    /// Packets lb counted for the remote-endpoint, the local-endpoint and the pod's service.
+    fn service_packets(&self) -> anyhow::Result<[u64; 3]> {
         Ok([
             self.datapath.service_counter(1)?.packets,
             self.datapath.service_counter(2)?.packets,
+            self.datapath.service_counter(3)?.packets,
         ])
     }
+}
+
+/// Wires `pod` to the node as a CNI does (a veth, the pod's address on its end, a host route to
+/// it on the node's) and binds the pod's UDP socket, which never reads.
+fn pod_behind_a_veth(lab: &Lab, node: &Host, pod: &Host) -> anyhow::Result<UdpSocket> {
+    lab.veth(node, "p0", pod, "eth0")?;
+    pod.addr("eth0", &format!("{}/32", POD_ENDPOINT.ip()))?;
+    pod.ip(&["route", "add", "default", "dev", "eth0"])?;
+    node.route(&[&format!("{}/32", POD_ENDPOINT.ip()), "dev", "p0"])?;
+    // Known in advance, as the generator's is: no frame waits for neighbour discovery.
+    node.ip(&[
+        "neigh",
+        "replace",
+        &POD_ENDPOINT.ip().to_string(),
+        "lladdr",
+        &format_mac(pod.mac("eth0")?),
+        "dev",
+        "p0",
+        "nud",
+        "permanent",
+    ])?;
+    let _inside = pod.enter()?;
+    UdpSocket::bind(POD_ENDPOINT).context("binding the pod's socket")
+}
+
+/// Packets the pod's IP layer handed to its transport layer (`Ip: InDelivers` of its
+/// /proc/net/snmp): every datagram for the socket, queued or dropped at its full buffer (UDP's
+/// `InDatagrams` counts only those the application reads).
+fn pod_datagrams(pod: &Host) -> anyhow::Result<u64> {
+    let snmp = pod.run("cat", &["/proc/net/snmp"])?;
+    let mut ip = snmp.lines().filter(|line| line.starts_with("Ip:"));
+    let (Some(names), Some(values)) = (ip.next(), ip.next()) else {
+        anyhow::bail!("no Ip lines in the pod's /proc/net/snmp");
+    };
+    let column = names
+        .split_whitespace()
+        .position(|field| field == "InDelivers")
+        .context("no InDelivers in the pod's Ip counters")?;
+    values
+        .split_whitespace()
+        .nth(column)
+        .context("a short Ip line in the pod's /proc/net/snmp")?
+        .parse()
+        .context("the pod's InDelivers")
 }
 
 /// Frames the XDP program of a veth ran on (the lab's veths have one queue).
