@@ -389,7 +389,7 @@ impl LiveLab {
         let before = xdp_packets(&self.node, &receiver)?;
         let returned_before = xdp_packets(&self.generator, &format!("g{pair}"))?;
         let counted_before = self.service_packets()?;
-        let pod_before = pod_datagrams(&self.pod)?;
+        let pod_before = pod_ip_delivered(&self.pod)?;
         let ifindex = self.generator.ifindex(&format!("g{pair}"))?;
         let elapsed = {
             let _inside = self.generator.enter()?;
@@ -419,7 +419,7 @@ impl LiveLab {
              and {returned} came back to the generator (expected {expected:?})",
             path.label()
         );
-        let at_pod = pod_datagrams(&self.pod)? - pod_before;
+        let at_pod = pod_ip_delivered(&self.pod)? - pod_before;
         let expected_at_pod = if path == Path::LbPod { received } else { 0 };
         ensure!(
             at_pod == expected_at_pod,
@@ -467,7 +467,7 @@ fn pod_behind_a_veth(lab: &Lab, node: &Host, pod: &Host) -> anyhow::Result<UdpSo
 /// Packets the pod's IP layer handed to its transport layer (`Ip: InDelivers` of its
 /// /proc/net/snmp): every datagram for the socket, queued or dropped at its full buffer (UDP's
 /// `InDatagrams` counts only those the application reads).
-fn pod_datagrams(pod: &Host) -> anyhow::Result<u64> {
+fn pod_ip_delivered(pod: &Host) -> anyhow::Result<u64> {
     let snmp = pod.run("cat", &["/proc/net/snmp"])?;
     let mut ip = snmp.lines().filter(|line| line.starts_with("Ip:"));
     let (Some(names), Some(values)) = (ip.next(), ip.next()) else {
