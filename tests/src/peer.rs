@@ -250,7 +250,6 @@ impl<'a> ClientRun<'a> {
         }
     }
 
-    /// Runs the client in `host` (inside `cgroup` when given) and returns its report.
     /// Runs this client from `host` again and again (100 ms apart) until `answered` accepts its
     /// report, for at most `within`: how lab tests wait for an agent to serve what they applied.
     /// The last report is in the error.
@@ -275,6 +274,7 @@ impl<'a> ClientRun<'a> {
         }
     }
 
+    /// Runs the client in `host` (inside `cgroup` when given) and returns its report.
     pub fn run(&self, host: &Host, cgroup: Option<&Cgroup>) -> anyhow::Result<ClientReport> {
         let requests = self.requests.to_string();
         let timeout = self.timeout_ms.to_string();
