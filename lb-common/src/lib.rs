@@ -127,6 +127,11 @@ pub mod map_names {
     /// Per-CPU array of one frontend entry XDP found, copied with where it found it. Not
     /// pinned.
     pub const FRONTEND_SCRATCH: &str = "lb_fescr_v1";
+    /// Per-CPU arrays of [`crate::FlowCacheSlot`]: XDP's flow cache ([`crate::flow_cache`]),
+    /// IPv4 and IPv6. Not pinned: a new load starts with empty slots, which fill again on the
+    /// flows' next packets.
+    pub const FLOW_CACHE4: &str = "lb4_flowc_v1";
+    pub const FLOW_CACHE6: &str = "lb6_flowc_v1";
     /// The IPv6 twins of the maps above: the same values, keys with an [`crate::Ipv6Words`]
     /// address. Backend ids and service ids are one id space for both families.
     pub const FRONTENDS6: &str = "lb6_fe_v1";
@@ -1752,6 +1757,85 @@ pub mod frontend_filter {
     }
 }
 
+/// XDP's per-CPU flow cache: a copy, in an array slot, of where a TCP flow kept whole in one
+/// FLOW entry (a local endpoint's, [`FlowValue`]) sends its client's packets. A segment that
+/// only acknowledges or carries data within the slot's sequence window goes where the slot says,
+/// without the conntrack hash lookup (whose kernel functions are 30-35 ns of the established
+/// path). Nothing on that path writes: conntrack keeps every field it keeps without the cache.
+///
+/// A slot stays valid until its entry's `last_seen` is due to be rewritten (what the established
+/// path would next write, [`ct_timeouts::REFRESH`] or a quarter of the timeout), or a quarter of
+/// the closing timeout (the endpoint's FIN, which tc egress writes into the entry, reaches the
+/// cache no later than that), whichever comes first; it serves sequence numbers up to
+/// [`flow_cache::SEQ_AHEAD`] past what the entry has recorded, so that the entry's record never
+/// trails a RST's by more than [`tcp_seq::RST_AHEAD`]. Per CPU, so that a slot is only ever
+/// written by the program that reads it: a flow the NIC spreads over CPUs has a slot on each.
+pub mod flow_cache {
+    /// Slots per CPU (4,096 x 48 bytes for IPv4, x 96 bytes for IPv6).
+    pub const SLOTS_LOG2: u32 = 12;
+    pub const SLOTS: u32 = 1 << SLOTS_LOG2;
+    /// How far ahead of the entry's `seq_next` a segment's end may reach and still be served
+    /// from the slot: a quarter of [`crate::tcp_seq::RST_AHEAD`], so that a RST's sequence number
+    /// stays within the window the entry judges it by, with room for racing CPUs.
+    pub const SEQ_AHEAD: u32 = 16 << 10;
+    /// How far behind it (retransmissions, reordering): further back is the full path's.
+    pub const SEQ_BEHIND: u32 = 16 << 10;
+
+    /// The slot of a client's IPv4 address (host order of the wire bytes) and port: Fibonacci
+    /// hashing, the top bits of a 64-bit multiply.
+    #[inline(always)]
+    pub const fn slot(addr: u32, port: u16) -> u32 {
+        let key = ((addr as u64) << 16) | port as u64;
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SLOTS_LOG2)) as u32
+    }
+
+    /// The slot of a client's IPv6 address ([`crate::Ipv6Words`], as the packet holds it) and
+    /// port: the address folded to 32 bits, then [`slot`].
+    #[inline(always)]
+    pub const fn slot6(addr: crate::Ipv6Words, port: u16) -> u32 {
+        let folded = addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3];
+        slot(folded, port)
+    }
+
+    /// Whether a segment ending at `seq_end` lies in the window of a slot whose floor is
+    /// `seq_floor` (the entry's `seq_next` less [`SEQ_BEHIND`]).
+    #[inline(always)]
+    pub const fn in_window(seq_floor: u32, seq_end: u32) -> bool {
+        seq_end.wrapping_sub(seq_floor) <= SEQ_BEHIND + SEQ_AHEAD
+    }
+}
+
+/// A slot of the flow cache ([`flow_cache`]): the flow's client and frontend, which a packet
+/// must carry to be served from it, and where its packets go. `A` as in [`CtKey`]; an empty slot
+/// is all zeros (valid until 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FlowCacheSlot<A: CtAddr> {
+    /// bpf_ktime_get_ns() up to which the slot serves.
+    pub valid_until_ns: u64,
+    pub client_addr: A,
+    pub frontend_addr: A,
+    /// The packet's new destination (the endpoint) and source (the client's, or its remapped
+    /// port, [`ct_flags::PORT_REMAP`]).
+    pub backend_addr: A,
+    pub source_addr: A,
+    pub client_port: u16,
+    pub frontend_port: u16,
+    pub backend_port: u16,
+    pub source_port: u16,
+    pub service_id: u32,
+    /// The entry's `seq_next` when the slot was written, less [`flow_cache::SEQ_BEHIND`].
+    pub seq_floor: u32,
+    /// [`ct_flags::SOURCE_CHECKED`] when the flow's client must still be inside the service's
+    /// source ranges.
+    pub flags: u8,
+    pub _pad: [u8; 7],
+}
+pub type FlowCacheSlot4 = FlowCacheSlot<u32>;
+pub type FlowCacheSlot6 = FlowCacheSlot<Ipv6Words>;
+const _: () = assert!(size_of::<FlowCacheSlot4>() == 48);
+const _: () = assert!(size_of::<FlowCacheSlot6>() == 96);
+
 pub mod tcp_state {
     use crate::tcp_flags::{ACK, FIN, RST, SYN};
 
@@ -1962,6 +2046,8 @@ macro_rules! impl_pod {
 #[cfg(feature = "user")]
 impl_pod!(
     NicMac,
+    FlowCacheSlot4,
+    FlowCacheSlot6,
     Frag4Key,
     Frag4Value,
     Frag6Key,

@@ -13,15 +13,16 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap},
 };
 use lb_common::{
-    Affinity4Key, Affinity6Key, AffinityValue, BackendValue, CtAddr, CtKey, CtValue, FrontendKey,
-    FrontendSlot, FrontendSlotHead, Ipv6Words, ServiceValue, SockNat4Key, SockNat6Key,
-    SockNatValue, SockState, SourceRange, frontend_filter, maglev,
+    Affinity4Key, Affinity6Key, AffinityValue, BackendValue, CtAddr, CtKey, CtValue, FlowCacheSlot,
+    FrontendKey, FrontendSlot, FrontendSlotHead, Ipv6Words, ServiceValue, SockNat4Key, SockNat6Key,
+    SockNatValue, SockState, SourceRange, flow_cache, frontend_filter, maglev,
 };
 
 use crate::maps::{
     AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CONFIG, CONFIG6, CONNTRACK4, CONNTRACK6,
-    CT_SCRATCH4, CT_SCRATCH6, FRONTEND_INDEX4, FRONTEND_INDEX6, FRONTENDS4, FRONTENDS6, SOCK_NAT4,
-    SOCK_NAT6, SOCK_STATE4, SOCK_STATE6, SOURCE_RANGES4, SOURCE_RANGES6,
+    CT_SCRATCH4, CT_SCRATCH6, FLOW_CACHE4, FLOW_CACHE6, FRONTEND_INDEX4, FRONTEND_INDEX6,
+    FRONTENDS4, FRONTENDS6, SOCK_NAT4, SOCK_NAT6, SOCK_STATE4, SOCK_STATE6, SOURCE_RANGES4,
+    SOURCE_RANGES6,
 };
 
 /// An address family: its address type (network byte order, as the packet and `bpf_sock_addr`
@@ -73,6 +74,13 @@ pub trait Family {
     /// This CPU's scratch conntrack value, to build an entry in off the stack (a program runs
     /// on one CPU to its end, so nothing else uses it meanwhile).
     fn ct_scratch(index: u32) -> Option<&'static mut CtValue<Self::Addr>>;
+
+    /// This CPU's slot of the flow cache for a client (address in tuple order) and port
+    /// ([`lb_common::flow_cache`]): only programs on this CPU touch it, one run at a time.
+    fn flow_cache_slot(
+        client: Self::Addr,
+        port: u16,
+    ) -> Option<&'static mut FlowCacheSlot<Self::Addr>>;
 
     /// The session-affinity entry of a client outside the node (address in tuple order) of a
     /// service, and its writer.
@@ -165,6 +173,14 @@ impl Family for V4 {
         CT_SCRATCH4
             .get_ptr_mut(index)
             .map(|entry| unsafe { &mut *entry })
+    }
+
+    #[inline(always)]
+    fn flow_cache_slot(client: u32, port: u16) -> Option<&'static mut FlowCacheSlot<u32>> {
+        // SAFETY: as ct_scratch.
+        FLOW_CACHE4
+            .get_ptr_mut(flow_cache::slot(client, port))
+            .map(|slot| unsafe { &mut *slot })
     }
 
     #[inline(always)]
@@ -313,6 +329,17 @@ impl Family for V6 {
         CT_SCRATCH6
             .get_ptr_mut(index)
             .map(|entry| unsafe { &mut *entry })
+    }
+
+    #[inline(always)]
+    fn flow_cache_slot(
+        client: Ipv6Words,
+        port: u16,
+    ) -> Option<&'static mut FlowCacheSlot<Ipv6Words>> {
+        // SAFETY: as ct_scratch.
+        FLOW_CACHE6
+            .get_ptr_mut(flow_cache::slot6(client, port))
+            .map(|slot| unsafe { &mut *slot })
     }
 
     #[inline(always)]

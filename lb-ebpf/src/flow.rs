@@ -18,6 +18,7 @@ use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     family::{Family, V4},
+    flow_cache,
     helpers::{now_ns, random_u32},
     maps::{
         AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, SLOTS4,
@@ -499,7 +500,7 @@ fn client_key_holder<F: Family>(
 /// Whether a live flow's REPLY entry is a separate one (a SNAT flow's, or a flow kept as two
 /// entries), not part of its FLOW entry.
 #[inline(always)]
-fn has_reply_entry<A: CtAddr>(client_side: &CtValue<A>) -> bool {
+pub fn has_reply_entry<A: CtAddr>(client_side: &CtValue<A>) -> bool {
     client_side.flags & ct_flags::CLIENT_IN_FLOW == 0 || client_side.flags & ct_flags::SNAT != 0
 }
 
@@ -952,6 +953,9 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     if key_holder != Holder::Alive
         && let Some(destination) = new_flow_in_one_entry(tuple, original, arrival, now, key_holder)?
     {
+        if key_holder == Holder::Gone {
+            flow_cache::forget(tuple);
+        }
         count_service(service.service_id, 0, 0, 1);
         return Ok(destination);
     }
@@ -1429,8 +1433,14 @@ fn touch<A: CtAddr>(entry: &mut CtValue<A>, state: u8, now: u64) {
 /// never looks idle past its timeout.
 #[inline(always)]
 fn stale<A: CtAddr>(entry: &CtValue<A>, protocol: u8, now: u64) -> bool {
-    let refresh = ct_timeouts::REFRESH.min(timeout(protocol, entry.state) / 4);
-    now.saturating_sub(entry.last_seen_ns) > refresh
+    now.saturating_sub(entry.last_seen_ns) > refresh_interval(protocol, entry.state)
+}
+
+/// How long after its `last_seen` an entry in `state` is rewritten by its next packet (see
+/// [`stale`]).
+#[inline(always)]
+pub fn refresh_interval(protocol: u8, state: u8) -> u64 {
+    ct_timeouts::REFRESH.min(timeout(protocol, state) / 4)
 }
 
 /// The key of the ORIGINAL entry of the flow a REPLY entry belongs to: from the client (which

@@ -5,6 +5,7 @@
 mod clock;
 mod family;
 mod flow;
+mod flow_cache;
 mod helpers;
 mod ip;
 mod maps;

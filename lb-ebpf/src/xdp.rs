@@ -37,6 +37,7 @@ use crate::{
         look_up_on_retry, lookup_frontend, maybe_frontend, maybe_frontend_at, new_flow, reply_key,
         source_allowed, starts_unlooked, track_reply,
     },
+    flow_cache,
     helpers::{Forward, now_ns},
     ip::{Addr, Ip},
     maps::{
@@ -808,23 +809,55 @@ fn established<I: Ip>(
     tuple: &Tuple<I::F>,
 ) -> Result<Option<u32>, Event> {
     let now = now_ns();
+    if let Some(slot) = flow_cache::hit(tuple, now) {
+        let source_checked =
+            (slot.flags & ct_flags::SOURCE_CHECKED != 0).then_some(slot.service_id);
+        if let Some(action) = turned_away(ctx, eth, tuple, source_checked)? {
+            return Ok(Some(action));
+        }
+        return deliver(ctx, ip, tuple, &flow_cache::destination(slot)).map(Some);
+    }
     let Some(flow) = live_flow(tuple, now) else {
         return Ok(None);
     };
+    if closes(tuple) {
+        flow_cache::forget(tuple);
+    }
     refuse_sctp_fragment(tuple, ip)?;
+    if let Some(action) = turned_away(ctx, eth, tuple, admitted_by_source_ranges(flow))? {
+        return Ok(Some(action));
+    }
+    match follow(ctx, ip, tuple, flow, || arrival(ctx, eth), now)? {
+        Some(destination) => {
+            // SAFETY: as in flow::live_flow.
+            flow_cache::remember(unsafe { &*flow }, tuple, &destination, now);
+            deliver(ctx, ip, tuple, &destination).map(Some)
+        }
+        None => Ok(None),
+    }
+}
+
+/// What becomes of a packet of a live flow that may no longer go where its flow goes: a frame
+/// to another host's MAC passes untouched (Some), one from a client outside the source ranges
+/// that admitted the flow (`source_checked`: the service whose ranges did) is dropped (Err).
+/// None: it goes on.
+#[inline(always)]
+fn turned_away<F: Family>(
+    ctx: &XdpContext,
+    eth: &[u8; ETH_HDR_LEN],
+    tuple: &Tuple<F>,
+    source_checked: Option<u32>,
+) -> Result<Option<u32>, Event> {
     if for_another_host(ctx, eth) {
         count_event(Event::PASS_OTHER_HOST);
         return Ok(Some(xdp_action::XDP_PASS));
     }
-    if let Some(service_id) = admitted_by_source_ranges(flow)
-        && !source_allowed::<I::F>(service_id, tuple.saddr)
+    if let Some(service_id) = source_checked
+        && !source_allowed::<F>(service_id, tuple.saddr)
     {
         return Err(Event::DROP_SOURCE_RANGE);
     }
-    match follow(ctx, ip, tuple, flow, || arrival(ctx, eth), now)? {
-        Some(destination) => deliver(ctx, ip, tuple, &destination).map(Some),
-        None => Ok(None),
-    }
+    Ok(None)
 }
 
 /// The frame's MACs and the NIC it came in on.

@@ -99,3 +99,27 @@ fn hex(bytes: &[u8]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// Keeps the calling thread (a test's own) on the CPU it runs on, for the rest of its life:
+/// `BPF_PROG_TEST_RUN` runs a program on the caller's CPU, and per-CPU state such as XDP's flow
+/// cache then answers every run of the test alike.
+pub fn stay_on_this_cpu() {
+    // SAFETY: plain syscalls on this thread's own affinity, with a set built here.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let pinned = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            pinned,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -3269,3 +3269,240 @@ fn idle_flows_end_at_their_established_and_udp_timeouts() {
     send(frame, output);
     assert_eq!((new_flows(1), new_flows(2)), (2, 2), "past the timeouts");
 }
+
+/// The steady segments of a flow to a local endpoint are served from XDP's flow cache, which
+/// leaves the flow's entry behind on how far its client has sent: never by more than the cache's
+/// sequence window, so that the client's RST after 100 KiB of data is still its own, ends the
+/// flow and reaches the pod.
+#[test]
+fn a_clients_rst_after_data_served_from_the_flow_cache_ends_its_flow() {
+    use lb_common::flow_cache::SEQ_AHEAD;
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcrst").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let to_pod = |flags, seq, payload: &[u8]| {
+        case(
+            "client segment",
+            packet::tcp_at(CLIENT, FRONTEND, flags, seq, payload),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp_at(CLIENT, POD_A, flags, seq, payload)),
+        )
+    };
+    let isn = 7000u32;
+    run_table(xdp(), &[to_pod(TcpFlags::SYN, isn, b"")]);
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd"),
+        &[case(
+            "the pod's syn-ack",
+            packet::tcp_at(POD_A, CLIENT, TcpFlags::SYN_ACK, 90_000, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp_at(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::SYN_ACK,
+                90_000,
+                b"",
+            )),
+        )],
+    );
+    let data = [7u8; 1400];
+    let mut sent = isn + 1;
+    let mut past_the_entry = 0;
+    for segment in 0..75 {
+        run_table(xdp(), &[to_pod(TcpFlags::ACK, sent, &data)]);
+        sent += data.len() as u32;
+        let recorded = flow_of(&datapath, CLIENT).seq_next;
+        let trails = sent.wrapping_sub(recorded);
+        assert!(
+            trails <= SEQ_AHEAD,
+            "segment {segment}: the entry records {recorded}, the client has sent up to {sent}"
+        );
+        if trails != 0 {
+            past_the_entry += 1;
+        }
+    }
+    assert!(
+        past_the_entry >= 60,
+        "most segments served from the cache, past the entry: {past_the_entry} of 75"
+    );
+    run_table(xdp(), &[to_pod(TcpFlags::RST, sent, b"")]);
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::CLOSING),
+        "the client's rst ends the flow"
+    );
+    assert_eq!(
+        datapath.events().expect("events")["drop_rst_out_of_window"],
+        0
+    );
+}
+
+/// A flow served from XDP's flow cache keeps its entry fresh: the cache serves a flow only until
+/// its entry is due for a refresh, so a flow active past its established timeout goes on, and
+/// one idle past it ends.
+#[test]
+fn a_flow_served_from_the_flow_cache_outlives_its_timeout_while_active_and_ends_idle() {
+    use std::time::{Duration, Instant};
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcidle").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let nanos = |duration: Duration| duration.as_nanos() as u64;
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            timeouts: lb_common::CtTimeouts {
+                // Refreshed 150 ms after its last refresh; the closing timeout long enough not
+                // to shorten the cache's hold on the flow (a quarter of it, 1 s).
+                tcp_established: nanos(Duration::from_millis(600)),
+                tcp_closing: nanos(Duration::from_secs(4)),
+                ..short_timeouts()
+            },
+            ..Default::default()
+        })
+        .expect("config");
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let send = |flags| {
+        run_table(
+            xdp(),
+            &[case(
+                "client segment",
+                packet::tcp(CLIENT, FRONTEND, flags, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(CLIENT, POD_A, flags, b"")),
+            )],
+        );
+    };
+    let new_flows = || datapath.service_counter(1).expect("counter").new_flows;
+    send(TcpFlags::SYN);
+    send(TcpFlags::ACK);
+    let active_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < active_until {
+        std::thread::sleep(Duration::from_millis(30));
+        send(TcpFlags::ACK);
+    }
+    assert_eq!(new_flows(), 1, "active for 2.5 timeouts: the same flow");
+    std::thread::sleep(Duration::from_millis(900));
+    send(TcpFlags::ACK);
+    assert_eq!(new_flows(), 2, "idle past its timeout: the flow ended");
+}
+
+/// The pod's FIN, which tc egress writes into the flow's entry, reaches a flow served from
+/// XDP's flow cache within a quarter of the closing timeout: the flow then ends at its closing
+/// timeout, not at the cache's refresh.
+#[test]
+fn a_flow_served_from_the_flow_cache_ends_at_its_closing_timeout_after_the_pods_fin() {
+    use std::time::Duration;
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcfin").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    // Closing after 300 ms; established 3600 s, refreshed every second.
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            timeouts: short_timeouts(),
+            ..Default::default()
+        })
+        .expect("config");
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let send = |flags| {
+        run_table(
+            xdp(),
+            &[case(
+                "client segment",
+                packet::tcp(CLIENT, FRONTEND, flags, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(CLIENT, POD_A, flags, b"")),
+            )],
+        );
+    };
+    let new_flows = || datapath.service_counter(1).expect("counter").new_flows;
+    send(TcpFlags::SYN);
+    send(TcpFlags::ACK);
+    send(TcpFlags::ACK);
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd"),
+        &[case(
+            "the pod's fin",
+            packet::tcp(POD_A, CLIENT, TcpFlags::FIN_ACK, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::FIN_ACK, b"")),
+        )],
+    );
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::CLOSING)
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    send(TcpFlags::ACK);
+    assert_eq!(
+        new_flows(),
+        2,
+        "past the closing timeout the client's ack starts a new flow"
+    );
+}
+
+/// A client port whose flow the pod reset starts a new connection whose sequence numbers lie in
+/// the old flow's window: the new flow's packets go to the new flow's pod, not where XDP's flow
+/// cache sent the old one's.
+#[test]
+fn a_new_connection_on_a_reset_flows_port_goes_to_its_own_pod() {
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcreopen").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let xdp = |datapath: &Datapath, flags, seq, pod| {
+        run_table(
+            datapath
+                .program_fd(lb_common::program_names::XDP_LB)
+                .expect("fd"),
+            &[case(
+                "client segment",
+                packet::tcp_at(CLIENT, FRONTEND, flags, seq, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp_at(CLIENT, pod, flags, seq, b"")),
+            )],
+        );
+    };
+    xdp(&datapath, TcpFlags::SYN, 1000, POD_A);
+    xdp(&datapath, TcpFlags::ACK, 1001, POD_A);
+    xdp(&datapath, TcpFlags::ACK, 1001, POD_A);
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd"),
+        &[case(
+            "the pod's rst",
+            packet::tcp_at(POD_A, CLIENT, TcpFlags::RST, 1, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp_at(FRONTEND, CLIENT, TcpFlags::RST, 1, b"")),
+        )],
+    );
+    datapath
+        .put_service(&Service {
+            id: 1,
+            frontends: vec![node_port(proto::TCP)],
+            backends: vec![2],
+            affinity_timeout_s: 0,
+            ..Default::default()
+        })
+        .expect("service");
+    xdp(&datapath, TcpFlags::SYN, 1100, POD_B);
+    xdp(&datapath, TcpFlags::ACK, 1101, POD_B);
+}

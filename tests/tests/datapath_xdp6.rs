@@ -1110,3 +1110,74 @@ fn later_ipv6_fragments_follow_their_first_fragment_through_snat_both_ways() {
         "the SYN and both fragments each way count for the service: {remote:?}"
     );
 }
+
+/// The IPv6 twin of datapath_table's flow-cache RST test: steady segments are served from XDP's
+/// flow cache, which leaves the flow's entry behind on how far its client has sent by no more
+/// than the cache's sequence window, so the client's RST after 100 KiB of data ends the flow
+/// and reaches the pod.
+#[test]
+fn a_clients_rst_after_data_served_from_the_ipv6_flow_cache_ends_its_flow() {
+    use lb_common::flow_cache::SEQ_AHEAD;
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcrst6").expect("pin dir");
+    let datapath = datapath(&pins);
+    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("fd");
+    let to_pod = |flags, seq, payload: &[u8]| {
+        case(
+            "client segment",
+            packet6::tcp(CLIENT, FRONTEND, flags, seq, payload),
+            XDP_PASS,
+            Expect::Bytes(packet6::tcp(CLIENT, POD_A, flags, seq, payload)),
+        )
+    };
+    let isn = 7000u32;
+    run_table(xdp(), &[to_pod(TcpFlags::SYN, isn, b"")]);
+    run_table(
+        datapath.program_fd(program_names::TC_EGRESS).expect("tc"),
+        &[case(
+            "the pod's syn-ack",
+            packet6::tcp(POD_A, CLIENT, TcpFlags::SYN_ACK, 90_000, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet6::tcp(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::SYN_ACK,
+                90_000,
+                b"",
+            )),
+        )],
+    );
+    let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
+    let entry = || datapath.conntrack6_entry(&flow_key).expect("FLOW entry");
+    let data = [7u8; 1400];
+    let mut sent = isn + 1;
+    let mut past_the_entry = 0;
+    for segment in 0..75 {
+        run_table(xdp(), &[to_pod(TcpFlags::ACK, sent, &data)]);
+        sent += data.len() as u32;
+        let recorded = entry().seq_next;
+        let trails = sent.wrapping_sub(recorded);
+        assert!(
+            trails <= SEQ_AHEAD,
+            "segment {segment}: the entry records {recorded}, the client has sent up to {sent}"
+        );
+        if trails != 0 {
+            past_the_entry += 1;
+        }
+    }
+    assert!(
+        past_the_entry >= 60,
+        "most segments served from the cache, past the entry: {past_the_entry} of 75"
+    );
+    run_table(xdp(), &[to_pod(TcpFlags::RST, sent, b"")]);
+    assert_eq!(
+        entry().state,
+        tcp_state::CLOSING,
+        "the client's rst ends the flow"
+    );
+    assert_eq!(
+        datapath.events().expect("events")["drop_rst_out_of_window"],
+        0
+    );
+}
