@@ -1,7 +1,7 @@
 //! Flows that outlive the datapath's timeouts, through the real agent in the lab: the agent runs
 //! with timeouts of about a second (flags), so idle gaps longer than twice each of them take
-//! seconds. The endpoints are on node2 and the agent runs on node1, so every flow is SNATed to
-//! node2's pod and its replies come back to one of node1's SNAT ports.
+//! seconds. The agent runs on node1; flows to endpoints on node2 are SNATed to node2's pod and
+//! their replies come back to one of node1's SNAT ports, flows to node1's own pods are not.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -373,4 +373,63 @@ fn blind_rsts_end_no_connection_through_a_node_port() {
     let events = setup.events().expect("events");
     assert_eq!(events["drop_rst_out_of_window"], 2, "{events:?}");
     assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
+}
+
+/// A long upload through a NodePort to a pod on the agent's node, whose steady segments XDP's
+/// flow cache serves without writing the flow's entry, ends with the client's RST, and the RST
+/// reaches the pod: the entry trails what the client has sent by less than a RST may lie ahead.
+#[test]
+fn a_clients_rst_after_a_long_upload_to_a_local_pod_resets_the_pods_connection() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(SHORT_TIMEOUTS).expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &(node_port_service("web", "10.96.0.24", 30084, "")
+                + "---\n"
+                + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+        )
+        .expect("apply");
+    let pod = setup.cluster.pod("n1p0");
+    let resets = || tcp_counter(&pod.host, "EstabResets");
+    let before = resets();
+    let node_port = format!("{}:30084", node_addr(1));
+    let sent = setup
+        .cluster
+        .client
+        .run(
+            lab::peer::binary().expect("lab-peer"),
+            &["upload", "--to", &node_port, "--bytes", "4194304"],
+        )
+        .expect("upload");
+    assert!(sent.contains("4194304"), "{sent}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while resets() == before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let events = setup.events().expect("events");
+    assert_eq!(
+        resets(),
+        before + 1,
+        "the pod's connection reset by the client's RST; events {events:?}"
+    );
+    assert_eq!(events["drop_rst_out_of_window"], 0, "{events:?}");
+}
+
+/// A counter of the `Tcp:` lines of a host's /proc/net/snmp.
+fn tcp_counter(host: &lab::lab::Host, name: &str) -> u64 {
+    let snmp = host.run("cat", &["/proc/net/snmp"]).expect("snmp");
+    let mut lines = snmp.lines().filter(|line| line.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        panic!("no Tcp lines in {snmp}");
+    };
+    let at = names
+        .split_whitespace()
+        .position(|field| field == name)
+        .unwrap_or_else(|| panic!("no {name} in {names}"));
+    values
+        .split_whitespace()
+        .nth(at)
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no value of {name} in {values}"))
 }

@@ -54,6 +54,16 @@ enum Mode {
         #[arg(long)]
         seq: u32,
     },
+    /// Connects to --to over TCP, sends --bytes of data (no newline: the server only reads),
+    /// waits until the server has acknowledged all of it, then aborts the connection with a RST
+    /// (SO_LINGER 0) whose sequence number is the one the server expects next. Prints
+    /// `{"sent": N}`.
+    Upload {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: usize,
+    },
     /// Sends --count TCP SYNs to --to through a raw IP socket, each from another (address, port)
     /// of --sources addresses from --first-source on (spoofed: a SYN flood). Prints
     /// `{"sent": N}`.
@@ -163,12 +173,60 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::json!({ "sent": sent }));
             Ok(())
         }
+        Mode::Upload { to, bytes } => {
+            upload_then_abort(to, bytes)?;
+            println!("{}", serde_json::json!({ "sent": bytes }));
+            Ok(())
+        }
         Mode::Rst { from, to, seq } => {
             send_spoofed_rst(from, to, seq)?;
             println!("sent");
             Ok(())
         }
     }
+}
+
+fn upload_then_abort(to: SocketAddr, bytes: usize) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    stream.write_all(&vec![b'u'; bytes])?;
+    let fd = stream.as_raw_fd();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut unacknowledged: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ for a TCP socket) writes one int: the bytes sent and not
+        // yet acknowledged.
+        if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut unacknowledged) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if unacknowledged == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{unacknowledged} bytes still unacknowledged after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let abort = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a linger struct of the size given, for this socket.
+    let set = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const abort).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    drop(stream);
+    Ok(())
 }
 
 fn send_spoofed_rst(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> anyhow::Result<()> {
