@@ -1771,7 +1771,7 @@ pub mod frontend_filter {
 /// trails a RST's by more than [`tcp_seq::RST_AHEAD`]. Per CPU, so that a slot is only ever
 /// written by the program that reads it: a flow the NIC spreads over CPUs has a slot on each.
 pub mod flow_cache {
-    /// Slots per CPU (4,096 x 48 bytes for IPv4, x 96 bytes for IPv6).
+    /// Slots per CPU (4,096 x 40 bytes for IPv4, x 80 bytes for IPv6).
     pub const SLOTS_LOG2: u32 = 12;
     pub const SLOTS: u32 = 1 << SLOTS_LOG2;
     /// How far ahead of the entry's `seq_next` a segment's end may reach and still be served
@@ -1807,34 +1807,35 @@ pub mod flow_cache {
 
 /// A slot of the flow cache ([`flow_cache`]): the flow's client and frontend, which a packet
 /// must carry to be served from it, and where its packets go. `A` as in [`CtKey`]; an empty slot
-/// is all zeros (valid until 0).
+/// is all zeros (valid until 0). What a hit compares comes first.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct FlowCacheSlot<A: CtAddr> {
     /// bpf_ktime_get_ns() up to which the slot serves.
     pub valid_until_ns: u64,
-    pub client_addr: A,
-    pub frontend_addr: A,
-    /// The packet's new destination (the endpoint) and source (the client's, or its remapped
-    /// port, [`ct_flags::PORT_REMAP`]).
-    pub backend_addr: A,
-    pub source_addr: A,
     pub client_port: u16,
     pub frontend_port: u16,
+    /// The entry's `seq_next` when the slot was written, less [`flow_cache::SEQ_BEHIND`].
+    pub seq_floor: u32,
+    pub client_addr: A,
+    pub frontend_addr: A,
+    /// The packet's new destination (the endpoint), and its source port: the client's own, or
+    /// the one it is remapped to ([`ct_flags::PORT_REMAP`]). Its source address stays the
+    /// client's (flows through SNAT are not cached).
+    pub backend_addr: A,
     pub backend_port: u16,
     pub source_port: u16,
     pub service_id: u32,
-    /// The entry's `seq_next` when the slot was written, less [`flow_cache::SEQ_BEHIND`].
-    pub seq_floor: u32,
     /// [`ct_flags::SOURCE_CHECKED`] when the flow's client must still be inside the service's
     /// source ranges.
     pub flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    pub tail: A::Tail,
 }
 pub type FlowCacheSlot4 = FlowCacheSlot<u32>;
 pub type FlowCacheSlot6 = FlowCacheSlot<Ipv6Words>;
-const _: () = assert!(size_of::<FlowCacheSlot4>() == 48);
-const _: () = assert!(size_of::<FlowCacheSlot6>() == 96);
+const _: () = assert!(size_of::<FlowCacheSlot4>() == 40);
+const _: () = assert!(size_of::<FlowCacheSlot6>() == 80);
 
 pub mod tcp_state {
     use crate::tcp_flags::{ACK, FIN, RST, SYN};

@@ -48,7 +48,7 @@ pub fn destination<F: Family>(slot: &FlowCacheSlot<F::Addr>) -> Destination<F> {
         addr: slot.backend_addr,
         port: slot.backend_port,
         service_id: slot.service_id,
-        source: (slot.source_addr, slot.source_port),
+        source: (slot.client_addr, slot.source_port),
         forward: false,
     }
 }
@@ -70,6 +70,7 @@ pub fn remember<F: Family>(
         || entry.state != tcp_state::ESTABLISHED
         || has_reply_entry(entry)
         || destination.forward
+        || !F::same(&destination.source.0, &tuple.saddr)
         || entry.seq_next == 0
         || dry_run()
     {
@@ -87,7 +88,7 @@ pub fn remember<F: Family>(
     slot.frontend_port = tuple.dport;
     slot.backend_addr = destination.addr;
     slot.backend_port = destination.port;
-    (slot.source_addr, slot.source_port) = destination.source;
+    slot.source_port = destination.source.1;
     slot.service_id = destination.service_id;
     slot.seq_floor = entry.seq_next.wrapping_sub(flow_cache::SEQ_BEHIND);
     slot.flags = entry.flags & ct_flags::SOURCE_CHECKED;
