@@ -1771,8 +1771,8 @@ pub mod frontend_filter {
 /// trails a RST's by more than [`tcp_seq::RST_AHEAD`]. Per CPU, so that a slot is only ever
 /// written by the program that reads it: a flow the NIC spreads over CPUs has a slot on each.
 pub mod flow_cache {
-    /// Slots per CPU (4,096 x 40 bytes for IPv4, x 80 bytes for IPv6).
-    pub const SLOTS_LOG2: u32 = 12;
+    /// Slots per CPU (2,048 x 40 bytes for IPv4, x 80 bytes for IPv6: 240 KiB a CPU).
+    pub const SLOTS_LOG2: u32 = 11;
     pub const SLOTS: u32 = 1 << SLOTS_LOG2;
     /// How far ahead of the entry's `seq_next` a segment's end may reach and still be served
     /// from the slot: a quarter of [`crate::tcp_seq::RST_AHEAD`], so that a RST's sequence number
@@ -1819,12 +1819,11 @@ pub struct FlowCacheSlot<A: CtAddr> {
     pub seq_floor: u32,
     pub client_addr: A,
     pub frontend_addr: A,
-    /// The packet's new destination (the endpoint), and its source port: the client's own, or
-    /// the one it is remapped to ([`ct_flags::PORT_REMAP`]). Its source address stays the
-    /// client's (flows through SNAT are not cached).
+    /// The packet's new destination (the endpoint). Its source stays the client's: flows
+    /// through SNAT are not cached, and a FLOW entry's flow never has its port remapped.
     pub backend_addr: A,
     pub backend_port: u16,
-    pub source_port: u16,
+    pub _pad0: u16,
     pub service_id: u32,
     /// [`ct_flags::SOURCE_CHECKED`] when the flow's client must still be inside the service's
     /// source ranges.

@@ -41,14 +41,14 @@ pub fn hit<F: Family>(tuple: &Tuple<F>, now: u64) -> Option<&'static FlowCacheSl
     serves.then_some(slot)
 }
 
-/// Where a packet served from `slot` goes.
+/// Where a packet served from `slot` goes: to the endpoint, from the client as it came.
 #[inline(always)]
 pub fn destination<F: Family>(slot: &FlowCacheSlot<F::Addr>) -> Destination<F> {
     Destination {
         addr: slot.backend_addr,
         port: slot.backend_port,
         service_id: slot.service_id,
-        source: (slot.client_addr, slot.source_port),
+        source: (slot.client_addr, slot.client_port),
         forward: false,
     }
 }
@@ -71,6 +71,7 @@ pub fn remember<F: Family>(
         || has_reply_entry(entry)
         || destination.forward
         || !F::same(&destination.source.0, &tuple.saddr)
+        || destination.source.1 != tuple.sport
         || entry.seq_next == 0
         || dry_run()
     {
@@ -88,7 +89,6 @@ pub fn remember<F: Family>(
     slot.frontend_port = tuple.dport;
     slot.backend_addr = destination.addr;
     slot.backend_port = destination.port;
-    slot.source_port = destination.source.1;
     slot.service_id = destination.service_id;
     slot.seq_floor = entry.seq_next.wrapping_sub(flow_cache::SEQ_BEHIND);
     slot.flags = entry.flags & ct_flags::SOURCE_CHECKED;
