@@ -132,6 +132,10 @@ pub mod map_names {
     /// flows' next packets.
     pub const FLOW_CACHE4: &str = "lb4_flowc_v1";
     pub const FLOW_CACHE6: &str = "lb6_flowc_v1";
+    /// Per-CPU arrays of [`crate::FlowCacheSlot`]: tc egress's cache of the flows whose local
+    /// endpoint's answers it sent last ([`crate::flow_cache`]), IPv4 and IPv6. Not pinned.
+    pub const ANSWER_CACHE4: &str = "lb4_ansc_v1";
+    pub const ANSWER_CACHE6: &str = "lb6_ansc_v1";
     /// The IPv6 twins of the maps above: the same values, keys with an [`crate::Ipv6Words`]
     /// address. Backend ids and service ids are one id space for both families.
     pub const FRONTENDS6: &str = "lb6_fe_v1";
@@ -1770,6 +1774,12 @@ pub mod frontend_filter {
 /// [`flow_cache::SEQ_AHEAD`] past what the entry has recorded, so that the entry's record never
 /// trails a RST's by more than [`tcp_seq::RST_AHEAD`]. Per CPU, so that a slot is only ever
 /// written by the program that reads it: a flow the NIC spreads over CPUs has a slot on each.
+///
+/// tc egress keeps the twin for a local endpoint's answers ([`map_names::ANSWER_CACHE4`]): the
+/// same slot, keyed by the answer's destination (the client), served when the answer comes from
+/// the slot's endpoint, restoring the slot's frontend as its source, with the endpoint's side of
+/// the sequence window; it holds a flow for [`ct_timeouts::REFRESH`] (tc egress writes no
+/// `last_seen`), or a quarter of the closing timeout when that is shorter.
 pub mod flow_cache {
     /// Slots per CPU (2,048 x 40 bytes for IPv4, x 80 bytes for IPv6: 240 KiB a CPU).
     pub const SLOTS_LOG2: u32 = 11;
@@ -1815,7 +1825,9 @@ pub struct FlowCacheSlot<A: CtAddr> {
     pub valid_until_ns: u64,
     pub client_port: u16,
     pub frontend_port: u16,
-    /// The entry's `seq_next` when the slot was written, less [`flow_cache::SEQ_BEHIND`].
+    /// How far the side whose packets the slot serves had sent when the slot was written (the
+    /// entry's `seq_next` for the client's packets in XDP, `backend_seq_next` for the
+    /// endpoint's answers in tc egress), less [`flow_cache::SEQ_BEHIND`].
     pub seq_floor: u32,
     pub client_addr: A,
     pub frontend_addr: A,

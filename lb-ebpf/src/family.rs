@@ -19,10 +19,10 @@ use lb_common::{
 };
 
 use crate::maps::{
-    AFFINITY4, AFFINITY6, BACKENDS4, BACKENDS6, CONFIG, CONFIG6, CONNTRACK4, CONNTRACK6,
-    CT_SCRATCH4, CT_SCRATCH6, FLOW_CACHE4, FLOW_CACHE6, FRONTEND_INDEX4, FRONTEND_INDEX6,
-    FRONTENDS4, FRONTENDS6, SOCK_NAT4, SOCK_NAT6, SOCK_STATE4, SOCK_STATE6, SOURCE_RANGES4,
-    SOURCE_RANGES6,
+    AFFINITY4, AFFINITY6, ANSWER_CACHE4, ANSWER_CACHE6, BACKENDS4, BACKENDS6, CONFIG, CONFIG6,
+    CONNTRACK4, CONNTRACK6, CT_SCRATCH4, CT_SCRATCH6, FLOW_CACHE4, FLOW_CACHE6, FRONTEND_INDEX4,
+    FRONTEND_INDEX6, FRONTENDS4, FRONTENDS6, SOCK_NAT4, SOCK_NAT6, SOCK_STATE4, SOCK_STATE6,
+    SOURCE_RANGES4, SOURCE_RANGES6,
 };
 
 /// An address family: its address type (network byte order, as the packet and `bpf_sock_addr`
@@ -78,6 +78,12 @@ pub trait Family {
     /// This CPU's slot of the flow cache for a client (address in tuple order) and port
     /// ([`lb_common::flow_cache`]): only programs on this CPU touch it, one run at a time.
     fn flow_cache_slot(
+        client: Self::Addr,
+        port: u16,
+    ) -> Option<&'static mut FlowCacheSlot<Self::Addr>>;
+
+    /// The same in tc egress's cache of local endpoints' answers, for the answer's destination.
+    fn answer_cache_slot(
         client: Self::Addr,
         port: u16,
     ) -> Option<&'static mut FlowCacheSlot<Self::Addr>>;
@@ -179,6 +185,14 @@ impl Family for V4 {
     fn flow_cache_slot(client: u32, port: u16) -> Option<&'static mut FlowCacheSlot<u32>> {
         // SAFETY: as ct_scratch.
         FLOW_CACHE4
+            .get_ptr_mut(flow_cache::slot(client, port))
+            .map(|slot| unsafe { &mut *slot })
+    }
+
+    #[inline(always)]
+    fn answer_cache_slot(client: u32, port: u16) -> Option<&'static mut FlowCacheSlot<u32>> {
+        // SAFETY: as ct_scratch.
+        ANSWER_CACHE4
             .get_ptr_mut(flow_cache::slot(client, port))
             .map(|slot| unsafe { &mut *slot })
     }
@@ -338,6 +352,17 @@ impl Family for V6 {
     ) -> Option<&'static mut FlowCacheSlot<Ipv6Words>> {
         // SAFETY: as ct_scratch.
         FLOW_CACHE6
+            .get_ptr_mut(flow_cache::slot6(client, port))
+            .map(|slot| unsafe { &mut *slot })
+    }
+
+    #[inline(always)]
+    fn answer_cache_slot(
+        client: Ipv6Words,
+        port: u16,
+    ) -> Option<&'static mut FlowCacheSlot<Ipv6Words>> {
+        // SAFETY: as ct_scratch.
+        ANSWER_CACHE6
             .get_ptr_mut(flow_cache::slot6(client, port))
             .map(|slot| unsafe { &mut *slot })
     }

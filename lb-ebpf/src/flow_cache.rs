@@ -2,10 +2,11 @@
 //! conntrack hash lookup for the steady packets of TCP flows to local endpoints. The full path
 //! writes a slot ([`remember`]) after it has served a packet the slot could have served; the
 //! next such packet is served from the slot ([`hit`]) until the slot's time or sequence window
-//! runs out, and then by the full path again, which writes the slot anew.
+//! runs out, and then by the full path again, which writes the slot anew. tc egress keeps the
+//! twin for a local endpoint's answers ([`answer_hit`], [`remember_answer`]).
 
 use lb_common::{
-    CtValue, FlowCacheSlot, ct_flags, flow_cache, proto,
+    CtValue, FlowCacheSlot, FlowValue, ct_flags, ct_timeouts, flow_cache, proto,
     tcp_flags::{ACK, FIN, RST, SYN},
     tcp_state,
 };
@@ -111,4 +112,60 @@ pub fn forget<F: Family>(tuple: &Tuple<F>) {
     {
         slot.valid_until_ns = 0;
     }
+}
+
+/// The frontend a local endpoint's answer goes back from, when this CPU's answer slot for its
+/// destination holds its flow: the same client, from the slot's endpoint, still valid at `now`,
+/// with the segment inside the endpoint's side of the sequence window.
+#[inline(always)]
+pub fn answer_hit<F: Family>(tuple: &Tuple<F>, now: u64) -> Option<(F::Addr, u16)> {
+    if tuple.proto != proto::TCP || !steady(tuple.tcp_flags) {
+        return None;
+    }
+    let slot = F::answer_cache_slot(tuple.daddr, tuple.dport)?;
+    let serves = now < slot.valid_until_ns
+        && slot.client_port == tuple.dport
+        && slot.backend_port == tuple.sport
+        && F::same(&slot.client_addr, &tuple.daddr)
+        && F::same(&slot.backend_addr, &tuple.saddr)
+        && flow_cache::in_window(slot.seq_floor, tuple.seq_end);
+    serves.then_some((slot.frontend_addr, slot.frontend_port))
+}
+
+/// After tc egress has sent `tuple`, an answer of the local endpoint whose flow is kept whole in
+/// `entry` (a FLOW entry, not a SNAT flow's), back from `frontend`: a steady segment of an
+/// established flow takes this CPU's answer slot for its destination. Nothing empties a slot
+/// when its flow ends: what it gives back (the frontend, for this client and endpoint) stays
+/// right for the flow's last answers, and once the flow has left the established state no
+/// answer writes the slot again, so it runs out (within a quarter of the closing timeout)
+/// before the flow's key can go to another flow by its timeout. A key the LRU takes from a live
+/// flow is left to the window, as for [`forget`].
+#[inline(always)]
+pub fn remember_answer<F: Family>(
+    entry: &CtValue<F::Addr>,
+    tuple: &Tuple<F>,
+    frontend: (F::Addr, u16),
+    now: u64,
+) {
+    let backend_seq_next = FlowValue::of(entry).backend_seq_next;
+    if tuple.proto != proto::TCP
+        || !steady(tuple.tcp_flags)
+        || entry.state != tcp_state::ESTABLISHED
+        || backend_seq_next == 0
+        || dry_run()
+    {
+        return;
+    }
+    let Some(slot) = F::answer_cache_slot(tuple.daddr, tuple.dport) else {
+        return;
+    };
+    let held_for = ct_timeouts::REFRESH.min(timeout(proto::TCP, tcp_state::CLOSING) / 4);
+    slot.valid_until_ns = now + held_for;
+    slot.client_addr = tuple.daddr;
+    slot.client_port = tuple.dport;
+    slot.frontend_addr = frontend.0;
+    slot.frontend_port = frontend.1;
+    slot.backend_addr = tuple.saddr;
+    slot.backend_port = tuple.sport;
+    slot.seq_floor = backend_seq_next.wrapping_sub(flow_cache::SEQ_BEHIND);
 }

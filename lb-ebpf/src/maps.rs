@@ -161,6 +161,13 @@ pub static FLOW_CACHE4: PerCpuArray<FlowCacheSlot4> =
 #[map(name = "lb6_flowc_v1")]
 pub static FLOW_CACHE6: PerCpuArray<FlowCacheSlot6> =
     PerCpuArray::with_max_entries(flow_cache::SLOTS, 0);
+/// tc egress's twin of the flow cache, for local endpoints' answers. Not pinned.
+#[map(name = "lb4_ansc_v1")]
+pub static ANSWER_CACHE4: PerCpuArray<FlowCacheSlot4> =
+    PerCpuArray::with_max_entries(flow_cache::SLOTS, 0);
+#[map(name = "lb6_ansc_v1")]
+pub static ANSWER_CACHE6: PerCpuArray<FlowCacheSlot6> =
+    PerCpuArray::with_max_entries(flow_cache::SLOTS, 0);
 
 /// An IPv6 packet's state, per CPU, handed from each program of the IPv6 XDP pipeline to the
 /// next ([`Packet6`]): IPv6's 32-byte address pairs left on the stack, and spilled there around

@@ -37,6 +37,8 @@ use crate::{
     flow::{
         Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
     },
+    flow_cache,
+    helpers::now_ns,
     maps::{
         BACKEND_FILTER, FRAGMENTS4, FRAGMENTS6, TC_PROGRAMS, count_event, remember_fragment,
         remember_fragment6,
@@ -408,6 +410,14 @@ fn reverse_nat<F: Family>(
     if source == SourceFilter::Unchecked && !maybe_backend(tuple) {
         return Ok(None);
     }
+    let now = now_ns();
+    if let Some(frontend) = flow_cache::answer_hit(tuple, now) {
+        refusal()?;
+        return Ok(Some(Restore {
+            frontend,
+            client_port: tuple.dport,
+        }));
+    }
     let Some(answer) = answer_of(tuple) else {
         return Ok(None);
     };
@@ -424,7 +434,9 @@ fn reverse_nat<F: Family>(
             }
             track_answer(entry, tuple);
             let flow = FlowValue::of(entry);
-            ((flow.frontend_addr, flow.frontend_port), tuple.dport)
+            let frontend = (flow.frontend_addr, flow.frontend_port);
+            flow_cache::remember_answer(entry, tuple, frontend, now);
+            (frontend, tuple.dport)
         }
         Answer::Reply(entry) => {
             // SAFETY: as above.

@@ -3506,3 +3506,92 @@ fn a_new_connection_on_a_reset_flows_port_goes_to_its_own_pod() {
     xdp(&datapath, TcpFlags::SYN, 1100, POD_B);
     xdp(&datapath, TcpFlags::ACK, 1101, POD_B);
 }
+
+/// tc egress's twin of the flow cache: the steady answers of a local endpoint are sent back from
+/// its frontend out of a slot, which leaves the flow's entry behind on how far the pod has sent,
+/// never by more than the cache's sequence window; the pod's RST after 100 KiB of data is its
+/// own, ends the flow and reaches the client from the frontend.
+#[test]
+fn a_pods_rst_after_answers_served_from_the_answer_cache_ends_its_flow() {
+    use lb_common::flow_cache::SEQ_AHEAD;
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcans").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    let to_client = |flags, seq, payload: &[u8]| {
+        case(
+            "pod segment",
+            packet::tcp_at(POD_A, CLIENT, flags, seq, payload),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp_at(FRONTEND, CLIENT, flags, seq, payload)),
+        )
+    };
+    let (client_isn, pod_isn) = (7000u32, 90_000u32);
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &[
+            case(
+                "syn",
+                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::SYN, client_isn, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp_at(
+                    CLIENT,
+                    POD_A,
+                    TcpFlags::SYN,
+                    client_isn,
+                    b"",
+                )),
+            ),
+            case(
+                "ack",
+                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::ACK, client_isn + 1, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp_at(
+                    CLIENT,
+                    POD_A,
+                    TcpFlags::ACK,
+                    client_isn + 1,
+                    b"",
+                )),
+            ),
+        ],
+    );
+    run_table(tc(), &[to_client(TcpFlags::SYN_ACK, pod_isn, b"")]);
+    let data = [9u8; 1400];
+    let mut sent = pod_isn + 1;
+    let mut past_the_entry = 0;
+    for segment in 0..75 {
+        run_table(tc(), &[to_client(TcpFlags::ACK, sent, &data)]);
+        sent += data.len() as u32;
+        let recorded = flow_of(&datapath, CLIENT).backend_seq_next;
+        let trails = sent.wrapping_sub(recorded);
+        assert!(
+            trails <= SEQ_AHEAD,
+            "segment {segment}: the entry records {recorded}, the pod has sent up to {sent}"
+        );
+        if trails != 0 {
+            past_the_entry += 1;
+        }
+    }
+    assert!(
+        past_the_entry >= 60,
+        "most answers served from the cache, past the entry: {past_the_entry} of 75"
+    );
+    run_table(tc(), &[to_client(TcpFlags::RST, sent, b"")]);
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::CLOSING),
+        "the pod's rst ends the flow"
+    );
+    assert_eq!(
+        datapath.events().expect("events")["drop_rst_out_of_window"],
+        0
+    );
+}

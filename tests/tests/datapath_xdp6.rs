@@ -1181,3 +1181,71 @@ fn a_clients_rst_after_data_served_from_the_ipv6_flow_cache_ends_its_flow() {
         0
     );
 }
+
+/// The IPv6 twin of datapath_table's answer-cache RST test: the steady answers of a local
+/// endpoint are served from tc egress's answer cache, which leaves the flow's entry behind on how
+/// far the pod has sent by no more than the cache's sequence window, so the pod's RST after
+/// 100 KiB of data ends the flow and reaches the client from the frontend.
+#[test]
+fn a_pods_rst_after_answers_served_from_the_ipv6_answer_cache_ends_its_flow() {
+    use lb_common::flow_cache::SEQ_AHEAD;
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcans6").expect("pin dir");
+    let datapath = datapath(&pins);
+    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("fd");
+    let tc = || datapath.program_fd(program_names::TC_EGRESS).expect("tc");
+    let to_client = |flags, seq, payload: &[u8]| {
+        case(
+            "pod segment",
+            packet6::tcp(POD_A, CLIENT, flags, seq, payload),
+            TC_ACT_OK,
+            Expect::Bytes(packet6::tcp(FRONTEND, CLIENT, flags, seq, payload)),
+        )
+    };
+    let (client_isn, pod_isn) = (7000u32, 90_000u32);
+    for (flags, seq) in [(TcpFlags::SYN, client_isn), (TcpFlags::ACK, client_isn + 1)] {
+        run_table(
+            xdp(),
+            &[case(
+                "client segment",
+                packet6::tcp(CLIENT, FRONTEND, flags, seq, b""),
+                XDP_PASS,
+                Expect::Bytes(packet6::tcp(CLIENT, POD_A, flags, seq, b"")),
+            )],
+        );
+    }
+    run_table(tc(), &[to_client(TcpFlags::SYN_ACK, pod_isn, b"")]);
+    let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
+    let entry = || datapath.conntrack6_entry(&flow_key).expect("FLOW entry");
+    let data = [9u8; 1400];
+    let mut sent = pod_isn + 1;
+    let mut past_the_entry = 0;
+    for segment in 0..75 {
+        run_table(tc(), &[to_client(TcpFlags::ACK, sent, &data)]);
+        sent += data.len() as u32;
+        let recorded = lb_common::Flow6Value::of(&entry()).backend_seq_next;
+        let trails = sent.wrapping_sub(recorded);
+        assert!(
+            trails <= SEQ_AHEAD,
+            "segment {segment}: the entry records {recorded}, the pod has sent up to {sent}"
+        );
+        if trails != 0 {
+            past_the_entry += 1;
+        }
+    }
+    assert!(
+        past_the_entry >= 60,
+        "most answers served from the cache, past the entry: {past_the_entry} of 75"
+    );
+    run_table(tc(), &[to_client(TcpFlags::RST, sent, b"")]);
+    assert_eq!(
+        entry().state,
+        tcp_state::CLOSING,
+        "the pod's rst ends the flow"
+    );
+    assert_eq!(
+        datapath.events().expect("events")["drop_rst_out_of_window"],
+        0
+    );
+}
