@@ -741,7 +741,14 @@ impl<'a> FamilyBench<'a> {
             &run_once(xdp, &datagram, XDP_PASS, "a UDP flow's first datagram")?.packet,
         )?;
         let established_udp = (datagram, udp(clients.established, udp_backend));
+        // The reply path's flow is established, as a flow whose endpoint sends ACKs is.
         let backend = first(clients.reply)?;
+        run_once(
+            xdp,
+            &tcp(clients.reply, frontend, TcpFlags::ACK),
+            XDP_PASS,
+            "the reply path's flow's first ACK",
+        )?;
         let reply = (
             tcp(backend, clients.reply, TcpFlags::ACK),
             tcp(frontend, clients.reply, TcpFlags::ACK),
