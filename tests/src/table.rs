@@ -123,3 +123,38 @@ pub fn stay_on_this_cpu() {
         );
     }
 }
+
+/// Sends 75 segments of 1,400 bytes of one side of a flow, from sequence number `first` on
+/// (`send` runs the segment at a sequence number through the program under test), and checks
+/// after each that the flow's entry (`recorded`: how far it says that side has sent) trails
+/// the side by no more than a cache may leave it behind (`lb_common::flow_cache::SEQ_AHEAD`),
+/// and that most segments left it behind (served from a cache). Returns how far the side has
+/// sent.
+pub fn send_past_the_entry(
+    first: u32,
+    mut send: impl FnMut(u32, &[u8]),
+    recorded: impl Fn() -> u32,
+) -> u32 {
+    const SEGMENTS: u32 = 75;
+    let data = [7u8; 1400];
+    let mut sent = first;
+    let mut past_the_entry = 0;
+    for segment in 0..SEGMENTS {
+        send(sent, &data);
+        sent = sent.wrapping_add(data.len() as u32);
+        let recorded = recorded();
+        let trails = sent.wrapping_sub(recorded);
+        assert!(
+            trails <= lb_common::flow_cache::SEQ_AHEAD,
+            "segment {segment}: the entry records {recorded}, the side has sent up to {sent}"
+        );
+        if trails != 0 {
+            past_the_entry += 1;
+        }
+    }
+    assert!(
+        past_the_entry >= 60,
+        "most segments served from a cache, past the entry: {past_the_entry} of {SEGMENTS}"
+    );
+    sent
+}

@@ -3276,7 +3276,6 @@ fn idle_flows_end_at_their_established_and_udp_timeouts() {
 /// flow and reaches the pod.
 #[test]
 fn a_clients_rst_after_data_served_from_the_flow_cache_ends_its_flow() {
-    use lb_common::flow_cache::SEQ_AHEAD;
     lab::table::stay_on_this_cpu();
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "fcrst").expect("pin dir");
@@ -3286,54 +3285,20 @@ fn a_clients_rst_after_data_served_from_the_flow_cache_ends_its_flow() {
             .program_fd(lb_common::program_names::XDP_LB)
             .expect("fd")
     };
-    let to_pod = |flags, seq, payload: &[u8]| {
-        case(
-            "client segment",
-            packet::tcp_at(CLIENT, FRONTEND, flags, seq, payload),
-            XDP_PASS,
-            Expect::Bytes(packet::tcp_at(CLIENT, POD_A, flags, seq, payload)),
-        )
-    };
     let isn = 7000u32;
-    run_table(xdp(), &[to_pod(TcpFlags::SYN, isn, b"")]);
+    run_table(xdp(), &[client_case(TcpFlags::SYN, isn, b"")]);
     run_table(
         datapath
             .program_fd(lb_common::program_names::TC_EGRESS)
             .expect("fd"),
-        &[case(
-            "the pod's syn-ack",
-            packet::tcp_at(POD_A, CLIENT, TcpFlags::SYN_ACK, 90_000, b""),
-            TC_ACT_OK,
-            Expect::Bytes(packet::tcp_at(
-                FRONTEND,
-                CLIENT,
-                TcpFlags::SYN_ACK,
-                90_000,
-                b"",
-            )),
-        )],
+        &[pod_case(TcpFlags::SYN_ACK, 90_000, b"")],
     );
-    let data = [7u8; 1400];
-    let mut sent = isn + 1;
-    let mut past_the_entry = 0;
-    for segment in 0..75 {
-        run_table(xdp(), &[to_pod(TcpFlags::ACK, sent, &data)]);
-        sent += data.len() as u32;
-        let recorded = flow_of(&datapath, CLIENT).seq_next;
-        let trails = sent.wrapping_sub(recorded);
-        assert!(
-            trails <= SEQ_AHEAD,
-            "segment {segment}: the entry records {recorded}, the client has sent up to {sent}"
-        );
-        if trails != 0 {
-            past_the_entry += 1;
-        }
-    }
-    assert!(
-        past_the_entry >= 60,
-        "most segments served from the cache, past the entry: {past_the_entry} of 75"
+    let sent = lab::table::send_past_the_entry(
+        isn + 1,
+        |seq, data| run_table(xdp(), &[client_case(TcpFlags::ACK, seq, data)]),
+        || flow_of(&datapath, CLIENT).seq_next,
     );
-    run_table(xdp(), &[to_pod(TcpFlags::RST, sent, b"")]);
+    run_table(xdp(), &[client_case(TcpFlags::RST, sent, b"")]);
     assert_eq!(
         flow_state(&datapath, CLIENT),
         Some(lb_common::tcp_state::CLOSING),
@@ -3342,6 +3307,36 @@ fn a_clients_rst_after_data_served_from_the_flow_cache_ends_its_flow() {
     assert_eq!(
         datapath.events().expect("events")["drop_rst_out_of_window"],
         0
+    );
+}
+
+/// The case of CLIENT's segment to FRONTEND at `seq`, through XDP: DNATed to pod A.
+fn client_case(flags: TcpFlags, seq: u32, payload: &[u8]) -> Case {
+    case(
+        "client segment",
+        packet::tcp_at(CLIENT, FRONTEND, flags, seq, payload),
+        XDP_PASS,
+        Expect::Bytes(packet::tcp_at(CLIENT, POD_A, flags, seq, payload)),
+    )
+}
+
+/// The case of pod A's answer to CLIENT at `seq`, through tc egress: from FRONTEND.
+fn pod_case(flags: TcpFlags, seq: u32, payload: &[u8]) -> Case {
+    case(
+        "pod segment",
+        packet::tcp_at(POD_A, CLIENT, flags, seq, payload),
+        TC_ACT_OK,
+        Expect::Bytes(packet::tcp_at(FRONTEND, CLIENT, flags, seq, payload)),
+    )
+}
+
+/// A segment of CLIENT's flow to FRONTEND with `flags`, through XDP: DNATed to pod A.
+fn client_segment_to_pod_a(datapath: &Datapath, flags: TcpFlags) {
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &[client_case(flags, 1000, b"")],
     );
 }
 
@@ -3367,22 +3362,7 @@ fn a_flow_served_from_the_flow_cache_outlives_its_timeout_while_active_and_ends_
             ..Default::default()
         })
         .expect("config");
-    let xdp = || {
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd")
-    };
-    let send = |flags| {
-        run_table(
-            xdp(),
-            &[case(
-                "client segment",
-                packet::tcp(CLIENT, FRONTEND, flags, b""),
-                XDP_PASS,
-                Expect::Bytes(packet::tcp(CLIENT, POD_A, flags, b"")),
-            )],
-        );
-    };
+    let send = |flags| client_segment_to_pod_a(&datapath, flags);
     let new_flows = || datapath.service_counter(1).expect("counter").new_flows;
     send(TcpFlags::SYN);
     send(TcpFlags::ACK);
@@ -3414,22 +3394,7 @@ fn a_flow_served_from_the_flow_cache_ends_at_its_closing_timeout_after_the_pods_
             ..Default::default()
         })
         .expect("config");
-    let xdp = || {
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd")
-    };
-    let send = |flags| {
-        run_table(
-            xdp(),
-            &[case(
-                "client segment",
-                packet::tcp(CLIENT, FRONTEND, flags, b""),
-                XDP_PASS,
-                Expect::Bytes(packet::tcp(CLIENT, POD_A, flags, b"")),
-            )],
-        );
-    };
+    let send = |flags| client_segment_to_pod_a(&datapath, flags);
     let new_flows = || datapath.service_counter(1).expect("counter").new_flows;
     send(TcpFlags::SYN);
     send(TcpFlags::ACK);
@@ -3513,7 +3478,6 @@ fn a_new_connection_on_a_reset_flows_port_goes_to_its_own_pod() {
 /// own, ends the flow and reaches the client from the frontend.
 #[test]
 fn a_pods_rst_after_answers_served_from_the_answer_cache_ends_its_flow() {
-    use lb_common::flow_cache::SEQ_AHEAD;
     lab::table::stay_on_this_cpu();
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "fcans").expect("pin dir");
@@ -3523,68 +3487,23 @@ fn a_pods_rst_after_answers_served_from_the_answer_cache_ends_its_flow() {
             .program_fd(lb_common::program_names::TC_EGRESS)
             .expect("fd")
     };
-    let to_client = |flags, seq, payload: &[u8]| {
-        case(
-            "pod segment",
-            packet::tcp_at(POD_A, CLIENT, flags, seq, payload),
-            TC_ACT_OK,
-            Expect::Bytes(packet::tcp_at(FRONTEND, CLIENT, flags, seq, payload)),
-        )
-    };
     let (client_isn, pod_isn) = (7000u32, 90_000u32);
     run_table(
         datapath
             .program_fd(lb_common::program_names::XDP_LB)
             .expect("fd"),
         &[
-            case(
-                "syn",
-                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::SYN, client_isn, b""),
-                XDP_PASS,
-                Expect::Bytes(packet::tcp_at(
-                    CLIENT,
-                    POD_A,
-                    TcpFlags::SYN,
-                    client_isn,
-                    b"",
-                )),
-            ),
-            case(
-                "ack",
-                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::ACK, client_isn + 1, b""),
-                XDP_PASS,
-                Expect::Bytes(packet::tcp_at(
-                    CLIENT,
-                    POD_A,
-                    TcpFlags::ACK,
-                    client_isn + 1,
-                    b"",
-                )),
-            ),
+            client_case(TcpFlags::SYN, client_isn, b""),
+            client_case(TcpFlags::ACK, client_isn + 1, b""),
         ],
     );
-    run_table(tc(), &[to_client(TcpFlags::SYN_ACK, pod_isn, b"")]);
-    let data = [9u8; 1400];
-    let mut sent = pod_isn + 1;
-    let mut past_the_entry = 0;
-    for segment in 0..75 {
-        run_table(tc(), &[to_client(TcpFlags::ACK, sent, &data)]);
-        sent += data.len() as u32;
-        let recorded = flow_of(&datapath, CLIENT).backend_seq_next;
-        let trails = sent.wrapping_sub(recorded);
-        assert!(
-            trails <= SEQ_AHEAD,
-            "segment {segment}: the entry records {recorded}, the pod has sent up to {sent}"
-        );
-        if trails != 0 {
-            past_the_entry += 1;
-        }
-    }
-    assert!(
-        past_the_entry >= 60,
-        "most answers served from the cache, past the entry: {past_the_entry} of 75"
+    run_table(tc(), &[pod_case(TcpFlags::SYN_ACK, pod_isn, b"")]);
+    let sent = lab::table::send_past_the_entry(
+        pod_isn + 1,
+        |seq, data| run_table(tc(), &[pod_case(TcpFlags::ACK, seq, data)]),
+        || flow_of(&datapath, CLIENT).backend_seq_next,
     );
-    run_table(tc(), &[to_client(TcpFlags::RST, sent, b"")]);
+    run_table(tc(), &[pod_case(TcpFlags::RST, sent, b"")]);
     assert_eq!(
         flow_state(&datapath, CLIENT),
         Some(lb_common::tcp_state::CLOSING),

@@ -1117,7 +1117,6 @@ fn later_ipv6_fragments_follow_their_first_fragment_through_snat_both_ways() {
 /// and reaches the pod.
 #[test]
 fn a_clients_rst_after_data_served_from_the_ipv6_flow_cache_ends_its_flow() {
-    use lb_common::flow_cache::SEQ_AHEAD;
     lab::table::stay_on_this_cpu();
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "fcrst6").expect("pin dir");
@@ -1150,25 +1149,10 @@ fn a_clients_rst_after_data_served_from_the_ipv6_flow_cache_ends_its_flow() {
     );
     let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
     let entry = || datapath.conntrack6_entry(&flow_key).expect("FLOW entry");
-    let data = [7u8; 1400];
-    let mut sent = isn + 1;
-    let mut past_the_entry = 0;
-    for segment in 0..75 {
-        run_table(xdp(), &[to_pod(TcpFlags::ACK, sent, &data)]);
-        sent += data.len() as u32;
-        let recorded = entry().seq_next;
-        let trails = sent.wrapping_sub(recorded);
-        assert!(
-            trails <= SEQ_AHEAD,
-            "segment {segment}: the entry records {recorded}, the client has sent up to {sent}"
-        );
-        if trails != 0 {
-            past_the_entry += 1;
-        }
-    }
-    assert!(
-        past_the_entry >= 60,
-        "most segments served from the cache, past the entry: {past_the_entry} of 75"
+    let sent = lab::table::send_past_the_entry(
+        isn + 1,
+        |seq, data| run_table(xdp(), &[to_pod(TcpFlags::ACK, seq, data)]),
+        || entry().seq_next,
     );
     run_table(xdp(), &[to_pod(TcpFlags::RST, sent, b"")]);
     assert_eq!(
@@ -1188,7 +1172,6 @@ fn a_clients_rst_after_data_served_from_the_ipv6_flow_cache_ends_its_flow() {
 /// 100 KiB of data ends the flow and reaches the client from the frontend.
 #[test]
 fn a_pods_rst_after_answers_served_from_the_ipv6_answer_cache_ends_its_flow() {
-    use lb_common::flow_cache::SEQ_AHEAD;
     lab::table::stay_on_this_cpu();
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "fcans6").expect("pin dir");
@@ -1218,25 +1201,10 @@ fn a_pods_rst_after_answers_served_from_the_ipv6_answer_cache_ends_its_flow() {
     run_table(tc(), &[to_client(TcpFlags::SYN_ACK, pod_isn, b"")]);
     let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
     let entry = || datapath.conntrack6_entry(&flow_key).expect("FLOW entry");
-    let data = [9u8; 1400];
-    let mut sent = pod_isn + 1;
-    let mut past_the_entry = 0;
-    for segment in 0..75 {
-        run_table(tc(), &[to_client(TcpFlags::ACK, sent, &data)]);
-        sent += data.len() as u32;
-        let recorded = lb_common::Flow6Value::of(&entry()).backend_seq_next;
-        let trails = sent.wrapping_sub(recorded);
-        assert!(
-            trails <= SEQ_AHEAD,
-            "segment {segment}: the entry records {recorded}, the pod has sent up to {sent}"
-        );
-        if trails != 0 {
-            past_the_entry += 1;
-        }
-    }
-    assert!(
-        past_the_entry >= 60,
-        "most answers served from the cache, past the entry: {past_the_entry} of 75"
+    let sent = lab::table::send_past_the_entry(
+        pod_isn + 1,
+        |seq, data| run_table(tc(), &[to_client(TcpFlags::ACK, seq, data)]),
+        || lb_common::Flow6Value::of(&entry()).backend_seq_next,
     );
     run_table(tc(), &[to_client(TcpFlags::RST, sent, b"")]);
     assert_eq!(
