@@ -3514,3 +3514,73 @@ fn a_pods_rst_after_answers_served_from_the_answer_cache_ends_its_flow() {
         0
     );
 }
+
+/// tc egress's answer cache holds a flow for a quarter of the closing timeout at most, and a
+/// closing flow refills it no more: by the time the flow's key can pass to a new flow (its
+/// closing timeout), the slot has run out, and the new flow's answers, through another frontend
+/// of the same pod with sequence numbers in the old window, go back from their own frontend.
+#[test]
+fn a_closed_flows_answer_slot_runs_out_before_its_key_serves_another_frontend() {
+    use std::time::Duration;
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcanshold").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let external = two_frontends_of_pod_a(&mut datapath);
+    // Closing after 300 ms: a slot holds a flow for 75 ms.
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            timeouts: short_timeouts(),
+            ..Default::default()
+        })
+        .expect("config");
+    let xdp = |frame: Vec<u8>, output: Vec<u8>| {
+        run_table(
+            datapath
+                .program_fd(lb_common::program_names::XDP_LB)
+                .expect("fd"),
+            &[case(
+                "client segment",
+                frame,
+                XDP_PASS,
+                Expect::Bytes(output),
+            )],
+        );
+    };
+    let tc = |frontend: SocketAddrV4, flags, seq| {
+        run_table(
+            datapath
+                .program_fd(lb_common::program_names::TC_EGRESS)
+                .expect("fd"),
+            &[case(
+                "pod segment",
+                packet::tcp_at(POD_A, CLIENT, flags, seq, b"answer"),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp_at(frontend, CLIENT, flags, seq, b"answer")),
+            )],
+        );
+    };
+    let through = |frontend: SocketAddrV4, flags| {
+        (
+            packet::tcp(CLIENT, frontend, flags, b""),
+            packet::tcp(CLIENT, POD_A, flags, b""),
+        )
+    };
+    for flags in [TcpFlags::SYN, TcpFlags::ACK] {
+        let (frame, output) = through(FRONTEND, flags);
+        xdp(frame, output);
+    }
+    let pod_seq = 50_000;
+    tc(FRONTEND, TcpFlags::SYN_ACK, pod_seq - 1);
+    tc(FRONTEND, TcpFlags::ACK, pod_seq);
+    tc(FRONTEND, TcpFlags::ACK, pod_seq);
+    let (frame, output) = through(FRONTEND, TcpFlags::FIN_ACK);
+    xdp(frame, output);
+    std::thread::sleep(Duration::from_millis(400));
+    for flags in [TcpFlags::SYN, TcpFlags::ACK] {
+        let (frame, output) = through(external, flags);
+        xdp(frame, output);
+    }
+    tc(external, TcpFlags::SYN_ACK, pod_seq - 1);
+    tc(external, TcpFlags::ACK, pod_seq);
+}
