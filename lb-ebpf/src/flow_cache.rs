@@ -14,6 +14,7 @@ use lb_common::{
 use crate::{
     family::Family,
     flow::{Destination, Tuple, has_reply_entry, refresh_interval, timeout},
+    helpers::now_ns,
     maps::dry_run,
 };
 
@@ -115,15 +116,16 @@ pub fn forget<F: Family>(tuple: &Tuple<F>) {
 }
 
 /// The frontend a local endpoint's answer goes back from, when this CPU's answer slot for its
-/// destination holds its flow: the same client, from the slot's endpoint, still valid at `now`,
-/// with the segment inside the endpoint's side of the sequence window.
+/// destination holds its flow: the same client, from the slot's endpoint, still valid now, with
+/// the segment inside the endpoint's side of the sequence window. The clock is read only for a
+/// steady TCP segment (tc egress reads it for nothing else on this path).
 #[inline(always)]
-pub fn answer_hit<F: Family>(tuple: &Tuple<F>, now: u64) -> Option<(F::Addr, u16)> {
+pub fn answer_hit<F: Family>(tuple: &Tuple<F>) -> Option<(F::Addr, u16)> {
     if tuple.proto != proto::TCP || !steady(tuple.tcp_flags) {
         return None;
     }
     let slot = F::answer_cache_slot(tuple.daddr, tuple.dport)?;
-    let serves = now < slot.valid_until_ns
+    let serves = now_ns() < slot.valid_until_ns
         && slot.client_port == tuple.dport
         && slot.backend_port == tuple.sport
         && F::same(&slot.client_addr, &tuple.daddr)
@@ -145,7 +147,6 @@ pub fn remember_answer<F: Family>(
     entry: &CtValue<F::Addr>,
     tuple: &Tuple<F>,
     frontend: (F::Addr, u16),
-    now: u64,
 ) {
     let backend_seq_next = FlowValue::of(entry).backend_seq_next;
     if tuple.proto != proto::TCP
@@ -160,7 +161,7 @@ pub fn remember_answer<F: Family>(
         return;
     };
     let held_for = ct_timeouts::REFRESH.min(timeout(proto::TCP, tcp_state::CLOSING) / 4);
-    slot.valid_until_ns = now + held_for;
+    slot.valid_until_ns = now_ns() + held_for;
     slot.client_addr = tuple.daddr;
     slot.client_port = tuple.dport;
     slot.frontend_addr = frontend.0;

@@ -38,7 +38,6 @@ use crate::{
         Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
     },
     flow_cache,
-    helpers::now_ns,
     maps::{
         BACKEND_FILTER, FRAGMENTS4, FRAGMENTS6, TC_PROGRAMS, count_event, remember_fragment,
         remember_fragment6,
@@ -410,8 +409,7 @@ fn reverse_nat<F: Family>(
     if source == SourceFilter::Unchecked && !maybe_backend(tuple) {
         return Ok(None);
     }
-    let now = now_ns();
-    if let Some(frontend) = flow_cache::answer_hit(tuple, now) {
+    if let Some(frontend) = flow_cache::answer_hit(tuple) {
         refusal()?;
         return Ok(Some(Restore {
             frontend,
@@ -435,7 +433,7 @@ fn reverse_nat<F: Family>(
             track_answer(entry, tuple);
             let flow = FlowValue::of(entry);
             let frontend = (flow.frontend_addr, flow.frontend_port);
-            flow_cache::remember_answer(entry, tuple, frontend, now);
+            flow_cache::remember_answer(entry, tuple, frontend);
             (frontend, tuple.dport)
         }
         Answer::Reply(entry) => {
