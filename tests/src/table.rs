@@ -158,3 +158,22 @@ pub fn send_past_the_entry(
     );
     sent
 }
+
+/// Checks that a RST a cache test sent (`what`) was taken as its sender's: the flow (its entry's
+/// `state`) is closing, and the datapath dropped no RST as out of its window.
+pub fn assert_rst_ended_the_flow(
+    datapath: &lb_userspace::datapath::Datapath,
+    state: Option<u8>,
+    what: &str,
+) {
+    assert_eq!(
+        state,
+        Some(lb_common::tcp_state::CLOSING),
+        "{what} ends the flow"
+    );
+    assert_eq!(
+        datapath.events().expect("events")["drop_rst_out_of_window"],
+        0,
+        "{what} dropped as out of window"
+    );
+}
