@@ -123,6 +123,17 @@ const STRIDE: u64 = 1_000_003;
 const MAX_NEW_FLOWS: u32 = 200_000;
 /// The same for IPv6, whose conntrack map holds a quarter as many entries (131,072).
 const MAX_NEW_FLOWS6: u32 = 50_000;
+/// The flows of the many-flows established path ([`Series::EstablishedMany`]): more than a
+/// CPU's flow-cache slots. Flow `k` comes from 172.24.0.1 (2001:db8:24::1), port 1024 + k.
+const MANY_FLOWS: u32 = 16_384;
+const MANY_FLOWS_CLIENT: Ipv4Addr = Ipv4Addr::new(172, 24, 0, 1);
+const MANY_FLOWS_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x24, 0, 0, 0, 0, 1);
+// The many flows' entries (one each: their endpoints are local, as the flow cache needs) fit
+// beside the most the new-flow paths may take, so that none is evicted.
+const _: () = assert!(
+    2 * MAX_NEW_FLOWS + MANY_FLOWS < limits::MAX_CONNTRACK
+        && 2 * MAX_NEW_FLOWS6 + MANY_FLOWS < limits::MAX_CONNTRACK6
+);
 /// Unmeasured runs at the start of every block, after the previous block ran something else.
 const BLOCK_WARMUP: u32 = 50;
 
@@ -188,6 +199,12 @@ enum Series {
     /// Every packet a new flow, each to the next frontend in an order scattered over the table.
     NewFlowSpread,
     Established,
+    /// Every packet an ACK of the next of [`MANY_FLOWS`] established flows to the one frontend,
+    /// in turn: many more flows than a CPU's flow-cache slots, so nearly every packet misses its
+    /// slot, takes the conntrack lookup and writes the slot for the next flow to overwrite, and
+    /// the entries and slots it touches have left the CPU's caches since their flow's last
+    /// packet. What the cache costs where it cannot help.
+    EstablishedMany,
     /// A TCP SYN sent again on a live flow (a retransmit): its client's key is held, so the
     /// claim a new flow makes without a lookup fails, and the packet goes to the program that
     /// looks the key up (`lb_xdp_lookup`; over IPv6 back to `lb_xdp6_frontend`), which sends it
@@ -205,6 +222,9 @@ enum Series {
     /// which `lb_xdp` hands to `lb_xdp6` like every IPv6 frame).
     NonIp,
     TcReply,
+    /// Every packet an answer of the endpoint of the next of the [`MANY_FLOWS`] flows of
+    /// [`Series::EstablishedMany`]: the same for tc egress's answer cache.
+    TcReplyMany,
     /// A packet tc egress sees that is no reply of a flow (the node's own traffic): what every
     /// other packet leaving a NIC pays.
     TcOther,
@@ -261,27 +281,31 @@ impl Path {
 
     const FLOOR: Self = Self::v4(Series::Floor);
 
-    const ALL: [Self; 21] = [
+    const ALL: [Self; 25] = [
         Self::FLOOR,
         Self::v4(Series::NewFlow),
         Self::v4(Series::NewFlowSpread),
         Self::v4(Series::Established),
+        Self::v4(Series::EstablishedMany),
         Self::v4(Series::SynRetransmit),
         Self::v4(Series::EstablishedUdp),
         Self::v4(Series::Miss),
         Self::v4(Series::MissEstablished),
         Self::v4(Series::NonIp),
         Self::v4(Series::TcReply),
+        Self::v4(Series::TcReplyMany),
         Self::v4(Series::TcOther),
         Self::v6(Series::NewFlow),
         Self::v6(Series::NewFlowSpread),
         Self::v6(Series::Established),
+        Self::v6(Series::EstablishedMany),
         Self::v6(Series::SynRetransmit),
         Self::v6(Series::EstablishedUdp),
         Self::v6(Series::Miss),
         Self::v6(Series::MissEstablished),
         Self::v6(Series::NonIp),
         Self::v6(Series::TcReply),
+        Self::v6(Series::TcReplyMany),
         Self::v6(Series::TcOther),
     ];
 
@@ -291,22 +315,26 @@ impl Path {
             (Family::V4, Series::NewFlow) => "xdp_new_flow",
             (Family::V4, Series::NewFlowSpread) => "xdp_new_flow_spread",
             (Family::V4, Series::Established) => "xdp_established",
+            (Family::V4, Series::EstablishedMany) => "xdp_established_many",
             (Family::V4, Series::SynRetransmit) => "xdp_syn_retransmit",
             (Family::V4, Series::EstablishedUdp) => "xdp_established_udp",
             (Family::V4, Series::Miss) => "xdp_miss",
             (Family::V4, Series::MissEstablished) => "xdp_miss_established",
             (Family::V4, Series::NonIp) => "xdp_non_ip",
             (Family::V4, Series::TcReply) => "tc_reply",
+            (Family::V4, Series::TcReplyMany) => "tc_reply_many",
             (Family::V4, Series::TcOther) => "tc_other",
             (Family::V6, Series::NewFlow) => "xdp6_new_flow",
             (Family::V6, Series::NewFlowSpread) => "xdp6_new_flow_spread",
             (Family::V6, Series::Established) => "xdp6_established",
+            (Family::V6, Series::EstablishedMany) => "xdp6_established_many",
             (Family::V6, Series::SynRetransmit) => "xdp6_syn_retransmit",
             (Family::V6, Series::EstablishedUdp) => "xdp6_established_udp",
             (Family::V6, Series::Miss) => "xdp6_miss",
             (Family::V6, Series::MissEstablished) => "xdp6_miss_established",
             (Family::V6, Series::NonIp) => "xdp6_neighbour_solicitation",
             (Family::V6, Series::TcReply) => "tc6_reply",
+            (Family::V6, Series::TcReplyMany) => "tc6_reply_many",
             (Family::V6, Series::TcOther) => "tc6_other",
         }
     }
@@ -327,22 +355,26 @@ impl Path {
             (Family::V4, Series::NewFlow) => "xdp new flow, one frontend",
             (Family::V4, Series::NewFlowSpread) => "xdp new flow, all frontends",
             (Family::V4, Series::Established) => "xdp established",
+            (Family::V4, Series::EstablishedMany) => "xdp established, 16,384 flows",
             (Family::V4, Series::SynRetransmit) => "xdp retransmitted syn",
             (Family::V4, Series::EstablishedUdp) => "xdp established (udp)",
             (Family::V4, Series::Miss) => "xdp miss (syn)",
             (Family::V4, Series::MissEstablished) => "xdp miss (ack)",
             (Family::V4, Series::NonIp) => "xdp non-ip (arp)",
             (Family::V4, Series::TcReply) => "tc reply",
+            (Family::V4, Series::TcReplyMany) => "tc reply, 16,384 flows",
             (Family::V4, Series::TcOther) => "tc not a reply",
             (Family::V6, Series::NewFlow) => "xdp6 new flow, one frontend",
             (Family::V6, Series::NewFlowSpread) => "xdp6 new flow, all frontends",
             (Family::V6, Series::Established) => "xdp6 established",
+            (Family::V6, Series::EstablishedMany) => "xdp6 established, 16,384 flows",
             (Family::V6, Series::SynRetransmit) => "xdp6 retransmitted syn",
             (Family::V6, Series::EstablishedUdp) => "xdp6 established (udp)",
             (Family::V6, Series::Miss) => "xdp6 miss (syn)",
             (Family::V6, Series::MissEstablished) => "xdp6 miss (ack)",
             (Family::V6, Series::NonIp) => "xdp6 neighbour solicitation",
             (Family::V6, Series::TcReply) => "tc6 reply",
+            (Family::V6, Series::TcReplyMany) => "tc6 reply, 16,384 flows",
             (Family::V6, Series::TcOther) => "tc6 not a reply",
         }
     }
@@ -700,6 +732,9 @@ struct FamilyBench<'a> {
     /// The frontend of the one-frontend, established and reply paths (the middle of the table).
     frontend: SocketAddr,
     established: (Vec<u8>, Vec<u8>),
+    /// The flows of the many-flows paths, and the next one each path sends a packet of.
+    many: Vec<ManyFlow>,
+    next_of_many: [usize; 2],
     syn_retransmit: (Vec<u8>, Vec<u8>),
     established_udp: (Vec<u8>, Vec<u8>),
     reply: (Vec<u8>, Vec<u8>),
@@ -731,6 +766,20 @@ impl<'a> FamilyBench<'a> {
             tcp(clients.established, frontend, TcpFlags::ACK),
             tcp(clients.established, backend, TcpFlags::ACK),
         );
+        let many = (0..MANY_FLOWS)
+            .map(|k| {
+                let client = many_flows_client(family, k);
+                let backend = first(client)?;
+                let ack = tcp(client, frontend, TcpFlags::ACK);
+                run_once(xdp, &ack, XDP_PASS, "a many-flows flow's first ACK")?;
+                Ok(ManyFlow {
+                    ack,
+                    dnat: tcp(client, backend, TcpFlags::ACK),
+                    answer: tcp(backend, client, TcpFlags::ACK),
+                    restored: tcp(frontend, client, TcpFlags::ACK),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let backend = first(clients.retransmit)?;
         let syn_retransmit = (
             tcp(clients.retransmit, frontend, TcpFlags::SYN),
@@ -763,6 +812,8 @@ impl<'a> FamilyBench<'a> {
             tc,
             frontend,
             established,
+            many,
+            next_of_many: [0; 2],
             syn_retransmit,
             established_udp,
             reply,
@@ -810,6 +861,21 @@ impl<'a> FamilyBench<'a> {
                 ensure!(&out.packet == expected, "{what}: not DNATed to its backend");
                 out
             }
+            Series::EstablishedMany | Series::TcReplyMany => {
+                let reply = series == Series::TcReplyMany;
+                let next = &mut self.next_of_many[usize::from(reply)];
+                let flow = &self.many[*next];
+                *next = (*next + 1) % self.many.len();
+                if reply {
+                    let out = run_once(self.tc, &flow.answer, TC_ACT_OK, what)?;
+                    ensure!(out.packet == flow.restored, "{what}: source not restored");
+                    out
+                } else {
+                    let out = run_once(self.xdp, &flow.ack, XDP_PASS, what)?;
+                    ensure!(out.packet == flow.dnat, "{what}: not DNATed to its backend");
+                    out
+                }
+            }
             Series::Miss | Series::MissEstablished | Series::NonIp => {
                 let input = match series {
                     Series::Miss => &self.miss,
@@ -854,6 +920,15 @@ impl<'a> FamilyBench<'a> {
         );
         Ok(())
     }
+}
+
+/// A flow of the many-flows paths: its client's ACK and what XDP must make of it, its endpoint's
+/// answer and what tc egress must make of that.
+struct ManyFlow {
+    ack: Vec<u8>,
+    dnat: Vec<u8>,
+    answer: Vec<u8>,
+    restored: Vec<u8>,
 }
 
 /// Every path of both families at one size, the floor, and the samples taken so far.
@@ -1115,6 +1190,14 @@ impl Clients {
                 miss_destination: MISS_DESTINATION6.into(),
             },
         }
+    }
+}
+
+fn many_flows_client(family: Family, k: u32) -> SocketAddr {
+    let port = 1024 + u16::try_from(k).expect("fewer many flows than ports");
+    match family {
+        Family::V4 => SocketAddrV4::new(MANY_FLOWS_CLIENT, port).into(),
+        Family::V6 => SocketAddrV6::new(MANY_FLOWS_CLIENT6, port, 0, 0).into(),
     }
 }
 
