@@ -136,6 +136,9 @@ pub mod map_names {
     /// endpoint's answers it sent last ([`crate::flow_cache`]), IPv4 and IPv6. Not pinned.
     pub const ANSWER_CACHE4: &str = "lb4_ansc_v1";
     pub const ANSWER_CACHE6: &str = "lb6_ansc_v1";
+    /// Per-CPU array of [`crate::FlowCacheGate`], one for each of the four caches above
+    /// ([`crate::flow_cache::gate`]). Not pinned.
+    pub const FLOW_CACHE_GATES: &str = "lb_flowc_gate_v1";
     /// The IPv6 twins of the maps above: the same values, keys with an [`crate::Ipv6Words`]
     /// address. Backend ids and service ids are one id space for both families.
     pub const FRONTENDS6: &str = "lb6_fe_v1";
@@ -1813,6 +1816,43 @@ pub mod flow_cache {
     pub const fn in_window(seq_floor: u32, seq_end: u32) -> bool {
         seq_end.wrapping_sub(seq_floor) <= SEQ_BEHIND + SEQ_AHEAD
     }
+
+    /// How many more misses than hits a cache may see on a CPU before its gate
+    /// ([`crate::FlowCacheGate`]) closes: scored one for one, the cache stays while at least
+    /// half the segments that look hit.
+    pub const GATE_MISSES: u32 = 32;
+    /// The steady segments a closed gate lets past the cache before it opens again.
+    pub const GATE_CLOSED_FOR: u32 = 256;
+    /// Misses more than hits an opened gate takes before it closes again: a flow's first
+    /// segment misses and fills its slot, so a probe needs room for the fill and the hit after.
+    pub const GATE_PROBE_MISSES: u32 = 4;
+
+    /// The gate of each cache, in [`crate::map_names::FLOW_CACHE_GATES`].
+    pub mod gate {
+        pub const XDP4: u32 = 0;
+        pub const XDP6: u32 = 1;
+        pub const ANSWER4: u32 = 2;
+        pub const ANSWER6: u32 = 3;
+        pub const COUNT: u32 = 4;
+    }
+}
+
+/// Whether a CPU's flow cache (or answer cache) is worth a look: a cache that misses costs a
+/// slot read on each segment that takes the full path anyway (many more flows than slots, or
+/// flows the cache does not take, such as SNAT flows); with 16,384 flows in turn that made a
+/// segment 120-195 ns dearer than no cache (lb-bench's `xdp_established_many`), where a hit
+/// saves 40-45 ns. Each steady segment that looks scores the
+/// gate: a miss adds one, a hit takes one off; past [`flow_cache::GATE_MISSES`] the gate
+/// closes, and the next [`flow_cache::GATE_CLOSED_FOR`] steady segments take the full path
+/// without a look or a fill. Then it opens on probation
+/// ([`flow_cache::GATE_PROBE_MISSES`]). All zeros is open, with no misses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FlowCacheGate {
+    /// Misses less hits, 0 ..= [`flow_cache::GATE_MISSES`].
+    pub misses: u32,
+    /// Steady segments still to let past while the gate is closed.
+    pub closed_for: u32,
 }
 
 /// A slot of the flow cache ([`flow_cache`]): the flow's client and frontend, which a packet

@@ -46,6 +46,11 @@ pub trait Family {
     /// return cost a few nanoseconds on its hot path.
     const OUT_OF_LINE: bool;
 
+    /// The gates of its flow cache and answer cache in `FLOW_CACHE_GATES`
+    /// ([`lb_common::flow_cache::gate`]).
+    const FLOW_CACHE_GATE: u32;
+    const ANSWER_CACHE_GATE: u32;
+
     /// An address (network byte order) as `lb monitor`'s events hold it (an IPv4 address as a
     /// number in the first word).
     fn monitor_words(addr: Self::Addr) -> Ipv6Words;
@@ -129,6 +134,8 @@ impl Family for V4 {
     const ADDR_BITS: u32 = 32;
     const NUMBER: u8 = 4;
     const OUT_OF_LINE: bool = false;
+    const FLOW_CACHE_GATE: u32 = flow_cache::gate::XDP4;
+    const ANSWER_CACHE_GATE: u32 = flow_cache::gate::ANSWER4;
 
     #[inline(always)]
     fn monitor_words(addr: u32) -> Ipv6Words {
@@ -293,6 +300,8 @@ impl Family for V6 {
     const ADDR_BITS: u32 = 128;
     const NUMBER: u8 = 6;
     const OUT_OF_LINE: bool = true;
+    const FLOW_CACHE_GATE: u32 = flow_cache::gate::XDP6;
+    const ANSWER_CACHE_GATE: u32 = flow_cache::gate::ANSWER6;
 
     #[inline(always)]
     fn monitor_words(addr: Ipv6Words) -> Ipv6Words {

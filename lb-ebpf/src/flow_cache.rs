@@ -3,10 +3,11 @@
 //! writes a slot ([`remember`]) after it has served a packet the slot could have served; the
 //! next such packet is served from the slot ([`hit`]) until the slot's time or sequence window
 //! runs out, and then by the full path again, which writes the slot anew. tc egress keeps the
-//! twin for a local endpoint's answers ([`answer_hit`], [`remember_answer`]).
+//! twin for a local endpoint's answers ([`answer_hit`], [`remember_answer`]). A cache that
+//! misses more than it hits on a CPU stands aside there for a while ([`FlowCacheGate`]).
 
 use lb_common::{
-    CtValue, FlowCacheSlot, FlowValue, ct_flags, ct_timeouts, flow_cache, proto,
+    CtValue, FlowCacheGate, FlowCacheSlot, FlowValue, ct_flags, ct_timeouts, flow_cache, proto,
     tcp_flags::{ACK, FIN, RST, SYN},
     tcp_state,
 };
@@ -15,7 +16,7 @@ use crate::{
     family::Family,
     flow::{Destination, Tuple, has_reply_entry, refresh_interval, timeout},
     helpers::now_ns,
-    maps::dry_run,
+    maps::{FLOW_CACHE_GATES, dry_run},
 };
 
 /// Whether a TCP segment changes nothing its flow's entry keeps but `last_seen` and how far its
@@ -25,22 +26,83 @@ fn steady(tuple_flags: u8) -> bool {
     tuple_flags & (SYN | FIN | RST | ACK) == ACK
 }
 
-/// The slot that serves this packet, if one does: this CPU's slot for the packet's client, for
-/// the same client and frontend, still valid at `now`, with the segment inside its sequence
-/// window.
+/// What a look into a cache found for a segment.
+pub enum Look<S: 'static> {
+    /// The slot serves it.
+    Hit(&'static S),
+    /// Nothing serves it: after the full path has sent it, it may fill its slot.
+    Miss,
+    /// No look: not a steady TCP segment, or the cache's gate is closed on this CPU
+    /// ([`FlowCacheGate`]). It fills nothing.
+    Passed,
+}
+
+impl<S> Look<S> {
+    /// Whether the full path may write the segment's slot after it.
+    #[inline(always)]
+    pub fn fills(&self) -> bool {
+        matches!(self, Self::Miss)
+    }
+}
+
+/// This CPU's gate of cache `index` ([`lb_common::flow_cache::gate`]), when it lets a steady
+/// segment look: a closed gate counts the segment off instead.
 #[inline(always)]
-pub fn hit<F: Family>(tuple: &Tuple<F>, now: u64) -> Option<&'static FlowCacheSlot<F::Addr>> {
-    if tuple.proto != proto::TCP || !steady(tuple.tcp_flags) {
+fn open_gate(index: u32) -> Option<&'static mut FlowCacheGate> {
+    // SAFETY: a per-CPU value, written only by programs on this CPU, one run at a time.
+    let gate = unsafe { &mut *FLOW_CACHE_GATES.get_ptr_mut(index)? };
+    if gate.closed_for != 0 {
+        gate.closed_for -= 1;
         return None;
     }
-    let slot = F::flow_cache_slot(tuple.saddr, tuple.sport)?;
+    Some(gate)
+}
+
+/// Scores a look through `gate`: a hit takes a miss off; a miss adds one, or closes the gate
+/// when it has seen [`flow_cache::GATE_MISSES`] more misses than hits, and then leaves it on
+/// probation for when it opens. Returns the look.
+#[inline(always)]
+fn scored<S>(gate: &mut FlowCacheGate, found: Option<&'static S>) -> Look<S> {
+    match found {
+        Some(slot) => {
+            if gate.misses != 0 {
+                gate.misses -= 1;
+            }
+            Look::Hit(slot)
+        }
+        None if gate.misses < flow_cache::GATE_MISSES => {
+            gate.misses += 1;
+            Look::Miss
+        }
+        None => {
+            gate.closed_for = flow_cache::GATE_CLOSED_FOR;
+            gate.misses = flow_cache::GATE_MISSES - flow_cache::GATE_PROBE_MISSES;
+            Look::Passed
+        }
+    }
+}
+
+/// What this CPU's flow cache has for this packet: a hit is the slot for the packet's client,
+/// for the same client and frontend, still valid at `now`, with the segment inside its sequence
+/// window. Each look scores the cache's gate; while the gate is closed there is no look.
+#[inline(always)]
+pub fn hit<F: Family>(tuple: &Tuple<F>, now: u64) -> Look<FlowCacheSlot<F::Addr>> {
+    if tuple.proto != proto::TCP || !steady(tuple.tcp_flags) || dry_run() {
+        return Look::Passed;
+    }
+    let Some(gate) = open_gate(F::FLOW_CACHE_GATE) else {
+        return Look::Passed;
+    };
+    let Some(slot) = F::flow_cache_slot(tuple.saddr, tuple.sport) else {
+        return Look::Passed;
+    };
     let serves = now < slot.valid_until_ns
         && slot.client_port == tuple.sport
         && slot.frontend_port == tuple.dport
         && F::same(&slot.client_addr, &tuple.saddr)
         && F::same(&slot.frontend_addr, &tuple.daddr)
         && flow_cache::in_window(slot.seq_floor, tuple.seq_end);
-    serves.then_some(slot)
+    scored(gate, serves.then_some(&*slot))
 }
 
 /// Where a packet served from `slot` goes: to the endpoint, from the client as it came.
@@ -55,27 +117,27 @@ pub fn destination<F: Family>(slot: &FlowCacheSlot<F::Addr>) -> Destination<F> {
     }
 }
 
-/// After the full path has sent `tuple`, a steady segment of the live flow whose client's side
-/// is `entry`, to `destination`: this CPU's slot for its client takes the flow when the flow is
+/// After the full path has sent `tuple`, a steady segment its look missed (`look`) of the live
+/// flow whose client's side is `entry`, to `destination`: this CPU's slot for its client takes
+/// the flow when the flow is
 /// kept whole in its FLOW entry (no REPLY entry to check on each packet), established, and has
 /// recorded where its client has sent to. The slot's former flow, if another, goes back to the
 /// full path.
 #[inline(always)]
 pub fn remember<F: Family>(
+    look: &Look<FlowCacheSlot<F::Addr>>,
     entry: &CtValue<F::Addr>,
     tuple: &Tuple<F>,
     destination: &Destination<F>,
     now: u64,
 ) {
-    if tuple.proto != proto::TCP
-        || !steady(tuple.tcp_flags)
+    if !look.fills()
         || entry.state != tcp_state::ESTABLISHED
         || has_reply_entry(entry)
         || destination.forward
         || !F::same(&destination.source.0, &tuple.saddr)
         || destination.source.1 != tuple.sport
         || entry.seq_next == 0
-        || dry_run()
     {
         return;
     }
@@ -118,24 +180,29 @@ pub fn forget<F: Family>(tuple: &Tuple<F>) {
 /// The frontend a local endpoint's answer goes back from, when this CPU's answer slot for its
 /// destination holds its flow: the same client, from the slot's endpoint, still valid now, with
 /// the segment inside the endpoint's side of the sequence window. The clock is read only for a
-/// steady TCP segment (tc egress reads it for nothing else on this path).
+/// steady TCP segment the gate lets look (tc egress reads it for nothing else on this path).
 #[inline(always)]
-pub fn answer_hit<F: Family>(tuple: &Tuple<F>) -> Option<(F::Addr, u16)> {
-    if tuple.proto != proto::TCP || !steady(tuple.tcp_flags) {
-        return None;
+pub fn answer_hit<F: Family>(tuple: &Tuple<F>) -> Look<FlowCacheSlot<F::Addr>> {
+    if tuple.proto != proto::TCP || !steady(tuple.tcp_flags) || dry_run() {
+        return Look::Passed;
     }
-    let slot = F::answer_cache_slot(tuple.daddr, tuple.dport)?;
+    let Some(gate) = open_gate(F::ANSWER_CACHE_GATE) else {
+        return Look::Passed;
+    };
+    let Some(slot) = F::answer_cache_slot(tuple.daddr, tuple.dport) else {
+        return Look::Passed;
+    };
     let serves = now_ns() < slot.valid_until_ns
         && slot.client_port == tuple.dport
         && slot.backend_port == tuple.sport
         && F::same(&slot.client_addr, &tuple.daddr)
         && F::same(&slot.backend_addr, &tuple.saddr)
         && flow_cache::in_window(slot.seq_floor, tuple.seq_end);
-    serves.then_some((slot.frontend_addr, slot.frontend_port))
+    scored(gate, serves.then_some(&*slot))
 }
 
-/// After tc egress has sent `tuple`, an answer of the local endpoint whose flow is kept whole in
-/// `entry` (a FLOW entry, not a SNAT flow's), back from `frontend`: a steady segment of an
+/// After tc egress has sent `tuple`, an answer its look missed (`look`) of the local endpoint
+/// whose flow is kept whole in `entry` (a FLOW entry, not a SNAT flow's), back from `frontend`: a steady segment of an
 /// established flow takes this CPU's answer slot for its destination. Nothing empties a slot
 /// when its flow ends: what it gives back (the frontend, for this client and endpoint) stays
 /// right for the flow's last answers, and once the flow has left the established state no
@@ -144,17 +211,13 @@ pub fn answer_hit<F: Family>(tuple: &Tuple<F>) -> Option<(F::Addr, u16)> {
 /// flow is left to the window, as for [`forget`].
 #[inline(always)]
 pub fn remember_answer<F: Family>(
+    look: &Look<FlowCacheSlot<F::Addr>>,
     entry: &CtValue<F::Addr>,
     tuple: &Tuple<F>,
     frontend: (F::Addr, u16),
 ) {
     let backend_seq_next = FlowValue::of(entry).backend_seq_next;
-    if tuple.proto != proto::TCP
-        || !steady(tuple.tcp_flags)
-        || entry.state != tcp_state::ESTABLISHED
-        || backend_seq_next == 0
-        || dry_run()
-    {
+    if !look.fills() || entry.state != tcp_state::ESTABLISHED || backend_seq_next == 0 {
         return;
     }
     let Some(slot) = F::answer_cache_slot(tuple.daddr, tuple.dport) else {

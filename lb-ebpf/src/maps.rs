@@ -9,11 +9,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key,
-    Ct6Value, Datapath6Config, DatapathConfig, Event, FlowCacheSlot4, FlowCacheSlot6, Frag4Key,
-    Frag4Value, Frag6Key, Frag6Value, Frontend4Key, Frontend6Key, FrontendSlot4, FrontendSlot6,
-    JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue, Slot, SockNat4Key,
-    SockNat4Value, SockNat6Key, SockNat6Value, SockState4, SockState6, SourceRange4, SourceRange6,
-    flow_cache, frontend_index, limits, monitor::MonitorControl,
+    Ct6Value, Datapath6Config, DatapathConfig, Event, FlowCacheGate, FlowCacheSlot4,
+    FlowCacheSlot6, Frag4Key, Frag4Value, Frag6Key, Frag6Value, Frontend4Key, Frontend6Key,
+    FrontendSlot4, FrontendSlot6, JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue,
+    Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SockState4, SockState6,
+    SourceRange4, SourceRange6, flow_cache, frontend_index, limits, monitor::MonitorControl,
 };
 use lb_ebpf::packet::Ipv6Info;
 
@@ -168,6 +168,12 @@ pub static ANSWER_CACHE4: PerCpuArray<FlowCacheSlot4> =
 #[map(name = "lb6_ansc_v1")]
 pub static ANSWER_CACHE6: PerCpuArray<FlowCacheSlot6> =
     PerCpuArray::with_max_entries(flow_cache::SLOTS, 0);
+
+/// Whether each of the four caches above is worth a look on this CPU
+/// ([`lb_common::FlowCacheGate`]). Not pinned.
+#[map(name = "lb_flowc_gate_v1")]
+pub static FLOW_CACHE_GATES: PerCpuArray<FlowCacheGate> =
+    PerCpuArray::with_max_entries(flow_cache::gate::COUNT, 0);
 
 /// An IPv6 packet's state, per CPU, handed from each program of the IPv6 XDP pipeline to the
 /// next ([`Packet6`]): IPv6's 32-byte address pairs left on the stack, and spilled there around

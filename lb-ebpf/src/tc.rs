@@ -37,7 +37,7 @@ use crate::{
     flow::{
         Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
     },
-    flow_cache,
+    flow_cache::{self, Look},
     maps::{
         BACKEND_FILTER, FRAGMENTS4, FRAGMENTS6, TC_PROGRAMS, count_event, remember_fragment,
         remember_fragment6,
@@ -409,10 +409,11 @@ fn reverse_nat<F: Family>(
     if source == SourceFilter::Unchecked && !maybe_backend(tuple) {
         return Ok(None);
     }
-    if let Some(frontend) = flow_cache::answer_hit(tuple) {
+    let look = flow_cache::answer_hit(tuple);
+    if let Look::Hit(slot) = look {
         refusal()?;
         return Ok(Some(Restore {
-            frontend,
+            frontend: (slot.frontend_addr, slot.frontend_port),
             client_port: tuple.dport,
         }));
     }
@@ -433,7 +434,7 @@ fn reverse_nat<F: Family>(
             track_answer(entry, tuple);
             let flow = FlowValue::of(entry);
             let frontend = (flow.frontend_addr, flow.frontend_port);
-            flow_cache::remember_answer(entry, tuple, frontend);
+            flow_cache::remember_answer(&look, entry, tuple, frontend);
             (frontend, tuple.dport)
         }
         Answer::Reply(entry) => {

@@ -37,7 +37,7 @@ use crate::{
         look_up_on_retry, lookup_frontend, maybe_frontend, maybe_frontend_at, new_flow, reply_key,
         source_allowed, starts_unlooked, track_reply,
     },
-    flow_cache,
+    flow_cache::{self, Look},
     helpers::{Forward, now_ns},
     ip::{Addr, Ip},
     maps::{
@@ -809,7 +809,8 @@ fn established<I: Ip>(
     tuple: &Tuple<I::F>,
 ) -> Result<Option<u32>, Event> {
     let now = now_ns();
-    if let Some(slot) = flow_cache::hit(tuple, now) {
+    let look = flow_cache::hit(tuple, now);
+    if let Look::Hit(slot) = look {
         let source_checked =
             (slot.flags & ct_flags::SOURCE_CHECKED != 0).then_some(slot.service_id);
         if let Some(action) = turned_away(ctx, eth, tuple, source_checked)? {
@@ -830,7 +831,7 @@ fn established<I: Ip>(
     match follow(ctx, ip, tuple, flow, || arrival(ctx, eth), now)? {
         Some(destination) => {
             // SAFETY: as in flow::live_flow.
-            flow_cache::remember(unsafe { &*flow }, tuple, &destination, now);
+            flow_cache::remember(&look, unsafe { &*flow }, tuple, &destination, now);
             deliver(ctx, ip, tuple, &destination).map(Some)
         }
         None => Ok(None),

@@ -159,6 +159,53 @@ pub fn send_past_the_entry(
     sent
 }
 
+/// Checks a cache's gate (`lb_common::FlowCacheGate`) on one side of a flow whose steady
+/// segments the cache serves. `send` runs that side's segment at a sequence number through the
+/// program under test, `recorded` says how far the flow's entry says that side has sent (the
+/// full path records every segment; a segment served from a cache leaves the entry behind), and
+/// `miss` sends the first steady segment of another flow `i`, which no slot holds. After
+/// `GATE_MISSES` + 1 of those the cache stands aside: the flow's next `GATE_CLOSED_FOR` segments
+/// all take the full path; then the cache serves it again (on the first segment after, or on
+/// the second when a miss's flow took its slot).
+pub fn assert_gate_stands_aside(
+    first: u32,
+    mut send: impl FnMut(u32, &[u8]),
+    recorded: impl Fn() -> u32,
+    mut miss: impl FnMut(u32),
+) {
+    use lb_common::flow_cache::{GATE_CLOSED_FOR, GATE_MISSES};
+    let data = [7u8; 10];
+    let mut sent = first;
+    let mut send_next = |sent: &mut u32| {
+        send(*sent, &data);
+        *sent = sent.wrapping_add(data.len() as u32);
+        recorded() == *sent
+    };
+    assert!(
+        send_next(&mut sent),
+        "a flow's first steady segment fills its slot"
+    );
+    assert!(
+        !send_next(&mut sent),
+        "its next segment is served from the cache, past the entry"
+    );
+    for i in 0..=GATE_MISSES {
+        miss(i);
+    }
+    for segment in 0..GATE_CLOSED_FOR {
+        assert!(
+            send_next(&mut sent),
+            "segment {segment} after {} misses takes the full path",
+            GATE_MISSES + 1
+        );
+    }
+    let served_again = (0..2).any(|_| !send_next(&mut sent));
+    assert!(
+        served_again,
+        "the cache serves the flow again after {GATE_CLOSED_FOR} segments"
+    );
+}
+
 /// Checks that a RST a cache test sent (`what`) was taken as its sender's: the flow (its entry's
 /// `state`) is closing, and the datapath dropped no RST as out of its window.
 pub fn assert_rst_ended_the_flow(

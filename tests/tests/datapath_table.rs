@@ -3306,6 +3306,108 @@ fn a_clients_rst_after_data_served_from_the_flow_cache_ends_its_flow() {
     );
 }
 
+/// XDP's flow cache stands aside on a CPU where it misses more than it hits (many more flows
+/// than slots, or flows it does not take): a look that misses costs as much as a hit saves. After
+/// more misses than its gate allows, a flow the cache held takes the full path for the gate's
+/// closed time, then the cache serves it again.
+#[test]
+fn the_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcgate").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let isn = 7000u32;
+    run_table(xdp(), &[client_case(TcpFlags::SYN, isn, b"")]);
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd"),
+        &[pod_case(TcpFlags::SYN_ACK, 90_000, b"")],
+    );
+    lab::table::assert_gate_stands_aside(
+        isn + 1,
+        |seq, data| run_table(xdp(), &[client_case(TcpFlags::ACK, seq, data)]),
+        || flow_of(&datapath, CLIENT).seq_next,
+        |i| {
+            let other = other_client(i);
+            let to_pod = |flags| {
+                case(
+                    "another client's segment",
+                    packet::tcp_at(other, FRONTEND, flags, 500, b""),
+                    XDP_PASS,
+                    Expect::Bytes(packet::tcp_at(other, POD_A, flags, 500, b"")),
+                )
+            };
+            run_table(xdp(), &[to_pod(TcpFlags::SYN), to_pod(TcpFlags::ACK)]);
+        },
+    );
+}
+
+/// The same for tc egress's answer cache: after more answers that miss than its gate allows, a
+/// flow it held takes the full path for the gate's closed time, then the cache serves it again.
+#[test]
+fn the_answer_cache_stands_aside_while_it_misses_more_than_it_hits() {
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "ansgate").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    let (client_isn, pod_isn) = (7000u32, 90_000u32);
+    run_table(
+        xdp(),
+        &[
+            client_case(TcpFlags::SYN, client_isn, b""),
+            client_case(TcpFlags::ACK, client_isn + 1, b""),
+        ],
+    );
+    run_table(tc(), &[pod_case(TcpFlags::SYN_ACK, pod_isn, b"")]);
+    lab::table::assert_gate_stands_aside(
+        pod_isn + 1,
+        |seq, data| run_table(tc(), &[pod_case(TcpFlags::ACK, seq, data)]),
+        || flow_of(&datapath, CLIENT).backend_seq_next,
+        |i| {
+            let other = other_client(i);
+            run_table(
+                xdp(),
+                &[case(
+                    "another client's syn",
+                    packet::tcp_at(other, FRONTEND, TcpFlags::SYN, 500, b""),
+                    XDP_PASS,
+                    Expect::Bytes(packet::tcp_at(other, POD_A, TcpFlags::SYN, 500, b"")),
+                )],
+            );
+            run_table(
+                tc(),
+                &[case(
+                    "the pod's answer to another client",
+                    packet::tcp_at(POD_A, other, TcpFlags::ACK, 80_000, b""),
+                    TC_ACT_OK,
+                    Expect::Bytes(packet::tcp_at(FRONTEND, other, TcpFlags::ACK, 80_000, b"")),
+                )],
+            );
+        },
+    );
+}
+
+/// Client `i` of the gate tests' other flows: CLIENT's address, another port.
+fn other_client(i: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(*CLIENT.ip(), 41_000 + u16::try_from(i).expect("port"))
+}
+
 /// The case of CLIENT's segment to FRONTEND at `seq`, through XDP: DNATed to pod A.
 fn client_case(flags: TcpFlags, seq: u32, payload: &[u8]) -> Case {
     case(

@@ -1201,3 +1201,114 @@ fn a_pods_rst_after_answers_served_from_the_ipv6_answer_cache_ends_its_flow() {
     run_table(tc(), &[to_client(TcpFlags::RST, sent, b"")]);
     lab::table::assert_rst_ended_the_flow(&datapath, Some(entry().state), "the pod's rst");
 }
+
+/// The IPv6 twin of datapath_table's flow-cache gate test: after more misses than its gate
+/// allows, a flow XDP's IPv6 flow cache held takes the full path for the gate's closed time,
+/// then the cache serves it again.
+#[test]
+fn the_ipv6_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcgate6").expect("pin dir");
+    let datapath = datapath(&pins);
+    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("fd");
+    let to_pod = |client, flags, seq, payload: &[u8]| {
+        case(
+            "client segment",
+            packet6::tcp(client, FRONTEND, flags, seq, payload),
+            XDP_PASS,
+            Expect::Bytes(packet6::tcp(client, POD_A, flags, seq, payload)),
+        )
+    };
+    let isn = 7000u32;
+    run_table(xdp(), &[to_pod(CLIENT, TcpFlags::SYN, isn, b"")]);
+    run_table(
+        datapath.program_fd(program_names::TC_EGRESS).expect("tc"),
+        &[case(
+            "the pod's syn-ack",
+            packet6::tcp(POD_A, CLIENT, TcpFlags::SYN_ACK, 90_000, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet6::tcp(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::SYN_ACK,
+                90_000,
+                b"",
+            )),
+        )],
+    );
+    let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
+    lab::table::assert_gate_stands_aside(
+        isn + 1,
+        |seq, data| run_table(xdp(), &[to_pod(CLIENT, TcpFlags::ACK, seq, data)]),
+        || {
+            datapath
+                .conntrack6_entry(&flow_key)
+                .expect("FLOW entry")
+                .seq_next
+        },
+        |i| {
+            let other = client(41_000 + u16::try_from(i).expect("port"));
+            run_table(
+                xdp(),
+                &[
+                    to_pod(other, TcpFlags::SYN, 500, b""),
+                    to_pod(other, TcpFlags::ACK, 501, b""),
+                ],
+            );
+        },
+    );
+}
+
+/// The IPv6 twin of datapath_table's answer-cache gate test.
+#[test]
+fn the_ipv6_answer_cache_stands_aside_while_it_misses_more_than_it_hits() {
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "ansgate6").expect("pin dir");
+    let datapath = datapath(&pins);
+    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("fd");
+    let tc = || datapath.program_fd(program_names::TC_EGRESS).expect("tc");
+    let client_syn = |client| {
+        case(
+            "client syn",
+            packet6::tcp(client, FRONTEND, TcpFlags::SYN, 500, b""),
+            XDP_PASS,
+            Expect::Bytes(packet6::tcp(client, POD_A, TcpFlags::SYN, 500, b"")),
+        )
+    };
+    let to_client = |client, flags, seq, payload: &[u8]| {
+        case(
+            "pod segment",
+            packet6::tcp(POD_A, client, flags, seq, payload),
+            TC_ACT_OK,
+            Expect::Bytes(packet6::tcp(FRONTEND, client, flags, seq, payload)),
+        )
+    };
+    let pod_isn = 90_000u32;
+    run_table(xdp(), &[client_syn(CLIENT)]);
+    run_table(
+        xdp(),
+        &[case(
+            "client ack",
+            packet6::tcp(CLIENT, FRONTEND, TcpFlags::ACK, 501, b""),
+            XDP_PASS,
+            Expect::Bytes(packet6::tcp(CLIENT, POD_A, TcpFlags::ACK, 501, b"")),
+        )],
+    );
+    run_table(tc(), &[to_client(CLIENT, TcpFlags::SYN_ACK, pod_isn, b"")]);
+    let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
+    lab::table::assert_gate_stands_aside(
+        pod_isn + 1,
+        |seq, data| run_table(tc(), &[to_client(CLIENT, TcpFlags::ACK, seq, data)]),
+        || {
+            let entry = datapath.conntrack6_entry(&flow_key).expect("FLOW entry");
+            lb_common::Flow6Value::of(&entry).backend_seq_next
+        },
+        |i| {
+            let other = client(41_000 + u16::try_from(i).expect("port"));
+            run_table(xdp(), &[client_syn(other)]);
+            run_table(tc(), &[to_client(other, TcpFlags::ACK, 80_000, b"")]);
+        },
+    );
+}

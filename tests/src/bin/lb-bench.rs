@@ -39,7 +39,9 @@ use lab::{
     packet::{self, ETH_HDR_LEN, TcpFlags},
     packet6::{self, IPV6_HDR_LEN, next_header},
 };
-use lb_common::{frontend_filter, limits, map_names, program_names, proto, service_flags};
+use lb_common::{
+    flow_cache, frontend_filter, limits, map_names, program_names, proto, service_flags,
+};
 use lb_userspace::{
     compile::model::{Backend, Frontend, Service, ipv6_words},
     datapath::{
@@ -134,8 +136,12 @@ const _: () = assert!(
     2 * MAX_NEW_FLOWS + MANY_FLOWS < limits::MAX_CONNTRACK
         && 2 * MAX_NEW_FLOWS6 + MANY_FLOWS < limits::MAX_CONNTRACK6
 );
-/// Unmeasured runs at the start of every block, after the previous block ran something else.
-const BLOCK_WARMUP: u32 = 50;
+/// Unmeasured runs at the start of every block, after the previous block ran something else:
+/// enough for a flow cache's gate that a block of many flows closed to open again
+/// ([`lb_common::FlowCacheGate`]).
+const BLOCK_WARMUP: u32 = flow_cache::GATE_CLOSED_FOR + 50;
+/// The same for the new-flow paths, each of whose runs takes a conntrack entry.
+const NEW_FLOW_BLOCK_WARMUP: u32 = 50;
 
 /// Targets for the median net of the floor.
 const ESTABLISHED_TARGET_NS: i64 = 45;
@@ -237,6 +243,14 @@ impl Series {
             Self::Established => Some(ESTABLISHED_TARGET_NS),
             Self::Miss | Self::MissEstablished => Some(MISS_TARGET_NS),
             _ => None,
+        }
+    }
+
+    /// Unmeasured runs before each of the path's blocks.
+    fn block_warmup(self) -> u32 {
+        match self {
+            Self::NewFlow | Self::NewFlowSpread => NEW_FLOW_BLOCK_WARMUP,
+            _ => BLOCK_WARMUP,
         }
     }
 
@@ -477,6 +491,7 @@ struct Method {
     iterations: u32,
     rounds: u32,
     block_warmup: u32,
+    new_flow_block_warmup: u32,
     net: &'static str,
     floor_program: &'static str,
 }
@@ -556,7 +571,7 @@ fn main() -> anyhow::Result<()> {
             family: profiled,
         }) if profiled == family => args.iterations,
         Some(_) => 0,
-        None => args.warmup + args.iterations + args.rounds * BLOCK_WARMUP,
+        None => args.warmup + args.iterations + args.rounds * NEW_FLOW_BLOCK_WARMUP,
     };
     for (family, most, entries) in [
         (Family::V4, MAX_NEW_FLOWS, limits::MAX_CONNTRACK),
@@ -650,7 +665,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "measuring: repeat=1; per path and size {} warm-up runs, then {} measured runs in {} rounds \
-         (each block after {BLOCK_WARMUP} unmeasured runs)",
+         (each block after {BLOCK_WARMUP} unmeasured runs, {NEW_FLOW_BLOCK_WARMUP} for new flows)",
         args.warmup, args.iterations, args.rounds
     );
     let started = Instant::now();
@@ -666,7 +681,7 @@ fn main() -> anyhow::Result<()> {
         for slot in round_order(count, round) {
             let bench = &mut benches[slot / Path::ALL.len()];
             let path = Path::ALL[slot % Path::ALL.len()];
-            bench.run(path, BLOCK_WARMUP, false)?;
+            bench.run(path, path.series.block_warmup(), false)?;
             bench.run(path, block, true)?;
         }
     }
@@ -707,6 +722,7 @@ fn main() -> anyhow::Result<()> {
             iterations: args.iterations,
             rounds: args.rounds,
             block_warmup: BLOCK_WARMUP,
+            new_flow_block_warmup: NEW_FLOW_BLOCK_WARMUP,
             net: "path median (or p90) minus the median of the floor program's runs at the same size",
             floor_program: "bare XDP_PASS: r0 = 2; exit",
         },
