@@ -636,9 +636,12 @@ fn main() -> anyhow::Result<()> {
             });
         }
     }
+    let many_flows = args
+        .profile
+        .is_none_or(|path| matches!(path.series, Series::EstablishedMany | Series::TcReplyMany));
     let mut benches = loaded
         .chunks(2)
-        .map(|pair| SizeBench::new([&pair[0], &pair[1]], floor))
+        .map(|pair| SizeBench::new([&pair[0], &pair[1]], floor, many_flows))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     if let Some(path) = args.profile {
@@ -764,8 +767,9 @@ struct FamilyBench<'a> {
 }
 
 impl<'a> FamilyBench<'a> {
-    /// Creates the flows the established and reply paths use (one packet each, unmeasured).
-    fn new(loaded: &'a Loaded) -> anyhow::Result<Self> {
+    /// Creates the flows the established and reply paths use (one packet each, unmeasured), and
+    /// with `many_flows` those of the many-flows paths.
+    fn new(loaded: &'a Loaded, many_flows: bool) -> anyhow::Result<Self> {
         let family = loaded.family;
         let xdp = loaded.datapath.program_fd(program_names::XDP_LB)?;
         let tc = loaded.datapath.program_fd(program_names::TC_EGRESS)?;
@@ -782,7 +786,7 @@ impl<'a> FamilyBench<'a> {
             tcp(clients.established, frontend, TcpFlags::ACK),
             tcp(clients.established, backend, TcpFlags::ACK),
         );
-        let many = (0..MANY_FLOWS)
+        let many = (0..if many_flows { MANY_FLOWS } else { 0 })
             .map(|k| {
                 let client = many_flows_client(family, k);
                 let backend = first(client)?;
@@ -957,12 +961,21 @@ struct SizeBench<'a> {
 }
 
 impl<'a> SizeBench<'a> {
-    fn new(loaded: [&'a Loaded; 2], floor: BorrowedFd<'a>) -> anyhow::Result<Self> {
+    /// `many_flows`: whether to set up the many-flows paths' flows (a profile of another path
+    /// would sample their 65,536 setup runs as its own).
+    fn new(
+        loaded: [&'a Loaded; 2],
+        floor: BorrowedFd<'a>,
+        many_flows: bool,
+    ) -> anyhow::Result<Self> {
         ensure!(
             loaded[0].family == Family::V4 && loaded[1].family == Family::V6,
             "an IPv4 and an IPv6 copy per size"
         );
-        let families = [FamilyBench::new(loaded[0])?, FamilyBench::new(loaded[1])?];
+        let families = [
+            FamilyBench::new(loaded[0], many_flows)?,
+            FamilyBench::new(loaded[1], many_flows)?,
+        ];
         Ok(Self {
             floor,
             floor_input: families[0].established.0.clone(),
