@@ -416,6 +416,70 @@ fn a_clients_rst_after_a_long_upload_to_a_local_pod_resets_the_pods_connection()
     assert_eq!(events["drop_rst_out_of_window"], 0, "{events:?}");
 }
 
+/// A long upload to a local pod while, through the same node, a connection to a remote endpoint
+/// makes request after request: every steady segment of that SNAT flow misses XDP's flow cache
+/// (which does not take SNAT flows), so the cache's gate keeps closing and opening under the
+/// upload, whose segments go by the cache or the full path in turn. Both stay whole: every
+/// request is answered, the upload is acknowledged to its last byte, and its closing RST still
+/// resets the pod's connection.
+#[test]
+fn an_upload_to_a_local_pod_stays_whole_while_snat_traffic_keeps_the_flow_cache_standing_aside() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(SHORT_TIMEOUTS).expect("agent");
+    setup
+        .apply(
+            "services.yaml",
+            &(node_port_service("near", "10.96.0.25", 30085, "")
+                + "---\n"
+                + &endpoint_slice("near", &[(pod_addr(1, 0), "node1")])
+                + "---\n"
+                + &node_port_service("far", "10.96.0.26", 30086, "")
+                + "---\n"
+                + &endpoint_slice("far", &[(pod_addr(2, 0), "node2")])),
+        )
+        .expect("apply");
+    let pod = setup.cluster.pod("n1p0");
+    let resets = || tcp_counter(&pod.host, "EstabResets");
+    let before = resets();
+    let near = format!("{}:30085", node_addr(1));
+    let far = format!("{}:30086", node_addr(1));
+    let client = &setup.cluster.client;
+    let ready = setup.scratch_file("far.ready");
+    let (far_report, sent) = std::thread::scope(|scope| {
+        let far_run = scope.spawn(|| {
+            ClientRun {
+                one_flow: true,
+                ready_file: Some(&ready),
+                ..ClientRun::tcp(&far, 3000)
+            }
+            .run(client, None)
+        });
+        lab::peer::wait_until_answered(&ready, Duration::from_secs(10)).expect("far client");
+        let sent = client.run(
+            lab::peer::binary().expect("lab-peer"),
+            &["upload", "--to", &near, "--bytes", "4194304"],
+        );
+        (far_run.join().expect("far client thread"), sent)
+    });
+    let far_report = far_report.expect("far client");
+    far_report.assert_all_ok("requests over one connection to node2's pod");
+    assert_eq!(far_report.servers(), ["n2p0"].into());
+    let sent = sent.expect("upload");
+    assert!(sent.contains("4194304"), "{sent}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while resets() == before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let events = setup.events().expect("events");
+    assert_eq!(
+        resets(),
+        before + 1,
+        "the pod's connection reset by the client's RST; events {events:?}"
+    );
+    assert_eq!(events["drop_rst_out_of_window"], 0, "{events:?}");
+    assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
+}
+
 /// A counter of the `Tcp:` lines of a host's /proc/net/snmp.
 fn tcp_counter(host: &lab::lab::Host, name: &str) -> u64 {
     let snmp = host.run("cat", &["/proc/net/snmp"]).expect("snmp");
