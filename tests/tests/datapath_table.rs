@@ -3276,32 +3276,17 @@ fn idle_flows_end_at_their_established_and_udp_timeouts() {
 /// flow and reaches the pod.
 #[test]
 fn a_clients_rst_after_data_served_from_the_flow_cache_ends_its_flow() {
-    lab::table::stay_on_this_cpu();
-    let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "fcrst").expect("pin dir");
-    let datapath = datapath(&pins, vec![1]);
-    let xdp = || {
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd")
-    };
-    let isn = 7000u32;
-    run_table(xdp(), &[client_case(TcpFlags::SYN, isn, b"")]);
-    run_table(
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd"),
-        &[pod_case(TcpFlags::SYN_ACK, 90_000, b"")],
-    );
+    let flow = CacheFlow::open("fcrst");
+    let datapath = &flow.datapath;
     let sent = lab::table::send_past_the_entry(
-        isn + 1,
-        |seq, data| run_table(xdp(), &[client_case(TcpFlags::ACK, seq, data)]),
-        || flow_of(&datapath, CLIENT).seq_next,
+        CLIENT_ISN + 1,
+        |seq, data| flow.xdp(&[client_case(TcpFlags::ACK, seq, data)]),
+        || flow_of(datapath, CLIENT).seq_next,
     );
-    run_table(xdp(), &[client_case(TcpFlags::RST, sent, b"")]);
+    flow.xdp(&[client_case(TcpFlags::RST, sent, b"")]);
     lab::table::assert_rst_ended_the_flow(
-        &datapath,
-        flow_state(&datapath, CLIENT),
+        datapath,
+        flow_state(datapath, CLIENT),
         "the client's rst",
     );
 }
@@ -3312,27 +3297,11 @@ fn a_clients_rst_after_data_served_from_the_flow_cache_ends_its_flow() {
 /// closed time, then the cache serves it again.
 #[test]
 fn the_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
-    lab::table::stay_on_this_cpu();
-    let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "fcgate").expect("pin dir");
-    let datapath = datapath(&pins, vec![1]);
-    let xdp = || {
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd")
-    };
-    let isn = 7000u32;
-    run_table(xdp(), &[client_case(TcpFlags::SYN, isn, b"")]);
-    run_table(
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd"),
-        &[pod_case(TcpFlags::SYN_ACK, 90_000, b"")],
-    );
+    let flow = CacheFlow::open("fcgate");
     lab::table::assert_gate_stands_aside(
-        isn + 1,
-        |seq, data| run_table(xdp(), &[client_case(TcpFlags::ACK, seq, data)]),
-        || flow_of(&datapath, CLIENT).seq_next,
+        CLIENT_ISN + 1,
+        |seq, data| flow.xdp(&[client_case(TcpFlags::ACK, seq, data)]),
+        || flow_of(&flow.datapath, CLIENT).seq_next,
         |i| {
             let other = other_client(i);
             let to_pod = |flags| {
@@ -3343,7 +3312,7 @@ fn the_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
                     Expect::Bytes(packet::tcp_at(other, POD_A, flags, 500, b"")),
                 )
             };
-            run_table(xdp(), &[to_pod(TcpFlags::SYN), to_pod(TcpFlags::ACK)]);
+            flow.xdp(&[to_pod(TcpFlags::SYN), to_pod(TcpFlags::ACK)]);
         },
     );
 }
@@ -3352,55 +3321,69 @@ fn the_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
 /// flow it held takes the full path for the gate's closed time, then the cache serves it again.
 #[test]
 fn the_answer_cache_stands_aside_while_it_misses_more_than_it_hits() {
-    lab::table::stay_on_this_cpu();
-    let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "ansgate").expect("pin dir");
-    let datapath = datapath(&pins, vec![1]);
-    let xdp = || {
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd")
-    };
-    let tc = || {
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd")
-    };
-    let (client_isn, pod_isn) = (7000u32, 90_000u32);
-    run_table(
-        xdp(),
-        &[
-            client_case(TcpFlags::SYN, client_isn, b""),
-            client_case(TcpFlags::ACK, client_isn + 1, b""),
-        ],
-    );
-    run_table(tc(), &[pod_case(TcpFlags::SYN_ACK, pod_isn, b"")]);
+    let flow = CacheFlow::open("ansgate");
+    flow.xdp(&[client_case(TcpFlags::ACK, CLIENT_ISN + 1, b"")]);
     lab::table::assert_gate_stands_aside(
-        pod_isn + 1,
-        |seq, data| run_table(tc(), &[pod_case(TcpFlags::ACK, seq, data)]),
-        || flow_of(&datapath, CLIENT).backend_seq_next,
+        POD_ISN + 1,
+        |seq, data| flow.tc(&[pod_case(TcpFlags::ACK, seq, data)]),
+        || flow_of(&flow.datapath, CLIENT).backend_seq_next,
         |i| {
             let other = other_client(i);
-            run_table(
-                xdp(),
-                &[case(
-                    "another client's syn",
-                    packet::tcp_at(other, FRONTEND, TcpFlags::SYN, 500, b""),
-                    XDP_PASS,
-                    Expect::Bytes(packet::tcp_at(other, POD_A, TcpFlags::SYN, 500, b"")),
-                )],
-            );
-            run_table(
-                tc(),
-                &[case(
-                    "the pod's answer to another client",
-                    packet::tcp_at(POD_A, other, TcpFlags::ACK, 80_000, b""),
-                    TC_ACT_OK,
-                    Expect::Bytes(packet::tcp_at(FRONTEND, other, TcpFlags::ACK, 80_000, b"")),
-                )],
-            );
+            flow.xdp(&[case(
+                "another client's syn",
+                packet::tcp_at(other, FRONTEND, TcpFlags::SYN, 500, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp_at(other, POD_A, TcpFlags::SYN, 500, b"")),
+            )]);
+            flow.tc(&[case(
+                "the pod's answer to another client",
+                packet::tcp_at(POD_A, other, TcpFlags::ACK, 80_000, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp_at(FRONTEND, other, TcpFlags::ACK, 80_000, b"")),
+            )]);
         },
     );
+}
+
+/// The client's and the pod's initial sequence numbers in the cache tests' flow.
+const CLIENT_ISN: u32 = 7000;
+const POD_ISN: u32 = 90_000;
+
+/// A cache test's flow: CLIENT's to pod A through FRONTEND, opened (the client's SYN through
+/// XDP, the pod's SYN-ACK through tc egress) in a datapath of its own, with the test's thread
+/// kept on its CPU (the caches are per CPU).
+struct CacheFlow {
+    datapath: Datapath,
+    _pins: PinDir,
+    _lab: Lab,
+}
+
+impl CacheFlow {
+    fn open(name: &str) -> Self {
+        lab::table::stay_on_this_cpu();
+        let lab = Lab::new().expect("lab");
+        let pins = PinDir::new(&lab, name).expect("pin dir");
+        let flow = Self {
+            datapath: datapath(&pins, vec![1]),
+            _pins: pins,
+            _lab: lab,
+        };
+        flow.xdp(&[client_case(TcpFlags::SYN, CLIENT_ISN, b"")]);
+        flow.tc(&[pod_case(TcpFlags::SYN_ACK, POD_ISN, b"")]);
+        flow
+    }
+
+    fn xdp(&self, cases: &[Case]) {
+        let program = self.datapath.program_fd(lb_common::program_names::XDP_LB);
+        run_table(program.expect("xdp"), cases);
+    }
+
+    fn tc(&self, cases: &[Case]) {
+        let program = self
+            .datapath
+            .program_fd(lb_common::program_names::TC_EGRESS);
+        run_table(program.expect("tc"), cases);
+    }
 }
 
 /// Client `i` of the gate tests' other flows: CLIENT's address, another port.
@@ -3576,37 +3559,16 @@ fn a_new_connection_on_a_reset_flows_port_goes_to_its_own_pod() {
 /// own, ends the flow and reaches the client from the frontend.
 #[test]
 fn a_pods_rst_after_answers_served_from_the_answer_cache_ends_its_flow() {
-    lab::table::stay_on_this_cpu();
-    let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "fcans").expect("pin dir");
-    let datapath = datapath(&pins, vec![1]);
-    let tc = || {
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd")
-    };
-    let (client_isn, pod_isn) = (7000u32, 90_000u32);
-    run_table(
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd"),
-        &[
-            client_case(TcpFlags::SYN, client_isn, b""),
-            client_case(TcpFlags::ACK, client_isn + 1, b""),
-        ],
-    );
-    run_table(tc(), &[pod_case(TcpFlags::SYN_ACK, pod_isn, b"")]);
+    let flow = CacheFlow::open("fcans");
+    let datapath = &flow.datapath;
+    flow.xdp(&[client_case(TcpFlags::ACK, CLIENT_ISN + 1, b"")]);
     let sent = lab::table::send_past_the_entry(
-        pod_isn + 1,
-        |seq, data| run_table(tc(), &[pod_case(TcpFlags::ACK, seq, data)]),
-        || flow_of(&datapath, CLIENT).backend_seq_next,
+        POD_ISN + 1,
+        |seq, data| flow.tc(&[pod_case(TcpFlags::ACK, seq, data)]),
+        || flow_of(datapath, CLIENT).backend_seq_next,
     );
-    run_table(tc(), &[pod_case(TcpFlags::RST, sent, b"")]);
-    lab::table::assert_rst_ended_the_flow(
-        &datapath,
-        flow_state(&datapath, CLIENT),
-        "the pod's rst",
-    );
+    flow.tc(&[pod_case(TcpFlags::RST, sent, b"")]);
+    lab::table::assert_rst_ended_the_flow(datapath, flow_state(datapath, CLIENT), "the pod's rst");
 }
 
 /// tc egress's answer cache holds a flow for a quarter of the closing timeout at most, and a

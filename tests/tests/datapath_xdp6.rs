@@ -1117,45 +1117,18 @@ fn later_ipv6_fragments_follow_their_first_fragment_through_snat_both_ways() {
 /// and reaches the pod.
 #[test]
 fn a_clients_rst_after_data_served_from_the_ipv6_flow_cache_ends_its_flow() {
-    lab::table::stay_on_this_cpu();
-    let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "fcrst6").expect("pin dir");
-    let datapath = datapath(&pins);
-    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("fd");
-    let to_pod = |flags, seq, payload: &[u8]| {
-        case(
-            "client segment",
-            packet6::tcp(CLIENT, FRONTEND, flags, seq, payload),
-            XDP_PASS,
-            Expect::Bytes(packet6::tcp(CLIENT, POD_A, flags, seq, payload)),
-        )
-    };
-    let isn = 7000u32;
-    run_table(xdp(), &[to_pod(TcpFlags::SYN, isn, b"")]);
-    run_table(
-        datapath.program_fd(program_names::TC_EGRESS).expect("tc"),
-        &[case(
-            "the pod's syn-ack",
-            packet6::tcp(POD_A, CLIENT, TcpFlags::SYN_ACK, 90_000, b""),
-            TC_ACT_OK,
-            Expect::Bytes(packet6::tcp(
-                FRONTEND,
-                CLIENT,
-                TcpFlags::SYN_ACK,
-                90_000,
-                b"",
-            )),
-        )],
-    );
-    let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
-    let entry = || datapath.conntrack6_entry(&flow_key).expect("FLOW entry");
+    let flow = CacheFlow6::open("fcrst6");
     let sent = lab::table::send_past_the_entry(
-        isn + 1,
-        |seq, data| run_table(xdp(), &[to_pod(TcpFlags::ACK, seq, data)]),
-        || entry().seq_next,
+        CLIENT_ISN + 1,
+        |seq, data| flow.xdp(&[to_pod(CLIENT, TcpFlags::ACK, seq, data)]),
+        || flow.entry().seq_next,
     );
-    run_table(xdp(), &[to_pod(TcpFlags::RST, sent, b"")]);
-    lab::table::assert_rst_ended_the_flow(&datapath, Some(entry().state), "the client's rst");
+    flow.xdp(&[to_pod(CLIENT, TcpFlags::RST, sent, b"")]);
+    lab::table::assert_rst_ended_the_flow(
+        &flow.datapath,
+        Some(flow.entry().state),
+        "the client's rst",
+    );
 }
 
 /// The IPv6 twin of datapath_table's answer-cache RST test: the steady answers of a local
@@ -1164,42 +1137,19 @@ fn a_clients_rst_after_data_served_from_the_ipv6_flow_cache_ends_its_flow() {
 /// 100 KiB of data ends the flow and reaches the client from the frontend.
 #[test]
 fn a_pods_rst_after_answers_served_from_the_ipv6_answer_cache_ends_its_flow() {
-    lab::table::stay_on_this_cpu();
-    let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "fcans6").expect("pin dir");
-    let datapath = datapath(&pins);
-    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("fd");
-    let tc = || datapath.program_fd(program_names::TC_EGRESS).expect("tc");
-    let to_client = |flags, seq, payload: &[u8]| {
-        case(
-            "pod segment",
-            packet6::tcp(POD_A, CLIENT, flags, seq, payload),
-            TC_ACT_OK,
-            Expect::Bytes(packet6::tcp(FRONTEND, CLIENT, flags, seq, payload)),
-        )
-    };
-    let (client_isn, pod_isn) = (7000u32, 90_000u32);
-    for (flags, seq) in [(TcpFlags::SYN, client_isn), (TcpFlags::ACK, client_isn + 1)] {
-        run_table(
-            xdp(),
-            &[case(
-                "client segment",
-                packet6::tcp(CLIENT, FRONTEND, flags, seq, b""),
-                XDP_PASS,
-                Expect::Bytes(packet6::tcp(CLIENT, POD_A, flags, seq, b"")),
-            )],
-        );
-    }
-    run_table(tc(), &[to_client(TcpFlags::SYN_ACK, pod_isn, b"")]);
-    let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
-    let entry = || datapath.conntrack6_entry(&flow_key).expect("FLOW entry");
+    let flow = CacheFlow6::open("fcans6");
+    flow.xdp(&[to_pod(CLIENT, TcpFlags::ACK, CLIENT_ISN + 1, b"")]);
     let sent = lab::table::send_past_the_entry(
-        pod_isn + 1,
-        |seq, data| run_table(tc(), &[to_client(TcpFlags::ACK, seq, data)]),
-        || lb_common::Flow6Value::of(&entry()).backend_seq_next,
+        POD_ISN + 1,
+        |seq, data| flow.tc(&[to_client(CLIENT, TcpFlags::ACK, seq, data)]),
+        || lb_common::Flow6Value::of(&flow.entry()).backend_seq_next,
     );
-    run_table(tc(), &[to_client(TcpFlags::RST, sent, b"")]);
-    lab::table::assert_rst_ended_the_flow(&datapath, Some(entry().state), "the pod's rst");
+    flow.tc(&[to_client(CLIENT, TcpFlags::RST, sent, b"")]);
+    lab::table::assert_rst_ended_the_flow(
+        &flow.datapath,
+        Some(flow.entry().state),
+        "the pod's rst",
+    );
 }
 
 /// The IPv6 twin of datapath_table's flow-cache gate test: after more misses than its gate
@@ -1207,55 +1157,17 @@ fn a_pods_rst_after_answers_served_from_the_ipv6_answer_cache_ends_its_flow() {
 /// then the cache serves it again.
 #[test]
 fn the_ipv6_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
-    lab::table::stay_on_this_cpu();
-    let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "fcgate6").expect("pin dir");
-    let datapath = datapath(&pins);
-    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("fd");
-    let to_pod = |client, flags, seq, payload: &[u8]| {
-        case(
-            "client segment",
-            packet6::tcp(client, FRONTEND, flags, seq, payload),
-            XDP_PASS,
-            Expect::Bytes(packet6::tcp(client, POD_A, flags, seq, payload)),
-        )
-    };
-    let isn = 7000u32;
-    run_table(xdp(), &[to_pod(CLIENT, TcpFlags::SYN, isn, b"")]);
-    run_table(
-        datapath.program_fd(program_names::TC_EGRESS).expect("tc"),
-        &[case(
-            "the pod's syn-ack",
-            packet6::tcp(POD_A, CLIENT, TcpFlags::SYN_ACK, 90_000, b""),
-            TC_ACT_OK,
-            Expect::Bytes(packet6::tcp(
-                FRONTEND,
-                CLIENT,
-                TcpFlags::SYN_ACK,
-                90_000,
-                b"",
-            )),
-        )],
-    );
-    let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
+    let flow = CacheFlow6::open("fcgate6");
     lab::table::assert_gate_stands_aside(
-        isn + 1,
-        |seq, data| run_table(xdp(), &[to_pod(CLIENT, TcpFlags::ACK, seq, data)]),
-        || {
-            datapath
-                .conntrack6_entry(&flow_key)
-                .expect("FLOW entry")
-                .seq_next
-        },
+        CLIENT_ISN + 1,
+        |seq, data| flow.xdp(&[to_pod(CLIENT, TcpFlags::ACK, seq, data)]),
+        || flow.entry().seq_next,
         |i| {
             let other = client(41_000 + u16::try_from(i).expect("port"));
-            run_table(
-                xdp(),
-                &[
-                    to_pod(other, TcpFlags::SYN, 500, b""),
-                    to_pod(other, TcpFlags::ACK, 501, b""),
-                ],
-            );
+            flow.xdp(&[
+                to_pod(other, TcpFlags::SYN, 500, b""),
+                to_pod(other, TcpFlags::ACK, 501, b""),
+            ]);
         },
     );
 }
@@ -1263,52 +1175,89 @@ fn the_ipv6_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
 /// The IPv6 twin of datapath_table's answer-cache gate test.
 #[test]
 fn the_ipv6_answer_cache_stands_aside_while_it_misses_more_than_it_hits() {
-    lab::table::stay_on_this_cpu();
-    let lab = Lab::new().expect("lab");
-    let pins = PinDir::new(&lab, "ansgate6").expect("pin dir");
-    let datapath = datapath(&pins);
-    let xdp = || datapath.program_fd(program_names::XDP_LB).expect("fd");
-    let tc = || datapath.program_fd(program_names::TC_EGRESS).expect("tc");
-    let client_syn = |client| {
-        case(
-            "client syn",
-            packet6::tcp(client, FRONTEND, TcpFlags::SYN, 500, b""),
-            XDP_PASS,
-            Expect::Bytes(packet6::tcp(client, POD_A, TcpFlags::SYN, 500, b"")),
-        )
-    };
-    let to_client = |client, flags, seq, payload: &[u8]| {
-        case(
-            "pod segment",
-            packet6::tcp(POD_A, client, flags, seq, payload),
-            TC_ACT_OK,
-            Expect::Bytes(packet6::tcp(FRONTEND, client, flags, seq, payload)),
-        )
-    };
-    let pod_isn = 90_000u32;
-    run_table(xdp(), &[client_syn(CLIENT)]);
-    run_table(
-        xdp(),
-        &[case(
-            "client ack",
-            packet6::tcp(CLIENT, FRONTEND, TcpFlags::ACK, 501, b""),
-            XDP_PASS,
-            Expect::Bytes(packet6::tcp(CLIENT, POD_A, TcpFlags::ACK, 501, b"")),
-        )],
-    );
-    run_table(tc(), &[to_client(CLIENT, TcpFlags::SYN_ACK, pod_isn, b"")]);
-    let flow_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
+    let flow = CacheFlow6::open("ansgate6");
+    flow.xdp(&[to_pod(CLIENT, TcpFlags::ACK, CLIENT_ISN + 1, b"")]);
     lab::table::assert_gate_stands_aside(
-        pod_isn + 1,
-        |seq, data| run_table(tc(), &[to_client(CLIENT, TcpFlags::ACK, seq, data)]),
-        || {
-            let entry = datapath.conntrack6_entry(&flow_key).expect("FLOW entry");
-            lb_common::Flow6Value::of(&entry).backend_seq_next
-        },
+        POD_ISN + 1,
+        |seq, data| flow.tc(&[to_client(CLIENT, TcpFlags::ACK, seq, data)]),
+        || lb_common::Flow6Value::of(&flow.entry()).backend_seq_next,
         |i| {
             let other = client(41_000 + u16::try_from(i).expect("port"));
-            run_table(xdp(), &[client_syn(other)]);
-            run_table(tc(), &[to_client(other, TcpFlags::ACK, 80_000, b"")]);
+            flow.xdp(&[to_pod(other, TcpFlags::SYN, 500, b"")]);
+            flow.tc(&[to_client(other, TcpFlags::ACK, 80_000, b"")]);
         },
     );
+}
+
+/// The client's and the pod's initial sequence numbers in the cache tests' flow.
+const CLIENT_ISN: u32 = 7000;
+const POD_ISN: u32 = 90_000;
+
+/// A cache test's flow: CLIENT's to pod A through FRONTEND, opened (the client's SYN through
+/// XDP, the pod's SYN-ACK through tc egress) in a datapath of its own, with the test's thread
+/// kept on its CPU (the caches are per CPU).
+struct CacheFlow6 {
+    datapath: Datapath,
+    _pins: PinDir,
+    _lab: Lab,
+}
+
+impl CacheFlow6 {
+    fn open(name: &str) -> Self {
+        lab::table::stay_on_this_cpu();
+        let lab = Lab::new().expect("lab");
+        let pins = PinDir::new(&lab, name).expect("pin dir");
+        let flow = Self {
+            datapath: datapath(&pins),
+            _pins: pins,
+            _lab: lab,
+        };
+        flow.xdp(&[to_pod(CLIENT, TcpFlags::SYN, CLIENT_ISN, b"")]);
+        flow.tc(&[to_client(CLIENT, TcpFlags::SYN_ACK, POD_ISN, b"")]);
+        flow
+    }
+
+    fn xdp(&self, cases: &[Case]) {
+        run_table(
+            self.datapath
+                .program_fd(program_names::XDP_LB)
+                .expect("xdp"),
+            cases,
+        );
+    }
+
+    fn tc(&self, cases: &[Case]) {
+        run_table(
+            self.datapath
+                .program_fd(program_names::TC_EGRESS)
+                .expect("tc"),
+            cases,
+        );
+    }
+
+    /// CLIENT's FLOW entry.
+    fn entry(&self) -> lb_common::Ct6Value {
+        let key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::TCP);
+        self.datapath.conntrack6_entry(&key).expect("FLOW entry")
+    }
+}
+
+/// `client`'s segment to FRONTEND, through XDP: DNATed to pod A.
+fn to_pod(client: SocketAddrV6, flags: TcpFlags, seq: u32, payload: &[u8]) -> Case {
+    case(
+        "client segment",
+        packet6::tcp(client, FRONTEND, flags, seq, payload),
+        XDP_PASS,
+        Expect::Bytes(packet6::tcp(client, POD_A, flags, seq, payload)),
+    )
+}
+
+/// Pod A's answer to `client`, through tc egress: from FRONTEND.
+fn to_client(client: SocketAddrV6, flags: TcpFlags, seq: u32, payload: &[u8]) -> Case {
+    case(
+        "pod segment",
+        packet6::tcp(POD_A, client, flags, seq, payload),
+        TC_ACT_OK,
+        Expect::Bytes(packet6::tcp(FRONTEND, client, flags, seq, payload)),
+    )
 }
