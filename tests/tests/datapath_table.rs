@@ -3374,16 +3374,24 @@ impl CacheFlow {
     }
 
     fn xdp(&self, cases: &[Case]) {
-        let program = self.datapath.program_fd(lb_common::program_names::XDP_LB);
-        run_table(program.expect("xdp"), cases);
+        run_xdp(&self.datapath, cases);
     }
 
     fn tc(&self, cases: &[Case]) {
-        let program = self
-            .datapath
-            .program_fd(lb_common::program_names::TC_EGRESS);
-        run_table(program.expect("tc"), cases);
+        run_tc(&self.datapath, cases);
     }
+}
+
+/// Runs `cases` through the datapath's XDP program.
+fn run_xdp(datapath: &Datapath, cases: &[Case]) {
+    let program = datapath.program_fd(lb_common::program_names::XDP_LB);
+    run_table(program.expect("xdp"), cases);
+}
+
+/// Runs `cases` through the datapath's tc egress program.
+fn run_tc(datapath: &Datapath, cases: &[Case]) {
+    let program = datapath.program_fd(lb_common::program_names::TC_EGRESS);
+    run_table(program.expect("tc"), cases);
 }
 
 /// Client `i` of the gate tests' other flows: CLIENT's address, another port.
@@ -3413,12 +3421,7 @@ fn pod_case(flags: TcpFlags, seq: u32, payload: &[u8]) -> Case {
 
 /// A segment of CLIENT's flow to FRONTEND with `flags`, through XDP: DNATed to pod A.
 fn client_segment_to_pod_a(datapath: &Datapath, flags: TcpFlags) {
-    run_table(
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd"),
-        &[client_case(flags, 1000, b"")],
-    );
+    run_xdp(datapath, &[client_case(flags, 1000, b"")]);
 }
 
 /// A flow served from XDP's flow cache keeps its entry fresh: the cache serves a flow only until
@@ -3480,10 +3483,8 @@ fn a_flow_served_from_the_flow_cache_ends_at_its_closing_timeout_after_the_pods_
     send(TcpFlags::SYN);
     send(TcpFlags::ACK);
     send(TcpFlags::ACK);
-    run_table(
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd"),
+    run_tc(
+        &datapath,
         &[case(
             "the pod's fin",
             packet::tcp(POD_A, CLIENT, TcpFlags::FIN_ACK, b""),
@@ -3514,10 +3515,8 @@ fn a_new_connection_on_a_reset_flows_port_goes_to_its_own_pod() {
     let pins = PinDir::new(&lab, "fcreopen").expect("pin dir");
     let mut datapath = datapath(&pins, vec![1]);
     let xdp = |datapath: &Datapath, flags, seq, pod| {
-        run_table(
-            datapath
-                .program_fd(lb_common::program_names::XDP_LB)
-                .expect("fd"),
+        run_xdp(
+            datapath,
             &[case(
                 "client segment",
                 packet::tcp_at(CLIENT, FRONTEND, flags, seq, b""),
@@ -3529,10 +3528,8 @@ fn a_new_connection_on_a_reset_flows_port_goes_to_its_own_pod() {
     xdp(&datapath, TcpFlags::SYN, 1000, POD_A);
     xdp(&datapath, TcpFlags::ACK, 1001, POD_A);
     xdp(&datapath, TcpFlags::ACK, 1001, POD_A);
-    run_table(
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd"),
+    run_tc(
+        &datapath,
         &[case(
             "the pod's rst",
             packet::tcp_at(POD_A, CLIENT, TcpFlags::RST, 1, b""),
@@ -3591,10 +3588,8 @@ fn a_closed_flows_answer_slot_runs_out_before_its_key_serves_another_frontend() 
         })
         .expect("config");
     let xdp = |frame: Vec<u8>, output: Vec<u8>| {
-        run_table(
-            datapath
-                .program_fd(lb_common::program_names::XDP_LB)
-                .expect("fd"),
+        run_xdp(
+            &datapath,
             &[case(
                 "client segment",
                 frame,
@@ -3604,10 +3599,8 @@ fn a_closed_flows_answer_slot_runs_out_before_its_key_serves_another_frontend() 
         );
     };
     let tc = |frontend: SocketAddrV4, flags, seq| {
-        run_table(
-            datapath
-                .program_fd(lb_common::program_names::TC_EGRESS)
-                .expect("fd"),
+        run_tc(
+            &datapath,
             &[case(
                 "pod segment",
                 packet::tcp_at(POD_A, CLIENT, flags, seq, b"answer"),
