@@ -4,6 +4,7 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    maps::ProgramArray,
 };
 use lb_common::{ClockSample, xorshift};
 
@@ -193,4 +194,40 @@ pub fn set_syscall_error(errno: i32) {
     // SAFETY: no pointers; only sets this run's return value (kernel >= 5.18,
     // b44123b4a3dc "bpf: Add cgroup helpers bpf_{get,set}_retval").
     unsafe { aya_ebpf::helpers::bpf_set_retval(-errno) };
+}
+
+/// Hands the packet to the program in slot `SLOT` of `programs`; returns only if the slot is
+/// empty. The slot is an immediate set in the same asm block as the call, so each call site has
+/// exactly one key. The verifier turns a tail call whose key is one constant into a patched
+/// direct jump (kernel commits d2e4c1e6c294 "bpf: Constant map key tracking for prog array
+/// pokes" and 428d5df1fa4f "bpf, x86: Emit patchable direct jump as tail call"); a site LLVM
+/// reaches with two keys (it merges `bpf_tail_call` calls that differ only in the key) gets the
+/// indirect jump instead, through the retpoline thunk on a machine that needs one.
+///
+/// # Safety
+/// Every program `programs` can hold takes the same context as the caller; on success control
+/// never comes back, so nothing may rely on code after the call running.
+#[inline(always)]
+pub unsafe fn tail_call<const SLOT: u32, C: EbpfContext>(ctx: &C, programs: &ProgramArray) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: the caller's; r1-r5 and r0 are the helper call's to clobber.
+    unsafe {
+        core::arch::asm!(
+            "r3 = {slot}",
+            "call {tail_call}",
+            slot = const SLOT,
+            tail_call = const aya_ebpf::bindings::bpf_func_id::BPF_FUNC_tail_call,
+            inout("r1") ctx.as_ptr() => _,
+            inout("r2") core::ptr::from_ref(programs) => _,
+            out("r0") _,
+            out("r3") _,
+            out("r4") _,
+            out("r5") _,
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: the caller's.
+    unsafe {
+        programs.tail_call(ctx, SLOT);
+    }
 }

@@ -1,6 +1,8 @@
 //! The service datapath: XDP, tc and socket-hook programs in one object, so they share their maps.
 #![no_std]
 #![no_main]
+// Inline assembly on the BPF target: the tail calls of `helpers::tail_call`.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod clock;
 mod family;

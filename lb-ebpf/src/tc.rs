@@ -38,6 +38,7 @@ use crate::{
         Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
     },
     flow_cache::{self, Look},
+    helpers::tail_call,
     maps::{
         BACKEND_FILTER, FRAGMENTS4, FRAGMENTS6, TC_PROGRAMS, count_event, remember_fragment,
         remember_fragment6,
@@ -62,16 +63,30 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     match u16::from_be_bytes(ethertype) {
         ETH_P_IP => verdict(&ctx, try_ipv4(&ctx), report_drop),
         ETH_P_IPV6 => {
-            let Some(slot) = ipv6_program(&ctx) else {
-                return TC_ACT_OK;
-            };
-            // SAFETY: the slot holds a program of this object (the agent puts it there), which
-            // takes the same context; on success control never comes back.
-            unsafe { TC_PROGRAMS.tail_call(&ctx, slot) };
+            match ipv6_program(&ctx) {
+                // SAFETY: the slots hold programs of this object (the agent puts them
+                // there), which take the same context; on success control never comes back.
+                Some(Ipv6Program::Direct) => unsafe {
+                    tail_call::<{ tc_programs::IPV6_DIRECT }, _>(&ctx, &TC_PROGRAMS)
+                },
+                // SAFETY: as above.
+                Some(Ipv6Program::Full) => unsafe {
+                    tail_call::<{ tc_programs::IPV6 }, _>(&ctx, &TC_PROGRAMS)
+                },
+                None => {}
+            }
             TC_ACT_OK
         }
         _ => TC_ACT_OK,
     }
+}
+
+/// Where [`lb_tc_egress`] hands an IPv6 frame on.
+enum Ipv6Program {
+    /// [`lb_tc_egress6_direct`].
+    Direct,
+    /// [`lb_tc_egress6`].
+    Full,
 }
 
 /// The program for an IPv6 frame: a TCP or UDP packet right after the fixed header goes to
@@ -80,22 +95,22 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 /// program let it go untouched too); SCTP right after the fixed header likewise, to
 /// [`lb_tc_egress6`]. Extension headers, fragments and ICMPv6 go to [`lb_tc_egress6`].
 #[inline(always)]
-fn ipv6_program(ctx: &TcContext) -> Option<u32> {
+fn ipv6_program(ctx: &TcContext) -> Option<Ipv6Program> {
     let Some(ip) = read::<{ IPV6_HDR_LEN + 2 }>(ctx, ETH_HDR_LEN) else {
-        return Some(tc_programs::IPV6);
+        return Some(Ipv6Program::Full);
     };
     let protocol = ip[6];
     if ip[0] >> 4 != 6 || !is_transport(protocol) {
-        return Some(tc_programs::IPV6);
+        return Some(Ipv6Program::Full);
     }
     let saddr = words(&ip, IPV6_SADDR_OFFSET);
     let sport = u16::from_be_bytes([ip[IPV6_HDR_LEN], ip[IPV6_HDR_LEN + 1]]);
     if !maybe_backend_at::<V6>(saddr, sport, protocol) {
         None
     } else if protocol == proto::SCTP {
-        Some(tc_programs::IPV6)
+        Some(Ipv6Program::Full)
     } else {
-        Some(tc_programs::IPV6_DIRECT)
+        Some(Ipv6Program::Direct)
     }
 }
 
@@ -132,7 +147,7 @@ pub fn lb_tc_egress6_direct(ctx: TcContext) -> i32 {
         // Headers outside the linear data (or a jumbogram): the full program's, which reads
         // them through the helper.
         // SAFETY: as in `lb_tc_egress`.
-        unsafe { TC_PROGRAMS.tail_call(&ctx, tc_programs::IPV6) };
+        unsafe { tail_call::<{ tc_programs::IPV6 }, _>(&ctx, &TC_PROGRAMS) };
         return TC_ACT_OK;
     };
     let result = translate6(

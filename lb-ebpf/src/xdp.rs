@@ -38,7 +38,7 @@ use crate::{
         source_allowed, starts_unlooked, track_reply,
     },
     flow_cache::{self, Look},
-    helpers::{Forward, now_ns},
+    helpers::{Forward, now_ns, tail_call},
     ip::{Addr, Ip},
     maps::{
         Icmp6Headers, NIC_MACS, PACKET6, Packet6, TX_PORTS, XDP_PROGRAMS, count_event,
@@ -203,12 +203,17 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
         if PROTOCOL == proto::TCP && ethertype == ETH_P_IPV6 {
             return Ok(match ipv6_program(ctx) {
                 Some(xdp_programs::IPV6_DIRECT_TCP) => {
-                    direct6_here::<{ proto::TCP }>(ctx, eth, xdp_programs::IPV6_DIRECT_TCP)
+                    direct6_here::<{ proto::TCP }, { xdp_programs::IPV6_DIRECT_TCP }>(ctx, eth)
                 }
                 Some(xdp_programs::IPV6_DIRECT_UDP) => {
-                    direct6_here::<{ proto::UDP }>(ctx, eth, xdp_programs::IPV6_DIRECT_UDP)
+                    direct6_here::<{ proto::UDP }, { xdp_programs::IPV6_DIRECT_UDP }>(ctx, eth)
                 }
-                Some(program) => to_program(ctx, program),
+                Some(xdp_programs::IPV6_DIRECT_SCTP) => {
+                    to_program::<{ xdp_programs::IPV6_DIRECT_SCTP }>(ctx)
+                }
+                Some(xdp_programs::IPV6_UDP) => to_program::<{ xdp_programs::IPV6_UDP }>(ctx),
+                Some(xdp_programs::IPV6_SCTP) => to_program::<{ xdp_programs::IPV6_SCTP }>(ctx),
+                Some(_) => to_program::<{ xdp_programs::IPV6 }>(ctx),
                 None => xdp_action::XDP_PASS,
             });
         }
@@ -224,8 +229,8 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
     if PROTOCOL == proto::TCP {
         match ip.proto {
-            proto::UDP => return Ok(to_program(ctx, xdp_programs::UDP)),
-            proto::SCTP => return Ok(to_program(ctx, xdp_programs::SCTP)),
+            proto::UDP => return Ok(to_program::<{ xdp_programs::UDP }>(ctx)),
+            proto::SCTP => return Ok(to_program::<{ xdp_programs::SCTP }>(ctx)),
             IPPROTO_ICMP if !ip.later_fragment() && !ip.first_fragment() => {
                 return icmp_error(ctx, &ip);
             }
@@ -344,14 +349,13 @@ fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
 /// their `Result`, `lb_xdp` walked 19,000 more verifier instructions and served an established
 /// UDP datagram about 7% slower (perf, two alternating pairs).
 #[inline(always)]
-fn direct6_here<const PROTOCOL: u8>(
+fn direct6_here<const PROTOCOL: u8, const DIRECT_PROGRAM: u32>(
     ctx: &XdpContext,
     eth: &[u8; ETH_HDR_LEN],
-    direct_program: u32,
 ) -> u32 {
     match try_direct6_here::<PROTOCOL>(ctx, eth) {
         Some(action) => action,
-        None => to_program(ctx, direct_program),
+        None => to_program::<DIRECT_PROGRAM>(ctx),
     }
 }
 
@@ -431,15 +435,15 @@ fn try_lb_xdp6<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
         Ipv6Packet::Other => return Ok(xdp_action::XDP_PASS),
     };
     if PROTOCOL == proto::TCP && ip.proto == proto::UDP {
-        return Ok(to_program(ctx, xdp_programs::IPV6_UDP));
+        return Ok(to_program::<{ xdp_programs::IPV6_UDP }>(ctx));
     }
     if PROTOCOL == proto::TCP && ip.proto == proto::SCTP {
-        return Ok(to_program(ctx, xdp_programs::IPV6_SCTP));
+        return Ok(to_program::<{ xdp_programs::IPV6_SCTP }>(ctx));
     }
     if PROTOCOL == proto::TCP && ip.proto == IPPROTO_ICMPV6 && !ip.first_fragment {
         // Where the message starts, for `lb_xdp6_icmp`.
         packet6()?.ip = ip;
-        return Ok(to_program(ctx, xdp_programs::IPV6_ICMP));
+        return Ok(to_program::<{ xdp_programs::IPV6_ICMP }>(ctx));
     }
     if ip.proto != PROTOCOL {
         return Ok(xdp_action::XDP_PASS);
@@ -486,7 +490,7 @@ fn serve<const PROTOCOL: u8, I: Ip>(
     }
     if I::F::OUT_OF_LINE {
         // The packet and its tuple are in PACKET6 for the next program.
-        return Ok(to_program(ctx, xdp_programs::IPV6_FRONTEND));
+        return Ok(to_program::<{ xdp_programs::IPV6_FRONTEND }>(ctx));
     }
     if PROTOCOL != proto::TCP {
         return to_frontend(ctx, eth, ip, tuple, ClientKey::LookedUp);
@@ -494,7 +498,7 @@ fn serve<const PROTOCOL: u8, I: Ip>(
     // `lb_xdp` starts flows only without looking the client's key up; lb_xdp_lookup takes the
     // rest (see starts_unlooked).
     if !starts_unlooked(tuple) {
-        return Ok(to_program(ctx, xdp_programs::LOOKUP));
+        return Ok(to_program::<{ xdp_programs::LOOKUP }>(ctx));
     }
     to_frontend(ctx, eth, ip, tuple, ClientKey::Unlooked)
 }
@@ -537,7 +541,9 @@ fn to_frontend<I: Ip>(
     };
     match destination(ctx, ip, tuple, frontend, &arrival(ctx, eth), client_key) {
         Ok(destination) => deliver(ctx, ip, tuple, &destination),
-        Err(_) if client_key == ClientKey::Unlooked => Ok(to_program(ctx, xdp_programs::LOOKUP)),
+        Err(_) if client_key == ClientKey::Unlooked => {
+            Ok(to_program::<{ xdp_programs::LOOKUP }>(ctx))
+        }
         Err(event) => refused(ctx, ip, tuple, frontend.service.service_id, event),
     }
 }
@@ -677,7 +683,7 @@ impl FlowStart {
         packet.arrival = self.arrival;
         packet.now = self.now;
         packet.key_holder = self.key_holder;
-        to_program(ctx, xdp_programs::IPV6_FLOW)
+        to_program::<{ xdp_programs::IPV6_FLOW }>(ctx)
     }
 }
 
@@ -729,7 +735,7 @@ fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
         // Back to the frontend stage, which looks the client's key up.
         Err(_) if request.client_key.unlooked(&packet.tuple) => {
             look_up_on_retry();
-            return Ok(to_program(ctx, xdp_programs::IPV6_FRONTEND));
+            return Ok(to_program::<{ xdp_programs::IPV6_FRONTEND }>(ctx));
         }
         // The answer, like the report, is the next program's: this one has no stack left.
         Err(Event::DROP_NO_BACKEND) => packet.reject = true,
@@ -743,7 +749,7 @@ fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
             );
         }
     }
-    Ok(to_program(ctx, xdp_programs::IPV6_DELIVER))
+    Ok(to_program::<{ xdp_programs::IPV6_DELIVER }>(ctx))
 }
 
 /// A new IPv6 flow's first packet sent on and reported, or the REJECT answer for a service
@@ -784,13 +790,13 @@ fn refuse_sctp_fragment<I: Ip>(tuple: &Tuple<I::F>, ip: &I) -> Result<(), Event>
     Ok(())
 }
 
-/// Hands a packet to the program of its protocol (`slot` of [`XDP_PROGRAMS`]); passes it
+/// Hands a packet to the program of its protocol (`SLOT` of [`XDP_PROGRAMS`]); passes it
 /// untouched (counted) when that is not there.
 #[inline(always)]
-fn to_program(ctx: &XdpContext, slot: u32) -> u32 {
+fn to_program<const SLOT: u32>(ctx: &XdpContext) -> u32 {
     // SAFETY: the slot holds an XDP program of this object (the agent puts it there), which
     // takes the same context; on success control never comes back.
-    unsafe { XDP_PROGRAMS.tail_call(ctx, slot) };
+    unsafe { tail_call::<SLOT, _>(ctx, &XDP_PROGRAMS) };
     count_event(Event::PASS_PROTOCOL_UNSERVED);
     xdp_action::XDP_PASS
 }

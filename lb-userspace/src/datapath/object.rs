@@ -128,6 +128,98 @@ mod tests {
         );
     }
 
+    /// The helper call of `bpf_tail_call` (BPF_FUNC_tail_call, include/uapi/linux/bpf.h) and
+    /// the instruction that sets r3 to an immediate (BPF_ALU64 | BPF_MOV | BPF_K).
+    const BPF_FUNC_TAIL_CALL: i32 = 12;
+    const BPF_MOV64_IMM: u8 = 0xb7;
+
+    /// Where every instruction of `code` that jumps can land (instruction indexes): the
+    /// conditional and unconditional jumps of both jump classes, by their 16-bit offset, and
+    /// BPF_JMP32 | BPF_JA by its 32-bit immediate.
+    fn jump_targets(instructions: &[[u8; 8]]) -> Vec<i64> {
+        const BPF_JMP: u8 = 0x05;
+        const BPF_JMP32: u8 = 0x06;
+        const BPF_JA: u8 = 0x00;
+        const BPF_CALL_OP: u8 = 0x80;
+        const BPF_EXIT: u8 = 0x90;
+        instructions
+            .iter()
+            .enumerate()
+            .filter_map(|(index, instruction)| {
+                let (class, op) = (instruction[0] & 0x07, instruction[0] & 0xf0);
+                if (class != BPF_JMP && class != BPF_JMP32) || op == BPF_CALL_OP || op == BPF_EXIT {
+                    return None;
+                }
+                let offset = if class == BPF_JMP32 && op == BPF_JA {
+                    i64::from(i32::from_le_bytes([
+                        instruction[4],
+                        instruction[5],
+                        instruction[6],
+                        instruction[7],
+                    ]))
+                } else {
+                    i64::from(i16::from_le_bytes([instruction[2], instruction[3]]))
+                };
+                Some(index as i64 + 1 + offset)
+            })
+            .collect()
+    }
+
+    /// Every `bpf_tail_call` in the datapath, as (where: section+offset, whether its key is one
+    /// constant: r3 set to an immediate by the instruction before it, which no jump skips).
+    fn tail_calls(elf: &[u8]) -> Vec<(String, bool)> {
+        let file = object::File::parse(elf).expect("an ELF object");
+        let mut calls = Vec::new();
+        for section in file.sections() {
+            let Ok(code) = section.data() else {
+                continue;
+            };
+            if section.kind() != SectionKind::Text {
+                continue;
+            }
+            let (instructions, _) = code.as_chunks::<8>();
+            let targets = jump_targets(instructions);
+            for (index, instruction) in instructions.iter().enumerate() {
+                let [opcode, registers, .., a, b, c, d] = *instruction;
+                if opcode != BPF_CALL
+                    || registers >> 4 != 0
+                    || i32::from_le_bytes([a, b, c, d]) != BPF_FUNC_TAIL_CALL
+                {
+                    continue;
+                }
+                let one_key = index > 0
+                    && instructions[index - 1][0] == BPF_MOV64_IMM
+                    && instructions[index - 1][1] & 0x0f == 3
+                    && !targets.contains(&(index as i64));
+                let place = format!("{}+{:#x}", section.name().unwrap_or("?"), index * 8);
+                calls.push((place, one_key));
+            }
+        }
+        calls
+    }
+
+    /// The verifier makes a tail call a patched direct jump only where its key is one constant
+    /// on every path to it; anywhere else the JIT emits an indirect jump, through the retpoline
+    /// thunk on machines that need one, which cost an IPv6 answer about 14 ns in `lb-bench`
+    /// (`tc6_reply`, docs/benchmarks.md). `helpers::tail_call` sets the key and calls in one asm
+    /// block; a tail call through aya's `ProgramArray::tail_call` with a key LLVM can merge
+    /// would show here.
+    #[test]
+    fn every_tail_call_of_the_datapath_names_its_slot_as_an_immediate_right_before_it() {
+        let calls = tail_calls(super::DATAPATH_OBJECT);
+        let variable: Vec<_> = calls.iter().filter(|(_, one_key)| !one_key).collect();
+        assert!(
+            variable.is_empty(),
+            "tail calls whose key is not one immediate: {variable:?}"
+        );
+        // lb_xdp's and lb_tc_egress's hand-ons at least.
+        assert!(
+            calls.len() >= 10,
+            "{} tail calls found: {calls:?}",
+            calls.len()
+        );
+    }
+
     /// build.rs embeds the objects without their DWARF (5.6 of the datapath's 7.4 MB, which
     /// aya's parse paged into the agent's memory) and with their BTF, which aya and the kernel
     /// read (the verifier logs' line info is in `.BTF.ext`).
