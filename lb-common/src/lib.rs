@@ -137,8 +137,10 @@ pub mod map_names {
     pub const ANSWER_CACHE4: &str = "lb4_ansc_v1";
     pub const ANSWER_CACHE6: &str = "lb6_ansc_v1";
     /// Per-CPU array of [`crate::FlowCacheGate`], one for each of the four caches above
-    /// ([`crate::flow_cache::gate`]). Not pinned.
-    pub const FLOW_CACHE_GATES: &str = "lb_flowc_gate_v1";
+    /// ([`crate::flow_cache::gate`]): whether each is worth a look on the CPU, and its hits,
+    /// misses and closings for the metrics. Pinned, so the counts survive an agent restart as
+    /// the events do.
+    pub const FLOW_CACHE_GATES: &str = "lb_fcgate_v2";
     /// The IPv6 twins of the maps above: the same values, keys with an [`crate::Ipv6Words`]
     /// address. Backend ids and service ids are one id space for both families.
     pub const FRONTENDS6: &str = "lb6_fe_v1";
@@ -179,6 +181,11 @@ pub mod map_names {
         FRONTEND_INDEX6,
         GRACE,
         FRONTEND_SCRATCH,
+        FLOW_CACHE4,
+        FLOW_CACHE6,
+        ANSWER_CACHE4,
+        ANSWER_CACHE6,
+        FLOW_CACHE_GATES,
         SLOTS4,
         BACKENDS4,
         CONNTRACK4,
@@ -223,6 +230,7 @@ pub mod map_names {
         SOCK_NAT4,
         SERVICE_COUNTERS,
         EVENTS,
+        FLOW_CACHE_GATES,
         CONFIG,
         SOURCE_RANGES4,
         AFFINITY4,
@@ -1834,6 +1842,13 @@ pub mod flow_cache {
         pub const ANSWER4: u32 = 2;
         pub const ANSWER6: u32 = 3;
         pub const COUNT: u32 = 4;
+        /// Each gate's cache as the metrics name it: (index, hook, IP family).
+        pub const ALL: [(u32, &str, &str); COUNT as usize] = [
+            (XDP4, "xdp", "IPv4"),
+            (XDP6, "xdp", "IPv6"),
+            (ANSWER4, "tc", "IPv4"),
+            (ANSWER6, "tc", "IPv6"),
+        ];
     }
 }
 
@@ -1845,7 +1860,8 @@ pub mod flow_cache {
 /// gate: a miss adds one, a hit takes one off; past [`flow_cache::GATE_MISSES`] the gate
 /// closes, and the next [`flow_cache::GATE_CLOSED_FOR`] steady segments take the full path
 /// without a look or a fill. Then it opens on probation
-/// ([`flow_cache::GATE_PROBE_MISSES`]). All zeros is open, with no misses.
+/// ([`flow_cache::GATE_PROBE_MISSES`]). All zeros is open, with no misses. The gate also
+/// counts its cache's looks for the metrics, in the cache line each look writes anyway.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct FlowCacheGate {
@@ -1853,7 +1869,14 @@ pub struct FlowCacheGate {
     pub misses: u32,
     /// Steady segments still to let past while the gate is closed.
     pub closed_for: u32,
+    /// Looks whose slot served the segment.
+    pub hits_total: u64,
+    /// Looks whose slot did not, the ones that closed the gate among them.
+    pub misses_total: u64,
+    /// Times the gate closed.
+    pub closings_total: u64,
 }
+const _: () = assert!(size_of::<FlowCacheGate>() == 32);
 
 /// A slot of the flow cache ([`flow_cache`]): the flow's client and frontend, which a packet
 /// must carry to be served from it, and where its packets go. `A` as in [`CtKey`]; an empty slot
@@ -2098,6 +2121,7 @@ macro_rules! impl_pod {
 #[cfg(feature = "user")]
 impl_pod!(
     NicMac,
+    FlowCacheGate,
     FlowCacheSlot4,
     FlowCacheSlot6,
     Frag4Key,

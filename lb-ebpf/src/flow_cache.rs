@@ -60,26 +60,25 @@ fn open_gate(index: u32) -> Option<&'static mut FlowCacheGate> {
 
 /// Scores a look through `gate`: a hit takes a miss off; a miss adds one, or closes the gate
 /// when it has seen [`flow_cache::GATE_MISSES`] more misses than hits, and then leaves it on
-/// probation for when it opens. Returns the look.
+/// probation for when it opens. Counts the look, and a closing. Returns the look.
 #[inline(always)]
 fn scored<S>(gate: &mut FlowCacheGate, found: Option<&'static S>) -> Look<S> {
-    match found {
-        Some(slot) => {
-            if gate.misses != 0 {
-                gate.misses -= 1;
-            }
-            Look::Hit(slot)
-        }
-        None if gate.misses < flow_cache::GATE_MISSES => {
+    let Some(slot) = found else {
+        gate.misses_total += 1;
+        if gate.misses < flow_cache::GATE_MISSES {
             gate.misses += 1;
-            Look::Miss
+            return Look::Miss;
         }
-        None => {
-            gate.closed_for = flow_cache::GATE_CLOSED_FOR;
-            gate.misses = flow_cache::GATE_MISSES - flow_cache::GATE_PROBE_MISSES;
-            Look::Passed
-        }
+        gate.closed_for = flow_cache::GATE_CLOSED_FOR;
+        gate.misses = flow_cache::GATE_MISSES - flow_cache::GATE_PROBE_MISSES;
+        gate.closings_total += 1;
+        return Look::Passed;
+    };
+    gate.hits_total += 1;
+    if gate.misses != 0 {
+        gate.misses -= 1;
     }
+    Look::Hit(slot)
 }
 
 /// What this CPU's flow cache has for this packet: a hit is the slot for the packet's client,

@@ -169,11 +169,11 @@ pub static ANSWER_CACHE4: PerCpuArray<FlowCacheSlot4> =
 pub static ANSWER_CACHE6: PerCpuArray<FlowCacheSlot6> =
     PerCpuArray::with_max_entries(flow_cache::SLOTS, 0);
 
-/// Whether each of the four caches above is worth a look on this CPU
-/// ([`lb_common::FlowCacheGate`]). Not pinned.
-#[map(name = "lb_flowc_gate_v1")]
+/// Whether each of the four caches above is worth a look on this CPU, and its counts
+/// ([`lb_common::FlowCacheGate`]).
+#[map(name = "lb_fcgate_v2")]
 pub static FLOW_CACHE_GATES: PerCpuArray<FlowCacheGate> =
-    PerCpuArray::with_max_entries(flow_cache::gate::COUNT, 0);
+    PerCpuArray::pinned(flow_cache::gate::COUNT, 0);
 
 /// An IPv6 packet's state, per CPU, handed from each program of the IPv6 XDP pipeline to the
 /// next ([`Packet6`]): IPv6's 32-byte address pairs left on the stack, and spilled there around

@@ -4,7 +4,7 @@
 
 use std::{fmt::Write as _, os::fd::AsFd};
 
-use lb_userspace::datapath::testrun::test_run;
+use lb_userspace::datapath::{FlowCacheCounts, testrun::test_run};
 
 /// What the program must leave in the packet.
 #[derive(Clone, Debug)]
@@ -172,6 +172,7 @@ pub fn assert_gate_stands_aside(
     mut send: impl FnMut(u32, &[u8]),
     recorded: impl Fn() -> u32,
     mut miss: impl FnMut(u32),
+    counts: impl Fn() -> FlowCacheCounts,
 ) {
     use lb_common::flow_cache::{GATE_CLOSED_FOR, GATE_MISSES};
     let data = [7u8; 10];
@@ -181,6 +182,7 @@ pub fn assert_gate_stands_aside(
         *sent = sent.wrapping_add(data.len() as u32);
         recorded() == *sent
     };
+    let start = counts();
     assert!(
         send_next(&mut sent),
         "a flow's first steady segment fills its slot"
@@ -189,9 +191,25 @@ pub fn assert_gate_stands_aside(
         !send_next(&mut sent),
         "its next segment is served from the cache, past the entry"
     );
+    let filled = counts();
+    assert_eq!(
+        (filled.misses - start.misses, filled.hits - start.hits),
+        (1, 1),
+        "the fill's look counted as a miss, the next as a hit"
+    );
     for i in 0..=GATE_MISSES {
         miss(i);
     }
+    let closed = counts();
+    assert_eq!(
+        (
+            closed.misses - filled.misses,
+            closed.closings - filled.closings,
+            closed.hits
+        ),
+        (u64::from(GATE_MISSES) + 1, 1, filled.hits),
+        "the misses counted, the last of them closing the gate once"
+    );
     for segment in 0..GATE_CLOSED_FOR {
         assert!(
             send_next(&mut sent),
@@ -199,11 +217,35 @@ pub fn assert_gate_stands_aside(
             GATE_MISSES + 1
         );
     }
-    let served_again = (0..2).any(|_| !send_next(&mut sent));
-    assert!(
-        served_again,
-        "the cache serves the flow again after {GATE_CLOSED_FOR} segments"
+    assert_eq!(
+        counts(),
+        closed,
+        "the segments past a closed gate are no looks"
     );
+    let missed_before_served = (0..2).position(|_| !send_next(&mut sent));
+    let Some(missed) = missed_before_served else {
+        panic!("the cache serves the flow again after {GATE_CLOSED_FOR} segments");
+    };
+    let reopened = counts();
+    assert_eq!(
+        (reopened.hits - closed.hits, reopened.misses - closed.misses),
+        (1, missed as u64),
+        "the reopened gate's looks counted"
+    );
+}
+
+/// The counts of the flow cache of `hook` (`xdp`, `tc`) and `ip_family` (`IPv4`, `IPv6`).
+pub fn cache_counts(
+    datapath: &lb_userspace::datapath::Datapath,
+    hook: &str,
+    ip_family: &str,
+) -> FlowCacheCounts {
+    datapath
+        .flow_caches()
+        .expect("the flow caches' counts")
+        .into_iter()
+        .find(|cache| cache.hook == hook && cache.ip_family == ip_family)
+        .expect("a flow cache of that hook and family")
 }
 
 /// Checks that a RST a cache test sent (`what`) was taken as its sender's: the flow (its entry's

@@ -3314,6 +3314,7 @@ fn the_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
             };
             flow.xdp(&[to_pod(TcpFlags::SYN), to_pod(TcpFlags::ACK)]);
         },
+        || lab::table::cache_counts(&flow.datapath, "xdp", "IPv4"),
     );
 }
 
@@ -3342,6 +3343,7 @@ fn the_answer_cache_stands_aside_while_it_misses_more_than_it_hits() {
                 Expect::Bytes(packet::tcp_at(FRONTEND, other, TcpFlags::ACK, 80_000, b"")),
             )]);
         },
+        || lab::table::cache_counts(&flow.datapath, "tc", "IPv4"),
     );
 }
 

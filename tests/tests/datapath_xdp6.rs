@@ -1169,6 +1169,7 @@ fn the_ipv6_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
                 to_pod(other, TcpFlags::ACK, 501, b""),
             ]);
         },
+        || lab::table::cache_counts(&flow.datapath, "xdp", "IPv6"),
     );
 }
 
@@ -1186,6 +1187,7 @@ fn the_ipv6_answer_cache_stands_aside_while_it_misses_more_than_it_hits() {
             flow.xdp(&[to_pod(other, TcpFlags::SYN, 500, b"")]);
             flow.tc(&[to_client(other, TcpFlags::ACK, 80_000, b"")]);
         },
+        || lab::table::cache_counts(&flow.datapath, "tc", "IPv6"),
     );
 }
 

@@ -231,6 +231,25 @@ fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
     // Every new XDP flow to these local endpoints is one conntrack entry, all still there: 20
     // TCP connections and at least 36 distinct UDP client tuples (see below).
     assert!(value(&page, "lb_map_entries", &[("map", "lb4_ct_v1")]) >= 56.0);
+    // The flow caches' looks: each TCP connection's ACK after the handshake looks into XDP's
+    // (a gate closes after 33 misses more than hits, later than 20 looks); the pod's answers
+    // into tc's, at least one in all (a server may send its answer with its FIN, which does not
+    // look).
+    let looks = |hook| {
+        let cache = [("hook", hook), ("ip_family", "IPv4")];
+        value(&page, "lb_flow_cache_hits", &cache) + value(&page, "lb_flow_cache_misses", &cache)
+    };
+    assert!(looks("xdp") >= 20.0, "{} XDP looks", looks("xdp"));
+    assert!(looks("tc") >= 1.0, "{} tc looks", looks("tc"));
+    assert_eq!(
+        value(
+            &page,
+            "lb_flow_cache_closings",
+            &[("hook", "xdp"), ("ip_family", "IPv6")]
+        ),
+        0.0,
+        "no IPv6 flow, no closing"
+    );
 
     // Every family on the page is documented, and the dashboard asks only for families that exist.
     let docs = std::fs::read_to_string(workspace_file("docs/metrics.md")).expect("docs");

@@ -8,9 +8,9 @@ use std::path::Path;
 use aya::maps::{Array, ArrayOfMaps, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     Affinity4Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
-    Datapath6Config, DatapathConfig, Frontend4Key, Frontend6Key, ServiceCounter, ServiceValue,
-    Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SourceRange4, SourceRange6,
-    map_names,
+    Datapath6Config, DatapathConfig, FlowCacheGate, Frontend4Key, Frontend6Key, ServiceCounter,
+    ServiceValue, Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SourceRange4,
+    SourceRange6, map_names,
 };
 
 use super::{
@@ -29,6 +29,7 @@ pub struct Maps {
     pub sock_nat: HashMap<MapData, SockNat4Key, SockNat4Value>,
     pub service_counters: PerCpuArray<MapData, ServiceCounter>,
     pub events: PerCpuArray<MapData, u64>,
+    pub flow_cache_gates: PerCpuArray<MapData, FlowCacheGate>,
     pub config: Array<MapData, DatapathConfig>,
     pub config6: Array<MapData, Datapath6Config>,
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
@@ -54,6 +55,7 @@ impl Maps {
             sock_nat: open_map(pin_dir, map_names::SOCK_NAT4, access)?,
             service_counters: open_map(pin_dir, map_names::SERVICE_COUNTERS, access)?,
             events: open_map(pin_dir, map_names::EVENTS, access)?,
+            flow_cache_gates: open_map(pin_dir, map_names::FLOW_CACHE_GATES, access)?,
             config: open_map(pin_dir, map_names::CONFIG, access)?,
             config6: open_map(pin_dir, map_names::CONFIG6, access)?,
             source_ranges: open_map(pin_dir, map_names::SOURCE_RANGES4, access)?,

@@ -61,6 +61,7 @@ pub use error::DatapathError;
 use frontend_index::FrontendIndex;
 pub use load::{MapSizes, XdpGroup};
 use maps::Maps;
+pub use read::FlowCacheCounts;
 use slot_ranges::SlotRanges;
 pub use write::MAGLEV_SWAP_BATCH;
 

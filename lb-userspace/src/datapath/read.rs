@@ -9,8 +9,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, DatapathConfig, Event, ServiceCounter,
-    ServiceValue, map_names, service_flags,
+    Affinity4Key, AffinityValue, Ct4Key, Ct4Value, DatapathConfig, Event, FlowCacheGate,
+    ServiceCounter, ServiceValue, flow_cache, map_names, service_flags,
 };
 
 use super::{
@@ -98,6 +98,45 @@ impl Datapath {
     pub fn events(&self) -> Result<BTreeMap<&'static str, u64>> {
         read_events(&self.maps.events)
     }
+
+    /// What each flow cache's looks found, summed over CPUs.
+    pub fn flow_caches(&self) -> Result<Vec<FlowCacheCounts>> {
+        read_flow_caches(&self.maps.flow_cache_gates)
+    }
+}
+
+/// What one flow cache's looks found, summed over CPUs (`lb_common::FlowCacheGate`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FlowCacheCounts {
+    /// `xdp`, the flow cache, or `tc`, the answer cache.
+    pub hook: &'static str,
+    pub ip_family: &'static str,
+    pub hits: u64,
+    pub misses: u64,
+    /// Times the cache's gate closed on a CPU: it missed more than it hit there, and stood
+    /// aside for the next `flow_cache::GATE_CLOSED_FOR` steady segments.
+    pub closings: u64,
+}
+
+/// Every flow cache's counts, in `flow_cache::gate::ALL`'s order.
+pub(crate) fn read_flow_caches(
+    map: &PerCpuArray<MapData, FlowCacheGate>,
+) -> Result<Vec<FlowCacheCounts>> {
+    flow_cache::gate::ALL
+        .iter()
+        .map(|&(index, hook, ip_family)| {
+            let per_cpu = map
+                .get(&index, 0)
+                .map_err(|source| map_error(map_names::FLOW_CACHE_GATES, "read", source))?;
+            Ok(FlowCacheCounts {
+                hook,
+                ip_family,
+                hits: per_cpu.iter().map(|gate| gate.hits_total).sum(),
+                misses: per_cpu.iter().map(|gate| gate.misses_total).sum(),
+                closings: per_cpu.iter().map(|gate| gate.closings_total).sum(),
+            })
+        })
+        .collect()
 }
 
 /// The services the maps hold (from the frontends and the slot tables in force) and the owner

@@ -129,6 +129,18 @@ pub fn stats(pin_dir: &Path, json: bool) -> anyhow::Result<()> {
     );
     print_table(&rows);
     println!();
+    let mut rows = vec![row(&["CACHE", "FAMILY", "HITS", "MISSES", "CLOSINGS"])];
+    rows.extend(stats.flow_caches.iter().map(|cache| {
+        vec![
+            cache.hook.to_owned(),
+            cache.ip_family.to_owned(),
+            cache.hits.to_string(),
+            cache.misses.to_string(),
+            cache.closings.to_string(),
+        ]
+    }));
+    print_table(&rows);
+    println!();
     let mut rows = vec![row(&["MAP", "ENTRIES", "CAPACITY", "FILL"])];
     for map in &stats.maps {
         rows.push(vec![

@@ -17,11 +17,12 @@ use serde::Serialize;
 
 use crate::compile::model::{Family, FrontendKey};
 use crate::datapath::{
+    FlowCacheCounts,
     bpf_obj::Access,
     maps::Maps,
     read::{
-        read_backends, read_events, read_installed, read_service_counter, read_service_names,
-        read_source_ranges,
+        read_backends, read_events, read_flow_caches, read_installed, read_service_counter,
+        read_service_names, read_source_ranges,
     },
 };
 
@@ -211,10 +212,12 @@ pub struct MapFill {
     pub capacity: u64,
 }
 
-/// `lb stats`: datapath events (drops by reason and the rest) and the fill of every map.
+/// `lb stats`: datapath events (drops by reason and the rest), the flow caches' counts and the
+/// fill of every map.
 #[derive(Clone, Debug, Serialize)]
 pub struct Stats {
     pub events: BTreeMap<&'static str, u64>,
+    pub flow_caches: Vec<FlowCacheCounts>,
     pub maps: Vec<MapFill>,
     pub snat_address: Option<Ipv4Addr>,
     pub snat_address6: Option<std::net::Ipv6Addr>,
@@ -361,12 +364,18 @@ impl PinnedMaps {
         Ok(read_events(&self.0.events)?)
     }
 
-    /// Events, map fill and the SNAT address.
+    /// What each flow cache's looks found, summed over CPUs.
+    pub fn flow_caches(&self) -> anyhow::Result<Vec<FlowCacheCounts>> {
+        Ok(read_flow_caches(&self.0.flow_cache_gates)?)
+    }
+
+    /// Events, the flow caches' counts, map fill and the SNAT address.
     pub fn stats(&self) -> anyhow::Result<Stats> {
         let snat = self.0.config.get(&0, 0)?.snat_addr;
         let snat6 = self.0.config6.get(&0, 0)?.snat_addr;
         Ok(Stats {
             events: self.events()?,
+            flow_caches: self.flow_caches()?,
             maps: self.fill()?,
             snat_address: (snat != 0).then(|| Ipv4Addr::from(snat)),
             snat_address6: (snat6 != [0; 4]).then(|| crate::compile::model::ipv6_of_words(snat6)),

@@ -357,12 +357,50 @@ impl Collector for DatapathCollector {
             Ok(events) => encode_events(&mut encoder, &events)?,
             Err(error) => self.read_failed("events", &error),
         }
+        match maps.flow_caches() {
+            Ok(caches) => encode_flow_caches(&mut encoder, &caches)?,
+            Err(error) => self.read_failed("flow_caches", &error),
+        }
         match maps.fill() {
             Ok(fill) => encode_fill(&mut encoder, &fill)?,
             Err(error) => self.read_failed("fill", &error),
         }
         Ok(())
     }
+}
+
+fn encode_flow_caches(
+    encoder: &mut DescriptorEncoder,
+    caches: &[crate::datapath::FlowCacheCounts],
+) -> Result<(), std::fmt::Error> {
+    type Field = fn(&crate::datapath::FlowCacheCounts) -> u64;
+    let families: [(&str, &str, Field); 3] = [
+        (
+            "lb_flow_cache_hits",
+            "Steady TCP segments a flow cache served without the conntrack lookup (hook=xdp: \
+             packets to a local endpoint; hook=tc: its answers)",
+            |cache| cache.hits,
+        ),
+        (
+            "lb_flow_cache_misses",
+            "Steady TCP segments a flow cache looked for and did not serve; they took the full \
+             path",
+            |cache| cache.misses,
+        ),
+        (
+            "lb_flow_cache_closings",
+            "Times a flow cache stood aside on a CPU because it missed more than it hit there",
+            |cache| cache.closings,
+        ),
+    ];
+    for (name, help, field) in families {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for cache in caches {
+            let labels = [("hook", cache.hook), ("ip_family", cache.ip_family)];
+            ConstCounter::new(field(cache)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 type ServiceLabelSet = [(&'static str, String); 6];
