@@ -239,7 +239,8 @@ fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
         let cache = [("hook", hook), ("ip_family", "IPv4")];
         value(&page, "lb_flow_cache_hits", &cache) + value(&page, "lb_flow_cache_misses", &cache)
     };
-    assert!(looks("xdp") >= 20.0, "{} XDP looks", looks("xdp"));
+    let xdp_looks = looks("xdp");
+    assert!(xdp_looks >= 20.0, "{xdp_looks} XDP looks");
     assert!(looks("tc") >= 1.0, "{} tc looks", looks("tc"));
     assert_eq!(
         value(
@@ -324,6 +325,15 @@ fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
     let stats = lb_json(setup.pin_dir(), &["stats"]);
     assert_eq!(stats["events"]["drop_no_backend"], 0);
     assert_eq!(stats["snat_address"], node_addr(1).to_string());
+    // The flow caches' counts, read after the page: at least the page's looks.
+    let caches = stats["flow_caches"].as_array().expect("flow caches");
+    assert_eq!(caches.len(), 4, "{caches:?}");
+    let xdp4 = caches
+        .iter()
+        .find(|cache| cache["hook"] == "xdp" && cache["ip_family"] == "IPv4")
+        .expect("XDP's IPv4 flow cache");
+    let count = |field: &str| xdp4[field].as_f64().expect("a count");
+    assert!(count("hits") + count("misses") >= xdp_looks, "{xdp4}");
 
     // XDP reads all four frontends from the frontend index; after web's endpoints change, its
     // two are read from the frontends map until the agent refills the index (100 ms after the
