@@ -28,6 +28,18 @@ mod tests {
     const BPF_CALL: u8 = 0x85;
     const BPF_PSEUDO_CALL: u8 = 1;
 
+    /// The code sections of `file` (the programs and the functions they call), with their bytes.
+    fn text_sections<'data, 'file>(
+        file: &'file object::File<'data>,
+    ) -> impl Iterator<Item = (object::Section<'data, 'file>, &'data [u8])> {
+        file.sections()
+            .filter(|section| section.kind() == SectionKind::Text)
+            .filter_map(|section| {
+                let code = section.data().ok()?;
+                Some((section, code))
+            })
+    }
+
     /// Every call of one BPF function by another in `elf`, as (where: section+offset, the
     /// function called). A call names its target through a relocation against the function's
     /// symbol, or against its section's with the instruction offset in the immediate, or,
@@ -56,13 +68,7 @@ mod tests {
                 .map(|function| function.3)
         };
         let mut calls = Vec::new();
-        for section in file.sections() {
-            let Ok(code) = section.data() else {
-                continue;
-            };
-            if section.kind() != SectionKind::Text {
-                continue;
-            }
+        for (section, code) in text_sections(&file) {
             let relocations: HashMap<u64, RelocationTarget> = section
                 .relocations()
                 .map(|(offset, relocation)| (offset, relocation.target()))
@@ -170,13 +176,7 @@ mod tests {
     fn tail_calls(elf: &[u8]) -> Vec<(String, bool)> {
         let file = object::File::parse(elf).expect("an ELF object");
         let mut calls = Vec::new();
-        for section in file.sections() {
-            let Ok(code) = section.data() else {
-                continue;
-            };
-            if section.kind() != SectionKind::Text {
-                continue;
-            }
+        for (section, code) in text_sections(&file) {
             let (instructions, _) = code.as_chunks::<8>();
             let targets = jump_targets(instructions);
             for (index, instruction) in instructions.iter().enumerate() {
