@@ -202,18 +202,18 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     if ethertype != ETH_P_IP {
         if PROTOCOL == proto::TCP && ethertype == ETH_P_IPV6 {
             return Ok(match ipv6_program(ctx) {
-                Some(xdp_programs::IPV6_DIRECT_TCP) => {
+                Some(Ipv6Program::DirectTcp) => {
                     direct6_here::<{ proto::TCP }, { xdp_programs::IPV6_DIRECT_TCP }>(ctx, eth)
                 }
-                Some(xdp_programs::IPV6_DIRECT_UDP) => {
+                Some(Ipv6Program::DirectUdp) => {
                     direct6_here::<{ proto::UDP }, { xdp_programs::IPV6_DIRECT_UDP }>(ctx, eth)
                 }
-                Some(xdp_programs::IPV6_DIRECT_SCTP) => {
+                Some(Ipv6Program::DirectSctp) => {
                     to_program::<{ xdp_programs::IPV6_DIRECT_SCTP }>(ctx)
                 }
-                Some(xdp_programs::IPV6_UDP) => to_program::<{ xdp_programs::IPV6_UDP }>(ctx),
-                Some(xdp_programs::IPV6_SCTP) => to_program::<{ xdp_programs::IPV6_SCTP }>(ctx),
-                Some(_) => to_program::<{ xdp_programs::IPV6 }>(ctx),
+                Some(Ipv6Program::Full) => to_program::<{ xdp_programs::IPV6 }>(ctx),
+                Some(Ipv6Program::FullUdp) => to_program::<{ xdp_programs::IPV6_UDP }>(ctx),
+                Some(Ipv6Program::FullSctp) => to_program::<{ xdp_programs::IPV6_SCTP }>(ctx),
                 None => xdp_action::XDP_PASS,
             });
         }
@@ -293,6 +293,19 @@ fn try_lookup(ctx: &XdpContext) -> Result<u32, Event> {
     to_frontend(ctx, eth, &ip, &tuple, ClientKey::LookedUp)
 }
 
+/// Where `lb_xdp` hands an IPv6 frame on ([`ipv6_program`]), each the program of one slot of
+/// [`XDP_PROGRAMS`]: `lb_xdp6_direct_tcp` and its twins (though `lb_xdp` serves what it can of
+/// TCP and UDP itself, [`direct6_here`]), and `lb_xdp6`, `lb_xdp6_udp`, `lb_xdp6_sctp`.
+#[derive(Clone, Copy)]
+enum Ipv6Program {
+    DirectTcp,
+    DirectUdp,
+    DirectSctp,
+    Full,
+    FullUdp,
+    FullSctp,
+}
+
 /// The program for an IPv6 frame. A TCP, UDP or SCTP header right after the fixed header: to a
 /// frontend (the frontend filter), the protocol's direct program (`lb_xdp6_direct_tcp` and its
 /// twins, [`try_direct6`]); to the node's IPv6 SNAT address and port range, the protocol's
@@ -303,23 +316,23 @@ fn try_lookup(ctx: &XdpContext) -> Result<u32, Event> {
 /// (extension headers, fragments, ICMPv6 errors, a header the stack would drop) goes to
 /// `lb_xdp6`.
 #[inline(always)]
-fn ipv6_program(ctx: &XdpContext) -> Option<u32> {
+fn ipv6_program(ctx: &XdpContext) -> Option<Ipv6Program> {
     let Some(ip) = bytes_at::<{ IPV6_HDR_LEN + 4 }>(ctx, ETH_HDR_LEN) else {
-        return Some(xdp_programs::IPV6);
+        return Some(Ipv6Program::Full);
     };
     if ip[0] >> 4 != 6 {
-        return Some(xdp_programs::IPV6);
+        return Some(Ipv6Program::Full);
     }
     let protocol = ip[IPV6_NEXT_HEADER_OFFSET];
     let (program, direct) = match protocol {
         IPPROTO_ICMPV6 if icmp::is_icmp6_error(ip[IPV6_HDR_LEN]) => {
-            return Some(xdp_programs::IPV6);
+            return Some(Ipv6Program::Full);
         }
         IPPROTO_ICMPV6 => return None,
-        proto::TCP => (xdp_programs::IPV6, xdp_programs::IPV6_DIRECT_TCP),
-        proto::UDP => (xdp_programs::IPV6_UDP, xdp_programs::IPV6_DIRECT_UDP),
-        proto::SCTP => (xdp_programs::IPV6_SCTP, xdp_programs::IPV6_DIRECT_SCTP),
-        _ => return Some(xdp_programs::IPV6),
+        proto::TCP => (Ipv6Program::Full, Ipv6Program::DirectTcp),
+        proto::UDP => (Ipv6Program::FullUdp, Ipv6Program::DirectUdp),
+        proto::SCTP => (Ipv6Program::FullSctp, Ipv6Program::DirectSctp),
+        _ => return Some(Ipv6Program::Full),
     };
     let daddr = packet_words(ip, IPV6_DADDR_OFFSET);
     let dport = u16::from_be_bytes([ip[IPV6_HDR_LEN + 2], ip[IPV6_HDR_LEN + 3]]);
