@@ -45,10 +45,14 @@ impl<S> Look<S> {
     }
 }
 
-/// This CPU's gate of cache `index` ([`lb_common::flow_cache::gate`]), when it lets a steady
-/// segment look: a closed gate counts the segment off instead.
+/// This CPU's gate of cache `index` ([`lb_common::flow_cache::gate`]), when `tuple` may look
+/// into that cache: a steady TCP segment, outside `lb explain`'s dry run, which the gate lets
+/// past (a closed gate counts the segment off instead).
 #[inline(always)]
-fn open_gate(index: u32) -> Option<&'static mut FlowCacheGate> {
+fn gate_to_look<F: Family>(tuple: &Tuple<F>, index: u32) -> Option<&'static mut FlowCacheGate> {
+    if tuple.proto != proto::TCP || !steady(tuple.tcp_flags) || dry_run() {
+        return None;
+    }
     // SAFETY: a per-CPU value, written only by programs on this CPU, one run at a time.
     let gate = unsafe { &mut *FLOW_CACHE_GATES.get_ptr_mut(index)? };
     if gate.closed_for != 0 {
@@ -86,10 +90,7 @@ fn scored<S>(gate: &mut FlowCacheGate, found: Option<&'static S>) -> Look<S> {
 /// window. Each look scores the cache's gate; while the gate is closed there is no look.
 #[inline(always)]
 pub fn hit<F: Family>(tuple: &Tuple<F>, now: u64) -> Look<FlowCacheSlot<F::Addr>> {
-    if tuple.proto != proto::TCP || !steady(tuple.tcp_flags) || dry_run() {
-        return Look::Passed;
-    }
-    let Some(gate) = open_gate(F::FLOW_CACHE_GATE) else {
+    let Some(gate) = gate_to_look(tuple, F::FLOW_CACHE_GATE) else {
         return Look::Passed;
     };
     let Some(slot) = F::flow_cache_slot(tuple.saddr, tuple.sport) else {
@@ -182,10 +183,7 @@ pub fn forget<F: Family>(tuple: &Tuple<F>) {
 /// steady TCP segment the gate lets look (tc egress reads it for nothing else on this path).
 #[inline(always)]
 pub fn answer_hit<F: Family>(tuple: &Tuple<F>) -> Look<FlowCacheSlot<F::Addr>> {
-    if tuple.proto != proto::TCP || !steady(tuple.tcp_flags) || dry_run() {
-        return Look::Passed;
-    }
-    let Some(gate) = open_gate(F::ANSWER_CACHE_GATE) else {
+    let Some(gate) = gate_to_look(tuple, F::ANSWER_CACHE_GATE) else {
         return Look::Passed;
     };
     let Some(slot) = F::answer_cache_slot(tuple.daddr, tuple.dport) else {
