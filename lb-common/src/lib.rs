@@ -1829,7 +1829,8 @@ pub mod flow_cache {
     /// ([`crate::FlowCacheGate`]) closes: scored one for one, the cache stays while at least
     /// half the segments that look hit.
     pub const GATE_MISSES: u32 = 32;
-    /// The steady segments a closed gate lets past the cache before it opens again.
+    /// The packets a closed gate lets past the cache before it opens again (steady TCP
+    /// segments and UDP datagrams: the packets that look).
     pub const GATE_CLOSED_FOR: u32 = 256;
     /// Misses more than hits an opened gate takes before it closes again: a flow's first
     /// segment misses and fills its slot, so a probe needs room for the fill and the hit after.
@@ -1856,9 +1857,9 @@ pub mod flow_cache {
 /// slot read on each segment that takes the full path anyway (many more flows than slots, or
 /// flows the cache does not take, such as SNAT flows); with 16,384 flows in turn that made a
 /// segment 120-195 ns dearer than no cache (lb-bench's `xdp_established_many`), where a hit
-/// saves 40-45 ns. Each steady segment that looks scores the
+/// saves 40-45 ns. Each packet that looks (a steady TCP segment, a UDP datagram) scores the
 /// gate: a miss adds one, a hit takes one off; past [`flow_cache::GATE_MISSES`] the gate
-/// closes, and the next [`flow_cache::GATE_CLOSED_FOR`] steady segments take the full path
+/// closes, and the next [`flow_cache::GATE_CLOSED_FOR`] such packets take the full path
 /// without a look or a fill. Then it opens on probation
 /// ([`flow_cache::GATE_PROBE_MISSES`]). All zeros is open, with no misses. The gate also
 /// counts its cache's looks for the metrics, in the cache line each look writes anyway.
@@ -1867,7 +1868,7 @@ pub mod flow_cache {
 pub struct FlowCacheGate {
     /// Misses less hits, 0 ..= [`flow_cache::GATE_MISSES`].
     pub misses: u32,
-    /// Steady segments still to let past while the gate is closed.
+    /// Packets still to let past while the gate is closed.
     pub closed_for: u32,
     /// Looks whose slot served the segment.
     pub hits_total: u64,
@@ -1890,7 +1891,7 @@ pub struct FlowCacheSlot<A: CtAddr> {
     pub frontend_port: u16,
     /// How far the side whose packets the slot serves had sent when the slot was written (the
     /// entry's `seq_next` for the client's packets in XDP, `backend_seq_next` for the
-    /// endpoint's answers in tc egress), less [`flow_cache::SEQ_BEHIND`].
+    /// endpoint's answers in tc egress), less [`flow_cache::SEQ_BEHIND`]; unused for UDP.
     pub seq_floor: u32,
     pub client_addr: A,
     pub frontend_addr: A,
@@ -1898,12 +1899,15 @@ pub struct FlowCacheSlot<A: CtAddr> {
     /// through SNAT are not cached, and a FLOW entry's flow never has its port remapped.
     pub backend_addr: A,
     pub backend_port: u16,
-    pub _pad0: u16,
-    pub service_id: u32,
     /// [`ct_flags::SOURCE_CHECKED`] when the flow's client must still be inside the service's
     /// source ranges.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    /// The flow's transport protocol: a client may send TCP and UDP from one port.
+    pub protocol: u8,
+    pub service_id: u32,
+    /// The endpoint's id in the backends map: a UDP flow is served only while that id still
+    /// holds the endpoint ([`flow_cache`]).
+    pub backend_id: u32,
     pub tail: A::Tail,
 }
 pub type FlowCacheSlot4 = FlowCacheSlot<u32>;

@@ -18,7 +18,7 @@ use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     family::{Family, V4},
-    flow_cache,
+    flow_cache::{self, Look},
     helpers::{now_ns, random_u32},
     maps::{
         AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, SLOTS4,
@@ -443,6 +443,16 @@ pub fn live_destination<F: Family>(
     now: u64,
     client_key: ClientKey,
 ) -> Result<Result<Destination<F>, Holder>, Event> {
+    // A UDP datagram of a flow this CPU's flow cache holds goes where the slot says, without
+    // the lookup (a TCP segment has looked before, in the established path).
+    let look = if tuple.proto == proto::UDP {
+        flow_cache::datagram_hit(tuple, now)
+    } else {
+        Look::Passed
+    };
+    if let Look::Hit(slot) = look {
+        return Ok(Ok(flow_cache::destination(slot)));
+    }
     // One lookup of the client's key serves both questions: is there a live flow, and who
     // holds the key a new flow would take. Not looked up, it takes the path of a miss.
     let flow_entry = if client_key.unlooked(tuple) {
@@ -452,6 +462,8 @@ pub fn live_destination<F: Family>(
     };
     if let Some(flow) = live_flow_of(flow_entry, tuple, now) {
         if let Some(destination) = follow(ctx, ip, tuple, flow, || *arrival, now)? {
+            // SAFETY: as in live_flow_of.
+            flow_cache::remember(&look, unsafe { &*flow }, tuple, &destination, now);
             return Ok(Ok(destination));
         }
         count_event(Event::CT_FLOW_RESTARTED);
@@ -1462,10 +1474,15 @@ fn original_key_of<F: Family>(reply: &CtValue<F::Addr>, tuple: &Tuple<F>) -> CtK
 /// whose backend is gone selects again (kube-proxy's stale-UDP-conntrack bug, avoided).
 #[inline(always)]
 fn backend_still_there<F: Family>(entry: &CtValue<F::Addr>) -> bool {
-    match F::backend(entry.backend_id) {
+    backend_holds::<F>(entry.backend_id, &entry.nat_addr, entry.nat_port)
+}
+
+/// Whether backend `id` is in the backends map with this address (as a tuple holds it) and port.
+#[inline(always)]
+pub fn backend_holds<F: Family>(id: u32, addr: &F::Addr, port: u16) -> bool {
+    match F::backend(id) {
         Some(backend) => {
-            F::same(&F::tuple_order(backend.addr), &entry.nat_addr)
-                && u16::from_be(backend.port) == entry.nat_port
+            F::same(&F::tuple_order(backend.addr), addr) && u16::from_be(backend.port) == port
         }
         None => false,
     }

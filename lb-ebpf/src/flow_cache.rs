@@ -1,5 +1,6 @@
 //! XDP's flow cache ([`lb_common::flow_cache`]): the established path's way around the
-//! conntrack hash lookup for the steady packets of TCP flows to local endpoints. The full path
+//! conntrack hash lookup for the steady TCP segments and the UDP datagrams of flows to local
+//! endpoints. The full path
 //! writes a slot ([`remember`]) after it has served a packet the slot could have served; the
 //! next such packet is served from the slot ([`hit`]) until the slot's time or sequence window
 //! runs out, and then by the full path again, which writes the slot anew. tc egress keeps the
@@ -14,7 +15,7 @@ use lb_common::{
 
 use crate::{
     family::Family,
-    flow::{Destination, Tuple, has_reply_entry, refresh_interval, timeout},
+    flow::{Destination, Tuple, backend_holds, has_reply_entry, refresh_interval, timeout},
     helpers::now_ns,
     maps::{FLOW_CACHE_GATES, dry_run},
 };
@@ -26,14 +27,25 @@ fn steady(tuple_flags: u8) -> bool {
     tuple_flags & (SYN | FIN | RST | ACK) == ACK
 }
 
-/// What a look into a cache found for a segment.
+/// Whether a packet is one a slot may serve: a steady TCP segment, or a UDP datagram (which
+/// changes nothing its flow's entry keeps but `last_seen`).
+#[inline(always)]
+fn servable<F: Family>(tuple: &Tuple<F>) -> bool {
+    match tuple.proto {
+        proto::TCP => steady(tuple.tcp_flags),
+        proto::UDP => true,
+        _ => false,
+    }
+}
+
+/// What a look into a cache found for a packet.
 pub enum Look<S: 'static> {
     /// The slot serves it.
     Hit(&'static S),
     /// Nothing serves it: after the full path has sent it, it may fill its slot.
     Miss,
-    /// No look: not a steady TCP segment, or the cache's gate is closed on this CPU
-    /// ([`FlowCacheGate`]). It fills nothing.
+    /// No look: not a packet a slot may serve ([`servable`]), or the cache's gate is closed on
+    /// this CPU ([`FlowCacheGate`]). It fills nothing.
     Passed,
 }
 
@@ -46,11 +58,11 @@ impl<S> Look<S> {
 }
 
 /// This CPU's gate of cache `index` ([`lb_common::flow_cache::gate`]), when `tuple` may look
-/// into that cache: a steady TCP segment, outside `lb explain`'s dry run, which the gate lets
-/// past (a closed gate counts the segment off instead).
+/// into that cache: a packet a slot may serve ([`servable`]), outside `lb explain`'s dry run,
+/// which the gate lets past (a closed gate counts the packet off instead).
 #[inline(always)]
 fn gate_to_look<F: Family>(tuple: &Tuple<F>, index: u32) -> Option<&'static mut FlowCacheGate> {
-    if tuple.proto != proto::TCP || !steady(tuple.tcp_flags) || dry_run() {
+    if !servable(tuple) || dry_run() {
         return None;
     }
     // SAFETY: a per-CPU value, written only by programs on this CPU, one run at a time.
@@ -85,11 +97,36 @@ fn scored<S>(gate: &mut FlowCacheGate, found: Option<&'static S>) -> Look<S> {
     Look::Hit(slot)
 }
 
-/// What this CPU's flow cache has for this packet: a hit is the slot for the packet's client,
-/// for the same client and frontend, still valid at `now`, with the segment inside its sequence
-/// window. Each look scores the cache's gate; while the gate is closed there is no look.
+/// What this CPU's flow cache has for a client's TCP segment: a hit is the slot for the
+/// packet's client, for the same client, frontend and protocol, still valid at `now`, with the
+/// segment inside the slot's sequence window (so that the entry never trails what the client
+/// has sent by more than the window). Each look scores the cache's gate; while the gate is
+/// closed there is no look.
 #[inline(always)]
 pub fn hit<F: Family>(tuple: &Tuple<F>, now: u64) -> Look<FlowCacheSlot<F::Addr>> {
+    look_for(tuple, now, |slot| {
+        flow_cache::in_window(slot.seq_floor, tuple.seq_end)
+    })
+}
+
+/// [`hit`] for a client's UDP datagram: instead of a sequence window, the slot's endpoint must
+/// still hold its id in the backends map, unchanged (a UDP flow whose endpoint left selects
+/// again, on the full path).
+#[inline(always)]
+pub fn datagram_hit<F: Family>(tuple: &Tuple<F>, now: u64) -> Look<FlowCacheSlot<F::Addr>> {
+    look_for(tuple, now, |slot| {
+        backend_holds::<F>(slot.backend_id, &slot.backend_addr, slot.backend_port)
+    })
+}
+
+/// A look for a client's packet: the slot serves it when it holds the packet's client,
+/// frontend and protocol, is valid at `now`, and `still_its_flow` says so.
+#[inline(always)]
+fn look_for<F: Family>(
+    tuple: &Tuple<F>,
+    now: u64,
+    still_its_flow: impl FnOnce(&FlowCacheSlot<F::Addr>) -> bool,
+) -> Look<FlowCacheSlot<F::Addr>> {
     let Some(gate) = gate_to_look(tuple, F::FLOW_CACHE_GATE) else {
         return Look::Passed;
     };
@@ -99,9 +136,10 @@ pub fn hit<F: Family>(tuple: &Tuple<F>, now: u64) -> Look<FlowCacheSlot<F::Addr>
     let serves = now < slot.valid_until_ns
         && slot.client_port == tuple.sport
         && slot.frontend_port == tuple.dport
+        && slot.protocol == tuple.proto
         && F::same(&slot.client_addr, &tuple.saddr)
         && F::same(&slot.frontend_addr, &tuple.daddr)
-        && flow_cache::in_window(slot.seq_floor, tuple.seq_end);
+        && still_its_flow(slot);
     scored(gate, serves.then_some(&*slot))
 }
 
@@ -117,12 +155,13 @@ pub fn destination<F: Family>(slot: &FlowCacheSlot<F::Addr>) -> Destination<F> {
     }
 }
 
-/// After the full path has sent `tuple`, a steady segment its look missed (`look`) of the live
-/// flow whose client's side is `entry`, to `destination`: this CPU's slot for its client takes
-/// the flow when the flow is
-/// kept whole in its FLOW entry (no REPLY entry to check on each packet), established, and has
-/// recorded where its client has sent to. The slot's former flow, if another, goes back to the
-/// full path.
+/// After the full path has sent `tuple`, a packet its look missed (`look`) of the live flow
+/// whose client's side is `entry`, to `destination`: this CPU's slot for its client takes the
+/// flow when the flow is kept whole in its FLOW entry (no REPLY entry to check on each packet)
+/// and, for TCP, established with a record of where its client has sent to. The slot serves
+/// until the entry is due for a refresh, and for at most a quarter of the closing timeout (so
+/// that the endpoint's FIN, which tc egress writes into the entry, reaches a TCP flow in time).
+/// The slot's former flow, if another, goes back to the full path.
 #[inline(always)]
 pub fn remember<F: Family>(
     look: &Look<FlowCacheSlot<F::Addr>>,
@@ -131,28 +170,30 @@ pub fn remember<F: Family>(
     destination: &Destination<F>,
     now: u64,
 ) {
+    let tcp = tuple.proto == proto::TCP;
     if !look.fills()
-        || entry.state != tcp_state::ESTABLISHED
+        || (tcp && (entry.state != tcp_state::ESTABLISHED || entry.seq_next == 0))
         || has_reply_entry(entry)
         || destination.forward
         || !F::same(&destination.source.0, &tuple.saddr)
         || destination.source.1 != tuple.sport
-        || entry.seq_next == 0
     {
         return;
     }
     let Some(slot) = F::flow_cache_slot(tuple.saddr, tuple.sport) else {
         return;
     };
-    let refreshed_by = entry.last_seen_ns + refresh_interval(proto::TCP, entry.state);
+    let refreshed_by = entry.last_seen_ns + refresh_interval(tuple.proto, entry.state);
     let closing_seen_by = now + timeout(proto::TCP, tcp_state::CLOSING) / 4;
     slot.valid_until_ns = refreshed_by.min(closing_seen_by);
     slot.client_addr = tuple.saddr;
     slot.client_port = tuple.sport;
     slot.frontend_addr = tuple.daddr;
     slot.frontend_port = tuple.dport;
+    slot.protocol = tuple.proto;
     slot.backend_addr = destination.addr;
     slot.backend_port = destination.port;
+    slot.backend_id = entry.backend_id;
     slot.service_id = destination.service_id;
     slot.seq_floor = entry.seq_next.wrapping_sub(flow_cache::SEQ_BEHIND);
     slot.flags = entry.flags & ct_flags::SOURCE_CHECKED;
@@ -166,7 +207,7 @@ pub fn remember<F: Family>(
 /// within [`lb_common::ct_timeouts::REFRESH`].
 #[inline(always)]
 pub fn forget<F: Family>(tuple: &Tuple<F>) {
-    if tuple.proto != proto::TCP || dry_run() {
+    if !matches!(tuple.proto, proto::TCP | proto::UDP) || dry_run() {
         return;
     }
     if let Some(slot) = F::flow_cache_slot(tuple.saddr, tuple.sport)
@@ -178,9 +219,10 @@ pub fn forget<F: Family>(tuple: &Tuple<F>) {
 }
 
 /// The frontend a local endpoint's answer goes back from, when this CPU's answer slot for its
-/// destination holds its flow: the same client, from the slot's endpoint, still valid now, with
-/// the segment inside the endpoint's side of the sequence window. The clock is read only for a
-/// steady TCP segment the gate lets look (tc egress reads it for nothing else on this path).
+/// destination holds its flow: the same client and protocol, from the slot's endpoint, still
+/// valid now, and for TCP with the segment inside the endpoint's side of the sequence window.
+/// The clock is read only for a packet the gate lets look (tc egress reads it for nothing else
+/// on this path).
 #[inline(always)]
 pub fn answer_hit<F: Family>(tuple: &Tuple<F>) -> Look<FlowCacheSlot<F::Addr>> {
     let Some(gate) = gate_to_look(tuple, F::ANSWER_CACHE_GATE) else {
@@ -192,15 +234,19 @@ pub fn answer_hit<F: Family>(tuple: &Tuple<F>) -> Look<FlowCacheSlot<F::Addr>> {
     let serves = now_ns() < slot.valid_until_ns
         && slot.client_port == tuple.dport
         && slot.backend_port == tuple.sport
+        && slot.protocol == tuple.proto
         && F::same(&slot.client_addr, &tuple.daddr)
         && F::same(&slot.backend_addr, &tuple.saddr)
-        && flow_cache::in_window(slot.seq_floor, tuple.seq_end);
+        && (tuple.proto != proto::TCP || flow_cache::in_window(slot.seq_floor, tuple.seq_end));
     scored(gate, serves.then_some(&*slot))
 }
 
 /// After tc egress has sent `tuple`, an answer its look missed (`look`) of the local endpoint
-/// whose flow is kept whole in `entry` (a FLOW entry, not a SNAT flow's), back from `frontend`: a steady segment of an
-/// established flow takes this CPU's answer slot for its destination. Nothing empties a slot
+/// whose flow is kept whole in `entry` (a FLOW entry, not a SNAT flow's), back from `frontend`:
+/// a steady segment of an established flow, or a UDP datagram, takes this CPU's answer slot for
+/// its destination, never past the time the entry would run out without its client's packets
+/// (tc egress translates a UDP flow's answers whether or not the flow is live, and its client's
+/// key may pass to another flow then). Nothing empties a slot
 /// when its flow ends: what it gives back (the frontend, for this client and endpoint) stays
 /// right for the flow's last answers, and once the flow has left the established state no
 /// answer writes the slot again, so it runs out (within a quarter of the closing timeout)
@@ -214,19 +260,23 @@ pub fn remember_answer<F: Family>(
     frontend: (F::Addr, u16),
 ) {
     let backend_seq_next = FlowValue::of(entry).backend_seq_next;
-    if !look.fills() || entry.state != tcp_state::ESTABLISHED || backend_seq_next == 0 {
+    let tcp = tuple.proto == proto::TCP;
+    if !look.fills() || (tcp && (entry.state != tcp_state::ESTABLISHED || backend_seq_next == 0)) {
         return;
     }
     let Some(slot) = F::answer_cache_slot(tuple.daddr, tuple.dport) else {
         return;
     };
     let held_for = ct_timeouts::REFRESH.min(timeout(proto::TCP, tcp_state::CLOSING) / 4);
-    slot.valid_until_ns = now_ns() + held_for;
+    let live_until = entry.last_seen_ns + timeout(tuple.proto, entry.state);
+    slot.valid_until_ns = (now_ns() + held_for).min(live_until);
     slot.client_addr = tuple.daddr;
     slot.client_port = tuple.dport;
     slot.frontend_addr = frontend.0;
     slot.frontend_port = frontend.1;
+    slot.protocol = tuple.proto;
     slot.backend_addr = tuple.saddr;
     slot.backend_port = tuple.sport;
+    slot.backend_id = entry.backend_id;
     slot.seq_floor = backend_seq_next.wrapping_sub(flow_cache::SEQ_BEHIND);
 }

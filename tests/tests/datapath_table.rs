@@ -3463,6 +3463,233 @@ fn a_flow_served_from_the_flow_cache_outlives_its_timeout_while_active_and_ends_
     assert_eq!(new_flows(), 2, "idle past its timeout: the flow ended");
 }
 
+/// The datagrams of a UDP flow to a local endpoint are served from XDP's flow cache, and the
+/// endpoint's answers from tc egress's answer cache, once a datagram of the live flow has filled
+/// each slot; a TCP segment from the same client port is not the UDP flow's. When the endpoint
+/// leaves the backends map, the client's next datagram takes the full path and selects again,
+/// as a UDP flow must: a slot names its endpoint's id, and each hit checks it.
+#[test]
+fn udp_datagrams_are_served_from_the_flow_caches_until_their_endpoint_leaves() {
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "udpcache").expect("pin dir");
+    // The TCP service's endpoint is pod B, the UDP service's pod A.
+    let mut datapath = datapath(&pins, vec![2]);
+    let datagram_to = |pod| {
+        case(
+            "the client's datagram",
+            packet::udp(CLIENT, FRONTEND, b"q"),
+            XDP_PASS,
+            Expect::Bytes(packet::udp(CLIENT, pod, b"q")),
+        )
+    };
+    let answer = || {
+        case(
+            "pod A's answer",
+            packet::udp(POD_A, CLIENT, b"a"),
+            TC_ACT_OK,
+            Expect::Bytes(packet::udp(FRONTEND, CLIENT, b"a")),
+        )
+    };
+    let looks = |datapath: &Datapath, hook| {
+        let counts = lab::table::cache_counts(datapath, hook, "IPv4");
+        (counts.hits, counts.misses)
+    };
+
+    run_xdp(&datapath, &[datagram_to(POD_A)]);
+    assert_eq!(
+        looks(&datapath, "xdp"),
+        (0, 1),
+        "a new flow's datagram misses and fills nothing"
+    );
+    run_xdp(&datapath, &[datagram_to(POD_A)]);
+    assert_eq!(
+        looks(&datapath, "xdp"),
+        (0, 2),
+        "the live flow's datagram misses and fills its slot"
+    );
+    run_xdp(&datapath, &[datagram_to(POD_A), datagram_to(POD_A)]);
+    assert_eq!(
+        looks(&datapath, "xdp"),
+        (2, 2),
+        "the next datagrams are served from the slot"
+    );
+
+    run_tc(&datapath, &[answer()]);
+    assert_eq!(
+        looks(&datapath, "tc"),
+        (0, 1),
+        "the first answer misses and fills its slot"
+    );
+    run_tc(&datapath, &[answer(), answer()]);
+    assert_eq!(
+        looks(&datapath, "tc"),
+        (2, 1),
+        "the next answers are served from the slot"
+    );
+
+    run_xdp(
+        &datapath,
+        &[case(
+            "a TCP segment from the client's port",
+            packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(CLIENT, POD_B, TcpFlags::ACK, b"")),
+        )],
+    );
+    assert_eq!(
+        looks(&datapath, "xdp"),
+        (2, 3),
+        "the UDP flow's slot does not serve TCP"
+    );
+
+    datapath
+        .put_backend(4, &backend(POD_B, proto::UDP))
+        .expect("backend");
+    datapath
+        .put_service(&Service {
+            id: 2,
+            frontends: vec![node_port(proto::UDP)],
+            backends: vec![4],
+            affinity_timeout_s: 0,
+            ..Default::default()
+        })
+        .expect("service");
+    datapath.remove_backend(3).expect("remove backend");
+    run_xdp(&datapath, &[datagram_to(POD_B)]);
+    assert_eq!(
+        looks(&datapath, "xdp"),
+        (2, 4),
+        "pod A gone: the slot serves no more"
+    );
+    run_xdp(&datapath, &[datagram_to(POD_B), datagram_to(POD_B)]);
+    assert_eq!(
+        looks(&datapath, "xdp"),
+        (3, 5),
+        "the flow to pod B fills the slot anew"
+    );
+}
+
+/// tc egress translates a UDP flow's answers whether or not the flow is live, so its answer
+/// slot must not outlive the flow's entry: once the client has been quiet past the UDP timeout,
+/// its address and port may start a flow to another frontend, and the same endpoint's answers
+/// then go back from that frontend, not from the one the slot was filled with.
+#[test]
+fn a_udp_answer_slot_ends_with_its_flow_when_the_client_moves_to_another_frontend() {
+    use std::time::Duration;
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "udpansend").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let other_frontend = SocketAddrV4::new(NODE, 30092);
+    datapath
+        .put_service(&Service {
+            id: 5,
+            frontends: vec![Frontend {
+                port: other_frontend.port(),
+                ..node_port(proto::UDP)
+            }],
+            backends: vec![3],
+            affinity_timeout_s: 0,
+            ..Default::default()
+        })
+        .expect("service");
+    let nanos = |duration: Duration| duration.as_nanos() as u64;
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            timeouts: lb_common::CtTimeouts {
+                udp: nanos(Duration::from_millis(600)),
+                // A quarter of it, 1 s, would otherwise bound the answer slot's time first.
+                tcp_closing: nanos(Duration::from_secs(4)),
+                ..short_timeouts()
+            },
+            ..Default::default()
+        })
+        .expect("config");
+    let datagram_through = |frontend| {
+        case(
+            "the client's datagram",
+            packet::udp(CLIENT, frontend, b"q"),
+            XDP_PASS,
+            Expect::Bytes(packet::udp(CLIENT, POD_A, b"q")),
+        )
+    };
+    let answer_from = |frontend| {
+        case(
+            "pod A's answer",
+            packet::udp(POD_A, CLIENT, b"a"),
+            TC_ACT_OK,
+            Expect::Bytes(packet::udp(frontend, CLIENT, b"a")),
+        )
+    };
+    run_xdp(&datapath, &[datagram_through(FRONTEND)]);
+    run_tc(&datapath, &[answer_from(FRONTEND), answer_from(FRONTEND)]);
+    let tc = lab::table::cache_counts(&datapath, "tc", "IPv4");
+    assert_eq!(
+        (tc.hits, tc.misses),
+        (1, 1),
+        "the second answer served from the slot"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    run_xdp(&datapath, &[datagram_through(other_frontend)]);
+    assert_eq!(
+        datapath.service_counter(5).expect("counter").new_flows,
+        1,
+        "the client's key went to a flow through the other frontend"
+    );
+    run_tc(&datapath, &[answer_from(other_frontend)]);
+}
+
+/// A UDP flow served from XDP's flow cache keeps its entry fresh: a slot serves only until the
+/// entry is due for a refresh, so a flow active past its UDP timeout goes on, and one idle past
+/// it ends.
+#[test]
+fn a_udp_flow_served_from_the_flow_cache_outlives_its_timeout_while_active_and_ends_idle() {
+    use std::time::{Duration, Instant};
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "udpidle").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            timeouts: lb_common::CtTimeouts {
+                // Refreshed 150 ms after its last refresh.
+                udp: Duration::from_millis(600).as_nanos() as u64,
+                ..short_timeouts()
+            },
+            ..Default::default()
+        })
+        .expect("config");
+    let send = || {
+        run_xdp(
+            &datapath,
+            &[case(
+                "the client's datagram",
+                packet::udp(CLIENT, FRONTEND, b"q"),
+                XDP_PASS,
+                Expect::Bytes(packet::udp(CLIENT, POD_A, b"q")),
+            )],
+        );
+    };
+    let new_flows = || datapath.service_counter(2).expect("counter").new_flows;
+    send();
+    send();
+    let active_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < active_until {
+        std::thread::sleep(Duration::from_millis(30));
+        send();
+    }
+    assert_eq!(new_flows(), 1, "active for 2.5 timeouts: the same flow");
+    let served = lab::table::cache_counts(&datapath, "xdp", "IPv4").hits;
+    assert!(
+        served >= 20,
+        "most of the 50 datagrams served from the slot: {served}"
+    );
+    std::thread::sleep(Duration::from_millis(900));
+    send();
+    assert_eq!(new_flows(), 2, "idle past its timeout: the flow ended");
+}
+
 /// The pod's FIN, which tc egress writes into the flow's entry, reaches a flow served from
 /// XDP's flow cache within a quarter of the closing timeout: the flow then ends at its closing
 /// timeout, not at the cache's refresh.

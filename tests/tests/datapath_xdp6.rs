@@ -1263,3 +1263,90 @@ fn to_client(client: SocketAddrV6, flags: TcpFlags, seq: u32, payload: &[u8]) ->
         Expect::Bytes(packet6::tcp(FRONTEND, client, flags, seq, payload)),
     )
 }
+
+/// The IPv6 twin of datapath_table's UDP cache test: the datagrams of a UDP flow to a local
+/// endpoint are served from XDP's IPv6 flow cache, and its answers from tc egress's, once a
+/// datagram of the live flow has filled each slot; when the endpoint leaves the backends map,
+/// the next datagram takes the full path and selects again.
+#[test]
+fn ipv6_udp_datagrams_are_served_from_the_flow_caches_until_their_endpoint_leaves() {
+    const POD_B: SocketAddrV6 = SocketAddrV6::new(
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x11),
+        8080,
+        0,
+        0,
+    );
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "udpcache6").expect("pin dir");
+    let mut datapath = datapath(&pins);
+    let run = |datapath: &Datapath, program, cases: &[Case]| {
+        run_table(datapath.program_fd(program).expect("program"), cases);
+    };
+    let datagram_to = |pod| {
+        case(
+            "the client's datagram",
+            packet6::udp(CLIENT, FRONTEND, b"q"),
+            XDP_PASS,
+            Expect::Bytes(packet6::udp(CLIENT, pod, b"q")),
+        )
+    };
+    let answer = || {
+        case(
+            "pod A's answer",
+            packet6::udp(POD_A, CLIENT, b"a"),
+            TC_ACT_OK,
+            Expect::Bytes(packet6::udp(FRONTEND, CLIENT, b"a")),
+        )
+    };
+    let looks = |datapath: &Datapath, hook| {
+        let counts = lab::table::cache_counts(datapath, hook, "IPv6");
+        (counts.hits, counts.misses)
+    };
+    let xdp = program_names::XDP_LB;
+    let tc = program_names::TC_EGRESS;
+
+    run(&datapath, xdp, &[datagram_to(POD_A), datagram_to(POD_A)]);
+    assert_eq!(
+        looks(&datapath, "xdp"),
+        (0, 2),
+        "the new flow, then the fill"
+    );
+    run(&datapath, xdp, &[datagram_to(POD_A), datagram_to(POD_A)]);
+    assert_eq!(looks(&datapath, "xdp"), (2, 2), "served from the slot");
+    run(&datapath, tc, &[answer(), answer(), answer()]);
+    assert_eq!(
+        looks(&datapath, "tc"),
+        (2, 1),
+        "the fill, then served from the slot"
+    );
+
+    let pod_b = Backend {
+        addr: IpAddr::V6(*POD_B.ip()),
+        port: POD_B.port(),
+        proto: proto::UDP,
+        flags: backend_flags::LOCAL,
+    };
+    datapath.put_backend(6, &pod_b).expect("backend");
+    datapath
+        .put_service(&Service {
+            id: 2,
+            frontends: vec![node_port(NODE_PORT, proto::UDP)],
+            backends: vec![6],
+            ..Default::default()
+        })
+        .expect("service");
+    datapath.remove_backend(2).expect("remove backend");
+    run(&datapath, xdp, &[datagram_to(POD_B)]);
+    assert_eq!(
+        looks(&datapath, "xdp"),
+        (2, 3),
+        "pod A gone: the slot serves no more"
+    );
+    run(&datapath, xdp, &[datagram_to(POD_B), datagram_to(POD_B)]);
+    assert_eq!(
+        looks(&datapath, "xdp"),
+        (3, 4),
+        "the flow to pod B fills the slot anew"
+    );
+}

@@ -107,6 +107,75 @@ fn eight_kilobyte_udp_exchanges_cross_node_ports_to_local_and_remote_endpoints_a
     );
 }
 
+/// One UDP socket's requests through a NodePort to a pod on the agent's node, 20 ms apart for
+/// three UDP timeouts, then another socket's 8 KB requests (six fragments each way): the flow
+/// caches serve most datagrams and most of the pod's answers (the agent's counts say so), yet
+/// each socket's flow is one flow throughout (a slot serves only until the entry is due for a
+/// refresh, so the entry never goes stale under it), every request is answered by the same pod,
+/// and no later fragment misses its first.
+#[test]
+fn a_udp_flow_to_a_local_pod_served_from_the_flow_caches_outlives_its_timeout_whole() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(SHORT_TIMEOUTS).expect("agent");
+    setup
+        .apply(
+            "dns.yaml",
+            &udp_service("dns", "10.96.0.56", 30056, pod_addr(1, 0), "node1"),
+        )
+        .expect("apply");
+    let node_port = format!("{}:30056", node_addr(1));
+    let one_socket = |requests, payload_bytes| ClientRun {
+        one_flow: true,
+        interval_ms: 20,
+        payload_bytes,
+        ..ClientRun::udp(&node_port, requests)
+    };
+    // 150 requests: over 3 s, three UDP timeouts of 1 s.
+    let report = one_socket(150, 0)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    report.assert_all_ok("one socket's requests through a NodePort to a local pod");
+    assert_eq!(report.servers(), ["n1p0"].into());
+    let report = one_socket(10, 8192)
+        .run(&setup.cluster.client, None)
+        .expect("client");
+    report.assert_all_ok("one socket's 8 KB requests through a NodePort to a local pod");
+    assert_eq!(report.servers(), ["n1p0"].into());
+
+    let stats = lab::agent::lb_json(setup.pin_dir(), &["stats"]).expect("lb stats");
+    let cache = |hook: &str| {
+        stats["flow_caches"]
+            .as_array()
+            .expect("flow caches")
+            .iter()
+            .find(|cache| cache["hook"] == hook && cache["ip_family"] == "IPv4")
+            .expect("the IPv4 cache")
+            .clone()
+    };
+    let (xdp, tc) = (cache("xdp"), cache("tc"));
+    let hits = |cache: &serde_json::Value| cache["hits"].as_u64().expect("hits");
+    assert!(
+        hits(&xdp) >= 80,
+        "the client's datagrams served from XDP's cache: {xdp}"
+    );
+    assert!(
+        hits(&tc) >= 80,
+        "the pod's answers served from tc's cache: {tc}"
+    );
+    let services = lab::agent::lb_json(setup.pin_dir(), &["services"]).expect("lb services");
+    let dns = services
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|service| service["name"] == "default/dns:dns/UDP")
+        .expect("the dns service")
+        .clone();
+    assert_eq!(dns["new_flows"], 2, "one flow per socket, kept: {dns}");
+    let events = setup.events().expect("events");
+    assert_eq!(events["pass_fragment"], 0, "{events:?}");
+    assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
+}
+
 #[test]
 fn two_udp_clients_sharing_a_tiny_snat_range_never_get_each_others_answers() {
     let mut setup = AgentLab::new().expect("lab");

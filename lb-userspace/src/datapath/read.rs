@@ -114,7 +114,7 @@ pub struct FlowCacheCounts {
     pub hits: u64,
     pub misses: u64,
     /// Times the cache's gate closed on a CPU: it missed more than it hit there, and stood
-    /// aside for the next `flow_cache::GATE_CLOSED_FOR` steady segments.
+    /// aside for the next `flow_cache::GATE_CLOSED_FOR` packets that would have looked.
     pub closings: u64,
 }
 

@@ -377,14 +377,14 @@ fn encode_flow_caches(
     let families: [(&str, &str, Field); 3] = [
         (
             "lb_flow_cache_hits",
-            "Steady TCP segments a flow cache served without the conntrack lookup (hook=xdp: \
-             packets to a local endpoint; hook=tc: its answers)",
+            "Steady TCP segments and UDP datagrams a flow cache served without the conntrack \
+             lookup (hook=xdp: packets to a local endpoint; hook=tc: its answers)",
             |cache| cache.hits,
         ),
         (
             "lb_flow_cache_misses",
-            "Steady TCP segments a flow cache looked for and did not serve; they took the full \
-             path",
+            "Steady TCP segments and UDP datagrams a flow cache looked for and did not serve; \
+             they took the full path",
             |cache| cache.misses,
         ),
         (
