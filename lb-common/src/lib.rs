@@ -104,6 +104,8 @@ pub mod map_names {
         // The frontend indexes before their slots carried backend ids.
         "lb4_feidx_v1",
         "lb6_feidx_v1",
+        // The flow caches' gates before UDP had gates of its own.
+        "lb_fcgate_v2",
     ];
     /// Retired maps an earlier agent could still need if it came back: their pins go only after
     /// a sync in which every service was written without error (until then an earlier release
@@ -136,11 +138,11 @@ pub mod map_names {
     /// endpoint's answers it sent last ([`crate::flow_cache`]), IPv4 and IPv6. Not pinned.
     pub const ANSWER_CACHE4: &str = "lb4_ansc_v1";
     pub const ANSWER_CACHE6: &str = "lb6_ansc_v1";
-    /// Per-CPU array of [`crate::FlowCacheGate`], one for each of the four caches above
-    /// ([`crate::flow_cache::gate`]): whether each is worth a look on the CPU, and its hits,
-    /// misses and closings for the metrics. Pinned, so the counts survive an agent restart as
-    /// the events do.
-    pub const FLOW_CACHE_GATES: &str = "lb_fcgate_v2";
+    /// Per-CPU array of [`crate::FlowCacheGate`], one for each of the four caches above and
+    /// each protocol they serve ([`crate::flow_cache::gate`]): whether each is worth a look on
+    /// the CPU, and its hits, misses and closings for the metrics. Pinned, so the counts
+    /// survive an agent restart as the events do.
+    pub const FLOW_CACHE_GATES: &str = "lb_fcgate_v3";
     /// The IPv6 twins of the maps above: the same values, keys with an [`crate::Ipv6Words`]
     /// address. Backend ids and service ids are one id space for both families.
     pub const FRONTENDS6: &str = "lb6_fe_v1";
@@ -1836,19 +1838,29 @@ pub mod flow_cache {
     /// segment misses and fills its slot, so a probe needs room for the fill and the hit after.
     pub const GATE_PROBE_MISSES: u32 = 4;
 
-    /// The gate of each cache, in [`crate::map_names::FLOW_CACHE_GATES`].
+    /// The gates of each cache, in [`crate::map_names::FLOW_CACHE_GATES`]: one for its TCP
+    /// segments and one for its UDP datagrams, so that a CPU whose UDP flows are one datagram
+    /// each (DNS queries from ever new ports: every look misses) closes the UDP gate and leaves
+    /// the TCP flows their cache.
     pub mod gate {
+        /// The TCP gates of the four caches.
         pub const XDP4: u32 = 0;
         pub const XDP6: u32 = 1;
         pub const ANSWER4: u32 = 2;
         pub const ANSWER6: u32 = 3;
-        pub const COUNT: u32 = 4;
-        /// Each gate's cache as the metrics name it: (index, hook, IP family).
-        pub const ALL: [(u32, &str, &str); COUNT as usize] = [
-            (XDP4, "xdp", "IPv4"),
-            (XDP6, "xdp", "IPv6"),
-            (ANSWER4, "tc", "IPv4"),
-            (ANSWER6, "tc", "IPv6"),
+        /// What a cache's UDP gate adds to its TCP gate's index.
+        pub const UDP: u32 = 4;
+        pub const COUNT: u32 = 8;
+        /// Each gate as the metrics name it: (index, hook, IP family, protocol).
+        pub const ALL: [(u32, &str, &str, &str); COUNT as usize] = [
+            (XDP4, "xdp", "IPv4", "TCP"),
+            (XDP6, "xdp", "IPv6", "TCP"),
+            (ANSWER4, "tc", "IPv4", "TCP"),
+            (ANSWER6, "tc", "IPv6", "TCP"),
+            (XDP4 + UDP, "xdp", "IPv4", "UDP"),
+            (XDP6 + UDP, "xdp", "IPv6", "UDP"),
+            (ANSWER4 + UDP, "tc", "IPv4", "UDP"),
+            (ANSWER6 + UDP, "tc", "IPv6", "UDP"),
         ];
     }
 }

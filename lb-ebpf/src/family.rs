@@ -46,7 +46,7 @@ pub trait Family {
     /// return cost a few nanoseconds on its hot path.
     const OUT_OF_LINE: bool;
 
-    /// The gates of its flow cache and answer cache in `FLOW_CACHE_GATES`
+    /// The TCP gates of its flow cache and answer cache in `FLOW_CACHE_GATES`
     /// ([`lb_common::flow_cache::gate`]).
     const FLOW_CACHE_GATE: u32;
     const ANSWER_CACHE_GATE: u32;

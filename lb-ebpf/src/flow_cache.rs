@@ -57,14 +57,20 @@ impl<S> Look<S> {
     }
 }
 
-/// This CPU's gate of cache `index` ([`lb_common::flow_cache::gate`]), when `tuple` may look
-/// into that cache: a packet a slot may serve ([`servable`]), outside `lb explain`'s dry run,
-/// which the gate lets past (a closed gate counts the packet off instead).
+/// This CPU's gate of cache `index` ([`lb_common::flow_cache::gate`]) for the packet's
+/// protocol, when `tuple` may look into that cache: a packet a slot may serve ([`servable`]),
+/// outside `lb explain`'s dry run, which the gate lets past (a closed gate counts the packet
+/// off instead).
 #[inline(always)]
 fn gate_to_look<F: Family>(tuple: &Tuple<F>, index: u32) -> Option<&'static mut FlowCacheGate> {
     if !servable(tuple) || dry_run() {
         return None;
     }
+    let index = if tuple.proto == proto::UDP {
+        index + flow_cache::gate::UDP
+    } else {
+        index
+    };
     // SAFETY: a per-CPU value, written only by programs on this CPU, one run at a time.
     let gate = unsafe { &mut *FLOW_CACHE_GATES.get_ptr_mut(index)? };
     if gate.closed_for != 0 {

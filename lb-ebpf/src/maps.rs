@@ -171,7 +171,7 @@ pub static ANSWER_CACHE6: PerCpuArray<FlowCacheSlot6> =
 
 /// Whether each of the four caches above is worth a look on this CPU, and its counts
 /// ([`lb_common::FlowCacheGate`]).
-#[map(name = "lb_fcgate_v2")]
+#[map(name = "lb_fcgate_v3")]
 pub static FLOW_CACHE_GATES: PerCpuArray<FlowCacheGate> =
     PerCpuArray::pinned(flow_cache::gate::COUNT, 0);
 

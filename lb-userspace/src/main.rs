@@ -77,8 +77,8 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Datapath events (drops by reason), each flow cache's hits, misses and gate closings, and
-    /// how full each map is.
+    /// Datapath events (drops by reason), each flow cache's hits, misses and gate closings per
+    /// protocol, and how full each map is.
     Stats(InspectArgs),
     /// Print the datapath's events as they happen: drops and rejects with their reason, new
     /// flows with the backend chosen, flow ends, SNAT exhaustion. The programs report nothing

@@ -234,18 +234,22 @@ pub fn assert_gate_stands_aside(
     );
 }
 
-/// The counts of the flow cache of `hook` (`xdp`, `tc`) and `ip_family` (`IPv4`, `IPv6`).
+/// The counts of the flow cache of `hook` (`xdp`, `tc`) and `ip_family` (`IPv4`, `IPv6`) for
+/// `protocol` (`TCP`, `UDP`).
 pub fn cache_counts(
     datapath: &lb_userspace::datapath::Datapath,
     hook: &str,
     ip_family: &str,
+    protocol: &str,
 ) -> FlowCacheCounts {
     datapath
         .flow_caches()
         .expect("the flow caches' counts")
         .into_iter()
-        .find(|cache| cache.hook == hook && cache.ip_family == ip_family)
-        .expect("a flow cache of that hook and family")
+        .find(|cache| {
+            cache.hook == hook && cache.ip_family == ip_family && cache.protocol == protocol
+        })
+        .expect("a flow cache of that hook, family and protocol")
 }
 
 /// Checks that a RST a cache test sent (`what`) was taken as its sender's: the flow (its entry's

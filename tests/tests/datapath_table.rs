@@ -3314,7 +3314,45 @@ fn the_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
             };
             flow.xdp(&[to_pod(TcpFlags::SYN), to_pod(TcpFlags::ACK)]);
         },
-        || lab::table::cache_counts(&flow.datapath, "xdp", "IPv4"),
+        || lab::table::cache_counts(&flow.datapath, "xdp", "IPv4", "TCP"),
+    );
+}
+
+/// Each cache has a gate per protocol: UDP flows of one datagram each (queries from ever new
+/// ports), whose every look misses, close the UDP gate and leave a TCP flow its slot.
+#[test]
+fn one_datagram_udp_flows_close_their_gate_and_leave_tcp_flows_the_cache() {
+    let flow = CacheFlow::open("udpgate");
+    let segment = || client_case(TcpFlags::ACK, CLIENT_ISN + 1, b"");
+    flow.xdp(&[segment(), segment()]);
+    let counts = |protocol| lab::table::cache_counts(&flow.datapath, "xdp", "IPv4", protocol);
+    let tcp_before = counts("TCP");
+    assert_eq!(
+        (tcp_before.hits, tcp_before.misses),
+        (1, 1),
+        "the fill, then a hit"
+    );
+    for i in 0..40 {
+        let query = other_client(i);
+        flow.xdp(&[case(
+            "a query from another port",
+            packet::udp(query, FRONTEND, b"q"),
+            XDP_PASS,
+            Expect::Bytes(packet::udp(query, POD_A, b"q")),
+        )]);
+    }
+    let udp = counts("UDP");
+    assert_eq!(
+        (udp.hits, udp.misses, udp.closings),
+        (0, 33, 1),
+        "33 misses close the UDP gate; the 7 queries after it do not look"
+    );
+    flow.xdp(&[segment()]);
+    let tcp = counts("TCP");
+    assert_eq!(
+        (tcp.hits - tcp_before.hits, tcp.closings),
+        (1, 0),
+        "the TCP flow is still served from its slot"
     );
 }
 
@@ -3343,7 +3381,7 @@ fn the_answer_cache_stands_aside_while_it_misses_more_than_it_hits() {
                 Expect::Bytes(packet::tcp_at(FRONTEND, other, TcpFlags::ACK, 80_000, b"")),
             )]);
         },
-        || lab::table::cache_counts(&flow.datapath, "tc", "IPv4"),
+        || lab::table::cache_counts(&flow.datapath, "tc", "IPv4", "TCP"),
     );
 }
 
@@ -3492,7 +3530,7 @@ fn udp_datagrams_are_served_from_the_flow_caches_until_their_endpoint_leaves() {
         )
     };
     let looks = |datapath: &Datapath, hook| {
-        let counts = lab::table::cache_counts(datapath, hook, "IPv4");
+        let counts = lab::table::cache_counts(datapath, hook, "IPv4", "UDP");
         (counts.hits, counts.misses)
     };
 
@@ -3537,10 +3575,16 @@ fn udp_datagrams_are_served_from_the_flow_caches_until_their_endpoint_leaves() {
             Expect::Bytes(packet::tcp(CLIENT, POD_B, TcpFlags::ACK, b"")),
         )],
     );
+    let tcp = lab::table::cache_counts(&datapath, "xdp", "IPv4", "TCP");
+    assert_eq!(
+        (tcp.hits, tcp.misses),
+        (0, 1),
+        "the UDP flow's slot does not serve TCP"
+    );
     assert_eq!(
         looks(&datapath, "xdp"),
-        (2, 3),
-        "the UDP flow's slot does not serve TCP"
+        (2, 2),
+        "nor does TCP score UDP's gate"
     );
 
     datapath
@@ -3559,13 +3603,13 @@ fn udp_datagrams_are_served_from_the_flow_caches_until_their_endpoint_leaves() {
     run_xdp(&datapath, &[datagram_to(POD_B)]);
     assert_eq!(
         looks(&datapath, "xdp"),
-        (2, 4),
+        (2, 3),
         "pod A gone: the slot serves no more"
     );
     run_xdp(&datapath, &[datagram_to(POD_B), datagram_to(POD_B)]);
     assert_eq!(
         looks(&datapath, "xdp"),
-        (3, 5),
+        (3, 4),
         "the flow to pod B fills the slot anew"
     );
 }
@@ -3624,7 +3668,7 @@ fn a_udp_answer_slot_ends_with_its_flow_when_the_client_moves_to_another_fronten
     };
     run_xdp(&datapath, &[datagram_through(FRONTEND)]);
     run_tc(&datapath, &[answer_from(FRONTEND), answer_from(FRONTEND)]);
-    let tc = lab::table::cache_counts(&datapath, "tc", "IPv4");
+    let tc = lab::table::cache_counts(&datapath, "tc", "IPv4", "UDP");
     assert_eq!(
         (tc.hits, tc.misses),
         (1, 1),
@@ -3680,7 +3724,7 @@ fn a_udp_flow_served_from_the_flow_cache_outlives_its_timeout_while_active_and_e
         send();
     }
     assert_eq!(new_flows(), 1, "active for 2.5 timeouts: the same flow");
-    let served = lab::table::cache_counts(&datapath, "xdp", "IPv4").hits;
+    let served = lab::table::cache_counts(&datapath, "xdp", "IPv4", "UDP").hits;
     assert!(
         served >= 20,
         "most of the 50 datagrams served from the slot: {served}"

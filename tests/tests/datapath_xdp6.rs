@@ -1169,7 +1169,7 @@ fn the_ipv6_flow_cache_stands_aside_while_it_misses_more_than_it_hits() {
                 to_pod(other, TcpFlags::ACK, 501, b""),
             ]);
         },
-        || lab::table::cache_counts(&flow.datapath, "xdp", "IPv6"),
+        || lab::table::cache_counts(&flow.datapath, "xdp", "IPv6", "TCP"),
     );
 }
 
@@ -1187,7 +1187,7 @@ fn the_ipv6_answer_cache_stands_aside_while_it_misses_more_than_it_hits() {
             flow.xdp(&[to_pod(other, TcpFlags::SYN, 500, b"")]);
             flow.tc(&[to_client(other, TcpFlags::ACK, 80_000, b"")]);
         },
-        || lab::table::cache_counts(&flow.datapath, "tc", "IPv6"),
+        || lab::table::cache_counts(&flow.datapath, "tc", "IPv6", "TCP"),
     );
 }
 
@@ -1300,7 +1300,7 @@ fn ipv6_udp_datagrams_are_served_from_the_flow_caches_until_their_endpoint_leave
         )
     };
     let looks = |datapath: &Datapath, hook| {
-        let counts = lab::table::cache_counts(datapath, hook, "IPv6");
+        let counts = lab::table::cache_counts(datapath, hook, "IPv6", "UDP");
         (counts.hits, counts.misses)
     };
     let xdp = program_names::XDP_LB;

@@ -148,8 +148,10 @@ fn a_udp_flow_to_a_local_pod_served_from_the_flow_caches_outlives_its_timeout_wh
             .as_array()
             .expect("flow caches")
             .iter()
-            .find(|cache| cache["hook"] == hook && cache["ip_family"] == "IPv4")
-            .expect("the IPv4 cache")
+            .find(|cache| {
+                cache["hook"] == hook && cache["ip_family"] == "IPv4" && cache["protocol"] == "UDP"
+            })
+            .expect("the IPv4 cache's UDP counts")
             .clone()
     };
     let (xdp, tc) = (cache("xdp"), cache("tc"));

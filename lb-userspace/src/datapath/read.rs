@@ -111,6 +111,8 @@ pub struct FlowCacheCounts {
     /// `xdp`, the flow cache, or `tc`, the answer cache.
     pub hook: &'static str,
     pub ip_family: &'static str,
+    /// `TCP` or `UDP`: each cache has a gate, and counts, per protocol.
+    pub protocol: &'static str,
     pub hits: u64,
     pub misses: u64,
     /// Times the cache's gate closed on a CPU: it missed more than it hit there, and stood
@@ -124,13 +126,14 @@ pub(crate) fn read_flow_caches(
 ) -> Result<Vec<FlowCacheCounts>> {
     flow_cache::gate::ALL
         .iter()
-        .map(|&(index, hook, ip_family)| {
+        .map(|&(index, hook, ip_family, protocol)| {
             let per_cpu = map
                 .get(&index, 0)
                 .map_err(|source| map_error(map_names::FLOW_CACHE_GATES, "read", source))?;
             Ok(FlowCacheCounts {
                 hook,
                 ip_family,
+                protocol,
                 hits: per_cpu.iter().map(|gate| gate.hits_total).sum(),
                 misses: per_cpu.iter().map(|gate| gate.misses_total).sum(),
                 closings: per_cpu.iter().map(|gate| gate.closings_total).sum(),

@@ -129,11 +129,14 @@ pub fn stats(pin_dir: &Path, json: bool) -> anyhow::Result<()> {
     );
     print_table(&rows);
     println!();
-    let mut rows = vec![row(&["CACHE", "FAMILY", "HITS", "MISSES", "CLOSINGS"])];
+    let mut rows = vec![row(&[
+        "CACHE", "FAMILY", "PROTOCOL", "HITS", "MISSES", "CLOSINGS",
+    ])];
     rows.extend(stats.flow_caches.iter().map(|cache| {
         vec![
             cache.hook.to_owned(),
             cache.ip_family.to_owned(),
+            cache.protocol.to_owned(),
             cache.hits.to_string(),
             cache.misses.to_string(),
             cache.closings.to_string(),

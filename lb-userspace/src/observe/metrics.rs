@@ -396,7 +396,11 @@ fn encode_flow_caches(
     for (name, help, field) in families {
         let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
         for cache in caches {
-            let labels = [("hook", cache.hook), ("ip_family", cache.ip_family)];
+            let labels = [
+                ("hook", cache.hook),
+                ("ip_family", cache.ip_family),
+                ("protocol", cache.protocol),
+            ];
             ConstCounter::new(field(cache)).encode(family.encode_family(&labels)?)?;
         }
     }
