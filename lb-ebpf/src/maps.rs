@@ -169,8 +169,8 @@ pub static ANSWER_CACHE4: PerCpuArray<FlowCacheSlot4> =
 pub static ANSWER_CACHE6: PerCpuArray<FlowCacheSlot6> =
     PerCpuArray::with_max_entries(flow_cache::SLOTS, 0);
 
-/// Whether each of the four caches above is worth a look on this CPU, and its counts
-/// ([`lb_common::FlowCacheGate`]).
+/// Whether each of the four caches above is worth a look on this CPU for each protocol, and
+/// its counts ([`lb_common::FlowCacheGate`]).
 #[map(name = "lb_fcgate_v3")]
 pub static FLOW_CACHE_GATES: PerCpuArray<FlowCacheGate> =
     PerCpuArray::pinned(flow_cache::gate::COUNT, 0);
