@@ -176,9 +176,8 @@ pub fn remember<F: Family>(
     destination: &Destination<F>,
     now: u64,
 ) {
-    let tcp = tuple.proto == proto::TCP;
     if !look.fills()
-        || (tcp && (entry.state != tcp_state::ESTABLISHED || entry.seq_next == 0))
+        || !state_allows_a_slot(tuple, entry.state, entry.seq_next)
         || has_reply_entry(entry)
         || destination.forward
         || !F::same(&destination.source.0, &tuple.saddr)
@@ -203,6 +202,14 @@ pub fn remember<F: Family>(
     slot.service_id = destination.service_id;
     slot.seq_floor = entry.seq_next.wrapping_sub(flow_cache::SEQ_BEHIND);
     slot.flags = entry.flags & ct_flags::SOURCE_CHECKED;
+}
+
+/// Whether a flow in `state` may take a slot for `tuple`'s side: a UDP flow always; a TCP flow
+/// once established, with a record of how far that side has sent (`side_seq_next`), which the
+/// slot's sequence window starts from.
+#[inline(always)]
+fn state_allows_a_slot<F: Family>(tuple: &Tuple<F>, state: u8, side_seq_next: u32) -> bool {
+    tuple.proto != proto::TCP || (state == tcp_state::ESTABLISHED && side_seq_next != 0)
 }
 
 /// Empties this CPU's slot for a client's flows when it holds one: the client's packet ends its
@@ -266,8 +273,7 @@ pub fn remember_answer<F: Family>(
     frontend: (F::Addr, u16),
 ) {
     let backend_seq_next = FlowValue::of(entry).backend_seq_next;
-    let tcp = tuple.proto == proto::TCP;
-    if !look.fills() || (tcp && (entry.state != tcp_state::ESTABLISHED || backend_seq_next == 0)) {
+    if !look.fills() || !state_allows_a_slot(tuple, entry.state, backend_seq_next) {
         return;
     }
     let Some(slot) = F::answer_cache_slot(tuple.daddr, tuple.dport) else {
