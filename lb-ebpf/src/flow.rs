@@ -18,7 +18,7 @@ use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     family::{Family, V4},
-    flow_cache::{self, Look},
+    flow_cache::{self, SlotLook},
     helpers::{now_ns, random_u32},
     maps::{
         AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, SLOTS4,
@@ -299,9 +299,10 @@ pub fn destination<F: Family>(
     frontend: &Frontend,
     arrival: &Arrival,
     client_key: ClientKey,
+    look: SlotLook<F>,
 ) -> Result<Destination<F>, Event> {
     let now = now_ns();
-    match live_destination(ctx, ip, tuple, arrival, now, client_key)? {
+    match live_destination(ctx, ip, tuple, arrival, now, client_key, look)? {
         Ok(destination) => Ok(destination),
         Err(key_holder) => {
             let destination = new_flow(&NewFlow {
@@ -434,6 +435,8 @@ pub fn starts_unlooked<F: Family>(tuple: &Tuple<F>) -> bool {
 /// The first half of [`destination`]: where a packet of a live flow goes (Ok), or, for a
 /// packet that starts a flow, who holds its client's key (Err, for [`new_flow`]): taken as
 /// [`Holder::Vacant`] when `client_key` says it is not looked up (see [`starts_unlooked`]).
+/// `look` is what this CPU's flow cache had for the packet (a UDP datagram looks before the
+/// frontend's checks, `crate::xdp`): a miss lets the live flow fill its slot.
 #[inline(always)]
 pub fn live_destination<F: Family>(
     ctx: &XdpContext,
@@ -442,17 +445,8 @@ pub fn live_destination<F: Family>(
     arrival: &Arrival,
     now: u64,
     client_key: ClientKey,
+    look: SlotLook<F>,
 ) -> Result<Result<Destination<F>, Holder>, Event> {
-    // A UDP datagram of a flow this CPU's flow cache holds goes where the slot says, without
-    // the lookup (a TCP segment has looked before, in the established path).
-    let look = if tuple.proto == proto::UDP {
-        flow_cache::datagram_hit(tuple, now)
-    } else {
-        Look::Passed
-    };
-    if let Look::Hit(slot) = look {
-        return Ok(Ok(flow_cache::destination(slot)));
-    }
     // One lookup of the client's key serves both questions: is there a live flow, and who
     // holds the key a new flow would take. Not looked up, it takes the path of a miss.
     let flow_entry = if client_key.unlooked(tuple) {

@@ -49,6 +49,9 @@ pub enum Look<S: 'static> {
     Passed,
 }
 
+/// A look into a family's flow cache for a client's packet.
+pub type SlotLook<F> = Look<FlowCacheSlot<<F as Family>::Addr>>;
+
 impl<S> Look<S> {
     /// Whether the full path may write the segment's slot after it.
     #[inline(always)]

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_common::{
-    Ct4Value, Ct6Value, CtValue, Event, FragValue, Ipv6Words,
+    Ct4Value, Ct6Value, CtValue, Event, FlowCacheSlot, FragValue, Ipv6Words,
     checksum::{self, Endpoints},
     client_nic, ct_flags, frag_action, ipv6, limits, proto, sctp, service_flags, tcp_seq,
     xdp_programs,
@@ -37,7 +37,7 @@ use crate::{
         look_up_on_retry, lookup_frontend, maybe_frontend, maybe_frontend_at, new_flow, reply_key,
         source_allowed, starts_unlooked, track_reply,
     },
-    flow_cache::{self, Look},
+    flow_cache::{self, Look, SlotLook},
     helpers::{Forward, now_ns, tail_call},
     ip::{Addr, Ip},
     maps::{
@@ -290,7 +290,7 @@ fn try_lookup(ctx: &XdpContext) -> Result<u32, Event> {
         return Ok(xdp_action::XDP_PASS);
     }
     let tuple = transport_tuple(ctx, &ip, proto::TCP)?;
-    to_frontend(ctx, eth, &ip, &tuple, ClientKey::LookedUp)
+    to_frontend(ctx, eth, &ip, &tuple, ClientKey::LookedUp, Look::Passed)
 }
 
 /// Where `lb_xdp` hands an IPv6 frame on ([`ipv6_program`]), each the program of one slot of
@@ -389,12 +389,16 @@ fn try_direct6_here<const PROTOCOL: u8>(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN
     {
         return Some(action);
     }
+    let now = now_ns();
+    let look = datagram_look::<PROTOCOL, _>(&tuple, now);
+    if let Look::Hit(slot) = look {
+        return served_from_slot(ctx, eth, &ip, &tuple, slot).ok();
+    }
     let Some(frontend) = admit(ctx, eth, &ip, &tuple).ok()? else {
         return Some(xdp_action::XDP_PASS);
     };
     let arrival = arrival(ctx, eth);
-    let now = now_ns();
-    match live_destination(ctx, &ip, &tuple, &arrival, now, client_key6(&tuple)).ok()? {
+    match live_destination(ctx, &ip, &tuple, &arrival, now, client_key6(&tuple), look).ok()? {
         Ok(destination) => deliver(ctx, &ip, &tuple, &destination).ok(),
         Err(key_holder) => {
             let packet = packet6().ok()?;
@@ -509,14 +513,18 @@ fn serve<const PROTOCOL: u8, I: Ip>(
         return Ok(to_program::<{ xdp_programs::IPV6_FRONTEND }>(ctx));
     }
     if PROTOCOL != proto::TCP {
-        return to_frontend(ctx, eth, ip, tuple, ClientKey::LookedUp);
+        let look = datagram_look::<PROTOCOL, _>(tuple, now_ns());
+        if let Look::Hit(slot) = look {
+            return served_from_slot(ctx, eth, ip, tuple, slot);
+        }
+        return to_frontend(ctx, eth, ip, tuple, ClientKey::LookedUp, look);
     }
     // `lb_xdp` starts flows only without looking the client's key up; lb_xdp_lookup takes the
     // rest (see starts_unlooked).
     if !starts_unlooked(tuple) {
         return Ok(to_program::<{ xdp_programs::LOOKUP }>(ctx));
     }
-    to_frontend(ctx, eth, ip, tuple, ClientKey::Unlooked)
+    to_frontend(ctx, eth, ip, tuple, ClientKey::Unlooked, Look::Passed)
 }
 
 /// The stages of [`serve`] as BPF-to-BPF calls, each with a stack frame of its own (see
@@ -551,11 +559,20 @@ fn to_frontend<I: Ip>(
     ip: &I,
     tuple: &Tuple<I::F>,
     client_key: ClientKey,
+    look: SlotLook<I::F>,
 ) -> Result<u32, Event> {
     let Some(frontend) = admit(ctx, eth, ip, tuple)? else {
         return Ok(xdp_action::XDP_PASS);
     };
-    match destination(ctx, ip, tuple, frontend, &arrival(ctx, eth), client_key) {
+    match destination(
+        ctx,
+        ip,
+        tuple,
+        frontend,
+        &arrival(ctx, eth),
+        client_key,
+        look,
+    ) {
         Ok(destination) => deliver(ctx, ip, tuple, &destination),
         Err(_) if client_key == ClientKey::Unlooked => {
             Ok(to_program::<{ xdp_programs::LOOKUP }>(ctx))
@@ -713,12 +730,20 @@ fn frontend6(
     ip: &Ipv6Info,
     tuple: &Tuple<V6>,
 ) -> Result<Frontend6, Event> {
+    let now = now_ns();
+    let look = if tuple.proto == proto::UDP {
+        flow_cache::datagram_hit(tuple, now)
+    } else {
+        Look::Passed
+    };
+    if let Look::Hit(slot) = look {
+        return served_from_slot(ctx, eth, ip, tuple, slot).map(Frontend6::Sent);
+    }
     let Some(frontend) = admit(ctx, eth, ip, tuple)? else {
         return Ok(Frontend6::Sent(xdp_action::XDP_PASS));
     };
     let arrival = arrival(ctx, eth);
-    let now = now_ns();
-    match live_destination(ctx, ip, tuple, &arrival, now, client_key6(tuple)) {
+    match live_destination(ctx, ip, tuple, &arrival, now, client_key6(tuple), look) {
         Ok(Ok(destination)) => deliver(ctx, ip, tuple, &destination).map(Frontend6::Sent),
         Ok(Err(key_holder)) => Ok(Frontend6::NewFlow(FlowStart {
             frontend,
@@ -833,12 +858,7 @@ fn established<I: Ip>(
     let now = now_ns();
     let look = flow_cache::hit(tuple, now);
     if let Look::Hit(slot) = look {
-        let source_checked =
-            (slot.flags & ct_flags::SOURCE_CHECKED != 0).then_some(slot.service_id);
-        if let Some(action) = turned_away(ctx, eth, tuple, source_checked)? {
-            return Ok(Some(action));
-        }
-        return deliver(ctx, ip, tuple, &flow_cache::destination(slot)).map(Some);
+        return served_from_slot(ctx, eth, ip, tuple, slot).map(Some);
     }
     let Some(flow) = live_flow(tuple, now) else {
         return Ok(None);
@@ -857,6 +877,35 @@ fn established<I: Ip>(
             deliver(ctx, ip, tuple, &destination).map(Some)
         }
         None => Ok(None),
+    }
+}
+
+/// A client's packet that a slot of this CPU's flow cache serves: sent where the slot says,
+/// after the checks the flow must still pass ([`turned_away`]).
+#[inline(always)]
+fn served_from_slot<I: Ip>(
+    ctx: &XdpContext,
+    eth: &[u8; ETH_HDR_LEN],
+    ip: &I,
+    tuple: &Tuple<I::F>,
+    slot: &FlowCacheSlot<<I::F as Family>::Addr>,
+) -> Result<u32, Event> {
+    let source_checked = (slot.flags & ct_flags::SOURCE_CHECKED != 0).then_some(slot.service_id);
+    if let Some(action) = turned_away(ctx, eth, tuple, source_checked)? {
+        return Ok(action);
+    }
+    deliver(ctx, ip, tuple, &flow_cache::destination(slot))
+}
+
+/// What this CPU's flow cache has for a `PROTOCOL` packet to a frontend, looked before the
+/// frontend's lookup: for a UDP datagram, its flow's slot (`flow_cache::datagram_hit`), as a
+/// TCP segment of a live flow looks in [`established`]; nothing for the other protocols.
+#[inline(always)]
+fn datagram_look<const PROTOCOL: u8, F: Family>(tuple: &Tuple<F>, now: u64) -> SlotLook<F> {
+    if PROTOCOL == proto::UDP {
+        flow_cache::datagram_hit(tuple, now)
+    } else {
+        Look::Passed
     }
 }
 

@@ -3614,6 +3614,133 @@ fn udp_datagrams_are_served_from_the_flow_caches_until_their_endpoint_leaves() {
     );
 }
 
+/// A UDP datagram of a flow this CPU's cache holds is served before the frontend's lookup, as
+/// a TCP segment of a live flow is, and still meets what the frontend's checks would: a client
+/// that the service's loadBalancerSourceRanges no longer hold is dropped on its next datagram;
+/// ranges that a service without them gains apply once the slot runs out (at the entry's
+/// refresh, here 200 ms); a frontend removed (its filter bit cleared) translates nothing more.
+#[test]
+fn a_udp_flow_served_from_the_flow_cache_meets_the_source_ranges_and_frontend_in_force() {
+    use std::time::Duration;
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "udprange").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            timeouts: lb_common::CtTimeouts {
+                // A slot serves until the entry's refresh: a quarter of the UDP timeout, 200
+                // ms (the closing timeout's quarter, which also bounds it, is longer).
+                udp: Duration::from_millis(800).as_nanos() as u64,
+                tcp_closing: Duration::from_secs(4).as_nanos() as u64,
+                ..short_timeouts()
+            },
+            ..Default::default()
+        })
+        .expect("config");
+    let load_balancer_ip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 20), 53);
+    let admitted = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 41000);
+    let load_balancer = |ranges: &[(Ipv4Addr, u8)]| Service {
+        id: 5,
+        frontends: vec![Frontend {
+            addr: std::net::IpAddr::V4(*load_balancer_ip.ip()),
+            port: load_balancer_ip.port(),
+            proto: proto::UDP,
+            kind: service_flags::LOAD_BALANCER,
+        }],
+        backends: vec![3],
+        flags: if ranges.is_empty() {
+            0
+        } else {
+            service_flags::SOURCE_RANGES
+        },
+        source_ranges: ranges
+            .iter()
+            .map(|&(addr, len)| (addr.into(), len))
+            .collect(),
+        ..Default::default()
+    };
+    let client_range = (Ipv4Addr::new(192, 0, 2, 0), 24);
+    let other_range = (Ipv4Addr::new(203, 0, 113, 128), 25);
+    let to_pod = |from: SocketAddrV4, to: SocketAddrV4| {
+        case(
+            "a datagram to the pod",
+            packet::udp(from, to, b"q"),
+            XDP_PASS,
+            Expect::Bytes(packet::udp(from, POD_A, b"q")),
+        )
+    };
+    let dropped = |from: SocketAddrV4, to: SocketAddrV4| {
+        case(
+            "a datagram from outside the ranges",
+            packet::udp(from, to, b"q"),
+            XDP_DROP,
+            Expect::Unchanged,
+        )
+    };
+    let hits = |datapath: &Datapath| lab::table::cache_counts(datapath, "xdp", "IPv4", "UDP").hits;
+    let source_range_drops =
+        |datapath: &Datapath| datapath.events().expect("events")["drop_source_range"];
+
+    // Admitted by its range; the flow's second datagram fills the slot, the next ones hit.
+    datapath
+        .put_service(&load_balancer(&[client_range]))
+        .expect("service");
+    let flow = to_pod(admitted, load_balancer_ip);
+    run_xdp(&datapath, &[flow.clone(), flow.clone(), flow.clone()]);
+    assert_eq!(
+        hits(&datapath),
+        1,
+        "the third datagram served from the slot"
+    );
+    // The client's range goes (another stays): its next datagram, which the slot would serve,
+    // is dropped.
+    datapath
+        .put_service(&load_balancer(&[other_range]))
+        .expect("ranges narrowed");
+    run_xdp(&datapath, &[dropped(admitted, load_balancer_ip)]);
+    assert_eq!(
+        (hits(&datapath), source_range_drops(&datapath)),
+        (2, 1),
+        "dropped on the slot's hit, by the ranges in force"
+    );
+
+    // A client of the service without ranges, its flow in the slot; then the service gains
+    // ranges that leave the client out.
+    let unchecked = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 8), 41001);
+    datapath
+        .put_service(&load_balancer(&[]))
+        .expect("no ranges");
+    let flow = to_pod(unchecked, load_balancer_ip);
+    run_xdp(&datapath, &[flow.clone(), flow.clone(), flow.clone()]);
+    assert_eq!(hits(&datapath), 3, "served from the slot");
+    datapath
+        .put_service(&load_balancer(&[other_range]))
+        .expect("ranges gained");
+    std::thread::sleep(Duration::from_millis(250));
+    run_xdp(&datapath, &[dropped(unchecked, load_balancer_ip)]);
+    assert_eq!(
+        source_range_drops(&datapath),
+        2,
+        "the slot run out by the entry's refresh, the full path applies the ranges"
+    );
+
+    // A NodePort flow in the slot; its Service leaves.
+    let flow = to_pod(CLIENT, FRONTEND);
+    run_xdp(&datapath, &[flow.clone(), flow.clone(), flow.clone()]);
+    assert_eq!(hits(&datapath), 4, "served from the slot");
+    datapath.remove_service(2).expect("remove");
+    run_xdp(
+        &datapath,
+        &[case(
+            "a datagram of the flow, its frontend gone",
+            packet::udp(CLIENT, FRONTEND, b"q"),
+            XDP_PASS,
+            Expect::Unchanged,
+        )],
+    );
+}
+
 /// tc egress translates a UDP flow's answers whether or not the flow is live, so its answer
 /// slot must not outlive the flow's entry: once the client has been quiet past the UDP timeout,
 /// its address and port may start a flow to another frontend, and the same endpoint's answers

@@ -1350,3 +1350,99 @@ fn ipv6_udp_datagrams_are_served_from_the_flow_caches_until_their_endpoint_leave
         "the flow to pod B fills the slot anew"
     );
 }
+
+/// The IPv6 twin of datapath_table's test of a cached UDP flow against the source ranges and
+/// the frontend in force: a datagram the slot would serve is dropped once its client is outside
+/// the service's loadBalancerSourceRanges, and a flow whose frontend is gone is not translated.
+#[test]
+fn an_ipv6_udp_flow_served_from_the_flow_cache_meets_the_source_ranges_and_frontend_in_force() {
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "udprange6").expect("pin dir");
+    let mut datapath = datapath(&pins);
+    let load_balancer_ip =
+        SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 20), 53, 0, 0);
+    let admitted = SocketAddrV6::new(
+        Ipv6Addr::new(0x2001, 0xdb8, 0x2, 0, 0, 0, 0, 7),
+        41000,
+        0,
+        0,
+    );
+    let load_balancer = |range: Ipv6Addr| Service {
+        id: 5,
+        frontends: vec![Frontend {
+            addr: IpAddr::V6(*load_balancer_ip.ip()),
+            port: load_balancer_ip.port(),
+            proto: proto::UDP,
+            kind: service_flags::LOAD_BALANCER,
+        }],
+        backends: vec![2],
+        flags: service_flags::SOURCE_RANGES,
+        source_ranges: [(IpAddr::V6(range), 64)].into(),
+        ..Default::default()
+    };
+    let to_pod = |from: SocketAddrV6, to: SocketAddrV6| {
+        case(
+            "a datagram to the pod",
+            packet6::udp(from, to, b"q"),
+            XDP_PASS,
+            Expect::Bytes(packet6::udp(from, POD_A, b"q")),
+        )
+    };
+    let run = |datapath: &Datapath, cases: &[Case]| {
+        run_table(
+            datapath.program_fd(program_names::XDP_LB).expect("lb_xdp"),
+            cases,
+        );
+    };
+    let hits = |datapath: &Datapath| lab::table::cache_counts(datapath, "xdp", "IPv6", "UDP").hits;
+
+    datapath
+        .put_service(&load_balancer(Ipv6Addr::new(
+            0x2001, 0xdb8, 0x2, 0, 0, 0, 0, 0,
+        )))
+        .expect("service");
+    let flow = to_pod(admitted, load_balancer_ip);
+    run(&datapath, &[flow.clone(), flow.clone(), flow.clone()]);
+    assert_eq!(
+        hits(&datapath),
+        1,
+        "the third datagram served from the slot"
+    );
+    datapath
+        .put_service(&load_balancer(Ipv6Addr::new(
+            0x2001, 0xdb8, 0x3, 0, 0, 0, 0, 0,
+        )))
+        .expect("ranges narrowed");
+    run(
+        &datapath,
+        &[case(
+            "a datagram from outside the ranges",
+            packet6::udp(admitted, load_balancer_ip, b"q"),
+            XDP_DROP,
+            Expect::Unchanged,
+        )],
+    );
+    assert_eq!(
+        (
+            hits(&datapath),
+            datapath.events().expect("events")["drop_source_range"]
+        ),
+        (2, 1),
+        "dropped on the slot's hit, by the ranges in force"
+    );
+
+    let flow = to_pod(CLIENT, FRONTEND);
+    run(&datapath, &[flow.clone(), flow.clone(), flow.clone()]);
+    assert_eq!(hits(&datapath), 3, "the NodePort flow served from the slot");
+    datapath.remove_service(2).expect("remove");
+    run(
+        &datapath,
+        &[case(
+            "a datagram of the flow, its frontend gone",
+            packet6::udp(CLIENT, FRONTEND, b"q"),
+            XDP_PASS,
+            Expect::Unchanged,
+        )],
+    );
+}
