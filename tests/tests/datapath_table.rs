@@ -3618,7 +3618,8 @@ fn udp_datagrams_are_served_from_the_flow_caches_until_their_endpoint_leaves() {
 /// a TCP segment of a live flow is, and still meets what the frontend's checks would: a client
 /// that the service's loadBalancerSourceRanges no longer hold is dropped on its next datagram;
 /// ranges that a service without them gains apply once the slot runs out (at the entry's
-/// refresh, here 200 ms); a frontend removed (its filter bit cleared) translates nothing more.
+/// refresh, 1 s with the default UDP timeout); a frontend removed (its filter bit cleared)
+/// translates nothing more.
 #[test]
 fn a_udp_flow_served_from_the_flow_cache_meets_the_source_ranges_and_frontend_in_force() {
     use std::time::Duration;
@@ -3626,18 +3627,6 @@ fn a_udp_flow_served_from_the_flow_cache_meets_the_source_ranges_and_frontend_in
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "udprange").expect("pin dir");
     let mut datapath = datapath(&pins, vec![1]);
-    datapath
-        .set_config(&lb_common::DatapathConfig {
-            timeouts: lb_common::CtTimeouts {
-                // A slot serves until the entry's refresh: a quarter of the UDP timeout, 200
-                // ms (the closing timeout's quarter, which also bounds it, is longer).
-                udp: Duration::from_millis(800).as_nanos() as u64,
-                tcp_closing: Duration::from_secs(4).as_nanos() as u64,
-                ..short_timeouts()
-            },
-            ..Default::default()
-        })
-        .expect("config");
     let load_balancer_ip = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 20), 53);
     let admitted = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 41000);
     let load_balancer = |ranges: &[(Ipv4Addr, u8)]| Service {
@@ -3717,7 +3706,8 @@ fn a_udp_flow_served_from_the_flow_cache_meets_the_source_ranges_and_frontend_in
     datapath
         .put_service(&load_balancer(&[other_range]))
         .expect("ranges gained");
-    std::thread::sleep(Duration::from_millis(250));
+    // The slot serves until the entry's refresh, a second after the flow's start.
+    std::thread::sleep(Duration::from_millis(1100));
     run_xdp(&datapath, &[dropped(unchecked, load_balancer_ip)]);
     assert_eq!(
         source_range_drops(&datapath),
