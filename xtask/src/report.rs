@@ -259,8 +259,8 @@ fn summary(
         let _ = write!(
             out,
             "\n## End to end\n\n{} interleaved rounds of {} ms per run. Median rate (requests/s), its \
-             ratio to straight to a pod [lowest-highest round by round], median p50 / p99 latency \
-             in µs:\n\n",
+             ratio to straight to a pod [lowest-highest round by round; the median of the round-by-round \
+             ratios, where recorded], median p50 / p99 latency in µs:\n\n",
             e2e.get("rounds").map(Value::to_string).unwrap_or_default(),
             e2e.get("duration_ms")
                 .map(Value::to_string)
@@ -796,13 +796,17 @@ fn e2e_table(out: &mut String, e2e: &Value) {
             });
             match found {
                 Some(other) => {
+                    // Runs before the round-by-round median was recorded have the range only.
+                    let paired = f(other, "round_ratio_median")
+                        .map(|paired| format!("; {paired:.2}x"))
+                        .unwrap_or_default();
                     let ratio = match (
                         f(other, "ratio_to_baseline"),
                         f(other, "round_ratio_min"),
                         f(other, "round_ratio_max"),
                     ) {
                         (Some(ratio), Some(low), Some(high)) if key.0 != "baseline" => {
-                            format!(" {ratio:.2}x [{low:.2}-{high:.2}]")
+                            format!(" {ratio:.2}x [{low:.2}-{high:.2}{paired}]")
                         }
                         (Some(ratio), _, _) => format!(" {ratio:.2}x"),
                         _ => String::new(),
@@ -1481,6 +1485,39 @@ mod tests {
             "round_ratio_min": if baseline { Value::Null } else { 0.97.into() },
             "round_ratio_max": if baseline { Value::Null } else { 2.7.into() },
         })
+    }
+
+    #[test]
+    fn an_end_to_end_cell_shows_its_round_by_round_median_where_recorded() {
+        let mut paired = e2e_cell("lb", 10_000, "connect/request/close", 1, 70.0);
+        paired["round_ratio_median"] = 1.02.into();
+        let e2e = serde_json::json!({
+            "clients": [1],
+            "cells": [
+                e2e_cell("baseline", 0, "connect/request/close", 1, 65.0),
+                paired,
+                e2e_cell("lb", 1_000, "connect/request/close", 1, 70.0),
+            ],
+        });
+        let mut out = String::new();
+        e2e_table(&mut out, &e2e);
+        let row = |services: &str| {
+            out.lines()
+                .find(|line| line.starts_with(&format!("| lb | {services} |")))
+                .unwrap()
+                .to_owned()
+        };
+        assert!(
+            row("10000").contains(" 1.07x [0.97-2.70; 1.02x], "),
+            "{out}"
+        );
+        assert!(row("1000").contains(" 1.07x [0.97-2.70], "), "{out}");
+        assert!(
+            out.contains(
+                "| baseline | 0 | pod -> pod | connect/request/close | 31948 1.00x, 65 / 66 |"
+            ),
+            "{out}"
+        );
     }
 
     #[test]

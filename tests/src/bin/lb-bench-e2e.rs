@@ -550,9 +550,16 @@ struct Cell {
     /// lowest and highest.
     round_ratio_min: Option<f64>,
     round_ratio_max: Option<f64>,
+    /// The median of those round-by-round ratios: a paired figure, in which a round the machine
+    /// made slow for every configuration cancels out.
+    round_ratio_median: Option<f64>,
     /// Median rate / the median straight-to-pod rate of the same configuration, when that was
     /// measured (--direct-everywhere).
     ratio_to_same_config_direct: Option<f64>,
+    /// The same round by round (each run against the same configuration's straight-to-pod run
+    /// of its round): the median. What the configuration costs its Service's traffic over what
+    /// it costs any traffic through its node.
+    round_ratio_to_same_config_direct_median: Option<f64>,
 }
 
 /// The clients of one configuration.
@@ -1157,7 +1164,9 @@ fn cells(runs: &[Run]) -> Vec<Cell> {
                 ratio_to_baseline: None,
                 round_ratio_min: None,
                 round_ratio_max: None,
+                round_ratio_median: None,
                 ratio_to_same_config_direct: None,
+                round_ratio_to_same_config_direct_median: None,
             }
         })
         .collect();
@@ -1209,25 +1218,33 @@ fn cells(runs: &[Run]) -> Vec<Cell> {
         {
             cell.ratio_to_baseline =
                 Some(cell.rate_median_per_s / snapshot[index].rate_median_per_s);
-            let base = &groups[index];
-            let ratios: Vec<f64> = group
-                .iter()
-                .filter_map(|run| {
-                    let other = base.iter().find(|other| other.round == run.round)?;
-                    (other.rate_per_s > 0).then(|| run.rate_per_s as f64 / other.rate_per_s as f64)
-                })
-                .collect();
+            let mut ratios = round_ratios(group, &groups[index]);
             cell.round_ratio_min = ratios.iter().copied().reduce(f64::min);
             cell.round_ratio_max = ratios.iter().copied().reduce(f64::max);
+            cell.round_ratio_median = (!ratios.is_empty()).then(|| median(&mut ratios));
         }
         if let Some(index) = reference(&cell.system, cell.services)
             && snapshot[index].rate_median_per_s > 0.0
         {
             cell.ratio_to_same_config_direct =
                 Some(cell.rate_median_per_s / snapshot[index].rate_median_per_s);
+            let mut ratios = round_ratios(group, &groups[index]);
+            cell.round_ratio_to_same_config_direct_median =
+                (!ratios.is_empty()).then(|| median(&mut ratios));
         }
     }
     cells
+}
+
+/// Each run's rate against the rate of `reference`'s run of the same round, for the rounds
+/// both have a run with a rate in.
+fn round_ratios(runs: &[&Run], reference: &[&Run]) -> Vec<f64> {
+    runs.iter()
+        .filter_map(|run| {
+            let other = reference.iter().find(|other| other.round == run.round)?;
+            (other.rate_per_s > 0).then(|| run.rate_per_s as f64 / other.rate_per_s as f64)
+        })
+        .collect()
 }
 
 fn find<'a>(
@@ -1320,11 +1337,44 @@ fn targets(cells: &[Cell], args: &Args) -> Vec<Target> {
     targets
 }
 
+/// With --direct-everywhere: each Service path against straight to a pod from the same place
+/// through the same configuration's lab, round by round, which leaves out what the
+/// configuration's programs or rules cost every packet through its node.
+fn print_same_config_direct(report: &Report) {
+    let paired: Vec<&Cell> = report
+        .cells
+        .iter()
+        .filter(|cell| {
+            cell.system != "baseline"
+                && !cell.path.contains("-> pod")
+                && cell.round_ratio_to_same_config_direct_median.is_some()
+        })
+        .collect();
+    if paired.is_empty() {
+        return;
+    }
+    println!(
+        "\neach Service path against straight to a pod from the same place in the same lab, the \
+         median of the round-by-round ratios:\n"
+    );
+    for cell in paired {
+        if let (Some(paired), Some(of_medians)) = (
+            cell.round_ratio_to_same_config_direct_median,
+            cell.ratio_to_same_config_direct,
+        ) {
+            println!(
+                "  {} {} {} {} x{}: {paired:.2}x (ratio of the medians {of_medians:.2}x)",
+                cell.system, cell.services, cell.path, cell.mode, cell.clients
+            );
+        }
+    }
+}
+
 fn print_tables(report: &Report) {
     println!(
         "\nend to end in the lab, {} interleaved rounds of {} ms runs: median rate (requests/s, all \
          clients) +-half the range of the runs' rates, median ratio to straight-to-pod [lowest-highest \
-         round by round], median p50 / p99 latency in us\n",
+         round by round; their median], median p50 / p99 latency in us\n",
         report.rounds, report.duration_ms
     );
     let mut header = String::from("| system | services | path | mode |");
@@ -1358,11 +1408,14 @@ fn print_tables(report: &Report) {
                         other.ratio_to_baseline,
                         other.round_ratio_min,
                         other.round_ratio_max,
+                        other.round_ratio_median,
                     ) {
-                        (Some(ratio), Some(low), Some(high)) if other.system != "baseline" => {
-                            format!(" {ratio:.2}x [{low:.2}-{high:.2}]")
+                        (Some(ratio), Some(low), Some(high), Some(paired))
+                            if other.system != "baseline" =>
+                        {
+                            format!(" {ratio:.2}x [{low:.2}-{high:.2}; {paired:.2}x]")
                         }
-                        (Some(ratio), _, _) => format!(" {ratio:.2}x"),
+                        (Some(ratio), ..) => format!(" {ratio:.2}x"),
                         _ => String::new(),
                     };
                     let errors = if other.errors > 0 {
@@ -1384,6 +1437,7 @@ fn print_tables(report: &Report) {
         }
         println!("{row}");
     }
+    print_same_config_direct(report);
     println!("\nloading the rule sets from nothing (inside lab node1's namespace):\n");
     println!("| rule set | services x endpoints | input lines | load |\n|---|---|---:|---:|");
     for load in &report.rule_loads {
@@ -1423,5 +1477,71 @@ fn print_tables(report: &Report) {
                 format!("NOT met (>= {:.2})", target.limit)
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Run, cells};
+
+    fn run(system: &str, path: &str, round: u32, rate_per_s: u64) -> Run {
+        Run {
+            system: system.to_owned(),
+            services: if system == "baseline" { 0 } else { 10 },
+            path: path.to_owned(),
+            mode: "connect/request/close".to_owned(),
+            clients: 1,
+            round,
+            rate_per_s,
+            p50_us: 0.0,
+            p90_us: 0.0,
+            p99_us: 0.0,
+            max_us: 0.0,
+            attempts: rate_per_s,
+            ok: rate_per_s,
+            errors: 0,
+            error_samples: Vec::new(),
+            by_server: Default::default(),
+            peers_seen: Default::default(),
+        }
+    }
+
+    /// Rounds 0-2: the machine halves every rate in round 1. The ratios of the medians mix
+    /// rounds (900 / 1,000 here), the round-by-round ones pair each run with its round's.
+    #[test]
+    fn ratios_pair_each_run_with_its_rounds_reference() {
+        let runs = [
+            run("baseline", "pod -> pod", 0, 1_000),
+            run("baseline", "pod -> pod", 1, 500),
+            run("baseline", "pod -> pod", 2, 1_100),
+            run("lb", "pod -> pod", 0, 1_000),
+            run("lb", "pod -> pod", 1, 400),
+            run("lb", "pod -> pod", 2, 1_000),
+            run("lb", "pod -> ClusterIP", 0, 900),
+            run("lb", "pod -> ClusterIP", 1, 440),
+            run("lb", "pod -> ClusterIP", 2, 990),
+        ];
+        let cells = cells(&runs);
+        let cell = |system: &str, path: &str| {
+            cells
+                .iter()
+                .find(|cell| cell.system == system && cell.path == path)
+                .unwrap()
+        };
+        let service = cell("lb", "pod -> ClusterIP");
+        // Medians: 900 against the baseline's 1,000 and the lab's own 1,000.
+        assert_eq!(service.ratio_to_baseline, Some(0.9));
+        assert_eq!(service.ratio_to_same_config_direct, Some(0.9));
+        // Against the baseline by round: 0.9, 0.88, 0.9.
+        assert_eq!(service.round_ratio_min, Some(0.88));
+        assert_eq!(service.round_ratio_max, Some(0.9));
+        assert_eq!(service.round_ratio_median, Some(0.9));
+        // Against the lab's own straight-to-pod runs by round: 0.9, 1.1, 0.99.
+        assert_eq!(service.round_ratio_to_same_config_direct_median, Some(0.99));
+        let direct = cell("lb", "pod -> pod");
+        // 1.0, 0.8, 1000 / 1100.
+        assert_eq!(direct.round_ratio_median, Some(1_000.0 / 1_100.0));
+        assert_eq!(direct.round_ratio_to_same_config_direct_median, Some(1.0));
+        assert_eq!(cell("baseline", "pod -> pod").round_ratio_median, Some(1.0));
     }
 }
