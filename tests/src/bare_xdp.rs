@@ -18,6 +18,8 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 /// `enum bpf_attach_type` (include/uapi/linux/bpf.h).
 const BPF_XDP: u32 = 37;
+/// `XDP_FLAGS_SKB_MODE` (include/uapi/linux/if_link.h): generic XDP, in the stack.
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 /// `XDP_FLAGS_DRV_MODE` (include/uapi/linux/if_link.h): native XDP, in the driver.
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 pub const XDP_DROP: i32 = 1;
@@ -128,6 +130,15 @@ pub fn load_generator(header: &[u8]) -> io::Result<OwnedFd> {
 /// Attaches an XDP program to an interface of the calling thread's network namespace in native
 /// (driver) mode through a bpf_link; the program stays attached until the returned fd closes.
 pub fn attach_native(program: &OwnedFd, ifindex: u32) -> io::Result<OwnedFd> {
+    attach(program, ifindex, XDP_FLAGS_DRV_MODE)
+}
+
+/// [`attach_native`] in generic mode (XDP run by the stack on each skb).
+pub fn attach_generic(program: &OwnedFd, ifindex: u32) -> io::Result<OwnedFd> {
+    attach(program, ifindex, XDP_FLAGS_SKB_MODE)
+}
+
+fn attach(program: &OwnedFd, ifindex: u32, flags: u32) -> io::Result<OwnedFd> {
     use std::os::fd::AsRawFd as _;
     #[repr(C)]
     struct LinkCreateAttr {
@@ -140,7 +151,7 @@ pub fn attach_native(program: &OwnedFd, ifindex: u32) -> io::Result<OwnedFd> {
         prog_fd: program.as_raw_fd() as u32,
         target_ifindex: ifindex,
         attach_type: BPF_XDP,
-        flags: XDP_FLAGS_DRV_MODE,
+        flags,
     };
     // SAFETY: attr is a valid bpf_attr prefix (link_create) of the size passed, alive for the call.
     let fd = unsafe {
