@@ -35,6 +35,22 @@ pub mod table;
 pub mod topology;
 pub mod two_nics;
 
+/// Writes a bench's report as pretty JSON to `path` (its directory created when missing) and
+/// says where on stdout.
+pub fn write_json_report(
+    path: &std::path::Path,
+    report: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nJSON: {}", path.display());
+    Ok(())
+}
+
 /// The IPv4 address of a model value (a `Frontend` or `Backend` address) that a test made
 /// IPv4; an IPv6 one is a test's mistake.
 pub fn ipv4(addr: std::net::IpAddr) -> std::net::Ipv4Addr {

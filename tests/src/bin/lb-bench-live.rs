@@ -238,13 +238,7 @@ fn main() -> anyhow::Result<()> {
         load_average_before,
         load_average_after: lab::lab::load_average(),
     };
-    if let Some(dir) = args.out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("\nJSON: {}", args.out.display());
-    Ok(())
+    lab::write_json_report(&args.out, &report)
 }
 
 impl LiveLab {

@@ -259,13 +259,7 @@ fn main() -> anyhow::Result<()> {
             report.rounds
         );
     }
-    if let Some(dir) = args.out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("\nJSON: {}", args.out.display());
-    Ok(())
+    lab::write_json_report(&args.out, &report)
 }
 
 #[cfg(test)]

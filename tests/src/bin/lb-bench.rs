@@ -733,14 +733,7 @@ fn main() -> anyhow::Result<()> {
         targets,
         monitor_events,
     };
-    if let Some(dir) = args.out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let json = serde_json::to_string_pretty(&report)?;
-    std::fs::write(&args.out, json + "\n")
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("\nJSON: {}", args.out.display());
-    Ok(())
+    lab::write_json_report(&args.out, &report)
 }
 
 /// The packets and state of every path of one family at one size.
