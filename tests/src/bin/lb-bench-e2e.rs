@@ -84,6 +84,11 @@ struct Args {
     /// straight to a pod over IPv6 (`--ipv6 false`: IPv4 only).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     ipv6: bool,
+    /// XDP mode of lb's agent on node1's NIC, a veth whose peer runs NAPI (native: as on a
+    /// physical NIC; generic: what `--xdp-mode auto` picks on a veth). A veth in native mode
+    /// costs every connection through it (`lb-bench-veth-xdp`).
+    #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
+    xdp_mode: String,
     #[arg(long, default_value = "target/bench/e2e.json")]
     out: PathBuf,
     /// lb-bench-control's results, shown next to the rule loading times when present.
@@ -815,6 +820,8 @@ struct Report {
     clients: Vec<usize>,
     services: Vec<usize>,
     endpoints_per_service: usize,
+    /// lb's XDP mode on node1's NIC (`--xdp-mode`).
+    lb_xdp_mode: String,
     /// Every run, in the order they ran.
     runs: Vec<Run>,
     /// The runs summed up per system, size, path, mode and client count.
@@ -891,7 +898,12 @@ fn main() -> anyhow::Result<()> {
             // than the default manifest size limit. With IPv6, node1's IPv6 address serves
             // NodePorts and SNATs to node2's endpoints.
             let node1_v6 = node_addr6(1).to_string();
-            let mut flags = vec!["--manifest-max-bytes", "1073741824"];
+            let mut flags = vec![
+                "--manifest-max-bytes",
+                "1073741824",
+                "--xdp-mode",
+                args.xdp_mode.as_str(),
+            ];
             if args.ipv6 {
                 flags.extend(["--node-address", node1_v6.as_str()]);
             }
@@ -1023,6 +1035,7 @@ fn main() -> anyhow::Result<()> {
         clients: args.clients.clone(),
         services: args.services.clone(),
         endpoints_per_service: args.endpoints,
+        lb_xdp_mode: args.xdp_mode.clone(),
         runs,
         cells,
         rule_loads,
