@@ -86,7 +86,7 @@ struct Args {
     ipv6: bool,
     /// XDP mode of lb's agent on node1's NIC, a veth whose peer runs NAPI (native: as on a
     /// physical NIC; generic: what `--xdp-mode auto` picks on a veth). A veth in native mode
-    /// costs every connection through it (`lb-bench-veth-xdp`).
+    /// costs every connection through it (`lb-bench-other-traffic`).
     #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
     xdp_mode: String,
     #[arg(long, default_value = "target/bench/e2e.json")]
