@@ -35,7 +35,7 @@ use serde::Serialize;
 #[derive(Parser)]
 #[command(about = "What XDP on a veth and lb's socket hooks cost connections to no Service")]
 struct Args {
-    /// Rounds; each measures every mode without and with the program once.
+    /// Rounds; each measures every piece and load mode once without and once with the piece.
     #[arg(long, default_value_t = 12)]
     rounds: u32,
     /// Length of every measured run.
