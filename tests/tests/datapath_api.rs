@@ -788,3 +788,130 @@ fn each_xdp_program_group_is_loaded_for_its_first_frontend_and_at_a_start_that_f
         );
     }
 }
+
+/// How many programs are attached directly to `cgroup` for `attach_type`, as the kernel reports
+/// them (BPF_PROG_QUERY), not as the datapath's pins say.
+fn programs_attached(cgroup: &lab::lab::Cgroup, attach_type: u32) -> u32 {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    let dir = std::fs::File::open(cgroup.path()).expect("open the cgroup");
+    let mut attr = QueryAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid bpf_attr prefix (query) of the size passed, alive for the call;
+    // prog_ids 0 asks for the count alone.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut QueryAttr,
+            size_of::<QueryAttr>(),
+        )
+    };
+    assert_eq!(
+        result,
+        0,
+        "BPF_PROG_QUERY: {}",
+        std::io::Error::last_os_error()
+    );
+    attr.prog_cnt
+}
+
+/// The check of pods' packets against loadBalancerSourceRanges (`lb_sock_egress4`) runs on
+/// every packet of every socket in the cgroup, so it is attached only while an installed service
+/// has ranges: from before such a service's frontends are written until the last one is gone,
+/// and a new load takes over or removes what an earlier one left.
+#[test]
+fn the_source_range_egress_check_is_attached_only_while_a_service_has_ranges() {
+    // include/uapi/linux/bpf.h, enum bpf_attach_type.
+    const BPF_CGROUP_INET_EGRESS: u32 = 1;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "egress").expect("pins");
+    let cgroup = lab::lab::Cgroup::new(&lab, "egress").expect("cgroup");
+    // A link whose last pin goes is freed by a kernel work item (kernel/bpf/syscall.c,
+    // bpf_link_put), so a detach shows a moment later: the count is polled for a second.
+    let egress = || {
+        let mut count = programs_attached(&cgroup, BPF_CGROUP_INET_EGRESS);
+        for _ in 0..100 {
+            if count == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            count = programs_attached(&cgroup, BPF_CGROUP_INET_EGRESS);
+        }
+        count
+    };
+    let backend = Backend {
+        addr: Ipv4Addr::new(10, 244, 1, 10).into(),
+        port: 8080,
+        proto: proto::TCP,
+        flags: 0,
+    };
+    let ranged = Service {
+        flags: service_flags::SOURCE_RANGES,
+        source_ranges: [(Ipv4Addr::new(192, 0, 2, 0).into(), 24)].into(),
+        ..service(
+            2,
+            vec![Frontend {
+                addr: Ipv4Addr::new(198, 51, 100, 7).into(),
+                port: 443,
+                proto: proto::TCP,
+                kind: service_flags::LOAD_BALANCER,
+            }],
+            vec![1],
+        )
+    };
+    let unranged = Service {
+        flags: 0,
+        source_ranges: Default::default(),
+        ..ranged.clone()
+    };
+
+    let mut datapath = Datapath::load(pins.path()).expect("load");
+    datapath.put_backend(1, &backend).expect("backend");
+    datapath
+        .put_service(&service(1, vec![frontend(1)], vec![1]))
+        .expect("a service without ranges");
+    datapath.attach_cgroup(cgroup.path()).expect("attach");
+    assert_eq!(programs_attached(&cgroup, BPF_CGROUP_INET4_CONNECT), 1);
+    assert_eq!(egress(), 0, "no service has ranges");
+
+    datapath.put_service(&ranged).expect("ranges gained");
+    assert_eq!(egress(), 1, "a service has ranges");
+    datapath.put_service(&unranged).expect("ranges dropped");
+    assert_eq!(egress(), 0, "its ranges went");
+    datapath.put_service(&ranged).expect("ranges again");
+    datapath.remove_service(2).expect("remove");
+    assert_eq!(egress(), 0, "the ranged service went");
+
+    // A new load finding a ranged service takes the check over; one whose services lost their
+    // ranges before it attached removes the link the earlier load left.
+    datapath.put_service(&ranged).expect("ranges again");
+    drop(datapath);
+    let mut datapath = Datapath::load(pins.path()).expect("load again");
+    datapath.attach_cgroup(cgroup.path()).expect("attach again");
+    assert_eq!(egress(), 1, "taken over");
+    drop(datapath);
+    let mut datapath = Datapath::load(pins.path()).expect("load a third time");
+    datapath.remove_service(2).expect("remove before attaching");
+    assert_eq!(egress(), 1, "nothing attached yet: the earlier link stays");
+    datapath
+        .attach_cgroup(cgroup.path())
+        .expect("attach a third time");
+    assert_eq!(egress(), 0, "the earlier link removed");
+    assert_eq!(programs_attached(&cgroup, BPF_CGROUP_INET4_CONNECT), 1);
+}

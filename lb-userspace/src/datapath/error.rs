@@ -51,6 +51,12 @@ pub enum DatapathError {
         path: PathBuf,
         source: aya::pin::PinError,
     },
+    #[error("removing the link of {program} pinned at {path}")]
+    UnpinLink {
+        program: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("interface name {0:?} contains a NUL byte")]
     InterfaceName(String),
     #[error("opening cgroup {path}")]

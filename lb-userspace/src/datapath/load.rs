@@ -279,6 +279,9 @@ impl Datapath {
             departed_udp: BTreeSet::new(),
             cleanup_failures: Vec::new(),
             clock,
+            hooks_cgroup: None,
+            ranged_services: BTreeSet::new(),
+            source_check_attached: false,
             names,
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -417,8 +420,67 @@ impl Datapath {
                 .map_err(|source| program_error(hook, operation(), source))?;
             pin_link(FdLink::try_from(link), &pin, hook)?;
         }
-        self.attach_sock_egress(cgroup, &file)?;
-        self.attach_sock_release(cgroup, &file)
+        self.attach_sock_release(cgroup, &file)?;
+        self.hooks_cgroup = Some(cgroup.to_owned());
+        self.ranged_services = self
+            .installed
+            .iter()
+            .filter(|(_, installed)| super::needs_source_check(installed))
+            .map(|(&id, _)| id)
+            .collect();
+        self.settle_source_check()
+    }
+
+    /// `lb_sock_egress4` on the hooks' cgroup while an installed service has source ranges, and
+    /// not otherwise: every packet of every socket in the cgroup passes it, about 2 µs a
+    /// request of a request/response connection (docs/datapath.md, known limits). At load, it
+    /// takes over or removes the link an earlier agent left.
+    pub(super) fn settle_source_check(&mut self) -> Result<()> {
+        if self.ranged_services.is_empty() {
+            self.detach_source_check()
+        } else {
+            self.attach_source_check()
+        }
+    }
+
+    /// Attaches `lb_sock_egress4` if it is not yet: before a service's frontends get the
+    /// ranges' flag, so that no socket records a check that no program makes.
+    pub(super) fn attach_source_check(&mut self) -> Result<()> {
+        if self.source_check_attached {
+            return Ok(());
+        }
+        let Some(cgroup) = self.hooks_cgroup.clone() else {
+            return Ok(());
+        };
+        let file = File::open(&cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.clone(),
+            source,
+        })?;
+        self.attach_sock_egress(&cgroup, &file)?;
+        self.source_check_attached = true;
+        Ok(())
+    }
+
+    /// Detaches `lb_sock_egress4`: its link lives in its pin alone.
+    fn detach_source_check(&mut self) -> Result<()> {
+        if self.hooks_cgroup.is_none() {
+            return Ok(());
+        }
+        let name = program_names::SOCK_EGRESS4;
+        let pin = self.link_pin(name)?;
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DatapathError::UnpinLink {
+                    program: name,
+                    path: pin,
+                    source,
+                });
+            }
+        }
+        self.source_check_attached = false;
+        Ok(())
     }
 
     /// `lb_sock_egress4` on the cgroup's egress, pinned like the other hooks.

@@ -127,6 +127,23 @@ pub struct Datapath {
     cleanup_failures: Vec<DatapathError>,
     /// The programs' clock as calibrated at load (None: they read the coarse-clock helper).
     clock: Option<lb_common::JiffiesClock>,
+    /// The cgroup the socket hooks are attached to ([`Datapath::attach_cgroup`]), where the
+    /// source-range check of pods' packets goes while a service needs it.
+    hooks_cgroup: Option<PathBuf>,
+    /// The installed services whose frontends carry `service_flags::SOURCE_RANGES`: while there
+    /// is one, `lb_sock_egress4` is attached to `hooks_cgroup`.
+    ranged_services: BTreeSet<u32>,
+    /// Whether this load attached `lb_sock_egress4` (or took over an earlier agent's link).
+    source_check_attached: bool,
+}
+
+/// Whether a pod's packets to one of the service's frontends must be checked against its
+/// source ranges (`lb_sock_egress4`): a frontend carries the ranges' flag.
+fn needs_source_check(installed: &InstalledService) -> bool {
+    installed
+        .frontends
+        .values()
+        .any(|flags| flags & service_flags::SOURCE_RANGES != 0)
 }
 
 /// A UDP backend that left a service.

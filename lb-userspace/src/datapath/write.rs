@@ -253,6 +253,9 @@ impl Datapath {
                 self.ensure_xdp_group(group)?;
             }
         }
+        if service.flags & service_flags::SOURCE_RANGES != 0 {
+            self.attach_source_check()?;
+        }
         let prepared = self.maglev_prepared.remove(&service.id);
         let previous = self.installed.get(&service.id).cloned();
         let result = self.put_service_with(service, prepared);
@@ -263,7 +266,27 @@ impl Datapath {
         {
             self.cleanup_failed(cleanup);
         }
+        self.track_source_check(service.id);
         result
+    }
+
+    /// Records whether service `id`, as installed now, needs the source-range check, and
+    /// detaches the check when no service needs it any more (a failure to is logged: the check
+    /// then only costs time).
+    fn track_source_check(&mut self, id: u32) {
+        if self
+            .installed
+            .get(&id)
+            .is_some_and(super::needs_source_check)
+        {
+            self.ranged_services.insert(id);
+            return;
+        }
+        if self.ranged_services.remove(&id)
+            && let Err(error) = self.settle_source_check()
+        {
+            self.cleanup_failed(error);
+        }
     }
 
     fn put_service_with(&mut self, service: &Service, prepared: Option<(u32, u32)>) -> Result<()> {
@@ -1001,6 +1024,7 @@ impl Datapath {
         if installed.maglev_tag.is_some() {
             self.remove_maglev_table(id)?;
         }
+        self.track_source_check(id);
         Ok(())
     }
 
