@@ -462,7 +462,7 @@ impl Datapath {
     }
 
     /// Detaches `lb_sock_egress4`: its link lives in its pin alone.
-    fn detach_source_check(&mut self) -> Result<()> {
+    pub(super) fn detach_source_check(&mut self) -> Result<()> {
         if self.hooks_cgroup.is_none() {
             return Ok(());
         }

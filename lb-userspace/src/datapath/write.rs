@@ -270,9 +270,9 @@ impl Datapath {
         result
     }
 
-    /// Records whether service `id`, as installed now, needs the source-range check, and
-    /// detaches the check when no service needs it any more (a failure to is logged: the check
-    /// then only costs time).
+    /// Records whether service `id`, as installed now (after a put, whether it took or not, or
+    /// a removal), needs the source-range check, and detaches the check when no service needs
+    /// it any more (a failure to is logged: the check then only costs time).
     fn track_source_check(&mut self, id: u32) {
         if self
             .installed
@@ -280,10 +280,12 @@ impl Datapath {
             .is_some_and(super::needs_source_check)
         {
             self.ranged_services.insert(id);
-            return;
+        } else {
+            self.ranged_services.remove(&id);
         }
-        if self.ranged_services.remove(&id)
-            && let Err(error) = self.settle_source_check()
+        if self.ranged_services.is_empty()
+            && self.source_check_attached
+            && let Err(error) = self.detach_source_check()
         {
             self.cleanup_failed(error);
         }
