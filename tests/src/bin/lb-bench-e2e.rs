@@ -1354,13 +1354,16 @@ fn targets(cells: &[Cell], args: &Args) -> Vec<Target> {
 /// through the same configuration's lab, round by round, which leaves out what the
 /// configuration's programs or rules cost every packet through its node.
 fn print_same_config_direct(report: &Report) {
-    let paired: Vec<&Cell> = report
+    let paired: Vec<(&Cell, f64, f64)> = report
         .cells
         .iter()
-        .filter(|cell| {
-            cell.system != "baseline"
-                && !cell.path.contains("-> pod")
-                && cell.round_ratio_to_same_config_direct_median.is_some()
+        .filter(|cell| cell.system != "baseline" && !cell.path.contains("-> pod"))
+        .filter_map(|cell| {
+            Some((
+                cell,
+                cell.round_ratio_to_same_config_direct_median?,
+                cell.ratio_to_same_config_direct?,
+            ))
         })
         .collect();
     if paired.is_empty() {
@@ -1370,16 +1373,11 @@ fn print_same_config_direct(report: &Report) {
         "\neach Service path against straight to a pod from the same place in the same lab, the \
          median of the round-by-round ratios:\n"
     );
-    for cell in paired {
-        if let (Some(paired), Some(of_medians)) = (
-            cell.round_ratio_to_same_config_direct_median,
-            cell.ratio_to_same_config_direct,
-        ) {
-            println!(
-                "  {} {} {} {} x{}: {paired:.2}x (ratio of the medians {of_medians:.2}x)",
-                cell.system, cell.services, cell.path, cell.mode, cell.clients
-            );
-        }
+    for (cell, paired, of_medians) in paired {
+        println!(
+            "  {} {} {} {} x{}: {paired:.2}x (ratio of the medians {of_medians:.2}x)",
+            cell.system, cell.services, cell.path, cell.mode, cell.clients
+        );
     }
 }
 
