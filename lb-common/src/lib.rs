@@ -5,6 +5,7 @@
 //! side cannot silently disagree with the other.
 #![no_std]
 
+pub mod dsr;
 pub mod icmp;
 pub mod ipv6;
 pub mod monitor;
@@ -40,7 +41,7 @@ pub mod map_names {
     /// Per-CPU [`crate::ServiceCounter`] by service id.
     pub const SERVICE_COUNTERS: &str = "lb_svc_cnt_v1";
     /// Per-CPU u64 by [`crate::Event`]: every drop (and notable pass) with its reason.
-    pub const EVENTS: &str = "lb_event_v5";
+    pub const EVENTS: &str = "lb_event_v6";
     /// Array of one [`crate::DatapathConfig`].
     pub const CONFIG: &str = "lb_cfg_v2";
     /// LPM trie of [`crate::SourceRange4`] -> u8: loadBalancerSourceRanges per service.
@@ -89,6 +90,13 @@ pub mod map_names {
     /// The programs `lb_tc_egress` tail-calls for IPv6 ([`crate::tc_programs`]), pinned as
     /// [`XDP_PROGRAMS`] is and for the same reason.
     pub const TC_PROGRAMS: &str = "lb_tcprog_v1";
+    /// Hash of [`crate::dsr::Admission4Key`] -> [`crate::dsr::AdmissionValue`]: the frontends
+    /// a DSR option may name for each endpoint on this node ([`crate::dsr`]). Rewritten whole
+    /// by the agent at every load, then kept in step with the services.
+    pub const DSR_ADMISSIONS4: &str = "lb4_dsradm_v1";
+    /// Hash of a node address (a number: host order of the wire bytes) -> 1: the IPv4
+    /// addresses of the cluster's Nodes, which a DSR option naming a NodePort must name.
+    pub const NODES4: &str = "lb4_nodes_v1";
 
     /// Maps earlier releases pinned under names whose layout has changed since: a new agent
     /// removes these pins (the maps themselves go when the old programs are swapped out).
@@ -98,6 +106,7 @@ pub mod map_names {
         "lb_event_v2",
         "lb_event_v3",
         "lb_event_v4",
+        "lb_event_v5",
         LEGACY_SLOTS4,
         LEGACY_BACKENDS4,
         LEGACY_BACKENDS6,
@@ -218,6 +227,8 @@ pub mod map_names {
         MONITOR_EVENTS,
         MONITOR_CONTROL,
         MONITOR_LOST,
+        DSR_ADMISSIONS4,
+        NODES4,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -248,6 +259,7 @@ pub mod map_names {
         CONNTRACK6,
         AFFINITY6,
         CONFIG6,
+        NODES4,
         MONITOR_EVENTS,
         MONITOR_CONTROL,
         MONITOR_LOST,
@@ -292,8 +304,14 @@ pub mod xdp_programs {
     /// `lb_xdp_lookup` ([`crate::program_names::XDP_LOOKUP`]): IPv4 TCP to a frontend that
     /// `lb_xdp` does not start a flow for without looking the client's key up.
     pub const LOOKUP: u32 = 12;
+    /// `lb_xdp_dsr` ([`crate::program_names::XDP_DSR`]): an IPv4 TCP SYN that carries a DSR
+    /// option ([`crate::dsr`]).
+    pub const DSR: u32 = 13;
+    /// `lb_xdp_direct` ([`crate::program_names::XDP_DIRECT`]): an IPv4 packet to a frontend of
+    /// a Service with direct server return that no live flow took.
+    pub const DIRECT_RETURN: u32 = 14;
     /// Slots in the array.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
 }
 
 /// Capacities of the maps. Every limit is a constant here; the agent refuses (with an error, never
@@ -321,6 +339,11 @@ pub mod limits {
     pub const MAX_AFFINITY6: u32 = 32_768;
     /// Socket reverse-NAT entries (one per connected socket to a Service).
     pub const MAX_SOCK_NAT: u32 = 262_144;
+    /// Pairs of a frontend and a local endpoint a DSR option may name
+    /// ([`crate::map_names::DSR_ADMISSIONS4`]).
+    pub const MAX_DSR_ADMISSIONS: u32 = 65_536;
+    /// IPv4 addresses of the cluster's Nodes ([`crate::map_names::NODES4`]).
+    pub const MAX_NODE_ADDRESSES: u32 = 16_384;
     /// loadBalancerSourceRanges entries across all services.
     pub const MAX_SOURCE_RANGES: u32 = 16_384;
     /// Session-affinity entries (client, service).
@@ -382,6 +405,15 @@ pub mod program_names {
     /// found held, a SYN from a port of the SNAT range, a segment of no live flow, and every
     /// packet of a dry run.
     pub const XDP_LOOKUP: &str = "lb_xdp_lookup";
+    /// XDP for an IPv4 TCP SYN whose header carries a DSR option ([`crate::dsr`]), tail-called
+    /// by [`XDP_LB`]: the start of a flow another node sent here for its endpoint to answer
+    /// directly.
+    pub const XDP_DSR: &str = "lb_xdp_dsr";
+    /// XDP for an IPv4 packet to a frontend of a Service with direct server return
+    /// ([`crate::dsr`]) that no live flow took, tail-called by [`XDP_LB`] and [`XDP_LOOKUP`]
+    /// after their lookup of the frontend: its flow (by DSR when it starts with a SYN to an
+    /// endpoint on another node), and the option in that SYN.
+    pub const XDP_DIRECT: &str = "lb_xdp_direct";
     /// XDP for UDP, tail-called by [`XDP_LB`]: the same datapath instantiated for UDP, which the
     /// verifier walks on its own (one program for every protocol passes its instruction limit).
     pub const XDP_UDP: &str = "lb_xdp_udp";
@@ -1010,6 +1042,10 @@ pub mod service_flags {
     /// This node's clients (the socket hooks) have an entry of their own for this frontend
     /// ([`crate::scope::NODE_CLIENTS`]), which they look up instead.
     pub const NODE_CLIENTS_ENTRY: u32 = 1 << 11;
+    /// With NODE_PORT, EXTERNAL_IP or LOAD_BALANCER: a new TCP flow from outside to an
+    /// endpoint on another node goes by direct server return ([`crate::dsr`]) instead of SNAT
+    /// (`lb run --nodeport-mode dsr`).
+    pub const DIRECT_RETURN: u32 = 1 << 13;
 }
 
 /// How long flows live without traffic, in nanoseconds; 0 stands for the default of
@@ -1688,6 +1724,11 @@ pub mod ct_flags {
     pub const SNAT: u8 = 1 << 0;
     /// SNAT flows, REPLY entry: the client has sent its FIN.
     pub const CLIENT_FIN: u8 = 1 << 1;
+    /// FLOW entries: the flow goes by direct server return ([`crate::dsr`]). On the node the
+    /// client sent to, its packets are DNATed only and forwarded, and its SYN carries the DSR
+    /// option; on the endpoint's node, the entry is kept alive by the endpoint's answers, the
+    /// only packets of the flow it sees. (REPLY entries use the bit as CLIENT_FIN.)
+    pub const DIRECT_RETURN: u8 = 1 << 1;
     /// SNAT flows, REPLY entry: the backend has sent its FIN.
     pub const BACKEND_FIN: u8 = 1 << 2;
     /// SNAT flows, REPLY entry: the backend's FIN came first, so the backend holds the
@@ -2122,6 +2163,19 @@ labelled_indexes! {
     /// table was missing (swapped in after its frontends, which the agent avoids) or named a
     /// backend no longer in the maps.
     MAGLEV_FALLBACK = "maglev_fallback",
+    /// Track: a new TCP flow's SYN left for its endpoint's node with a DSR option
+    /// ([`crate::dsr`]).
+    DSR_SENT = "dsr_sent",
+    /// Track: a DSR option was taken: its flow's FLOW entry written, the option stripped.
+    DSR_ACCEPTED = "dsr_accepted",
+    /// Drop: a DSR option that names no frontend of a Service of the endpoint it was sent to
+    /// (for a NodePort, on a node's address), or that came on anything but a SYN.
+    DROP_DSR_REFUSED = "drop_dsr_refused",
+    /// Drop: a DSR SYN whose client address and port another live flow of this node holds.
+    DROP_DSR_CLASH = "drop_dsr_clash",
+    /// Track: a SYN to a Service with direct server return whose IPv4 header carried options
+    /// of its own went by SNAT: the DSR option goes only into a header without options.
+    DSR_NO_ROOM = "dsr_no_room",
 }
 
 /// `aya::Pod` for the map types, so userspace can read and write them.
@@ -2174,7 +2228,9 @@ impl_pod!(
     SockNat6Key,
     SockNat6Value,
     monitor::MonitorControl,
-    monitor::MonitorEvent
+    monitor::MonitorEvent,
+    dsr::Admission4Key,
+    dsr::AdmissionValue
 );
 
 #[cfg(test)]
@@ -2708,6 +2764,7 @@ mod tests {
                 .filter(|word| {
                     [
                         "drop_", "pass_", "reject_", "sock_", "ct_", "nat_", "icmp_", "maglev_",
+                        "dsr_",
                     ]
                     .iter()
                     .any(|prefix| word.starts_with(prefix))

@@ -10,9 +10,10 @@ use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::{debug, warn};
 use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, BackendValue, CtAddr, CtKey, CtTimeouts, CtValue,
-    DEFAULT_SNAT_PORTS, DatapathConfig, Event, FlowValue, FrontendKey, FrontendSlotHead,
-    ServiceValue, SnatPortProbe, SourceRange, backend_flags, ct_direction, ct_flags, ct_timeouts,
-    flow_key, frontend_index, maglev, proto, scope, sctp, service_flags, tcp_seq, tcp_state,
+    DEFAULT_SNAT_PORTS, DatapathConfig, Event, Flow4Value, FlowValue, FrontendKey,
+    FrontendSlotHead, ServiceValue, SnatPortProbe, SourceRange, backend_flags, ct_direction,
+    ct_flags, ct_timeouts, dsr::AdmissionValue, flow_key, frontend_index, maglev, proto, scope,
+    sctp, service_flags, tcp_seq, tcp_state,
 };
 use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -89,7 +90,9 @@ pub struct Destination<F: Family = V4> {
     /// set, never an Option: LLVM reads an Option's unset payload where it merges branches, and
     /// the verifier refuses a read of an unset register.
     pub source: (F::Addr, u16),
-    /// XDP sends the packet on itself (a backend on another node) instead of to the stack.
+    /// XDP sends the packet on itself (a backend on another node) instead of to the stack. With
+    /// the client's own address as `source`, the flow goes by direct server return
+    /// ([`ct_flags::DIRECT_RETURN`]).
     pub forward: bool,
 }
 /// Whether a frontend may have this packet's destination ([`lb_common::frontend_filter`]); if
@@ -298,9 +301,13 @@ pub fn destination<F: Family>(
     tuple: &Tuple<F>,
     frontend: &Frontend,
     arrival: &Arrival,
-    client_key: ClientKey,
+    start: Start,
     look: SlotLook<F>,
 ) -> Result<Destination<F>, Event> {
+    let Start {
+        client_key,
+        direct_return,
+    } = start;
     let now = now_ns();
     match live_destination(ctx, ip, tuple, arrival, now, client_key, look)? {
         Ok(destination) => Ok(destination),
@@ -310,6 +317,7 @@ pub fn destination<F: Family>(
                 frontend,
                 arrival,
                 may_forward: ip.may_forward(),
+                direct_return,
                 now,
                 key_holder,
                 client_key,
@@ -318,6 +326,15 @@ pub fn destination<F: Family>(
             Ok(destination)
         }
     }
+}
+
+/// How [`destination`] starts a flow for a packet no live flow takes.
+#[derive(Clone, Copy)]
+pub struct Start {
+    pub client_key: ClientKey,
+    /// The flow may go by direct server return ([`NewFlow::direct_return`]): a constant at each
+    /// call but `lb_xdp_direct`'s, so that the other programs walk none of its code.
+    pub direct_return: bool,
 }
 
 /// Whether a packet's client key is looked up before a flow is made for it ([`destination`],
@@ -476,6 +493,9 @@ pub struct NewFlow<'a, F: Family> {
     pub frontend: &'a Frontend,
     pub arrival: &'a Arrival,
     pub may_forward: bool,
+    /// The flow may go by direct server return ([`goes_direct`]): its packet is a SYN without
+    /// IP options to a frontend of a Service with it, in `lb_xdp_direct`.
+    pub direct_return: bool,
     pub now: u64,
     pub key_holder: Holder,
     /// How the client's key was taken: not looked up, the flow's insert fails when the key is
@@ -736,7 +756,7 @@ fn tracked<F: Family>(entry: &CtValue<F::Addr>, tuple: &Tuple<F>) -> Destination
         } else {
             (tuple.saddr, tuple.sport)
         },
-        forward: entry.flags & ct_flags::SNAT != 0,
+        forward: entry.flags & (ct_flags::SNAT | ct_flags::DIRECT_RETURN) != 0,
     }
 }
 
@@ -896,6 +916,7 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
         frontend,
         arrival,
         may_forward,
+        direct_return,
         now,
         key_holder,
         client_key,
@@ -924,6 +945,7 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     if remote && !may_forward {
         return Err(Event::PASS_TTL_EXCEEDED);
     }
+    let direct_return = direct_return && remote && goes_direct::<F>(service.flags, tuple.proto);
     let mut local = MaybeUninit::uninit();
     let original = value_slot::<F>(scratch::ORIGINAL, &mut local).ok_or(Event::DROP_CT_FULL)?;
     // SAFETY: a slot of this CPU's (or this function's) own, valid for a CtValue.
@@ -934,12 +956,17 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     original.nat_addr = F::tuple_order(backend.addr);
     original.nat_port = u16::from_be(backend.port);
     original.state = initial_state(tuple);
-    original.flags = if remote { ct_flags::SNAT } else { 0 }
-        | if service.flags & service_flags::SOURCE_RANGES != 0 {
-            ct_flags::SOURCE_CHECKED
-        } else {
-            0
-        };
+    original.flags = if direct_return {
+        ct_flags::DIRECT_RETURN
+    } else if remote {
+        ct_flags::SNAT
+    } else {
+        0
+    } | if service.flags & service_flags::SOURCE_RANGES != 0 {
+        ct_flags::SOURCE_CHECKED
+    } else {
+        0
+    };
     // TCP: how far the client has sent; SCTP: no tag yet (an INIT carries none).
     original.seq_next = if tuple.proto == proto::TCP {
         tuple.seq_end
@@ -948,7 +975,7 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     };
     if dry_run() {
         return Ok(Destination {
-            source: if remote {
+            source: if remote && !direct_return {
                 (F::snat_addr().unwrap_or_default(), 0)
             } else {
                 (tuple.saddr, tuple.sport)
@@ -1031,7 +1058,9 @@ fn new_flow_in_one_entry<F: Family>(
     }
     let mut claimed_reply = None;
     let flags = original.flags | ct_flags::CLIENT_IN_FLOW;
-    if original.flags & ct_flags::SNAT != 0 {
+    if original.flags & ct_flags::DIRECT_RETURN != 0 {
+        // No answer comes back through this node: there is no reply tuple to claim.
+    } else if original.flags & ct_flags::SNAT != 0 {
         let addr = F::snat_addr().ok_or(Event::DROP_SNAT_EXHAUSTED)?;
         let mut local = MaybeUninit::uninit();
         let reply =
@@ -1072,6 +1101,52 @@ fn new_flow_in_one_entry<F: Family>(
     Ok(Some(tracked(original, tuple)))
 }
 
+/// A flow another node sent here by direct server return (its SYN's DSR option, admitted as
+/// `admission`, named `frontend`): kept in its client's FLOW entry as a local endpoint's flow
+/// is, so that tc egress gives the endpoint's answers the frontend as their source. The client's
+/// key may be held by this flow already (a retransmitted SYN, or a new connection from the
+/// same port after the last one closed) or by a flow past its timeout; held by another live
+/// flow, the SYN is refused (`drop_dsr_clash`): one key cannot name two flows.
+#[inline(always)]
+pub fn accept_direct_return(
+    tuple: &Tuple<V4>,
+    (frontend_addr, frontend_port): (u32, u16),
+    admission: &AdmissionValue,
+    now: u64,
+) -> Result<(), Event> {
+    let key = flow_key(tuple.saddr, tuple.sport, tuple.proto);
+    // SAFETY: read here, valid for this run (RCU).
+    if let Some(held) = unsafe { V4::conntrack().get(&key) } {
+        let flow = FlowValue::of(held);
+        let this_flow = flow.flags & ct_flags::DIRECT_RETURN != 0
+            && flow.frontend_addr == frontend_addr
+            && flow.frontend_port == frontend_port
+            && flow.backend_addr == tuple.daddr
+            && flow.backend_port == tuple.dport;
+        if !this_flow && !past_timeout(held, tuple.proto, now) {
+            return Err(Event::DROP_DSR_CLASH);
+        }
+    }
+    let flow = Flow4Value {
+        last_seen_ns: now,
+        backend_id: admission.backend_id,
+        service_id: admission.service_id,
+        backend_addr: tuple.daddr,
+        backend_port: tuple.dport,
+        state: tcp_state::SYN_SENT,
+        flags: ct_flags::CLIENT_IN_FLOW | ct_flags::DIRECT_RETURN,
+        frontend_addr,
+        frontend_port,
+        seq_next: tuple.seq_end,
+        ..Default::default()
+    };
+    V4::conntrack()
+        .insert(&key, flow.as_entry(), 0)
+        .map_err(|_| Event::DROP_CT_FULL)?;
+    count_service(admission.service_id, 0, 0, 1);
+    Ok(())
+}
+
 /// Whether an entry's flow is over (idle past its timeout): its key is free.
 #[inline(always)]
 fn past_timeout<A: CtAddr>(entry: &CtValue<A>, protocol: u8, now: u64) -> bool {
@@ -1106,6 +1181,29 @@ fn reply_tuple_free<F: Family>(original: &CtValue<F::Addr>, tuple: &Tuple<F>, no
         tuple.proto,
     );
     matches!(holder::<F>(&key, now), Holder::Vacant | Holder::Gone)
+}
+
+/// Whether a new flow of `protocol` to a frontend whose entry has `flags` may go by direct
+/// server return instead of SNAT (when its backend is on another node): TCP from outside to a
+/// NodePort, externalIP or LoadBalancer IP of a Service the agent marked for it (`lb run
+/// --nodeport-mode dsr`), IPv4 only (the IPv6 option is designed, not built: docs/dsr.md).
+#[inline(always)]
+pub fn goes_direct<F: Family>(flags: u32, protocol: u8) -> bool {
+    const DIRECT_KINDS: u32 =
+        service_flags::NODE_PORT | service_flags::EXTERNAL_IP | service_flags::LOAD_BALANCER;
+    size_of::<F::Addr>() == 4
+        && protocol == proto::TCP
+        && flags & service_flags::DIRECT_RETURN != 0
+        && flags & DIRECT_KINDS != 0
+}
+
+/// The frontend [`lookup_frontend`] copied for this run, for a program `lb_xdp` handed the
+/// packet to after its lookup (tail calls stay on the CPU, and runs on one CPU never
+/// interleave).
+#[inline(always)]
+pub fn frontend_of_this_run() -> Option<&'static Frontend> {
+    // SAFETY: this CPU's scratch entry, written by this run's lookup.
+    FRONTEND_SCRATCH.get_ptr(0).map(|copy| unsafe { &*copy })
 }
 
 /// SNAT for a backend on another node, unless the policy is Local (which keeps the client's
@@ -1403,7 +1501,9 @@ pub fn answer_of<F: Family>(tuple: &Tuple<F>) -> Option<Answer<F>> {
 #[inline(always)]
 pub fn track_answer<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>) {
     note_seq(&mut FlowValue::of_mut(entry).backend_seq_next, tuple);
-    if closes(tuple) {
+    // A flow that came by direct server return: the client's packets reach the endpoint
+    // untouched, so its answers are all that keeps the entry alive and moves its state on.
+    if closes(tuple) || entry.flags & ct_flags::DIRECT_RETURN != 0 {
         advance(entry, tuple, now_ns());
     }
 }

@@ -5,6 +5,7 @@
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod clock;
+mod dsr;
 mod family;
 mod flow;
 mod flow_cache;

@@ -13,7 +13,7 @@ use lb_common::{
     FlowCacheSlot6, Frag4Key, Frag4Value, Frag6Key, Frag6Value, Frontend4Key, Frontend6Key,
     FrontendSlot4, FrontendSlot6, JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue,
     Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SockState4, SockState6,
-    SourceRange4, SourceRange6, flow_cache, frontend_index, limits, monitor::MonitorControl,
+    SourceRange4, SourceRange6, dsr, flow_cache, frontend_index, limits, monitor::MonitorControl,
 };
 use lb_ebpf::packet::Ipv6Info;
 
@@ -86,12 +86,23 @@ pub type GraceInner = aya_ebpf::btf_maps::Array<u32, 1, { BPF_F_INNER_MAP as usi
 #[map(name = "lb4_fefilt_v1")]
 pub static FRONTEND_FILTER: Array<u64> = Array::pinned(limits::FRONTEND_FILTER_WORDS, 0);
 
-#[map(name = "lb_event_v5")]
+#[map(name = "lb_event_v6")]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
 
 /// Datapath-wide settings (index 0), written by the agent at start.
 #[map(name = "lb_cfg_v2")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+
+/// The frontends a DSR option may name for each endpoint on this node (`lb_common::dsr`).
+/// Not pinned: the agent writes it whole at every load, before attaching.
+#[map(name = "lb4_dsradm_v1")]
+pub static DSR_ADMISSIONS4: HashMap<dsr::Admission4Key, dsr::AdmissionValue> =
+    HashMap::with_max_entries(limits::MAX_DSR_ADMISSIONS, BPF_F_NO_PREALLOC);
+
+/// The cluster's Node addresses, which a DSR option naming a NodePort must name.
+#[map(name = "lb4_nodes_v1")]
+pub static NODES4: HashMap<u32, u32> =
+    HashMap::pinned(limits::MAX_NODE_ADDRESSES, BPF_F_NO_PREALLOC);
 
 /// loadBalancerSourceRanges: (service id, client prefix) -> allowed.
 #[map(name = "lb4_srcrng_v1")]

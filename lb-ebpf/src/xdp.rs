@@ -16,33 +16,36 @@ use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_common::{
     Ct4Value, Ct6Value, CtValue, Event, FlowCacheSlot, FragValue, Ipv6Words,
     checksum::{self, Endpoints},
-    client_nic, ct_flags, frag_action, ipv6, limits, proto, sctp, service_flags, tcp_seq,
-    xdp_programs,
+    client_nic, ct_flags,
+    dsr::{Admission4Key, AdmissionValue},
+    frag_action, ipv6, limits, proto, sctp, service_flags, tcp_seq, xdp_programs,
 };
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN, IPV4_MORE_FRAGMENTS, IPV4_VERSION_IHL_NO_OPTIONS,
     IPV6_DADDR_OFFSET, IPV6_HDR_LEN, IPV6_NEXT_HEADER_OFFSET, IPV6_SADDR_OFFSET, IpHeader,
-    Ipv4Info, Ipv6Info, Ipv6Packet, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
+    Ipv4Info, Ipv6Info, Ipv6Packet, TCP_ACK, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
     TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
     bytes_at_mut, frame_len, ipv6_fixed_header, packet_words, parse_ipv4, parse_ipv6, words,
 };
 
 use crate::{
+    dsr,
     family::{Family, V4, V6},
     flow::{
-        Arrival, ClientKey, Destination, Frontend, Holder, NewFlow, Tuple,
-        admitted_by_source_ranges, blind_rst, client_key6, client_record_of_reply, client_side,
-        client_side_entry, closes, config, destination, follow, live_destination, live_flow,
-        look_up_on_retry, lookup_frontend, maybe_frontend, maybe_frontend_at, new_flow, reply_key,
-        source_allowed, starts_unlooked, track_reply,
+        Arrival, ClientKey, Destination, Frontend, Holder, NewFlow, Start, Tuple,
+        accept_direct_return, admitted_by_source_ranges, blind_rst, client_key6,
+        client_record_of_reply, client_side, client_side_entry, closes, config, destination,
+        follow, frontend_of_this_run, goes_direct, live_destination, live_flow, look_up_on_retry,
+        lookup_frontend, maybe_frontend, maybe_frontend_at, new_flow, reply_key, source_allowed,
+        starts_unlooked, track_reply,
     },
     flow_cache::{self, Look, SlotLook},
     helpers::{Forward, now_ns, tail_call},
     ip::{Addr, Ip},
     maps::{
-        Icmp6Headers, NIC_MACS, PACKET6, Packet6, TX_PORTS, XDP_PROGRAMS, count_event,
-        count_service, dry_run,
+        DSR_ADMISSIONS4, Icmp6Headers, NIC_MACS, NODES4, PACKET6, Packet6, TX_PORTS, XDP_PROGRAMS,
+        count_event, count_service, dry_run,
     },
     monitor,
     sctp_crc::checksum_after_ports,
@@ -66,6 +69,22 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 pub fn lb_xdp_lookup(ctx: XdpContext) -> u32 {
     verdict(&ctx, try_lookup(&ctx))
+}
+
+/// An IPv4 TCP packet with the DSR option, tail-called by `lb_xdp` (see
+/// [`try_accept_direct_return`]).
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_dsr(ctx: XdpContext) -> u32 {
+    verdict(&ctx, try_accept_direct_return(&ctx))
+}
+
+/// An IPv4 packet to a frontend of a Service with direct server return that no live flow
+/// took, tail-called by `lb_xdp` and `lb_xdp_lookup` (see [`try_direct_return`]).
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_direct(ctx: XdpContext) -> u32 {
+    verdict(&ctx, try_direct_return(&ctx))
 }
 
 /// The datapath for UDP, tail-called by `lb_xdp`. Every protocol has a program of its own, the
@@ -245,6 +264,64 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
     }
     let tuple = transport_tuple(ctx, &ip, PROTOCOL)?;
     serve::<PROTOCOL, _>(ctx, eth, &ip, &tuple)
+}
+
+/// `lb_xdp_dsr`'s work: an IPv4 TCP packet whose header holds the DSR option and nothing else,
+/// sent here by the node its client sent to, for an endpoint on this node to answer directly.
+/// A SYN whose option names a frontend of a Service of its destination (the option's pairs in
+/// `DSR_ADMISSIONS4`; a NodePort's address must be a node's, in `NODES4`) has its flow kept
+/// in its client's FLOW entry, whose frontend tc egress gives the endpoint's answers as their
+/// source, and goes to the stack without the option. Any other packet with the option is
+/// dropped and counted: it would make the endpoint answer from an address it does not serve.
+#[inline(always)]
+fn try_accept_direct_return(ctx: &XdpContext) -> Result<u32, Event> {
+    let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
+    let Some(frontend) = dsr::option_of(ctx, &ip) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if ip.proto != proto::TCP || ip.first_fragment() || ip.later_fragment() {
+        return Err(Event::DROP_DSR_REFUSED);
+    }
+    let tuple = transport_tuple(ctx, &ip, proto::TCP)?;
+    if tuple.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Err(Event::DROP_DSR_REFUSED);
+    }
+    if !ip.header_ok(ctx) {
+        return Err(Event::DROP_IP_CHECKSUM);
+    }
+    let admission = admission_of(&tuple, frontend).ok_or(Event::DROP_DSR_REFUSED)?;
+    if dry_run() {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    accept_direct_return(&tuple, frontend, &admission, now_ns())?;
+    if !dsr::strip_option(ctx) {
+        return Err(Event::DROP_MALFORMED);
+    }
+    count_event(Event::DSR_ACCEPTED);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// The service and backend a DSR option may pair its frontend with at the SYN's destination:
+/// an externalIP's or LoadBalancer IP's pair as it is, a NodePort's on any node's address.
+#[inline(always)]
+fn admission_of(tuple: &Tuple, (addr, port): (u32, u16)) -> Option<AdmissionValue> {
+    let mut key = Admission4Key {
+        frontend_addr: addr,
+        endpoint_addr: tuple.daddr,
+        frontend_port: port,
+        endpoint_port: tuple.dport,
+        proto: proto::TCP,
+        _pad: [0; 3],
+    };
+    // SAFETY: read-only copies of entries the agent writes whole.
+    if let Some(admission) = unsafe { DSR_ADMISSIONS4.get(&key) } {
+        return Some(*admission);
+    }
+    // SAFETY: as above.
+    unsafe { NODES4.get(&addr) }?;
+    key.frontend_addr = lb_common::dsr::ANY_NODE;
+    // SAFETY: as above.
+    unsafe { DSR_ADMISSIONS4.get(&key) }.copied()
 }
 
 /// Whether an IPv4 frame is plainly nothing of the datapath's: a TCP, UDP or SCTP packet with
@@ -496,6 +573,16 @@ fn serve<const PROTOCOL: u8, I: Ip>(
         return Ok(action);
     }
     if !maybe_frontend(tuple) {
+        // A SYN another node sent here for a local endpoint to answer directly carries the DSR
+        // option (a header with options never passes the first check). Looked for only here,
+        // on a path that ends: a look on the way to the frontend's split the states of all
+        // that follows, and `lb_xdp`'s verifier walked twice the instructions.
+        if PROTOCOL == proto::TCP
+            && size_of::<Addr<I>>() == 4
+            && dsr::carries_option(ctx, ip.l4_offset())
+        {
+            return Ok(to_program::<{ xdp_programs::DSR }>(ctx));
+        }
         return Ok(xdp_action::XDP_PASS);
     }
     if proto::has_handshake(tuple.proto) && tuple.tcp_flags & TCP_SYN == 0 {
@@ -564,13 +651,22 @@ fn to_frontend<I: Ip>(
     let Some(frontend) = admit(ctx, eth, ip, tuple)? else {
         return Ok(xdp_action::XDP_PASS);
     };
+    if size_of::<Addr<I>>() == 4
+        && goes_direct::<I::F>(frontend.service.flags, tuple.proto)
+        && dsr::starts_direct(ctx)
+    {
+        return Ok(to_program::<{ xdp_programs::DIRECT_RETURN }>(ctx));
+    }
     match destination(
         ctx,
         ip,
         tuple,
         frontend,
         &arrival(ctx, eth),
-        client_key,
+        Start {
+            client_key,
+            direct_return: false,
+        },
         look,
     ) {
         Ok(destination) => deliver(ctx, ip, tuple, &destination),
@@ -578,6 +674,39 @@ fn to_frontend<I: Ip>(
             Ok(to_program::<{ xdp_programs::LOOKUP }>(ctx))
         }
         Err(event) => refused(ctx, ip, tuple, frontend.service.service_id, event),
+    }
+}
+
+/// `lb_xdp_direct`'s work: an IPv4 TCP SYN that may start a flow by direct server return
+/// ([`dsr::starts_direct`]: not a fragment, no IP options) to a frontend of a Service with it
+/// (the frontend `lb_xdp`'s lookup found and admitted in this run), handed over by `lb_xdp` or
+/// `lb_xdp_lookup` so that they walk none of DSR's new-flow code (carried through their paths
+/// it made `lb_xdp`'s verifier walk 936,154 instructions instead of about 380,000). Its flow is
+/// looked up (a retransmitted SYN follows its flow), else made: by DSR when its endpoint is on
+/// another node ([`flow::goes_direct`]); then sent on ([`deliver_syn`]).
+#[inline(always)]
+fn try_direct_return(ctx: &XdpContext) -> Result<u32, Event> {
+    let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
+    let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
+    if ip.proto != proto::TCP || ip.later_fragment() {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let tuple = transport_tuple(ctx, &ip, proto::TCP)?;
+    let frontend = frontend_of_this_run().ok_or(Event::DROP_MALFORMED)?;
+    match destination(
+        ctx,
+        &ip,
+        &tuple,
+        frontend,
+        &arrival(ctx, eth),
+        Start {
+            client_key: ClientKey::LookedUp,
+            direct_return: true,
+        },
+        Look::Passed,
+    ) {
+        Ok(destination) => deliver_syn(ctx, &ip, &tuple, &destination),
+        Err(event) => refused(ctx, &ip, &tuple, frontend.service.service_id, event),
     }
 }
 
@@ -766,6 +895,7 @@ fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
         frontend: &packet.frontend,
         arrival: &packet.arrival,
         may_forward: packet.ip.may_forward(),
+        direct_return: false,
         now: packet.now,
         key_holder: packet.key_holder,
         client_key: ClientKey::Recorded6,
@@ -960,6 +1090,26 @@ fn deliver<I: Ip>(
     tuple: &Tuple<I::F>,
     destination: &Destination<I::F>,
 ) -> Result<u32, Event> {
+    translate(ctx, ip, tuple, destination)?;
+    if destination.forward {
+        return Ok(forward::<I>(
+            ctx,
+            tuple.proto,
+            destination.source.0,
+            destination.addr,
+        ));
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// [`deliver`]'s rewrite, count and record of a first fragment.
+#[inline(always)]
+fn translate<I: Ip>(
+    ctx: &XdpContext,
+    ip: &I,
+    tuple: &Tuple<I::F>,
+    destination: &Destination<I::F>,
+) -> Result<(), Event> {
     let (saddr, sport) = destination.source;
     rewrite(
         ctx,
@@ -982,10 +1132,38 @@ fn deliver<I: Ip>(
             ..Default::default()
         });
     }
-    if destination.forward {
-        return Ok(forward::<I>(ctx, tuple.proto, saddr, destination.addr));
+    Ok(())
+}
+
+/// [`deliver`] for `lb_xdp_direct`: a SYN whose flow goes by direct server return (forwarded
+/// with the client's own source) gets the DSR option naming its frontend before it leaves.
+#[inline(always)]
+fn deliver_syn(
+    ctx: &XdpContext,
+    ip: &Ipv4Info,
+    tuple: &Tuple,
+    destination: &Destination,
+) -> Result<u32, Event> {
+    translate(ctx, ip, tuple, destination)?;
+    if !destination.forward {
+        return Ok(xdp_action::XDP_PASS);
     }
-    Ok(xdp_action::XDP_PASS)
+    let (saddr, sport) = destination.source;
+    // Read again rather than kept from before the flow's lookup: the program's stack frame
+    // has no room left for it under the programs' logging.
+    let syn = tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && !ip.first_fragment();
+    if syn && (saddr, sport) == (tuple.saddr, tuple.sport) {
+        if !dsr::insert_option(ctx, tuple.daddr, tuple.dport) {
+            return Err(Event::DROP_MALFORMED);
+        }
+        count_event(Event::DSR_SENT);
+    }
+    Ok(forward::<Ipv4Info>(
+        ctx,
+        tuple.proto,
+        saddr,
+        destination.addr,
+    ))
 }
 
 /// An ICMP error (destination unreachable, including fragmentation needed; time exceeded;

@@ -71,6 +71,9 @@ pub struct AgentConfig {
     pub source: SourceConfig,
     /// Maglev for Services without the load-balancing annotation.
     pub default_maglev: bool,
+    /// `--nodeport-mode dsr`: new TCP flows from outside to an endpoint on another node go by
+    /// direct server return.
+    pub direct_return: bool,
     /// `/metrics` and `/debug/log-level` ("" for none).
     pub metrics_bind_address: String,
     /// `/healthz` and `/livez` ("" for none).
@@ -142,6 +145,7 @@ impl AgentConfig {
             fallback_addresses: self.node_addresses.clone(),
             node_port_range: self.node_port_range.clone(),
             default_maglev: self.default_maglev,
+            direct_return: self.direct_return,
             // From the Node, at every compile.
             zone: None,
         }
@@ -350,7 +354,7 @@ async fn sync_until_stopped(
         observers.queued();
         let started = Instant::now();
         // Compiled under the channel's read lock: no copy of the whole snapshot.
-        let (update, this_node) = {
+        let (update, this_node, node_addresses) = {
             let snapshot = snapshots.borrow_and_update();
             observers
                 .health
@@ -372,7 +376,13 @@ async fn sync_until_stopped(
                 reconciler.recover_held(held_cluster_ips(&snapshot, compiler.desired()));
             }
             update.problems = orphans.filter(&update.problems, &snapshot, Instant::now());
-            (update, node_reference(snapshot.node.as_ref()))
+            let mut node_addresses = snapshot.node_addresses.clone();
+            node_addresses.extend(config.node_addresses.iter().copied());
+            (
+                update,
+                node_reference(snapshot.node.as_ref()),
+                node_addresses,
+            )
         };
         if let Err(error) = sync_datapath_config(
             datapath,
@@ -381,6 +391,9 @@ async fn sync_until_stopped(
             config.conntrack_timeouts,
         ) {
             warn!(%error, "datapath settings not written; flows to backends on other nodes go unSNATed");
+        }
+        if let Err(error) = datapath.set_node_addresses(&node_addresses) {
+            warn!(%error, "node addresses not written; DSR options naming a NodePort of a node not written are refused");
         }
         let new_problems = report_new_problems(&update.problems, &mut reported);
         let new_invalid_count = new_problems

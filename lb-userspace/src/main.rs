@@ -239,6 +239,14 @@ struct RunArgs {
     /// through every node, few flows moved when endpoints change).
     #[arg(long, env = "LB_LOAD_BALANCING", value_enum, default_value_t = LoadBalancing::Random)]
     load_balancing: LoadBalancing,
+    /// How a new TCP flow from outside to a NodePort, externalIP or LoadBalancer IP reaches an
+    /// endpoint on another node: `snat` (kube-proxy's way: the answers come back through this
+    /// node) or `dsr` (direct server return, IPv4: the endpoint's node answers the client
+    /// itself, and the pod sees the client's address). Every node must run an agent that
+    /// takes DSR options (this release, in either mode) before any node uses `dsr`. UDP, SCTP
+    /// and IPv6 stay SNATed.
+    #[arg(long, env = "LB_NODEPORT_MODE", value_enum, default_value_t = NodePortMode::Snat)]
+    nodeport_mode: NodePortMode,
     /// Log as JSON lines.
     #[arg(long, env = "LB_LOG_JSON")]
     log_json: bool,
@@ -305,6 +313,12 @@ enum ClientAt {
     Auto,
     Pod,
     Nic,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NodePortMode {
+    Snat,
+    Dsr,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -613,6 +627,7 @@ fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
         pin_dir: args.pin_dir,
         source,
         default_maglev: args.load_balancing == LoadBalancing::Maglev,
+        direct_return: args.nodeport_mode == NodePortMode::Dsr,
         metrics_bind_address: args.metrics_bind_address,
         healthz_bind_address: args.healthz_bind_address,
         healthz_timeout: Duration::from_secs(args.healthz_timeout),

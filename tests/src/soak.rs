@@ -1427,8 +1427,9 @@ fn upgrade(mut row: Row, previous: Option<&Path>) -> anyhow::Result<Row> {
             ),
         );
     }
-    // The drop counters (`lb_event_v5`, the same map in both layouts) count from the first
-    // agent's load: what either datapath dropped over the run.
+    // The drop counters (`lb_event_v6`): from the first agent's load when both agents keep them
+    // in the same map (the same-layout row), from the new agent's load when the earlier
+    // release's map had another name.
     let drops: BTreeMap<&str, u64> = setup
         .events()?
         .into_iter()

@@ -1,6 +1,6 @@
 //! The Kubernetes source through the real kube client against the fake API server
 //! (`lab::fake_apiserver`, a mock: no API server can run here): initial snapshot, changes,
-//! this node only, 410 Gone, dropped connections, bookmarks, coalescing, managed fields,
+//! every Node's addresses and this node's object, 410 Gone, dropped connections, bookmarks, coalescing, managed fields,
 //! kube-proxy's label selector, lists from the watch cache, the User-Agent, Events (full
 //! reference, retries, failures counted), and the flags that build the client.
 //!
@@ -471,41 +471,69 @@ async fn endpoint_slice_add_modify_delete_reach_snapshots() {
     .await;
 }
 
+fn addresses(snapshot: &Snapshot) -> Vec<String> {
+    snapshot
+        .node_addresses
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// Every Node is watched, for the addresses a DSR option naming a NodePort may name; a change
+/// of another Node that leaves the addresses as they were publishes nothing, and only this
+/// node's object is kept whole, without its image list.
 #[tokio::test]
-async fn only_this_nodes_node_is_watched() {
+async fn every_nodes_addresses_are_watched_and_only_this_nodes_object_is_kept() {
     bounded(async {
         let server = FakeApiServer::start().await.unwrap();
         seed(&server);
+        let mut this_node = node(NODE, "192.168.1.10");
+        this_node.status.as_mut().unwrap().images = Some(vec![Default::default()]);
+        server.apply(this_node);
         let mut source = start(&server).await;
-        source.initial().await;
+        let snapshot = source.initial().await;
+        assert_eq!(addresses(&snapshot), ["192.168.1.10", "192.168.1.11"]);
+        let kept = snapshot.node.as_ref().expect("this node");
+        assert_eq!(kept.metadata.name.as_deref(), Some(NODE));
+        assert_eq!(kept.status.as_ref().unwrap().images, None, "images trimmed");
         assert!(server.wait_for_watches(WAIT).await);
 
-        // Another node's changes are not even sent to the agent.
+        // Another node's labels change: the addresses do not, nothing is published.
+        let mut labelled = node("node-b", "192.168.1.11");
+        labelled.metadata.labels = Some([("zone".to_owned(), "b".to_owned())].into());
+        server.apply(labelled);
+        source
+            .assert_quiet(Duration::from_millis(300), "another node's labels changed")
+            .await;
+
         server.apply(node("node-b", "192.168.1.99"));
         source
-            .assert_quiet(Duration::from_millis(300), "another node changed")
+            .until("node-b's new address", |s| {
+                addresses(s) == ["192.168.1.10", "192.168.1.99"]
+            })
             .await;
-        let node_requests: Vec<String> = server
-            .requests()
-            .into_iter()
-            .filter(|request| request.starts_with("GET /api/v1/nodes"))
-            .collect();
-        assert!(
-            node_requests
-                .iter()
-                .all(|request| request.contains("fieldSelector=metadata.name%3Dnode-a")),
-            "{node_requests:#?}"
-        );
+        server.apply(node("node-c", "192.168.1.12"));
+        source
+            .until("node-c's address", |s| addresses(s).len() == 3)
+            .await;
+        server.delete(Resource::Nodes, "", "node-b").unwrap();
+        source
+            .until("node-b gone", |s| {
+                addresses(s) == ["192.168.1.10", "192.168.1.12"]
+            })
+            .await;
 
         server.apply(node(NODE, "192.168.1.20"));
         source
             .until("this node's new address", |s| {
                 node_address(s) == Some("192.168.1.20")
+                    && addresses(s) == ["192.168.1.12", "192.168.1.20"]
             })
             .await;
 
         server.delete(Resource::Nodes, "", NODE).unwrap();
         let snapshot = source.until("no node", |s| s.node.is_none()).await;
+        assert_eq!(addresses(&snapshot), ["192.168.1.12"]);
         assert_eq!(snapshot.services.len(), 2);
     })
     .await;
@@ -674,10 +702,14 @@ async fn bookmarks_publish_nothing_and_move_the_resume_point() {
         assert!(server.wait_for_watches(WAIT).await);
         let published = source.published();
 
-        // Changes to another node move the global resourceVersion without reaching this
-        // agent's node watch; the bookmark then tells it how far it got.
+        // Changes to Services kube-proxy's selector leaves out (headless ones) move the
+        // global resourceVersion without reaching this agent's watches; the bookmark then tells
+        // it how far it got.
         for i in 0..5 {
-            server.apply(node("node-b", &format!("192.168.3.{i}")));
+            let mut headless = service("default", "headless", &format!("10.96.3.{i}"), 80);
+            headless.metadata.labels =
+                Some([("service.kubernetes.io/headless".to_owned(), String::new())].into());
+            server.apply(headless);
         }
         let version = server.resource_version();
         for _ in 0..3 {
@@ -688,11 +720,11 @@ async fn bookmarks_publish_nothing_and_move_the_resume_point() {
             .await;
         assert_eq!(source.published(), published);
 
-        // The next node watch resumes from the bookmark's resourceVersion.
+        // The next Service watch resumes from the bookmark's resourceVersion.
         server.drop_watches();
         assert!(server.wait_for_watches(WAIT).await);
         let resumed = server.requests().into_iter().any(|request| {
-            request.starts_with("GET /api/v1/nodes?")
+            request.starts_with("GET /api/v1/services?")
                 && request.contains("watch=true")
                 && request.contains(&format!("resourceVersion={version}"))
         });
@@ -1052,7 +1084,6 @@ async fn the_source_lists_from_the_watch_cache_then_watches_with_bookmarks() {
         assert!(server.wait_for_watches(WAIT).await);
         let version = server.resource_version().to_string();
         let requests: Vec<_> = server.requests().iter().map(|r| parse_request(r)).collect();
-        let node = ("fieldSelector", "metadata.name=node-a");
         let proxied = ("labelSelector", PROXIED_SELECTOR);
         assert_eq!(
             PROXIED_SELECTOR,
@@ -1074,7 +1105,7 @@ async fn the_source_lists_from_the_watch_cache_then_watches_with_bookmarks() {
                 "GET /apis/discovery.k8s.io/v1/endpointslices",
                 params(&[list[0], list[1], proxied]),
             ),
-            ("GET /api/v1/nodes", params(&[list[0], list[1], node])),
+            ("GET /api/v1/nodes", params(&list)),
             (
                 "GET /api/v1/services",
                 params(&[watch[0], watch[1], watch[2], watch[3], proxied]),
@@ -1083,10 +1114,7 @@ async fn the_source_lists_from_the_watch_cache_then_watches_with_bookmarks() {
                 "GET /apis/discovery.k8s.io/v1/endpointslices",
                 params(&[watch[0], watch[1], watch[2], watch[3], proxied]),
             ),
-            (
-                "GET /api/v1/nodes",
-                params(&[watch[0], watch[1], watch[2], watch[3], node]),
-            ),
+            ("GET /api/v1/nodes", params(&watch)),
         ];
         for (target, params) in &expected {
             assert!(

@@ -1118,10 +1118,7 @@ fn node_addresses(snapshot: &Snapshot, node: &NodeContext) -> Vec<IpAddr> {
     let from_node: Vec<IpAddr> = snapshot
         .node
         .iter()
-        .filter_map(|node| node.status.as_ref()?.addresses.as_ref())
-        .flatten()
-        .filter(|address| address.type_ == "InternalIP" || address.type_ == "ExternalIP")
-        .filter_map(|address| address.address.parse().ok())
+        .flat_map(crate::source::addresses_of)
         .collect();
     let all = if from_node.is_empty() {
         node.fallback_addresses.clone()

@@ -43,6 +43,9 @@ pub struct NodeContext {
     /// Maglev for Services that do not choose with the
     /// [`LOAD_BALANCING_ANNOTATION`](super::LOAD_BALANCING_ANNOTATION).
     pub default_maglev: bool,
+    /// `--nodeport-mode dsr`: every Service's frontends carry
+    /// [`lb_common::service_flags::DIRECT_RETURN`].
+    pub direct_return: bool,
     /// This node's zone, its Node's `topology.kubernetes.io/zone` label (kept by the compiler
     /// from the snapshot's Node), for the endpoints' zone hints.
     pub zone: Option<String>,
@@ -59,6 +62,7 @@ impl NodeContext {
             fallback_addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             default_maglev: false,
+            direct_return: false,
             zone: None,
         }
     }

@@ -228,7 +228,12 @@ pub(super) fn compile_service(
             ));
         }
     };
-    let algorithm_flags = if maglev { service_flags::MAGLEV } else { 0 };
+    let algorithm_flags = if maglev { service_flags::MAGLEV } else { 0 }
+        | if node.direct_return {
+            service_flags::DIRECT_RETURN
+        } else {
+            0
+        };
     let policy = Policy {
         external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),

@@ -123,10 +123,15 @@ impl Datapath {
             .keys()
             .flat_map(|frontend| XdpGroup::serving(frontend).iter().copied())
             .collect();
-        let mut names: Vec<&'static str> = [program_names::XDP_LB, program_names::XDP_LOOKUP]
-            .into_iter()
-            .chain(xdp_groups.iter().flat_map(|group| group.program_names()))
-            .collect();
+        let mut names: Vec<&'static str> = [
+            program_names::XDP_LB,
+            program_names::XDP_LOOKUP,
+            program_names::XDP_DSR,
+            program_names::XDP_DIRECT,
+        ]
+        .into_iter()
+        .chain(xdp_groups.iter().flat_map(|group| group.program_names()))
+        .collect();
         // tc and the socket hooks too, in the same threads: their verification then overlaps
         // the XDP programs' instead of following it.
         names.extend([
@@ -249,6 +254,12 @@ impl Datapath {
                 .filter_map(FilterKey::of_backend)
                 .chain(reply_sources),
         )?;
+        let direct_return = super::direct_return::DirectReturn::new(
+            take_private_map(&mut ebpf, map_names::DSR_ADMISSIONS4)?,
+            take_private_map(&mut ebpf, map_names::NODES4)?,
+            &installed,
+            &installed_backends,
+        )?;
         let names = read_service_names(&maps.service_names)?;
         let maglev = open_map_data(pin_dir, map_names::MAGLEV4, Access::ReadWrite)?;
         check_maglev_tables(pin_dir, &mut installed)?;
@@ -282,6 +293,7 @@ impl Datapath {
             hooks_cgroup: None,
             ranged_services: BTreeSet::new(),
             source_check_attached: false,
+            direct_return,
             names,
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -770,10 +782,14 @@ fn reply_sources<A: lb_common::CtAddr>(
         .collect()
 }
 
-/// The program `lb_xdp` tail-calls for IPv4 TCP, by its slot in [`map_names::XDP_PROGRAMS`]:
-/// loaded with `lb_xdp` at every start, as IPv4 TCP is `lb_xdp`'s own.
-pub(crate) const LB_XDP_PROGRAMS: [(u32, &str); 1] =
-    [(xdp_programs::LOOKUP, program_names::XDP_LOOKUP)];
+/// The programs `lb_xdp` tail-calls for IPv4 TCP, by their slots in
+/// [`map_names::XDP_PROGRAMS`]: loaded with `lb_xdp` at every start, as IPv4 TCP is `lb_xdp`'s
+/// own.
+pub(crate) const LB_XDP_PROGRAMS: [(u32, &str); 3] = [
+    (xdp_programs::LOOKUP, program_names::XDP_LOOKUP),
+    (xdp_programs::DSR, program_names::XDP_DSR),
+    (xdp_programs::DIRECT_RETURN, program_names::XDP_DIRECT),
+];
 
 /// The programs `lb_xdp` tail-calls for the other protocols and IPv6, by their slot in
 /// [`map_names::XDP_PROGRAMS`], in the order of their [`XdpGroup`]s.

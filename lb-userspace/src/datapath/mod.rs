@@ -39,6 +39,7 @@ pub mod bpf_obj;
 pub mod bpffs;
 mod clock;
 pub mod counter;
+mod direct_return;
 pub mod ebpf_log;
 mod error;
 mod frontend_index;
@@ -135,6 +136,8 @@ pub struct Datapath {
     ranged_services: BTreeSet<u32>,
     /// Whether this load attached `lb_sock_egress4` (or took over an earlier agent's link).
     source_check_attached: bool,
+    /// What DSR options are checked against on this node ([`direct_return`]).
+    direct_return: direct_return::DirectReturn,
 }
 
 /// Whether a pod's packets to one of the service's frontends must be checked against its

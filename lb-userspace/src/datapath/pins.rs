@@ -19,9 +19,11 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 27] = [
+pub const PROGRAMS: [&str; 29] = [
     program_names::XDP_LB,
     program_names::XDP_LOOKUP,
+    program_names::XDP_DSR,
+    program_names::XDP_DIRECT,
     program_names::XDP_UDP,
     program_names::XDP_SCTP,
     program_names::XDP6,

@@ -267,7 +267,35 @@ impl Datapath {
             self.cleanup_failed(cleanup);
         }
         self.track_source_check(service.id);
-        result
+        let admissions = self.direct_return.update_service(
+            service.id,
+            self.installed.get(&service.id),
+            &self.installed_backends,
+        );
+        match (result, admissions) {
+            (Ok(()), admissions) => admissions,
+            (Err(error), Ok(())) => Err(error),
+            (Err(error), Err(cleanup)) => {
+                self.cleanup_failed(cleanup);
+                Err(error)
+            }
+        }
+    }
+
+    /// Makes the addresses a DSR option naming a NodePort may name (`lb4_nodes_v1`) the
+    /// cluster's Node addresses, `addresses` (the IPv4 ones: DSR is IPv4 only).
+    pub fn set_node_addresses(&mut self, addresses: &BTreeSet<IpAddr>) -> Result<()> {
+        self.direct_return.set_node_addresses(addresses)
+    }
+
+    /// The Node addresses DSR options are checked against.
+    pub fn dsr_node_addresses(&self) -> Vec<Ipv4Addr> {
+        self.direct_return.node_addresses().collect()
+    }
+
+    /// How many (frontend, local endpoint) pairs a DSR option may name on this node.
+    pub fn dsr_admission_count(&self) -> usize {
+        self.direct_return.admission_count()
     }
 
     /// Records whether service `id`, as installed now (after a put, whether it took or not, or
@@ -1027,7 +1055,8 @@ impl Datapath {
             self.remove_maglev_table(id)?;
         }
         self.track_source_check(id);
-        Ok(())
+        self.direct_return
+            .update_service(id, None, &self.installed_backends)
     }
 
     /// Zeroes a service id's counters on every CPU.

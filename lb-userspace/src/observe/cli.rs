@@ -29,6 +29,9 @@ pub fn services(pin_dir: &Path, json: bool) -> anyhow::Result<()> {
         if service.maglev {
             policy.push("maglev".to_owned());
         }
+        if service.direct_return {
+            policy.push("dsr".to_owned());
+        }
         if service.affinity_timeout_s != 0 {
             policy.push(format!("affinity={}s", service.affinity_timeout_s));
         }
@@ -100,7 +103,11 @@ pub fn conntrack(pin_dir: &Path, filter: &ConntrackFilter, json: bool) -> anyhow
             entry.source.clone(),
             entry.destination.clone(),
             entry.nat.clone(),
-            entry.snat.clone().unwrap_or_else(|| "-".into()),
+            match (&entry.snat, entry.direct_return) {
+                (Some(snat), _) => snat.clone(),
+                (None, true) => "dsr".into(),
+                (None, false) => "-".into(),
+            },
             if entry.expired {
                 format!("{} (expired)", entry.state)
             } else {

@@ -560,6 +560,8 @@ fn explain_service(
         let backend = SocketAddrV4::new(Ipv4Addr::from(entry.nat_addr), entry.nat_port);
         let snat = if entry.flags & ct_flags::SNAT != 0 {
             ", through SNAT"
+        } else if entry.flags & ct_flags::DIRECT_RETURN != 0 {
+            ", by direct server return"
         } else {
             ""
         };

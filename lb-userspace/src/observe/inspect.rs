@@ -65,6 +65,9 @@ pub struct ServiceInfo {
     pub local_only: bool,
     pub source_ranges: Vec<String>,
     pub maglev: bool,
+    /// New TCP flows from outside to an endpoint on another node go by direct server return
+    /// (`lb run --nodeport-mode dsr`).
+    pub direct_return: bool,
     pub affinity_timeout_s: u32,
     pub packets: u64,
     pub bytes: u64,
@@ -152,6 +155,9 @@ pub struct ConntrackEntry {
     /// With SNAT: the node address:port standing in for the client (flow, ORIGINAL), or the
     /// client the reply goes back to (REPLY).
     pub snat: Option<String>,
+    /// A FLOW entry of a flow that goes by direct server return: on the node the client sent
+    /// to, its answers never come back here; on the endpoint's node, the option took it.
+    pub direct_return: bool,
     pub state: &'static str,
     pub service_id: u32,
     pub backend_id: u32,
@@ -274,6 +280,7 @@ impl PinnedMaps {
                     local_only: flags & service_flags::LOCAL_ONLY != 0,
                     source_ranges: ranges.remove(&id).unwrap_or_default(),
                     maglev: flags & service_flags::MAGLEV != 0,
+                    direct_return: flags & service_flags::DIRECT_RETURN != 0,
                     affinity_timeout_s: service.affinity_timeout_s,
                     packets: counter.packets,
                     bytes: counter.bytes,
@@ -592,6 +599,8 @@ fn describe_flow<A: ShownAddr>(
         nat: endpoint(value.nat_addr, value.nat_port),
         snat: (value.flags & ct_flags::SNAT != 0)
             .then(|| endpoint(value.snat_addr, value.snat_port)),
+        direct_return: key.direction == ct_direction::FLOW
+            && value.flags & ct_flags::DIRECT_RETURN != 0,
         state: match (key.proto, value.state) {
             (proto::UDP, _) => "udp",
             (_, tcp_state::SYN_SENT) => "syn_sent",

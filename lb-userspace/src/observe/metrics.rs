@@ -472,7 +472,7 @@ fn encode_events(
         let action = event.split('_').next().unwrap_or_default();
         let action = match action {
             "sock" => "reject",
-            "ct" | "nat" | "icmp" | "maglev" => "track",
+            "ct" | "nat" | "icmp" | "maglev" | "dsr" => "track",
             other => other,
         };
         let labels = [("event", *event), ("action", action)];

@@ -477,6 +477,7 @@ impl FileSource {
                     Object::Service(service) => snapshot.services.push(service.clone()),
                     Object::EndpointSlice(slice) => snapshot.endpoint_slices.push(slice.clone()),
                     Object::Node(node) => {
+                        snapshot.node_addresses.extend(super::addresses_of(node));
                         if node.metadata.name.as_deref() == Some(self.node_name.as_str()) {
                             snapshot.node = Some((**node).clone());
                         }

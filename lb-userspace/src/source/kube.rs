@@ -1,5 +1,6 @@
 //! The Kubernetes API server as a source: kube-runtime watchers and reflectors on v1 Service and
-//! discovery.k8s.io/v1 EndpointSlice (all namespaces) and on this agent's own v1 Node.
+//! discovery.k8s.io/v1 EndpointSlice (all namespaces) and on v1 Node (this agent's own, and
+//! every Node's addresses for direct server return).
 //!
 //! - [`client`] builds the client from kube-proxy's flags (`--master`, `--kubeconfig`); every
 //!   request carries the User-Agent [`USER_AGENT`].
@@ -169,6 +170,7 @@ fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: Kind,
+    trim: fn(&mut K),
 ) -> (
     Store<K>,
     impl Stream<Item = (Kind, Notice)> + Send + 'static,
@@ -180,7 +182,10 @@ where
     let (store, writer) = reflector::store();
     let stream = watcher(api, config)
         .backoff(RetryBackoff::default())
-        .modify(|object| object.managed_fields_mut().clear())
+        .modify(move |object| {
+            object.managed_fields_mut().clear();
+            trim(object);
+        })
         .reflect(writer)
         .map(move |result| {
             let notice = match result {
@@ -289,16 +294,20 @@ impl KubeSource {
             Api::<Service>::all(self.client.clone()),
             from_watch_cache().labels(PROXIED_SELECTOR),
             Kind::Services,
+            |_| {},
         );
         let (slices, slices_stream) = reflect(
             Api::<EndpointSlice>::all(self.client.clone()),
             from_watch_cache().labels(PROXIED_SELECTOR),
             Kind::EndpointSlices,
+            |_| {},
         );
+        // Every Node: their addresses are what a DSR option naming a NodePort may name.
         let (nodes, nodes_stream) = reflect(
             Api::<Node>::all(self.client.clone()),
-            from_watch_cache().fields(&format!("metadata.name={}", self.node_name)),
+            from_watch_cache(),
             Kind::Node,
+            trim_node,
         );
         let mut notices = futures::stream::select_all([
             services_stream.boxed(),
@@ -396,6 +405,17 @@ fn same(a: &Snapshot, b: &Snapshot) -> bool {
     same_objects(&a.services, &b.services)
         && same_objects(&a.endpoint_slices, &b.endpoint_slices)
         && a.node == b.node
+        && a.node_addresses == b.node_addresses
+}
+
+/// What the agent keeps of a Node: all but its images and the volumes in use, which can make up
+/// most of its bytes, times every Node of the cluster.
+fn trim_node(node: &mut Node) {
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+        status.volumes_attached = None;
+        status.volumes_in_use = None;
+    }
 }
 
 /// The three reflectors' stores.
@@ -417,15 +437,18 @@ impl Stores {
 
     /// Everything the stores hold, sorted by namespace and name.
     fn snapshot(&self) -> Snapshot {
+        let nodes = self.nodes.state();
         Snapshot {
             services: sorted(&self.services),
             endpoint_slices: sorted(&self.slices),
-            node: self
-                .nodes
-                .state()
-                .into_iter()
+            node: nodes
+                .iter()
                 .find(|node| node.metadata.name.as_deref() == Some(self.node_name.as_str()))
-                .map(|node| (*node).clone()),
+                .map(|node| (**node).clone()),
+            node_addresses: nodes
+                .iter()
+                .flat_map(|node| super::addresses_of(node))
+                .collect(),
         }
     }
 }

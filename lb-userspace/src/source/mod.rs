@@ -2,7 +2,7 @@
 //! the same thing, a [`Snapshot`] of everything they know, so the agent, the tests and the demo
 //! all run the same compile and reconcile path.
 
-use std::sync::Arc;
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -23,4 +23,17 @@ pub struct Snapshot {
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// This agent's own Node (its addresses serve NodePorts), when the source knows it.
     pub node: Option<Node>,
+    /// The InternalIP and ExternalIP addresses of every Node the source knows (this one's
+    /// too): a DSR option naming a NodePort must name one of them (`lb_common::dsr`).
+    pub node_addresses: BTreeSet<IpAddr>,
+}
+
+/// A Node's InternalIP and ExternalIP addresses, as NodePorts are served on them.
+pub fn addresses_of(node: &Node) -> impl Iterator<Item = IpAddr> + '_ {
+    node.status
+        .iter()
+        .filter_map(|status| status.addresses.as_ref())
+        .flatten()
+        .filter(|address| address.type_ == "InternalIP" || address.type_ == "ExternalIP")
+        .filter_map(|address| address.address.parse().ok())
 }

@@ -1,0 +1,601 @@
+//! Direct server return through BPF_PROG_TEST_RUN, table-driven: the node a client's SYN
+//! arrives at (node1) sends it on with the DSR option and the client's own address, the
+//! endpoint's node (node2) takes an option only for a frontend of the endpoint's Service, and
+//! tc egress there gives the endpoint's answers the frontend as their source. Expected frames,
+//! the option's bytes and every checksum are written here or computed by etherparse, never
+//! by the datapath's code.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use lab::{
+    lab::{Lab, PinDir},
+    packet::{self, TcpFlags},
+    table::{Case, Expect, diff, run_table},
+};
+use lb_common::{Flow4Value, backend_flags, ct_direction, ct_flags, proto, service_flags};
+use lb_userspace::{
+    compile::model::{Backend, Frontend, Service},
+    datapath::{Datapath, testrun::test_run},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+
+/// node1, which the client sends to, and node2, where the endpoint runs.
+const NODE1: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const NODE2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+const NODE_PORT: u16 = 30080;
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 40000);
+/// The NodePort on node1, which the client sends to.
+const FRONTEND: SocketAddrV4 = SocketAddrV4::new(NODE1, NODE_PORT);
+/// The Service's LoadBalancer IP.
+const LB_IP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 80), 80);
+/// The endpoint, on node2.
+const POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10), 8080);
+/// An endpoint of another Service, on node2 too.
+const OTHER_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 11), 8080);
+/// IPv4 options: NOP NOP NOP EOL, then a router alert, then NOP NOP NOP EOL.
+const IP_OPTIONS: [u8; 12] = [1, 1, 1, 0, 0x94, 4, 0, 0, 1, 1, 1, 0];
+
+/// The DSR option naming `frontend`, byte by byte as docs/dsr.md gives it: type 0x9e (copied,
+/// class 0, number 30), length 8, the port, the address.
+fn option(frontend: SocketAddrV4) -> [u8; 8] {
+    let [port_high, port_low] = frontend.port().to_be_bytes();
+    let [a, b, c, d] = frontend.ip().octets();
+    [0x9e, 8, port_high, port_low, a, b, c, d]
+}
+
+fn with_option(frame: &[u8], frontend: SocketAddrV4) -> Vec<u8> {
+    packet::with_ip_options(frame, &option(frontend))
+}
+
+fn backend(addr: SocketAddrV4, protocol: u8, flags: u8) -> Backend {
+    Backend {
+        addr: IpAddr::V4(*addr.ip()),
+        port: addr.port(),
+        proto: protocol,
+        flags,
+    }
+}
+
+fn frontend(at: SocketAddrV4, protocol: u8, kind: u32) -> Frontend {
+    Frontend {
+        addr: IpAddr::V4(*at.ip()),
+        port: at.port(),
+        proto: protocol,
+        kind,
+    }
+}
+
+fn case(name: &'static str, input: Vec<u8>, verdict: u32, output: Expect) -> Case {
+    Case {
+        name,
+        input,
+        verdict,
+        output,
+    }
+}
+
+/// `expected` with the Ethernet addresses and TTL the datapath gave `actual` (which depend on
+/// the route the FIB found), its IP checksum recomputed.
+fn as_sent(expected: &[u8], actual: &[u8]) -> Vec<u8> {
+    let mut out = expected.to_vec();
+    out[..12].copy_from_slice(&actual[..12]);
+    out[packet::ETH_HDR_LEN + 8] = actual[packet::ETH_HDR_LEN + 8];
+    packet::fix_ip_checksum(&mut out);
+    out
+}
+
+fn ms(duration: Duration) -> u64 {
+    duration.as_nanos() as u64
+}
+
+fn with_timeouts(datapath: &mut Datapath, syn: Duration, established: Duration) {
+    let config = lb_common::DatapathConfig {
+        timeouts: lb_common::CtTimeouts {
+            tcp_syn: ms(syn),
+            tcp_established: ms(established),
+            tcp_closing: ms(Duration::from_millis(300)),
+            udp: ms(Duration::from_millis(800)),
+            snat_port_reuse: ms(Duration::from_millis(100)),
+        },
+        ..datapath.config().expect("config")
+    };
+    datapath.set_config(&config).expect("config");
+}
+
+/// node1: a NodePort and LoadBalancer Service (TCP and UDP) whose only endpoint is on node2,
+/// with DSR when `direct_return`; a SNAT address and range as the agent sets them.
+fn node1(pins: &PinDir, direct_return: bool) -> Datapath {
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            snat_addr: u32::from(NODE1),
+            snat_port_min: 61000,
+            snat_port_max: 61031,
+            ..Default::default()
+        })
+        .expect("config");
+    datapath
+        .put_backend(1, &backend(POD, proto::TCP, 0))
+        .expect("backend");
+    datapath
+        .put_backend(2, &backend(POD, proto::UDP, 0))
+        .expect("backend");
+    let flags = if direct_return {
+        service_flags::DIRECT_RETURN
+    } else {
+        0
+    };
+    for (id, protocol, backend) in [(1, proto::TCP, 1), (2, proto::UDP, 2)] {
+        let service = Service {
+            id,
+            frontends: vec![
+                frontend(FRONTEND, protocol, service_flags::NODE_PORT),
+                frontend(LB_IP, protocol, service_flags::LOAD_BALANCER),
+            ],
+            backends: vec![backend],
+            flags,
+            ..Default::default()
+        };
+        datapath.put_service(&service).expect("service");
+    }
+    datapath
+}
+
+/// node2: the same Service with its endpoint here (its NodePort on node2's own address), and
+/// another Service whose endpoint is OTHER_POD; both nodes' addresses known.
+fn node2(pins: &PinDir) -> Datapath {
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    datapath
+        .put_backend(1, &backend(POD, proto::TCP, backend_flags::LOCAL))
+        .expect("backend");
+    datapath
+        .put_backend(2, &backend(OTHER_POD, proto::TCP, backend_flags::LOCAL))
+        .expect("backend");
+    let service = Service {
+        id: 1,
+        frontends: vec![
+            frontend(
+                SocketAddrV4::new(NODE2, NODE_PORT),
+                proto::TCP,
+                service_flags::NODE_PORT,
+            ),
+            frontend(LB_IP, proto::TCP, service_flags::LOAD_BALANCER),
+        ],
+        backends: vec![1],
+        ..Default::default()
+    };
+    let other = Service {
+        id: 2,
+        frontends: vec![frontend(
+            SocketAddrV4::new(NODE2, 30090),
+            proto::TCP,
+            service_flags::NODE_PORT,
+        )],
+        backends: vec![2],
+        ..Default::default()
+    };
+    datapath.put_service(&service).expect("service");
+    datapath.put_service(&other).expect("service");
+    datapath
+        .set_node_addresses(&BTreeSet::from([NODE1.into(), NODE2.into()]))
+        .expect("node addresses");
+    datapath
+}
+
+fn xdp(datapath: &Datapath, frame: &[u8]) -> lb_userspace::datapath::testrun::TestRunOutput {
+    let program = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    test_run(program, frame).expect("run")
+}
+
+fn flow_of(datapath: &Datapath, client: SocketAddrV4) -> Option<Flow4Value> {
+    datapath
+        .conntrack()
+        .expect("conntrack")
+        .into_iter()
+        .find(|(key, _)| {
+            key.direction == ct_direction::FLOW
+                && key.saddr == u32::from(*client.ip())
+                && key.sport == client.port()
+        })
+        .map(|(_, value)| *Flow4Value::of(&value))
+}
+
+fn event(datapath: &Datapath, label: &str) -> u64 {
+    datapath.events().expect("events")[label]
+}
+
+/// Runs `frame` through node1's XDP and checks it left as `expected` (MACs and TTL as the
+/// route gave them).
+fn sent_as(datapath: &Datapath, name: &str, frame: &[u8], expected: &[u8]) {
+    let run = xdp(datapath, frame);
+    assert_ne!(run.verdict, XDP_DROP, "{name}: dropped");
+    let want = as_sent(expected, &run.packet);
+    assert_eq!(run.packet, want, "{name}:\n{}", diff(&want, &run.packet));
+}
+
+#[test]
+fn node1_sends_the_syn_with_the_option_and_the_rest_of_the_flow_without_it() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr1").expect("pin dir");
+    let datapath = node1(&pins, true);
+    let syn = packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b"");
+    let syn_out = with_option(&packet::tcp(CLIENT, POD, TcpFlags::SYN, b""), FRONTEND);
+    sent_as(&datapath, "the SYN", &syn, &syn_out);
+    sent_as(&datapath, "its retransmission", &syn, &syn_out);
+    sent_as(
+        &datapath,
+        "the client's ACK",
+        &packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b""),
+        &packet::tcp(CLIENT, POD, TcpFlags::ACK, b""),
+    );
+    sent_as(
+        &datapath,
+        "the client's data",
+        &packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"GET / HTTP/1.1\r\n\r\n"),
+        &packet::tcp(CLIENT, POD, TcpFlags::ACK, b"GET / HTTP/1.1\r\n\r\n"),
+    );
+    let lb_client = SocketAddrV4::new(*CLIENT.ip(), 40001);
+    sent_as(
+        &datapath,
+        "a SYN to the LoadBalancer IP",
+        &packet::tcp(lb_client, LB_IP, TcpFlags::SYN, b""),
+        &with_option(&packet::tcp(lb_client, POD, TcpFlags::SYN, b""), LB_IP),
+    );
+    assert_eq!(event(&datapath, "dsr_sent"), 3);
+
+    // One entry per flow, marked DSR, established by the client's ACK; nothing keyed by the
+    // answers (no SNAT port, no REPLY entry): they never come back through node1.
+    let entries = datapath.conntrack().expect("conntrack");
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert!(
+        entries
+            .iter()
+            .all(|(key, _)| key.direction == ct_direction::FLOW)
+    );
+    let flow = flow_of(&datapath, CLIENT).expect("the flow's entry");
+    assert_eq!(
+        flow.flags,
+        ct_flags::CLIENT_IN_FLOW | ct_flags::DIRECT_RETURN
+    );
+    assert_eq!(flow.state, lb_common::tcp_state::ESTABLISHED);
+    assert_eq!(
+        (flow.backend_addr, flow.backend_port),
+        (u32::from(*POD.ip()), POD.port())
+    );
+    assert_eq!(datapath.service_counter(1).expect("counter").new_flows, 2);
+}
+
+#[test]
+fn node1_snats_what_dsr_does_not_serve() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr1snat").expect("pin dir");
+    let datapath = node1(&pins, true);
+    let snat_source = |frame: &[u8]| {
+        let run = xdp(&datapath, frame);
+        assert_ne!(run.verdict, XDP_DROP);
+        let sliced = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
+        let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+            panic!("ipv4")
+        };
+        assert_eq!(ip.header().destination_addr(), *POD.ip());
+        assert!(
+            !run.packet[packet::ETH_HDR_LEN + 20..].starts_with(&[0x9e]),
+            "no DSR option"
+        );
+        ip.header().source_addr()
+    };
+    assert_eq!(
+        snat_source(&packet::udp(CLIENT, FRONTEND, b"q")),
+        NODE1,
+        "UDP is SNATed"
+    );
+    let with_options = packet::with_ip_options(
+        &packet::tcp(
+            SocketAddrV4::new(*CLIENT.ip(), 40002),
+            FRONTEND,
+            TcpFlags::SYN,
+            b"",
+        ),
+        &IP_OPTIONS,
+    );
+    assert_eq!(
+        snat_source(&with_options),
+        NODE1,
+        "a header with options of its own has no room: SNAT"
+    );
+    assert_eq!(event(&datapath, "dsr_no_room"), 1);
+    assert_eq!(event(&datapath, "dsr_sent"), 0);
+
+    let pins = PinDir::new(&lab, "dsr1off").expect("pin dir");
+    let without = node1(&pins, false);
+    let run = xdp(&without, &packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""));
+    let sliced = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+        panic!("ipv4")
+    };
+    assert_eq!(ip.header().source_addr(), NODE1, "SNAT without the flag");
+    assert_eq!(ip.header().ihl(), 5, "and no option");
+}
+
+#[test]
+fn node2_takes_an_admitted_option_and_answers_from_the_frontend() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr2").expect("pin dir");
+    let datapath = node2(&pins);
+    let xdp_program = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    let syn = packet::tcp(CLIENT, POD, TcpFlags::SYN, b"");
+    let lb_client = SocketAddrV4::new(*CLIENT.ip(), 40001);
+    run_table(
+        xdp_program,
+        &[
+            case(
+                "a NodePort on node1",
+                with_option(&syn, FRONTEND),
+                XDP_PASS,
+                Expect::Bytes(syn.clone()),
+            ),
+            case(
+                "its retransmission",
+                with_option(&syn, FRONTEND),
+                XDP_PASS,
+                Expect::Bytes(syn.clone()),
+            ),
+            case(
+                "the LoadBalancer IP",
+                with_option(&packet::tcp(lb_client, POD, TcpFlags::SYN, b""), LB_IP),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp(lb_client, POD, TcpFlags::SYN, b"")),
+            ),
+            case(
+                "the client's ACK, untouched",
+                packet::tcp(CLIENT, POD, TcpFlags::ACK, b""),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    assert_eq!(event(&datapath, "dsr_accepted"), 3);
+    let flow = flow_of(&datapath, CLIENT).expect("the flow's entry");
+    assert_eq!(
+        flow.flags,
+        ct_flags::CLIENT_IN_FLOW | ct_flags::DIRECT_RETURN
+    );
+    assert_eq!(
+        (flow.frontend_addr, flow.frontend_port),
+        (u32::from(NODE1), NODE_PORT)
+    );
+    assert_eq!((flow.service_id, flow.backend_id), (1, 1));
+
+    let tc = datapath
+        .program_fd(lb_common::program_names::TC_EGRESS)
+        .expect("fd");
+    run_table(
+        tc,
+        &[
+            case(
+                "the SYN-ACK leaves from the NodePort on node1",
+                packet::tcp(POD, CLIENT, TcpFlags::SYN_ACK, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::SYN_ACK, b"")),
+            ),
+            case(
+                "the LoadBalancer IP flow's, from the LoadBalancer IP",
+                packet::tcp(POD, lb_client, TcpFlags::SYN_ACK, b""),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp(LB_IP, lb_client, TcpFlags::SYN_ACK, b"")),
+            ),
+            case(
+                "the answer with data",
+                packet::tcp_at(POD, CLIENT, TcpFlags::ACK, 1001, b"HTTP/1.1 200 OK\r\n\r\n"),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp_at(
+                    FRONTEND,
+                    CLIENT,
+                    TcpFlags::ACK,
+                    1001,
+                    b"HTTP/1.1 200 OK\r\n\r\n",
+                )),
+            ),
+            case(
+                "another pod's packet to the client, untouched",
+                packet::tcp(OTHER_POD, CLIENT, TcpFlags::SYN_ACK, b""),
+                TC_ACT_OK,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    // The endpoint's answers moved the flow on: its ACK without SYN established it.
+    assert_eq!(
+        flow_of(&datapath, CLIENT).expect("entry").state,
+        lb_common::tcp_state::ESTABLISHED
+    );
+}
+
+#[test]
+fn node2_refuses_options_that_name_no_frontend_of_the_endpoints_service() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr2no").expect("pin dir");
+    let datapath = node2(&pins);
+    let xdp_program = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    let client = |port| SocketAddrV4::new(*CLIENT.ip(), port);
+    let syn_to = |port, pod| packet::tcp(client(port), pod, TcpFlags::SYN, b"");
+    let mut bad_checksum = with_option(&syn_to(41005, POD), FRONTEND);
+    bad_checksum[packet::ETH_HDR_LEN + 10] ^= 0xff;
+    let refused = [
+        (
+            "a NodePort on an address no node has",
+            with_option(
+                &syn_to(41000, POD),
+                SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 1), NODE_PORT),
+            ),
+        ),
+        (
+            "a port that is no NodePort of the endpoint's Service",
+            with_option(&syn_to(41001, POD), SocketAddrV4::new(NODE1, 30090)),
+        ),
+        (
+            "another Service's NodePort at its endpoint",
+            with_option(&syn_to(41002, OTHER_POD), FRONTEND),
+        ),
+        (
+            "an address that is no frontend at all",
+            with_option(
+                &syn_to(41003, POD),
+                SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 81), 80),
+            ),
+        ),
+        (
+            "a segment that is no SYN",
+            with_option(
+                &packet::tcp(client(41004), POD, TcpFlags::ACK, b""),
+                FRONTEND,
+            ),
+        ),
+    ];
+    let mut cases: Vec<Case> = refused
+        .iter()
+        .map(|(name, frame)| case(name, frame.clone(), XDP_DROP, Expect::Unchanged))
+        .collect();
+    cases.push(case(
+        "a SYN whose header checksum is wrong",
+        bad_checksum,
+        XDP_DROP,
+        Expect::Unchanged,
+    ));
+    run_table(xdp_program, &cases);
+    assert_eq!(event(&datapath, "drop_dsr_refused"), refused.len() as u64);
+    assert_eq!(event(&datapath, "drop_ip_checksum"), 1);
+    assert_eq!(event(&datapath, "dsr_accepted"), 0);
+    assert!(
+        datapath.conntrack().expect("conntrack").is_empty(),
+        "a refused option leaves nothing behind"
+    );
+}
+
+/// The client key a DSR flow takes on node2 is its own while the flow lives: another flow from
+/// the same client port (to another frontend) is refused then, and takes the key once the
+/// first flow is past its timeout.
+#[test]
+fn node2_refuses_a_second_flow_on_a_live_flows_client_key_until_it_times_out() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr2clash").expect("pin dir");
+    let mut datapath = node2(&pins);
+    with_timeouts(
+        &mut datapath,
+        Duration::from_millis(600),
+        Duration::from_secs(2),
+    );
+    let syn = packet::tcp(CLIENT, POD, TcpFlags::SYN, b"");
+    assert_eq!(
+        xdp(&datapath, &with_option(&syn, FRONTEND)).verdict,
+        XDP_PASS
+    );
+    let to_lb_ip = with_option(&syn, LB_IP);
+    assert_eq!(xdp(&datapath, &to_lb_ip).verdict, XDP_DROP);
+    assert_eq!(event(&datapath, "drop_dsr_clash"), 1);
+    std::thread::sleep(Duration::from_millis(900));
+    assert_eq!(
+        xdp(&datapath, &to_lb_ip).verdict,
+        XDP_PASS,
+        "past the SYN timeout the key is free"
+    );
+    let flow = flow_of(&datapath, CLIENT).expect("entry");
+    assert_eq!(
+        (flow.frontend_addr, flow.frontend_port),
+        (u32::from(*LB_IP.ip()), LB_IP.port())
+    );
+}
+
+/// Flows live longer than their timeouts while they carry traffic: on node1 the client's
+/// packets refresh the flow, on node2 (which sees only the SYN from the client) the
+/// endpoint's answers do. A flow with no traffic at all ends by the established timeout.
+#[test]
+fn dsr_flows_outlive_their_timeouts_while_they_carry_traffic_and_end_by_them_when_idle() {
+    let lab = Lab::new().expect("lab");
+    let pins1 = PinDir::new(&lab, "dsr1time").expect("pin dir");
+    let mut first = node1(&pins1, true);
+    let pins2 = PinDir::new(&lab, "dsr2time").expect("pin dir");
+    let mut second = node2(&pins2);
+    let established = Duration::from_secs(2);
+    with_timeouts(&mut first, Duration::from_millis(600), established);
+    with_timeouts(&mut second, Duration::from_millis(600), established);
+
+    let tc = |frame: &[u8]| {
+        let program = second
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd");
+        test_run(program, frame).expect("run")
+    };
+    // The handshake through both nodes.
+    let syn = xdp(&first, &packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""));
+    assert_eq!(xdp(&second, &syn.packet).verdict, XDP_PASS);
+    let answer = |seq: u32| {
+        let run = tc(&packet::tcp_at(POD, CLIENT, TcpFlags::ACK, seq, b"x"));
+        assert_eq!(
+            run.packet,
+            packet::tcp_at(FRONTEND, CLIENT, TcpFlags::ACK, seq, b"x"),
+            "an answer leaves from the frontend"
+        );
+    };
+    tc(&packet::tcp(POD, CLIENT, TcpFlags::SYN_ACK, b""));
+    sent_as(
+        &first,
+        "the client's ACK",
+        &packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b""),
+        &packet::tcp(CLIENT, POD, TcpFlags::ACK, b""),
+    );
+    // Traffic every 400 ms for twice the established timeout.
+    let started = std::time::Instant::now();
+    let mut seq = 1001;
+    while started.elapsed() < established * 2 {
+        std::thread::sleep(Duration::from_millis(400));
+        sent_as(
+            &first,
+            "the client's data",
+            &packet::tcp_at(CLIENT, FRONTEND, TcpFlags::ACK, seq, b"q"),
+            &packet::tcp_at(CLIENT, POD, TcpFlags::ACK, seq, b"q"),
+        );
+        answer(seq);
+        seq += 1;
+    }
+    assert_eq!(
+        first.service_counter(1).expect("counter").new_flows,
+        1,
+        "node1 kept the one flow"
+    );
+    assert_eq!(event(&second, "dsr_accepted"), 1);
+    // node2's entry is still the flow's: another flow on its client key is refused.
+    let other = with_option(&packet::tcp(CLIENT, POD, TcpFlags::SYN, b""), LB_IP);
+    assert_eq!(
+        xdp(&second, &other).verdict,
+        XDP_DROP,
+        "the flow lives on node2"
+    );
+
+    // Idle past the established timeout: the flow is over on both nodes.
+    std::thread::sleep(established + Duration::from_millis(500));
+    assert_eq!(
+        xdp(&second, &other).verdict,
+        XDP_PASS,
+        "node2's key is free"
+    );
+    let idle_for = lb_userspace::observe::inspect::monotonic_ns()
+        - flow_of(&first, CLIENT).expect("node1's entry").last_seen_ns;
+    assert!(
+        idle_for > ms(established),
+        "node1's entry is past its timeout ({idle_for} ns idle)"
+    );
+}
