@@ -2176,6 +2176,10 @@ labelled_indexes! {
     /// Track: a SYN to a Service with direct server return whose IPv4 header carried options
     /// of its own went by SNAT: the DSR option goes only into a header without options.
     DSR_NO_ROOM = "dsr_no_room",
+    /// Track: a local endpoint's SYN-ACK to a client whose FLOW entry, of a flow that came by
+    /// direct server return, is past its own SYN (the client connected to the endpoint
+    /// straight, from the same port): the entry was removed and the answer left untranslated.
+    CT_FLOW_SUPERSEDED = "ct_flow_superseded",
 }
 
 /// `aya::Pod` for the map types, so userspace can read and write them.

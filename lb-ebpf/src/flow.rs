@@ -615,6 +615,23 @@ fn flow_entry<F: Family>(
     F::conntrack().get_ptr_mut(key)
 }
 
+/// Removes the FLOW entry of the client `client_addr`:`client_port`, its key built as
+/// [`flow_entry`] builds it.
+#[inline(always)]
+fn remove_flow_entry<F: Family>(client_addr: F::Addr, client_port: u16, protocol: u8) {
+    if size_of::<F::Addr>() < 16 {
+        let _ = F::conntrack().remove(&flow_key(client_addr, client_port, protocol));
+        return;
+    }
+    let mut slot = MaybeUninit::<CtKey<F::Addr>>::uninit();
+    let key = zero_init(&mut slot);
+    key.saddr = client_addr;
+    key.sport = client_port;
+    key.proto = protocol;
+    key.direction = ct_direction::FLOW;
+    let _ = F::conntrack().remove(key);
+}
+
 /// Whether a FLOW entry is the flow of this client's packet: the frontend it was sent to.
 #[inline(always)]
 fn for_frontend<F: Family>(flow: &FlowValue<F::Addr>, tuple: &Tuple<F>) -> bool {
@@ -1104,9 +1121,10 @@ fn new_flow_in_one_entry<F: Family>(
 /// A flow another node sent here by direct server return (its SYN's DSR option, admitted as
 /// `admission`, named `frontend`): kept in its client's FLOW entry as a local endpoint's flow
 /// is, so that tc egress gives the endpoint's answers the frontend as their source. The client's
-/// key may be held by this flow already (a retransmitted SYN, or a new connection from the
-/// same port after the last one closed) or by a flow past its timeout; held by another live
-/// flow, the SYN is refused (`drop_dsr_clash`): one key cannot name two flows.
+/// key may be held by this flow already (a retransmitted SYN), by a flow that has closed (the
+/// client sends a SYN from the port again: a new connection, as [`reopens`] takes it) or by a
+/// flow past its timeout; held by another live flow, the SYN is refused (`drop_dsr_clash`):
+/// one key cannot name two flows.
 #[inline(always)]
 pub fn accept_direct_return(
     tuple: &Tuple<V4>,
@@ -1123,7 +1141,7 @@ pub fn accept_direct_return(
             && flow.frontend_port == frontend_port
             && flow.backend_addr == tuple.daddr
             && flow.backend_port == tuple.dport;
-        if !this_flow && !past_timeout(held, tuple.proto, now) {
+        if !this_flow && !reopens(held, tuple) && !past_timeout(held, tuple.proto, now) {
             return Err(Event::DROP_DSR_CLASH);
         }
     }
@@ -1479,6 +1497,16 @@ pub enum Answer<F: Family = V4> {
 
 /// The flow of an answer from a local endpoint: the FLOW entry of its destination (the client)
 /// when that flow's backend sent it, else a REPLY entry keyed as the answer.
+///
+/// A SYN-ACK answers a SYN: an entry of a flow that came by direct server return past its own
+/// SYN (established or closing) is not the flow of one. Only the endpoint's answers move such
+/// an entry on, and the endpoint sends no segment without SYN before its handshake is done,
+/// so a SYN-ACK after one is another connection's: the client connected to the endpoint from
+/// the same port without the frontend (straight to the pod, as hosts routed to the pods do)
+/// after the entry's flow closed, or while the entry waits out its timeout. Its answers must
+/// leave as the endpoint sends them: the entry is removed, so that none of them is taken for
+/// it. (A local endpoint's entry is moved on by the client's packets too, and a SYN-ACK sent
+/// again after the client's ACK met XDP is its own flow's.)
 #[inline(always)]
 pub fn answer_of<F: Family>(tuple: &Tuple<F>) -> Option<Answer<F>> {
     if let Some(entry) = flow_entry::<F>(tuple.daddr, tuple.dport, tuple.proto) {
@@ -1488,6 +1516,15 @@ pub fn answer_of<F: Family>(tuple: &Tuple<F>) -> Option<Answer<F>> {
             && F::same(&flow.backend_addr, &tuple.saddr)
             && flow.backend_port == tuple.sport
         {
+            if flow.flags & ct_flags::DIRECT_RETURN != 0
+                && tuple.proto == proto::TCP
+                && tuple.tcp_flags & TCP_SYN != 0
+                && flow.state != tcp_state::SYN_SENT
+            {
+                remove_flow_entry::<F>(tuple.daddr, tuple.dport, tuple.proto);
+                count_event(Event::CT_FLOW_SUPERSEDED);
+                return None;
+            }
             return Some(Answer::Whole(entry));
         }
     }

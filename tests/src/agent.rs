@@ -21,12 +21,16 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 pub const POD_PORT: u16 = 8080;
 
 pub struct AgentLab {
-    // Field order is drop order: servers and agent first, then the datapath's pins, cgroup,
+    // Field order is drop order: servers and agents first, then the datapaths' pins, cgroups,
     // scratch files, the namespaces last.
     /// The pods' servers in [`Cluster::pods`] order; None while a test has one stopped.
     servers: Vec<Option<Proc>>,
     agent: Option<Proc>,
+    /// node2's agent ([`Self::start_node2_agent`]), while it runs.
+    node2_agent: Option<Proc>,
     pins: PinDir,
+    /// node2's pins and cgroup, once its agent started: kept across its restarts.
+    node2: Option<(PinDir, Cgroup)>,
     pub cgroup: Cgroup,
     scratch: ScratchDir,
     pub cluster: Cluster,
@@ -59,7 +63,9 @@ impl AgentLab {
         Ok(Self {
             servers,
             agent: None,
+            node2_agent: None,
             pins,
+            node2: None,
             cgroup,
             scratch,
             cluster,
@@ -204,6 +210,71 @@ impl AgentLab {
         Ok(())
     }
 
+    /// Starts `lb run` on node2 as well (again, after [`Self::kill_node2_agent`]), reading the
+    /// same manifests, with pins and a cgroup of its own, and waits for its first sync. The
+    /// manifests then need Node objects for the nodes' addresses to reach the other agent.
+    pub fn start_node2_agent(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        if self.node2.is_none() {
+            self.node2 = Some((
+                PinDir::new(&self._lab, "agent2")?,
+                Cgroup::new(&self._lab, "node2")?,
+            ));
+        }
+        let (pins, cgroup) = self.node2.as_ref().context("node2's pins")?;
+        let log = self.node2_log();
+        let before = synced_lines(&log);
+        let manifests = self.manifests();
+        let mut args = vec![
+            "run",
+            "--source",
+            "file",
+            "--manifests",
+            manifests.to_str().unwrap_or_default(),
+            "--hostname-override",
+            "node2",
+            "--node-address",
+            "203.0.113.2",
+            "--interfaces",
+            FABRIC_IFACE,
+            "--cgroup-path",
+            cgroup.path().to_str().unwrap_or_default(),
+            "--pin-dir",
+            pins.path().to_str().unwrap_or_default(),
+        ];
+        if !extra.contains(&"--xdp-mode") {
+            args.extend(["--xdp-mode", "native"]);
+        }
+        args.extend_from_slice(extra);
+        let lb = peer::sibling_binary("lb")?;
+        self.node2_agent = Some(
+            self.cluster
+                .node(2)
+                .host
+                .spawn_logged(&lb, &args, None, &log)?,
+        );
+        wait_for_log(&log, "synced", before + 1, SYNC_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Kills node2's agent with SIGKILL (its datapath stays, pinned).
+    pub fn kill_node2_agent(&mut self) -> anyhow::Result<()> {
+        match self.node2_agent.take() {
+            Some(agent) => agent.kill(),
+            None => Ok(()),
+        }
+    }
+
+    /// node2's agent's log.
+    pub fn node2_log(&self) -> PathBuf {
+        self.scratch.path().join("agent2.log")
+    }
+
+    /// node2's agent's drop and reject counters, as [`Self::events`].
+    pub fn node2_events(&self) -> anyhow::Result<std::collections::BTreeMap<&'static str, u64>> {
+        let (pins, _) = self.node2.as_ref().context("no agent on node2")?;
+        lb_userspace::observe::inspect::PinnedMaps::open(pins.path())?.events()
+    }
+
     /// The agent's process id, while it runs.
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Proc::pid)
@@ -290,12 +361,34 @@ impl AgentLab {
     }
 
     fn synced_lines(&self) -> usize {
-        std::fs::read_to_string(self.log())
-            .unwrap_or_default()
-            .lines()
-            .filter(|line| line.contains("synced"))
-            .count()
+        synced_lines(&self.log())
     }
+}
+
+/// The "synced" lines of an agent's log.
+fn synced_lines(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("synced"))
+        .count()
+}
+
+/// A Node manifest for node `number` of the lab with its fabric address (and its IPv6 one with
+/// `ipv6`), as InternalIPs: what the agents' file source learns the nodes' addresses from.
+pub fn node_manifest(number: u8, ipv6: bool) -> String {
+    let mut addresses = vec![crate::topology::node_addr(number).to_string()];
+    if ipv6 {
+        addresses.push(crate::topology::node_addr6(number).to_string());
+    }
+    let addresses: Vec<String> = addresses
+        .iter()
+        .map(|address| format!("{{type: InternalIP, address: \"{address}\"}}"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: node{number}}}\nstatus:\n  addresses: [{}]\n",
+        addresses.join(", ")
+    )
 }
 
 /// A lab-peer server named after its pod on [`POD_PORT`] in every pod of the cluster.

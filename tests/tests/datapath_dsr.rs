@@ -599,3 +599,98 @@ fn dsr_flows_outlive_their_timeouts_while_they_carry_traffic_and_end_by_them_whe
         "node1's entry is past its timeout ({idle_for} ns idle)"
     );
 }
+
+/// On node2, a DSR flow that closed gives its client key up at once to the client's next SYN
+/// from that port, and a connection the client makes straight to the pod from that port (no
+/// option: node2 sees none of it but the pod's answers) is not taken for the closed flow: its
+/// SYN-ACK and every later answer leave as the pod sent them.
+#[test]
+fn node2_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr2reuse").expect("pin dir");
+    let datapath = node2(&pins);
+    let tc = |name: &'static str, frame: Vec<u8>, output: Expect| {
+        run_table(
+            datapath
+                .program_fd(lb_common::program_names::TC_EGRESS)
+                .expect("fd"),
+            &[case(name, frame, TC_ACT_OK, output)],
+        );
+    };
+    let syn = packet::tcp(CLIENT, POD, TcpFlags::SYN, b"");
+    assert_eq!(
+        xdp(&datapath, &with_option(&syn, FRONTEND)).verdict,
+        XDP_PASS
+    );
+    tc(
+        "the SYN-ACK",
+        packet::tcp(POD, CLIENT, TcpFlags::SYN_ACK, b""),
+        Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::SYN_ACK, b"")),
+    );
+    tc(
+        "the pod's FIN",
+        packet::tcp_at(POD, CLIENT, TcpFlags::FIN_ACK, 1001, b""),
+        Expect::Bytes(packet::tcp_at(
+            FRONTEND,
+            CLIENT,
+            TcpFlags::FIN_ACK,
+            1001,
+            b"",
+        )),
+    );
+    assert_eq!(
+        flow_of(&datapath, CLIENT).expect("entry").state,
+        lb_common::tcp_state::CLOSING
+    );
+
+    // Straight to the pod from the same port: untranslated, and the entry goes.
+    tc(
+        "a SYN-ACK of a connection straight to the pod",
+        packet::tcp_at(POD, CLIENT, TcpFlags::SYN_ACK, 5000, b""),
+        Expect::Unchanged,
+    );
+    assert_eq!(event(&datapath, "ct_flow_superseded"), 1);
+    assert!(
+        flow_of(&datapath, CLIENT).is_none(),
+        "the closed flow's entry removed"
+    );
+    tc(
+        "its data",
+        packet::tcp_at(POD, CLIENT, TcpFlags::ACK, 5001, b"straight"),
+        Expect::Unchanged,
+    );
+
+    // A DSR flow again from that port, through another frontend, while the first one's entry
+    // would still be closing: taken, no clash.
+    assert_eq!(
+        xdp(&datapath, &with_option(&syn, FRONTEND)).verdict,
+        XDP_PASS
+    );
+    tc(
+        "the SYN-ACK of the next DSR flow",
+        packet::tcp(POD, CLIENT, TcpFlags::SYN_ACK, b""),
+        Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::SYN_ACK, b"")),
+    );
+    tc(
+        "its FIN",
+        packet::tcp_at(POD, CLIENT, TcpFlags::FIN_ACK, 1001, b""),
+        Expect::Bytes(packet::tcp_at(
+            FRONTEND,
+            CLIENT,
+            TcpFlags::FIN_ACK,
+            1001,
+            b"",
+        )),
+    );
+    assert_eq!(xdp(&datapath, &with_option(&syn, LB_IP)).verdict, XDP_PASS);
+    assert_eq!(event(&datapath, "drop_dsr_clash"), 0);
+    let flow = flow_of(&datapath, CLIENT).expect("entry");
+    assert_eq!(
+        (flow.frontend_addr, flow.frontend_port, flow.state),
+        (
+            u32::from(*LB_IP.ip()),
+            LB_IP.port(),
+            lb_common::tcp_state::SYN_SENT
+        )
+    );
+}

@@ -5,15 +5,13 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
     time::Duration,
 };
 
 use lab::{
-    agent::{POD_PORT, SYNC_TIMEOUT, endpoint_slice, serve_in_every_pod},
-    lab::{Cgroup, Lab, PinDir, Proc, ScratchDir, wait_for_log},
-    peer::{ClientRun, sibling_binary},
-    topology::{CLIENT_ADDR, Cluster, ClusterSpec, FABRIC_IFACE, node_addr, pod_addr},
+    agent::{AgentLab, POD_PORT, SYNC_TIMEOUT, endpoint_slice, node_manifest},
+    peer::ClientRun,
+    topology::{CLIENT_ADDR, ClusterSpec, FABRIC_IFACE, node_addr, pod_addr},
 };
 
 /// The LoadBalancer IP, routed to node1 by the client.
@@ -22,154 +20,69 @@ const NODE_PORT: u16 = 30080;
 const SYN_TIMEOUT: Duration = Duration::from_secs(1);
 const ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(3);
 
-struct DsrLab {
-    // Field order is drop order: agents and servers before their pins, cgroups and namespaces.
-    agents: [Option<Proc>; 2],
-    _servers: Vec<Proc>,
-    pins: [PinDir; 2],
-    cgroups: [Cgroup; 2],
-    scratch: ScratchDir,
-    cluster: Cluster,
-    lab: Lab,
-}
-
-fn node_manifest(number: u8) -> String {
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: node{number}}}\nstatus:\n  addresses: [{{type: InternalIP, address: \"{}\"}}]\n",
-        node_addr(number)
-    )
-}
-
 fn web_service() -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: {NODE_PORT}}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: {LB_IP}}}]\n"
     )
 }
 
-impl DsrLab {
-    /// One pod, on node2, serving; both nodes' agents running with DSR on the Service `web`.
-    fn new() -> Self {
-        let mut lab = Lab::new().expect("lab");
-        let cluster = Cluster::build(
-            &mut lab,
-            &ClusterSpec {
-                pods_per_node: vec![0, 1],
-                ..Default::default()
-            },
-        )
-        .expect("cluster");
-        cluster
-            .client
-            .route(&[&format!("{LB_IP}/32"), "via", &node_addr(1).to_string()])
-            .expect("route to the LoadBalancer IP");
-        let servers = serve_in_every_pod(&cluster).expect("servers");
-        let pins = [
-            PinDir::new(&lab, "dsr1").expect("pins"),
-            PinDir::new(&lab, "dsr2").expect("pins"),
-        ];
-        let cgroups = [
-            Cgroup::new(&lab, "node1").expect("cgroup"),
-            Cgroup::new(&lab, "node2").expect("cgroup"),
-        ];
-        let scratch = ScratchDir::new(&lab, "dsr").expect("scratch");
-        let manifests = scratch.path().join("manifests");
-        std::fs::create_dir_all(&manifests).expect("manifests");
-        let objects = [
-            node_manifest(1),
-            node_manifest(2),
-            web_service(),
-            endpoint_slice("web", &[(pod_addr(2, 0), "node2")]),
-        ];
-        std::fs::write(manifests.join("cluster.yaml"), objects.join("---\n")).expect("write");
-        let mut setup = Self {
-            agents: [None, None],
-            _servers: servers,
-            pins,
-            cgroups,
-            scratch,
-            cluster,
-            lab,
-        };
-        setup.start_agent(1);
-        setup.start_agent(2);
-        setup
-    }
+/// One pod, on node2, serving; both nodes' agents running with DSR on the Service `web`, whose
+/// manifests (the Nodes' too) are there before they start.
+fn dsr_lab() -> AgentLab {
+    let mut setup = AgentLab::with_spec(&ClusterSpec {
+        pods_per_node: vec![0, 1],
+        ..Default::default()
+    })
+    .expect("lab");
+    setup
+        .cluster
+        .client
+        .route(&[&format!("{LB_IP}/32"), "via", &node_addr(1).to_string()])
+        .expect("route to the LoadBalancer IP");
+    let objects = [
+        node_manifest(1, false),
+        node_manifest(2, false),
+        web_service(),
+        endpoint_slice("web", &[(pod_addr(2, 0), "node2")]),
+    ];
+    std::fs::write(
+        setup.manifests().join("cluster.yaml"),
+        objects.join("---\n"),
+    )
+    .expect("manifests");
+    let flags = agent_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    setup.start_agent(&flags).expect("node1's agent");
+    setup.start_node2_agent(&flags).expect("node2's agent");
+    setup
+}
 
-    fn log(&self, node: u8) -> PathBuf {
-        self.scratch.path().join(format!("agent{node}.log"))
-    }
+fn agent_flags() -> Vec<String> {
+    [
+        "--nodeport-mode".to_owned(),
+        "dsr".to_owned(),
+        "--conntrack-tcp-timeout-syn".to_owned(),
+        format!("{}ms", SYN_TIMEOUT.as_millis()),
+        "--conntrack-tcp-timeout-established".to_owned(),
+        format!("{}ms", ESTABLISHED_TIMEOUT.as_millis()),
+    ]
+    .into()
+}
 
-    fn pin_dir(&self, node: u8) -> &Path {
-        self.pins[usize::from(node) - 1].path()
-    }
-
-    fn start_agent(&mut self, node: u8) {
-        let index = usize::from(node) - 1;
-        let log = self.log(node);
-        let before = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("synced")
-            .count();
-        let manifests = self.scratch.path().join("manifests");
-        let name = format!("node{node}");
-        let address = node_addr(node).to_string();
-        let syn = format!("{}ms", SYN_TIMEOUT.as_millis());
-        let established = format!("{}ms", ESTABLISHED_TIMEOUT.as_millis());
-        let args = [
-            "run",
-            "--source",
-            "file",
-            "--manifests",
-            manifests.to_str().expect("UTF-8"),
-            "--hostname-override",
-            &name,
-            "--node-address",
-            &address,
-            "--interfaces",
-            FABRIC_IFACE,
-            "--cgroup-path",
-            self.cgroups[index].path().to_str().expect("UTF-8"),
-            "--pin-dir",
-            self.pins[index].path().to_str().expect("UTF-8"),
-            "--xdp-mode",
-            "native",
-            "--nodeport-mode",
-            "dsr",
-            "--conntrack-tcp-timeout-syn",
-            &syn,
-            "--conntrack-tcp-timeout-established",
-            &established,
-        ];
-        let lb = sibling_binary("lb").expect("lb");
-        let host = &self.cluster.node(node).host;
-        self.agents[index] = Some(host.spawn_logged(&lb, &args, None, &log).expect("lb run"));
-        wait_for_log(&log, "synced", before + 1, SYNC_TIMEOUT).expect("first sync");
-    }
-
-    fn kill_agent(&mut self, node: u8) {
-        if let Some(agent) = self.agents[usize::from(node) - 1].take() {
-            agent.kill().expect("kill");
-        }
-    }
-
-    fn events(&self, node: u8) -> std::collections::BTreeMap<&'static str, u64> {
-        lb_userspace::observe::inspect::PinnedMaps::open(self.pin_dir(node))
-            .expect("pins")
-            .events()
-            .expect("events")
-    }
-
-    /// Packets node1's fabric NIC received, and the client's sent.
-    fn packets(&self) -> (u64, u64) {
-        let node1 = self
-            .cluster
-            .node(1)
-            .host
-            .link_stats(FABRIC_IFACE)
-            .expect("stats");
-        let client = self.cluster.client.link_stats(FABRIC_IFACE).expect("stats");
-        (node1.rx_packets, client.tx_packets)
-    }
+/// Packets node1's fabric NIC received, and the client's sent.
+fn packets(setup: &AgentLab) -> (u64, u64) {
+    let node1 = setup
+        .cluster
+        .node(1)
+        .host
+        .link_stats(FABRIC_IFACE)
+        .expect("stats");
+    let client = setup
+        .cluster
+        .client
+        .link_stats(FABRIC_IFACE)
+        .expect("stats");
+    (node1.rx_packets, client.tx_packets)
 }
 
 /// Connections through the NodePort and the LoadBalancer IP reach node2's pod with the client's
@@ -177,14 +90,14 @@ impl DsrLab {
 /// client sent), and both agents count the options.
 #[test]
 fn nodeport_and_loadbalancer_ip_answers_go_from_the_endpoints_node_to_the_client() {
-    let setup = DsrLab::new();
+    let setup = dsr_lab();
     let node_port = SocketAddrV4::new(node_addr(1), NODE_PORT).to_string();
     let lb_ip = SocketAddrV4::new(LB_IP, 80).to_string();
     // The first connection may meet a neighbour entry being resolved: wait for one answer.
     ClientRun::tcp(&node_port, 1)
         .run_until(&setup.cluster.client, SYNC_TIMEOUT, |report| report.ok == 1)
         .expect("the NodePort answers");
-    let (node1_before, client_before) = setup.packets();
+    let (node1_before, client_before) = packets(&setup);
     let connections = 40;
     for to in [&node_port, &lb_ip] {
         let run = ClientRun::tcp(to, connections)
@@ -198,7 +111,7 @@ fn nodeport_and_loadbalancer_ip_answers_go_from_the_endpoints_node_to_the_client
             "{to}: the pod sees the client's own address"
         );
     }
-    let (node1_after, client_after) = setup.packets();
+    let (node1_after, client_after) = packets(&setup);
     let node1_received = node1_after - node1_before;
     let client_sent = client_after - client_before;
     // Through SNAT node1 would receive every answer too (about as many packets again); the
@@ -207,7 +120,10 @@ fn nodeport_and_loadbalancer_ip_answers_go_from_the_endpoints_node_to_the_client
         node1_received <= client_sent + 10,
         "node1 received {node1_received} packets, the client sent {client_sent}"
     );
-    let (node1, node2) = (setup.events(1), setup.events(2));
+    let (node1, node2) = (
+        setup.events().expect("node1's events"),
+        setup.node2_events().expect("node2's events"),
+    );
     assert!(
         node1["dsr_sent"] >= 2 * connections,
         "node1 sent {} options",
@@ -224,7 +140,7 @@ fn nodeport_and_loadbalancer_ip_answers_go_from_the_endpoints_node_to_the_client
 /// before its programs take over.
 #[test]
 fn a_long_lived_connection_outlives_the_timeouts_and_a_restart_of_the_endpoints_agent() {
-    let mut setup = DsrLab::new();
+    let mut setup = dsr_lab();
     let node_port = SocketAddrV4::new(node_addr(1), NODE_PORT).to_string();
     ClientRun::tcp(&node_port, 1)
         .run_until(&setup.cluster.client, SYNC_TIMEOUT, |report| report.ok == 1)
@@ -241,8 +157,12 @@ fn a_long_lived_connection_outlives_the_timeouts_and_a_restart_of_the_endpoints_
         .run(&client, None)
     });
     std::thread::sleep(Duration::from_millis(2500));
-    setup.kill_agent(2);
-    setup.start_agent(2);
+    setup.kill_node2_agent().expect("kill node2's agent");
+    let flags = agent_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    setup
+        .start_node2_agent(&flags)
+        .expect("node2's agent again");
     let run = long_lived.join().expect("client thread").expect("client");
     run.assert_all_ok("one connection across the timeouts and the restart");
     assert_eq!(run.seen_as.len(), 1, "one flow: {:?}", run.seen_as);
@@ -257,18 +177,11 @@ fn a_long_lived_connection_outlives_the_timeouts_and_a_restart_of_the_endpoints_
 /// an address that is no node's is too.
 #[test]
 fn options_naming_no_frontend_of_the_pods_service_are_refused() {
-    let mut setup = DsrLab::new();
+    let mut setup = dsr_lab();
     let attacker_addr = Ipv4Addr::new(203, 0, 113, 66);
-    let attacker = setup.lab.host("attacker").expect("host");
-    let port = "p-attacker";
-    setup
-        .lab
-        .veth(&attacker, FABRIC_IFACE, &setup.cluster.fabric, port)
-        .expect("veth");
-    setup.cluster.fabric.enslave(port, "br0").expect("enslave");
-    attacker
-        .addr(FABRIC_IFACE, &format!("{attacker_addr}/24"))
-        .expect("addr");
+    let attacker = setup
+        .add_client("attacker", attacker_addr)
+        .expect("a host on the fabric");
     attacker
         .route(&["10.244.2.0/24", "via", &node_addr(2).to_string()])
         .expect("route to node2's pods");
@@ -289,7 +202,7 @@ fn options_naming_no_frontend_of_the_pods_service_are_refused() {
             "a SYN naming {frontend} got through: {result:?}"
         );
     }
-    let events = setup.events(2);
+    let events = setup.node2_events().expect("node2's events");
     assert!(events["drop_dsr_refused"] >= 2, "{events:?}");
     assert_eq!(events["dsr_accepted"], 0, "{events:?}");
 }

@@ -39,7 +39,9 @@ use std::{
 use anyhow::{Context as _, ensure};
 use clap::Parser;
 use lab::{
-    agent::{AgentLab, POD_PORT, endpoint_slice, endpoint_slice6, node_port_service},
+    agent::{
+        AgentLab, POD_PORT, endpoint_slice, endpoint_slice6, node_manifest, node_port_service,
+    },
     lab::{Cgroup, Host, Lab, Proc, ScratchDir, wait_for_log},
     peer::{self, ClientReport},
     topology::{
@@ -89,6 +91,10 @@ struct Args {
     /// costs every connection through it (`lb-bench-other-traffic`).
     #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
     xdp_mode: String,
+    /// lb's `--nodeport-mode`: `snat` (the agent on node1 only), or `dsr` (direct server
+    /// return: the agent on node2 too, which answers the client itself).
+    #[arg(long, default_value = "snat", value_parser = ["snat", "dsr"])]
+    nodeport_mode: String,
     #[arg(long, default_value = "target/bench/e2e.json")]
     out: PathBuf,
     /// lb-bench-control's results, shown next to the rule loading times when present.
@@ -822,6 +828,8 @@ struct Report {
     endpoints_per_service: usize,
     /// lb's XDP mode on node1's NIC (`--xdp-mode`).
     lb_xdp_mode: String,
+    /// lb's `--nodeport-mode`; with `dsr`, node2 runs an agent too.
+    lb_nodeport_mode: String,
     /// Every run, in the order they ran.
     runs: Vec<Run>,
     /// The runs summed up per system, size, path, mode and client count.
@@ -898,22 +906,42 @@ fn main() -> anyhow::Result<()> {
             // than the default manifest size limit. With IPv6, node1's IPv6 address serves
             // NodePorts and SNATs to node2's endpoints.
             let node1_v6 = node_addr6(1).to_string();
-            let mut flags = vec![
+            let flags = vec![
                 "--manifest-max-bytes",
                 "1073741824",
                 "--xdp-mode",
                 args.xdp_mode.as_str(),
+                "--nodeport-mode",
+                args.nodeport_mode.as_str(),
             ];
-            if args.ipv6 {
-                flags.extend(["--node-address", node1_v6.as_str()]);
+            let direct_return = args.nodeport_mode == "dsr";
+            if direct_return {
+                // node2 takes node1's options only for a Node's address; node1's IPv6 address
+                // comes with its Node then.
+                let nodes = [node_manifest(1, args.ipv6), node_manifest(2, args.ipv6)];
+                std::fs::write(setup.manifests().join("nodes.yaml"), nodes.join("---\n"))?;
+                setup.start_node2_agent(&flags)?;
             }
-            setup.start_agent(&flags)?;
+            let mut node1_flags = flags.clone();
+            if args.ipv6 {
+                node1_flags.extend(["--node-address", node1_v6.as_str()]);
+            }
+            setup.start_agent(&node1_flags)?;
             let yaml = manifests_file(&setup, &services(size, args.endpoints, args.ipv6))?;
             let before = synced_lines(&setup.log());
+            let node2_before = synced_lines(&setup.node2_log());
             let sync_started = Instant::now();
             std::fs::rename(&yaml, setup.manifests().join("services.yaml"))?;
             wait_for_log(&setup.log(), "synced", before + 1, Duration::from_secs(120))?;
             let sync_ms = sync_started.elapsed().as_secs_f64() * 1000.0;
+            if direct_return {
+                wait_for_log(
+                    &setup.node2_log(),
+                    "synced",
+                    node2_before + 1,
+                    Duration::from_secs(120),
+                )?;
+            }
             eprintln!(
                 "lb: {size} services x {} endpoints (+ the measured one) synced from the file source in {sync_ms:.0} ms",
                 args.endpoints
@@ -943,6 +971,15 @@ fn main() -> anyhow::Result<()> {
         });
     }
     for (size, setup) in &agent_labs {
+        let mut lb_paths = paths(args.direct_everywhere, true, args.ipv6);
+        if args.nodeport_mode == "dsr" {
+            for path in &mut lb_paths {
+                if path.name == "client -> NodePort" {
+                    // By direct server return the endpoint sees the client itself.
+                    path.peer_seen = Some(CLIENT_ADDR.to_string());
+                }
+            }
+        }
         configs.push(Config {
             system: "lb",
             services: *size,
@@ -951,7 +988,7 @@ fn main() -> anyhow::Result<()> {
                 client: &setup.cluster.client,
                 cgroup: Some(&setup.cgroup),
             },
-            paths: paths(args.direct_everywhere, true, args.ipv6),
+            paths: lb_paths,
         });
     }
 
@@ -1009,6 +1046,12 @@ fn main() -> anyhow::Result<()> {
     for (size, setup) in &agent_labs {
         let events = setup.events()?;
         eprintln!("lb: drop and reject counters after every round at {size} services: {events:?}");
+        if let Ok(node2) = setup.node2_events() {
+            eprintln!(
+                "lb on node2: dsr_accepted {}, drop_dsr_refused {}, drop_dsr_clash {}",
+                node2["dsr_accepted"], node2["drop_dsr_refused"], node2["drop_dsr_clash"]
+            );
+        }
         lb_events.insert(
             size.to_string(),
             events
@@ -1036,6 +1079,7 @@ fn main() -> anyhow::Result<()> {
         services: args.services.clone(),
         endpoints_per_service: args.endpoints,
         lb_xdp_mode: args.xdp_mode.clone(),
+        lb_nodeport_mode: args.nodeport_mode.clone(),
         runs,
         cells,
         rule_loads,
