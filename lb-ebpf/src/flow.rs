@@ -603,25 +603,30 @@ fn flow_entry<F: Family>(
     client_port: u16,
     protocol: u8,
 ) -> Option<*mut CtValue<F::Addr>> {
-    if size_of::<F::Addr>() < 16 {
-        return F::conntrack().get_ptr_mut(&flow_key(client_addr, client_port, protocol));
-    }
-    let mut slot = MaybeUninit::<CtKey<F::Addr>>::uninit();
-    let key = zero_init(&mut slot);
-    key.saddr = client_addr;
-    key.sport = client_port;
-    key.proto = protocol;
-    key.direction = ct_direction::FLOW;
-    F::conntrack().get_ptr_mut(key)
+    with_flow_key::<F, _>(client_addr, client_port, protocol, |key| {
+        F::conntrack().get_ptr_mut(key)
+    })
 }
 
-/// Removes the FLOW entry of the client `client_addr`:`client_port`, its key built as
-/// [`flow_entry`] builds it.
+/// Removes the FLOW entry of the client `client_addr`:`client_port`.
 #[inline(always)]
 fn remove_flow_entry<F: Family>(client_addr: F::Addr, client_port: u16, protocol: u8) {
+    with_flow_key::<F, _>(client_addr, client_port, protocol, |key| {
+        let _ = F::conntrack().remove(key);
+    });
+}
+
+/// `with` given the FLOW entry key of the client `client_addr`:`client_port`, built as
+/// [`flow_entry`] says.
+#[inline(always)]
+fn with_flow_key<F: Family, R>(
+    client_addr: F::Addr,
+    client_port: u16,
+    protocol: u8,
+    with: impl FnOnce(&CtKey<F::Addr>) -> R,
+) -> R {
     if size_of::<F::Addr>() < 16 {
-        let _ = F::conntrack().remove(&flow_key(client_addr, client_port, protocol));
-        return;
+        return with(&flow_key(client_addr, client_port, protocol));
     }
     let mut slot = MaybeUninit::<CtKey<F::Addr>>::uninit();
     let key = zero_init(&mut slot);
@@ -629,7 +634,7 @@ fn remove_flow_entry<F: Family>(client_addr: F::Addr, client_port: u16, protocol
     key.sport = client_port;
     key.proto = protocol;
     key.direction = ct_direction::FLOW;
-    let _ = F::conntrack().remove(key);
+    with(key)
 }
 
 /// Whether a FLOW entry is the flow of this client's packet: the frontend it was sent to.

@@ -366,7 +366,7 @@ impl AgentLab {
 }
 
 /// The "synced" lines of an agent's log.
-fn synced_lines(log: &Path) -> usize {
+pub fn synced_lines(log: &Path) -> usize {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()

@@ -618,26 +618,30 @@ fn node2_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
         );
     };
     let syn = packet::tcp(CLIENT, POD, TcpFlags::SYN, b"");
-    assert_eq!(
-        xdp(&datapath, &with_option(&syn, FRONTEND)).verdict,
-        XDP_PASS
-    );
-    tc(
-        "the SYN-ACK",
-        packet::tcp(POD, CLIENT, TcpFlags::SYN_ACK, b""),
-        Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::SYN_ACK, b"")),
-    );
-    tc(
-        "the pod's FIN",
-        packet::tcp_at(POD, CLIENT, TcpFlags::FIN_ACK, 1001, b""),
-        Expect::Bytes(packet::tcp_at(
-            FRONTEND,
-            CLIENT,
-            TcpFlags::FIN_ACK,
-            1001,
-            b"",
-        )),
-    );
+    // A DSR flow through the NodePort, answered and closed by the pod.
+    let flow_through_the_node_port = || {
+        assert_eq!(
+            xdp(&datapath, &with_option(&syn, FRONTEND)).verdict,
+            XDP_PASS
+        );
+        tc(
+            "the SYN-ACK",
+            packet::tcp(POD, CLIENT, TcpFlags::SYN_ACK, b""),
+            Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::SYN_ACK, b"")),
+        );
+        tc(
+            "the pod's FIN",
+            packet::tcp_at(POD, CLIENT, TcpFlags::FIN_ACK, 1001, b""),
+            Expect::Bytes(packet::tcp_at(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::FIN_ACK,
+                1001,
+                b"",
+            )),
+        );
+    };
+    flow_through_the_node_port();
     assert_eq!(
         flow_of(&datapath, CLIENT).expect("entry").state,
         lb_common::tcp_state::CLOSING
@@ -662,26 +666,7 @@ fn node2_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
 
     // A DSR flow again from that port, through another frontend, while the first one's entry
     // would still be closing: taken, no clash.
-    assert_eq!(
-        xdp(&datapath, &with_option(&syn, FRONTEND)).verdict,
-        XDP_PASS
-    );
-    tc(
-        "the SYN-ACK of the next DSR flow",
-        packet::tcp(POD, CLIENT, TcpFlags::SYN_ACK, b""),
-        Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::SYN_ACK, b"")),
-    );
-    tc(
-        "its FIN",
-        packet::tcp_at(POD, CLIENT, TcpFlags::FIN_ACK, 1001, b""),
-        Expect::Bytes(packet::tcp_at(
-            FRONTEND,
-            CLIENT,
-            TcpFlags::FIN_ACK,
-            1001,
-            b"",
-        )),
-    );
+    flow_through_the_node_port();
     assert_eq!(xdp(&datapath, &with_option(&syn, LB_IP)).verdict, XDP_PASS);
     assert_eq!(event(&datapath, "drop_dsr_clash"), 0);
     let flow = flow_of(&datapath, CLIENT).expect("entry");

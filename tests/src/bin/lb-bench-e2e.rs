@@ -32,7 +32,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::{Ipv4Addr, Ipv6Addr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -41,6 +41,7 @@ use clap::Parser;
 use lab::{
     agent::{
         AgentLab, POD_PORT, endpoint_slice, endpoint_slice6, node_manifest, node_port_service,
+        synced_lines,
     },
     lab::{Cgroup, Host, Lab, Proc, ScratchDir, wait_for_log},
     peer::{self, ClientReport},
@@ -1149,14 +1150,6 @@ fn manifests_file(setup: &AgentLab, services: &[Svc]) -> anyhow::Result<PathBuf>
         .join("services.yaml.next");
     std::fs::write(&path, manifests(services))?;
     Ok(path)
-}
-
-fn synced_lines(log: &Path) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|line| line.contains("synced"))
-        .count()
 }
 
 fn from_of(path: &str) -> &'static str {
