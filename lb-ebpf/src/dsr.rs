@@ -75,16 +75,7 @@ pub fn option_of(ctx: &XdpContext, ip: &Ipv4Info) -> Option<(u32, u16)> {
 #[inline(always)]
 fn option_at_headers_end(ctx: &XdpContext) -> Option<(u32, u16)> {
     let mut bytes = [0u8; OPTION_LEN];
-    // SAFETY: the helper copies at most OPTION_LEN bytes into a buffer of that size.
-    let copied = unsafe {
-        bpf_xdp_load_bytes(
-            ctx.ctx,
-            HEADERS_LEN as u32,
-            bytes.as_mut_ptr().cast(),
-            OPTION_LEN as u32,
-        )
-    };
-    if copied != 0 {
+    if !load(ctx, HEADERS_LEN, &mut bytes) {
         return None;
     }
     frontend_of(&bytes)
