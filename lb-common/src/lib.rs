@@ -1777,6 +1777,22 @@ pub mod tcp_seq {
         (end.wrapping_sub(seq_next) as i32) > 0
     }
 
+    /// How far before the furthest sequence number a client has sent (`seq_next`) the
+    /// acknowledgment of its SYN may lie in a SYN-ACK its endpoint sends again: before the
+    /// endpoint acknowledges anything the client sends no more than that SYN-ACK's window, which
+    /// is never scaled (RFC 7323 section 2.2: at most 65,535), beside its SYN's own data (TCP
+    /// Fast Open, which the acknowledgment covers) and a FIN. 128 KiB covers them; the SYN-ACK of
+    /// another connection, whose acknowledgment follows that connection's random initial
+    /// sequence number, falls inside one time in 32,768.
+    pub const HANDSHAKE_BEHIND: u32 = 128 << 10;
+
+    /// Whether a SYN-ACK acknowledging `ack` may answer the SYN of the client whose furthest
+    /// sent sequence is `seq_next` (0: nothing recorded, so any is taken).
+    #[inline(always)]
+    pub const fn acknowledges_own_syn(seq_next: u32, ack: u32) -> bool {
+        seq_next == 0 || seq_next.wrapping_sub(ack) <= HANDSHAKE_BEHIND
+    }
+
     /// Whether a RST with sequence number `seq` may come from the side whose furthest sent
     /// sequence is `seq_next` (0: nothing recorded yet, so any RST is taken).
     #[inline(always)]
@@ -2176,9 +2192,11 @@ labelled_indexes! {
     /// Track: a SYN to a Service with direct server return whose IPv4 header carried options
     /// of its own went by SNAT: the DSR option goes only into a header without options.
     DSR_NO_ROOM = "dsr_no_room",
-    /// Track: a local endpoint's SYN-ACK to a client whose FLOW entry, of a flow that came by
-    /// direct server return, is past its own SYN (the client connected to the endpoint
-    /// straight, from the same port): the entry was removed and the answer left untranslated.
+    /// Track: a local endpoint's SYN-ACK to a client whose FLOW entry is past its own SYN
+    /// answered another connection (the client connected to the endpoint straight, from the
+    /// same port): any such SYN-ACK to a flow that came by direct server return, one that
+    /// acknowledges another SYN than the client's to a flow through this node. The entry was
+    /// removed and the answer left untranslated.
     CT_FLOW_SUPERSEDED = "ct_flow_superseded",
 }
 
@@ -2697,6 +2715,39 @@ mod tests {
             );
         }
         assert!(rst_in_window(0, 12_345), "nothing recorded: taken");
+    }
+
+    #[test]
+    fn a_syn_ack_is_the_clients_own_only_near_what_the_client_sent_across_the_wrap() {
+        use tcp_seq::{HANDSHAKE_BEHIND, acknowledges_own_syn};
+        for seq_next in [1u32, 5_000, 0x8000_0000, u32::MAX - 10, 3] {
+            let at = |offset: i64| (i64::from(seq_next) + offset).rem_euclid(1 << 32) as u32;
+            assert!(
+                acknowledges_own_syn(seq_next, seq_next),
+                "{seq_next}: at it"
+            );
+            assert!(
+                acknowledges_own_syn(seq_next, at(-65_537)),
+                "{seq_next}: a full unscaled window and a FIN sent since"
+            );
+            assert!(
+                acknowledges_own_syn(seq_next, at(-i64::from(HANDSHAKE_BEHIND))),
+                "{seq_next}"
+            );
+            assert!(
+                !acknowledges_own_syn(seq_next, at(-i64::from(HANDSHAKE_BEHIND) - 1)),
+                "{seq_next}"
+            );
+            assert!(
+                !acknowledges_own_syn(seq_next, at(1)),
+                "{seq_next}: more than the client sent"
+            );
+            assert!(
+                !acknowledges_own_syn(seq_next, at(1 << 31)),
+                "{seq_next}: opposite"
+            );
+        }
+        assert!(acknowledges_own_syn(0, 12_345), "nothing recorded: taken");
     }
 
     #[test]

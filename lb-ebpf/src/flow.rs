@@ -1501,19 +1501,14 @@ pub enum Answer<F: Family = V4> {
 }
 
 /// The flow of an answer from a local endpoint: the FLOW entry of its destination (the client)
-/// when that flow's backend sent it, else a REPLY entry keyed as the answer.
-///
-/// A SYN-ACK answers a SYN: an entry of a flow that came by direct server return past its own
-/// SYN (established or closing) is not the flow of one. Only the endpoint's answers move such
-/// an entry on, and the endpoint sends no segment without SYN before its handshake is done,
-/// so a SYN-ACK after one is another connection's: the client connected to the endpoint from
-/// the same port without the frontend (straight to the pod, as hosts routed to the pods do)
-/// after the entry's flow closed, or while the entry waits out its timeout. Its answers must
-/// leave as the endpoint sends them: the entry is removed, so that none of them is taken for
-/// it. (A local endpoint's entry is moved on by the client's packets too, and a SYN-ACK sent
-/// again after the client's ACK met XDP is its own flow's.)
+/// when that flow's backend sent it, else a REPLY entry keyed as the answer. A SYN-ACK that
+/// answers another connection than the entry's ([`answers_another_connection`]; `acknowledged`
+/// reads its acknowledgment number) removes the entry and is no flow's.
 #[inline(always)]
-pub fn answer_of<F: Family>(tuple: &Tuple<F>) -> Option<Answer<F>> {
+pub fn answer_of<F: Family>(
+    tuple: &Tuple<F>,
+    acknowledged: impl FnOnce() -> Option<u32>,
+) -> Option<Answer<F>> {
     if let Some(entry) = flow_entry::<F>(tuple.daddr, tuple.dport, tuple.proto) {
         // SAFETY: read here, valid for this run (RCU).
         let flow = FlowValue::of(unsafe { &*entry });
@@ -1521,11 +1516,7 @@ pub fn answer_of<F: Family>(tuple: &Tuple<F>) -> Option<Answer<F>> {
             && F::same(&flow.backend_addr, &tuple.saddr)
             && flow.backend_port == tuple.sport
         {
-            if flow.flags & ct_flags::DIRECT_RETURN != 0
-                && tuple.proto == proto::TCP
-                && tuple.tcp_flags & TCP_SYN != 0
-                && flow.state != tcp_state::SYN_SENT
-            {
+            if answers_another_connection(flow, tuple, acknowledged) {
                 remove_flow_entry::<F>(tuple.daddr, tuple.dport, tuple.proto);
                 count_event(Event::CT_FLOW_SUPERSEDED);
                 return None;
@@ -1536,6 +1527,38 @@ pub fn answer_of<F: Family>(tuple: &Tuple<F>) -> Option<Answer<F>> {
     F::conntrack()
         .get_ptr_mut(&reply_key(tuple))
         .map(Answer::Reply)
+}
+
+/// Whether an endpoint's SYN-ACK to a client whose flow (kept whole in `flow`) is past its
+/// own SYN answers another connection: the client connected to the endpoint from the same
+/// port without the frontend (straight to the pod, as hosts routed to the pods do) after the
+/// flow closed, or while its entry waits out its timeout. That connection's answers must
+/// leave as the endpoint sends them.
+///
+/// - A flow that came by direct server return: any such SYN-ACK. Only the endpoint's answers
+///   move its entry on, and the endpoint sends no segment without SYN before its handshake
+///   is done.
+/// - A flow to a local endpoint through this node: the client's packets move its entry on too,
+///   and the endpoint may send its SYN-ACK again after the client's ACK or data met XDP (the
+///   ACK lost after it, a listener's full accept queue). Its own SYN-ACK acknowledges the
+///   client's SYN, near what the client has sent ([`tcp_seq::acknowledges_own_syn`]); another
+///   connection's acknowledges that connection's own random initial sequence number.
+#[inline(always)]
+fn answers_another_connection<F: Family>(
+    flow: &FlowValue<F::Addr>,
+    tuple: &Tuple<F>,
+    acknowledged: impl FnOnce() -> Option<u32>,
+) -> bool {
+    if tuple.proto != proto::TCP
+        || tuple.tcp_flags & TCP_SYN == 0
+        || flow.state == tcp_state::SYN_SENT
+    {
+        return false;
+    }
+    if flow.flags & ct_flags::DIRECT_RETURN != 0 {
+        return true;
+    }
+    acknowledged().is_some_and(|ack| !tcp_seq::acknowledges_own_syn(flow.seq_next, ack))
 }
 
 /// A local endpoint's answer on a flow kept in one entry: how far the backend has sent, and a

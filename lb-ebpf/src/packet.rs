@@ -191,6 +191,8 @@ pub const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 pub const TCP_CSUM_OFFSET: usize = 16;
 /// Offset of the checksum field inside a UDP header.
 pub const UDP_CSUM_OFFSET: usize = 6;
+/// Offset of the acknowledgment number inside a TCP header.
+pub const TCP_ACK_SEQ_OFFSET: usize = 8;
 /// Offset of the data offset (header length in words, high nibble) inside a TCP header.
 pub const TCP_DATA_OFFSET_OFFSET: usize = 12;
 /// Offset of the flags byte inside a TCP header.

@@ -27,7 +27,7 @@ use lb_common::{
 use lb_common::icmp::{self, ICMP_ERROR_LEN, ICMP6_ERROR_LEN};
 use lb_ebpf::packet::{
     ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPV4_CSUM_OFFSET, IPV4_FRAG_OFFSET_MASK,
-    IPV4_MIN_HDR_LEN, IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_CSUM_OFFSET,
+    IPV4_MIN_HDR_LEN, IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, TCP_ACK_SEQ_OFFSET, TCP_CSUM_OFFSET,
     TCP_DATA_OFFSET_OFFSET, TCP_FIN, TCP_FLAGS_OFFSET, TCP_SYN, UDP_CSUM_OFFSET,
     fragment_header_len, packet_words, words,
 };
@@ -241,7 +241,12 @@ fn try_ipv4(ctx: &TcContext) -> Result<(), Event> {
     let Some(Restore {
         frontend,
         client_port,
-    }) = reverse_nat(&tuple, SourceFilter::Passed, refusal)?
+    }) = reverse_nat(
+        &tuple,
+        SourceFilter::Passed,
+        refusal,
+        acknowledgment(ctx, l4_offset),
+    )?
     else {
         return Ok(());
     };
@@ -336,7 +341,7 @@ fn translate6(
     let Some(Restore {
         frontend,
         client_port,
-    }) = reverse_nat(&tuple, source, refusal)?
+    }) = reverse_nat(&tuple, source, refusal, acknowledgment(ctx, l4_offset))?
     else {
         return Ok(());
     };
@@ -394,7 +399,7 @@ fn try_sctp6(ctx: &TcContext) -> Result<(), Event> {
     let Some(Restore {
         frontend,
         client_port,
-    }) = reverse_nat(&tuple, SourceFilter::Unchecked, refusal)?
+    }) = reverse_nat(&tuple, SourceFilter::Unchecked, refusal, || None)?
     else {
         return Ok(());
     };
@@ -420,6 +425,7 @@ fn reverse_nat<F: Family>(
     tuple: &Tuple<F>,
     source: SourceFilter,
     refusal: impl FnOnce() -> Result<(), Event>,
+    acknowledged: impl FnOnce() -> Option<u32>,
 ) -> Result<Option<Restore<F::Addr>>, Event> {
     if source == SourceFilter::Unchecked && !maybe_backend(tuple) {
         return Ok(None);
@@ -432,7 +438,7 @@ fn reverse_nat<F: Family>(
             client_port: tuple.dport,
         }));
     }
-    let Some(answer) = answer_of(tuple) else {
+    let Some(answer) = answer_of(tuple, acknowledged) else {
         return Ok(None);
     };
     refusal()?;
@@ -612,7 +618,7 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32, at: usize) -> Result<(
 /// it), and the port its client sent from.
 #[inline(always)]
 fn endpoint_flow<F: Family>(answer: &Tuple<F>) -> Option<((F::Addr, u16), u16)> {
-    match answer_of(answer)? {
+    match answer_of(answer, || None)? {
         Answer::Whole(entry) => {
             // SAFETY: a read-only use of an entry that stays valid for this run (RCU).
             let flow = FlowValue::of(unsafe { &*entry });
@@ -802,6 +808,12 @@ fn segment_of(ctx: &TcContext, l4_offset: usize, header: [u8; 14]) -> Option<(u8
         flags & TCP_FIN != 0,
     );
     Some((flags, seq, seq_end))
+}
+
+/// A TCP segment's acknowledgment number, read when asked for (only a SYN-ACK's is).
+#[inline(always)]
+fn acknowledgment(ctx: &TcContext, l4_offset: usize) -> impl FnOnce() -> Option<u32> + '_ {
+    move || read::<4>(ctx, l4_offset + TCP_ACK_SEQ_OFFSET).map(u32::from_be_bytes)
 }
 
 /// The client's own port back as the destination, for a flow whose source port XDP remapped.

@@ -65,12 +65,24 @@ pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: TcpFlags, payload: &[u8]
     tcp_at(src, dst, flags, 1000, payload)
 }
 
-/// As [`tcp`], with sequence number `seq`.
+/// As [`tcp`], with sequence number `seq` (and acknowledgment number 1).
 pub fn tcp_at(
     src: SocketAddrV4,
     dst: SocketAddrV4,
     flags: TcpFlags,
     seq: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    tcp_acking(src, dst, flags, (seq, 1), payload)
+}
+
+/// As [`tcp`], with sequence and acknowledgment numbers `(seq, ack)` (the acknowledgment number
+/// is written when `flags` has ACK).
+pub fn tcp_acking(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    flags: TcpFlags,
+    (seq, ack): (u32, u32),
     payload: &[u8],
 ) -> Vec<u8> {
     let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
@@ -80,7 +92,7 @@ pub fn tcp_at(
         builder = builder.syn();
     }
     if flags.ack {
-        builder = builder.ack(1);
+        builder = builder.ack(ack);
     }
     if flags.fin {
         builder = builder.fin();

@@ -25,12 +25,25 @@ pub mod next_header {
     pub const SCTP: u8 = 132;
 }
 
-/// An Ethernet/IPv6/TCP frame with a correct checksum, sequence number `seq`.
+/// An Ethernet/IPv6/TCP frame with a correct checksum, sequence number `seq` (and
+/// acknowledgment number 1).
 pub fn tcp(
     src: SocketAddrV6,
     dst: SocketAddrV6,
     flags: TcpFlags,
     seq: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    tcp_acking(src, dst, flags, (seq, 1), payload)
+}
+
+/// As [`tcp`], with sequence and acknowledgment numbers `(seq, ack)` (the acknowledgment number
+/// is written when `flags` has ACK).
+pub fn tcp_acking(
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    flags: TcpFlags,
+    (seq, ack): (u32, u32),
     payload: &[u8],
 ) -> Vec<u8> {
     let mut builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
@@ -40,7 +53,7 @@ pub fn tcp(
         builder = builder.syn();
     }
     if flags.ack {
-        builder = builder.ack(1);
+        builder = builder.ack(ack);
     }
     if flags.fin {
         builder = builder.fin();

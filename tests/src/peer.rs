@@ -126,6 +126,38 @@ pub fn parse_reply(reply: &str) -> Option<(&str, &str, &str)> {
     Some((server, ip, peer))
 }
 
+/// One request over TCP from `from_port` of `host`'s IPv4 address to `to`, closed by the client
+/// first (its port then waits in TIME_WAIT, which `SO_REUSEADDR` lets a connection elsewhere
+/// bind again, as a client that picks its ports can): the reply line. A connection not made
+/// within `timeout`, or not answered within it, is an error.
+pub fn request_from_port(
+    host: &Host,
+    from_port: u16,
+    to: std::net::SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    use socket2::{Domain, Socket, Type};
+    use std::io::{BufRead as _, Write as _};
+    let _inside = host.enter()?;
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).context("socket")?;
+    socket.set_reuse_address(true).context("SO_REUSEADDR")?;
+    let from = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, from_port);
+    socket
+        .bind(&from.into())
+        .with_context(|| format!("bind {from}"))?;
+    socket
+        .connect_timeout(&to.into(), timeout)
+        .with_context(|| format!("connect from port {from_port} to {to}"))?;
+    let mut stream = std::net::TcpStream::from(socket);
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"request\n")?;
+    let mut reply = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut reply)
+        .with_context(|| format!("the reply from {to}"))?;
+    Ok(reply)
+}
+
 /// The `lab-peer` executable next to the running one (tests run from target/<profile>/deps).
 pub fn binary() -> anyhow::Result<PathBuf> {
     sibling_binary("lab-peer")

@@ -683,6 +683,130 @@ fn conntrack_follows_the_tcp_handshake_and_close() {
     assert_eq!(tcp_flow_entry(&datapath).state, CLOSING);
 }
 
+/// A client that connects straight to a local endpoint's pod from the port of its closed flow
+/// through the frontend (hosts routed to the pods can) gets the pod's answers as the pod sends
+/// them: the SYN-ACK acknowledges another initial sequence number than the flow's client sent,
+/// so tc egress removes the entry instead of taking the answers for the closed flow's. The
+/// flow's own SYN-ACK, sent again by the pod after the client's ACK and data met XDP (lost
+/// after it, or a listener's accept queue full), still goes back from the frontend.
+#[test]
+fn a_connection_straight_to_the_pod_from_a_closed_flows_port_is_answered_untranslated() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "straight").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let run = |program, name, input: Vec<u8>, verdict, output| {
+        run_table(program, &[case(name, input, verdict, output)])
+    };
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    let client = |to: SocketAddrV4, flags, seq_ack, payload: &[u8]| {
+        packet::tcp_acking(CLIENT, to, flags, seq_ack, payload)
+    };
+    let pod = |to: SocketAddrV4, flags, seq_ack, payload: &[u8]| {
+        packet::tcp_acking(to, CLIENT, flags, seq_ack, payload)
+    };
+    let answer = |name, seq_ack, payload: &[u8]| {
+        run(
+            tc(),
+            name,
+            pod(POD_A, TcpFlags::SYN_ACK, seq_ack, payload),
+            TC_ACT_OK,
+            Expect::Bytes(pod(FRONTEND, TcpFlags::SYN_ACK, seq_ack, payload)),
+        )
+    };
+    let superseded = || datapath.events().expect("events")["ct_flow_superseded"];
+    let entry_kept = || {
+        let key = lb_common::flow_key(u32::from(*CLIENT.ip()), CLIENT.port(), proto::TCP);
+        datapath
+            .conntrack()
+            .expect("conntrack")
+            .iter()
+            .any(|(entry_key, _)| *entry_key == key)
+    };
+    let from_client = |name, flags, seq_ack, payload: &[u8]| {
+        run(
+            xdp(),
+            name,
+            client(FRONTEND, flags, seq_ack, payload),
+            XDP_PASS,
+            Expect::Bytes(client(POD_A, flags, seq_ack, payload)),
+        )
+    };
+
+    // Through the NodePort: SYN 1000, the pod's SYN-ACK (its ISN 500 000), the client's
+    // request, then the pod's SYN-ACK once more, which acknowledges the client's SYN.
+    from_client("syn", TcpFlags::SYN, (1000, 0), b"");
+    answer("the SYN-ACK", (500_000, 1001), b"");
+    let request = [7u8; 1400];
+    from_client("the request", TcpFlags::ACK, (1001, 500_001), &request);
+    answer(
+        "the SYN-ACK sent again after the client's request met XDP",
+        (500_000, 1001),
+        b"",
+    );
+    assert_eq!(superseded(), 0);
+    assert_eq!(
+        flow_of(&datapath, CLIENT).state,
+        lb_common::tcp_state::ESTABLISHED
+    );
+    from_client("the client's FIN", TcpFlags::FIN_ACK, (2401, 500_001), b"");
+    run(
+        tc(),
+        "the pod's FIN",
+        pod(POD_A, TcpFlags::FIN_ACK, (500_001, 2402), b""),
+        TC_ACT_OK,
+        Expect::Bytes(pod(FRONTEND, TcpFlags::FIN_ACK, (500_001, 2402), b"")),
+    );
+    assert_eq!(
+        flow_of(&datapath, CLIENT).state,
+        lb_common::tcp_state::CLOSING
+    );
+
+    // Straight to the pod from the same port (the client's ISN 9 000 000): XDP leaves it alone
+    // (no frontend's), and the pod's answers leave as sent.
+    run(
+        xdp(),
+        "the straight connection's SYN",
+        client(POD_A, TcpFlags::SYN, (9_000_000, 0), b""),
+        XDP_PASS,
+        Expect::Unchanged,
+    );
+    run(
+        tc(),
+        "its SYN-ACK",
+        pod(POD_A, TcpFlags::SYN_ACK, (7_000_000, 9_000_001), b""),
+        TC_ACT_OK,
+        Expect::Unchanged,
+    );
+    assert_eq!(superseded(), 1);
+    assert!(!entry_kept(), "the closed flow's entry removed");
+    run(
+        tc(),
+        "its data",
+        pod(POD_A, TcpFlags::ACK, (7_000_001, 9_000_010), b"straight"),
+        TC_ACT_OK,
+        Expect::Unchanged,
+    );
+
+    // Through the NodePort from that port again: a new flow, answered from the frontend.
+    from_client(
+        "a new SYN through the NodePort",
+        TcpFlags::SYN,
+        (20_000, 0),
+        b"",
+    );
+    answer("its SYN-ACK", (800_000, 20_001), b"");
+    assert_eq!(superseded(), 1);
+}
+
 /// A retransmitted SYN goes where its flow went, even after the table changed or emptied (where a
 /// new flow would be refused), and leaves one entry; a SYN on a closed flow's port starts a flow
 /// that follows the table. `lb_xdp` claims a SYN's client key without a lookup; a retransmit's

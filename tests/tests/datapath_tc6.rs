@@ -596,6 +596,55 @@ fn an_in_window_rst_from_the_endpoint_is_translated_and_ends_the_flow() {
     assert_eq!(fixture.flow(proto::TCP).state, tcp_state::CLOSING);
 }
 
+/// The IPv6 twin of datapath_table's
+/// `a_connection_straight_to_the_pod_from_a_closed_flows_port_is_answered_untranslated`: the
+/// endpoint's SYN-ACK to CLIENT's established flow (the client has sent up to 2401) goes back
+/// from the frontend when it acknowledges the flow's SYN, and leaves untouched, the entry
+/// removed, when it acknowledges another connection's.
+#[test]
+fn a_syn_ack_of_another_connection_from_an_ipv6_flows_port_is_no_answer_of_the_flow() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "tc6straight").expect("pin dir");
+    let mut fixture = Fixture::new(&pins);
+    let key = flow_key(words(CLIENT), CLIENT.port(), proto::TCP);
+    let mut flow = fixture.flow(proto::TCP);
+    flow.seq_next = 2401;
+    fixture
+        .conntrack
+        .insert(&key, &flow.into_entry(), 0)
+        .expect("the client's record");
+    let syn_ack =
+        |from, ack| packet6::tcp_acking(from, CLIENT, TcpFlags::SYN_ACK, (500_000, ack), b"");
+    run_rows(
+        &fixture,
+        vec![
+            row(
+                "the flow's own SYN-ACK, sent again",
+                syn_ack(POD_A, 1001),
+                TC_ACT_OK,
+                Expect::Bytes(syn_ack(FRONTEND, 1001)),
+            ),
+            row(
+                "a SYN-ACK of a connection straight to the pod",
+                syn_ack(POD_A, 9_000_001),
+                TC_ACT_OK,
+                Expect::Unchanged,
+            )
+            .counting("ct_flow_superseded"),
+            row(
+                "that connection's data",
+                packet6::tcp(POD_A, CLIENT, TcpFlags::ACK, ENDPOINT_SEQ, b"straight"),
+                TC_ACT_OK,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    assert!(
+        fixture.conntrack.get(&key, 0).is_err(),
+        "the flow's entry removed"
+    );
+}
+
 /// `lb monitor` sees an IPv6 packet tc egress drops: family 6, tc, the reason, the answer's
 /// addresses and ports.
 #[test]

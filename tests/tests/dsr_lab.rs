@@ -172,6 +172,39 @@ fn a_long_lived_connection_outlives_the_timeouts_and_a_restart_of_the_endpoints_
     fresh.assert_all_ok("new connections after the restart");
 }
 
+/// The client connects through the NodePort from a port it picked, closes, and connects from
+/// that port straight to the pod (routing node2's pods through node2). node2's entry of the
+/// closed DSR flow waits out its closing timeout; the pod's answers to the second connection
+/// must leave as the pod sends them, or the connection is not made.
+#[test]
+fn a_connection_straight_to_the_pod_from_a_closed_dsr_flows_port_is_made() {
+    let setup = dsr_lab();
+    let client = &setup.cluster.client;
+    client
+        .route(&["10.244.2.0/24", "via", &node_addr(2).to_string()])
+        .expect("route to node2's pods");
+    let from_port = 41_080;
+    for to in [
+        SocketAddrV4::new(node_addr(1), NODE_PORT),
+        SocketAddrV4::new(pod_addr(2, 0), POD_PORT),
+    ] {
+        let reply = lab::peer::request_from_port(client, from_port, to, Duration::from_secs(3))
+            .unwrap_or_else(|error| panic!("to {to}: {error:#}"));
+        let (server, _, seen_as) = lab::peer::parse_reply(&reply).expect("a reply line");
+        assert_eq!(
+            (server, seen_as),
+            ("n2p0", format!("{CLIENT_ADDR}:{from_port}").as_str()),
+            "to {to}"
+        );
+    }
+    let node2 = setup.node2_events().expect("node2's events");
+    assert_eq!(
+        (node2["dsr_accepted"], node2["ct_flow_superseded"]),
+        (1, 1),
+        "{node2:?}"
+    );
+}
+
 /// A SYN sent to the pod itself with an option that names no frontend of its Service (from a
 /// host that is no node) is dropped by node2 and counted; one naming the Service's NodePort on
 /// an address that is no node's is too.

@@ -3,12 +3,15 @@
 //! seconds. The agent runs on node1; flows to endpoints on node2 are SNATed to node2's pod and
 //! their replies come back to one of node1's SNAT ports, flows to node1's own pods are not.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use lab::{
     agent::{AgentLab, POD_PORT, endpoint_slice, node_port_service},
     peer::ClientRun,
-    topology::{node_addr, pod_addr},
+    topology::{CLIENT_ADDR, node_addr, pod_addr},
 };
 
 const SHORT_TIMEOUTS: &[&str] = &[
@@ -366,7 +369,7 @@ fn path_mtu_discovery_through_a_node_port_reaches(endpoint_node: u8) {
 fn blind_rsts_end_no_connection_through_a_node_port() {
     let mut setup = AgentLab::new().expect("lab");
     setup.start_agent(SHORT_TIMEOUTS).expect("agent");
-    let pod = std::net::SocketAddrV4::new(pod_addr(2, 0), POD_PORT);
+    let pod = SocketAddrV4::new(pod_addr(2, 0), POD_PORT);
     setup
         .apply(
             "web.yaml",
@@ -410,11 +413,9 @@ fn blind_rsts_end_no_connection_through_a_node_port() {
                     && key.saddr == u32::from(*pod.ip())
             })
             .expect("its reply half");
-        let snat =
-            std::net::SocketAddrV4::new(Ipv4Addr::from(original.snat_addr), original.snat_port);
-        let client_port =
-            std::net::SocketAddrV4::new(Ipv4Addr::from(original_key.saddr), original_key.sport);
-        let frontend = std::net::SocketAddrV4::new(node_addr(1), 30083);
+        let snat = SocketAddrV4::new(Ipv4Addr::from(original.snat_addr), original.snat_port);
+        let client_port = SocketAddrV4::new(Ipv4Addr::from(original_key.saddr), original_key.sport);
+        let frontend = SocketAddrV4::new(node_addr(1), 30083);
         for (from, to, seq) in [
             (pod, snat, reply.seq_next.wrapping_add(1 << 31)),
             (
@@ -444,6 +445,45 @@ fn blind_rsts_end_no_connection_through_a_node_port() {
     let events = setup.events().expect("events");
     assert_eq!(events["drop_rst_out_of_window"], 2, "{events:?}");
     assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
+}
+
+/// A client connects through a NodePort to a pod on the agent's node from a port it picked,
+/// closes, and connects from that port straight to the pod (the client routes the pod network
+/// through node1, as hosts routed to pods can). The closed flow's entry still waits out its
+/// closing timeout (10 s by default), and the pod's answers to the second connection must not be
+/// taken for that flow's: translated back to the NodePort, they would reach a client socket
+/// that never sent to it, and the connection would not be made.
+#[test]
+fn a_connection_straight_to_a_local_pod_from_a_closed_flows_port_is_made() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    let pod = SocketAddrV4::new(pod_addr(1, 0), POD_PORT);
+    setup
+        .apply(
+            "web.yaml",
+            &(node_port_service("web", "10.96.0.25", 30085, "")
+                + "---\n"
+                + &endpoint_slice("web", &[(*pod.ip(), "node1")])),
+        )
+        .expect("apply");
+    let client = &setup.cluster.client;
+    client
+        .route(&["10.244.1.0/24", "via", &node_addr(1).to_string()])
+        .expect("route to node1's pods");
+    let from_port = 41_085;
+    let timeout = Duration::from_secs(3);
+    for to in [SocketAddrV4::new(node_addr(1), 30085), pod] {
+        let reply = lab::peer::request_from_port(client, from_port, to, timeout)
+            .unwrap_or_else(|error| panic!("to {to}: {error:#}"));
+        let (server, _, seen_as) = lab::peer::parse_reply(&reply).expect("a reply line");
+        assert_eq!(
+            (server, seen_as),
+            ("n1p0", format!("{CLIENT_ADDR}:{from_port}").as_str()),
+            "to {to}"
+        );
+    }
+    let events = setup.events().expect("events");
+    assert_eq!(events["ct_flow_superseded"], 1, "{events:?}");
 }
 
 /// A long upload through a NodePort to a pod on the agent's node, whose steady segments XDP's
