@@ -65,6 +65,10 @@ enum Task {
         /// Rows printed per table.
         #[arg(long, default_value_t = 20)]
         top: usize,
+        /// Profile this lb-bench instead of building the tree's: another revision's, built in
+        /// a worktree, to set beside this one's profile.
+        #[arg(long)]
+        bench: Option<PathBuf>,
     },
     /// The reliability suite (needs root): every fault of docs/reliability.md under steady load
     /// in the lab at full durations (under 15 minutes); prints the table, writes
@@ -112,6 +116,7 @@ fn run_task(task: Task) -> anyhow::Result<()> {
             runs,
             frequency,
             top,
+            bench,
         } => profile::profile(
             &root,
             &profile::Request {
@@ -121,6 +126,7 @@ fn run_task(task: Task) -> anyhow::Result<()> {
                 runs,
                 frequency,
                 top,
+                bench: bench.as_deref(),
             },
         ),
         Task::Test { args } => test(&root, &args),

@@ -22,6 +22,8 @@ pub struct Request<'a> {
     pub runs: u32,
     pub frequency: u32,
     pub top: usize,
+    /// An lb-bench built elsewhere; `None`: the tree's, built in release mode first.
+    pub bench: Option<&'a Path>,
 }
 
 pub fn profile(root: &Path, request: &Request<'_>) -> anyhow::Result<()> {
@@ -30,23 +32,28 @@ pub fn profile(root: &Path, request: &Request<'_>) -> anyhow::Result<()> {
     if crate::output(Command::new("perf").arg("--version")).is_err() {
         bail!("perf is needed: apt-get install linux-perf");
     }
-    crate::run(
-        Command::new("cargo")
-            .args([
-                "build",
-                "--release",
-                "--package",
-                "lb-tests",
-                "--bin",
-                "lb-bench",
-            ])
-            .current_dir(root),
-    )?;
     let target = crate::target_dir(root);
+    let bench = match request.bench {
+        Some(bench) => bench.to_owned(),
+        None => {
+            crate::run(
+                Command::new("cargo")
+                    .args([
+                        "build",
+                        "--release",
+                        "--package",
+                        "lb-tests",
+                        "--bin",
+                        "lb-bench",
+                    ])
+                    .current_dir(root),
+            )?;
+            target.join("release").join("lb-bench")
+        }
+    };
     let dir = target.join("profile");
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let lines = dir.join("jit-lines.tsv");
-    let bench = target.join("release").join("lb-bench");
     // One perf record per lb-bench run: each run loads the programs afresh, often at addresses
     // an earlier run's programs had, and perf script then named some of a run's samples after
     // the earlier run's programs (lb_xdp's established path showed up as lb_xdp_lookup's).
