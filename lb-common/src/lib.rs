@@ -1736,6 +1736,13 @@ pub mod ct_flags {
     pub const BACKEND_CLOSED_FIRST: u8 = 1 << 3;
     /// SNAT flows, REPLY entry: a RST ended the connection.
     pub const RESET: u8 = 1 << 4;
+    /// FLOW entries of local endpoints' flows: the endpoint answered another connection from
+    /// the client's port (its SYN-ACK acknowledged another SYN), so the flow is over and its
+    /// answers are no longer the entry's to translate. The entry stays until its closing
+    /// timeout, so that the flow's last packets still reach the endpoint and do not start a
+    /// flow mid-stream that would take the new connection's answers. (REPLY entries use the
+    /// bit as RESET.)
+    pub const SUPERSEDED: u8 = 1 << 4;
     /// The client's source port is replaced (its address kept) because its reply tuple would
     /// clash with another flow's: ORIGINAL entries hold the new port in `snat_port`, REPLY
     /// entries are keyed by it and restore the client's own port (tc egress).
@@ -1791,6 +1798,15 @@ pub mod tcp_seq {
     #[inline(always)]
     pub const fn acknowledges_own_syn(seq_next: u32, ack: u32) -> bool {
         seq_next == 0 || seq_next.wrapping_sub(ack) <= HANDSHAKE_BEHIND
+    }
+
+    /// Whether a SYN ending at `syn_end` is one the client whose furthest sent sequence is
+    /// `seq_next` sent before (again, perhaps without the data of a TCP Fast Open SYN): its end
+    /// lies at or just before `seq_next`, as its endpoint's acknowledgment does. A new
+    /// connection's SYN starts at its own initial sequence number.
+    #[inline(always)]
+    pub const fn repeats_syn(seq_next: u32, syn_end: u32) -> bool {
+        acknowledges_own_syn(seq_next, syn_end)
     }
 
     /// Whether a RST with sequence number `seq` may come from the side whose furthest sent
@@ -2185,18 +2201,18 @@ labelled_indexes! {
     /// Track: a DSR option was taken: its flow's FLOW entry written, the option stripped.
     DSR_ACCEPTED = "dsr_accepted",
     /// Drop: a DSR option that names no frontend of a Service of the endpoint it was sent to
-    /// (for a NodePort, on a node's address), or that came on anything but a SYN.
+    /// (for a NodePort, on a node's address), or that came on anything but a SYN, or on a SYN
+    /// from a node's address.
     DROP_DSR_REFUSED = "drop_dsr_refused",
     /// Drop: a DSR SYN whose client address and port another live flow of this node holds.
     DROP_DSR_CLASH = "drop_dsr_clash",
     /// Track: a SYN to a Service with direct server return whose IPv4 header carried options
     /// of its own went by SNAT: the DSR option goes only into a header without options.
     DSR_NO_ROOM = "dsr_no_room",
-    /// Track: a local endpoint's SYN-ACK to a client whose FLOW entry is past its own SYN
-    /// answered another connection (the client connected to the endpoint straight, from the
-    /// same port): any such SYN-ACK to a flow that came by direct server return, one that
-    /// acknowledges another SYN than the client's to a flow through this node. The entry was
-    /// removed and the answer left untranslated.
+    /// Track: a local endpoint's SYN-ACK to a client acknowledged another SYN than the one the
+    /// client's FLOW entry records (the client connected to the endpoint straight, from the
+    /// same port; a flow through this node is judged past its SYN only). The entry was
+    /// marked [`ct_flags::SUPERSEDED`] and closing, and the answer left untranslated.
     CT_FLOW_SUPERSEDED = "ct_flow_superseded",
 }
 
@@ -2748,6 +2764,13 @@ mod tests {
             );
         }
         assert!(acknowledges_own_syn(0, 12_345), "nothing recorded: taken");
+        use tcp_seq::repeats_syn;
+        assert!(
+            repeats_syn(1101, 1001),
+            "a Fast Open SYN sent again without its data"
+        );
+        assert!(repeats_syn(1001, 1001), "the same SYN");
+        assert!(!repeats_syn(1001, 5_000_001), "a new connection's SYN");
     }
 
     #[test]

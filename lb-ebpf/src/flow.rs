@@ -603,30 +603,8 @@ fn flow_entry<F: Family>(
     client_port: u16,
     protocol: u8,
 ) -> Option<*mut CtValue<F::Addr>> {
-    with_flow_key::<F, _>(client_addr, client_port, protocol, |key| {
-        F::conntrack().get_ptr_mut(key)
-    })
-}
-
-/// Removes the FLOW entry of the client `client_addr`:`client_port`.
-#[inline(always)]
-fn remove_flow_entry<F: Family>(client_addr: F::Addr, client_port: u16, protocol: u8) {
-    with_flow_key::<F, _>(client_addr, client_port, protocol, |key| {
-        let _ = F::conntrack().remove(key);
-    });
-}
-
-/// `with` given the FLOW entry key of the client `client_addr`:`client_port`, built as
-/// [`flow_entry`] says.
-#[inline(always)]
-fn with_flow_key<F: Family, R>(
-    client_addr: F::Addr,
-    client_port: u16,
-    protocol: u8,
-    with: impl FnOnce(&CtKey<F::Addr>) -> R,
-) -> R {
     if size_of::<F::Addr>() < 16 {
-        return with(&flow_key(client_addr, client_port, protocol));
+        return F::conntrack().get_ptr_mut(&flow_key(client_addr, client_port, protocol));
     }
     let mut slot = MaybeUninit::<CtKey<F::Addr>>::uninit();
     let key = zero_init(&mut slot);
@@ -634,7 +612,7 @@ fn with_flow_key<F: Family, R>(
     key.sport = client_port;
     key.proto = protocol;
     key.direction = ct_direction::FLOW;
-    with(key)
+    F::conntrack().get_ptr_mut(key)
 }
 
 /// Whether a FLOW entry is the flow of this client's packet: the frontend it was sent to.
@@ -1126,10 +1104,13 @@ fn new_flow_in_one_entry<F: Family>(
 /// A flow another node sent here by direct server return (its SYN's DSR option, admitted as
 /// `admission`, named `frontend`): kept in its client's FLOW entry as a local endpoint's flow
 /// is, so that tc egress gives the endpoint's answers the frontend as their source. The client's
-/// key may be held by this flow already (a retransmitted SYN), by a flow that has closed (the
-/// client sends a SYN from the port again: a new connection, as [`reopens`] takes it) or by a
-/// flow past its timeout; held by another live flow, the SYN is refused (`drop_dsr_clash`):
-/// one key cannot name two flows.
+/// key may be held by this flow already (a retransmitted SYN, which keeps what the entry
+/// learnt: how far each side has sent, the furthest of the client's SYNs, so that a SYN sent
+/// again without the data of a TCP Fast Open one leaves the endpoint's acknowledgment of that
+/// data inside what the client sent), by a flow that has closed (the client sends a SYN from
+/// the port again: a new connection, as [`reopens`] takes it) or by a flow past its timeout;
+/// held by another live flow, the SYN is refused (`drop_dsr_clash`): one key cannot name two
+/// flows.
 #[inline(always)]
 pub fn accept_direct_return(
     tuple: &Tuple<V4>,
@@ -1138,6 +1119,7 @@ pub fn accept_direct_return(
     now: u64,
 ) -> Result<(), Event> {
     let key = flow_key(tuple.saddr, tuple.sport, tuple.proto);
+    let mut learnt = (tcp_state::SYN_SENT, tuple.seq_end, 0);
     // SAFETY: read here, valid for this run (RCU).
     if let Some(held) = unsafe { V4::conntrack().get(&key) } {
         let flow = FlowValue::of(held);
@@ -1146,21 +1128,31 @@ pub fn accept_direct_return(
             && flow.frontend_port == frontend_port
             && flow.backend_addr == tuple.daddr
             && flow.backend_port == tuple.dport;
-        if !this_flow && !reopens(held, tuple) && !past_timeout(held, tuple.proto, now) {
+        let over = reopens(held, tuple) || past_timeout(held, tuple.proto, now);
+        if this_flow && !over && tcp_seq::repeats_syn(flow.seq_next, tuple.seq_end) {
+            let seq_next = if tcp_seq::after(flow.seq_next, tuple.seq_end) {
+                flow.seq_next
+            } else {
+                tuple.seq_end
+            };
+            learnt = (flow.state, seq_next, flow.backend_seq_next);
+        } else if !over && !this_flow {
             return Err(Event::DROP_DSR_CLASH);
         }
     }
+    let (state, seq_next, backend_seq_next) = learnt;
     let flow = Flow4Value {
         last_seen_ns: now,
         backend_id: admission.backend_id,
         service_id: admission.service_id,
         backend_addr: tuple.daddr,
         backend_port: tuple.dport,
-        state: tcp_state::SYN_SENT,
+        state,
         flags: ct_flags::CLIENT_IN_FLOW | ct_flags::DIRECT_RETURN,
         frontend_addr,
         frontend_port,
-        seq_next: tuple.seq_end,
+        seq_next,
+        backend_seq_next,
         ..Default::default()
     };
     V4::conntrack()
@@ -1503,7 +1495,8 @@ pub enum Answer<F: Family = V4> {
 /// The flow of an answer from a local endpoint: the FLOW entry of its destination (the client)
 /// when that flow's backend sent it, else a REPLY entry keyed as the answer. A SYN-ACK that
 /// answers another connection than the entry's ([`answers_another_connection`]; `acknowledged`
-/// reads its acknowledgment number) removes the entry and is no flow's.
+/// reads its acknowledgment number) ends the entry's flow ([`supersede`]) and is no flow's,
+/// as is every answer after it.
 #[inline(always)]
 pub fn answer_of<F: Family>(
     tuple: &Tuple<F>,
@@ -1516,9 +1509,13 @@ pub fn answer_of<F: Family>(
             && F::same(&flow.backend_addr, &tuple.saddr)
             && flow.backend_port == tuple.sport
         {
+            if flow.flags & ct_flags::SUPERSEDED != 0 {
+                return None;
+            }
             if answers_another_connection(flow, tuple, acknowledged) {
-                remove_flow_entry::<F>(tuple.daddr, tuple.dport, tuple.proto);
-                count_event(Event::CT_FLOW_SUPERSEDED);
+                // SAFETY: as above; a racing writer can only lose this update, and the next
+                // SYN-ACK of the connection makes it again.
+                supersede(unsafe { &mut *entry }, tuple);
                 return None;
             }
             return Some(Answer::Whole(entry));
@@ -1529,36 +1526,53 @@ pub fn answer_of<F: Family>(
         .map(Answer::Reply)
 }
 
-/// Whether an endpoint's SYN-ACK to a client whose flow (kept whole in `flow`) is past its
-/// own SYN answers another connection: the client connected to the endpoint from the same
-/// port without the frontend (straight to the pod, as hosts routed to the pods do) after the
-/// flow closed, or while its entry waits out its timeout. That connection's answers must
-/// leave as the endpoint sends them.
+/// Whether an endpoint's SYN-ACK to a client whose flow is kept whole in `flow` answers another
+/// connection: the client connected to the endpoint from the same port without the frontend
+/// (straight to the pod, as hosts routed to the pods do) after the flow closed, or while its
+/// entry waits out its timeout. That connection's answers must leave as the endpoint sends
+/// them.
 ///
-/// - A flow that came by direct server return: any such SYN-ACK. Only the endpoint's answers
-///   move its entry on, and the endpoint sends no segment without SYN before its handshake
-///   is done.
-/// - A flow to a local endpoint through this node: the client's packets move its entry on too,
-///   and the endpoint may send its SYN-ACK again after the client's ACK or data met XDP (the
-///   ACK lost after it, a listener's full accept queue). Its own SYN-ACK acknowledges the
-///   client's SYN, near what the client has sent ([`tcp_seq::acknowledges_own_syn`]); another
-///   connection's acknowledges that connection's own random initial sequence number.
+/// The endpoint's own SYN-ACK acknowledges the client's SYN, near what the client has sent
+/// ([`tcp_seq::acknowledges_own_syn`]); another connection's acknowledges that connection's
+/// own random initial sequence number.
+///
+/// - A flow that came by direct server return is judged so in every state: its entry's
+///   `seq_next` is its SYN's end (this node sees none of the client's later segments), which
+///   its endpoint's SYN-ACKs acknowledge, sent again or not, early data (TCP Fast Open) or
+///   not. An entry still in its SYN is judged too: a client that gave up its handshake, or
+///   a SYN relayed with a forged option, leaves one that a connection from the same port must
+///   not be taken for.
+/// - A flow to a local endpoint through this node is judged past its SYN only: in its SYN, the
+///   entry may be a new connection's that the client opened on the key just now, and a SYN-ACK
+///   the endpoint sends again for the connection before it must not remove it.
 #[inline(always)]
 fn answers_another_connection<F: Family>(
     flow: &FlowValue<F::Addr>,
     tuple: &Tuple<F>,
     acknowledged: impl FnOnce() -> Option<u32>,
 ) -> bool {
-    if tuple.proto != proto::TCP
-        || tuple.tcp_flags & TCP_SYN == 0
-        || flow.state == tcp_state::SYN_SENT
-    {
+    if tuple.proto != proto::TCP || tuple.tcp_flags & TCP_SYN == 0 {
         return false;
     }
-    if flow.flags & ct_flags::DIRECT_RETURN != 0 {
-        return true;
+    if flow.flags & ct_flags::DIRECT_RETURN == 0 && flow.state == tcp_state::SYN_SENT {
+        return false;
     }
     acknowledged().is_some_and(|ack| !tcp_seq::acknowledges_own_syn(flow.seq_next, ack))
+}
+
+/// Ends the flow of `entry`, whose endpoint answered another connection from its client's port
+/// ([`answers_another_connection`]): marked [`ct_flags::SUPERSEDED`] and closing, so that tc
+/// translates none of the endpoint's answers to that port through it and a SYN through the
+/// frontend from the port starts a flow anew ([`reopens`]), while the flow's last packets,
+/// which may still come, follow it to the endpoint instead of starting a flow mid-stream
+/// whose entry would take the new connection's answers. This CPU's answer slot for the port
+/// goes too.
+#[inline(always)]
+fn supersede<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>) {
+    entry.flags |= ct_flags::SUPERSEDED;
+    touch(entry, tcp_state::CLOSING, now_ns());
+    flow_cache::forget_answer(tuple);
+    count_event(Event::CT_FLOW_SUPERSEDED);
 }
 
 /// A local endpoint's answer on a flow kept in one entry: how far the backend has sent, and a

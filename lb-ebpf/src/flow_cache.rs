@@ -234,6 +234,21 @@ pub fn forget<F: Family>(tuple: &Tuple<F>) {
     }
 }
 
+/// Empties this CPU's answer slot for a client's flows when it holds one: the flow of the
+/// endpoint that sends `tuple` to the client is over ([`crate::flow::answer_of`]).
+#[inline(always)]
+pub fn forget_answer<F: Family>(tuple: &Tuple<F>) {
+    if dry_run() {
+        return;
+    }
+    if let Some(slot) = F::answer_cache_slot(tuple.daddr, tuple.dport)
+        && slot.client_port == tuple.dport
+        && F::same(&slot.client_addr, &tuple.daddr)
+    {
+        slot.valid_until_ns = 0;
+    }
+}
+
 /// The frontend a local endpoint's answer goes back from, when this CPU's answer slot for its
 /// destination holds its flow: the same client and protocol, from the slot's endpoint, still
 /// valid now, and for TCP with the segment inside the endpoint's side of the sequence window.

@@ -273,6 +273,9 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
 /// in its client's FLOW entry, whose frontend tc egress gives the endpoint's answers as their
 /// source, and goes to the stack without the option. Any other packet with the option is
 /// dropped and counted: it would make the endpoint answer from an address it does not serve.
+/// So is a SYN from a node's address: no node sends its own clients' SYNs by DSR
+/// ([`try_direct_return`]), and a node's SNAT of a client's SYN that came with a forged option
+/// would key the flow by that node's SNAT port, whose answers must reach it untranslated.
 #[inline(always)]
 fn try_accept_direct_return(ctx: &XdpContext) -> Result<u32, Event> {
     let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
@@ -289,6 +292,9 @@ fn try_accept_direct_return(ctx: &XdpContext) -> Result<u32, Event> {
     if !ip.header_ok(ctx) {
         return Err(Event::DROP_IP_CHECKSUM);
     }
+    if is_node(tuple.saddr) {
+        return Err(Event::DROP_DSR_REFUSED);
+    }
     let admission = admission_of(&tuple, frontend).ok_or(Event::DROP_DSR_REFUSED)?;
     if dry_run() {
         return Ok(xdp_action::XDP_PASS);
@@ -302,9 +308,13 @@ fn try_accept_direct_return(ctx: &XdpContext) -> Result<u32, Event> {
 }
 
 /// The service and backend a DSR option may pair its frontend with at the SYN's destination:
-/// an externalIP's or LoadBalancer IP's pair as it is, a NodePort's on any node's address.
+/// an externalIP's or LoadBalancer IP's pair as it is, a NodePort's on any node's address (the
+/// address the agent keys NodePorts' pairs by, `ANY_NODE`, is no frontend's).
 #[inline(always)]
 fn admission_of(tuple: &Tuple, (addr, port): (u32, u16)) -> Option<AdmissionValue> {
+    if addr == lb_common::dsr::ANY_NODE {
+        return None;
+    }
     let mut key = Admission4Key {
         frontend_addr: addr,
         endpoint_addr: tuple.daddr,
@@ -317,11 +327,19 @@ fn admission_of(tuple: &Tuple, (addr, port): (u32, u16)) -> Option<AdmissionValu
     if let Some(admission) = unsafe { DSR_ADMISSIONS4.get(&key) } {
         return Some(*admission);
     }
-    // SAFETY: as above.
-    unsafe { NODES4.get(&addr) }?;
+    if !is_node(addr) {
+        return None;
+    }
     key.frontend_addr = lb_common::dsr::ANY_NODE;
     // SAFETY: as above.
     unsafe { DSR_ADMISSIONS4.get(&key) }.copied()
+}
+
+/// Whether `addr` is an address of a node of the cluster (`NODES4`).
+#[inline(always)]
+fn is_node(addr: u32) -> bool {
+    // SAFETY: a read-only look at an entry the agent writes whole.
+    unsafe { NODES4.get(&addr) }.is_some()
 }
 
 /// Whether an IPv4 frame is plainly nothing of the datapath's: a TCP, UDP or SCTP packet with
@@ -649,6 +667,14 @@ fn to_frontend<I: Ip>(
     look: SlotLook<I::F>,
 ) -> Result<u32, Event> {
     let Some(frontend) = admit(ctx, eth, ip, tuple)? else {
+        // The frontend filter may have the bit of a DSR SYN's endpoint set for a frontend of
+        // its own: the SYN ends here instead of where `serve` looks for the option.
+        if size_of::<Addr<I>>() == 4
+            && tuple.proto == proto::TCP
+            && dsr::carries_option(ctx, ip.l4_offset())
+        {
+            return Ok(to_program::<{ xdp_programs::DSR }>(ctx));
+        }
         return Ok(xdp_action::XDP_PASS);
     };
     if size_of::<Addr<I>>() == 4
@@ -701,7 +727,8 @@ fn try_direct_return(ctx: &XdpContext) -> Result<u32, Event> {
         &arrival(ctx, eth),
         Start {
             client_key: ClientKey::LookedUp,
-            direct_return: true,
+            // The endpoint's node refuses options on SYNs from nodes (try_accept_direct_return).
+            direct_return: !is_node(tuple.saddr),
         },
         Look::Passed,
     ) {

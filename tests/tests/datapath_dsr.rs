@@ -91,6 +91,14 @@ fn as_sent(expected: &[u8], actual: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A flow whose entry was superseded: marked, closing (its answers translated no more).
+#[track_caller]
+fn assert_superseded(flow: Option<Flow4Value>) {
+    let flow = flow.expect("the entry, kept until its closing timeout");
+    assert_ne!(flow.flags & ct_flags::SUPERSEDED, 0, "marked superseded");
+    assert_eq!(flow.state, lb_common::tcp_state::CLOSING);
+}
+
 fn ms(duration: Duration) -> u64 {
     duration.as_nanos() as u64
 }
@@ -464,6 +472,22 @@ fn node2_refuses_options_that_name_no_frontend_of_the_endpoints_service() {
                 FRONTEND,
             ),
         ),
+        (
+            "the NodePort on 0.0.0.0, the address the NodePorts' pairs are kept by",
+            with_option(
+                &syn_to(41006, POD),
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, NODE_PORT),
+            ),
+        ),
+        (
+            // As node1's SNAT relays a client's SYN that came with a forged option: its flow
+            // would be keyed by node1's SNAT port.
+            "a SYN from a node's address",
+            with_option(
+                &packet::tcp(SocketAddrV4::new(NODE1, 61000), POD, TcpFlags::SYN, b""),
+                FRONTEND,
+            ),
+        ),
     ];
     let mut cases: Vec<Case> = refused
         .iter()
@@ -618,7 +642,7 @@ fn node2_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
         );
     };
     let syn = packet::tcp(CLIENT, POD, TcpFlags::SYN, b"");
-    // A DSR flow through the NodePort, answered and closed by the pod.
+    // A DSR flow through the NodePort (the client's SYN at 1000), answered and closed by the pod.
     let flow_through_the_node_port = || {
         assert_eq!(
             xdp(&datapath, &with_option(&syn, FRONTEND)).verdict,
@@ -626,8 +650,14 @@ fn node2_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
         );
         tc(
             "the SYN-ACK",
-            packet::tcp(POD, CLIENT, TcpFlags::SYN_ACK, b""),
-            Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::SYN_ACK, b"")),
+            packet::tcp_acking(POD, CLIENT, TcpFlags::SYN_ACK, (1000, 1001), b""),
+            Expect::Bytes(packet::tcp_acking(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::SYN_ACK,
+                (1000, 1001),
+                b"",
+            )),
         );
         tc(
             "the pod's FIN",
@@ -647,17 +677,15 @@ fn node2_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
         lb_common::tcp_state::CLOSING
     );
 
-    // Straight to the pod from the same port: untranslated, and the entry goes.
+    // Straight to the pod from the same port (the client's SYN at 9 000 000): untranslated,
+    // and the entry goes.
     tc(
         "a SYN-ACK of a connection straight to the pod",
-        packet::tcp_at(POD, CLIENT, TcpFlags::SYN_ACK, 5000, b""),
+        packet::tcp_acking(POD, CLIENT, TcpFlags::SYN_ACK, (5000, 9_000_001), b""),
         Expect::Unchanged,
     );
     assert_eq!(event(&datapath, "ct_flow_superseded"), 1);
-    assert!(
-        flow_of(&datapath, CLIENT).is_none(),
-        "the closed flow's entry removed"
-    );
+    assert_superseded(flow_of(&datapath, CLIENT));
     tc(
         "its data",
         packet::tcp_at(POD, CLIENT, TcpFlags::ACK, 5001, b"straight"),
@@ -678,4 +706,219 @@ fn node2_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
             lb_common::tcp_state::SYN_SENT
         )
     );
+}
+
+/// node1 sends a node's own SYNs (a host process of another node connecting to the NodePort)
+/// by SNAT: the endpoint's node refuses options on SYNs from nodes' addresses.
+#[test]
+fn node1_sends_a_nodes_syns_by_snat() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr1node").expect("pin dir");
+    let mut datapath = node1(&pins, true);
+    let other_node = Ipv4Addr::new(203, 0, 113, 3);
+    datapath
+        .set_node_addresses(&BTreeSet::from([
+            NODE1.into(),
+            NODE2.into(),
+            other_node.into(),
+        ]))
+        .expect("node addresses");
+    let run = xdp(
+        &datapath,
+        &packet::tcp(
+            SocketAddrV4::new(other_node, 40000),
+            FRONTEND,
+            TcpFlags::SYN,
+            b"",
+        ),
+    );
+    assert_ne!(run.verdict, XDP_DROP);
+    let sliced = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+        panic!("ipv4")
+    };
+    assert_eq!(
+        (ip.header().source_addr(), ip.header().destination_addr()),
+        (NODE1, *POD.ip()),
+        "SNATed to the pod"
+    );
+    assert_eq!(ip.header().ihl(), 5, "no option");
+    assert_eq!(event(&datapath, "dsr_sent"), 0);
+    // A client that is no node still goes by DSR.
+    sent_as(
+        &datapath,
+        "a client's SYN",
+        &packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+        &with_option(&packet::tcp(CLIENT, POD, TcpFlags::SYN, b""), FRONTEND),
+    );
+}
+
+/// node2 judges the pod's SYN-ACKs to a DSR flow by what they acknowledge, in every state of
+/// the flow: its own (sent again, after early data of TCP Fast Open, after a SYN sent again
+/// without that data) go back from the frontend; another connection's, from the same client
+/// port, leave as sent and remove the entry, also when the entry never got past its SYN (a
+/// client that gave up its handshake through the NodePort).
+#[test]
+fn node2_takes_a_dsr_flows_own_syn_acks_by_their_acknowledgment_in_every_state() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr2ack").expect("pin dir");
+    let datapath = node2(&pins);
+    let tc = |name: &'static str, frame: Vec<u8>, output: Expect| {
+        run_table(
+            datapath
+                .program_fd(lb_common::program_names::TC_EGRESS)
+                .expect("fd"),
+            &[case(name, frame, TC_ACT_OK, output)],
+        );
+    };
+    let syn_ack = |from: SocketAddrV4, to: SocketAddrV4, ack: u32| {
+        packet::tcp_acking(from, to, TcpFlags::SYN_ACK, (500_000, ack), b"")
+    };
+
+    // A Fast Open SYN: 100 bytes of data at 1000 (its end 1101), then sent again without them.
+    let data = [b'q'; 100];
+    let fast_open = packet::tcp(CLIENT, POD, TcpFlags::SYN, &data);
+    let again = packet::tcp(CLIENT, POD, TcpFlags::SYN, b"");
+    for (name, frame) in [("the Fast Open SYN", &fast_open), ("sent again", &again)] {
+        let run = xdp(&datapath, &with_option(frame, FRONTEND));
+        assert_eq!((name, run.verdict), (name, XDP_PASS));
+        assert_eq!(&run.packet, frame, "{name}: the option taken out");
+    }
+    assert_eq!(flow_of(&datapath, CLIENT).expect("entry").seq_next, 1101);
+    for (name, ack) in [
+        ("the SYN-ACK taking the data", 1101),
+        ("a SYN-ACK refusing it", 1001),
+    ] {
+        tc(
+            name,
+            syn_ack(POD, CLIENT, ack),
+            Expect::Bytes(syn_ack(FRONTEND, CLIENT, ack)),
+        );
+    }
+    tc(
+        "the pod's early data",
+        packet::tcp_at(POD, CLIENT, TcpFlags::ACK, 500_001, b"early"),
+        Expect::Bytes(packet::tcp_at(
+            FRONTEND,
+            CLIENT,
+            TcpFlags::ACK,
+            500_001,
+            b"early",
+        )),
+    );
+    assert_eq!(
+        flow_of(&datapath, CLIENT).expect("entry").state,
+        lb_common::tcp_state::ESTABLISHED
+    );
+    tc(
+        "the SYN-ACK sent again after it",
+        syn_ack(POD, CLIENT, 1101),
+        Expect::Bytes(syn_ack(FRONTEND, CLIENT, 1101)),
+    );
+    assert_eq!(event(&datapath, "ct_flow_superseded"), 0);
+
+    // A client that gave up its handshake through the NodePort, then connects from that port
+    // straight to the pod (its SYN at 7 000 000).
+    let gave_up = SocketAddrV4::new(*CLIENT.ip(), 40100);
+    let syn = packet::tcp(gave_up, POD, TcpFlags::SYN, b"");
+    assert_eq!(
+        xdp(&datapath, &with_option(&syn, FRONTEND)).verdict,
+        XDP_PASS
+    );
+    assert_eq!(
+        flow_of(&datapath, gave_up).expect("entry").state,
+        lb_common::tcp_state::SYN_SENT
+    );
+    tc(
+        "the straight connection's SYN-ACK",
+        syn_ack(POD, gave_up, 7_000_001),
+        Expect::Unchanged,
+    );
+    assert_eq!(event(&datapath, "ct_flow_superseded"), 1);
+    assert_superseded(flow_of(&datapath, gave_up));
+}
+
+/// The frontend filter is one hash's bits: an endpoint whose address and port share a bit with
+/// a frontend has its DSR SYNs take the frontend lookup, which finds nothing. They are taken
+/// all the same.
+#[test]
+fn node2_takes_options_to_an_endpoint_whose_filter_bit_a_frontend_sets() {
+    use lb_common::frontend_filter::bit;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr2bit").expect("pin dir");
+    let mut datapath = node2(&pins);
+    let pod_bit = bit(u32::from(*POD.ip()), POD.port(), proto::TCP);
+    // 198.18.0.0/24 x every port: about 16 addresses share any one bit.
+    let sharer = (0..256u32)
+        .flat_map(|host| (1..=u16::MAX).map(move |port| (host, port)))
+        .map(|(host, port)| SocketAddrV4::new(Ipv4Addr::from(0xc612_0000 | host), port))
+        .find(|at| bit(u32::from(*at.ip()), at.port(), proto::TCP) == pod_bit)
+        .expect("an address and port of the pod's bit");
+    datapath
+        .put_service(&Service {
+            id: 3,
+            frontends: vec![frontend(sharer, proto::TCP, service_flags::EXTERNAL_IP)],
+            backends: vec![2],
+            ..Default::default()
+        })
+        .expect("service");
+    let syn = packet::tcp(CLIENT, POD, TcpFlags::SYN, b"");
+    let run = xdp(&datapath, &with_option(&syn, FRONTEND));
+    assert_eq!(run.verdict, XDP_PASS);
+    assert_eq!(run.packet, syn, "the option taken out");
+    assert_eq!(event(&datapath, "dsr_accepted"), 1);
+    assert_eq!(
+        flow_of(&datapath, CLIENT).expect("entry").frontend_port,
+        NODE_PORT
+    );
+}
+
+/// A client that reset its DSR connection (node2 never sees the RST: the entry stays
+/// established) and connects again from the same port through the same frontend gets a new
+/// flow: its SYN, far from the entry's, is no retransmission, and the pod's SYN-ACK to it goes
+/// back from the frontend.
+#[test]
+fn node2_starts_a_new_connection_afresh_on_a_reset_flows_entry() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr2again").expect("pin dir");
+    let datapath = node2(&pins);
+    let tc = |name: &'static str, frame: Vec<u8>, output: Expect| {
+        run_table(
+            datapath
+                .program_fd(lb_common::program_names::TC_EGRESS)
+                .expect("fd"),
+            &[case(name, frame, TC_ACT_OK, output)],
+        );
+    };
+    let syn_at = |seq| packet::tcp_at(CLIENT, POD, TcpFlags::SYN, seq, b"");
+    let answer = |name, flags, seq_ack| {
+        tc(
+            name,
+            packet::tcp_acking(POD, CLIENT, flags, seq_ack, b""),
+            Expect::Bytes(packet::tcp_acking(FRONTEND, CLIENT, flags, seq_ack, b"")),
+        );
+    };
+    assert_eq!(
+        xdp(&datapath, &with_option(&syn_at(1000), FRONTEND)).verdict,
+        XDP_PASS
+    );
+    answer("the SYN-ACK", TcpFlags::SYN_ACK, (500_000, 1001));
+    answer("the pod's data", TcpFlags::ACK, (500_001, 1001));
+    assert_eq!(
+        flow_of(&datapath, CLIENT).expect("entry").state,
+        lb_common::tcp_state::ESTABLISHED
+    );
+    // The client resets the connection (through node1 only), then connects again.
+    assert_eq!(
+        xdp(&datapath, &with_option(&syn_at(5_000_000), FRONTEND)).verdict,
+        XDP_PASS
+    );
+    let flow = flow_of(&datapath, CLIENT).expect("entry");
+    assert_eq!(
+        (flow.state, flow.seq_next, flow.backend_seq_next),
+        (lb_common::tcp_state::SYN_SENT, 5_000_001, 0)
+    );
+    answer("the new SYN-ACK", TcpFlags::SYN_ACK, (900_000, 5_000_001));
+    assert_eq!(event(&datapath, "drop_dsr_clash"), 0);
+    assert_eq!(event(&datapath, "ct_flow_superseded"), 0);
 }
