@@ -197,6 +197,16 @@ fn node2(pins: &PinDir) -> Datapath {
     datapath
 }
 
+/// One case through node2's tc egress: an answer and what must leave.
+fn through_tc(datapath: &Datapath, name: &'static str, frame: Vec<u8>, output: Expect) {
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd"),
+        &[case(name, frame, TC_ACT_OK, output)],
+    );
+}
+
 fn xdp(datapath: &Datapath, frame: &[u8]) -> lb_userspace::datapath::testrun::TestRunOutput {
     let program = datapath
         .program_fd(lb_common::program_names::XDP_LB)
@@ -633,14 +643,7 @@ fn node2_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "dsr2reuse").expect("pin dir");
     let datapath = node2(&pins);
-    let tc = |name: &'static str, frame: Vec<u8>, output: Expect| {
-        run_table(
-            datapath
-                .program_fd(lb_common::program_names::TC_EGRESS)
-                .expect("fd"),
-            &[case(name, frame, TC_ACT_OK, output)],
-        );
-    };
+    let tc = |name, frame, output| through_tc(&datapath, name, frame, output);
     let syn = packet::tcp(CLIENT, POD, TcpFlags::SYN, b"");
     // A DSR flow through the NodePort (the client's SYN at 1000), answered and closed by the pod.
     let flow_through_the_node_port = || {
@@ -756,21 +759,14 @@ fn node1_sends_a_nodes_syns_by_snat() {
 /// node2 judges the pod's SYN-ACKs to a DSR flow by what they acknowledge, in every state of
 /// the flow: its own (sent again, after early data of TCP Fast Open, after a SYN sent again
 /// without that data) go back from the frontend; another connection's, from the same client
-/// port, leave as sent and remove the entry, also when the entry never got past its SYN (a
-/// client that gave up its handshake through the NodePort).
+/// port, leave as sent and end the entry's flow, also when the entry never got past its SYN
+/// (a client that gave up its handshake through the NodePort).
 #[test]
 fn node2_takes_a_dsr_flows_own_syn_acks_by_their_acknowledgment_in_every_state() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "dsr2ack").expect("pin dir");
     let datapath = node2(&pins);
-    let tc = |name: &'static str, frame: Vec<u8>, output: Expect| {
-        run_table(
-            datapath
-                .program_fd(lb_common::program_names::TC_EGRESS)
-                .expect("fd"),
-            &[case(name, frame, TC_ACT_OK, output)],
-        );
-    };
+    let tc = |name, frame, output| through_tc(&datapath, name, frame, output);
     let syn_ack = |from: SocketAddrV4, to: SocketAddrV4, ack: u32| {
         packet::tcp_acking(from, to, TcpFlags::SYN_ACK, (500_000, ack), b"")
     };
@@ -882,14 +878,7 @@ fn node2_starts_a_new_connection_afresh_on_a_reset_flows_entry() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "dsr2again").expect("pin dir");
     let datapath = node2(&pins);
-    let tc = |name: &'static str, frame: Vec<u8>, output: Expect| {
-        run_table(
-            datapath
-                .program_fd(lb_common::program_names::TC_EGRESS)
-                .expect("fd"),
-            &[case(name, frame, TC_ACT_OK, output)],
-        );
-    };
+    let tc = |name, frame, output| through_tc(&datapath, name, frame, output);
     let syn_at = |seq| packet::tcp_at(CLIENT, POD, TcpFlags::SYN, seq, b"");
     let answer = |name, flags, seq_ack| {
         tc(
