@@ -727,14 +727,23 @@ fn try_direct_return(ctx: &XdpContext) -> Result<u32, Event> {
         &arrival(ctx, eth),
         Start {
             client_key: ClientKey::LookedUp,
-            // The endpoint's node refuses options on SYNs from nodes (try_accept_direct_return).
-            direct_return: !is_node(tuple.saddr),
+            direct_return: endpoints_node_admits(frontend, &tuple),
         },
         Look::Passed,
     ) {
         Ok(destination) => deliver_syn(ctx, &ip, &tuple, &destination),
         Err(event) => refused(ctx, &ip, &tuple, frontend.service.service_id, event),
     }
+}
+
+/// Whether the endpoint's node would take this SYN's DSR option (`try_accept_direct_return`):
+/// it refuses options on SYNs from nodes' addresses, and a NodePort's on an address that is no
+/// node's (this node serves its NodePorts on its fallback addresses too, when its Node object
+/// lists none, or before the agent has written the Nodes' addresses). Such a flow goes by SNAT.
+#[inline(always)]
+fn endpoints_node_admits(frontend: &Frontend, tuple: &Tuple) -> bool {
+    !is_node(tuple.saddr)
+        && (frontend.service.flags & service_flags::NODE_PORT == 0 || is_node(tuple.daddr))
 }
 
 /// The frontend a packet is for, if the packet may go to it: not for another host, and from a

@@ -154,6 +154,9 @@ fn node1(pins: &PinDir, direct_return: bool) -> Datapath {
         datapath.put_service(&service).expect("service");
     }
     datapath
+        .set_node_addresses(&BTreeSet::from([NODE1.into(), NODE2.into()]))
+        .expect("node addresses");
+    datapath
 }
 
 /// node2: the same Service with its endpoint here (its NodePort on node2's own address), and
@@ -754,6 +757,43 @@ fn node1_sends_a_nodes_syns_by_snat() {
         &packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
         &with_option(&packet::tcp(CLIENT, POD, TcpFlags::SYN, b""), FRONTEND),
     );
+}
+
+/// node1 serves its NodePorts on addresses its Node object may not list (its fallback
+/// addresses), which the endpoint's node would refuse in an option: a SYN to a NodePort on an
+/// address that is no node's goes by SNAT; the LoadBalancer IP, which needs no node address,
+/// by DSR.
+#[test]
+fn node1_snats_a_nodeport_syn_to_an_address_no_node_lists() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr1unlisted").expect("pin dir");
+    let mut datapath = node1(&pins, true);
+    datapath
+        .set_node_addresses(&BTreeSet::from([NODE2.into()]))
+        .expect("node addresses without node1's");
+    let run = xdp(
+        &datapath,
+        &packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b""),
+    );
+    assert_ne!(run.verdict, XDP_DROP);
+    let sliced = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+        panic!("ipv4")
+    };
+    assert_eq!(
+        (ip.header().source_addr(), ip.header().ihl()),
+        (NODE1, 5),
+        "SNATed, no option"
+    );
+    assert_eq!(event(&datapath, "dsr_sent"), 0);
+    let lb_client = SocketAddrV4::new(*CLIENT.ip(), 40001);
+    sent_as(
+        &datapath,
+        "a SYN to the LoadBalancer IP",
+        &packet::tcp(lb_client, LB_IP, TcpFlags::SYN, b""),
+        &with_option(&packet::tcp(lb_client, POD, TcpFlags::SYN, b""), LB_IP),
+    );
+    assert_eq!(event(&datapath, "dsr_sent"), 1);
 }
 
 /// node2 judges the pod's SYN-ACKs to a DSR flow by what they acknowledge, in every state of
