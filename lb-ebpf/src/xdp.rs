@@ -379,13 +379,31 @@ fn nothing_of_ours4(ctx: &XdpContext) -> bool {
 /// live flow) found nothing for it in `lb_xdp`.
 #[inline(always)]
 fn try_lookup(ctx: &XdpContext) -> Result<u32, Event> {
+    let Some(HandedOn { eth, ip, tuple }) = tcp_handed_on(ctx)? else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    to_frontend(ctx, eth, &ip, &tuple, ClientKey::LookedUp, Look::Passed)
+}
+
+/// An IPv4 TCP packet `lb_xdp` handed on after its parse, parsed again (nothing was written
+/// into the frame).
+struct HandedOn<'a> {
+    eth: &'a [u8; ETH_HDR_LEN],
+    ip: Ipv4Info,
+    tuple: Tuple,
+}
+
+/// [`HandedOn`] of the packet; None: no TCP packet the programs it is handed to serve (a later
+/// fragment passes).
+#[inline(always)]
+fn tcp_handed_on(ctx: &XdpContext) -> Result<Option<HandedOn<'_>>, Event> {
     let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
     let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
     if ip.proto != proto::TCP || ip.later_fragment() {
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(None);
     }
     let tuple = transport_tuple(ctx, &ip, proto::TCP)?;
-    to_frontend(ctx, eth, &ip, &tuple, ClientKey::LookedUp, Look::Passed)
+    Ok(Some(HandedOn { eth, ip, tuple }))
 }
 
 /// Where `lb_xdp` hands an IPv6 frame on ([`ipv6_program`]), each the program of one slot of
@@ -712,12 +730,9 @@ fn to_frontend<I: Ip>(
 /// another node ([`flow::goes_direct`]); then sent on ([`deliver_syn`]).
 #[inline(always)]
 fn try_direct_return(ctx: &XdpContext) -> Result<u32, Event> {
-    let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
-    let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
-    if ip.proto != proto::TCP || ip.later_fragment() {
+    let Some(HandedOn { eth, ip, tuple }) = tcp_handed_on(ctx)? else {
         return Ok(xdp_action::XDP_PASS);
-    }
-    let tuple = transport_tuple(ctx, &ip, proto::TCP)?;
+    };
     let frontend = frontend_of_this_run().ok_or(Event::DROP_MALFORMED)?;
     match destination(
         ctx,

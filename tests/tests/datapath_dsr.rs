@@ -243,6 +243,17 @@ fn sent_as(datapath: &Datapath, name: &str, frame: &[u8], expected: &[u8]) {
     assert_eq!(run.packet, want, "{name}:\n{}", diff(&want, &run.packet));
 }
 
+/// node1 sends a SYN from CLIENT's port 40001 to the LoadBalancer IP with the option.
+fn lb_ip_syn_sent_by_dsr(datapath: &Datapath) {
+    let lb_client = SocketAddrV4::new(*CLIENT.ip(), 40001);
+    sent_as(
+        datapath,
+        "a SYN to the LoadBalancer IP",
+        &packet::tcp(lb_client, LB_IP, TcpFlags::SYN, b""),
+        &with_option(&packet::tcp(lb_client, POD, TcpFlags::SYN, b""), LB_IP),
+    );
+}
+
 #[test]
 fn node1_sends_the_syn_with_the_option_and_the_rest_of_the_flow_without_it() {
     let lab = Lab::new().expect("lab");
@@ -264,13 +275,7 @@ fn node1_sends_the_syn_with_the_option_and_the_rest_of_the_flow_without_it() {
         &packet::tcp(CLIENT, FRONTEND, TcpFlags::ACK, b"GET / HTTP/1.1\r\n\r\n"),
         &packet::tcp(CLIENT, POD, TcpFlags::ACK, b"GET / HTTP/1.1\r\n\r\n"),
     );
-    let lb_client = SocketAddrV4::new(*CLIENT.ip(), 40001);
-    sent_as(
-        &datapath,
-        "a SYN to the LoadBalancer IP",
-        &packet::tcp(lb_client, LB_IP, TcpFlags::SYN, b""),
-        &with_option(&packet::tcp(lb_client, POD, TcpFlags::SYN, b""), LB_IP),
-    );
+    lb_ip_syn_sent_by_dsr(&datapath);
     assert_eq!(event(&datapath, "dsr_sent"), 3);
 
     // One entry per flow, marked DSR, established by the client's ACK; nothing keyed by the
@@ -786,13 +791,7 @@ fn node1_snats_a_nodeport_syn_to_an_address_no_node_lists() {
         "SNATed, no option"
     );
     assert_eq!(event(&datapath, "dsr_sent"), 0);
-    let lb_client = SocketAddrV4::new(*CLIENT.ip(), 40001);
-    sent_as(
-        &datapath,
-        "a SYN to the LoadBalancer IP",
-        &packet::tcp(lb_client, LB_IP, TcpFlags::SYN, b""),
-        &with_option(&packet::tcp(lb_client, POD, TcpFlags::SYN, b""), LB_IP),
-    );
+    lb_ip_syn_sent_by_dsr(&datapath);
     assert_eq!(event(&datapath, "dsr_sent"), 1);
 }
 
