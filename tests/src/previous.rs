@@ -10,10 +10,11 @@
 //! `lb monitor` did not exist yet. An upgrade from it is an upgrade onto a changed layout.
 //!
 //! What is built: a detached `git worktree` of the commit in `<target>/previous/<commit>/src`,
-//! then its `lb` (debug) with a target directory of its own, `<target>/previous/<commit>/target`
-//! (it shares nothing with the workspace's), and its eBPF object built by its own
-//! `lb-userspace/build.rs` as in any build; the binary is linked to
-//! `<target>/previous/<commit>/lb` once it is built, and that file's presence is the cache.
+//! then its `lb` (debug, without debug info) with a target directory of its own,
+//! `<target>/previous/<commit>/target` (it shares nothing with the workspace's), and its eBPF
+//! object built by its own `lb-userspace/build.rs` as in any build; the binary is linked to
+//! `<target>/previous/<commit>/lb` once it is built, that file's presence is the cache, and the
+//! build's target directory is removed.
 //! The commit's `rust-toolchain.toml` files name toolchains (`RUSTUP_AUTO_INSTALL=0`: only the
 //! ones this checkout pins are sure to be installed, and bpf-linker links only this checkout's
 //! nightly's LLVM): when they differ from this checkout's, the worktree's are replaced by this
@@ -69,6 +70,10 @@ pub fn agent(rev: &str) -> anyhow::Result<PathBuf> {
         ])
         .current_dir(&src)
         .env("CARGO_TARGET_DIR", &build_target)
+        // Built once, never edited, never debugged: no incremental state and no debug info,
+        // whatever its own profile asks for (its objects took 2 GB of disk with them).
+        .env("CARGO_INCREMENTAL", "0")
+        .env("CARGO_PROFILE_DEV_DEBUG", "0")
         .stdout(out.try_clone()?)
         .stderr(out);
     // What a cargo or rustup running this process set would otherwise reach the build.
@@ -105,6 +110,13 @@ pub fn agent(rev: &str) -> anyhow::Result<PathBuf> {
             .with_context(|| format!("copying {} to {}", built.display(), staged.display()))?;
     }
     std::fs::rename(&staged, &binary)?;
+    // The binary is the cache: its build's 1 GB of objects would never be used again.
+    if let Err(err) = std::fs::remove_dir_all(&build_target) {
+        eprintln!(
+            "previous release {rev}: removing {}: {err}",
+            build_target.display()
+        );
+    }
     eprintln!(
         "previous release {rev}: built in {:.0} s, kept as {}",
         started.elapsed().as_secs_f64(),
