@@ -1646,12 +1646,16 @@ pub struct FlowValue<A: CtAddr> {
     /// With [`ct_flags::SNAT`]: this node's address and port that replace the client's.
     pub snat_addr: A,
     pub snat_port: u16,
-    pub _pad: u16,
+    /// The CPUs whose flow cache may hold a slot of the flow ([`flow_cache::cpus`]), where its
+    /// client's FIN, RST or next connection empties it.
+    pub client_slot_cpus: u16,
     /// The frontend the client sent to: a client's packet must carry it to be the flow's, and
     /// the answers get it back as their source.
     pub frontend_addr: A,
     pub frontend_port: u16,
-    pub _pad2: u16,
+    /// The CPUs whose answer cache may hold a slot of the flow ([`flow_cache::cpus`]), where
+    /// the client's next connection, or the endpoint's answer to another, empties it.
+    pub answer_slot_cpus: u16,
     /// TCP: the sequence number after the furthest segment the backend has sent (0 until one).
     pub backend_seq_next: u32,
     /// TCP: the same for the client (an ORIGINAL entry's `seq_next`).
@@ -1866,6 +1870,12 @@ pub mod frontend_filter {
 /// the slot's endpoint, restoring the slot's frontend as its source, with the endpoint's side of
 /// the sequence window; it holds a flow for [`ct_timeouts::REFRESH`] (tc egress writes no
 /// `last_seen`), or a quarter of the closing timeout when that is shorter.
+///
+/// A flow's end is the one write from another CPU: a flow whose packets reach several CPUs has
+/// a slot on each, and its FLOW entry records which ([`flow_cache::cpus`]), so that the
+/// client's FIN or RST, or the next connection from its port, empties them all. A slot left on
+/// another CPU would send the next connection's segments that fall in its window to the old
+/// endpoint.
 pub mod flow_cache {
     /// Slots per CPU (2,048 x 40 bytes for IPv4, x 80 bytes for IPv6: 240 KiB a CPU).
     pub const SLOTS_LOG2: u32 = 11;
@@ -1910,6 +1920,35 @@ pub mod flow_cache {
     /// Misses more than hits an opened gate takes before it closes again: a flow's first
     /// segment misses and fills its slot, so a probe needs room for the fill and the hit after.
     pub const GATE_PROBE_MISSES: u32 = 4;
+
+    /// Which CPUs' caches may hold slots of a flow, as its FLOW entry records them: none, one
+    /// (its number plus one), or several (any of them).
+    pub mod cpus {
+        pub const NONE: u16 = 0;
+        pub const SEVERAL: u16 = u16::MAX;
+
+        /// The record once CPU `cpu`'s cache has taken the flow too.
+        #[inline(always)]
+        pub const fn with(recorded: u16, cpu: u32) -> u16 {
+            let one = cpu.saturating_add(1);
+            if recorded == NONE && one < SEVERAL as u32 {
+                one as u16
+            } else if recorded as u32 == one {
+                recorded
+            } else {
+                SEVERAL
+            }
+        }
+
+        /// The one CPU a record names, if it names exactly one.
+        #[inline(always)]
+        pub const fn only(recorded: u16) -> Option<u32> {
+            match recorded {
+                NONE | SEVERAL => None,
+                one => Some(one as u32 - 1),
+            }
+        }
+    }
 
     /// The gates of each cache, in [`crate::map_names::FLOW_CACHE_GATES`]: one for its TCP
     /// segments and one for its UDP datagrams, so that a CPU whose UDP flows are one datagram
@@ -2782,6 +2821,25 @@ mod tests {
         assert!(after(1, u32::MAX), "past the wrap");
         assert!(!after(u32::MAX, 1));
         assert!(!after(7, 7));
+    }
+
+    #[test]
+    fn a_flows_record_of_cpus_names_one_cpu_until_a_second_takes_it() {
+        use flow_cache::cpus::{NONE, SEVERAL, only, with};
+        assert_eq!(only(NONE), None);
+        let on_cpu_0 = with(NONE, 0);
+        assert_eq!(only(on_cpu_0), Some(0));
+        assert_eq!(with(on_cpu_0, 0), on_cpu_0, "the same CPU again");
+        assert_eq!(with(on_cpu_0, 1), SEVERAL, "a second CPU");
+        assert_eq!(with(SEVERAL, 0), SEVERAL, "several stays several");
+        assert_eq!(only(with(NONE, 65_533)), Some(65_533));
+        assert_eq!(
+            with(NONE, 65_534),
+            SEVERAL,
+            "a CPU number the record cannot hold"
+        );
+        assert_eq!(with(NONE, u32::MAX), SEVERAL);
+        assert_eq!(only(SEVERAL), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     btf_maps::SkStorage,
-    maps::{HashMap, LpmTrie, LruHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Affinity4Key, Affinity6Key, AffinityValue, BackendValue, CtAddr, CtKey, CtValue, FlowCacheSlot,
@@ -80,18 +80,37 @@ pub trait Family {
     /// on one CPU to its end, so nothing else uses it meanwhile).
     fn ct_scratch(index: u32) -> Option<&'static mut CtValue<Self::Addr>>;
 
-    /// This CPU's slot of the flow cache for a client (address in tuple order) and port
-    /// ([`lb_common::flow_cache`]): only programs on this CPU touch it, one run at a time.
+    /// XDP's flow cache and tc egress's cache of local endpoints' answers
+    /// ([`lb_common::flow_cache`]), and the index of a client's slot (address in tuple order,
+    /// port) in both.
+    fn flow_cache() -> &'static PerCpuArray<FlowCacheSlot<Self::Addr>>;
+    fn answer_cache() -> &'static PerCpuArray<FlowCacheSlot<Self::Addr>>;
+    fn cache_index(client: Self::Addr, port: u16) -> u32;
+
+    /// This CPU's slot of the flow cache for a client and port: programs on other CPUs only
+    /// ever empty it ([`crate::flow_cache::forget`]), and a program runs on one CPU to its end.
+    #[inline(always)]
     fn flow_cache_slot(
         client: Self::Addr,
         port: u16,
-    ) -> Option<&'static mut FlowCacheSlot<Self::Addr>>;
+    ) -> Option<&'static mut FlowCacheSlot<Self::Addr>> {
+        // SAFETY: this CPU's own slot, as above.
+        Self::flow_cache()
+            .get_ptr_mut(Self::cache_index(client, port))
+            .map(|slot| unsafe { &mut *slot })
+    }
 
-    /// The same in tc egress's cache of local endpoints' answers, for the answer's destination.
+    /// The same in the answer cache, for the answer's destination.
+    #[inline(always)]
     fn answer_cache_slot(
         client: Self::Addr,
         port: u16,
-    ) -> Option<&'static mut FlowCacheSlot<Self::Addr>>;
+    ) -> Option<&'static mut FlowCacheSlot<Self::Addr>> {
+        // SAFETY: as in flow_cache_slot.
+        Self::answer_cache()
+            .get_ptr_mut(Self::cache_index(client, port))
+            .map(|slot| unsafe { &mut *slot })
+    }
 
     /// The session-affinity entry of a client outside the node (address in tuple order) of a
     /// service, and its writer.
@@ -189,19 +208,18 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn flow_cache_slot(client: u32, port: u16) -> Option<&'static mut FlowCacheSlot<u32>> {
-        // SAFETY: as ct_scratch.
-        FLOW_CACHE4
-            .get_ptr_mut(flow_cache::slot(client, port))
-            .map(|slot| unsafe { &mut *slot })
+    fn flow_cache() -> &'static PerCpuArray<FlowCacheSlot<u32>> {
+        &FLOW_CACHE4
     }
 
     #[inline(always)]
-    fn answer_cache_slot(client: u32, port: u16) -> Option<&'static mut FlowCacheSlot<u32>> {
-        // SAFETY: as ct_scratch.
-        ANSWER_CACHE4
-            .get_ptr_mut(flow_cache::slot(client, port))
-            .map(|slot| unsafe { &mut *slot })
+    fn answer_cache() -> &'static PerCpuArray<FlowCacheSlot<u32>> {
+        &ANSWER_CACHE4
+    }
+
+    #[inline(always)]
+    fn cache_index(client: u32, port: u16) -> u32 {
+        flow_cache::slot(client, port)
     }
 
     #[inline(always)]
@@ -355,25 +373,18 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn flow_cache_slot(
-        client: Ipv6Words,
-        port: u16,
-    ) -> Option<&'static mut FlowCacheSlot<Ipv6Words>> {
-        // SAFETY: as ct_scratch.
-        FLOW_CACHE6
-            .get_ptr_mut(flow_cache::slot6(client, port))
-            .map(|slot| unsafe { &mut *slot })
+    fn flow_cache() -> &'static PerCpuArray<FlowCacheSlot<Ipv6Words>> {
+        &FLOW_CACHE6
     }
 
     #[inline(always)]
-    fn answer_cache_slot(
-        client: Ipv6Words,
-        port: u16,
-    ) -> Option<&'static mut FlowCacheSlot<Ipv6Words>> {
-        // SAFETY: as ct_scratch.
-        ANSWER_CACHE6
-            .get_ptr_mut(flow_cache::slot6(client, port))
-            .map(|slot| unsafe { &mut *slot })
+    fn answer_cache() -> &'static PerCpuArray<FlowCacheSlot<Ipv6Words>> {
+        &ANSWER_CACHE6
+    }
+
+    #[inline(always)]
+    fn cache_index(client: Ipv6Words, port: u16) -> u32 {
+        flow_cache::slot6(client, port)
     }
 
     #[inline(always)]

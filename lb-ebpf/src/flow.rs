@@ -474,7 +474,7 @@ pub fn live_destination<F: Family>(
     if let Some(flow) = live_flow_of(flow_entry, tuple, now) {
         if let Some(destination) = follow(ctx, ip, tuple, flow, || *arrival, now)? {
             // SAFETY: as in live_flow_of.
-            flow_cache::remember(&look, unsafe { &*flow }, tuple, &destination, now);
+            flow_cache::remember(&look, unsafe { &mut *flow }, tuple, &destination, now);
             return Ok(Ok(destination));
         }
         count_event(Event::CT_FLOW_RESTARTED);
@@ -504,7 +504,9 @@ pub struct NewFlow<'a, F: Family> {
 }
 
 /// Who holds the client's key for a new flow of this packet: free when nobody does, or when
-/// the holder is past its timeout or this client's earlier flow to the same frontend.
+/// the holder is past its timeout or this client's earlier flow to the same frontend. A holder
+/// that is gone takes its flow's slots in the caches with it, on every CPU: the new flow may go
+/// to another endpoint, or its endpoint's answers back from another frontend.
 #[inline(always)]
 fn client_key_holder<F: Family>(
     flow_entry: Option<*mut CtValue<F::Addr>>,
@@ -514,9 +516,11 @@ fn client_key_holder<F: Family>(
     let Some(existing) = flow_entry else {
         return Holder::Vacant;
     };
-    // SAFETY: read-only use of an entry that stays valid for this run (RCU).
-    let existing = unsafe { &*existing };
+    // SAFETY: an entry that stays valid for this run (RCU); see live_flow_of for races.
+    let existing = unsafe { &mut *existing };
     if for_frontend(FlowValue::of(existing), tuple) || past_timeout(existing, tuple.proto, now) {
+        flow_cache::forget(existing, tuple);
+        flow_cache::forget_answers::<F>(existing, (tuple.saddr, tuple.sport));
         Holder::Gone
     } else {
         Holder::Alive
@@ -986,9 +990,6 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     if key_holder != Holder::Alive
         && let Some(destination) = new_flow_in_one_entry(tuple, original, arrival, now, key_holder)?
     {
-        if key_holder == Holder::Gone {
-            flow_cache::forget(tuple);
-        }
         count_service(service.service_id, 0, 0, 1);
         return Ok(destination);
     }
@@ -1084,10 +1085,10 @@ fn new_flow_in_one_entry<F: Family>(
     unsafe { core::ptr::copy_nonoverlapping(original, entry, 1) };
     let flow = FlowValue::of_mut(entry);
     flow.flags = flags;
-    flow._pad = 0;
+    flow.client_slot_cpus = lb_common::flow_cache::cpus::NONE;
     flow.frontend_addr = tuple.daddr;
     flow.frontend_port = tuple.dport;
-    flow._pad2 = 0;
+    flow.answer_slot_cpus = lb_common::flow_cache::cpus::NONE;
     flow.backend_seq_next = 0;
     if F::conntrack()
         .insert(key, flow.as_entry(), BPF_NOEXIST)
@@ -1120,8 +1121,9 @@ pub fn accept_direct_return(
 ) -> Result<(), Event> {
     let key = flow_key(tuple.saddr, tuple.sport, tuple.proto);
     let mut learnt = (tcp_state::SYN_SENT, tuple.seq_end, 0);
-    // SAFETY: read here, valid for this run (RCU).
-    if let Some(held) = unsafe { V4::conntrack().get(&key) } {
+    if let Some(held) = V4::conntrack().get_ptr_mut(&key) {
+        // SAFETY: valid for this run (RCU); see live_flow_of for races.
+        let held = unsafe { &mut *held };
         let flow = FlowValue::of(held);
         let this_flow = flow.flags & ct_flags::DIRECT_RETURN != 0
             && flow.frontend_addr == frontend_addr
@@ -1139,6 +1141,10 @@ pub fn accept_direct_return(
         } else if !over && !this_flow {
             return Err(Event::DROP_DSR_CLASH);
         }
+        // The entry written below starts with no record of answer slots: the held flow's go
+        // now, on every CPU (a new flow may get the same endpoint's answers from another
+        // frontend).
+        flow_cache::forget_answers::<V4>(held, (tuple.saddr, tuple.sport));
     }
     let (state, seq_next, backend_seq_next) = learnt;
     let flow = Flow4Value {
@@ -1565,13 +1571,12 @@ fn answers_another_connection<F: Family>(
 /// translates none of the endpoint's answers to that port through it and a SYN through the
 /// frontend from the port starts a flow anew ([`reopens`]), while the flow's last packets,
 /// which may still come, follow it to the endpoint instead of starting a flow mid-stream
-/// whose entry would take the new connection's answers. This CPU's answer slot for the port
-/// goes too.
+/// whose entry would take the new connection's answers. Its answer slots go too, on every CPU.
 #[inline(always)]
 fn supersede<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>) {
     entry.flags |= ct_flags::SUPERSEDED;
     touch(entry, tcp_state::CLOSING, now_ns());
-    flow_cache::forget_answer(tuple);
+    flow_cache::forget_answers::<F>(entry, (tuple.daddr, tuple.dport));
     count_event(Event::CT_FLOW_SUPERSEDED);
 }
 

@@ -5,10 +5,18 @@
 //! next such packet is served from the slot ([`hit`]) until the slot's time or sequence window
 //! runs out, and then by the full path again, which writes the slot anew. tc egress keeps the
 //! twin for a local endpoint's answers ([`answer_hit`], [`remember_answer`]). A cache that
-//! misses more than it hits on a CPU stands aside there for a while ([`FlowCacheGate`]).
+//! misses more than it hits on a CPU stands aside there for a while ([`FlowCacheGate`]). A
+//! flow's FLOW entry records which CPUs' caches took it ([`flow_cache::cpus`]), so that its end
+//! empties its slots on all of them ([`forget`], [`forget_answers`]).
+
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_loop, bpf_map_lookup_percpu_elem};
 
 use lb_common::{
-    CtValue, FlowCacheGate, FlowCacheSlot, FlowValue, ct_flags, ct_timeouts, flow_cache, proto,
+    CtValue, FlowCacheGate, FlowCacheSlot, FlowValue, ct_flags, ct_timeouts,
+    flow_cache::{self, cpus},
+    proto,
     tcp_flags::{ACK, FIN, RST, SYN},
     tcp_state,
 };
@@ -174,7 +182,7 @@ pub fn destination<F: Family>(slot: &FlowCacheSlot<F::Addr>) -> Destination<F> {
 #[inline(always)]
 pub fn remember<F: Family>(
     look: &Look<FlowCacheSlot<F::Addr>>,
-    entry: &CtValue<F::Addr>,
+    entry: &mut CtValue<F::Addr>,
     tuple: &Tuple<F>,
     destination: &Destination<F>,
     now: u64,
@@ -191,6 +199,7 @@ pub fn remember<F: Family>(
     let Some(slot) = F::flow_cache_slot(tuple.saddr, tuple.sport) else {
         return;
     };
+    record_this_cpu(&mut FlowValue::of_mut(entry).client_slot_cpus);
     let refreshed_by = entry.last_seen_ns + refresh_interval(tuple.proto, entry.state);
     let closing_seen_by = now + timeout(proto::TCP, tcp_state::CLOSING) / 4;
     slot.valid_until_ns = refreshed_by.min(closing_seen_by);
@@ -215,38 +224,146 @@ fn state_allows_a_slot<F: Family>(tuple: &Tuple<F>, state: u8, side_seq_next: u3
     tuple.proto != proto::TCP || (state == tcp_state::ESTABLISHED && side_seq_next != 0)
 }
 
-/// Empties this CPU's slot for a client's flows when it holds one: the client's packet ends its
-/// flow (a FIN or RST), or starts another in the place of an ended one. A flow that outlives
-/// this (the client's other CPUs' slots, an entry the LRU evicted) is left to the slot's window:
-/// a new connection's sequence numbers lie outside it but for a chance of one in
-/// 2^32 / ([`flow_cache::SEQ_BEHIND`] + [`flow_cache::SEQ_AHEAD`]), and its time runs out
-/// within [`lb_common::ct_timeouts::REFRESH`].
+/// Records in a flow's entry (`recorded`: its [`cpus`] field of one cache) that this CPU's
+/// cache takes a slot of it. Written only when it changes: the entry's cache line stays clean
+/// for the flow's steady packets on one CPU.
 #[inline(always)]
-pub fn forget<F: Family>(tuple: &Tuple<F>) {
-    if !matches!(tuple.proto, proto::TCP | proto::UDP) || dry_run() {
-        return;
-    }
-    if let Some(slot) = F::flow_cache_slot(tuple.saddr, tuple.sport)
-        && slot.client_port == tuple.sport
-        && F::same(&slot.client_addr, &tuple.saddr)
-    {
-        slot.valid_until_ns = 0;
+fn record_this_cpu(recorded: &mut u16) {
+    // SAFETY: no arguments; inlined by the verifier (kernel 6.10, 1ae6921009e5 "bpf: inline
+    // bpf_get_smp_processor_id() helper").
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let updated = cpus::with(*recorded, cpu);
+    if updated != *recorded {
+        *recorded = updated;
     }
 }
 
-/// Empties this CPU's answer slot for a client's flows when it holds one: the flow of the
-/// endpoint that sends `tuple` to the client is over ([`crate::flow::answer_of`]).
+/// The client's packet ends its flow (a FIN or RST): the flow's slots in XDP's flow cache go,
+/// on every CPU whose cache took it ([`lb_common::FlowValue::client_slot_cpus`]), so that the
+/// next connection from the client's port, which may go to another endpoint, is served by the
+/// full path wherever its packets land. Its answers' slots stay: what they give back stays
+/// right for the flow's last answers ([`remember_answer`]).
+///
+/// A slot left behind (an entry the LRU evicted with its record, or a CPU that filled its slot
+/// from a packet it took before the close and wrote after it) is left to the slot's window: a
+/// new connection's sequence numbers lie outside it but for a chance of one in
+/// 2^32 / ([`flow_cache::SEQ_BEHIND`] + [`flow_cache::SEQ_AHEAD`]), and its time runs out
+/// within [`lb_common::ct_timeouts::REFRESH`].
 #[inline(always)]
-pub fn forget_answer<F: Family>(tuple: &Tuple<F>) {
-    if dry_run() {
+pub fn forget<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>) {
+    if has_reply_entry(entry) || dry_run() {
         return;
     }
-    if let Some(slot) = F::answer_cache_slot(tuple.daddr, tuple.dport)
-        && slot.client_port == tuple.dport
-        && F::same(&slot.client_addr, &tuple.daddr)
-    {
+    let recorded = &mut FlowValue::of_mut(entry).client_slot_cpus;
+    empty_slots::<F, CLIENT_SIDE>(*recorded, tuple.saddr, tuple.sport);
+    *recorded = cpus::NONE;
+}
+
+/// The flow of `entry` is over for its endpoint's answers too (its client's port starts
+/// another flow, or the endpoint answered another connection from it): the flow's answer
+/// slots go, on every CPU whose answer cache took it
+/// ([`lb_common::FlowValue::answer_slot_cpus`]). `client` is the client's address (tuple
+/// order) and port.
+#[inline(always)]
+pub fn forget_answers<F: Family>(entry: &mut CtValue<F::Addr>, client: (F::Addr, u16)) {
+    if has_reply_entry(entry) || dry_run() {
+        return;
+    }
+    let recorded = &mut FlowValue::of_mut(entry).answer_slot_cpus;
+    empty_slots::<F, ANSWERS>(*recorded, client.0, client.1);
+    *recorded = cpus::NONE;
+}
+
+/// Which cache [`empty_slots`] empties.
+const CLIENT_SIDE: bool = false;
+const ANSWERS: bool = true;
+
+/// More CPUs than a kernel can have (`CONFIG_NR_CPUS` is at most 8,192): a walk over them
+/// ends at the first CPU the kernel does not have.
+const CPUS_AT_MOST: u32 = 8192;
+
+/// A client's slots to empty on each CPU, for [`empty_on_each_cpu`].
+#[repr(C)]
+struct Emptying<A> {
+    client: A,
+    port: u16,
+    index: u32,
+}
+
+/// Empties the slots of `client`:`port` in one cache (`ANSWERS` or the client's) on the CPUs
+/// `recorded` names ([`cpus`]): on one CPU, one lookup; on several, a walk over every CPU
+/// (`bpf_loop`, kernel 5.17, e6f2dd0f8067 "bpf: Add bpf_loop helper": the verifier checks its
+/// callback once, where a loop would be checked once per CPU it could reach).
+#[inline(always)]
+fn empty_slots<F: Family, const WHICH: bool>(recorded: u16, client: F::Addr, port: u16) {
+    if recorded == cpus::NONE {
+        return;
+    }
+    let job = Emptying {
+        client,
+        port,
+        index: F::cache_index(client, port),
+    };
+    if let Some(cpu) = cpus::only(recorded) {
+        empty_on::<F, WHICH>(&job, cpu);
+        return;
+    }
+    let callback: extern "C" fn(u64, *mut c_void) -> i64 = empty_on_each_cpu::<F, WHICH>;
+    // SAFETY: the callback is a function of this program's, and the context it gets is `job`,
+    // which outlives the call and is only read.
+    unsafe {
+        bpf_loop(
+            CPUS_AT_MOST,
+            callback as *mut c_void,
+            core::ptr::from_ref(&job).cast_mut().cast(),
+            0,
+        )
+    };
+}
+
+/// `bpf_loop`'s callback of [`empty_slots`]: empties the job's slot on CPU `cpu`; stops the
+/// walk (returns 1) at the first CPU the kernel does not have.
+extern "C" fn empty_on_each_cpu<F: Family, const WHICH: bool>(cpu: u64, job: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes the context empty_slots gave it: an `Emptying` of this family.
+    let job = unsafe { &*job.cast_const().cast::<Emptying<F::Addr>>() };
+    if empty_on::<F, WHICH>(job, cpu as u32) {
+        0
+    } else {
+        1
+    }
+}
+
+/// Empties the job's slot on CPU `cpu` when it holds the job's client (another client's flow in
+/// the same slot stays). Returns whether the kernel has that CPU.
+#[inline(always)]
+fn empty_on<F: Family, const WHICH: bool>(job: &Emptying<F::Addr>, cpu: u32) -> bool {
+    let cache = if WHICH == ANSWERS {
+        F::answer_cache()
+    } else {
+        F::flow_cache()
+    };
+    // SAFETY: a lookup in a per-CPU array of this program's with a key of its key type; the
+    // helper (kernel 5.19, 07343110b293 "bpf: add bpf_map_lookup_percpu_elem for percpu map")
+    // returns null for a CPU the kernel does not have.
+    let slot = unsafe {
+        bpf_map_lookup_percpu_elem(
+            core::ptr::from_ref(cache).cast_mut().cast(),
+            core::ptr::from_ref(&job.index).cast(),
+            cpu,
+        )
+    }
+    .cast::<FlowCacheSlot<F::Addr>>();
+    if slot.is_null() {
+        return false;
+    }
+    // SAFETY: a slot of the map, valid for the program's run. Its own CPU may be reading it
+    // meanwhile: one aligned 8-byte store empties it, and the packet that CPU serves from it
+    // then was sent before the flow's end.
+    let slot = unsafe { &mut *slot };
+    if slot.client_port == job.port && F::same(&slot.client_addr, &job.client) {
         slot.valid_until_ns = 0;
     }
+    true
 }
 
 /// The frontend a local endpoint's answer goes back from, when this CPU's answer slot for its
@@ -277,16 +394,17 @@ pub fn answer_hit<F: Family>(tuple: &Tuple<F>) -> Look<FlowCacheSlot<F::Addr>> {
 /// a steady segment of an established flow, or a UDP datagram, takes this CPU's answer slot for
 /// its destination, never past the time the entry would run out without its client's packets
 /// (tc egress translates a UDP flow's answers whether or not the flow is live, and its client's
-/// key may pass to another flow then). Nothing empties a slot
-/// when its flow ends: what it gives back (the frontend, for this client and endpoint) stays
-/// right for the flow's last answers, and once the flow has left the established state no
-/// answer writes the slot again, so it runs out (within a quarter of the closing timeout)
-/// before the flow's key can go to another flow by its timeout. A key the LRU takes from a live
-/// flow is left to the window, as for [`forget`].
+/// key may pass to another flow then). The flow's end leaves the slot: what it gives back (the
+/// frontend, for this client and endpoint) stays right for the flow's last answers, and once
+/// the flow has left the established state no answer writes the slot again, so it runs out
+/// within a quarter of the closing timeout. A flow that ends sooner for its answers (the
+/// client's port starts another flow, or the endpoint answers another connection from it)
+/// empties its slots on every CPU ([`forget_answers`]). A key the LRU takes from a live flow is
+/// left to the window, as for [`forget`].
 #[inline(always)]
 pub fn remember_answer<F: Family>(
     look: &Look<FlowCacheSlot<F::Addr>>,
-    entry: &CtValue<F::Addr>,
+    entry: &mut CtValue<F::Addr>,
     tuple: &Tuple<F>,
     frontend: (F::Addr, u16),
 ) {
@@ -297,6 +415,7 @@ pub fn remember_answer<F: Family>(
     let Some(slot) = F::answer_cache_slot(tuple.daddr, tuple.dport) else {
         return;
     };
+    record_this_cpu(&mut FlowValue::of_mut(entry).answer_slot_cpus);
     let held_for = ct_timeouts::REFRESH.min(timeout(proto::TCP, tcp_state::CLOSING) / 4);
     let live_until = entry.last_seen_ns + timeout(tuple.proto, entry.state);
     slot.valid_until_ns = (now_ns() + held_for).min(live_until);

@@ -1045,7 +1045,8 @@ fn established<I: Ip>(
         return Ok(None);
     };
     if closes(tuple) {
-        flow_cache::forget(tuple);
+        // SAFETY: as in live_flow.
+        flow_cache::forget(unsafe { &mut *flow }, tuple);
     }
     refuse_sctp_fragment(tuple, ip)?;
     if let Some(action) = turned_away(ctx, eth, tuple, admitted_by_source_ranges(flow))? {
@@ -1054,7 +1055,7 @@ fn established<I: Ip>(
     match follow(ctx, ip, tuple, flow, || arrival(ctx, eth), now)? {
         Some(destination) => {
             // SAFETY: as in flow::live_flow.
-            flow_cache::remember(&look, unsafe { &*flow }, tuple, &destination, now);
+            flow_cache::remember(&look, unsafe { &mut *flow }, tuple, &destination, now);
             deliver(ctx, ip, tuple, &destination).map(Some)
         }
         None => Ok(None),

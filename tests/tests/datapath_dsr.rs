@@ -908,6 +908,89 @@ fn node2_takes_options_to_an_endpoint_whose_filter_bit_a_frontend_sets() {
     );
 }
 
+/// A DSR flow whose pod's answers took an answer slot, closed by the pod; the client's next
+/// connection from the port comes through another frontend of the same Service (its SYN's
+/// option names the LoadBalancer IP) to the same pod: the pod's answers leave from that
+/// frontend, also those inside the old slot's sequence window (the new entry takes the key,
+/// and the old flow's answer slots go with the old entry).
+#[test]
+fn node2_answers_a_reopened_flow_from_its_new_frontend() {
+    lab::table::stay_on_this_cpu();
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr2reopen").expect("pin dir");
+    let datapath = node2(&pins);
+    let answer = |name, flags, seq_ack, payload: &[u8], frontend| {
+        through_tc(
+            &datapath,
+            name,
+            packet::tcp_acking(POD, CLIENT, flags, seq_ack, payload),
+            Expect::Bytes(packet::tcp_acking(
+                frontend, CLIENT, flags, seq_ack, payload,
+            )),
+        );
+    };
+    let syn_at = |seq, frontend| {
+        with_option(
+            &packet::tcp_at(CLIENT, POD, TcpFlags::SYN, seq, b""),
+            frontend,
+        )
+    };
+    let data = [9u8; 100];
+    assert_eq!(xdp(&datapath, &syn_at(1000, FRONTEND)).verdict, XDP_PASS);
+    answer(
+        "the SYN-ACK",
+        TcpFlags::SYN_ACK,
+        (500_000, 1001),
+        b"",
+        FRONTEND,
+    );
+    answer("data", TcpFlags::ACK, (500_001, 1001), &data, FRONTEND);
+    answer(
+        "data from the slot",
+        TcpFlags::ACK,
+        (500_101, 1001),
+        &data,
+        FRONTEND,
+    );
+    let flow = flow_of(&datapath, CLIENT).expect("entry");
+    assert_ne!(
+        flow.answer_slot_cpus,
+        lb_common::flow_cache::cpus::NONE,
+        "an answer slot"
+    );
+    answer(
+        "the pod's FIN",
+        TcpFlags::FIN_ACK,
+        (500_201, 1001),
+        b"",
+        FRONTEND,
+    );
+    assert_eq!(xdp(&datapath, &syn_at(9_000_000, LB_IP)).verdict, XDP_PASS);
+    let isn = 500_302;
+    answer(
+        "the new SYN-ACK",
+        TcpFlags::SYN_ACK,
+        (isn, 9_000_001),
+        b"",
+        LB_IP,
+    );
+    answer(
+        "new data",
+        TcpFlags::ACK,
+        (isn + 1, 9_000_001),
+        &data,
+        LB_IP,
+    );
+    answer(
+        "more new data",
+        TcpFlags::ACK,
+        (isn + 101, 9_000_001),
+        &data,
+        LB_IP,
+    );
+    assert_eq!(event(&datapath, "drop_dsr_clash"), 0);
+}
+
 /// A client that reset its DSR connection (node2 never sees the RST: the entry stays
 /// established) and connects again from the same port through the same frontend gets a new
 /// flow: its SYN, far from the entry's, is no retransmission, and the pod's SYN-ACK to it goes

@@ -3430,6 +3430,61 @@ fn a_clients_rst_after_data_served_from_the_flow_cache_ends_its_flow() {
     );
 }
 
+/// A flow whose client's segments reach two CPUs (generic XDP runs on the sender's CPU; a
+/// queue's interrupt moves) has a slot in XDP's flow cache on each CPU that served it. Its
+/// client's FIN or RST on another CPU empties them all, and so does the client's next
+/// connection from the port after its pod's RST: that connection, which goes to another
+/// endpoint, has its segments sent there from every CPU, also those inside the old slots'
+/// sequence window.
+#[test]
+fn a_flows_end_empties_its_flow_cache_slots_on_every_cpu() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fccpus").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    lab::table::assert_a_flows_end_empties_its_slots_on_every_cpu(
+        &cache_flows(),
+        &mut datapath,
+        |datapath, pod| set_tcp_endpoint(datapath, if pod == POD_A { 1 } else { 2 }),
+    );
+}
+
+/// A flow's answer slots in tc egress's answer cache on several CPUs, when the pod answers
+/// another connection from the flow's port on another CPU (a connection straight to the pod,
+/// the flow superseded): they go on every CPU, so the straight connection's answers inside
+/// their window leave as the pod sent them, from every CPU.
+#[test]
+fn a_superseded_flows_answer_slots_go_on_every_cpu() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcanswers").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    lab::table::assert_a_superseded_flows_answer_slots_go_on_every_cpu(&cache_flows(), &datapath);
+}
+
+fn cache_flows() -> lab::table::CacheFlows<SocketAddrV4> {
+    lab::table::CacheFlows {
+        client: |port| SocketAddrV4::new(*CLIENT.ip(), port),
+        frontend: FRONTEND,
+        pods: [POD_A, POD_B],
+        tcp: packet::tcp_acking,
+        slot_cpus: |datapath, client| {
+            let flow = flow_of(datapath, client);
+            (flow.client_slot_cpus, flow.answer_slot_cpus)
+        },
+    }
+}
+
+/// Makes backend `id` (1: pod A, 2: pod B) the TCP service's one endpoint.
+fn set_tcp_endpoint(datapath: &mut Datapath, id: u32) {
+    let service = Service {
+        id: 1,
+        frontends: vec![node_port(proto::TCP)],
+        backends: vec![id],
+        affinity_timeout_s: 0,
+        ..Default::default()
+    };
+    datapath.put_service(&service).expect("service");
+}
+
 /// XDP's flow cache stands aside on a CPU where it misses more than it hits (many more flows
 /// than slots, or flows it does not take): a look that misses costs as much as a hit saves. After
 /// more misses than its gate allows, a flow the cache held takes the full path for the gate's

@@ -1264,6 +1264,68 @@ fn to_client(client: SocketAddrV6, flags: TcpFlags, seq: u32, payload: &[u8]) ->
     )
 }
 
+/// The IPv6 twin of datapath_table's test of a flow's end on two CPUs: the client's FIN, RST
+/// or next connection empties the flow's slots in XDP's IPv6 flow cache on every CPU, so the
+/// next connection's segments reach its new endpoint from both.
+#[test]
+fn an_ipv6_flows_end_empties_its_flow_cache_slots_on_every_cpu() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fccpus6").expect("pin dir");
+    let mut datapath = datapath(&pins);
+    let pod_b = Backend {
+        addr: IpAddr::V6(*POD_B.ip()),
+        port: POD_B.port(),
+        proto: proto::TCP,
+        flags: backend_flags::LOCAL,
+    };
+    datapath.put_backend(7, &pod_b).expect("backend");
+    lab::table::assert_a_flows_end_empties_its_slots_on_every_cpu(
+        &cache_flows(),
+        &mut datapath,
+        |datapath, pod| {
+            let service = Service {
+                id: 1,
+                frontends: vec![node_port(NODE_PORT, proto::TCP)],
+                backends: vec![if pod == POD_A { 1 } else { 7 }],
+                ..Default::default()
+            };
+            datapath.put_service(&service).expect("service");
+        },
+    );
+}
+
+/// The IPv6 twin of datapath_table's test of a superseded flow's answer slots on two CPUs.
+#[test]
+fn an_ipv6_superseded_flows_answer_slots_go_on_every_cpu() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fcanswers6").expect("pin dir");
+    let datapath = datapath(&pins);
+    lab::table::assert_a_superseded_flows_answer_slots_go_on_every_cpu(&cache_flows(), &datapath);
+}
+
+/// A second local endpoint, for the tests that move a service's flows from pod A to it.
+const POD_B: SocketAddrV6 = SocketAddrV6::new(
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x11),
+    8080,
+    0,
+    0,
+);
+
+fn cache_flows() -> lab::table::CacheFlows<SocketAddrV6> {
+    lab::table::CacheFlows {
+        client,
+        frontend: FRONTEND,
+        pods: [POD_A, POD_B],
+        tcp: packet6::tcp_acking,
+        slot_cpus: |datapath, client| {
+            let key = flow_key(ipv6_words(*client.ip()), client.port(), proto::TCP);
+            let entry = datapath.conntrack6_entry(&key).expect("FLOW entry");
+            let flow = lb_common::Flow6Value::of(&entry);
+            (flow.client_slot_cpus, flow.answer_slot_cpus)
+        },
+    }
+}
+
 /// The IPv6 twin of datapath_table's UDP cache test: the datagrams of a UDP flow to a local
 /// endpoint are served from XDP's IPv6 flow cache, and its answers from tc egress's, once a
 /// datagram of the live flow has filled each slot; when the endpoint leaves the backends map,
