@@ -505,8 +505,9 @@ pub struct NewFlow<'a, F: Family> {
 
 /// Who holds the client's key for a new flow of this packet: free when nobody does, or when
 /// the holder is past its timeout or this client's earlier flow to the same frontend. A holder
-/// that is gone takes its flow's slots in the caches with it, on every CPU: the new flow may go
-/// to another endpoint, or its endpoint's answers back from another frontend.
+/// that is gone takes its flow's slots in XDP's cache with it, on every CPU: the new flow may
+/// go to another endpoint. Its answer slots may stay: a flow to the same frontend gets the
+/// same frontend back, and a holder past its timeout has outlived them.
 #[inline(always)]
 fn client_key_holder<F: Family>(
     flow_entry: Option<*mut CtValue<F::Addr>>,
@@ -520,7 +521,6 @@ fn client_key_holder<F: Family>(
     let existing = unsafe { &mut *existing };
     if for_frontend(FlowValue::of(existing), tuple) || past_timeout(existing, tuple.proto, now) {
         flow_cache::forget(existing, tuple);
-        flow_cache::forget_answers::<F>(existing, (tuple.saddr, tuple.sport));
         Holder::Gone
     } else {
         Holder::Alive
@@ -1141,9 +1141,10 @@ pub fn accept_direct_return(
         } else if !over && !this_flow {
             return Err(Event::DROP_DSR_CLASH);
         }
-        // The entry written below starts with no record of answer slots: the held flow's go
-        // now, on every CPU (a new flow may get the same endpoint's answers from another
-        // frontend).
+        // The entry written below starts with no record of slots: the held flow's go now, on
+        // every CPU (the new flow may get the same endpoint's answers from another frontend;
+        // a local flow's client may send through a frontend again).
+        flow_cache::forget(held, tuple);
         flow_cache::forget_answers::<V4>(held, (tuple.saddr, tuple.sport));
     }
     let (state, seq_next, backend_seq_next) = learnt;

@@ -244,8 +244,9 @@ fn record_this_cpu(recorded: &mut u16) {
 /// full path wherever its packets land. Its answers' slots stay: what they give back stays
 /// right for the flow's last answers ([`remember_answer`]).
 ///
-/// A slot left behind (an entry the LRU evicted with its record, or a CPU that filled its slot
-/// from a packet it took before the close and wrote after it) is left to the slot's window: a
+/// A slot left behind (an entry the LRU evicted with its record, a CPU that filled its slot
+/// from a packet it took before the close and wrote after it, or one of two CPUs that took the
+/// flow at the same moment, whose records race) is left to the slot's window: a
 /// new connection's sequence numbers lie outside it but for a chance of one in
 /// 2^32 / ([`flow_cache::SEQ_BEHIND`] + [`flow_cache::SEQ_AHEAD`]), and its time runs out
 /// within [`lb_common::ct_timeouts::REFRESH`].
@@ -259,8 +260,8 @@ pub fn forget<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>) {
     *recorded = cpus::NONE;
 }
 
-/// The flow of `entry` is over for its endpoint's answers too (its client's port starts
-/// another flow, or the endpoint answered another connection from it): the flow's answer
+/// The flow of `entry` is over for its endpoint's answers too (the endpoint answered another
+/// connection from its client's port, or a DSR SYN takes the key): the flow's answer
 /// slots go, on every CPU whose answer cache took it
 /// ([`lb_common::FlowValue::answer_slot_cpus`]). `client` is the client's address (tuple
 /// order) and port.
@@ -398,7 +399,7 @@ pub fn answer_hit<F: Family>(tuple: &Tuple<F>) -> Look<FlowCacheSlot<F::Addr>> {
 /// frontend, for this client and endpoint) stays right for the flow's last answers, and once
 /// the flow has left the established state no answer writes the slot again, so it runs out
 /// within a quarter of the closing timeout. A flow that ends sooner for its answers (the
-/// client's port starts another flow, or the endpoint answers another connection from it)
+/// endpoint answers another connection from the client's port, or a DSR SYN takes the key)
 /// empties its slots on every CPU ([`forget_answers`]). A key the LRU takes from a live flow is
 /// left to the window, as for [`forget`].
 #[inline(always)]

@@ -1044,10 +1044,6 @@ fn established<I: Ip>(
     let Some(flow) = live_flow(tuple, now) else {
         return Ok(None);
     };
-    if closes(tuple) {
-        // SAFETY: as in live_flow.
-        flow_cache::forget(unsafe { &mut *flow }, tuple);
-    }
     refuse_sctp_fragment(tuple, ip)?;
     if let Some(action) = turned_away(ctx, eth, tuple, admitted_by_source_ranges(flow))? {
         return Ok(Some(action));
@@ -1055,7 +1051,13 @@ fn established<I: Ip>(
     match follow(ctx, ip, tuple, flow, || arrival(ctx, eth), now)? {
         Some(destination) => {
             // SAFETY: as in flow::live_flow.
-            flow_cache::remember(&look, unsafe { &mut *flow }, tuple, &destination, now);
+            let flow = unsafe { &mut *flow };
+            // Only a FIN or RST the flow takes as its client's (not a blind RST, not a bad
+            // header) empties its slots, a walk over every CPU that served it.
+            if closes(tuple) {
+                flow_cache::forget(flow, tuple);
+            }
+            flow_cache::remember(&look, flow, tuple, &destination, now);
             deliver(ctx, ip, tuple, &destination).map(Some)
         }
         None => Ok(None),

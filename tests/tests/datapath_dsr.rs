@@ -908,14 +908,15 @@ fn node2_takes_options_to_an_endpoint_whose_filter_bit_a_frontend_sets() {
     );
 }
 
-/// A DSR flow whose pod's answers took an answer slot, closed by the pod; the client's next
-/// connection from the port comes through another frontend of the same Service (its SYN's
-/// option names the LoadBalancer IP) to the same pod: the pod's answers leave from that
-/// frontend, also those inside the old slot's sequence window (the new entry takes the key,
-/// and the old flow's answer slots go with the old entry).
+/// A DSR flow whose pod's answers took answer slots on two CPUs, closed by the pod; the
+/// client's next connection from the port comes through another frontend of the same Service
+/// (its SYN's option names the LoadBalancer IP) to the same pod: the pod's answers leave from
+/// that frontend on both CPUs, also those inside the old slots' sequence window (the new entry
+/// takes the key, and the old flow's answer slots go with the old entry, on every CPU).
 #[test]
 fn node2_answers_a_reopened_flow_from_its_new_frontend() {
-    lab::table::stay_on_this_cpu();
+    let [first, second] = lab::table::two_cpus();
+    lab::table::run_on_cpu(first);
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "dsr2reopen").expect("pin dir");
     let datapath = node2(&pins);
@@ -944,29 +945,34 @@ fn node2_answers_a_reopened_flow_from_its_new_frontend() {
         b"",
         FRONTEND,
     );
-    answer("data", TcpFlags::ACK, (500_001, 1001), &data, FRONTEND);
-    answer(
-        "data from the slot",
-        TcpFlags::ACK,
-        (500_101, 1001),
-        &data,
-        FRONTEND,
-    );
+    let mut sent = 500_001;
+    for cpu in [first, second] {
+        lab::table::run_on_cpu(cpu);
+        answer("data", TcpFlags::ACK, (sent, 1001), &data, FRONTEND);
+        answer(
+            "data from the slot",
+            TcpFlags::ACK,
+            (sent + 100, 1001),
+            &data,
+            FRONTEND,
+        );
+        sent += 200;
+    }
     let flow = flow_of(&datapath, CLIENT).expect("entry");
-    assert_ne!(
+    assert_eq!(
         flow.answer_slot_cpus,
-        lb_common::flow_cache::cpus::NONE,
-        "an answer slot"
+        lb_common::flow_cache::cpus::SEVERAL,
+        "answer slots on both CPUs"
     );
     answer(
         "the pod's FIN",
         TcpFlags::FIN_ACK,
-        (500_201, 1001),
+        (sent, 1001),
         b"",
         FRONTEND,
     );
     assert_eq!(xdp(&datapath, &syn_at(9_000_000, LB_IP)).verdict, XDP_PASS);
-    let isn = 500_302;
+    let isn = sent + 101;
     answer(
         "the new SYN-ACK",
         TcpFlags::SYN_ACK,
@@ -974,20 +980,19 @@ fn node2_answers_a_reopened_flow_from_its_new_frontend() {
         b"",
         LB_IP,
     );
-    answer(
-        "new data",
-        TcpFlags::ACK,
-        (isn + 1, 9_000_001),
-        &data,
-        LB_IP,
-    );
-    answer(
-        "more new data",
-        TcpFlags::ACK,
-        (isn + 101, 9_000_001),
-        &data,
-        LB_IP,
-    );
+    let mut seq = isn + 1;
+    for cpu in [first, second] {
+        lab::table::run_on_cpu(cpu);
+        answer("new data", TcpFlags::ACK, (seq, 9_000_001), &data, LB_IP);
+        answer(
+            "more new data",
+            TcpFlags::ACK,
+            (seq + 100, 9_000_001),
+            &data,
+            LB_IP,
+        );
+        seq += 200;
+    }
     assert_eq!(event(&datapath, "drop_dsr_clash"), 0);
 }
 
