@@ -1654,7 +1654,8 @@ pub struct FlowValue<A: CtAddr> {
     pub frontend_addr: A,
     pub frontend_port: u16,
     /// The CPUs whose answer cache may hold a slot of the flow ([`flow_cache::cpus`]), where
-    /// the client's next connection, or the endpoint's answer to another, empties it.
+    /// the endpoint's answer to another connection from the client's port, or a DSR SYN that
+    /// takes the key, empties it.
     pub answer_slot_cpus: u16,
     /// TCP: the sequence number after the furthest segment the backend has sent (0 until one).
     pub backend_seq_next: u32,

@@ -238,7 +238,8 @@ fn record_this_cpu(recorded: &mut u16) {
     }
 }
 
-/// The client's packet ends its flow (a FIN or RST): the flow's slots in XDP's flow cache go,
+/// The flow of `entry` ends for its client's side (the client's FIN or RST, or the key taken
+/// by a new flow): the flow's slots in XDP's flow cache go,
 /// on every CPU whose cache took it ([`lb_common::FlowValue::client_slot_cpus`]), so that the
 /// next connection from the client's port, which may go to another endpoint, is served by the
 /// full path wherever its packets land. Its answers' slots stay: what they give back stays
