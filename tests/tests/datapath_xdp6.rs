@@ -1264,9 +1264,9 @@ fn to_client(client: SocketAddrV6, flags: TcpFlags, seq: u32, payload: &[u8]) ->
     )
 }
 
-/// The IPv6 twin of datapath_table's test of a flow's end on two CPUs: the client's FIN, RST
-/// or next connection empties the flow's slots in XDP's IPv6 flow cache on every CPU, so the
-/// next connection's segments reach its new endpoint from both.
+/// The IPv6 twin of datapath_table's test of a flow's end on two CPUs: the client's FIN or
+/// RST, or its next connection after the pod's RST, empties the flow's slots in XDP's IPv6 flow
+/// cache on every CPU, so the next connection's segments reach its new endpoint from each.
 #[test]
 fn an_ipv6_flows_end_empties_its_flow_cache_slots_on_every_cpu() {
     let lab = Lab::new().expect("lab");
