@@ -1552,7 +1552,9 @@ const _: () = assert!(size_of::<Ct6Key>() == 40);
 pub mod ct_direction {
     /// Client to service, keyed as the client sent it (daddr = frontend address).
     pub const ORIGINAL: u8 = 0;
-    /// Backend to client, keyed as the backend sends it (saddr = backend address).
+    /// Backend to client, keyed as the backend sends it (saddr = backend address): the answer
+    /// half of a flow kept as two entries, or a whole flow kept by its answers' tuple
+    /// ([`super::ct_flags::kept_by_answers`]).
     pub const REPLY: u8 = 1;
     /// A whole flow in one entry ([`Flow4Value`]), keyed by its client: saddr and sport are the
     /// client's address and port, daddr and dport are 0. Both directions compute the key: the
@@ -1759,6 +1761,18 @@ pub mod ct_flags {
     /// [`super::ct_direction::FLOW`]), not an ORIGINAL one: set on FLOW entries and on the
     /// REPLY entries of SNAT flows kept that way.
     pub const CLIENT_IN_FLOW: u8 = 1 << 7;
+
+    /// Whether an entry under a REPLY key (keyed as its answers: endpoint to client) is a whole
+    /// flow ([`crate::FlowValue`]) instead of the answer half of a flow kept as two entries: a
+    /// flow that came by direct server return to an endpoint on this node while another live
+    /// flow, to another endpoint, held its client's key (one client address and port to two
+    /// frontends, as a NAT in front of clients that reuses a port for many destinations makes
+    /// them). REPLY entries of flows kept as two never carry [`CLIENT_IN_FLOW`] without
+    /// [`SNAT`].
+    #[inline(always)]
+    pub const fn kept_by_answers(flags: u8) -> bool {
+        flags & (CLIENT_IN_FLOW | SNAT) == CLIENT_IN_FLOW
+    }
 }
 
 /// Where a TCP side is in its sequence space, and which RSTs can be its own: a RST ends a
@@ -2254,6 +2268,10 @@ labelled_indexes! {
     /// same port; a flow through this node is judged past its SYN only). The entry was
     /// marked [`ct_flags::SUPERSEDED`] and closing, and the answer left untranslated.
     CT_FLOW_SUPERSEDED = "ct_flow_superseded",
+    /// Track: a DSR SYN whose client address and port a live flow to another endpoint of this
+    /// node holds was kept by its answers' tuple ([`ct_flags::kept_by_answers`]) instead of
+    /// being refused.
+    DSR_KEPT_BY_ANSWERS = "dsr_kept_by_answers",
 }
 
 /// `aya::Pod` for the map types, so userspace can read and write them.
@@ -2317,6 +2335,24 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+
+    #[test]
+    fn only_a_dsr_flows_whole_entry_under_a_reply_key_reads_as_kept_by_answers() {
+        use ct_flags::*;
+        assert!(kept_by_answers(CLIENT_IN_FLOW | DIRECT_RETURN));
+        // What the REPLY entries of flows kept as two carry: a SNAT flow's (with its FLOW
+        // entry or not, FINs and RST noted), a remapped local flow's.
+        for flags in [
+            SNAT | CLIENT_IN_FLOW,
+            SNAT | CLIENT_IN_FLOW | CLIENT_FIN | BACKEND_FIN | RESET,
+            SNAT,
+            PORT_REMAP,
+            PORT_REMAP | CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST,
+            0,
+        ] {
+            assert!(!kept_by_answers(flags), "{flags:#010b}");
+        }
+    }
 
     #[test]
     fn maglev_table_sizes_are_primes_of_about_100_slots_per_backend_kept_within_a_band() {

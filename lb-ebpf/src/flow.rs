@@ -1109,45 +1109,44 @@ fn new_flow_in_one_entry<F: Family>(
 /// learnt: how far each side has sent, the furthest of the client's SYNs, so that a SYN sent
 /// again without the data of a TCP Fast Open one leaves the endpoint's acknowledgment of that
 /// data inside what the client sent), by a flow that has closed (the client sends a SYN from
-/// the port again: a new connection, as [`reopens`] takes it) or by a flow past its timeout;
-/// held by another live flow, the SYN is refused (`drop_dsr_clash`): one key cannot name two
-/// flows.
+/// the port again: a new connection, as [`reopens`] takes it) or by a flow past its timeout.
+///
+/// Held by another live flow to another endpoint (one client address and port to two
+/// frontends: a NAT in front of the clients that reuses a port for many destinations), the
+/// flow is kept whole under its answers' tuple instead ([`ct_flags::kept_by_answers`]), which
+/// tc egress looks up when the client's FLOW entry names another endpoint. The endpoint tells
+/// connections apart by that tuple alone, so a live flow that holds it through another
+/// frontend, or a flow to the same endpoint that holds the client's key, refuses the SYN
+/// (`drop_dsr_clash`): the endpoint would take both connections for one.
 #[inline(always)]
 pub fn accept_direct_return(
     tuple: &Tuple<V4>,
-    (frontend_addr, frontend_port): (u32, u16),
+    frontend: (u32, u16),
     admission: &AdmissionValue,
     now: u64,
 ) -> Result<(), Event> {
-    let key = flow_key(tuple.saddr, tuple.sport, tuple.proto);
-    let mut learnt = (tcp_state::SYN_SENT, tuple.seq_end, 0);
-    if let Some(held) = V4::conntrack().get_ptr_mut(&key) {
-        // SAFETY: valid for this run (RCU); see live_flow_of for races.
-        let held = unsafe { &mut *held };
-        let flow = FlowValue::of(held);
-        let this_flow = flow.flags & ct_flags::DIRECT_RETURN != 0
-            && flow.frontend_addr == frontend_addr
-            && flow.frontend_port == frontend_port
-            && flow.backend_addr == tuple.daddr
-            && flow.backend_port == tuple.dport;
-        let over = reopens(held, tuple) || past_timeout(held, tuple.proto, now);
-        if this_flow && !over && tcp_seq::repeats_syn(flow.seq_next, tuple.seq_end) {
-            let seq_next = if tcp_seq::after(flow.seq_next, tuple.seq_end) {
-                flow.seq_next
-            } else {
-                tuple.seq_end
-            };
-            learnt = (flow.state, seq_next, flow.backend_seq_next);
-        } else if !over && !this_flow {
-            return Err(Event::DROP_DSR_CLASH);
-        }
-        // The entry written below starts with no record of slots: the held flow's go now, on
-        // every CPU (the new flow may get the same endpoint's answers from another frontend;
-        // a local flow's client may send through a frontend again).
-        flow_cache::forget(held, tuple);
-        flow_cache::forget_answers::<V4>(held, (tuple.saddr, tuple.sport));
-    }
-    let (state, seq_next, backend_seq_next) = learnt;
+    let answers_key = backend_reply_key::<V4>(
+        (tuple.daddr, tuple.dport),
+        (tuple.saddr, tuple.sport),
+        tuple.proto,
+    );
+    let fresh = (tcp_state::SYN_SENT, tuple.seq_end, 0);
+    let (key, (state, seq_next, backend_seq_next)) =
+        match direct_key_state(&answers_key, tuple, frontend, now)? {
+            DirectKey::ThisFlow(learnt) => (answers_key, learnt),
+            DirectKey::OtherEndpoint => return Err(Event::DROP_DSR_CLASH),
+            DirectKey::Free => {
+                let client_key = flow_key(tuple.saddr, tuple.sport, tuple.proto);
+                match direct_key_state(&client_key, tuple, frontend, now)? {
+                    DirectKey::ThisFlow(learnt) => (client_key, learnt),
+                    DirectKey::Free => (client_key, fresh),
+                    DirectKey::OtherEndpoint => {
+                        count_event(Event::DSR_KEPT_BY_ANSWERS);
+                        (answers_key, fresh)
+                    }
+                }
+            }
+        };
     let flow = Flow4Value {
         last_seen_ns: now,
         backend_id: admission.backend_id,
@@ -1156,8 +1155,8 @@ pub fn accept_direct_return(
         backend_port: tuple.dport,
         state,
         flags: ct_flags::CLIENT_IN_FLOW | ct_flags::DIRECT_RETURN,
-        frontend_addr,
-        frontend_port,
+        frontend_addr: frontend.0,
+        frontend_port: frontend.1,
         seq_next,
         backend_seq_next,
         ..Default::default()
@@ -1167,6 +1166,69 @@ pub fn accept_direct_return(
         .map_err(|_| Event::DROP_CT_FULL)?;
     count_service(admission.service_id, 0, 0, 1);
     Ok(())
+}
+
+/// What a DSR SYN finds under one of the keys its flow can be kept by ([`accept_direct_return`]).
+enum DirectKey {
+    /// Nobody alive: the key is the flow's to take afresh.
+    Free,
+    /// This flow's own live entry (its SYN sent again): the state, how far the client has
+    /// sent (the furthest of its SYNs) and how far the endpoint has.
+    ThisFlow((u8, u32, u32)),
+    /// A live flow to another endpoint: the connections' answers differ by their source.
+    OtherEndpoint,
+}
+
+/// Who holds `key` for the DSR SYN `tuple` to `frontend` (a clash refuses the SYN). An entry
+/// given up (closed, past its timeout, or the flow's own) has its slots in the flow caches
+/// emptied on every CPU that holds one: the flow written next may get the same endpoint's
+/// answers from another frontend.
+#[inline(always)]
+fn direct_key_state(
+    key: &CtKey<u32>,
+    tuple: &Tuple<V4>,
+    (frontend_addr, frontend_port): (u32, u16),
+    now: u64,
+) -> Result<DirectKey, Event> {
+    let Some(held) = V4::conntrack().get_ptr_mut(key) else {
+        return Ok(DirectKey::Free);
+    };
+    // SAFETY: valid for this run (RCU); see live_flow_of for races.
+    let held = unsafe { &mut *held };
+    if key.direction == ct_direction::REPLY && !ct_flags::kept_by_answers(held.flags) {
+        // The answer half of a flow kept as two entries whose reply tuple this is (a client
+        // port remapped to this one): its answers would be taken for this flow's.
+        return match port_state(held, tuple.proto, now) {
+            Holder::Gone => Ok(DirectKey::Free),
+            _ => Err(Event::DROP_DSR_CLASH),
+        };
+    }
+    let flow = FlowValue::of(held);
+    let same_endpoint = flow.backend_addr == tuple.daddr && flow.backend_port == tuple.dport;
+    let this_flow = flow.flags & ct_flags::DIRECT_RETURN != 0
+        && same_endpoint
+        && flow.frontend_addr == frontend_addr
+        && flow.frontend_port == frontend_port;
+    let over = reopens(held, tuple) || past_timeout(held, tuple.proto, now);
+    let state = if this_flow && !over && tcp_seq::repeats_syn(flow.seq_next, tuple.seq_end) {
+        let seq_next = if tcp_seq::after(flow.seq_next, tuple.seq_end) {
+            flow.seq_next
+        } else {
+            tuple.seq_end
+        };
+        DirectKey::ThisFlow((flow.state, seq_next, flow.backend_seq_next))
+    } else if !over && !this_flow {
+        return if same_endpoint {
+            Err(Event::DROP_DSR_CLASH)
+        } else {
+            Ok(DirectKey::OtherEndpoint)
+        };
+    } else {
+        DirectKey::Free
+    };
+    flow_cache::forget(held, tuple);
+    flow_cache::forget_answers::<V4>(held, (tuple.saddr, tuple.sport));
+    Ok(state)
 }
 
 /// Whether an entry's flow is over (idle past its timeout): its key is free.
@@ -1500,10 +1562,11 @@ pub enum Answer<F: Family = V4> {
 }
 
 /// The flow of an answer from a local endpoint: the FLOW entry of its destination (the client)
-/// when that flow's backend sent it, else a REPLY entry keyed as the answer. A SYN-ACK that
-/// answers another connection than the entry's ([`answers_another_connection`]; `acknowledged`
-/// reads its acknowledgment number) ends the entry's flow ([`supersede`]) and is no flow's,
-/// as is every answer after it.
+/// when that flow's backend sent it, else the entry keyed as the answer: a REPLY entry, or a
+/// flow that came by direct server return kept whole by its answers' tuple
+/// ([`ct_flags::kept_by_answers`]). A SYN-ACK that answers another connection than a whole
+/// flow's ([`answers_another_connection`]; `acknowledged` reads its acknowledgment number)
+/// ends that flow ([`supersede`]) and is no flow's, as is every answer after it.
 #[inline(always)]
 pub fn answer_of<F: Family>(
     tuple: &Tuple<F>,
@@ -1516,21 +1579,37 @@ pub fn answer_of<F: Family>(
             && F::same(&flow.backend_addr, &tuple.saddr)
             && flow.backend_port == tuple.sport
         {
-            if flow.flags & ct_flags::SUPERSEDED != 0 {
-                return None;
-            }
-            if answers_another_connection(flow, tuple, acknowledged) {
-                // SAFETY: as above; a racing writer can only lose this update, and the next
-                // SYN-ACK of the connection makes it again.
-                supersede(unsafe { &mut *entry }, tuple);
-                return None;
-            }
-            return Some(Answer::Whole(entry));
+            return whole_flows_answer(entry, tuple, acknowledged);
         }
     }
-    F::conntrack()
-        .get_ptr_mut(&reply_key(tuple))
-        .map(Answer::Reply)
+    let entry = F::conntrack().get_ptr_mut(&reply_key(tuple))?;
+    // SAFETY: as above.
+    if ct_flags::kept_by_answers(unsafe { &*entry }.flags) {
+        return whole_flows_answer(entry, tuple, acknowledged);
+    }
+    Some(Answer::Reply(entry))
+}
+
+/// An answer of the flow kept whole in `entry`, unless that flow is over for its answers
+/// (superseded, or superseded by this SYN-ACK).
+#[inline(always)]
+fn whole_flows_answer<F: Family>(
+    entry: *mut CtValue<F::Addr>,
+    tuple: &Tuple<F>,
+    acknowledged: impl FnOnce() -> Option<u32>,
+) -> Option<Answer<F>> {
+    // SAFETY: read here, valid for this run (RCU).
+    let flow = FlowValue::of(unsafe { &*entry });
+    if flow.flags & ct_flags::SUPERSEDED != 0 {
+        return None;
+    }
+    if answers_another_connection(flow, tuple, acknowledged) {
+        // SAFETY: as above; a racing writer can only lose this update, and the next SYN-ACK of
+        // the connection makes it again.
+        supersede(unsafe { &mut *entry }, tuple);
+        return None;
+    }
+    Some(Answer::Whole(entry))
 }
 
 /// Whether an endpoint's SYN-ACK to a client whose flow is kept whole in `flow` answers another

@@ -1038,3 +1038,190 @@ fn node2_starts_a_new_connection_afresh_on_a_reset_flows_entry() {
     assert_eq!(event(&datapath, "drop_dsr_clash"), 0);
     assert_eq!(event(&datapath, "ct_flow_superseded"), 0);
 }
+
+/// The entry node2 keeps for `client`'s flow to `endpoint` under its answers' tuple (a
+/// [`ct_flags::kept_by_answers`] entry).
+fn kept_by_answers(
+    datapath: &Datapath,
+    endpoint: SocketAddrV4,
+    client: SocketAddrV4,
+) -> Option<Flow4Value> {
+    datapath
+        .conntrack()
+        .expect("conntrack")
+        .into_iter()
+        .find(|(key, value)| {
+            key.direction == ct_direction::REPLY
+                && (key.saddr, key.sport) == (u32::from(*endpoint.ip()), endpoint.port())
+                && (key.daddr, key.dport) == (u32::from(*client.ip()), client.port())
+                && ct_flags::kept_by_answers(value.flags)
+        })
+        .map(|(_, value)| *Flow4Value::of(&value))
+}
+
+/// One client address and port to two Services' frontends at once (a NAT in front of the
+/// clients reusing a port for many destinations), both endpoints on node2: the second flow
+/// finds the client's key held by the first and is kept by its answers' tuple, and each
+/// endpoint's answers leave from their own flow's frontend. The endpoint tells connections
+/// apart by that tuple alone: a flow to the same endpoint through another frontend is still
+/// refused. The second flow outlives its timeouts while its endpoint answers (node2 sees
+/// nothing else of it) and ends by them when idle; its entry gives way to a connection the
+/// client makes straight to the pod, as a FLOW entry does.
+#[test]
+fn node2_keeps_a_flow_to_another_endpoint_on_a_held_client_key_by_its_answers() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr2beside").expect("pin dir");
+    let mut datapath = node2(&pins);
+    let established = Duration::from_secs(2);
+    with_timeouts(&mut datapath, Duration::from_millis(600), established);
+    let other_frontend = SocketAddrV4::new(NODE1, 30090);
+    let other_on_node2 = SocketAddrV4::new(NODE2, 30090);
+    let tc = |name, frame, output| through_tc(&datapath, name, frame, output);
+    let answer = |name, (from, frontend): (SocketAddrV4, SocketAddrV4), flags, seq_ack| {
+        tc(
+            name,
+            packet::tcp_acking(from, CLIENT, flags, seq_ack, b""),
+            Expect::Bytes(packet::tcp_acking(frontend, CLIENT, flags, seq_ack, b"")),
+        );
+    };
+    let syn_to = |endpoint, seq| packet::tcp_at(CLIENT, endpoint, TcpFlags::SYN, seq, b"");
+    let accepted = |name: &str, frame: &[u8], frontend| {
+        let run = xdp(&datapath, &with_option(frame, frontend));
+        assert_eq!((name, run.verdict), (name, XDP_PASS));
+        assert_eq!(run.packet, frame, "{name}: the option taken out");
+    };
+
+    accepted("the first flow's SYN", &syn_to(POD, 1000), FRONTEND);
+    accepted(
+        "the second flow's, another Service's",
+        &syn_to(OTHER_POD, 7000),
+        other_frontend,
+    );
+    accepted(
+        "the second flow's sent again",
+        &syn_to(OTHER_POD, 7000),
+        other_frontend,
+    );
+    assert_eq!(event(&datapath, "dsr_accepted"), 3);
+    assert_eq!(event(&datapath, "dsr_kept_by_answers"), 1);
+    assert_eq!(event(&datapath, "drop_dsr_clash"), 0);
+    let first = flow_of(&datapath, CLIENT).expect("the client's FLOW entry");
+    assert_eq!(
+        (first.backend_addr, first.backend_port),
+        (u32::from(*POD.ip()), POD.port())
+    );
+    let second = kept_by_answers(&datapath, OTHER_POD, CLIENT).expect("the second flow's entry");
+    assert_eq!(
+        (
+            second.frontend_addr,
+            second.frontend_port,
+            second.service_id,
+            second.backend_id
+        ),
+        (u32::from(NODE1), 30090, 2, 2)
+    );
+    assert_eq!(second.seq_next, 7001);
+
+    let pod = (POD, FRONTEND);
+    let other = (OTHER_POD, other_frontend);
+    answer("the first SYN-ACK", pod, TcpFlags::SYN_ACK, (500_000, 1001));
+    answer(
+        "the second SYN-ACK",
+        other,
+        TcpFlags::SYN_ACK,
+        (800_000, 7001),
+    );
+    answer("the first pod's data", pod, TcpFlags::ACK, (500_001, 1001));
+    answer(
+        "the other pod's data",
+        other,
+        TcpFlags::ACK,
+        (800_001, 7001),
+    );
+    assert_eq!(
+        kept_by_answers(&datapath, OTHER_POD, CLIENT)
+            .expect("entry")
+            .state,
+        lb_common::tcp_state::ESTABLISHED,
+        "the other pod's answers moved its flow on"
+    );
+
+    // The same endpoint through another frontend: the pod would see one connection.
+    for (name, frame, frontend) in [
+        (
+            "the first pod through the LoadBalancer IP",
+            syn_to(POD, 9000),
+            LB_IP,
+        ),
+        (
+            "the other pod through node2's NodePort",
+            syn_to(OTHER_POD, 9000),
+            other_on_node2,
+        ),
+    ] {
+        assert_eq!(
+            (name, xdp(&datapath, &with_option(&frame, frontend)).verdict),
+            (name, XDP_DROP)
+        );
+    }
+    assert_eq!(event(&datapath, "drop_dsr_clash"), 2);
+
+    // Both pods answer every 400 ms for twice the established timeout: both flows live on.
+    let started = std::time::Instant::now();
+    let mut seq = 500_002;
+    while started.elapsed() < established * 2 {
+        std::thread::sleep(Duration::from_millis(400));
+        answer("the first pod", pod, TcpFlags::ACK, (seq, 1001));
+        answer("the other pod", other, TcpFlags::ACK, (seq + 300_000, 7001));
+        seq += 1;
+    }
+    let through_node2 = with_option(&syn_to(OTHER_POD, 9000), other_on_node2);
+    assert_eq!(
+        xdp(&datapath, &through_node2).verdict,
+        XDP_DROP,
+        "the second flow lives on by its answers"
+    );
+
+    // The other pod falls silent, the first goes on: past the established timeout the second
+    // flow is over, and the client's key is still held.
+    let silent = std::time::Instant::now();
+    while silent.elapsed() < established + Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(400));
+        answer("the first pod", pod, TcpFlags::ACK, (seq, 1001));
+        seq += 1;
+    }
+    assert_eq!(
+        xdp(&datapath, &through_node2).verdict,
+        XDP_PASS,
+        "the idle flow's tuple is free"
+    );
+    assert_eq!(event(&datapath, "dsr_kept_by_answers"), 2);
+    let again = kept_by_answers(&datapath, OTHER_POD, CLIENT).expect("the new flow's entry");
+    assert_eq!(
+        (again.frontend_addr, again.frontend_port, again.state),
+        (u32::from(NODE2), 30090, lb_common::tcp_state::SYN_SENT)
+    );
+
+    // A connection from the port straight to the other pod (its SYN at 4 000 000): its
+    // SYN-ACK leaves as the pod sent it and ends the kept flow; the first flow is untouched.
+    tc(
+        "a straight connection's SYN-ACK",
+        packet::tcp_acking(
+            OTHER_POD,
+            CLIENT,
+            TcpFlags::SYN_ACK,
+            (600_000, 4_000_001),
+            b"",
+        ),
+        Expect::Unchanged,
+    );
+    assert_eq!(event(&datapath, "ct_flow_superseded"), 1);
+    let superseded = kept_by_answers(&datapath, OTHER_POD, CLIENT).expect("entry");
+    assert_ne!(superseded.flags & ct_flags::SUPERSEDED, 0);
+    tc(
+        "its data, untranslated",
+        packet::tcp_acking(OTHER_POD, CLIENT, TcpFlags::ACK, (600_001, 4_000_001), b""),
+        Expect::Unchanged,
+    );
+    answer("the first pod", pod, TcpFlags::ACK, (seq, 1001));
+}

@@ -566,17 +566,26 @@ fn select_flows<A: ShownAddr>(
     }
 }
 
-/// A FLOW entry's key with the frontend it holds as its destination, as an ORIGINAL entry's
-/// key has it; any other key as it is.
+/// The key of a whole flow's entry (a FLOW entry, or a flow kept by its answers' tuple,
+/// [`ct_flags::kept_by_answers`]) as its client sends, to the frontend it holds, as an ORIGINAL
+/// entry's key has it; any other key as it is.
 fn as_client_side<A: CtAddr>(key: &CtKey<A>, value: &CtValue<A>) -> CtKey<A> {
-    if key.direction != ct_direction::FLOW {
-        return *key;
-    }
     let flow = FlowValue::of(value);
-    CtKey {
-        daddr: flow.frontend_addr,
-        dport: flow.frontend_port,
-        ..*key
+    match key.direction {
+        ct_direction::FLOW => CtKey {
+            daddr: flow.frontend_addr,
+            dport: flow.frontend_port,
+            ..*key
+        },
+        ct_direction::REPLY if ct_flags::kept_by_answers(value.flags) => CtKey {
+            saddr: key.daddr,
+            sport: key.dport,
+            daddr: flow.frontend_addr,
+            dport: flow.frontend_port,
+            direction: ct_direction::FLOW,
+            ..*key
+        },
+        _ => *key,
     }
 }
 
@@ -748,6 +757,47 @@ mod tests {
             };
             assert!(filter.matches(&key, &value), "{address}:{port}");
         }
+    }
+
+    #[test]
+    fn a_dsr_flow_kept_by_its_answers_tuple_is_one_row_as_its_client_sends() {
+        let client = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 10), 40000);
+        let frontend = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 1), 30090);
+        let endpoint = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 11), 8080);
+        let key = Ct4Key {
+            saddr: u32::from(*endpoint.ip()),
+            daddr: u32::from(*client.ip()),
+            sport: endpoint.port(),
+            dport: client.port(),
+            proto: proto::TCP,
+            direction: ct_direction::REPLY,
+            _pad: [0; 2],
+        };
+        let value = Flow4Value {
+            last_seen_ns: SECOND,
+            backend_addr: u32::from(*endpoint.ip()),
+            backend_port: endpoint.port(),
+            frontend_addr: u32::from(*frontend.ip()),
+            frontend_port: frontend.port(),
+            state: tcp_state::SYN_SENT,
+            flags: ct_flags::CLIENT_IN_FLOW | ct_flags::DIRECT_RETURN,
+            ..Default::default()
+        }
+        .into_entry();
+        let row = describe_flow(&as_client_side(&key, &value), &value, 2 * SECOND, false);
+        assert_eq!(row.direction, "flow");
+        assert_eq!(row.source, client.to_string());
+        assert_eq!(row.destination, frontend.to_string());
+        assert_eq!(row.nat, endpoint.to_string());
+        assert!(row.direct_return);
+        // A SNAT flow's REPLY entry stays a reply row, keyed as the backend sends.
+        let snat = Ct4Value {
+            flags: ct_flags::SNAT | ct_flags::CLIENT_IN_FLOW,
+            ..value
+        };
+        let row = describe_flow(&as_client_side(&key, &snat), &snat, 2 * SECOND, false);
+        assert_eq!(row.direction, "reply");
+        assert_eq!(row.source, endpoint.to_string());
     }
 
     #[test]
