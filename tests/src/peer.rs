@@ -136,8 +136,21 @@ pub fn request_from_port(
     to: std::net::SocketAddrV4,
     timeout: Duration,
 ) -> anyhow::Result<String> {
+    let mut stream = connect_from_port(host, from_port, to, timeout)?;
+    request_on(&mut stream)
+}
+
+/// A TCP connection from `from_port` of `host`'s IPv4 address to `to`, bound with
+/// `SO_REUSEADDR`: another such connection from the same port to another destination can be
+/// open at the same time, as a NAT that reuses a port for many destinations makes them. Reads
+/// time out after `timeout`, as does the connect.
+pub fn connect_from_port(
+    host: &Host,
+    from_port: u16,
+    to: std::net::SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<std::net::TcpStream> {
     use socket2::{Domain, Socket, Type};
-    use std::io::{BufRead as _, Write as _};
     let _inside = host.enter()?;
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).context("socket")?;
     socket.set_reuse_address(true).context("SO_REUSEADDR")?;
@@ -148,13 +161,21 @@ pub fn request_from_port(
     socket
         .connect_timeout(&to.into(), timeout)
         .with_context(|| format!("connect from port {from_port} to {to}"))?;
-    let mut stream = std::net::TcpStream::from(socket);
+    let stream = std::net::TcpStream::from(socket);
     stream.set_read_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// One request on an open connection to a `lab-peer` server: the reply line.
+pub fn request_on(stream: &mut std::net::TcpStream) -> anyhow::Result<String> {
+    use std::io::{BufRead as _, Write as _};
     stream.write_all(b"request\n")?;
     let mut reply = String::new();
-    std::io::BufReader::new(&stream)
+    // A reader of its own for each request: the server sends one line per request and nothing
+    // before the next, so no byte past the line is buffered and lost with the reader.
+    std::io::BufReader::new(&*stream)
         .read_line(&mut reply)
-        .with_context(|| format!("the reply from {to}"))?;
+        .with_context(|| format!("the reply from {:?}", stream.peer_addr()))?;
     Ok(reply)
 }
 

@@ -26,11 +26,28 @@ fn web_service() -> String {
     )
 }
 
+/// A NodePort Service `api` whose endpoint is node2's second pod.
+fn api_service() -> [String; 2] {
+    [
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  ports:\n  - {{name: http, port: 80, targetPort: {POD_PORT}, nodePort: {API_NODE_PORT}}}\n"
+        ),
+        endpoint_slice("api", &[(pod_addr(2, 1), "node2")]),
+    ]
+}
+
+const API_NODE_PORT: u16 = 30090;
+
 /// One pod, on node2, serving; both nodes' agents running with DSR on the Service `web`, whose
 /// manifests (the Nodes' too) are there before they start.
 fn dsr_lab() -> AgentLab {
+    dsr_lab_with(1, &[])
+}
+
+/// As [`dsr_lab`], with `pods_on_node2` pods there and `more` manifests.
+fn dsr_lab_with(pods_on_node2: u8, more: &[String]) -> AgentLab {
     let mut setup = AgentLab::with_spec(&ClusterSpec {
-        pods_per_node: vec![0, 1],
+        pods_per_node: vec![0, pods_on_node2],
         ..Default::default()
     })
     .expect("lab");
@@ -39,12 +56,13 @@ fn dsr_lab() -> AgentLab {
         .client
         .route(&[&format!("{LB_IP}/32"), "via", &node_addr(1).to_string()])
         .expect("route to the LoadBalancer IP");
-    let objects = [
+    let mut objects = vec![
         node_manifest(1, false),
         node_manifest(2, false),
         web_service(),
         endpoint_slice("web", &[(pod_addr(2, 0), "node2")]),
     ];
+    objects.extend_from_slice(more);
     std::fs::write(
         setup.manifests().join("cluster.yaml"),
         objects.join("---\n"),
@@ -297,4 +315,49 @@ fn connect_with_option(to: SocketAddrV4, frontend: SocketAddrV4) -> std::io::Res
         ))?;
     }
     Ok(())
+}
+
+/// A client behind a NAT that reuses one port for many destinations, whose load balancer
+/// spreads it over the nodes: two connections from one address and port at once, one through
+/// node2's own NodePort of `api` (its endpoint local there), then one through node1's NodePort
+/// of `web`, whose endpoint is on node2 too, by DSR. node2 finds the client's key held by the
+/// first and keeps the second by its answers' tuple; both carry requests, each answered by its
+/// own pod from its own NodePort.
+#[test]
+fn a_dsr_connection_from_a_client_port_a_local_flow_holds_on_its_endpoints_node_is_made() {
+    let setup = dsr_lab_with(2, &api_service());
+    let client = &setup.cluster.client;
+    let api = SocketAddrV4::new(node_addr(2), API_NODE_PORT);
+    let web = SocketAddrV4::new(node_addr(1), NODE_PORT);
+    for to in [api, web] {
+        ClientRun::tcp(&to.to_string(), 1)
+            .run_until(client, SYNC_TIMEOUT, |report| report.ok == 1)
+            .unwrap_or_else(|error| panic!("{to} answers: {error:#}"));
+    }
+    let from_port = 41_090;
+    let timeout = Duration::from_secs(3);
+    let connect = |to| {
+        lab::peer::connect_from_port(client, from_port, to, timeout)
+            .unwrap_or_else(|error| panic!("to {to}: {error:#}"))
+    };
+    let served_by = |stream: &mut std::net::TcpStream, to| {
+        let reply = lab::peer::request_on(stream)
+            .unwrap_or_else(|error| panic!("a request to {to}: {error:#}"));
+        let (server, _, seen_as) = lab::peer::parse_reply(&reply).expect("a reply line");
+        assert_eq!(seen_as, format!("{CLIENT_ADDR}:{from_port}"), "to {to}");
+        server.to_owned()
+    };
+    let mut to_api = connect(api);
+    assert_eq!(served_by(&mut to_api, api), "n2p1");
+    let mut to_web = connect(web);
+    for round in 0..3 {
+        assert_eq!(served_by(&mut to_web, web), "n2p0", "round {round}");
+        assert_eq!(served_by(&mut to_api, api), "n2p1", "round {round}");
+    }
+    let node2 = setup.node2_events().expect("node2's events");
+    assert_eq!(
+        (node2["dsr_kept_by_answers"], node2["drop_dsr_clash"]),
+        (1, 0),
+        "{node2:?}"
+    );
 }
