@@ -1505,6 +1505,11 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 0;
     /// The endpoint is terminating: existing flows keep it, new ones avoid it.
     pub const TERMINATING: u8 = 1 << 1;
+    /// The endpoint's node takes DSR options: its agent has marked its Node (the
+    /// `lb.io/dsr-boot-id` annotation, equal to the Node's current boot ID), so its XDP
+    /// program is attached since the node last booted. Only a flow to such an endpoint goes by
+    /// direct server return; one to an endpoint on an unmarked node goes by SNAT.
+    pub const TAKES_DIRECT_RETURN: u8 = 1 << 2;
 }
 
 /// An address as the connection-tracking maps hold it: IPv4 as a number (`u32::from(Ipv4Addr)`,
@@ -2272,6 +2277,10 @@ labelled_indexes! {
     /// node holds was kept by its answers' tuple ([`ct_flags::kept_by_answers`]) instead of
     /// being refused.
     DSR_KEPT_BY_ANSWERS = "dsr_kept_by_answers",
+    /// Track: a new flow of a Service with direct server return went by SNAT because its
+    /// endpoint's node has not marked itself as taking DSR options
+    /// ([`backend_flags::TAKES_DIRECT_RETURN`]).
+    DSR_NODE_UNMARKED = "dsr_node_unmarked",
 }
 
 /// `aya::Pod` for the map types, so userspace can read and write them.

@@ -949,7 +949,10 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     if remote && !may_forward {
         return Err(Event::PASS_TTL_EXCEEDED);
     }
-    let direct_return = direct_return && remote && goes_direct::<F>(service.flags, tuple.proto);
+    let direct_return = direct_return
+        && remote
+        && goes_direct::<F>(service.flags, tuple.proto)
+        && endpoints_node_takes_options(&backend);
     let mut local = MaybeUninit::uninit();
     let original = value_slot::<F>(scratch::ORIGINAL, &mut local).ok_or(Event::DROP_CT_FULL)?;
     // SAFETY: a slot of this CPU's (or this function's) own, valid for a CtValue.
@@ -1036,6 +1039,17 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     }
     count_service(service.service_id, 0, 0, 1);
     Ok(tracked(original, tuple))
+}
+
+/// Whether the node of a remote endpoint takes DSR options
+/// ([`backend_flags::TAKES_DIRECT_RETURN`]); a flow to one that does not goes by SNAT, counted.
+#[inline(always)]
+fn endpoints_node_takes_options<A>(backend: &BackendValue<A>) -> bool {
+    let marked = backend.flags & backend_flags::TAKES_DIRECT_RETURN != 0;
+    if !marked {
+        count_event(Event::DSR_NODE_UNMARKED);
+    }
+    marked
 }
 
 /// A new flow kept in its client's FLOW entry (with a SNAT flow's REPLY entry, which claims its

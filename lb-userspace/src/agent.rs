@@ -146,6 +146,8 @@ impl AgentConfig {
             node_port_range: self.node_port_range.clone(),
             default_maglev: self.default_maglev,
             direct_return: self.direct_return,
+            // From the Nodes' marks, at every compile.
+            direct_return_nodes: BTreeSet::new(),
             // From the Node, at every compile.
             zone: None,
         }
@@ -230,7 +232,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
 
     let (updates, snapshots) = watch::channel(Snapshot::default());
-    let (source, events) = match &config.source {
+    let (source, events, mark) = match &config.source {
         SourceConfig::Files { paths, max_bytes } => {
             let files =
                 FileSource::new(paths.clone(), config.node_name.clone()).with_max_bytes(*max_bytes);
@@ -239,17 +241,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 agent_metrics.manifest_errors.inc();
                 warn!(%error, "{}", error.kept.describe());
             });
-            (tokio::spawn(task), None)
+            (tokio::spawn(task), None, None)
         }
         SourceConfig::Kube { master, kubeconfig } => {
             let client = kube_source::client(master.as_deref(), kubeconfig.as_deref()).await?;
             let events = kube_source::EventRecorder::new(client.clone(), "lb", &config.node_name)
                 .with_failure_counter(metrics.agent().event_publish_failures.clone());
+            let mark = direct_return_mark(&config, &client);
             let task = kube_source::KubeSource::new(client, config.node_name.clone()).run(updates);
-            (tokio::spawn(task), Some(Arc::new(events)))
+            (tokio::spawn(task), Some(Arc::new(events)), mark)
         }
     };
-    let result = sync_until_stopped(&config, &mut datapath, snapshots, events, observers).await;
+    let result =
+        sync_until_stopped(&config, &mut datapath, snapshots, events, mark, observers).await;
     source.abort();
     for server in servers {
         server.abort();
@@ -257,11 +261,39 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     result
 }
 
+/// This node's DSR mark, when its NICs have lb's XDP program, which takes DSR options (every
+/// node's does, whatever its `--nodeport-mode`): without one, or without the boot ID to mark
+/// it with, other nodes send its endpoints' flows by SNAT.
+fn direct_return_mark(
+    config: &AgentConfig,
+    client: &kube::Client,
+) -> Option<kube_source::DirectReturnMark> {
+    if config.interfaces.is_empty() {
+        return None;
+    }
+    match std::fs::read_to_string(BOOT_ID) {
+        Ok(boot_id) => Some(kube_source::DirectReturnMark::new(
+            client.clone(),
+            &config.node_name,
+            boot_id.trim(),
+        )),
+        Err(error) => {
+            warn!(%error, path = BOOT_ID, "no boot ID: this node is not marked as taking DSR options");
+            None
+        }
+    }
+}
+
+/// The kernel's ID of this boot, which the kubelet reports as the Node's `status.nodeInfo.bootID`
+/// (Documentation/admin-guide/sysctl/kernel.rst, `random`).
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
 async fn sync_until_stopped(
     config: &AgentConfig,
     datapath: &mut Datapath,
     mut snapshots: watch::Receiver<Snapshot>,
     events: Option<Arc<kube_source::EventRecorder>>,
+    mut mark: Option<kube_source::DirectReturnMark>,
     mut observers: Observers,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -306,6 +338,7 @@ async fn sync_until_stopped(
             () = sleep_until(orphans.next_due()) => Woken::Sync,
             _ = abandoned_monitors.tick() => Woken::MonitorCheck,
             () = sleep_until(index_refill_due) => Woken::IndexRefill,
+            () = sleep_until(mark.as_ref().and_then(|mark| mark.due())) => Woken::Mark,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         };
@@ -313,6 +346,12 @@ async fn sync_until_stopped(
             Woken::Sync => {}
             Woken::MonitorCheck => {
                 release_abandoned_monitor(datapath.pin_dir());
+                continue;
+            }
+            Woken::Mark => {
+                if let Some(mark) = &mut mark {
+                    mark.ensure(snapshots.borrow().node.as_ref());
+                }
                 continue;
             }
             Woken::IndexRefill => {
@@ -487,6 +526,10 @@ async fn sync_until_stopped(
             elapsed_us = started.elapsed().as_micros(),
             "synced"
         );
+        // After the sync: the admissions of DSR options are written for what it installed.
+        if let Some(mark) = &mut mark {
+            mark.ensure(snapshots.borrow().node.as_ref());
+        }
     }
     info!("stopping; the datapath stays attached and keeps its state");
     Ok(())
@@ -494,6 +537,8 @@ async fn sync_until_stopped(
 
 /// What woke the loop.
 enum Woken {
+    /// This node's DSR mark is due for another look.
+    Mark,
     /// The source published, or an orphan slice is due: sync.
     Sync,
     /// The node's routes changed (or their notifications stopped).

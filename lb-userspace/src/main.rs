@@ -242,9 +242,10 @@ struct RunArgs {
     /// How a new TCP flow from outside to a NodePort, externalIP or LoadBalancer IP reaches an
     /// endpoint on another node: `snat` (kube-proxy's way: the answers come back through this
     /// node) or `dsr` (direct server return, IPv4: the endpoint's node answers the client
-    /// itself, and the pod sees the client's address). Every node must run an agent that
-    /// takes DSR options (this release, in either mode) before any node uses `dsr`. UDP, SCTP
-    /// and IPv6 stay SNATed.
+    /// itself, and the pod sees the client's address), to endpoints on Nodes whose agent has
+    /// marked them as taking DSR options in their current boot (annotation lb.io/dsr-boot-id,
+    /// which every agent of this release with XDP attached writes, in either mode); flows to
+    /// the others, UDP, SCTP and IPv6 stay SNATed.
     #[arg(long, env = "LB_NODEPORT_MODE", value_enum, default_value_t = NodePortMode::Snat)]
     nodeport_mode: NodePortMode,
     /// Log as JSON lines.

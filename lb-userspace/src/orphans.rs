@@ -184,7 +184,7 @@ mod tests {
             services: services.iter().map(|name| service(name)).collect(),
             endpoint_slices: slices.iter().map(|(name, svc)| slice(name, svc)).collect(),
             node: None,
-            node_addresses: Default::default(),
+            ..Default::default()
         }
     }
 

@@ -35,10 +35,16 @@ fn snapshot(yaml: &str, node_name: &str) -> Snapshot {
         match object {
             Object::Service(service) => snapshot.services.push(service),
             Object::EndpointSlice(slice) => snapshot.endpoint_slices.push(slice),
-            Object::Node(node) if node.metadata.name.as_deref() == Some(node_name) => {
-                snapshot.node = Some(*node)
+            Object::Node(node) => {
+                snapshot
+                    .direct_return_nodes
+                    .extend(lb_userspace::source::direct_return_nodes(std::iter::once(
+                        &*node,
+                    )));
+                if node.metadata.name.as_deref() == Some(node_name) {
+                    snapshot.node = Some(*node)
+                }
             }
-            Object::Node(_) => {}
         }
     }
     snapshot
@@ -82,6 +88,9 @@ fn render(desired: &Desired) -> Vec<String> {
                     }
                     if b.flags & lb_common::backend_flags::TERMINATING != 0 {
                         flags.push('T');
+                    }
+                    if b.flags & lb_common::backend_flags::TAKES_DIRECT_RETURN != 0 {
+                        flags.push('D');
                     }
                     format!(
                         "{}{}{flags}",
@@ -2232,4 +2241,82 @@ fn a_bad_health_check_annotation_is_a_warning_and_checks_nothing() {
         web.iter().any(|line| line.contains("10.244.1.10:8080")),
         "{web:?}"
     );
+}
+
+/// A Node `name` whose lb marked it in boot `mark`, now in boot `boot`.
+fn marked_node(name: &str, mark: &str, boot: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{lb.io/dsr-boot-id: {mark}}}\nstatus:\n  nodeInfo: {{bootID: {boot}, machineID: m, systemUUID: s, kernelVersion: k, osImage: o, containerRuntimeVersion: c, kubeletVersion: v, kubeProxyVersion: v, operatingSystem: linux, architecture: amd64}}\n"
+    )
+}
+
+/// With `--nodeport-mode dsr`, an endpoint is marked for DSR when its Node's lb mark names the
+/// boot the Node is in: not on a Node rebooted since (its pods may have started before lb),
+/// nor one never marked, nor an endpoint without a nodeName; never a local one. A Node
+/// marked again after its reboot moves its endpoints over, incrementally as from nothing.
+/// Without DSR, no endpoint is marked.
+#[test]
+fn endpoints_on_nodes_whose_lb_marked_this_boot_take_dsr() {
+    use lb_userspace::compile::Compiler;
+    let objects = |node3_mark: &str| {
+        NODE1.to_owned()
+            + &marked_node("node2", "boot-2", "boot-2")
+            + &marked_node("node3", node3_mark, "boot-3b")
+            + &service(
+                "web",
+                "  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n",
+            )
+            + &slice(
+                "web-1",
+                "web",
+                &[
+                    ("10.244.1.10", "node1", READY),
+                    ("10.244.2.10", "node2", READY),
+                    ("10.244.3.10", "node3", READY),
+                    ("10.244.4.10", "node4", READY),
+                    ("10.244.9.10", "", READY),
+                ],
+                &[("http", 8080, "TCP")],
+            )
+    };
+    let dsr = NodeContext {
+        direct_return: true,
+        ..node()
+    };
+    let backends = |desired: &Desired| -> String {
+        let line = render(desired)
+            .into_iter()
+            .find(|line| line.starts_with("default/web:http/TCP"))
+            .expect("web");
+        line.split(" be=[")
+            .nth(1)
+            .expect("backends")
+            .split(']')
+            .next()
+            .expect("end")
+            .to_owned()
+    };
+    let rebooted = snapshot(&objects("boot-3a"), "node1");
+    assert_eq!(
+        backends(&compile(&rebooted, &dsr).0),
+        "10.244.1.10:8080 L, 10.244.2.10:8080 D, 10.244.3.10:8080, 10.244.4.10:8080, 10.244.9.10:8080"
+    );
+    assert_eq!(
+        backends(&compile(&rebooted, &node()).0),
+        "10.244.1.10:8080 L, 10.244.2.10:8080, 10.244.3.10:8080, 10.244.4.10:8080, 10.244.9.10:8080",
+        "without DSR nothing is marked"
+    );
+
+    let mut compiler = Compiler::new(dsr.clone());
+    compiler.update(&rebooted);
+    assert_eq!(compiler.desired(), &compile(&rebooted, &dsr).0);
+    let marked_again = snapshot(&objects("boot-3b"), "node1");
+    let update = compiler.update(&marked_again);
+    assert_eq!(compiler.desired(), &compile(&marked_again, &dsr).0);
+    assert_eq!(
+        backends(compiler.desired()),
+        "10.244.1.10:8080 L, 10.244.2.10:8080 D, 10.244.3.10:8080 D, 10.244.4.10:8080, 10.244.9.10:8080"
+    );
+    let changed: Vec<String> = update.changed.iter().map(ToString::to_string).collect();
+    assert_eq!(changed, ["default/web:http/TCP"]);
 }

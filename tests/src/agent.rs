@@ -391,6 +391,21 @@ pub fn node_manifest(number: u8, ipv6: bool) -> String {
     )
 }
 
+/// The boot ID the lab's Node manifests give their nodes ([`dsr_marked_node_manifest`]).
+pub const LAB_BOOT_ID: &str = "lab-boot";
+
+/// As [`node_manifest`], with the DSR mark an agent with lb's XDP on the node's NICs writes
+/// through the API (`lb.io/dsr-boot-id`, naming the boot the Node reports): the file source
+/// cannot be written to, so a lab whose node runs an agent says so in its manifest.
+pub fn dsr_marked_node_manifest(number: u8, ipv6: bool) -> String {
+    node_manifest(number, ipv6).replace(
+        &format!("metadata: {{name: node{number}}}\nstatus:\n"),
+        &format!(
+            "metadata:\n  name: node{number}\n  annotations: {{lb.io/dsr-boot-id: {LAB_BOOT_ID}}}\nstatus:\n  nodeInfo: {{bootID: {LAB_BOOT_ID}, machineID: m, systemUUID: s, kernelVersion: k, osImage: o, containerRuntimeVersion: c, kubeletVersion: v, kubeProxyVersion: v, operatingSystem: linux, architecture: amd64}}\n"
+        ),
+    )
+}
+
 /// A lab-peer server named after its pod on [`POD_PORT`] in every pod of the cluster.
 pub fn serve_in_every_pod(cluster: &Cluster) -> anyhow::Result<Vec<Proc>> {
     cluster

@@ -15,7 +15,8 @@
 //!   replaying every change after `resourceVersion` (or, without one or with `0`, the current
 //!   objects as `ADDED`), then streaming live changes until `timeoutSeconds`;
 //! - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events` and `/api/v1/namespaces/{ns}/events`,
-//!   and `PATCH .../events/{name}` (JSON merge patch): Events, kept for [`FakeApiServer::events`].
+//!   and `PATCH .../events/{name}` (JSON merge patch): Events, kept for [`FakeApiServer::events`];
+//! - `PATCH /api/v1/nodes/{name}` (JSON merge patch): the stored Node changed, as watchers see.
 //!
 //! What it does not do: authentication, validation beyond what the source relies on, set-based
 //! label selectors (`in`, `notin`: answered 400), `sendInitialEvents` streaming lists (answered
@@ -850,11 +851,15 @@ async fn handle(
                 "NotFound",
                 "the server could not find the requested resource",
             )
+        } else if let (&Method::PATCH, Resource::Nodes, Some(name)) =
+            (&method, resource, target.name.as_deref())
+        {
+            patch_node(&state, name, &content_type, &body)
         } else if method != Method::GET || target.name.is_some() {
             failure(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "MethodNotAllowed",
-                "the fake API server only lists and watches this resource",
+                "the fake API server only lists and watches this resource (and patches Nodes)",
             )
         } else if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
             watch(&state, resource, target.namespace, &query)
@@ -1259,6 +1264,47 @@ fn patch_event(
     event["metadata"]["resourceVersion"] = json!(version.to_string());
     let event = event.clone();
     respond(StatusCode::OK, &event)
+}
+
+/// `PATCH /api/v1/nodes/{name}` with a JSON merge patch: the stored Node patched (its identity
+/// kept), its resourceVersion bumped, watchers told `MODIFIED`.
+fn patch_node(state: &Mutex<State>, name: &str, content_type: &str, body: &[u8]) -> Response<Body> {
+    if content_type != "application/merge-patch+json" {
+        return failure(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            &format!("the fake API server only takes JSON merge patches, not {content_type:?}"),
+        );
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+        return failure(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+        );
+    };
+    let mut state = lock(state);
+    let key = (Resource::Nodes, String::new(), name.to_owned());
+    let Some(before) = state.objects.get(&key).cloned() else {
+        return failure(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("nodes {name:?} not found"),
+        );
+    };
+    let version = state.next_version();
+    let mut node = before.clone();
+    merge_patch(&mut node, &patch);
+    // What a patch cannot change.
+    for field in ["name", "uid", "creationTimestamp"] {
+        node["metadata"][field] = before["metadata"][field].clone();
+    }
+    node["apiVersion"] = before["apiVersion"].clone();
+    node["kind"] = before["kind"].clone();
+    node["metadata"]["resourceVersion"] = json!(version.to_string());
+    state.objects.insert(key, node.clone());
+    state.publish(Resource::Nodes, "MODIFIED", node.clone(), Some(before));
+    respond(StatusCode::OK, &node)
 }
 
 /// RFC 7386 JSON merge patch.

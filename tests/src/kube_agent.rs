@@ -110,3 +110,64 @@ impl KubeAgent {
             .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
     }
 }
+
+/// This machine's boot ID (`/proc/sys/kernel/random/boot_id`), which the kubelet reports as a
+/// Node's `status.nodeInfo.bootID`.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .expect("boot_id")
+        .trim()
+        .to_owned()
+}
+
+/// node1's Node as a kubelet on this machine reports it: its address and this boot's ID.
+pub fn node1_booted() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": "203.0.113.1"}],
+            "nodeInfo": {
+                "bootID": boot_id(), "machineID": "m", "systemUUID": "s", "kernelVersion": "k",
+                "osImage": "o", "containerRuntimeVersion": "c", "kubeletVersion": "v",
+                "kubeProxyVersion": "v", "operatingSystem": "linux", "architecture": "amd64"
+            }
+        }
+    })
+}
+
+/// node1's DSR mark on `server` (`lb.io/dsr-boot-id`), once it is there, polled for at most
+/// `timeout`.
+pub async fn wait_for_dsr_mark(server: &FakeApiServer, timeout: Duration) -> Option<String> {
+    let started = std::time::Instant::now();
+    loop {
+        let mark = server
+            .object(crate::fake_apiserver::Resource::Nodes, "", "node1")
+            .and_then(|node| {
+                node["metadata"]["annotations"]["lb.io/dsr-boot-id"]
+                    .as_str()
+                    .map(str::to_owned)
+            });
+        if mark.is_some() || started.elapsed() > timeout {
+            return mark;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An [`crate::agent::AgentLab`] whose node1 agent runs `lb run --source kube` against a fake
+/// API server inside node1's namespace, so that the agent has lb's XDP on its fabric NIC, as
+/// the DaemonSet's agent has on the node's NICs; `populate` fills the server first (node1's
+/// Node is there already, [`node1_booted`]). Returns after the agent's first sync.
+pub fn lab_agent(
+    populate: impl FnOnce(&FakeApiServer),
+) -> anyhow::Result<(crate::agent::AgentLab, FakeApiServer)> {
+    let mut setup = crate::agent::AgentLab::new()?;
+    let server = FakeApiServer::start_in(&setup.cluster.node(1).host)?;
+    server.apply(node1_booted());
+    populate(&server);
+    let kubeconfig = setup.scratch_file("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+    setup.start_agent_from(&["--source", "kube", "--kubeconfig", &kubeconfig], &[], &[])?;
+    Ok((setup, server))
+}

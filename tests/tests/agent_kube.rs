@@ -323,3 +323,34 @@ async fn an_endpoint_failing_its_health_check_and_passing_again_is_evented_on_it
     assert_eq!(passed["regarding"]["name"], "web", "{passed}");
     agent.wait_for("back in rotation", 1).await;
 }
+
+/// An agent with lb's XDP on its node's NIC marks its Node as taking DSR options with the boot
+/// it runs in, after its first sync, and marks it again when the mark is gone (the Node object
+/// written anew). Other nodes send flows by DSR only to endpoints on Nodes so marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_xdp_on_its_nics_marks_its_node_as_taking_dsr_options() {
+    let (_setup, server) = tokio::task::block_in_place(|| lab::kube_agent::lab_agent(|_| {}))
+        .expect("the agent in the lab");
+    let boot = lab::kube_agent::boot_id();
+    assert_eq!(
+        lab::kube_agent::wait_for_dsr_mark(&server, WAIT).await,
+        Some(boot.clone()),
+        "{:#?}",
+        server.requests()
+    );
+    // The Node written again without the mark: the agent writes it again (a write at most
+    // every 5 s).
+    server.apply(lab::kube_agent::node1_booted());
+    assert_eq!(
+        lab::kube_agent::wait_for_dsr_mark(&server, WAIT).await,
+        Some(boot),
+        "{:#?}",
+        server.requests()
+    );
+    let patches = server
+        .requests()
+        .iter()
+        .filter(|request| request.starts_with("PATCH /api/v1/nodes/node1"))
+        .count();
+    assert_eq!(patches, 2, "{:#?}", server.requests());
+}

@@ -118,7 +118,8 @@ fn with_timeouts(datapath: &mut Datapath, syn: Duration, established: Duration) 
 }
 
 /// node1: a NodePort and LoadBalancer Service (TCP and UDP) whose only endpoint is on node2,
-/// with DSR when `direct_return`; a SNAT address and range as the agent sets them.
+/// with DSR when `direct_return`; node2 marked as taking DSR options (the agent's
+/// `TAKES_DIRECT_RETURN` on its endpoints); a SNAT address and range as the agent sets them.
 fn node1(pins: &PinDir, direct_return: bool) -> Datapath {
     let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
     datapath
@@ -129,11 +130,12 @@ fn node1(pins: &PinDir, direct_return: bool) -> Datapath {
             ..Default::default()
         })
         .expect("config");
+    let marked = backend_flags::TAKES_DIRECT_RETURN;
     datapath
-        .put_backend(1, &backend(POD, proto::TCP, 0))
+        .put_backend(1, &backend(POD, proto::TCP, marked))
         .expect("backend");
     datapath
-        .put_backend(2, &backend(POD, proto::UDP, 0))
+        .put_backend(2, &backend(POD, proto::UDP, marked))
         .expect("backend");
     let flags = if direct_return {
         service_flags::DIRECT_RETURN
@@ -350,6 +352,60 @@ fn node1_snats_what_dsr_does_not_serve() {
     };
     assert_eq!(ip.header().source_addr(), NODE1, "SNAT without the flag");
     assert_eq!(ip.header().ihl(), 5, "and no option");
+}
+
+/// An endpoint whose node has not marked itself as taking DSR options (lb not running there
+/// yet, or not since the node last booted) gets its flows by SNAT, counted; once marked, by
+/// DSR.
+#[test]
+fn node1_snats_flows_to_an_endpoint_on_a_node_not_marked_for_dsr() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr1unmarked").expect("pin dir");
+    let mut datapath = node1(&pins, true);
+    datapath
+        .put_backend(1, &backend(POD, proto::TCP, 0))
+        .expect("the endpoint, its node unmarked");
+    let first = SocketAddrV4::new(*CLIENT.ip(), 40010);
+    let run = xdp(&datapath, &packet::tcp(first, FRONTEND, TcpFlags::SYN, b""));
+    assert_ne!(run.verdict, XDP_DROP);
+    let sliced = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+        panic!("ipv4")
+    };
+    assert_eq!(
+        (ip.header().source_addr(), ip.header().destination_addr()),
+        (NODE1, *POD.ip()),
+        "SNAT to the endpoint"
+    );
+    assert_eq!(ip.header().ihl(), 5, "no option");
+    assert_eq!(
+        (
+            event(&datapath, "dsr_node_unmarked"),
+            event(&datapath, "dsr_sent")
+        ),
+        (1, 0)
+    );
+
+    datapath
+        .put_backend(
+            1,
+            &backend(POD, proto::TCP, backend_flags::TAKES_DIRECT_RETURN),
+        )
+        .expect("the endpoint, its node marked");
+    let second = SocketAddrV4::new(*CLIENT.ip(), 40011);
+    sent_as(
+        &datapath,
+        "a SYN once the node is marked",
+        &packet::tcp(second, FRONTEND, TcpFlags::SYN, b""),
+        &with_option(&packet::tcp(second, POD, TcpFlags::SYN, b""), FRONTEND),
+    );
+    assert_eq!(
+        (
+            event(&datapath, "dsr_node_unmarked"),
+            event(&datapath, "dsr_sent")
+        ),
+        (1, 1)
+    );
 }
 
 #[test]

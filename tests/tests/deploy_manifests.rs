@@ -546,7 +546,8 @@ async fn event(
 ///   object changed to fix it and break it again gets a new Event): hence a problem that comes
 ///   and goes with another object.
 ///
-/// Events about the Node (a node requirement missing) are the same calls, in `default`.
+/// Events about the Node (a node requirement missing) are the same calls, in `default`. An agent
+/// with lb's XDP on its NICs also patches its Node (its DSR mark, [`marking_agent_calls`]).
 async fn agent_api_calls() -> BTreeSet<Grant> {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "rbac").expect("pins");
@@ -596,6 +597,27 @@ async fn agent_api_calls() -> BTreeSet<Grant> {
         server.requests()
     );
 
+    let mut grants: BTreeSet<Grant> = server
+        .requests()
+        .iter()
+        .map(|request| required_grant(request))
+        .collect();
+    grants.extend(marking_agent_calls().await);
+    grants
+}
+
+/// The calls of an agent with lb's XDP on its node's NIC (in the lab, as the DaemonSet's agent
+/// on the node's NICs): it also marks its Node as taking DSR options, with a patch.
+async fn marking_agent_calls() -> BTreeSet<Grant> {
+    let (_setup, server) = tokio::task::block_in_place(|| lab::kube_agent::lab_agent(|_| {}))
+        .expect("the agent in the lab");
+    assert!(
+        lab::kube_agent::wait_for_dsr_mark(&server, WAIT)
+            .await
+            .is_some(),
+        "{:#?}",
+        server.requests()
+    );
     server
         .requests()
         .iter()

@@ -9,7 +9,9 @@ use std::{
 };
 
 use lab::{
-    agent::{AgentLab, POD_PORT, SYNC_TIMEOUT, endpoint_slice, node_manifest},
+    agent::{
+        AgentLab, POD_PORT, SYNC_TIMEOUT, dsr_marked_node_manifest, endpoint_slice, node_manifest,
+    },
     peer::ClientRun,
     topology::{CLIENT_ADDR, ClusterSpec, FABRIC_IFACE, node_addr, pod_addr},
 };
@@ -39,13 +41,43 @@ fn api_service() -> [String; 2] {
 const API_NODE_PORT: u16 = 30090;
 
 /// One pod, on node2, serving; both nodes' agents running with DSR on the Service `web`, whose
-/// manifests (the Nodes' too) are there before they start.
+/// manifests (the Nodes' too, marked as taking DSR options as their agents would mark them)
+/// are there before they start.
 fn dsr_lab() -> AgentLab {
     dsr_lab_with(1, &[])
 }
 
 /// As [`dsr_lab`], with `pods_on_node2` pods there and `more` manifests.
 fn dsr_lab_with(pods_on_node2: u8, more: &[String]) -> AgentLab {
+    let mut objects = cluster_objects(true);
+    objects.extend_from_slice(more);
+    lab_of(pods_on_node2, &objects)
+}
+
+/// The Nodes (node2 marked as taking DSR options or not) and `web` with its pod on node2.
+fn cluster_objects(node2_marked: bool) -> Vec<String> {
+    vec![
+        dsr_marked_node_manifest(1, false),
+        if node2_marked {
+            dsr_marked_node_manifest(2, false)
+        } else {
+            node_manifest(2, false)
+        },
+        web_service(),
+        endpoint_slice("web", &[(pod_addr(2, 0), "node2")]),
+    ]
+}
+
+fn write_manifests(setup: &AgentLab, objects: &[String]) {
+    std::fs::write(
+        setup.manifests().join("cluster.yaml"),
+        objects.join("---\n"),
+    )
+    .expect("manifests");
+}
+
+/// The lab with `objects` as its manifests and both agents started.
+fn lab_of(pods_on_node2: u8, objects: &[String]) -> AgentLab {
     let mut setup = AgentLab::with_spec(&ClusterSpec {
         pods_per_node: vec![0, pods_on_node2],
         ..Default::default()
@@ -56,18 +88,7 @@ fn dsr_lab_with(pods_on_node2: u8, more: &[String]) -> AgentLab {
         .client
         .route(&[&format!("{LB_IP}/32"), "via", &node_addr(1).to_string()])
         .expect("route to the LoadBalancer IP");
-    let mut objects = vec![
-        node_manifest(1, false),
-        node_manifest(2, false),
-        web_service(),
-        endpoint_slice("web", &[(pod_addr(2, 0), "node2")]),
-    ];
-    objects.extend_from_slice(more);
-    std::fs::write(
-        setup.manifests().join("cluster.yaml"),
-        objects.join("---\n"),
-    )
-    .expect("manifests");
+    write_manifests(&setup, objects);
     let flags = agent_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     setup.start_agent(&flags).expect("node1's agent");
@@ -359,5 +380,47 @@ fn a_dsr_connection_from_a_client_port_a_local_flow_holds_on_its_endpoints_node_
         (node2["dsr_kept_by_answers"], node2["drop_dsr_clash"]),
         (1, 0),
         "{node2:?}"
+    );
+}
+
+/// node2 not marked as taking DSR options (its agent's mark not written yet, or stale since it
+/// rebooted): node1 sends the NodePort's connections to node2's pod by SNAT, and they are made;
+/// once node2 is marked, by DSR.
+#[test]
+fn connections_to_a_node_not_marked_for_dsr_go_by_snat_until_it_is() {
+    let setup = lab_of(1, &cluster_objects(false));
+    let client = &setup.cluster.client;
+    let node_port = SocketAddrV4::new(node_addr(1), NODE_PORT).to_string();
+    ClientRun::tcp(&node_port, 1)
+        .run_until(client, SYNC_TIMEOUT, |report| report.ok == 1)
+        .expect("the NodePort answers");
+    let connections = 20;
+    let run = ClientRun::tcp(&node_port, connections)
+        .run(client, None)
+        .expect("client");
+    run.assert_all_ok("by SNAT");
+    assert_eq!(
+        run.peers_seen.keys().collect::<Vec<_>>(),
+        [&node_addr(1).to_string()],
+        "the pod sees node1's address"
+    );
+    let node1 = setup.events().expect("node1's events");
+    assert_eq!(node1["dsr_sent"], 0, "{node1:?}");
+    assert!(node1["dsr_node_unmarked"] > connections, "{node1:?}");
+
+    write_manifests(&setup, &cluster_objects(true));
+    ClientRun::tcp(&node_port, 1)
+        .run_until(client, SYNC_TIMEOUT, |report| {
+            report.ok == 1 && report.peers_seen.contains_key(&CLIENT_ADDR.to_string())
+        })
+        .expect("by DSR once node2 is marked");
+    let run = ClientRun::tcp(&node_port, connections)
+        .run(client, None)
+        .expect("client");
+    run.assert_all_ok("by DSR");
+    assert_eq!(
+        run.peers_seen.keys().collect::<Vec<_>>(),
+        [&CLIENT_ADDR.to_string()],
+        "the pod sees the client's address"
     );
 }

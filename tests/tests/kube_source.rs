@@ -539,6 +539,55 @@ async fn every_nodes_addresses_are_watched_and_only_this_nodes_object_is_kept() 
     .await;
 }
 
+/// `name` at `address` in boot `boot`, its lb's DSR mark naming boot `mark` (if any).
+fn booted_node(name: &str, address: &str, boot: &str, mark: Option<&str>) -> Node {
+    let mut node = node(name, address);
+    node.status.as_mut().unwrap().node_info = Some(k8s_openapi::api::core::v1::NodeSystemInfo {
+        boot_id: boot.into(),
+        ..Default::default()
+    });
+    node.metadata.annotations = mark.map(|mark| {
+        [(
+            lb_userspace::source::DIRECT_RETURN_MARK.to_owned(),
+            mark.to_owned(),
+        )]
+        .into()
+    });
+    node
+}
+
+/// The Nodes whose lb's DSR mark names the boot they are in reach the snapshot by name, as
+/// they are marked, reboot and are marked again.
+#[tokio::test]
+async fn nodes_marked_for_dsr_in_their_current_boot_reach_the_snapshot() {
+    bounded(async {
+        let server = FakeApiServer::start().await.unwrap();
+        seed(&server);
+        server.apply(booted_node("node-b", "192.168.1.11", "b1", Some("b1")));
+        server.apply(booted_node("node-c", "192.168.1.12", "c1", None));
+        let mut source = start(&server).await;
+        let snapshot = source.initial().await;
+        let marked = |s: &Snapshot| s.direct_return_nodes.iter().cloned().collect::<Vec<_>>();
+        assert_eq!(marked(&snapshot), ["node-b"]);
+        assert!(server.wait_for_watches(WAIT).await);
+
+        server.apply(booted_node("node-c", "192.168.1.12", "c1", Some("c1")));
+        source
+            .until("node-c marked", |s| marked(s) == ["node-b", "node-c"])
+            .await;
+        // node-b reboots: its mark names the boot before until its lb writes it again.
+        server.apply(booted_node("node-b", "192.168.1.11", "b2", Some("b1")));
+        source
+            .until("node-b rebooted", |s| marked(s) == ["node-c"])
+            .await;
+        server.apply(booted_node("node-b", "192.168.1.11", "b2", Some("b2")));
+        source
+            .until("node-b marked again", |s| marked(s) == ["node-b", "node-c"])
+            .await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn gone_while_watching_relists_and_converges() {
     bounded(async {

@@ -458,7 +458,7 @@ fn backend_flags_are_stable_when_slices_disagree_on_an_endpoints_node() {
             slice("web-b", "web", "node-b"),
         ],
         node: None,
-        node_addresses: Default::default(),
+        ..Default::default()
     };
     let mut reversed = snapshot.clone();
     reversed.endpoint_slices.reverse();

@@ -529,6 +529,13 @@ impl Compiler {
             self.node.zone = zone;
             self.full = true;
         }
+        // Which endpoints' nodes take DSR options: a node's agent marks it once (and again
+        // after each boot), so a full compile per mark is rare.
+        if self.node.direct_return && snapshot.direct_return_nodes != self.node.direct_return_nodes
+        {
+            self.node.direct_return_nodes = snapshot.direct_return_nodes.clone();
+            self.full = true;
+        }
         let mut changed = BTreeSet::new();
         let mut changes = Changes::default();
         if !self.full && !self.update_changed(snapshot, &mut changed, &mut changes) {

@@ -46,6 +46,10 @@ pub struct NodeContext {
     /// `--nodeport-mode dsr`: every Service's frontends carry
     /// [`lb_common::service_flags::DIRECT_RETURN`].
     pub direct_return: bool,
+    /// With `direct_return`: the Nodes that take DSR options
+    /// ([`crate::source::takes_direct_return`]); endpoints on them get
+    /// [`lb_common::backend_flags::TAKES_DIRECT_RETURN`], and only flows to those go by DSR.
+    pub direct_return_nodes: BTreeSet<String>,
     /// This node's zone, its Node's `topology.kubernetes.io/zone` label (kept by the compiler
     /// from the snapshot's Node), for the endpoints' zone hints.
     pub zone: Option<String>,
@@ -63,6 +67,7 @@ impl NodeContext {
             node_port_range: DEFAULT_NODE_PORT_RANGE,
             default_maglev: false,
             direct_return: false,
+            direct_return_nodes: BTreeSet::new(),
             zone: None,
         }
     }

@@ -982,6 +982,16 @@ impl SliceEndpoint {
             None => node.routed_local.contains(&self.addr),
         }
     }
+
+    /// Whether the endpoint's node takes DSR options (only when this node sends by DSR): an
+    /// endpoint without a nodeName is never sent a flow by DSR.
+    fn node_takes_direct_return(&self, node: &NodeContext) -> bool {
+        node.direct_return
+            && self
+                .node_name
+                .as_ref()
+                .is_some_and(|name| node.direct_return_nodes.contains(name))
+    }
 }
 
 /// The endpoints of one Service, from all its EndpointSlices.
@@ -1102,6 +1112,8 @@ impl ServiceEndpoints {
             let mut flags = 0;
             if endpoint.is_on(node) {
                 flags |= backend_flags::LOCAL;
+            } else if endpoint.node_takes_direct_return(node) {
+                flags |= backend_flags::TAKES_DIRECT_RETURN;
             }
             if endpoint.terminating {
                 flags |= backend_flags::TERMINATING;

@@ -63,6 +63,7 @@ pub fn backends(pin_dir: &Path, json: bool) -> anyhow::Result<()> {
         let flags: Vec<&str> = [
             (backend.local, "local"),
             (backend.terminating, "terminating"),
+            (backend.dsr_node, "dsr-node"),
         ]
         .into_iter()
         .filter_map(|(set, name)| set.then_some(name))

@@ -136,6 +136,9 @@ pub struct BackendInfo {
     pub protocol: &'static str,
     pub local: bool,
     pub terminating: bool,
+    /// Its node takes DSR options (`backend_flags::TAKES_DIRECT_RETURN`): with `--nodeport-mode
+    /// dsr`, new flows from outside go to it by direct server return.
+    pub dsr_node: bool,
     /// Services (by name, or id) whose current table holds this backend.
     pub services: Vec<String>,
 }
@@ -319,6 +322,7 @@ impl PinnedMaps {
                 protocol: protocol_name(backend.proto),
                 local: backend.flags & backend_flags::LOCAL != 0,
                 terminating: backend.flags & backend_flags::TERMINATING != 0,
+                dsr_node: backend.flags & backend_flags::TAKES_DIRECT_RETURN != 0,
                 services: users.remove(&id).unwrap_or_default(),
             })
             .collect())

@@ -478,6 +478,9 @@ impl FileSource {
                     Object::EndpointSlice(slice) => snapshot.endpoint_slices.push(slice.clone()),
                     Object::Node(node) => {
                         snapshot.node_addresses.extend(super::addresses_of(node));
+                        snapshot
+                            .direct_return_nodes
+                            .extend(super::direct_return_nodes(std::iter::once(&**node)));
                         if node.metadata.name.as_deref() == Some(self.node_name.as_str()) {
                             snapshot.node = Some((**node).clone());
                         }

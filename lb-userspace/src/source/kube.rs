@@ -406,6 +406,7 @@ fn same(a: &Snapshot, b: &Snapshot) -> bool {
         && same_objects(&a.endpoint_slices, &b.endpoint_slices)
         && a.node == b.node
         && a.node_addresses == b.node_addresses
+        && a.direct_return_nodes == b.direct_return_nodes
 }
 
 /// What the agent keeps of a Node: all but its images and the volumes in use, which can make up
@@ -449,6 +450,7 @@ impl Stores {
                 .iter()
                 .flat_map(|node| super::addresses_of(node))
                 .collect(),
+            direct_return_nodes: super::direct_return_nodes(nodes.iter().map(|node| &**node)),
         }
     }
 }
@@ -498,6 +500,99 @@ pub fn object_reference(api_version: &str, kind: &str, metadata: &ObjectMeta) ->
         uid: metadata.uid.clone(),
         resource_version: metadata.resource_version.clone(),
         field_path: None,
+    }
+}
+
+/// Keeps this node's DSR mark ([`super::DIRECT_RETURN_MARK`]: the boot ID it takes DSR options
+/// in) on its Node, so that the other nodes' agents send flows to its endpoints by direct server
+/// return. Written with a JSON merge patch of the annotation alone (RBAC: `patch` on nodes)
+/// when the Node lacks it or names another boot, after a sync; while the Node still lacks it,
+/// tried again [`MARK_RETRY`] after the last write began ([`Self::due`]: a write that failed
+/// brings no change of the Node, hence no sync).
+pub struct DirectReturnMark {
+    nodes: Api<Node>,
+    node_name: String,
+    boot_id: String,
+    last_try: Option<std::time::Instant>,
+    due: Option<std::time::Instant>,
+    writing: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How long after a mark's write the next may start, when the Node still lacks it.
+pub const MARK_RETRY: Duration = Duration::from_secs(5);
+
+impl DirectReturnMark {
+    pub fn new(client: Client, node_name: &str, boot_id: &str) -> Self {
+        Self {
+            nodes: Api::all(client),
+            node_name: node_name.to_owned(),
+            boot_id: boot_id.to_owned(),
+            last_try: None,
+            due: None,
+            writing: None,
+        }
+    }
+
+    /// When [`Self::ensure`] is to look again: the Node lacked the mark at its last look.
+    pub fn due(&self) -> Option<std::time::Instant> {
+        self.due
+    }
+
+    /// Writes the mark when `node` (this node's Node, as the source last saw it) lacks it, unless
+    /// a write is under way or one began less than [`MARK_RETRY`] ago (then [`Self::due`] says
+    /// when to look again). Without a Node object there is nothing to mark.
+    pub fn ensure(&mut self, node: Option<&Node>) {
+        self.due = None;
+        let Some(node) = node else {
+            return;
+        };
+        let marked = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(super::DIRECT_RETURN_MARK));
+        if marked == Some(&self.boot_id) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let writing = self
+            .writing
+            .as_ref()
+            .is_some_and(|task| !task.is_finished());
+        if writing {
+            self.due = Some(now + MARK_RETRY);
+            return;
+        }
+        if let Some(last_try) = self.last_try
+            && now < last_try + MARK_RETRY
+        {
+            self.due = Some(last_try + MARK_RETRY);
+            return;
+        }
+        self.last_try = Some(now);
+        self.due = Some(now + MARK_RETRY);
+        let patch = serde_json::json!({
+            "metadata": {"annotations": {super::DIRECT_RETURN_MARK: self.boot_id}}
+        });
+        let (nodes, name, boot_id) = (
+            self.nodes.clone(),
+            self.node_name.clone(),
+            self.boot_id.clone(),
+        );
+        self.writing = Some(tokio::spawn(async move {
+            let params = kube::api::PatchParams::default();
+            match nodes
+                .patch(&name, &params, &kube::api::Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => info!(node = %name, %boot_id, "marked this node as taking DSR options"),
+                Err(error) => warn!(
+                    node = %name,
+                    %error,
+                    "this node's DSR mark was not written; other nodes send its endpoints' flows by SNAT until it is"
+                ),
+            }
+        }));
     }
 }
 

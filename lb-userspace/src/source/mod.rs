@@ -26,6 +26,39 @@ pub struct Snapshot {
     /// The InternalIP and ExternalIP addresses of every Node the source knows (this one's
     /// too): a DSR option naming a NodePort must name one of them (`lb_common::dsr`).
     pub node_addresses: BTreeSet<IpAddr>,
+    /// The names of the Nodes whose lb takes DSR options since they last booted
+    /// ([`takes_direct_return`]): endpoints there may be sent flows by direct server return.
+    pub direct_return_nodes: BTreeSet<String>,
+}
+
+/// The annotation an agent writes on its own Node once its XDP program, which takes DSR
+/// options, is attached: the Node's boot ID at the time (`/proc/sys/kernel/random/boot_id`,
+/// which the kubelet reports as `status.nodeInfo.bootID`).
+pub const DIRECT_RETURN_MARK: &str = "lb.io/dsr-boot-id";
+
+/// Whether a Node's lb takes DSR options: its mark names the boot the Node is in. After a
+/// reboot, which can start pods before lb, the mark is stale until lb writes it again.
+pub fn takes_direct_return(node: &Node) -> bool {
+    let boot_id = node
+        .status
+        .as_ref()
+        .and_then(|status| status.node_info.as_ref())
+        .map(|info| info.boot_id.as_str());
+    let mark = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(DIRECT_RETURN_MARK))
+        .map(String::as_str);
+    matches!((mark, boot_id), (Some(mark), Some(boot)) if !boot.is_empty() && mark == boot)
+}
+
+/// The names of the Nodes of `nodes` that take DSR options.
+pub fn direct_return_nodes<'a>(nodes: impl Iterator<Item = &'a Node>) -> BTreeSet<String> {
+    nodes
+        .filter(|node| takes_direct_return(node))
+        .filter_map(|node| node.metadata.name.clone())
+        .collect()
 }
 
 /// A Node's InternalIP and ExternalIP addresses, as NodePorts are served on them.

@@ -40,8 +40,8 @@ use anyhow::{Context as _, ensure};
 use clap::Parser;
 use lab::{
     agent::{
-        AgentLab, POD_PORT, endpoint_slice, endpoint_slice6, node_manifest, node_port_service,
-        synced_lines,
+        AgentLab, POD_PORT, dsr_marked_node_manifest, endpoint_slice, endpoint_slice6,
+        node_manifest, node_port_service, synced_lines,
     },
     lab::{Cgroup, Host, Lab, Proc, ScratchDir, wait_for_log},
     peer::{self, ClientReport},
@@ -918,8 +918,12 @@ fn main() -> anyhow::Result<()> {
             let direct_return = args.nodeport_mode == "dsr";
             if direct_return {
                 // node2 takes node1's options only for a Node's address; node1's IPv6 address
-                // comes with its Node then.
-                let nodes = [node_manifest(1, args.ipv6), node_manifest(2, args.ipv6)];
+                // comes with its Node then. node1 sends by DSR only to a Node marked as taking
+                // options, which node2's agent would write through the API.
+                let nodes = [
+                    node_manifest(1, args.ipv6),
+                    dsr_marked_node_manifest(2, args.ipv6),
+                ];
                 std::fs::write(setup.manifests().join("nodes.yaml"), nodes.join("---\n"))?;
                 setup.start_node2_agent(&flags)?;
             }
