@@ -1222,19 +1222,9 @@ fn patch_event(
     content_type: &str,
     body: &[u8],
 ) -> Response<Body> {
-    if content_type != "application/merge-patch+json" {
-        return failure(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UnsupportedMediaType",
-            &format!("the fake API server only takes JSON merge patches, not {content_type:?}"),
-        );
-    }
-    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
-        return failure(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "the body is not JSON",
-        );
+    let patch = match merge_patch_of(content_type, body) {
+        Ok(patch) => patch,
+        Err(refused) => return *refused,
     };
     let mut state = lock(state);
     let version = state.next_version();
@@ -1269,19 +1259,9 @@ fn patch_event(
 /// `PATCH /api/v1/nodes/{name}` with a JSON merge patch: the stored Node patched (its identity
 /// kept), its resourceVersion bumped, watchers told `MODIFIED`.
 fn patch_node(state: &Mutex<State>, name: &str, content_type: &str, body: &[u8]) -> Response<Body> {
-    if content_type != "application/merge-patch+json" {
-        return failure(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UnsupportedMediaType",
-            &format!("the fake API server only takes JSON merge patches, not {content_type:?}"),
-        );
-    }
-    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
-        return failure(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "the body is not JSON",
-        );
+    let patch = match merge_patch_of(content_type, body) {
+        Ok(patch) => patch,
+        Err(refused) => return *refused,
     };
     let mut state = lock(state);
     let key = (Resource::Nodes, String::new(), name.to_owned());
@@ -1305,6 +1285,25 @@ fn patch_node(state: &Mutex<State>, name: &str, content_type: &str, body: &[u8])
     state.objects.insert(key, node.clone());
     state.publish(Resource::Nodes, "MODIFIED", node.clone(), Some(before));
     respond(StatusCode::OK, &node)
+}
+
+/// A request's body as a JSON merge patch, or the refusal the API server answers: the only
+/// kind of patch the fake takes.
+fn merge_patch_of(content_type: &str, body: &[u8]) -> Result<Value, Box<Response<Body>>> {
+    if content_type != "application/merge-patch+json" {
+        return Err(Box::new(failure(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            &format!("the fake API server only takes JSON merge patches, not {content_type:?}"),
+        )));
+    }
+    serde_json::from_slice::<Value>(body).map_err(|_| {
+        Box::new(failure(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+        ))
+    })
 }
 
 /// RFC 7386 JSON merge patch.

@@ -245,6 +245,22 @@ fn sent_as(datapath: &Datapath, name: &str, frame: &[u8], expected: &[u8]) {
     assert_eq!(run.packet, want, "{name}:\n{}", diff(&want, &run.packet));
 }
 
+/// A frame node1 sent on to POD from its own address (SNAT), with no option in its header.
+#[track_caller]
+fn assert_snated_to_the_pod(run: &lb_userspace::datapath::testrun::TestRunOutput) {
+    assert_ne!(run.verdict, XDP_DROP);
+    let sliced = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+        panic!("ipv4")
+    };
+    assert_eq!(
+        (ip.header().source_addr(), ip.header().destination_addr()),
+        (NODE1, *POD.ip()),
+        "SNATed to the pod"
+    );
+    assert_eq!(ip.header().ihl(), 5, "no option");
+}
+
 /// node1 sends a SYN from CLIENT's port 40001 to the LoadBalancer IP with the option.
 fn lb_ip_syn_sent_by_dsr(datapath: &Datapath) {
     let lb_client = SocketAddrV4::new(*CLIENT.ip(), 40001);
@@ -366,18 +382,10 @@ fn node1_snats_flows_to_an_endpoint_on_a_node_not_marked_for_dsr() {
         .put_backend(1, &backend(POD, proto::TCP, 0))
         .expect("the endpoint, its node unmarked");
     let first = SocketAddrV4::new(*CLIENT.ip(), 40010);
-    let run = xdp(&datapath, &packet::tcp(first, FRONTEND, TcpFlags::SYN, b""));
-    assert_ne!(run.verdict, XDP_DROP);
-    let sliced = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
-    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
-        panic!("ipv4")
-    };
-    assert_eq!(
-        (ip.header().source_addr(), ip.header().destination_addr()),
-        (NODE1, *POD.ip()),
-        "SNAT to the endpoint"
-    );
-    assert_eq!(ip.header().ihl(), 5, "no option");
+    assert_snated_to_the_pod(&xdp(
+        &datapath,
+        &packet::tcp(first, FRONTEND, TcpFlags::SYN, b""),
+    ));
     assert_eq!(
         (
             event(&datapath, "dsr_node_unmarked"),
@@ -799,17 +807,7 @@ fn node1_sends_a_nodes_syns_by_snat() {
             b"",
         ),
     );
-    assert_ne!(run.verdict, XDP_DROP);
-    let sliced = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
-    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
-        panic!("ipv4")
-    };
-    assert_eq!(
-        (ip.header().source_addr(), ip.header().destination_addr()),
-        (NODE1, *POD.ip()),
-        "SNATed to the pod"
-    );
-    assert_eq!(ip.header().ihl(), 5, "no option");
+    assert_snated_to_the_pod(&run);
     assert_eq!(event(&datapath, "dsr_sent"), 0);
     // A client that is no node still goes by DSR.
     sent_as(
