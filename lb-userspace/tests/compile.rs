@@ -2253,8 +2253,8 @@ fn marked_node(name: &str, mark: &str, boot: &str) -> String {
 /// With `--nodeport-mode dsr`, an endpoint is marked for DSR when its Node's lb mark names the
 /// boot the Node is in: not on a Node rebooted since (its pods may have started before lb),
 /// nor one never marked, nor an endpoint without a nodeName; never a local one. A Node
-/// marked again after its reboot moves its endpoints over, incrementally as from nothing.
-/// Without DSR, no endpoint is marked.
+/// marked again after its reboot moves its endpoints over, incrementally as from nothing,
+/// compiling again only the Services with endpoints there. Without DSR, no endpoint is marked.
 #[test]
 fn endpoints_on_nodes_whose_lb_marked_this_boot_take_dsr() {
     use lb_userspace::compile::Compiler;
@@ -2276,6 +2276,16 @@ fn endpoints_on_nodes_whose_lb_marked_this_boot_take_dsr() {
                     ("10.244.4.10", "node4", READY),
                     ("10.244.9.10", "", READY),
                 ],
+                &[("http", 8080, "TCP")],
+            )
+            + &service(
+                "api",
+                "  type: NodePort\n  clusterIP: 10.96.0.11\n  ports:\n  - {name: http, port: 80, nodePort: 30081}\n",
+            )
+            + &slice(
+                "api-1",
+                "api",
+                &[("10.244.2.20", "node2", READY)],
                 &[("http", 8080, "TCP")],
             )
     };
@@ -2318,5 +2328,10 @@ fn endpoints_on_nodes_whose_lb_marked_this_boot_take_dsr() {
         "10.244.1.10:8080 L, 10.244.2.10:8080 D, 10.244.3.10:8080 D, 10.244.4.10:8080, 10.244.9.10:8080"
     );
     let changed: Vec<String> = update.changed.iter().map(ToString::to_string).collect();
-    assert_eq!(changed, ["default/web:http/TCP"]);
+    assert_eq!(
+        changed,
+        ["default/web:http/TCP"],
+        "only the Service with an endpoint on node3 is compiled again"
+    );
+    assert_eq!(update.changes.services, 0, "no object of a Service changed");
 }

@@ -453,6 +453,38 @@ impl Compiler {
         any
     }
 
+    /// Takes the snapshot's Nodes that take DSR options, and marks stale the compiled Services
+    /// with an endpoint on a Node that came or went: one Node's agent marking it (at its first
+    /// start, after each boot) recompiles the Services with endpoints there, not all of them.
+    /// The slices are read from the snapshot, so the compiled Services keep no node names.
+    fn mark_direct_return_nodes(&mut self, snapshot: &Snapshot) {
+        let moved: BTreeSet<&String> = self
+            .node
+            .direct_return_nodes
+            .symmetric_difference(&snapshot.direct_return_nodes)
+            .collect();
+        let affected: Vec<(String, String)> = snapshot
+            .endpoint_slices
+            .iter()
+            .filter(|slice| {
+                slice.endpoints.iter().any(|endpoint| {
+                    endpoint
+                        .node_name
+                        .as_ref()
+                        .is_some_and(|name| moved.contains(name))
+                })
+            })
+            .filter_map(|slice| slice_service(slice))
+            .filter(|(namespace, name)| {
+                self.services
+                    .get(namespace)
+                    .is_some_and(|by_name| by_name.contains_key(name))
+            })
+            .collect();
+        self.stale.extend(affected);
+        self.node.direct_return_nodes = snapshot.direct_return_nodes.clone();
+    }
+
     /// Tells the compiler which local endpoints the health probes hold as failed. Returns
     /// whether that changes any compiled Service's endpoints (they are compiled again on the
     /// next update); a verdict about an endpoint no Service probes changes nothing.
@@ -529,12 +561,9 @@ impl Compiler {
             self.node.zone = zone;
             self.full = true;
         }
-        // Which endpoints' nodes take DSR options: a node's agent marks it once (and again
-        // after each boot), so a full compile per mark is rare.
         if self.node.direct_return && snapshot.direct_return_nodes != self.node.direct_return_nodes
         {
-            self.node.direct_return_nodes = snapshot.direct_return_nodes.clone();
-            self.full = true;
+            self.mark_direct_return_nodes(snapshot);
         }
         let mut changed = BTreeSet::new();
         let mut changes = Changes::default();
