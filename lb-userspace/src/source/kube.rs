@@ -546,12 +546,7 @@ impl DirectReturnMark {
         let Some(node) = node else {
             return;
         };
-        let marked = node
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|annotations| annotations.get(super::DIRECT_RETURN_MARK));
-        if marked == Some(&self.boot_id) {
+        if super::direct_return_mark(node) == Some(self.boot_id.as_str()) {
             return;
         }
         let now = std::time::Instant::now();

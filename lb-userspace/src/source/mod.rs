@@ -44,13 +44,16 @@ pub fn takes_direct_return(node: &Node) -> bool {
         .as_ref()
         .and_then(|status| status.node_info.as_ref())
         .map(|info| info.boot_id.as_str());
-    let mark = node
-        .metadata
+    matches!((direct_return_mark(node), boot_id), (Some(mark), Some(boot)) if !boot.is_empty() && mark == boot)
+}
+
+/// The boot ID a Node's DSR mark ([`DIRECT_RETURN_MARK`]) names, if it has one.
+pub fn direct_return_mark(node: &Node) -> Option<&str> {
+    node.metadata
         .annotations
-        .as_ref()
-        .and_then(|annotations| annotations.get(DIRECT_RETURN_MARK))
-        .map(String::as_str);
-    matches!((mark, boot_id), (Some(mark), Some(boot)) if !boot.is_empty() && mark == boot)
+        .as_ref()?
+        .get(DIRECT_RETURN_MARK)
+        .map(String::as_str)
 }
 
 /// The names of the Nodes of `nodes` that take DSR options.
