@@ -247,7 +247,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             let client = kube_source::client(master.as_deref(), kubeconfig.as_deref()).await?;
             let events = kube_source::EventRecorder::new(client.clone(), "lb", &config.node_name)
                 .with_failure_counter(metrics.agent().event_publish_failures.clone());
-            let mark = direct_return_mark(&config, &client);
+            let mark = direct_return_mark(&config, &client).map(|mark| {
+                mark.with_metrics(kube_source::MarkMetrics {
+                    missing: metrics.agent().dsr_mark_missing.clone(),
+                    write_failures: metrics.agent().dsr_mark_write_failures.clone(),
+                })
+            });
             let task = kube_source::KubeSource::new(client, config.node_name.clone()).run(updates);
             (tokio::spawn(task), Some(Arc::new(events)), mark)
         }
@@ -398,6 +403,10 @@ async fn sync_until_stopped(
             observers
                 .health
                 .set_node_eligible(node_eligible(snapshot.node.as_ref()));
+            observers
+                .metrics
+                .dsr_nodes
+                .set(i64::try_from(snapshot.direct_return_nodes.len()).unwrap_or(i64::MAX));
             let mut update = compiler.update(&snapshot);
             // Routes change without the objects changing: endpoints without a nodeName are
             // placed again on every sync, and their Services compiled again when one moved.

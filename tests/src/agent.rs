@@ -97,6 +97,16 @@ impl AgentLab {
         self.scratch.path().join("manifests")
     }
 
+    /// A sample of node1's agent's /metrics (`name` with its labels, as the page writes them),
+    /// read inside node1's namespace at the default `--metrics-bind-address`.
+    pub fn metric(&self, sample: &str) -> anyhow::Result<Option<f64>> {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], 10249));
+        let page = crate::http::get(&self.cluster.node(1).host, address, "/metrics")?.body;
+        Ok(page
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok()))
+    }
+
     /// The agent's log (stdout and stderr).
     pub fn log(&self) -> PathBuf {
         self.scratch.path().join("agent.log")

@@ -298,17 +298,40 @@ struct State {
     /// (API version, object), in creation order.
     events: Vec<(&'static str, Value)>,
     /// Event writes still to fail, and how.
-    event_failures: Option<EventFailure>,
+    event_failures: Option<InjectedFailure>,
+    /// Node patches still to fail, and how.
+    node_patch_failures: Option<InjectedFailure>,
     /// (`METHOD /path?query`, User-Agent), in arrival order.
     requests: Vec<(String, Option<String>)>,
 }
 
-/// How the next Event writes fail.
-struct EventFailure {
+/// How the next writes of a kind fail.
+struct InjectedFailure {
     remaining: usize,
     code: StatusCode,
     reason: String,
     message: String,
+}
+
+impl InjectedFailure {
+    fn new(count: usize, code: u16, reason: &str, message: &str) -> Self {
+        Self {
+            remaining: count,
+            code: StatusCode::from_u16(code).expect("an HTTP status code"),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+
+    /// The failure to answer, if any is left.
+    fn take(failing: &mut Option<Self>) -> Option<Response<Body>> {
+        let failing = failing.as_mut()?;
+        if failing.remaining == 0 {
+            return None;
+        }
+        failing.remaining -= 1;
+        Some(failure(failing.code, &failing.reason, &failing.message))
+    }
 }
 
 impl State {
@@ -647,12 +670,13 @@ impl FakeApiServer {
     /// The next `count` Event creates and patches are answered with a Status of `code`, e.g.
     /// 403 `Forbidden` as a missing RBAC rule gives (`usize::MAX`: all of them).
     pub fn fail_events(&self, count: usize, code: u16, reason: &str, message: &str) {
-        self.state().event_failures = Some(EventFailure {
-            remaining: count,
-            code: StatusCode::from_u16(code).expect("an HTTP status code"),
-            reason: reason.to_owned(),
-            message: message.to_owned(),
-        });
+        self.state().event_failures = Some(InjectedFailure::new(count, code, reason, message));
+    }
+
+    /// The next `count` patches of Nodes are answered with a Status of `code`, as
+    /// [`Self::fail_events`]; `count` 0 ends the failures.
+    pub fn fail_node_patches(&self, count: usize, code: u16, reason: &str, message: &str) {
+        self.state().node_patch_failures = Some(InjectedFailure::new(count, code, reason, message));
     }
 
     /// How many Event writes (creates and patches) arrived, failed or not.
@@ -854,7 +878,8 @@ async fn handle(
         } else if let (&Method::PATCH, Resource::Nodes, Some(name)) =
             (&method, resource, target.name.as_deref())
         {
-            patch_node(&state, name, &content_type, &body)
+            let injected = InjectedFailure::take(&mut lock(&state).node_patch_failures);
+            injected.unwrap_or_else(|| patch_node(&state, name, &content_type, &body))
         } else if method != Method::GET || target.name.is_some() {
             failure(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -874,7 +899,8 @@ async fn handle(
         .into_iter()
         .find(|version| *version == target.api_version && target.plural == "events")
     {
-        if let Some(response) = injected_event_failure(&state) {
+        let injected = InjectedFailure::take(&mut lock(&state).event_failures);
+        if let Some(response) = injected {
             return Ok(response);
         }
         match (&method, target.namespace, target.name) {
@@ -898,17 +924,6 @@ async fn handle(
         )
     };
     Ok(response)
-}
-
-/// The failure [`FakeApiServer::fail_events`] asked for, if any is left.
-fn injected_event_failure(state: &Mutex<State>) -> Option<Response<Body>> {
-    let mut state = lock(state);
-    let failing = state.event_failures.as_mut()?;
-    if failing.remaining == 0 {
-        return None;
-    }
-    failing.remaining -= 1;
-    Some(failure(failing.code, &failing.reason, &failing.message))
 }
 
 /// Rejects what the fake does not implement rather than silently ignoring it.

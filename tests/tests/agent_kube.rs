@@ -354,3 +354,69 @@ async fn an_agent_with_xdp_on_its_nics_marks_its_node_as_taking_dsr_options() {
         .count();
     assert_eq!(patches, 2, "{:#?}", server.requests());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_dsr_mark_is_refused_counts_the_refusals_and_says_the_mark_is_missing() {
+    // A missing RBAC rule: every patch of the Node refused until the test lifts it.
+    let (setup, server) = tokio::task::block_in_place(|| {
+        lab::kube_agent::lab_agent(|server| {
+            server.fail_node_patches(
+                usize::MAX,
+                403,
+                "Forbidden",
+                "nodes \"node1\" is forbidden: cannot patch resource \"nodes\"",
+            );
+        })
+    })
+    .expect("the agent in the lab");
+    let metric = |sample: &str| {
+        tokio::task::block_in_place(|| setup.metric(sample))
+            .expect("GET /metrics")
+            .unwrap_or_else(|| panic!("no {sample} on /metrics"))
+    };
+    // A write at most every 5 s: two refusals take 5 s and more.
+    let deadline = std::time::Instant::now() + WAIT + Duration::from_secs(10);
+    while metric("lb_dsr_mark_write_failures_total") < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            server.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(metric("lb_dsr_mark_missing"), 1.0);
+    assert_eq!(metric("lb_dsr_nodes"), 0.0);
+    let log = std::fs::read_to_string(setup.log()).expect("log");
+    let warnings = log
+        .lines()
+        .filter(|line| line.contains("DSR mark was not written"))
+        .collect::<Vec<_>>();
+    // The first refusal is logged with the API server's answer; the next wait a minute.
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("cannot patch resource"), "{log}");
+
+    server.fail_node_patches(0, 403, "Forbidden", "lifted");
+    let boot = lab::kube_agent::boot_id();
+    assert_eq!(
+        lab::kube_agent::wait_for_dsr_mark(&server, WAIT).await,
+        Some(boot),
+        "{:#?}",
+        server.requests()
+    );
+    // The Node's change reaches the agent's next sync, which sees the mark in place.
+    let deadline = std::time::Instant::now() + WAIT;
+    while metric("lb_dsr_mark_missing") != 0.0 || metric("lb_dsr_nodes") != 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the mark's gauges");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failures = metric("lb_dsr_mark_write_failures_total");
+    assert!(failures >= 2.0, "{failures}");
+    let log = std::fs::read_to_string(setup.log()).expect("log");
+    assert!(
+        log.lines().any(
+            |line| line.contains("marked this node as taking DSR options")
+                && line.contains(&format!("failed_writes={failures}"))
+        ),
+        "{log}"
+    );
+}

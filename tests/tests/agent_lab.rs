@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use lab::{
     agent::{AgentLab, SYNC_TIMEOUT},
-    http,
     lab::wait_for_log,
     peer::ClientRun,
     topology::{node_addr, pod_addr},
@@ -141,16 +140,13 @@ fn alias_bomb() -> String {
     yaml
 }
 
-/// `lb_manifest_errors_total` from the agent's /metrics, read inside node1's namespace.
+/// `lb_manifest_errors_total` from the agent's /metrics.
 fn manifest_errors(setup: &AgentLab) -> u64 {
-    let metrics = "127.0.0.1:10249".parse().expect("address");
-    let page = http::get(&setup.cluster.node(1).host, metrics, "/metrics")
+    let errors = setup
+        .metric("lb_manifest_errors_total")
         .expect("GET /metrics")
-        .body;
-    page.lines()
-        .find_map(|line| line.strip_prefix("lb_manifest_errors_total "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no lb_manifest_errors_total in {page}"))
+        .expect("lb_manifest_errors_total on /metrics");
+    errors as u64
 }
 
 #[test]

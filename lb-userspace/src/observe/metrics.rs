@@ -64,6 +64,11 @@ pub struct AgentMetrics {
     pub health_probes: crate::probe::ProbeCounts,
     /// Local endpoints their health probes hold as failed, by `namespace` and `service`.
     pub health_failed_endpoints: Family<[(&'static str, String); 2], Gauge>,
+    /// Nodes marked as taking DSR options in their current boot, as the source sees them.
+    pub dsr_nodes: Gauge,
+    /// 1 while this node's Node lacks the DSR mark its agent writes.
+    pub dsr_mark_missing: Gauge,
+    pub dsr_mark_write_failures: Counter,
 }
 
 /// HTTP clients cut off by the servers' limits, by `reason`.
@@ -96,6 +101,9 @@ impl AgentMetrics {
             node_requirement_missing: Family::default(),
             health_probes: crate::probe::ProbeCounts::default(),
             health_failed_endpoints: Family::default(),
+            dsr_nodes: Gauge::default(),
+            dsr_mark_missing: Gauge::default(),
+            dsr_mark_write_failures: Counter::default(),
         }
     }
 
@@ -287,6 +295,25 @@ impl Metrics {
             "This node's endpoints whose health probes failed them (out of rotation, unless \
              every endpoint of a table failed: fail open), by namespace and service",
             agent.health_failed_endpoints.clone(),
+        );
+        lb.register(
+            "dsr_nodes",
+            "Nodes whose Node carries lb's DSR mark for their current boot (lb's XDP takes DSR \
+             options there), as this agent sees them; with --nodeport-mode dsr, flows to \
+             endpoints on any other Node go by SNAT",
+            agent.dsr_nodes.clone(),
+        );
+        lb.register(
+            "dsr_mark_missing",
+            "1 while this node's Node lacks the DSR mark this agent writes (XDP on its NICs, \
+             Kubernetes source): other nodes send its endpoints' flows by SNAT",
+            agent.dsr_mark_missing.clone(),
+        );
+        lb.register(
+            "dsr_mark_write_failures",
+            "Writes of this node's DSR mark that failed (the API server refused or could not be \
+             reached); tried again every 5 s",
+            agent.dsr_mark_write_failures.clone(),
         );
         let read_failures = DatapathReadFailures::default();
         lb.register(

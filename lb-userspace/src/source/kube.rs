@@ -37,7 +37,7 @@ use kube::{
         watcher,
     },
 };
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use serde::de::DeserializeOwned;
 use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, warn};
@@ -508,7 +508,7 @@ pub fn object_reference(api_version: &str, kind: &str, metadata: &ObjectMeta) ->
 /// return. Written with a JSON merge patch of the annotation alone (RBAC: `patch` on nodes)
 /// when the Node lacks it or names another boot, after a sync; while the Node still lacks it,
 /// tried again [`MARK_RETRY`] after the last write began ([`Self::due`]: a write that failed
-/// brings no change of the Node, hence no sync).
+/// brings no change of the Node, hence no sync). What it sees is in [`MarkMetrics`].
 pub struct DirectReturnMark {
     nodes: Api<Node>,
     node_name: String,
@@ -516,10 +516,26 @@ pub struct DirectReturnMark {
     last_try: Option<std::time::Instant>,
     due: Option<std::time::Instant>,
     writing: Option<tokio::task::JoinHandle<()>>,
+    metrics: MarkMetrics,
+    failed_in_a_row: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How long after a mark's write the next may start, when the Node still lacks it.
 pub const MARK_RETRY: Duration = Duration::from_secs(5);
+
+/// Of a run of failed writes of the mark, the first and every this many are logged as warnings
+/// (once a minute at [`MARK_RETRY`]); the counter counts each.
+const MARK_FAILURES_PER_WARNING: u64 = 12;
+
+/// What an operator sees of this node's DSR mark (`lb_dsr_mark_missing`,
+/// `lb_dsr_mark_write_failures_total`).
+#[derive(Clone, Default)]
+pub struct MarkMetrics {
+    /// 1 while this node's Node, as the source last saw it, lacks the mark of this boot.
+    pub missing: Gauge,
+    /// Writes of the mark that failed (the API server refused them or could not be reached).
+    pub write_failures: Counter,
+}
 
 impl DirectReturnMark {
     pub fn new(client: Client, node_name: &str, boot_id: &str) -> Self {
@@ -530,7 +546,15 @@ impl DirectReturnMark {
             last_try: None,
             due: None,
             writing: None,
+            metrics: MarkMetrics::default(),
+            failed_in_a_row: Arc::default(),
         }
+    }
+
+    /// Reports the mark's state and failed writes in `metrics`.
+    pub fn with_metrics(mut self, metrics: MarkMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// When [`Self::ensure`] is to look again: the Node lacked the mark at its last look.
@@ -543,10 +567,10 @@ impl DirectReturnMark {
     /// when to look again). Without a Node object there is nothing to mark.
     pub fn ensure(&mut self, node: Option<&Node>) {
         self.due = None;
-        let Some(node) = node else {
-            return;
-        };
-        if super::direct_return_mark(node) == Some(self.boot_id.as_str()) {
+        let marked =
+            node.is_some_and(|node| super::direct_return_mark(node) == Some(self.boot_id.as_str()));
+        self.metrics.missing.set(i64::from(!marked));
+        if marked || node.is_none() {
             return;
         }
         let now = std::time::Instant::now();
@@ -574,18 +598,33 @@ impl DirectReturnMark {
             self.node_name.clone(),
             self.boot_id.clone(),
         );
+        let (write_failures, failed_in_a_row) = (
+            self.metrics.write_failures.clone(),
+            self.failed_in_a_row.clone(),
+        );
         self.writing = Some(tokio::spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
             let params = kube::api::PatchParams::default();
             match nodes
                 .patch(&name, &params, &kube::api::Patch::Merge(&patch))
                 .await
             {
-                Ok(_) => info!(node = %name, %boot_id, "marked this node as taking DSR options"),
-                Err(error) => warn!(
-                    node = %name,
-                    %error,
-                    "this node's DSR mark was not written; other nodes send its endpoints' flows by SNAT until it is"
-                ),
+                Ok(_) => {
+                    let failed_writes = failed_in_a_row.swap(0, Relaxed);
+                    info!(node = %name, %boot_id, failed_writes, "marked this node as taking DSR options");
+                }
+                Err(error) => {
+                    write_failures.inc();
+                    let failed_writes = failed_in_a_row.fetch_add(1, Relaxed) + 1;
+                    if failed_writes % MARK_FAILURES_PER_WARNING == 1 {
+                        warn!(
+                            node = %name,
+                            %error,
+                            failed_writes,
+                            "this node's DSR mark was not written; other nodes send its endpoints' flows by SNAT until it is (tried again every 5 s, warned once a minute)"
+                        );
+                    }
+                }
             }
         }));
     }
