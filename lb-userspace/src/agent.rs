@@ -1106,10 +1106,27 @@ fn spawn_event_as(
     });
 }
 
-/// `lb run --cleanup`: removes the pins the agent created (links, programs, maps), which
-/// detaches the datapath, and the pin directory; refuses any path that is not a pin directory
-/// ([`crate::datapath::pins::remove`]). Missing state is not an error.
-pub fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+/// The API server `lb run --cleanup` removes this node's DSR mark through (`--source kube`).
+pub struct MarkRemoval {
+    pub node_name: String,
+    pub master: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// How long `lb run --cleanup` tries to remove the DSR mark before it detaches the datapath
+/// regardless.
+const MARK_REMOVAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `lb run --cleanup`: removes this node's DSR mark when `mark` says where (first: other nodes
+/// then stop sending its endpoints' flows by DSR before the XDP that takes the options goes),
+/// then the pins the agent created (links, programs, maps), which detaches the datapath, and
+/// the pin directory; refuses any path that is not a pin directory
+/// ([`crate::datapath::pins::remove`]). Missing state is not an error, and neither is a mark
+/// that could not be removed: that is logged with the command that removes it.
+pub fn cleanup(pin_dir: &std::path::Path, mark: Option<&MarkRemoval>) -> anyhow::Result<()> {
+    if let Some(mark) = mark {
+        remove_dsr_mark(mark);
+    }
     match crate::datapath::pins::remove(pin_dir)? {
         crate::datapath::pins::Cleanup::Absent => {
             info!(pin_dir = %pin_dir.display(), "nothing to remove");
@@ -1119,4 +1136,37 @@ pub fn cleanup(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn remove_dsr_mark(mark: &MarkRemoval) {
+    let node = mark.node_name.as_str();
+    let removal = async {
+        let client =
+            kube_source::client(mark.master.as_deref(), mark.kubeconfig.as_deref()).await?;
+        kube_source::remove_direct_return_mark(client, node).await
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                tokio::time::timeout(MARK_REMOVAL_TIMEOUT, removal)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!(
+                            "no answer from the API server in {MARK_REMOVAL_TIMEOUT:?}"
+                        ))
+                    })
+            })
+        });
+    match result {
+        Ok(()) => info!(node, "removed this node's DSR mark"),
+        Err(error) => warn!(
+            node,
+            error = format!("{error:#}"),
+            "this node's DSR mark was not removed; nodes running lb with --nodeport-mode dsr send its endpoints' flows by DSR, which time out without lb here, until it is: kubectl annotate node {node} {}-",
+            crate::source::DIRECT_RETURN_MARK
+        ),
+    }
 }

@@ -198,7 +198,10 @@ struct RunArgs {
     /// Seconds a change from the source may wait for its sync before /healthz says 503.
     #[arg(long, env = "LB_HEALTHZ_TIMEOUT", default_value_t = 60)]
     healthz_timeout: u64,
-    /// Remove everything the agent installed (pinned links, programs, maps) and exit.
+    /// Remove everything the agent installed (pinned links, programs, maps) and exit. With
+    /// source kube, first remove this node's DSR mark from its Node (the API server and node
+    /// name as the agent finds them, without --config; a failure is logged with the command
+    /// that removes it by hand).
     #[arg(long)]
     cleanup: bool,
     /// Path to a kubeconfig file (source kube).
@@ -580,17 +583,19 @@ fn apply_kube_proxy_config(args: &mut RunArgs, given: &Given) -> anyhow::Result<
 fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
     let log_level = lb_userspace::logging::init(args.log_json, &args.log_level)?;
     if args.cleanup {
-        return agent::cleanup(&args.pin_dir);
+        // Without --config: the flags and environment name the node and the API server.
+        let mark = match args.source {
+            Source::Kube => Some(agent::MarkRemoval {
+                node_name: node_name(&args)?,
+                master: args.master.clone(),
+                kubeconfig: args.kubeconfig.clone(),
+            }),
+            Source::File => None,
+        };
+        return agent::cleanup(&args.pin_dir, mark.as_ref());
     }
     apply_kube_proxy_config(&mut args, given)?;
-    let node_name = match args
-        .hostname_override
-        .clone()
-        .or_else(|| std::env::var("NODE_NAME").ok())
-    {
-        Some(name) => name,
-        None => hostname()?,
-    };
+    let node_name = node_name(&args)?;
     anyhow::ensure!(
         !args.interfaces.is_empty() || args.cgroup_path.is_some(),
         "nothing to attach the datapath to: give --interfaces (NICs for XDP and tc) and/or \
@@ -742,6 +747,18 @@ fn explain(
         }
     }
     Ok(())
+}
+
+/// This node's name: `--hostname-override`, else `NODE_NAME`, else the hostname.
+fn node_name(args: &RunArgs) -> anyhow::Result<String> {
+    match args
+        .hostname_override
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+    {
+        Some(name) => Ok(name),
+        None => hostname(),
+    }
 }
 
 fn hostname() -> anyhow::Result<String> {

@@ -266,21 +266,31 @@ impl Host {
     /// Runs a program inside this namespace to completion and returns its stdout; fails with its
     /// stderr when it exits non-zero.
     pub fn run(&self, program: impl AsRef<Path>, args: &[&str]) -> anyhow::Result<String> {
-        let mut command = Command::new(program.as_ref());
-        command.args(args);
-        let output = self
-            .prepare(&mut command, None)?
-            .output()
-            .with_context(|| format!("running {command:?} in {}", self.netns))?;
+        let output = self.output(program.as_ref(), args)?;
         if !output.status.success() {
             bail!(
-                "{command:?} in {} failed: {}\n{}",
+                "{} {args:?} in {} failed: {}\n{}",
+                program.as_ref().display(),
                 self.netns,
                 output.status,
                 String::from_utf8_lossy(&output.stderr)
             );
         }
         Ok(String::from_utf8(output.stdout)?)
+    }
+
+    /// Runs a program inside this namespace to completion and returns its exit status, stdout
+    /// and stderr, whatever the status.
+    pub fn output(
+        &self,
+        program: impl AsRef<Path>,
+        args: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
+        let mut command = Command::new(program.as_ref());
+        command.args(args);
+        self.prepare(&mut command, None)?
+            .output()
+            .with_context(|| format!("running {command:?} in {}", self.netns))
     }
 
     /// Starts a long-running program in this namespace (optionally inside a cgroup, joined before

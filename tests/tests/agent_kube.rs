@@ -420,3 +420,76 @@ async fn an_agent_whose_dsr_mark_is_refused_counts_the_refusals_and_says_the_mar
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_removes_the_nodes_dsr_mark_and_detaches_even_when_the_api_server_refuses() {
+    let (mut setup, server) = tokio::task::block_in_place(|| lab::kube_agent::lab_agent(|_| {}))
+        .expect("the agent in the lab");
+    assert_eq!(
+        lab::kube_agent::wait_for_dsr_mark(&server, WAIT).await,
+        Some(lab::kube_agent::boot_id()),
+        "{:#?}",
+        server.requests()
+    );
+    setup.kill_agent().expect("stop the agent");
+    let lb = lab::peer::sibling_binary("lb").expect("lb");
+    let kubeconfig = setup.scratch_file("kubeconfig");
+    let pin_dir = setup.pin_dir().to_owned();
+    let cleanup = |setup: &lab::agent::AgentLab| {
+        let args = [
+            "run",
+            "--cleanup",
+            "--source",
+            "kube",
+            "--kubeconfig",
+            kubeconfig.to_str().expect("path"),
+            "--hostname-override",
+            "node1",
+            "--pin-dir",
+            pin_dir.to_str().expect("path"),
+        ];
+        let output = tokio::task::block_in_place(|| setup.cluster.node(1).host.output(&lb, &args))
+            .expect("lb run --cleanup");
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{log}");
+        log
+    };
+
+    // The API server refuses: the datapath is detached all the same, and the log says how to
+    // remove the mark by hand.
+    server.fail_node_patches(usize::MAX, 403, "Forbidden", "cannot patch resource nodes");
+    let log = cleanup(&setup);
+    assert!(
+        !pin_dir.exists(),
+        "{} still there\n{log}",
+        pin_dir.display()
+    );
+    assert!(
+        log.contains("DSR mark was not removed")
+            && log.contains("cannot patch resource nodes")
+            && log.contains("kubectl annotate node node1 lb.io/dsr-boot-id-"),
+        "{log}"
+    );
+    assert!(
+        lab::kube_agent::wait_for_dsr_mark(&server, Duration::ZERO)
+            .await
+            .is_some()
+    );
+
+    // Allowed: the mark goes (and there is nothing left to detach).
+    server.fail_node_patches(0, 403, "Forbidden", "lifted");
+    let log = cleanup(&setup);
+    assert!(log.contains("removed this node's DSR mark"), "{log}");
+    assert_eq!(
+        lab::kube_agent::wait_for_dsr_mark(&server, Duration::ZERO).await,
+        None,
+        "{:#?}",
+        server.object(Resource::Nodes, "", "node1")
+    );
+    // The rest of the Node is as it was.
+    let node = server.object(Resource::Nodes, "", "node1").expect("node1");
+    assert_eq!(
+        node["status"]["nodeInfo"]["bootID"],
+        json!(lab::kube_agent::boot_id())
+    );
+}

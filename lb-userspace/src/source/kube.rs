@@ -630,6 +630,21 @@ impl DirectReturnMark {
     }
 }
 
+/// Removes this node's DSR mark from its Node (a JSON merge patch of the annotation alone, as
+/// [`DirectReturnMark`] writes it), so that the other nodes send its endpoints' flows by SNAT:
+/// `lb run --cleanup`, before it detaches the XDP that takes the options.
+pub async fn remove_direct_return_mark(client: Client, node_name: &str) -> anyhow::Result<()> {
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {super::DIRECT_RETURN_MARK: null}}
+    });
+    let params = kube::api::PatchParams::default();
+    Api::<Node>::all(client)
+        .patch(node_name, &params, &kube::api::Patch::Merge(&patch))
+        .await
+        .context("patching the Node")?;
+    Ok(())
+}
+
 /// Records Kubernetes Events (events.k8s.io/v1, through kube's [`Recorder`]) about objects the
 /// agent has to skip, and what its health checks see. Repeats of the same reason for the
 /// same, unchanged object within kube's cache window (6 minutes) update one Event's
