@@ -493,3 +493,62 @@ async fn cleanup_removes_the_nodes_dsr_mark_and_detaches_even_when_the_api_serve
         json!(lab::kube_agent::boot_id())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_gives_up_on_an_api_server_that_never_answers_and_detaches() {
+    let (mut setup, server) = tokio::task::block_in_place(|| lab::kube_agent::lab_agent(|_| {}))
+        .expect("the agent in the lab");
+    assert!(
+        lab::kube_agent::wait_for_dsr_mark(&server, WAIT)
+            .await
+            .is_some()
+    );
+    setup.kill_agent().expect("stop the agent");
+    // An API server that takes connections (the kernel's backlog) and never answers, in node1's
+    // namespace.
+    let silent = {
+        let _inside = setup
+            .cluster
+            .node(1)
+            .host
+            .enter()
+            .expect("node1's namespace");
+        std::net::TcpListener::bind("127.0.0.1:0").expect("listener")
+    };
+    let master = format!("http://{}", silent.local_addr().expect("address"));
+    let lb = lab::peer::sibling_binary("lb").expect("lb");
+    let kubeconfig = setup.scratch_file("kubeconfig");
+    let pin_dir = setup.pin_dir().to_owned();
+    let args = [
+        "run",
+        "--cleanup",
+        "--source",
+        "kube",
+        "--kubeconfig",
+        kubeconfig.to_str().expect("path"),
+        "--master",
+        &master,
+        "--hostname-override",
+        "node1",
+        "--pin-dir",
+        pin_dir.to_str().expect("path"),
+    ];
+    let started = std::time::Instant::now();
+    let output = tokio::task::block_in_place(|| setup.cluster.node(1).host.output(&lb, &args))
+        .expect("lb run --cleanup");
+    let took = started.elapsed();
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{log}");
+    assert!(
+        !pin_dir.exists(),
+        "{} still there\n{log}",
+        pin_dir.display()
+    );
+    assert!(
+        log.contains("DSR mark was not removed") && log.contains("no answer from the API server"),
+        "{log}"
+    );
+    // It gave the API server the whole 10 s before giving up.
+    assert!(took >= Duration::from_secs(10), "{took:?}\n{log}");
+    drop(silent);
+}
