@@ -421,6 +421,33 @@ async fn an_agent_whose_dsr_mark_is_refused_counts_the_refusals_and_says_the_mar
     );
 }
 
+/// `lb run --cleanup --source kube` in node1's namespace, against the lab's API server (or
+/// `extra`'s `--master`), for the lab agent's pins; its exit status and log (stderr).
+fn cleanup_node1(setup: &lab::agent::AgentLab, extra: &[&str]) -> (bool, String) {
+    let lb = lab::peer::sibling_binary("lb").expect("lb");
+    let kubeconfig = setup.scratch_file("kubeconfig");
+    let pin_dir = setup.pin_dir().to_owned();
+    let mut args = vec![
+        "run",
+        "--cleanup",
+        "--source",
+        "kube",
+        "--kubeconfig",
+        kubeconfig.to_str().expect("path"),
+        "--hostname-override",
+        "node1",
+        "--pin-dir",
+        pin_dir.to_str().expect("path"),
+    ];
+    args.extend_from_slice(extra);
+    let output = tokio::task::block_in_place(|| setup.cluster.node(1).host.output(&lb, &args))
+        .expect("lb run --cleanup");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_removes_the_nodes_dsr_mark_and_detaches_even_when_the_api_server_refuses() {
     let (mut setup, server) = tokio::task::block_in_place(|| lab::kube_agent::lab_agent(|_| {}))
@@ -432,26 +459,10 @@ async fn cleanup_removes_the_nodes_dsr_mark_and_detaches_even_when_the_api_serve
         server.requests()
     );
     setup.kill_agent().expect("stop the agent");
-    let lb = lab::peer::sibling_binary("lb").expect("lb");
-    let kubeconfig = setup.scratch_file("kubeconfig");
     let pin_dir = setup.pin_dir().to_owned();
     let cleanup = |setup: &lab::agent::AgentLab| {
-        let args = [
-            "run",
-            "--cleanup",
-            "--source",
-            "kube",
-            "--kubeconfig",
-            kubeconfig.to_str().expect("path"),
-            "--hostname-override",
-            "node1",
-            "--pin-dir",
-            pin_dir.to_str().expect("path"),
-        ];
-        let output = tokio::task::block_in_place(|| setup.cluster.node(1).host.output(&lb, &args))
-            .expect("lb run --cleanup");
-        let log = String::from_utf8_lossy(&output.stderr).into_owned();
-        assert!(output.status.success(), "{log}");
+        let (succeeded, log) = cleanup_node1(setup, &[]);
+        assert!(succeeded, "{log}");
         log
     };
 
@@ -516,29 +527,11 @@ async fn cleanup_gives_up_on_an_api_server_that_never_answers_and_detaches() {
         std::net::TcpListener::bind("127.0.0.1:0").expect("listener")
     };
     let master = format!("http://{}", silent.local_addr().expect("address"));
-    let lb = lab::peer::sibling_binary("lb").expect("lb");
-    let kubeconfig = setup.scratch_file("kubeconfig");
     let pin_dir = setup.pin_dir().to_owned();
-    let args = [
-        "run",
-        "--cleanup",
-        "--source",
-        "kube",
-        "--kubeconfig",
-        kubeconfig.to_str().expect("path"),
-        "--master",
-        &master,
-        "--hostname-override",
-        "node1",
-        "--pin-dir",
-        pin_dir.to_str().expect("path"),
-    ];
     let started = std::time::Instant::now();
-    let output = tokio::task::block_in_place(|| setup.cluster.node(1).host.output(&lb, &args))
-        .expect("lb run --cleanup");
+    let (succeeded, log) = cleanup_node1(&setup, &["--master", &master]);
     let took = started.elapsed();
-    let log = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "{log}");
+    assert!(succeeded, "{log}");
     assert!(
         !pin_dir.exists(),
         "{} still there\n{log}",

@@ -590,9 +590,6 @@ impl DirectReturnMark {
         }
         self.last_try = Some(now);
         self.due = Some(now + MARK_RETRY);
-        let patch = serde_json::json!({
-            "metadata": {"annotations": {super::DIRECT_RETURN_MARK: self.boot_id}}
-        });
         let (nodes, name, boot_id) = (
             self.nodes.clone(),
             self.node_name.clone(),
@@ -604,11 +601,7 @@ impl DirectReturnMark {
         );
         self.writing = Some(tokio::spawn(async move {
             use std::sync::atomic::Ordering::Relaxed;
-            let params = kube::api::PatchParams::default();
-            match nodes
-                .patch(&name, &params, &kube::api::Patch::Merge(&patch))
-                .await
-            {
+            match patch_mark(&nodes, &name, Some(&boot_id)).await {
                 Ok(_) => {
                     let failed_writes = failed_in_a_row.swap(0, Relaxed);
                     info!(node = %name, %boot_id, failed_writes, "marked this node as taking DSR options");
@@ -634,15 +627,29 @@ impl DirectReturnMark {
 /// [`DirectReturnMark`] writes it), so that the other nodes send its endpoints' flows by SNAT:
 /// `lb run --cleanup`, before it detaches the XDP that takes the options.
 pub async fn remove_direct_return_mark(client: Client, node_name: &str) -> anyhow::Result<()> {
-    let patch = serde_json::json!({
-        "metadata": {"annotations": {super::DIRECT_RETURN_MARK: null}}
-    });
-    let params = kube::api::PatchParams::default();
-    Api::<Node>::all(client)
-        .patch(node_name, &params, &kube::api::Patch::Merge(&patch))
+    patch_mark(&Api::all(client), node_name, None)
         .await
         .context("patching the Node")?;
     Ok(())
+}
+
+/// Sets a Node's DSR mark to `boot_id`, or removes it: a JSON merge patch of the annotation
+/// alone (RBAC: `patch` on nodes).
+async fn patch_mark(
+    nodes: &Api<Node>,
+    node_name: &str,
+    boot_id: Option<&str>,
+) -> kube::Result<Node> {
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {super::DIRECT_RETURN_MARK: boot_id}}
+    });
+    nodes
+        .patch(
+            node_name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
 }
 
 /// Records Kubernetes Events (events.k8s.io/v1, through kube's [`Recorder`]) about objects the
