@@ -288,8 +288,9 @@ fn cleanup_removes_everything_the_agent_installed() {
 
     let lb = lab::peer::sibling_binary("lb").expect("lb");
     let pin_dir = setup.pin_dir().to_owned();
+    // `--source file`: no API server to remove a DSR mark from, so the run stays on this host.
     let status = std::process::Command::new(lb)
-        .args(["run", "--cleanup", "--pin-dir"])
+        .args(["run", "--cleanup", "--source", "file", "--pin-dir"])
         .arg(&pin_dir)
         .status()
         .expect("lb run --cleanup");
@@ -468,6 +469,11 @@ fn an_empty_setting_in_the_environment_counts_as_not_set() {
     let output = std::process::Command::new(lb)
         .args(["run", "--cleanup", "--pin-dir"])
         .arg(&pins)
+        // The kube source's cleanup resolves the node name (from the empty override too), then
+        // fails on this missing kubeconfig instead of reaching whatever API server the
+        // machine's own configuration names.
+        .arg("--kubeconfig")
+        .arg(pins.join("no-kubeconfig"))
         .env("LB_NODEPORT_ADDRESSES", "")
         .env("LB_HOSTNAME_OVERRIDE", "")
         .output()

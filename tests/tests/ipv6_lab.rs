@@ -430,7 +430,7 @@ fn ipv6_services_outlive_an_agent_restart_and_go_with_cleanup() {
 
     setup.kill_agent().expect("stop the agent");
     let status = std::process::Command::new(lab::peer::sibling_binary("lb").expect("lb"))
-        .args(["run", "--cleanup", "--pin-dir"])
+        .args(["run", "--cleanup", "--source", "file", "--pin-dir"])
         .arg(setup.pin_dir())
         .status()
         .expect("lb run --cleanup");

@@ -26,9 +26,10 @@ fn pin_map(path: &Path) {
         .unwrap_or_else(|error| panic!("pin {}: {error}", path.display()));
 }
 
+/// `lb run --cleanup --source file`: the pins alone, no API server to remove a DSR mark from.
 fn cleanup(pin_dir: &Path) -> Output {
     Command::new(sibling_binary("lb").expect("lb binary"))
-        .args(["run", "--cleanup", "--pin-dir"])
+        .args(["run", "--cleanup", "--source", "file", "--pin-dir"])
         .arg(pin_dir)
         .env_clear()
         .output()
