@@ -16,7 +16,9 @@
 //!   objects as `ADDED`), then streaming live changes until `timeoutSeconds`;
 //! - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events` and `/api/v1/namespaces/{ns}/events`,
 //!   and `PATCH .../events/{name}` (JSON merge patch): Events, kept for [`FakeApiServer::events`];
-//! - `PATCH /api/v1/nodes/{name}` (JSON merge patch): the stored Node changed, as watchers see.
+//! - `PATCH /api/v1/nodes/{name}` (JSON merge patch): the stored Node changed, as watchers see;
+//!   with [`FakeApiServer::admit_node_patches`], only when a ValidatingAdmissionPolicy admits the
+//!   change (`crate::admission`), as the API server applies deploy/admission-policy.yaml.
 //!
 //! What it does not do: authentication, validation beyond what the source relies on, set-based
 //! label selectors (`in`, `notin`: answered 400), `sendInitialEvents` streaming lists (answered
@@ -56,6 +58,8 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
+
+use crate::admission::{Policy, Requester, Verdict};
 
 /// The collections the fake serves to watchers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -301,6 +305,8 @@ struct State {
     event_failures: Option<InjectedFailure>,
     /// Node patches still to fail, and how.
     node_patch_failures: Option<InjectedFailure>,
+    /// The policy Node patches must pass, and who sends them.
+    node_admission: Option<(Policy, Requester)>,
     /// (`METHOD /path?query`, User-Agent), in arrival order.
     requests: Vec<(String, Option<String>)>,
 }
@@ -677,6 +683,13 @@ impl FakeApiServer {
     /// [`Self::fail_events`]; `count` 0 ends the failures.
     pub fn fail_node_patches(&self, count: usize, code: u16, reason: &str, message: &str) {
         self.state().node_patch_failures = Some(InjectedFailure::new(count, code, reason, message));
+    }
+
+    /// From now on, each Node patch is reviewed by `policy` as sent by `requester` (the server
+    /// authenticates no one: every patch is taken for `requester`'s), and refused with the
+    /// policy's Status (403 for its `Forbidden` reasons) when the policy denies it.
+    pub fn admit_node_patches(&self, policy: Policy, requester: Requester) {
+        self.state().node_admission = Some((policy, requester));
     }
 
     /// How many Event writes (creates and patches) arrived, failed or not.
@@ -1296,6 +1309,17 @@ fn patch_node(state: &Mutex<State>, name: &str, content_type: &str, body: &[u8])
     }
     node["apiVersion"] = before["apiVersion"].clone();
     node["kind"] = before["kind"].clone();
+    if let Some((policy, requester)) = &state.node_admission
+        && let Verdict::Denied { message, reason } =
+            policy.review_update("nodes", requester, &before, &node)
+    {
+        let code = match reason.as_str() {
+            "Forbidden" => StatusCode::FORBIDDEN,
+            "InternalError" => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        return failure(code, &reason, &message);
+    }
     node["metadata"]["resourceVersion"] = json!(version.to_string());
     state.objects.insert(key, node.clone());
     state.publish(Resource::Nodes, "MODIFIED", node.clone(), Some(before));
@@ -1322,7 +1346,7 @@ fn merge_patch_of(content_type: &str, body: &[u8]) -> Result<Value, Box<Response
 }
 
 /// RFC 7386 JSON merge patch.
-fn merge_patch(target: &mut Value, patch: &Value) {
+pub fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(patch) = patch else {
         *target = patch.clone();
         return;

@@ -157,13 +157,19 @@ pub async fn wait_for_dsr_mark(server: &FakeApiServer, timeout: Duration) -> Opt
 /// An [`crate::agent::AgentLab`] whose node1 agent runs `lb run --source kube` against a fake
 /// API server inside node1's namespace, so that the agent has lb's XDP on its fabric NIC, as
 /// the DaemonSet's agent has on the node's NICs; `populate` fills the server first (node1's
-/// Node is there already, [`node1_booted`]). Returns after the agent's first sync.
+/// Node is there already, [`node1_booted`]), whose Node patches pass deploy/admission-policy.yaml
+/// as node1's agent's. Returns after the agent's first sync.
 pub fn lab_agent(
     populate: impl FnOnce(&FakeApiServer),
 ) -> anyhow::Result<(crate::agent::AgentLab, FakeApiServer)> {
     let mut setup = crate::agent::AgentLab::new()?;
     let server = FakeApiServer::start_in(&setup.cluster.node(1).host)?;
     server.apply(node1_booted());
+    // As a cluster with deploy/admission-policy.yaml applied sees the agent of node1's pod.
+    server.admit_node_patches(
+        crate::admission::Policy::of_deploy()?,
+        crate::admission::Requester::lb_agent_on("node1"),
+    );
     populate(&server);
     let kubeconfig = setup.scratch_file("kubeconfig");
     server.write_kubeconfig(&kubeconfig)?;

@@ -1,5 +1,6 @@
 //! The lab and the helpers of the integration tests (tests/tests/*.rs) and the demo.
 //!
+//! - [`admission`]: deploy/admission-policy.yaml evaluated as the API server would (CEL);
 //! - [`agent`]: the real `lb` agent on a lab node, fed by manifests the test writes;
 //! - [`fake_apiserver`] and [`kube_agent`]: a fake Kubernetes API server, and the real agent
 //!   (`lb run --source kube`) reading it;
@@ -15,6 +16,7 @@
 //! - [`previous`]: the agent of an earlier release, built from this clone's history (the upgrade row);
 //! - [`soak`]: the reliability suite's fault scenarios under load (`lb-soak`, tests/tests/reliability.rs).
 
+pub mod admission;
 pub mod agent;
 pub mod bare_xdp;
 pub mod fake_apiserver;

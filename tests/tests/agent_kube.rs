@@ -421,6 +421,52 @@ async fn an_agent_whose_dsr_mark_is_refused_counts_the_refusals_and_says_the_mar
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_whose_tokens_name_no_node_the_admission_policy_refuses_the_mark() {
+    // deploy/admission-policy.yaml on a cluster that binds no node to ServiceAccount tokens
+    // (before Kubernetes 1.30): the agent's own patch is refused, counted, and the API server's
+    // reason logged; the Node keeps no mark, so other nodes reach its endpoints by SNAT.
+    let (setup, server) = tokio::task::block_in_place(|| {
+        lab::kube_agent::lab_agent(|server| {
+            server.admit_node_patches(
+                lab::admission::Policy::of_deploy().expect("the policy"),
+                lab::admission::Requester::lb_agent_without_node_claim(),
+            );
+        })
+    })
+    .expect("the agent in the lab");
+    let metric = |sample: &str| {
+        tokio::task::block_in_place(|| setup.metric(sample))
+            .expect("GET /metrics")
+            .unwrap_or_else(|| panic!("no {sample} on /metrics"))
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while metric("lb_dsr_mark_write_failures_total") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            server.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(metric("lb_dsr_mark_missing"), 1.0);
+    let log = std::fs::read_to_string(setup.log()).expect("log");
+    assert!(
+        log.lines()
+            .any(|line| line.contains("DSR mark was not written")
+                && line.contains("ValidatingAdmissionPolicy 'lb-own-node-dsr-mark'")
+                && line.contains("authentication.kubernetes.io/node-name claim")),
+        "{log}"
+    );
+    let node = server.object(Resource::Nodes, "", "node1").expect("node1");
+    assert!(
+        node["metadata"]["annotations"]
+            .get(lb_userspace::source::DIRECT_RETURN_MARK)
+            .is_none(),
+        "{node:#}"
+    );
+}
+
 /// `lb run --cleanup --source kube` in node1's namespace, against the lab's API server (or
 /// `extra`'s `--master`), for the lab agent's pins; its exit status and log (stderr).
 fn cleanup_node1(setup: &lab::agent::AgentLab, extra: &[&str]) -> (bool, String) {

@@ -16,6 +16,7 @@ use std::{
 use k8s_openapi::{
     Resource,
     api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::DaemonSet,
         core::v1::{ConfigMap, Container, PodSpec, Probe, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
@@ -23,6 +24,7 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use lab::{
+    admission::{Policy, Requester, Verdict},
     fake_apiserver::{FakeApiServer, Resource as Collection},
     kube_agent::{KubeAgent, WAIT},
     lab::{Lab, PinDir, ScratchDir},
@@ -244,6 +246,8 @@ struct Manifests {
     service_account: ServiceAccount,
     cluster_role: ClusterRole,
     binding: ClusterRoleBinding,
+    admission_policy: ValidatingAdmissionPolicy,
+    admission_binding: ValidatingAdmissionPolicyBinding,
     config_map: ConfigMap,
     /// The ConfigMap's file, for the settings that are commented out.
     config_map_file: PathBuf,
@@ -258,6 +262,8 @@ fn manifests() -> Manifests {
     let mut service_accounts = Vec::new();
     let mut cluster_roles = Vec::new();
     let mut bindings = Vec::new();
+    let mut admission_policies = Vec::new();
+    let mut admission_bindings = Vec::new();
     let mut config_maps = Vec::new();
     let mut daemon_sets = Vec::new();
     for file in kustomization_resources() {
@@ -269,6 +275,12 @@ fn manifests() -> Manifests {
                 cluster_roles.push(strict::<ClusterRole>(document, &origin));
             } else if is::<ClusterRoleBinding>(document) {
                 bindings.push(strict::<ClusterRoleBinding>(document, &origin));
+            } else if is::<ValidatingAdmissionPolicy>(document) {
+                admission_policies.push(strict::<ValidatingAdmissionPolicy>(document, &origin));
+            } else if is::<ValidatingAdmissionPolicyBinding>(document) {
+                admission_bindings.push(strict::<ValidatingAdmissionPolicyBinding>(
+                    document, &origin,
+                ));
             } else if is::<ConfigMap>(document) {
                 config_maps.push((strict::<ConfigMap>(document, &origin), file.clone()));
             } else if is::<DaemonSet>(document) {
@@ -286,6 +298,8 @@ fn manifests() -> Manifests {
         service_account: only(service_accounts, "ServiceAccount"),
         cluster_role: only(cluster_roles, "ClusterRole"),
         binding: only(bindings, "ClusterRoleBinding"),
+        admission_policy: only(admission_policies, "ValidatingAdmissionPolicy"),
+        admission_binding: only(admission_bindings, "ValidatingAdmissionPolicyBinding"),
         config_map,
         config_map_file,
         daemon_set: only(daemon_sets, "DaemonSet"),
@@ -466,6 +480,31 @@ fn the_objects_refer_to_each_other() {
     assert_eq!(Some(&subject.name), account.name.as_ref());
     assert_eq!(subject.namespace, account.namespace);
 
+    // The admission policy applies to the agent's ServiceAccount, and its binding denies.
+    let policy = &manifests.admission_policy;
+    let admission_binding = manifests.admission_binding.spec.as_ref().expect("spec");
+    assert_eq!(admission_binding.policy_name, policy.metadata.name);
+    assert_eq!(
+        admission_binding.validation_actions.as_deref(),
+        Some(&["Deny".to_owned()][..])
+    );
+    assert!(admission_binding.match_resources.is_none() && admission_binding.param_ref.is_none());
+    let username = format!(
+        "system:serviceaccount:{}:{}",
+        account.namespace.as_deref().expect("namespace"),
+        account.name.as_deref().expect("name")
+    );
+    assert_eq!(username, lab::admission::LB_SERVICE_ACCOUNT);
+    let spec = policy.spec.as_ref().expect("spec");
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+    let [condition] = spec.match_conditions.as_deref().unwrap_or_default() else {
+        panic!("the policy should have one match condition, on the agent's username");
+    };
+    assert_eq!(
+        condition.expression,
+        format!("request.userInfo.username == '{username}'")
+    );
+
     let agent = manifests.agent();
     let [source] = agent.env_from.as_deref().unwrap_or_default() else {
         panic!("the agent's environment should come from the ConfigMap alone");
@@ -493,6 +532,237 @@ fn the_objects_refer_to_each_other() {
             labels.and_then(|labels| labels.get(key)),
             Some(value),
             "the selector should match the pod template"
+        );
+    }
+}
+
+/// A Node as the API server holds it, with the annotations, labels, taint and owner fields
+/// the policy must keep.
+fn node(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": name, "uid": format!("uid-{name}"), "resourceVersion": "41",
+            "labels": {"kubernetes.io/hostname": name, "node-role.kubernetes.io/worker": ""},
+            "annotations": {
+                "node.alpha.kubernetes.io/ttl": "0",
+                "volumes.kubernetes.io/controller-managed-attach-detach": "true"
+            },
+            "managedFields": [{"manager": "kubelet", "operation": "Update"}]
+        },
+        "spec": {
+            "podCIDR": "10.244.1.0/24",
+            "taints": [{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]
+        },
+        "status": {"nodeInfo": {"bootID": "b0"}}
+    })
+}
+
+/// `node` after the JSON merge patch `patch`, with the field the API server itself changes on
+/// every write.
+fn patched(node: &Value, patch: Value) -> Value {
+    let mut after = node.clone();
+    lab::fake_apiserver::merge_patch(&mut after, &patch);
+    after["metadata"]["resourceVersion"] = json!("42");
+    after["metadata"]["managedFields"] = json!([{"manager": "lb", "operation": "Update"}]);
+    after
+}
+
+/// The patch the agent sends: its mark set to `boot_id`, or removed (None).
+fn mark_patch(boot_id: Option<&str>) -> Value {
+    json!({"metadata": {"annotations": {lb_userspace::source::DIRECT_RETURN_MARK: boot_id}}})
+}
+
+/// deploy/admission-policy.yaml, evaluated as the API server would (`lab::admission`, a mock
+/// of its admission; the CEL is the real expressions'): the agent's token may set and remove
+/// its own Node's DSR mark, and change nothing else of any Node.
+#[test]
+fn the_admission_policy_lets_the_agent_change_its_own_nodes_mark_and_nothing_else() {
+    let policy = Policy::of_deploy().expect("deploy/admission-policy.yaml");
+    let node1 = node("node1");
+    let marked = patched(&node1, mark_patch(Some("b0")));
+    let bare = {
+        let mut bare = node1.clone();
+        bare["metadata"]
+            .as_object_mut()
+            .expect("metadata")
+            .remove("annotations");
+        bare["metadata"]
+            .as_object_mut()
+            .expect("metadata")
+            .remove("labels");
+        bare
+    };
+    let agent = Requester::lb_agent_on("node1");
+    let admitted = [
+        ("the mark set", &node1, marked.clone()),
+        (
+            "the mark of a new boot",
+            &marked,
+            patched(&marked, mark_patch(Some("b1"))),
+        ),
+        (
+            "the mark removed",
+            &marked,
+            patched(&marked, mark_patch(None)),
+        ),
+        (
+            "the mark removed when absent",
+            &node1,
+            patched(&node1, mark_patch(None)),
+        ),
+        (
+            "the mark on a Node without annotations or labels",
+            &bare,
+            patched(&bare, mark_patch(Some("b0"))),
+        ),
+    ];
+    for (what, before, after) in admitted {
+        assert_eq!(
+            policy.review_update("nodes", &agent, before, &after),
+            Verdict::Admitted,
+            "{what}"
+        );
+    }
+
+    let only_its_node = "lb may update only the Node its pod runs on";
+    let only_the_mark = "lb may change only its Node's lb.io/dsr-boot-id annotation";
+    let no_claim = "carries no authentication.kubernetes.io/node-name claim";
+    let node2 = node("node2");
+    let with_mark = |patch: Value| {
+        let mut patch = patch;
+        lab::fake_apiserver::merge_patch(&mut patch, &mark_patch(Some("b0")));
+        patched(&node1, patch)
+    };
+    let denied = [
+        (
+            "another Node's mark",
+            &agent,
+            &node2,
+            patched(&node2, mark_patch(Some("b0"))),
+            only_its_node,
+        ),
+        (
+            "a label",
+            &agent,
+            &node1,
+            with_mark(json!({"metadata": {"labels": {"x": "y"}}})),
+            only_the_mark,
+        ),
+        (
+            "a label removed",
+            &agent,
+            &node1,
+            patched(
+                &node1,
+                json!({"metadata": {"labels": {"node-role.kubernetes.io/worker": null}}}),
+            ),
+            only_the_mark,
+        ),
+        (
+            "the labels removed",
+            &agent,
+            &node1,
+            patched(&node1, json!({"metadata": {"labels": null}})),
+            only_the_mark,
+        ),
+        (
+            "another annotation",
+            &agent,
+            &node1,
+            with_mark(json!({"metadata": {"annotations": {"node.alpha.kubernetes.io/ttl": "5"}}})),
+            only_the_mark,
+        ),
+        (
+            "another annotation added",
+            &agent,
+            &node1,
+            with_mark(json!({"metadata": {"annotations": {"x": "y"}}})),
+            only_the_mark,
+        ),
+        (
+            "another annotation removed",
+            &agent,
+            &node1,
+            with_mark(json!({"metadata": {"annotations": {"node.alpha.kubernetes.io/ttl": null}}})),
+            only_the_mark,
+        ),
+        (
+            "the taints removed",
+            &agent,
+            &node1,
+            with_mark(json!({"spec": {"taints": null}})),
+            only_the_mark,
+        ),
+        (
+            "the Node cordoned",
+            &agent,
+            &node1,
+            patched(&node1, json!({"spec": {"unschedulable": true}})),
+            only_the_mark,
+        ),
+        (
+            "a finalizer",
+            &agent,
+            &node1,
+            patched(&node1, json!({"metadata": {"finalizers": ["x/y"]}})),
+            only_the_mark,
+        ),
+        (
+            "an owner",
+            &agent,
+            &node1,
+            patched(
+                &node1,
+                json!({"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u"}]}}),
+            ),
+            only_the_mark,
+        ),
+        (
+            "a token without the node claim",
+            &Requester::lb_agent_without_node_claim(),
+            &node1,
+            marked.clone(),
+            no_claim,
+        ),
+    ];
+    for (what, requester, before, after, expected) in denied {
+        match policy.review_update("nodes", requester, before, &after) {
+            Verdict::Denied { message, reason } => {
+                assert!(
+                    message.contains(expected)
+                        && message.starts_with(
+                            "ValidatingAdmissionPolicy 'lb-own-node-dsr-mark' with binding"
+                        ),
+                    "{what}: {message}"
+                );
+                assert_eq!(reason, "Forbidden", "{what}");
+            }
+            verdict => panic!("{what}: {verdict:?}"),
+        }
+    }
+
+    // The policy is the agent's alone: the kubelet and a ServiceAccount of the same name
+    // elsewhere are not its business (RBAC decides theirs), nor is the status subresource,
+    // which the agent is not granted.
+    let relabelled = patched(&node1, json!({"metadata": {"labels": {"x": "y"}}}));
+    for (what, requester, resource) in [
+        (
+            "the kubelet",
+            Requester::other("system:node:node1"),
+            "nodes",
+        ),
+        (
+            "lb elsewhere",
+            Requester::other("system:serviceaccount:default:lb"),
+            "nodes",
+        ),
+        ("the status", agent.clone(), "nodes/status"),
+    ] {
+        assert_eq!(
+            policy.review_update(resource, &requester, &node1, &relabelled),
+            Verdict::NotMatched,
+            "{what}"
         );
     }
 }
