@@ -11,6 +11,12 @@
 //! Run by `cargo xtask bench`; prints a table and writes target/bench/control.json (`--out`).
 //! `--maglev`: every Service with Maglev (the agent's `--load-balancing maglev`), and the memory
 //! its lookup tables take (the sum of the kernel's `memlock` figure of each table).
+//!
+//! Last, apart (its own maps, the first ones released): an agent sending by direct server
+//! return (`--nodeport-mode dsr`) with the same Services' endpoints spread over 100 Nodes, all
+//! marked as taking DSR options; one Node's mark removed, then written again (its lb stopped,
+//! its reboot, its lb back), each time until the maps hold the endpoints there with their DSR
+//! flag turned.
 
 use std::sync::Arc;
 use std::{
@@ -29,6 +35,7 @@ use lab::lab::{Lab, PinDir};
 use lb_userspace::{
     compile::{Compiler, model::NodeContext},
     datapath::Datapath,
+    observe::inspect::PinnedMaps,
     reconcile::Reconciler,
     source::Snapshot,
 };
@@ -36,6 +43,10 @@ use lb_userspace::{
 const SERVICES: usize = 10_000;
 const ENDPOINTS: usize = 10;
 const CHANGES: usize = 21;
+/// The Nodes the endpoints are spread over when measuring DSR marks.
+const MARKED_NODES: usize = 100;
+/// Marks removed and written again (each a flip).
+const MARK_FLIPS: usize = 10;
 
 #[derive(clap::Parser)]
 #[command(about = "Control plane: 10k services x 10 endpoints from nothing, and one change")]
@@ -53,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     let lab = Lab::new()?;
     let pins = PinDir::new(&lab, "bench-control")?;
     let rss_start = peak_rss_kib();
-    let mut snapshot = snapshot(SERVICES, ENDPOINTS);
+    let mut snapshot = snapshot(SERVICES, ENDPOINTS, 2);
     let rss_objects = peak_rss_kib();
     let mut node = NodeContext::new("node1");
     node.default_maglev = args.maglev;
@@ -164,6 +175,9 @@ fn main() -> anyhow::Result<()> {
     let conflict_median = conflict_latencies[conflict_latencies.len() / 2];
     let conflict_p90 = conflict_latencies[conflict_latencies.len() * 9 / 10];
 
+    drop(datapath);
+    let flips = mark_flips(&lab)?;
+
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
         "control plane: {SERVICES} services x {ENDPOINTS} endpoints (one Service port each), in-process"
@@ -203,6 +217,12 @@ fn main() -> anyhow::Result<()> {
         ms(conflict_median),
         ms(conflict_p90)
     );
+    println!(
+        "  DSR, endpoints over {MARKED_NODES} Nodes: one Node's mark removed or written: median {:.2} ms, p90 {:.2} ms over {MARK_FLIPS} flips ({} Services recompiled each, median)",
+        ms(flips.median),
+        ms(flips.p90),
+        flips.services_median
+    );
 
     let json = serde_json::json!({
         "services": SERVICES,
@@ -219,6 +239,10 @@ fn main() -> anyhow::Result<()> {
         "frontend_index_refill_p90_ms": ms(refill_p90),
         "change_with_conflict_median_ms": ms(conflict_median),
         "change_with_conflict_p90_ms": ms(conflict_p90),
+        "dsr_nodes": MARKED_NODES,
+        "dsr_mark_flip_median_ms": ms(flips.median),
+        "dsr_mark_flip_p90_ms": ms(flips.p90),
+        "dsr_mark_flip_services_median": flips.services_median,
         "maglev": args.maglev,
         "maglev_tables": maglev_tables.map(|(tables, _)| tables),
         "maglev_tables_memlock_mib": maglev_tables.map(|(_, bytes)| bytes as f64 / (1 << 20) as f64),
@@ -227,8 +251,98 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&json)? + "\n")?;
-    drop(datapath);
     Ok(())
+}
+
+/// What one Node's DSR mark coming or going costs an agent sending by DSR.
+struct MarkFlips {
+    median: Duration,
+    p90: Duration,
+    /// Services recompiled by a flip (those with an endpoint on the Node).
+    services_median: usize,
+}
+
+/// [`SERVICES`] x [`ENDPOINTS`] over [`MARKED_NODES`] marked Nodes, programmed from nothing
+/// (not timed) into maps of their own; then Nodes' marks removed and written again, each flip
+/// timed from the snapshot's change until the reconciler has written it, and checked (untimed)
+/// to recompile only the Services with an endpoint there and to leave every endpoint of that
+/// Node in the pinned backends map with its `TAKES_DIRECT_RETURN` flag turned.
+fn mark_flips(lab: &Lab) -> anyhow::Result<MarkFlips> {
+    let pins = PinDir::new(lab, "bench-control-dsr")?;
+    let mut snapshot = snapshot(SERVICES, ENDPOINTS, MARKED_NODES);
+    snapshot.direct_return_nodes = (1..=MARKED_NODES).map(|n| format!("node{n}")).collect();
+    let mut node = NodeContext::new("node1");
+    node.direct_return = true;
+    let mut datapath = Datapath::load(pins.path())?;
+    let mut compiler = Compiler::new(node);
+    let mut reconciler = Reconciler::new();
+    let update = compiler.update(&snapshot);
+    let report = reconciler.reconcile_changed(&mut datapath, compiler.desired(), &update.changed);
+    anyhow::ensure!(report.services_put == SERVICES, "{report:?}");
+
+    let mut latencies = Vec::new();
+    let mut recompiled = Vec::new();
+    for flip in 0..MARK_FLIPS {
+        // node2, node2 again, node9, node9 again, ...: removed, then written again.
+        let flipped = format!("node{}", 2 + (flip / 2) * 7 % (MARKED_NODES - 1));
+        let marked = !snapshot.direct_return_nodes.remove(&flipped);
+        if marked {
+            snapshot.direct_return_nodes.insert(flipped.clone());
+        }
+        let on_node: std::collections::BTreeSet<String> = snapshot
+            .endpoint_slices
+            .iter()
+            .flat_map(|slice| slice.endpoints.iter())
+            .filter(|endpoint| endpoint.node_name.as_deref() == Some(flipped.as_str()))
+            .flat_map(|endpoint| endpoint.addresses.iter().cloned())
+            .collect();
+        let services_there = snapshot
+            .endpoint_slices
+            .iter()
+            .filter(|slice| {
+                slice
+                    .endpoints
+                    .iter()
+                    .any(|endpoint| endpoint.node_name.as_deref() == Some(flipped.as_str()))
+            })
+            .count();
+        let started = Instant::now();
+        let update = compiler.update(&snapshot);
+        let report =
+            reconciler.reconcile_changed(&mut datapath, compiler.desired(), &update.changed);
+        latencies.push(started.elapsed());
+        anyhow::ensure!(
+            report.errors.is_empty() && update.changed.len() == services_there,
+            "{flipped}: {} Services recompiled, {services_there} have endpoints there: {:?}",
+            update.changed.len(),
+            report.errors
+        );
+        // Read back from the pinned maps, as `lb backends` reads them.
+        let turned = PinnedMaps::open(pins.path())?
+            .backends()?
+            .into_iter()
+            .filter(|backend| {
+                backend
+                    .address
+                    .rsplit_once(':')
+                    .is_some_and(|(addr, _)| on_node.contains(addr))
+            })
+            .filter(|backend| backend.dsr_node == marked)
+            .count();
+        anyhow::ensure!(
+            turned == on_node.len(),
+            "{flipped}: {turned} of its {} endpoints with the mark's flag",
+            on_node.len()
+        );
+        recompiled.push(services_there);
+    }
+    latencies.sort();
+    recompiled.sort();
+    Ok(MarkFlips {
+        median: latencies[latencies.len() / 2],
+        p90: latencies[latencies.len() * 9 / 10],
+        services_median: recompiled[recompiled.len() / 2],
+    })
 }
 
 fn ms(duration: Duration) -> f64 {
@@ -298,8 +412,9 @@ fn hijacker() -> Service {
 }
 
 /// N ClusterIP Services with one port each and one EndpointSlice of M ready endpoints each,
-/// spread over two nodes.
-fn snapshot(services: usize, endpoints: usize) -> Snapshot {
+/// spread over `nodes` Nodes (`node1`, `node2`, ...; endpoint i of Service s on node
+/// `1 + (s * M + i) % nodes`).
+fn snapshot(services: usize, endpoints: usize, nodes: usize) -> Snapshot {
     let mut snapshot = Snapshot::default();
     for index in 0..services {
         let name = format!("svc-{index}");
@@ -344,7 +459,7 @@ fn snapshot(services: usize, endpoints: usize) -> Snapshot {
                             serving: Some(true),
                             terminating: Some(false),
                         }),
-                        node_name: Some(format!("node{}", 1 + pod % 2)),
+                        node_name: Some(format!("node{}", 1 + pod % nodes)),
                         ..Endpoint::default()
                     }
                 })
