@@ -80,6 +80,7 @@ pub enum Verdict {
 #[derive(Debug)]
 struct ResourceRule {
     api_groups: Vec<String>,
+    api_versions: Vec<String>,
     operations: Vec<String>,
     resources: Vec<String>,
 }
@@ -88,6 +89,7 @@ impl ResourceRule {
     fn matches(&self, group: &str, resource: &str, operation: &str) -> bool {
         let has = |list: &[String], wanted: &str| list.iter().any(|x| x == "*" || x == wanted);
         has(&self.api_groups, group)
+            && has(&self.api_versions, "v1")
             && has(&self.operations, operation)
             && has(&self.resources, resource)
     }
@@ -192,6 +194,7 @@ impl Policy {
             .flatten()
             .map(|rule| ResourceRule {
                 api_groups: strings(&rule["apiGroups"]),
+                api_versions: strings(&rule["apiVersions"]),
                 operations: strings(&rule["operations"]),
                 resources: strings(&rule["resources"]),
             })
@@ -226,8 +229,8 @@ impl Policy {
         })
     }
 
-    /// An UPDATE of the cluster-scoped `resource` (core group; `nodes/status` for a subresource)
-    /// from `old` to `new` by `requester`.
+    /// An UPDATE of the cluster-scoped `resource` (core group, version v1; `nodes/status` for a
+    /// subresource) from `old` to `new` by `requester`.
     pub fn review_update(
         &self,
         resource: &str,
