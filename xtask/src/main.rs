@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the developer commands. Each one installs what it needs first, so the
 //! README's two commands work on a fresh machine.
 
+mod compare;
 mod profile;
 mod report;
 mod setup;
@@ -41,6 +42,30 @@ enum Task {
     },
     /// Plots and summary (target/bench/*.svg, summary.md) again from the JSON a bench left.
     BenchReport,
+    /// This tree's per-packet cost against another revision's (needs root): pairs of lb-bench
+    /// runs, each build first in every other pair (the second run of a pair can read cheaper
+    /// whatever it runs), reported per path as each build's median, the paired difference, how
+    /// many pairs read this tree dearer, and the difference split by which build ran first.
+    /// Writes target/compare/compare.md and keeps the runs' JSON in target/compare/runs/.
+    #[command(group(clap::ArgGroup::new("other").required(true).args(["against", "bench"])))]
+    BenchCompare {
+        /// A revision of this clone: its lb-bench is built in a worktree under target/compare/
+        /// (once; its own toolchain pins must be installed).
+        #[arg(long)]
+        against: Option<String>,
+        /// An lb-bench built elsewhere, instead of a revision.
+        #[arg(long)]
+        bench: Option<PathBuf>,
+        /// Pairs of runs (an even number balances the order).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+        pairs: u32,
+        /// lb-bench's --services.
+        #[arg(long, default_value = "1")]
+        services: String,
+        /// lb-bench's --iterations (its default when not given).
+        #[arg(long)]
+        iterations: Option<u32>,
+    },
     /// Where one per-packet path spends its time (needs root and perf): lb-bench runs the path
     /// under `perf record`, and the samples taken in the kernel's timed loop of
     /// BPF_PROG_TEST_RUN (`bpf_test_run`) are printed as ns per run by kernel function and by
@@ -109,6 +134,30 @@ fn run_task(task: Task) -> anyhow::Result<()> {
         Task::Demo => demo(&root),
         Task::Bench { args } => bench(&root, &args),
         Task::BenchReport => bench_report(&root, None),
+        Task::BenchCompare {
+            against,
+            bench,
+            pairs,
+            services,
+            iterations,
+        } => {
+            setup::ensure(&root)?;
+            ensure_root("lb-bench loads eBPF programs and pins their maps in bpffs")?;
+            let against = match (&against, &bench) {
+                (Some(rev), _) => compare::Against::Revision(rev),
+                (None, Some(bench)) => compare::Against::Bench(bench),
+                (None, None) => bail!("give --against REV or --bench PATH"),
+            };
+            compare::compare(
+                &root,
+                &compare::Request {
+                    against,
+                    pairs,
+                    services: &services,
+                    iterations,
+                },
+            )
+        }
         Task::Profile {
             path,
             services,
