@@ -355,6 +355,32 @@ async fn an_agent_with_xdp_on_its_nics_marks_its_node_as_taking_dsr_options() {
     assert_eq!(patches, 2, "{:#?}", server.requests());
 }
 
+/// node1's agent's `sample` on /metrics, which must be there.
+fn node1_metric(setup: &lab::agent::AgentLab, sample: &str) -> f64 {
+    tokio::task::block_in_place(|| setup.metric(sample))
+        .expect("GET /metrics")
+        .unwrap_or_else(|| panic!("no {sample} on /metrics"))
+}
+
+/// Waits until node1's agent has counted `failures` refused writes of its DSR mark; panics
+/// after `within` with the requests the API server saw.
+async fn wait_for_mark_failures(
+    setup: &lab::agent::AgentLab,
+    server: &FakeApiServer,
+    failures: f64,
+    within: Duration,
+) {
+    let deadline = std::time::Instant::now() + within;
+    while node1_metric(setup, "lb_dsr_mark_write_failures_total") < failures {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            server.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_dsr_mark_is_refused_counts_the_refusals_and_says_the_mark_is_missing() {
     // A missing RBAC rule: every patch of the Node refused until the test lifts it.
@@ -369,21 +395,9 @@ async fn an_agent_whose_dsr_mark_is_refused_counts_the_refusals_and_says_the_mar
         })
     })
     .expect("the agent in the lab");
-    let metric = |sample: &str| {
-        tokio::task::block_in_place(|| setup.metric(sample))
-            .expect("GET /metrics")
-            .unwrap_or_else(|| panic!("no {sample} on /metrics"))
-    };
+    let metric = |sample: &str| node1_metric(&setup, sample);
     // A write at most every 5 s: two refusals take 5 s and more.
-    let deadline = std::time::Instant::now() + WAIT + Duration::from_secs(10);
-    while metric("lb_dsr_mark_write_failures_total") < 2.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:#?}",
-            server.requests()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_mark_failures(&setup, &server, 2.0, WAIT + Duration::from_secs(10)).await;
     assert_eq!(metric("lb_dsr_mark_missing"), 1.0);
     assert_eq!(metric("lb_dsr_nodes"), 0.0);
     let log = std::fs::read_to_string(setup.log()).expect("log");
@@ -435,20 +449,8 @@ async fn on_a_cluster_whose_tokens_name_no_node_the_admission_policy_refuses_the
         })
     })
     .expect("the agent in the lab");
-    let metric = |sample: &str| {
-        tokio::task::block_in_place(|| setup.metric(sample))
-            .expect("GET /metrics")
-            .unwrap_or_else(|| panic!("no {sample} on /metrics"))
-    };
-    let deadline = std::time::Instant::now() + WAIT;
-    while metric("lb_dsr_mark_write_failures_total") < 1.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:#?}",
-            server.requests()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let metric = |sample: &str| node1_metric(&setup, sample);
+    wait_for_mark_failures(&setup, &server, 1.0, WAIT).await;
     assert_eq!(metric("lb_dsr_mark_missing"), 1.0);
     let log = std::fs::read_to_string(setup.log()).expect("log");
     assert!(

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::{output, run, target_dir};
+use crate::{lb_bench_build, output, run, target_dir};
 
 /// What this tree is compared against.
 pub enum Against<'a> {
@@ -86,16 +86,7 @@ pub fn compare(root: &Path, request: &Request) -> anyhow::Result<()> {
 /// This tree's release lb-bench, built and copied aside so that a build during the runs does
 /// not change it.
 fn this_bench(root: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
-    run(Command::new("cargo")
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "lb-tests",
-            "--bin",
-            "lb-bench",
-        ])
-        .current_dir(root))?;
+    run(&mut lb_bench_build(root))?;
     std::fs::create_dir_all(dir)?;
     let copy = dir.join("lb-bench-this");
     std::fs::copy(target_dir(root).join("release").join("lb-bench"), &copy)
@@ -133,18 +124,9 @@ fn revision_bench(root: &Path, dir: &Path, commit: &str) -> anyhow::Result<PathB
             .current_dir(root))?;
     }
     let target = base.join("target");
-    let built = Command::new("cargo")
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "lb-tests",
-            "--bin",
-            "lb-bench",
-        ])
+    let built = lb_bench_build(&src)
         .arg("--target-dir")
         .arg(&target)
-        .current_dir(&src)
         .status()
         .context("cargo build in the worktree")?;
     if !built.success() {

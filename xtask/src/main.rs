@@ -494,6 +494,23 @@ unsafe extern "C" {
     fn geteuid() -> u32;
 }
 
+/// `cargo build --release` of lb-bench in the workspace at `workspace` (this one, or a worktree
+/// of another revision's).
+pub(crate) fn lb_bench_build(workspace: &Path) -> Command {
+    let mut command = Command::new("cargo");
+    command
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "lb-tests",
+            "--bin",
+            "lb-bench",
+        ])
+        .current_dir(workspace);
+    command
+}
+
 /// Runs a command with inherited stdio and fails with the command line if it fails.
 pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
     let status = command

@@ -36,18 +36,7 @@ pub fn profile(root: &Path, request: &Request<'_>) -> anyhow::Result<()> {
     let bench = match request.bench {
         Some(bench) => bench.to_owned(),
         None => {
-            crate::run(
-                Command::new("cargo")
-                    .args([
-                        "build",
-                        "--release",
-                        "--package",
-                        "lb-tests",
-                        "--bin",
-                        "lb-bench",
-                    ])
-                    .current_dir(root),
-            )?;
+            crate::run(&mut crate::lb_bench_build(root))?;
             target.join("release").join("lb-bench")
         }
     };
