@@ -51,6 +51,7 @@ pub fn compare(root: &Path, request: &Request) -> anyhow::Result<()> {
             )
         }
     };
+    let load_before = load_average();
     let runs = dir.join("runs");
     if runs.exists() {
         std::fs::remove_dir_all(&runs).with_context(|| format!("clear {}", runs.display()))?;
@@ -76,7 +77,11 @@ pub fn compare(root: &Path, request: &Request) -> anyhow::Result<()> {
         });
         eprintln!("bench-compare: pair {} of {} done", pair + 1, request.pairs);
     }
-    let report = report(&pairs, &other_label);
+    let report = format!(
+        "{}\nLoad average {load_before} before, {} after.\n",
+        report(&pairs, &other_label).trim_end(),
+        load_average()
+    );
     std::fs::write(dir.join("compare.md"), &report)?;
     println!("{report}");
     println!("written to {}: compare.md, runs/*.json", dir.display());
@@ -92,6 +97,18 @@ fn this_bench(root: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::copy(target_dir(root).join("release").join("lb-bench"), &copy)
         .context("copy this tree's lb-bench")?;
     Ok(copy)
+}
+
+/// /proc/loadavg's three averages, for the report.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 fn commit_of(root: &Path, rev: &str) -> anyhow::Result<String> {
@@ -183,6 +200,15 @@ fn parse_run(report: &Value) -> anyhow::Result<Run> {
         let floor = number(&size["floor"]["iqm_ns"], "floor")?;
         let paths = size["paths"].as_array().context("no paths")?;
         let costs = run.entry(services).or_default();
+        // The floor itself, raw: its paired difference says how the host differed between the
+        // two builds' runs.
+        costs.insert(
+            FLOOR.to_owned(),
+            Cost {
+                net_median_ns: number(&size["floor"]["median_ns"], "floor median")?,
+                iqm_net_ns: floor,
+            },
+        );
         for path in paths {
             let name = path["path"].as_str().context("a path without a name")?;
             costs.insert(
@@ -196,6 +222,9 @@ fn parse_run(report: &Value) -> anyhow::Result<Run> {
     }
     Ok(run)
 }
+
+/// The row of the runs' floors (a bare XDP_PASS, raw), first in each table.
+const FLOOR: &str = "(floor, raw)";
 
 fn median(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {
@@ -284,7 +313,7 @@ mod tests {
         let path = |name: &str, iqm: f64| serde_json::json!({"path": name, "net_median_ns": iqm - 50.0, "raw": {"iqm_ns": iqm}});
         serde_json::json!({"sizes": [{
             "services": 1,
-            "floor": {"iqm_ns": 50.0},
+            "floor": {"iqm_ns": 50.0, "median_ns": 49.0},
             "paths": [path("xdp_new_flow", new_flow_iqm), path("xdp_established", established_iqm)],
         }]})
     }
@@ -315,6 +344,10 @@ mod tests {
         assert_eq!(
             row("xdp_new_flow"),
             "| xdp_new_flow | 340.0 | 350.0 | -10.0 | 0/4 | -10.0 / -10.0 |"
+        );
+        assert_eq!(
+            row("(floor, raw)"),
+            "| (floor, raw) | 49.0 | 49.0 | +0.0 | 0/4 | +0.0 / +0.0 |"
         );
         assert_eq!(
             row("xdp_established"),
