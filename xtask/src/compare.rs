@@ -51,13 +51,14 @@ pub fn compare(root: &Path, request: &Request) -> anyhow::Result<()> {
             )
         }
     };
-    let load_before = load_average();
     let runs = dir.join("runs");
     if runs.exists() {
         std::fs::remove_dir_all(&runs).with_context(|| format!("clear {}", runs.display()))?;
     }
     std::fs::create_dir_all(&runs)?;
     let mut pairs = Vec::new();
+    // The first and the last run's report, whose load averages lb-bench records.
+    let (mut first_run, mut last_run) = (None, None);
     for pair in 0..request.pairs {
         let this_first = pair % 2 == 0;
         let this_out = runs.join(format!("this-{pair}.json"));
@@ -69,6 +70,8 @@ pub fn compare(root: &Path, request: &Request) -> anyhow::Result<()> {
         };
         for (bench, out) in order {
             bench_run(bench, out, request)?;
+            first_run.get_or_insert_with(|| out.clone());
+            last_run = Some(out.clone());
         }
         pairs.push(Pair {
             this: read_run(&this_out)?,
@@ -78,9 +81,10 @@ pub fn compare(root: &Path, request: &Request) -> anyhow::Result<()> {
         eprintln!("bench-compare: pair {} of {} done", pair + 1, request.pairs);
     }
     let report = format!(
-        "{}\nLoad average {load_before} before, {} after.\n",
+        "{}\nLoad average {} before, {} after.\n",
         report(&pairs, &other_label).trim_end(),
-        load_average()
+        recorded_load(first_run.as_deref(), "loadavg_before"),
+        recorded_load(last_run.as_deref(), "loadavg_after"),
     );
     std::fs::write(dir.join("compare.md"), &report)?;
     println!("{report}");
@@ -99,16 +103,16 @@ fn this_bench(root: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(copy)
 }
 
-/// /proc/loadavg's three averages, for the report.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
+/// The 1-, 5- and 15-minute load averages an lb-bench report recorded (`machine.<field>`).
+fn recorded_load(report: Option<&Path>, field: &str) -> String {
+    report
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|report| {
+            let averages = report["machine"][field].as_str()?.split_whitespace();
+            Some(averages.take(3).collect::<Vec<_>>().join(" "))
         })
-        .unwrap_or_else(|_| "unknown".to_owned())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn commit_of(root: &Path, rev: &str) -> anyhow::Result<String> {
