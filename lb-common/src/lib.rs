@@ -41,7 +41,7 @@ pub mod map_names {
     /// Per-CPU [`crate::ServiceCounter`] by service id.
     pub const SERVICE_COUNTERS: &str = "lb_svc_cnt_v1";
     /// Per-CPU u64 by [`crate::Event`]: every drop (and notable pass) with its reason.
-    pub const EVENTS: &str = "lb_event_v6";
+    pub const EVENTS: &str = "lb_event_v7";
     /// Array of one [`crate::DatapathConfig`].
     pub const CONFIG: &str = "lb_cfg_v2";
     /// LPM trie of [`crate::SourceRange4`] -> u8: loadBalancerSourceRanges per service.
@@ -107,6 +107,7 @@ pub mod map_names {
         "lb_event_v3",
         "lb_event_v4",
         "lb_event_v5",
+        "lb_event_v6",
         LEGACY_SLOTS4,
         LEGACY_BACKENDS4,
         LEGACY_BACKENDS6,
@@ -2281,6 +2282,11 @@ labelled_indexes! {
     /// endpoint's node has not marked itself as taking DSR options
     /// ([`backend_flags::TAKES_DIRECT_RETURN`]).
     DSR_NODE_UNMARKED = "dsr_node_unmarked",
+    /// Pass: a TCP segment to a frontend that starts no connection (no bare SYN) and that no
+    /// live flow takes, of a connection of the node's own (a socket of the node's holds its
+    /// addresses and ports: the node connected out from a port that is a NodePort), went to
+    /// the stack untouched instead of starting a flow mid-stream.
+    PASS_NODE_CONNECTION = "pass_node_connection",
 }
 
 /// `aya::Pod` for the map types, so userspace can read and write them.

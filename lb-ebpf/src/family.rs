@@ -9,6 +9,10 @@
 //! they are not here.
 
 use aya_ebpf::{
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
     btf_maps::SkStorage,
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -59,6 +63,15 @@ pub trait Family {
     /// as one block, which LLVM may lower to a `bcmp` call or to loads wider than a word;
     /// here it is plain 32-bit compares.
     fn same(a: &Self::Addr, b: &Self::Addr) -> bool;
+
+    /// A packet's addresses (tuple order) and ports as the kernel's socket lookups take them,
+    /// and the length of the family's part of it.
+    fn socket_tuple(
+        saddr: Self::Addr,
+        daddr: Self::Addr,
+        sport: u16,
+        dport: u16,
+    ) -> (bpf_sock_tuple, u32);
 
     /// A tuple's address (conntrack order) in the order of the agent's maps, and back.
     fn map_order(addr: Self::Addr) -> Self::Addr;
@@ -164,6 +177,22 @@ impl Family for V4 {
     #[inline(always)]
     fn same(a: &u32, b: &u32) -> bool {
         a == b
+    }
+
+    #[inline(always)]
+    fn socket_tuple(saddr: u32, daddr: u32, sport: u16, dport: u16) -> (bpf_sock_tuple, u32) {
+        let ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: saddr.to_be(),
+            daddr: daddr.to_be(),
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+        };
+        (
+            bpf_sock_tuple {
+                __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv4 },
+            },
+            size_of_val(&ipv4) as u32,
+        )
     }
 
     #[inline(always)]
@@ -329,6 +358,27 @@ impl Family for V6 {
     #[inline(always)]
     fn same(a: &Ipv6Words, b: &Ipv6Words) -> bool {
         a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+    }
+
+    #[inline(always)]
+    fn socket_tuple(
+        saddr: Ipv6Words,
+        daddr: Ipv6Words,
+        sport: u16,
+        dport: u16,
+    ) -> (bpf_sock_tuple, u32) {
+        let ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr,
+            daddr,
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+        };
+        (
+            bpf_sock_tuple {
+                __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv6 },
+            },
+            size_of_val(&ipv6) as u32,
+        )
     }
 
     #[inline(always)]

@@ -20,7 +20,7 @@ use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::{
     family::{Family, V4},
     flow_cache::{self, SlotLook},
-    helpers::{now_ns, random_u32},
+    helpers::{holds_tcp_connection, now_ns, random_u32},
     maps::{
         AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, SLOTS4,
         count_event, count_service, dry_run,
@@ -312,6 +312,9 @@ pub fn destination<F: Family>(
     match live_destination(ctx, ip, tuple, arrival, now, client_key, look)? {
         Ok(destination) => Ok(destination),
         Err(key_holder) => {
+            if continues_node_connection(ctx, tuple) {
+                return Err(Event::PASS_NODE_CONNECTION);
+            }
             let destination = new_flow(&NewFlow {
                 tuple,
                 frontend,
@@ -326,6 +329,21 @@ pub fn destination<F: Family>(
             Ok(destination)
         }
     }
+}
+
+/// Whether a packet that no live flow takes belongs to a connection of the node's own: a TCP
+/// segment that starts no connection (anything but a bare SYN, which is a client's to a
+/// frontend) for whose addresses and ports the node holds a socket. The kernel picks a
+/// connection's source port from `ip_local_port_range`, which may cover the NodePort range: the
+/// answers then come to a frontend. Asked only where a flow would start mid-stream, so a
+/// lookup in the socket table costs nothing on the paths of live flows and new ones.
+#[inline(always)]
+pub fn continues_node_connection<F: Family>(ctx: &XdpContext, tuple: &Tuple<F>) -> bool {
+    if tuple.proto != proto::TCP || tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return false;
+    }
+    let (socket_tuple, len) = F::socket_tuple(tuple.saddr, tuple.daddr, tuple.sport, tuple.dport);
+    holds_tcp_connection(ctx, socket_tuple, len)
 }
 
 /// How [`destination`] starts a flow for a packet no live flow takes.

@@ -3,7 +3,11 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple},
+    helpers::{
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_coarse_ns,
+        bpf_sk_release, bpf_skc_lookup_tcp,
+    },
     maps::ProgramArray,
 };
 use lb_common::{ClockSample, xorshift};
@@ -230,4 +234,25 @@ pub unsafe fn tail_call<const SLOT: u32, C: EbpfContext>(ctx: &C, programs: &Pro
     unsafe {
         programs.tail_call(ctx, SLOT);
     }
+}
+
+/// Whether the network namespace of the program's device holds a TCP socket other than a
+/// listener for a segment with the addresses and ports of `tuple` (of `len` bytes, as
+/// [`crate::family::Family::socket_tuple`] gives them; the sender's first): a connection of the
+/// node's own in any state past LISTEN, SYN_SENT and TIME_WAIT included (the lookup finds
+/// those too, as the stack's own demultiplexing does).
+#[inline(always)]
+pub fn holds_tcp_connection<C: EbpfContext>(ctx: &C, mut tuple: bpf_sock_tuple, len: u32) -> bool {
+    // SAFETY: the tuple is this function's own and `len` no more than its size; the reference
+    // the lookup takes is released below, on every path the verifier walks.
+    let socket =
+        unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, len, BPF_F_CURRENT_NETNS as u64, 0) };
+    if socket.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the lookup returned and holds; `state` is readable on sock_common.
+    let state = unsafe { (*socket).state };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(socket.cast()) };
+    state != BPF_TCP_LISTEN
 }

@@ -35,10 +35,10 @@ use crate::{
     flow::{
         Arrival, ClientKey, Destination, Frontend, Holder, NewFlow, Start, Tuple,
         accept_direct_return, admitted_by_source_ranges, blind_rst, client_key6,
-        client_record_of_reply, client_side, client_side_entry, closes, config, destination,
-        follow, frontend_of_this_run, goes_direct, live_destination, live_flow, look_up_on_retry,
-        lookup_frontend, maybe_frontend, maybe_frontend_at, new_flow, reply_key, source_allowed,
-        starts_unlooked, track_reply,
+        client_record_of_reply, client_side, client_side_entry, closes, config,
+        continues_node_connection, destination, follow, frontend_of_this_run, goes_direct,
+        live_destination, live_flow, look_up_on_retry, lookup_frontend, maybe_frontend,
+        maybe_frontend_at, new_flow, reply_key, source_allowed, starts_unlooked, track_reply,
     },
     flow_cache::{self, Look, SlotLook},
     helpers::{Forward, now_ns, tail_call},
@@ -813,6 +813,10 @@ fn refused<I: Ip>(
             count_event(Event::PASS_TTL_EXCEEDED);
             Ok(xdp_action::XDP_PASS)
         }
+        Event::PASS_NODE_CONNECTION => {
+            count_event(Event::PASS_NODE_CONNECTION);
+            Ok(xdp_action::XDP_PASS)
+        }
         event => Err(event),
     }
 }
@@ -941,6 +945,10 @@ fn frontend6(
 #[inline(always)]
 fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
     let packet = packet6()?;
+    if continues_node_connection(ctx, &packet.tuple) {
+        count_event(Event::PASS_NODE_CONNECTION);
+        return Ok(xdp_action::XDP_PASS);
+    }
     let request = NewFlow {
         tuple: &packet.tuple,
         frontend: &packet.frontend,

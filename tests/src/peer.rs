@@ -270,6 +270,8 @@ pub struct ClientRun<'a> {
     pub answer_bytes: usize,
     /// A file the client creates at its first answered request ([`wait_until_answered`]).
     pub ready_file: Option<&'a Path>,
+    /// TCP: the source port to connect from (None: the kernel picks one).
+    pub source_port: Option<u16>,
 }
 
 impl<'a> ClientRun<'a> {
@@ -286,6 +288,7 @@ impl<'a> ClientRun<'a> {
             payload_bytes: 0,
             answer_bytes: 0,
             ready_file: None,
+            source_port: None,
         }
     }
 
@@ -363,6 +366,10 @@ impl<'a> ClientRun<'a> {
             .map(|path| path.to_string_lossy().into_owned());
         if let Some(path) = &ready_file {
             args.extend(["--ready-file", path]);
+        }
+        let source_port = self.source_port.map(|port| port.to_string());
+        if let Some(port) = &source_port {
+            args.extend(["--source-port", port]);
         }
         let stdout = match cgroup {
             Some(cgroup) => host.run_in_cgroup(cgroup, binary()?, &args)?,

@@ -208,6 +208,46 @@ fn cluster_ip_from_a_pod_and_from_the_node_goes_straight_to_endpoints() {
     assert_eq!(outside.errors, 1, "{outside:?}");
 }
 
+/// A connection of the node's own whose source port is a NodePort: the kernel picks ephemeral
+/// ports from `ip_local_port_range`, which may cover the NodePort range (the lab's does). The
+/// server's SYN-ACK and every later segment come to the node's address and that port, a
+/// frontend with no flow of lb's, and must reach the node's socket, not the Service's endpoints.
+#[test]
+fn the_nodes_own_connection_from_a_node_port_reaches_the_node() {
+    let mut setup = setup(&ClusterSpec::default());
+    // The TCP Service's NodePort on node1, endpoints on both nodes.
+    put_tcp_and_udp_services(&mut setup, [1, 2]);
+    let remote_pod = &setup.cluster.node(2).pods[0];
+    let server = format!("{}:{POD_PORT}", remote_pod.addr);
+    let run = ClientRun {
+        one_flow: true,
+        source_port: Some(NODE_PORT),
+        ..ClientRun::tcp(&server, 5)
+    };
+    let report = run
+        .run(&setup.cluster.node(1).host, None)
+        .expect("client in the node's own namespace");
+    report.assert_all_ok("the node's connection from its NodePort");
+    assert_eq!(
+        report.servers(),
+        BTreeSet::from([remote_pod.host.name()]),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.peers_seen.keys().collect::<Vec<_>>(),
+        [&node_addr(1).to_string()],
+        "the server saw the node itself"
+    );
+    let counter = setup.node.datapath.service_counter(1).expect("counter");
+    assert_eq!(
+        counter.new_flows, 0,
+        "no flow of the Service's: {counter:?}"
+    );
+    let events = setup.node.datapath.events().expect("events");
+    // The SYN-ACK, the ACK of the request's answer and the FIN at least.
+    assert!(events["pass_node_connection"] >= 3, "{events:?}");
+}
+
 /// Every request of the client run to `target` answered by one of `endpoints`, which saw the
 /// client's own address (no SNAT for local endpoints), and every reply came back from `target`
 /// (the reverse NAT).

@@ -364,6 +364,74 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
     );
 }
 
+/// The node's own TCP connection from its NodePort (the kernel's ephemeral range may cover the
+/// NodePort range): its peer's segments come to a frontend, and no flow of lb's has them. XDP
+/// asks the socket table of the namespace it runs in (the test's own, BPF_PROG_TEST_RUN runs
+/// the program there) and leaves them to the node's socket; a segment of no socket's is picked
+/// up mid-stream as before, and a bare SYN is a client's new flow even on the socket's tuple.
+#[test]
+fn segments_of_the_nodes_own_connection_from_a_node_port_pass_untouched() {
+    let mut lab = Lab::new().expect("lab");
+    let node = lab.host("node").expect("host");
+    node.addr("lo", &format!("{NODE}/32"))
+        .expect("node address");
+    let pins = PinDir::new(&lab, "own").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let _inside = node.enter().expect("entering the node's namespace");
+    let listener = std::net::TcpListener::bind(SocketAddrV4::new(NODE, 0)).expect("listener");
+    let server = match listener.local_addr().expect("address") {
+        std::net::SocketAddr::V4(addr) => addr,
+        other => panic!("{other}"),
+    };
+    let own =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    own.bind(&FRONTEND.into()).expect("bound to the NodePort");
+    own.connect(&server.into()).expect("connected");
+    let stranger = SocketAddrV4::new(NODE, server.port() + 1);
+    let cases = vec![
+        case(
+            "the peer's ack",
+            packet::tcp(server, FRONTEND, TcpFlags::ACK, b"answer"),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "the peer's syn-ack sent again",
+            packet::tcp(server, FRONTEND, TcpFlags::SYN_ACK, b""),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "the peer's fin",
+            packet::tcp(server, FRONTEND, TcpFlags::FIN_ACK, b""),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "an ack of no socket's, picked up mid-stream",
+            packet::tcp(stranger, FRONTEND, TcpFlags::ACK, b"data"),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(stranger, POD_A, TcpFlags::ACK, b"data")),
+        ),
+        case(
+            "a bare syn on the socket's tuple, a new flow",
+            packet::tcp(server, FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp(server, POD_A, TcpFlags::SYN, b"")),
+        ),
+    ];
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &cases,
+    );
+    let events = datapath.events().expect("events");
+    assert_eq!(events["pass_node_connection"], 3, "{events:?}");
+    let tcp = datapath.service_counter(1).expect("counter");
+    assert_eq!((tcp.packets, tcp.new_flows), (2, 2), "{tcp:?}");
+}
+
 #[test]
 fn established_flows_keep_their_backend_while_new_flows_follow_the_table() {
     let lab = Lab::new().expect("lab");

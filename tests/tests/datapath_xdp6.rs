@@ -423,6 +423,72 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
 /// Hop-by-Hop header (through `lb_xdp6`), go where their flow went after the table changed or
 /// emptied; a SYN on a closed flow's port follows the table; a SNAT flow's retransmit keeps its
 /// port (the range's only one) and leaves its two entries.
+/// The IPv6 twin of datapath_table's test of the node's own connection from a NodePort: the
+/// peer's segments to a frontend that no flow has pass to the node's socket (the lookup runs in
+/// the test's namespace, where BPF_PROG_TEST_RUN runs the programs), a segment of no socket's
+/// is picked up mid-stream, and a bare SYN is a new flow.
+#[test]
+fn segments_of_the_nodes_own_ipv6_connection_from_a_node_port_pass_untouched() {
+    let mut lab = Lab::new().expect("lab");
+    let node = lab.host("node").expect("host");
+    node.enable_ipv6().expect("IPv6");
+    node.addr6("lo", &format!("{NODE}/128"))
+        .expect("node address");
+    let pins = PinDir::new(&lab, "own6").expect("pin dir");
+    let datapath = datapath(&pins);
+    let _inside = node.enter().expect("entering the node's namespace");
+    let listener = std::net::TcpListener::bind(SocketAddrV6::new(NODE, 0, 0, 0)).expect("listener");
+    let server = match listener.local_addr().expect("address") {
+        std::net::SocketAddr::V6(addr) => addr,
+        other => panic!("{other}"),
+    };
+    let own =
+        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).expect("socket");
+    own.bind(&FRONTEND.into()).expect("bound to the NodePort");
+    own.connect(&server.into()).expect("connected");
+    let stranger = SocketAddrV6::new(NODE, server.port() + 1, 0, 0);
+    let cases = vec![
+        case(
+            "the peer's ack",
+            tcp(server, FRONTEND, TcpFlags::ACK, b"answer"),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "the peer's syn-ack sent again",
+            tcp(server, FRONTEND, TcpFlags::SYN_ACK, b""),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "the peer's fin",
+            tcp(server, FRONTEND, TcpFlags::FIN_ACK, b""),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "an ack of no socket's, picked up mid-stream",
+            tcp(stranger, FRONTEND, TcpFlags::ACK, b"data"),
+            XDP_PASS,
+            Expect::Bytes(tcp(stranger, POD_A, TcpFlags::ACK, b"data")),
+        ),
+        case(
+            "a bare syn on the socket's tuple, a new flow",
+            tcp(server, FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(tcp(server, POD_A, TcpFlags::SYN, b"")),
+        ),
+    ];
+    run_table(
+        datapath.program_fd(program_names::XDP_LB).expect("fd"),
+        &cases,
+    );
+    let events = datapath.events().expect("events");
+    assert_eq!(events["pass_node_connection"], 3, "{events:?}");
+    let tcp = datapath.service_counter(1).expect("counter");
+    assert_eq!((tcp.packets, tcp.new_flows), (2, 2), "{tcp:?}");
+}
+
 #[test]
 fn an_ipv6_syn_whose_client_key_is_held_is_looked_up_and_follows_its_flow() {
     const POD_B: SocketAddrV6 = SocketAddrV6::new(

@@ -497,6 +497,26 @@ fn a_client_outside_the_node_reaches_an_ipv6_node_port_at_local_and_remote_endpo
         "the local endpoint sees the client, the remote one this node's address: {tcp:?}"
     );
 
+    // Node1's own connection from the NodePort to the pod on node2: the pod's answers come to
+    // node1's address and port 30080, a frontend that no flow of lb's has, and must reach
+    // node1's socket (datapath_lab has the IPv4 twin).
+    let own = ClientRun {
+        one_flow: true,
+        source_port: Some(30080),
+        ..ClientRun::tcp(&at(pod_addr6(2, 0), POD_PORT), 5)
+    }
+    .run(&setup.cluster.node(1).host, None)
+    .expect("client in node1's namespace");
+    own.assert_all_ok("node1's own IPv6 connection from its NodePort");
+    assert_eq!(own.servers(), ["n2p0"].into(), "{own:?}");
+    assert_eq!(
+        own.peers_seen.keys().collect::<Vec<_>>(),
+        [&node_addr],
+        "the pod saw node1 itself: {own:?}"
+    );
+    let events = setup.events().expect("events");
+    assert!(events["pass_node_connection"] >= 3, "{events:?}");
+
     let udp = ClientRun::udp(&at(node_addr6(1), 30053), 40)
         .run(client, None)
         .expect("client");

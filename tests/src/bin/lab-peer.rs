@@ -134,6 +134,10 @@ struct ClientArgs {
     /// under way.
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
+    /// TCP: connect from this source port (bound with SO_REUSEADDR) instead of one the kernel
+    /// picks.
+    #[arg(long)]
+    source_port: Option<u16>,
 }
 
 /// The client's --ready-file, set once at start.
@@ -151,7 +155,10 @@ fn main() -> anyhow::Result<()> {
         } => serve(name, tcp, udp, sctp),
         Mode::Tcp(args) => {
             set_ready_file(&args);
-            print_report(&stream_client(&args, tcp_connect))
+            let source_port = args.source_port;
+            print_report(&stream_client(&args, |to, timeout| {
+                tcp_connect_from(to, timeout, source_port)
+            }))
         }
         Mode::Udp(args) => {
             set_ready_file(&args);
@@ -432,7 +439,7 @@ fn pause(args: &ClientArgs) {
 /// A TCP or SCTP client: `connect` opens one connection (association).
 fn stream_client(
     args: &ClientArgs,
-    connect: fn(SocketAddr, Duration) -> std::io::Result<TcpStream>,
+    connect: impl Fn(SocketAddr, Duration) -> std::io::Result<TcpStream>,
 ) -> ClientReport {
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut report = ClientReport::default();
@@ -471,7 +478,31 @@ fn stream_client(
 }
 
 fn tcp_connect(to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&to, timeout)?;
+    tcp_connect_from(to, timeout, None)
+}
+
+/// A TCP connection to `to`, from `source_port` when given.
+fn tcp_connect_from(
+    to: SocketAddr,
+    timeout: Duration,
+    source_port: Option<u16>,
+) -> std::io::Result<TcpStream> {
+    let stream = match source_port {
+        None => TcpStream::connect_timeout(&to, timeout)?,
+        Some(port) => {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            let any: std::net::IpAddr = if to.is_ipv6() {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            };
+            socket.bind(&SocketAddr::new(any, port).into())?;
+            socket.connect_timeout(&to.into(), timeout)?;
+            socket.into()
+        }
+    };
     stream.set_read_timeout(Some(timeout))?;
     Ok(stream)
 }
