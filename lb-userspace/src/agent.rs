@@ -89,6 +89,9 @@ pub struct AgentConfig {
     pub mount_bpffs: bool,
     /// Source ports of SNATed flows.
     pub snat_ports: RangeInclusive<u16>,
+    /// Keep the NodePort and SNAT ranges out of the node's ephemeral ports
+    /// (`--reserve-ports`, [`crate::node::reserve_lb_ports`]).
+    pub reserve_ports: bool,
     /// Sizes of the maps, when the agent creates them.
     pub map_sizes: crate::datapath::MapSizes,
     /// How long an EndpointSlice's Service may be missing before the slice is reported
@@ -134,6 +137,12 @@ impl XdpAttach {
 }
 
 impl AgentConfig {
+    /// The ports lb answers on or sends from on the node's own addresses: the NodePort range
+    /// and the SNAT range.
+    pub fn lb_ports(&self) -> [RangeInclusive<u16>; 2] {
+        [self.node_port_range.clone(), self.snat_ports.clone()]
+    }
+
     fn node_context(&self) -> NodeContext {
         NodeContext {
             node_name: self.node_name.clone(),
@@ -167,6 +176,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     for iface in &config.interfaces {
         crate::node::require_accept_local(iface)?;
+    }
+    if config.reserve_ports && !config.interfaces.is_empty() {
+        reserve_lb_ports(&config.lb_ports());
     }
     let mut datapath =
         Datapath::load_with(&config.pin_dir, config.map_sizes, config.ebpf_log_level)
@@ -482,7 +494,7 @@ async fn sync_until_stopped(
         }
         count_health_failed(&observers.metrics, &prober);
         check_node_requirements(
-            &config.interfaces,
+            config,
             desired,
             &mut node_requirements,
             &observers.metrics,
@@ -994,6 +1006,24 @@ fn reference(snapshot: &Snapshot, kind: &str, namespace: &str, name: &str) -> Ob
     kube_source::object_reference(api_version, kind, metadata.unwrap_or(&gone))
 }
 
+/// Reserves the ports of `lb_ports` the node would hand out as ephemeral ports
+/// ([`crate::node::reserve_lb_ports`]). Where the agent may not write the sysctl (a read-only
+/// /proc/sys in a container: `lb init-node` does it there), the first requirement check reports
+/// what is missing.
+fn reserve_lb_ports(lb_ports: &[RangeInclusive<u16>]) {
+    match crate::node::reserve_lb_ports(lb_ports) {
+        Ok(reserved) if reserved.is_empty() => {}
+        Ok(reserved) => info!(
+            ports = %crate::node::format_port_list(&reserved),
+            "took the NodePort and SNAT ports out of the node's ephemeral ports \
+             (net.ipv4.ip_local_reserved_ports)"
+        ),
+        Err(error) => {
+            warn!(error = %format!("{error:#}"), "could not reserve the NodePort and SNAT ports")
+        }
+    }
+}
+
 /// The reason of the Warning Event on the Node about a missing requirement.
 pub const NODE_REQUIREMENT_EVENT_REASON: &str = "NodeRequirementMissing";
 
@@ -1001,12 +1031,13 @@ pub const NODE_REQUIREMENT_EVENT_REASON: &str = "NodeRequirementMissing";
 /// missing requirement is logged and evented on the Node when it goes missing (and logged when
 /// it is back), and the metric shows the current state of each.
 fn check_node_requirements(
-    interfaces: &[String],
+    config: &AgentConfig,
     desired: &Desired,
     watch: &mut crate::node::RequirementWatch,
     metrics: &AgentMetrics,
     events: Option<(&Arc<kube_source::EventRecorder>, ObjectReference)>,
 ) {
+    let interfaces = &config.interfaces;
     if interfaces.is_empty() {
         return;
     }
@@ -1017,7 +1048,22 @@ fn check_node_requirements(
             .iter()
             .any(|backend| backend.flags & lb_common::backend_flags::LOCAL == 0)
     });
-    let missing = crate::node::missing_requirements(interfaces, remote_endpoints);
+    let mut missing = crate::node::missing_requirements(interfaces, remote_endpoints);
+    if config.reserve_ports {
+        missing.extend(crate::node::missing_reserved_ports(&config.lb_ports()));
+        for requirement in crate::node::NODE_REQUIREMENTS {
+            let is_missing = missing
+                .iter()
+                .any(|missing| missing.requirement == requirement);
+            metrics
+                .node_requirement_missing
+                .get_or_create(&[
+                    ("requirement", requirement.to_owned()),
+                    ("interface", String::new()),
+                ])
+                .set(i64::from(is_missing));
+        }
+    }
     for interface in interfaces {
         for requirement in crate::node::REQUIREMENTS {
             let is_missing = missing.iter().any(|missing| {

@@ -119,8 +119,9 @@ enum Command {
     },
     /// Prepare the node for an agent without the privileges to do it itself, and exit: for the
     /// DaemonSet's privileged init container. Mounts bpffs at /sys/fs/bpf (mode 0700) unless
-    /// one is there, creates the pin directory (0700), and sets
-    /// net.ipv4.conf.<iface>.accept_local=1 on every interface.
+    /// one is there, creates the pin directory (0700), sets
+    /// net.ipv4.conf.<iface>.accept_local=1 on every interface, and takes the NodePort and SNAT
+    /// ranges out of the node's ephemeral ports where they overlap.
     InitNode {
         /// Comma-separated NICs the agent attaches XDP to (its --interfaces).
         #[arg(long, env = "LB_INTERFACES", value_delimiter = ',')]
@@ -128,6 +129,15 @@ enum Command {
         /// The agent's pin directory, on the bpffs at /sys/fs/bpf.
         #[arg(long, env = "LB_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// The agent's --node-port-range.
+        #[arg(long, env = "LB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
+        node_port_range: RangeInclusive<u16>,
+        /// The agent's --snat-port-range.
+        #[arg(long, env = "LB_SNAT_PORT_RANGE", default_value = "61000-65535", value_parser = parse_port_range)]
+        snat_port_range: RangeInclusive<u16>,
+        /// The agent's --reserve-ports: whether to reserve the two ranges' ephemeral ports.
+        #[arg(long, env = "LB_RESERVE_PORTS", default_value_t = true, action = clap::ArgAction::Set)]
+        reserve_ports: bool,
     },
     /// Attach the XDP packet counter to a NIC and print what it counts, once per interval.
     Count {
@@ -274,6 +284,12 @@ struct RunArgs {
     /// ports); keep it out of the NodePort range and the node's ephemeral ports.
     #[arg(long, env = "LB_SNAT_PORT_RANGE", default_value = "61000-65535", value_parser = parse_port_range)]
     snat_port_range: RangeInclusive<u16>,
+    /// Take the NodePort and SNAT ranges out of the node's ephemeral ports where
+    /// net.ipv4.ip_local_port_range covers them (added to net.ipv4.ip_local_reserved_ports, which
+    /// keeps what it holds), so that no connection of the node's own gets a source port whose
+    /// answers go to a Service or a SNAT flow; checked on every sync.
+    #[arg(long, env = "LB_RESERVE_PORTS", default_value_t = true, action = clap::ArgAction::Set)]
+    reserve_ports: bool,
     /// How long after a clean close or a reset a SNAT port may serve another flow to the same
     /// backend.
     #[arg(long, env = "LB_SNAT_PORT_REUSE_DELAY", default_value = "500ms", value_parser = parse_duration)]
@@ -469,7 +485,14 @@ fn dispatch(command: Command, given: &Given) -> anyhow::Result<()> {
         Command::InitNode {
             interfaces,
             pin_dir,
-        } => init_node(&interfaces, &pin_dir),
+            node_port_range,
+            snat_port_range,
+            reserve_ports,
+        } => init_node(
+            &interfaces,
+            &pin_dir,
+            reserve_ports.then_some([node_port_range, snat_port_range]),
+        ),
         Command::Count {
             iface,
             mode,
@@ -641,6 +664,7 @@ fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
         ebpf_log_level: args.ebpf_log_level,
         mount_bpffs: args.mount_bpffs,
         snat_ports: args.snat_port_range,
+        reserve_ports: args.reserve_ports,
         map_sizes: lb_userspace::datapath::MapSizes {
             frontends4: args.frontend_map_size,
             conntrack4: args.conntrack_map_size,
@@ -672,7 +696,11 @@ fn check_readable(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// `lb init-node`: what the agent in the DaemonSet needs done with privileges it does not have.
-fn init_node(interfaces: &[String], pin_dir: &std::path::Path) -> anyhow::Result<()> {
+fn init_node(
+    interfaces: &[String],
+    pin_dir: &std::path::Path,
+    lb_ports: Option<[RangeInclusive<u16>; 2]>,
+) -> anyhow::Result<()> {
     use lb_userspace::datapath::bpffs;
     let mount = std::path::Path::new(bpffs::DEFAULT_MOUNT);
     if bpffs::is_mounted(mount)? {
@@ -692,6 +720,17 @@ fn init_node(interfaces: &[String], pin_dir: &std::path::Path) -> anyhow::Result
     for iface in interfaces {
         lb_userspace::node::set_accept_local(iface)?;
         println!("net.ipv4.conf.{iface}.accept_local = 1");
+    }
+    if let Some(lb_ports) = lb_ports {
+        let reserved = lb_userspace::node::reserve_lb_ports(&lb_ports)?;
+        if reserved.is_empty() {
+            println!("no NodePort or SNAT port among the node's unreserved ephemeral ports");
+        } else {
+            println!(
+                "net.ipv4.ip_local_reserved_ports += {}",
+                lb_userspace::node::format_port_list(&reserved)
+            );
+        }
     }
     Ok(())
 }

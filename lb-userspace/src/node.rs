@@ -9,6 +9,7 @@
 
 use std::{
     io,
+    ops::RangeInclusive,
     path::{Path, PathBuf},
 };
 
@@ -64,12 +65,14 @@ pub fn require_accept_local(iface: &str) -> anyhow::Result<()> {
 /// A setting of the node's kernel the datapath relies on, checked at start and on every sync.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MissingRequirement {
-    /// The metric label: `ip_forward` or `accept_local`.
+    /// The metric label: one of [`REQUIREMENTS`] or [`NODE_REQUIREMENTS`].
     pub requirement: &'static str,
+    /// The interface of a per-interface setting; empty for a setting of the whole node.
     pub interface: String,
-    /// The sysctl as `sysctl` names it, and the value it has.
+    /// The sysctl as `sysctl` names it, the value it has, and what it should have.
     pub sysctl: String,
     pub value: String,
+    pub want: String,
     /// What breaks without it.
     pub effect: &'static str,
 }
@@ -78,14 +81,17 @@ impl std::fmt::Display for MissingRequirement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} is {} (want 1): {}",
-            self.sysctl, self.value, self.effect
+            "{} is {} (want {}): {}",
+            self.sysctl, self.value, self.want, self.effect
         )
     }
 }
 
-/// Every requirement, for the metric's label values.
+/// Every requirement of an interface, for the metric's label values.
 pub const REQUIREMENTS: [&str; 2] = ["ip_forward", "accept_local"];
+
+/// Every requirement of the whole node (the metric's `interface` label empty).
+pub const NODE_REQUIREMENTS: [&str; 1] = ["reserved_ports"];
 
 /// What this node lacks of what the datapath needs on `interfaces` (the NICs XDP is attached
 /// to): accept_local always; IPv4 forwarding when `remote_endpoints` (a packet XDP translated
@@ -114,6 +120,7 @@ pub fn missing_requirements(
                     interface: iface.clone(),
                     sysctl,
                     value,
+                    want: "1".to_owned(),
                     effect,
                 });
             }
@@ -133,6 +140,33 @@ pub fn missing_requirements(
         }
     }
     missing
+}
+
+/// The node-wide requirement while the agent keeps `lb_ports` (the NodePort and SNAT ranges) out
+/// of the node's ephemeral ports ([`reserve_lb_ports`]): missing while some of them are still
+/// ephemeral, unreserved.
+pub fn missing_reserved_ports(lb_ports: &[RangeInclusive<u16>]) -> Option<MissingRequirement> {
+    let (value, unreserved) = match unreserved_lb_ports(lb_ports) {
+        Ok(unreserved) if unreserved.is_empty() => return None,
+        Ok(unreserved) => (
+            match read_sysctl(LOCAL_RESERVED_PORTS) {
+                Ok(value) if value.trim().is_empty() => "empty".to_owned(),
+                Ok(value) => value.trim().to_owned(),
+                Err(error) => format!("unreadable ({error:#})"),
+            },
+            unreserved,
+        ),
+        Err(error) => (format!("unreadable ({error:#})"), lb_ports.to_vec()),
+    };
+    Some(MissingRequirement {
+        requirement: "reserved_ports",
+        interface: String::new(),
+        sysctl: "net.ipv4.ip_local_reserved_ports".to_owned(),
+        value,
+        want: format!("{} in it", format_port_list(&unreserved)),
+        effect: "the node may connect out from a NodePort or SNAT port (net.ipv4.ip_local_port_range \
+                 covers them), and the answers then go to the Service or to a SNAT flow's client",
+    })
 }
 
 /// The requirements missing at the last check, so that each one is reported (log, Event) when
@@ -342,9 +376,193 @@ fn unescape(field: &str) -> String {
     out
 }
 
+/// The node's ephemeral ports (`net.ipv4.ip_local_port_range`, which IPv6 uses too) and the
+/// ports taken out of them (`net.ipv4.ip_local_reserved_ports`), of the caller's network
+/// namespace.
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+const LOCAL_RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// A sysctl's value in one read: `ip_local_reserved_ports` answers a read at a non-zero offset
+/// with nothing (`proc_do_large_bitmap` in kernel/sysctl.c), so reading in pieces, as
+/// `std::fs::read_to_string` does after its first 32-byte probe, cuts the list short.
+fn read_sysctl(path: &str) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    // A list of every port, each with its comma, takes less than 400 KB.
+    let mut buffer = vec![0; 512 * 1024];
+    let read = std::fs::File::open(path)
+        .and_then(|mut file| file.read(&mut buffer))
+        .with_context(|| format!("reading {path}"))?;
+    buffer.truncate(read);
+    String::from_utf8(buffer).with_context(|| format!("{path} is not UTF-8"))
+}
+
+/// Ports as `ip_local_reserved_ports` lists them: comma-separated ports and `first-last` ranges
+/// (empty: none).
+pub fn parse_port_list(text: &str) -> anyhow::Result<Vec<RangeInclusive<u16>>> {
+    text.trim()
+        .split(',')
+        .filter(|item| !item.trim().is_empty())
+        .map(|item| {
+            let item = item.trim();
+            let (first, last) = item.split_once('-').unwrap_or((item, item));
+            let parse = |port: &str| {
+                port.trim()
+                    .parse::<u16>()
+                    .with_context(|| format!("{item:?} is not a port or a range of ports"))
+            };
+            let (first, last) = (parse(first)?, parse(last)?);
+            anyhow::ensure!(first <= last, "{item:?} ends before it starts");
+            Ok(first..=last)
+        })
+        .collect()
+}
+
+/// `ranges` as `ip_local_reserved_ports` takes them.
+pub fn format_port_list(ranges: &[RangeInclusive<u16>]) -> String {
+    ranges
+        .iter()
+        .map(|range| {
+            if range.start() == range.end() {
+                range.start().to_string()
+            } else {
+                format!("{}-{}", range.start(), range.end())
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The ports of `wanted` that the kernel may pick as a connection's source port: inside
+/// `ephemeral` and not in `reserved`, as sorted, merged ranges.
+pub fn unreserved_ephemeral(
+    ephemeral: &RangeInclusive<u16>,
+    reserved: &[RangeInclusive<u16>],
+    wanted: &[RangeInclusive<u16>],
+) -> Vec<RangeInclusive<u16>> {
+    let is_reserved = |port: u16| reserved.iter().any(|range| range.contains(&port));
+    let mut ports: Vec<u16> = wanted
+        .iter()
+        .flat_map(|range| range.clone())
+        .filter(|port| ephemeral.contains(port) && !is_reserved(*port))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    merge_ports(&ports)
+}
+
+/// Sorted, distinct ports as ranges of consecutive ones.
+fn merge_ports(ports: &[u16]) -> Vec<RangeInclusive<u16>> {
+    let mut ranges: Vec<RangeInclusive<u16>> = Vec::new();
+    for &port in ports {
+        match ranges.last_mut() {
+            Some(last) if u32::from(*last.end()) + 1 == u32::from(port) => {
+                *last = *last.start()..=port;
+            }
+            _ => ranges.push(port..=port),
+        }
+    }
+    ranges
+}
+
+/// This namespace's ephemeral port range and reserved ports.
+fn local_ports() -> anyhow::Result<(RangeInclusive<u16>, Vec<RangeInclusive<u16>>)> {
+    let range = read_sysctl(LOCAL_PORT_RANGE)?;
+    let mut bounds = range.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(first)), Some(Ok(last))) = (bounds.next(), bounds.next()) else {
+        anyhow::bail!("{LOCAL_PORT_RANGE}: {range:?} is not two ports");
+    };
+    let reserved = read_sysctl(LOCAL_RESERVED_PORTS)?;
+    let reserved =
+        parse_port_list(&reserved).with_context(|| format!("parsing {LOCAL_RESERVED_PORTS}"))?;
+    Ok((first..=last, reserved))
+}
+
+/// The ports of `lb_ports` (the NodePort and SNAT ranges) that this node may still hand out as
+/// ephemeral ports.
+pub fn unreserved_lb_ports(
+    lb_ports: &[RangeInclusive<u16>],
+) -> anyhow::Result<Vec<RangeInclusive<u16>>> {
+    let (ephemeral, reserved) = local_ports()?;
+    Ok(unreserved_ephemeral(&ephemeral, &reserved, lb_ports))
+}
+
+/// Takes the ports of `lb_ports` that the node would hand out as ephemeral ports out of its
+/// ephemeral range (`ip_local_reserved_ports`, keeping what it reserves already), and returns
+/// them (empty: nothing to do). A connection of the node's own from a NodePort would have its
+/// answers taken for the Service's (UDP, and TCP where XDP's socket check does not reach), and
+/// one from a SNAT port could share a SNAT flow's tuple at the endpoint.
+pub fn reserve_lb_ports(
+    lb_ports: &[RangeInclusive<u16>],
+) -> anyhow::Result<Vec<RangeInclusive<u16>>> {
+    let (ephemeral, reserved) = local_ports()?;
+    let missing = unreserved_ephemeral(&ephemeral, &reserved, lb_ports);
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    let mut all: Vec<u16> = reserved
+        .iter()
+        .chain(&missing)
+        .flat_map(|range| range.clone())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    let list = format_port_list(&merge_ports(&all));
+    std::fs::write(LOCAL_RESERVED_PORTS, &list)
+        .with_context(|| format!("writing {list:?} to {LOCAL_RESERVED_PORTS}"))?;
+    Ok(missing)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_port_lists_read_and_write_as_the_kernel_does() {
+        assert_eq!(
+            parse_port_list("\n").unwrap(),
+            Vec::<RangeInclusive<u16>>::new()
+        );
+        assert_eq!(
+            parse_port_list("22,30000-32767,65535\n").unwrap(),
+            vec![22..=22, 30000..=32767, 65535..=65535]
+        );
+        for bad in ["x", "5-3", "1-", "70000", "1-2-3"] {
+            assert!(parse_port_list(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            format_port_list(&[22..=22, 30000..=32767]),
+            "22,30000-32767"
+        );
+        assert_eq!(format_port_list(&[]), "");
+    }
+
+    #[test]
+    fn only_ephemeral_unreserved_ports_of_lbs_ranges_are_to_reserve() {
+        let lb_ports = [30000..=32767, 61000..=65535];
+        // Linux's default range covers neither.
+        assert!(unreserved_ephemeral(&(32768..=60999), &[], &lb_ports).is_empty());
+        // A wide range covers both, up to its end.
+        assert_eq!(
+            unreserved_ephemeral(&(10000..=65000), &[], &lb_ports),
+            vec![30000..=32767, 61000..=65000]
+        );
+        // What is reserved already stays out, and so do ports outside the range.
+        assert_eq!(
+            unreserved_ephemeral(&(1024..=65535), &[31000..=31999, 61000..=65535], &lb_ports),
+            vec![30000..=30999, 32000..=32767]
+        );
+        // Overlapping and adjacent wanted ranges merge.
+        assert_eq!(
+            unreserved_ephemeral(
+                &(1024..=65535),
+                &[],
+                &[100..=2000, 1500..=3000, 3001..=3001]
+            ),
+            vec![1024..=3001]
+        );
+        let everything = [0..=9999, 10000..=65535];
+        assert!(unreserved_ephemeral(&(1024..=65535), &everything, &lb_ports).is_empty());
+    }
 
     #[test]
     fn interface_names_are_what_the_kernel_accepts() {
@@ -364,6 +582,7 @@ mod tests {
             interface: "eth0".into(),
             sysctl: "net.ipv4.conf.eth0.forwarding".into(),
             value: "0".into(),
+            want: "1".into(),
             effect: "",
         };
         let mut watch = RequirementWatch::default();

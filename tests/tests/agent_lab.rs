@@ -369,6 +369,82 @@ fn the_agent_works_with_the_three_capabilities_the_daemonset_gives_it() {
     assert_eq!(accept_local.trim(), "1", "the agent set accept_local");
 }
 
+/// A node whose ephemeral ports cover the NodePort and SNAT ranges (the lab's hosts take
+/// 10000-65000): the agent takes those ports out of them, keeping what the node reserved
+/// already, and the requirement's gauge reads 0; ports freed behind its back are reported at
+/// the next sync; with `--reserve-ports false` it leaves the setting alone; `lb init-node`, which
+/// does it for the DaemonSet's agent (whose /proc/sys is read-only), reserves them too.
+#[test]
+fn the_agent_takes_the_node_port_and_snat_ranges_out_of_the_nodes_ephemeral_ports() {
+    let mut setup = AgentLab::new().expect("lab");
+    let node = setup.cluster.node(1).host.clone();
+    let reserved_ports = || {
+        node.run("cat", &["/proc/sys/net/ipv4/ip_local_reserved_ports"])
+            .expect("sysctl")
+            .trim()
+            .to_owned()
+    };
+    let gauge = "lb_node_requirement_missing{requirement=\"reserved_ports\",interface=\"\"}";
+    node.sysctl("net.ipv4.ip_local_reserved_ports", "22,40000-40009")
+        .expect("the node's own reservation");
+
+    setup.start_agent(&[]).expect("agent");
+    assert_eq!(reserved_ports(), "22,30000-32767,40000-40009,61000-65000");
+    assert_eq!(
+        setup.metric(gauge).expect("metrics"),
+        Some(0.0),
+        "{}",
+        std::fs::read_to_string(setup.log()).unwrap_or_default()
+    );
+
+    // Freed behind the agent's back: the next sync (any change) reports it.
+    node.sysctl("net.ipv4.ip_local_reserved_ports", "22")
+        .expect("freed");
+    setup.apply("web.yaml", &service(80, 30080)).expect("apply");
+    let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
+    while setup.metric(gauge).expect("metrics") != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gauge stayed at 0"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_log(
+        &setup.log(),
+        "net.ipv4.ip_local_reserved_ports is 22 (want 30000-32767,61000-65000 in it)",
+        1,
+        SYNC_TIMEOUT,
+    )
+    .expect("logged");
+
+    // Told not to, a new agent leaves the setting alone and has no gauge for it.
+    setup.kill_agent().expect("kill");
+    setup
+        .start_agent(&["--reserve-ports", "false"])
+        .expect("agent");
+    assert_eq!(reserved_ports(), "22");
+    assert_eq!(setup.metric(gauge).expect("metrics"), None);
+
+    // The init container's command reserves them.
+    let lb = lab::peer::sibling_binary("lb").expect("lb");
+    let pin_dir = setup.pin_dir().join("init");
+    let said = node
+        .run(
+            &lb,
+            &[
+                "init-node",
+                "--pin-dir",
+                pin_dir.to_str().expect("UTF-8 path"),
+            ],
+        )
+        .expect("lb init-node");
+    assert!(
+        said.contains("net.ipv4.ip_local_reserved_ports += 30000-32767,61000-65000"),
+        "{said}"
+    );
+    assert_eq!(reserved_ports(), "22,30000-32767,61000-65000");
+}
+
 #[test]
 fn init_node_sets_accept_local_which_the_agent_under_a_read_only_proc_sys_only_checks() {
     let setup = AgentLab::new().expect("lab");

@@ -1063,7 +1063,13 @@ fn the_agent_writes_no_sysctl_the_init_container_sets_them() {
     );
     assert_eq!(init.args, None);
     let help = lb_help(&["init-node", "--help"]);
-    for variable in ["LB_INTERFACES", "LB_PIN_DIR"] {
+    for variable in [
+        "LB_INTERFACES",
+        "LB_PIN_DIR",
+        "LB_NODE_PORT_RANGE",
+        "LB_SNAT_PORT_RANGE",
+        "LB_RESERVE_PORTS",
+    ] {
         assert!(help.contains(&format!("[env: {variable}")), "{help}");
         manifests.setting(variable);
     }
