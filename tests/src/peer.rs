@@ -379,3 +379,28 @@ impl<'a> ClientRun<'a> {
             .with_context(|| format!("parsing lab-peer report: {stdout}"))
     }
 }
+
+/// A TCP connection inside the calling thread's network namespace, from `local` (bound with
+/// SO_REUSEADDR) to a listener this opens on `server` with a port the kernel picks: the
+/// listener (which holds the connection's other end in its queue), the connected socket, and
+/// the listener's address. For tests that need a socket of the node's on given ports.
+pub fn connection_from(
+    local: std::net::SocketAddr,
+    server: std::net::IpAddr,
+) -> anyhow::Result<(std::net::TcpListener, socket2::Socket, std::net::SocketAddr)> {
+    let listener = std::net::TcpListener::bind((server, 0)).context("listening")?;
+    let server = listener.local_addr()?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(local),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&local.into())
+        .with_context(|| format!("binding {local}"))?;
+    socket
+        .connect(&server.into())
+        .with_context(|| format!("connecting to {server}"))?;
+    Ok((listener, socket, server))
+}

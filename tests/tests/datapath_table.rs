@@ -378,15 +378,11 @@ fn segments_of_the_nodes_own_connection_from_a_node_port_pass_untouched() {
     let pins = PinDir::new(&lab, "own").expect("pin dir");
     let datapath = datapath(&pins, vec![1]);
     let _inside = node.enter().expect("entering the node's namespace");
-    let listener = std::net::TcpListener::bind(SocketAddrV4::new(NODE, 0)).expect("listener");
-    let server = match listener.local_addr().expect("address") {
-        std::net::SocketAddr::V4(addr) => addr,
-        other => panic!("{other}"),
+    let (_listener, _own, server) =
+        lab::peer::connection_from(FRONTEND.into(), NODE.into()).expect("the node's connection");
+    let std::net::SocketAddr::V4(server) = server else {
+        panic!("{server}")
     };
-    let own =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    own.bind(&FRONTEND.into()).expect("bound to the NodePort");
-    own.connect(&server.into()).expect("connected");
     let stranger = SocketAddrV4::new(NODE, server.port() + 1);
     let cases = vec![
         case(

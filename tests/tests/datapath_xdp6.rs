@@ -437,15 +437,11 @@ fn segments_of_the_nodes_own_ipv6_connection_from_a_node_port_pass_untouched() {
     let pins = PinDir::new(&lab, "own6").expect("pin dir");
     let datapath = datapath(&pins);
     let _inside = node.enter().expect("entering the node's namespace");
-    let listener = std::net::TcpListener::bind(SocketAddrV6::new(NODE, 0, 0, 0)).expect("listener");
-    let server = match listener.local_addr().expect("address") {
-        std::net::SocketAddr::V6(addr) => addr,
-        other => panic!("{other}"),
+    let (_listener, _own, server) =
+        lab::peer::connection_from(FRONTEND.into(), NODE.into()).expect("the node's connection");
+    let std::net::SocketAddr::V6(server) = server else {
+        panic!("{server}")
     };
-    let own =
-        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).expect("socket");
-    own.bind(&FRONTEND.into()).expect("bound to the NodePort");
-    own.connect(&server.into()).expect("connected");
     let stranger = SocketAddrV6::new(NODE, server.port() + 1, 0, 0);
     let cases = vec![
         case(
