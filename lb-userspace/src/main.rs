@@ -721,16 +721,18 @@ fn init_node(
         lb_userspace::node::set_accept_local(iface)?;
         println!("net.ipv4.conf.{iface}.accept_local = 1");
     }
-    if let Some(lb_ports) = lb_ports {
-        let reserved = lb_userspace::node::reserve_lb_ports(&lb_ports)?;
-        if reserved.is_empty() {
+    // A reservation refused (it would starve the node's own connections) or failed does not
+    // keep the agent from starting: it reports the requirement as missing.
+    match lb_ports.map(|lb_ports| lb_userspace::node::reserve_lb_ports(&lb_ports)) {
+        None => {}
+        Some(Ok(reserved)) if reserved.is_empty() => {
             println!("no NodePort or SNAT port among the node's unreserved ephemeral ports");
-        } else {
-            println!(
-                "net.ipv4.ip_local_reserved_ports += {}",
-                lb_userspace::node::format_port_list(&reserved)
-            );
         }
+        Some(Ok(reserved)) => println!(
+            "net.ipv4.ip_local_reserved_ports += {}",
+            lb_userspace::node::format_port_list(&reserved)
+        ),
+        Some(Err(error)) => eprintln!("warning: {error:#}"),
     }
     Ok(())
 }

@@ -495,9 +495,26 @@ pub fn reserve_lb_ports(
     lb_ports: &[RangeInclusive<u16>],
 ) -> anyhow::Result<Vec<RangeInclusive<u16>>> {
     let (ephemeral, reserved) = local_ports()?;
-    let missing = unreserved_ephemeral(&ephemeral, &reserved, lb_ports);
+    let Some((missing, list)) = reservation(&ephemeral, &reserved, lb_ports)? else {
+        return Ok(Vec::new());
+    };
+    std::fs::write(LOCAL_RESERVED_PORTS, &list)
+        .with_context(|| format!("writing {list:?} to {LOCAL_RESERVED_PORTS}"))?;
+    Ok(missing)
+}
+
+/// What [`reserve_lb_ports`] adds to `reserved` and the list it writes (None: nothing to add).
+/// Refused when it would leave the node fewer than half of its ephemeral ports, or none of
+/// them: a NodePort range as wide as the ephemeral range would starve the node's own
+/// connections (connect fails with EADDRNOTAVAIL), which is worse than the clash it avoids.
+fn reservation(
+    ephemeral: &RangeInclusive<u16>,
+    reserved: &[RangeInclusive<u16>],
+    lb_ports: &[RangeInclusive<u16>],
+) -> anyhow::Result<Option<(Vec<RangeInclusive<u16>>, String)>> {
+    let missing = unreserved_ephemeral(ephemeral, reserved, lb_ports);
     if missing.is_empty() {
-        return Ok(missing);
+        return Ok(None);
     }
     let mut all: Vec<u16> = reserved
         .iter()
@@ -506,10 +523,17 @@ pub fn reserve_lb_ports(
         .collect();
     all.sort_unstable();
     all.dedup();
-    let list = format_port_list(&merge_ports(&all));
-    std::fs::write(LOCAL_RESERVED_PORTS, &list)
-        .with_context(|| format!("writing {list:?} to {LOCAL_RESERVED_PORTS}"))?;
-    Ok(missing)
+    let ephemeral_count = ephemeral.clone().count();
+    let left = ephemeral_count - all.iter().filter(|port| ephemeral.contains(port)).count();
+    anyhow::ensure!(
+        left * 2 >= ephemeral_count && left > 0,
+        "not reserving {}: it would leave {left} of the node's {ephemeral_count} ephemeral ports \
+         ({}-{}); narrow the NodePort or SNAT range, or move net.ipv4.ip_local_port_range off them",
+        format_port_list(&missing),
+        ephemeral.start(),
+        ephemeral.end()
+    );
+    Ok(Some((missing, format_port_list(&merge_ports(&all)))))
 }
 
 #[cfg(test)]
@@ -562,6 +586,32 @@ mod tests {
         );
         let everything = [0..=9999, 10000..=65535];
         assert!(unreserved_ephemeral(&(1024..=65535), &everything, &lb_ports).is_empty());
+    }
+
+    #[test]
+    fn a_reservation_keeps_the_nodes_list_and_never_takes_most_of_its_ephemeral_ports() {
+        let lb_ports = [30000..=32767, 61000..=65535];
+        let own = [22..=22, 80..=80];
+        assert_eq!(
+            reservation(&(32768..=60999), &own, &lb_ports).unwrap(),
+            None
+        );
+        let (added, list) = reservation(&(10000..=65000), &[22..=22, 40000..=40009], &lb_ports)
+            .unwrap()
+            .expect("ports to reserve");
+        assert_eq!(added, vec![30000..=32767, 61000..=65000]);
+        assert_eq!(list, "22,30000-32767,40000-40009,61000-65000");
+        // A NodePort range over most of the ephemeral one would starve the node's connections.
+        let wide = [30000..=60000, 61000..=65535];
+        let refused = reservation(&(32768..=60999), &[], &wide).unwrap_err();
+        assert!(
+            format!("{refused:#}")
+                .contains("it would leave 999 of the node's 28232 ephemeral ports"),
+            "{refused:#}"
+        );
+        // Half of them left is still taken.
+        let half = [32768..=40000, 40001..=46883];
+        assert!(reservation(&(32768..=60999), &[], &half).unwrap().is_some());
     }
 
     #[test]

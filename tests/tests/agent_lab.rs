@@ -372,7 +372,8 @@ fn the_agent_works_with_the_three_capabilities_the_daemonset_gives_it() {
 /// A node whose ephemeral ports cover the NodePort and SNAT ranges (the lab's hosts take
 /// 10000-65000): the agent takes those ports out of them, keeping what the node reserved
 /// already, and the requirement's gauge reads 0; ports freed behind its back are reported at
-/// the next sync; with `--reserve-ports false` it leaves the setting alone; `lb init-node`, which
+/// the next sync; a reservation that would take most ephemeral ports is refused; with
+/// `--reserve-ports false` it leaves the setting alone; `lb init-node`, which
 /// does it for the DaemonSet's agent (whose /proc/sys is read-only), reserves them too.
 #[test]
 fn the_agent_takes_the_node_port_and_snat_ranges_out_of_the_nodes_ephemeral_ports() {
@@ -412,6 +413,22 @@ fn the_agent_takes_the_node_port_and_snat_ranges_out_of_the_nodes_ephemeral_port
     wait_for_log(
         &setup.log(),
         "net.ipv4.ip_local_reserved_ports is 22 (want 30000-32767,61000-65000 in it)",
+        1,
+        SYNC_TIMEOUT,
+    )
+    .expect("logged");
+
+    // A NodePort range over most of the ephemeral ports: reserving it would starve the node's
+    // own connections, so the agent refuses and says so.
+    setup.kill_agent().expect("kill");
+    setup
+        .start_agent(&["--node-port-range", "10000-60000"])
+        .expect("agent");
+    assert_eq!(reserved_ports(), "22");
+    assert_eq!(setup.metric(gauge).expect("metrics"), Some(1.0));
+    wait_for_log(
+        &setup.log(),
+        "it would leave 999 of the node's 55001 ephemeral ports",
         1,
         SYNC_TIMEOUT,
     )
