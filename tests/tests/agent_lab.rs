@@ -372,7 +372,8 @@ fn the_agent_works_with_the_three_capabilities_the_daemonset_gives_it() {
 /// A node whose ephemeral ports cover the NodePort and SNAT ranges (the lab's hosts take
 /// 10000-65000): the agent takes those ports out of them, keeping what the node reserved
 /// already, and the requirement's gauge reads 0; ports freed behind its back are reported at
-/// the next sync; a reservation that would take most ephemeral ports is refused; with
+/// the next sync, and so are the ports an agent under a read-only /proc/sys cannot reserve; a
+/// reservation that would take most ephemeral ports is refused; with
 /// `--reserve-ports false` it leaves the setting alone; `lb init-node`, which
 /// does it for the DaemonSet's agent (whose /proc/sys is read-only), reserves them too.
 #[test]
@@ -413,6 +414,33 @@ fn the_agent_takes_the_node_port_and_snat_ranges_out_of_the_nodes_ephemeral_port
     wait_for_log(
         &setup.log(),
         "net.ipv4.ip_local_reserved_ports is 22 (want 30000-32767,61000-65000 in it)",
+        1,
+        SYNC_TIMEOUT,
+    )
+    .expect("logged");
+
+    // The DaemonSet's agent: its /proc/sys read-only (here in a private mount namespace of its
+    // own). It cannot reserve the freed ports, starts all the same, and says what is missing.
+    setup.kill_agent().expect("kill");
+    setup
+        .start_agent_through(
+            &[
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "mount -o bind,ro /proc/sys /proc/sys && exec \"$0\" \"$@\"",
+            ],
+            &[],
+        )
+        .expect("agent under a read-only /proc/sys");
+    assert_eq!(reserved_ports(), "22");
+    assert_eq!(setup.metric(gauge).expect("metrics"), Some(1.0));
+    wait_for_log(
+        &setup.log(),
+        "could not reserve the NodePort and SNAT ports",
         1,
         SYNC_TIMEOUT,
     )
