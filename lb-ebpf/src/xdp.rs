@@ -946,8 +946,13 @@ fn frontend6(
 fn try_new_flow6(ctx: &XdpContext) -> Result<u32, Event> {
     let packet = packet6()?;
     if continues_node_connection(ctx, &packet.tuple) {
-        count_event(Event::PASS_NODE_CONNECTION);
-        return Ok(xdp_action::XDP_PASS);
+        return refused(
+            ctx,
+            &packet.ip,
+            &packet.tuple,
+            packet.frontend.service.service_id,
+            Event::PASS_NODE_CONNECTION,
+        );
     }
     let request = NewFlow {
         tuple: &packet.tuple,

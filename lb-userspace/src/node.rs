@@ -146,16 +146,18 @@ pub fn missing_requirements(
 /// of the node's ephemeral ports ([`reserve_lb_ports`]): missing while some of them are still
 /// ephemeral, unreserved.
 pub fn missing_reserved_ports(lb_ports: &[RangeInclusive<u16>]) -> Option<MissingRequirement> {
-    let (value, unreserved) = match unreserved_lb_ports(lb_ports) {
-        Ok(unreserved) if unreserved.is_empty() => return None,
-        Ok(unreserved) => (
-            match read_sysctl(LOCAL_RESERVED_PORTS) {
-                Ok(value) if value.trim().is_empty() => "empty".to_owned(),
-                Ok(value) => value.trim().to_owned(),
-                Err(error) => format!("unreadable ({error:#})"),
-            },
-            unreserved,
-        ),
+    let (value, unreserved) = match local_ports() {
+        Ok((ephemeral, reserved)) => {
+            let unreserved = unreserved_ephemeral(&ephemeral, &reserved, lb_ports);
+            if unreserved.is_empty() {
+                return None;
+            }
+            let listed = match format_port_list(&reserved) {
+                list if list.is_empty() => "empty".to_owned(),
+                list => list,
+            };
+            (listed, unreserved)
+        }
         Err(error) => (format!("unreadable ({error:#})"), lb_ports.to_vec()),
     };
     Some(MissingRequirement {
@@ -475,15 +477,6 @@ fn local_ports() -> anyhow::Result<(RangeInclusive<u16>, Vec<RangeInclusive<u16>
     let reserved =
         parse_port_list(&reserved).with_context(|| format!("parsing {LOCAL_RESERVED_PORTS}"))?;
     Ok((first..=last, reserved))
-}
-
-/// The ports of `lb_ports` (the NodePort and SNAT ranges) that this node may still hand out as
-/// ephemeral ports.
-pub fn unreserved_lb_ports(
-    lb_ports: &[RangeInclusive<u16>],
-) -> anyhow::Result<Vec<RangeInclusive<u16>>> {
-    let (ephemeral, reserved) = local_ports()?;
-    Ok(unreserved_ephemeral(&ephemeral, &reserved, lb_ports))
 }
 
 /// Takes the ports of `lb_ports` that the node would hand out as ephemeral ports out of its
