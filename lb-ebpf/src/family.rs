@@ -135,7 +135,7 @@ pub trait Family {
     fn frontend_slot(index: u32) -> Option<&'static FrontendSlotHead<Self::Addr>>;
     /// Cell `cell` of the selection table slot `index` of the frontend index carries, if it
     /// carries the table ([`lb_common::FrontendSlot`]).
-    fn inline_backend(index: u32, cell: u32) -> Option<u32>;
+    fn inline_backend(index: u32, cell: u64) -> Option<u32>;
     /// The backend `id` names, if it is one of this family's. A reference, not a copy: LLVM
     /// would read an `Option`'s unset payload where branches merge, which the verifier refuses.
     fn backend(id: u32) -> Option<&'static BackendValue<Self::Addr>>;
@@ -282,7 +282,7 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn inline_backend(index: u32, cell: u32) -> Option<u32> {
+    fn inline_backend(index: u32, cell: u64) -> Option<u32> {
         inline_backend(FRONTEND_INDEX4.get(index)?, cell)
     }
 
@@ -454,7 +454,7 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn inline_backend(index: u32, cell: u32) -> Option<u32> {
+    fn inline_backend(index: u32, cell: u64) -> Option<u32> {
         inline_backend(FRONTEND_INDEX6.get(index)?, cell)
     }
 
@@ -523,8 +523,8 @@ impl Family for V6 {
 /// is the one the frontend was found in during this run: the agent rewrites a slot only a
 /// grace period after it stopped being live, so it still holds that frontend's table.
 #[inline(always)]
-fn inline_backend<A, const N: usize>(slot: &FrontendSlot<A, N>, cell: u32) -> Option<u32> {
-    if cell >= u32::from(slot.head.inline_backends) {
+fn inline_backend<A, const N: usize>(slot: &FrontendSlot<A, N>, cell: u64) -> Option<u32> {
+    if cell >= u64::from(slot.head.inline_backends) {
         return None;
     }
     slot.backends.get(cell as usize).copied()

@@ -20,7 +20,7 @@ use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::{
     family::{Family, V4},
     flow_cache::{self, SlotLook},
-    helpers::{holds_tcp_connection, now_ns, random_u32},
+    helpers::{holds_tcp_connection, now_ns, random_below, random_u32},
     maps::{
         AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, SLOTS4,
         count_event, count_service, dry_run,
@@ -1907,10 +1907,10 @@ pub fn select<F: Family>(
     if service.backend_count == 0 {
         return Err(no_backend(service));
     }
-    let cell = random_u32() % u32::from(service.backend_count);
+    let cell = random_below(u32::from(service.backend_count));
     let backend_id = match F::inline_backend(index_slot, cell) {
         Some(backend_id) => backend_id,
-        None => table_cell(service, cell)?,
+        None => table_cell(service, cell as u32)?,
     };
     let backend = *F::backend(backend_id).ok_or(Event::DROP_BACKEND_MISSING)?;
     Ok((backend_id, backend))
