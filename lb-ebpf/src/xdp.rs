@@ -782,9 +782,25 @@ fn admit<I: Ip>(
     if service.flags & service_flags::SOURCE_RANGES != 0
         && !source_allowed::<I::F>(service.service_id, tuple.saddr)
     {
-        return Err(Event::DROP_SOURCE_RANGE);
+        return outside_source_ranges(ctx, tuple);
     }
     Ok(Some(frontend))
+}
+
+/// A packet from outside its frontend's source ranges is dropped, unless it answers a
+/// connection of the node's own ([`continues_node_connection`]): a LoadBalancer IP or
+/// externalIP that is the node's address shares its ports with the node's connections, and
+/// the ranges are the Service's, not the node's. Asked only of what would be dropped.
+#[inline(always)]
+fn outside_source_ranges<F: Family>(
+    ctx: &XdpContext,
+    tuple: &Tuple<F>,
+) -> Result<Option<&'static Frontend>, Event> {
+    if continues_node_connection(ctx, tuple) {
+        count_event(Event::PASS_NODE_CONNECTION);
+        return Ok(None);
+    }
+    Err(Event::DROP_SOURCE_RANGE)
 }
 
 /// A packet for which no destination was found (`event` says why): the REJECT answer for a

@@ -248,6 +248,54 @@ fn the_nodes_own_connection_from_a_node_port_reaches_the_node() {
     assert!(events["pass_node_connection"] >= 3, "{events:?}");
 }
 
+/// A LoadBalancer IP that is node1's own address, with source ranges that leave the other
+/// node out: node1's connection from that IP's port to a pod on node2 gets its answers, which
+/// come from outside the ranges to the frontend, and no flow of the Service's is made.
+#[test]
+fn the_nodes_own_connection_from_a_load_balancer_ips_port_reaches_the_node_outside_its_ranges() {
+    const PORT: u16 = 8443;
+    let mut setup = setup(&ClusterSpec::default());
+    let tcp = backends(&mut setup, proto::TCP, 1);
+    let service = Service {
+        id: 3,
+        frontends: vec![Frontend {
+            addr: node_addr(1).into(),
+            port: PORT,
+            proto: proto::TCP,
+            kind: service_flags::LOAD_BALANCER,
+        }],
+        backends: vec![tcp[0].0, tcp[1].0],
+        flags: service_flags::SOURCE_RANGES,
+        source_ranges: [(Ipv4Addr::new(192, 0, 2, 0).into(), 24)].into(),
+        ..Default::default()
+    };
+    setup.node.datapath.put_service(&service).expect("service");
+    let remote_pod = &setup.cluster.node(2).pods[0];
+    let server = format!("{}:{POD_PORT}", remote_pod.addr);
+    let run = ClientRun {
+        one_flow: true,
+        source_port: Some(PORT),
+        ..ClientRun::tcp(&server, 5)
+    };
+    let report = run
+        .run(&setup.cluster.node(1).host, None)
+        .expect("client in the node's own namespace");
+    report.assert_all_ok("the node's connection from its LoadBalancer IP's port");
+    assert_eq!(
+        report.servers(),
+        BTreeSet::from([remote_pod.host.name()]),
+        "{report:?}"
+    );
+    let counter = setup.node.datapath.service_counter(3).expect("counter");
+    assert_eq!(
+        counter.new_flows, 0,
+        "no flow of the Service's: {counter:?}"
+    );
+    let events = setup.node.datapath.events().expect("events");
+    assert!(events["pass_node_connection"] >= 3, "{events:?}");
+    assert_eq!(events["drop_source_range"], 0, "{events:?}");
+}
+
 /// Every request of the client run to `target` answered by one of `endpoints`, which saw the
 /// client's own address (no SNAT for local endpoints), and every reply came back from `target`
 /// (the reverse NAT).

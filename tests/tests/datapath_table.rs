@@ -428,6 +428,81 @@ fn segments_of_the_nodes_own_connection_from_a_node_port_pass_untouched() {
     assert_eq!((tcp.packets, tcp.new_flows), (2, 2), "{tcp:?}");
 }
 
+/// A LoadBalancer IP that is the node's own address, with source ranges that leave the node
+/// out: the answers to the node's connection from one of its ports are the node's, not the
+/// Service's, and pass; a segment of no socket's from outside the ranges is still dropped, and
+/// so is a new flow.
+#[test]
+fn the_nodes_own_connection_from_a_load_balancer_ips_port_passes_outside_its_source_ranges() {
+    let mut lab = Lab::new().expect("lab");
+    let node = lab.host("node").expect("host");
+    node.addr("lo", &format!("{NODE}/32"))
+        .expect("node address");
+    let pins = PinDir::new(&lab, "ownlb").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let load_balancer_ip = SocketAddrV4::new(NODE, 8443);
+    datapath
+        .put_service(&Service {
+            id: 5,
+            frontends: vec![Frontend {
+                addr: std::net::IpAddr::V4(NODE),
+                port: load_balancer_ip.port(),
+                proto: proto::TCP,
+                kind: service_flags::LOAD_BALANCER,
+            }],
+            backends: vec![1],
+            flags: service_flags::SOURCE_RANGES,
+            source_ranges: [(Ipv4Addr::new(192, 0, 2, 0).into(), 24)].into(),
+            ..Default::default()
+        })
+        .expect("service");
+    let _inside = node.enter().expect("entering the node's namespace");
+    let (_listener, _own, server) =
+        lab::peer::connection_from(load_balancer_ip.into(), NODE.into())
+            .expect("the node's connection");
+    let std::net::SocketAddr::V4(server) = server else {
+        panic!("{server}")
+    };
+    let stranger = SocketAddrV4::new(NODE, server.port() + 1);
+    let cases = vec![
+        case(
+            "the peer's ack",
+            packet::tcp(server, load_balancer_ip, TcpFlags::ACK, b"answer"),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "the peer's fin",
+            packet::tcp(server, load_balancer_ip, TcpFlags::FIN_ACK, b""),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "an ack of no socket's",
+            packet::tcp(stranger, load_balancer_ip, TcpFlags::ACK, b"data"),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "a bare syn on the socket's tuple",
+            packet::tcp(server, load_balancer_ip, TcpFlags::SYN, b""),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+    ];
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &cases,
+    );
+    let events = datapath.events().expect("events");
+    assert_eq!(events["pass_node_connection"], 2, "{events:?}");
+    assert_eq!(events["drop_source_range"], 2, "{events:?}");
+    let counter = datapath.service_counter(5).expect("counter");
+    assert_eq!((counter.packets, counter.new_flows), (0, 0), "{counter:?}");
+}
+
 #[test]
 fn established_flows_keep_their_backend_while_new_flows_follow_the_table() {
     let lab = Lab::new().expect("lab");

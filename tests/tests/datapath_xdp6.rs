@@ -485,6 +485,83 @@ fn segments_of_the_nodes_own_ipv6_connection_from_a_node_port_pass_untouched() {
     assert_eq!((tcp.packets, tcp.new_flows), (2, 2), "{tcp:?}");
 }
 
+/// The IPv6 twin of datapath_table's: a LoadBalancer IP that is the node's own address, with
+/// source ranges that leave the node out. The answers to the node's connection from one of its
+/// ports pass; a segment of no socket's from outside the ranges and a new flow are dropped.
+#[test]
+fn the_nodes_own_ipv6_connection_from_a_load_balancer_ips_port_passes_outside_its_source_ranges() {
+    let mut lab = Lab::new().expect("lab");
+    let node = lab.host("node").expect("host");
+    node.enable_ipv6().expect("IPv6");
+    node.addr6("lo", &format!("{NODE}/128"))
+        .expect("node address");
+    let pins = PinDir::new(&lab, "ownlb6").expect("pin dir");
+    let mut datapath = datapath(&pins);
+    let load_balancer_ip = SocketAddrV6::new(NODE, 8443, 0, 0);
+    datapath
+        .put_service(&Service {
+            id: 5,
+            frontends: vec![Frontend {
+                addr: IpAddr::V6(NODE),
+                port: load_balancer_ip.port(),
+                proto: proto::TCP,
+                kind: service_flags::LOAD_BALANCER,
+            }],
+            backends: vec![1],
+            flags: service_flags::SOURCE_RANGES,
+            source_ranges: [(
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x2, 0, 0, 0, 0, 0)),
+                64,
+            )]
+            .into(),
+            ..Default::default()
+        })
+        .expect("service");
+    let _inside = node.enter().expect("entering the node's namespace");
+    let (_listener, _own, server) =
+        lab::peer::connection_from(load_balancer_ip.into(), NODE.into())
+            .expect("the node's connection");
+    let std::net::SocketAddr::V6(server) = server else {
+        panic!("{server}")
+    };
+    let stranger = SocketAddrV6::new(NODE, server.port() + 1, 0, 0);
+    let cases = vec![
+        case(
+            "the peer's ack",
+            tcp(server, load_balancer_ip, TcpFlags::ACK, b"answer"),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "the peer's fin",
+            tcp(server, load_balancer_ip, TcpFlags::FIN_ACK, b""),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "an ack of no socket's",
+            tcp(stranger, load_balancer_ip, TcpFlags::ACK, b"data"),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "a bare syn on the socket's tuple",
+            tcp(server, load_balancer_ip, TcpFlags::SYN, b""),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+    ];
+    run_table(
+        datapath.program_fd(program_names::XDP_LB).expect("fd"),
+        &cases,
+    );
+    let events = datapath.events().expect("events");
+    assert_eq!(events["pass_node_connection"], 2, "{events:?}");
+    assert_eq!(events["drop_source_range"], 2, "{events:?}");
+    let counter = datapath.service_counter(5).expect("counter");
+    assert_eq!((counter.packets, counter.new_flows), (0, 0), "{counter:?}");
+}
+
 #[test]
 fn an_ipv6_syn_whose_client_key_is_held_is_looked_up_and_follows_its_flow() {
     const POD_B: SocketAddrV6 = SocketAddrV6::new(
