@@ -378,8 +378,9 @@ pub mod ct_timeouts {
     /// this long after its last FIN or RST, instead of after [`TCP_CLOSING`]. All that can
     /// still come is the client's last ACK and, if that is lost, the backend's FIN again after
     /// its retransmission timeout (200 ms at least). 4536 ports held 0.5 s each let one backend
-    /// take about 9,000 new connections a second through one node; 2 s (4 retransmissions) held
-    /// the range at 2,300/s, below what one client makes straight to a pod here.
+    /// take about 9,000 new connections a second through one node, 18,000 with the ports in the
+    /// delay's second half taken when no free one is left; 2 s (4 retransmissions) held the
+    /// range at 2,300/s, below what one client makes straight to a pod here.
     pub const SNAT_PORT_REUSE: u64 = SECOND / 2;
 }
 

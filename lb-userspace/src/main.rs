@@ -291,7 +291,7 @@ struct RunArgs {
     #[arg(long, env = "LB_RESERVE_PORTS", default_value_t = true, action = clap::ArgAction::Set)]
     reserve_ports: bool,
     /// How long after a clean close or a reset a SNAT port may serve another flow to the same
-    /// backend.
+    /// backend; from half of it on, when a new flow finds no free port.
     #[arg(long, env = "LB_SNAT_PORT_REUSE_DELAY", default_value = "500ms", value_parser = parse_duration)]
     snat_port_reuse_delay: Duration,
     /// Entries of the IPv4 frontends map (one per Service port and address it is reached on:

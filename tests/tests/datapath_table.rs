@@ -1419,8 +1419,12 @@ fn snat_ports_of_expired_flows_are_reused() {
     );
 }
 
+/// Which held SNAT ports a new flow may take, the range full of one kind each time: a flow both
+/// sides closed (the client first) or a RST ended frees its port after the reuse delay and is a
+/// last resort in the delay's second half; one the backend closed first (its TIME_WAIT) is a
+/// last resort after the delay; a flow not closed on both sides never gives its port up.
 #[test]
-fn snat_ports_of_cleanly_closed_flows_are_reused_after_a_short_grace() {
+fn snat_ports_of_closed_flows_are_free_after_the_reuse_delay_and_last_resorts_within_it() {
     use lb_common::ct_flags::{BACKEND_CLOSED_FIRST, BACKEND_FIN, CLIENT_FIN, RESET};
     use std::time::Duration;
     let lab = Lab::new().expect("lab");
@@ -1428,10 +1432,12 @@ fn snat_ports_of_cleanly_closed_flows_are_reused_after_a_short_grace() {
     let mut fixture = SnatFixture::new(&pins);
     let grace = Duration::from_nanos(lb_common::ct_timeouts::SNAT_PORT_REUSE);
     let after_grace = grace + Duration::from_secs(1);
+    let backend_first = CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST;
     // (what ended the old flows, how long ago, whether a new flow finds a port)
     let cases = [
         ("FINs seen, still closing", 0, after_grace, false),
         ("client FIN only", CLIENT_FIN, after_grace, false),
+        ("backend FIN only", BACKEND_FIN, grace / 4, false),
         (
             "both FINs, client first",
             CLIENT_FIN | BACKEND_FIN,
@@ -1439,19 +1445,37 @@ fn snat_ports_of_cleanly_closed_flows_are_reused_after_a_short_grace() {
             true,
         ),
         (
-            "both FINs, within the grace",
+            "both FINs, client first, early in the delay (its last ACK may be on its way)",
             CLIENT_FIN | BACKEND_FIN,
             grace / 4,
             false,
         ),
         (
+            "both FINs, client first, late in the delay: a last resort",
+            CLIENT_FIN | BACKEND_FIN,
+            grace * 3 / 4,
+            true,
+        ),
+        (
             "both FINs, backend first (its TIME_WAIT): a last resort",
-            CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST,
+            backend_first,
             after_grace,
             true,
         ),
+        (
+            "both FINs, backend first, within the delay",
+            backend_first,
+            grace / 4,
+            false,
+        ),
         ("reset", RESET, after_grace, true),
-        ("reset, within the grace", RESET, grace / 4, false),
+        ("reset, early in the delay", RESET, grace / 4, false),
+        (
+            "reset, late in the delay: a last resort",
+            RESET,
+            grace * 3 / 4,
+            true,
+        ),
     ];
     let mut failures = Vec::new();
     for (index, (name, flags, age, reusable)) in cases.into_iter().enumerate() {
@@ -1466,22 +1490,42 @@ fn snat_ports_of_cleanly_closed_flows_are_reused_after_a_short_grace() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 
-    // Among ports whose backends may hold TIME_WAIT, the one clean port is taken.
-    fixture.occupy_every_port(CLIENT_FIN | BACKEND_FIN | BACKEND_CLOSED_FIRST, after_grace);
-    let clean = SNAT_PORTS.0 + 17;
-    let old = lb_common::Ct4Value {
-        last_seen_ns: lb_userspace::observe::inspect::monotonic_ns()
-            - after_grace.as_nanos() as u64,
-        state: lb_common::tcp_state::CLOSING,
-        flags: lb_common::ct_flags::SNAT | CLIENT_FIN | BACKEND_FIN,
-        ..Default::default()
+    // The order: a free port before a recently closed one, before a backend's TIME_WAIT.
+    let one_port_of = |fixture: &mut SnatFixture, flags: u8, age: Duration, port: u16| {
+        let old = lb_common::Ct4Value {
+            last_seen_ns: lb_userspace::observe::inspect::monotonic_ns() - age.as_nanos() as u64,
+            state: lb_common::tcp_state::CLOSING,
+            flags: lb_common::ct_flags::SNAT | flags,
+            ..Default::default()
+        };
+        fixture
+            .conntrack
+            .insert(&SnatFixture::reply_key(port), &old, 0)
+            .expect("entry");
     };
-    fixture
-        .conntrack
-        .insert(&SnatFixture::reply_key(clean), &old, 0)
-        .expect("clean entry");
+    let (clean, recent) = (SNAT_PORTS.0 + 17, SNAT_PORTS.0 + 5);
+    fixture.occupy_every_port(CLIENT_FIN | BACKEND_FIN, grace * 3 / 4);
+    one_port_of(&mut fixture, CLIENT_FIN | BACKEND_FIN, after_grace, clean);
     let client = SocketAddrV4::new(*CLIENT.ip(), 41900);
-    assert_eq!(fixture.connect(client), Some(clean));
+    assert_eq!(fixture.connect(client), Some(clean), "the free port first");
+    fixture.occupy_every_port(backend_first, after_grace);
+    one_port_of(
+        &mut fixture,
+        CLIENT_FIN | BACKEND_FIN,
+        grace * 3 / 4,
+        recent,
+    );
+    let client = SocketAddrV4::new(*CLIENT.ip(), 41901);
+    assert_eq!(
+        fixture.connect(client),
+        Some(recent),
+        "a recently closed port before a TIME_WAIT one"
+    );
+    assert_eq!(
+        fixture.datapath.events().expect("events")["drop_snat_exhausted"],
+        6,
+        "the six cases that find no port"
+    );
 }
 
 #[test]

@@ -57,6 +57,56 @@ fn idle_tcp_connections_to_a_remote_endpoint_outlive_the_syn_and_closing_timeout
     assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
 }
 
+/// New connections through a NodePort to node2 faster than the SNAT range frees its ports: the
+/// range's four ports, each held 2 s after its flow closed, are all taken by four connections;
+/// 1.2 s later, past half the delay, four more connections take them again as last resorts,
+/// where they used to see their SYNs dropped until the delay was over.
+#[test]
+fn new_connections_outpacing_the_snat_ports_reuse_delay_take_closed_flows_ports() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup
+        .start_agent(&[
+            "--snat-port-range",
+            "61000-61003",
+            "--snat-port-reuse-delay",
+            "2s",
+        ])
+        .expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &(node_port_service("web", "10.96.0.20", 30081, "")
+                + "---\n"
+                + &endpoint_slice("web", &[(pod_addr(2, 0), "node2")])),
+        )
+        .expect("apply");
+    let node_port = format!("{}:30081", node_addr(1));
+    let mut ports = std::collections::BTreeSet::new();
+    for (what, pause) in [
+        ("first", Duration::ZERO),
+        ("second", Duration::from_millis(1200)),
+    ] {
+        std::thread::sleep(pause);
+        let report = ClientRun::tcp(&node_port, 4)
+            .run(&setup.cluster.client, None)
+            .expect("client");
+        report.assert_all_ok(&format!("the {what} four connections"));
+        assert_eq!(report.servers(), ["n2p0"].into());
+        for seen in report.seen_as.keys() {
+            let seen: SocketAddrV4 = seen.parse().expect("address and port");
+            assert_eq!(*seen.ip(), node_addr(1), "SNATed to node1");
+            ports.insert(seen.port());
+        }
+    }
+    assert!(
+        ports.iter().all(|port| (61000..=61003).contains(port)),
+        "{ports:?}"
+    );
+    let events = setup.events().expect("events");
+    assert_eq!(events["drop_snat_exhausted"], 0, "{events:?}");
+    assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
+}
+
 /// A UDP NodePort Service `name` on `cluster_ip`:53 and `node_port`, whose one endpoint is
 /// `endpoint` on `node`.
 fn udp_service(
