@@ -1486,10 +1486,10 @@ fn reopens<F: Family>(entry: &CtValue<F::Addr>, tuple: &Tuple<F>) -> bool {
 
 /// Whether the flow a REPLY entry belongs to still needs its reply tuple (`Gone` when not):
 /// not when idle past its timeout, nor (TCP) the reuse delay after a RST or after both sides
-/// closed with the client first (`RecentlyClosed` in the delay's second half: the delay lets a
-/// lost last ACK's retransmitted FIN find its flow). A backend that closed first holds the ports in TIME_WAIT
-/// and may answer a new SYN on them with an ACK of the old connection, so those are a last
-/// resort until the timeout. Traffic in either direction keeps the entry fresh
+/// closed with the client first (`RecentlyClosed` in the delay's second half: the delay lets
+/// a lost last ACK's retransmitted FIN find its flow). A backend that closed first holds the
+/// ports in TIME_WAIT and may answer a new SYN on them with an ACK of the old connection, so
+/// those are a last resort until the timeout. Traffic in either direction keeps the entry fresh
 /// ([`refresh_flow`], [`track_reply`]).
 #[inline(always)]
 fn port_state<A: CtAddr>(entry: &CtValue<A>, protocol: u8, now: u64) -> Holder {
@@ -1505,6 +1505,9 @@ fn port_state<A: CtAddr>(entry: &CtValue<A>, protocol: u8, now: u64) -> Holder {
     }
     let both_fins = ct_flags::CLIENT_FIN | ct_flags::BACKEND_FIN;
     let delay = timeouts().snat_port_reuse();
+    // RESET is tested in each branch, not once in an enclosing `if` nor kept in a variable:
+    // those forms made the verifier walk 617,000 and 699,000 instructions of `lb_xdp6_flow`
+    // instead of 597,000 (datapath_api holds every program under 750,000).
     if entry.flags & ct_flags::RESET == 0 && entry.flags & both_fins != both_fins {
         Holder::Alive
     } else if entry.flags & ct_flags::RESET == 0

@@ -30,7 +30,8 @@ pub fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8;
         return None;
     }
     // SAFETY: [start, start + N) lies inside [data, data_end), which the kernel guarantees is
-    // readable packet memory for the lifetime of the program invocation; [u8; N] needs no alignment.
+    // readable packet memory for the lifetime of the program invocation; [u8; N] needs no
+    // alignment.
     Some(unsafe { &*(start as *const [u8; N]) })
 }
 
@@ -329,8 +330,8 @@ pub fn ipv6_fixed_header(ctx: &XdpContext) -> Option<Option<Ipv6Info>> {
 /// byte). As the constant 8, each place a Fragment header can take among the other headers
 /// is a state of its own, which the verifier walks the rest of the program from: serving first
 /// fragments took `lb_xdp6` from 84,339 to 366,363 instructions walked, and with this to
-/// under 60,000. `reserved` is the header's Reserved byte, read twice: the two reads are equal, their
-/// xor is 0, but the verifier knows neither read.
+/// under 60,000. `reserved` is the header's Reserved byte, read twice: the two reads are equal,
+/// their xor is 0, but the verifier knows neither read.
 #[inline(always)]
 pub fn fragment_header_len(reserved: &u8) -> usize {
     let first = *reserved;

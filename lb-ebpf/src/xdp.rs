@@ -1053,11 +1053,11 @@ fn to_program<const SLOT: u32>(ctx: &XdpContext) -> u32 {
 }
 
 /// A TCP segment other than a SYN (an SCTP packet other than an INIT) of a live flow, to a
-/// destination the frontend filter still has, goes where its flow goes without a look at the frontend entry (the dearest lookup left
-/// on this path): an established connection keeps its backend until it ends, also when its
-/// Service's endpoints change. The check that admitted it still holds: a flow admitted by
-/// loadBalancerSourceRanges is dropped once its client is outside them. None: not a live
-/// flow's (or it must start over), for the frontend path.
+/// destination the frontend filter still has, goes where its flow goes without a look at the
+/// frontend entry (the dearest lookup left on this path): an established connection keeps its
+/// backend until it ends, also when its Service's endpoints change. The check that admitted it
+/// still holds: a flow admitted by loadBalancerSourceRanges is dropped once its client is
+/// outside them. None: not a live flow's (or it must start over), for the frontend path.
 #[inline(always)]
 fn established<I: Ip>(
     ctx: &XdpContext,
