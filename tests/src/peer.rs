@@ -380,27 +380,71 @@ impl<'a> ClientRun<'a> {
     }
 }
 
-/// A TCP connection inside the calling thread's network namespace, from `local` (bound with
-/// SO_REUSEADDR) to a listener this opens on `server` with a port the kernel picks: the
-/// listener (which holds the connection's other end in its queue), the connected socket, and
-/// the listener's address. For tests that need a socket of the node's on given ports.
-pub fn connection_from(
-    local: std::net::SocketAddr,
-    server: std::net::IpAddr,
-) -> anyhow::Result<(std::net::TcpListener, socket2::Socket, std::net::SocketAddr)> {
-    let listener = std::net::TcpListener::bind((server, 0)).context("listening")?;
-    let server = listener.local_addr()?;
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(local),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    socket
-        .bind(&local.into())
-        .with_context(|| format!("binding {local}"))?;
-    socket
-        .connect(&server.into())
-        .with_context(|| format!("connecting to {server}"))?;
-    Ok((listener, socket, server))
+/// A TCP connection of a node's own, made inside the node's network namespace, which the
+/// calling thread stays in while this is held (a test run of an XDP program looks sockets up
+/// in the caller's namespace): from `local` (bound with SO_REUSEADDR) to a listener on the
+/// node with a port the kernel picks. For tests that need a socket of the node's on given ports.
+pub struct NodeConnection {
+    /// The listener's address: the peer whose segments answer the node's connection.
+    pub server: std::net::SocketAddr,
+    /// `server`'s address with the port after it, which no socket holds.
+    pub stranger: std::net::SocketAddr,
+    _socket: socket2::Socket,
+    /// Holds the connection's other end in its queue.
+    _listener: std::net::TcpListener,
+    _inside: crate::lab::NetnsGuard,
+}
+
+impl NodeConnection {
+    /// Enters `node`'s namespace and connects from `local` to a listener on `server`.
+    pub fn open(
+        node: &Host,
+        local: std::net::SocketAddr,
+        server: std::net::IpAddr,
+    ) -> anyhow::Result<Self> {
+        let inside = node.enter()?;
+        let listener = std::net::TcpListener::bind((server, 0)).context("listening")?;
+        let server = listener.local_addr()?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(local),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        socket
+            .bind(&local.into())
+            .with_context(|| format!("binding {local}"))?;
+        socket
+            .connect(&server.into())
+            .with_context(|| format!("connecting to {server}"))?;
+        let mut stranger = server;
+        stranger.set_port(server.port() + 1);
+        Ok(Self {
+            server,
+            stranger,
+            _socket: socket,
+            _listener: listener,
+            _inside: inside,
+        })
+    }
+
+    /// `server` and `stranger` of an IPv4 connection.
+    pub fn v4(&self) -> (std::net::SocketAddrV4, std::net::SocketAddrV4) {
+        match (self.server, self.stranger) {
+            (std::net::SocketAddr::V4(server), std::net::SocketAddr::V4(stranger)) => {
+                (server, stranger)
+            }
+            _ => panic!("{} is no IPv4 address", self.server),
+        }
+    }
+
+    /// `server` and `stranger` of an IPv6 connection.
+    pub fn v6(&self) -> (std::net::SocketAddrV6, std::net::SocketAddrV6) {
+        match (self.server, self.stranger) {
+            (std::net::SocketAddr::V6(server), std::net::SocketAddr::V6(stranger)) => {
+                (server, stranger)
+            }
+            _ => panic!("{} is no IPv6 address", self.server),
+        }
+    }
 }

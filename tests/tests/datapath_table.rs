@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lab::{
     lab::{Lab, PinDir},
     packet::{self, TcpFlags},
+    peer::NodeConnection,
     table::{Case, Expect, run_table},
 };
 use lb_common::{proto, service_flags};
@@ -377,13 +378,8 @@ fn segments_of_the_nodes_own_connection_from_a_node_port_pass_untouched() {
         .expect("node address");
     let pins = PinDir::new(&lab, "own").expect("pin dir");
     let datapath = datapath(&pins, vec![1]);
-    let _inside = node.enter().expect("entering the node's namespace");
-    let (_listener, _own, server) =
-        lab::peer::connection_from(FRONTEND.into(), NODE.into()).expect("the node's connection");
-    let std::net::SocketAddr::V4(server) = server else {
-        panic!("{server}")
-    };
-    let stranger = SocketAddrV4::new(NODE, server.port() + 1);
+    let own = NodeConnection::open(&node, FRONTEND.into(), NODE.into()).expect("connection");
+    let (server, stranger) = own.v4();
     let cases = vec![
         case(
             "the peer's ack",
@@ -456,14 +452,9 @@ fn the_nodes_own_connection_from_a_load_balancer_ips_port_passes_outside_its_sou
             ..Default::default()
         })
         .expect("service");
-    let _inside = node.enter().expect("entering the node's namespace");
-    let (_listener, _own, server) =
-        lab::peer::connection_from(load_balancer_ip.into(), NODE.into())
-            .expect("the node's connection");
-    let std::net::SocketAddr::V4(server) = server else {
-        panic!("{server}")
-    };
-    let stranger = SocketAddrV4::new(NODE, server.port() + 1);
+    let own =
+        NodeConnection::open(&node, load_balancer_ip.into(), NODE.into()).expect("connection");
+    let (server, stranger) = own.v4();
     let cases = vec![
         case(
             "the peer's ack",

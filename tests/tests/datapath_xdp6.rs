@@ -10,6 +10,7 @@ use lab::{
     lab::{Lab, PinDir},
     packet::{CLIENT_MAC, ETH_HDR_LEN, NODE_MAC, TcpFlags},
     packet6::{self, IPV6_HDR_LEN, next_header},
+    peer::NodeConnection,
     table::{Case, Expect, run_table},
 };
 use lb_common::{backend_flags, flow_key, program_names, proto, service_flags, tcp_state};
@@ -436,13 +437,8 @@ fn segments_of_the_nodes_own_ipv6_connection_from_a_node_port_pass_untouched() {
         .expect("node address");
     let pins = PinDir::new(&lab, "own6").expect("pin dir");
     let datapath = datapath(&pins);
-    let _inside = node.enter().expect("entering the node's namespace");
-    let (_listener, _own, server) =
-        lab::peer::connection_from(FRONTEND.into(), NODE.into()).expect("the node's connection");
-    let std::net::SocketAddr::V6(server) = server else {
-        panic!("{server}")
-    };
-    let stranger = SocketAddrV6::new(NODE, server.port() + 1, 0, 0);
+    let own = NodeConnection::open(&node, FRONTEND.into(), NODE.into()).expect("connection");
+    let (server, stranger) = own.v6();
     let cases = vec![
         case(
             "the peer's ack",
@@ -517,14 +513,9 @@ fn the_nodes_own_ipv6_connection_from_a_load_balancer_ips_port_passes_outside_it
             ..Default::default()
         })
         .expect("service");
-    let _inside = node.enter().expect("entering the node's namespace");
-    let (_listener, _own, server) =
-        lab::peer::connection_from(load_balancer_ip.into(), NODE.into())
-            .expect("the node's connection");
-    let std::net::SocketAddr::V6(server) = server else {
-        panic!("{server}")
-    };
-    let stranger = SocketAddrV6::new(NODE, server.port() + 1, 0, 0);
+    let own =
+        NodeConnection::open(&node, load_balancer_ip.into(), NODE.into()).expect("connection");
+    let (server, stranger) = own.v6();
     let cases = vec![
         case(
             "the peer's ack",
