@@ -2299,10 +2299,12 @@ labelled_indexes! {
     /// endpoint's node has not marked itself as taking DSR options
     /// ([`backend_flags::TAKES_DIRECT_RETURN`]).
     DSR_NODE_UNMARKED = "dsr_node_unmarked",
-    /// Pass: a TCP segment to a frontend that starts no connection (no bare SYN) and that no
-    /// live flow takes, of a connection of the node's own (a socket of the node's holds its
-    /// addresses and ports: the node connected out from a port that is a NodePort), went to
-    /// the stack untouched instead of starting a flow mid-stream.
+    /// Pass: a packet to a frontend that no live flow takes, of a connection of the node's own
+    /// (the node connected out from a port that is a NodePort, or a port of a LoadBalancer IP
+    /// or externalIP that is its own address), went to the stack untouched instead of starting
+    /// a flow: a TCP segment that starts no connection (no bare SYN) for whose addresses and
+    /// ports a socket of the node's is there, or a UDP datagram from the peer a UDP socket of
+    /// the node's is connected to.
     PASS_NODE_CONNECTION = "pass_node_connection",
 }
 

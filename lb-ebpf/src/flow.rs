@@ -20,7 +20,7 @@ use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::{
     family::{Family, V4},
     flow_cache::{self, SlotLook},
-    helpers::{holds_tcp_connection, now_ns, random_below, random_u32},
+    helpers::{holds_tcp_connection, holds_udp_connection, now_ns, random_below, random_u32},
     maps::{
         AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, SLOTS4,
         count_event, count_service, dry_run,
@@ -333,17 +333,23 @@ pub fn destination<F: Family>(
 
 /// Whether a packet that no live flow takes belongs to a connection of the node's own: a TCP
 /// segment that starts no connection (anything but a bare SYN, which is a client's to a
-/// frontend) for whose addresses and ports the node holds a socket. The kernel picks a
-/// connection's source port from `ip_local_port_range`, which may cover the NodePort range: the
-/// answers then come to a frontend. Asked only where a flow would start mid-stream, so a
-/// lookup in the socket table costs nothing on the paths of live flows and new ones.
+/// frontend) for whose addresses and ports the node holds a socket, or a UDP datagram from the
+/// peer a UDP socket of the node's is connected to. The kernel picks a connection's source port
+/// from `ip_local_port_range`, which may cover the NodePort range or the port of a
+/// LoadBalancer IP or externalIP that is the node's address: the answers then come to a
+/// frontend. Asked only where a TCP flow would start mid-stream and where a UDP flow would
+/// start, so a lookup in the socket table costs nothing on the paths of live flows and of new
+/// TCP ones.
 #[inline(always)]
 pub fn continues_node_connection<F: Family>(ctx: &XdpContext, tuple: &Tuple<F>) -> bool {
-    if tuple.proto != proto::TCP || tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        return false;
-    }
     let (socket_tuple, len) = F::socket_tuple(tuple.saddr, tuple.daddr, tuple.sport, tuple.dport);
-    holds_tcp_connection(ctx, socket_tuple, len)
+    match tuple.proto {
+        proto::TCP if tuple.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => {
+            holds_tcp_connection(ctx, socket_tuple, len)
+        }
+        proto::UDP => holds_udp_connection(ctx, socket_tuple, len),
+        _ => false,
+    }
 }
 
 /// How [`destination`] starts a flow for a packet no live flow takes.

@@ -3,10 +3,10 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple},
+    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_ESTABLISHED, BPF_TCP_LISTEN, bpf_sock_tuple},
     helpers::{
         bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_coarse_ns,
-        bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     maps::ProgramArray,
 };
@@ -281,4 +281,26 @@ pub fn holds_tcp_connection<C: EbpfContext>(ctx: &C, mut tuple: bpf_sock_tuple, 
     // SAFETY: releases the reference the lookup took.
     unsafe { bpf_sk_release(socket.cast()) };
     state != BPF_TCP_LISTEN
+}
+
+/// Whether the network namespace of the program's device holds a UDP socket connected to the
+/// sender of a datagram with the addresses and ports of `tuple` (as for
+/// [`holds_tcp_connection`]): a socket of the node's own that chose the datagram's destination
+/// port as its source port. A socket merely bound to that port (state TCP_CLOSE: the lookup
+/// finds those too) is no connection: datagrams to a frontend's port stay the Service's, as
+/// kube-proxy's rules give them to the Service before any socket of the node's.
+#[inline(always)]
+pub fn holds_udp_connection<C: EbpfContext>(ctx: &C, mut tuple: bpf_sock_tuple, len: u32) -> bool {
+    // SAFETY: as in holds_tcp_connection; a UDP socket is freed by RCU and the lookup takes no
+    // reference on it, but the verifier wants the release all the same.
+    let socket =
+        unsafe { bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, len, BPF_F_CURRENT_NETNS as u64, 0) };
+    if socket.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the lookup returned; `state` is readable on bpf_sock.
+    let state = unsafe { (*socket).state };
+    // SAFETY: releases what the lookup returned.
+    unsafe { bpf_sk_release(socket.cast()) };
+    state == BPF_TCP_ESTABLISHED
 }

@@ -270,7 +270,7 @@ pub struct ClientRun<'a> {
     pub answer_bytes: usize,
     /// A file the client creates at its first answered request ([`wait_until_answered`]).
     pub ready_file: Option<&'a Path>,
-    /// TCP: the source port to connect from (None: the kernel picks one).
+    /// The source port to connect (TCP) or send (UDP) from (None: the kernel picks one).
     pub source_port: Option<u16>,
 }
 
@@ -380,18 +380,19 @@ impl<'a> ClientRun<'a> {
     }
 }
 
-/// A TCP connection of a node's own, made inside the node's network namespace, which the
-/// calling thread stays in while this is held (a test run of an XDP program looks sockets up
-/// in the caller's namespace): from `local` (bound with SO_REUSEADDR) to a listener on the
-/// node with a port the kernel picks. For tests that need a socket of the node's on given ports.
+/// A TCP connection or connected UDP socket of a node's own, made inside the node's network
+/// namespace, which the calling thread stays in while this is held (a test run of an XDP
+/// program looks sockets up in the caller's namespace): from `local` (bound with SO_REUSEADDR)
+/// to a socket on the node with a port the kernel picks. For tests that need a socket of the
+/// node's on given ports.
 pub struct NodeConnection {
-    /// The listener's address: the peer whose segments answer the node's connection.
+    /// The peer's address: the socket whose segments or datagrams answer the node's.
     pub server: std::net::SocketAddr,
     /// `server`'s address with the port after it, which no socket holds.
     pub stranger: std::net::SocketAddr,
     _socket: socket2::Socket,
-    /// Holds the connection's other end in its queue.
-    _listener: std::net::TcpListener,
+    /// The listener (which holds the connection's other end in its queue) or the UDP peer.
+    _server_end: socket2::Socket,
     _inside: crate::lab::NetnsGuard,
 }
 
@@ -402,14 +403,39 @@ impl NodeConnection {
         local: std::net::SocketAddr,
         server: std::net::IpAddr,
     ) -> anyhow::Result<Self> {
+        Self::open_of(socket2::Type::STREAM, node, local, server)
+    }
+
+    /// Enters `node`'s namespace and connects a UDP socket bound to `local` to a UDP socket on
+    /// `server`.
+    pub fn open_udp(
+        node: &Host,
+        local: std::net::SocketAddr,
+        server: std::net::IpAddr,
+    ) -> anyhow::Result<Self> {
+        Self::open_of(socket2::Type::DGRAM, node, local, server)
+    }
+
+    fn open_of(
+        kind: socket2::Type,
+        node: &Host,
+        local: std::net::SocketAddr,
+        server: std::net::IpAddr,
+    ) -> anyhow::Result<Self> {
         let inside = node.enter()?;
-        let listener = std::net::TcpListener::bind((server, 0)).context("listening")?;
-        let server = listener.local_addr()?;
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(local),
-            socket2::Type::STREAM,
-            None,
-        )?;
+        let server = std::net::SocketAddr::new(server, 0);
+        let server_end = socket2::Socket::new(socket2::Domain::for_address(server), kind, None)?;
+        server_end
+            .bind(&server.into())
+            .with_context(|| format!("binding {server}"))?;
+        if kind == socket2::Type::STREAM {
+            server_end.listen(1).context("listening")?;
+        }
+        let server = server_end
+            .local_addr()?
+            .as_socket()
+            .context("the server's address")?;
+        let socket = socket2::Socket::new(socket2::Domain::for_address(local), kind, None)?;
         socket.set_reuse_address(true)?;
         socket
             .bind(&local.into())
@@ -423,7 +449,7 @@ impl NodeConnection {
             server,
             stranger,
             _socket: socket,
-            _listener: listener,
+            _server_end: server_end,
             _inside: inside,
         })
     }

@@ -248,6 +248,38 @@ fn the_nodes_own_connection_from_a_node_port_reaches_the_node() {
     assert!(events["pass_node_connection"] >= 3, "{events:?}");
 }
 
+/// A UDP socket of the node's own, connected from the UDP NodePort's port to a pod on the other
+/// node: its answers come to a frontend with no flow of lb's and must reach the node's socket,
+/// not the Service's endpoints.
+#[test]
+fn the_nodes_own_udp_socket_on_a_node_port_gets_its_answers() {
+    let mut setup = setup(&ClusterSpec::default());
+    put_tcp_and_udp_services(&mut setup, [1, 2]);
+    let remote_pod = &setup.cluster.node(2).pods[0];
+    let server = format!("{}:{POD_PORT}", remote_pod.addr);
+    let run = ClientRun {
+        one_flow: true,
+        source_port: Some(NODE_PORT),
+        ..ClientRun::udp(&server, 5)
+    };
+    let report = run
+        .run(&setup.cluster.node(1).host, None)
+        .expect("client in the node's own namespace");
+    report.assert_all_ok("the node's UDP socket on its NodePort");
+    assert_eq!(
+        report.servers(),
+        BTreeSet::from([remote_pod.host.name()]),
+        "{report:?}"
+    );
+    let counter = setup.node.datapath.service_counter(2).expect("counter");
+    assert_eq!(
+        counter.new_flows, 0,
+        "no flow of the Service's: {counter:?}"
+    );
+    let events = setup.node.datapath.events().expect("events");
+    assert_eq!(events["pass_node_connection"], 5, "{events:?}");
+}
+
 /// A LoadBalancer IP that is node1's own address, with source ranges that leave the other
 /// node out: node1's connection from that IP's port to a pod on node2 gets its answers, which
 /// come from outside the ranges to the frontend, and no flow of the Service's is made.

@@ -494,6 +494,59 @@ fn the_nodes_own_connection_from_a_load_balancer_ips_port_passes_outside_its_sou
     assert_eq!((counter.packets, counter.new_flows), (0, 0), "{counter:?}");
 }
 
+/// A UDP socket of the node's own connected from the UDP NodePort's port (the kernel may pick it
+/// as an ephemeral port, as it may a LoadBalancer IP's that is the node's address): the peer's
+/// datagrams are its answers and pass untouched. A datagram from anyone else starts the
+/// Service's flow, also while a socket of the node's is bound to the port unconnected: the
+/// Service's frontend comes before a socket merely listening there, as with kube-proxy.
+#[test]
+fn datagrams_from_the_peer_of_the_nodes_connected_udp_socket_on_a_node_port_pass_untouched() {
+    let mut lab = Lab::new().expect("lab");
+    let node = lab.host("node").expect("host");
+    node.addr("lo", &format!("{NODE}/32"))
+        .expect("node address");
+    let pins = PinDir::new(&lab, "ownudp").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let own = NodeConnection::open_udp(&node, FRONTEND.into(), NODE.into()).expect("connection");
+    let (server, stranger) = own.v4();
+    let listening =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+    listening.set_reuse_address(true).expect("SO_REUSEADDR");
+    listening
+        .bind(&std::net::SocketAddr::from(FRONTEND).into())
+        .expect("an unconnected socket on the NodePort");
+    let cases = vec![
+        case(
+            "the peer's datagram",
+            packet::udp(server, FRONTEND, b"answer"),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "a datagram of no connected socket's, a new flow",
+            packet::udp(stranger, FRONTEND, b"query"),
+            XDP_PASS,
+            Expect::Bytes(packet::udp(stranger, POD_A, b"query")),
+        ),
+        case(
+            "the peer's next datagram",
+            packet::udp(server, FRONTEND, b"more"),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+    ];
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &cases,
+    );
+    let events = datapath.events().expect("events");
+    assert_eq!(events["pass_node_connection"], 2, "{events:?}");
+    let udp = datapath.service_counter(2).expect("counter");
+    assert_eq!(udp.new_flows, 1, "{udp:?}");
+}
+
 #[test]
 fn established_flows_keep_their_backend_while_new_flows_follow_the_table() {
     let lab = Lab::new().expect("lab");

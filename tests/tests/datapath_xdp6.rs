@@ -553,6 +553,56 @@ fn the_nodes_own_ipv6_connection_from_a_load_balancer_ips_port_passes_outside_it
     assert_eq!((counter.packets, counter.new_flows), (0, 0), "{counter:?}");
 }
 
+/// The IPv6 twin of datapath_table's: the peer's datagrams to the node's UDP socket connected
+/// from the UDP NodePort's port pass untouched; anyone else's start the Service's flow, also
+/// while a socket of the node's is bound to the port unconnected.
+#[test]
+fn datagrams_from_the_peer_of_the_nodes_connected_udp6_socket_on_a_node_port_pass_untouched() {
+    let mut lab = Lab::new().expect("lab");
+    let node = lab.host("node").expect("host");
+    node.enable_ipv6().expect("IPv6");
+    node.addr6("lo", &format!("{NODE}/128"))
+        .expect("node address");
+    let pins = PinDir::new(&lab, "ownudp6").expect("pin dir");
+    let datapath = datapath(&pins);
+    let own = NodeConnection::open_udp(&node, FRONTEND.into(), NODE.into()).expect("connection");
+    let (server, stranger) = own.v6();
+    let listening =
+        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).expect("socket");
+    listening.set_reuse_address(true).expect("SO_REUSEADDR");
+    listening
+        .bind(&std::net::SocketAddr::from(FRONTEND).into())
+        .expect("an unconnected socket on the NodePort");
+    let cases = vec![
+        case(
+            "the peer's datagram",
+            packet6::udp(server, FRONTEND, b"answer"),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
+            "a datagram of no connected socket's, a new flow",
+            packet6::udp(stranger, FRONTEND, b"query"),
+            XDP_PASS,
+            Expect::Bytes(packet6::udp(stranger, POD_A, b"query")),
+        ),
+        case(
+            "the peer's next datagram",
+            packet6::udp(server, FRONTEND, b"more"),
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+    ];
+    run_table(
+        datapath.program_fd(program_names::XDP_LB).expect("fd"),
+        &cases,
+    );
+    let events = datapath.events().expect("events");
+    assert_eq!(events["pass_node_connection"], 2, "{events:?}");
+    let udp = datapath.service_counter(2).expect("counter");
+    assert_eq!(udp.new_flows, 1, "{udp:?}");
+}
+
 #[test]
 fn an_ipv6_syn_whose_client_key_is_held_is_looked_up_and_follows_its_flow() {
     const POD_B: SocketAddrV6 = SocketAddrV6::new(

@@ -135,7 +135,7 @@ struct ClientArgs {
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
     /// TCP: connect from this source port (bound with SO_REUSEADDR) instead of one the kernel
-    /// picks.
+    /// picks; UDP: send from it (bound).
     #[arg(long)]
     source_port: Option<u16>,
 }
@@ -679,11 +679,12 @@ fn unix_ms() -> u64 {
 
 fn udp_socket(args: &ClientArgs, timeout: Duration) -> std::io::Result<UdpSocket> {
     // An IPv6 destination (an IPv4-mapped one included) needs an AF_INET6 socket.
-    let socket = UdpSocket::bind(if args.to.is_ipv6() {
-        "[::]:0"
+    let unspecified: std::net::IpAddr = if args.to.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
     } else {
-        "0.0.0.0:0"
-    })?;
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind((unspecified, args.source_port.unwrap_or(0)))?;
     if !args.unconnected {
         socket.connect(args.to)?;
     }
