@@ -120,11 +120,15 @@ const MISS_DESTINATION6: SocketAddrV6 =
 /// A prime larger than any frontend count: `k * STRIDE % n` visits every frontend once per `n`
 /// new flows, in an order that spreads them over the hash table.
 const STRIDE: u64 = 1_000_003;
-/// New flows per size at most (both new-flow paths together): each one takes a conntrack entry
-/// of the LRU map's 524288 (a SNAT flow would take two), and the bench wants none evicted.
+/// The new-flow paths: to one frontend, spread over every frontend, and UDP.
+const NEW_FLOW_PATHS: u32 = 3;
+/// New flows per size at most (the new-flow paths together): each one takes one conntrack
+/// entry of the LRU map's 524288 (none goes through SNAT, which would add a second: every new
+/// flow's output is checked to keep its client's address and port), and the bench wants none
+/// evicted.
 const MAX_NEW_FLOWS: u32 = 200_000;
 /// The same for IPv6, whose conntrack map holds a quarter as many entries (131,072).
-const MAX_NEW_FLOWS6: u32 = 50_000;
+const MAX_NEW_FLOWS6: u32 = 100_000;
 /// The flows of the many-flows established path ([`Series::EstablishedMany`]): more than a
 /// CPU's flow-cache slots. Flow `k` comes from 172.24.0.1 (2001:db8:24::1), port 1024 + k.
 const MANY_FLOWS: u32 = 16_384;
@@ -133,8 +137,8 @@ const MANY_FLOWS_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x24, 0, 0, 0,
 // The many flows' entries (one each: their endpoints are local, as the flow cache needs) fit
 // beside the most the new-flow paths may take, so that none is evicted.
 const _: () = assert!(
-    2 * MAX_NEW_FLOWS + MANY_FLOWS < limits::MAX_CONNTRACK
-        && 2 * MAX_NEW_FLOWS6 + MANY_FLOWS < limits::MAX_CONNTRACK6
+    MAX_NEW_FLOWS + MANY_FLOWS < limits::MAX_CONNTRACK
+        && MAX_NEW_FLOWS6 + MANY_FLOWS < limits::MAX_CONNTRACK6
 );
 /// Unmeasured runs at the start of every block, after the previous block ran something else:
 /// enough for a flow cache's gate that a block of many flows closed to open again
@@ -219,6 +223,10 @@ enum Series {
     /// A UDP datagram of a live flow to the one frontend's UDP service: what `lb_xdp`'s tail
     /// call to `lb_xdp_udp` adds, beside the established TCP path.
     EstablishedUdp,
+    /// Every datagram a new UDP flow (a new client address:port) to the one frontend's UDP
+    /// service: a UDP flow's every first datagram, such as a DNS query's, which looks its
+    /// tuple up in the node's socket table before it takes a conntrack entry.
+    NewFlowUdp,
     /// A TCP SYN to no frontend.
     Miss,
     /// A TCP ACK to no frontend (the node's own connections): it pays the conntrack lookup
@@ -249,7 +257,7 @@ impl Series {
     /// Unmeasured runs before each of the path's blocks.
     fn block_warmup(self) -> u32 {
         match self {
-            Self::NewFlow | Self::NewFlowSpread => NEW_FLOW_BLOCK_WARMUP,
+            Self::NewFlow | Self::NewFlowSpread | Self::NewFlowUdp => NEW_FLOW_BLOCK_WARMUP,
             _ => BLOCK_WARMUP,
         }
     }
@@ -295,7 +303,7 @@ impl Path {
 
     const FLOOR: Self = Self::v4(Series::Floor);
 
-    const ALL: [Self; 25] = [
+    const ALL: [Self; 27] = [
         Self::FLOOR,
         Self::v4(Series::NewFlow),
         Self::v4(Series::NewFlowSpread),
@@ -303,6 +311,7 @@ impl Path {
         Self::v4(Series::EstablishedMany),
         Self::v4(Series::SynRetransmit),
         Self::v4(Series::EstablishedUdp),
+        Self::v4(Series::NewFlowUdp),
         Self::v4(Series::Miss),
         Self::v4(Series::MissEstablished),
         Self::v4(Series::NonIp),
@@ -315,6 +324,7 @@ impl Path {
         Self::v6(Series::EstablishedMany),
         Self::v6(Series::SynRetransmit),
         Self::v6(Series::EstablishedUdp),
+        Self::v6(Series::NewFlowUdp),
         Self::v6(Series::Miss),
         Self::v6(Series::MissEstablished),
         Self::v6(Series::NonIp),
@@ -332,6 +342,7 @@ impl Path {
             (Family::V4, Series::EstablishedMany) => "xdp_established_many",
             (Family::V4, Series::SynRetransmit) => "xdp_syn_retransmit",
             (Family::V4, Series::EstablishedUdp) => "xdp_established_udp",
+            (Family::V4, Series::NewFlowUdp) => "xdp_new_flow_udp",
             (Family::V4, Series::Miss) => "xdp_miss",
             (Family::V4, Series::MissEstablished) => "xdp_miss_established",
             (Family::V4, Series::NonIp) => "xdp_non_ip",
@@ -344,6 +355,7 @@ impl Path {
             (Family::V6, Series::EstablishedMany) => "xdp6_established_many",
             (Family::V6, Series::SynRetransmit) => "xdp6_syn_retransmit",
             (Family::V6, Series::EstablishedUdp) => "xdp6_established_udp",
+            (Family::V6, Series::NewFlowUdp) => "xdp6_new_flow_udp",
             (Family::V6, Series::Miss) => "xdp6_miss",
             (Family::V6, Series::MissEstablished) => "xdp6_miss_established",
             (Family::V6, Series::NonIp) => "xdp6_neighbour_solicitation",
@@ -372,6 +384,7 @@ impl Path {
             (Family::V4, Series::EstablishedMany) => "xdp established, 16,384 flows",
             (Family::V4, Series::SynRetransmit) => "xdp retransmitted syn",
             (Family::V4, Series::EstablishedUdp) => "xdp established (udp)",
+            (Family::V4, Series::NewFlowUdp) => "xdp new flow (udp)",
             (Family::V4, Series::Miss) => "xdp miss (syn)",
             (Family::V4, Series::MissEstablished) => "xdp miss (ack)",
             (Family::V4, Series::NonIp) => "xdp non-ip (arp)",
@@ -384,6 +397,7 @@ impl Path {
             (Family::V6, Series::EstablishedMany) => "xdp6 established, 16,384 flows",
             (Family::V6, Series::SynRetransmit) => "xdp6 retransmitted syn",
             (Family::V6, Series::EstablishedUdp) => "xdp6 established (udp)",
+            (Family::V6, Series::NewFlowUdp) => "xdp6 new flow (udp)",
             (Family::V6, Series::Miss) => "xdp6 miss (syn)",
             (Family::V6, Series::MissEstablished) => "xdp6 miss (ack)",
             (Family::V6, Series::NonIp) => "xdp6 neighbour solicitation",
@@ -567,7 +581,7 @@ fn main() -> anyhow::Result<()> {
     // Profiling runs one path: only a new-flow path makes flows.
     let flows_per_path = |family| match args.profile {
         Some(Path {
-            series: Series::NewFlow | Series::NewFlowSpread,
+            series: Series::NewFlow | Series::NewFlowSpread | Series::NewFlowUdp,
             family: profiled,
         }) if profiled == family => args.iterations,
         Some(_) => 0,
@@ -579,11 +593,11 @@ fn main() -> anyhow::Result<()> {
     ] {
         let flows = flows_per_path(family);
         ensure!(
-            2 * flows <= most,
+            NEW_FLOW_PATHS * flows <= most,
             "{flows} new flows per new-flow path and size: more than {} ({family:?} conntrack \
-             holds {entries} entries, at most two per flow, and none may be evicted); lower \
-             --iterations or --warmup",
-            most / 2,
+             holds {entries} entries, one per flow of the {NEW_FLOW_PATHS} new-flow paths, and \
+             none may be evicted); lower --iterations or --warmup",
+            most / NEW_FLOW_PATHS,
         );
     }
     for &services in &args.services {
@@ -753,8 +767,8 @@ struct FamilyBench<'a> {
     miss: Vec<u8>,
     miss_established: Vec<u8>,
     non_ip: Vec<u8>,
-    /// Flows created so far by the two new-flow paths.
-    flows: [u32; 2],
+    /// Flows created so far by the new-flow paths: to one frontend, spread, UDP.
+    flows: [u32; 3],
     /// New flows the service counters held before the first new-flow run.
     flows_before: u64,
 }
@@ -833,8 +847,8 @@ impl<'a> FamilyBench<'a> {
             miss: tcp(clients.miss, clients.miss_destination, TcpFlags::SYN),
             miss_established: tcp(clients.miss, clients.miss_destination, TcpFlags::ACK),
             non_ip,
-            flows: [0; 2],
-            flows_before: new_flows_total(&loaded.datapath, loaded.service_ids)?,
+            flows: [0; 3],
+            flows_before: new_flows_total(&loaded.datapath, loaded.service_ids + 1)?,
         })
     }
 
@@ -860,6 +874,21 @@ impl<'a> FamilyBench<'a> {
                     backends(family).contains(&backend)
                         && out.packet == tcp(client, backend, TcpFlags::SYN),
                     "{what}: {client} -> {frontend} left {:02x?}",
+                    out.packet
+                );
+                out
+            }
+            Series::NewFlowUdp => {
+                let k = &mut self.flows[2];
+                let client = new_flow_client(family, false, *k);
+                *k += 1;
+                let input = udp(client, self.frontend);
+                let out = run_once(self.xdp, &input, XDP_PASS, what)?;
+                let backend = l4_destination(&out.packet)?;
+                ensure!(
+                    backends(family).contains(&backend) && out.packet == udp(client, backend),
+                    "{what}: {client} -> {} left {:02x?}",
+                    self.frontend,
                     out.packet
                 );
                 out
@@ -922,7 +951,8 @@ impl<'a> FamilyBench<'a> {
     /// Checks that exactly the new-flow packets created flows.
     fn check_flows(&self) -> anyhow::Result<()> {
         let loaded = self.loaded;
-        let created = new_flows_total(&loaded.datapath, loaded.service_ids)? - self.flows_before;
+        let created =
+            new_flows_total(&loaded.datapath, loaded.service_ids + 1)? - self.flows_before;
         let sent: u64 = self.flows.iter().copied().map(u64::from).sum();
         ensure!(
             created == sent,
@@ -1059,7 +1089,7 @@ impl<'a> SizeBench<'a> {
 
 /// Puts the shared backends of `family` and `services` frontends spread over at most
 /// [`MAX_SERVICE_IDS`] service ids (frontend `i` belongs to id `i % ids`), and a UDP service (the
-/// next id, whose new flows the totals leave out) on the middle frontend's address and port.
+/// next id) on the middle frontend's address and port.
 /// Returns the number of TCP service ids.
 fn install(datapath: &mut Datapath, services: u32, family: Family) -> anyhow::Result<u32> {
     for (id, addr) in (1..).zip(backends(family)) {
