@@ -3,7 +3,9 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_ESTABLISHED, BPF_TCP_LISTEN, bpf_sock_tuple},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_ESTABLISHED, BPF_TCP_LISTEN, bpf_sock, bpf_sock_tuple,
+    },
     helpers::{
         bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_coarse_ns,
         bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
@@ -269,18 +271,10 @@ pub unsafe fn tail_call<const SLOT: u32, C: EbpfContext>(ctx: &C, programs: &Pro
 /// those too, as the stack's own demultiplexing does).
 #[inline(always)]
 pub fn holds_tcp_connection<C: EbpfContext>(ctx: &C, mut tuple: bpf_sock_tuple, len: u32) -> bool {
-    // SAFETY: the tuple is this function's own and `len` no more than its size; the reference
-    // the lookup takes is released below, on every path the verifier walks.
+    // SAFETY: the tuple is this function's own and `len` no more than its size.
     let socket =
         unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, len, BPF_F_CURRENT_NETNS as u64, 0) };
-    if socket.is_null() {
-        return false;
-    }
-    // SAFETY: a socket the lookup returned and holds; `state` is readable on sock_common.
-    let state = unsafe { (*socket).state };
-    // SAFETY: releases the reference the lookup took.
-    unsafe { bpf_sk_release(socket.cast()) };
-    state != BPF_TCP_LISTEN
+    released_state(socket).is_some_and(|state| state != BPF_TCP_LISTEN)
 }
 
 /// Whether the network namespace of the program's device holds a UDP socket connected to the
@@ -291,16 +285,23 @@ pub fn holds_tcp_connection<C: EbpfContext>(ctx: &C, mut tuple: bpf_sock_tuple, 
 /// kube-proxy's rules give them to the Service before any socket of the node's.
 #[inline(always)]
 pub fn holds_udp_connection<C: EbpfContext>(ctx: &C, mut tuple: bpf_sock_tuple, len: u32) -> bool {
-    // SAFETY: as in holds_tcp_connection; a UDP socket is freed by RCU and the lookup takes no
-    // reference on it, but the verifier wants the release all the same.
+    // SAFETY: as in holds_tcp_connection.
     let socket =
         unsafe { bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, len, BPF_F_CURRENT_NETNS as u64, 0) };
+    released_state(socket).is_some_and(|state| state == BPF_TCP_ESTABLISHED)
+}
+
+/// The state of the socket a lookup returned (None: it found none), and the lookup's reference
+/// released, which the verifier wants on every path (a UDP socket is freed by RCU and its
+/// lookup takes no reference, but must be released all the same).
+#[inline(always)]
+fn released_state(socket: *mut bpf_sock) -> Option<u32> {
     if socket.is_null() {
-        return false;
+        return None;
     }
-    // SAFETY: a socket the lookup returned; `state` is readable on bpf_sock.
+    // SAFETY: a socket a lookup returned and holds; `state` is readable on sock_common.
     let state = unsafe { (*socket).state };
-    // SAFETY: releases what the lookup returned.
+    // SAFETY: releases the reference the lookup took.
     unsafe { bpf_sk_release(socket.cast()) };
-    state == BPF_TCP_ESTABLISHED
+    Some(state)
 }

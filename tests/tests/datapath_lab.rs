@@ -217,33 +217,13 @@ fn the_nodes_own_connection_from_a_node_port_reaches_the_node() {
     let mut setup = setup(&ClusterSpec::default());
     // The TCP Service's NodePort on node1, endpoints on both nodes.
     put_tcp_and_udp_services(&mut setup, [1, 2]);
-    let remote_pod = &setup.cluster.node(2).pods[0];
-    let server = format!("{}:{POD_PORT}", remote_pod.addr);
-    let run = ClientRun {
-        one_flow: true,
-        source_port: Some(NODE_PORT),
-        ..ClientRun::tcp(&server, 5)
-    };
-    let report = run
-        .run(&setup.cluster.node(1).host, None)
-        .expect("client in the node's own namespace");
-    report.assert_all_ok("the node's connection from its NodePort");
-    assert_eq!(
-        report.servers(),
-        BTreeSet::from([remote_pod.host.name()]),
-        "{report:?}"
-    );
+    let (report, events) =
+        run_from_the_node_to_a_remote_pod(&setup, proto::TCP, NODE_PORT, 1, "its NodePort");
     assert_eq!(
         report.peers_seen.keys().collect::<Vec<_>>(),
         [&node_addr(1).to_string()],
         "the server saw the node itself"
     );
-    let counter = setup.node.datapath.service_counter(1).expect("counter");
-    assert_eq!(
-        counter.new_flows, 0,
-        "no flow of the Service's: {counter:?}"
-    );
-    let events = setup.node.datapath.events().expect("events");
     // The SYN-ACK, the ACK of the request's answer and the FIN at least.
     assert!(events["pass_node_connection"] >= 3, "{events:?}");
 }
@@ -255,28 +235,8 @@ fn the_nodes_own_connection_from_a_node_port_reaches_the_node() {
 fn the_nodes_own_udp_socket_on_a_node_port_gets_its_answers() {
     let mut setup = setup(&ClusterSpec::default());
     put_tcp_and_udp_services(&mut setup, [1, 2]);
-    let remote_pod = &setup.cluster.node(2).pods[0];
-    let server = format!("{}:{POD_PORT}", remote_pod.addr);
-    let run = ClientRun {
-        one_flow: true,
-        source_port: Some(NODE_PORT),
-        ..ClientRun::udp(&server, 5)
-    };
-    let report = run
-        .run(&setup.cluster.node(1).host, None)
-        .expect("client in the node's own namespace");
-    report.assert_all_ok("the node's UDP socket on its NodePort");
-    assert_eq!(
-        report.servers(),
-        BTreeSet::from([remote_pod.host.name()]),
-        "{report:?}"
-    );
-    let counter = setup.node.datapath.service_counter(2).expect("counter");
-    assert_eq!(
-        counter.new_flows, 0,
-        "no flow of the Service's: {counter:?}"
-    );
-    let events = setup.node.datapath.events().expect("events");
+    let (_, events) =
+        run_from_the_node_to_a_remote_pod(&setup, proto::UDP, NODE_PORT, 2, "its NodePort");
     assert_eq!(events["pass_node_connection"], 5, "{events:?}");
 }
 
@@ -302,30 +262,60 @@ fn the_nodes_own_connection_from_a_load_balancer_ips_port_reaches_the_node_outsi
         ..Default::default()
     };
     setup.node.datapath.put_service(&service).expect("service");
+    let (_, events) = run_from_the_node_to_a_remote_pod(
+        &setup,
+        proto::TCP,
+        PORT,
+        3,
+        "its LoadBalancer IP's port",
+    );
+    assert!(events["pass_node_connection"] >= 3, "{events:?}");
+    assert_eq!(events["drop_source_range"], 0, "{events:?}");
+}
+
+/// Five requests from node1's own namespace over one connection (or one UDP socket) from
+/// `source_port` to node2's first pod, every one answered by that pod and none making a flow of
+/// service `service_id`'s: the client's report and the datapath's events after it.
+fn run_from_the_node_to_a_remote_pod(
+    setup: &Setup,
+    protocol: u8,
+    source_port: u16,
+    service_id: u32,
+    what: &str,
+) -> (
+    lab::peer::ClientReport,
+    std::collections::BTreeMap<&'static str, u64>,
+) {
     let remote_pod = &setup.cluster.node(2).pods[0];
     let server = format!("{}:{POD_PORT}", remote_pod.addr);
     let run = ClientRun {
         one_flow: true,
-        source_port: Some(PORT),
-        ..ClientRun::tcp(&server, 5)
+        source_port: Some(source_port),
+        ..if protocol == proto::UDP {
+            ClientRun::udp(&server, 5)
+        } else {
+            ClientRun::tcp(&server, 5)
+        }
     };
     let report = run
         .run(&setup.cluster.node(1).host, None)
         .expect("client in the node's own namespace");
-    report.assert_all_ok("the node's connection from its LoadBalancer IP's port");
+    report.assert_all_ok(&format!("the node's own from {what}"));
     assert_eq!(
         report.servers(),
         BTreeSet::from([remote_pod.host.name()]),
         "{report:?}"
     );
-    let counter = setup.node.datapath.service_counter(3).expect("counter");
+    let counter = setup
+        .node
+        .datapath
+        .service_counter(service_id)
+        .expect("counter");
     assert_eq!(
         counter.new_flows, 0,
         "no flow of the Service's: {counter:?}"
     );
-    let events = setup.node.datapath.events().expect("events");
-    assert!(events["pass_node_connection"] >= 3, "{events:?}");
-    assert_eq!(events["drop_source_range"], 0, "{events:?}");
+    (report, setup.node.datapath.events().expect("events"))
 }
 
 /// Every request of the client run to `target` answered by one of `endpoints`, which saw the

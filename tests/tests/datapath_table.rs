@@ -4,7 +4,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lab::{
-    lab::{Lab, PinDir},
+    lab::{Host, Lab, PinDir},
     packet::{self, TcpFlags},
     peer::NodeConnection,
     table::{Case, Expect, run_table},
@@ -372,11 +372,7 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
 /// up mid-stream as before, and a bare SYN is a client's new flow even on the socket's tuple.
 #[test]
 fn segments_of_the_nodes_own_connection_from_a_node_port_pass_untouched() {
-    let mut lab = Lab::new().expect("lab");
-    let node = lab.host("node").expect("host");
-    node.addr("lo", &format!("{NODE}/32"))
-        .expect("node address");
-    let pins = PinDir::new(&lab, "own").expect("pin dir");
+    let (_lab, node, pins) = node_lab("own");
     let datapath = datapath(&pins, vec![1]);
     let own = NodeConnection::open(&node, FRONTEND.into(), NODE.into()).expect("connection");
     let (server, stranger) = own.v4();
@@ -430,11 +426,7 @@ fn segments_of_the_nodes_own_connection_from_a_node_port_pass_untouched() {
 /// so is a new flow.
 #[test]
 fn the_nodes_own_connection_from_a_load_balancer_ips_port_passes_outside_its_source_ranges() {
-    let mut lab = Lab::new().expect("lab");
-    let node = lab.host("node").expect("host");
-    node.addr("lo", &format!("{NODE}/32"))
-        .expect("node address");
-    let pins = PinDir::new(&lab, "ownlb").expect("pin dir");
+    let (_lab, node, pins) = node_lab("ownlb");
     let mut datapath = datapath(&pins, vec![1]);
     let load_balancer_ip = SocketAddrV4::new(NODE, 8443);
     datapath
@@ -501,11 +493,7 @@ fn the_nodes_own_connection_from_a_load_balancer_ips_port_passes_outside_its_sou
 /// Service's frontend comes before a socket merely listening there, as with kube-proxy.
 #[test]
 fn datagrams_from_the_peer_of_the_nodes_connected_udp_socket_on_a_node_port_pass_untouched() {
-    let mut lab = Lab::new().expect("lab");
-    let node = lab.host("node").expect("host");
-    node.addr("lo", &format!("{NODE}/32"))
-        .expect("node address");
-    let pins = PinDir::new(&lab, "ownudp").expect("pin dir");
+    let (_lab, node, pins) = node_lab("ownudp");
     let datapath = datapath(&pins, vec![1]);
     let own = NodeConnection::open_udp(&node, FRONTEND.into(), NODE.into()).expect("connection");
     let (server, stranger) = own.v4();
@@ -4443,4 +4431,15 @@ fn a_closed_flows_answer_slot_runs_out_before_its_key_serves_another_frontend() 
     }
     tc(external, TcpFlags::SYN_ACK, pod_seq - 1);
     tc(external, TcpFlags::ACK, pod_seq);
+}
+
+/// A lab with the node's namespace, the node's address on its loopback, and a pin directory
+/// named `pins`.
+fn node_lab(pins: &str) -> (Lab, Host, PinDir) {
+    let mut lab = Lab::new().expect("lab");
+    let node = lab.host("node").expect("host");
+    node.addr("lo", &format!("{NODE}/32"))
+        .expect("node address");
+    let pins = PinDir::new(&lab, pins).expect("pin dir");
+    (lab, node, pins)
 }

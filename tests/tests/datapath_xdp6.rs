@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddrV6};
 
 use etherparse::PacketBuilder;
 use lab::{
-    lab::{Lab, PinDir},
+    lab::{Host, Lab, PinDir},
     packet::{CLIENT_MAC, ETH_HDR_LEN, NODE_MAC, TcpFlags},
     packet6::{self, IPV6_HDR_LEN, next_header},
     peer::NodeConnection,
@@ -430,12 +430,7 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
 /// is picked up mid-stream, and a bare SYN is a new flow.
 #[test]
 fn segments_of_the_nodes_own_ipv6_connection_from_a_node_port_pass_untouched() {
-    let mut lab = Lab::new().expect("lab");
-    let node = lab.host("node").expect("host");
-    node.enable_ipv6().expect("IPv6");
-    node.addr6("lo", &format!("{NODE}/128"))
-        .expect("node address");
-    let pins = PinDir::new(&lab, "own6").expect("pin dir");
+    let (_lab, node, pins) = node_lab("own6");
     let datapath = datapath(&pins);
     let own = NodeConnection::open(&node, FRONTEND.into(), NODE.into()).expect("connection");
     let (server, stranger) = own.v6();
@@ -486,12 +481,7 @@ fn segments_of_the_nodes_own_ipv6_connection_from_a_node_port_pass_untouched() {
 /// ports pass; a segment of no socket's from outside the ranges and a new flow are dropped.
 #[test]
 fn the_nodes_own_ipv6_connection_from_a_load_balancer_ips_port_passes_outside_its_source_ranges() {
-    let mut lab = Lab::new().expect("lab");
-    let node = lab.host("node").expect("host");
-    node.enable_ipv6().expect("IPv6");
-    node.addr6("lo", &format!("{NODE}/128"))
-        .expect("node address");
-    let pins = PinDir::new(&lab, "ownlb6").expect("pin dir");
+    let (_lab, node, pins) = node_lab("ownlb6");
     let mut datapath = datapath(&pins);
     let load_balancer_ip = SocketAddrV6::new(NODE, 8443, 0, 0);
     datapath
@@ -558,12 +548,7 @@ fn the_nodes_own_ipv6_connection_from_a_load_balancer_ips_port_passes_outside_it
 /// while a socket of the node's is bound to the port unconnected.
 #[test]
 fn datagrams_from_the_peer_of_the_nodes_connected_udp6_socket_on_a_node_port_pass_untouched() {
-    let mut lab = Lab::new().expect("lab");
-    let node = lab.host("node").expect("host");
-    node.enable_ipv6().expect("IPv6");
-    node.addr6("lo", &format!("{NODE}/128"))
-        .expect("node address");
-    let pins = PinDir::new(&lab, "ownudp6").expect("pin dir");
+    let (_lab, node, pins) = node_lab("ownudp6");
     let datapath = datapath(&pins);
     let own = NodeConnection::open_udp(&node, FRONTEND.into(), NODE.into()).expect("connection");
     let (server, stranger) = own.v6();
@@ -1687,4 +1672,16 @@ fn an_ipv6_udp_flow_served_from_the_flow_cache_meets_the_source_ranges_and_front
             Expect::Unchanged,
         )],
     );
+}
+
+/// A lab with the node's namespace, IPv6 on and the node's address on its loopback, and a pin
+/// directory named `pins`.
+fn node_lab(pins: &str) -> (Lab, Host, PinDir) {
+    let mut lab = Lab::new().expect("lab");
+    let node = lab.host("node").expect("host");
+    node.enable_ipv6().expect("IPv6");
+    node.addr6("lo", &format!("{NODE}/128"))
+        .expect("node address");
+    let pins = PinDir::new(&lab, pins).expect("pin dir");
+    (lab, node, pins)
 }
