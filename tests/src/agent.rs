@@ -432,6 +432,17 @@ pub fn node_port_service(name: &str, cluster_ip: &str, node_port: u16, extra_spe
     )
 }
 
+/// [`node_port_service`] with no extra spec, and its EndpointSlice of ready `endpoints`
+/// (address, node name), as one manifest file.
+pub fn node_port_service_with_endpoints(
+    name: &str,
+    cluster_ip: &str,
+    node_port: u16,
+    endpoints: &[(std::net::Ipv4Addr, &str)],
+) -> String {
+    node_port_service(name, cluster_ip, node_port, "") + "---\n" + &endpoint_slice(name, endpoints)
+}
+
 /// An EndpointSlice for Service `service` with ready endpoints (address, node name).
 pub fn endpoint_slice(service: &str, endpoints: &[(std::net::Ipv4Addr, &str)]) -> String {
     let unhinted: Vec<_> = endpoints

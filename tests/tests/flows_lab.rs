@@ -9,7 +9,7 @@ use std::{
 };
 
 use lab::{
-    agent::{AgentLab, POD_PORT, endpoint_slice, node_port_service},
+    agent::{AgentLab, POD_PORT, node_port_service_with_endpoints},
     peer::ClientRun,
     topology::{CLIENT_ADDR, node_addr, pod_addr},
 };
@@ -30,9 +30,12 @@ fn idle_tcp_connections_to_a_remote_endpoint_outlive_the_syn_and_closing_timeout
     setup
         .apply(
             "web.yaml",
-            &(node_port_service("web", "10.96.0.20", 30081, "")
-                + "---\n"
-                + &endpoint_slice("web", &[(pod_addr(2, 0), "node2")])),
+            &node_port_service_with_endpoints(
+                "web",
+                "10.96.0.20",
+                30081,
+                &[(pod_addr(2, 0), "node2")],
+            ),
         )
         .expect("apply");
     let node_port = format!("{}:30081", node_addr(1));
@@ -75,9 +78,12 @@ fn new_connections_outpacing_the_snat_ports_reuse_delay_take_closed_flows_ports(
     setup
         .apply(
             "web.yaml",
-            &(node_port_service("web", "10.96.0.20", 30081, "")
-                + "---\n"
-                + &endpoint_slice("web", &[(pod_addr(2, 0), "node2")])),
+            &node_port_service_with_endpoints(
+                "web",
+                "10.96.0.20",
+                30081,
+                &[(pod_addr(2, 0), "node2")],
+            ),
         )
         .expect("apply");
     let node_port = format!("{}:30081", node_addr(1));
@@ -365,9 +371,12 @@ fn path_mtu_discovery_through_a_node_port_reaches(endpoint_node: u8) {
     setup
         .apply(
             "web.yaml",
-            &(node_port_service("web", "10.96.0.22", 30082, "")
-                + "---\n"
-                + &endpoint_slice("web", &[(endpoint.0, endpoint.1.as_str())])),
+            &node_port_service_with_endpoints(
+                "web",
+                "10.96.0.22",
+                30082,
+                &[(endpoint.0, endpoint.1.as_str())],
+            ),
         )
         .expect("apply");
     let router = setup
@@ -423,9 +432,7 @@ fn blind_rsts_end_no_connection_through_a_node_port() {
     setup
         .apply(
             "web.yaml",
-            &(node_port_service("web", "10.96.0.23", 30083, "")
-                + "---\n"
-                + &endpoint_slice("web", &[(*pod.ip(), "node2")])),
+            &node_port_service_with_endpoints("web", "10.96.0.23", 30083, &[(*pod.ip(), "node2")]),
         )
         .expect("apply");
     let attacker = setup
@@ -511,9 +518,7 @@ fn a_connection_straight_to_a_local_pod_from_a_closed_flows_port_is_made() {
     setup
         .apply(
             "web.yaml",
-            &(node_port_service("web", "10.96.0.25", 30085, "")
-                + "---\n"
-                + &endpoint_slice("web", &[(*pod.ip(), "node1")])),
+            &node_port_service_with_endpoints("web", "10.96.0.25", 30085, &[(*pod.ip(), "node1")]),
         )
         .expect("apply");
     let client = &setup.cluster.client;
@@ -546,9 +551,12 @@ fn a_clients_rst_after_a_long_upload_to_a_local_pod_resets_the_pods_connection()
     setup
         .apply(
             "web.yaml",
-            &(node_port_service("web", "10.96.0.24", 30084, "")
-                + "---\n"
-                + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")])),
+            &node_port_service_with_endpoints(
+                "web",
+                "10.96.0.24",
+                30084,
+                &[(pod_addr(1, 0), "node1")],
+            ),
         )
         .expect("apply");
     let pod = setup.cluster.pod("n1p0");
@@ -580,13 +588,18 @@ fn an_upload_to_a_local_pod_stays_whole_while_snat_traffic_keeps_the_flow_cache_
     setup
         .apply(
             "services.yaml",
-            &(node_port_service("near", "10.96.0.25", 30085, "")
-                + "---\n"
-                + &endpoint_slice("near", &[(pod_addr(1, 0), "node1")])
-                + "---\n"
-                + &node_port_service("far", "10.96.0.26", 30086, "")
-                + "---\n"
-                + &endpoint_slice("far", &[(pod_addr(2, 0), "node2")])),
+            &(node_port_service_with_endpoints(
+                "near",
+                "10.96.0.25",
+                30085,
+                &[(pod_addr(1, 0), "node1")],
+            ) + "---\n"
+                + &node_port_service_with_endpoints(
+                    "far",
+                    "10.96.0.26",
+                    30086,
+                    &[(pod_addr(2, 0), "node2")],
+                )),
         )
         .expect("apply");
     let pod = setup.cluster.pod("n1p0");
