@@ -67,6 +67,9 @@ pub mod map_names {
     /// sends translated frames out of with XDP_REDIRECT when the route or the flow says so.
     /// Written by the agent at attach. Not pinned.
     pub const TX_PORTS: &str = "lb_txport_v1";
+    /// Mmapable array of [u64; 2]: which clients may have a flow kept as two entries
+    /// ([`crate::pair_filter`]). Not pinned: each load starts it full.
+    pub const PAIR_FILTER: &str = "lb_pairfilt_v1";
     /// Per-CPU [`crate::RejectBudget`]: the REJECT answers' rate limit. Not pinned.
     pub const REJECT_BUDGET: &str = "lb_rejbudget";
     /// [`crate::JiffiesClock`] at index 0: how the programs read the time. Written by the agent
@@ -230,6 +233,7 @@ pub mod map_names {
         MONITOR_LOST,
         DSR_ADMISSIONS4,
         NODES4,
+        PAIR_FILTER,
     ];
     /// The maps that hold the agent's state and are pinned under the pin directory, so the
     /// datapath and its connections survive an agent restart.
@@ -1886,6 +1890,56 @@ pub mod frontend_filter {
             ^ u32::from_be(addr[2]).rotate_left(16)
             ^ u32::from_be(addr[3]).rotate_left(24);
         bit(folded, port, protocol)
+    }
+}
+
+/// A filter of the clients (address, port, protocol) that may have a flow kept as an ORIGINAL
+/// and a REPLY entry, which few flows are ([`map_names::CONNTRACK4`]'s pairs: a client port
+/// whose key another flow held). A client's packet that finds no FLOW entry of its frontend
+/// looks the ORIGINAL entry up only when its client's bit is set: a clear bit saves a UDP new
+/// flow (and a TCP segment of no flow) a conntrack lookup that misses, a walk of a cold bucket.
+///
+/// Two generations of 2^18 bits side by side ([u64; 2] per entry, one cache line read): the
+/// programs set a new pair's bit in both, with an atomic OR, and read the two together. The agent
+/// empties one generation at a time and sets again the bits of the ORIGINAL entries it then
+/// finds in conntrack: the other generation, untouched meanwhile, holds every pair made before
+/// the walk, so a clear bit never hides one. A bit set for a pair that has gone is dropped at
+/// the second walk after it went (a stale bit costs the lookup that finds nothing).
+pub mod pair_filter {
+    /// Bits of one generation.
+    pub const BITS_LOG2: u32 = 18;
+    /// Entries of the filter's array, each a word of both generations.
+    pub const ENTRIES: u32 = 1 << (BITS_LOG2 - 6);
+    /// The generations an entry holds.
+    pub const GENERATIONS: usize = 2;
+
+    /// The bit of an IPv4 client (address and port as a conntrack key holds them) and protocol:
+    /// Fibonacci hashing, the top bits of a 64-bit multiply.
+    #[inline(always)]
+    pub const fn bit(addr: u32, port: u16, protocol: u8) -> u32 {
+        let key = ((addr as u64) << 24) | ((port as u64) << 8) | protocol as u64;
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS_LOG2)) as u32
+    }
+
+    /// The bit of an IPv6 client ([`crate::Ipv6Words`] as a conntrack key holds it): the
+    /// address folded to 32 bits, then [`bit`]. Both families share the filter.
+    #[inline(always)]
+    pub const fn bit6(addr: crate::Ipv6Words, port: u16, protocol: u8) -> u32 {
+        let folded =
+            addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+        bit(folded, port, protocol)
+    }
+
+    /// The array entry that holds `bit`.
+    #[inline(always)]
+    pub const fn entry(bit: u32) -> u32 {
+        bit >> 6
+    }
+
+    /// `bit` within the words of its entry.
+    #[inline(always)]
+    pub const fn mask(bit: u32) -> u64 {
+        1 << (bit & 63)
     }
 }
 

@@ -19,7 +19,7 @@ use aya_ebpf::{
 use lb_common::{
     Affinity4Key, Affinity6Key, AffinityValue, BackendValue, CtAddr, CtKey, CtValue, FlowCacheSlot,
     FrontendKey, FrontendSlot, FrontendSlotHead, Ipv6Words, ServiceValue, SockNat4Key, SockNat6Key,
-    SockNatValue, SockState, SourceRange, flow_cache, frontend_filter, maglev,
+    SockNatValue, SockState, SourceRange, flow_cache, frontend_filter, maglev, pair_filter,
 };
 
 use crate::maps::{
@@ -80,6 +80,10 @@ pub trait Family {
     /// The bit of the frontend (and backend) filter for an address (tuple order), port and
     /// protocol.
     fn filter_bit(addr: Self::Addr, port: u16, protocol: u8) -> u32;
+
+    /// The bit of the pair filter ([`lb_common::pair_filter`]) for a client's address (tuple
+    /// order), port and protocol.
+    fn pair_bit(addr: Self::Addr, port: u16, protocol: u8) -> u32;
 
     /// Maglev's flow hash (addresses in tuple order).
     fn flow_hash(saddr: Self::Addr, daddr: Self::Addr, sport: u16, dport: u16, proto: u8) -> u32;
@@ -208,6 +212,11 @@ impl Family for V4 {
     #[inline(always)]
     fn filter_bit(addr: u32, port: u16, protocol: u8) -> u32 {
         frontend_filter::bit(addr, port, protocol)
+    }
+
+    #[inline(always)]
+    fn pair_bit(addr: u32, port: u16, protocol: u8) -> u32 {
+        pair_filter::bit(addr, port, protocol)
     }
 
     #[inline(always)]
@@ -394,6 +403,11 @@ impl Family for V6 {
     #[inline(always)]
     fn filter_bit(addr: Ipv6Words, port: u16, protocol: u8) -> u32 {
         frontend_filter::bit6(addr, port, protocol)
+    }
+
+    #[inline(always)]
+    fn pair_bit(addr: Ipv6Words, port: u16, protocol: u8) -> u32 {
+        pair_filter::bit6(addr, port, protocol)
     }
 
     #[inline(always)]

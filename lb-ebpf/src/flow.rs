@@ -12,18 +12,20 @@ use lb_common::{
     AFFINITY_NETNS, Affinity4Key, AffinityValue, BackendValue, CtAddr, CtKey, CtTimeouts, CtValue,
     DEFAULT_SNAT_PORTS, DatapathConfig, Event, Flow4Value, FlowValue, FrontendKey,
     FrontendSlotHead, ServiceValue, SnatPortProbe, SourceRange, backend_flags, ct_direction,
-    ct_flags, ct_timeouts, dsr::AdmissionValue, flow_key, frontend_index, maglev, proto, scope,
-    sctp, service_flags, tcp_seq, tcp_state,
+    ct_flags, ct_timeouts, dsr::AdmissionValue, flow_key, frontend_index, maglev, pair_filter,
+    proto, scope, sctp, service_flags, tcp_seq, tcp_state,
 };
 use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::{
     family::{Family, V4},
     flow_cache::{self, SlotLook},
-    helpers::{holds_tcp_connection, holds_udp_connection, now_ns, random_below, random_u32},
+    helpers::{
+        atomic_or, holds_tcp_connection, holds_udp_connection, now_ns, random_below, random_u32,
+    },
     maps::{
-        AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, SLOTS4,
-        count_event, count_service, dry_run,
+        AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, PAIR_FILTER,
+        SLOTS4, count_event, count_service, dry_run,
     },
     monitor,
     zeroed::{zero, zero_init},
@@ -589,9 +591,47 @@ fn live_flow_of<F: Family>(
         // a flow kept as two entries because its reply tuple was taken: that one is looked up.)
         return None;
     }
-    let entry = F::conntrack().get_ptr_mut(&original_key(tuple))?;
+    let entry = original_entry(tuple)?;
     // SAFETY: as above.
     continues(unsafe { &*entry }, tuple, now).then_some(entry)
+}
+
+/// The ORIGINAL entry of a client's packet, looked up only when the pair filter says its
+/// client may have one ([`lb_common::pair_filter`]): most clients have none, and the lookup of
+/// a key that is not there walks a cold bucket.
+#[inline(always)]
+fn original_entry<F: Family>(tuple: &Tuple<F>) -> Option<*mut CtValue<F::Addr>> {
+    if !maybe_pair(tuple) {
+        return None;
+    }
+    F::conntrack().get_ptr_mut(&original_key(tuple))
+}
+
+/// Whether the pair filter has the bit of this packet's client, in either generation (a
+/// filter it cannot read counts as set).
+#[inline(always)]
+fn maybe_pair<F: Family>(tuple: &Tuple<F>) -> bool {
+    let bit = F::pair_bit(tuple.saddr, tuple.sport, tuple.proto);
+    PAIR_FILTER
+        .get(pair_filter::entry(bit))
+        .is_none_or(|words| (words[0] | words[1]) & pair_filter::mask(bit) != 0)
+}
+
+/// Sets the pair filter's bit of this packet's client in both generations: an atomic OR, since
+/// other CPUs and the agent write the same words. Called before a pair's ORIGINAL entry is
+/// written, so that no packet finds the entry without the bit, and again after it, so that an
+/// agent's rebuild whose emptying fell between the first OR and the insert, and whose walk
+/// passed the entry's bucket before the insert, cannot leave the bit cleared.
+#[inline(always)]
+fn note_pair<F: Family>(tuple: &Tuple<F>) {
+    let bit = F::pair_bit(tuple.saddr, tuple.sport, tuple.proto);
+    let Some(words) = PAIR_FILTER.get_ptr_mut(pair_filter::entry(bit)) else {
+        return;
+    };
+    for generation in 0..pair_filter::GENERATIONS {
+        // SAFETY: a word of the array's value, valid for the program's run.
+        unsafe { atomic_or(&raw mut (*words)[generation], pair_filter::mask(bit)) };
+    }
 }
 
 /// A copy of the client's side of the flow of a client's packet (its FLOW entry or ORIGINAL
@@ -612,7 +652,7 @@ pub fn client_side_entry<F: Family>(tuple: &Tuple<F>) -> Option<&'static CtValue
         return Some(entry);
     }
     // SAFETY: as above.
-    unsafe { F::conntrack().get(&original_key(tuple)) }
+    original_entry(tuple).map(|entry| unsafe { &*entry })
 }
 
 /// The FLOW entry keyed by a client's packet, if any.
@@ -1050,6 +1090,7 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
     original.snat_addr = addr;
     original.snat_port = port;
     let reply_key = port_key::<F>(original, tuple.proto, addr, port);
+    note_pair(tuple);
     if F::conntrack()
         .insert(&original_key(tuple), original, 0)
         .is_err()
@@ -1061,6 +1102,7 @@ pub fn new_flow<F: Family>(request: &NewFlow<'_, F>) -> Result<Destination<F>, E
         );
         return Err(Event::DROP_CT_FULL);
     }
+    note_pair(tuple);
     count_service(service.service_id, 0, 0, 1);
     Ok(tracked(original, tuple))
 }

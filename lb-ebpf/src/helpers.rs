@@ -228,6 +228,34 @@ pub fn set_syscall_error(errno: i32) {
     unsafe { aya_ebpf::helpers::bpf_set_retval(-errno) };
 }
 
+/// `*word |= mask` in one fully ordered atomic instruction (`BPF_ATOMIC | BPF_OR | BPF_FETCH`,
+/// kernel 5.12, commit 981f94c3e921 "bpf: Add bitwise atomic instructions"): the fetch form,
+/// because the JITs order it fully on every architecture (arm64's plain `BPF_OR` is an
+/// unordered STSET), and a bit set after a map update must not be seen before it. The BPF
+/// target offers Rust no atomic read-modify-write, as it has no compare-and-swap.
+///
+/// # Safety
+/// `word` points to a u64 of a map value, valid for the program's run.
+#[inline(always)]
+pub unsafe fn atomic_or(word: *mut u64, mask: u64) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: the caller's.
+    unsafe {
+        core::arch::asm!(
+            "{mask} = atomic_fetch_or((u64 *)({word} + 0), {mask})",
+            word = in(reg) word,
+            mask = inout(reg) mask => _,
+            options(nostack),
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: the caller's.
+    unsafe {
+        core::sync::atomic::AtomicU64::from_ptr(word)
+            .fetch_or(mask, core::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Hands the packet to the program in slot `SLOT` of `programs`; returns only if the slot is
 /// empty. The slot is an immediate set in the same asm block as the call, so each call site has
 /// exactly one key. The verifier turns a tail call whose key is one constant into a patched

@@ -14,6 +14,7 @@ use lb_common::{
     FrontendSlot4, FrontendSlot6, JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue,
     Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SockState4, SockState6,
     SourceRange4, SourceRange6, dsr, flow_cache, frontend_index, limits, monitor::MonitorControl,
+    pair_filter,
 };
 use lb_ebpf::packet::Ipv6Info;
 
@@ -261,6 +262,14 @@ pub static REJECT_BUDGET: PerCpuArray<RejectBudget> = PerCpuArray::with_max_entr
 /// it whole at every load, before attaching.
 #[map(name = "lb4_befilt_v1")]
 pub static BACKEND_FILTER: Array<u64> = Array::with_max_entries(limits::FRONTEND_FILTER_WORDS, 0);
+
+/// The pair filter (`lb_common::pair_filter`): a client's packet without a FLOW entry of its
+/// frontend looks its ORIGINAL entry up only when its client's bit is set. Private to the
+/// object and written full at load; mmapable, so that the agent empties and sets one
+/// generation's words with atomic stores beside the programs' atomic ORs into the other.
+#[map(name = "lb_pairfilt_v1")]
+pub static PAIR_FILTER: Array<[u64; pair_filter::GENERATIONS]> =
+    Array::with_max_entries(pair_filter::ENTRIES, BPF_F_MMAPABLE);
 
 /// Each CPU's xorshift state (`helpers::random_u32`); 0 until its first use seeds it. Private
 /// to the object.

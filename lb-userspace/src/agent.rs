@@ -213,7 +213,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         services = datapath.installed_services().len(),
         "datapath loaded and attached"
     );
-
     let metrics = Arc::new(Metrics::new(config.pin_dir.clone()));
     let health = Arc::new(Health::new(config.healthz_timeout));
     let mut servers = Vec::new();
@@ -235,6 +234,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Ok(None) => {}
         Err(error) => warn!(%error, "no /healthz; the datapath is not affected"),
     }
+    // Only now: until this load's programs were attached, an earlier agent's could write pairs
+    // without the filter's bits, and the load left the filter full for them.
+    start_pair_filter_keeper(&datapath, metrics.agent());
     let observers = Observers {
         metrics: metrics.agent(),
         health,
@@ -298,6 +300,43 @@ fn direct_return_mark(
             warn!(%error, path = BOOT_ID, "no boot ID: this node is not marked as taking DSR options");
             None
         }
+    }
+}
+
+/// How often the pair filter's keeper rebuilds one of its two generations from conntrack: a bit
+/// of a pair that has gone is dropped within two periods. A rebuild walks the conntrack maps
+/// (a batch read, as a metrics scrape does).
+const PAIR_FILTER_REBUILD_PERIOD: Duration = Duration::from_secs(60);
+
+/// Starts the pair filter's keeper ([`PAIR_FILTER_REBUILD_PERIOD`]), which reports each rebuild
+/// to the log and the metrics.
+fn start_pair_filter_keeper(datapath: &Datapath, metrics: Arc<AgentMetrics>) {
+    let mut first = true;
+    let report = move |rebuilt: std::io::Result<crate::datapath::Rebuilt>| match rebuilt {
+        Ok(rebuilt) => {
+            metrics.pair_filter_bits.set(i64::from(rebuilt.bits_set));
+            if std::mem::take(&mut first) {
+                info!(
+                    pairs = rebuilt.pairs,
+                    bits_set = rebuilt.bits_set,
+                    took_ms = rebuilt.took.as_millis() as u64,
+                    "pair filter rebuilt from conntrack"
+                );
+            } else {
+                debug!(?rebuilt, "pair filter generation rebuilt");
+            }
+        }
+        Err(error) => {
+            metrics.pair_filter_rebuild_failures.inc();
+            warn!(%error, "a pair filter generation was not rebuilt: it stays full, and new flows of every client look their ORIGINAL entry up until a rebuild succeeds");
+        }
+    };
+    let started = datapath
+        .pair_filter_keeper()
+        .map_err(anyhow::Error::from)
+        .and_then(|keeper| Ok(keeper.spawn(PAIR_FILTER_REBUILD_PERIOD, report)?));
+    if let Err(error) = started {
+        warn!(%error, "no pair filter keeper: bits of pairs that have gone stay set, and each costs its client's new flows a conntrack lookup");
     }
 }
 

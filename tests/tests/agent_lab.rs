@@ -266,7 +266,15 @@ fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request(
         syncs[1].contains("changes=0"),
         "restart rewrote state: {}",
         syncs[1]
-    );
+    ); // Each start's keeper rebuilt the pair filter from conntrack once its programs were
+    // attached (the restart's load left the filter full: the killed agent's were still there).
+    wait_for_log(
+        &setup.log(),
+        "pair filter rebuilt from conntrack",
+        2,
+        SYNC_TIMEOUT,
+    )
+    .expect("the pair filter's keeper at each start");
 }
 
 #[test]

@@ -379,6 +379,69 @@ fn node_port_external_ip_and_load_balancer_ip_from_outside() {
     assert_nothing_dropped_or_passed(&setup);
 }
 
+/// A client's UDP port to two frontends of one endpoint: the second flow is kept as a pair,
+/// its source port remapped. With the pair filter rebuilt from conntrack (the agent's keeper)
+/// and the first flow's FLOW entry evicted, the pair's datagrams still find their flow: the
+/// pod keeps seeing the remapped port, and no flow starts again.
+#[test]
+fn a_udp_flow_kept_as_a_pair_outlives_its_owners_entry_through_the_pair_filter() {
+    let mut setup = setup(&ClusterSpec::default());
+    put_tcp_and_udp_services(&mut setup, [0, 0]);
+    const SOURCE_PORT: u16 = 40123;
+    let node_port = format!("{}:{NODE_PORT}", node_addr(1));
+    let external = format!("{EXTERNAL_IP}:{SERVICE_PORT}");
+    let client = |target: &str, what: &str| {
+        let run = ClientRun {
+            one_flow: true,
+            source_port: Some(SOURCE_PORT),
+            ..ClientRun::udp(target, 3)
+        };
+        let report = run.run(&setup.cluster.client, None).expect("client");
+        report.assert_all_ok(what);
+        assert_eq!(
+            report.peer_names.keys().collect::<Vec<_>>(),
+            [target],
+            "{what}: answers from the frontend it sent to"
+        );
+        let seen_as: Vec<&String> = report.seen_as.keys().collect();
+        assert_eq!(seen_as.len(), 1, "{what}: {report:?}");
+        seen_as[0].clone()
+    };
+    let owner = client(&node_port, "the owner, to the NodePort");
+    assert_eq!(owner, format!("{CLIENT_ADDR}:{SOURCE_PORT}"));
+    let pair = client(&external, "the pair, to the externalIP");
+    assert_ne!(pair, owner, "remapped");
+
+    let rebuilt = setup
+        .node
+        .datapath
+        .rebuild_pair_filter()
+        .expect("pair filter");
+    assert_eq!(rebuilt.pairs, 1, "{rebuilt:?}");
+    let map =
+        aya::maps::MapData::from_pin(setup.node.pin_dir().join(lb_common::map_names::CONNTRACK4))
+            .expect("conntrack");
+    let mut conntrack: aya::maps::HashMap<_, lb_common::Ct4Key, lb_common::Ct4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("map");
+    let owner_key = lb_common::flow_key(u32::from(CLIENT_ADDR), SOURCE_PORT, proto::UDP);
+    conntrack
+        .remove(&owner_key)
+        .expect("evict the owner's entry");
+
+    assert_eq!(client(&external, "the pair, its owner gone"), pair);
+    assert!(
+        conntrack.get(&owner_key, 0).is_err(),
+        "no flow started again"
+    );
+    let counter = setup.node.datapath.service_counter(2).expect("counter");
+    assert_eq!(counter.new_flows, 2, "{counter:?}");
+    assert_eq!(
+        setup.node.datapath.events().expect("events")["nat_port_remap"],
+        1
+    );
+    assert_nothing_dropped_or_passed(&setup);
+}
+
 /// No drop, reject or untouched pass. A client port the kernel reused for another of the three
 /// frontends while the earlier flow (UDP: 60 s) still held the reply tuple is remapped
 /// (`nat_port_remap`), which the replies show to be invisible to the client.

@@ -2219,6 +2219,9 @@ fn flows_kept_as_two_entries_go_on_beside_flow_entries_and_never_share_a_reply_t
     conntrack
         .insert(&key(POD_A, old_client, ct_direction::REPLY), &reply, 0)
         .expect("reply");
+    // Written behind this load's back, as an earlier agent's programs would: the pair filter
+    // has its client's bit once the agent's keeper has walked conntrack.
+    datapath.rebuild_pair_filter().expect("pair filter");
     run_table(
         datapath
             .program_fd(lb_common::program_names::XDP_LB)
@@ -2248,6 +2251,8 @@ fn flows_kept_as_two_entries_go_on_beside_flow_entries_and_never_share_a_reply_t
     // back from the frontend it used (without the FLOW entry both flows would have had one
     // reply tuple).
     let mut datapath = Datapath::load(pins.path()).expect("reload");
+    // As the agent does once the new programs are attached (the load left the filter full).
+    datapath.rebuild_pair_filter().expect("pair filter");
     let migrated = conntrack.get(&old_flow_key, 0).expect("its FLOW entry");
     let migrated = lb_common::Flow4Value::of(&migrated);
     assert_eq!(
@@ -2399,6 +2404,125 @@ fn flows_kept_as_two_entries_go_on_beside_flow_entries_and_never_share_a_reply_t
     );
     // The migrated flow's neighbour, the refused-then-remapped flow and the last one.
     assert_eq!(datapath.events().expect("events")["nat_port_remap"], 3);
+}
+
+/// The pair filter lets a client's packet skip the ORIGINAL lookup only when no pair of its
+/// client can be there: a UDP flow kept as a pair (its client port held by a flow to another
+/// frontend) goes on after the owner's FLOW entry is evicted, with the bit its start set and
+/// after the agent's rebuilds from conntrack; once the pair has gone, two rebuilds clear the
+/// bit, and a datagram of a client without a pair starts a flow in one FLOW entry.
+#[test]
+fn a_udp_flow_kept_as_a_pair_goes_on_without_its_owner_through_the_pair_filters_rebuilds() {
+    use lb_common::{Ct4Key, Ct4Value, ct_direction, ct_flags};
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "pairfilt").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 53);
+    datapath
+        .put_service(&Service {
+            id: 2,
+            frontends: vec![
+                node_port(proto::UDP),
+                Frontend {
+                    addr: std::net::IpAddr::V4(*external.ip()),
+                    port: external.port(),
+                    proto: proto::UDP,
+                    kind: service_flags::EXTERNAL_IP,
+                },
+            ],
+            backends: vec![3],
+            ..Default::default()
+        })
+        .expect("service");
+    let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK4))
+        .expect("ct");
+    let mut conntrack: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("map");
+    let xdp = |datapath: &Datapath, frame: &[u8]| {
+        let program = datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd");
+        lb_userspace::datapath::testrun::test_run(program, frame).expect("run")
+    };
+    let holds = |datapath: &Datapath, client: SocketAddrV4| {
+        datapath.pair_filter_holds((*client.ip()).into(), client.port(), proto::UDP)
+    };
+    let udp_source_port = |frame: &[u8]| {
+        let parsed = etherparse::SlicedPacket::from_ethernet(frame).expect("parse");
+        let Some(etherparse::TransportSlice::Udp(udp)) = parsed.transport else {
+            panic!("udp")
+        };
+        udp.source_port()
+    };
+    assert!(!holds(&datapath, CLIENT), "a fresh load's filter is empty");
+
+    // The owner: the client's port to the NodePort, one FLOW entry. The same port to the
+    // externalIP of the same pod: a pair, its port remapped, its client's bit set.
+    let run = xdp(&datapath, &packet::udp(CLIENT, FRONTEND, b"owner"));
+    assert_eq!(run.packet, packet::udp(CLIENT, POD_A, b"owner"));
+    assert!(
+        !holds(&datapath, CLIENT),
+        "a flow in one FLOW entry sets no bit"
+    );
+    let run = xdp(&datapath, &packet::udp(CLIENT, external, b"pair"));
+    assert_eq!(run.verdict, XDP_PASS);
+    let remapped = SocketAddrV4::new(*CLIENT.ip(), udp_source_port(&run.packet));
+    assert_ne!(remapped, CLIENT, "remapped");
+    assert_eq!(run.packet, packet::udp(remapped, POD_A, b"pair"));
+    let original_key = Ct4Key {
+        saddr: u32::from(*CLIENT.ip()),
+        daddr: u32::from(*external.ip()),
+        sport: CLIENT.port(),
+        dport: external.port(),
+        proto: proto::UDP,
+        direction: ct_direction::ORIGINAL,
+        _pad: [0; 2],
+    };
+    let original = conntrack.get(&original_key, 0).expect("kept as a pair");
+    assert_eq!(original.flags & ct_flags::PORT_REMAP, ct_flags::PORT_REMAP);
+    assert!(
+        holds(&datapath, CLIENT),
+        "the pair's start set its client's bit"
+    );
+
+    // The agent's keeper empties each generation in turn and walks conntrack: the bit stays.
+    let rebuilt = datapath.rebuild_pair_filter().expect("rebuild");
+    assert_eq!(rebuilt.pairs, 1, "{rebuilt:?}");
+    assert!(holds(&datapath, CLIENT), "the walk found the pair");
+
+    // The owner's FLOW entry is evicted: the pair's datagrams still find it, through the bit.
+    let owner_key = lb_common::flow_key(u32::from(*CLIENT.ip()), CLIENT.port(), proto::UDP);
+    conntrack.remove(&owner_key).expect("evict the owner");
+    run_table(
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd"),
+        &[case(
+            "the pair's next datagram, its owner gone",
+            packet::udp(CLIENT, external, b"on"),
+            XDP_PASS,
+            Expect::Bytes(packet::udp(remapped, POD_A, b"on")),
+        )],
+    );
+    assert!(
+        conntrack.get(&owner_key, 0).is_err(),
+        "no new flow took the client's key"
+    );
+
+    // The pair goes (evicted too): two rebuilds later its bit is clear, and the same client
+    // port starts a flow in one FLOW entry.
+    conntrack.remove(&original_key).expect("evict the pair");
+    datapath.rebuild_pair_filter().expect("rebuild");
+    assert!(!holds(&datapath, CLIENT), "the gone pair's bit is dropped");
+    let run = xdp(&datapath, &packet::udp(CLIENT, external, b"anew"));
+    assert_eq!(run.packet, packet::udp(CLIENT, POD_A, b"anew"));
+    let flow = conntrack.get(&owner_key, 0).expect("a FLOW entry");
+    let flow = lb_common::Flow4Value::of(&flow);
+    assert_eq!(
+        (flow.frontend_addr, flow.frontend_port),
+        (u32::from(*external.ip()), external.port())
+    );
+    assert!(!holds(&datapath, CLIENT));
 }
 
 /// A remapped flow may draw the port of a FLOW entry that is over but still in the map (the LRU

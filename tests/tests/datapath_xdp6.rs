@@ -726,6 +726,106 @@ fn an_ipv6_syn_whose_client_key_is_held_is_looked_up_and_follows_its_flow() {
     );
 }
 
+/// The IPv6 twin of datapath_table's pair-filter test: a UDP flow kept as a pair (its client
+/// port held by a flow to another frontend) goes on after the owner's FLOW entry is evicted,
+/// with the bit its start set and after the agent's rebuilds; once it has gone, two rebuilds
+/// clear the bit and the client port starts a flow in one FLOW entry.
+#[test]
+fn an_ipv6_udp_flow_kept_as_a_pair_goes_on_without_its_owner_through_the_pair_filters_rebuilds() {
+    use lb_common::{Ct6Key, Ct6Value, ct_direction, ct_flags};
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "pairfilt6").expect("pin dir");
+    let mut datapath = datapath(&pins);
+    let external = SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 7), 53, 0, 0);
+    datapath
+        .put_service(&Service {
+            id: 2,
+            frontends: vec![
+                node_port(NODE_PORT, proto::UDP),
+                Frontend {
+                    addr: IpAddr::V6(*external.ip()),
+                    port: external.port(),
+                    proto: proto::UDP,
+                    kind: service_flags::EXTERNAL_IP,
+                },
+            ],
+            backends: vec![2],
+            ..Default::default()
+        })
+        .expect("service");
+    let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK6))
+        .expect("ct");
+    let mut conntrack: aya::maps::HashMap<_, Ct6Key, Ct6Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("map");
+    let xdp = |datapath: &Datapath, frame: &[u8]| {
+        test_run(
+            datapath.program_fd(program_names::XDP_LB).expect("fd"),
+            frame,
+        )
+        .expect("run")
+    };
+    let holds = |datapath: &Datapath| {
+        datapath.pair_filter_holds(IpAddr::V6(CLIENT_ADDR), CLIENT.port(), proto::UDP)
+    };
+    assert!(!holds(&datapath), "a fresh load's filter is empty");
+
+    let run = xdp(&datapath, &packet6::udp(CLIENT, FRONTEND, b"owner"));
+    assert_eq!(run.packet, packet6::udp(CLIENT, POD_A, b"owner"));
+    assert!(!holds(&datapath), "a flow in one FLOW entry sets no bit");
+    let run = xdp(&datapath, &packet6::udp(CLIENT, external, b"pair"));
+    assert_eq!(run.verdict, XDP_PASS);
+    let parsed = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("parse");
+    let Some(etherparse::TransportSlice::Udp(udp)) = parsed.transport else {
+        panic!("udp")
+    };
+    let remapped = client(udp.source_port());
+    assert_ne!(remapped, CLIENT, "remapped");
+    assert_eq!(run.packet, packet6::udp(remapped, POD_A, b"pair"));
+    let original_key = Ct6Key {
+        saddr: ipv6_words(CLIENT_ADDR),
+        daddr: ipv6_words(*external.ip()),
+        sport: CLIENT.port(),
+        dport: external.port(),
+        proto: proto::UDP,
+        direction: ct_direction::ORIGINAL,
+        _pad: [0; 2],
+    };
+    let original = conntrack.get(&original_key, 0).expect("kept as a pair");
+    assert_eq!(original.flags & ct_flags::PORT_REMAP, ct_flags::PORT_REMAP);
+    assert!(holds(&datapath), "the pair's start set its client's bit");
+    let rebuilt = datapath.rebuild_pair_filter().expect("rebuild");
+    assert_eq!(rebuilt.pairs, 1, "{rebuilt:?}");
+    assert!(holds(&datapath), "the walk found the pair");
+
+    let owner_key = flow_key(ipv6_words(CLIENT_ADDR), CLIENT.port(), proto::UDP);
+    conntrack.remove(&owner_key).expect("evict the owner");
+    run_table(
+        datapath.program_fd(program_names::XDP_LB).expect("fd"),
+        &[case(
+            "the pair's next datagram, its owner gone",
+            packet6::udp(CLIENT, external, b"on"),
+            XDP_PASS,
+            Expect::Bytes(packet6::udp(remapped, POD_A, b"on")),
+        )],
+    );
+    assert!(
+        conntrack.get(&owner_key, 0).is_err(),
+        "no new flow took the client's key"
+    );
+
+    conntrack.remove(&original_key).expect("evict the pair");
+    datapath.rebuild_pair_filter().expect("rebuild");
+    assert!(!holds(&datapath), "the gone pair's bit is dropped");
+    let run = xdp(&datapath, &packet6::udp(CLIENT, external, b"anew"));
+    assert_eq!(run.packet, packet6::udp(CLIENT, POD_A, b"anew"));
+    let flow = conntrack.get(&owner_key, 0).expect("a FLOW entry");
+    let flow = lb_common::FlowValue::of(&flow);
+    assert_eq!(
+        (flow.frontend_addr, flow.frontend_port),
+        (ipv6_words(*external.ip()), external.port())
+    );
+}
+
 #[test]
 fn ipv6_maglev_services_pick_the_backend_the_lookup_table_gives() {
     let lab = Lab::new().expect("lab");

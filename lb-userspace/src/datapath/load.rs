@@ -104,6 +104,10 @@ impl Datapath {
         // Whether an agent of this layout left a backends array, or this load creates it empty.
         let backends_array_left = pin_dir.join(map_names::BACKENDS4).exists();
         let backends6_array_left = pin_dir.join(map_names::BACKENDS6).exists();
+        // Whether an earlier agent's programs may still be writing conntrack (until this load's
+        // are attached): they make pairs without setting the pair filter's bits.
+        let conntrack_left = pin_dir.join(map_names::CONNTRACK4).exists()
+            || pin_dir.join(map_names::CONNTRACK6).exists();
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(pin_dir)
@@ -254,6 +258,17 @@ impl Datapath {
                 .filter_map(FilterKey::of_backend)
                 .chain(reply_sources),
         )?;
+        let pair_filter = super::pair_filter::PairFilter::map(take_private_map(
+            &mut ebpf,
+            map_names::PAIR_FILTER,
+        )?)
+        .map_err(|io_error| super::pair_filter::map_error("mmap", io_error))?;
+        if conntrack_left {
+            // Emptied by `Datapath::pair_filter_keeper`'s first rebuild, once attached.
+            for generation in 0..lb_common::pair_filter::GENERATIONS {
+                pair_filter.fill(generation);
+            }
+        }
         let direct_return = super::direct_return::DirectReturn::new(
             take_private_map(&mut ebpf, map_names::DSR_ADMISSIONS4)?,
             take_private_map(&mut ebpf, map_names::NODES4)?,
@@ -273,6 +288,7 @@ impl Datapath {
             maps,
             frontend_filter,
             backend_filter,
+            pair_filter: std::sync::Arc::new(pair_filter),
             frontend_index4,
             frontend_index6,
             grace,

@@ -50,6 +50,7 @@ mod migrate;
 pub mod monitor_control;
 pub mod nic;
 pub mod object;
+mod pair_filter;
 pub mod pins;
 pub(crate) mod read;
 pub mod slot_ranges;
@@ -62,6 +63,7 @@ pub use error::DatapathError;
 use frontend_index::FrontendIndex;
 pub use load::{MapSizes, XdpGroup};
 use maps::Maps;
+pub use pair_filter::{PairFilterKeeper, Rebuilt};
 pub use read::FlowCacheCounts;
 use slot_ranges::SlotRanges;
 pub use write::MAGLEV_SWAP_BATCH;
@@ -83,6 +85,8 @@ pub struct Datapath {
     frontend_filter: AddressFilter,
     /// The backend filter as tc egress reads it, and how many backends have each bit.
     backend_filter: AddressFilter,
+    /// Which clients may have a flow kept as two conntrack entries, as XDP reads it (mapped).
+    pair_filter: std::sync::Arc<pair_filter::PairFilter>,
     /// The frontend indexes XDP reads, as the agent keeps them ([`frontend_index`]).
     frontend_index4:
         FrontendIndex<lb_common::FrontendSlot4, Array<MapData, lb_common::FrontendSlot4>>,

@@ -69,6 +69,9 @@ pub struct AgentMetrics {
     /// 1 while this node's Node lacks the DSR mark its agent writes.
     pub dsr_mark_missing: Gauge,
     pub dsr_mark_write_failures: Counter,
+    /// Bits of the pair filter set after its last rebuild.
+    pub pair_filter_bits: Gauge,
+    pub pair_filter_rebuild_failures: Counter,
 }
 
 /// HTTP clients cut off by the servers' limits, by `reason`.
@@ -104,6 +107,8 @@ impl AgentMetrics {
             dsr_nodes: Gauge::default(),
             dsr_mark_missing: Gauge::default(),
             dsr_mark_write_failures: Counter::default(),
+            pair_filter_bits: Gauge::default(),
+            pair_filter_rebuild_failures: Counter::default(),
         }
     }
 
@@ -252,6 +257,19 @@ impl Metrics {
              line) or map (the frontends map, for a frontend whose index bucket is full or whose \
              entry changed since the last refill)",
             agent.frontends_served.clone(),
+        );
+        lb.register(
+            "pair_filter_bits",
+            "Bits of the pair filter set after its last rebuild, of 262,144: clients (address, \
+             port, protocol) with a flow kept as two conntrack entries, whose new flows XDP \
+             looks up twice (the others once); near full, every client's are",
+            agent.pair_filter_bits.clone(),
+        );
+        lb.register(
+            "pair_filter_rebuild_failures",
+            "Rebuilds of a pair filter generation from conntrack that failed (each logged; the \
+             generation stays full until the next rebuild succeeds)",
+            agent.pair_filter_rebuild_failures.clone(),
         );
         lb.register(
             "udp_sockets_aborted",
