@@ -1872,12 +1872,10 @@ pub mod frontend_filter {
     /// 2^20 bits.
     pub const BITS_LOG2: u32 = 20;
 
-    /// The bit of an address and port (host order of the wire bytes) and protocol: Fibonacci
-    /// hashing of all three together, the top bits of a 64-bit multiply.
+    /// The bit of an address and port (host order of the wire bytes) and protocol.
     #[inline(always)]
     pub const fn bit(addr: u32, port: u16, protocol: u8) -> u32 {
-        let key = ((addr as u64) << 24) | ((port as u64) << 8) | protocol as u64;
-        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS_LOG2)) as u32
+        top_bits(addr, port, protocol, BITS_LOG2)
     }
 
     /// The bit of an IPv6 address ([`crate::Ipv6Words`], as the packet holds it), port (host
@@ -1885,11 +1883,24 @@ pub mod frontend_filter {
     /// families share the filter.
     #[inline(always)]
     pub const fn bit6(addr: crate::Ipv6Words, port: u16, protocol: u8) -> u32 {
-        let folded = u32::from_be(addr[0])
+        bit(fold6(addr), port, protocol)
+    }
+
+    /// Fibonacci hashing of an address, port and protocol together: the top `bits` bits of a
+    /// 64-bit multiply.
+    #[inline(always)]
+    pub(crate) const fn top_bits(addr: u32, port: u16, protocol: u8, bits: u32) -> u32 {
+        let key = ((addr as u64) << 24) | ((port as u64) << 8) | protocol as u64;
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as u32
+    }
+
+    /// An IPv6 address folded to 32 bits, each word in host order of its wire bytes.
+    #[inline(always)]
+    pub(crate) const fn fold6(addr: crate::Ipv6Words) -> u32 {
+        u32::from_be(addr[0])
             ^ u32::from_be(addr[1]).rotate_left(8)
             ^ u32::from_be(addr[2]).rotate_left(16)
-            ^ u32::from_be(addr[3]).rotate_left(24);
-        bit(folded, port, protocol)
+            ^ u32::from_be(addr[3]).rotate_left(24)
     }
 }
 
@@ -1913,21 +1924,18 @@ pub mod pair_filter {
     /// The generations an entry holds.
     pub const GENERATIONS: usize = 2;
 
-    /// The bit of an IPv4 client (address and port as a conntrack key holds them) and protocol:
-    /// Fibonacci hashing, the top bits of a 64-bit multiply.
+    /// The bit of an IPv4 client (address and port as a conntrack key holds them) and protocol,
+    /// hashed as the frontend filter hashes its keys.
     #[inline(always)]
     pub const fn bit(addr: u32, port: u16, protocol: u8) -> u32 {
-        let key = ((addr as u64) << 24) | ((port as u64) << 8) | protocol as u64;
-        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS_LOG2)) as u32
+        crate::frontend_filter::top_bits(addr, port, protocol, BITS_LOG2)
     }
 
     /// The bit of an IPv6 client ([`crate::Ipv6Words`] as a conntrack key holds it): the
     /// address folded to 32 bits, then [`bit`]. Both families share the filter.
     #[inline(always)]
     pub const fn bit6(addr: crate::Ipv6Words, port: u16, protocol: u8) -> u32 {
-        let folded =
-            addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
-        bit(folded, port, protocol)
+        bit(crate::frontend_filter::fold6(addr), port, protocol)
     }
 
     /// The array entry that holds `bit`.

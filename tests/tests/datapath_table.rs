@@ -2046,19 +2046,30 @@ fn rewrite_tcp_frame(
 /// Service 1 on the NodePort FRONTEND and on an externalIP, both to pod A only: one endpoint
 /// behind two frontends. Returns the externalIP frontend.
 fn two_frontends_of_pod_a(datapath: &mut Datapath) -> SocketAddrV4 {
+    two_frontends_of_pod_a_for(datapath, proto::TCP)
+}
+
+/// [`two_frontends_of_pod_a`] for `protocol`: service 1 with backend 1 (TCP), or service 2 with
+/// backend 3 (UDP).
+fn two_frontends_of_pod_a_for(datapath: &mut Datapath, protocol: u8) -> SocketAddrV4 {
     let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 80);
+    let (id, backend) = if protocol == proto::UDP {
+        (2, 3)
+    } else {
+        (1, 1)
+    };
     let service = Service {
-        id: 1,
+        id,
         frontends: vec![
-            node_port(proto::TCP),
+            node_port(protocol),
             Frontend {
                 addr: std::net::IpAddr::V4(*external.ip()),
                 port: external.port(),
-                proto: proto::TCP,
+                proto: protocol,
                 kind: service_flags::EXTERNAL_IP,
             },
         ],
-        backends: vec![1],
+        backends: vec![backend],
         ..Default::default()
     };
     datapath.put_service(&service).expect("service");
@@ -2417,23 +2428,7 @@ fn a_udp_flow_kept_as_a_pair_goes_on_without_its_owner_through_the_pair_filters_
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "pairfilt").expect("pin dir");
     let mut datapath = datapath(&pins, vec![1]);
-    let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 53);
-    datapath
-        .put_service(&Service {
-            id: 2,
-            frontends: vec![
-                node_port(proto::UDP),
-                Frontend {
-                    addr: std::net::IpAddr::V4(*external.ip()),
-                    port: external.port(),
-                    proto: proto::UDP,
-                    kind: service_flags::EXTERNAL_IP,
-                },
-            ],
-            backends: vec![3],
-            ..Default::default()
-        })
-        .expect("service");
+    let external = two_frontends_of_pod_a_for(&mut datapath, proto::UDP);
     let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK4))
         .expect("ct");
     let mut conntrack: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
