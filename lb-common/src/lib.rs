@@ -68,7 +68,8 @@ pub mod map_names {
     /// Written by the agent at attach. Not pinned.
     pub const TX_PORTS: &str = "lb_txport_v1";
     /// Mmapable array of [u64; 2]: which clients may have a flow kept as two entries
-    /// ([`crate::pair_filter`]). Not pinned: each load starts it full.
+    /// ([`crate::pair_filter`]). Not pinned: a load starts it empty, or full where an earlier
+    /// load's conntrack maps are pinned.
     pub const PAIR_FILTER: &str = "lb_pairfilt_v1";
     /// Per-CPU [`crate::RejectBudget`]: the REJECT answers' rate limit. Not pinned.
     pub const REJECT_BUDGET: &str = "lb_rejbudget";
@@ -1911,7 +1912,7 @@ pub mod frontend_filter {
 /// flow (and a TCP segment of no flow) a conntrack lookup that misses, a walk of a cold bucket.
 ///
 /// Two generations of 2^18 bits side by side ([u64; 2] per entry, one cache line read): the
-/// programs set a new pair's bit in both, with an atomic OR, and read the two together. The agent
+/// programs set a new pair's bit in both, with atomic ORs, and read the two together. The agent
 /// empties one generation at a time and sets again the bits of the ORIGINAL entries it then
 /// finds in conntrack: the other generation, untouched meanwhile, holds every pair made before
 /// the walk, so a clear bit never hides one. A bit set for a pair that has gone is dropped at

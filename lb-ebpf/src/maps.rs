@@ -265,7 +265,7 @@ pub static BACKEND_FILTER: Array<u64> = Array::with_max_entries(limits::FRONTEND
 
 /// The pair filter (`lb_common::pair_filter`): a client's packet without a FLOW entry of its
 /// frontend looks its ORIGINAL entry up only when its client's bit is set. Private to the
-/// object and written full at load; mmapable, so that the agent empties and sets one
+/// object: empty at load, or filled by the agent beside an earlier load's conntrack; mmapable, so that the agent empties and sets one
 /// generation's words with atomic stores beside the programs' atomic ORs into the other.
 #[map(name = "lb_pairfilt_v1")]
 pub static PAIR_FILTER: Array<[u64; pair_filter::GENERATIONS]> =

@@ -236,7 +236,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     // Only now: until this load's programs were attached, an earlier agent's could write pairs
     // without the filter's bits, and the load left the filter full for them.
-    start_pair_filter_keeper(&datapath, metrics.agent());
+    start_pair_filter_keeper(&datapath, &config.interfaces, metrics.agent());
     let observers = Observers {
         metrics: metrics.agent(),
         health,
@@ -309,8 +309,36 @@ fn direct_return_mark(
 const PAIR_FILTER_REBUILD_PERIOD: Duration = Duration::from_secs(60);
 
 /// Starts the pair filter's keeper ([`PAIR_FILTER_REBUILD_PERIOD`]), which reports each rebuild
-/// to the log and the metrics.
-fn start_pair_filter_keeper(datapath: &Datapath, metrics: Arc<AgentMetrics>) {
+/// to the log and the metrics; not while an XDP link of an interface this agent does not serve
+/// is pinned (an earlier agent's program runs there, making pairs without this load's filter:
+/// the filter stays full).
+fn start_pair_filter_keeper(
+    datapath: &Datapath,
+    interfaces: &[String],
+    metrics: Arc<AgentMetrics>,
+) {
+    metrics
+        .pair_filter_bits
+        .set(i64::from(datapath.pair_filter_bits()));
+    match crate::datapath::pins::xdp_link_interfaces(datapath.pin_dir()) {
+        Ok(linked) => {
+            let stale: Vec<&String> = linked
+                .iter()
+                .filter(|iface| !interfaces.contains(iface))
+                .collect();
+            if !stale.is_empty() {
+                warn!(
+                    ?stale,
+                    "XDP links of interfaces this agent does not serve are pinned: their programs are an earlier agent's, which make pairs without this agent's pair filter, so it stays full (every new flow looks its ORIGINAL entry up); `lb run --cleanup` or removing those links' pins ends it"
+                );
+                return;
+            }
+        }
+        Err(error) => {
+            warn!(%error, "the pinned XDP links could not be listed: the pair filter stays full");
+            return;
+        }
+    }
     let mut first = true;
     let report = move |rebuilt: std::io::Result<crate::datapath::Rebuilt>| match rebuilt {
         Ok(rebuilt) => {
@@ -328,7 +356,7 @@ fn start_pair_filter_keeper(datapath: &Datapath, metrics: Arc<AgentMetrics>) {
         }
         Err(error) => {
             metrics.pair_filter_rebuild_failures.inc();
-            warn!(%error, "a pair filter generation was not rebuilt: it stays full, and new flows of every client look their ORIGINAL entry up until a rebuild succeeds");
+            warn!(%error, "a pair filter generation was not rebuilt: it stays full until its next rebuild, two periods on, and clients' new flows look their ORIGINAL entry up meanwhile");
         }
     };
     let started = datapath

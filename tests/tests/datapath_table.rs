@@ -2262,8 +2262,18 @@ fn flows_kept_as_two_entries_go_on_beside_flow_entries_and_never_share_a_reply_t
     // back from the frontend it used (without the FLOW entry both flows would have had one
     // reply tuple).
     let mut datapath = Datapath::load(pins.path()).expect("reload");
-    // As the agent does once the new programs are attached (the load left the filter full).
+    assert_eq!(
+        datapath.pair_filter_bits(),
+        1 << lb_common::pair_filter::BITS_LOG2,
+        "a load beside an earlier load's conntrack starts its pair filter full"
+    );
+    // As the agent does once the new programs are attached.
     datapath.rebuild_pair_filter().expect("pair filter");
+    assert!(
+        datapath.pair_filter_bits() < 8,
+        "only the pairs' bits are left: {}",
+        datapath.pair_filter_bits()
+    );
     let migrated = conntrack.get(&old_flow_key, 0).expect("its FLOW entry");
     let migrated = lb_common::Flow4Value::of(&migrated);
     assert_eq!(

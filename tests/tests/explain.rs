@@ -143,7 +143,7 @@ fn explain_tells_hit_miss_affinity_and_source_range_and_changes_nothing() {
     let web = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}\n";
     let sticky = "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.11\n  sessionAffinity: ClientIP\n  loadBalancerSourceRanges: [203.0.113.10/32]\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30081}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.20}]\n";
     // UDP goes through lb_xdp's tail call: the dry-run copy must reach dry-run UDP programs.
-    let dns = "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.12\n  ports:\n  - {name: dns, port: 53, targetPort: 8080, nodePort: 30053, protocol: UDP}\n";
+    let dns = "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.12\n  externalIPs: [198.51.100.53]\n  ports:\n  - {name: dns, port: 53, targetPort: 8080, nodePort: 30053, protocol: UDP}\n";
     let dns_slice = format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\nports:\n- {{name: dns, port: 8080, protocol: UDP}}\nendpoints:\n- addresses: [\"{}\"]\n  nodeName: node1\n  conditions: {{ready: true}}\n",
         pod_addr(1, 0)
@@ -181,6 +181,22 @@ fn explain_tells_hit_miss_affinity_and_source_range_and_changes_nothing() {
     } else {
         pod_addr(1, 1)
     };
+    // One client port to the DNS Service's NodePort, then to its externalIP: the second flow is
+    // kept as a pair, its source port remapped to the one the pod saw.
+    let from_one_port = |target: &str| {
+        let report = ClientRun {
+            one_flow: true,
+            source_port: Some(47000),
+            ..ClientRun::udp(target, 2)
+        }
+        .run(&lab.cluster.client, None)
+        .expect("client");
+        report.assert_all_ok(target);
+        report.seen_as.keys().next().expect("seen").clone()
+    };
+    from_one_port("203.0.113.1:30053");
+    let remapped = from_one_port("198.51.100.53:53");
+    assert_ne!(remapped, "203.0.113.10:47000", "kept as a pair");
 
     // The real connections' last segments (FINs, final ACKs) may still be on their way and
     // refresh their conntrack entries: the state is taken once it has stopped changing.
@@ -202,6 +218,11 @@ fn explain_tells_hit_miss_affinity_and_source_range_and_changes_nothing() {
         format!("{}:8080", pod_addr(1, 0)),
         "{udp:#}"
     );
+
+    // The pair's next datagram goes on through its remapped port, as the datapath sends it.
+    let pair = explain(lab.pin_dir(), "203.0.113.10:47000", "198.51.100.53:53/udp");
+    assert_eq!(pair["verdict"], "pass", "{pair:#}");
+    assert_eq!(pair["rewritten"][0], remapped, "{pair:#}");
 
     let sctp = explain(
         lab.pin_dir(),

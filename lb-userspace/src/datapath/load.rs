@@ -7,7 +7,7 @@ use std::{
     fs::File,
     io,
     net::IpAddr,
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -227,6 +227,9 @@ impl Datapath {
                 .map_err(|source| map_error(map_names::FRONTENDS6, "read", source))?,
             table_of,
         )?;
+        // Kept for the pair filter's keeper, which waits for running programs in a thread of
+        // its own.
+        let grace_outer = grace_outer_fd(&ebpf)?;
         let grace = (
             take_private_map(&mut ebpf, map_names::GRACE)?,
             Array::<MapData, u32>::create(1, super::write::BPF_F_INNER_MAP)
@@ -258,11 +261,11 @@ impl Datapath {
                 .filter_map(FilterKey::of_backend)
                 .chain(reply_sources),
         )?;
-        let pair_filter = super::pair_filter::PairFilter::map(take_private_map(
-            &mut ebpf,
-            map_names::PAIR_FILTER,
-        )?)
-        .map_err(|io_error| super::pair_filter::map_error("mmap", io_error))?;
+        let pair_filter = super::pair_filter::PairFilter::map(
+            take_private_map(&mut ebpf, map_names::PAIR_FILTER)?,
+            (grace_outer, inner_map_fd(&grace.1)?),
+        )
+        .map_err(|io_error| super::pair_filter::map_error("map its memory", "mmap", io_error))?;
         if conntrack_left {
             // Emptied by `Datapath::pair_filter_keeper`'s first rebuild, once attached.
             for generation in 0..lb_common::pair_filter::GENERATIONS {
@@ -943,6 +946,34 @@ impl Datapath {
         );
         Ok(())
     }
+}
+
+/// A copy of the descriptor of the grace map, still in the object.
+fn grace_outer_fd(ebpf: &Ebpf) -> Result<OwnedFd> {
+    match ebpf.map(map_names::GRACE) {
+        Some(Map::ArrayOfMaps(data)) => duplicate_fd(data.fd().as_fd(), map_names::GRACE),
+        _ => Err(DatapathError::MissingMap(map_names::GRACE)),
+    }
+}
+
+/// A copy of the descriptor of the grace map's inner map.
+fn inner_map_fd(inner: &Array<MapData, u32>) -> Result<OwnedFd> {
+    use aya::maps::IterableMap as _;
+    duplicate_fd(inner.map().fd().as_fd(), map_names::GRACE)
+}
+
+/// A copy of the descriptor `fd` of the map `map` (named for the error).
+pub(super) fn duplicate_fd(fd: BorrowedFd<'_>, map: &'static str) -> Result<OwnedFd> {
+    fd.try_clone_to_owned().map_err(|io_error| {
+        map_error(
+            map,
+            "duplicate its descriptor",
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "fcntl",
+                io_error,
+            }),
+        )
+    })
 }
 
 /// A map private to this load's object (not pinned: the agent fills it anew as it attaches).

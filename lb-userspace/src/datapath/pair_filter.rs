@@ -13,8 +13,8 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     ptr::NonNull,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering, fence},
     },
     time::{Duration, Instant},
 };
@@ -27,6 +27,13 @@ const WORDS: usize = pair_filter::ENTRIES as usize * pair_filter::GENERATIONS;
 /// The filter's memory, mapped from the map.
 pub struct PairFilter {
     words: NonNull<AtomicU64>,
+    /// The generation the next rebuild empties, held for the whole of a rebuild: two keepers
+    /// (the agent's, and a caller of `Datapath::rebuild_pair_filter`) take turns, and never
+    /// empty both generations at once.
+    next: Mutex<usize>,
+    /// The agent's grace map and its inner map ([`map_names::GRACE`]): updating the one with
+    /// the other returns once every program run that began before it has ended.
+    grace: (OwnedFd, OwnedFd),
     /// The map, kept open as long as its memory is mapped.
     _map: Array<MapData, [u64; pair_filter::GENERATIONS]>,
 }
@@ -38,7 +45,10 @@ unsafe impl Sync for PairFilter {}
 
 impl PairFilter {
     /// Maps the filter's memory (the map is created `BPF_F_MMAPABLE`).
-    pub(super) fn map(map: Array<MapData, [u64; pair_filter::GENERATIONS]>) -> io::Result<Self> {
+    pub(super) fn map(
+        map: Array<MapData, [u64; pair_filter::GENERATIONS]>,
+        grace: (OwnedFd, OwnedFd),
+    ) -> io::Result<Self> {
         use aya::maps::IterableMap as _;
         let length = WORDS * size_of::<u64>();
         // SAFETY: a shared mapping of the map's value area (kernel/bpf/arraymap.c,
@@ -53,11 +63,25 @@ impl PairFilter {
                 0,
             )
         };
-        if base == libc::MAP_FAILED {
+        let Some(words) =
+            NonNull::new(base.cast::<AtomicU64>()).filter(|_| base != libc::MAP_FAILED)
+        else {
             return Err(io::Error::last_os_error());
-        }
-        let words = NonNull::new(base.cast::<AtomicU64>()).ok_or_else(io::Error::last_os_error)?;
-        Ok(Self { words, _map: map })
+        };
+        Ok(Self {
+            words,
+            next: Mutex::new(0),
+            grace,
+            _map: map,
+        })
+    }
+
+    /// Returns once every program run that began before the call has ended (the kernel's
+    /// synchronize_rcu after an update of an array of maps: kernel/bpf/syscall.c,
+    /// `maybe_wait_bpf_programs`).
+    fn wait_for_running_programs(&self) -> io::Result<()> {
+        let (outer, inner) = &self.grace;
+        super::batch::set_array_entries(outer.as_fd(), &[(0, inner.as_fd())])
     }
 
     fn word(&self, entry: u32, generation: usize) -> &AtomicU64 {
@@ -124,7 +148,6 @@ pub struct PairFilterKeeper {
     filter: Arc<PairFilter>,
     conntrack4: OwnedFd,
     conntrack6: OwnedFd,
-    next: usize,
 }
 
 /// What a rebuild found.
@@ -144,22 +167,33 @@ impl PairFilterKeeper {
             filter,
             conntrack4,
             conntrack6,
-            next: 0,
         }
     }
 
     /// Empties the next generation, then sets the bit of every ORIGINAL entry conntrack holds.
-    /// Emptied first: a pair the programs make during the walk sets its own bit, and one made
-    /// before it is in the walk. The other generation, untouched, covers both meanwhile. A walk
-    /// that fails leaves its generation full, so the next rebuild (of the other) stays safe.
+    /// Emptied first: a pair the programs make during the walk sets its own bit (again after
+    /// its insert), and one made before it is in the walk. The other generation, untouched,
+    /// covers both meanwhile; and the emptying waits until no program that may have read this
+    /// generation during the last rebuild (of the other) is still running, so that no reader
+    /// sees one generation mid-rebuild and the other emptied. A walk that fails leaves its
+    /// generation full, so the next rebuild (of the other) stays safe.
     pub fn rebuild_next(&mut self) -> io::Result<Rebuilt> {
-        let generation = self.next;
-        self.next = (self.next + 1) % pair_filter::GENERATIONS;
+        let mut next = self
+            .filter
+            .next
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let generation = *next;
         let started = Instant::now();
+        self.filter.wait_for_running_programs()?;
+        *next = (generation + 1) % pair_filter::GENERATIONS;
         self.filter.empty(generation);
+        // The emptying before the walk's reads: a walk that misses an entry inserted meanwhile
+        // then meets the bit the program sets after its insert.
+        fence(Ordering::SeqCst);
         let mut pairs = 0;
         let walked =
-            super::batch::visit_all(self.conntrack4.as_fd(), |key: Ct4Key, _: Ct4Value| {
+            walk::<Ct4Key, Ct4Value>(&self.conntrack4, map_names::CONNTRACK4, |key: Ct4Key| {
                 if key.direction == ct_direction::ORIGINAL {
                     pairs += 1;
                     self.filter.set(
@@ -169,7 +203,7 @@ impl PairFilterKeeper {
                 }
             })
             .and_then(|()| {
-                super::batch::visit_all(self.conntrack6.as_fd(), |key: Ct6Key, _: Ct6Value| {
+                walk::<Ct6Key, Ct6Value>(&self.conntrack6, map_names::CONNTRACK6, |key: Ct6Key| {
                     if key.direction == ct_direction::ORIGINAL {
                         pairs += 1;
                         self.filter.set(
@@ -196,8 +230,13 @@ impl PairFilterKeeper {
     /// agent's programs may still be writing pairs: this, once this load's programs are the
     /// ones attached, is what empties it.
     pub fn rebuild_all(&mut self) -> io::Result<Rebuilt> {
+        let started = Instant::now();
         self.rebuild_next()?;
-        self.rebuild_next()
+        let last = self.rebuild_next()?;
+        Ok(Rebuilt {
+            took: started.elapsed(),
+            ..last
+        })
     }
 
     /// Rebuilds a generation every `period`, both at once first, in a thread of its own (a
@@ -220,15 +259,26 @@ impl PairFilterKeeper {
     }
 }
 
+/// Visits the key of every entry of the conntrack map `map` (named `name`, for the error).
+fn walk<K: aya::Pod, V: aya::Pod>(
+    map: &OwnedFd,
+    name: &str,
+    mut visit: impl FnMut(K),
+) -> io::Result<()> {
+    super::batch::visit_all(map.as_fd(), |key: K, _: V| visit(key))
+        .map_err(|error| io::Error::new(error.kind(), format!("walking {name}: {error}")))
+}
+
 /// An error of the filter's map, from a syscall on it.
-pub(super) fn map_error(operation: &str, io_error: io::Error) -> super::DatapathError {
+pub(super) fn map_error(
+    operation: &str,
+    call: &'static str,
+    io_error: io::Error,
+) -> super::DatapathError {
     super::error::map_error(
         map_names::PAIR_FILTER,
         operation,
-        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-            call: "mmap",
-            io_error,
-        }),
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
     )
 }
 
@@ -236,30 +286,23 @@ impl super::Datapath {
     /// The agent's keeper of the pair filter, with conntrack maps of its own to walk. Its
     /// first rebuild belongs after this load's programs are attached.
     pub fn pair_filter_keeper(&self) -> super::error::Result<PairFilterKeeper> {
-        let duplicate = |fd: std::os::fd::BorrowedFd<'_>, name| {
-            fd.try_clone_to_owned().map_err(|io_error| {
-                super::error::map_error(
-                    name,
-                    "duplicate",
-                    aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                        call: "fcntl",
-                        io_error,
-                    }),
-                )
-            })
-        };
         use aya::maps::IterableMap as _;
         Ok(PairFilterKeeper::new(
             self.pair_filter.clone(),
-            duplicate(
+            super::load::duplicate_fd(
                 self.maps.conntrack.map().fd().as_fd(),
                 map_names::CONNTRACK4,
             )?,
-            duplicate(
+            super::load::duplicate_fd(
                 self.maps.conntrack6.map().fd().as_fd(),
                 map_names::CONNTRACK6,
             )?,
         ))
+    }
+
+    /// The bits of the pair filter set now, in either generation.
+    pub fn pair_filter_bits(&self) -> u32 {
+        self.pair_filter.bits_set()
     }
 
     /// Rebuilds the pair filter whole from conntrack now ([`PairFilterKeeper::rebuild_all`]),
@@ -267,16 +310,7 @@ impl super::Datapath {
     pub fn rebuild_pair_filter(&self) -> super::error::Result<Rebuilt> {
         self.pair_filter_keeper()?
             .rebuild_all()
-            .map_err(|io_error| {
-                super::error::map_error(
-                    map_names::CONNTRACK4,
-                    "walk for the pair filter",
-                    aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                        call: "bpf_map_lookup_batch",
-                        io_error,
-                    }),
-                )
-            })
+            .map_err(|io_error| map_error("rebuild from conntrack", "bpf", io_error))
     }
 
     /// Whether XDP would look up the ORIGINAL entry of this client (address and port as a

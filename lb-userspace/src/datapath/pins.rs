@@ -92,6 +92,27 @@ pub fn is_agent_pin(name: &str) -> bool {
             .is_some_and(|array| [map_names::XDP_PROGRAMS, map_names::TC_PROGRAMS].contains(&array))
 }
 
+/// The interfaces whose XDP link is pinned under `pin_dir`'s `links/` (none when it has no
+/// `links/`).
+pub fn xdp_link_interfaces(pin_dir: &Path) -> io::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(pin_dir.join(LINKS_DIR)) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error),
+    };
+    let mut interfaces = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name();
+        if let Some(iface) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(XDP_LINK_PREFIX))
+        {
+            interfaces.push(iface.to_owned());
+        }
+    }
+    Ok(interfaces)
+}
+
 /// Whether the agent pins a link named `name` under `links/`.
 pub fn is_agent_link(name: &str) -> bool {
     CGROUP_LINKS.contains(&name)
@@ -229,6 +250,29 @@ fn remove_dir(path: &Path) -> Result<(), CleanupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_interfaces_with_a_pinned_xdp_link_are_read_from_the_link_names() {
+        let dir = std::env::temp_dir().join(format!("lb-pins-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            xdp_link_interfaces(&dir).expect("no directory"),
+            Vec::<String>::new()
+        );
+        std::fs::create_dir_all(dir.join(LINKS_DIR)).expect("links");
+        for name in [
+            xdp_link_name("eth0"),
+            xdp_link_name("eth1"),
+            tc_egress_link_name("eth0"),
+            "cgroup-connect4".into(),
+        ] {
+            std::fs::write(dir.join(LINKS_DIR).join(name), b"").expect("pin stand-in");
+        }
+        let mut interfaces = xdp_link_interfaces(&dir).expect("read");
+        interfaces.sort();
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        assert_eq!(interfaces, ["eth0", "eth1"]);
+    }
 
     #[test]
     fn the_names_the_agent_pins_are_its_own_and_nothing_else_is() {

@@ -763,12 +763,28 @@ fn run_dry(
             .with_context(|| format!("loading the dry-run {name}"))?;
     }
     crate::datapath::load::install_tail_calls(&mut ebpf, &programs)?;
+    fill_pair_filter(&mut ebpf)?;
     let program: &mut Xdp = ebpf
         .program_mut(program_names::XDP_LB)
         .context("the XDP program")?
         .try_into()?;
     program.load().context("loading the dry-run XDP program")?;
     Ok(test_run(program.fd()?, packet)?)
+}
+
+/// Sets every bit of the copy's own pair filter, which starts empty: this copy cannot know which
+/// clients have a flow kept as two entries, so it looks every ORIGINAL entry up, as the agent's
+/// datapath does for a client whose bit is set.
+fn fill_pair_filter(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+    use std::os::fd::AsFd as _;
+    let name = lb_common::map_names::PAIR_FILTER;
+    let map: aya::maps::Array<&mut aya::maps::MapData, [u64; lb_common::pair_filter::GENERATIONS]> =
+        ebpf.map_mut(name)
+            .with_context(|| format!("the {name} map"))?
+            .try_into()?;
+    let full = vec![[u64::MAX; lb_common::pair_filter::GENERATIONS]; map.len() as usize];
+    crate::datapath::batch::write_array(aya::maps::IterableMap::map(&map).fd().as_fd(), &full)
+        .with_context(|| format!("filling the dry run's {name}"))
 }
 
 fn protocol_name(protocol: u8) -> &'static str {

@@ -69,7 +69,7 @@ pub struct AgentMetrics {
     /// 1 while this node's Node lacks the DSR mark its agent writes.
     pub dsr_mark_missing: Gauge,
     pub dsr_mark_write_failures: Counter,
-    /// Bits of the pair filter set after its last rebuild.
+    /// Bits of the pair filter set, at the start and after each rebuild.
     pub pair_filter_bits: Gauge,
     pub pair_filter_rebuild_failures: Counter,
 }
@@ -260,15 +260,16 @@ impl Metrics {
         );
         lb.register(
             "pair_filter_bits",
-            "Bits of the pair filter set after its last rebuild, of 262,144: clients (address, \
-             port, protocol) with a flow kept as two conntrack entries, whose new flows XDP \
-             looks up twice (the others once); near full, every client's are",
+            "Bits of the pair filter set, of 262,144 (read at the agent's start, then after each \
+             rebuild): clients (address, port, protocol) with a flow kept as two conntrack \
+             entries, whose new flows XDP looks up twice (the others once); near full, every \
+             client's are",
             agent.pair_filter_bits.clone(),
         );
         lb.register(
             "pair_filter_rebuild_failures",
             "Rebuilds of a pair filter generation from conntrack that failed (each logged; the \
-             generation stays full until the next rebuild succeeds)",
+             generation stays full until its own next rebuild, two periods on)",
             agent.pair_filter_rebuild_failures.clone(),
         );
         lb.register(
