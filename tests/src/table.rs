@@ -9,6 +9,17 @@ use lb_userspace::datapath::{Datapath, FlowCacheCounts, testrun::test_run};
 
 use crate::packet::TcpFlags;
 
+/// A pinned conntrack map under `pin_dir` (`map_names::CONNTRACK4` with [`lb_common::Ct4Key`]
+/// and [`lb_common::Ct4Value`], or `CONNTRACK6` with their IPv6 twins), to read and write as
+/// the tests plant, evict and check flows.
+pub fn pinned_conntrack<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &std::path::Path,
+    name: &str,
+) -> aya::maps::HashMap<aya::maps::MapData, K, V> {
+    let map = aya::maps::MapData::from_pin(pin_dir.join(name)).expect("pinned conntrack map");
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("conntrack map")
+}
+
 /// What the program must leave in the packet.
 #[derive(Clone, Debug)]
 pub enum Expect {

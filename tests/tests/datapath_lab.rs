@@ -418,11 +418,8 @@ fn a_udp_flow_kept_as_a_pair_outlives_its_owners_entry_through_the_pair_filter()
         .rebuild_pair_filter()
         .expect("pair filter");
     assert_eq!(rebuilt.pairs, 1, "{rebuilt:?}");
-    let map =
-        aya::maps::MapData::from_pin(setup.node.pin_dir().join(lb_common::map_names::CONNTRACK4))
-            .expect("conntrack");
     let mut conntrack: aya::maps::HashMap<_, lb_common::Ct4Key, lb_common::Ct4Value> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("map");
+        lab::table::pinned_conntrack(setup.node.pin_dir(), lb_common::map_names::CONNTRACK4);
     let owner_key = lb_common::flow_key(u32::from(CLIENT_ADDR), SOURCE_PORT, proto::UDP);
     conntrack
         .remove(&owner_key)

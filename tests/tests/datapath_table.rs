@@ -1363,9 +1363,7 @@ impl SnatFixture {
             ..Default::default()
         };
         datapath.put_service(&service).expect("service");
-        let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK4))
-            .expect("ct");
-        let conntrack = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("map");
+        let conntrack = lab::table::pinned_conntrack(pins.path(), lb_common::map_names::CONNTRACK4);
         Self {
             datapath,
             conntrack,
@@ -2143,6 +2141,14 @@ fn one_client_port_to_two_frontends_of_one_endpoint_gets_its_source_port_remappe
     );
 }
 
+/// One run of `lb_xdp` over `frame`.
+fn xdp_once(datapath: &Datapath, frame: &[u8]) -> lb_userspace::datapath::testrun::TestRunOutput {
+    let program = datapath
+        .program_fd(lb_common::program_names::XDP_LB)
+        .expect("fd");
+    lb_userspace::datapath::testrun::test_run(program, frame).expect("run")
+}
+
 /// The TCP source port of a frame.
 fn tcp_source_port(frame: &[u8]) -> u16 {
     let parsed = etherparse::SlicedPacket::from_ethernet(frame).expect("parse");
@@ -2175,16 +2181,9 @@ fn flows_kept_as_two_entries_go_on_beside_flow_entries_and_never_share_a_reply_t
             .expect("config")
     };
     remap_range(&mut datapath, 50001);
-    let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK4))
-        .expect("ct");
     let mut conntrack: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("map");
-    let xdp = |datapath: &Datapath, frame: &[u8]| {
-        let program = datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd");
-        lb_userspace::datapath::testrun::test_run(program, frame).expect("run")
-    };
+        lab::table::pinned_conntrack(pins.path(), lb_common::map_names::CONNTRACK4);
+    let xdp = xdp_once;
     fn tc(datapath: &Datapath) -> std::os::fd::BorrowedFd<'_> {
         datapath
             .program_fd(lb_common::program_names::TC_EGRESS)
@@ -2439,16 +2438,9 @@ fn a_udp_flow_kept_as_a_pair_goes_on_without_its_owner_through_the_pair_filters_
     let pins = PinDir::new(&lab, "pairfilt").expect("pin dir");
     let mut datapath = datapath(&pins, vec![1]);
     let external = two_frontends_of_pod_a_for(&mut datapath, proto::UDP);
-    let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK4))
-        .expect("ct");
     let mut conntrack: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("map");
-    let xdp = |datapath: &Datapath, frame: &[u8]| {
-        let program = datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd");
-        lb_userspace::datapath::testrun::test_run(program, frame).expect("run")
-    };
+        lab::table::pinned_conntrack(pins.path(), lb_common::map_names::CONNTRACK4);
+    let xdp = xdp_once;
     let holds = |datapath: &Datapath, client: SocketAddrV4| {
         datapath.pair_filter_holds((*client.ip()).into(), client.port(), proto::UDP)
     };

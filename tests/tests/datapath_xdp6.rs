@@ -753,10 +753,8 @@ fn an_ipv6_udp_flow_kept_as_a_pair_goes_on_without_its_owner_through_the_pair_fi
             ..Default::default()
         })
         .expect("service");
-    let map = aya::maps::MapData::from_pin(pins.path().join(lb_common::map_names::CONNTRACK6))
-        .expect("ct");
     let mut conntrack: aya::maps::HashMap<_, Ct6Key, Ct6Value> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("map");
+        lab::table::pinned_conntrack(pins.path(), lb_common::map_names::CONNTRACK6);
     let xdp = |datapath: &Datapath, frame: &[u8]| {
         test_run(
             datapath.program_fd(program_names::XDP_LB).expect("fd"),

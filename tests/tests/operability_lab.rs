@@ -610,10 +610,8 @@ fn a_service_id_handed_out_again_counts_from_zero() {
 /// has (198.51.100.0/24), idle for as long as each row says.
 fn plant_conntrack_entries(pin_dir: &std::path::Path, rows: &[(u8, u8, u8, u64)]) {
     use lb_common::{Ct4Key, Ct4Value, ct_direction};
-    let map = aya::maps::MapData::from_pin(pin_dir.join(lb_common::map_names::CONNTRACK4))
-        .expect("pinned conntrack map");
     let mut conntrack: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("conntrack map");
+        lab::table::pinned_conntrack(pin_dir, lb_common::map_names::CONNTRACK4);
     let now = lb_userspace::observe::inspect::monotonic_ns();
     for &(host, protocol, state, idle_s) in rows {
         let idle_ns = idle_s * 1_000_000_000;
