@@ -562,8 +562,9 @@ pub fn has_reply_entry<A: CtAddr>(client_side: &CtValue<A>) -> bool {
 
 /// The client's side of the live flow this packet continues, if any: its client's FLOW entry
 /// when that is for this frontend, else its ORIGINAL entry (a flow whose client key another
-/// flow held when it began, or one from before FLOW entries). A TCP SYN without a FLOW entry
-/// starts a new flow without the second lookup, unless it comes from a port of the remap range.
+/// flow held when it began, or one from before FLOW entries), looked up only when the pair
+/// filter has its client's bit ([`original_entry`]). A TCP SYN without a FLOW entry starts a
+/// new flow without the second lookup, unless it comes from a port of the remap range.
 #[inline(always)]
 pub fn live_flow<F: Family>(tuple: &Tuple<F>, now: u64) -> Option<*mut CtValue<F::Addr>> {
     live_flow_of(client_flow_entry(tuple), tuple, now)
