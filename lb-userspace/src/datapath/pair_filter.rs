@@ -4,9 +4,9 @@
 //! filter from filling up by emptying one generation at a time and setting again the bits of
 //! the ORIGINAL entries conntrack then holds ([`PairFilterKeeper`]).
 //!
-//! The map is mmapped: the agent's stores and the programs' atomic ORs are word-sized atomic
-//! operations on the same memory, so neither loses the other's bits (a map update would write
-//! a whole value, both generations, over the programs' ORs).
+//! The map is mmapped: the agent's word stores touch only the generation it empties, where a
+//! map update would rewrite both words of an entry, the programs' ORs into the other
+//! generation included.
 
 use std::{
     io,
@@ -20,7 +20,7 @@ use std::{
 };
 
 use aya::maps::{Array, MapData};
-use lb_common::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, ct_direction, map_names, pair_filter};
+use lb_common::{CtAddr, CtKey, CtValue, ct_direction, map_names, pair_filter};
 
 const WORDS: usize = pair_filter::ENTRIES as usize * pair_filter::GENERATIONS;
 
@@ -192,27 +192,24 @@ impl PairFilterKeeper {
         // then meets the bit the program sets after its insert.
         fence(Ordering::SeqCst);
         let mut pairs = 0;
-        let walked =
-            walk::<Ct4Key, Ct4Value>(&self.conntrack4, map_names::CONNTRACK4, |key: Ct4Key| {
-                if key.direction == ct_direction::ORIGINAL {
-                    pairs += 1;
-                    self.filter.set(
-                        generation,
-                        pair_filter::bit(key.saddr, key.sport, key.proto),
-                    );
-                }
-            })
-            .and_then(|()| {
-                walk::<Ct6Key, Ct6Value>(&self.conntrack6, map_names::CONNTRACK6, |key: Ct6Key| {
-                    if key.direction == ct_direction::ORIGINAL {
-                        pairs += 1;
-                        self.filter.set(
-                            generation,
-                            pair_filter::bit6(key.saddr, key.sport, key.proto),
-                        );
-                    }
-                })
-            });
+        let mut found = |bit| {
+            pairs += 1;
+            self.filter.set(generation, bit);
+        };
+        let walked = walk_originals(
+            &self.conntrack4,
+            map_names::CONNTRACK4,
+            pair_filter::bit,
+            &mut found,
+        )
+        .and_then(|()| {
+            walk_originals(
+                &self.conntrack6,
+                map_names::CONNTRACK6,
+                pair_filter::bit6,
+                &mut found,
+            )
+        });
         if let Err(error) = walked {
             self.filter.fill(generation);
             return Err(error);
@@ -259,14 +256,24 @@ impl PairFilterKeeper {
     }
 }
 
-/// Visits the key of every entry of the conntrack map `map` (named `name`, for the error).
-fn walk<K: aya::Pod, V: aya::Pod>(
+/// Hands `found` the pair filter's bit (by `bit`) of the client of every ORIGINAL entry of the
+/// conntrack map `map` (named `name`, for the error).
+fn walk_originals<A: CtAddr>(
     map: &OwnedFd,
     name: &str,
-    mut visit: impl FnMut(K),
-) -> io::Result<()> {
-    super::batch::visit_all(map.as_fd(), |key: K, _: V| visit(key))
-        .map_err(|error| io::Error::new(error.kind(), format!("walking {name}: {error}")))
+    bit: fn(A, u16, u8) -> u32,
+    found: &mut impl FnMut(u32),
+) -> io::Result<()>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    super::batch::visit_all(map.as_fd(), |key: CtKey<A>, _: CtValue<A>| {
+        if key.direction == ct_direction::ORIGINAL {
+            found(bit(key.saddr, key.sport, key.proto));
+        }
+    })
+    .map_err(|error| io::Error::new(error.kind(), format!("walking {name}: {error}")))
 }
 
 /// An error of the filter's map, from a syscall on it.
