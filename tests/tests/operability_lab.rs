@@ -494,12 +494,23 @@ fn healthz_livez_health_check_node_port_and_log_level() {
     let bad =
         http::request(&node_host, "PUT", METRICS, "/debug/log-level", "info,[=").expect("PUT");
     assert_eq!(bad.status, 400, "{}", bad.body);
+    // From the node to its own address, as under the DaemonSet, which serves /metrics on that
+    // address alone: the connection leaves from the address it goes to.
+    let metrics_at_node_address = SocketAddr::new(std::net::IpAddr::V4(node_addr(1)), 10249);
+    let from_node_address = http::request(
+        &node_host,
+        "PUT",
+        metrics_at_node_address,
+        "/debug/log-level",
+        "debug",
+    )
+    .expect("PUT to the node's address");
+    assert_eq!(from_node_address.status, 200, "{}", from_node_address.body);
     // From another host: refused (the endpoint has no authentication).
-    let metrics_from_outside = SocketAddr::new(std::net::IpAddr::V4(node_addr(1)), 10249);
     let remote = http::request(
         &setup.cluster.client,
         "PUT",
-        metrics_from_outside,
+        metrics_at_node_address,
         "/debug/log-level",
         "trace",
     )

@@ -72,8 +72,30 @@ impl Default for ServerLimits {
 const BUSY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
-/// Serves `handle` on `listener` until the task is aborted; the handler also gets the peer's
-/// address. Clients cut off by `limits` are counted in `refused`.
+/// Who an HTTP connection comes from.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// Whether the connection comes from this host: over loopback, or from the very address
+    /// it was made to. A process of the node that connects to the node's address (the
+    /// DaemonSet serves `/metrics` on it alone) leaves from that address, which a remote peer
+    /// cannot take without guessing the TCP handshake's sequence number.
+    pub on_this_host: bool,
+}
+
+impl Peer {
+    fn of(stream: &tokio::net::TcpStream, addr: SocketAddr) -> Self {
+        let ip = addr.ip().to_canonical();
+        let on_this_host = ip.is_loopback()
+            || stream
+                .local_addr()
+                .is_ok_and(|local| local.ip().to_canonical() == ip);
+        Self { addr, on_this_host }
+    }
+}
+
+/// Serves `handle` on `listener` until the task is aborted; the handler also gets the peer
+/// ([`Peer`]). Clients cut off by `limits` are counted in `refused`.
 fn spawn_server<F, Fut>(
     listener: TcpListener,
     limits: ServerLimits,
@@ -81,7 +103,7 @@ fn spawn_server<F, Fut>(
     handle: F,
 ) -> JoinHandle<()>
 where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send + 'static,
 {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
@@ -112,6 +134,7 @@ where
                     continue;
                 }
             };
+            let peer = Peer::of(&stream, peer);
             let handle = handle.clone();
             let refused = refused.clone();
             tokio::spawn(async move {
@@ -265,7 +288,7 @@ pub fn serve_metrics_with_limits(
         listener,
         limits,
         refused.clone(),
-        move |request: Request<Incoming>, peer: SocketAddr| {
+        move |request: Request<Incoming>, peer: Peer| {
             let metrics = metrics.clone();
             let log_level = log_level.clone();
             let refused = refused.clone();
@@ -310,11 +333,12 @@ fn count_refused_body(refused: &HttpRefused, status: StatusCode) {
     refused.get_or_create(&[("reason", reason)]).inc();
 }
 
-/// GET from anywhere the metrics are served; PUT only from this host (the metrics address is
-/// usually every address, so Prometheus can scrape it, and the endpoint has no authentication).
+/// GET from anywhere the metrics are served; PUT only from this host ([`Peer::on_this_host`]:
+/// the metrics address is reachable from other hosts so that Prometheus can scrape it, and the
+/// endpoint has no authentication).
 async fn log_level_endpoint(
     request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
     log_level: Option<LogLevel>,
     body_read_timeout: Duration,
 ) -> Reply {
@@ -331,10 +355,10 @@ async fn log_level_endpoint(
             "text/plain",
             format!("{}\n", log_level.get()),
         ),
-        Method::PUT | Method::POST if !peer.ip().is_loopback() => reply(
+        Method::PUT | Method::POST if !peer.on_this_host => reply(
             StatusCode::FORBIDDEN,
             "text/plain",
-            "the log level is set from the node itself (127.0.0.1)\n",
+            "the log level is set from the node itself\n",
         ),
         Method::PUT | Method::POST => {
             let body = match read_small_body(request.into_body(), body_read_timeout).await {
