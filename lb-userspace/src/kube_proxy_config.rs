@@ -59,11 +59,11 @@ const IGNORED_BECAUSE: &[(&str, &str)] = &[
     ),
     (
         "conntrack.maxPerCore",
-        "lb's conntrack map has a fixed size (524,288 entries)",
+        "lb's conntrack map is sized by --conntrack-map-size instead",
     ),
     (
         "conntrack.min",
-        "lb's conntrack map has a fixed size (524,288 entries)",
+        "lb's conntrack map is sized by --conntrack-map-size instead",
     ),
     ("oomScoreAdj", "set it in the DaemonSet"),
     ("featureGates", "lb has no feature gates"),

@@ -120,7 +120,7 @@ enum Command {
     /// Prepare the node for an agent without the privileges to do it itself, and exit: for the
     /// DaemonSet's privileged init container. Mounts bpffs at /sys/fs/bpf (mode 0700) unless
     /// one is there, creates the pin directory (0700), sets
-    /// net.ipv4.conf.<iface>.accept_local=1 on every interface, and takes the NodePort and SNAT
+    /// net.ipv4.conf.<iface>.accept_local=1 on each of --interfaces, and takes the NodePort and SNAT
     /// ranges out of the node's ephemeral ports where they overlap.
     InitNode {
         /// Comma-separated NICs the agent attaches XDP to (its --interfaces).
@@ -310,8 +310,8 @@ struct RunArgs {
     #[arg(long, env = "LB_MISSING_SERVICE_GRACE", default_value = "5s", value_parser = parse_duration)]
     missing_service_grace: Duration,
     /// Log filter (tracing directives, e.g. `info` or `info,lb_userspace::reconcile=debug`);
-    /// `RUST_LOG` wins when set. Changeable at run time: `PUT /debug/log-level` on the metrics
-    /// address.
+    /// `RUST_LOG` wins when set. Changeable at run time from the node itself: `PUT
+    /// /debug/log-level` on the metrics address, over loopback or from that same address.
     #[arg(long, env = "LB_LOG_LEVEL", default_value = "info")]
     log_level: String,
     /// The eBPF programs' own debug logging, forwarded to this log (target `lb::ebpf`, so the

@@ -25,10 +25,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what a fresh machine lacks: the pinned toolchains, bpf-linker (built against the
-    /// pinned nightly's libLLVM), iproute2, ethtool, iptables and nftables. Idempotent: a second
-    /// run changes nothing.
+    /// pinned nightly's libLLVM), iproute2, ethtool, iptables, nftables and bpftool. Idempotent:
+    /// a second run changes nothing.
     Setup,
-    /// Build the eBPF object on its own and print its path and size.
+    /// Build the eBPF objects on their own (the datapath and the standalone packet counter) and
+    /// print their paths and sizes.
     BuildEbpf,
     /// The main job: build a lab of network namespaces, load the datapath and show it at work.
     Demo,

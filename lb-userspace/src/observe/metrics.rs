@@ -300,7 +300,9 @@ impl Metrics {
         lb.register(
             "node_requirement_missing",
             "1 while a setting of the node the datapath relies on is missing on an interface \
-             (requirement ip_forward: forwarding, with endpoints on other nodes; accept_local)",
+             (requirement ip_forward: forwarding, with endpoints on other nodes; accept_local), \
+             or on the node (reserved_ports, with an empty interface: a port of the NodePort or \
+             SNAT range among the ephemeral ports, with --reserve-ports)",
             agent.node_requirement_missing.clone(),
         );
         lb.register(
@@ -338,7 +340,7 @@ impl Metrics {
         lb.register(
             "datapath_read_failures",
             "Scrapes that could not read part of the datapath's pinned maps, by what (maps: \
-             opening them, services, events, fill); each logged with the error",
+             opening them, services, events, flow_caches, fill); each logged with the error",
             read_failures.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector {
