@@ -216,13 +216,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(config.pin_dir.clone()));
     let health = Arc::new(Health::new(config.healthz_timeout));
     let mut servers = Vec::new();
-    match crate::observe::serve::bind(&config.metrics_bind_address, "metrics").await {
-        Ok(Some(listener)) => servers.push(crate::observe::serve::serve_metrics(
-            listener,
-            metrics.clone(),
-            config.log_level.clone(),
-        )),
-        Ok(None) => {}
+    match crate::observe::serve::bind_metrics(&config.metrics_bind_address).await {
+        Ok(listeners) => {
+            for listener in listeners {
+                servers.push(crate::observe::serve::serve_metrics(
+                    listener,
+                    metrics.clone(),
+                    config.log_level.clone(),
+                ));
+            }
+        }
         Err(error) => warn!(%error, "no /metrics; the datapath is not affected"),
     }
     match crate::observe::serve::bind(&config.healthz_bind_address, "healthz").await {

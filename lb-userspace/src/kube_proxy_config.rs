@@ -59,11 +59,11 @@ const IGNORED_BECAUSE: &[(&str, &str)] = &[
     ),
     (
         "conntrack.maxPerCore",
-        "lb's conntrack map is sized by --conntrack-map-size instead",
+        "lb's IPv4 conntrack map is sized by --conntrack-map-size instead",
     ),
     (
         "conntrack.min",
-        "lb's conntrack map is sized by --conntrack-map-size instead",
+        "lb's IPv4 conntrack map is sized by --conntrack-map-size instead",
     ),
     ("oomScoreAdj", "set it in the DaemonSet"),
     ("featureGates", "lb has no feature gates"),

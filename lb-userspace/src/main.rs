@@ -195,7 +195,8 @@ struct RunArgs {
     #[arg(long, env = "LB_NODE_PORT_RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
     node_port_range: RangeInclusive<u16>,
     /// Address of /metrics (Prometheus, OpenMetrics text) and /debug/log-level; `off`: none.
-    /// Loopback by default, as kube-proxy's: set a node address for Prometheus to scrape.
+    /// Loopback by default, as kube-proxy's: set a node address for Prometheus to scrape (the
+    /// same port is then served on loopback too, where /debug/log-level takes a PUT).
     #[arg(
         long,
         env = "LB_METRICS_BIND_ADDRESS",
@@ -310,8 +311,8 @@ struct RunArgs {
     #[arg(long, env = "LB_MISSING_SERVICE_GRACE", default_value = "5s", value_parser = parse_duration)]
     missing_service_grace: Duration,
     /// Log filter (tracing directives, e.g. `info` or `info,lb_userspace::reconcile=debug`);
-    /// `RUST_LOG` wins when set. Changeable at run time from the node itself: `PUT
-    /// /debug/log-level` on the metrics address, over loopback or from that same address.
+    /// `RUST_LOG` wins when set. Changeable at run time over loopback: `PUT /debug/log-level`
+    /// on the metrics port (served on loopback too when the metrics address is another one).
     #[arg(long, env = "LB_LOG_LEVEL", default_value = "info")]
     log_level: String,
     /// The eBPF programs' own debug logging, forwarded to this log (target `lb::ebpf`, so the

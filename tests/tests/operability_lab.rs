@@ -384,9 +384,10 @@ fn metrics_count_what_the_clients_sent_and_the_cli_agrees() {
 #[test]
 fn healthz_livez_health_check_node_port_and_log_level() {
     let mut setup = AgentLab::new().expect("lab");
-    // On every address, as a node that Prometheus scrapes is set up (the default is loopback).
+    // On the node's address, as the DaemonSet sets it up so that Prometheus can scrape it (the
+    // default is loopback); the agent serves loopback's port 10249 too.
     setup
-        .start_agent(&["--metrics-bind-address", "0.0.0.0:10249"])
+        .start_agent(&["--metrics-bind-address", &format!("{}:10249", node_addr(1))])
         .expect("agent");
     let node_host = setup.cluster.node(1).host.clone();
 
@@ -494,18 +495,21 @@ fn healthz_livez_health_check_node_port_and_log_level() {
     let bad =
         http::request(&node_host, "PUT", METRICS, "/debug/log-level", "info,[=").expect("PUT");
     assert_eq!(bad.status, 400, "{}", bad.body);
-    // From the node to its own address, as under the DaemonSet, which serves /metrics on that
-    // address alone: the connection leaves from the address it goes to.
+    // To the node's address, also from the node itself: refused, as from anywhere but loopback
+    // (packets from outside may claim the node's address). /metrics is served there.
     let metrics_at_node_address = SocketAddr::new(std::net::IpAddr::V4(node_addr(1)), 10249);
     let from_node_address = http::request(
         &node_host,
         "PUT",
         metrics_at_node_address,
         "/debug/log-level",
-        "debug",
+        "trace",
     )
     .expect("PUT to the node's address");
-    assert_eq!(from_node_address.status, 200, "{}", from_node_address.body);
+    assert_eq!(from_node_address.status, 403, "{}", from_node_address.body);
+    let scrape = http::get(&node_host, metrics_at_node_address, "/metrics").expect("scrape");
+    assert_eq!(scrape.status, 200);
+    assert!(scrape.body.contains("lb_datapath_up"), "{}", scrape.body);
     // From another host: refused (the endpoint has no authentication).
     let remote = http::request(
         &setup.cluster.client,

@@ -302,7 +302,7 @@ impl Metrics {
             "1 while a setting of the node the datapath relies on is missing on an interface \
              (requirement ip_forward: forwarding, with endpoints on other nodes; accept_local), \
              or on the node (reserved_ports, with an empty interface: a port of the NodePort or \
-             SNAT range among the ephemeral ports, with --reserve-ports)",
+             SNAT range among the ephemeral ports and not reserved, with --reserve-ports)",
             agent.node_requirement_missing.clone(),
         );
         lb.register(

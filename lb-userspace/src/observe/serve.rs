@@ -72,30 +72,8 @@ impl Default for ServerLimits {
 const BUSY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
-/// Who an HTTP connection comes from.
-#[derive(Clone, Copy, Debug)]
-pub struct Peer {
-    pub addr: SocketAddr,
-    /// Whether the connection comes from this host: over loopback, or from the very address
-    /// it was made to. A process of the node that connects to the node's address (the
-    /// DaemonSet serves `/metrics` on it alone) leaves from that address, which a remote peer
-    /// cannot take without guessing the TCP handshake's sequence number.
-    pub on_this_host: bool,
-}
-
-impl Peer {
-    fn of(stream: &tokio::net::TcpStream, addr: SocketAddr) -> Self {
-        let ip = addr.ip().to_canonical();
-        let on_this_host = ip.is_loopback()
-            || stream
-                .local_addr()
-                .is_ok_and(|local| local.ip().to_canonical() == ip);
-        Self { addr, on_this_host }
-    }
-}
-
-/// Serves `handle` on `listener` until the task is aborted; the handler also gets the peer
-/// ([`Peer`]). Clients cut off by `limits` are counted in `refused`.
+/// Serves `handle` on `listener` until the task is aborted; the handler also gets the peer's
+/// address. Clients cut off by `limits` are counted in `refused`.
 fn spawn_server<F, Fut>(
     listener: TcpListener,
     limits: ServerLimits,
@@ -103,7 +81,7 @@ fn spawn_server<F, Fut>(
     handle: F,
 ) -> JoinHandle<()>
 where
-    F: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send + 'static,
 {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
@@ -134,7 +112,6 @@ where
                     continue;
                 }
             };
-            let peer = Peer::of(&stream, peer);
             let handle = handle.clone();
             let refused = refused.clone();
             tokio::spawn(async move {
@@ -240,6 +217,35 @@ async fn read_small_body(
     }
 }
 
+/// The listeners of the metrics server: `address` (as [`bind`] takes it) and, when that is one
+/// address other than loopback (as the DaemonSet gives the node's), the same port on the
+/// family's loopback address too, where `PUT /debug/log-level` is taken from the node's own
+/// processes. A loopback port that cannot be bound costs only that, with a warning.
+pub async fn bind_metrics(address: &str) -> anyhow::Result<Vec<TcpListener>> {
+    let Some(listener) = bind(address, "metrics").await? else {
+        return Ok(Vec::new());
+    };
+    let bound = listener.local_addr()?;
+    let mut listeners = vec![listener];
+    let ip = bound.ip().to_canonical();
+    if !ip.is_loopback() && !ip.is_unspecified() {
+        let loopback: IpAddr = if ip.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        let also = SocketAddr::new(loopback, bound.port()).to_string();
+        match bind(&also, "metrics").await {
+            Ok(Some(listener)) => listeners.push(listener),
+            Ok(None) => {}
+            Err(error) => {
+                warn!(%error, "PUT /debug/log-level is taken over loopback only, which is not served")
+            }
+        }
+    }
+    Ok(listeners)
+}
+
 /// Binds an address given as a flag ("off", or "" on the command line, turns the server off).
 pub async fn bind(address: &str, what: &str) -> anyhow::Result<Option<TcpListener>> {
     if address.is_empty() || address == "off" {
@@ -288,7 +294,7 @@ pub fn serve_metrics_with_limits(
         listener,
         limits,
         refused.clone(),
-        move |request: Request<Incoming>, peer: Peer| {
+        move |request: Request<Incoming>, peer: SocketAddr| {
             let metrics = metrics.clone();
             let log_level = log_level.clone();
             let refused = refused.clone();
@@ -333,12 +339,15 @@ fn count_refused_body(refused: &HttpRefused, status: StatusCode) {
     refused.get_or_create(&[("reason", reason)]).inc();
 }
 
-/// GET from anywhere the metrics are served; PUT only from this host ([`Peer::on_this_host`]:
-/// the metrics address is reachable from other hosts so that Prometheus can scrape it, and the
-/// endpoint has no authentication).
+/// GET from anywhere the metrics are served; PUT only over loopback (the metrics address is
+/// usually reachable from other hosts, so Prometheus can scrape it, and the endpoint has no
+/// authentication). Not also "from the address it was sent to": the agent sets accept_local on
+/// its NICs, so packets from outside that claim the node's address are taken in, and with the
+/// listener's queue overflowed a blind ACK can complete a SYN-cookie handshake by guessing a
+/// few bits. Packets from loopback addresses arriving on any other device are dropped.
 async fn log_level_endpoint(
     request: Request<Incoming>,
-    peer: Peer,
+    peer: SocketAddr,
     log_level: Option<LogLevel>,
     body_read_timeout: Duration,
 ) -> Reply {
@@ -355,10 +364,10 @@ async fn log_level_endpoint(
             "text/plain",
             format!("{}\n", log_level.get()),
         ),
-        Method::PUT | Method::POST if !peer.on_this_host => reply(
+        Method::PUT | Method::POST if !peer.ip().to_canonical().is_loopback() => reply(
             StatusCode::FORBIDDEN,
             "text/plain",
-            "the log level is set from the node itself\n",
+            "the log level is set from the node itself (127.0.0.1)\n",
         ),
         Method::PUT | Method::POST => {
             let body = match read_small_body(request.into_body(), body_read_timeout).await {
