@@ -148,7 +148,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Mode::Native)]
         mode: Mode,
         /// Seconds between reports.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         interval: u64,
         /// Number of reports before detaching and exiting (0: until killed).
         #[arg(long, default_value_t = 0)]
@@ -207,7 +207,7 @@ struct RunArgs {
     #[arg(long, env = "LB_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
     /// Seconds a change from the source may wait for its sync before /healthz says 503.
-    #[arg(long, env = "LB_HEALTHZ_TIMEOUT", default_value_t = 60)]
+    #[arg(long, env = "LB_HEALTHZ_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     healthz_timeout: u64,
     /// Remove everything the agent installed (pinned links, programs, maps) and exit. With
     /// source kube, first remove this node's DSR mark from its Node (the API server and node
@@ -246,7 +246,7 @@ struct RunArgs {
     manifests: Vec<PathBuf>,
     /// Manifest files larger than this many bytes are refused unread (`--source file`); the
     /// objects they held before stay in force.
-    #[arg(long, env = "LB_MANIFEST_MAX_BYTES", default_value_t = lb_userspace::source::file::DEFAULT_MAX_MANIFEST_BYTES)]
+    #[arg(long, env = "LB_MANIFEST_MAX_BYTES", default_value_t = lb_userspace::source::file::DEFAULT_MAX_MANIFEST_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
     manifest_max_bytes: u64,
     /// How XDP picks backends for new flows of Services without the `lb.io/load-balancing`
     /// annotation: `random` (kube-proxy's way) or `maglev` (consistent hashing: the same backend
@@ -620,6 +620,7 @@ fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
     }
     apply_kube_proxy_config(&mut args, given)?;
     let node_name = node_name(&args)?;
+    check_settings(&mut args)?;
     anyhow::ensure!(
         !args.interfaces.is_empty() || args.cgroup_path.is_some(),
         "nothing to attach the datapath to: give --interfaces (NICs for XDP and tc) and/or \
@@ -791,16 +792,46 @@ fn explain(
     Ok(())
 }
 
-/// This node's name: `--hostname-override`, else `NODE_NAME`, else the hostname.
+/// This node's name: `--hostname-override`, else `NODE_NAME`, else the hostname; trimmed and
+/// lowercased, as kube-proxy takes it (Node names are lowercase).
 fn node_name(args: &RunArgs) -> anyhow::Result<String> {
-    match args
+    let name = match args
         .hostname_override
         .clone()
         .or_else(|| std::env::var("NODE_NAME").ok())
     {
-        Some(name) => Ok(name),
-        None => hostname(),
-    }
+        Some(name) => name,
+        None => hostname()?,
+    };
+    let name = name.trim().to_lowercase();
+    anyhow::ensure!(
+        !name.is_empty(),
+        "the node name is empty: set --hostname-override (LB_HOSTNAME_OVERRIDE) or NODE_NAME"
+    );
+    Ok(name)
+}
+
+/// Refuses, before anything is attached, settings the agent could only run badly with: bind
+/// addresses it cannot bind, and a SNAT port range that overlaps the NodePort range (answers
+/// to a SNAT port there would be taken for NodePort traffic).
+fn check_settings(args: &mut RunArgs) -> anyhow::Result<()> {
+    args.metrics_bind_address =
+        lb_userspace::observe::serve::bind_address(&args.metrics_bind_address, 10249)
+            .map_err(|error| anyhow::anyhow!("--metrics-bind-address: {error}"))?;
+    args.healthz_bind_address =
+        lb_userspace::observe::serve::bind_address(&args.healthz_bind_address, 10256)
+            .map_err(|error| anyhow::anyhow!("--healthz-bind-address: {error}"))?;
+    let (nodes, snat) = (&args.node_port_range, &args.snat_port_range);
+    anyhow::ensure!(
+        snat.end() < nodes.start() || nodes.end() < snat.start(),
+        "--snat-port-range {}-{} overlaps --node-port-range {}-{}: answers to a SNAT port there \
+         would be taken for NodePort traffic",
+        snat.start(),
+        snat.end(),
+        nodes.start(),
+        nodes.end()
+    );
+    Ok(())
 }
 
 fn hostname() -> anyhow::Result<String> {

@@ -1,5 +1,6 @@
 //! `lb run` refuses to start, with one line saying why and exit code 1, when it would start
-//! broken: manifests it cannot read, nothing to attach to, a /sys remounted the way
+//! broken: manifests it cannot read, settings it could only run badly with, nothing to attach
+//! to, a /sys remounted the way
 //! `ip netns exec` does (so the cgroup and the bpffs are not the host's), and a bpffs it would
 //! have to mount in a private mount namespace, where the pins would die with it.
 //!
@@ -85,6 +86,52 @@ fn manifests_that_cannot_be_read_are_refused() {
     refused(
         &output,
         &[&format!("--manifests {}: not readable", missing.display())],
+    );
+}
+
+/// Settings the agent could only run badly with: each refused with its reason before the agent
+/// attaches or pins anything (the interface named does not exist and the pin directory is
+/// never made, so a check that let one through would touch nothing of the machine's).
+#[test]
+fn settings_the_agent_cannot_run_well_with_are_refused_before_it_attaches() {
+    let setup = Setup::new("badsettings");
+    let pins = setup.scratch.path().join("pins");
+    let run = |flags: &[&str]| {
+        Command::new(lb())
+            .args(["run", "--source", "file", "--manifests", &setup.manifests()])
+            .args(["--interfaces", "lbt-nonexistent", "--pin-dir"])
+            .arg(&pins)
+            .args(flags)
+            .env_clear()
+            .output()
+            .expect("lb run")
+    };
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--snat-port-range", "32000-33000"],
+            "--snat-port-range 32000-33000 overlaps --node-port-range 30000-32767",
+        ),
+        (
+            &["--metrics-bind-address", "node1:10249"],
+            "--metrics-bind-address: node1:10249 is not an address to bind",
+        ),
+        (
+            &["--healthz-bind-address", "0.0.0.0:"],
+            "--healthz-bind-address: 0.0.0.0: is not an address to bind",
+        ),
+        (&["--hostname-override", " "], "the node name is empty"),
+    ];
+    for (flags, reason) in cases {
+        refused(&run(flags), &[reason]);
+        assert!(!pins.exists(), "{flags:?}: the pin directory was made");
+    }
+    // A value no setting can take is clap's to refuse, with its usage (exit code 2).
+    let zero = run(&["--healthz-timeout", "0"]);
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&zero.stderr).contains("invalid value '0' for '--healthz-timeout"),
+        "{}",
+        String::from_utf8_lossy(&zero.stderr)
     );
 }
 

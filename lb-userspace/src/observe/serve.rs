@@ -246,6 +246,36 @@ pub async fn bind_metrics(address: &str) -> anyhow::Result<Vec<TcpListener>> {
     Ok(listeners)
 }
 
+/// A bind address as a flag or kube-proxy's configuration gives it, checked before the agent
+/// starts (a bind that fails later leaves the agent running without the server): `off` or
+/// empty (no server), `IP:port`, an IP alone (with `default_port`, as kube-proxy reads it),
+/// `:port` (every IPv4 address), or an IPv6 address and a port without the brackets, as the
+/// DaemonSet's `$(NODE_IP):10249` reads on an IPv6 node (an address that parses whole wins).
+pub fn bind_address(text: &str, default_port: u16) -> Result<String, String> {
+    let text = text.trim();
+    if text.is_empty() || text == "off" {
+        return Ok(text.to_owned());
+    }
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(address.to_string());
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port).to_string());
+    }
+    if let Some(Ok(port)) = text.strip_prefix(':').map(str::parse::<u16>) {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)).to_string());
+    }
+    let unbracketed_ipv6 = text.rsplit_once(':').and_then(|(ip, port)| {
+        Some(SocketAddr::new(
+            IpAddr::V6(ip.parse().ok()?),
+            port.parse().ok()?,
+        ))
+    });
+    unbracketed_ipv6
+        .map(|address| address.to_string())
+        .ok_or_else(|| format!("{text} is not an address to bind (IP:port, an IP, :port, or off)"))
+}
+
 /// Binds an address given as a flag ("off", or "" on the command line, turns the server off).
 pub async fn bind(address: &str, what: &str) -> anyhow::Result<Option<TcpListener>> {
     if address.is_empty() || address == "off" {
@@ -638,6 +668,33 @@ fn serve_health_check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_addresses_are_read_as_kube_proxy_reads_them_and_refused_when_unbindable() {
+        assert_eq!(bind_address("off", 10249).as_deref(), Ok("off"));
+        assert_eq!(bind_address("", 10249).as_deref(), Ok(""));
+        assert_eq!(
+            bind_address("10.0.0.1:9000", 10249).as_deref(),
+            Ok("10.0.0.1:9000")
+        );
+        assert_eq!(
+            bind_address("10.0.0.1", 10249).as_deref(),
+            Ok("10.0.0.1:10249")
+        );
+        assert_eq!(bind_address("::", 10256).as_deref(), Ok("[::]:10256"));
+        assert_eq!(
+            bind_address(":10256", 10249).as_deref(),
+            Ok("0.0.0.0:10256")
+        );
+        assert_eq!(
+            bind_address("fd00::1:10249", 10249).as_deref(),
+            Ok("[fd00::1]:10249")
+        );
+        for unbindable in ["node1:10249", "0.0.0.0:", ":port", "10.0.0.1:70000", "[::1"] {
+            let error = bind_address(unbindable, 10249).expect_err(unbindable);
+            assert!(error.contains(unbindable), "{error}");
+        }
+    }
 
     #[test]
     fn health_turns_503_when_changes_wait_longer_than_the_timeout() {
