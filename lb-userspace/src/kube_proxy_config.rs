@@ -72,8 +72,11 @@ const IGNORED_BECAUSE: &[(&str, &str)] = &[
 /// Parses a configuration file's text. Refused: not YAML, not a KubeProxyConfiguration, a
 /// mapped field of the wrong type.
 pub fn parse(text: &str) -> anyhow::Result<KubeProxyConfig> {
-    let document: Value =
-        serde_saphyr::from_str(text).context("the configuration file is not a YAML mapping")?;
+    let mut options = serde_saphyr::Options::default();
+    // One line for the refusal, not a source excerpt.
+    options.with_snippet = false;
+    let document: Value = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|error| anyhow::anyhow!("not valid YAML: {error}"))?;
     let Value::Object(fields) = &document else {
         bail!("the configuration file is not a YAML mapping");
     };

@@ -230,4 +230,13 @@ fn a_configuration_file_that_is_no_kube_proxy_configuration_is_refused() {
             "not a KubeProxyConfiguration of kubeproxy.config.k8s.io/v1alpha1",
         ],
     );
+    std::fs::write(&config, "kind: KubeProxyConfiguration\nmode: [ipvs\n").expect("write");
+    let output = Command::new(lb())
+        .args(["run", "--source", "file", "--manifests", &setup.manifests()])
+        .arg("--config")
+        .arg(&config)
+        .args(["--cgroup-path", setup.cgroup()])
+        .output()
+        .expect("lb run");
+    refused(&output, &["config.conf", "not valid YAML"]);
 }
