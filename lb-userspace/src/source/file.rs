@@ -272,7 +272,12 @@ fn collect(value: serde_json::Value, line: usize, manifest: &mut Manifest) {
             return;
         }
         "" => Err(("document without a kind".to_owned(), None)),
-        _ => return,
+        other => match meant_kind(other) {
+            // Reported like any document that could not be read, not dropped unseen.
+            Some(meant) => Err((format!("kind {other:?} is none lb reads: {meant}?"), None)),
+            // A kind lb has no use for (a Deployment beside the Services): not lb's.
+            None => return,
+        },
     };
     match result {
         Ok(object) => manifest.objects.push(object),
@@ -282,6 +287,31 @@ fn collect(value: serde_json::Value, line: usize, manifest: &mut Manifest) {
             identity,
         }),
     }
+}
+
+/// The kind lb reads that `kind` looks like a misspelling of: one of them in other letter case,
+/// or within two edits of the longer ones (not of `Node`, which is two edits from `Pod`).
+fn meant_kind(kind: &str) -> Option<&'static str> {
+    ["Service", "EndpointSlice", "Node"]
+        .into_iter()
+        .find(|&meant| {
+            kind.eq_ignore_ascii_case(meant) || (meant.len() > 4 && edit_distance(kind, meant) <= 2)
+        })
+}
+
+/// Levenshtein distance (insertions, deletions and substitutions), for short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, a_char) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, &b_char) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(a_char != b_char);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 /// A manifest's good objects, plus, for each skipped document that names an object the file's
@@ -512,5 +542,33 @@ impl FileSource {
                 _ = updates.closed() => return Ok(()),
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_misspelt_kind_is_reported_and_other_kinds_are_left_alone() {
+        let text = "kind: service\nmetadata: {name: a}\n---\nkind: EndpointSlce\n---\n\
+                    kind: Servce\n---\nkind: node\n---\nkind: Pod\n---\nkind: Endpoints\n---\n\
+                    kind: Deployment\n---\nkind: ConfigMap\n";
+        let manifest = parse_manifest(text).expect("parses");
+        let messages: Vec<&str> = manifest
+            .skipped
+            .iter()
+            .map(|document| document.message.as_str())
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "kind \"service\" is none lb reads: Service?",
+                "kind \"EndpointSlce\" is none lb reads: EndpointSlice?",
+                "kind \"Servce\" is none lb reads: Service?",
+                "kind \"node\" is none lb reads: Node?",
+            ]
+        );
+        assert!(manifest.objects.is_empty());
     }
 }
