@@ -382,6 +382,17 @@ fn filters_and_count_select_what_is_printed_and_when_the_monitor_ends() {
             "{event}"
         );
     }
+    let said = std::fs::read_to_string(&log).expect("log");
+    assert!(!said.contains("is programmed now"), "{said}");
+    // A service that is not programmed (a typo): said at once, not left to a silent wait.
+    let typo_log = lab.scratch_file("monitor-typo.log");
+    let typo = start_monitor(&lab, &typo_log, &["--service", "default/wbe"]);
+    let said = std::fs::read_to_string(&typo_log).expect("log");
+    assert!(
+        said.contains("no service default/wbe is programmed now"),
+        "{said}"
+    );
+    drop(typo);
 }
 
 #[test]

@@ -116,6 +116,14 @@ async fn watch(options: &MonitorOptions) -> anyhow::Result<()> {
         open_map(pin_dir, map_names::MONITOR_LOST, Access::ReadOnly)?;
     let lost_before = lost_total(&lost)?;
     let mut printer = Printer::new(options, Maps::open(pin_dir, Access::ReadOnly)?, since_ns)?;
+    if let Some(wanted) = &options.service
+        && !printer.has_service(wanted)
+    {
+        note(&format!(
+            "no service {wanted} is programmed now (`lb services` lists them): its events show \
+             once it is"
+        ));
+    }
     // SAFETY: the ring buffer owns its descriptor, which stays open and the same for as long as
     // the AsyncFd owns the ring buffer.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|error| error.into_parts().1)?;
@@ -324,11 +332,7 @@ impl<'o> Printer<'o> {
             let Some(name) = &view.service else {
                 return false;
             };
-            let matches = name == wanted
-                || name
-                    .strip_prefix(wanted.as_str())
-                    .is_some_and(|rest| rest.starts_with(':'));
-            if !matches {
+            if !names_service(name, wanted) {
                 return false;
             }
         }
@@ -412,16 +416,21 @@ impl<'o> Printer<'o> {
             .map(|value| value.service_id)
     }
 
+    /// Whether a service programmed now answers to `wanted` (as `--service` matches).
+    fn has_service(&self, wanted: &str) -> bool {
+        self.maps
+            .service_names
+            .iter()
+            .filter_map(Result::ok)
+            .any(|(_, stored)| names_service(&service_name_text(&stored), wanted))
+    }
+
     fn service_name(&mut self, id: u32) -> Option<String> {
         if let Some(name) = self.names.get(&id) {
             return Some(name.clone());
         }
         let stored = self.maps.service_names.get(&id, 0).ok()?;
-        let len = stored
-            .iter()
-            .position(|&byte| byte == 0)
-            .unwrap_or(stored.len());
-        let name = String::from_utf8_lossy(&stored[..len]).into_owned();
+        let name = service_name_text(&stored);
         self.names.insert(id, name.clone());
         Some(name)
     }
@@ -560,6 +569,24 @@ pub fn parse_kinds(names: &[String]) -> anyhow::Result<u32> {
         kinds |= bit;
     }
     Ok(kinds)
+}
+
+/// A service name as the agent stores it (NUL-padded bytes).
+fn service_name_text(stored: &[u8]) -> String {
+    let len = stored
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(stored.len());
+    String::from_utf8_lossy(&stored[..len]).into_owned()
+}
+
+/// Whether `name` (`namespace/name:port`) is what `--service` asked for: the whole name, or
+/// the service without its port.
+fn names_service(name: &str, wanted: &str) -> bool {
+    name == wanted
+        || name
+            .strip_prefix(wanted)
+            .is_some_and(|rest| rest.starts_with(':'))
 }
 
 #[cfg(test)]
