@@ -640,10 +640,16 @@ fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
                 max_bytes: args.manifest_max_bytes,
             }
         }
-        Source::Kube => SourceConfig::Kube {
-            master: args.master,
-            kubeconfig: args.kubeconfig,
-        },
+        Source::Kube => {
+            anyhow::ensure!(
+                args.manifests.is_empty(),
+                "--manifests is read with --source file only (the source is kube)"
+            );
+            SourceConfig::Kube {
+                master: args.master,
+                kubeconfig: args.kubeconfig,
+            }
+        }
     };
     lb_userspace::node::check_mounts(args.cgroup_path.as_deref(), &args.pin_dir, args.mount_bpffs)?;
     let config = AgentConfig {

@@ -125,6 +125,16 @@ fn settings_the_agent_cannot_run_well_with_are_refused_before_it_attaches() {
         refused(&run(flags), &[reason]);
         assert!(!pins.exists(), "{flags:?}: the pin directory was made");
     }
+    // Manifests without the file source would be ignored while the agent reads the API server.
+    let output = Command::new(lb())
+        .args(["run", "--manifests", &setup.manifests()])
+        .args(["--interfaces", "lbt-nonexistent", "--pin-dir"])
+        .arg(&pins)
+        .env_clear()
+        .output()
+        .expect("lb run");
+    refused(&output, &["--manifests is read with --source file only"]);
+    assert!(!pins.exists(), "the pin directory was made");
     // A value no setting can take is clap's to refuse, with its usage (exit code 2).
     let zero = run(&["--healthz-timeout", "0"]);
     assert_eq!(zero.status.code(), Some(2));
