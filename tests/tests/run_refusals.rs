@@ -225,28 +225,28 @@ fn a_bpffs_that_would_be_private_to_the_agents_mount_namespace_is_refused() {
 fn a_configuration_file_that_is_no_kube_proxy_configuration_is_refused() {
     let setup = Setup::new("badconfig");
     let config = setup.scratch.path().join("config.conf");
-    std::fs::write(&config, "apiVersion: v1\nkind: ConfigMap\n").expect("write");
-    let output = Command::new(lb())
-        .args(["run", "--source", "file", "--manifests", &setup.manifests()])
-        .arg("--config")
-        .arg(&config)
-        .args(["--cgroup-path", setup.cgroup()])
-        .output()
-        .expect("lb run");
-    refused(
-        &output,
-        &[
-            "config.conf",
-            "not a KubeProxyConfiguration of kubeproxy.config.k8s.io/v1alpha1",
-        ],
-    );
-    std::fs::write(&config, "kind: KubeProxyConfiguration\nmode: [ipvs\n").expect("write");
-    let output = Command::new(lb())
-        .args(["run", "--source", "file", "--manifests", &setup.manifests()])
-        .arg("--config")
-        .arg(&config)
-        .args(["--cgroup-path", setup.cgroup()])
-        .output()
-        .expect("lb run");
-    refused(&output, &["config.conf", "not valid YAML"]);
+    let cases: [(&str, &[&str]); 2] = [
+        (
+            "apiVersion: v1\nkind: ConfigMap\n",
+            &[
+                "config.conf",
+                "not a KubeProxyConfiguration of kubeproxy.config.k8s.io/v1alpha1",
+            ],
+        ),
+        (
+            "kind: KubeProxyConfiguration\nmode: [ipvs\n",
+            &["config.conf", "not valid YAML"],
+        ),
+    ];
+    for (text, reason) in cases {
+        std::fs::write(&config, text).expect("write");
+        let output = Command::new(lb())
+            .args(["run", "--source", "file", "--manifests", &setup.manifests()])
+            .arg("--config")
+            .arg(&config)
+            .args(["--cgroup-path", setup.cgroup()])
+            .output()
+            .expect("lb run");
+        refused(&output, reason);
+    }
 }
