@@ -711,18 +711,26 @@ fn init_node(
 ) -> anyhow::Result<()> {
     use lb_userspace::datapath::bpffs;
     let mount = std::path::Path::new(bpffs::DEFAULT_MOUNT);
+    // Everything checked before anything is changed.
+    anyhow::ensure!(
+        pin_dir.starts_with(mount)
+            && pin_dir != mount
+            && !pin_dir
+                .components()
+                .any(|part| part == std::path::Component::ParentDir),
+        "--pin-dir {} is not a directory of the bpffs at {}",
+        pin_dir.display(),
+        mount.display()
+    );
+    for iface in interfaces {
+        lb_userspace::node::check_accept_local_interface(iface)?;
+    }
     if bpffs::is_mounted(mount)? {
         println!("bpffs already mounted at {}", mount.display());
     } else {
         bpffs::ensure_mounted(mount)?;
         println!("mounted bpffs at {} (mode 0700)", mount.display());
     }
-    anyhow::ensure!(
-        pin_dir.starts_with(mount) && pin_dir != mount,
-        "--pin-dir {} is not a directory of the bpffs at {}",
-        pin_dir.display(),
-        mount.display()
-    );
     bpffs::create_pin_dir(pin_dir)?;
     println!("pin directory {} (mode 0700)", pin_dir.display());
     for iface in interfaces {

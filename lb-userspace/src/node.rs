@@ -17,15 +17,22 @@ use anyhow::Context as _;
 
 use crate::datapath::nic::is_interface_name;
 
-/// `/proc/sys/net/ipv4/conf/<iface>/accept_local`, of the caller's network namespace.
+/// `/proc/sys/net/ipv4/conf/<iface>/accept_local`, of the caller's network namespace. Not
+/// for `all` or `default`, which name no interface there: `all` turns the setting on for every
+/// interface of the node (the kernel ORs it with each interface's), `default` for new ones.
 fn accept_local_path(iface: &str) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(
-        is_interface_name(iface),
+        is_interface_name(iface) && !matches!(iface, "all" | "default"),
         "{iface:?} is not an interface name"
     );
     Ok(PathBuf::from("/proc/sys/net/ipv4/conf")
         .join(iface)
         .join("accept_local"))
+}
+
+/// Whether `iface` is an interface whose accept_local [`set_accept_local`] may set.
+pub fn check_accept_local_interface(iface: &str) -> anyhow::Result<()> {
+    accept_local_path(iface).map(|_| ())
 }
 
 /// Sets accept_local on `iface`: the stack must take packets arriving with one of the node's
@@ -616,6 +623,12 @@ mod tests {
             assert!(!is_interface_name(name), "{name}");
         }
         assert!(accept_local_path("../../kernel").is_err());
+        for every_interface in ["all", "default"] {
+            assert!(
+                accept_local_path(every_interface).is_err(),
+                "{every_interface}"
+            );
+        }
     }
 
     #[test]

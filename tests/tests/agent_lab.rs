@@ -566,6 +566,19 @@ fn init_node_sets_accept_local_which_the_agent_under_a_read_only_proc_sys_only_c
         format!("{escape:#}").contains("is not an interface name"),
         "{escape:#}"
     );
+    // Nor is `all`, whose accept_local would turn it on for every interface of the node.
+    let every_interface = node
+        .run(
+            &lb,
+            &["init-node", "--interfaces", "all", "--pin-dir", pin_dir_arg],
+        )
+        .expect_err("all as an interface name");
+    assert!(
+        format!("{every_interface:#}").contains("is not an interface name"),
+        "{every_interface:#}"
+    );
+    let all = "/proc/sys/net/ipv4/conf/all/accept_local";
+    assert_eq!(node.run("cat", &[all]).expect("sysctl").trim(), "0");
 }
 
 #[test]
