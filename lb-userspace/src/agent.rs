@@ -177,6 +177,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     for iface in &config.interfaces {
         crate::node::require_accept_local(iface)?;
     }
+    // Before anything is loaded: a kubeconfig that cannot be read or a --master that is no URL
+    // refuses the start instead of failing once the datapath is attached.
+    let kube_client = match &config.source {
+        SourceConfig::Kube { master, kubeconfig } => {
+            Some(kube_source::client(master.as_deref(), kubeconfig.as_deref()).await?)
+        }
+        SourceConfig::Files { .. } => None,
+    };
     if config.reserve_ports && !config.interfaces.is_empty() {
         reserve_lb_ports(&config.lb_ports());
     }
@@ -260,8 +268,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             });
             (tokio::spawn(task), None, None)
         }
-        SourceConfig::Kube { master, kubeconfig } => {
-            let client = kube_source::client(master.as_deref(), kubeconfig.as_deref()).await?;
+        SourceConfig::Kube { .. } => {
+            let client = kube_client.context("the kube source has its client")?;
             let events = kube_source::EventRecorder::new(client.clone(), "lb", &config.node_name)
                 .with_failure_counter(metrics.agent().event_publish_failures.clone());
             let mark = direct_return_mark(&config, &client).map(|mark| {

@@ -145,6 +145,28 @@ fn settings_the_agent_cannot_run_well_with_are_refused_before_it_attaches() {
     );
 }
 
+/// A kubeconfig that cannot be read refuses the start before the datapath is loaded, not once
+/// it is attached.
+#[test]
+fn an_unreadable_kubeconfig_is_refused_before_the_datapath_loads() {
+    let setup = Setup::new("nokubeconfig");
+    let pins = setup.scratch.path().join("pins");
+    let kubeconfig = setup.scratch.path().join("no-kubeconfig");
+    let output = Command::new(lb())
+        .args(["run", "--cgroup-path", setup.cgroup(), "--pin-dir"])
+        .arg(&pins)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env_clear()
+        .output()
+        .expect("lb run");
+    refused(
+        &output,
+        &[&format!("reading kubeconfig {}", kubeconfig.display())],
+    );
+    assert!(!pins.exists(), "the datapath was loaded");
+}
+
 #[test]
 fn nothing_to_attach_is_refused() {
     let setup = Setup::new("noattach");
