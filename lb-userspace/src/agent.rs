@@ -163,6 +163,13 @@ impl AgentConfig {
     }
 }
 
+/// The source of Services and EndpointSlices, ready to run: the API server's client is made
+/// before the datapath loads.
+enum OpenSource {
+    Files { paths: Vec<PathBuf>, max_bytes: u64 },
+    Kube(kube::Client),
+}
+
 /// Loads and attaches the datapath, then keeps the maps in step with the source until SIGTERM
 /// or SIGINT.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -179,11 +186,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     // Before anything is loaded: a kubeconfig that cannot be read or a --master that is no URL
     // refuses the start instead of failing once the datapath is attached.
-    let kube_client = match &config.source {
+    let source = match &config.source {
         SourceConfig::Kube { master, kubeconfig } => {
-            Some(kube_source::client(master.as_deref(), kubeconfig.as_deref()).await?)
+            OpenSource::Kube(kube_source::client(master.as_deref(), kubeconfig.as_deref()).await?)
         }
-        SourceConfig::Files { .. } => None,
+        SourceConfig::Files { paths, max_bytes } => OpenSource::Files {
+            paths: paths.clone(),
+            max_bytes: *max_bytes,
+        },
     };
     if config.reserve_ports && !config.interfaces.is_empty() {
         reserve_lb_ports(&config.lb_ports());
@@ -257,10 +267,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
 
     let (updates, snapshots) = watch::channel(Snapshot::default());
-    let (source, events, mark) = match &config.source {
-        SourceConfig::Files { paths, max_bytes } => {
-            let files =
-                FileSource::new(paths.clone(), config.node_name.clone()).with_max_bytes(*max_bytes);
+    let (source, events, mark) = match source {
+        OpenSource::Files { paths, max_bytes } => {
+            let files = FileSource::new(paths, config.node_name.clone()).with_max_bytes(max_bytes);
             let agent_metrics = observers.metrics.clone();
             let task = files.run(updates, move |error| {
                 agent_metrics.manifest_errors.inc();
@@ -268,8 +277,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             });
             (tokio::spawn(task), None, None)
         }
-        SourceConfig::Kube { .. } => {
-            let client = kube_client.context("the kube source has its client")?;
+        OpenSource::Kube(client) => {
             let events = kube_source::EventRecorder::new(client.clone(), "lb", &config.node_name)
                 .with_failure_counter(metrics.agent().event_publish_failures.clone());
             let mark = direct_return_mark(&config, &client).map(|mark| {
