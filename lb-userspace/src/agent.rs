@@ -23,7 +23,10 @@ use crate::{
         Compiler,
         health_check::ProbedEndpoint,
         held_cluster_ips,
-        model::{Desired, IpCidr, NodeContext, Problem, Scope, ServicePortKey, Severity},
+        model::{
+            Desired, IpCidr, NodeContext, NodePortAddresses, Problem, Scope, ServicePortKey,
+            Severity,
+        },
     },
     datapath::{
         Datapath,
@@ -59,7 +62,7 @@ pub enum SourceConfig {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
-    pub nodeport_cidrs: Vec<IpCidr>,
+    pub nodeport_addresses: NodePortAddresses,
     /// `--external-ip-cidrs`: the externalIPs that may be served (empty: all).
     pub external_ip_cidrs: Vec<IpCidr>,
     pub node_addresses: Vec<IpAddr>,
@@ -149,7 +152,7 @@ impl AgentConfig {
             routed_local: BTreeSet::new(),
             // From the probes, as they report.
             health_failed: BTreeSet::new(),
-            nodeport_cidrs: self.nodeport_cidrs.clone(),
+            nodeport_addresses: self.nodeport_addresses.clone(),
             external_ip_cidrs: self.external_ip_cidrs.clone(),
             fallback_addresses: self.node_addresses.clone(),
             node_port_range: self.node_port_range.clone(),
@@ -586,7 +589,7 @@ async fn sync_until_stopped(
             &observers.metrics,
             events.as_ref().zip(this_node),
         );
-        if !config.nodeport_cidrs.is_empty() {
+        if config.nodeport_addresses != NodePortAddresses::All {
             let addresses = compiler.node_port_addresses().iter().copied();
             observers.health_checks.bind_to(addresses.collect());
         }

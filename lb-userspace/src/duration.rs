@@ -1,41 +1,101 @@
-//! Durations as Kubernetes components write them (`500ms`, `30s`, `1h30m`), for flags, the
-//! kube-proxy configuration file and annotations alike.
+//! Durations as Kubernetes components write them (`500ms`, `30s`, `1h30m`, `1.5s`): Go's
+//! `time.ParseDuration` syntax, for flags, the kube-proxy configuration file and annotations
+//! alike.
 
 use std::time::Duration;
 
-/// A duration as Kubernetes components write them: numbers with units `ms`, `s`, `m` or `h`,
-/// e.g. `500ms`, `30s`, `1h30m`. Zero is refused (the datapath would read it as "default").
+/// Go's largest duration, an int64 of nanoseconds (about 292 years): what kube-proxy can be
+/// given, and so what lb takes.
+const MAX_NANOS: u128 = i64::MAX as u128;
+
+/// A duration longer than zero, in Go's syntax (see [`parse_go_duration`]). Zero is refused:
+/// the datapath would read it as "default".
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let mut total = Duration::ZERO;
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return Err("expected a duration such as 30s, 5m or 1h30m".into());
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let number: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{text:?}: expected a number before each unit"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            other => return Err(format!("{text:?}: unknown unit {other:?} (ms, s, m or h)")),
-        };
-        total += unit * u32::try_from(number).map_err(|_| format!("{text:?}: too large"))?;
-        rest = &rest[unit_len..];
-    }
-    if total.is_zero() {
+    let duration = parse_go_duration(text)?;
+    if duration.is_zero() {
         return Err(format!("{text:?}: must be longer than zero"));
     }
-    Ok(total)
+    Ok(duration)
+}
+
+/// A duration as Go's `time.ParseDuration` reads it: one or more decimal numbers, each with an
+/// optional fraction and a unit (`ns`, `us` or `µs`, `ms`, `s`, `m`, `h`), e.g. `300ms`,
+/// `1.5h`, `2h45m`; `0` alone is zero. Negative durations are refused, as are those past Go's
+/// range; fractions finer than a nanosecond are cut, as Go cuts them.
+pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err("expected a duration such as 30s, 5m, 1.5h or 1h30m".into());
+    }
+    let unsigned = trimmed.strip_prefix('+').unwrap_or(trimmed);
+    if unsigned.starts_with('-') {
+        return Err(format!("{text:?}: must not be negative"));
+    }
+    if unsigned == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut nanos: u128 = 0;
+    let mut rest = unsigned;
+    while !rest.is_empty() {
+        let (term, after) = term(rest).map_err(|problem| format!("{text:?}: {problem}"))?;
+        nanos = nanos.saturating_add(term);
+        if nanos > MAX_NANOS {
+            return Err(format!("{text:?}: too long (at most 2562047h47m)"));
+        }
+        rest = after;
+    }
+    let nanos = u64::try_from(nanos).map_err(|_| format!("{text:?}: too long"))?;
+    Ok(Duration::from_nanos(nanos))
+}
+
+/// One number and its unit from the front of `text`: its nanoseconds and what follows.
+fn term(text: &str) -> Result<(u128, &str), String> {
+    let whole_len = digits_len(text);
+    let (whole, rest) = text.split_at(whole_len);
+    let (fraction, rest) = match rest.strip_prefix('.') {
+        Some(after_point) => after_point.split_at(digits_len(after_point)),
+        None => ("", rest),
+    };
+    if whole.is_empty() && fraction.is_empty() {
+        return Err("expected a number before each unit".into());
+    }
+    let unit_len = rest
+        .find(|c: char| c.is_ascii_digit() || c == '.')
+        .unwrap_or(rest.len());
+    let (unit, rest) = rest.split_at(unit_len);
+    let unit_nanos: u128 = match unit {
+        "ns" => 1,
+        "us" | "µs" | "μs" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60 * 1_000_000_000,
+        "h" => 3_600 * 1_000_000_000,
+        "" => return Err("missing unit (ns, us, ms, s, m or h)".into()),
+        other => return Err(format!("unknown unit {other:?} (ns, us, ms, s, m or h)")),
+    };
+    let too_long = || "too long (at most 2562047h47m)".to_owned();
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| too_long())?
+    };
+    let mut nanos = whole.checked_mul(unit_nanos).ok_or_else(too_long)?;
+    // Each fraction digit is worth a tenth of the one before; digits past a nanosecond add
+    // nothing.
+    let mut scale = unit_nanos;
+    for digit in fraction.bytes() {
+        scale /= 10;
+        if scale == 0 {
+            break;
+        }
+        nanos += u128::from(digit - b'0') * scale;
+    }
+    Ok((nanos, rest))
+}
+
+fn digits_len(text: &str) -> usize {
+    text.find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len())
 }
 
 #[cfg(test)]
@@ -43,13 +103,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_read_like_kubernetes_flags() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(6 * 3600)));
-        for bad in ["", "10", "s", "5d", "0s", "1.5s", "-1s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+    fn durations_read_as_go_reads_them() {
+        for (text, expected) in [
+            ("500ms", Duration::from_millis(500)),
+            ("60s", Duration::from_secs(60)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("6h", Duration::from_secs(6 * 3600)),
+            // What Go's Duration.String writes, as a kube-proxy ConfigMap holds it.
+            ("24h0m0s", Duration::from_secs(24 * 3600)),
+            ("1.5s", Duration::from_millis(1500)),
+            (".5s", Duration::from_millis(500)),
+            ("1.s", Duration::from_secs(1)),
+            ("1.5h", Duration::from_secs(5400)),
+            (
+                "2h45m30.25s",
+                Duration::from_millis((2 * 3600 + 45 * 60 + 30) * 1000 + 250),
+            ),
+            ("500us", Duration::from_micros(500)),
+            ("500µs", Duration::from_micros(500)),
+            ("250ns", Duration::from_nanos(250)),
+            ("+30s", Duration::from_secs(30)),
+            (" 30s ", Duration::from_secs(30)),
+            ("1.0000000009s", Duration::from_secs(1)),
+            (
+                "2562047h47m16.854775807s",
+                Duration::from_nanos(i64::MAX as u64),
+            ),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text:?}");
+        }
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_go_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_go_duration("0h0m0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn what_go_refuses_is_refused_with_the_reason() {
+        for (text, reason) in [
+            ("", "expected a duration"),
+            ("10", "missing unit"),
+            ("1h30", "missing unit"),
+            ("s", "expected a number"),
+            ("hms", "expected a number"),
+            (".s", "expected a number"),
+            ("5d", "unknown unit \"d\""),
+            ("1.5.s", "missing unit"),
+            ("-1s", "must not be negative"),
+            ("0s", "must be longer than zero"),
+            ("0", "must be longer than zero"),
+            ("2562048h", "too long"),
+            ("99999999999999999999999999999999999999999h", "too long"),
+            ("2562047h47m16.854775808s", "too long"),
+        ] {
+            let error = parse_duration(text).expect_err(text);
+            assert!(error.contains(reason), "{text:?}: {error}");
         }
     }
 }

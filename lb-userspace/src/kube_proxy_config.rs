@@ -30,7 +30,8 @@ pub struct KubeProxyConfig {
     pub conntrack_tcp_timeout_closing: Option<String>,
     /// `conntrack.udpTimeout`.
     pub conntrack_udp_timeout: Option<String>,
-    /// Fields present that lb does not use, each with why (`field: reason`).
+    /// Fields set (to other than their zero value) that lb does not use, each with why
+    /// (`field: reason`).
     pub ignored: Vec<String>,
 }
 
@@ -104,7 +105,7 @@ pub fn parse(text: &str) -> anyhow::Result<KubeProxyConfig> {
                     let path = format!("{name}.{field}");
                     match field.as_str() {
                         "kubeconfig" => config.kubeconfig = non_empty(string(&path, value)?),
-                        _ => config.ignored.push(ignored(&path)),
+                        _ => config.ignore(&path, value),
                     }
                 }
             }
@@ -112,7 +113,14 @@ pub fn parse(text: &str) -> anyhow::Result<KubeProxyConfig> {
                 for (field, value) in object(name, value)? {
                     let path = format!("{name}.{field}");
                     let duration = || -> anyhow::Result<Option<String>> {
-                        Ok(non_empty(string(&path, value)?).filter(|text| !is_zero(text)))
+                        let Some(text) = non_empty(string(&path, value)?) else {
+                            return Ok(None);
+                        };
+                        match crate::duration::parse_go_duration(&text) {
+                            Ok(duration) if duration.is_zero() => Ok(None),
+                            Ok(_) => Ok(Some(text)),
+                            Err(error) => bail!("{path}: {error}"),
+                        }
                     };
                     match field.as_str() {
                         "tcpEstablishedTimeout" => {
@@ -120,14 +128,22 @@ pub fn parse(text: &str) -> anyhow::Result<KubeProxyConfig> {
                         }
                         "tcpCloseWaitTimeout" => config.conntrack_tcp_timeout_closing = duration()?,
                         "udpTimeout" => config.conntrack_udp_timeout = duration()?,
-                        _ => config.ignored.push(ignored(&path)),
+                        _ => config.ignore(&path, value),
                     }
                 }
             }
-            _ => config.ignored.push(ignored(name)),
+            _ => config.ignore(name, value),
         }
     }
     Ok(config)
+}
+
+impl KubeProxyConfig {
+    fn ignore(&mut self, path: &str, value: &Value) {
+        if is_set(value) {
+            self.ignored.push(ignored(path));
+        }
+    }
 }
 
 /// Reads and parses the file at `path`, at most [`MAX_CONFIG_BYTES`].
@@ -189,10 +205,24 @@ fn non_empty(text: &str) -> Option<String> {
     (!text.is_empty()).then(|| text.to_owned())
 }
 
-/// Go durations of zero ("0s", "0"), which kube-proxy reads as "leave the default".
+/// Go durations of zero ("0s", "0", "0h0m0s"), which kube-proxy reads as "leave the default".
+/// Text that is no duration is not zero: it goes on to be refused where it is read.
 fn is_zero(text: &str) -> bool {
-    text.chars()
-        .all(|c| matches!(c, '0' | 'h' | 'm' | 's' | '.'))
+    crate::duration::parse_go_duration(text).is_ok_and(|duration| duration.is_zero())
+}
+
+/// Whether a field lb ignores is set to anything but its zero value (null, "", 0, false, an
+/// empty list, a zero duration, or a mapping of those), as kubeadm writes every field it
+/// leaves to kube-proxy's defaults: only a set field is worth a warning.
+fn is_set(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(set) => *set,
+        Value::Number(number) => number.as_f64() != Some(0.0),
+        Value::String(text) => !text.trim().is_empty() && !is_zero(text),
+        Value::Array(items) => !items.is_empty(),
+        Value::Object(fields) => fields.values().any(is_set),
+    }
 }
 
 /// `address` with `port` when it has none (`0.0.0.0` -> `0.0.0.0:10256`), as kube-proxy reads
@@ -233,8 +263,23 @@ conntrack:
 detectLocalMode: \"\"
 healthzBindAddress: \"\"
 hostnameOverride: \"\"
+iptables:
+  localhostNodePorts: null
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: \"\"
+  strictARP: false
 metricsBindAddress: 0.0.0.0
 mode: iptables
+nftables:
+  masqueradeAll: false
+  masqueradeBit: null
+  syncPeriod: 30s
 nodePortAddresses: [10.0.0.0/8, 192.168.0.0/16]
 oomScoreAdj: null
 ";
@@ -272,20 +317,9 @@ oomScoreAdj: null
             .collect();
         assert_eq!(
             ignored,
-            [
-                "bindAddress",
-                "clientConnection.acceptContentTypes",
-                "clientConnection.burst",
-                "clientConnection.contentType",
-                "clientConnection.qps",
-                "clusterCIDR",
-                "configSyncPeriod",
-                "conntrack.maxPerCore",
-                "conntrack.min",
-                "detectLocalMode",
-                "mode",
-                "oomScoreAdj",
-            ]
+            // Fields at their zero value (null, "", 0, false, 0s, sections of those) are left
+            // to kube-proxy's defaults, and lb has nothing to warn about.
+            ["bindAddress", "clusterCIDR", "mode", "nftables"]
         );
         assert!(
             config
@@ -311,6 +345,14 @@ oomScoreAdj: null
             (
                 "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nconntrack: 5\n",
                 "conntrack: expected a mapping",
+            ),
+            (
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nconntrack:\n  udpTimeout: hms\n",
+                "conntrack.udpTimeout: \"hms\": expected a number",
+            ),
+            (
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nconntrack:\n  tcpCloseWaitTimeout: 60\n",
+                "conntrack.tcpCloseWaitTimeout: expected a string",
             ),
         ] {
             let error = format!("{:#}", parse(text).expect_err(text));

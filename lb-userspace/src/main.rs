@@ -7,7 +7,7 @@ use aya::programs::XdpMode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig, SourceConfig, XdpAttach},
-    compile::model::IpCidr,
+    compile::model::{IpCidr, NodePortAddress, NodePortAddresses},
     datapath::ebpf_log::EbpfLogLevel,
     datapath::{DEFAULT_PIN_DIR, counter::XdpCounter},
     duration::parse_duration,
@@ -179,9 +179,11 @@ struct RunArgs {
     /// else the hostname].
     #[arg(long, env = "LB_HOSTNAME_OVERRIDE")]
     hostname_override: Option<String>,
-    /// Comma-separated CIDRs: only node addresses inside them serve NodePorts (empty: all).
+    /// Comma-separated CIDRs: only node addresses inside them serve NodePorts (a family no CIDR
+    /// names keeps all its addresses); or `primary`: only the node's primary address of each
+    /// family (its first InternalIP, else ExternalIP) [default: all addresses].
     #[arg(long, env = "LB_NODEPORT_ADDRESSES", value_delimiter = ',')]
-    nodeport_addresses: Vec<IpCidr>,
+    nodeport_addresses: Vec<NodePortAddress>,
     /// Comma-separated CIDRs: only externalIPs inside them are served; the others are skipped
     /// with a Warning Event (empty: all, as kube-proxy does). Pair it with the API server's
     /// DenyServiceExternalIPs admission plugin or a policy that allows only these.
@@ -563,11 +565,13 @@ fn apply_kube_proxy_config(args: &mut RunArgs, given: &Given) -> anyhow::Result<
     if let Some(value) = take("nodeport_addresses", &config.nodeport_addresses) {
         args.nodeport_addresses = value
             .split(',')
-            .map(|cidr| {
-                cidr.parse()
+            .map(|item| {
+                item.parse()
                     .map_err(|error: String| invalid("nodePortAddresses", error))
             })
             .collect::<anyhow::Result<_>>()?;
+        NodePortAddresses::from_items(&args.nodeport_addresses)
+            .map_err(|error| invalid("nodePortAddresses", error))?;
     }
     if let Some(value) = take("kubeconfig", &config.kubeconfig) {
         args.kubeconfig = Some(PathBuf::from(value));
@@ -621,6 +625,8 @@ fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
     apply_kube_proxy_config(&mut args, given)?;
     let node_name = node_name(&args)?;
     check_settings(&mut args)?;
+    let nodeport_addresses = NodePortAddresses::from_items(&args.nodeport_addresses)
+        .map_err(|error| anyhow::anyhow!("--nodeport-addresses: {error}"))?;
     anyhow::ensure!(
         !args.interfaces.is_empty() || args.cgroup_path.is_some(),
         "nothing to attach the datapath to: give --interfaces (NICs for XDP and tc) and/or \
@@ -654,7 +660,7 @@ fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
     lb_userspace::node::check_mounts(args.cgroup_path.as_deref(), &args.pin_dir, args.mount_bpffs)?;
     let config = AgentConfig {
         node_name,
-        nodeport_cidrs: args.nodeport_addresses,
+        nodeport_addresses,
         external_ip_cidrs: args.external_ip_cidrs,
         node_addresses: args.node_addresses,
         node_port_range: args.node_port_range,

@@ -5,7 +5,7 @@
 use lb_userspace::{
     compile::{
         compile,
-        model::{Desired, NodeContext, Problem, Severity},
+        model::{Desired, NodeContext, NodePortAddress, NodePortAddresses, Problem, Severity},
     },
     source::{
         Snapshot,
@@ -1400,7 +1400,15 @@ fn nodeport_addresses_limit_which_node_addresses_serve_node_ports() {
             "  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n",
         );
     let mut context = node();
-    context.nodeport_cidrs = vec!["203.0.113.0/24".parse().expect("cidr")];
+    let cidrs = |texts: &[&str]| {
+        NodePortAddresses::Cidrs(
+            texts
+                .iter()
+                .map(|text| text.parse().expect("cidr"))
+                .collect(),
+        )
+    };
+    context.nodeport_addresses = cidrs(&["203.0.113.0/24"]);
     let (desired, _) = compile(&snapshot(&yaml, "node1"), &context);
     assert_eq!(
         render(&desired),
@@ -1423,9 +1431,7 @@ fn nodeport_addresses_limit_which_node_addresses_serve_node_ports() {
             "default/web:http/TCP[ipv6] fe=[[fd00::1]:30080 nodeport, [fd00::10]:80 cluster] be=[] affinity=0",
         ]
     );
-    context
-        .nodeport_cidrs
-        .push("2001:db8::/32".parse().expect("cidr"));
+    context.nodeport_addresses = cidrs(&["203.0.113.0/24", "2001:db8::/32"]);
     let (desired, _) = compile(&snapshot(&dual, "node1"), &context);
     assert_eq!(
         render(&desired),
@@ -1448,6 +1454,84 @@ fn nodeport_addresses_limit_which_node_addresses_serve_node_ports() {
             "default/web:http/TCP fe=[10.96.0.10:80 cluster, 192.0.2.7:30080 nodeport] be=[] affinity=0"
         ]
     );
+}
+
+#[test]
+fn nodeport_addresses_primary_serves_the_first_internal_ip_of_each_family() {
+    // The Node lists an ExternalIP before a second InternalIP of the same family: primary is
+    // the first InternalIP, as kube-proxy picks its node IPs; the IPv6 family has only an
+    // ExternalIP, which is its primary then.
+    let node_yaml = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node1\nstatus:\n  addresses:\n  - {type: Hostname, address: node1}\n  - {type: ExternalIP, address: 198.18.0.1}\n  - {type: InternalIP, address: 203.0.113.1}\n  - {type: InternalIP, address: 203.0.113.9}\n  - {type: ExternalIP, address: \"2001:db8::1\"}\n  - {type: ExternalIP, address: \"2001:db8::2\"}\n";
+    let dual = node_yaml.to_owned()
+        + &service(
+            "web",
+            "  type: NodePort\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00::10\"]\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n",
+        );
+    let mut context = node();
+    let (desired, _) = compile(&snapshot(&dual, "node1"), &context);
+    assert_eq!(
+        render(&desired),
+        [
+            "default/web:http/TCP fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport, 203.0.113.9:30080 nodeport] be=[] affinity=0",
+            "default/web:http/TCP[ipv6] fe=[[2001:db8::1]:30080 nodeport, [2001:db8::2]:30080 nodeport, [fd00::10]:80 cluster] be=[] affinity=0",
+        ],
+        "every address without the setting"
+    );
+    context.nodeport_addresses = NodePortAddresses::Primary;
+    let (desired, _) = compile(&snapshot(&dual, "node1"), &context);
+    assert_eq!(
+        render(&desired),
+        [
+            "default/web:http/TCP fe=[10.96.0.10:80 cluster, 203.0.113.1:30080 nodeport] be=[] affinity=0",
+            "default/web:http/TCP[ipv6] fe=[[2001:db8::1]:30080 nodeport, [fd00::10]:80 cluster] be=[] affinity=0",
+        ]
+    );
+    // Without a Node object, the first fallback address of each family.
+    context.fallback_addresses = ["192.0.2.7", "192.0.2.8", "fd00::7"]
+        .iter()
+        .map(|text| text.parse().expect("ip"))
+        .collect();
+    let (desired, _) = compile(&snapshot(&dual[node_yaml.len()..], "node1"), &context);
+    assert_eq!(
+        render(&desired),
+        [
+            "default/web:http/TCP fe=[10.96.0.10:80 cluster, 192.0.2.7:30080 nodeport] be=[] affinity=0",
+            "default/web:http/TCP[ipv6] fe=[[fd00::7]:30080 nodeport, [fd00::10]:80 cluster] be=[] affinity=0",
+        ]
+    );
+}
+
+#[test]
+fn nodeport_addresses_items_are_cidrs_or_primary_alone() {
+    let items = |text: &str| -> Result<NodePortAddresses, String> {
+        let items = text
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<NodePortAddress>, String>>()?;
+        NodePortAddresses::from_items(&items)
+    };
+    assert_eq!(items("primary"), Ok(NodePortAddresses::Primary));
+    assert_eq!(
+        items("10.0.0.0/8,fd00::/8"),
+        Ok(NodePortAddresses::Cidrs(vec![
+            "10.0.0.0/8".parse().expect("cidr"),
+            "fd00::/8".parse().expect("cidr"),
+        ]))
+    );
+    assert_eq!(
+        NodePortAddresses::from_items(&[]),
+        Ok(NodePortAddresses::All)
+    );
+    for (text, reason) in [
+        ("primary,10.0.0.0/8", "cannot be given with other items"),
+        ("10.0.0.0/8,primary", "cannot be given with other items"),
+        ("primary,primary", "cannot be given with other items"),
+        ("Primary", "nor primary"),
+        ("10.0.0.1", "not a CIDR"),
+    ] {
+        let error = items(text).expect_err(text);
+        assert!(error.contains(reason), "{text}: {error}");
+    }
 }
 
 #[test]

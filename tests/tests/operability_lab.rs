@@ -532,25 +532,28 @@ fn healthz_livez_health_check_node_port_and_log_level() {
 
 #[test]
 fn with_nodeport_addresses_health_check_node_ports_listen_on_those_addresses_only() {
-    let mut setup = AgentLab::new().expect("lab");
-    setup
-        .start_agent(&["--nodeport-addresses", "203.0.113.0/24"])
-        .expect("agent");
-    setup
-        .apply(
-            "shop.yaml",
-            &format!("{SHOP_SERVICE}---\n{}", shop_slice(1)),
-        )
-        .expect("shop");
-    let node = setup.cluster.node(1).host.clone();
-    let on_node_address = SocketAddr::new(std::net::IpAddr::V4(node_addr(1)), 32100);
-    let response = http::get(&node, on_node_address, "/").expect("health check");
-    assert_eq!(response.status, 200, "{}", response.body);
-    let on_loopback = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 32100);
-    assert!(
-        http::get(&node, on_loopback, "/").is_err(),
-        "served outside --nodeport-addresses"
-    );
+    // A CIDR, and kube-proxy's `primary` (the node's first address of each family).
+    for setting in ["203.0.113.0/24", "primary"] {
+        let mut setup = AgentLab::new().expect("lab");
+        setup
+            .start_agent(&["--nodeport-addresses", setting])
+            .expect("agent");
+        setup
+            .apply(
+                "shop.yaml",
+                &format!("{SHOP_SERVICE}---\n{}", shop_slice(1)),
+            )
+            .expect("shop");
+        let node = setup.cluster.node(1).host.clone();
+        let on_node_address = SocketAddr::new(std::net::IpAddr::V4(node_addr(1)), 32100);
+        let response = http::get(&node, on_node_address, "/").expect("health check");
+        assert_eq!(response.status, 200, "{setting}: {}", response.body);
+        let on_loopback = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 32100);
+        assert!(
+            http::get(&node, on_loopback, "/").is_err(),
+            "{setting}: served outside --nodeport-addresses"
+        );
+    }
 }
 
 /// The `lb services` row of a service, by name.

@@ -106,7 +106,7 @@ fn settings_the_agent_cannot_run_well_with_are_refused_before_it_attaches() {
             .output()
             .expect("lb run")
     };
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["--snat-port-range", "32000-33000"],
             "--snat-port-range 32000-33000 overlaps --node-port-range 30000-32767",
@@ -120,6 +120,10 @@ fn settings_the_agent_cannot_run_well_with_are_refused_before_it_attaches() {
             "--healthz-bind-address: 0.0.0.0: is not an address to bind",
         ),
         (&["--hostname-override", " "], "the node name is empty"),
+        (
+            &["--nodeport-addresses", "primary,10.0.0.0/8"],
+            "--nodeport-addresses: primary cannot be given with other items",
+        ),
     ];
     for (flags, reason) in cases {
         refused(&run(flags), &[reason]);
@@ -247,7 +251,7 @@ fn a_bpffs_that_would_be_private_to_the_agents_mount_namespace_is_refused() {
 fn a_configuration_file_that_is_no_kube_proxy_configuration_is_refused() {
     let setup = Setup::new("badconfig");
     let config = setup.scratch.path().join("config.conf");
-    let cases: [(&str, &[&str]); 2] = [
+    let cases: [(&str, &[&str]); 4] = [
         (
             "apiVersion: v1\nkind: ConfigMap\n",
             &[
@@ -258,6 +262,18 @@ fn a_configuration_file_that_is_no_kube_proxy_configuration_is_refused() {
         (
             "kind: KubeProxyConfiguration\nmode: [ipvs\n",
             &["config.conf", "not valid YAML"],
+        ),
+        (
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nconntrack:\n  udpTimeout: hms\n",
+            &["config.conf", "conntrack.udpTimeout: \"hms\": expected a number"],
+        ),
+        (
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnodePortAddresses: [primary, 10.0.0.0/8]\n",
+            &[
+                "config.conf",
+                "nodePortAddresses",
+                "primary cannot be given with other items",
+            ],
         ),
     ];
     for (text, reason) in cases {

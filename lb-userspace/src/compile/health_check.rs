@@ -373,7 +373,7 @@ mod tests {
                     ("lb.io/health-check", "tcp"),
                     ("lb.io/health-check-interval", "1"),
                 ],
-                "lb.io/health-check-interval: \"1\": unknown unit",
+                "lb.io/health-check-interval: \"1\": missing unit",
             ),
             (
                 &[

@@ -14,8 +14,8 @@ use lb_common::service_flags;
 use super::{
     health_check::{ProbeTarget, ProbedEndpoint},
     model::{
-        Desired, DesiredService, Family, Frontend, NodeContext, Problem, ServicePortKey, Severity,
-        protocol_name,
+        Desired, DesiredService, Family, Frontend, NodeContext, NodePortAddresses, Problem,
+        ServicePortKey, Severity, protocol_name,
     },
     service::{ServiceEndpoints, Skip, compile_service, health_check_node_port, object_key},
 };
@@ -1154,27 +1154,33 @@ fn node_addresses(snapshot: &Snapshot, node: &NodeContext) -> Vec<IpAddr> {
     let from_node: Vec<IpAddr> = snapshot
         .node
         .iter()
-        .flat_map(crate::source::addresses_of)
+        .flat_map(|this| match node.nodeport_addresses {
+            NodePortAddresses::Primary => crate::source::primary_addresses(this),
+            _ => crate::source::addresses_of(this).collect(),
+        })
         .collect();
     let all = if from_node.is_empty() {
         node.fallback_addresses.clone()
     } else {
         from_node
     };
-    // As kube-proxy reads --nodeport-addresses: per family, and a family the CIDRs do not
-    // mention keeps all its addresses.
-    let mut selected: Vec<IpAddr> = all
-        .into_iter()
-        .filter(|addr| {
-            let family = Family::of(*addr);
-            let mut of_family = node
-                .nodeport_cidrs
-                .iter()
-                .filter(|cidr| cidr.family() == family)
-                .peekable();
-            of_family.peek().is_none() || of_family.any(|cidr| cidr.contains(*addr))
-        })
-        .collect();
+    let mut selected: Vec<IpAddr> = match &node.nodeport_addresses {
+        NodePortAddresses::All => all,
+        NodePortAddresses::Primary => crate::source::first_of_each_family(all),
+        // As kube-proxy reads --nodeport-addresses: per family, and a family the CIDRs do not
+        // mention keeps all its addresses.
+        NodePortAddresses::Cidrs(cidrs) => all
+            .into_iter()
+            .filter(|addr| {
+                let family = Family::of(*addr);
+                let mut of_family = cidrs
+                    .iter()
+                    .filter(|cidr| cidr.family() == family)
+                    .peekable();
+                of_family.peek().is_none() || of_family.any(|cidr| cidr.contains(*addr))
+            })
+            .collect(),
+    };
     selected.sort();
     selected.dedup();
     selected

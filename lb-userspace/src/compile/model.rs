@@ -31,8 +31,8 @@ pub struct NodeContext {
     /// the selection tables of their Service, unless every endpoint of a table would
     /// ([`super::health_check`]).
     pub health_failed: BTreeSet<ProbedEndpoint>,
-    /// `--nodeport-addresses`: which node addresses serve NodePorts (empty: all of them).
-    pub nodeport_cidrs: Vec<IpCidr>,
+    /// `--nodeport-addresses`: which node addresses serve NodePorts.
+    pub nodeport_addresses: NodePortAddresses,
     /// `--external-ip-cidrs`: the externalIPs that may be served (empty: all of them, as
     /// kube-proxy does).
     pub external_ip_cidrs: Vec<IpCidr>,
@@ -61,7 +61,7 @@ impl NodeContext {
             node_name: node_name.into(),
             routed_local: BTreeSet::new(),
             health_failed: BTreeSet::new(),
-            nodeport_cidrs: Vec::new(),
+            nodeport_addresses: NodePortAddresses::All,
             external_ip_cidrs: Vec::new(),
             fallback_addresses: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
@@ -70,6 +70,67 @@ impl NodeContext {
             direct_return_nodes: BTreeSet::new(),
             zone: None,
         }
+    }
+}
+
+/// Which of the node's addresses serve NodePorts (`--nodeport-addresses`, kube-proxy's
+/// `nodePortAddresses`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every address of the node (the setting empty).
+    #[default]
+    All,
+    /// The addresses inside these prefixes; a family none of them names keeps all its
+    /// addresses, as kube-proxy reads them per family.
+    Cidrs(Vec<IpCidr>),
+    /// `primary`: the node's primary address of each family, as kube-proxy picks its node IPs:
+    /// the family's first InternalIP, else its first ExternalIP.
+    Primary,
+}
+
+/// One item of `--nodeport-addresses`: a prefix, or the word `primary`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePortAddress {
+    Cidr(IpCidr),
+    Primary,
+}
+
+impl std::str::FromStr for NodePortAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.trim() == "primary" {
+            return Ok(Self::Primary);
+        }
+        text.trim()
+            .parse()
+            .map(Self::Cidr)
+            .map_err(|error| format!("{error}, nor primary"))
+    }
+}
+
+impl NodePortAddresses {
+    /// The setting from its items: none is all addresses; `primary` stands alone, as kube-proxy
+    /// takes it.
+    pub fn from_items(items: &[NodePortAddress]) -> Result<Self, String> {
+        if items.contains(&NodePortAddress::Primary) {
+            return match items {
+                [_] => Ok(Self::Primary),
+                _ => Err("primary cannot be given with other items (CIDRs or primary)".into()),
+            };
+        }
+        let cidrs: Vec<IpCidr> = items
+            .iter()
+            .filter_map(|item| match item {
+                NodePortAddress::Cidr(cidr) => Some(*cidr),
+                NodePortAddress::Primary => None,
+            })
+            .collect();
+        Ok(if cidrs.is_empty() {
+            Self::All
+        } else {
+            Self::Cidrs(cidrs)
+        })
     }
 }
 

@@ -64,6 +64,31 @@ pub fn direct_return_nodes<'a>(nodes: impl Iterator<Item = &'a Node>) -> BTreeSe
         .collect()
 }
 
+/// A Node's primary address of each family, as kube-proxy picks its node IPs: the family's
+/// first InternalIP, else its first ExternalIP.
+pub fn primary_addresses(node: &Node) -> Vec<IpAddr> {
+    let of_type = |wanted: &'static str| {
+        node.status
+            .iter()
+            .filter_map(|status| status.addresses.as_ref())
+            .flatten()
+            .filter(move |address| address.type_ == wanted)
+            .filter_map(|address| address.address.parse::<IpAddr>().ok())
+    };
+    first_of_each_family(of_type("InternalIP").chain(of_type("ExternalIP")))
+}
+
+/// The first address of each family among `addresses`, in their order.
+pub fn first_of_each_family(addresses: impl IntoIterator<Item = IpAddr>) -> Vec<IpAddr> {
+    let mut first: Vec<IpAddr> = Vec::new();
+    for addr in addresses {
+        if first.iter().all(|kept| kept.is_ipv4() != addr.is_ipv4()) {
+            first.push(addr);
+        }
+    }
+    first
+}
+
 /// A Node's InternalIP and ExternalIP addresses, as NodePorts are served on them.
 pub fn addresses_of(node: &Node) -> impl Iterator<Item = IpAddr> + '_ {
     node.status
