@@ -265,7 +265,10 @@ fn a_configuration_file_that_is_no_kube_proxy_configuration_is_refused() {
         ),
         (
             "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nconntrack:\n  udpTimeout: hms\n",
-            &["config.conf", "conntrack.udpTimeout: \"hms\": expected a number"],
+            &[
+                "config.conf",
+                "conntrack.udpTimeout: \"hms\": expected a number",
+            ],
         ),
         (
             "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnodePortAddresses: [primary, 10.0.0.0/8]\n",

@@ -8,7 +8,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::{Endpoint, EndpointSlice},
 };
 use lb_common::{backend_flags, limits, proto, service_flags};
@@ -124,6 +124,56 @@ fn unsupported(
     }
 }
 
+/// The first of the spec's fields of fixed values that holds a value the API server would refuse
+/// (`type: Nodeport`): only a hand-written manifest can have one, and read as the default it would
+/// serve the Service otherwise than meant. Empty is the default, as the API server fills it in.
+fn unsupported_value(spec: &ServiceSpec) -> Option<String> {
+    let single: [(&str, Option<&String>, &[&str]); 5] = [
+        (
+            "spec.type",
+            spec.type_.as_ref(),
+            &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"],
+        ),
+        (
+            "spec.externalTrafficPolicy",
+            spec.external_traffic_policy.as_ref(),
+            &["Cluster", "Local"],
+        ),
+        (
+            "spec.internalTrafficPolicy",
+            spec.internal_traffic_policy.as_ref(),
+            &["Cluster", "Local"],
+        ),
+        (
+            "spec.sessionAffinity",
+            spec.session_affinity.as_ref(),
+            &["None", "ClientIP"],
+        ),
+        (
+            "spec.ipFamilyPolicy",
+            spec.ip_family_policy.as_ref(),
+            &["SingleStack", "PreferDualStack", "RequireDualStack"],
+        ),
+    ];
+    let families = spec
+        .ip_families
+        .iter()
+        .flatten()
+        .map(|family| ("spec.ipFamilies", Some(family), &["IPv4", "IPv6"][..]));
+    single
+        .into_iter()
+        .chain(families)
+        .find_map(|(field, value, supported)| {
+            let value = value.filter(|value| !value.is_empty())?;
+            (!supported.contains(&value.as_str())).then(|| {
+                format!(
+                    "{field}: {value:?} is not one of {}; skipped",
+                    supported.join(", ")
+                )
+            })
+        })
+}
+
 pub(super) fn compile_service(
     service: &Service,
     node: &NodeContext,
@@ -143,6 +193,9 @@ pub(super) fn compile_service(
     let Some(spec) = &service.spec else {
         return Err(Skip::Ignored);
     };
+    if let Some(message) = unsupported_value(spec) {
+        return Err(invalid("UnsupportedValue", message));
+    }
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if service_type == "ExternalName" {
         return Err(Skip::Ignored);
@@ -859,10 +912,7 @@ fn source_ranges(
 
 /// An externalTrafficPolicy Local Service's healthCheckNodePort, when set, must be in the
 /// NodePort range: the agent serves HTTP on it on every node address.
-fn check_health_check_node_port(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    node: &NodeContext,
-) -> Result<(), String> {
+fn check_health_check_node_port(spec: &ServiceSpec, node: &NodeContext) -> Result<(), String> {
     let Some(port) = spec.health_check_node_port.filter(|&port| port != 0) else {
         return Ok(());
     };
@@ -1252,4 +1302,34 @@ fn slice_endpoint(
             .map(|node| node.name.clone())
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unsupported_value_is_named_with_its_field_and_the_values_taken() {
+        let spec = |yaml: &str| -> ServiceSpec { serde_saphyr::from_str(yaml).expect("spec") };
+        assert_eq!(
+            unsupported_value(&spec("type: Nodeport\n")).as_deref(),
+            Some(
+                "spec.type: \"Nodeport\" is not one of ClusterIP, NodePort, LoadBalancer, \
+                 ExternalName; skipped"
+            )
+        );
+        assert_eq!(
+            unsupported_value(&spec("ipFamilies: [IPv6, IPV4]\n")).as_deref(),
+            Some("spec.ipFamilies: \"IPV4\" is not one of IPv4, IPv6; skipped")
+        );
+        let kube_proxy_takes = "type: LoadBalancer\nexternalTrafficPolicy: Local\n\
+             internalTrafficPolicy: Cluster\nsessionAffinity: ClientIP\n\
+             ipFamilyPolicy: RequireDualStack\nipFamilies: [IPv6, IPv4]\n";
+        assert_eq!(unsupported_value(&spec(kube_proxy_takes)), None);
+        assert_eq!(
+            unsupported_value(&spec("type: \"\"\n")),
+            None,
+            "the default"
+        );
+    }
 }

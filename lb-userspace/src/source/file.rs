@@ -253,11 +253,9 @@ fn collect(value: serde_json::Value, line: usize, manifest: &mut Manifest) {
         "Service" | "EndpointSlice" | "Node" => {
             let (identity, value, name) = typed(value);
             let object = match kind.as_str() {
-                "Service" => serde_json::from_value(value).map(|s| Object::Service(Arc::new(s))),
-                "EndpointSlice" => {
-                    serde_json::from_value(value).map(|s| Object::EndpointSlice(Arc::new(s)))
-                }
-                _ => serde_json::from_value(value).map(|n| Object::Node(Box::new(n))),
+                "Service" => typed_object(value).map(|s| Object::Service(Arc::new(s))),
+                "EndpointSlice" => typed_object(value).map(|s| Object::EndpointSlice(Arc::new(s))),
+                _ => typed_object(value).map(|n| Object::Node(Box::new(n))),
             };
             object.map_err(|err| (format!("{kind} {name:?}: {err}"), identity))
         }
@@ -287,6 +285,18 @@ fn collect(value: serde_json::Value, line: usize, manifest: &mut Manifest) {
             identity,
         }),
     }
+}
+
+/// The object a document's value makes; a value of the wrong type is named by its field's path
+/// (`spec.ports[0].port: invalid type: string "http", expected i32`).
+fn typed_object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        match path.as_str() {
+            "." => error.into_inner().to_string(),
+            _ => format!("{path}: {}", error.into_inner()),
+        }
+    })
 }
 
 /// The kind lb reads that `kind` looks like a misspelling of: one of them in other letter case,
