@@ -199,3 +199,51 @@ fn cleanup_refuses_the_root_a_bpffs_mount_and_directories_off_bpffs() {
     );
     assert!(kept, "the cleanup removed a file off bpffs");
 }
+
+/// `lb services` (any read-only command) on a pin directory it cannot read says why: a
+/// directory that does not exist or is no bpffs is named as such, not met with "is an agent
+/// running", which no agent could fix there.
+#[test]
+fn read_only_commands_say_why_a_pin_directory_holds_no_maps() {
+    let services = |pin_dir: &Path| {
+        Command::new(sibling_binary("lb").expect("lb binary"))
+            .args(["services", "--pin-dir"])
+            .arg(pin_dir)
+            .env_clear()
+            .output()
+            .expect("lb services")
+    };
+    let scratch = std::env::temp_dir().join(format!("lbt{}-hint", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let missing = scratch.join("missing");
+    let output = services(&missing);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("no such pin directory"),
+        "{}",
+        stderr(&output)
+    );
+    // A file where a map's pin would be, off bpffs: the kernel answers EACCES.
+    let off_bpffs = scratch.join("off-bpffs");
+    std::fs::create_dir_all(&off_bpffs).expect("mkdir");
+    std::fs::write(off_bpffs.join(map_names::FRONTENDS4), "not a map").expect("write");
+    let output = services(&off_bpffs);
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("the pin directory is not on a bpffs"),
+        "{}",
+        stderr(&output)
+    );
+    with_private_bpffs(|bpffs| {
+        let empty = bpffs.join("empty");
+        std::fs::create_dir(&empty).expect("mkdir");
+        let output = services(&empty);
+        assert_eq!(output.status.code(), Some(1));
+        assert!(
+            stderr(&output).contains("is an agent running with this pin directory?"),
+            "{}",
+            stderr(&output)
+        );
+    });
+}

@@ -17,8 +17,13 @@ pub enum DatapathError {
     },
     #[error("program {0} missing from the eBPF object")]
     MissingProgram(&'static str),
-    #[error("opening the map pinned at {path} (is an agent running with this pin directory?)")]
-    OpenPin { path: PathBuf, source: io::Error },
+    #[error("opening the map pinned at {path} ({hint})")]
+    OpenPin {
+        path: PathBuf,
+        /// What the failure most likely means, from the error and the pin directory.
+        hint: &'static str,
+        source: io::Error,
+    },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("program {program}: {operation}")]

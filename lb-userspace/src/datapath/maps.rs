@@ -98,7 +98,24 @@ pub fn open_map_data(pin_dir: &Path, name: &'static str, access: Access) -> Resu
     let path = pin_dir.join(name);
     let fd = open_pinned(&path, access).map_err(|source| DatapathError::OpenPin {
         path: path.clone(),
+        hint: open_pin_hint(pin_dir, &source),
         source,
     })?;
     MapData::from_fd(fd).map_err(|source| map_error(name, "open", source))
+}
+
+/// Why a pinned map would not open, as far as the pin directory tells: the question that was
+/// always asked ("is an agent running") misleads when the directory is missing or no bpffs,
+/// where every open fails whatever runs.
+fn open_pin_hint(pin_dir: &Path, error: &std::io::Error) -> &'static str {
+    if !pin_dir.is_dir() {
+        return "no such pin directory: give the agent's --pin-dir";
+    }
+    if !super::bpffs::is_mounted(pin_dir).unwrap_or(true) {
+        return "the pin directory is not on a bpffs: give the agent's --pin-dir";
+    }
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied => "opening pinned maps needs root or CAP_BPF",
+        _ => "is an agent running with this pin directory?",
+    }
 }
