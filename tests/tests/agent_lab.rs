@@ -704,3 +704,38 @@ fn a_kube_proxy_configuration_file_sets_the_agents_settings_and_flags_win() {
         "{log}"
     );
 }
+
+/// A map size changed across a restart cannot resize the pinned map (the kernel has no resize):
+/// the agent keeps the pinned map, with its flows, and says that the new size waits for the
+/// pins' removal.
+#[test]
+fn a_changed_map_size_over_pinned_maps_is_kept_and_said() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup
+        .start_agent(&["--conntrack-map-size", "8192"])
+        .expect("agent");
+    setup.stop_agent(Duration::from_secs(10)).expect("stop");
+    setup
+        .start_agent(&["--conntrack-map-size", "16384"])
+        .unwrap_or_else(|error| {
+            panic!(
+                "agent again: {error}\n{}",
+                std::fs::read_to_string(setup.log()).unwrap_or_default()
+            )
+        });
+    let pinned =
+        aya::maps::MapInfo::from_pin(setup.pin_dir().join(lb_common::map_names::CONNTRACK4))
+            .expect("conntrack map");
+    assert_eq!(pinned.max_entries(), 8192);
+    let log = std::fs::read_to_string(setup.log()).expect("log");
+    assert!(
+        log.contains("a pinned map keeps its size: --conntrack-map-size takes effect once")
+            && log.contains("pinned=8192")
+            && log.contains("asked=16384"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("--frontend-map-size takes effect"),
+        "the frontends map was asked for its own size: {log}"
+    );
+}

@@ -76,6 +76,42 @@ impl Default for MapSizes {
     }
 }
 
+/// The sizes to load with: a map pinned by an earlier agent keeps its size, since the kernel
+/// cannot resize a map and the agent keeps the pinned one and its flows (the loader refuses a
+/// pinned map of another size than the object asks for, which would stop every start after
+/// `--conntrack-map-size` or `--frontend-map-size` changed). Each size kept over the one asked
+/// for is logged with how to get the new one.
+fn pinned_sizes(pin_dir: &Path, asked: MapSizes) -> MapSizes {
+    let mut sizes = asked;
+    for (map, flag, size) in [
+        (
+            map_names::FRONTENDS4,
+            "--frontend-map-size",
+            &mut sizes.frontends4,
+        ),
+        (
+            map_names::CONNTRACK4,
+            "--conntrack-map-size",
+            &mut sizes.conntrack4,
+        ),
+    ] {
+        let Ok(info) = aya::maps::MapInfo::from_pin(pin_dir.join(map)) else {
+            continue;
+        };
+        if info.max_entries() != *size {
+            tracing::warn!(
+                map,
+                pinned = info.max_entries(),
+                asked = *size,
+                "a pinned map keeps its size: {flag} takes effect once `lb run --cleanup` has \
+                 removed the pins (which forgets the flows they hold)"
+            );
+            *size = info.max_entries();
+        }
+    }
+    sizes
+}
+
 impl Datapath {
     /// Loads every program of the datapath, reusing the maps pinned under `pin_dir` or creating
     /// and pinning them there. bpffs is mounted at its usual place when missing; the pin
@@ -108,6 +144,7 @@ impl Datapath {
         // are attached): they make pairs without setting the pair filter's bits.
         let conntrack_left = pin_dir.join(map_names::CONNTRACK4).exists()
             || pin_dir.join(map_names::CONNTRACK6).exists();
+        let sizes = pinned_sizes(pin_dir, sizes);
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(pin_dir)
