@@ -34,7 +34,8 @@ enum Command {
     /// real XDP program on a synthesized packet against the live pinned maps, in a dry-run copy
     /// that changes no map entry.
     Explain {
-        /// The client, `ip` or `ip:port` (port 40000 when left out); IPv6 as `[ip]:port`.
+        /// The client, `ip` or `ip:port` (port 40000 when left out); IPv6 as `[ip]:port`, `[ip]` or
+        /// `ip`.
         source: String,
         /// The destination, `ip:port/tcp`, `ip:port/udp` or `ip:port/sctp` (tcp when left out);
         /// IPv6 as `[ip]:port/tcp`.
@@ -759,6 +760,21 @@ fn init_node(
     Ok(())
 }
 
+/// `lb explain`'s client: `ip:port`, `[ipv6]:port`, or the address alone (`ip`, `ipv6`,
+/// `[ipv6]`) with port 40000.
+fn explain_client(source: &str) -> anyhow::Result<std::net::SocketAddr> {
+    if let Ok(addr) = source.parse() {
+        return Ok(addr);
+    }
+    let address = source
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .unwrap_or(source)
+        .parse()
+        .with_context(|| format!("{source:?} is not ip, ip:port, [ipv6] or [ipv6]:port"))?;
+    Ok(std::net::SocketAddr::new(address, 40000))
+}
+
 fn explain(
     source: &str,
     destination: &str,
@@ -767,15 +783,7 @@ fn explain(
     output: Output,
 ) -> anyhow::Result<()> {
     use std::net::SocketAddr;
-    let client: SocketAddr = match source.parse() {
-        Ok(addr) => addr,
-        Err(_) => SocketAddr::new(
-            source
-                .parse()
-                .with_context(|| format!("{source:?} is not ip, ip:port or [ipv6]:port"))?,
-            40000,
-        ),
-    };
+    let client = explain_client(source)?;
     let (target, protocol) = match destination.rsplit_once('/') {
         Some((target, "tcp")) => (target, lb_common::proto::TCP),
         Some((target, "udp")) => (target, lb_common::proto::UDP),
@@ -891,4 +899,30 @@ fn count(iface: &str, mode: Mode, interval: Duration, reports: u64) -> anyhow::R
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explain_takes_the_client_with_or_without_its_port() {
+        for (source, expected) in [
+            ("10.0.0.7", "10.0.0.7:40000"),
+            ("10.0.0.7:1234", "10.0.0.7:1234"),
+            ("::1", "[::1]:40000"),
+            ("[::1]", "[::1]:40000"),
+            ("[2001:db8::7]:1234", "[2001:db8::7]:1234"),
+        ] {
+            assert_eq!(
+                explain_client(source).expect(source).to_string(),
+                expected,
+                "{source}"
+            );
+        }
+        for bad in ["[::1", "10.0.0.7:", "node1", "[10.0.0.7]:x"] {
+            let error = explain_client(bad).expect_err(bad).to_string();
+            assert!(error.contains("is not ip, ip:port"), "{bad}: {error}");
+        }
+    }
 }

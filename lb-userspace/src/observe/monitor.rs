@@ -564,7 +564,10 @@ pub fn parse_kinds(names: &[String]) -> anyhow::Result<u32> {
     for name in names {
         let Some((bit, _)) = kind::ALL.iter().find(|(_, known)| *known == name.as_str()) else {
             let known: Vec<_> = kind::ALL.iter().map(|(_, known)| *known).collect();
-            bail!("--type {name}: one of {}", known.join(", "));
+            bail!(
+                "--type: {name:?} is not a kind of event (one of {})",
+                known.join(", ")
+            );
         };
         kinds |= bit;
     }
@@ -638,10 +641,14 @@ mod tests {
             parse_kinds(&names(&["drop", "new"])).expect("kinds"),
             kind::DROP | kind::NEW_FLOW
         );
-        let error = parse_kinds(&names(&["drops"])).expect_err("unknown");
-        assert!(
-            error.to_string().contains("drop, reject, new, end, snat"),
-            "{error}"
-        );
+        for (bad, named) in [("drops", "\"drops\""), ("", "\"\"")] {
+            let error = parse_kinds(&names(&["drop", bad])).expect_err("unknown");
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "--type: {named} is not a kind of event (one of drop, reject, new, end, snat)"
+                )
+            );
+        }
     }
 }
