@@ -1580,26 +1580,43 @@ fn port_state<A: CtAddr>(entry: &CtValue<A>, protocol: u8, now: u64) -> Holder {
 }
 
 /// Records a FIN or RST of a SNAT flow on its REPLY entry, which decides when its port is free.
-/// Racing updates from two CPUs can lose a bit: the port then waits for the timeout instead.
+/// The bits are set atomically: the client's FIN (XDP) and the backend's (tc) of a simultaneous
+/// close may be handled on two CPUs at once, and a plain read-modify-write of the flags could
+/// lose one, leaving the port held until its timeout.
 #[inline(always)]
 fn note_close<A: CtAddr>(reply: &mut CtValue<A>, tcp_flags: u8, from_backend: bool, now: u64) {
-    let mut flags = reply.flags;
+    let mut added = 0;
     if tcp_flags & TCP_RST != 0 {
-        flags |= ct_flags::RESET;
+        added |= ct_flags::RESET;
     }
     if tcp_flags & TCP_FIN != 0 {
         if !from_backend {
-            flags |= ct_flags::CLIENT_FIN;
+            added |= ct_flags::CLIENT_FIN;
         } else {
-            if flags & ct_flags::CLIENT_FIN == 0 {
-                flags |= ct_flags::BACKEND_CLOSED_FIRST;
+            if reply.flags & ct_flags::CLIENT_FIN == 0 {
+                added |= ct_flags::BACKEND_CLOSED_FIRST;
             }
-            flags |= ct_flags::BACKEND_FIN;
+            added |= ct_flags::BACKEND_FIN;
         }
     }
-    if flags != reply.flags {
-        reply.flags = flags;
+    if reply.flags | added != reply.flags {
+        set_flags(reply, added);
         reply.last_seen_ns = now;
+    }
+}
+
+/// `entry.flags |= bits` in one atomic instruction, on the aligned 64-bit word that holds the
+/// flags byte (the value is 8-byte aligned; the other bytes of the word are ORed with 0).
+#[inline(always)]
+fn set_flags<A: CtAddr>(entry: &mut CtValue<A>, bits: u8) {
+    let offset = core::mem::offset_of!(CtValue<A>, flags);
+    let shift = (offset % 8) * 8;
+    let entry: *mut CtValue<A> = entry;
+    // SAFETY: the word lies inside the entry (offset rounded down to 8, within its size, which
+    // is a multiple of its 8-byte alignment), a map value or scratch slot valid for the run.
+    unsafe {
+        let word = entry.cast::<u8>().add(offset - offset % 8).cast::<u64>();
+        atomic_or(word, u64::from(bits) << shift);
     }
 }
 
