@@ -20,38 +20,47 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// A duration as Go's `time.ParseDuration` reads it: one or more decimal numbers, each with an
 /// optional fraction and a unit (`ns`, `us` or `µs`, `ms`, `s`, `m`, `h`), e.g. `300ms`,
-/// `1.5h`, `2h45m`; `0` alone is zero. Negative durations are refused, as are those past Go's
-/// range; fractions finer than a nanosecond are cut, as Go cuts them.
+/// `1.5h`, `2h45m`; `0` alone is zero. Negative durations other than zero are refused, as are
+/// those past Go's range; a fraction is cut to whole nanoseconds as Go cuts it.
 pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
         return Err("expected a duration such as 30s, 5m, 1.5h or 1h30m".into());
     }
-    let unsigned = trimmed.strip_prefix('+').unwrap_or(trimmed);
-    if unsigned.starts_with('-') {
-        return Err(format!("{text:?}: must not be negative"));
-    }
+    let (negative, unsigned) = match trimmed.as_bytes()[0] {
+        b'-' => (true, &trimmed[1..]),
+        b'+' => (false, &trimmed[1..]),
+        _ => (false, trimmed),
+    };
     if unsigned == "0" {
         return Ok(Duration::ZERO);
+    }
+    if unsigned.is_empty() {
+        return Err(format!("{text:?}: expected a number after the sign"));
     }
     let mut nanos: u128 = 0;
     let mut rest = unsigned;
     while !rest.is_empty() {
         let (term, after) = term(rest).map_err(|problem| format!("{text:?}: {problem}"))?;
-        nanos = nanos.saturating_add(term);
+        nanos += term;
         if nanos > MAX_NANOS {
-            return Err(format!("{text:?}: too long (at most 2562047h47m)"));
+            return Err(format!("{text:?}: {TOO_LONG}"));
         }
         rest = after;
     }
-    let nanos = u64::try_from(nanos).map_err(|_| format!("{text:?}: too long"))?;
+    if negative && nanos != 0 {
+        return Err(format!("{text:?}: must not be negative"));
+    }
+    let nanos = u64::try_from(nanos).map_err(|_| format!("{text:?}: {TOO_LONG}"))?;
     Ok(Duration::from_nanos(nanos))
 }
 
-/// One number and its unit from the front of `text`: its nanoseconds and what follows.
+const TOO_LONG: &str = "too long (at most 2562047h47m16.854775807s)";
+
+/// One number and its unit from the front of `text`: its nanoseconds (at most just past
+/// [`MAX_NANOS`]) and what follows.
 fn term(text: &str) -> Result<(u128, &str), String> {
-    let whole_len = digits_len(text);
-    let (whole, rest) = text.split_at(whole_len);
+    let (whole, rest) = text.split_at(digits_len(text));
     let (fraction, rest) = match rest.strip_prefix('.') {
         Some(after_point) => after_point.split_at(digits_len(after_point)),
         None => ("", rest),
@@ -73,24 +82,38 @@ fn term(text: &str) -> Result<(u128, &str), String> {
         "" => return Err("missing unit (ns, us, ms, s, m or h)".into()),
         other => return Err(format!("unknown unit {other:?} (ns, us, ms, s, m or h)")),
     };
-    let too_long = || "too long (at most 2562047h47m)".to_owned();
     let whole: u128 = if whole.is_empty() {
         0
     } else {
-        whole.parse().map_err(|_| too_long())?
+        whole.parse().map_err(|_| TOO_LONG.to_owned())?
     };
-    let mut nanos = whole.checked_mul(unit_nanos).ok_or_else(too_long)?;
-    // Each fraction digit is worth a tenth of the one before; digits past a nanosecond add
-    // nothing.
-    let mut scale = unit_nanos;
-    for digit in fraction.bytes() {
-        scale /= 10;
-        if scale == 0 {
-            break;
-        }
-        nanos += u128::from(digit - b'0') * scale;
+    if whole > MAX_NANOS / unit_nanos {
+        return Err(TOO_LONG.into());
     }
-    Ok((nanos, rest))
+    Ok((
+        whole * unit_nanos + fraction_nanos(fraction, unit_nanos),
+        rest,
+    ))
+}
+
+/// The nanoseconds of a fraction's digits of `unit_nanos`, computed as Go computes them: the
+/// digits as an integer while it fits 63 bits (later digits are dropped), scaled in floating
+/// point and cut to a whole number. At most `unit_nanos`.
+fn fraction_nanos(digits: &str, unit_nanos: u128) -> u128 {
+    let mut value: u64 = 0;
+    let mut scale = 1.0_f64;
+    for digit in digits.bytes() {
+        let Some(next) = value
+            .checked_mul(10)
+            .and_then(|tens| tens.checked_add(u64::from(digit - b'0')))
+            .filter(|next| *next <= 1 << 63)
+        else {
+            break;
+        };
+        value = next;
+        scale *= 10.0;
+    }
+    (value as f64 * (unit_nanos as f64 / scale)) as u128
 }
 
 fn digits_len(text: &str) -> usize {
@@ -125,6 +148,9 @@ mod tests {
             ("+30s", Duration::from_secs(30)),
             (" 30s ", Duration::from_secs(30)),
             ("1.0000000009s", Duration::from_secs(1)),
+            // Go scales a fraction in floating point and cuts it once.
+            ("0.000000000009h", Duration::from_nanos(32)),
+            ("0.55555555555m", Duration::from_nanos(33_333_333_333)),
             (
                 "2562047h47m16.854775807s",
                 Duration::from_nanos(i64::MAX as u64),
@@ -135,6 +161,8 @@ mod tests {
         assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_go_duration("0s"), Ok(Duration::ZERO));
         assert_eq!(parse_go_duration("0h0m0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_go_duration("-0"), Ok(Duration::ZERO));
+        assert_eq!(parse_go_duration("-0s"), Ok(Duration::ZERO));
     }
 
     #[test]
@@ -149,6 +177,11 @@ mod tests {
             ("5d", "unknown unit \"d\""),
             ("1.5.s", "missing unit"),
             ("-1s", "must not be negative"),
+            ("+", "expected a number after the sign"),
+            (" - ", "expected a number after the sign"),
+            // Past u128 with the fraction's share: refused, not wrapped to a short duration.
+            ("340282366920938463463374607431768211.999us", "too long"),
+            ("94522879700260684295381835.9h", "too long"),
             ("0s", "must be longer than zero"),
             ("0", "must be longer than zero"),
             ("2562048h", "too long"),
