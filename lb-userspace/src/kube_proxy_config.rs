@@ -135,12 +135,23 @@ pub fn parse(text: &str) -> anyhow::Result<KubeProxyConfig> {
             _ => config.ignore(name, value),
         }
     }
+    // kube-proxy's nftables mode serves NodePorts on the node's primary addresses alone when
+    // nodePortAddresses is empty (its `primary` default): lb serves no more of the node than
+    // the kube-proxy it replaces did.
+    if fields.get("mode").and_then(Value::as_str) == Some("nftables")
+        && config.nodeport_addresses.is_none()
+    {
+        config.nodeport_addresses = Some("primary".to_owned());
+    }
     Ok(config)
 }
 
 impl KubeProxyConfig {
     fn ignore(&mut self, path: &str, value: &Value) {
-        if is_set(value) {
+        let written_as_default = WRITTEN_AS_DEFAULTS
+            .iter()
+            .any(|(field, default)| *field == path && value.as_str() == Some(default));
+        if is_set(value) && !written_as_default {
             self.ignored.push(ignored(path));
         }
     }
@@ -211,8 +222,12 @@ fn is_zero(text: &str) -> bool {
     crate::duration::parse_go_duration(text).is_ok_and(|duration| duration.is_zero())
 }
 
-/// Whether a field lb ignores is set to anything but its zero value (null, "", 0, false, an
-/// empty list, a zero duration, or a mapping of those), as kubeadm writes every field it
+/// Fields of kube-proxy's that kubeadm writes with their default value, which lb need not warn
+/// about.
+const WRITTEN_AS_DEFAULTS: &[(&str, &str)] = &[("bindAddress", "0.0.0.0")];
+
+/// Whether a field lb ignores is set to anything but an empty or zero value (null, "", 0, false,
+/// an empty list, a zero duration, or a mapping of those), as kubeadm writes every field it
 /// leaves to kube-proxy's defaults: only a set field is worth a warning.
 fn is_set(value: &Value) -> bool {
     match value {
@@ -319,7 +334,8 @@ oomScoreAdj: null
             ignored,
             // Fields at their zero value (null, "", 0, false, 0s, sections of those) are left
             // to kube-proxy's defaults, and lb has nothing to warn about.
-            ["bindAddress", "clusterCIDR", "mode", "nftables"]
+            // bindAddress 0.0.0.0 is kube-proxy's default.
+            ["clusterCIDR", "mode", "nftables"]
         );
         assert!(
             config
@@ -358,6 +374,28 @@ oomScoreAdj: null
             let error = format!("{:#}", parse(text).expect_err(text));
             assert!(error.contains(reason), "{text}: {error}");
         }
+    }
+
+    #[test]
+    fn nftables_mode_serves_node_ports_on_the_primary_addresses_unless_told_otherwise() {
+        let config = |fields: &str| {
+            parse(&format!(
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n{fields}"
+            ))
+            .expect("parses")
+            .nodeport_addresses
+        };
+        assert_eq!(config("mode: nftables\n").as_deref(), Some("primary"));
+        assert_eq!(
+            config("mode: nftables\nnodePortAddresses: []\n").as_deref(),
+            Some("primary")
+        );
+        assert_eq!(
+            config("mode: nftables\nnodePortAddresses: [10.0.0.0/8]\n").as_deref(),
+            Some("10.0.0.0/8")
+        );
+        assert_eq!(config("mode: iptables\n"), None, "all addresses");
+        assert_eq!(config("bindAddress: 0.0.0.0\n"), None);
     }
 
     #[test]
