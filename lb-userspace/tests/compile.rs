@@ -789,53 +789,6 @@ fn rows() -> Vec<Row> {
         },
         // Bad input: the offending object is skipped with a problem; the others are untouched.
         Row {
-            name: "a misspelt type is refused, not served as a ClusterIP",
-            yaml: service(
-                "bad",
-                "  type: Nodeport\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, nodePort: 30080}\n",
-            ) + &service("web", cluster_ip),
-            expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
-            problems: &[(Severity::Invalid, "Service/default/bad", "UnsupportedValue")],
-            held: &["default/bad"],
-        },
-        Row {
-            name: "a traffic policy, affinity or family the API server would refuse",
-            yaml: service(
-                "etp",
-                "  type: NodePort\n  clusterIP: 10.96.0.21\n  externalTrafficPolicy: local\n  ports:\n  - {port: 80}\n",
-            ) + &service(
-                "itp",
-                "  clusterIP: 10.96.0.22\n  internalTrafficPolicy: Node\n  ports:\n  - {port: 80}\n",
-            ) + &service(
-                "affinity",
-                "  clusterIP: 10.96.0.23\n  sessionAffinity: ClientIp\n  ports:\n  - {port: 80}\n",
-            ) + &service(
-                "family",
-                "  clusterIP: 10.96.0.24\n  ipFamilies: [IPv4, ipv6]\n  ports:\n  - {port: 80}\n",
-            ) + &service(
-                "policy",
-                "  clusterIP: 10.96.0.25\n  ipFamilyPolicy: DualStack\n  ports:\n  - {port: 80}\n",
-            ) + &service(
-                "defaults",
-                "  type: \"\"\n  sessionAffinity: \"\"\n  clusterIP: 10.96.0.26\n  ports:\n  - {name: http, port: 80}\n",
-            ),
-            expected: &["default/defaults:http/TCP fe=[10.96.0.26:80 cluster] be=[] affinity=0"],
-            problems: &[
-                (Severity::Invalid, "Service/default/affinity", "UnsupportedValue"),
-                (Severity::Invalid, "Service/default/etp", "UnsupportedValue"),
-                (Severity::Invalid, "Service/default/family", "UnsupportedValue"),
-                (Severity::Invalid, "Service/default/itp", "UnsupportedValue"),
-                (Severity::Invalid, "Service/default/policy", "UnsupportedValue"),
-            ],
-            held: &[
-                "default/affinity",
-                "default/etp",
-                "default/family",
-                "default/itp",
-                "default/policy",
-            ],
-        },
-        Row {
             name: "invalid loadBalancerSourceRanges",
             yaml: service(
                 "bad",

@@ -54,5 +54,5 @@ pub use incremental::{
 };
 pub use service::{
     DEFAULT_AFFINITY_TIMEOUT_S, ENDPOINT_WEIGHTS_ANNOTATION, LOAD_BALANCING_ANNOTATION,
-    MAX_ENDPOINT_WEIGHT, held_cluster_ips,
+    MAX_ENDPOINT_WEIGHT, held_cluster_ips, unsupported_value,
 };

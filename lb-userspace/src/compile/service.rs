@@ -124,10 +124,13 @@ fn unsupported(
     }
 }
 
-/// The first of the spec's fields of fixed values that holds a value the API server would refuse
-/// (`type: Nodeport`): only a hand-written manifest can have one, and read as the default it would
-/// serve the Service otherwise than meant. Empty is the default, as the API server fills it in.
-fn unsupported_value(spec: &ServiceSpec) -> Option<String> {
+/// The first of the spec's fields of fixed values that holds a value the API server refuses
+/// (`type: Nodeport`), which a hand-written manifest may have: read as the default, the Service
+/// would be served otherwise than meant. The file source checks its Services with it; objects
+/// from the API server are not checked, so that a value a later Kubernetes adds is read as
+/// kube-proxy reads it rather than losing its Service. Empty is the default, as the API server
+/// fills it in.
+pub fn unsupported_value(spec: &ServiceSpec) -> Option<String> {
     let single: [(&str, Option<&String>, &[&str]); 5] = [
         (
             "spec.type",
@@ -165,12 +168,8 @@ fn unsupported_value(spec: &ServiceSpec) -> Option<String> {
         .chain(families)
         .find_map(|(field, value, supported)| {
             let value = value.filter(|value| !value.is_empty())?;
-            (!supported.contains(&value.as_str())).then(|| {
-                format!(
-                    "{field}: {value:?} is not one of {}; skipped",
-                    supported.join(", ")
-                )
-            })
+            (!supported.contains(&value.as_str()))
+                .then(|| format!("{field}: {value:?} is not one of {}", supported.join(", ")))
         })
 }
 
@@ -193,9 +192,6 @@ pub(super) fn compile_service(
     let Some(spec) = &service.spec else {
         return Err(Skip::Ignored);
     };
-    if let Some(message) = unsupported_value(spec) {
-        return Err(invalid("UnsupportedValue", message));
-    }
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if service_type == "ExternalName" {
         return Err(Skip::Ignored);
@@ -1315,12 +1311,12 @@ mod tests {
             unsupported_value(&spec("type: Nodeport\n")).as_deref(),
             Some(
                 "spec.type: \"Nodeport\" is not one of ClusterIP, NodePort, LoadBalancer, \
-                 ExternalName; skipped"
+                 ExternalName"
             )
         );
         assert_eq!(
             unsupported_value(&spec("ipFamilies: [IPv6, IPV4]\n")).as_deref(),
-            Some("spec.ipFamilies: \"IPV4\" is not one of IPv4, IPv6; skipped")
+            Some("spec.ipFamilies: \"IPV4\" is not one of IPv4, IPv6")
         );
         let kube_proxy_takes = "type: LoadBalancer\nexternalTrafficPolicy: Local\n\
              internalTrafficPolicy: Cluster\nsessionAffinity: ClientIP\n\

@@ -253,7 +253,7 @@ fn collect(value: serde_json::Value, line: usize, manifest: &mut Manifest) {
         "Service" | "EndpointSlice" | "Node" => {
             let (identity, value, name) = typed(value);
             let object = match kind.as_str() {
-                "Service" => typed_object(value).map(|s| Object::Service(Arc::new(s))),
+                "Service" => typed_object(value).and_then(checked_service),
                 "EndpointSlice" => typed_object(value).map(|s| Object::EndpointSlice(Arc::new(s))),
                 _ => typed_object(value).map(|n| Object::Node(Box::new(n))),
             };
@@ -297,6 +297,19 @@ fn typed_object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Res
             _ => format!("{path}: {}", error.into_inner()),
         }
     })
+}
+
+/// A Service of a manifest, refused when a field holds a value the API server would refuse
+/// ([`crate::compile::unsupported_value`]).
+fn checked_service(service: Service) -> Result<Object, String> {
+    match service
+        .spec
+        .as_ref()
+        .and_then(crate::compile::unsupported_value)
+    {
+        Some(problem) => Err(problem),
+        None => Ok(Object::Service(Arc::new(service))),
+    }
 }
 
 /// The kind lb reads that `kind` looks like a misspelling of: one of them in other letter case,
@@ -580,5 +593,34 @@ mod tests {
             ]
         );
         assert!(manifest.objects.is_empty());
+    }
+
+    #[test]
+    fn a_service_value_the_api_server_refuses_skips_its_document() {
+        let text = "kind: Service\nmetadata: {name: bad}\nspec:\n  type: Nodeport\n---\n\
+                    kind: Service\nmetadata: {name: etp}\nspec:\n  externalTrafficPolicy: local\n---\n\
+                    kind: Service\nmetadata: {name: good}\nspec:\n  type: NodePort\n  sessionAffinity: \"\"\n";
+        let manifest = parse_manifest(text).expect("parses");
+        let skipped: Vec<(usize, &str)> = manifest
+            .skipped
+            .iter()
+            .map(|document| (document.line, document.message.as_str()))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                (
+                    1,
+                    "Service \"bad\": spec.type: \"Nodeport\" is not one of ClusterIP, NodePort, \
+                     LoadBalancer, ExternalName"
+                ),
+                (
+                    6,
+                    "Service \"etp\": spec.externalTrafficPolicy: \"local\" is not one of Cluster, \
+                     Local"
+                ),
+            ]
+        );
+        assert_eq!(manifest.objects.len(), 1, "the good Service loads");
     }
 }
