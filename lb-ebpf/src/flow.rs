@@ -1607,8 +1607,10 @@ fn note_close<A: CtAddr>(reply: &mut CtValue<A>, tcp_flags: u8, from_backend: bo
 
 /// `entry.flags |= bits` in one atomic instruction, on the aligned 64-bit word that holds the
 /// flags byte (the value is 8-byte aligned; the other bytes of the word are ORed with 0).
+/// The shift places the byte in a little-endian word, as bpfel and the hosts that test it are.
 #[inline(always)]
 fn set_flags<A: CtAddr>(entry: &mut CtValue<A>, bits: u8) {
+    const { assert!(cfg!(target_endian = "little")) };
     let offset = core::mem::offset_of!(CtValue<A>, flags);
     let shift = (offset % 8) * 8;
     let entry: *mut CtValue<A> = entry;

@@ -532,11 +532,18 @@ fn healthz_livez_health_check_node_port_and_log_level() {
 
 #[test]
 fn with_nodeport_addresses_health_check_node_ports_listen_on_those_addresses_only() {
-    // A CIDR, and kube-proxy's `primary` (the node's first address of each family).
+    // A CIDR, and kube-proxy's `primary` (the node's first address of each family). The node
+    // has a second address (its Node's, as the file source has none: `--node-address`), which
+    // neither setting serves.
     for setting in ["203.0.113.0/24", "primary"] {
         let mut setup = AgentLab::new().expect("lab");
         setup
-            .start_agent(&["--nodeport-addresses", setting])
+            .start_agent(&[
+                "--nodeport-addresses",
+                setting,
+                "--node-address",
+                "198.18.0.99",
+            ])
             .expect("agent");
         setup
             .apply(
@@ -552,6 +559,19 @@ fn with_nodeport_addresses_health_check_node_ports_listen_on_those_addresses_onl
         assert!(
             http::get(&node, on_loopback, "/").is_err(),
             "{setting}: served outside --nodeport-addresses"
+        );
+        let frontends =
+            service_row(setup.pin_dir(), "store/shop:http/TCP[external]")["frontends"].clone();
+        let frontends: Vec<&str> = frontends
+            .as_array()
+            .expect("frontends")
+            .iter()
+            .filter_map(serde_json::Value::as_str)
+            .collect();
+        assert!(
+            frontends.iter().any(|f| f.contains("203.0.113.1:30090"))
+                && !frontends.iter().any(|f| f.contains("198.18.0.99")),
+            "{setting}: {frontends:?}"
         );
     }
 }

@@ -108,8 +108,13 @@ pub fn open_map_data(pin_dir: &Path, name: &'static str, access: Access) -> Resu
 /// always asked ("is an agent running") misleads when the directory is missing or no bpffs,
 /// where every open fails whatever runs.
 fn open_pin_hint(pin_dir: &Path, error: &std::io::Error) -> &'static str {
-    if !pin_dir.is_dir() {
-        return "no such pin directory: give the agent's --pin-dir";
+    match std::fs::metadata(pin_dir) {
+        Ok(metadata) if metadata.is_dir() => {}
+        // The agent's bpffs and pin directory are root's alone (0700).
+        Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+            return "opening pinned maps needs root or CAP_BPF";
+        }
+        _ => return "no such pin directory: give the agent's --pin-dir",
     }
     if !super::bpffs::is_mounted(pin_dir).unwrap_or(true) {
         return "the pin directory is not on a bpffs: give the agent's --pin-dir";
