@@ -360,7 +360,7 @@ pub mod limits {
     pub const MAX_FRAGMENTED: u32 = 8_192;
     /// Cells of all Maglev tables together (each takes 8 bytes: an array's values are 8-byte
     /// aligned), so their memory is bounded: 128 MiB, enough for 10,000 Maglev services of 10
-    /// endpoints (1,022 cells each).
+    /// endpoints (1,023 cells each: 1,021 slots and the 2 header cells).
     pub const MAX_MAGLEV_CELLS: u32 = 16_777_216;
 }
 

@@ -198,7 +198,8 @@ pub static PACKET6: PerCpuArray<Packet6> = PerCpuArray::with_max_entries(1, 0);
 pub static CONFIG6: Array<Datapath6Config> = Array::pinned(1, 0);
 
 /// Maglev lookup tables by service id: each an array (sized per service, hence
-/// BPF_F_INNER_MAP) whose cell 0 holds its size M and cells 1..=M backend ids. The agent swaps
+/// BPF_F_INNER_MAP) whose cell 0 holds its size M, cell 1 its tag, and cells 2..=M+1 backend
+/// ids (`lb_common::maglev::HEADER` cells before them). The agent swaps
 /// a service's table in one update of its entry; the kernel frees the old one once no program
 /// still reads it.
 #[btf_map(name = "lb4_maglev_v2", pin_by_name)]
