@@ -245,5 +245,25 @@ fn read_only_commands_say_why_a_pin_directory_holds_no_maps() {
             "{}",
             stderr(&output)
         );
+        // Another user, for whom the 0700 bpffs hides the directory: told it needs root, not
+        // that the directory is missing. The binary is copied where that user may run it.
+        let copy = std::env::temp_dir().join(format!("lbt{}-lb", std::process::id()));
+        std::fs::copy(sibling_binary("lb").expect("lb binary"), &copy).expect("copy lb");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let output = Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(&copy)
+            .args(["services", "--pin-dir"])
+            .arg(&empty)
+            .env_clear()
+            .output()
+            .expect("setpriv lb services");
+        let _ = std::fs::remove_file(&copy);
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        assert!(
+            stderr(&output).contains("opening pinned maps needs root or CAP_BPF"),
+            "{}",
+            stderr(&output)
+        );
     });
 }
