@@ -25,7 +25,7 @@ use lb_ebpf::packet::{
     IPV4_FRAG_OFFSET_MASK, IPV4_MIN_HDR_LEN, IPV4_MORE_FRAGMENTS, IPV4_VERSION_IHL_NO_OPTIONS,
     IPV6_DADDR_OFFSET, IPV6_HDR_LEN, IPV6_NEXT_HEADER_OFFSET, IPV6_SADDR_OFFSET, IpHeader,
     Ipv4Info, Ipv6Info, Ipv6Packet, TCP_ACK, TCP_CSUM_OFFSET, TCP_DATA_OFFSET_OFFSET, TCP_FIN,
-    TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
+    TCP_FLAGS_OFFSET, TCP_MIN_HDR_LEN, TCP_RST, TCP_SYN, UDP_CSUM_OFFSET, UDP_HDR_LEN, bytes_at,
     bytes_at_mut, frame_len, ipv6_fixed_header, packet_words, parse_ipv4, parse_ipv6, words,
 };
 
@@ -1268,6 +1268,9 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
     let Some(quote) = icmp::quoted(&error) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    if to_another_host(ctx) {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let error = &mut error;
     let write_back = |error: &[u8; ICMP_ERROR_LEN]| write_icmp(ctx, (at, transport_at), error);
     if let Some(flow) = snat_flow_of_quote(ip, &quote) {
@@ -1364,7 +1367,7 @@ fn icmp6_error(ctx: &XdpContext) -> Result<u32, Event> {
         return Ok(xdp_action::XDP_PASS);
     };
     packet.icmp6.header = *header;
-    if !gather_icmp6(ctx, packet.ip.l4_offset, &mut packet.icmp6) {
+    if !gather_icmp6(ctx, packet.ip.l4_offset, &mut packet.icmp6) || to_another_host(ctx) {
         return Ok(xdp_action::XDP_PASS);
     }
     if let Some(flow) = snat_flow_of_icmp6(&packet.icmp6)
@@ -1607,6 +1610,9 @@ fn later_fragment<I: Ip>(ctx: &XdpContext, ip: &I, protocol: u8) -> Result<u32, 
         count_event(Event::PASS_FRAGMENT);
         return Ok(xdp_action::XDP_PASS);
     };
+    if to_another_host(ctx) {
+        return Ok(xdp_action::XDP_PASS);
+    }
     I::readdress(
         ctx,
         (ip.source(), ip.destination()),
@@ -1707,6 +1713,17 @@ fn to_client<I: Ip>(ctx: &XdpContext, client_nic: u16, smac: [u8; 6], dmac: [u8;
     }
 }
 
+/// [`for_another_host`] for the paths that have not read the Ethernet header (ICMP errors, later
+/// fragments), counted as it is where it passes a frame.
+#[inline(always)]
+fn to_another_host(ctx: &XdpContext) -> bool {
+    let other = bytes_at::<ETH_HDR_LEN>(ctx, 0).is_some_and(|eth| for_another_host(ctx, eth));
+    if other {
+        count_event(Event::PASS_OTHER_HOST);
+    }
+    other
+}
+
 /// A unicast frame to another MAC than the NIC's (the NIC is in promiscuous mode, e.g. on a
 /// bridge or a mirror port): not this node's to translate, and the stack drops it
 /// (PACKET_OTHERHOST, net/ipv4/ip_input.c ip_rcv_core). Group frames are the stack's as usual. A
@@ -1795,6 +1812,12 @@ fn transport_tuple<I: Ip>(ctx: &XdpContext, ip: &I, protocol: u8) -> Result<Tupl
             return Err(Event::DROP_MALFORMED);
         }
         let flags = tcp[TCP_FLAGS_OFFSET];
+        // SYN with FIN or RST opens and ends a connection at once: Linux's conntrack holds it
+        // INVALID (nf_conntrack_proto_tcp.c, tcp_valid_flags) and kube-proxy's rules drop it;
+        // here it would start a flow in its closing state, SNAT port and all.
+        if flags & TCP_SYN != 0 && flags & (TCP_FIN | TCP_RST) != 0 {
+            return Err(Event::DROP_MALFORMED);
+        }
         let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
         let seq_end = tcp_seq::segment_end(
             seq,
@@ -1817,9 +1840,12 @@ fn transport_tuple<I: Ip>(ctx: &XdpContext, ip: &I, protocol: u8) -> Result<Tupl
         ([sctp[0], sctp[1], sctp[2], sctp[3]], flags, tag, summary)
     } else {
         let udp = bytes_at::<UDP_HDR_LEN>(ctx, l4_offset).ok_or(Event::DROP_MALFORMED)?;
-        // A first fragment holds the start of a datagram its length covers in full.
+        // A first fragment holds the start of a datagram its length covers in full, but its
+        // header within the IP packet: bytes past the packet's end (Ethernet padding, or
+        // whatever a sender puts there) are no header, whatever the frame holds.
         let length = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
-        if length < UDP_HDR_LEN || (length > l4_len && !ip.first_fragment()) {
+        if l4_len < UDP_HDR_LEN || length < UDP_HDR_LEN || (length > l4_len && !ip.first_fragment())
+        {
             return Err(Event::DROP_MALFORMED);
         }
         // No checksum is no UDP datagram over IPv6 (RFC 8200 section 8.1): the stack drops it.

@@ -292,6 +292,45 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
             XDP_DROP,
             Expect::Unchanged,
         ),
+        // SYN with FIN or RST: Linux's conntrack holds it INVALID; no flow may start of it.
+        case(
+            "syn+fin to a frontend",
+            packet::tcp(
+                CLIENT,
+                FRONTEND,
+                TcpFlags {
+                    fin: true,
+                    ..TcpFlags::SYN
+                },
+                b"",
+            ),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "syn+rst to a frontend",
+            packet::tcp(
+                CLIENT,
+                FRONTEND,
+                TcpFlags {
+                    rst: true,
+                    ..TcpFlags::SYN
+                },
+                b"",
+            ),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        // A first fragment whose IP packet ends before its UDP header, with the header's bytes
+        // after the packet's end in the frame: no header, whatever the frame holds.
+        case(
+            "first fragment whose udp header lies past the ip packet",
+            with_ip_header(&packet::as_fragment(&udp, 0, true), |ip| {
+                ip[2..4].copy_from_slice(&20u16.to_be_bytes())
+            }),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
         // No endpoint: rejected like kube-proxy's REJECT, straight back out of the NIC.
         case(
             "no backend: syn gets rst+ack",
@@ -344,9 +383,11 @@ fn xdp_dnats_service_traffic_and_passes_everything_else_untouched() {
     );
 
     let events = datapath.events().expect("events");
-    // Four IPv4 packets (the IPv6 programs, which drop a frame of EtherType IPv6 that is not
-    // version 6, are not loaded without an IPv6 frontend: datapath_xdp6 has that row).
-    assert_eq!(events["drop_malformed"], 4, "{events:?}");
+    // Seven IPv4 packets: the truncated headers, the options cut short, SYN+FIN, SYN+RST and
+    // the fragment whose UDP header lies past its packet (the IPv6 programs, which drop a frame
+    // of EtherType IPv6 that is not version 6, are not loaded without an IPv6 frontend:
+    // datapath_xdp6 has that row).
+    assert_eq!(events["drop_malformed"], 7, "{events:?}");
     assert_eq!(events["pass_protocol_unserved"], 1, "{events:?}");
     assert_eq!(events["drop_no_backend"], 2, "{events:?}");
     assert_eq!(events["reject_tcp_rst"], 2, "{events:?}");
@@ -3094,9 +3135,49 @@ fn frames_to_another_hosts_mac_pass_untouched() {
                 XDP_PASS,
                 Expect::Bytes(packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"")),
             ),
+            // The flow above and this datagram's first fragment are tracked: an ICMP error
+            // about the one and a later fragment of the other, sent to another MAC, are not
+            // this node's either.
+            case(
+                "first fragment to this nic's mac",
+                packet::as_fragment(&packet::udp(CLIENT, FRONTEND, b"query"), 0, true),
+                XDP_PASS,
+                Expect::Bytes(packet::as_fragment(
+                    &packet::udp(CLIENT, POD_A, b"query"),
+                    0,
+                    true,
+                )),
+            ),
+            case(
+                "an icmp error about the flow, to another host's mac",
+                to_another_mac(packet::icmp_error(
+                    Ipv4Addr::new(198, 51, 100, 254),
+                    NODE,
+                    (3, 4, [0, 0, 0x05, 0x78]),
+                    &packet::tcp(FRONTEND, CLIENT, TcpFlags::ACK, &[7; 1400]),
+                )),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+            case(
+                "a later fragment of the datagram, to another host's mac",
+                to_another_mac(packet::as_fragment(
+                    &packet::udp(CLIENT, FRONTEND, b"query"),
+                    100,
+                    false,
+                )),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
         ],
     );
-    assert_eq!(datapath.events().expect("events")["pass_other_host"], 1);
+    assert_eq!(datapath.events().expect("events")["pass_other_host"], 3);
+}
+
+/// `frame` sent to a unicast MAC that is not the NIC's.
+fn to_another_mac(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    frame
 }
 
 #[test]

@@ -359,6 +359,31 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             Expect::Unchanged,
         ),
         case(
+            "tcp syn+fin to a frontend: no flow starts of it",
+            tcp(
+                client(40006),
+                FRONTEND,
+                TcpFlags {
+                    fin: true,
+                    ..TcpFlags::SYN
+                },
+                b"",
+            ),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "first fragment whose udp header lies past the payload length",
+            {
+                let mut fragment = packet6::with_fragment_header(&udp, 0, true, 9);
+                // The payload: the Fragment header alone; the UDP header follows in the frame.
+                fragment[ETH_HDR_LEN + 4..ETH_HDR_LEN + 6].copy_from_slice(&8u16.to_be_bytes());
+                fragment
+            },
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
             "tcp syn to a service without endpoints: RST",
             tcp(client(40004), EMPTY_FRONTEND, TcpFlags::SYN, b""),
             XDP_TX,
@@ -377,8 +402,9 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     );
 
     let events = datapath.events().expect("events");
-    // The UDP checksum 0 and the frame that is not version 6.
-    assert_eq!(events["drop_malformed"], 2, "{events:?}");
+    // The UDP checksum 0, the frame that is not version 6, SYN+FIN and the fragment whose UDP
+    // header lies past its payload.
+    assert_eq!(events["drop_malformed"], 4, "{events:?}");
     assert_eq!(events["pass_fragment"], 1, "{events:?}");
     assert_eq!(events["reject_tcp_rst"], 1, "{events:?}");
     assert_eq!(events["reject_icmp"], 1, "{events:?}");
