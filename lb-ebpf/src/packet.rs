@@ -261,7 +261,7 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
     let Some(mut info) = ipv6_fixed_header(ctx)? else {
         return Some(Ipv6Packet::Other);
     };
-    for _ in 0..=MAX_EXT_HEADERS {
+    for index in 0..=MAX_EXT_HEADERS {
         if matches!(
             info.proto,
             IPPROTO_TCP | IPPROTO_UDP | lb_common::proto::SCTP | next_header::ICMPV6
@@ -269,6 +269,16 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
             return Some(Ipv6Packet::Transport(info));
         }
         let peek = bytes_at::<EXT_HDR_PEEK>(ctx, info.l4_offset)?;
+        // An extension header lies inside the payload, and a Hop-by-Hop header comes first
+        // (RFC 8200 section 4.1); the stack drops anything else (net/ipv6/ip6_input.c,
+        // ip6_protocol_deliver_rcu), and bytes past the payload are no header. Checked after
+        // the read: before it, LLVM takes the frame's bound for implied by the payload's and
+        // leaves out the check the verifier needs.
+        if info.l4_offset + EXT_HDR_PEEK > info.end
+            || (index != 0 && info.proto == next_header::HOP_BY_HOP)
+        {
+            return None;
+        }
         if routes_on(info.proto, peek) {
             return Some(Ipv6Packet::Other);
         }

@@ -358,6 +358,29 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             XDP_PASS,
             Expect::Unchanged,
         ),
+        // The stack drops both (RFC 8200 section 4.1; ip6_protocol_deliver_rcu): no flow of
+        // them, nor headers read from bytes past the payload.
+        case(
+            "hop-by-hop header after a destination options header",
+            packet6::with_options_header(
+                &packet6::with_options_header(&udp, next_header::HOP_BY_HOP, 1),
+                next_header::DEST_OPTS,
+                1,
+            ),
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
+        case(
+            "destination options header past the payload length",
+            {
+                let mut frame = packet6::with_options_header(&udp, next_header::DEST_OPTS, 1);
+                // The payload: 4 bytes; the header's 8 and the datagram follow in the frame.
+                frame[ETH_HDR_LEN + 4..ETH_HDR_LEN + 6].copy_from_slice(&4u16.to_be_bytes());
+                frame
+            },
+            XDP_DROP,
+            Expect::Unchanged,
+        ),
         case(
             "tcp syn+fin to a frontend: no flow starts of it",
             tcp(
@@ -402,9 +425,10 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     );
 
     let events = datapath.events().expect("events");
-    // The UDP checksum 0, the frame that is not version 6, SYN+FIN and the fragment whose UDP
-    // header lies past its payload.
-    assert_eq!(events["drop_malformed"], 4, "{events:?}");
+    // The UDP checksum 0, the frame that is not version 6, the misplaced Hop-by-Hop header,
+    // the header past the payload, SYN+FIN and the fragment whose UDP header lies past its
+    // payload.
+    assert_eq!(events["drop_malformed"], 6, "{events:?}");
     assert_eq!(events["pass_fragment"], 1, "{events:?}");
     assert_eq!(events["reject_tcp_rst"], 1, "{events:?}");
     assert_eq!(events["reject_icmp"], 1, "{events:?}");
