@@ -1265,6 +1265,9 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
     let Some(transport_at) = icmp::gather(&mut error, at, load_head, load_transport) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    if !quote_within(transport_at, ip.end) {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let Some(quote) = icmp::quoted(&error) else {
         return Ok(xdp_action::XDP_PASS);
     };
@@ -1367,7 +1370,10 @@ fn icmp6_error(ctx: &XdpContext) -> Result<u32, Event> {
         return Ok(xdp_action::XDP_PASS);
     };
     packet.icmp6.header = *header;
-    if !gather_icmp6(ctx, packet.ip.l4_offset, &mut packet.icmp6) || to_another_host(ctx) {
+    if !gather_icmp6(ctx, packet.ip.l4_offset, &mut packet.icmp6)
+        || !quote_within(packet.icmp6.quoted_transport_at, packet.ip.end)
+        || to_another_host(ctx)
+    {
         return Ok(xdp_action::XDP_PASS);
     }
     if let Some(flow) = snat_flow_of_icmp6(&packet.icmp6)
@@ -1412,6 +1418,15 @@ fn gather_icmp6(ctx: &XdpContext, at: usize, icmp6: &mut Icmp6Headers) -> bool {
     icmp6.quoted_proto = gathered.protocol;
     icmp6.quoted_transport_at = gathered.transport_at;
     true
+}
+
+/// Whether the 8 bytes of quoted transport header an ICMP error's translation rewrites (ports,
+/// UDP checksum) lie inside the error's IP packet (`end`): read from the frame, bytes past it
+/// would be rewritten where the ICMP checksum does not cover them, and the error would leave
+/// with a checksum its receiver drops. Such an error passes untouched.
+#[inline(always)]
+fn quote_within(transport_at: usize, end: usize) -> bool {
+    transport_at + 8 <= end
 }
 
 /// `N` bytes of the packet at `offset`, through the helper (an offset the verifier need not

@@ -3248,6 +3248,18 @@ fn icmp_errors_about_a_local_endpoints_flow_reach_the_endpoint_translated() {
                 Expect::Unchanged,
             ),
             case(
+                "a quote the ip total length cuts short of 8 transport bytes (the rest in the frame)",
+                with_ip_header(
+                    &packet::icmp_error(router, NODE, time_exceeded, &udp_sent),
+                    |ip| {
+                        let total = u16::from_be_bytes([ip[2], ip[3]]);
+                        ip[2..4].copy_from_slice(&(total - 10).to_be_bytes());
+                    },
+                ),
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+            case(
                 "fragmentation needed about a segment with IP options",
                 packet::icmp_error(
                     router,

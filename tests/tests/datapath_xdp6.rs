@@ -1047,6 +1047,19 @@ fn icmpv6_errors_about_translated_flows_reach_the_host_that_sent_the_quoted_pack
                 Expect::Unchanged,
             ),
             case(
+                "a quote the payload length cuts short of 8 transport bytes (the rest in the frame)",
+                {
+                    let mut frame = packet6::icmpv6(router, NODE, time_exceeded, &udp_sent, quote);
+                    let payload =
+                        u16::from_be_bytes([frame[ETH_HDR_LEN + 4], frame[ETH_HDR_LEN + 5]]);
+                    frame[ETH_HDR_LEN + 4..ETH_HDR_LEN + 6]
+                        .copy_from_slice(&(payload - 4).to_be_bytes());
+                    frame
+                },
+                XDP_PASS,
+                Expect::Unchanged,
+            ),
+            case(
                 "about a SNAT port no flow holds",
                 packet6::icmpv6(
                     router,
