@@ -269,21 +269,20 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
             return Some(Ipv6Packet::Transport(info));
         }
         let peek = bytes_at::<EXT_HDR_PEEK>(ctx, info.l4_offset)?;
+        if routes_on(info.proto, peek) {
+            return Some(Ipv6Packet::Other);
+        }
         // An extension header lies inside the payload, and a Hop-by-Hop header comes first
         // (RFC 8200 section 4.1); the stack drops anything else (net/ipv6/ip6_input.c,
         // ip6_protocol_deliver_rcu), and bytes past the payload are no header. Checked after
         // the read: before it, LLVM takes the frame's bound for implied by the payload's and
-        // leaves out the check the verifier needs.
-        if info.l4_offset + EXT_HDR_PEEK > info.end
-            || (index != 0 && info.proto == next_header::HOP_BY_HOP)
-        {
-            return None;
-        }
-        if routes_on(info.proto, peek) {
-            return Some(Ipv6Packet::Other);
-        }
+        // leaves out the check the verifier needs. An upper-layer header is not judged here.
+        let misplaced_hop_by_hop = index != 0 && info.proto == next_header::HOP_BY_HOP;
         match step(info.proto, peek) {
             Step::Extension { next_header, len } => {
+                if misplaced_hop_by_hop || info.l4_offset + len > info.end {
+                    return None;
+                }
                 info.proto = next_header;
                 info.l4_offset += len;
             }
@@ -291,6 +290,9 @@ pub fn parse_ipv6(ctx: &XdpContext) -> Option<Ipv6Packet> {
                 next_header,
                 fragment,
             } => {
+                if info.l4_offset + EXT_HDR_PEEK > info.end {
+                    return None;
+                }
                 info.proto = next_header;
                 info.l4_offset += fragment_header_len(&peek[1]);
                 info.fragment_id = fragment.id;

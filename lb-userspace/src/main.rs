@@ -182,7 +182,8 @@ struct RunArgs {
     hostname_override: Option<String>,
     /// Comma-separated CIDRs: only node addresses inside them serve NodePorts (a family no CIDR
     /// names keeps all its addresses); or `primary`: only the node's primary address of each
-    /// family (its first InternalIP, else ExternalIP) [default: all addresses].
+    /// family (its first InternalIP, else ExternalIP) [default: all addresses; `primary` when
+    /// --config's kube-proxy configuration has `mode: nftables`, as that mode's default].
     #[arg(long, env = "LB_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<NodePortAddress>,
     /// Comma-separated CIDRs: only externalIPs inside them are served; the others are skipped

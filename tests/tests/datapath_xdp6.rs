@@ -382,6 +382,17 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             Expect::Unchanged,
         ),
         case(
+            "no next header, 2 bytes of payload, padding after: an upper layer, passed",
+            {
+                let mut frame = udp.clone();
+                frame[ETH_HDR_LEN + 6] = 59;
+                frame[ETH_HDR_LEN + 4..ETH_HDR_LEN + 6].copy_from_slice(&2u16.to_be_bytes());
+                frame
+            },
+            XDP_PASS,
+            Expect::Unchanged,
+        ),
+        case(
             "tcp syn+fin to a frontend: no flow starts of it",
             tcp(
                 client(40006),

@@ -319,9 +319,8 @@ impl Datapath {
         let maglev = open_map_data(pin_dir, map_names::MAGLEV4, Access::ReadWrite)?;
         check_maglev_tables(pin_dir, &mut installed)?;
         forget_unused_maglev_tables(&maglev, &installed)?;
-        let frontends4_capacity = aya::maps::MapInfo::from_pin(pin_dir.join(map_names::FRONTENDS4))
-            .map(|info| info.max_entries())
-            .unwrap_or(limits::MAX_FRONTENDS);
+        // The pinned map's size, which the load kept (`pinned_sizes`).
+        let frontends4_capacity = sizes.frontends4;
         let mut datapath = Self {
             xdp_groups,
             frontends4_capacity,
