@@ -113,24 +113,19 @@ impl NodePortAddresses {
     /// The setting from its items: none is all addresses; `primary` stands alone, as kube-proxy
     /// takes it.
     pub fn from_items(items: &[NodePortAddress]) -> Result<Self, String> {
-        if items.contains(&NodePortAddress::Primary) {
-            return match items {
-                [_] => Ok(Self::Primary),
-                _ => Err("primary cannot be given with other items (CIDRs or primary)".into()),
-            };
-        }
-        let cidrs: Vec<IpCidr> = items
+        let cidrs: Option<Vec<IpCidr>> = items
             .iter()
-            .filter_map(|item| match item {
+            .map(|item| match item {
                 NodePortAddress::Cidr(cidr) => Some(*cidr),
                 NodePortAddress::Primary => None,
             })
             .collect();
-        Ok(if cidrs.is_empty() {
-            Self::All
-        } else {
-            Self::Cidrs(cidrs)
-        })
+        match (cidrs, items) {
+            (Some(_), []) => Ok(Self::All),
+            (Some(cidrs), _) => Ok(Self::Cidrs(cidrs)),
+            (None, [NodePortAddress::Primary]) => Ok(Self::Primary),
+            (None, _) => Err("primary cannot be given with other items (CIDRs or primary)".into()),
+        }
     }
 }
 

@@ -67,6 +67,22 @@ pub struct MapSizes {
     pub conntrack4: u32,
 }
 
+impl MapSizes {
+    /// The sizes of the maps pinned under `pin_dir`, as the kernel has them; `otherwise`'s for
+    /// a map not pinned there. aya reuses a pinned map only at the size the object asks for.
+    pub fn pinned_or(pin_dir: &Path, otherwise: MapSizes) -> MapSizes {
+        let size = |name: &str, otherwise: u32| {
+            aya::maps::MapInfo::from_pin(pin_dir.join(name))
+                .map(|info| info.max_entries())
+                .unwrap_or(otherwise)
+        };
+        MapSizes {
+            frontends4: size(map_names::FRONTENDS4, otherwise.frontends4),
+            conntrack4: size(map_names::CONNTRACK4, otherwise.conntrack4),
+        }
+    }
+}
+
 impl Default for MapSizes {
     fn default() -> Self {
         Self {
@@ -82,31 +98,29 @@ impl Default for MapSizes {
 /// `--conntrack-map-size` or `--frontend-map-size` changed). Each size kept over the one asked
 /// for is logged with how to get the new one.
 fn pinned_sizes(pin_dir: &Path, asked: MapSizes) -> MapSizes {
-    let mut sizes = asked;
-    for (map, flag, size) in [
+    let sizes = MapSizes::pinned_or(pin_dir, asked);
+    for (map, flag, pinned, asked) in [
         (
             map_names::FRONTENDS4,
             "--frontend-map-size",
-            &mut sizes.frontends4,
+            sizes.frontends4,
+            asked.frontends4,
         ),
         (
             map_names::CONNTRACK4,
             "--conntrack-map-size",
-            &mut sizes.conntrack4,
+            sizes.conntrack4,
+            asked.conntrack4,
         ),
     ] {
-        let Ok(info) = aya::maps::MapInfo::from_pin(pin_dir.join(map)) else {
-            continue;
-        };
-        if info.max_entries() != *size {
+        if pinned != asked {
             tracing::warn!(
                 map,
-                pinned = info.max_entries(),
-                asked = *size,
+                pinned,
+                asked,
                 "a pinned map keeps its size: {flag} takes effect once `lb run --cleanup` has \
                  removed the pins (which forgets the flows they hold)"
             );
-            *size = info.max_entries();
         }
     }
     sizes

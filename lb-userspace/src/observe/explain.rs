@@ -734,16 +734,12 @@ fn run_dry(
     loader
         .default_map_pin_directory(pin_dir)
         .override_global("DRY_RUN", &1u8, true);
-    // aya reuses a pinned map only at the size the object asks for: the maps the agent sizes
-    // (--frontend-map-size, --conntrack-map-size) at the size they were pinned with.
-    for name in [
-        lb_common::map_names::FRONTENDS4,
-        lb_common::map_names::CONNTRACK4,
-    ] {
-        if let Ok(info) = aya::maps::MapInfo::from_pin(pin_dir.join(name)) {
-            loader.map_max_entries(name, info.max_entries());
-        }
-    }
+    // The maps the agent sizes (--frontend-map-size, --conntrack-map-size) at the size they
+    // were pinned with.
+    let sizes = crate::datapath::MapSizes::pinned_or(pin_dir, Default::default());
+    loader
+        .map_max_entries(lb_common::map_names::FRONTENDS4, sizes.frontends4)
+        .map_max_entries(lb_common::map_names::CONNTRACK4, sizes.conntrack4);
     crate::datapath::ebpf_log::set_level(&mut loader, EbpfLogLevel::Off);
     let mut ebpf = loader
         .load(DATAPATH_OBJECT)

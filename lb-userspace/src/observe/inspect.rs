@@ -27,28 +27,9 @@ use crate::datapath::{
 };
 
 /// The pinned maps of one agent (its `--pin-dir`), opened read-only.
-pub struct PinnedMaps(Maps, Capacities);
-
-/// The sizes of the maps the agent may create at another size than the `limits` constant
-/// (`lb run --frontend-map-size`, `--conntrack-map-size`), as the kernel has them.
-struct Capacities {
-    frontends4: u32,
-    conntrack4: u32,
-}
-
-impl Capacities {
-    fn read(pin_dir: &Path) -> Self {
-        let size = |name: &str, default: u32| {
-            aya::maps::MapInfo::from_pin(pin_dir.join(name))
-                .map(|info| info.max_entries())
-                .unwrap_or(default)
-        };
-        Self {
-            frontends4: size(map_names::FRONTENDS4, limits::MAX_FRONTENDS),
-            conntrack4: size(map_names::CONNTRACK4, limits::MAX_CONNTRACK),
-        }
-    }
-}
+/// The maps, and the sizes of those the agent may create at another size than the `limits`
+/// constant (`lb run --frontend-map-size`, `--conntrack-map-size`), as the kernel has them.
+pub struct PinnedMaps(Maps, crate::datapath::MapSizes);
 
 /// One service (a Service port, or the part of it one traffic policy splits off).
 #[derive(Clone, Debug, Serialize)]
@@ -238,7 +219,7 @@ impl PinnedMaps {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         Ok(Self(
             Maps::open(pin_dir, Access::ReadOnly)?,
-            Capacities::read(pin_dir),
+            crate::datapath::MapSizes::pinned_or(pin_dir, Default::default()),
         ))
     }
 
