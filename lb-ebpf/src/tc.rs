@@ -126,7 +126,7 @@ pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
         _ => NO_ICMP6_ERROR,
     };
     let result = if icmp6_error != NO_ICMP6_ERROR {
-        icmp6_error_from_endpoint(&ctx, icmp6_error)
+        icmp6_error_about_an_endpoints_flow(&ctx, icmp6_error)
     } else {
         match try_ipv6(&ctx) {
             Ok(Ipv6Next::Sctp) => try_sctp6(&ctx),
@@ -222,7 +222,11 @@ fn try_ipv4(ctx: &TcContext) -> Result<(), Event> {
     };
     let (tuple, l4_offset, fragment) = match packet {
         Packet::LaterFragment(key) => return later_fragment(ctx, &key),
-        Packet::IcmpError { source, at } => return icmp_error_from_endpoint(ctx, source, at),
+        Packet::IcmpError {
+            source,
+            destination,
+            at,
+        } => return icmp_error_about_an_endpoints_flow(ctx, (source, destination), at),
         Packet::Segment {
             tuple,
             l4_offset,
@@ -557,17 +561,29 @@ enum Packet {
     },
     /// A later fragment of a TCP/UDP datagram: no transport header.
     LaterFragment(Frag4Key),
-    /// An unfragmented ICMP message from `source`, at `at` (past the header's options).
-    IcmpError { source: u32, at: usize },
+    /// An unfragmented ICMP message from `source` to `destination`, at `at` (past the header's
+    /// options).
+    IcmpError {
+        source: u32,
+        destination: u32,
+        at: usize,
+    },
 }
 
-/// An ICMP error a local endpoint sends about a client's packet (e.g. port unreachable for a
-/// closed UDP port): the client gets it from the frontend it used, about the packet as it sent
-/// it (to the frontend), so that its socket matches it. The quoted destination and port (and
-/// the quoted source port of a remapped flow), the quoted IP and UDP checksums, the outer
-/// source and the ICMP checksum are rewritten. Anything else leaves untouched.
+/// An ICMP error about a client's packet to a local endpoint, sent by the endpoint (e.g. port
+/// unreachable for a closed UDP port) or by the node while it forwarded the packet to the
+/// endpoint (fragmentation needed on a pod link of a smaller MTU, time exceeded): the client
+/// gets it from the frontend it used, about the packet as it sent it (to the frontend), so that
+/// its socket matches it, as netfilter's NAT translates an error related to a flow
+/// (nf_nat_icmp_reply_translation). The quoted destination and port (and the quoted source port
+/// of a remapped flow), the quoted IP and UDP checksums, the outer source and the ICMP checksum
+/// are rewritten. Anything else leaves untouched ([`translates_error`]).
 #[inline(always)]
-fn icmp_error_from_endpoint(ctx: &TcContext, source: u32, at: usize) -> Result<(), Event> {
+fn icmp_error_about_an_endpoints_flow(
+    ctx: &TcContext,
+    (source, destination): (u32, u32),
+    at: usize,
+) -> Result<(), Event> {
     let mut error = [0u8; ICMP_ERROR_LEN];
     let load_transport = |offset, bytes: &mut [u8; 8]| load_into(ctx, offset)(bytes);
     let Some(transport_at) = icmp::gather(&mut error, at, load_into(ctx, at), load_transport)
@@ -590,7 +606,7 @@ fn icmp_error_from_endpoint(ctx: &TcContext, source: u32, at: usize) -> Result<(
         seq: 0,
         seq_end: 0,
     };
-    if source != endpoint {
+    if !translates_error(ctx, (source == endpoint, destination == client)) {
         return Ok(());
     }
     let Some((frontend, from_port)) = endpoint_flow(&answer) else {
@@ -640,8 +656,28 @@ fn endpoint_flow<F: Family>(answer: &Tuple<F>) -> Option<((F::Addr, u16), u16)> 
     }
 }
 
+/// Whether an ICMP error quoting a client's packet to a local endpoint is one to translate:
+/// addressed to that client (netfilter holds an error whose outer destination is not the quoted
+/// source INVALID and leaves it untranslated, nf_conntrack_inet_error), and sent by the endpoint
+/// itself or made by this node's stack (an error about the packet it forwarded to the
+/// endpoint). A skb the stack made has no ingress interface; one forwarded from a pod has the
+/// pod's veth: another pod may not have its forged error sent from the frontend, matching the
+/// client's socket.
+#[inline(always)]
+fn translates_error(ctx: &TcContext, (from_endpoint, to_client): (bool, bool)) -> bool {
+    to_client && (from_endpoint || made_by_this_node(ctx))
+}
+
+/// Whether the packet was made by this node's stack (no ingress interface), not forwarded.
+#[inline(always)]
+fn made_by_this_node(ctx: &TcContext) -> bool {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: the program's own skb, valid for the whole run.
+    unsafe { (*skb).ingress_ifindex == 0 }
+}
+
 /// An ICMPv6 error (at `at`) a local endpoint sends about a client's packet, as
-/// [`icmp_error_from_endpoint`] does for IPv4: the client gets it from the frontend it used,
+/// [`icmp_error_about_an_endpoints_flow`] does for IPv4: the client gets it from the frontend it used,
 /// about the packet as it sent it (with its extension headers, if it had any). The quoted
 /// destination and port (and the quoted source port of a remapped flow), a quoted UDP checksum,
 /// the outer source and the ICMPv6 checksum (whose pseudo-header holds the outer source) are
@@ -649,7 +685,7 @@ fn endpoint_flow<F: Family>(answer: &Tuple<F>) -> Option<((F::Addr, u16), u16)> 
 ///
 /// A BPF function of its own (see [`lb_tc_egress6`]).
 #[inline(never)]
-fn icmp6_error_from_endpoint(ctx: &TcContext, at: usize) -> Result<(), Event> {
+fn icmp6_error_about_an_endpoints_flow(ctx: &TcContext, at: usize) -> Result<(), Event> {
     let Some(fixed) = read::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN) else {
         return Ok(());
     };
@@ -673,7 +709,8 @@ fn icmp6_error_from_endpoint(ctx: &TcContext, at: usize) -> Result<(), Event> {
         seq: 0,
         seq_end: 0,
     };
-    if !V6::same(&source, &endpoint) {
+    let to_client = V6::same(&words_at(&fixed, IPV6_DADDR_OFFSET), &client);
+    if !translates_error(ctx, (V6::same(&source, &endpoint), to_client)) {
         return Ok(());
     }
     let Some((frontend, from_port)) = endpoint_flow(&answer) else {
@@ -746,6 +783,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     if protocol == IPPROTO_ICMP && unfragmented {
         return Some(Packet::IcmpError {
             source: saddr,
+            destination: u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
             at: ETH_HDR_LEN + header_len,
         });
     }
@@ -1012,7 +1050,7 @@ enum Packet6 {
 /// The parse of an IPv6 frame: the fixed header, then, when extension headers follow it, the
 /// walk over them ([`walk`]) to the transport header. `None` for anything else, which passes
 /// untouched: another upper layer (ICMPv6 among them: neighbour discovery and the rest; errors
-/// are [`icmp6_error_from_endpoint`]'s), ESP, more extension headers than the walk crosses, a
+/// are [`icmp6_error_about_an_endpoints_flow`]'s), ESP, more extension headers than the walk crosses, a
 /// header cut short, a jumbogram.
 #[inline(always)]
 fn parse6(ctx: &TcContext) -> Option<Packet6> {

@@ -5,7 +5,10 @@
 use std::{fmt::Write as _, os::fd::AsFd};
 
 use lb_common::flow_cache::cpus;
-use lb_userspace::datapath::{Datapath, FlowCacheCounts, testrun::test_run};
+use lb_userspace::datapath::{
+    Datapath, FlowCacheCounts,
+    testrun::{TestRunError, TestRunOutput, test_run, test_run_skb_from},
+};
 
 use crate::packet::TcpFlags;
 
@@ -55,8 +58,31 @@ pub fn run_table(program: impl AsFd, cases: &[Case]) {
     );
 }
 
+/// [`run_table`] for a tc program, every case a packet the node forwarded from interface
+/// `ingress_ifindex` (`run_table` runs them as packets the node's own stack made).
+pub fn run_table_forwarded_from(program: impl AsFd, ingress_ifindex: u32, cases: &[Case]) {
+    let program = program.as_fd();
+    let mut failures = String::new();
+    for case in cases {
+        let run = test_run_skb_from(program, &case.input, ingress_ifindex);
+        if let Err(failure) = compare(run, case) {
+            let _ = writeln!(failures, "- {}: {failure}", case.name);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{failures}",
+        failures.lines().filter(|l| l.starts_with("- ")).count(),
+        cases.len()
+    );
+}
+
 fn check(program: std::os::fd::BorrowedFd<'_>, case: &Case) -> Result<(), String> {
-    let run = test_run(program, &case.input).map_err(|err| format!("{err:#}"))?;
+    compare(test_run(program, &case.input), case)
+}
+
+fn compare(run: Result<TestRunOutput, TestRunError>, case: &Case) -> Result<(), String> {
+    let run = run.map_err(|err| format!("{err:#}"))?;
     let expected = match &case.output {
         Expect::Unchanged => &case.input,
         Expect::Bytes(bytes) => bytes,

@@ -7,7 +7,7 @@ use lab::{
     lab::{Host, Lab, PinDir},
     packet::{self, TcpFlags},
     peer::NodeConnection,
-    table::{Case, Expect, run_table},
+    table::{Case, Expect, run_table, run_table_forwarded_from},
 };
 use lb_common::{proto, service_flags};
 use lb_userspace::{
@@ -29,6 +29,12 @@ const POD_B: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 11), 808
 /// A frontend whose service has no backend.
 const EMPTY_FRONTEND: SocketAddrV4 = SocketAddrV4::new(NODE, 30090);
 /// IPv4 options: NOP NOP NOP EOL, then a router alert, then NOP NOP NOP EOL.
+/// The host side of a pod's veth, which what a pod sends comes through.
+const POD_VETH: u32 = 7;
+/// The node's address on the pods' side of its routes.
+const NODE_ON_PODS_SIDE: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+/// A host that is neither client nor endpoint.
+const ELSEWHERE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
 const IP_OPTIONS: [u8; 12] = [1, 1, 1, 0, 0x94, 4, 0, 0, 1, 1, 1, 0];
 
 fn backend(addr: SocketAddrV4, protocol: u8) -> Backend {
@@ -3359,10 +3365,13 @@ fn icmp_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
     let tcp_received = packet::tcp(CLIENT, POD_A, TcpFlags::SYN, b"");
     let tcp_sent = packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b"");
     let untracked = packet::udp(SocketAddrV4::new(*CLIENT.ip(), 40999), POD_A, b"query");
-    run_table(
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd"),
+    let tc = datapath
+        .program_fd(lb_common::program_names::TC_EGRESS)
+        .expect("fd");
+    // The pods' errors come through the node, from their veths.
+    run_table_forwarded_from(
+        tc,
+        POD_VETH,
         &[
             case(
                 "port unreachable about a udp datagram (its checksum quoted)",
@@ -3420,11 +3429,65 @@ fn icmp_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
                 TC_ACT_OK,
                 Expect::Unchanged,
             ),
+            case(
+                "an error another pod forged about the flow",
+                packet::icmp_error(*POD_B.ip(), *CLIENT.ip(), port_unreachable, &udp_received),
+                TC_ACT_OK,
+                Expect::Unchanged,
+            ),
+            case(
+                "an error from the endpoint to another host than the client",
+                packet::icmp_error(*POD_A.ip(), ELSEWHERE, port_unreachable, &udp_received),
+                TC_ACT_OK,
+                Expect::Unchanged,
+            ),
+        ],
+    );
+    // The node's own errors about what it forwarded to the endpoint: made by its stack, from
+    // one of its addresses (here the one on the pods' side).
+    let fragmentation_needed = (3, 4, [0, 0, 0x05, 0x78]);
+    let time_exceeded = (11, 0, [0; 4]);
+    run_table(
+        tc,
+        &[
+            case(
+                "fragmentation needed from the node about a datagram to the endpoint",
+                packet::icmp_error(
+                    NODE_ON_PODS_SIDE,
+                    *CLIENT.ip(),
+                    fragmentation_needed,
+                    &udp_received,
+                ),
+                TC_ACT_OK,
+                Expect::Bytes(packet::icmp_error(
+                    NODE,
+                    *CLIENT.ip(),
+                    fragmentation_needed,
+                    &udp_sent,
+                )),
+            ),
+            case(
+                "time exceeded from the node about a tcp segment to the endpoint",
+                packet::icmp_error(NODE, *CLIENT.ip(), time_exceeded, &tcp_received),
+                TC_ACT_OK,
+                Expect::Bytes(packet::icmp_error(
+                    NODE,
+                    *CLIENT.ip(),
+                    time_exceeded,
+                    &tcp_sent,
+                )),
+            ),
+            case(
+                "an error from the node to another host than the client",
+                packet::icmp_error(NODE, ELSEWHERE, fragmentation_needed, &udp_received),
+                TC_ACT_OK,
+                Expect::Unchanged,
+            ),
         ],
     );
     assert_eq!(
         datapath.events().expect("events")["icmp_error_translated"],
-        4
+        6
     );
 }
 

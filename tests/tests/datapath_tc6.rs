@@ -11,7 +11,7 @@ use lab::{
     lab::{Lab, PinDir},
     packet::{ETH_HDR_LEN, TcpFlags},
     packet6::{self, IPV6_HDR_LEN, next_header},
-    table::{Case, Expect, run_table},
+    table::{Case, Expect, run_table, run_table_forwarded_from},
 };
 use lb_common::{
     Ct6Key, Ct6Value, Flow6Value, Ipv6Words, backend_flags, ct_direction, ct_flags, flow_key,
@@ -178,7 +178,12 @@ impl Fixture {
 struct Row {
     case: Case,
     counted: Option<&'static str>,
+    /// The interface the node forwarded the packet from; None: the node's stack made it.
+    forwarded_from: Option<u32>,
 }
+
+/// The host side of a pod's veth, which what a pod sends comes through.
+const POD_VETH: u32 = 7;
 
 fn row(name: &'static str, input: Vec<u8>, verdict: u32, output: Expect) -> Row {
     Row {
@@ -189,6 +194,7 @@ fn row(name: &'static str, input: Vec<u8>, verdict: u32, output: Expect) -> Row 
             output,
         },
         counted: None,
+        forwarded_from: None,
     }
 }
 
@@ -196,6 +202,14 @@ impl Row {
     fn counting(self, label: &'static str) -> Self {
         Self {
             counted: Some(label),
+            ..self
+        }
+    }
+
+    /// The packet as it comes from a pod, through its veth.
+    fn sent_by_a_pod(self) -> Self {
+        Self {
+            forwarded_from: Some(POD_VETH),
             ..self
         }
     }
@@ -213,7 +227,12 @@ fn run_rows(fixture: &Fixture, rows: Vec<Row>) {
             );
         }
         let before = row.counted.map(|label| fixture.event(label));
-        run_table(fixture.tc(), std::slice::from_ref(&row.case));
+        match row.forwarded_from {
+            Some(ifindex) => {
+                run_table_forwarded_from(fixture.tc(), ifindex, std::slice::from_ref(&row.case))
+            }
+            None => run_table(fixture.tc(), std::slice::from_ref(&row.case)),
+        }
         if let (Some(label), Some(before)) = (row.counted, before) {
             assert_eq!(
                 fixture.event(label),
@@ -394,6 +413,11 @@ fn tc_egress_reverse_nats_the_ipv6_answers_of_local_endpoints_and_passes_the_res
     assert_eq!(fixture.flow(proto::TCP).state, tcp_state::ESTABLISHED);
 }
 
+/// The node's address on the pods' side of its routes.
+const NODE_ON_PODS_SIDE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 1);
+/// A host that is neither client nor endpoint.
+const ELSEWHERE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 9);
+
 /// ICMPv6 destination unreachable, port unreachable.
 const PORT_UNREACHABLE: (u8, u8, [u8; 4]) = (1, 4, [0; 4]);
 /// ICMPv6 packet too big, MTU 1280.
@@ -428,7 +452,8 @@ fn icmpv6_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
                 whole,
             )),
         )
-        .counting("icmp_error_translated"),
+        .counting("icmp_error_translated")
+        .sent_by_a_pod(),
         row(
             "packet too big about a segment of a remapped flow",
             packet6::icmpv6(
@@ -447,13 +472,15 @@ fn icmpv6_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
                 header_and_ports,
             )),
         )
-        .counting("icmp_error_translated"),
+        .counting("icmp_error_translated")
+        .sent_by_a_pod(),
         row(
             "an error about the flow from another host than its endpoint",
             packet6::icmpv6(*POD_B.ip(), CLIENT_ADDR, PORT_UNREACHABLE, &received, whole),
             TC_ACT_OK,
             Expect::Unchanged,
-        ),
+        )
+        .sent_by_a_pod(),
         row(
             "an error about a packet of no flow",
             packet6::icmpv6(
@@ -465,10 +492,45 @@ fn icmpv6_errors_a_local_endpoint_sends_reach_the_client_from_the_frontend() {
             ),
             TC_ACT_OK,
             Expect::Unchanged,
-        ),
+        )
+        .sent_by_a_pod(),
         row(
             "an echo reply is no error",
             packet6::icmpv6(*POD_A.ip(), CLIENT_ADDR, echo_reply, &received, whole),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        )
+        .sent_by_a_pod(),
+        row(
+            "an error from the endpoint to another host than the client",
+            packet6::icmpv6(*POD_A.ip(), ELSEWHERE, PORT_UNREACHABLE, &received, whole),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        )
+        .sent_by_a_pod(),
+        // The node's own errors about what it forwarded to the endpoint, made by its stack.
+        row(
+            "packet too big from the node about a datagram to the endpoint",
+            packet6::icmpv6(
+                NODE_ON_PODS_SIDE,
+                CLIENT_ADDR,
+                PACKET_TOO_BIG,
+                &received,
+                whole,
+            ),
+            TC_ACT_OK,
+            Expect::Bytes(packet6::icmpv6(
+                NODE,
+                CLIENT_ADDR,
+                PACKET_TOO_BIG,
+                &sent,
+                whole,
+            )),
+        )
+        .counting("icmp_error_translated"),
+        row(
+            "an error from the node to another host than the client",
+            packet6::icmpv6(NODE, ELSEWHERE, PACKET_TOO_BIG, &received, whole),
             TC_ACT_OK,
             Expect::Unchanged,
         ),

@@ -11,7 +11,7 @@ use std::{
 use lab::{
     agent::{AgentLab, POD_PORT, node_port_service_with_endpoints},
     peer::ClientRun,
-    topology::{CLIENT_ADDR, node_addr, pod_addr},
+    topology::{CLIENT_ADDR, POD_IFACE, node_addr, pod_addr},
 };
 
 const SHORT_TIMEOUTS: &[&str] = &[
@@ -346,6 +346,87 @@ fn a_port_unreachable_quoting_ip_options_reaches_the_udp_client_through_a_node_p
     assert!(
         after["icmp_error_translated"] > before["icmp_error_translated"],
         "the endpoint's error was translated: before {before:?}, after {after:?}"
+    );
+}
+
+/// A local endpoint behind a pod link of a smaller MTU (1400, as an overlay's) than the
+/// client's path (1500): a datagram with DF set that fits the client's path but not the pod's
+/// link makes node1's stack, forwarding it to the pod, answer with ICMP fragmentation needed.
+/// That error quotes the datagram as the pod would have got it (to the pod); translated, it
+/// reaches the client's connected socket, which learns the path's MTU (EMSGSIZE, then
+/// `IP_MTU` 1400); untranslated, the client never hears of it and its datagrams vanish.
+#[test]
+fn fragmentation_needed_from_the_node_reaches_the_udp_client_through_a_node_port() {
+    use std::os::fd::AsRawFd;
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup
+        .apply(
+            "narrow.yaml",
+            &udp_service("narrow", "10.96.0.57", 30057, pod_addr(1, 0), "node1"),
+        )
+        .expect("apply");
+    let pod = setup.cluster.pod("n1p0");
+    pod.host
+        .ip(&["link", "set", POD_IFACE, "mtu", "1400"])
+        .expect("narrow the pod's side");
+    let node = &setup.cluster.node(1).host;
+    for link in ["v-n1p0", "cni0"] {
+        node.ip(&["link", "set", link, "mtu", "1400"])
+            .expect("narrow the node's side");
+    }
+    let before = setup.events().expect("events");
+    {
+        let _inside = setup.cluster.client.enter().expect("enter the client");
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let fd = socket.as_raw_fd();
+        let discover = libc::IP_PMTUDISC_DO;
+        // SAFETY: a valid socket and an int option of the size given.
+        let set = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&raw const discover).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            set,
+            0,
+            "IP_MTU_DISCOVER: {}",
+            std::io::Error::last_os_error()
+        );
+        socket
+            .connect(format!("{}:30057", node_addr(1)))
+            .expect("connect");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        socket.send(&[0u8; 1450]).expect("send");
+        let error = socket
+            .recv(&mut [0u8; 64])
+            .expect_err("fragmentation needed");
+        assert_eq!(error.raw_os_error(), Some(libc::EMSGSIZE), "{error}");
+        let mut mtu: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket, an int and its length.
+        let got = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_MTU,
+                (&raw mut mtu).cast(),
+                &raw mut len,
+            )
+        };
+        assert_eq!(got, 0, "IP_MTU: {}", std::io::Error::last_os_error());
+        assert_eq!(mtu, 1400, "the path's MTU the client learnt");
+    }
+    let after = setup.events().expect("events");
+    assert!(
+        after["icmp_error_translated"] > before["icmp_error_translated"],
+        "the node's error was translated: before {before:?}, after {after:?}"
     );
 }
 

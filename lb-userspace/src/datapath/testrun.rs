@@ -81,7 +81,22 @@ pub fn test_run_on(
         ingress_ifindex,
         ..XdpMd::default()
     };
-    run(program, packet, 1, Some(&context))
+    run(program, packet, 1, Some(Context::Xdp(&context)))
+}
+
+/// Runs a tc program once on `packet` as a packet the node forwarded from interface
+/// `ingress_ifindex` (`__sk_buff.ingress_ifindex`; without it, 0: a packet the node's own stack
+/// made).
+pub fn test_run_skb_from(
+    program: impl AsFd,
+    packet: &[u8],
+    ingress_ifindex: u32,
+) -> Result<TestRunOutput, TestRunError> {
+    let context = SkBuffPrefix {
+        ingress_ifindex,
+        ..SkBuffPrefix::default()
+    };
+    run(program, packet, 1, Some(Context::SkBuff(&context)))
 }
 
 /// Runs `program` `repeat` times on `packet`.
@@ -101,7 +116,7 @@ fn run(
     program: impl AsFd,
     packet: &[u8],
     repeat: u32,
-    context: Option<&XdpMd>,
+    context: Option<Context<'_>>,
 ) -> Result<TestRunOutput, TestRunError> {
     if repeat == 0 {
         return Err(TestRunError::ZeroRepeat);
@@ -114,8 +129,8 @@ fn run(
         data_in: packet.as_ptr() as u64,
         data_out: output.as_mut_ptr() as u64,
         repeat,
-        ctx_size_in: context.map_or(0, |_| size_of::<XdpMd>() as u32),
-        ctx_in: context.map_or(0, |context| context as *const XdpMd as u64),
+        ctx_size_in: context.map_or(0, |context| context.size()),
+        ctx_in: context.map_or(0, |context| context.address()),
         ..TestRunAttr::default()
     };
     // SAFETY: data_in, data_out and ctx_in point to buffers of the sizes given, all alive for
@@ -146,6 +161,49 @@ struct XdpMd {
     ingress_ifindex: u32,
     rx_queue_index: u32,
     egress_ifindex: u32,
+}
+
+/// The context a run starts from, for the program's type.
+#[derive(Clone, Copy)]
+enum Context<'a> {
+    Xdp(&'a XdpMd),
+    SkBuff(&'a SkBuffPrefix),
+}
+
+impl Context<'_> {
+    fn size(self) -> u32 {
+        match self {
+            Self::Xdp(_) => size_of::<XdpMd>() as u32,
+            Self::SkBuff(_) => size_of::<SkBuffPrefix>() as u32,
+        }
+    }
+
+    fn address(self) -> u64 {
+        match self {
+            Self::Xdp(context) => context as *const XdpMd as u64,
+            Self::SkBuff(context) => context as *const SkBuffPrefix as u64,
+        }
+    }
+}
+
+/// The kernel's `struct __sk_buff` up to `ifindex`, which BPF_PROG_TEST_RUN takes as a prefix of
+/// the context (the rest zero). Of these fields it takes `mark`, `priority` and
+/// `ingress_ifindex` (as `skb_iif`) and refuses a run with any other one set
+/// (net/bpf/test_run.c, convert___skb_to_skb).
+#[repr(C)]
+#[derive(Default)]
+struct SkBuffPrefix {
+    len: u32,
+    pkt_type: u32,
+    mark: u32,
+    queue_mapping: u32,
+    protocol: u32,
+    vlan_present: u32,
+    vlan_tci: u32,
+    vlan_proto: u32,
+    priority: u32,
+    ingress_ifindex: u32,
+    ifindex: u32,
 }
 
 /// Runs an XDP program `repeat` times on live frames made from `packet` as if they arrived on
