@@ -1035,7 +1035,8 @@ pub mod service_flags {
     pub const KINDS: u32 = CLUSTER_IP | NODE_PORT | EXTERNAL_IP | LOAD_BALANCER | FOR_NODE_CLIENTS;
     /// The table holds node-local backends only (a Local traffic policy): an empty table drops
     /// (`drop_no_local_backend`, as kube-proxy does) instead of rejecting, and the client
-    /// address is always preserved.
+    /// address is always preserved. Not set for a port with no endpoint anywhere, which
+    /// kube-proxy rejects whatever its policy.
     pub const LOCAL_ONLY: u32 = 1 << 8;
     /// Clients must match the service's loadBalancerSourceRanges (`lb4_srcrng_v1`).
     pub const SOURCE_RANGES: u32 = 1 << 9;

@@ -792,9 +792,10 @@ struct Observers {
     metrics: Arc<AgentMetrics>,
     health: Arc<Health>,
     health_checks: HealthCheckPorts,
-    /// Service ports with a Local traffic policy, with their endpoints (address, port); kept
-    /// for the changed ports only, so a sync stays O(the change).
-    local_policy: BTreeMap<ServicePortKey, Vec<(IpAddr, u16)>>,
+    /// Service ports with a Local traffic policy, with their endpoints (address, port, and
+    /// whether it is ready rather than serving while terminating); kept for the changed ports
+    /// only, so a sync stays O(the change).
+    local_policy: BTreeMap<ServicePortKey, Vec<(IpAddr, u16, bool)>>,
 }
 
 struct SyncCounts {
@@ -855,7 +856,10 @@ impl Observers {
                     let endpoints = service
                         .backends
                         .iter()
-                        .map(|backend| (backend.addr, backend.port))
+                        .map(|backend| {
+                            let ready = backend.flags & lb_common::backend_flags::TERMINATING == 0;
+                            (backend.addr, backend.port, ready)
+                        })
                         .collect();
                     self.local_policy.insert(key.clone(), endpoints);
                 }
@@ -890,9 +894,11 @@ impl Observers {
         self.health.updated();
     }
 
-    /// A Service's endpoints on this node that its healthCheckNodePort counts: the most any of
-    /// its externally-scoped ports has (ETP Local programs only local endpoints there), leaving
-    /// out those failing their health check. The datapath keeps failed endpoints when all fail
+    /// A Service's endpoints on this node that its healthCheckNodePort counts: the most ready
+    /// ones any of its externally-scoped ports has (ETP Local programs only local endpoints
+    /// there), leaving out those failing their health check. Endpoints serving while
+    /// terminating are not counted, as kube-proxy counts none: the load balancer moves new
+    /// clients to other nodes while the node's own finish theirs. The datapath keeps failed endpoints when all fail
     /// (fail open); the port reports 0 then, so that the load balancer sends to other nodes.
     fn local_endpoints(
         &self,
@@ -900,7 +906,7 @@ impl Observers {
         name: &str,
         health_failed: &BTreeSet<ProbedEndpoint>,
     ) -> usize {
-        let failed = |&(addr, port): &(IpAddr, u16)| {
+        let failed = |addr: IpAddr, port: u16| {
             health_failed.contains(&ProbedEndpoint {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
@@ -915,7 +921,12 @@ impl Observers {
                     && key.name == name
                     && matches!(key.scope, Scope::External | Scope::LoadBalancer)
             })
-            .map(|(_, endpoints)| endpoints.iter().filter(|e| !failed(e)).count())
+            .map(|(_, endpoints)| {
+                endpoints
+                    .iter()
+                    .filter(|&&(addr, port, ready)| ready && !failed(addr, port))
+                    .count()
+            })
             .max()
             .unwrap_or(0)
     }

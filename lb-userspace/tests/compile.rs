@@ -758,6 +758,57 @@ fn rows() -> Vec<Row> {
             held: &[],
         },
         Row {
+            name: "internalTrafficPolicy Local with no endpoint anywhere rejects as Cluster does (kube-proxy drops only for none on this node)",
+            yaml: service(
+                "web",
+                "  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80}\n",
+            ) + &slice(
+                "web-1",
+                "web",
+                &[(
+                    "10.244.1.10",
+                    "node1",
+                    "{ready: false, serving: false, terminating: true}",
+                )],
+                &[("http", 80, "TCP")],
+            ),
+            expected: &["default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[] affinity=0"],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "a Local policy with no ready endpoint on this node takes its serving terminating ones, though other nodes have ready ones (KEP-1669)",
+            yaml: NODE1.to_owned()
+                + &service(
+                    "web",
+                    "  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, nodePort: 30080}\n",
+                )
+                + &slice(
+                    "web-1",
+                    "web",
+                    &[
+                        (
+                            "10.244.1.10",
+                            "node1",
+                            "{ready: false, serving: true, terminating: true}",
+                        ),
+                        (
+                            "10.244.1.11",
+                            "node1",
+                            "{ready: false, serving: false, terminating: true}",
+                        ),
+                        ("10.244.2.10", "node2", READY),
+                    ],
+                    &[("http", 80, "TCP")],
+                ),
+            expected: &[
+                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport(node-clients), 203.0.113.1:30080 nodeport(node-clients)] be=[10.244.1.10:80 LT] affinity=0 local-only",
+                "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:80 LT] affinity=0 local-only node-clients-elsewhere",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
             name: "loadBalancerSourceRanges: the LoadBalancer IPs get their own checked entry",
             yaml: NODE1.to_owned()
                 + &service(

@@ -626,3 +626,85 @@ fn an_ingress_ip_in_ip_mode_proxy_is_left_to_the_load_balancer() {
     assert!(frontends.contains("198.51.100.20:80"), "{services:#}");
     assert!(!frontends.contains("198.51.100.21"), "{services:#}");
 }
+
+/// The Service `web` of [`load_balancer_service`] under both traffic policies Local, with
+/// healthCheckNodePort 32101.
+fn local_load_balancer_service() -> String {
+    load_balancer_service(
+        "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  healthCheckNodePort: 32101\n",
+        "[]",
+    )
+}
+
+/// A Local traffic policy whose node has no ready endpoint takes the node's endpoints still
+/// serving while terminating, though another node has a ready one (KEP-1669, kube-proxy's
+/// CategorizeEndpoints): both the NodePort from outside and the ClusterIP from a pod reach
+/// node1's terminating pod, where they used to be dropped. The healthCheckNodePort counts no
+/// terminating endpoint (503, 0), so a load balancer moves new clients to other nodes while
+/// this one finishes its own. With no endpoint anywhere, a Local policy refuses at once, as a
+/// Cluster one does, where it used to drop.
+#[test]
+fn a_local_policy_falls_back_to_the_nodes_serving_terminating_endpoints() {
+    let mut lab = AgentLab::new().expect("lab");
+    lab.start_agent(&[]).expect("agent");
+    let terminating_here = endpoint_slice(
+        "web",
+        &[(pod_addr(1, 0), "node1"), (pod_addr(2, 0), "node2")],
+    )
+    .replacen(
+        "conditions: {ready: true}",
+        "conditions: {ready: false, serving: true, terminating: true}",
+        1,
+    );
+    lab.apply(
+        "web.yaml",
+        &(local_load_balancer_service() + "---\n" + &terminating_here),
+    )
+    .expect("apply");
+    let node_port = format!("{}:30080", node_addr(1));
+    let external = ClientRun::tcp(&node_port, 10)
+        .run(&lab.cluster.client, None)
+        .expect("client");
+    external.assert_all_ok("NodePort, Local, a terminating endpoint here");
+    assert_eq!(external.servers(), ["n1p0"].into());
+    let internal = ClientRun::tcp("10.96.0.10:80", 10)
+        .run(lab.client_pod(), Some(&lab.cgroup))
+        .expect("client");
+    internal.assert_all_ok("ClusterIP, Local, a terminating endpoint here");
+    assert_eq!(internal.servers(), ["n1p0"].into());
+    let node = lab.cluster.node(1).host.clone();
+    let check = std::net::SocketAddr::from((node_addr(1), 32101));
+    let answer = lab::http::get(&node, check, "/").expect("health check");
+    let body: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+    assert_eq!(
+        (answer.status, &body["localEndpoints"]),
+        (503, &serde_json::json!(0)),
+        "{}",
+        answer.body
+    );
+
+    // No endpoint anywhere: refused at once, through XDP and the socket hooks.
+    lab.apply("web.yaml", &local_load_balancer_service())
+        .expect("apply");
+    for (what, host, cgroup, run) in [
+        (
+            "NodePort",
+            &lab.cluster.client,
+            None,
+            ClientRun::tcp(&node_port, 2),
+        ),
+        (
+            "ClusterIP",
+            lab.client_pod(),
+            Some(&lab.cgroup),
+            ClientRun::tcp("10.96.0.10:80", 2),
+        ),
+    ] {
+        let report = run.run(host, cgroup).expect("client");
+        assert_eq!(
+            report.error_kinds.get("refused"),
+            Some(&2),
+            "{what}: {report:?}"
+        );
+    }
+}

@@ -12,7 +12,9 @@
 //!   LOCAL when their nodeName is this node, or, without a nodeName, when the node's routes put
 //!   their address on this node ([`model::NodeContext::routed_local`]);
 //! - ready endpoints; when none is ready, the serving and terminating ones (KEP-1669);
-//! - traffic policies: a Local policy gets the local endpoints; the external frontends of an
+//! - traffic policies: a Local policy gets the local endpoints (the serving terminating ones
+//!   when none of them is ready, whatever other nodes have), and rejects as a Cluster policy
+//!   does when the port has no endpoint anywhere; the external frontends of an
 //!   externalTrafficPolicy Local Service also get entries for this node's own clients in the
 //!   internal-policy service (kube-proxy's short-circuit: no client address to preserve);
 //! - for a Cluster traffic policy, the endpoints' topology hints (trafficDistribution and the

@@ -398,6 +398,7 @@ pub(super) fn compile_service(
             let PortBackends {
                 all: backends,
                 cluster,
+                local,
             } = endpoints.backends(&port_name, protocol, node, family);
             if backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
                 return Err(invalid(
@@ -446,13 +447,16 @@ pub(super) fn compile_service(
                     scope,
                     family,
                 };
+                // With no endpoint anywhere a Local policy rejects as a Cluster one does: only
+                // "none on this node" drops (kube-proxy's hasEndpoints).
+                let flags = if backends.is_empty() {
+                    flags & !service_flags::LOCAL_ONLY
+                } else {
+                    flags
+                };
                 let local_only = flags & service_flags::LOCAL_ONLY != 0;
                 let backends = if local_only {
-                    backends
-                        .iter()
-                        .filter(|b| b.flags & backend_flags::LOCAL != 0)
-                        .copied()
-                        .collect()
+                    local.clone()
                 } else {
                     cluster.clone()
                 };
@@ -1154,39 +1158,70 @@ impl ServiceEndpoints {
         };
         let mut by_address: BTreeMap<(IpAddr, u16), Backend> = BTreeMap::new();
         let mut for_cluster: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
-        for endpoint in chosen {
-            let mut flags = 0;
-            if endpoint.is_on(node) {
-                flags |= backend_flags::LOCAL;
-            } else if endpoint.node_takes_direct_return(node) {
-                flags |= backend_flags::TAKES_DIRECT_RETURN;
-            }
-            if endpoint.terminating {
-                flags |= backend_flags::TERMINATING;
-            }
+        for endpoint in &chosen {
             if topology.admits(endpoint, node) {
                 for_cluster.insert((endpoint.addr, endpoint.port));
             }
-            // The same endpoint in two slices (during a slice rebalance) counts once, with flags
-            // that do not depend on the order of the slices.
-            by_address
-                .entry((endpoint.addr, endpoint.port))
-                .and_modify(|backend| backend.flags = merged_flags(backend.flags, flags))
-                .or_insert(Backend {
-                    addr: endpoint.addr,
-                    port: endpoint.port,
-                    proto: protocol,
-                    flags,
-                });
+            add_backend(&mut by_address, endpoint, protocol, node);
         }
+        let all: BTreeSet<Backend> = by_address.values().copied().collect();
+        // A Local policy with none of the node's endpoints ready takes those of them still
+        // serving while terminating, whatever other nodes have ready (kube-proxy's
+        // CategorizeEndpoints; without ready endpoints anywhere, `chosen` holds them already).
+        let local_ready = all.iter().any(|b| b.flags & backend_flags::LOCAL != 0);
+        let local = if local_ready || chosen.iter().all(|endpoint| !endpoint.ready) {
+            all.iter()
+                .filter(|b| b.flags & backend_flags::LOCAL != 0)
+                .copied()
+                .collect()
+        } else {
+            let mut local_fallback = BTreeMap::new();
+            for endpoint in candidates
+                .iter()
+                .filter(|endpoint| endpoint.serving && endpoint.terminating && endpoint.is_on(node))
+            {
+                add_backend(&mut local_fallback, endpoint, protocol, node);
+            }
+            local_fallback.into_values().collect()
+        };
         PortBackends {
             cluster: for_cluster
                 .iter()
                 .filter_map(|address| by_address.get(address).copied())
                 .collect(),
-            all: by_address.into_values().collect(),
+            all,
+            local,
         }
     }
+}
+
+/// Adds `endpoint` to `by_address` as a backend of `protocol`, flagged for `node`. The same
+/// endpoint in two slices (during a slice rebalance) counts once, with flags that do not depend
+/// on the order of the slices.
+fn add_backend(
+    by_address: &mut BTreeMap<(IpAddr, u16), Backend>,
+    endpoint: &SliceEndpoint,
+    protocol: u8,
+    node: &NodeContext,
+) {
+    let mut flags = 0;
+    if endpoint.is_on(node) {
+        flags |= backend_flags::LOCAL;
+    } else if endpoint.node_takes_direct_return(node) {
+        flags |= backend_flags::TAKES_DIRECT_RETURN;
+    }
+    if endpoint.terminating {
+        flags |= backend_flags::TERMINATING;
+    }
+    by_address
+        .entry((endpoint.addr, endpoint.port))
+        .and_modify(|backend| backend.flags = merged_flags(backend.flags, flags))
+        .or_insert(Backend {
+            addr: endpoint.addr,
+            port: endpoint.port,
+            proto: protocol,
+            flags,
+        });
 }
 
 /// The backends of one Service port.
@@ -1194,6 +1229,8 @@ struct PortBackends {
     all: BTreeSet<Backend>,
     /// Those a Cluster traffic policy selects from.
     cluster: BTreeSet<Backend>,
+    /// Those a Local traffic policy selects from.
+    local: BTreeSet<Backend>,
 }
 
 /// Which endpoints a Cluster traffic policy uses, from the hints the EndpointSlice controller
