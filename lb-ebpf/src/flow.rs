@@ -20,9 +20,7 @@ use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::{
     family::{Family, V4},
     flow_cache::{self, SlotLook},
-    helpers::{
-        atomic_or, holds_tcp_connection, holds_udp_connection, now_ns, random_below, random_u32,
-    },
+    helpers::{atomic_or, below, holds_tcp_connection, holds_udp_connection, now_ns, random_u32},
     maps::{
         AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, PAIR_FILTER,
         SLOTS4, count_event, count_service, dry_run,
@@ -2003,10 +2001,21 @@ pub fn select<F: Family>(
     service: &ServiceValue,
     index_slot: u32,
 ) -> Result<(u32, BackendValue<F::Addr>), Event> {
+    select_drawn::<F>(service, index_slot, random_u32())
+}
+
+/// The backend of the service's current table in the cell `draw` (uniform over u32) falls on,
+/// as [`select`] picks one for a random draw.
+#[inline(always)]
+pub fn select_drawn<F: Family>(
+    service: &ServiceValue,
+    index_slot: u32,
+    draw: u32,
+) -> Result<(u32, BackendValue<F::Addr>), Event> {
     if service.backend_count == 0 {
         return Err(no_backend(service));
     }
-    let cell = random_below(u32::from(service.backend_count));
+    let cell = below(draw, u32::from(service.backend_count));
     let backend_id = match F::inline_backend(index_slot, cell) {
         Some(backend_id) => backend_id,
         None => table_cell(service, cell as u32)?,

@@ -62,18 +62,19 @@ pub fn random_u32() -> u32 {
     xorshift::output(*state)
 }
 
-/// A pseudo-random number below `count` ([`random_u32`] reduced by [`xorshift::below`]), 0
-/// when `count` is 0; a `u64`, so that LLVM never zero-extends it. The shift is an asm block:
+/// `draw` (uniform over u32: [`random_u32`], or a hash) reduced to a number below `count`, 0
+/// when `count` is 0 (Lemire's multiply and shift); a `u64`, so that LLVM never zero-extends
+/// it. The shift is an asm block:
 /// LLVM folds a shift and a later bound check of its result into one check of the unshifted
 /// product, which the verifier cannot carry over to the shifted copy an index is then taken
 /// from. Returned as a `u32`, the number is extended again at each use, the last time by a mask
 /// LLVM derives from a bound check of another copy (`& 7` after `<= 6`), which loses the
 /// verifier the bound.
 #[inline(always)]
-pub fn random_below(count: u32) -> u64 {
+pub fn below(draw: u32, count: u32) -> u64 {
     #[cfg(target_arch = "bpf")]
     {
-        let mut product = u64::from(random_u32()) * u64::from(count);
+        let mut product = u64::from(draw) * u64::from(count);
         // SAFETY: a shift of a register, nothing else.
         unsafe {
             core::arch::asm!(
@@ -85,7 +86,7 @@ pub fn random_below(count: u32) -> u64 {
         product
     }
     #[cfg(not(target_arch = "bpf"))]
-    u64::from(xorshift::below(random_u32(), count))
+    u64::from(xorshift::below(draw, count))
 }
 
 #[inline(always)]

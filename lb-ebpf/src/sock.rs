@@ -33,7 +33,10 @@ use lb_common::{
 
 use crate::{
     family::{Family, V4, V6},
-    flow::{SOCKET_CLIENT, lookup_frontend_for_node_client, select_for_client, source_allowed_in},
+    flow::{
+        NOT_INDEXED, SOCKET_CLIENT, lookup_frontend_for_node_client, select_drawn,
+        select_for_client, source_allowed_in,
+    },
     helpers::{netns_cookie, now_ns, set_syscall_error, socket_cookie},
     maps::{count_event, count_service, dry_run},
     monitor,
@@ -48,12 +51,12 @@ const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    redirect_to_backend(&ctx)
+    redirect_to_backend::<CONNECT>(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    redirect_to_backend(&ctx)
+    redirect_to_backend::<SEND_UNCONNECTED>(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -74,7 +77,7 @@ pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
     if ipv4_mapped(&unsafe { &*ctx.sock_addr }.user_ip6) {
         redirect_mapped_to_backend(&ctx)
     } else {
-        redirect6_to_backend(&ctx)
+        redirect6_to_backend::<CONNECT>(&ctx)
     }
 }
 
@@ -86,7 +89,7 @@ pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
     if ipv4_mapped(&unsafe { &*ctx.sock_addr }.user_ip6) {
         return ALLOW;
     }
-    redirect6_to_backend(&ctx)
+    redirect6_to_backend::<SEND_UNCONNECTED>(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
@@ -101,13 +104,19 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// A connect() (TCP, or a UDP socket connecting): a new flow, its backend drawn at random.
+const CONNECT: bool = false;
+/// A sendmsg() of an unconnected UDP socket: its datagrams to one frontend are one flow, as
+/// kube-proxy's conntrack holds them by the socket's source port, so they go to one backend.
+const SEND_UNCONNECTED: bool = true;
+
 /// The destination (user_ip4/user_port, network byte order) becomes a backend when it is a
 /// frontend; the socket remembers the frontend for recvmsg/getpeername.
 #[inline(always)]
-fn redirect_to_backend(ctx: &SockAddrContext) -> i32 {
+fn redirect_to_backend<const UNCONNECTED: bool>(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's whole run.
     let addr = unsafe { &mut *ctx.sock_addr };
-    match backend_for::<V4>(ctx, addr.protocol, addr.user_ip4, addr.user_port) {
+    match backend_for::<V4, UNCONNECTED>(ctx, addr.protocol, addr.user_ip4, addr.user_port) {
         Choice::NoService => ALLOW,
         Choice::Refused => REJECT,
         Choice::Backend { addr: ip, port } => {
@@ -124,7 +133,7 @@ fn redirect_to_backend(ctx: &SockAddrContext) -> i32 {
 fn redirect_mapped_to_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as in redirect_to_backend.
     let addr = unsafe { &mut *ctx.sock_addr };
-    match backend_for::<V4>(ctx, addr.protocol, addr.user_ip6[3], addr.user_port) {
+    match backend_for::<V4, CONNECT>(ctx, addr.protocol, addr.user_ip6[3], addr.user_port) {
         Choice::NoService => ALLOW,
         Choice::Refused => REJECT,
         Choice::Backend { addr: ip, port } => {
@@ -138,10 +147,10 @@ fn redirect_mapped_to_backend(ctx: &SockAddrContext) -> i32 {
 /// As [`redirect_to_backend`], for a native IPv6 destination of an AF_INET6 socket (the caller
 /// checked that it is not IPv4-mapped): all four words of user_ip6 become the backend's.
 #[inline(always)]
-fn redirect6_to_backend(ctx: &SockAddrContext) -> i32 {
+fn redirect6_to_backend<const UNCONNECTED: bool>(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as in redirect_to_backend.
     let addr = unsafe { &mut *ctx.sock_addr };
-    match backend_for::<V6>(ctx, addr.protocol, user_ip6(addr), addr.user_port) {
+    match backend_for::<V6, UNCONNECTED>(ctx, addr.protocol, user_ip6(addr), addr.user_port) {
         Choice::NoService => ALLOW,
         Choice::Refused => REJECT,
         Choice::Backend { addr: ip, port } => {
@@ -203,9 +212,11 @@ enum Choice<A> {
 
 /// The backend for a socket call to `ip`:`port` (network byte order, as bpf_sock_addr holds
 /// them) when that is a frontend of family `F`, recorded for the socket (its socket NAT entry
-/// and storage of that family) and counted as a new flow.
+/// and storage of that family) and counted as a new flow. An unconnected socket's datagrams
+/// (`UNCONNECTED`) to a service without affinity go to the backend its socket cookie falls on
+/// ([`per_socket_draw`]), the same for every one while the table stays.
 #[inline(always)]
-fn backend_for<F: Family>(
+fn backend_for<F: Family, const UNCONNECTED: bool>(
     ctx: &SockAddrContext,
     protocol: u32,
     ip: F::Addr,
@@ -218,8 +229,16 @@ fn backend_for<F: Family>(
     let Some(service) = lookup_frontend_for_node_client::<F>(ip, port as u16, protocol) else {
         return Choice::NoService;
     };
-    let client = netns_cookie(ctx);
-    let (_, backend) = match select_for_client::<F>(service, client, SOCKET_CLIENT, now_ns()) {
+    let choice = if UNCONNECTED && service.affinity_timeout_s == 0 {
+        select_drawn::<F>(
+            service,
+            NOT_INDEXED,
+            per_socket_draw(ctx, service.service_id),
+        )
+    } else {
+        select_for_client::<F>(service, netns_cookie(ctx), SOCKET_CLIENT, now_ns())
+    };
+    let (_, backend) = match choice {
         Ok(choice) => choice,
         Err(event) => {
             count_event(Event::SOCK_NO_BACKEND);
@@ -266,6 +285,16 @@ fn backend_for<F: Family>(
         addr: backend.addr,
         port: u32::from(backend.port),
     }
+}
+
+/// A draw for the socket's datagrams to the service `service_id`: its cookie and the id mixed
+/// (a multiply by 2^64 / phi, high half), so that the sockets of a pod, whose cookies are
+/// consecutive numbers, spread over the table as random draws would.
+#[inline(always)]
+fn per_socket_draw(ctx: &SockAddrContext, service_id: u32) -> u32 {
+    let mixed =
+        (socket_cookie(ctx) ^ (u64::from(service_id) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (mixed >> 32) as u32
 }
 
 /// Records the socket's backend in its storage of family `F` (created on first use), with the

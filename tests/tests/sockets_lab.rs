@@ -402,3 +402,62 @@ fn a_dual_stack_socket_reaches_ipv4_services_through_their_mapped_addresses() {
         assert_eq!(report.by_server.values().sum::<u64>(), 10, "{what}");
     }
 }
+
+/// An unconnected UDP socket's datagrams to a ClusterIP are one flow, as kube-proxy's conntrack
+/// holds them by the socket's source port: all 30 of one socket reach one of the two endpoints,
+/// over IPv4 and IPv6, where each used to draw its own (QUIC, DTLS, RADIUS and SIP clients send a
+/// session's datagrams with sendto()). Sockets of their own still spread over the endpoints,
+/// and the socket names the Service as every answer's source.
+#[test]
+fn an_unconnected_udp_sockets_datagrams_to_a_service_reach_one_endpoint() {
+    let setup = dual_stack_agent();
+    let slice4 = endpoint_slice(
+        "dns",
+        &[(pod_addr(1, 0), "node1"), (pod_addr(2, 0), "node2")],
+    )
+    .replace("protocol: TCP", "protocol: UDP");
+    let slice6 = endpoint_slice6(
+        "dns",
+        &[(pod_addr6(1, 0), "node1"), (pod_addr6(2, 0), "node2")],
+        "UDP",
+    );
+    setup
+        .apply(
+            "dns.yaml",
+            &(service_of_families("dns", &["10.96.0.53", "2001:db8:96::53"], "UDP", 53, "")
+                + "---\n"
+                + &slice4
+                + "---\n"
+                + &slice6),
+        )
+        .expect("apply");
+    for to in ["10.96.0.53:53", "[2001:db8:96::53]:53"] {
+        let one_socket = ClientRun {
+            unconnected: true,
+            one_flow: true,
+            ..ClientRun::udp(to, 30)
+        }
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("client");
+        one_socket.assert_all_ok("one unconnected socket");
+        assert_eq!(
+            one_socket.by_server.len(),
+            1,
+            "{to}: one socket, one endpoint: {:?}",
+            one_socket.by_server
+        );
+        assert_eq!(one_socket.peer_names, [(to.to_owned(), 30)].into(), "{to}");
+        let many_sockets = ClientRun {
+            unconnected: true,
+            ..ClientRun::udp(to, 30)
+        }
+        .run(setup.client_pod(), Some(&setup.cgroup))
+        .expect("client");
+        many_sockets.assert_all_ok("a socket each");
+        assert!(
+            many_sockets.by_server.len() >= 2,
+            "{to}: 30 sockets over 2 endpoints: {:?}",
+            many_sockets.by_server
+        );
+    }
+}

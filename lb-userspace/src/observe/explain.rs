@@ -474,8 +474,14 @@ fn explain_socket(
         } else {
             ""
         };
+        let unconnected = if protocol == proto::UDP {
+            "; an unconnected socket's sendto() calls all take the one its socket cookie falls \
+             on"
+        } else {
+            ""
+        };
         reasons.push(format!(
-            "one of {} backends at random{maglev}: {}",
+            "one of {} backends at random{maglev}{unconnected}: {}",
             service.backend_count,
             backends.join(", ")
         ));
