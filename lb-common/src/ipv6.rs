@@ -76,6 +76,15 @@ pub fn next_header_of(start: &[u8; FIXED_FIELDS_LEN]) -> Option<u8> {
     (start[0] >> 4 == 6 && payload_len != 0).then_some(start[6])
 }
 
+/// [`next_header_of`] for a packet leaving the node, where a payload length of 0 is no
+/// jumbogram from outside but one of the stack's BIG TCP super-packets of more than 64 KiB
+/// (net/ipv6/ip6_output.c, `ip6_xmit`: a payload over `IPV6_MAXPLEN` gets 0; GRO does the same
+/// for forwarded ones, `ipv6_gro_complete`), whose length is the skb's.
+#[inline(always)]
+pub fn next_header_on_egress(start: &[u8; FIXED_FIELDS_LEN]) -> Option<u8> {
+    (start[0] >> 4 == 6).then_some(start[6])
+}
+
 /// What the Fragment header of a packet says (RFC 8200 section 4.5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fragment {
@@ -312,6 +321,22 @@ mod tests {
         bytes.push(2);
         bytes.extend_from_slice(rest);
         bytes
+    }
+
+    #[test]
+    fn a_payload_length_of_0_is_refused_on_arrival_and_taken_on_egress() {
+        const TCP: u8 = 6;
+        let mut bytes = packet(TCP, &[0; 20]);
+        let start: [u8; FIXED_FIELDS_LEN] = bytes[..FIXED_FIELDS_LEN].try_into().unwrap();
+        assert_eq!(next_header_of(&start), Some(TCP));
+        assert_eq!(next_header_on_egress(&start), Some(TCP));
+        bytes[4..6].fill(0);
+        let start: [u8; FIXED_FIELDS_LEN] = bytes[..FIXED_FIELDS_LEN].try_into().unwrap();
+        assert_eq!(next_header_of(&start), None);
+        assert_eq!(next_header_on_egress(&start), Some(TCP));
+        bytes[0] = 0x45;
+        let start: [u8; FIXED_FIELDS_LEN] = bytes[..FIXED_FIELDS_LEN].try_into().unwrap();
+        assert_eq!(next_header_on_egress(&start), None, "not version 6");
     }
 
     /// An options-style extension header (Hop-by-Hop, Destination Options, Routing) of

@@ -144,7 +144,7 @@ pub fn lb_tc_egress6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_egress6_direct(ctx: TcContext) -> i32 {
     let Some((tuple, udp_checksum)) = parse6_plain(&ctx) else {
-        // Headers outside the linear data (or a jumbogram): the full program's, which reads
+        // Headers outside the linear data: the full program's, which reads
         // them through the helper.
         // SAFETY: as in `lb_tc_egress`.
         unsafe { tail_call::<{ tc_programs::IPV6 }, _>(&ctx, &TC_PROGRAMS) };
@@ -1050,11 +1050,12 @@ enum Packet6 {
 /// The parse of an IPv6 frame: the fixed header, then, when extension headers follow it, the
 /// walk over them ([`walk`]) to the transport header. `None` for anything else, which passes
 /// untouched: another upper layer (ICMPv6 among them: neighbour discovery and the rest; errors
-/// are [`icmp6_error_about_an_endpoints_flow`]'s), ESP, more extension headers than the walk crosses, a
-/// header cut short, a jumbogram.
+/// are [`icmp6_error_about_an_endpoints_flow`]'s), ESP, more extension headers than the walk
+/// crosses, a header cut short. A payload length of 0 is a BIG TCP packet's
+/// ([`ipv6::next_header_on_egress`]): translated as any other, its length the skb's.
 #[inline(always)]
 fn parse6(ctx: &TcContext) -> Option<Packet6> {
-    let mut next = ipv6::next_header_of(&read(ctx, ETH_HDR_LEN)?)?;
+    let mut next = ipv6::next_header_on_egress(&read(ctx, ETH_HDR_LEN)?)?;
     let mut l4_offset = PLAIN_L4_OFFSET;
     let behind_extensions = !is_transport(next) && next != next_header::ICMPV6;
     // The identification is set on every path, also when unused: an `Option` set on one path
@@ -1104,7 +1105,8 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
 #[inline(always)]
 fn parse6_plain(ctx: &TcContext) -> Option<(Tuple<V6>, u16)> {
     let fixed = linear::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN)?;
-    let next = ipv6::next_header_of(linear::<{ ipv6::FIXED_FIELDS_LEN }>(ctx, ETH_HDR_LEN)?)?;
+    let next =
+        ipv6::next_header_on_egress(linear::<{ ipv6::FIXED_FIELDS_LEN }>(ctx, ETH_HDR_LEN)?)?;
     let l4 = linear::<EXT_HDR_PEEK>(ctx, PLAIN_L4_OFFSET)?;
     let segment = if next == proto::TCP {
         segment_of(ctx, PLAIN_L4_OFFSET, *linear::<14>(ctx, PLAIN_L4_OFFSET)?)?

@@ -305,7 +305,11 @@ pub fn transport_checksum_ok(frame: &[u8]) -> bool {
     let (protocol, offset) = transport(frame);
     let ip = &frame[ETH_HDR_LEN..];
     let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-    let end = ETH_HDR_LEN + IPV6_HDR_LEN + payload_len;
+    // A payload length of 0: a BIG TCP super-packet, as long as its frame.
+    let end = match payload_len {
+        0 => frame.len(),
+        len => ETH_HDR_LEN + IPV6_HDR_LEN + len,
+    };
     let upper = &frame[offset..end];
     if protocol == next_header::UDP && upper[6..8] == [0, 0] {
         return false;

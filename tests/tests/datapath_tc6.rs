@@ -248,6 +248,14 @@ fn tcp(src: SocketAddrV6, dst: SocketAddrV6, flags: TcpFlags, seq: u32) -> Vec<u
     packet6::tcp(src, dst, flags, seq, b"data")
 }
 
+/// `frame` with its payload length 0, as the stack sends a BIG TCP packet of more than 64 KiB
+/// (the transport checksum's pseudo-header has the real length, which the field never held).
+fn big_tcp(frame: &[u8]) -> Vec<u8> {
+    let mut frame = frame.to_vec();
+    frame[ETH_HDR_LEN + 4..ETH_HDR_LEN + 6].fill(0);
+    frame
+}
+
 #[test]
 fn tc_egress_reverse_nats_the_ipv6_answers_of_local_endpoints_and_passes_the_rest() {
     let lab = Lab::new().expect("lab");
@@ -277,6 +285,26 @@ fn tc_egress_reverse_nats_the_ipv6_answers_of_local_endpoints_and_passes_the_res
             answer_tcp.clone(),
             TC_ACT_OK,
             Expect::Bytes(translated_tcp.clone()),
+        ),
+        row(
+            "a BIG TCP answer (payload length 0: past 64 KiB, the skb holds its length)",
+            big_tcp(&answer_tcp),
+            TC_ACT_OK,
+            Expect::Bytes(big_tcp(&translated_tcp)),
+        ),
+        row(
+            "a BIG TCP answer behind a Hop-by-Hop header (as kernels with the jumbo option send it)",
+            big_tcp(&packet6::with_options_header(
+                &answer_tcp,
+                next_header::HOP_BY_HOP,
+                1,
+            )),
+            TC_ACT_OK,
+            Expect::Bytes(big_tcp(&packet6::with_options_header(
+                &translated_tcp,
+                next_header::HOP_BY_HOP,
+                1,
+            ))),
         ),
         row(
             "udp answer of a FLOW entry",
