@@ -522,6 +522,7 @@ fn maybe_backend_at<F: Family>(saddr: F::Addr, sport: u16, protocol: u8) -> bool
 fn later_fragment(ctx: &TcContext, key: &Frag4Key) -> Result<(), Event> {
     // SAFETY: a read-only copy of an entry written whole.
     let Some(first) = (unsafe { FRAGMENTS4.get(key) }).copied() else {
+        count_event(Event::PASS_FRAGMENT);
         return Ok(());
     };
     let old = key.saddr.to_be();

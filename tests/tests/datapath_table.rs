@@ -3015,19 +3015,34 @@ fn later_fragments_follow_their_first_fragment_to_a_local_endpoint_and_back() {
     );
     let answer = packet::fragments(&packet::udp(POD_A, CLIENT, &payload), 304);
     let translated = packet::fragments(&packet::udp(FRONTEND, CLIENT, &payload), 304);
+    let mut unknown_answer = answer[1].clone();
+    unknown_answer[packet::ETH_HDR_LEN + 4] = 0x77;
+    packet::fix_ip_checksum(&mut unknown_answer);
+    let mut rows = fragment_rows(
+        [
+            "first fragment of the answer",
+            "later fragment of the answer",
+        ],
+        &answer,
+        TC_ACT_OK,
+        &translated,
+    );
+    rows.push(case(
+        "later fragment of an answer with no first fragment seen",
+        unknown_answer,
+        TC_ACT_OK,
+        Expect::Unchanged,
+    ));
     run_table(
         datapath
             .program_fd(lb_common::program_names::TC_EGRESS)
             .expect("fd"),
-        &fragment_rows(
-            [
-                "first fragment of the answer",
-                "later fragment of the answer",
-            ],
-            &answer,
-            TC_ACT_OK,
-            &translated,
-        ),
+        &rows,
+    );
+    assert_eq!(
+        datapath.events().expect("events")["pass_fragment"],
+        2,
+        "tc counts the later fragment it has no record for"
     );
 }
 
