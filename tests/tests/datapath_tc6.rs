@@ -330,6 +330,18 @@ fn tc_egress_reverse_nats_the_ipv6_answers_of_local_endpoints_and_passes_the_res
             Expect::Bytes(tcp(FRONTEND, CLIENT_PAIR, ack, 9000)),
         ),
         row(
+            "tcp answer behind a Routing header with no segment left",
+            packet6::with_routing_header(&answer_tcp, 0),
+            TC_ACT_OK,
+            Expect::Bytes(packet6::with_routing_header(&translated_tcp, 0)),
+        ),
+        row(
+            "a Routing header with segments left: the client's address is a hop on the way",
+            packet6::with_routing_header(&answer_tcp, 1),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+        row(
             "tcp answer behind a Destination Options header",
             packet6::with_options_header(&answer_tcp, next_header::DEST_OPTS, 1),
             TC_ACT_OK,
