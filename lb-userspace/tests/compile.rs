@@ -606,6 +606,52 @@ fn rows() -> Vec<Row> {
             held: &[],
         },
         Row {
+            name: "a terminating endpoint published as ready (publishNotReadyAddresses) serves as a ready one: not flagged terminating",
+            yaml: service("web", cluster_ip)
+                + &slice(
+                    "web-1",
+                    "web",
+                    &[(
+                        "10.244.1.10",
+                        "node1",
+                        "{ready: true, serving: true, terminating: true}",
+                    )],
+                    &[("http", 8080, "TCP")],
+                ),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 L] affinity=0",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
+            name: "a Local policy's serving terminating fallback is weighed as any endpoint (weight 0: none of it)",
+            yaml: "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  annotations: {lb.io/endpoint-weights: \"10.244.1.10=0, *=1\"}\nspec:\n  clusterIP: 10.96.0.10\n  internalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80}\n".to_owned()
+                + &slice(
+                    "web-1",
+                    "web",
+                    &[
+                        (
+                            "10.244.1.10",
+                            "node1",
+                            "{ready: false, serving: true, terminating: true}",
+                        ),
+                        (
+                            "10.244.1.11",
+                            "node1",
+                            "{ready: false, serving: true, terminating: true}",
+                        ),
+                        ("10.244.2.10", "node2", READY),
+                    ],
+                    &[("http", 8080, "TCP")],
+                ),
+            expected: &[
+                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 LT, 10.244.1.11:8080 LT] affinity=0 local-only weights=[10.244.1.10:8080=0, 10.244.1.11:8080=1]",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
             name: "a service without endpoints keeps its frontends (and no backend)",
             yaml: service("web", cluster_ip),
             expected: &["default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[] affinity=0"],

@@ -415,9 +415,12 @@ pub(super) fn compile_service(
             // Probes connect over TCP: the local endpoints of TCP ports are probed; other
             // protocols' tables are left as the slices give them.
             let probed = health_check.as_ref().filter(|_| protocol == proto::TCP);
+            // Every endpoint a table may take: a Local policy's fallback to the node's serving
+            // terminating endpoints is probed and weighed too.
+            let candidates: BTreeSet<Backend> = backends.union(&local).copied().collect();
             if let Some(check) = probed {
                 probes.extend(
-                    backends
+                    candidates
                         .iter()
                         .filter(|backend| backend.flags & backend_flags::LOCAL != 0)
                         .map(|backend| ProbeTarget {
@@ -434,7 +437,7 @@ pub(super) fn compile_service(
             // Over all the port's endpoints of the family: a traffic policy's or a hint's subset
             // whose endpoints all weigh 0 gets none (drained), not equal shares.
             let family_weights = match &weights {
-                Some(rules) => weigh(rules, &backends, endpoints, service, problems),
+                Some(rules) => weigh(rules, &candidates, endpoints, service, problems),
                 None => BTreeMap::new(),
             };
             let backends_of_port = &backends;
@@ -1210,7 +1213,9 @@ fn add_backend(
     } else if endpoint.node_takes_direct_return(node) {
         flags |= backend_flags::TAKES_DIRECT_RETURN;
     }
-    if endpoint.terminating {
+    // Ready wins: a terminating endpoint a Service publishes as ready (publishNotReadyAddresses)
+    // serves as any ready one does, in kube-proxy too.
+    if endpoint.terminating && !endpoint.ready {
         flags |= backend_flags::TERMINATING;
     }
     by_address
