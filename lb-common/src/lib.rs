@@ -2282,8 +2282,8 @@ labelled_indexes! {
     DROP_MALFORMED = "drop_malformed",
     /// Drop: rewriting the packet failed (tc helpers returned an error).
     DROP_NAT_FAILED = "drop_nat_failed",
-    /// Pass: an IPv4 fragment (no ports to look up) went on untouched; in tc egress, any IPv6
-    /// fragment (a packet with a Fragment header), which it does not translate yet.
+    /// Pass: a later fragment with no record of its first fragment's translation went on
+    /// untouched (in tc egress, any such fragment leaving the node, the node's own among them).
     PASS_FRAGMENT = "pass_fragment",
     /// Refused: a socket connect/sendmsg to a service with no usable backend.
     SOCK_NO_BACKEND = "sock_no_backend",

@@ -114,7 +114,8 @@ fn ipv6_program(ctx: &TcContext) -> Option<Ipv6Program> {
     }
 }
 
-/// tc egress for IPv6, tail-called by [`lb_tc_egress`]: an ICMPv6 error from a local endpoint,
+/// tc egress for IPv6, tail-called by [`lb_tc_egress`]: an ICMPv6 error about a local endpoint's
+/// flow,
 /// an SCTP packet, a packet behind extension headers, or anything else IPv6 that is not
 /// [`lb_tc_egress6_direct`]'s.
 #[classifier]
@@ -661,9 +662,11 @@ fn endpoint_flow<F: Family>(answer: &Tuple<F>) -> Option<((F::Addr, u16), u16)> 
 /// addressed to that client (netfilter holds an error whose outer destination is not the quoted
 /// source INVALID and leaves it untranslated, nf_conntrack_inet_error), and sent by the endpoint
 /// itself or made by this node's stack (an error about the packet it forwarded to the
-/// endpoint). A skb the stack made has no ingress interface; one forwarded from a pod has the
-/// pod's veth: another pod may not have its forged error sent from the frontend, matching the
-/// client's socket.
+/// endpoint). A skb the stack made has no ingress interface; one forwarded from a pod behind a
+/// veth has the veth: another such pod may not have its forged error sent from the frontend,
+/// matching the client's socket. A pod whose packets reach the NIC without being received on
+/// the node (ipvlan, macvlan) or in the node's namespace (hostNetwork) looks made by the node;
+/// with NET_RAW such a pod can send from the frontend's address anyway.
 #[inline(always)]
 fn translates_error(ctx: &TcContext, (from_endpoint, to_client): (bool, bool)) -> bool {
     to_client && (from_endpoint || made_by_this_node(ctx))
@@ -677,8 +680,9 @@ fn made_by_this_node(ctx: &TcContext) -> bool {
     unsafe { (*skb).ingress_ifindex == 0 }
 }
 
-/// An ICMPv6 error (at `at`) a local endpoint sends about a client's packet, as
-/// [`icmp_error_about_an_endpoints_flow`] does for IPv4: the client gets it from the frontend it used,
+/// An ICMPv6 error (at `at`) about a client's packet to a local endpoint, sent by the endpoint
+/// or by this node's stack (packet too big), translated as [`icmp_error_about_an_endpoints_flow`]
+/// does for IPv4: the client gets it from the frontend it used,
 /// about the packet as it sent it (with its extension headers, if it had any). The quoted
 /// destination and port (and the quoted source port of a remapped flow), a quoted UDP checksum,
 /// the outer source and the ICMPv6 checksum (whose pseudo-header holds the outer source) are
@@ -1056,7 +1060,8 @@ enum Packet6 {
 /// ([`ipv6::next_header_on_egress`]): translated as any other, its length the skb's.
 #[inline(always)]
 fn parse6(ctx: &TcContext) -> Option<Packet6> {
-    let mut next = ipv6::next_header_on_egress(&read(ctx, ETH_HDR_LEN)?)?;
+    let start = read(ctx, ETH_HDR_LEN)?;
+    let mut next = ipv6::next_header_on_egress(&start)?;
     let mut l4_offset = PLAIN_L4_OFFSET;
     let behind_extensions = !is_transport(next) && next != next_header::ICMPV6;
     // The identification is set on every path, also when unused: an `Option` set on one path
@@ -1076,7 +1081,7 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
         (is_first_fragment, fragment_id) = (walked.first_fragment, walked.fragment_id);
         (next, l4_offset) = (walked.next, walked.offset);
     }
-    if !is_transport(next) {
+    if !is_transport(next) || (big_tcp_length(&start) && next != proto::TCP) {
         return None;
     }
     let l4 = transport_bytes::<EXT_HDR_PEEK>(ctx, l4_offset, behind_extensions)?;
@@ -1099,6 +1104,14 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
     })
 }
 
+/// Whether the fixed header's payload length is 0, which only a BIG TCP packet has on egress
+/// ([`ipv6::next_header_on_egress`]): another protocol with it passes untouched (SCTP's CRC32c
+/// is brought up to date over the length the field gives).
+#[inline(always)]
+fn big_tcp_length(start: &[u8; ipv6::FIXED_FIELDS_LEN]) -> bool {
+    start[4] | start[5] == 0
+}
+
 /// The parse of an IPv6 frame whose TCP or UDP header follows the fixed header, as
 /// [`lb_tc_egress`] found it for [`lb_tc_egress6_direct`] (read again: a tail call hands on
 /// nothing but the packet), from the skb's linear data only; `None` when the headers are not
@@ -1106,12 +1119,12 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
 #[inline(always)]
 fn parse6_plain(ctx: &TcContext) -> Option<(Tuple<V6>, u16)> {
     let fixed = linear::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN)?;
-    let next =
-        ipv6::next_header_on_egress(linear::<{ ipv6::FIXED_FIELDS_LEN }>(ctx, ETH_HDR_LEN)?)?;
+    let start = linear::<{ ipv6::FIXED_FIELDS_LEN }>(ctx, ETH_HDR_LEN)?;
+    let next = ipv6::next_header_on_egress(start)?;
     let l4 = linear::<EXT_HDR_PEEK>(ctx, PLAIN_L4_OFFSET)?;
     let segment = if next == proto::TCP {
         segment_of(ctx, PLAIN_L4_OFFSET, *linear::<14>(ctx, PLAIN_L4_OFFSET)?)?
-    } else if next == proto::UDP {
+    } else if next == proto::UDP && !big_tcp_length(start) {
         (0, 0, 0)
     } else {
         return None;

@@ -293,6 +293,12 @@ fn tc_egress_reverse_nats_the_ipv6_answers_of_local_endpoints_and_passes_the_res
             Expect::Bytes(big_tcp(&translated_tcp)),
         ),
         row(
+            "a udp answer with payload length 0: only TCP is sent so (no length to trust)",
+            big_tcp(&answer_udp),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        ),
+        row(
             "a BIG TCP answer behind a Hop-by-Hop header (as kernels with the jumbo option send it)",
             big_tcp(&packet6::with_options_header(
                 &answer_tcp,
