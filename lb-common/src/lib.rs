@@ -1054,6 +1054,10 @@ pub mod service_flags {
     /// endpoint on another node goes by direct server return ([`crate::dsr`]) instead of SNAT
     /// (`lb run --nodeport-mode dsr`).
     pub const DIRECT_RETURN: u32 = 1 << 13;
+    /// The table holds endpoints serving while terminating only (KEP-1669's fallback, no ready
+    /// one left to the table): session affinity keeps a client on the terminating endpoint it
+    /// had, as kube-proxy's rules keep it on any endpoint they use.
+    pub const SERVING_TERMINATING: u32 = 1 << 14;
 }
 
 /// How long flows live without traffic, in nanoseconds; 0 stands for the default of

@@ -1920,7 +1920,8 @@ fn select_for_address<F: Family>(
 }
 
 /// With session affinity: the backend the client used last (its affinity `entry`) if that was
-/// within the timeout and the backend still exists and is not terminating; otherwise a random
+/// within the timeout and the backend still exists and is not terminating (unless the table is
+/// made of terminating endpoints, `SERVING_TERMINATING`); otherwise a random
 /// one (as [`select`] picks it, from `index_slot`), remembered for next time with `remember`.
 #[inline(always)]
 fn sticky_select<F: Family>(
@@ -1936,7 +1937,8 @@ fn sticky_select<F: Family>(
         let entry = unsafe { &mut *entry };
         if now.saturating_sub(entry.last_used_ns) <= timeout
             && let Some(backend) = F::backend(entry.backend_id)
-            && backend.flags & backend_flags::TERMINATING == 0
+            && (backend.flags & backend_flags::TERMINATING == 0
+                || service.flags & service_flags::SERVING_TERMINATING != 0)
         {
             if !dry_run() {
                 entry.last_used_ns = now;

@@ -111,6 +111,9 @@ fn render(desired: &Desired) -> Vec<String> {
             if service.flags & lb_common::service_flags::MAGLEV != 0 {
                 line.push_str(" maglev");
             }
+            if service.flags & lb_common::service_flags::SERVING_TERMINATING != 0 {
+                line.push_str(" serving-terminating");
+            }
             if !service.weights.is_empty() {
                 let weights: Vec<String> = service
                     .weights
@@ -600,7 +603,7 @@ fn rows() -> Vec<Row> {
                     &[("http", 8080, "TCP")],
                 ),
             expected: &[
-                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 LT] affinity=0",
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 LT] affinity=0 serving-terminating",
             ],
             problems: &[],
             held: &[],
@@ -646,7 +649,7 @@ fn rows() -> Vec<Row> {
                     &[("http", 8080, "TCP")],
                 ),
             expected: &[
-                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 LT, 10.244.1.11:8080 LT] affinity=0 local-only weights=[10.244.1.10:8080=0, 10.244.1.11:8080=1]",
+                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 LT, 10.244.1.11:8080 LT] affinity=0 local-only serving-terminating weights=[10.244.1.10:8080=0, 10.244.1.11:8080=1]",
             ],
             problems: &[],
             held: &[],
@@ -848,8 +851,8 @@ fn rows() -> Vec<Row> {
                     &[("http", 80, "TCP")],
                 ),
             expected: &[
-                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport(node-clients), 203.0.113.1:30080 nodeport(node-clients)] be=[10.244.1.10:80 LT] affinity=0 local-only",
-                "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:80 LT] affinity=0 local-only node-clients-elsewhere",
+                "default/web:http/TCP[internal] fe=[10.96.0.10:80 cluster, 198.18.0.1:30080 nodeport(node-clients), 203.0.113.1:30080 nodeport(node-clients)] be=[10.244.1.10:80 LT] affinity=0 local-only serving-terminating",
+                "default/web:http/TCP[external] fe=[198.18.0.1:30080 nodeport, 203.0.113.1:30080 nodeport] be=[10.244.1.10:80 LT] affinity=0 local-only serving-terminating node-clients-elsewhere",
             ],
             problems: &[],
             held: &[],

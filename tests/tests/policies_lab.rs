@@ -708,3 +708,41 @@ fn a_local_policy_falls_back_to_the_nodes_serving_terminating_endpoints() {
         );
     }
 }
+
+/// Session affinity holds while every endpoint is serving but terminating (KEP-1669's fallback):
+/// kube-proxy's rules keep a client on whichever endpoint they use. 100 connections from one
+/// client through XDP and 100 from a pod through the socket hooks reach one endpoint each,
+/// where each used to draw again (the affinity map refused a terminating endpoint).
+#[test]
+fn session_affinity_holds_while_every_endpoint_is_terminating() {
+    let mut lab = AgentLab::with_spec(&ClusterSpec {
+        pods_per_node: vec![2, 0],
+        ..ClusterSpec::default()
+    })
+    .expect("lab");
+    lab.start_agent(&[]).expect("agent");
+    let sticky = "  sessionAffinity: ClientIP\n";
+    let terminating = endpoint_slice(
+        "web",
+        &[(pod_addr(1, 0), "node1"), (pod_addr(1, 1), "node1")],
+    )
+    .replace(
+        "conditions: {ready: true}",
+        "conditions: {ready: false, serving: true, terminating: true}",
+    );
+    lab.apply(
+        "web.yaml",
+        &(node_port_service("web", "10.96.0.10", 30080, sticky) + "---\n" + &terminating),
+    )
+    .expect("apply");
+    let through_xdp = ClientRun::tcp(&format!("{}:30080", node_addr(1)), 100)
+        .run(&lab.cluster.client, None)
+        .expect("client");
+    through_xdp.assert_all_ok("100 connections to terminating endpoints");
+    assert_eq!(through_xdp.by_server.len(), 1, "{through_xdp:?}");
+    let from_pod = ClientRun::tcp("10.96.0.10:80", 100)
+        .run(lab.client_pod(), Some(&lab.cgroup))
+        .expect("client");
+    from_pod.assert_all_ok("100 connections from a pod");
+    assert_eq!(from_pod.by_server.len(), 1, "{from_pod:?}");
+}

@@ -513,13 +513,22 @@ pub(super) fn compile_service(
                 } else {
                     BTreeSet::new()
                 };
+                let terminating_table = !backends.is_empty()
+                    && backends
+                        .iter()
+                        .all(|backend| backend.flags & backend_flags::TERMINATING != 0);
+                let table_flags = if terminating_table {
+                    service_flags::SERVING_TERMINATING
+                } else {
+                    0
+                };
                 desired.insert(
                     key,
                     DesiredService {
                         frontends,
                         backends,
                         affinity_timeout_s,
-                        flags: flags | algorithm_flags,
+                        flags: flags | algorithm_flags | table_flags,
                         source_ranges,
                         weights,
                     },
