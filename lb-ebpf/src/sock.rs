@@ -262,8 +262,12 @@ fn backend_for<F: Family, const UNCONNECTED: bool>(
         _pad: [0; 2],
         service_id: service.service_id,
     };
-    // Without the entry the application would see the backend as its peer: better to fail.
-    if F::sock_nat_insert(socket_cookie(ctx), backend.addr, backend.port, &value).is_err() {
+    // Without the storage a ranged service's check would find nothing and let every packet
+    // through, and without the entry the application would see the backend as its peer: better
+    // to fail, counted as a full table.
+    if !remember_backend::<F>(ctx, service, &backend)
+        || F::sock_nat_insert(socket_cookie(ctx), backend.addr, backend.port, &value).is_err()
+    {
         count_event(Event::DROP_CT_FULL);
         monitor::socket_refused::<F>(
             protocol,
@@ -273,7 +277,6 @@ fn backend_for<F: Family, const UNCONNECTED: bool>(
         );
         return Choice::Refused;
     }
-    remember_backend::<F>(ctx, service, &backend);
     count_service(service.service_id, 0, 0, 1);
     monitor::socket_translated::<F>(
         protocol,
@@ -298,15 +301,18 @@ fn per_socket_draw(ctx: &SockAddrContext, service_id: u32) -> u32 {
 }
 
 /// Records the socket's backend in its storage of family `F` (created on first use), with the
-/// service whose source ranges its packets must pass, if it has any.
+/// service whose source ranges its packets must pass, if it has any. False when a ranged
+/// service's record could not be made (the kernel could not allocate the storage): its packets
+/// would go unchecked. A service without ranges needs none for its check, and its socket goes
+/// on without it.
 #[inline(always)]
 fn remember_backend<F: Family>(
     ctx: &SockAddrContext,
     service: &ServiceValue,
     backend: &BackendValue<F::Addr>,
-) {
+) -> bool {
     if dry_run() {
-        return;
+        return true;
     }
     let source_check_service = if service.flags & service_flags::SOURCE_RANGES != 0 {
         service.service_id
@@ -320,12 +326,14 @@ fn remember_backend<F: Family>(
         source_check_service,
     };
     let slot = F::sock_state().get_or_insert_ptr_mut(ctx, None);
-    if !slot.is_null() {
-        // SAFETY: a non-null pointer from bpf_sk_storage_get is this socket's value, valid for
-        // the program's run; the socket's own syscall is the only writer (it holds the socket
-        // lock in connect/sendmsg).
-        unsafe { *slot = state };
+    if slot.is_null() {
+        return source_check_service == SockState::<F::Addr>::NO_SOURCE_CHECK;
     }
+    // SAFETY: a non-null pointer from bpf_sk_storage_get is this socket's value, valid for the
+    // program's run; the socket's own syscall is the only writer (it holds the socket lock in
+    // connect/sendmsg).
+    unsafe { *slot = state };
+    true
 }
 
 /// The peer (a backend) is shown as the frontend the socket asked for.
