@@ -44,28 +44,23 @@ pub struct Case {
 /// Runs every case through `program`; panics listing every failing case.
 pub fn run_table(program: impl AsFd, cases: &[Case]) {
     let program = program.as_fd();
-    let mut failures = String::new();
-    for case in cases {
-        if let Err(failure) = check(program, case) {
-            let _ = writeln!(failures, "- {}: {failure}", case.name);
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{failures}",
-        failures.lines().filter(|l| l.starts_with("- ")).count(),
-        cases.len()
-    );
+    run_cases(cases, |input| test_run(program, input));
 }
 
 /// [`run_table`] for a tc program, every case a packet the node forwarded from interface
 /// `ingress_ifindex` (`run_table` runs them as packets the node's own stack made).
 pub fn run_table_forwarded_from(program: impl AsFd, ingress_ifindex: u32, cases: &[Case]) {
     let program = program.as_fd();
+    run_cases(cases, |input| {
+        test_run_skb_from(program, input, ingress_ifindex)
+    });
+}
+
+/// Runs every case's input through `run`; panics listing every failing case.
+fn run_cases(cases: &[Case], run: impl Fn(&[u8]) -> Result<TestRunOutput, TestRunError>) {
     let mut failures = String::new();
     for case in cases {
-        let run = test_run_skb_from(program, &case.input, ingress_ifindex);
-        if let Err(failure) = compare(run, case) {
+        if let Err(failure) = compare(run(&case.input), case) {
             let _ = writeln!(failures, "- {}: {failure}", case.name);
         }
     }
@@ -75,10 +70,6 @@ pub fn run_table_forwarded_from(program: impl AsFd, ingress_ifindex: u32, cases:
         failures.lines().filter(|l| l.starts_with("- ")).count(),
         cases.len()
     );
-}
-
-fn check(program: std::os::fd::BorrowedFd<'_>, case: &Case) -> Result<(), String> {
-    compare(test_run(program, &case.input), case)
 }
 
 fn compare(run: Result<TestRunOutput, TestRunError>, case: &Case) -> Result<(), String> {
