@@ -40,8 +40,9 @@ pub mod map_names {
     pub const SOCK_NAT4: &str = "lb4_sknat_v1";
     /// Per-CPU [`crate::ServiceCounter`] by service id.
     pub const SERVICE_COUNTERS: &str = "lb_svc_cnt_v1";
-    /// Per-CPU u64 by [`crate::Event`]: every drop (and notable pass) with its reason.
-    pub const EVENTS: &str = "lb_event_v7";
+    /// Per-CPU u64 by [`crate::Event`]: every drop (and notable pass) with its reason, with
+    /// [`crate::Event::SLOTS`] entries so that a release adding events keeps the map.
+    pub const EVENTS: &str = "lb_event_v8";
     /// Array of one [`crate::DatapathConfig`].
     pub const CONFIG: &str = "lb_cfg_v2";
     /// LPM trie of [`crate::SourceRange4`] -> u8: loadBalancerSourceRanges per service.
@@ -112,6 +113,7 @@ pub mod map_names {
         "lb_event_v4",
         "lb_event_v5",
         "lb_event_v6",
+        "lb_event_v7",
         LEGACY_SLOTS4,
         LEGACY_BACKENDS4,
         LEGACY_BACKENDS6,
@@ -2272,6 +2274,13 @@ const _: () = assert!(size_of::<ServiceCounter>() == 24);
 #[repr(transparent)]
 pub struct Event(pub u32);
 
+impl Event {
+    /// Entries of the events map ([`map_names::EVENTS`]): room for events later releases add,
+    /// which would otherwise change its size, and with it its name, resetting every counter.
+    pub const SLOTS: u32 = 64;
+}
+const _: () = assert!(Event::COUNT <= Event::SLOTS);
+
 labelled_indexes! {
     Event;
     /// Drop: the service has no usable backend.
@@ -2374,6 +2383,10 @@ labelled_indexes! {
     /// ports a socket of the node's is there, or a UDP datagram from the peer a UDP socket of
     /// the node's is connected to.
     PASS_NODE_CONNECTION = "pass_node_connection",
+    /// Track: a socket's peer was a backend the hooks had sent it to, but the frontend it asked
+    /// for is gone or now another Service's: recvmsg()/getpeername() named the peer as it is
+    /// instead of as that frontend.
+    NAT_SOCKET_STALE = "nat_socket_stale",
 }
 
 /// `aya::Pod` for the map types, so userspace can read and write them.

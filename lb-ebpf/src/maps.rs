@@ -87,8 +87,8 @@ pub type GraceInner = aya_ebpf::btf_maps::Array<u32, 1, { BPF_F_INNER_MAP as usi
 #[map(name = "lb4_fefilt_v1")]
 pub static FRONTEND_FILTER: Array<u64> = Array::pinned(limits::FRONTEND_FILTER_WORDS, 0);
 
-#[map(name = "lb_event_v7")]
-pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::COUNT, 0);
+#[map(name = "lb_event_v8")]
+pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::SLOTS, 0);
 
 /// Datapath-wide settings (index 0), written by the agent at start.
 #[map(name = "lb_cfg_v2")]

@@ -1,6 +1,7 @@
 //! Socket hooks for pods and host processes: a connect() or an unconnected sendto() to a Service
 //! frontend is sent to a backend before any packet exists (no per-packet NAT, no conntrack), and
-//! recvmsg()/getpeername() show the Service address again, so the application never notices.
+//! recvmsg()/getpeername() show the Service address again (while the frontend is still that
+//! Service's), so the application never notices.
 //!
 //! Each translated socket keeps its backend (and, for a Service with loadBalancerSourceRanges,
 //! which ranges apply) in socket-local storage: `lb_sock_egress4` drops its packets from a source
@@ -365,14 +366,29 @@ fn restore_service_address6(ctx: &SockAddrContext) {
 }
 
 /// The frontend this socket was sent to when its peer `ip`:`port` (network byte order) is the
-/// backend the hooks chose, from the socket NAT map of family `F`.
+/// backend the hooks chose, from the socket NAT map of family `F`, while that frontend is still
+/// the same Service's. Once the Service is gone, or its address another Service's, the peer is
+/// what it is: naming it as the old frontend would pass a pod's datagrams off as that address's
+/// (an unconnected socket that reached the pod through the Service may talk to it straight
+/// later, or hear from it after the address went to another Service).
 #[inline(always)]
 fn frontend_of_peer<F: Family>(
     ctx: &SockAddrContext,
     ip: F::Addr,
     port: u32,
 ) -> Option<SockNatValue<F::Addr>> {
-    F::sock_nat_get(socket_cookie(ctx), ip, port as u16)
+    let asked = F::sock_nat_get(socket_cookie(ctx), ip, port as u16)?;
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's whole run.
+    let protocol = unsafe { (*ctx.sock_addr).protocol };
+    let still_served = u8::try_from(protocol).ok().is_some_and(|protocol| {
+        lookup_frontend_for_node_client::<F>(asked.addr, asked.port, protocol)
+            .is_some_and(|service| service.service_id == asked.service_id)
+    });
+    if !still_served {
+        count_event(Event::NAT_SOCKET_STALE);
+        return None;
+    }
+    Some(asked)
 }
 
 /// cgroup_skb egress return value: let the packet go.

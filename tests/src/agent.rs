@@ -349,7 +349,7 @@ impl AgentLab {
         &mut self._lab
     }
 
-    /// The agent's drop and reject counters (`lb_event_v7`), read from its pinned map without
+    /// The agent's drop and reject counters (`lb_event_v8`), read from its pinned map without
     /// touching anything else of the running datapath.
     pub fn events(&self) -> anyhow::Result<std::collections::BTreeMap<&'static str, u64>> {
         lb_userspace::observe::inspect::PinnedMaps::open(self.pins.path())?.events()

@@ -272,6 +272,9 @@ pub struct ClientRun<'a> {
     pub ready_file: Option<&'a Path>,
     /// The source port to connect (TCP) or send (UDP) from (None: the kernel picks one).
     pub source_port: Option<u16>,
+    /// Unconnected UDP with `one_flow`: after the first answered request, wait until the
+    /// second path exists, then send the remaining requests to the first from the same socket.
+    pub then_to: Option<(&'a str, &'a Path)>,
 }
 
 impl<'a> ClientRun<'a> {
@@ -289,6 +292,7 @@ impl<'a> ClientRun<'a> {
             answer_bytes: 0,
             ready_file: None,
             source_port: None,
+            then_to: None,
         }
     }
 
@@ -370,6 +374,12 @@ impl<'a> ClientRun<'a> {
         let source_port = self.source_port.map(|port| port.to_string());
         if let Some(port) = &source_port {
             args.extend(["--source-port", port]);
+        }
+        let go_file = self
+            .then_to
+            .map(|(_, path)| path.to_string_lossy().into_owned());
+        if let (Some((then_to, _)), Some(go_file)) = (self.then_to, &go_file) {
+            args.extend(["--then-to", then_to, "--go-file", go_file]);
         }
         let stdout = match cgroup {
             Some(cgroup) => host.run_in_cgroup(cgroup, binary()?, &args)?,

@@ -1454,7 +1454,7 @@ fn upgrade(mut row: Row, previous: Option<&Path>, scale: &Scale) -> anyhow::Resu
             ),
         );
     }
-    // The drop counters (`lb_event_v7`): from the first agent's load when both agents keep them
+    // The drop counters (`lb_event_v8`): from the first agent's load when both agents keep them
     // in the same map (the same-layout row), from the new agent's load when the earlier
     // release's map had another name.
     let drops: BTreeMap<&str, u64> = setup

@@ -461,3 +461,87 @@ fn an_unconnected_udp_sockets_datagrams_to_a_service_reach_one_endpoint() {
         );
     }
 }
+
+/// A UDP Service `name` on 10.96.0.53:53 and [2001:db8:96::53]:53 whose one endpoint, in both
+/// families, is pod `pod` of node `node`.
+fn dual_stack_udp_service(name: &str, node: u8, pod: u8) -> String {
+    let node_name = format!("node{node}");
+    service_of_families(name, &["10.96.0.53", "2001:db8:96::53"], "UDP", 53, "")
+        + "---\n"
+        + &endpoint_slice(name, &[(pod_addr(node, pod), &node_name)])
+            .replace("protocol: TCP", "protocol: UDP")
+        + "---\n"
+        + &endpoint_slice6(name, &[(pod_addr6(node, pod), &node_name)], "UDP")
+}
+
+/// An unconnected socket that reached n1p0 through a Service names its answers as the
+/// Service's only while the Service holds the address: once the Service is gone and another
+/// holds its addresses, the socket talking to n1p0 straight hears from n1p0 itself (before, the
+/// stale record passed n1p0's datagrams off as the address's new Service's), in both families.
+#[test]
+fn a_pods_datagrams_are_not_named_as_a_service_address_that_changed_hands() {
+    let setup = dual_stack_agent();
+    setup
+        .apply("dns.yaml", &dual_stack_udp_service("dns", 1, 0))
+        .expect("apply");
+    let runs = [
+        ("10.96.0.53:53", format!("{}:{POD_PORT}", pod_addr(1, 0))),
+        (
+            "[2001:db8:96::53]:53",
+            format!("[{}]:{POD_PORT}", pod_addr6(1, 0)),
+        ),
+    ];
+    let ready = [
+        setup.scratch_file("v4.ready"),
+        setup.scratch_file("v6.ready"),
+    ];
+    let go = setup.scratch_file("go");
+    let reports = std::thread::scope(|scope| {
+        let clients: Vec<_> = runs
+            .iter()
+            .zip(&ready)
+            .map(|((service, pod), ready)| {
+                let (go, pod_host, cgroup) = (&go, setup.client_pod(), &setup.cgroup);
+                scope.spawn(move || {
+                    ClientRun {
+                        unconnected: true,
+                        one_flow: true,
+                        ready_file: Some(ready),
+                        then_to: Some((pod, go)),
+                        ..ClientRun::udp(service, 10)
+                    }
+                    .run(pod_host, Some(cgroup))
+                })
+            })
+            .collect();
+        for ready in &ready {
+            lab::peer::wait_until_answered(ready, Duration::from_secs(10))
+                .expect("client under way");
+        }
+        // The Service goes; another, with another endpoint, takes its addresses in the same
+        // sync (a new service id for the same frontends).
+        setup
+            .apply("dns.yaml", &dual_stack_udp_service("dns-next", 2, 0))
+            .expect("apply");
+        std::fs::write(&go, b"go\n").expect("go file");
+        clients
+            .into_iter()
+            .map(|client| client.join().expect("thread").expect("client"))
+            .collect::<Vec<_>>()
+    });
+    for ((service, pod), report) in runs.iter().zip(reports) {
+        report.assert_all_ok("one unconnected socket, the Service, then n1p0 straight");
+        assert_eq!(
+            report.by_server,
+            [("n1p0".to_owned(), 10)].into(),
+            "{report:?}"
+        );
+        assert_eq!(
+            report.peer_names,
+            [(service.to_string(), 1), (pod.clone(), 9)].into(),
+            "{service}: the first answer came through the Service, the rest from n1p0 straight"
+        );
+    }
+    let events = setup.events().expect("events");
+    assert!(events["nat_socket_stale"] >= 18, "{events:?}");
+}

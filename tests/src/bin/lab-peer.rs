@@ -138,6 +138,12 @@ struct ClientArgs {
     /// picks; UDP: send from it (bound).
     #[arg(long)]
     source_port: Option<u16>,
+    /// UDP with --one-flow and --unconnected: after the first answered request, wait until
+    /// --go-file exists, then send the remaining requests here, from the same socket.
+    #[arg(long, requires_all = ["one_flow", "unconnected", "go_file"])]
+    then_to: Option<SocketAddr>,
+    #[arg(long, requires = "then_to")]
+    go_file: Option<std::path::PathBuf>,
 }
 
 /// The client's --ready-file, set once at start.
@@ -644,11 +650,12 @@ fn udp_client(args: &ClientArgs) -> anyhow::Result<ClientReport> {
     } else {
         None
     };
+    let mut to = args.to;
     for _ in 0..args.requests {
         let started_ms = unix_ms();
         let result = match &shared {
-            Some(socket) => udp_exchange(socket, args),
-            None => udp_socket(args, timeout).and_then(|socket| udp_exchange(&socket, args)),
+            Some(socket) => udp_exchange(socket, args, to),
+            None => udp_socket(args, timeout).and_then(|socket| udp_exchange(&socket, args, to)),
         };
         let failed = result.is_err();
         if args.reconnect {
@@ -660,6 +667,13 @@ fn udp_client(args: &ClientArgs) -> anyhow::Result<ClientReport> {
             report.timeline.push(TimelineEntry { started_ms, server });
         }
         record(&mut report, result);
+        if let (Some(then_to), Some(go_file)) = (args.then_to, &args.go_file)
+            && report.ok == 1
+            && to != then_to
+        {
+            wait_for_file(go_file)?;
+            to = then_to;
+        }
         if failed
             && args.reconnect
             && let Some(socket) = &mut shared
@@ -692,11 +706,27 @@ fn udp_socket(args: &ClientArgs, timeout: Duration) -> std::io::Result<UdpSocket
     Ok(socket)
 }
 
-fn udp_exchange(socket: &UdpSocket, args: &ClientArgs) -> Exchange {
+/// Waits (for at most a minute) until `path` exists.
+fn wait_for_file(path: &std::path::Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// One request and its answer: sent to `to` on an unconnected socket, on the socket's own peer
+/// otherwise.
+fn udp_exchange(socket: &UdpSocket, args: &ClientArgs, to: SocketAddr) -> Exchange {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let request = padded(b"hello".to_vec(), args.payload_bytes);
     let (len, peer) = if args.unconnected {
-        socket.send_to(&request, args.to)?;
+        socket.send_to(&request, to)?;
         socket.recv_from(&mut buf)?
     } else {
         socket.send(&request)?;
