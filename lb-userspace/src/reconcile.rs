@@ -8,7 +8,7 @@
 //! 3. backends nothing references any more are removed;
 //! 4. connected UDP sockets that the socket hooks sent to a backend that left its service are
 //!    aborted, so their applications reconnect to a live endpoint
-//!    (`Datapath::abort_udp_sockets_of_departed_backends`).
+//!    (`Datapath::abort_stale_udp_sockets`).
 //!
 //! It is idempotent (a second run changes nothing) and restart-safe: the first run after a start
 //! reads what the pinned maps hold through the datapath's index, adopts the ids of services and
@@ -365,8 +365,9 @@ impl Reconciler {
         }
         self.initialized = true;
 
-        // 4. Connected UDP sockets still sending to a backend that left.
-        report.udp_sockets = datapath.abort_udp_sockets_of_departed_backends();
+        // 4. Connected UDP sockets still sending to a backend that left, or to an address that
+        // was no frontend when they connected.
+        report.udp_sockets = datapath.abort_stale_udp_sockets();
         report
             .cleanup_failures
             .extend(datapath.take_cleanup_failures());

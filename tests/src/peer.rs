@@ -260,8 +260,9 @@ pub struct ClientRun<'a> {
     /// Pause between requests.
     pub interval_ms: u64,
     pub timeout_ms: u64,
-    /// UDP with `one_flow`: after an error, replace the socket by a newly connected one (what an
-    /// application does when its socket is aborted), and report a timeline.
+    /// UDP with `one_flow`: after a socket error (not a timeout), replace the socket by a newly
+    /// connected one (what an application does when its socket is aborted), and report a
+    /// timeline.
     pub reconnect: bool,
     /// UDP: each request this many bytes (0: a short one); the server answers with as many, so
     /// both directions are IP-fragmented when it exceeds the MTU.

@@ -1,8 +1,9 @@
 //! The socket hooks over the life of a socket, with the real agent in the lab: a pod's connected
 //! UDP socket to a ClusterIP is aborted when its endpoint leaves the Service (so the application
 //! reconnects to a live one instead of sending into the void, kubernetes#19029), and nothing else
-//! is; a pod outside a LoadBalancer's loadBalancerSourceRanges cannot reach it through the socket
-//! hooks either.
+//! is; one connected to a Service address before the Service existed is aborted when it comes; a
+//! pod outside a LoadBalancer's loadBalancerSourceRanges cannot reach it through the socket hooks
+//! either; and a socket names a pod as the Service only while the Service holds the address.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -544,4 +545,97 @@ fn a_pods_datagrams_are_not_named_as_a_service_address_that_changed_hands() {
     }
     let events = setup.events().expect("events");
     assert!(events["nat_socket_stale"] >= 18, "{events:?}");
+}
+
+/// The peers (`ip:port`) of the connected UDP sockets in `host`'s network namespace.
+fn connected_udp_peers(host: &lab::lab::Host) -> Vec<String> {
+    let listed = host
+        .run("ss", &["-Hnu", "state", "established"])
+        .expect("ss");
+    listed
+        .lines()
+        .filter_map(|line| line.split_whitespace().last().map(str::to_owned))
+        .collect()
+}
+
+/// A pod's UDP socket connected to a ClusterIP before its Service existed was never translated:
+/// its datagrams go to the address itself, and past the node they vanish (here a blackhole
+/// route on node1, as a real network drops them, no ICMP error to wake the application). The
+/// sync that makes the address a frontend aborts it, in both families, and the application's
+/// new socket reaches the endpoint. A socket connected to the same address from outside the
+/// hooks' cgroup, where the hooks never run, is not touched.
+#[test]
+fn a_udp_socket_connected_to_a_service_address_before_its_service_is_aborted_once_it_exists() {
+    let setup = dual_stack_agent();
+    let node1 = &setup.cluster.node(1).host;
+    node1
+        .route(&["blackhole", "10.96.0.53/32"])
+        .expect("IPv4 blackhole route");
+    node1
+        .route(&["blackhole", "2001:db8:96::53/128"])
+        .expect("IPv6 blackhole route");
+    let waiting = |to| ClientRun {
+        one_flow: true,
+        reconnect: true,
+        interval_ms: 100,
+        timeout_ms: 300,
+        ..ClientRun::udp(to, 30)
+    };
+    let outside = ClientRun {
+        one_flow: true,
+        interval_ms: 100,
+        timeout_ms: 300,
+        ..ClientRun::udp("10.96.0.53:53", 15)
+    };
+    let (pod, cgroup) = (setup.client_pod(), &setup.cgroup);
+    let (inside, outside) = std::thread::scope(|scope| {
+        let inside: Vec<_> = ["10.96.0.53:53", "[2001:db8:96::53]:53"]
+            .into_iter()
+            .map(|to| scope.spawn(move || waiting(to).run(pod, Some(cgroup))))
+            .collect();
+        let outside = scope.spawn(|| outside.run(pod, None));
+        // All three connected (and unanswered) before the Service comes.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while connected_udp_peers(pod).len() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                connected_udp_peers(pod)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        setup
+            .apply("dns.yaml", &dual_stack_udp_service("dns", 1, 0))
+            .expect("apply");
+        (
+            inside
+                .into_iter()
+                .map(|client| client.join().expect("thread").expect("client"))
+                .collect::<Vec<_>>(),
+            outside.join().expect("thread").expect("client"),
+        )
+    });
+    for report in &inside {
+        // The abort fails one call (ECONNABORTED, or EDESTADDRREQ from a send after it).
+        let timeouts = report.error_kinds.get("timeout").copied().unwrap_or(0);
+        assert_eq!(
+            report.errors - timeouts,
+            1,
+            "one abort, the rest timeouts before it: {report:?}"
+        );
+        assert!(report.ok > 0, "{report:?}");
+        assert_eq!(report.servers(), ["n1p0"].into(), "{report:?}");
+        assert_eq!(report.last_server.as_deref(), Some("n1p0"), "{report:?}");
+    }
+    assert_eq!(outside.ok, 0, "{outside:?}");
+    assert_eq!(
+        outside.error_kinds,
+        [("timeout".to_owned(), 15)].into(),
+        "the socket outside the hooks' cgroup kept waiting, never aborted: {outside:?}"
+    );
+    assert_eq!(metric(&setup, "lb_udp_sockets_aborted_total"), Some(2.0));
+    assert_eq!(
+        metric(&setup, "lb_udp_socket_abort_failures_total"),
+        Some(0.0)
+    );
 }

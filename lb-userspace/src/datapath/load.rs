@@ -357,6 +357,7 @@ impl Datapath {
             maglev_deferred: false,
             maglev_prepared: BTreeMap::new(),
             departed_udp: BTreeSet::new(),
+            new_udp_frontends: BTreeSet::new(),
             cleanup_failures: Vec::new(),
             clock,
             hooks_cgroup: None,

@@ -114,10 +114,12 @@ pub struct Datapath {
     /// The (size, tag) of the tables [`Datapath::prepare_maglev_table`] built, for the puts to
     /// come.
     maglev_prepared: BTreeMap<u32, (u32, u32)>,
-    /// UDP backends that left a service since the last
-    /// [`Datapath::abort_udp_sockets_of_departed_backends`]: sockets connected to them through
-    /// the service are aborted then.
+    /// UDP backends that left a service since the last [`Datapath::abort_stale_udp_sockets`]:
+    /// sockets connected to them through the service are aborted then.
     departed_udp: BTreeSet<DepartedBackend>,
+    /// UDP frontends new to the maps since the last [`Datapath::abort_stale_udp_sockets`]:
+    /// sockets of the hooks' cgroup connected to them, untranslated, are aborted then.
+    new_udp_frontends: BTreeSet<SocketAddr>,
     /// The names the service-names map holds (mirrors it, so an unchanged name costs no syscall).
     names: BTreeMap<u32, String>,
     /// What the maps hold, read once at load (they may hold an earlier run's state), then kept in

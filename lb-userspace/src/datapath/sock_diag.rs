@@ -12,6 +12,14 @@
 //! socket's error and disconnects it (net/ipv4/udp.c, `udp_abort`; net/ipv4/udp_diag.c,
 //! `__udp_diag_destroy`).
 //!
+//! The same goes for a connected UDP socket that connected to a Service address before the
+//! Service (or the agent) was there: the hooks never saw it, and its datagrams go to the address
+//! itself for as long as it lives. Once the address is a frontend, aborting the socket sends the
+//! application's reconnect through the hook. Its peer being a frontend is what marks it (a
+//! translated socket's peer is a backend), but only sockets the hooks would translate are
+//! touched: those whose cgroup (`INET_DIAG_CGROUP_ID`, kernel >= 5.7) is the hooks' cgroup or
+//! one below it, where the kernel runs the hooks for them.
+//!
 //! sock_diag answers only for the network namespace of the netlink socket, so a dedicated thread
 //! enters each namespace in turn (found through `/proc/<pid>/ns/net`, one per inode). Aborting
 //! needs CAP_NET_ADMIN; entering another namespace needs CAP_SYS_ADMIN (setns) and seeing its
@@ -19,7 +27,7 @@
 //! whose processes are not visible are not searched.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fs::File,
     io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -33,6 +41,12 @@ use std::{
 /// linux/sock_diag.h
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
+/// linux/inet_diag.h: the attribute carrying the socket's cgroup v2 id (a u64), which a dump
+/// adds to every socket (net/ipv4/inet_diag.c, `inet_diag_msg_attrs_fill`).
+const INET_DIAG_CGROUP_ID: u16 = 21;
+/// The type bits of a netlink attribute's type (the rest are NLA_F_NESTED and
+/// NLA_F_NET_BYTEORDER).
+const NLA_TYPE_MASK: u16 = 0x3fff;
 /// A connected UDP socket's `sk_state` (include/net/tcp_states.h).
 const TCP_ESTABLISHED: u32 = 1;
 /// How many error messages a report keeps.
@@ -156,11 +170,45 @@ impl DestroyReport {
     }
 }
 
-/// Aborts every connected UDP socket (IPv4 or IPv6), in any network namespace, whose cookie is a
-/// key of `targets` and whose peer is that key's address (an IPv4-mapped peer of an IPv6 socket
-/// counts as the IPv4 address). Nothing else is touched: a socket with another cookie, or one
-/// since connected elsewhere, stays as it is.
-pub fn destroy_connected_udp(targets: &BTreeMap<u64, SocketAddr>) -> DestroyReport {
+/// Which connected UDP sockets to abort (an IPv4-mapped peer of an IPv6 socket counts as the
+/// IPv4 address it maps).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AbortTargets {
+    /// A socket with this cookie, still connected to this peer.
+    pub by_cookie: BTreeMap<u64, SocketAddr>,
+    /// A socket connected to one of these peers (frontends, which no translated socket has as
+    /// its peer)...
+    pub untranslated: BTreeSet<SocketAddr>,
+    /// ... whose cgroup v2 id is one of these (the hooks' cgroup and those below it).
+    pub cgroups: HashSet<u64>,
+}
+
+impl AbortTargets {
+    pub fn is_empty(&self) -> bool {
+        self.by_cookie.is_empty() && (self.untranslated.is_empty() || self.cgroups.is_empty())
+    }
+
+    fn matches(&self, family: Family, socket: &ListedSocket) -> bool {
+        let peer = socket.id.remote(family);
+        self.by_cookie.get(&socket.id.cookie()) == Some(&peer)
+            || (self.untranslated.contains(&peer)
+                && socket
+                    .cgroup
+                    .is_some_and(|cgroup| self.cgroups.contains(&cgroup)))
+    }
+}
+
+/// A socket of a dump: its identity, and its cgroup v2 id when the kernel gave one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ListedSocket {
+    id: InetDiagSockId,
+    cgroup: Option<u64>,
+}
+
+/// Aborts every connected UDP socket (IPv4 or IPv6), in any network namespace, that `targets`
+/// names. Nothing else is touched: a socket with another cookie, or one since connected
+/// elsewhere, or one outside the cgroups, stays as it is.
+pub fn destroy_connected_udp(targets: &AbortTargets) -> DestroyReport {
     if targets.is_empty() {
         return DestroyReport::default();
     }
@@ -184,7 +232,7 @@ pub fn destroy_connected_udp(targets: &BTreeMap<u64, SocketAddr>) -> DestroyRepo
     }
 }
 
-fn destroy_in_every_namespace(targets: &BTreeMap<u64, SocketAddr>) -> DestroyReport {
+fn destroy_in_every_namespace(targets: &AbortTargets) -> DestroyReport {
     let mut report = DestroyReport::default();
     let namespaces = match network_namespaces() {
         Ok(namespaces) => namespaces,
@@ -232,7 +280,7 @@ fn network_namespaces() -> io::Result<Vec<PathBuf>> {
 
 fn destroy_in_namespace(
     path: &std::path::Path,
-    targets: &BTreeMap<u64, SocketAddr>,
+    targets: &AbortTargets,
     report: &mut DestroyReport,
 ) -> io::Result<()> {
     let namespace = File::open(path)?;
@@ -247,10 +295,11 @@ fn destroy_in_namespace(
     }
     let diag = SockDiag::open()?;
     for family in [Family::V4, Family::V6] {
-        for socket in diag.connected_udp(family)? {
-            if targets.get(&socket.cookie()) != Some(&socket.remote(family)) {
+        for listed in diag.connected_udp(family)? {
+            if !targets.matches(family, &listed) {
                 continue;
             }
+            let socket = listed.id;
             match diag.destroy_udp(family, &socket) {
                 Ok(()) => report.destroyed += 1,
                 // Closed (or reconnected elsewhere) since the dump: nothing left to abort.
@@ -299,7 +348,7 @@ impl SockDiag {
     }
 
     /// Every connected UDP socket of `family` in this namespace.
-    fn connected_udp(&self, family: Family) -> io::Result<Vec<InetDiagSockId>> {
+    fn connected_udp(&self, family: Family) -> io::Result<Vec<ListedSocket>> {
         self.send(
             SOCK_DIAG_BY_FAMILY,
             (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
@@ -320,7 +369,10 @@ impl SockDiag {
                     libc::NLMSG_ERROR => return Err(netlink_error(payload)),
                     _ if header.nlmsg_type == SOCK_DIAG_BY_FAMILY => {
                         if let Some(message) = read_struct::<InetDiagMsg>(payload) {
-                            sockets.push(message.id);
+                            sockets.push(ListedSocket {
+                                id: message.id,
+                                cgroup: cgroup_id(&payload[size_of::<InetDiagMsg>()..]),
+                            });
                         }
                     }
                     _ => {}
@@ -423,6 +475,31 @@ fn messages(mut data: &[u8]) -> impl Iterator<Item = (libc::nlmsghdr, &[u8])> {
     })
 }
 
+/// The netlink attributes of `data`: (type, payload), each aligned to 4 bytes (NLA_ALIGN), the
+/// type without its flag bits; a malformed length ends the list.
+fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    const HEADER: usize = 4;
+    std::iter::from_fn(move || {
+        let header = data.first_chunk::<HEADER>()?;
+        let len = usize::from(u16::from_ne_bytes([header[0], header[1]]));
+        let kind = u16::from_ne_bytes([header[2], header[3]]) & NLA_TYPE_MASK;
+        if len < HEADER || len > data.len() {
+            return None;
+        }
+        let payload = &data[HEADER..len];
+        data = &data[len.next_multiple_of(4).min(data.len())..];
+        Some((kind, payload))
+    })
+}
+
+/// The cgroup v2 id among the attributes that follow a dumped socket, if the kernel gave one
+/// (CONFIG_SOCK_CGROUP_DATA, kernel >= 5.7).
+fn cgroup_id(attributes_data: &[u8]) -> Option<u64> {
+    attributes(attributes_data)
+        .find(|(kind, _)| *kind == INET_DIAG_CGROUP_ID)
+        .and_then(|(_, payload)| Some(u64::from_ne_bytes(*payload.first_chunk::<8>()?)))
+}
+
 /// The errno of an NLMSG_ERROR payload (`struct nlmsgerr`: a negative errno, 0 for an ack).
 fn netlink_error(payload: &[u8]) -> io::Error {
     match payload.first_chunk::<4>() {
@@ -475,6 +552,69 @@ mod tests {
         let mut padded = [0u8; 16];
         padded[..bytes.len()].copy_from_slice(bytes);
         std::array::from_fn(|i| u32::from_ne_bytes(padded[i * 4..i * 4 + 4].try_into().unwrap()))
+    }
+
+    /// One netlink attribute as the kernel lays it out: length, type, payload, padding to 4.
+    fn attribute(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut data = Vec::new();
+        data.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+        data.extend_from_slice(&kind.to_ne_bytes());
+        data.extend_from_slice(payload);
+        data.resize(data.len().next_multiple_of(4), 0);
+        data
+    }
+
+    #[test]
+    fn the_cgroup_id_is_found_among_a_sockets_attributes() {
+        const INET_DIAG_PAD: u16 = 14;
+        let cgroup = 0x0000_0001_0000_2a2au64;
+        let mut data = attribute(5, &[0]);
+        data.extend(attribute(INET_DIAG_PAD, &[]));
+        data.extend(attribute(INET_DIAG_CGROUP_ID, &cgroup.to_ne_bytes()));
+        assert_eq!(cgroup_id(&data), Some(cgroup));
+        assert_eq!(cgroup_id(&attribute(5, &[0])), None);
+        // A length past the data ends the list: no id read out of bounds.
+        let mut truncated = attribute(INET_DIAG_CGROUP_ID, &cgroup.to_ne_bytes());
+        truncated.truncate(10);
+        assert_eq!(cgroup_id(&truncated), None);
+        // Too short a payload is no id either.
+        assert_eq!(cgroup_id(&attribute(INET_DIAG_CGROUP_ID, &[1, 2])), None);
+    }
+
+    #[test]
+    fn a_socket_connected_to_a_frontend_is_a_target_only_inside_the_hooks_cgroups() {
+        let frontend: SocketAddr = "10.96.0.53:53".parse().unwrap();
+        let targets = AbortTargets {
+            untranslated: [frontend].into(),
+            cgroups: [7].into(),
+            ..Default::default()
+        };
+        let socket = |cgroup| ListedSocket {
+            id: InetDiagSockId {
+                dport: 53u16.to_be(),
+                dst: words(&[10, 96, 0, 53]),
+                ..Default::default()
+            },
+            cgroup,
+        };
+        assert!(targets.matches(Family::V4, &socket(Some(7))));
+        assert!(!targets.matches(Family::V4, &socket(Some(8))));
+        assert!(!targets.matches(Family::V4, &socket(None)));
+        let elsewhere = ListedSocket {
+            id: InetDiagSockId {
+                dport: 54u16.to_be(),
+                ..socket(Some(7)).id
+            },
+            ..socket(Some(7))
+        };
+        assert!(!targets.matches(Family::V4, &elsewhere));
+        assert!(
+            AbortTargets {
+                cgroups: HashSet::new(),
+                ..targets
+            }
+            .is_empty()
+        );
     }
 
     #[test]

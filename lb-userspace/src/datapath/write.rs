@@ -389,6 +389,10 @@ impl Datapath {
                     if let Some(filter_key) = FilterKey::of_frontend(key) {
                         self.frontend_filter.count(filter_key);
                     }
+                    if key.proto() == lb_common::proto::UDP {
+                        self.new_udp_frontends
+                            .insert(SocketAddr::new(key.addr(), key.port()));
+                    }
                 }
                 Some(owner) if owner != service.id => {
                     if let Some(other) = self.installed.get_mut(&owner) {
@@ -622,7 +626,7 @@ impl Datapath {
     }
 
     /// Remembers the UDP backends among `backends` that just left service `service_id`, for
-    /// [`Datapath::abort_udp_sockets_of_departed_backends`].
+    /// [`Datapath::abort_stale_udp_sockets`].
     fn record_departed_udp(&mut self, service_id: u32, backends: &BTreeSet<u32>) {
         for id in backends {
             if let Some(backend) = self.installed_backends.get(id)
@@ -636,21 +640,60 @@ impl Datapath {
         }
     }
 
-    /// Aborts the connected UDP sockets that the socket hooks sent, through a service, to a
-    /// backend that has left that service since the last call (`put_service` without it,
-    /// `remove_service`): a connected socket keeps its backend address, so without this it would
-    /// send to the departed endpoint forever. The application's next call fails and it
-    /// reconnects to a live endpoint. Only sockets the hooks recorded in `lb4_sknat_v1` or
-    /// `lb6_sknat_v1` for that service and backend, and still connected to it, are touched; TCP is left alone (like
-    /// kube-proxy, established connections to a removed endpoint stay). The agent calls this
-    /// once per sync.
-    pub fn abort_udp_sockets_of_departed_backends(&mut self) -> super::sock_diag::DestroyReport {
+    /// Aborts the connected UDP sockets whose peer went stale since the last call, so that the
+    /// application's next call fails and it reconnects through the hooks:
+    /// - those the socket hooks sent, through a service, to a backend that has left that service
+    ///   (`put_service` without it, `remove_service`): a connected socket keeps its backend
+    ///   address, so without this it would send to the departed endpoint forever. Only sockets
+    ///   the hooks recorded in `lb4_sknat_v1` or `lb6_sknat_v1` for that service and backend,
+    ///   and still connected to it, are touched;
+    /// - those of the hooks' cgroup (or one below it) connected to a UDP frontend that is new to
+    ///   the maps: they connected before it was a frontend, untranslated, and would send to the
+    ///   address itself for as long as they live (kube-proxy clears the conntrack entries of a
+    ///   UDP Service address that gains endpoints, for the same reason).
+    ///
+    /// TCP is left alone (like kube-proxy, established connections to a removed endpoint stay).
+    /// The agent calls this once per sync.
+    pub fn abort_stale_udp_sockets(&mut self) -> super::sock_diag::DestroyReport {
         let departed = std::mem::take(&mut self.departed_udp);
-        if departed.is_empty() {
-            return Default::default();
-        }
-        let mut targets = BTreeMap::new();
+        let untranslated = std::mem::take(&mut self.new_udp_frontends);
         let mut report = super::sock_diag::DestroyReport::default();
+        let mut targets = super::sock_diag::AbortTargets::default();
+        if !departed.is_empty() {
+            targets.by_cookie = self.sockets_sent_to(&departed, &mut report);
+        }
+        if !untranslated.is_empty()
+            && let Some(cgroup) = &self.hooks_cgroup
+        {
+            match cgroup_ids_below(cgroup) {
+                Ok(cgroups) => {
+                    targets.untranslated = untranslated;
+                    targets.cgroups = cgroups;
+                }
+                Err(error) => {
+                    report.failed += 1;
+                    report.errors.push(format!(
+                        "listing the cgroups of {}: {error}",
+                        cgroup.display()
+                    ));
+                }
+            }
+        }
+        let aborted = super::sock_diag::destroy_connected_udp(&targets);
+        report.destroyed += aborted.destroyed;
+        report.failed += aborted.failed;
+        report.errors.extend(aborted.errors);
+        report
+    }
+
+    /// The sockets (by cookie, with their backend) that the socket NAT maps record as sent to a
+    /// `departed` backend through its service; a map that cannot be read is reported.
+    fn sockets_sent_to(
+        &self,
+        departed: &BTreeSet<DepartedBackend>,
+        report: &mut super::sock_diag::DestroyReport,
+    ) -> BTreeMap<u64, SocketAddr> {
+        let mut targets = BTreeMap::new();
         let v4 = self.maps.sock_nat.iter().map(|entry| {
             entry.map(|(key, value)| {
                 let addr = Ipv4Addr::from(u32::from_be(key.addr));
@@ -695,11 +738,7 @@ impl Datapath {
                 }
             }
         }
-        let aborted = super::sock_diag::destroy_connected_udp(&targets);
-        report.destroyed += aborted.destroyed;
-        report.failed += aborted.failed;
-        report.errors.extend(aborted.errors);
-        report
+        targets
     }
 
     /// Builds the Maglev table of a service about to be put ([`Datapath::put_service`] then uses
@@ -1362,4 +1401,29 @@ fn lookup_entry<K: aya::Pod, V: aya::Pod>(
         Err(MapError::KeyNotFound) => Ok(None),
         Err(error) => Err(error),
     }
+}
+
+/// The cgroup v2 ids of `cgroup` and of every cgroup below it: a cgroup's id is its directory's
+/// inode number in the cgroup2 filesystem (kernfs, `cgroup_id()`), as sock_diag reports a
+/// socket's. A cgroup removed during the walk is skipped.
+fn cgroup_ids_below(cgroup: &std::path::Path) -> std::io::Result<std::collections::HashSet<u64>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut ids = std::collections::HashSet::new();
+    ids.insert(std::fs::metadata(cgroup)?.ino());
+    let mut pending = vec![cgroup.to_owned()];
+    while let Some(directory) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&directory) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            // Cgroups are the directories; a cgroup2 directory holds no symlinks.
+            if entry.file_type().is_ok_and(|kind| kind.is_dir())
+                && let Ok(metadata) = entry.metadata()
+            {
+                ids.insert(metadata.ino());
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(ids)
 }

@@ -275,7 +275,8 @@ impl Metrics {
         lb.register(
             "udp_sockets_aborted",
             "Connected UDP sockets of pods and host processes aborted because the endpoint the \
-             socket hooks sent them to left the Service (the application reconnects)",
+             socket hooks sent them to left the Service, or because they connected to a UDP \
+             Service address before it was a frontend (the application reconnects)",
             agent.udp_sockets_aborted.clone(),
         );
         lb.register(

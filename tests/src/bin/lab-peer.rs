@@ -119,8 +119,9 @@ struct ClientArgs {
     /// Pause between requests.
     #[arg(long, default_value_t = 0)]
     interval_ms: u64,
-    /// UDP with --one-flow: after a failed request, replace the socket by a newly connected one
-    /// (as an application does when its socket is aborted); the report gets a timeline.
+    /// UDP with --one-flow: after a request that failed with a socket error (not a timeout),
+    /// replace the socket by a newly connected one (as an application does when its socket is
+    /// aborted); the report gets a timeline.
     #[arg(long, requires = "one_flow")]
     reconnect: bool,
     /// UDP: request size in bytes (0: a short request); the server answers with as many.
@@ -657,7 +658,11 @@ fn udp_client(args: &ClientArgs) -> anyhow::Result<ClientReport> {
             Some(socket) => udp_exchange(socket, args, to),
             None => udp_socket(args, timeout).and_then(|socket| udp_exchange(&socket, args, to)),
         };
-        let failed = result.is_err();
+        // A timeout keeps the socket, as an application waiting on a slow or silent server
+        // does; a socket error (an abort) replaces it.
+        let failed = result
+            .as_ref()
+            .is_err_and(|error| error_kind(error) != "timeout");
         if args.reconnect {
             let server = result
                 .as_ref()
