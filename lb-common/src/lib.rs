@@ -1870,6 +1870,15 @@ pub mod tcp_seq {
         seq_next == 0
             || seq_next.wrapping_sub(seq).wrapping_add(RST_AHEAD) <= RST_BEHIND + RST_AHEAD
     }
+
+    /// Whether a FIN with sequence number `seq` may come from the side whose furthest sent
+    /// sequence is `seq_next`: a FIN starts at most where its sender's next byte goes (a
+    /// retransmitted one, and one carrying data a racing CPU has not recorded, within the RST's
+    /// bounds either side), so the RST's window holds it.
+    #[inline(always)]
+    pub const fn fin_in_window(seq_next: u32, seq: u32) -> bool {
+        rst_in_window(seq_next, seq)
+    }
 }
 
 /// A one-hash Bloom filter of the frontends (address, port, protocol): a clear bit means no
@@ -2383,6 +2392,11 @@ labelled_indexes! {
     /// ports a socket of the node's is there, or a UDP datagram from the peer a UDP socket of
     /// the node's is connected to.
     PASS_NODE_CONNECTION = "pass_node_connection",
+    /// Track: a TCP FIN of a tracked flow whose sequence number lies far from what its sender
+    /// has sent (a blind or stale FIN), or an SCTP SHUTDOWN or SHUTDOWN ACK without the tag its
+    /// sender's packets carry, went on translated but left the flow's state alone: it did not
+    /// move the flow to CLOSING, whose short timeout would end an idle connection under it.
+    CT_FIN_OUT_OF_WINDOW = "ct_fin_out_of_window",
     /// Track: a socket's peer was a backend the hooks had sent it to, but the frontend it asked
     /// for is gone or now another Service's: recvmsg()/getpeername() named the peer as it is
     /// instead of as that frontend.

@@ -35,7 +35,8 @@ use lb_ebpf::packet::{
 use crate::{
     family::{Family, V4, V6},
     flow::{
-        Answer, Tuple, answer_of, blind_rst, client_record_of_reply, track_answer, track_reply,
+        Answer, Tuple, answer_of, blind_fin, blind_rst, client_record_of_reply, track_answer,
+        track_reply,
     },
     flow_cache::{self, Look},
     helpers::tail_call,
@@ -457,7 +458,9 @@ fn reverse_nat<F: Family>(
             }) {
                 return Err(Event::DROP_RST_OUT_OF_WINDOW);
             }
-            track_answer(entry, tuple);
+            if !blind_fin(tuple, FlowValue::of(entry).backend_seq_next) {
+                track_answer(entry, tuple);
+            }
             let flow = FlowValue::of(entry);
             let frontend = (flow.frontend_addr, flow.frontend_port);
             flow_cache::remember_answer(&look, entry, tuple, frontend);
@@ -473,7 +476,9 @@ fn reverse_nat<F: Family>(
             }
             // Answers of a local endpoint keep no SNAT port: the client's packets keep the flow
             // alive.
-            track_reply(entry, tuple, false);
+            if !blind_fin(tuple, entry.seq_next) {
+                track_reply(entry, tuple, false);
+            }
             let remapped = entry.flags & ct_flags::PORT_REMAP != 0;
             (
                 (entry.nat_addr, entry.nat_port),

@@ -34,7 +34,7 @@ use crate::{
     family::{Family, V4, V6},
     flow::{
         Arrival, ClientKey, Destination, Frontend, Holder, NewFlow, Start, Tuple,
-        accept_direct_return, admitted_by_source_ranges, blind_rst, client_key6,
+        accept_direct_return, admitted_by_source_ranges, blind_fin, blind_rst, client_key6,
         client_record_of_reply, client_side, client_side_entry, closes, config,
         continues_node_connection, destination, follow, frontend_of_this_run, goes_direct,
         live_destination, live_flow, look_up_on_retry, lookup_frontend, maybe_frontend,
@@ -1081,8 +1081,9 @@ fn established<I: Ip>(
         Some(destination) => {
             // SAFETY: as in flow::live_flow.
             let flow = unsafe { &mut *flow };
-            // Only a FIN or RST the flow takes as its client's (not a blind RST, not a bad
-            // header) empties its slots, a walk over every CPU that served it.
+            // Only a FIN or RST the flow lets through as its client's (not a blind RST, not a
+            // bad header; a blind FIN does, at the cost of refilling them) empties its slots, a
+            // walk over every CPU that served it.
             if closes(tuple) {
                 flow_cache::forget(flow, tuple);
             }
@@ -1681,7 +1682,7 @@ fn snat_reply<I: Ip>(ctx: &XdpContext, tuple: &Tuple<I::F>, ip: &I) -> Result<Op
     }) {
         return Err(Event::DROP_RST_OUT_OF_WINDOW);
     }
-    if !dry_run() {
+    if !dry_run() && !blind_fin(tuple, entry.seq_next) {
         track_reply(entry, tuple, true);
     }
     let (client_addr, client_port) = (entry.snat_addr, entry.snat_port);

@@ -315,6 +315,22 @@ fn an_association_to_a_local_endpoint_is_translated_both_ways_from_init_to_shutd
     );
     assert_eq!(flow(&datapath).state, ESTABLISHED);
 
+    // A SHUTDOWN or SHUTDOWN ACK without the tag its sender's packets carry goes on (the
+    // receiver discards it) but ends nothing.
+    step(
+        xdp(),
+        "shutdown with another tag",
+        from_client(chunk::SHUTDOWN, POD_TAG ^ 1, &[0, 0, 0, 1]),
+        XDP_PASS,
+    );
+    step(
+        tc(),
+        "shutdown ack from the endpoint with another tag",
+        from_pod(chunk::SHUTDOWN_ACK, CLIENT_TAG ^ 1, b""),
+        TC_ACT_OK,
+    );
+    assert_eq!(flow(&datapath).state, ESTABLISHED);
+
     step(
         xdp(),
         "shutdown",
@@ -369,6 +385,7 @@ fn an_association_to_a_local_endpoint_is_translated_both_ways_from_init_to_shutd
     assert_eq!(events.get("drop_sctp_fragment"), Some(&1), "{events:?}");
     assert_eq!(events.get("drop_malformed"), Some(&1), "{events:?}");
     assert_eq!(events.get("drop_rst_out_of_window"), Some(&4), "{events:?}");
+    assert_eq!(events.get("ct_fin_out_of_window"), Some(&2), "{events:?}");
     assert_eq!(events.get("pass_protocol_unserved"), Some(&0), "{events:?}");
 }
 

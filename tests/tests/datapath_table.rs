@@ -3815,6 +3815,134 @@ fn a_rst_ends_a_flow_only_near_what_its_sender_has_sent() {
     );
 }
 
+/// A FIN far from what its sender has sent (a blind or stale one) goes on translated, as the
+/// receiver's stack judges it, but leaves the flow established: CLOSING's short timeout would
+/// end an idle connection under it. The sender's own FIN closes the flow.
+#[test]
+fn a_fin_moves_a_flow_to_closing_only_near_what_its_sender_has_sent() {
+    use lb_common::tcp_seq::{RST_AHEAD, RST_BEHIND};
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "finwin").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    let (client_isn, pod_isn) = (5000u32, 0xffff_ff00u32);
+    let client_next = client_isn + 101;
+    let pod_next = pod_isn.wrapping_add(1);
+    run_table(
+        xdp(),
+        &[
+            case(
+                "syn",
+                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::SYN, client_isn, b""),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp_at(
+                    CLIENT,
+                    POD_A,
+                    TcpFlags::SYN,
+                    client_isn,
+                    b"",
+                )),
+            ),
+            case(
+                "data",
+                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::ACK, client_isn + 1, &[1; 100]),
+                XDP_PASS,
+                Expect::Bytes(packet::tcp_at(
+                    CLIENT,
+                    POD_A,
+                    TcpFlags::ACK,
+                    client_isn + 1,
+                    &[1; 100],
+                )),
+            ),
+        ],
+    );
+    run_table(
+        tc(),
+        &[case(
+            "the pod's syn-ack",
+            packet::tcp_at(POD_A, CLIENT, TcpFlags::SYN_ACK, pod_isn, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp_at(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::SYN_ACK,
+                pod_isn,
+                b"",
+            )),
+        )],
+    );
+    let client_fin = |seq: u32| packet::tcp_at(CLIENT, FRONTEND, TcpFlags::FIN_ACK, seq, b"");
+    let translated =
+        |seq: u32| Expect::Bytes(packet::tcp_at(CLIENT, POD_A, TcpFlags::FIN_ACK, seq, b""));
+    let far = [
+        (
+            "a blind fin half the sequence space away",
+            client_next.wrapping_add(1 << 31),
+        ),
+        (
+            "a fin just past how far ahead it may be",
+            client_next + RST_AHEAD + 1,
+        ),
+        (
+            "a fin just past how far behind it may be",
+            client_next.wrapping_sub(RST_BEHIND + 1),
+        ),
+    ];
+    let cases: Vec<_> = far
+        .iter()
+        .map(|&(name, seq)| case(name, client_fin(seq), XDP_PASS, translated(seq)))
+        .collect();
+    run_table(xdp(), &cases);
+    let far_pod_seq = pod_next.wrapping_add(1 << 30);
+    run_table(
+        tc(),
+        &[case(
+            "a fin from the pod far from what it sent",
+            packet::tcp_at(POD_A, CLIENT, TcpFlags::FIN_ACK, far_pod_seq, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp_at(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::FIN_ACK,
+                far_pod_seq,
+                b"",
+            )),
+        )],
+    );
+    let events = datapath.events().expect("events");
+    assert_eq!(events["ct_fin_out_of_window"], 4, "{events:?}");
+    assert_eq!(events["drop_rst_out_of_window"], 0, "{events:?}");
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::ESTABLISHED),
+        "the flow goes on"
+    );
+    run_table(
+        xdp(),
+        &[case(
+            "the client's own fin",
+            client_fin(client_next),
+            XDP_PASS,
+            translated(client_next),
+        )],
+    );
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::CLOSING),
+        "the flow ends"
+    );
+}
+
 #[test]
 fn a_blind_rst_to_a_snat_port_neither_ends_the_flow_nor_frees_the_port() {
     let lab = Lab::new().expect("lab");
@@ -3842,6 +3970,46 @@ fn a_blind_rst_to_a_snat_port_neither_ends_the_flow_nor_frees_the_port() {
     let own = packet::tcp_at(REMOTE_POD, snat, TcpFlags::RST, 1001, b"");
     assert_eq!(fixture.xdp(&own).verdict, XDP_TX, "the backend's own RST");
     assert_ne!(reply_flags() & lb_common::ct_flags::RESET, 0, "reset");
+}
+
+#[test]
+fn a_blind_fin_to_a_snat_port_goes_on_but_leaves_the_flow_open() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "finsnat").expect("pin dir");
+    let fixture = SnatFixture::new(&pins);
+    // The backend's SYN-ACK (sequence 1000) went back to the client.
+    let port = fixture.established(CLIENT);
+    let snat = SocketAddrV4::new(NODE, port);
+    let reply = || {
+        fixture
+            .conntrack
+            .get(&SnatFixture::reply_key(port), 0)
+            .expect("reply entry")
+    };
+    let blind_seq = 1001 + (1 << 31);
+    let blind = packet::tcp_at(REMOTE_POD, snat, TcpFlags::FIN_ACK, blind_seq, b"");
+    let run = fixture.xdp(&blind);
+    assert_eq!(run.verdict, XDP_TX, "translated back to the client");
+    // The IP and TCP headers as a frame from the frontend to the client is built, forwarded
+    // (one hop less), checksums computed afresh; the MACs aside.
+    let mut expected = packet::tcp_at(FRONTEND, CLIENT, TcpFlags::FIN_ACK, blind_seq, b"");
+    expected[packet::ETH_HDR_LEN + 8] -= 1;
+    packet::fix_ip_checksum(&mut expected);
+    assert_eq!(
+        run.packet[packet::ETH_HDR_LEN..],
+        expected[packet::ETH_HDR_LEN..],
+        "from the frontend to the client"
+    );
+    assert_eq!(reply().flags & lb_common::ct_flags::BACKEND_FIN, 0);
+    assert_eq!(reply().state, lb_common::tcp_state::ESTABLISHED);
+    assert_eq!(
+        fixture.datapath.events().expect("events")["ct_fin_out_of_window"],
+        1
+    );
+    let own = packet::tcp_at(REMOTE_POD, snat, TcpFlags::FIN_ACK, 1001, b"");
+    assert_eq!(fixture.xdp(&own).verdict, XDP_TX, "the backend's own FIN");
+    assert_ne!(reply().flags & lb_common::ct_flags::BACKEND_FIN, 0);
+    assert_eq!(reply().state, lb_common::tcp_state::CLOSING);
 }
 
 #[test]

@@ -190,6 +190,13 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
         tcp(client(40001), POD_A, TcpFlags::ACK, b"GET"),
         tcp(client(40008), POD_A, TcpFlags::SYN, b""),
         packet6::tcp(client(40008), POD_A, TcpFlags::RST, SEQ + 1, b""),
+        packet6::tcp(
+            client(40008),
+            POD_A,
+            TcpFlags::FIN_ACK,
+            SEQ + 1 + (1 << 30),
+            b"",
+        ),
     ];
     for frame in &translated {
         assert!(packet6::transport_checksum_ok(frame), "fixture checksum");
@@ -220,6 +227,18 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             tcp(client(40008), FRONTEND, TcpFlags::SYN, b""),
             XDP_PASS,
             Expect::Bytes(translated[7].clone()),
+        ),
+        case(
+            "tcp fin far from what that client sent: translated, the flow left open",
+            packet6::tcp(
+                client(40008),
+                FRONTEND,
+                TcpFlags::FIN_ACK,
+                SEQ + 1 + (1 << 30),
+                b"",
+            ),
+            XDP_PASS,
+            Expect::Bytes(translated[9].clone()),
         ),
         case(
             "tcp rst far from what that client sent: blind, dropped",
@@ -444,6 +463,7 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     assert_eq!(events["reject_tcp_rst"], 1, "{events:?}");
     assert_eq!(events["reject_icmp"], 1, "{events:?}");
     assert_eq!(events["drop_rst_out_of_window"], 1, "{events:?}");
+    assert_eq!(events["ct_fin_out_of_window"], 1, "{events:?}");
     // The SCTP frame is a miss lb_xdp passes itself (lb_xdp6_sctp, not loaded here, comes
     // with the first IPv6 SCTP frontend).
     assert_eq!(events["pass_protocol_unserved"], 0, "{events:?}");

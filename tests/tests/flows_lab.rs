@@ -507,6 +507,20 @@ fn path_mtu_discovery_through_a_node_port_reaches(endpoint_node: u8) {
 /// request, 2.5 s later, and take its SNAT port away.
 #[test]
 fn blind_rsts_end_no_connection_through_a_node_port() {
+    blind_closes_end_no_connection_through_a_node_port(&[], "drop_rst_out_of_window");
+}
+
+/// The same with FINs: they go on translated (the receivers' stacks ignore them) but must not
+/// move the flow to CLOSING either.
+#[test]
+fn blind_fins_end_no_connection_through_a_node_port() {
+    blind_closes_end_no_connection_through_a_node_port(&["--fin"], "ct_fin_out_of_window");
+}
+
+/// An idle connection through a NodePort to node2's pod gets two spoofed closes (`lab-peer rst`
+/// with `kind`), half the sequence space away from what each side has sent, counted as `event`,
+/// and goes on.
+fn blind_closes_end_no_connection_through_a_node_port(kind: &[&str], event: &str) {
     let mut setup = AgentLab::new().expect("lab");
     setup.start_agent(SHORT_TIMEOUTS).expect("agent");
     let pod = SocketAddrV4::new(pod_addr(2, 0), POD_PORT);
@@ -563,17 +577,16 @@ fn blind_rsts_end_no_connection_through_a_node_port() {
             ),
         ] {
             let (from, to, seq) = (from.to_string(), to.to_string(), seq.to_string());
+            let mut args = vec!["rst", "--from", &from, "--to", &to, "--seq", &seq];
+            args.extend_from_slice(kind);
             attacker
-                .run(
-                    lab::peer::binary().expect("lab-peer"),
-                    &["rst", "--from", &from, "--to", &to, "--seq", &seq],
-                )
-                .expect("spoofed rst");
+                .run(lab::peer::binary().expect("lab-peer"), &args)
+                .expect("spoofed close");
         }
         run.join().expect("client thread")
     })
     .expect("client");
-    report.assert_all_ok("requests 2.5 s apart around blind RSTs");
+    report.assert_all_ok("requests 2.5 s apart around blind closes");
     assert_eq!(
         report.seen_as.len(),
         1,
@@ -581,7 +594,7 @@ fn blind_rsts_end_no_connection_through_a_node_port() {
         report.seen_as
     );
     let events = setup.events().expect("events");
-    assert_eq!(events["drop_rst_out_of_window"], 2, "{events:?}");
+    assert_eq!(events[event], 2, "{events:?}");
     assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
 }
 

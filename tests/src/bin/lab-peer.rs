@@ -44,8 +44,9 @@ enum Mode {
     /// connect/request/close per request, or request/response over one connection with
     /// --one-flow. The report adds the rate and per-request latency percentiles (`latency`).
     Load(LoadArgs),
-    /// Sends one TCP RST from --from to --to with sequence number --seq through a raw IP socket,
-    /// its source spoofed: what an attacker off the path sends. Prints `sent`.
+    /// Sends one TCP RST (with --fin, a FIN+ACK) from --from to --to with sequence number --seq
+    /// through a raw IP socket, its source spoofed: what an attacker off the path sends. Prints
+    /// `sent`.
     Rst {
         #[arg(long)]
         from: SocketAddrV4,
@@ -53,6 +54,8 @@ enum Mode {
         to: SocketAddrV4,
         #[arg(long)]
         seq: u32,
+        #[arg(long)]
+        fin: bool,
     },
     /// Connects to --to over TCP, sends --bytes of data (no newline: the server only reads),
     /// waits until the server has acknowledged all of it, then aborts the connection with a RST
@@ -192,8 +195,8 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::json!({ "sent": bytes }));
             Ok(())
         }
-        Mode::Rst { from, to, seq } => {
-            send_spoofed_rst(from, to, seq)?;
+        Mode::Rst { from, to, seq, fin } => {
+            send_spoofed_close(from, to, seq, fin)?;
             println!("sent");
             Ok(())
         }
@@ -243,12 +246,24 @@ fn upload_then_abort(to: SocketAddr, bytes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn send_spoofed_rst(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> anyhow::Result<()> {
+fn send_spoofed_close(
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    seq: u32,
+    fin: bool,
+) -> anyhow::Result<()> {
     let mut packet = Vec::new();
-    etherparse::PacketBuilder::ipv4(from.ip().octets(), to.ip().octets(), 64)
-        .tcp(from.port(), to.port(), seq, 0)
-        .rst()
-        .write(&mut packet, &[])?;
+    let segment = etherparse::PacketBuilder::ipv4(from.ip().octets(), to.ip().octets(), 64).tcp(
+        from.port(),
+        to.port(),
+        seq,
+        65535,
+    );
+    if fin {
+        segment.fin().ack(0).write(&mut packet, &[])?;
+    } else {
+        segment.rst().write(&mut packet, &[])?;
+    }
     send_raw(&raw_socket()?, to, &packet)
 }
 
