@@ -609,6 +609,32 @@ fn rows() -> Vec<Row> {
             held: &[],
         },
         Row {
+            name: "an unset serving condition means serving, as the API and kube-proxy read it: a not-ready terminating endpoint without it takes new flows when none is ready",
+            yaml: service("web", cluster_ip)
+                + &slice(
+                    "web-1",
+                    "web",
+                    &[
+                        (
+                            "10.244.1.10",
+                            "node1",
+                            "{ready: false, terminating: true}",
+                        ),
+                        (
+                            "10.244.1.11",
+                            "node1",
+                            "{ready: false, serving: false, terminating: true}",
+                        ),
+                    ],
+                    &[("http", 8080, "TCP")],
+                ),
+            expected: &[
+                "default/web:http/TCP fe=[10.96.0.10:80 cluster] be=[10.244.1.10:8080 LT] affinity=0 serving-terminating",
+            ],
+            problems: &[],
+            held: &[],
+        },
+        Row {
             name: "a terminating endpoint published as ready (publishNotReadyAddresses) serves as a ready one: not flagged terminating",
             yaml: service("web", cluster_ip)
                 + &slice(

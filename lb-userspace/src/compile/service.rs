@@ -1320,7 +1320,8 @@ fn slice_endpoint(
         ));
     }
     let conditions = endpoint.conditions.as_ref();
-    // Unset ready means ready; unset serving means as ready; unset terminating means not.
+    // The API's defaults, as kube-proxy reads them: unset ready or serving means true, unset
+    // terminating means false.
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
     Ok(SliceEndpoint {
         addr,
@@ -1334,7 +1335,7 @@ fn slice_endpoint(
             .filter(|target| target.kind.as_deref() == Some("Pod"))
             .and_then(|target| target.name.clone()),
         ready,
-        serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         zone_hints: endpoint
             .hints
