@@ -2392,15 +2392,15 @@ labelled_indexes! {
     /// ports a socket of the node's is there, or a UDP datagram from the peer a UDP socket of
     /// the node's is connected to.
     PASS_NODE_CONNECTION = "pass_node_connection",
+    /// Track: a datagram to an unconnected socket came from a backend the hooks had sent the
+    /// socket to, but the frontend it sent to is gone or now another Service's: recvmsg() named
+    /// the sender as it is instead of as that frontend.
+    NAT_SOCKET_STALE = "nat_socket_stale",
     /// Track: a TCP FIN of a tracked flow whose sequence number lies far from what its sender
     /// has sent (a blind or stale FIN), or an SCTP SHUTDOWN or SHUTDOWN ACK without the tag its
     /// sender's packets carry, went on translated but left the flow's state alone: it did not
     /// move the flow to CLOSING, whose short timeout would end an idle connection under it.
     CT_FIN_OUT_OF_WINDOW = "ct_fin_out_of_window",
-    /// Track: a socket's peer was a backend the hooks had sent it to, but the frontend it asked
-    /// for is gone or now another Service's: recvmsg()/getpeername() named the peer as it is
-    /// instead of as that frontend.
-    NAT_SOCKET_STALE = "nat_socket_stale",
 }
 
 /// `aya::Pod` for the map types, so userspace can read and write them.
@@ -3124,6 +3124,54 @@ mod tests {
             }
         }
         assert_eq!(Event(Event::COUNT).label(), None);
+    }
+
+    /// The events map keeps its name, and its counts, across releases that add events
+    /// ([`Event::SLOTS`]): an event keeps its index for good, so new ones go at the end. This
+    /// list is every event in index order; a new one is appended to it.
+    #[test]
+    fn events_keep_their_indexes() {
+        const IN_ORDER: &[&str] = &[
+            "drop_no_backend",
+            "drop_backend_missing",
+            "drop_ct_full",
+            "drop_malformed",
+            "drop_nat_failed",
+            "pass_fragment",
+            "sock_no_backend",
+            "drop_no_local_backend",
+            "drop_source_range",
+            "reject_tcp_rst",
+            "reject_icmp",
+            "drop_snat_exhausted",
+            "ct_reply_restored",
+            "ct_flow_restarted",
+            "nat_port_remap",
+            "pass_ttl_exceeded",
+            "pass_vlan",
+            "drop_ip_checksum",
+            "drop_reject_not_unicast",
+            "drop_reject_rate_limited",
+            "pass_other_host",
+            "icmp_error_translated",
+            "drop_rst_out_of_window",
+            "drop_sctp_fragment",
+            "pass_protocol_unserved",
+            "maglev_fallback",
+            "dsr_sent",
+            "dsr_accepted",
+            "drop_dsr_refused",
+            "drop_dsr_clash",
+            "dsr_no_room",
+            "ct_flow_superseded",
+            "dsr_kept_by_answers",
+            "dsr_node_unmarked",
+            "pass_node_connection",
+            "nat_socket_stale",
+            "ct_fin_out_of_window",
+        ];
+        let labels: Vec<&str> = Event::ALL.iter().map(|(_, label)| *label).collect();
+        assert_eq!(labels, IN_ORDER);
     }
 
     /// The checksum of 40 bytes (an IPv6 address and what follows it in a pseudo-header and a

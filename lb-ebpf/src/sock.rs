@@ -1,7 +1,7 @@
 //! Socket hooks for pods and host processes: a connect() or an unconnected sendto() to a Service
 //! frontend is sent to a backend before any packet exists (no per-packet NAT, no conntrack), and
-//! recvmsg()/getpeername() show the Service address again (while the frontend is still that
-//! Service's), so the application never notices.
+//! recvmsg()/getpeername() show the Service address again (to an unconnected socket, while the
+//! frontend is still that Service's), so the application never notices.
 //!
 //! Each translated socket keeps its backend (and, for a Service with loadBalancerSourceRanges,
 //! which ranges apply) in socket-local storage: `lb_sock_egress4` drops its packets from a source
@@ -62,13 +62,13 @@ pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore_service_address(&ctx);
+    restore_service_address(&ctx, sender_of_datagram(&ctx));
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    restore_service_address(&ctx);
+    restore_service_address(&ctx, Peer::Connected);
     ALLOW
 }
 
@@ -95,14 +95,41 @@ pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
-    restore_service_address6(&ctx);
+    restore_service_address6(&ctx, sender_of_datagram(&ctx));
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
-    restore_service_address6(&ctx);
+    restore_service_address6(&ctx, Peer::Connected);
     ALLOW
+}
+
+/// Whose address a call names: the peer a socket connected to, or the sender of a datagram an
+/// unconnected socket received.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// Certainly the backend the socket was sent to when it connected to the frontend.
+    Connected,
+    /// Any host's: the record of the backend tells only that the socket once sent to it.
+    Unconnected,
+}
+
+/// `bpf_sock::state` of a connected UDP socket (include/net/tcp_states.h; set by
+/// net/ipv4/datagram.c `__ip4_datagram_connect` and its IPv6 twin).
+const TCP_ESTABLISHED: u32 = 1;
+
+/// Whether a recvmsg() names its socket's connected peer or any sender.
+#[inline(always)]
+fn sender_of_datagram(ctx: &SockAddrContext) -> Peer {
+    // SAFETY: the kernel passes a valid bpf_sock_addr, whose `sk` is the calling socket.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    // SAFETY: a socket pointer the verifier tracks; `state` is a readable field of it.
+    if !sk.is_null() && unsafe { (*sk).state } == TCP_ESTABLISHED {
+        Peer::Connected
+    } else {
+        Peer::Unconnected
+    }
 }
 
 /// A connect() (TCP, or a UDP socket connecting): a new flow, its backend drawn at random.
@@ -339,10 +366,10 @@ fn remember_backend<F: Family>(
 
 /// The peer (a backend) is shown as the frontend the socket asked for.
 #[inline(always)]
-fn restore_service_address(ctx: &SockAddrContext) {
+fn restore_service_address(ctx: &SockAddrContext, peer: Peer) {
     // SAFETY: as above.
     let addr = unsafe { &mut *ctx.sock_addr };
-    if let Some(frontend) = frontend_of_peer::<V4>(ctx, addr.user_ip4, addr.user_port) {
+    if let Some(frontend) = frontend_of_peer::<V4>(ctx, addr.user_ip4, addr.user_port, peer) {
         addr.user_ip4 = frontend.addr;
         addr.user_port = u32::from(frontend.port);
     }
@@ -351,33 +378,42 @@ fn restore_service_address(ctx: &SockAddrContext) {
 /// As [`restore_service_address`], for an AF_INET6 socket: an IPv4-mapped peer is looked up
 /// as IPv4 and its frontend written mapped, any other as IPv6.
 #[inline(always)]
-fn restore_service_address6(ctx: &SockAddrContext) {
+fn restore_service_address6(ctx: &SockAddrContext, peer: Peer) {
     // SAFETY: as above.
     let addr = unsafe { &mut *ctx.sock_addr };
     if ipv4_mapped(&addr.user_ip6) {
-        if let Some(frontend) = frontend_of_peer::<V4>(ctx, addr.user_ip6[3], addr.user_port) {
+        if let Some(frontend) = frontend_of_peer::<V4>(ctx, addr.user_ip6[3], addr.user_port, peer)
+        {
             addr.user_ip6[3] = frontend.addr;
             addr.user_port = u32::from(frontend.port);
         }
-    } else if let Some(frontend) = frontend_of_peer::<V6>(ctx, user_ip6(addr), addr.user_port) {
+    } else if let Some(frontend) = frontend_of_peer::<V6>(ctx, user_ip6(addr), addr.user_port, peer)
+    {
         set_user_ip6(addr, &frontend.addr);
         addr.user_port = u32::from(frontend.port);
     }
 }
 
 /// The frontend this socket was sent to when its peer `ip`:`port` (network byte order) is the
-/// backend the hooks chose, from the socket NAT map of family `F`, while that frontend is still
-/// the same Service's. Once the Service is gone, or its address another Service's, the peer is
-/// what it is: naming it as the old frontend would pass a pod's datagrams off as that address's
-/// (an unconnected socket that reached the pod through the Service may talk to it straight
-/// later, or hear from it after the address went to another Service).
+/// backend the hooks chose, from the socket NAT map of family `F`. A connected socket's peer is
+/// that backend for certain, whatever became of the Service since (an established connection
+/// keeps naming its ClusterIP, as with kube-proxy). A datagram to an unconnected socket may
+/// come from that backend for another reason: it is named as the frontend only while the
+/// frontend is still the same Service's (its id the record's). Once the Service is gone, or its
+/// address another Service's, the sender is what it is: naming it as the old frontend would
+/// pass a pod's datagrams off as that address's (the socket may talk to the pod straight later,
+/// or hear from it after the address went to another Service).
 #[inline(always)]
 fn frontend_of_peer<F: Family>(
     ctx: &SockAddrContext,
     ip: F::Addr,
     port: u32,
+    peer: Peer,
 ) -> Option<SockNatValue<F::Addr>> {
     let asked = F::sock_nat_get(socket_cookie(ctx), ip, port as u16)?;
+    if peer == Peer::Connected {
+        return Some(asked);
+    }
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's whole run.
     let protocol = unsafe { (*ctx.sock_addr).protocol };
     let still_served = u8::try_from(protocol).ok().is_some_and(|protocol| {

@@ -6,8 +6,9 @@
 //!    it: see `Datapath::put_service`);
 //! 2. services no longer desired are removed (frontends first);
 //! 3. backends nothing references any more are removed;
-//! 4. connected UDP sockets that the socket hooks sent to a backend that left its service are
-//!    aborted, so their applications reconnect to a live endpoint
+//! 4. connected UDP sockets that the socket hooks sent to a backend that left its service, and
+//!    those of the hooks' cgroup connected untranslated to a UDP frontend new in this run, are
+//!    aborted, so their applications reconnect through the hooks
 //!    (`Datapath::abort_stale_udp_sockets`).
 //!
 //! It is idempotent (a second run changes nothing) and restart-safe: the first run after a start

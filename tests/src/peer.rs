@@ -273,9 +273,11 @@ pub struct ClientRun<'a> {
     pub ready_file: Option<&'a Path>,
     /// The source port to connect (TCP) or send (UDP) from (None: the kernel picks one).
     pub source_port: Option<u16>,
-    /// Unconnected UDP with `one_flow`: after the first answered request, wait until the
-    /// second path exists, then send the remaining requests to the first from the same socket.
-    pub then_to: Option<(&'a str, &'a Path)>,
+    /// With `one_flow`: after the first answered request, wait until this file exists.
+    pub go_file: Option<&'a Path>,
+    /// Unconnected UDP with `go_file`: once it exists, send the remaining requests here from the
+    /// same socket.
+    pub then_to: Option<&'a str>,
 }
 
 impl<'a> ClientRun<'a> {
@@ -293,6 +295,7 @@ impl<'a> ClientRun<'a> {
             answer_bytes: 0,
             ready_file: None,
             source_port: None,
+            go_file: None,
             then_to: None,
         }
     }
@@ -376,11 +379,12 @@ impl<'a> ClientRun<'a> {
         if let Some(port) = &source_port {
             args.extend(["--source-port", port]);
         }
-        let go_file = self
-            .then_to
-            .map(|(_, path)| path.to_string_lossy().into_owned());
-        if let (Some((then_to, _)), Some(go_file)) = (self.then_to, &go_file) {
-            args.extend(["--then-to", then_to, "--go-file", go_file]);
+        let go_file = self.go_file.map(|path| path.to_string_lossy().into_owned());
+        if let Some(go_file) = &go_file {
+            args.extend(["--go-file", go_file]);
+        }
+        if let Some(then_to) = self.then_to {
+            args.extend(["--then-to", then_to]);
         }
         let stdout = match cgroup {
             Some(cgroup) => host.run_in_cgroup(cgroup, binary()?, &args)?,

@@ -190,8 +190,9 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
         tcp(client(40001), POD_A, TcpFlags::ACK, b"GET"),
         tcp(client(40008), POD_A, TcpFlags::SYN, b""),
         packet6::tcp(client(40008), POD_A, TcpFlags::RST, SEQ + 1, b""),
+        tcp(client(40009), POD_A, TcpFlags::SYN, b""),
         packet6::tcp(
-            client(40008),
+            client(40009),
             POD_A,
             TcpFlags::FIN_ACK,
             SEQ + 1 + (1 << 30),
@@ -229,16 +230,22 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
             Expect::Bytes(translated[7].clone()),
         ),
         case(
+            "tcp syn of a third flow",
+            tcp(client(40009), FRONTEND, TcpFlags::SYN, b""),
+            XDP_PASS,
+            Expect::Bytes(translated[9].clone()),
+        ),
+        case(
             "tcp fin far from what that client sent: translated, the flow left open",
             packet6::tcp(
-                client(40008),
+                client(40009),
                 FRONTEND,
                 TcpFlags::FIN_ACK,
                 SEQ + 1 + (1 << 30),
                 b"",
             ),
             XDP_PASS,
-            Expect::Bytes(translated[9].clone()),
+            Expect::Bytes(translated[10].clone()),
         ),
         case(
             "tcp rst far from what that client sent: blind, dropped",
@@ -494,6 +501,11 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
         .conntrack6_entry(&flow_key(ipv6_words(CLIENT_ADDR), 40008, proto::TCP))
         .expect("the second flow's FLOW entry");
     assert_eq!(reset.state, tcp_state::CLOSING);
+    // The blind FIN left the third where its SYN put it.
+    let blind_fin = datapath
+        .conntrack6_entry(&flow_key(ipv6_words(CLIENT_ADDR), 40009, proto::TCP))
+        .expect("the third flow's FLOW entry");
+    assert_eq!(blind_fin.state, tcp_state::SYN_SENT);
 }
 
 /// Maglev over IPv6: each new flow goes to the backend that slot `flow_hash6 % M` of the

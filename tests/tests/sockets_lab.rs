@@ -508,7 +508,8 @@ fn a_pods_datagrams_are_not_named_as_a_service_address_that_changed_hands() {
                         unconnected: true,
                         one_flow: true,
                         ready_file: Some(ready),
-                        then_to: Some((pod, go)),
+                        go_file: Some(go),
+                        then_to: Some(pod),
                         ..ClientRun::udp(service, 10)
                     }
                     .run(pod_host, Some(cgroup))
@@ -607,6 +608,14 @@ fn a_udp_socket_connected_to_a_service_address_before_its_service_is_aborted_onc
         setup
             .apply("dns.yaml", &dual_stack_udp_service("dns", 1, 0))
             .expect("apply");
+        // The sync is over: the sockets inside were aborted (a replacement connects through
+        // the hooks, to the endpoint), and the one outside was there all along, untouched.
+        let peers = connected_udp_peers(pod);
+        assert_eq!(
+            peers.iter().filter(|peer| *peer == "10.96.0.53:53").count(),
+            1,
+            "{peers:?}"
+        );
         (
             inside
                 .into_iter()
@@ -637,5 +646,42 @@ fn a_udp_socket_connected_to_a_service_address_before_its_service_is_aborted_onc
     assert_eq!(
         metric(&setup, "lb_udp_socket_abort_failures_total"),
         Some(0.0)
+    );
+}
+
+/// A connection's peer is the Service address for as long as the connection lives, as with
+/// kube-proxy: a change that gives the Service port another identity in the maps (its port
+/// renamed: a new service id for the same frontend) leaves an open connection's getpeername()
+/// naming the ClusterIP, not the pod.
+#[test]
+fn an_open_connection_keeps_naming_its_cluster_ip_when_the_service_port_is_renamed() {
+    let setup = agent_with_web_and_dns();
+    let ready = setup.scratch_file("web.ready");
+    let go = setup.scratch_file("go");
+    let report = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            ClientRun {
+                one_flow: true,
+                ready_file: Some(&ready),
+                go_file: Some(&go),
+                ..ClientRun::tcp("10.96.0.10:80", 10)
+            }
+            .run(setup.client_pod(), Some(&setup.cgroup))
+        });
+        lab::peer::wait_until_answered(&ready, Duration::from_secs(10)).expect("connected");
+        let renamed = (lab::agent::node_port_service("web", "10.96.0.10", 30080, "")
+            + "---\n"
+            + &endpoint_slice("web", &[(pod_addr(1, 0), "node1")]))
+            .replace("name: http", "name: web");
+        setup.apply("web.yaml", &renamed).expect("apply");
+        std::fs::write(&go, b"go\n").expect("go file");
+        client.join().expect("thread").expect("client")
+    });
+    report.assert_all_ok("one connection, its Service port renamed under it");
+    assert_eq!(report.servers(), ["n1p0"].into(), "{report:?}");
+    assert_eq!(
+        report.peer_names,
+        [("10.96.0.10:80".to_owned(), 10)].into(),
+        "{report:?}"
     );
 }

@@ -676,6 +676,8 @@ impl Datapath {
                         "listing the cgroups of {}: {error}",
                         cgroup.display()
                     ));
+                    // Nothing was searched: the next call tries these frontends again.
+                    self.new_udp_frontends = untranslated;
                 }
             }
         }

@@ -142,12 +142,14 @@ struct ClientArgs {
     /// picks; UDP: send from it (bound).
     #[arg(long)]
     source_port: Option<u16>,
-    /// UDP with --one-flow and --unconnected: after the first answered request, wait until
-    /// --go-file exists, then send the remaining requests here, from the same socket.
-    #[arg(long, requires_all = ["one_flow", "unconnected", "go_file"])]
-    then_to: Option<SocketAddr>,
-    #[arg(long, requires = "then_to")]
+    /// With --one-flow: after the first answered request, wait until this file exists before
+    /// the next one (a test changes something under a flow that is known to be there).
+    #[arg(long, requires = "one_flow")]
     go_file: Option<std::path::PathBuf>,
+    /// UDP with --unconnected and --go-file: once the file exists, send the remaining requests
+    /// here, from the same socket.
+    #[arg(long, requires_all = ["unconnected", "go_file"])]
+    then_to: Option<SocketAddr>,
 }
 
 /// The client's --ready-file, set once at start.
@@ -469,11 +471,17 @@ fn stream_client(
         match connect(args.to, timeout) {
             Ok(stream) => {
                 let mut reader = BufReader::new(stream.try_clone().expect("clone a TcpStream"));
+                let mut waited = false;
                 for _ in 0..args.requests {
                     record(
                         &mut report,
                         tcp_exchange(&stream, &mut reader, args.answer_bytes),
                     );
+                    if let Err(error) = first_answer_now(args, &report, &mut waited) {
+                        report.errors += 1;
+                        report.error_samples.push(error.to_string());
+                        break;
+                    }
                     pause(args);
                 }
             }
@@ -667,6 +675,7 @@ fn udp_client(args: &ClientArgs) -> anyhow::Result<ClientReport> {
         None
     };
     let mut to = args.to;
+    let mut waited = false;
     for _ in 0..args.requests {
         let started_ms = unix_ms();
         let result = match &shared {
@@ -687,12 +696,8 @@ fn udp_client(args: &ClientArgs) -> anyhow::Result<ClientReport> {
             report.timeline.push(TimelineEntry { started_ms, server });
         }
         record(&mut report, result);
-        if let (Some(then_to), Some(go_file)) = (args.then_to, &args.go_file)
-            && report.ok == 1
-            && to != then_to
-        {
-            wait_for_file(go_file)?;
-            to = then_to;
+        if first_answer_now(args, &report, &mut waited)? {
+            to = args.then_to.unwrap_or(to);
         }
         if failed
             && args.reconnect
@@ -724,6 +729,24 @@ fn udp_socket(args: &ClientArgs, timeout: Duration) -> std::io::Result<UdpSocket
     }
     socket.set_read_timeout(Some(timeout))?;
     Ok(socket)
+}
+
+/// Whether the request just recorded was the first answered one, with a --go-file waited for
+/// (once: `waited`).
+fn first_answer_now(
+    args: &ClientArgs,
+    report: &ClientReport,
+    waited: &mut bool,
+) -> anyhow::Result<bool> {
+    let Some(go_file) = &args.go_file else {
+        return Ok(false);
+    };
+    if *waited || report.ok != 1 {
+        return Ok(false);
+    }
+    *waited = true;
+    wait_for_file(go_file)?;
+    Ok(true)
 }
 
 /// Waits (for at most a minute) until `path` exists.
