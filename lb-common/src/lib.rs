@@ -1838,6 +1838,23 @@ pub mod tcp_seq {
         (end.wrapping_sub(seq_next) as i32) > 0
     }
 
+    /// How far past what a side has sent (`seq_next`) a segment of its may end and still move
+    /// the record on: what the record may trail by (the flow caches write it back within
+    /// 16 KiB, `flow_cache::SEQ_AHEAD`) and one more packet, a BIG TCP super-packet of up to
+    /// 512 KiB at tc egress among them. A segment further ahead teaches nothing: otherwise a
+    /// few spoofed segments, each up to 2 GiB ahead of the last, would walk the record to a
+    /// value of the sender's choosing, and a RST fitted to it would end the flow. A blind
+    /// segment lands inside one time in 4,096.
+    pub const ADVANCE_AHEAD: u32 = 1 << 20;
+
+    /// Whether a segment ending at `end` moves on the record of a side that has sent up to
+    /// `seq_next`: past it, by at most [`ADVANCE_AHEAD`].
+    #[inline(always)]
+    pub const fn advances(seq_next: u32, end: u32) -> bool {
+        let ahead = end.wrapping_sub(seq_next);
+        ahead != 0 && ahead <= ADVANCE_AHEAD
+    }
+
     /// How far before the furthest sequence number a client has sent (`seq_next`) the
     /// acknowledgment of its SYN may lie in a SYN-ACK its endpoint sends again: before the
     /// endpoint acknowledges anything the client sends no more than that SYN-ACK's window, which
@@ -2977,6 +2994,29 @@ mod tests {
             );
         }
         assert!(rst_in_window(0, 12_345), "nothing recorded: taken");
+    }
+
+    #[test]
+    fn a_segment_moves_the_record_on_only_a_little_past_it_across_the_wrap() {
+        use tcp_seq::{ADVANCE_AHEAD, advances};
+        for seq_next in [1u32, 5_000, 0x8000_0000, u32::MAX - 10, 3] {
+            let at = |offset: i64| (i64::from(seq_next) + offset).rem_euclid(1 << 32) as u32;
+            assert!(advances(seq_next, at(1)), "{seq_next}: one byte");
+            assert!(
+                advances(seq_next, at(i64::from(ADVANCE_AHEAD))),
+                "{seq_next}: a BIG TCP packet past a trailing record"
+            );
+            assert!(!advances(seq_next, seq_next), "{seq_next}: a bare ACK");
+            assert!(!advances(seq_next, at(-1)), "{seq_next}: behind");
+            assert!(
+                !advances(seq_next, at(i64::from(ADVANCE_AHEAD) + 1)),
+                "{seq_next}: too far"
+            );
+            assert!(
+                !advances(seq_next, at(1 << 30)),
+                "{seq_next}: a spoofed jump"
+            );
+        }
     }
 
     #[test]

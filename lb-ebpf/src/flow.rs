@@ -827,7 +827,7 @@ fn note_seq<F: Family>(sender_seq_next: &mut u32, tuple: &Tuple<F>) {
         return;
     }
     if tuple.proto == proto::TCP
-        && (*sender_seq_next == 0 || tcp_seq::after(tuple.seq_end, *sender_seq_next))
+        && (*sender_seq_next == 0 || tcp_seq::advances(*sender_seq_next, tuple.seq_end))
     {
         *sender_seq_next = tuple.seq_end;
     }

@@ -3815,6 +3815,133 @@ fn a_rst_ends_a_flow_only_near_what_its_sender_has_sent() {
     );
 }
 
+/// Segments spoofed far ahead of what a side has sent (off the path, each less than 2 GiB past
+/// the last) must not walk its record to a value the attacker knows: a RST fitted to it would
+/// then end the flow. They go on (the receiver ignores them) and teach nothing; the RST is
+/// blind. A real segment a little ahead (data the record had not seen) still moves it on.
+#[test]
+fn spoofed_segments_far_ahead_do_not_move_a_flows_sequence_record() {
+    use lb_common::tcp_seq::ADVANCE_AHEAD;
+    const TC_ACT_SHOT: u32 = 2;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "seqwalk").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    let (client_isn, pod_isn) = (5000u32, 90_000u32);
+    let client_next = client_isn + 1;
+    let forwarded = |flags, seq: u32, payload: &[u8]| {
+        case(
+            "client segment",
+            packet::tcp_at(CLIENT, FRONTEND, flags, seq, payload),
+            XDP_PASS,
+            Expect::Bytes(packet::tcp_at(CLIENT, POD_A, flags, seq, payload)),
+        )
+    };
+    run_table(xdp(), &[forwarded(TcpFlags::SYN, client_isn, b"")]);
+    run_table(
+        tc(),
+        &[case(
+            "the pod's syn-ack",
+            packet::tcp_at(POD_A, CLIENT, TcpFlags::SYN_ACK, pod_isn, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp_at(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::SYN_ACK,
+                pod_isn,
+                b"",
+            )),
+        )],
+    );
+    // Four spoofed data segments, each 512 MiB past the last (so ahead of it): the record
+    // stays.
+    let walk: Vec<_> = (1..=4u32)
+        .map(|step| {
+            forwarded(
+                TcpFlags::ACK,
+                client_next.wrapping_add(step << 29),
+                &[7; 10],
+            )
+        })
+        .collect();
+    run_table(xdp(), &walk);
+    let walked_to = client_next.wrapping_add(4 << 29).wrapping_add(10);
+    run_table(
+        xdp(),
+        &[case(
+            "a rst fitted to where the spoofed segments end",
+            packet::tcp_at(CLIENT, FRONTEND, TcpFlags::RST, walked_to, b""),
+            XDP_DROP,
+            Expect::Unchanged,
+        )],
+    );
+    // The same from the pod's side, in tc.
+    let pod_walk: Vec<_> = (1..=4u32)
+        .map(|step| {
+            let seq = pod_isn.wrapping_add(1).wrapping_add(step << 29);
+            case(
+                "pod segment",
+                packet::tcp_at(POD_A, CLIENT, TcpFlags::ACK, seq, &[7; 10]),
+                TC_ACT_OK,
+                Expect::Bytes(packet::tcp_at(
+                    FRONTEND,
+                    CLIENT,
+                    TcpFlags::ACK,
+                    seq,
+                    &[7; 10],
+                )),
+            )
+        })
+        .collect();
+    run_table(tc(), &pod_walk);
+    let pod_walked_to = pod_isn
+        .wrapping_add(1)
+        .wrapping_add(4 << 29)
+        .wrapping_add(10);
+    run_table(
+        tc(),
+        &[case(
+            "a pod rst fitted to where the spoofed segments end",
+            packet::tcp_at(POD_A, CLIENT, TcpFlags::RST, pod_walked_to, b""),
+            TC_ACT_SHOT,
+            Expect::Unchanged,
+        )],
+    );
+    assert_eq!(
+        datapath.events().expect("events")["drop_rst_out_of_window"],
+        2
+    );
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::ESTABLISHED),
+        "the flow goes on"
+    );
+    // Real data the record had not seen, ending ADVANCE_AHEAD past it, moves it on: a RST
+    // where that data ends is the client's.
+    let ahead = client_next.wrapping_add(ADVANCE_AHEAD - 100);
+    run_table(
+        xdp(),
+        &[
+            forwarded(TcpFlags::ACK, ahead, &[7; 100]),
+            forwarded(TcpFlags::RST, client_next.wrapping_add(ADVANCE_AHEAD), b""),
+        ],
+    );
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::CLOSING),
+        "the flow ends"
+    );
+}
+
 /// A FIN far from what its sender has sent (a blind or stale one) goes on translated, as the
 /// receiver's stack judges it, but leaves the flow established: CLOSING's short timeout would
 /// end an idle connection under it. The sender's own FIN closes the flow.
