@@ -1185,9 +1185,39 @@ pub struct FragValue<A> {
     pub client_nic: u16,
     /// The service the datagram belongs to, whose counters the later fragments add to (XDP).
     pub service_id: u32,
+    /// When the first fragment was translated ([`fragments::stamp`]): the record serves its
+    /// later fragments for [`fragments::LIFETIME`] only.
+    pub recorded_at: u32,
 }
 pub type Frag4Value = FragValue<u32>;
-const _: () = assert!(size_of::<Frag4Value>() == 28);
+const _: () = assert!(size_of::<Frag4Value>() == 32);
+
+/// How long the record of a datagram's first fragment serves its later fragments. The key
+/// (addresses, IP identification, protocol) comes round again: the identification is 16 bits
+/// for IPv4, and a datagram from the same client to the same address that was not translated
+/// (to a port of the node's own, say) writes no record. Kept for good, a record would hand such
+/// a datagram's later fragments another datagram's translation (a Service's endpoint, another
+/// client's MACs); and a later fragment that comes before its own first would take a stale
+/// one. A datagram's fragments leave their sender back to back, so a few seconds hold them
+/// all.
+pub mod fragments {
+    /// A stamp counts units of 2^20 ns (about 1.05 ms), from the datapath's clock.
+    pub const STAMP_SHIFT: u32 = 20;
+    /// About 5 s, in stamp units.
+    pub const LIFETIME: u32 = (5_000_000_000u64 >> STAMP_SHIFT) as u32;
+
+    /// The stamp of a moment of the datapath's clock (ns); it wraps after about 52 days.
+    #[inline(always)]
+    pub const fn stamp(now_ns: u64) -> u32 {
+        (now_ns >> STAMP_SHIFT) as u32
+    }
+
+    /// Whether a record stamped `recorded_at` still serves at stamp `now`.
+    #[inline(always)]
+    pub const fn fresh(recorded_at: u32, now: u32) -> bool {
+        now.wrapping_sub(recorded_at) <= LIFETIME
+    }
+}
 
 /// A fragmented IPv6 datagram as its fragments arrive: addresses as in the IPv6 header and the
 /// identification of its Fragment header, which is unique per source and destination (RFC
@@ -1203,7 +1233,7 @@ pub struct Frag6Key {
 const _: () = assert!(size_of::<Frag6Key>() == 36);
 
 pub type Frag6Value = FragValue<Ipv6Words>;
-const _: () = assert!(size_of::<Frag6Value>() == 52);
+const _: () = assert!(size_of::<Frag6Value>() == 56);
 
 /// Where the later fragments of a translated datagram go.
 pub mod frag_action {

@@ -17,7 +17,7 @@ use crate::{
     family::{Family, V4, V6},
     flow::Tuple,
     helpers::{Forward, fib_forward, fib_forward6},
-    maps::{FRAGMENTS4, FRAGMENTS6, remember_fragment, remember_fragment6},
+    maps::{FRAGMENTS4, FRAGMENTS6, first_fragment_record, remember_fragment, remember_fragment6},
     reject,
 };
 
@@ -154,14 +154,13 @@ impl Ip for Ipv4Info {
     }
 
     #[inline(always)]
-    fn remember_fragments(&self, later: Frag4Value) {
-        remember_fragment(&FRAGMENTS4, &fragment_key(self), &later);
+    fn remember_fragments(&self, mut later: Frag4Value) {
+        remember_fragment(&FRAGMENTS4, &fragment_key(self), &mut later);
     }
 
     #[inline(always)]
     fn first_fragments_record(&self) -> Option<Frag4Value> {
-        // SAFETY: a read-only copy of an entry written whole.
-        unsafe { FRAGMENTS4.get(&fragment_key(self)) }.copied()
+        first_fragment_record(&FRAGMENTS4, &fragment_key(self)).copied()
     }
 }
 
@@ -267,8 +266,7 @@ impl Ip for Ipv6Info {
 
     #[inline(always)]
     fn first_fragments_record(&self) -> Option<FragValue<Ipv6Words>> {
-        // SAFETY: as IPv4's.
-        unsafe { FRAGMENTS6.get(&fragment_key6(self)) }.copied()
+        first_fragment_record(&FRAGMENTS6, &fragment_key6(self)).copied()
     }
 }
 

@@ -10,13 +10,15 @@ use aya_ebpf::{
 use lb_common::{
     Affinity4Key, Affinity6Key, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key,
     Ct6Value, Datapath6Config, DatapathConfig, Event, FlowCacheGate, FlowCacheSlot4,
-    FlowCacheSlot6, Frag4Key, Frag4Value, Frag6Key, Frag6Value, Frontend4Key, Frontend6Key,
-    FrontendSlot4, FrontendSlot6, JiffiesClock, NicMac, RejectBudget, ServiceCounter, ServiceValue,
-    Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SockState4, SockState6,
-    SourceRange4, SourceRange6, dsr, flow_cache, frontend_index, limits, monitor::MonitorControl,
-    pair_filter,
+    FlowCacheSlot6, Frag4Key, Frag4Value, Frag6Key, Frag6Value, FragValue, Frontend4Key,
+    Frontend6Key, FrontendSlot4, FrontendSlot6, JiffiesClock, NicMac, RejectBudget, ServiceCounter,
+    ServiceValue, Slot, SockNat4Key, SockNat4Value, SockNat6Key, SockNat6Value, SockState4,
+    SockState6, SourceRange4, SourceRange6, dsr, flow_cache, frontend_index, limits,
+    monitor::MonitorControl, pair_filter,
 };
 use lb_ebpf::packet::Ipv6Info;
+
+use crate::helpers::now_ns;
 
 /// Every address:port:protocol a Service answers on -> the service and its current table.
 #[map(name = "lb4_fe_v1")]
@@ -337,13 +339,31 @@ pub fn count_service(service_id: u32, packets: u64, bytes: u64, new_flows: u64) 
 }
 
 /// Remembers in `fragments` ([`FRAGMENTS4`] or [`FRAGMENTS6`]) how a first fragment was
-/// translated, for the later fragments of its datagram.
+/// translated, for the later fragments of its datagram, stamped now.
 #[inline(always)]
-pub fn remember_fragment<K, V>(fragments: &LruHashMap<K, V>, key: &K, value: &V) {
+pub fn remember_fragment<K, A>(
+    fragments: &LruHashMap<K, FragValue<A>>,
+    key: &K,
+    value: &mut FragValue<A>,
+) {
     if !dry_run() {
+        value.recorded_at = lb_common::fragments::stamp(now_ns());
         // A full LRU forgets the oldest datagram; its later fragments then pass as they are.
         let _ = fragments.insert(key, value, 0);
     }
+}
+
+/// The record in `fragments` of the first fragment of a later fragment's datagram, while it
+/// serves ([`lb_common::fragments`]): an older one is another datagram's, whose key came round.
+#[inline(always)]
+pub fn first_fragment_record<K, A>(
+    fragments: &'static LruHashMap<K, FragValue<A>>,
+    key: &K,
+) -> Option<&'static FragValue<A>> {
+    // SAFETY: a read-only use of an entry written whole.
+    let record = unsafe { fragments.get(key) }?;
+    let now = lb_common::fragments::stamp(now_ns());
+    lb_common::fragments::fresh(record.recorded_at, now).then_some(record)
 }
 
 /// Remembers an IPv6 first fragment's translation, as [`remember_fragment`], with the record
@@ -358,7 +378,7 @@ pub fn remember_fragment6(fill: impl FnOnce(&mut FragRecord6)) {
     // run and its tail calls stay on one CPU).
     let record = unsafe { &mut *record };
     fill(record);
-    remember_fragment(&FRAGMENTS6, &record.key, &record.value);
+    remember_fragment(&FRAGMENTS6, &record.key, &mut record.value);
 }
 
 /// The value of [`PACKET6`]: what `lb_xdp6` parsed, and what the programs after it learnt

@@ -41,8 +41,8 @@ use crate::{
     flow_cache::{self, Look},
     helpers::tail_call,
     maps::{
-        BACKEND_FILTER, FRAGMENTS4, FRAGMENTS6, TC_PROGRAMS, count_event, remember_fragment,
-        remember_fragment6,
+        BACKEND_FILTER, FRAGMENTS4, FRAGMENTS6, TC_PROGRAMS, count_event, first_fragment_record,
+        remember_fragment, remember_fragment6,
     },
     monitor,
     sctp_crc::checksum_after_ports,
@@ -266,12 +266,12 @@ fn try_ipv4(ctx: &TcContext) -> Result<(), Event> {
             .map_err(|_| Event::DROP_NAT_FAILED)?;
     }
     if let Some(key) = fragment {
-        let later = Frag4Value {
+        let mut later = Frag4Value {
             saddr: frontend.0,
             daddr: tuple.daddr,
             ..Default::default()
         };
-        remember_fragment(&FRAGMENTS4, &key, &later);
+        remember_fragment(&FRAGMENTS4, &key, &mut later);
     }
     Ok(())
 }
@@ -526,8 +526,7 @@ fn maybe_backend_at<F: Family>(saddr: F::Addr, sport: u16, protocol: u8) -> bool
 /// Without a record (no flow's, or it came first) it leaves untouched, counted.
 #[inline(always)]
 fn later_fragment(ctx: &TcContext, key: &Frag4Key) -> Result<(), Event> {
-    // SAFETY: a read-only copy of an entry written whole.
-    let Some(first) = (unsafe { FRAGMENTS4.get(key) }).copied() else {
+    let Some(first) = first_fragment_record(&FRAGMENTS4, key).copied() else {
         count_event(Event::PASS_FRAGMENT);
         return Ok(());
     };
@@ -547,8 +546,7 @@ fn later_fragment(ctx: &TcContext, key: &Frag4Key) -> Result<(), Event> {
 /// checksum, in the first fragment, covered the new one).
 #[inline(always)]
 fn later_fragment6(ctx: &TcContext, key: &Frag6Key) -> Result<(), Event> {
-    // SAFETY: a read-only copy of an entry written whole.
-    let Some(first) = (unsafe { FRAGMENTS6.get(key) }) else {
+    let Some(first) = first_fragment_record(&FRAGMENTS6, key) else {
         count_event(Event::PASS_FRAGMENT);
         return Ok(());
     };

@@ -1707,6 +1707,8 @@ fn snat_reply<I: Ip>(ctx: &XdpContext, tuple: &Tuple<I::F>, ip: &I) -> Result<Op
             _pad: 0,
             client_nic,
             service_id,
+            // Stamped by the write.
+            recorded_at: 0,
         });
     }
     // Back the way the flow came in: no route or neighbour lookup needed.

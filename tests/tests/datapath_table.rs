@@ -3046,6 +3046,78 @@ fn later_fragments_follow_their_first_fragment_to_a_local_endpoint_and_back() {
     );
 }
 
+/// The record of a first fragment serves its datagram's later fragments for a few seconds
+/// only (`lb_common::fragments::LIFETIME`): the key (addresses, IP identification, protocol)
+/// comes round, and a later fragment of another datagram with it (one to a port of the node's
+/// own, which writes no record, or one whose first fragment has not come) must not take this
+/// datagram's translation, in XDP nor in tc. The test waits the lifetime out.
+#[test]
+fn a_first_fragments_record_serves_its_later_fragments_for_a_few_seconds_only() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "fragage").expect("pin dir");
+    let datapath = datapath(&pins, vec![1]);
+    let xdp = || {
+        datapath
+            .program_fd(lb_common::program_names::XDP_LB)
+            .expect("fd")
+    };
+    let tc = || {
+        datapath
+            .program_fd(lb_common::program_names::TC_EGRESS)
+            .expect("fd")
+    };
+    let payload = [0x5a; 600];
+    let to_service = packet::fragments(&packet::udp(CLIENT, FRONTEND, &payload), 304);
+    let to_pod = packet::fragments(&packet::udp(CLIENT, POD_A, &payload), 304);
+    let answer = packet::fragments(&packet::udp(POD_A, CLIENT, &payload), 304);
+    let translated = packet::fragments(&packet::udp(FRONTEND, CLIENT, &payload), 304);
+    run_table(
+        xdp(),
+        &fragment_rows(
+            ["first fragment", "later fragment"],
+            &to_service,
+            XDP_PASS,
+            &to_pod,
+        ),
+    );
+    run_table(
+        tc(),
+        &fragment_rows(
+            [
+                "first fragment of the answer",
+                "later fragment of the answer",
+            ],
+            &answer,
+            TC_ACT_OK,
+            &translated,
+        ),
+    );
+    let lifetime_ns =
+        u64::from(lb_common::fragments::LIFETIME) << lb_common::fragments::STAMP_SHIFT;
+    std::thread::sleep(
+        std::time::Duration::from_nanos(lifetime_ns) + std::time::Duration::from_millis(500),
+    );
+    run_table(
+        xdp(),
+        &[case(
+            "a later fragment with the key, past the record's lifetime",
+            to_service[1].clone(),
+            XDP_PASS,
+            Expect::Unchanged,
+        )],
+    );
+    run_table(
+        tc(),
+        &[case(
+            "a later fragment of an answer with the key, past the record's lifetime",
+            answer[1].clone(),
+            TC_ACT_OK,
+            Expect::Unchanged,
+        )],
+    );
+    assert_eq!(datapath.events().expect("events")["pass_fragment"], 2);
+}
+
 /// Rows for the two fragments of a datagram and what each must become.
 fn fragment_rows(
     names: [&'static str; 2],
