@@ -44,7 +44,7 @@ pub mod map_names {
     /// [`crate::Event::SLOTS`] entries so that a release adding events keeps the map.
     pub const EVENTS: &str = "lb_event_v8";
     /// Array of one [`crate::DatapathConfig`].
-    pub const CONFIG: &str = "lb_cfg_v2";
+    pub const CONFIG: &str = "lb_cfg_v3";
     /// LPM trie of [`crate::SourceRange4`] -> u8: loadBalancerSourceRanges per service.
     pub const SOURCE_RANGES4: &str = "lb4_srcrng_v1";
     /// LRU [`crate::Affinity4Key`] -> [`crate::AffinityValue`]: sessionAffinity ClientIP.
@@ -107,6 +107,7 @@ pub mod map_names {
     /// removes these pins (the maps themselves go when the old programs are swapped out).
     pub const RETIRED: &[&str] = &[
         "lb_cfg_v1",
+        "lb_cfg_v2",
         "lb_event_v1",
         "lb_event_v2",
         "lb_event_v3",
@@ -375,8 +376,11 @@ pub mod ct_timeouts {
     pub const TCP_SYN: u64 = 60 * SECOND;
     /// An established TCP flow, idle.
     pub const TCP_ESTABLISHED: u64 = 6 * 3600 * SECOND;
-    /// A TCP flow after FIN or RST: long enough for the last ACKs.
+    /// A TCP flow after both sides' FINs, or a RST: long enough for the last ACKs.
     pub const TCP_CLOSING: u64 = 10 * SECOND;
+    /// A TCP flow after one side's FIN, while the other may still send (kube-proxy's
+    /// `tcpCloseWaitTimeout` default, which it gives conntrack's CLOSE_WAIT).
+    pub const TCP_HALF_CLOSED: u64 = 3600 * SECOND;
     /// A UDP flow, idle.
     pub const UDP: u64 = 60 * SECOND;
     /// last_seen is rewritten at most this often, to keep the established path free of writes.
@@ -1073,8 +1077,9 @@ pub struct CtTimeouts {
     pub udp: u64,
     /// How long after a clean close or a reset a SNAT port may serve another flow.
     pub snat_port_reuse: u64,
+    pub tcp_half_closed: u64,
 }
-const _: () = assert!(size_of::<CtTimeouts>() == 40);
+const _: () = assert!(size_of::<CtTimeouts>() == 48);
 
 impl Default for CtTimeouts {
     fn default() -> Self {
@@ -1084,6 +1089,7 @@ impl Default for CtTimeouts {
             tcp_closing: ct_timeouts::TCP_CLOSING,
             udp: ct_timeouts::UDP,
             snat_port_reuse: ct_timeouts::SNAT_PORT_REUSE,
+            tcp_half_closed: ct_timeouts::TCP_HALF_CLOSED,
         }
     }
 }
@@ -1100,6 +1106,9 @@ impl CtTimeouts {
                 or_default(self.tcp_established, ct_timeouts::TCP_ESTABLISHED)
             }
             tcp_state::CLOSING => or_default(self.tcp_closing, ct_timeouts::TCP_CLOSING),
+            tcp_state::CLIENT_CLOSED | tcp_state::BACKEND_CLOSED => {
+                or_default(self.tcp_half_closed, ct_timeouts::TCP_HALF_CLOSED)
+            }
             _ => or_default(self.tcp_syn, ct_timeouts::TCP_SYN),
         }
     }
@@ -1122,7 +1131,7 @@ const fn or_default(value: u64, default: u64) -> u64 {
     if value == 0 { default } else { value }
 }
 
-/// Datapath-wide settings the agent writes once at start: index 0 of `lb_cfg_v2`.
+/// Datapath-wide settings the agent writes once at start: index 0 of `lb_cfg_v3`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct DatapathConfig {
@@ -1137,7 +1146,7 @@ pub struct DatapathConfig {
     pub snat_port_max: u16,
     pub timeouts: CtTimeouts,
 }
-const _: () = assert!(size_of::<DatapathConfig>() == 48);
+const _: () = assert!(size_of::<DatapathConfig>() == 56);
 
 /// The IPv6 settings of the datapath, index 0 of [`map_names::CONFIG6`] (the ports and timeouts
 /// are [`DatapathConfig`]'s, for both families).
@@ -2209,12 +2218,20 @@ pub mod tcp_state {
     pub const NONE: u8 = 0;
     pub const SYN_SENT: u8 = 1;
     pub const ESTABLISHED: u8 = 2;
+    /// Both sides have sent their FIN, or one a RST: only the last ACKs may still come.
     pub const CLOSING: u8 = 3;
+    /// The client has sent its FIN; the endpoint may go on sending (a half-close: conntrack's
+    /// FIN_WAIT and CLOSE_WAIT).
+    pub const CLIENT_CLOSED: u8 = 4;
+    /// The endpoint has sent its FIN; the client may go on sending.
+    pub const BACKEND_CLOSED: u8 = 5;
 
-    /// The state of a TCP flow whose first tracked segment has these flags.
+    /// The state of a TCP flow whose first tracked segment (a client's) has these flags.
     pub const fn initial(tcp_flags: u8) -> u8 {
-        if tcp_flags & (FIN | RST) != 0 {
+        if tcp_flags & RST != 0 {
             CLOSING
+        } else if tcp_flags & FIN != 0 {
+            CLIENT_CLOSED
         } else if tcp_flags & SYN != 0 {
             SYN_SENT
         } else {
@@ -2223,16 +2240,34 @@ pub mod tcp_state {
         }
     }
 
-    /// The state after a segment with these flags, from either side: a FIN or RST closes the
-    /// flow; the first ACK without SYN after the handshake's SYN establishes it.
-    pub const fn next(state: u8, tcp_flags: u8) -> u8 {
-        if tcp_flags & (FIN | RST) != 0 {
+    /// The state after a segment with these flags from the client (`from_backend` false) or
+    /// the endpoint: a RST closes the flow, a FIN half-closes it, and the other side's FIN
+    /// closes it; the first ACK without SYN after the handshake's SYN establishes it.
+    pub const fn next(state: u8, tcp_flags: u8, from_backend: bool) -> u8 {
+        let (own, other) = if from_backend {
+            (BACKEND_CLOSED, CLIENT_CLOSED)
+        } else {
+            (CLIENT_CLOSED, BACKEND_CLOSED)
+        };
+        if tcp_flags & RST != 0 {
             CLOSING
+        } else if tcp_flags & FIN != 0 {
+            if state == other || state == CLOSING {
+                CLOSING
+            } else {
+                own
+            }
         } else if state == SYN_SENT && tcp_flags & ACK != 0 && tcp_flags & SYN == 0 {
             ESTABLISHED
         } else {
             state
         }
+    }
+
+    /// Whether a flow in this state has seen a FIN or RST: a bare SYN on its tuple is a new
+    /// connection.
+    pub const fn ending(state: u8) -> bool {
+        state == CLOSING || state == CLIENT_CLOSED || state == BACKEND_CLOSED
     }
 }
 
@@ -2733,34 +2768,125 @@ mod tests {
     #[test]
     fn tcp_flows_move_through_their_states_as_their_segments_say() {
         use tcp_flags::{ACK, FIN, RST, SYN};
-        use tcp_state::{CLOSING, ESTABLISHED, SYN_SENT, initial, next};
+        use tcp_state::{
+            BACKEND_CLOSED, CLIENT_CLOSED, CLOSING, ESTABLISHED, SYN_SENT, ending, initial, next,
+        };
         const PSH: u8 = 0x08;
+        const CLIENT: bool = false;
+        const ENDPOINT: bool = true;
         assert_eq!(initial(SYN), SYN_SENT);
         assert_eq!(initial(ACK), ESTABLISHED, "picked up mid-stream");
         assert_eq!(initial(ACK | PSH), ESTABLISHED);
-        assert_eq!(initial(FIN | ACK), CLOSING);
+        assert_eq!(
+            initial(FIN | ACK),
+            CLIENT_CLOSED,
+            "the client's FIN, mid-stream"
+        );
         assert_eq!(initial(RST), CLOSING);
         let steps = [
-            (SYN_SENT, SYN, SYN_SENT, "a retransmitted SYN"),
-            (SYN_SENT, SYN | ACK, SYN_SENT, "the SYN-ACK"),
-            (SYN_SENT, ACK, ESTABLISHED, "the handshake's last ACK"),
-            (SYN_SENT, ACK | PSH, ESTABLISHED, "data with the last ACK"),
-            (ESTABLISHED, ACK | PSH, ESTABLISHED, "data"),
-            (ESTABLISHED, SYN | ACK, ESTABLISHED, "a late SYN-ACK"),
-            (ESTABLISHED, FIN | ACK, CLOSING, "a FIN"),
-            (ESTABLISHED, RST, CLOSING, "a RST"),
-            (SYN_SENT, RST | ACK, CLOSING, "a refused connection"),
-            (CLOSING, ACK, CLOSING, "the last ACK"),
+            (SYN_SENT, SYN, CLIENT, SYN_SENT, "a retransmitted SYN"),
+            (SYN_SENT, SYN | ACK, ENDPOINT, SYN_SENT, "the SYN-ACK"),
+            (
+                SYN_SENT,
+                ACK,
+                CLIENT,
+                ESTABLISHED,
+                "the handshake's last ACK",
+            ),
+            (
+                SYN_SENT,
+                ACK | PSH,
+                CLIENT,
+                ESTABLISHED,
+                "data with the last ACK",
+            ),
+            (ESTABLISHED, ACK | PSH, ENDPOINT, ESTABLISHED, "data"),
+            (
+                ESTABLISHED,
+                SYN | ACK,
+                ENDPOINT,
+                ESTABLISHED,
+                "a late SYN-ACK",
+            ),
+            (
+                ESTABLISHED,
+                FIN | ACK,
+                CLIENT,
+                CLIENT_CLOSED,
+                "the client's FIN",
+            ),
+            (
+                ESTABLISHED,
+                FIN | ACK,
+                ENDPOINT,
+                BACKEND_CLOSED,
+                "the endpoint's FIN",
+            ),
+            (
+                CLIENT_CLOSED,
+                ACK | PSH,
+                ENDPOINT,
+                CLIENT_CLOSED,
+                "the endpoint goes on",
+            ),
+            (
+                CLIENT_CLOSED,
+                FIN | ACK,
+                CLIENT,
+                CLIENT_CLOSED,
+                "the client's FIN again",
+            ),
+            (
+                CLIENT_CLOSED,
+                FIN | ACK,
+                ENDPOINT,
+                CLOSING,
+                "then the endpoint's",
+            ),
+            (
+                BACKEND_CLOSED,
+                ACK | PSH,
+                CLIENT,
+                BACKEND_CLOSED,
+                "the client goes on",
+            ),
+            (
+                BACKEND_CLOSED,
+                FIN | ACK,
+                CLIENT,
+                CLOSING,
+                "then the client's FIN",
+            ),
+            (
+                CLIENT_CLOSED,
+                RST,
+                ENDPOINT,
+                CLOSING,
+                "a RST in a half-close",
+            ),
+            (ESTABLISHED, RST, CLIENT, CLOSING, "a RST"),
+            (
+                SYN_SENT,
+                RST | ACK,
+                ENDPOINT,
+                CLOSING,
+                "a refused connection",
+            ),
+            (CLOSING, ACK, CLIENT, CLOSING, "the last ACK"),
+            (CLOSING, FIN | ACK, ENDPOINT, CLOSING, "a FIN again"),
             (
                 CLOSING,
                 SYN,
+                CLIENT,
                 CLOSING,
                 "a SYN on a closed tuple (reopening is the tracker's call)",
             ),
         ];
-        for (state, flags, after, what) in steps {
-            assert_eq!(next(state, flags), after, "{what}");
+        for (state, flags, from_backend, after, what) in steps {
+            assert_eq!(next(state, flags, from_backend), after, "{what}");
         }
+        assert!(ending(CLIENT_CLOSED) && ending(BACKEND_CLOSED) && ending(CLOSING));
+        assert!(!ending(ESTABLISHED) && !ending(SYN_SENT));
     }
 
     /// Random numbers spread evenly over the whole u32 range land evenly on every value below

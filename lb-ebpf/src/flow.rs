@@ -726,7 +726,8 @@ pub fn follow<F: Family>(
     } else {
         if !dry_run() {
             note_seq(&mut entry.seq_next, tuple);
-            advance(entry, tuple, now);
+            advance(entry, tuple, now, FROM_CLIENT);
+            close_one_sided(entry);
         }
         true
     };
@@ -1556,7 +1557,7 @@ fn port_key<F: Family>(
 #[inline(always)]
 fn reopens<F: Family>(entry: &CtValue<F::Addr>, tuple: &Tuple<F>) -> bool {
     proto::has_handshake(tuple.proto)
-        && entry.state == tcp_state::CLOSING
+        && tcp_state::ending(entry.state)
         && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
@@ -1661,7 +1662,7 @@ fn refresh_flow<F: Family>(
     now: u64,
 ) {
     note_seq(&mut original.seq_next, tuple);
-    if let Some(state) = advance(original, tuple, now) {
+    if let Some(state) = advance(original, tuple, now, FROM_CLIENT) {
         touch(reply, state, now);
     }
     if closes(tuple) {
@@ -1683,7 +1684,7 @@ pub fn track_reply<F: Family>(reply: &mut CtValue<F::Addr>, tuple: &Tuple<F>, ke
         return;
     }
     let now = now_ns();
-    if let Some(state) = advance(reply, tuple, now)
+    if let Some(state) = advance(reply, tuple, now, FROM_BACKEND)
         && let Some(original) = client_side_of::<F>(reply, tuple)
     {
         // SAFETY: as in destination().
@@ -1826,17 +1827,39 @@ pub fn track_answer<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>) {
     // A flow that came by direct server return: the client's packets reach the endpoint
     // untouched, so its answers are all that keeps the entry alive and moves its state on.
     if closes(tuple) || entry.flags & ct_flags::DIRECT_RETURN != 0 {
-        advance(entry, tuple, now_ns());
+        advance(entry, tuple, now_ns(), FROM_BACKEND);
+        close_one_sided(entry);
     }
 }
+
+/// A FLOW entry of a flow by direct server return sees one side alone on each node (the
+/// client's packets on the node they came to, the endpoint's answers on the endpoint's): the
+/// other side's FIN never passes, so the one it sees closes the flow.
+#[inline(always)]
+fn close_one_sided<A: CtAddr>(entry: &mut CtValue<A>) {
+    if entry.flags & ct_flags::DIRECT_RETURN != 0
+        && (entry.state == tcp_state::CLIENT_CLOSED || entry.state == tcp_state::BACKEND_CLOSED)
+    {
+        entry.state = tcp_state::CLOSING;
+    }
+}
+
+/// Which side sent a packet, for [`advance`].
+const FROM_CLIENT: bool = false;
+const FROM_BACKEND: bool = true;
 
 /// The flow's state after this packet, written to the entry of its direction with the time
 /// when it changed or the entry is due for a refresh; then the other half wants the same
 /// (Some), else nothing was written (None).
 #[inline(always)]
-fn advance<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>, now: u64) -> Option<u8> {
+fn advance<F: Family>(
+    entry: &mut CtValue<F::Addr>,
+    tuple: &Tuple<F>,
+    now: u64,
+    from_backend: bool,
+) -> Option<u8> {
     let state = if proto::has_handshake(tuple.proto) {
-        tcp_state::next(entry.state, tuple.tcp_flags)
+        tcp_state::next(entry.state, tuple.tcp_flags, from_backend)
     } else {
         entry.state
     };
@@ -2133,6 +2156,7 @@ fn timeouts() -> &'static CtTimeouts {
         tcp_closing: 0,
         udp: 0,
         snat_port_reuse: 0,
+        tcp_half_closed: 0,
     };
     config().map_or(&UNSET, |config| &config.timeouts)
 }

@@ -201,7 +201,7 @@ pub fn remember<F: Family>(
     };
     record_this_cpu(&mut FlowValue::of_mut(entry).client_slot_cpus);
     let refreshed_by = entry.last_seen_ns + refresh_interval(tuple.proto, entry.state);
-    let closing_seen_by = now + timeout(proto::TCP, tcp_state::CLOSING) / 4;
+    let closing_seen_by = now + first_end_timeout() / 4;
     slot.valid_until_ns = refreshed_by.min(closing_seen_by);
     slot.client_addr = tuple.saddr;
     slot.client_port = tuple.sport;
@@ -418,7 +418,7 @@ pub fn remember_answer<F: Family>(
         return;
     };
     record_this_cpu(&mut FlowValue::of_mut(entry).answer_slot_cpus);
-    let held_for = ct_timeouts::REFRESH.min(timeout(proto::TCP, tcp_state::CLOSING) / 4);
+    let held_for = ct_timeouts::REFRESH.min(first_end_timeout() / 4);
     let live_until = entry.last_seen_ns + timeout(tuple.proto, entry.state);
     slot.valid_until_ns = (now_ns() + held_for).min(live_until);
     slot.client_addr = tuple.daddr;
@@ -430,4 +430,12 @@ pub fn remember_answer<F: Family>(
     slot.backend_port = tuple.sport;
     slot.backend_id = entry.backend_id;
     slot.seq_floor = backend_seq_next.wrapping_sub(flow_cache::SEQ_BEHIND);
+}
+
+/// The shortest a flow may live past a FIN or RST (its closing or half-closed timeout): a slot
+/// serves a quarter of it at most, so that tc egress's write of the endpoint's FIN or RST ends
+/// the flow in time.
+#[inline(always)]
+fn first_end_timeout() -> u64 {
+    timeout(proto::TCP, tcp_state::CLOSING).min(timeout(proto::TCP, tcp_state::CLIENT_CLOSED))
 }

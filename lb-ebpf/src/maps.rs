@@ -93,7 +93,7 @@ pub static FRONTEND_FILTER: Array<u64> = Array::pinned(limits::FRONTEND_FILTER_W
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(Event::SLOTS, 0);
 
 /// Datapath-wide settings (index 0), written by the agent at start.
-#[map(name = "lb_cfg_v2")]
+#[map(name = "lb_cfg_v3")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
 /// The frontends a DSR option may name for each endpoint on this node (`lb_common::dsr`).

@@ -26,8 +26,8 @@ pub struct KubeProxyConfig {
     pub kubeconfig: Option<String>,
     /// `conntrack.tcpEstablishedTimeout`.
     pub conntrack_tcp_timeout_established: Option<String>,
-    /// `conntrack.tcpCloseWaitTimeout`, lb's closing timeout.
-    pub conntrack_tcp_timeout_closing: Option<String>,
+    /// `conntrack.tcpCloseWaitTimeout`, lb's half-closed timeout.
+    pub conntrack_tcp_timeout_half_closed: Option<String>,
     /// `conntrack.udpTimeout`.
     pub conntrack_udp_timeout: Option<String>,
     /// Fields set (to other than their zero value) that lb does not use, each with why
@@ -126,7 +126,9 @@ pub fn parse(text: &str) -> anyhow::Result<KubeProxyConfig> {
                         "tcpEstablishedTimeout" => {
                             config.conntrack_tcp_timeout_established = duration()?;
                         }
-                        "tcpCloseWaitTimeout" => config.conntrack_tcp_timeout_closing = duration()?,
+                        "tcpCloseWaitTimeout" => {
+                            config.conntrack_tcp_timeout_half_closed = duration()?;
+                        }
                         "udpTimeout" => config.conntrack_udp_timeout = duration()?,
                         _ => config.ignore(&path, value),
                     }
@@ -321,7 +323,7 @@ oomScoreAdj: null
             Some("24h0m0s")
         );
         assert_eq!(
-            config.conntrack_tcp_timeout_closing.as_deref(),
+            config.conntrack_tcp_timeout_half_closed.as_deref(),
             Some("1h0m0s")
         );
         assert_eq!(config.conntrack_udp_timeout, None, "0s: lb's default");

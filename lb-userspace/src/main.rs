@@ -279,9 +279,14 @@ struct RunArgs {
     /// How long an established TCP flow may stay idle.
     #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_ESTABLISHED", default_value = "6h", value_parser = parse_duration)]
     conntrack_tcp_timeout_established: Duration,
-    /// How long a TCP flow is kept after a FIN or RST, for the last segments of its close.
+    /// How long a TCP flow is kept after both sides' FINs or a RST, for the last segments of
+    /// its close.
     #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_CLOSING", default_value = "10s", value_parser = parse_duration)]
     conntrack_tcp_timeout_closing: Duration,
+    /// How long a TCP flow may stay idle after one side's FIN, while the other may still send
+    /// (kube-proxy's --conntrack-tcp-timeout-close-wait).
+    #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_HALF_CLOSED", default_value = "1h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_half_closed: Duration,
     /// How long a UDP flow may stay idle.
     #[arg(long, env = "LB_CONNTRACK_UDP_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     conntrack_udp_timeout: Duration,
@@ -586,10 +591,10 @@ fn apply_kube_proxy_config(args: &mut RunArgs, given: &Given) -> anyhow::Result<
             &mut args.conntrack_tcp_timeout_established,
         ),
         (
-            "conntrack_tcp_timeout_closing",
-            &config.conntrack_tcp_timeout_closing,
+            "conntrack_tcp_timeout_half_closed",
+            &config.conntrack_tcp_timeout_half_closed,
             "conntrack.tcpCloseWaitTimeout",
-            &mut args.conntrack_tcp_timeout_closing,
+            &mut args.conntrack_tcp_timeout_half_closed,
         ),
         (
             "conntrack_udp_timeout",
@@ -692,6 +697,7 @@ fn run(mut args: RunArgs, given: &Given) -> anyhow::Result<()> {
             tcp_closing: nanos(args.conntrack_tcp_timeout_closing),
             udp: nanos(args.conntrack_udp_timeout),
             snat_port_reuse: nanos(args.snat_port_reuse_delay),
+            tcp_half_closed: nanos(args.conntrack_tcp_timeout_half_closed),
         },
     };
     tokio::runtime::Builder::new_multi_thread()

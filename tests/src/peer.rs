@@ -275,6 +275,9 @@ pub struct ClientRun<'a> {
     pub source_port: Option<u16>,
     /// With `one_flow`: after the first answered request, wait until this file exists.
     pub go_file: Option<&'a Path>,
+    /// TCP: each request asks the server to answer this many ms later, and the client
+    /// half-closes its connection before it waits for the answer.
+    pub half_close_answer_ms: Option<u64>,
     /// Unconnected UDP with `go_file`: once it exists, send the remaining requests here from the
     /// same socket.
     pub then_to: Option<&'a str>,
@@ -297,6 +300,7 @@ impl<'a> ClientRun<'a> {
             source_port: None,
             go_file: None,
             then_to: None,
+            half_close_answer_ms: None,
         }
     }
 
@@ -385,6 +389,10 @@ impl<'a> ClientRun<'a> {
         }
         if let Some(then_to) = self.then_to {
             args.extend(["--then-to", then_to]);
+        }
+        let half_close = self.half_close_answer_ms.map(|ms| ms.to_string());
+        if let Some(ms) = &half_close {
+            args.extend(["--half-close-answer-ms", ms]);
         }
         let stdout = match cgroup {
             Some(cgroup) => host.run_in_cgroup(cgroup, binary()?, &args)?,

@@ -667,7 +667,8 @@ fn on_a_veth_whose_peer_runs_no_napi_the_default_mode_reaches_remote_endpoints()
 }
 
 /// A cluster's kube-proxy ConfigMap serves lb too: `--config` sets what lb has a setting for
-/// (here the UDP and established conntrack timeouts, which reach the datapath's config map),
+/// (here the UDP, established and close-wait conntrack timeouts, which reach the datapath's
+/// config map),
 /// a flag given as well wins, and the fields lb ignores are logged by name.
 #[test]
 fn a_kube_proxy_configuration_file_sets_the_agents_settings_and_flags_win() {
@@ -675,7 +676,7 @@ fn a_kube_proxy_configuration_file_sets_the_agents_settings_and_flags_win() {
     let config = setup.scratch_file("kube-proxy.conf");
     std::fs::write(
         &config,
-        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: ipvs\nconntrack:\n  udpTimeout: 7s\n  tcpEstablishedTimeout: 2h0m0s\n  tcpCloseWaitTimeout: 0s\n",
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: ipvs\nconntrack:\n  udpTimeout: 7s\n  tcpEstablishedTimeout: 2h0m0s\n  tcpCloseWaitTimeout: 20m0s\n",
     )
     .expect("config");
     setup
@@ -693,10 +694,11 @@ fn a_kube_proxy_configuration_file_sets_the_agents_settings_and_flags_win() {
     assert_eq!(seconds(timeouts.udp), 7, "from the file");
     assert_eq!(seconds(timeouts.tcp_established), 3 * 3600, "the flag wins");
     assert_eq!(
-        seconds(timeouts.tcp_closing),
-        10,
-        "0s in the file: lb's default"
+        seconds(timeouts.tcp_half_closed),
+        20 * 60,
+        "kube-proxy's close-wait timeout is lb's half-closed one"
     );
+    assert_eq!(seconds(timeouts.tcp_closing), 10, "lb's default");
     let log = std::fs::read_to_string(setup.log()).expect("log");
     assert!(
         log.contains("kube-proxy configuration field ignored")

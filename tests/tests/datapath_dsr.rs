@@ -111,6 +111,7 @@ fn with_timeouts(datapath: &mut Datapath, syn: Duration, established: Duration) 
             tcp_closing: ms(Duration::from_millis(300)),
             udp: ms(Duration::from_millis(800)),
             snat_port_reuse: ms(Duration::from_millis(100)),
+            tcp_half_closed: ms(Duration::from_millis(300)),
         },
         ..datapath.config().expect("config")
     };

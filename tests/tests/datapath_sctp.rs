@@ -16,7 +16,7 @@ use lb_common::{
     Flow4Value, flow_key, proto,
     sctp::chunk,
     service_flags,
-    tcp_state::{CLOSING, ESTABLISHED, SYN_SENT},
+    tcp_state::{CLIENT_CLOSED, CLOSING, ESTABLISHED, SYN_SENT},
 };
 use lb_userspace::{
     compile::model::{Backend, Frontend, Service, ipv6_words},
@@ -337,13 +337,14 @@ fn an_association_to_a_local_endpoint_is_translated_both_ways_from_init_to_shutd
         from_client(chunk::SHUTDOWN, POD_TAG, &[0, 0, 0, 1]),
         XDP_PASS,
     );
-    assert_eq!(flow(&datapath).state, CLOSING);
+    assert_eq!(flow(&datapath).state, CLIENT_CLOSED);
     step(
         tc(),
         "shutdown ack",
         from_pod(chunk::SHUTDOWN_ACK, CLIENT_TAG, b""),
         TC_ACT_OK,
     );
+    assert_eq!(flow(&datapath).state, CLOSING);
     step(
         xdp(),
         "shutdown complete",

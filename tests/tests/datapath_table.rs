@@ -846,7 +846,7 @@ fn tcp_flow_entry(datapath: &Datapath) -> lb_common::Flow4Value {
 
 #[test]
 fn conntrack_follows_the_tcp_handshake_and_close() {
-    use lb_common::tcp_state::{CLOSING, ESTABLISHED, SYN_SENT};
+    use lb_common::tcp_state::{BACKEND_CLOSED, ESTABLISHED, SYN_SENT};
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "state").expect("pin dir");
     let datapath = datapath(&pins, vec![1]);
@@ -887,7 +887,8 @@ fn conntrack_follows_the_tcp_handshake_and_close() {
     );
     assert_eq!(tcp_flow_entry(&datapath).state, ESTABLISHED);
 
-    // The backend closes: the reply path moves the flow to CLOSING (short timeout).
+    // The backend closes its side: the reply path moves the flow to BACKEND_CLOSED (the
+    // client may still send; the half-closed timeout).
     let tc = datapath
         .program_fd(lb_common::program_names::TC_EGRESS)
         .expect("fd");
@@ -898,7 +899,7 @@ fn conntrack_follows_the_tcp_handshake_and_close() {
         0,
         Expect::Bytes(packet::tcp(FRONTEND, CLIENT, TcpFlags::FIN_ACK, b"")),
     );
-    assert_eq!(tcp_flow_entry(&datapath).state, CLOSING);
+    assert_eq!(tcp_flow_entry(&datapath).state, BACKEND_CLOSED);
 }
 
 /// A client that connects straight to a local endpoint's pod from the port of its closed flow
@@ -1722,6 +1723,7 @@ fn short_timeouts() -> lb_common::CtTimeouts {
         tcp_closing: nanos(Duration::from_millis(300)),
         udp: nanos(Duration::from_millis(800)),
         snat_port_reuse: nanos(Duration::from_millis(100)),
+        tcp_half_closed: nanos(Duration::from_millis(300)),
     }
 }
 
@@ -4015,10 +4017,10 @@ fn spoofed_segments_far_ahead_do_not_move_a_flows_sequence_record() {
 }
 
 /// A FIN far from what its sender has sent (a blind or stale one) goes on translated, as the
-/// receiver's stack judges it, but leaves the flow established: CLOSING's short timeout would
-/// end an idle connection under it. The sender's own FIN closes the flow.
+/// receiver's stack judges it, but leaves the flow established. The sender's own FIN
+/// half-closes the flow.
 #[test]
-fn a_fin_moves_a_flow_to_closing_only_near_what_its_sender_has_sent() {
+fn a_fin_half_closes_a_flow_only_near_what_its_sender_has_sent() {
     use lb_common::tcp_seq::{RST_AHEAD, RST_BEHIND};
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "finwin").expect("pin dir");
@@ -4137,8 +4139,8 @@ fn a_fin_moves_a_flow_to_closing_only_near_what_its_sender_has_sent() {
     );
     assert_eq!(
         flow_state(&datapath, CLIENT),
-        Some(lb_common::tcp_state::CLOSING),
-        "the flow ends"
+        Some(lb_common::tcp_state::CLIENT_CLOSED),
+        "the client's side ends"
     );
 }
 
@@ -4208,7 +4210,7 @@ fn a_blind_fin_to_a_snat_port_goes_on_but_leaves_the_flow_open() {
     let own = packet::tcp_at(REMOTE_POD, snat, TcpFlags::FIN_ACK, 1001, b"");
     assert_eq!(fixture.xdp(&own).verdict, XDP_TX, "the backend's own FIN");
     assert_ne!(reply().flags & lb_common::ct_flags::BACKEND_FIN, 0);
-    assert_eq!(reply().state, lb_common::tcp_state::CLOSING);
+    assert_eq!(reply().state, lb_common::tcp_state::BACKEND_CLOSED);
 }
 
 #[test]
@@ -4530,6 +4532,68 @@ fn pod_case(flags: TcpFlags, seq: u32, payload: &[u8]) -> Case {
 /// A segment of CLIENT's flow to FRONTEND with `flags`, through XDP: DNATed to pod A.
 fn client_segment_to_pod_a(datapath: &Datapath, flags: TcpFlags) {
     run_xdp(datapath, &[client_case(flags, 1000, b"")]);
+}
+
+/// A half-closed connection (the client sent its FIN, as after a request sent with
+/// shutdown(SHUT_WR); the pod answers later) outlives the closing timeout: its flow waits out
+/// the half-closed one (kube-proxy's CLOSE_WAIT). The pod's FIN then closes it, and it ends at
+/// its closing timeout.
+#[test]
+fn a_half_closed_flow_outlives_the_closing_timeout() {
+    use std::time::Duration;
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "halfclose").expect("pin dir");
+    let mut datapath = datapath(&pins, vec![1]);
+    let nanos = |duration: Duration| duration.as_nanos() as u64;
+    datapath
+        .set_config(&lb_common::DatapathConfig {
+            timeouts: lb_common::CtTimeouts {
+                tcp_closing: nanos(Duration::from_millis(200)),
+                tcp_half_closed: nanos(Duration::from_secs(10)),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .expect("config");
+    let new_flows = || datapath.service_counter(1).expect("counter").new_flows;
+    let pod = |flags, seq, payload: &[u8]| {
+        case(
+            "pod segment",
+            packet::tcp_at(POD_A, CLIENT, flags, seq, payload),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp_at(FRONTEND, CLIENT, flags, seq, payload)),
+        )
+    };
+    run_xdp(&datapath, &[client_case(TcpFlags::SYN, 1000, b"")]);
+    run_tc(&datapath, &[pod(TcpFlags::SYN_ACK, 5000, b"")]);
+    run_xdp(
+        &datapath,
+        &[
+            client_case(TcpFlags::ACK, 1001, b"request"),
+            client_case(TcpFlags::FIN_ACK, 1008, b""),
+        ],
+    );
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::CLIENT_CLOSED)
+    );
+    // Twice the closing timeout later, the pod answers and the client acknowledges: the flow.
+    std::thread::sleep(Duration::from_millis(400));
+    run_tc(&datapath, &[pod(TcpFlags::ACK, 5001, b"answer")]);
+    run_xdp(&datapath, &[client_case(TcpFlags::ACK, 1009, b"")]);
+    assert_eq!(new_flows(), 1, "the half-closed flow went on");
+    run_tc(&datapath, &[pod(TcpFlags::FIN_ACK, 5007, b"")]);
+    assert_eq!(
+        flow_state(&datapath, CLIENT),
+        Some(lb_common::tcp_state::CLOSING)
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    run_xdp(&datapath, &[client_case(TcpFlags::ACK, 1009, b"")]);
+    assert_eq!(
+        new_flows(),
+        2,
+        "closed, past the closing timeout: the client's ack starts a flow"
+    );
 }
 
 /// A flow served from XDP's flow cache keeps its entry fresh: the cache serves a flow only until
@@ -4920,10 +4984,10 @@ fn a_udp_flow_served_from_the_flow_cache_outlives_its_timeout_while_active_and_e
 }
 
 /// The pod's FIN, which tc egress writes into the flow's entry, reaches a flow served from
-/// XDP's flow cache within a quarter of the closing timeout: the flow then ends at its closing
-/// timeout, not at the cache's refresh.
+/// XDP's flow cache within a quarter of the half-closed timeout: the flow then ends at that
+/// timeout (300 ms here), not at the cache's refresh.
 #[test]
-fn a_flow_served_from_the_flow_cache_ends_at_its_closing_timeout_after_the_pods_fin() {
+fn a_flow_served_from_the_flow_cache_ends_at_its_half_closed_timeout_after_the_pods_fin() {
     use std::time::Duration;
     lab::table::stay_on_this_cpu();
     let lab = Lab::new().expect("lab");
@@ -4952,14 +5016,14 @@ fn a_flow_served_from_the_flow_cache_ends_at_its_closing_timeout_after_the_pods_
     );
     assert_eq!(
         flow_state(&datapath, CLIENT),
-        Some(lb_common::tcp_state::CLOSING)
+        Some(lb_common::tcp_state::BACKEND_CLOSED)
     );
     std::thread::sleep(Duration::from_millis(400));
     send(TcpFlags::ACK);
     assert_eq!(
         new_flows(),
         2,
-        "past the closing timeout the client's ack starts a new flow"
+        "past the half-closed timeout the client's ack starts a new flow"
     );
 }
 

@@ -665,7 +665,7 @@ fn icmpv6_errors_with_extension_headers_from_a_local_endpoint_reach_the_client_t
 }
 
 #[test]
-fn a_fin_from_the_endpoint_moves_its_ipv6_flow_to_closing() {
+fn a_fin_from_the_endpoint_half_closes_its_ipv6_flow() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "tc6fin").expect("pin dir");
     let fixture = Fixture::new(&pins);
@@ -681,7 +681,7 @@ fn a_fin_from_the_endpoint_moves_its_ipv6_flow_to_closing() {
         )],
     );
     let flow = fixture.flow(proto::TCP);
-    assert_eq!(flow.state, tcp_state::CLOSING);
+    assert_eq!(flow.state, tcp_state::BACKEND_CLOSED);
     // The FIN counts one in the endpoint's sequence space.
     assert_eq!(flow.backend_seq_next, ENDPOINT_SEQ + 1);
 }

@@ -484,7 +484,7 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
         "{udp_counter:?}"
     );
 
-    // The client's TCP flow is one FLOW entry in the IPv6 conntrack, closing after its FIN.
+    // The client's TCP flow is one FLOW entry in the IPv6 conntrack, half-closed by its FIN.
     let flow = datapath
         .conntrack6_entry(&flow_key(
             ipv6_words(CLIENT_ADDR),
@@ -495,7 +495,7 @@ fn xdp_dnats_ipv6_service_traffic_and_passes_everything_else_untouched() {
     assert_eq!(flow.nat_addr, ipv6_words(*POD_A.ip()));
     assert_eq!(flow.nat_port, POD_A.port());
     assert_eq!(flow.service_id, 1);
-    assert_eq!(flow.state, tcp_state::CLOSING);
+    assert_eq!(flow.state, tcp_state::CLIENT_CLOSED);
     // The in-window RST ended the second flow; the blind one did not.
     let reset = datapath
         .conntrack6_entry(&flow_key(ipv6_words(CLIENT_ADDR), 40008, proto::TCP))

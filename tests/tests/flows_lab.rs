@@ -19,6 +19,8 @@ const SHORT_TIMEOUTS: &[&str] = &[
     "1s",
     "--conntrack-tcp-timeout-closing",
     "500ms",
+    "--conntrack-tcp-timeout-half-closed",
+    "500ms",
     "--conntrack-udp-timeout",
     "1s",
 ];
@@ -58,6 +60,55 @@ fn idle_tcp_connections_to_a_remote_endpoint_outlive_the_syn_and_closing_timeout
     );
     let events = setup.events().expect("events");
     assert_eq!(events["ct_flow_restarted"], 0, "{events:?}");
+}
+
+/// Clients that send their request and half-close (shutdown(SHUT_WR)) get 2 MB answers that
+/// start three times the closing timeout later, through a NodePort to node2's pod (SNAT) and to
+/// node1's two: a flow after one side's FIN waits out the half-closed timeout (1 h by default,
+/// kube-proxy's CLOSE_WAIT), not the closing one. Ended at the closing timeout, a flow to node1
+/// took the client's acknowledgments of the late answer for a new flow, which went to either
+/// pod, and the other one reset the connection (a SNAT flow's answers revive it: node2's
+/// connections got through before too).
+#[test]
+fn half_closed_connections_get_answers_later_than_the_closing_timeout() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup
+        .start_agent(&["--conntrack-tcp-timeout-closing", "500ms"])
+        .expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &node_port_service_with_endpoints(
+                "web",
+                "10.96.0.20",
+                30081,
+                &[(pod_addr(2, 0), "node2")],
+            ),
+        )
+        .expect("apply");
+    setup
+        .apply(
+            "local.yaml",
+            &node_port_service_with_endpoints(
+                "local",
+                "10.96.0.21",
+                30082,
+                &[(pod_addr(1, 0), "node1"), (pod_addr(1, 1), "node1")],
+            ),
+        )
+        .expect("apply");
+    for port in [30081, 30082] {
+        let node_port = format!("{}:{port}", node_addr(1));
+        let report = ClientRun {
+            half_close_answer_ms: Some(1500),
+            answer_bytes: 2 << 20,
+            timeout_ms: 4000,
+            ..ClientRun::tcp(&node_port, 6)
+        }
+        .run(&setup.cluster.client, None)
+        .expect("client");
+        report.assert_all_ok("half-closed connections answered 1.5 s later");
+    }
 }
 
 /// New connections through a NodePort to node2 faster than the SNAT range frees its ports: the

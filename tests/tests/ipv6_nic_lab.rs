@@ -704,6 +704,8 @@ fn idle_ipv6_tcp_connections_to_a_remote_endpoint_outlive_the_syn_and_closing_ti
             "1s",
             "--conntrack-tcp-timeout-closing",
             "500ms",
+            "--conntrack-tcp-timeout-half-closed",
+            "500ms",
             "--conntrack-udp-timeout",
             "1s",
         ],

@@ -158,6 +158,7 @@ impl Datapath {
         // are attached): they make pairs without setting the pair filter's bits.
         let conntrack_left = pin_dir.join(map_names::CONNTRACK4).exists()
             || pin_dir.join(map_names::CONNTRACK6).exists();
+        let config_left = pin_dir.join(map_names::CONFIG).exists();
         let sizes = pinned_sizes(pin_dir, sizes);
         let mut loader = EbpfLoader::new();
         loader
@@ -251,6 +252,9 @@ impl Datapath {
                 &mut maps.backends6,
                 backends6_array_left,
             )?;
+        }
+        if !config_left {
+            migrate_config(pin_dir, &mut maps.config)?;
         }
         remove_retired_pins(pin_dir)?;
         // Rewritten whole before any program of this load is attached: a map new to the pin
@@ -758,6 +762,41 @@ fn remove_retired_pins(pin_dir: &Path) -> Result<()> {
         remove_pin(&pin_dir.join(name))?;
     }
     Ok(())
+}
+
+/// An earlier agent's settings (`lb_cfg_v2`: the SNAT address and ports, the timeouts but the
+/// half-closed one, which `lb_cfg_v3` added) copied into a config map this load created, so that
+/// the programs attached before the first sync writes the settings find them: with an empty
+/// config they would send flows to other nodes' endpoints without SNAT meanwhile.
+fn migrate_config(
+    pin_dir: &Path,
+    config: &mut Array<MapData, lb_common::DatapathConfig>,
+) -> Result<()> {
+    const EARLIER: &str = "lb_cfg_v2";
+    if !pin_dir.join(EARLIER).exists() {
+        return Ok(());
+    }
+    let earlier: Array<MapData, [u8; 48]> = open_map(pin_dir, EARLIER, Access::ReadOnly)?;
+    let bytes = earlier
+        .get(&0, 0)
+        .map_err(|source| map_error(EARLIER, "read", source))?;
+    let word = |at: usize| u64::from_ne_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let migrated = lb_common::DatapathConfig {
+        snat_addr: u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")),
+        snat_port_min: u16::from_ne_bytes([bytes[4], bytes[5]]),
+        snat_port_max: u16::from_ne_bytes([bytes[6], bytes[7]]),
+        timeouts: lb_common::CtTimeouts {
+            tcp_syn: word(8),
+            tcp_established: word(16),
+            tcp_closing: word(24),
+            udp: word(32),
+            snat_port_reuse: word(40),
+            tcp_half_closed: 0,
+        },
+    };
+    config
+        .set(0, &migrated, 0)
+        .map_err(|source| map_error(map_names::CONFIG, "write", source))
 }
 
 /// Removes a pin if there is one.

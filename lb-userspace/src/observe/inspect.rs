@@ -600,6 +600,8 @@ fn describe_flow<A: ShownAddr>(
             (_, tcp_state::SYN_SENT) => "syn_sent",
             (_, tcp_state::ESTABLISHED) => "established",
             (_, tcp_state::CLOSING) => "closing",
+            (_, tcp_state::CLIENT_CLOSED) => "client_closed",
+            (_, tcp_state::BACKEND_CLOSED) => "backend_closed",
             _ => "none",
         },
         service_id: value.service_id,
@@ -658,6 +660,7 @@ mod tests {
             tcp_closing: SECOND,
             udp: 5 * SECOND,
             snat_port_reuse: SECOND,
+            tcp_half_closed: 50 * SECOND,
         };
         let now = 1_000 * SECOND;
         let rows = [
@@ -685,6 +688,20 @@ mod tests {
                 proto::TCP,
                 tcp_state::CLOSING,
                 2,
+                false,
+            ),
+            (
+                "half-closed by the client, idle 50 s",
+                proto::TCP,
+                tcp_state::CLIENT_CLOSED,
+                50,
+                true,
+            ),
+            (
+                "half-closed by the endpoint, idle 51 s",
+                proto::TCP,
+                tcp_state::BACKEND_CLOSED,
+                51,
                 false,
             ),
             (
@@ -794,8 +811,13 @@ mod tests {
             tcp_closing: 0,
             udp: 0,
             snat_port_reuse: 0,
+            tcp_half_closed: 0,
         };
         assert_eq!(timeouts.for_state(proto::UDP, 0), ct_timeouts::UDP);
+        assert_eq!(
+            timeouts.for_state(proto::TCP, tcp_state::CLIENT_CLOSED),
+            ct_timeouts::TCP_HALF_CLOSED
+        );
         assert_eq!(
             timeouts.for_state(proto::TCP, tcp_state::ESTABLISHED),
             ct_timeouts::TCP_ESTABLISHED

@@ -142,6 +142,11 @@ struct ClientArgs {
     /// picks; UDP: send from it (bound).
     #[arg(long)]
     source_port: Option<u16>,
+    /// TCP: each request asks the server to answer this many ms later, and the client shuts
+    /// its side down (a half-close, as a client that sends its request with shutdown(SHUT_WR))
+    /// before it waits for the answer.
+    #[arg(long)]
+    half_close_answer_ms: Option<u64>,
     /// With --one-flow: after the first answered request, wait until this file exists before
     /// the next one (a test changes something under a flow that is known to be there).
     #[arg(long, requires = "one_flow")]
@@ -151,6 +156,9 @@ struct ClientArgs {
     #[arg(long, requires_all = ["unconnected", "go_file"])]
     then_to: Option<SocketAddr>,
 }
+
+/// The client's --half-close-answer-ms, set once at start.
+static HALF_CLOSE_ANSWER_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 /// The client's --ready-file, set once at start.
 static READY_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
@@ -167,6 +175,9 @@ fn main() -> anyhow::Result<()> {
         } => serve(name, tcp, udp, sctp),
         Mode::Tcp(args) => {
             set_ready_file(&args);
+            if let Some(delay_ms) = args.half_close_answer_ms {
+                let _ = HALF_CLOSE_ANSWER_MS.set(delay_ms);
+            }
             let source_port = args.source_port;
             print_report(&stream_client(&args, |to, timeout| {
                 tcp_connect_from(to, timeout, source_port)
@@ -379,9 +390,22 @@ fn answer_tcp(name: &str, stream: TcpStream) -> std::io::Result<()> {
     let mut writer = stream.try_clone()?;
     for line in BufReader::new(stream).lines() {
         let line = line?;
+        // "later D N": the answer D ms from now (the client has half-closed meanwhile), with N
+        // more bytes as "hello N" has.
+        let later = line
+            .strip_prefix("later ")
+            .and_then(|rest| rest.split_once(' '));
+        if let Some(delay_ms) = later.and_then(|(delay, _)| delay.parse().ok()) {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+        }
         writer.write_all(reply(name, peer).as_bytes())?;
         // "hello N": N more bytes, as a line of their own.
-        if let Some(bytes) = line.strip_prefix("hello ").and_then(|n| n.parse().ok()) {
+        let more = line
+            .strip_prefix("hello ")
+            .or(later.map(|(_, bytes)| bytes))
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|bytes| *bytes > 0);
+        if let Some(bytes) = more {
             let mut filler = padded(Vec::new(), bytes);
             filler.push(b'\n');
             writer.write_all(&filler)?;
@@ -640,7 +664,12 @@ fn tcp_exchange(
     reader: &mut BufReader<TcpStream>,
     answer_bytes: usize,
 ) -> Exchange {
-    if answer_bytes == 0 {
+    // Before the exchange: a half-closed connection that got its answer may be closed by then.
+    let peer = stream.peer_addr()?;
+    if let Some(delay_ms) = HALF_CLOSE_ANSWER_MS.get() {
+        stream.write_all(format!("later {delay_ms} {answer_bytes}\n").as_bytes())?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+    } else if answer_bytes == 0 {
         stream.write_all(b"hello\n")?;
     } else {
         stream.write_all(format!("hello {answer_bytes}\n").as_bytes())?;
@@ -652,7 +681,7 @@ fn tcp_exchange(
             "a short answer",
         ));
     }
-    Ok((line, stream.peer_addr()?))
+    Ok((line, peer))
 }
 
 fn read_line(reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
