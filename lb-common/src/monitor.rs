@@ -14,7 +14,8 @@ pub mod kind {
     pub const REJECT: u32 = 1 << 1;
     /// A new flow: its service, client, chosen backend and, to a remote backend, SNAT port.
     pub const NEW_FLOW: u32 = 1 << 2;
-    /// A tracked TCP flow ends: the first FIN or an in-window RST of either side.
+    /// A tracked TCP flow ends: the second side's FIN (a flow by direct server return: its one
+    /// FIN) or an in-window RST.
     pub const FLOW_END: u32 = 1 << 3;
     /// A new flow to a remote backend dropped because no SNAT port was free.
     pub const SNAT_EXHAUSTED: u32 = 1 << 4;

@@ -726,8 +726,8 @@ pub fn follow<F: Family>(
     } else {
         if !dry_run() {
             note_seq(&mut entry.seq_next, tuple);
-            advance(entry, tuple, now, FROM_CLIENT);
-            close_one_sided(entry);
+            let one_sided = entry.flags & ct_flags::DIRECT_RETURN != 0;
+            advance(entry, tuple, now, FROM_CLIENT, one_sided);
         }
         true
     };
@@ -1662,7 +1662,7 @@ fn refresh_flow<F: Family>(
     now: u64,
 ) {
     note_seq(&mut original.seq_next, tuple);
-    if let Some(state) = advance(original, tuple, now, FROM_CLIENT) {
+    if let Some(state) = advance(original, tuple, now, FROM_CLIENT, TWO_SIDED) {
         touch(reply, state, now);
     }
     if closes(tuple) {
@@ -1684,7 +1684,7 @@ pub fn track_reply<F: Family>(reply: &mut CtValue<F::Addr>, tuple: &Tuple<F>, ke
         return;
     }
     let now = now_ns();
-    if let Some(state) = advance(reply, tuple, now, FROM_BACKEND)
+    if let Some(state) = advance(reply, tuple, now, FROM_BACKEND, TWO_SIDED)
         && let Some(original) = client_side_of::<F>(reply, tuple)
     {
         // SAFETY: as in destination().
@@ -1827,26 +1827,19 @@ pub fn track_answer<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>) {
     // A flow that came by direct server return: the client's packets reach the endpoint
     // untouched, so its answers are all that keeps the entry alive and moves its state on.
     if closes(tuple) || entry.flags & ct_flags::DIRECT_RETURN != 0 {
-        advance(entry, tuple, now_ns(), FROM_BACKEND);
-        close_one_sided(entry);
-    }
-}
-
-/// A FLOW entry of a flow by direct server return sees one side alone on each node (the
-/// client's packets on the node they came to, the endpoint's answers on the endpoint's): the
-/// other side's FIN never passes, so the one it sees closes the flow.
-#[inline(always)]
-fn close_one_sided<A: CtAddr>(entry: &mut CtValue<A>) {
-    if entry.flags & ct_flags::DIRECT_RETURN != 0
-        && (entry.state == tcp_state::CLIENT_CLOSED || entry.state == tcp_state::BACKEND_CLOSED)
-    {
-        entry.state = tcp_state::CLOSING;
+        let one_sided = entry.flags & ct_flags::DIRECT_RETURN != 0;
+        advance(entry, tuple, now_ns(), FROM_BACKEND, one_sided);
     }
 }
 
 /// Which side sent a packet, for [`advance`].
 const FROM_CLIENT: bool = false;
 const FROM_BACKEND: bool = true;
+/// An entry that sees both sides' packets, for [`advance`]. A FLOW entry of a flow by direct
+/// server return sees one side alone on each node (the client's packets on the node they came
+/// to, the endpoint's answers on the endpoint's): the other side's FIN never passes, so the one
+/// it sees closes the flow (one-sided).
+const TWO_SIDED: bool = false;
 
 /// The flow's state after this packet, written to the entry of its direction with the time
 /// when it changed or the entry is due for a refresh; then the other half wants the same
@@ -1857,12 +1850,16 @@ fn advance<F: Family>(
     tuple: &Tuple<F>,
     now: u64,
     from_backend: bool,
+    one_sided: bool,
 ) -> Option<u8> {
-    let state = if proto::has_handshake(tuple.proto) {
+    let mut state = if proto::has_handshake(tuple.proto) {
         tcp_state::next(entry.state, tuple.tcp_flags, from_backend)
     } else {
         entry.state
     };
+    if one_sided && (state == tcp_state::CLIENT_CLOSED || state == tcp_state::BACKEND_CLOSED) {
+        state = tcp_state::CLOSING;
+    }
     if state == entry.state && !stale(entry, tuple.proto, now) {
         return None;
     }

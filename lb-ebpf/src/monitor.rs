@@ -368,8 +368,9 @@ fn new_flow_event<F: Family>(tuple: &Tuple<F>, destination: &Destination<F>, ifi
     });
 }
 
-/// A tracked flow ends: `tuple` is the packet that ended it (a TCP FIN or RST, an SCTP ABORT
-/// or SHUTDOWN, from either side; XDP or tc saw it, [`program::EITHER`]).
+/// A tracked flow ends: `tuple` is the packet that ended it (the second side's TCP FIN or a
+/// RST, an SCTP ABORT, SHUTDOWN COMPLETE or the second side's SHUTDOWN or SHUTDOWN ACK; XDP or
+/// tc saw it, [`program::EITHER`]).
 #[inline(always)]
 pub fn flow_end<F: Family>(tuple: &Tuple<F>, service_id: u32) {
     if !wanted(kind::FLOW_END) {

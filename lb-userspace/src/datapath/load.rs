@@ -158,7 +158,6 @@ impl Datapath {
         // are attached): they make pairs without setting the pair filter's bits.
         let conntrack_left = pin_dir.join(map_names::CONNTRACK4).exists()
             || pin_dir.join(map_names::CONNTRACK6).exists();
-        let config_left = pin_dir.join(map_names::CONFIG).exists();
         let sizes = pinned_sizes(pin_dir, sizes);
         let mut loader = EbpfLoader::new();
         loader
@@ -253,9 +252,7 @@ impl Datapath {
                 backends6_array_left,
             )?;
         }
-        if !config_left {
-            migrate_config(pin_dir, &mut maps.config)?;
-        }
+        migrate_config(pin_dir, &mut maps.config)?;
         remove_retired_pins(pin_dir)?;
         // Rewritten whole before any program of this load is attached: a map new to the pin
         // directory (an upgrade) starts empty, and stale bits would only cost lookups.
@@ -765,9 +762,12 @@ fn remove_retired_pins(pin_dir: &Path) -> Result<()> {
 }
 
 /// An earlier agent's settings (`lb_cfg_v2`: the SNAT address and ports, the timeouts but the
-/// half-closed one, which `lb_cfg_v3` added) copied into a config map this load created, so that
-/// the programs attached before the first sync writes the settings find them: with an empty
-/// config they would send flows to other nodes' endpoints without SNAT meanwhile.
+/// half-closed one, which `lb_cfg_v3` added) copied into the config map, so that the programs
+/// attached before the first sync writes the settings find them: with an empty config they
+/// would send flows to other nodes' endpoints without SNAT meanwhile. Its pin is there only
+/// until a load of this release has gone that far (it is retired right after), so nothing in
+/// `lb_cfg_v3` is newer: an earlier load that failed on the way, or an earlier agent that came
+/// back and ran since.
 fn migrate_config(
     pin_dir: &Path,
     config: &mut Array<MapData, lb_common::DatapathConfig>,
