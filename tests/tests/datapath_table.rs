@@ -3710,6 +3710,33 @@ fn flow_state(datapath: &Datapath, client: SocketAddrV4) -> Option<u8> {
         .map(|(_, value)| value.state)
 }
 
+/// CLIENT's flow to pod A through FRONTEND: its SYN at `client_isn` and 100 bytes through XDP,
+/// the pod's SYN-ACK at `pod_isn` through tc, each checked translated.
+fn open_with_100_bytes(datapath: &Datapath, client_isn: u32, pod_isn: u32) {
+    run_xdp(
+        datapath,
+        &[
+            client_case(TcpFlags::SYN, client_isn, b""),
+            client_case(TcpFlags::ACK, client_isn + 1, &[1; 100]),
+        ],
+    );
+    run_tc(
+        datapath,
+        &[case(
+            "the pod's syn-ack",
+            packet::tcp_at(POD_A, CLIENT, TcpFlags::SYN_ACK, pod_isn, b""),
+            TC_ACT_OK,
+            Expect::Bytes(packet::tcp_at(
+                FRONTEND,
+                CLIENT,
+                TcpFlags::SYN_ACK,
+                pod_isn,
+                b"",
+            )),
+        )],
+    );
+}
+
 #[test]
 fn a_rst_ends_a_flow_only_near_what_its_sender_has_sent() {
     use lb_common::tcp_seq::{RST_AHEAD, RST_BEHIND};
@@ -3731,50 +3758,7 @@ fn a_rst_ends_a_flow_only_near_what_its_sender_has_sent() {
     // The client has sent up to client_isn + 1 + 100; the pod, across the wrap, pod_isn + 1.
     let client_next = client_isn + 101;
     let pod_next = pod_isn.wrapping_add(1);
-    run_table(
-        xdp(),
-        &[
-            case(
-                "syn",
-                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::SYN, client_isn, b""),
-                XDP_PASS,
-                Expect::Bytes(packet::tcp_at(
-                    CLIENT,
-                    POD_A,
-                    TcpFlags::SYN,
-                    client_isn,
-                    b"",
-                )),
-            ),
-            case(
-                "data",
-                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::ACK, client_isn + 1, &[1; 100]),
-                XDP_PASS,
-                Expect::Bytes(packet::tcp_at(
-                    CLIENT,
-                    POD_A,
-                    TcpFlags::ACK,
-                    client_isn + 1,
-                    &[1; 100],
-                )),
-            ),
-        ],
-    );
-    run_table(
-        tc(),
-        &[case(
-            "the pod's syn-ack",
-            packet::tcp_at(POD_A, CLIENT, TcpFlags::SYN_ACK, pod_isn, b""),
-            TC_ACT_OK,
-            Expect::Bytes(packet::tcp_at(
-                FRONTEND,
-                CLIENT,
-                TcpFlags::SYN_ACK,
-                pod_isn,
-                b"",
-            )),
-        )],
-    );
+    open_with_100_bytes(&datapath, client_isn, pod_isn);
     let client_rst = |seq: u32| packet::tcp_at(CLIENT, FRONTEND, TcpFlags::RST, seq, b"");
     run_table(
         xdp(),
@@ -4038,50 +4022,7 @@ fn a_fin_half_closes_a_flow_only_near_what_its_sender_has_sent() {
     let (client_isn, pod_isn) = (5000u32, 0xffff_ff00u32);
     let client_next = client_isn + 101;
     let pod_next = pod_isn.wrapping_add(1);
-    run_table(
-        xdp(),
-        &[
-            case(
-                "syn",
-                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::SYN, client_isn, b""),
-                XDP_PASS,
-                Expect::Bytes(packet::tcp_at(
-                    CLIENT,
-                    POD_A,
-                    TcpFlags::SYN,
-                    client_isn,
-                    b"",
-                )),
-            ),
-            case(
-                "data",
-                packet::tcp_at(CLIENT, FRONTEND, TcpFlags::ACK, client_isn + 1, &[1; 100]),
-                XDP_PASS,
-                Expect::Bytes(packet::tcp_at(
-                    CLIENT,
-                    POD_A,
-                    TcpFlags::ACK,
-                    client_isn + 1,
-                    &[1; 100],
-                )),
-            ),
-        ],
-    );
-    run_table(
-        tc(),
-        &[case(
-            "the pod's syn-ack",
-            packet::tcp_at(POD_A, CLIENT, TcpFlags::SYN_ACK, pod_isn, b""),
-            TC_ACT_OK,
-            Expect::Bytes(packet::tcp_at(
-                FRONTEND,
-                CLIENT,
-                TcpFlags::SYN_ACK,
-                pod_isn,
-                b"",
-            )),
-        )],
-    );
+    open_with_100_bytes(&datapath, client_isn, pod_isn);
     let client_fin = |seq: u32| packet::tcp_at(CLIENT, FRONTEND, TcpFlags::FIN_ACK, seq, b"");
     let translated =
         |seq: u32| Expect::Bytes(packet::tcp_at(CLIENT, POD_A, TcpFlags::FIN_ACK, seq, b""));
