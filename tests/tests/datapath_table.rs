@@ -3884,16 +3884,6 @@ fn spoofed_segments_far_ahead_do_not_move_a_flows_sequence_record() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "seqwalk").expect("pin dir");
     let datapath = datapath(&pins, vec![1]);
-    let xdp = || {
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd")
-    };
-    let tc = || {
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd")
-    };
     let (client_isn, pod_isn) = (5000u32, 90_000u32);
     let client_next = client_isn + 1;
     let forwarded = |flags, seq: u32, payload: &[u8]| {
@@ -3904,9 +3894,9 @@ fn spoofed_segments_far_ahead_do_not_move_a_flows_sequence_record() {
             Expect::Bytes(packet::tcp_at(CLIENT, POD_A, flags, seq, payload)),
         )
     };
-    run_table(xdp(), &[forwarded(TcpFlags::SYN, client_isn, b"")]);
-    run_table(
-        tc(),
+    run_xdp(&datapath, &[forwarded(TcpFlags::SYN, client_isn, b"")]);
+    run_tc(
+        &datapath,
         &[case(
             "the pod's syn-ack",
             packet::tcp_at(POD_A, CLIENT, TcpFlags::SYN_ACK, pod_isn, b""),
@@ -3931,10 +3921,10 @@ fn spoofed_segments_far_ahead_do_not_move_a_flows_sequence_record() {
             )
         })
         .collect();
-    run_table(xdp(), &walk);
+    run_xdp(&datapath, &walk);
     let walked_to = client_next.wrapping_add(4 << 29).wrapping_add(10);
-    run_table(
-        xdp(),
+    run_xdp(
+        &datapath,
         &[case(
             "a rst fitted to where the spoofed segments end",
             packet::tcp_at(CLIENT, FRONTEND, TcpFlags::RST, walked_to, b""),
@@ -3960,13 +3950,13 @@ fn spoofed_segments_far_ahead_do_not_move_a_flows_sequence_record() {
             )
         })
         .collect();
-    run_table(tc(), &pod_walk);
+    run_tc(&datapath, &pod_walk);
     let pod_walked_to = pod_isn
         .wrapping_add(1)
         .wrapping_add(4 << 29)
         .wrapping_add(10);
-    run_table(
-        tc(),
+    run_tc(
+        &datapath,
         &[case(
             "a pod rst fitted to where the spoofed segments end",
             packet::tcp_at(POD_A, CLIENT, TcpFlags::RST, pod_walked_to, b""),
@@ -3986,8 +3976,8 @@ fn spoofed_segments_far_ahead_do_not_move_a_flows_sequence_record() {
     // Real data the record had not seen, ending ADVANCE_AHEAD past it, moves it on: a RST
     // where that data ends is the client's.
     let ahead = client_next.wrapping_add(ADVANCE_AHEAD - 100);
-    run_table(
-        xdp(),
+    run_xdp(
+        &datapath,
         &[
             forwarded(TcpFlags::ACK, ahead, &[7; 100]),
             forwarded(TcpFlags::RST, client_next.wrapping_add(ADVANCE_AHEAD), b""),
@@ -4009,16 +3999,6 @@ fn a_fin_half_closes_a_flow_only_near_what_its_sender_has_sent() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "finwin").expect("pin dir");
     let datapath = datapath(&pins, vec![1]);
-    let xdp = || {
-        datapath
-            .program_fd(lb_common::program_names::XDP_LB)
-            .expect("fd")
-    };
-    let tc = || {
-        datapath
-            .program_fd(lb_common::program_names::TC_EGRESS)
-            .expect("fd")
-    };
     let (client_isn, pod_isn) = (5000u32, 0xffff_ff00u32);
     let client_next = client_isn + 101;
     let pod_next = pod_isn.wrapping_add(1);
@@ -4044,10 +4024,10 @@ fn a_fin_half_closes_a_flow_only_near_what_its_sender_has_sent() {
         .iter()
         .map(|&(name, seq)| case(name, client_fin(seq), XDP_PASS, translated(seq)))
         .collect();
-    run_table(xdp(), &cases);
+    run_xdp(&datapath, &cases);
     let far_pod_seq = pod_next.wrapping_add(1 << 30);
-    run_table(
-        tc(),
+    run_tc(
+        &datapath,
         &[case(
             "a fin from the pod far from what it sent",
             packet::tcp_at(POD_A, CLIENT, TcpFlags::FIN_ACK, far_pod_seq, b""),
@@ -4069,8 +4049,8 @@ fn a_fin_half_closes_a_flow_only_near_what_its_sender_has_sent() {
         Some(lb_common::tcp_state::ESTABLISHED),
         "the flow goes on"
     );
-    run_table(
-        xdp(),
+    run_xdp(
+        &datapath,
         &[case(
             "the client's own fin",
             client_fin(client_next),
