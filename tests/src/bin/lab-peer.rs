@@ -219,7 +219,11 @@ fn main() -> anyhow::Result<()> {
 fn upload_then_abort(to: SocketAddr, bytes: usize) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-    stream.write_all(&vec![b'u'; bytes])?;
+    // A stalled upload (its segments lost on the way) fails instead of blocking for good.
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream
+        .write_all(&vec![b'u'; bytes])
+        .map_err(|error| anyhow::anyhow!("sending the upload: {error}"))?;
     let fd = stream.as_raw_fd();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
