@@ -2,7 +2,8 @@
 //! ICMP (ICMPv6) port unreachable for UDP, sent back out of the NIC from XDP, so the client fails
 //! at once instead of timing out. Packets with IP options (IPv6 extension headers) are dropped
 //! instead (the answer would have to drop them; kube-proxy's REJECT is rarely hit by such
-//! traffic), counted as `drop_no_backend`, and a RST is never answered.
+//! traffic), counted as `drop_no_backend`, and a RST is never answered. Its ICMP errors are
+//! built by [`icmp_error`] and [`icmp6_error`], which [`crate::too_big`] uses too.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Event, Ipv6Words, checksum, proto};
@@ -125,37 +126,56 @@ fn reset_segment<F: crate::family::Family>(
 /// header and UDP header as the client sent them (to the frontend), so its socket gets the error.
 #[inline(always)]
 fn icmp_port_unreachable(ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> {
+    if !icmp_error(ctx, [3, 3, 0, 0, 0, 0, 0, 0], tuple.daddr, tuple.saddr) {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    count_event(Event::REJECT_ICMP);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// Turns the packet (an IPv4 header without options) into an ICMP error about it from `saddr`
+/// to `daddr`, sent back to the MAC it came from: `header` is the error's first 8 bytes with
+/// its checksum 0 (type, code, checksum, and the 4 bytes the type defines); the quote is the
+/// packet's IP header and the 8 bytes after it, as they came (RFC 792). False when the frame
+/// could not be reshaped (it may be half rewritten).
+#[inline(always)]
+pub(crate) fn icmp_error(
+    ctx: &XdpContext,
+    header: [u8; ICMP_HDR_LEN],
+    saddr: u32,
+    daddr: u32,
+) -> bool {
     // Room in front for the new IP and ICMP headers; the old Ethernet header moves up.
     let grow = (IP_HDR_LEN + ICMP_HDR_LEN) as i32;
     if !xdp_adjust_head(ctx, -grow) {
-        return Err(Event::DROP_NO_BACKEND);
+        return false;
     }
     let excess = frame_len(ctx).saturating_sub(ICMP_LEN);
     if excess > 0 && !xdp_adjust_tail(ctx, -(excess as i32)) {
-        return Err(Event::DROP_NO_BACKEND);
+        return false;
     }
-    let packet = bytes_at_mut::<ICMP_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
-    let mut eth = [0u8; ETH_HDR_LEN];
-    eth.copy_from_slice(&packet[grow as usize..grow as usize + ETH_HDR_LEN]);
-    packet[..ETH_HDR_LEN].copy_from_slice(&eth);
+    let Some(packet) = bytes_at_mut::<ICMP_LEN>(ctx, 0) else {
+        return false;
+    };
+    packet.copy_within(grow as usize..grow as usize + ETH_HDR_LEN, 0);
     swap_macs(packet);
     let icmp_len = ICMP_HDR_LEN + ICMP_QUOTE_LEN;
     write_ip_header(
         packet,
         IPPROTO_ICMP,
         (IP_HDR_LEN + icmp_len) as u16,
-        tuple.daddr,
-        tuple.saddr,
+        saddr,
+        daddr,
     );
-    let mut message = [0u8; ICMP_HDR_LEN + ICMP_QUOTE_LEN];
-    message[0] = 3;
-    message[1] = 3;
-    message[ICMP_HDR_LEN..].copy_from_slice(&packet[ETH_HDR_LEN + IP_HDR_LEN + ICMP_HDR_LEN..]);
-    let check = checksum::finish(checksum::sum_words(0, &message));
+    // The quote is already in place: the packet's IP header starts where the ICMP header ends.
+    let Some((_, message)) = packet.split_last_chunk_mut::<{ ICMP_HDR_LEN + ICMP_QUOTE_LEN }>()
+    else {
+        return false;
+    };
+    message[..ICMP_HDR_LEN].copy_from_slice(&header);
+    let check = checksum::finish(checksum::sum_words(0, &*message));
     message[2..4].copy_from_slice(&check.to_be_bytes());
-    packet[ETH_HDR_LEN + IP_HDR_LEN..].copy_from_slice(&message);
-    count_event(Event::REJECT_ICMP);
-    Ok(xdp_action::XDP_TX)
+    true
 }
 
 /// Ethernet + IPv6 + TCP: the whole IPv6 RST.
@@ -218,41 +238,58 @@ fn tcp_reset6(ctx: &XdpContext, tuple: &Tuple<V6>) -> Result<u32, Event> {
 }
 
 /// ICMPv6 destination unreachable, port unreachable (type 1, code 4), quoting the datagram's
-/// IPv6 header and UDP header as the client sent them (to the frontend). Unlike ICMP's, its
-/// checksum covers a pseudo-header too (RFC 4443 section 2.3).
+/// IPv6 header and UDP header as the client sent them (to the frontend).
 #[inline(always)]
 fn icmp6_port_unreachable(ctx: &XdpContext, tuple: &Tuple<V6>) -> Result<u32, Event> {
+    if !icmp6_error(ctx, [1, 4, 0, 0, 0, 0, 0, 0], &tuple.daddr, &tuple.saddr) {
+        return Err(Event::DROP_NO_BACKEND);
+    }
+    count_event(Event::REJECT_ICMP);
+    Ok(xdp_action::XDP_TX)
+}
+
+/// [`icmp_error`] for a packet with an IPv6 header and no extension headers: an ICMPv6 error
+/// quoting its fixed header and the 8 bytes after it (RFC 4443 asks for as much as fits in the
+/// minimum MTU; the header and the ports, with TCP's sequence number, are what a socket needs
+/// to match it). Unlike ICMP's, its checksum covers a pseudo-header too (RFC 4443 section 2.3).
+#[inline(always)]
+pub(crate) fn icmp6_error(
+    ctx: &XdpContext,
+    header: [u8; ICMP_HDR_LEN],
+    saddr: &Ipv6Words,
+    daddr: &Ipv6Words,
+) -> bool {
     let grow = (IPV6_HDR_LEN + ICMP_HDR_LEN) as i32;
     if !xdp_adjust_head(ctx, -grow) {
-        return Err(Event::DROP_NO_BACKEND);
+        return false;
     }
     let excess = frame_len(ctx).saturating_sub(ICMP6_LEN);
     if excess > 0 && !xdp_adjust_tail(ctx, -(excess as i32)) {
-        return Err(Event::DROP_NO_BACKEND);
+        return false;
     }
-    let packet = bytes_at_mut::<ICMP6_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
-    let mut eth = [0u8; ETH_HDR_LEN];
-    eth.copy_from_slice(&packet[grow as usize..grow as usize + ETH_HDR_LEN]);
-    packet[..ETH_HDR_LEN].copy_from_slice(&eth);
+    let Some(packet) = bytes_at_mut::<ICMP6_LEN>(ctx, 0) else {
+        return false;
+    };
+    packet.copy_within(grow as usize..grow as usize + ETH_HDR_LEN, 0);
     swap_macs(packet);
     let icmp_len = (ICMP_HDR_LEN + ICMP6_QUOTE_LEN) as u16;
-    write_ipv6_header(packet, IPPROTO_ICMPV6, icmp_len, &tuple.daddr, &tuple.saddr);
-    let mut message = [0u8; ICMP_HDR_LEN + ICMP6_QUOTE_LEN];
-    message[0] = 1;
-    message[1] = 4;
-    message[ICMP_HDR_LEN..].copy_from_slice(&packet[ETH_HDR_LEN + IPV6_HDR_LEN + ICMP_HDR_LEN..]);
-    let pseudo = pseudo_header_sum6(&tuple.daddr, &tuple.saddr, IPPROTO_ICMPV6, icmp_len);
-    let check = checksum::finish(checksum::sum_words(pseudo, &message));
+    write_ipv6_header(packet, IPPROTO_ICMPV6, icmp_len, saddr, daddr);
+    // The quote is already in place, as in `icmp_error`.
+    let Some((_, message)) = packet.split_last_chunk_mut::<{ ICMP_HDR_LEN + ICMP6_QUOTE_LEN }>()
+    else {
+        return false;
+    };
+    message[..ICMP_HDR_LEN].copy_from_slice(&header);
+    let pseudo = pseudo_header_sum6(saddr, daddr, IPPROTO_ICMPV6, icmp_len);
+    let check = checksum::finish(checksum::sum_words(pseudo, &*message));
     message[2..4].copy_from_slice(&check.to_be_bytes());
-    packet[ETH_HDR_LEN + IPV6_HDR_LEN..].copy_from_slice(&message);
-    count_event(Event::REJECT_ICMP);
-    Ok(xdp_action::XDP_TX)
+    true
 }
 
 /// Whether an IPv6 sender is one host that can take an answer: not the unspecified address,
 /// loopback or a multicast group (ff00::/8), in a frame between unicast MACs.
 #[inline(always)]
-fn unicast6(saddr: &Ipv6Words, eth: &[u8; ETH_HDR_LEN]) -> bool {
+pub(crate) fn unicast6(saddr: &Ipv6Words, eth: &[u8; ETH_HDR_LEN]) -> bool {
     let first = u32::from_be(saddr[0]);
     let group_mac = |mac_first_byte: u8| mac_first_byte & 1 != 0;
     let unspecified_or_loopback =
@@ -260,7 +297,7 @@ fn unicast6(saddr: &Ipv6Words, eth: &[u8; ETH_HDR_LEN]) -> bool {
     first >> 24 != 0xff && !unspecified_or_loopback && !group_mac(eth[0]) && !group_mac(eth[6])
 }
 
-/// A fresh IPv6 header (no extension headers) after the Ethernet one.
+/// A fresh IPv6 header (no extension headers) after the Ethernet one, written in place.
 #[inline(always)]
 fn write_ipv6_header<const N: usize>(
     packet: &mut [u8; N],
@@ -269,7 +306,13 @@ fn write_ipv6_header<const N: usize>(
     saddr: &Ipv6Words,
     daddr: &Ipv6Words,
 ) {
-    let mut header = [0u8; IPV6_HDR_LEN];
+    let Some((_, rest)) = packet.split_first_chunk_mut::<ETH_HDR_LEN>() else {
+        return;
+    };
+    let Some(header) = rest.first_chunk_mut::<IPV6_HDR_LEN>() else {
+        return;
+    };
+    header[..8].fill(0);
     header[0] = 0x60;
     header[4..6].copy_from_slice(&payload_len.to_be_bytes());
     header[6] = next_header;
@@ -278,7 +321,6 @@ fn write_ipv6_header<const N: usize>(
         header[8 + 4 * i..12 + 4 * i].copy_from_slice(&saddr[i].to_ne_bytes());
         header[24 + 4 * i..28 + 4 * i].copy_from_slice(&daddr[i].to_ne_bytes());
     }
-    packet[ETH_HDR_LEN..ETH_HDR_LEN + IPV6_HDR_LEN].copy_from_slice(&header);
 }
 
 /// The IPv6 pseudo-header's contribution to a TCP, UDP or ICMPv6 checksum (RFC 8200 8.1).
@@ -296,7 +338,7 @@ fn pseudo_header_sum6(saddr: &Ipv6Words, daddr: &Ipv6Words, next_header: u8, len
 /// loopback, multicast, the reserved 240/4 or broadcast) in a frame from a unicast MAC, sent
 /// to a unicast MAC (a frame to the broadcast MAC may have reached every host of the link).
 #[inline(always)]
-fn unicast(saddr: u32, eth: &[u8; ETH_HDR_LEN]) -> bool {
+pub(crate) fn unicast(saddr: u32, eth: &[u8; ETH_HDR_LEN]) -> bool {
     let first_octet = saddr >> 24;
     let group_mac = |mac_first_byte: u8| mac_first_byte & 1 != 0;
     first_octet != 0
@@ -338,7 +380,8 @@ fn swap_macs<const N: usize>(packet: &mut [u8; N]) {
     packet[6..12].copy_from_slice(&mac);
 }
 
-/// A fresh 20-byte IPv4 header (no options, DF clear, checksum computed) after the Ethernet one.
+/// A fresh 20-byte IPv4 header (no options, DF clear, checksum computed) after the Ethernet one,
+/// written in place (no copy on the stack, which `lb_xdp` has little of).
 #[inline(always)]
 fn write_ip_header<const N: usize>(
     packet: &mut [u8; N],
@@ -347,16 +390,21 @@ fn write_ip_header<const N: usize>(
     saddr: u32,
     daddr: u32,
 ) {
-    let mut header = [0u8; IP_HDR_LEN];
+    let Some((_, rest)) = packet.split_first_chunk_mut::<ETH_HDR_LEN>() else {
+        return;
+    };
+    let Some(header) = rest.first_chunk_mut::<IP_HDR_LEN>() else {
+        return;
+    };
+    header.fill(0);
     header[0] = 0x45;
     header[2..4].copy_from_slice(&total_len.to_be_bytes());
     header[8] = TTL;
     header[9] = protocol;
     header[12..16].copy_from_slice(&saddr.to_be_bytes());
     header[16..20].copy_from_slice(&daddr.to_be_bytes());
-    let check = checksum::finish(checksum::sum_words(0, &header));
+    let check = checksum::finish(checksum::sum_words(0, header));
     header[10..12].copy_from_slice(&check.to_be_bytes());
-    packet[ETH_HDR_LEN..ETH_HDR_LEN + IP_HDR_LEN].copy_from_slice(&header);
 }
 
 /// The TCP/UDP pseudo-header's contribution to a checksum (RFC 793).
