@@ -665,7 +665,7 @@ fn client_flow_entry<F: Family>(tuple: &Tuple<F>) -> Option<*mut CtValue<F::Addr
 /// flow and every answer of a local endpoint. An IPv4 key is built by value (built the same way
 /// as IPv6's, it cost the verifier about 100,000 more instructions in `lb_xdp`).
 #[inline(always)]
-fn flow_entry<F: Family>(
+pub fn flow_entry<F: Family>(
     client_addr: F::Addr,
     client_port: u16,
     protocol: u8,

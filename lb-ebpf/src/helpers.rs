@@ -113,8 +113,11 @@ pub enum Forward {
         smac: [u8; 6],
         dmac: [u8; 6],
     },
-    /// No neighbour entry yet, too big for the egress MTU, or no route: the stack should
-    /// forward it (and resolve the neighbour, or answer "fragmentation needed").
+    /// Bigger than the egress MTU (`mtu`, the next hop's): the sender is told so when it must
+    /// not be fragmented (ICMP "fragmentation needed", ICMPv6 "packet too big").
+    TooBig { mtu: u16 },
+    /// No neighbour entry yet, or no route: the stack should forward it (and resolve the
+    /// neighbour).
     Stack,
 }
 
@@ -162,7 +165,9 @@ fn fib(
     tot_len: u16,
     addresses: impl FnOnce(&mut aya_ebpf::bindings::bpf_fib_lookup),
 ) -> Forward {
-    use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams};
+    use aya_ebpf::bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+    };
     // SAFETY: ctx.ctx is the program's own xdp_md, valid for the whole run.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     let mut params = core::mem::MaybeUninit::<FibParams>::uninit();
@@ -179,8 +184,13 @@ fn fib(
     };
     // Without BPF_FIB_LOOKUP_SKIP_NEIGH the lookup answers BPF_FIB_LKUP_RET_NO_NEIGH when the
     // next hop's MAC is not known yet, and with tot_len set FRAG_NEEDED for a packet over the
-    // egress MTU (net/core/filter.c, bpf_ipv4_fib_lookup and bpf_ipv6_fib_lookup): the stack
-    // handles both.
+    // egress MTU, with that MTU in mtu_result (net/core/filter.c, bpf_ipv4_fib_lookup and
+    // bpf_ipv6_fib_lookup, which check the MTU before the neighbour).
+    if result == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+        // SAFETY: on FRAG_NEEDED the kernel wrote mtu_result over tot_len (a u16 either way).
+        let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+        return Forward::TooBig { mtu };
+    }
     if result != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return Forward::Stack;
     }

@@ -8,9 +8,10 @@ use lb_common::{
     checksum::{self, Endpoints},
 };
 use lb_ebpf::packet::{
-    ETH_HDR_LEN, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET, IPV6_DADDR_OFFSET,
-    IPV6_HDR_LEN, IPV6_HOP_LIMIT_OFFSET, IPV6_SADDR_OFFSET, IpHeader, Ipv4Info, Ipv6Info, bytes_at,
-    bytes_at_mut, store_packet_words,
+    ETH_HDR_LEN, IPV4_CSUM_OFFSET, IPV4_DADDR_OFFSET, IPV4_DONT_FRAGMENT, IPV4_FRAG_OFFSET_MASK,
+    IPV4_MIN_HDR_LEN, IPV4_MORE_FRAGMENTS, IPV4_SADDR_OFFSET, IPV6_DADDR_OFFSET, IPV6_HDR_LEN,
+    IPV6_HOP_LIMIT_OFFSET, IPV6_SADDR_OFFSET, IpHeader, Ipv4Info, Ipv6Info, bytes_at, bytes_at_mut,
+    store_packet_words,
 };
 
 use crate::{
@@ -18,7 +19,7 @@ use crate::{
     flow::Tuple,
     helpers::{Forward, fib_forward, fib_forward6},
     maps::{FRAGMENTS4, FRAGMENTS6, first_fragment_record, remember_fragment, remember_fragment6},
-    reject,
+    reject, too_big,
 };
 
 /// Above any offset inside an IPv6 packet the parser accepts: the fixed header and at most
@@ -33,6 +34,9 @@ pub trait Ip: IpHeader {
     type F: Family;
     /// Whether a UDP datagram must carry a checksum (IPv6, RFC 8200 section 8.1).
     const UDP_CHECKSUM_REQUIRED: bool;
+    /// Where the transport header starts in a frame whose IP header has no options or
+    /// extension headers.
+    const FIXED_HEADER_END: usize;
 
     fn source(&self) -> Addr<Self>;
     fn destination(&self) -> Addr<Self>;
@@ -66,6 +70,28 @@ pub trait Ip: IpHeader {
     /// Where the FIB sends this packet (already translated: from `saddr` to `daddr`).
     fn route(ctx: &XdpContext, protocol: u8, saddr: Addr<Self>, daddr: Addr<Self>) -> Forward;
 
+    /// Whether XDP answers this packet itself when it is too big for its route
+    /// ([`Forward::TooBig`], [`crate::too_big`]): one that must not be fragmented (IPv4 with
+    /// DF set and no fragment; IPv6, which routers never fragment), with no IPv4 options or
+    /// IPv6 extension headers (a Fragment header among them), which the answer's fixed-size
+    /// quote would cut. Any other goes to the stack translated: it fragments an IPv4 packet
+    /// without DF; it would answer one with options or extension headers to this node's own
+    /// address (a limit: such packets are rare). The caller checks the TTL first, as a router
+    /// does (net/ipv4/ip_forward.c, `ip_forward`): one whose TTL runs out goes to the stack as
+    /// before.
+    fn answers_too_big(&self) -> bool;
+
+    /// Turns the packet, as it came from `original` (its quoted part restored), into the ICMP
+    /// error saying it is bigger than `mtu`, to be sent back with XDP_TX.
+    fn too_big(ctx: &XdpContext, original: &Endpoints<Addr<Self>>, mtu: u16) -> Result<(), Event>;
+
+    /// The source and destination of a frame's IP header without options or extension
+    /// headers ([`Self::answers_too_big`]).
+    fn addresses_of_fixed_header(ctx: &XdpContext) -> Option<(Addr<Self>, Addr<Self>)>;
+
+    /// The protocol (Next Header) of such a header.
+    fn protocol_of_fixed_header(ctx: &XdpContext) -> Option<u8>;
+
     /// The REJECT answer to a packet of a service without endpoints (sent back with XDP_TX).
     fn reject(&self, ctx: &XdpContext, tuple: &Tuple<Self::F>) -> Result<u32, Event>;
 
@@ -79,6 +105,7 @@ pub trait Ip: IpHeader {
 impl Ip for Ipv4Info {
     type F = V4;
     const UDP_CHECKSUM_REQUIRED: bool = false;
+    const FIXED_HEADER_END: usize = ETH_HDR_LEN + IPV4_MIN_HDR_LEN;
 
     #[inline(always)]
     fn source(&self) -> u32 {
@@ -149,6 +176,34 @@ impl Ip for Ipv4Info {
     }
 
     #[inline(always)]
+    fn answers_too_big(&self) -> bool {
+        // DF and no fragment at all: a first fragment's record is already written for the
+        // later ones, which must not go on without it.
+        self.flags_fragment & (IPV4_DONT_FRAGMENT | IPV4_MORE_FRAGMENTS | IPV4_FRAG_OFFSET_MASK)
+            == IPV4_DONT_FRAGMENT
+            && self.l4_offset == Self::FIXED_HEADER_END
+    }
+
+    #[inline(always)]
+    fn too_big(ctx: &XdpContext, original: &Endpoints<u32>, mtu: u16) -> Result<(), Event> {
+        too_big::fragmentation_needed(ctx, original, mtu)
+    }
+
+    #[inline(always)]
+    fn addresses_of_fixed_header(ctx: &XdpContext) -> Option<(u32, u32)> {
+        let ip = bytes_at::<20>(ctx, ETH_HDR_LEN)?;
+        let at = |offset: usize| {
+            u32::from_be_bytes([ip[offset], ip[offset + 1], ip[offset + 2], ip[offset + 3]])
+        };
+        Some((at(IPV4_SADDR_OFFSET), at(IPV4_DADDR_OFFSET)))
+    }
+
+    #[inline(always)]
+    fn protocol_of_fixed_header(ctx: &XdpContext) -> Option<u8> {
+        bytes_at::<20>(ctx, ETH_HDR_LEN).map(|ip| ip[9])
+    }
+
+    #[inline(always)]
     fn reject(&self, ctx: &XdpContext, tuple: &Tuple) -> Result<u32, Event> {
         reject::reply(ctx, tuple, self.l4_offset)
     }
@@ -179,6 +234,7 @@ fn fragment_key(ip: &Ipv4Info) -> Frag4Key {
 impl Ip for Ipv6Info {
     type F = V6;
     const UDP_CHECKSUM_REQUIRED: bool = true;
+    const FIXED_HEADER_END: usize = ETH_HDR_LEN + IPV6_HDR_LEN;
 
     #[inline(always)]
     fn source(&self) -> Ipv6Words {
@@ -249,6 +305,31 @@ impl Ip for Ipv6Info {
         };
         let tot_len = u16::from_be_bytes([ip[4], ip[5]]).saturating_add(IPV6_HDR_LEN as u16);
         fib_forward6(ctx, protocol, saddr, daddr, tot_len)
+    }
+
+    #[inline(always)]
+    fn answers_too_big(&self) -> bool {
+        self.l4_offset == Self::FIXED_HEADER_END
+    }
+
+    #[inline(always)]
+    fn too_big(ctx: &XdpContext, original: &Endpoints<Ipv6Words>, mtu: u16) -> Result<(), Event> {
+        too_big::packet_too_big(ctx, original, mtu)
+    }
+
+    #[inline(always)]
+    fn addresses_of_fixed_header(ctx: &XdpContext) -> Option<(Ipv6Words, Ipv6Words)> {
+        let ip = bytes_at::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN)?;
+        let word = |offset: usize| {
+            u32::from_ne_bytes([ip[offset], ip[offset + 1], ip[offset + 2], ip[offset + 3]])
+        };
+        let address = |offset: usize| core::array::from_fn(|i| word(offset + 4 * i));
+        Some((address(IPV6_SADDR_OFFSET), address(IPV6_DADDR_OFFSET)))
+    }
+
+    #[inline(always)]
+    fn protocol_of_fixed_header(ctx: &XdpContext) -> Option<u8> {
+        bytes_at::<IPV6_HDR_LEN>(ctx, ETH_HDR_LEN).map(|ip| ip[6])
     }
 
     #[inline(always)]

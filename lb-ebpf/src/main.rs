@@ -17,6 +17,7 @@ mod reject;
 mod sctp_crc;
 mod sock;
 mod tc;
+mod too_big;
 mod xdp;
 mod zeroed;
 

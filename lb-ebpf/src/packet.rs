@@ -188,6 +188,8 @@ const MAX_OPTION_WORDS: usize = 10;
 
 /// The More Fragments flag of the IPv4 flags/fragment-offset field.
 pub const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+/// The Don't Fragment flag of the IPv4 flags/fragment-offset field.
+pub const IPV4_DONT_FRAGMENT: u16 = 0x4000;
 /// Offset of the checksum field inside a TCP header.
 pub const TCP_CSUM_OFFSET: usize = 16;
 /// Offset of the checksum field inside a UDP header.

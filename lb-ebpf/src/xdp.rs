@@ -14,7 +14,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::icmp::{self, ICMP_ERROR_LEN};
 use lb_common::{
-    Ct4Value, Ct6Value, CtValue, Event, FlowCacheSlot, FragValue, Ipv6Words,
+    Ct4Value, Ct6Value, CtValue, Event, FlowCacheSlot, FlowValue, FragValue, Ipv6Words,
     checksum::{self, Endpoints},
     client_nic, ct_flags,
     dsr::{Admission4Key, AdmissionValue},
@@ -36,9 +36,10 @@ use crate::{
         Arrival, ClientKey, Destination, Frontend, Holder, NewFlow, Start, Tuple,
         accept_direct_return, admitted_by_source_ranges, blind_fin, blind_rst, client_key6,
         client_record_of_reply, client_side, client_side_entry, closes, config,
-        continues_node_connection, destination, follow, frontend_of_this_run, goes_direct,
-        live_destination, live_flow, look_up_on_retry, lookup_frontend, maybe_frontend,
-        maybe_frontend_at, new_flow, reply_key, source_allowed, starts_unlooked, track_reply,
+        continues_node_connection, destination, flow_entry, follow, frontend_of_this_run,
+        goes_direct, live_destination, live_flow, look_up_on_retry, lookup_frontend,
+        maybe_frontend, maybe_frontend_at, new_flow, reply_key, source_allowed, starts_unlooked,
+        track_reply,
     },
     flow_cache::{self, Look, SlotLook},
     helpers::{Forward, now_ns, tail_call},
@@ -49,6 +50,7 @@ use crate::{
     },
     monitor,
     sctp_crc::checksum_after_ports,
+    too_big,
 };
 
 /// The program attached to the NICs: TCP and ICMP errors itself, UDP and SCTP packets through a
@@ -85,6 +87,35 @@ pub fn lb_xdp_dsr(ctx: XdpContext) -> u32 {
 #[inline(always)]
 pub fn lb_xdp_direct(ctx: XdpContext) -> u32 {
     verdict(&ctx, try_direct_return(&ctx))
+}
+
+/// A packet too big for the route to its endpoint on another node, already translated,
+/// tail-called by the programs' verdict for a path that returned [`too_big::PENDING`]:
+/// answered with ICMP "fragmentation needed" or ICMPv6 "packet too big" ([`crate::too_big`]).
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_too_big(ctx: XdpContext) -> u32 {
+    let ipv6 =
+        bytes_at::<ETH_HDR_LEN>(&ctx, 0).is_some_and(|eth| eth[12..14] == ETH_P_IPV6.to_be_bytes());
+    let answer = if ipv6 {
+        answer_too_big::<Ipv6Info>(&ctx)
+    } else {
+        answer_too_big::<Ipv4Info>(&ctx)
+    };
+    // `verdict`'s work without its debug log: the program's own frame must stay small under the
+    // IPv6 answer's, a call of its own (the verifier holds the two together to 512 bytes).
+    match answer {
+        Ok(action) => action,
+        Err(event) => {
+            count_event(event);
+            if ipv6 {
+                monitor::xdp_drop6(&ctx, event, false);
+            } else {
+                monitor::xdp_drop(&ctx, event);
+            }
+            xdp_action::XDP_DROP
+        }
+    }
 }
 
 /// The datapath for UDP, tail-called by `lb_xdp`. Every protocol has a program of its own, the
@@ -184,7 +215,7 @@ pub fn lb_xdp_sctp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn verdict(ctx: &XdpContext, result: Result<u32, Event>) -> u32 {
-    match result {
+    match answered_too_big(ctx, result) {
         Ok(action) => action,
         Err(event) => {
             count_event(event);
@@ -195,11 +226,24 @@ fn verdict(ctx: &XdpContext, result: Result<u32, Event>) -> u32 {
     }
 }
 
+/// A path's result, with [`too_big::PENDING`] handed to `lb_xdp_too_big` (a tail call, which
+/// does not come back); if that is missing, the packet is dropped, as the stack would drop it.
+#[inline(always)]
+fn answered_too_big(ctx: &XdpContext, result: Result<u32, Event>) -> Result<u32, Event> {
+    if result != Ok(too_big::PENDING) {
+        return result;
+    }
+    // SAFETY: the slot holds an XDP program of this object, which takes the same context; on
+    // success control never comes back.
+    unsafe { tail_call::<{ xdp_programs::TOO_BIG }, _>(ctx, &XDP_PROGRAMS) };
+    Err(Event::DROP_TOO_BIG)
+}
+
 /// [`verdict`] for the IPv6 programs, whose drops `lb monitor` reads as IPv6 (`parsed`: the
 /// program runs after `lb_xdp6` handed the parsed packet on).
 #[inline(always)]
 fn verdict6(ctx: &XdpContext, result: Result<u32, Event>, parsed: bool) -> u32 {
-    match result {
+    match answered_too_big(ctx, result) {
         Ok(action) => action,
         Err(event) => {
             count_event(event);
@@ -1166,7 +1210,9 @@ fn ingress_ifindex(ctx: &XdpContext) -> u32 {
 }
 
 /// Rewrites a service packet to its destination, counts it for the service, records a first
-/// fragment's translation for the later ones, and sends it on.
+/// fragment's translation for the later ones, and sends it on. A packet XDP forwards that is
+/// too big for its route and must not be fragmented is answered instead, from the frontend to
+/// its client, quoting it as it came ([`crate::too_big`]).
 #[inline(always)]
 fn deliver<I: Ip>(
     ctx: &XdpContext,
@@ -1175,15 +1221,17 @@ fn deliver<I: Ip>(
     destination: &Destination<I::F>,
 ) -> Result<u32, Event> {
     translate(ctx, ip, tuple, destination)?;
-    if destination.forward {
-        return Ok(forward::<I>(
-            ctx,
-            tuple.proto,
-            destination.source.0,
-            destination.addr,
-        ));
+    if !destination.forward {
+        return Ok(xdp_action::XDP_PASS);
     }
-    Ok(xdp_action::XDP_PASS)
+    let route = I::route(ctx, tuple.proto, destination.source.0, destination.addr);
+    if let Forward::TooBig { .. } = route
+        && ip.may_forward()
+        && ip.answers_too_big()
+    {
+        return Ok(too_big::PENDING);
+    }
+    Ok(send_by::<I>(ctx, route))
 }
 
 /// [`deliver`]'s rewrite, count and record of a first fragment.
@@ -1582,6 +1630,56 @@ fn snat_flow_of_quote(ip: &Ipv4Info, quote: &icmp::Quoted) -> Option<Ct4Value> {
     (entry.flags & ct_flags::SNAT != 0).then_some(entry)
 }
 
+/// `lb_xdp_too_big`: the packet, translated and too big for its route, answered as its client
+/// sent it. Its client and frontend come from its flow's entry: a SNAT flow's REPLY entry (by
+/// its SNAT port), or a flow by direct server return's FLOW entry (by its client, which its
+/// source still is). No entry: dropped, counted. A route that no longer says "too big" (it
+/// changed in between): to the stack, which forwards it. A BPF-to-BPF call per family: inline,
+/// both families' frames together left no room for the IPv6 verdict's monitor call.
+#[inline(never)]
+fn answer_too_big<I: Ip>(ctx: &XdpContext) -> Result<u32, Event> {
+    let translated = too_big::translated_endpoints::<I>(ctx).ok_or(Event::DROP_MALFORMED)?;
+    let protocol = I::protocol_of_fixed_header(ctx).ok_or(Event::DROP_MALFORMED)?;
+    let original = original_endpoints::<I::F>(&translated, protocol).ok_or(Event::DROP_TOO_BIG)?;
+    match I::route(ctx, protocol, translated.saddr, translated.daddr) {
+        Forward::TooBig { mtu } => too_big::answer::<I>(ctx, &original, mtu),
+        _ => Ok(xdp_action::XDP_PASS),
+    }
+}
+
+/// The client's and frontend's addresses and ports of the flow a packet XDP forwards
+/// (`translated`: as it leaves) belongs to.
+#[inline(always)]
+fn original_endpoints<F: Family>(
+    translated: &Endpoints<F::Addr>,
+    protocol: u8,
+) -> Option<Endpoints<F::Addr>> {
+    let source = (translated.saddr, translated.sport);
+    let destination = (translated.daddr, translated.dport);
+    if let Some(reply) = snat_port_entry::<F>(&translated.saddr, source, destination, protocol)
+        && reply.flags & ct_flags::SNAT != 0
+    {
+        return Some(Endpoints {
+            saddr: reply.snat_addr,
+            daddr: reply.nat_addr,
+            sport: reply.snat_port,
+            dport: reply.nat_port,
+        });
+    }
+    let entry = flow_entry::<F>(translated.saddr, translated.sport, protocol)?;
+    // SAFETY: an entry valid for this run (RCU), only read.
+    let flow = FlowValue::of(unsafe { &*entry });
+    let to_destination = flow.flags & ct_flags::DIRECT_RETURN != 0
+        && F::same(&flow.backend_addr, &translated.daddr)
+        && flow.backend_port == translated.dport;
+    to_destination.then_some(Endpoints {
+        saddr: translated.saddr,
+        daddr: flow.frontend_addr,
+        sport: translated.sport,
+        dport: flow.frontend_port,
+    })
+}
+
 /// The conntrack entry of the answer to a packet an ICMP error to `to` quotes, when that packet
 /// left from one of this node's SNAT ports (`source`) to `destination`: the REPLY entry of its
 /// flow, if any.
@@ -1761,21 +1859,28 @@ fn for_another_host(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN]) -> bool {
 /// Sends a rewritten packet on from XDP with the MACs the FIB gives and the TTL decremented, as
 /// a router would: out of the NIC it came in on (XDP_TX), or out of another NIC XDP serves
 /// (XDP_REDIRECT). Anything else (a NIC XDP does not serve, no neighbour entry yet, bigger than
-/// the egress MTU, TTL running out) goes to the stack, which forwards the already translated
+/// the egress MTU where [`deliver`] has not answered it, TTL running out) goes to the stack,
+/// which forwards (or fragments) the already translated
 /// packet (and resolves the neighbour for the next one). Its source is now this node's own
 /// address, which the stack only accepts on a NIC with accept_local=1
 /// (net/ipv4/fib_frontend.c, __fib_validate_source): the agent sets that on the NICs it
 /// attaches to.
 #[inline(always)]
 fn forward<I: Ip>(ctx: &XdpContext, protocol: u8, saddr: Addr<I>, daddr: Addr<I>) -> u32 {
-    match I::route(ctx, protocol, saddr, daddr) {
+    send_by::<I>(ctx, I::route(ctx, protocol, saddr, daddr))
+}
+
+/// [`forward`] by a route already looked up.
+#[inline(always)]
+fn send_by<I: Ip>(ctx: &XdpContext, route: Forward) -> u32 {
+    match route {
         Forward::SameInterface { smac, dmac } => transmit::<I>(ctx, smac, dmac),
         Forward::OtherInterface {
             ifindex,
             smac,
             dmac,
         } => redirect::<I>(ctx, ifindex, smac, dmac),
-        Forward::Stack => xdp_action::XDP_PASS,
+        Forward::TooBig { .. } | Forward::Stack => xdp_action::XDP_PASS,
     }
 }
 

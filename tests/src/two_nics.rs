@@ -9,13 +9,15 @@
 //!
 //! Service 1 (TCP) and service 2 (UDP) answer on node1's client-side address at [`NODE_PORT`],
 //! both with the pod as their only endpoint: every flow is SNATed to node1's node-side address.
+//! [`TwoNics::dual_stack`] adds the same over IPv6 (documentation prefixes, the same last
+//! groups): services 3 (TCP) and 4 (UDP), SNATed to [`NODE1_NODE_SIDE6`].
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::programs::XdpMode;
-use lb_common::{DatapathConfig, proto, service_flags};
+use lb_common::{Datapath6Config, DatapathConfig, proto, service_flags};
 use lb_userspace::{
-    compile::model::{Backend, Frontend, Service},
+    compile::model::{Backend, Frontend, Service, ipv6_words},
     datapath::{Datapath, counter::XdpCounter},
 };
 
@@ -31,6 +33,11 @@ pub const NODE2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
 pub const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
 pub const POD_PORT: u16 = 8080;
 pub const NODE_PORT: u16 = 30080;
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x10);
+pub const NODE1_CLIENT_SIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 1);
+pub const NODE1_NODE_SIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 1);
+pub const NODE2_6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 2);
+pub const POD6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x244, 2, 0, 0, 0, 0x10);
 
 pub struct TwoNics {
     // Drop order: servers, the datapath and its pins, the peers' XDP, then the lab.
@@ -46,11 +53,25 @@ pub struct TwoNics {
 
 impl TwoNics {
     pub fn build() -> anyhow::Result<Self> {
+        Self::build_with(false)
+    }
+
+    /// The lab with IPv6 too.
+    pub fn dual_stack() -> anyhow::Result<Self> {
+        Self::build_with(true)
+    }
+
+    fn build_with(dual_stack: bool) -> anyhow::Result<Self> {
         let mut lab = Lab::new()?;
         let client = lab.host("client")?;
         let node1 = lab.host("node1")?;
         let node2 = lab.host("node2")?;
         let pod = lab.host("n2p0")?;
+        if dual_stack {
+            for host in [&client, &node1, &node2, &pod] {
+                host.enable_ipv6()?;
+            }
+        }
         lab.veth(&client, "eth0", &node1, "eth0")?;
         lab.veth(&node1, "eth1", &node2, "eth1")?;
         client.addr("eth0", &format!("{CLIENT}/24"))?;
@@ -66,7 +87,24 @@ impl TwoNics {
         node2.enslave("v-n2p0", "cni0")?;
         pod.addr("eth0", &format!("{POD}/24"))?;
         pod.route(&["default", "via", "10.244.2.1"])?;
-        let server = peer::serve(&pod, "n2p0", POD_PORT)?;
+        if dual_stack {
+            client.addr("eth0", &format!("{CLIENT6}/64"))?;
+            node1.addr("eth0", &format!("{NODE1_CLIENT_SIDE6}/64"))?;
+            node1.addr("eth1", &format!("{NODE1_NODE_SIDE6}/64"))?;
+            node2.addr("eth1", &format!("{NODE2_6}/64"))?;
+            node2.addr("cni0", "2001:db8:244:2::1/64")?;
+            pod.addr("eth0", &format!("{POD6}/64"))?;
+            for node in [&node1, &node2] {
+                node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            }
+            node1.route(&["2001:db8:244:2::/64", "via", &NODE2_6.to_string()])?;
+            pod.route(&["default", "via", "2001:db8:244:2::1"])?;
+        }
+        let server = if dual_stack {
+            peer::serve_dual_stack(&pod, "n2p0", POD_PORT)?
+        } else {
+            peer::serve(&pod, "n2p0", POD_PORT)?
+        };
 
         // A veth delivers what XDP transmits only to a peer that runs NAPI, which an XDP program
         // turns on (drivers/net/veth.c, veth_xdp_xmit); a physical NIC needs nothing of the sort.
@@ -95,11 +133,24 @@ impl TwoNics {
             snat_port_max: 29_999,
             ..Default::default()
         })?;
-        for (id, protocol) in [(1, proto::TCP), (2, proto::UDP)] {
+        let mut services = vec![
+            (1, proto::TCP, NODE1_CLIENT_SIDE.into(), POD.into()),
+            (2, proto::UDP, NODE1_CLIENT_SIDE.into(), POD.into()),
+        ];
+        if dual_stack {
+            datapath.set_config6(&Datapath6Config {
+                snat_addr: ipv6_words(NODE1_NODE_SIDE6),
+            })?;
+            services.extend([
+                (3, proto::TCP, NODE1_CLIENT_SIDE6.into(), POD6.into()),
+                (4, proto::UDP, NODE1_CLIENT_SIDE6.into(), POD6.into()),
+            ]);
+        }
+        for (id, protocol, frontend, pod) in services {
             datapath.put_backend(
                 id,
                 &Backend {
-                    addr: POD.into(),
+                    addr: pod,
                     port: POD_PORT,
                     proto: protocol,
                     flags: 0,
@@ -108,7 +159,7 @@ impl TwoNics {
             datapath.put_service(&Service {
                 id,
                 frontends: vec![Frontend {
-                    addr: NODE1_CLIENT_SIDE.into(),
+                    addr: frontend,
                     port: NODE_PORT,
                     proto: protocol,
                     kind: service_flags::NODE_PORT,

@@ -4,13 +4,14 @@
 //! with `eth0`'s addresses, not back out of the NIC they came in on. Real TCP and UDP servers and
 //! clients, and the same flows through BPF_PROG_TEST_RUN with the NIC each frame arrives on.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use lab::{
     lab::Host,
     peer::ClientRun,
     two_nics::{
-        CLIENT, NODE_PORT, NODE1_CLIENT_SIDE, NODE1_NODE_SIDE, NODE2, POD, POD_PORT, TwoNics,
+        CLIENT, CLIENT6, NODE_PORT, NODE1_CLIENT_SIDE, NODE1_CLIENT_SIDE6, NODE1_NODE_SIDE, NODE2,
+        POD, POD_PORT, TwoNics,
     },
 };
 use lb_common::program_names;
@@ -55,6 +56,9 @@ fn node_port_answers_from_another_node_leave_through_the_clients_nic() {
     }
 }
 
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 /// A TCP frame built independently of the datapath (checksums computed whole by etherparse).
@@ -138,4 +142,317 @@ fn both_directions_of_a_node_port_flow_are_redirected_to_the_other_nic() {
         tcp_frame((node1_eth0, client_mac), frontend, client, 62, true),
         "from the NodePort to the client, with the MACs the SYN came with, TTL 62"
     );
+}
+
+/// The MTU of the link between node1 and node2 in the path-MTU tests: below the client side's
+/// 1500, so that a client's full-sized packets fit its own link and not the next one.
+const NARROW_MTU: u16 = 1400;
+
+/// Narrows node1's and node2's link to [`NARROW_MTU`].
+fn narrow_the_node_link(lab: &TwoNics) {
+    for node in [&lab.node1, &lab.node2] {
+        node.ip(&["link", "set", "eth1", "mtu", &NARROW_MTU.to_string()])
+            .expect("mtu");
+    }
+}
+
+/// An IPv4 frame from `from` to `to` built independently of the datapath (etherparse computes
+/// every checksum whole), with DF set (etherparse's default) unless `may_fragment`.
+fn frame4(
+    macs: ([u8; 6], [u8; 6]),
+    (from, to): (SocketAddrV4, SocketAddrV4),
+    udp: bool,
+    payload: &[u8],
+    may_fragment: bool,
+) -> Vec<u8> {
+    frame4_with(macs, (from, to), udp, payload, |ip| {
+        ip.dont_fragment = !may_fragment
+    })
+}
+
+/// [`frame4`] with its IPv4 header changed by `change` before the checksums are computed.
+fn frame4_with(
+    macs: ([u8; 6], [u8; 6]),
+    (from, to): (SocketAddrV4, SocketAddrV4),
+    udp: bool,
+    payload: &[u8],
+    change: impl FnOnce(&mut etherparse::Ipv4Header),
+) -> Vec<u8> {
+    let protocol = if udp {
+        etherparse::IpNumber::UDP
+    } else {
+        etherparse::IpNumber::TCP
+    };
+    let mut ip = etherparse::Ipv4Header::new(0, 64, protocol, from.ip().octets(), to.ip().octets())
+        .expect("header");
+    change(&mut ip);
+    let builder = etherparse::PacketBuilder::ethernet2(macs.0, macs.1)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()));
+    let mut frame = Vec::new();
+    if udp {
+        builder
+            .udp(from.port(), to.port())
+            .write(&mut frame, payload)
+    } else {
+        builder
+            .tcp(from.port(), to.port(), 1001, 64240)
+            .ack(1)
+            .write(&mut frame, payload)
+    }
+    .expect("frame");
+    frame
+}
+
+/// As [`frame4`] for IPv6, hop limit 64.
+fn frame6(
+    macs: ([u8; 6], [u8; 6]),
+    (from, to): (SocketAddrV6, SocketAddrV6),
+    udp: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ethernet2(macs.0, macs.1).ipv6(
+        from.ip().octets(),
+        to.ip().octets(),
+        64,
+    );
+    let mut frame = Vec::new();
+    if udp {
+        builder
+            .udp(from.port(), to.port())
+            .write(&mut frame, payload)
+    } else {
+        builder
+            .tcp(from.port(), to.port(), 1001, 64240)
+            .ack(1)
+            .write(&mut frame, payload)
+    }
+    .expect("frame");
+    frame
+}
+
+/// ICMP "fragmentation needed" (RFC 1191) from `from` to `to` quoting `quoted` (an IPv4
+/// header and the 8 bytes after it), as the kernel's own ICMP socket sends it: TTL 64, DF
+/// clear, IP id 0.
+fn fragmentation_needed(
+    macs: ([u8; 6], [u8; 6]),
+    (from, to): (Ipv4Addr, Ipv4Addr),
+    mtu: u16,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut ip = etherparse::Ipv4Header::new(
+        0,
+        64,
+        etherparse::IpNumber::ICMP,
+        from.octets(),
+        to.octets(),
+    )
+    .expect("header");
+    ip.dont_fragment = false;
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2(macs.0, macs.1)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        ))
+        .write(&mut frame, quoted)
+        .expect("frame");
+    frame
+}
+
+/// ICMPv6 "packet too big" (RFC 4443) from `from` to `to` quoting `quoted`, hop limit 64.
+fn packet_too_big(
+    macs: ([u8; 6], [u8; 6]),
+    (from, to): (Ipv6Addr, Ipv6Addr),
+    mtu: u16,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(from.octets(), to.octets(), 64)
+        .icmpv6(etherparse::Icmpv6Type::PacketTooBig {
+            mtu: u32::from(mtu),
+        })
+        .write(&mut frame, quoted)
+        .expect("frame");
+    frame
+}
+
+/// A client's packet that must not be fragmented and does not fit the link to node2 is
+/// answered by XDP as a router would answer it: ICMP "fragmentation needed" (ICMPv6 "packet
+/// too big") with that link's MTU, from the NodePort it was sent to, quoting the packet as the
+/// client sent it (its UDP checksum too), back out of the NIC it came in on. Handed on
+/// translated, the stack would send that error to node1's own SNAT address, and the client
+/// would never learn why its big packets vanish. An IPv4 packet without DF, with IP options or
+/// at TTL 1 goes to the stack translated, as before; a small one goes on as ever; a frame from
+/// a group MAC gets no answer. Through BPF_PROG_TEST_RUN with the NIC each frame arrives on;
+/// expected bytes built independently (etherparse).
+#[test]
+fn packets_too_big_for_the_node_link_are_answered_as_their_client_sent_them() {
+    let lab = TwoNics::dual_stack().expect("lab");
+    narrow_the_node_link(&lab);
+    let (client_mac, node1_eth0) = (mac(&lab.client, "eth0"), mac(&lab.node1, "eth0"));
+    let to_node = (client_mac, node1_eth0);
+    let to_client = (node1_eth0, client_mac);
+    let program = lab
+        .datapath
+        .program_fd(program_names::XDP_LB)
+        .expect("program");
+    let _inside = lab.node1.enter().expect("node1");
+    let eth0 = lab.node1.ifindex("eth0").expect("ifindex");
+    let run = |frame: &[u8]| test_run_on(program, frame, eth0).expect("run");
+    let quote4 = |frame: &[u8]| frame[14..14 + 28].to_vec();
+    let quote6 = |frame: &[u8]| frame[14..14 + 48].to_vec();
+    let big = vec![b'b'; 1420];
+
+    let frontend = SocketAddrV4::new(NODE1_CLIENT_SIDE, NODE_PORT);
+    for (udp, port) in [(false, 40_001), (true, 40_002)] {
+        let client = SocketAddrV4::new(CLIENT, port);
+        // The flow starts with a small packet, which goes on to node2.
+        let small = frame4(to_node, (client, frontend), udp, b"hello", false);
+        assert_ne!(
+            run(&small).verdict,
+            XDP_TX,
+            "udp {udp}: a small packet goes on"
+        );
+        let too_big = frame4(to_node, (client, frontend), udp, &big, false);
+        let answer = run(&too_big);
+        assert_eq!(answer.verdict, XDP_TX, "udp {udp}");
+        assert_eq!(
+            answer.packet,
+            fragmentation_needed(
+                to_client,
+                (NODE1_CLIENT_SIDE, CLIENT),
+                NARROW_MTU,
+                &quote4(&too_big)
+            ),
+            "udp {udp}: fragmentation needed, from the NodePort, quoting the packet as sent"
+        );
+    }
+    // A datagram without a UDP checksum (0, as IPv4 allows) is quoted with none.
+    let client = SocketAddrV4::new(CLIENT, 40_002);
+    let mut unchecked = frame4(to_node, (client, frontend), true, &big, false);
+    unchecked[40..42].copy_from_slice(&[0, 0]);
+    let answer = run(&unchecked);
+    assert_eq!(
+        answer.packet,
+        fragmentation_needed(
+            to_client,
+            (NODE1_CLIENT_SIDE, CLIENT),
+            NARROW_MTU,
+            &quote4(&unchecked)
+        ),
+        "a datagram without a checksum"
+    );
+    // What goes to the stack translated, as before: without DF (the stack fragments it), with
+    // IP options (which the answer's quote would cut), and with its TTL running out (a router
+    // checks that first).
+    let sent_on = [
+        (
+            "without DF",
+            frame4(to_node, (client, frontend), true, &big, true),
+        ),
+        (
+            "with IP options",
+            frame4_with(to_node, (client, frontend), true, &big, |ip| {
+                ip.options = [1, 1, 1, 0].into()
+            }),
+        ),
+        (
+            "at TTL 1",
+            frame4_with(to_node, (client, frontend), true, &big, |ip| {
+                ip.time_to_live = 1
+            }),
+        ),
+    ];
+    for (what, frame) in sent_on {
+        let run = run(&frame);
+        assert_eq!(run.verdict, XDP_PASS, "{what}");
+        let options = usize::from(frame[14] & 0x0f) * 4 - 20;
+        assert_eq!(
+            run.packet[26..30],
+            NODE1_NODE_SIDE.octets(),
+            "{what}: SNATed to node1's node-side address"
+        );
+        assert_eq!(
+            run.packet[30..34],
+            POD.octets(),
+            "{what}: to the pod ({options} bytes of options)"
+        );
+    }
+    // A sender that may not get an ICMP error (a frame from a group MAC) gets none.
+    let from_group_mac = frame4(
+        ([0x01, 0, 0x5e, 0, 0, 1], node1_eth0),
+        (client, frontend),
+        true,
+        &big,
+        false,
+    );
+    assert_eq!(run(&from_group_mac).verdict, XDP_DROP, "from a group MAC");
+
+    let frontend6 = SocketAddrV6::new(NODE1_CLIENT_SIDE6, NODE_PORT, 0, 0);
+    for (udp, port) in [(false, 40_011), (true, 40_012)] {
+        let client = SocketAddrV6::new(CLIENT6, port, 0, 0);
+        let small = frame6(to_node, (client, frontend6), udp, b"hello");
+        assert_ne!(
+            run(&small).verdict,
+            XDP_TX,
+            "udp {udp}: a small packet goes on"
+        );
+        let too_big = frame6(to_node, (client, frontend6), udp, &big);
+        let answer = run(&too_big);
+        assert_eq!(answer.verdict, XDP_TX, "ipv6, udp {udp}");
+        assert_eq!(
+            answer.packet,
+            packet_too_big(
+                to_client,
+                (NODE1_CLIENT_SIDE6, CLIENT6),
+                NARROW_MTU,
+                &quote6(&too_big)
+            ),
+            "ipv6, udp {udp}: packet too big, from the NodePort, quoting the packet as sent"
+        );
+    }
+    let events = lab.datapath.events().expect("events");
+    assert_eq!(events["icmp_too_big_sent"], 5, "{events:?}");
+    assert_eq!(events["drop_too_big"], 1, "{events:?}");
+}
+
+/// Real TCP uploads from the client through the NodePort to the pod on node2, over the link
+/// narrowed to [`NARROW_MTU`]: the client's full-sized segments are answered with
+/// "fragmentation needed" ("packet too big"), its kernel lowers its path MTU to the NodePort to
+/// that link's, and the upload completes. Without the answer every full-sized segment
+/// vanished (the stack sent its error to node1's own address) and the upload stalled.
+#[test]
+fn tcp_uploads_through_a_node_port_learn_the_narrower_mtu_of_the_node_link() {
+    let lab = TwoNics::dual_stack().expect("lab");
+    narrow_the_node_link(&lab);
+    for (family, frontend, route_get) in [
+        (
+            "ipv4",
+            format!("{NODE1_CLIENT_SIDE}:{NODE_PORT}"),
+            vec!["route", "get", "198.18.0.1"],
+        ),
+        (
+            "ipv6",
+            format!("[{NODE1_CLIENT_SIDE6}]:{NODE_PORT}"),
+            vec!["-6", "route", "get", "2001:db8:18::1"],
+        ),
+    ] {
+        let sent = lab
+            .client
+            .run(
+                lab::peer::binary().expect("lab-peer"),
+                &["upload", "--to", &frontend, "--bytes", "1048576"],
+            )
+            .unwrap_or_else(|error| panic!("{family}: upload: {error:#}"));
+        assert!(sent.contains("1048576"), "{family}: {sent}");
+        let route = lab.client.ip(&route_get).expect("route get");
+        assert!(
+            route.contains(&format!("mtu {NARROW_MTU}")),
+            "{family}: the client's path MTU to the NodePort: {route}"
+        );
+    }
+    let events = lab.datapath.events().expect("events");
+    assert!(events["icmp_too_big_sent"] >= 2, "{events:?}");
+    assert_eq!(events["drop_too_big"], 0, "{events:?}");
 }

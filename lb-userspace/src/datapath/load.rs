@@ -183,6 +183,7 @@ impl Datapath {
             program_names::XDP_LOOKUP,
             program_names::XDP_DSR,
             program_names::XDP_DIRECT,
+            program_names::XDP_TOO_BIG,
         ]
         .into_iter()
         .chain(xdp_groups.iter().flat_map(|group| group.program_names()))
@@ -894,10 +895,11 @@ fn reply_sources<A: lb_common::CtAddr>(
 /// The programs `lb_xdp` tail-calls for IPv4 TCP, by their slots in
 /// [`map_names::XDP_PROGRAMS`]: loaded with `lb_xdp` at every start, as IPv4 TCP is `lb_xdp`'s
 /// own.
-pub(crate) const LB_XDP_PROGRAMS: [(u32, &str); 3] = [
+pub(crate) const LB_XDP_PROGRAMS: [(u32, &str); 4] = [
     (xdp_programs::LOOKUP, program_names::XDP_LOOKUP),
     (xdp_programs::DSR, program_names::XDP_DSR),
     (xdp_programs::DIRECT_RETURN, program_names::XDP_DIRECT),
+    (xdp_programs::TOO_BIG, program_names::XDP_TOO_BIG),
 ];
 
 /// The programs `lb_xdp` tail-calls for the other protocols and IPv6, by their slot in

@@ -19,11 +19,12 @@ use super::{bpffs, nic::is_interface_name};
 pub const LINKS_DIR: &str = "links";
 
 /// Programs pinned directly under the pin directory, by their names.
-pub const PROGRAMS: [&str; 29] = [
+pub const PROGRAMS: [&str; 30] = [
     program_names::XDP_LB,
     program_names::XDP_LOOKUP,
     program_names::XDP_DSR,
     program_names::XDP_DIRECT,
+    program_names::XDP_TOO_BIG,
     program_names::XDP_UDP,
     program_names::XDP_SCTP,
     program_names::XDP6,
