@@ -2278,6 +2278,27 @@ pub mod tcp_state {
     pub const fn ending(state: u8) -> bool {
         state == CLOSING || state == CLIENT_CLOSED || state == BACKEND_CLOSED
     }
+
+    /// The state a half of a flow kept in two entries takes from the other half, which moved to
+    /// `moved_to`: the later of the two in NONE < SYN_SENT < ESTABLISHED < a half-close <
+    /// CLOSING, where the client's half-close and the endpoint's together make CLOSING. The
+    /// client's FIN (XDP) and the endpoint's (tc, or XDP for a SNAT flow) may be handled on two
+    /// CPUs at once, each moving its own entry to its half-close first: taken this way, both
+    /// entries end CLOSING whichever CPU writes last, where a plain copy left one half-closed
+    /// for the half-closed timeout.
+    pub const fn join(current: u8, moved_to: u8) -> u8 {
+        if current == moved_to {
+            current
+        } else if ending(current) && ending(moved_to) {
+            CLOSING
+        } else if ending(current) {
+            current
+        } else if ending(moved_to) || moved_to > current {
+            moved_to
+        } else {
+            current
+        }
+    }
 }
 
 /// TCP header flag bits (RFC 9293, section 3.1).
@@ -2904,6 +2925,48 @@ mod tests {
         }
         assert!(ending(CLIENT_CLOSED) && ending(BACKEND_CLOSED) && ending(CLOSING));
         assert!(!ending(ESTABLISHED) && !ending(SYN_SENT));
+    }
+
+    #[test]
+    fn a_half_takes_the_later_state_and_two_half_closes_make_closing() {
+        use crate::tcp_state::{
+            BACKEND_CLOSED, CLIENT_CLOSED, CLOSING, ESTABLISHED, NONE, SYN_SENT, join,
+        };
+        let all = [
+            NONE,
+            SYN_SENT,
+            ESTABLISHED,
+            CLIENT_CLOSED,
+            BACKEND_CLOSED,
+            CLOSING,
+        ];
+        // (current, moved to, joined)
+        let rows = [
+            (SYN_SENT, ESTABLISHED, ESTABLISHED),
+            (ESTABLISHED, SYN_SENT, ESTABLISHED),
+            (ESTABLISHED, CLIENT_CLOSED, CLIENT_CLOSED),
+            (BACKEND_CLOSED, ESTABLISHED, BACKEND_CLOSED),
+            (BACKEND_CLOSED, CLIENT_CLOSED, CLOSING),
+            (CLIENT_CLOSED, BACKEND_CLOSED, CLOSING),
+            (CLIENT_CLOSED, CLIENT_CLOSED, CLIENT_CLOSED),
+            (CLOSING, ESTABLISHED, CLOSING),
+            (SYN_SENT, CLOSING, CLOSING),
+        ];
+        for (current, moved_to, joined) in rows {
+            assert_eq!(
+                join(current, moved_to),
+                joined,
+                "{current} joined by {moved_to}"
+            );
+        }
+        // Whichever order two moves arrive in, the half ends the same.
+        for a in all {
+            for b in all {
+                for c in all {
+                    assert_eq!(join(join(a, b), c), join(join(a, c), b), "{a} {b} {c}");
+                }
+            }
+        }
     }
 
     /// Random numbers spread evenly over the whole u32 range land evenly on every value below

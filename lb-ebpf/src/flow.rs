@@ -20,7 +20,10 @@ use lb_ebpf::packet::{IpHeader, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::{
     family::{Family, V4},
     flow_cache::{self, SlotLook},
-    helpers::{atomic_or, below, holds_tcp_connection, holds_udp_connection, now_ns, random_u32},
+    helpers::{
+        atomic_or, below, compare_and_swap, holds_tcp_connection, holds_udp_connection, now_ns,
+        random_u32,
+    },
     maps::{
         AFFINITY4, CONFIG, FRONTEND_FILTER, FRONTEND_SCRATCH, KEY_MODE, MAGLEV4, PAIR_FILTER,
         SLOTS4, count_event, count_service, dry_run,
@@ -1663,7 +1666,7 @@ fn refresh_flow<F: Family>(
 ) {
     note_seq(&mut original.seq_next, tuple);
     if let Some(state) = advance(original, tuple, now, FROM_CLIENT, TWO_SIDED) {
-        touch(reply, state, now);
+        mirror(reply, state, now);
     }
     if closes(tuple) {
         note_close(reply, tuple.tcp_flags, false, now);
@@ -1688,7 +1691,7 @@ pub fn track_reply<F: Family>(reply: &mut CtValue<F::Addr>, tuple: &Tuple<F>, ke
         && let Some(original) = client_side_of::<F>(reply, tuple)
     {
         // SAFETY: as in destination().
-        touch(unsafe { &mut *original }, state, now);
+        mirror(unsafe { &mut *original }, state, now);
     }
     if closes(tuple) {
         note_close(reply, tuple.tcp_flags, true, now);
@@ -1814,7 +1817,8 @@ fn answers_another_connection<F: Family>(
 #[inline(always)]
 fn supersede<F: Family>(entry: &mut CtValue<F::Addr>, tuple: &Tuple<F>) {
     entry.flags |= ct_flags::SUPERSEDED;
-    touch(entry, tcp_state::CLOSING, now_ns());
+    entry.state = tcp_state::CLOSING;
+    entry.last_seen_ns = now_ns();
     flow_cache::forget_answers::<F>(entry, (tuple.daddr, tuple.dport));
     count_event(Event::CT_FLOW_SUPERSEDED);
 }
@@ -1852,28 +1856,78 @@ fn advance<F: Family>(
     from_backend: bool,
     one_sided: bool,
 ) -> Option<u8> {
-    let mut state = if proto::has_handshake(tuple.proto) {
-        tcp_state::next(entry.state, tuple.tcp_flags, from_backend)
-    } else {
-        entry.state
+    let step = |state: u8| {
+        let next = if proto::has_handshake(tuple.proto) {
+            tcp_state::next(state, tuple.tcp_flags, from_backend)
+        } else {
+            state
+        };
+        if one_sided && (next == tcp_state::CLIENT_CLOSED || next == tcp_state::BACKEND_CLOSED) {
+            tcp_state::CLOSING
+        } else {
+            next
+        }
     };
-    if one_sided && (state == tcp_state::CLIENT_CLOSED || state == tcp_state::BACKEND_CLOSED) {
-        state = tcp_state::CLOSING;
+    // A plain read first: a packet that moves no state (nearly all) writes none.
+    if step(entry.state) == entry.state {
+        if !stale(entry, tuple.proto, now) {
+            return None;
+        }
+        entry.last_seen_ns = now;
+        return Some(entry.state);
     }
-    if state == entry.state && !stale(entry, tuple.proto, now) {
-        return None;
-    }
-    if state == tcp_state::CLOSING && entry.state != tcp_state::CLOSING {
+    let (before, after) = move_state(entry, step);
+    if after == tcp_state::CLOSING && before != tcp_state::CLOSING {
         monitor::flow_end(tuple, entry.service_id);
     }
-    touch(entry, state, now);
-    Some(state)
+    entry.last_seen_ns = now;
+    Some(after)
 }
 
+/// The other half of a flow kept in two entries takes the state its first half moved to
+/// ([`tcp_state::join`]), and the time.
 #[inline(always)]
-fn touch<A: CtAddr>(entry: &mut CtValue<A>, state: u8, now: u64) {
-    entry.state = state;
+fn mirror<A: CtAddr>(entry: &mut CtValue<A>, moved_to: u8, now: u64) {
+    if tcp_state::join(entry.state, moved_to) != entry.state {
+        move_state(entry, |state| tcp_state::join(state, moved_to));
+    }
     entry.last_seen_ns = now;
+}
+
+/// Moves the entry's TCP state to `to(state)` in one compare-and-swap of the aligned word that
+/// holds it, so that two CPUs moving one entry at once (the client's FIN in XDP, the endpoint's
+/// in tc) both count: with a plain read and write, the later write would drop the earlier
+/// move. The word's other bytes (the NAT port, the flags, address bytes) go back as they were
+/// read; a swap that finds the word changed tries again from what it found, once (a third
+/// change at the same instant leaves the state as the other CPU wrote it). The state before and
+/// after.
+#[inline(always)]
+fn move_state<A: CtAddr>(entry: &mut CtValue<A>, to: impl Fn(u8) -> u8) -> (u8, u8) {
+    const { assert!(cfg!(target_endian = "little")) };
+    let offset = core::mem::offset_of!(CtValue<A>, state);
+    let shift = (offset % 8) * 8;
+    let entry: *mut CtValue<A> = entry;
+    // SAFETY: the word lies inside the entry (offset rounded down to 8, within its size, which
+    // is a multiple of its 8-byte alignment), a map value valid for the run.
+    let word = unsafe { entry.cast::<u8>().add(offset - offset % 8).cast::<u64>() };
+    // SAFETY: as above; read once, volatile, as other CPUs write it.
+    let mut seen = unsafe { core::ptr::read_volatile(word) };
+    for _ in 0..2 {
+        let from = (seen >> shift) as u8;
+        let moved = to(from);
+        if moved == from {
+            return (from, from);
+        }
+        let wanted = (seen & !(0xff << shift)) | (u64::from(moved) << shift);
+        // SAFETY: as above.
+        let found = unsafe { compare_and_swap(word, seen, wanted) };
+        if found == seen {
+            return (from, moved);
+        }
+        seen = found;
+    }
+    let state = (seen >> shift) as u8;
+    (state, state)
 }
 
 /// Whether an entry's last_seen is due to be rewritten: after REFRESH, or a quarter of its

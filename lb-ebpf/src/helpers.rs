@@ -243,7 +243,8 @@ pub fn set_syscall_error(errno: i32) {
 /// kernel 5.12, commit 981f94c3e921 "bpf: Add bitwise atomic instructions"): the fetch form,
 /// because the JITs order it fully on every architecture (arm64's plain `BPF_OR` is an
 /// unordered STSET), and a bit set after a map update must not be seen before it. The BPF
-/// target offers Rust no atomic read-modify-write, as it has no compare-and-swap.
+/// target offers Rust no atomic read-modify-write (its target has no compare-and-swap): these
+/// are inline assembly.
 ///
 /// # Safety
 /// `word` points to a u64 of a map value, valid for the program's run.
@@ -264,6 +265,37 @@ pub unsafe fn atomic_or(word: *mut u64, mask: u64) {
     unsafe {
         core::sync::atomic::AtomicU64::from_ptr(word)
             .fetch_or(mask, core::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Compare-and-swap of an aligned u64 (`BPF_ATOMIC | BPF_CMPXCHG`, kernel 5.12, commit
+/// 5ffa25502b5a "bpf: Add instructions for atomic_[cmp]xchg"), fully ordered: writes `new` if
+/// the word holds `expected`; returns what it held.
+///
+/// # Safety
+/// `word` points to a u64 of a map value, valid for the program's run.
+#[inline(always)]
+pub unsafe fn compare_and_swap(word: *mut u64, expected: u64, new: u64) -> u64 {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: the caller's; r0 holds the expected value in and the found one out.
+    unsafe {
+        let found: u64;
+        core::arch::asm!(
+            "r0 = cmpxchg_64({word} + 0, r0, {new})",
+            word = in(reg) word,
+            new = in(reg) new,
+            inout("r0") expected => found,
+            options(nostack),
+        );
+        found
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: the caller's.
+    unsafe {
+        use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+        match AtomicU64::from_ptr(word).compare_exchange(expected, new, SeqCst, SeqCst) {
+            Ok(found) | Err(found) => found,
+        }
     }
 }
 

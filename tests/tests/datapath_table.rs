@@ -1757,6 +1757,55 @@ impl SnatFixture {
     }
 }
 
+/// The client's FIN (XDP) and the endpoint's of a SNAT flow may be handled on two CPUs at once,
+/// each moving its own entry to its half-close before it passes the state to the other half:
+/// the half that learns of the other side's FIN must end CLOSING, not take that side's
+/// half-close over its own (which left the flow half-closed for the half-closed timeout, an
+/// hour by default). The moment between the client's FIN moving its FLOW entry and reaching
+/// the REPLY entry is set up by hand here (two CPUs cannot be made to meet in a test); the
+/// endpoint's FIN then comes through XDP as it does. The moves of one entry by two CPUs at once
+/// are compare-and-swaps (`flow::move_state`), which no test can interleave.
+#[test]
+fn a_fin_crossing_the_other_sides_closes_both_halves_of_a_snat_flow() {
+    use lb_common::tcp_state::{BACKEND_CLOSED, CLIENT_CLOSED, CLOSING};
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "crossing").expect("pin dir");
+    let mut fixture = SnatFixture::new(&pins);
+    let port = fixture.established(CLIENT);
+    let flow_key = lb_common::Ct4Key {
+        saddr: u32::from(*CLIENT.ip()),
+        daddr: 0,
+        sport: CLIENT.port(),
+        dport: 0,
+        proto: proto::TCP,
+        direction: lb_common::ct_direction::FLOW,
+        _pad: [0; 2],
+    };
+    let state = |fixture: &SnatFixture, key: &lb_common::Ct4Key| {
+        fixture.conntrack.get(key, 0).expect("entry").state
+    };
+    // The client's FIN has moved its FLOW entry, not yet its REPLY entry.
+    let mut client_side = fixture.conntrack.get(&flow_key, 0).expect("flow entry");
+    client_side.state = CLIENT_CLOSED;
+    fixture
+        .conntrack
+        .insert(&flow_key, &client_side, 0)
+        .expect("client side");
+    let snat = SocketAddrV4::new(NODE, port);
+    let fin = fixture.xdp(&packet::tcp(REMOTE_POD, snat, TcpFlags::FIN_ACK, b""));
+    assert_eq!(fin.verdict, XDP_TX, "the endpoint's FIN goes to the client");
+    assert_eq!(
+        state(&fixture, &SnatFixture::reply_key(port)),
+        BACKEND_CLOSED,
+        "the REPLY entry moved by the endpoint's FIN"
+    );
+    assert_eq!(
+        state(&fixture, &flow_key),
+        CLOSING,
+        "the client's half, told of the endpoint's FIN, is closed"
+    );
+}
+
 #[test]
 fn an_idle_snat_flow_outlives_the_closing_and_syn_timeouts() {
     let lab = Lab::new().expect("lab");
