@@ -188,19 +188,7 @@ fn frame4_with(
     change(&mut ip);
     let builder = etherparse::PacketBuilder::ethernet2(macs.0, macs.1)
         .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()));
-    let mut frame = Vec::new();
-    if udp {
-        builder
-            .udp(from.port(), to.port())
-            .write(&mut frame, payload)
-    } else {
-        builder
-            .tcp(from.port(), to.port(), 1001, 64240)
-            .ack(1)
-            .write(&mut frame, payload)
-    }
-    .expect("frame");
-    frame
+    with_transport(builder, (from.port(), to.port()), udp, payload)
 }
 
 /// As [`frame4`] for IPv6, hop limit 64.
@@ -215,14 +203,23 @@ fn frame6(
         to.ip().octets(),
         64,
     );
+    with_transport(builder, (from.port(), to.port()), udp, payload)
+}
+
+/// The frame `builder` starts, with a UDP datagram or a TCP ACK segment (sequence number 1001)
+/// carrying `payload`.
+fn with_transport(
+    builder: etherparse::PacketBuilderStep<etherparse::IpHeaders>,
+    (sport, dport): (u16, u16),
+    udp: bool,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut frame = Vec::new();
     if udp {
-        builder
-            .udp(from.port(), to.port())
-            .write(&mut frame, payload)
+        builder.udp(sport, dport).write(&mut frame, payload)
     } else {
         builder
-            .tcp(from.port(), to.port(), 1001, 64240)
+            .tcp(sport, dport, 1001, 64240)
             .ack(1)
             .write(&mut frame, payload)
     }
