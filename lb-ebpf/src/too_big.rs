@@ -36,18 +36,20 @@ const FRAGMENTATION_NEEDED: [u8; 2] = [3, 4];
 /// section 3.2).
 const PACKET_TOO_BIG: [u8; 2] = [2, 0];
 
-/// `lb_xdp_too_big`'s answer to a packet translated from its client's `original` endpoints
-/// (an IP header without options or extension headers: [`Ip::answers_too_big`]): the error
+/// `lb_xdp_too_big`'s answer to a packet of `protocol` translated from its client's `original`
+/// endpoints to `translated` (an IP header without options or extension headers:
+/// [`Ip::answers_too_big`]): the error
 /// saying it is bigger than `mtu`, sent back to its sender (XDP_TX), quoting the packet as it
 /// came. A sender that may not get an ICMP error (not unicast, RFC 1812 section 4.3.2.7) gets
 /// nothing, and the packet is dropped, as the stack drops it.
 #[inline(always)]
 pub fn answer<I: Ip>(
     ctx: &XdpContext,
-    original: &Endpoints<Addr<I>>,
+    (translated, original): (&Endpoints<Addr<I>>, &Endpoints<Addr<I>>),
+    protocol: u8,
     mtu: u16,
 ) -> Result<u32, Event> {
-    restore::<I>(ctx, original)?;
+    restore::<I>(ctx, (translated, original), protocol)?;
     I::too_big(ctx, original, mtu)?;
     count_event(Event::ICMP_TOO_BIG_SENT);
     Ok(xdp_action::XDP_TX)
@@ -97,20 +99,22 @@ pub fn packet_too_big(
 /// once translated: routed before, it would keep the route's MACs on `lb_xdp`'s stack through
 /// the rewrite, past its 512 bytes.
 #[inline(always)]
-fn restore<I: Ip>(ctx: &XdpContext, original: &Endpoints<Addr<I>>) -> Result<(), Event> {
-    let translated = translated_endpoints::<I>(ctx).ok_or(Event::DROP_MALFORMED)?;
+fn restore<I: Ip>(
+    ctx: &XdpContext,
+    (translated, original): (&Endpoints<Addr<I>>, &Endpoints<Addr<I>>),
+    protocol: u8,
+) -> Result<(), Event> {
     I::readdress(
         ctx,
         (translated.saddr, translated.daddr),
         (original.saddr, original.daddr),
     )?;
-    let protocol = I::protocol_of_fixed_header(ctx).ok_or(Event::DROP_MALFORMED)?;
     let transport = bytes_at_mut::<8>(ctx, I::FIXED_HEADER_END).ok_or(Event::DROP_MALFORMED)?;
     transport[0..2].copy_from_slice(&original.sport.to_be_bytes());
     transport[2..4].copy_from_slice(&original.dport.to_be_bytes());
     let check = u16::from_be_bytes([transport[UDP_CSUM_OFFSET], transport[UDP_CSUM_OFFSET + 1]]);
     if protocol == proto::UDP && check != 0 {
-        let check = I::transport_checksum_update(check, &translated, original);
+        let check = I::transport_checksum_update(check, translated, original);
         let check = if check == 0 { 0xffff } else { check };
         transport[UDP_CSUM_OFFSET..UDP_CSUM_OFFSET + 2].copy_from_slice(&check.to_be_bytes());
     }

@@ -1642,7 +1642,9 @@ fn answer_too_big<I: Ip>(ctx: &XdpContext) -> Result<u32, Event> {
     let protocol = I::protocol_of_fixed_header(ctx).ok_or(Event::DROP_MALFORMED)?;
     let original = original_endpoints::<I::F>(&translated, protocol).ok_or(Event::DROP_TOO_BIG)?;
     match I::route(ctx, protocol, translated.saddr, translated.daddr) {
-        Forward::TooBig { mtu } => too_big::answer::<I>(ctx, &original, mtu),
+        Forward::TooBig { mtu } => {
+            too_big::answer::<I>(ctx, (&translated, &original), protocol, mtu)
+        }
         _ => Ok(xdp_action::XDP_PASS),
     }
 }
