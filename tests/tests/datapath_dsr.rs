@@ -784,6 +784,129 @@ fn node2_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
     );
 }
 
+/// On node1, a closed flow gives its client key up to the client's next SYN from that port
+/// through another frontend, as node2 does: a DSR flow (closed by the client's FIN, the one
+/// node1 sees) lets the next one go by DSR too, where a key still held would send it by SNAT
+/// as a flow kept in two entries. A live flow keeps its key, and so does a SNAT flow only its
+/// client has closed (the client may still be receiving on the port).
+#[test]
+fn node1_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr1reuse").expect("pin dir");
+    let datapath = node1(&pins, true);
+    let frontend_of = |datapath: &Datapath, client| {
+        let flow = flow_of(datapath, client).expect("the client's FLOW entry");
+        SocketAddrV4::new(Ipv4Addr::from(flow.frontend_addr), flow.frontend_port)
+    };
+
+    let live = SocketAddrV4::new(*CLIENT.ip(), 40020);
+    sent_as(
+        &datapath,
+        "a SYN to the NodePort",
+        &packet::tcp(live, FRONTEND, TcpFlags::SYN, b""),
+        &with_option(&packet::tcp(live, POD, TcpFlags::SYN, b""), FRONTEND),
+    );
+    xdp(&datapath, &packet::tcp(live, FRONTEND, TcpFlags::ACK, b""));
+    assert_snated_to_the_pod(&xdp(
+        &datapath,
+        &packet::tcp(live, LB_IP, TcpFlags::SYN, b""),
+    ));
+    assert_eq!(
+        frontend_of(&datapath, live),
+        FRONTEND,
+        "the live flow's key"
+    );
+
+    let closed = SocketAddrV4::new(*CLIENT.ip(), 40021);
+    let syn = packet::tcp(closed, FRONTEND, TcpFlags::SYN, b"");
+    sent_as(
+        &datapath,
+        "a SYN to the NodePort",
+        &syn,
+        &with_option(&packet::tcp(closed, POD, TcpFlags::SYN, b""), FRONTEND),
+    );
+    sent_as(
+        &datapath,
+        "the client's FIN",
+        &packet::tcp_at(closed, FRONTEND, TcpFlags::FIN_ACK, 1001, b""),
+        &packet::tcp_at(closed, POD, TcpFlags::FIN_ACK, 1001, b""),
+    );
+    assert_eq!(
+        flow_of(&datapath, closed).expect("entry").state,
+        lb_common::tcp_state::CLOSING
+    );
+    sent_as(
+        &datapath,
+        "the next SYN from the port, to the LoadBalancer IP",
+        &packet::tcp_at(closed, LB_IP, TcpFlags::SYN, 9_000_000, b""),
+        &with_option(
+            &packet::tcp_at(closed, POD, TcpFlags::SYN, 9_000_000, b""),
+            LB_IP,
+        ),
+    );
+    let flow = flow_of(&datapath, closed).expect("entry");
+    assert_eq!(
+        (frontend_of(&datapath, closed), flow.state, flow.flags),
+        (
+            LB_IP,
+            lb_common::tcp_state::SYN_SENT,
+            ct_flags::CLIENT_IN_FLOW | ct_flags::DIRECT_RETURN
+        )
+    );
+    assert_eq!(event(&datapath, "dsr_sent"), 3);
+    let client_ports = datapath
+        .conntrack()
+        .expect("conntrack")
+        .into_iter()
+        .filter(|(key, _)| key.sport == closed.port())
+        .count();
+    assert_eq!(
+        client_ports, 1,
+        "one entry: no SNAT port, no ORIGINAL entry"
+    );
+
+    // By SNAT (no DSR for this Service): closed by the client alone, the key stays; closed by
+    // both, the next SYN takes it.
+    let pins = PinDir::new(&lab, "dsr1reusesnat").expect("pin dir");
+    let datapath = node1(&pins, false);
+    let close = |client: SocketAddrV4, both: bool| {
+        assert_snated_to_the_pod(&xdp(
+            &datapath,
+            &packet::tcp(client, FRONTEND, TcpFlags::SYN, b""),
+        ));
+        let snat = SocketAddrV4::new(NODE1, flow_of(&datapath, client).expect("entry").snat_port);
+        xdp(
+            &datapath,
+            &packet::tcp_acking(POD, snat, TcpFlags::SYN_ACK, (5000, 1001), b""),
+        );
+        xdp(
+            &datapath,
+            &packet::tcp_at(client, FRONTEND, TcpFlags::FIN_ACK, 1001, b""),
+        );
+        if both {
+            xdp(
+                &datapath,
+                &packet::tcp_acking(POD, snat, TcpFlags::FIN_ACK, (5001, 1002), b""),
+            );
+        }
+        assert_snated_to_the_pod(&xdp(
+            &datapath,
+            &packet::tcp_at(client, LB_IP, TcpFlags::SYN, 9_000_000, b""),
+        ));
+        frontend_of(&datapath, client)
+    };
+    assert_eq!(
+        close(SocketAddrV4::new(*CLIENT.ip(), 40030), false),
+        FRONTEND,
+        "half-closed: the key stays"
+    );
+    assert_eq!(
+        close(SocketAddrV4::new(*CLIENT.ip(), 40031), true),
+        LB_IP,
+        "closed: the next SYN's"
+    );
+}
+
 /// node1 sends a node's own SYNs (a host process of another node connecting to the NodePort)
 /// by SNAT: the endpoint's node refuses options on SYNs from nodes' addresses.
 #[test]
