@@ -210,6 +210,22 @@ fn fib(
     }
 }
 
+/// The MTU of the NIC `ifindex` when the frame's IP packet is bigger than that: XDP must not
+/// redirect it there, as the kernel drops a redirected frame over its target's MTU without a
+/// word (kernel/bpf/devmap.c, __xdp_enqueue: xdp_ok_fwd_dev). None when it fits, or when no
+/// such NIC is left. bpf_check_mtu (kernel 5.12, 34b2021cc616 "bpf: Add BPF-helper for MTU
+/// checking") compares the frame's length with the NIC's MTU plus its link header.
+#[inline(always)]
+pub fn mtu_exceeded(ctx: &aya_ebpf::programs::XdpContext, ifindex: u32) -> Option<u16> {
+    use aya_ebpf::bindings::bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED;
+    let mut mtu: u32 = 0;
+    // SAFETY: ctx is the program's context; `mtu` a u32 on this stack, which the helper reads
+    // (0: check the frame's own length) and writes (the NIC's MTU).
+    let result =
+        unsafe { aya_ebpf::helpers::bpf_check_mtu(ctx.ctx.cast(), ifindex, &mut mtu, 0, 0) };
+    (result == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED)).then_some(mtu as u16)
+}
+
 /// Moves the start of the packet by `delta` bytes (negative: more room in front).
 #[inline(always)]
 pub fn xdp_adjust_head(ctx: &aya_ebpf::programs::XdpContext, delta: i32) -> bool {

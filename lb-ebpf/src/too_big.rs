@@ -2,7 +2,9 @@
 //! fragmented (IPv4 with DF, any IPv6 packet) and is bigger than the MTU of the route to its
 //! endpoint on another node is answered from XDP with ICMP "fragmentation needed" (type 3, code
 //! 4, RFC 1191) or ICMPv6 "packet too big" (RFC 8201), from the frontend it was sent to, quoting
-//! the packet as the client sent it: its socket lowers its path MTU and sends again.
+//! the packet as the client sent it: its socket lowers its path MTU and sends again. The same
+//! way, an endpoint's answer to a SNAT port that is bigger than the MTU of the NIC towards its
+//! client is answered before it is translated, from the SNAT address it was sent to.
 //!
 //! The stack cannot do it for XDP. Handed the packet translated, it would send its error to the
 //! packet's new source, this node's own SNAT address, and the client would never learn why its
@@ -50,7 +52,18 @@ pub fn answer<I: Ip>(
     mtu: u16,
 ) -> Result<u32, Event> {
     restore::<I>(ctx, (translated, original), protocol)?;
-    I::too_big(ctx, original, mtu)?;
+    answer_as_it_came::<I>(ctx, original, mtu)
+}
+
+/// [`answer`] for a packet not yet translated (`endpoints`: as it came), which it quotes as it
+/// is: an endpoint's answer to a SNAT port, too big for the NIC towards its client.
+#[inline(always)]
+pub fn answer_as_it_came<I: Ip>(
+    ctx: &XdpContext,
+    endpoints: &Endpoints<Addr<I>>,
+    mtu: u16,
+) -> Result<u32, Event> {
+    I::too_big(ctx, endpoints, mtu)?;
     count_event(Event::ICMP_TOO_BIG_SENT);
     Ok(xdp_action::XDP_TX)
 }

@@ -42,7 +42,7 @@ use crate::{
         track_reply,
     },
     flow_cache::{self, Look, SlotLook},
-    helpers::{Forward, now_ns, tail_call},
+    helpers::{Forward, mtu_exceeded, now_ns, tail_call},
     ip::{Addr, Ip},
     maps::{
         DSR_ADMISSIONS4, Icmp6Headers, NIC_MACS, NODES4, PACKET6, Packet6, TX_PORTS, XDP_PROGRAMS,
@@ -1640,6 +1640,9 @@ fn snat_flow_of_quote(ip: &Ipv4Info, quote: &icmp::Quoted) -> Option<Ct4Value> {
 fn answer_too_big<I: Ip>(ctx: &XdpContext) -> Result<u32, Event> {
     let translated = too_big::translated_endpoints::<I>(ctx).ok_or(Event::DROP_MALFORMED)?;
     let protocol = I::protocol_of_fixed_header(ctx).ok_or(Event::DROP_MALFORMED)?;
+    if let Some(mtu) = client_nic_mtu_exceeded::<I::F>(ctx, &translated, protocol) {
+        return too_big::answer_as_it_came::<I>(ctx, &translated, mtu);
+    }
     let original = original_endpoints::<I::F>(&translated, protocol).ok_or(Event::DROP_TOO_BIG)?;
     match I::route(ctx, protocol, translated.saddr, translated.daddr) {
         Forward::TooBig { mtu } => {
@@ -1647,6 +1650,24 @@ fn answer_too_big<I: Ip>(ctx: &XdpContext) -> Result<u32, Event> {
         }
         _ => Ok(xdp_action::XDP_PASS),
     }
+}
+
+/// The MTU of the NIC towards the client when `answer`, an endpoint's answer to a SNAT port
+/// (not yet translated), is bigger than that ([`snat_reply`]); None for any other packet.
+#[inline(always)]
+fn client_nic_mtu_exceeded<F: Family>(
+    ctx: &XdpContext,
+    answer: &Endpoints<F::Addr>,
+    protocol: u8,
+) -> Option<u16> {
+    let snat_port = (answer.daddr, answer.dport);
+    let endpoint = (answer.saddr, answer.sport);
+    let entry = snat_port_entry::<F>(&answer.daddr, snat_port, endpoint, protocol)?;
+    if entry.flags & ct_flags::SNAT == 0 {
+        return None;
+    }
+    let nic = client_nic::slot(entry.client_nic).and_then(|slot| NIC_MACS.get(slot))?;
+    mtu_exceeded(ctx, nic.ifindex)
 }
 
 /// The client's and frontend's addresses and ports of the flow a packet XDP forwards
@@ -1782,6 +1803,10 @@ fn snat_reply<I: Ip>(ctx: &XdpContext, tuple: &Tuple<I::F>, ip: &I) -> Result<Op
     }) {
         return Err(Event::DROP_RST_OUT_OF_WINDOW);
     }
+    let way = way_to_client(ctx, entry.client_nic);
+    if way == WayToClient::TooBig && ip.may_forward() && ip.answers_too_big() {
+        return Ok(Some(too_big::PENDING));
+    }
     if !dry_run() && !blind_fin(tuple, entry.seq_next) {
         track_reply(entry, tuple, true);
     }
@@ -1812,22 +1837,56 @@ fn snat_reply<I: Ip>(ctx: &XdpContext, tuple: &Tuple<I::F>, ip: &I) -> Result<Op
         });
     }
     // Back the way the flow came in: no route or neighbour lookup needed.
-    Ok(Some(to_client::<I>(ctx, client_nic, node_mac, client_mac)))
+    Ok(Some(send_to_client::<I>(ctx, way, node_mac, client_mac)))
 }
 
 /// Sends a translated answer to the client of a SNAT flow back out of the NIC the client's
-/// packets come in on (`client_nic`), with the MACs they came with: XDP_TX when that is the NIC
-/// it arrived on (one NIC for clients and nodes), XDP_REDIRECT to the client's NIC otherwise. An
-/// entry that recorded no NIC (written before it was recorded), or a NIC the datapath does not
-/// know by its slot (two NICs share it), sends back out of this one.
+/// packets come in on (`client_nic`), with the MACs they came with ([`way_to_client`]).
 #[inline(always)]
 fn to_client<I: Ip>(ctx: &XdpContext, client_nic: u16, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    send_to_client::<I>(ctx, way_to_client(ctx, client_nic), smac, dmac)
+}
+
+/// How an answer leaves for its client ([`way_to_client`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WayToClient {
+    /// Back out of the NIC it came in on (XDP_TX).
+    Back,
+    /// Out of the client's NIC, another one (XDP_REDIRECT).
+    Redirect(u32),
+    /// The client's NIC is another one, and the packet is bigger than its MTU.
+    TooBig,
+}
+
+/// XDP_TX when the client's NIC is the one the packet arrived on (one NIC for clients and
+/// nodes), XDP_REDIRECT to the client's NIC otherwise, unless the packet is bigger than that
+/// NIC's MTU ([`mtu_exceeded`]). An entry that recorded no NIC (written before it was
+/// recorded), or a NIC the datapath does not know by its slot (two NICs share it), sends back
+/// out of this one.
+#[inline(always)]
+fn way_to_client(ctx: &XdpContext, client_nic: u16) -> WayToClient {
     let ingress = ingress_ifindex(ctx);
     match client_nic::slot(client_nic).and_then(|slot| NIC_MACS.get(slot)) {
         Some(nic) if nic.ifindex != 0 && nic.ifindex != ingress => {
-            redirect::<I>(ctx, nic.ifindex, smac, dmac)
+            if mtu_exceeded(ctx, nic.ifindex).is_some() {
+                WayToClient::TooBig
+            } else {
+                WayToClient::Redirect(nic.ifindex)
+            }
         }
-        _ => transmit::<I>(ctx, smac, dmac),
+        _ => WayToClient::Back,
+    }
+}
+
+/// Sends a translated answer the [`way_to_client`] found, with these MACs. One too big for
+/// the client's NIC goes to the stack, which fragments it (an answer that must not be
+/// fragmented is answered before it is translated, [`snat_reply`]).
+#[inline(always)]
+fn send_to_client<I: Ip>(ctx: &XdpContext, way: WayToClient, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    match way {
+        WayToClient::Back => transmit::<I>(ctx, smac, dmac),
+        WayToClient::Redirect(ifindex) => redirect::<I>(ctx, ifindex, smac, dmac),
+        WayToClient::TooBig => xdp_action::XDP_PASS,
     }
 }
 

@@ -48,6 +48,8 @@ pub struct TwoNics {
     pub client: Host,
     pub node1: Host,
     pub node2: Host,
+    /// The pod on node2, the services' only endpoint.
+    pub pod: Host,
     _lab: Lab,
 }
 
@@ -176,6 +178,7 @@ impl TwoNics {
             client,
             node1,
             node2,
+            pod,
             _lab: lab,
         })
     }

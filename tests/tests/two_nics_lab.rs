@@ -10,8 +10,8 @@ use lab::{
     lab::Host,
     peer::ClientRun,
     two_nics::{
-        CLIENT, CLIENT6, NODE_PORT, NODE1_CLIENT_SIDE, NODE1_CLIENT_SIDE6, NODE1_NODE_SIDE, NODE2,
-        POD, POD_PORT, TwoNics,
+        CLIENT, CLIENT6, NODE_PORT, NODE1_CLIENT_SIDE, NODE1_CLIENT_SIDE6, NODE1_NODE_SIDE,
+        NODE1_NODE_SIDE6, NODE2, POD, POD_PORT, POD6, TwoNics,
     },
 };
 use lb_common::program_names;
@@ -447,6 +447,170 @@ fn tcp_uploads_through_a_node_port_learn_the_narrower_mtu_of_the_node_link() {
         assert!(
             route.contains(&format!("mtu {NARROW_MTU}")),
             "{family}: the client's path MTU to the NodePort: {route}"
+        );
+    }
+    let events = lab.datapath.events().expect("events");
+    assert!(events["icmp_too_big_sent"] >= 2, "{events:?}");
+    assert_eq!(events["drop_too_big"], 0, "{events:?}");
+}
+
+/// The MTU of node1's client-side NIC in the tests of answers too big for it: below the 1500
+/// of the pod and of the link to node2, while the client keeps 1500 and asks for full-sized
+/// segments (as a client behind a wider first hop does).
+const NARROW_CLIENT_MTU: u16 = 1300;
+
+/// Narrows node1's client-side NIC to [`NARROW_CLIENT_MTU`].
+fn narrow_node1s_client_side(lab: &TwoNics) {
+    lab.node1
+        .ip(&["link", "set", "eth0", "mtu", &NARROW_CLIENT_MTU.to_string()])
+        .expect("mtu");
+}
+
+/// The pod's answer to a SNAT port that must not be fragmented and does not fit node1's NIC
+/// towards the client is answered by XDP before it is translated: ICMP "fragmentation needed"
+/// (ICMPv6 "packet too big") with that NIC's MTU, from node1's SNAT address to the pod, quoting
+/// the answer as the pod sent it, back out of the NIC it came in on. Redirected as it was, the
+/// kernel dropped it without a word (a redirected frame over its target's MTU), and the pod
+/// never learnt why. A small answer is redirected as ever; a big one that may be fragmented
+/// goes to the stack translated, which fragments it. Through BPF_PROG_TEST_RUN with the NIC
+/// each frame arrives on; expected bytes built independently (etherparse).
+#[test]
+fn answers_too_big_for_the_clients_nic_are_answered_to_the_endpoint_as_it_sent_them() {
+    let lab = TwoNics::dual_stack().expect("lab");
+    narrow_node1s_client_side(&lab);
+    let (client_mac, node1_eth0) = (mac(&lab.client, "eth0"), mac(&lab.node1, "eth0"));
+    let (node1_eth1, node2_eth1) = (mac(&lab.node1, "eth1"), mac(&lab.node2, "eth1"));
+    let to_node = (client_mac, node1_eth0);
+    let from_node2 = (node2_eth1, node1_eth1);
+    let to_node2 = (node1_eth1, node2_eth1);
+    let program = lab
+        .datapath
+        .program_fd(program_names::XDP_LB)
+        .expect("program");
+    let _inside = lab.node1.enter().expect("node1");
+    let ifindex = |iface: &str| lab.node1.ifindex(iface).expect("ifindex");
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    let run = |frame: &[u8], ifindex: u32| test_run_on(program, frame, ifindex).expect("run");
+    let big = vec![b'b'; 1400];
+
+    let frontend = SocketAddrV4::new(NODE1_CLIENT_SIDE, NODE_PORT);
+    let pod = SocketAddrV4::new(POD, POD_PORT);
+    for (udp, port) in [(false, 41_001), (true, 41_002)] {
+        let client = SocketAddrV4::new(CLIENT, port);
+        // The client's first packet makes the flow and claims its SNAT port.
+        let sent = run(
+            &frame4(to_node, (client, frontend), udp, b"hi", false),
+            eth0,
+        );
+        assert_eq!(
+            sent.packet[26..30],
+            NODE1_NODE_SIDE.octets(),
+            "udp {udp}: SNATed"
+        );
+        let snat = SocketAddrV4::new(
+            NODE1_NODE_SIDE,
+            u16::from_be_bytes([sent.packet[34], sent.packet[35]]),
+        );
+        let small = run(&frame4(from_node2, (pod, snat), udp, b"ok", false), eth1);
+        assert_eq!(small.verdict, XDP_REDIRECT, "udp {udp}: a small answer");
+        let too_big = frame4(from_node2, (pod, snat), udp, &big, false);
+        let answer = run(&too_big, eth1);
+        assert_eq!(answer.verdict, XDP_TX, "udp {udp}");
+        assert_eq!(
+            answer.packet,
+            fragmentation_needed(
+                to_node2,
+                (NODE1_NODE_SIDE, POD),
+                NARROW_CLIENT_MTU,
+                &too_big[14..14 + 28]
+            ),
+            "udp {udp}: fragmentation needed, to the pod, quoting its answer as it sent it"
+        );
+        let may_fragment = run(&frame4(from_node2, (pod, snat), udp, &big, true), eth1);
+        assert_eq!(
+            may_fragment.verdict, XDP_PASS,
+            "udp {udp}: without DF, to the stack"
+        );
+        assert_eq!(
+            (&may_fragment.packet[26..30], &may_fragment.packet[30..34]),
+            (&NODE1_CLIENT_SIDE.octets()[..], &CLIENT.octets()[..]),
+            "udp {udp}: translated, from the NodePort to the client"
+        );
+    }
+
+    let frontend6 = SocketAddrV6::new(NODE1_CLIENT_SIDE6, NODE_PORT, 0, 0);
+    let pod6 = SocketAddrV6::new(POD6, POD_PORT, 0, 0);
+    for (udp, port) in [(false, 41_011), (true, 41_012)] {
+        let client = SocketAddrV6::new(CLIENT6, port, 0, 0);
+        let sent = run(&frame6(to_node, (client, frontend6), udp, b"hi"), eth0);
+        assert_eq!(
+            sent.packet[22..38],
+            NODE1_NODE_SIDE6.octets(),
+            "ipv6, udp {udp}: SNATed"
+        );
+        let snat = SocketAddrV6::new(
+            NODE1_NODE_SIDE6,
+            u16::from_be_bytes([sent.packet[54], sent.packet[55]]),
+            0,
+            0,
+        );
+        let small = run(&frame6(from_node2, (pod6, snat), udp, b"ok"), eth1);
+        assert_eq!(
+            small.verdict, XDP_REDIRECT,
+            "ipv6, udp {udp}: a small answer"
+        );
+        let too_big = frame6(from_node2, (pod6, snat), udp, &big);
+        let answer = run(&too_big, eth1);
+        assert_eq!(answer.verdict, XDP_TX, "ipv6, udp {udp}");
+        assert_eq!(
+            answer.packet,
+            packet_too_big(
+                to_node2,
+                (NODE1_NODE_SIDE6, POD6),
+                NARROW_CLIENT_MTU,
+                &too_big[14..14 + 48]
+            ),
+            "ipv6, udp {udp}: packet too big, to the pod, quoting its answer as it sent it"
+        );
+    }
+    let events = lab.datapath.events().expect("events");
+    assert_eq!(events["icmp_too_big_sent"], 4, "{events:?}");
+    assert_eq!(events["drop_too_big"], 0, "{events:?}");
+}
+
+/// Real TCP downloads through the NodePort from the pod on node2, whose full-sized segments
+/// do not fit node1's NIC towards the client: XDP answers them with "fragmentation needed"
+/// ("packet too big"), the pod's kernel lowers its path MTU to node1's SNAT address to that
+/// NIC's, and every download completes. Redirected over that NIC's MTU, the segments vanished
+/// and the downloads stalled.
+#[test]
+fn tcp_downloads_through_a_node_port_learn_the_narrower_mtu_of_the_clients_nic() {
+    let lab = TwoNics::dual_stack().expect("lab");
+    narrow_node1s_client_side(&lab);
+    for (family, frontend, route_get) in [
+        (
+            "ipv4",
+            format!("{NODE1_CLIENT_SIDE}:{NODE_PORT}"),
+            vec!["route", "get", "198.19.0.1"],
+        ),
+        (
+            "ipv6",
+            format!("[{NODE1_CLIENT_SIDE6}]:{NODE_PORT}"),
+            vec!["-6", "route", "get", "2001:db8:19::1"],
+        ),
+    ] {
+        let report = ClientRun {
+            answer_bytes: 200_000,
+            timeout_ms: 5000,
+            ..ClientRun::tcp(&frontend, 3)
+        }
+        .run(&lab.client, None)
+        .expect("client");
+        report.assert_all_ok(family);
+        let route = lab.pod.ip(&route_get).expect("route get");
+        assert!(
+            route.contains(&format!("mtu {NARROW_CLIENT_MTU}")),
+            "{family}: the pod's path MTU to node1's SNAT address: {route}"
         );
     }
     let events = lab.datapath.events().expect("events");
