@@ -531,13 +531,12 @@ pub struct NewFlow<'a, F: Family> {
 }
 
 /// Who holds the client's key for a new flow of this packet: free when nobody does, or when
-/// the holder is past its timeout, this client's earlier flow to the same frontend, or a TCP
-/// flow to another frontend that has closed and whose port this packet, a SYN, opens anew
-/// ([`reopened_elsewhere`]). A holder that is gone takes its flow's slots in XDP's cache with
-/// it, on every CPU: the new flow may go to another endpoint. Its answer slots stay when the
-/// new flow has the holder's frontend or the holder has outlived them (its timeout); a closed
-/// holder of another frontend takes them too, or its frontend could be given to the new
-/// flow's answers.
+/// the holder is past its timeout, this client's earlier flow to the same frontend, or a SNAT
+/// flow to another frontend that both sides have closed, whose port this SYN opens anew
+/// ([`closed_snat_flow_reopened`]). A holder that is gone takes its flow's slots in XDP's cache
+/// with it, on every CPU: the new flow may go to another endpoint (a SNAT flow has none). Its
+/// answer slots may stay: a flow to the same frontend gets the same frontend back, and a holder
+/// past its timeout has outlived them.
 #[inline(always)]
 fn client_key_holder<F: Family>(
     flow_entry: Option<*mut CtValue<F::Addr>>,
@@ -552,26 +551,31 @@ fn client_key_holder<F: Family>(
     if for_frontend(FlowValue::of(existing), tuple) || past_timeout(existing, tuple.proto, now) {
         flow_cache::forget(existing, tuple);
         Holder::Gone
-    } else if reopened_elsewhere(existing, tuple) {
-        flow_cache::forget(existing, tuple);
-        flow_cache::forget_answers::<F>(existing, (tuple.saddr, tuple.sport));
+    } else if closed_snat_flow_reopened(existing, tuple) {
         Holder::Gone
     } else {
         Holder::Alive
     }
 }
 
-/// Whether a SYN from a closed TCP flow's client port (both sides' FINs seen, a RST, or, for a
-/// flow by direct server return, the client's FIN) to another frontend is the client's next
-/// connection from the port: its FLOW entry is the new flow's, as the endpoint's node gives a
-/// closed DSR flow's key to the next SYN ([`reopens`]). Kept by the closed flow instead, the
-/// new one would be kept as two entries, and one that would go by direct server return would
-/// go by SNAT. A half-closed flow keeps its key: its client may still be receiving on that
-/// port while it connects elsewhere from it, as Linux allows for another destination. SCTP
-/// waits for the timeout, as [`port_state`] says why.
+/// Whether a TCP SYN from the client port of a SNAT flow to another frontend that has closed
+/// (both sides' FINs seen here, or a RST) is the client's next connection from the port, which
+/// takes the FLOW entry: held by the closed flow, the new one would be kept as two entries,
+/// with a remapped port to a local endpoint, or by SNAT where its Service has direct server
+/// return. The new flow's endpoint never saw the old one's tuple (it came from a SNAT port),
+/// and the old flow's REPLY entry stays for its last answers.
+///
+/// Every other holder keeps its key until its timeout, as every holder did before: a flow by
+/// direct server return, whose closing here is the client's FIN alone (the endpoint's node
+/// sees the rest, and the client may still be receiving on the port while it connects
+/// elsewhere from it, as Linux allows for another destination; a new flow to the same
+/// endpoint from the port would be refused there); a local endpoint's flow, whose tuple the
+/// endpoint may hold in TIME_WAIT (the new flow's remapped port keeps clear of it, as Linux
+/// NAT remaps a clashing tuple), superseded flows among them; SCTP, as [`port_state`] says.
 #[inline(always)]
-fn reopened_elsewhere<F: Family>(existing: &CtValue<F::Addr>, tuple: &Tuple<F>) -> bool {
+fn closed_snat_flow_reopened<F: Family>(existing: &CtValue<F::Addr>, tuple: &Tuple<F>) -> bool {
     tuple.proto == proto::TCP
+        && existing.flags & ct_flags::SNAT != 0
         && existing.state == tcp_state::CLOSING
         && tuple.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }

@@ -784,61 +784,99 @@ fn node2_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
     );
 }
 
-/// On node1, a closed flow gives its client key up to the client's next SYN from that port
-/// through another frontend, as node2 does: a DSR flow (closed by the client's FIN, the one
-/// node1 sees) lets the next one go by DSR too, where a key still held would send it by SNAT
-/// as a flow kept in two entries. A live flow keeps its key, and so does a SNAT flow only its
-/// client has closed (the client may still be receiving on the port).
+/// On node1, a SNAT flow both sides have closed gives its client key up to the client's next
+/// SYN from that port through another frontend: that flow is kept in one entry, and goes by
+/// DSR where its Service has it. Every other holder keeps the key, and the new flow is kept
+/// as two entries, by SNAT: a live flow; a DSR flow the client has closed, which may be only
+/// half-closed (node1 sees the client's side alone) and whose endpoint would see the new flow
+/// on the old one's tuple; a SNAT flow only its client has closed.
 #[test]
-fn node1_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
+fn node1_gives_a_closed_snat_flows_client_key_to_the_clients_next_connection() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "dsr1reuse").expect("pin dir");
     let datapath = node1(&pins, true);
+    let client = |port| SocketAddrV4::new(*CLIENT.ip(), port);
     let frontend_of = |datapath: &Datapath, client| {
         let flow = flow_of(datapath, client).expect("the client's FLOW entry");
         SocketAddrV4::new(Ipv4Addr::from(flow.frontend_addr), flow.frontend_port)
     };
+    let next_syn = |client| packet::tcp_at(client, LB_IP, TcpFlags::SYN, 9_000_000, b"");
 
-    let live = SocketAddrV4::new(*CLIENT.ip(), 40020);
-    sent_as(
-        &datapath,
-        "a SYN to the NodePort",
-        &packet::tcp(live, FRONTEND, TcpFlags::SYN, b""),
-        &with_option(&packet::tcp(live, POD, TcpFlags::SYN, b""), FRONTEND),
-    );
-    xdp(&datapath, &packet::tcp(live, FRONTEND, TcpFlags::ACK, b""));
-    assert_snated_to_the_pod(&xdp(
-        &datapath,
-        &packet::tcp(live, LB_IP, TcpFlags::SYN, b""),
-    ));
+    // DSR flows: established, and closed by the client.
+    for (port, close) in [(40020, false), (40021, true)] {
+        let client = client(port);
+        sent_as(
+            &datapath,
+            "a SYN to the NodePort",
+            &packet::tcp(client, FRONTEND, TcpFlags::SYN, b""),
+            &with_option(&packet::tcp(client, POD, TcpFlags::SYN, b""), FRONTEND),
+        );
+        let last = if close {
+            TcpFlags::FIN_ACK
+        } else {
+            TcpFlags::ACK
+        };
+        xdp(
+            &datapath,
+            &packet::tcp_at(client, FRONTEND, last, 1001, b""),
+        );
+        assert_snated_to_the_pod(&xdp(&datapath, &next_syn(client)));
+        assert_eq!(
+            frontend_of(&datapath, client),
+            FRONTEND,
+            "a DSR flow, closed by the client {close}: the key stays"
+        );
+    }
+
+    // A SNAT flow (its SYN's IP options left no room for DSR's), closed by the client alone,
+    // then by both; a Service without DSR the same.
+    let close_snat_flow = |datapath: &Datapath, client, both: bool| {
+        let syn = packet::with_ip_options(
+            &packet::tcp(client, FRONTEND, TcpFlags::SYN, b""),
+            &IP_OPTIONS,
+        );
+        let run = xdp(datapath, &syn);
+        assert_ne!(run.verdict, XDP_DROP);
+        let ip_header = &run.packet[packet::ETH_HDR_LEN..];
+        assert_eq!(
+            (&ip_header[12..16], &ip_header[16..20]),
+            (&NODE1.octets()[..], &POD.ip().octets()[..]),
+            "a SYN with options: SNATed to the pod"
+        );
+        let snat = SocketAddrV4::new(NODE1, flow_of(datapath, client).expect("entry").snat_port);
+        xdp(
+            datapath,
+            &packet::tcp_acking(POD, snat, TcpFlags::SYN_ACK, (5000, 1001), b""),
+        );
+        xdp(
+            datapath,
+            &packet::tcp_at(client, FRONTEND, TcpFlags::FIN_ACK, 1001, b""),
+        );
+        if both {
+            xdp(
+                datapath,
+                &packet::tcp_acking(POD, snat, TcpFlags::FIN_ACK, (5001, 1002), b""),
+            );
+        }
+    };
+    let half_closed = client(40030);
+    close_snat_flow(&datapath, half_closed, false);
+    assert_snated_to_the_pod(&xdp(&datapath, &next_syn(half_closed)));
     assert_eq!(
-        frontend_of(&datapath, live),
+        frontend_of(&datapath, half_closed),
         FRONTEND,
-        "the live flow's key"
+        "half-closed: the key stays"
     );
-
-    let closed = SocketAddrV4::new(*CLIENT.ip(), 40021);
-    let syn = packet::tcp(closed, FRONTEND, TcpFlags::SYN, b"");
-    sent_as(
-        &datapath,
-        "a SYN to the NodePort",
-        &syn,
-        &with_option(&packet::tcp(closed, POD, TcpFlags::SYN, b""), FRONTEND),
-    );
-    sent_as(
-        &datapath,
-        "the client's FIN",
-        &packet::tcp_at(closed, FRONTEND, TcpFlags::FIN_ACK, 1001, b""),
-        &packet::tcp_at(closed, POD, TcpFlags::FIN_ACK, 1001, b""),
-    );
+    let closed = client(40031);
+    close_snat_flow(&datapath, closed, true);
     assert_eq!(
         flow_of(&datapath, closed).expect("entry").state,
         lb_common::tcp_state::CLOSING
     );
     sent_as(
         &datapath,
-        "the next SYN from the port, to the LoadBalancer IP",
-        &packet::tcp_at(closed, LB_IP, TcpFlags::SYN, 9_000_000, b""),
+        "the next SYN from a closed SNAT flow's port, to the LoadBalancer IP",
+        &next_syn(closed),
         &with_option(
             &packet::tcp_at(closed, POD, TcpFlags::SYN, 9_000_000, b""),
             LB_IP,
@@ -853,57 +891,24 @@ fn node1_gives_a_closed_flows_client_key_to_the_clients_next_connection() {
             ct_flags::CLIENT_IN_FLOW | ct_flags::DIRECT_RETURN
         )
     );
-    assert_eq!(event(&datapath, "dsr_sent"), 3);
-    let client_ports = datapath
+    let client_keys = datapath
         .conntrack()
         .expect("conntrack")
         .into_iter()
-        .filter(|(key, _)| key.sport == closed.port())
+        .filter(|(key, _)| key.saddr == u32::from(*closed.ip()) && key.sport == closed.port())
         .count();
-    assert_eq!(
-        client_ports, 1,
-        "one entry: no SNAT port, no ORIGINAL entry"
-    );
+    assert_eq!(client_keys, 1, "the FLOW entry alone: no ORIGINAL entry");
+    assert_eq!(event(&datapath, "dsr_sent"), 3);
 
-    // By SNAT (no DSR for this Service): closed by the client alone, the key stays; closed by
-    // both, the next SYN takes it.
     let pins = PinDir::new(&lab, "dsr1reusesnat").expect("pin dir");
-    let datapath = node1(&pins, false);
-    let close = |client: SocketAddrV4, both: bool| {
-        assert_snated_to_the_pod(&xdp(
-            &datapath,
-            &packet::tcp(client, FRONTEND, TcpFlags::SYN, b""),
-        ));
-        let snat = SocketAddrV4::new(NODE1, flow_of(&datapath, client).expect("entry").snat_port);
-        xdp(
-            &datapath,
-            &packet::tcp_acking(POD, snat, TcpFlags::SYN_ACK, (5000, 1001), b""),
-        );
-        xdp(
-            &datapath,
-            &packet::tcp_at(client, FRONTEND, TcpFlags::FIN_ACK, 1001, b""),
-        );
-        if both {
-            xdp(
-                &datapath,
-                &packet::tcp_acking(POD, snat, TcpFlags::FIN_ACK, (5001, 1002), b""),
-            );
-        }
-        assert_snated_to_the_pod(&xdp(
-            &datapath,
-            &packet::tcp_at(client, LB_IP, TcpFlags::SYN, 9_000_000, b""),
-        ));
-        frontend_of(&datapath, client)
-    };
+    let without_dsr = node1(&pins, false);
+    let closed = client(40032);
+    close_snat_flow(&without_dsr, closed, true);
+    assert_snated_to_the_pod(&xdp(&without_dsr, &next_syn(closed)));
     assert_eq!(
-        close(SocketAddrV4::new(*CLIENT.ip(), 40030), false),
-        FRONTEND,
-        "half-closed: the key stays"
-    );
-    assert_eq!(
-        close(SocketAddrV4::new(*CLIENT.ip(), 40031), true),
+        frontend_of(&without_dsr, closed),
         LB_IP,
-        "closed: the next SYN's"
+        "without DSR: the next SYN's flow holds the key"
     );
 }
 

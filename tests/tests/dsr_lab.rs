@@ -126,19 +126,30 @@ fn packets(setup: &AgentLab) -> (u64, u64) {
 
 /// Connections through the NodePort and the LoadBalancer IP reach node2's pod with the client's
 /// own address, their answers come from node2 straight (node1 receives no more packets than the
-/// client sent), and both agents count the options.
+/// client sent), and both agents count the options. Each frontend's connections come from
+/// ports of their own: a port a closed DSR flow through the other frontend used would go by
+/// SNAT (node1 cannot tell that flow closed at both ends; datapath_dsr tests that).
 #[test]
 fn nodeport_and_loadbalancer_ip_answers_go_from_the_endpoints_node_to_the_client() {
     let setup = dsr_lab();
     let node_port = SocketAddrV4::new(node_addr(1), NODE_PORT).to_string();
     let lb_ip = SocketAddrV4::new(LB_IP, 80).to_string();
+    let client_ports = |range: &str| {
+        setup
+            .cluster
+            .client
+            .sysctl("net.ipv4.ip_local_port_range", range)
+            .expect("the client's port range")
+    };
+    client_ports("10000 29999");
     // The first connection may meet a neighbour entry being resolved: wait for one answer.
     ClientRun::tcp(&node_port, 1)
         .run_until(&setup.cluster.client, SYNC_TIMEOUT, |report| report.ok == 1)
         .expect("the NodePort answers");
     let (node1_before, client_before) = packets(&setup);
     let connections = 40;
-    for to in [&node_port, &lb_ip] {
+    for (to, ports) in [(&node_port, "10000 29999"), (&lb_ip, "30000 49999")] {
+        client_ports(ports);
         let run = ClientRun::tcp(to, connections)
             .run(&setup.cluster.client, None)
             .expect("client");
