@@ -320,8 +320,9 @@ pub mod xdp_programs {
     /// a Service with direct server return that no live flow took.
     pub const DIRECT_RETURN: u32 = 14;
     /// `lb_xdp_too_big` ([`crate::program_names::XDP_TOO_BIG`]): a packet too big for the
-    /// route to its endpoint on another node, answered with ICMP "fragmentation needed" or
-    /// ICMPv6 "packet too big".
+    /// route to its endpoint on another node, or an endpoint's answer too big for the NIC
+    /// towards its client, answered with ICMP "fragmentation needed" or ICMPv6 "packet too
+    /// big".
     pub const TOO_BIG: u32 = 15;
     /// Slots in the array.
     pub const COUNT: u32 = 16;
@@ -431,10 +432,13 @@ pub mod program_names {
     /// after their lookup of the frontend: its flow (by DSR when it starts with a SYN to an
     /// endpoint on another node), and the option in that SYN.
     pub const XDP_DIRECT: &str = "lb_xdp_direct";
-    /// XDP for a packet, already translated, too big for the route to its endpoint on another
-    /// node and not to be fragmented, tail-called by the XDP programs of both families at their
-    /// end: answered with ICMP "fragmentation needed" (ICMPv6 "packet too big") to its client.
-    /// A program of its own because `lb_xdp` has no stack left for the answer.
+    /// XDP for a packet not to be fragmented that is too big for its way on, tail-called by
+    /// the XDP programs of both families at their end: a client's packet, already translated,
+    /// too big for the route to its endpoint on another node, answered with ICMP
+    /// "fragmentation needed" (ICMPv6 "packet too big") to its client; or that endpoint's
+    /// answer to a SNAT port, not yet translated, too big for the NIC towards its client,
+    /// answered to the endpoint. A program of its own because `lb_xdp` has no stack left for
+    /// the answer.
     pub const XDP_TOO_BIG: &str = "lb_xdp_too_big";
     /// XDP for UDP, tail-called by [`XDP_LB`]: the same datapath instantiated for UDP, which the
     /// verifier walks on its own (one program for every protocol passes its instruction limit).
@@ -2514,12 +2518,15 @@ labelled_indexes! {
     /// move the flow to CLOSING, whose short timeout would end an idle connection under it.
     CT_FIN_OUT_OF_WINDOW = "ct_fin_out_of_window",
     /// Track: a client's packet that must not be fragmented (IPv4 with DF set, IPv6) was bigger
-    /// than the MTU of the route to its endpoint on another node: XDP answered it with ICMP
-    /// "fragmentation needed" or ICMPv6 "packet too big" from the frontend, for the client's
-    /// path-MTU discovery, and dropped it.
+    /// than the MTU of the route to its endpoint on another node, or that endpoint's answer to
+    /// a SNAT port was bigger than the MTU of the NIC towards its client: XDP answered it with
+    /// ICMP "fragmentation needed" or ICMPv6 "packet too big" (from the frontend to the client,
+    /// or from the SNAT address to the endpoint), for the sender's path-MTU discovery, and
+    /// dropped it.
     ICMP_TOO_BIG_SENT = "icmp_too_big_sent",
-    /// Drop: a packet too big for its route and not to be fragmented, from a sender that may not
-    /// get an ICMP error (not unicast), or whose frame could not be turned into one.
+    /// Drop: a packet too big for its way on and not to be fragmented, from a sender that may
+    /// not get an ICMP error (not unicast), or whose flow's entry is gone, or whose frame could
+    /// not be turned into one.
     DROP_TOO_BIG = "drop_too_big",
 }
 

@@ -25,8 +25,9 @@ use crate::{
     reject::{icmp_error, icmp6_error, unicast, unicast6},
 };
 
-/// What a path returns for a packet XDP forwards that is too big for its route and must not be
-/// fragmented: never an XDP action. The programs' verdict tail-calls `lb_xdp_too_big` for it,
+/// What a path returns for a packet XDP forwards that is too big for its way on (the route to
+/// a remote endpoint, or the NIC towards a client) and must not be fragmented: never an XDP
+/// action. The programs' verdict tail-calls `lb_xdp_too_big` for it,
 /// from their top, where the stack is free: `lb_xdp` has no room for the answer, nor for a
 /// tail call, down in its paths.
 pub const PENDING: u32 = 0x7f00;

@@ -89,9 +89,11 @@ pub fn lb_xdp_direct(ctx: XdpContext) -> u32 {
     verdict(&ctx, try_direct_return(&ctx))
 }
 
-/// A packet too big for the route to its endpoint on another node, already translated,
-/// tail-called by the programs' verdict for a path that returned [`too_big::PENDING`]:
-/// answered with ICMP "fragmentation needed" or ICMPv6 "packet too big" ([`crate::too_big`]).
+/// A packet too big for its way on, tail-called by the programs' verdict for a path that
+/// returned [`too_big::PENDING`]: a client's packet, already translated, too big for the route
+/// to its endpoint on another node, or that endpoint's answer, not yet translated, too big for
+/// the NIC towards its client; answered with ICMP "fragmentation needed" or ICMPv6 "packet too
+/// big" ([`crate::too_big`]).
 #[xdp]
 #[inline(always)]
 pub fn lb_xdp_too_big(ctx: XdpContext) -> u32 {
@@ -1630,8 +1632,10 @@ fn snat_flow_of_quote(ip: &Ipv4Info, quote: &icmp::Quoted) -> Option<Ct4Value> {
     (entry.flags & ct_flags::SNAT != 0).then_some(entry)
 }
 
-/// `lb_xdp_too_big`: the packet, translated and too big for its route, answered as its client
-/// sent it. Its client and frontend come from its flow's entry: a SNAT flow's REPLY entry (by
+/// `lb_xdp_too_big`: an endpoint's answer to a SNAT port, untranslated and too big for the NIC
+/// towards its client ([`client_nic_mtu_exceeded`]), answered to the endpoint as it came; else
+/// a client's packet, translated and too big for its route, answered as its client sent it.
+/// That packet's client and frontend come from its flow's entry: a SNAT flow's REPLY entry (by
 /// its SNAT port), or a flow by direct server return's FLOW entry (by its client, which its
 /// source still is). No entry: dropped, counted. A route that no longer says "too big" (it
 /// changed in between): to the stack, which forwards it. A BPF-to-BPF call per family: inline,
@@ -1879,8 +1883,9 @@ fn way_to_client(ctx: &XdpContext, client_nic: u16) -> WayToClient {
 }
 
 /// Sends a translated answer the [`way_to_client`] found, with these MACs. One too big for
-/// the client's NIC goes to the stack, which fragments it (an answer that must not be
-/// fragmented is answered before it is translated, [`snat_reply`]).
+/// the client's NIC goes to the stack, which fragments an IPv4 packet without DF (an answer
+/// that must not be fragmented is answered before it is translated, [`snat_reply`]; a fragment
+/// or an IPv6 packet with extension headers the stack cannot send on either: a limit).
 #[inline(always)]
 fn send_to_client<I: Ip>(ctx: &XdpContext, way: WayToClient, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
     match way {

@@ -495,7 +495,13 @@ fn answers_too_big_for_the_clients_nic_are_answered_to_the_endpoint_as_it_sent_t
 
     let frontend = SocketAddrV4::new(NODE1_CLIENT_SIDE, NODE_PORT);
     let pod = SocketAddrV4::new(POD, POD_PORT);
-    for (udp, port) in [(false, 41_001), (true, 41_002)] {
+    let packets_of = |service| {
+        lab.datapath
+            .service_counter(service)
+            .expect("counter")
+            .packets
+    };
+    for (udp, port, service) in [(false, 41_001, 1), (true, 41_002, 2)] {
         let client = SocketAddrV4::new(CLIENT, port);
         // The client's first packet makes the flow and claims its SNAT port.
         let sent = run(
@@ -514,8 +520,14 @@ fn answers_too_big_for_the_clients_nic_are_answered_to_the_endpoint_as_it_sent_t
         let small = run(&frame4(from_node2, (pod, snat), udp, b"ok", false), eth1);
         assert_eq!(small.verdict, XDP_REDIRECT, "udp {udp}: a small answer");
         let too_big = frame4(from_node2, (pod, snat), udp, &big, false);
+        let counted = packets_of(service);
         let answer = run(&too_big, eth1);
         assert_eq!(answer.verdict, XDP_TX, "udp {udp}");
+        assert_eq!(
+            packets_of(service),
+            counted,
+            "udp {udp}: the answered packet is not counted for its service"
+        );
         assert_eq!(
             answer.packet,
             fragmentation_needed(
