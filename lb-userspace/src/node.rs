@@ -95,7 +95,7 @@ impl std::fmt::Display for MissingRequirement {
 }
 
 /// Every requirement of an interface, for the metric's label values.
-pub const REQUIREMENTS: [&str; 2] = ["ip_forward", "accept_local"];
+pub const REQUIREMENTS: [&str; 3] = ["ip_forward", "accept_local", "rp_filter"];
 
 /// Every requirement of the whole node (the metric's `interface` label empty).
 pub const NODE_REQUIREMENTS: [&str; 1] = ["reserved_ports"];
@@ -105,13 +105,21 @@ pub const NODE_REQUIREMENTS: [&str; 1] = ["reserved_ports"];
 /// for another node's endpoint, and cannot send out of the NIC it came in on, is forwarded by
 /// the stack, which drops it when forwarding is off on the NIC it arrived on: `ip_forward`
 /// sets `forwarding` on every interface; `ip_route_input_slow` in net/ipv4/route.c checks the
-/// incoming one's).
+/// incoming one's); and, with remote endpoints and more than one NIC, reverse-path filtering
+/// that is not strict ([`strict_rp_filter`]).
 pub fn missing_requirements(
     interfaces: &[String],
     remote_endpoints: bool,
 ) -> Vec<MissingRequirement> {
     let mut missing = Vec::new();
-    for iface in interfaces.iter().filter(|name| is_interface_name(name)) {
+    let served: Vec<&String> = interfaces
+        .iter()
+        .filter(|name| is_interface_name(name))
+        .collect();
+    if remote_endpoints && served.len() > 1 {
+        missing.extend(served.iter().filter_map(|iface| strict_rp_filter(iface)));
+    }
+    for iface in served {
         let mut check = |requirement, setting: &str, effect| {
             let sysctl = format!("net.ipv4.conf.{iface}.{setting}");
             let path = PathBuf::from("/proc/sys/net/ipv4/conf")
@@ -147,6 +155,40 @@ pub fn missing_requirements(
         }
     }
     missing
+}
+
+/// Strict reverse-path filtering on `iface` (`rp_filter` 1, the larger of the interface's and
+/// `all`'s, as the kernel takes it): the stack then drops a packet arriving there whose source
+/// is an address of another interface (net/ipv4/fib_frontend.c, `__fib_validate_source`:
+/// `e_rpf`, accept_local or not). On a node with two NICs XDP hands the stack such packets: a
+/// client's packet SNATed to the address of the NIC towards the other nodes while the next
+/// hop's MAC is unknown (the stack would resolve it; dropped, it never does, and NodePort
+/// flows to other nodes' endpoints fail until other traffic resolves it), and an endpoint's
+/// answer, translated to the frontend, too big for the NIC towards its client.
+fn strict_rp_filter(iface: &str) -> Option<MissingRequirement> {
+    let read = |scope: &str| {
+        let path = PathBuf::from("/proc/sys/net/ipv4/conf")
+            .join(scope)
+            .join("rp_filter");
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|value| value.trim().parse::<u8>().ok())
+    };
+    let (all, own) = (read("all")?, read(iface)?);
+    if all.max(own) != 1 {
+        return None;
+    }
+    let scope = if all == 1 { "all" } else { iface };
+    Some(MissingRequirement {
+        requirement: "rp_filter",
+        interface: iface.to_owned(),
+        sysctl: format!("net.ipv4.conf.{scope}.rp_filter"),
+        value: "1".to_owned(),
+        want: "0 or 2 (on all and the interface)".to_owned(),
+        effect: "with two NICs, the stack drops what XDP translates and hands it with a source \
+                 on the other NIC: NodePort flows to other nodes' endpoints fail while the next \
+                 hop's MAC is unknown",
+    })
 }
 
 /// The node-wide requirement while the agent keeps `lb_ports` (the NodePort and SNAT ranges) out

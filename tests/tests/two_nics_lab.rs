@@ -629,3 +629,61 @@ fn tcp_downloads_through_a_node_port_learn_the_narrower_mtu_of_the_clients_nic()
     assert!(events["icmp_too_big_sent"] >= 2, "{events:?}");
     assert_eq!(events["drop_too_big"], 0, "{events:?}");
 }
+
+/// Sets `net.ipv4.conf.{all,eth0,eth1}.rp_filter` on node1.
+fn rp_filter(lab: &TwoNics, mode: &str) {
+    for scope in ["all", "eth0", "eth1"] {
+        lab.node1
+            .sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), mode)
+            .expect("rp_filter");
+    }
+}
+
+/// Strict reverse-path filtering on a node with two NICs drops what XDP translates and hands
+/// to the stack with a source on the other NIC: with node2's MAC unknown, every SYN SNATed to
+/// node1's node-side address goes to the stack to be forwarded (and the neighbour resolved),
+/// and dies there, so no NodePort connection to the pod is ever made. The agent's requirement
+/// check names it on both NICs; with loose filtering (2) the same connections go through.
+#[test]
+fn strict_reverse_path_filtering_is_a_missing_requirement_of_a_node_with_two_nics() {
+    let lab = TwoNics::build().expect("lab");
+    let target = format!("{NODE1_CLIENT_SIDE}:{NODE_PORT}");
+    let interfaces = ["eth0".to_owned(), "eth1".to_owned()];
+    let missing = |remote_endpoints| {
+        let _inside = lab.node1.enter().expect("node1");
+        lb_userspace::node::missing_requirements(&interfaces, remote_endpoints)
+    };
+    let connect = || {
+        lab.node1
+            .ip(&["neigh", "flush", "all"])
+            .expect("forget node2's MAC");
+        ClientRun {
+            timeout_ms: 1000,
+            ..ClientRun::tcp(&target, 3)
+        }
+        .run(&lab.client, None)
+        .expect("client")
+    };
+
+    rp_filter(&lab, "1");
+    let found = missing(true);
+    assert_eq!(
+        found
+            .iter()
+            .map(|missing| (missing.requirement, missing.interface.as_str()))
+            .collect::<Vec<_>>(),
+        [("rp_filter", "eth0"), ("rp_filter", "eth1")],
+        "{found:?}"
+    );
+    assert_eq!(found[0].sysctl, "net.ipv4.conf.all.rp_filter");
+    assert!(
+        missing(false).is_empty(),
+        "no endpoint on another node: nothing to forward"
+    );
+    let report = connect();
+    assert_eq!(report.ok, 0, "strict: {report:?}");
+
+    rp_filter(&lab, "2");
+    assert!(missing(true).is_empty());
+    connect().assert_all_ok("loose");
+}
