@@ -1807,7 +1807,7 @@ fn snat_reply<I: Ip>(ctx: &XdpContext, tuple: &Tuple<I::F>, ip: &I) -> Result<Op
     }) {
         return Err(Event::DROP_RST_OUT_OF_WINDOW);
     }
-    let way = way_to_client(ctx, entry.client_nic);
+    let way = way_to_client(ctx, entry.client_nic, &entry.node_mac);
     if way == WayToClient::TooBig && ip.may_forward() && ip.answers_too_big() {
         return Ok(Some(too_big::PENDING));
     }
@@ -1848,7 +1848,7 @@ fn snat_reply<I: Ip>(ctx: &XdpContext, tuple: &Tuple<I::F>, ip: &I) -> Result<Op
 /// packets come in on (`client_nic`), with the MACs they came with ([`way_to_client`]).
 #[inline(always)]
 fn to_client<I: Ip>(ctx: &XdpContext, client_nic: u16, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
-    send_to_client::<I>(ctx, way_to_client(ctx, client_nic), smac, dmac)
+    send_to_client::<I>(ctx, way_to_client(ctx, client_nic, &smac), smac, dmac)
 }
 
 /// How an answer leaves for its client ([`way_to_client`]).
@@ -1860,25 +1860,33 @@ enum WayToClient {
     Redirect(u32),
     /// The client's NIC is another one, and the packet is bigger than its MTU.
     TooBig,
+    /// The client's NIC is another one, which the datapath cannot name (XDP_PASS: the stack
+    /// routes the translated packet).
+    Unknown,
 }
 
 /// XDP_TX when the client's NIC is the one the packet arrived on (one NIC for clients and
 /// nodes), XDP_REDIRECT to the client's NIC otherwise, unless the packet is bigger than that
-/// NIC's MTU ([`mtu_exceeded`]). An entry that recorded no NIC (written before it was
-/// recorded), or a NIC the datapath does not know by its slot (two NICs share it), sends back
-/// out of this one.
+/// NIC's MTU ([`mtu_exceeded`]). When the datapath cannot name the client's NIC by its tag (an
+/// entry written before it was recorded, or two NICs whose ifindexes share a slot, which the
+/// agent leaves empty), the MAC the client's frames were sent to (`node_mac`) tells whether it
+/// is this one: the frame's own destination, back out of this NIC; another NIC's, to the stack.
 #[inline(always)]
-fn way_to_client(ctx: &XdpContext, client_nic: u16) -> WayToClient {
+fn way_to_client(ctx: &XdpContext, client_nic: u16, node_mac: &[u8; 6]) -> WayToClient {
     let ingress = ingress_ifindex(ctx);
     match client_nic::slot(client_nic).and_then(|slot| NIC_MACS.get(slot)) {
-        Some(nic) if nic.ifindex != 0 && nic.ifindex != ingress => {
+        Some(nic) if nic.ifindex == ingress => WayToClient::Back,
+        Some(nic) if nic.ifindex != 0 => {
             if mtu_exceeded(ctx, nic.ifindex).is_some() {
                 WayToClient::TooBig
             } else {
                 WayToClient::Redirect(nic.ifindex)
             }
         }
-        _ => WayToClient::Back,
+        _ if bytes_at::<6>(ctx, 0).is_some_and(|destination| destination == node_mac) => {
+            WayToClient::Back
+        }
+        _ => WayToClient::Unknown,
     }
 }
 
@@ -1891,7 +1899,7 @@ fn send_to_client<I: Ip>(ctx: &XdpContext, way: WayToClient, smac: [u8; 6], dmac
     match way {
         WayToClient::Back => transmit::<I>(ctx, smac, dmac),
         WayToClient::Redirect(ifindex) => redirect::<I>(ctx, ifindex, smac, dmac),
-        WayToClient::TooBig => xdp_action::XDP_PASS,
+        WayToClient::TooBig | WayToClient::Unknown => xdp_action::XDP_PASS,
     }
 }
 

@@ -687,3 +687,75 @@ fn strict_reverse_path_filtering_is_a_missing_requirement_of_a_node_with_two_nic
     assert!(missing(true).is_empty());
     connect().assert_all_ok("loose");
 }
+
+/// Two NICs whose ifindexes share a slot of `lb_nicmac_v1` (ifindex % 256) leave the slot
+/// empty, and XDP cannot name the client's NIC by the tag its flow recorded. An answer arriving
+/// on eth1 then goes to the stack translated, which routes it out of eth0 (the MAC its client's
+/// frames were sent to is eth0's, not the frame's own), where it went out of eth1 with XDP_TX,
+/// with eth0's MACs, and was lost. An answer whose client came in on the NIC it arrives on is
+/// still sent back by XDP_TX. Through BPF_PROG_TEST_RUN, then real TCP connections.
+#[test]
+fn answers_go_to_the_stack_when_the_clients_nic_shares_its_slot_with_another() {
+    let mut lab = TwoNics::build().expect("lab");
+    let (client_mac, node1_eth0) = (mac(&lab.client, "eth0"), mac(&lab.node1, "eth0"));
+    let (node1_eth1, node2_eth1) = (mac(&lab.node1, "eth1"), mac(&lab.node2, "eth1"));
+    lab.node1
+        .ip(&[
+            "neigh",
+            "replace",
+            &NODE2.to_string(),
+            "lladdr",
+            &node2_eth1.map(|b| format!("{b:02x}")).join(":"),
+            "dev",
+            "eth1",
+            "nud",
+            "permanent",
+        ])
+        .expect("neighbour");
+    let ifindex = |iface: &str| lab.node1.ifindex(iface).expect("ifindex");
+    let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
+    lab.datapath
+        .record_nic_mac(eth0 + 256, [0x02, 0, 0, 0, 0x99, 0x99])
+        .expect("a NIC in eth0's slot");
+    let program = lab
+        .datapath
+        .program_fd(program_names::XDP_LB)
+        .expect("program");
+    let frontend = SocketAddrV4::new(NODE1_CLIENT_SIDE, NODE_PORT);
+    let pod = SocketAddrV4::new(POD, POD_PORT);
+    {
+        let _inside = lab.node1.enter().expect("node1");
+        let client = SocketAddrV4::new(CLIENT, 45_679);
+        let syn = tcp_frame((client_mac, node1_eth0), client, frontend, 64, false);
+        let run = test_run_on(program, &syn, eth0).expect("syn");
+        assert_eq!(run.verdict, XDP_REDIRECT, "the SYN goes out of eth1");
+        let snat = SocketAddrV4::new(
+            NODE1_NODE_SIDE,
+            u16::from_be_bytes([run.packet[34], run.packet[35]]),
+        );
+        let syn_ack = tcp_frame((node2_eth1, node1_eth1), pod, snat, 63, true);
+        let run = test_run_on(program, &syn_ack, eth1).expect("syn-ack");
+        assert_eq!(run.verdict, XDP_PASS, "the SYN-ACK goes to the stack");
+        assert_eq!(
+            run.packet,
+            tcp_frame((node2_eth1, node1_eth1), frontend, client, 63, true),
+            "translated, from the NodePort to the client, its TTL for the stack to lower"
+        );
+        // A flow whose answers arrive on the NIC its client's frames came in on: back out of it.
+        let here = SocketAddrV4::new(CLIENT, 45_680);
+        let syn = tcp_frame((client_mac, node1_eth0), here, frontend, 64, false);
+        let run = test_run_on(program, &syn, eth0).expect("syn");
+        let snat = SocketAddrV4::new(
+            NODE1_NODE_SIDE,
+            u16::from_be_bytes([run.packet[34], run.packet[35]]),
+        );
+        let syn_ack = tcp_frame((node2_eth1, node1_eth0), pod, snat, 63, true);
+        let run = test_run_on(program, &syn_ack, eth0).expect("syn-ack");
+        assert_eq!(run.verdict, XDP_TX, "back out of the NIC it came in on");
+    }
+    let target = frontend.to_string();
+    ClientRun::tcp(&target, 20)
+        .run(&lab.client, None)
+        .expect("client")
+        .assert_all_ok("with eth0's slot shared");
+}

@@ -457,8 +457,9 @@ impl Datapath {
     pub fn record_nic_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
         let slot = ifindex % limits::NIC_SLOTS;
         let holder = *self.nic_slots.entry(slot).or_insert(ifindex);
-        // Two NICs in one slot: neither is checked, and answers recorded by slot go back out of
-        // the NIC they arrive on rather than to the wrong one of the two.
+        // Two NICs in one slot: neither is checked, and an answer whose client's NIC is named
+        // by that slot goes back out of the NIC it arrives on when the client's frames came to
+        // that NIC's MAC, to the stack otherwise, never by XDP to the wrong one of the two.
         let nic = if holder == ifindex {
             NicMac {
                 ifindex,
