@@ -425,6 +425,7 @@ async fn sync_until_stopped(
     // Objects skipped for bad input since the start (each counted once, when it first appears).
     let mut skipped_total: u64 = 0;
     let mut abandoned_monitors = tokio::time::interval(ABANDONED_MONITOR_CHECK);
+    let mut nic_mac_check = tokio::time::interval(NIC_MAC_CHECK);
     // When to copy changed frontends into the frontend index again (after a sync that retired
     // slots): XDP reads them from the frontends maps meanwhile.
     let mut index_refill_due: Option<Instant> = None;
@@ -443,6 +444,7 @@ async fn sync_until_stopped(
             // A slice without its Service for the grace period: reported by this sync.
             () = sleep_until(orphans.next_due()) => Woken::Sync,
             _ = abandoned_monitors.tick() => Woken::MonitorCheck,
+            _ = nic_mac_check.tick() => Woken::NicMacCheck,
             () = sleep_until(index_refill_due) => Woken::IndexRefill,
             () = sleep_until(mark.as_ref().and_then(|mark| mark.due())) => Woken::Mark,
             _ = terminate.recv() => break,
@@ -452,6 +454,10 @@ async fn sync_until_stopped(
             Woken::Sync => {}
             Woken::MonitorCheck => {
                 release_abandoned_monitor(datapath.pin_dir());
+                continue;
+            }
+            Woken::NicMacCheck => {
+                follow_nic_macs(datapath, &config.interfaces);
                 continue;
             }
             Woken::Mark => {
@@ -657,6 +663,8 @@ enum Woken {
     Health(HealthChange),
     /// Time to look for an `lb monitor` that died with the datapath's reports on.
     MonitorCheck,
+    /// Time to read the served NICs' MACs again.
+    NicMacCheck,
     /// Time to refill the frontend index.
     IndexRefill,
 }
@@ -702,6 +710,32 @@ async fn forward_ebpf_log(forwarder: Forwarder) {
 
 /// How often the agent looks for an abandoned `lb monitor`.
 const ABANDONED_MONITOR_CHECK: Duration = Duration::from_secs(5);
+
+/// How often the agent reads its NICs' MACs again ([`follow_nic_macs`]).
+const NIC_MAC_CHECK: Duration = Duration::from_secs(5);
+
+/// Records a served NIC's MAC again when it changed under the agent (a bond that fails over
+/// with its MAC, an address set after the agent started): XDP would otherwise take every frame
+/// to the new MAC for another host's, and NodePort traffic would reach the stack untranslated.
+/// A NIC that cannot be read (gone) is left to the XDP link's own reports.
+fn follow_nic_macs(datapath: &mut Datapath, interfaces: &[String]) {
+    for iface in interfaces {
+        match datapath.refresh_nic_mac(iface) {
+            Ok(Some((old, new))) => info!(
+                interface = %iface,
+                old = %mac_text(old),
+                new = %mac_text(new),
+                "a NIC's MAC changed: XDP now takes the frames sent to the new one"
+            ),
+            Ok(None) => {}
+            Err(error) => debug!(interface = %iface, %error, "the NIC's MAC was not read"),
+        }
+    }
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|byte| format!("{byte:02x}")).join(":")
+}
 
 /// Turns the datapath's event reports off when the `lb monitor` that turned them on stopped
 /// beating (killed, or stopped), so that the programs do not report to nobody.

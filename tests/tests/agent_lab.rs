@@ -8,7 +8,7 @@ use lab::{
     agent::{AgentLab, SYNC_TIMEOUT},
     lab::wait_for_log,
     peer::ClientRun,
-    topology::{node_addr, pod_addr},
+    topology::{FABRIC_IFACE, node_addr, pod_addr},
 };
 
 fn service(port: u16, node_port: u16) -> String {
@@ -740,4 +740,47 @@ fn a_changed_map_size_over_pinned_maps_is_kept_and_said() {
         !log.contains("--frontend-map-size takes effect"),
         "the frontends map was asked for its own size: {log}"
     );
+}
+
+/// A NIC whose MAC changes under the running agent (a bond failing over with its MAC, an
+/// address set after boot): XDP checks every frame's destination against the NIC's MAC and
+/// took every frame to the new one for another host's, so NodePort connections reached the
+/// stack untranslated and were refused. The agent reads its NICs' MACs again every 5 s, says
+/// so in its log, and connections through the NodePort are made again.
+#[test]
+fn a_nics_mac_changed_under_the_agent_is_followed() {
+    let mut setup = AgentLab::new().expect("lab");
+    setup.start_agent(&[]).expect("agent");
+    setup
+        .apply(
+            "web.yaml",
+            &(service(80, 30080) + "---\n" + &endpoints(&[0])),
+        )
+        .expect("apply");
+    let node_port = format!("{}:30080", node_addr(1));
+    ClientRun::tcp(&node_port, 5)
+        .run_until(&setup.cluster.client, SYNC_TIMEOUT, |report| report.ok == 5)
+        .expect("the NodePort answers");
+
+    let new_mac = "02:00:5e:10:aa:01";
+    setup
+        .cluster
+        .node(1)
+        .host
+        .ip(&["link", "set", FABRIC_IFACE, "address", new_mac])
+        .expect("a new MAC");
+    setup
+        .cluster
+        .client
+        .ip(&["neigh", "flush", "all"])
+        .expect("the client forgets the old one");
+    wait_for_log(&setup.log(), "a NIC's MAC changed", 1, SYNC_TIMEOUT)
+        .expect("the agent follows the new MAC");
+    let log = std::fs::read_to_string(setup.log()).unwrap_or_default();
+    assert!(log.contains(new_mac), "{log}");
+    ClientRun::tcp(&node_port, 20)
+        .run(&setup.cluster.client, None)
+        .expect("client")
+        .assert_all_ok("after the MAC changed");
+    assert_eq!(setup.events().expect("events")["pass_other_host"], 0);
 }

@@ -353,6 +353,7 @@ impl Datapath {
             slot_ranges,
             nic_macs: take_private_map(&mut ebpf, map_names::NIC_MACS)?,
             nic_slots: BTreeMap::new(),
+            nic_macs_recorded: BTreeMap::new(),
             tx_ports: take_private_map(&mut ebpf, map_names::TX_PORTS)?,
             maglev,
             maglev_pending: BTreeMap::new(),

@@ -102,6 +102,8 @@ pub struct Datapath {
     nic_macs: Array<MapData, NicMac>,
     /// The ifindex each slot of `nic_macs` was asked for; 0 where two NICs share it.
     nic_slots: BTreeMap<u32, u32>,
+    /// The MAC each NIC had when it was last recorded in `nic_macs`, by ifindex.
+    nic_macs_recorded: BTreeMap<u32, [u8; 6]>,
     tx_ports: DevMapHash<MapData>,
     /// `lb4_maglev_v2`, the array of Maglev tables by service id (written with raw syscalls:
     /// aya's typed handle has no delete).

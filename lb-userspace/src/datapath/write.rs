@@ -455,6 +455,7 @@ impl Datapath {
     /// (promiscuous mode) are left alone. Two NICs whose ifindexes share a slot
     /// (ifindex % NIC_SLOTS) leave the first unchecked.
     pub fn record_nic_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        self.nic_macs_recorded.insert(ifindex, mac);
         let slot = ifindex % limits::NIC_SLOTS;
         let holder = *self.nic_slots.entry(slot).or_insert(ifindex);
         // Two NICs in one slot: neither is checked, and an answer whose client's NIC is named
@@ -473,6 +474,22 @@ impl Datapath {
         self.nic_macs
             .set(slot, &nic, 0)
             .map_err(|source| map_error(map_names::NIC_MACS, "write", source))
+    }
+
+    /// Records the MAC of `iface` (a NIC of the calling thread's network namespace) again when
+    /// it is no longer the one recorded (a bond that fails over with its MAC, an address set
+    /// after the agent started): XDP checks each frame's destination against it
+    /// ([`Self::record_nic_mac`]), and would take every frame to the new MAC for another host's
+    /// and leave it to the stack. The old and the new MAC when it changed.
+    pub fn refresh_nic_mac(&mut self, iface: &str) -> Result<Option<([u8; 6], [u8; 6])>> {
+        let (ifindex, mac) = super::nic::nic_address(iface)?;
+        match self.nic_macs_recorded.get(&ifindex) {
+            Some(&recorded) if recorded != mac => {
+                self.record_nic_mac(ifindex, mac)?;
+                Ok(Some((recorded, mac)))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Whether XDP may send frames out of the NIC with this ifindex with XDP_REDIRECT (attaching
