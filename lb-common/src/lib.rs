@@ -2453,8 +2453,9 @@ labelled_indexes! {
     DROP_REJECT_NOT_UNICAST = "drop_reject_not_unicast",
     /// Drop: REJECT answers past this CPU's rate.
     DROP_REJECT_RATE_LIMITED = "drop_reject_rate_limited",
-    /// Pass: a frame to a service or SNAT port but to another host's MAC (seen in promiscuous
-    /// mode) went on untouched; the stack drops it.
+    /// Pass: a frame to a service or SNAT port not sent to the NIC's own MAC (another host's,
+    /// seen in promiscuous mode, or a group MAC) went on untouched; the stack drops the one
+    /// and never forwards the other.
     PASS_OTHER_HOST = "pass_other_host",
     /// An ICMP error about a translated flow was translated and sent to the host that sent the
     /// packet it quotes.

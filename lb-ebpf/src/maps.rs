@@ -233,7 +233,7 @@ pub struct FragRecord6 {
     pub value: Frag6Value,
 }
 
-/// The MAC of each NIC XDP serves, by ifindex % NIC_SLOTS (see `xdp::for_another_host`).
+/// The MAC of each NIC XDP serves, by ifindex % NIC_SLOTS (see `xdp::not_sent_to_this_nic`).
 #[map(name = "lb_nicmac_v1")]
 pub static NIC_MACS: Array<NicMac> = Array::with_max_entries(limits::NIC_SLOTS, 0);
 

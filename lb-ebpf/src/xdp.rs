@@ -321,13 +321,17 @@ fn try_lb_xdp<const PROTOCOL: u8>(ctx: &XdpContext) -> Result<u32, Event> {
 /// dropped and counted: it would make the endpoint answer from an address it does not serve.
 /// So is a SYN from a node's address: no node sends its own clients' SYNs by DSR
 /// ([`try_direct_return`]), and a node's SNAT of a client's SYN that came with a forged option
-/// would key the flow by that node's SNAT port, whose answers must reach it untranslated.
+/// would key the flow by that node's SNAT port, whose answers must reach it untranslated. A
+/// frame not sent to this NIC's MAC passes untouched ([`not_sent_to_this_nic`]).
 #[inline(always)]
 fn try_accept_direct_return(ctx: &XdpContext) -> Result<u32, Event> {
     let ip = parse_ipv4(ctx).ok_or(Event::DROP_MALFORMED)?;
     let Some(frontend) = dsr::option_of(ctx, &ip) else {
         return Ok(xdp_action::XDP_PASS);
     };
+    if frame_not_sent_to_this_nic(ctx) {
+        return Ok(xdp_action::XDP_PASS);
+    }
     if ip.proto != proto::TCP || ip.first_fragment() || ip.later_fragment() {
         return Err(Event::DROP_DSR_REFUSED);
     }
@@ -821,7 +825,7 @@ fn admit<I: Ip>(
     };
     let service = &frontend.service;
     refuse_sctp_fragment(tuple, ip)?;
-    if for_another_host(ctx, eth) {
+    if not_sent_to_this_nic(ctx, eth) {
         count_event(Event::PASS_OTHER_HOST);
         return Ok(None);
     }
@@ -1180,7 +1184,7 @@ fn turned_away<F: Family>(
     tuple: &Tuple<F>,
     source_checked: Option<u32>,
 ) -> Result<Option<u32>, Event> {
-    if for_another_host(ctx, eth) {
+    if not_sent_to_this_nic(ctx, eth) {
         count_event(Event::PASS_OTHER_HOST);
         return Ok(Some(xdp_action::XDP_PASS));
     }
@@ -1322,7 +1326,7 @@ fn icmp_error(ctx: &XdpContext, ip: &Ipv4Info) -> Result<u32, Event> {
     let Some(quote) = icmp::quoted(&error) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    if to_another_host(ctx) {
+    if frame_not_sent_to_this_nic(ctx) {
         return Ok(xdp_action::XDP_PASS);
     }
     let error = &mut error;
@@ -1423,7 +1427,7 @@ fn icmp6_error(ctx: &XdpContext) -> Result<u32, Event> {
     packet.icmp6.header = *header;
     if !gather_icmp6(ctx, packet.ip.l4_offset, &mut packet.icmp6)
         || !quote_within(packet.icmp6.quoted_transport_at, packet.ip.end)
-        || to_another_host(ctx)
+        || frame_not_sent_to_this_nic(ctx)
     {
         return Ok(xdp_action::XDP_PASS);
     }
@@ -1751,7 +1755,7 @@ fn later_fragment<I: Ip>(ctx: &XdpContext, ip: &I, protocol: u8) -> Result<u32, 
         count_event(Event::PASS_FRAGMENT);
         return Ok(xdp_action::XDP_PASS);
     };
-    if to_another_host(ctx) {
+    if frame_not_sent_to_this_nic(ctx) {
         return Ok(xdp_action::XDP_PASS);
     }
     I::readdress(
@@ -1793,7 +1797,7 @@ fn snat_reply<I: Ip>(ctx: &XdpContext, tuple: &Tuple<I::F>, ip: &I) -> Result<Op
     }
     refuse_sctp_fragment(tuple, ip)?;
     let eth = bytes_at::<ETH_HDR_LEN>(ctx, 0).ok_or(Event::DROP_MALFORMED)?;
-    if for_another_host(ctx, eth) {
+    if not_sent_to_this_nic(ctx, eth) {
         count_event(Event::PASS_OTHER_HOST);
         return Ok(Some(xdp_action::XDP_PASS));
     }
@@ -1903,25 +1907,30 @@ fn send_to_client<I: Ip>(ctx: &XdpContext, way: WayToClient, smac: [u8; 6], dmac
     }
 }
 
-/// [`for_another_host`] for the paths that have not read the Ethernet header (ICMP errors, later
+/// [`not_sent_to_this_nic`] for the paths that have not read the Ethernet header (ICMP errors, later
 /// fragments), counted as it is where it passes a frame.
 #[inline(always)]
-fn to_another_host(ctx: &XdpContext) -> bool {
-    let other = bytes_at::<ETH_HDR_LEN>(ctx, 0).is_some_and(|eth| for_another_host(ctx, eth));
+fn frame_not_sent_to_this_nic(ctx: &XdpContext) -> bool {
+    let other = bytes_at::<ETH_HDR_LEN>(ctx, 0).is_some_and(|eth| not_sent_to_this_nic(ctx, eth));
     if other {
         count_event(Event::PASS_OTHER_HOST);
     }
     other
 }
 
-/// A unicast frame to another MAC than the NIC's (the NIC is in promiscuous mode, e.g. on a
-/// bridge or a mirror port): not this node's to translate, and the stack drops it
-/// (PACKET_OTHERHOST, net/ipv4/ip_input.c ip_rcv_core). Group frames are the stack's as usual. A
-/// NIC the agent recorded no MAC for (or whose slot another NIC took) is not checked.
+/// A frame not sent to the NIC's own MAC: not this node's to translate. A unicast frame to
+/// another MAC (the NIC is in promiscuous mode, e.g. on a bridge or a mirror port) the stack
+/// drops (PACKET_OTHERHOST, net/ipv4/ip_input.c ip_rcv_core). A frame to a group MAC (broadcast
+/// or multicast) carrying a unicast packet for a frontend or a SNAT port the stack never
+/// forwards (net/ipv4/ip_forward.c and net/ipv6/ip6_output.c, ip6_forward: `pkt_type !=
+/// PACKET_HOST`), nor answers with an ICMP error (RFC 1122 section 3.2.2); forwarded from here,
+/// its flow would record the group MAC as the node's, and its answers would carry it as their
+/// source. A NIC the agent recorded no MAC for (or whose slot another NIC took) is not checked
+/// for unicast frames.
 #[inline(always)]
-fn for_another_host(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN]) -> bool {
+fn not_sent_to_this_nic(ctx: &XdpContext, eth: &[u8; ETH_HDR_LEN]) -> bool {
     if eth[0] & 1 != 0 {
-        return false;
+        return true;
     }
     let ifindex = ingress_ifindex(ctx);
     match NIC_MACS.get(ifindex % limits::NIC_SLOTS) {

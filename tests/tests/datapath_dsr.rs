@@ -592,6 +592,22 @@ fn node2_refuses_options_that_name_no_frontend_of_the_endpoints_service() {
     );
 }
 
+/// node2 takes no DSR SYN from a frame not sent to its NIC's MAC (a group MAC here): it passes
+/// untouched, its option in place, and no flow is kept for it.
+#[test]
+fn node2_leaves_a_dsr_syn_in_a_broadcast_frame_untouched() {
+    let lab = Lab::new().expect("lab");
+    let pins = PinDir::new(&lab, "dsr2bcast").expect("pin dir");
+    let datapath = node2(&pins);
+    let mut syn = with_option(&packet::tcp(CLIENT, POD, TcpFlags::SYN, b""), FRONTEND);
+    syn[0..6].copy_from_slice(&[0xff; 6]);
+    let run = xdp(&datapath, &syn);
+    assert_eq!((run.verdict, &run.packet), (XDP_PASS, &syn));
+    assert!(flow_of(&datapath, CLIENT).is_none());
+    assert_eq!(event(&datapath, "dsr_accepted"), 0);
+    assert_eq!(event(&datapath, "pass_other_host"), 1);
+}
+
 /// The client key a DSR flow takes on node2 is its own while the flow lives: another flow from
 /// the same client port (to another frontend) is refused then, and takes the key once the
 /// first flow is past its timeout.

@@ -2810,9 +2810,9 @@ fn packets_the_stack_would_drop_create_no_state_and_rejects_answer_unicast_only(
             Expect::Unchanged,
         ),
         case(
-            "no reject of a link-layer broadcast",
+            "no reject of a link-layer broadcast: not this node's, untouched",
             to_broadcast_mac,
-            XDP_DROP,
+            XDP_PASS,
             Expect::Unchanged,
         ),
     ];
@@ -2830,7 +2830,8 @@ fn packets_the_stack_would_drop_create_no_state_and_rejects_answer_unicast_only(
     assert_eq!(events["drop_ip_checksum"], 2);
     assert_eq!(events["drop_malformed"], 4);
     assert_eq!(events["pass_vlan"], 1);
-    assert_eq!(events["drop_reject_not_unicast"], 5);
+    assert_eq!(events["drop_reject_not_unicast"], 4);
+    assert_eq!(events["pass_other_host"], 1);
     assert_eq!(events["reject_tcp_rst"], 0);
 }
 
@@ -3240,8 +3241,11 @@ fn later_fragments_follow_their_first_fragment_through_snat_both_ways() {
     }
 }
 
+/// Frames to a frontend (or about a translated flow) that were not sent to the NIC's own MAC
+/// pass untouched: to another host's (a NIC in promiscuous mode), or to a group MAC, which the
+/// stack never forwards either.
 #[test]
-fn frames_to_another_hosts_mac_pass_untouched() {
+fn frames_not_sent_to_the_nics_own_mac_pass_untouched() {
     let lab = Lab::new().expect("lab");
     let pins = PinDir::new(&lab, "otherhost").expect("pin dir");
     let mut datapath = datapath(&pins, vec![1]);
@@ -3254,8 +3258,8 @@ fn frames_to_another_hosts_mac_pass_untouched() {
     to_another_host[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
     let mut to_broadcast = packet::udp(CLIENT, FRONTEND, b"query");
     to_broadcast[0..6].copy_from_slice(&[0xff; 6]);
-    let mut udp_translated = packet::udp(CLIENT, POD_A, b"query");
-    udp_translated[0..6].copy_from_slice(&[0xff; 6]);
+    let mut to_multicast = packet::tcp(CLIENT, FRONTEND, TcpFlags::SYN, b"");
+    to_multicast[0..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
     run_table(
         datapath
             .program_fd(lb_common::program_names::XDP_LB)
@@ -3267,11 +3271,19 @@ fn frames_to_another_hosts_mac_pass_untouched() {
                 XDP_PASS,
                 Expect::Unchanged,
             ),
+            // The stack never forwards these (`pkt_type != PACKET_HOST`): untouched, no flow
+            // that would record a group MAC as the node's.
             case(
-                "link-layer broadcast: the stack's, translated",
+                "link-layer broadcast",
                 to_broadcast,
                 XDP_PASS,
-                Expect::Bytes(udp_translated),
+                Expect::Unchanged,
+            ),
+            case(
+                "link-layer multicast",
+                to_multicast,
+                XDP_PASS,
+                Expect::Unchanged,
             ),
             case(
                 "to this nic's mac",
@@ -3315,7 +3327,7 @@ fn frames_to_another_hosts_mac_pass_untouched() {
             ),
         ],
     );
-    assert_eq!(datapath.events().expect("events")["pass_other_host"], 3);
+    assert_eq!(datapath.events().expect("events")["pass_other_host"], 5);
 }
 
 /// `frame` sent to a unicast MAC that is not the NIC's.
