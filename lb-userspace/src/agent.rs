@@ -591,6 +591,7 @@ async fn sync_until_stopped(
         check_node_requirements(
             config,
             desired,
+            compiler.snat_address(),
             &mut node_requirements,
             &observers.metrics,
             events.as_ref().zip(this_node),
@@ -711,13 +712,15 @@ async fn forward_ebpf_log(forwarder: Forwarder) {
 /// How often the agent looks for an abandoned `lb monitor`.
 const ABANDONED_MONITOR_CHECK: Duration = Duration::from_secs(5);
 
-/// How often the agent reads its NICs' MACs again ([`follow_nic_macs`]).
-const NIC_MAC_CHECK: Duration = Duration::from_secs(5);
+/// How often the agent reads its NICs' MACs again ([`follow_nic_macs`]): until it has, a
+/// frontend's established connections through a NIC whose MAC changed get RSTs from the stack.
+/// One ioctl per NIC a second; a netlink subscription to link changes would close the gap.
+const NIC_MAC_CHECK: Duration = Duration::from_secs(1);
 
 /// Records a served NIC's MAC again when it changed under the agent (a bond that fails over
 /// with its MAC, an address set after the agent started): XDP would otherwise take every frame
 /// to the new MAC for another host's, and NodePort traffic would reach the stack untranslated.
-/// A NIC that cannot be read (gone) is left to the XDP link's own reports.
+/// A NIC that cannot be read (gone) is skipped.
 fn follow_nic_macs(datapath: &mut Datapath, interfaces: &[String]) {
     for iface in interfaces {
         match datapath.refresh_nic_mac(iface) {
@@ -1163,10 +1166,12 @@ pub const NODE_REQUIREMENT_EVENT_REASON: &str = "NodeRequirementMissing";
 
 /// Checks what the datapath needs from the node ([`crate::node::missing_requirements`]): each
 /// missing requirement is logged and evented on the Node when it goes missing (and logged when
-/// it is back), and the metric shows the current state of each.
+/// it is back), and the metric shows the current state of each. `snat_address`: the address
+/// remote endpoints' flows are SNATed to.
 fn check_node_requirements(
     config: &AgentConfig,
     desired: &Desired,
+    snat_address: Option<Ipv4Addr>,
     watch: &mut crate::node::RequirementWatch,
     metrics: &AgentMetrics,
     events: Option<(&Arc<kube_source::EventRecorder>, ObjectReference)>,
@@ -1182,7 +1187,7 @@ fn check_node_requirements(
             .iter()
             .any(|backend| backend.flags & lb_common::backend_flags::LOCAL == 0)
     });
-    let mut missing = crate::node::missing_requirements(interfaces, remote_endpoints);
+    let mut missing = crate::node::missing_requirements(interfaces, remote_endpoints, snat_address);
     if config.reserve_ports {
         missing.extend(crate::node::missing_reserved_ports(&config.lb_ports()));
         for requirement in crate::node::NODE_REQUIREMENTS {

@@ -9,6 +9,7 @@
 
 use std::{
     io,
+    net::Ipv4Addr,
     ops::RangeInclusive,
     path::{Path, PathBuf},
 };
@@ -105,19 +106,33 @@ pub const NODE_REQUIREMENTS: [&str; 1] = ["reserved_ports"];
 /// for another node's endpoint, and cannot send out of the NIC it came in on, is forwarded by
 /// the stack, which drops it when forwarding is off on the NIC it arrived on: `ip_forward`
 /// sets `forwarding` on every interface; `ip_route_input_slow` in net/ipv4/route.c checks the
-/// incoming one's); and, with remote endpoints and more than one NIC, reverse-path filtering
-/// that is not strict ([`strict_rp_filter`]).
+/// incoming one's); and, with remote endpoints, reverse-path filtering that is not strict
+/// on a NIC where the stack may get translated packets whose source is not one of that NIC's
+/// addresses ([`strict_rp_filter`]): every NIC when XDP serves two or more (answers translated
+/// to their frontend may reach the stack on the NIC towards the other nodes), else the one
+/// NIC when the SNAT address (`snat_address`) is not among its own.
 pub fn missing_requirements(
     interfaces: &[String],
     remote_endpoints: bool,
+    snat_address: Option<Ipv4Addr>,
 ) -> Vec<MissingRequirement> {
     let mut missing = Vec::new();
     let served: Vec<&String> = interfaces
         .iter()
         .filter(|name| is_interface_name(name))
         .collect();
-    if remote_endpoints && served.len() > 1 {
-        missing.extend(served.iter().filter_map(|iface| strict_rp_filter(iface)));
+    if remote_endpoints {
+        let several = served.len() > 1;
+        let foreign_sources = |iface: &str| {
+            several
+                || snat_address.is_some_and(|address| !ipv4_addresses_of(iface).contains(&address))
+        };
+        missing.extend(
+            served
+                .iter()
+                .filter(|iface| foreign_sources(iface))
+                .filter_map(|iface| strict_rp_filter(iface)),
+        );
     }
     for iface in served {
         let mut check = |requirement, setting: &str, effect| {
@@ -160,11 +175,11 @@ pub fn missing_requirements(
 /// Strict reverse-path filtering on `iface` (`rp_filter` 1, the larger of the interface's and
 /// `all`'s, as the kernel takes it): the stack then drops a packet arriving there whose source
 /// is an address of another interface (net/ipv4/fib_frontend.c, `__fib_validate_source`:
-/// `e_rpf`, accept_local or not). On a node with two NICs XDP hands the stack such packets: a
-/// client's packet SNATed to the address of the NIC towards the other nodes while the next
-/// hop's MAC is unknown (the stack would resolve it; dropped, it never does, and NodePort
-/// flows to other nodes' endpoints fail until other traffic resolves it), and an endpoint's
-/// answer, translated to the frontend, too big for the NIC towards its client.
+/// `e_rpf`, accept_local or not). XDP hands the stack such packets: a client's packet SNATed
+/// to an address of another NIC, whenever XDP cannot send it on itself (the NIC towards the
+/// other nodes not served, or the next hop's MAC unknown, which the stack would resolve;
+/// dropped, it never does), and, with two NICs served, an endpoint's answer translated to its
+/// frontend that XDP cannot send to the client's NIC.
 fn strict_rp_filter(iface: &str) -> Option<MissingRequirement> {
     let read = |scope: &str| {
         let path = PathBuf::from("/proc/sys/net/ipv4/conf")
@@ -185,10 +200,46 @@ fn strict_rp_filter(iface: &str) -> Option<MissingRequirement> {
         sysctl: format!("net.ipv4.conf.{scope}.rp_filter"),
         value: "1".to_owned(),
         want: "0 or 2 (on all and the interface)".to_owned(),
-        effect: "with two NICs, the stack drops what XDP translates and hands it with a source \
-                 on the other NIC: NodePort flows to other nodes' endpoints fail while the next \
-                 hop's MAC is unknown",
+        effect: "the stack drops what XDP translates and hands it with a source on another \
+                 NIC (the SNAT address): NodePort flows to other nodes' endpoints fail whenever \
+                 the stack must forward them",
     })
+}
+
+/// The IPv4 addresses of `iface` in the caller's network namespace (getifaddrs(3)); none when
+/// they cannot be read.
+fn ipv4_addresses_of(iface: &str) -> Vec<Ipv4Addr> {
+    let mut addresses = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes the head of a list it allocates, freed below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return addresses;
+    }
+    let mut next = list;
+    while !next.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs.
+        let entry = unsafe { &*next };
+        next = entry.ifa_next;
+        if entry.ifa_addr.is_null() || entry.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name of the list; a sockaddr whose family names its type.
+        let (name, family) = unsafe {
+            (
+                std::ffi::CStr::from_ptr(entry.ifa_name),
+                i32::from((*entry.ifa_addr).sa_family),
+            )
+        };
+        if name.to_bytes() != iface.as_bytes() || family != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+        let inet = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
+        addresses.push(Ipv4Addr::from(u32::from_be(inet.sin_addr.s_addr)));
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    addresses
 }
 
 /// The node-wide requirement while the agent keeps `lb_ports` (the NodePort and SNAT ranges) out

@@ -745,7 +745,7 @@ fn a_changed_map_size_over_pinned_maps_is_kept_and_said() {
 /// A NIC whose MAC changes under the running agent (a bond failing over with its MAC, an
 /// address set after boot): XDP checks every frame's destination against the NIC's MAC and
 /// took every frame to the new one for another host's, so NodePort connections reached the
-/// stack untranslated and were refused. The agent reads its NICs' MACs again every 5 s, says
+/// stack untranslated and were refused. The agent reads its NICs' MACs again every second, says
 /// so in its log, and connections through the NodePort are made again.
 #[test]
 fn a_nics_mac_changed_under_the_agent_is_followed() {

@@ -643,15 +643,28 @@ fn rp_filter(lab: &TwoNics, mode: &str) {
 /// to the stack with a source on the other NIC: with node2's MAC unknown, every SYN SNATed to
 /// node1's node-side address goes to the stack to be forwarded (and the neighbour resolved),
 /// and dies there, so no NodePort connection to the pod is ever made. The agent's requirement
-/// check names it on both NICs; with loose filtering (2) the same connections go through.
+/// check names it on both NICs, and on a node whose XDP serves eth0 alone (where every such
+/// SYN goes to the stack), but not on one whose XDP serves eth1 alone, the NIC of the SNAT
+/// address; with loose filtering (2) the same connections go through.
 #[test]
 fn strict_reverse_path_filtering_is_a_missing_requirement_of_a_node_with_two_nics() {
     let lab = TwoNics::build().expect("lab");
     let target = format!("{NODE1_CLIENT_SIDE}:{NODE_PORT}");
-    let interfaces = ["eth0".to_owned(), "eth1".to_owned()];
-    let missing = |remote_endpoints| {
+    let missing_on = |interfaces: &[&str], remote_endpoints| {
+        let interfaces: Vec<String> = interfaces.iter().map(|&name| name.to_owned()).collect();
         let _inside = lab.node1.enter().expect("node1");
-        lb_userspace::node::missing_requirements(&interfaces, remote_endpoints)
+        lb_userspace::node::missing_requirements(
+            &interfaces,
+            remote_endpoints,
+            Some(NODE1_NODE_SIDE),
+        )
+    };
+    let missing = |remote_endpoints| missing_on(&["eth0", "eth1"], remote_endpoints);
+    let rp_filter_on = |interfaces: &[&str]| {
+        missing_on(interfaces, true)
+            .iter()
+            .map(|missing| (missing.requirement, missing.interface.clone()))
+            .collect::<Vec<_>>()
     };
     let connect = || {
         lab.node1
@@ -676,6 +689,16 @@ fn strict_reverse_path_filtering_is_a_missing_requirement_of_a_node_with_two_nic
         "{found:?}"
     );
     assert_eq!(found[0].sysctl, "net.ipv4.conf.all.rp_filter");
+    assert_eq!(
+        rp_filter_on(&["eth0"]),
+        [("rp_filter", "eth0".to_owned())],
+        "XDP on eth0 alone: the SNAT address is eth1's"
+    );
+    assert_eq!(
+        rp_filter_on(&["eth1"]),
+        [],
+        "XDP on eth1 alone: the SNAT address is its own"
+    );
     assert!(
         missing(false).is_empty(),
         "no endpoint on another node: nothing to forward"

@@ -455,7 +455,6 @@ impl Datapath {
     /// (promiscuous mode) are left alone. Two NICs whose ifindexes share a slot
     /// (ifindex % NIC_SLOTS) leave the first unchecked.
     pub fn record_nic_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
-        self.nic_macs_recorded.insert(ifindex, mac);
         let slot = ifindex % limits::NIC_SLOTS;
         let holder = *self.nic_slots.entry(slot).or_insert(ifindex);
         // Two NICs in one slot: neither is checked, and an answer whose client's NIC is named
@@ -473,7 +472,10 @@ impl Datapath {
         };
         self.nic_macs
             .set(slot, &nic, 0)
-            .map_err(|source| map_error(map_names::NIC_MACS, "write", source))
+            .map_err(|source| map_error(map_names::NIC_MACS, "write", source))?;
+        // Only once written: a failed write is tried again at the next check.
+        self.nic_macs_recorded.insert(ifindex, mac);
+        Ok(())
     }
 
     /// Records the MAC of `iface` (a NIC of the calling thread's network namespace) again when
