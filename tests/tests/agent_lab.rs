@@ -277,8 +277,9 @@ fn the_agent_killed_and_restarted_under_load_loses_no_connection_and_no_request(
     .expect("the pair filter's keeper at each start");
 }
 
-#[test]
-fn cleanup_removes_everything_the_agent_installed() {
+/// The agent running, serving `web.yaml`'s Service (NodePort 30080) with one endpoint; and that
+/// NodePort on node1.
+fn agent_serving_web() -> (AgentLab, String) {
     let mut setup = AgentLab::new().expect("lab");
     setup.start_agent(&[]).expect("agent");
     setup
@@ -287,7 +288,12 @@ fn cleanup_removes_everything_the_agent_installed() {
             &(service(80, 30080) + "---\n" + &endpoints(&[0])),
         )
         .expect("apply");
-    let node_port = format!("{}:30080", node_addr(1));
+    (setup, format!("{}:30080", node_addr(1)))
+}
+
+#[test]
+fn cleanup_removes_everything_the_agent_installed() {
+    let (mut setup, node_port) = agent_serving_web();
     ClientRun::tcp(&node_port, 5)
         .run(&setup.cluster.client, None)
         .expect("client")
@@ -749,15 +755,7 @@ fn a_changed_map_size_over_pinned_maps_is_kept_and_said() {
 /// so in its log, and connections through the NodePort are made again.
 #[test]
 fn a_nics_mac_changed_under_the_agent_is_followed() {
-    let mut setup = AgentLab::new().expect("lab");
-    setup.start_agent(&[]).expect("agent");
-    setup
-        .apply(
-            "web.yaml",
-            &(service(80, 30080) + "---\n" + &endpoints(&[0])),
-        )
-        .expect("apply");
-    let node_port = format!("{}:30080", node_addr(1));
+    let (setup, node_port) = agent_serving_web();
     ClientRun::tcp(&node_port, 5)
         .run_until(&setup.cluster.client, SYNC_TIMEOUT, |report| report.ok == 5)
         .expect("the NodePort answers");

@@ -414,6 +414,31 @@ fn packets_too_big_for_the_node_link_are_answered_as_their_client_sent_them() {
     assert_eq!(events["drop_too_big"], 1, "{events:?}");
 }
 
+/// For each family: its name, the NodePort on node1's client side, and the `ip route get`
+/// arguments for the path MTU a host has learnt towards `path_to` (that family's address).
+fn node_port_by_family(
+    path_to: Ipv4Addr,
+    path_to6: Ipv6Addr,
+) -> [(&'static str, String, Vec<String>); 2] {
+    let route_get = |family: &[&str], to: String| {
+        let mut args: Vec<String> = family.iter().map(|&arg| arg.to_owned()).collect();
+        args.extend(["route".to_owned(), "get".to_owned(), to]);
+        args
+    };
+    [
+        (
+            "ipv4",
+            format!("{NODE1_CLIENT_SIDE}:{NODE_PORT}"),
+            route_get(&[], path_to.to_string()),
+        ),
+        (
+            "ipv6",
+            format!("[{NODE1_CLIENT_SIDE6}]:{NODE_PORT}"),
+            route_get(&["-6"], path_to6.to_string()),
+        ),
+    ]
+}
+
 /// Real TCP uploads from the client through the NodePort to the pod on node2, over the link
 /// narrowed to [`NARROW_MTU`]: the client's full-sized segments are answered with
 /// "fragmentation needed" ("packet too big"), its kernel lowers its path MTU to the NodePort to
@@ -423,18 +448,8 @@ fn packets_too_big_for_the_node_link_are_answered_as_their_client_sent_them() {
 fn tcp_uploads_through_a_node_port_learn_the_narrower_mtu_of_the_node_link() {
     let lab = TwoNics::dual_stack().expect("lab");
     narrow_the_node_link(&lab);
-    for (family, frontend, route_get) in [
-        (
-            "ipv4",
-            format!("{NODE1_CLIENT_SIDE}:{NODE_PORT}"),
-            vec!["route", "get", "198.18.0.1"],
-        ),
-        (
-            "ipv6",
-            format!("[{NODE1_CLIENT_SIDE6}]:{NODE_PORT}"),
-            vec!["-6", "route", "get", "2001:db8:18::1"],
-        ),
-    ] {
+    for (family, frontend, route_get) in node_port_by_family(NODE1_CLIENT_SIDE, NODE1_CLIENT_SIDE6)
+    {
         let sent = lab
             .client
             .run(
@@ -443,6 +458,7 @@ fn tcp_uploads_through_a_node_port_learn_the_narrower_mtu_of_the_node_link() {
             )
             .unwrap_or_else(|error| panic!("{family}: upload: {error:#}"));
         assert!(sent.contains("1048576"), "{family}: {sent}");
+        let route_get: Vec<&str> = route_get.iter().map(String::as_str).collect();
         let route = lab.client.ip(&route_get).expect("route get");
         assert!(
             route.contains(&format!("mtu {NARROW_MTU}")),
@@ -599,18 +615,7 @@ fn answers_too_big_for_the_clients_nic_are_answered_to_the_endpoint_as_it_sent_t
 fn tcp_downloads_through_a_node_port_learn_the_narrower_mtu_of_the_clients_nic() {
     let lab = TwoNics::dual_stack().expect("lab");
     narrow_node1s_client_side(&lab);
-    for (family, frontend, route_get) in [
-        (
-            "ipv4",
-            format!("{NODE1_CLIENT_SIDE}:{NODE_PORT}"),
-            vec!["route", "get", "198.19.0.1"],
-        ),
-        (
-            "ipv6",
-            format!("[{NODE1_CLIENT_SIDE6}]:{NODE_PORT}"),
-            vec!["-6", "route", "get", "2001:db8:19::1"],
-        ),
-    ] {
+    for (family, frontend, route_get) in node_port_by_family(NODE1_NODE_SIDE, NODE1_NODE_SIDE6) {
         let report = ClientRun {
             answer_bytes: 200_000,
             timeout_ms: 5000,
@@ -619,6 +624,7 @@ fn tcp_downloads_through_a_node_port_learn_the_narrower_mtu_of_the_clients_nic()
         .run(&lab.client, None)
         .expect("client");
         report.assert_all_ok(family);
+        let route_get: Vec<&str> = route_get.iter().map(String::as_str).collect();
         let route = lab.pod.ip(&route_get).expect("route get");
         assert!(
             route.contains(&format!("mtu {NARROW_CLIENT_MTU}")),
