@@ -85,15 +85,10 @@ fn mac(host: &Host, iface: &str) -> [u8; 6] {
     host.mac(iface).expect("MAC")
 }
 
-/// Through BPF_PROG_TEST_RUN with the NIC each frame arrives on: a client's SYN on eth0 leaves
-/// for node2 through eth1 (XDP_REDIRECT, SNATed, node2's MAC, TTL - 1), and the pod's SYN-ACK
-/// arriving on eth1 leaves for the client through eth0 with the MACs the SYN came with.
-#[test]
-fn both_directions_of_a_node_port_flow_are_redirected_to_the_other_nic() {
-    let lab = TwoNics::build().expect("lab");
-    let (client_mac, node1_eth0) = (mac(&lab.client, "eth0"), mac(&lab.node1, "eth0"));
-    let (node1_eth1, node2_eth1) = (mac(&lab.node1, "eth1"), mac(&lab.node2, "eth1"));
-    // XDP sends a frame itself only to a next hop whose MAC the node knows.
+/// The client's, node1's (eth0, eth1) and node2's MACs, node2's made a permanent neighbour of
+/// node1: XDP sends a frame itself only to a next hop whose MAC the node knows.
+fn macs_with_node2_known(lab: &TwoNics) -> [[u8; 6]; 4] {
+    let node2_eth1 = mac(&lab.node2, "eth1");
     lab.node1
         .ip(&[
             "neigh",
@@ -107,6 +102,21 @@ fn both_directions_of_a_node_port_flow_are_redirected_to_the_other_nic() {
             "permanent",
         ])
         .expect("neighbour");
+    [
+        mac(&lab.client, "eth0"),
+        mac(&lab.node1, "eth0"),
+        mac(&lab.node1, "eth1"),
+        node2_eth1,
+    ]
+}
+
+/// Through BPF_PROG_TEST_RUN with the NIC each frame arrives on: a client's SYN on eth0 leaves
+/// for node2 through eth1 (XDP_REDIRECT, SNATed, node2's MAC, TTL - 1), and the pod's SYN-ACK
+/// arriving on eth1 leaves for the client through eth0 with the MACs the SYN came with.
+#[test]
+fn both_directions_of_a_node_port_flow_are_redirected_to_the_other_nic() {
+    let lab = TwoNics::build().expect("lab");
+    let [client_mac, node1_eth0, node1_eth1, node2_eth1] = macs_with_node2_known(&lab);
     let program = lab
         .datapath
         .program_fd(program_names::XDP_LB)
@@ -726,21 +736,7 @@ fn strict_reverse_path_filtering_is_a_missing_requirement_of_a_node_with_two_nic
 #[test]
 fn answers_go_to_the_stack_when_the_clients_nic_shares_its_slot_with_another() {
     let mut lab = TwoNics::build().expect("lab");
-    let (client_mac, node1_eth0) = (mac(&lab.client, "eth0"), mac(&lab.node1, "eth0"));
-    let (node1_eth1, node2_eth1) = (mac(&lab.node1, "eth1"), mac(&lab.node2, "eth1"));
-    lab.node1
-        .ip(&[
-            "neigh",
-            "replace",
-            &NODE2.to_string(),
-            "lladdr",
-            &node2_eth1.map(|b| format!("{b:02x}")).join(":"),
-            "dev",
-            "eth1",
-            "nud",
-            "permanent",
-        ])
-        .expect("neighbour");
+    let [client_mac, node1_eth0, node1_eth1, node2_eth1] = macs_with_node2_known(&lab);
     let ifindex = |iface: &str| lab.node1.ifindex(iface).expect("ifindex");
     let (eth0, eth1) = (ifindex("eth0"), ifindex("eth1"));
     lab.datapath
