@@ -63,7 +63,16 @@ impl TwoNics {
         Self::build_with(true)
     }
 
+    /// The lab with XDP on node1's `eth1` (towards node2) in generic mode.
+    pub fn generic_node_side() -> anyhow::Result<Self> {
+        Self::build_with_modes(false, XdpMode::Skb)
+    }
+
     fn build_with(dual_stack: bool) -> anyhow::Result<Self> {
+        Self::build_with_modes(dual_stack, XdpMode::Driver)
+    }
+
+    fn build_with_modes(dual_stack: bool, node_side: XdpMode) -> anyhow::Result<Self> {
         let mut lab = Lab::new()?;
         let client = lab.host("client")?;
         let node1 = lab.host("node1")?;
@@ -122,9 +131,9 @@ impl TwoNics {
         let mut datapath = Datapath::load(pins.path())?;
         {
             let _inside = node1.enter()?;
-            for iface in ["eth0", "eth1"] {
+            for (iface, mode) in [("eth0", XdpMode::Driver), ("eth1", node_side)] {
                 lb_userspace::node::set_accept_local(iface)?;
-                datapath.attach_xdp(iface, XdpMode::Driver)?;
+                datapath.attach_xdp(iface, mode)?;
                 datapath.attach_tc_egress(iface)?;
             }
         }

@@ -784,3 +784,44 @@ fn answers_go_to_the_stack_when_the_clients_nic_shares_its_slot_with_another() {
         .expect("client")
         .assert_all_ok("with eth0's slot shared");
 }
+
+/// A NIC where XDP runs in generic mode (what `--xdp-mode auto` gives a veth) is no
+/// XDP_REDIRECT target: a redirect into it from a NIC in native mode goes through its driver's
+/// ndo_xdp_xmit, which a veth serves only to a peer that runs NAPI, and the kernel drops the
+/// frame unseen. A client's SYN whose route leaves by it goes to the stack translated, which
+/// forwards it; the answers, arriving there, are still redirected to the client's NIC (generic
+/// XDP redirects through the stack's transmit path). Real connections go through.
+#[test]
+fn a_nic_in_generic_mode_is_no_redirect_target() {
+    let lab = TwoNics::generic_node_side().expect("lab");
+    let [client_mac, node1_eth0, _, _] = macs_with_node2_known(&lab);
+    let program = lab
+        .datapath
+        .program_fd(program_names::XDP_LB)
+        .expect("program");
+    {
+        let _inside = lab.node1.enter().expect("node1");
+        let eth0 = lab.node1.ifindex("eth0").expect("ifindex");
+        let client = SocketAddrV4::new(CLIENT, 45_681);
+        let frontend = SocketAddrV4::new(NODE1_CLIENT_SIDE, NODE_PORT);
+        let syn = tcp_frame((client_mac, node1_eth0), client, frontend, 64, false);
+        let run = test_run_on(program, &syn, eth0).expect("syn");
+        assert_eq!(run.verdict, XDP_PASS, "to the stack, not redirected");
+        assert_eq!(
+            (&run.packet[26..30], &run.packet[30..34]),
+            (&NODE1_NODE_SIDE.octets()[..], &POD.octets()[..]),
+            "SNATed to the pod"
+        );
+    }
+    let target = format!("{NODE1_CLIENT_SIDE}:{NODE_PORT}");
+    ClientRun::tcp(&target, 20)
+        .run(&lab.client, None)
+        .expect("client")
+        .assert_all_ok("through a NIC in generic mode");
+    let stat = |iface: &str, name: &str| lab.node1.nic_stat(iface, name).expect("ethtool -S");
+    assert_eq!(
+        stat("eth0", "rx_queue_0_xdp_redirect"),
+        0,
+        "nothing redirected to eth1"
+    );
+}

@@ -425,8 +425,12 @@ impl Datapath {
     pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<()> {
         let (ifindex, mac) = nic_address(iface)?;
         self.record_nic_mac(ifindex, mac)?;
-        // The NIC becomes a port XDP may send frames out of (XDP_REDIRECT).
-        self.allow_redirect_to(ifindex, true)?;
+        // The NIC becomes a port XDP may send frames out of (XDP_REDIRECT), unless XDP runs
+        // there in generic mode: a redirect into it from a NIC in native mode goes through its
+        // driver's ndo_xdp_xmit, which a veth serves only to a peer that runs NAPI
+        // (drivers/net/veth.c, `veth_xdp_xmit`) and most drivers only with a native program
+        // of their own, and the kernel drops the frame unseen. The stack forwards instead.
+        self.allow_redirect_to(ifindex, mode != XdpMode::Skb)?;
         let name = program_names::XDP_LB;
         let pin = self.link_pin(&super::pins::xdp_link_name(iface))?;
         let program = program_mut::<Xdp>(&mut self.ebpf, name)?;
