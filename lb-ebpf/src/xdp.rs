@@ -1674,8 +1674,7 @@ fn client_nic_mtu_exceeded<F: Family>(
     if entry.flags & ct_flags::SNAT == 0 {
         return None;
     }
-    let nic = client_nic::slot(entry.client_nic).and_then(|slot| NIC_MACS.get(slot))?;
-    mtu_exceeded(ctx, nic.ifindex)
+    mtu_exceeded(ctx, named_client_nic(entry.client_nic)?)
 }
 
 /// The client's and frontend's addresses and ports of the flow a packet XDP forwards
@@ -1877,21 +1876,23 @@ enum WayToClient {
 /// is this one: the frame's own destination, back out of this NIC; another NIC's, to the stack.
 #[inline(always)]
 fn way_to_client(ctx: &XdpContext, client_nic: u16, node_mac: &[u8; 6]) -> WayToClient {
-    let ingress = ingress_ifindex(ctx);
-    match client_nic::slot(client_nic).and_then(|slot| NIC_MACS.get(slot)) {
-        Some(nic) if nic.ifindex == ingress => WayToClient::Back,
-        Some(nic) if nic.ifindex != 0 => {
-            if mtu_exceeded(ctx, nic.ifindex).is_some() {
-                WayToClient::TooBig
-            } else {
-                WayToClient::Redirect(nic.ifindex)
-            }
-        }
-        _ if bytes_at::<6>(ctx, 0).is_some_and(|destination| destination == node_mac) => {
+    match named_client_nic(client_nic) {
+        Some(ifindex) if ifindex == ingress_ifindex(ctx) => WayToClient::Back,
+        Some(ifindex) if mtu_exceeded(ctx, ifindex).is_some() => WayToClient::TooBig,
+        Some(ifindex) => WayToClient::Redirect(ifindex),
+        None if bytes_at::<6>(ctx, 0).is_some_and(|destination| destination == node_mac) => {
             WayToClient::Back
         }
-        _ => WayToClient::Unknown,
+        None => WayToClient::Unknown,
     }
+}
+
+/// The ifindex of the NIC a flow's client tag names ([`client_nic`]); None for no tag, or a
+/// slot two NICs share (the agent leaves it empty).
+#[inline(always)]
+fn named_client_nic(tag: u16) -> Option<u32> {
+    let nic = NIC_MACS.get(client_nic::slot(tag)?)?;
+    (nic.ifindex != 0).then_some(nic.ifindex)
 }
 
 /// Sends a translated answer the [`way_to_client`] found, with these MACs. One too big for
